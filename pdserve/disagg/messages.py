@@ -1,0 +1,112 @@
+"""Typed control messages on the KV channel between a decode worker and a prefill worker.
+
+Runs in worker processes on both sides. Control messages are single msgpack frames; KV
+bytes travel as raw frames after a `KVHeader` (PROTOCOL.md section 5).
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+PROTOCOL_VERSION = 1
+
+
+class KVLayout(msgspec.Struct, frozen=True, kw_only=True):
+    """What both sides must agree on before any page moves."""
+
+    page_size: int
+    kv_dtype: str
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    model_fingerprint: str
+
+    def mismatch(self, other: KVLayout) -> str | None:
+        """A message naming every differing field and both values, or None if compatible."""
+        diffs = [
+            f"{name}: decode={getattr(other, name)!r} prefill={getattr(self, name)!r}"
+            for name in self.__struct_fields__
+            if getattr(self, name) != getattr(other, name)
+        ]
+        return "KV layout mismatch: " + "; ".join(diffs) if diffs else None
+
+
+class Handshake(msgspec.Struct, tag=True, kw_only=True):
+    """decode -> prefill, once per (decode worker, prefill worker) pair."""
+
+    decode_id: str
+    layout: KVLayout
+    version: int = PROTOCOL_VERSION
+
+
+class HandshakeResult(msgspec.Struct, tag=True, kw_only=True):
+    ok: bool
+    error: str | None = None
+
+
+class PageList(msgspec.Struct, tag=True, kw_only=True):
+    """decode -> prefill: where to write room's KV. Either this or the request may come first."""
+
+    room: int
+    dst_page_ids: list[int]
+    prompt_len: int
+
+
+class FirstToken(msgspec.Struct, frozen=True, kw_only=True):
+    """The aux record: prefill's sampled first token and its metadata."""
+
+    room: int  # checked by decode against its own room: a corruption guard
+    token_id: int
+    logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] | None = None
+    cached_tokens: int = 0
+
+
+class KVHeader(msgspec.Struct, tag=True, kw_only=True):
+    """prefill -> decode, followed by `len(frame_page_counts)` raw frames of page bytes.
+
+    Frame i carries `frame_page_counts[i]` whole pages, in dst_page_ids order."""
+
+    room: int
+    frame_page_counts: list[int]
+    page_nbytes: int
+
+
+class RoomStatus(msgspec.Struct, tag=True, kw_only=True):
+    """prefill -> decode: the final word on a room (after its KV frames, on success)."""
+
+    room: int
+    ok: bool
+    first: FirstToken | None = None
+    error: str | None = None
+    error_status: int = 500
+
+
+class Abort(msgspec.Struct, tag=True, kw_only=True):
+    """Either direction: the sender gave up on the room; the receiver frees its pages."""
+
+    room: int
+    reason: str
+
+
+class Ping(msgspec.Struct, tag=True):
+    seq: int
+
+
+class Pong(msgspec.Struct, tag=True):
+    seq: int
+
+
+ChannelMsg = Handshake | HandshakeResult | PageList | KVHeader | RoomStatus | Abort | Ping | Pong
+
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder(ChannelMsg)
+
+
+def encode(msg: ChannelMsg) -> bytes:
+    return _encoder.encode(msg)
+
+
+def decode(data: bytes | memoryview) -> ChannelMsg:
+    """Raises msgspec.DecodeError / ValidationError on garbage; callers drop such frames."""
+    return _decoder.decode(data)

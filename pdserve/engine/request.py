@@ -1,0 +1,119 @@
+"""A request's life inside a worker: sampling parameters, one state enum, one transition().
+
+Pure (no torch, no I/O). Runs in the worker process; `SamplingParams` and `FinishReason`
+also travel front end <-> worker as msgspec structs.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+import msgspec
+
+
+class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
+    max_new_tokens: int = 128
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1  # SGLang's convention: -1 (or 0) means no top-k
+    min_p: float = 0.0
+    stop: list[str] = []
+    stop_token_ids: list[int] = []
+    ignore_eos: bool = False
+    seed: int | None = None
+    skip_special_tokens: bool = True
+    no_stop_trim: bool = False
+
+    def validate(self) -> None:
+        """Raise ValueError naming the bad field; the front end turns it into a 400."""
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be a non-negative integer, got {self.max_new_tokens!r}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < -1:
+            raise ValueError(f"top_k must be -1 (disabled) or positive, got {self.top_k}")
+        if not 0 <= self.min_p <= 1:
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            raise ValueError("stop must be a list of non-empty strings")
+
+
+class FinishReason(msgspec.Struct, frozen=True):
+    """SGLang's meta_info.finish_reason: {"type": "stop"|"length"|"abort", "matched": ...}."""
+
+    type: str
+    matched: int | str | None = None
+    message: str | None = None
+
+
+class ReqState(enum.Enum):
+    WAITING = "waiting"  # queued for prefill (colocated and prefill roles)
+    PREFILLING = "prefilling"  # some prompt chunks computed
+    RUNNING = "running"  # decoding
+    WAITING_FOR_BOOTSTRAP = "waiting_for_bootstrap"  # decode: rank/peer/pages not ready yet
+    WAITING_FOR_KV = "waiting_for_kv"  # decode: pages reserved, page list sent, KV awaited
+    SENDING_KV = "sending_kv"  # prefill: first token done, pages held until sent
+    FINISHED = "finished"
+    ABORTED = "aborted"
+    FAILED = "failed"
+
+
+TERMINAL = frozenset({ReqState.FINISHED, ReqState.ABORTED, ReqState.FAILED})
+
+_ALLOWED: dict[ReqState, frozenset[ReqState]] = {
+    ReqState.WAITING: frozenset({ReqState.PREFILLING, ReqState.RUNNING, ReqState.SENDING_KV}),
+    ReqState.PREFILLING: frozenset({ReqState.PREFILLING, ReqState.RUNNING, ReqState.SENDING_KV}),
+    ReqState.RUNNING: frozenset({ReqState.FINISHED, ReqState.WAITING}),  # WAITING: preempted
+    ReqState.WAITING_FOR_BOOTSTRAP: frozenset({ReqState.WAITING_FOR_KV}),
+    ReqState.WAITING_FOR_KV: frozenset({ReqState.RUNNING, ReqState.FINISHED}),
+    ReqState.SENDING_KV: frozenset({ReqState.FINISHED}),
+}
+
+
+class IllegalTransition(RuntimeError):
+    pass
+
+
+def can_transition(src: ReqState, dst: ReqState) -> bool:
+    if src in TERMINAL:
+        return False
+    # Aborted or failed are reachable from every live state: failure wins.
+    if dst in (ReqState.ABORTED, ReqState.FAILED):
+        return True
+    return dst in _ALLOWED.get(src, frozenset())
+
+
+@dataclass
+class Request:
+    """One sequence in a worker. Page ownership: `page_ids` belong to this request until a
+    terminal transition, after which the engine returns them to the allocator."""
+
+    rid: str
+    prompt_ids: list[int]
+    sampling: SamplingParams
+    return_logprob: bool = False
+    logprob_start_len: int | None = None  # None: no prompt logprobs
+    top_logprobs_num: int = 0
+    prefill_only: bool = False  # prefill role: stop after the first token, hold pages
+    state: ReqState = ReqState.WAITING
+    output_ids: list[int] = field(default_factory=list)
+    page_ids: list[int] = field(default_factory=list)
+    num_computed: int = 0  # tokens whose KV is in the pages
+    finish_reason: FinishReason | None = None
+    error: str | None = None
+
+    def transition(self, dst: ReqState) -> None:
+        if not can_transition(self.state, dst):
+            raise IllegalTransition(f"request {self.rid}: {self.state.value} -> {dst.value}")
+        self.state = dst
+
+    @property
+    def finished(self) -> bool:
+        return self.state in TERMINAL
+
+    @property
+    def seq_len(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)

@@ -1,0 +1,68 @@
+"""Every environment variable pdserve reads, in one place.
+
+Flags win over environment variables; environment variables win over built-in defaults.
+"""
+
+from __future__ import annotations
+
+import os
+
+_TRUE = {"1", "true", "yes", "on"}
+
+
+def _get(name: str, *aliases: str) -> str | None:
+    for key in (name, *aliases):
+        value = os.environ.get(key)
+        if value is not None and value != "":
+            return value
+    return None
+
+
+def env_bool(name: str, *aliases: str, default: bool = False) -> bool:
+    value = _get(name, *aliases)
+    return default if value is None else value.strip().lower() in _TRUE
+
+
+def env_float(name: str, default: float) -> float:
+    value = _get(name)
+    return default if value is None else float(value)
+
+
+def force_query_prefill_dp_rank() -> bool:
+    """PROTOCOL.md section 4: FORCE. SGLang's variable name is honoured as an alias."""
+    return env_bool(
+        "PDSERVE_FORCE_QUERY_PREFILL_DP_RANK",
+        "SGLANG_DISAGGREGATION_FORCE_QUERY_PREFILL_DP_RANK",
+    )
+
+
+# Deadlines (seconds) for the disaggregation protocol; each also has a CLI flag.
+def bootstrap_timeout_s() -> float:
+    """Prefill waiting for decode's page list; decode waiting for server info and ranks."""
+    return env_float("PDSERVE_BOOTSTRAP_TIMEOUT_S", 30.0)
+
+
+def kv_wait_timeout_s() -> float:
+    """Decode waiting for KV after sending its page list."""
+    return env_float("PDSERVE_KV_WAIT_TIMEOUT_S", 30.0)
+
+
+def heartbeat_interval_s() -> float:
+    return env_float("PDSERVE_HEARTBEAT_INTERVAL_S", 0.5)
+
+
+def heartbeat_timeout_s() -> float:
+    """No heartbeat answer from a prefill worker for this long: its rooms fail on decode."""
+    return env_float("PDSERVE_HEARTBEAT_TIMEOUT_S", 3.0)
+
+
+def room_ttl_s() -> float:
+    """Bootstrap room entries expire this long after their last use."""
+    return env_float("PDSERVE_ROOM_TTL_S", 120.0)
+
+
+def model_cache_dir() -> str:
+    """Where converted models (the SmolLM2 GGUF -> HF directory) are cached."""
+    return _get("PDSERVE_CACHE_DIR") or os.path.join(
+        os.path.expanduser("~"), ".cache", "pdserve"
+    )

@@ -1,0 +1,89 @@
+"""Where disaggregation plugs into a server: one hook object in the front end, one in each
+worker. Colocated mode uses these no-op defaults; pdserve.disagg provides the prefill and
+decode implementations (`pdserve.disagg.frontend`, `pdserve.disagg.worker_side`).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import zmq
+
+    from pdserve.engine.engine import Engine
+    from pdserve.serving.protocol import GenerateReq, ReqOutput, RoomFailed
+
+
+class RequestError(Exception):
+    """A request that must fail with an HTTP status and a clear message."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+class FrontendHooks:
+    """Runs in the HTTP front-end process (asyncio)."""
+
+    async def start(self) -> None:
+        """Called once the workers are ready (e.g. start the bootstrap server)."""
+
+    async def stop(self) -> None:
+        pass
+
+    def server_info(self) -> dict[str, Any]:
+        """Extra fields for /server_info."""
+        return {}
+
+    async def prepare(self, req: GenerateReq, dp_rank: int, body: dict[str, Any]) -> GenerateReq:
+        """Called after the DP controller chose `dp_rank`, before the request is sent to that
+        worker. May return an updated request or raise RequestError. `body` is the request
+        item's JSON (bootstrap fields, routed ranks)."""
+        return req
+
+    def on_finished(self, req: GenerateReq, error: str | None) -> None:
+        """Called when the request's worker answered its last message."""
+
+
+class WorkerHooks:
+    """Runs in a worker process, inside its single-threaded loop."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+
+    @property
+    def kv_endpoint(self) -> str | None:
+        return None
+
+    def sockets(self) -> list[zmq.Socket]:
+        """Extra sockets the worker loop polls."""
+        return []
+
+    def busy(self) -> bool:
+        """True while there is transfer work that needs the loop to spin without sleeping."""
+        return False
+
+    def on_generate(self, req: GenerateReq) -> list[ReqOutput]:
+        """A new request from the front end. Colocated: straight into the engine."""
+        from pdserve.serving.worker_io import request_from_msg
+
+        self.engine.add_request(request_from_msg(req))
+        return []
+
+    def on_abort(self, rid: str, reason: str) -> list[ReqOutput]:
+        return []
+
+    def on_room_failed(self, msg: RoomFailed) -> list[ReqOutput]:
+        return []
+
+    def poll(self, now: float) -> list[ReqOutput]:
+        """Handle transfer traffic and deadlines; return outputs for the front end."""
+        return []
+
+    def after_step(self, now: float) -> list[ReqOutput]:
+        """After each engine step (e.g. start sending KV for freshly prefilled requests)."""
+        return []
+
+    def close(self) -> None:
+        pass

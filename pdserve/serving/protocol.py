@@ -1,0 +1,105 @@
+"""Typed messages between a server's HTTP front end and its DP worker processes (ZeroMQ).
+
+Front end -> worker: GenerateReq, AbortReq, RoomFailed, FlushCache.
+Worker -> front end: WorkerReady, ReqOutput, WorkerLoad.
+All are msgspec structs encoded with msgpack; no pickled objects cross a process boundary.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+from pdserve.engine.request import FinishReason, SamplingParams
+
+
+class DisaggInfo(msgspec.Struct, frozen=True, kw_only=True):
+    """The PD part of a request, filled in by the front end of a prefill or decode server."""
+
+    room: int
+    # decode only: the resolved prefill worker (PROTOCOL.md section 4) and its KV endpoint
+    prefill_dp_rank: int | None = None
+    prefill_endpoint: str | None = None
+    prefill_bootstrap: str | None = None  # "host:port" of the prefill bootstrap server
+
+
+class GenerateReq(msgspec.Struct, tag=True, kw_only=True):
+    rid: str
+    input_ids: list[int]
+    sampling: SamplingParams
+    return_logprob: bool = False
+    logprob_start_len: int | None = None
+    top_logprobs_num: int = 0
+    disagg: DisaggInfo | None = None
+
+
+class AbortReq(msgspec.Struct, tag=True):
+    rid: str
+    reason: str = "aborted by client"
+
+
+class RoomFailed(msgspec.Struct, tag=True):
+    """Prefill front end -> its workers: room failed before dispatch (e.g. a rank conflict),
+    so a decode peer that asks for it must be told at once."""
+
+    room: int
+    reason: str
+
+
+class FlushCache(msgspec.Struct, tag=True):
+    pass
+
+
+class WorkerReady(msgspec.Struct, tag=True, kw_only=True):
+    dp_rank: int
+    num_total_pages: int
+    page_size: int
+    max_context_len: int
+    kv_endpoint: str | None = None
+
+
+class ReqOutput(msgspec.Struct, tag=True, kw_only=True, omit_defaults=True):
+    """Incremental output of one request: the tokens produced since the previous message."""
+
+    rid: str
+    new_token_ids: list[int] = []
+    new_token_logprobs: list[float] = []
+    # per new token: list of (token_id, logprob), top_logprobs_num long
+    new_top_logprobs: list[list[tuple[int, float]]] = []
+    # sent once, with the first message, when prompt logprobs were asked for
+    prompt_logprobs: list[float | None] | None = None
+    prompt_top_logprobs: list[list[tuple[int, float]] | None] | None = None
+    cached_tokens: int = 0
+    finish_reason: FinishReason | None = None
+    # set when the request failed: the HTTP status and a message for the client
+    error_status: int | None = None
+    error_message: str | None = None
+
+
+class WorkerLoad(msgspec.Struct, tag=True, kw_only=True):
+    dp_rank: int
+    num_running: int
+    num_waiting: int
+    num_tokens: int  # tokens held by running + waiting requests
+    num_used_pages: int
+    num_free_pages: int
+    num_total_pages: int
+
+
+ToWorker = GenerateReq | AbortReq | RoomFailed | FlushCache
+FromWorker = WorkerReady | ReqOutput | WorkerLoad
+
+_encoder = msgspec.msgpack.Encoder()
+_to_worker = msgspec.msgpack.Decoder(ToWorker)
+_from_worker = msgspec.msgpack.Decoder(FromWorker)
+
+
+def encode(msg: ToWorker | FromWorker) -> bytes:
+    return _encoder.encode(msg)
+
+
+def decode_to_worker(data: bytes) -> ToWorker:
+    return _to_worker.decode(data)
+
+
+def decode_from_worker(data: bytes) -> FromWorker:
+    return _from_worker.decode(data)
