@@ -81,9 +81,11 @@ class WorkerHooks:
         """Handle transfer traffic and deadlines; return outputs for the front end."""
         return []
 
-    def after_step(self, now: float) -> list[ReqOutput]:
-        """After each engine step (e.g. start sending KV for freshly prefilled requests)."""
-        return []
+    def after_step(self, now: float, outputs: list[ReqOutput]) -> list[ReqOutput]:
+        """After each engine step, with that step's outputs already converted to ReqOutput;
+        returns what to send to the front end (colocated: the outputs unchanged). The prefill
+        role starts KV sends here for freshly prefilled requests."""
+        return outputs
 
     def close(self) -> None:
         pass
