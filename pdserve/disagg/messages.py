@@ -65,11 +65,13 @@ class FirstToken(msgspec.Struct, frozen=True, kw_only=True):
 class KVHeader(msgspec.Struct, tag=True, kw_only=True):
     """prefill -> decode, followed by `len(frame_page_counts)` raw frames of page bytes.
 
-    Frame i carries `frame_page_counts[i]` whole pages, in dst_page_ids order."""
+    Frame i carries `frame_page_counts[i]` whole pages, in dst_page_ids order. A room's KV
+    may come as several header+frames messages; its RoomStatus follows the last one."""
 
     room: int
     frame_page_counts: list[int]
     page_nbytes: int
+    dst_page_ids: list[int] = []  # where this message's pages go, in frame order
 
 
 class RoomStatus(msgspec.Struct, tag=True, kw_only=True):

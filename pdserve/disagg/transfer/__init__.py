@@ -1,0 +1,55 @@
+"""KV transfer backends (worker processes): `make_transport` picks one by name."""
+
+from __future__ import annotations
+
+import torch
+
+from pdserve.disagg.transfer.base import (
+    Event,
+    Inbound,
+    KVReceived,
+    KVTransport,
+    PeerId,
+    PeerLost,
+    PeerUnreachable,
+    SendHandle,
+    TransportError,
+    TransportOptions,
+)
+
+__all__ = [
+    "Event",
+    "Inbound",
+    "KVReceived",
+    "KVTransport",
+    "PeerId",
+    "PeerLost",
+    "PeerUnreachable",
+    "SendHandle",
+    "TransportError",
+    "TransportOptions",
+    "make_transport",
+]
+
+
+def make_transport(
+    name: str,
+    pool: torch.Tensor,
+    listen_host: str | None,
+    *,
+    advertise_host: str | None = None,
+    options: TransportOptions | None = None,
+) -> KVTransport:
+    """`name` is DisaggConfig.transfer_backend: "zmq" (moves bytes) or "fake" (control only).
+
+    `advertise_host` replaces `listen_host` in `endpoint` (needed when listening on 0.0.0.0)."""
+    # Imported here so that importing the interface does not start pulling in backends.
+    from pdserve.disagg.transfer.fake_backend import FakeTransport
+    from pdserve.disagg.transfer.zmq_backend import ZmqTransport
+
+    backends: dict[str, type[ZmqTransport]] = {"zmq": ZmqTransport, "fake": FakeTransport}
+    if name not in backends:
+        raise ValueError(f"unknown KV transfer backend {name!r}; choose from {sorted(backends)}")
+    return backends[name](
+        pool, listen_host=listen_host, advertise_host=advertise_host, options=options
+    )

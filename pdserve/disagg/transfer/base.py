@@ -1,0 +1,192 @@
+"""The KV transport interface: control messages and KV page bytes between worker processes.
+
+Runs inside every prefill and decode worker process, driven by its single-threaded loop.
+Backends: `zmq` (default, ZeroMQ over TCP) and `fake` (control only); see `make_transport`.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, NewType
+
+import torch
+
+from pdserve.config import check, opt
+from pdserve.disagg import messages as m
+
+if TYPE_CHECKING:
+    import zmq
+
+# "tcp://host:port" for a peer this side connected to; "peer:<hex identity>" for one that
+# connected to this side's listening endpoint. Stable for the life of the connection.
+PeerId = NewType("PeerId", str)
+
+
+class TransportError(Exception):
+    """A send that cannot happen; the caller fails the rooms involved, never the worker."""
+
+
+class PeerUnreachable(TransportError):
+    """The peer is not connected (it vanished, or never was): nothing was queued for it."""
+
+
+@dataclass(frozen=True)
+class Inbound:
+    """A decoded control message from `peer`."""
+
+    peer: PeerId
+    msg: m.ChannelMsg
+
+
+@dataclass(frozen=True)
+class KVReceived:
+    """All KV frames of `room` that arrived are in the pool; comes right before its RoomStatus.
+
+    `num_pages` counts distinct destination pages written; the room is complete when it equals
+    `expected_pages` (the length of the PageList this side sent)."""
+
+    peer: PeerId
+    room: int
+    num_pages: int
+    nbytes: int
+    expected_pages: int
+
+    @property
+    def complete(self) -> bool:
+        return self.num_pages == self.expected_pages
+
+
+@dataclass(frozen=True)
+class PeerLost:
+    """A queued send to `peer` failed after `send`/`send_kv` returned: fail its rooms."""
+
+    peer: PeerId
+    reason: str
+
+
+Event = Inbound | KVReceived | PeerLost
+
+
+@dataclass(frozen=True)
+class TransportOptions:
+    frame_nbytes: int = opt(4 << 20, "KV transfer: target bytes per raw frame (whole pages)")
+    hwm_msgs: int = opt(64, "KV transfer: ZeroMQ high-water mark per peer, in messages")
+    max_queued_msgs: int = opt(
+        100_000, "KV transfer: messages queued for one peer before it is declared lost"
+    )
+    staging_buffers: int = opt(8, "KV transfer: frame-sized buffers for gathering scattered pages")
+    recv_budget_nbytes: int = opt(
+        64 << 20, "KV transfer: KV bytes written per poll() before the loop gets control back"
+    )
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            check(getattr(self, f.name) > 0, f"{f.name} must be > 0")
+
+
+class SendHandle(abc.ABC):
+    """One `send_kv` in flight. The caller keeps the source pages until `done()`."""
+
+    room: int
+
+    @abc.abstractmethod
+    def done(self) -> bool:
+        """True once the transport holds no reference to the source pages any more (sent,
+        or abandoned with `error` set). Not a delivery receipt: only the peer can give one."""
+
+    @property
+    @abc.abstractmethod
+    def error(self) -> str | None:
+        """Why the transfer was abandoned, or None."""
+
+
+class KVTransport(abc.ABC):
+    """Moves control messages and KV pages between this worker and its peers.
+
+    `pool` is the worker's whole KV pool: one contiguous tensor whose first dimension indexes
+    pages, so page `i` is `page_nbytes` contiguous bytes at `i * page_nbytes`. A prefill worker
+    listens (`listen_host` given, a free port is bound); a decode worker only connects.
+
+    Contract:
+    - `send` and `send_kv` never block on the network: what cannot leave at once is queued per
+      peer, in order, and pushed out by later `poll` calls. A peer known to be gone raises
+      `PeerUnreachable`; a failure found later surfaces as a `PeerLost` event.
+    - Sending a `PageList` tells this side which pages that peer may write for that room. KV
+      for a room is written into the pool only if it comes from that peer and targets a
+      subset of those pages; the permission ends when the room's `RoomStatus` arrives, when an
+      `Abort` for the room goes either way, or on `forget_room`. So a late transfer for an
+      aborted room can never overwrite pages that were already given to another request.
+    - `poll` never raises on what peers send: garbage is counted in `stats`, logged at debug
+      and dropped, and nothing outside the announced pages is ever written.
+
+    Other backends fit the same shape. Mooncake Transfer Engine and NIXL register the pool
+    memory once (its base address and length) and exchange the registration descriptor in
+    the handshake; `send_kv` then becomes a batch of remote writes of (src offset, dst
+    offset, length) triples computed from the page ids, with the final `RoomStatus` sent on
+    the control channel after the batch completes, and `done()` polls the batch status.
+    The control channel (ZeroMQ) and the event semantics stay the same.
+    """
+
+    name: str = "abstract"
+
+    def __init__(self, pool: torch.Tensor, *, listen_host: str | None = None) -> None:
+        if not pool.is_contiguous() or pool.dim() < 1 or pool.shape[0] < 1:
+            raise ValueError("KV pool must be a contiguous tensor with at least one page")
+        self.pool = pool
+        self.num_pages = int(pool.shape[0])
+        self.page_nbytes = pool[0].numel() * pool.element_size()
+        self.listen_host = listen_host
+
+    @property
+    @abc.abstractmethod
+    def endpoint(self) -> str | None:
+        """ "tcp://host:port" peers connect to, or None if this side does not listen."""
+
+    @abc.abstractmethod
+    def connect(self, endpoint: str) -> PeerId:
+        """Connect to a listening peer; idempotent per endpoint. Does not wait for the peer."""
+
+    @abc.abstractmethod
+    def send(self, peer: PeerId, msg: m.ChannelMsg) -> None:
+        """Queue one control message. Raises PeerUnreachable if the peer is known gone."""
+
+    @abc.abstractmethod
+    def send_kv(
+        self,
+        peer: PeerId,
+        room: int,
+        src_page_ids: list[int],
+        dst_page_ids: list[int],
+        then: m.RoomStatus,
+    ) -> SendHandle:
+        """Send the local pages `src_page_ids` into the peer's `dst_page_ids` (pairwise, same
+        length), followed by `then`. Raises ValueError on bad page ids, PeerUnreachable if
+        the peer is known gone."""
+
+    @abc.abstractmethod
+    def poll(self, timeout_ms: int = 0) -> list[Event]:
+        """Push queued sends, take in what arrived (waiting at most `timeout_ms` for the first
+        message), write inbound KV into the pool. Never raises on peer input."""
+
+    @abc.abstractmethod
+    def forget_room(self, room: int) -> None:
+        """Revoke the write permission of `room` (it failed or finished here)."""
+
+    @abc.abstractmethod
+    def busy(self) -> bool:
+        """True while sends are queued or in flight: the loop should keep polling."""
+
+    @abc.abstractmethod
+    def sockets(self) -> list[zmq.Socket]:
+        """Sockets for the worker loop's zmq.Poller (readable means: call `poll`)."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Drop every connection at once (LINGER 0); queued sends are abandoned."""
+
+    @property
+    @abc.abstractmethod
+    def stats(self) -> dict[str, int]:
+        """Counters: messages and KV bytes in and out, garbage dropped by reason."""
