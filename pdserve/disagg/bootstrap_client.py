@@ -1,0 +1,156 @@
+"""Clients of the bootstrap server (PROTOCOL.md section 3).
+
+`register_worker_blocking` runs in a prefill worker process at start-up (plain blocking code);
+the async helpers run in a decode front end (aiohttp ClientSession).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import urllib.error
+import urllib.request
+from typing import Any
+
+import aiohttp
+import msgspec
+
+from pdserve.disagg.bootstrap_registry import (
+    RoomFailure,
+    ServerInfo,
+    WorkerRegistration,
+    check_room,
+)
+
+RETRY_INTERVAL_S = 0.05
+MAX_RETRY_INTERVAL_S = 1.0
+_RankAnswer = dict[str, int | RoomFailure]
+
+
+class BootstrapClientError(Exception):
+    """A bootstrap call that failed. `status` is the HTTP status, or None when no valid HTTP
+    answer came (connection refused, timeout, garbage body)."""
+
+    def __init__(self, message: str, status: int | None = None):
+        super().__init__(message)
+        self.status = status
+
+    @property
+    def retryable(self) -> bool:
+        """Worth asking again before the caller's deadline (not ready, restarting, unreachable)."""
+        return self.status is None or self.status >= 500
+
+
+def bootstrap_url(host: str, port: int) -> str:
+    """The base URL of a bootstrap server, e.g. from a request's bootstrap_host/port."""
+    return (
+        f"http://[{host}]:{port}"
+        if ":" in host and not host.startswith("[")
+        else f"http://{host}:{port}"
+    )
+
+
+def _error_message(body: bytes) -> str:
+    try:
+        return str(msgspec.json.decode(body)["error"]["message"])
+    except Exception:  # not our error shape: show the start of what came back
+        return body[:200].decode("utf-8", "replace")
+
+
+def _put_once(url: str, body: bytes, timeout_s: float) -> None:
+    req = urllib.request.Request(
+        url, data=body, method="PUT", headers={"Content-Type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=timeout_s) as resp:
+            resp.read()
+    except urllib.error.HTTPError as exc:
+        raise BootstrapClientError(
+            f"PUT {url}: {exc.code} {_error_message(exc.read())}", exc.code
+        ) from None
+    except (OSError, TimeoutError) as exc:  # URLError is an OSError
+        raise BootstrapClientError(f"PUT {url}: {exc}") from None
+
+
+def register_worker_blocking(
+    bootstrap_url: str, registration: WorkerRegistration, timeout_s: float
+) -> None:
+    """PUT /route until accepted. Retries while the server is unreachable or answers 5xx (it
+    may start after the worker), with backoff, until `timeout_s`; a 4xx fails at once."""
+    url = bootstrap_url.rstrip("/") + "/route"
+    body = msgspec.json.encode(registration)
+    deadline = time.monotonic() + timeout_s
+    interval_s = RETRY_INTERVAL_S
+    while True:
+        remaining_s = deadline - time.monotonic()
+        try:
+            return _put_once(url, body, max(remaining_s, 0.01))
+        except BootstrapClientError as exc:
+            remaining_s = deadline - time.monotonic()
+            if not exc.retryable or remaining_s <= interval_s:
+                raise BootstrapClientError(
+                    f"worker dp_rank={registration.dp_rank} could not register with the "
+                    f"bootstrap server within {timeout_s}s: {exc}",
+                    exc.status,
+                ) from None
+        time.sleep(interval_s)  # a retry pause in a blocking start-up path, not a sync point
+        interval_s = min(interval_s * 2, MAX_RETRY_INTERVAL_S)
+
+
+async def _call(
+    session: aiohttp.ClientSession,
+    method: str,
+    url: str,
+    kind: type[Any],
+    timeout_s: float,
+    **kwargs: Any,
+) -> Any:
+    """One request; the 200 body decoded as `kind`, else BootstrapClientError."""
+    try:
+        async with session.request(
+            method, url, timeout=aiohttp.ClientTimeout(total=timeout_s), **kwargs
+        ) as resp:
+            body = await resp.read()
+            status = resp.status
+    except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        raise BootstrapClientError(f"{method} {url}: {exc!r}") from None
+    if status != 200:
+        raise BootstrapClientError(f"{method} {url}: {status} {_error_message(body)}", status)
+    try:
+        return msgspec.json.decode(body, type=kind)
+    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError) as exc:
+        raise BootstrapClientError(f"{method} {url}: malformed answer: {exc}") from None
+
+
+async def fetch_server_info(
+    session: aiohttp.ClientSession, base_url: str, timeout_s: float
+) -> ServerInfo:
+    """GET /route. A 503 (workers still registering) raises a retryable error."""
+    return await _call(session, "GET", base_url.rstrip("/") + "/route", ServerInfo, timeout_s)
+
+
+async def fetch_worker(
+    session: aiohttp.ClientSession, base_url: str, rank: int, timeout_s: float
+) -> WorkerRegistration:
+    """GET /route?prefill_dp_rank=rank: that worker's KV endpoint and layout (404: unknown)."""
+    url = f"{base_url.rstrip('/')}/route?prefill_dp_rank={int(rank)}"
+    return await _call(session, "GET", url, WorkerRegistration, timeout_s)
+
+
+async def query_dp_ranks(
+    session: aiohttp.ClientSession, base_url: str, rooms: list[int], timeout_s: float
+) -> dict[int, int | RoomFailure]:
+    """POST /query_dp_ranks: the rank or the failure of each known room; unknown rooms are
+    absent from the answer (not registered yet, or expired)."""
+    url = base_url.rstrip("/") + "/query_dp_ranks"
+    answer: _RankAnswer = await _call(
+        session, "POST", url, _RankAnswer, timeout_s, json={"bootstrap_rooms": rooms}
+    )
+    asked = set(rooms)
+    result: dict[int, int | RoomFailure] = {}
+    for key, value in answer.items():
+        room = int(key) if key.isascii() and key.isdigit() else None
+        if room is None or room not in asked:
+            raise BootstrapClientError(f"POST {url}: answer names a room not asked for: {key!r}")
+        result[check_room(room)] = value
+    return result

@@ -1,0 +1,274 @@
+"""HTTP shell of the bootstrap server (PROTOCOL.md section 3) over a `BootstrapRegistry`.
+
+Runs as a second aiohttp site inside the prefill front-end process (`start_bootstrap_server`),
+or alone for tests: `python -m pdserve.disagg.bootstrap_server --port P --dp-size N`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+import msgspec
+from aiohttp import web
+
+from pdserve import envs
+from pdserve.config import add_arguments, check, from_args, opt
+from pdserve.disagg.bootstrap_registry import (
+    MAX_ROOMS_PER_QUERY,
+    BootstrapError,
+    BootstrapRegistry,
+    RoomFailure,
+    WorkerRegistration,
+    check_room,
+)
+
+logger = logging.getLogger(__name__)
+
+MAX_BODY_BYTES = 1 << 20
+SHUTDOWN_TIMEOUT_S = 2.0
+Clock = Callable[[], float]
+RoomValue = int | str  # rooms arrive as JSON numbers or numeric strings
+
+
+class _RoomRank(msgspec.Struct):
+    """`POST /register_dp_rank`: either a rank or a failure (`error` + optional `status`)."""
+
+    bootstrap_room: RoomValue
+    dp_rank: int | None = None
+    error: str | None = None
+    status: int = 500
+
+
+class _RoomsQuery(msgspec.Struct):
+    bootstrap_rooms: Annotated[list[RoomValue], msgspec.Meta(max_length=MAX_ROOMS_PER_QUERY)]
+
+
+def parse_room(value: RoomValue) -> int:
+    """A room from JSON: an int, or a string of decimal digits (no sign, spaces or `_`)."""
+    if isinstance(value, str):
+        if not (value.isascii() and value.isdigit() and len(value) <= 19):
+            raise BootstrapError(f"bootstrap_room must be an integer in [0, 2^63), got {value!r}")
+        value = int(value)
+    return check_room(value)
+
+
+def _json(data: Any, status: int = 200) -> web.Response:
+    return web.Response(
+        body=msgspec.json.encode(data), status=status, content_type="application/json"
+    )
+
+
+def error_response(status: int, message: str) -> web.Response:
+    return _json({"error": {"message": message}}, status=status)
+
+
+async def _decode_body(request: web.Request, kind: type[Any]) -> Any:
+    body = await request.read()  # bounded by the app's client_max_size (413 beyond)
+    try:
+        return msgspec.json.decode(body, type=kind)
+    except RecursionError:  # msgspec's answer to deeply nested JSON
+        raise BootstrapError("JSON is nested too deeply") from None
+
+
+@web.middleware
+async def _json_errors(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """Every failure reaches the client as {"error": {"message": ...}} with a real status."""
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return error_response(
+            exc.status, f"{request.method} {request.path}: {exc.text or exc.reason}"
+        )
+    except (msgspec.DecodeError, msgspec.ValidationError, BootstrapError) as exc:
+        return error_response(400, f"{request.method} {request.path}: {exc}")
+    except Exception:
+        logger.exception(
+            "bootstrap server: unexpected error on %s %s", request.method, request.path
+        )
+        return error_response(500, f"{request.method} {request.path}: internal error")
+
+
+class _Handlers:
+    def __init__(self, registry: BootstrapRegistry, now: Clock):
+        self.registry = registry
+        self.now = now
+
+    async def put_route(self, request: web.Request) -> web.Response:
+        reg = await _decode_body(request, WorkerRegistration)
+        self.registry.register_worker(reg, self.now())
+        logger.info(
+            "bootstrap: registered prefill worker dp_rank=%d tp_rank=%d at %s",
+            reg.dp_rank,
+            reg.tp_rank,
+            reg.kv_endpoint,
+        )
+        return _json({"ok": True})
+
+    async def get_route(self, request: web.Request) -> web.Response:
+        rank_text = request.query.get("prefill_dp_rank")
+        if rank_text is None:
+            info = self.registry.server_info()
+            if info is None:
+                reason = self.registry.not_ready_reason()
+                return error_response(503, f"bootstrap server not ready: {reason}")
+            return _json(info)
+        if not (rank_text.isascii() and rank_text.isdigit() and len(rank_text) <= 9):
+            raise BootstrapError(
+                f"prefill_dp_rank must be a non-negative integer, got {rank_text!r}"
+            )
+        worker = self.registry.worker(int(rank_text))
+        if worker is None:
+            return error_response(404, f"no prefill worker registered with dp_rank {rank_text}")
+        return _json(worker)
+
+    async def register_dp_rank(self, request: web.Request) -> web.Response:
+        msg = await _decode_body(request, _RoomRank)
+        room = parse_room(msg.bootstrap_room)
+        if (msg.dp_rank is None) == (msg.error is None):
+            raise BootstrapError("give exactly one of dp_rank and error")
+        if msg.error is not None:
+            self.registry.record_failure(room, msg.error, msg.status, self.now())
+        else:
+            self.registry.register_room(room, msg.dp_rank, self.now())
+        return _json({"ok": True})
+
+    async def query_dp_ranks(self, request: web.Request) -> web.Response:
+        msg = await _decode_body(request, _RoomsQuery)
+        rooms = [parse_room(value) for value in msg.bootstrap_rooms]
+        answer = self.registry.query(rooms, self.now())
+        return _json(
+            {
+                str(room): (msgspec.structs.asdict(v) if isinstance(v, RoomFailure) else v)
+                for room, v in answer.items()
+            }
+        )
+
+    async def health(self, request: web.Request) -> web.Response:
+        return _json({"status": "ok"})
+
+
+async def _expire_forever(registry: BootstrapRegistry, now: Clock, interval_s: float) -> None:
+    while True:
+        await asyncio.sleep(interval_s)
+        num_dropped = registry.expire(now())
+        if num_dropped:
+            logger.debug("bootstrap: expired %d idle rooms", num_dropped)
+
+
+def make_bootstrap_app(
+    registry: BootstrapRegistry,
+    *,
+    now: Clock = time.monotonic,
+    expire_interval_s: float | None = None,
+) -> web.Application:
+    """The bootstrap routes over `registry`, plus a task that expires idle rooms."""
+    interval_s = (
+        expire_interval_s if expire_interval_s is not None else min(1.0, registry.room_ttl_s / 2)
+    )
+    handlers = _Handlers(registry, now)
+    app = web.Application(middlewares=[_json_errors], client_max_size=MAX_BODY_BYTES)
+    app.router.add_put("/route", handlers.put_route)
+    app.router.add_get("/route", handlers.get_route)
+    app.router.add_post("/register_dp_rank", handlers.register_dp_rank)
+    app.router.add_post("/query_dp_ranks", handlers.query_dp_ranks)
+    app.router.add_get("/health", handlers.health)
+
+    async def expiry(app: web.Application) -> AsyncIterator[None]:
+        task = asyncio.create_task(_expire_forever(registry, now, interval_s))
+        yield
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    app.cleanup_ctx.append(expiry)
+    return app
+
+
+def http_url(host: str, port: int) -> str:
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+@dataclass
+class BootstrapServer:
+    """A running bootstrap site; `port` is the bound one (useful with port 0)."""
+
+    runner: web.AppRunner
+    host: str
+    port: int
+
+    @property
+    def url(self) -> str:
+        return http_url(self.host, self.port)
+
+    async def stop(self) -> None:
+        await self.runner.cleanup()
+
+
+async def start_bootstrap_server(
+    registry: BootstrapRegistry, host: str, port: int, *, now: Clock = time.monotonic
+) -> BootstrapServer:
+    """Serve `registry` on host:port from the running event loop; port 0 picks a free one."""
+    runner = web.AppRunner(
+        make_bootstrap_app(registry, now=now), access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT_S
+    )
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, host, port, shutdown_timeout=SHUTDOWN_TIMEOUT_S).start()
+    except BaseException:
+        await runner.cleanup()
+        raise
+    bound_port = runner.addresses[0][1]
+    return BootstrapServer(runner, host, bound_port)
+
+
+@dataclass(frozen=True)
+class BootstrapServerConfig:
+    """Options of the standalone bootstrap server (tests, debugging)."""
+
+    host: str = opt("127.0.0.1", "address to bind")
+    port: int = opt(8998, "port to bind (0: a free one, printed at start)")
+    dp_size: int | None = opt(None, "expected prefill DP size (default: fixed by the first worker)")
+    room_ttl_s: float = opt(envs.room_ttl_s(), "room entries expire after this idle time")
+
+    def __post_init__(self) -> None:
+        check(0 <= self.port < 65536, f"--port out of range: {self.port}")
+        check(self.dp_size is None or self.dp_size >= 1, "--dp-size must be >= 1")
+        check(self.room_ttl_s > 0, "--room-ttl-s must be > 0")
+
+
+async def _serve(config: BootstrapServerConfig) -> None:
+    registry = BootstrapRegistry(room_ttl_s=config.room_ttl_s, dp_size=config.dp_size)
+    server = await start_bootstrap_server(registry, config.host, config.port)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    print(f"bootstrap server listening on {server.url}", flush=True)
+    try:
+        await stop.wait()
+    finally:
+        await server.stop()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    add_arguments(parser, BootstrapServerConfig)
+    config = from_args(BootstrapServerConfig, parser.parse_args(argv))
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    asyncio.run(_serve(config))
+
+
+if __name__ == "__main__":
+    main()
