@@ -42,6 +42,9 @@ class FrontendHooks:
         item's JSON (bootstrap fields, routed ranks)."""
         return req
 
+    def on_output(self, req: GenerateReq, out: ReqOutput) -> None:
+        """Called for every output message of the request (metrics of the PD layer)."""
+
     def on_finished(self, req: GenerateReq, error: str | None) -> None:
         """Called when the request's worker answered its last message."""
 

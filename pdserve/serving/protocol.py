@@ -1,7 +1,7 @@
 """Typed messages between a server's HTTP front end and its DP worker processes (ZeroMQ).
 
 Front end -> worker: GenerateReq, AbortReq, RoomFailed, FlushCache.
-Worker -> front end: WorkerReady, ReqOutput, WorkerLoad.
+Worker -> front end: WorkerReady, WorkerFailed, ReqOutput, WorkerLoad.
 All are msgspec structs encoded with msgpack; no pickled objects cross a process boundary.
 """
 
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import msgspec
 
+from pdserve.disagg.messages import KVLayout
 from pdserve.engine.request import FinishReason, SamplingParams
 
 
@@ -55,6 +56,14 @@ class WorkerReady(msgspec.Struct, tag=True, kw_only=True):
     page_size: int
     max_context_len: int
     kv_endpoint: str | None = None
+    kv_layout: KVLayout | None = None
+
+
+class WorkerFailed(msgspec.Struct, tag=True, kw_only=True):
+    """A worker could not start, or its loop crashed: the front end fails loudly with this."""
+
+    dp_rank: int
+    error: str
 
 
 class ReqOutput(msgspec.Struct, tag=True, kw_only=True, omit_defaults=True):
@@ -73,6 +82,9 @@ class ReqOutput(msgspec.Struct, tag=True, kw_only=True, omit_defaults=True):
     # set when the request failed: the HTTP status and a message for the client
     error_status: int | None = None
     error_message: str | None = None
+    # disaggregation: KV moved for this request and how long it took (for metrics)
+    kv_bytes: int = 0
+    kv_transfer_s: float | None = None
 
 
 class WorkerLoad(msgspec.Struct, tag=True, kw_only=True):
@@ -86,7 +98,7 @@ class WorkerLoad(msgspec.Struct, tag=True, kw_only=True):
 
 
 ToWorker = GenerateReq | AbortReq | RoomFailed | FlushCache
-FromWorker = WorkerReady | ReqOutput | WorkerLoad
+FromWorker = WorkerReady | WorkerFailed | ReqOutput | WorkerLoad
 
 _encoder = msgspec.msgpack.Encoder()
 _to_worker = msgspec.msgpack.Decoder(ToWorker)

@@ -1,0 +1,272 @@
+"""Decode worker side of disaggregation: reserve pages, ask the prefill worker for the KV,
+admit the request once it arrives. Runs inside each decode worker process's loop.
+
+Every room has a deadline in every state, and every prefill peer in use is watched by a
+heartbeat, so a room either reaches the engine or fails with a reason and frees its pages.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+from pdserve.disagg import messages as m
+from pdserve.disagg.config import DisaggConfig
+from pdserve.disagg.rooms import RoomState, advance, error_output
+from pdserve.disagg.transfer.base import KVReceived, KVTransport
+from pdserve.engine.request import Request
+from pdserve.serving.hooks import WorkerHooks
+from pdserve.serving.protocol import GenerateReq, ReqOutput
+from pdserve.serving.worker_io import output_from_step, request_from_msg
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DecodeRoom:
+    room: int
+    req: Request
+    endpoint: str
+    prefill_dp_rank: int | None
+    deadline: float
+    state: RoomState = RoomState.BOOTSTRAPPING
+    reserved: bool = False
+
+
+@dataclass
+class Peer:
+    """One prefill worker this decode worker talks to."""
+
+    endpoint: str
+    peer_id: object
+    handshake_ok: bool | None = None  # None: answer not in yet
+    handshake_error: str | None = None
+    last_pong: float = 0.0
+    next_ping: float = 0.0
+    ping_seq: int = 0
+    rooms: set[int] = field(default_factory=set)
+
+
+class DecodeWorkerHooks(WorkerHooks):
+    def __init__(self, engine, cfg: DisaggConfig, transport: KVTransport, decode_id: str):
+        super().__init__(engine)
+        self.cfg = cfg
+        self.transport = transport
+        self.decode_id = decode_id
+        self.layout = engine.kv_layout()
+        self.rooms: dict[int, DecodeRoom] = {}
+        self.room_of_rid: dict[str, int] = {}
+        self.peers: dict[str, Peer] = {}
+        self.peer_by_id: dict[object, Peer] = {}
+
+    def sockets(self) -> list:
+        return self.transport.sockets()
+
+    def busy(self) -> bool:
+        return any(r.state is RoomState.TRANSFERRING for r in self.rooms.values())
+
+    # -- front end -> worker ---------------------------------------------------------
+    def on_generate(self, msg: GenerateReq, now: float | None = None) -> list[ReqOutput]:
+        info = msg.disagg
+        if info is None or info.prefill_endpoint is None:
+            return [
+                error_output(msg.rid, 500, "decode request without a resolved prefill endpoint")
+            ]
+        if info.room in self.rooms:
+            return [error_output(msg.rid, 400, f"bootstrap_room {info.room} is already in flight")]
+        now = _now() if now is None else now
+        req = request_from_msg(msg)
+        room = DecodeRoom(
+            info.room,
+            req,
+            info.prefill_endpoint,
+            info.prefill_dp_rank,
+            deadline=now + self.cfg.bootstrap_timeout_s,
+        )
+        self.rooms[info.room] = room
+        self.room_of_rid[req.rid] = info.room
+        peer = self._peer(info.prefill_endpoint, now)
+        peer.rooms.add(info.room)
+        return self._progress(room, now)
+
+    def on_abort(self, rid: str, reason: str) -> list[ReqOutput]:
+        room = self.room_of_rid.get(rid)
+        if room is not None:
+            self._drop(room, notify_reason=reason)
+        return []
+
+    # -- the loop ------------------------------------------------------------------
+    def poll(self, now: float) -> list[ReqOutput]:
+        outputs: list[ReqOutput] = []
+        for event in self.transport.poll(0):
+            outputs += self._on_event(event, now)
+        for room in [r for r in self.rooms.values() if r.state is RoomState.BOOTSTRAPPING]:
+            outputs += self._progress(room, now)  # pages may have been freed meanwhile
+        outputs += self._heartbeats(now)
+        outputs += self._deadlines(now)
+        return outputs
+
+    def _on_event(self, event, now: float) -> list[ReqOutput]:
+        if isinstance(event, KVReceived):
+            room = self.rooms.get(event.room)
+            if room is not None:
+                room.state = advance(room.state, RoomState.TRANSFERRING)
+            return []
+        peer = self.peer_by_id.get(event.peer)
+        msg = event.msg
+        if peer is None:
+            return []
+        peer.last_pong = now  # any message proves the peer is alive
+        if isinstance(msg, m.HandshakeResult):
+            return self._on_handshake(peer, msg, now)
+        if isinstance(msg, m.RoomStatus):
+            return self._on_status(peer, msg)
+        if isinstance(msg, m.Abort) and msg.room in peer.rooms:
+            return self._fail(msg.room, 500, f"prefill aborted room {msg.room}: {msg.reason}")
+        return []
+
+    def _on_handshake(self, peer: Peer, msg: m.HandshakeResult, now: float) -> list[ReqOutput]:
+        peer.handshake_ok = msg.ok
+        peer.handshake_error = msg.error
+        outputs: list[ReqOutput] = []
+        for room_id in sorted(peer.rooms):
+            room = self.rooms.get(room_id)
+            if room is not None:
+                outputs += self._progress(room, now)
+        return outputs
+
+    def _on_status(self, peer: Peer, msg: m.RoomStatus) -> list[ReqOutput]:
+        room = self.rooms.get(msg.room)
+        if room is None or msg.room not in peer.rooms:
+            return []  # late status for a room already failed or aborted here
+        if not msg.ok:
+            return self._fail(msg.room, msg.error_status, msg.error or "prefill failed the room")
+        first = msg.first
+        if first is None or first.room != msg.room:
+            return self._fail(
+                msg.room, 500, f"corrupt KV status for room {msg.room}: room check failed"
+            )
+        room.state = advance(room.state, RoomState.SUCCESS)
+        self._forget(msg.room)
+        steps = self.engine.admit_prefilled(
+            room.req.rid, first.token_id, first.logprob, first.top_logprobs
+        )
+        return [output_from_step(s) for s in steps]
+
+    # -- progress of one room --------------------------------------------------------
+    def _progress(self, room: DecodeRoom, now: float) -> list[ReqOutput]:
+        peer = self.peers[room.endpoint]
+        if peer.handshake_ok is False:
+            return self._fail(
+                room.room,
+                500,
+                f"KV handshake with prefill {room.endpoint} failed: {peer.handshake_error}",
+            )
+        if room.state is not RoomState.BOOTSTRAPPING or not peer.handshake_ok:
+            return []
+        if not self.engine.reserve(room.req):
+            return []  # no free pages yet; retried every poll until the deadline
+        room.reserved = True
+        room.state = advance(room.state, RoomState.WAITING_FOR_INPUT)
+        room.deadline = now + self.cfg.kv_wait_timeout_s
+        page_list = m.PageList(
+            room=room.room,
+            dst_page_ids=list(room.req.page_ids),
+            prompt_len=len(room.req.prompt_ids),
+        )
+        if not self._send(peer, page_list):
+            return self._fail(room.room, 503, f"prefill worker at {peer.endpoint} is unreachable")
+        return []
+
+    def _heartbeats(self, now: float) -> list[ReqOutput]:
+        outputs: list[ReqOutput] = []
+        for peer in self.peers.values():
+            if not peer.rooms:
+                continue
+            if now - peer.last_pong > self.cfg.heartbeat_timeout_s:
+                reason = (
+                    f"prefill worker at {peer.endpoint} stopped answering heartbeats for "
+                    f"{now - peer.last_pong:.1f}s"
+                )
+                for room in sorted(peer.rooms):
+                    outputs += self._fail(room, 503, reason)
+            elif now >= peer.next_ping:
+                peer.ping_seq += 1
+                peer.next_ping = now + self.cfg.heartbeat_interval_s
+                self._send(peer, m.Ping(peer.ping_seq))
+        return outputs
+
+    def _deadlines(self, now: float) -> list[ReqOutput]:
+        outputs: list[ReqOutput] = []
+        for room in [r for r in self.rooms.values() if now >= r.deadline]:
+            if room.state is RoomState.BOOTSTRAPPING:
+                what = "a KV handshake and free pages" if room.reserved is False else "pages"
+                reason = f"timed out after {self.cfg.bootstrap_timeout_s:g}s waiting for {what}"
+            else:
+                reason = (
+                    f"timed out after {self.cfg.kv_wait_timeout_s:g}s waiting for the KV of "
+                    f"room {room.room} from prefill dp rank {room.prefill_dp_rank} "
+                    f"({room.endpoint})"
+                )
+            outputs += self._fail(room.room, 504, reason)
+        return outputs
+
+    # -- endings ---------------------------------------------------------------------
+    def _fail(self, room_id: int, status: int, reason: str) -> list[ReqOutput]:
+        room = self.rooms.get(room_id)
+        if room is None:
+            return []
+        room.state = advance(room.state, RoomState.FAILED)
+        self._drop(room_id, notify_reason=reason)
+        return [error_output(room.req.rid, status, reason)]
+
+    def _drop(self, room_id: int, notify_reason: str) -> None:
+        """Forget the room, free its pages, and tell the prefill peer if it knows of it."""
+        room = self.rooms.get(room_id)
+        if room is None:
+            return
+        if room.reserved:
+            self.engine.abort(room.req.rid, notify_reason)
+            peer = self.peers.get(room.endpoint)
+            if peer is not None:
+                self._send(peer, m.Abort(room=room_id, reason=notify_reason))
+        self._forget(room_id)
+
+    def _forget(self, room_id: int) -> None:
+        room = self.rooms.pop(room_id, None)
+        if room is None:
+            return
+        self.room_of_rid.pop(room.req.rid, None)
+        peer = self.peers.get(room.endpoint)
+        if peer is not None:
+            peer.rooms.discard(room_id)
+
+    # -- peers -------------------------------------------------------------------------
+    def _peer(self, endpoint: str, now: float) -> Peer:
+        peer = self.peers.get(endpoint)
+        if peer is None:
+            peer = Peer(endpoint, self.transport.connect(endpoint))
+            self.peers[endpoint] = peer
+            self.peer_by_id[peer.peer_id] = peer
+            self._send(peer, m.Handshake(decode_id=self.decode_id, layout=self.layout))
+        if not peer.rooms:  # idle -> busy: the heartbeat clock starts now
+            peer.last_pong = now
+            peer.next_ping = now
+        return peer
+
+    def _send(self, peer: Peer, msg: m.ChannelMsg) -> bool:
+        try:
+            self.transport.send(peer.peer_id, msg)
+            return True
+        except Exception as exc:  # a vanished peer must fail rooms, not the worker
+            log.warning("send to %s failed: %s", peer.endpoint, exc)
+            return False
+
+    def close(self) -> None:
+        self.transport.close()
+
+
+def _now() -> float:
+    import time
+
+    return time.monotonic()

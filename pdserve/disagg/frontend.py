@@ -1,0 +1,181 @@
+"""Front-end hooks of the prefill and decode servers (PROTOCOL.md sections 3 and 4).
+
+Runs in a server's HTTP front-end process (asyncio). Prefill: hosts the bootstrap server,
+applies the dispatch-time rank rules and publishes rooms. Decode: resolves which prefill
+worker holds a room's KV and hands its endpoint to the decode worker.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+import aiohttp
+import msgspec
+
+from pdserve.disagg.bootstrap_client import bootstrap_url
+from pdserve.disagg.bootstrap_registry import BootstrapRegistry
+from pdserve.disagg.bootstrap_server import start_bootstrap_server
+from pdserve.disagg.metrics import DisaggMetrics
+from pdserve.disagg.peer_info import PeerDirectory
+from pdserve.disagg.rank_resolver import (
+    PrefillAction,
+    PrefillServerInfo,
+    RankError,
+    ResolvePath,
+    decide_prefill,
+    registers_all_rooms,
+    resolve_decode,
+)
+from pdserve.serving.hooks import FrontendHooks, RequestError
+from pdserve.serving.protocol import GenerateReq
+
+if TYPE_CHECKING:
+    from pdserve.serving.config import ServerConfig
+    from pdserve.serving.dp_controller import DPController
+
+
+def make_frontend_hooks(cfg: ServerConfig, controller: DPController) -> FrontendHooks:
+    metrics = DisaggMetrics(controller.metrics)
+    if cfg.server.mode == "prefill":
+        return PrefillFrontendHooks(cfg, controller, metrics)
+    if cfg.server.mode == "decode":
+        return DecodeFrontendHooks(cfg, controller, metrics)
+    raise ValueError(f"no disaggregation hooks for mode {cfg.server.mode!r}")
+
+
+def _explicit_rank(body: dict[str, Any]) -> int | None:
+    value = body.get("disagg_prefill_dp_rank")
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise RequestError(400, f"disagg_prefill_dp_rank must be an integer, got {value!r}")
+    return value
+
+
+class PrefillFrontendHooks(FrontendHooks):
+    def __init__(self, cfg: ServerConfig, controller: DPController, metrics: DisaggMetrics):
+        self.cfg = cfg
+        self.controller = controller
+        self.metrics = metrics
+        self.method = cfg.server.resolved_lb_method
+        self.force = cfg.disagg.force_query_prefill_dp_rank
+        self.registry = BootstrapRegistry(cfg.disagg.room_ttl_s, dp_size=cfg.server.dp_size)
+        self.bootstrap = None
+        metrics.watch_registry(self.registry)
+
+    async def start(self) -> None:
+        self.bootstrap = await start_bootstrap_server(
+            self.registry, self.cfg.server.host, self.cfg.disagg.bootstrap_port
+        )
+
+    async def stop(self) -> None:
+        if self.bootstrap is not None:
+            await self.bootstrap.stop()
+
+    def server_info(self) -> dict[str, Any]:
+        return {
+            "bootstrap_port": self.cfg.disagg.bootstrap_port,
+            "follow_bootstrap_room": self.method == "follow_bootstrap_room",
+            "registers_all_rooms": registers_all_rooms(self.method, self.force),
+            "force_query_prefill_dp_rank": self.force,
+            "transfer_backend": self.cfg.disagg.transfer_backend,
+        }
+
+    async def prepare(self, req: GenerateReq, dp_rank: int, body: dict[str, Any]) -> GenerateReq:
+        room = req.disagg.room
+        now = time.monotonic()
+        try:
+            action = decide_prefill(
+                room,
+                dp_rank,
+                self.cfg.server.dp_size,
+                self.method,
+                self.force,
+                _explicit_rank(body),
+            )
+        except RankError as exc:
+            self.metrics.conflict(str(exc))
+            self.fail_room(room, str(exc), exc.status, now)
+            raise RequestError(exc.status, str(exc)) from None
+        if action is PrefillAction.REGISTER:
+            self.registry.register_room(room, dp_rank, now)
+        return req
+
+    def fail_room(self, room: int, reason: str, status: int, now: float) -> None:
+        """The room failed before any worker saw it: a querying decode learns it from the
+        registry, and one that took the fast path learns it from the worker it asks."""
+        self.registry.record_failure(room, reason, status, now)
+        for rank in range(self.cfg.server.dp_size):
+            if rank not in self.controller.dead:
+                self.controller.room_failed(rank, room, reason)
+
+    def on_finished(self, req: GenerateReq, error: str | None) -> None:
+        if req.disagg is None:
+            return
+        if error is None:
+            self.registry.drop_room(req.disagg.room)
+        else:
+            self.registry.record_failure(req.disagg.room, error, 500, time.monotonic())
+
+
+class DecodeFrontendHooks(FrontendHooks):
+    def __init__(self, cfg: ServerConfig, controller: DPController, metrics: DisaggMetrics):
+        self.cfg = cfg
+        self.controller = controller
+        self.metrics = metrics
+        self.session: aiohttp.ClientSession | None = None
+        self.peers: PeerDirectory | None = None
+
+    async def start(self) -> None:
+        self.session = aiohttp.ClientSession()
+        self.peers = PeerDirectory(self.session, self.cfg.disagg.bootstrap_timeout_s, self.metrics)
+
+    async def stop(self) -> None:
+        if self.session is not None:
+            await self.session.close()
+
+    def server_info(self) -> dict[str, Any]:
+        return {"transfer_backend": self.cfg.disagg.transfer_backend}
+
+    def _bootstrap_address(self, body: dict[str, Any]) -> str:
+        host = body.get("bootstrap_host")
+        port = body.get("bootstrap_port")
+        if not isinstance(host, str) or not host:
+            raise RequestError(
+                400,
+                "bootstrap_host is required on a decode server "
+                "(the prefill server's host; the router sets it)",
+            )
+        if port is None:
+            port = self.cfg.disagg.bootstrap_port
+        if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
+            raise RequestError(400, f"bootstrap_port must be an integer port or null, got {port!r}")
+        return bootstrap_url(host, port)
+
+    async def prepare(self, req: GenerateReq, dp_rank: int, body: dict[str, Any]) -> GenerateReq:
+        assert self.peers is not None, "start() not called"
+        room = req.disagg.room
+        url = self._bootstrap_address(body)
+        explicit = _explicit_rank(body)
+        info = await self.peers.server_info(url)
+        own = self.controller.ready[dp_rank].kv_layout
+        mismatch = info.layout().mismatch(own) if own is not None else None
+        if mismatch:
+            self.metrics.failure("layout_mismatch")
+            raise RequestError(500, f"prefill server at {url} is incompatible: {mismatch}")
+        summary = PrefillServerInfo(
+            info.dp_size, info.follow_bootstrap_room, info.registers_all_rooms
+        )
+        try:
+            path, rank = resolve_decode(room, summary, explicit)
+        except RankError as exc:
+            raise RequestError(exc.status, str(exc)) from None
+        if path is ResolvePath.QUERY:
+            rank = await self.peers.query_rank(url, room)
+        self.metrics.resolved(path.value)
+        endpoint = await self.peers.endpoint(url, rank)
+        disagg = msgspec.structs.replace(
+            req.disagg, prefill_dp_rank=rank, prefill_endpoint=endpoint, prefill_bootstrap=url
+        )
+        return msgspec.structs.replace(req, disagg=disagg)

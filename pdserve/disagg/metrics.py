@@ -1,0 +1,103 @@
+"""Prometheus metrics of the disaggregation layer, in the server's own registry.
+
+Runs in the prefill or decode front end. Worker-side facts (KV bytes, transfer time,
+failures) reach it through the requests' outputs.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+if TYPE_CHECKING:
+    from pdserve.disagg.bootstrap_registry import BootstrapRegistry
+    from pdserve.serving.metrics import ServerMetrics
+
+TRANSFER_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+
+FAILURE_KINDS = [
+    ("conflict", "follow_bootstrap_room conflict"),
+    ("explicit_rank", "disagg_prefill_dp_rank"),
+    ("heartbeat", "heartbeat"),
+    ("timeout", "timed out"),
+    ("rank_timeout", "did not publish the dp rank"),
+    ("layout_mismatch", "mismatch"),
+    ("aborted", "abort"),
+    ("unreachable", "unreachable"),
+]
+
+
+def failure_kind(message: str) -> str:
+    """A small, stable label for a failure message (for the failures-by-reason counter)."""
+    text = message.lower()
+    for kind, needle in FAILURE_KINDS:
+        if needle in text:
+            return kind
+    return "other"
+
+
+class _RegistryCollector:
+    """Exports the bootstrap registry's own counters at scrape time."""
+
+    def __init__(self, registry: BootstrapRegistry):
+        self.registry = registry
+
+    def collect(self):
+        stats = self.registry.stats()
+        for name, value in stats.items():
+            yield CounterMetricFamily(
+                f"pdserve_bootstrap_{name}", f"bootstrap registry: {name}", value=value
+            )
+        yield GaugeMetricFamily(
+            "pdserve_bootstrap_rooms", "room entries held", value=self.registry.num_rooms
+        )
+
+
+class DisaggMetrics:
+    def __init__(self, metrics: ServerMetrics):
+        self.server = metrics
+        self.resolutions = metrics.counter(
+            "rank_resolutions", "decode: prefill DP rank resolutions by path", ["path"]
+        )
+        self.conflicts = metrics.counter(
+            "rank_conflicts",
+            "prefill: requests failed by a rank rule (conflict, wrong explicit rank)",
+        )
+        self.query_round_trips = metrics.counter(
+            "rank_query_round_trips", "decode: /query_dp_ranks requests sent"
+        )
+        self.rooms_queried = metrics.counter("rank_query_rooms", "decode: rooms asked about")
+        self.failures = metrics.counter(
+            "disagg_failures", "requests failed by the disaggregation layer, by reason", ["reason"]
+        )
+        self.kv_bytes = metrics.counter("kv_transfer_bytes", "KV bytes transferred")
+        self.kv_seconds = metrics.histogram(
+            "kv_transfer_seconds",
+            "time from page list to KV arrival (decode) or send done (prefill)",
+            buckets=TRANSFER_BUCKETS_S,
+        )
+        for path in ("explicit", "single_rank", "fast_path", "query"):
+            self.resolutions.labels(path=path)  # exported as 0 before the first resolution
+
+    def watch_registry(self, registry: BootstrapRegistry) -> None:
+        self.server.registry.register(_RegistryCollector(registry))
+
+    def resolved(self, path: str) -> None:
+        self.resolutions.labels(path=path).inc()
+
+    def conflict(self, message: str) -> None:
+        self.conflicts.inc()
+        self.failure(failure_kind(message))
+
+    def failure(self, kind: str) -> None:
+        self.failures.labels(reason=kind).inc()
+
+    def query_round_trip(self, num_rooms: int) -> None:
+        self.query_round_trips.inc()
+        self.rooms_queried.inc(num_rooms)
+
+    def transfer(self, num_bytes: int, seconds: float | None) -> None:
+        self.kv_bytes.inc(num_bytes)
+        if seconds is not None:
+            self.kv_seconds.observe(seconds)

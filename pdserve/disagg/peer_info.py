@@ -1,0 +1,199 @@
+"""What a decode front end knows about prefill servers: their info and worker endpoints
+(cached), and room ranks (batched `/query_dp_ranks` polling). Runs in the decode front end.
+
+Every call has a deadline; a missing answer becomes a RequestError with a reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+import aiohttp
+
+from pdserve.disagg.bootstrap_client import (
+    BootstrapClientError,
+    fetch_server_info,
+    fetch_worker,
+    query_dp_ranks,
+)
+from pdserve.disagg.bootstrap_registry import RoomFailure, ServerInfo
+from pdserve.disagg.metrics import DisaggMetrics
+from pdserve.disagg.rank_query import PendingRooms
+from pdserve.serving.hooks import RequestError
+
+T = TypeVar("T")
+INFO_TTL_S = 30.0
+ENDPOINT_TTL_S = 10.0  # a restarted prefill worker re-registers with a new endpoint
+RETRY_MIN_S, RETRY_MAX_S = 0.02, 0.5
+CALL_TIMEOUT_S = 5.0
+
+
+async def call_with_retry(fn: Callable[[float], Awaitable[T]], what: str, timeout_s: float) -> T:
+    """Retry `fn(call_timeout_s)` on retryable bootstrap errors with backoff until the deadline."""
+    deadline = time.monotonic() + timeout_s
+    interval_s = RETRY_MIN_S
+    while True:
+        remaining_s = deadline - time.monotonic()
+        try:
+            return await fn(max(0.05, min(CALL_TIMEOUT_S, remaining_s)))
+        except BootstrapClientError as exc:
+            if not exc.retryable:
+                raise RequestError(502, f"{what}: {exc}") from None
+            if time.monotonic() + interval_s >= deadline:
+                raise RequestError(
+                    504, f"{what}: no usable answer within {timeout_s:g}s: {exc}"
+                ) from None
+        await asyncio.sleep(interval_s)  # retry backoff, bounded by the deadline
+        interval_s = min(interval_s * 2, RETRY_MAX_S)
+
+
+class _TTLCache:
+    """Single-flight cache: one fetch per key at a time, answers kept for `ttl_s`."""
+
+    def __init__(self, ttl_s: float):
+        self.ttl_s = ttl_s
+        self._values: dict[object, tuple[float, object]] = {}
+        self._inflight: dict[object, asyncio.Task] = {}
+
+    async def get(self, key: object, fetch: Callable[[], Awaitable[T]]) -> T:
+        hit = self._values.get(key)
+        if hit is not None and time.monotonic() - hit[0] < self.ttl_s:
+            return hit[1]  # type: ignore[return-value]
+        task = self._inflight.get(key)
+        if task is None:
+            task = self._inflight[key] = asyncio.ensure_future(fetch())
+            task.add_done_callback(lambda t, k=key: self._done(k, t))
+        return await asyncio.shield(task)
+
+    def _done(self, key: object, task: asyncio.Task) -> None:
+        self._inflight.pop(key, None)
+        if not task.cancelled() and task.exception() is None:
+            self._values[key] = (time.monotonic(), task.result())
+
+
+class RankQuerier:
+    """Batches every pending room of one bootstrap server into one query per poll."""
+
+    def __init__(
+        self, session: aiohttp.ClientSession, url: str, timeout_s: float, metrics: DisaggMetrics
+    ):
+        self.session, self.url, self.timeout_s, self.metrics = session, url, timeout_s, metrics
+        self.pending = PendingRooms()
+        self.futures: dict[int, asyncio.Future[int]] = {}
+        self.wakeup = asyncio.Event()
+        self.task: asyncio.Task | None = None
+
+    async def resolve(self, room: int) -> int:
+        if room in self.futures:
+            raise RequestError(400, f"bootstrap_room {room} is already being resolved")
+        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self.futures[room] = future
+        self.pending.add(room, time.monotonic(), self.timeout_s)
+        self.wakeup.set()
+        if self.task is None:
+            self.task = asyncio.create_task(self._run())
+        try:
+            return await future
+        finally:  # also on cancellation (client gone): stop asking about this room
+            self.futures.pop(room, None)
+            self.pending.discard(room)
+
+    def _settle(
+        self, room: int, rank: int | None = None, error: RequestError | None = None
+    ) -> None:
+        future = self.futures.get(room)
+        if future is None or future.done():
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(rank)  # type: ignore[arg-type]
+
+    async def _poll_once(self) -> None:
+        rooms = self.pending.rooms()
+        self.pending.on_sent(time.monotonic())
+        try:
+            answer = await query_dp_ranks(self.session, self.url, rooms, CALL_TIMEOUT_S)
+        except BootstrapClientError as exc:
+            if exc.retryable:
+                return  # asked again after the backoff, until each room's deadline
+            for room in rooms:
+                self._settle(
+                    room, error=RequestError(502, f"rank query to {self.url} failed: {exc}")
+                )
+            return
+        self.metrics.query_round_trip(len(rooms))
+        outcome = self.pending.on_answer(answer)
+        for room, rank in outcome.resolved.items():
+            self._settle(room, rank=rank)
+        for room, failure in outcome.failed.items():
+            self._settle(room, error=RequestError(failure.status, failure.error))
+
+    async def _run(self) -> None:
+        try:
+            while len(self.pending):
+                now = time.monotonic()
+                for room in self.pending.expire(now):
+                    self._settle(
+                        room,
+                        error=RequestError(
+                            504,
+                            (
+                                f"prefill server {self.url} did not publish the DP rank of room {room} "
+                                f"within {self.timeout_s:g}s (did the prefill leg of this room arrive?)"
+                            ),
+                        ),
+                    )
+                if self.pending.poll_due(now):
+                    await self._poll_once()
+                wake = self.pending.next_wakeup()
+                if wake is None:
+                    break
+                self.wakeup.clear()
+                try:
+                    await asyncio.wait_for(self.wakeup.wait(), max(0.0, wake - time.monotonic()))
+                except asyncio.TimeoutError:
+                    pass
+        finally:
+            self.task = None
+
+
+class PeerDirectory:
+    def __init__(self, session: aiohttp.ClientSession, timeout_s: float, metrics: DisaggMetrics):
+        self.session, self.timeout_s, self.metrics = session, timeout_s, metrics
+        self._infos = _TTLCache(INFO_TTL_S)
+        self._endpoints = _TTLCache(ENDPOINT_TTL_S)
+        self._queriers: dict[str, RankQuerier] = {}
+
+    async def server_info(self, url: str) -> ServerInfo:
+        what = f"prefill bootstrap server {url} (GET /route)"
+        return await self._infos.get(
+            url,
+            lambda: call_with_retry(
+                lambda t: fetch_server_info(self.session, url, t), what, self.timeout_s
+            ),
+        )
+
+    async def endpoint(self, url: str, rank: int) -> str:
+        what = f"prefill bootstrap server {url} (GET /route?prefill_dp_rank={rank})"
+        reg = await self._endpoints.get(
+            (url, rank),
+            lambda: call_with_retry(
+                lambda t: fetch_worker(self.session, url, rank, t), what, self.timeout_s
+            ),
+        )
+        return reg.kv_endpoint
+
+    async def query_rank(self, url: str, room: int) -> int:
+        querier = self._queriers.get(url)
+        if querier is None:
+            querier = self._queriers[url] = RankQuerier(
+                self.session, url, self.timeout_s, self.metrics
+            )
+        return await querier.resolve(room)
+
+
+__all__ = ["PeerDirectory", "RankQuerier", "RoomFailure", "call_with_retry"]

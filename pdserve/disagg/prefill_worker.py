@@ -1,0 +1,286 @@
+"""Prefill worker side of disaggregation: compute the prompt, then ship its KV pages and
+first token to the decode worker that asked for them. Runs inside each prefill worker.
+
+Either the request (from the front end) or decode's page list (from the KV channel) may
+come first; a room is sent once both are there and the engine holds its pages.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from pdserve.disagg import messages as m
+from pdserve.disagg.config import DisaggConfig
+from pdserve.disagg.rooms import RoomState, advance, error_output
+from pdserve.disagg.transfer.base import KVTransport
+from pdserve.engine.request import FinishReason, ReqState
+from pdserve.serving.hooks import WorkerHooks
+from pdserve.serving.protocol import GenerateReq, ReqOutput, RoomFailed
+from pdserve.serving.worker_io import request_from_msg
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PrefillRoom:
+    room: int
+    deadline: float
+    rid: str | None = None  # set when the request arrives
+    peer: object | None = None  # set when decode's page list arrives
+    dst_page_ids: list[int] | None = None
+    prompt_len: int | None = None
+    first: m.FirstToken | None = None
+    send_handle: object | None = None
+    state: RoomState = RoomState.BOOTSTRAPPING
+
+
+@dataclass
+class FailedRoom:
+    reason: str
+    status: int
+    expires_at: float
+
+
+class PrefillWorkerHooks(WorkerHooks):
+    def __init__(self, engine, cfg: DisaggConfig, transport: KVTransport, dp_rank: int):
+        super().__init__(engine)
+        self.cfg = cfg
+        self.transport = transport
+        self.dp_rank = dp_rank
+        self.layout = engine.kv_layout()
+        self.rooms: dict[int, PrefillRoom] = {}
+        self.room_of_rid: dict[str, int] = {}
+        self.failed: dict[int, FailedRoom] = {}  # answers for late page lists
+        self.handshaken: set[object] = set()
+
+    @property
+    def kv_endpoint(self) -> str | None:
+        return self.transport.endpoint
+
+    def sockets(self) -> list:
+        return self.transport.sockets()
+
+    def busy(self) -> bool:
+        return any(r.send_handle is not None for r in self.rooms.values())
+
+    # -- front end -> worker ---------------------------------------------------------
+    def on_generate(self, msg: GenerateReq, now: float | None = None) -> list[ReqOutput]:
+        now = _now() if now is None else now
+        room_id = msg.disagg.room if msg.disagg else None
+        if room_id is None:
+            return [error_output(msg.rid, 400, "prefill request without bootstrap_room")]
+        room = self.rooms.get(room_id)
+        if room is not None and room.rid is not None:
+            return [error_output(msg.rid, 400, f"bootstrap_room {room_id} is already in flight")]
+        req = request_from_msg(msg)
+        req.prefill_only = True
+        try:
+            self.engine.add_request(req)
+        except ValueError as exc:  # RequestRejected: the request can never run here
+            self._fail_room(room_id, 400, str(exc), now)
+            return [error_output(msg.rid, 400, str(exc))]
+        if room is None:
+            room = self.rooms[room_id] = PrefillRoom(room_id, now + self.cfg.bootstrap_timeout_s)
+        room.rid = req.rid
+        room.deadline = now + self.cfg.bootstrap_timeout_s
+        self.room_of_rid[req.rid] = room_id
+        return []
+
+    def on_abort(self, rid: str, reason: str) -> list[ReqOutput]:
+        room_id = self.room_of_rid.get(rid)
+        if room_id is not None:
+            self._fail_room(
+                room_id, 499, f"aborted on prefill: {reason}", _now(), abort_engine=False
+            )
+        return []
+
+    def on_room_failed(self, msg: RoomFailed) -> list[ReqOutput]:
+        return self._fail_room(msg.room, 400, msg.reason, _now())
+
+    # -- the loop ------------------------------------------------------------------
+    def poll(self, now: float) -> list[ReqOutput]:
+        outputs: list[ReqOutput] = []
+        for event in self.transport.poll(0):
+            if hasattr(event, "msg"):
+                outputs += self._on_message(event.peer, event.msg, now)
+        outputs += self._finish_sent()
+        outputs += self._deadlines(now)
+        return outputs
+
+    def after_step(self, now: float, outputs: list[ReqOutput]) -> list[ReqOutput]:
+        for out in outputs:
+            room_id = self.room_of_rid.get(out.rid)
+            if room_id is None or not out.new_token_ids:
+                continue
+            self.rooms[room_id].first = m.FirstToken(
+                room=room_id,
+                token_id=out.new_token_ids[0],
+                logprob=out.new_token_logprobs[0] if out.new_token_logprobs else None,
+                top_logprobs=out.new_top_logprobs[0] if out.new_top_logprobs else None,
+                cached_tokens=out.cached_tokens,
+            )
+            self._maybe_send(room_id, now)
+        # The first token is forwarded now; the request's finish follows once KV is sent.
+        return [_without_finish(out) if out.rid in self.room_of_rid else out for out in outputs]
+
+    def _on_message(self, peer: object, msg: m.ChannelMsg, now: float) -> list[ReqOutput]:
+        if isinstance(msg, m.Ping):
+            self._send(peer, m.Pong(msg.seq))
+        elif isinstance(msg, m.Handshake):
+            error = self.layout.mismatch(msg.layout)
+            if msg.version != m.PROTOCOL_VERSION:
+                error = (
+                    f"protocol version mismatch: decode={msg.version} prefill={m.PROTOCOL_VERSION}"
+                )
+            if error is None:
+                self.handshaken.add(peer)
+            self._send(peer, m.HandshakeResult(ok=error is None, error=error))
+        elif isinstance(msg, m.PageList):
+            return self._on_page_list(peer, msg, now)
+        elif isinstance(msg, m.Abort):
+            room = self.rooms.get(msg.room)
+            if room is not None and room.peer == peer:
+                return self._fail_room(
+                    msg.room, 499, f"aborted by decode: {msg.reason}", now, notify=False
+                )
+        return []
+
+    def _on_page_list(self, peer: object, msg: m.PageList, now: float) -> list[ReqOutput]:
+        failed = self.failed.get(msg.room)
+        if failed is not None:
+            self._send(
+                peer,
+                m.RoomStatus(
+                    room=msg.room, ok=False, error=failed.reason, error_status=failed.status
+                ),
+            )
+            return []
+        if peer not in self.handshaken:
+            self._send(
+                peer, m.RoomStatus(room=msg.room, ok=False, error="page list before handshake")
+            )
+            return []
+        room = self.rooms.get(msg.room)
+        if room is None:
+            room = self.rooms[msg.room] = PrefillRoom(msg.room, now + self.cfg.bootstrap_timeout_s)
+        elif room.peer is not None:
+            self._send(peer, m.RoomStatus(room=msg.room, ok=False, error="duplicate page list"))
+            return []
+        room.peer, room.dst_page_ids, room.prompt_len = peer, msg.dst_page_ids, msg.prompt_len
+        room.state = advance(room.state, RoomState.WAITING_FOR_INPUT)
+        return self._maybe_send(msg.room, now)
+
+    def _maybe_send(self, room_id: int, now: float) -> list[ReqOutput]:
+        room = self.rooms[room_id]
+        if room.peer is None or room.first is None or room.send_handle is not None:
+            return []
+        req = self.engine.get(room.rid)
+        if req is None or req.state is not ReqState.SENDING_KV:
+            return []
+        if room.prompt_len != len(req.prompt_ids) or len(room.dst_page_ids) != len(req.page_ids):
+            reason = (
+                f"room {room_id}: decode expects {room.prompt_len} prompt tokens in "
+                f"{len(room.dst_page_ids)} pages, prefill has {len(req.prompt_ids)} tokens "
+                f"in {len(req.page_ids)} pages (do both servers use the same model, "
+                f"tokenizer and --page-size?)"
+            )
+            return self._fail_room(room_id, 500, reason, now)
+        room.state = advance(room.state, RoomState.TRANSFERRING)
+        status = m.RoomStatus(room=room_id, ok=True, first=room.first)
+        try:
+            room.send_handle = self.transport.send_kv(
+                room.peer, room_id, list(req.page_ids), list(room.dst_page_ids), status
+            )
+        except Exception as exc:  # the decode peer vanished
+            return self._fail_room(
+                room_id, 503, f"sending KV to decode failed: {exc}", now, notify=False
+            )
+        return []
+
+    def _finish_sent(self) -> list[ReqOutput]:
+        outputs: list[ReqOutput] = []
+        for room in [r for r in self.rooms.values() if r.send_handle is not None]:
+            if not room.send_handle.done():
+                continue
+            error = getattr(room.send_handle, "error", None)
+            if error:
+                outputs += self._fail_room(
+                    room.room, 503, f"sending KV failed: {error}", _now(), notify=False
+                )
+                continue
+            self.engine.release(room.rid)
+            self._forget(room.room)
+            outputs.append(ReqOutput(rid=room.rid, finish_reason=FinishReason("length")))
+        return outputs
+
+    def _deadlines(self, now: float) -> list[ReqOutput]:
+        outputs: list[ReqOutput] = []
+        for room in [r for r in self.rooms.values() if now >= r.deadline and r.send_handle is None]:
+            if room.rid is None:
+                reason = (
+                    f"prefill dp rank {self.dp_rank} never received the request for room "
+                    f"{room.room} within {self.cfg.bootstrap_timeout_s:g}s"
+                )
+            else:
+                reason = (
+                    f"timed out after {self.cfg.bootstrap_timeout_s:g}s waiting for decode's "
+                    f"page list for room {room.room}"
+                )
+            outputs += self._fail_room(room.room, 504, reason, now)
+        for room_id in [r for r, f in self.failed.items() if now >= f.expires_at]:
+            del self.failed[room_id]
+        return outputs
+
+    def _fail_room(
+        self,
+        room_id: int,
+        status: int,
+        reason: str,
+        now: float,
+        notify: bool = True,
+        abort_engine: bool = True,
+    ) -> list[ReqOutput]:
+        """Fail the room: free its pages, tell decode (now or when its page list comes)."""
+        self.failed[room_id] = FailedRoom(reason, status, now + self.cfg.bootstrap_timeout_s)
+        room = self.rooms.get(room_id)
+        if room is None:
+            return []
+        if notify and room.peer is not None:
+            self._send(
+                room.peer, m.RoomStatus(room=room_id, ok=False, error=reason, error_status=status)
+            )
+        self._forget(room_id)
+        if room.rid is None:
+            return []
+        if abort_engine:
+            self.engine.abort(room.rid, reason)
+        return [error_output(room.rid, status, reason)]
+
+    def _forget(self, room_id: int) -> None:
+        room = self.rooms.pop(room_id, None)
+        if room is not None and room.rid is not None:
+            self.room_of_rid.pop(room.rid, None)
+
+    def _send(self, peer: object, msg: m.ChannelMsg) -> None:
+        try:
+            self.transport.send(peer, msg)
+        except Exception as exc:  # the peer vanished: its rooms fail by deadline or on use
+            log.warning("send to decode peer failed: %s", exc)
+
+    def close(self) -> None:
+        self.transport.close()
+
+
+def _without_finish(out: ReqOutput) -> ReqOutput:
+    if out.finish_reason is None:
+        return out
+    import msgspec
+
+    return msgspec.structs.replace(out, finish_reason=None)
+
+
+def _now() -> float:
+    import time
+
+    return time.monotonic()

@@ -1,0 +1,86 @@
+"""Builds a worker's disaggregation hooks: the KV transport, and for prefill workers the
+registration of their KV endpoint with the bootstrap server. Runs in each worker process.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import uuid
+from typing import TYPE_CHECKING
+
+from pdserve.disagg.bootstrap_client import bootstrap_url, register_worker_blocking
+from pdserve.disagg.bootstrap_registry import WorkerRegistration
+from pdserve.disagg.rank_resolver import registers_all_rooms
+from pdserve.disagg.transfer import make_transport
+
+if TYPE_CHECKING:
+    from pdserve.engine.engine import Engine
+    from pdserve.serving.config import ServerConfig
+    from pdserve.serving.hooks import WorkerHooks
+
+log = logging.getLogger(__name__)
+
+
+def advertised_host(cfg: ServerConfig) -> str:
+    """The host peers should use to reach this server's bootstrap server and KV endpoints."""
+    host = cfg.disagg.bootstrap_host or cfg.server.host
+    return "127.0.0.1" if host in ("0.0.0.0", "", "::") else host
+
+
+def make_worker_hooks(cfg: ServerConfig, engine: Engine, dp_rank: int) -> WorkerHooks:
+    if cfg.server.mode == "prefill":
+        from pdserve.disagg.prefill_worker import PrefillWorkerHooks
+
+        transport = make_transport(
+            cfg.disagg.transfer_backend, engine.kv_pool, listen_host=advertised_host(cfg)
+        )
+        hooks = PrefillWorkerHooks(engine, cfg.disagg, transport, dp_rank)
+        _register_in_background(cfg, engine, dp_rank, transport.endpoint)
+        return hooks
+    if cfg.server.mode == "decode":
+        from pdserve.disagg.decode_worker import DecodeWorkerHooks
+
+        transport = make_transport(cfg.disagg.transfer_backend, engine.kv_pool, listen_host=None)
+        decode_id = f"decode-{dp_rank}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        return DecodeWorkerHooks(engine, cfg.disagg, transport, decode_id)
+    raise ValueError(f"no disaggregation hooks for mode {cfg.server.mode!r}")
+
+
+def registration(
+    cfg: ServerConfig, engine: Engine, dp_rank: int, endpoint: str
+) -> WorkerRegistration:
+    layout = engine.kv_layout()
+    method = cfg.server.resolved_lb_method
+    return WorkerRegistration(
+        dp_rank=dp_rank,
+        dp_size=cfg.server.dp_size,
+        kv_endpoint=endpoint,
+        page_size=layout.page_size,
+        kv_dtype=layout.kv_dtype,
+        num_layers=layout.num_layers,
+        num_kv_heads=layout.num_kv_heads,
+        head_dim=layout.head_dim,
+        model_fingerprint=layout.model_fingerprint,
+        load_balance_method=method,
+        registers_all_rooms=registers_all_rooms(method, cfg.disagg.force_query_prefill_dp_rank),
+    )
+
+
+def _register_in_background(cfg: ServerConfig, engine: Engine, dp_rank: int, endpoint: str) -> None:
+    """PUT /route from a thread: the front end may start its bootstrap server after this
+    worker reports ready, so registration must not block the worker loop."""
+    reg = registration(cfg, engine, dp_rank, endpoint)
+    url = bootstrap_url(advertised_host(cfg), cfg.disagg.bootstrap_port)
+
+    def run() -> None:
+        try:
+            register_worker_blocking(url, reg, timeout_s=cfg.server.worker_start_timeout_s)
+            log.info("prefill worker %d registered %s with %s", dp_rank, endpoint, url)
+        except Exception:
+            # Without registration decode can never find this worker: stop loudly.
+            log.exception("prefill worker %d could not register; exiting", dp_rank)
+            os._exit(3)
+
+    threading.Thread(target=run, name=f"register-dp{dp_rank}", daemon=True).start()
