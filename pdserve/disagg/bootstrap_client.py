@@ -82,18 +82,17 @@ def register_worker_blocking(
     deadline = time.monotonic() + timeout_s
     interval_s = RETRY_INTERVAL_S
     while True:
-        remaining_s = deadline - time.monotonic()
         try:
-            return _put_once(url, body, max(remaining_s, 0.01))
+            return _put_once(url, body, max(deadline - time.monotonic(), 0.01))
         except BootstrapClientError as exc:
             remaining_s = deadline - time.monotonic()
-            if not exc.retryable or remaining_s <= interval_s:
+            if not exc.retryable or remaining_s <= 0:
                 raise BootstrapClientError(
                     f"worker dp_rank={registration.dp_rank} could not register with the "
                     f"bootstrap server within {timeout_s}s: {exc}",
                     exc.status,
                 ) from None
-        time.sleep(interval_s)  # a retry pause in a blocking start-up path, not a sync point
+        time.sleep(min(interval_s, remaining_s))  # backoff in a blocking start-up path
         interval_s = min(interval_s * 2, MAX_RETRY_INTERVAL_S)
 
 

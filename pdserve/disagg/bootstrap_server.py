@@ -217,15 +217,22 @@ class BootstrapServer:
 
 
 async def start_bootstrap_server(
-    registry: BootstrapRegistry, host: str, port: int, *, now: Clock = time.monotonic
+    registry: BootstrapRegistry,
+    host: str,
+    port: int,
+    *,
+    now: Clock = time.monotonic,
+    expire_interval_s: float | None = None,
 ) -> BootstrapServer:
     """Serve `registry` on host:port from the running event loop; port 0 picks a free one."""
     runner = web.AppRunner(
-        make_bootstrap_app(registry, now=now), access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT_S
+        make_bootstrap_app(registry, now=now, expire_interval_s=expire_interval_s),
+        access_log=None,
+        shutdown_timeout=SHUTDOWN_TIMEOUT_S,
     )
     await runner.setup()
     try:
-        await web.TCPSite(runner, host, port, shutdown_timeout=SHUTDOWN_TIMEOUT_S).start()
+        await web.TCPSite(runner, host, port).start()
     except BaseException:
         await runner.cleanup()
         raise
