@@ -325,5 +325,5 @@ class BootstrapRegistry:
         return len(self._rooms)
 
     def stats(self) -> dict[str, int]:
-        """Monotonic counters plus current sizes, for Prometheus."""
-        return {**self._stats, "num_rooms": len(self._rooms), "num_workers": len(self._workers)}
+        """Monotonic counters, for Prometheus counters (sizes: `num_rooms`, `num_workers`)."""
+        return dict(self._stats)

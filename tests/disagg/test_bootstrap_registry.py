@@ -260,3 +260,18 @@ def test_query_size_is_bounded():
     registry = full_registry()
     with pytest.raises(BootstrapError, match="at most"):
         registry.query(list(range(MAX_ROOMS_PER_QUERY + 1)), now=0.0)
+
+
+def test_stats_are_monotonic_counters_only():
+    registry = full_registry()
+    registry.register_room(1, 0, now=0.0)
+    registry.expire(now=100.0)
+    assert registry.stats() == {
+        "registrations": 2,
+        "room_registrations": 1,
+        "queries": 0,
+        "rooms_queried": 0,
+        "failures_recorded": 0,
+        "expirations": 1,
+    }
+    assert registry.num_rooms == 0 and registry.num_workers == 2
