@@ -31,9 +31,19 @@ CLUSTER_FIELDS = (
     "protocol_version",
 )
 
+# Counters of stats(): each only ever grows.
+STAT_NAMES = (
+    "registrations", "room_registrations", "queries", "rooms_queried", "failures_recorded",
+    "expirations",
+)  # fmt: skip
+
 NonNegInt = Annotated[int, msgspec.Meta(ge=0)]
 PosInt = Annotated[int, msgspec.Meta(ge=1)]
 Name = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
+
+
+def _layout_of(obj: Any) -> KVLayout:
+    return KVLayout(**{name: getattr(obj, name) for name in KVLayout.__struct_fields__})
 
 
 class BootstrapError(ValueError):
@@ -83,14 +93,7 @@ class WorkerRegistration(msgspec.Struct, frozen=True, kw_only=True, forbid_unkno
             )
 
     def layout(self) -> KVLayout:
-        return KVLayout(
-            page_size=self.page_size,
-            kv_dtype=self.kv_dtype,
-            num_layers=self.num_layers,
-            num_kv_heads=self.num_kv_heads,
-            head_dim=self.head_dim,
-            model_fingerprint=self.model_fingerprint,
-        )
+        return _layout_of(self)
 
 
 class ServerInfo(msgspec.Struct, frozen=True, kw_only=True):
@@ -110,14 +113,7 @@ class ServerInfo(msgspec.Struct, frozen=True, kw_only=True):
     protocol_version: int
 
     def layout(self) -> KVLayout:
-        return KVLayout(
-            page_size=self.page_size,
-            kv_dtype=self.kv_dtype,
-            num_layers=self.num_layers,
-            num_kv_heads=self.num_kv_heads,
-            head_dim=self.head_dim,
-            model_fingerprint=self.model_fingerprint,
-        )
+        return _layout_of(self)
 
     @property
     def needs_rank_query(self) -> bool:
@@ -172,17 +168,7 @@ class BootstrapRegistry:
         self._workers: dict[tuple[int, int], WorkerRegistration] = {}
         # Ordered by last use, oldest first, so expiry only looks at what it drops.
         self._rooms: OrderedDict[int, _RoomEntry] = OrderedDict()
-        self._stats = dict.fromkeys(
-            (
-                "registrations",
-                "room_registrations",
-                "queries",
-                "rooms_queried",
-                "failures_recorded",
-                "expirations",
-            ),
-            0,
-        )
+        self._stats = dict.fromkeys(STAT_NAMES, 0)
 
     # -- workers ------------------------------------------------------------------------------
 
