@@ -10,14 +10,16 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
+import msgspec
+
 from pdserve.disagg import messages as m
 from pdserve.disagg.config import DisaggConfig
 from pdserve.disagg.rooms import RoomState, advance, error_output
-from pdserve.disagg.transfer.base import KVReceived, KVTransport
+from pdserve.disagg.transfer.base import Event, KVReceived, KVTransport, PeerLost
 from pdserve.engine.request import Request
 from pdserve.serving.hooks import WorkerHooks
 from pdserve.serving.protocol import GenerateReq, ReqOutput
-from pdserve.serving.worker_io import output_from_step, request_from_msg
+from pdserve.serving.worker_io import output_to_msg, request_from_msg
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +33,9 @@ class DecodeRoom:
     deadline: float
     state: RoomState = RoomState.BOOTSTRAPPING
     reserved: bool = False
+    page_list_sent_at: float = 0.0
+    kv_pages: int = 0
+    kv_bytes: int = 0
 
 
 @dataclass
@@ -63,7 +68,7 @@ class DecodeWorkerHooks(WorkerHooks):
         return self.transport.sockets()
 
     def busy(self) -> bool:
-        return any(r.state is RoomState.TRANSFERRING for r in self.rooms.values())
+        return self.transport.busy()
 
     # -- front end -> worker ---------------------------------------------------------
     def on_generate(self, msg: GenerateReq, now: float | None = None) -> list[ReqOutput]:
@@ -106,21 +111,26 @@ class DecodeWorkerHooks(WorkerHooks):
         outputs += self._deadlines(now)
         return outputs
 
-    def _on_event(self, event, now: float) -> list[ReqOutput]:
-        if isinstance(event, KVReceived):
-            room = self.rooms.get(event.room)
-            if room is not None:
-                room.state = advance(room.state, RoomState.TRANSFERRING)
-            return []
+    def _on_event(self, event: Event, now: float) -> list[ReqOutput]:
         peer = self.peer_by_id.get(event.peer)
-        msg = event.msg
         if peer is None:
             return []
+        if isinstance(event, PeerLost):
+            reason = f"lost the connection to prefill worker {peer.endpoint}: {event.reason}"
+            return [out for room in sorted(peer.rooms) for out in self._fail(room, 503, reason)]
         peer.last_pong = now  # any message proves the peer is alive
+        if isinstance(event, KVReceived):
+            room = self.rooms.get(event.room)
+            if room is not None and event.room in peer.rooms:
+                room.state = advance(room.state, RoomState.TRANSFERRING)
+                room.kv_pages = event.num_pages
+                room.kv_bytes += event.nbytes
+            return []
+        msg = event.msg
         if isinstance(msg, m.HandshakeResult):
             return self._on_handshake(peer, msg, now)
         if isinstance(msg, m.RoomStatus):
-            return self._on_status(peer, msg)
+            return self._on_status(peer, msg, now)
         if isinstance(msg, m.Abort) and msg.room in peer.rooms:
             return self._fail(msg.room, 500, f"prefill aborted room {msg.room}: {msg.reason}")
         return []
@@ -135,7 +145,7 @@ class DecodeWorkerHooks(WorkerHooks):
                 outputs += self._progress(room, now)
         return outputs
 
-    def _on_status(self, peer: Peer, msg: m.RoomStatus) -> list[ReqOutput]:
+    def _on_status(self, peer: Peer, msg: m.RoomStatus, now: float) -> list[ReqOutput]:
         room = self.rooms.get(msg.room)
         if room is None or msg.room not in peer.rooms:
             return []  # late status for a room already failed or aborted here
@@ -146,12 +156,24 @@ class DecodeWorkerHooks(WorkerHooks):
             return self._fail(
                 msg.room, 500, f"corrupt KV status for room {msg.room}: room check failed"
             )
+        expected = len(room.req.page_ids)
+        if self.transport.name != "fake" and room.kv_pages != expected:
+            return self._fail(
+                msg.room,
+                500,
+                f"incomplete KV for room {msg.room}: {room.kv_pages} of {expected} pages arrived",
+            )
         room.state = advance(room.state, RoomState.SUCCESS)
         self._forget(msg.room)
         steps = self.engine.admit_prefilled(
             room.req.rid, first.token_id, first.logprob, first.top_logprobs
         )
-        return [output_from_step(s) for s in steps]
+        outputs = [output_to_msg(s) for s in steps]
+        if outputs:
+            outputs[0] = msgspec.structs.replace(
+                outputs[0], kv_bytes=room.kv_bytes, kv_transfer_s=now - room.page_list_sent_at
+            )
+        return outputs
 
     # -- progress of one room --------------------------------------------------------
     def _progress(self, room: DecodeRoom, now: float) -> list[ReqOutput]:
@@ -169,6 +191,7 @@ class DecodeWorkerHooks(WorkerHooks):
         room.reserved = True
         room.state = advance(room.state, RoomState.WAITING_FOR_INPUT)
         room.deadline = now + self.cfg.kv_wait_timeout_s
+        room.page_list_sent_at = now
         page_list = m.PageList(
             room=room.room,
             dst_page_ids=list(room.req.page_ids),
@@ -200,7 +223,8 @@ class DecodeWorkerHooks(WorkerHooks):
         outputs: list[ReqOutput] = []
         for room in [r for r in self.rooms.values() if now >= r.deadline]:
             if room.state is RoomState.BOOTSTRAPPING:
-                what = "a KV handshake and free pages" if room.reserved is False else "pages"
+                handshaken = self.peers[room.endpoint].handshake_ok
+                what = "free KV pages" if handshaken else f"the KV handshake with {room.endpoint}"
                 reason = f"timed out after {self.cfg.bootstrap_timeout_s:g}s waiting for {what}"
             else:
                 reason = (
@@ -236,6 +260,7 @@ class DecodeWorkerHooks(WorkerHooks):
         room = self.rooms.pop(room_id, None)
         if room is None:
             return
+        self.transport.forget_room(room_id)
         self.room_of_rid.pop(room.req.rid, None)
         peer = self.peers.get(room.endpoint)
         if peer is not None:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pdserve.disagg import messages as m
 from pdserve.disagg.config import DisaggConfig
 from pdserve.disagg.rooms import RoomState, advance, error_output
-from pdserve.disagg.transfer.base import KVTransport
+from pdserve.disagg.transfer.base import Inbound, KVTransport, PeerLost
 from pdserve.engine.request import FinishReason, ReqState
 from pdserve.serving.hooks import WorkerHooks
 from pdserve.serving.protocol import GenerateReq, ReqOutput, RoomFailed
@@ -32,6 +32,7 @@ class PrefillRoom:
     prompt_len: int | None = None
     first: m.FirstToken | None = None
     send_handle: object | None = None
+    send_started_at: float = 0.0
     state: RoomState = RoomState.BOOTSTRAPPING
 
 
@@ -62,7 +63,7 @@ class PrefillWorkerHooks(WorkerHooks):
         return self.transport.sockets()
 
     def busy(self) -> bool:
-        return any(r.send_handle is not None for r in self.rooms.values())
+        return self.transport.busy() or any(r.send_handle is not None for r in self.rooms.values())
 
     # -- front end -> worker ---------------------------------------------------------
     def on_generate(self, msg: GenerateReq, now: float | None = None) -> list[ReqOutput]:
@@ -102,9 +103,11 @@ class PrefillWorkerHooks(WorkerHooks):
     def poll(self, now: float) -> list[ReqOutput]:
         outputs: list[ReqOutput] = []
         for event in self.transport.poll(0):
-            if hasattr(event, "msg"):
+            if isinstance(event, Inbound):
                 outputs += self._on_message(event.peer, event.msg, now)
-        outputs += self._finish_sent()
+            elif isinstance(event, PeerLost):
+                outputs += self._on_peer_lost(event, now)
+        outputs += self._finish_sent(now)
         outputs += self._deadlines(now)
         return outputs
 
@@ -145,6 +148,14 @@ class PrefillWorkerHooks(WorkerHooks):
                     msg.room, 499, f"aborted by decode: {msg.reason}", now, notify=False
                 )
         return []
+
+    def _on_peer_lost(self, event: PeerLost, now: float) -> list[ReqOutput]:
+        self.handshaken.discard(event.peer)
+        reason = f"lost the connection to decode: {event.reason}"
+        lost = [r.room for r in self.rooms.values() if r.peer == event.peer]
+        return [
+            out for room in lost for out in self._fail_room(room, 503, reason, now, notify=False)
+        ]
 
     def _on_page_list(self, peer: object, msg: m.PageList, now: float) -> list[ReqOutput]:
         failed = self.failed.get(msg.room)
@@ -188,6 +199,7 @@ class PrefillWorkerHooks(WorkerHooks):
             return self._fail_room(room_id, 500, reason, now)
         room.state = advance(room.state, RoomState.TRANSFERRING)
         status = m.RoomStatus(room=room_id, ok=True, first=room.first)
+        room.send_started_at = now
         try:
             room.send_handle = self.transport.send_kv(
                 room.peer, room_id, list(req.page_ids), list(room.dst_page_ids), status
@@ -198,7 +210,7 @@ class PrefillWorkerHooks(WorkerHooks):
             )
         return []
 
-    def _finish_sent(self) -> list[ReqOutput]:
+    def _finish_sent(self, now: float) -> list[ReqOutput]:
         outputs: list[ReqOutput] = []
         for room in [r for r in self.rooms.values() if r.send_handle is not None]:
             if not room.send_handle.done():
@@ -209,9 +221,17 @@ class PrefillWorkerHooks(WorkerHooks):
                     room.room, 503, f"sending KV failed: {error}", _now(), notify=False
                 )
                 continue
+            num_pages = len(room.dst_page_ids or [])
             self.engine.release(room.rid)
             self._forget(room.room)
-            outputs.append(ReqOutput(rid=room.rid, finish_reason=FinishReason("length")))
+            outputs.append(
+                ReqOutput(
+                    rid=room.rid,
+                    finish_reason=FinishReason("length"),
+                    kv_bytes=num_pages * self.transport.page_nbytes,
+                    kv_transfer_s=now - room.send_started_at,
+                )
+            )
         return outputs
 
     def _deadlines(self, now: float) -> list[ReqOutput]:
@@ -258,6 +278,7 @@ class PrefillWorkerHooks(WorkerHooks):
         return [error_output(room.rid, status, reason)]
 
     def _forget(self, room_id: int) -> None:
+        self.transport.forget_room(room_id)
         room = self.rooms.pop(room_id, None)
         if room is not None and room.rid is not None:
             self.room_of_rid.pop(room.rid, None)
