@@ -1,0 +1,24 @@
+"""Control-only KV transport for control-flow tests: real ZeroMQ messages, no KV bytes.
+
+Runs where the zmq backend would. `send_kv` sends one KVHeader with no frames; the receiver
+checks it against its grant like real KV and reports KVReceived with nbytes == 0.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from pdserve.disagg import messages as m
+from pdserve.disagg.transfer.outbox import Outgoing
+from pdserve.disagg.transfer.zmq_backend import ZmqTransport
+
+
+class FakeTransport(ZmqTransport):
+    name = "fake"
+    moves_bytes = False
+
+    def _kv_items(self, room: int, src: np.ndarray, dst: np.ndarray) -> list[Outgoing]:
+        header = m.KVHeader(
+            room=room, frame_page_counts=[], page_nbytes=self.page_nbytes, dst_page_ids=dst.tolist()
+        )
+        return [Outgoing(parts=[m.encode(header)])]
