@@ -1,0 +1,95 @@
+"""Options of one pdserve server (front end + DP workers), composed into `ServerConfig`.
+
+Built once in the front-end process from the CLI and handed, frozen, to every worker.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+
+from pdserve.config import add_arguments, check, from_args, opt
+from pdserve.disagg.config import DisaggConfig
+from pdserve.engine.config import EngineConfig
+
+MODES = ["colocated", "prefill", "decode"]
+LB_METHODS = ["auto", "round_robin", "shortest_queue", "total_tokens", "follow_bootstrap_room"]
+LOG_LEVELS = ["debug", "info", "warning", "error"]
+
+
+@dataclass(frozen=True)
+class ServerArgs:
+    mode: str = opt("colocated", "colocated (no disaggregation), prefill or decode", choices=MODES)
+    host: str = opt("127.0.0.1", "HTTP host to bind")
+    port: int = opt(30000, "HTTP port to bind")
+    dp_size: int = opt(1, "number of data-parallel worker processes (one engine each)")
+    load_balance_method: str = opt(
+        "auto",
+        "how the DP controller picks a worker; auto = follow_bootstrap_room on prefill, "
+        "round_robin otherwise",
+        choices=LB_METHODS,
+    )
+    served_model_name: str | None = opt(
+        None, "model name reported by /v1/models and /server_info (default: --model-path)"
+    )
+    log_level: str = opt("info", "logging level", choices=LOG_LEVELS)
+    worker_start_timeout_s: float = opt(
+        600.0, "deadline for every worker to load its model and report ready"
+    )
+    request_timeout_s: float = opt(
+        600.0, "deadline for one request; past it the request is aborted with a 504"
+    )
+    health_generate_timeout_s: float = opt(
+        20.0, "deadline for the one-token generation of GET /health_generate"
+    )
+    load_report_interval_s: float = opt(
+        0.05, "how often an active worker reports its load to the front end"
+    )
+
+    def __post_init__(self) -> None:
+        check(self.mode in MODES, f"--mode must be one of {MODES}, got {self.mode!r}")
+        check(0 < self.port < 65536, f"--port out of range: {self.port}")
+        check(self.dp_size >= 1, f"--dp-size must be >= 1, got {self.dp_size}")
+        check(
+            self.load_balance_method in LB_METHODS,
+            f"--load-balance-method must be one of {LB_METHODS}, got {self.load_balance_method!r}",
+        )
+        for name in (
+            "worker_start_timeout_s",
+            "request_timeout_s",
+            "health_generate_timeout_s",
+            "load_report_interval_s",
+        ):
+            check(getattr(self, name) > 0, f"{name} must be > 0")
+
+    @property
+    def resolved_lb_method(self) -> str:
+        if self.load_balance_method != "auto":
+            return self.load_balance_method
+        return "follow_bootstrap_room" if self.mode == "prefill" else "round_robin"
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    server: ServerArgs
+    engine: EngineConfig
+    disagg: DisaggConfig
+
+    @property
+    def served_model_name(self) -> str:
+        return self.server.served_model_name or self.engine.model_path
+
+
+def add_server_arguments(parser: argparse.ArgumentParser) -> None:
+    add_arguments(parser, ServerArgs, "server")
+    add_arguments(parser, EngineConfig, "engine")
+    add_arguments(parser, DisaggConfig, "disaggregation")
+
+
+def server_config_from_args(ns: argparse.Namespace) -> ServerConfig:
+    """Raises ValueError (from the dataclasses' checks) on contradictory options."""
+    return ServerConfig(
+        server=from_args(ServerArgs, ns),
+        engine=from_args(EngineConfig, ns),
+        disagg=from_args(DisaggConfig, ns),
+    )

@@ -1,0 +1,80 @@
+"""Incremental detokenization with stop strings for one output. Runs in the front end.
+
+Text is released only once it is final: never half a UTF-8 character, and never the start of
+what may become a stop string (that tail is held back until it is ruled out).
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+
+class Decoder(Protocol):
+    def decode(self, token_ids: list[int], skip_special_tokens: bool = ...) -> str: ...
+
+
+class IncrementalDetokenizer:
+    def __init__(
+        self,
+        tokenizer: Decoder,
+        skip_special_tokens: bool = True,
+        stop: list[str] | None = None,
+        no_stop_trim: bool = False,
+    ):
+        self.tokenizer = tokenizer
+        self.skip_special_tokens = skip_special_tokens
+        self.stop = list(stop or [])
+        self.no_stop_trim = no_stop_trim
+        self.token_ids: list[int] = []
+        self.text = ""  # all decoded text so far (stable part)
+        self.num_released = 0  # chars of `text` handed out
+        self.matched_stop: str | None = None
+        # Offsets into token_ids: decoding from `_prefix` gives context for a clean join.
+        self._prefix = 0
+        self._read = 0
+        self._hold = max((len(s) for s in self.stop), default=1) - 1
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
+
+    def add(self, token_ids: list[int]) -> str:
+        """Feed new tokens; returns newly released text ('' if none, e.g. after a stop)."""
+        if self.matched_stop is not None:
+            return ""
+        self.token_ids.extend(token_ids)
+        prefix_text = self._decode(self.token_ids[self._prefix : self._read])
+        full_text = self._decode(self.token_ids[self._prefix :])
+        if len(full_text) > len(prefix_text) and not full_text.endswith("\ufffd"):
+            start = len(self.text)
+            self.text += full_text[len(prefix_text) :]
+            self._prefix, self._read = self._read, len(self.token_ids)
+            self._find_stop(start)
+        return self._release(final=self.matched_stop is not None)
+
+    def _find_stop(self, new_from: int) -> None:
+        # A stop string may straddle the previous chunk: search from its longest overlap.
+        search_from = max(0, new_from - self._hold)
+        best: tuple[int, str] | None = None
+        for stop in self.stop:
+            pos = self.text.find(stop, search_from)
+            if pos != -1 and (best is None or pos < best[0]):
+                best = (pos, stop)
+        if best is not None:
+            pos, stop = best
+            self.matched_stop = stop
+            self.text = self.text[: pos + len(stop)] if self.no_stop_trim else self.text[:pos]
+
+    def finish(self) -> str:
+        """The request ended: release everything that was held back."""
+        if self.matched_stop is None and self._read < len(self.token_ids):
+            # Trailing tokens that never formed a whole character still belong to the text.
+            prefix_text = self._decode(self.token_ids[self._prefix : self._read])
+            self.text += self._decode(self.token_ids[self._prefix :])[len(prefix_text) :]
+            self._read = len(self.token_ids)
+        return self._release(final=True)
+
+    def _release(self, final: bool) -> str:
+        end = len(self.text) if final else max(self.num_released, len(self.text) - self._hold)
+        out = self.text[self.num_released : end]
+        self.num_released = end
+        return out

@@ -1,0 +1,198 @@
+"""The DP controller: the front end's link to its workers (ZeroMQ) and its in-flight table.
+
+Runs in the front-end process (asyncio). Picks a worker per request through `LoadBalancePolicy`,
+sends messages, routes each `ReqOutput` to its request's queue, tracks loads and worker
+deaths, and fails the in-flight requests of a dead worker with a 500 instead of hanging.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+
+import zmq
+import zmq.asyncio
+
+from pdserve.engine.request import FinishReason
+from pdserve.serving import protocol
+from pdserve.serving.config import ServerConfig
+from pdserve.serving.hooks import RequestError
+from pdserve.serving.launcher import WorkerProcesses
+from pdserve.serving.lb_policy import LoadBalancePolicy, RankLoad
+from pdserve.serving.metrics import ServerMetrics
+from pdserve.serving.protocol import (
+    AbortReq,
+    FlushCache,
+    GenerateReq,
+    ReqOutput,
+    RoomFailed,
+    WorkerFailed,
+    WorkerLoad,
+    WorkerReady,
+)
+
+logger = logging.getLogger(__name__)
+
+MONITOR_INTERVAL_S = 0.2
+
+
+class WorkerStartError(RuntimeError):
+    pass
+
+
+@dataclass
+class InFlight:
+    req: GenerateReq
+    dp_rank: int
+    num_tokens: int
+    outputs: asyncio.Queue[ReqOutput] = field(default_factory=asyncio.Queue)
+
+
+class DPController:
+    def __init__(self, cfg: ServerConfig, metrics: ServerMetrics):
+        self.cfg = cfg
+        self.dp_size = cfg.server.dp_size
+        self.metrics = metrics
+        self.policy = LoadBalancePolicy(cfg.server.resolved_lb_method, self.dp_size)
+        self.ctx = zmq.asyncio.Context()
+        self._out = self.ctx.socket(zmq.PULL)
+        out_port = self._out.bind_to_random_port("tcp://127.0.0.1")
+        self._ctrl = [self.ctx.socket(zmq.PUSH) for _ in range(self.dp_size)]
+        ctrl_addrs = [
+            f"tcp://127.0.0.1:{s.bind_to_random_port('tcp://127.0.0.1')}" for s in self._ctrl
+        ]
+        self.workers = WorkerProcesses(cfg, ctrl_addrs, f"tcp://127.0.0.1:{out_port}")
+        self.ready: dict[int, WorkerReady] = {}
+        self.loads: list[WorkerLoad | None] = [None] * self.dp_size
+        self.dead: dict[int, str] = {}  # rank -> why
+        self.inflight: dict[str, InFlight] = {}
+        self._tasks: list[asyncio.Task] = []
+
+    # ---- start / stop
+    async def start(self, timeout_s: float) -> None:
+        """Spawn the workers and wait for every WorkerReady; WorkerStartError on failure."""
+        self.workers.start()
+        deadline = time.monotonic() + timeout_s
+        while len(self.ready) < self.dp_size:
+            self._check_start_deaths()
+            if time.monotonic() > deadline:
+                missing = sorted(set(range(self.dp_size)) - set(self.ready))
+                raise WorkerStartError(f"workers {missing} not ready within {timeout_s:.0f} s")
+            if await self._out.poll(int(MONITOR_INTERVAL_S * 1000)):
+                msg = protocol.decode_from_worker(await self._out.recv())
+                if isinstance(msg, WorkerFailed):
+                    raise WorkerStartError(f"worker {msg.dp_rank} failed to start: {msg.error}")
+                if isinstance(msg, WorkerReady):
+                    self.ready[msg.dp_rank] = msg
+                    logger.info("worker %d ready (%d KV pages)", msg.dp_rank, msg.num_total_pages)
+        self._tasks = [asyncio.create_task(self._receive()), asyncio.create_task(self._monitor())]
+
+    def _check_start_deaths(self) -> None:
+        for rank in range(self.dp_size):
+            code = self.workers.exit_code(rank)
+            if code is not None:
+                raise WorkerStartError(f"worker {rank} exited with code {code} during start")
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.to_thread(self.workers.stop)
+        self.ctx.destroy(linger=0)
+
+    # ---- facts from the workers
+    @property
+    def max_context_len(self) -> int:
+        return min(r.max_context_len for r in self.ready.values())
+
+    @property
+    def page_size(self) -> int:
+        return next(iter(self.ready.values())).page_size
+
+    # ---- dispatch
+    def rank_loads(self) -> list[RankLoad]:
+        reqs, tokens = [0] * self.dp_size, [0] * self.dp_size
+        for flight in self.inflight.values():
+            reqs[flight.dp_rank] += 1
+            tokens[flight.dp_rank] += flight.num_tokens
+        return [
+            RankLoad(num_reqs=reqs[r], num_tokens=tokens[r], alive=r not in self.dead)
+            for r in range(self.dp_size)
+        ]
+
+    def choose_rank(self, room: int | None, routed_rank: int | None) -> int:
+        return self.policy.choose(self.rank_loads(), room, routed_rank)
+
+    def submit(self, req: GenerateReq, dp_rank: int) -> InFlight:
+        """Register the request and send it to worker `dp_rank`."""
+        if req.rid in self.inflight:
+            raise RequestError(400, f"rid {req.rid!r} is already in flight")
+        if dp_rank in self.dead:
+            raise RequestError(503, self.dead[dp_rank])
+        flight = InFlight(req=req, dp_rank=dp_rank, num_tokens=len(req.input_ids))
+        self.inflight[req.rid] = flight
+        self._ctrl[dp_rank].send(protocol.encode(req))
+        return flight
+
+    def forget(self, rid: str) -> None:
+        """The front end is done with `rid`; later messages for it are dropped."""
+        self.inflight.pop(rid, None)
+
+    def abort(self, rid: str, reason: str) -> bool:
+        flight = self.inflight.get(rid)
+        if flight is None:
+            return False
+        if flight.dp_rank not in self.dead:
+            self._ctrl[flight.dp_rank].send(protocol.encode(AbortReq(rid, reason)))
+        return True
+
+    def abort_all(self, reason: str) -> int:
+        return sum(self.abort(rid, reason) for rid in list(self.inflight))
+
+    def flush_cache(self) -> None:
+        for rank, sock in enumerate(self._ctrl):
+            if rank not in self.dead:
+                sock.send(protocol.encode(FlushCache()))
+
+    def room_failed(self, dp_rank: int, room: int, reason: str) -> None:
+        """For the prefill hooks: tell a worker that a room failed before dispatch."""
+        self._ctrl[dp_rank].send(protocol.encode(RoomFailed(room, reason)))
+
+    # ---- background tasks
+    async def _receive(self) -> None:
+        while True:
+            msg = protocol.decode_from_worker(await self._out.recv())
+            if isinstance(msg, ReqOutput):
+                flight = self.inflight.get(msg.rid)
+                if flight is not None:
+                    flight.num_tokens += len(msg.new_token_ids)
+                    flight.outputs.put_nowait(msg)
+            elif isinstance(msg, WorkerLoad):
+                self.loads[msg.dp_rank] = msg
+                self.metrics.observe_load(msg)
+            elif isinstance(msg, WorkerFailed):
+                self._mark_dead(msg.dp_rank, f"worker {msg.dp_rank} failed: {msg.error}")
+
+    async def _monitor(self) -> None:
+        while True:
+            await asyncio.sleep(MONITOR_INTERVAL_S)  # a periodic check, not a synchronisation
+            for rank in range(self.dp_size):
+                code = self.workers.exit_code(rank)
+                if code is not None and rank not in self.dead:
+                    self._mark_dead(rank, f"worker {rank} exited unexpectedly with code {code}")
+
+    def _mark_dead(self, rank: int, reason: str) -> None:
+        logger.error("%s; failing its in-flight requests", reason)
+        self.dead.setdefault(rank, reason)
+        for flight in self.inflight.values():
+            if flight.dp_rank == rank:
+                flight.outputs.put_nowait(
+                    ReqOutput(
+                        rid=flight.req.rid,
+                        finish_reason=FinishReason("abort", message=reason),
+                        error_status=500,
+                        error_message=reason,
+                    )
+                )

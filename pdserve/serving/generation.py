@@ -1,0 +1,245 @@
+"""Running one `GenItem` through a worker: dispatch, hooks, detokenization, metrics.
+
+Runs in the front end (asyncio). `Generator.run` yields a `Delta` per worker message; a
+consumer that stops early (client gone) or a deadline aborts the request in its worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from pdserve.engine.request import FinishReason
+from pdserve.serving.detokenizer import IncrementalDetokenizer
+from pdserve.serving.dp_controller import DPController, InFlight
+from pdserve.serving.hooks import FrontendHooks, RequestError
+from pdserve.serving.protocol import DisaggInfo, GenerateReq, ReqOutput
+from pdserve.serving.request_parse import GenItem
+
+
+@dataclass
+class Delta:
+    text: str
+    token_ids: list[int]
+    logprobs: list[float]
+    top_logprobs: list[list[tuple[int, float]]]
+
+
+@dataclass
+class ItemResult:
+    """Everything known about one item so far; complete once `finish_reason` is set."""
+
+    item: GenItem
+    started_at: float
+    text: str = ""
+    output_ids: list[int] = field(default_factory=list)
+    output_logprobs: list[float] = field(default_factory=list)
+    output_top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
+    prompt_logprobs: list[float | None] | None = None
+    prompt_top_logprobs: list[Any] | None = None
+    cached_tokens: int = 0
+    finish_reason: FinishReason | None = None
+    first_token_at: float | None = None
+    last_token_at: float | None = None
+    finished_at: float | None = None
+
+    @property
+    def e2e_latency_s(self) -> float:
+        return (self.finished_at or time.monotonic()) - self.started_at
+
+
+class Generator:
+    def __init__(
+        self,
+        controller: DPController,
+        hooks: FrontendHooks,
+        tokenizer: Any,
+        mode: str,
+        request_timeout_s: float,
+    ):
+        self.controller = controller
+        self.hooks = hooks
+        self.tokenizer = tokenizer
+        self.mode = mode
+        self.request_timeout_s = request_timeout_s
+        self.metrics = controller.metrics
+
+    async def run(self, item: GenItem, result: ItemResult) -> AsyncIterator[Delta]:
+        """Yields deltas until the item finishes; raises RequestError on failure."""
+        try:
+            req = await self._dispatch(item)
+        except RequestError:
+            self.metrics.requests.labels("rejected").inc()
+            raise
+        detok = IncrementalDetokenizer(
+            self.tokenizer,
+            item.sampling.skip_special_tokens,
+            item.sampling.stop,
+            item.sampling.no_stop_trim,
+        )
+        error: str | None = "cancelled"
+        try:
+            async for msg in self._outputs(self.controller.inflight[req.rid], result):
+                self.hooks.on_output(req, msg)
+                delta = self._apply(msg, detok, result)
+                if detok.matched_stop is not None and result.finish_reason is None:
+                    result.finish_reason = FinishReason("stop", matched=detok.matched_stop)
+                    self.controller.abort(req.rid, "stop string matched")
+                if result.finish_reason is not None:
+                    delta.text += detok.finish()
+                    result.text = detok.text[: detok.num_released]
+                yield delta
+                if result.finish_reason is not None:
+                    error = None
+                    return
+        except RequestError as exc:
+            error = exc.message
+            raise
+        finally:
+            self._close(req, result, error)
+
+    async def _dispatch(self, item: GenItem) -> GenerateReq:
+        rank = self.controller.choose_rank(item.room, item.routed_rank)
+        req = GenerateReq(
+            rid=item.rid,
+            input_ids=item.input_ids,
+            sampling=item.sampling,
+            return_logprob=item.return_logprob,
+            logprob_start_len=item.logprob_start_len,
+            top_logprobs_num=item.top_logprobs_num,
+        )
+        if self.mode != "colocated":
+            if item.room is None:
+                raise RequestError(
+                    400, f"a {self.mode} server needs bootstrap_room in every request"
+                )
+            if any(
+                f.req.disagg and f.req.disagg.room == item.room
+                for f in self.controller.inflight.values()
+            ):
+                raise RequestError(
+                    400, f"bootstrap_room {item.room} is already in flight on this server"
+                )
+            req.disagg = DisaggInfo(room=item.room)
+        req = await self.hooks.prepare(req, rank, item.extras)
+        self.controller.submit(req, rank)
+        return req
+
+    async def _outputs(self, flight: InFlight, result: ItemResult) -> AsyncIterator[ReqOutput]:
+        deadline = result.started_at + self.request_timeout_s
+        while True:
+            remaining_s = deadline - time.monotonic()
+            try:
+                msg = await asyncio.wait_for(flight.outputs.get(), max(remaining_s, 0.0))
+            except asyncio.TimeoutError:
+                raise RequestError(
+                    504, f"request timed out after {self.request_timeout_s:g} s"
+                ) from None
+            if msg.error_status is not None:
+                raise RequestError(msg.error_status, msg.error_message or "request failed")
+            yield msg
+
+    def _apply(self, msg: ReqOutput, detok: IncrementalDetokenizer, result: ItemResult) -> Delta:
+        now = time.monotonic()
+        if msg.new_token_ids:
+            if result.first_token_at is None:
+                result.first_token_at = now
+                self.metrics.ttft_s.observe(now - result.started_at)
+            elif result.last_token_at is not None:
+                per_token_s = (now - result.last_token_at) / len(msg.new_token_ids)
+                for _ in msg.new_token_ids:
+                    self.metrics.itl_s.observe(per_token_s)
+            result.last_token_at = now
+        if msg.prompt_logprobs is not None:
+            result.prompt_logprobs = msg.prompt_logprobs
+            result.prompt_top_logprobs = msg.prompt_top_logprobs
+        result.cached_tokens = max(result.cached_tokens, msg.cached_tokens)
+        result.output_ids.extend(msg.new_token_ids)
+        result.output_logprobs.extend(msg.new_token_logprobs)
+        result.output_top_logprobs.extend(msg.new_top_logprobs)
+        text = detok.add(msg.new_token_ids)
+        result.text = detok.text[: detok.num_released]
+        if msg.finish_reason is not None and result.finish_reason is None:
+            result.finish_reason = msg.finish_reason
+        return Delta(
+            text, list(msg.new_token_ids), list(msg.new_token_logprobs), list(msg.new_top_logprobs)
+        )
+
+    def _close(self, req: GenerateReq, result: ItemResult, error: str | None) -> None:
+        result.finished_at = time.monotonic()
+        if error is not None:
+            self.controller.abort(req.rid, error)
+        self.controller.forget(req.rid)
+        with contextlib.suppress(Exception):
+            self.hooks.on_finished(req, error)
+        if error == "cancelled":
+            status = "cancelled"
+        elif error is not None:
+            status = "error"
+        else:
+            status = result.finish_reason.type if result.finish_reason else "unknown"
+        self.metrics.observe_finished(
+            status,
+            len(req.input_ids),
+            len(result.output_ids),
+            result.cached_tokens,
+            result.e2e_latency_s,
+        )
+
+
+async def run_to_end(gen: Generator, item: GenItem) -> ItemResult:
+    result = ItemResult(item=item, started_at=time.monotonic())
+    async with contextlib.aclosing(gen.run(item, result)) as deltas:
+        async for _ in deltas:
+            pass
+    return result
+
+
+async def merged(
+    gen: Generator, items: list[GenItem]
+) -> AsyncIterator[tuple[int, ItemResult, Delta]]:
+    """Interleaves the deltas of several items; cancels the rest if one fails or we stop."""
+    queue: asyncio.Queue = asyncio.Queue()
+    results = [ItemResult(item=item, started_at=time.monotonic()) for item in items]
+
+    async def pump(index: int) -> None:
+        try:
+            async with contextlib.aclosing(gen.run(items[index], results[index])) as deltas:
+                async for delta in deltas:
+                    queue.put_nowait((index, delta, None))
+        except RequestError as exc:
+            queue.put_nowait((index, None, exc))
+        except Exception as exc:  # never lose an item silently
+            queue.put_nowait((index, None, RequestError(500, f"internal error: {exc!r}")))
+        finally:
+            queue.put_nowait((index, None, None))
+
+    tasks = [asyncio.create_task(pump(i)) for i in range(len(items))]
+    try:
+        num_done = 0
+        while num_done < len(items):
+            index, delta, exc = await queue.get()
+            if exc is not None:
+                raise exc
+            if delta is None:
+                num_done += 1
+                continue
+            yield index, results[index], delta
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def run_all(gen: Generator, items: list[GenItem]) -> list[ItemResult]:
+    """Runs items concurrently; the first failure cancels the others and is raised."""
+    tasks = [asyncio.create_task(run_to_end(gen, item)) for item in items]
+    try:
+        return list(await asyncio.gather(*tasks))
+    finally:
+        for task in tasks:
+            task.cancel()

@@ -1,0 +1,180 @@
+"""The server's HTTP front end: lifecycle, shared state, error handling, admin routes.
+
+Runs in the front-end process (aiohttp on asyncio, uvloop when installed). Generation routes
+live in `native_api.py` and `openai_api.py`; workers are reached through `DPController`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+
+from pdserve.serving.config import ServerConfig
+from pdserve.serving.dp_controller import DPController, WorkerStartError
+from pdserve.serving.generation import Generator
+from pdserve.serving.hooks import FrontendHooks, RequestError
+from pdserve.serving.metrics import ServerMetrics
+from pdserve.serving.request_parse import Limits
+
+logger = logging.getLogger("pdserve.serving")
+
+
+@dataclass
+class ServerState:
+    cfg: ServerConfig
+    controller: DPController
+    hooks: FrontendHooks
+    generator: Generator
+    tokenizer: Any
+    model_dir: str
+
+    @property
+    def limits(self) -> Limits:
+        return Limits(
+            dp_size=self.cfg.server.dp_size,
+            max_context_len=self.controller.max_context_len,
+            vocab_size=len(self.tokenizer),
+        )
+
+
+STATE = web.AppKey("state", ServerState)
+
+
+def state_of(request: web.Request) -> ServerState:
+    return request.app[STATE]
+
+
+def error_response(status: int, message: str) -> web.Response:
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    return web.json_response(
+        {"error": {"message": message, "type": kind, "code": status}}, status=status
+    )
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except RequestError as exc:
+        return error_response(exc.status, exc.message)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return error_response(exc.status, exc.reason)
+    except (asyncio.CancelledError, ConnectionResetError):
+        raise
+    except Exception as exc:
+        logger.exception("unhandled error on %s %s", request.method, request.path)
+        return error_response(500, f"internal error: {exc!r}")
+
+
+async def read_json(request: web.Request) -> Any:
+    try:
+        return json.loads(await request.read())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise RequestError(400, f"malformed JSON body: {exc}") from None
+
+
+def make_frontend_hooks(cfg: ServerConfig, controller: DPController) -> FrontendHooks:
+    if cfg.server.mode == "colocated":
+        return FrontendHooks()
+    from pdserve.disagg.frontend import make_frontend_hooks as make_disagg_hooks
+
+    return make_disagg_hooks(cfg, controller)
+
+
+def build_app(state: ServerState) -> web.Application:
+    from pdserve.serving import admin_api, native_api, openai_api
+
+    app = web.Application(middlewares=[error_middleware], client_max_size=64 * 1024**2)
+    app[STATE] = state
+    admin_api.add_routes(app)
+    native_api.add_routes(app)
+    openai_api.add_routes(app)
+    return app
+
+
+def load_tokenizer(model_dir: str) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_dir)
+
+
+async def _start_workers(cfg: ServerConfig) -> tuple[DPController, Any, str]:
+    from pdserve.engine.loader import resolve_model_dir
+
+    # Resolve (and convert, the first time) before spawning, so workers never race on it.
+    model_dir = await asyncio.to_thread(resolve_model_dir, cfg.engine.model_path)
+    controller = DPController(cfg, ServerMetrics(cfg.server.mode))
+    tokenizer_task = asyncio.create_task(asyncio.to_thread(load_tokenizer, model_dir))
+    try:
+        await controller.start(cfg.server.worker_start_timeout_s)
+        tokenizer = await tokenizer_task
+    except BaseException:
+        await asyncio.gather(tokenizer_task, return_exceptions=True)
+        await controller.stop()
+        raise
+    return controller, tokenizer, model_dir
+
+
+async def serve_async(cfg: ServerConfig) -> int:
+    try:
+        controller, tokenizer, model_dir = await _start_workers(cfg)
+    except WorkerStartError as exc:
+        logger.error("server failed to start: %s", exc)
+        return 1
+    hooks = make_frontend_hooks(cfg, controller)
+    generator = Generator(
+        controller, hooks, tokenizer, cfg.server.mode, cfg.server.request_timeout_s
+    )
+    state = ServerState(cfg, controller, hooks, generator, tokenizer, model_dir)
+    runner = web.AppRunner(build_app(state), handler_cancellation=True, access_log=None)
+    try:
+        await hooks.start()
+        await runner.setup()
+        await web.TCPSite(runner, cfg.server.host, cfg.server.port).start()
+        logger.info(
+            "pdserve %s server on http://%s:%d (dp_size=%d, model %s)",
+            cfg.server.mode,
+            cfg.server.host,
+            cfg.server.port,
+            cfg.server.dp_size,
+            model_dir,
+        )
+        await _wait_for_signal()
+    finally:
+        with contextlib.suppress(Exception):
+            await runner.cleanup()
+        with contextlib.suppress(Exception):
+            await hooks.stop()
+        await controller.stop()
+    return 0
+
+
+async def _wait_for_signal() -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    logger.info("shutting down")
+
+
+def serve(cfg: ServerConfig) -> int:
+    logging.basicConfig(
+        level=cfg.server.log_level.upper(),
+        format=f"%(asctime)s [{cfg.server.mode} pid={os.getpid()}] %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(serve_async(cfg))
+    return uvloop.run(serve_async(cfg))

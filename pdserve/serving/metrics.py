@@ -1,0 +1,73 @@
+"""Prometheus metrics of one server, in a registry of its own. Runs in the front end.
+
+The disaggregation layer adds its metrics to the same registry through `counter`, `gauge`
+and `histogram` (reachable as `controller.metrics`), so GET /metrics shows everything.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from pdserve.serving.protocol import WorkerLoad
+
+PREFIX = "pdserve_"
+_LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+
+class ServerMetrics:
+    def __init__(self, mode: str):
+        self.registry = CollectorRegistry()
+        self.requests = self.counter("requests", "finished requests by outcome", ["status"])
+        self.prompt_tokens = self.counter("prompt_tokens", "prompt tokens of finished requests")
+        self.generation_tokens = self.counter("generation_tokens", "generated tokens")
+        self.cached_tokens = self.counter("cached_tokens", "prompt tokens served from the KV cache")
+        self.ttft_s = self.histogram("time_to_first_token_seconds", "time to first token")
+        self.itl_s = self.histogram("inter_token_latency_seconds", "time between output tokens")
+        self.e2e_s = self.histogram("e2e_request_latency_seconds", "request latency end to end")
+        self.running = self.gauge("num_running_reqs", "running requests", ["dp_rank"])
+        self.waiting = self.gauge("num_waiting_reqs", "waiting requests", ["dp_rank"])
+        self.tokens = self.gauge("num_tokens", "tokens held by live requests", ["dp_rank"])
+        self.pages_used = self.gauge("kv_pages_used", "KV pages in use", ["dp_rank"])
+        self.pages_free = self.gauge("kv_pages_free", "KV pages free", ["dp_rank"])
+        self.gauge("server_info", "constant 1, labelled with the server mode", ["mode"]).labels(
+            mode
+        ).set(1)
+
+    def counter(self, name: str, doc: str, labels: list[str] | None = None) -> Counter:
+        return Counter(PREFIX + name, doc, labels or [], registry=self.registry)
+
+    def gauge(self, name: str, doc: str, labels: list[str] | None = None) -> Gauge:
+        return Gauge(PREFIX + name, doc, labels or [], registry=self.registry)
+
+    def histogram(
+        self, name: str, doc: str, labels: list[str] | None = None, buckets=_LATENCY_BUCKETS_S
+    ) -> Histogram:
+        return Histogram(PREFIX + name, doc, labels or [], buckets=buckets, registry=self.registry)
+
+    def observe_load(self, load: WorkerLoad) -> None:
+        rank = str(load.dp_rank)
+        self.running.labels(rank).set(load.num_running)
+        self.waiting.labels(rank).set(load.num_waiting)
+        self.tokens.labels(rank).set(load.num_tokens)
+        self.pages_used.labels(rank).set(load.num_used_pages)
+        self.pages_free.labels(rank).set(load.num_free_pages)
+
+    def observe_finished(
+        self, status: str, prompt_tokens: int, output_tokens: int, cached_tokens: int, e2e_s: float
+    ) -> None:
+        self.requests.labels(status).inc()
+        self.prompt_tokens.inc(prompt_tokens)
+        self.generation_tokens.inc(output_tokens)
+        self.cached_tokens.inc(cached_tokens)
+        self.e2e_s.observe(e2e_s)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

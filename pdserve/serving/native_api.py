@@ -1,0 +1,92 @@
+"""SGLang's native `POST /generate`: single or batch, streaming or not, with logprobs.
+
+Runs in the front end. Answers `{text, output_ids, meta_info}` (a list for a batch);
+streamed chunks carry the text and ids so far, SGLang's default.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import msgspec
+from aiohttp import web
+
+from pdserve.serving.generation import ItemResult, merged, run_all
+from pdserve.serving.http_server import read_json, state_of
+from pdserve.serving.request_parse import get_field, parse_generate
+from pdserve.serving.streaming import sse_response
+
+
+def _triples(pairs: list[tuple[int, float]] | None) -> list[list] | None:
+    return None if pairs is None else [[lp, tid, None] for tid, lp in pairs]
+
+
+def logprob_fields(result: ItemResult) -> dict[str, Any]:
+    """SGLang's format: [logprob, token_id, text-or-null] per token."""
+    item = result.item
+    fields: dict[str, Any] = {
+        "output_token_logprobs": [
+            [lp, tid, None]
+            for lp, tid in zip(result.output_logprobs, result.output_ids, strict=False)
+        ],
+        "output_top_logprobs": [_triples(row) for row in result.output_top_logprobs],
+    }
+    if item.logprob_start_len is not None and result.prompt_logprobs is not None:
+        prompt_ids = item.input_ids[item.logprob_start_len :]
+        fields["input_token_logprobs"] = [
+            [lp, tid, None] for lp, tid in zip(result.prompt_logprobs, prompt_ids, strict=False)
+        ]
+        fields["input_top_logprobs"] = [_triples(row) for row in result.prompt_top_logprobs or []]
+    else:
+        fields["input_token_logprobs"] = []
+        fields["input_top_logprobs"] = []
+    return fields
+
+
+def finish_reason_dict(result: ItemResult) -> dict[str, Any] | None:
+    reason = result.finish_reason
+    if reason is None:
+        return None
+    out = msgspec.structs.asdict(reason)
+    if out.get("message") is None:
+        out.pop("message", None)
+    return out
+
+
+def native_answer(result: ItemResult, index: int | None = None) -> dict[str, Any]:
+    item = result.item
+    meta: dict[str, Any] = {
+        "id": item.rid,
+        "finish_reason": finish_reason_dict(result),
+        "prompt_tokens": len(item.input_ids),
+        "completion_tokens": len(result.output_ids),
+        "cached_tokens": result.cached_tokens,
+        "e2e_latency": round(result.e2e_latency_s, 6),
+    }
+    if item.return_logprob:
+        meta.update(logprob_fields(result))
+    answer = {"text": result.text, "output_ids": list(result.output_ids), "meta_info": meta}
+    if index is not None:
+        answer["index"] = index
+    return answer
+
+
+async def generate(request: web.Request) -> web.StreamResponse:
+    state = state_of(request)
+    body = await read_json(request)
+    items, is_batch = parse_generate(body, state.tokenizer, state.limits)
+    if get_field(body, "stream", bool, False):
+        return await sse_response(request, _stream(state.generator, items, is_batch))
+    results = await run_all(state.generator, items)
+    answers = [native_answer(r) for r in results]
+    return web.json_response(answers if is_batch else answers[0])
+
+
+async def _stream(generator, items, is_batch: bool) -> AsyncIterator[dict[str, Any]]:
+    async for index, result, _delta in merged(generator, items):
+        yield native_answer(result, index if is_batch else None)
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_post("/generate", generate)

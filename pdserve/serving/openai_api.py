@@ -1,0 +1,201 @@
+"""OpenAI-compatible `POST /v1/completions` and `POST /v1/chat/completions`. Front end.
+
+Bodies map onto the same `GenItem`s as /generate (n copies per prompt, one bootstrap room
+per item); extras sent by SGLang's router are accepted and ignored.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from aiohttp import web
+
+from pdserve.serving.generation import ItemResult, merged, run_all
+from pdserve.serving.hooks import RequestError
+from pdserve.serving.http_server import ServerState, read_json, state_of
+from pdserve.serving.openai_format import (
+    chat_logprobs,
+    completion_logprobs,
+    finish_reason,
+    render_chat_prompt,
+    usage,
+)
+from pdserve.serving.request_parse import bad, get_field, item_extras, make_item
+
+SAMPLING_FIELDS = (
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "seed",
+    "stop",
+    "stop_token_ids",
+    "ignore_eos",
+    "skip_special_tokens",
+    "no_stop_trim",
+)
+
+
+def _sampling(body: dict, default_max_tokens: int | None) -> dict[str, Any]:
+    params = {name: body[name] for name in SAMPLING_FIELDS if body.get(name) is not None}
+    max_tokens = body.get("max_completion_tokens")
+    if max_tokens is None:
+        max_tokens = body.get("max_tokens", default_max_tokens)
+    if max_tokens is not None:
+        params["max_new_tokens"] = max_tokens
+    return params
+
+
+def _items(
+    state: ServerState, body: dict, prompts: list[list[int]], params: dict, logprobs: int | None
+) -> list:
+    n = get_field(body, "n", int, 1)
+    if not 1 <= n <= 128:
+        raise bad(f"n must be in [1, 128], got {n}")
+    num = len(prompts) * n
+    items = []
+    for index in range(num):
+        rid = body.get("rid")
+        if isinstance(rid, list):
+            rid = rid[index] if len(rid) == num else None
+        elif rid is not None and num > 1:
+            rid = f"{rid}-{index}"
+        items.append(
+            make_item(
+                prompts[index // n],
+                params,
+                state.limits,
+                item_extras(body, index, num),
+                rid=rid,
+                return_logprob=logprobs is not None,
+                top_logprobs_num=logprobs or 0,
+            )
+        )
+    return items
+
+
+def _completion_prompts(state: ServerState, body: dict) -> list[list[int]]:
+    prompt = body.get("prompt")
+    if isinstance(prompt, str):
+        return [state.tokenizer.encode(prompt)]
+    if isinstance(prompt, list) and prompt:
+        if all(isinstance(p, str) for p in prompt):
+            return [state.tokenizer.encode(p) for p in prompt]
+        if all(isinstance(p, list) for p in prompt):
+            return prompt
+        if all(isinstance(p, int) and not isinstance(p, bool) for p in prompt):
+            return [prompt]
+    raise bad("prompt must be a string, a list of strings, or token ids (a list or list of lists)")
+
+
+async def completions(request: web.Request) -> web.StreamResponse:
+    state = state_of(request)
+    body = await _body(request)
+    if body.get("echo"):
+        raise bad("echo is not supported")
+    logprobs = get_field(body, "logprobs", int, None)
+    items = _items(state, body, _completion_prompts(state, body), _sampling(body, 16), logprobs)
+    meta = _meta(state, "cmpl")
+    if get_field(body, "stream", bool, False):
+        events = _stream(state, items, meta, body, "text_completion", _completion_delta)
+        return await sse_response_for(request, events)
+    results = await run_all(state.generator, items)
+    choices = [
+        {
+            "index": i,
+            "text": r.text,
+            "finish_reason": finish_reason(r),
+            "logprobs": completion_logprobs(state.tokenizer, r) if logprobs is not None else None,
+        }
+        for i, r in enumerate(results)
+    ]
+    return web.json_response(
+        {**meta, "object": "text_completion", "choices": choices, "usage": usage(results)}
+    )
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    state = state_of(request)
+    body = await _body(request)
+    prompt_ids = render_chat_prompt(state.tokenizer, body.get("messages"), body)
+    want_logprobs = get_field(body, "logprobs", bool, False)
+    top = get_field(body, "top_logprobs", int, 0)
+    items = _items(state, body, [prompt_ids], _sampling(body, None), top if want_logprobs else None)
+    meta = _meta(state, "chatcmpl")
+    if get_field(body, "stream", bool, False):
+        events = _stream(state, items, meta, body, "chat.completion.chunk", _chat_delta)
+        return await sse_response_for(request, events)
+    results = await run_all(state.generator, items)
+    choices = [
+        {
+            "index": i,
+            "message": {"role": "assistant", "content": r.text},
+            "logprobs": chat_logprobs(state.tokenizer, r) if want_logprobs else None,
+            "finish_reason": finish_reason(r),
+        }
+        for i, r in enumerate(results)
+    ]
+    return web.json_response(
+        {**meta, "object": "chat.completion", "choices": choices, "usage": usage(results)}
+    )
+
+
+async def _body(request: web.Request) -> dict:
+    body = await read_json(request)
+    if not isinstance(body, dict):
+        raise RequestError(400, "the request body must be a JSON object")
+    return body
+
+
+def _meta(state: ServerState, prefix: str) -> dict[str, Any]:
+    return {
+        "id": f"{prefix}-{uuid.uuid4().hex}",
+        "created": int(time.time()),
+        "model": state.cfg.served_model_name,
+    }
+
+
+def _completion_delta(state, result: ItemResult, text: str, first: bool) -> dict[str, Any]:
+    return {"text": text}
+
+
+def _chat_delta(state, result: ItemResult, text: str, first: bool) -> dict[str, Any]:
+    delta: dict[str, Any] = {"content": text}
+    if first:
+        delta["role"] = "assistant"
+    return {"delta": delta}
+
+
+async def _stream(
+    state: ServerState, items: list, meta: dict, body: dict, kind: str, make_delta
+) -> AsyncIterator[dict[str, Any]]:
+    started: set[int] = set()
+    finished: list[ItemResult] = []
+    async for index, result, delta in merged(state.generator, items):
+        choice = {
+            "index": index,
+            **make_delta(state, result, delta.text, index not in started),
+            "logprobs": None,
+            "finish_reason": finish_reason(result),
+        }
+        started.add(index)
+        if result.finish_reason is not None:
+            finished.append(result)
+        yield {**meta, "object": kind, "choices": [choice]}
+    options = body.get("stream_options")
+    if isinstance(options, dict) and options.get("include_usage"):
+        yield {**meta, "object": kind, "choices": [], "usage": usage(finished)}
+
+
+async def sse_response_for(request: web.Request, events: AsyncIterator[dict]) -> web.StreamResponse:
+    from pdserve.serving.streaming import sse_response
+
+    return await sse_response(request, events)
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_post("/v1/completions", completions)
+    app.router.add_post("/v1/chat/completions", chat_completions)

@@ -1,0 +1,239 @@
+"""Turning request bodies into validated `GenItem`s (one per prompt). Pure; front end.
+
+Every problem becomes a `RequestError(400, message)` naming the field, so a bad request never
+reaches a worker. The OpenAI routes build their items with `make_item` too.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import msgspec
+
+from pdserve.engine.request import SamplingParams
+from pdserve.serving.hooks import RequestError
+from pdserve.serving.lb_policy import parse_routed_rank
+
+MAX_ROOM = 2**63
+# Fields that may be one value per batch item; the hooks get the item's own value.
+PER_ITEM_FIELDS = (
+    "bootstrap_host",
+    "bootstrap_port",
+    "bootstrap_room",
+    "routed_dp_rank",
+    "data_parallel_rank",
+    "disagg_prefill_dp_rank",
+)
+
+
+class Encoder(Protocol):
+    def encode(self, text: str, add_special_tokens: bool = ...) -> list[int]: ...
+
+
+@dataclass(frozen=True)
+class Limits:
+    dp_size: int
+    max_context_len: int
+    vocab_size: int | None = None
+
+
+@dataclass
+class GenItem:
+    rid: str
+    input_ids: list[int]
+    sampling: SamplingParams
+    return_logprob: bool = False
+    logprob_start_len: int | None = None
+    top_logprobs_num: int = 0
+    room: int | None = None
+    routed_rank: int | None = None
+    extras: dict[str, Any] = field(default_factory=dict)  # the item's bootstrap fields
+
+
+def bad(message: str) -> RequestError:
+    return RequestError(400, message)
+
+
+def get_field(body: dict, name: str, types: type | tuple, default: Any = None) -> Any:
+    """body[name] checked against `types`; null or absent gives `default`."""
+    value = body.get(name)
+    if value is None:
+        return default
+    if isinstance(value, bool) and bool not in (types if isinstance(types, tuple) else (types,)):
+        raise bad(f"{name} must be {_type_names(types)}, got {value!r}")
+    if not isinstance(value, types):
+        raise bad(f"{name} must be {_type_names(types)}, got {type(value).__name__}")
+    return value
+
+
+def _type_names(types: type | tuple) -> str:
+    names = [t.__name__ for t in (types if isinstance(types, tuple) else (types,))]
+    return " or ".join(
+        {
+            "str": "a string",
+            "int": "an integer",
+            "bool": "a boolean",
+            "float": "a number",
+            "list": "a list",
+            "dict": "an object",
+        }.get(n, n)
+        for n in names
+    )
+
+
+def new_rid() -> str:
+    return uuid.uuid4().hex
+
+
+def per_item(body: dict, name: str, index: int, num_items: int) -> Any:
+    value = body.get(name)
+    if isinstance(value, list):
+        if len(value) != num_items:
+            raise bad(f"{name} has {len(value)} entries for {num_items} prompts")
+        return value[index]
+    return value
+
+
+def item_extras(body: dict, index: int, num_items: int) -> dict[str, Any]:
+    return {
+        name: per_item(body, name, index, num_items) for name in PER_ITEM_FIELDS if name in body
+    }
+
+
+def sampling_from_dict(params: Any, prompt_len: int, limits: Limits) -> SamplingParams:
+    if params is None:
+        params = {}
+    if not isinstance(params, dict):
+        raise bad("sampling_params must be an object")
+    params = {k: v for k, v in params.items() if v is not None}
+    if isinstance(params.get("stop"), str):
+        params["stop"] = [params["stop"]]
+    room = limits.max_context_len - prompt_len
+    if "max_new_tokens" not in params:
+        params["max_new_tokens"] = min(SamplingParams().max_new_tokens, room)
+    try:
+        sampling = msgspec.convert(params, SamplingParams)
+        sampling.validate()
+    except (msgspec.ValidationError, ValueError) as exc:
+        raise bad(f"invalid sampling_params: {exc}") from None
+    if sampling.max_new_tokens > room:
+        raise bad(
+            f"prompt ({prompt_len} tokens) + max_new_tokens ({sampling.max_new_tokens}) exceeds "
+            f"the context length ({limits.max_context_len} tokens)"
+        )
+    return sampling
+
+
+def check_prompt(input_ids: Any, limits: Limits) -> list[int]:
+    if not isinstance(input_ids, list) or not all(
+        isinstance(t, int) and not isinstance(t, bool) for t in input_ids
+    ):
+        raise bad("input_ids must be a list of integers (or a list of such lists)")
+    if not input_ids:
+        raise bad("the prompt is empty")
+    if limits.vocab_size is not None and any(not 0 <= t < limits.vocab_size for t in input_ids):
+        raise bad(f"input_ids contain token ids outside the vocabulary [0, {limits.vocab_size})")
+    if len(input_ids) >= limits.max_context_len:
+        raise bad(
+            f"the prompt has {len(input_ids)} tokens; the context length is "
+            f"{limits.max_context_len} tokens"
+        )
+    return input_ids
+
+
+def make_item(
+    input_ids: Any,
+    sampling_params: Any,
+    limits: Limits,
+    extras: dict[str, Any],
+    rid: Any = None,
+    return_logprob: bool = False,
+    logprob_start_len: int | None = None,
+    top_logprobs_num: int = 0,
+) -> GenItem:
+    input_ids = check_prompt(input_ids, limits)
+    if rid is not None and not isinstance(rid, str):
+        raise bad(f"rid must be a string, got {rid!r}")
+    if top_logprobs_num < 0:
+        raise bad(f"top_logprobs_num must be >= 0, got {top_logprobs_num}")
+    if logprob_start_len is not None and logprob_start_len < 0:
+        logprob_start_len = None  # SGLang's -1: no prompt logprobs
+    if logprob_start_len is not None and logprob_start_len >= len(input_ids):
+        raise bad(
+            f"logprob_start_len {logprob_start_len} is past the prompt ({len(input_ids)} tokens)"
+        )
+    room = extras.get("bootstrap_room")
+    if room is not None and (
+        isinstance(room, bool) or not isinstance(room, int) or not 0 <= room < MAX_ROOM
+    ):
+        raise bad(f"bootstrap_room must be an integer in [0, 2^63), got {room!r}")
+    routed = extras.get("routed_dp_rank")
+    field_name = "routed_dp_rank"
+    if routed is None:
+        routed, field_name = extras.get("data_parallel_rank"), "data_parallel_rank"
+    return GenItem(
+        rid=rid or new_rid(),
+        input_ids=input_ids,
+        sampling=sampling_from_dict(sampling_params, len(input_ids), limits),
+        return_logprob=return_logprob,
+        logprob_start_len=logprob_start_len if return_logprob else None,
+        top_logprobs_num=top_logprobs_num if return_logprob else 0,
+        room=room,
+        routed_rank=parse_routed_rank(routed, limits.dp_size, field_name),
+        extras=extras,
+    )
+
+
+def parse_generate(body: Any, tokenizer: Encoder, limits: Limits) -> tuple[list[GenItem], bool]:
+    """Native /generate body -> (items, is_batch)."""
+    if not isinstance(body, dict):
+        raise bad("the request body must be a JSON object")
+    text, input_ids = body.get("text"), body.get("input_ids")
+    if (text is None) == (input_ids is None):
+        raise bad("give exactly one of text or input_ids")
+    if text is not None:
+        prompts, is_batch = _text_prompts(text, tokenizer)
+    else:
+        is_batch = (
+            isinstance(input_ids, list) and bool(input_ids) and isinstance(input_ids[0], list)
+        )
+        prompts = input_ids if is_batch else [input_ids]
+    num = len(prompts)
+    return_logprob = body.get("return_logprob", False)
+    start = get_field(body, "logprob_start_len", int, None)
+    top_n = get_field(body, "top_logprobs_num", int, 0)
+    items = []
+    for i, prompt in enumerate(prompts):
+        want_lp = (
+            per_item(body, "return_logprob", i, num)
+            if isinstance(return_logprob, list)
+            else return_logprob
+        )
+        if not isinstance(want_lp, bool):
+            raise bad(f"return_logprob must be a boolean, got {want_lp!r}")
+        params = body.get("sampling_params")
+        if isinstance(params, list):
+            params = per_item(body, "sampling_params", i, num)
+        items.append(
+            make_item(
+                prompt,
+                params,
+                limits,
+                item_extras(body, i, num),
+                rid=per_item(body, "rid", i, num),
+                return_logprob=want_lp,
+                logprob_start_len=start,
+                top_logprobs_num=top_n,
+            )
+        )
+    return items, is_batch
+
+
+def _text_prompts(text: Any, tokenizer: Encoder) -> tuple[list[list[int]], bool]:
+    if isinstance(text, str):
+        return [tokenizer.encode(text)], False
+    if isinstance(text, list) and text and all(isinstance(t, str) for t in text):
+        return [tokenizer.encode(t) for t in text], True
+    raise bad("text must be a string or a non-empty list of strings")

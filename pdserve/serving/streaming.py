@@ -1,0 +1,41 @@
+"""Server-sent events for streaming routes. Runs in the front end.
+
+The first event is computed before the response starts, so a request that fails at dispatch
+(bad rank, room conflict, worker gone) still gets a real HTTP status instead of a 200 stream.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+from aiohttp import web
+
+from pdserve.serving.hooks import RequestError
+
+
+def _event(payload: Any) -> bytes:
+    return b"data: " + json.dumps(payload, ensure_ascii=False).encode() + b"\n\n"
+
+
+async def sse_response(request: web.Request, events: AsyncIterator[Any]) -> web.StreamResponse:
+    """Streams `events` as `data: {...}` lines ending with `data: [DONE]`. If the client goes
+    away, closing `events` aborts the work behind it."""
+    async with contextlib.aclosing(events):
+        first = await anext(events, None)  # RequestError here becomes an HTTP error status
+        response = web.StreamResponse(
+            headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+        )
+        await response.prepare(request)
+        try:
+            if first is not None:
+                await response.write(_event(first))
+            async for payload in events:
+                await response.write(_event(payload))
+        except RequestError as exc:
+            await response.write(_event({"error": {"message": exc.message, "code": exc.status}}))
+        await response.write(b"data: [DONE]\n\n")
+        await response.write_eof()
+    return response

@@ -1,0 +1,209 @@
+"""The worker process: one engine, fed by the front end over ZeroMQ, one loop, no sleeps.
+
+Started by `serving/launcher.py` (one per DP rank). Control messages in (PULL), outputs and
+load reports out (PUSH); disaggregation plugs in through `WorkerHooks`.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import signal
+import sys
+import time
+import traceback
+from typing import TYPE_CHECKING
+
+import zmq
+
+from pdserve.serving import protocol
+from pdserve.serving.hooks import WorkerHooks
+from pdserve.serving.protocol import (
+    AbortReq,
+    FlushCache,
+    GenerateReq,
+    ReqOutput,
+    RoomFailed,
+    WorkerFailed,
+    WorkerLoad,
+    WorkerReady,
+)
+from pdserve.serving.worker_io import output_to_msg, rejected_msg
+
+if TYPE_CHECKING:
+    from pdserve.engine.engine import Engine
+    from pdserve.serving.config import ServerConfig
+
+logger = logging.getLogger(__name__)
+
+IDLE_POLL_MS = 100  # also bounds how late an orphaned worker notices its parent died
+_PR_SET_PDEATHSIG = 1
+
+
+def make_worker_hooks(cfg: ServerConfig, engine: Engine, dp_rank: int) -> WorkerHooks:
+    if cfg.server.mode == "colocated":
+        return WorkerHooks(engine)
+    from pdserve.disagg.worker_side import make_worker_hooks as make_disagg_hooks
+
+    return make_disagg_hooks(cfg, engine, dp_rank)
+
+
+class WorkerLoop:
+    def __init__(
+        self,
+        engine: Engine,
+        hooks: WorkerHooks,
+        dp_rank: int,
+        ctrl: zmq.Socket,
+        out: zmq.Socket,
+        parent_pid: int,
+        load_interval_s: float,
+    ):
+        self.engine, self.hooks, self.dp_rank = engine, hooks, dp_rank
+        self.ctrl, self.out = ctrl, out
+        self.parent_pid = parent_pid
+        self.load_interval_s = load_interval_s
+        self._last_load: WorkerLoad | None = None
+        self._last_load_at = 0.0
+
+    def run(self) -> None:
+        poller = zmq.Poller()
+        for sock in [self.ctrl, *self.hooks.sockets()]:
+            poller.register(sock, zmq.POLLIN)
+        while os.getppid() == self.parent_pid:
+            idle = not (self.engine.has_work() or self.hooks.busy())
+            poller.poll(IDLE_POLL_MS if idle else 0)
+            self._drain_control()
+            self._send(self.hooks.poll(time.monotonic()))
+            if self.engine.has_work():
+                outputs = [output_to_msg(o) for o in self.engine.step()]
+                self._send(self.hooks.after_step(time.monotonic(), outputs))
+            self._report_load(time.monotonic())
+        logger.info("front end (pid %d) is gone; worker %d exits", self.parent_pid, self.dp_rank)
+
+    def _drain_control(self) -> None:
+        while True:
+            try:
+                data = self.ctrl.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self._send(self._handle(protocol.decode_to_worker(data)))
+
+    def _handle(self, msg: protocol.ToWorker) -> list[ReqOutput]:
+        from pdserve.engine import RequestRejected
+
+        if isinstance(msg, GenerateReq):
+            try:
+                return self.hooks.on_generate(msg)
+            except RequestRejected as exc:
+                return [rejected_msg(msg.rid, str(exc), 400)]
+            except Exception as exc:  # one bad request must not take the worker down
+                logger.exception("request %s failed on admission", msg.rid)
+                return [rejected_msg(msg.rid, f"worker error: {exc}", 500)]
+        if isinstance(msg, AbortReq):
+            out = self.engine.abort(msg.rid, msg.reason)
+            outputs = [output_to_msg(out)] if out is not None else []
+            return outputs + self.hooks.on_abort(msg.rid, msg.reason)
+        if isinstance(msg, RoomFailed):
+            return self.hooks.on_room_failed(msg)
+        if isinstance(msg, FlushCache):
+            self.engine.flush_cache()
+        return []
+
+    def _send(self, msgs: list[ReqOutput]) -> None:
+        for msg in msgs:
+            self.out.send(protocol.encode(msg))
+
+    def _report_load(self, now: float) -> None:
+        num_running, num_waiting, num_tokens = self.engine.load()
+        load = WorkerLoad(
+            dp_rank=self.dp_rank,
+            num_running=num_running,
+            num_waiting=num_waiting,
+            num_tokens=num_tokens,
+            num_used_pages=self.engine.num_used_pages,
+            num_free_pages=self.engine.num_free_pages,
+            num_total_pages=self.engine.num_total_pages,
+        )
+        last = self._last_load
+        if last == load:
+            return
+        # Request counts go out at once; token and page counts at most once per interval.
+        counts_changed = last is None or (last.num_running, last.num_waiting) != (
+            num_running,
+            num_waiting,
+        )
+        if counts_changed or now - self._last_load_at >= self.load_interval_s:
+            self.out.send(protocol.encode(load))
+            self._last_load, self._last_load_at = load, now
+
+
+def _die_with_parent() -> None:
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    except OSError:  # not Linux: the getppid() check in the loop still ends the worker
+        pass
+
+
+def worker_main(
+    cfg: ServerConfig, dp_rank: int, ctrl_addr: str, out_addr: str, parent_pid: int
+) -> None:
+    """Entry point of a worker process (multiprocessing spawn target)."""
+    _die_with_parent()
+    logging.basicConfig(
+        level=cfg.server.log_level.upper(),
+        format=f"%(asctime)s [worker dp={dp_rank}] %(levelname)s %(name)s: %(message)s",
+    )
+    ctx = zmq.Context()
+    ctrl = ctx.socket(zmq.PULL)
+    ctrl.connect(ctrl_addr)
+    out = ctx.socket(zmq.PUSH)
+    out.setsockopt(zmq.LINGER, 1000)
+    out.connect(out_addr)
+    try:
+        loop = _start(cfg, dp_rank, ctrl, out, parent_pid)
+    except Exception as exc:
+        traceback.print_exc()
+        out.send(
+            protocol.encode(WorkerFailed(dp_rank=dp_rank, error=f"{type(exc).__name__}: {exc}"))
+        )
+        out.close()
+        sys.exit(1)
+    try:
+        loop.run()
+    except Exception as exc:
+        traceback.print_exc()
+        out.send(
+            protocol.encode(WorkerFailed(dp_rank=dp_rank, error=f"worker loop crashed: {exc!r}"))
+        )
+        out.close()
+        sys.exit(1)
+    finally:
+        loop.hooks.close()
+
+
+def _start(
+    cfg: ServerConfig, dp_rank: int, ctrl: zmq.Socket, out: zmq.Socket, parent_pid: int
+) -> WorkerLoop:
+    import torch
+
+    from pdserve.engine import Engine
+
+    torch.set_num_threads(cfg.engine.torch_threads)
+    engine = Engine.from_config(cfg.engine)
+    hooks = make_worker_hooks(cfg, engine, dp_rank)
+    ready = WorkerReady(
+        dp_rank=dp_rank,
+        num_total_pages=engine.num_total_pages,
+        page_size=engine.page_size,
+        max_context_len=engine.max_context_len,
+        kv_endpoint=hooks.kv_endpoint,
+        kv_layout=engine.kv_layout(),
+    )
+    out.send(protocol.encode(ready))
+    logger.info("ready: %d pages of %d tokens", engine.num_total_pages, engine.page_size)
+    return WorkerLoop(
+        engine, hooks, dp_rank, ctrl, out, parent_pid, cfg.server.load_report_interval_s
+    )
