@@ -1,0 +1,49 @@
+"""`pdserve bench` (measure a server or router) and `pdserve bench compare A.json B.json`.
+
+The options come from `BenchConfig`; heavy imports wait until the command runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from pdserve.config import add_arguments, from_args
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    from pdserve.bench.config import BenchConfig
+
+    parser = subparsers.add_parser(
+        "bench",
+        help="serving benchmark: TTFT, ITL, TPOT, throughput, goodput",
+        description="Measure a server or router under load; `bench compare` reads results.",
+    )
+    add_arguments(parser, BenchConfig, "benchmark")
+    parser.set_defaults(func=run_bench)
+    actions = parser.add_subparsers(dest="bench_action", metavar="{compare}")
+    compare = actions.add_parser("compare", help="two or more result JSON files side by side")
+    compare.add_argument("results", nargs="+", help="result JSON files (the first is the base)")
+    compare.add_argument("--plot", default=None, help="write overlaid latency CDFs to this PNG")
+    compare.set_defaults(func=run_compare)
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    from pdserve.bench.config import BenchConfig
+    from pdserve.bench.driver import main
+
+    return main(from_args(BenchConfig, args))
+
+
+def run_compare(args: argparse.Namespace) -> int:
+    from pdserve.bench.compare import format_compare, load_run
+
+    if len(args.results) < 2:
+        raise SystemExit("pdserve bench compare: give at least two result files")
+    runs = [load_run(path) for path in args.results]
+    print(format_compare(runs))
+    if args.plot:
+        from pdserve.bench.plots import plot_compare
+
+        plot_compare(runs, args.plot)
+        print(f"plot written to {args.plot}")
+    return 0

@@ -1,0 +1,103 @@
+"""Options of `pdserve bench` (the serving benchmark client), one frozen dataclass.
+
+The command line is generated from these fields by `pdserve.config.add_arguments`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from pdserve.config import check, opt
+
+ENDPOINTS = ["generate", "completions", "chat"]
+DATASETS = ["random", "shared-prefix", "trace"]
+LENGTH_DISTS = ["uniform", "normal", "lognormal"]
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    # target
+    base_url: str = opt("http://127.0.0.1:30000", "server or router to measure")
+    endpoint: str = opt(
+        "generate",
+        "generate: native /generate with input_ids; completions: /v1/completions; "
+        "chat: /v1/chat/completions",
+        choices=ENDPOINTS,
+    )
+    model: str | None = opt(None, "model name for OpenAI routes (default: first of /v1/models)")
+    tokenizer: str | None = opt(
+        None,
+        "tokenizer dir or pdserve model name (default: /model_info tokenizer_path or model_path)",
+    )
+    # workload
+    dataset_name: str = opt("random", "workload kind", choices=DATASETS)
+    num_prompts: int = opt(100, "requests to send (a trace is cut to its first N rows)")
+    random_input_len: int = opt(512, "mean prompt length in tokens (suffix after a shared prefix)")
+    random_output_len: int = opt(128, "mean output length in tokens")
+    random_range_ratio: float = opt(
+        0.0,
+        "spread of lengths: uniform half-width, or coefficient of variation (normal, lognormal)",
+    )
+    length_dist: str = opt("uniform", "distribution of lengths", choices=LENGTH_DISTS)
+    shared_prefix_groups: int = opt(4, "shared-prefix: number of groups (one prefix each)")
+    shared_prefix_len: int = opt(256, "shared-prefix: prefix length in tokens")
+    trace_file: str | None = opt(None, "trace: Mooncake FAST'25 JSONL file")
+    trace_speedup: float = opt(1.0, "trace: replay this many times faster than recorded")
+    trace_block_size: int = opt(512, "trace: tokens per hash id")
+    seed: int = opt(0, "random seed for lengths, tokens and arrivals")
+    # load
+    request_rate: float = opt(math.inf, "Poisson arrivals per second (inf: all at once)")
+    burstiness: float = opt(1.0, "gamma shape of inter-arrival times (1.0: Poisson)")
+    max_concurrency: int | None = opt(None, "cap on requests in flight")
+    warmup_requests: int = opt(0, "requests sent (and waited for) before measuring; not counted")
+    temperature: float = opt(0.0, "sampling temperature")
+    ignore_eos: bool = opt(True, "ask the server to ignore EOS so outputs reach their length")
+    extra_body: str | None = opt(None, "JSON object merged into every request body")
+    request_timeout_s: float = opt(600.0, "deadline for one request, headers to last byte")
+    # report
+    slo_ttft_ms: float | None = opt(None, "goodput: TTFT limit in ms")
+    slo_tpot_ms: float | None = opt(None, "goodput: TPOT limit in ms")
+    output: str | None = opt(None, "write every figure and per-request records to this JSON")
+    plot_dir: str | None = opt(None, "write PNG plots (latency CDFs, TTFT and ITL over time) here")
+    label: str | None = opt(None, "name of this run in reports and comparisons")
+    progress: bool = opt(True, "show a progress bar")
+    # sweep
+    sweep_rates: list[float] = opt([], "run once per rate (ascending); report the highest good one")
+    sweep_target: float = opt(0.9, "sweep: goodput share a rate must keep")
+    sweep_search_steps: int = opt(
+        0, "sweep: bisection runs between the best and the first bad rate"
+    )
+
+    def __post_init__(self) -> None:
+        check(self.num_prompts > 0, f"--num-prompts must be > 0, got {self.num_prompts}")
+        check(self.random_input_len > 0, "--random-input-len must be > 0")
+        check(self.random_output_len > 0, "--random-output-len must be > 0")
+        check(self.random_range_ratio >= 0, "--random-range-ratio must be >= 0")
+        check(
+            self.length_dist != "uniform" or self.random_range_ratio < 1,
+            "--random-range-ratio must be < 1 for a uniform distribution",
+        )
+        check(self.shared_prefix_groups > 0, "--shared-prefix-groups must be > 0")
+        check(self.shared_prefix_len >= 0, "--shared-prefix-len must be >= 0")
+        check(
+            self.dataset_name != "trace" or self.trace_file is not None,
+            "--dataset-name trace needs --trace-file",
+        )
+        check(self.trace_speedup > 0, "--trace-speedup must be > 0")
+        check(self.trace_block_size > 0, "--trace-block-size must be > 0")
+        check(self.request_rate > 0, "--request-rate must be > 0 (inf: all at once)")
+        check(self.burstiness > 0, "--burstiness must be > 0")
+        check(
+            self.max_concurrency is None or self.max_concurrency > 0,
+            "--max-concurrency must be > 0",
+        )
+        check(self.warmup_requests >= 0, "--warmup-requests must be >= 0")
+        check(self.request_timeout_s > 0, "--request-timeout-s must be > 0")
+        check(all(r > 0 for r in self.sweep_rates), "--sweep-rates must all be > 0")
+        check(0 < self.sweep_target <= 1, "--sweep-target must be in (0, 1]")
+        check(self.sweep_search_steps >= 0, "--sweep-search-steps must be >= 0")
+        check(
+            not self.sweep_rates or self.dataset_name != "trace",
+            "--sweep-rates does not apply to a trace (use --trace-speedup)",
+        )

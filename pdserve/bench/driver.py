@@ -1,0 +1,171 @@
+"""What `pdserve bench` does end to end: discover the server, build the workload, warm up,
+measure once or sweep rates, then print the table and write the JSON and plots.
+Runs in the benchmark client process (asyncio).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+
+from pdserve.bench import client, report, runner
+from pdserve.bench.config import BenchConfig
+from pdserve.bench.metrics import RequestRecord, summarize
+from pdserve.bench.server_stats import counter_deltas
+from pdserve.bench.sweep import RateSweep
+from pdserve.bench.workload import Prompt
+
+
+@dataclass
+class Prepared:
+    """Everything a run needs that does not depend on the request rate."""
+
+    target: runner.Target
+    prompts: list[Prompt]
+    trace_times: list[float] | None
+    info: dict[str, Any]
+
+
+async def prepare(session: aiohttp.ClientSession, cfg: BenchConfig) -> Prepared:
+    """Find the tokenizer and model name, build the workload, and send the warmup."""
+    base_url = cfg.base_url.rstrip("/")
+    model_info = await client.get_json(session, base_url + "/model_info")
+    tokenizer_path = runner.resolve_tokenizer_path(cfg.tokenizer, model_info)
+    tokenizer = runner.load_tokenizer(tokenizer_path)
+    model = cfg.model
+    if model is None and cfg.endpoint != "generate":
+        model = await client.served_model_name(session, base_url) or "default"
+    target = runner.Target(
+        base_url, cfg.endpoint, model, cfg.temperature, cfg.ignore_eos,
+        runner.parse_extra_body(cfg.extra_body), cfg.request_timeout_s,
+    )  # fmt: skip
+    prompts, trace_times, warmup = runner.build_workload(cfg, tokenizer)
+    if warmup:
+        records, _ = await runner.send_all(
+            session, target, warmup, [0.0] * len(warmup), cfg.max_concurrency
+        )
+        failed = [r for r in records if not r.ok]
+        if failed:
+            raise RuntimeError(f"warmup request failed: {failed[0].error_kind}: {failed[0].error}")
+    info = {
+        "model": model or (model_info or {}).get("model_path"),
+        "tokenizer": tokenizer_path,
+        "num_prompts": len(prompts),
+        "warmup_requests": len(warmup),
+        "server_model_info": model_info,
+    }
+    return Prepared(target, prompts, trace_times, info)
+
+
+def _progress(cfg: BenchConfig, total: int) -> tuple[Any, Callable[[RequestRecord], None]]:
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, disable=not cfg.progress, desc="requests", file=sys.stderr)
+    return bar, lambda _record: bar.update(1)
+
+
+async def measure(
+    session: aiohttp.ClientSession,
+    cfg: BenchConfig,
+    prep: Prepared,
+    rate: float,
+    on_record: Callable[[RequestRecord], None] | None = None,
+) -> dict[str, Any]:
+    """One measured run at `rate` (a trace keeps its own times); returns the full result."""
+    times = prep.trace_times or runner.send_times(cfg, len(prep.prompts), rate)
+    metrics_url = prep.target.base_url + "/metrics"
+    before = await client.get_text(session, metrics_url)
+    bar, tick = _progress(cfg, len(prep.prompts))
+
+    def on_done(record: RequestRecord) -> None:
+        tick(record)
+        if on_record is not None:
+            on_record(record)
+
+    try:
+        records, duration_s = await runner.send_all(
+            session, prep.target, prep.prompts, times, cfg.max_concurrency, on_done
+        )
+    finally:
+        bar.close()
+    after = await client.get_text(session, metrics_url)
+    counters = counter_deltas(before, after) if before and after else None
+    summary = summarize(records, duration_s, cfg.slo_ttft_ms, cfg.slo_tpot_ms)
+    return report.build_result(cfg, rate, summary, records, prep.info, counters)
+
+
+def _save(
+    cfg: BenchConfig, result: dict[str, Any], output: str | None, plot_dir: str | None
+) -> None:
+    if output:
+        report.write_json(output, result)
+    if plot_dir:
+        from pdserve.bench.plots import plot_run
+
+        plot_run(result, plot_dir)
+
+
+async def run_single(
+    cfg: BenchConfig, on_record: Callable[[RequestRecord], None] | None = None
+) -> dict[str, Any]:
+    """`pdserve bench` without a sweep: one run at --request-rate, reported and saved."""
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+        prep = await prepare(session, cfg)
+        result = await measure(session, cfg, prep, cfg.request_rate, on_record)
+    print(report.format_table(result))
+    _save(cfg, result, cfg.output, cfg.plot_dir)
+    return result
+
+
+def _rate_path(path: str | None, rate: float) -> str | None:
+    if path is None:
+        return None
+    stem, ext = os.path.splitext(path)
+    return f"{stem}.rate-{rate:g}{ext}"
+
+
+async def run_sweep(cfg: BenchConfig) -> dict[str, Any]:
+    """One run per rate (see `RateSweep`); each run is saved beside --output and --plot-dir,
+    and the sweep's summary (every run less its per-request records) goes to --output."""
+    sweep = RateSweep(cfg.sweep_rates, cfg.sweep_target, cfg.sweep_search_steps)
+    runs = []
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+        prep = await prepare(session, cfg)
+        while (rate := sweep.next_rate()) is not None:
+            result = await measure(session, cfg, prep, rate)
+            sweep.record(rate, result["goodput_share"])
+            share, goodput = result["goodput_share"], result["request_goodput"]
+            print(f"rate {rate:g} req/s: goodput share {share:.3f}, {goodput:.2f} req/s good")
+            plot_dir = cfg.plot_dir and os.path.join(cfg.plot_dir, f"rate-{rate:g}")
+            _save(cfg, result, _rate_path(cfg.output, rate), plot_dir)
+            runs.append(report.without_records(result))
+    summary = {
+        "sweep_target": cfg.sweep_target,
+        "best_rate": sweep.best_rate,
+        "first_bad_rate": sweep.first_bad_rate,
+        "runs": runs,
+    }
+    print(f"highest rate with goodput share >= {cfg.sweep_target}: {sweep.best_rate} req/s")
+    if cfg.output:
+        report.write_json(cfg.output, summary)
+    if cfg.plot_dir:
+        from pdserve.bench.plots import plot_sweep
+
+        points = [(r["request_rate"], r["goodput_share"], r["request_goodput"]) for r in runs]
+        plot_sweep(points, cfg.sweep_target, os.path.join(cfg.plot_dir, "sweep.png"))
+    return summary
+
+
+def main(cfg: BenchConfig) -> int:
+    """Run the benchmark; exit status 1 when every request failed."""
+    if cfg.sweep_rates:
+        asyncio.run(run_sweep(cfg))
+        return 0
+    result = asyncio.run(run_single(cfg))
+    return 1 if result["completed"] == 0 else 0

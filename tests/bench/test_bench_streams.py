@@ -1,0 +1,125 @@
+"""Request bodies per endpoint, SSE line handling, stream parsing, Prometheus deltas."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pdserve.bench.server_stats import counter_deltas, parse_prometheus
+from pdserve.bench.streams import LineSplitter, StreamParser, build_body, sse_data
+from pdserve.bench.workload import Prompt
+
+
+def test_native_body_sends_input_ids_with_ignore_eos_in_sampling_params():
+    body = build_body("generate", Prompt([1, 2, 3], 7), None, 0.0, True, {"rid": "x"})
+    assert body["input_ids"] == [1, 2, 3] and body["stream"] is True and body["rid"] == "x"
+    assert body["sampling_params"] == {"max_new_tokens": 7, "temperature": 0.0, "ignore_eos": True}
+
+
+@pytest.mark.parametrize("endpoint", ["completions", "chat"])
+def test_openai_bodies_carry_text_usage_and_ignore_eos(endpoint: str):
+    body = build_body(endpoint, Prompt([1], 9, text="hi"), "m", 0.5, True)
+    assert body["model"] == "m" and body["max_tokens"] == 9 and body["ignore_eos"] is True
+    assert body["stream_options"] == {"include_usage": True}
+    if endpoint == "chat":
+        assert body["messages"] == [{"role": "user", "content": "hi"}]
+    else:
+        assert body["prompt"] == "hi"
+
+
+def test_openai_body_without_text_is_refused():
+    with pytest.raises(ValueError, match="needs prompt text"):
+        build_body("chat", Prompt([1], 1), "m", 0.0, True)
+
+
+def test_line_splitter_rejoins_lines_cut_across_reads():
+    splitter = LineSplitter()
+    assert splitter.feed(b'data: {"a"') == []
+    assert splitter.feed(b": 1}\n\ndata: [DO") == [b'data: {"a": 1}', b""]
+    assert splitter.feed(b"NE]\n") == [b"data: [DONE]"]
+    assert splitter.flush() == []
+    assert sse_data(b'data: {"a": 1}\r') == '{"a": 1}'
+    assert sse_data(b": keep-alive") is None and sse_data(b"") is None
+
+
+def native(ids: list[int], finish=None, **meta) -> str:
+    return json.dumps(
+        {"text": "", "output_ids": ids, "meta_info": {"finish_reason": finish, **meta}}
+    )
+
+
+def test_native_stream_counts_tokens_from_the_server():
+    parser = StreamParser("generate")
+    first = parser.feed(native([5], prompt_tokens=4, completion_tokens=1))
+    assert first.has_new_tokens and first.completion_tokens == 1 and first.prompt_tokens == 4
+    assert not parser.feed(native([5], completion_tokens=1)).has_new_tokens  # nothing new
+    last = parser.feed(native([5, 6, 7], {"type": "length"}, completion_tokens=3))
+    assert last.has_new_tokens and last.completion_tokens == 3 and last.finished
+
+
+def test_native_stream_without_meta_counts_cumulative_output_ids():
+    parser = StreamParser("generate")
+    assert parser.feed(native([1, 2])).completion_tokens == 2
+
+
+def test_native_abort_and_error_items_become_errors():
+    abort = StreamParser("generate").feed(native([], {"type": "abort", "message": "KV lost"}))
+    assert abort.error == "KV lost"
+    error = StreamParser("generate").feed(json.dumps({"error": {"message": "too long"}}))
+    assert error.error == "too long"
+
+
+def test_openai_stream_counts_text_chunks_and_reads_usage():
+    parser = StreamParser("chat")
+    role = parser.feed(json.dumps({"choices": [{"delta": {"role": "assistant"}}]}))
+    assert not role.has_new_tokens
+    token = parser.feed(json.dumps({"choices": [{"delta": {"content": "Hi"}}]}))
+    assert token.has_new_tokens
+    end = parser.feed(json.dumps({"choices": [{"delta": {}, "finish_reason": "length"}]}))
+    assert end.finished and not end.has_new_tokens
+    usage = parser.feed(
+        json.dumps({"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 8}})
+    )
+    assert (usage.prompt_tokens, usage.completion_tokens) == (3, 8)
+    text = StreamParser("completions").feed(json.dumps({"choices": [{"text": " a"}]}))
+    assert text.has_new_tokens
+
+
+METRICS_BEFORE = """# HELP pdserve_requests_total finished requests
+# TYPE pdserve_requests_total counter
+pdserve_requests_total{status="ok"} 3.0
+pdserve_requests_created{status="ok"} 1.7e9
+# TYPE pdserve_generation_tokens counter
+pdserve_generation_tokens_total 30.0
+# TYPE pdserve_num_running_reqs gauge
+pdserve_num_running_reqs{dp_rank="0"} 2.0
+# TYPE pdserve_e2e_seconds histogram
+pdserve_e2e_seconds_bucket{le="1.0"} 3.0
+pdserve_e2e_seconds_count 3.0
+pdserve_e2e_seconds_sum 1.5
+"""
+
+
+def test_counter_deltas_keep_counters_and_histogram_totals_only():
+    after = (
+        METRICS_BEFORE.replace("} 3.0\npdserve_requests_created", "} 5.0\npdserve_requests_created")
+        .replace("tokens_total 30.0", "tokens_total 50.0")
+        .replace('status="ok"} 3.0', 'status="ok"} 5.0')
+        .replace("_count 3.0", "_count 5.0")
+        + 'pdserve_requests_total{status="error"} 1.0\nnot a metric line\n'
+    )
+    deltas = counter_deltas(METRICS_BEFORE, after)
+    assert deltas == {
+        'pdserve_requests_total{status="ok"}': 2.0,
+        'pdserve_requests_total{status="error"}': 1.0,
+        "pdserve_generation_tokens_total": 20.0,
+        "pdserve_e2e_seconds_count": 2.0,
+        "pdserve_e2e_seconds_sum": 0.0,
+    }
+
+
+def test_prometheus_parser_reads_types_and_labelled_samples():
+    samples, types = parse_prometheus(METRICS_BEFORE)
+    assert types["pdserve_requests_total"] == "counter"
+    assert samples['pdserve_num_running_reqs{dp_rank="0"}'] == 2.0
