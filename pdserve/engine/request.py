@@ -28,7 +28,9 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
     def validate(self) -> None:
         """Raise ValueError naming the bad field; the front end turns it into a 400."""
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be a non-negative integer, got {self.max_new_tokens!r}")
+            raise ValueError(
+                f"max_new_tokens must be a non-negative integer, got {self.max_new_tokens!r}"
+            )
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
@@ -64,8 +66,19 @@ class ReqState(enum.Enum):
 TERMINAL = frozenset({ReqState.FINISHED, ReqState.ABORTED, ReqState.FAILED})
 
 _ALLOWED: dict[ReqState, frozenset[ReqState]] = {
-    ReqState.WAITING: frozenset({ReqState.PREFILLING, ReqState.RUNNING, ReqState.SENDING_KV}),
-    ReqState.PREFILLING: frozenset({ReqState.PREFILLING, ReqState.RUNNING, ReqState.SENDING_KV}),
+    ReqState.WAITING: frozenset(
+        {
+            ReqState.PREFILLING,
+            ReqState.RUNNING,
+            ReqState.SENDING_KV,
+            ReqState.WAITING_FOR_BOOTSTRAP,
+            ReqState.WAITING_FOR_KV,  # decode role: pages reserved straight away
+        }
+    ),
+    # FINISHED: max_new_tokens == 0 (prompt scoring) ends right after the prompt is computed.
+    ReqState.PREFILLING: frozenset(
+        {ReqState.PREFILLING, ReqState.RUNNING, ReqState.SENDING_KV, ReqState.FINISHED}
+    ),
     ReqState.RUNNING: frozenset({ReqState.FINISHED, ReqState.WAITING}),  # WAITING: preempted
     ReqState.WAITING_FOR_BOOTSTRAP: frozenset({ReqState.WAITING_FOR_KV}),
     ReqState.WAITING_FOR_KV: frozenset({ReqState.RUNNING, ReqState.FINISHED}),
@@ -77,6 +90,11 @@ class IllegalTransition(RuntimeError):
     pass
 
 
+class RequestRejected(ValueError):
+    """A request that can never run on this engine (empty prompt, longer than the context,
+    more pages than the pool); the message names the limit. The front end answers 400."""
+
+
 def can_transition(src: ReqState, dst: ReqState) -> bool:
     if src in TERMINAL:
         return False
@@ -86,7 +104,7 @@ def can_transition(src: ReqState, dst: ReqState) -> bool:
     return dst in _ALLOWED.get(src, frozenset())
 
 
-@dataclass
+@dataclass(eq=False)  # identity semantics: queues find and remove the very object
 class Request:
     """One sequence in a worker. Page ownership: `page_ids` belong to this request until a
     terminal transition, after which the engine returns them to the allocator."""
@@ -104,6 +122,12 @@ class Request:
     num_computed: int = 0  # tokens whose KV is in the pages
     finish_reason: FinishReason | None = None
     error: str | None = None
+    # Engine bookkeeping (set by the engine, not by callers).
+    sampling_seed: int = 0  # sampling.seed, or one drawn by the engine when that is None
+    cached_tokens: int = 0
+    prompt_logprobs: list[float | None] | None = None  # accumulated over prefill chunks
+    prompt_top_logprobs: list[list[tuple[int, float]] | None] | None = None
+    prompt_logprobs_sent: bool = False  # sent once; a recomputed (preempted) prefill skips them
 
     def transition(self, dst: ReqState) -> None:
         if not can_transition(self.state, dst):
@@ -117,3 +141,33 @@ class Request:
     @property
     def seq_len(self) -> int:
         return len(self.prompt_ids) + len(self.output_ids)
+
+    def token_at(self, position: int) -> int:
+        num_prompt = len(self.prompt_ids)
+        return (
+            self.prompt_ids[position]
+            if position < num_prompt
+            else self.output_ids[position - num_prompt]
+        )
+
+    @property
+    def wants_prompt_logprobs(self) -> bool:
+        return self.return_logprob and self.logprob_start_len is not None
+
+
+@dataclass
+class StepOutput:
+    """What one engine step produced for one request (tokens since the previous output)."""
+
+    rid: str
+    new_token_ids: list[int] = field(default_factory=list)
+    new_token_logprobs: list[float] = field(default_factory=list)  # only with return_logprob
+    new_top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
+    # Prompt logprobs, sent once: entry k is prompt token logprob_start_len + k given the
+    # tokens before it (None for token 0, which has no context).
+    prompt_logprobs: list[float | None] | None = None
+    prompt_top_logprobs: list[list[tuple[int, float]] | None] | None = None
+    cached_tokens: int = 0
+    finish_reason: FinishReason | None = None
+    error: str | None = None
+    kv_ready: bool = False  # prefill role: first token sampled, pages held until release()

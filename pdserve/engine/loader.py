@@ -1,0 +1,108 @@
+"""Model loading: resolve a model name to a Hugging Face directory, read its config and
+safetensors weights, and fingerprint them. Runs in each worker (and the front end, which
+only calls `resolve_model_dir` to load the tokenizer)."""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+
+from pdserve.engine.model import ModelArgs, ModelWeights, weights_from_state_dict
+from pdserve.engine.model_cache import cached_model_dir
+
+# Bump a version when the builder's output changes, so stale cache entries are not reused.
+BUILTIN_MODELS = {
+    "tiny-random": "tiny-random-v1",
+    "smollm2-135m-instruct": "smollm2-135m-instruct-v1",
+}
+
+
+def resolve_model_dir(model_path: str) -> str:
+    """A directory with config.json, tokenizer and *.safetensors for `model_path`: a
+    built-in name (built into the cache on first use) or a local directory."""
+    if model_path == "tiny-random":
+        from pdserve.engine.tiny_random import build_tiny_random
+
+        return cached_model_dir(BUILTIN_MODELS[model_path], build_tiny_random)
+    if model_path == "smollm2-135m-instruct":
+        from pdserve.engine.gguf_convert import convert_gguf
+
+        return cached_model_dir(BUILTIN_MODELS[model_path], convert_gguf)
+    if os.path.isfile(os.path.join(model_path, "config.json")):
+        return os.path.abspath(model_path)
+    raise ValueError(
+        f"unknown model {model_path!r}: expected one of {sorted(BUILTIN_MODELS)} or a local "
+        "Hugging Face directory with config.json and *.safetensors"
+    )
+
+
+@dataclass
+class LoadedModel:
+    model_dir: str
+    args: ModelArgs
+    weights: ModelWeights
+    eos_token_ids: frozenset[int]
+    fingerprint: str
+
+
+def _read_json(path: str) -> dict[str, Any]:
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
+def _as_ids(value: int | list[int] | None) -> set[int]:
+    if value is None:
+        return set()
+    return {value} if isinstance(value, int) else set(value)
+
+
+def eos_ids(model_dir: str, config: dict[str, Any]) -> frozenset[int]:
+    """EOS ids from config.json and generation_config.json together."""
+    generation = _read_json(os.path.join(model_dir, "generation_config.json"))
+    return frozenset(_as_ids(config.get("eos_token_id")) | _as_ids(generation.get("eos_token_id")))
+
+
+def read_state_dict(model_dir: str) -> dict[str, torch.Tensor]:
+    files = sorted(glob.glob(os.path.join(model_dir, "*.safetensors")))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors in {model_dir}")
+    state: dict[str, torch.Tensor] = {}
+    for path in files:
+        state.update(load_file(path))
+    return state
+
+
+def fingerprint(config: dict[str, Any], state: dict[str, torch.Tensor]) -> str:
+    """Equal for two processes that load the same weights: the architecture fields of the
+    config, every tensor's name/shape/dtype, and a strided sample sum of its values."""
+    args = ModelArgs.from_hf_config(config)
+    digest = hashlib.sha256(json.dumps(vars(args), sort_keys=True, default=str).encode())
+    for name in sorted(state):
+        tensor = state[name]
+        flat = tensor.reshape(-1)
+        sample = flat[:: max(1, flat.numel() // 4096)].double().sum().item()
+        digest.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}|{sample!r};".encode())
+    return digest.hexdigest()[:16]
+
+
+def load_model(model_path: str, dtype: torch.dtype, device: torch.device) -> LoadedModel:
+    model_dir = resolve_model_dir(model_path)
+    config = _read_json(os.path.join(model_dir, "config.json"))
+    args = ModelArgs.from_hf_config(config)
+    state = read_state_dict(model_dir)
+    return LoadedModel(
+        model_dir=model_dir,
+        args=args,
+        weights=weights_from_state_dict(state, args, dtype, device),
+        eos_token_ids=eos_ids(model_dir, config),
+        fingerprint=fingerprint(config, state),
+    )

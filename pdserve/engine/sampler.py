@@ -1,0 +1,109 @@
+"""Token sampling and logprobs for one step's logits; runs in each worker.
+
+Randomness for output token i of a request comes from (seed, i) alone: a generator seeded
+with a mix of the two draws the exponential noise of a race (argmax of p / E, E ~ Exp(1),
+picks a token with probability p). So a seeded request yields the same tokens whatever else
+is in the batch, and whichever process samples token i (PD: prefill samples token 0).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+_MASK64 = (1 << 64) - 1
+
+
+def token_seed(seed: int, token_index: int) -> int:
+    """A well-mixed 63-bit seed for (request seed, output token index) (splitmix64)."""
+    z = (seed * 0x9E3779B97F4A7C15 + token_index * 0xBF58476D1CE4E5B9 + 1) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return (z ^ (z >> 31)) >> 1
+
+
+@dataclass(frozen=True)
+class SampleSpec:
+    """How to pick one row's token."""
+
+    temperature: float
+    top_k: int | None  # None: no top-k
+    top_p: float
+    min_p: float
+    seed: int
+    token_index: int  # index of the token being sampled in the request's output
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0 or self.top_k == 1
+
+
+def filter_probs(
+    probs: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor
+) -> torch.Tensor:
+    """Zero the probabilities outside each row's top-k, top-p nucleus and min-p floor.
+    All three are judged on the unfiltered distribution; the most likely token always stays.
+    top_k/top_p/min_p: [R] (top_k = vocab size to disable)."""
+    sorted_probs, order = probs.sort(dim=-1, descending=True)
+    rank = torch.arange(probs.shape[-1], device=probs.device)
+    mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
+    drop = rank[None, :] >= top_k[:, None]
+    drop |= mass_before > top_p[:, None]
+    drop |= sorted_probs < min_p[:, None] * sorted_probs[:, :1]
+    kept = sorted_probs.masked_fill(drop, 0.0)
+    return torch.zeros_like(probs).scatter_(-1, order, kept)
+
+
+def _exponential_noise(
+    specs: list[SampleSpec], vocab_size: int, device: torch.device
+) -> torch.Tensor:
+    rows = []
+    for spec in specs:
+        gen = torch.Generator(device=device)
+        gen.manual_seed(token_seed(spec.seed, spec.token_index))
+        rows.append(torch.empty(vocab_size, device=device).exponential_(generator=gen))
+    return torch.stack(rows)
+
+
+def _sample_random(logits: torch.Tensor, specs: list[SampleSpec]) -> torch.Tensor:
+    device = logits.device
+    vocab_size = logits.shape[-1]
+    temperature = torch.tensor([s.temperature for s in specs], device=device)
+    probs = torch.softmax(logits / temperature[:, None], dim=-1)
+    if any(s.top_k is not None or s.top_p < 1 or s.min_p > 0 for s in specs):
+        top_k = torch.tensor([s.top_k or vocab_size for s in specs], device=device)
+        top_p = torch.tensor([s.top_p for s in specs], device=device)
+        min_p = torch.tensor([s.min_p for s in specs], device=device)
+        probs = filter_probs(probs, top_k, top_p, min_p)
+    return (probs / _exponential_noise(specs, vocab_size, device)).argmax(dim=-1)
+
+
+def sample(logits: torch.Tensor, specs: list[SampleSpec]) -> list[int]:
+    """One token id per row of float32 logits [R, vocab]."""
+    tokens = logits.argmax(dim=-1)
+    random_rows = [i for i, s in enumerate(specs) if not s.greedy]
+    if random_rows:
+        index = torch.tensor(random_rows, device=logits.device)
+        picked = _sample_random(logits[index], [specs[i] for i in random_rows])
+        tokens[index] = picked
+    return tokens.tolist()
+
+
+def logprobs_of(
+    logits: torch.Tensor, token_ids: list[int], top_ns: list[int]
+) -> tuple[list[float], list[list[tuple[int, float]]]]:
+    """log_softmax of the raw logits (SGLang semantics, before temperature or filters):
+    each row's logprob of `token_ids[row]` and its top `top_ns[row]` (id, logprob) pairs."""
+    logprobs = torch.log_softmax(logits, dim=-1)
+    chosen_ids = torch.tensor(token_ids, device=logits.device)[:, None]
+    chosen = logprobs.gather(-1, chosen_ids).squeeze(-1).tolist()
+    max_n = min(max(top_ns, default=0), logits.shape[-1])
+    if max_n <= 0:
+        return chosen, [[] for _ in token_ids]
+    values, ids = logprobs.topk(max_n, dim=-1)
+    tops = [
+        list(zip(row_ids[:n], row_vals[:n], strict=True))
+        for row_ids, row_vals, n in zip(ids.tolist(), values.tolist(), top_ns, strict=True)
+    ]
+    return chosen, tops

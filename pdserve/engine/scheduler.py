@@ -1,0 +1,185 @@
+"""Continuous-batching scheduler (pure: no torch, no I/O). Runs in each worker.
+
+Owns the queues and every page allocation. Each step is either a prefill step (prompt
+chunks within a token budget) or a decode step (every running request); when both kinds
+of work exist they alternate, so a stream of new prompts never starves decoding.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from pdserve.engine.page_allocator import PageAllocator
+from pdserve.engine.request import ReqState, Request
+
+
+def pages_for(num_tokens: int, page_size: int) -> int:
+    return -(-num_tokens // page_size)
+
+
+@dataclass
+class PrefillChunk:
+    req: Request
+    start: int  # first position computed by this chunk
+    num_tokens: int
+
+    @property
+    def is_last(self) -> bool:
+        return self.start + self.num_tokens == self.req.seq_len
+
+
+@dataclass
+class Batch:
+    prefill: list[PrefillChunk] = field(default_factory=list)
+    decode: list[Request] = field(default_factory=list)
+    preempted: list[Request] = field(default_factory=list)  # sent back to waiting
+    new_page_ids: list[int] = field(default_factory=list)  # allocated this step
+
+    @property
+    def empty(self) -> bool:
+        return not self.prefill and not self.decode
+
+
+class Scheduler:
+    def __init__(
+        self,
+        allocator: PageAllocator,
+        page_size: int,
+        max_running_requests: int,
+        chunked_prefill_size: int,
+    ):
+        self.allocator = allocator
+        self.page_size = page_size
+        self.max_running_requests = max_running_requests
+        self.chunked_prefill_size = chunked_prefill_size
+        self.waiting: deque[Request] = deque()
+        self.prefilling: list[Request] = []  # pages allocated, prompt partly computed
+        self.running: list[Request] = []  # decoding, oldest admission first
+        self.reserved: list[Request] = []  # decode role: pages allocated, KV awaited
+        self._last_was_prefill = False
+
+    @property
+    def num_active(self) -> int:
+        """Requests counted against max_running_requests."""
+        return len(self.prefilling) + len(self.running) + len(self.reserved)
+
+    def add(self, req: Request) -> None:
+        self.waiting.append(req)
+
+    def schedule(self) -> Batch:
+        batch = Batch()
+        if self.running and self._last_was_prefill:
+            self._schedule_decode(batch)
+        else:
+            self._schedule_prefill(batch)
+            if not batch.prefill and self.running:
+                self._schedule_decode(batch)
+        self._last_was_prefill = bool(batch.prefill)
+        return batch
+
+    def _schedule_prefill(self, batch: Batch) -> None:
+        budget = self.chunked_prefill_size
+        for req in self.prefilling:
+            if budget == 0:
+                return
+            budget -= self._add_chunk(batch, req, budget)
+        while self.waiting and budget > 0 and self.num_active < self.max_running_requests:
+            req = self.waiting[0]
+            page_ids = self.allocator.alloc(pages_for(req.seq_len, self.page_size))
+            if page_ids is None:
+                return  # FIFO: later requests wait behind the head
+            self.waiting.popleft()
+            req.page_ids = page_ids
+            req.num_computed = 0
+            batch.new_page_ids.extend(page_ids)
+            req.transition(ReqState.PREFILLING)
+            self.prefilling.append(req)
+            budget -= self._add_chunk(batch, req, budget)
+
+    def _add_chunk(self, batch: Batch, req: Request, budget: int) -> int:
+        num_tokens = min(req.seq_len - req.num_computed, budget)
+        batch.prefill.append(PrefillChunk(req, req.num_computed, num_tokens))
+        return num_tokens
+
+    def _schedule_decode(self, batch: Batch) -> None:
+        """Every running request decodes one token; one that needs a page and finds none
+        preempts the newest running request (possibly itself) back to waiting."""
+        pending = list(self.running)
+        while pending:
+            req = pending.pop(0)
+            while not self._grow(req, batch):
+                victim = pending.pop() if pending else req
+                self._preempt(victim)
+                batch.preempted.append(victim)
+                if victim is req:
+                    break
+            else:
+                batch.decode.append(req)
+        self.running = list(batch.decode)
+
+    def _grow(self, req: Request, batch: Batch) -> bool:
+        """Make room for the KV of position seq_len - 1 (the token decoded this step)."""
+        missing = pages_for(req.seq_len, self.page_size) - len(req.page_ids)
+        if missing <= 0:
+            return True
+        page_ids = self.allocator.alloc(missing)
+        if page_ids is None:
+            return False
+        req.page_ids.extend(page_ids)
+        batch.new_page_ids.extend(page_ids)
+        return True
+
+    def _preempt(self, req: Request) -> None:
+        """Recompute later: drop the KV; the request re-prefills prompt + output so far."""
+        self._free_pages(req)
+        req.num_computed = 0
+        req.transition(ReqState.WAITING)
+        self.waiting.appendleft(req)
+
+    def on_prefilled(self, req: Request) -> None:
+        """Its whole sequence is computed: it decodes from the next step on."""
+        self.prefilling.remove(req)
+        req.transition(ReqState.RUNNING)
+        self.running.append(req)
+
+    def hold(self, req: Request) -> None:
+        """Prefill role: stop scheduling it but keep its pages (they are being sent)."""
+        self._discard(req)
+        req.transition(ReqState.SENDING_KV)
+
+    def reserve(self, req: Request) -> list[int] | None:
+        """Decode role: allocate pages for the prompt now; None if there is no room."""
+        if self.num_active >= self.max_running_requests:
+            return None
+        page_ids = self.allocator.alloc(pages_for(len(req.prompt_ids), self.page_size))
+        if page_ids is None:
+            return None
+        req.page_ids = page_ids
+        req.transition(ReqState.WAITING_FOR_KV)
+        self.reserved.append(req)
+        return page_ids
+
+    def admit_reserved(self, req: Request) -> None:
+        """Decode role: its prompt KV arrived; it joins the running batch."""
+        self.reserved.remove(req)
+        req.num_computed = len(req.prompt_ids)
+        req.transition(ReqState.RUNNING)
+        self.running.append(req)
+
+    def finish(self, req: Request, state: ReqState) -> None:
+        """Terminal transition from any state; the request's pages go back to the pool."""
+        self._discard(req)
+        self._free_pages(req)
+        req.transition(state)
+
+    def _discard(self, req: Request) -> None:
+        for queue in (self.waiting, self.prefilling, self.running, self.reserved):
+            if req in queue:
+                queue.remove(req)
+                return
+
+    def _free_pages(self, req: Request) -> None:
+        if req.page_ids:
+            self.allocator.free(req.page_ids)
+        req.page_ids = []

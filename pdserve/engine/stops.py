@@ -1,0 +1,34 @@
+"""When a request stops: length, EOS, stop token ids, stop strings (pure). Worker process."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from pdserve.engine.request import FinishReason, Request
+
+# Stop strings are looked for in the text of the last few tokens: a match ending at the
+# newest token spans at most len(stop) tokens, plus a few that decode to no text.
+_STOP_TAIL_EXTRA_TOKENS = 8
+
+
+def check_finish(
+    req: Request,
+    eos_token_ids: frozenset[int],
+    detokenize: Callable[[list[int]], str] | None,
+) -> FinishReason | None:
+    """The finish reason after the newest output token was appended, or None."""
+    params = req.sampling
+    last = req.output_ids[-1]
+    if len(req.output_ids) >= params.max_new_tokens:
+        return FinishReason("length", matched=None)
+    if last in params.stop_token_ids:
+        return FinishReason("stop", matched=last)
+    if not params.ignore_eos and last in eos_token_ids:
+        return FinishReason("stop", matched=last)
+    if params.stop and detokenize is not None:
+        longest = max(len(s) for s in params.stop)
+        tail = detokenize(req.output_ids[-(longest + _STOP_TAIL_EXTRA_TOKENS) :])
+        for stop in params.stop:
+            if stop in tail:
+                return FinishReason("stop", matched=stop)
+    return None
