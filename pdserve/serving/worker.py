@@ -91,7 +91,7 @@ class WorkerLoop:
             self._send(self._handle(protocol.decode_to_worker(data)))
 
     def _handle(self, msg: protocol.ToWorker) -> list[ReqOutput]:
-        from pdserve.engine import RequestRejected
+        from pdserve.engine.request import RequestRejected
 
         if isinstance(msg, GenerateReq):
             try:
@@ -188,11 +188,15 @@ def _start(
     cfg: ServerConfig, dp_rank: int, ctrl: zmq.Socket, out: zmq.Socket, parent_pid: int
 ) -> WorkerLoop:
     import torch
+    from transformers import AutoTokenizer
 
-    from pdserve.engine import Engine
+    from pdserve.engine.engine import Engine
+    from pdserve.engine.loader import resolve_model_dir
 
     torch.set_num_threads(cfg.engine.torch_threads)
-    engine = Engine.from_config(cfg.engine)
+    # The engine checks stop strings itself, so a stopped request frees its pages at once.
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_dir(cfg.engine.model_path))
+    engine = Engine.from_config(cfg.engine, detokenize=tokenizer.decode)
     hooks = make_worker_hooks(cfg, engine, dp_rank)
     ready = WorkerReady(
         dp_rank=dp_rank,

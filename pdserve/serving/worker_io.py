@@ -8,7 +8,7 @@ from pdserve.engine.request import Request
 from pdserve.serving.protocol import GenerateReq, ReqOutput
 
 if TYPE_CHECKING:
-    from pdserve.engine.engine import StepOutput
+    from pdserve.engine.request import StepOutput
 
 
 def request_from_msg(msg: GenerateReq, prefill_only: bool = False) -> Request:

@@ -1,0 +1,188 @@
+"""Process fixtures shared by every integration test: free ports, a server subprocess with a
+readiness wait and a guaranteed stop, and small HTTP helpers.
+
+Usage: `with launch_server(["--model-path", "tiny-random"]) as srv: requests to srv.url`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+PYTHON = sys.executable
+DEFAULT_START_TIMEOUT_S = 120.0
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now (the OS may reuse it later; races are rare)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def http_status(url: str, timeout_s: float = 2.0) -> int | None:
+    """The status of GET url, or None when nothing answers."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as resp:
+            return resp.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+    except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+        return None
+
+
+def http_json(method: str, url: str, body: Any = None, timeout_s: float = 60.0) -> tuple[int, Any]:
+    """(status, parsed JSON or raw text) of one request; HTTP errors are returned, not raised."""
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(
+        url, data=data, method=method, headers={"Content-Type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=timeout_s) as resp:
+            status, raw = resp.status, resp.read()
+    except urllib.error.HTTPError as exc:
+        status, raw = exc.code, exc.read()
+    try:
+        return status, json.loads(raw)
+    except ValueError:
+        return status, raw.decode(errors="replace")
+
+
+def wait_until(
+    cond: Callable[[], bool], timeout_s: float, what: str, interval_s: float = 0.05
+) -> None:
+    """Poll `cond` until true; AssertionError naming `what` at the deadline."""
+    deadline = time.monotonic() + timeout_s
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s:g} s waiting for {what}")
+        time.sleep(interval_s)
+
+
+class ServerProcess:
+    """A `python -m pdserve <subcommand> ...` subprocess in its own process group.
+
+    `ready_urls` are polled until each answers 200; the process's output goes to a temp
+    file whose tail is shown when it dies or does not become ready in time.
+    """
+
+    def __init__(
+        self,
+        argv: Sequence[str],
+        ready_urls: Sequence[str],
+        env: dict[str, str] | None = None,
+        url: str | None = None,
+    ):
+        self.argv = [PYTHON, "-m", "pdserve", *argv]
+        self.ready_urls = list(ready_urls)
+        self.url = url or (self.ready_urls[0].rsplit("/", 1)[0] if self.ready_urls else "")
+        self.env = {
+            **os.environ,
+            "PYTHONPATH": str(REPO_ROOT),
+            "PYTHONUNBUFFERED": "1",
+            **(env or {}),
+        }
+        self.log = tempfile.NamedTemporaryFile(prefix="pdserve-test-", suffix=".log", delete=False)
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout_s: float = DEFAULT_START_TIMEOUT_S) -> ServerProcess:
+        self.proc = subprocess.Popen(
+            self.argv,
+            cwd=REPO_ROOT,
+            env=self.env,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + timeout_s
+        for url in self.ready_urls:
+            while http_status(url) != 200:
+                if self.proc.poll() is not None:
+                    self.stop()
+                    raise RuntimeError(
+                        f"{' '.join(self.argv[2:])} exited with {self.proc.returncode} before "
+                        f"{url} was ready:\n{self.output_tail()}"
+                    )
+                if time.monotonic() > deadline:
+                    tail = self.output_tail()
+                    self.stop()
+                    raise RuntimeError(f"{url} not ready within {timeout_s:g} s:\n{tail}")
+                time.sleep(0.1)
+        return self
+
+    @property
+    def pid(self) -> int | None:
+        return None if self.proc is None else self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def output(self) -> str:
+        return Path(self.log.name).read_text(errors="replace")
+
+    def output_tail(self, num_chars: int = 6000) -> str:
+        return self.output()[-num_chars:]
+
+    def signal_group(self, sig: int) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, sig)
+            except ProcessLookupError:
+                pass
+
+    def stop(self, timeout_s: float = 15.0) -> int | None:
+        """SIGTERM the process group, SIGKILL it at the deadline; returns the exit code."""
+        if self.proc is None:
+            return None
+        self.signal_group(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self.signal_group(signal.SIGKILL)
+            self.proc.wait(5.0)
+        # Workers in the group that outlived the leader: never leave them behind.
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        return self.proc.returncode
+
+    def __enter__(self) -> ServerProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+        try:
+            os.unlink(self.log.name)
+        except OSError:
+            pass
+
+
+def launch_server(
+    args: Sequence[str],
+    env: dict[str, str] | None = None,
+    timeout_s: float = DEFAULT_START_TIMEOUT_S,
+    port: int | None = None,
+    extra_ready_urls: Sequence[str] = (),
+    subcommand: str = "serve",
+) -> ServerProcess:
+    """Start `pdserve serve` on 127.0.0.1:`port` (free by default) with `args`; returns once
+    GET /health and every `extra_ready_urls` answer 200. Stop it with `.stop()` or `with`."""
+    port = port or free_port()
+    argv = [subcommand, "--host", "127.0.0.1", "--port", str(port), *args]
+    url = f"http://127.0.0.1:{port}"
+    server = ServerProcess(argv, [f"{url}/health", *extra_ready_urls], env=env, url=url)
+    return server.start(timeout_s)

@@ -1,0 +1,59 @@
+"""Incremental detokenization (pure): whole characters only, stop strings held back and trimmed."""
+
+from __future__ import annotations
+
+from pdserve.serving.detokenizer import IncrementalDetokenizer
+
+
+class ByteTokenizer:
+    """Token id = one byte, so multi-byte characters span several tokens."""
+
+    def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
+        return bytes(token_ids).decode("utf-8", errors="replace")
+
+
+def ids(text: str) -> list[int]:
+    return list(text.encode())
+
+
+def feed_one_by_one(detok: IncrementalDetokenizer, text: str) -> list[str]:
+    return [detok.add([t]) for t in ids(text)]
+
+
+def test_multibyte_characters_are_released_whole():
+    detok = IncrementalDetokenizer(ByteTokenizer())
+    pieces = feed_one_by_one(detok, "aé€")
+    assert "\ufffd" not in "".join(pieces)
+    assert "".join(pieces) + detok.finish() == "aé€"
+    assert pieces[1] == "" and pieces[2] == "é"  # é is two bytes: nothing after the first
+
+
+def test_stop_string_is_trimmed_and_never_streamed():
+    detok = IncrementalDetokenizer(ByteTokenizer(), stop=["STOP"])
+    streamed = "".join(feed_one_by_one(detok, "hello STOP and more"))
+    streamed += detok.finish()
+    assert detok.matched_stop == "STOP"
+    assert streamed == "hello "
+    assert detok.text == "hello "
+
+
+def test_no_stop_trim_keeps_the_stop_string():
+    detok = IncrementalDetokenizer(ByteTokenizer(), stop=["\n\n"], no_stop_trim=True)
+    streamed = "".join(feed_one_by_one(detok, "a\nb\n\nc")) + detok.finish()
+    assert streamed == "a\nb\n\n"
+
+
+def test_earliest_of_several_stop_strings_wins_across_chunks():
+    detok = IncrementalDetokenizer(ByteTokenizer(), stop=["xyz", "ab"])
+    detok.add(ids("12a"))
+    detok.add(ids("bxyz"))
+    assert detok.matched_stop == "ab"
+    assert detok.text == "12"
+
+
+def test_held_back_prefix_of_a_stop_is_released_when_ruled_out():
+    detok = IncrementalDetokenizer(ByteTokenizer(), stop=["STOP"])
+    assert detok.add(ids("abcST")) == "ab"  # "cST" might start "STOP"
+    assert detok.add(ids("ill")) == "cST"
+    assert detok.finish() == "ill"
+    assert detok.matched_stop is None
