@@ -1,0 +1,247 @@
+"""One attempt of a client request: both legs at once, decode's answer back to the client
+(router process). Raises LegError while nothing was sent, so the caller may retry."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import TYPE_CHECKING, Any
+
+import aiohttp
+import msgspec
+from aiohttp import web
+
+from pdserve.router.body import abort_rids, shape_bodies
+from pdserve.router.legs import (
+    LegError,
+    LegResult,
+    classify,
+    post,
+    read_first_events,
+    read_whole,
+    unless_failed,
+)
+from pdserve.router.merge import (
+    SSEBuffer,
+    StreamMerger,
+    merge_response,
+    prefill_prompt_fields,
+    sse_event,
+)
+from pdserve.router.pairing import Pair
+from pdserve.router.workers import Worker
+
+if TYPE_CHECKING:
+    from pdserve.router.proxy import Proxy
+
+SSE_HEADERS = {
+    "Content-Type": "text/event-stream",
+    "Cache-Control": "no-cache",
+    "X-Accel-Buffering": "no",
+}
+CLIENT_GONE = (ConnectionResetError, aiohttp.ClientConnectionResetError)
+
+
+class Attempt:
+    def __init__(
+        self,
+        proxy: Proxy,
+        request: web.Request,
+        route: str,
+        body: dict[str, Any],
+        pair: Pair,
+        prompt_tokens: int,
+    ):
+        self.proxy = proxy
+        self.request = request
+        self.route = route
+        self.body = body
+        self.pair = pair
+        self.prompt_tokens = prompt_tokens
+        self.stream = bool(body.get("stream"))
+        self.want_merge = route == "/generate" and bool(body.get("return_logprob"))
+        self.prefill_task: asyncio.Task[LegResult] | None = None
+        self.decode_resp: aiohttp.ClientResponse | None = None
+        self.decode_s = 0.0  # the decode leg's own time, for the added-latency metric
+        self._decode_started = 0.0
+        self._decode_done = False
+
+    @property
+    def decode(self) -> Worker:
+        return self.pair.decode
+
+    async def run(self) -> web.StreamResponse:
+        prefill_body, decode_body = (
+            shape_bodies(self.body, self.pair.plan) if self.pair.plan else (self.body, self.body)
+        )
+        decode_data = msgspec.json.encode(decode_body)
+        now = time.monotonic()
+        if self.pair.prefill is not None:
+            prefill_data = (
+                decode_data if prefill_body is decode_body else msgspec.json.encode(prefill_body)
+            )
+            self.pair.prefill.on_dispatch(now, self.prompt_tokens, self.pair.prefill_rank)
+            self.prefill_task = asyncio.create_task(self._prefill_leg(prefill_data))
+            # Its failure is handled through `unless_failed` or deliberately ignored once
+            # decode has answered; never leave it "unretrieved".
+            self.prefill_task.add_done_callback(_consume)
+        self.decode.on_dispatch(now, self.prompt_tokens, self.pair.decode_rank)
+        self.proxy.count_leg(self.decode)
+        self._decode_started = time.perf_counter()
+        try:
+            self.decode_resp = await unless_failed(
+                post(
+                    self.proxy.session, self.decode, self.route, decode_data, self.proxy.leg_timeout
+                ),
+                self.prefill_task,
+            )
+            if self.stream:
+                return await self._stream()
+            return await self._whole()
+        except LegError as err:
+            self._fail(err)
+            raise
+        except BaseException:  # the client went away (handler cancelled) or a bug
+            self._abandon("client_disconnect")
+            raise
+
+    async def _prefill_leg(self, data: bytes) -> LegResult:
+        worker = self.pair.prefill
+        assert worker is not None
+        self.proxy.count_leg(worker)
+        ok: bool | None = None
+        try:
+            resp = await post(self.proxy.session, worker, self.route, data, self.proxy.leg_timeout)
+            result = await read_whole(worker, resp, streamed=self.stream)
+            ok = True
+            return result
+        except LegError as err:
+            ok = False
+            self.proxy.count_leg_failure(worker, err.reason)
+            raise
+        finally:
+            worker.on_done(time.monotonic(), ok, self.pair.prefill_rank)
+
+    async def _prefill_result(self) -> LegResult | None:
+        """Prefill's whole answer (for its prompt logprobs), within the request deadline."""
+        task, worker = self.prefill_task, self.pair.prefill
+        if task is None or worker is None:
+            return None
+        try:
+            return await asyncio.wait_for(asyncio.shield(task), self.proxy.config.request_timeout_s)
+        except asyncio.TimeoutError:
+            raise LegError(
+                worker, 504, "no answer before the request deadline", "timeout", False
+            ) from None
+
+    async def _whole(self) -> web.Response:
+        assert self.decode_resp is not None
+        result = await unless_failed(
+            read_whole(self.decode, self.decode_resp, False), self.prefill_task
+        )
+        self.decode_s = time.perf_counter() - self._decode_started
+        body = result.body
+        if self.want_merge:
+            prefill = await self._prefill_result()
+            if prefill is not None:
+                body = merge_response(body, prefill_prompt_fields(prefill.body, prefill.streamed))
+        self._decode_finished(ok=True)
+        return web.Response(body=body, status=200, content_type="application/json")
+
+    async def _stream(self) -> web.StreamResponse:
+        resp = self.decode_resp
+        assert resp is not None
+        buf = SSEBuffer()
+        first = await unless_failed(read_first_events(self.decode, resp, buf), self.prefill_task)
+        merger = None
+        if self.want_merge:
+            prefill = await self._prefill_result()
+            if prefill is not None:
+                merger = StreamMerger(prefill_prompt_fields(prefill.body, prefill.streamed))
+        out = web.StreamResponse(status=200, headers=SSE_HEADERS)
+        try:
+            await out.prepare(self.request)  # committed: no retry from here on
+            head = b"".join(merger.process(e) if merger else e for e in first)
+            await out.write(head if merger else head + buf.rest())
+            await self._pump(resp, out, buf if merger else None, merger)
+        except CLIENT_GONE:
+            self._abandon("client_disconnect")
+        return out
+
+    async def _pump(
+        self,
+        resp: aiohttp.ClientResponse,
+        out: web.StreamResponse,
+        buf: SSEBuffer | None,
+        merger: StreamMerger | None,
+    ) -> None:
+        """Forward decode's bytes as they arrive. A decode failure now ends the client's
+        stream with an error event (there is nothing left to retry)."""
+        while True:
+            try:
+                data = await resp.content.readany()
+            except Exception as exc:  # noqa: BLE001
+                err = classify(self.decode, exc)
+                self._fail(err)
+                self.proxy.count_failure(self.route, err.reason)
+                await out.write(
+                    sse_event({"error": {"message": err.client_message, "code": err.status}})
+                )
+                return
+            if not data:
+                break
+            if buf is not None and merger is not None:
+                data = b"".join(merger.process(e) for e in buf.feed(data))
+            if data:
+                await out.write(data)
+        self.decode_s = time.perf_counter() - self._decode_started
+        if buf is not None and buf.rest():
+            await out.write(buf.rest())
+        self._decode_finished(ok=True)
+        await out.write_eof()
+
+    def _decode_finished(self, ok: bool | None) -> None:
+        if self._decode_done:
+            return
+        self._decode_done = True
+        if self.decode_resp is not None:
+            self.decode_resp.release() if ok else self.decode_resp.close()
+        self.decode.on_done(time.monotonic(), ok, self.pair.decode_rank)
+        if self.prefill_task is not None and not self.prefill_task.done():
+            if ok:  # prefill's answer no longer matters; let it end on its own
+                self.proxy.keep(self.prefill_task)
+
+    def _fail(self, err: LegError) -> None:
+        """A leg failed: stop the other one at once."""
+        if err.worker is self.decode:
+            self.proxy.count_leg_failure(self.decode, err.reason)
+            self._decode_finished(ok=False)
+            self._abort_prefill("decode_failed")
+        else:
+            self._decode_finished(ok=None)
+            self._abort_decode("prefill_failed")
+
+    def _abandon(self, cause: str) -> None:
+        if not self._decode_done:
+            self._decode_finished(ok=None)
+            self._abort_decode(cause)
+        self._abort_prefill(cause)
+
+    def _abort_prefill(self, cause: str) -> None:
+        task, worker = self.prefill_task, self.pair.prefill
+        if task is None or worker is None or task.done():
+            return
+        task.cancel()  # closes the connection: the server sees the client leave
+        self.proxy.abort_leg(worker, self._rids(), cause)
+
+    def _abort_decode(self, cause: str) -> None:
+        self.proxy.abort_leg(self.decode, self._rids(), cause)
+
+    def _rids(self) -> list[str]:
+        plan = self.pair.plan
+        return abort_rids(self.route, plan.rid, plan.num_seqs) if plan else []
+
+
+def _consume(task: asyncio.Task) -> None:
+    if not task.cancelled():
+        task.exception()

@@ -1,0 +1,146 @@
+"""Request bodies for the two legs (router process; pure).
+
+Adds `bootstrap_host/port/room` (lists, one per generated sequence, for batches), an `rid`
+so a leg can be aborted, and in DP-aware mode the ranks. Shapes follow SGLang's router so
+that servers see the same bodies from either router.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from pdserve.router.prefix_table import Prompt
+
+GENERATE = "/generate"
+COMPLETIONS = "/v1/completions"
+CHAT = "/v1/chat/completions"
+ROUTES = (GENERATE, COMPLETIONS, CHAT)
+# Rank fields the router owns in DP-aware mode; a client's values are replaced.
+RANK_FIELDS = ("routed_dp_rank", "data_parallel_rank", "disagg_prefill_dp_rank")
+
+
+class BadRequest(ValueError):
+    """The client's body cannot be routed (the router answers 400)."""
+
+
+def _batch_len(value: Any) -> int | None:
+    """Length of a batch field, or None when it holds one prompt (a string or token ids)."""
+    if not isinstance(value, list):
+        return None
+    if not value:
+        raise BadRequest("empty batch")
+    if isinstance(value[0], int):
+        return None
+    return len(value)
+
+
+def num_sequences(route: str, body: dict[str, Any]) -> int | None:
+    """Sequences this request generates when it is a batch (one room each), else None."""
+    n = body.get("n") if route != GENERATE else None
+    if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 1):
+        raise BadRequest(f"n must be a positive integer, got {n!r}")
+    if route == GENERATE:
+        if "text" in body:
+            return _batch_len(body["text"])
+        return _batch_len(body.get("input_ids"))
+    prompts = _batch_len(body.get("prompt")) if route == COMPLETIONS else None
+    if prompts is None:
+        return n if n and n > 1 else None
+    return prompts * (n or 1)
+
+
+def _first_prompt(value: Any) -> Prompt | None:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list) and value:
+        if isinstance(value[0], int):
+            return value
+        return _first_prompt(value[0])
+    return None
+
+
+def _message_text(messages: Any) -> str | None:
+    if not isinstance(messages, list):
+        return None
+    parts: list[str] = []
+    for message in messages:
+        content = message.get("content") if isinstance(message, dict) else None
+        if isinstance(content, list):  # multi-part content: keep the text parts
+            content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
+        parts.append(
+            f"{message.get('role', '')}:{content or ''}\n" if isinstance(message, dict) else ""
+        )
+    return "".join(parts)
+
+
+def prompt_of(route: str, body: dict[str, Any]) -> Prompt | None:
+    """The (first) prompt, for cache-aware routing and load estimates."""
+    if route == GENERATE:
+        return _first_prompt(body.get("text")) or _first_prompt(body.get("input_ids"))
+    if route == COMPLETIONS:
+        return _first_prompt(body.get("prompt"))
+    return _message_text(body.get("messages"))
+
+
+def estimate_tokens(prompt: Prompt | None, num_seqs: int | None) -> int:
+    """Rough prompt tokens of a request (text: ~4 characters per token)."""
+    if prompt is None:
+        return 0
+    per_seq = len(prompt) if not isinstance(prompt, str) else len(prompt) // 4 + 1
+    return per_seq * (num_seqs or 1)
+
+
+def new_rids(num_seqs: int | None) -> str | list[str]:
+    """One rid per generated sequence, so each can be aborted by name."""
+    if num_seqs is not None:
+        return [f"pdr-{uuid.uuid4().hex}" for _ in range(num_seqs)]
+    return f"pdr-{uuid.uuid4().hex}"
+
+
+@dataclass(frozen=True)
+class LegPlan:
+    """Everything the router decided for one attempt."""
+
+    bootstrap_host: str
+    bootstrap_port: int | None
+    rooms: list[int]
+    num_seqs: int | None
+    rid: str | list[str]
+    prefill_rank: int | None = None  # set in DP-aware mode
+    decode_rank: int | None = None
+
+
+def shape_bodies(body: dict[str, Any], plan: LegPlan) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(prefill body, decode body). They are the same object unless ranks differ."""
+    shared = dict(body)
+    if plan.num_seqs is None:
+        shared["bootstrap_host"] = plan.bootstrap_host
+        shared["bootstrap_port"] = plan.bootstrap_port
+        shared["bootstrap_room"] = plan.rooms[0]
+    else:
+        shared["bootstrap_host"] = [plan.bootstrap_host] * plan.num_seqs
+        shared["bootstrap_port"] = [plan.bootstrap_port] * plan.num_seqs
+        shared["bootstrap_room"] = list(plan.rooms)
+    shared["rid"] = plan.rid
+    if plan.prefill_rank is None:
+        return shared, shared
+    for key in RANK_FIELDS:
+        shared.pop(key, None)
+    p = plan.prefill_rank
+    prefill = {**shared, "routed_dp_rank": p, "disagg_prefill_dp_rank": p}
+    decode = {**shared, "disagg_prefill_dp_rank": p}
+    if plan.decode_rank is not None:
+        decode["routed_dp_rank"] = plan.decode_rank
+    return prefill, decode
+
+
+def abort_rids(route: str, rid: str | list[str], num_seqs: int | None) -> list[str]:
+    """The rids the server knows: on the OpenAI routes one client rid for several sequences
+    becomes `<rid>-<index>` there."""
+    if isinstance(rid, list):
+        return list(rid)
+    if route != GENERATE and num_seqs is not None and num_seqs > 1:
+        return [f"{rid}-{i}" for i in range(num_seqs)]
+    return [rid]

@@ -1,0 +1,85 @@
+"""`pdserve router`: the PD router's command line (runs in the router process)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+
+from pdserve.config import add_arguments, from_args
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    from pdserve.router.config import RouterConfig
+
+    parser = subparsers.add_parser(
+        "router",
+        help="route requests to prefill + decode servers (or plain workers)",
+        description="Picks one prefill and one decode server per request, adds the bootstrap "
+        "fields, sends the same body to both and streams decode's answer back.",
+    )
+    workers = parser.add_argument_group("workers")
+    workers.add_argument(
+        "--prefill",
+        action="append",
+        nargs="+",
+        default=[],
+        metavar=("URL", "BOOTSTRAP_PORT"),
+        help="a prefill server and, optionally, its bootstrap port "
+        "(repeatable; 'none' or no port sends bootstrap_port null)",
+    )
+    workers.add_argument(
+        "--decode", action="append", default=[], metavar="URL", help="a decode server (repeatable)"
+    )
+    workers.add_argument(
+        "--worker",
+        action="append",
+        default=[],
+        metavar="URL",
+        help="plain mode: a colocated server (repeatable; no PD fields added)",
+    )
+    parser.add_argument(
+        "--log-level", default="warning", choices=["debug", "info", "warning", "error"]
+    )
+    add_arguments(parser, RouterConfig)
+    parser.set_defaults(func=run)
+
+
+def worker_specs(ns: argparse.Namespace) -> tuple:
+    from pdserve.router.config import WorkerSpec
+
+    specs = []
+    for item in ns.prefill:
+        if len(item) > 2:
+            raise SystemExit(f"--prefill takes URL [BOOTSTRAP_PORT], got {item}")
+        port = item[1] if len(item) == 2 and item[1].lower() != "none" else None
+        specs.append(WorkerSpec(item[0], "prefill", int(port) if port is not None else None))
+    specs += [WorkerSpec(url, "decode") for url in ns.decode]
+    specs += [WorkerSpec(url, "regular") for url in ns.worker]
+    return tuple(specs)
+
+
+def run(ns: argparse.Namespace) -> int:
+    from pdserve.router.config import RouterConfig
+    from pdserve.router.server import serve
+
+    logging.basicConfig(
+        level=ns.log_level.upper(), format="%(asctime)s router %(levelname)s %(message)s"
+    )
+    try:
+        config = from_args(RouterConfig, ns, workers=worker_specs(ns))
+    except ValueError as exc:
+        raise SystemExit(f"pdserve router: {exc}") from exc
+    if not config.workers:
+        raise SystemExit(
+            "pdserve router: give --prefill and --decode (or --worker); workers "
+            "can also be added later with POST /workers"
+        )
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+    asyncio.run(serve(config))
+    return 0

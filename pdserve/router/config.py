@@ -1,0 +1,152 @@
+"""Options of the PD router (`pdserve router`), one frozen dataclass; the CLI is generated
+from it. Worker lists are given by hand-written flags (`--prefill URL [PORT]`)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Literal
+from urllib.parse import urlsplit
+
+from pdserve.config import check, opt
+
+POLICIES = ["round_robin", "random", "power_of_two", "cache_aware"]
+Role = Literal["prefill", "decode", "regular"]
+ROLES = ("prefill", "decode", "regular")
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """One server the router sends to. `bootstrap_port` is None when not given: the router
+    then sends `bootstrap_port: null` and the decode server uses its own default."""
+
+    url: str
+    role: Role
+    bootstrap_port: int | None = None
+
+    def __post_init__(self) -> None:
+        parts = urlsplit(self.url)
+        check(
+            parts.scheme in ("http", "https") and bool(parts.hostname),
+            f"worker URL must look like http://host:port, got {self.url!r}",
+        )
+        check(self.role in ROLES, f"worker role must be one of {ROLES}, got {self.role!r}")
+        check(
+            self.bootstrap_port is None or 0 < self.bootstrap_port < 65536,
+            f"bootstrap port out of range: {self.bootstrap_port}",
+        )
+        check(
+            self.role == "prefill" or self.bootstrap_port is None,
+            "only prefill workers have a bootstrap port",
+        )
+        object.__setattr__(self, "url", self.url.rstrip("/"))
+
+    @property
+    def host(self) -> str:
+        return urlsplit(self.url).hostname or ""
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    # Filled from --prefill/--decode/--worker (hand-written flags, see router/cli.py).
+    workers: tuple[WorkerSpec, ...] = dataclasses.field(default=())
+
+    host: str = opt("127.0.0.1", "address the router listens on")
+    port: int = opt(30000, "HTTP port of the router")
+    policy: str = opt("round_robin", "worker choice policy for both roles", choices=POLICIES)
+    prefill_policy: str | None = opt(
+        None, "policy for prefill servers; unset: --policy", choices=POLICIES
+    )
+    decode_policy: str | None = opt(
+        None, "policy for decode servers; unset: --policy", choices=POLICIES
+    )
+    dp_aware: bool = opt(
+        False,
+        "pick DP ranks too: set routed_dp_rank and "
+        "disagg_prefill_dp_rank so no server-side rank query is needed",
+    )
+    align_room: bool = opt(
+        False,
+        "draw each room so that room %% prefill_dp_size == the "
+        "chosen prefill rank (keeps follow_bootstrap_room's fast path)",
+    )
+    cache_threshold: float = opt(
+        0.5,
+        "cache_aware: minimum fraction of the prompt matched on one worker for the match to decide",
+    )
+    balance_abs_threshold: int = opt(
+        256,
+        "cache_aware: ignore prefixes and balance when the "
+        "load spread exceeds this many tokens ...",
+    )
+    balance_rel_threshold: float = opt(
+        1.5, "... and the busiest worker has this many times the idlest's load"
+    )
+    prefix_table_blocks: int = opt(65536, "cache_aware: most prompt blocks remembered (LRU)")
+    prefix_block_len: int = opt(16, "cache_aware: characters (or token ids) per prompt block")
+    load_refresh_interval_s: float = opt(1.0, "period of GET /get_load on every worker")
+    health_check_interval_s: float = opt(2.0, "period of GET /health on every worker")
+    health_check_timeout_s: float = opt(2.0, "deadline of one health check")
+    health_failure_threshold: int = opt(2, "failed checks in a row that take a worker out")
+    health_success_threshold: int = opt(1, "passed checks in a row that bring it back")
+    max_retries: int = opt(3, "extra attempts (new pair, new rooms) while nothing was sent")
+    retry_backoff_s: float = opt(0.05, "wait before retry k: retry_backoff_s * 2**(k-1)")
+    cb_failure_threshold: int = opt(
+        5, "request failures in a row that open a worker's circuit breaker"
+    )
+    cb_success_threshold: int = opt(2, "successes in half-open state that close it")
+    cb_open_s: float = opt(10.0, "how long an open breaker keeps the worker out")
+    connect_timeout_s: float = opt(5.0, "deadline to connect to a worker")
+    request_timeout_s: float = opt(600.0, "deadline of one attempt, streaming included")
+    abort_timeout_s: float = opt(2.0, "deadline of POST /abort_request to a worker")
+    startup_timeout_s: float = opt(
+        600.0,
+        "deadline for a worker given at start or added via POST /workers to answer /server_info",
+    )
+    prometheus_host: str = opt("127.0.0.1", "address of the separate metrics listener")
+    prometheus_port: int | None = opt(
+        None, "also serve /metrics on this port (it is always served on the main port)"
+    )
+
+    def __post_init__(self) -> None:
+        check(0 < self.port < 65536, f"--port out of range: {self.port}")
+        roles = {w.role for w in self.workers}
+        check(
+            "regular" not in roles or roles == {"regular"},
+            "--worker (plain mode) cannot be mixed with --prefill/--decode",
+        )
+        check(len({w.url for w in self.workers}) == len(self.workers), "duplicate worker URL")
+        check(0.0 <= self.cache_threshold <= 1.0, "--cache-threshold must be in [0, 1]")
+        check(
+            self.prefix_block_len > 0 and self.prefix_table_blocks > 0,
+            "prefix table sizes must be > 0",
+        )
+        check(self.max_retries >= 0, "--max-retries must be >= 0")
+        check(
+            min(
+                self.health_failure_threshold,
+                self.health_success_threshold,
+                self.cb_failure_threshold,
+                self.cb_success_threshold,
+            )
+            >= 1,
+            "thresholds must be >= 1",
+        )
+        for name in (
+            "load_refresh_interval_s",
+            "health_check_interval_s",
+            "health_check_timeout_s",
+            "connect_timeout_s",
+            "request_timeout_s",
+            "abort_timeout_s",
+            "startup_timeout_s",
+            "cb_open_s",
+        ):
+            check(getattr(self, name) > 0, f"{name} must be > 0")
+
+    def policy_for(self, role: Role) -> str:
+        if role == "prefill" and self.prefill_policy:
+            return self.prefill_policy
+        if role == "decode" and self.decode_policy:
+            return self.decode_policy
+        return self.policy

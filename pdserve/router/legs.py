@@ -1,0 +1,186 @@
+"""One leg of a request: POST to a worker, classify its failure, abort it (router process)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable
+from dataclasses import dataclass
+from typing import TypeVar
+
+import aiohttp
+
+from pdserve.router.merge import SSEBuffer, error_message, event_error, event_json
+from pdserve.router.workers import Worker
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+JSON_HEADERS = {"Content-Type": "application/json"}
+
+
+class LegError(Exception):
+    """A leg failed. `status` is what the client gets; `retryable` whether a new pair may
+    succeed (connect errors, disconnects, 408/429/5xx)."""
+
+    def __init__(self, worker: Worker, status: int, message: str, reason: str, retryable: bool):
+        super().__init__(f"{worker.role} {worker.url}: {message}")
+        self.worker = worker
+        self.status = status
+        self.message = message
+        self.reason = reason
+        self.retryable = retryable
+
+    @property
+    def client_message(self) -> str:
+        return f"{self.worker.role} server {self.worker.url} failed: {self.message}"
+
+
+def retryable_status(status: int) -> bool:
+    return status in (408, 429) or status >= 500
+
+
+def classify(worker: Worker, exc: BaseException) -> LegError:
+    """A client-library exception as a LegError."""
+    if isinstance(exc, LegError):
+        return exc
+    if isinstance(exc, aiohttp.ConnectionTimeoutError):
+        return LegError(worker, 502, f"connect timed out: {exc}", "connect_timeout", True)
+    if isinstance(exc, (asyncio.TimeoutError, aiohttp.ServerTimeoutError)):
+        return LegError(worker, 504, "no answer before the request deadline", "timeout", False)
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return LegError(worker, 502, f"cannot connect: {exc.os_error}", "connect", True)
+    if isinstance(
+        exc,
+        (
+            aiohttp.ServerDisconnectedError,
+            aiohttp.ClientPayloadError,
+            aiohttp.ClientOSError,
+            ConnectionError,
+        ),
+    ):
+        return LegError(worker, 502, f"connection lost: {exc!r}", "disconnected", True)
+    return LegError(worker, 502, f"{type(exc).__name__}: {exc}", "client_error", True)
+
+
+async def http_error(worker: Worker, resp: aiohttp.ClientResponse) -> LegError:
+    try:
+        body = await resp.read()
+    except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        body = repr(exc).encode()
+    status = resp.status
+    return LegError(
+        worker,
+        status,
+        f"HTTP {status}: {error_message(body, status)}",
+        f"http_{status}",
+        retryable_status(status),
+    )
+
+
+def stream_event_error(worker: Worker, obj: object) -> LegError | None:
+    """An in-stream `{"error": ...}` event as a LegError (status from its `code`, else 500)."""
+    message = event_error(obj)
+    if message is None:
+        return None
+    err = obj.get("error") if isinstance(obj, dict) else None
+    code = err.get("code") if isinstance(err, dict) else None
+    status = code if isinstance(code, int) and 400 <= code < 600 else 500
+    return LegError(worker, status, message, f"stream_{status}", retryable_status(status))
+
+
+@dataclass
+class LegResult:
+    body: bytes
+    streamed: bool
+
+
+async def post(
+    session: aiohttp.ClientSession,
+    worker: Worker,
+    route: str,
+    data: bytes,
+    timeout: aiohttp.ClientTimeout,
+) -> aiohttp.ClientResponse:
+    """Open the leg; raises LegError unless the head says 200."""
+    try:
+        resp = await session.post(
+            worker.url + route, data=data, headers=JSON_HEADERS, timeout=timeout
+        )
+    except Exception as exc:  # noqa: BLE001 - every client failure becomes a LegError
+        raise classify(worker, exc) from exc
+    if resp.status != 200:
+        try:
+            raise await http_error(worker, resp)
+        finally:
+            resp.release()
+    return resp
+
+
+async def read_whole(worker: Worker, resp: aiohttp.ClientResponse, streamed: bool) -> LegResult:
+    """Read an opened leg to its end; in-stream error events count as failures."""
+    try:
+        body = await resp.read()
+    except Exception as exc:  # noqa: BLE001
+        raise classify(worker, exc) from exc
+    finally:
+        resp.release()
+    if streamed:
+        for event in SSEBuffer().feed(body + b"\n\n"):
+            err = stream_event_error(worker, event_json(event))
+            if err is not None:
+                raise err
+    return LegResult(body, streamed)
+
+
+async def read_first_events(
+    worker: Worker, resp: aiohttp.ClientResponse, buf: SSEBuffer
+) -> list[bytes]:
+    """Wait for the first whole event of a streamed leg (the point of no return)."""
+    while True:
+        try:
+            data = await resp.content.readany()
+        except Exception as exc:  # noqa: BLE001
+            raise classify(worker, exc) from exc
+        if not data:
+            raise LegError(worker, 502, "stream ended before any event", "empty_stream", True)
+        events = buf.feed(data)
+        if events:
+            err = stream_event_error(worker, event_json(events[0]))
+            if err is not None:
+                raise err
+            return events
+
+
+async def unless_failed(main: Awaitable[T], watch: asyncio.Task | None) -> T:
+    """Await `main`, but raise `watch`'s error as soon as `watch` fails first (and cancel
+    `main`). A `watch` that succeeds or is cancelled is ignored."""
+    main_task = asyncio.ensure_future(main)
+    if watch is not None and not watch.done():
+        try:
+            await asyncio.wait({main_task, watch}, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            main_task.cancel()
+            raise
+    if main_task.done() and not main_task.cancelled() and main_task.exception() is None:
+        return main_task.result()
+    if watch is not None and watch.done() and not watch.cancelled() and watch.exception():
+        main_task.cancel()
+        raise watch.exception()  # type: ignore[misc]
+    return await main_task
+
+
+async def abort(
+    session: aiohttp.ClientSession, worker: Worker, rids: list[str], timeout_s: float
+) -> None:
+    """Best effort: ask the worker to drop these requests; never raises."""
+    timeout = aiohttp.ClientTimeout(total=timeout_s)
+    for rid in rids:
+        try:
+            async with session.post(
+                worker.url + "/abort_request", json={"rid": rid}, timeout=timeout
+            ) as resp:
+                await resp.read()
+        except Exception as exc:  # noqa: BLE001
+            log.warning("abort of %s on %s failed: %r", rid, worker.url, exc)
+            return

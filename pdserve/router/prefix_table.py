@@ -1,0 +1,70 @@
+"""Which worker recently served which prompt prefix (router process; pure).
+
+A hashed radix tree at block granularity: a prompt (text or token ids) is cut into blocks
+of `block_len`; block i is keyed by a hash chained over blocks 0..i, so a key stands for a
+whole prefix. Each key maps to the workers that served that prefix. Once more than
+`max_blocks` keys are stored, the least recently used go first.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Sequence
+
+Prompt = str | Sequence[int]
+
+
+def prefix_keys(prompt: Prompt, block_len: int) -> list[int]:
+    """One key per whole block; a trailing partial block is not remembered."""
+    keys: list[int] = []
+    key = 0
+    for start in range(0, len(prompt) - block_len + 1, block_len):
+        block = prompt[start : start + block_len]
+        key = hash((key, block if isinstance(block, str) else tuple(block)))
+        keys.append(key)
+    return keys
+
+
+class PrefixTable:
+    def __init__(self, block_len: int, max_blocks: int):
+        self.block_len = block_len
+        self.max_blocks = max_blocks
+        self._owners: OrderedDict[int, set[str]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._owners)
+
+    def match(self, prompt: Prompt, candidates: Sequence[str]) -> dict[str, int]:
+        """For each candidate URL: how many leading prompt elements it has served."""
+        matched = dict.fromkeys(candidates, 0)
+        alive = set(candidates)
+        for i, key in enumerate(prefix_keys(prompt, self.block_len)):
+            owners = self._owners.get(key)
+            if owners is None:
+                break
+            alive &= owners
+            if not alive:
+                break
+            for url in alive:
+                matched[url] = (i + 1) * self.block_len
+        return matched
+
+    def insert(self, prompt: Prompt, url: str) -> None:
+        # Deepest block first, so a prefix is always fresher than its extensions and LRU
+        # eviction trims leaves before the shared stem (a lost stem would orphan its leaves).
+        for key in reversed(prefix_keys(prompt, self.block_len)):
+            owners = self._owners.get(key)
+            if owners is None:
+                self._owners[key] = {url}
+            else:
+                owners.add(url)
+                self._owners.move_to_end(key)
+        while len(self._owners) > self.max_blocks:
+            self._owners.popitem(last=False)
+
+    def forget_worker(self, url: str) -> None:
+        for key in [k for k, owners in self._owners.items() if url in owners]:
+            owners = self._owners[key]
+            owners.discard(url)
+            if not owners:
+                del self._owners[key]

@@ -1,0 +1,135 @@
+"""The router's view of its workers: role, bootstrap port, DP size, health, breaker, load
+(router process; pure: the shell feeds it check results, loads and request outcomes)."""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+from dataclasses import dataclass, field
+
+from pdserve.router.config import Role, RouterConfig, WorkerSpec
+from pdserve.router.health import CircuitBreaker, HealthState
+
+
+@dataclass
+class Worker:
+    spec: WorkerSpec
+    health: HealthState
+    breaker: CircuitBreaker
+    dp_size: int = 1
+    # Last /get_load answer, one entry per DP rank (tokens held by running + waiting requests).
+    reported_tokens: list[int] = field(default_factory=list)
+    # Prompt tokens the router sent since that answer: the report cannot include them yet.
+    tokens_since_report: int = 0
+    in_flight: int = 0
+    in_flight_per_rank: list[int] = field(default_factory=lambda: [0])
+    _next_rank: int = 0
+
+    @property
+    def url(self) -> str:
+        return self.spec.url
+
+    @property
+    def role(self) -> Role:
+        return self.spec.role
+
+    def available(self, now: float) -> bool:
+        return self.health.healthy and self.breaker.allows(now)
+
+    def load(self) -> int:
+        """Estimated tokens on the server now."""
+        return sum(self.reported_tokens) + self.tokens_since_report
+
+    def set_dp_size(self, dp_size: int) -> None:
+        if dp_size < 1:
+            raise ValueError(f"{self.url}: dp_size must be >= 1, got {dp_size}")
+        self.dp_size = dp_size
+        self.in_flight_per_rank = [0] * dp_size
+        self._next_rank = 0
+
+    def set_reported_load(self, tokens_per_rank: list[int]) -> None:
+        self.reported_tokens = list(tokens_per_rank)
+        self.tokens_since_report = 0
+
+    def choose_rank(self) -> int:
+        """The DP rank with the fewest requests in flight from this router, then the least
+        reported tokens; ties rotate so an idle server's ranks are used in turn."""
+        n = self.dp_size
+        reported = self.reported_tokens if len(self.reported_tokens) == n else [0] * n
+        order = [(self._next_rank + i) % n for i in range(n)]
+        rank = min(order, key=lambda r: (self.in_flight_per_rank[r], reported[r]))
+        self._next_rank = (rank + 1) % n
+        return rank
+
+    def on_dispatch(self, now: float, prompt_tokens: int, rank: int | None) -> None:
+        self.breaker.on_dispatch(now)
+        self.in_flight += 1
+        self.tokens_since_report += prompt_tokens
+        if rank is not None and rank < len(self.in_flight_per_rank):
+            self.in_flight_per_rank[rank] += 1
+
+    def on_done(self, now: float, ok: bool | None, rank: int | None) -> None:
+        """`ok` None: ended without a verdict on this worker (aborted because of its peer)."""
+        self.in_flight = max(0, self.in_flight - 1)
+        if rank is not None and rank < len(self.in_flight_per_rank):
+            self.in_flight_per_rank[rank] = max(0, self.in_flight_per_rank[rank] - 1)
+        if ok is None:
+            self.breaker.release()
+        else:
+            self.breaker.record(ok, now)
+
+    def describe(self, now: float) -> dict:
+        return {
+            "url": self.url,
+            "role": self.role,
+            "bootstrap_port": self.spec.bootstrap_port,
+            "dp_size": self.dp_size,
+            "healthy": self.health.healthy,
+            "circuit": self.breaker.state.value,
+            "available": self.available(now),
+            "in_flight": self.in_flight,
+            "load_tokens": self.load(),
+        }
+
+
+class WorkerRegistry:
+    """All workers by URL. Order of insertion is kept: round robin walks it."""
+
+    def __init__(self, config: RouterConfig):
+        self.config = config
+        self._workers: dict[str, Worker] = {}
+
+    def new_worker(self, spec: WorkerSpec, dp_size: int = 1, healthy: bool = False) -> Worker:
+        c = self.config
+        worker = Worker(
+            spec=spec,
+            health=HealthState(c.health_failure_threshold, c.health_success_threshold, healthy),
+            breaker=CircuitBreaker(c.cb_failure_threshold, c.cb_success_threshold, c.cb_open_s),
+        )
+        worker.set_dp_size(dp_size)
+        return worker
+
+    def add(self, worker: Worker) -> None:
+        if worker.url in self._workers:
+            raise ValueError(f"worker {worker.url} is already registered")
+        self._workers[worker.url] = worker
+
+    def remove(self, url: str) -> Worker | None:
+        return self._workers.pop(url.rstrip("/"), None)
+
+    def get(self, url: str) -> Worker | None:
+        return self._workers.get(url.rstrip("/"))
+
+    def all(self) -> list[Worker]:
+        return list(self._workers.values())
+
+    def by_role(self, role: Role) -> list[Worker]:
+        return [w for w in self._workers.values() if w.role == role]
+
+    def available(self, role: Role, now: float, exclude: Collection[str] = ()) -> list[Worker]:
+        return [w for w in self.by_role(role) if w.available(now) and w.url not in exclude]
+
+    def ready(self, now: float) -> bool:
+        """At least one healthy worker for every role the router needs."""
+        if self.by_role("regular"):
+            return bool(self.available("regular", now))
+        return bool(self.available("prefill", now)) and bool(self.available("decode", now))

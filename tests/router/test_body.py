@@ -1,0 +1,106 @@
+"""Pure cores: batch sizes, prompts, and the bodies sent to each leg."""
+
+import pytest
+
+from pdserve.router.body import (
+    CHAT,
+    COMPLETIONS,
+    GENERATE,
+    BadRequest,
+    LegPlan,
+    abort_rids,
+    new_rids,
+    num_sequences,
+    prompt_of,
+    shape_bodies,
+)
+
+
+@pytest.mark.parametrize(
+    ("route", "body", "expected"),
+    [
+        (GENERATE, {"text": "hi"}, None),
+        (GENERATE, {"text": ["a", "b", "c"]}, 3),
+        (GENERATE, {"input_ids": [1, 2, 3]}, None),
+        (GENERATE, {"input_ids": [[1, 2], [3]]}, 2),
+        (GENERATE, {"text": "hi", "n": 4}, None),  # native n is not a batch
+        (COMPLETIONS, {"prompt": "hi"}, None),
+        (COMPLETIONS, {"prompt": [5, 6, 7]}, None),
+        (COMPLETIONS, {"prompt": ["a", "b"]}, 2),
+        (COMPLETIONS, {"prompt": ["a", "b"], "n": 3}, 6),  # one room per sequence
+        (COMPLETIONS, {"prompt": "a", "n": 2}, 2),
+        (CHAT, {"messages": [{"role": "user", "content": "x"}]}, None),
+        (CHAT, {"messages": [], "n": 1}, None),
+        (CHAT, {"messages": [], "n": 3}, 3),
+    ],
+)
+def test_num_sequences_per_route(route, body, expected):
+    assert num_sequences(route, body) == expected
+
+
+@pytest.mark.parametrize("body", [{"text": []}, {"input_ids": []}])
+def test_empty_batches_are_rejected(body):
+    with pytest.raises(BadRequest):
+        num_sequences(GENERATE, body)
+
+
+def test_bad_n_is_rejected():
+    with pytest.raises(BadRequest):
+        num_sequences(CHAT, {"messages": [], "n": 0})
+
+
+def test_prompt_of_each_route():
+    assert prompt_of(GENERATE, {"text": ["first", "second"]}) == "first"
+    assert prompt_of(GENERATE, {"input_ids": [[4, 5], [6]]}) == [4, 5]
+    assert prompt_of(COMPLETIONS, {"prompt": "p"}) == "p"
+    messages = [
+        {"role": "system", "content": "s"},
+        {"role": "user", "content": [{"type": "text", "text": "u"}]},
+    ]
+    assert prompt_of(CHAT, {"messages": messages}) == "system:s\nuser:u\n"
+
+
+def plan(num_seqs=None, rooms=(7,), prefill_rank=None, decode_rank=None):
+    return LegPlan("10.0.0.5", 8998, list(rooms), num_seqs, "rid-1", prefill_rank, decode_rank)
+
+
+def test_single_request_gets_scalar_fields_and_one_shared_body():
+    body = {"text": "hi", "bootstrap_room": 123, "sampling_params": {"temperature": 0}}
+    prefill, decode = shape_bodies(body, plan())
+    assert prefill is decode
+    assert prefill["bootstrap_host"] == "10.0.0.5" and prefill["bootstrap_port"] == 8998
+    assert prefill["bootstrap_room"] == 7  # the client's room is replaced
+    assert prefill["rid"] == "rid-1" and prefill["sampling_params"] == {"temperature": 0}
+    assert body["bootstrap_room"] == 123  # the client's body is not mutated
+
+
+def test_batch_gets_one_room_per_item_and_lists_for_host_and_port():
+    prefill, _ = shape_bodies({"text": ["a", "b"]}, plan(num_seqs=2, rooms=(1, 2)))
+    assert prefill["bootstrap_room"] == [1, 2]
+    assert prefill["bootstrap_host"] == ["10.0.0.5"] * 2
+    assert prefill["bootstrap_port"] == [8998, 8998]
+
+
+def test_null_bootstrap_port_is_sent_as_null():
+    p = LegPlan("h", None, [3], None, "r")
+    prefill, _ = shape_bodies({"text": "x"}, p)
+    assert "bootstrap_port" in prefill and prefill["bootstrap_port"] is None
+
+
+def test_dp_aware_bodies_carry_the_ranks_and_differ():
+    body = {"text": "x", "data_parallel_rank": 5}
+    prefill, decode = shape_bodies(body, plan(prefill_rank=1, decode_rank=3))
+    assert prefill["routed_dp_rank"] == 1 and prefill["disagg_prefill_dp_rank"] == 1
+    assert decode["routed_dp_rank"] == 3 and decode["disagg_prefill_dp_rank"] == 1
+    assert "data_parallel_rank" not in prefill and "data_parallel_rank" not in decode
+    assert prefill["bootstrap_room"] == decode["bootstrap_room"] == 7
+
+
+def test_generated_rids_name_every_sequence():
+    assert len(new_rids(3)) == 3 and isinstance(new_rids(None), str)
+
+
+def test_abort_targets_the_rids_the_server_derives():
+    assert abort_rids(CHAT, "r", 2) == ["r-0", "r-1"]
+    assert abort_rids(GENERATE, ["a", "b"], 2) == ["a", "b"]
+    assert abort_rids(COMPLETIONS, "r", None) == ["r"]

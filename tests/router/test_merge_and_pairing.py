@@ -1,0 +1,146 @@
+"""Pure cores: reading worker answers, merging prompt logprobs, choosing a pair and rooms."""
+
+import json
+import random
+
+import pytest
+
+from pdserve.router.config import RouterConfig, WorkerSpec
+from pdserve.router.merge import (
+    SSEBuffer,
+    StreamMerger,
+    error_message,
+    merge_response,
+    prefill_prompt_fields,
+)
+from pdserve.router.pairing import NoWorker, PairChooser
+from pdserve.router.workers import WorkerRegistry
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        (b'{"error": {"message": "room in flight", "code": 400}}', "room in flight"),
+        (b'{"error": "plain string"}', "plain string"),
+        (b'{"detail": "fastapi style"}', "fastapi style"),
+        (b"Internal Server Error", "Internal Server Error"),
+        (b"", "HTTP 502"),
+    ],
+)
+def test_error_message_of_every_shape(body, expected):
+    assert error_message(body, 502) == expected
+
+
+def test_sse_buffer_reassembles_events_split_anywhere():
+    stream = b'data: {"a": 1}\n\ndata: {"a": 2}\n\ndata: [DONE]\n\n'
+    for cut in range(1, len(stream)):
+        buf = SSEBuffer()
+        events = buf.feed(stream[:cut]) + buf.feed(stream[cut:])
+        assert events == [b'data: {"a": 1}\n\n', b'data: {"a": 2}\n\n', b"data: [DONE]\n\n"]
+        assert buf.rest() == b""
+
+
+def answer(prompt_lps, index=None):
+    out = {
+        "text": "x",
+        "meta_info": {
+            "input_token_logprobs": prompt_lps,
+            "output_token_logprobs": [[-0.1, 5, None]],
+        },
+    }
+    if index is not None:
+        out["index"] = index
+    return out
+
+
+def test_prefill_prompt_logprobs_go_in_front_for_single_and_batch():
+    prefill = json.dumps(answer([[None, 1, None], [-1.5, 2, None]])).encode()
+    fields = prefill_prompt_fields(prefill, streamed=False)
+    merged = json.loads(merge_response(json.dumps(answer([])).encode(), fields))
+    assert merged["meta_info"]["input_token_logprobs"] == [[None, 1, None], [-1.5, 2, None]]
+    assert merged["meta_info"]["output_token_logprobs"] == [[-0.1, 5, None]]
+
+    batch = json.dumps([answer([[None, 1, None]]), answer([[None, 7, None]])]).encode()
+    merged = json.loads(
+        merge_response(
+            json.dumps([answer([]), answer([])]).encode(),
+            prefill_prompt_fields(batch, streamed=False),
+        )
+    )
+    assert [m["meta_info"]["input_token_logprobs"][0][1] for m in merged] == [1, 7]
+
+
+def test_answers_without_logprobs_pass_through_unchanged():
+    body = b'{"text": "x", "meta_info": {"id": "r"}}'
+    assert merge_response(body, {0: {"input_token_logprobs": [[None, 1, None]]}}) == body
+    assert merge_response(body, {}) is body
+
+
+def test_streamed_events_get_prefill_fields_by_batch_index():
+    prefill = (
+        b"".join(
+            b"data: " + json.dumps(answer([[None, tok, None]], index=i)).encode() + b"\n\n"
+            for i, tok in ((0, 10), (1, 11))
+        )
+        + b"data: [DONE]\n\n"
+    )
+    merger = StreamMerger(prefill_prompt_fields(prefill, streamed=True))
+    for index, tok in ((1, 11), (0, 10), (1, 11)):  # every event, in any order
+        event = b"data: " + json.dumps(answer([], index=index)).encode() + b"\n\n"
+        merged = json.loads(merger.process(event)[6:])
+        assert merged["meta_info"]["input_token_logprobs"] == [[None, tok, None]]
+    assert merger.process(b"data: [DONE]\n\n") == b"data: [DONE]\n\n"
+
+
+def registry_with(config, prefill_dp=1, decode_dp=1, healthy=True):
+    registry = WorkerRegistry(config)
+    p = registry.new_worker(
+        WorkerSpec("http://10.0.0.1:30000", "prefill", 8998), dp_size=prefill_dp, healthy=healthy
+    )
+    d = registry.new_worker(
+        WorkerSpec("http://10.0.0.2:30001", "decode"), dp_size=decode_dp, healthy=healthy
+    )
+    registry.add(p)
+    registry.add(d)
+    return registry
+
+
+def test_align_room_draws_rooms_on_the_chosen_prefill_rank():
+    config = RouterConfig(align_room=True)
+    registry = registry_with(config, prefill_dp=3)
+    chooser = PairChooser(config, registry, random.Random(0))
+    seen = set()
+    for _ in range(300):
+        pair = chooser.choose("/generate", {"text": ["a", "b"]}, 2, "a", now=0.0)
+        assert pair.plan.prefill_rank is None  # align-room alone sets no rank field
+        assert all(room % 3 == pair.prefill_rank for room in pair.plan.rooms)
+        seen.add(pair.prefill_rank)
+    assert seen == {0, 1, 2}
+
+
+def test_dp_aware_plan_names_both_ranks_and_the_prefill_bootstrap():
+    config = RouterConfig(dp_aware=True)
+    registry = registry_with(config, prefill_dp=2, decode_dp=4)
+    chooser = PairChooser(config, registry, random.Random(0))
+    pair = chooser.choose("/v1/chat/completions", {"messages": []}, None, None, now=0.0)
+    plan = pair.plan
+    assert plan.prefill_rank in (0, 1) and plan.decode_rank in range(4)
+    assert (plan.bootstrap_host, plan.bootstrap_port) == ("10.0.0.1", 8998)
+    assert isinstance(plan.rid, str) and plan.rid.startswith("pdr-")
+    assert pair.prefill.url.endswith(":30000") and pair.decode.url.endswith(":30001")
+
+
+def test_no_healthy_worker_is_a_clear_error_and_a_failed_worker_is_avoided():
+    config = RouterConfig()
+    with pytest.raises(NoWorker, match="no healthy prefill server"):
+        PairChooser(config, registry_with(config, healthy=False), random.Random(0)).choose(
+            "/generate", {"text": "x"}, None, "x", now=0.0
+        )
+    registry = registry_with(config)
+    registry.add(registry.new_worker(WorkerSpec("http://10.0.0.3:30000", "prefill"), healthy=True))
+    chooser = PairChooser(config, registry, random.Random(0))
+    for _ in range(4):
+        pair = chooser.choose(
+            "/generate", {"text": "x"}, None, "x", 0.0, avoid={"http://10.0.0.1:30000"}
+        )
+        assert pair.prefill.url == "http://10.0.0.3:30000"

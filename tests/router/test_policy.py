@@ -1,0 +1,112 @@
+"""Pure cores: worker choice policies, the prefix table, DP rank choice."""
+
+import random
+
+from pdserve.router.config import RouterConfig, WorkerSpec
+from pdserve.router.policy import CacheAware, PowerOfTwo, RoundRobin
+from pdserve.router.prefix_table import PrefixTable
+from pdserve.router.workers import WorkerRegistry
+
+
+def make_workers(n, config=None, role="prefill"):
+    registry = WorkerRegistry(config or RouterConfig())
+    workers = [
+        registry.new_worker(WorkerSpec(f"http://127.0.0.1:{9000 + i}", role), healthy=True)
+        for i in range(n)
+    ]
+    return workers
+
+
+def test_round_robin_cycles_through_workers():
+    workers = make_workers(3)
+    policy = RoundRobin()
+    assert [policy.choose(workers, None).url[-4:] for _ in range(6)] == [
+        "9000",
+        "9001",
+        "9002",
+        "9000",
+        "9001",
+        "9002",
+    ]
+
+
+def test_power_of_two_prefers_the_less_loaded_of_the_two_it_samples():
+    a, b = make_workers(2)
+    a.set_reported_load([500])
+    b.set_reported_load([10, 20])
+    policy = PowerOfTwo(random.Random(0))
+    assert all(policy.choose([a, b], None) is b for _ in range(20))
+
+
+def test_tokens_sent_since_the_last_report_count_as_load():
+    a, b = make_workers(2)
+    a.set_reported_load([100])
+    b.set_reported_load([0])
+    b.on_dispatch(0.0, prompt_tokens=300, rank=None)
+    assert PowerOfTwo(random.Random(0)).choose([a, b], None) is a
+    b.set_reported_load([0])  # the next report includes what was sent
+    assert b.load() == 0
+
+
+def test_cache_aware_sends_a_repeated_prefix_to_the_same_worker():
+    config = RouterConfig(prefix_block_len=4, cache_threshold=0.5)
+    workers = make_workers(3, config)
+    policy = CacheAware(config)
+    system = "You are a helpful assistant. " * 4
+    first = policy.choose(workers, system + "What is 2+2?")
+    for w in workers:  # even when the first worker looks a little busier
+        w.set_reported_load([10 if w is first else 0])
+    assert policy.choose(workers, system + "Tell me a joke.") is first
+
+
+def test_cache_aware_balances_when_the_match_is_short():
+    config = RouterConfig(prefix_block_len=4, cache_threshold=0.8)
+    workers = make_workers(2, config)
+    policy = CacheAware(config)
+    first = policy.choose(workers, "shared-prefix" + "a" * 40)
+    first.set_reported_load([50])
+    chosen = policy.choose(workers, "shared-prefix" + "b" * 40)
+    assert chosen is not first  # 12 of 53 characters matched: below the threshold
+
+
+def test_cache_aware_ignores_prefixes_when_loads_are_skewed():
+    config = RouterConfig(prefix_block_len=4, balance_abs_threshold=100, balance_rel_threshold=1.5)
+    workers = make_workers(2, config)
+    policy = CacheAware(config)
+    prompt = "x" * 400
+    first = policy.choose(workers, prompt)
+    first.set_reported_load([1000])
+    assert policy.choose(workers, prompt) is not first
+
+
+def test_prefix_table_matches_longest_prefix_per_worker_and_stays_bounded():
+    table = PrefixTable(block_len=2, max_blocks=8)
+    table.insert([1, 2, 3, 4, 5, 6], "a")
+    table.insert([1, 2, 3, 4, 9, 9], "b")
+    assert table.match([1, 2, 3, 4, 5, 6, 7], ["a", "b", "c"]) == {"a": 6, "b": 4, "c": 0}
+    for i in range(20):
+        table.insert([100 + i, 0, 1, 1], "c")
+    assert len(table) <= 8
+    table.forget_worker("c")
+    assert table.match([119, 0, 1, 1], ["c"]) == {"c": 0}
+
+
+def test_prefix_table_evicts_leaves_before_the_shared_stem():
+    table = PrefixTable(block_len=1, max_blocks=4)
+    table.insert("abcd", "w")  # 4 blocks: a, ab, abc, abcd
+    table.insert("ax", "w")  # one more block: the deepest old one (abcd) goes
+    assert table.match("abcd", ["w"]) == {"w": 3}
+    assert table.match("ax", ["w"]) == {"w": 2}
+
+
+def test_rank_choice_spreads_over_ranks_and_avoids_busy_ones():
+    (worker,) = make_workers(1)
+    worker.set_dp_size(4)
+    ranks = []
+    for _ in range(4):
+        rank = worker.choose_rank()
+        worker.on_dispatch(0.0, 10, rank)
+        ranks.append(rank)
+    assert sorted(ranks) == [0, 1, 2, 3]
+    worker.on_done(1.0, True, 2)
+    assert worker.choose_rank() == 2  # the only rank with nothing in flight
