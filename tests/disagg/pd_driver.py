@@ -1,0 +1,133 @@
+"""A test driver that plays the router: the same body, with bootstrap fields, to a prefill
+and a decode server at once (PROTOCOL.md section 2), plus helpers to inspect both servers."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import requests
+
+ROOM_LIMIT = 2**63
+
+
+@dataclass
+class Leg:
+    status: int
+    body: Any
+    elapsed_s: float
+
+    @property
+    def ok(self) -> bool:
+        return self.status == 200
+
+    @property
+    def error(self) -> str:
+        if isinstance(self.body, dict) and isinstance(self.body.get("error"), dict):
+            return str(self.body["error"].get("message"))
+        return str(self.body)
+
+
+@dataclass
+class PDResult:
+    prefill: Leg
+    decode: Leg
+
+
+def random_room(rng: random.Random | None = None) -> int:
+    return (rng or random).randrange(ROOM_LIMIT)
+
+
+async def _post(session: aiohttp.ClientSession, url: str, body: dict, timeout_s: float) -> Leg:
+    start = time.monotonic()
+    try:
+        async with session.post(url, json=body, timeout=aiohttp.ClientTimeout(total=timeout_s)) as r:
+            try:
+                payload = await r.json(content_type=None)
+            except ValueError:
+                payload = await r.text()
+            return Leg(r.status, payload, time.monotonic() - start)
+    except asyncio.TimeoutError:
+        return Leg(0, f"no answer within {timeout_s}s", time.monotonic() - start)
+
+
+async def pd_generate_async(
+    session: aiohttp.ClientSession,
+    prefill_url: str,
+    decode_url: str,
+    body: dict,
+    *,
+    bootstrap_port: int | None,
+    room: int | None = None,
+    prefill_extra: dict | None = None,
+    decode_extra: dict | None = None,
+    path: str = "/generate",
+    timeout_s: float = 60.0,
+) -> PDResult:
+    room = random_room() if room is None else room
+    common = dict(body, bootstrap_host="127.0.0.1", bootstrap_port=bootstrap_port, bootstrap_room=room)
+    prefill_body = dict(common, **(prefill_extra or {}))
+    decode_body = dict(common, **(decode_extra or {}))
+    prefill, decode = await asyncio.gather(
+        _post(session, prefill_url + path, prefill_body, timeout_s),
+        _post(session, decode_url + path, decode_body, timeout_s),
+    )
+    return PDResult(prefill, decode)
+
+
+def run_many(coros_factory) -> list:
+    """Run `coros_factory(session)` (a list of coroutines) concurrently on a fresh loop."""
+
+    async def main():
+        async with aiohttp.ClientSession() as session:
+            return await asyncio.gather(*coros_factory(session))
+
+    return asyncio.run(main())
+
+
+def pd_generate(prefill_url: str, decode_url: str, body: dict, **kw) -> PDResult:
+    return run_many(lambda s: [pd_generate_async(s, prefill_url, decode_url, body, **kw)])[0]
+
+
+def get_load(url: str) -> list[dict]:
+    return requests.get(url + "/get_load", timeout=10).json()
+
+
+def pages_in_use(url: str) -> int:
+    return sum(rank["num_used_pages"] for rank in get_load(url))
+
+
+def rooms_in_flight(url: str) -> int:
+    return sum(rank.get("num_disagg_rooms", 0) for rank in get_load(url))
+
+
+def wait_idle(urls: list[str], timeout_s: float = 10.0) -> None:
+    """Wait until every server reports no pages used and no rooms in flight."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        state = {u: (pages_in_use(u), rooms_in_flight(u)) for u in urls}
+        if all(v == (0, 0) for v in state.values()):
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"servers not idle after {timeout_s}s: (pages, rooms) = {state}")
+        time.sleep(0.05)  # polling a condition with a deadline
+
+
+def metric_value(url: str, name: str, labels: dict[str, str] | None = None) -> float:
+    """Sum of the samples of `name` (with these labels) in the server's /metrics."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = requests.get(url + "/metrics", timeout=10).text
+    total = 0.0
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name != name:
+                continue
+            if labels and any(sample.labels.get(k) != v for k, v in labels.items()):
+                continue
+            total += sample.value
+    return total

@@ -1,0 +1,174 @@
+"""Faults on the PD path: a dead prefill worker, a room only decode ever sees, duplicate
+rooms, garbage on a KV port, aborts from either side, incompatible servers. Every request
+ends with a reason, and every page comes back."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import socket
+import time
+
+import requests
+import zmq
+
+from tests.disagg.pd_driver import (
+    pages_in_use,
+    pd_generate,
+    pd_generate_async,
+    run_many,
+    wait_idle,
+)
+from tests.helpers import wait_until
+
+BODY = {"input_ids": list(range(10, 60)), "sampling_params": {"max_new_tokens": 4, "temperature": 0}}
+
+
+def _decode_only(decode_url: str, prefill_bootstrap_port: int, room: int, timeout_s: float = 30,
+                 **extra) -> requests.Response:
+    body = dict(BODY, bootstrap_host="127.0.0.1", bootstrap_port=prefill_bootstrap_port,
+                bootstrap_room=room, **extra)
+    return requests.post(decode_url + "/generate", json=body, timeout=timeout_s)
+
+
+def _post_async(url: str, body: dict):
+    """Fire a request from a thread; returns a callable giving the response."""
+    import concurrent.futures
+
+    pool = concurrent.futures.ThreadPoolExecutor(1)
+    future = pool.submit(requests.post, url, json=body, timeout=60)
+    pool.shutdown(wait=False)
+    return future
+
+
+def test_room_sent_only_to_decode_fails_at_its_deadline(pd):
+    prefill = pd.prefill(1)
+    decode = pd.decode(1, ["--kv-wait-timeout-s", "1.5"])
+    start = time.monotonic()
+    resp = _decode_only(decode.url, prefill.bootstrap_port, room=12345)
+    elapsed_s = time.monotonic() - start
+    assert resp.status_code == 504, resp.text
+    message = resp.json()["error"]["message"]
+    assert "timed out after 1.5s waiting for the KV of room 12345" in message
+    assert 1.4 < elapsed_s < 10
+    wait_idle([prefill.url, decode.url])
+
+
+def test_dead_prefill_worker_fails_its_rooms_within_the_heartbeat_window(pd):
+    prefill = pd.prefill(1)
+    decode = pd.decode(1, ["--heartbeat-interval-s", "0.2", "--heartbeat-timeout-s", "1.0"])
+    pending = [
+        _post_async(decode.url + "/generate", dict(BODY, bootstrap_host="127.0.0.1",
+                                                   bootstrap_port=prefill.bootstrap_port,
+                                                   bootstrap_room=room))
+        for room in (11, 22, 33)
+    ]
+    wait_until(lambda: pages_in_use(decode.url) > 0, 20, "decode to reserve pages")
+    worker_pid = requests.get(prefill.url + "/server_info", timeout=5).json()["worker_pids"][0]
+    killed_at = time.monotonic()
+    os.kill(worker_pid, signal.SIGKILL)
+    for future in pending:
+        resp = future.result(timeout=30)
+        assert resp.status_code == 503, resp.text
+        assert "stopped answering heartbeats" in resp.json()["error"]["message"]
+    assert time.monotonic() - killed_at < 5.0
+    wait_until(lambda: pages_in_use(decode.url) == 0, 5, "decode pages to be freed")
+
+
+def test_duplicate_room_is_rejected_on_both_servers(pd):
+    prefill = pd.prefill(1)
+    decode = pd.decode(1, ["--kv-wait-timeout-s", "3"])
+    first = _post_async(decode.url + "/generate", dict(
+        BODY, bootstrap_host="127.0.0.1", bootstrap_port=prefill.bootstrap_port, bootstrap_room=7))
+    wait_until(lambda: pages_in_use(decode.url) > 0, 20, "the first request to reach decode")
+    dup = _decode_only(decode.url, prefill.bootstrap_port, room=7)
+    assert dup.status_code == 400 and "already in flight" in dup.json()["error"]["message"]
+    assert first.result(timeout=30).status_code == 504
+    wait_idle([prefill.url, decode.url])
+
+
+def test_missing_room_is_a_clear_400(pd):
+    prefill = pd.prefill(1)
+    decode = pd.decode(1)
+    for url in (prefill.url, decode.url):
+        resp = requests.post(url + "/generate", json=BODY, timeout=30)
+        assert resp.status_code == 400
+        assert "bootstrap_room" in resp.json()["error"]["message"]
+
+
+def test_garbage_on_a_kv_port_is_dropped_and_service_continues(pd):
+    prefill = pd.prefill(1)
+    decode = pd.decode(1)
+    endpoint = requests.get(
+        f"http://127.0.0.1:{prefill.bootstrap_port}/route?prefill_dp_rank=0", timeout=5
+    ).json()["kv_endpoint"]
+    host, port = endpoint.removeprefix("tcp://").rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=5) as sock:
+        sock.sendall(os.urandom(4096))
+    ctx = zmq.Context()
+    try:
+        dealer = ctx.socket(zmq.DEALER)
+        dealer.setsockopt(zmq.LINGER, 0)
+        dealer.connect(endpoint)
+        for frames in ([b"\xff\x00garbage"], [b"\x81\xa4type\xa8PageList"], [os.urandom(64)] * 3):
+            dealer.send_multipart(frames)
+        dealer.close()
+    finally:
+        ctx.term()
+    result = pd_generate(prefill.url, decode.url, BODY, bootstrap_port=prefill.bootstrap_port)
+    assert result.decode.ok, result.decode.error
+    wait_idle([prefill.url, decode.url])
+
+
+def test_abort_on_decode_frees_pages_on_both_sides(pd):
+    prefill = pd.prefill(1)
+    decode = pd.decode(1)
+    pending = _post_async(decode.url + "/generate", dict(
+        BODY, rid="abort-me", bootstrap_host="127.0.0.1", bootstrap_port=prefill.bootstrap_port,
+        bootstrap_room=99))
+    wait_until(lambda: pages_in_use(decode.url) > 0, 20, "decode to reserve pages")
+    resp = requests.post(decode.url + "/abort_request", json={"rid": "abort-me"}, timeout=10)
+    assert resp.status_code == 200
+    answer = pending.result(timeout=30)
+    assert answer.status_code != 200 or answer.json()["meta_info"]["finish_reason"]["type"] == "abort"
+    wait_idle([prefill.url, decode.url])
+
+
+def test_abort_on_prefill_fails_the_decode_leg(pd):
+    prefill = pd.prefill(1)
+    decode = pd.decode(1)
+    long_body = dict(BODY, sampling_params={"max_new_tokens": 4, "temperature": 0})
+    room = random.randrange(2**63)
+    # The prefill leg alone first: it computes, then waits for decode's page list.
+    pending = _post_async(prefill.url + "/generate", dict(
+        long_body, rid="p-abort", bootstrap_host="127.0.0.1",
+        bootstrap_port=prefill.bootstrap_port, bootstrap_room=room))
+    wait_until(lambda: pages_in_use(prefill.url) > 0, 20, "prefill to hold the pages")
+    requests.post(prefill.url + "/abort_request", json={"rid": "p-abort"}, timeout=10)
+    pending.result(timeout=30)
+    resp = _decode_only(decode.url, prefill.bootstrap_port, room=room)
+    assert resp.status_code >= 400 and "abort" in resp.json()["error"]["message"]
+    wait_idle([prefill.url, decode.url])
+
+
+def test_incompatible_page_size_fails_with_both_values(pd):
+    prefill = pd.prefill(1, ["--page-size", "8"])
+    decode = pd.decode(1, ["--page-size", "16"])
+    result = pd_generate(prefill.url, decode.url, BODY, bootstrap_port=prefill.bootstrap_port,
+                         timeout_s=30)
+    assert not result.decode.ok
+    assert "page_size" in result.decode.error and "8" in result.decode.error and "16" in result.decode.error
+    wait_idle([decode.url])
+
+
+def test_many_concurrent_rooms_all_complete(pd):
+    prefill = pd.prefill(2)
+    decode = pd.decode(2)
+    results = run_many(lambda s: [
+        pd_generate_async(s, prefill.url, decode.url, dict(BODY, input_ids=list(range(5, 5 + n))),
+                          bootstrap_port=prefill.bootstrap_port)
+        for n in range(1, 41)
+    ])
+    assert all(r.prefill.ok and r.decode.ok for r in results), [r.decode.error for r in results if not r.decode.ok]
+    wait_idle([prefill.url, decode.url])

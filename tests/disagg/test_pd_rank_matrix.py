@@ -1,0 +1,126 @@
+"""The rank-resolution matrix over real servers: every load-balance method x FORCE (none,
+prefill, decode, both) x routing fields. Each cell returns the colocated tokens, or fails on
+both legs within 2 s with the specified message. No cell hangs."""
+
+from __future__ import annotations
+
+import itertools
+import random
+
+import pytest
+import requests
+
+from tests.disagg.pd_driver import metric_value, pd_generate_async, run_many, wait_idle
+
+DP = 2
+METHODS = ["follow_bootstrap_room", "round_robin", "shortest_queue", "total_tokens"]
+BODY = {"input_ids": [5, 17, 99, 23, 42, 7, 8, 200, 31, 64, 12, 77, 3, 150, 9, 10, 11, 12],
+        "sampling_params": {"max_new_tokens": 4, "temperature": 0}}
+FAIL_WITHIN_S = 2.0
+
+
+@pytest.fixture(scope="module")
+def want(tiny_server) -> list[int]:
+    return requests.post(tiny_server.url + "/generate", json=BODY, timeout=60).json()["output_ids"]
+
+
+@pytest.fixture(scope="module")
+def decodes(pd_module) -> dict[bool, object]:
+    """Decode servers without and with FORCE (SGLang's variable name, to test the alias)."""
+    return {
+        False: pd_module.decode(DP),
+        True: pd_module.decode(DP, env={"SGLANG_DISAGGREGATION_FORCE_QUERY_PREFILL_DP_RANK": "1"}),
+    }
+
+
+@pytest.fixture(scope="module", params=list(itertools.product(METHODS, [False, True])),
+                ids=lambda p: f"{p[0]}-force{int(p[1])}")
+def prefill(request, pd_module):
+    method, force = request.param
+    env = {"PDSERVE_FORCE_QUERY_PREFILL_DP_RANK": "1"} if force else None
+    server = pd_module.prefill(DP, ["--load-balance-method", method], env=env)
+    yield method, force, server
+    server.server.stop()
+
+
+def _cells(rng: random.Random):
+    """(room, prefill extra fields, decode extra fields, expected error substring or None)."""
+    for case in ["none", "routed_home", "routed_other", "explicit_right", "explicit_right_other",
+                 "explicit_wrong", "explicit_out_of_range"]:
+        room = rng.randrange(2**63)
+        home, other = room % DP, (room % DP + 1) % DP
+        fields = {
+            "none": {},
+            "routed_home": {"routed_dp_rank": home},
+            "routed_other": {"routed_dp_rank": other},
+            "explicit_right": {"routed_dp_rank": home, "disagg_prefill_dp_rank": home},
+            "explicit_right_other": {"data_parallel_rank": other, "disagg_prefill_dp_rank": other},
+            "explicit_wrong": {"routed_dp_rank": other, "disagg_prefill_dp_rank": home},
+            "explicit_out_of_range": {"disagg_prefill_dp_rank": DP},
+        }[case]
+        yield case, room, fields
+
+
+def _expected_error(case: str, method: str, force_prefill: bool) -> str | None:
+    if case == "explicit_out_of_range":
+        return "out of range"
+    if case == "explicit_wrong":
+        return "disagg_prefill_dp_rank"
+    if case == "routed_other" and method == "follow_bootstrap_room" and not force_prefill:
+        return "follow_bootstrap_room conflict: dispatched to dp_rank"
+    return None
+
+
+@pytest.mark.parametrize("force_decode", [False, True], ids=["decode-noforce", "decode-force"])
+def test_rank_matrix_cell_outcomes(prefill, decodes, want, force_decode):
+    method, force_prefill, server = prefill
+    decode = decodes[force_decode]
+    cells = list(_cells(random.Random(f"{method}-{force_prefill}-{force_decode}")))
+    results = run_many(lambda s: [
+        pd_generate_async(s, server.url, decode.url, BODY, bootstrap_port=server.bootstrap_port,
+                          room=room, prefill_extra=fields, decode_extra=fields, timeout_s=30)
+        for _, room, fields in cells
+    ])
+    for (case, room, fields), result in zip(cells, results, strict=True):
+        where = f"{case} room={room} fields={fields}"
+        expected = _expected_error(case, method, force_prefill)
+        if expected is None:
+            assert result.prefill.ok, f"{where}: prefill {result.prefill.error}"
+            assert result.decode.ok, f"{where}: decode {result.decode.error}"
+            assert result.decode.body["output_ids"] == want, where
+            continue
+        for leg in (result.prefill, result.decode):
+            assert 400 <= leg.status < 600, f"{where}: {leg.status} {leg.body}"
+            assert expected in leg.error, f"{where}: {leg.error}"
+            assert leg.elapsed_s < FAIL_WITHIN_S, f"{where}: took {leg.elapsed_s:.2f}s"
+        if case == "routed_other":
+            assert result.decode.error == result.prefill.error, "decode must see the same reason"
+    wait_idle([server.url, decode.url])
+
+
+def test_fast_path_makes_no_rank_queries(pd):
+    """follow_bootstrap_room without FORCE: decode never asks the bootstrap server."""
+    prefill = pd.prefill(DP)
+    decode = pd.decode(1)
+    results = run_many(lambda s: [
+        pd_generate_async(s, prefill.url, decode.url, BODY, bootstrap_port=prefill.bootstrap_port)
+        for _ in range(8)
+    ])
+    assert all(r.decode.ok for r in results), [r.decode.error for r in results]
+    assert metric_value(decode.url, "pdserve_rank_resolutions_total", {"path": "fast_path"}) == 8
+    assert metric_value(decode.url, "pdserve_rank_query_round_trips_total") == 0
+    wait_idle([prefill.url, decode.url])
+
+
+def test_query_path_batches_rooms(pd):
+    """Under FORCE every room is registered and queried; concurrent rooms share queries."""
+    prefill = pd.prefill(DP, ["--force-query-prefill-dp-rank"])
+    decode = pd.decode(1)
+    results = run_many(lambda s: [
+        pd_generate_async(s, prefill.url, decode.url, BODY, bootstrap_port=prefill.bootstrap_port)
+        for _ in range(16)
+    ])
+    assert all(r.decode.ok for r in results), [r.decode.error for r in results]
+    assert metric_value(decode.url, "pdserve_rank_resolutions_total", {"path": "query"}) == 16
+    assert metric_value(decode.url, "pdserve_rank_query_rooms_total") >= 16
+    wait_idle([prefill.url, decode.url])
