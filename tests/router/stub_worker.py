@@ -1,0 +1,156 @@
+"""A scriptable stand-in for a pdserve prefill/decode server, run as a real process, for
+the router's failure-path tests (a real server cannot fail on cue).
+
+Each request's body may carry `"stub": {"<name>": {...}}` to script this worker:
+`status` (answer that HTTP error), `delay_s` (answer late), `hold` (wait until POST /stub/release {"gate": ...}),
+`chunks` (stream that many events), `die_after` (drop the connection after that many
+events), `prompt_lps` (prompt logprobs to report). Everything received is logged for
+GET /stub/log. Run: python -m tests.router.stub_worker --port P --name p1 --role prefill
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+from typing import Any
+
+from aiohttp import web
+
+
+class Stub:
+    def __init__(self, name: str, role: str, dp_size: int):
+        self.name, self.role, self.dp_size = name, role, dp_size
+        self.health_status = 200
+        self.load_tokens = 0
+        self.gates: dict[str, asyncio.Event] = {}
+        self.reset()
+
+    def reset(self) -> None:
+        self.bodies: list[dict[str, Any]] = []
+        self.aborts: list[str] = []
+        self.disconnects = 0
+        self.gates.clear()
+
+    def gate(self, name: str) -> asyncio.Event:
+        return self.gates.setdefault(name, asyncio.Event())
+
+    def script(self, body: dict) -> dict:
+        return (body.get("stub") or {}).get(self.name) or {}
+
+    def answer(self, body: dict, script: dict, index: int | None = None) -> dict:
+        rid = body.get("rid")
+        meta: dict[str, Any] = {"id": rid, "worker": self.name}
+        if body.get("return_logprob"):
+            meta["input_token_logprobs"] = script.get("prompt_lps", [])
+        out: dict[str, Any] = {"text": f"from {self.name}", "output_ids": [1, 2], "meta_info": meta}
+        if index is not None:
+            out["index"] = index
+        return out
+
+    async def generate(self, request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        self.bodies.append(body)
+        script = self.script(body)
+        try:
+            if script.get("delay_s"):
+                await asyncio.sleep(script["delay_s"])
+            if script.get("hold"):
+                await asyncio.wait_for(self.gate(script["hold"]).wait(), 60)
+            if script.get("status"):
+                return web.json_response(
+                    {
+                        "error": {
+                            "message": f"{self.name} scripted failure",
+                            "code": script["status"],
+                        }
+                    },
+                    status=script["status"],
+                )
+            if body.get("stream"):
+                return await self.stream(request, body, script)
+            return web.json_response(self.answer(body, script))
+        except asyncio.CancelledError:
+            self.disconnects += 1
+            raise
+
+    async def stream(self, request: web.Request, body: dict, script: dict) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        for i in range(script.get("chunks", 2)):
+            if script.get("die_after") == i:
+                request.transport.close()  # an abrupt death mid-stream
+                return resp
+            if i and script.get("hold_after_first"):
+                await asyncio.wait_for(self.gate(script["hold_after_first"]).wait(), 60)
+            event = self.answer(body, script)
+            event["text"] += f" {i}"
+            await resp.write(b"data: " + json.dumps(event).encode() + b"\n\n")
+        await resp.write(b"data: [DONE]\n\n")
+        return resp
+
+    async def abort_request(self, request: web.Request) -> web.Response:
+        self.aborts.append((await request.json())["rid"])
+        return web.json_response({"num_aborted": 1})
+
+    async def health(self, request: web.Request) -> web.Response:
+        return web.Response(status=self.health_status)
+
+    async def control(self, request: web.Request) -> web.Response:
+        data = await request.json()
+        if "health_status" in data:
+            self.health_status = data["health_status"]
+        if "load_tokens" in data:
+            self.load_tokens = data["load_tokens"]
+        if "gate" in data:
+            self.gate(data["gate"]).set()
+        if data.get("reset"):
+            self.reset()
+        return web.json_response({"ok": True})
+
+    async def log(self, request: web.Request) -> web.Response:
+        return web.json_response(
+            {"bodies": self.bodies, "aborts": self.aborts, "disconnects": self.disconnects}
+        )
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        for path in ("/generate", "/v1/completions", "/v1/chat/completions"):
+            app.router.add_post(path, self.generate)
+        app.router.add_post("/abort_request", self.abort_request)
+        app.router.add_get("/health", self.health)
+        app.router.add_get(
+            "/server_info",
+            lambda r: web.json_response(
+                {"dp_size": self.dp_size, "disaggregation_mode": self.role, "model_path": "stub"}
+            ),
+        )
+        app.router.add_get(
+            "/get_load",
+            lambda r: web.json_response([{"num_tokens": self.load_tokens}] * self.dp_size),
+        )
+        app.router.add_get(
+            "/v1/models",
+            lambda r: web.json_response(
+                {"object": "list", "data": [{"id": f"model-of-{self.name}"}]}
+            ),
+        )
+        app.router.add_post("/stub/control", self.control)
+        app.router.add_post("/stub/release", self.control)
+        app.router.add_get("/stub/log", self.log)
+        return app
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--name", required=True)
+    parser.add_argument("--role", default="decode")
+    parser.add_argument("--dp-size", type=int, default=1)
+    args = parser.parse_args()
+    stub = Stub(args.name, args.role, args.dp_size)
+    web.run_app(stub.app(), host="127.0.0.1", port=args.port, print=None, handler_cancellation=True)
+
+
+if __name__ == "__main__":
+    main()
