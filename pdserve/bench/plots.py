@@ -37,7 +37,7 @@ def _cdf(ax: Any, values: Sequence[float], label: str | None) -> None:
     if not values:
         return
     xs = np.sort(np.asarray(values))
-    ax.plot(xs, np.arange(1, len(xs) + 1) / len(xs), label=label)
+    ax.step(xs, np.arange(1, len(xs) + 1) / len(xs), where="post", label=label)
 
 
 def _cdf_grid(path: str, runs: Sequence[tuple[str | None, dict[str, Any]]]) -> None:
