@@ -58,6 +58,7 @@ class Scheduler:
         self.running: list[Request] = []  # decoding, oldest admission first
         self.reserved: list[Request] = []  # decode role: pages allocated, KV awaited
         self._last_was_prefill = False
+        self.num_preemptions = 0  # lifetime count, for metrics and tests
 
     @property
     def num_active(self) -> int:
@@ -135,6 +136,7 @@ class Scheduler:
         self._free_pages(req)
         req.num_computed = 0
         req.transition(ReqState.WAITING)
+        self.num_preemptions += 1
         self.waiting.appendleft(req)
 
     def on_prefilled(self, req: Request) -> None:

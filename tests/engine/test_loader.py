@@ -1,0 +1,96 @@
+"""Loader: built-in model names resolve to cached HF directories (built once, race-safe),
+tiny-random ships a ChatML tokenizer, fingerprints identify weights, rope config layouts."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from pdserve.engine.loader import fingerprint, load_model, read_state_dict, resolve_model_dir
+from pdserve.engine.rope import rope_params_from_hf
+from tests.helpers import REPO_ROOT
+
+
+def test_tiny_random_has_a_chatml_tokenizer_matching_the_model():
+    from transformers import AutoTokenizer
+
+    model_dir = resolve_model_dir("tiny-random")
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    config = json.load(open(os.path.join(model_dir, "config.json")))
+    assert len(tok) == config["vocab_size"]
+    assert tok.convert_tokens_to_ids(["<|endoftext|>", "<|im_start|>", "<|im_end|>"]) == [0, 1, 2]
+    text = tok.apply_chat_template(
+        [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True
+    )
+    assert text == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    ids = tok("What is the capital of France?").input_ids
+    assert tok.decode(ids) == "What is the capital of France?"
+
+
+def test_unknown_model_names_the_choices():
+    with pytest.raises(ValueError, match="tiny-random"):
+        resolve_model_dir("no-such-model")
+
+
+_BUILD = (
+    "from pdserve.engine.loader import load_model; import torch; "
+    "print(load_model('tiny-random', torch.float32, torch.device('cpu')).fingerprint)"
+)
+
+
+def test_two_processes_building_at_once_agree(tmp_path):
+    env = {**os.environ, "PDSERVE_CACHE_DIR": str(tmp_path), "PYTHONPATH": str(REPO_ROOT)}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _BUILD],
+            cwd=REPO_ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    results = [p.communicate(timeout=180) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [err for _, err in results]
+    prints = {out.strip() for out, _ in results}
+    assert len(prints) == 1
+    assert prints == {load_model("tiny-random", torch.float32, torch.device("cpu")).fingerprint}
+    entries = sorted(os.listdir(tmp_path))
+    assert "tiny-random-v1" in entries
+    assert not [e for e in entries if ".tmp-" in e]  # the loser cleaned up
+
+
+def test_fingerprint_changes_with_the_weights(tmp_path):
+    src = resolve_model_dir("tiny-random")
+    copy = tmp_path / "copy"
+    shutil.copytree(src, copy)
+    config = json.load(open(copy / "config.json"))
+    base = fingerprint(config, read_state_dict(str(copy)))
+    assert base == fingerprint(config, read_state_dict(src))
+    state = load_file(copy / "model.safetensors")
+    state["model.norm.weight"][0] += 1.0
+    save_file(state, copy / "model.safetensors", metadata={"format": "pt"})
+    assert fingerprint(config, read_state_dict(str(copy))) != base
+    assert fingerprint({**config, "num_key_value_heads": 4}, state) != base
+
+
+def test_rope_config_in_both_transformers_layouts():
+    legacy = {"rope_theta": 500000.0, "rope_scaling": {"type": "linear", "factor": 2.0}}
+    current = {"rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 500000.0}}
+    for cfg in (legacy, current):
+        theta, scaling = rope_params_from_hf(cfg)
+        assert theta == 500000.0 and scaling["rope_type"] == "linear"
+    assert rope_params_from_hf(
+        {"rope_parameters": {"rope_type": "default", "rope_theta": 7.0}}
+    ) == (7.0, None)
+    assert rope_params_from_hf({}) == (10000.0, None)
+    with pytest.raises(ValueError, match="yarn"):
+        rope_params_from_hf({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}})
