@@ -1,0 +1,132 @@
+"""The KV transport between two real processes over loopback TCP: a prefill-like peer process
+(tests/disagg/transfer_peer.py) and a decode-side transport in this process."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+import torch
+
+from pdserve.disagg import messages as m
+from pdserve.disagg.transfer import Event, Inbound, KVReceived, KVTransport, make_transport
+from tests.disagg.transfer_peer import PAGE_SHAPE, make_pool, source_pages, start_peer
+
+POOL_PAGES = 64
+PAGE_NBYTES = 1024  # PAGE_SHAPE in fp32
+SENTINEL = -1.0
+
+
+@pytest.fixture(scope="module")
+def zmq_peer() -> Iterator[str]:
+    # 4 pages per frame, so a 10-page room takes three frames of mixed kinds.
+    with start_peer("--listen", "--pool-pages", str(POOL_PAGES), "--frame-nbytes", "4096") as (
+        _,
+        endpoint,
+    ):
+        yield endpoint
+
+
+def decode_side(backend: str) -> tuple[KVTransport, torch.Tensor]:
+    pool = torch.full((POOL_PAGES, *PAGE_SHAPE), SENTINEL)
+    return make_transport(backend, pool, None), pool
+
+
+def poll_until(
+    transport: KVTransport, done: Callable[[list[Event]], bool], timeout_s: float = 20.0
+) -> list[Event]:
+    events: list[Event] = []
+    deadline = time.monotonic() + timeout_s
+    while not done(events):
+        assert time.monotonic() < deadline, f"timed out; events so far: {events}"
+        events += transport.poll(20)
+    return events
+
+
+def msgs(events: list[Event], kind: type) -> list:
+    return [e.msg for e in events if isinstance(e, Inbound) and isinstance(e.msg, kind)]
+
+
+def finished_rooms(events: list[Event]) -> set[int]:
+    """Rooms with a RoomStatus here and a completed SendHandle on the peer (its Pong)."""
+    statuses = {s.room for s in msgs(events, m.RoomStatus)}
+    return statuses & {p.seq for p in msgs(events, m.Pong)}
+
+
+def test_control_messages_round_trip(zmq_peer: str) -> None:
+    transport, _ = decode_side("zmq")
+    try:
+        peer = transport.connect(zmq_peer)
+        assert transport.connect(zmq_peer) == peer  # idempotent
+        layout = m.KVLayout(
+            page_size=4,
+            kv_dtype="float32",
+            num_layers=2,
+            num_kv_heads=2,
+            head_dim=8,
+            model_fingerprint="x",
+        )
+        transport.send(peer, m.Handshake(decode_id="d0", layout=layout))
+        transport.send(peer, m.Ping(seq=41))
+        events = poll_until(transport, lambda ev: len(ev) >= 2)
+        assert [e.msg for e in events] == [m.HandshakeResult(ok=True), m.Pong(seq=41)]
+        assert all(e.peer == peer for e in events)
+    finally:
+        transport.close()
+
+
+def test_pages_land_bit_exact_in_scattered_destination_and_nowhere_else(zmq_peer: str) -> None:
+    transport, pool = decode_side("zmq")
+    # Room 2's source is one run (zero-copy send), room 3's is scattered (gathered send).
+    dst_by_room = {2: [50, 3, 17, 4, 5, 6, 40, 41, 9, 60], 3: [0, 63, 31, 30, 29, 12, 13, 1]}
+    try:
+        peer = transport.connect(zmq_peer)
+        for room, dst in dst_by_room.items():
+            transport.send(peer, m.PageList(room=room, dst_page_ids=dst, prompt_len=len(dst)))
+        events = poll_until(transport, lambda ev: finished_rooms(ev) == set(dst_by_room))
+    finally:
+        transport.close()
+
+    sender_pool = make_pool(POOL_PAGES, seed=1)
+    touched = torch.zeros(POOL_PAGES, dtype=torch.bool)
+    for room, dst in dst_by_room.items():
+        src = source_pages(room, len(dst), POOL_PAGES)
+        assert torch.equal(pool[dst], sender_pool[src]), f"room {room}: wrong bytes"
+        touched[dst] = True
+        i = next(i for i, e in enumerate(events) if isinstance(e, KVReceived) and e.room == room)
+        assert events[i] == KVReceived(peer, room, len(dst), len(dst) * PAGE_NBYTES, len(dst))
+        assert events[i + 1].msg.room == room and events[i + 1].msg.ok  # its RoomStatus next
+    assert bool((pool[~touched] == SENTINEL).all()), "a page outside the PageLists changed"
+
+
+def test_kv_arriving_after_abort_is_dropped_not_written(zmq_peer: str) -> None:
+    transport, pool = decode_side("zmq")
+    try:
+        peer = transport.connect(zmq_peer)
+        transport.send(peer, m.PageList(room=4, dst_page_ids=[7, 8, 9], prompt_len=3))
+        transport.send(peer, m.Abort(room=4, reason="decode deadline"))  # the peer ignores it
+        events = poll_until(transport, lambda ev: finished_rooms(ev) == {4})
+        assert not [e for e in events if isinstance(e, KVReceived)]
+        assert transport.stats["dropped_kv_no_grant"] >= 1
+        assert bool((pool == SENTINEL).all())
+    finally:
+        transport.close()
+
+
+def test_fake_backend_moves_control_messages_but_no_bytes() -> None:
+    with start_peer("--listen", "--backend", "fake", "--pool-pages", str(POOL_PAGES)) as (
+        _,
+        endpoint,
+    ):
+        transport, pool = decode_side("fake")
+        try:
+            peer = transport.connect(endpoint)
+            transport.send(peer, m.Ping(seq=5))
+            transport.send(peer, m.PageList(room=6, dst_page_ids=[1, 5, 2], prompt_len=3))
+            events = poll_until(transport, lambda ev: finished_rooms(ev) == {6})
+        finally:
+            transport.close()
+    assert KVReceived(peer, 6, 3, 0, 3) in events
+    assert m.Pong(seq=5) in msgs(events, m.Pong)
+    assert bool((pool == SENTINEL).all())

@@ -1,0 +1,130 @@
+"""A KV transport peer in its own process, for the transfer tests.
+
+`--listen`: a prefill-like peer. It prints its endpoint, answers Handshake and Ping, answers
+each PageList by sending `source_pages(room, ...)` into the listed pages, and reports each
+finished SendHandle with `Pong(seq=room)`. `--connect EP`: a decode-like peer that connects,
+sends a Ping and idles (tests kill it). Either exits after `--idle-exit-s` without messages.
+Tests run it through `start_peer`, which waits for readiness and always kills it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import selectors
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+
+from pdserve.disagg import messages as m
+from pdserve.disagg.transfer import Inbound, KVTransport, SendHandle, make_transport
+from pdserve.disagg.transfer.base import TransportOptions
+
+PAGE_SHAPE = (2, 2, 4, 2, 8)  # layers, k/v, tokens, kv heads, head dim: 1 KiB of fp32
+
+
+def make_pool(num_pages: int, seed: int) -> torch.Tensor:
+    return torch.rand((num_pages, *PAGE_SHAPE), generator=torch.Generator().manual_seed(seed))
+
+
+def source_pages(room: int, num_pages: int, pool_pages: int) -> list[int]:
+    """Even rooms send one run of pages (zero-copy path), odd rooms scattered pages (gather)."""
+    if room % 2 == 0:
+        start = room % (pool_pages - num_pages + 1)
+        return list(range(start, start + num_pages))
+    return np.random.default_rng(room).permutation(pool_pages)[:num_pages].tolist()
+
+
+def serve(transport: KVTransport, pool_pages: int, idle_exit_s: float) -> None:
+    handles: list[tuple[str, SendHandle]] = []
+    last_message = time.monotonic()
+    while time.monotonic() - last_message < idle_exit_s:
+        for event in transport.poll(20):
+            last_message = time.monotonic()
+            if isinstance(event, Inbound):
+                handles += answer(transport, event, pool_pages)
+        for peer, handle in [(p, h) for p, h in handles if h.done()]:
+            handles.remove((peer, handle))
+            if handle.error is None:
+                transport.send(peer, m.Pong(seq=handle.room))
+
+
+def answer(transport: KVTransport, event: Inbound, pool_pages: int) -> list[tuple[str, SendHandle]]:
+    msg = event.msg
+    if isinstance(msg, m.Handshake):
+        transport.send(event.peer, m.HandshakeResult(ok=True))
+    elif isinstance(msg, m.Ping):
+        transport.send(event.peer, m.Pong(seq=msg.seq))
+    elif isinstance(msg, m.PageList):
+        src = source_pages(msg.room, len(msg.dst_page_ids), pool_pages)
+        then = m.RoomStatus(room=msg.room, ok=True, first=m.FirstToken(room=msg.room, token_id=7))
+        return [(event.peer, transport.send_kv(event.peer, msg.room, src, msg.dst_page_ids, then))]
+    return []
+
+
+@contextlib.contextmanager
+def start_peer(*args: str, timeout_s: float = 60.0) -> Iterator[tuple[subprocess.Popen, str]]:
+    """Run this module with `args`; yields (process, endpoint or "None") once it is ready.
+    The process is killed by its pid when the block exits, pass or fail."""
+    repo_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tests.disagg.transfer_peer", *args],
+        cwd=repo_root,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        yield proc, _ready_line(proc, timeout_s).split()[1]
+    finally:
+        proc.kill()
+        proc.wait(timeout=timeout_s)
+        proc.stdout.close()
+
+
+def _ready_line(proc: subprocess.Popen, timeout_s: float) -> str:
+    deadline = time.monotonic() + timeout_s
+    with selectors.DefaultSelector() as sel:
+        sel.register(proc.stdout, selectors.EVENT_READ)
+        while time.monotonic() < deadline:
+            if sel.select(timeout=0.1):
+                line = proc.stdout.readline()
+                if line.startswith("ready "):
+                    return line
+                if not line:
+                    raise RuntimeError(f"transfer peer exited with {proc.wait()}")
+    raise TimeoutError(f"transfer peer not ready within {timeout_s}s")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--backend", default="zmq")
+    parser.add_argument("--listen", action="store_true")
+    parser.add_argument("--connect", default=None)
+    parser.add_argument("--pool-pages", type=int, default=64)
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--frame-nbytes", type=int, default=4096)
+    parser.add_argument("--idle-exit-s", type=float, default=60.0)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    pool = make_pool(args.pool_pages, args.seed)
+    options = TransportOptions(frame_nbytes=args.frame_nbytes)
+    host = "127.0.0.1" if args.listen else None
+    transport = make_transport(args.backend, pool, host, options=options)
+    if args.connect:
+        peer = transport.connect(args.connect)
+        transport.send(peer, m.Ping(seq=1))
+    print(f"ready {transport.endpoint}", flush=True)
+    try:
+        serve(transport, args.pool_pages, args.idle_exit_s)
+    finally:
+        transport.close()
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()
