@@ -19,8 +19,8 @@ from pdserve.disagg import messages as m
 if TYPE_CHECKING:
     import zmq
 
-# "tcp://host:port" for a peer this side connected to; "peer:<hex identity>" for one that
-# connected to this side's listening endpoint. Stable for the life of the connection.
+# The endpoint ("tcp://host:port") of a peer this side connected to; the peer's own id
+# ("kv-<uuid>") for one that connected to this side. Stable while the peer lives.
 PeerId = NewType("PeerId", str)
 
 

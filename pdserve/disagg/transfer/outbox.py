@@ -91,9 +91,10 @@ class Outbox:
     def __init__(self) -> None:
         self.queues: dict[str, deque[Outgoing]] = {}
 
-    def push(self, peer: str, item: Outgoing) -> int:
+    def push(self, peer: str, items: list[Outgoing]) -> int:
+        """Append `items` to the peer's queue; returns its new length."""
         queue = self.queues.setdefault(peer, deque())
-        queue.append(item)
+        queue.extend(items)
         return len(queue)
 
     def drop_peer(self, peer: str, reason: str, staging: Staging) -> None:

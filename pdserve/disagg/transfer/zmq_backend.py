@@ -146,6 +146,7 @@ class ZmqTransport(KVTransport):
         if self._closed:
             return events
         self._flush_all(events)
+        self._handles = [h for h in self._handles if not h.done()]
         if timeout_ms > 0:
             self._sock.poll(timeout_ms, zmq.POLLIN)
         self._drain(events)
@@ -179,8 +180,7 @@ class ZmqTransport(KVTransport):
         return [Outgoing(plan=plan) for plan in plan_frames(src, dst, self._pages_per_frame)]
 
     def _enqueue(self, peer: PeerId, items: list[Outgoing]) -> None:
-        for item in items:
-            queued = self._outbox.push(peer, item)
+        queued = self._outbox.push(peer, items)
         if queued > self.options.max_queued_msgs:
             reason = f"peer {peer} is not reading: {queued} messages queued"
         else:
