@@ -1,0 +1,150 @@
+"""`pdserve router` in front of real prefill + decode servers (tiny-random): at temperature
+0 the tokens equal the colocated server's on every route, streamed or not, batched or not,
+including through the `openai` client; and the prompt logprobs equal too."""
+
+from __future__ import annotations
+
+import json
+
+import openai
+import pytest
+import requests
+
+from tests.disagg.conftest import PDFactory
+from tests.disagg.pd_driver import wait_idle
+from tests.router.conftest import router_args, start_router
+
+pytestmark = pytest.mark.timeout(300)
+
+GREEDY = {"max_new_tokens": 8, "temperature": 0}
+GENERATE_BODIES = [
+    {"text": "The capital of France is", "sampling_params": GREEDY},
+    {"input_ids": list(range(5, 45)), "sampling_params": GREEDY},
+    {"text": ["a b c", "hello there, how are", "x"], "sampling_params": GREEDY},
+    {"input_ids": [[7, 8, 9], list(range(20, 60))], "sampling_params": GREEDY},
+]
+MESSAGES = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "Name three colours."},
+]
+
+
+@pytest.fixture(scope="module")
+def pd_pair():
+    factory = PDFactory()
+    try:
+        yield factory.prefill(1), factory.decode(1)
+    finally:
+        factory.stop_all()
+
+
+@pytest.fixture(scope="module")
+def router(pd_pair):
+    prefill, decode = pd_pair
+    with start_router(router_args([(prefill.url, prefill.bootstrap_port)], [decode.url])) as r:
+        yield r
+
+
+def post(url: str, body: dict) -> requests.Response:
+    resp = requests.post(url, json=body, timeout=60)
+    assert resp.status_code == 200, resp.text
+    return resp
+
+
+def streamed(url: str, body: dict) -> list[dict]:
+    with requests.post(url, json={**body, "stream": True}, stream=True, timeout=60) as resp:
+        assert resp.status_code == 200, resp.text
+        lines = [line for line in resp.iter_lines() if line]
+    assert lines[-1] == b"data: [DONE]"
+    events = [json.loads(line[6:]) for line in lines[:-1]]
+    assert not any("error" in e for e in events), events
+    return events
+
+
+def final_ids(events: list[dict]) -> dict[int, list[int]]:
+    """The last cumulative output_ids of each batch index."""
+    return {e.get("index", 0): e["output_ids"] for e in events}
+
+
+def chat_text(answer: dict) -> list[str]:
+    return [c["message"]["content"] for c in answer["choices"]]
+
+
+def stream_text(events: list[dict], key: str) -> dict[int, str]:
+    out: dict[int, str] = {}
+    for e in events:
+        for c in e["choices"]:
+            piece = c["delta"].get("content", "") if key == "delta" else c["text"]
+            out[c["index"]] = out.get(c["index"], "") + piece
+    return out
+
+
+def assert_logprobs_close(got: list, want: list) -> None:
+    """[logprob, token_id, text] triples: same tokens, logprobs equal to 1e-4."""
+    assert [t[1] for t in got] == [t[1] for t in want]
+    assert [t[0] is None for t in got] == [t[0] is None for t in want]
+    assert [t[0] for t in got if t[0] is not None] == pytest.approx(
+        [t[0] for t in want if t[0] is not None], abs=1e-4
+    )
+
+
+@pytest.mark.parametrize("body", GENERATE_BODIES)
+def test_generate_equals_colocated(router, tiny_server, body):
+    want = post(tiny_server.url + "/generate", body).json()
+    got = post(router.url + "/generate", body).json()
+    if isinstance(want, list):
+        assert [g["output_ids"] for g in got] == [w["output_ids"] for w in want]
+    else:
+        assert got["output_ids"] == want["output_ids"] and got["text"] == want["text"]
+    assert final_ids(streamed(router.url + "/generate", body)) == final_ids(
+        streamed(tiny_server.url + "/generate", body)
+    )
+
+
+def test_prompt_logprobs_equal_colocated(router, tiny_server):
+    body = {
+        "text": "one two three four",
+        "return_logprob": True,
+        "logprob_start_len": 0,
+        "sampling_params": GREEDY,
+    }
+    want = post(tiny_server.url + "/generate", body).json()["meta_info"]
+    got = post(router.url + "/generate", body).json()["meta_info"]
+    assert len(want["input_token_logprobs"]) == want["prompt_tokens"]
+    for key in ("input_token_logprobs", "output_token_logprobs"):
+        assert_logprobs_close(got[key], want[key])
+    last = streamed(router.url + "/generate", body)[-1]["meta_info"]
+    assert_logprobs_close(last["input_token_logprobs"], want["input_token_logprobs"])
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_chat_equals_colocated(router, tiny_server, n):
+    body = {"model": "m", "messages": MESSAGES, "max_tokens": 8, "temperature": 0, "n": n}
+    url = "/v1/chat/completions"
+    want = chat_text(post(tiny_server.url + url, body).json())
+    assert chat_text(post(router.url + url, body).json()) == want
+    assert stream_text(streamed(router.url + url, body), "delta") == dict(enumerate(want))
+
+
+def test_completions_equal_colocated(router, tiny_server):
+    body = {"model": "m", "prompt": ["Once upon", "a time"], "max_tokens": 8, "temperature": 0}
+    url = "/v1/completions"
+    want = [c["text"] for c in post(tiny_server.url + url, body).json()["choices"]]
+    assert [c["text"] for c in post(router.url + url, body).json()["choices"]] == want
+    assert stream_text(streamed(router.url + url, body), "text") == dict(enumerate(want))
+
+
+def test_openai_client_through_the_router(router, tiny_server, pd_pair):
+    def ask(base_url: str, stream: bool) -> str:
+        client = openai.OpenAI(base_url=base_url + "/v1", api_key="none", timeout=60)
+        kwargs = dict(model="tiny-random", messages=MESSAGES, max_tokens=8, temperature=0)
+        if not stream:
+            return client.chat.completions.create(**kwargs).choices[0].message.content
+        chunks = client.chat.completions.create(**kwargs, stream=True)
+        return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+
+    want = ask(tiny_server.url, False)
+    assert ask(router.url, False) == want and ask(router.url, True) == want
+    models = openai.OpenAI(base_url=router.url + "/v1", api_key="none").models.list()
+    assert models.data[0].id == "tiny-random"
+    wait_idle([pd_pair[0].url, pd_pair[1].url])
