@@ -7,7 +7,10 @@ worker holds a room's KV and hands its endpoint to the decode worker.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
@@ -16,7 +19,7 @@ import msgspec
 from pdserve.disagg.bootstrap_client import bootstrap_url
 from pdserve.disagg.bootstrap_registry import BootstrapRegistry
 from pdserve.disagg.bootstrap_server import start_bootstrap_server
-from pdserve.disagg.metrics import DisaggMetrics
+from pdserve.disagg.metrics import DisaggMetrics, failure_kind
 from pdserve.disagg.peer_info import PeerDirectory
 from pdserve.disagg.rank_resolver import (
     PrefillAction,
@@ -28,7 +31,7 @@ from pdserve.disagg.rank_resolver import (
     resolve_decode,
 )
 from pdserve.serving.hooks import FrontendHooks, RequestError
-from pdserve.serving.protocol import GenerateReq
+from pdserve.serving.protocol import GenerateReq, ReqOutput
 
 if TYPE_CHECKING:
     from pdserve.serving.config import ServerConfig
@@ -53,14 +56,26 @@ def _explicit_rank(body: dict[str, Any]) -> int | None:
     return value
 
 
-class PrefillFrontendHooks(FrontendHooks):
+class _PDFrontendHooks(FrontendHooks):
+    metrics: DisaggMetrics
+
+    def on_output(self, req: GenerateReq, out: ReqOutput) -> None:
+        if out.kv_bytes or out.kv_transfer_s is not None:
+            self.metrics.transfer(out.kv_bytes, out.kv_transfer_s)
+        if out.error_message:
+            self.metrics.failure(failure_kind(out.error_message))
+
+
+class PrefillFrontendHooks(_PDFrontendHooks):
     def __init__(self, cfg: ServerConfig, controller: DPController, metrics: DisaggMetrics):
         self.cfg = cfg
         self.controller = controller
         self.metrics = metrics
         self.method = cfg.server.resolved_lb_method
         self.force = cfg.disagg.force_query_prefill_dp_rank
-        self.registry = BootstrapRegistry(cfg.disagg.room_ttl_s, dp_size=cfg.server.dp_size)
+        self.registry = _PrefillRegistry(
+            cfg.disagg.room_ttl_s, cfg.server.dp_size, self._abort_room
+        )
         self.bootstrap = None
         metrics.watch_registry(self.registry)
 
@@ -110,6 +125,12 @@ class PrefillFrontendHooks(FrontendHooks):
             if rank not in self.controller.dead:
                 self.controller.room_failed(rank, room, reason)
 
+    def _abort_room(self, room: int, reason: str) -> None:
+        """A failure recorded for a room (e.g. by its decode server): stop our leg of it."""
+        for rid, flight in list(self.controller.inflight.items()):
+            if flight.req.disagg is not None and flight.req.disagg.room == room:
+                self.controller.abort(rid, f"room {room} failed elsewhere: {reason}")
+
     def on_finished(self, req: GenerateReq, error: str | None) -> None:
         if req.disagg is None:
             return
@@ -119,13 +140,27 @@ class PrefillFrontendHooks(FrontendHooks):
             self.registry.record_failure(req.disagg.room, error, 500, time.monotonic())
 
 
-class DecodeFrontendHooks(FrontendHooks):
+class _PrefillRegistry(BootstrapRegistry):
+    """The registry, plus a callback when a room's failure is recorded, so that a decode
+    server that gives up on a room (POST /register_dp_rank with an error) stops our leg too."""
+
+    def __init__(self, room_ttl_s: float, dp_size: int, on_failure: Callable[[int, str], None]):
+        super().__init__(room_ttl_s, dp_size=dp_size)
+        self._on_failure = on_failure
+
+    def record_failure(self, room: int, reason: str, status: int, now: float) -> None:
+        super().record_failure(room, reason, status, now)
+        self._on_failure(room, reason)
+
+
+class DecodeFrontendHooks(_PDFrontendHooks):
     def __init__(self, cfg: ServerConfig, controller: DPController, metrics: DisaggMetrics):
         self.cfg = cfg
         self.controller = controller
         self.metrics = metrics
         self.session: aiohttp.ClientSession | None = None
         self.peers: PeerDirectory | None = None
+        self._notify_tasks: set[asyncio.Task] = set()
 
     async def start(self) -> None:
         self.session = aiohttp.ClientSession()
@@ -154,15 +189,53 @@ class DecodeFrontendHooks(FrontendHooks):
         return bootstrap_url(host, port)
 
     async def prepare(self, req: GenerateReq, dp_rank: int, body: dict[str, Any]) -> GenerateReq:
+        url = self._bootstrap_address(body)
+        try:
+            return await self._resolve(req, dp_rank, body, url)
+        except RequestError as exc:
+            self.metrics.failure(failure_kind(exc.message))
+            self._tell_prefill(url, req.disagg.room, exc)
+            raise
+
+    def on_finished(self, req: GenerateReq, error: str | None) -> None:
+        """A decode leg that ended badly (deadline, disconnect, dead peer) also stops the
+        prefill leg, which would otherwise hold its pages until its own deadline."""
+        if error is not None and req.disagg is not None and req.disagg.prefill_bootstrap:
+            self._tell_prefill(
+                req.disagg.prefill_bootstrap, req.disagg.room, RequestError(500, error)
+            )
+
+    def _tell_prefill(self, url: str, room: int, exc: RequestError) -> None:
+        """Best effort: record the failure at the prefill's bootstrap server, which stops
+        the prefill leg of the room instead of letting it wait for a page list."""
+        assert self.session is not None
+        body = {
+            "bootstrap_room": room,
+            "error": f"decode failed the room: {exc.message}",
+            "status": exc.status if 400 <= exc.status < 600 else 500,
+        }
+
+        async def post() -> None:
+            with contextlib.suppress(Exception):
+                async with self.session.post(
+                    url + "/register_dp_rank", json=body, timeout=aiohttp.ClientTimeout(total=2)
+                ):
+                    pass
+
+        task = asyncio.ensure_future(post())
+        self._notify_tasks.add(task)
+        task.add_done_callback(self._notify_tasks.discard)
+
+    async def _resolve(
+        self, req: GenerateReq, dp_rank: int, body: dict[str, Any], url: str
+    ) -> GenerateReq:
         assert self.peers is not None, "start() not called"
         room = req.disagg.room
-        url = self._bootstrap_address(body)
         explicit = _explicit_rank(body)
         info = await self.peers.server_info(url)
         own = self.controller.ready[dp_rank].kv_layout
         mismatch = info.layout().mismatch(own) if own is not None else None
         if mismatch:
-            self.metrics.failure("layout_mismatch")
             raise RequestError(500, f"prefill server at {url} is incompatible: {mismatch}")
         summary = PrefillServerInfo(
             info.dp_size, info.follow_bootstrap_room, info.registers_all_rooms
