@@ -70,6 +70,7 @@ def server_info_dict(request: web.Request) -> dict[str, Any]:
         "port": cfg.server.port,
         "device": cfg.engine.device,
         "dtype": cfg.engine.dtype,
+        "worker_pids": list(state.controller.workers.pids),
     }
     info.update(state.hooks.server_info())
     return info

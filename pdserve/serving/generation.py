@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,6 +19,8 @@ from pdserve.serving.dp_controller import DPController, InFlight
 from pdserve.serving.hooks import FrontendHooks, RequestError
 from pdserve.serving.protocol import DisaggInfo, GenerateReq, ReqOutput
 from pdserve.serving.request_parse import GenItem
+
+ClientGone = Callable[[], bool]
 
 
 @dataclass
@@ -68,8 +70,11 @@ class Generator:
         self.request_timeout_s = request_timeout_s
         self.metrics = controller.metrics
 
-    async def run(self, item: GenItem, result: ItemResult) -> AsyncIterator[Delta]:
-        """Yields deltas until the item finishes; raises RequestError on failure."""
+    async def run(
+        self, item: GenItem, result: ItemResult, client_gone: ClientGone | None = None
+    ) -> AsyncIterator[Delta]:
+        """Yields deltas until the item finishes; raises RequestError on failure. A client
+        that `client_gone` reports (checked per output) cancels the request."""
         try:
             req = await self._dispatch(item)
         except RequestError:
@@ -84,6 +89,8 @@ class Generator:
         error: str | None = "cancelled"
         try:
             async for msg in self._outputs(self.controller.inflight[req.rid], result):
+                if client_gone is not None and client_gone():
+                    return  # error stays "cancelled": the request is aborted in its worker
                 self.hooks.on_output(req, msg)
                 delta = self._apply(msg, detok, result)
                 if detok.matched_stop is not None and result.finish_reason is None:
@@ -191,16 +198,18 @@ class Generator:
         )
 
 
-async def run_to_end(gen: Generator, item: GenItem) -> ItemResult:
+async def run_to_end(
+    gen: Generator, item: GenItem, client_gone: ClientGone | None = None
+) -> ItemResult:
     result = ItemResult(item=item, started_at=time.monotonic())
-    async with contextlib.aclosing(gen.run(item, result)) as deltas:
+    async with contextlib.aclosing(gen.run(item, result, client_gone)) as deltas:
         async for _ in deltas:
             pass
     return result
 
 
 async def merged(
-    gen: Generator, items: list[GenItem]
+    gen: Generator, items: list[GenItem], client_gone: ClientGone | None = None
 ) -> AsyncIterator[tuple[int, ItemResult, Delta]]:
     """Interleaves the deltas of several items; cancels the rest if one fails or we stop."""
     queue: asyncio.Queue = asyncio.Queue()
@@ -208,7 +217,9 @@ async def merged(
 
     async def pump(index: int) -> None:
         try:
-            async with contextlib.aclosing(gen.run(items[index], results[index])) as deltas:
+            async with contextlib.aclosing(
+                gen.run(items[index], results[index], client_gone)
+            ) as deltas:
                 async for delta in deltas:
                     queue.put_nowait((index, delta, None))
         except RequestError as exc:
@@ -235,9 +246,11 @@ async def merged(
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
-async def run_all(gen: Generator, items: list[GenItem]) -> list[ItemResult]:
+async def run_all(
+    gen: Generator, items: list[GenItem], client_gone: ClientGone | None = None
+) -> list[ItemResult]:
     """Runs items concurrently; the first failure cancels the others and is raised."""
-    tasks = [asyncio.create_task(run_to_end(gen, item)) for item in items]
+    tasks = [asyncio.create_task(run_to_end(gen, item, client_gone)) for item in items]
     try:
         return list(await asyncio.gather(*tasks))
     finally:

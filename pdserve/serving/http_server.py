@@ -76,6 +76,12 @@ async def error_middleware(request: web.Request, handler) -> web.StreamResponse:
         return error_response(500, f"internal error: {exc!r}")
 
 
+def client_gone(request: web.Request):
+    """A check for a client that hung up; covers one that left before its handler started,
+    which handler cancellation alone misses."""
+    return lambda: request.transport is None or request.transport.is_closing()
+
+
 async def read_json(request: web.Request) -> Any:
     try:
         return json.loads(await request.read())
@@ -128,7 +134,7 @@ async def _start_workers(cfg: ServerConfig) -> tuple[DPController, Any, str]:
 async def serve_async(cfg: ServerConfig) -> int:
     try:
         controller, tokenizer, model_dir = await _start_workers(cfg)
-    except WorkerStartError as exc:
+    except (WorkerStartError, ValueError, OSError) as exc:
         logger.error("server failed to start: %s", exc)
         return 1
     hooks = make_frontend_hooks(cfg, controller)

@@ -13,7 +13,7 @@ import msgspec
 from aiohttp import web
 
 from pdserve.serving.generation import ItemResult, merged, run_all
-from pdserve.serving.http_server import read_json, state_of
+from pdserve.serving.http_server import client_gone, read_json, state_of
 from pdserve.serving.request_parse import get_field, parse_generate
 from pdserve.serving.streaming import sse_response
 
@@ -77,14 +77,16 @@ async def generate(request: web.Request) -> web.StreamResponse:
     body = await read_json(request)
     items, is_batch = parse_generate(body, state.tokenizer, state.limits)
     if get_field(body, "stream", bool, False):
-        return await sse_response(request, _stream(state.generator, items, is_batch))
-    results = await run_all(state.generator, items)
+        return await sse_response(
+            request, _stream(state.generator, items, is_batch, client_gone(request))
+        )
+    results = await run_all(state.generator, items, client_gone(request))
     answers = [native_answer(r) for r in results]
     return web.json_response(answers if is_batch else answers[0])
 
 
-async def _stream(generator, items, is_batch: bool) -> AsyncIterator[dict[str, Any]]:
-    async for index, result, _delta in merged(generator, items):
+async def _stream(generator, items, is_batch: bool, gone) -> AsyncIterator[dict[str, Any]]:
+    async for index, result, _delta in merged(generator, items, gone):
         yield native_answer(result, index if is_batch else None)
 
 

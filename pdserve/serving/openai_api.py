@@ -15,7 +15,7 @@ from aiohttp import web
 
 from pdserve.serving.generation import ItemResult, merged, run_all
 from pdserve.serving.hooks import RequestError
-from pdserve.serving.http_server import ServerState, read_json, state_of
+from pdserve.serving.http_server import ServerState, client_gone, read_json, state_of
 from pdserve.serving.openai_format import (
     chat_logprobs,
     completion_logprobs,
@@ -100,9 +100,11 @@ async def completions(request: web.Request) -> web.StreamResponse:
     items = _items(state, body, _completion_prompts(state, body), _sampling(body, 16), logprobs)
     meta = _meta(state, "cmpl")
     if get_field(body, "stream", bool, False):
-        events = _stream(state, items, meta, body, "text_completion", _completion_delta)
+        events = _stream(
+            state, items, meta, body, "text_completion", _completion_delta, client_gone(request)
+        )
         return await sse_response_for(request, events)
-    results = await run_all(state.generator, items)
+    results = await run_all(state.generator, items, client_gone(request))
     choices = [
         {
             "index": i,
@@ -126,9 +128,11 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     items = _items(state, body, [prompt_ids], _sampling(body, None), top if want_logprobs else None)
     meta = _meta(state, "chatcmpl")
     if get_field(body, "stream", bool, False):
-        events = _stream(state, items, meta, body, "chat.completion.chunk", _chat_delta)
+        events = _stream(
+            state, items, meta, body, "chat.completion.chunk", _chat_delta, client_gone(request)
+        )
         return await sse_response_for(request, events)
-    results = await run_all(state.generator, items)
+    results = await run_all(state.generator, items, client_gone(request))
     choices = [
         {
             "index": i,
@@ -170,11 +174,11 @@ def _chat_delta(state, result: ItemResult, text: str, first: bool) -> dict[str, 
 
 
 async def _stream(
-    state: ServerState, items: list, meta: dict, body: dict, kind: str, make_delta
+    state: ServerState, items: list, meta: dict, body: dict, kind: str, make_delta, gone
 ) -> AsyncIterator[dict[str, Any]]:
     started: set[int] = set()
     finished: list[ItemResult] = []
-    async for index, result, delta in merged(state.generator, items):
+    async for index, result, delta in merged(state.generator, items, gone):
         choice = {
             "index": index,
             **make_delta(state, result, delta.text, index not in started),

@@ -1,0 +1,93 @@
+"""Bad requests get a 4xx naming the problem, and the server keeps serving afterwards."""
+
+from __future__ import annotations
+
+import urllib.error
+import urllib.request
+
+import pytest
+
+from tests.helpers import http_json
+
+GOOD = {"text": "still alive?", "sampling_params": {"max_new_tokens": 3, "temperature": 0}}
+
+
+def post_raw(url: str, data: bytes) -> tuple[int, dict]:
+    import json
+
+    req = urllib.request.Request(url, data=data, method="POST")
+    try:
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "needle"),
+    [
+        ("/generate", {"text": ""}, "empty"),
+        ("/generate", {"input_ids": []}, "empty"),
+        ("/generate", {"text": 3}, "text must be"),
+        ("/generate", {"input_ids": [1, "x"]}, "input_ids"),
+        ("/generate", {"input_ids": [10**9]}, "vocabulary"),
+        ("/generate", {"input_ids": [1] * 5000}, "context length"),
+        ("/generate", {"text": "a", "sampling_params": {"max_new_tokens": -4}}, "max_new_tokens"),
+        (
+            "/generate",
+            {"text": "a", "sampling_params": {"max_new_tokens": 10**8}},
+            "context length",
+        ),
+        ("/generate", {"text": "a", "sampling_params": {"temperature": "hot"}}, "temperature"),
+        ("/generate", {"text": "a", "sampling_params": {"stop": [""]}}, "stop"),
+        ("/generate", {"text": "a", "stream": "yes"}, "stream"),
+        ("/generate", {"text": "a", "routed_dp_rank": 1}, "out of range"),
+        ("/generate", {"text": "a", "data_parallel_rank": -1}, "out of range"),
+        ("/generate", {"text": "a", "bootstrap_room": "r"}, "bootstrap_room"),
+        ("/generate", [], "JSON object"),
+        ("/v1/completions", {"prompt": 7}, "prompt"),
+        ("/v1/completions", {"prompt": "a", "max_tokens": -1}, "max_new_tokens"),
+        ("/v1/completions", {"prompt": "a", "n": 0}, "n must be"),
+        ("/v1/chat/completions", {"messages": []}, "messages"),
+        ("/v1/chat/completions", {"messages": [{"content": "no role"}]}, "role"),
+        (
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": "x"}], "logprobs": 1},
+            "logprobs",
+        ),
+        (
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": "x"}], "top_p": 2},
+            "top_p",
+        ),
+        ("/abort_request", {"rid": 5}, "rid"),
+    ],
+)
+def test_bad_request_is_4xx_with_a_message(tiny_server, path, body, needle):
+    status, out = http_json("POST", tiny_server.url + path, body)
+    assert 400 <= status < 500, out
+    assert needle in out["error"]["message"]
+
+
+def test_malformed_json_and_unknown_route(tiny_server):
+    status, out = post_raw(f"{tiny_server.url}/generate", b"{not json")
+    assert status == 400 and "malformed JSON" in out["error"]["message"]
+    status, out = http_json("GET", f"{tiny_server.url}/no_such_route")
+    assert status == 404 and "error" in out
+
+
+def test_duplicate_in_flight_rid_is_rejected(tiny_server):
+    body = {
+        "input_ids": [[1, 2], [3, 4]],
+        "rid": ["dup", "dup"],
+        "sampling_params": {"max_new_tokens": 50},
+    }
+    status, out = http_json("POST", f"{tiny_server.url}/generate", body)
+    assert status == 400 and "already in flight" in out["error"]["message"]
+
+
+def test_server_still_serves_after_bad_requests(tiny_server):
+    status, out = http_json("POST", f"{tiny_server.url}/generate", GOOD)
+    assert status == 200 and len(out["output_ids"]) >= 1
+    status, load = http_json("GET", f"{tiny_server.url}/get_load")
+    assert load[0]["num_reqs"] == 0

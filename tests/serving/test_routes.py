@@ -1,0 +1,272 @@
+"""Every route of a colocated tiny-random server, over real HTTP on loopback."""
+
+from __future__ import annotations
+
+import json
+import urllib.request
+
+import openai
+import pytest
+
+from tests.helpers import http_json
+
+GREEDY = {"max_new_tokens": 6, "temperature": 0.0, "ignore_eos": True}
+
+
+def sse_events(url: str, body: dict) -> list:
+    req = urllib.request.Request(
+        url, json.dumps(body).encode(), {"Content-Type": "application/json"}
+    )
+    events = []
+    with urllib.request.urlopen(req, timeout=60) as resp:
+        assert resp.headers["Content-Type"].startswith("text/event-stream")
+        for raw in resp:
+            line = raw.decode().strip()
+            if line.startswith("data: "):
+                payload = line[len("data: ") :]
+                events.append(payload if payload == "[DONE]" else json.loads(payload))
+    return events
+
+
+def test_generate_single_answers_text_ids_and_meta_info(tiny_server):
+    status, out = http_json(
+        "POST", f"{tiny_server.url}/generate", {"text": "Hello", "sampling_params": GREEDY}
+    )
+    assert status == 200, out
+    assert isinstance(out["text"], str) and len(out["output_ids"]) == 6
+    meta = out["meta_info"]
+    assert meta["finish_reason"] == {"type": "length", "matched": None}
+    assert meta["completion_tokens"] == 6 and meta["prompt_tokens"] > 0
+    assert isinstance(meta["id"], str) and meta["e2e_latency"] > 0
+    assert "output_token_logprobs" not in meta
+
+
+def test_generate_batch_returns_one_answer_per_prompt_in_order(tiny_server):
+    single = [
+        http_json(
+            "POST", f"{tiny_server.url}/generate", {"input_ids": ids, "sampling_params": GREEDY}
+        )[1]
+        for ids in ([1, 2, 3], [4, 5])
+    ]
+    status, batch = http_json(
+        "POST",
+        f"{tiny_server.url}/generate",
+        {"input_ids": [[1, 2, 3], [4, 5]], "sampling_params": GREEDY, "rid": ["b0", "b1"]},
+    )
+    assert status == 200 and isinstance(batch, list) and len(batch) == 2
+    assert [b["output_ids"] for b in batch] == [s["output_ids"] for s in single]
+    assert [b["meta_info"]["id"] for b in batch] == ["b0", "b1"]
+
+
+def test_generate_stream_sends_growing_text_and_ends_with_done(tiny_server):
+    events = sse_events(
+        f"{tiny_server.url}/generate", {"text": "Hello", "sampling_params": GREEDY, "stream": True}
+    )
+    assert events[-1] == "[DONE]"
+    chunks = events[:-1]
+    assert len(chunks) >= 2
+    ids = [c["output_ids"] for c in chunks]
+    assert all(a == b[: len(a)] for a, b in zip(ids, ids[1:], strict=False))
+    assert chunks[-1]["meta_info"]["finish_reason"]["type"] == "length"
+    assert all(c["meta_info"]["finish_reason"] is None for c in chunks[:-1])
+    _, whole = http_json(
+        "POST", f"{tiny_server.url}/generate", {"text": "Hello", "sampling_params": GREEDY}
+    )
+    assert chunks[-1]["output_ids"] == whole["output_ids"] and chunks[-1]["text"] == whole["text"]
+
+
+def test_generate_logprobs_in_sglang_format(tiny_server):
+    status, out = http_json(
+        "POST",
+        f"{tiny_server.url}/generate",
+        {
+            "input_ids": [5, 6, 7, 8],
+            "sampling_params": GREEDY,
+            "return_logprob": True,
+            "logprob_start_len": 1,
+            "top_logprobs_num": 2,
+        },
+    )
+    assert status == 200, out
+    meta = out["meta_info"]
+    out_lp = meta["output_token_logprobs"]
+    assert [t for _, t, _ in out_lp] == out["output_ids"]
+    assert all(lp <= 0 and text is None for lp, _, text in out_lp)
+    assert [t for _, t, _ in meta["input_token_logprobs"]] == [6, 7, 8]
+    assert all(len(row) == 2 for row in meta["output_top_logprobs"])
+    # Greedy: the chosen token is the most likely one.
+    for (lp, tid, _), top in zip(out_lp, meta["output_top_logprobs"], strict=True):
+        assert top[0][1] == tid and top[0][0] == pytest.approx(lp, abs=1e-4)
+
+
+def test_stop_string_trims_text_and_reports_the_match(tiny_server):
+    _, free = http_json(
+        "POST",
+        f"{tiny_server.url}/generate",
+        {"input_ids": [9, 10], "sampling_params": {**GREEDY, "max_new_tokens": 12}},
+    )
+    text = free["text"]
+    stop = text[3:5] if len(text) >= 5 else text[-1:]
+    _, out = http_json(
+        "POST",
+        f"{tiny_server.url}/generate",
+        {"input_ids": [9, 10], "sampling_params": {**GREEDY, "max_new_tokens": 12, "stop": [stop]}},
+    )
+    assert out["meta_info"]["finish_reason"] == {"type": "stop", "matched": stop}
+    assert out["text"] == text[: text.find(stop)]
+    _, kept = http_json(
+        "POST",
+        f"{tiny_server.url}/generate",
+        {
+            "input_ids": [9, 10],
+            "sampling_params": {
+                **GREEDY,
+                "max_new_tokens": 12,
+                "stop": [stop],
+                "no_stop_trim": True,
+            },
+        },
+    )
+    assert kept["text"] == text[: text.find(stop) + len(stop)]
+
+
+def test_completions_and_chat_completions(tiny_server):
+    status, out = http_json(
+        "POST",
+        f"{tiny_server.url}/v1/completions",
+        {
+            "model": None,
+            "prompt": ["a", "b"],
+            "max_tokens": 4,
+            "temperature": 0,
+            "logprobs": 1,
+            "log_metrics": True,
+            "return_bytes": False,
+        },
+    )
+    assert status == 200, out
+    assert out["object"] == "text_completion" and len(out["choices"]) == 2
+    assert out["usage"]["completion_tokens"] == sum(
+        len(c["logprobs"]["tokens"]) for c in out["choices"]
+    )
+    status, out = http_json(
+        "POST",
+        f"{tiny_server.url}/v1/chat/completions",
+        {
+            "messages": [{"role": "user", "content": "hi"}],
+            "max_completion_tokens": 5,
+            "n": 3,
+            "logprobs": True,
+            "top_logprobs": 2,
+            "separate_reasoning": True,
+            "stream_reasoning": True,
+        },
+    )
+    assert status == 200, out
+    assert out["object"] == "chat.completion" and [c["index"] for c in out["choices"]] == [0, 1, 2]
+    for choice in out["choices"]:
+        assert choice["message"]["role"] == "assistant"
+        assert choice["finish_reason"] in ("stop", "length")
+        assert all(len(t["top_logprobs"]) == 2 for t in choice["logprobs"]["content"])
+    assert (
+        out["usage"]["total_tokens"]
+        == out["usage"]["prompt_tokens"] + out["usage"]["completion_tokens"]
+    )
+
+
+def test_chat_stream_deltas_add_up_to_the_whole_answer(tiny_server):
+    body = {
+        "messages": [{"role": "user", "content": "hello"}],
+        "max_tokens": 8,
+        "temperature": 0,
+        "n": 2,
+        "stream_options": {"include_usage": True},
+    }
+    events = sse_events(f"{tiny_server.url}/v1/chat/completions", {**body, "stream": True})
+    assert events[-1] == "[DONE]"
+    texts = {0: "", 1: ""}
+    for ev in events[:-1]:
+        for choice in ev["choices"]:
+            texts[choice["index"]] += choice["delta"].get("content", "")
+    assert events[-2]["usage"]["completion_tokens"] > 0
+    _, whole = http_json("POST", f"{tiny_server.url}/v1/chat/completions", body)
+    assert texts[0] == whole["choices"][0]["message"]["content"] == texts[1]
+
+
+def test_openai_client_chat_streaming_chat_and_completions(tiny_server):
+    client = openai.OpenAI(base_url=f"{tiny_server.url}/v1", api_key="unused", max_retries=0)
+    chat = client.chat.completions.create(
+        model="tiny-random",
+        messages=[{"role": "user", "content": "hi"}],
+        max_tokens=5,
+        temperature=0,
+    )
+    assert chat.choices[0].message.content is not None and chat.usage.completion_tokens > 0
+    stream = client.chat.completions.create(
+        model="tiny-random",
+        messages=[{"role": "user", "content": "hi"}],
+        max_tokens=5,
+        temperature=0,
+        stream=True,
+    )
+    streamed = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    assert streamed == chat.choices[0].message.content
+    comp = client.completions.create(model="tiny-random", prompt="abc", max_tokens=3, temperature=0)
+    assert comp.choices[0].finish_reason in ("stop", "length")
+    assert [m.id for m in client.models.list().data] == ["tiny-random"]
+
+
+def test_info_routes_have_the_types_the_sglang_router_checks(tiny_server):
+    status, info = http_json("GET", f"{tiny_server.url}/server_info")
+    assert status == 200
+    for key, kind in [
+        ("model_path", str),
+        ("served_model_name", str),
+        ("tp_size", int),
+        ("dp_size", int),
+        ("disaggregation_mode", str),
+        ("version", str),
+        ("page_size", int),
+        ("load_balance_method", str),
+    ]:
+        assert isinstance(info[key], kind), key
+    assert info["disaggregation_mode"] == "null" and info["dp_size"] == 1
+    assert http_json("GET", f"{tiny_server.url}/get_server_info")[1]["dp_size"] == 1
+    status, model = http_json("GET", f"{tiny_server.url}/model_info")
+    assert status == 200 and model["is_generation"] is True
+    assert model["model_type"] == "llama" and isinstance(model["architectures"], list)
+    status, models = http_json("GET", f"{tiny_server.url}/v1/models")
+    assert models["data"][0]["id"] == "tiny-random"
+
+
+def test_get_load_health_and_flush_cache(tiny_server):
+    status, load = http_json("GET", f"{tiny_server.url}/get_load")
+    assert status == 200 and len(load) == 1
+    assert {"dp_rank", "num_reqs", "num_waiting_reqs", "num_tokens"} <= set(load[0])
+    assert http_json("GET", f"{tiny_server.url}/health")[0] == 200
+    assert http_json("GET", f"{tiny_server.url}/health_generate")[0] == 200
+    assert http_json("POST", f"{tiny_server.url}/flush_cache")[0] == 200
+
+
+def test_metrics_count_requests_tokens_and_pages(tiny_server):
+    http_json(
+        "POST", f"{tiny_server.url}/generate", {"text": "count me", "sampling_params": GREEDY}
+    )
+    status, text = http_json("GET", f"{tiny_server.url}/metrics")
+    assert status == 200
+    for name in (
+        'pdserve_requests_total{status="length"}',
+        "pdserve_prompt_tokens_total",
+        "pdserve_generation_tokens_total",
+        "pdserve_time_to_first_token_seconds_bucket",
+        "pdserve_inter_token_latency_seconds_bucket",
+        "pdserve_e2e_request_latency_seconds_bucket",
+        'pdserve_num_running_reqs{dp_rank="0"}',
+        'pdserve_kv_pages_free{dp_rank="0"}',
+        'pdserve_kv_pages_used{dp_rank="0"}',
+    ):
+        assert name in text, name
+    generated = [
+        line for line in text.splitlines() if line.startswith("pdserve_generation_tokens_total ")
+    ]
+    assert float(generated[0].split()[1]) >= 6
