@@ -30,6 +30,12 @@ class BenchConfig:
         None,
         "tokenizer dir or pdserve model name (default: /model_info tokenizer_path or model_path)",
     )
+    launch: str | None = opt(
+        None,
+        "command that starts the setup to measure (e.g. 'pdserve up ...'); waited for on "
+        "/health and /model_info, stopped after the run",
+    )
+    launch_timeout_s: float = opt(900.0, "deadline for the launched command to be ready")
     # workload
     dataset_name: str = opt("random", "workload kind", choices=DATASETS)
     num_prompts: int = opt(100, "requests to send (a trace is cut to its first N rows)")
@@ -45,6 +51,9 @@ class BenchConfig:
     trace_file: str | None = opt(None, "trace: Mooncake FAST'25 JSONL file")
     trace_speedup: float = opt(1.0, "trace: replay this many times faster than recorded")
     trace_block_size: int = opt(512, "trace: tokens per hash id")
+    trace_length_scale: float = opt(
+        1.0, "trace: multiply lengths and the block size by this (fit a trace to a small model)"
+    )
     seed: int = opt(0, "random seed for lengths, tokens and arrivals")
     # load
     request_rate: float = opt(math.inf, "Poisson arrivals per second (inf: all at once)")
@@ -86,6 +95,7 @@ class BenchConfig:
         )
         check(self.trace_speedup > 0, "--trace-speedup must be > 0")
         check(self.trace_block_size > 0, "--trace-block-size must be > 0")
+        check(self.trace_length_scale > 0, "--trace-length-scale must be > 0")
         check(self.request_rate > 0, "--request-rate must be > 0 (inf: all at once)")
         check(self.burstiness > 0, "--burstiness must be > 0")
         check(
@@ -94,6 +104,7 @@ class BenchConfig:
         )
         check(self.warmup_requests >= 0, "--warmup-requests must be >= 0")
         check(self.request_timeout_s > 0, "--request-timeout-s must be > 0")
+        check(self.launch_timeout_s > 0, "--launch-timeout-s must be > 0")
         check(all(r > 0 for r in self.sweep_rates), "--sweep-rates must all be > 0")
         check(0 < self.sweep_target <= 1, "--sweep-target must be in (0, 1]")
         check(self.sweep_search_steps >= 0, "--sweep-search-steps must be >= 0")

@@ -164,8 +164,11 @@ async def run_sweep(cfg: BenchConfig) -> dict[str, Any]:
 
 def main(cfg: BenchConfig) -> int:
     """Run the benchmark; exit status 1 when every request failed."""
-    if cfg.sweep_rates:
-        asyncio.run(run_sweep(cfg))
-        return 0
-    result = asyncio.run(run_single(cfg))
+    from pdserve.bench.launch import launched
+
+    with launched(cfg.launch, cfg.base_url, cfg.launch_timeout_s):
+        if cfg.sweep_rates:
+            asyncio.run(run_sweep(cfg))
+            return 0
+        result = asyncio.run(run_single(cfg))
     return 1 if result["completed"] == 0 else 0

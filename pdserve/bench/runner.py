@@ -90,7 +90,10 @@ def build_workload(
     if cfg.dataset_name == "trace":
         with open(cfg.trace_file or "", encoding="utf-8") as f:
             rows = trace.parse_trace(f, limit=cfg.num_prompts)
-        prompts = workload.trace_prompts(rows, allowed, cfg.trace_block_size, cfg.seed)
+        scale = cfg.trace_length_scale
+        rows = trace.scale_lengths(rows, scale)
+        block_size = max(1, round(cfg.trace_block_size * scale))
+        prompts = workload.trace_prompts(rows, allowed, block_size, cfg.seed)
         trace_times = trace.trace_send_times(rows, cfg.trace_speedup)
     else:
         inputs, outputs = _lengths(cfg, rng, cfg.num_prompts)

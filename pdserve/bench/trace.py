@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -45,6 +45,20 @@ def parse_trace(lines: Iterable[str], limit: int | None = None) -> list[TraceRow
             raise ValueError(f"trace line {line_no}: lengths must be >= 1")
         rows.append(row)
     return rows
+
+
+def scale_lengths(rows: Sequence[TraceRow], factor: float) -> list[TraceRow]:
+    """Rows with input and output lengths times `factor` (at least one token each), so that
+    a trace of long prompts fits a small model; use a block size times `factor` with them
+    to keep the trace's sharing pattern."""
+    return [
+        replace(
+            row,
+            input_length=max(1, round(row.input_length * factor)),
+            output_length=max(1, round(row.output_length * factor)),
+        )
+        for row in rows
+    ]
 
 
 def trace_send_times(rows: Sequence[TraceRow], speedup: float) -> list[float]:

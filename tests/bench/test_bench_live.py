@@ -7,8 +7,6 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
-import subprocess
-import sys
 import urllib.request
 from pathlib import Path
 
@@ -20,7 +18,6 @@ from pdserve.bench.metrics import summarize
 from pdserve.bench.server_stats import parse_prometheus
 from pdserve.bench.trace import parse_trace, trace_send_times
 from pdserve.bench.workload import Prompt
-from tests.helpers import REPO_ROOT
 
 JSON_FIELDS = [
     "completed", "failed", "failed_by_reason", "duration", "total_input_tokens",
@@ -47,13 +44,6 @@ def server_counts(url: str) -> dict[str, float]:
         "prompt_tokens": samples.get("pdserve_prompt_tokens_total", 0.0),
         "output_tokens": samples.get("pdserve_generation_tokens_total", 0.0),
     }
-
-
-def bench_cli(url: str, *args: str) -> None:
-    subprocess.run(
-        [sys.executable, "-m", "pdserve", "bench", "--base-url", url, "--no-progress", *args],
-        cwd=REPO_ROOT, check=True, timeout=180, capture_output=True,
-    )  # fmt: skip
 
 
 @pytest.mark.parametrize("endpoint", ["generate", "completions", "chat"])
@@ -158,11 +148,12 @@ def test_trace_replay_keeps_the_traces_relative_timing(tiny_server, tmp_path: Pa
 
 def test_a_sweep_runs_each_rate_and_names_the_best(tiny_server, tmp_path: Path):
     out = tmp_path / "sweep.json"
-    bench_cli(
-        tiny_server.url, "--num-prompts", "3", "--random-input-len", "16",
-        "--random-output-len", "3", "--sweep-rates", "20", "10", "--slo-ttft-ms", "60000",
-        "--output", str(out), "--plot-dir", str(tmp_path / "plots"),
+    cfg = BenchConfig(
+        base_url=tiny_server.url, num_prompts=3, random_input_len=16, random_output_len=3,
+        sweep_rates=[20.0, 10.0], slo_ttft_ms=60000.0, output=str(out),
+        plot_dir=str(tmp_path / "plots"), progress=False,
     )  # fmt: skip
+    asyncio.run(driver.run_sweep(cfg))
     sweep = json.loads(out.read_text())
     assert [run["request_rate"] for run in sweep["runs"]] == [10, 20]
     assert sweep["best_rate"] == 20 and sweep["first_bad_rate"] is None

@@ -8,7 +8,13 @@ import math
 import numpy as np
 import pytest
 
-from pdserve.bench.trace import TraceRow, arrival_times, parse_trace, trace_send_times
+from pdserve.bench.trace import (
+    TraceRow,
+    arrival_times,
+    parse_trace,
+    scale_lengths,
+    trace_send_times,
+)
 
 ROWS = [
     {"timestamp": 1000, "input_length": 600, "output_length": 10, "hash_ids": [1, 2]},
@@ -65,3 +71,9 @@ def test_burstiness_changes_spread_not_rate():
     assert steady.mean() == pytest.approx(0.1, rel=0.05)
     assert bursty.mean() == pytest.approx(0.1, rel=0.1)
     assert bursty.std() > 3 * steady.std()
+
+
+def test_scaled_lengths_shrink_but_never_reach_zero():
+    rows = scale_lengths(parse_trace(lines()), 0.01)
+    assert [(r.input_length, r.output_length) for r in rows] == [(6, 1), (1, 1), (12, 1)]
+    assert rows[0].hash_ids == (1, 2) and rows[2].timestamp_ms == 4000.0

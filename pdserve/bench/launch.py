@@ -1,0 +1,94 @@
+"""`pdserve bench --launch CMD`: start the setup under test, wait until it serves, and stop
+it afterwards, so one command measures one setup. Runs in the benchmark client process;
+the launched command runs in its own process group, which is what gets stopped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+
+READY_PATHS = ("/health", "/model_info")
+POLL_INTERVAL_S = 0.5
+STOP_TIMEOUT_S = 30.0
+
+
+def _status(url: str) -> int | None:
+    try:
+        with urllib.request.urlopen(url, timeout=5.0) as resp:
+            return resp.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+    except (urllib.error.URLError, OSError):
+        return None
+
+
+def _tail(path: str, num_chars: int = 4000) -> str:
+    with open(path, errors="replace") as f:
+        return f.read()[-num_chars:]
+
+
+def wait_ready(proc: subprocess.Popen, base_url: str, timeout_s: float, log_path: str) -> None:
+    """Poll every READY_PATHS until each answers 200; RuntimeError with the log's tail when
+    the process exits first or the deadline passes."""
+    deadline = time.monotonic() + timeout_s
+    for path in READY_PATHS:
+        while _status(base_url + path) != 200:
+            if proc.poll() is not None:
+                raise RuntimeError(
+                    f"launched command exited with {proc.returncode} before {path} answered:\n"
+                    f"{_tail(log_path)}"
+                )
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"{base_url}{path} not ready within {timeout_s:g} s:\n{_tail(log_path)}"
+                )
+            time.sleep(POLL_INTERVAL_S)
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """SIGTERM the command's process group, SIGKILL it at the deadline."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(STOP_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        pass
+    # children that outlived the leader must not stay behind
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(STOP_TIMEOUT_S)
+
+
+@contextlib.contextmanager
+def launched(command: str | None, base_url: str, timeout_s: float) -> Iterator[None]:
+    """Run `command` (a shell-style string, no shell; a leading `pdserve` means this Python's
+    `-m pdserve`) for the duration of the block, its output in a log file; nothing happens
+    when `command` is None."""
+    if command is None:
+        yield
+        return
+    log = tempfile.NamedTemporaryFile(prefix="pdserve-bench-launch-", suffix=".log", delete=False)
+    print(f"launching: {command} (log: {log.name})", file=sys.stderr)
+    argv = shlex.split(command)
+    if argv and argv[0] == "pdserve":  # this Python's pdserve, installed or not
+        argv = [sys.executable, "-m", "pdserve", *argv[1:]]
+    proc = subprocess.Popen(
+        argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        wait_ready(proc, base_url.rstrip("/"), timeout_s, log.name)
+        yield
+    finally:
+        stop(proc)
+        log.close()
