@@ -64,6 +64,9 @@ class DecodeWorkerHooks(WorkerHooks):
         self.peers: dict[str, Peer] = {}
         self.peer_by_id: dict[object, Peer] = {}
 
+    def num_rooms(self) -> int:
+        return len(self.rooms)
+
     def sockets(self) -> list:
         return self.transport.sockets()
 

@@ -59,6 +59,9 @@ class PrefillWorkerHooks(WorkerHooks):
     def kv_endpoint(self) -> str | None:
         return self.transport.endpoint
 
+    def num_rooms(self) -> int:
+        return len(self.rooms)
+
     def sockets(self) -> list:
         return self.transport.sockets()
 

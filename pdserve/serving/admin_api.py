@@ -131,6 +131,7 @@ async def get_load(request: web.Request) -> web.Response:
                 if worker
                 else controller.ready[rank].num_total_pages,
                 "num_total_pages": controller.ready[rank].num_total_pages,
+                "num_disagg_rooms": worker.num_disagg_rooms if worker else 0,
                 "num_inflight_reqs": front.num_reqs,
                 "alive": front.alive,
             }

@@ -67,6 +67,10 @@ class WorkerHooks:
         """True while there is transfer work that needs the loop to spin without sleeping."""
         return False
 
+    def num_rooms(self) -> int:
+        """PD rooms in flight in this worker (for /get_load and leak checks)."""
+        return 0
+
     def on_generate(self, req: GenerateReq) -> list[ReqOutput]:
         """A new request from the front end. Colocated: straight into the engine."""
         from pdserve.serving.worker_io import request_from_msg

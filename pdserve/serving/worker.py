@@ -125,6 +125,7 @@ class WorkerLoop:
             num_used_pages=self.engine.num_used_pages,
             num_free_pages=self.engine.num_free_pages,
             num_total_pages=self.engine.num_total_pages,
+            num_disagg_rooms=self.hooks.num_rooms(),
         )
         last = self._last_load
         if last == load:

@@ -1,0 +1,136 @@
+"""TTFT cost of the rank-query path against the fast path (PROTOCOL.md section 4).
+
+`python -m pdserve.bench.pd_rank_bench`: starts one decode server and two prefill servers
+(dp 2 each) on loopback: one on follow_bootstrap_room (fast path, no bootstrap traffic), one
+with FORCE (every room registered and queried). The same requests go through both,
+interleaved, at each concurrency; the table gives TTFT p50/p99 and the query/fast ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import aiohttp
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Proc:
+    """A `python -m pdserve serve ...` child in its own process group."""
+
+    def __init__(self, args: list[str], ready_urls: list[str], timeout_s: float = 300.0):
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "pdserve", "serve", *args],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        )
+        deadline = time.monotonic() + timeout_s
+        for url in ready_urls:
+            while not _ok(url):
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    self.stop()
+                    raise RuntimeError(f"server {args} did not become ready ({url})")
+                time.sleep(0.1)  # readiness polling with a deadline
+
+    def stop(self) -> None:
+        try:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(15)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+
+
+def _ok(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as resp:
+            return resp.status == 200
+    except OSError:
+        return False
+
+
+async def _one(session, prefill_url, decode_url, bootstrap_port, prompt_len) -> float:
+    body = {
+        "input_ids": [random.randrange(3, 250) for _ in range(prompt_len)],
+        "sampling_params": {"max_new_tokens": 1, "temperature": 0},
+        "bootstrap_host": "127.0.0.1", "bootstrap_port": bootstrap_port,
+        "bootstrap_room": random.randrange(2**63),
+    }
+    start = time.perf_counter()
+
+    async def post(url):
+        async with session.post(url + "/generate", json=body) as resp:
+            await resp.read()
+            if resp.status != 200:
+                raise RuntimeError(f"{url}: {resp.status}")
+
+    # The decode answer with max_new_tokens=1 arrives with the first token: its latency is TTFT.
+    decode = asyncio.create_task(post(decode_url))
+    await asyncio.gather(post(prefill_url), decode)
+    return time.perf_counter() - start
+
+
+async def _measure(cells, decode_url, concurrency, num_requests, prompt_len) -> dict[str, list[float]]:
+    samples: dict[str, list[float]] = {name: [] for name in cells}
+    async with aiohttp.ClientSession() as session:
+        for _ in range(max(1, num_requests // concurrency)):
+            for name, (prefill_url, bport) in cells.items():  # interleaved: same conditions
+                batch = [_one(session, prefill_url, decode_url, bport, prompt_len)
+                         for _ in range(concurrency)]
+                samples[name] += await asyncio.gather(*batch)
+    return samples
+
+
+def _pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model-path", default="tiny-random")
+    parser.add_argument("--num-requests", type=int, default=128)
+    parser.add_argument("--prompt-len", type=int, default=64)
+    parser.add_argument("--concurrency", type=int, nargs="*", default=[1, 64])
+    args = parser.parse_args(argv)
+    common = ["--model-path", args.model_path, "--host", "127.0.0.1", "--dp-size", "2"]
+    procs: list[Proc] = []
+    try:
+        cells = {}
+        for name, extra in (("fast_path", []), ("query", ["--force-query-prefill-dp-rank"])):
+            port, bport = _free_port(), _free_port()
+            procs.append(Proc([*common, "--mode", "prefill", "--port", str(port),
+                               "--bootstrap-port", str(bport), *extra],
+                              [f"http://127.0.0.1:{port}/health", f"http://127.0.0.1:{bport}/route"]))
+            cells[name] = (f"http://127.0.0.1:{port}", bport)
+        dport = _free_port()
+        procs.append(Proc([*common, "--mode", "decode", "--port", str(dport)],
+                          [f"http://127.0.0.1:{dport}/health"]))
+        decode_url = f"http://127.0.0.1:{dport}"
+        asyncio.run(_measure(cells, decode_url, 4, 8, args.prompt_len))  # warm-up
+        print(f"TTFT, prompt {args.prompt_len} tokens, {args.model_path}, prefill dp 2 -> decode dp 2")
+        print(f"{'concurrency':>11} {'path':>10} {'p50 ms':>8} {'p99 ms':>8} {'p50 ratio':>10}")
+        for conc in args.concurrency:
+            samples = asyncio.run(_measure(cells, decode_url, conc, args.num_requests, args.prompt_len))
+            base = _pct(samples["fast_path"], 0.5)
+            for name, values in samples.items():
+                print(f"{conc:>11} {name:>10} {_pct(values, 0.5):>8.2f} {_pct(values, 0.99):>8.2f} "
+                      f"{_pct(values, 0.5) / base:>10.2f}")
+    finally:
+        for proc in procs:
+            proc.stop()
+
+
+if __name__ == "__main__":
+    main()
