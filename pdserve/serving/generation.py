@@ -69,6 +69,7 @@ class Generator:
         self.mode = mode
         self.request_timeout_s = request_timeout_s
         self.metrics = controller.metrics
+        self.rooms_in_flight: set[int] = set()
 
     async def run(
         self, item: GenItem, result: ItemResult, client_gone: ClientGone | None = None
@@ -124,16 +125,21 @@ class Generator:
                 raise RequestError(
                     400, f"a {self.mode} server needs bootstrap_room in every request"
                 )
-            if any(
-                f.req.disagg and f.req.disagg.room == item.room
-                for f in self.controller.inflight.values()
-            ):
+            # Claimed before the first await, so two concurrent requests with one room
+            # cannot both pass; released when the request ends (or fails to start).
+            if item.room in self.rooms_in_flight:
                 raise RequestError(
                     400, f"bootstrap_room {item.room} is already in flight on this server"
                 )
+            self.rooms_in_flight.add(item.room)
             req.disagg = DisaggInfo(room=item.room)
-        req = await self.hooks.prepare(req, rank, item.extras)
-        self.controller.submit(req, rank)
+        try:
+            req = await self.hooks.prepare(req, rank, item.extras)
+            self.controller.submit(req, rank)
+        except BaseException:
+            if req.disagg is not None:
+                self.rooms_in_flight.discard(req.disagg.room)
+            raise
         return req
 
     async def _outputs(self, flight: InFlight, result: ItemResult) -> AsyncIterator[ReqOutput]:
@@ -177,6 +183,8 @@ class Generator:
         )
 
     def _close(self, req: GenerateReq, result: ItemResult, error: str | None) -> None:
+        if req.disagg is not None:
+            self.rooms_in_flight.discard(req.disagg.room)
         result.finished_at = time.monotonic()
         if error is not None:
             self.controller.abort(req.rid, error)
