@@ -158,3 +158,13 @@ def test_a_failing_step_fails_its_requests_and_frees_pages(tiny_engine_factory, 
     (out,) = engine.step()
     assert "device lost" in out.error and out.finish_reason.type == "abort"
     assert engine.num_used_pages == 0 and engine.get("f") is None
+
+
+def test_kv_layout_describes_the_pool(engine):
+    layout = engine.kv_layout()
+    num_pages, num_layers, two, page_size, num_kv_heads, head_dim = engine.kv_pool.shape
+    assert (two, num_pages) == (2, engine.num_total_pages)
+    assert (layout.page_size, layout.num_layers) == (page_size, num_layers)
+    assert (layout.num_kv_heads, layout.head_dim) == (num_kv_heads, head_dim)
+    assert layout.kv_dtype == "float32" and layout.model_fingerprint == engine.model_fingerprint
+    assert engine.kv_pool[0].is_contiguous()  # one page, every layer: one run of bytes

@@ -1,0 +1,32 @@
+"""The engine on a CUDA device gives the CPU engine's greedy tokens (skipped without CUDA)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pdserve.engine.request import Request, SamplingParams
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+
+def generate(engine, seed: int | None) -> list[int]:
+    temperature = 0.0 if seed is None else 0.8
+    params = SamplingParams(max_new_tokens=32, temperature=temperature, seed=seed, ignore_eos=True)
+    engine.add_request(Request("g", list(range(5, 45)), params))
+    out: list[int] = []
+    while engine.has_work():
+        out += [t for o in engine.step() for t in o.new_token_ids]
+    return out
+
+
+def test_cuda_engine_matches_cpu_greedy(tiny_engine_factory):
+    cpu = tiny_engine_factory()
+    gpu = tiny_engine_factory(device="cuda")
+    assert gpu.kv_pool.is_cuda
+    assert generate(gpu, None) == generate(cpu, None)
+    assert gpu.num_used_pages == 0
+    assert len(generate(gpu, 3)) == 32
