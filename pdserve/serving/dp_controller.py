@@ -123,6 +123,10 @@ class DPController:
         ]
 
     def choose_rank(self, room: int | None, routed_rank: int | None) -> int:
+        if routed_rank in self.dead:
+            raise RequestError(
+                503, f"dp rank {routed_rank} is not running: {self.dead[routed_rank]}"
+            )
         return self.policy.choose(self.rank_loads(), room, routed_rank)
 
     def submit(self, req: GenerateReq, dp_rank: int) -> InFlight:

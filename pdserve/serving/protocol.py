@@ -53,7 +53,6 @@ class FlushCache(msgspec.Struct, tag=True):
 class WorkerReady(msgspec.Struct, tag=True, kw_only=True):
     dp_rank: int
     num_total_pages: int
-    num_disagg_rooms: int = 0  # PD rooms this worker still tracks (transfer not finished)
     page_size: int
     max_context_len: int
     kv_endpoint: str | None = None
@@ -96,6 +95,7 @@ class WorkerLoad(msgspec.Struct, tag=True, kw_only=True):
     num_used_pages: int
     num_free_pages: int
     num_total_pages: int
+    num_disagg_rooms: int = 0  # PD rooms this worker still tracks (transfer not finished)
 
 
 ToWorker = GenerateReq | AbortReq | RoomFailed | FlushCache

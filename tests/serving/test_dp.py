@@ -1,0 +1,148 @@
+"""Data parallelism: routed ranks, round robin, worker deaths and start failures, loud and fast."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from tests.conftest import TINY_ARGS
+from tests.helpers import REPO_ROOT, free_port, http_json, wait_until
+
+SHORT = {"max_new_tokens": 4, "temperature": 0.0}
+LONG = {"max_new_tokens": 3000, "ignore_eos": True}
+
+
+def inflight_by_rank(url: str) -> list[int]:
+    return [r["num_reqs"] for r in http_json("GET", f"{url}/get_load")[1]]
+
+
+@pytest.fixture(scope="module")
+def dp2_server():
+    from tests.helpers import launch_server
+
+    with launch_server([*TINY_ARGS, "--dp-size", "2"]) as server:
+        yield server
+
+
+def test_routed_dp_rank_and_its_alias_pick_the_worker(dp2_server):
+    url = dp2_server.url
+    for field, rank in [("routed_dp_rank", 1), ("data_parallel_rank", 0), ("routed_dp_rank", 0)]:
+        with ThreadPoolExecutor(1) as pool:
+            future = pool.submit(
+                http_json,
+                "POST",
+                f"{url}/generate",
+                {"text": "x", "rid": f"r-{field}-{rank}", field: rank, "sampling_params": LONG},
+            )
+            wait_until(lambda: sum(inflight_by_rank(url)) == 1, 30, "the request to run")
+            loads = inflight_by_rank(url)
+            http_json("POST", f"{url}/abort_request", {"rid": f"r-{field}-{rank}"})
+            assert future.result(60)[0] == 200
+        assert loads[rank] == 1 and loads[1 - rank] == 0, (field, rank, loads)
+        wait_until(lambda: sum(inflight_by_rank(url)) == 0, 30, "the rank to drain")
+
+
+def test_routed_rank_out_of_range_is_400(dp2_server):
+    status, out = http_json(
+        "POST", f"{dp2_server.url}/generate", {"text": "x", "routed_dp_rank": 2}
+    )
+    assert status == 400 and "out of range" in out["error"]["message"]
+    status, out = http_json(
+        "POST",
+        f"{dp2_server.url}/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "x"}], "data_parallel_rank": 5},
+    )
+    assert status == 400 and "data_parallel_rank" in out["error"]["message"]
+
+
+def test_round_robin_spreads_requests_over_both_ranks(dp2_server):
+    url = dp2_server.url
+    with ThreadPoolExecutor(4) as pool:
+        futures = [
+            pool.submit(
+                http_json,
+                "POST",
+                f"{url}/generate",
+                {"text": f"rr{i}", "rid": f"rr-{i}", "sampling_params": LONG},
+            )
+            for i in range(4)
+        ]
+        wait_until(lambda: sum(inflight_by_rank(url)) == 4, 30, "four requests to run")
+        loads = inflight_by_rank(url)
+        http_json("POST", f"{url}/abort_request", {"abort_all": True})
+        assert all(f.result(60)[0] == 200 for f in futures)
+    assert loads == [2, 2]
+    status, info = http_json("GET", f"{url}/server_info")
+    assert info["dp_size"] == 2 and info["load_balance_method"] == "round_robin"
+
+
+def test_a_dead_worker_fails_its_requests_with_5xx_instead_of_hanging(server_factory):
+    server = server_factory([*TINY_ARGS, "--dp-size", "2"])
+    url = server.url
+    pids = http_json("GET", f"{url}/server_info")[1]["worker_pids"]
+    with ThreadPoolExecutor(1) as pool:
+        future = pool.submit(
+            http_json,
+            "POST",
+            f"{url}/generate",
+            {"text": "doomed", "routed_dp_rank": 1, "sampling_params": LONG},
+        )
+        wait_until(lambda: inflight_by_rank(url)[1] == 1, 30, "the request to run on rank 1")
+        os.kill(pids[1], signal.SIGKILL)
+        status, out = future.result(30)
+    assert status == 500 and "worker 1" in out["error"]["message"]
+    status, out = http_json("POST", f"{url}/generate", {"text": "x", "routed_dp_rank": 1})
+    assert status == 503 and "worker 1" in out["error"]["message"]
+    assert http_json("GET", f"{url}/health")[0] == 503
+    # Rank 0 still serves, and round robin skips the dead rank.
+    for _ in range(2):
+        assert (
+            http_json("POST", f"{url}/generate", {"text": "x", "sampling_params": SHORT})[0] == 200
+        )
+
+
+def test_workers_exit_when_the_front_end_is_killed(server_factory):
+    server = server_factory(TINY_ARGS)
+    pids = http_json("GET", f"{server.url}/server_info")[1]["worker_pids"]
+    os.kill(server.pid, signal.SIGKILL)
+
+    def gone(pid: int) -> bool:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        # A zombie waits for the reaper only; /proc tells whether it still runs.
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] == "Z"
+
+    wait_until(lambda: all(gone(p) for p in pids), 10, "the orphaned worker to exit")
+
+
+def run_serve(args: list[str], timeout_s: float = 120) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    return subprocess.run(
+        [sys.executable, "-m", "pdserve", "serve", "--port", str(free_port()), *args],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+    )
+
+
+def test_a_worker_that_cannot_start_fails_the_server_loudly():
+    done = run_serve([*TINY_ARGS, "--device", "cuda:7"])
+    assert done.returncode != 0
+    assert "worker 0 failed to start" in done.stderr
+
+
+def test_bad_options_fail_with_a_clear_message():
+    done = run_serve(["--model-path", "/no/such/model"])
+    assert done.returncode != 0 and "unknown model" in done.stderr
+    done = run_serve([*TINY_ARGS, "--dp-size", "0"])
+    assert done.returncode != 0 and "--dp-size must be >= 1" in done.stderr
