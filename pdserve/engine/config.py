@@ -38,6 +38,11 @@ class EngineConfig:
         None, "longest sequence (prompt + output); default: the model's max_position_embeddings"
     )
     torch_threads: int = opt(1, "torch intra-op threads in each worker process")
+    cuda_graphs: bool = opt(
+        True,
+        "on a CUDA device: replay decode steps from CUDA graphs captured for batch-size "
+        "buckets up to --max-running-requests (--no-cuda-graphs launches the kernels from Python)",
+    )
     random_seed: int = opt(0, "seed for requests that give no sampling seed")
 
     def __post_init__(self) -> None:

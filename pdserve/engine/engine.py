@@ -73,10 +73,24 @@ class Engine:
         self.scheduler = Scheduler(
             self.allocator, cfg.page_size, cfg.max_running_requests, cfg.chunked_prefill_size
         )
-        self.runner = ModelRunner(model, self.kv_pool, cfg.page_size, self.max_context_len)
+        self.runner = self._make_runner(cfg, model)
         self.outputs = OutputBuilder(self.eos_token_ids, detokenize)
         self._requests: dict[str, Request] = {}
         self._seed_rng = random.Random(cfg.random_seed)
+
+    def _make_runner(self, cfg: EngineConfig, model: LoadedModel) -> ModelRunner:
+        if self.kv_pool.device.type != "cuda":
+            return ModelRunner(model, self.kv_pool, cfg.page_size, self.max_context_len)
+        from pdserve.engine.gpu.runner import GpuModelRunner  # needs CUDA and Triton
+
+        return GpuModelRunner(
+            model,
+            self.kv_pool,
+            cfg.page_size,
+            self.max_context_len,
+            cfg.max_running_requests,
+            cfg.cuda_graphs,
+        )
 
     @classmethod
     def from_config(cls, cfg: EngineConfig, detokenize: Detokenize | None = None) -> Engine:
