@@ -1,0 +1,59 @@
+"""The GPU decode step: one new token per row through the Llama layers with fused Triton
+kernels and in-place paged attention. Worker process (GPU only).
+
+All inputs come from one int32 `meta` tensor with rows [token id, position, seq_len, page
+table...], so a step has fixed shapes for a given batch size and can be graph-captured.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from pdserve.engine.gpu.kernels import rms_norm, rope_and_store_kv, silu_mul
+from pdserve.engine.gpu.paged_attention import paged_decode_attention
+from pdserve.engine.model import ModelArgs, ModelWeights
+
+META_COLS = 3  # columns before the page table: token id, position, seq_len
+
+
+def pack_meta(
+    rows: list[tuple[int, int, list[int]]], num_rows: int, num_table_cols: int
+) -> torch.Tensor:
+    """int32 [num_rows, META_COLS + num_table_cols] from (token id, position, page ids) per
+    real row; rows past the real ones are padding (seq_len 0, token 0, position 0)."""
+    meta = torch.zeros(num_rows, META_COLS + num_table_cols, dtype=torch.int32)
+    flat: list[int] = []
+    for token_id, position, page_ids in rows:
+        table = page_ids[:num_table_cols]
+        flat += [token_id, position, position + 1, *table]
+        flat += [0] * (num_table_cols - len(table))
+    if rows:
+        meta[: len(rows)] = torch.tensor(flat, dtype=torch.int32).view(len(rows), -1)
+    return meta
+
+
+def decode_forward(
+    weights: ModelWeights,
+    args: ModelArgs,
+    kv_pool: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    meta: torch.Tensor,
+    num_splits: int,
+) -> torch.Tensor:
+    """float32 logits [B, vocab] for the B rows of `meta`; writes each row's new K/V."""
+    token_ids = meta[:, 0]
+    residual = F.embedding(token_ids, weights.embed)
+    eps = args.rms_norm_eps
+    h = rms_norm(residual, weights.layers[0].input_norm, eps)
+    for i, layer in enumerate(weights.layers):
+        qkv = F.linear(h, layer.qkv, layer.qkv_bias)
+        q = rope_and_store_kv(qkv, cos, sin, meta, kv_pool, i, args.num_heads, args.num_kv_heads)
+        attn = paged_decode_attention(q, kv_pool, i, meta, num_splits)
+        h = rms_norm(F.linear(attn, layer.o, layer.o_bias), layer.post_norm, eps, residual)
+        mlp = F.linear(silu_mul(F.linear(h, layer.gate_up)), layer.down)
+        is_last = i + 1 == len(weights.layers)
+        next_norm = weights.norm if is_last else weights.layers[i + 1].input_norm
+        h = rms_norm(mlp, next_norm, eps, residual)
+    return F.linear(h, weights.lm_head).float()

@@ -1,0 +1,48 @@
+"""Model runner for CUDA devices: prefill chunks take the PyTorch path of `ModelRunner`;
+decode steps take the Triton kernels, replayed from CUDA graphs. Worker process (GPU only)."""
+
+from __future__ import annotations
+
+import torch
+
+from pdserve.engine.gpu.graphs import DecodeGraphs
+from pdserve.engine.loader import LoadedModel
+from pdserve.engine.runner import ItemRows, ModelRunner
+from pdserve.engine.scheduler import Batch
+
+
+class GpuModelRunner(ModelRunner):
+    def __init__(
+        self,
+        model: LoadedModel,
+        kv_pool: torch.Tensor,
+        page_size: int,
+        max_len: int,
+        max_batch_size: int,
+        cuda_graphs: bool,
+    ):
+        super().__init__(model, kv_pool, page_size, max_len)
+        if self.device.type == "cuda":  # graphs and Triton launch on the current device
+            torch.cuda.set_device(self.device)
+        self.decoder = DecodeGraphs(
+            model.weights,
+            model.args,
+            kv_pool,
+            (self.cos, self.sin),
+            max_batch_size,
+            max_table_cols=-(-max_len // page_size),
+            use_graphs=cuda_graphs,
+        )
+
+    @torch.inference_mode()
+    def run(self, batch: Batch) -> tuple[torch.Tensor, list[ItemRows]]:
+        reqs = batch.decode
+        # Scheduler steps are all-prefill or all-decode; prompt logprobs still owed (never
+        # the case after prefill) would need the general path.
+        if batch.prefill or any(
+            r.wants_prompt_logprobs and not r.prompt_logprobs_sent for r in reqs
+        ):
+            return super().run(batch)
+        rows = [(r.token_at(r.seq_len - 1), r.seq_len - 1, r.page_ids) for r in reqs]
+        logits = self.decoder.run(rows)
+        return logits, [ItemRows(r, 1, i) for i, r in enumerate(reqs)]
