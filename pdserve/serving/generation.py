@@ -134,13 +134,24 @@ class Generator:
             self.rooms_in_flight.add(item.room)
             req.disagg = DisaggInfo(room=item.room)
         try:
-            req = await self.hooks.prepare(req, rank, item.extras)
+            req = await self._prepare(req, rank, item)
             self.controller.submit(req, rank)
         except BaseException:
             if req.disagg is not None:
                 self.rooms_in_flight.discard(req.disagg.room)
             raise
         return req
+
+    async def _prepare(self, req: GenerateReq, rank: int, item: GenItem) -> GenerateReq:
+        """The mode's hook, under the request's own deadline (the hooks have finer ones)."""
+        try:
+            return await asyncio.wait_for(
+                self.hooks.prepare(req, rank, item.extras), self.request_timeout_s
+            )
+        except asyncio.TimeoutError:
+            raise RequestError(
+                504, f"preparing the request took longer than {self.request_timeout_s:g} s"
+            ) from None
 
     async def _outputs(self, flight: InFlight, result: ItemResult) -> AsyncIterator[ReqOutput]:
         deadline = result.started_at + self.request_timeout_s

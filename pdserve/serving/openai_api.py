@@ -13,7 +13,7 @@ from typing import Any
 
 from aiohttp import web
 
-from pdserve.serving.generation import ItemResult, merged, run_all
+from pdserve.serving.generation import Delta, ItemResult, merged, run_all
 from pdserve.serving.hooks import RequestError
 from pdserve.serving.http_server import ServerState, client_gone, read_json, state_of
 from pdserve.serving.openai_format import (
@@ -110,7 +110,11 @@ async def completions(request: web.Request) -> web.StreamResponse:
             "index": i,
             "text": r.text,
             "finish_reason": finish_reason(r),
-            "logprobs": completion_logprobs(state.tokenizer, r) if logprobs is not None else None,
+            "logprobs": completion_logprobs(
+                state.tokenizer, r.output_ids, r.output_logprobs, r.output_top_logprobs
+            )
+            if logprobs is not None
+            else None,
         }
         for i, r in enumerate(results)
     ]
@@ -137,7 +141,11 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         {
             "index": i,
             "message": {"role": "assistant", "content": r.text},
-            "logprobs": chat_logprobs(state.tokenizer, r) if want_logprobs else None,
+            "logprobs": chat_logprobs(
+                state.tokenizer, r.output_ids, r.output_logprobs, r.output_top_logprobs
+            )
+            if want_logprobs
+            else None,
             "finish_reason": finish_reason(r),
         }
         for i, r in enumerate(results)
@@ -162,15 +170,21 @@ def _meta(state: ServerState, prefix: str) -> dict[str, Any]:
     }
 
 
-def _completion_delta(state, result: ItemResult, text: str, first: bool) -> dict[str, Any]:
-    return {"text": text}
+def _completion_delta(state: ServerState, delta: Delta, first: bool, logprobs: bool) -> dict:
+    if not logprobs:
+        return {"text": delta.text, "logprobs": None}
+    lp = completion_logprobs(state.tokenizer, delta.token_ids, delta.logprobs, delta.top_logprobs)
+    return {"text": delta.text, "logprobs": lp}
 
 
-def _chat_delta(state, result: ItemResult, text: str, first: bool) -> dict[str, Any]:
-    delta: dict[str, Any] = {"content": text}
+def _chat_delta(state: ServerState, delta: Delta, first: bool, logprobs: bool) -> dict:
+    message: dict[str, Any] = {"content": delta.text}
     if first:
-        delta["role"] = "assistant"
-    return {"delta": delta}
+        message["role"] = "assistant"
+    if not logprobs:
+        return {"delta": message, "logprobs": None}
+    lp = chat_logprobs(state.tokenizer, delta.token_ids, delta.logprobs, delta.top_logprobs)
+    return {"delta": message, "logprobs": lp}
 
 
 async def _stream(
@@ -181,8 +195,7 @@ async def _stream(
     async for index, result, delta in merged(state.generator, items, gone):
         choice = {
             "index": index,
-            **make_delta(state, result, delta.text, index not in started),
-            "logprobs": None,
+            **make_delta(state, delta, index not in started, result.item.return_logprob),
             "finish_reason": finish_reason(result),
         }
         started.add(index)

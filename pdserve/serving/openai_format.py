@@ -70,11 +70,17 @@ def _token_text(tokenizer: Any, token_id: int) -> str:
     return tokenizer.decode([token_id])
 
 
-def chat_logprobs(tokenizer: Any, result: ItemResult) -> dict[str, Any]:
+Tops = list[list[tuple[int, float]]]
+
+
+def chat_logprobs(
+    tokenizer: Any, token_ids: list[int], logprobs: list[float], tops: Tops
+) -> dict[str, Any]:
+    """OpenAI chat `logprobs` for these tokens (a whole answer or one streamed delta)."""
     content = []
-    for i, (tid, lp) in enumerate(zip(result.output_ids, result.output_logprobs, strict=False)):
+    for i, (tid, lp) in enumerate(zip(token_ids, logprobs, strict=False)):
         token = _token_text(tokenizer, tid)
-        tops = result.output_top_logprobs[i] if i < len(result.output_top_logprobs) else []
+        row = tops[i] if i < len(tops) else []
         content.append(
             {
                 "token": token,
@@ -86,26 +92,29 @@ def chat_logprobs(tokenizer: Any, result: ItemResult) -> dict[str, Any]:
                         "logprob": top_lp,
                         "bytes": list(t.encode()),
                     }
-                    for top_id, top_lp in tops or []
+                    for top_id, top_lp in row or []
                 ],
             }
         )
     return {"content": content}
 
 
-def completion_logprobs(tokenizer: Any, result: ItemResult) -> dict[str, Any]:
-    tokens, offsets, tops = [], [], []
+def completion_logprobs(
+    tokenizer: Any, token_ids: list[int], logprobs: list[float], tops: Tops
+) -> dict[str, Any]:
+    """OpenAI completions `logprobs` (text offsets count from the start of these tokens)."""
+    tokens, offsets, top_maps = [], [], []
     offset = 0
-    for i, tid in enumerate(result.output_ids):
+    for i, tid in enumerate(token_ids):
         token = _token_text(tokenizer, tid)
         tokens.append(token)
         offsets.append(offset)
         offset += len(token)
-        row = result.output_top_logprobs[i] if i < len(result.output_top_logprobs) else []
-        tops.append({_token_text(tokenizer, t): lp for t, lp in row or []})
+        row = tops[i] if i < len(tops) else []
+        top_maps.append({_token_text(tokenizer, t): lp for t, lp in row or []})
     return {
         "tokens": tokens,
-        "token_logprobs": list(result.output_logprobs),
-        "top_logprobs": tops,
+        "token_logprobs": list(logprobs),
+        "top_logprobs": top_maps,
         "text_offset": offsets,
     }

@@ -188,9 +188,24 @@ def test_chat_stream_deltas_add_up_to_the_whole_answer(tiny_server):
     for ev in events[:-1]:
         for choice in ev["choices"]:
             texts[choice["index"]] += choice["delta"].get("content", "")
+            assert choice["logprobs"] is None
     assert events[-2]["usage"]["completion_tokens"] > 0
     _, whole = http_json("POST", f"{tiny_server.url}/v1/chat/completions", body)
     assert texts[0] == whole["choices"][0]["message"]["content"] == texts[1]
+
+
+def test_chat_stream_with_logprobs_gives_one_entry_per_token(tiny_server):
+    body = {
+        "messages": [{"role": "user", "content": "x"}],
+        "max_tokens": 5,
+        "temperature": 0,
+        "logprobs": True,
+        "top_logprobs": 1,
+        "stream": True,
+    }
+    events = sse_events(f"{tiny_server.url}/v1/chat/completions", body)
+    entries = [e for ev in events[:-1] for c in ev["choices"] for e in c["logprobs"]["content"]]
+    assert len(entries) == 5 and all(len(e["top_logprobs"]) == 1 for e in entries)
 
 
 def test_openai_client_chat_streaming_chat_and_completions(tiny_server):
