@@ -98,11 +98,13 @@ class Monitor:
         results = await asyncio.gather(*(self.check(w) for w in workers))
         for worker, ok in zip(workers, results, strict=True):
             if worker.health.record(ok):
-                log.warning(
+                healthy = worker.health.healthy
+                log.log(
+                    logging.INFO if healthy else logging.WARNING,
                     "%s server %s is now %s",
                     worker.role,
                     worker.url,
-                    "healthy" if worker.health.healthy else "UNHEALTHY",
+                    "healthy" if healthy else "UNHEALTHY",
                 )
 
     async def _health_loop(self) -> None:

@@ -1,0 +1,311 @@
+"""`pdserve up`: a local PD cluster on one host (router + one prefill + one decode server).
+
+Runs in the `pdserve up` process, which only supervises: each role is a child process in
+its own process group; all of them are stopped on Ctrl-C, SIGTERM, or when any one dies.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+
+from pdserve.config import add_arguments, check, from_args, opt
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+POLICIES = ["round_robin", "random", "power_of_two", "cache_aware"]
+POLL_INTERVAL_S = 0.2
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    host: str = opt("127.0.0.1", "address every process binds")
+    port: int | None = opt(None, "router port (default: a free port)")
+    prefill_port: int | None = opt(None, "prefill server port (default: a free port)")
+    decode_port: int | None = opt(None, "decode server port (default: a free port)")
+    bootstrap_port: int | None = opt(None, "prefill bootstrap port (default: a free port)")
+    prefill_dp: int = opt(1, "DP workers of the prefill server")
+    decode_dp: int = opt(1, "DP workers of the decode server")
+    model_path: str | None = opt(
+        None, "model for both servers (default: the servers' default)", flag="--model-path"
+    )
+    page_size: int | None = opt(None, "KV page size for both servers", flag="--page-size")
+    torch_threads: int | None = opt(None, "torch threads per worker process")
+    server_args: str = opt(
+        "", "more flags for both servers, one string, e.g. '--max-running-requests 32'"
+    )
+    policy: str = opt("round_robin", "router policy", choices=POLICIES)
+    dp_aware: bool = opt(False, "router picks DP ranks (see pdserve router --dp-aware)")
+    ready_timeout_s: float = opt(600.0, "deadline for every process to become ready")
+    stop_timeout_s: float = opt(15.0, "grace period after SIGTERM before SIGKILL")
+
+    def __post_init__(self) -> None:
+        check(self.prefill_dp >= 1 and self.decode_dp >= 1, "--prefill-dp/--decode-dp must be >= 1")
+        check(self.ready_timeout_s > 0 and self.stop_timeout_s > 0, "timeouts must be > 0")
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "up",
+        help="start router + prefill + decode on this host; Ctrl-C stops all",
+        description=__doc__.splitlines()[0],
+    )
+    add_arguments(parser, ClusterConfig)
+    parser.set_defaults(func=run)
+
+
+def free_port(host: str) -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: get SIGTERM if `pdserve up` dies, even by SIGKILL."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+class Child:
+    """One supervised process; its output is echoed with a prefix and its tail is kept."""
+
+    def __init__(self, name: str, argv: list[str], ready_urls: list[str]):
+        self.name = name
+        self.argv = argv
+        self.ready_urls = ready_urls
+        self.tail: deque[str] = deque(maxlen=40)
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        env = {
+            **os.environ,
+            "PYTHONUNBUFFERED": "1",
+            "PYTHONPATH": os.pathsep.join(
+                filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])
+            ),
+        }
+        self.proc = subprocess.Popen(
+            self.argv,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+        )
+
+    def echo_output(self) -> None:
+        assert self.proc is not None and self.proc.stdout is not None
+        for raw in self.proc.stdout:
+            line = raw.decode(errors="replace").rstrip()
+            self.tail.append(line)
+            print(f"[{self.name}] {line}", flush=True)
+
+    def exit_code(self) -> int | None:
+        return None if self.proc is None else self.proc.poll()
+
+    def ready(self) -> bool:
+        return all(_status(url) == 200 for url in self.ready_urls)
+
+    def signal_group(self, sig: int) -> None:
+        if self.proc is not None:
+            try:
+                os.killpg(self.proc.pid, sig)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+
+def _status(url: str) -> int | None:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as resp:
+            return resp.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+    except OSError:
+        return None
+
+
+class ChildDied(Exception):
+    def __init__(self, child: Child):
+        code = child.exit_code()
+        tail = "\n".join(f"  {line}" for line in child.tail)
+        super().__init__(f"{child.name} exited with code {code}; its last output:\n{tail}")
+
+
+def plan(c: ClusterConfig) -> list[Child]:
+    """The three children: prefill, decode, router (in the order they are stopped last)."""
+    ports = {
+        name: getattr(c, name) or free_port(c.host)
+        for name in ("port", "prefill_port", "decode_port", "bootstrap_port")
+    }
+    common = ["--host", c.host] + shlex.split(c.server_args)
+    for flag, value in (
+        ("--model-path", c.model_path),
+        ("--page-size", c.page_size),
+        ("--torch-threads", c.torch_threads),
+    ):
+        if value is not None:
+            common += [flag, str(value)]
+    serve = [sys.executable, "-m", "pdserve", "serve"]
+    prefill_url = f"http://{c.host}:{ports['prefill_port']}"
+    decode_url = f"http://{c.host}:{ports['decode_port']}"
+    router_url = f"http://{c.host}:{ports['port']}"
+    router_flags = ["--dp-aware"] if c.dp_aware else []
+    return [
+        Child(
+            "prefill",
+            serve
+            + [
+                "--mode",
+                "prefill",
+                "--port",
+                str(ports["prefill_port"]),
+                "--dp-size",
+                str(c.prefill_dp),
+                "--bootstrap-port",
+                str(ports["bootstrap_port"]),
+            ]
+            + common,
+            [f"{prefill_url}/health", f"http://{c.host}:{ports['bootstrap_port']}/route"],
+        ),
+        Child(
+            "decode",
+            serve
+            + [
+                "--mode",
+                "decode",
+                "--port",
+                str(ports["decode_port"]),
+                "--dp-size",
+                str(c.decode_dp),
+            ]
+            + common,
+            [f"{decode_url}/health"],
+        ),
+        Child(
+            "router",
+            [
+                sys.executable,
+                "-m",
+                "pdserve",
+                "router",
+                "--host",
+                c.host,
+                "--port",
+                str(ports["port"]),
+                "--prefill",
+                prefill_url,
+                str(ports["bootstrap_port"]),
+                "--decode",
+                decode_url,
+                "--policy",
+                c.policy,
+                "--log-level",
+                "info",
+                *router_flags,
+            ],
+            [f"{router_url}/readiness"],
+        ),
+    ]
+
+
+def wait_ready(children: list[Child], deadline: float, stop: threading.Event) -> bool:
+    """True once every child is ready; False if stopped first. Raises ChildDied, TimeoutError."""
+    pending = list(children)
+    while pending:
+        for child in children:
+            if child.exit_code() is not None:
+                raise ChildDied(child)
+        pending = [child for child in pending if not child.ready()]
+        if not pending:
+            return True
+        if time.monotonic() > deadline:
+            names = ", ".join(child.name for child in pending)
+            raise TimeoutError(f"not ready before the deadline: {names}")
+        if stop.wait(POLL_INTERVAL_S):
+            return False
+    return True
+
+
+def banner(children: list[Child], c: ClusterConfig, elapsed_s: float) -> str:
+    prefill, decode, router = children
+    url = router.ready_urls[0].rsplit("/", 1)[0]
+    model = c.model_path or "the default model"
+    return "\n".join(
+        [
+            f"pdserve up: ready in {elapsed_s:.1f} s ({model})",
+            f"  router   {url}  (pid {router.proc.pid})",  # type: ignore[union-attr]
+            f"  prefill  {prefill.ready_urls[0].rsplit('/', 1)[0]}  dp {c.prefill_dp}, bootstrap "
+            f"{prefill.ready_urls[1].rsplit('/', 1)[0]}  (pid {prefill.proc.pid})",  # type: ignore[union-attr]
+            f"  decode   {decode.ready_urls[0].rsplit('/', 1)[0]}  dp {c.decode_dp}  "
+            f"(pid {decode.proc.pid})",  # type: ignore[union-attr]
+            "Try:",
+            f"  curl {url}/v1/chat/completions -H 'Content-Type: application/json' \\",
+            '    -d \'{"messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 32}\'',
+            "Ctrl-C stops everything.",
+        ]
+    )
+
+
+def stop_all(children: list[Child], timeout_s: float) -> None:
+    """SIGTERM every group (router first, so no new work reaches the servers), then SIGKILL
+    whatever is left at the deadline; never returns with a child still running."""
+    for child in reversed(children):
+        child.signal_group(signal.SIGTERM)
+    deadline = time.monotonic() + timeout_s
+    for child in reversed(children):
+        if child.proc is None:
+            continue
+        try:
+            child.proc.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            print(f"pdserve up: {child.name} ignored SIGTERM; killing it", flush=True)
+        child.signal_group(signal.SIGKILL)  # stragglers in its group (DP workers)
+        child.proc.wait()
+
+
+def run(ns: argparse.Namespace) -> int:
+    try:
+        c = from_args(ClusterConfig, ns)
+    except ValueError as exc:
+        raise SystemExit(f"pdserve up: {exc}") from exc
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    children = plan(c)
+    started_at = time.monotonic()
+    try:
+        for child in children:  # every fork before any thread starts (preexec_fn safety)
+            child.start()
+        for child in children:
+            threading.Thread(target=child.echo_output, daemon=True).start()
+        pids = ", ".join(f"{ch.name} (pid {ch.proc.pid})" for ch in children)  # type: ignore[union-attr]
+        print(f"pdserve up: started {pids}; waiting for them to be ready", flush=True)
+        if not wait_ready(children, started_at + c.ready_timeout_s, stop):
+            return 0
+        print(banner(children, c, time.monotonic() - started_at), flush=True)
+        while not stop.wait(POLL_INTERVAL_S):
+            for child in children:
+                if child.exit_code() is not None:
+                    raise ChildDied(child)
+        return 0
+    except (ChildDied, TimeoutError) as exc:
+        print(f"pdserve up: {exc}", file=sys.stderr, flush=True)
+        return 1
+    finally:
+        stop_all(children, c.stop_timeout_s)

@@ -1,0 +1,68 @@
+"""DP-aware routing against real servers (prefill DP 2 on follow_bootstrap_room, decode DP 2):
+`--dp-aware` steers both ranks, often away from `room % 2`, and `--align-room` draws rooms
+on the chosen rank; either way every request succeeds and decode never queries a rank."""
+
+from __future__ import annotations
+
+import concurrent.futures
+
+import pytest
+import requests
+
+from tests.disagg.conftest import PDFactory
+from tests.disagg.pd_driver import metric_value, wait_idle
+from tests.router.conftest import router_args, start_router
+
+pytestmark = pytest.mark.timeout(300)
+NUM_REQUESTS = 16  # all 16 on rank room % 2 by chance: p = 2**-16
+BODY = {
+    "input_ids": list(range(10, 40)),
+    "sampling_params": {"max_new_tokens": 4, "temperature": 0},
+}
+
+
+@pytest.fixture(scope="module")
+def dp_pair():
+    factory = PDFactory()
+    try:
+        yield factory.prefill(2), factory.decode(2)
+    finally:
+        factory.stop_all()
+
+
+def resolutions(decode_url: str) -> dict[str, float]:
+    return {
+        path: metric_value(decode_url, "pdserve_rank_resolutions_total", {"path": path})
+        for path in ("explicit", "single_rank", "fast_path", "query")
+    }
+
+
+def run_through_router(dp_pair, flag: str, tiny_server) -> dict[str, float]:
+    prefill, decode = dp_pair
+    before = resolutions(decode.url)
+    args = router_args([(prefill.url, prefill.bootstrap_port)], [decode.url]) + [flag]
+    want = requests.post(tiny_server.url + "/generate", json=BODY, timeout=60).json()
+    with start_router(args) as router, concurrent.futures.ThreadPoolExecutor(8) as pool:
+        answers = list(
+            pool.map(
+                lambda _: requests.post(router.url + "/generate", json=BODY, timeout=60),
+                range(NUM_REQUESTS),
+            )
+        )
+    for resp in answers:
+        assert resp.status_code == 200, resp.text
+        assert resp.json()["output_ids"] == want["output_ids"]
+    after = resolutions(decode.url)
+    wait_idle([prefill.url, decode.url])
+    assert metric_value(prefill.url, "pdserve_rank_conflicts_total") == 0
+    return {path: after[path] - before[path] for path in after}
+
+
+def test_dp_aware_names_the_ranks_so_decode_never_queries(dp_pair, tiny_server):
+    delta = run_through_router(dp_pair, "--dp-aware", tiny_server)
+    assert delta == {"explicit": NUM_REQUESTS, "single_rank": 0, "fast_path": 0, "query": 0}
+
+
+def test_align_room_keeps_the_fast_path(dp_pair, tiny_server):
+    delta = run_through_router(dp_pair, "--align-room", tiny_server)
+    assert delta == {"explicit": 0, "single_rank": 0, "fast_path": NUM_REQUESTS, "query": 0}

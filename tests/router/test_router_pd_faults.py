@@ -1,0 +1,69 @@
+"""A leg killed mid-stream, with real servers: the client hears a clear error within
+seconds (never a hang), and the surviving server frees every page of the request."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+
+import pytest
+import requests
+
+from tests.disagg.pd_driver import pages_in_use, wait_idle
+from tests.helpers import wait_until
+from tests.router.conftest import router_args, start_router
+
+pytestmark = pytest.mark.timeout(300)
+LONG = {
+    "input_ids": list(range(10, 80)),
+    "stream": True,
+    "sampling_params": {"max_new_tokens": 3000, "temperature": 0, "ignore_eos": True},
+}
+
+
+@pytest.fixture
+def pd_router(pd):
+    prefill, decode = pd.prefill(1), pd.decode(1)
+    args = router_args([(prefill.url, prefill.bootstrap_port)], [decode.url])
+    with start_router(args + ["--health-failure-threshold", "1"]) as router:
+        yield prefill, decode, router
+
+
+def stream_until_killed(router_url: str, kill) -> tuple[list[dict], float]:
+    """Start a long stream, call `kill()` after its first event; (events, seconds from the
+    kill to the end of the stream)."""
+    with requests.post(router_url + "/generate", json=LONG, stream=True, timeout=(5, 30)) as resp:
+        assert resp.status_code == 200, resp.text
+        lines = (line for line in resp.iter_lines() if line)
+        events = [json.loads(next(lines)[6:])]
+        kill()
+        killed_at = time.monotonic()
+        events += [json.loads(line[6:]) for line in lines if line != b"data: [DONE]"]
+    return events, time.monotonic() - killed_at
+
+
+def test_decode_killed_mid_stream(pd_router):
+    prefill, decode, router = pd_router
+    events, _ = stream_until_killed(router.url, lambda: decode.signal_group(signal.SIGKILL))
+    error = events[-1]["error"]
+    assert error["code"] == 502 and "decode server" in error["message"], error
+    assert len(events[-2]["output_ids"]) < 3000  # it really was cut short
+    wait_idle([prefill.url])
+    wait_until(
+        lambda: requests.get(router.url + "/readiness").status_code == 503,
+        10,
+        "router to notice the dead decode server",
+    )
+    resp = requests.post(router.url + "/generate", json={**LONG, "stream": False}, timeout=10)
+    assert resp.status_code == 503 and "no healthy decode" in resp.json()["error"]["message"]
+
+
+def test_prefill_killed_mid_stream(pd_router):
+    """Decode already holds the KV: it may finish the stream or fail it, but within seconds,
+    and it frees its pages either way."""
+    prefill, decode, router = pd_router
+    events, _ = stream_until_killed(router.url, lambda: prefill.signal_group(signal.SIGKILL))
+    last = events[-1]
+    assert "error" in last or len(last["output_ids"]) == 3000
+    wait_until(lambda: pages_in_use(decode.url) == 0, 30, "decode pages to be freed")
