@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import zmq
 
 from pdserve.disagg import messages as m
 from pdserve.disagg.transfer import Inbound, KVReceived, KVTransport, make_transport
@@ -24,6 +25,7 @@ from pdserve.disagg.transfer.base import TransportOptions
 MIB = 1 << 20
 PAGE_SHAPE = (16, 2, 16, 4, 32)  # layers, k/v, tokens per page, kv heads, head dim: 256 KiB fp32
 TIMEOUT_S = 60.0
+METHODS = ("raw", "zmq_only", "contiguous", "scattered")
 
 
 @dataclass(frozen=True)
@@ -53,19 +55,28 @@ def sender_main(cmds, args: Args, pool_pages: int) -> None:
     options = TransportOptions(frame_nbytes=int(args.frame_mib * MIB))
     transport = make_transport(args.backend, pool, "127.0.0.1", options=options)
     listener = socket.create_server(("127.0.0.1", 0))
-    cmds.send((transport.endpoint, listener.getsockname()[1]))
+    plain = zmq.Context().socket(zmq.ROUTER)
+    plain.bind("tcp://127.0.0.1:*")
+    cmds.send((transport.endpoint, listener.getsockname()[1], plain.last_endpoint.decode()))
     raw, _ = listener.accept()
     raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     pool_bytes = memoryview(pool.view(torch.uint8).numpy()).cast("B")
+    frame_nbytes = int(args.frame_mib * MIB)
     inbox: list[Inbound] = []  # page lists that came while the previous transfer drained
     while (cmd := cmds.recv()) is not None:
         if cmd[0] == "raw":
             raw.recv(8)
             raw.sendall(pool_bytes[: cmd[1]])
+        elif cmd[0] == "zmq_only":
+            peer = plain.recv_multipart()[0]
+            for start in range(0, cmd[1], frame_nbytes):
+                frame = pool_bytes[start : min(start + frame_nbytes, cmd[1])]
+                plain.send_multipart([peer, frame], copy=False)
         else:
             serve_one_transfer(transport, inbox, src_page_ids=cmd[1])
     transport.close()
     raw.close()
+    plain.close(linger=0)
 
 
 def serve_one_transfer(
@@ -77,9 +88,7 @@ def serve_one_transfer(
         if time.monotonic() > deadline:
             raise TimeoutError("sender: transfer did not finish")
         inbox += [
-            e
-            for e in transport.poll(1 if handle is None else 0)
-            if isinstance(e, Inbound) and isinstance(e.msg, m.PageList)
+            e for e in transport.poll(1) if isinstance(e, Inbound) and isinstance(e.msg, m.PageList)
         ]
         if handle is None and inbox:
             event = inbox.pop(0)
@@ -98,6 +107,16 @@ def time_raw(raw: socket.socket, buffer: memoryview, nbytes: int) -> float:
         if n == 0:
             raise ConnectionError("sender closed the raw TCP socket")
         got += n
+    return time.perf_counter() - start
+
+
+def time_zmq_only(sock: zmq.Socket, nbytes: int) -> float:
+    """Plain ZeroMQ frames, received and dropped: the ceiling for any ZeroMQ transport."""
+    start = time.perf_counter()
+    sock.send(b"go")
+    got = 0
+    while got < nbytes:
+        got += len(sock.recv(copy=False))
     return time.perf_counter() - start
 
 
@@ -129,13 +148,15 @@ class Receiver:
         self.buffer = memoryview(self.pool.view(torch.uint8).numpy()).cast("B")
         self.room = 0
 
-    def run(self) -> list[tuple[int, dict[str, float]]]:
+    def run(self) -> list[tuple[int, dict[str, list[float]]]]:
         ctx = mp.get_context("spawn")
         cmds, child_cmds = ctx.Pipe()
         proc = ctx.Process(target=sender_main, args=(child_cmds, self.args, self.pool_pages))
         proc.start()
         try:
-            endpoint, raw_port = cmds.recv()
+            endpoint, raw_port, plain_endpoint = cmds.recv()
+            self.plain = zmq.Context().socket(zmq.DEALER)
+            self.plain.connect(plain_endpoint)
             options = TransportOptions(frame_nbytes=int(self.args.frame_mib * MIB))
             self.transport = make_transport(self.args.backend, self.pool, None, options=options)
             self.peer = self.transport.connect(endpoint)
@@ -150,18 +171,21 @@ class Receiver:
                 proc.kill()
             proc.join()
 
-    def measure(self, nbytes: int) -> dict[str, float]:
+    def measure(self, nbytes: int) -> dict[str, list[float]]:
+        """Seconds per timed round for each method; round i of every method ran back to back."""
         num_pages = nbytes // self.pool[0].nbytes
-        times: dict[str, list[float]] = {"raw": [], "contiguous": [], "scattered": []}
+        times: dict[str, list[float]] = {method: [] for method in METHODS}
         for round_index in range(self.args.rounds + 1):  # round 0 warms up and checks
             for method, seconds in self.one_round(nbytes, num_pages, check=round_index == 0):
                 if round_index > 0:
                     times[method].append(seconds)
-        return {method: nbytes / statistics.median(ts) / 1e9 for method, ts in times.items()}
+        return times
 
     def one_round(self, nbytes: int, num_pages: int, check: bool):
         self.cmds.send(("raw", nbytes))
         yield "raw", time_raw(self.raw, self.buffer, nbytes)
+        self.cmds.send(("zmq_only", nbytes))
+        yield "zmq_only", time_zmq_only(self.plain, nbytes)
         for pattern in ("contiguous", "scattered"):
             src = page_ids(pattern, num_pages, self.pool_pages, seed=self.room)
             dst = page_ids(pattern, num_pages, self.pool_pages, seed=self.room + 1)
@@ -179,7 +203,7 @@ class Receiver:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes-mib", type=int, nargs="*", default=[1, 16, 64, 256])
-    parser.add_argument("--rounds", type=int, default=5, help="timed rounds per size (median)")
+    parser.add_argument("--rounds", type=int, default=5, help="timed rounds per size")
     parser.add_argument("--frame-mib", type=float, default=TransportOptions.frame_nbytes / MIB)
     parser.add_argument("--backend", default="zmq", choices=["zmq", "fake"])
     parser.add_argument("--torch-threads", type=int, default=1)
@@ -190,19 +214,32 @@ def main(argv: list[str] | None = None) -> None:
     rows = Receiver(args, pool_pages).run()
     print(
         f"KV transfer, 2 processes over loopback; page {page_nbytes // 1024} KiB, "
-        f"frame {args.frame_mib:g} MiB, backend {args.backend}, median of {args.rounds}"
+        f"frame {args.frame_mib:g} MiB, backend {args.backend}, {args.rounds} rounds"
     )
-    print(
-        f"{'payload':>8} | {'raw TCP GB/s':>12} | {'KV contig GB/s':>14} | {'ratio':>5} "
-        f"| {'KV scattered GB/s':>17} | {'ratio':>5}"
-    )
-    for size, gbps in rows:
-        raw = gbps["raw"]
-        print(
-            f"{size:>5} MiB | {raw:12.2f} | {gbps['contiguous']:14.2f} | "
-            f"{gbps['contiguous'] / raw:5.2f} | {gbps['scattered']:17.2f} | "
-            f"{gbps['scattered'] / raw:5.2f}"
-        )
+    print(report(rows))
+
+
+def report(rows: list[tuple[int, dict[str, list[float]]]]) -> str:
+    """GB/s: median over rounds. "x raw": median over rounds of raw time / method time, each
+    pair measured back to back, so slow drifts in machine load cancel out."""
+    names = {
+        "raw": "raw TCP",
+        "zmq_only": "ZeroMQ alone",
+        "contiguous": "KV contiguous",
+        "scattered": "KV scattered",
+    }
+    head = f"{'payload':>8} | " + " | ".join(f"{names[k]:>13} GB/s  x raw" for k in METHODS)
+    lines = [head, "-" * len(head)]
+    for size, times in rows:
+        cells = []
+        for method in METHODS:
+            gbps = size * MIB / statistics.median(times[method]) / 1e9
+            ratio = statistics.median(
+                r / t for r, t in zip(times["raw"], times[method], strict=True)
+            )
+            cells.append(f"{gbps:18.2f} {ratio:6.2f}")
+        lines.append(f"{size:>5} MiB | " + " | ".join(cells))
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -181,7 +181,7 @@ def test_send_to_a_killed_decode_process_raises_peer_unreachable(victim: KVTrans
 
 def test_queued_kv_for_a_vanished_peer_fails_its_handle_and_reports_peer_lost() -> None:
     # Small frames and high-water marks so most of the payload waits in the outbox.
-    options = TransportOptions(frame_nbytes=64 << 10, hwm_msgs=1)
+    options = TransportOptions(frame_nbytes=64 << 10, send_hwm_msgs=1, recv_hwm_msgs=1)
     big_pages = (48, 1 << 18)  # 48 pages of 1 MiB in fp32
     sender = make_transport("zmq", torch.zeros(big_pages), "127.0.0.1", options=options)
     receiver = make_transport("zmq", torch.zeros(big_pages), None, options=options)

@@ -71,12 +71,17 @@ Event = Inbound | KVReceived | PeerLost
 
 @dataclass(frozen=True)
 class TransportOptions:
-    frame_nbytes: int = opt(4 << 20, "KV transfer: target bytes per raw frame (whole pages)")
-    hwm_msgs: int = opt(64, "KV transfer: ZeroMQ high-water mark per peer, in messages")
+    frame_nbytes: int = opt(2 << 20, "KV transfer: target bytes per raw frame (whole pages)")
+    send_hwm_msgs: int = opt(
+        1024, "KV transfer: messages ZeroMQ may queue per peer on send (zero-copy: no memory)"
+    )
+    recv_hwm_msgs: int = opt(
+        16, "KV transfer: messages ZeroMQ may buffer per peer on receive (bounds memory)"
+    )
     max_queued_msgs: int = opt(
         100_000, "KV transfer: messages queued for one peer before it is declared lost"
     )
-    staging_buffers: int = opt(8, "KV transfer: frame-sized buffers for gathering scattered pages")
+    staging_buffers: int = opt(16, "KV transfer: frame-sized buffers for gathering scattered pages")
     recv_budget_nbytes: int = opt(
         64 << 20, "KV transfer: KV bytes written per poll() before the loop gets control back"
     )

@@ -68,6 +68,7 @@ class ZmqTransport(KVTransport):
         self._stats: Counter[str] = Counter()
         self._connected: set[str] = set()
         self._closed = False
+        self._staging_blocked = False
         self._ctx = zmq.Context(io_threads=1)
         self._sock = self._make_socket()
         self._endpoint = self._bind(listen_host, advertise_host) if listen_host else None
@@ -77,8 +78,8 @@ class ZmqTransport(KVTransport):
         # Without MANDATORY a ROUTER silently drops what it cannot route or what exceeds HWM.
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         sock.setsockopt(zmq.ROUTING_ID, b"kv-" + uuid.uuid4().hex.encode())
-        sock.setsockopt(zmq.SNDHWM, self.options.hwm_msgs)
-        sock.setsockopt(zmq.RCVHWM, self.options.hwm_msgs)
+        sock.setsockopt(zmq.SNDHWM, self.options.send_hwm_msgs)
+        sock.setsockopt(zmq.RCVHWM, self.options.recv_hwm_msgs)
         sock.setsockopt(zmq.LINGER, 0)
         max_nbytes = max(MAX_FRAME_NBYTES, self.page_nbytes, 16 * self.num_pages)
         sock.setsockopt(zmq.MAXMSGSIZE, max_nbytes + (1 << 20))
@@ -148,9 +149,19 @@ class ZmqTransport(KVTransport):
         self._flush_all(events)
         self._handles = [h for h in self._handles if not h.done()]
         if timeout_ms > 0:
-            self._sock.poll(timeout_ms, zmq.POLLIN)
+            self._wait(timeout_ms)
+            self._flush_all(events)
         self._drain(events)
         return events
+
+    def _wait(self, timeout_ms: int) -> None:
+        """Sleep until a message arrives or, if sends are queued, until they can move on."""
+        if not self._outbox.pending():
+            self._sock.poll(timeout_ms, zmq.POLLIN)
+        elif self._staging_blocked:  # waits for ZeroMQ to let go of a buffer: no socket event
+            self._sock.poll(min(timeout_ms, 1), zmq.POLLIN)
+        else:  # waits for room under the high-water mark
+            self._sock.poll(timeout_ms, zmq.POLLIN | zmq.POLLOUT)
 
     def forget_room(self, room: int) -> None:
         self._grants.revoke(room)
@@ -190,6 +201,7 @@ class ZmqTransport(KVTransport):
             raise PeerUnreachable(reason)
 
     def _flush_all(self, events: list[Event]) -> None:
+        self._staging_blocked = False
         for peer in [p for p, q in self._outbox.queues.items() if q]:
             reason = self._flush(PeerId(peer))
             if reason is not None:
@@ -203,7 +215,8 @@ class ZmqTransport(KVTransport):
         while queue:
             item = queue[0]
             if item.parts is None and not self._build_frame(item):
-                return None  # every staging buffer is on the wire; retried next poll
+                self._staging_blocked = True  # every buffer is on the wire; retried next poll
+                return None
             try:
                 tracker = self._sock.send_multipart(
                     [route, *item.parts], flags=zmq.NOBLOCK, copy=False, track=True
