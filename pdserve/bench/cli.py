@@ -6,6 +6,7 @@ The options come from `BenchConfig`; heavy imports wait until the command runs.
 from __future__ import annotations
 
 import argparse
+import sys
 
 from pdserve.config import add_arguments, from_args
 
@@ -31,7 +32,12 @@ def run_bench(args: argparse.Namespace) -> int:
     from pdserve.bench.config import BenchConfig
     from pdserve.bench.driver import main
 
-    return main(from_args(BenchConfig, args))
+    try:
+        return main(from_args(BenchConfig, args))
+    except (ValueError, RuntimeError, OSError) as exc:
+        # a bad option, an unreachable server, a missing file: say so without a traceback
+        print(f"pdserve bench: error: {exc}", file=sys.stderr)
+        return 2
 
 
 def run_compare(args: argparse.Namespace) -> int:

@@ -36,6 +36,8 @@ async def prepare(session: aiohttp.ClientSession, cfg: BenchConfig) -> Prepared:
     """Find the tokenizer and model name, build the workload, and send the warmup."""
     base_url = cfg.base_url.rstrip("/")
     model_info = await client.get_json(session, base_url + "/model_info")
+    if model_info is None and cfg.tokenizer is None:
+        raise RuntimeError(f"{base_url}/model_info did not answer: is the server up? (or pass --tokenizer)")  # fmt: skip
     tokenizer_path = runner.resolve_tokenizer_path(cfg.tokenizer, model_info)
     tokenizer = runner.load_tokenizer(tokenizer_path)
     model = cfg.model

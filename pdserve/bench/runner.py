@@ -73,7 +73,7 @@ def load_tokenizer(path: str) -> Any:
     return AutoTokenizer.from_pretrained(path)
 
 
-def _lengths(cfg: BenchConfig, rng: np.random.Generator, count: int) -> tuple[list, list]:
+def _lengths(cfg: BenchConfig, rng: np.random.Generator, count: int) -> tuple[list[int], list[int]]:
     dist, ratio = cfg.length_dist, cfg.random_range_ratio
     inputs = workload.sample_lengths(rng, cfg.random_input_len, ratio, dist, count)
     outputs = workload.sample_lengths(rng, cfg.random_output_len, ratio, dist, count)
@@ -90,6 +90,8 @@ def build_workload(
     if cfg.dataset_name == "trace":
         with open(cfg.trace_file or "", encoding="utf-8") as f:
             rows = trace.parse_trace(f, limit=cfg.num_prompts)
+        if not rows:
+            raise ValueError(f"trace {cfg.trace_file} has no requests")
         scale = cfg.trace_length_scale
         rows = trace.scale_lengths(rows, scale)
         block_size = max(1, round(cfg.trace_block_size * scale))

@@ -3,49 +3,22 @@
 from __future__ import annotations
 
 import json
-import math
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from pdserve.bench.compare import compare_rows, format_compare, load_run
-from pdserve.bench.config import BenchConfig
-from pdserve.bench.metrics import LATENCIES, RequestRecord, summarize
+from pdserve.bench.metrics import LATENCIES
 from pdserve.bench.plots import itl_points, plot_run
-from pdserve.bench.report import build_result, format_table, write_json
+from pdserve.bench.report import format_table, write_json
+from tests.bench.sample_runs import make_result
 
-REPO = Path(__file__).resolve().parents[2]
 VLLM_FIELDS = [
     "completed", "failed", "duration", "total_input_tokens", "total_output_tokens",
     "request_throughput", "input_throughput", "output_throughput", "request_goodput",
     "mean_ttft_ms", "median_ttft_ms", "p99_ttft_ms", "mean_itl_ms", "mean_tpot_ms",
     "mean_e2el_ms", "input_lens", "output_lens", "ttfts", "itls", "errors",
 ]  # fmt: skip
-
-
-def make_result(label: str, scale: float) -> dict:
-    records = [
-        RequestRecord(
-            i,
-            16,
-            4,
-            0.1 * i,
-            sent_s=0.1 * i,
-            ok=True,
-            ttft_s=0.02 * scale,
-            itl_s=[0.01 * scale] * 3,
-            e2el_s=0.05 * scale,
-            output_tokens=4,
-            output_tokens_from_server=True,
-        )  # fmt: skip
-        for i in range(5)
-    ]
-    records.append(RequestRecord(5, 16, 4, 0.5, sent_s=0.5, error_kind="http_400", error="long"))
-    cfg = BenchConfig(label=label, slo_ttft_ms=30.0)
-    summary = summarize(records, 1.0, cfg.slo_ttft_ms, cfg.slo_tpot_ms)
-    return build_result(cfg, math.inf, summary, records, {"model": "m"}, {"x_total": 6.0})
 
 
 def test_result_holds_vllm_fields_and_every_latency_figure():
@@ -100,16 +73,3 @@ def test_plots_are_written_and_not_empty(tmp_path: Path):
     for path in paths:
         assert Path(path).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert Path(path).stat().st_size > 5000
-
-
-def test_compare_command_prints_the_table_and_writes_the_plot(tmp_path: Path):
-    write_json(str(tmp_path / "a.json"), make_result("colocated", 1.0))
-    write_json(str(tmp_path / "b.json"), make_result("pd", 2.0))
-    plot = tmp_path / "cmp.png"
-    out = subprocess.run(
-        [sys.executable, "-m", "pdserve", "bench", "compare", str(tmp_path / "a.json"),
-         str(tmp_path / "b.json"), "--plot", str(plot)],
-        cwd=REPO, capture_output=True, text=True, timeout=120, check=True,
-    ).stdout  # fmt: skip
-    assert "pd/colocated" in out and "p99_e2el_ms" in out
-    assert plot.stat().st_size > 5000

@@ -1,0 +1,47 @@
+"""The `pdserve bench` command line: compare, and clean errors instead of tracebacks."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from pdserve.bench.report import write_json
+from tests.bench.sample_runs import make_result
+from tests.helpers import REPO_ROOT, free_port
+
+
+def pdserve(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "pdserve", *args],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+
+
+def test_compare_command_prints_the_table_and_writes_the_plot(tmp_path: Path):
+    write_json(str(tmp_path / "a.json"), make_result("colocated", 1.0))
+    write_json(str(tmp_path / "b.json"), make_result("pd", 2.0))
+    plot = tmp_path / "cmp.png"
+    proc = pdserve("bench", "compare", str(tmp_path / "a.json"), str(tmp_path / "b.json"),
+                   "--plot", str(plot))  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert "pd/colocated" in out and "p99_e2el_ms" in out
+    assert plot.stat().st_size > 5000
+
+
+def test_an_unreachable_server_is_a_clear_error_not_a_traceback():
+    proc = pdserve("bench", "--base-url", f"http://127.0.0.1:{free_port()}", "--no-progress")
+    assert proc.returncode == 2
+    assert "model_info did not answer" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_bad_option_value_names_the_flag():
+    proc = pdserve("bench", "--max-concurrency", "0")
+    assert proc.returncode == 2 and "--max-concurrency must be > 0" in proc.stderr
+
+
+def test_compare_needs_two_files(tmp_path: Path):
+    write_json(str(tmp_path / "a.json"), make_result("a", 1.0))
+    proc = pdserve("bench", "compare", str(tmp_path / "a.json"))
+    assert proc.returncode != 0 and "at least two" in proc.stderr
