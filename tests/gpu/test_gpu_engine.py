@@ -1,0 +1,132 @@
+"""The engine on a CUDA device: greedy tokens in float32 equal the CPU path's (CUDA graphs
+on and off, batches shrinking through the graph buckets), and bf16 logits stay within bf16
+rounding of transformers (compared with both against a float32 reference)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pdserve.engine.config import EngineConfig
+from pdserve.engine.engine import Engine
+from pdserve.engine.request import Request, SamplingParams
+from tests.engine.conftest import ROPE_LLAMA3, build_llama, build_qwen2
+
+PROMPT_LENS = [1, 5, 16, 17, 33, 100, 150, 7, 64]
+
+
+def make_engine(model_path: str, device: str, dtype: str = "float32", **kw) -> Engine:
+    cfg = dict(
+        model_path=model_path,
+        device=device,
+        dtype=dtype,
+        page_size=16,
+        chunked_prefill_size=64,
+        context_length=1024,
+        max_running_requests=16,
+    )
+    return Engine.from_config(EngineConfig(**{**cfg, **kw}))
+
+
+def run_greedy(engine: Engine, prompts: list[list[int]], new_tokens: list[int]) -> list[list[int]]:
+    for i, (ids, n) in enumerate(zip(prompts, new_tokens, strict=True)):
+        params = SamplingParams(max_new_tokens=n, temperature=0.0, ignore_eos=True)
+        engine.add_request(Request(f"r{i}", ids, params))
+    outs: dict[str, list[int]] = {f"r{i}": [] for i in range(len(prompts))}
+    while engine.has_work():
+        for o in engine.step():
+            outs[o.rid] += o.new_token_ids
+    assert engine.num_used_pages == 0
+    return [outs[f"r{i}"] for i in range(len(prompts))]
+
+
+def random_prompts(vocab: int, seed: int) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, vocab, (n,), generator=gen).tolist() for n in PROMPT_LENS]
+
+
+@pytest.fixture(scope="module", params=["tiny-random", "llama3-rope", "qwen2-bias"])
+def model_path(request, tmp_path_factory) -> str:
+    if request.param == "tiny-random":
+        return "tiny-random"
+    path = tmp_path_factory.mktemp(request.param)
+    return build_qwen2(path) if request.param == "qwen2-bias" else build_llama(path, ROPE_LLAMA3)
+
+
+@pytest.mark.parametrize("cuda_graphs", [True, False], ids=["graphs", "no-graphs"])
+def test_fp32_greedy_tokens_on_gpu_equal_the_cpu_path(model_path, cuda_graphs):
+    cpu = make_engine(model_path, "cpu")
+    vocab = cpu.model.args.vocab_size
+    prompts = random_prompts(vocab, seed=3)
+    # different lengths: the decode batch shrinks from 9 through buckets 8, 4, 2, 1
+    new_tokens = [12 + 5 * i for i in range(len(prompts))]
+    expected = run_greedy(cpu, prompts, new_tokens)
+    gpu = make_engine(model_path, "cuda", cuda_graphs=cuda_graphs)
+    assert run_greedy(gpu, prompts, new_tokens) == expected
+
+
+def recording_logits(engine: Engine) -> list[torch.Tensor]:
+    """Every step's logits rows, copied (graph outputs are overwritten by the next replay)."""
+    seen: list[torch.Tensor] = []
+    run = engine.runner.run
+
+    def wrapped(batch):
+        logits, items = run(batch)
+        seen.append(logits.detach().clone().cpu())
+        return logits, items
+
+    engine.runner.run = wrapped
+    return seen
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.double(), ref.double()
+    return ((out - ref).norm() / ref.norm()).item()
+
+
+@pytest.fixture(scope="module")
+def mid_llama_dir(tmp_path_factory) -> str:
+    """A random Llama big enough for bf16 rounding to show: 4 layers, hidden 512, GQA."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=2000,
+        hidden_size=512,
+        intermediate_size=1536,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        rope_theta=500000.0,
+        rope_scaling=ROPE_LLAMA3,
+        tie_word_embeddings=False,
+    )
+    path = tmp_path_factory.mktemp("mid-llama")
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    return str(path)
+
+
+def test_bf16_logits_within_bf16_tolerance_of_transformers(mid_llama_dir):
+    from transformers import AutoModelForCausalLM
+
+    engine = make_engine(mid_llama_dir, "cuda", dtype="bfloat16")
+    seen = recording_logits(engine)
+    prompt = random_prompts(2000, seed=5)[5]  # 100 tokens: two prefill chunks
+    generated = run_greedy(engine, [prompt], [24])[0]
+    ours = torch.cat([rows for rows in seen if rows.shape[0]])  # last prefill row + decodes
+    assert ours.shape[0] == len(generated)
+    ids = torch.tensor([prompt + generated], device="cuda")
+    positions = torch.arange(len(prompt) - 1, len(prompt) + len(generated) - 1)
+    refs = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        model = AutoModelForCausalLM.from_pretrained(mid_llama_dir, dtype=dtype).cuda().eval()
+        with torch.no_grad():
+            refs[dtype] = model(ids).logits[0, positions].float().cpu()
+    ours_err = rel_err(ours, refs[torch.float32])
+    hf_bf16_err = rel_err(refs[torch.bfloat16], refs[torch.float32])
+    print(
+        f"relative logit error vs fp32: pdserve bf16 {ours_err:.2e}, transformers bf16 {hf_bf16_err:.2e}"
+    )
+    assert ours_err < 2e-2
+    assert ours_err < 2 * hf_bf16_err + 1e-3

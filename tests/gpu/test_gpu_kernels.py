@@ -1,0 +1,111 @@
+"""The Triton decode kernels against the plain PyTorch model code they replace: fresh random
+inputs each case, outputs poisoned beforehand, page tables scattered over the pool."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from pdserve.engine import model as llama  # noqa: E402
+from pdserve.engine.attention import Segment, build_attn_meta, paged_attention  # noqa: E402
+from pdserve.engine.gpu.decode import pack_meta  # noqa: E402
+from pdserve.engine.gpu.kernels import rms_norm, rope_and_store_kv, silu_mul  # noqa: E402
+from pdserve.engine.gpu.paged_attention import paged_decode_attention  # noqa: E402
+from pdserve.engine.rope import apply_rope, rope_tables  # noqa: E402
+
+pytestmark = pytest.mark.interpretable
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.double(), ref.double()
+    return ((out - ref).norm() / ref.norm()).item()
+
+
+def tol(dtype: torch.dtype) -> float:
+    return 1e-5 if dtype == torch.float32 else 1e-2
+
+
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_rms_norm_matches_model(device, dtype, with_residual):
+    x = torch.randn(7, 320, device=device, dtype=dtype)
+    w = 1 + 0.1 * torch.randn(320, device=device, dtype=dtype)
+    residual = torch.randn_like(x) if with_residual else None
+    expected_sum = residual + x if with_residual else x
+    ref = llama.rms_norm(expected_sum, w, 1e-5)
+    res_in = residual.clone() if with_residual else None
+    out = rms_norm(x, w, 1e-5, res_in)
+    assert rel_err(out, ref) < tol(dtype)
+    if with_residual:
+        assert torch.equal(res_in, expected_sum)
+
+
+def test_silu_mul_matches_model(device, dtype):
+    gate_up = torch.randn(5, 2 * 1500, device=device, dtype=dtype)
+    gate, up = gate_up.chunk(2, dim=-1)
+    ref = torch.nn.functional.silu(gate) * up
+    assert rel_err(silu_mul(gate_up), ref) < tol(dtype)
+
+
+def random_pool(device, dtype, num_pages=40, layers=3, page_size=16, kv_heads=2, head_dim=64):
+    return torch.randn(num_pages, layers, 2, page_size, kv_heads, head_dim, device=device).to(dtype)
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_rope_store_writes_rotated_k_and_v_into_the_page_slot(device, dtype, head_dim):
+    heads, kv_heads, layer = 8, 2, 1
+    pool = random_pool(device, dtype, kv_heads=kv_heads, head_dim=head_dim)
+    before = pool.clone()
+    cos, sin = rope_tables(head_dim, 10000.0, None, 256, device, dtype)
+    qkv = torch.randn(3, (heads + 2 * kv_heads) * head_dim, device=device, dtype=dtype)
+    rows = [(5, 17, [3, 9]), (6, 0, [12]), (7, 200, list(range(20, 33)))]
+    meta = pack_meta(rows, 4, 13).to(device)  # and one padding row
+    q_out = rope_and_store_kv(qkv, cos, sin, meta[:3], pool, layer, heads, kv_heads)
+    positions = torch.tensor([17, 0, 200], device=device)
+    q, k, v = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], -1)
+    q_ref = apply_rope(q.view(3, heads, head_dim), cos[positions], sin[positions])
+    k_ref = apply_rope(k.view(3, kv_heads, head_dim), cos[positions], sin[positions])
+    assert rel_err(q_out, q_ref) < tol(dtype)
+    expected = before.clone()
+    for i, (page, slot) in enumerate([(9, 1), (12, 0), (32, 8)]):
+        expected[page, layer, 0, slot] = pool[page, layer, 0, slot]  # compared below
+        assert rel_err(pool[page, layer, 0, slot], k_ref[i]) < tol(dtype)
+        assert torch.equal(pool[page, layer, 1, slot], v[i].view(kv_heads, head_dim))
+        expected[page, layer, 1, slot] = v[i].view(kv_heads, head_dim)
+    assert torch.equal(pool, expected), "a slot outside the three new tokens changed"
+
+
+def reference_decode(q, pool, layer, seqs, page_size):
+    """The engine's gather + SDPA attention for one new token per sequence, KV in place."""
+    segments = [Segment(pages, seq_len - 1, 1) for seq_len, pages in seqs]
+    meta = build_attn_meta(segments, page_size, q.device)
+    k = pool[:, layer, 0][meta.write_page_ids, meta.write_offsets]
+    v = pool[:, layer, 1][meta.write_page_ids, meta.write_offsets]
+    return paged_attention(q, k, v, pool[:, layer], meta)
+
+
+@pytest.mark.parametrize("num_splits", [1, 4, 32])
+@pytest.mark.parametrize("head_dim,kv_heads,group", [(64, 2, 4), (128, 1, 8), (64, 4, 1)])
+def test_paged_decode_attention_matches_gather_sdpa(
+    device, dtype, num_splits, head_dim, kv_heads, group
+):
+    page_size, layer = 16, 2
+    pool = random_pool(device, dtype, num_pages=64, kv_heads=kv_heads, head_dim=head_dim)
+    gen = torch.Generator().manual_seed(num_splits * 7 + head_dim)
+    order = torch.randperm(64, generator=gen).tolist()
+    # one token, exactly one page, one past a page, a long scattered sequence
+    lens = [1, 16, 17, 300]
+    seqs, start = [], 0
+    for n in lens:
+        num_pages = -(-n // page_size)
+        seqs.append((n, order[start : start + num_pages]))
+        start += num_pages
+    q = torch.randn(len(lens), kv_heads * group, head_dim, device=device, dtype=dtype)
+    ref = reference_decode(q, pool, layer, seqs, page_size)
+    rows = [(0, n - 1, pages) for n, pages in seqs]
+    meta = pack_meta(rows, len(lens) + 1, 20).to(device)  # plus a padding row
+    q_padded = torch.cat([q, torch.randn_like(q[:1])])
+    out = paged_decode_attention(q_padded, pool, layer, meta, num_splits)
+    assert rel_err(out[: len(lens)], ref) < tol(dtype)
+    assert torch.equal(out[len(lens) :], torch.zeros_like(out[len(lens) :]))
