@@ -115,6 +115,7 @@ async def models(request: web.Request) -> web.Response:
 async def get_load(request: web.Request) -> web.Response:
     controller = state_of(request).controller
     loads = []
+    inflight_reqs, _ = controller.inflight_counts()
     for rank, front in enumerate(controller.rank_loads()):
         worker = controller.loads[rank]
         running = worker.num_running if worker else 0
@@ -132,7 +133,7 @@ async def get_load(request: web.Request) -> web.Response:
                 else controller.ready[rank].num_total_pages,
                 "num_total_pages": controller.ready[rank].num_total_pages,
                 "num_disagg_rooms": worker.num_disagg_rooms if worker else 0,
-                "num_inflight_reqs": front.num_reqs,
+                "num_inflight_reqs": inflight_reqs[rank],
                 "alive": front.alive,
             }
         )

@@ -30,7 +30,7 @@ class ServerArgs:
         choices=LB_METHODS,
     )
     served_model_name: str | None = opt(
-        None, "model name reported by /v1/models and /server_info (default: --model-path)"
+        None, "model name reported by /v1/models and /server_info; unset: the --model-path value"
     )
     log_level: str = opt("info", "logging level", choices=LOG_LEVELS)
     worker_start_timeout_s: float = opt(

@@ -112,11 +112,22 @@ class DPController:
         return next(iter(self.ready.values())).page_size
 
     # ---- dispatch
-    def rank_loads(self) -> list[RankLoad]:
+    def inflight_counts(self) -> tuple[list[int], list[int]]:
+        """(requests, tokens) per rank, as the front end itself accounts them."""
         reqs, tokens = [0] * self.dp_size, [0] * self.dp_size
         for flight in self.inflight.values():
             reqs[flight.dp_rank] += 1
             tokens[flight.dp_rank] += flight.num_tokens
+        return reqs, tokens
+
+    def rank_loads(self) -> list[RankLoad]:
+        reqs, tokens = self.inflight_counts()
+        # The front end's own counts are current; a worker's report can be 50 ms old but also
+        # sees work the front end has let go of (an abort still in the worker's queue).
+        for rank, load in enumerate(self.loads):
+            if load is not None:
+                reqs[rank] = max(reqs[rank], load.num_running + load.num_waiting)
+                tokens[rank] = max(tokens[rank], load.num_tokens)
         return [
             RankLoad(num_reqs=reqs[r], num_tokens=tokens[r], alive=r not in self.dead)
             for r in range(self.dp_size)
