@@ -239,7 +239,11 @@ class PrefillWorkerHooks(WorkerHooks):
 
     def _deadlines(self, now: float) -> list[ReqOutput]:
         outputs: list[ReqOutput] = []
-        for room in [r for r in self.rooms.values() if now >= r.deadline and r.send_handle is None]:
+        # A room waits on one side only: for decode's page list, or for the request. Once
+        # both are here, decode's KV deadline and heartbeat govern; a vanished decode shows
+        # up as PeerLost or PeerUnreachable when the KV is sent.
+        waiting = [r for r in self.rooms.values() if (r.rid is None) != (r.peer is None)]
+        for room in [r for r in waiting if now >= r.deadline]:
             if room.rid is None:
                 reason = (
                     f"prefill dp rank {self.dp_rank} never received the request for room "

@@ -172,3 +172,15 @@ def test_many_concurrent_rooms_all_complete(pd):
     ])
     assert all(r.prefill.ok and r.decode.ok for r in results), [r.decode.error for r in results if not r.decode.ok]
     wait_idle([prefill.url, decode.url])
+
+
+def test_room_sent_only_to_prefill_fails_at_its_deadline(pd):
+    prefill = pd.prefill(1, ["--bootstrap-timeout-s", "1.5"])
+    start = time.monotonic()
+    resp = requests.post(prefill.url + "/generate", json=dict(
+        BODY, bootstrap_host="127.0.0.1", bootstrap_port=prefill.bootstrap_port,
+        bootstrap_room=4242), timeout=30)
+    assert resp.status_code == 504, resp.text
+    assert "waiting for decode's page list for room 4242" in resp.json()["error"]["message"]
+    assert time.monotonic() - start < 10
+    wait_idle([prefill.url])
