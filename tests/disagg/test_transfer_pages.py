@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from pdserve.disagg import messages as m
-from pdserve.disagg.transfer.pages import WriteGrants, page_array, plan_frames, run_start
+from pdserve.disagg.transfer.pages import WriteGrants, page_array, plan_frames, run_start, runs
 
 PAGE = 64
 
@@ -41,6 +41,12 @@ def test_run_start_finds_single_ascending_runs_only() -> None:
     assert run_start(np.array([4, 6])) is None
     assert run_start(np.array([5, 4])) is None
     assert run_start(np.array([], dtype=np.int64)) is None
+
+
+def test_runs_splits_ids_into_maximal_ascending_runs() -> None:
+    assert runs(np.array([4, 5, 6, 9, 3, 4, 8])) == [(0, 3), (3, 1), (4, 2), (6, 1)]
+    assert runs(np.array([2])) == [(0, 1)]
+    assert runs(np.array([], dtype=np.int64)) == []
 
 
 def test_plan_frames_cuts_in_order_and_pairs_pages() -> None:

@@ -20,7 +20,8 @@ SENTINEL = -1.0
 
 @pytest.fixture(scope="module")
 def zmq_peer() -> Iterator[str]:
-    # 4 pages per frame, so a 10-page room takes three frames of mixed kinds.
+    # 4 pages of 1 KiB per message, so a 10-page room takes three messages; source runs of
+    # 2+ pages on average go zero-copy (one part per run), shorter ones are gathered.
     with start_peer("--listen", "--pool-pages", str(POOL_PAGES), "--frame-nbytes", "4096") as (
         _,
         endpoint,
@@ -78,8 +79,13 @@ def test_control_messages_round_trip(zmq_peer: str) -> None:
 
 def test_pages_land_bit_exact_in_scattered_destination_and_nowhere_else(zmq_peer: str) -> None:
     transport, pool = decode_side("zmq")
-    # Room 2's source is one run (zero-copy send), room 3's is scattered (gathered send).
-    dst_by_room = {2: [50, 3, 17, 4, 5, 6, 40, 41, 9, 60], 3: [0, 63, 31, 30, 29, 12, 13, 1]}
+    # Sources (transfer_peer.source_pages): room 3 one run, room 4 scattered pages (gathered),
+    # room 5 scattered pairs (zero-copy parts). Destinations mix runs and single pages.
+    dst_by_room = {
+        3: [50, 3, 17, 4, 5, 6, 40, 41, 9, 60],
+        4: [0, 63, 31, 30, 29, 12, 13, 1],
+        5: [20, 21, 22, 23, 24, 25, 26, 27, 2, 36, 35],
+    }
     try:
         peer = transport.connect(zmq_peer)
         for room, dst in dst_by_room.items():
@@ -104,9 +110,9 @@ def test_kv_arriving_after_abort_is_dropped_not_written(zmq_peer: str) -> None:
     transport, pool = decode_side("zmq")
     try:
         peer = transport.connect(zmq_peer)
-        transport.send(peer, m.PageList(room=4, dst_page_ids=[7, 8, 9], prompt_len=3))
-        transport.send(peer, m.Abort(room=4, reason="decode deadline"))  # the peer ignores it
-        events = poll_until(transport, lambda ev: finished_rooms(ev) == {4})
+        transport.send(peer, m.PageList(room=6, dst_page_ids=[7, 8, 9], prompt_len=3))
+        transport.send(peer, m.Abort(room=6, reason="decode deadline"))  # the peer ignores it
+        events = poll_until(transport, lambda ev: finished_rooms(ev) == {6})
         assert not [e for e in events if isinstance(e, KVReceived)]
         assert transport.stats["dropped_kv_no_grant"] >= 1
         assert bool((pool == SENTINEL).all())

@@ -33,11 +33,15 @@ def make_pool(num_pages: int, seed: int) -> torch.Tensor:
 
 
 def source_pages(room: int, num_pages: int, pool_pages: int) -> list[int]:
-    """Even rooms send one run of pages (zero-copy path), odd rooms scattered pages (gather)."""
-    if room % 2 == 0:
+    """room % 3 == 0: one run of pages; 1: scattered single pages; 2: scattered pairs."""
+    rng = np.random.default_rng(room)
+    if room % 3 == 0:
         start = room % (pool_pages - num_pages + 1)
         return list(range(start, start + num_pages))
-    return np.random.default_rng(room).permutation(pool_pages)[:num_pages].tolist()
+    if room % 3 == 1:
+        return rng.permutation(pool_pages)[:num_pages].tolist()
+    pairs = rng.permutation(pool_pages // 2)[: (num_pages + 1) // 2]
+    return np.stack([2 * pairs, 2 * pairs + 1], axis=1).reshape(-1)[:num_pages].tolist()
 
 
 def serve(transport: KVTransport, pool_pages: int, idle_exit_s: float) -> None:
@@ -108,11 +112,14 @@ def main() -> None:
     parser.add_argument("--pool-pages", type=int, default=64)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--frame-nbytes", type=int, default=4096)
+    parser.add_argument("--zero-copy-min-nbytes", type=int, default=2048)
     parser.add_argument("--idle-exit-s", type=float, default=60.0)
     args = parser.parse_args()
     torch.set_num_threads(1)
     pool = make_pool(args.pool_pages, args.seed)
-    options = TransportOptions(frame_nbytes=args.frame_nbytes)
+    options = TransportOptions(
+        frame_nbytes=args.frame_nbytes, zero_copy_min_nbytes=args.zero_copy_min_nbytes
+    )
     host = "127.0.0.1" if args.listen else None
     transport = make_transport(args.backend, pool, host, options=options)
     if args.connect:

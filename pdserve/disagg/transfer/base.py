@@ -81,6 +81,11 @@ class TransportOptions:
     max_queued_msgs: int = opt(
         100_000, "KV transfer: messages queued for one peer before it is declared lost"
     )
+    zero_copy_min_nbytes: int = opt(
+        256 << 10,
+        "KV transfer: source page runs at least this long on average go out zero-copy, one "
+        "part per run; shorter ones are gathered into one buffer first",
+    )
     staging_buffers: int = opt(16, "KV transfer: frame-sized buffers for gathering scattered pages")
     recv_budget_nbytes: int = opt(
         64 << 20, "KV transfer: KV bytes written per poll() before the loop gets control back"

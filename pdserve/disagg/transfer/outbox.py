@@ -19,17 +19,18 @@ from pdserve.disagg.transfer.pages import FramePlan
 
 
 class KVSend(SendHandle):
-    """One send_kv: its frames still queued, and ZeroMQ's hold on the ones it took."""
+    """One send_kv: its messages still queued, and ZeroMQ's hold on the ones it took."""
 
-    def __init__(self, room: int, num_frames: int) -> None:
+    def __init__(self, room: int, num_messages: int) -> None:
         self.room = room
-        self.frames_left = num_frames
+        self.messages_left = num_messages
         self._trackers: list[zmq.MessageTracker] = []
         self._error: str | None = None
 
-    def sent(self, tracker: zmq.MessageTracker) -> None:
-        self.frames_left -= 1
-        self._trackers.append(tracker)
+    def sent(self, trackers: list[zmq.MessageTracker]) -> None:
+        """One KV message went to ZeroMQ; `trackers` say when it lets go of each part."""
+        self.messages_left -= 1
+        self._trackers += trackers
 
     def fail(self, reason: str) -> None:
         if self._error is None:
@@ -38,7 +39,7 @@ class KVSend(SendHandle):
     def done(self) -> bool:
         # Zero-copy frames point into the pool: the pages stay busy until ZeroMQ lets go.
         self._trackers = [t for t in self._trackers if not t.done]
-        return (self.frames_left == 0 or self._error is not None) and not self._trackers
+        return (self.messages_left == 0 or self._error is not None) and not self._trackers
 
     @property
     def error(self) -> str | None:

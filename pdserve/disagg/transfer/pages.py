@@ -31,6 +31,14 @@ def run_start(ids: np.ndarray) -> int | None:
     return int(ids[0])
 
 
+def runs(ids: np.ndarray) -> list[tuple[int, int]]:
+    """(offset, length) of each maximal run of consecutive ascending ids, in order."""
+    if ids.size == 0:
+        return []
+    bounds = [0, *(np.flatnonzero(np.diff(ids) != 1) + 1).tolist(), int(ids.size)]
+    return [(a, b - a) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+
+
 @dataclass(frozen=True)
 class FramePlan:
     """One raw frame: local pages `src` go to the peer's pages `dst`, pairwise."""

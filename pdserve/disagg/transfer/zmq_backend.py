@@ -30,7 +30,7 @@ from pdserve.disagg.transfer.base import (
     TransportOptions,
 )
 from pdserve.disagg.transfer.outbox import KVSend, Outbox, Outgoing, Staging, gather
-from pdserve.disagg.transfer.pages import WriteGrants, page_array, plan_frames, run_start
+from pdserve.disagg.transfer.pages import WriteGrants, page_array, plan_frames, run_start, runs
 
 log = logging.getLogger(__name__)
 
@@ -218,9 +218,7 @@ class ZmqTransport(KVTransport):
                 self._staging_blocked = True  # every buffer is on the wire; retried next poll
                 return None
             try:
-                tracker = self._sock.send_multipart(
-                    [route, *item.parts], flags=zmq.NOBLOCK, copy=False, track=True
-                )
+                self._sock.send_multipart([route, *item.parts], flags=zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return None
             except zmq.ZMQError as exc:
@@ -228,36 +226,42 @@ class ZmqTransport(KVTransport):
                     return f"KV peer {peer} is not connected (it exited or never connected)"
                 raise TransportError(f"send to {peer} failed: {exc}") from exc
             queue.popleft()
-            self._on_sent(item, tracker)
+            self._on_sent(item)
         return None
 
     def _build_frame(self, item: Outgoing) -> bool:
+        """Turn a page plan into [header, raw part, ...]; False if no staging buffer is free."""
         plan, handle = item.plan, item.handle
         assert plan is not None and handle is not None
-        first = run_start(plan.src)
-        if first is not None:  # one run of pages: send straight from the pool, zero-copy
-            body = self._pages_np[first : first + plan.num_pages]
+        src_runs = runs(plan.src)
+        if len(src_runs) * self.options.zero_copy_min_nbytes <= plan.num_pages * self.page_nbytes:
+            # Long runs: one part per run, sent straight from the pool (ZeroMQ reads it later).
+            bodies = [self._pages_np[plan.src[i] : plan.src[i] + n] for i, n in src_runs]
+            counts = [n for _, n in src_runs]
         else:
             index = self._staging.acquire()
             if index is None:
                 return False
             item.staging_index = index
-            body = gather(self._pages, plan.src, self._staging.buffer(index))
+            bodies = [gather(self._pages, plan.src, self._staging.buffer(index))]
+            counts = [plan.num_pages]
         header = m.KVHeader(
             room=handle.room,
-            frame_page_counts=[plan.num_pages],
+            frame_page_counts=counts,
             page_nbytes=self.page_nbytes,
             dst_page_ids=plan.dst.tolist(),
         )
-        item.parts = [m.encode(header), body]
+        frames = [zmq.Frame(body, track=True, copy=False) for body in bodies]
+        item.parts = [m.encode(header), *frames]
         return True
 
-    def _on_sent(self, item: Outgoing, tracker: zmq.MessageTracker) -> None:
+    def _on_sent(self, item: Outgoing) -> None:
         self._stats["msgs_out"] += 1
+        trackers = [part.tracker for part in item.parts if isinstance(part, zmq.Frame)]
         if item.staging_index is not None:
-            self._staging.hold(item.staging_index, tracker)
+            self._staging.hold(item.staging_index, trackers[0])
         if item.handle is not None:
-            item.handle.sent(tracker)
+            item.handle.sent(trackers)
         if item.plan is not None:
             self._stats["kv_bytes_out"] += item.plan.num_pages * self.page_nbytes
 
