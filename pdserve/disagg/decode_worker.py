@@ -107,7 +107,10 @@ class DecodeWorkerHooks(WorkerHooks):
     def poll(self, now: float) -> list[ReqOutput]:
         outputs: list[ReqOutput] = []
         for event in self.transport.poll(0):
-            outputs += self._on_event(event, now)
+            try:
+                outputs += self._on_event(event, now)
+            except Exception:  # a bug here must fail rooms by deadline, not the worker
+                log.exception("decode: error handling %r", event)
         for room in [r for r in self.rooms.values() if r.state is RoomState.BOOTSTRAPPING]:
             outputs += self._progress(room, now)  # pages may have been freed meanwhile
         outputs += self._heartbeats(now)
@@ -168,9 +171,13 @@ class DecodeWorkerHooks(WorkerHooks):
             )
         room.state = advance(room.state, RoomState.SUCCESS)
         self._forget(msg.room)
-        steps = self.engine.admit_prefilled(
-            room.req.rid, first.token_id, first.logprob, first.top_logprobs
-        )
+        try:
+            steps = self.engine.admit_prefilled(
+                room.req.rid, first.token_id, first.logprob, first.top_logprobs
+            )
+        except ValueError as exc:  # the request left the engine meanwhile
+            log.warning("room %d not admitted: %s", msg.room, exc)
+            return []
         outputs = [output_to_msg(s) for s in steps]
         if outputs:
             outputs[0] = msgspec.structs.replace(
@@ -189,8 +196,11 @@ class DecodeWorkerHooks(WorkerHooks):
             )
         if room.state is not RoomState.BOOTSTRAPPING or not peer.handshake_ok:
             return []
-        if not self.engine.reserve(room.req):
-            return []  # no free pages yet; retried every poll until the deadline
+        try:
+            if not self.engine.reserve(room.req):
+                return []  # no free pages yet; retried every poll until the deadline
+        except ValueError as exc:  # RequestRejected: it can never fit this decode server
+            return self._fail(room.room, 400, str(exc))
         room.reserved = True
         room.state = advance(room.state, RoomState.WAITING_FOR_INPUT)
         room.deadline = now + self.cfg.kv_wait_timeout_s

@@ -106,10 +106,13 @@ class PrefillWorkerHooks(WorkerHooks):
     def poll(self, now: float) -> list[ReqOutput]:
         outputs: list[ReqOutput] = []
         for event in self.transport.poll(0):
-            if isinstance(event, Inbound):
-                outputs += self._on_message(event.peer, event.msg, now)
-            elif isinstance(event, PeerLost):
-                outputs += self._on_peer_lost(event, now)
+            try:
+                if isinstance(event, Inbound):
+                    outputs += self._on_message(event.peer, event.msg, now)
+                elif isinstance(event, PeerLost):
+                    outputs += self._on_peer_lost(event, now)
+            except Exception:  # a bug here must fail rooms by deadline, not the worker
+                log.exception("prefill: error handling %r", event)
         outputs += self._finish_sent(now)
         outputs += self._deadlines(now)
         return outputs
