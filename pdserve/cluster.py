@@ -84,10 +84,11 @@ def _die_with_parent() -> None:
 class Child:
     """One supervised process; its output is echoed with a prefix and its tail is kept."""
 
-    def __init__(self, name: str, argv: list[str], ready_urls: list[str]):
+    def __init__(self, name: str, argv: list[str], ready_urls: list[str], echo: bool = True):
         self.name = name
         self.argv = argv
         self.ready_urls = ready_urls
+        self.echo = echo
         self.tail: deque[str] = deque(maxlen=40)
         self.proc: subprocess.Popen | None = None
 
@@ -114,7 +115,8 @@ class Child:
         for raw in self.proc.stdout:
             line = raw.decode(errors="replace").rstrip()
             self.tail.append(line)
-            print(f"[{self.name}] {line}", flush=True)
+            if self.echo:
+                print(f"[{self.name}] {line}", flush=True)
 
     def exit_code(self) -> int | None:
         return None if self.proc is None else self.proc.poll()

@@ -1,0 +1,275 @@
+"""Router overhead benchmark (a script, run by hand): the latency that `pdserve router` and
+SGLang's `sglang-router` add over calling prefill + decode directly with the same bodies, at
+several concurrencies, plus time to first streamed token. All on loopback, same servers,
+same run, modes interleaved round by round so drift hits each alike.
+
+    python -m pdserve.router.bench_router --model-path tiny-random --num-requests 200
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import random
+import statistics
+import sys
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import aiohttp
+
+from pdserve.cluster import Child, free_port, stop_all, wait_ready
+from pdserve.router.merge import SSEBuffer
+
+Call = Callable[[aiohttp.ClientSession, dict], Awaitable[tuple[float, float | None]]]
+ROOM_LIMIT = 1 << 63
+
+
+@dataclass
+class Setup:
+    prefill_url: str
+    decode_url: str
+    bootstrap_port: int
+    routers: dict[str, str] = field(default_factory=dict)  # mode -> URL
+
+
+async def _read(resp: aiohttp.ClientResponse, stream: bool, started: float) -> float | None:
+    """Read the whole answer; for a stream, the time its first event arrived."""
+    if resp.status != 200:
+        raise RuntimeError(f"HTTP {resp.status}: {(await resp.read())[:300]!r}")
+    if not stream:
+        await resp.read()
+        return None
+    first_s, buf = None, SSEBuffer()
+    async for data in resp.content.iter_any():
+        if first_s is None and buf.feed(data):
+            first_s = time.perf_counter() - started
+    return first_s
+
+
+def direct_call(setup: Setup) -> Call:
+    """What a router must do at the least: both legs at once; the answer is decode's, so
+    the latency ends with decode's body (prefill's is read, but not waited for)."""
+
+    async def call(session: aiohttp.ClientSession, body: dict) -> tuple[float, float | None]:
+        body = dict(
+            body,
+            bootstrap_host="127.0.0.1",
+            bootstrap_port=setup.bootstrap_port,
+            bootstrap_room=random.randrange(ROOM_LIMIT),
+        )
+        stream = body.get("stream", False)
+        started = time.perf_counter()
+
+        async def prefill_leg() -> None:
+            async with session.post(setup.prefill_url + "/generate", json=body) as resp:
+                await _read(resp, stream, started)
+
+        prefill = asyncio.ensure_future(prefill_leg())
+        async with session.post(setup.decode_url + "/generate", json=body) as resp:
+            first_s = await _read(resp, stream, started)
+        latency_s = time.perf_counter() - started
+        await prefill
+        return latency_s, first_s
+
+    return call
+
+
+def router_call(url: str) -> Call:
+    async def call(session: aiohttp.ClientSession, body: dict) -> tuple[float, float | None]:
+        started = time.perf_counter()
+        async with session.post(url + "/generate", json=body) as resp:
+            first_s = await _read(resp, body.get("stream", False), started)
+        return time.perf_counter() - started, first_s
+
+    return call
+
+
+async def run_load(call: Call, body: dict, concurrency: int, num_requests: int) -> list[tuple]:
+    results: list[tuple] = []
+    remaining = iter(range(num_requests))
+    connector = aiohttp.TCPConnector(limit=0)
+    timeout = aiohttp.ClientTimeout(total=120)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+
+        async def client() -> None:
+            for _ in remaining:
+                results.append(await call(session, body))
+
+        await asyncio.gather(*(client() for _ in range(concurrency)))
+    return results
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def measure(
+    modes: dict[str, Call], body: dict, concurrency: int, num_requests: int, rounds: int
+) -> dict[str, list[tuple]]:
+    samples: dict[str, list[tuple]] = {mode: [] for mode in modes}
+    names = list(modes)
+    per_round = max(concurrency, num_requests // rounds)
+    for r in range(rounds):
+        for mode in names[r % len(names) :] + names[: r % len(names)]:  # rotate the order
+            samples[mode] += asyncio.run(run_load(modes[mode], body, concurrency, per_round))
+    return samples
+
+
+def report(title: str, samples: dict[str, list[tuple]], column: int) -> None:
+    base = [s[column] for s in samples["direct"]]
+    b50, b99 = percentile(base, 0.5), percentile(base, 0.99)
+    print(f"\n{title}")
+    print(f"{'mode':<16}{'n':>6}{'p50 ms':>10}{'p99 ms':>10}{'added p50':>11}{'added p99':>11}")
+    for mode, rows in samples.items():
+        values = [row[column] for row in rows]
+        p50, p99 = percentile(values, 0.5), percentile(values, 0.99)
+        added = (
+            "" if mode == "direct" else f"{(p50 - b50) * 1e3:>+11.2f}{(p99 - b99) * 1e3:>+11.2f}"
+        )
+        print(f"{mode:<16}{len(values):>6}{p50 * 1e3:>10.2f}{p99 * 1e3:>10.2f}{added}")
+    print(f"(mean direct {statistics.mean(base) * 1e3:.2f} ms)")
+
+
+def start_cluster(args: argparse.Namespace) -> tuple[Setup, list[Child]]:
+    from pdserve.engine.loader import resolve_model_dir
+
+    # A local directory: sglang-router would otherwise try to download a tokenizer.
+    model_dir = resolve_model_dir(args.model_path)
+    ports = {name: free_port("127.0.0.1") for name in ("p", "d", "b", "ours", "sgl", "prom")}
+    url = {name: f"http://127.0.0.1:{port}" for name, port in ports.items()}
+    serve = [
+        sys.executable,
+        "-m",
+        "pdserve",
+        "serve",
+        "--model-path",
+        model_dir,
+        "--torch-threads",
+        str(args.torch_threads),
+        "--log-level",
+        "warning",
+    ]
+    children = [
+        Child(
+            "prefill",
+            serve
+            + ["--mode", "prefill", "--port", str(ports["p"]), "--bootstrap-port", str(ports["b"])],
+            [url["p"] + "/health", url["b"] + "/route"],
+            echo=False,
+        ),
+        Child(
+            "decode",
+            serve + ["--mode", "decode", "--port", str(ports["d"])],
+            [url["d"] + "/health"],
+            echo=False,
+        ),
+        Child(
+            "pdserve-router",
+            [
+                sys.executable,
+                "-m",
+                "pdserve",
+                "router",
+                "--port",
+                str(ports["ours"]),
+                "--prefill",
+                url["p"],
+                str(ports["b"]),
+                "--decode",
+                url["d"],
+            ],
+            [url["ours"] + "/readiness"],
+            echo=False,
+        ),
+        Child(
+            "sglang-router",
+            [
+                sys.executable,
+                "-m",
+                "sglang_router.launch_router",
+                "--pd-disaggregation",
+                "--prefill",
+                url["p"],
+                str(ports["b"]),
+                "--decode",
+                url["d"],
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(ports["sgl"]),
+                "--prometheus-host",
+                "127.0.0.1",
+                "--prometheus-port",
+                str(ports["prom"]),
+                "--policy",
+                "round_robin",
+                "--log-level",
+                "warn",
+            ],
+            [url["sgl"] + "/readiness"],
+            echo=False,
+        ),
+    ]
+    setup = Setup(
+        url["p"], url["d"], ports["b"], {"pdserve-router": url["ours"], "sglang-router": url["sgl"]}
+    )
+    return setup, children
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model-path", default="tiny-random")
+    parser.add_argument("--num-requests", type=int, default=200, help="per mode and concurrency")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 32])
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--prompt-len", type=int, default=32)
+    parser.add_argument("--max-new-tokens", type=int, default=4)
+    parser.add_argument("--torch-threads", type=int, default=1)
+    parser.add_argument("--ready-timeout-s", type=float, default=600.0)
+    args = parser.parse_args(argv)
+    try:  # the same event loop for every mode's client
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+    setup, children = start_cluster(args)
+    try:
+        for child in children:
+            child.start()
+        for child in children:
+            threading.Thread(target=child.echo_output, daemon=True).start()
+        wait_ready(children, time.monotonic() + args.ready_timeout_s, threading.Event())
+        body = {
+            "input_ids": [random.randrange(3, 500) for _ in range(args.prompt_len)],
+            "sampling_params": {
+                "max_new_tokens": args.max_new_tokens,
+                "temperature": 0,
+                "ignore_eos": True,
+            },
+        }
+        modes = {"direct": direct_call(setup)} | {
+            name: router_call(url) for name, url in setup.routers.items()
+        }
+        measure(modes, body, 4, 40, 1)  # warm-up: connections, caches
+        for concurrency in args.concurrency:
+            samples = measure(modes, body, concurrency, args.num_requests, args.rounds)
+            report(
+                f"non-streamed /generate, {concurrency} concurrent clients "
+                "(latency = whole request)",
+                samples,
+                0,
+            )
+        samples = measure(modes, {**body, "stream": True}, 1, args.num_requests, args.rounds)
+        report("streamed /generate, 1 client: time to first token", samples, 1)
+        return 0
+    finally:
+        stop_all(children, 15.0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
