@@ -152,7 +152,8 @@ def run_engine(engine: Engine, prompts: list[list[int]], new_tokens: int) -> dic
         if len(outs) == len(prompts) and all(o.finish_reason is None for o in outs):
             full_steps_s.append(time.perf_counter() - t0)
     wall_s = time.perf_counter() - started
-    return {"wall_s": wall_s, "step_ms": 1e3 * statistics.median(full_steps_s[2:])}
+    step_ms = 1e3 * statistics.median(full_steps_s[2:]) if len(full_steps_s) > 2 else None
+    return {"wall_s": wall_s, "step_ms": step_ms}
 
 
 def hf_generate_s(model, prompts: list[list[int]], new_tokens: int) -> float:
@@ -206,6 +207,7 @@ def bench_shape(name: str, cfg: GpuBenchConfig, copy_bps: float) -> dict[str, An
     many = torch.randint(1000, 100000, (cfg.batch_size, cfg.prompt_len), generator=gen).tolist()
     one = many[:1]
     hf = measure_transformers(model, cfg, one, many)
+    print(name, "transformers", json.dumps(hf), flush=True)
     engine = engine_on(model, cfg)
     weight_bytes = engine.model.weights.num_bytes()
     ours = measure_pdserve(engine, cfg, one, many)
