@@ -91,3 +91,21 @@ def test_server_still_serves_after_bad_requests(tiny_server):
     assert status == 200 and len(out["output_ids"]) >= 1
     status, load = http_json("GET", f"{tiny_server.url}/get_load")
     assert load[0]["num_reqs"] == 0
+
+
+def test_a_request_the_engine_rejects_is_a_400_from_the_worker(server_factory):
+    # The pool holds 64 tokens: the front end's checks pass, the worker's engine refuses.
+    server = server_factory(["--model-path", "tiny-random", "--max-total-tokens", "64"])
+    status, out = http_json(
+        "POST",
+        f"{server.url}/generate",
+        {"input_ids": list(range(1, 100)), "sampling_params": {"max_new_tokens": 4}},
+    )
+    assert status == 400, out
+    assert "pool" in out["error"]["message"]
+    status, out = http_json(
+        "POST",
+        f"{server.url}/generate",
+        {"input_ids": [1, 2, 3], "sampling_params": {"max_new_tokens": 4}},
+    )
+    assert status == 200 and len(out["output_ids"]) == 4
