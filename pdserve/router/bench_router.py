@@ -23,6 +23,11 @@ import aiohttp
 from pdserve.cluster import Child, free_port, stop_all, wait_ready
 from pdserve.router.merge import SSEBuffer
 
+try:  # the same event loop for every mode's client, and the router's own
+    from uvloop import run as run_loop
+except ImportError:
+    from asyncio import run as run_loop
+
 Call = Callable[[aiohttp.ClientSession, dict], Awaitable[tuple[float, float | None]]]
 ROOM_LIMIT = 1 << 63
 
@@ -115,7 +120,7 @@ def measure(
     per_round = max(concurrency, num_requests // rounds)
     for r in range(rounds):
         for mode in names[r % len(names) :] + names[: r % len(names)]:  # rotate the order
-            samples[mode] += asyncio.run(run_load(modes[mode], body, concurrency, per_round))
+            samples[mode] += run_loop(run_load(modes[mode], body, concurrency, per_round))
     return samples
 
 
@@ -231,12 +236,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--torch-threads", type=int, default=1)
     parser.add_argument("--ready-timeout-s", type=float, default=600.0)
     args = parser.parse_args(argv)
-    try:  # the same event loop for every mode's client
-        import uvloop
-
-        uvloop.install()
-    except ImportError:
-        pass
     setup, children = start_cluster(args)
     try:
         for child in children:

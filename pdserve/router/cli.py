@@ -75,11 +75,12 @@ def run(ns: argparse.Namespace) -> int:
             "pdserve router: give --prefill and --decode (or --worker); workers "
             "can also be added later with POST /workers"
         )
+    run_loop = asyncio.run
     try:
         import uvloop
 
-        uvloop.install()
+        run_loop = uvloop.run
     except ImportError:
         pass
-    asyncio.run(serve(config))
+    run_loop(serve(config))
     return 0

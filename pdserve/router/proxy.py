@@ -61,7 +61,15 @@ class Proxy:
         except (msgspec.DecodeError, BadRequest) as exc:
             self.count_failure(route, "bad_request")
             return error_response(400, f"bad request: {exc}")
-        response, decode_s = await self._attempts(request, route, body, num_seqs)
+        try:
+            response, decode_s = await self._attempts(request, route, body, num_seqs)
+        except asyncio.CancelledError:
+            self.count_failure(route, "client_disconnect")
+            raise
+        except Exception as exc:  # a router bug must still answer in the error format
+            log.exception("router error on %s", route)
+            self.count_failure(route, "router_error")
+            return error_response(500, f"router error: {exc!r}")
         total_s = time.perf_counter() - started
         self.metrics.duration.labels(route).observe(total_s)
         if response.status == 200:

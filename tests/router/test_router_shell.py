@@ -8,7 +8,7 @@ import json
 import pytest
 import requests
 
-from tests.helpers import wait_until
+from tests.helpers import free_port, wait_until
 from tests.router.conftest import router_args
 
 pytestmark = pytest.mark.timeout(120)
@@ -254,7 +254,8 @@ def test_align_room_puts_each_room_on_a_prefill_rank_without_rank_fields(stubs, 
 
 
 def test_bad_requests_and_side_routes(stubs, router_factory):
-    router = router_factory(pd_args(stubs))
+    metrics_port = free_port()
+    router = router_factory(pd_args(stubs) + ["--prometheus-port", str(metrics_port)])
     resp = requests.post(f"{router.url}/generate", data=b"{not json", timeout=10)
     assert resp.status_code == 400 and "bad request" in resp.json()["error"]["message"]
     resp = requests.post(f"{router.url}/v1/completions", json={"prompt": []}, timeout=10)
@@ -264,3 +265,7 @@ def test_bad_requests_and_side_routes(stubs, router_factory):
     info = requests.get(f"{router.url}/server_info").json()
     assert info["role"] == "router" and len(info["workers"]) == 2
     assert metric(router, "pdserve_router_requests_total", route="/generate") == 1
+    side = requests.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).text
+    assert (
+        'pdserve_router_request_failures_total{reason="bad_request",route="/generate"} 1.0' in side
+    )
