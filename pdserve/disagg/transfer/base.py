@@ -186,7 +186,9 @@ class KVTransport(abc.ABC):
 
     @abc.abstractmethod
     def busy(self) -> bool:
-        """True while sends are queued or in flight: the loop should keep polling."""
+        """True while sends wait in this transport's queue: only `poll` moves them on, so the
+        loop should come back soon. Sends already handed to the backend finish on their own;
+        their `SendHandle.done()` turns True without further polling."""
 
     @abc.abstractmethod
     def sockets(self) -> list[zmq.Socket]:

@@ -2,7 +2,7 @@
 
 Each transport has ONE ROUTER socket: it binds when listening (prefill) and connects to
 peers under their endpoint as alias (decode), so the worker loop polls one stable socket.
-A KV transfer is a series of [KVHeader, raw frame] messages and then its RoomStatus, in order.
+A KV transfer is a series of [KVHeader, raw part, ...] messages, then its RoomStatus, in order.
 """
 
 from __future__ import annotations
@@ -64,7 +64,6 @@ class ZmqTransport(KVTransport):
         )
         self._outbox = Outbox()
         self._grants = WriteGrants()
-        self._handles: list[KVSend] = []
         self._stats: Counter[str] = Counter()
         self._connected: set[str] = set()
         self._closed = False
@@ -138,7 +137,6 @@ class ZmqTransport(KVTransport):
         handle = KVSend(room, len(items))
         for item in items:
             item.handle = handle
-        self._handles.append(handle)
         self._enqueue(peer, [*items, Outgoing(parts=[m.encode(then)])])
         return handle
 
@@ -147,7 +145,6 @@ class ZmqTransport(KVTransport):
         if self._closed:
             return events
         self._flush_all(events)
-        self._handles = [h for h in self._handles if not h.done()]
         if timeout_ms > 0:
             self._wait(timeout_ms)
             self._flush_all(events)
@@ -167,8 +164,7 @@ class ZmqTransport(KVTransport):
         self._grants.revoke(room)
 
     def busy(self) -> bool:
-        self._handles = [h for h in self._handles if not h.done()]
-        return bool(self._handles) or self._outbox.pending()
+        return self._outbox.pending()
 
     def sockets(self) -> list[zmq.Socket]:
         return [] if self._closed else [self._sock]
