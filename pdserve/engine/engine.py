@@ -120,10 +120,9 @@ class Engine:
         )
 
     def has_work(self) -> bool:
-        """True while step() would compute something (held or reserved requests wait on
-        outside events, not on steps)."""
-        s = self.scheduler
-        return bool(s.waiting or s.prefilling or s.running)
+        """True while step() would compute something. Held and reserved requests, and
+        waiting ones blocked on their pages, wait on outside events (release, abort, KV)."""
+        return self.scheduler.has_runnable()
 
     def load(self) -> tuple[int, int, int]:
         """(num_running, num_waiting, num_tokens); waiting includes requests awaiting KV."""

@@ -68,6 +68,15 @@ class Scheduler:
     def add(self, req: Request) -> None:
         self.waiting.append(req)
 
+    def has_runnable(self) -> bool:
+        """Whether schedule() would compute something now. False while the only waiting
+        work cannot be admitted until pages (held, reserved) come back."""
+        if self.running or self.prefilling:
+            return True
+        if not self.waiting or self.num_active >= self.max_running_requests:
+            return False
+        return self.allocator.num_free >= pages_for(self.waiting[0].seq_len, self.page_size)
+
     def schedule(self) -> Batch:
         batch = Batch()
         if self.running and self._last_was_prefill:

@@ -134,6 +134,18 @@ def test_a_lone_request_that_cannot_grow_preempts_itself():
     assert step(sched).prefill[0].req is a
 
 
+def test_nothing_is_runnable_while_the_waiting_head_lacks_pages():
+    sched = make_scheduler(num_pages=4)
+    assert not sched.has_runnable()
+    held = sched.allocator.alloc(3)
+    sched.add(req("a", 8))
+    assert not sched.has_runnable() and sched.schedule().empty
+    sched.allocator.free(held)
+    assert sched.has_runnable()
+    step(sched)
+    assert sched.has_runnable()  # running
+
+
 def test_reserve_allocates_prompt_pages_or_nothing():
     sched = make_scheduler(num_pages=4, max_running=8)
     a, b = req("a", 9), req("b", 8)
