@@ -22,13 +22,22 @@ from tests.disagg.pd_driver import (
 )
 from tests.helpers import wait_until
 
-BODY = {"input_ids": list(range(10, 60)), "sampling_params": {"max_new_tokens": 4, "temperature": 0}}
+BODY = {
+    "input_ids": list(range(10, 60)),
+    "sampling_params": {"max_new_tokens": 4, "temperature": 0},
+}
 
 
-def _decode_only(decode_url: str, prefill_bootstrap_port: int, room: int, timeout_s: float = 30,
-                 **extra) -> requests.Response:
-    body = dict(BODY, bootstrap_host="127.0.0.1", bootstrap_port=prefill_bootstrap_port,
-                bootstrap_room=room, **extra)
+def _decode_only(
+    decode_url: str, prefill_bootstrap_port: int, room: int, timeout_s: float = 30, **extra
+) -> requests.Response:
+    body = dict(
+        BODY,
+        bootstrap_host="127.0.0.1",
+        bootstrap_port=prefill_bootstrap_port,
+        bootstrap_room=room,
+        **extra,
+    )
     return requests.post(decode_url + "/generate", json=body, timeout=timeout_s)
 
 
@@ -59,9 +68,15 @@ def test_dead_prefill_worker_fails_its_rooms_within_the_heartbeat_window(pd):
     prefill = pd.prefill(1)
     decode = pd.decode(1, ["--heartbeat-interval-s", "0.2", "--heartbeat-timeout-s", "1.0"])
     pending = [
-        _post_async(decode.url + "/generate", dict(BODY, bootstrap_host="127.0.0.1",
-                                                   bootstrap_port=prefill.bootstrap_port,
-                                                   bootstrap_room=room))
+        _post_async(
+            decode.url + "/generate",
+            dict(
+                BODY,
+                bootstrap_host="127.0.0.1",
+                bootstrap_port=prefill.bootstrap_port,
+                bootstrap_room=room,
+            ),
+        )
         for room in (11, 22, 33)
     ]
     wait_until(lambda: pages_in_use(decode.url) > 0, 20, "decode to reserve pages")
@@ -79,8 +94,15 @@ def test_dead_prefill_worker_fails_its_rooms_within_the_heartbeat_window(pd):
 def test_duplicate_room_is_rejected_on_both_servers(pd):
     prefill = pd.prefill(1)
     decode = pd.decode(1, ["--kv-wait-timeout-s", "3"])
-    first = _post_async(decode.url + "/generate", dict(
-        BODY, bootstrap_host="127.0.0.1", bootstrap_port=prefill.bootstrap_port, bootstrap_room=7))
+    first = _post_async(
+        decode.url + "/generate",
+        dict(
+            BODY,
+            bootstrap_host="127.0.0.1",
+            bootstrap_port=prefill.bootstrap_port,
+            bootstrap_room=7,
+        ),
+    )
     wait_until(lambda: pages_in_use(decode.url) > 0, 20, "the first request to reach decode")
     dup = _decode_only(decode.url, prefill.bootstrap_port, room=7)
     assert dup.status_code == 400 and "already in flight" in dup.json()["error"]["message"]
@@ -124,14 +146,23 @@ def test_garbage_on_a_kv_port_is_dropped_and_service_continues(pd):
 def test_abort_on_decode_frees_pages_on_both_sides(pd):
     prefill = pd.prefill(1)
     decode = pd.decode(1)
-    pending = _post_async(decode.url + "/generate", dict(
-        BODY, rid="abort-me", bootstrap_host="127.0.0.1", bootstrap_port=prefill.bootstrap_port,
-        bootstrap_room=99))
+    pending = _post_async(
+        decode.url + "/generate",
+        dict(
+            BODY,
+            rid="abort-me",
+            bootstrap_host="127.0.0.1",
+            bootstrap_port=prefill.bootstrap_port,
+            bootstrap_room=99,
+        ),
+    )
     wait_until(lambda: pages_in_use(decode.url) > 0, 20, "decode to reserve pages")
     resp = requests.post(decode.url + "/abort_request", json={"rid": "abort-me"}, timeout=10)
     assert resp.status_code == 200
     answer = pending.result(timeout=30)
-    assert answer.status_code != 200 or answer.json()["meta_info"]["finish_reason"]["type"] == "abort"
+    assert (
+        answer.status_code != 200 or answer.json()["meta_info"]["finish_reason"]["type"] == "abort"
+    )
     wait_idle([prefill.url, decode.url])
 
 
@@ -141,9 +172,16 @@ def test_abort_on_prefill_fails_the_decode_leg(pd):
     long_body = dict(BODY, sampling_params={"max_new_tokens": 4, "temperature": 0})
     room = random.randrange(2**63)
     # The prefill leg alone first: it computes, then waits for decode's page list.
-    pending = _post_async(prefill.url + "/generate", dict(
-        long_body, rid="p-abort", bootstrap_host="127.0.0.1",
-        bootstrap_port=prefill.bootstrap_port, bootstrap_room=room))
+    pending = _post_async(
+        prefill.url + "/generate",
+        dict(
+            long_body,
+            rid="p-abort",
+            bootstrap_host="127.0.0.1",
+            bootstrap_port=prefill.bootstrap_port,
+            bootstrap_room=room,
+        ),
+    )
     wait_until(lambda: pages_in_use(prefill.url) > 0, 20, "prefill to hold the pages")
     requests.post(prefill.url + "/abort_request", json={"rid": "p-abort"}, timeout=10)
     pending.result(timeout=30)
@@ -155,32 +193,70 @@ def test_abort_on_prefill_fails_the_decode_leg(pd):
 def test_incompatible_page_size_fails_with_both_values(pd):
     prefill = pd.prefill(1, ["--page-size", "8"])
     decode = pd.decode(1, ["--page-size", "16"])
-    result = pd_generate(prefill.url, decode.url, BODY, bootstrap_port=prefill.bootstrap_port,
-                         timeout_s=30)
+    result = pd_generate(
+        prefill.url, decode.url, BODY, bootstrap_port=prefill.bootstrap_port, timeout_s=30
+    )
     assert not result.decode.ok
-    assert "page_size" in result.decode.error and "8" in result.decode.error and "16" in result.decode.error
+    assert (
+        "page_size" in result.decode.error
+        and "8" in result.decode.error
+        and "16" in result.decode.error
+    )
     wait_idle([decode.url])
 
 
 def test_many_concurrent_rooms_all_complete(pd):
     prefill = pd.prefill(2)
     decode = pd.decode(2)
-    results = run_many(lambda s: [
-        pd_generate_async(s, prefill.url, decode.url, dict(BODY, input_ids=list(range(5, 5 + n))),
-                          bootstrap_port=prefill.bootstrap_port)
-        for n in range(1, 41)
-    ])
-    assert all(r.prefill.ok and r.decode.ok for r in results), [r.decode.error for r in results if not r.decode.ok]
+    results = run_many(
+        lambda s: [
+            pd_generate_async(
+                s,
+                prefill.url,
+                decode.url,
+                dict(BODY, input_ids=list(range(5, 5 + n))),
+                bootstrap_port=prefill.bootstrap_port,
+            )
+            for n in range(1, 41)
+        ]
+    )
+    assert all(r.prefill.ok and r.decode.ok for r in results), [
+        r.decode.error for r in results if not r.decode.ok
+    ]
     wait_idle([prefill.url, decode.url])
 
 
 def test_room_sent_only_to_prefill_fails_at_its_deadline(pd):
     prefill = pd.prefill(1, ["--bootstrap-timeout-s", "1.5"])
     start = time.monotonic()
-    resp = requests.post(prefill.url + "/generate", json=dict(
-        BODY, bootstrap_host="127.0.0.1", bootstrap_port=prefill.bootstrap_port,
-        bootstrap_room=4242), timeout=30)
+    resp = requests.post(
+        prefill.url + "/generate",
+        json=dict(
+            BODY,
+            bootstrap_host="127.0.0.1",
+            bootstrap_port=prefill.bootstrap_port,
+            bootstrap_room=4242,
+        ),
+        timeout=30,
+    )
     assert resp.status_code == 504, resp.text
     assert "waiting for decode's page list for room 4242" in resp.json()["error"]["message"]
     assert time.monotonic() - start < 10
     wait_idle([prefill.url])
+
+
+def test_request_too_big_for_decode_fails_both_legs_with_the_limit(pd):
+    prefill = pd.prefill(1)
+    decode = pd.decode(1, ["--max-total-tokens", "64"])
+    body = dict(BODY, input_ids=list(range(3, 103)))  # 100 prompt tokens > 64-token pool
+    result = pd_generate(
+        prefill.url, decode.url, body, bootstrap_port=prefill.bootstrap_port, timeout_s=30
+    )
+    assert result.decode.status == 400, result.decode.body
+    assert "KV pages" in result.decode.error
+    assert (
+        not result.prefill.ok
+        or result.prefill.body["meta_info"]["finish_reason"]["type"] == "abort"
+    )
+    assert result.prefill.elapsed_s < 10
+    wait_idle([prefill.url, decode.url])
