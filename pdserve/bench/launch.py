@@ -12,12 +12,16 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
 
-READY_PATHS = ("/health", "/model_info")
+# every path must answer 200; a router's /readiness (pdserve, sglang-router) waits for its
+# workers, and servers without that route answer 404, which counts as ready
+READY_PATHS = ("/health", "/readiness", "/model_info")
+OPTIONAL_PATHS = frozenset({"/readiness"})
 POLL_INTERVAL_S = 0.5
 STOP_TIMEOUT_S = 30.0
 
@@ -38,11 +42,12 @@ def _tail(path: str, num_chars: int = 4000) -> str:
 
 
 def wait_ready(proc: subprocess.Popen, base_url: str, timeout_s: float, log_path: str) -> None:
-    """Poll every READY_PATHS until each answers 200; RuntimeError with the log's tail when
-    the process exits first or the deadline passes."""
+    """Poll every READY_PATHS until each answers 200 (404 for an optional one); RuntimeError
+    with the log's tail when the process exits first or the deadline passes."""
     deadline = time.monotonic() + timeout_s
     for path in READY_PATHS:
-        while _status(base_url + path) != 200:
+        ok = {200, 404} if path in OPTIONAL_PATHS else {200}
+        while _status(base_url + path) not in ok:
             if proc.poll() is not None:
                 raise RuntimeError(
                     f"launched command exited with {proc.returncode} before {path} answered:\n"
@@ -86,9 +91,28 @@ def launched(command: str | None, base_url: str, timeout_s: float) -> Iterator[N
         argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
         start_new_session=True,
     )  # fmt: skip
+    with _exit_on_sigterm():
+        try:
+            wait_ready(proc, base_url.rstrip("/"), timeout_s, log.name)
+            yield
+        finally:
+            stop(proc)
+            log.close()
+
+
+@contextlib.contextmanager
+def _exit_on_sigterm() -> Iterator[None]:
+    """Turn SIGTERM into SystemExit for the block, so that a benchmark stopped by a
+    supervisor still stops what it launched (the default handler skips `finally`)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, handler)
     try:
-        wait_ready(proc, base_url.rstrip("/"), timeout_s, log.name)
         yield
     finally:
-        stop(proc)
-        log.close()
+        signal.signal(signal.SIGTERM, previous)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from pdserve.bench.launch import launched
-from tests.helpers import REPO_ROOT, free_port, http_status
+from tests.helpers import REPO_ROOT, free_port, http_status, wait_until
 
 
 def pid_gone(pid: int) -> bool:
@@ -42,18 +43,58 @@ def test_a_command_never_ready_is_stopped_at_the_deadline(tmp_path: Path):
     assert pid_gone(int(pid_file.read_text()))
 
 
-def test_bench_launches_measures_and_stops_a_server(tmp_path: Path):
+def run_bench(args: list[str], timeout_s: float) -> subprocess.CompletedProcess:
+    """Run `pdserve bench`; past the deadline SIGTERM it, which must stop what it launched."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pdserve", "bench", *args], cwd=REPO_ROOT,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+    )  # fmt: skip
+    try:
+        out, err = proc.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+        raise AssertionError(f"bench still running after {timeout_s} s:\n{err[-3000:]}") from None
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def test_bench_launches_a_pd_cluster_measures_it_and_stops_it(tmp_path: Path):
+    """`pdserve up` (router + prefill + decode) under `--launch`: the report's request count
+    equals the router's counter, and nothing answers once the run is over."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     out = tmp_path / "run.json"
-    subprocess.run(
-        [sys.executable, "-m", "pdserve", "bench", "--base-url", url, "--launch",
-         f"pdserve serve --host 127.0.0.1 --port {port} --model-path tiny-random",
-         "--num-prompts", "2", "--random-input-len", "8", "--random-output-len", "2",
-         "--no-progress", "--label", "launched", "--output", str(out)],
-        cwd=REPO_ROOT, check=True, timeout=300, capture_output=True,
-        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+    proc = run_bench(
+        ["--base-url", url, "--launch",
+         f"pdserve up --host 127.0.0.1 --port {port} --model-path tiny-random",
+         "--launch-timeout-s", "180", "--request-timeout-s", "30", "--num-prompts", "3",
+         "--random-input-len", "20", "--random-output-len", "3", "--no-progress",
+         "--label", "1p1d", "--output", str(out)],
+        timeout_s=250,
     )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
-    assert result["completed"] == 2 and result["label"] == "launched"
+    assert result["completed"] == 3 and result["label"] == "1p1d"
+    assert result["total_output_tokens"] == 9 and result["output_tokens_from_server"]
+    assert result["server_counters"]['pdserve_router_requests_total{route="/generate"}'] == 3
     assert http_status(url + "/health") is None  # stopped with the run
+
+
+def test_a_terminated_bench_stops_what_it_launched(tmp_path: Path):
+    pid_file = tmp_path / "pid"
+    script = (
+        f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(120)"
+    )
+    bench = subprocess.Popen(
+        [sys.executable, "-m", "pdserve", "bench", "--base-url", f"http://127.0.0.1:{free_port()}",
+         "--launch", f"{shlex.quote(sys.executable)} -c {shlex.quote(script)}"],
+        cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        wait_until(lambda: pid_file.exists() and pid_file.read_text() != "", 60, "launched pid")
+        bench.send_signal(signal.SIGTERM)
+        assert bench.wait(60) == 143
+    finally:
+        bench.kill()
+    assert pid_gone(int(pid_file.read_text()))

@@ -52,7 +52,7 @@ def test_report_counts_equal_the_servers_counters(tiny_server, tmp_path: Path, e
     cfg = BenchConfig(
         base_url=tiny_server.url, endpoint=endpoint, num_prompts=5, warmup_requests=1,
         random_input_len=40, random_output_len=6, random_range_ratio=0.5, max_concurrency=2,
-        output=str(out), plot_dir=str(plots), progress=False,
+        output=str(out), plot_dir=str(plots), progress=False, request_timeout_s=60.0,
     )  # fmt: skip
     before = server_counts(tiny_server.url)
     asyncio.run(driver.run_single(cfg))
@@ -80,6 +80,7 @@ def test_requested_input_lengths_reach_the_server_exactly(tiny_server):
     cfg = BenchConfig(
         base_url=tiny_server.url, endpoint="completions", num_prompts=4, random_input_len=50,
         random_output_len=2, random_range_ratio=0.8, progress=False, seed=7,
+        request_timeout_s=60.0,
     )  # fmt: skip
     result = asyncio.run(driver.run_single(cfg))
     prompts, _, _ = runner.build_workload(cfg, runner.load_tokenizer(result["tokenizer"]))
@@ -109,7 +110,7 @@ def test_a_server_stopped_mid_run_fails_the_rest_with_connection_errors(server_f
     server = server_factory(["--model-path", "tiny-random"])
     cfg = BenchConfig(
         base_url=server.url, num_prompts=6, random_input_len=16, random_output_len=4,
-        max_concurrency=1, progress=False,
+        max_concurrency=1, progress=False, request_timeout_s=60.0,
     )  # fmt: skip
     killed = []
 
@@ -135,7 +136,7 @@ def test_trace_replay_keeps_the_traces_relative_timing(tiny_server, tmp_path: Pa
     ))  # fmt: skip
     cfg = BenchConfig(
         base_url=tiny_server.url, dataset_name="trace", trace_file=str(trace),
-        trace_speedup=2.0, trace_block_size=16, progress=False,
+        trace_speedup=2.0, trace_block_size=16, progress=False, request_timeout_s=60.0,
     )  # fmt: skip
     result = asyncio.run(driver.run_single(cfg))
     expected = trace_send_times(parse_trace(trace.read_text().splitlines()), 2.0)
@@ -151,7 +152,7 @@ def test_a_sweep_runs_each_rate_and_names_the_best(tiny_server, tmp_path: Path):
     cfg = BenchConfig(
         base_url=tiny_server.url, num_prompts=3, random_input_len=16, random_output_len=3,
         sweep_rates=[20.0, 10.0], slo_ttft_ms=60000.0, output=str(out),
-        plot_dir=str(tmp_path / "plots"), progress=False,
+        plot_dir=str(tmp_path / "plots"), progress=False, request_timeout_s=60.0,
     )  # fmt: skip
     asyncio.run(driver.run_sweep(cfg))
     sweep = json.loads(out.read_text())
