@@ -1,0 +1,1 @@
+"""The inference engine of a worker process: model, paged KV pool, scheduler, sampler."""

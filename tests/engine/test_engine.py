@@ -168,3 +168,12 @@ def test_kv_layout_describes_the_pool(engine):
     assert (layout.num_kv_heads, layout.head_dim) == (num_kv_heads, head_dim)
     assert layout.kv_dtype == "float32" and layout.model_fingerprint == engine.model_fingerprint
     assert engine.kv_pool[0].is_contiguous()  # one page, every layer: one run of bytes
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_engines_run_with_a_pool_of_that_dtype(tiny_engine_factory, dtype):
+    engine = tiny_engine_factory(dtype=dtype)
+    assert str(engine.kv_pool.dtype) == f"torch.{dtype}" and engine.kv_layout().kv_dtype == dtype
+    outs = run(engine, Request("h", PROMPT, greedy(8, top_k=5)), Request("s", PROMPT, greedy(8)))
+    assert all(len(tokens(o)) == 8 for o in outs.values())
+    assert engine.num_used_pages == 0
