@@ -60,6 +60,23 @@ def http_json(method: str, url: str, body: Any = None, timeout_s: float = 60.0) 
         return status, raw.decode(errors="replace")
 
 
+def sse_events(url: str, body: Any, timeout_s: float = 60.0) -> list[Any]:
+    """POST `body` and collect a server-sent-event stream: parsed `data:` payloads, with the
+    final "[DONE]" kept as the string. AssertionError if the answer is not a stream."""
+    req = urllib.request.Request(
+        url, json.dumps(body).encode(), {"Content-Type": "application/json"}
+    )
+    events: list[Any] = []
+    with urllib.request.urlopen(req, timeout=timeout_s) as resp:
+        assert resp.headers["Content-Type"].startswith("text/event-stream"), resp.headers
+        for raw in resp:
+            line = raw.decode().strip()
+            if line.startswith("data: "):
+                payload = line[len("data: ") :]
+                events.append(payload if payload == "[DONE]" else json.loads(payload))
+    return events
+
+
 def wait_until(
     cond: Callable[[], bool], timeout_s: float, what: str, interval_s: float = 0.05
 ) -> None:

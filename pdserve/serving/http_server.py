@@ -156,6 +156,9 @@ async def serve_async(cfg: ServerConfig) -> int:
             model_dir,
         )
         await _wait_for_signal()
+    except OSError as exc:  # e.g. the port or the bootstrap port is taken
+        logger.error("server failed to start: %s", exc)
+        return 1
     finally:
         with contextlib.suppress(Exception):
             await runner.cleanup()

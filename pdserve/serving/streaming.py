@@ -6,14 +6,18 @@ The first event is computed before the response starts, so a request that fails 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
+import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
 from aiohttp import web
 
 from pdserve.serving.hooks import RequestError
+
+logger = logging.getLogger(__name__)
 
 
 def _event(payload: Any) -> bytes:
@@ -36,6 +40,13 @@ async def sse_response(request: web.Request, events: AsyncIterator[Any]) -> web.
                 await response.write(_event(payload))
         except RequestError as exc:
             await response.write(_event({"error": {"message": exc.message, "code": exc.status}}))
+        except (ConnectionError, asyncio.CancelledError):
+            raise
+        except Exception as exc:  # the status line is gone: the error travels as an event
+            logger.exception("stream failed")
+            await response.write(
+                _event({"error": {"message": f"internal error: {exc!r}", "code": 500}})
+            )
         await response.write(b"data: [DONE]\n\n")
         await response.write_eof()
     return response

@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from tests.conftest import TINY_ARGS
-from tests.helpers import REPO_ROOT, free_port, http_json, wait_until
+from tests.helpers import REPO_ROOT, free_port, http_json, sse_events, wait_until
 
 SHORT = {"max_new_tokens": 4, "temperature": 0.0}
 LONG = {"max_new_tokens": 3000, "ignore_eos": True}
@@ -85,17 +85,17 @@ def test_a_dead_worker_fails_its_requests_with_5xx_instead_of_hanging(server_fac
     server = server_factory([*TINY_ARGS, "--dp-size", "2"])
     url = server.url
     pids = http_json("GET", f"{url}/server_info")[1]["worker_pids"]
-    with ThreadPoolExecutor(1) as pool:
-        future = pool.submit(
-            http_json,
-            "POST",
-            f"{url}/generate",
-            {"text": "doomed", "routed_dp_rank": 1, "sampling_params": LONG},
-        )
-        wait_until(lambda: inflight_by_rank(url)[1] == 1, 30, "the request to run on rank 1")
+    doomed = {"text": "doomed", "routed_dp_rank": 1, "sampling_params": LONG}
+    with ThreadPoolExecutor(2) as pool:
+        future = pool.submit(http_json, "POST", f"{url}/generate", doomed)
+        streamed = pool.submit(sse_events, f"{url}/generate", {**doomed, "stream": True})
+        wait_until(lambda: inflight_by_rank(url)[1] == 2, 30, "both requests to run on rank 1")
         os.kill(pids[1], signal.SIGKILL)
         status, out = future.result(30)
+        events = streamed.result(30)
     assert status == 500 and "worker 1" in out["error"]["message"]
+    # The stream had started (200): the failure arrives as an error event, then [DONE].
+    assert events[-1] == "[DONE]" and "worker 1" in events[-2]["error"]["message"]
     status, out = http_json("POST", f"{url}/generate", {"text": "x", "routed_dp_rank": 1})
     assert status == 503 and "worker 1" in out["error"]["message"]
     assert http_json("GET", f"{url}/health")[0] == 503

@@ -2,30 +2,12 @@
 
 from __future__ import annotations
 
-import json
-import urllib.request
-
 import openai
 import pytest
 
-from tests.helpers import http_json
+from tests.helpers import http_json, sse_events
 
 GREEDY = {"max_new_tokens": 6, "temperature": 0.0, "ignore_eos": True}
-
-
-def sse_events(url: str, body: dict) -> list:
-    req = urllib.request.Request(
-        url, json.dumps(body).encode(), {"Content-Type": "application/json"}
-    )
-    events = []
-    with urllib.request.urlopen(req, timeout=60) as resp:
-        assert resp.headers["Content-Type"].startswith("text/event-stream")
-        for raw in resp:
-            line = raw.decode().strip()
-            if line.startswith("data: "):
-                payload = line[len("data: ") :]
-                events.append(payload if payload == "[DONE]" else json.loads(payload))
-    return events
 
 
 def test_generate_single_answers_text_ids_and_meta_info(tiny_server):
