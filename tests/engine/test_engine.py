@@ -177,3 +177,20 @@ def test_half_precision_engines_run_with_a_pool_of_that_dtype(tiny_engine_factor
     outs = run(engine, Request("h", PROMPT, greedy(8, top_k=5)), Request("s", PROMPT, greedy(8)))
     assert all(len(tokens(o)) == 8 for o in outs.values())
     assert engine.num_used_pages == 0
+
+
+def test_prompt_logprobs_from_a_start_inside_a_later_chunk(tiny_engine_factory):
+    engine = tiny_engine_factory(chunked_prefill_size=8)
+    prompt = PROMPT * 2  # 40 tokens: five chunks
+
+    def prompt_logprobs(start: int):
+        req = Request(f"lp{start}", prompt, greedy(2), return_logprob=True, logprob_start_len=start)
+        first = run(engine, req)[req.rid][0]
+        return first.prompt_logprobs, first.prompt_top_logprobs
+
+    full, _ = prompt_logprobs(0)
+    assert len(full) == 40 and full[0] is None
+    part, tops = prompt_logprobs(21)
+    assert part == pytest.approx(full[21:], abs=1e-5)
+    assert tops is None  # top_logprobs_num == 0
+    assert prompt_logprobs(40)[0] == []
