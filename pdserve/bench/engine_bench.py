@@ -1,7 +1,9 @@
-"""`pdserve bench-engine`: the engine alone, in this process, against transformers on the
-same weights, measured in the same run: prefill and decode tokens/s at each batch size,
-16 concurrent requests against transformers serving them one after another, and the
-batch-1 decode step against the weight-read floor (weight bytes / copy bandwidth).
+"""`pdserve bench-engine`: the engine alone against transformers on the same weights.
+
+Runs in the calling process; everything is measured in the same run: prefill and decode
+tokens/s at each batch size, 16 concurrent requests against transformers serving them one
+after another, and the batch-1 decode step against the weight-read floor (weight bytes /
+copy bandwidth).
 """
 
 from __future__ import annotations
