@@ -153,6 +153,8 @@ def worker_main(
 ) -> None:
     """Entry point of a worker process (multiprocessing spawn target)."""
     _die_with_parent()
+    # Ctrl-C reaches the whole process group; the front end stops its workers itself.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     logging.basicConfig(
         level=cfg.server.log_level.upper(),
         format=f"%(asctime)s [worker dp={dp_rank}] %(levelname)s %(name)s: %(message)s",
