@@ -1,0 +1,334 @@
+"""KV transport for GPU pools on one host: pages move GPU to GPU through CUDA IPC, control
+messages over the ZeroMQ channel. Runs in prefill and decode worker processes.
+
+The decode side pulls: the prefill side shares its pool's IPC handle once per peer, then per
+room sends `IpcCopy(src pages, dst pages)`; the decode side checks the pages against its
+grant (exactly as the zmq backend checks frames), copies them in one kernel on its own
+stream, and acks with `IpcCopyDone` once the copy has finished, which frees the prefill
+side's pages. So no write ever lands in a page the decode side did not grant, and KV bytes
+never pass through host memory or Python per page.
+
+Prefill's pages are complete when `send_kv` is called: the engine reads each step's logits
+on the host, which waits for every kernel of that step. On the decode side, the copy is on
+the stream the engine computes on, so its next step sees the pages without a sync.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import msgspec
+import numpy as np
+import torch
+import zmq
+
+from pdserve.disagg import messages as m
+from pdserve.disagg.transfer.base import (
+    Event,
+    PeerId,
+    PeerLost,
+    SendHandle,
+    TransportError,
+    TransportOptions,
+)
+from pdserve.disagg.transfer.fake_backend import FakeTransport
+from pdserve.disagg.transfer.outbox import Outgoing
+from pdserve.disagg.transfer.pages import page_array
+
+log = logging.getLogger(__name__)
+
+
+class IpcPool(msgspec.Struct, tag="ipc_pool", kw_only=True):
+    """prefill -> decode, before its first IpcCopy: how to map the prefill pool."""
+
+    host_id: str  # CUDA IPC works within one host only
+    device: int
+    handle: bytes
+    storage_nbytes: int
+    storage_offset_bytes: int
+    ref_counter_handle: bytes
+    ref_counter_offset: int
+    event_handle: bytes
+    event_sync_required: bool
+    pool_offset_bytes: int  # where the pool starts inside the shared storage
+    num_pages: int
+    page_nbytes: int
+
+
+class IpcCopy(msgspec.Struct, tag="ipc_copy", kw_only=True):
+    """prefill -> decode: copy my pages `src_page_ids` into your `dst_page_ids` for `room`."""
+
+    room: int
+    src_page_ids: list[int]
+    dst_page_ids: list[int]
+
+
+class IpcCopyDone(msgspec.Struct, tag="ipc_done", kw_only=True):
+    """decode -> prefill: the copy for `room` finished (or was refused): free the pages."""
+
+    room: int
+    error: str | None = None
+
+
+IpcMsg = IpcPool | IpcCopy | IpcCopyDone
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder(IpcMsg)
+
+
+def host_id() -> str:
+    """Same on every process of this boot of this machine."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:
+        return os.uname().nodename
+
+
+def export_pool(pool: torch.Tensor, page_nbytes: int) -> IpcPool:
+    storage = pool.untyped_storage()
+    (device, handle, size, offset, rc_handle, rc_offset, event, sync) = storage._share_cuda_()
+    return IpcPool(
+        host_id=host_id(),
+        device=int(device),
+        handle=handle,
+        storage_nbytes=int(size),
+        storage_offset_bytes=int(offset),
+        ref_counter_handle=rc_handle,
+        ref_counter_offset=int(rc_offset),
+        event_handle=event or b"",
+        event_sync_required=bool(sync),
+        pool_offset_bytes=pool.storage_offset() * pool.element_size(),
+        num_pages=int(pool.shape[0]),
+        page_nbytes=page_nbytes,
+    )
+
+
+def open_pool(msg: IpcPool) -> torch.Tensor:
+    """The peer's pool as uint8 [num_pages, page_nbytes] on its device, mapped here."""
+    if msg.host_id != host_id():
+        raise ValueError("the peer is on another host: CUDA IPC needs one host")
+    storage = torch.UntypedStorage._new_shared_cuda(
+        msg.device,
+        msg.handle,
+        msg.storage_nbytes,
+        msg.storage_offset_bytes,
+        msg.ref_counter_handle,
+        msg.ref_counter_offset,
+        msg.event_handle or None,
+        msg.event_sync_required,
+    )
+    flat = torch.empty(0, dtype=torch.uint8, device=f"cuda:{msg.device}")
+    flat.set_(storage, msg.pool_offset_bytes, (msg.num_pages * msg.page_nbytes,), (1,))
+    return flat.view(msg.num_pages, msg.page_nbytes)
+
+
+def check_pool(pool: torch.Tensor) -> None:
+    if pool.device.type != "cuda" or not pool.is_contiguous():
+        raise ValueError("the cuda_ipc KV transport needs a contiguous CUDA pool")
+
+
+def page_runs(src: np.ndarray, dst: np.ndarray) -> list[tuple[int, int, int]]:
+    """(src start, dst start, length) of the runs where both id lists count up by one."""
+    if src.size == 0:
+        return []
+    breaks = np.flatnonzero((np.diff(src) != 1) | (np.diff(dst) != 1)) + 1
+    starts = np.concatenate(([0], breaks))
+    lengths = np.diff(np.concatenate((starts, [src.size])))
+    return [(int(src[i]), int(dst[i]), int(n)) for i, n in zip(starts, lengths, strict=True)]
+
+
+class IpcSend(SendHandle):
+    """One send_kv: done when the peer acks the copy, or the peer is lost."""
+
+    def __init__(self, room: int, peer: PeerId) -> None:
+        self.room = room
+        self.peer = peer
+        self._done = False
+        self._error: str | None = None
+
+    def finish(self, error: str | None = None) -> None:
+        if not self._done:
+            self._done, self._error = True, error
+
+    def done(self) -> bool:
+        return self._done
+
+    @property
+    def error(self) -> str | None:
+        return self._error
+
+
+class CudaIpcTransport(FakeTransport):
+    """The fake backend's control flow (grants, RoomStatus, KVReceived) with IpcCopy in place
+    of its byte-less KVHeader. The base class sees a one-byte-per-page shadow pool."""
+
+    name = "cuda_ipc"
+
+    def __init__(
+        self,
+        pool: torch.Tensor,
+        *,
+        listen_host: str | None = None,
+        advertise_host: str | None = None,
+        options: TransportOptions | None = None,
+    ) -> None:
+        check_pool(pool)
+        shadow = torch.zeros(pool.shape[0], 1, dtype=torch.uint8)
+        super().__init__(
+            shadow, listen_host=listen_host, advertise_host=advertise_host, options=options
+        )
+        self.pool = pool
+        self.page_nbytes = pool[0].numel() * pool.element_size()
+        self._pages = pool.view(torch.uint8).view(self.num_pages, self.page_nbytes)
+        self._exported: IpcPool | None = None
+        self._told: set[str] = set()  # peers that have our IpcPool
+        self._peer_pools: dict[str, torch.Tensor] = {}
+        self._sends: dict[tuple[str, int], IpcSend] = {}
+        self._acks: list[tuple[PeerId, int, torch.cuda.Event]] = []
+
+    # -- prefill side --------------------------------------------------------------------
+    def send_kv(
+        self,
+        peer: PeerId,
+        room: int,
+        src_page_ids: list[int],
+        dst_page_ids: list[int],
+        then: m.RoomStatus,
+    ) -> SendHandle:
+        self._check_open()
+        src = page_array(src_page_ids, self.num_pages, "src_page_ids")
+        dst = np.asarray(dst_page_ids, dtype=np.int64)
+        if dst.ndim != 1 or dst.size != src.size:
+            raise ValueError(f"{src.size} source pages but {dst.size} destination pages")
+        parts: list[bytes] = []
+        if peer not in self._told:
+            if self._exported is None:
+                self._exported = export_pool(self.pool, self.page_nbytes)
+            parts.append(_encoder.encode(self._exported))
+        copy = IpcCopy(room=room, src_page_ids=src.tolist(), dst_page_ids=dst.tolist())
+        parts += [_encoder.encode(copy), m.encode(then)]
+        handle = IpcSend(room, peer)
+        self._enqueue(peer, [Outgoing(parts=[p]) for p in parts])
+        self._told.add(peer)
+        self._sends[(peer, room)] = handle
+        self._stats["kv_bytes_out"] += src.size * self.page_nbytes
+        return handle
+
+    # -- both sides ----------------------------------------------------------------------
+    def poll(self, timeout_ms: int = 0) -> list[Event]:
+        events = super().poll(timeout_ms)
+        for event in events:
+            if isinstance(event, PeerLost):
+                self._drop_peer(event.peer, event.reason)
+        self._send_acks()
+        return events
+
+    def busy(self) -> bool:
+        return super().busy() or bool(self._acks) or any(not h.done() for h in self._sends.values())
+
+    def close(self) -> None:
+        for peer in {p for p, _ in self._sends} | set(self._peer_pools):
+            self._drop_peer(PeerId(peer), "transport closed")
+        self._acks.clear()
+        super().close()
+
+    def _drop_peer(self, peer: PeerId, reason: str) -> None:
+        for key in [k for k in self._sends if k[0] == peer]:
+            self._sends.pop(key).finish(reason)
+        self._peer_pools.pop(peer, None)
+        self._told.discard(peer)
+        self._acks = [a for a in self._acks if a[0] != peer]
+
+    def _lose(self, peer: PeerId, reason: str) -> None:
+        super()._lose(peer, reason)
+        self._drop_peer(peer, reason)
+
+    def _on_message(self, peer: PeerId, parts: list[zmq.Frame], events: list[Event]) -> int:
+        try:
+            msg = _decoder.decode(parts[0].buffer) if len(parts) == 1 else None
+        except msgspec.MsgspecError:
+            msg = None
+        if msg is None:
+            return super()._on_message(peer, parts, events)
+        self._stats["msgs_in"] += 1
+        if isinstance(msg, IpcPool):
+            return self._on_pool(peer, msg)
+        if isinstance(msg, IpcCopy):
+            return self._on_copy(peer, msg)
+        handle = self._sends.pop((peer, msg.room), None)
+        if handle is not None:
+            handle.finish(msg.error)
+        return 0
+
+    # -- decode side ---------------------------------------------------------------------
+    def _on_pool(self, peer: PeerId, msg: IpcPool) -> int:
+        if msg.page_nbytes != self.page_nbytes:
+            return self._reject(peer, "ipc_page_nbytes")
+        try:
+            self._peer_pools[peer] = open_pool(msg)
+        except (RuntimeError, ValueError) as exc:
+            log.warning("cannot map the KV pool of %s: %s", peer, exc)
+            return self._reject(peer, "ipc_open")
+        return 0
+
+    def _on_copy(self, peer: PeerId, msg: IpcCopy) -> int:
+        header = m.KVHeader(
+            room=msg.room,
+            frame_page_counts=[],
+            page_nbytes=self.page_nbytes,
+            dst_page_ids=msg.dst_page_ids,
+        )
+        reason = self._grants.check(peer, header, [], self.page_nbytes, moves_bytes=False)
+        src_pool = self._peer_pools.get(peer)
+        if reason is None and src_pool is None:
+            reason = "no_pool"
+        if reason is None:
+            reason = self._copy(src_pool, msg)
+        if reason is not None:
+            self._enqueue_ack(peer, IpcCopyDone(room=msg.room, error=f"refused: {reason}"))
+            return self._reject(peer, "ipc_" + reason)
+        nbytes = len(msg.dst_page_ids) * self.page_nbytes
+        self._grants.record(msg.room, msg.dst_page_ids, nbytes)
+        self._stats["kv_bytes_in"] += nbytes
+        event = torch.cuda.Event()
+        event.record()
+        self._acks.append((peer, msg.room, event))
+        return nbytes
+
+    def _copy(self, src_pool: torch.Tensor, msg: IpcCopy) -> str | None:
+        """Queue the page copy on the current stream; a reason if the ids are bad."""
+        try:
+            src = page_array(msg.src_page_ids, src_pool.shape[0], "src_page_ids")
+            dst = page_array(msg.dst_page_ids, self.num_pages, "dst_page_ids")
+        except ValueError:
+            return "page_ids"
+        if src.size != dst.size:
+            return "page_count"
+        if src.size == 0:
+            return None
+        if src_pool.device == self._pages.device:
+            from pdserve.engine.gpu.copy_pages import copy_pages  # Triton, imported on use
+
+            device = self._pages.device
+            src_ids, dst_ids = torch.from_numpy(src).to(device), torch.from_numpy(dst).to(device)
+            copy_pages(src_pool, self._pages, src_ids, dst_ids)
+        else:  # the peer's pool is on another GPU (not run here: one GPU was lent)
+            for s, d, n in page_runs(src, dst):
+                self._pages[d : d + n].copy_(src_pool[s : s + n], non_blocking=True)
+        return None
+
+    def _send_acks(self) -> None:
+        pending = []
+        for peer, room, event in self._acks:
+            if event.query():
+                self._enqueue_ack(peer, IpcCopyDone(room=room))
+            else:
+                pending.append((peer, room, event))
+        self._acks = pending
+
+    def _enqueue_ack(self, peer: PeerId, msg: IpcCopyDone) -> None:
+        try:
+            self._enqueue(peer, [Outgoing(parts=[_encoder.encode(msg)])])
+        except TransportError as exc:  # the peer is gone: nothing to free on our side
+            log.debug("ack for room %d to %s not sent: %s", msg.room, peer, exc)
