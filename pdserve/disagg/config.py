@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pdserve import envs
 from pdserve.config import check, opt
 
-TRANSFER_BACKENDS = ["zmq", "fake"]
+TRANSFER_BACKENDS = ["zmq", "fake", "cuda_ipc"]
 
 
 @dataclass(frozen=True)

@@ -40,14 +40,20 @@ def make_transport(
     advertise_host: str | None = None,
     options: TransportOptions | None = None,
 ) -> KVTransport:
-    """`name` is DisaggConfig.transfer_backend: "zmq" (moves bytes) or "fake" (control only).
+    """`name` is DisaggConfig.transfer_backend: "zmq" (moves bytes), "fake" (control only) or
+    "cuda_ipc" (CUDA pools, GPU to GPU on one host).
 
     `advertise_host` replaces `listen_host` in `endpoint` (needed when listening on 0.0.0.0)."""
     # Imported here so that importing the interface does not start pulling in backends.
+    from pdserve.disagg.transfer.cuda_ipc import CudaIpcTransport
     from pdserve.disagg.transfer.fake_backend import FakeTransport
     from pdserve.disagg.transfer.zmq_backend import ZmqTransport
 
-    backends: dict[str, type[ZmqTransport]] = {"zmq": ZmqTransport, "fake": FakeTransport}
+    backends: dict[str, type[ZmqTransport]] = {
+        "zmq": ZmqTransport,
+        "fake": FakeTransport,
+        "cuda_ipc": CudaIpcTransport,  # imports Triton only when it first copies
+    }
     if name not in backends:
         raise ValueError(f"unknown KV transfer backend {name!r}; choose from {sorted(backends)}")
     return backends[name](
