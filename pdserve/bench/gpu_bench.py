@@ -71,6 +71,7 @@ class GpuBenchConfig:
     batch1_steps: int = opt(64, "decode steps timed at batch 1")
     chunked_prefill_size: int = opt(4096, "pdserve prompt tokens per prefill step")
     out_dir: str | None = opt(None, "write results.json here")
+    profile: bool = opt(False, "print the GPU kernels of one batch-1 decode step per shape")
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.shapes) - set(SHAPES))
@@ -190,6 +191,8 @@ def measure_pdserve(engine: Engine, cfg: GpuBenchConfig, one, many) -> dict:
     graph, _ = decoder._graphs[1]
     replay_ms = median_event_ms(graph.replay, 50)
     eager_ms = median_event_ms(lambda: decoder._forward(decoder.meta[:1]), 20)
+    if cfg.profile:
+        profile_step(lambda: decoder._forward(decoder.meta[:1]))
     bn = run_engine(engine, many, cfg.new_tokens)
     return {
         "b1_step_ms": b1["step_ms"],
@@ -199,6 +202,17 @@ def measure_pdserve(engine: Engine, cfg: GpuBenchConfig, one, many) -> dict:
         "bN_tok_s": len(many) * cfg.new_tokens / bn["wall_s"],
         "bN_step_ms": bn["step_ms"],
     }
+
+
+def profile_step(step) -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14), flush=True)
 
 
 def bench_shape(name: str, cfg: GpuBenchConfig, copy_bps: float) -> dict[str, Any]:
