@@ -191,8 +191,9 @@ def measure_pdserve(engine: Engine, cfg: GpuBenchConfig, one, many) -> dict:
     graph, _ = decoder._graphs[1]
     replay_ms = median_event_ms(graph.replay, 50)
     eager_ms = median_event_ms(lambda: decoder._forward(decoder.meta[:1]), 20)
-    if cfg.profile:
-        profile_step(lambda: decoder._forward(decoder.meta[:1]))
+    if cfg.profile:  # rows past the first still hold the warm-up batch's last step
+        for rows in (1, len(many)):
+            profile_step(lambda rows=rows: decoder._forward(decoder.meta[:rows]))
     bn = run_engine(engine, many, cfg.new_tokens)
     return {
         "b1_step_ms": b1["step_ms"],
