@@ -39,20 +39,46 @@ class SampleSpec:
         return self.temperature == 0 or self.top_k == 1
 
 
+# Top-k/top-p look at this many most likely tokens first; a row whose nucleus reaches
+# past them (a very flat distribution) falls back to sorting its whole vocabulary.
+_CANDIDATES = 256
+
+
+def _rank_filter(values: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """values: each row's probabilities sorted descending; zero those past top-k or the
+    top-p nucleus (a token is dropped once the mass before it exceeds top_p)."""
+    rank = torch.arange(values.shape[-1], device=values.device)
+    mass_before = values.cumsum(dim=-1) - values
+    drop = (rank[None, :] >= top_k[:, None]) | (mass_before > top_p[:, None])
+    return values.masked_fill(drop, 0.0)
+
+
 def filter_probs(
     probs: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor
 ) -> torch.Tensor:
     """Zero the probabilities outside each row's top-k, top-p nucleus and min-p floor.
     All three are judged on the unfiltered distribution; the most likely token always stays.
     top_k/top_p/min_p: [R] (top_k = vocab size to disable)."""
-    sorted_probs, order = probs.sort(dim=-1, descending=True)
-    rank = torch.arange(probs.shape[-1], device=probs.device)
-    mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
-    drop = rank[None, :] >= top_k[:, None]
-    drop |= mass_before > top_p[:, None]
-    drop |= sorted_probs < min_p[:, None] * sorted_probs[:, :1]
-    kept = sorted_probs.masked_fill(drop, 0.0)
-    return torch.zeros_like(probs).scatter_(-1, order, kept)
+    vocab_size = probs.shape[-1]
+    # min_p drops only the least likely tokens, so it never changes the mass before a
+    # kept token: applying it first leaves top-p's judgement unchanged.
+    floor = min_p[:, None] * probs.max(dim=-1, keepdim=True).values
+    probs = probs.masked_fill(probs < floor, 0.0)
+    limited = (top_k < vocab_size) | (top_p < 1)
+    if not bool(limited.any()):
+        return probs
+    finite_k = top_k[top_k < vocab_size]
+    num_candidates = min(vocab_size, max(_CANDIDATES, int(finite_k.max()) if len(finite_k) else 0))
+    values, order = probs.topk(num_candidates, dim=-1)
+    kept = torch.zeros_like(probs).scatter_(-1, order, _rank_filter(values, top_k, top_p))
+    out = torch.where(limited[:, None], kept, probs)
+    beyond = limited & (top_k > num_candidates) & (values.sum(dim=-1) <= top_p)
+    if bool(beyond.any()):
+        rows = beyond.nonzero().flatten()
+        values, order = probs[rows].sort(dim=-1, descending=True)
+        full = _rank_filter(values, top_k[rows], top_p[rows])
+        out[rows] = torch.zeros_like(values).scatter_(-1, order, full)
+    return out
 
 
 def _exponential_noise(

@@ -125,3 +125,29 @@ def test_logprobs_are_log_softmax_of_raw_logits_with_sorted_top_n():
     assert [t for t, _ in tops[0]] == [1, 2]
     assert tops[0][0][1] == pytest.approx(expected[0, 1].item())
     assert tops[1] == []
+
+
+def reference_filter(probs, top_k, top_p, min_p):
+    """The definition, by a full sort of every row."""
+    values, order = probs.sort(dim=-1, descending=True)
+    rank = torch.arange(probs.shape[-1])
+    mass_before = values.cumsum(-1) - values
+    drop = (rank >= top_k[:, None]) | (mass_before > top_p[:, None])
+    drop |= values < min_p[:, None] * values[:, :1]
+    return torch.zeros_like(probs).scatter_(-1, order, values.masked_fill(drop, 0.0))
+
+
+def test_candidate_shortcut_equals_a_full_sort_including_flat_rows():
+    torch.manual_seed(0)
+    vocab = 5000
+    sharp = torch.softmax(torch.randn(4, vocab) * 4, -1)
+    flat = torch.softmax(torch.randn(4, vocab) * 0.01, -1)  # nucleus far beyond 256 tokens
+    probs = torch.cat([sharp, flat])
+    top_k = torch.tensor([vocab, 40, 600, vocab, vocab, 1000, vocab, 3])
+    top_p = torch.tensor([0.9, 1.0, 0.95, 1.0, 0.5, 0.99, 1.0, 0.7])
+    min_p = torch.tensor([0.0, 0.0, 0.05, 0.1, 0.0, 0.0, 0.2, 0.0])
+    got = filter_probs(probs, top_k, top_p, min_p)
+    want = reference_filter(probs, top_k, top_p, min_p)
+    assert torch.equal(got > 0, want > 0)
+    assert torch.allclose(got, want)
+    assert (got[4] > 0).sum() > 256  # the flat row took the full-sort path
