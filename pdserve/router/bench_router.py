@@ -140,89 +140,32 @@ def report(title: str, samples: dict[str, list[tuple]], column: int) -> None:
 
 
 def start_cluster(args: argparse.Namespace) -> tuple[Setup, list[Child]]:
+    """`pdserve up`'s three children (quiet) plus sglang-router on the same servers."""
+    from pdserve.cluster import ClusterConfig, plan
     from pdserve.engine.loader import resolve_model_dir
 
     # A local directory: sglang-router would otherwise try to download a tokenizer.
-    model_dir = resolve_model_dir(args.model_path)
-    ports = {name: free_port("127.0.0.1") for name in ("p", "d", "b", "ours", "sgl", "prom")}
-    url = {name: f"http://127.0.0.1:{port}" for name, port in ports.items()}
-    serve = [
-        sys.executable,
-        "-m",
-        "pdserve",
-        "serve",
-        "--model-path",
-        model_dir,
-        "--torch-threads",
-        str(args.torch_threads),
-        "--log-level",
-        "warning",
-    ]
-    children = [
-        Child(
-            "prefill",
-            serve
-            + ["--mode", "prefill", "--port", str(ports["p"]), "--bootstrap-port", str(ports["b"])],
-            [url["p"] + "/health", url["b"] + "/route"],
-            echo=False,
-        ),
-        Child(
-            "decode",
-            serve + ["--mode", "decode", "--port", str(ports["d"])],
-            [url["d"] + "/health"],
-            echo=False,
-        ),
-        Child(
-            "pdserve-router",
-            [
-                sys.executable,
-                "-m",
-                "pdserve",
-                "router",
-                "--port",
-                str(ports["ours"]),
-                "--prefill",
-                url["p"],
-                str(ports["b"]),
-                "--decode",
-                url["d"],
-            ],
-            [url["ours"] + "/readiness"],
-            echo=False,
-        ),
-        Child(
-            "sglang-router",
-            [
-                sys.executable,
-                "-m",
-                "sglang_router.launch_router",
-                "--pd-disaggregation",
-                "--prefill",
-                url["p"],
-                str(ports["b"]),
-                "--decode",
-                url["d"],
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(ports["sgl"]),
-                "--prometheus-host",
-                "127.0.0.1",
-                "--prometheus-port",
-                str(ports["prom"]),
-                "--policy",
-                "round_robin",
-                "--log-level",
-                "warn",
-            ],
-            [url["sgl"] + "/readiness"],
-            echo=False,
-        ),
-    ]
-    setup = Setup(
-        url["p"], url["d"], ports["b"], {"pdserve-router": url["ours"], "sglang-router": url["sgl"]}
+    bootstrap_port = free_port("127.0.0.1")
+    config = ClusterConfig(
+        model_path=resolve_model_dir(args.model_path),
+        bootstrap_port=bootstrap_port,
+        torch_threads=args.torch_threads,
+        server_args="--log-level warning",
     )
-    return setup, children
+    children = plan(config)
+    prefill, decode, ours = children
+    port, prometheus_port = free_port("127.0.0.1"), free_port("127.0.0.1")
+    flags = (
+        f"--pd-disaggregation --prefill {prefill.url} {bootstrap_port} --decode {decode.url} "
+        f"--host 127.0.0.1 --port {port} --prometheus-host 127.0.0.1 --prometheus-port "
+        f"{prometheus_port} --policy round_robin --log-level warn"
+    )
+    sglang = [sys.executable, "-m", "sglang_router.launch_router", *flags.split()]
+    children.append(Child("sglang-router", sglang, f"http://127.0.0.1:{port}", ["/readiness"]))
+    for child in children:
+        child.echo = False
+    routers = {"pdserve-router": ours.url, "sglang-router": children[-1].url}
+    return Setup(prefill.url, decode.url, bootstrap_port, routers), children
 
 
 def main(argv: list[str] | None = None) -> int:

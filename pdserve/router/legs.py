@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import TypeVar
 
 import aiohttp
+import yarl
 
 from pdserve.router.merge import SSEBuffer, error_message, event_error, event_json
 from pdserve.router.workers import Worker
@@ -17,6 +19,12 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 JSON_HEADERS = {"Content-Type": "application/json"}
+
+
+@functools.lru_cache(maxsize=4096)
+def leg_url(base: str, path: str) -> yarl.URL:
+    """Parsed once per worker and route: URL parsing is a visible share of a leg's CPU."""
+    return yarl.URL(base + path)
 
 
 class LegError(Exception):
@@ -105,7 +113,7 @@ async def post(
     """Open the leg; raises LegError unless the head says 200."""
     try:
         resp = await session.post(
-            worker.url + route, data=data, headers=JSON_HEADERS, timeout=timeout
+            leg_url(worker.url, route), data=data, headers=JSON_HEADERS, timeout=timeout
         )
     except Exception as exc:  # noqa: BLE001 - every client failure becomes a LegError
         raise classify(worker, exc) from exc

@@ -71,5 +71,15 @@ class RouterMetrics:
             registry=r,
         )
 
+        self._children: dict[tuple, object] = {}
+
+    def child(self, metric, *labels: str):  # noqa: ANN001, ANN201 - any labelled metric
+        """`metric.labels(*labels)`, cached: the per-request paths call this several times."""
+        key = (id(metric), labels)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*labels)
+        return found
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
