@@ -84,10 +84,14 @@ def _die_with_parent() -> None:
 class Child:
     """One supervised process; its output is echoed with a prefix and its tail is kept."""
 
-    def __init__(self, name: str, argv: list[str], ready_urls: list[str], echo: bool = True):
+    def __init__(
+        self, name: str, argv: list[str], url: str, ready_paths: list[str], echo: bool = True
+    ):
+        """`ready_paths`: paths under `url` (or whole URLs) that must answer 200."""
         self.name = name
         self.argv = argv
-        self.ready_urls = ready_urls
+        self.url = url
+        self.ready_urls = [p if "://" in p else url + p for p in ready_paths]
         self.echo = echo
         self.tail: deque[str] = deque(maxlen=40)
         self.proc: subprocess.Popen | None = None
@@ -149,80 +153,46 @@ class ChildDied(Exception):
         super().__init__(f"{child.name} exited with code {code}; its last output:\n{tail}")
 
 
-def plan(c: ClusterConfig) -> list[Child]:
-    """The three children: prefill, decode, router (in the order they are stopped last)."""
-    ports = {
-        name: getattr(c, name) or free_port(c.host)
-        for name in ("port", "prefill_port", "decode_port", "bootstrap_port")
-    }
-    common = ["--host", c.host] + shlex.split(c.server_args)
+def _server_argv(c: ClusterConfig, mode: str, port: int, dp_size: int) -> list[str]:
+    argv = [sys.executable, "-m", "pdserve", "serve", "--mode", mode, "--host", c.host]
+    argv += ["--port", str(port), "--dp-size", str(dp_size)]
     for flag, value in (
         ("--model-path", c.model_path),
         ("--page-size", c.page_size),
         ("--torch-threads", c.torch_threads),
     ):
         if value is not None:
-            common += [flag, str(value)]
-    serve = [sys.executable, "-m", "pdserve", "serve"]
-    prefill_url = f"http://{c.host}:{ports['prefill_port']}"
-    decode_url = f"http://{c.host}:{ports['decode_port']}"
-    router_url = f"http://{c.host}:{ports['port']}"
-    router_flags = ["--dp-aware"] if c.dp_aware else []
+            argv += [flag, str(value)]
+    return argv + shlex.split(c.server_args)
+
+
+def plan(c: ClusterConfig) -> list[Child]:
+    """The three children: prefill, decode, router (stopped in the reverse order)."""
+    port = {
+        name: getattr(c, name) or free_port(c.host)
+        for name in ("port", "prefill_port", "decode_port", "bootstrap_port")
+    }
+    url = {name: f"http://{c.host}:{p}" for name, p in port.items()}
+    prefill_argv = _server_argv(c, "prefill", port["prefill_port"], c.prefill_dp)
+    prefill_argv += ["--bootstrap-port", str(port["bootstrap_port"])]
+    router_argv = [sys.executable, "-m", "pdserve", "router", "--host", c.host]
+    router_argv += ["--port", str(port["port"]), "--policy", c.policy, "--log-level", "info"]
+    router_argv += ["--prefill", url["prefill_port"], str(port["bootstrap_port"])]
+    router_argv += ["--decode", url["decode_port"]] + (["--dp-aware"] if c.dp_aware else [])
     return [
         Child(
             "prefill",
-            serve
-            + [
-                "--mode",
-                "prefill",
-                "--port",
-                str(ports["prefill_port"]),
-                "--dp-size",
-                str(c.prefill_dp),
-                "--bootstrap-port",
-                str(ports["bootstrap_port"]),
-            ]
-            + common,
-            [f"{prefill_url}/health", f"http://{c.host}:{ports['bootstrap_port']}/route"],
+            prefill_argv,
+            url["prefill_port"],
+            ["/health", url["bootstrap_port"] + "/route"],
         ),
         Child(
             "decode",
-            serve
-            + [
-                "--mode",
-                "decode",
-                "--port",
-                str(ports["decode_port"]),
-                "--dp-size",
-                str(c.decode_dp),
-            ]
-            + common,
-            [f"{decode_url}/health"],
+            _server_argv(c, "decode", port["decode_port"], c.decode_dp),
+            url["decode_port"],
+            ["/health"],
         ),
-        Child(
-            "router",
-            [
-                sys.executable,
-                "-m",
-                "pdserve",
-                "router",
-                "--host",
-                c.host,
-                "--port",
-                str(ports["port"]),
-                "--prefill",
-                prefill_url,
-                str(ports["bootstrap_port"]),
-                "--decode",
-                decode_url,
-                "--policy",
-                c.policy,
-                "--log-level",
-                "info",
-                *router_flags,
-            ],
-            [f"{router_url}/readiness"],
-        ),
+        Child("router", router_argv, url["port"], ["/readiness"]),
     ]
 
 
@@ -246,22 +216,20 @@ def wait_ready(children: list[Child], deadline: float, stop: threading.Event) ->
 
 def banner(children: list[Child], c: ClusterConfig, elapsed_s: float) -> str:
     prefill, decode, router = children
-    url = router.ready_urls[0].rsplit("/", 1)[0]
-    model = c.model_path or "the default model"
-    return "\n".join(
-        [
-            f"pdserve up: ready in {elapsed_s:.1f} s ({model})",
-            f"  router   {url}  (pid {router.proc.pid})",  # type: ignore[union-attr]
-            f"  prefill  {prefill.ready_urls[0].rsplit('/', 1)[0]}  dp {c.prefill_dp}, bootstrap "
-            f"{prefill.ready_urls[1].rsplit('/', 1)[0]}  (pid {prefill.proc.pid})",  # type: ignore[union-attr]
-            f"  decode   {decode.ready_urls[0].rsplit('/', 1)[0]}  dp {c.decode_dp}  "
-            f"(pid {decode.proc.pid})",  # type: ignore[union-attr]
-            "Try:",
-            f"  curl {url}/v1/chat/completions -H 'Content-Type: application/json' \\",
-            '    -d \'{"messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 32}\'',
-            "Ctrl-C stops everything.",
-        ]
-    )
+    pid = {child.name: child.proc.pid if child.proc else None for child in children}
+    bootstrap = prefill.ready_urls[1].rsplit("/", 1)[0]
+    lines = [
+        f"pdserve up: ready in {elapsed_s:.1f} s ({c.model_path or 'the default model'})",
+        f"  router   {router.url}  (pid {pid['router']})",
+        f"  prefill  {prefill.url}  dp {c.prefill_dp}, bootstrap {bootstrap}  "
+        f"(pid {pid['prefill']})",
+        f"  decode   {decode.url}  dp {c.decode_dp}  (pid {pid['decode']})",
+        "Try:",
+        f"  curl {router.url}/v1/chat/completions -H 'Content-Type: application/json' \\",
+        """    -d '{"messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 32}'""",
+        "Ctrl-C stops everything.",
+    ]
+    return "\n".join(lines)
 
 
 def stop_all(children: list[Child], timeout_s: float) -> None:
