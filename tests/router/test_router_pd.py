@@ -148,3 +148,18 @@ def test_openai_client_through_the_router(router, tiny_server, pd_pair):
     models = openai.OpenAI(base_url=router.url + "/v1", api_key="none").models.list()
     assert models.data[0].id == "tiny-random"
     wait_idle([pd_pair[0].url, pd_pair[1].url])
+
+
+def test_plain_mode_forwards_to_a_colocated_server(tiny_server):
+    """`--worker URL`: no PD fields; the answer is the colocated server's own."""
+    with start_router(router_args(workers=[tiny_server.url])) as plain:
+        body = GENERATE_BODIES[0]
+        assert (
+            post(plain.url + "/generate", body).json()["output_ids"]
+            == post(tiny_server.url + "/generate", body).json()["output_ids"]
+        )
+        events = streamed(
+            plain.url + "/v1/chat/completions",
+            {"messages": MESSAGES, "max_tokens": 4, "temperature": 0},
+        )
+        assert events and events[0]["object"] == "chat.completion.chunk"
