@@ -81,10 +81,10 @@ def paged_attention(
     num_seqs, max_q = meta.num_seqs, meta.max_new_tokens
     _, _, page_size, num_kv_heads, head_dim = kv_layer.shape
     pages = kv_layer.index_select(0, meta.block_table)
-    # One copy puts K and V of each sequence in contiguous [S, KVH, D] runs.
+    # One copy lays K and V out as SDPA reads them: [B, KVH, S, D], contiguous.
     pages = pages.view(num_seqs, -1, 2, page_size, num_kv_heads, head_dim)
-    kv = pages.permute(2, 0, 1, 3, 4, 5).reshape(2, num_seqs, -1, num_kv_heads, head_dim)
-    keys, values = kv[0].transpose(1, 2), kv[1].transpose(1, 2)
+    kv = pages.permute(2, 0, 4, 1, 3, 5).reshape(2, num_seqs, num_kv_heads, -1, head_dim)
+    keys, values = kv[0], kv[1]
     num_heads = q.shape[1]
     if meta.pad_index is not None:
         padded = q.new_zeros(num_seqs * max_q, num_heads, head_dim)
