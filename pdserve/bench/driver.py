@@ -37,7 +37,9 @@ async def prepare(session: aiohttp.ClientSession, cfg: BenchConfig) -> Prepared:
     base_url = cfg.base_url.rstrip("/")
     model_info = await client.get_json(session, base_url + "/model_info")
     if model_info is None and cfg.tokenizer is None:
-        raise RuntimeError(f"{base_url}/model_info did not answer: is the server up? (or pass --tokenizer)")  # fmt: skip
+        raise RuntimeError(
+            f"{base_url}/model_info did not answer: is the server up? (or pass --tokenizer)"
+        )
     tokenizer_path = runner.resolve_tokenizer_path(cfg.tokenizer, model_info)
     tokenizer = runner.load_tokenizer(tokenizer_path)
     model = cfg.model
@@ -48,13 +50,7 @@ async def prepare(session: aiohttp.ClientSession, cfg: BenchConfig) -> Prepared:
         runner.parse_extra_body(cfg.extra_body), cfg.request_timeout_s,
     )  # fmt: skip
     prompts, trace_times, warmup = runner.build_workload(cfg, tokenizer)
-    if warmup:
-        records, _ = await runner.send_all(
-            session, target, warmup, [0.0] * len(warmup), cfg.max_concurrency
-        )
-        failed = [r for r in records if not r.ok]
-        if failed:
-            raise RuntimeError(f"warmup request failed: {failed[0].error_kind}: {failed[0].error}")
+    await _warm_up(session, target, warmup, cfg.max_concurrency)
     info = {
         "model": model or (model_info or {}).get("model_path"),
         "tokenizer": tokenizer_path,
@@ -63,6 +59,23 @@ async def prepare(session: aiohttp.ClientSession, cfg: BenchConfig) -> Prepared:
         "server_model_info": model_info,
     }
     return Prepared(target, prompts, trace_times, info)
+
+
+async def _warm_up(
+    session: aiohttp.ClientSession,
+    target: runner.Target,
+    warmup: list[Prompt],
+    max_concurrency: int | None,
+) -> None:
+    """Send the warmup prompts at once and wait for them; any failure stops the benchmark
+    (a setup that fails its warmup would only measure its errors)."""
+    if not warmup:
+        return
+    times = [0.0] * len(warmup)
+    records, _ = await runner.send_all(session, target, warmup, times, max_concurrency)
+    failed = [r for r in records if not r.ok]
+    if failed:
+        raise RuntimeError(f"warmup request failed: {failed[0].error_kind}: {failed[0].error}")
 
 
 def _progress(cfg: BenchConfig, total: int) -> tuple[Any, Callable[[RequestRecord], None]]:

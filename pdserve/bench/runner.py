@@ -23,7 +23,7 @@ from pdserve.bench.streams import PATHS, build_body
 from pdserve.bench.workload import Prompt
 
 
-@dataclass
+@dataclass(frozen=True)
 class Target:
     """Where and how to send: everything a request body needs besides its prompt."""
 
@@ -46,25 +46,31 @@ class Target:
 
 
 def resolve_tokenizer_path(name: str | None, model_info: dict[str, Any] | None) -> str:
-    """A local tokenizer directory: `name` (a dir or a pdserve model name), else the server's
-    `/model_info` `tokenizer_path` or `model_path` when local or a pdserve model name."""
+    """Where to load the tokenizer from: `name` (a dir, a pdserve model name, else passed on
+    to transformers as a hub id), or else the server's `/model_info` `tokenizer_path` or
+    `model_path` when one is a local dir or a pdserve model name."""
     candidates = [name] if name else []
     if not name and model_info:
         candidates += [model_info.get("tokenizer_path"), model_info.get("model_path")]
     for candidate in filter(None, candidates):
         if os.path.isdir(candidate):
             return candidate
-        try:
-            from pdserve.engine.loader import resolve_model_dir
-        except ImportError:
-            continue
-        try:
-            return str(resolve_model_dir(candidate))
-        except (ValueError, KeyError, FileNotFoundError):
-            continue
+        builtin = _builtin_model_dir(candidate)
+        if builtin is not None:
+            return builtin
+    if name:
+        return name
     raise ValueError(
         f"no local tokenizer found (tried {candidates or 'nothing'}); pass --tokenizer DIR"
     )
+
+
+def _builtin_model_dir(name: str) -> str | None:
+    try:
+        from pdserve.engine.loader import BUILTIN_MODELS, resolve_model_dir
+    except ImportError:
+        return None
+    return str(resolve_model_dir(name)) if name in BUILTIN_MODELS else None
 
 
 def load_tokenizer(path: str) -> Any:
