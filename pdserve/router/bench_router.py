@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import random
-import statistics
 import sys
 import threading
 import time
@@ -38,6 +38,13 @@ class Setup:
     decode_url: str
     bootstrap_port: int
     routers: dict[str, str] = field(default_factory=dict)  # mode -> URL
+    pids: dict[str, int] = field(default_factory=dict)  # mode -> router process id
+
+
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process, all its threads included (Linux)."""
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 async def _read(resp: aiohttp.ClientResponse, stream: bool, started: float) -> float | None:
@@ -55,30 +62,35 @@ async def _read(resp: aiohttp.ClientResponse, stream: bool, started: float) -> f
 
 
 def direct_call(setup: Setup) -> Call:
-    """What a router must do at the least: both legs at once; the answer is decode's, so
-    the latency ends with decode's body (prefill's is read, but not waited for)."""
+    """What a router must do at the least: both legs at once; the answer is decode's. Like a
+    router, it answers without waiting for prefill's body, which is read in the background."""
+    background: set[asyncio.Task] = set()
+
+    async def prefill_leg(session: aiohttp.ClientSession, body: dict, stream: bool) -> None:
+        async with session.post(setup.prefill_url + "/generate", json=body) as resp:
+            await _read(resp, stream, time.perf_counter())
 
     async def call(session: aiohttp.ClientSession, body: dict) -> tuple[float, float | None]:
+        room = random.randrange(ROOM_LIMIT)
         body = dict(
             body,
             bootstrap_host="127.0.0.1",
             bootstrap_port=setup.bootstrap_port,
-            bootstrap_room=random.randrange(ROOM_LIMIT),
+            bootstrap_room=room,
         )
         stream = body.get("stream", False)
         started = time.perf_counter()
-
-        async def prefill_leg() -> None:
-            async with session.post(setup.prefill_url + "/generate", json=body) as resp:
-                await _read(resp, stream, started)
-
-        prefill = asyncio.ensure_future(prefill_leg())
+        task = asyncio.create_task(prefill_leg(session, body, stream))
+        background.add(task)
+        task.add_done_callback(background.discard)
         async with session.post(setup.decode_url + "/generate", json=body) as resp:
             first_s = await _read(resp, stream, started)
-        latency_s = time.perf_counter() - started
-        await prefill
-        return latency_s, first_s
+        return time.perf_counter() - started, first_s
 
+    async def drain() -> None:
+        await asyncio.gather(*background)
+
+    call.drain = drain  # type: ignore[attr-defined]
     return call
 
 
@@ -104,6 +116,8 @@ async def run_load(call: Call, body: dict, concurrency: int, num_requests: int) 
                 results.append(await call(session, body))
 
         await asyncio.gather(*(client() for _ in range(concurrency)))
+        if hasattr(call, "drain"):
+            await call.drain()
     return results
 
 
@@ -113,30 +127,44 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def measure(
-    modes: dict[str, Call], body: dict, concurrency: int, num_requests: int, rounds: int
-) -> dict[str, list[tuple]]:
+    setup: Setup,
+    modes: dict[str, Call],
+    body: dict,
+    concurrency: int,
+    num_requests: int,
+    rounds: int,
+) -> tuple[dict[str, list[tuple]], dict[str, float]]:
+    """Samples per mode, and each router's CPU seconds per request."""
     samples: dict[str, list[tuple]] = {mode: [] for mode in modes}
+    cpu: dict[str, float] = dict.fromkeys(setup.pids, 0.0)
     names = list(modes)
     per_round = max(concurrency, num_requests // rounds)
     for r in range(rounds):
         for mode in names[r % len(names) :] + names[: r % len(names)]:  # rotate the order
+            pid = setup.pids.get(mode)
+            before = cpu_s(pid) if pid else 0.0
             samples[mode] += run_loop(run_load(modes[mode], body, concurrency, per_round))
-    return samples
+            if pid:
+                cpu[mode] += cpu_s(pid) - before
+    return samples, {mode: cpu[mode] / len(samples[mode]) for mode in cpu}
 
 
-def report(title: str, samples: dict[str, list[tuple]], column: int) -> None:
+def report(title: str, samples: dict[str, list[tuple]], cpu: dict[str, float], column: int) -> None:
     base = [s[column] for s in samples["direct"]]
     b50, b99 = percentile(base, 0.5), percentile(base, 0.99)
     print(f"\n{title}")
-    print(f"{'mode':<16}{'n':>6}{'p50 ms':>10}{'p99 ms':>10}{'added p50':>11}{'added p99':>11}")
+    print(
+        f"{'mode':<16}{'n':>6}{'p50 ms':>9}{'p99 ms':>9}{'added p50':>11}{'added p99':>11}"
+        f"{'router CPU/req':>16}"
+    )
     for mode, rows in samples.items():
         values = [row[column] for row in rows]
         p50, p99 = percentile(values, 0.5), percentile(values, 0.99)
-        added = (
-            "" if mode == "direct" else f"{(p50 - b50) * 1e3:>+11.2f}{(p99 - b99) * 1e3:>+11.2f}"
-        )
-        print(f"{mode:<16}{len(values):>6}{p50 * 1e3:>10.2f}{p99 * 1e3:>10.2f}{added}")
-    print(f"(mean direct {statistics.mean(base) * 1e3:.2f} ms)")
+        line = f"{mode:<16}{len(values):>6}{p50 * 1e3:>9.2f}{p99 * 1e3:>9.2f}"
+        if mode != "direct":
+            line += f"{(p50 - b50) * 1e3:>+11.2f}{(p99 - b99) * 1e3:>+11.2f}"
+            line += f"{cpu[mode] * 1e3:>13.3f} ms"
+        print(line)
 
 
 def start_cluster(args: argparse.Namespace) -> tuple[Setup, list[Child]]:
@@ -154,6 +182,7 @@ def start_cluster(args: argparse.Namespace) -> tuple[Setup, list[Child]]:
     )
     children = plan(config)
     prefill, decode, ours = children
+    ours.name = "pdserve-router"
     port, prometheus_port = free_port("127.0.0.1"), free_port("127.0.0.1")
     flags = (
         f"--pd-disaggregation --prefill {prefill.url} {bootstrap_port} --decode {decode.url} "
@@ -197,17 +226,15 @@ def main(argv: list[str] | None = None) -> int:
         modes = {"direct": direct_call(setup)} | {
             name: router_call(url) for name, url in setup.routers.items()
         }
-        measure(modes, body, 4, 40, 1)  # warm-up: connections, caches
+        setup.pids = {c.name: c.proc.pid for c in children[2:] if c.proc}
+        measure(setup, modes, body, 4, 40, 1)  # warm-up: connections, caches
         for concurrency in args.concurrency:
-            samples = measure(modes, body, concurrency, args.num_requests, args.rounds)
-            report(
-                f"non-streamed /generate, {concurrency} concurrent clients "
-                "(latency = whole request)",
-                samples,
-                0,
-            )
-        samples = measure(modes, {**body, "stream": True}, 1, args.num_requests, args.rounds)
-        report("streamed /generate, 1 client: time to first token", samples, 1)
+            samples, cpu = measure(setup, modes, body, concurrency, args.num_requests, args.rounds)
+            title = f"non-streamed /generate, {concurrency} concurrent clients: whole request"
+            report(title, samples, cpu, 0)
+        stream = {**body, "stream": True}
+        samples, cpu = measure(setup, modes, stream, 1, args.num_requests, args.rounds)
+        report("streamed /generate, 1 client: time to first token", samples, cpu, 1)
         return 0
     finally:
         stop_all(children, 15.0)
