@@ -177,6 +177,7 @@ def measure_transformers(model, cfg: GpuBenchConfig, one: list[list[int]], many)
     short_s = hf_generate_s(model, many, 2)
     wall_s = hf_generate_s(model, many, cfg.new_tokens)
     return {
+        "bN_prefill_s": short_s,
         "b1_step_ms": b1_step_ms,
         "bN_wall_s": wall_s,
         "bN_tok_s": len(many) * cfg.new_tokens / wall_s,
@@ -195,6 +196,10 @@ def measure_pdserve(engine: Engine, cfg: GpuBenchConfig, one, many) -> dict:
         for rows in (1, len(many)):
             profile_step(lambda rows=rows: decoder._forward(decoder.meta[:rows]))
     bn = run_engine(engine, many, cfg.new_tokens)
+    # meta now holds the last full step (the longest contexts): GPU time of that graph
+    bucket = decoder.bucket_for(len(many))
+    bn_replay_ms = median_event_ms(decoder._graphs[bucket][0].replay, 20) if bucket else None
+    prefill_s = run_engine(engine, many, 1)["wall_s"]
     return {
         "b1_step_ms": b1["step_ms"],
         "b1_graph_replay_ms": replay_ms,
@@ -202,6 +207,8 @@ def measure_pdserve(engine: Engine, cfg: GpuBenchConfig, one, many) -> dict:
         "bN_wall_s": bn["wall_s"],
         "bN_tok_s": len(many) * cfg.new_tokens / bn["wall_s"],
         "bN_step_ms": bn["step_ms"],
+        "bN_graph_replay_ms": bn_replay_ms,
+        "bN_prefill_s": prefill_s,
     }
 
 
@@ -262,6 +269,14 @@ def print_table(results: list[dict[str, Any]], copy_bps: float, cfg: GpuBenchCon
             f"{ours['bN_tok_s']:10.0f} {hf['bN_tok_s']:9.0f} {r['bN_tok_s_ratio']:5.1f}"
         )
     print("times in ms; b1 step = engine.step() wall time at batch 1 (host overhead included)")
+    for r in results:
+        ours, hf = r["pdserve"], r["transformers"]
+        print(
+            f"{r['shape']}: b{n} decode step {ours['bN_step_ms']:.2f} ms of which graph GPU time "
+            f"{ours['bN_graph_replay_ms']:.2f} ms; prefill of {n} prompts {ours['bN_prefill_s']:.2f} s "
+            f"(transformers {hf['bN_prefill_s']:.2f} s); decode-only step ratio "
+            f"{hf['bN_step_ms'] / ours['bN_step_ms']:.1f}x"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:

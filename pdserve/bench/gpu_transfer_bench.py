@@ -28,6 +28,7 @@ MIB = 1 << 20
 # One page of the Llama-3-8B shape: 32 layers, K and V, 16 tokens, 8 KV heads, 128 dims, bf16.
 PAGE_SHAPE = (32, 2, 16, 8, 128)
 TIMEOUT_S = 120.0
+COPY_VARIANTS = [(2048, 4), (1024, 4), (4096, 8), (8192, 8), (512, 2)]  # (int64 words, warps)
 
 
 @dataclass(frozen=True)
@@ -124,6 +125,27 @@ def copy_gbps(nbytes: int) -> float:
     return nbytes / statistics.median(timed_s(once) for _ in range(10)) / 1e9
 
 
+def kernel_gbps(rx: Receiver, num_pages: int) -> dict[str, float]:
+    """The page-copy kernel alone, mapped prefill pool -> this pool, per (block, warps)."""
+    from pdserve.bench.gpu_bench import median_event_ms
+    from pdserve.engine.gpu.copy_pages import copy_pages
+
+    src_pool = rx.transport.peer_pool(rx.peer)
+    dst_pool = rx.pool.view(torch.uint8).view(rx.pool.shape[0], -1)
+    src = torch.tensor(src_pages_for(0, num_pages, src_pool.shape[0]), device="cuda")
+    dst = torch.tensor(rx.rng.permutation(dst_pool.shape[0])[:num_pages], device="cuda")
+    nbytes = num_pages * dst_pool.shape[1]
+    out = {}
+    for block, warps in COPY_VARIANTS:
+
+        def run(block: int = block, warps: int = warps) -> None:
+            copy_pages(src_pool, dst_pool, src, dst, block, warps)
+
+        ms = median_event_ms(run, 10)
+        out[f"{block}x{warps}"] = nbytes / ms / 1e6
+    return out
+
+
 def measure_size(rx: Receiver, size_mib: int, cfg: TransferBenchConfig, sender_pool) -> dict:
     page_nbytes = rx.transport.page_nbytes
     num_pages = max(1, size_mib * MIB // page_nbytes)
@@ -137,9 +159,11 @@ def measure_size(rx: Receiver, size_mib: int, cfg: TransferBenchConfig, sender_p
     got = rx.pool[dst].reshape(num_pages, -1)
     assert torch.equal(got, sender_pool[src]), f"{size_mib} MiB: bytes differ"
     copy = copy_gbps(nbytes)
+    kernels = kernel_gbps(rx, num_pages)
     return {
         "size_mib": nbytes / MIB,
         "copy_gbps": copy,
+        "kernel_gbps": kernels,
         "serial_gbps": nbytes / statistics.median(serial) / 1e9,
         "serial_ms": 1e3 * statistics.median(serial),
         "pipelined_gbps": in_flight * nbytes / pipelined_s / 1e9,
@@ -182,6 +206,7 @@ def main(argv: list[str] | None = None) -> int:
         rx = Receiver(pool, parent.recv())
         sender_pool = make_pool(pool_pages, 1).view(pool_pages, -1)  # the same bytes
         rows = [measure_size(rx, size, cfg, sender_pool) for size in cfg.sizes_mib]
+        control_ms = 1e3 * statistics.median(timed_s(lambda: rx.transfer(0, 1)) for _ in range(20))
         rx.transport.close()
     finally:
         parent.send("stop")
@@ -189,10 +214,15 @@ def main(argv: list[str] | None = None) -> int:
         if sender.is_alive():
             sender.kill()
     print_table(rows)
+    print(f"control round trip (a 0-page transfer): {control_ms:.3f} ms")
+    for r in rows:
+        kernels = ", ".join(f"{k} {v:.0f}" for k, v in r["kernel_gbps"].items())
+        print(f"{r['size_mib']:6.0f} MiB copy kernel alone, GB/s by (words, warps): {kernels}")
     if cfg.out_dir:
         os.makedirs(cfg.out_dir, exist_ok=True)
         with open(os.path.join(cfg.out_dir, "gpu_transfer.json"), "w") as f:
-            json.dump({"config": asdict(cfg), "rows": rows}, f, indent=2)
+            report = {"config": asdict(cfg), "rows": rows, "control_ms": control_ms}
+            json.dump(report, f, indent=2)
     return 0
 
 

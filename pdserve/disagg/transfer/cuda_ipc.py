@@ -187,6 +187,10 @@ class CudaIpcTransport(FakeTransport):
         self._sends: dict[tuple[str, int], IpcSend] = {}
         self._acks: list[tuple[PeerId, int, torch.cuda.Event]] = []
 
+    def peer_pool(self, peer: PeerId) -> torch.Tensor | None:
+        """The peer's pool as mapped here (uint8 [num_pages, page_nbytes]), once it came."""
+        return self._peer_pools.get(peer)
+
     # -- prefill side --------------------------------------------------------------------
     def send_kv(
         self,
@@ -311,7 +315,9 @@ class CudaIpcTransport(FakeTransport):
             from pdserve.engine.gpu.copy_pages import copy_pages  # Triton, imported on use
 
             device = self._pages.device
-            src_ids, dst_ids = torch.from_numpy(src).to(device), torch.from_numpy(dst).to(device)
+            # pinned + non_blocking: no host wait behind copies already queued on the stream
+            src_ids = torch.from_numpy(src).pin_memory().to(device, non_blocking=True)
+            dst_ids = torch.from_numpy(dst).pin_memory().to(device, non_blocking=True)
             copy_pages(src_pool, self._pages, src_ids, dst_ids)
         else:  # the peer's pool is on another GPU (not run here: one GPU was lent)
             for s, d, n in page_runs(src, dst):

@@ -8,6 +8,7 @@ import triton
 import triton.language as tl
 
 BLOCK_WORDS = 2048  # 16 KiB of int64 words per program
+NUM_WARPS = 4
 
 
 @triton.jit
@@ -24,7 +25,12 @@ def _copy_pages_kernel(
 
 
 def copy_pages(
-    src_pages: torch.Tensor, dst_pages: torch.Tensor, src_ids: torch.Tensor, dst_ids: torch.Tensor
+    src_pages: torch.Tensor,
+    dst_pages: torch.Tensor,
+    src_ids: torch.Tensor,
+    dst_ids: torch.Tensor,
+    block_words: int = BLOCK_WORDS,
+    num_warps: int = NUM_WARPS,
 ) -> None:
     """dst_pages[dst_ids[i]] = src_pages[src_ids[i]] for uint8 pools [num_pages, page_nbytes]
     on one device, in one pass over the bytes (no gather buffer); ids are int64 on that device."""
@@ -32,5 +38,7 @@ def copy_pages(
     if page_nbytes % 8 == 0:
         src_pages, dst_pages = src_pages.view(torch.int64), dst_pages.view(torch.int64)
     words = src_pages.shape[1]
-    grid = (src_ids.numel(), triton.cdiv(words, BLOCK_WORDS))
-    _copy_pages_kernel[grid](src_pages, dst_pages, src_ids, dst_ids, words, BLOCK=BLOCK_WORDS)
+    grid = (src_ids.numel(), triton.cdiv(words, block_words))
+    _copy_pages_kernel[grid](
+        src_pages, dst_pages, src_ids, dst_ids, words, BLOCK=block_words, num_warps=num_warps
+    )

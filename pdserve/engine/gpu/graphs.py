@@ -101,7 +101,8 @@ class DecodeGraphs:
         packed = pack_meta(rows, bucket or num_rows, num_table_cols)
         if bucket is None:  # larger than any graph: the same kernels, launched from Python
             return self._forward(packed.to(self.device))
-        self.meta[:bucket, : packed.shape[1]].copy_(packed)
+        # Pinned (torch's caching host allocator): the copy is queued, the host goes on.
+        self.meta[:bucket, : packed.shape[1]].copy_(packed.pin_memory(), non_blocking=True)
         graph, out = self._graphs[bucket]
         graph.replay()
         return out[:num_rows]
