@@ -12,7 +12,9 @@ import multiprocessing as mp
 import socket
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -63,17 +65,27 @@ def sender_main(cmds, args: Args, pool_pages: int) -> None:
     pool_bytes = memoryview(pool.view(torch.uint8).numpy()).cast("B")
     frame_nbytes = int(args.frame_mib * MIB)
     inbox: list[Inbound] = []  # page lists that came while the previous transfer drained
+
+    def send_raw(nbytes: int) -> None:
+        raw.recv(8)
+        raw.sendall(pool_bytes[:nbytes])
+
+    def send_zmq_only(nbytes: int) -> None:
+        peer = plain.recv_multipart()[0]
+        for start in range(0, nbytes, frame_nbytes):
+            frame = pool_bytes[start : min(start + frame_nbytes, nbytes)]
+            tracker = plain.send_multipart([peer, frame], copy=False, track=True)
+        tracker.wait(TIMEOUT_S)  # CPU is counted until ZeroMQ has sent everything
+
+    handlers = {
+        "raw": send_raw,
+        "zmq_only": send_zmq_only,
+        "kv": lambda src: serve_one_transfer(transport, inbox, src_page_ids=src),
+    }
     while (cmd := cmds.recv()) is not None:
-        if cmd[0] == "raw":
-            raw.recv(8)
-            raw.sendall(pool_bytes[: cmd[1]])
-        elif cmd[0] == "zmq_only":
-            peer = plain.recv_multipart()[0]
-            for start in range(0, cmd[1], frame_nbytes):
-                frame = pool_bytes[start : min(start + frame_nbytes, cmd[1])]
-                plain.send_multipart([peer, frame], copy=False)
-        else:
-            serve_one_transfer(transport, inbox, src_page_ids=cmd[1])
+        cpu_s = time.process_time()
+        handlers[cmd[0]](cmd[1])
+        cmds.send(time.process_time() - cpu_s)
     transport.close()
     raw.close()
     plain.close(linger=0)
@@ -148,7 +160,7 @@ class Receiver:
         self.buffer = memoryview(self.pool.view(torch.uint8).numpy()).cast("B")
         self.room = 0
 
-    def run(self) -> list[tuple[int, dict[str, list[float]]]]:
+    def run(self) -> list[tuple[int, dict[str, list[tuple[float, float]]]]]:
         ctx = mp.get_context("spawn")
         cmds, child_cmds = ctx.Pipe()
         proc = ctx.Process(target=sender_main, args=(child_cmds, self.args, self.pool_pages))
@@ -171,27 +183,34 @@ class Receiver:
                 proc.kill()
             proc.join()
 
-    def measure(self, nbytes: int) -> dict[str, list[float]]:
-        """Seconds per timed round for each method; round i of every method ran back to back."""
+    def measure(self, nbytes: int) -> dict[str, list[tuple[float, float]]]:
+        """(seconds, CPU seconds of both processes) per timed round for each method; round i
+        of every method ran back to back."""
         num_pages = nbytes // self.pool[0].nbytes
-        times: dict[str, list[float]] = {method: [] for method in METHODS}
+        samples: dict[str, list[tuple[float, float]]] = {method: [] for method in METHODS}
         for round_index in range(self.args.rounds + 1):  # round 0 warms up and checks
-            for method, seconds in self.one_round(nbytes, num_pages, check=round_index == 0):
+            for method, timing in self.one_round(nbytes, num_pages, check=round_index == 0):
                 if round_index > 0:
-                    times[method].append(seconds)
-        return times
+                    samples[method].append(timing)
+        return samples
+
+    def timed(self, cmd: tuple, run: Callable[..., float], *args: Any) -> tuple[float, float]:
+        """Start `cmd` on the sender, time `run(*args)` here; (seconds, CPU s of both sides)."""
+        self.cmds.send(cmd)
+        cpu_s = time.process_time()
+        seconds = run(*args)
+        cpu_s = time.process_time() - cpu_s
+        return seconds, cpu_s + self.cmds.recv()
 
     def one_round(self, nbytes: int, num_pages: int, check: bool):
-        self.cmds.send(("raw", nbytes))
-        yield "raw", time_raw(self.raw, self.buffer, nbytes)
-        self.cmds.send(("zmq_only", nbytes))
-        yield "zmq_only", time_zmq_only(self.plain, nbytes)
+        yield "raw", self.timed(("raw", nbytes), time_raw, self.raw, self.buffer, nbytes)
+        yield "zmq_only", self.timed(("zmq_only", nbytes), time_zmq_only, self.plain, nbytes)
         for pattern in ("contiguous", "scattered"):
             src = page_ids(pattern, num_pages, self.pool_pages, seed=self.room)
             dst = page_ids(pattern, num_pages, self.pool_pages, seed=self.room + 1)
             self.room += 1
-            self.cmds.send(("kv", src))
-            yield pattern, time_transport(self.transport, self.peer, self.room, dst)
+            args = (self.transport, self.peer, self.room, dst)
+            yield pattern, self.timed(("kv", src), time_transport, *args)
             if (
                 check
                 and self.args.backend != "fake"
@@ -219,25 +238,32 @@ def main(argv: list[str] | None = None) -> None:
     print(report(rows))
 
 
-def report(rows: list[tuple[int, dict[str, list[float]]]]) -> str:
-    """GB/s: median over rounds. "x raw": median over rounds of raw time / method time, each
-    pair measured back to back, so slow drifts in machine load cancel out."""
+def report(rows: list[tuple[int, dict[str, list[tuple[float, float]]]]]) -> str:
+    """Per method: GB/s (median over rounds), "x raw" (median over rounds of raw time / its
+    time, each pair measured back to back so drifts in machine load cancel), and CPU ms of
+    both processes per GB (median): what bounds throughput once the cores are saturated."""
     names = {
         "raw": "raw TCP",
         "zmq_only": "ZeroMQ alone",
         "contiguous": "KV contiguous",
         "scattered": "KV scattered",
     }
-    head = f"{'payload':>8} | " + " | ".join(f"{names[k]:>13} GB/s  x raw" for k in METHODS)
+    head = f"{'payload':>8} | " + " | ".join(
+        f"{names[k]:>14} GB/s x raw cpu ms/GB" for k in METHODS
+    )
     lines = [head, "-" * len(head)]
-    for size, times in rows:
+    for size, samples in rows:
         cells = []
         for method in METHODS:
-            gbps = size * MIB / statistics.median(times[method]) / 1e9
+            times = [t for t, _ in samples[method]]
+            gbps = size * MIB / statistics.median(times) / 1e9
             ratio = statistics.median(
-                r / t for r, t in zip(times["raw"], times[method], strict=True)
+                raw / t for (raw, _), t in zip(samples["raw"], times, strict=True)
             )
-            cells.append(f"{gbps:18.2f} {ratio:6.2f}")
+            cpu_ms_per_gb = (
+                statistics.median(c for _, c in samples[method]) * 1e3 * 1e9 / (size * MIB)
+            )
+            cells.append(f"{gbps:19.2f} {ratio:5.2f} {cpu_ms_per_gb:9.0f}")
         lines.append(f"{size:>5} MiB | " + " | ".join(cells))
     return "\n".join(lines)
 

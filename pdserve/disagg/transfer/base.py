@@ -86,6 +86,11 @@ class TransportOptions:
         "KV transfer: source page runs at least this long on average go out zero-copy, one "
         "part per run; shorter ones are gathered into one buffer first",
     )
+    keep_freed_memory: bool = opt(
+        True,
+        "KV transfer: tune glibc malloc (once per process) to reuse freed ZeroMQ receive "
+        "buffers instead of returning them to the OS and page-faulting on every new frame",
+    )
     staging_buffers: int = opt(16, "KV transfer: frame-sized buffers for gathering scattered pages")
     recv_budget_nbytes: int = opt(
         64 << 20, "KV transfer: KV bytes written per poll() before the loop gets control back"
@@ -93,7 +98,8 @@ class TransportOptions:
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
-            check(getattr(self, f.name) > 0, f"{f.name} must be > 0")
+            if f.type in (int, "int"):
+                check(getattr(self, f.name) > 0, f"{f.name} must be > 0")
 
 
 class SendHandle(abc.ABC):

@@ -29,6 +29,7 @@ from pdserve.disagg.transfer.base import (
     TransportError,
     TransportOptions,
 )
+from pdserve.disagg.transfer.malloc_tuning import keep_freed_memory
 from pdserve.disagg.transfer.outbox import KVSend, Outbox, Outgoing, Staging, gather
 from pdserve.disagg.transfer.pages import WriteGrants, page_array, plan_frames, run_start, runs
 
@@ -54,6 +55,8 @@ class ZmqTransport(KVTransport):
         if pool.device.type != "cpu":
             raise ValueError("the zmq KV transport needs a CPU pool (GPU staging is not built)")
         self.options = options or TransportOptions()
+        if self.options.keep_freed_memory:
+            keep_freed_memory()
         self._pages = pool.view(torch.uint8).view(self.num_pages, self.page_nbytes)
         self._pages_np = self._pages.numpy()
         self._pages_per_frame = max(
