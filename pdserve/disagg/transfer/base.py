@@ -128,7 +128,9 @@ class KVTransport(abc.ABC):
     Contract:
     - `send` and `send_kv` never block on the network: what cannot leave at once is queued per
       peer, in order, and pushed out by later `poll` calls. A peer known to be gone raises
-      `PeerUnreachable`; a failure found later surfaces as a `PeerLost` event.
+      `PeerUnreachable`; a failure found later surfaces as a `PeerLost` event. Either way
+      everything queued for that peer is dropped: fail all of its rooms. A peer that dies
+      silently (no TCP reset) is only found by the caller's heartbeat.
     - Sending a `PageList` tells this side which pages that peer may write for that room. KV
       for a room is written into the pool only if it comes from that peer and targets a
       subset of those pages; the permission ends when the room's `RoomStatus` arrives, when an
@@ -158,7 +160,7 @@ class KVTransport(abc.ABC):
     @property
     @abc.abstractmethod
     def endpoint(self) -> str | None:
-        """ "tcp://host:port" peers connect to, or None if this side does not listen."""
+        """The "tcp://host:port" peers connect to, or None if this side does not listen."""
 
     @abc.abstractmethod
     def connect(self, endpoint: str) -> PeerId:
