@@ -204,8 +204,10 @@ class Attempt:
         if self._decode_done:
             return
         self._decode_done = True
-        if self.decode_resp is not None:
-            self.decode_resp.release() if ok else self.decode_resp.close()
+        if self.decode_resp is not None and ok:
+            self.decode_resp.release()  # keep-alive: the connection goes back to the pool
+        elif self.decode_resp is not None:
+            self.decode_resp.close()  # the server sees the router leave
         self.decode.on_done(time.monotonic(), ok, self.pair.decode_rank)
         if self.prefill_task is not None and not self.prefill_task.done():
             if ok:  # prefill's answer no longer matters; let it end on its own

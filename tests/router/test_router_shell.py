@@ -175,6 +175,16 @@ def test_client_leaving_mid_stream_aborts_both_legs(stubs, router_factory):
     )
 
 
+def test_client_giving_up_on_a_whole_answer_aborts_both_legs(stubs, router_factory):
+    router = router_factory(pd_args(stubs))
+    body = {"text": "x", "stub": {"p1": {"hold": "never"}, "d1": {"hold": "never"}}}
+    with pytest.raises(requests.exceptions.ReadTimeout):
+        requests.post(f"{router.url}/generate", json=body, timeout=(5, 1))
+    rid = stubs["d1"].log()["bodies"][0]["rid"]
+    wait_until(lambda: stubs["d1"].log()["aborts"] == [rid], 5, "decode abort")
+    wait_until(lambda: stubs["p1"].log()["aborts"] == [rid], 5, "prefill abort")
+
+
 def test_a_hung_decode_meets_the_request_deadline(stubs, router_factory):
     router = router_factory(pd_args(stubs) + ["--request-timeout-s", "1"])
     body = {"text": "x", "stub": {"d1": {"hold": "never"}}}
