@@ -32,11 +32,14 @@ class DisaggConfig:
         "decode: deadline for KV to arrive after sending the page list (env PDSERVE_KV_WAIT_TIMEOUT_S)",
     )
     heartbeat_interval_s: float = opt(
-        envs.heartbeat_interval_s(), "decode -> prefill worker heartbeat period"
+        envs.heartbeat_interval_s(),
+        "ZeroMQ heartbeat period on KV connections (env PDSERVE_HEARTBEAT_INTERVAL_S)",
     )
     heartbeat_timeout_s: float = opt(
         envs.heartbeat_timeout_s(),
-        "a prefill worker silent this long is dead: its rooms fail on decode",
+        "a KV connection without heartbeat answers this long is dead: its rooms fail with a "
+        "reason; answered by libzmq's I/O thread, so a busy worker stays alive "
+        "(env PDSERVE_HEARTBEAT_TIMEOUT_S)",
     )
     room_ttl_s: float = opt(envs.room_ttl_s(), "bootstrap room entries expire after this idle time")
 

@@ -1,8 +1,9 @@
 """Decode worker side of disaggregation: reserve pages, ask the prefill worker for the KV,
 admit the request once it arrives. Runs inside each decode worker process's loop.
 
-Every room has a deadline in every state, and every prefill peer in use is watched by a
-heartbeat, so a room either reaches the engine or fails with a reason and frees its pages.
+Every room has a deadline in every state, and the transport reports a prefill worker whose
+connection died (ZeroMQ heartbeats, answered by libzmq's I/O thread even while that worker
+computes), so a room either reaches the engine or fails with a reason and frees its pages.
 """
 
 from __future__ import annotations
@@ -46,9 +47,7 @@ class Peer:
     peer_id: object
     handshake_ok: bool | None = None  # None: answer not in yet
     handshake_error: str | None = None
-    last_pong: float = 0.0
-    next_ping: float = 0.0
-    ping_seq: int = 0
+    handshake_sent: bool = False
     rooms: set[int] = field(default_factory=set)
 
 
@@ -113,7 +112,6 @@ class DecodeWorkerHooks(WorkerHooks):
                 log.exception("decode: error handling %r", event)
         for room in [r for r in self.rooms.values() if r.state is RoomState.BOOTSTRAPPING]:
             outputs += self._progress(room, now)  # pages may have been freed meanwhile
-        outputs += self._heartbeats(now)
         outputs += self._deadlines(now)
         return outputs
 
@@ -122,9 +120,10 @@ class DecodeWorkerHooks(WorkerHooks):
         if peer is None:
             return []
         if isinstance(event, PeerLost):
+            # A restarted prefill worker knows nothing of us: handshake again next time.
+            peer.handshake_ok, peer.handshake_sent = None, False
             reason = f"lost the connection to prefill worker {peer.endpoint}: {event.reason}"
             return [out for room in sorted(peer.rooms) for out in self._fail(room, 503, reason)]
-        peer.last_pong = now  # any message proves the peer is alive
         if isinstance(event, KVReceived):
             room = self.rooms.get(event.room)
             if room is not None and event.room in peer.rooms:
@@ -214,24 +213,6 @@ class DecodeWorkerHooks(WorkerHooks):
             return self._fail(room.room, 503, f"prefill worker at {peer.endpoint} is unreachable")
         return []
 
-    def _heartbeats(self, now: float) -> list[ReqOutput]:
-        outputs: list[ReqOutput] = []
-        for peer in self.peers.values():
-            if not peer.rooms:
-                continue
-            if now - peer.last_pong > self.cfg.heartbeat_timeout_s:
-                reason = (
-                    f"prefill worker at {peer.endpoint} stopped answering heartbeats for "
-                    f"{now - peer.last_pong:.1f}s"
-                )
-                for room in sorted(peer.rooms):
-                    outputs += self._fail(room, 503, reason)
-            elif now >= peer.next_ping:
-                peer.ping_seq += 1
-                peer.next_ping = now + self.cfg.heartbeat_interval_s
-                self._send(peer, m.Ping(peer.ping_seq))
-        return outputs
-
     def _deadlines(self, now: float) -> list[ReqOutput]:
         outputs: list[ReqOutput] = []
         for room in [r for r in self.rooms.values() if now >= r.deadline]:
@@ -286,10 +267,9 @@ class DecodeWorkerHooks(WorkerHooks):
             peer = Peer(endpoint, self.transport.connect(endpoint))
             self.peers[endpoint] = peer
             self.peer_by_id[peer.peer_id] = peer
+        if not peer.handshake_sent:
+            peer.handshake_sent = True
             self._send(peer, m.Handshake(decode_id=self.decode_id, layout=self.layout))
-        if not peer.rooms:  # idle -> busy: the heartbeat clock starts now
-            peer.last_pong = now
-            peer.next_ping = now
         return peer
 
     def _send(self, peer: Peer, msg: m.ChannelMsg) -> bool:

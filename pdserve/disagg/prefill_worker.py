@@ -134,9 +134,7 @@ class PrefillWorkerHooks(WorkerHooks):
         return [_without_finish(out) if out.rid in self.room_of_rid else out for out in outputs]
 
     def _on_message(self, peer: object, msg: m.ChannelMsg, now: float) -> list[ReqOutput]:
-        if isinstance(msg, m.Ping):
-            self._send(peer, m.Pong(msg.seq))
-        elif isinstance(msg, m.Handshake):
+        if isinstance(msg, m.Handshake):
             error = self.layout.mismatch(msg.layout)
             if msg.version != m.PROTOCOL_VERSION:
                 error = (

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 from pdserve.disagg.bootstrap_client import bootstrap_url, register_worker_blocking
 from pdserve.disagg.bootstrap_registry import WorkerRegistration
 from pdserve.disagg.rank_resolver import registers_all_rooms
-from pdserve.disagg.transfer import make_transport
+from pdserve.disagg.transfer import TransportOptions, make_transport
 
 if TYPE_CHECKING:
     from pdserve.engine.engine import Engine
@@ -34,7 +34,10 @@ def make_worker_hooks(cfg: ServerConfig, engine: Engine, dp_rank: int) -> Worker
         from pdserve.disagg.prefill_worker import PrefillWorkerHooks
 
         transport = make_transport(
-            cfg.disagg.transfer_backend, engine.kv_pool, listen_host=advertised_host(cfg)
+            cfg.disagg.transfer_backend,
+            engine.kv_pool,
+            listen_host=advertised_host(cfg),
+            options=_options(cfg),
         )
         hooks = PrefillWorkerHooks(engine, cfg.disagg, transport, dp_rank)
         _register_in_background(cfg, engine, dp_rank, transport.endpoint)
@@ -42,10 +45,19 @@ def make_worker_hooks(cfg: ServerConfig, engine: Engine, dp_rank: int) -> Worker
     if cfg.server.mode == "decode":
         from pdserve.disagg.decode_worker import DecodeWorkerHooks
 
-        transport = make_transport(cfg.disagg.transfer_backend, engine.kv_pool, listen_host=None)
+        transport = make_transport(
+            cfg.disagg.transfer_backend, engine.kv_pool, listen_host=None, options=_options(cfg)
+        )
         decode_id = f"decode-{dp_rank}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         return DecodeWorkerHooks(engine, cfg.disagg, transport, decode_id)
     raise ValueError(f"no disaggregation hooks for mode {cfg.server.mode!r}")
+
+
+def _options(cfg: ServerConfig) -> TransportOptions:
+    return TransportOptions(
+        heartbeat_interval_s=cfg.disagg.heartbeat_interval_s,
+        heartbeat_timeout_s=cfg.disagg.heartbeat_timeout_s,
+    )
 
 
 def registration(

@@ -86,9 +86,31 @@ def test_dead_prefill_worker_fails_its_rooms_within_the_heartbeat_window(pd):
     for future in pending:
         resp = future.result(timeout=30)
         assert resp.status_code == 503, resp.text
-        assert "stopped answering heartbeats" in resp.json()["error"]["message"]
+        assert "lost the connection to prefill worker" in resp.json()["error"]["message"]
     assert time.monotonic() - killed_at < 5.0
     wait_until(lambda: pages_in_use(decode.url) == 0, 5, "decode pages to be freed")
+
+
+def test_frozen_prefill_worker_fails_its_rooms_by_heartbeat(pd):
+    """SIGSTOP keeps the TCP connection open: only the ZeroMQ heartbeat can tell."""
+    prefill = pd.prefill(1)
+    decode = pd.decode(1, ["--heartbeat-interval-s", "0.2", "--heartbeat-timeout-s", "1.0"])
+    worker_pid = requests.get(prefill.url + "/server_info", timeout=5).json()["worker_pids"][0]
+    # Connect and handshake first with one full request, so the connection exists.
+    assert pd_generate(prefill.url, decode.url, BODY, bootstrap_port=prefill.bootstrap_port).decode.ok
+    pending = _post_async(decode.url + "/generate", dict(
+        BODY, bootstrap_host="127.0.0.1", bootstrap_port=prefill.bootstrap_port, bootstrap_room=5))
+    wait_until(lambda: pages_in_use(decode.url) > 0, 20, "decode to reserve pages")
+    os.kill(worker_pid, signal.SIGSTOP)
+    try:
+        stopped_at = time.monotonic()
+        resp = pending.result(timeout=30)
+        assert resp.status_code == 503, resp.text
+        assert "heartbeat" in resp.json()["error"]["message"]
+        assert time.monotonic() - stopped_at < 6.0
+        wait_until(lambda: pages_in_use(decode.url) == 0, 5, "decode pages to be freed")
+    finally:
+        os.kill(worker_pid, signal.SIGCONT)
 
 
 def test_duplicate_room_is_rejected_on_both_servers(pd):

@@ -92,13 +92,21 @@ class TransportOptions:
         "buffers instead of returning them to the OS and page-faulting on every new frame",
     )
     staging_buffers: int = opt(16, "KV transfer: frame-sized buffers for gathering scattered pages")
+    heartbeat_interval_s: float = opt(
+        0.5, "KV transfer: ZeroMQ heartbeat (ZMTP PING) period on every connection"
+    )
+    heartbeat_timeout_s: float = opt(
+        3.0,
+        "KV transfer: a connection silent this long is closed and its peer reported lost; "
+        "libzmq's I/O thread answers heartbeats, so a peer busy computing stays alive",
+    )
     recv_budget_nbytes: int = opt(
         64 << 20, "KV transfer: KV bytes written per poll() before the loop gets control back"
     )
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
-            if f.type in (int, "int"):
+            if f.type in (int, "int", float, "float"):
                 check(getattr(self, f.name) > 0, f"{f.name} must be > 0")
 
 

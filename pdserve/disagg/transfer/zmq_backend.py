@@ -15,6 +15,7 @@ import msgspec
 import numpy as np
 import torch
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from pdserve.disagg import messages as m
 from pdserve.disagg.transfer.base import (
@@ -73,6 +74,7 @@ class ZmqTransport(KVTransport):
         self._staging_blocked = False
         self._ctx = zmq.Context(io_threads=1)
         self._sock = self._make_socket()
+        self._monitor = self._sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         self._endpoint = self._bind(listen_host, advertise_host) if listen_host else None
 
     def _make_socket(self) -> zmq.Socket:
@@ -88,6 +90,11 @@ class ZmqTransport(KVTransport):
         sock.setsockopt(zmq.TCP_KEEPALIVE, 1)
         sock.setsockopt(zmq.TCP_KEEPALIVE_IDLE, 10)
         sock.setsockopt(zmq.TCP_KEEPALIVE_INTVL, 5)
+        # ZMTP heartbeats run in libzmq's I/O thread: they detect a dead or frozen peer
+        # within the timeout even while this worker's Python loop is busy computing.
+        sock.setsockopt(zmq.HEARTBEAT_IVL, int(self.options.heartbeat_interval_s * 1000))
+        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, int(self.options.heartbeat_timeout_s * 1000))
+        sock.setsockopt(zmq.HEARTBEAT_TTL, int(self.options.heartbeat_timeout_s * 1000))
         return sock
 
     def _bind(self, host: str, advertise_host: str | None) -> str:
@@ -152,7 +159,25 @@ class ZmqTransport(KVTransport):
             self._wait(timeout_ms)
             self._flush_all(events)
         self._drain(events)
+        self._drain_monitor(events)
         return events
+
+    def _drain_monitor(self, events: list[Event]) -> None:
+        """A connection this side made dropped (the peer died, or missed heartbeats): its
+        rooms can never complete. ZeroMQ reconnects by itself for later rooms."""
+        while True:
+            try:
+                event = recv_monitor_message(self._monitor, zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            endpoint = event.get("endpoint", b"").decode(errors="replace")
+            if endpoint in self._connected:
+                reason = (
+                    f"connection to {endpoint} closed (the peer died, or sent no "
+                    f"heartbeat for {self.options.heartbeat_timeout_s:g}s)"
+                )
+                self._lose(PeerId(endpoint), reason)
+                events.append(PeerLost(PeerId(endpoint), reason))
 
     def _wait(self, timeout_ms: int) -> None:
         """Sleep until a message arrives or, if sends are queued, until they can move on."""
@@ -170,13 +195,15 @@ class ZmqTransport(KVTransport):
         return self._outbox.pending()
 
     def sockets(self) -> list[zmq.Socket]:
-        return [] if self._closed else [self._sock]
+        return [] if self._closed else [self._sock, self._monitor]
 
     def close(self) -> None:
         if not self._closed:
             self._closed = True
             for peer in list(self._outbox.queues):
                 self._outbox.drop_peer(peer, "transport closed", self._staging)
+            self._sock.disable_monitor()
+            self._monitor.close(linger=0)
             self._sock.close(linger=0)
             self._ctx.term()
 
