@@ -69,7 +69,9 @@ def sender_main(conn, pool_pages: int, seed: int) -> None:
                     msg = event.msg
                     src = src_pages_for(msg.room, len(msg.dst_page_ids), pool_pages)
                     then = m.RoomStatus(room=msg.room, ok=True)
+                    sent_at = time.perf_counter()  # CLOCK_MONOTONIC: one clock for both
                     transport.send_kv(event.peer, msg.room, src, msg.dst_page_ids, then)
+                    conn.send((msg.room, sent_at))
     finally:
         transport.close()
 
@@ -113,16 +115,12 @@ def timed_s(fn) -> float:
 
 
 def copy_gbps(nbytes: int) -> float:
-    """Payload bytes per second of one device-to-device copy_ of nbytes (median of 10)."""
+    """Payload bytes per second of one contiguous device-to-device copy_ (CUDA events)."""
+    from pdserve.bench.gpu_bench import median_event_ms
+
     src = torch.empty(nbytes, dtype=torch.uint8, device="cuda").random_()
     dst = torch.empty_like(src)
-
-    def once() -> None:
-        dst.copy_(src)
-        torch.cuda.synchronize()
-
-    once()
-    return nbytes / statistics.median(timed_s(once) for _ in range(10)) / 1e9
+    return nbytes / median_event_ms(lambda: dst.copy_(src), 10) / 1e6
 
 
 def kernel_gbps(rx: Receiver, num_pages: int) -> dict[str, float]:
@@ -146,46 +144,77 @@ def kernel_gbps(rx: Receiver, num_pages: int) -> dict[str, float]:
     return out
 
 
-def measure_size(rx: Receiver, size_mib: int, cfg: TransferBenchConfig, sender_pool) -> dict:
+def sent_at(clock, rooms: list[int]) -> float:
+    """When the prefill side called send_kv for the first of `rooms` (it reports each)."""
+    times: dict[int, float] = {}
+    while not set(rooms) <= times.keys():
+        if not clock.poll(TIMEOUT_S):
+            raise TimeoutError("the sender stopped reporting its send times")
+        room, t = clock.recv()
+        times[room] = t
+    return min(times[r] for r in rooms)
+
+
+def timed_transfer(rx: Receiver, clock, num_pages: int, num_rooms: int) -> tuple[float, float]:
+    """(seconds from the first send_kv to all bytes in the pool, seconds from the page
+    lists to all bytes in the pool: the control round trip included)."""
+    started = time.perf_counter()
+    rooms = rx.transfer(num_pages, num_rooms)
+    done = time.perf_counter()
+    return done - sent_at(clock, [r for r, _ in rooms]), done - started
+
+
+def measure_size(rx: Receiver, clock, size_mib: int, cfg: TransferBenchConfig, sender_pool):
     page_nbytes = rx.transport.page_nbytes
     num_pages = max(1, size_mib * MIB // page_nbytes)
     nbytes = num_pages * page_nbytes
-    rx.transfer(num_pages, 1)  # warm-up (first copy compiles the kernel)
-    serial = [timed_s(lambda: rx.transfer(num_pages, 1)) for _ in range(cfg.rounds)]
+    timed_transfer(rx, clock, num_pages, 1)  # warm-up (the first copy compiles the kernel)
+    serial = [timed_transfer(rx, clock, num_pages, 1) for _ in range(cfg.rounds)]
+    one_way_s = statistics.median(s for s, _ in serial)
+    round_trip_s = statistics.median(s for _, s in serial)
     in_flight = max(1, min(cfg.in_flight, rx.pool.shape[0] // num_pages))
-    pipelined_s = timed_s(lambda: rx.transfer(num_pages, in_flight))
+    pipelined_s, _ = timed_transfer(rx, clock, num_pages, in_flight)
     (room, dst), *_ = rx.transfer(num_pages, 1)
+    sent_at(clock, [room])
     src = src_pages_for(room, num_pages, sender_pool.shape[0])
     got = rx.pool[dst].reshape(num_pages, -1)
     assert torch.equal(got, sender_pool[src]), f"{size_mib} MiB: bytes differ"
-    copy = copy_gbps(nbytes)
     kernels = kernel_gbps(rx, num_pages)
     return {
         "size_mib": nbytes / MIB,
-        "copy_gbps": copy,
-        "kernel_gbps": kernels,
-        "serial_gbps": nbytes / statistics.median(serial) / 1e9,
-        "serial_ms": 1e3 * statistics.median(serial),
+        "copy_gbps": copy_gbps(nbytes),
+        "kernel_gbps": max(kernels.values()),
+        "kernel_variants_gbps": kernels,
+        "one_way_gbps": nbytes / one_way_s / 1e9,
+        "one_way_ms": 1e3 * one_way_s,
+        "round_trip_ms": 1e3 * round_trip_s,
         "pipelined_gbps": in_flight * nbytes / pipelined_s / 1e9,
         "in_flight": in_flight,
     }
 
 
-def print_table(rows: list[dict]) -> None:
-    print(f"\ndevice: {torch.cuda.get_device_name()}; cuda_ipc transport, scattered pages")
+def print_table(rows: list[dict], control_ms: float) -> None:
+    print(f"\ndevice: {torch.cuda.get_device_name()}; cuda_ipc transport, scattered 2 MiB pages")
     head = (
-        f"{'MiB':>6} {'copy GB/s':>10} {'1-by-1 GB/s':>12} {'ms':>7} {'x copy':>7} "
-        f"{'in flight':>9} {'GB/s':>8} {'x copy':>7}"
+        f"{'MiB':>6} {'copy GB/s':>9} {'kernel':>7} {'x copy':>6} {'send->pool':>10} {'ms':>6} "
+        f"{'x copy':>6} {'in flight':>9} {'GB/s':>6} {'x copy':>6} {'round trip ms':>13}"
     )
     print(head + "\n" + "-" * len(head))
     for r in rows:
+        copy = r["copy_gbps"]
         print(
-            f"{r['size_mib']:6.0f} {r['copy_gbps']:10.0f} {r['serial_gbps']:12.0f} "
-            f"{r['serial_ms']:7.3f} {r['serial_gbps'] / r['copy_gbps']:7.2f} "
-            f"{r['in_flight']:9d} {r['pipelined_gbps']:8.0f} "
-            f"{r['pipelined_gbps'] / r['copy_gbps']:7.2f}"
+            f"{r['size_mib']:6.0f} {copy:9.0f} {r['kernel_gbps']:7.0f} "
+            f"{r['kernel_gbps'] / copy:6.2f} {r['one_way_gbps']:10.0f} {r['one_way_ms']:6.3f} "
+            f"{r['one_way_gbps'] / copy:6.2f} {r['in_flight']:9d} {r['pipelined_gbps']:6.0f} "
+            f"{r['pipelined_gbps'] / copy:6.2f} {r['round_trip_ms']:13.3f}"
         )
-    print("GB/s are payload bytes per second (copy: one contiguous copy_ of the same size)")
+    print(
+        "GB/s: payload bytes per second. copy: one contiguous copy_ (CUDA events); kernel: the\n"
+        "page-copy kernel alone on the mapped pool (events); send->pool: from the prefill side's\n"
+        "send_kv to the bytes in the decode pool, one transfer at a time; in flight: several\n"
+        "rooms at once, same span; round trip: from the page list to the bytes in the pool.\n"
+        f"control round trip alone (a 0-page transfer): {control_ms:.3f} ms"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -205,19 +234,16 @@ def main(argv: list[str] | None = None) -> int:
         pool = torch.zeros((pool_pages, *PAGE_SHAPE), dtype=torch.int16, device="cuda")
         rx = Receiver(pool, parent.recv())
         sender_pool = make_pool(pool_pages, 1).view(pool_pages, -1)  # the same bytes
-        rows = [measure_size(rx, size, cfg, sender_pool) for size in cfg.sizes_mib]
-        control_ms = 1e3 * statistics.median(timed_s(lambda: rx.transfer(0, 1)) for _ in range(20))
+        rows = [measure_size(rx, parent, size, cfg, sender_pool) for size in cfg.sizes_mib]
+        control = [timed_transfer(rx, parent, 0, 1)[1] for _ in range(20)]
+        control_ms = 1e3 * statistics.median(control)
         rx.transport.close()
     finally:
         parent.send("stop")
         sender.join(TIMEOUT_S)
         if sender.is_alive():
             sender.kill()
-    print_table(rows)
-    print(f"control round trip (a 0-page transfer): {control_ms:.3f} ms")
-    for r in rows:
-        kernels = ", ".join(f"{k} {v:.0f}" for k, v in r["kernel_gbps"].items())
-        print(f"{r['size_mib']:6.0f} MiB copy kernel alone, GB/s by (words, warps): {kernels}")
+    print_table(rows, control_ms)
     if cfg.out_dir:
         os.makedirs(cfg.out_dir, exist_ok=True)
         with open(os.path.join(cfg.out_dir, "gpu_transfer.json"), "w") as f:

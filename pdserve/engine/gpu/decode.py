@@ -7,6 +7,9 @@ table...], so a step has fixed shapes for a given batch size and can be graph-ca
 
 from __future__ import annotations
 
+import itertools
+
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -22,15 +25,20 @@ def pack_meta(
 ) -> torch.Tensor:
     """int32 [num_rows, META_COLS + num_table_cols] from (token id, position, page ids) per
     real row; rows past the real ones are padding (seq_len 0, token 0, position 0)."""
-    meta = torch.zeros(num_rows, META_COLS + num_table_cols, dtype=torch.int32)
-    flat: list[int] = []
-    for token_id, position, page_ids in rows:
-        table = page_ids[:num_table_cols]
-        flat += [token_id, position, position + 1, *table]
-        flat += [0] * (num_table_cols - len(table))
+    meta = np.zeros((num_rows, META_COLS + num_table_cols), dtype=np.int32)
     if rows:
-        meta[: len(rows)] = torch.tensor(flat, dtype=torch.int32).view(len(rows), -1)
-    return meta
+        num_real = len(rows)
+        heads = np.array([(t, p, p + 1) for t, p, _ in rows], dtype=np.int32)
+        meta[:num_real, :META_COLS] = heads
+        lens = np.fromiter((min(len(r[2]), num_table_cols) for r in rows), np.int64, num_real)
+        pages = np.fromiter(
+            itertools.chain.from_iterable(r[2][:num_table_cols] for r in rows),
+            np.int32,
+            int(lens.sum()),
+        )
+        # row-major boolean mask: fills each row's first len slots in order
+        meta[:num_real, META_COLS:][np.arange(num_table_cols) < lens[:, None]] = pages
+    return torch.from_numpy(meta)
 
 
 def decode_forward(
