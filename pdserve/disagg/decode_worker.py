@@ -17,7 +17,7 @@ from pdserve.disagg import messages as m
 from pdserve.disagg.config import DisaggConfig
 from pdserve.disagg.rooms import RoomState, advance, error_output
 from pdserve.disagg.transfer.base import Event, KVReceived, KVTransport, PeerLost
-from pdserve.engine.request import Request
+from pdserve.engine.request import FinishReason, Request
 from pdserve.serving.hooks import WorkerHooks
 from pdserve.serving.protocol import GenerateReq, ReqOutput
 from pdserve.serving.worker_io import output_to_msg, request_from_msg
@@ -81,6 +81,8 @@ class DecodeWorkerHooks(WorkerHooks):
             ]
         if info.room in self.rooms:
             return [error_output(msg.rid, 400, f"bootstrap_room {info.room} is already in flight")]
+        if msg.sampling.max_new_tokens == 0:  # nothing to generate: prefill sends no KV
+            return [ReqOutput(rid=msg.rid, finish_reason=FinishReason("length"))]
         now = _now() if now is None else now
         req = request_from_msg(msg)
         room = DecodeRoom(

@@ -78,6 +78,11 @@ class PrefillWorkerHooks(WorkerHooks):
         if room is not None and room.rid is not None:
             return [error_output(msg.rid, 400, f"bootstrap_room {room_id} is already in flight")]
         req = request_from_msg(msg)
+        if req.sampling.max_new_tokens == 0:
+            # Nothing to decode (prompt logprobs only): answered here, no KV moves, and the
+            # decode leg answers at once too.
+            self.engine.add_request(req)
+            return []
         req.prefill_only = True
         try:
             self.engine.add_request(req)
@@ -118,6 +123,7 @@ class PrefillWorkerHooks(WorkerHooks):
         return outputs
 
     def after_step(self, now: float, outputs: list[ReqOutput]) -> list[ReqOutput]:
+        failures: list[ReqOutput] = []
         for out in outputs:
             room_id = self.room_of_rid.get(out.rid)
             if room_id is None or not out.new_token_ids:
@@ -129,9 +135,10 @@ class PrefillWorkerHooks(WorkerHooks):
                 top_logprobs=out.new_top_logprobs[0] if out.new_top_logprobs else None,
                 cached_tokens=out.cached_tokens,
             )
-            self._maybe_send(room_id, now)
+            failures += self._maybe_send(room_id, now)
         # The first token is forwarded now; the request's finish follows once KV is sent.
-        return [_without_finish(out) if out.rid in self.room_of_rid else out for out in outputs]
+        forwarded = [_without_finish(o) if o.rid in self.room_of_rid else o for o in outputs]
+        return forwarded + failures
 
     def _on_message(self, peer: object, msg: m.ChannelMsg, now: float) -> list[ReqOutput]:
         if isinstance(msg, m.Handshake):

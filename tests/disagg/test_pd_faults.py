@@ -282,3 +282,16 @@ def test_request_too_big_for_decode_fails_both_legs_with_the_limit(pd):
     )
     assert result.prefill.elapsed_s < 10
     wait_idle([prefill.url, decode.url])
+
+
+def test_zero_new_tokens_answers_both_legs_without_moving_kv(pd):
+    prefill = pd.prefill(1)
+    decode = pd.decode(1)
+    body = dict(BODY, sampling_params={"max_new_tokens": 0}, return_logprob=True,
+                logprob_start_len=0)
+    result = pd_generate(prefill.url, decode.url, body, bootstrap_port=prefill.bootstrap_port,
+                         timeout_s=30)
+    assert result.prefill.ok and result.decode.ok, (result.prefill.body, result.decode.body)
+    assert result.decode.body["output_ids"] == [] and result.decode.elapsed_s < 10
+    assert len(result.prefill.body["meta_info"]["input_token_logprobs"]) == len(BODY["input_ids"])
+    wait_idle([prefill.url, decode.url])
