@@ -2,7 +2,10 @@
 
 Run as `python -m pdserve.bench.kv_transfer_bench`. This process receives (decode side); a
 spawned process sends (prefill side). Rounds alternate between the methods so that noise
-from other load hits them alike; each timing covers one request round trip plus the payload.
+from other load hits them alike. A timing runs from the sender starting to send (the request
+- raw TCP's 8 bytes, the KV PageList - is already there, as in serving, where the page list
+comes long before prefill ends) until the receiver has every byte (KV: its RoomStatus), on
+CLOCK_MONOTONIC, which both processes share.
 "ZeroMQ alone" (frames received and dropped) is the ceiling for any ZeroMQ-based transport.
 """
 
@@ -28,6 +31,13 @@ from pdserve.disagg.transfer.base import TransportOptions
 MIB = 1 << 20
 PAGE_SHAPE = (16, 2, 16, 4, 32)  # layers, k/v, tokens per page, kv heads, head dim: 256 KiB fp32
 TIMEOUT_S = 60.0
+
+
+def now_s() -> float:
+    """A clock both processes share, so one process can time what the other started."""
+    return time.clock_gettime(time.CLOCK_MONOTONIC)
+
+
 METHODS = ("raw", "zmq_only", "contiguous", "scattered")
 
 
@@ -67,16 +77,20 @@ def sender_main(cmds, args: Args, pool_pages: int) -> None:
     frame_nbytes = int(args.frame_mib * MIB)
     inbox: list[Inbound] = []  # page lists that came while the previous transfer drained
 
-    def send_raw(nbytes: int) -> None:
+    def send_raw(nbytes: int) -> float:
         raw.recv(8)
+        start_s = now_s()
         raw.sendall(pool_bytes[:nbytes])
+        return start_s
 
-    def send_zmq_only(nbytes: int) -> None:
+    def send_zmq_only(nbytes: int) -> float:
         peer = plain.recv_multipart()[0]
+        start_s = now_s()
         for start in range(0, nbytes, frame_nbytes):
             frame = pool_bytes[start : min(start + frame_nbytes, nbytes)]
             tracker = plain.send_multipart([peer, frame], copy=False, track=True)
         tracker.wait(TIMEOUT_S)  # CPU is counted until ZeroMQ has sent everything
+        return start_s
 
     handlers = {
         "raw": send_raw,
@@ -85,8 +99,8 @@ def sender_main(cmds, args: Args, pool_pages: int) -> None:
     }
     while (cmd := cmds.recv()) is not None:
         cpu_s = time.process_time()
-        handlers[cmd[0]](cmd[1])
-        cmds.send(time.process_time() - cpu_s)
+        start_s = handlers[cmd[0]](cmd[1])
+        cmds.send((time.process_time() - cpu_s, start_s))
     transport.close()
     raw.close()
     plain.close(linger=0)
@@ -94,9 +108,11 @@ def sender_main(cmds, args: Args, pool_pages: int) -> None:
 
 def serve_one_transfer(
     transport: KVTransport, inbox: list[Inbound], src_page_ids: list[int]
-) -> None:
+) -> float:
+    """Answer the next PageList with `src_page_ids`; returns when send_kv was called."""
     deadline = time.monotonic() + TIMEOUT_S
     handle = None
+    start_s = 0.0
     while handle is None or not handle.done():
         if time.monotonic() > deadline:
             raise TimeoutError("sender: transfer did not finish")
@@ -107,12 +123,14 @@ def serve_one_transfer(
             event = inbox.pop(0)
             room, dst_page_ids = event.msg.room, event.msg.dst_page_ids
             then = m.RoomStatus(room=room, ok=True)
+            start_s = now_s()
             handle = transport.send_kv(event.peer, room, src_page_ids, dst_page_ids, then)
+    return start_s
 
 
 # -- the receiving process --------------------------------------------------------------------
 def time_raw(raw: socket.socket, buffer: memoryview, nbytes: int) -> float:
-    start = time.perf_counter()
+    """Ask for `nbytes` and receive them into the pool; returns when the last one came."""
     raw.sendall(b"go\0\0\0\0\0\0")
     got = 0
     while got < nbytes:
@@ -120,21 +138,20 @@ def time_raw(raw: socket.socket, buffer: memoryview, nbytes: int) -> float:
         if n == 0:
             raise ConnectionError("sender closed the raw TCP socket")
         got += n
-    return time.perf_counter() - start
+    return now_s()
 
 
 def time_zmq_only(sock: zmq.Socket, nbytes: int) -> float:
     """Plain ZeroMQ frames, received and dropped: the ceiling for any ZeroMQ transport."""
-    start = time.perf_counter()
     sock.send(b"go")
     got = 0
     while got < nbytes:
         got += len(sock.recv(copy=False))
-    return time.perf_counter() - start
+    return now_s()
 
 
 def time_transport(transport: KVTransport, peer: str, room: int, dst: list[int]) -> float:
-    start = time.perf_counter()
+    """Send a PageList, take the KV in; returns when its RoomStatus came."""
     transport.send(peer, m.PageList(room=room, dst_page_ids=dst, prompt_len=len(dst)))
     received = None
     deadline = time.monotonic() + TIMEOUT_S
@@ -143,10 +160,10 @@ def time_transport(transport: KVTransport, peer: str, room: int, dst: list[int])
             if isinstance(event, KVReceived):
                 received = event
             elif isinstance(event, Inbound) and isinstance(event.msg, m.RoomStatus):
-                elapsed = time.perf_counter() - start
+                end_s = now_s()
                 if received is None or not received.complete:
                     raise RuntimeError(f"room {room}: incomplete transfer {received}")
-                return elapsed
+                return end_s
     raise TimeoutError(f"room {room}: no RoomStatus within {TIMEOUT_S}s")
 
 
@@ -199,9 +216,10 @@ class Receiver:
         """Start `cmd` on the sender, time `run(*args)` here; (seconds, CPU s of both sides)."""
         self.cmds.send(cmd)
         cpu_s = time.process_time()
-        seconds = run(*args)
+        end_s = run(*args)
         cpu_s = time.process_time() - cpu_s
-        return seconds, cpu_s + self.cmds.recv()
+        sender_cpu_s, start_s = self.cmds.recv()
+        return end_s - start_s, cpu_s + sender_cpu_s
 
     def one_round(self, nbytes: int, num_pages: int, check: bool):
         yield "raw", self.timed(("raw", nbytes), time_raw, self.raw, self.buffer, nbytes)
