@@ -221,11 +221,13 @@ class CudaIpcTransport(FakeTransport):
 
     # -- both sides ----------------------------------------------------------------------
     def poll(self, timeout_ms: int = 0) -> list[Event]:
-        events = super().poll(timeout_ms)
+        # Acks for copies that finished go out first, so that a KVReceived found now is
+        # handed to the caller without waiting behind them.
+        self._send_acks()
+        events = super().poll(0 if self._acks else timeout_ms)
         for event in events:
             if isinstance(event, PeerLost):
                 self._drop_peer(event.peer, event.reason)
-        self._send_acks()
         return events
 
     def busy(self) -> bool:
@@ -315,9 +317,9 @@ class CudaIpcTransport(FakeTransport):
             from pdserve.engine.gpu.copy_pages import copy_pages  # Triton, imported on use
 
             device = self._pages.device
-            # pinned + non_blocking: no host wait behind copies already queued on the stream
-            src_ids = torch.from_numpy(src).pin_memory().to(device, non_blocking=True)
-            dst_ids = torch.from_numpy(dst).pin_memory().to(device, non_blocking=True)
+            # one pinned upload, non-blocking: no host wait behind copies already queued
+            ids = torch.from_numpy(np.stack([src, dst])).pin_memory().to(device, non_blocking=True)
+            src_ids, dst_ids = ids[0], ids[1]
             copy_pages(src_pool, self._pages, src_ids, dst_ids)
         else:  # the peer's pool is on another GPU (not run here: one GPU was lent)
             for s, d, n in page_runs(src, dst):

@@ -1,0 +1,50 @@
+"""Prefill and decode servers on one GPU, KV moved GPU to GPU by the cuda_ipc transport
+(separate processes, real HTTP and ZeroMQ): greedy tokens equal a colocated GPU server's."""
+
+from __future__ import annotations
+
+import random
+
+import requests
+
+from tests.conftest import TINY_ARGS
+from tests.disagg.conftest import PDFactory
+from tests.disagg.pd_driver import pd_generate_async, run_many, wait_idle
+
+GPU = ["--device", "cuda"]
+LENGTHS = [1, 5, 16, 17, 40, 100, 257]
+
+
+def bodies() -> list[dict]:
+    rng = random.Random(4)
+    prompts = [[rng.randrange(3, 250) for _ in range(n)] for n in LENGTHS * 2]
+    params = {"max_new_tokens": 8, "temperature": 0}
+    return [{"input_ids": ids, "sampling_params": params} for ids in prompts]
+
+
+def test_pd_on_one_gpu_over_cuda_ipc_equals_colocated(server_factory):
+    colocated = server_factory([*TINY_ARGS, *GPU, "--max-running-requests", "16"])
+    want = []
+    for body in bodies():
+        resp = requests.post(colocated.url + "/generate", json=body, timeout=60)
+        assert resp.status_code == 200, resp.text
+        want.append(resp.json()["output_ids"])
+    pd = PDFactory()
+    try:
+        args = [*GPU, "--transfer-backend", "cuda_ipc"]
+        prefill, decode = pd.prefill(1, args=args), pd.decode(1, args=args)
+        results = run_many(
+            lambda s: [
+                pd_generate_async(
+                    s, prefill.url, decode.url, body, bootstrap_port=prefill.bootstrap_port
+                )
+                for body in bodies()
+            ]
+        )
+        for body, expected, result in zip(bodies(), want, results, strict=True):
+            assert result.prefill.ok, result.prefill.error
+            assert result.decode.ok, result.decode.error
+            assert result.decode.body["output_ids"] == expected, body["input_ids"][:8]
+        wait_idle([prefill.url, decode.url])
+    finally:
+        pd.stop_all()
