@@ -271,7 +271,12 @@ class DecodeWorkerHooks(WorkerHooks):
             self.peer_by_id[peer.peer_id] = peer
         if not peer.handshake_sent:
             peer.handshake_sent = True
-            self._send(peer, m.Handshake(decode_id=self.decode_id, layout=self.layout))
+            self._send(
+                peer,
+                m.Handshake(
+                    decode_id=self.decode_id, layout=self.layout, backend=self.transport.name
+                ),
+            )
         return peer
 
     def _send(self, peer: Peer, msg: m.ChannelMsg) -> bool:

@@ -37,6 +37,7 @@ class Handshake(msgspec.Struct, tag=True, kw_only=True):
     decode_id: str
     layout: KVLayout
     version: int = PROTOCOL_VERSION
+    backend: str = "zmq"  # both sides must move bytes the same way
 
 
 class HandshakeResult(msgspec.Struct, tag=True, kw_only=True):

@@ -147,6 +147,11 @@ class PrefillWorkerHooks(WorkerHooks):
                 error = (
                     f"protocol version mismatch: decode={msg.version} prefill={m.PROTOCOL_VERSION}"
                 )
+            if msg.backend != self.transport.name:
+                error = (
+                    f"transfer backend mismatch: decode={msg.backend!r} "
+                    f"prefill={self.transport.name!r}"
+                )
             if error is None:
                 self.handshaken.add(peer)
             self._send(peer, m.HandshakeResult(ok=error is None, error=error))

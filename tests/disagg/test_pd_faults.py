@@ -295,3 +295,14 @@ def test_zero_new_tokens_answers_both_legs_without_moving_kv(pd):
     assert result.decode.body["output_ids"] == [] and result.decode.elapsed_s < 10
     assert len(result.prefill.body["meta_info"]["input_token_logprobs"]) == len(BODY["input_ids"])
     wait_idle([prefill.url, decode.url])
+
+
+def test_mismatched_transfer_backends_fail_at_the_handshake(pd):
+    prefill = pd.prefill(1, ["--transfer-backend", "fake"])
+    decode = pd.decode(1, ["--transfer-backend", "zmq"])
+    result = pd_generate(prefill.url, decode.url, BODY, bootstrap_port=prefill.bootstrap_port,
+                         timeout_s=30)
+    assert result.decode.status == 500
+    assert "transfer backend mismatch: decode='zmq' prefill='fake'" in result.decode.error
+    assert result.prefill.elapsed_s < 10
+    wait_idle([prefill.url, decode.url])
