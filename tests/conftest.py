@@ -11,6 +11,15 @@ from tests.helpers import DEFAULT_START_TIMEOUT_S, ServerProcess, launch_server
 TINY_ARGS = ["--model-path", "tiny-random"]
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """In-process engine tests run on one torch thread, like every pdserve worker: with
+    more, OpenMP threads spin against the servers other tests start on the same 2 cores,
+    and a 0.1 s test was seen taking 300 s."""
+    import torch
+
+    torch.set_num_threads(1)
+
+
 @pytest.fixture
 def server_factory() -> Iterator:
     """`server_factory(args, env=None, timeout_s=...) -> ServerProcess`; every server it
