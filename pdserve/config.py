@@ -20,7 +20,9 @@ def opt(default: Any, help: str, flag: str | None = None, choices: list | None =
     """A dataclass field with CLI metadata. `flag` defaults to --field-name."""
     meta = {"help": help, "flag": flag, "choices": choices}
     if isinstance(default, (list, dict, set)):
-        return dataclasses.field(default_factory=lambda: type(default)(default), metadata=meta, **kw)
+        return dataclasses.field(
+            default_factory=lambda: type(default)(default), metadata=meta, **kw
+        )
     return dataclasses.field(default=default, metadata=meta, **kw)
 
 
@@ -37,7 +39,9 @@ def _base_type(tp: Any) -> tuple[Any, bool]:
     return tp, False
 
 
-def add_arguments(parser: argparse.ArgumentParser, cls: type, prefix_group: str | None = None) -> None:
+def add_arguments(
+    parser: argparse.ArgumentParser, cls: type, prefix_group: str | None = None
+) -> None:
     group = parser.add_argument_group(prefix_group or cls.__name__)
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
@@ -45,7 +49,10 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, prefix_group: str 
             continue
         tp, _ = _base_type(hints[f.name])
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        kwargs: dict[str, Any] = {"dest": f.name, "help": f"{f.metadata['help']} (default: {default})"}
+        kwargs: dict[str, Any] = {
+            "dest": f.name,
+            "help": f"{f.metadata['help']} (default: {default})",
+        }
         if f.metadata.get("choices"):
             kwargs["choices"] = f.metadata["choices"]
         if tp is bool:

@@ -63,6 +63,4 @@ def room_ttl_s() -> float:
 
 def model_cache_dir() -> str:
     """Where converted models (the SmolLM2 GGUF -> HF directory) are cached."""
-    return _get("PDSERVE_CACHE_DIR") or os.path.join(
-        os.path.expanduser("~"), ".cache", "pdserve"
-    )
+    return _get("PDSERVE_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "pdserve")

@@ -34,7 +34,9 @@ class Proc:
     def __init__(self, args: list[str], ready_urls: list[str], timeout_s: float = 300.0):
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "pdserve", "serve", *args],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
         )
         deadline = time.monotonic() + timeout_s
         for url in ready_urls:
@@ -64,7 +66,8 @@ async def _one(session, prefill_url, decode_url, bootstrap_port, prompt_len) -> 
     body = {
         "input_ids": [random.randrange(3, 250) for _ in range(prompt_len)],
         "sampling_params": {"max_new_tokens": 1, "temperature": 0},
-        "bootstrap_host": "127.0.0.1", "bootstrap_port": bootstrap_port,
+        "bootstrap_host": "127.0.0.1",
+        "bootstrap_port": bootstrap_port,
         "bootstrap_room": random.randrange(2**63),
     }
     start = time.perf_counter()
@@ -81,13 +84,17 @@ async def _one(session, prefill_url, decode_url, bootstrap_port, prompt_len) -> 
     return time.perf_counter() - start
 
 
-async def _measure(cells, decode_url, concurrency, num_requests, prompt_len) -> dict[str, list[float]]:
+async def _measure(
+    cells, decode_url, concurrency, num_requests, prompt_len
+) -> dict[str, list[float]]:
     samples: dict[str, list[float]] = {name: [] for name in cells}
     async with aiohttp.ClientSession() as session:
         for _ in range(max(1, num_requests // concurrency)):
             for name, (prefill_url, bport) in cells.items():  # interleaved: same conditions
-                batch = [_one(session, prefill_url, decode_url, bport, prompt_len)
-                         for _ in range(concurrency)]
+                batch = [
+                    _one(session, prefill_url, decode_url, bport, prompt_len)
+                    for _ in range(concurrency)
+                ]
                 samples[name] += await asyncio.gather(*batch)
     return samples
 
@@ -110,23 +117,45 @@ def main(argv: list[str] | None = None) -> None:
         cells = {}
         for name, extra in (("fast_path", []), ("query", ["--force-query-prefill-dp-rank"])):
             port, bport = _free_port(), _free_port()
-            procs.append(Proc([*common, "--mode", "prefill", "--port", str(port),
-                               "--bootstrap-port", str(bport), *extra],
-                              [f"http://127.0.0.1:{port}/health", f"http://127.0.0.1:{bport}/route"]))
+            procs.append(
+                Proc(
+                    [
+                        *common,
+                        "--mode",
+                        "prefill",
+                        "--port",
+                        str(port),
+                        "--bootstrap-port",
+                        str(bport),
+                        *extra,
+                    ],
+                    [f"http://127.0.0.1:{port}/health", f"http://127.0.0.1:{bport}/route"],
+                )
+            )
             cells[name] = (f"http://127.0.0.1:{port}", bport)
         dport = _free_port()
-        procs.append(Proc([*common, "--mode", "decode", "--port", str(dport)],
-                          [f"http://127.0.0.1:{dport}/health"]))
+        procs.append(
+            Proc(
+                [*common, "--mode", "decode", "--port", str(dport)],
+                [f"http://127.0.0.1:{dport}/health"],
+            )
+        )
         decode_url = f"http://127.0.0.1:{dport}"
         asyncio.run(_measure(cells, decode_url, 4, 8, args.prompt_len))  # warm-up
-        print(f"TTFT, prompt {args.prompt_len} tokens, {args.model_path}, prefill dp 2 -> decode dp 2")
+        print(
+            f"TTFT, prompt {args.prompt_len} tokens, {args.model_path}, prefill dp 2 -> decode dp 2"
+        )
         print(f"{'concurrency':>11} {'path':>10} {'p50 ms':>8} {'p99 ms':>8} {'p50 ratio':>10}")
         for conc in args.concurrency:
-            samples = asyncio.run(_measure(cells, decode_url, conc, args.num_requests, args.prompt_len))
+            samples = asyncio.run(
+                _measure(cells, decode_url, conc, args.num_requests, args.prompt_len)
+            )
             base = _pct(samples["fast_path"], 0.5)
             for name, values in samples.items():
-                print(f"{conc:>11} {name:>10} {_pct(values, 0.5):>8.2f} {_pct(values, 0.99):>8.2f} "
-                      f"{_pct(values, 0.5) / base:>10.2f}")
+                print(
+                    f"{conc:>11} {name:>10} {_pct(values, 0.5):>8.2f} {_pct(values, 0.99):>8.2f} "
+                    f"{_pct(values, 0.5) / base:>10.2f}"
+                )
     finally:
         for proc in procs:
             proc.stop()

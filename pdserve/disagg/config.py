@@ -44,11 +44,22 @@ class DisaggConfig:
     room_ttl_s: float = opt(envs.room_ttl_s(), "bootstrap room entries expire after this idle time")
 
     def __post_init__(self) -> None:
-        check(0 < self.bootstrap_port < 65536, f"--bootstrap-port out of range: {self.bootstrap_port}")
-        check(self.transfer_backend in TRANSFER_BACKENDS,
-              f"--transfer-backend must be one of {TRANSFER_BACKENDS}, got {self.transfer_backend!r}")
-        for name in ("bootstrap_timeout_s", "kv_wait_timeout_s", "heartbeat_interval_s",
-                     "heartbeat_timeout_s", "room_ttl_s"):
+        check(
+            0 < self.bootstrap_port < 65536, f"--bootstrap-port out of range: {self.bootstrap_port}"
+        )
+        check(
+            self.transfer_backend in TRANSFER_BACKENDS,
+            f"--transfer-backend must be one of {TRANSFER_BACKENDS}, got {self.transfer_backend!r}",
+        )
+        for name in (
+            "bootstrap_timeout_s",
+            "kv_wait_timeout_s",
+            "heartbeat_interval_s",
+            "heartbeat_timeout_s",
+            "room_ttl_s",
+        ):
             check(getattr(self, name) > 0, f"{name} must be > 0")
-        check(self.heartbeat_timeout_s > self.heartbeat_interval_s,
-              "heartbeat_timeout_s must exceed heartbeat_interval_s")
+        check(
+            self.heartbeat_timeout_s > self.heartbeat_interval_s,
+            "heartbeat_timeout_s must exceed heartbeat_interval_s",
+        )

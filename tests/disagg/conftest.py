@@ -27,19 +27,33 @@ class PDFactory:
     def __init__(self) -> None:
         self.started: list[ServerProcess] = []
 
-    def prefill(self, dp_size: int = 1, args: Sequence[str] = (), env: dict | None = None) -> Prefill:
+    def prefill(
+        self, dp_size: int = 1, args: Sequence[str] = (), env: dict | None = None
+    ) -> Prefill:
         bootstrap_port = free_port()
         server = launch_server(
-            [*TINY, "--mode", "prefill", "--dp-size", str(dp_size),
-             "--bootstrap-port", str(bootstrap_port), *args],
+            [
+                *TINY,
+                "--mode",
+                "prefill",
+                "--dp-size",
+                str(dp_size),
+                "--bootstrap-port",
+                str(bootstrap_port),
+                *args,
+            ],
             env=env,
             extra_ready_urls=[f"http://127.0.0.1:{bootstrap_port}/route"],
         )
         self.started.append(server)
         return Prefill(server, bootstrap_port)
 
-    def decode(self, dp_size: int = 1, args: Sequence[str] = (), env: dict | None = None) -> ServerProcess:
-        server = launch_server([*TINY, "--mode", "decode", "--dp-size", str(dp_size), *args], env=env)
+    def decode(
+        self, dp_size: int = 1, args: Sequence[str] = (), env: dict | None = None
+    ) -> ServerProcess:
+        server = launch_server(
+            [*TINY, "--mode", "decode", "--dp-size", str(dp_size), *args], env=env
+        )
         self.started.append(server)
         return server
 

@@ -45,7 +45,9 @@ def random_room(rng: random.Random | None = None) -> int:
 async def _post(session: aiohttp.ClientSession, url: str, body: dict, timeout_s: float) -> Leg:
     start = time.monotonic()
     try:
-        async with session.post(url, json=body, timeout=aiohttp.ClientTimeout(total=timeout_s)) as r:
+        async with session.post(
+            url, json=body, timeout=aiohttp.ClientTimeout(total=timeout_s)
+        ) as r:
             try:
                 payload = await r.json(content_type=None)
             except ValueError:
@@ -69,7 +71,9 @@ async def pd_generate_async(
     timeout_s: float = 60.0,
 ) -> PDResult:
     room = random_room() if room is None else room
-    common = dict(body, bootstrap_host="127.0.0.1", bootstrap_port=bootstrap_port, bootstrap_room=room)
+    common = dict(
+        body, bootstrap_host="127.0.0.1", bootstrap_port=bootstrap_port, bootstrap_room=room
+    )
     prefill_body = dict(common, **(prefill_extra or {}))
     decode_body = dict(common, **(decode_extra or {}))
     prefill, decode = await asyncio.gather(

@@ -97,9 +97,18 @@ def test_frozen_prefill_worker_fails_its_rooms_by_heartbeat(pd):
     decode = pd.decode(1, ["--heartbeat-interval-s", "0.2", "--heartbeat-timeout-s", "1.0"])
     worker_pid = requests.get(prefill.url + "/server_info", timeout=5).json()["worker_pids"][0]
     # Connect and handshake first with one full request, so the connection exists.
-    assert pd_generate(prefill.url, decode.url, BODY, bootstrap_port=prefill.bootstrap_port).decode.ok
-    pending = _post_async(decode.url + "/generate", dict(
-        BODY, bootstrap_host="127.0.0.1", bootstrap_port=prefill.bootstrap_port, bootstrap_room=5))
+    assert pd_generate(
+        prefill.url, decode.url, BODY, bootstrap_port=prefill.bootstrap_port
+    ).decode.ok
+    pending = _post_async(
+        decode.url + "/generate",
+        dict(
+            BODY,
+            bootstrap_host="127.0.0.1",
+            bootstrap_port=prefill.bootstrap_port,
+            bootstrap_room=5,
+        ),
+    )
     wait_until(lambda: pages_in_use(decode.url) > 0, 20, "decode to reserve pages")
     os.kill(worker_pid, signal.SIGSTOP)
     try:
@@ -287,10 +296,12 @@ def test_request_too_big_for_decode_fails_both_legs_with_the_limit(pd):
 def test_zero_new_tokens_answers_both_legs_without_moving_kv(pd):
     prefill = pd.prefill(1)
     decode = pd.decode(1)
-    body = dict(BODY, sampling_params={"max_new_tokens": 0}, return_logprob=True,
-                logprob_start_len=0)
-    result = pd_generate(prefill.url, decode.url, body, bootstrap_port=prefill.bootstrap_port,
-                         timeout_s=30)
+    body = dict(
+        BODY, sampling_params={"max_new_tokens": 0}, return_logprob=True, logprob_start_len=0
+    )
+    result = pd_generate(
+        prefill.url, decode.url, body, bootstrap_port=prefill.bootstrap_port, timeout_s=30
+    )
     assert result.prefill.ok and result.decode.ok, (result.prefill.body, result.decode.body)
     assert result.decode.body["output_ids"] == [] and result.decode.elapsed_s < 10
     assert len(result.prefill.body["meta_info"]["input_token_logprobs"]) == len(BODY["input_ids"])
@@ -300,8 +311,9 @@ def test_zero_new_tokens_answers_both_legs_without_moving_kv(pd):
 def test_mismatched_transfer_backends_fail_at_the_handshake(pd):
     prefill = pd.prefill(1, ["--transfer-backend", "fake"])
     decode = pd.decode(1, ["--transfer-backend", "zmq"])
-    result = pd_generate(prefill.url, decode.url, BODY, bootstrap_port=prefill.bootstrap_port,
-                         timeout_s=30)
+    result = pd_generate(
+        prefill.url, decode.url, BODY, bootstrap_port=prefill.bootstrap_port, timeout_s=30
+    )
     assert result.decode.status == 500
     assert "transfer backend mismatch: decode='zmq' prefill='fake'" in result.decode.error
     assert result.prefill.elapsed_s < 10

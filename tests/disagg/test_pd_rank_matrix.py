@@ -14,8 +14,10 @@ from tests.disagg.pd_driver import metric_value, pd_generate_async, run_many, wa
 
 DP = 2
 METHODS = ["follow_bootstrap_room", "round_robin", "shortest_queue", "total_tokens"]
-BODY = {"input_ids": [5, 17, 99, 23, 42, 7, 8, 200, 31, 64, 12, 77, 3, 150, 9, 10, 11, 12],
-        "sampling_params": {"max_new_tokens": 4, "temperature": 0}}
+BODY = {
+    "input_ids": [5, 17, 99, 23, 42, 7, 8, 200, 31, 64, 12, 77, 3, 150, 9, 10, 11, 12],
+    "sampling_params": {"max_new_tokens": 4, "temperature": 0},
+}
 FAIL_WITHIN_S = 2.0
 
 
@@ -33,8 +35,11 @@ def decodes(pd_module) -> dict[bool, object]:
     }
 
 
-@pytest.fixture(scope="module", params=list(itertools.product(METHODS, [False, True])),
-                ids=lambda p: f"{p[0]}-force{int(p[1])}")
+@pytest.fixture(
+    scope="module",
+    params=list(itertools.product(METHODS, [False, True])),
+    ids=lambda p: f"{p[0]}-force{int(p[1])}",
+)
 def prefill(request, pd_module):
     method, force = request.param
     env = {"PDSERVE_FORCE_QUERY_PREFILL_DP_RANK": "1"} if force else None
@@ -45,8 +50,15 @@ def prefill(request, pd_module):
 
 def _cells(rng: random.Random):
     """(room, prefill extra fields, decode extra fields, expected error substring or None)."""
-    for case in ["none", "routed_home", "routed_other", "explicit_right", "explicit_right_other",
-                 "explicit_wrong", "explicit_out_of_range"]:
+    for case in [
+        "none",
+        "routed_home",
+        "routed_other",
+        "explicit_right",
+        "explicit_right_other",
+        "explicit_wrong",
+        "explicit_out_of_range",
+    ]:
         room = rng.randrange(2**63)
         home, other = room % DP, (room % DP + 1) % DP
         fields = {
@@ -76,11 +88,22 @@ def test_rank_matrix_cell_outcomes(prefill, decodes, want, force_decode):
     method, force_prefill, server = prefill
     decode = decodes[force_decode]
     cells = list(_cells(random.Random(f"{method}-{force_prefill}-{force_decode}")))
-    results = run_many(lambda s: [
-        pd_generate_async(s, server.url, decode.url, BODY, bootstrap_port=server.bootstrap_port,
-                          room=room, prefill_extra=fields, decode_extra=fields, timeout_s=30)
-        for _, room, fields in cells
-    ])
+    results = run_many(
+        lambda s: [
+            pd_generate_async(
+                s,
+                server.url,
+                decode.url,
+                BODY,
+                bootstrap_port=server.bootstrap_port,
+                room=room,
+                prefill_extra=fields,
+                decode_extra=fields,
+                timeout_s=30,
+            )
+            for _, room, fields in cells
+        ]
+    )
     for (case, room, fields), result in zip(cells, results, strict=True):
         where = f"{case} room={room} fields={fields}"
         expected = _expected_error(case, method, force_prefill)
@@ -102,10 +125,14 @@ def test_fast_path_makes_no_rank_queries(pd):
     """follow_bootstrap_room without FORCE: decode never asks the bootstrap server."""
     prefill = pd.prefill(DP)
     decode = pd.decode(1)
-    results = run_many(lambda s: [
-        pd_generate_async(s, prefill.url, decode.url, BODY, bootstrap_port=prefill.bootstrap_port)
-        for _ in range(8)
-    ])
+    results = run_many(
+        lambda s: [
+            pd_generate_async(
+                s, prefill.url, decode.url, BODY, bootstrap_port=prefill.bootstrap_port
+            )
+            for _ in range(8)
+        ]
+    )
     assert all(r.decode.ok for r in results), [r.decode.error for r in results]
     assert metric_value(decode.url, "pdserve_rank_resolutions_total", {"path": "fast_path"}) == 8
     assert metric_value(decode.url, "pdserve_rank_query_round_trips_total") == 0
@@ -116,10 +143,14 @@ def test_query_path_batches_rooms(pd):
     """Under FORCE every room is registered and queried; concurrent rooms share queries."""
     prefill = pd.prefill(DP, ["--force-query-prefill-dp-rank"])
     decode = pd.decode(1)
-    results = run_many(lambda s: [
-        pd_generate_async(s, prefill.url, decode.url, BODY, bootstrap_port=prefill.bootstrap_port)
-        for _ in range(16)
-    ])
+    results = run_many(
+        lambda s: [
+            pd_generate_async(
+                s, prefill.url, decode.url, BODY, bootstrap_port=prefill.bootstrap_port
+            )
+            for _ in range(16)
+        ]
+    )
     assert all(r.decode.ok for r in results), [r.decode.error for r in results]
     assert metric_value(decode.url, "pdserve_rank_resolutions_total", {"path": "query"}) == 16
     assert metric_value(decode.url, "pdserve_rank_query_rooms_total") >= 16

@@ -11,8 +11,23 @@ import requests
 from tests.disagg.pd_driver import pd_generate_async, run_many, wait_idle
 
 PAGE_SIZE = 16  # the default --page-size
-LENGTHS = [1, 2, 5, 9, 15, PAGE_SIZE, PAGE_SIZE + 1, 2 * PAGE_SIZE - 1, 2 * PAGE_SIZE,
-           3 * PAGE_SIZE + 7, 64, 100, 129, 200, 257]
+LENGTHS = [
+    1,
+    2,
+    5,
+    9,
+    15,
+    PAGE_SIZE,
+    PAGE_SIZE + 1,
+    2 * PAGE_SIZE - 1,
+    2 * PAGE_SIZE,
+    3 * PAGE_SIZE + 7,
+    64,
+    100,
+    129,
+    200,
+    257,
+]
 
 
 def _prompts(num: int, seed: int) -> list[list[int]]:
@@ -27,11 +42,23 @@ def _bodies() -> list[dict]:
         for ids in _prompts(45, seed=1)
     ]
     bodies += [
-        {"input_ids": ids,
-         "sampling_params": {"max_new_tokens": 6, "temperature": 0.9, "top_p": 0.95, "seed": 100 + i}}
+        {
+            "input_ids": ids,
+            "sampling_params": {
+                "max_new_tokens": 6,
+                "temperature": 0.9,
+                "top_p": 0.95,
+                "seed": 100 + i,
+            },
+        }
         for i, ids in enumerate(_prompts(10, seed=2))
     ]
-    bodies.append({"text": "The capital of France is", "sampling_params": {"max_new_tokens": 5, "temperature": 0}})
+    bodies.append(
+        {
+            "text": "The capital of France is",
+            "sampling_params": {"max_new_tokens": 5, "temperature": 0},
+        }
+    )
     return bodies
 
 
@@ -50,10 +77,14 @@ def test_pd_tokens_equal_colocated(pd, reference, prefill_dp, decode_dp):
     prefill = pd.prefill(prefill_dp)
     decode = pd.decode(decode_dp)
     bodies = _bodies()
-    results = run_many(lambda s: [
-        pd_generate_async(s, prefill.url, decode.url, body, bootstrap_port=prefill.bootstrap_port)
-        for body in bodies
-    ])
+    results = run_many(
+        lambda s: [
+            pd_generate_async(
+                s, prefill.url, decode.url, body, bootstrap_port=prefill.bootstrap_port
+            )
+            for body in bodies
+        ]
+    )
     for body, want, result in zip(bodies, reference, results, strict=True):
         assert result.prefill.ok, result.prefill.error
         assert result.decode.ok, result.decode.error
@@ -68,10 +99,18 @@ def test_pd_streaming_and_batch_match_colocated(pd, tiny_server):
     decode = pd.decode(2)
     ids = _prompts(3, seed=3)
     body = {"input_ids": ids, "sampling_params": {"max_new_tokens": 5, "temperature": 0}}
-    want = [o["output_ids"] for o in requests.post(tiny_server.url + "/generate", json=body, timeout=60).json()]
+    want = [
+        o["output_ids"]
+        for o in requests.post(tiny_server.url + "/generate", json=body, timeout=60).json()
+    ]
     rooms = [random.randrange(2**63) for _ in ids]
-    result = run_many(lambda s: [pd_generate_async(
-        s, prefill.url, decode.url, body, bootstrap_port=prefill.bootstrap_port, room=rooms)])[0]
+    result = run_many(
+        lambda s: [
+            pd_generate_async(
+                s, prefill.url, decode.url, body, bootstrap_port=prefill.bootstrap_port, room=rooms
+            )
+        ]
+    )[0]
     assert result.decode.ok, result.decode.error
     assert [o["output_ids"] for o in result.decode.body] == want
     wait_idle([prefill.url, decode.url])
@@ -80,7 +119,7 @@ def test_pd_streaming_and_batch_match_colocated(pd, tiny_server):
 def _last_sse_json(text: str) -> dict:
     import json
 
-    chunks = [line[len("data: "):] for line in text.splitlines() if line.startswith("data: ")]
+    chunks = [line[len("data: ") :] for line in text.splitlines() if line.startswith("data: ")]
     assert chunks and chunks[-1] == "[DONE]", text[-500:]
     return json.loads(chunks[-2])
 
@@ -88,10 +127,22 @@ def _last_sse_json(text: str) -> dict:
 def test_pd_streaming_matches_colocated(pd, tiny_server):
     prefill = pd.prefill(1)
     decode = pd.decode(1)
-    body = {"input_ids": _prompts(1, seed=4)[0], "sampling_params": {"max_new_tokens": 7, "temperature": 0}}
+    body = {
+        "input_ids": _prompts(1, seed=4)[0],
+        "sampling_params": {"max_new_tokens": 7, "temperature": 0},
+    }
     want = requests.post(tiny_server.url + "/generate", json=body, timeout=60).json()["output_ids"]
-    result = run_many(lambda s: [pd_generate_async(
-        s, prefill.url, decode.url, dict(body, stream=True), bootstrap_port=prefill.bootstrap_port)])[0]
+    result = run_many(
+        lambda s: [
+            pd_generate_async(
+                s,
+                prefill.url,
+                decode.url,
+                dict(body, stream=True),
+                bootstrap_port=prefill.bootstrap_port,
+            )
+        ]
+    )[0]
     assert result.decode.ok, result.decode.error
     assert _last_sse_json(result.decode.body)["output_ids"] == want
     wait_idle([prefill.url, decode.url])

@@ -48,8 +48,14 @@ def test_decode_always_finds_the_prefill_rank_or_both_legs_fail(dp_size, method,
         for routed, explicit in _routing_cases(room, dp_size):
             # A routed rank overrides the method; otherwise the method picks (any rank is
             # possible for the non-follow methods; follow picks home).
-            candidates = [routed] if routed is not None else (
-                [home_rank(room, dp_size)] if method == "follow_bootstrap_room" else range(dp_size)
+            candidates = (
+                [routed]
+                if routed is not None
+                else (
+                    [home_rank(room, dp_size)]
+                    if method == "follow_bootstrap_room"
+                    else range(dp_size)
+                )
             )
             for rank in candidates:
                 if rank >= dp_size:
@@ -67,8 +73,9 @@ def _check_one(room, rank, dp_size, method, force, explicit):
         prefill_error = None
         if action is PrefillAction.REGISTER:
             registry[room] = rank
-    info = PrefillServerInfo(dp_size, method == "follow_bootstrap_room",
-                             registers_all_rooms(method, force))
+    info = PrefillServerInfo(
+        dp_size, method == "follow_bootstrap_room", registers_all_rooms(method, force)
+    )
     try:
         path, decode_rank = resolve_decode(room, info, explicit)
     except RankError as exc:
@@ -87,8 +94,14 @@ def _check_one(room, rank, dp_size, method, force, explicit):
 
 def test_conflict_message_is_the_specified_one():
     with pytest.raises(RankError) as info:
-        decide_prefill(room=5, rank=0, dp_size=2, method="follow_bootstrap_room", force=False,
-                       explicit_rank=None)
+        decide_prefill(
+            room=5,
+            rank=0,
+            dp_size=2,
+            method="follow_bootstrap_room",
+            force=False,
+            explicit_rank=None,
+        )
     assert str(info.value) == (
         "follow_bootstrap_room conflict: dispatched to dp_rank 0 but bootstrap_room 5 implies "
         "dp_rank 1; set PDSERVE_FORCE_QUERY_PREFILL_DP_RANK=1 to allow mixed routing"
@@ -125,7 +138,10 @@ def test_explicit_rank_is_validated_on_both_sides(dp_size, explicit):
 def test_single_rank_needs_nothing():
     for method, force in itertools.product(METHODS, [False, True]):
         assert decide_prefill(9, 0, 1, method, force, None) is PrefillAction.NOTHING
-    assert resolve_decode(9, PrefillServerInfo(1, False, True), None) == (ResolvePath.SINGLE_RANK, 0)
+    assert resolve_decode(9, PrefillServerInfo(1, False, True), None) == (
+        ResolvePath.SINGLE_RANK,
+        0,
+    )
 
 
 @pytest.mark.parametrize("room", [-1, 2**63, 1.5, "3", True, None])
