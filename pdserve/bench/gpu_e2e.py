@@ -1,0 +1,184 @@
+"""End to end on one GPU: a colocated server against router + prefill + decode (KV over
+CUDA IPC), random-weight Llama-3.2-1B shape in bf16. Checks greedy token identity, then runs
+`pdserve bench` against both and compares. `python -m pdserve.bench.gpu_e2e --out DIR`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+from pdserve.bench.gpu_bench import SHAPES
+
+GPU_ARGS = ["--device", "cuda", "--dtype", "bfloat16"]
+
+
+def build_model_dir(shape: str, path: str) -> str:
+    """Random bf16 weights of the shape, with the tiny-random tokenizer (ids < 506)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from pdserve.engine.loader import resolve_model_dir
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**SHAPES[shape])).to(torch.bfloat16)
+    model.save_pretrained(path, safe_serialization=True)
+    tokenizer_dir = resolve_model_dir("tiny-random")
+    for name in os.listdir(tokenizer_dir):
+        if name.startswith(("tokenizer", "special_tokens")):
+            shutil.copy(os.path.join(tokenizer_dir, name), path)
+    return path
+
+
+def _get(url: str, timeout_s: float = 5.0) -> int:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as resp:
+            return resp.status
+    except OSError:
+        return 0
+
+
+def _post(url: str, body: dict) -> dict:
+    req = urllib.request.Request(
+        url, json.dumps(body).encode(), {"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(req, timeout=300) as resp:
+        return json.loads(resp.read())
+
+
+def start(
+    argv: list[str], ready_url: str, log_path: str, timeout_s: float = 400
+) -> subprocess.Popen:
+    log = open(log_path, "w")  # noqa: SIM115 - lives as long as the process
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pdserve", *argv],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + timeout_s
+    while _get(ready_url) != 200:
+        if proc.poll() is not None or time.monotonic() > deadline:
+            stop(proc)
+            raise RuntimeError(f"{argv[0]} not ready; see {log_path}")
+        time.sleep(0.5)  # readiness polling with a deadline
+    return proc
+
+
+def stop(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(30)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+def token_check(colocated: str, router: str, num_prompts: int) -> dict:
+    rng = random.Random(0)
+    lengths = [1, 15, 16, 17, 100, 511, 512, 700][:num_prompts] + [64] * max(0, num_prompts - 8)
+    same = 0
+    for n in lengths:
+        body = {
+            "input_ids": [rng.randrange(3, 500) for _ in range(n)],
+            "sampling_params": {"max_new_tokens": 32, "temperature": 0},
+        }
+        a = _post(colocated + "/generate", body)["output_ids"]
+        b = _post(router + "/generate", body)["output_ids"]
+        same += a == b
+    return {"prompts": len(lengths), "identical": same}
+
+
+def bench(base_url: str, label: str, out_dir: str, args) -> None:
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pdserve",
+            "bench",
+            "--base-url",
+            base_url,
+            "--endpoint",
+            "generate",
+            "--num-prompts",
+            str(args.num_prompts),
+            "--random-input-len",
+            "512",
+            "--random-output-len",
+            "128",
+            "--max-concurrency",
+            str(args.max_concurrency),
+            "--request-rate",
+            "inf",
+            "--warmup-requests",
+            "4",
+            "--no-progress",
+            "--label",
+            label,
+            "--output",
+            os.path.join(out_dir, f"{label}.json"),
+        ],
+        check=False,
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="gpu_e2e_out")
+    parser.add_argument("--shape", default="llama3.2-1b", choices=sorted(SHAPES))
+    parser.add_argument("--num-prompts", type=int, default=64)
+    parser.add_argument("--max-concurrency", type=int, default=16)
+    args = parser.parse_args(argv)
+    os.makedirs(args.out, exist_ok=True)
+    model_dir = build_model_dir(args.shape, tempfile.mkdtemp(prefix="pdserve-gpu-e2e-"))
+    procs = []
+    try:
+        procs.append(
+            start(
+                ["serve", "--model-path", model_dir, *GPU_ARGS, "--port", "31000"],
+                "http://127.0.0.1:31000/health",
+                os.path.join(args.out, "colocated.log"),
+            )
+        )
+        server_args = " ".join([*GPU_ARGS, "--transfer-backend", "cuda_ipc"])
+        procs.append(
+            start(
+                ["up", "--model-path", model_dir, "--port", "32000", "--server-args", server_args],
+                "http://127.0.0.1:32000/readiness",
+                os.path.join(args.out, "up.log"),
+            )
+        )
+        check = token_check("http://127.0.0.1:31000", "http://127.0.0.1:32000", 8)
+        print("token identity:", check, flush=True)
+        with open(os.path.join(args.out, "tokens.json"), "w") as f:
+            json.dump(check, f)
+        bench("http://127.0.0.1:31000", "colocated", args.out, args)
+        bench("http://127.0.0.1:32000", "pd", args.out, args)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pdserve",
+                "bench",
+                "compare",
+                os.path.join(args.out, "colocated.json"),
+                os.path.join(args.out, "pd.json"),
+            ],
+            check=False,
+        )
+    finally:
+        for proc in procs:
+            stop(proc)
+        shutil.rmtree(model_dir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
