@@ -4,6 +4,7 @@ ends with a reason, and every page comes back."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
 import random
 import signal
@@ -28,25 +29,28 @@ BODY = {
 }
 
 
-def _decode_only(
-    decode_url: str, prefill_bootstrap_port: int, room: int, timeout_s: float = 30, **extra
-) -> requests.Response:
-    body = dict(
-        BODY,
+def _leg(bootstrap_port: int, room: int, body: dict = BODY, **extra) -> dict:
+    """One leg's body, as a router would send it to either server."""
+    return dict(
+        body,
         bootstrap_host="127.0.0.1",
-        bootstrap_port=prefill_bootstrap_port,
+        bootstrap_port=bootstrap_port,
         bootstrap_room=room,
         **extra,
     )
+
+
+def _decode_only(
+    decode_url: str, prefill_bootstrap_port: int, room: int, timeout_s: float = 30, **extra
+) -> requests.Response:
+    body = _leg(prefill_bootstrap_port, room, **extra)
     return requests.post(decode_url + "/generate", json=body, timeout=timeout_s)
 
 
-def _post_async(url: str, body: dict):
-    """Fire a request from a thread; returns a callable giving the response."""
-    import concurrent.futures
-
+def _post_async(url: str, body: dict) -> concurrent.futures.Future:
+    """Send one request from a thread; the future gives the response."""
     pool = concurrent.futures.ThreadPoolExecutor(1)
-    future = pool.submit(requests.post, url, json=body, timeout=60)
+    future = pool.submit(requests.post, url + "/generate", json=body, timeout=60)
     pool.shutdown(wait=False)
     return future
 
@@ -67,18 +71,7 @@ def test_room_sent_only_to_decode_fails_at_its_deadline(pd):
 def test_dead_prefill_worker_fails_its_rooms_within_the_heartbeat_window(pd):
     prefill = pd.prefill(1)
     decode = pd.decode(1, ["--heartbeat-interval-s", "0.2", "--heartbeat-timeout-s", "1.0"])
-    pending = [
-        _post_async(
-            decode.url + "/generate",
-            dict(
-                BODY,
-                bootstrap_host="127.0.0.1",
-                bootstrap_port=prefill.bootstrap_port,
-                bootstrap_room=room,
-            ),
-        )
-        for room in (11, 22, 33)
-    ]
+    pending = [_post_async(decode.url, _leg(prefill.bootstrap_port, room)) for room in (11, 22, 33)]
     wait_until(lambda: pages_in_use(decode.url) > 0, 20, "decode to reserve pages")
     worker_pid = requests.get(prefill.url + "/server_info", timeout=5).json()["worker_pids"][0]
     killed_at = time.monotonic()
@@ -100,15 +93,7 @@ def test_frozen_prefill_worker_fails_its_rooms_by_heartbeat(pd):
     assert pd_generate(
         prefill.url, decode.url, BODY, bootstrap_port=prefill.bootstrap_port
     ).decode.ok
-    pending = _post_async(
-        decode.url + "/generate",
-        dict(
-            BODY,
-            bootstrap_host="127.0.0.1",
-            bootstrap_port=prefill.bootstrap_port,
-            bootstrap_room=5,
-        ),
-    )
+    pending = _post_async(decode.url, _leg(prefill.bootstrap_port, 5))
     wait_until(lambda: pages_in_use(decode.url) > 0, 20, "decode to reserve pages")
     os.kill(worker_pid, signal.SIGSTOP)
     try:
@@ -125,15 +110,7 @@ def test_frozen_prefill_worker_fails_its_rooms_by_heartbeat(pd):
 def test_duplicate_room_is_rejected_on_both_servers(pd):
     prefill = pd.prefill(1)
     decode = pd.decode(1, ["--kv-wait-timeout-s", "3"])
-    first = _post_async(
-        decode.url + "/generate",
-        dict(
-            BODY,
-            bootstrap_host="127.0.0.1",
-            bootstrap_port=prefill.bootstrap_port,
-            bootstrap_room=7,
-        ),
-    )
+    first = _post_async(decode.url, _leg(prefill.bootstrap_port, 7))
     wait_until(lambda: pages_in_use(decode.url) > 0, 20, "the first request to reach decode")
     dup = _decode_only(decode.url, prefill.bootstrap_port, room=7)
     assert dup.status_code == 400 and "already in flight" in dup.json()["error"]["message"]
@@ -177,16 +154,7 @@ def test_garbage_on_a_kv_port_is_dropped_and_service_continues(pd):
 def test_abort_on_decode_frees_pages_on_both_sides(pd):
     prefill = pd.prefill(1)
     decode = pd.decode(1)
-    pending = _post_async(
-        decode.url + "/generate",
-        dict(
-            BODY,
-            rid="abort-me",
-            bootstrap_host="127.0.0.1",
-            bootstrap_port=prefill.bootstrap_port,
-            bootstrap_room=99,
-        ),
-    )
+    pending = _post_async(decode.url, _leg(prefill.bootstrap_port, 99, rid="abort-me"))
     wait_until(lambda: pages_in_use(decode.url) > 0, 20, "decode to reserve pages")
     resp = requests.post(decode.url + "/abort_request", json={"rid": "abort-me"}, timeout=10)
     assert resp.status_code == 200
@@ -204,14 +172,7 @@ def test_abort_on_prefill_fails_the_decode_leg(pd):
     room = random.randrange(2**63)
     # The prefill leg alone first: it computes, then waits for decode's page list.
     pending = _post_async(
-        prefill.url + "/generate",
-        dict(
-            long_body,
-            rid="p-abort",
-            bootstrap_host="127.0.0.1",
-            bootstrap_port=prefill.bootstrap_port,
-            bootstrap_room=room,
-        ),
+        prefill.url, _leg(prefill.bootstrap_port, room, body=long_body, rid="p-abort")
     )
     wait_until(lambda: pages_in_use(prefill.url) > 0, 20, "prefill to hold the pages")
     requests.post(prefill.url + "/abort_request", json={"rid": "p-abort"}, timeout=10)
