@@ -89,21 +89,32 @@ class Attempt:
         self.proxy.count_leg(self.decode)
         self._decode_started = time.perf_counter()
         try:
-            self.decode_resp = await unless_failed(
-                post(
-                    self.proxy.session, self.decode, self.route, decode_data, self.proxy.leg_timeout
-                ),
-                self.prefill_task,
-            )
+            # One watched coroutine per attempt: opening and reading decode's answer up to
+            # the point of no return, so a prefill failure stops it at any step.
             if self.stream:
-                return await self._stream()
-            return await self._whole()
+                buf = SSEBuffer()
+                first = await unless_failed(self._open_stream(decode_data, buf), self.prefill_task)
+                return await self._stream(first, buf)
+            result = await unless_failed(self._read_decode(decode_data), self.prefill_task)
+            return await self._whole(result)
         except LegError as err:
             self._fail(err)
             raise
         except BaseException:  # the client went away (handler cancelled) or a bug
             self._abandon("client_disconnect")
             raise
+
+    async def _post_decode(self, data: bytes) -> aiohttp.ClientResponse:
+        p = self.proxy
+        self.decode_resp = await post(p.session, self.decode, self.route, data, p.leg_timeout)
+        return self.decode_resp
+
+    async def _read_decode(self, data: bytes) -> LegResult:
+        return await read_whole(self.decode, await self._post_decode(data), False)
+
+    async def _open_stream(self, data: bytes, buf: SSEBuffer) -> list[bytes]:
+        """Decode's first whole events (the point of no return)."""
+        return await read_first_events(self.decode, await self._post_decode(data), buf)
 
     async def _prefill_leg(self, data: bytes) -> LegResult:
         worker = self.pair.prefill
@@ -134,11 +145,7 @@ class Attempt:
                 worker, 504, "no answer before the request deadline", "timeout", False
             ) from None
 
-    async def _whole(self) -> web.Response:
-        assert self.decode_resp is not None
-        result = await unless_failed(
-            read_whole(self.decode, self.decode_resp, False), self.prefill_task
-        )
+    async def _whole(self, result: LegResult) -> web.Response:
         self.decode_s = time.perf_counter() - self._decode_started
         body = result.body
         if self.want_merge:
@@ -148,11 +155,9 @@ class Attempt:
         self._decode_finished(ok=True)
         return web.Response(body=body, status=200, content_type="application/json")
 
-    async def _stream(self) -> web.StreamResponse:
+    async def _stream(self, first: list[bytes], buf: SSEBuffer) -> web.StreamResponse:
         resp = self.decode_resp
         assert resp is not None
-        buf = SSEBuffer()
-        first = await unless_failed(read_first_events(self.decode, resp, buf), self.prefill_task)
         merger = None
         if self.want_merge:
             prefill = await self._prefill_result()

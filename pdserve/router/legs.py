@@ -163,6 +163,8 @@ async def read_first_events(
 async def unless_failed(main: Awaitable[T], watch: asyncio.Task | None) -> T:
     """Await `main`, but raise `watch`'s error as soon as `watch` fails first (and cancel
     `main`). A `watch` that succeeds or is cancelled is ignored."""
+    if watch is None:
+        return await main  # nothing to watch: no task needed
     main_task = asyncio.ensure_future(main)
     if watch is not None and not watch.done():
         try:

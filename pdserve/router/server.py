@@ -4,6 +4,7 @@ process). `serve(config)` runs it until SIGINT/SIGTERM."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import random
@@ -24,6 +25,8 @@ from pdserve.router.workers import WorkerRegistry
 
 log = logging.getLogger(__name__)
 MAX_BODY_BYTES = 512 * 1024 * 1024
+# Allocations between young-generation collections (Python's default is 700).
+GC_GEN0_THRESHOLD = 20_000
 
 
 class Router:
@@ -172,6 +175,14 @@ async def _serve_metrics(router: Router) -> web.AppRunner | None:
     return runner
 
 
+def tune_gc() -> None:
+    """Fewer, cheaper cyclic collections: with the default threshold a collection runs every
+    few requests and walks every long-lived object (about a tenth of the router's CPU)."""
+    gc.collect()
+    gc.freeze()  # startup objects live forever: keep them out of every later collection
+    gc.set_threshold(GC_GEN0_THRESHOLD, 20, 20)
+
+
 async def serve(config: RouterConfig) -> None:
     """Run the router until SIGINT or SIGTERM."""
     router = Router(config)
@@ -184,6 +195,7 @@ async def serve(config: RouterConfig) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    tune_gc()
     log.info("router listening on http://%s:%d", config.host, config.port)
     print(f"pdserve router ready on http://{config.host}:{config.port}", flush=True)
     await stop.wait()
