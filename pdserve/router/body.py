@@ -7,6 +7,7 @@ that servers see the same bodies from either router.
 
 from __future__ import annotations
 
+import itertools
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -92,11 +93,17 @@ def estimate_tokens(prompt: Prompt | None, num_seqs: int | None) -> int:
     return per_seq * (num_seqs or 1)
 
 
+# A random prefix per router process and a counter: unique like uuid4s, without a syscall
+# and a UUID object per request.
+_RID_PREFIX = f"pdr-{uuid.uuid4().hex[:16]}-"
+_rid_counter = itertools.count()
+
+
 def new_rids(num_seqs: int | None) -> str | list[str]:
     """One rid per generated sequence, so each can be aborted by name."""
     if num_seqs is not None:
-        return [f"pdr-{uuid.uuid4().hex}" for _ in range(num_seqs)]
-    return f"pdr-{uuid.uuid4().hex}"
+        return [f"{_RID_PREFIX}{next(_rid_counter)}" for _ in range(num_seqs)]
+    return f"{_RID_PREFIX}{next(_rid_counter)}"
 
 
 @dataclass(frozen=True)

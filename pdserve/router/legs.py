@@ -160,24 +160,42 @@ async def read_first_events(
             return events
 
 
+def failure(task: asyncio.Task) -> BaseException | None:
+    """The exception a finished task raised; None if it is running, succeeded or was cancelled."""
+    if not task.done() or task.cancelled():
+        return None
+    return task.exception()
+
+
 async def unless_failed(main: Awaitable[T], watch: asyncio.Task | None) -> T:
     """Await `main`, but raise `watch`'s error as soon as `watch` fails first (and cancel
     `main`). A `watch` that succeeds or is cancelled is ignored."""
     if watch is None:
         return await main  # nothing to watch: no task needed
+    error = failure(watch)
+    if error is not None:
+        if asyncio.iscoroutine(main):
+            main.close()  # never started: nothing was sent
+        raise error
     main_task = asyncio.ensure_future(main)
-    if watch is not None and not watch.done():
-        try:
-            await asyncio.wait({main_task, watch}, return_when=asyncio.FIRST_COMPLETED)
-        except asyncio.CancelledError:
+
+    def stop_main(done: asyncio.Task) -> None:
+        if failure(done) is not None:
             main_task.cancel()
-            raise
-    if main_task.done() and not main_task.cancelled() and main_task.exception() is None:
-        return main_task.result()
-    if watch is not None and watch.done() and not watch.cancelled() and watch.exception():
-        main_task.cancel()
-        raise watch.exception()  # type: ignore[misc]
-    return await main_task
+
+    # A done callback rather than asyncio.wait: no extra future per leg.
+    watch.add_done_callback(stop_main)
+    try:
+        return await main_task
+    except BaseException as exc:
+        current = asyncio.current_task()
+        error = failure(watch)
+        cancelled = isinstance(exc, asyncio.CancelledError) and current and current.cancelling()
+        if error is None or cancelled:
+            raise  # main's own failure, or our caller is being cancelled
+        raise error from None
+    finally:
+        watch.remove_done_callback(stop_main)
 
 
 async def abort(
