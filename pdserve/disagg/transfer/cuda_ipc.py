@@ -201,10 +201,7 @@ class CudaIpcTransport(FakeTransport):
         then: m.RoomStatus,
     ) -> SendHandle:
         self._check_open()
-        src = page_array(src_page_ids, self.num_pages, "src_page_ids")
-        dst = np.asarray(dst_page_ids, dtype=np.int64)
-        if dst.ndim != 1 or dst.size != src.size:
-            raise ValueError(f"{src.size} source pages but {dst.size} destination pages")
+        src, dst = self._page_pairs(src_page_ids, dst_page_ids)
         parts: list[bytes] = []
         if peer not in self._told:
             if self._exported is None:

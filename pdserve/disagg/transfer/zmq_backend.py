@@ -139,10 +139,7 @@ class ZmqTransport(KVTransport):
         then: m.RoomStatus,
     ) -> SendHandle:
         self._check_open()
-        src = page_array(src_page_ids, self.num_pages, "src_page_ids")
-        dst = np.asarray(dst_page_ids, dtype=np.int64)
-        if dst.ndim != 1 or dst.size != src.size:
-            raise ValueError(f"{src.size} source pages but {dst.size} destination pages")
+        src, dst = self._page_pairs(src_page_ids, dst_page_ids)
         items = self._kv_items(room, src, dst)
         handle = KVSend(room, len(items))
         for item in items:
@@ -363,6 +360,14 @@ class ZmqTransport(KVTransport):
         self._stats["dropped_" + reason] += 1
         log.debug("dropped a message from KV peer %r: %s", peer, reason)
         return 0
+
+    def _page_pairs(self, src_page_ids: list[int], dst_page_ids: list[int]):
+        """Validated (src, dst) page arrays of one send_kv; ValueError on bad ids."""
+        src = page_array(src_page_ids, self.num_pages, "src_page_ids")
+        dst = np.asarray(dst_page_ids, dtype=np.int64)
+        if dst.ndim != 1 or dst.size != src.size:
+            raise ValueError(f"{src.size} source pages but {dst.size} destination pages")
+        return src, dst
 
     def _check_open(self) -> None:
         if self._closed:
