@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 import time
 from collections.abc import Awaitable, Callable
 
@@ -27,32 +26,15 @@ from pdserve.disagg.bootstrap_registry import (
     WorkerRegistration,
 )
 from pdserve.disagg.bootstrap_server import start_bootstrap_server
+from tests.disagg.bootstrap_fixtures import registration as base_registration
+from tests.helpers import free_port
 
 TIMEOUT_S = 5.0
 
 
 def registration(dp_rank: int, **overrides) -> WorkerRegistration:
-    fields = dict(
-        dp_rank=dp_rank,
-        dp_size=2,
-        kv_endpoint=f"tcp://127.0.0.1:{7000 + dp_rank}",
-        page_size=16,
-        kv_dtype="bfloat16",
-        num_layers=4,
-        num_kv_heads=2,
-        head_dim=64,
-        model_fingerprint="model-a",
-        load_balance_method="follow_bootstrap_room",
-        registers_all_rooms=True,
-    )
-    fields.update(overrides)
-    return WorkerRegistration(**fields)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    overrides.setdefault("load_balance_method", "follow_bootstrap_room")
+    return base_registration(dp_rank, **overrides)
 
 
 async def wait_for(condition: Callable[[], bool], timeout_s: float = TIMEOUT_S) -> None:
@@ -82,7 +64,7 @@ def test_async_helpers_follow_the_registry_the_controller_writes():
                 assert info.layout() == registration(0).layout()
                 assert info.follow_bootstrap_room and info.needs_rank_query
                 worker = await fetch_worker(session, server.url, 1, TIMEOUT_S)
-                assert worker.kv_endpoint == "tcp://127.0.0.1:7001"
+                assert worker.kv_endpoint == "tcp://127.0.0.1:6001"
                 with pytest.raises(BootstrapClientError) as err:
                     await fetch_worker(session, server.url, 5, TIMEOUT_S)
                 assert err.value.status == 404 and not err.value.retryable
@@ -123,7 +105,7 @@ def test_blocking_registration_retries_until_the_server_starts():
         server = await start_bootstrap_server(registry, "127.0.0.1", port)
         try:
             await asyncio.wait_for(registering, timeout=10.0)
-            assert registry.worker(0)["kv_endpoint"] == "tcp://127.0.0.1:7000"
+            assert registry.worker(0)["kv_endpoint"] == "tcp://127.0.0.1:6000"
         finally:
             await server.stop()
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import http.client
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -18,33 +17,11 @@ import pytest
 
 from pdserve.disagg.bootstrap_client import register_worker_blocking
 from pdserve.disagg.bootstrap_registry import MAX_ROOMS_PER_QUERY, WorkerRegistration
+from tests.disagg.bootstrap_fixtures import registration
+from tests.helpers import free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 STARTUP_TIMEOUT_S = 15.0
-
-
-def registration(dp_rank: int, dp_size: int = 2, **overrides) -> WorkerRegistration:
-    fields = dict(
-        dp_rank=dp_rank,
-        dp_size=dp_size,
-        kv_endpoint=f"tcp://127.0.0.1:{6000 + dp_rank}",
-        page_size=16,
-        kv_dtype="bfloat16",
-        num_layers=4,
-        num_kv_heads=2,
-        head_dim=64,
-        model_fingerprint="model-a",
-        load_balance_method="round_robin",
-        registers_all_rooms=True,
-    )
-    fields.update(overrides)
-    return WorkerRegistration(**fields)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def request(port: int, method: str, path: str, body: bytes | None = None) -> tuple[int, object]:

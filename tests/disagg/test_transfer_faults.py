@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import os
 import socket
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import msgspec
 import pytest
@@ -15,7 +14,6 @@ import zmq
 
 from pdserve.disagg import messages as m
 from pdserve.disagg.transfer import (
-    Event,
     Inbound,
     KVReceived,
     KVTransport,
@@ -24,22 +22,11 @@ from pdserve.disagg.transfer import (
     TransportOptions,
     make_transport,
 )
-from tests.disagg.transfer_peer import make_pool, start_peer
+from tests.disagg.transfer_peer import make_pool, poll_until, start_peer
 
 POOL_PAGES = 16
 PAGE_NBYTES = 1024
 GRANTED = [2, 3, 4]
-
-
-def poll_until(
-    transport: KVTransport, done: Callable[[list[Event]], bool], timeout_s: float = 20.0
-) -> list[Event]:
-    events: list[Event] = []
-    deadline = time.monotonic() + timeout_s
-    while not done(events):
-        assert time.monotonic() < deadline, f"timed out; events so far: {events}"
-        events += transport.poll(20)
-    return events
 
 
 @pytest.fixture

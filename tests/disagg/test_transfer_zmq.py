@@ -3,15 +3,14 @@
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import pytest
 import torch
 
 from pdserve.disagg import messages as m
 from pdserve.disagg.transfer import Event, Inbound, KVReceived, KVTransport, make_transport
-from tests.disagg.transfer_peer import PAGE_SHAPE, make_pool, source_pages, start_peer
+from tests.disagg.transfer_peer import PAGE_SHAPE, make_pool, poll_until, source_pages, start_peer
 
 POOL_PAGES = 64
 PAGE_NBYTES = 1024  # PAGE_SHAPE in fp32
@@ -32,17 +31,6 @@ def zmq_peer() -> Iterator[str]:
 def decode_side(backend: str) -> tuple[KVTransport, torch.Tensor]:
     pool = torch.full((POOL_PAGES, *PAGE_SHAPE), SENTINEL)
     return make_transport(backend, pool, None), pool
-
-
-def poll_until(
-    transport: KVTransport, done: Callable[[list[Event]], bool], timeout_s: float = 20.0
-) -> list[Event]:
-    events: list[Event] = []
-    deadline = time.monotonic() + timeout_s
-    while not done(events):
-        assert time.monotonic() < deadline, f"timed out; events so far: {events}"
-        events += transport.poll(20)
-    return events
 
 
 def msgs(events: list[Event], kind: type) -> list:

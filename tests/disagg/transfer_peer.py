@@ -16,13 +16,13 @@ import selectors
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
 
 from pdserve.disagg import messages as m
-from pdserve.disagg.transfer import Inbound, KVTransport, SendHandle, make_transport
+from pdserve.disagg.transfer import Event, Inbound, KVTransport, SendHandle, make_transport
 from pdserve.disagg.transfer.base import TransportOptions
 
 PAGE_SHAPE = (2, 2, 4, 2, 8)  # layers, k/v, tokens, kv heads, head dim: 1 KiB of fp32
@@ -135,3 +135,15 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def poll_until(
+    transport: KVTransport, done: Callable[[list[Event]], bool], timeout_s: float = 20.0
+) -> list[Event]:
+    """Poll `transport` until `done(events so far)`; AssertionError at the deadline."""
+    events: list[Event] = []
+    deadline = time.monotonic() + timeout_s
+    while not done(events):
+        assert time.monotonic() < deadline, f"timed out; events so far: {events}"
+        events += transport.poll(20)
+    return events
