@@ -15,24 +15,18 @@ from pdserve.disagg.bootstrap_registry import (
     WorkerRegistration,
 )
 from pdserve.disagg.messages import KVLayout
+from tests.disagg.bootstrap_fixtures import registration as base_registration
 
 
 def registration(dp_rank: int = 0, **overrides) -> WorkerRegistration:
+    """The shared builder, as a follow_bootstrap_room server without FORCE."""
     fields = dict(
-        dp_rank=dp_rank,
-        dp_size=2,
-        kv_endpoint=f"tcp://127.0.0.1:{5000 + dp_rank}",
-        page_size=16,
-        kv_dtype="bfloat16",
-        num_layers=4,
-        num_kv_heads=2,
-        head_dim=64,
         model_fingerprint="smollm2-135m:abc",
         load_balance_method="follow_bootstrap_room",
         registers_all_rooms=False,
     )
     fields.update(overrides)
-    return WorkerRegistration(**fields)
+    return base_registration(dp_rank, **fields)
 
 
 def full_registry(dp_size: int = 2, room_ttl_s: float = 10.0, **overrides) -> BootstrapRegistry:
@@ -159,7 +153,7 @@ def test_malformed_registration_is_rejected(overrides):
 def test_worker_answers_endpoint_and_layout_or_none():
     registry = full_registry()
     answer = registry.worker(1)
-    assert answer["kv_endpoint"] == "tcp://127.0.0.1:5001"
+    assert answer["kv_endpoint"] == "tcp://127.0.0.1:6001"
     assert answer["page_size"] == 16 and answer["dp_rank"] == 1
     assert registry.worker(2) is None
 
