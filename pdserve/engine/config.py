@@ -43,6 +43,12 @@ class EngineConfig:
         "on a CUDA device: replay decode steps from CUDA graphs captured for batch-size "
         "buckets up to --max-running-requests (--no-cuda-graphs launches the kernels from Python)",
     )
+    cpu_packed_weights: bool = opt(
+        True,
+        "on the CPU, also keep float32 weights prepacked for oneDNN (2x weight memory): "
+        "matmuls over several rows (decode batches, prefill) run 1.5-2.5x faster; batch-1 "
+        "decode keeps the plain layout, which is faster for one row",
+    )
     random_seed: int = opt(0, "seed for requests that give no sampling seed")
 
     def __post_init__(self) -> None:

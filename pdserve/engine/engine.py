@@ -96,7 +96,12 @@ class Engine:
     def from_config(cls, cfg: EngineConfig, detokenize: Detokenize | None = None) -> Engine:
         torch.set_num_threads(cfg.torch_threads)
         torch.manual_seed(cfg.random_seed)
-        model = load_model(cfg.model_path, getattr(torch, cfg.dtype), torch.device(cfg.device))
+        model = load_model(
+            cfg.model_path,
+            getattr(torch, cfg.dtype),
+            torch.device(cfg.device),
+            cpu_packed_weights=cfg.cpu_packed_weights,
+        )
         return cls(cfg, model, detokenize)
 
     # ---- accounting -------------------------------------------------------------------

@@ -94,7 +94,9 @@ def fingerprint(config: dict[str, Any], state: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()[:16]
 
 
-def load_model(model_path: str, dtype: torch.dtype, device: torch.device) -> LoadedModel:
+def load_model(
+    model_path: str, dtype: torch.dtype, device: torch.device, cpu_packed_weights: bool = False
+) -> LoadedModel:
     model_dir = resolve_model_dir(model_path)
     config = _read_json(os.path.join(model_dir, "config.json"))
     args = ModelArgs.from_hf_config(config)
@@ -102,7 +104,7 @@ def load_model(model_path: str, dtype: torch.dtype, device: torch.device) -> Loa
     return LoadedModel(
         model_dir=model_dir,
         args=args,
-        weights=weights_from_state_dict(state, args, dtype, device),
+        weights=weights_from_state_dict(state, args, dtype, device, cpu_packed_weights),
         eos_token_ids=eos_ids(model_dir, config),
         fingerprint=fingerprint(config, state),
     )

@@ -61,15 +61,40 @@ class ModelArgs:
 
 
 @dataclass
+class Linear:
+    """y = x @ weight.T + bias. On the CPU a second copy of the weight may be prepacked for
+    oneDNN: for inputs of several rows (decode batches, prefill chunks) its blocked layout
+    runs 1.5-2.5x faster than the BLAS on the plain one, while a single row (batch-1 decode)
+    is fastest as a plain GEMV. See `pack_for_cpu`."""
+
+    weight: torch.Tensor  # [out, in]
+    bias: torch.Tensor | None = None
+    packed: torch.Tensor | None = None  # oneDNN layout of `weight`, for inputs of > 1 row
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is not None and x.shape[0] > 1:
+            return torch.ops.mkldnn._linear_pointwise(
+                x.contiguous(), self.packed, self.bias, "none", [], ""
+            )
+        return F.linear(x, self.weight, self.bias)
+
+    def num_bytes(self) -> int:
+        """Bytes one pass reads (one of the two layouts)."""
+        tensors = [self.weight] if self.bias is None else [self.weight, self.bias]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+
+@dataclass
 class LayerWeights:
     input_norm: torch.Tensor
-    qkv: torch.Tensor  # [(H + 2 * KVH) * D, hidden]
-    qkv_bias: torch.Tensor | None
-    o: torch.Tensor
-    o_bias: torch.Tensor | None
+    qkv: Linear  # [(H + 2 * KVH) * D, hidden]
+    o: Linear
     post_norm: torch.Tensor
-    gate_up: torch.Tensor  # [2 * intermediate, hidden]
-    down: torch.Tensor
+    gate_up: Linear  # [2 * intermediate, hidden]
+    down: Linear
+
+    def linears(self) -> list[Linear]:
+        return [self.qkv, self.o, self.gate_up, self.down]
 
 
 @dataclass
@@ -77,19 +102,25 @@ class ModelWeights:
     embed: torch.Tensor
     layers: list[LayerWeights]
     norm: torch.Tensor
-    lm_head: torch.Tensor
+    lm_head: Linear
 
     def num_bytes(self) -> int:
         """Bytes of weights one decode step reads: every matrix once, the embedding table
         only as the lm_head (a step reads just a few of its rows as embeddings)."""
-        tensors = [self.norm, self.lm_head]
+        total = self.norm.numel() * self.norm.element_size() + self.lm_head.num_bytes()
         for layer in self.layers:
-            tensors += [t for t in vars(layer).values() if t is not None]
-        return sum(t.numel() * t.element_size() for t in tensors)
+            norms = (layer.input_norm, layer.post_norm)
+            total += sum(t.numel() * t.element_size() for t in norms)
+            total += sum(linear.num_bytes() for linear in layer.linears())
+        return total
 
 
 def weights_from_state_dict(
-    state: dict[str, torch.Tensor], args: ModelArgs, dtype: torch.dtype, device: torch.device
+    state: dict[str, torch.Tensor],
+    args: ModelArgs,
+    dtype: torch.dtype,
+    device: torch.device,
+    cpu_packed_weights: bool = False,
 ) -> ModelWeights:
     def take(name: str) -> torch.Tensor:
         return state[name].to(device=device, dtype=dtype)
@@ -105,25 +136,66 @@ def weights_from_state_dict(
         layers.append(
             LayerWeights(
                 input_norm=take(p + "input_layernorm.weight"),
-                qkv=torch.cat([take(f"{attn}{n}_proj.weight") for n in "qkv"]),
-                qkv_bias=torch.cat(biases) if all(b is not None for b in biases) else None,
-                o=take(attn + "o_proj.weight"),
-                o_bias=maybe(attn + "o_proj.bias"),
-                post_norm=take(p + "post_attention_layernorm.weight"),
-                gate_up=torch.cat(
-                    [take(p + "mlp.gate_proj.weight"), take(p + "mlp.up_proj.weight")]
+                qkv=Linear(
+                    torch.cat([take(f"{attn}{n}_proj.weight") for n in "qkv"]),
+                    torch.cat(biases) if all(b is not None for b in biases) else None,
                 ),
-                down=take(p + "mlp.down_proj.weight"),
+                o=Linear(take(attn + "o_proj.weight"), maybe(attn + "o_proj.bias")),
+                post_norm=take(p + "post_attention_layernorm.weight"),
+                gate_up=Linear(
+                    torch.cat([take(p + "mlp.gate_proj.weight"), take(p + "mlp.up_proj.weight")])
+                ),
+                down=Linear(take(p + "mlp.down_proj.weight")),
             )
         )
     embed = take("model.embed_tokens.weight")
-    lm_head = embed if args.tie_word_embeddings or "lm_head.weight" not in state else None
-    return ModelWeights(
+    tied = args.tie_word_embeddings or "lm_head.weight" not in state
+    weights = ModelWeights(
         embed=embed,
         layers=layers,
         norm=take("model.norm.weight"),
-        lm_head=lm_head if lm_head is not None else take("lm_head.weight"),
+        lm_head=Linear(embed if tied else take("lm_head.weight")),
     )
+    if device.type == "cpu":
+        _store_wide_matrices_input_major(weights)
+        if cpu_packed_weights:
+            pack_for_cpu(weights)
+    return weights
+
+
+def _input_major(matrix: torch.Tensor) -> torch.Tensor:
+    """The same [out, in] matrix, its memory laid out [in, out] (a transposed view)."""
+    return matrix.t().contiguous().t()
+
+
+def _store_wide_matrices_input_major(weights: ModelWeights) -> None:
+    """On the CPU a batch-1 matmul is a GEMV bound by how fast one core streams the weights.
+    With short rows (in < out: q/k/v, gate/up, lm_head) the BLAS streams an [in, out] layout
+    about 1.7x faster than HF's [out, in] one. The tensors keep their [out, in] shape, so
+    every caller is unchanged. The embedding is re-laid out too when the lm_head shares it
+    (a row lookup from it stays cheap)."""
+    for linear in [*(lin for layer in weights.layers for lin in layer.linears()), weights.lm_head]:
+        if linear.weight.shape[0] > linear.weight.shape[1]:
+            shared = linear.weight is weights.embed
+            linear.weight = _input_major(linear.weight)
+            if shared:
+                weights.embed = linear.weight
+
+
+# Rows of input oneDNN is told to expect when it picks the packed layout; measured on a
+# 2-core AVX-512 host: packing for 64 rows serves 2 to 512 rows best.
+_PACK_FOR_ROWS = 64
+
+
+def pack_for_cpu(weights: ModelWeights) -> None:
+    """Add a oneDNN-prepacked copy of every float32 matrix (2x the weight memory) for
+    multi-row inputs. A no-op where PyTorch was built without oneDNN."""
+    if not torch.backends.mkldnn.is_available():
+        return
+    for linear in [*(lin for layer in weights.layers for lin in layer.linears()), weights.lm_head]:
+        if linear.weight.dtype == torch.float32:
+            plain = linear.weight.contiguous()
+            linear.packed = torch.ops.mkldnn._reorder_linear_weight(plain, _PACK_FOR_ROWS)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -141,21 +213,18 @@ def _attention(
     sin: torch.Tensor,
     meta: AttnMeta,
 ) -> torch.Tensor:
-    num_tokens = x.shape[0]
-    q_size = args.num_heads * args.head_dim
-    kv_size = args.num_kv_heads * args.head_dim
-    qkv = F.linear(x, layer.qkv, layer.qkv_bias)
-    q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
-    q = apply_rope(q.view(num_tokens, args.num_heads, args.head_dim), cos, sin)
-    k = apply_rope(k.view(num_tokens, args.num_kv_heads, args.head_dim), cos, sin)
-    v = v.reshape(num_tokens, args.num_kv_heads, args.head_dim)
+    num_tokens, heads, kv_heads = x.shape[0], args.num_heads, args.num_kv_heads
+    qkv = layer.qkv(x).view(num_tokens, heads + 2 * kv_heads, args.head_dim)
+    # q and k sit side by side: one rope call turns both
+    qk = apply_rope(qkv[:, : heads + kv_heads], cos, sin)
+    q, k, v = qk[:, :heads], qk[:, heads:], qkv[:, heads + kv_heads :]
     out = paged_attention(q, k, v, kv_layer, meta)
-    return F.linear(out, layer.o, layer.o_bias)
+    return layer.o(out)
 
 
 def _mlp(x: torch.Tensor, layer: LayerWeights) -> torch.Tensor:
-    gate, up = F.linear(x, layer.gate_up).chunk(2, dim=-1)
-    return F.linear(F.silu(gate) * up, layer.down)
+    gate, up = layer.gate_up(x).chunk(2, dim=-1)
+    return layer.down(F.silu(gate) * up)
 
 
 def forward(
@@ -181,4 +250,4 @@ def forward(
 
 def logits(weights: ModelWeights, hidden: torch.Tensor) -> torch.Tensor:
     """float32 logits [R, vocab] for the selected rows of final hidden states."""
-    return F.linear(hidden, weights.lm_head).float()
+    return weights.lm_head(hidden).float()

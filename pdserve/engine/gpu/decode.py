@@ -56,12 +56,12 @@ def decode_forward(
     eps = args.rms_norm_eps
     h = rms_norm(residual, weights.layers[0].input_norm, eps)
     for i, layer in enumerate(weights.layers):
-        qkv = F.linear(h, layer.qkv, layer.qkv_bias)
+        qkv = layer.qkv(h)
         q = rope_and_store_kv(qkv, cos, sin, meta, kv_pool, i, args.num_heads, args.num_kv_heads)
         attn = paged_decode_attention(q, kv_pool, i, meta, num_splits)
-        h = rms_norm(F.linear(attn, layer.o, layer.o_bias), layer.post_norm, eps, residual)
-        mlp = F.linear(silu_mul(F.linear(h, layer.gate_up)), layer.down)
+        h = rms_norm(layer.o(attn), layer.post_norm, eps, residual)
+        mlp = layer.down(silu_mul(layer.gate_up(h)))
         is_last = i + 1 == len(weights.layers)
         next_norm = weights.norm if is_last else weights.layers[i + 1].input_norm
         h = rms_norm(mlp, next_norm, eps, residual)
-    return F.linear(h, weights.lm_head).float()
+    return weights.lm_head(h).float()
