@@ -15,6 +15,7 @@ def test_bench_engine_reports_throughput_speedup_and_floor():
         prompt_len=8,
         new_tokens=4,
         sequential_requests=4,
+        floor_rounds=2,
     )
     report = run(cfg)
     (model,) = report["models"]
@@ -23,7 +24,9 @@ def test_bench_engine_reports_throughput_speedup_and_floor():
         for side in ("pdserve", "transformers"):
             assert row[side]["prefill_tok_s"] > 0 and row[side]["decode_tok_s"] > 0
     assert model["concurrent"]["speedup"] > 0 and model["floor"]["floor_ms"] > 0
-    assert report["copy_bandwidth_gbs"] > 0
+    floor = model["floor"]
+    assert floor["copy_bandwidth_gbs"] > 0 and floor["read_bandwidth_gbs"] > 0
+    assert floor["ratio"] > 0 and floor["read_ratio"] > 0
     table = format_table(report)
     assert "tiny-random" in table and "weight-read floor" in table
     json.dumps(report)
