@@ -31,6 +31,11 @@ def run_start(ids: np.ndarray) -> int | None:
     return int(ids[0])
 
 
+def num_runs(ids: np.ndarray) -> int:
+    """How many maximal runs of consecutive ascending ids `ids` has (no Python loop)."""
+    return 0 if ids.size == 0 else 1 + int(np.count_nonzero(np.diff(ids) != 1))
+
+
 def runs(ids: np.ndarray) -> list[tuple[int, int]]:
     """(offset, length) of each maximal run of consecutive ascending ids, in order."""
     if ids.size == 0:
@@ -82,6 +87,9 @@ class WriteGrants:
 
     def grant(self, peer: str, room: int, dst_page_ids: list[int]) -> None:
         self._grants[room] = Grant(peer, set(dst_page_ids))
+
+    def get(self, room: int) -> Grant | None:
+        return self._grants.get(room)
 
     def revoke(self, room: int, peer: str | None = None) -> Grant | None:
         """Drop the room's grant (only if it belongs to `peer`, when given)."""
