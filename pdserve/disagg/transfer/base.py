@@ -1,7 +1,8 @@
 """The KV transport interface: control messages and KV page bytes between worker processes.
 
 Runs inside every prefill and decode worker process, driven by its single-threaded loop.
-Backends: `zmq` (default, ZeroMQ over TCP) and `fake` (control only); see `make_transport`.
+Backends: `zmq` (default: ZeroMQ for control, page bytes on a raw TCP connection per peer),
+`fake` (control only) and `cuda_ipc` (GPU to GPU on one host); see `make_transport`.
 """
 
 from __future__ import annotations
@@ -71,7 +72,11 @@ Event = Inbound | KVReceived | PeerLost
 
 @dataclass(frozen=True)
 class TransportOptions:
-    frame_nbytes: int = opt(2 << 20, "KV transfer: target bytes per raw frame (whole pages)")
+    frame_nbytes: int = opt(
+        2 << 20,
+        "KV transfer: target bytes per raw frame (whole pages); on the data connection, per "
+        "record where pages are gathered or scattered through a buffer",
+    )
     send_hwm_msgs: int = opt(
         1024, "KV transfer: messages ZeroMQ may queue per peer on send (zero-copy: no memory)"
     )
@@ -90,6 +95,11 @@ class TransportOptions:
         True,
         "KV transfer: tune glibc malloc (once per process) to reuse freed ZeroMQ receive "
         "buffers instead of returning them to the OS and page-faulting on every new frame",
+    )
+    data_channel: bool = opt(
+        True,
+        "KV transfer: a listening side offers each peer that handshakes a raw TCP connection "
+        "for page bytes, read straight into pool pages (else they go as ZeroMQ frames)",
     )
     staging_buffers: int = opt(16, "KV transfer: frame-sized buffers for gathering scattered pages")
     heartbeat_interval_s: float = opt(
@@ -207,8 +217,9 @@ class KVTransport(abc.ABC):
         their `SendHandle.done()` turns True without further polling."""
 
     @abc.abstractmethod
-    def sockets(self) -> list[zmq.Socket]:
-        """Sockets for the worker loop's zmq.Poller (readable means: call `poll`)."""
+    def sockets(self) -> list[zmq.Socket | int]:
+        """Sockets and file descriptors for the worker loop's zmq.Poller (readable means:
+        call `poll`). The list is fixed for the transport's life."""
 
     @abc.abstractmethod
     def close(self) -> None:

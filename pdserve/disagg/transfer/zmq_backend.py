@@ -2,12 +2,16 @@
 
 Each transport has ONE ROUTER socket: it binds when listening (prefill) and connects to
 peers under their endpoint as alias (decode), so the worker loop polls one stable socket.
-A KV transfer is a series of [KVHeader, raw part, ...] messages, then its RoomStatus, in order.
+Page bytes travel on a raw TCP data connection per peer, opened when decode handshakes
+(data_links.py): records of [KVHeader, page bytes], then the RoomStatus, in order. Until it
+is open, or where it cannot be, a transfer is a series of [KVHeader, raw part, ...] ZeroMQ
+messages, then its RoomStatus.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 from collections import Counter
 
@@ -30,6 +34,9 @@ from pdserve.disagg.transfer.base import (
     TransportError,
     TransportOptions,
 )
+from pdserve.disagg.transfer.data_links import DataLinks
+from pdserve.disagg.transfer.data_path import DataPath, fail_records
+from pdserve.disagg.transfer.data_records import PageRecords
 from pdserve.disagg.transfer.malloc_tuning import keep_freed_memory
 from pdserve.disagg.transfer.outbox import KVSend, Outbox, Outgoing, Staging, gather
 from pdserve.disagg.transfer.pages import WriteGrants, page_array, plan_frames, run_start, runs
@@ -40,7 +47,7 @@ MAX_FRAME_NBYTES = 64 << 20  # receivers accept frames up to this, whatever the 
 _MAX_MSGS_PER_POLL = 4096
 
 
-class ZmqTransport(KVTransport):
+class ZmqTransport(DataPath, KVTransport):
     name = "zmq"
     moves_bytes = True
 
@@ -66,7 +73,11 @@ class ZmqTransport(KVTransport):
         self._staging = Staging(
             self.options.staging_buffers, self._pages_per_frame, self.page_nbytes
         )
+        self._records = PageRecords(
+            self._pages, self._pages_per_frame, self.options.zero_copy_min_nbytes
+        )
         self._outbox = Outbox()
+        self._held_until: dict[PeerId, float] = {}  # peers whose data connection is coming
         self._grants = WriteGrants()
         self._stats: Counter[str] = Counter()
         self._connected: set[str] = set()
@@ -76,6 +87,10 @@ class ZmqTransport(KVTransport):
         self._sock = self._make_socket()
         self._monitor = self._sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         self._endpoint = self._bind(listen_host, advertise_host) if listen_host else None
+        offers = self.moves_bytes and self.options.data_channel and listen_host is not None
+        self._links = DataLinks(listen_host if offers else None, self.options.heartbeat_timeout_s)
+        self._poller = zmq.Poller()
+        self._poller.register(self._links.fileno(), zmq.POLLIN)
 
     def _make_socket(self) -> zmq.Socket:
         sock = self._ctx.socket(zmq.ROUTER)
@@ -85,8 +100,7 @@ class ZmqTransport(KVTransport):
         sock.setsockopt(zmq.SNDHWM, self.options.send_hwm_msgs)
         sock.setsockopt(zmq.RCVHWM, self.options.recv_hwm_msgs)
         sock.setsockopt(zmq.LINGER, 0)
-        max_nbytes = max(MAX_FRAME_NBYTES, self.page_nbytes, 16 * self.num_pages)
-        sock.setsockopt(zmq.MAXMSGSIZE, max_nbytes + (1 << 20))
+        sock.setsockopt(zmq.MAXMSGSIZE, self._max_message_nbytes())
         sock.setsockopt(zmq.TCP_KEEPALIVE, 1)
         sock.setsockopt(zmq.TCP_KEEPALIVE_IDLE, 10)
         sock.setsockopt(zmq.TCP_KEEPALIVE_INTVL, 5)
@@ -96,6 +110,9 @@ class ZmqTransport(KVTransport):
         sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, int(self.options.heartbeat_timeout_s * 1000))
         sock.setsockopt(zmq.HEARTBEAT_TTL, int(self.options.heartbeat_timeout_s * 1000))
         return sock
+
+    def _max_message_nbytes(self) -> int:
+        return max(MAX_FRAME_NBYTES, self.page_nbytes, 16 * self.num_pages) + (1 << 20)
 
     def _bind(self, host: str, advertise_host: str | None) -> str:
         self._sock.bind(f"tcp://{host}:*")
@@ -140,6 +157,9 @@ class ZmqTransport(KVTransport):
     ) -> SendHandle:
         self._check_open()
         src, dst = self._page_pairs(src_page_ids, dst_page_ids)
+        channel = self._links.senders.get(peer)
+        if channel is not None:
+            return self._send_kv_on(channel, room, src, dst, then)
         items = self._kv_items(room, src, dst)
         handle = KVSend(room, len(items))
         for item in items:
@@ -155,7 +175,9 @@ class ZmqTransport(KVTransport):
         if timeout_ms > 0:
             self._wait(timeout_ms)
             self._flush_all(events)
-        self._drain(events)
+        # Data sockets first: a token read now lets a page list read below use its channel.
+        budget_nbytes = self._drain_links(events, self.options.recv_budget_nbytes)
+        self._drain(events, budget_nbytes)
         self._drain_monitor(events)
         return events
 
@@ -177,28 +199,40 @@ class ZmqTransport(KVTransport):
                 events.append(PeerLost(PeerId(endpoint), reason))
 
     def _wait(self, timeout_ms: int) -> None:
-        """Sleep until a message arrives or, if sends are queued, until they can move on."""
-        if not self._outbox.pending():
-            self._sock.poll(timeout_ms, zmq.POLLIN)
-        elif self._staging_blocked:  # waits for ZeroMQ to let go of a buffer: no socket event
-            self._sock.poll(min(timeout_ms, 1), zmq.POLLIN)
-        else:  # waits for room under the high-water mark
-            self._sock.poll(timeout_ms, zmq.POLLIN | zmq.POLLOUT)
+        """Sleep until a message or data arrives or, if sends are queued, until they can move
+        on. Data connections with bytes to write wake the data selector by themselves."""
+        flags = zmq.POLLIN
+        if self._held_until:  # wake when a held peer's data connection is given up on
+            wait_s = min(self._held_until.values()) - time.monotonic()
+            timeout_ms = max(0, min(timeout_ms, int(wait_s * 1000) + 1))
+        if self._outbox_movable():
+            if self._staging_blocked:  # waits for ZeroMQ to let go of a buffer: no event
+                timeout_ms = min(timeout_ms, 1)
+            else:  # waits for room under the high-water mark
+                flags |= zmq.POLLOUT
+        self._poller.register(self._sock, flags)
+        self._poller.poll(timeout_ms)
+
+    def _outbox_movable(self) -> bool:
+        """Whether ZeroMQ messages wait that a poll can move on (held ones wait for an event)."""
+        return any(q and p not in self._held_until for p, q in self._outbox.queues.items())
 
     def forget_room(self, room: int) -> None:
         self._grants.revoke(room)
 
     def busy(self) -> bool:
-        return self._outbox.pending()
+        return self._outbox_movable() or any(c.queue for c in self._links.senders.values())
 
-    def sockets(self) -> list[zmq.Socket]:
-        return [] if self._closed else [self._sock, self._monitor]
+    def sockets(self) -> list[zmq.Socket | int]:
+        return [] if self._closed else [self._sock, self._monitor, self._links.fileno()]
 
     def close(self) -> None:
         if not self._closed:
             self._closed = True
             for peer in list(self._outbox.queues):
                 self._outbox.drop_peer(peer, "transport closed", self._staging)
+            for channel in self._links.close():
+                fail_records(channel.queue, "transport closed")
             self._sock.disable_monitor()
             self._monitor.close(linger=0)
             self._sock.close(linger=0)
@@ -206,9 +240,9 @@ class ZmqTransport(KVTransport):
 
     @property
     def stats(self) -> dict[str, int]:
-        return dict(self._stats)
+        return dict(self._stats + self._links.stats)
 
-    # -- outbound ------------------------------------------------------------------------
+    # -- outbound over ZeroMQ ------------------------------------------------------------
     def _kv_items(self, room: int, src: np.ndarray, dst: np.ndarray) -> list[Outgoing]:
         """One queued item per raw frame; the fake backend overrides this."""
         return [Outgoing(plan=plan) for plan in plan_frames(src, dst, self._pages_per_frame)]
@@ -225,6 +259,11 @@ class ZmqTransport(KVTransport):
 
     def _flush_all(self, events: list[Event]) -> None:
         self._staging_blocked = False
+        now = time.monotonic()
+        for peer in [p for p, c in self._links.senders.items() if c.queue]:
+            reason = self._flush_channel(peer, now)
+            if reason is not None:
+                events.append(PeerLost(peer, reason))
         for peer in [p for p, q in self._outbox.queues.items() if q]:
             reason = self._flush(PeerId(peer))
             if reason is not None:
@@ -233,6 +272,8 @@ class ZmqTransport(KVTransport):
 
     def _flush(self, peer: PeerId) -> str | None:
         """Hand queued messages to ZeroMQ until it pushes back; a reason if the peer is gone."""
+        if self._still_held(peer):
+            return None  # the handshake answer waits for the data connection
         queue = self._outbox.queues.get(peer)
         route = peer.encode("latin-1")
         while queue:
@@ -292,10 +333,13 @@ class ZmqTransport(KVTransport):
         log.warning("KV peer lost: %s", reason)
         self._outbox.drop_peer(peer, reason, self._staging)
         self._grants.revoke_peer(peer)
+        self._held_until.pop(peer, None)
+        channel = self._links.close_peer(peer)
+        if channel is not None:
+            fail_records(channel.queue, reason)
 
     # -- inbound -------------------------------------------------------------------------
-    def _drain(self, events: list[Event]) -> None:
-        budget_nbytes = self.options.recv_budget_nbytes
+    def _drain(self, events: list[Event], budget_nbytes: int) -> None:
         for _ in range(_MAX_MSGS_PER_POLL):
             if budget_nbytes <= 0:
                 return
@@ -314,11 +358,17 @@ class ZmqTransport(KVTransport):
         try:
             msg = m.decode(parts[0].buffer)
         except msgspec.MsgspecError:
-            return self._reject(peer, "undecodable")
+            return self._on_data_message(peer, parts)
         if isinstance(msg, m.KVHeader):
             return self._on_kv(peer, msg, parts[1:])
         if len(parts) != 1:
             return self._reject(peer, "extra_frames")
+        if isinstance(msg, m.Handshake) and msg.backend == self.name and self._links.can_offer:
+            self._offer_data_channel(peer)
+        self._on_control(peer, msg, events)
+        return 0
+
+    def _on_control(self, peer: PeerId, msg: m.ChannelMsg, events: list[Event]) -> None:
         if isinstance(msg, m.RoomStatus):
             grant = self._grants.revoke(msg.room, peer)
             if grant is not None and msg.ok:
@@ -330,7 +380,6 @@ class ZmqTransport(KVTransport):
         elif isinstance(msg, m.Abort):
             self._grants.revoke(msg.room, peer)
         events.append(Inbound(peer, msg))
-        return 0
 
     def _on_kv(self, peer: PeerId, header: m.KVHeader, frames: list[zmq.Frame]) -> int:
         sizes = [len(f) for f in frames]

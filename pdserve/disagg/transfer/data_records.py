@@ -1,0 +1,97 @@
+"""Pool pages as data-connection records: the bytes a sender writes, where a receiver's go.
+
+Runs in worker processes, inside the ZeroMQ transport. Page runs that are long on average
+(`zero_copy_min_nbytes`) are written straight from the pool and read straight into it;
+shorter ones pass through one frame-sized buffer, gathered with one index_select or scattered
+with one numpy assignment, so Python never loops over pages one by one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from pdserve.disagg import messages as m
+from pdserve.disagg.transfer.data_channel import (
+    MAX_RECORD_NBYTES,
+    PREFIX,
+    Cursor,
+    OutRecord,
+    RecvChannel,
+    SendChannel,
+)
+from pdserve.disagg.transfer.outbox import gather
+from pdserve.disagg.transfer.pages import FramePlan, num_runs, plan_frames, runs
+
+
+def framed(message: bytes) -> bytes:
+    """A record's opening: the message with its length in front."""
+    return PREFIX.pack(len(message)) + message
+
+
+class PageRecords:
+    """Lays KV records out over a pool (`pages`: uint8 [num_pages, page_nbytes])."""
+
+    def __init__(self, pages: torch.Tensor, pages_per_frame: int, zero_copy_min_nbytes: int):
+        self.pages = pages
+        self.pages_np = pages.numpy()
+        self.page_nbytes = int(pages.shape[1])
+        self.pages_per_frame = pages_per_frame
+        self.zero_copy_min_nbytes = zero_copy_min_nbytes
+
+    def long_runs(self, ids: np.ndarray) -> bool:
+        """Whether the runs of `ids` are long enough on average to move in place."""
+        return ids.size * self.page_nbytes >= num_runs(ids) * self.zero_copy_min_nbytes
+
+    # -- sending -------------------------------------------------------------------------
+    def plan(self, src: np.ndarray, dst: np.ndarray) -> list[FramePlan]:
+        """Records of a transfer: as large as allowed when both sides move in place, else
+        frame-sized, so that a gather or scatter buffer holds one."""
+        if self.long_runs(src) and self.long_runs(dst):
+            pages_per_record = max(1, MAX_RECORD_NBYTES // self.page_nbytes)
+        else:
+            pages_per_record = self.pages_per_frame
+        return plan_frames(src, dst, pages_per_record)
+
+    def lay_out(self, record: OutRecord, channel: SendChannel) -> Cursor:
+        """The record's bytes: its header, then its pages (from the pool or gathered)."""
+        if record.plan is None:
+            assert record.message is not None
+            return Cursor([framed(record.message)])
+        plan, room = record.plan, record.handle.room
+        header = m.KVHeader(
+            room=room,
+            frame_page_counts=[plan.num_pages],
+            page_nbytes=self.page_nbytes,
+            dst_page_ids=plan.dst.tolist(),
+        )
+        return Cursor([framed(m.encode(header)), *self._source(plan.src, channel)])
+
+    def _source(self, src: np.ndarray, channel: SendChannel) -> list[np.ndarray]:
+        if src.size > self.pages_per_frame or self.long_runs(src):
+            return [self.pages_np[src[i] : src[i] + n] for i, n in runs(src)]
+        if channel.staging is None:
+            # zeros, not empty: touch the memory now rather than page-faulting on the hot path
+            channel.staging = torch.zeros(
+                (self.pages_per_frame, self.page_nbytes), dtype=torch.uint8
+            )
+        return [gather(self.pages, src, channel.staging)]
+
+    # -- receiving -----------------------------------------------------------------------
+    def sink(
+        self, dst: np.ndarray, channel: RecvChannel
+    ) -> tuple[Cursor, Callable[[], None] | None]:
+        """Where the pages for `dst` are read to, and the scatter to run once they are in
+        (None when they are read straight into the pool)."""
+        if self.long_runs(dst):
+            return Cursor([self.pages_np[dst[i] : dst[i] + n] for i, n in runs(dst)]), None
+        if channel.scratch is None or channel.scratch.shape[0] < dst.size:
+            channel.scratch = np.zeros((dst.size, self.page_nbytes), dtype=np.uint8)
+        scratch = channel.scratch[: dst.size]
+
+        def scatter() -> None:
+            self.pages_np[dst] = scratch  # numpy scatter: one call, no per-page loop
+
+        return Cursor([scratch]), scatter
