@@ -1,5 +1,7 @@
 """The KV transport between two real processes over loopback TCP: a prefill-like peer process
-(tests/disagg/transfer_peer.py) and a decode-side transport in this process."""
+(tests/disagg/transfer_peer.py) and a decode-side transport in this process. A decode side
+that handshakes gets its pages on the raw TCP data connection; one that does not, as ZeroMQ
+frames: both paths are tested."""
 
 from __future__ import annotations
 
@@ -9,8 +11,22 @@ import pytest
 import torch
 
 from pdserve.disagg import messages as m
-from pdserve.disagg.transfer import Event, Inbound, KVReceived, KVTransport, make_transport
-from tests.disagg.transfer_peer import PAGE_SHAPE, make_pool, poll_until, source_pages, start_peer
+from pdserve.disagg.transfer import (
+    Event,
+    Inbound,
+    KVReceived,
+    KVTransport,
+    TransportOptions,
+    make_transport,
+)
+from tests.disagg.transfer_peer import (
+    LAYOUT,
+    PAGE_SHAPE,
+    make_pool,
+    poll_until,
+    source_pages,
+    start_peer,
+)
 
 POOL_PAGES = 64
 PAGE_NBYTES = 1024  # PAGE_SHAPE in fp32
@@ -28,9 +44,26 @@ def zmq_peer() -> Iterator[str]:
         yield endpoint
 
 
+PATHS = ["data connection", "zeromq frames"]
+
+
 def decode_side(backend: str) -> tuple[KVTransport, torch.Tensor]:
     pool = torch.full((POOL_PAGES, *PAGE_SHAPE), SENTINEL)
-    return make_transport(backend, pool, None), pool
+    # Destination runs of 2+ pages on average are read straight into the pool, shorter ones
+    # through a buffer and one scatter.
+    options = TransportOptions(zero_copy_min_nbytes=2 * PAGE_NBYTES)
+    return make_transport(backend, pool, None, options=options), pool
+
+
+def connect(transport: KVTransport, endpoint: str, path: str) -> str:
+    """Connect; over the data connection, handshake first (it opens with the handshake)."""
+    peer = transport.connect(endpoint)
+    if path == "data connection":
+        transport.send(peer, m.Handshake(decode_id="d0", layout=LAYOUT))
+        poll_until(
+            transport, lambda ev: msgs(ev, m.HandshakeResult) == [m.HandshakeResult(ok=True)]
+        )
+    return peer
 
 
 def msgs(events: list[Event], kind: type) -> list:
@@ -48,15 +81,7 @@ def test_control_messages_round_trip(zmq_peer: str) -> None:
     try:
         peer = transport.connect(zmq_peer)
         assert transport.connect(zmq_peer) == peer  # idempotent
-        layout = m.KVLayout(
-            page_size=4,
-            kv_dtype="float32",
-            num_layers=2,
-            num_kv_heads=2,
-            head_dim=8,
-            model_fingerprint="x",
-        )
-        transport.send(peer, m.Handshake(decode_id="d0", layout=layout))
+        transport.send(peer, m.Handshake(decode_id="d0", layout=LAYOUT))
         transport.send(peer, m.Ping(seq=41))
         events = poll_until(transport, lambda ev: len(ev) >= 2)
         assert [e.msg for e in events] == [m.HandshakeResult(ok=True), m.Pong(seq=41)]
@@ -65,23 +90,31 @@ def test_control_messages_round_trip(zmq_peer: str) -> None:
         transport.close()
 
 
-def test_pages_land_bit_exact_in_scattered_destination_and_nowhere_else(zmq_peer: str) -> None:
+@pytest.mark.parametrize("path", PATHS)
+def test_pages_land_bit_exact_in_scattered_destination_and_nowhere_else(
+    zmq_peer: str, path: str
+) -> None:
     transport, pool = decode_side("zmq")
     # Sources (transfer_peer.source_pages): room 3 one run, room 4 scattered pages (gathered),
-    # room 5 scattered pairs (zero-copy parts). Destinations mix runs and single pages.
+    # room 5 scattered pairs (zero-copy parts). Destinations mix runs and single pages: rooms 3
+    # and 4 come through the receive buffer, room 5 straight into the pool.
     dst_by_room = {
         3: [50, 3, 17, 4, 5, 6, 40, 41, 9, 60],
         4: [0, 63, 31, 30, 29, 12, 13, 1],
         5: [20, 21, 22, 23, 24, 25, 26, 27, 2, 36, 35],
     }
     try:
-        peer = transport.connect(zmq_peer)
+        peer = connect(transport, zmq_peer, path)
         for room, dst in dst_by_room.items():
             transport.send(peer, m.PageList(room=room, dst_page_ids=dst, prompt_len=len(dst)))
         events = poll_until(transport, lambda ev: finished_rooms(ev) == set(dst_by_room))
+        stats = transport.stats
     finally:
         transport.close()
 
+    total_nbytes = sum(len(dst) for dst in dst_by_room.values()) * PAGE_NBYTES
+    assert stats["kv_bytes_in"] == total_nbytes
+    assert stats.get("data_kv_bytes_in", 0) == (total_nbytes if path == PATHS[0] else 0)
     sender_pool = make_pool(POOL_PAGES, seed=1)
     touched = torch.zeros(POOL_PAGES, dtype=torch.bool)
     for room, dst in dst_by_room.items():
@@ -94,10 +127,11 @@ def test_pages_land_bit_exact_in_scattered_destination_and_nowhere_else(zmq_peer
     assert bool((pool[~touched] == SENTINEL).all()), "a page outside the PageLists changed"
 
 
-def test_kv_arriving_after_abort_is_dropped_not_written(zmq_peer: str) -> None:
+@pytest.mark.parametrize("path", PATHS)
+def test_kv_arriving_after_abort_is_dropped_not_written(zmq_peer: str, path: str) -> None:
     transport, pool = decode_side("zmq")
     try:
-        peer = transport.connect(zmq_peer)
+        peer = connect(transport, zmq_peer, path)
         transport.send(peer, m.PageList(room=6, dst_page_ids=[7, 8, 9], prompt_len=3))
         transport.send(peer, m.Abort(room=6, reason="decode deadline"))  # the peer ignores it
         events = poll_until(transport, lambda ev: finished_rooms(ev) == {6})

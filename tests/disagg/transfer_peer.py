@@ -2,8 +2,10 @@
 
 `--listen`: a prefill-like peer. It prints its endpoint, answers Handshake and Ping, answers
 each PageList by sending `source_pages(room, ...)` into the listed pages, and reports each
-finished SendHandle with `Pong(seq=room)`. `--connect EP`: a decode-like peer that connects,
-sends a Ping and idles (tests kill it). Either exits after `--idle-exit-s` without messages.
+finished SendHandle with `Pong(seq=room)`; with `--exit-after-send` it exits as soon as its
+first send has started. `--connect EP`: a decode-like peer that connects, sends a Ping and
+idles (tests kill it); with `--ask-pages N` it handshakes instead, sends a PageList for room 1
+and pages 0..N-1, then stops reading. Either exits after `--idle-exit-s` without messages.
 Tests run it through `start_peer`, which waits for readiness and always kills it.
 """
 
@@ -26,6 +28,9 @@ from pdserve.disagg.transfer import Event, Inbound, KVTransport, SendHandle, mak
 from pdserve.disagg.transfer.base import TransportOptions
 
 PAGE_SHAPE = (2, 2, 4, 2, 8)  # layers, k/v, tokens, kv heads, head dim: 1 KiB of fp32
+LAYOUT = m.KVLayout(
+    page_size=4, kv_dtype="float32", num_layers=2, num_kv_heads=2, head_dim=8, model_fingerprint="x"
+)
 
 
 def make_pool(num_pages: int, seed: int) -> torch.Tensor:
@@ -44,7 +49,7 @@ def source_pages(room: int, num_pages: int, pool_pages: int) -> list[int]:
     return np.stack([2 * pairs, 2 * pairs + 1], axis=1).reshape(-1)[:num_pages].tolist()
 
 
-def serve(transport: KVTransport, pool_pages: int, idle_exit_s: float) -> None:
+def serve(transport: KVTransport, pool_pages: int, idle_exit_s: float, exit_after_send: bool):
     handles: list[tuple[str, SendHandle]] = []
     last_message = time.monotonic()
     while time.monotonic() - last_message < idle_exit_s:
@@ -52,6 +57,8 @@ def serve(transport: KVTransport, pool_pages: int, idle_exit_s: float) -> None:
             last_message = time.monotonic()
             if isinstance(event, Inbound):
                 handles += answer(transport, event, pool_pages)
+            if handles and exit_after_send:
+                os._exit(0)  # no close: what the kernel holds still goes out, then the end
         for peer, handle in [(p, h) for p, h in handles if h.done()]:
             handles.remove((peer, handle))
             if handle.error is None:
@@ -90,6 +97,16 @@ def start_peer(*args: str, timeout_s: float = 60.0) -> Iterator[tuple[subprocess
         proc.stdout.close()
 
 
+def ask_and_stop_reading(transport: KVTransport, endpoint: str, num_pages: int) -> None:
+    """Handshake, ask for pages 0..num_pages-1 for room 1, then never poll again."""
+    peer = transport.connect(endpoint)
+    transport.send(peer, m.Handshake(decode_id="transfer_peer", layout=LAYOUT))
+    poll_until(transport, lambda ev: any(isinstance(e, Inbound) for e in ev), timeout_s=60)
+    pages = list(range(num_pages))
+    transport.send(peer, m.PageList(room=1, dst_page_ids=pages, prompt_len=num_pages))
+    time.sleep(3600)
+
+
 def _ready_line(proc: subprocess.Popen, timeout_s: float) -> str:
     deadline = time.monotonic() + timeout_s
     with selectors.DefaultSelector() as sel:
@@ -104,39 +121,6 @@ def _ready_line(proc: subprocess.Popen, timeout_s: float) -> str:
     raise TimeoutError(f"transfer peer not ready within {timeout_s}s")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--backend", default="zmq")
-    parser.add_argument("--listen", action="store_true")
-    parser.add_argument("--connect", default=None)
-    parser.add_argument("--pool-pages", type=int, default=64)
-    parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--frame-nbytes", type=int, default=4096)
-    parser.add_argument("--zero-copy-min-nbytes", type=int, default=2048)
-    parser.add_argument("--idle-exit-s", type=float, default=60.0)
-    args = parser.parse_args()
-    torch.set_num_threads(1)
-    pool = make_pool(args.pool_pages, args.seed)
-    options = TransportOptions(
-        frame_nbytes=args.frame_nbytes, zero_copy_min_nbytes=args.zero_copy_min_nbytes
-    )
-    host = "127.0.0.1" if args.listen else None
-    transport = make_transport(args.backend, pool, host, options=options)
-    if args.connect:
-        peer = transport.connect(args.connect)
-        transport.send(peer, m.Ping(seq=1))
-    print(f"ready {transport.endpoint}", flush=True)
-    try:
-        serve(transport, args.pool_pages, args.idle_exit_s)
-    finally:
-        transport.close()
-    sys.exit(0)
-
-
-if __name__ == "__main__":
-    main()
-
-
 def poll_until(
     transport: KVTransport, done: Callable[[list[Event]], bool], timeout_s: float = 20.0
 ) -> list[Event]:
@@ -147,3 +131,40 @@ def poll_until(
         assert time.monotonic() < deadline, f"timed out; events so far: {events}"
         events += transport.poll(20)
     return events
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--backend", default="zmq")
+    parser.add_argument("--listen", action="store_true")
+    parser.add_argument("--connect", default=None)
+    parser.add_argument("--pool-pages", type=int, default=64)
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--frame-nbytes", type=int, default=4096)
+    parser.add_argument("--zero-copy-min-nbytes", type=int, default=2048)
+    parser.add_argument("--idle-exit-s", type=float, default=60.0)
+    parser.add_argument("--exit-after-send", action="store_true")
+    parser.add_argument("--ask-pages", type=int, default=None)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    pool = make_pool(args.pool_pages, args.seed)
+    options = TransportOptions(
+        frame_nbytes=args.frame_nbytes, zero_copy_min_nbytes=args.zero_copy_min_nbytes
+    )
+    host = "127.0.0.1" if args.listen else None
+    transport = make_transport(args.backend, pool, host, options=options)
+    if args.connect and args.ask_pages is None:
+        peer = transport.connect(args.connect)
+        transport.send(peer, m.Ping(seq=1))
+    print(f"ready {transport.endpoint}", flush=True)
+    try:
+        if args.ask_pages is not None:
+            ask_and_stop_reading(transport, args.connect, args.ask_pages)
+        serve(transport, args.pool_pages, args.idle_exit_s, args.exit_after_send)
+    finally:
+        transport.close()
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()
