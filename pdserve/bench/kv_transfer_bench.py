@@ -7,6 +7,8 @@ from other load hits them alike. A timing runs from the sender starting to send 
 comes long before prefill ends) until the receiver has every byte (KV: its RoomStatus), on
 CLOCK_MONOTONIC, which both processes share.
 "ZeroMQ alone" (frames received and dropped) is the ceiling for any ZeroMQ-based transport.
+The receiver handshakes first, as a decode worker does, so the transport's data connection
+is open before the first transfer (`--no-data-channel`: page bytes go as ZeroMQ frames).
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ class Args:
     frame_mib: float
     backend: str
     torch_threads: int
+    data_channel: bool
 
 
 def make_pool(num_pages: int, seed: int) -> torch.Tensor:
@@ -65,8 +68,7 @@ def page_ids(pattern: str, num_pages: int, pool_pages: int, seed: int) -> list[i
 def sender_main(cmds, args: Args, pool_pages: int) -> None:
     torch.set_num_threads(args.torch_threads)
     pool = make_pool(pool_pages, seed=1)
-    options = TransportOptions(frame_nbytes=int(args.frame_mib * MIB))
-    transport = make_transport(args.backend, pool, "127.0.0.1", options=options)
+    transport = make_transport(args.backend, pool, "127.0.0.1", options=transport_options(args))
     listener = socket.create_server(("127.0.0.1", 0))
     plain = zmq.Context().socket(zmq.ROUTER)
     plain.bind("tcp://127.0.0.1:*")
@@ -93,17 +95,49 @@ def sender_main(cmds, args: Args, pool_pages: int) -> None:
         return start_s
 
     handlers = {
+        "handshake": lambda _: answer_handshake(transport),
         "raw": send_raw,
         "zmq_only": send_zmq_only,
         "kv": lambda src: serve_one_transfer(transport, inbox, src_page_ids=src),
     }
-    while (cmd := cmds.recv()) is not None:
+    while (cmd := next_command(cmds, transport, inbox)) is not None:
         cpu_s = time.process_time()
         start_s = handlers[cmd[0]](cmd[1])
         cmds.send((time.process_time() - cpu_s, start_s))
     transport.close()
     raw.close()
     plain.close(linger=0)
+
+
+def transport_options(args: Args) -> TransportOptions:
+    return TransportOptions(frame_nbytes=int(args.frame_mib * MIB), data_channel=args.data_channel)
+
+
+def next_command(cmds, transport: KVTransport, inbox: list[Inbound]) -> Any:
+    """Wait for the receiver's next command, polling the transport meanwhile as a worker loop
+    does (a handshake answer leaves once the data connection is open)."""
+    poller = zmq.Poller()
+    for sock in [cmds.fileno(), *transport.sockets()]:
+        poller.register(sock, zmq.POLLIN)
+    while not cmds.poll(0):
+        poller.poll(100)
+        inbox += page_lists(transport.poll(0))
+    return cmds.recv()
+
+
+def page_lists(events: list) -> list[Inbound]:
+    return [e for e in events if isinstance(e, Inbound) and isinstance(e.msg, m.PageList)]
+
+
+def answer_handshake(transport: KVTransport) -> float:
+    """Answer the receiver's Handshake (the answer leaves once the data connection is open)."""
+    deadline = time.monotonic() + TIMEOUT_S
+    while time.monotonic() < deadline:
+        for event in transport.poll(1):
+            if isinstance(event, Inbound) and isinstance(event.msg, m.Handshake):
+                transport.send(event.peer, m.HandshakeResult(ok=True))
+                return now_s()
+    raise TimeoutError("sender: no handshake")
 
 
 def serve_one_transfer(
@@ -116,9 +150,7 @@ def serve_one_transfer(
     while handle is None or not handle.done():
         if time.monotonic() > deadline:
             raise TimeoutError("sender: transfer did not finish")
-        inbox += [
-            e for e in transport.poll(1) if isinstance(e, Inbound) and isinstance(e.msg, m.PageList)
-        ]
+        inbox += page_lists(transport.poll(1))
         if handle is None and inbox:
             event = inbox.pop(0)
             room, dst_page_ids = event.msg.room, event.msg.dst_page_ids
@@ -148,6 +180,25 @@ def time_zmq_only(sock: zmq.Socket, nbytes: int) -> float:
     while got < nbytes:
         got += len(sock.recv(copy=False))
     return now_s()
+
+
+def handshake(transport: KVTransport, peer: str, backend: str) -> float:
+    """Handshake as a decode worker does; returns when the answer came."""
+    layout = m.KVLayout(
+        page_size=PAGE_SHAPE[2],
+        kv_dtype="float32",
+        num_layers=PAGE_SHAPE[0],
+        num_kv_heads=PAGE_SHAPE[3],
+        head_dim=PAGE_SHAPE[4],
+        model_fingerprint="kv_transfer_bench",
+    )
+    transport.send(peer, m.Handshake(decode_id="bench", layout=layout, backend=backend))
+    deadline = time.monotonic() + TIMEOUT_S
+    while time.monotonic() < deadline:
+        for event in transport.poll(1):
+            if isinstance(event, Inbound) and isinstance(event.msg, m.HandshakeResult):
+                return now_s()
+    raise TimeoutError("no handshake answer")
 
 
 def time_transport(transport: KVTransport, peer: str, room: int, dst: list[int]) -> float:
@@ -187,14 +238,16 @@ class Receiver:
             endpoint, raw_port, plain_endpoint = cmds.recv()
             self.plain = zmq.Context().socket(zmq.DEALER)
             self.plain.connect(plain_endpoint)
-            options = TransportOptions(frame_nbytes=int(self.args.frame_mib * MIB))
+            options = transport_options(self.args)
             self.transport = make_transport(self.args.backend, self.pool, None, options=options)
             self.peer = self.transport.connect(endpoint)
             self.raw = socket.create_connection(("127.0.0.1", raw_port), timeout=TIMEOUT_S)
             self.cmds = cmds
+            self.timed(("handshake", None), handshake, self.transport, self.peer, self.args.backend)
             rows = [(size, self.measure(size * MIB)) for size in self.args.sizes_mib]
             cmds.send(None)
             proc.join(TIMEOUT_S)
+            self.stats = self.transport.stats
             return rows
         finally:
             if proc.is_alive():
@@ -245,14 +298,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--frame-mib", type=float, default=TransportOptions.frame_nbytes / MIB)
     parser.add_argument("--backend", default="zmq", choices=["zmq", "fake"])
     parser.add_argument("--torch-threads", type=int, default=1)
+    parser.add_argument(
+        "--no-data-channel", dest="data_channel", action="store_false", help="KV as ZeroMQ frames"
+    )
     args = Args(**vars(parser.parse_args(argv)))
     torch.set_num_threads(args.torch_threads)
     page_nbytes = make_pool(1, seed=0)[0].nbytes
     pool_pages = max(args.sizes_mib) * MIB // page_nbytes * 5 // 4  # room to scatter
-    rows = Receiver(args, pool_pages).run()
+    receiver = Receiver(args, pool_pages)
+    rows = receiver.run()
+    over_data = receiver.stats.get("data_kv_bytes_in", 0) == receiver.stats.get("kv_bytes_in")
     print(
         f"KV transfer, 2 processes over loopback; page {page_nbytes // 1024} KiB, "
-        f"frame {args.frame_mib:g} MiB, backend {args.backend}, {args.rounds} rounds"
+        f"frame {args.frame_mib:g} MiB, backend {args.backend}, {args.rounds} rounds, page bytes "
+        f"{'on the data connection' if over_data else 'as ZeroMQ frames (some or all)'}"
     )
     print(report(rows))
 
