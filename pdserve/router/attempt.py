@@ -12,6 +12,7 @@ import msgspec
 from aiohttp import web
 
 from pdserve.router.body import abort_rids, shape_bodies
+from pdserve.router.http_client import Response
 from pdserve.router.legs import (
     LegError,
     LegResult,
@@ -61,7 +62,7 @@ class Attempt:
         self.stream = bool(body.get("stream"))
         self.want_merge = route == "/generate" and bool(body.get("return_logprob"))
         self.prefill_task: asyncio.Task[LegResult] | None = None
-        self.decode_resp: aiohttp.ClientResponse | None = None
+        self.decode_resp: Response | None = None
         self.decode_s = 0.0  # the decode leg's own time, for the added-latency metric
         self._decode_started = 0.0
         self._decode_done = False
@@ -104,9 +105,9 @@ class Attempt:
             self._abandon("client_disconnect")
             raise
 
-    async def _post_decode(self, data: bytes) -> aiohttp.ClientResponse:
+    async def _post_decode(self, data: bytes) -> Response:
         p = self.proxy
-        self.decode_resp = await post(p.session, self.decode, self.route, data, p.leg_timeout)
+        self.decode_resp = await post(p.client, self.decode, self.route, data, p.leg_timeout_s)
         return self.decode_resp
 
     async def _read_decode(self, data: bytes) -> LegResult:
@@ -122,7 +123,7 @@ class Attempt:
         self.proxy.count_leg(worker)
         ok: bool | None = None
         try:
-            resp = await post(self.proxy.session, worker, self.route, data, self.proxy.leg_timeout)
+            resp = await post(self.proxy.client, worker, self.route, data, self.proxy.leg_timeout_s)
             result = await read_whole(worker, resp, streamed=self.stream)
             ok = True
             return result
@@ -175,7 +176,7 @@ class Attempt:
 
     async def _pump(
         self,
-        resp: aiohttp.ClientResponse,
+        resp: Response,
         out: web.StreamResponse,
         buf: SSEBuffer | None,
         merger: StreamMerger | None,
@@ -184,7 +185,7 @@ class Attempt:
         stream with an error event (there is nothing left to retry)."""
         while True:
             try:
-                data = await resp.content.readany()
+                data = await resp.read_chunk()
             except Exception as exc:  # noqa: BLE001
                 err = classify(self.decode, exc)
                 self._fail(err)

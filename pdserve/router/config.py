@@ -4,6 +4,7 @@ from it. Worker lists are given by hand-written flags (`--prefill URL [PORT]`)."
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 from typing import Literal
 from urllib.parse import urlsplit
@@ -41,7 +42,7 @@ class WorkerSpec:
         )
         object.__setattr__(self, "url", self.url.rstrip("/"))
 
-    @property
+    @functools.cached_property
     def host(self) -> str:
         return urlsplit(self.url).hostname or ""
 

@@ -3,28 +3,27 @@
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import TypeVar
 
-import aiohttp
-import yarl
+import msgspec
 
+from pdserve.router.http_client import (
+    ConnectFailed,
+    ConnectionLost,
+    ConnectTimeout,
+    HttpClient,
+    HttpError,
+    Response,
+    ResponseTimeout,
+)
 from pdserve.router.merge import SSEBuffer, error_message, event_error, event_json
 from pdserve.router.workers import Worker
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-
-JSON_HEADERS = {"Content-Type": "application/json"}
-
-
-@functools.lru_cache(maxsize=4096)
-def leg_url(base: str, path: str) -> yarl.URL:
-    """Parsed once per worker and route: URL parsing is a visible share of a leg's CPU."""
-    return yarl.URL(base + path)
 
 
 class LegError(Exception):
@@ -49,32 +48,24 @@ def retryable_status(status: int) -> bool:
 
 
 def classify(worker: Worker, exc: BaseException) -> LegError:
-    """A client-library exception as a LegError."""
+    """An HTTP client exception as a LegError."""
     if isinstance(exc, LegError):
         return exc
-    if isinstance(exc, aiohttp.ConnectionTimeoutError):
+    if isinstance(exc, ConnectTimeout):
         return LegError(worker, 502, f"connect timed out: {exc}", "connect_timeout", True)
-    if isinstance(exc, (asyncio.TimeoutError, aiohttp.ServerTimeoutError)):
+    if isinstance(exc, (ResponseTimeout, asyncio.TimeoutError)):
         return LegError(worker, 504, "no answer before the request deadline", "timeout", False)
-    if isinstance(exc, aiohttp.ClientConnectorError):
+    if isinstance(exc, ConnectFailed):
         return LegError(worker, 502, f"cannot connect: {exc.os_error}", "connect", True)
-    if isinstance(
-        exc,
-        (
-            aiohttp.ServerDisconnectedError,
-            aiohttp.ClientPayloadError,
-            aiohttp.ClientOSError,
-            ConnectionError,
-        ),
-    ):
+    if isinstance(exc, (ConnectionLost, ConnectionError)):
         return LegError(worker, 502, f"connection lost: {exc!r}", "disconnected", True)
     return LegError(worker, 502, f"{type(exc).__name__}: {exc}", "client_error", True)
 
 
-async def http_error(worker: Worker, resp: aiohttp.ClientResponse) -> LegError:
+async def http_error(worker: Worker, resp: Response) -> LegError:
     try:
         body = await resp.read()
-    except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+    except HttpError as exc:
         body = repr(exc).encode()
     status = resp.status
     return LegError(
@@ -104,17 +95,11 @@ class LegResult:
 
 
 async def post(
-    session: aiohttp.ClientSession,
-    worker: Worker,
-    route: str,
-    data: bytes,
-    timeout: aiohttp.ClientTimeout,
-) -> aiohttp.ClientResponse:
+    client: HttpClient, worker: Worker, route: str, data: bytes, timeout_s: float
+) -> Response:
     """Open the leg; raises LegError unless the head says 200."""
     try:
-        resp = await session.post(
-            leg_url(worker.url, route), data=data, headers=JSON_HEADERS, timeout=timeout
-        )
+        resp = await client.request("POST", worker.url, route, timeout_s, data)
     except Exception as exc:  # noqa: BLE001 - every client failure becomes a LegError
         raise classify(worker, exc) from exc
     if resp.status != 200:
@@ -125,7 +110,7 @@ async def post(
     return resp
 
 
-async def read_whole(worker: Worker, resp: aiohttp.ClientResponse, streamed: bool) -> LegResult:
+async def read_whole(worker: Worker, resp: Response, streamed: bool) -> LegResult:
     """Read an opened leg to its end; in-stream error events count as failures."""
     try:
         body = await resp.read()
@@ -133,7 +118,7 @@ async def read_whole(worker: Worker, resp: aiohttp.ClientResponse, streamed: boo
         raise classify(worker, exc) from exc
     finally:
         resp.release()
-    if streamed:
+    if streamed and b'"error"' in body:  # parse the events only when one may be an error
         for event in SSEBuffer().feed(body + b"\n\n"):
             err = stream_event_error(worker, event_json(event))
             if err is not None:
@@ -141,13 +126,11 @@ async def read_whole(worker: Worker, resp: aiohttp.ClientResponse, streamed: boo
     return LegResult(body, streamed)
 
 
-async def read_first_events(
-    worker: Worker, resp: aiohttp.ClientResponse, buf: SSEBuffer
-) -> list[bytes]:
+async def read_first_events(worker: Worker, resp: Response, buf: SSEBuffer) -> list[bytes]:
     """Wait for the first whole event of a streamed leg (the point of no return)."""
     while True:
         try:
-            data = await resp.content.readany()
+            data = await resp.read_chunk()
         except Exception as exc:  # noqa: BLE001
             raise classify(worker, exc) from exc
         if not data:
@@ -198,17 +181,16 @@ async def unless_failed(main: Awaitable[T], watch: asyncio.Task | None) -> T:
         watch.remove_done_callback(stop_main)
 
 
-async def abort(
-    session: aiohttp.ClientSession, worker: Worker, rids: list[str], timeout_s: float
-) -> None:
+async def abort(client: HttpClient, worker: Worker, rids: list[str], timeout_s: float) -> None:
     """Best effort: ask the worker to drop these requests; never raises."""
-    timeout = aiohttp.ClientTimeout(total=timeout_s)
     for rid in rids:
+        body = msgspec.json.encode({"rid": rid})
         try:
-            async with session.post(
-                worker.url + "/abort_request", json={"rid": rid}, timeout=timeout
-            ) as resp:
+            resp = await client.request("POST", worker.url, "/abort_request", timeout_s, body)
+            try:
                 await resp.read()
+            finally:
+                resp.release()
         except Exception as exc:  # noqa: BLE001
             log.warning("abort of %s on %s failed: %r", rid, worker.url, exc)
             return

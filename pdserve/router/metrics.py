@@ -1,20 +1,82 @@
 """Prometheus metrics of the router (router process). One registry per router instance, so
-several routers can live in one process (tests) without clashing."""
+several routers can live in one process (tests) without clashing. The series touched on every
+request are plain numbers turned into metric families only when scraped: prometheus_client's
+own objects take a lock and several calls per update."""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+import bisect
+from collections.abc import Iterator, Sequence
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 # Router-added latency is small: resolve well below a millisecond.
 ADDED_LATENCY_BUCKETS_S = (0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0)
 DURATION_BUCKETS_S = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
 
+class HotCounter(Collector):
+    """A labelled counter: `inc(*label_values)` is one dict update."""
+
+    def __init__(self, name: str, doc: str, labels: Sequence[str], registry: CollectorRegistry):
+        self.name, self.doc, self.labels = name, doc, list(labels)
+        self.values: dict[tuple[str, ...], float] = {}
+        registry.register(self)
+
+    def inc(self, *label_values: str) -> None:
+        self.values[label_values] = self.values.get(label_values, 0.0) + 1.0
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily(self.name, self.doc, labels=self.labels)
+        for label_values, value in list(self.values.items()):
+            family.add_metric(list(label_values), value)
+        yield family
+
+
+class HotHistogram(Collector):
+    """A labelled histogram: `observe(value, *label_values)` counts into one bucket."""
+
+    def __init__(
+        self,
+        name: str,
+        doc: str,
+        labels: Sequence[str],
+        buckets: Sequence[float],
+        registry: CollectorRegistry,
+    ):
+        self.name, self.doc, self.labels = name, doc, list(labels)
+        self.bounds = list(buckets)  # upper bounds; a last bucket (+Inf) is implicit
+        self.series: dict[tuple[str, ...], tuple[list[int], list[float]]] = {}
+        registry.register(self)
+
+    def observe(self, value: float, *label_values: str) -> None:
+        series = self.series.get(label_values)
+        if series is None:
+            series = self.series[label_values] = ([0] * (len(self.bounds) + 1), [0.0])
+        counts, total = series
+        counts[bisect.bisect_left(self.bounds, value)] += 1  # `le` bounds are inclusive
+        total[0] += value
+
+    def collect(self) -> Iterator[Metric]:
+        family = HistogramMetricFamily(self.name, self.doc, labels=self.labels)
+        for label_values, (counts, total) in list(self.series.items()):
+            cumulative, buckets = 0, []
+            bounds = [floatToGoString(float(b)) for b in self.bounds] + ["+Inf"]
+            for bound, count in zip(bounds, counts, strict=True):
+                cumulative += count
+                buckets.append((bound, cumulative))
+            family.add_metric(list(label_values), buckets, total[0])
+        yield family
+
+
 class RouterMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.requests = Counter(
+        self.requests = HotCounter(
             "pdserve_router_requests", "Client requests by route", ["route"], registry=r
         )
         self.failures = Counter(
@@ -26,7 +88,7 @@ class RouterMetrics:
         self.retries = Counter(
             "pdserve_router_retries", "Attempts after the first, by route", ["route"], registry=r
         )
-        self.worker_requests = Counter(
+        self.worker_requests = HotCounter(
             "pdserve_router_worker_requests",
             "Legs sent to each worker",
             ["worker", "role"],
@@ -44,14 +106,14 @@ class RouterMetrics:
             ["role", "cause"],
             registry=r,
         )
-        self.added_latency = Histogram(
+        self.added_latency = HotHistogram(
             "pdserve_router_added_latency_seconds",
             "Time the router adds: whole request minus the decode leg's own time",
             ["route"],
             buckets=ADDED_LATENCY_BUCKETS_S,
             registry=r,
         )
-        self.duration = Histogram(
+        self.duration = HotHistogram(
             "pdserve_router_request_duration_seconds",
             "Whole request as the client sees it",
             ["route"],
@@ -70,16 +132,6 @@ class RouterMetrics:
             ["worker", "role"],
             registry=r,
         )
-
-        self._children: dict[tuple, object] = {}
-
-    def child(self, metric, *labels: str):  # noqa: ANN001, ANN201 - any labelled metric
-        """`metric.labels(*labels)`, cached: the per-request paths call this several times."""
-        key = (id(metric), labels)
-        found = self._children.get(key)
-        if found is None:
-            found = self._children[key] = metric.labels(*labels)
-        return found
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -9,14 +9,16 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
-import aiohttp
+import msgspec
 
 from pdserve.router.config import RouterConfig, WorkerSpec
+from pdserve.router.http_client import HttpClient, HttpError
 from pdserve.router.metrics import RouterMetrics
 from pdserve.router.workers import Worker, WorkerRegistry
 
 log = logging.getLogger(__name__)
 LOAD_POLICIES = {"power_of_two", "cache_aware"}
+CHECK_ERRORS = (HttpError, RuntimeError, ValueError)  # ValueError: bad JSON or fields
 
 
 def tokens_per_rank(answer: Any) -> list[int]:
@@ -38,13 +40,13 @@ class Monitor:
         self.registry = registry
         self.metrics = metrics
         self.info: dict[str, dict[str, Any]] = {}  # url -> its /server_info answer
-        self.session: aiohttp.ClientSession = None  # type: ignore[assignment]
+        self.client: HttpClient = None  # type: ignore[assignment]  # set in start()
         self._tasks: list[asyncio.Task] = []
         self._started_at = 0.0
-        self._timeout = aiohttp.ClientTimeout(total=config.health_check_timeout_s)
+        self._timeout_s = config.health_check_timeout_s
 
-    def start(self, session: aiohttp.ClientSession, specs: Iterable[WorkerSpec]) -> None:
-        self.session = session
+    def start(self, client: HttpClient, specs: Iterable[WorkerSpec]) -> None:
+        self.client = client
         self._started_at = time.monotonic()
         for spec in specs:  # out of rotation until their first check passes
             self.registry.add(self.registry.new_worker(spec))
@@ -59,14 +61,17 @@ class Monitor:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
-    async def _get_json(self, url: str) -> Any:
-        async with self.session.get(url, timeout=self._timeout) as resp:
-            if resp.status != 200:
-                raise RuntimeError(f"GET {url}: HTTP {resp.status}")
-            return await resp.json(content_type=None)
+    async def _get(self, url: str, path: str) -> bytes:
+        status, body = await self.client.get(url, path, self._timeout_s)
+        if status != 200:
+            raise RuntimeError(f"GET {url}{path}: HTTP {status}")
+        return body
+
+    async def _get_json(self, url: str, path: str) -> Any:
+        return msgspec.json.decode(await self._get(url, path))
 
     async def _fetch_info(self, url: str) -> dict[str, Any]:
-        info = await self._get_json(url + "/server_info")
+        info = await self._get_json(url, "/server_info")
         if not isinstance(info, dict):
             raise RuntimeError(f"GET {url}/server_info: not a JSON object")
         self.info[url] = info
@@ -74,22 +79,18 @@ class Monitor:
 
     async def probe_new(self, spec: WorkerSpec) -> Worker:
         """A worker added at runtime: healthy now, with its DP size, or an exception."""
-        async with self.session.get(spec.url + "/health", timeout=self._timeout) as resp:
-            if resp.status != 200:
-                raise RuntimeError(f"/health answered HTTP {resp.status}")
+        await self._get(spec.url, "/health")
         info = await self._fetch_info(spec.url)
         return self.registry.new_worker(spec, dp_size=int(info.get("dp_size") or 1), healthy=True)
 
     async def check(self, worker: Worker) -> bool:
         """One health check; the first passing one also learns the worker's DP size."""
         try:
-            async with self.session.get(worker.url + "/health", timeout=self._timeout) as resp:
-                if resp.status != 200:
-                    return False
+            await self._get(worker.url, "/health")
             if worker.url not in self.info:
                 worker.set_dp_size(int((await self._fetch_info(worker.url)).get("dp_size") or 1))
             return True
-        except (aiohttp.ClientError, asyncio.TimeoutError, RuntimeError, ValueError) as exc:
+        except CHECK_ERRORS as exc:
             log.debug("health check of %s failed: %r", worker.url, exc)
             return False
 
@@ -119,10 +120,8 @@ class Monitor:
 
     async def refresh_load(self, worker: Worker) -> None:
         try:
-            worker.set_reported_load(
-                tokens_per_rank(await self._get_json(worker.url + "/get_load"))
-            )
-        except (aiohttp.ClientError, asyncio.TimeoutError, RuntimeError, ValueError) as exc:
+            worker.set_reported_load(tokens_per_rank(await self._get_json(worker.url, "/get_load")))
+        except CHECK_ERRORS as exc:
             log.debug("load of %s unknown: %r", worker.url, exc)
 
     async def _load_loop(self) -> None:

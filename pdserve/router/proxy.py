@@ -8,13 +8,13 @@ import logging
 import time
 from typing import Any
 
-import aiohttp
 import msgspec
 from aiohttp import web
 
 from pdserve.router.attempt import Attempt
 from pdserve.router.body import BadRequest, estimate_tokens, num_sequences, prompt_of
 from pdserve.router.config import RouterConfig
+from pdserve.router.http_client import HttpClient
 from pdserve.router.legs import LegError, abort
 from pdserve.router.metrics import RouterMetrics
 from pdserve.router.pairing import NoWorker, PairChooser
@@ -32,33 +32,20 @@ class Proxy:
         self.config = config
         self.chooser = chooser
         self.metrics = metrics
-        self.session: aiohttp.ClientSession = None  # type: ignore[assignment]  # set in start()
-        self.leg_timeout = aiohttp.ClientTimeout(
-            total=config.request_timeout_s, sock_connect=config.connect_timeout_s
-        )
+        # Keep-alive connections to every worker, no cap; legs, aborts and health checks.
+        self.client = HttpClient(config.connect_timeout_s)
+        self.leg_timeout_s = config.request_timeout_s
         self._background: set[asyncio.Task] = set()
-
-    async def start(self) -> None:
-        # One pool of keep-alive connections for every worker; no per-host cap.
-        connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, keepalive_timeout=60)
-        # No cookies, no compression, no default User-Agent: less work on every leg.
-        self.session = aiohttp.ClientSession(
-            connector=connector,
-            auto_decompress=False,
-            cookie_jar=aiohttp.DummyCookieJar(),
-            skip_auto_headers=("User-Agent",),
-        )
 
     async def stop(self) -> None:
         for task in list(self._background):
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
-        if self.session is not None:
-            await self.session.close()
+        self.client.close()
 
     async def handle(self, request: web.Request, route: str) -> web.StreamResponse:
         started = time.perf_counter()
-        self.metrics.child(self.metrics.requests, route).inc()
+        self.metrics.requests.inc(route)
         try:
             body = msgspec.json.decode(await request.read())
             if not isinstance(body, dict):
@@ -77,11 +64,9 @@ class Proxy:
             self.count_failure(route, "router_error")
             return error_response(500, f"router error: {exc!r}")
         total_s = time.perf_counter() - started
-        self.metrics.child(self.metrics.duration, route).observe(total_s)
+        self.metrics.duration.observe(total_s, route)
         if response.status == 200:
-            self.metrics.child(self.metrics.added_latency, route).observe(
-                max(0.0, total_s - decode_s)
-            )
+            self.metrics.added_latency.observe(max(0.0, total_s - decode_s), route)
         return response
 
     async def _attempts(
@@ -116,7 +101,7 @@ class Proxy:
         return error_response(last.status, last.client_message), 0.0
 
     def count_leg(self, worker: Worker) -> None:
-        self.metrics.child(self.metrics.worker_requests, worker.url, worker.role).inc()
+        self.metrics.worker_requests.inc(worker.url, worker.role)
 
     def count_leg_failure(self, worker: Worker, reason: str) -> None:
         self.metrics.worker_failures.labels(worker.url, worker.role, reason).inc()
@@ -133,5 +118,5 @@ class Proxy:
         self.metrics.aborts.labels(worker.role, cause).inc()
         if rids:
             self.keep(
-                asyncio.create_task(abort(self.session, worker, rids, self.config.abort_timeout_s))
+                asyncio.create_task(abort(self.client, worker, rids, self.config.abort_timeout_s))
             )

@@ -12,11 +12,11 @@ import signal
 import time
 from typing import Any
 
-import aiohttp
 from aiohttp import web
 
 from pdserve.router.body import CHAT, COMPLETIONS, GENERATE
 from pdserve.router.config import RouterConfig, WorkerSpec
+from pdserve.router.http_client import HttpError
 from pdserve.router.metrics import RouterMetrics
 from pdserve.router.monitor import Monitor
 from pdserve.router.pairing import PairChooser
@@ -57,8 +57,7 @@ class Router:
         return app
 
     async def _startup(self, app: web.Application) -> None:
-        await self.proxy.start()
-        self.monitor.start(self.proxy.session, self.config.workers)
+        self.monitor.start(self.proxy.client, self.config.workers)
 
     async def _cleanup(self, app: web.Application) -> None:
         await self.monitor.stop()
@@ -151,13 +150,11 @@ class Router:
             )
             if not workers:
                 return error_response(503, "no healthy decode server available")
-            timeout = aiohttp.ClientTimeout(total=self.config.health_check_timeout_s)
+            timeout_s = self.config.health_check_timeout_s
             try:
-                async with self.proxy.session.get(workers[0].url + path, timeout=timeout) as r:
-                    return web.Response(
-                        body=await r.read(), status=r.status, content_type="application/json"
-                    )
-            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                status, body = await self.proxy.client.get(workers[0].url, path, timeout_s)
+                return web.Response(body=body, status=status, content_type="application/json")
+            except HttpError as exc:
                 return error_response(502, f"{workers[0].url}{path} failed: {exc!r}")
 
         return handler

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Collection
 from dataclasses import dataclass, field
 
-from pdserve.router.config import Role, RouterConfig, WorkerSpec
+from pdserve.router.config import ROLES, Role, RouterConfig, WorkerSpec
 from pdserve.router.health import CircuitBreaker, HealthState
 
 
@@ -97,6 +97,8 @@ class WorkerRegistry:
     def __init__(self, config: RouterConfig):
         self.config = config
         self._workers: dict[str, Worker] = {}
+        # Per role, rebuilt on add/remove: every request reads them.
+        self._by_role: dict[Role, tuple[Worker, ...]] = {}
 
     def new_worker(self, spec: WorkerSpec, dp_size: int = 1, healthy: bool = False) -> Worker:
         c = self.config
@@ -112,9 +114,16 @@ class WorkerRegistry:
         if worker.url in self._workers:
             raise ValueError(f"worker {worker.url} is already registered")
         self._workers[worker.url] = worker
+        self._index_roles()
 
     def remove(self, url: str) -> Worker | None:
-        return self._workers.pop(url.rstrip("/"), None)
+        worker = self._workers.pop(url.rstrip("/"), None)
+        self._index_roles()
+        return worker
+
+    def _index_roles(self) -> None:
+        workers = self._workers.values()
+        self._by_role = {role: tuple(w for w in workers if w.role == role) for role in ROLES}
 
     def get(self, url: str) -> Worker | None:
         return self._workers.get(url.rstrip("/"))
@@ -122,8 +131,8 @@ class WorkerRegistry:
     def all(self) -> list[Worker]:
         return list(self._workers.values())
 
-    def by_role(self, role: Role) -> list[Worker]:
-        return [w for w in self._workers.values() if w.role == role]
+    def by_role(self, role: Role) -> tuple[Worker, ...]:
+        return self._by_role.get(role, ())
 
     def available(self, role: Role, now: float, exclude: Collection[str] = ()) -> list[Worker]:
         return [w for w in self.by_role(role) if w.available(now) and w.url not in exclude]

@@ -1,0 +1,370 @@
+"""A small keep-alive HTTP/1.1 client for the router's calls to its workers (router process):
+a pool of connections per worker; answers read whole or piece by piece as they arrive
+(parsing in `http_parse.py`). It does only what a leg needs, at a fraction of a general
+client's CPU per request (docs/bench.md, "Router overhead")."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import ssl
+import time
+from urllib.parse import urlsplit
+
+from pdserve.router.http_parse import AnswerParser, ParseError, header_value
+
+# Unread body bytes above which the connection stops reading (the server then waits).
+READ_HIGH_WATER = 256 * 1024
+
+
+class HttpError(Exception):
+    """A call that got no complete answer."""
+
+
+class ConnectFailed(HttpError):
+    def __init__(self, os_error: OSError):
+        super().__init__(str(os_error))
+        self.os_error = os_error
+
+
+class ConnectTimeout(HttpError):
+    pass
+
+
+class ResponseTimeout(HttpError):
+    """The deadline passed before the whole answer arrived."""
+
+
+class ConnectionLost(HttpError):
+    """The connection closed or broke before the answer ended."""
+
+
+class BadResponse(HttpError):
+    """Bytes that are not an HTTP/1.x answer."""
+
+
+class Connection(asyncio.Protocol):
+    """One TCP connection, one request at a time; parses the answer as bytes arrive."""
+
+    def __init__(self, pool: Pool):
+        self.pool = pool
+        self.transport: asyncio.Transport | None = None
+        self.idle_since = 0.0
+        self.in_flight = False  # a request was sent and its caller has not finished with it
+        self.answer = AnswerParser()
+        self.error: HttpError | None = None
+        self._body: list[bytes] = []  # received, not yet taken
+        self._buffered = 0
+        self._waiter: asyncio.Future | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._reading_paused = False
+        self._write_paused: asyncio.Future | None = None
+
+    # -- asyncio.Protocol --------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def data_received(self, data: bytes) -> None:
+        if not self.in_flight:
+            self.close()  # bytes nobody asked for: the framing cannot be trusted
+            return
+        if self.error is not None:
+            return
+        try:
+            pieces = self.answer.feed(data)
+        except ParseError as exc:
+            self._fail(BadResponse(str(exc)))
+            if self.transport is not None:
+                self.transport.close()
+        else:
+            if pieces:
+                self._add(pieces)
+            if self.answer.body_done:
+                self._stop_timer()
+        self._wake()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.pool.forget(self)
+        self.transport = None
+        if not self.in_flight or self.error is not None or self.answer.body_done:
+            return
+        if exc is None and self.answer.end_of_input():
+            self._stop_timer()
+        elif not self.answer.head_done:
+            self._fail(ConnectionLost(f"closed before the answer's head ({exc or 'EOF'})"))
+        else:
+            self._fail(ConnectionLost(f"closed in the middle of the body ({exc or 'EOF'})"))
+        self._wake()
+
+    def pause_writing(self) -> None:
+        self._write_paused = asyncio.get_running_loop().create_future()
+
+    def resume_writing(self) -> None:
+        if self._write_paused is not None and not self._write_paused.done():
+            self._write_paused.set_result(None)
+        self._write_paused = None
+
+    # -- the request's side ------------------------------------------------------------
+
+    def _add(self, pieces: list[bytes]) -> None:
+        self._body += pieces
+        self._buffered += sum(map(len, pieces))
+        if self._buffered > READ_HIGH_WATER and not self._reading_paused and self.transport:
+            self._reading_paused = True
+            self.transport.pause_reading()
+
+    def _fail(self, error: HttpError) -> None:
+        if self.error is None and not self.answer.body_done:
+            self.error = error
+            self._stop_timer()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _stop_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _on_timeout(self) -> None:
+        self._timer = None
+        self._fail(ResponseTimeout("no whole answer before the deadline"))
+        self._wake()
+        if self.transport is not None:
+            self.transport.abort()
+
+    async def send(self, data: bytes, deadline: float) -> None:
+        """Write one request and arm its deadline (whole answer included)."""
+        assert self.transport is not None
+        self.in_flight = True
+        self._timer = asyncio.get_running_loop().call_at(deadline, self._on_timeout)
+        self.transport.write(data)
+        if self._write_paused is not None:
+            await self._write_paused
+
+    async def wait(self) -> None:
+        """Until more of the answer (or its end) is there; raises what went wrong."""
+        if self.error is not None:
+            raise self.error
+        if self._reading_paused and self.transport is not None:
+            self._reading_paused = False
+            self.transport.resume_reading()
+        self._waiter = asyncio.get_running_loop().create_future()
+        try:
+            await self._waiter
+        finally:
+            self._waiter = None
+        if self.error is not None:
+            raise self.error
+
+    def has_body(self) -> bool:
+        return bool(self._body)
+
+    def take_body(self) -> bytes:
+        """The body bytes received and not yet taken."""
+        body, self._body, self._buffered = self._body, [], 0
+        return body[0] if len(body) == 1 else b"".join(body)
+
+    def finish(self) -> None:
+        """The caller is done with the answer: back to the pool if the whole answer was read
+        and the connection may be reused, else closed."""
+        if not self.in_flight:
+            return
+        reusable = (
+            self.answer.body_done
+            and self.answer.keep_alive
+            and not self._body
+            and self.transport is not None
+            and not self.transport.is_closing()
+        )
+        if not reusable:
+            self.close()
+            return
+        self.in_flight = False
+        self.answer = AnswerParser()
+        self.pool.put_back(self)
+
+    def close(self) -> None:
+        """Drop the connection (the server sees the router leave); ends any request on it."""
+        self.in_flight = False
+        self._stop_timer()
+        if self.transport is not None:
+            self.transport.close()
+
+
+class Response:
+    """A worker's answer whose head has arrived. Read the body with `read()` or `read_chunk()`
+    and hand the connection back with `release()` (or `close()` to drop it). Once released,
+    the connection may carry another request: this object no longer touches it."""
+
+    __slots__ = ("_conn", "status", "_head")
+
+    def __init__(self, conn: Connection):
+        self._conn: Connection | None = conn
+        self.status = conn.answer.status
+        self._head = conn.answer.head
+
+    def header(self, name: str) -> str | None:
+        """The value of a header of the answer (the first, if repeated), or None."""
+        value = header_value(self._head, self._head.lower(), name.lower().encode("latin-1"))
+        return None if value is None else value.decode("latin-1")
+
+    def _connection(self) -> Connection:
+        if self._conn is None:
+            raise ConnectionLost("the answer was already released")
+        return self._conn
+
+    async def read(self) -> bytes:
+        """The whole body."""
+        conn = self._connection()
+        try:
+            while not conn.answer.body_done:
+                await conn.wait()
+        except BaseException:
+            conn.close()
+            raise
+        return conn.take_body()
+
+    async def read_chunk(self) -> bytes:
+        """The body bytes that arrived since the last call, waiting for some; b"" at the end."""
+        conn = self._connection()
+        try:
+            while not conn.has_body() and not conn.answer.body_done:
+                await conn.wait()
+        except BaseException:
+            conn.close()
+            raise
+        return conn.take_body()
+
+    def release(self) -> None:
+        if self._conn is not None:
+            self._conn.finish()
+            self._conn = None
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+
+class Pool:
+    """Keep-alive connections to one worker (base URL like http://host:port)."""
+
+    def __init__(self, base_url: str, connect_timeout_s: float, keepalive_s: float):
+        parts = urlsplit(base_url)
+        self.host = parts.hostname or ""
+        self.ssl = ssl.create_default_context() if parts.scheme == "https" else None
+        self.port = parts.port or (443 if self.ssl else 80)
+        self.connect_timeout_s = connect_timeout_s
+        self.keepalive_s = keepalive_s
+        self._host_line = f"Host: {parts.netloc}\r\n".encode("latin-1")
+        self._idle: list[Connection] = []
+        self._all: set[Connection] = set()
+        self._heads: dict[tuple[str, str], bytes] = {}
+
+    def head(self, method: str, path: str) -> bytes:
+        """The start of a request's head, built once per method and path."""
+        key = (method, path)
+        head = self._heads.get(key)
+        if head is None:
+            head = f"{method} {path} HTTP/1.1\r\n".encode("latin-1") + self._host_line
+            self._heads[key] = head
+        return head
+
+    async def connection(self, timeout_s: float) -> Connection:
+        """A live idle connection (most recently used first), else a new one."""
+        now = time.monotonic()
+        while self._idle:
+            conn = self._idle.pop()
+            live = conn.transport is not None and not conn.transport.is_closing()
+            if live and now - conn.idle_since < self.keepalive_s:
+                return conn
+            conn.close()
+        loop = asyncio.get_running_loop()
+        try:
+            _, conn = await asyncio.wait_for(
+                loop.create_connection(
+                    lambda: Connection(self), self.host, self.port, ssl=self.ssl
+                ),
+                min(timeout_s, self.connect_timeout_s),
+            )
+        except asyncio.TimeoutError:
+            raise ConnectTimeout(f"no connection within {self.connect_timeout_s} s") from None
+        except OSError as exc:
+            raise ConnectFailed(exc) from exc
+        self._all.add(conn)
+        return conn
+
+    def put_back(self, conn: Connection) -> None:
+        conn.idle_since = time.monotonic()
+        self._idle.append(conn)
+
+    def forget(self, conn: Connection) -> None:
+        self._all.discard(conn)
+        if conn in self._idle:
+            self._idle.remove(conn)
+
+    def close(self) -> None:
+        for conn in list(self._all):
+            conn.close()
+        self._idle.clear()
+
+    @property
+    def num_connections(self) -> int:
+        return len(self._all)
+
+
+class HttpClient:
+    """One pool per worker base URL."""
+
+    def __init__(self, connect_timeout_s: float = 5.0, keepalive_s: float = 60.0):
+        self.connect_timeout_s = connect_timeout_s
+        self.keepalive_s = keepalive_s
+        self._pools: dict[str, Pool] = {}
+
+    def pool(self, base_url: str) -> Pool:
+        pool = self._pools.get(base_url)
+        if pool is None:
+            pool = self._pools[base_url] = Pool(base_url, self.connect_timeout_s, self.keepalive_s)
+        return pool
+
+    async def request(
+        self, method: str, base_url: str, path: str, timeout_s: float, body: bytes | None = None
+    ) -> Response:
+        """Send one request; returns once the answer's head is in. Raises HttpError."""
+        pool = self.pool(base_url)
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        conn = await pool.connection(timeout_s)
+        head = pool.head(method, path)
+        if body is None:
+            data = head + b"\r\n"
+        else:
+            length = b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body)
+            data = head + length + body
+        try:
+            await conn.send(data, deadline)
+            while not conn.answer.head_done:
+                await conn.wait()
+        except BaseException:
+            conn.close()
+            raise
+        return Response(conn)
+
+    async def get(self, base_url: str, path: str, timeout_s: float) -> tuple[int, bytes]:
+        """(status, whole body) of a GET."""
+        resp = await self.request("GET", base_url, path, timeout_s)
+        try:
+            return resp.status, await resp.read()
+        finally:
+            resp.release()
+
+    def close(self) -> None:
+        for pool in self._pools.values():
+            pool.close()
+        self._pools.clear()
