@@ -3,7 +3,7 @@ SGLang's `sglang-router` add over calling prefill + decode directly with the sam
 several concurrencies, plus time to first streamed token. All on loopback, same servers,
 same run, modes interleaved round by round so drift hits each alike.
 
-    python -m pdserve.router.bench_router --model-path tiny-random --num-requests 200
+    python -m pdserve.router.bench_router --model-path tiny-random --num-requests 400
 """
 
 from __future__ import annotations
@@ -104,20 +104,19 @@ def router_call(url: str) -> Call:
     return call
 
 
-async def run_load(call: Call, body: dict, concurrency: int, num_requests: int) -> list[tuple]:
+async def run_load(
+    call: Call, session: aiohttp.ClientSession, body: dict, concurrency: int, num_requests: int
+) -> list[tuple]:
     results: list[tuple] = []
     remaining = iter(range(num_requests))
-    connector = aiohttp.TCPConnector(limit=0)
-    timeout = aiohttp.ClientTimeout(total=120)
-    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
 
-        async def client() -> None:
-            for _ in remaining:
-                results.append(await call(session, body))
+    async def client() -> None:
+        for _ in remaining:
+            results.append(await call(session, body))
 
-        await asyncio.gather(*(client() for _ in range(concurrency)))
-        if hasattr(call, "drain"):
-            await call.drain()
+    await asyncio.gather(*(client() for _ in range(concurrency)))
+    if hasattr(call, "drain"):
+        await call.drain()
     return results
 
 
@@ -126,7 +125,7 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def measure(
+async def measure(
     setup: Setup,
     modes: dict[str, Call],
     body: dict,
@@ -134,18 +133,34 @@ def measure(
     num_requests: int,
     rounds: int,
 ) -> tuple[dict[str, list[tuple]], dict[str, float]]:
-    """Samples per mode, and each router's CPU seconds per request."""
+    """Samples per mode, and each router's CPU seconds per request. Each mode has its own
+    client session for the whole measurement, so keep-alive connections are reused from
+    round to round alike for every mode; a warm-up round first opens `concurrency` of them."""
     samples: dict[str, list[tuple]] = {mode: [] for mode in modes}
     cpu: dict[str, float] = dict.fromkeys(setup.pids, 0.0)
     names = list(modes)
-    per_round = max(concurrency, num_requests // rounds)
-    for r in range(rounds):
-        for mode in names[r % len(names) :] + names[: r % len(names)]:  # rotate the order
-            pid = setup.pids.get(mode)
-            before = cpu_s(pid) if pid else 0.0
-            samples[mode] += run_loop(run_load(modes[mode], body, concurrency, per_round))
-            if pid:
-                cpu[mode] += cpu_s(pid) - before
+    timeout = aiohttp.ClientTimeout(total=120)
+    sessions = {
+        mode: aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), timeout=timeout)
+        for mode in modes
+    }
+    try:
+        for mode in names:
+            await run_load(modes[mode], sessions[mode], body, concurrency, 2 * concurrency)
+        # Rounds long enough that the ramp at each round's start and end is a small share.
+        per_round = max(8 * concurrency, num_requests // rounds)
+        for r in range(rounds):
+            for mode in names[r % len(names) :] + names[: r % len(names)]:  # rotate the order
+                pid = setup.pids.get(mode)
+                before = cpu_s(pid) if pid else 0.0
+                samples[mode] += await run_load(
+                    modes[mode], sessions[mode], body, concurrency, per_round
+                )
+                if pid:
+                    cpu[mode] += cpu_s(pid) - before
+    finally:
+        for session in sessions.values():
+            await session.close()
     return samples, {mode: cpu[mode] / len(samples[mode]) for mode in cpu}
 
 
@@ -197,12 +212,40 @@ def start_cluster(args: argparse.Namespace) -> tuple[Setup, list[Child]]:
     return Setup(prefill.url, decode.url, bootstrap_port, routers), children
 
 
+async def run_all(args: argparse.Namespace, setup: Setup) -> None:
+    body = {
+        "input_ids": [random.randrange(3, 500) for _ in range(args.prompt_len)],
+        "sampling_params": {
+            "max_new_tokens": args.max_new_tokens,
+            "temperature": 0,
+            "ignore_eos": True,
+        },
+    }
+    modes = {"direct": direct_call(setup)} | {
+        name: router_call(url) for name, url in setup.routers.items()
+    }
+    for concurrency in args.concurrency:
+        samples, cpu = await measure(
+            setup, modes, body, concurrency, args.num_requests, args.rounds
+        )
+        title = f"non-streamed /generate, {concurrency} concurrent clients: whole request"
+        report(title, samples, cpu, 0)
+    stream = {**body, "stream": True}
+    samples, cpu = await measure(setup, modes, stream, 1, args.num_requests, args.rounds)
+    report("streamed /generate, 1 client: time to first token", samples, cpu, 1)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model-path", default="tiny-random")
-    parser.add_argument("--num-requests", type=int, default=200, help="per mode and concurrency")
+    parser.add_argument(
+        "--num-requests",
+        type=int,
+        default=400,
+        help="per mode and concurrency (at least 8 x concurrency per round)",
+    )
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 32])
-    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--max-new-tokens", type=int, default=4)
     parser.add_argument("--torch-threads", type=int, default=1)
@@ -215,26 +258,8 @@ def main(argv: list[str] | None = None) -> int:
         for child in children:
             threading.Thread(target=child.echo_output, daemon=True).start()
         wait_ready(children, time.monotonic() + args.ready_timeout_s, threading.Event())
-        body = {
-            "input_ids": [random.randrange(3, 500) for _ in range(args.prompt_len)],
-            "sampling_params": {
-                "max_new_tokens": args.max_new_tokens,
-                "temperature": 0,
-                "ignore_eos": True,
-            },
-        }
-        modes = {"direct": direct_call(setup)} | {
-            name: router_call(url) for name, url in setup.routers.items()
-        }
         setup.pids = {c.name: c.proc.pid for c in children[2:] if c.proc}
-        measure(setup, modes, body, 4, 40, 1)  # warm-up: connections, caches
-        for concurrency in args.concurrency:
-            samples, cpu = measure(setup, modes, body, concurrency, args.num_requests, args.rounds)
-            title = f"non-streamed /generate, {concurrency} concurrent clients: whole request"
-            report(title, samples, cpu, 0)
-        stream = {**body, "stream": True}
-        samples, cpu = measure(setup, modes, stream, 1, args.num_requests, args.rounds)
-        report("streamed /generate, 1 client: time to first token", samples, cpu, 1)
+        run_loop(run_all(args, setup))
         return 0
     finally:
         stop_all(children, 15.0)
