@@ -7,12 +7,11 @@ import asyncio
 import time
 from typing import TYPE_CHECKING, Any
 
-import aiohttp
 import msgspec
-from aiohttp import web
 
 from pdserve.router.body import abort_rids, shape_bodies
-from pdserve.router.http_client import Response
+from pdserve.router.http_client import Response as LegResponse
+from pdserve.router.http_server import Request, Response, StreamResponse
 from pdserve.router.legs import (
     LegError,
     LegResult,
@@ -40,14 +39,13 @@ SSE_HEADERS = {
     "Cache-Control": "no-cache",
     "X-Accel-Buffering": "no",
 }
-CLIENT_GONE = (ConnectionResetError, aiohttp.ClientConnectionResetError)
 
 
 class Attempt:
     def __init__(
         self,
         proxy: Proxy,
-        request: web.Request,
+        request: Request,
         route: str,
         body: dict[str, Any],
         pair: Pair,
@@ -62,7 +60,7 @@ class Attempt:
         self.stream = bool(body.get("stream"))
         self.want_merge = route == "/generate" and bool(body.get("return_logprob"))
         self.prefill_task: asyncio.Task[LegResult] | None = None
-        self.decode_resp: Response | None = None
+        self.decode_resp: LegResponse | None = None
         self.decode_s = 0.0  # the decode leg's own time, for the added-latency metric
         self._decode_started = 0.0
         self._decode_done = False
@@ -71,7 +69,7 @@ class Attempt:
     def decode(self) -> Worker:
         return self.pair.decode
 
-    async def run(self) -> web.StreamResponse:
+    async def run(self) -> Response | StreamResponse:
         prefill_body, decode_body = (
             shape_bodies(self.body, self.pair.plan) if self.pair.plan else (self.body, self.body)
         )
@@ -105,7 +103,7 @@ class Attempt:
             self._abandon("client_disconnect")
             raise
 
-    async def _post_decode(self, data: bytes) -> Response:
+    async def _post_decode(self, data: bytes) -> LegResponse:
         p = self.proxy
         self.decode_resp = await post(p.client, self.decode, self.route, data, p.leg_timeout_s)
         return self.decode_resp
@@ -146,7 +144,7 @@ class Attempt:
                 worker, 504, "no answer before the request deadline", "timeout", False
             ) from None
 
-    async def _whole(self, result: LegResult) -> web.Response:
+    async def _whole(self, result: LegResult) -> Response:
         self.decode_s = time.perf_counter() - self._decode_started
         body = result.body
         if self.want_merge:
@@ -154,9 +152,9 @@ class Attempt:
             if prefill is not None:
                 body = merge_response(body, prefill_prompt_fields(prefill.body, prefill.streamed))
         self._decode_finished(ok=True)
-        return web.Response(body=body, status=200, content_type="application/json")
+        return Response(body)
 
-    async def _stream(self, first: list[bytes], buf: SSEBuffer) -> web.StreamResponse:
+    async def _stream(self, first: list[bytes], buf: SSEBuffer) -> StreamResponse:
         resp = self.decode_resp
         assert resp is not None
         merger = None
@@ -164,20 +162,20 @@ class Attempt:
             prefill = await self._prefill_result()
             if prefill is not None:
                 merger = StreamMerger(prefill_prompt_fields(prefill.body, prefill.streamed))
-        out = web.StreamResponse(status=200, headers=SSE_HEADERS)
+        out = StreamResponse(200, SSE_HEADERS)
         try:
             await out.prepare(self.request)  # committed: no retry from here on
             head = b"".join(merger.process(e) if merger else e for e in first)
             await out.write(head if merger else head + buf.rest())
             await self._pump(resp, out, buf if merger else None, merger)
-        except CLIENT_GONE:
+        except ConnectionResetError:  # the client hung up
             self._abandon("client_disconnect")
         return out
 
     async def _pump(
         self,
-        resp: Response,
-        out: web.StreamResponse,
+        resp: LegResponse,
+        out: StreamResponse,
         buf: SSEBuffer | None,
         merger: StreamMerger | None,
     ) -> None:

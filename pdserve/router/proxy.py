@@ -9,12 +9,12 @@ import time
 from typing import Any
 
 import msgspec
-from aiohttp import web
 
 from pdserve.router.attempt import Attempt
 from pdserve.router.body import BadRequest, estimate_tokens, num_sequences, prompt_of
 from pdserve.router.config import RouterConfig
 from pdserve.router.http_client import HttpClient
+from pdserve.router.http_server import Request, Response, StreamResponse, json_response
 from pdserve.router.legs import LegError, abort
 from pdserve.router.metrics import RouterMetrics
 from pdserve.router.pairing import NoWorker, PairChooser
@@ -23,8 +23,8 @@ from pdserve.router.workers import Worker
 log = logging.getLogger(__name__)
 
 
-def error_response(status: int, message: str) -> web.Response:
-    return web.json_response({"error": {"message": message, "code": status}}, status=status)
+def error_response(status: int, message: str) -> Response:
+    return json_response({"error": {"message": message, "code": status}}, status)
 
 
 class Proxy:
@@ -43,11 +43,11 @@ class Proxy:
         await asyncio.gather(*self._background, return_exceptions=True)
         self.client.close()
 
-    async def handle(self, request: web.Request, route: str) -> web.StreamResponse:
+    async def handle(self, request: Request, route: str) -> Response | StreamResponse:
         started = time.perf_counter()
         self.metrics.requests.inc(route)
         try:
-            body = msgspec.json.decode(await request.read())
+            body = msgspec.json.decode(request.body)
             if not isinstance(body, dict):
                 raise BadRequest("the body must be a JSON object")
             num_seqs = num_sequences(route, body)
@@ -70,8 +70,8 @@ class Proxy:
         return response
 
     async def _attempts(
-        self, request: web.Request, route: str, body: dict[str, Any], num_seqs: int | None
-    ) -> tuple[web.StreamResponse, float]:
+        self, request: Request, route: str, body: dict[str, Any], num_seqs: int | None
+    ) -> tuple[Response | StreamResponse, float]:
         prompt = prompt_of(route, body)
         tokens = estimate_tokens(prompt, num_seqs)
         failed: set[str] = set()

@@ -12,11 +12,17 @@ import signal
 import time
 from typing import Any
 
-from aiohttp import web
-
 from pdserve.router.body import CHAT, COMPLETIONS, GENERATE
 from pdserve.router.config import RouterConfig, WorkerSpec
 from pdserve.router.http_client import HttpError
+from pdserve.router.http_server import (
+    Handler,
+    HttpServer,
+    Request,
+    Response,
+    StreamResponse,
+    json_response,
+)
 from pdserve.router.metrics import RouterMetrics
 from pdserve.router.monitor import Monitor
 from pdserve.router.pairing import PairChooser
@@ -25,6 +31,8 @@ from pdserve.router.workers import WorkerRegistry
 
 log = logging.getLogger(__name__)
 MAX_BODY_BYTES = 512 * 1024 * 1024
+# On SIGTERM: how long answers in progress get to end before their clients are hung up on.
+SHUTDOWN_GRACE_S = 10.0
 # Allocations between young-generation collections (Python's default is 700).
 GC_GEN0_THRESHOLD = 20_000
 
@@ -38,62 +46,63 @@ class Router:
         self.proxy = Proxy(config, self.chooser, self.metrics)
         self.monitor = Monitor(config, self.registry, self.metrics)
 
-    def make_app(self) -> web.Application:
-        app = web.Application(client_max_size=MAX_BODY_BYTES)
-        for route in (GENERATE, COMPLETIONS, CHAT):
-            app.router.add_post(route, self._forward(route))
-        app.router.add_get("/health", self.health)
-        app.router.add_get("/readiness", self.readiness)
-        app.router.add_get("/metrics", self.metrics_route)
-        app.router.add_get("/workers", self.list_workers)
-        app.router.add_post("/workers", self.add_worker)
-        app.router.add_delete("/workers", self.remove_worker)
-        app.router.add_get("/server_info", self.server_info)
-        app.router.add_get("/get_server_info", self.server_info)
-        app.router.add_get("/v1/models", self._from_decode("/v1/models"))
-        app.router.add_get("/model_info", self._from_decode("/model_info"))
-        app.on_startup.append(self._startup)
-        app.on_cleanup.append(self._cleanup)
-        return app
+    def routes(self) -> dict[str, dict[str, Handler]]:
+        """path -> method -> handler."""
+        routes: dict[str, dict[str, Handler]] = {
+            route: {"POST": self._forward(route)} for route in (GENERATE, COMPLETIONS, CHAT)
+        }
+        routes |= {
+            "/health": {"GET": self.health},
+            "/readiness": {"GET": self.readiness},
+            "/metrics": {"GET": self.metrics_route},
+            "/workers": {
+                "GET": self.list_workers,
+                "POST": self.add_worker,
+                "DELETE": self.remove_worker,
+            },
+            "/server_info": {"GET": self.server_info},
+            "/get_server_info": {"GET": self.server_info},
+            "/v1/models": {"GET": self._from_decode("/v1/models")},
+            "/model_info": {"GET": self._from_decode("/model_info")},
+        }
+        return routes
 
-    async def _startup(self, app: web.Application) -> None:
+    def start(self) -> None:
         self.monitor.start(self.proxy.client, self.config.workers)
 
-    async def _cleanup(self, app: web.Application) -> None:
+    async def stop(self) -> None:
         await self.monitor.stop()
         await self.proxy.stop()
 
-    def _forward(self, route: str):
-        async def handler(request: web.Request) -> web.StreamResponse:
+    def _forward(self, route: str) -> Handler:
+        async def handler(request: Request) -> Response | StreamResponse:
             return await self.proxy.handle(request, route)
 
         return handler
 
-    async def health(self, request: web.Request) -> web.Response:
-        return web.json_response({"status": "ok"})
+    async def health(self, request: Request) -> Response:
+        return json_response({"status": "ok"})
 
-    async def readiness(self, request: web.Request) -> web.Response:
+    async def readiness(self, request: Request) -> Response:
         if self.registry.ready(time.monotonic()):
-            return web.json_response({"status": "ready"})
+            return json_response({"status": "ready"})
         return error_response(
             503,
             "not ready: need at least one healthy prefill and one "
             "healthy decode server (or one plain worker)",
         )
 
-    async def metrics_route(self, request: web.Request) -> web.Response:
+    async def metrics_route(self, request: Request) -> Response:
         self.monitor.update_gauges()
-        return web.Response(
-            body=self.metrics.render(), headers={"Content-Type": "text/plain; version=0.0.4"}
-        )
+        return Response(self.metrics.render(), content_type="text/plain; version=0.0.4")
 
-    async def list_workers(self, request: web.Request) -> web.Response:
+    async def list_workers(self, request: Request) -> Response:
         now = time.monotonic()
-        return web.json_response({"workers": [w.describe(now) for w in self.registry.all()]})
+        return json_response({"workers": [w.describe(now) for w in self.registry.all()]})
 
-    async def add_worker(self, request: web.Request) -> web.Response:
+    async def add_worker(self, request: Request) -> Response:
         try:
-            data = await request.json()
+            data = request.json()
             spec = WorkerSpec(
                 url=data["url"], role=data["role"], bootstrap_port=data.get("bootstrap_port")
             )
@@ -114,19 +123,23 @@ class Router:
                 502, f"worker {spec.url} did not answer /health and /server_info: {exc!r}"
             )
         self.registry.add(worker)
-        return web.json_response(worker.describe(time.monotonic()))
+        return json_response(worker.describe(time.monotonic()))
 
-    async def remove_worker(self, request: web.Request) -> web.Response:
+    async def remove_worker(self, request: Request) -> Response:
         url = request.query.get("url")
-        if url is None and request.can_read_body:
-            url = (await request.json()).get("url")
+        if url is None and request.body:
+            try:
+                data = request.json()
+            except ValueError as exc:
+                return error_response(400, f"bad body: {exc}; expected {{'url'}}")
+            url = data.get("url") if isinstance(data, dict) else None
         worker = self.registry.remove(url or "")
         if worker is None:
             return error_response(404, f"no worker with url {url!r}")
         self.chooser.forget(worker.url)
-        return web.json_response({"removed": worker.url})
+        return json_response({"removed": worker.url})
 
-    async def server_info(self, request: web.Request) -> web.Response:
+    async def server_info(self, request: Request) -> Response:
         c = self.config
         info: dict[str, Any] = {
             "role": "router",
@@ -140,10 +153,10 @@ class Router:
                 for w in self.registry.all()
             ],
         }
-        return web.json_response(info)
+        return json_response(info)
 
-    def _from_decode(self, path: str):
-        async def handler(request: web.Request) -> web.Response:
+    def _from_decode(self, path: str) -> Handler:
+        async def handler(request: Request) -> Response:
             now = time.monotonic()
             workers = self.registry.available("decode", now) or self.registry.available(
                 "regular", now
@@ -153,23 +166,20 @@ class Router:
             timeout_s = self.config.health_check_timeout_s
             try:
                 status, body = await self.proxy.client.get(workers[0].url, path, timeout_s)
-                return web.Response(body=body, status=status, content_type="application/json")
+                return Response(body, status)
             except HttpError as exc:
                 return error_response(502, f"{workers[0].url}{path} failed: {exc!r}")
 
         return handler
 
 
-async def _serve_metrics(router: Router) -> web.AppRunner | None:
+async def _serve_metrics(router: Router) -> HttpServer | None:
     c = router.config
     if c.prometheus_port is None:
         return None
-    app = web.Application()
-    app.router.add_get("/metrics", router.metrics_route)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, c.prometheus_host, c.prometheus_port).start()
-    return runner
+    server = HttpServer({"/metrics": {"GET": router.metrics_route}}, max_body_bytes=0)
+    await server.start(c.prometheus_host, c.prometheus_port)
+    return server
 
 
 def tune_gc() -> None:
@@ -183,11 +193,10 @@ def tune_gc() -> None:
 async def serve(config: RouterConfig) -> None:
     """Run the router until SIGINT or SIGTERM."""
     router = Router(config)
-    # handler_cancellation: a client that hangs up cancels its handler, which aborts both legs.
-    runner = web.AppRunner(router.make_app(), handler_cancellation=True, access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, config.host, config.port, backlog=2048).start()
-    metrics_runner = await _serve_metrics(router)
+    server = HttpServer(router.routes(), MAX_BODY_BYTES)
+    await server.start(config.host, config.port, backlog=2048)
+    router.start()
+    metrics_server = await _serve_metrics(router)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -196,6 +205,7 @@ async def serve(config: RouterConfig) -> None:
     log.info("router listening on http://%s:%d", config.host, config.port)
     print(f"pdserve router ready on http://{config.host}:{config.port}", flush=True)
     await stop.wait()
-    if metrics_runner is not None:
-        await metrics_runner.cleanup()
-    await runner.cleanup()
+    if metrics_server is not None:
+        await metrics_server.stop(0.0)
+    await server.stop(SHUTDOWN_GRACE_S)
+    await router.stop()

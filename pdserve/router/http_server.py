@@ -1,0 +1,305 @@
+"""A small HTTP/1.1 server for the router's own endpoints (router process): keep-alive,
+pipelined requests answered in order, whole answers and chunked streams. A client that hangs
+up cancels its handler, which aborts both legs. Parsing is in `http_parse.py`."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import email.utils
+import http
+import logging
+import socket
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+from urllib.parse import parse_qsl
+
+import msgspec
+
+from pdserve.router.http_parse import ParsedRequest, ParseError, RequestParser, header_value
+
+log = logging.getLogger(__name__)
+# Requests read ahead of the one being answered before the connection stops reading.
+MAX_PIPELINED = 16
+
+
+class Request:
+    """One client request with its whole body."""
+
+    __slots__ = ("method", "path", "query_string", "body", "http11", "_parsed", "_conn")
+
+    def __init__(self, parsed: ParsedRequest, conn: ServerConnection):
+        self.method = parsed.head.method
+        self.path, _, self.query_string = parsed.head.target.partition("?")
+        self.body = parsed.body
+        self.http11 = parsed.head.http11
+        self._parsed = parsed
+        self._conn = conn
+
+    def header(self, name: str) -> str | None:
+        head = self._parsed.head
+        value = header_value(head.head, head.lowered, name.lower().encode("latin-1"))
+        return None if value is None else value.decode("latin-1")
+
+    @property
+    def query(self) -> dict[str, str]:
+        return dict(parse_qsl(self.query_string))
+
+    def json(self) -> Any:
+        """The body as JSON; raises ValueError (msgspec.DecodeError) when it is not."""
+        return msgspec.json.decode(self.body)
+
+
+class Response:
+    """A whole answer."""
+
+    __slots__ = ("status", "body", "content_type")
+
+    def __init__(
+        self, body: bytes = b"", status: int = 200, content_type: str = "application/json"
+    ):
+        self.status = status
+        self.body = body
+        self.content_type = content_type
+
+
+def json_response(obj: Any, status: int = 200) -> Response:
+    return Response(msgspec.json.encode(obj), status)
+
+
+class StreamResponse:
+    """An answer written piece by piece: `prepare`, `write`..., `write_eof`. Chunked for
+    HTTP/1.1 clients; for HTTP/1.0 ones the end of the connection ends it. The head goes out
+    with the first piece, in one packet."""
+
+    def __init__(self, status: int = 200, headers: dict[str, str] | None = None):
+        self.status = status
+        self.finished = False  # write_eof() went out
+        self._headers = headers or {}
+        self._conn: ServerConnection | None = None
+        self._head = b""
+        self._chunked = True
+
+    async def prepare(self, request: Request) -> None:
+        self._conn = request._conn
+        self._chunked = request.http11
+        lines = [f"{name}: {value}\r\n" for name, value in self._headers.items()]
+        lines.append("Transfer-Encoding: chunked\r\n" if self._chunked else "")
+        self._head = _status_line(self.status) + f"{''.join(lines)}{_date_line()}\r\n".encode()
+
+    async def write(self, data: bytes) -> None:
+        if data:
+            await self._send(b"%x\r\n%b\r\n" % (len(data), data) if self._chunked else data)
+
+    async def write_eof(self) -> None:
+        if not self.finished:
+            await self._send(b"0\r\n\r\n" if self._chunked else b"")
+            self.finished = True
+
+    async def _send(self, data: bytes) -> None:
+        assert self._conn is not None, "prepare() first"
+        if self._head:
+            data, self._head = self._head + data, b""
+        await self._conn.write(data)
+
+
+Handler = Callable[[Request], Awaitable[Response | StreamResponse]]
+
+
+class HttpServer:
+    """Routes by path, then method: `routes[path][method] = handler`."""
+
+    def __init__(self, routes: dict[str, dict[str, Handler]], max_body_bytes: int):
+        self.routes = routes
+        self.max_body_bytes = max_body_bytes
+        self.connections: set[ServerConnection] = set()
+        self._server: asyncio.Server | None = None
+
+    async def start(self, host: str, port: int, backlog: int = 2048) -> None:
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            lambda: ServerConnection(self), host, port, backlog=backlog
+        )
+
+    async def stop(self, grace_s: float) -> None:
+        """Stop accepting; give answers in progress `grace_s` to end, then hang up."""
+        if self._server is not None:
+            self._server.close()
+        for conn in list(self.connections):
+            conn.close_when_idle()
+        busy = [c.task for c in self.connections if c.task is not None]
+        if busy:
+            await asyncio.wait(busy, timeout=grace_s)
+        for conn in list(self.connections):
+            conn.hang_up()
+
+    def handler(self, method: str, path: str) -> Handler:
+        methods = self.routes.get(path)
+        if methods is None:
+            return _error_handler(404, f"no route {path}")
+        handler = methods.get(method)
+        if handler is None:
+            return _error_handler(405, f"{method} not allowed on {path}")
+        return handler
+
+
+class ServerConnection(asyncio.Protocol):
+    """One client connection: requests in, answers out in the same order, one at a time."""
+
+    def __init__(self, server: HttpServer):
+        self.server = server
+        self.transport: asyncio.Transport | None = None
+        self.task: asyncio.Task | None = None  # answering the queue's requests
+        self._parser = RequestParser(server.max_body_bytes)
+        self._queue: collections.deque[ParsedRequest] = collections.deque()
+        self._closing = False  # answer what is in progress, then close
+        self._drained: asyncio.Future | None = None  # set while the transport is paused
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.server.connections.add(self)
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self._queue += self._parser.feed(data)
+        except ParseError as exc:
+            self._answer_bad_bytes(exc)
+            return
+        waiting = self._parser.waiting
+        if waiting is not None and waiting.expects_continue and self.transport is not None:
+            waiting.expects_continue = False
+            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        if self._queue and self.task is None:
+            self.task = asyncio.get_running_loop().create_task(self._answer_queue())
+        if len(self._queue) > MAX_PIPELINED and self.transport is not None:
+            self.transport.pause_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+        self.server.connections.discard(self)
+        if self.task is not None:
+            self.task.cancel()  # the client is gone: its handler stops (and aborts its legs)
+        self.resume_writing()
+
+    def pause_writing(self) -> None:
+        self._drained = asyncio.get_running_loop().create_future()
+
+    def resume_writing(self) -> None:
+        if self._drained is not None and not self._drained.done():
+            self._drained.set_result(None)
+        self._drained = None
+
+    async def write(self, data: bytes) -> None:
+        """Write, waiting while the client reads slower than we write."""
+        if self.transport is None or self.transport.is_closing():
+            raise ConnectionResetError("the client hung up")
+        self.transport.write(data)
+        if self._drained is not None:
+            await self._drained
+            if self.transport is None:
+                raise ConnectionResetError("the client hung up")
+
+    def close_when_idle(self) -> None:
+        self._closing = True
+        if self.task is None:
+            self.hang_up()
+
+    def hang_up(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+    async def _answer_queue(self) -> None:
+        try:
+            while self._queue and self.transport is not None:
+                parsed = self._queue.popleft()
+                if self.transport is not None and len(self._queue) == MAX_PIPELINED:
+                    self.transport.resume_reading()
+                keep_alive = await self._answer(parsed)
+                if not keep_alive or self._closing:
+                    self.hang_up()
+                    return
+        except asyncio.CancelledError:
+            pass  # the client hung up
+        except ConnectionError:
+            self.hang_up()
+        finally:
+            self.task = None
+
+    async def _answer(self, parsed: ParsedRequest) -> bool:
+        """Run the handler and write its answer; whether the connection stays open."""
+        head = parsed.head
+        request = Request(parsed, self)
+        try:
+            response = await self.server.handler(head.method, request.path)(request)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a bug: still an answer in the router's error format
+            log.exception("error answering %s %s", head.method, request.path)
+            response = _error(500, f"router error: {exc!r}")
+        if isinstance(response, StreamResponse):
+            if response._conn is None:
+                await response.prepare(request)
+            await response.write_eof()  # if the handler did not
+            return head.keep_alive and request.http11  # HTTP/1.0: the close ends the answer
+        await self.write(_encode(response, head.keep_alive))
+        return head.keep_alive
+
+    def _answer_bad_bytes(self, exc: ParseError) -> None:
+        """Unparseable bytes: say why and close (the framing of what follows is lost)."""
+        if self.transport is None:
+            return
+        self.transport.pause_reading()
+        if self.task is None:  # else the answers in progress would be mixed with this one
+            self.transport.write(_encode(_error(exc.status, f"bad request: {exc}"), False))
+        self.transport.close()
+
+
+def _error(status: int, message: str) -> Response:
+    return json_response({"error": {"message": message, "code": status}}, status)
+
+
+def _error_handler(status: int, message: str) -> Handler:
+    async def answer(request: Request) -> Response:
+        return _error(status, message)
+
+    return answer
+
+
+_STATUS_LINES: dict[int, bytes] = {}
+
+
+def _status_line(status: int) -> bytes:
+    line = _STATUS_LINES.get(status)
+    if line is None:
+        try:
+            phrase = http.HTTPStatus(status).phrase
+        except ValueError:
+            phrase = "Unknown"
+        line = _STATUS_LINES[status] = f"HTTP/1.1 {status} {phrase}\r\n".encode("latin-1")
+    return line
+
+
+_date_cache: tuple[int, str] = (0, "")
+
+
+def _date_line() -> str:
+    """The Date header, formatted once a second."""
+    global _date_cache
+    now = int(time.time())
+    if _date_cache[0] != now:
+        _date_cache = (now, f"Date: {email.utils.formatdate(now, usegmt=True)}\r\n")
+    return _date_cache[1]
+
+
+def _encode(response: Response, keep_alive: bool) -> bytes:
+    body = response.body
+    connection = "" if keep_alive else "Connection: close\r\n"
+    head = (
+        f"Content-Type: {response.content_type}\r\nContent-Length: {len(body)}\r\n"
+        f"{connection}{_date_line()}\r\n"
+    )
+    return _status_line(response.status) + head.encode("latin-1") + body
