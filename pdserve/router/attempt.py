@@ -7,9 +7,7 @@ import asyncio
 import time
 from typing import TYPE_CHECKING, Any
 
-import msgspec
-
-from pdserve.router.body import abort_rids, shape_bodies
+from pdserve.router.body import abort_rids, encode_bodies
 from pdserve.router.http_client import Response as LegResponse
 from pdserve.router.http_server import Request, Response, StreamResponse
 from pdserve.router.legs import (
@@ -55,6 +53,7 @@ class Attempt:
         self.request = request
         self.route = route
         self.body = body
+        self.raw = request.body  # the client's bytes, which decode to `body`
         self.pair = pair
         self.prompt_tokens = prompt_tokens
         self.stream = bool(body.get("stream"))
@@ -70,15 +69,12 @@ class Attempt:
         return self.pair.decode
 
     async def run(self) -> Response | StreamResponse:
-        prefill_body, decode_body = (
-            shape_bodies(self.body, self.pair.plan) if self.pair.plan else (self.body, self.body)
+        plan = self.pair.plan
+        prefill_data, decode_data = (
+            encode_bodies(self.raw, self.body, plan) if plan else (self.raw, self.raw)
         )
-        decode_data = msgspec.json.encode(decode_body)
         now = time.monotonic()
         if self.pair.prefill is not None:
-            prefill_data = (
-                decode_data if prefill_body is decode_body else msgspec.json.encode(prefill_body)
-            )
             self.pair.prefill.on_dispatch(now, self.prompt_tokens, self.pair.prefill_rank)
             self.prefill_task = asyncio.create_task(self._prefill_leg(prefill_data))
             # Its failure is handled through `unless_failed` or deliberately ignored once

@@ -12,6 +12,8 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
+import msgspec
+
 from pdserve.router.prefix_table import Prompt
 
 GENERATE = "/generate"
@@ -119,28 +121,59 @@ class LegPlan:
     decode_rank: int | None = None
 
 
-def shape_bodies(body: dict[str, Any], plan: LegPlan) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(prefill body, decode body). They are the same object unless ranks differ."""
-    shared = dict(body)
+def leg_fields(plan: LegPlan) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The fields the router sets on (prefill, decode). The same object unless ranks differ."""
     if plan.num_seqs is None:
-        shared["bootstrap_host"] = plan.bootstrap_host
-        shared["bootstrap_port"] = plan.bootstrap_port
-        shared["bootstrap_room"] = plan.rooms[0]
+        shared: dict[str, Any] = {
+            "bootstrap_host": plan.bootstrap_host,
+            "bootstrap_port": plan.bootstrap_port,
+            "bootstrap_room": plan.rooms[0],
+        }
     else:
-        shared["bootstrap_host"] = [plan.bootstrap_host] * plan.num_seqs
-        shared["bootstrap_port"] = [plan.bootstrap_port] * plan.num_seqs
-        shared["bootstrap_room"] = list(plan.rooms)
+        shared = {
+            "bootstrap_host": [plan.bootstrap_host] * plan.num_seqs,
+            "bootstrap_port": [plan.bootstrap_port] * plan.num_seqs,
+            "bootstrap_room": list(plan.rooms),
+        }
     shared["rid"] = plan.rid
     if plan.prefill_rank is None:
         return shared, shared
-    for key in RANK_FIELDS:
-        shared.pop(key, None)
     p = plan.prefill_rank
     prefill = {**shared, "routed_dp_rank": p, "disagg_prefill_dp_rank": p}
     decode = {**shared, "disagg_prefill_dp_rank": p}
     if plan.decode_rank is not None:
         decode["routed_dp_rank"] = plan.decode_rank
     return prefill, decode
+
+
+def shape_bodies(body: dict[str, Any], plan: LegPlan) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(prefill body, decode body). They are the same object unless ranks differ; in
+    DP-aware mode a client's rank fields are dropped."""
+    prefill_fields, decode_fields = leg_fields(plan)
+    if plan.prefill_rank is not None:
+        body = {k: v for k, v in body.items() if k not in RANK_FIELDS}
+    prefill = {**body, **prefill_fields}
+    if decode_fields is prefill_fields:
+        return prefill, prefill
+    return prefill, {**body, **decode_fields}
+
+
+def encode_bodies(raw: bytes, body: dict[str, Any], plan: LegPlan) -> tuple[bytes, bytes]:
+    """The legs' bodies as JSON, from the client's bytes `raw` (which decode to `body`).
+    When the client sent none of the router's fields, its bytes are kept and the fields
+    appended: a long prompt is not encoded again. The same object unless ranks differ."""
+    prefill_fields, decode_fields = leg_fields(plan)
+    ranks = RANK_FIELDS if plan.prefill_rank is not None else ()
+    owned = [*prefill_fields, *decode_fields, *ranks]
+    if any(key in body for key in owned):  # a key must not appear twice: encode anew
+        prefill, decode = shape_bodies(body, plan)
+        prefill_data = msgspec.json.encode(prefill)
+        return prefill_data, prefill_data if decode is prefill else msgspec.json.encode(decode)
+    head = raw.rstrip()[:-1] + (b"," if body else b"")  # the object without its closing brace
+    prefill_data = head + msgspec.json.encode(prefill_fields)[1:]
+    if decode_fields is prefill_fields:
+        return prefill_data, prefill_data
+    return prefill_data, head + msgspec.json.encode(decode_fields)[1:]
 
 
 def abort_rids(route: str, rid: str | list[str], num_seqs: int | None) -> list[str]:

@@ -1,5 +1,6 @@
 """Pure cores: batch sizes, prompts, and the bodies sent to each leg."""
 
+import msgspec
 import pytest
 
 from pdserve.router.body import (
@@ -9,6 +10,7 @@ from pdserve.router.body import (
     BadRequest,
     LegPlan,
     abort_rids,
+    encode_bodies,
     new_rids,
     num_sequences,
     prompt_of,
@@ -94,6 +96,33 @@ def test_dp_aware_bodies_carry_the_ranks_and_differ():
     assert decode["routed_dp_rank"] == 3 and decode["disagg_prefill_dp_rank"] == 1
     assert "data_parallel_rank" not in prefill and "data_parallel_rank" not in decode
     assert prefill["bootstrap_room"] == decode["bootstrap_room"] == 7
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b'{"input_ids": [1, 2, 3], "sampling_params": {"temperature": 0}}  \n',
+        b"{ }",
+        b'{"text": ["a", "b"], "data_parallel_rank": 5}',  # a rank field: encoded anew
+        b'{"text": "x", "bootstrap_room": 123, "rid": "mine"}',  # router fields: encoded anew
+    ],
+)
+@pytest.mark.parametrize("ranks", [(None, None), (0, 3)])
+def test_encoded_bodies_equal_the_shaped_ones(raw, ranks):
+    body = msgspec.json.decode(raw)
+    num_seqs = 2 if isinstance(body.get("text"), list) else None
+    p = plan(num_seqs, (7, 8)[: num_seqs or 1], *ranks)
+    prefill_data, decode_data = encode_bodies(raw, body, p)
+    prefill, decode = shape_bodies(body, p)
+    assert msgspec.json.decode(prefill_data) == prefill
+    assert msgspec.json.decode(decode_data) == decode
+    assert (prefill_data is decode_data) == (prefill is decode)
+
+
+def test_client_bytes_are_kept_when_the_router_adds_fields_only():
+    raw = b'{"input_ids": [1,2,3],"x":  "kept as sent"}'
+    prefill_data, _ = encode_bodies(raw, msgspec.json.decode(raw), plan())
+    assert prefill_data.startswith(raw[:-1] + b",")
 
 
 def test_generated_rids_name_every_sequence():
