@@ -264,6 +264,7 @@ class Pool:
         self.connect_timeout_s = connect_timeout_s
         self.keepalive_s = keepalive_s
         self._host_line = f"Host: {parts.netloc}\r\n".encode("latin-1")
+        self.retired = False  # its worker left: no connection goes back to it
         self._idle: list[Connection] = []
         self._all: set[Connection] = set()
         self._heads: dict[tuple[str, str], bytes] = {}
@@ -302,8 +303,15 @@ class Pool:
         return conn
 
     def put_back(self, conn: Connection) -> None:
+        if self.retired:
+            conn.close()
+            return
         conn.idle_since = time.monotonic()
         self._idle.append(conn)
+
+    def take_idle(self) -> list[Connection]:
+        idle, self._idle = self._idle, []
+        return idle
 
     def forget(self, conn: Connection) -> None:
         self._all.discard(conn)
@@ -363,6 +371,14 @@ class HttpClient:
             return resp.status, await resp.read()
         finally:
             resp.release()
+
+    def drop(self, base_url: str) -> None:
+        """A worker left: close its idle connections, and the others once their answer ends."""
+        pool = self._pools.pop(base_url, None)
+        if pool is not None:
+            pool.retired = True
+            for conn in pool.take_idle():
+                conn.close()
 
     def close(self) -> None:
         for pool in self._pools.values():

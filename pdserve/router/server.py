@@ -137,6 +137,7 @@ class Router:
         if worker is None:
             return error_response(404, f"no worker with url {url!r}")
         self.chooser.forget(worker.url)
+        self.proxy.client.drop(worker.url)
         return json_response({"removed": worker.url})
 
     async def server_info(self, request: Request) -> Response:

@@ -118,6 +118,26 @@ def test_a_released_answer_no_longer_touches_its_reused_connection() -> None:
     run_with_aiohttp(echo_app([]), scenario)
 
 
+def test_dropping_a_worker_closes_idle_connections_and_lets_answers_in_flight_end() -> None:
+    async def scenario(url: str) -> None:
+        client = HttpClient()
+        idle = await client.request("POST", url, "/echo", 10.0, b"idle")
+        busy = await client.request("POST", url, "/echo", 10.0, b"busy")
+        await idle.read()
+        idle.release()
+        pool = client.pool(url)
+        assert pool.num_connections == 2
+        client.drop(url)
+        assert await busy.read() == b"busy"  # the answer in flight is still read whole
+        busy.release()
+        while pool.num_connections:  # both close: the idle one now, the busy one once read
+            await asyncio.sleep(0)
+        assert client.pool(url) is not pool
+        client.close()
+
+    run_with_aiohttp(echo_app([]), scenario)
+
+
 def test_chunked_stream_is_read_piece_by_piece_as_it_is_sent() -> None:
     next_event = asyncio.Event()
 
