@@ -6,7 +6,15 @@ import numpy as np
 import pytest
 
 from pdserve.disagg import messages as m
-from pdserve.disagg.transfer.pages import WriteGrants, page_array, plan_frames, run_start, runs
+from pdserve.disagg.transfer.pages import (
+    WriteGrants,
+    num_runs,
+    page_array,
+    plan_frames,
+    run_bounds,
+    run_start,
+    runs,
+)
 
 PAGE = 64
 
@@ -47,6 +55,14 @@ def test_runs_splits_ids_into_maximal_ascending_runs() -> None:
     assert runs(np.array([4, 5, 6, 9, 3, 4, 8])) == [(0, 3), (3, 1), (4, 2), (6, 1)]
     assert runs(np.array([2])) == [(0, 1)]
     assert runs(np.array([], dtype=np.int64)) == []
+
+
+def test_run_bounds_are_the_byte_ranges_of_the_runs_in_order() -> None:
+    ids = np.array([4, 5, 6, 9, 3, 4])
+    assert num_runs(ids) == 3
+    assert run_bounds(ids, page_nbytes=10) == [(40, 70), (90, 100), (30, 50)]
+    assert num_runs(np.array([], dtype=np.int64)) == 0
+    assert run_bounds(np.array([], dtype=np.int64), page_nbytes=10) == []
 
 
 def test_plan_frames_cuts_in_order_and_pairs_pages() -> None:

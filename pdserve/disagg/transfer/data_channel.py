@@ -63,7 +63,10 @@ class Cursor:
     """A position in a list of buffers that one byte stream drains or fills, in order."""
 
     def __init__(self, buffers: list[Any]) -> None:
-        self.buffers = [memoryview(b).cast("B") for b in buffers]
+        """`buffers`: flat byte memoryviews, bytes, or C-contiguous arrays."""
+        self.buffers = [
+            b if isinstance(b, memoryview) else memoryview(b).cast("B") for b in buffers
+        ]
         self.ends = list(itertools.accumulate(len(b) for b in self.buffers))
         self.nbytes = self.ends[-1] if self.ends else 0
         self.done_nbytes = 0
@@ -104,24 +107,39 @@ class SendChannel:
         written: list[OutRecord] = []
         moved = False
         while self.queue:
-            record = self.queue[0]
-            if record.cursor is None:
-                record.cursor = lay_out(record)
+            records = self._next_records(lay_out)
+            buffers = [b for record in records for b in record.cursor.window()]
             try:
-                sent = self.sock.sendmsg(record.cursor.window())
+                sent = self.sock.sendmsg(buffers[:IOV_WINDOW])
             except (BlockingIOError, InterruptedError):
                 break
             except OSError as exc:
                 raise ChannelClosed(f"data connection failed: {exc}") from exc
-            record.cursor.done_nbytes += sent
             moved = moved or sent > 0
-            if record.cursor.finished:
+            for record in records:
+                taken = min(sent, record.cursor.nbytes - record.cursor.done_nbytes)
+                record.cursor.done_nbytes += taken
+                sent -= taken
+                if not record.cursor.finished:
+                    break
                 written.append(self.queue.popleft())
         if moved or not self.queue:
             self.stalled_since = None
         if self.queue and self.stalled_since is None:
             self.stalled_since = now
         return written
+
+    def _next_records(self, lay_out: Callable[[OutRecord], Cursor]) -> list[OutRecord]:
+        """The head record, and the message records right behind it: they go in the same
+        call, so a RoomStatus arrives with the last pages instead of a wake-up later."""
+        records: list[OutRecord] = []
+        for record in self.queue:
+            if records and record.plan is not None:
+                break
+            if record.cursor is None:
+                record.cursor = lay_out(record)
+            records.append(record)
+        return records
 
     def check_alive(self) -> None:
         """Called when the socket is readable: decode never writes, so that is its end."""

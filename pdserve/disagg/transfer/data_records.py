@@ -9,6 +9,7 @@ with one numpy assignment, so Python never loops over pages one by one.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -23,7 +24,7 @@ from pdserve.disagg.transfer.data_channel import (
     SendChannel,
 )
 from pdserve.disagg.transfer.outbox import gather
-from pdserve.disagg.transfer.pages import FramePlan, num_runs, plan_frames, runs
+from pdserve.disagg.transfer.pages import FramePlan, num_runs, plan_frames, run_bounds
 
 
 def framed(message: bytes) -> bytes:
@@ -37,6 +38,7 @@ class PageRecords:
     def __init__(self, pages: torch.Tensor, pages_per_frame: int, zero_copy_min_nbytes: int):
         self.pages = pages
         self.pages_np = pages.numpy()
+        self.pool_bytes = memoryview(self.pages_np).cast("B")  # runs are slices of it
         self.page_nbytes = int(pages.shape[1])
         self.pages_per_frame = pages_per_frame
         self.zero_copy_min_nbytes = zero_copy_min_nbytes
@@ -69,9 +71,12 @@ class PageRecords:
         )
         return Cursor([framed(m.encode(header)), *self._source(plan.src, channel)])
 
-    def _source(self, src: np.ndarray, channel: SendChannel) -> list[np.ndarray]:
+    def _runs(self, ids: np.ndarray) -> list[memoryview]:
+        return [self.pool_bytes[a:b] for a, b in run_bounds(ids, self.page_nbytes)]
+
+    def _source(self, src: np.ndarray, channel: SendChannel) -> list[Any]:
         if src.size > self.pages_per_frame or self.long_runs(src):
-            return [self.pages_np[src[i] : src[i] + n] for i, n in runs(src)]
+            return self._runs(src)
         if channel.staging is None:
             # zeros, not empty: touch the memory now rather than page-faulting on the hot path
             channel.staging = torch.zeros(
@@ -86,7 +91,7 @@ class PageRecords:
         """Where the pages for `dst` are read to, and the scatter to run once they are in
         (None when they are read straight into the pool)."""
         if self.long_runs(dst):
-            return Cursor([self.pages_np[dst[i] : dst[i] + n] for i, n in runs(dst)]), None
+            return Cursor(self._runs(dst)), None
         if channel.scratch is None or channel.scratch.shape[0] < dst.size:
             channel.scratch = np.zeros((dst.size, self.page_nbytes), dtype=np.uint8)
         scratch = channel.scratch[: dst.size]

@@ -36,6 +36,17 @@ def num_runs(ids: np.ndarray) -> int:
     return 0 if ids.size == 0 else 1 + int(np.count_nonzero(np.diff(ids) != 1))
 
 
+def run_bounds(ids: np.ndarray, page_nbytes: int) -> list[tuple[int, int]]:
+    """(start byte, end byte) in the pool of each maximal run of consecutive ascending ids."""
+    if ids.size == 0:
+        return []
+    firsts = np.flatnonzero(np.diff(ids) != 1) + 1
+    starts = ids[np.concatenate(([0], firsts))]
+    lengths = np.diff(np.concatenate(([0], firsts, [ids.size])))
+    ends = (starts + lengths) * page_nbytes
+    return list(zip((starts * page_nbytes).tolist(), ends.tolist(), strict=True))
+
+
 def runs(ids: np.ndarray) -> list[tuple[int, int]]:
     """(offset, length) of each maximal run of consecutive ascending ids, in order."""
     if ids.size == 0:
