@@ -77,7 +77,7 @@ def sender_main(cmds, args: Args, pool_pages: int) -> None:
     raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     pool_bytes = memoryview(pool.view(torch.uint8).numpy()).cast("B")
     frame_nbytes = int(args.frame_mib * MIB)
-    inbox: list[Inbound] = []  # page lists that came while the previous transfer drained
+    inbox = Inbox(transport)
 
     def send_raw(nbytes: int) -> float:
         raw.recv(8)
@@ -95,12 +95,12 @@ def sender_main(cmds, args: Args, pool_pages: int) -> None:
         return start_s
 
     handlers = {
-        "handshake": lambda _: answer_handshake(transport),
+        "handshake": lambda _: answer_handshake(inbox),
         "raw": send_raw,
         "zmq_only": send_zmq_only,
-        "kv": lambda src: serve_one_transfer(transport, inbox, src_page_ids=src),
+        "kv": lambda src: serve_one_transfer(inbox, src_page_ids=src),
     }
-    while (cmd := next_command(cmds, transport, inbox)) is not None:
+    while (cmd := next_command(cmds, inbox)) is not None:
         cpu_s = time.process_time()
         start_s = handlers[cmd[0]](cmd[1])
         cmds.send((time.process_time() - cpu_s, start_s))
@@ -113,36 +113,48 @@ def transport_options(args: Args) -> TransportOptions:
     return TransportOptions(frame_nbytes=int(args.frame_mib * MIB), data_channel=args.data_channel)
 
 
-def next_command(cmds, transport: KVTransport, inbox: list[Inbound]) -> Any:
+class Inbox:
+    """The sender's control messages, kept until used: a page list or the handshake may come
+    before the command that uses it."""
+
+    def __init__(self, transport: KVTransport) -> None:
+        self.transport = transport
+        self.events: list[Inbound] = []
+
+    def poll(self, timeout_ms: int) -> None:
+        self.events += [e for e in self.transport.poll(timeout_ms) if isinstance(e, Inbound)]
+
+    def take(self, kind: type) -> Inbound | None:
+        for i, event in enumerate(self.events):
+            if isinstance(event.msg, kind):
+                return self.events.pop(i)
+        return None
+
+
+def next_command(cmds, inbox: Inbox) -> Any:
     """Wait for the receiver's next command, polling the transport meanwhile as a worker loop
     does (a handshake answer leaves once the data connection is open)."""
     poller = zmq.Poller()
-    for sock in [cmds.fileno(), *transport.sockets()]:
+    for sock in [cmds.fileno(), *inbox.transport.sockets()]:
         poller.register(sock, zmq.POLLIN)
     while not cmds.poll(0):
         poller.poll(100)
-        inbox += page_lists(transport.poll(0))
+        inbox.poll(0)
     return cmds.recv()
 
 
-def page_lists(events: list) -> list[Inbound]:
-    return [e for e in events if isinstance(e, Inbound) and isinstance(e.msg, m.PageList)]
-
-
-def answer_handshake(transport: KVTransport) -> float:
+def answer_handshake(inbox: Inbox) -> float:
     """Answer the receiver's Handshake (the answer leaves once the data connection is open)."""
     deadline = time.monotonic() + TIMEOUT_S
-    while time.monotonic() < deadline:
-        for event in transport.poll(1):
-            if isinstance(event, Inbound) and isinstance(event.msg, m.Handshake):
-                transport.send(event.peer, m.HandshakeResult(ok=True))
-                return now_s()
-    raise TimeoutError("sender: no handshake")
+    while (event := inbox.take(m.Handshake)) is None:
+        if time.monotonic() > deadline:
+            raise TimeoutError("sender: no handshake")
+        inbox.poll(1)
+    inbox.transport.send(event.peer, m.HandshakeResult(ok=True))
+    return now_s()
 
 
-def serve_one_transfer(
-    transport: KVTransport, inbox: list[Inbound], src_page_ids: list[int]
-) -> float:
+def serve_one_transfer(inbox: Inbox, src_page_ids: list[int]) -> float:
     """Answer the next PageList with `src_page_ids`; returns when send_kv was called."""
     deadline = time.monotonic() + TIMEOUT_S
     handle = None
@@ -150,13 +162,12 @@ def serve_one_transfer(
     while handle is None or not handle.done():
         if time.monotonic() > deadline:
             raise TimeoutError("sender: transfer did not finish")
-        inbox += page_lists(transport.poll(1))
-        if handle is None and inbox:
-            event = inbox.pop(0)
+        inbox.poll(1)
+        if handle is None and (event := inbox.take(m.PageList)) is not None:
             room, dst_page_ids = event.msg.room, event.msg.dst_page_ids
             then = m.RoomStatus(room=room, ok=True)
             start_s = now_s()
-            handle = transport.send_kv(event.peer, room, src_page_ids, dst_page_ids, then)
+            handle = inbox.transport.send_kv(event.peer, room, src_page_ids, dst_page_ids, then)
     return start_s
 
 
