@@ -3,7 +3,7 @@ SGLang's `sglang-router` add over calling prefill + decode directly with the sam
 several concurrencies, plus time to first streamed token. All on loopback, same servers,
 same run, modes interleaved round by round so drift hits each alike.
 
-    python -m pdserve.router.bench_router --model-path tiny-random --num-requests 400
+    python -m pdserve.router.bench_router --model-path tiny-random
 """
 
 from __future__ import annotations
@@ -42,9 +42,16 @@ class Setup:
 
 
 def cpu_s(pid: int) -> float:
-    """User + system CPU seconds of a process, all its threads included (Linux)."""
-    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """CPU seconds of a process's live threads, to the nanosecond (Linux schedstat; the
+    clock-tick counts of /proc/PID/stat are too coarse for rounds of a few requests)."""
+    total_ns = 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                total_ns += int(f.read().split()[0])
+        except (FileNotFoundError, ProcessLookupError):
+            pass  # the thread ended just now
+    return total_ns / 1e9
 
 
 async def _read(resp: aiohttp.ClientResponse, stream: bool, started: float) -> float | None:
@@ -131,7 +138,8 @@ async def measure(
     body: dict,
     concurrency: int,
     num_requests: int,
-    rounds: int,
+    round_size: int,
+    min_rounds: int,
 ) -> tuple[dict[str, list[tuple]], dict[str, float]]:
     """Samples per mode, and each router's CPU seconds per request. Each mode has its own
     client session for the whole measurement, so keep-alive connections are reused from
@@ -147,9 +155,10 @@ async def measure(
     try:
         for mode in names:
             await run_load(modes[mode], sessions[mode], body, concurrency, 2 * concurrency)
-        # Rounds long enough that the ramp at each round's start and end is a small share.
-        per_round = max(8 * concurrency, num_requests // rounds)
-        for r in range(rounds):
+        # Short rounds: drift of the box hits every mode alike. Yet `round_size` requests
+        # per client, so that the ramp at each round's start and end is a small share.
+        per_round = round_size * concurrency
+        for r in range(max(min_rounds, num_requests // per_round)):
             for mode in names[r % len(names) :] + names[: r % len(names)]:  # rotate the order
                 pid = setup.pids.get(mode)
                 before = cpu_s(pid) if pid else 0.0
@@ -226,12 +235,14 @@ async def run_all(args: argparse.Namespace, setup: Setup) -> None:
     }
     for concurrency in args.concurrency:
         samples, cpu = await measure(
-            setup, modes, body, concurrency, args.num_requests, args.rounds
+            setup, modes, body, concurrency, args.num_requests, args.round_size, args.min_rounds
         )
         title = f"non-streamed /generate, {concurrency} concurrent clients: whole request"
         report(title, samples, cpu, 0)
     stream = {**body, "stream": True}
-    samples, cpu = await measure(setup, modes, stream, 1, args.num_requests, args.rounds)
+    samples, cpu = await measure(
+        setup, modes, stream, 1, args.num_requests, args.round_size, args.min_rounds
+    )
     report("streamed /generate, 1 client: time to first token", samples, cpu, 1)
 
 
@@ -239,13 +250,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model-path", default="tiny-random")
     parser.add_argument(
-        "--num-requests",
-        type=int,
-        default=400,
-        help="per mode and concurrency (at least 8 x concurrency per round)",
+        "--num-requests", type=int, default=960, help="per mode and concurrency, at least"
     )
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 32])
-    parser.add_argument("--rounds", type=int, default=8)
+    parser.add_argument(
+        "--round-size",
+        type=int,
+        default=16,
+        help="requests per client in one round of a mode (modes take turns round by round)",
+    )
+    parser.add_argument("--min-rounds", type=int, default=6, help="per mode and concurrency")
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--max-new-tokens", type=int, default=4)
     parser.add_argument("--torch-threads", type=int, default=1)
