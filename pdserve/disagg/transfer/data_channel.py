@@ -167,7 +167,8 @@ class Payload:
     finish: Callable[[], None] = lambda: None
 
 
-# What the transport does with a record's message: a Payload for its page bytes, or None.
+# What the transport does with a record's message: a Payload for the page bytes that follow a
+# KVHeader, or None for a RoomStatus (handled then and there).
 OnRecord = Callable[[memoryview], Payload | None]
 
 
@@ -206,7 +207,9 @@ class RecvChannel:
                 if message is None:
                     break
                 payload = on_record(message)
-                if payload is not None and payload.nbytes > 0:
+                if payload is None:
+                    break  # a RoomStatus: its room is complete, hand it over at once
+                if payload.nbytes > 0:
                     self._payload, self._payload_left = payload, payload.nbytes
                 continue
             got = self._read_payload(self._payload)

@@ -112,7 +112,8 @@ class DataLinks:
             elif isinstance(item, _Pending):
                 self._read_token(item, events)
             elif isinstance(item, SendChannel):
-                self._check(item, events)
+                if mask & selectors.EVENT_READ:  # writable alone is the transport's business
+                    self._check(item, events)
             elif isinstance(item, RecvChannel):
                 self._on_receiver(item, mask, events)
         for pending in [p for p in self._pending if now >= p.deadline]:
