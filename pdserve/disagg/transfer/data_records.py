@@ -43,9 +43,10 @@ class PageRecords:
         self.pages_per_frame = pages_per_frame
         self.zero_copy_min_nbytes = zero_copy_min_nbytes
 
-    def long_runs(self, ids: np.ndarray) -> bool:
+    def long_runs(self, ids: np.ndarray, num_runs_: int | None = None) -> bool:
         """Whether the runs of `ids` are long enough on average to move in place."""
-        return ids.size * self.page_nbytes >= num_runs(ids) * self.zero_copy_min_nbytes
+        count = num_runs(ids) if num_runs_ is None else num_runs_
+        return ids.size * self.page_nbytes >= count * self.zero_copy_min_nbytes
 
     # -- sending -------------------------------------------------------------------------
     def plan(self, src: np.ndarray, dst: np.ndarray) -> list[FramePlan]:
@@ -71,12 +72,18 @@ class PageRecords:
         )
         return Cursor([framed(m.encode(header)), *self._source(plan.src, channel)])
 
-    def _runs(self, ids: np.ndarray) -> list[memoryview]:
-        return [self.pool_bytes[a:b] for a, b in run_bounds(ids, self.page_nbytes)]
+    def _in_place(self, ids: np.ndarray, always: bool = False) -> list[memoryview] | None:
+        """The pool slices of the runs of `ids`; None if they are too short (unless `always`)."""
+        bounds = run_bounds(ids, self.page_nbytes)
+        if not always and not self.long_runs(ids, len(bounds)):
+            return None
+        return [self.pool_bytes[a:b] for a, b in bounds]
 
     def _source(self, src: np.ndarray, channel: SendChannel) -> list[Any]:
-        if src.size > self.pages_per_frame or self.long_runs(src):
-            return self._runs(src)
+        # A record longer than a frame was planned for long runs: no buffer would hold it.
+        in_place = self._in_place(src, always=src.size > self.pages_per_frame)
+        if in_place is not None:
+            return in_place
         if channel.staging is None:
             # zeros, not empty: touch the memory now rather than page-faulting on the hot path
             channel.staging = torch.zeros(
@@ -90,8 +97,9 @@ class PageRecords:
     ) -> tuple[Cursor, Callable[[], None] | None]:
         """Where the pages for `dst` are read to, and the scatter to run once they are in
         (None when they are read straight into the pool)."""
-        if self.long_runs(dst):
-            return Cursor(self._runs(dst)), None
+        in_place = self._in_place(dst)
+        if in_place is not None:
+            return Cursor(in_place), None
         if channel.scratch is None or channel.scratch.shape[0] < dst.size:
             channel.scratch = np.zeros((dst.size, self.page_nbytes), dtype=np.uint8)
         scratch = channel.scratch[: dst.size]

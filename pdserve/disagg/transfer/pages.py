@@ -33,18 +33,18 @@ def run_start(ids: np.ndarray) -> int | None:
 
 def num_runs(ids: np.ndarray) -> int:
     """How many maximal runs of consecutive ascending ids `ids` has (no Python loop)."""
-    return 0 if ids.size == 0 else 1 + int(np.count_nonzero(np.diff(ids) != 1))
+    return 0 if ids.size == 0 else 1 + int(np.count_nonzero(ids[1:] != ids[:-1] + 1))
 
 
 def run_bounds(ids: np.ndarray, page_nbytes: int) -> list[tuple[int, int]]:
     """(start byte, end byte) in the pool of each maximal run of consecutive ascending ids."""
     if ids.size == 0:
         return []
-    firsts = np.flatnonzero(np.diff(ids) != 1) + 1
-    starts = ids[np.concatenate(([0], firsts))]
-    lengths = np.diff(np.concatenate(([0], firsts, [ids.size])))
-    ends = (starts + lengths) * page_nbytes
-    return list(zip((starts * page_nbytes).tolist(), ends.tolist(), strict=True))
+    breaks = np.flatnonzero(ids[1:] != ids[:-1] + 1) + 1
+    firsts = ids[np.concatenate(([0], breaks))]
+    lasts = ids[np.concatenate((breaks - 1, [ids.size - 1]))]
+    starts, ends = (firsts * page_nbytes).tolist(), ((lasts + 1) * page_nbytes).tolist()
+    return list(zip(starts, ends, strict=True))
 
 
 def runs(ids: np.ndarray) -> list[tuple[int, int]]:
