@@ -105,6 +105,33 @@ def test_garbage_on_the_data_port_is_closed_and_counted(prefill: KVTransport) ->
         decode.close()
 
 
+def test_a_peer_that_opens_no_data_connection_gets_its_answer_and_kv_over_zeromq(
+    prefill: KVTransport,
+) -> None:
+    ctx = zmq.Context()
+    try:
+        dealer = ctx.socket(zmq.DEALER)
+        dealer.setsockopt(zmq.LINGER, 0)
+        dealer.connect(prefill.endpoint)
+        dealer.send(m.encode(m.Handshake(decode_id="raw", layout=LAYOUT)))
+        (handshake,) = poll_until(prefill, lambda ev: inbound(ev, m.Handshake))
+        prefill.send(handshake.peer, m.HandshakeResult(ok=True))  # held for the connection
+        assert dealer.poll(5000) and isinstance(dc.decode(dealer.recv()), dc.DataOffer)
+        # The offer is ignored: after the hold the answer leaves, and KV goes as frames.
+        poll_until(prefill, lambda _: dealer.poll(0))
+        assert m.decode(dealer.recv()) == m.HandshakeResult(ok=True)
+        handle = prefill.send_kv(handshake.peer, 4, [2], [1], m.RoomStatus(room=4, ok=True))
+        poll_until(prefill, lambda _: handle.done())
+        header, page = dealer.recv_multipart()
+        assert m.decode(header) == m.KVHeader(
+            room=4, frame_page_counts=[1], page_nbytes=PAGE_NBYTES, dst_page_ids=[1]
+        )
+        assert page == prefill.pool[2].numpy().tobytes()
+        assert prefill.stats.get("data_channels_opened", 0) == 0
+    finally:
+        ctx.destroy(linger=0)
+
+
 @pytest.mark.parametrize("how", ["killed", "frozen"])
 def test_decode_dying_mid_payload_fails_the_send_and_loses_the_peer(how: str) -> None:
     """A killed decode resets the connection; a frozen one keeps it open, and only ZeroMQ's

@@ -153,7 +153,9 @@ class SendChannel:
             return
         except OSError as exc:
             raise ChannelClosed(f"data connection failed: {exc}") from exc
-        raise ChannelClosed("data connection closed by decode" if not data else "decode wrote")
+        raise ChannelClosed(
+            "data connection closed by decode" if not data else "decode wrote on it"
+        )
 
 
 @dataclass

@@ -8,12 +8,12 @@ the worker loop polls a single stable descriptor for all of them.
 
 from __future__ import annotations
 
-import hmac
 import logging
 import secrets
 import selectors
 import socket
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from pdserve.disagg.transfer.data_channel import (
@@ -47,13 +47,16 @@ class LinkEvents:
 
 
 class DataLinks:
+    """The data connections of one transport. A token, and a connection waiting to show one,
+    lives `token_timeout_s`; `poll` reports channels opened, failed and readable."""
+
     def __init__(self, listen_host: str | None, token_timeout_s: float) -> None:
         self.token_timeout_s = token_timeout_s
         self.selector = selectors.DefaultSelector()
         self.senders: dict[str, SendChannel] = {}
         self.receivers: dict[str, RecvChannel] = {}
         self.stats: Counter[str] = Counter()
-        self._offers: dict[bytes, str] = {}  # token -> the peer it was offered to
+        self._offers: dict[bytes, tuple[str, float]] = {}  # token -> (peer, deadline)
         self._pending: list[_Pending] = []
         self._listener: socket.socket | None = None
         if listen_host is not None:
@@ -68,12 +71,12 @@ class DataLinks:
         return self.selector.fileno()
 
     # -- prefill side --------------------------------------------------------------------
-    def offer(self, peer: str) -> DataOffer:
+    def offer(self, peer: str, now: float) -> DataOffer:
         """A fresh token for `peer`; any older one it did not use is void."""
         assert self._listener is not None
-        self._offers = {t: p for t, p in self._offers.items() if p != peer}
+        self._drop_offers(lambda p, _: p == peer)
         token = secrets.token_bytes(TOKEN_NBYTES)
-        self._offers[token] = peer
+        self._offers[token] = (peer, now + self.token_timeout_s)
         return DataOffer(port=self._listener.getsockname()[1], token=token)
 
     def want_write(self, channel: SendChannel, on: bool) -> None:
@@ -118,11 +121,12 @@ class DataLinks:
                 self._on_receiver(item, mask, events)
         for pending in [p for p in self._pending if now >= p.deadline]:
             self._drop_pending(pending, "data_token_timeout")
+        self._drop_offers(lambda _, deadline: now >= deadline)
         return events
 
     def close_peer(self, peer: str) -> SendChannel | None:
         """Close the peer's channels; returns its sender, whose queued records are abandoned."""
-        self._offers = {t: p for t, p in self._offers.items() if p != peer}
+        self._drop_offers(lambda p, _: p == peer)
         receiver = self.receivers.pop(peer, None)
         if receiver is not None:
             self._close(receiver.sock)
@@ -174,12 +178,11 @@ class DataLinks:
         pending.got += got
         if pending.got < TOKEN_NBYTES:
             return
-        token = bytes(pending.token)
-        peer = next((p for t, p in self._offers.items() if hmac.compare_digest(t, token)), None)
-        if peer is None:
+        offer = self._offers.pop(bytes(pending.token), None)
+        if offer is None:
             self._drop_pending(pending, "data_bad_token")
             return
-        del self._offers[token]
+        peer, _ = offer
         self._pending.remove(pending)
         old = self.senders.get(peer)
         if old is not None:  # a newer handshake replaced it; its sends were failed then
@@ -214,6 +217,9 @@ class DataLinks:
                 self.stats["data_channels_opened"] += 1
         elif mask & selectors.EVENT_READ:
             events.readable.append(channel)
+
+    def _drop_offers(self, drop: Callable[[str, float], bool]) -> None:
+        self._offers = {t: o for t, o in self._offers.items() if not drop(*o)}
 
     def _drop_pending(self, pending: _Pending, reason: str | None) -> None:
         self._pending.remove(pending)

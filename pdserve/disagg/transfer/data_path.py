@@ -79,16 +79,11 @@ class DataPath:
             raise PeerUnreachable(reason)
         return handle
 
-    def _still_held(self, peer: PeerId) -> bool:
-        """Whether ZeroMQ messages to `peer` still wait for its data connection."""
-        until = self._held_until.get(peer)
-        if until is None:
-            return False
-        if time.monotonic() < until:
-            return True
-        del self._held_until[peer]
-        log.warning("KV peer %s opened no data connection; its KV goes over ZeroMQ", peer)
-        return False
+    def _release_expired_holds(self, now: float) -> None:
+        """Peers that opened no data connection in time: their KV goes as ZeroMQ frames."""
+        for peer in [p for p, until in self._held_until.items() if now >= until]:
+            del self._held_until[peer]
+            log.warning("KV peer %s opened no data connection; its KV goes over ZeroMQ", peer)
 
     def _offer_data_channel(self, peer: PeerId) -> None:
         """Decode handshakes: offer it a data connection, and hold what follows (the handshake
@@ -96,7 +91,7 @@ class DataPath:
         channel = self._links.close_peer(peer)
         if channel is not None:  # a handshake again: decode gave up on the rooms it carried
             fail_records(channel.queue, "decode handshook again")
-        offer = self._links.offer(peer)
+        offer = self._links.offer(peer, time.monotonic())
         try:
             self._enqueue(peer, [Outgoing(parts=[dc.encode(offer)])])
         except PeerUnreachable:

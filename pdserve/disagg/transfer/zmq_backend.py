@@ -260,6 +260,7 @@ class ZmqTransport(DataPath, KVTransport):
     def _flush_all(self, events: list[Event]) -> None:
         self._staging_blocked = False
         now = time.monotonic()
+        self._release_expired_holds(now)
         for peer in [p for p, c in self._links.senders.items() if c.queue]:
             reason = self._flush_channel(peer, now)
             if reason is not None:
@@ -272,7 +273,7 @@ class ZmqTransport(DataPath, KVTransport):
 
     def _flush(self, peer: PeerId) -> str | None:
         """Hand queued messages to ZeroMQ until it pushes back; a reason if the peer is gone."""
-        if self._still_held(peer):
+        if peer in self._held_until:
             return None  # the handshake answer waits for the data connection
         queue = self._outbox.queues.get(peer)
         route = peer.encode("latin-1")
