@@ -114,9 +114,8 @@ class DataPath:
                 self._stats["kv_bytes_out"] += nbytes
                 self._stats["data_kv_bytes_out"] += nbytes
         self._links.want_write(channel, bool(channel.queue))
-        if channel.stalled_since is not None and now - channel.stalled_since >= max(
-            self.options.heartbeat_interval_s, 0.001
-        ):
+        stalled_since = channel.stalled_since
+        if stalled_since is not None and now - stalled_since >= self.options.heartbeat_interval_s:
             channel.stalled_since = now  # probe once per interval
             return self._probe(peer)
         return None
