@@ -1,11 +1,14 @@
-"""Prefill and decode servers on one GPU, KV moved GPU to GPU by the cuda_ipc transport
-(separate processes, real HTTP and ZeroMQ): greedy tokens equal a colocated GPU server's."""
+"""Prefill and decode servers on one GPU, or on two GPUs of one host, KV moved GPU to GPU by
+the cuda_ipc transport (separate processes, real HTTP and ZeroMQ): greedy tokens equal a
+colocated GPU server's."""
 
 from __future__ import annotations
 
 import random
 
+import pytest
 import requests
+import torch
 
 from tests.conftest import TINY_ARGS
 from tests.disagg.conftest import PDFactory
@@ -22,7 +25,17 @@ def bodies() -> list[dict]:
     return [{"input_ids": ids, "sampling_params": params} for ids in prompts]
 
 
-def test_pd_on_one_gpu_over_cuda_ipc_equals_colocated(server_factory):
+TWO_GPUS = pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs two GPUs"
+)
+
+
+@pytest.mark.parametrize(
+    "prefill_device,decode_device",
+    [("cuda", "cuda"), pytest.param("cuda:0", "cuda:1", marks=TWO_GPUS)],
+    ids=["one-gpu", "two-gpus"],
+)
+def test_pd_over_cuda_ipc_equals_colocated(server_factory, prefill_device, decode_device):
     colocated = server_factory([*TINY_ARGS, *GPU, "--max-running-requests", "16"])
     want = []
     for body in bodies():
@@ -31,8 +44,9 @@ def test_pd_on_one_gpu_over_cuda_ipc_equals_colocated(server_factory):
         want.append(resp.json()["output_ids"])
     pd = PDFactory()
     try:
-        args = [*GPU, "--transfer-backend", "cuda_ipc"]
-        prefill, decode = pd.prefill(1, args=args), pd.decode(1, args=args)
+        args = ["--transfer-backend", "cuda_ipc"]
+        prefill = pd.prefill(1, args=[*args, "--device", prefill_device])
+        decode = pd.decode(1, args=[*args, "--device", decode_device])
         results = run_many(
             lambda s: [
                 pd_generate_async(
