@@ -104,6 +104,9 @@ class ModelWeights:
     norm: torch.Tensor
     lm_head: Linear
 
+    def linears(self) -> list[Linear]:
+        return [*(linear for layer in self.layers for linear in layer.linears()), self.lm_head]
+
     def num_bytes(self) -> int:
         """Bytes of weights one decode step reads: every matrix once, the embedding table
         only as the lm_head (a step reads just a few of its rows as embeddings)."""
@@ -174,7 +177,7 @@ def _store_wide_matrices_input_major(weights: ModelWeights) -> None:
     about 1.7x faster than HF's [out, in] one. The tensors keep their [out, in] shape, so
     every caller is unchanged. The embedding is re-laid out too when the lm_head shares it
     (a row lookup from it stays cheap)."""
-    for linear in [*(lin for layer in weights.layers for lin in layer.linears()), weights.lm_head]:
+    for linear in weights.linears():
         if linear.weight.shape[0] > linear.weight.shape[1]:
             shared = linear.weight is weights.embed
             linear.weight = _input_major(linear.weight)
@@ -192,7 +195,7 @@ def pack_for_cpu(weights: ModelWeights) -> None:
     multi-row inputs. A no-op where PyTorch was built without oneDNN."""
     if not torch.backends.mkldnn.is_available():
         return
-    for linear in [*(lin for layer in weights.layers for lin in layer.linears()), weights.lm_head]:
+    for linear in weights.linears():
         if linear.weight.dtype == torch.float32:
             plain = linear.weight.contiguous()
             linear.packed = torch.ops.mkldnn._reorder_linear_weight(plain, _PACK_FOR_ROWS)

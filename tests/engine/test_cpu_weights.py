@@ -67,8 +67,7 @@ def _tiny_weights(**kwargs):
 @needs_onednn
 def test_loaded_cpu_weights_are_input_major_where_wide_and_packed():
     state, args, weights = _tiny_weights(cpu_packed_weights=True)
-    linears = [lin for layer in weights.layers for lin in layer.linears()] + [weights.lm_head]
-    for linear in linears:
+    for linear in weights.linears():
         out_features, in_features = linear.weight.shape
         assert linear.packed is not None
         # same values as the checkpoint, whatever the memory layout
@@ -80,7 +79,7 @@ def test_loaded_cpu_weights_are_input_major_where_wide_and_packed():
         weights.layers[0].down.weight, state["model.layers.0.mlp.down_proj.weight"]
     )
     _, _, plain = _tiny_weights(cpu_packed_weights=False)
-    assert all(lin.packed is None for layer in plain.layers for lin in layer.linears())
+    assert all(linear.packed is None for linear in plain.linears())
     assert plain.num_bytes() == weights.num_bytes()  # a step reads one of the two copies
 
 
