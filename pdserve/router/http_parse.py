@@ -242,6 +242,11 @@ class RequestParser:
         self._size = 0  # chunked bytes so far
         self._chunked: ChunkedBody | None = None
 
+    @property
+    def partial(self) -> bool:
+        """Part of a request has come, not all of it."""
+        return bool(self._pending) or self.waiting is not None
+
     def feed(self, data: bytes) -> list[ParsedRequest]:
         done: list[ParsedRequest] = []
         data = self._pending + data if self._pending else data

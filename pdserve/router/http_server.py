@@ -22,6 +22,9 @@ from pdserve.router.http_parse import ParsedRequest, ParseError, RequestParser, 
 log = logging.getLogger(__name__)
 # Requests read ahead of the one being answered before the connection stops reading.
 MAX_PIPELINED = 16
+# A connection with nothing to answer is closed after this long without a whole request:
+# idle keep-alive connections, and clients that send part of a request and stall (408).
+IDLE_TIMEOUT_S = 75.0
 
 
 class Request:
@@ -110,9 +113,15 @@ Handler = Callable[[Request], Awaitable[Response | StreamResponse]]
 class HttpServer:
     """Routes by path, then method: `routes[path][method] = handler`."""
 
-    def __init__(self, routes: dict[str, dict[str, Handler]], max_body_bytes: int):
+    def __init__(
+        self,
+        routes: dict[str, dict[str, Handler]],
+        max_body_bytes: int,
+        idle_timeout_s: float = IDLE_TIMEOUT_S,
+    ):
         self.routes = routes
         self.max_body_bytes = max_body_bytes
+        self.idle_timeout_s = idle_timeout_s
         self.connections: set[ServerConnection] = set()
         self._server: asyncio.Server | None = None
 
@@ -155,6 +164,7 @@ class ServerConnection(asyncio.Protocol):
         self._queue: collections.deque[ParsedRequest] = collections.deque()
         self._closing = False  # answer what is in progress, then close
         self._drained: asyncio.Future | None = None  # set while the transport is paused
+        self._idle_timer: asyncio.TimerHandle | None = None  # runs while nothing is answered
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -162,6 +172,27 @@ class ServerConnection(asyncio.Protocol):
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.server.connections.add(self)
+        self._start_idle_timer()
+
+    def _start_idle_timer(self) -> None:
+        self._stop_idle_timer()
+        loop = asyncio.get_running_loop()
+        self._idle_timer = loop.call_later(self.server.idle_timeout_s, self._idle_timeout)
+
+    def _stop_idle_timer(self) -> None:
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_timer = None
+
+    def _idle_timeout(self) -> None:
+        self._idle_timer = None
+        if self.transport is None or self.task is not None:
+            return
+        if self._parser.partial:
+            limit = self.server.idle_timeout_s
+            error = _error(408, f"request not complete within {limit:g} s")
+            self.transport.write(_encode(error, False))
+        self.transport.close()
 
     def data_received(self, data: bytes) -> None:
         try:
@@ -174,11 +205,13 @@ class ServerConnection(asyncio.Protocol):
             waiting.expects_continue = False
             self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         if self._queue and self.task is None:
+            self._stop_idle_timer()
             self.task = asyncio.get_running_loop().create_task(self._answer_queue())
         if len(self._queue) > MAX_PIPELINED and self.transport is not None:
             self.transport.pause_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._stop_idle_timer()
         self.transport = None
         self.server.connections.discard(self)
         if self.task is not None:
@@ -228,6 +261,8 @@ class ServerConnection(asyncio.Protocol):
             self.hang_up()
         finally:
             self.task = None
+            if self.transport is not None and not self.transport.is_closing():
+                self._start_idle_timer()
 
     async def _answer(self, parsed: ParsedRequest) -> bool:
         """Run the handler and write its answer; whether the connection stays open."""

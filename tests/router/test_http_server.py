@@ -13,6 +13,7 @@ import pytest
 from pdserve.router.http_client import HttpClient
 from pdserve.router.http_parse import ParseError, RequestParser
 from pdserve.router.http_server import (
+    IDLE_TIMEOUT_S,
     HttpServer,
     Request,
     Response,
@@ -31,6 +32,7 @@ class Handlers:
     def __init__(self) -> None:
         self.waiting = asyncio.Event()
         self.cancelled = asyncio.Event()
+        self.release = asyncio.Event()
 
     async def echo(self, request: Request) -> Response:
         return json_response({"body": request.body.decode(), "query": request.query})
@@ -54,19 +56,31 @@ class Handlers:
     async def fail(self, request: Request) -> Response:
         raise RuntimeError("handler bug")
 
-    def server(self, max_body_bytes: int = 1 << 20) -> HttpServer:
+    async def slow(self, request: Request) -> Response:
+        await self.release.wait()
+        return json_response({"released": True})
+
+    def server(
+        self, max_body_bytes: int = 1 << 20, idle_timeout_s: float = IDLE_TIMEOUT_S
+    ) -> HttpServer:
         routes = {
             "/echo": {"POST": self.echo, "GET": self.echo},
             "/stream": {"POST": self.stream},
             "/wait": {"POST": self.wait},
             "/fail": {"GET": self.fail},
+            "/slow": {"GET": self.slow},
         }
-        return HttpServer(routes, max_body_bytes)
+        return HttpServer(routes, max_body_bytes, idle_timeout_s)
 
 
-def serve(handlers: Handlers, scenario: Scenario, max_body_bytes: int = 1 << 20) -> None:
+def serve(
+    handlers: Handlers,
+    scenario: Scenario,
+    max_body_bytes: int = 1 << 20,
+    idle_timeout_s: float = IDLE_TIMEOUT_S,
+) -> None:
     async def main() -> None:
-        server = handlers.server(max_body_bytes)
+        server = handlers.server(max_body_bytes, idle_timeout_s)
         port = free_port()
         await server.start("127.0.0.1", port)
         try:
@@ -206,3 +220,45 @@ def test_request_parser_handles_requests_cut_at_every_byte() -> None:
     with pytest.raises(ParseError) as info:
         RequestParser(1 << 20).feed(b"POST / HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n")
     assert info.value.status == 501
+
+
+IDLE_S = 0.3
+
+
+def test_idle_keep_alive_connection_is_closed_after_the_idle_timeout() -> None:
+    async def scenario(port: int) -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(post("/echo", b"one"))
+        await read_answer(reader)
+        assert await asyncio.wait_for(reader.read(), 10 * IDLE_S) == b""  # closed by the server
+        writer.close()
+
+    serve(Handlers(), scenario, idle_timeout_s=IDLE_S)
+
+
+def test_a_request_that_stalls_half_sent_gets_408_and_a_close() -> None:
+    async def scenario(port: int) -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(post("/echo", b"0123456789")[:-4])  # the body's last bytes never come
+        head, body = await asyncio.wait_for(read_answer(reader), 10 * IDLE_S)
+        assert head.startswith(b"HTTP/1.1 408") and b"not complete" in body
+        assert await reader.read() == b""
+        writer.close()
+
+    serve(Handlers(), scenario, idle_timeout_s=IDLE_S)
+
+
+def test_an_answer_in_progress_is_not_cut_by_the_idle_timeout() -> None:
+    handlers = Handlers()
+
+    async def scenario(port: int) -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /slow HTTP/1.1\r\n\r\n")
+        # the handler holds its answer for several idle timeouts, then answers
+        await asyncio.sleep(4 * IDLE_S)
+        handlers.release.set()
+        head, body = await asyncio.wait_for(read_answer(reader), 10 * IDLE_S)
+        assert head.startswith(b"HTTP/1.1 200") and json.loads(body) == {"released": True}
+        writer.close()
+
+    serve(handlers, scenario, idle_timeout_s=IDLE_S)
