@@ -43,7 +43,19 @@ class BadResponse(HttpError):
     """Bytes that are not an HTTP/1.x answer."""
 
 
-class Connection(asyncio.Protocol):
+class WriteFlow(asyncio.Protocol):
+    """Write flow control shared by the client and server connections: `writable()` waits
+    while the transport's buffer is over its high-water mark (the peer reads slower than we
+    write). A subclass's connection_lost must call resume_writing() to release a waiter."""
+
+    _write_paused: asyncio.Future | None = None
+
+    async def writable(self) -> None:
+        if self._write_paused is not None:
+            await self._write_paused
+
+
+class Connection(WriteFlow):
     """One TCP connection, one request at a time; parses the answer as bytes arrive."""
 
     def __init__(self, pool: Pool):
@@ -58,7 +70,6 @@ class Connection(asyncio.Protocol):
         self._waiter: asyncio.Future | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._reading_paused = False
-        self._write_paused: asyncio.Future | None = None
 
     # -- asyncio.Protocol --------------------------------------------------------------
 
@@ -90,6 +101,7 @@ class Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.pool.forget(self)
         self.transport = None
+        self.resume_writing()  # a send() waiting for the buffer to drain goes on to wait()
         if not self.in_flight or self.error is not None or self.answer.body_done:
             return
         if exc is None and self.answer.end_of_input():
@@ -99,14 +111,6 @@ class Connection(asyncio.Protocol):
         else:
             self._fail(ConnectionLost(f"closed in the middle of the body ({exc or 'EOF'})"))
         self._wake()
-
-    def pause_writing(self) -> None:
-        self._write_paused = asyncio.get_running_loop().create_future()
-
-    def resume_writing(self) -> None:
-        if self._write_paused is not None and not self._write_paused.done():
-            self._write_paused.set_result(None)
-        self._write_paused = None
 
     # -- the request's side ------------------------------------------------------------
 
@@ -145,8 +149,7 @@ class Connection(asyncio.Protocol):
         self.in_flight = True
         self._timer = asyncio.get_running_loop().call_at(deadline, self._on_timeout)
         self.transport.write(data)
-        if self._write_paused is not None:
-            await self._write_paused
+        await self.writable()
 
     async def wait(self) -> None:
         """Until more of the answer (or its end) is there; raises what went wrong."""

@@ -17,6 +17,7 @@ from urllib.parse import parse_qsl
 
 import msgspec
 
+from pdserve.router.http_connection import WriteFlow
 from pdserve.router.http_parse import ParsedRequest, ParseError, RequestParser, header_value
 
 log = logging.getLogger(__name__)
@@ -153,7 +154,7 @@ class HttpServer:
         return handler
 
 
-class ServerConnection(asyncio.Protocol):
+class ServerConnection(WriteFlow):
     """One client connection: requests in, answers out in the same order, one at a time."""
 
     def __init__(self, server: HttpServer):
@@ -163,7 +164,6 @@ class ServerConnection(asyncio.Protocol):
         self._parser = RequestParser(server.max_body_bytes)
         self._queue: collections.deque[ParsedRequest] = collections.deque()
         self._closing = False  # answer what is in progress, then close
-        self._drained: asyncio.Future | None = None  # set while the transport is paused
         self._idle_timer: asyncio.TimerHandle | None = None  # runs while nothing is answered
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -218,23 +218,14 @@ class ServerConnection(asyncio.Protocol):
             self.task.cancel()  # the client is gone: its handler stops (and aborts its legs)
         self.resume_writing()
 
-    def pause_writing(self) -> None:
-        self._drained = asyncio.get_running_loop().create_future()
-
-    def resume_writing(self) -> None:
-        if self._drained is not None and not self._drained.done():
-            self._drained.set_result(None)
-        self._drained = None
-
     async def write(self, data: bytes) -> None:
         """Write, waiting while the client reads slower than we write."""
         if self.transport is None or self.transport.is_closing():
             raise ConnectionResetError("the client hung up")
         self.transport.write(data)
-        if self._drained is not None:
-            await self._drained
-            if self.transport is None:
-                raise ConnectionResetError("the client hung up")
+        await self.writable()
+        if self.transport is None:
+            raise ConnectionResetError("the client hung up")
 
     def close_when_idle(self) -> None:
         self._closing = True
