@@ -110,12 +110,13 @@ class ModelWeights:
     def num_bytes(self) -> int:
         """Bytes of weights one decode step reads: every matrix once, the embedding table
         only as the lm_head (a step reads just a few of its rows as embeddings)."""
-        total = self.norm.numel() * self.norm.element_size() + self.lm_head.num_bytes()
-        for layer in self.layers:
-            norms = (layer.input_norm, layer.post_norm)
-            total += sum(t.numel() * t.element_size() for t in norms)
-            total += sum(linear.num_bytes() for linear in layer.linears())
-        return total
+        norms = [
+            self.norm,
+            *(n for layer in self.layers for n in (layer.input_norm, layer.post_norm)),
+        ]
+        return sum(t.numel() * t.element_size() for t in norms) + sum(
+            linear.num_bytes() for linear in self.linears()
+        )
 
 
 def weights_from_state_dict(
