@@ -44,7 +44,7 @@ async def prepare(session: aiohttp.ClientSession, cfg: BenchConfig) -> Prepared:
     tokenizer = runner.load_tokenizer(tokenizer_path)
     model = cfg.model
     if model is None and cfg.endpoint != "generate":
-        model = await client.served_model_name(session, base_url) or "default"
+        model = await client.served_model_name(session, base_url)  # None: no `model` sent
     target = runner.Target(
         base_url, cfg.endpoint, model, cfg.temperature, cfg.ignore_eos,
         runner.parse_extra_body(cfg.extra_body), cfg.request_timeout_s,

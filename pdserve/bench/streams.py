@@ -40,7 +40,6 @@ def build_body(
         if prompt.text is None:
             raise ValueError(f"endpoint {endpoint!r} needs prompt text")
         body = {
-            "model": model,
             "max_tokens": prompt.output_len,
             "temperature": temperature,
             "stream": True,
@@ -48,6 +47,8 @@ def build_body(
             # not an OpenAI field: vLLM, SGLang and pdserve accept it as an extra
             "ignore_eos": ignore_eos,
         }
+        if model is not None:
+            body["model"] = model
         if endpoint == "chat":
             body["messages"] = [{"role": "user", "content": prompt.text}]
         else:

@@ -100,16 +100,21 @@ async def model_info(request: web.Request) -> web.Response:
 
 
 async def models(request: web.Request) -> web.Response:
+    """Every name the OpenAI routes accept, the served name first."""
     state = state_of(request)
-    card = {
-        "id": state.cfg.served_model_name,
-        "object": "model",
-        "created": int(time.time()),
-        "owned_by": "pdserve",
-        "root": state.cfg.engine.model_path,
-        "max_model_len": state.controller.max_context_len,
-    }
-    return web.json_response({"object": "list", "data": [card]})
+    created = int(time.time())
+    cards = [
+        {
+            "id": name,
+            "object": "model",
+            "created": created,
+            "owned_by": "pdserve",
+            "root": state.cfg.engine.model_path,
+            "max_model_len": state.controller.max_context_len,
+        }
+        for name in state.cfg.model_names
+    ]
+    return web.json_response({"object": "list", "data": cards})
 
 
 async def get_load(request: web.Request) -> web.Response:

@@ -30,7 +30,9 @@ class ServerArgs:
         choices=LB_METHODS,
     )
     served_model_name: str | None = opt(
-        None, "model name reported by /v1/models and /server_info; unset: the --model-path value"
+        None,
+        "model name of the OpenAI routes, /v1/models and /server_info (default: the "
+        "--model-path value); requests may name it or the --model-path value",
     )
     log_level: str = opt("info", "logging level", choices=LOG_LEVELS)
     worker_start_timeout_s: float = opt(
@@ -79,11 +81,17 @@ class ServerConfig:
     def served_model_name(self) -> str:
         return self.server.served_model_name or self.engine.model_path
 
+    @property
+    def model_names(self) -> list[str]:
+        """Names a request's `model` may give: the served name first, then its alias, the
+        --model-path value."""
+        return list(dict.fromkeys([self.served_model_name, self.engine.model_path]))
+
 
 def add_server_arguments(parser: argparse.ArgumentParser) -> None:
-    add_arguments(parser, ServerArgs, "server")
-    add_arguments(parser, EngineConfig, "engine")
-    add_arguments(parser, DisaggConfig, "disaggregation")
+    add_arguments(parser, ServerArgs, "server options")
+    add_arguments(parser, EngineConfig, "engine options")
+    add_arguments(parser, DisaggConfig, "disaggregation options")
 
 
 def server_config_from_args(ns: argparse.Namespace) -> ServerConfig:

@@ -52,11 +52,14 @@ def state_of(request: web.Request) -> ServerState:
     return request.app[STATE]
 
 
-def error_response(status: int, message: str) -> web.Response:
-    kind = "invalid_request_error" if status < 500 else "server_error"
-    return web.json_response(
-        {"error": {"message": message, "type": kind, "code": status}}, status=status
-    )
+def error_response(
+    status: int, message: str, kind: str | None = None, param: str | None = None
+) -> web.Response:
+    kind = kind or ("invalid_request_error" if status < 500 else "server_error")
+    error: dict[str, Any] = {"message": message, "type": kind, "code": status}
+    if param is not None:
+        error["param"] = param
+    return web.json_response({"error": error}, status=status)
 
 
 @web.middleware
@@ -64,7 +67,7 @@ async def error_middleware(request: web.Request, handler) -> web.StreamResponse:
     try:
         return await handler(request)
     except RequestError as exc:
-        return error_response(exc.status, exc.message)
+        return error_response(exc.status, exc.message, exc.kind, exc.param)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise

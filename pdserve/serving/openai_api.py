@@ -159,7 +159,17 @@ async def _body(request: web.Request) -> dict:
     body = await read_json(request)
     if not isinstance(body, dict):
         raise RequestError(400, "the request body must be a JSON object")
+    check_model(body, state_of(request).cfg.model_names)
     return body
+
+
+def check_model(body: dict, model_names: list[str]) -> None:
+    """A `model` the server does not serve gets vLLM's 404; no `model` is accepted."""
+    model = get_field(body, "model", str, None)
+    if model is not None and model not in model_names:
+        raise RequestError(
+            404, f"The model `{model}` does not exist.", kind="NotFoundError", param="model"
+        )
 
 
 def _meta(state: ServerState, prefix: str) -> dict[str, Any]:

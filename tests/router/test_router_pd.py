@@ -119,7 +119,7 @@ def test_prompt_logprobs_equal_colocated(router, tiny_server):
 
 @pytest.mark.parametrize("n", [1, 2])
 def test_chat_equals_colocated(router, tiny_server, n):
-    body = {"model": "m", "messages": MESSAGES, "max_tokens": 8, "temperature": 0, "n": n}
+    body = {"model": "tiny-random", "messages": MESSAGES, "max_tokens": 8, "temperature": 0, "n": n}
     url = "/v1/chat/completions"
     want = chat_text(post(tiny_server.url + url, body).json())
     assert chat_text(post(router.url + url, body).json()) == want
@@ -127,7 +127,7 @@ def test_chat_equals_colocated(router, tiny_server, n):
 
 
 def test_completions_equal_colocated(router, tiny_server):
-    body = {"model": "m", "prompt": ["Once upon", "a time"], "max_tokens": 8, "temperature": 0}
+    body = {"model": "tiny-random", "prompt": ["Once upon", "a time"], "max_tokens": 8, "temperature": 0}
     url = "/v1/completions"
     want = [c["text"] for c in post(tiny_server.url + url, body).json()["choices"]]
     assert [c["text"] for c in post(router.url + url, body).json()["choices"]] == want

@@ -84,7 +84,7 @@ def test_sglang_router_generate_equals_colocated(sglang_router, tiny_server, bod
 
 
 def test_sglang_router_chat_equals_colocated(sglang_router, tiny_server):
-    body = {"model": "m", "messages": MESSAGES, "max_tokens": 8, "temperature": 0}
+    body = {"model": "tiny-random", "messages": MESSAGES, "max_tokens": 8, "temperature": 0}
     want = chat_text(post(tiny_server.url + "/v1/chat/completions", body).json())
     assert chat_text(post(sglang_router.url + "/v1/chat/completions", body).json()) == want
     events = streamed(sglang_router.url + "/v1/chat/completions", body)

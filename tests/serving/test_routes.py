@@ -213,6 +213,26 @@ def test_openai_client_chat_streaming_chat_and_completions(tiny_server):
     assert [m.id for m in client.models.list().data] == ["tiny-random"]
 
 
+@pytest.mark.parametrize("route", ["/v1/completions", "/v1/chat/completions"])
+@pytest.mark.parametrize("stream", [False, True])
+def test_an_unknown_model_gets_vllms_404_and_no_model_is_served(tiny_server, route, stream):
+    body = {"prompt": "hi", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    status, out = http_json(
+        "POST", tiny_server.url + route, {**body, "model": "gpt-4o", "stream": stream}
+    )
+    assert status == 404, out
+    assert out == {
+        "error": {
+            "message": "The model `gpt-4o` does not exist.",
+            "type": "NotFoundError",
+            "code": 404,
+            "param": "model",
+        }
+    }
+    status, out = http_json("POST", tiny_server.url + route, body)
+    assert status == 200 and out["model"] == "tiny-random", out
+
+
 def test_info_routes_have_the_types_the_sglang_router_checks(tiny_server):
     status, info = http_json("GET", f"{tiny_server.url}/server_info")
     assert status == 200

@@ -1,0 +1,59 @@
+"""`--served-model-name`: the OpenAI routes answer to it and to the --model-path value,
+/v1/models lists both (served name first), and any other name gets a 404."""
+
+from __future__ import annotations
+
+import openai
+import pytest
+
+from tests.helpers import http_json, launch_server
+
+ROUTES = {
+    "/v1/completions": {"prompt": "hi", "max_tokens": 2, "temperature": 0},
+    "/v1/chat/completions": {
+        "messages": [{"role": "user", "content": "hi"}],
+        "max_tokens": 2,
+        "temperature": 0,
+    },
+}
+
+
+@pytest.fixture(scope="module")
+def named_server():
+    with launch_server(["--model-path", "tiny-random", "--served-model-name", "my-llm"]) as srv:
+        yield srv
+
+
+def test_models_lists_the_served_name_first_then_its_alias(named_server):
+    status, models = http_json("GET", named_server.url + "/v1/models")
+    assert status == 200
+    assert [card["id"] for card in models["data"]] == ["my-llm", "tiny-random"]
+    assert http_json("GET", named_server.url + "/server_info")[1]["served_model_name"] == "my-llm"
+
+
+@pytest.mark.parametrize("route", ROUTES)
+def test_the_served_name_and_its_alias_are_accepted_and_answered_as_the_served_name(
+    named_server, route
+):
+    for name in ("my-llm", "tiny-random", None):
+        status, out = http_json("POST", named_server.url + route, {**ROUTES[route], "model": name})
+        assert status == 200 and out["model"] == "my-llm", (name, out)
+
+
+@pytest.mark.parametrize("route", ROUTES)
+def test_another_name_is_not_found(named_server, route):
+    status, out = http_json("POST", named_server.url + route, {**ROUTES[route], "model": "m"})
+    assert status == 404 and out["error"]["message"] == "The model `m` does not exist.", out
+    assert out["error"]["type"] == "NotFoundError"
+
+
+def test_the_openai_client_raises_not_found_for_another_name(named_server):
+    client = openai.OpenAI(base_url=named_server.url + "/v1", api_key="unused", max_retries=0)
+    with pytest.raises(openai.NotFoundError, match="The model `gpt-4o` does not exist."):
+        client.chat.completions.create(
+            model="gpt-4o", messages=[{"role": "user", "content": "hi"}], max_tokens=2
+        )
+    reply = client.chat.completions.create(
+        model="my-llm", messages=[{"role": "user", "content": "hi"}], max_tokens=2, temperature=0
+    )
+    assert reply.model == "my-llm"
