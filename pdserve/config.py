@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 import types
 import typing
 from typing import Any, TypeVar
@@ -39,20 +40,32 @@ def _base_type(tp: Any) -> tuple[Any, bool]:
     return tp, False
 
 
-def add_arguments(
-    parser: argparse.ArgumentParser, cls: type, prefix_group: str | None = None
-) -> None:
-    group = parser.add_argument_group(prefix_group or cls.__name__)
+def group_title(cls: type) -> str:
+    """A readable --help section title for a config class: `RouterConfig` -> "router options"."""
+    name = re.sub(r"(Config|Args)$", "", cls.__name__) or cls.__name__
+    words = re.findall(r"[A-Z]+(?![a-z])|[A-Z]?[a-z0-9]+", name)
+    return " ".join(word.lower() for word in words) + " options"
+
+
+def help_text(help: str, default: Any) -> str:
+    """`help` with its default appended, unless the help already says what the default is
+    or there is nothing to show (None, an empty list: the help says what unset means)."""
+    if "default" in help.lower() or default is None or default == []:
+        return help
+    return f"{help} (default: {default})"
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls: type, title: str | None = None) -> None:
+    """One argparse option per field of `cls` that has help, in a section named `title`
+    (default: derived from the class name)."""
+    group = parser.add_argument_group(title or group_title(cls))
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         if "help" not in f.metadata:
             continue
         tp, _ = _base_type(hints[f.name])
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        kwargs: dict[str, Any] = {
-            "dest": f.name,
-            "help": f"{f.metadata['help']} (default: {default})",
-        }
+        kwargs: dict[str, Any] = {"dest": f.name, "help": help_text(f.metadata["help"], default)}
         if f.metadata.get("choices"):
             kwargs["choices"] = f.metadata["choices"]
         if tp is bool:

@@ -19,7 +19,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="serving benchmark: TTFT, ITL, TPOT, throughput, goodput",
         description="Measure a server or router under load; `bench compare` reads results.",
     )
-    add_arguments(parser, BenchConfig, "benchmark")
+    add_arguments(parser, BenchConfig, "benchmark options")
     parser.set_defaults(func=run_bench)
     actions = parser.add_subparsers(dest="bench_action", metavar="{compare}")
     compare = actions.add_parser("compare", help="two or more result JSON files side by side")

@@ -58,15 +58,15 @@ class BenchConfig:
     # load
     request_rate: float = opt(math.inf, "Poisson arrivals per second (inf: all at once)")
     burstiness: float = opt(1.0, "gamma shape of inter-arrival times (1.0: Poisson)")
-    max_concurrency: int | None = opt(None, "cap on requests in flight")
+    max_concurrency: int | None = opt(None, "cap on requests in flight (default: no cap)")
     warmup_requests: int = opt(0, "requests sent (and waited for) before measuring; not counted")
     temperature: float = opt(0.0, "sampling temperature")
     ignore_eos: bool = opt(True, "ask the server to ignore EOS so outputs reach their length")
     extra_body: str | None = opt(None, "JSON object merged into every request body")
     request_timeout_s: float = opt(600.0, "deadline for one request, headers to last byte")
     # report
-    slo_ttft_ms: float | None = opt(None, "goodput: TTFT limit in ms")
-    slo_tpot_ms: float | None = opt(None, "goodput: TPOT limit in ms")
+    slo_ttft_ms: float | None = opt(None, "goodput: TTFT limit in ms (default: no limit)")
+    slo_tpot_ms: float | None = opt(None, "goodput: TPOT limit in ms (default: no limit)")
     output: str | None = opt(None, "write every figure and per-request records to this JSON")
     plot_dir: str | None = opt(None, "write PNG plots (latency CDFs, TTFT and ITL over time) here")
     label: str | None = opt(None, "name of this run in reports and comparisons")

@@ -1,0 +1,77 @@
+"""`--help` of every subcommand: each default shown once, readable section titles."""
+
+from __future__ import annotations
+
+import argparse
+import re
+from dataclasses import dataclass
+
+import pytest
+
+from pdserve.cli import build_parser
+from pdserve.config import add_arguments, group_title, opt
+
+
+def subcommand_parsers() -> dict[str, argparse.ArgumentParser]:
+    """Every parser under `pdserve`, nested ones included, by its command line."""
+    found: dict[str, argparse.ArgumentParser] = {}
+    pending = [("pdserve", build_parser())]
+    while pending:
+        name, parser = pending.pop()
+        found[name] = parser
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                pending += [(f"{name} {sub}", p) for sub, p in action.choices.items()]
+    return found
+
+
+PARSERS = subcommand_parsers()
+
+
+def test_every_subcommand_is_checked():
+    assert {"pdserve serve", "pdserve router", "pdserve up", "pdserve bench"} <= set(PARSERS)
+    assert "pdserve bench compare" in PARSERS
+
+
+@pytest.mark.parametrize("name", sorted(PARSERS))
+def test_help_shows_each_default_once_under_readable_titles(name: str):
+    parser = PARSERS[name]
+    text = " ".join(parser.format_help().split())  # wrapped lines joined
+    assert not re.search(r"\(default: [^)]*\)\)? \(default:", text), text
+    assert "(default: None)" not in text and "(default: [])" not in text
+    for group in parser._action_groups:
+        assert group.title and not re.search(r"[a-z][A-Z]", group.title), group.title
+
+
+def test_up_help_names_its_default_router_port_once():
+    text = " ".join(PARSERS["pdserve up"].format_help().split())
+    assert text.count("(default: 30000") == 1
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    count: int = opt(3, "how many")
+    port: int | None = opt(None, "a port (default: a free port)")
+    name: str | None = opt(None, "a name")
+
+
+def test_generated_options_append_a_default_only_where_the_help_lacks_one():
+    parser = argparse.ArgumentParser()
+    add_arguments(parser, DemoConfig)
+    helps = {a.dest: a.help for a in parser._actions}
+    assert helps == {
+        "help": "show this help message and exit",
+        "count": "how many (default: 3)",
+        "port": "a port (default: a free port)",
+        "name": "a name",
+    }
+    assert [g.title for g in parser._action_groups][-1] == "demo options"
+
+
+@pytest.mark.parametrize(
+    ("cls_name", "title"),
+    [("RouterConfig", "router options"), ("ServerArgs", "server options"),
+     ("KVTransferBenchConfig", "kv transfer bench options"), ("Cluster", "cluster options")],
+)  # fmt: skip
+def test_group_titles_are_words(cls_name: str, title: str):
+    assert group_title(type(cls_name, (), {})) == title
