@@ -15,12 +15,13 @@ $(VENV)/.installed: pyproject.toml Makefile
 	touch $@
 
 # The main job: a local PD cluster (router + prefill + decode, default model
-# SmolLM2-135M-Instruct) behind http://127.0.0.1:30000; UP_ARGS adds flags, e.g.
+# SmolLM2-135M-Instruct) behind http://127.0.0.1:30000 (a free port, announced, when
+# 30000 is taken); UP_ARGS adds flags, e.g.
 # UP_ARGS="--prefill-dp 2 --decode-dp 2". `make serve` starts one colocated server instead.
 UP_ARGS ?=
 SERVE_ARGS ?=
 up: install
-	$(VENV)/bin/pdserve up --port 30000 $(UP_ARGS)
+	$(VENV)/bin/pdserve up $(UP_ARGS)
 
 serve: install
 	$(VENV)/bin/pdserve serve --mode colocated $(SERVE_ARGS)

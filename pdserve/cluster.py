@@ -18,6 +18,7 @@ import time
 import urllib.error
 import urllib.request
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,12 +27,17 @@ from pdserve.config import add_arguments, check, from_args, opt
 REPO_ROOT = Path(__file__).resolve().parent.parent
 POLICIES = ["round_robin", "random", "power_of_two", "cache_aware"]
 POLL_INTERVAL_S = 0.2
+DEFAULT_ROUTER_PORT = 30000  # SGLang's; the README and `pdserve bench` assume it
 
 
 @dataclass(frozen=True)
 class ClusterConfig:
     host: str = opt("127.0.0.1", "address every process binds")
-    port: int | None = opt(None, "router port (default: a free port)")
+    port: int | None = opt(
+        None,
+        f"router port (default: {DEFAULT_ROUTER_PORT}, or a free port, announced, "
+        f"when {DEFAULT_ROUTER_PORT} is taken)",
+    )
     prefill_port: int | None = opt(None, "prefill server port (default: a free port)")
     decode_port: int | None = opt(None, "decode server port (default: a free port)")
     bootstrap_port: int | None = opt(None, "prefill bootstrap port (default: a free port)")
@@ -40,8 +46,17 @@ class ClusterConfig:
     model_path: str | None = opt(
         None, "model for both servers (default: the servers' default)", flag="--model-path"
     )
-    page_size: int | None = opt(None, "KV page size for both servers", flag="--page-size")
-    torch_threads: int | None = opt(None, "torch threads per worker process")
+    served_model_name: str | None = opt(
+        None,
+        "model name of both servers' OpenAI routes (default: the --model-path value)",
+        flag="--served-model-name",
+    )
+    page_size: int | None = opt(
+        None, "KV page size for both servers (default: the servers' default)", flag="--page-size"
+    )
+    torch_threads: int | None = opt(
+        None, "torch threads per worker process (default: the servers' default)"
+    )
     server_args: str = opt(
         "", "more flags for both servers, one string, e.g. '--max-running-requests 32'"
     )
@@ -69,6 +84,33 @@ def free_port(host: str) -> int:
     with socket.socket() as sock:
         sock.bind((host, 0))
         return sock.getsockname()[1]
+
+
+def port_is_free(host: str, port: int) -> bool:
+    """Whether a listening socket could bind `port` now (SO_REUSEADDR, like the router's)."""
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+        return True
+
+
+def choose_router_port(
+    requested: int | None, is_free: Callable[[int], bool], pick_free: Callable[[], int]
+) -> tuple[int, str | None]:
+    """(router port, a note for the user or None). A port given on the command line is
+    used as is; otherwise the default, or a free port when the default is taken."""
+    if requested is not None:
+        return requested, None
+    if is_free(DEFAULT_ROUTER_PORT):
+        return DEFAULT_ROUTER_PORT, None
+    port = pick_free()
+    return port, (
+        f"port {DEFAULT_ROUTER_PORT} is taken; the router listens on port {port} instead "
+        f"(point clients and `pdserve bench --base-url` at it, or pass --port)"
+    )
 
 
 def _die_with_parent() -> None:
@@ -158,6 +200,7 @@ def _server_argv(c: ClusterConfig, mode: str, port: int, dp_size: int) -> list[s
     argv += ["--port", str(port), "--dp-size", str(dp_size)]
     for flag, value in (
         ("--model-path", c.model_path),
+        ("--served-model-name", c.served_model_name),
         ("--page-size", c.page_size),
         ("--torch-threads", c.torch_threads),
     ):
@@ -166,12 +209,14 @@ def _server_argv(c: ClusterConfig, mode: str, port: int, dp_size: int) -> list[s
     return argv + shlex.split(c.server_args)
 
 
-def plan(c: ClusterConfig) -> list[Child]:
-    """The three children: prefill, decode, router (stopped in the reverse order)."""
+def plan(c: ClusterConfig, router_port: int | None = None) -> list[Child]:
+    """The three children: prefill, decode, router (stopped in the reverse order). Ports
+    not given (here or in `c`) are free ports."""
     port = {
         name: getattr(c, name) or free_port(c.host)
         for name in ("port", "prefill_port", "decode_port", "bootstrap_port")
     }
+    port["port"] = router_port or port["port"]
     url = {name: f"http://{c.host}:{p}" for name, p in port.items()}
     prefill_argv = _server_argv(c, "prefill", port["prefill_port"], c.prefill_dp)
     prefill_argv += ["--bootstrap-port", str(port["bootstrap_port"])]
@@ -226,7 +271,7 @@ def banner(children: list[Child], c: ClusterConfig, elapsed_s: float) -> str:
         f"  decode   {decode.url}  dp {c.decode_dp}  (pid {pid['decode']})",
         "Try:",
         f"  curl {router.url}/v1/chat/completions -H 'Content-Type: application/json' \\",
-        """    -d '{"messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 32}'""",
+        """    -d '{"messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 32, "temperature": 0}'""",
         "Ctrl-C stops everything.",
     ]
     return "\n".join(lines)
@@ -257,7 +302,12 @@ def run(ns: argparse.Namespace) -> int:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    children = plan(c)
+    router_port, note = choose_router_port(
+        c.port, lambda port: port_is_free(c.host, port), lambda: free_port(c.host)
+    )
+    if note:
+        print(f"pdserve up: {note}", flush=True)
+    children = plan(c, router_port)
     started_at = time.monotonic()
     try:
         for child in children:  # every fork before any thread starts (preexec_fn safety)

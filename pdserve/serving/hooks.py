@@ -18,7 +18,9 @@ class RequestError(Exception):
     """A request that must fail with an HTTP status and a clear message. `kind` names the
     error's type in the answer (default: by status); `param`, the request field at fault."""
 
-    def __init__(self, status: int, message: str, kind: str | None = None, param: str | None = None):
+    def __init__(
+        self, status: int, message: str, kind: str | None = None, param: str | None = None
+    ):
         super().__init__(message)
         self.status = status
         self.message = message

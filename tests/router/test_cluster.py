@@ -1,11 +1,13 @@
-"""`pdserve up`: starts router + prefill + decode, serves a chat request, and leaves no
-process behind after SIGTERM; a child that dies early stops the rest with its error."""
+"""`pdserve up`: starts router + prefill + decode on port 30000 or, when it is taken, a free
+port it announces; serves a chat request (a 404 for another model), and leaves no process
+behind after SIGTERM; a child that dies early stops the rest with its error."""
 
 from __future__ import annotations
 
 import os
 import re
 import signal
+import socket
 import subprocess
 import tempfile
 from pathlib import Path
@@ -13,7 +15,8 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.helpers import PYTHON, REPO_ROOT, free_port, http_status, wait_until
+from pdserve.cluster import DEFAULT_ROUTER_PORT, choose_router_port, port_is_free
+from tests.helpers import PYTHON, REPO_ROOT, http_status, wait_until
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -63,27 +66,67 @@ class Up:
         os.unlink(self.log.name)
 
 
-def test_up_serves_chat_and_leaves_nothing_after_sigterm():
-    port = free_port()
-    up = Up("--model-path", "tiny-random", "--port", str(port), "--torch-threads", "1")
+def hold_port(port: int) -> socket.socket | None:
+    """A listening socket on `port`, or None when another process holds it already."""
+    sock = socket.socket()
     try:
+        sock.bind(("127.0.0.1", port))
+    except OSError:
+        sock.close()
+        return None
+    sock.listen()
+    return sock
+
+
+def test_router_port_is_the_default_when_free_else_a_free_one_announced():
+    assert choose_router_port(None, lambda port: True, lambda: 5) == (DEFAULT_ROUTER_PORT, None)
+    assert choose_router_port(4242, lambda port: False, lambda: 5) == (4242, None)
+    port, note = choose_router_port(None, lambda port: port != DEFAULT_ROUTER_PORT, lambda: 5)
+    assert port == 5
+    assert note == (
+        "port 30000 is taken; the router listens on port 5 instead "
+        "(point clients and `pdserve bench --base-url` at it, or pass --port)"
+    )
+
+
+def test_a_listening_port_is_not_free():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        port = sock.getsockname()[1]
+        assert not port_is_free("127.0.0.1", port)
+    assert port_is_free("127.0.0.1", port)
+
+
+def test_up_falls_back_from_a_taken_30000_serves_chat_and_leaves_nothing_after_sigterm():
+    holder = hold_port(DEFAULT_ROUTER_PORT)  # None: someone else holds it, taken all the same
+    up = Up("--model-path", "tiny-random", "--served-model-name", "my-llm", "--torch-threads", "1")
+    try:
+        wait_until(lambda: "the router listens on port" in up.output(), 60, "the port notice")
+        match = re.search(
+            r"port 30000 is taken; the router listens on port (\d+) instead", up.output()
+        )
+        assert match, up.output()
+        url = f"http://127.0.0.1:{match.group(1)}"
         wait_until(
-            lambda: (
-                http_status(f"http://127.0.0.1:{port}/readiness") == 200
-                or up.proc.poll() is not None
-            ),
+            lambda: http_status(f"{url}/readiness") == 200 or up.proc.poll() is not None,
             240,
             "pdserve up to be ready",
         )
         wait_until(lambda: "Ctrl-C stops everything" in up.output(), 10, "the banner")
-        assert f"curl http://127.0.0.1:{port}/v1/chat/completions" in up.output()
-        resp = requests.post(
-            f"http://127.0.0.1:{port}/v1/chat/completions",
-            timeout=60,
-            json={"messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 8},
-        )
+        assert f"curl {url}/v1/chat/completions" in up.output()
+        chat = {"messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 8}
+        resp = requests.post(f"{url}/v1/chat/completions", timeout=60, json=chat)
         assert resp.status_code == 200, resp.text
         assert resp.json()["choices"][0]["message"]["content"]
+        assert resp.json()["model"] == "my-llm"
+        assert requests.get(f"{url}/v1/models", timeout=10).json()["data"][0]["id"] == "my-llm"
+        # A worker's 404 reaches the client through the router as a 404.
+        resp = requests.post(
+            f"{url}/v1/chat/completions", timeout=60, json={**chat, "model": "gpt-4o"}
+        )
+        assert resp.status_code == 404, resp.text
+        assert "The model `gpt-4o` does not exist." in resp.json()["error"]["message"]
         children = up.child_pids()
         assert len(children) == 3
         up.proc.send_signal(signal.SIGTERM)
@@ -91,6 +134,8 @@ def test_up_serves_chat_and_leaves_nothing_after_sigterm():
         assert [group_members(pid) for pid in children] == [[], [], []]
     finally:
         up.kill_everything()
+        if holder is not None:
+            holder.close()
 
 
 def test_up_stops_everything_when_a_child_dies_early():

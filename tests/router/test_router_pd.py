@@ -127,7 +127,12 @@ def test_chat_equals_colocated(router, tiny_server, n):
 
 
 def test_completions_equal_colocated(router, tiny_server):
-    body = {"model": "tiny-random", "prompt": ["Once upon", "a time"], "max_tokens": 8, "temperature": 0}
+    body = {
+        "model": "tiny-random",
+        "prompt": ["Once upon", "a time"],
+        "max_tokens": 8,
+        "temperature": 0,
+    }
     url = "/v1/completions"
     want = [c["text"] for c in post(tiny_server.url + url, body).json()["choices"]]
     assert [c["text"] for c in post(router.url + url, body).json()["choices"]] == want
