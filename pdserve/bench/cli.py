@@ -6,6 +6,7 @@ The options come from `BenchConfig`; heavy imports wait until the command runs.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from pdserve.config import add_arguments, from_args
@@ -51,5 +52,5 @@ def run_compare(args: argparse.Namespace) -> int:
         from pdserve.bench.plots import plot_compare
 
         plot_compare(runs, args.plot)
-        print(f"plot written to {args.plot}")
+        print(f"plot written to {os.path.abspath(args.plot)}")
     return 0

@@ -115,15 +115,17 @@ async def measure(
     return report.build_result(cfg, rate, summary, records, prep.info, counters)
 
 
-def _save(
-    cfg: BenchConfig, result: dict[str, Any], output: str | None, plot_dir: str | None
-) -> None:
+def _save(result: dict[str, Any], output: str | None, plot_dir: str | None) -> None:
+    """Write the result JSON and the run's plots where asked, and say where."""
     if output:
         report.write_json(output, result)
+        print(f"result JSON written to {os.path.abspath(output)}", flush=True)
     if plot_dir:
         from pdserve.bench.plots import plot_run
 
-        plot_run(result, plot_dir)
+        paths = plot_run(result, plot_dir)
+        names = ", ".join(os.path.basename(p) for p in paths)
+        print(f"plots written to {os.path.abspath(plot_dir)}: {names}", flush=True)
 
 
 async def run_single(
@@ -134,7 +136,7 @@ async def run_single(
         prep = await prepare(session, cfg)
         result = await measure(session, cfg, prep, cfg.request_rate, on_record)
     print(report.format_table(result))
-    _save(cfg, result, cfg.output, cfg.plot_dir)
+    _save(result, cfg.output, cfg.plot_dir)
     return result
 
 
@@ -158,7 +160,7 @@ async def run_sweep(cfg: BenchConfig) -> dict[str, Any]:
             share, goodput = result["goodput_share"], result["request_goodput"]
             print(f"rate {rate:g} req/s: goodput share {share:.3f}, {goodput:.2f} req/s good")
             plot_dir = cfg.plot_dir and os.path.join(cfg.plot_dir, f"rate-{rate:g}")
-            _save(cfg, result, _rate_path(cfg.output, rate), plot_dir)
+            _save(result, _rate_path(cfg.output, rate), plot_dir)
             runs.append(report.without_records(result))
     summary = {
         "sweep_target": cfg.sweep_target,
@@ -169,11 +171,13 @@ async def run_sweep(cfg: BenchConfig) -> dict[str, Any]:
     print(f"highest rate with goodput share >= {cfg.sweep_target}: {sweep.best_rate} req/s")
     if cfg.output:
         report.write_json(cfg.output, summary)
+        print(f"sweep summary JSON written to {os.path.abspath(cfg.output)}", flush=True)
     if cfg.plot_dir:
         from pdserve.bench.plots import plot_sweep
 
         points = [(r["request_rate"], r["goodput_share"], r["request_goodput"]) for r in runs]
-        plot_sweep(points, cfg.sweep_target, os.path.join(cfg.plot_dir, "sweep.png"))
+        path = plot_sweep(points, cfg.sweep_target, os.path.join(cfg.plot_dir, "sweep.png"))
+        print(f"sweep plot written to {os.path.abspath(path)}", flush=True)
     return summary
 
 

@@ -8,8 +8,6 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
-
 _NAMES = {"ttft": "TTFT", "tpot": "TPOT", "itl": "ITL", "e2el": "E2E latency"}
 
 
@@ -33,41 +31,81 @@ def samples_ms(result: dict[str, Any]) -> dict[str, list[float]]:
     }
 
 
-def _cdf(ax: Any, values: Sequence[float], label: str | None) -> None:
-    if not values:
-        return
-    xs = np.sort(np.asarray(values))
-    ax.step(xs, np.arange(1, len(xs) + 1) / len(xs), where="post", label=label)
+def cdf_points(values: Sequence[float]) -> tuple[list[float], list[float]]:
+    """The empirical CDF as step points (drawn with where="post"): it starts at share 0 at
+    the smallest value and reaches 1 at the largest."""
+    xs = sorted(values)
+    if not xs:
+        return [], []
+    return [xs[0], *xs], [0.0, *(i / len(xs) for i in range(1, len(xs) + 1))]
 
 
-def _cdf_grid(path: str, runs: Sequence[tuple[str | None, dict[str, Any]]]) -> None:
-    plt = _pyplot()
-    fig, axes = plt.subplots(2, 2, figsize=(10, 7))
-    for ax, (name, title) in zip(axes.flat, _NAMES.items(), strict=True):
-        for label, result in runs:
-            _cdf(ax, samples_ms(result)[name], label)
-        ax.set_title(f"{title} CDF")
-        ax.set_xlabel("ms")
-        ax.set_ylabel("share of samples")
-        ax.grid(alpha=0.3)
-        if any(label for label, _ in runs):
-            ax.legend()
+def slo_limits_ms(result: dict[str, Any]) -> dict[str, float]:
+    """The run's SLO limits by latency kind ("ttft", "tpot"), for those that were set."""
+    limits = {"ttft": result.get("slo_ttft_ms"), "tpot": result.get("slo_tpot_ms")}
+    return {name: ms for name, ms in limits.items() if ms is not None}
+
+
+def run_title(result: dict[str, Any]) -> str:
+    """The run's label (or "unlabelled run"), what it measured, and its SLO limits."""
+    rate = result.get("request_rate")
+    parts = [f"{result.get('endpoint')} @ {rate} req/s", f"{result.get('completed')} requests"]
+    limits = slo_limits_ms(result)
+    if limits:
+        parts.append(
+            "SLO " + ", ".join(f"{_NAMES[name]} <= {ms:g} ms" for name, ms in limits.items())
+        )
+    return f"{result.get('label') or 'unlabelled run'}: " + "; ".join(parts)
+
+
+def _save(fig: Any, path: str) -> str:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _pyplot().close(fig)
+    return path
 
 
-def _scatter(path: str, xs: list[float], ys: list[float], title: str, ylabel: str) -> None:
+def cdf_figure(
+    runs: Sequence[tuple[str | None, dict[str, Any]]],
+    title: str | None = None,
+    slo_ms: dict[str, float] | None = None,
+) -> Any:
+    """One CDF panel per latency kind, a curve per run; SLO limits as dashed lines."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(2, 2, figsize=(10, 7))
+    for ax, (name, kind) in zip(axes.flat, _NAMES.items(), strict=True):
+        for label, result in runs:
+            xs, ys = cdf_points(samples_ms(result)[name])
+            if xs:
+                ax.step(xs, ys, where="post", label=label)
+        if slo_ms and name in slo_ms:
+            ax.axvline(slo_ms[name], linestyle="--", color="red", label=f"SLO {slo_ms[name]:g} ms")
+        ax.set_title(f"{kind} CDF")
+        ax.set_xlabel("ms")
+        ax.set_ylabel("share of samples")
+        ax.set_ylim(0, 1.02)
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
+    if title:
+        fig.suptitle(title)
+    return fig
+
+
+def scatter_figure(
+    xs: list[float], ys: list[float], title: str, ylabel: str, limit_ms: float | None = None
+) -> Any:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(9, 4))
     ax.scatter(xs, ys, s=6)
+    if limit_ms is not None:
+        ax.axhline(limit_ms, linestyle="--", color="red", label=f"SLO {limit_ms:g} ms")
+        ax.legend()
     ax.set_title(title)
     ax.set_xlabel("time since start of run (s)")
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    return fig
 
 
 def itl_points(result: dict[str, Any]) -> tuple[list[float], list[float]]:
@@ -84,22 +122,31 @@ def itl_points(result: dict[str, Any]) -> tuple[list[float], list[float]]:
     return xs, ys
 
 
+def run_figures(result: dict[str, Any]) -> dict[str, Any]:
+    """A run's figures by file name, each titled with the run and showing its SLO limits."""
+    title, limits = run_title(result), slo_limits_ms(result)
+    done = [r for r in result["requests"] if r["ok"] and r["ttft_s"] is not None]
+    ttft = ([r["sent_s"] for r in done], [r["ttft_s"] * 1e3 for r in done])
+    return {
+        "latency_cdf.png": cdf_figure([(None, result)], title, limits),
+        "ttft_over_time.png": scatter_figure(
+            *ttft, f"TTFT by send time\n{title}", "TTFT (ms)", limits.get("ttft")
+        ),
+        "itl_over_time.png": scatter_figure(
+            *itl_points(result), f"ITL by token arrival time\n{title}", "ITL (ms)"
+        ),
+    }
+
+
 def plot_run(result: dict[str, Any], out_dir: str) -> list[str]:
     """Writes latency_cdf.png, ttft_over_time.png, itl_over_time.png; returns their paths."""
     os.makedirs(out_dir, exist_ok=True)
-    paths = [os.path.join(out_dir, n) for n in ("latency_cdf.png", "ttft_over_time.png", "itl_over_time.png")]  # fmt: skip
-    _cdf_grid(paths[0], [(None, result)])
-    done = [r for r in result["requests"] if r["ok"] and r["ttft_s"] is not None]
-    ttft_x = [r["sent_s"] for r in done]
-    _scatter(paths[1], ttft_x, [r["ttft_s"] * 1e3 for r in done], "TTFT by send time", "TTFT (ms)")
-    _scatter(paths[2], *itl_points(result), "ITL by token arrival time", "ITL (ms)")
-    return paths
+    return [_save(fig, os.path.join(out_dir, name)) for name, fig in run_figures(result).items()]
 
 
 def plot_compare(runs: Sequence[tuple[str, dict[str, Any]]], path: str) -> str:
     """Latency CDFs of several runs overlaid, one panel per latency kind."""
-    _cdf_grid(path, list(runs))
-    return path
+    return _save(cdf_figure(list(runs)), path)
 
 
 def plot_sweep(points: Sequence[tuple[float, float, float]], target_share: float, path: str) -> str:
@@ -119,7 +166,4 @@ def plot_sweep(points: Sequence[tuple[float, float, float]], target_share: float
     for ax in (ax1, ax2):
         ax.set_xlabel("request rate (req/s)")
         ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, path)

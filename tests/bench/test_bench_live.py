@@ -47,7 +47,9 @@ def server_counts(url: str) -> dict[str, float]:
 
 
 @pytest.mark.parametrize("endpoint", ["generate", "completions", "chat"])
-def test_report_counts_equal_the_servers_counters(tiny_server, tmp_path: Path, endpoint: str):
+def test_report_counts_equal_the_servers_counters(
+    tiny_server, tmp_path: Path, endpoint: str, capsys: pytest.CaptureFixture
+):
     out, plots = tmp_path / "run.json", tmp_path / "plots"
     cfg = BenchConfig(
         base_url=tiny_server.url, endpoint=endpoint, num_prompts=5, warmup_requests=1,
@@ -73,6 +75,9 @@ def test_report_counts_equal_the_servers_counters(tiny_server, tmp_path: Path, e
     assert all(set(r) == RECORD_FIELDS for r in result["requests"])
     for png in ("latency_cdf.png", "ttft_over_time.png", "itl_over_time.png"):
         assert (plots / png).stat().st_size > 5000
+    printed = capsys.readouterr().out
+    assert f"result JSON written to {out}" in printed
+    assert f"plots written to {plots}: latency_cdf.png, ttft_over_time.png" in printed
 
 
 def test_requested_input_lengths_reach_the_server_exactly(tiny_server):
@@ -147,7 +152,9 @@ def test_trace_replay_keeps_the_traces_relative_timing(tiny_server, tmp_path: Pa
     assert sent == pytest.approx(expected, abs=0.05)
 
 
-def test_a_sweep_runs_each_rate_and_names_the_best(tiny_server, tmp_path: Path):
+def test_a_sweep_runs_each_rate_and_names_the_best(
+    tiny_server, tmp_path: Path, capsys: pytest.CaptureFixture
+):
     out = tmp_path / "sweep.json"
     cfg = BenchConfig(
         base_url=tiny_server.url, num_prompts=3, random_input_len=16, random_output_len=3,
@@ -161,3 +168,7 @@ def test_a_sweep_runs_each_rate_and_names_the_best(tiny_server, tmp_path: Path):
     assert json.loads((tmp_path / "sweep.rate-20.json").read_text())["completed"] == 3
     assert (tmp_path / "plots" / "sweep.png").stat().st_size > 5000
     assert (tmp_path / "plots" / "rate-10" / "latency_cdf.png").exists()
+    printed = capsys.readouterr().out
+    assert f"sweep summary JSON written to {out}" in printed
+    assert f"result JSON written to {tmp_path / 'sweep.rate-20.json'}" in printed
+    assert f"sweep plot written to {tmp_path / 'plots' / 'sweep.png'}" in printed

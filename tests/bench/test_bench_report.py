@@ -9,7 +9,7 @@ import pytest
 
 from pdserve.bench.compare import compare_rows, format_compare, load_run
 from pdserve.bench.metrics import LATENCIES
-from pdserve.bench.plots import itl_points, plot_run
+from pdserve.bench.plots import cdf_points, itl_points, plot_run, run_figures, run_title
 from pdserve.bench.report import format_table, write_json
 from tests.bench.sample_runs import make_result
 
@@ -73,3 +73,44 @@ def test_plots_are_written_and_not_empty(tmp_path: Path):
     for path in paths:
         assert Path(path).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert Path(path).stat().st_size > 5000
+
+
+def test_a_cdf_starts_at_zero_and_climbs_one_step_per_sample():
+    assert cdf_points([30.0, 10.0, 20.0, 20.0]) == (
+        [10.0, 10.0, 20.0, 20.0, 30.0],
+        [0.0, 0.25, 0.5, 0.75, 1.0],
+    )
+    assert cdf_points([]) == ([], [])
+
+
+def test_a_runs_title_names_its_label_load_and_slo_limits():
+    assert run_title(make_result("colocated", 1.0)) == (
+        "colocated: generate @ inf req/s; 5 requests; SLO TTFT <= 30 ms"
+    )
+    assert run_title(make_result(None, 1.0)).startswith("unlabelled run: generate")
+
+
+def _dashed_x(ax) -> list[float]:
+    return [line.get_xdata()[0] for line in ax.get_lines() if line.get_linestyle() == "--"]
+
+
+def test_single_run_plots_show_the_label_the_slo_limit_and_cdfs_from_zero():
+    import matplotlib.pyplot as plt
+
+    figures = run_figures(make_result("pd-1p1d", 1.0))
+    try:
+        cdf = figures["latency_cdf.png"]
+        assert cdf._suptitle.get_text().startswith("pd-1p1d: ")
+        ttft_ax, tpot_ax, itl_ax, _ = cdf.axes
+        assert _dashed_x(ttft_ax) == [30.0]  # the run's TTFT SLO; it set no TPOT SLO
+        assert _dashed_x(tpot_ax) == [] and _dashed_x(itl_ax) == []
+        curve = next(line for line in ttft_ax.get_lines() if line.get_linestyle() != "--")
+        assert curve.get_ydata()[0] == 0.0 and curve.get_ydata()[-1] == 1.0
+        scatter = figures["ttft_over_time.png"].axes[0]
+        assert "pd-1p1d" in scatter.get_title()
+        dashed_y = [ln.get_ydata()[0] for ln in scatter.get_lines() if ln.get_linestyle() == "--"]
+        assert dashed_y == [30.0]
+        assert "pd-1p1d" in figures["itl_over_time.png"].axes[0].get_title()
+    finally:
+        for fig in figures.values():
+            plt.close(fig)
