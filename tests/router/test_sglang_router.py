@@ -83,9 +83,10 @@ def test_sglang_router_generate_equals_colocated(sglang_router, tiny_server, bod
     )
 
 
-def test_sglang_router_chat_equals_colocated(sglang_router, tiny_server):
+def test_sglang_router_chat_equals_colocated(sglang_router, tiny_server, model_dir):
     body = {"model": "tiny-random", "messages": MESSAGES, "max_tokens": 8, "temperature": 0}
     want = chat_text(post(tiny_server.url + "/v1/chat/completions", body).json())
+    body["model"] = model_dir  # the PD servers' --model-path, so their model name
     assert chat_text(post(sglang_router.url + "/v1/chat/completions", body).json()) == want
     events = streamed(sglang_router.url + "/v1/chat/completions", body)
     text = "".join(c["delta"].get("content") or "" for e in events for c in e["choices"])
