@@ -44,12 +44,24 @@ class _Timing:
         self.done = False
         self.token_chunks = 0
 
+    @staticmethod
+    def _keep_answer(record: RequestRecord, event: StreamEvent) -> None:
+        """Native chunks carry the answer so far; OpenAI chunks carry a piece of text."""
+        if event.output_ids is not None:
+            record.output_ids = event.output_ids
+            record.output_text = event.text
+        elif event.text is not None:
+            record.output_text = (record.output_text or "") + event.text
+
     def apply(self, record: RequestRecord, event: StreamEvent, now: float) -> None:
         if event.completion_tokens is not None:
             record.output_tokens = event.completion_tokens
             record.output_tokens_from_server = True
         if event.prompt_tokens is not None:
             record.prompt_len = event.prompt_tokens
+        if event.cached_tokens is not None:
+            record.cached_tokens = event.cached_tokens
+        self._keep_answer(record, event)
         self.finished = self.finished or event.finished
         if not event.has_new_tokens:
             return

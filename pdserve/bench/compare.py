@@ -1,5 +1,6 @@
 """`pdserve bench compare A.json B.json`: two (or more) runs side by side, as a table with
-each run's ratio to the first, and as overlaid latency CDFs. Runs in the client; files only.
+each run's ratio to the first, and as overlaid latency CDFs; multi-turn runs also get their
+per-turn figures and whether their answers were the same tokens. Runs in the client; files only.
 """
 
 from __future__ import annotations
@@ -66,8 +67,84 @@ def compare_rows(runs: Sequence[tuple[str, dict[str, Any]]]) -> list[list[str]]:
     return rows
 
 
+def _turn_value(result: dict[str, Any], group: str, name: str) -> Any:
+    return (result.get("per_turn") or {}).get(group, {}).get(name)
+
+
+def multiturn_rows(runs: Sequence[tuple[str, dict[str, Any]]]) -> list[list[str]]:
+    """Per-turn TTFT p50 (turns 2+ first: the figure a prefix cache moves), cached share and
+    KV bytes, each with its ratio to the first run; empty unless every run is multi-turn."""
+    if not all(result.get("per_turn") for _, result in runs):
+        return []
+    base = runs[0][1]
+    groups = ["2+", *(g for g in base["per_turn"] if g != "2+")]
+    rows = []
+    for group in groups:
+        for stat in ("p50_ttft_ms", "p99_ttft_ms"):
+            values = [_turn_value(result, group, stat) for _, result in runs]
+            ratios = [_ratio(v, values[0]) for v in values[1:]]
+            rows.append([f"turn {group} {stat}", *(_cell(v) for v in values), *ratios])
+    for name in ("cached_token_share", "kv_transfer_bytes"):
+        values = [result.get(name) for _, result in runs]
+        ratios = [_ratio(v, values[0]) for v in values[1:]]
+        rows.append([name, *(_cell(v) for v in values), *ratios])
+    return rows
+
+
+def _answer(result: dict[str, Any], index: int) -> list[int] | str | None:
+    record = result["requests"][index]
+    if not record.get("ok"):
+        return None
+    ids = record.get("output_ids")
+    return ids if ids is not None else record.get("output_text")
+
+
+def _first_difference(a: list[int] | str, b: list[int] | str) -> int:
+    for position, (x, y) in enumerate(zip(a, b, strict=False)):
+        if x != y:
+            return position
+    return min(len(a), len(b))
+
+
+def answer_divergences(base: dict[str, Any], other: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per conversation, the first turn whose answer differs between two multi-turn runs
+    (later turns have other prompts from there on), with the first differing token position
+    (or character, for text-only answers); a turn that failed in either run counts as
+    differing with `position` None. Empty when every answer is the same."""
+    out = []
+    other_convs = {c["conversation"]: c for c in other.get("conversations") or []}
+    for conv in base.get("conversations") or []:
+        theirs = other_convs.get(conv["conversation"], {"request_indices": []})["request_indices"]
+        for turn, (i, j) in enumerate(zip(conv["request_indices"], theirs, strict=False), 1):
+            a, b = _answer(base, i), _answer(other, j)
+            if a is not None and a == b:
+                continue
+            position = None if a is None or b is None else _first_difference(a, b)
+            out.append({"conversation": conv["conversation"], "turn": turn, "position": position})
+            break
+    return out
+
+
+def format_divergences(runs: Sequence[tuple[str, dict[str, Any]]]) -> list[str]:
+    base_label, base = runs[0]
+    num_conversations = len(base.get("conversations") or [])
+    lines = []
+    for label, result in runs[1:]:
+        diffs = answer_divergences(base, result)
+        if not diffs:
+            lines.append(f"answers {label} vs {base_label}: identical ({num_conversations} conversations)")  # fmt: skip
+            continue
+        first = diffs[0]
+        lines.append(
+            f"answers {label} vs {base_label}: {len(diffs)} of {num_conversations} conversations "
+            f"differ; first: conversation {first['conversation']} turn {first['turn']} "
+            f"token {first['position']}"
+        )
+    return lines
+
+
 def format_compare(runs: Sequence[tuple[str, dict[str, Any]]]) -> str:
-    rows = compare_rows(runs)
+    rows = compare_rows(runs) + multiturn_rows(runs)
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = []
     for n, row in enumerate(rows):
@@ -77,4 +154,6 @@ def format_compare(runs: Sequence[tuple[str, dict[str, Any]]]) -> str:
         lines.append("  ".join(cells))
         if n == 0:
             lines.append("-" * len(lines[0]))
+    if all(result.get("conversations") for _, result in runs):
+        lines += format_divergences(runs)
     return "\n".join(lines)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pdserve.config import check, opt
 
 ENDPOINTS = ["generate", "completions", "chat"]
-DATASETS = ["random", "shared-prefix", "trace"]
+DATASETS = ["random", "shared-prefix", "trace", "multiturn"]
 LENGTH_DISTS = ["uniform", "normal", "lognormal"]
 
 
@@ -53,6 +53,19 @@ class BenchConfig:
     trace_block_size: int = opt(512, "trace: tokens per hash id")
     trace_length_scale: float = opt(
         1.0, "trace: multiply lengths and the block size by this (fit a trace to a small model)"
+    )
+    num_conversations: int = opt(8, "multiturn: conversations, all running at once")
+    num_turns: int = opt(4, "multiturn: turns per conversation")
+    system_prompt_len: int = opt(512, "multiturn: tokens of the system prompt all of them share")
+    user_len: int = opt(64, "multiturn: tokens of each user message")
+    think_time_s: float = opt(0.0, "multiturn: pause between an answer and the next turn")
+    conversation_stagger_s: float = opt(
+        0.0, "multiturn: conversation i starts i times this many seconds after the first"
+    )
+    metrics_urls: list[str] = opt(
+        [],
+        "servers whose /metrics are read before and after the run for KV bytes transferred "
+        "and cached tokens (e.g. the prefill and decode servers behind a router)",
     )
     seed: int = opt(0, "random seed for lengths, tokens and arrivals")
     # load
@@ -96,6 +109,20 @@ class BenchConfig:
         check(self.trace_speedup > 0, "--trace-speedup must be > 0")
         check(self.trace_block_size > 0, "--trace-block-size must be > 0")
         check(self.trace_length_scale > 0, "--trace-length-scale must be > 0")
+        check(self.num_conversations > 0, "--num-conversations must be > 0")
+        check(self.num_turns > 0, "--num-turns must be > 0")
+        check(self.system_prompt_len >= 0, "--system-prompt-len must be >= 0")
+        check(self.user_len > 0, "--user-len must be > 0")
+        check(self.think_time_s >= 0, "--think-time-s must be >= 0")
+        check(self.conversation_stagger_s >= 0, "--conversation-stagger-s must be >= 0")
+        check(
+            self.dataset_name != "multiturn" or self.endpoint == "generate",
+            "--dataset-name multiturn sends token ids: it needs --endpoint generate",
+        )
+        check(
+            self.dataset_name != "multiturn" or not self.sweep_rates,
+            "--sweep-rates does not apply to multiturn (conversations pace themselves)",
+        )
         check(self.request_rate > 0, "--request-rate must be > 0 (inf: all at once)")
         check(self.burstiness > 0, "--burstiness must be > 0")
         check(

@@ -14,7 +14,7 @@ from typing import Any
 
 import aiohttp
 
-from pdserve.bench import client, report, runner
+from pdserve.bench import client, conversations, report, runner
 from pdserve.bench.config import BenchConfig
 from pdserve.bench.metrics import RequestRecord, summarize
 from pdserve.bench.server_stats import counter_deltas
@@ -32,8 +32,10 @@ class Prepared:
     info: dict[str, Any]
 
 
-async def prepare(session: aiohttp.ClientSession, cfg: BenchConfig) -> Prepared:
-    """Find the tokenizer and model name, build the workload, and send the warmup."""
+async def connect(
+    session: aiohttp.ClientSession, cfg: BenchConfig
+) -> tuple[runner.Target, Any, dict[str, Any]]:
+    """Find the tokenizer and model name: (target, tokenizer, what was measured)."""
     base_url = cfg.base_url.rstrip("/")
     model_info = await client.get_json(session, base_url + "/model_info")
     if model_info is None and cfg.tokenizer is None:
@@ -49,16 +51,50 @@ async def prepare(session: aiohttp.ClientSession, cfg: BenchConfig) -> Prepared:
         base_url, cfg.endpoint, model, cfg.temperature, cfg.ignore_eos,
         runner.parse_extra_body(cfg.extra_body), cfg.request_timeout_s,
     )  # fmt: skip
-    prompts, trace_times, warmup = runner.build_workload(cfg, tokenizer)
-    await _warm_up(session, target, warmup, cfg.max_concurrency)
     info = {
         "model": model or (model_info or {}).get("model_path"),
         "tokenizer": tokenizer_path,
-        "num_prompts": len(prompts),
-        "warmup_requests": len(warmup),
         "server_model_info": model_info,
     }
+    return target, tokenizer, info
+
+
+async def prepare(session: aiohttp.ClientSession, cfg: BenchConfig) -> Prepared:
+    """Connect, build the workload, and send the warmup."""
+    target, tokenizer, info = await connect(session, cfg)
+    prompts, trace_times, warmup = runner.build_workload(cfg, tokenizer)
+    await _warm_up(session, target, warmup, cfg.max_concurrency)
+    info.update(num_prompts=len(prompts), warmup_requests=len(warmup))
     return Prepared(target, prompts, trace_times, info)
+
+
+async def run_multiturn(
+    cfg: BenchConfig, on_record: Callable[[RequestRecord], None] | None = None
+) -> dict[str, Any]:
+    """`pdserve bench --dataset-name multiturn`: conversations instead of independent prompts."""
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+        target, tokenizer, info = await connect(session, cfg)
+        plans = conversations.build_plans(cfg, tokenizer)
+        warmup = conversations.warmup_prompts(cfg, tokenizer)
+        await _warm_up(session, target, warmup, cfg.max_concurrency)
+        info.update(num_prompts=cfg.num_conversations * cfg.num_turns, warmup_requests=len(warmup))
+        bar, tick = _progress(cfg, cfg.num_conversations * cfg.num_turns)
+
+        def on_done(record: RequestRecord) -> None:
+            tick(record)
+            if on_record is not None:
+                on_record(record)
+
+        try:
+            result = await conversations.measure_conversations(
+                session, cfg, target, plans, info, on_done
+            )
+        finally:
+            bar.close()
+    print(report.format_table(result))
+    print(report.format_turn_table(result))
+    _save(cfg, result, cfg.output, cfg.plot_dir)
+    return result
 
 
 async def _warm_up(
@@ -189,5 +225,8 @@ def main(cfg: BenchConfig) -> int:
         if cfg.sweep_rates:
             asyncio.run(run_sweep(cfg))
             return 0
-        result = asyncio.run(run_single(cfg))
+        if cfg.dataset_name == "multiturn":
+            result = asyncio.run(run_multiturn(cfg))
+        else:
+            result = asyncio.run(run_single(cfg))
     return 1 if result["completed"] == 0 else 0

@@ -31,6 +31,9 @@ class RequestRecord:
     e2el_s: float | None = None
     output_tokens: int = 0  # server's count (meta_info / usage) when it gave one
     output_tokens_from_server: bool = False
+    cached_tokens: int | None = None  # prompt tokens the server served from its cache
+    output_ids: list[int] | None = None  # the answer's token ids (native /generate only)
+    output_text: str | None = None  # the answer's text as streamed
     error_kind: str | None = None  # short reason: "http_400", "connection", "timeout", ...
     error: str | None = None
 

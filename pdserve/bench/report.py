@@ -122,6 +122,39 @@ def format_table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _mib(num_bytes: float | None) -> str:
+    return "-" if num_bytes is None else f"{num_bytes / 2**20:.2f}"
+
+
+def format_turn_table(result: dict[str, Any]) -> str:
+    """The multi-turn part of the report: latency percentiles and cached share per turn
+    group ("1", "2", ..., and "2+"), then the cache and KV transfer totals."""
+    groups = list(result["per_turn"])
+    head = f"{'turn':<6}{'done':>6}" + "".join(
+        f"{f'{name} p{p}':>11}" for name in ("ttft", "itl", "e2el") for p in PERCENTILES
+    )
+    lines = [" Per turn (ms) ".center(len(head) + 8, "-"), head + f"{'cached':>8}"]
+    for group in groups:
+        fig = result["per_turn"][group]
+        cells = "".join(
+            f"{_fmt(fig[f'p{p}_{name}_ms']):>11}" for name in ("ttft", "itl", "e2el") for p in PERCENTILES
+        )  # fmt: skip
+        share = f"{fig['cached_token_share']:.3f}"
+        lines.append(f"{group:<6}{fig['completed']:>6}{cells}{share:>8}")
+    lines.append(f"Cached tokens / prompt tokens: {result['cached_tokens']} / "
+                 f"{result['prompt_tokens']} = {result['cached_token_share']:.3f}")  # fmt: skip
+    kv = result.get("kv_transfer")
+    if kv is None:
+        lines.append("KV bytes transferred: - (give --metrics-urls of the servers)")
+    else:
+        lines.append(
+            f"KV bytes transferred (MiB): {_mib(kv['kv_transfer_bytes'])} "
+            f"(sent by prefill {_mib(kv['kv_bytes_sent'])}, "
+            f"received by decode {_mib(kv['kv_bytes_received'])})"
+        )
+    return "\n".join(lines)
+
+
 def without_records(result: dict[str, Any]) -> dict[str, Any]:
     """The result less its per-request parts (for sweep summaries)."""
     bulky = {"requests", "input_lens", "output_lens", "ttfts", "itls", "errors"}

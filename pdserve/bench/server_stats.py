@@ -1,12 +1,16 @@
 """What the server counted during a run: Prometheus counters scraped before and after.
 
 Pure (text in, numbers out): runs in the `pdserve bench` client. Works with any server
-exposing the Prometheus text format (pdserve, vLLM, SGLang), whatever its metric names.
+exposing the Prometheus text format (pdserve, vLLM, SGLang), whatever its metric names;
+the KV transfer summary reads pdserve's own counters.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
+from dataclasses import dataclass
+from typing import Any
 
 _SAMPLE = re.compile(r"^([A-Za-z_:][A-Za-z0-9_:]*)(\{[^}]*\})?\s+(\S+)")
 
@@ -56,3 +60,58 @@ def counter_deltas(before_text: str, after_text: str) -> dict[str, float]:
             continue
         out[key] = value - before.get(key, 0.0)
     return out
+
+
+KV_BYTES_COUNTER = "pdserve_kv_transfer_bytes_total"
+CACHED_TOKENS_COUNTER = "pdserve_cached_tokens_total"
+_MODE = re.compile(r'^pdserve_server_info\{.*mode="([^"]*)"')
+
+
+def server_mode(text: str) -> str | None:
+    """A pdserve server's mode (colocated, prefill, decode) from its `server_info` gauge."""
+    for line in text.splitlines():
+        match = _MODE.match(line)
+        if match is not None:
+            return match.group(1)
+    return None
+
+
+@dataclass(frozen=True)
+class ServerGrowth:
+    """What one server counted during a run."""
+
+    mode: str | None
+    kv_transfer_bytes: float
+    cached_tokens: float
+
+
+def server_growth(before_text: str, after_text: str) -> ServerGrowth:
+    deltas = counter_deltas(before_text, after_text)
+    return ServerGrowth(
+        server_mode(after_text),
+        deltas.get(KV_BYTES_COUNTER, 0.0),
+        deltas.get(CACHED_TOKENS_COUNTER, 0.0),
+    )
+
+
+def kv_transfer_summary(scrapes: dict[str, tuple[str | None, str | None]]) -> dict[str, Any]:
+    """KV bytes and cached tokens each server counted during a run, from (before, after)
+    scrapes by URL. A byte that crosses the wire is counted twice, sent by prefill and
+    received by decode, so `kv_transfer_bytes` is what decode servers received (what prefill
+    servers sent when no decode server was given). A server that did not answer is None."""
+    growths = {
+        url: server_growth(before, after) if before and after else None
+        for url, (before, after) in scrapes.items()
+    }
+    known = [g for g in growths.values() if g is not None]
+    sent = sum(g.kv_transfer_bytes for g in known if g.mode == "prefill")
+    received = sum(g.kv_transfer_bytes for g in known if g.mode == "decode")
+    any_decode = any(g.mode == "decode" for g in known)
+    return {
+        "servers": {url: g and dataclasses.asdict(g) for url, g in growths.items()},
+        "kv_bytes_sent": sent,
+        "kv_bytes_received": received,
+        "kv_transfer_bytes": received if any_decode else sent,
+        "server_cached_tokens": sum(g.cached_tokens for g in known),
+        "complete": len(known) == len(growths),
+    }

@@ -88,6 +88,9 @@ class StreamEvent:
     has_new_tokens: bool = False
     completion_tokens: int | None = None  # cumulative, from the server
     prompt_tokens: int | None = None
+    cached_tokens: int | None = None  # prompt tokens served from the server's cache
+    output_ids: list[int] | None = None  # cumulative (native), None on the OpenAI routes
+    text: str | None = None  # cumulative (native) or this chunk's delta (OpenAI)
     finished: bool = False  # the server gave a finish reason
     error: str | None = None
 
@@ -124,7 +127,13 @@ class StreamParser:
         count = meta.get("completion_tokens")
         if count is None and isinstance(obj.get("output_ids"), list):
             count = len(obj["output_ids"])
-        event = StreamEvent(completion_tokens=count, prompt_tokens=meta.get("prompt_tokens"))
+        event = StreamEvent(
+            completion_tokens=count,
+            prompt_tokens=meta.get("prompt_tokens"),
+            cached_tokens=meta.get("cached_tokens"),
+            output_ids=obj.get("output_ids") if isinstance(obj.get("output_ids"), list) else None,
+            text=obj.get("text") if isinstance(obj.get("text"), str) else None,
+        )
         finish = meta.get("finish_reason")
         event.finished = finish is not None
         if isinstance(finish, dict) and finish.get("type") == "abort":
@@ -136,15 +145,18 @@ class StreamParser:
 
     def _feed_openai(self, obj: dict[str, Any]) -> StreamEvent:
         usage = obj.get("usage") or {}
+        details = usage.get("prompt_tokens_details") or {}
         event = StreamEvent(
             completion_tokens=usage.get("completion_tokens"),
             prompt_tokens=usage.get("prompt_tokens"),
+            cached_tokens=details.get("cached_tokens") if isinstance(details, dict) else None,
         )
         for choice in obj.get("choices") or []:
             delta = choice.get("delta") or {}
             text = choice.get("text") or delta.get("content") or delta.get("reasoning_content")
             if text:
                 event.has_new_tokens = True
+                event.text = (event.text or "") + text
             if choice.get("finish_reason") is not None:
                 event.finished = True
         return event
