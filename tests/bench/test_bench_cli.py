@@ -45,3 +45,8 @@ def test_compare_needs_two_files(tmp_path: Path):
     write_json(str(tmp_path / "a.json"), make_result("a", 1.0))
     proc = pdserve("bench", "compare", str(tmp_path / "a.json"))
     assert proc.returncode != 0 and "at least two" in proc.stderr
+
+
+def test_multiturn_on_a_text_endpoint_is_refused_with_the_reason():
+    proc = pdserve("bench", "--dataset-name", "multiturn", "--endpoint", "chat")
+    assert proc.returncode == 2 and "multiturn sends token ids" in proc.stderr

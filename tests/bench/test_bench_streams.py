@@ -123,3 +123,18 @@ def test_prometheus_parser_reads_types_and_labelled_samples():
     samples, types = parse_prometheus(METRICS_BEFORE)
     assert types["pdserve_requests_total"] == "counter"
     assert samples['pdserve_num_running_reqs{dp_rank="0"}'] == 2.0
+
+
+def test_streams_carry_cached_tokens_and_the_answer():
+    native = StreamParser("generate").feed(
+        '{"text": "ab", "output_ids": [5, 6], "meta_info": {"completion_tokens": 2, '
+        '"prompt_tokens": 9, "cached_tokens": 4, "finish_reason": null}}'
+    )
+    assert (native.cached_tokens, native.output_ids, native.text) == (4, [5, 6], "ab")
+    parser = StreamParser("chat")
+    delta = parser.feed('{"choices": [{"index": 0, "delta": {"content": "hi"}}]}')
+    usage = parser.feed(
+        '{"choices": [], "usage": {"prompt_tokens": 9, "completion_tokens": 1, '
+        '"prompt_tokens_details": {"cached_tokens": 8}}}'
+    )
+    assert (delta.text, delta.output_ids, usage.cached_tokens) == ("hi", None, 8)
