@@ -50,6 +50,8 @@ class _Timing:
         if event.output_ids is not None:
             record.output_ids = event.output_ids
             record.output_text = event.text
+            if event.top_logprobs is not None:
+                record.output_top_logprobs = event.top_logprobs
         elif event.text is not None:
             record.output_text = (record.output_text or "") + event.text
 

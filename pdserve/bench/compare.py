@@ -106,11 +106,23 @@ def _first_difference(a: list[int] | str, b: list[int] | str) -> int:
     return min(len(a), len(b))
 
 
+def top2_gap(result: dict[str, Any], index: int, position: int | None) -> float | None:
+    """The gap between the two best logprobs (= between the two best logits) where a
+    request's answer reached `position`, when the run recorded top logprobs."""
+    tops = result["requests"][index].get("output_top_logprobs")
+    if position is None or not tops or position >= len(tops) or not tops[position]:
+        return None
+    row = tops[position]
+    return float(row[0][0] - row[1][0]) if len(row) >= 2 else None
+
+
 def answer_divergences(base: dict[str, Any], other: dict[str, Any]) -> list[dict[str, Any]]:
     """Per conversation, the first turn whose answer differs between two multi-turn runs
     (later turns have other prompts from there on), with the first differing token position
-    (or character, for text-only answers); a turn that failed in either run counts as
-    differing with `position` None. Empty when every answer is the same."""
+    (or character, for text-only answers) and both runs' top-2 logprob gap there when they
+    recorded top logprobs (a gap near 0 is a near-tie, where rounding may pick either token);
+    a turn that failed in either run counts as differing with `position` None. Empty when
+    every answer is the same."""
     out = []
     other_convs = {c["conversation"]: c for c in other.get("conversations") or []}
     for conv in base.get("conversations") or []:
@@ -120,7 +132,11 @@ def answer_divergences(base: dict[str, Any], other: dict[str, Any]) -> list[dict
             if a is not None and a == b:
                 continue
             position = None if a is None or b is None else _first_difference(a, b)
-            out.append({"conversation": conv["conversation"], "turn": turn, "position": position})
+            gaps = [top2_gap(base, i, position), top2_gap(other, j, position)]
+            out.append(
+                {"conversation": conv["conversation"], "turn": turn, "position": position,
+                 "top2_logprob_gap": None if None in gaps else gaps}
+            )  # fmt: skip
             break
     return out
 
@@ -140,6 +156,13 @@ def format_divergences(runs: Sequence[tuple[str, dict[str, Any]]]) -> list[str]:
             f"differ; first: conversation {first['conversation']} turn {first['turn']} "
             f"token {first['position']}"
         )
+        for diff in diffs:
+            if diff["top2_logprob_gap"] is not None:
+                gap_base, gap_other = diff["top2_logprob_gap"]
+                lines.append(
+                    f"  conversation {diff['conversation']} turn {diff['turn']} token "
+                    f"{diff['position']}: top-2 logprob gap {gap_base:.3g} / {gap_other:.3g}"
+                )
     return lines
 
 

@@ -34,6 +34,9 @@ class RequestRecord:
     cached_tokens: int | None = None  # prompt tokens the server served from its cache
     output_ids: list[int] | None = None  # the answer's token ids (native /generate only)
     output_text: str | None = None  # the answer's text as streamed
+    # per answer token, [[logprob, token_id, text], ...] best first, when the request asked
+    # for them (native `return_logprob` with `top_logprobs_num`)
+    output_top_logprobs: list[list[list[Any]] | None] | None = None
     error_kind: str | None = None  # short reason: "http_400", "connection", "timeout", ...
     error: str | None = None
 

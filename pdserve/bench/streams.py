@@ -91,6 +91,7 @@ class StreamEvent:
     cached_tokens: int | None = None  # prompt tokens served from the server's cache
     output_ids: list[int] | None = None  # cumulative (native), None on the OpenAI routes
     text: str | None = None  # cumulative (native) or this chunk's delta (OpenAI)
+    top_logprobs: list | None = None  # cumulative `output_top_logprobs` (native)
     finished: bool = False  # the server gave a finish reason
     error: str | None = None
 
@@ -133,6 +134,9 @@ class StreamParser:
             cached_tokens=meta.get("cached_tokens"),
             output_ids=obj.get("output_ids") if isinstance(obj.get("output_ids"), list) else None,
             text=obj.get("text") if isinstance(obj.get("text"), str) else None,
+            top_logprobs=tops
+            if isinstance(tops := meta.get("output_top_logprobs"), list)
+            else None,
         )
         finish = meta.get("finish_reason")
         event.finished = finish is not None

@@ -30,7 +30,7 @@ JSON_FIELDS = [
 RECORD_FIELDS = {
     "index", "prompt_len", "output_len_requested", "scheduled_s", "sent_s", "ok", "ttft_s",
     "itl_s", "e2el_s", "tpot_s", "output_tokens", "output_tokens_from_server", "error_kind",
-    "error", "cached_tokens", "output_ids", "output_text",
+    "error", "cached_tokens", "output_ids", "output_text", "output_top_logprobs",
 }  # fmt: skip
 
 

@@ -152,9 +152,23 @@ def test_compare_finds_identical_answers_and_the_ratios_that_matter():
 def test_compare_names_the_first_differing_turn_and_token():
     base = multiturn_result([[[1, 2, 3], [4, 5, 6]], [[7, 8, 9], [1, 1, 1]]], 0.1, 1.0)
     other = multiturn_result([[[1, 2, 3], [4, 9, 6]], [[7, 8, 9], [1, 1, 1]]], 0.1, 1.0)
-    assert answer_divergences(base, other) == [{"conversation": 0, "turn": 2, "position": 1}]
+    assert answer_divergences(base, other) == [
+        {"conversation": 0, "turn": 2, "position": 1, "top2_logprob_gap": None}
+    ]
     other["requests"][2]["ok"] = False  # conversation 1's first turn failed
     diffs = answer_divergences(base, other)
-    assert diffs[1] == {"conversation": 1, "turn": 1, "position": None}
+    assert diffs[1] == {"conversation": 1, "turn": 1, "position": None, "top2_logprob_gap": None}
     text = format_compare([("a", base), ("b", other)])
     assert "2 of 2 conversations differ; first: conversation 0 turn 2 token 1" in text
+
+
+def test_a_divergence_shows_the_top2_logprob_gap_where_both_runs_recorded_it():
+    base = multiturn_result([[[1, 2, 3]]], 0.1, 1.0)
+    other = multiturn_result([[[1, 4, 3]]], 0.1, 1.0)
+    for result, (best, second) in ((base, (2, 4)), (other, (4, 2))):
+        rows = [[[-0.1, 1, None], [-3.0, 9, None]], [[-0.69310, best, None], [-0.69316, second, None]]]  # fmt: skip
+        result["requests"][0]["output_top_logprobs"] = rows + [None]
+    (diff,) = answer_divergences(base, other)
+    assert diff["position"] == 1
+    assert diff["top2_logprob_gap"] == pytest.approx([6e-5, 6e-5])
+    assert "top-2 logprob gap 6e-05 / 6e-05" in format_compare([("a", base), ("b", other)])

@@ -117,10 +117,22 @@ def test_compare_tells_identical_answers_from_different_ones(tiny_server, tmp_pa
     (_, a), (_, b), (_, c) = runs
     assert answer_divergences(a, b) == []  # greedy: the same seed gives the same tokens
     # 3-token answers are the first 3 of the 4-token ones: turn 1 differs at token 3
-    assert answer_divergences(a, c)[0] == {"conversation": 0, "turn": 1, "position": 3}
+    assert answer_divergences(a, c)[0] == {
+        "conversation": 0, "turn": 1, "position": 3, "top2_logprob_gap": None,
+    }  # fmt: skip
     text = format_compare(runs)
     assert "answers b vs a: identical (3 conversations)" in text
     assert "answers c vs a: 3 of 3 conversations differ" in text
+
+
+def test_top_logprobs_asked_for_are_kept_per_answer_token(tiny_server):
+    extra = json.dumps({"return_logprob": True, "top_logprobs_num": 2})
+    cfg = small_config(tiny_server.url, num_conversations=1, think_time_s=0.0, extra_body=extra)
+    result = asyncio.run(driver.run_multiturn(cfg))
+    for record in result["requests"]:
+        tops = record["output_top_logprobs"]
+        assert len(tops) == 4 and all(len(row) == 2 and row[0][0] >= row[1][0] for row in tops)
+        assert [row[0][1] for row in tops] == record["output_ids"]  # greedy takes the best
 
 
 def test_a_failed_turn_ends_its_conversation_with_the_reason(tiny_server):
