@@ -49,7 +49,8 @@ def slo_limits_ms(result: dict[str, Any]) -> dict[str, float]:
 def run_title(result: dict[str, Any]) -> str:
     """The run's label (or "unlabelled run"), what it measured, and its SLO limits."""
     rate = result.get("request_rate")
-    parts = [f"{result.get('endpoint')} @ {rate} req/s", f"{result.get('completed')} requests"]
+    pace = f"{rate} req/s" if rate is not None else "multi-turn"  # conversations pace themselves
+    parts = [f"{result.get('endpoint')} @ {pace}", f"{result.get('completed')} requests"]
     limits = slo_limits_ms(result)
     if limits:
         parts.append(
@@ -93,7 +94,12 @@ def cdf_figure(
 
 
 def scatter_figure(
-    xs: list[float], ys: list[float], title: str, ylabel: str, limit_ms: float | None = None
+    xs: Sequence[float],
+    ys: Sequence[float],
+    title: str,
+    ylabel: str,
+    limit_ms: float | None = None,
+    xlabel: str = "time since start of run (s)",
 ) -> Any:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(9, 4))
@@ -102,7 +108,7 @@ def scatter_figure(
         ax.axhline(limit_ms, linestyle="--", color="red", label=f"SLO {limit_ms:g} ms")
         ax.legend()
     ax.set_title(title)
-    ax.set_xlabel("time since start of run (s)")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
     return fig
@@ -127,7 +133,7 @@ def run_figures(result: dict[str, Any]) -> dict[str, Any]:
     title, limits = run_title(result), slo_limits_ms(result)
     done = [r for r in result["requests"] if r["ok"] and r["ttft_s"] is not None]
     ttft = ([r["sent_s"] for r in done], [r["ttft_s"] * 1e3 for r in done])
-    return {
+    figures = {
         "latency_cdf.png": cdf_figure([(None, result)], title, limits),
         "ttft_over_time.png": scatter_figure(
             *ttft, f"TTFT by send time\n{title}", "TTFT (ms)", limits.get("ttft")
@@ -136,12 +142,30 @@ def run_figures(result: dict[str, Any]) -> dict[str, Any]:
             *itl_points(result), f"ITL by token arrival time\n{title}", "ITL (ms)"
         ),
     }
+    if result.get("conversations"):
+        figures["ttft_by_turn.png"] = scatter_figure(
+            *ttft_by_turn(result), f"TTFT by turn\n{title}", "TTFT (ms)", limits.get("ttft"), "turn"
+        )
+    return figures
 
 
 def plot_run(result: dict[str, Any], out_dir: str) -> list[str]:
-    """Writes latency_cdf.png, ttft_over_time.png, itl_over_time.png; returns their paths."""
+    """Writes latency_cdf.png, ttft_over_time.png, itl_over_time.png, and ttft_by_turn.png
+    for a multi-turn run; returns their paths."""
     os.makedirs(out_dir, exist_ok=True)
     return [_save(fig, os.path.join(out_dir, name)) for name, fig in run_figures(result).items()]
+
+
+def ttft_by_turn(result: dict[str, Any]) -> tuple[list[int], list[float]]:
+    """(turn index, TTFT in ms) of each completed turn of a multi-turn result."""
+    turns, ttfts = [], []
+    for conv in result.get("conversations") or []:
+        for turn, index in enumerate(conv["request_indices"], 1):
+            record = result["requests"][index]
+            if record["ok"] and record["ttft_s"] is not None:
+                turns.append(turn)
+                ttfts.append(record["ttft_s"] * 1e3)
+    return turns, ttfts
 
 
 def plot_compare(runs: Sequence[tuple[str, dict[str, Any]]], path: str) -> str:

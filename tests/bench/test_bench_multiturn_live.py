@@ -85,8 +85,9 @@ def test_conversations_interleave_and_keep_their_think_time(tiny_server):
 def test_the_result_reports_each_turn_the_cache_share_and_kv_bytes(tiny_server, tmp_path, capsys):
     out = tmp_path / "run.json"
     cfg = small_config(
-        tiny_server.url, output=str(out), metrics_urls=[tiny_server.url], warmup_requests=1
-    )
+        tiny_server.url, output=str(out), metrics_urls=[tiny_server.url], warmup_requests=1,
+        plot_dir=str(tmp_path / "plots"),
+    )  # fmt: skip
     asyncio.run(driver.run_multiturn(cfg))
     printed = capsys.readouterr().out
     result = json.loads(out.read_text())
@@ -106,6 +107,7 @@ def test_the_result_reports_each_turn_the_cache_share_and_kv_bytes(tiny_server, 
     assert kv["servers"][tiny_server.url]["mode"] == "colocated"
     assert result["kv_transfer_bytes"] == 0 and kv["complete"] is True  # nothing moves colocated
     assert result["config"]["num_turns"] == 3 and result["warmup_requests"] == 1
+    assert (tmp_path / "plots" / "ttft_by_turn.png").stat().st_size > 5000
     assert "Per turn" in printed and "2+" in printed and "KV bytes transferred" in printed
 
 
