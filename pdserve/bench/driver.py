@@ -93,7 +93,7 @@ async def run_multiturn(
             bar.close()
     print(report.format_table(result))
     print(report.format_turn_table(result))
-    _save(cfg, result, cfg.output, cfg.plot_dir)
+    _save(result, cfg.output, cfg.plot_dir)
     return result
 
 
