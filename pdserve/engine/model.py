@@ -1,63 +1,22 @@
-"""Llama-family decoder as plain PyTorch functions (Llama, SmolLM2, Qwen2-style q/k/v bias).
-
-Runs in each worker. Weights come from a Hugging Face state dict; q/k/v and gate/up are
-fused into one matrix each so a decode step is a few large matmuls per layer.
+"""Llama-family decoder as plain PyTorch functions (Llama, SmolLM2, Qwen2-style q/k/v bias,
+Qwen3 q/k norm, Qwen3-MoE and Mixtral sparse MLPs). Runs in each worker. Weights come from
+a Hugging Face state dict; q/k/v and gate/up are fused into one matrix each so a decode
+step is a few large matmuls per layer.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from pdserve.engine.attention import AttnMeta, paged_attention
-from pdserve.engine.rope import apply_rope, rope_params_from_hf
+from pdserve.engine.model_args import SUPPORTED_MODEL_TYPES, ModelArgs
+from pdserve.engine.moe import MoeWeights, moe_mlp, moe_weights_from_state_dict
+from pdserve.engine.rope import apply_rope
 
-SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
-
-
-@dataclass(frozen=True)
-class ModelArgs:
-    vocab_size: int
-    hidden_size: int
-    intermediate_size: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    rms_norm_eps: float
-    rope_theta: float
-    rope_scaling: dict[str, Any] | None
-    max_position_embeddings: int
-    tie_word_embeddings: bool
-
-    @classmethod
-    def from_hf_config(cls, cfg: dict[str, Any]) -> ModelArgs:
-        model_type = cfg.get("model_type", "llama")
-        if model_type not in SUPPORTED_MODEL_TYPES:
-            raise ValueError(
-                f"unsupported model_type {model_type!r}; supported: {list(SUPPORTED_MODEL_TYPES)}"
-            )
-        if model_type != "llama" and cfg.get("use_sliding_window") and cfg.get("sliding_window"):
-            raise ValueError("sliding-window attention is not supported")
-        num_heads = cfg["num_attention_heads"]
-        theta, scaling = rope_params_from_hf(cfg)
-        return cls(
-            vocab_size=cfg["vocab_size"],
-            hidden_size=cfg["hidden_size"],
-            intermediate_size=cfg["intermediate_size"],
-            num_layers=cfg["num_hidden_layers"],
-            num_heads=num_heads,
-            num_kv_heads=cfg.get("num_key_value_heads") or num_heads,
-            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // num_heads,
-            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-            rope_theta=theta,
-            rope_scaling=scaling,
-            max_position_embeddings=cfg.get("max_position_embeddings", 2048),
-            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-        )
+__all__ = ["SUPPORTED_MODEL_TYPES", "ModelArgs", "ModelWeights", "forward", "logits"]
 
 
 @dataclass
@@ -90,11 +49,19 @@ class LayerWeights:
     qkv: Linear  # [(H + 2 * KVH) * D, hidden]
     o: Linear
     post_norm: torch.Tensor
-    gate_up: Linear  # [2 * intermediate, hidden]
-    down: Linear
+    gate_up: Linear | None  # [2 * intermediate, hidden]; None in a sparse layer
+    down: Linear | None
+    q_norm: torch.Tensor | None = None  # [head_dim], Qwen3
+    k_norm: torch.Tensor | None = None
+    moe: MoeWeights | None = None  # the sparse MLP that replaces gate_up/down
 
     def linears(self) -> list[Linear]:
-        return [self.qkv, self.o, self.gate_up, self.down]
+        mlp = [] if self.gate_up is None or self.down is None else [self.gate_up, self.down]
+        return [self.qkv, self.o, *mlp]
+
+    def norms(self) -> list[torch.Tensor]:
+        optional = [n for n in (self.q_norm, self.k_norm) if n is not None]
+        return [self.input_norm, self.post_norm, *optional]
 
 
 @dataclass
@@ -107,15 +74,18 @@ class ModelWeights:
     def linears(self) -> list[Linear]:
         return [*(linear for layer in self.layers for linear in layer.linears()), self.lm_head]
 
-    def num_bytes(self) -> int:
+    def num_bytes(self, experts_read_per_layer: int | None = None) -> int:
         """Bytes of weights one decode step reads: every matrix once, the embedding table
-        only as the lm_head (a step reads just a few of its rows as embeddings)."""
-        norms = [
-            self.norm,
-            *(n for layer in self.layers for n in (layer.input_norm, layer.post_norm)),
-        ]
-        return sum(t.numel() * t.element_size() for t in norms) + sum(
-            linear.num_bytes() for linear in self.linears()
+        only as the lm_head (a step reads just a few of its rows as embeddings), and in a
+        sparse layer the router and `experts_read_per_layer` experts (default: all)."""
+        norms = [self.norm, *(n for layer in self.layers for n in layer.norms())]
+        experts = sum(
+            layer.moe.num_bytes(experts_read_per_layer) for layer in self.layers if layer.moe
+        )
+        return (
+            sum(t.numel() * t.element_size() for t in norms)
+            + sum(linear.num_bytes() for linear in self.linears())
+            + experts
         )
 
 
@@ -132,26 +102,7 @@ def weights_from_state_dict(
     def maybe(name: str) -> torch.Tensor | None:
         return take(name) if name in state else None
 
-    layers = []
-    for i in range(args.num_layers):
-        p = f"model.layers.{i}."
-        attn = p + "self_attn."
-        biases = [maybe(f"{attn}{n}_proj.bias") for n in "qkv"]
-        layers.append(
-            LayerWeights(
-                input_norm=take(p + "input_layernorm.weight"),
-                qkv=Linear(
-                    torch.cat([take(f"{attn}{n}_proj.weight") for n in "qkv"]),
-                    torch.cat(biases) if all(b is not None for b in biases) else None,
-                ),
-                o=Linear(take(attn + "o_proj.weight"), maybe(attn + "o_proj.bias")),
-                post_norm=take(p + "post_attention_layernorm.weight"),
-                gate_up=Linear(
-                    torch.cat([take(p + "mlp.gate_proj.weight"), take(p + "mlp.up_proj.weight")])
-                ),
-                down=Linear(take(p + "mlp.down_proj.weight")),
-            )
-        )
+    layers = [_layer_weights(take, maybe, args, i) for i in range(args.num_layers)]
     embed = take("model.embed_tokens.weight")
     tied = args.tie_word_embeddings or "lm_head.weight" not in state
     weights = ModelWeights(
@@ -165,6 +116,31 @@ def weights_from_state_dict(
         if cpu_packed_weights:
             pack_for_cpu(weights)
     return weights
+
+
+def _layer_weights(take, maybe, args: ModelArgs, i: int) -> LayerWeights:
+    p = f"model.layers.{i}."
+    attn = p + "self_attn."
+    biases = [maybe(f"{attn}{n}_proj.bias") for n in "qkv"]
+    moe = None
+    if args.moe is not None and args.is_moe_layer(i):
+        moe = moe_weights_from_state_dict(take, p, args.model_type, args.moe.num_experts)
+    return LayerWeights(
+        input_norm=take(p + "input_layernorm.weight"),
+        qkv=Linear(
+            torch.cat([take(f"{attn}{n}_proj.weight") for n in "qkv"]),
+            torch.cat(biases) if all(b is not None for b in biases) else None,
+        ),
+        o=Linear(take(attn + "o_proj.weight"), maybe(attn + "o_proj.bias")),
+        post_norm=take(p + "post_attention_layernorm.weight"),
+        gate_up=None
+        if moe
+        else Linear(torch.cat([take(p + "mlp.gate_proj.weight"), take(p + "mlp.up_proj.weight")])),
+        down=None if moe else Linear(take(p + "mlp.down_proj.weight")),
+        q_norm=take(attn + "q_norm.weight") if args.qk_norm else None,
+        k_norm=take(attn + "k_norm.weight") if args.qk_norm else None,
+        moe=moe,
+    )
 
 
 def _input_major(matrix: torch.Tensor) -> torch.Tensor:
@@ -219,14 +195,29 @@ def _attention(
 ) -> torch.Tensor:
     num_tokens, heads, kv_heads = x.shape[0], args.num_heads, args.num_kv_heads
     qkv = layer.qkv(x).view(num_tokens, heads + 2 * kv_heads, args.head_dim)
+    qk = qkv[:, : heads + kv_heads]
+    if layer.q_norm is not None and layer.k_norm is not None:
+        qk = qk_norm(qk, layer.q_norm, layer.k_norm, heads, args.rms_norm_eps)
     # q and k sit side by side: one rope call turns both
-    qk = apply_rope(qkv[:, : heads + kv_heads], cos, sin)
+    qk = apply_rope(qk, cos, sin)
     q, k, v = qk[:, :heads], qk[:, heads:], qkv[:, heads + kv_heads :]
     out = paged_attention(q, k, v, kv_layer, meta)
     return layer.o(out)
 
 
-def _mlp(x: torch.Tensor, layer: LayerWeights) -> torch.Tensor:
+def qk_norm(
+    qk: torch.Tensor, q_norm: torch.Tensor, k_norm: torch.Tensor, num_heads: int, eps: float
+) -> torch.Tensor:
+    """Per-head RMSNorm of q heads and k heads, qk [T, H + KVH, D] (Qwen3)."""
+    q = rms_norm(qk[:, :num_heads], q_norm, eps)
+    k = rms_norm(qk[:, num_heads:], k_norm, eps)
+    return torch.cat([q, k], dim=1)
+
+
+def _mlp(x: torch.Tensor, layer: LayerWeights, args: ModelArgs) -> torch.Tensor:
+    if layer.moe is not None and args.moe is not None:
+        return moe_mlp(x, layer.moe, args.moe)
+    assert layer.gate_up is not None and layer.down is not None
     gate, up = layer.gate_up(x).chunk(2, dim=-1)
     return layer.down(F.silu(gate) * up)
 
@@ -248,7 +239,7 @@ def forward(
         h = rms_norm(x, layer.input_norm, args.rms_norm_eps)
         x = x + _attention(h, layer, args, kv_pool[:, i], cos, sin, meta)
         h = rms_norm(x, layer.post_norm, args.rms_norm_eps)
-        x = x + _mlp(h, layer)
+        x = x + _mlp(h, layer, args)
     return rms_norm(x, weights.norm, args.rms_norm_eps)
 
 

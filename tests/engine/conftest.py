@@ -8,6 +8,7 @@ import torch
 
 from pdserve.engine.config import EngineConfig
 from pdserve.engine.engine import Engine
+from tests.engine.families import BUILDERS as FAMILY_BUILDERS
 
 VOCAB = 300
 
@@ -63,9 +64,13 @@ def build_qwen2(path) -> str:
     return _save(model, path)
 
 
-@pytest.fixture(scope="session", params=["llama3-rope", "linear-rope", "qwen2-bias"])
+@pytest.fixture(
+    scope="session", params=["llama3-rope", "linear-rope", "qwen2-bias", *FAMILY_BUILDERS]
+)
 def ref_model_dir(request, tmp_path_factory) -> str:
     path = tmp_path_factory.mktemp(request.param)
+    if request.param in FAMILY_BUILDERS:
+        return FAMILY_BUILDERS[request.param](path)
     if request.param == "qwen2-bias":
         return build_qwen2(path)
     return build_llama(path, ROPE_LLAMA3 if request.param == "llama3-rope" else ROPE_LINEAR)

@@ -1,0 +1,134 @@
+"""Model shape read from a Hugging Face config.json (Llama, Qwen2, Mistral, Qwen3, Qwen3-MoE,
+Mixtral); worker process. A config whose features the engine does not implement is rejected
+here, naming the field, so a server fails at start instead of producing wrong tokens."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from pdserve.engine.rope import rope_params_from_hf
+
+DENSE_MODEL_TYPES = ("llama", "qwen2", "mistral", "qwen3")
+MOE_MODEL_TYPES = ("qwen3_moe", "mixtral")
+SUPPORTED_MODEL_TYPES = DENSE_MODEL_TYPES + MOE_MODEL_TYPES
+QK_NORM_MODEL_TYPES = ("qwen3", "qwen3_moe")
+SUPPORTED_ACTIVATIONS = ("silu",)
+
+
+@dataclass(frozen=True)
+class MoeArgs:
+    """Sparse MLP blocks: a softmax router picks `top_k` of `num_experts` SwiGLU experts."""
+
+    num_experts: int
+    top_k: int
+    intermediate_size: int  # of one expert
+    norm_topk_prob: bool  # renormalise the top-k probabilities to sum to 1
+    dense_layers: tuple[int, ...]  # layers with a plain MLP instead (Qwen3-MoE options)
+
+
+@dataclass(frozen=True)
+class ModelArgs:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: dict[str, Any] | None
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    model_type: str = "llama"
+    qk_norm: bool = False  # per-head RMSNorm of q and k before rope (Qwen3)
+    moe: MoeArgs | None = None
+
+    @classmethod
+    def from_hf_config(cls, cfg: dict[str, Any]) -> ModelArgs:
+        model_type = cfg.get("model_type", "llama")
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise ValueError(
+                f"unsupported model_type {model_type!r}; supported: {list(SUPPORTED_MODEL_TYPES)}"
+            )
+        _reject_unsupported(cfg, model_type)
+        num_heads = cfg["num_attention_heads"]
+        theta, scaling = rope_params_from_hf(cfg)
+        return cls(
+            vocab_size=cfg["vocab_size"],
+            hidden_size=cfg["hidden_size"],
+            intermediate_size=cfg["intermediate_size"],
+            num_layers=cfg["num_hidden_layers"],
+            num_heads=num_heads,
+            num_kv_heads=cfg.get("num_key_value_heads") or num_heads,
+            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // num_heads,
+            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+            rope_theta=theta,
+            rope_scaling=scaling,
+            max_position_embeddings=cfg.get("max_position_embeddings", 2048),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            model_type=model_type,
+            qk_norm=model_type in QK_NORM_MODEL_TYPES,
+            moe=_moe_args(cfg, model_type),
+        )
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return self.moe is not None and layer not in self.moe.dense_layers
+
+
+def _moe_args(cfg: dict[str, Any], model_type: str) -> MoeArgs | None:
+    if model_type not in MOE_MODEL_TYPES:
+        return None
+    num_experts = cfg.get("num_experts") or cfg.get("num_local_experts") or 0
+    top_k = cfg.get("num_experts_per_tok") or 0
+    if not 0 < top_k <= num_experts:
+        raise ValueError(
+            f"num_experts_per_tok must be in 1..num_experts ({num_experts}), got {top_k}"
+        )
+    num_layers = cfg["num_hidden_layers"]
+    if model_type == "mixtral":  # every layer sparse; top-k probabilities renormalised
+        return MoeArgs(num_experts, top_k, cfg["intermediate_size"], True, ())
+    step = cfg.get("decoder_sparse_step", 1)
+    if not isinstance(step, int) or step < 1:
+        raise ValueError(f"decoder_sparse_step must be an int >= 1, got {step!r}")
+    mlp_only = set(cfg.get("mlp_only_layers") or [])
+    dense = tuple(i for i in range(num_layers) if i in mlp_only or (i + 1) % step != 0)
+    return MoeArgs(
+        num_experts,
+        top_k,
+        cfg["moe_intermediate_size"],
+        bool(cfg.get("norm_topk_prob", False)),
+        dense,
+    )
+
+
+def _reject_unsupported(cfg: dict[str, Any], model_type: str) -> None:
+    act = cfg.get("hidden_act", "silu")
+    if act not in SUPPORTED_ACTIVATIONS:
+        raise ValueError(f"unsupported hidden_act {act!r}; supported: {SUPPORTED_ACTIVATIONS}")
+    if cfg.get("mlp_bias"):
+        raise ValueError("mlp_bias=true is not supported")
+    if cfg.get("shared_expert_intermediate_size"):
+        raise ValueError("shared experts (shared_expert_intermediate_size) are not supported")
+    _reject_sliding_window(cfg, model_type)
+
+
+def _reject_sliding_window(cfg: dict[str, Any], model_type: str) -> None:
+    window = cfg.get("sliding_window")
+    if not window:
+        return
+    if model_type in ("qwen2", "qwen3", "qwen3_moe"):
+        if cfg.get("use_sliding_window"):  # the window applies only when this flag is on
+            raise ValueError(
+                "sliding-window attention (use_sliding_window=true, "
+                f"sliding_window={window}) is not supported"
+            )
+    elif model_type in ("mistral", "mixtral"):
+        # Always on in these families; harmless only when no sequence can outgrow it.
+        max_positions = cfg.get("max_position_embeddings", 2048)
+        if window < max_positions:
+            raise ValueError(
+                f"sliding-window attention (sliding_window={window} < "
+                f"max_position_embeddings={max_positions}) is not supported"
+            )

@@ -1,0 +1,90 @@
+"""Sparse mixture-of-experts MLP (Qwen3-MoE, Mixtral) in plain PyTorch; worker process.
+
+Tokens are routed, sorted by expert, and each expert that received any runs one SwiGLU on
+its contiguous slice: only routed experts are computed, never all of them densely.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from pdserve.engine.model_args import MoeArgs
+
+
+@dataclass
+class MoeWeights:
+    router: torch.Tensor  # [E, hidden]
+    gate_up: torch.Tensor  # [E, 2 * I, hidden], gate rows first
+    down: torch.Tensor  # [E, hidden, I]
+
+    @property
+    def num_experts(self) -> int:
+        return self.router.shape[0]
+
+    def expert_num_bytes(self) -> int:
+        """Bytes of one expert's matrices."""
+        per_expert = self.gate_up[0].numel() + self.down[0].numel()
+        return per_expert * self.gate_up.element_size()
+
+    def num_bytes(self, num_experts_read: int | None = None) -> int:
+        """Bytes a pass reads: the router and `num_experts_read` experts (default all)."""
+        experts = self.num_experts if num_experts_read is None else num_experts_read
+        router = self.router.numel() * self.router.element_size()
+        return router + experts * self.expert_num_bytes()
+
+
+def moe_weights_from_state_dict(take, prefix: str, model_type: str, num_experts: int) -> MoeWeights:
+    """Stack the per-expert HF matrices; `take(name)` returns a tensor on the target device."""
+    if model_type == "mixtral":  # w1 = gate, w3 = up, w2 = down
+        block, names = prefix + "block_sparse_moe.", ("w1", "w3", "w2")
+    else:
+        block, names = prefix + "mlp.", ("gate_proj", "up_proj", "down_proj")
+    gate, up, down = names
+
+    def expert(e: int, name: str) -> torch.Tensor:
+        return take(f"{block}experts.{e}.{name}.weight")
+
+    return MoeWeights(
+        router=take(block + "gate.weight"),
+        gate_up=torch.stack(
+            [torch.cat([expert(e, gate), expert(e, up)]) for e in range(num_experts)]
+        ),
+        down=torch.stack([expert(e, down) for e in range(num_experts)]),
+    )
+
+
+def route(x: torch.Tensor, router: torch.Tensor, moe: MoeArgs) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weights [T, k] in x's dtype, expert ids [T, k]) as transformers computes them: a
+    float32 softmax over all experts, the top k, renormalised where the family does."""
+    probs = torch.softmax(F.linear(x, router).float(), dim=-1)
+    top_probs, top_ids = torch.topk(probs, moe.top_k, dim=-1)
+    if moe.norm_topk_prob:
+        top_probs = top_probs / top_probs.sum(dim=-1, keepdim=True)
+    return top_probs.to(x.dtype), top_ids
+
+
+def moe_mlp(x: torch.Tensor, weights: MoeWeights, moe: MoeArgs) -> torch.Tensor:
+    """[T, hidden] output of the sparse block for tokens x [T, hidden]."""
+    top_weights, top_ids = route(x, weights.router, moe)
+    flat_ids = top_ids.reshape(-1)
+    order = torch.argsort(flat_ids, stable=True)  # assignments grouped by expert
+    token_rows = order // moe.top_k
+    counts = torch.bincount(flat_ids, minlength=weights.num_experts).tolist()
+    rows = x[token_rows]
+    outs = []
+    start = 0
+    for expert, count in enumerate(counts):
+        if count:
+            outs.append(_expert(rows[start : start + count], weights, expert))
+            start += count
+    expert_out = torch.cat(outs) * top_weights.reshape(-1)[order].unsqueeze(1)
+    # accumulate in x's dtype, expert by expert, as transformers' index_add_ does
+    return torch.zeros_like(x).index_add_(0, token_rows, expert_out)
+
+
+def _expert(x: torch.Tensor, weights: MoeWeights, expert: int) -> torch.Tensor:
+    gate, up = F.linear(x, weights.gate_up[expert]).chunk(2, dim=-1)
+    return F.linear(F.silu(gate) * up, weights.down[expert])

@@ -1,0 +1,151 @@
+"""Qwen3, Qwen3-MoE and Mixtral: every logit of a prefill and 25 decode steps within 1e-4 of
+transformers in float32, the sparse MLP computing only routed experts, and configurations
+the engine does not implement rejected at load, naming the field."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from pdserve.engine.loader import fingerprint, load_model
+from pdserve.engine.model_args import ModelArgs, MoeArgs
+from pdserve.engine.moe import MoeWeights, moe_mlp
+from pdserve.engine.request import Request, SamplingParams
+from tests.engine.conftest import make_engine
+from tests.engine.families import BUILDERS, build_qwen3_moe
+
+NUM_DECODE = 25
+
+
+@pytest.fixture(scope="module", params=list(BUILDERS))
+def family_dir(request, tmp_path_factory) -> str:
+    return BUILDERS[request.param](tmp_path_factory.mktemp(request.param))
+
+
+def recorded_logits(engine, prompt_ids: list[int]) -> torch.Tensor:
+    """Logits rows of every step: each prompt position, then one row per decode step."""
+    seen: list[torch.Tensor] = []
+    run = engine.runner.run
+
+    def recording(batch):
+        logits, items = run(batch)
+        seen.append(logits.detach().clone())
+        return logits, items
+
+    engine.runner.run = recording
+    params = SamplingParams(max_new_tokens=NUM_DECODE + 1, temperature=0.0, ignore_eos=True)
+    engine.add_request(Request("r", prompt_ids, params, return_logprob=True, logprob_start_len=0))
+    generated: list[int] = []
+    while engine.has_work():
+        generated += [t for o in engine.step() for t in o.new_token_ids]
+    assert engine.num_used_pages == 0
+    return torch.cat(seen), generated
+
+
+def test_prefill_and_decode_logits_match_transformers(family_dir):
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(family_dir, dtype=torch.float32).eval()
+    prompt_ids = torch.randint(3, 300, (100,), generator=torch.Generator().manual_seed(5)).tolist()
+    got, generated = recorded_logits(make_engine(family_dir), prompt_ids)
+    assert got.shape[0] == len(prompt_ids) + NUM_DECODE  # two prefill chunks, 25 decode steps
+    with torch.no_grad():
+        ref = hf(torch.tensor([prompt_ids + generated])).logits[0, : got.shape[0]]
+    assert torch.allclose(got, ref, atol=1e-4, rtol=0), (got - ref).abs().max().item()
+
+
+def _moe_weights(num_experts: int = 6, hidden: int = 16, inter: int = 8) -> MoeWeights:
+    gen = torch.Generator().manual_seed(0)
+    return MoeWeights(
+        router=torch.randn(num_experts, hidden, generator=gen),
+        gate_up=torch.randn(num_experts, 2 * inter, hidden, generator=gen) * 0.3,
+        down=torch.randn(num_experts, hidden, inter, generator=gen) * 0.3,
+    )
+
+
+def _dense_reference(x: torch.Tensor, w: MoeWeights, moe: MoeArgs) -> torch.Tensor:
+    probs = torch.softmax(x @ w.router.T, dim=-1)
+    top_p, top_i = probs.topk(moe.top_k, dim=-1)
+    if moe.norm_topk_prob:
+        top_p = top_p / top_p.sum(-1, keepdim=True)
+    out = torch.zeros_like(x)
+    for t in range(x.shape[0]):
+        for p, e in zip(top_p[t].tolist(), top_i[t].tolist(), strict=True):
+            gate, up = (w.gate_up[e] @ x[t]).chunk(2)
+            out[t] += p * (w.down[e] @ (torch.nn.functional.silu(gate) * up))
+    return out
+
+
+@pytest.mark.parametrize("norm_topk_prob", [False, True])
+def test_sparse_mlp_equals_per_token_expert_sum(norm_topk_prob):
+    w = _moe_weights()
+    moe = MoeArgs(6, 2, 8, norm_topk_prob, ())
+    x = torch.randn(11, 16, generator=torch.Generator().manual_seed(1))
+    assert torch.allclose(moe_mlp(x, w, moe), _dense_reference(x, w, moe), atol=1e-5)
+
+
+def test_sparse_mlp_never_touches_an_unrouted_expert():
+    w = _moe_weights()
+    moe = MoeArgs(6, 2, 8, True, ())
+    x = torch.randn(9, 16, generator=torch.Generator().manual_seed(2))
+    x[:, 0] = 1.0
+    w.router[5] = 0.0
+    w.router[5, 0] = -1e4  # expert 5 loses every token's routing
+    w.gate_up[5] = float("nan")
+    w.down[5] = float("nan")
+    assert torch.isfinite(moe_mlp(x, w, moe)).all()
+
+
+def _config(tmp_path, **changes) -> dict:
+    path = build_qwen3_moe(tmp_path)
+    with open(os.path.join(path, "config.json")) as f:
+        return {**json.load(f), **changes}
+
+
+@pytest.mark.parametrize(
+    ("changes", "field"),
+    [
+        ({"use_sliding_window": True, "sliding_window": 512}, "use_sliding_window"),
+        ({"shared_expert_intermediate_size": 64}, "shared_expert_intermediate_size"),
+        ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0}}, "rope type"),
+        ({"decoder_sparse_step": 0}, "decoder_sparse_step"),
+        ({"num_experts_per_tok": 9}, "num_experts_per_tok"),
+        ({"hidden_act": "gelu"}, "hidden_act"),
+        ({"mlp_bias": True}, "mlp_bias"),
+        ({"model_type": "qwen2_moe"}, "model_type"),
+    ],
+)
+def test_unsupported_config_is_rejected_naming_the_field(tmp_path, changes, field):
+    with pytest.raises(ValueError, match=field):
+        ModelArgs.from_hf_config(_config(tmp_path, **changes))
+
+
+def test_mixtral_sliding_window_is_rejected_only_when_a_sequence_can_outgrow_it():
+    cfg = {"model_type": "mixtral", "num_attention_heads": 4, "hidden_size": 64,
+           "vocab_size": 10, "intermediate_size": 8, "num_hidden_layers": 1,
+           "num_local_experts": 4, "num_experts_per_tok": 2, "max_position_embeddings": 1024}  # fmt: skip
+    with pytest.raises(ValueError, match="sliding_window=512"):
+        ModelArgs.from_hf_config({**cfg, "sliding_window": 512})
+    assert ModelArgs.from_hf_config({**cfg, "sliding_window": 1024}).moe.num_experts == 4
+
+
+def test_mlp_only_layers_and_sparse_step_pick_the_dense_layers(tmp_path):
+    args = ModelArgs.from_hf_config(
+        _config(tmp_path, num_hidden_layers=6, mlp_only_layers=[4], decoder_sparse_step=2)
+    )
+    assert [args.is_moe_layer(i) for i in range(6)] == [False, True, False, True, False, True]
+
+
+def test_fingerprint_tells_routing_apart_for_the_same_weights(tmp_path):
+    unnormalised = load_model(build_qwen3_moe(tmp_path / "a"), torch.float32, torch.device("cpu"))
+    normalised = load_model(
+        build_qwen3_moe(tmp_path / "b", norm_topk_prob=True), torch.float32, torch.device("cpu")
+    )
+    assert unnormalised.fingerprint != normalised.fingerprint
+    with open(os.path.join(unnormalised.model_dir, "config.json")) as f:
+        cfg = json.load(f)
+    state = {"w": torch.ones(3)}
+    assert fingerprint(cfg, state) != fingerprint({**cfg, "model_type": "mixtral"}, state)
