@@ -1,7 +1,8 @@
 """Sparse mixture-of-experts MLP (Qwen3-MoE, Mixtral) in plain PyTorch; worker process.
 
 Tokens are routed, sorted by expert, and each expert that received any runs one SwiGLU on
-its contiguous slice: only routed experts are computed, never all of them densely.
+its contiguous slice: only routed experts are computed, never all of them densely. CUDA
+devices take the grouped Triton kernel of `engine/gpu/moe.py` instead.
 """
 
 from __future__ import annotations
@@ -67,7 +68,17 @@ def route(x: torch.Tensor, router: torch.Tensor, moe: MoeArgs) -> tuple[torch.Te
 
 
 def moe_mlp(x: torch.Tensor, weights: MoeWeights, moe: MoeArgs) -> torch.Tensor:
-    """[T, hidden] output of the sparse block for tokens x [T, hidden]."""
+    """[T, hidden] output of the sparse block for tokens x [T, hidden]. On a CUDA device the
+    Triton grouped GEMM of `engine/gpu/moe.py` runs instead (no host sync)."""
+    if x.is_cuda:
+        from pdserve.engine.gpu.moe import fused_moe_mlp
+
+        return fused_moe_mlp(x, weights, moe)
+    return moe_mlp_torch(x, weights, moe)
+
+
+def moe_mlp_torch(x: torch.Tensor, weights: MoeWeights, moe: MoeArgs) -> torch.Tensor:
+    """The sparse block in plain PyTorch: one SwiGLU per routed expert on its slice."""
     top_weights, top_ids = route(x, weights.router, moe)
     flat_ids = top_ids.reshape(-1)
     order = torch.argsort(flat_ids, stable=True)  # assignments grouped by expert

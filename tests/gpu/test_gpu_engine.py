@@ -1,6 +1,7 @@
 """The engine on a CUDA device: greedy tokens in float32 equal the CPU path's (CUDA graphs
 on and off, batches shrinking through the graph buckets), and bf16 logits stay within bf16
-rounding of transformers (compared with both against a float32 reference)."""
+rounding of transformers (compared with both against a float32 reference); for Llama,
+Qwen2, Qwen3, Qwen3-MoE and Mixtral."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from pdserve.engine.config import EngineConfig
 from pdserve.engine.engine import Engine
 from pdserve.engine.request import Request, SamplingParams
 from tests.engine.conftest import ROPE_LLAMA3, build_llama, build_qwen2
+from tests.engine.families import BUILDERS
 
 PROMPT_LENS = [1, 5, 16, 17, 33, 100, 150, 7, 64]
 
@@ -45,11 +47,13 @@ def random_prompts(vocab: int, seed: int) -> list[list[int]]:
     return [torch.randint(3, vocab, (n,), generator=gen).tolist() for n in PROMPT_LENS]
 
 
-@pytest.fixture(scope="module", params=["tiny-random", "llama3-rope", "qwen2-bias"])
+@pytest.fixture(scope="module", params=["tiny-random", "llama3-rope", "qwen2-bias", *BUILDERS])
 def model_path(request, tmp_path_factory) -> str:
     if request.param == "tiny-random":
         return "tiny-random"
     path = tmp_path_factory.mktemp(request.param)
+    if request.param in BUILDERS:
+        return BUILDERS[request.param](path)
     return build_qwen2(path) if request.param == "qwen2-bias" else build_llama(path, ROPE_LLAMA3)
 
 
@@ -84,33 +88,50 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out - ref).norm() / ref.norm()).item()
 
 
-@pytest.fixture(scope="module")
-def mid_llama_dir(tmp_path_factory) -> str:
-    """A random Llama big enough for bf16 rounding to show: 4 layers, hidden 512, GQA."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+_MID_SHAPE = dict(
+    vocab_size=2000,
+    hidden_size=512,
+    num_hidden_layers=4,
+    num_attention_heads=8,
+    num_key_value_heads=2,
+    max_position_embeddings=1024,
+    rope_theta=500000.0,
+    tie_word_embeddings=False,
+)
 
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=2000,
-        hidden_size=512,
-        intermediate_size=1536,
-        num_hidden_layers=4,
-        num_attention_heads=8,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
-        rope_theta=500000.0,
-        rope_scaling=ROPE_LLAMA3,
-        tie_word_embeddings=False,
+
+def _mid_model(family: str):
+    """A random model big enough for bf16 rounding to show: 4 layers, hidden 512, GQA; the
+    MoE ones with 16 experts, top-4 (Qwen3-MoE) and top-2 (Mixtral)."""
+    import transformers as tf
+
+    if family == "llama":
+        cfg = tf.LlamaConfig(**_MID_SHAPE, intermediate_size=1536, rope_scaling=ROPE_LLAMA3)
+        return tf.LlamaForCausalLM(cfg)
+    if family == "qwen3-moe":
+        cfg = tf.Qwen3MoeConfig(
+            **_MID_SHAPE, intermediate_size=1536, moe_intermediate_size=256, num_experts=16,
+            num_experts_per_tok=4, norm_topk_prob=True, head_dim=64,
+        )  # fmt: skip
+        return tf.Qwen3MoeForCausalLM(cfg)
+    cfg = tf.MixtralConfig(
+        **_MID_SHAPE, intermediate_size=384, num_local_experts=16, num_experts_per_tok=2
     )
-    path = tmp_path_factory.mktemp("mid-llama")
-    LlamaForCausalLM(cfg).save_pretrained(path)
+    return tf.MixtralForCausalLM(cfg)
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen3-moe", "mixtral"])
+def mid_model_dir(request, tmp_path_factory) -> str:
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp(f"mid-{request.param}")
+    _mid_model(request.param).save_pretrained(path)
     return str(path)
 
 
-def test_bf16_logits_within_bf16_tolerance_of_transformers(mid_llama_dir):
+def test_bf16_logits_within_bf16_tolerance_of_transformers(mid_model_dir):
     from transformers import AutoModelForCausalLM
 
-    engine = make_engine(mid_llama_dir, "cuda", dtype="bfloat16")
+    engine = make_engine(mid_model_dir, "cuda", dtype="bfloat16")
     seen = recording_logits(engine)
     prompt = random_prompts(2000, seed=5)[5]  # 100 tokens: two prefill chunks
     generated = run_greedy(engine, [prompt], [24])[0]
@@ -120,7 +141,7 @@ def test_bf16_logits_within_bf16_tolerance_of_transformers(mid_llama_dir):
     positions = torch.arange(len(prompt) - 1, len(prompt) + len(generated) - 1)
     refs = {}
     for dtype in (torch.float32, torch.bfloat16):
-        model = AutoModelForCausalLM.from_pretrained(mid_llama_dir, dtype=dtype).cuda().eval()
+        model = AutoModelForCausalLM.from_pretrained(mid_model_dir, dtype=dtype).cuda().eval()
         with torch.no_grad():
             refs[dtype] = model(ids).logits[0, positions].float().cpu()
     ours_err = rel_err(ours, refs[torch.float32])
@@ -128,5 +149,7 @@ def test_bf16_logits_within_bf16_tolerance_of_transformers(mid_llama_dir):
     print(
         f"relative logit error vs fp32: pdserve bf16 {ours_err:.2e}, transformers bf16 {hf_bf16_err:.2e}"
     )
-    assert ours_err < 2e-2
+    # A bf16 rounding that flips one token's expert choice moves its whole expert output:
+    # transformers' own bf16 Mixtral is ~2.6e-2 off float32 (measured on the CPU).
+    assert ours_err < (2e-2 if "mid-llama" in mid_model_dir else 5e-2)
     assert ours_err < 2 * hf_bf16_err + 1e-3
