@@ -3,6 +3,9 @@ Hugging Face directories (safetensors), for the engine's reference and serving t
 
 from __future__ import annotations
 
+import json
+import os
+
 import torch
 
 _SHAPE = dict(
@@ -34,21 +37,22 @@ def _save(model, path) -> str:
     return str(path)
 
 
-def build_qwen3(path) -> str:
+def build_qwen3(path, **overrides) -> str:
     """q/k norm, tied embeddings."""
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     torch.manual_seed(2)
-    return _save(Qwen3ForCausalLM(Qwen3Config(**_SHAPE, tie_word_embeddings=True)), path)
+    cfg = Qwen3Config(**{**_SHAPE, **overrides}, tie_word_embeddings=True)
+    return _save(Qwen3ForCausalLM(cfg), path)
 
 
-def build_qwen3_moe(path, norm_topk_prob: bool = False) -> str:
+def build_qwen3_moe(path, norm_topk_prob: bool = False, **overrides) -> str:
     """8 experts top-2; three layers, the middle one a plain MLP (mlp_only_layers)."""
     from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
     torch.manual_seed(3)
     cfg = Qwen3MoeConfig(
-        **{**_SHAPE, "num_hidden_layers": 3},
+        **{**_SHAPE, "num_hidden_layers": 3, **overrides},
         moe_intermediate_size=32,
         num_experts=8,
         num_experts_per_tok=2,
@@ -59,15 +63,28 @@ def build_qwen3_moe(path, norm_topk_prob: bool = False) -> str:
     return _save(Qwen3MoeForCausalLM(cfg), path)
 
 
-def build_mixtral(path) -> str:
+def build_mixtral(path, **overrides) -> str:
     """8 experts top-2, renormalised top-k weights."""
     from transformers import MixtralConfig, MixtralForCausalLM
 
     torch.manual_seed(4)
     cfg = MixtralConfig(
-        **{**_SHAPE, "intermediate_size": 48}, num_local_experts=8, num_experts_per_tok=2
+        **{**_SHAPE, "intermediate_size": 48, **overrides},
+        num_local_experts=8,
+        num_experts_per_tok=2,
     )
     return _save(MixtralForCausalLM(cfg), path)
 
 
 BUILDERS = {"qwen3": build_qwen3, "qwen3-moe": build_qwen3_moe, "mixtral": build_mixtral}
+
+
+def build_served(path, family: str, **kwargs) -> str:
+    """A model a server can load: tiny-random's tokenizer, the family's weights sized to it."""
+    from pdserve.engine.tiny_random import EOS_TOKEN_ID, build_tokenizer
+
+    vocab_size = build_tokenizer(str(path))
+    model_dir = BUILDERS[family](path, vocab_size=vocab_size, eos_token_id=EOS_TOKEN_ID, **kwargs)
+    with open(os.path.join(model_dir, "generation_config.json"), "w") as f:
+        json.dump({"eos_token_id": EOS_TOKEN_ID, "bos_token_id": 1, "pad_token_id": 0}, f)
+    return model_dir

@@ -1,0 +1,57 @@
+"""PD with a mixture-of-experts model (random Qwen3-MoE): tokens through prefill -> decode
+equal the colocated server's, and a decode server whose model routes differently (same
+tensors, other norm_topk_prob) is refused by the layout check instead of decoding."""
+
+from __future__ import annotations
+
+import pytest
+import requests
+
+from tests.disagg.pd_driver import pd_generate_async, run_many, wait_idle
+from tests.disagg.test_pd_tokens import _bodies
+from tests.engine.families import build_served
+
+
+@pytest.fixture(scope="module")
+def moe_dir(tmp_path_factory) -> str:
+    return build_served(tmp_path_factory.mktemp("served-qwen3-moe"), "qwen3-moe")
+
+
+def _pd_results(prefill, decode, bodies: list[dict]):
+    return run_many(
+        lambda s: [
+            pd_generate_async(
+                s, prefill.url, decode.url, body, bootstrap_port=prefill.bootstrap_port
+            )
+            for body in bodies
+        ]
+    )
+
+
+def test_pd_tokens_equal_colocated_for_a_moe_model(pd, server_factory, moe_dir):
+    model = ["--model-path", moe_dir]
+    colocated = server_factory(model)
+    bodies = _bodies()[::3]  # greedy and seeded, short to multi-page prompts
+    want = []
+    for body in bodies:
+        resp = requests.post(colocated.url + "/generate", json=body, timeout=60)
+        assert resp.status_code == 200, resp.text
+        want.append(resp.json()["output_ids"])
+    prefill, decode = pd.prefill(1, args=model), pd.decode(1, args=model)
+    for body, expected, result in zip(
+        bodies, want, _pd_results(prefill, decode, bodies), strict=True
+    ):
+        assert result.prefill.ok, result.prefill.error
+        assert result.decode.ok, result.decode.error
+        assert result.decode.body["output_ids"] == expected, body
+    wait_idle([prefill.url, decode.url])
+
+
+def test_decode_refuses_a_prefill_whose_moe_routing_differs(pd, tmp_path, moe_dir):
+    other = build_served(tmp_path, "qwen3-moe", norm_topk_prob=True)
+    prefill = pd.prefill(1, args=["--model-path", moe_dir])
+    decode = pd.decode(1, args=["--model-path", other])
+    result = _pd_results(prefill, decode, _bodies()[:1])[0]
+    assert not result.decode.ok
+    assert "model_fingerprint" in result.decode.error
+    wait_idle([prefill.url, decode.url])
