@@ -1,8 +1,10 @@
-"""GPU decode benchmark, one process on one CUDA device: random-weight Llama-3-8B and
-Llama-3.2-1B shapes in bf16, pdserve's engine against transformers `generate` on the same
-weights, and the weight-read floor from the copy bandwidth measured in the same run.
+"""GPU decode benchmark, one process on one CUDA device: random-weight Llama-3-8B,
+Llama-3.2-1B and Qwen3-30B-A3B (MoE, 24 of its 48 layers) shapes in bf16, pdserve's engine
+against transformers `generate` on the same weights, and the floor of the weight bytes a
+step reads (a MoE step: only its routed experts) at the copy bandwidth measured in the run.
 
-Run: `python -m pdserve.bench.gpu_bench [--shapes llama3.2-1b llama3-8b] [--out-dir DIR]`.
+Run: `python -m pdserve.bench.gpu_bench [--shapes llama3.2-1b ...] [--out-dir DIR]`; a CPU
+smoke run: `--device cpu --dtype float32 --shapes tiny-moe --prompt-len 16 --batch-size 4`.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Any
 
 import torch
 
+from pdserve.bench.gpu_bench_shapes import ALL_SHAPES, MOE_SHAPES, SHAPES, build_hf_model
 from pdserve.config import add_arguments, check, from_args, opt
 from pdserve.engine.config import EngineConfig
 from pdserve.engine.engine import Engine
@@ -25,46 +28,14 @@ from pdserve.engine.loader import LoadedModel
 from pdserve.engine.model import ModelArgs, weights_from_state_dict
 from pdserve.engine.request import Request, SamplingParams
 
-_COMMON = dict(
-    vocab_size=128256,
-    num_attention_heads=32,
-    num_key_value_heads=8,
-    rms_norm_eps=1e-5,
-    rope_theta=500000.0,
-    bos_token_id=128000,
-    eos_token_id=128001,
-)
-SHAPES: dict[str, dict[str, Any]] = {
-    "llama3.2-1b": dict(
-        _COMMON,
-        hidden_size=2048,
-        intermediate_size=8192,
-        num_hidden_layers=16,
-        head_dim=64,
-        max_position_embeddings=131072,
-        tie_word_embeddings=True,
-        rope_scaling={
-            "rope_type": "llama3",
-            "factor": 32.0,
-            "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0,
-            "original_max_position_embeddings": 8192,
-        },
-    ),
-    "llama3-8b": dict(
-        _COMMON,
-        hidden_size=4096,
-        intermediate_size=14336,
-        num_hidden_layers=32,
-        max_position_embeddings=8192,
-        tie_word_embeddings=False,
-    ),
-}
-
 
 @dataclass(frozen=True)
 class GpuBenchConfig:
-    shapes: list[str] = opt(list(SHAPES), f"model shapes to measure: {sorted(SHAPES)}")
+    shapes: list[str] = opt(
+        [*SHAPES, *MOE_SHAPES], f"model shapes to measure: {sorted(ALL_SHAPES)}"
+    )
+    device: str = opt("cuda", "cuda, or cpu for a smoke run of the tiny shapes")
+    dtype: str = opt("bfloat16", "weights and activations dtype", choices=["bfloat16", "float32"])
     prompt_len: int = opt(512, "prompt tokens per request")
     batch_size: int = opt(64, "concurrent requests of the throughput measurement")
     new_tokens: int = opt(128, "tokens generated per request in the throughput measurement")
@@ -74,17 +45,37 @@ class GpuBenchConfig:
     profile: bool = opt(False, "print the GPU kernels of one batch-1 decode step per shape")
 
     def __post_init__(self) -> None:
-        unknown = sorted(set(self.shapes) - set(SHAPES))
-        check(not unknown, f"unknown shapes {unknown}; choose from {sorted(SHAPES)}")
+        unknown = sorted(set(self.shapes) - set(ALL_SHAPES))
+        check(not unknown, f"unknown shapes {unknown}; choose from {sorted(ALL_SHAPES)}")
+        check(self.device in ("cuda", "cpu"), f"--device must be cuda or cpu, got {self.device}")
         check(self.prompt_len > 0 and self.batch_size > 0, "sizes must be > 0")
         check(self.new_tokens > 4 and self.batch1_steps > 4, "--new-tokens, --batch1-steps > 4")
 
 
-def copy_bandwidth_bps(num_bytes: int = 1 << 30, repeats: int = 20) -> float:
-    """Device-to-device copy bandwidth, bytes read + written per second (median)."""
-    src = torch.randint(0, 255, (num_bytes,), dtype=torch.uint8, device="cuda")
+def copy_bandwidth_bps(device: str = "cuda", num_bytes: int = 1 << 30, repeats: int = 20) -> float:
+    """Copy bandwidth on the device, bytes read + written per second (median)."""
+    src = torch.randint(0, 255, (num_bytes,), dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
-    return 2 * num_bytes / (median_event_ms(lambda: dst.copy_(src), repeats) / 1e3)
+    return 2 * num_bytes / (median_ms(lambda: dst.copy_(src), repeats, device) / 1e3)
+
+
+def median_ms(fn, repeats: int, device: str, warmup: int = 3) -> float:
+    """Median time of fn: CUDA events on a GPU, the host clock on the CPU."""
+    if device == "cuda":
+        return median_event_ms(fn, repeats, warmup)
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(1e3 * (time.perf_counter() - start))
+    return statistics.median(times)
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
 
 
 def median_event_ms(fn, repeats: int, warmup: int = 3) -> float:
@@ -101,35 +92,18 @@ def median_event_ms(fn, repeats: int, warmup: int = 3) -> float:
     return statistics.median(times)
 
 
-def build_hf_model(shape: dict[str, Any]):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    default_dtype = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)
-    try:
-        with torch.device("cuda"):
-            model = LlamaForCausalLM(LlamaConfig(**shape))
-    finally:
-        torch.set_default_dtype(default_dtype)
-    model.generation_config.eos_token_id = None  # always generate the full length
-    model.generation_config.pad_token_id = 0
-    return model.eval()
-
-
 def engine_on(hf_model, cfg: GpuBenchConfig) -> Engine:
     """A pdserve engine on the transformers model's own weight tensors (q/k/v and gate/up
     are concatenated copies)."""
     args = ModelArgs.from_hf_config(hf_model.config.to_dict())
-    weights = weights_from_state_dict(
-        hf_model.state_dict(), args, torch.bfloat16, torch.device("cuda")
-    )
+    dtype = getattr(torch, cfg.dtype)
+    weights = weights_from_state_dict(hf_model.state_dict(), args, dtype, torch.device(cfg.device))
     model = LoadedModel("", args, weights, frozenset(), "gpu-bench")
     max_len = cfg.prompt_len + max(cfg.new_tokens, cfg.batch1_steps) + 16
     engine_cfg = EngineConfig(
         model_path="random",
-        device="cuda",
-        dtype="bfloat16",
+        device=cfg.device,
+        dtype=cfg.dtype,
         max_running_requests=cfg.batch_size,
         chunked_prefill_size=cfg.chunked_prefill_size,
         context_length=max_len,
@@ -142,7 +116,7 @@ def run_engine(engine: Engine, prompts: list[list[int]], new_tokens: int) -> dic
     """Serve the prompts together; wall time and the host-clock time of each full decode
     step (every request in the batch decoding)."""
     params = SamplingParams(max_new_tokens=new_tokens, temperature=0.0, ignore_eos=True)
-    torch.cuda.synchronize()
+    sync(engine.kv_pool.device.type)
     started = time.perf_counter()
     for i, ids in enumerate(prompts):
         engine.add_request(Request(f"bench-{i}", ids, params))
@@ -154,18 +128,20 @@ def run_engine(engine: Engine, prompts: list[list[int]], new_tokens: int) -> dic
             full_steps_s.append(time.perf_counter() - t0)
     wall_s = time.perf_counter() - started
     step_ms = 1e3 * statistics.median(full_steps_s[2:]) if len(full_steps_s) > 2 else None
-    return {"wall_s": wall_s, "step_ms": step_ms}
+    on_gpu = engine.kv_pool.device.type == "cuda"
+    replay_ms = bN_graph_replay_ms(engine, len(prompts)) if on_gpu else None
+    return {"wall_s": wall_s, "step_ms": step_ms, "graph_replay_ms": replay_ms}
 
 
 def hf_generate_s(model, prompts: list[list[int]], new_tokens: int) -> float:
-    ids = torch.tensor(prompts, device="cuda")
-    torch.cuda.synchronize()
+    ids = torch.tensor(prompts, device=model.device)
+    sync(model.device.type)
     started = time.perf_counter()
     with torch.inference_mode():
         model.generate(
             ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=False
         )
-    torch.cuda.synchronize()
+    sync(model.device.type)
     return time.perf_counter() - started
 
 
@@ -188,28 +164,41 @@ def measure_transformers(model, cfg: GpuBenchConfig, one: list[list[int]], many)
 def measure_pdserve(engine: Engine, cfg: GpuBenchConfig, one, many) -> dict:
     run_engine(engine, many, 4)  # warm-up: prefill and decode shapes
     b1 = run_engine(engine, one, cfg.batch1_steps)
-    decoder = engine.runner.decoder
-    graph, _ = decoder._graphs[1]
-    replay_ms = median_event_ms(graph.replay, 50)
-    eager_ms = median_event_ms(lambda: decoder._forward(decoder.meta[:1]), 20)
-    if cfg.profile:  # rows past the first still hold the warm-up batch's last step
-        for rows in (1, len(many)):
-            profile_step(lambda rows=rows: decoder._forward(decoder.meta[:rows]))
+    on_gpu = cfg.device == "cuda"
+    b1_graph = b1_graph_times(engine, cfg, len(many)) if on_gpu else {}
     bn = run_engine(engine, many, cfg.new_tokens)
-    # meta now holds the last full step (the longest contexts): GPU time of that graph
-    bucket = decoder.bucket_for(len(many))
-    bn_replay_ms = median_event_ms(decoder._graphs[bucket][0].replay, 20) if bucket else None
     prefill_s = run_engine(engine, many, 1)["wall_s"]
     return {
         "b1_step_ms": b1["step_ms"],
-        "b1_graph_replay_ms": replay_ms,
-        "b1_no_graph_ms": eager_ms,
+        "b1_graph_replay_ms": b1_graph.get("replay_ms"),
+        "b1_no_graph_ms": b1_graph.get("no_graph_ms"),
         "bN_wall_s": bn["wall_s"],
         "bN_tok_s": len(many) * cfg.new_tokens / bn["wall_s"],
         "bN_step_ms": bn["step_ms"],
-        "bN_graph_replay_ms": bn_replay_ms,
+        "bN_graph_replay_ms": bn["graph_replay_ms"] if on_gpu else None,
         "bN_prefill_s": prefill_s,
     }
+
+
+def b1_graph_times(engine: Engine, cfg: GpuBenchConfig, batch_size: int) -> dict[str, float]:
+    """GPU time of the batch-1 decode graph, and of the same step launched from Python."""
+    decoder = engine.runner.decoder
+    graph, _ = decoder._graphs[1]
+    times = {
+        "replay_ms": median_event_ms(graph.replay, 50),
+        "no_graph_ms": median_event_ms(lambda: decoder._forward(decoder.meta[:1]), 20),
+    }
+    if cfg.profile:  # rows past the first still hold the warm-up batch's last step
+        for rows in (1, batch_size):
+            profile_step(lambda rows=rows: decoder._forward(decoder.meta[:rows]))
+    return times
+
+
+def bN_graph_replay_ms(engine: Engine, batch_size: int) -> float | None:
+    """GPU time of the graph of the last full decode step (meta still holds it)."""
+    decoder = engine.runner.decoder
+    bucket = decoder.bucket_for(batch_size)
+    return median_event_ms(decoder._graphs[bucket][0].replay, 20) if bucket else None
 
 
 def profile_step(step) -> None:
@@ -224,37 +213,55 @@ def profile_step(step) -> None:
 
 
 def bench_shape(name: str, cfg: GpuBenchConfig, copy_bps: float) -> dict[str, Any]:
-    model = build_hf_model(SHAPES[name])
+    shape = ALL_SHAPES[name]
+    model = build_hf_model(shape, torch.device(cfg.device), getattr(torch, cfg.dtype))
     gen = torch.Generator().manual_seed(1)
-    many = torch.randint(1000, 100000, (cfg.batch_size, cfg.prompt_len), generator=gen).tolist()
+    high = min(shape["vocab_size"], 100000)
+    many = torch.randint(3, high, (cfg.batch_size, cfg.prompt_len), generator=gen).tolist()
     one = many[:1]
     hf = measure_transformers(model, cfg, one, many)
+    hf["experts_implementation"] = getattr(model.config, "_experts_implementation", None)
     print(name, "transformers", json.dumps(hf), flush=True)
     engine = engine_on(model, cfg)
-    weight_bytes = engine.model.weights.num_bytes()
+    moe = engine.model.args.moe
+    # Batch 1 reads the top-k experts of each sparse layer, no others.
+    weight_bytes = engine.model.weights.num_bytes(moe.top_k if moe else None)
     ours = measure_pdserve(engine, cfg, one, many)
     del engine, model
     gc.collect()
-    torch.cuda.empty_cache()
+    if cfg.device == "cuda":
+        torch.cuda.empty_cache()
     floor_ms = 1e3 * weight_bytes / copy_bps
+    replay_ms = ours["b1_graph_replay_ms"]
     return {
         "shape": name,
         "weight_gb": weight_bytes / 1e9,
+        "experts_read_per_layer": moe.top_k if moe else None,
         "floor_ms": floor_ms,
         "pdserve": ours,
         "transformers": hf,
         "b1_step_over_floor": ours["b1_step_ms"] / floor_ms,
-        "b1_replay_over_floor": ours["b1_graph_replay_ms"] / floor_ms,
+        "b1_replay_over_floor": replay_ms / floor_ms if replay_ms is not None else None,
         "bN_tok_s_ratio": ours["bN_tok_s"] / hf["bN_tok_s"],
     }
 
 
+def _f(value: float | None, spec: str) -> str:
+    """value formatted, or a dash right-aligned to the same width where not measured."""
+    width = spec.split(".")[0]
+    return format(value, spec) if value is not None else format("-", f">{width}")
+
+
+def device_name(device: str) -> str:
+    return torch.cuda.get_device_name() if device == "cuda" else "cpu"
+
+
 def print_table(results: list[dict[str, Any]], copy_bps: float, cfg: GpuBenchConfig) -> None:
     n = cfg.batch_size
-    print(f"\ndevice: {torch.cuda.get_device_name()}; copy bandwidth {copy_bps / 1e12:.2f} TB/s")
+    print(f"\ndevice: {device_name(cfg.device)}; copy bandwidth {copy_bps / 1e9:.0f} GB/s")
     print(f"prompts {cfg.prompt_len} tokens; batch {n} generates {cfg.new_tokens} tokens each")
     head = (
-        f"{'shape':<12} {'GB':>5} {'floor':>6} {'b1 step':>8} {'x floor':>7} {'replay':>7} "
+        f"{'shape':<18} {'GB':>5} {'floor':>6} {'b1 step':>8} {'x floor':>7} {'replay':>7} "
         f"{'no graph':>8} {'HF b1':>7} {f'b{n} step':>8} {f'HF b{n}':>8} {f'b{n} tok/s':>10} "
         f"{'HF tok/s':>9} {'x HF':>5}"
     )
@@ -262,20 +269,22 @@ def print_table(results: list[dict[str, Any]], copy_bps: float, cfg: GpuBenchCon
     for r in results:
         ours, hf = r["pdserve"], r["transformers"]
         print(
-            f"{r['shape']:<12} {r['weight_gb']:5.2f} {r['floor_ms']:6.2f} "
-            f"{ours['b1_step_ms']:8.2f} {r['b1_step_over_floor']:7.2f} "
-            f"{ours['b1_graph_replay_ms']:7.2f} {ours['b1_no_graph_ms']:8.2f} "
-            f"{hf['b1_step_ms']:7.2f} {ours['bN_step_ms']:8.2f} {hf['bN_step_ms']:8.2f} "
+            f"{r['shape']:<18} {r['weight_gb']:5.2f} {r['floor_ms']:6.2f} "
+            f"{_f(ours['b1_step_ms'], '8.2f')} {r['b1_step_over_floor']:7.2f} "
+            f"{_f(ours['b1_graph_replay_ms'], '7.2f')} {_f(ours['b1_no_graph_ms'], '8.2f')} "
+            f"{hf['b1_step_ms']:7.2f} {_f(ours['bN_step_ms'], '8.2f')} {hf['bN_step_ms']:8.2f} "
             f"{ours['bN_tok_s']:10.0f} {hf['bN_tok_s']:9.0f} {r['bN_tok_s_ratio']:5.1f}"
         )
-    print("times in ms; b1 step = engine.step() wall time at batch 1 (host overhead included)")
+    print(
+        "times in ms; b1 step = engine.step() wall time at batch 1 (host overhead included); "
+        "GB and floor: the weights one batch-1 step reads (MoE: the routed experts only)"
+    )
     for r in results:
         ours, hf = r["pdserve"], r["transformers"]
         print(
-            f"{r['shape']}: b{n} decode step {ours['bN_step_ms']:.2f} ms of which graph GPU time "
-            f"{ours['bN_graph_replay_ms']:.2f} ms; prefill of {n} prompts {ours['bN_prefill_s']:.2f} s "
-            f"(transformers {hf['bN_prefill_s']:.2f} s); decode-only step ratio "
-            f"{hf['bN_step_ms'] / ours['bN_step_ms']:.1f}x"
+            f"{r['shape']}: b{n} decode step {_f(ours['bN_step_ms'], '.2f')} ms of which graph "
+            f"GPU time {_f(ours['bN_graph_replay_ms'], '.2f')} ms; prefill of {n} prompts "
+            f"{ours['bN_prefill_s']:.2f} s (transformers {hf['bN_prefill_s']:.2f} s)"
         )
 
 
@@ -283,10 +292,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     add_arguments(parser, GpuBenchConfig, "gpu bench")
     cfg = from_args(GpuBenchConfig, parser.parse_args(argv))
-    if not torch.cuda.is_available():
-        parser.error("needs a CUDA device")
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        parser.error("needs a CUDA device (--device cpu runs the tiny shapes on the CPU)")
     torch.backends.cuda.matmul.allow_tf32 = False
-    copy_bps = copy_bandwidth_bps()
+    copy_bps = copy_bandwidth_bps(cfg.device, num_bytes=1 << (30 if cfg.device == "cuda" else 26))
     results = []
     for name in cfg.shapes:
         results.append(bench_shape(name, cfg, copy_bps))
@@ -295,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.out_dir:
         os.makedirs(cfg.out_dir, exist_ok=True)
         report = {"config": asdict(cfg), "copy_bytes_per_s": copy_bps, "results": results}
-        report["device"] = torch.cuda.get_device_name()
+        report["device"] = device_name(cfg.device)
         with open(os.path.join(cfg.out_dir, "gpu_bench.json"), "w") as f:
             json.dump(report, f, indent=2)
     return 0

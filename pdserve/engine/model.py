@@ -124,7 +124,7 @@ def _layer_weights(take, maybe, args: ModelArgs, i: int) -> LayerWeights:
     biases = [maybe(f"{attn}{n}_proj.bias") for n in "qkv"]
     moe = None
     if args.moe is not None and args.is_moe_layer(i):
-        moe = moe_weights_from_state_dict(take, p, args.model_type, args.moe.num_experts)
+        moe = moe_weights_from_state_dict(take, maybe, p, args.model_type, args.moe.num_experts)
     return LayerWeights(
         input_norm=take(p + "input_layernorm.weight"),
         qkv=Linear(

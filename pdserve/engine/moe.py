@@ -7,6 +7,7 @@ devices take the grouped Triton kernel of `engine/gpu/moe.py` instead.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -37,8 +38,23 @@ class MoeWeights:
         return router + experts * self.expert_num_bytes()
 
 
-def moe_weights_from_state_dict(take, prefix: str, model_type: str, num_experts: int) -> MoeWeights:
-    """Stack the per-expert HF matrices; `take(name)` returns a tensor on the target device."""
+def moe_weights_from_state_dict(
+    take: Callable[[str], torch.Tensor],
+    maybe: Callable[[str], torch.Tensor | None],
+    prefix: str,
+    model_type: str,
+    num_experts: int,
+) -> MoeWeights:
+    """The layer's experts stacked; `take(name)` returns a tensor on the target device,
+    `maybe(name)` None when absent. Checkpoints hold one matrix per expert; a transformers 5
+    model in memory already holds them stacked (then shared, not copied)."""
+    stacked_gate_up = maybe(prefix + "mlp.experts.gate_up_proj")
+    if stacked_gate_up is not None:
+        return MoeWeights(
+            router=take(prefix + "mlp.gate.weight"),
+            gate_up=stacked_gate_up,
+            down=take(prefix + "mlp.experts.down_proj"),
+        )
     if model_type == "mixtral":  # w1 = gate, w3 = up, w2 = down
         block, names = prefix + "block_sparse_moe.", ("w1", "w3", "w2")
     else:
