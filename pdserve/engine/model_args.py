@@ -115,20 +115,24 @@ def _reject_unsupported(cfg: dict[str, Any], model_type: str) -> None:
 
 
 def _reject_sliding_window(cfg: dict[str, Any], model_type: str) -> None:
+    """Refuse a sliding window that some layer applies and some sequence can outgrow."""
     window = cfg.get("sliding_window")
-    if not window:
+    max_positions = cfg.get("max_position_embeddings", 2048)
+    if not window or window >= max_positions or model_type == "llama":
         return
-    if model_type in ("qwen2", "qwen3", "qwen3_moe"):
-        if cfg.get("use_sliding_window"):  # the window applies only when this flag is on
-            raise ValueError(
-                "sliding-window attention (use_sliding_window=true, "
-                f"sliding_window={window}) is not supported"
-            )
-    elif model_type in ("mistral", "mixtral"):
-        # Always on in these families; harmless only when no sequence can outgrow it.
-        max_positions = cfg.get("max_position_embeddings", 2048)
-        if window < max_positions:
-            raise ValueError(
-                f"sliding-window attention (sliding_window={window} < "
-                f"max_position_embeddings={max_positions}) is not supported"
-            )
+    if model_type in ("mistral", "mixtral"):  # always on in these families
+        fields = f"sliding_window={window} < max_position_embeddings={max_positions}"
+    elif not cfg.get("use_sliding_window"):  # Qwen: the window applies only with this flag
+        return
+    elif model_type == "qwen3_moe":  # every layer
+        fields = f"use_sliding_window=true, sliding_window={window}"
+    else:  # Qwen2/Qwen3: layers from max_window_layers on, unless layer_types says otherwise
+        first = cfg.get("max_window_layers", 28)
+        num_layers = cfg["num_hidden_layers"]
+        layer_types = cfg.get("layer_types") or [
+            "sliding_attention" if i >= first else "full_attention" for i in range(num_layers)
+        ]
+        if "sliding_attention" not in layer_types:
+            return
+        fields = f"use_sliding_window=true, sliding_window={window}, max_window_layers={first}"
+    raise ValueError(f"sliding-window attention ({fields}) is not supported")

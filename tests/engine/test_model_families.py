@@ -132,6 +132,27 @@ def test_mixtral_sliding_window_is_rejected_only_when_a_sequence_can_outgrow_it(
     assert ModelArgs.from_hf_config({**cfg, "sliding_window": 1024}).moe.num_experts == 4
 
 
+@pytest.mark.parametrize(
+    ("changes", "rejected"),
+    [
+        ({"use_sliding_window": False, "sliding_window": 512}, False),  # flag off: unused
+        ({"use_sliding_window": True, "sliding_window": 512, "max_window_layers": 1}, True),
+        ({"use_sliding_window": True, "sliding_window": 512, "max_window_layers": 4}, False),
+        ({"use_sliding_window": True, "sliding_window": 1024, "max_window_layers": 0}, False),
+    ],
+)
+def test_qwen3_sliding_window_is_rejected_only_where_a_layer_uses_it(tmp_path, changes, rejected):
+    from tests.engine.families import build_qwen3
+
+    with open(os.path.join(build_qwen3(tmp_path), "config.json")) as f:
+        cfg = {**json.load(f), "layer_types": None, **changes}  # 2 layers, 1024 positions
+    if rejected:
+        with pytest.raises(ValueError, match="max_window_layers=1"):
+            ModelArgs.from_hf_config(cfg)
+    else:
+        assert ModelArgs.from_hf_config(cfg).qk_norm
+
+
 def test_mlp_only_layers_and_sparse_step_pick_the_dense_layers(tmp_path):
     args = ModelArgs.from_hf_config(
         _config(tmp_path, num_hidden_layers=6, mlp_only_layers=[4], decoder_sparse_step=2)
