@@ -6,6 +6,7 @@ step is a few large matmuls per layer.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -118,13 +119,25 @@ def weights_from_state_dict(
     return weights
 
 
-def _layer_weights(take, maybe, args: ModelArgs, i: int) -> LayerWeights:
+def _layer_weights(
+    take: Callable[[str], torch.Tensor],
+    maybe: Callable[[str], torch.Tensor | None],
+    args: ModelArgs,
+    i: int,
+) -> LayerWeights:
     p = f"model.layers.{i}."
     attn = p + "self_attn."
     biases = [maybe(f"{attn}{n}_proj.bias") for n in "qkv"]
-    moe = None
+    moe: MoeWeights | None = None
+    gate_up: Linear | None = None
+    down: Linear | None = None
     if args.moe is not None and args.is_moe_layer(i):
         moe = moe_weights_from_state_dict(take, maybe, p, args.model_type, args.moe.num_experts)
+    else:
+        gate_up = Linear(
+            torch.cat([take(p + "mlp.gate_proj.weight"), take(p + "mlp.up_proj.weight")])
+        )
+        down = Linear(take(p + "mlp.down_proj.weight"))
     return LayerWeights(
         input_norm=take(p + "input_layernorm.weight"),
         qkv=Linear(
@@ -133,10 +146,8 @@ def _layer_weights(take, maybe, args: ModelArgs, i: int) -> LayerWeights:
         ),
         o=Linear(take(attn + "o_proj.weight"), maybe(attn + "o_proj.bias")),
         post_norm=take(p + "post_attention_layernorm.weight"),
-        gate_up=None
-        if moe
-        else Linear(torch.cat([take(p + "mlp.gate_proj.weight"), take(p + "mlp.up_proj.weight")])),
-        down=None if moe else Linear(take(p + "mlp.down_proj.weight")),
+        gate_up=gate_up,
+        down=down,
         q_norm=take(attn + "q_norm.weight") if args.qk_norm else None,
         k_norm=take(attn + "k_norm.weight") if args.qk_norm else None,
         moe=moe,
