@@ -76,6 +76,23 @@ def test_rope_store_writes_rotated_k_and_v_into_the_page_slot(device, dtype, hea
     assert torch.equal(pool, expected), "a slot outside the three new tokens changed"
 
 
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_rope_store_with_qk_norm_matches_model_qk_norm_then_rope(device, dtype, head_dim):
+    heads, kv_heads, layer, eps = 4, 2, 0, 1e-6
+    pool = random_pool(device, dtype, kv_heads=kv_heads, head_dim=head_dim)
+    cos, sin = rope_tables(head_dim, 1e6, None, 256, device, dtype)
+    qkv = 3 * torch.randn(2, (heads + 2 * kv_heads) * head_dim, device=device, dtype=dtype)
+    q_w, k_w = (1 + 0.3 * torch.randn(2, head_dim, device=device)).to(dtype)
+    meta = pack_meta([(5, 40, [3, 7, 9]), (6, 3, [12])], 2, 3).to(device)
+    q_out = rope_and_store_kv(qkv, cos, sin, meta, pool, layer, heads, kv_heads, (q_w, k_w, eps))
+    positions = torch.tensor([40, 3], device=device)
+    qk = qkv[:, : (heads + kv_heads) * head_dim].view(2, heads + kv_heads, head_dim)
+    qk_ref = apply_rope(llama.qk_norm(qk, q_w, k_w, heads, eps), cos[positions], sin[positions])
+    assert rel_err(q_out, qk_ref[:, :heads]) < tol(dtype)
+    assert rel_err(pool[9, layer, 0, 8], qk_ref[0, heads:]) < tol(dtype)  # position 40
+    assert rel_err(pool[12, layer, 0, 3], qk_ref[1, heads:]) < tol(dtype)
+
+
 def reference_decode(q, pool, layer, seqs, page_size):
     """The engine's gather + SDPA attention for one new token per sequence, KV in place."""
     segments = [Segment(pages, seq_len - 1, 1) for seq_len, pages in seqs]

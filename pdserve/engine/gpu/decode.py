@@ -1,5 +1,5 @@
-"""The GPU decode step: one new token per row through the Llama layers (Qwen3 q/k norm and
-sparse MoE MLPs included) with fused Triton kernels and in-place paged attention. Worker
+"""The GPU decode step: one new token per row through the Llama layers (Qwen3 q/k norm, fused
+into the rope kernel, and sparse MoE MLPs included) with fused Triton kernels and in-place paged attention. Worker
 process (GPU only).
 
 All inputs come from one int32 `meta` tensor with rows [token id, position, seq_len, page
@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from pdserve.engine.gpu.kernels import rms_norm, rope_and_store_kv, silu_mul
 from pdserve.engine.gpu.moe import fused_moe_mlp
 from pdserve.engine.gpu.paged_attention import paged_decode_attention
-from pdserve.engine.model import LayerWeights, ModelArgs, ModelWeights, qk_norm
+from pdserve.engine.model import LayerWeights, ModelArgs, ModelWeights
 
 META_COLS = 3  # columns before the page table: token id, position, seq_len
 
@@ -58,8 +58,12 @@ def decode_forward(
     eps = args.rms_norm_eps
     h = rms_norm(residual, weights.layers[0].input_norm, eps)
     for i, layer in enumerate(weights.layers):
-        qkv = _qkv(h, layer, args)
-        q = rope_and_store_kv(qkv, cos, sin, meta, kv_pool, i, args.num_heads, args.num_kv_heads)
+        qk_norm = None
+        if layer.q_norm is not None and layer.k_norm is not None:
+            qk_norm = (layer.q_norm, layer.k_norm, eps)
+        q = rope_and_store_kv(
+            layer.qkv(h), cos, sin, meta, kv_pool, i, args.num_heads, args.num_kv_heads, qk_norm
+        )
         attn = paged_decode_attention(q, kv_pool, i, meta, num_splits)
         h = rms_norm(layer.o(attn), layer.post_norm, eps, residual)
         mlp = _mlp(h, layer, args)
@@ -67,18 +71,6 @@ def decode_forward(
         next_norm = weights.norm if is_last else weights.layers[i + 1].input_norm
         h = rms_norm(mlp, next_norm, eps, residual)
     return weights.lm_head(h).float()
-
-
-def _qkv(h: torch.Tensor, layer: LayerWeights, args: ModelArgs) -> torch.Tensor:
-    """[B, (H + 2 KVH) * D]; with Qwen3's q/k norm applied to the q and k heads."""
-    qkv = layer.qkv(h)
-    if layer.q_norm is None or layer.k_norm is None:
-        return qkv
-    num_rows, heads, kv_heads = qkv.shape[0], args.num_heads, args.num_kv_heads
-    split = (heads + kv_heads) * args.head_dim
-    qk = qkv[:, :split].view(num_rows, heads + kv_heads, args.head_dim)
-    normed = qk_norm(qk, layer.q_norm, layer.k_norm, heads, args.rms_norm_eps)
-    return torch.cat([normed.reshape(num_rows, split), qkv[:, split:]], dim=1)
 
 
 def _mlp(h: torch.Tensor, layer: LayerWeights, args: ModelArgs) -> torch.Tensor:

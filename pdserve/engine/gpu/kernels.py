@@ -1,5 +1,5 @@
-"""Fused elementwise Triton kernels for the GPU decode step: residual add + RMSNorm, rope +
-KV-page store, SiLU-and-multiply. Worker process (GPU only).
+"""Fused elementwise Triton kernels for the GPU decode step: residual add + RMSNorm, (Qwen3
+per-head q/k RMSNorm +) rope + KV-page store, SiLU-and-multiply. Worker process (GPU only).
 
 Each matches the rounding of the plain PyTorch model in `engine/model.py` (and transformers):
 intermediate results are rounded to the activation dtype where those round them.
@@ -51,13 +51,15 @@ def rms_norm(
 
 @triton.jit
 def _rope_store_kernel(
-    qkv_ptr, q_out_ptr, cos_ptr, sin_ptr, meta_ptr, kv_ptr,
+    qkv_ptr, q_out_ptr, cos_ptr, sin_ptr, meta_ptr, kv_ptr, q_norm_ptr, k_norm_ptr, eps,
     stride_meta, stride_cos, stride_page, layer_offset, stride_kv, stride_tok, stride_head,
     NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
     PAGE_SIZE: tl.constexpr, HALF_P: tl.constexpr, DIM_P: tl.constexpr,
+    QK_NORM: tl.constexpr,
 ):  # fmt: skip
     """One program per (token, head), heads = query heads then KV heads. meta rows are
-    [token id, position, seq_len, page table...]; seq_len 0 marks a padding row."""
+    [token id, position, seq_len, page table...]; seq_len 0 marks a padding row. With
+    QK_NORM, each q and k head is RMS-normalised (rounded as `model.rms_norm`) before rope."""
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     half = HEAD_DIM // 2
@@ -68,8 +70,18 @@ def _rope_store_kernel(
     c = tl.load(cos_ptr + pos * stride_cos + d, mask=dmask, other=0.0).to(tl.float32)
     s = tl.load(sin_ptr + pos * stride_cos + d, mask=dmask, other=0.0).to(tl.float32)
     src = qkv_ptr + b * qkv_stride + h * HEAD_DIM
-    x1 = tl.load(src + d, mask=dmask, other=0.0).to(tl.float32)
-    x2 = tl.load(src + half + d, mask=dmask, other=0.0).to(tl.float32)
+    x1 = tl.load(src + d, mask=dmask, other=0.0)
+    x2 = tl.load(src + half + d, mask=dmask, other=0.0)
+    dtype = x1.dtype
+    x1 = x1.to(tl.float32)
+    x2 = x2.to(tl.float32)
+    if QK_NORM:
+        rstd = 1.0 / tl.sqrt((tl.sum(x1 * x1, axis=0) + tl.sum(x2 * x2, axis=0)) / HEAD_DIM + eps)
+        norm_ptr = q_norm_ptr if h < NUM_HEADS else k_norm_ptr
+        w1 = tl.load(norm_ptr + d, mask=dmask, other=0.0).to(tl.float32)
+        w2 = tl.load(norm_ptr + half + d, mask=dmask, other=0.0).to(tl.float32)
+        x1 = (w1 * (x1 * rstd).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
+        x2 = (w2 * (x2 * rstd).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
     o1 = x1 * c - x2 * s
     o2 = x2 * c + x1 * s
     if h < NUM_HEADS:
@@ -102,19 +114,22 @@ def rope_and_store_kv(
     layer: int,
     num_heads: int,
     num_kv_heads: int,
+    qk_norm: tuple[torch.Tensor, torch.Tensor, float] | None = None,
 ) -> torch.Tensor:
     """Rotate q and k of one new token per row of qkv [B, (H + 2 KVH) * D]; store k and v in
-    the row's page slot of layer `layer` of kv_pool [N, L, 2, page, KVH, D]. Returns q [B, H, D]."""
+    the row's page slot of layer `layer` of kv_pool [N, L, 2, page, KVH, D]. Returns q [B, H, D].
+    qk_norm: (q weight [D], k weight [D], eps) of Qwen3's per-head RMSNorm, applied first."""
     num_rows = qkv.shape[0]
     head_dim = kv_pool.shape[-1]
     q = torch.empty(num_rows, num_heads, head_dim, dtype=qkv.dtype, device=qkv.device)
     s_page, s_layer, s_kv, s_tok, s_head, _ = kv_pool.stride()
+    q_norm, k_norm, eps = qk_norm if qk_norm is not None else (q, q, 0.0)
     _rope_store_kernel[(num_rows, num_heads + num_kv_heads)](
-        qkv, q, cos, sin, meta, kv_pool,
+        qkv, q, cos, sin, meta, kv_pool, q_norm, k_norm, eps,
         meta.stride(0), cos.stride(0), s_page, layer * s_layer, s_kv, s_tok, s_head,
         NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim,
         PAGE_SIZE=kv_pool.shape[3], HALF_P=triton.next_power_of_2(head_dim // 2),
-        DIM_P=triton.next_power_of_2(head_dim), num_warps=1,
+        DIM_P=triton.next_power_of_2(head_dim), QK_NORM=qk_norm is not None, num_warps=1,
     )  # fmt: skip
     return q
 
