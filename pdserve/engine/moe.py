@@ -95,6 +95,8 @@ def moe_mlp(x: torch.Tensor, weights: MoeWeights, moe: MoeArgs) -> torch.Tensor:
 
 def moe_mlp_torch(x: torch.Tensor, weights: MoeWeights, moe: MoeArgs) -> torch.Tensor:
     """The sparse block in plain PyTorch: one SwiGLU per routed expert on its slice."""
+    if x.shape[0] == 0:
+        return torch.zeros_like(x)
     top_weights, top_ids = route(x, weights.router, moe)
     flat_ids = top_ids.reshape(-1)
     order = torch.argsort(flat_ids, stable=True)  # assignments grouped by expert
