@@ -11,7 +11,7 @@ import importlib
 import sys
 
 SUBCOMMAND_MODULES = [
-    "pdserve.serving.cli",  # serve
+    "pdserve.serve",  # serve
     "pdserve.router.cli",  # router
     "pdserve.cluster",  # up
     "pdserve.bench.cli",  # bench

@@ -11,7 +11,8 @@ from typing import Annotated, Any
 
 import msgspec
 
-from pdserve.disagg.messages import PROTOCOL_VERSION, KVLayout
+from pdserve.disagg.messages import PROTOCOL_VERSION
+from pdserve.engine.kv_layout import KVLayout
 
 MAX_ROOM = 2**63  # rooms are in [0, MAX_ROOM)
 MAX_ROOMS_PER_QUERY = 4096

@@ -1,11 +1,15 @@
-"""Options of the disaggregation layer (bootstrap, rank resolution, KV transfer deadlines)."""
+"""Options of the disaggregation layer (bootstrap, rank resolution, KV transfer deadlines),
+and `PDServerConfig`: a server's config with them, as prefill and decode servers run it.
+"""
 
 from __future__ import annotations
 
+import argparse
 from dataclasses import dataclass
 
 from pdserve import envs
-from pdserve.config import check, opt
+from pdserve.config import add_arguments, check, from_args, opt
+from pdserve.serving.config import ServerConfig, add_server_arguments, server_config_from_args
 
 TRANSFER_BACKENDS = ["zmq", "fake", "cuda_ipc"]
 
@@ -63,3 +67,24 @@ class DisaggConfig:
             self.heartbeat_timeout_s > self.heartbeat_interval_s,
             "heartbeat_timeout_s must exceed heartbeat_interval_s",
         )
+
+
+@dataclass(frozen=True)
+class PDServerConfig(ServerConfig):
+    """Serving's config plus the disaggregation options; serving sees it as a ServerConfig.
+    Picklable, like its base: it travels to every worker process."""
+
+    disagg: DisaggConfig
+
+
+def add_pd_server_arguments(parser: argparse.ArgumentParser) -> None:
+    add_server_arguments(parser)
+    add_arguments(parser, DisaggConfig, "disaggregation options")
+
+
+def pd_server_config_from_args(ns: argparse.Namespace) -> PDServerConfig:
+    """Raises ValueError (from the dataclasses' checks) on contradictory options."""
+    base = server_config_from_args(ns)
+    return PDServerConfig(
+        server=base.server, engine=base.engine, disagg=from_args(DisaggConfig, ns)
+    )

@@ -34,7 +34,7 @@ from pdserve.serving.hooks import FrontendHooks, RequestError
 from pdserve.serving.protocol import GenerateReq, ReqOutput
 
 if TYPE_CHECKING:
-    from pdserve.serving.config import ServerConfig
+    from pdserve.disagg.config import PDServerConfig as ServerConfig
     from pdserve.serving.dp_controller import DPController
 
 

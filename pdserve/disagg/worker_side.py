@@ -1,5 +1,6 @@
 """Builds a worker's disaggregation hooks: the KV transport, and for prefill workers the
-registration of their KV endpoint with the bootstrap server. Runs in each worker process.
+registration of their KV endpoint with the bootstrap server. Runs in each worker process;
+`make_worker_hooks` is the factory `pdserve serve` hands to serving's workers.
 """
 
 from __future__ import annotations
@@ -16,20 +17,20 @@ from pdserve.disagg.rank_resolver import registers_all_rooms
 from pdserve.disagg.transfer import TransportOptions, make_transport
 
 if TYPE_CHECKING:
+    from pdserve.disagg.config import PDServerConfig
     from pdserve.engine.engine import Engine
-    from pdserve.serving.config import ServerConfig
     from pdserve.serving.hooks import WorkerHooks
 
 log = logging.getLogger(__name__)
 
 
-def advertised_host(cfg: ServerConfig) -> str:
+def advertised_host(cfg: PDServerConfig) -> str:
     """The host peers should use to reach this server's bootstrap server and KV endpoints."""
     host = cfg.disagg.bootstrap_host or cfg.server.host
     return "127.0.0.1" if host in ("0.0.0.0", "", "::") else host
 
 
-def make_worker_hooks(cfg: ServerConfig, engine: Engine, dp_rank: int) -> WorkerHooks:
+def make_worker_hooks(cfg: PDServerConfig, engine: Engine, dp_rank: int) -> WorkerHooks:
     if cfg.server.mode == "prefill":
         from pdserve.disagg.prefill_worker import PrefillWorkerHooks
 
@@ -53,7 +54,7 @@ def make_worker_hooks(cfg: ServerConfig, engine: Engine, dp_rank: int) -> Worker
     raise ValueError(f"no disaggregation hooks for mode {cfg.server.mode!r}")
 
 
-def _options(cfg: ServerConfig) -> TransportOptions:
+def _options(cfg: PDServerConfig) -> TransportOptions:
     return TransportOptions(
         heartbeat_interval_s=cfg.disagg.heartbeat_interval_s,
         heartbeat_timeout_s=cfg.disagg.heartbeat_timeout_s,
@@ -61,7 +62,7 @@ def _options(cfg: ServerConfig) -> TransportOptions:
 
 
 def registration(
-    cfg: ServerConfig, engine: Engine, dp_rank: int, endpoint: str
+    cfg: PDServerConfig, engine: Engine, dp_rank: int, endpoint: str
 ) -> WorkerRegistration:
     layout = engine.kv_layout()
     method = cfg.server.resolved_lb_method
@@ -80,7 +81,9 @@ def registration(
     )
 
 
-def _register_in_background(cfg: ServerConfig, engine: Engine, dp_rank: int, endpoint: str) -> None:
+def _register_in_background(
+    cfg: PDServerConfig, engine: Engine, dp_rank: int, endpoint: str
+) -> None:
     """PUT /route from a thread: the front end may start its bootstrap server after this
     worker reports ready, so registration must not block the worker loop."""
     reg = registration(cfg, engine, dp_rank, endpoint)

@@ -14,8 +14,8 @@ from collections.abc import Callable
 
 import torch
 
-from pdserve.disagg.messages import KVLayout
 from pdserve.engine.config import AUTO_MAX_KV_BYTES, AUTO_MAX_TOTAL_TOKENS, EngineConfig
+from pdserve.engine.kv_layout import KVLayout
 from pdserve.engine.loader import LoadedModel, load_model
 from pdserve.engine.outputs import OutputBuilder
 from pdserve.engine.page_allocator import PageAllocator

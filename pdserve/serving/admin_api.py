@@ -14,9 +14,9 @@ import pdserve
 from pdserve.engine.request import SamplingParams
 from pdserve.serving.generation import run_to_end
 from pdserve.serving.hooks import RequestError
-from pdserve.serving.http_server import read_json, state_of
 from pdserve.serving.metrics import CONTENT_TYPE
 from pdserve.serving.request_parse import GenItem, new_rid
+from pdserve.serving.server_state import read_json, state_of
 
 
 async def health(request: web.Request) -> web.Response:

@@ -1,6 +1,7 @@
 """Options of one pdserve server (front end + DP workers), composed into `ServerConfig`.
 
-Built once in the front-end process from the CLI and handed, frozen, to every worker.
+Built once in the front-end process from the CLI and handed, frozen, to every worker. A
+layer above serving may extend `ServerConfig` with its own options (disaggregation does).
 """
 
 from __future__ import annotations
@@ -9,7 +10,6 @@ import argparse
 from dataclasses import dataclass
 
 from pdserve.config import add_arguments, check, from_args, opt
-from pdserve.disagg.config import DisaggConfig
 from pdserve.engine.config import EngineConfig
 
 MODES = ["colocated", "prefill", "decode"]
@@ -75,7 +75,6 @@ class ServerArgs:
 class ServerConfig:
     server: ServerArgs
     engine: EngineConfig
-    disagg: DisaggConfig
 
     @property
     def served_model_name(self) -> str:
@@ -91,13 +90,8 @@ class ServerConfig:
 def add_server_arguments(parser: argparse.ArgumentParser) -> None:
     add_arguments(parser, ServerArgs, "server options")
     add_arguments(parser, EngineConfig, "engine options")
-    add_arguments(parser, DisaggConfig, "disaggregation options")
 
 
 def server_config_from_args(ns: argparse.Namespace) -> ServerConfig:
     """Raises ValueError (from the dataclasses' checks) on contradictory options."""
-    return ServerConfig(
-        server=from_args(ServerArgs, ns),
-        engine=from_args(EngineConfig, ns),
-        disagg=from_args(DisaggConfig, ns),
-    )
+    return ServerConfig(server=from_args(ServerArgs, ns), engine=from_args(EngineConfig, ns))

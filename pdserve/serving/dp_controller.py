@@ -18,7 +18,7 @@ import zmq.asyncio
 from pdserve.engine.request import FinishReason
 from pdserve.serving import protocol
 from pdserve.serving.config import ServerConfig
-from pdserve.serving.hooks import RequestError
+from pdserve.serving.hooks import RequestError, WorkerHooksFactory
 from pdserve.serving.launcher import WorkerProcesses
 from pdserve.serving.lb_policy import LoadBalancePolicy, RankLoad
 from pdserve.serving.metrics import ServerMetrics
@@ -51,7 +51,9 @@ class InFlight:
 
 
 class DPController:
-    def __init__(self, cfg: ServerConfig, metrics: ServerMetrics):
+    def __init__(
+        self, cfg: ServerConfig, metrics: ServerMetrics, make_worker_hooks: WorkerHooksFactory
+    ):
         self.cfg = cfg
         self.dp_size = cfg.server.dp_size
         self.metrics = metrics
@@ -63,7 +65,9 @@ class DPController:
         ctrl_addrs = [
             f"tcp://127.0.0.1:{s.bind_to_random_port('tcp://127.0.0.1')}" for s in self._ctrl
         ]
-        self.workers = WorkerProcesses(cfg, ctrl_addrs, f"tcp://127.0.0.1:{out_port}")
+        self.workers = WorkerProcesses(
+            cfg, ctrl_addrs, f"tcp://127.0.0.1:{out_port}", make_worker_hooks
+        )
         self.ready: dict[int, WorkerReady] = {}
         self.loads: list[WorkerLoad | None] = [None] * self.dp_size
         self.dead: dict[int, str] = {}  # rank -> why

@@ -1,16 +1,18 @@
 """Where disaggregation plugs into a server: one hook object in the front end, one in each
-worker. Colocated mode uses these no-op defaults; pdserve.disagg provides the prefill and
-decode implementations (`pdserve.disagg.frontend`, `pdserve.disagg.worker_side`).
+worker. Colocated mode uses these no-op defaults; the prefill and decode implementations
+come from a layer above serving, chosen where the server is composed (`pdserve serve`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import zmq
 
     from pdserve.engine.engine import Engine
+    from pdserve.serving.config import ServerConfig
     from pdserve.serving.protocol import GenerateReq, ReqOutput, RoomFailed
 
 
@@ -101,3 +103,12 @@ class WorkerHooks:
 
     def close(self) -> None:
         pass
+
+
+# Builds a worker's hooks inside the worker process. It crosses the process boundary by
+# pickle, so it must be a module-level function (pickled by its name).
+WorkerHooksFactory = Callable[["ServerConfig", "Engine", int], WorkerHooks]
+
+
+def colocated_worker_hooks(cfg: ServerConfig, engine: Engine, dp_rank: int) -> WorkerHooks:
+    return WorkerHooks(engine)

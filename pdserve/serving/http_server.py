@@ -1,4 +1,4 @@
-"""The server's HTTP front end: lifecycle, shared state, error handling, admin routes.
+"""The server's HTTP front end: lifecycle, error handling, the hooks it runs, its routes.
 
 Runs in the front-end process (aiohttp on asyncio, uvloop when installed). Generation routes
 live in `native_api.py` and `openai_api.py`; workers are reached through `DPController`.
@@ -8,48 +8,29 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import signal
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
 
+from pdserve.serving import admin_api, native_api, openai_api
 from pdserve.serving.config import ServerConfig
 from pdserve.serving.dp_controller import DPController, WorkerStartError
 from pdserve.serving.generation import Generator
-from pdserve.serving.hooks import FrontendHooks, RequestError
+from pdserve.serving.hooks import (
+    FrontendHooks,
+    RequestError,
+    WorkerHooksFactory,
+    colocated_worker_hooks,
+)
 from pdserve.serving.metrics import ServerMetrics
-from pdserve.serving.request_parse import Limits
+from pdserve.serving.server_state import STATE, ServerState
 
 logger = logging.getLogger("pdserve.serving")
-
-
-@dataclass
-class ServerState:
-    cfg: ServerConfig
-    controller: DPController
-    hooks: FrontendHooks
-    generator: Generator
-    tokenizer: Any
-    model_dir: str
-
-    @property
-    def limits(self) -> Limits:
-        return Limits(
-            dp_size=self.cfg.server.dp_size,
-            max_context_len=self.controller.max_context_len,
-            vocab_size=len(self.tokenizer),
-        )
-
-
-STATE = web.AppKey("state", ServerState)
-
-
-def state_of(request: web.Request) -> ServerState:
-    return request.app[STATE]
 
 
 def error_response(
@@ -79,30 +60,23 @@ async def error_middleware(request: web.Request, handler) -> web.StreamResponse:
         return error_response(500, f"internal error: {exc!r}")
 
 
-def client_gone(request: web.Request):
-    """A check for a client that hung up; covers one that left before its handler started,
-    which handler cancellation alone misses."""
-    return lambda: request.transport is None or request.transport.is_closing()
+FrontendHooksFactory = Callable[[ServerConfig, DPController], FrontendHooks]
 
 
-async def read_json(request: web.Request) -> Any:
-    try:
-        return json.loads(await request.read())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise RequestError(400, f"malformed JSON body: {exc}") from None
+def colocated_frontend_hooks(cfg: ServerConfig, controller: DPController) -> FrontendHooks:
+    return FrontendHooks()
 
 
-def make_frontend_hooks(cfg: ServerConfig, controller: DPController) -> FrontendHooks:
-    if cfg.server.mode == "colocated":
-        return FrontendHooks()
-    from pdserve.disagg.frontend import make_frontend_hooks as make_disagg_hooks
+@dataclass(frozen=True)
+class ServerHooks:
+    """How a server's mode plugs in, chosen where the server is composed: the front end's
+    hooks, and the factory each worker process calls for its own (colocated by default)."""
 
-    return make_disagg_hooks(cfg, controller)
+    frontend: FrontendHooksFactory = colocated_frontend_hooks
+    worker: WorkerHooksFactory = colocated_worker_hooks
 
 
 def build_app(state: ServerState) -> web.Application:
-    from pdserve.serving import admin_api, native_api, openai_api
-
     app = web.Application(middlewares=[error_middleware], client_max_size=64 * 1024**2)
     app[STATE] = state
     admin_api.add_routes(app)
@@ -117,12 +91,14 @@ def load_tokenizer(model_dir: str) -> Any:
     return AutoTokenizer.from_pretrained(model_dir)
 
 
-async def _start_workers(cfg: ServerConfig) -> tuple[DPController, Any, str]:
+async def _start_workers(
+    cfg: ServerConfig, make_worker_hooks: WorkerHooksFactory
+) -> tuple[DPController, Any, str]:
     from pdserve.engine.loader import resolve_model_dir
 
     # Resolve (and convert, the first time) before spawning, so workers never race on it.
     model_dir = await asyncio.to_thread(resolve_model_dir, cfg.engine.model_path)
-    controller = DPController(cfg, ServerMetrics(cfg.server.mode))
+    controller = DPController(cfg, ServerMetrics(cfg.server.mode), make_worker_hooks)
     tokenizer_task = asyncio.create_task(asyncio.to_thread(load_tokenizer, model_dir))
     try:
         await controller.start(cfg.server.worker_start_timeout_s)
@@ -134,13 +110,13 @@ async def _start_workers(cfg: ServerConfig) -> tuple[DPController, Any, str]:
     return controller, tokenizer, model_dir
 
 
-async def serve_async(cfg: ServerConfig) -> int:
+async def serve_async(cfg: ServerConfig, plug: ServerHooks) -> int:
     try:
-        controller, tokenizer, model_dir = await _start_workers(cfg)
+        controller, tokenizer, model_dir = await _start_workers(cfg, plug.worker)
     except (WorkerStartError, ValueError, OSError) as exc:
         logger.error("server failed to start: %s", exc)
         return 1
-    hooks = make_frontend_hooks(cfg, controller)
+    hooks = plug.frontend(cfg, controller)
     generator = Generator(
         controller, hooks, tokenizer, cfg.server.mode, cfg.server.request_timeout_s
     )
@@ -180,7 +156,9 @@ async def _wait_for_signal() -> None:
     logger.info("shutting down")
 
 
-def serve(cfg: ServerConfig) -> int:
+def serve(cfg: ServerConfig, plug: ServerHooks | None = None) -> int:
+    """Runs the server until SIGTERM or SIGINT; `plug` defaults to colocated hooks."""
+    plug = plug or ServerHooks()
     logging.basicConfig(
         level=cfg.server.log_level.upper(),
         format=f"%(asctime)s [{cfg.server.mode} pid={os.getpid()}] %(levelname)s %(name)s: %(message)s",
@@ -188,5 +166,5 @@ def serve(cfg: ServerConfig) -> int:
     try:
         import uvloop
     except ImportError:
-        return asyncio.run(serve_async(cfg))
-    return uvloop.run(serve_async(cfg))
+        return asyncio.run(serve_async(cfg, plug))
+    return uvloop.run(serve_async(cfg, plug))

@@ -8,18 +8,26 @@ import os
 import time
 
 from pdserve.serving.config import ServerConfig
+from pdserve.serving.hooks import WorkerHooksFactory
 from pdserve.serving.worker import worker_main
 
 
 class WorkerProcesses:
-    """One spawned process per DP rank; they connect to the front end's ZeroMQ endpoints."""
+    """One spawned process per DP rank; they connect to the front end's ZeroMQ endpoints.
+    `make_hooks` travels to each by pickle (a module-level function), `cfg` too."""
 
-    def __init__(self, cfg: ServerConfig, ctrl_addrs: list[str], out_addr: str):
+    def __init__(
+        self,
+        cfg: ServerConfig,
+        ctrl_addrs: list[str],
+        out_addr: str,
+        make_hooks: WorkerHooksFactory,
+    ):
         ctx = multiprocessing.get_context("spawn")
         self.procs: list[multiprocessing.process.BaseProcess] = [
             ctx.Process(
                 target=worker_main,
-                args=(cfg, rank, ctrl_addrs[rank], out_addr, os.getpid()),
+                args=(cfg, rank, ctrl_addrs[rank], out_addr, os.getpid(), make_hooks),
                 name=f"pdserve-worker-{rank}",
                 daemon=True,
             )

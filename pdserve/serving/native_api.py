@@ -13,8 +13,8 @@ import msgspec
 from aiohttp import web
 
 from pdserve.serving.generation import ItemResult, merged, run_all
-from pdserve.serving.http_server import client_gone, read_json, state_of
 from pdserve.serving.request_parse import get_field, parse_generate
+from pdserve.serving.server_state import client_gone, read_json, state_of
 from pdserve.serving.streaming import sse_response
 
 

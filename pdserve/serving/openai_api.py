@@ -15,7 +15,6 @@ from aiohttp import web
 
 from pdserve.serving.generation import Delta, ItemResult, merged, run_all
 from pdserve.serving.hooks import RequestError
-from pdserve.serving.http_server import ServerState, client_gone, read_json, state_of
 from pdserve.serving.openai_format import (
     chat_logprobs,
     completion_logprobs,
@@ -24,6 +23,7 @@ from pdserve.serving.openai_format import (
     usage,
 )
 from pdserve.serving.request_parse import bad, get_field, item_extras, make_item
+from pdserve.serving.server_state import ServerState, client_gone, read_json, state_of
 
 SAMPLING_FIELDS = (
     "temperature",

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import msgspec
 
-from pdserve.disagg.messages import KVLayout
+from pdserve.engine.kv_layout import KVLayout
 from pdserve.engine.request import FinishReason, SamplingParams
 
 

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import zmq
 
 from pdserve.serving import protocol
-from pdserve.serving.hooks import WorkerHooks
+from pdserve.serving.hooks import WorkerHooks, WorkerHooksFactory
 from pdserve.serving.protocol import (
     AbortReq,
     FlushCache,
@@ -40,14 +40,6 @@ logger = logging.getLogger(__name__)
 
 IDLE_POLL_MS = 100  # also bounds how late an orphaned worker notices its parent died
 _PR_SET_PDEATHSIG = 1
-
-
-def make_worker_hooks(cfg: ServerConfig, engine: Engine, dp_rank: int) -> WorkerHooks:
-    if cfg.server.mode == "colocated":
-        return WorkerHooks(engine)
-    from pdserve.disagg.worker_side import make_worker_hooks as make_disagg_hooks
-
-    return make_disagg_hooks(cfg, engine, dp_rank)
 
 
 class WorkerLoop:
@@ -150,9 +142,15 @@ def _die_with_parent() -> None:
 
 
 def worker_main(
-    cfg: ServerConfig, dp_rank: int, ctrl_addr: str, out_addr: str, parent_pid: int
+    cfg: ServerConfig,
+    dp_rank: int,
+    ctrl_addr: str,
+    out_addr: str,
+    parent_pid: int,
+    make_hooks: WorkerHooksFactory,
 ) -> None:
-    """Entry point of a worker process (multiprocessing spawn target)."""
+    """Entry point of a worker process (multiprocessing spawn target); `make_hooks` builds
+    the worker's hooks once its engine is up."""
     _die_with_parent()
     # Ctrl-C reaches the whole process group; the front end stops its workers itself.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -167,7 +165,7 @@ def worker_main(
     out.setsockopt(zmq.LINGER, 1000)
     out.connect(out_addr)
     try:
-        loop = _start(cfg, dp_rank, ctrl, out, parent_pid)
+        loop = _start(cfg, dp_rank, ctrl, out, parent_pid, make_hooks)
     except Exception as exc:
         traceback.print_exc()
         out.send(
@@ -204,7 +202,12 @@ def _stop_detokenizer(model_dir: str) -> Callable[[list[int]], str]:
 
 
 def _start(
-    cfg: ServerConfig, dp_rank: int, ctrl: zmq.Socket, out: zmq.Socket, parent_pid: int
+    cfg: ServerConfig,
+    dp_rank: int,
+    ctrl: zmq.Socket,
+    out: zmq.Socket,
+    parent_pid: int,
+    make_hooks: WorkerHooksFactory,
 ) -> WorkerLoop:
     import torch
 
@@ -215,7 +218,7 @@ def _start(
     # The engine checks stop strings itself, so a stopped request frees its pages at once.
     detokenize = _stop_detokenizer(resolve_model_dir(cfg.engine.model_path))
     engine = Engine.from_config(cfg.engine, detokenize=detokenize)
-    hooks = make_worker_hooks(cfg, engine, dp_rank)
+    hooks = make_hooks(cfg, engine, dp_rank)
     ready = WorkerReady(
         dp_rank=dp_rank,
         num_total_pages=engine.num_total_pages,

@@ -14,7 +14,7 @@ from pdserve.disagg.bootstrap_registry import (
     ServerInfo,
     WorkerRegistration,
 )
-from pdserve.disagg.messages import KVLayout
+from pdserve.engine.kv_layout import KVLayout
 from tests.disagg.bootstrap_fixtures import registration as base_registration
 
 
