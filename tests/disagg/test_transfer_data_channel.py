@@ -22,8 +22,8 @@ from pdserve.disagg.transfer import (
     TransportOptions,
     make_transport,
 )
-from pdserve.disagg.transfer import data_channel as dc
-from pdserve.disagg.transfer.data_records import framed
+from pdserve.disagg.transfer.zmq import data_channel as dc
+from pdserve.disagg.transfer.zmq.data_records import framed
 from tests.disagg.transfer_peer import LAYOUT, make_pool, poll_until, start_peer
 
 POOL_PAGES = 16

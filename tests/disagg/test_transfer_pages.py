@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from pdserve.disagg import messages as m
-from pdserve.disagg.transfer.pages import (
+from pdserve.disagg.transfer.zmq.pages import (
     WriteGrants,
     num_runs,
     page_array,

@@ -47,7 +47,7 @@ def make_transport(
     # Imported here so that importing the interface does not start pulling in backends.
     from pdserve.disagg.transfer.cuda_ipc import CudaIpcTransport
     from pdserve.disagg.transfer.fake_backend import FakeTransport
-    from pdserve.disagg.transfer.zmq_backend import ZmqTransport
+    from pdserve.disagg.transfer.zmq.transport import ZmqTransport
 
     backends: dict[str, type[ZmqTransport]] = {
         "zmq": ZmqTransport,

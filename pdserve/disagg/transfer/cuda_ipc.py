@@ -33,8 +33,8 @@ from pdserve.disagg.transfer.base import (
     TransportOptions,
 )
 from pdserve.disagg.transfer.fake_backend import FakeTransport
-from pdserve.disagg.transfer.outbox import Outgoing
-from pdserve.disagg.transfer.pages import page_array
+from pdserve.disagg.transfer.zmq.outbox import Outgoing
+from pdserve.disagg.transfer.zmq.pages import page_array
 
 log = logging.getLogger(__name__)
 

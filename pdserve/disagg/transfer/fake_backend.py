@@ -9,8 +9,8 @@ from __future__ import annotations
 import numpy as np
 
 from pdserve.disagg import messages as m
-from pdserve.disagg.transfer.outbox import Outgoing
-from pdserve.disagg.transfer.zmq_backend import ZmqTransport
+from pdserve.disagg.transfer.zmq.outbox import Outgoing
+from pdserve.disagg.transfer.zmq.transport import ZmqTransport
 
 
 class FakeTransport(ZmqTransport):

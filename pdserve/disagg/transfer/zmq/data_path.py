@@ -21,7 +21,6 @@ import numpy as np
 import zmq
 
 from pdserve.disagg import messages as m
-from pdserve.disagg.transfer import data_channel as dc
 from pdserve.disagg.transfer.base import (
     Event,
     PeerId,
@@ -30,17 +29,18 @@ from pdserve.disagg.transfer.base import (
     SendHandle,
     TransportOptions,
 )
-from pdserve.disagg.transfer.data_channel import (
+from pdserve.disagg.transfer.zmq import data_channel as dc
+from pdserve.disagg.transfer.zmq.data_channel import (
     ChannelClosed,
     OutRecord,
     Payload,
     RecvChannel,
     SendChannel,
 )
-from pdserve.disagg.transfer.data_links import DataLinks
-from pdserve.disagg.transfer.data_records import PageRecords
-from pdserve.disagg.transfer.outbox import KVSend, Outgoing
-from pdserve.disagg.transfer.pages import WriteGrants
+from pdserve.disagg.transfer.zmq.data_links import DataLinks
+from pdserve.disagg.transfer.zmq.data_records import PageRecords
+from pdserve.disagg.transfer.zmq.outbox import KVSend, Outgoing
+from pdserve.disagg.transfer.zmq.pages import WriteGrants
 
 log = logging.getLogger(__name__)
 

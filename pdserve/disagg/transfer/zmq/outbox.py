@@ -15,7 +15,7 @@ import torch
 import zmq
 
 from pdserve.disagg.transfer.base import SendHandle
-from pdserve.disagg.transfer.pages import FramePlan
+from pdserve.disagg.transfer.zmq.pages import FramePlan
 
 
 class KVSend(SendHandle):

@@ -19,8 +19,8 @@ from typing import Any
 
 import msgspec
 
-from pdserve.disagg.transfer.outbox import KVSend
-from pdserve.disagg.transfer.pages import FramePlan
+from pdserve.disagg.transfer.zmq.outbox import KVSend
+from pdserve.disagg.transfer.zmq.pages import FramePlan
 
 PREFIX = struct.Struct("<I")  # the length of the message that opens a record
 TOKEN_NBYTES = 16  # decode's first bytes on a new connection: the token of its DataOffer

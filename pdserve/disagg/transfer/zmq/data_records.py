@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from pdserve.disagg import messages as m
-from pdserve.disagg.transfer.data_channel import (
+from pdserve.disagg.transfer.zmq.data_channel import (
     MAX_RECORD_NBYTES,
     PREFIX,
     Cursor,
@@ -23,8 +23,8 @@ from pdserve.disagg.transfer.data_channel import (
     RecvChannel,
     SendChannel,
 )
-from pdserve.disagg.transfer.outbox import gather
-from pdserve.disagg.transfer.pages import FramePlan, num_runs, plan_frames, run_bounds
+from pdserve.disagg.transfer.zmq.outbox import gather
+from pdserve.disagg.transfer.zmq.pages import FramePlan, num_runs, plan_frames, run_bounds
 
 
 def framed(message: bytes) -> bytes:

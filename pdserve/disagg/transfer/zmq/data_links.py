@@ -16,7 +16,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from pdserve.disagg.transfer.data_channel import (
+from pdserve.disagg.transfer.zmq.data_channel import (
     TOKEN_NBYTES,
     ChannelClosed,
     DataOffer,
