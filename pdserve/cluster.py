@@ -10,19 +10,26 @@ import argparse
 import os
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from pdserve.config import add_arguments, check, from_args, opt
+from pdserve.procs import (
+    NotReady,
+    ProcessExited,
+    die_with_parent,
+    free_port,
+    http_status,
+    port_is_free,
+    signal_group,
+)
+from pdserve.procs import wait_ready as procs_wait_ready
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 POLICIES = ["round_robin", "random", "power_of_two", "cache_aware"]
@@ -80,23 +87,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
-def free_port(host: str) -> int:
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
-
-
-def port_is_free(host: str, port: int) -> bool:
-    """Whether a listening socket could bind `port` now (SO_REUSEADDR, like the router's)."""
-    with socket.socket() as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-        except OSError:
-            return False
-        return True
-
-
 def choose_router_port(
     requested: int | None, is_free: Callable[[int], bool], pick_free: Callable[[], int]
 ) -> tuple[int, str | None]:
@@ -113,14 +103,9 @@ def choose_router_port(
     )
 
 
-def _die_with_parent() -> None:
+def _term_with_parent() -> None:
     """In the child, before exec: get SIGTERM if `pdserve up` dies, even by SIGKILL."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
+    die_with_parent(signal.SIGTERM)
 
 
 class Child:
@@ -153,7 +138,7 @@ class Child:
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             start_new_session=True,
-            preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+            preexec_fn=_term_with_parent if sys.platform == "linux" else None,
         )
 
     def echo_output(self) -> None:
@@ -168,24 +153,11 @@ class Child:
         return None if self.proc is None else self.proc.poll()
 
     def ready(self) -> bool:
-        return all(_status(url) == 200 for url in self.ready_urls)
+        return all(http_status(url) == 200 for url in self.ready_urls)
 
     def signal_group(self, sig: int) -> None:
         if self.proc is not None:
-            try:
-                os.killpg(self.proc.pid, sig)
-            except (ProcessLookupError, PermissionError):
-                pass
-
-
-def _status(url: str) -> int | None:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as resp:
-            return resp.status
-    except urllib.error.HTTPError as exc:
-        return exc.code
-    except OSError:
-        return None
+            signal_group(self.proc.pid, sig)
 
 
 class ChildDied(Exception):
@@ -243,20 +215,17 @@ def plan(c: ClusterConfig, router_port: int | None = None) -> list[Child]:
 
 def wait_ready(children: list[Child], deadline: float, stop: threading.Event) -> bool:
     """True once every child is ready; False if stopped first. Raises ChildDied, TimeoutError."""
-    pending = list(children)
-    while pending:
-        for child in children:
-            if child.exit_code() is not None:
-                raise ChildDied(child)
-        pending = [child for child in pending if not child.ready()]
-        if not pending:
-            return True
-        if time.monotonic() > deadline:
-            names = ", ".join(child.name for child in pending)
-            raise TimeoutError(f"not ready before the deadline: {names}")
-        if stop.wait(POLL_INTERVAL_S):
-            return False
-    return True
+    procs = [child.proc for child in children if child.proc is not None]
+    urls = [url for child in children for url in child.ready_urls]
+    try:
+        return procs_wait_ready(
+            urls, procs, deadline - time.monotonic(), interval_s=POLL_INTERVAL_S, stop=stop
+        )
+    except ProcessExited as exc:
+        raise ChildDied(next(c for c in children if c.proc is exc.proc)) from None
+    except NotReady:
+        names = ", ".join(child.name for child in children if not child.ready())
+        raise TimeoutError(f"not ready before the deadline: {names}") from None
 
 
 def banner(children: list[Child], c: ClusterConfig, elapsed_s: float) -> str:

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -20,27 +18,13 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from pdserve import procs
+from pdserve.procs import free_port as free_port  # re-exported for the tests
+from pdserve.procs import http_status as http_status
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
 DEFAULT_START_TIMEOUT_S = 120.0
-
-
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now (the OS may reuse it later; races are rare)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def http_status(url: str, timeout_s: float = 2.0) -> int | None:
-    """The status of GET url, or None when nothing answers."""
-    try:
-        with urllib.request.urlopen(url, timeout=timeout_s) as resp:
-            return resp.status
-    except urllib.error.HTTPError as exc:
-        return exc.code
-    except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
-        return None
 
 
 def http_json(method: str, url: str, body: Any = None, timeout_s: float = 60.0) -> tuple[int, Any]:
@@ -124,20 +108,12 @@ class ServerProcess:
             stdin=subprocess.DEVNULL,
             start_new_session=True,
         )
-        deadline = time.monotonic() + timeout_s
-        for url in self.ready_urls:
-            while http_status(url) != 200:
-                if self.proc.poll() is not None:
-                    self.stop()
-                    raise RuntimeError(
-                        f"{' '.join(self.argv[2:])} exited with {self.proc.returncode} before "
-                        f"{url} was ready:\n{self.output_tail()}"
-                    )
-                if time.monotonic() > deadline:
-                    tail = self.output_tail()
-                    self.stop()
-                    raise RuntimeError(f"{url} not ready within {timeout_s:g} s:\n{tail}")
-                time.sleep(0.1)
+        try:
+            procs.wait_ready(self.ready_urls, [self.proc], timeout_s)
+        except (procs.ProcessExited, procs.NotReady) as exc:
+            tail = self.output_tail()
+            self.stop()
+            raise RuntimeError(f"{' '.join(self.argv[2:])}: {exc}:\n{tail}") from None
         return self
 
     @property
@@ -155,27 +131,13 @@ class ServerProcess:
 
     def signal_group(self, sig: int) -> None:
         if self.proc is not None and self.proc.poll() is None:
-            try:
-                os.killpg(self.proc.pid, sig)
-            except ProcessLookupError:
-                pass
+            procs.signal_group(self.proc.pid, sig)
 
     def stop(self, timeout_s: float = 15.0) -> int | None:
         """SIGTERM the process group, SIGKILL it at the deadline; returns the exit code."""
         if self.proc is None:
             return None
-        self.signal_group(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            self.signal_group(signal.SIGKILL)
-            self.proc.wait(5.0)
-        # Workers in the group that outlived the leader: never leave them behind.
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-        return self.proc.returncode
+        return procs.stop_group(self.proc, timeout_s)
 
     def __enter__(self) -> ServerProcess:
         return self

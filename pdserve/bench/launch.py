@@ -6,17 +6,15 @@ the launched command runs in its own process group, which is what gets stopped.
 from __future__ import annotations
 
 import contextlib
-import os
 import shlex
 import signal
 import subprocess
 import sys
 import tempfile
 import threading
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
+
+from pdserve import procs
 
 # every path must answer 200; a router's /readiness (pdserve, sglang-router) waits for its
 # workers, and servers without that route answer 404, which counts as ready
@@ -24,16 +22,7 @@ READY_PATHS = ("/health", "/readiness", "/model_info")
 OPTIONAL_PATHS = frozenset({"/readiness"})
 POLL_INTERVAL_S = 0.5
 STOP_TIMEOUT_S = 30.0
-
-
-def _status(url: str) -> int | None:
-    try:
-        with urllib.request.urlopen(url, timeout=5.0) as resp:
-            return resp.status
-    except urllib.error.HTTPError as exc:
-        return exc.code
-    except (urllib.error.URLError, OSError):
-        return None
+STATUS_TIMEOUT_S = 5.0
 
 
 def _tail(path: str, num_chars: int = 4000) -> str:
@@ -44,34 +33,19 @@ def _tail(path: str, num_chars: int = 4000) -> str:
 def wait_ready(proc: subprocess.Popen, base_url: str, timeout_s: float, log_path: str) -> None:
     """Poll every READY_PATHS until each answers 200 (404 for an optional one); RuntimeError
     with the log's tail when the process exits first or the deadline passes."""
-    deadline = time.monotonic() + timeout_s
-    for path in READY_PATHS:
-        ok = {200, 404} if path in OPTIONAL_PATHS else {200}
-        while _status(base_url + path) not in ok:
-            if proc.poll() is not None:
-                raise RuntimeError(
-                    f"launched command exited with {proc.returncode} before {path} answered:\n"
-                    f"{_tail(log_path)}"
-                )
-            if time.monotonic() > deadline:
-                raise RuntimeError(
-                    f"{base_url}{path} not ready within {timeout_s:g} s:\n{_tail(log_path)}"
-                )
-            time.sleep(POLL_INTERVAL_S)
-
-
-def stop(proc: subprocess.Popen) -> None:
-    """SIGTERM the command's process group, SIGKILL it at the deadline."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGTERM)
     try:
-        proc.wait(STOP_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        pass
-    # children that outlived the leader must not stay behind
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(STOP_TIMEOUT_S)
+        procs.wait_ready(
+            [base_url + path for path in READY_PATHS],
+            [proc],
+            timeout_s,
+            optional={base_url + path for path in OPTIONAL_PATHS},
+            interval_s=POLL_INTERVAL_S,
+            status_timeout_s=STATUS_TIMEOUT_S,
+        )
+    except procs.ProcessExited as exc:
+        raise RuntimeError(f"launched command {exc}:\n{_tail(log_path)}") from None
+    except procs.NotReady as exc:
+        raise RuntimeError(f"{exc}:\n{_tail(log_path)}") from None
 
 
 @contextlib.contextmanager
@@ -96,7 +70,7 @@ def launched(command: str | None, base_url: str, timeout_s: float) -> Iterator[N
             wait_ready(proc, base_url.rstrip("/"), timeout_s, log.name)
             yield
         finally:
-            stop(proc)
+            procs.stop_group(proc, STOP_TIMEOUT_S)
             log.close()
 
 

@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 
 import aiohttp
 
-from pdserve.cluster import Child, free_port, stop_all, wait_ready
+from pdserve.cluster import Child, stop_all, wait_ready
+from pdserve.procs import free_port
 from pdserve.router.merge import SSEBuffer
 
 try:  # the same event loop for every mode's client, and the router's own

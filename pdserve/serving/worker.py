@@ -6,7 +6,6 @@ load reports out (PUSH); disaggregation plugs in through `WorkerHooks`.
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
 import signal
@@ -18,6 +17,7 @@ from typing import TYPE_CHECKING
 
 import zmq
 
+from pdserve.procs import die_with_parent
 from pdserve.serving import protocol
 from pdserve.serving.hooks import WorkerHooks, WorkerHooksFactory
 from pdserve.serving.protocol import (
@@ -39,7 +39,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 IDLE_POLL_MS = 100  # also bounds how late an orphaned worker notices its parent died
-_PR_SET_PDEATHSIG = 1
 
 
 class WorkerLoop:
@@ -133,14 +132,6 @@ class WorkerLoop:
             self._last_load, self._last_load_at = load, now
 
 
-def _die_with_parent() -> None:
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    except OSError:  # not Linux: the getppid() check in the loop still ends the worker
-        pass
-
-
 def worker_main(
     cfg: ServerConfig,
     dp_rank: int,
@@ -151,7 +142,7 @@ def worker_main(
 ) -> None:
     """Entry point of a worker process (multiprocessing spawn target); `make_hooks` builds
     the worker's hooks once its engine is up."""
-    _die_with_parent()
+    die_with_parent(signal.SIGKILL)
     # Ctrl-C reaches the whole process group; the front end stops its workers itself.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     logging.basicConfig(

@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 import requests
 
-from pdserve.cluster import DEFAULT_ROUTER_PORT, choose_router_port, port_is_free
+from pdserve.cluster import DEFAULT_ROUTER_PORT, choose_router_port
+from pdserve.procs import port_is_free
 from tests.helpers import PYTHON, REPO_ROOT, http_status, wait_until
 
 pytestmark = pytest.mark.timeout(300)
