@@ -30,9 +30,9 @@ from pdserve.procs import (
     signal_group,
 )
 from pdserve.procs import wait_ready as procs_wait_ready
+from pdserve.router.config import POLICIES
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-POLICIES = ["round_robin", "random", "power_of_two", "cache_aware"]
 POLL_INTERVAL_S = 0.2
 DEFAULT_ROUTER_PORT = 30000  # SGLang's; the README and `pdserve bench` assume it
 

@@ -13,10 +13,10 @@ import msgspec
 
 from pdserve.disagg.messages import PROTOCOL_VERSION
 from pdserve.engine.kv_layout import KVLayout
+from pdserve.serving.config import LB_METHODS
 
 MAX_ROOM = 2**63  # rooms are in [0, MAX_ROOM)
 MAX_ROOMS_PER_QUERY = 4096
-LOAD_BALANCE_METHODS = ("follow_bootstrap_room", "round_robin", "shortest_queue", "total_tokens")
 # Fixed by the first registration; later registrations must agree on every one of them.
 CLUSTER_FIELDS = (
     "dp_size",
@@ -83,9 +83,9 @@ class WorkerRegistration(msgspec.Struct, frozen=True, kw_only=True, forbid_unkno
             raise RegistrationError(
                 f"tp_rank {self.tp_rank} out of range for tp_size {self.tp_size}"
             )
-        if self.load_balance_method not in LOAD_BALANCE_METHODS:
+        if self.load_balance_method not in LB_METHODS:
             raise RegistrationError(
-                f"load_balance_method must be one of {list(LOAD_BALANCE_METHODS)} "
+                f"load_balance_method must be one of {LB_METHODS} "
                 f"(resolved, not 'auto'), got {self.load_balance_method!r}"
             )
         if self.protocol_version != PROTOCOL_VERSION:

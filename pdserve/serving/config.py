@@ -13,7 +13,10 @@ from pdserve.config import add_arguments, check, from_args, opt
 from pdserve.engine.config import EngineConfig
 
 MODES = ["colocated", "prefill", "decode"]
-LB_METHODS = ["auto", "round_robin", "shortest_queue", "total_tokens", "follow_bootstrap_room"]
+# How the DP controller picks a worker: the one list of names (the bootstrap registry and
+# the policy check against it too); "auto" resolves to one of them per mode.
+LB_METHODS = ["round_robin", "shortest_queue", "total_tokens", "follow_bootstrap_room"]
+LB_METHOD_CHOICES = ["auto", *LB_METHODS]
 LOG_LEVELS = ["debug", "info", "warning", "error"]
 
 
@@ -27,7 +30,7 @@ class ServerArgs:
         "auto",
         "how the DP controller picks a worker; auto = follow_bootstrap_room on prefill, "
         "round_robin otherwise",
-        choices=LB_METHODS,
+        choices=LB_METHOD_CHOICES,
     )
     served_model_name: str | None = opt(
         None,
@@ -53,8 +56,8 @@ class ServerArgs:
         check(0 < self.port < 65536, f"--port out of range: {self.port}")
         check(self.dp_size >= 1, f"--dp-size must be >= 1, got {self.dp_size}")
         check(
-            self.load_balance_method in LB_METHODS,
-            f"--load-balance-method must be one of {LB_METHODS}, got {self.load_balance_method!r}",
+            self.load_balance_method in LB_METHOD_CHOICES,
+            f"--load-balance-method must be one of {LB_METHOD_CHOICES}, got {self.load_balance_method!r}",
         )
         for name in (
             "worker_start_timeout_s",

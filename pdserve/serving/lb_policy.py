@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from pdserve.serving.config import LB_METHODS
 from pdserve.serving.hooks import RequestError
 
 
@@ -32,7 +33,7 @@ class LoadBalancePolicy:
     """`method` is a resolved method name (never "auto")."""
 
     def __init__(self, method: str, dp_size: int):
-        if method not in ("round_robin", "shortest_queue", "total_tokens", "follow_bootstrap_room"):
+        if method not in LB_METHODS:
             raise ValueError(f"unknown load-balance method {method!r}")
         self.method = method
         self.dp_size = dp_size
