@@ -92,6 +92,12 @@ def wait_ready(
     return True
 
 
+def log_tail(path: str, num_chars: int) -> str:
+    """The end of a child's log file, to show why it died or never became ready."""
+    with open(path, errors="replace") as f:
+        return f.read()[-num_chars:]
+
+
 def signal_group(pid: int, sig: int) -> None:
     """Signal the process group led by `pid`; a group already gone is no error."""
     with contextlib.suppress(ProcessLookupError, PermissionError):

@@ -127,7 +127,7 @@ class ServerProcess:
         return Path(self.log.name).read_text(errors="replace")
 
     def output_tail(self, num_chars: int = 6000) -> str:
-        return self.output()[-num_chars:]
+        return procs.log_tail(self.log.name, num_chars)
 
     def signal_group(self, sig: int) -> None:
         if self.proc is not None and self.proc.poll() is None:

@@ -23,11 +23,7 @@ OPTIONAL_PATHS = frozenset({"/readiness"})
 POLL_INTERVAL_S = 0.5
 STOP_TIMEOUT_S = 30.0
 STATUS_TIMEOUT_S = 5.0
-
-
-def _tail(path: str, num_chars: int = 4000) -> str:
-    with open(path, errors="replace") as f:
-        return f.read()[-num_chars:]
+LOG_TAIL_CHARS = 4000
 
 
 def wait_ready(proc: subprocess.Popen, base_url: str, timeout_s: float, log_path: str) -> None:
@@ -43,9 +39,11 @@ def wait_ready(proc: subprocess.Popen, base_url: str, timeout_s: float, log_path
             status_timeout_s=STATUS_TIMEOUT_S,
         )
     except procs.ProcessExited as exc:
-        raise RuntimeError(f"launched command {exc}:\n{_tail(log_path)}") from None
+        raise RuntimeError(
+            f"launched command {exc}:\n{procs.log_tail(log_path, LOG_TAIL_CHARS)}"
+        ) from None
     except procs.NotReady as exc:
-        raise RuntimeError(f"{exc}:\n{_tail(log_path)}") from None
+        raise RuntimeError(f"{exc}:\n{procs.log_tail(log_path, LOG_TAIL_CHARS)}") from None
 
 
 @contextlib.contextmanager
