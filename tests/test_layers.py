@@ -36,9 +36,6 @@ KNOWN_UPWARD_IMPORTS = {"pdserve.router.bench_router imports pdserve.cluster"}
 KNOWN_CIRCLES: set[frozenset[str]] = {
     frozenset({"pdserve.router.attempt", "pdserve.router.proxy"}),
     frozenset({"pdserve.router.http_client", "pdserve.router.http_connection"}),
-    # Landed with the MoE path: moe.moe_mlp dispatches to gpu.moe, which takes MoeWeights
-    # and route from moe. For the MoE owner: those two in a module of their own end it.
-    frozenset({"pdserve.engine.moe", "pdserve.engine.gpu.moe"}),
 }
 
 

@@ -12,7 +12,8 @@ import torch
 
 from pdserve.engine.loader import fingerprint, load_model
 from pdserve.engine.model_args import ModelArgs, MoeArgs
-from pdserve.engine.moe import MoeWeights, moe_mlp
+from pdserve.engine.moe import moe_mlp
+from pdserve.engine.moe_weights import MoeWeights
 from pdserve.engine.request import Request, SamplingParams
 from tests.engine.conftest import make_engine
 from tests.engine.families import BUILDERS, build_qwen3_moe

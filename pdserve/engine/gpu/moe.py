@@ -14,7 +14,7 @@ import triton.language as tl
 
 from pdserve.engine.gpu.kernels import silu_mul
 from pdserve.engine.model_args import MoeArgs
-from pdserve.engine.moe import MoeWeights, route
+from pdserve.engine.moe_weights import MoeWeights, route
 
 BLOCK_N = 64
 BLOCK_K = 64
