@@ -19,7 +19,7 @@ from pdserve.router.http_connection import (
     HttpError,
     ResponseTimeout,
 )
-from pdserve.router.http_parse import header_value
+from pdserve.router.http_parse import find_header
 
 __all__ = [
     "BadResponse",
@@ -39,16 +39,16 @@ class Response:
     and hand the connection back with `release()` (or `close()` to drop it). Once released,
     the connection may carry another request: this object no longer touches it."""
 
-    __slots__ = ("_conn", "status", "_head")
+    __slots__ = ("_conn", "status", "_headers")
 
     def __init__(self, conn: Connection):
         self._conn: Connection | None = conn
         self.status = conn.answer.status
-        self._head = conn.answer.head
+        self._headers = conn.answer.headers
 
     def header(self, name: str) -> str | None:
         """The value of a header of the answer (the first, if repeated), or None."""
-        value = header_value(self._head, self._head.lower(), name.lower().encode("latin-1"))
+        value = find_header(self._headers, name.lower().encode("latin-1"))
         return None if value is None else value.decode("latin-1")
 
     def _connection(self) -> Connection:

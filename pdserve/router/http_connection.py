@@ -6,12 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from pdserve.router.http_parse import AnswerParser, ParseError
-
-if TYPE_CHECKING:
-    from pdserve.router.http_client import Pool
 
 # Unread body bytes above which the connection stops reading (the server then waits).
 READ_HIGH_WATER = 256 * 1024
@@ -55,10 +52,20 @@ class WriteFlow(asyncio.Protocol):
             await self._write_paused
 
 
+class Owner(Protocol):
+    """Who keeps a worker's connections (the client's pool)."""
+
+    def put_back(self, conn: Connection) -> None:
+        """The answer was read whole: the connection may carry another request."""
+
+    def forget(self, conn: Connection) -> None:
+        """The connection closed."""
+
+
 class Connection(WriteFlow):
     """One TCP connection, one request at a time; parses the answer as bytes arrive."""
 
-    def __init__(self, pool: Pool):
+    def __init__(self, pool: Owner):
         self.pool = pool
         self.transport: asyncio.Transport | None = None
         self.idle_since = 0.0

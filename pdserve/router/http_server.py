@@ -1,6 +1,6 @@
 """A small HTTP/1.1 server for the router's own endpoints (router process): keep-alive,
 pipelined requests answered in order, whole answers and chunked streams. A client that hangs
-up cancels its handler, which aborts both legs. Parsing is in `http_parse.py`."""
+up cancels its handler, which aborts both legs. Parsing is in `http_parse.py` (llhttp)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from urllib.parse import parse_qsl
 import msgspec
 
 from pdserve.router.http_connection import WriteFlow
-from pdserve.router.http_parse import ParsedRequest, ParseError, RequestParser, header_value
+from pdserve.router.http_parse import ParsedRequest, ParseError, RequestParser, find_header
 
 log = logging.getLogger(__name__)
 # Requests read ahead of the one being answered before the connection stops reading.
@@ -34,16 +34,16 @@ class Request:
     __slots__ = ("method", "path", "query_string", "body", "http11", "_parsed", "_conn")
 
     def __init__(self, parsed: ParsedRequest, conn: ServerConnection):
-        self.method = parsed.head.method
-        self.path, _, self.query_string = parsed.head.target.partition("?")
+        self.method = parsed.method
+        self.path, _, self.query_string = parsed.target.partition("?")
         self.body = parsed.body
-        self.http11 = parsed.head.http11
+        self.http11 = parsed.http11
         self._parsed = parsed
         self._conn = conn
 
     def header(self, name: str) -> str | None:
-        head = self._parsed.head
-        value = header_value(head.head, head.lowered, name.lower().encode("latin-1"))
+        """The value of a header (the first, if repeated), or None."""
+        value = find_header(self._parsed.headers, name.lower().encode("latin-1"))
         return None if value is None else value.decode("latin-1")
 
     @property
@@ -162,7 +162,8 @@ class ServerConnection(WriteFlow):
         self.transport: asyncio.Transport | None = None
         self.task: asyncio.Task | None = None  # answering the queue's requests
         self._parser = RequestParser(server.max_body_bytes)
-        self._queue: collections.deque[ParsedRequest] = collections.deque()
+        # Requests to answer in order; a ParseError last, answered before the close.
+        self._queue: collections.deque[ParsedRequest | ParseError] = collections.deque()
         self._closing = False  # answer what is in progress, then close
         self._idle_timer: asyncio.TimerHandle | None = None  # runs while nothing is answered
 
@@ -195,14 +196,16 @@ class ServerConnection(WriteFlow):
         self.transport.close()
 
     def data_received(self, data: bytes) -> None:
-        try:
-            self._queue += self._parser.feed(data)
-        except ParseError as exc:
-            self._answer_bad_bytes(exc)
+        if self._parser.error is not None:
             return
-        waiting = self._parser.waiting
-        if waiting is not None and waiting.expects_continue and self.transport is not None:
-            waiting.expects_continue = False
+        self._queue += self._parser.feed(data)
+        if self._parser.error is not None:
+            # The framing of what follows is lost: answer what came before, then this.
+            self._queue.append(self._parser.error)
+            if self.transport is not None:
+                self.transport.pause_reading()
+        if self._parser.expects_continue and self.transport is not None:
+            self._parser.expects_continue = False
             self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         if self._queue and self.task is None:
             self._stop_idle_timer()
@@ -240,6 +243,10 @@ class ServerConnection(WriteFlow):
         try:
             while self._queue and self.transport is not None:
                 parsed = self._queue.popleft()
+                if isinstance(parsed, ParseError):
+                    await self.write(_encode(_error(parsed.status, f"bad request: {parsed}"), False))
+                    self.hang_up()
+                    return
                 if self.transport is not None and len(self._queue) == MAX_PIPELINED:
                     self.transport.resume_reading()
                 keep_alive = await self._answer(parsed)
@@ -257,31 +264,21 @@ class ServerConnection(WriteFlow):
 
     async def _answer(self, parsed: ParsedRequest) -> bool:
         """Run the handler and write its answer; whether the connection stays open."""
-        head = parsed.head
         request = Request(parsed, self)
         try:
-            response = await self.server.handler(head.method, request.path)(request)
+            response = await self.server.handler(parsed.method, request.path)(request)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # a bug: still an answer in the router's error format
-            log.exception("error answering %s %s", head.method, request.path)
+            log.exception("error answering %s %s", parsed.method, request.path)
             response = _error(500, f"router error: {exc!r}")
         if isinstance(response, StreamResponse):
             if response._conn is None:
                 await response.prepare(request)
             await response.write_eof()  # if the handler did not
-            return head.keep_alive and request.http11  # HTTP/1.0: the close ends the answer
-        await self.write(_encode(response, head.keep_alive))
-        return head.keep_alive
-
-    def _answer_bad_bytes(self, exc: ParseError) -> None:
-        """Unparseable bytes: say why and close (the framing of what follows is lost)."""
-        if self.transport is None:
-            return
-        self.transport.pause_reading()
-        if self.task is None:  # else the answers in progress would be mixed with this one
-            self.transport.write(_encode(_error(exc.status, f"bad request: {exc}"), False))
-        self.transport.close()
+            return parsed.keep_alive and request.http11  # HTTP/1.0: the close ends the answer
+        await self.write(_encode(response, parsed.keep_alive))
+        return parsed.keep_alive
 
 
 def _error(status: int, message: str) -> Response:
