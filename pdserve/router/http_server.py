@@ -244,7 +244,9 @@ class ServerConnection(WriteFlow):
             while self._queue and self.transport is not None:
                 parsed = self._queue.popleft()
                 if isinstance(parsed, ParseError):
-                    await self.write(_encode(_error(parsed.status, f"bad request: {parsed}"), False))
+                    await self.write(
+                        _encode(_error(parsed.status, f"bad request: {parsed}"), False)
+                    )
                     self.hang_up()
                     return
                 if self.transport is not None and len(self._queue) == MAX_PIPELINED:

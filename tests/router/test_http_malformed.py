@@ -15,7 +15,7 @@ pytestmark = pytest.mark.timeout(120)
 
 GOOD = b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n"
 GOOD_LAST = b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-HIDDEN = b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Length: 13\r\n\r\n{\"text\":\"hi\"}"
+HIDDEN = b'POST /generate HTTP/1.1\r\nHost: x\r\nContent-Length: 13\r\n\r\n{"text":"hi"}'
 
 # Shapes that let a front proxy and the router disagree on where a request ends.
 SMUGGLING = {
