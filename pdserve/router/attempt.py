@@ -32,6 +32,13 @@ from pdserve.router.workers import Worker
 if TYPE_CHECKING:
     from pdserve.router.proxy import Proxy
 
+# The last event of a stream. Once it is forwarded the client has the whole answer and may
+# hang up at once (OpenAI clients and `pdserve bench` do), possibly before decode's end of
+# body comes: the client's answer ends there, and the rest of decode's body is drained apart.
+DONE_EVENT = b"data: [DONE]\n\n"
+# How long the rest of decode's body (after DONE_EVENT) may take before the connection is
+# dropped rather than kept alive.
+DRAIN_TIMEOUT_S = 5.0
 SSE_HEADERS = {
     "Content-Type": "text/event-stream",
     "Cache-Control": "no-cache",
@@ -162,8 +169,7 @@ class Attempt:
         try:
             await out.prepare(self.request)  # committed: no retry from here on
             head = b"".join(merger.process(e) if merger else e for e in first)
-            await out.write(head if merger else head + buf.rest())
-            await self._pump(resp, out, buf if merger else None, merger)
+            await self._pump(resp, out, head if merger else head + buf.rest(), buf, merger)
         except ConnectionResetError:  # the client hung up
             self._abandon("client_disconnect")
         return out
@@ -172,12 +178,22 @@ class Attempt:
         self,
         resp: LegResponse,
         out: StreamResponse,
-        buf: SSEBuffer | None,
+        data: bytes,
+        buf: SSEBuffer,
         merger: StreamMerger | None,
     ) -> None:
-        """Forward decode's bytes as they arrive. A decode failure now ends the client's
-        stream with an error event (there is nothing left to retry)."""
+        """Forward `data`, then decode's bytes as they arrive, up to and including the last
+        event. A decode failure now ends the client's stream with an error event (there is
+        nothing left to retry)."""
+        tail = b""
         while True:
+            if data:
+                await out.write(data)
+                tail = (tail + data)[-len(DONE_EVENT) :]
+                if tail == DONE_EVENT:
+                    break
+            if resp.at_end():
+                break
             try:
                 data = await resp.read_chunk()
             except Exception as exc:  # noqa: BLE001
@@ -188,15 +204,13 @@ class Attempt:
                     sse_event({"error": {"message": err.client_message, "code": err.status}})
                 )
                 return
-            if not data:
-                break
-            if buf is not None and merger is not None:
+            if merger is not None:
                 data = b"".join(merger.process(e) for e in buf.feed(data))
-            if data:
-                await out.write(data)
         self.decode_s = time.perf_counter() - self._decode_started
-        if buf is not None and buf.rest():
+        if merger is not None and buf.rest():
             await out.write(buf.rest())
+        # No await between the client getting the last event and the answer ending here, so
+        # a client that hangs up then cannot cancel a finished request.
         self._decode_finished(ok=True)
         await out.write_eof()
 
@@ -204,9 +218,12 @@ class Attempt:
         if self._decode_done:
             return
         self._decode_done = True
-        if self.decode_resp is not None and ok:
-            self.decode_resp.release()  # keep-alive: the connection goes back to the pool
-        elif self.decode_resp is not None:
+        resp = self.decode_resp
+        if resp is not None and ok and not resp.at_end():
+            self.proxy.keep(asyncio.create_task(_drain(resp)))
+        elif resp is not None and ok:
+            resp.release()  # keep-alive: the connection goes back to the pool
+        elif resp is not None:
             self.decode_resp.close()  # the server sees the router leave
         self.decode.on_done(time.monotonic(), ok, self.pair.decode_rank)
         if self.prefill_task is not None and not self.prefill_task.done():
@@ -242,6 +259,22 @@ class Attempt:
     def _rids(self) -> list[str]:
         plan = self.pair.plan
         return abort_rids(self.route, plan.rid, plan.num_seqs) if plan else []
+
+
+async def _drain(resp: LegResponse) -> None:
+    """Read the rest of an answer whose content was all used (the end of a stream), so that
+    its connection can carry the next request; drop the connection if that takes long."""
+    try:
+        await asyncio.wait_for(_read_rest(resp), DRAIN_TIMEOUT_S)
+    except Exception:  # noqa: BLE001 - a late or broken end: the connection is not reused
+        resp.close()
+    else:
+        resp.release()
+
+
+async def _read_rest(resp: LegResponse) -> None:
+    while await resp.read_chunk():
+        pass
 
 
 def _consume(task: asyncio.Task) -> None:

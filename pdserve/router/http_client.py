@@ -78,6 +78,11 @@ class Response:
             raise
         return conn.take_body()
 
+    def at_end(self) -> bool:
+        """The whole body has come and was read."""
+        conn = self._conn
+        return conn is None or (conn.answer.body_done and not conn.has_body())
+
     def release(self) -> None:
         if self._conn is not None:
             self._conn.finish()

@@ -3,7 +3,8 @@ the router's failure-path tests (a real server cannot fail on cue).
 
 Each request's body may carry `"stub": {"<name>": {...}}` to script this worker:
 `status` (answer that HTTP error), `delay_s` (answer late), `hold` (wait until POST /stub/release {"gate": ...}),
-`chunks` (stream that many events), `die_after` (drop the connection after that many
+`chunks` (stream that many events), `hold_end` (hold the end of a stream's body, after its
+`[DONE]` event, until that gate opens), `die_after` (drop the connection after that many
 events), `prompt_lps` (prompt logprobs to report). Everything received is logged for
 GET /stub/log. Run: python -m tests.router.stub_worker --port P --name p1 --role prefill
 """
@@ -87,6 +88,8 @@ class Stub:
             event["text"] += f" {i}"
             await resp.write(b"data: " + json.dumps(event).encode() + b"\n\n")
         await resp.write(b"data: [DONE]\n\n")
+        if script.get("hold_end"):  # the end of the body comes later than the last event
+            await asyncio.wait_for(self.gate(script["hold_end"]).wait(), 60)
         return resp
 
     async def abort_request(self, request: web.Request) -> web.Response:

@@ -4,6 +4,7 @@ what it does when a leg fails, hangs, dies or the client leaves."""
 from __future__ import annotations
 
 import json
+import socket
 
 import pytest
 import requests
@@ -173,6 +174,27 @@ def test_client_leaving_mid_stream_aborts_both_legs(stubs, router_factory):
         5,
         "abort metrics",
     )
+
+
+def test_a_client_hanging_up_after_the_last_event_completed_its_request(stubs, router_factory):
+    """OpenAI clients and `pdserve bench` hang up once they read `data: [DONE]`, which can be
+    before decode's end of body reaches the router: the router must end the client's answer
+    at that event, not count a disconnect and abort decode."""
+    router = router_factory(pd_args(stubs))
+    body = json.dumps({"text": "x", "stream": True, "stub": {"d1": {"hold_end": "end"}}})
+    request = f"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n{body}"
+    port = int(router.url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(request.encode())
+        received = b""
+        while b"data: [DONE]\n\n\r\n0\r\n\r\n" not in received:  # a timeout fails the test
+            received += sock.recv(65536)
+    stubs["d1"].release("end")  # decode's body ends after the client left
+    assert metric(router, "pdserve_router_request_duration_seconds_count") == 1
+    assert metric(router, "pdserve_router_request_failures_total") == 0
+    assert metric(router, "pdserve_router_aborts_total") == 0
+    assert requests.post(f"{router.url}/generate", json={"text": "x"}, timeout=10).ok
+    assert stubs["d1"].log()["aborts"] == [] and stubs["p1"].log()["aborts"] == []
 
 
 def test_client_giving_up_on_a_whole_answer_aborts_both_legs(stubs, router_factory):
