@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from pdserve.router.body import abort_rids, encode_bodies
 from pdserve.router.http_client import Response as LegResponse
 from pdserve.router.http_server import Request, Response, StreamResponse
 from pdserve.router.legs import (
+    LegContext,
     LegError,
     LegResult,
     classify,
@@ -29,9 +30,6 @@ from pdserve.router.merge import (
 from pdserve.router.pairing import Pair
 from pdserve.router.workers import Worker
 
-if TYPE_CHECKING:
-    from pdserve.router.proxy import Proxy
-
 # The last event of a stream. Once it is forwarded the client has the whole answer and may
 # hang up at once (OpenAI clients and `pdserve bench` do), possibly before decode's end of
 # body comes: the client's answer ends there, and the rest of decode's body is drained apart.
@@ -49,14 +47,14 @@ SSE_HEADERS = {
 class Attempt:
     def __init__(
         self,
-        proxy: Proxy,
+        legs: LegContext,
         request: Request,
         route: str,
         body: dict[str, Any],
         pair: Pair,
         prompt_tokens: int,
     ):
-        self.proxy = proxy
+        self.legs = legs
         self.request = request
         self.route = route
         self.body = body
@@ -88,7 +86,7 @@ class Attempt:
             # decode has answered; never leave it "unretrieved".
             self.prefill_task.add_done_callback(_consume)
         self.decode.on_dispatch(now, self.prompt_tokens, self.pair.decode_rank)
-        self.proxy.count_leg(self.decode)
+        self.legs.count_leg(self.decode)
         self._decode_started = time.perf_counter()
         try:
             # One watched coroutine per attempt: opening and reading decode's answer up to
@@ -107,8 +105,10 @@ class Attempt:
             raise
 
     async def _post_decode(self, data: bytes) -> LegResponse:
-        p = self.proxy
-        self.decode_resp = await post(p.client, self.decode, self.route, data, p.leg_timeout_s)
+        legs = self.legs
+        self.decode_resp = await post(
+            legs.client, self.decode, self.route, data, legs.leg_timeout_s
+        )
         return self.decode_resp
 
     async def _read_decode(self, data: bytes) -> LegResult:
@@ -121,16 +121,16 @@ class Attempt:
     async def _prefill_leg(self, data: bytes) -> LegResult:
         worker = self.pair.prefill
         assert worker is not None
-        self.proxy.count_leg(worker)
+        self.legs.count_leg(worker)
         ok: bool | None = None
         try:
-            resp = await post(self.proxy.client, worker, self.route, data, self.proxy.leg_timeout_s)
+            resp = await post(self.legs.client, worker, self.route, data, self.legs.leg_timeout_s)
             result = await read_whole(worker, resp, streamed=self.stream)
             ok = True
             return result
         except LegError as err:
-            ok = False
-            self.proxy.count_leg_failure(worker, err.reason)
+            ok = None if err.client_fault else False  # a refused request: no verdict on it
+            self.legs.count_leg_failure(err)
             raise
         finally:
             worker.on_done(time.monotonic(), ok, self.pair.prefill_rank)
@@ -141,7 +141,7 @@ class Attempt:
         if task is None or worker is None:
             return None
         try:
-            return await asyncio.wait_for(asyncio.shield(task), self.proxy.config.request_timeout_s)
+            return await asyncio.wait_for(asyncio.shield(task), self.legs.config.request_timeout_s)
         except asyncio.TimeoutError:
             raise LegError(
                 worker, 504, "no answer before the request deadline", "timeout", False
@@ -199,10 +199,8 @@ class Attempt:
             except Exception as exc:  # noqa: BLE001
                 err = classify(self.decode, exc)
                 self._fail(err)
-                self.proxy.count_failure(self.route, err.reason)
-                await out.write(
-                    sse_event({"error": {"message": err.client_message, "code": err.status}})
-                )
+                self.legs.count_failure(self.route, err.reason)
+                await out.write(sse_event({"error": err.to_json()}))
                 return
             if merger is not None:
                 data = b"".join(merger.process(e) for e in buf.feed(data))
@@ -220,7 +218,7 @@ class Attempt:
         self._decode_done = True
         resp = self.decode_resp
         if resp is not None and ok and not resp.at_end():
-            self.proxy.keep(asyncio.create_task(_drain(resp)))
+            self.legs.keep(asyncio.create_task(_drain(resp)))
         elif resp is not None and ok:
             resp.release()  # keep-alive: the connection goes back to the pool
         elif resp is not None:
@@ -228,13 +226,13 @@ class Attempt:
         self.decode.on_done(time.monotonic(), ok, self.pair.decode_rank)
         if self.prefill_task is not None and not self.prefill_task.done():
             if ok:  # prefill's answer no longer matters; let it end on its own
-                self.proxy.keep(self.prefill_task)
+                self.legs.keep(self.prefill_task)
 
     def _fail(self, err: LegError) -> None:
         """A leg failed: stop the other one at once."""
         if err.worker is self.decode:
-            self.proxy.count_leg_failure(self.decode, err.reason)
-            self._decode_finished(ok=False)
+            self.legs.count_leg_failure(err)
+            self._decode_finished(ok=None if err.client_fault else False)
             self._abort_prefill("decode_failed")
         else:
             self._decode_finished(ok=None)
@@ -251,10 +249,10 @@ class Attempt:
         if task is None or worker is None or task.done():
             return
         task.cancel()  # closes the connection: the server sees the client leave
-        self.proxy.abort_leg(worker, self._rids(), cause)
+        self.legs.abort_leg(worker, self._rids(), cause)
 
     def _abort_decode(self, cause: str) -> None:
-        self.proxy.abort_leg(self.decode, self._rids(), cause)
+        self.legs.abort_leg(self.decode, self._rids(), cause)
 
     def _rids(self) -> list[str]:
         plan = self.pair.plan

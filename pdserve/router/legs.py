@@ -1,4 +1,5 @@
-"""One leg of a request: POST to a worker, classify its failure, abort it (router process)."""
+"""One leg of a request: POST to a worker, classify its failure, abort it; and what all
+legs share (router process)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import TypeVar
 
 import msgspec
 
+from pdserve.router.config import RouterConfig
 from pdserve.router.http_client import (
     ConnectFailed,
     ConnectionLost,
@@ -20,6 +22,7 @@ from pdserve.router.http_client import (
     ResponseTimeout,
 )
 from pdserve.router.merge import SSEBuffer, error_message, event_error, event_json
+from pdserve.router.metrics import RouterMetrics
 from pdserve.router.workers import Worker
 
 log = logging.getLogger(__name__)
@@ -28,19 +31,43 @@ T = TypeVar("T")
 
 class LegError(Exception):
     """A leg failed. `status` is what the client gets; `retryable` whether a new pair may
-    succeed (connect errors, disconnects, 408/429/5xx)."""
+    succeed (connect errors, disconnects, 408/429/5xx); `answered` whether `message` is the
+    worker's own error message (else it says what went wrong on the way). The worker's
+    address is in str() (for the log) and in `to_json()`'s own field, never in the message."""
 
-    def __init__(self, worker: Worker, status: int, message: str, reason: str, retryable: bool):
+    def __init__(
+        self,
+        worker: Worker,
+        status: int,
+        message: str,
+        reason: str,
+        retryable: bool,
+        answered: bool = False,
+    ):
         super().__init__(f"{worker.role} {worker.url}: {message}")
         self.worker = worker
         self.status = status
         self.message = message
         self.reason = reason
         self.retryable = retryable
+        self.answered = answered
+
+    @property
+    def client_fault(self) -> bool:
+        """The worker refused the request itself (a 4xx other than 408/429): the same
+        request fails on any worker, and this one did nothing wrong."""
+        return self.answered and 400 <= self.status < 500 and not retryable_status(self.status)
 
     @property
     def client_message(self) -> str:
-        return f"{self.worker.role} server {self.worker.url} failed: {self.message}"
+        return (
+            self.message if self.answered else f"{self.worker.role} server failed: {self.message}"
+        )
+
+    def to_json(self) -> dict:
+        """The `error` object of the router's answer."""
+        worker = {"url": self.worker.url, "role": self.worker.role}
+        return {"message": self.client_message, "code": self.status, "worker": worker}
 
 
 def retryable_status(status: int) -> bool:
@@ -68,13 +95,8 @@ async def http_error(worker: Worker, resp: Response) -> LegError:
     except HttpError as exc:
         body = repr(exc).encode()
     status = resp.status
-    return LegError(
-        worker,
-        status,
-        f"HTTP {status}: {error_message(body, status)}",
-        f"http_{status}",
-        retryable_status(status),
-    )
+    message = error_message(body, status)
+    return LegError(worker, status, message, f"http_{status}", retryable_status(status), True)
 
 
 def stream_event_error(worker: Worker, obj: object) -> LegError | None:
@@ -85,7 +107,7 @@ def stream_event_error(worker: Worker, obj: object) -> LegError | None:
     err = obj.get("error") if isinstance(obj, dict) else None
     code = err.get("code") if isinstance(err, dict) else None
     status = code if isinstance(code, int) and 400 <= code < 600 else 500
-    return LegError(worker, status, message, f"stream_{status}", retryable_status(status))
+    return LegError(worker, status, message, f"stream_{status}", retryable_status(status), True)
 
 
 @dataclass
@@ -194,3 +216,45 @@ async def abort(client: HttpClient, worker: Worker, rids: list[str], timeout_s: 
         except Exception as exc:  # noqa: BLE001
             log.warning("abort of %s on %s failed: %r", rid, worker.url, exc)
             return
+
+
+class LegContext:
+    """What every attempt shares: the client with keep-alive connections to every worker
+    (no cap; legs, aborts and health checks), deadlines, metrics, and the background tasks
+    (aborts, drains, prefill legs left to end), held until they end."""
+
+    def __init__(self, config: RouterConfig, metrics: RouterMetrics):
+        self.config = config
+        self.metrics = metrics
+        self.client = HttpClient(config.connect_timeout_s)
+        self.leg_timeout_s = config.request_timeout_s
+        self._background: set[asyncio.Task] = set()
+
+    async def stop(self) -> None:
+        for task in list(self._background):
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
+        self.client.close()
+
+    def count_leg(self, worker: Worker) -> None:
+        self.metrics.worker_requests.inc(worker.url, worker.role)
+
+    def count_leg_failure(self, err: LegError) -> None:
+        if not err.client_fault:
+            self.metrics.worker_failures.labels(err.worker.url, err.worker.role, err.reason).inc()
+
+    def count_failure(self, route: str, reason: str) -> None:
+        self.metrics.failures.labels(route, reason).inc()
+
+    def keep(self, task: asyncio.Task) -> None:
+        """Hold a background task until it ends (the loop only keeps weak references)."""
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    def abort_leg(self, worker: Worker, rids: list[str], cause: str) -> None:
+        self.metrics.aborts.labels(worker.role, cause).inc()
+        if rids:
+            task = asyncio.create_task(
+                abort(self.client, worker, rids, self.config.abort_timeout_s)
+            )
+            self.keep(task)

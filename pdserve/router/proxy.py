@@ -13,12 +13,10 @@ import msgspec
 from pdserve.router.attempt import Attempt
 from pdserve.router.body import BadRequest, estimate_tokens, num_sequences, prompt_of
 from pdserve.router.config import RouterConfig
-from pdserve.router.http_client import HttpClient
 from pdserve.router.http_server import Request, Response, StreamResponse, json_response
-from pdserve.router.legs import LegError, abort
+from pdserve.router.legs import LegContext, LegError
 from pdserve.router.metrics import RouterMetrics
 from pdserve.router.pairing import NoWorker, PairChooser
-from pdserve.router.workers import Worker
 
 log = logging.getLogger(__name__)
 
@@ -32,16 +30,11 @@ class Proxy:
         self.config = config
         self.chooser = chooser
         self.metrics = metrics
-        # Keep-alive connections to every worker, no cap; legs, aborts and health checks.
-        self.client = HttpClient(config.connect_timeout_s)
-        self.leg_timeout_s = config.request_timeout_s
-        self._background: set[asyncio.Task] = set()
+        self.legs = LegContext(config, metrics)
+        self.client = self.legs.client  # also for health checks and side routes
 
     async def stop(self) -> None:
-        for task in list(self._background):
-            task.cancel()
-        await asyncio.gather(*self._background, return_exceptions=True)
-        self.client.close()
+        await self.legs.stop()
 
     async def handle(self, request: Request, route: str) -> Response | StreamResponse:
         started = time.perf_counter()
@@ -52,16 +45,16 @@ class Proxy:
                 raise BadRequest("the body must be a JSON object")
             num_seqs = num_sequences(route, body)
         except (msgspec.DecodeError, BadRequest) as exc:
-            self.count_failure(route, "bad_request")
+            self.legs.count_failure(route, "bad_request")
             return error_response(400, f"bad request: {exc}")
         try:
             response, decode_s = await self._attempts(request, route, body, num_seqs)
         except asyncio.CancelledError:
-            self.count_failure(route, "client_disconnect")
+            self.legs.count_failure(route, "client_disconnect")
             raise
         except Exception as exc:  # a router bug must still answer in the error format
             log.exception("router error on %s", route)
-            self.count_failure(route, "router_error")
+            self.legs.count_failure(route, "router_error")
             return error_response(500, f"router error: {exc!r}")
         total_s = time.perf_counter() - started
         self.metrics.duration.observe(total_s, route)
@@ -85,38 +78,20 @@ class Proxy:
             except NoWorker as exc:
                 if last is not None:
                     break
-                self.count_failure(route, "no_worker")
+                self.legs.count_failure(route, "no_worker")
                 return error_response(503, str(exc)), 0.0
-            attempt = Attempt(self, request, route, body, pair, tokens)
+            attempt = Attempt(self.legs, request, route, body, pair, tokens)
             try:
                 return await attempt.run(), attempt.decode_s
             except LegError as err:
-                log.warning("attempt %d of %s failed: %s", attempt_no + 1, route, err)
                 last = err
+                if err.client_fault:  # the client's mistake: no retry, no warning
+                    log.info("%s refused by %s", route, err)
+                    break
+                log.warning("attempt %d of %s failed: %s", attempt_no + 1, route, err)
                 failed.add(err.worker.url)
                 if not err.retryable:
                     break
         assert last is not None
-        self.count_failure(route, last.reason)
-        return error_response(last.status, last.client_message), 0.0
-
-    def count_leg(self, worker: Worker) -> None:
-        self.metrics.worker_requests.inc(worker.url, worker.role)
-
-    def count_leg_failure(self, worker: Worker, reason: str) -> None:
-        self.metrics.worker_failures.labels(worker.url, worker.role, reason).inc()
-
-    def count_failure(self, route: str, reason: str) -> None:
-        self.metrics.failures.labels(route, reason).inc()
-
-    def keep(self, task: asyncio.Task) -> None:
-        """Hold a background task until it ends (the loop only keeps weak references)."""
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
-
-    def abort_leg(self, worker: Worker, rids: list[str], cause: str) -> None:
-        self.metrics.aborts.labels(worker.role, cause).inc()
-        if rids:
-            self.keep(
-                asyncio.create_task(abort(self.client, worker, rids, self.config.abort_timeout_s))
-            )
+        self.legs.count_failure(route, last.reason)
+        return json_response({"error": last.to_json()}, last.status), 0.0

@@ -127,10 +127,31 @@ def test_prefill_error_aborts_decode_at_once_and_reaches_the_client(stubs, route
     body = {"text": "x", "stub": {"p1": {"status": 400}, "d1": {"hold": "never"}}}
     resp = requests.post(f"{router.url}/generate", json=body, timeout=10)
     assert resp.status_code == 400
-    assert "p1 scripted failure" in resp.json()["error"]["message"]
+    error = resp.json()["error"]
+    assert error["message"] == "p1 scripted failure"  # the worker's words, no address first
+    assert error["worker"] == {"url": stubs["p1"].url, "role": "prefill"}
     rid = stubs["d1"].log()["bodies"][0]["rid"]
     wait_until(lambda: stubs["d1"].log()["aborts"] == [rid], 5, "decode abort")
     wait_until(lambda: stubs["d1"].log()["disconnects"] == 1, 5, "decode connection closed")
+
+
+def test_a_4xx_from_a_worker_is_the_clients_error_not_a_failed_attempt(stubs, router_factory):
+    router = router_factory(pd_args(stubs) + ["--retry-backoff-s", "0.01"])
+    refused = {"text": "x", "stub": {"d1": {"status": 422}}}
+    resp = requests.post(f"{router.url}/generate", json=refused, timeout=10)
+    assert resp.status_code == 422 and resp.json()["error"]["message"] == "d1 scripted failure"
+    assert len(stubs["d1"].log()["bodies"]) == 1  # not retried
+    assert metric(router, "pdserve_router_retries_total") == 0
+    assert metric(router, "pdserve_router_worker_failures_total") == 0
+    assert "failed" not in router.output()  # no WARNING "attempt 1 of /generate failed"
+    failing = {"text": "x", "stub": {"d1": {"status": 503}}}
+    resp = requests.post(f"{router.url}/generate", json=failing, timeout=10)
+    assert resp.status_code == 503 and resp.json()["error"]["message"] == "d1 scripted failure"
+    assert metric(router, "pdserve_router_retries_total") == 3
+    log = router.output()
+    assert f"WARNING attempt 1 of /generate failed: decode {stubs['d1'].url}: d1 scripted" in log
+    workers = {w["url"]: w for w in requests.get(f"{router.url}/workers").json()["workers"]}
+    assert workers[stubs["d1"].url]["circuit"] == "closed"
 
 
 def test_decode_death_mid_stream_ends_the_stream_with_an_error_and_aborts_prefill(
@@ -151,7 +172,8 @@ def test_decode_death_mid_stream_ends_the_stream_with_an_error_and_aborts_prefil
         assert json.loads(next(lines)[6:])["text"] == "from d1 0"
         stubs["d1"].release("go")  # now it dies
         last = json.loads(list(lines)[-1][6:])
-    assert "connection lost" in last["error"]["message"] and last["error"]["code"] == 502
+    assert last["error"]["message"].startswith("decode server failed: connection lost")
+    assert last["error"]["code"] == 502 and last["error"]["worker"]["url"] == stubs["d1"].url
     rid = stubs["p1"].log()["bodies"][0]["rid"]
     wait_until(lambda: stubs["p1"].log()["aborts"] == [rid], 5, "prefill abort")
 
