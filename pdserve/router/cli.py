@@ -39,7 +39,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="plain mode: a colocated server (repeatable; no PD fields added)",
     )
     parser.add_argument(
-        "--log-level", default="warning", choices=["debug", "info", "warning", "error"]
+        "--log-level",
+        default="warning",
+        choices=["debug", "info", "warning", "error"],
+        help="least severe log messages shown: warning shows failed attempts and workers "
+        "going unhealthy; info adds requests refused by a worker (4xx)",
     )
     add_arguments(parser, RouterConfig)
     parser.set_defaults(func=run)

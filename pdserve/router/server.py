@@ -14,6 +14,7 @@ from typing import Any
 
 from pdserve.router.body import CHAT, COMPLETIONS, GENERATE
 from pdserve.router.config import RouterConfig, WorkerSpec
+from pdserve.router.fanout import get_load, health_generate
 from pdserve.router.http_client import HttpError
 from pdserve.router.http_server import (
     Handler,
@@ -53,6 +54,9 @@ class Router:
         }
         routes |= {
             "/health": {"GET": self.health},
+            "/health_generate": {"GET": self.health_generate},
+            "/get_load": {"GET": self.get_load},
+            "/get_loads": {"GET": self.get_load},  # sglang-router's name
             "/readiness": {"GET": self.readiness},
             "/metrics": {"GET": self.metrics_route},
             "/workers": {
@@ -82,6 +86,24 @@ class Router:
 
     async def health(self, request: Request) -> Response:
         return json_response({"status": "ok"})
+
+    async def health_generate(self, request: Request) -> Response:
+        """One available prefill + decode pair (or plain worker) generates a token each."""
+        now = time.monotonic()
+        if self.registry.by_role("regular"):
+            pair = self.registry.available("regular", now)[:1]
+        else:
+            prefills = self.registry.available("prefill", now)
+            decodes = self.registry.available("decode", now)
+            pair = prefills[:1] + decodes[:1] if prefills and decodes else []
+        if not pair:
+            return error_response(503, "no healthy worker pair to run health_generate on")
+        timeout_s = self.config.health_generate_timeout_s
+        return await health_generate(self.proxy.client, pair, timeout_s)
+
+    async def get_load(self, request: Request) -> Response:
+        timeout_s = self.config.health_check_timeout_s
+        return await get_load(self.proxy.client, self.registry.all(), timeout_s)
 
     async def readiness(self, request: Request) -> Response:
         if self.registry.ready(time.monotonic()):

@@ -31,6 +31,7 @@ class Stub:
         self.bodies: list[dict[str, Any]] = []
         self.aborts: list[str] = []
         self.disconnects = 0
+        self.health_generate_status = 200
         self.gates.clear()
 
     def gate(self, name: str) -> asyncio.Event:
@@ -103,6 +104,8 @@ class Stub:
         data = await request.json()
         if "health_status" in data:
             self.health_status = data["health_status"]
+        if "health_generate_status" in data:
+            self.health_generate_status = data["health_generate_status"]
         if "load_tokens" in data:
             self.load_tokens = data["load_tokens"]
         if "gate" in data:
@@ -122,6 +125,9 @@ class Stub:
             app.router.add_post(path, self.generate)
         app.router.add_post("/abort_request", self.abort_request)
         app.router.add_get("/health", self.health)
+        app.router.add_get(
+            "/health_generate", lambda r: web.Response(status=self.health_generate_status)
+        )
         app.router.add_get(
             "/server_info",
             lambda r: web.json_response(

@@ -307,6 +307,24 @@ def test_align_room_puts_each_room_on_a_prefill_rank_without_rank_fields(stubs, 
     assert not any("routed_dp_rank" in b for b in bodies)
 
 
+def test_get_load_and_health_generate_ask_the_workers(stubs, router_factory):
+    router = router_factory(pd_args(stubs, decodes=("d2",)))
+    stubs["d2"].control(load_tokens=7)
+    loads = requests.get(f"{router.url}/get_load", timeout=10).json()["workers"]
+    assert {(w["url"], w["role"]): w["load"] for w in loads} == {
+        (stubs["p1"].url, "prefill"): [{"num_tokens": 0}] * 2,
+        (stubs["d2"].url, "decode"): [{"num_tokens": 7}] * 4,
+    }
+    assert requests.get(f"{router.url}/health_generate", timeout=10).status_code == 200
+    stubs["d2"].control(health_generate_status=500)
+    resp = requests.get(f"{router.url}/health_generate", timeout=10)
+    assert resp.status_code == 503
+    message = resp.json()["error"]["message"]
+    assert (
+        message == "health_generate failed: decode server answered /health_generate with HTTP 500"
+    )
+
+
 def test_bad_requests_and_side_routes(stubs, router_factory):
     metrics_port = free_port()
     router = router_factory(pd_args(stubs) + ["--prometheus-port", str(metrics_port)])
