@@ -3,7 +3,7 @@ SGLang's `sglang-router` add over calling prefill + decode directly with the sam
 several concurrencies, plus time to first streamed token. All on loopback, same servers,
 same run, modes interleaved round by round so drift hits each alike.
 
-    python -m pdserve.router.bench_router --model-path tiny-random
+    python -m pdserve.bench.bench_router --model-path tiny-random
 """
 
 from __future__ import annotations
