@@ -29,12 +29,6 @@ def find_header(headers: Headers, name: bytes) -> bytes | None:
     return None
 
 
-def _version_error(version: str) -> ParseError | None:
-    if version in ("1.1", "1.0"):
-        return None
-    return ParseError(f"HTTP/{version} is not supported", 505)
-
-
 class _Parser:
     """What requests and answers share: headers, a bound on a head's size, and errors raised
     in a callback carried out of llhttp (which would only say "callback error")."""
@@ -59,17 +53,8 @@ class _Parser:
             if self._head_bytes > MAX_HEAD_BYTES:
                 raise ParseError("head too long", 431)
 
-    def on_message_begin(self) -> None:
-        self.headers, self._in_head, self._head_bytes = [], True, 0
-
     def on_header(self, name: bytes, value: bytes) -> None:
         self.headers.append((name, value))
-
-    def on_headers_complete(self) -> None:
-        self._in_head = False
-        error = _version_error(self._llhttp.get_http_version())
-        if error is not None:
-            self._fail(error)
 
     def _fail(self, error: ParseError) -> None:
         """Called from a callback: remember why, then stop llhttp."""
@@ -77,7 +62,7 @@ class _Parser:
         raise error
 
 
-@dataclass
+@dataclass(slots=True)
 class ParsedRequest:
     method: str
     target: str  # path and query, as sent
@@ -85,6 +70,11 @@ class ParsedRequest:
     body: bytes
     http11: bool  # else HTTP/1.0
     keep_alive: bool
+
+
+# Lengths of the request headers looked at (content-length, transfer-encoding, expect): the
+# others are not even lowercased.
+_CHECKED_LENGTHS = (14, 17, 6)
 
 
 class RequestParser(_Parser):
@@ -103,6 +93,7 @@ class RequestParser(_Parser):
         self._url: list[bytes] = []
         self._body: list[bytes] = []
         self._body_bytes = 0
+        self._http11 = True
         self._done: list[ParsedRequest] = []
         self._upgraded = False  # a request asked to upgrade: what follows is not HTTP/1.x
 
@@ -126,23 +117,32 @@ class RequestParser(_Parser):
         return done
 
     def on_message_begin(self) -> None:
-        super().on_message_begin()
-        self.partial = True
-        self._url, self._body, self._body_bytes = [], [], 0
+        self.partial = self._in_head = True
+        self.headers, self._url, self._body = [], [], []
+        self._head_bytes = self._body_bytes = 0
 
     def on_url(self, url: bytes) -> None:
         self._url.append(url)
 
     def on_headers_complete(self) -> None:
-        super().on_headers_complete()
-        encoding = (find_header(self.headers, b"transfer-encoding") or b"").lower()
-        if encoding.endswith(b"chunked") and encoding != b"chunked":  # else llhttp refuses it
-            self._fail(ParseError(f"unsupported Transfer-Encoding {encoding[:40]!r}", 501))
-        length = find_header(self.headers, b"content-length")
-        if length is not None and int(length) > self.max_body_bytes:
-            self._fail(ParseError(f"body of {int(length)} bytes is over the limit", 413))
-        expect = find_header(self.headers, b"expect")
-        self.expects_continue = expect is not None and expect.lower() == b"100-continue"
+        self._in_head = False
+        version = self._llhttp.get_http_version()
+        if version != "1.1" and version != "1.0":
+            self._fail(ParseError(f"HTTP/{version} is not supported", 505))
+        self._http11 = version == "1.1"
+        for name, value in self.headers:
+            if len(name) in _CHECKED_LENGTHS:
+                self._check_header(name.lower(), value)
+
+    def _check_header(self, name: bytes, value: bytes) -> None:
+        """llhttp checked the framing headers' syntax; here is what the router refuses."""
+        if name == b"content-length" and int(value) > self.max_body_bytes:
+            self._fail(ParseError(f"body of {int(value)} bytes is over the limit", 413))
+        elif name == b"transfer-encoding" and value.lower() != b"chunked":
+            if value.lower().endswith(b"chunked"):  # codings before it; llhttp refuses the rest
+                self._fail(ParseError(f"unsupported Transfer-Encoding {value[:40]!r}", 501))
+        elif name == b"expect" and value.lower() == b"100-continue":
+            self.expects_continue = True
 
     def on_body(self, body: bytes) -> None:
         self._body_bytes += len(body)
@@ -154,22 +154,23 @@ class RequestParser(_Parser):
         llhttp = self._llhttp
         url = self._url[0] if len(self._url) == 1 else b"".join(self._url)
         body = self._body[0] if len(self._body) == 1 else b"".join(self._body)
-        request = ParsedRequest(
-            llhttp.get_method().decode("latin-1"),
-            url.decode("latin-1"),
-            self.headers,
-            body,
-            llhttp.get_http_version() == "1.1",
-            llhttp.should_keep_alive(),
+        self._done.append(
+            ParsedRequest(
+                llhttp.get_method().decode("latin-1"),
+                url.decode("latin-1"),
+                self.headers,
+                body,
+                self._http11,
+                llhttp.should_keep_alive(),
+            )
         )
-        self._done.append(request)
         self.partial = self.expects_continue = False
 
 
 class AnswerParser(_Parser):
-    """One answer. `feed` returns the body bytes found in what it is given; `head_done`,
-    `body_done`, `status` and `keep_alive` say how far it got. Interim answers (100
-    Continue) are skipped. Raises ParseError."""
+    """One answer of a worker. `feed` returns the body bytes found in what it is given;
+    `head_done`, `body_done`, `status` and `keep_alive` say how far it got. Interim answers
+    (100 Continue) are skipped. Raises ParseError."""
 
     def __init__(self) -> None:
         super().__init__(httptools.HttpResponseParser(self))
@@ -204,23 +205,22 @@ class AnswerParser(_Parser):
     def on_message_begin(self) -> None:
         if self.body_done:  # a second answer: stop there
             self._fail(ParseError("bytes after the end of the answer"))
-        super().on_message_begin()
+        self.headers, self._in_head, self._head_bytes = [], True, 0
 
     def on_headers_complete(self) -> None:
-        super().on_headers_complete()
-        llhttp = self._llhttp
-        status = llhttp.get_status_code()
+        self._in_head = False
+        status = self._llhttp.get_status_code()
         if not 100 <= status <= 599:
             self._fail(ParseError(f"bad status code {status}"))
         if status < 200:
             return  # interim: the real answer follows
         self.status, self.head_done = status, True
-        self.keep_alive = llhttp.should_keep_alive()
-        # llhttp reads a body with neither a length nor chunked coding until the close
-        encoding = find_header(self.headers, b"transfer-encoding") or b""
-        framed = encoding.lower().endswith(b"chunked")
-        framed = framed or find_header(self.headers, b"content-length") is not None
-        self.until_close = not framed and status not in (204, 304)
+        self.keep_alive = self._llhttp.should_keep_alive()
+        if not self.keep_alive and status != 204 and status != 304:
+            # llhttp reads a body with neither a length nor chunked coding until the close
+            encoding = find_header(self.headers, b"transfer-encoding") or b""
+            length = find_header(self.headers, b"content-length")
+            self.until_close = length is None and not encoding.lower().endswith(b"chunked")
 
     def on_body(self, body: bytes) -> None:
         self._pieces.append(body)
