@@ -189,8 +189,8 @@ class Attempt:
         while True:
             if data:
                 await out.write(data)
-                tail = (tail + data)[-len(DONE_EVENT) :]
-                if tail == DONE_EVENT:
+                tail = data if len(data) >= len(DONE_EVENT) else (tail + data)[-len(DONE_EVENT) :]
+                if tail.endswith(DONE_EVENT):
                     break
             if resp.at_end():
                 break

@@ -47,7 +47,7 @@ class Response:
         self._headers = conn.answer.headers
 
     def header(self, name: str) -> str | None:
-        """The value of a header of the answer (the first, if repeated), or None."""
+        """The value of a header of the answer (the last, if repeated), or None."""
         value = find_header(self._headers, name.lower().encode("latin-1"))
         return None if value is None else value.decode("latin-1")
 

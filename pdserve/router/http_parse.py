@@ -10,7 +10,8 @@ from dataclasses import dataclass
 import httptools
 
 MAX_HEAD_BYTES = 64 * 1024
-Headers = list[tuple[bytes, bytes]]
+# Header name (as sent) -> value; a repeated name keeps its last value.
+Headers = dict[bytes, bytes]
 
 
 class ParseError(ValueError):
@@ -22,8 +23,8 @@ class ParseError(ValueError):
 
 
 def find_header(headers: Headers, name: bytes) -> bytes | None:
-    """The value of the first header called `name` (lowercase), or None."""
-    for key, value in headers:
+    """The value of the header called `name` (lowercase, any case in `headers`), or None."""
+    for key, value in headers.items():
         if len(key) == len(name) and key.lower() == name:
             return value
     return None
@@ -31,11 +32,17 @@ def find_header(headers: Headers, name: bytes) -> bytes | None:
 
 class _Parser:
     """What requests and answers share: headers, a bound on a head's size, and errors raised
-    in a callback carried out of llhttp (which would only say "callback error")."""
+    in a callback carried out of llhttp (which would only say "callback error").
 
-    def __init__(self, llhttp: httptools.HttpRequestParser | httptools.HttpResponseParser):
-        self.headers: Headers = []
-        self._llhttp = llhttp
+    The callbacks llhttp calls most are C methods (a dict's `__setitem__` for headers, a
+    list's `append` for pieces): no Python frame per header, which is most of the CPU a
+    parse takes. llhttp looks its callbacks up once, so these containers are only cleared,
+    never replaced."""
+
+    def __init__(self, parser_type: type) -> None:
+        self.headers: Headers = {}
+        self.on_header = self.headers.__setitem__
+        self._llhttp = parser_type(self)
         self._in_head = False
         self._head_bytes = 0  # of the reads that all went into a head not yet complete
         self._error: ParseError | None = None
@@ -52,9 +59,6 @@ class _Parser:
             self._head_bytes += len(data)
             if self._head_bytes > MAX_HEAD_BYTES:
                 raise ParseError("head too long", 431)
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers.append((name, value))
 
     def _fail(self, error: ParseError) -> None:
         """Called from a callback: remember why, then stop llhttp."""
@@ -85,12 +89,13 @@ class RequestParser(_Parser):
     client waits before sending the body): the caller answers 100 and sets it back."""
 
     def __init__(self, max_body_bytes: int):
-        super().__init__(httptools.HttpRequestParser(self))
+        self._url: list[bytes] = []
+        self.on_url = self._url.append
+        super().__init__(httptools.HttpRequestParser)
         self.max_body_bytes = max_body_bytes
         self.expects_continue = False
         self.partial = False  # part of a request has come, not all of it
         self.error: ParseError | None = None
-        self._url: list[bytes] = []
         self._body: list[bytes] = []
         self._body_bytes = 0
         self._http11 = True
@@ -118,11 +123,10 @@ class RequestParser(_Parser):
 
     def on_message_begin(self) -> None:
         self.partial = self._in_head = True
-        self.headers, self._url, self._body = [], [], []
+        self.headers.clear()
+        self._url.clear()
+        self._body = []
         self._head_bytes = self._body_bytes = 0
-
-    def on_url(self, url: bytes) -> None:
-        self._url.append(url)
 
     def on_headers_complete(self) -> None:
         self._in_head = False
@@ -130,7 +134,7 @@ class RequestParser(_Parser):
         if version != "1.1" and version != "1.0":
             self._fail(ParseError(f"HTTP/{version} is not supported", 505))
         self._http11 = version == "1.1"
-        for name, value in self.headers:
+        for name, value in self.headers.items():
             if len(name) in _CHECKED_LENGTHS:
                 self._check_header(name.lower(), value)
 
@@ -158,7 +162,7 @@ class RequestParser(_Parser):
             ParsedRequest(
                 llhttp.get_method().decode("latin-1"),
                 url.decode("latin-1"),
-                self.headers,
+                self.headers.copy(),
                 body,
                 self._http11,
                 llhttp.should_keep_alive(),
@@ -173,13 +177,14 @@ class AnswerParser(_Parser):
     (100 Continue) are skipped. Raises ParseError."""
 
     def __init__(self) -> None:
-        super().__init__(httptools.HttpResponseParser(self))
+        self._pieces: list[bytes] = []
+        self.on_body = self._pieces.append
+        super().__init__(httptools.HttpResponseParser)
         self.status = 0
         self.keep_alive = True  # False once the connection cannot carry another request
         self.head_done = False
         self.body_done = False
         self.until_close = False  # no length given: the body ends when the server closes
-        self._pieces: list[bytes] = []
 
     def feed(self, data: bytes) -> list[bytes]:
         if self.body_done:
@@ -193,7 +198,8 @@ class AnswerParser(_Parser):
             if not self.body_done:
                 raise
             self.keep_alive = False  # bytes after the end: the framing cannot be trusted
-        pieces, self._pieces = self._pieces, []
+        pieces = self._pieces.copy()
+        self._pieces.clear()
         return pieces
 
     def end_of_input(self) -> bool:
@@ -205,7 +211,8 @@ class AnswerParser(_Parser):
     def on_message_begin(self) -> None:
         if self.body_done:  # a second answer: stop there
             self._fail(ParseError("bytes after the end of the answer"))
-        self.headers, self._in_head, self._head_bytes = [], True, 0
+        self.headers.clear()
+        self._in_head, self._head_bytes = True, 0
 
     def on_headers_complete(self) -> None:
         self._in_head = False
@@ -221,9 +228,6 @@ class AnswerParser(_Parser):
             encoding = find_header(self.headers, b"transfer-encoding") or b""
             length = find_header(self.headers, b"content-length")
             self.until_close = length is None and not encoding.lower().endswith(b"chunked")
-
-    def on_body(self, body: bytes) -> None:
-        self._pieces.append(body)
 
     def on_message_complete(self) -> None:
         if self.head_done:

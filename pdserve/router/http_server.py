@@ -42,7 +42,7 @@ class Request:
         self._conn = conn
 
     def header(self, name: str) -> str | None:
-        """The value of a header (the first, if repeated), or None."""
+        """The value of a header (the last, if repeated), or None."""
         value = find_header(self._parsed.headers, name.lower().encode("latin-1"))
         return None if value is None else value.decode("latin-1")
 
