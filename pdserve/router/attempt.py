@@ -32,11 +32,8 @@ from pdserve.router.workers import Worker
 
 # The last event of a stream. Once it is forwarded the client has the whole answer and may
 # hang up at once (OpenAI clients and `pdserve bench` do), possibly before decode's end of
-# body comes: the client's answer ends there, and the rest of decode's body is drained apart.
+# body comes: the client's answer ends there, and decode's connection drops the rest.
 DONE_EVENT = b"data: [DONE]\n\n"
-# How long the rest of decode's body (after DONE_EVENT) may take before the connection is
-# dropped rather than kept alive.
-DRAIN_TIMEOUT_S = 5.0
 SSE_HEADERS = {
     "Content-Type": "text/event-stream",
     "Cache-Control": "no-cache",
@@ -217,12 +214,10 @@ class Attempt:
             return
         self._decode_done = True
         resp = self.decode_resp
-        if resp is not None and ok and not resp.at_end():
-            self.legs.keep(asyncio.create_task(_drain(resp)))
-        elif resp is not None and ok:
-            resp.release()  # keep-alive: the connection goes back to the pool
+        if resp is not None and ok:
+            resp.discard_rest()  # keep-alive: the connection goes back to the pool
         elif resp is not None:
-            self.decode_resp.close()  # the server sees the router leave
+            resp.close()  # the server sees the router leave
         self.decode.on_done(time.monotonic(), ok, self.pair.decode_rank)
         if self.prefill_task is not None and not self.prefill_task.done():
             if ok:  # prefill's answer no longer matters; let it end on its own
@@ -257,22 +252,6 @@ class Attempt:
     def _rids(self) -> list[str]:
         plan = self.pair.plan
         return abort_rids(self.route, plan.rid, plan.num_seqs) if plan else []
-
-
-async def _drain(resp: LegResponse) -> None:
-    """Read the rest of an answer whose content was all used (the end of a stream), so that
-    its connection can carry the next request; drop the connection if that takes long."""
-    try:
-        await asyncio.wait_for(_read_rest(resp), DRAIN_TIMEOUT_S)
-    except Exception:  # noqa: BLE001 - a late or broken end: the connection is not reused
-        resp.close()
-    else:
-        resp.release()
-
-
-async def _read_rest(resp: LegResponse) -> None:
-    while await resp.read_chunk():
-        pass
 
 
 def _consume(task: asyncio.Task) -> None:

@@ -83,6 +83,13 @@ class Response:
         conn = self._conn
         return conn is None or (conn.answer.body_done and not conn.has_body())
 
+    def discard_rest(self) -> None:
+        """Done with the body though it has not all come: the connection drops the rest as
+        it arrives, then carries another request (no task waits for it)."""
+        if self._conn is not None:
+            self._conn.discard_rest()
+            self._conn = None
+
     def release(self) -> None:
         if self._conn is not None:
             self._conn.finish()

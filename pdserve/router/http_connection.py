@@ -77,6 +77,7 @@ class Connection(WriteFlow):
         self._waiter: asyncio.Future | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._reading_paused = False
+        self._discarding = False  # the caller is done: drop the rest of the body, then reuse
 
     # -- asyncio.Protocol --------------------------------------------------------------
 
@@ -99,10 +100,13 @@ class Connection(WriteFlow):
             if self.transport is not None:
                 self.transport.close()
         else:
-            if pieces:
+            if pieces and not self._discarding:
                 self._add(pieces)
             if self.answer.body_done:
                 self._stop_timer()
+                if self._discarding:
+                    self._discarding = False
+                    self.finish()
         self._wake()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -180,6 +184,19 @@ class Connection(WriteFlow):
         """The body bytes received and not yet taken."""
         body, self._body, self._buffered = self._body, [], 0
         return body[0] if len(body) == 1 else b"".join(body)
+
+    def discard_rest(self) -> None:
+        """The caller needs no more of the body: drop what is buffered and what still comes,
+        and go back to the pool at the end of the answer (the deadline still holds; the
+        connection closes if the answer breaks)."""
+        self._body, self._buffered = [], 0
+        if self.answer.body_done or self.error is not None or self.transport is None:
+            self.finish()
+            return
+        self._discarding = True
+        if self._reading_paused and self.transport is not None:
+            self._reading_paused = False
+            self.transport.resume_reading()
 
     def finish(self) -> None:
         """The caller is done with the answer: back to the pool if the whole answer was read

@@ -118,6 +118,38 @@ def test_a_released_answer_no_longer_touches_its_reused_connection() -> None:
     run_with_aiohttp(echo_app([]), scenario)
 
 
+def test_a_discarded_rest_is_read_and_dropped_then_the_connection_is_reused() -> None:
+    """The end of a stream that comes after its last event: nobody waits for it, and the
+    connection carries the next request once it has come."""
+    gate = asyncio.Event()
+
+    async def stream(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse()
+        await resp.prepare(request)
+        await resp.write(b"data: [DONE]\n\n")
+        await gate.wait()  # the end of the body comes later
+        await resp.write(b"late bytes nobody reads")
+        return resp
+
+    async def scenario(url: str) -> None:
+        client = HttpClient()
+        resp = await client.request("POST", url, "/stream", 10.0, b"{}")
+        assert await resp.read_chunk() == b"data: [DONE]\n\n"
+        resp.discard_rest()
+        pool = client.pool(url)
+        assert not pool._idle and pool.num_connections == 1  # still reading the rest
+        gate.set()
+        while not pool._idle:  # back in the pool once the end has come
+            await asyncio.sleep(0)
+        assert await client.get(url, "/big", 10.0) == (200, b"x" * (3 << 20))
+        assert pool.num_connections == 1  # the stream's connection carried it
+        client.close()
+
+    app = echo_app([])
+    app.router.add_post("/stream", stream)
+    run_with_aiohttp(app, scenario)
+
+
 def test_dropping_a_worker_closes_idle_connections_and_lets_answers_in_flight_end() -> None:
     async def scenario(url: str) -> None:
         client = HttpClient()
