@@ -43,7 +43,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         default="warning",
         choices=["debug", "info", "warning", "error"],
         help="least severe log messages shown: warning shows failed attempts and workers "
-        "going unhealthy; info adds requests refused by a worker (4xx)",
+        "going unhealthy; info adds requests refused by a worker (4xx) (default: warning)",
     )
     add_arguments(parser, RouterConfig)
     parser.set_defaults(func=run)
