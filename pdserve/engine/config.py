@@ -50,6 +50,12 @@ class EngineConfig:
         "decode keeps the plain layout, which is faster for one row",
     )
     random_seed: int = opt(0, "seed for requests that give no sampling seed")
+    disable_radix_cache: bool = opt(
+        False,
+        "turn the prefix cache off: every prompt is computed in full and no KV page outlives "
+        "its request (by default full pages are kept and shared by later requests with the "
+        "same prefix, evicted least-recently-used when the pool needs room)",
+    )
 
     def __post_init__(self) -> None:
         check(bool(self.model_path), "--model-path must not be empty")

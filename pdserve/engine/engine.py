@@ -3,7 +3,8 @@
 It knows nothing of disaggregation beyond a few hooks: a `prefill_only` request stops after
 its first token with its pages held (SENDING_KV) until `release()`; on the decode side
 `reserve()` allocates pages for a prompt whose KV will arrive, and `admit_prefilled()`
-starts decoding it from the first token.
+starts decoding it from the first token. A prefix cache (on by default) keeps finished
+requests' full pages for later requests with the same prefix.
 """
 
 from __future__ import annotations
@@ -19,11 +20,14 @@ from pdserve.engine.kv_layout import KVLayout
 from pdserve.engine.loader import LoadedModel, load_model
 from pdserve.engine.outputs import OutputBuilder
 from pdserve.engine.page_allocator import PageAllocator
+from pdserve.engine.page_hash import hash_seed
+from pdserve.engine.prefix_cache import PrefixCache
 from pdserve.engine.request import (
     FinishReason,
     ReqState,
     Request,
     RequestRejected,
+    SamplingParams,
     StepOutput,
 )
 from pdserve.engine.runner import ModelRunner
@@ -70,8 +74,14 @@ class Engine:
             device=torch.device(cfg.device),
         )
         self.allocator = PageAllocator(self.num_total_pages)
+        self.prefix_cache = None if cfg.disable_radix_cache else PrefixCache(self.allocator)
         self.scheduler = Scheduler(
-            self.allocator, cfg.page_size, cfg.max_running_requests, cfg.chunked_prefill_size
+            self.allocator,
+            cfg.page_size,
+            cfg.max_running_requests,
+            cfg.chunked_prefill_size,
+            self.prefix_cache,
+            hash_seed(self.model_fingerprint, cfg.page_size),
         )
         self.runner = self._make_runner(cfg, model)
         self.outputs = OutputBuilder(self.eos_token_ids, detokenize)
@@ -107,11 +117,22 @@ class Engine:
     # ---- accounting -------------------------------------------------------------------
     @property
     def num_free_pages(self) -> int:
-        return self.allocator.num_free
+        """Pages a request can get: free ones and unreferenced cached ones (evictable)."""
+        return self.scheduler.pages.num_available
 
     @property
     def num_used_pages(self) -> int:
-        return self.allocator.num_used
+        """Pages held by live requests (held and reserved ones too); 0 when idle, however
+        full the cache."""
+        return self.scheduler.pages.num_used
+
+    @property
+    def num_cached_pages(self) -> int:
+        return self.prefix_cache.num_cached_pages if self.prefix_cache else 0
+
+    @property
+    def num_evictable_pages(self) -> int:
+        return self.scheduler.pages.num_evictable
 
     def kv_layout(self) -> KVLayout:
         args = self.model.args
@@ -138,10 +159,17 @@ class Engine:
     def get(self, rid: str) -> Request | None:
         return self._requests.get(rid)
 
-    def flush_cache(self) -> bool:
-        """No prefix cache is kept, so there is nothing to flush; like SGLang, refuse
-        (False) while requests are in flight."""
-        return not self._requests
+    def flush_cache(self) -> int:
+        """Drop every cached page no request pins (pinned ones stay: requests use them);
+        returns how many were dropped. Safe while requests run."""
+        return self.prefix_cache.flush() if self.prefix_cache else 0
+
+    def match_prefix(self, prompt_ids: list[int]) -> tuple[list[int], int]:
+        """(cached page ids, num_cached_tokens) a prompt would start from now: page-aligned,
+        at most len(prompt_ids) - 1 tokens. Nothing is pinned."""
+        probe = Request("", list(prompt_ids), SamplingParams())
+        page_ids = self.scheduler.pages.match(probe)
+        return page_ids, len(page_ids) * self.page_size
 
     # ---- request entry ----------------------------------------------------------------
     def _check_admissible(self, req: Request) -> None:
@@ -244,16 +272,19 @@ class Engine:
         self._requests.pop(rid)
         self.scheduler.finish(req, ReqState.FINISHED)
 
-    def reserve(self, req: Request) -> bool:
-        """Decode role: allocate pages for the prompt's KV (WAITING_FOR_KV). False, with
-        nothing allocated, when there is no room now; RequestRejected if there never is."""
+    def reserve(self, req: Request, use_cache: bool = False) -> list[int] | None:
+        """Decode role: pages for the prompt's KV (WAITING_FOR_KV). With `use_cache`, the
+        cached prefix it matches is pinned (`req.cached_tokens` tokens, page-aligned, at
+        most prompt length - 1) and only the rest is allocated. Returns the new pages, the
+        ones the KV transfer must fill (never empty); None, with nothing taken, when there
+        is no room now; RequestRejected if there never is."""
         self._check_admissible(req)
-        page_ids = self.scheduler.reserve(req)
+        page_ids = self.scheduler.reserve(req, use_cache)
         if page_ids is None:
-            return False
+            return None
         self._register(req)
         self.runner.zero_pages(page_ids)
-        return True
+        return page_ids
 
     def admit_prefilled(
         self,

@@ -107,7 +107,8 @@ def can_transition(src: ReqState, dst: ReqState) -> bool:
 @dataclass(eq=False)  # identity semantics: queues find and remove the very object
 class Request:
     """One sequence in a worker. Page ownership: `page_ids` belong to this request until a
-    terminal transition, after which the engine returns them to the allocator."""
+    terminal transition, after which the engine returns them to the allocator or the prefix
+    cache; the first `num_pinned_pages` are cached pages it shares, pinned, never written."""
 
     rid: str
     prompt_ids: list[int]
@@ -124,7 +125,9 @@ class Request:
     error: str | None = None
     # Engine bookkeeping (set by the engine, not by callers).
     sampling_seed: int = 0  # sampling.seed, or one drawn by the engine when that is None
-    cached_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
+    num_pinned_pages: int = 0  # page_ids[:num_pinned_pages] are shared cached pages it pins
+    page_hashes: list[int] = field(default_factory=list)  # of its full pages, memoised
     prompt_logprobs: list[float | None] | None = None  # accumulated over prefill chunks
     prompt_top_logprobs: list[list[tuple[int, float]] | None] | None = None
     prompt_logprobs_sent: bool = False  # sent once; a recomputed (preempted) prefill skips them

@@ -1,6 +1,7 @@
 """Continuous-batching scheduler (pure: no torch, no I/O). Runs in each worker.
 
-Owns the queues and every page allocation. Each step is either a prefill step (prompt
+Owns the queues and every page allocation (through `PagePool`: a request admitted with a
+cached prefix starts computing after it). Each step is either a prefill step (prompt
 chunks within a token budget) or a decode step (every running request); when both kinds
 of work exist they alternate, so a stream of new prompts never starves decoding.
 """
@@ -11,11 +12,11 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from pdserve.engine.page_allocator import PageAllocator
+from pdserve.engine.page_pool import PagePool, pages_for
+from pdserve.engine.prefix_cache import PrefixCache
 from pdserve.engine.request import ReqState, Request
 
-
-def pages_for(num_tokens: int, page_size: int) -> int:
-    return -(-num_tokens // page_size)
+__all__ = ["Batch", "PrefillChunk", "Scheduler", "pages_for"]
 
 
 @dataclass
@@ -48,8 +49,11 @@ class Scheduler:
         page_size: int,
         max_running_requests: int,
         chunked_prefill_size: int,
+        prefix_cache: PrefixCache | None = None,
+        hash_seed: int = 0,
     ):
         self.allocator = allocator
+        self.pages = PagePool(allocator, page_size, prefix_cache, hash_seed)
         self.page_size = page_size
         self.max_running_requests = max_running_requests
         self.chunked_prefill_size = chunked_prefill_size
@@ -75,7 +79,7 @@ class Scheduler:
             return True
         if not self.waiting or self.num_active >= self.max_running_requests:
             return False
-        return self.allocator.num_free >= pages_for(self.waiting[0].seq_len, self.page_size)
+        return self.pages.can_take(self.waiting[0])
 
     def schedule(self) -> Batch:
         batch = Batch()
@@ -96,16 +100,23 @@ class Scheduler:
             budget -= self._add_chunk(batch, req, budget)
         while self.waiting and budget > 0 and self.num_active < self.max_running_requests:
             req = self.waiting[0]
-            page_ids = self.allocator.alloc(pages_for(req.seq_len, self.page_size))
+            page_ids = self.pages.take(req, req.seq_len)
             if page_ids is None:
                 return  # FIFO: later requests wait behind the head
             self.waiting.popleft()
-            req.page_ids = page_ids
-            req.num_computed = 0
+            self._start_after_cached_prefix(req)
             batch.new_page_ids.extend(page_ids)
             req.transition(ReqState.PREFILLING)
             self.prefilling.append(req)
             budget -= self._add_chunk(batch, req, budget)
+
+    def _start_after_cached_prefix(self, req: Request) -> None:
+        """Its pinned pages hold KV already; a first admission reports them as cached
+        prompt tokens (a preempted request's re-admission does not count again)."""
+        req.num_computed = req.num_pinned_pages * self.page_size
+        if not req.output_ids and self.pages.cache is not None:
+            req.cached_tokens = req.num_computed
+            self.pages.cache.record_lookup(len(req.prompt_ids), req.cached_tokens)
 
     def _add_chunk(self, batch: Batch, req: Request, budget: int) -> int:
         num_tokens = min(req.seq_len - req.num_computed, budget)
@@ -133,7 +144,7 @@ class Scheduler:
         missing = pages_for(req.seq_len, self.page_size) - len(req.page_ids)
         if missing <= 0:
             return True
-        page_ids = self.allocator.alloc(missing)
+        page_ids = self.pages.alloc(missing)
         if page_ids is None:
             return False
         req.page_ids.extend(page_ids)
@@ -141,8 +152,9 @@ class Scheduler:
         return True
 
     def _preempt(self, req: Request) -> None:
-        """Recompute later: drop the KV; the request re-prefills prompt + output so far."""
-        self._free_pages(req)
+        """Recompute later: its computed pages go to the prefix cache (where eviction may
+        take them); the request re-prefills prompt + output so far past what is left."""
+        self.pages.put_back(req, keep_kv=True)
         req.num_computed = 0
         req.transition(ReqState.WAITING)
         self.num_preemptions += 1
@@ -159,14 +171,22 @@ class Scheduler:
         self._discard(req)
         req.transition(ReqState.SENDING_KV)
 
-    def reserve(self, req: Request) -> list[int] | None:
-        """Decode role: allocate pages for the prompt now; None if there is no room."""
+    def reserve(self, req: Request, use_cache: bool = False) -> list[int] | None:
+        """Decode role: pages for the prompt now. With `use_cache`, the cached prefix it
+        matches is pinned and only the rest is new. Returns the new pages (the KV to
+        receive), or None, with nothing taken, if there is no room."""
         if self.num_active >= self.max_running_requests:
             return None
-        page_ids = self.allocator.alloc(pages_for(len(req.prompt_ids), self.page_size))
+        if use_cache:
+            page_ids = self.pages.take(req, len(req.prompt_ids))
+        else:
+            page_ids = self.pages.alloc(pages_for(len(req.prompt_ids), self.page_size))
         if page_ids is None:
             return None
-        req.page_ids = page_ids
+        if use_cache:
+            self._start_after_cached_prefix(req)
+        else:
+            req.page_ids = page_ids
         req.transition(ReqState.WAITING_FOR_KV)
         self.reserved.append(req)
         return page_ids
@@ -181,7 +201,8 @@ class Scheduler:
     def finish(self, req: Request, state: ReqState) -> None:
         """Terminal transition from any state; the request's pages go back to the pool."""
         self._discard(req)
-        self._free_pages(req)
+        # A failed step may have left its pages half written: none of them is cached.
+        self.pages.put_back(req, keep_kv=state is not ReqState.FAILED)
         req.transition(state)
 
     def _discard(self, req: Request) -> None:
@@ -189,8 +210,3 @@ class Scheduler:
             if req in queue:
                 queue.remove(req)
                 return
-
-    def _free_pages(self, req: Request) -> None:
-        if req.page_ids:
-            self.allocator.free(req.page_ids)
-        req.page_ids = []

@@ -1,0 +1,125 @@
+"""Pages for requests: allocation (evicting cached pages when short), prefix matching at
+admission, and the return of a request's pages at its end (pure: no torch). Worker process.
+
+Without a prefix cache it is the bare allocator. With one, a request's `page_ids` start with
+`num_pinned_pages` cached pages it shares (pinned), followed by pages it owns alone.
+"""
+
+from __future__ import annotations
+
+from pdserve.engine.page_allocator import PageAllocator
+from pdserve.engine.page_hash import page_hashes
+from pdserve.engine.prefix_cache import PrefixCache
+from pdserve.engine.request import Request
+
+
+def pages_for(num_tokens: int, page_size: int) -> int:
+    return -(-num_tokens // page_size)
+
+
+def _matchable_tokens(req: Request) -> int:
+    """At most seq_len - 1: the last token is always computed, so there are logits to
+    sample from. Prompt logprobs still owed need the logits of positions from
+    logprob_start_len - 1 on, so those positions are computed too."""
+    limit = req.seq_len - 1
+    if req.wants_prompt_logprobs and not req.prompt_logprobs_sent:
+        limit = min(limit, max((req.logprob_start_len or 0) - 1, 0))
+    return limit
+
+
+class PagePool:
+    def __init__(
+        self,
+        allocator: PageAllocator,
+        page_size: int,
+        cache: PrefixCache | None = None,
+        hash_seed: int = 0,
+    ):
+        self.allocator = allocator
+        self.page_size = page_size
+        self.cache = cache
+        self.hash_seed = hash_seed
+
+    @property
+    def num_evictable(self) -> int:
+        return self.cache.num_evictable_pages if self.cache else 0
+
+    @property
+    def num_available(self) -> int:
+        """Pages a request can get now: free ones and unreferenced cached ones."""
+        return self.allocator.num_free + self.num_evictable
+
+    @property
+    def num_used(self) -> int:
+        """Pages held by live requests (cached pages they pin included, once each)."""
+        return self.allocator.num_used - self.num_evictable
+
+    def sequence_hashes(self, token_ids: list[int], known: list[int] | None = None) -> list[int]:
+        return page_hashes(token_ids, self.page_size, self.hash_seed, known or ())
+
+    def _hashes(self, req: Request) -> list[int]:
+        """The request's full-page hashes, memoised on it (its tokens only grow)."""
+        tokens = req.prompt_ids + req.output_ids
+        req.page_hashes = self.sequence_hashes(tokens, req.page_hashes)
+        return req.page_hashes
+
+    def match(self, req: Request) -> list[int]:
+        """Cached pages the request may start from (nothing pinned)."""
+        if self.cache is None:
+            return []
+        max_pages = _matchable_tokens(req) // self.page_size
+        if max_pages <= 0:
+            return []
+        return self.cache.match(self._hashes(req)[:max_pages])
+
+    def can_take(self, req: Request) -> bool:
+        """Whether take(req, req.seq_len) would succeed now."""
+        num_needed = pages_for(req.seq_len, self.page_size)
+        if self.cache is None:
+            return num_needed <= self.allocator.num_free
+        matched = self.match(req)
+        # Matched pages nobody pins count as evictable now but are not once taken.
+        num_unpinned = sum(1 for p in matched if self.cache.refcount(p) == 0)
+        return num_needed - len(matched) <= self.num_available - num_unpinned
+
+    def take(self, req: Request, num_tokens: int) -> list[int] | None:
+        """Give `req` pages for `num_tokens` tokens: the cached prefix it matches, pinned,
+        then new pages. Returns the new pages (to be written), or None (nothing taken)."""
+        matched = self.match(req)
+        if self.cache is not None:
+            self.cache.acquire(matched)
+        new_page_ids = self.alloc(pages_for(num_tokens, self.page_size) - len(matched))
+        if new_page_ids is None:
+            if self.cache is not None:
+                self.cache.release(matched)
+            return None
+        req.page_ids = matched + new_page_ids
+        req.num_pinned_pages = len(matched)
+        return new_page_ids
+
+    def alloc(self, num_pages: int) -> list[int] | None:
+        """`num_pages` pages, evicting unreferenced cached pages if too few are free; None
+        (and nothing taken or evicted) if even that is not enough."""
+        num_short = num_pages - self.allocator.num_free
+        if num_short > 0:
+            if num_short > self.num_evictable:
+                return None
+            self.cache.evict(num_short)
+        return self.allocator.alloc(num_pages)
+
+    def put_back(self, req: Request, keep_kv: bool) -> None:
+        """The request is done with its pages. With `keep_kv`, full pages whose KV it
+        computed (positions < num_computed) enter the cache; pins are dropped; the rest
+        (the partial last page, pages another entry already caches) go back free."""
+        page_ids, num_pinned = req.page_ids, req.num_pinned_pages
+        req.page_ids, req.num_pinned_pages = [], 0
+        if self.cache is None:
+            if page_ids:
+                self.allocator.free(page_ids)
+            return
+        num_kept = min(req.num_computed // self.page_size, len(page_ids)) if keep_kv else 0
+        to_free = page_ids[max(num_kept, num_pinned) :]
+        if num_kept:
+            to_free += self.cache.insert(self._hashes(req)[:num_kept], page_ids[:num_kept])
+        self.cache.release(page_ids[:num_pinned])
+        self.allocator.free(to_free)
