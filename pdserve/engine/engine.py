@@ -159,6 +159,17 @@ class Engine:
     def get(self, rid: str) -> Request | None:
         return self._requests.get(rid)
 
+    def cache_stats(self) -> dict[str, int]:
+        """Prefix cache figures for load reports (the lifetime counters never decrease)."""
+        cache = self.prefix_cache
+        return {
+            "num_cached_pages": self.num_cached_pages,
+            "num_evictable_pages": self.num_evictable_pages,
+            "cache_lookup_tokens": cache.num_lookup_tokens if cache else 0,
+            "cache_hit_tokens": cache.num_hit_tokens if cache else 0,
+            "cache_evicted_pages": cache.num_evicted_pages if cache else 0,
+        }
+
     def flush_cache(self) -> int:
         """Drop every cached page no request pins (pinned ones stay: requests use them);
         returns how many were dropped. Safe while requests run."""

@@ -125,6 +125,7 @@ async def get_load(request: web.Request) -> web.Response:
         worker = controller.loads[rank]
         running = worker.num_running if worker else 0
         waiting = worker.num_waiting if worker else 0
+        cached_pages = worker.num_cached_pages if worker else 0
         loads.append(
             {
                 "dp_rank": rank,
@@ -138,6 +139,9 @@ async def get_load(request: web.Request) -> web.Response:
                 else controller.ready[rank].num_total_pages,
                 "num_total_pages": controller.ready[rank].num_total_pages,
                 "num_disagg_rooms": worker.num_disagg_rooms if worker else 0,
+                "num_cached_pages": cached_pages,
+                "num_cached_tokens": cached_pages * controller.page_size,
+                "num_evictable_pages": worker.num_evictable_pages if worker else 0,
                 "num_inflight_reqs": inflight_reqs[rank],
                 "alive": front.alive,
             }

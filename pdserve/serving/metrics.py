@@ -36,7 +36,26 @@ class ServerMetrics:
         self.waiting = self.gauge("num_waiting_reqs", "waiting requests", ["dp_rank"])
         self.tokens = self.gauge("num_tokens", "tokens held by live requests", ["dp_rank"])
         self.pages_used = self.gauge("kv_pages_used", "KV pages in use", ["dp_rank"])
-        self.pages_free = self.gauge("kv_pages_free", "KV pages free", ["dp_rank"])
+        self.pages_free = self.gauge(
+            "kv_pages_free", "KV pages free or holding evictable cache", ["dp_rank"]
+        )
+        self.pages_cached = self.gauge("kv_pages_cached", "KV pages in the prefix cache", ["dp_rank"])
+        self.pages_evictable = self.gauge(
+            "kv_pages_evictable", "cached KV pages no request pins", ["dp_rank"]
+        )
+        self.cache_lookup_tokens = self.counter(
+            "prefix_cache_lookup_tokens", "prompt tokens looked up in the prefix cache", ["dp_rank"]
+        )
+        self.cache_hit_tokens = self.counter(
+            "prefix_cache_hit_tokens", "prompt tokens found in the prefix cache", ["dp_rank"]
+        )
+        self.cache_hit_rate = self.gauge(
+            "prefix_cache_hit_rate", "hit tokens / lookup tokens since start", ["dp_rank"]
+        )
+        self.cache_evicted_pages = self.counter(
+            "prefix_cache_evicted_pages", "cached KV pages evicted", ["dp_rank"]
+        )
+        self._last_load: dict[str, WorkerLoad] = {}
         self.gauge("server_info", "constant 1, labelled with the server mode", ["mode"]).labels(
             mode
         ).set(1)
@@ -59,6 +78,22 @@ class ServerMetrics:
         self.tokens.labels(rank).set(load.num_tokens)
         self.pages_used.labels(rank).set(load.num_used_pages)
         self.pages_free.labels(rank).set(load.num_free_pages)
+        self.pages_cached.labels(rank).set(load.num_cached_pages)
+        self.pages_evictable.labels(rank).set(load.num_evictable_pages)
+        last = self._last_load.get(rank)
+        self._last_load[rank] = load
+        for counter, field in (
+            (self.cache_lookup_tokens, "cache_lookup_tokens"),
+            (self.cache_hit_tokens, "cache_hit_tokens"),
+            (self.cache_evicted_pages, "cache_evicted_pages"),
+        ):
+            # Workers report lifetime totals; a restarted worker starts again from 0.
+            before = getattr(last, field) if last else 0
+            now = getattr(load, field)
+            counter.labels(rank).inc(now - before if now >= before else now)
+        if load.cache_lookup_tokens:
+            rate = load.cache_hit_tokens / load.cache_lookup_tokens
+            self.cache_hit_rate.labels(rank).set(rate)
 
     def observe_finished(
         self, status: str, prompt_tokens: int, output_tokens: int, cached_tokens: int, e2e_s: float

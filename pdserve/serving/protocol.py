@@ -92,10 +92,16 @@ class WorkerLoad(msgspec.Struct, tag=True, kw_only=True):
     num_running: int
     num_waiting: int
     num_tokens: int  # tokens held by running + waiting requests
-    num_used_pages: int
-    num_free_pages: int
+    num_used_pages: int  # held by live requests and transfers (cached pages they pin too)
+    num_free_pages: int  # free or holding evictable cache: what a new request can get
     num_total_pages: int
     num_disagg_rooms: int = 0  # PD rooms this worker still tracks (transfer not finished)
+    # prefix cache: pages now, and lifetime counters (prompt tokens looked up, found, evicted)
+    num_cached_pages: int = 0
+    num_evictable_pages: int = 0
+    cache_lookup_tokens: int = 0
+    cache_hit_tokens: int = 0
+    cache_evicted_pages: int = 0
 
 
 ToWorker = GenerateReq | AbortReq | RoomFailed | FlushCache

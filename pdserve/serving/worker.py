@@ -118,6 +118,7 @@ class WorkerLoop:
             num_free_pages=self.engine.num_free_pages,
             num_total_pages=self.engine.num_total_pages,
             num_disagg_rooms=self.hooks.num_rooms(),
+            **self.engine.cache_stats(),
         )
         last = self._last_load
         if last == load:

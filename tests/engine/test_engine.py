@@ -141,10 +141,10 @@ def test_load_and_get_report_queues(tiny_engine_factory):
     assert engine.load() == (0, 2, 40)
     engine.step()  # a: first chunk (16 of 20 tokens)
     assert engine.load() == (1, 1, 40) and engine.get("a").state is ReqState.PREFILLING
-    assert not engine.flush_cache()
-    engine.abort("a", "x")
+    assert engine.flush_cache() == 0  # nothing cached yet; flushing never waits for requests
+    engine.abort("a", "x")  # its first (full, computed) page enters the cache
     engine.abort("b", "x")
-    assert engine.flush_cache()
+    assert engine.flush_cache() == 1 and engine.num_cached_pages == 0
 
 
 def test_a_failing_step_fails_its_requests_and_frees_pages(tiny_engine_factory, monkeypatch):
