@@ -1,7 +1,8 @@
 """The engine on a CUDA device: greedy tokens in float32 equal the CPU path's (CUDA graphs
 on and off, batches shrinking through the graph buckets), and bf16 logits stay within bf16
 rounding of transformers (compared with both against a float32 reference); for Llama,
-Qwen2, Qwen3, Qwen3-MoE and Mixtral."""
+Qwen2, Qwen3, Qwen3-MoE and Mixtral. A prefill over cached prefix pages gives the tokens of a
+full one."""
 
 from __future__ import annotations
 
@@ -67,6 +68,21 @@ def test_fp32_greedy_tokens_on_gpu_equal_the_cpu_path(model_path, cuda_graphs):
     expected = run_greedy(cpu, prompts, new_tokens)
     gpu = make_engine(model_path, "cuda", cuda_graphs=cuda_graphs)
     assert run_greedy(gpu, prompts, new_tokens) == expected
+
+
+def test_prefill_over_cached_pages_on_gpu_gives_the_tokens_of_a_full_prefill(model_path):
+    """Prompts share 0, 1, 3 and 6 full pages (and a partial one) with a cached prompt; the
+    suffix-only prefill attends over pages it did not write, through the GPU runner."""
+    plain = make_engine(model_path, "cuda", disable_radix_cache=True)
+    cached = make_engine(model_path, "cuda")
+    vocab = cached.model.args.vocab_size
+    base = random_prompts(vocab, seed=7)[5]  # 100 tokens
+    tails = random_prompts(vocab, seed=8)
+    prompts = [base[:shared] + tails[i] for i, shared in enumerate([0, 10, 16, 50, 99, 100])]
+    new_tokens = [16] * len(prompts)
+    run_greedy(cached, [base], [8])
+    assert run_greedy(cached, prompts, new_tokens) == run_greedy(plain, prompts, new_tokens)
+    assert cached.prefix_cache.num_hit_tokens >= (1 + 3 + 6 + 6) * 16
 
 
 def recording_logits(engine: Engine) -> list[torch.Tensor]:
