@@ -40,6 +40,8 @@ def page_hashes(
     page_nbytes = page_size * _TOKEN_DTYPE.itemsize
     parent = hashes[-1] if hashes else seed
     for offset in range(0, len(tokens), page_nbytes):
-        parent = _digest(parent.to_bytes(_HASH_BYTES, "little") + tokens[offset : offset + page_nbytes])
+        parent = _digest(
+            parent.to_bytes(_HASH_BYTES, "little") + tokens[offset : offset + page_nbytes]
+        )
         hashes.append(parent)
     return hashes

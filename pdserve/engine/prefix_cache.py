@@ -90,7 +90,7 @@ class PrefixCache:
         caller pinned from the cache is its own entry: touched, not returned."""
         if len(hashes) != len(page_ids):
             raise ValueError(f"{len(hashes)} hashes for {len(page_ids)} pages")
-        foreign = [p for h, p in zip(hashes, page_ids) if self._hash_of.get(p, h) != h]
+        foreign = [p for h, p in zip(hashes, page_ids, strict=True) if self._hash_of.get(p, h) != h]
         if foreign:
             raise ValueError(f"pages {foreign} are cached under other hashes")
         now = self._tick()

@@ -39,7 +39,9 @@ class ServerMetrics:
         self.pages_free = self.gauge(
             "kv_pages_free", "KV pages free or holding evictable cache", ["dp_rank"]
         )
-        self.pages_cached = self.gauge("kv_pages_cached", "KV pages in the prefix cache", ["dp_rank"])
+        self.pages_cached = self.gauge(
+            "kv_pages_cached", "KV pages in the prefix cache", ["dp_rank"]
+        )
         self.pages_evictable = self.gauge(
             "kv_pages_evictable", "cached KV pages no request pins", ["dp_rank"]
         )

@@ -146,7 +146,9 @@ class PagePoolMachine(RuleBasedStateMachine):
         tokens = req.prompt_ids + req.output_ids
         for page in range(req.num_computed // PAGE, pages_for(end, PAGE)):
             assert page >= req.num_pinned_pages, "a shared cached page was written"
-            self.written[req.page_ids[page]] = tuple(tokens[page * PAGE : min(end, (page + 1) * PAGE)])
+            self.written[req.page_ids[page]] = tuple(
+                tokens[page * PAGE : min(end, (page + 1) * PAGE)]
+            )
         req.num_computed = end
 
     @precondition(lambda self: self.live)
@@ -205,5 +207,7 @@ class PagePoolMachine(RuleBasedStateMachine):
             assert self.cache.match(req.page_hashes[: len(pinned)]) == pinned
 
 
-PagePoolMachine.TestCase.settings = settings(max_examples=150, stateful_step_count=40, deadline=None)
+PagePoolMachine.TestCase.settings = settings(
+    max_examples=150, stateful_step_count=40, deadline=None
+)
 test_page_pool_keeps_its_invariants = PagePoolMachine.TestCase

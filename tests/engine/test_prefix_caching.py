@@ -70,15 +70,16 @@ def test_a_conversation_finds_its_history_turn_after_turn(engines):
     cached, plain = engines
     cached.flush_cache()
     prompt = list(SYSTEM)
+    num_computed = 0  # by the previous turn: its last answer token's KV never was
     for turn in range(4):
         user = [50 + turn * 7 + i for i in range(11)]
         prompt = prompt + user
         got, num_cached = answer(cached, f"turn-{turn}", prompt, greedy(20))
         assert got == answer(plain, f"turn-ref-{turn}", prompt, greedy(20))[0]
         # Turn k+1 reuses turn k's prompt and answer, up to the last full computed page.
-        assert num_cached == (0 if turn == 0 else previous_len // PAGE * PAGE)
+        assert num_cached == num_computed // PAGE * PAGE
         prompt = prompt + got
-        previous_len = len(prompt) - 1  # the last answer token's KV was never computed
+        num_computed = len(prompt) - 1
 
 
 def test_a_page_whose_last_token_has_no_kv_yet_is_not_cached(engines):
