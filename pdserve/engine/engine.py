@@ -27,7 +27,6 @@ from pdserve.engine.request import (
     ReqState,
     Request,
     RequestRejected,
-    SamplingParams,
     StepOutput,
 )
 from pdserve.engine.runner import ModelRunner
@@ -178,8 +177,7 @@ class Engine:
     def match_prefix(self, prompt_ids: list[int]) -> tuple[list[int], int]:
         """(cached page ids, num_cached_tokens) a prompt would start from now: page-aligned,
         at most len(prompt_ids) - 1 tokens. Nothing is pinned."""
-        probe = Request("", list(prompt_ids), SamplingParams())
-        page_ids = self.scheduler.pages.match(probe)
+        page_ids = self.scheduler.pages.match_prompt(prompt_ids)
         return page_ids, len(page_ids) * self.page_size
 
     # ---- request entry ----------------------------------------------------------------

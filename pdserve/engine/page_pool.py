@@ -59,18 +59,23 @@ class PagePool:
 
     def _hashes(self, req: Request) -> list[int]:
         """The request's full-page hashes, memoised on it (its tokens only grow)."""
-        tokens = req.prompt_ids + req.output_ids
-        req.page_hashes = self.sequence_hashes(tokens, req.page_hashes)
+        if len(req.page_hashes) < req.seq_len // self.page_size:
+            tokens = req.prompt_ids + req.output_ids
+            req.page_hashes = self.sequence_hashes(tokens, req.page_hashes)
         return req.page_hashes
 
     def match(self, req: Request) -> list[int]:
         """Cached pages the request may start from (nothing pinned)."""
+        if self.cache is None or _matchable_tokens(req) < self.page_size:
+            return []
+        return self.cache.match(self._hashes(req)[: _matchable_tokens(req) // self.page_size])
+
+    def match_prompt(self, prompt_ids: list[int]) -> list[int]:
+        """Cached pages a new request with this prompt would start from (nothing pinned)."""
         if self.cache is None:
             return []
-        max_pages = _matchable_tokens(req) // self.page_size
-        if max_pages <= 0:
-            return []
-        return self.cache.match(self._hashes(req)[:max_pages])
+        max_pages = (len(prompt_ids) - 1) // self.page_size
+        return self.cache.match(self.sequence_hashes(prompt_ids[: max_pages * self.page_size]))
 
     def can_take(self, req: Request) -> bool:
         """Whether take(req, req.seq_len) would succeed now."""
