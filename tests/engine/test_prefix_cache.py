@@ -106,6 +106,24 @@ PAGE = 2
 NUM_PAGES = 12
 
 
+def test_matched_pages_are_not_counted_as_room_for_their_own_request():
+    allocator = PageAllocator(4)
+    pool = PagePool(allocator, PAGE, PrefixCache(allocator), hash_seed=5)
+    first = Request("first", [1, 2, 3, 4, 5], SamplingParams())
+    pool.take(first, 5)
+    first.num_computed = 5
+    pool.put_back(first, keep_kv=True)  # 2 full pages cached, unreferenced; 2 free
+    other = Request("other", [9] * 3, SamplingParams())
+    assert pool.take(other, 3) is not None  # the 2 free pages
+    again = Request("again", [1, 2, 3, 4, 6], SamplingParams())
+    # Needs 1 page past its 2 matched ones; the only evictable pages are those 2.
+    assert pool.num_available == 2 and not pool.can_take(again)
+    assert pool.take(again, 5) is None and pool.cache.num_evictable_pages == 2
+    pool.put_back(other, keep_kv=False)
+    assert pool.can_take(again) and len(pool.take(again, 5)) == 1
+    assert again.num_pinned_pages == 2
+
+
 class PagePoolMachine(RuleBasedStateMachine):
     """Requests over a 3-token alphabet (so prefixes are shared) are admitted, computed,
     decoded, preempted and finished in any order, with evictions and flushes between.
@@ -121,7 +139,9 @@ class PagePoolMachine(RuleBasedStateMachine):
         self.num_reqs = 0
 
     def _admit(self, req: Request) -> None:
+        can_take = self.pool.can_take(req)  # what has_runnable() relies on
         new_page_ids = self.pool.take(req, req.seq_len)
+        assert (new_page_ids is not None) == can_take
         if new_page_ids is None:
             return
         assert new_page_ids == req.page_ids[req.num_pinned_pages :]
