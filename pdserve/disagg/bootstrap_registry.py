@@ -13,9 +13,9 @@ import msgspec
 
 from pdserve.disagg.messages import PROTOCOL_VERSION
 from pdserve.engine.kv_layout import KVLayout
+from pdserve.serving import pd_fields
 from pdserve.serving.config import LB_METHODS
 
-MAX_ROOM = 2**63  # rooms are in [0, MAX_ROOM)
 MAX_ROOMS_PER_QUERY = 4096
 # Fixed by the first registration; later registrations must agree on every one of them.
 CLUSTER_FIELDS = (
@@ -149,10 +149,11 @@ def _validated(reg: WorkerRegistration) -> WorkerRegistration:
 
 
 def check_room(room: object) -> int:
-    """A valid bootstrap room (an int in [0, 2^63), bool rejected) or BootstrapError."""
-    if type(room) is not int or not 0 <= room < MAX_ROOM:
-        raise BootstrapError(f"bootstrap_room must be an integer in [0, 2^63), got {room!r}")
-    return room
+    """A valid bootstrap room (the rule of a request's bootstrap_room) or BootstrapError."""
+    try:
+        return pd_fields.check_room(room)
+    except pd_fields.PDFieldError as exc:
+        raise BootstrapError(exc.message) from None
 
 
 class BootstrapRegistry:

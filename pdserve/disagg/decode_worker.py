@@ -15,7 +15,7 @@ import msgspec
 
 from pdserve.disagg import messages as m
 from pdserve.disagg.config import DisaggConfig
-from pdserve.disagg.rooms import RoomState, advance, error_output
+from pdserve.disagg.rooms import IllegalRoomTransition, RoomState, error_output, transition
 from pdserve.disagg.transfer.base import Event, KVReceived, KVTransport, PeerLost
 from pdserve.engine.request import FinishReason, Request
 from pdserve.serving.hooks import WorkerHooks
@@ -33,10 +33,12 @@ class DecodeRoom:
     prefill_dp_rank: int | None
     deadline: float
     state: RoomState = RoomState.BOOTSTRAPPING
-    reserved: bool = False
     page_list_sent_at: float = 0.0
     kv_pages: int = 0
     kv_bytes: int = 0
+
+    def move(self, dst: RoomState) -> None:
+        self.state = transition(self.room, self.state, dst)
 
 
 @dataclass
@@ -80,7 +82,8 @@ class DecodeWorkerHooks(WorkerHooks):
                 error_output(msg.rid, 500, "decode request without a resolved prefill endpoint")
             ]
         if info.room in self.rooms:
-            return [error_output(msg.rid, 400, f"bootstrap_room {info.room} is already in flight")]
+            # The front end lets one request per room through (serving.generation).
+            raise IllegalRoomTransition(f"room {info.room}: a second request")
         if msg.sampling.max_new_tokens == 0:  # nothing to generate: prefill sends no KV
             return [ReqOutput(rid=msg.rid, finish_reason=FinishReason("length"))]
         now = _now() if now is None else now
@@ -99,9 +102,9 @@ class DecodeWorkerHooks(WorkerHooks):
         return self._progress(room, now)
 
     def on_abort(self, rid: str, reason: str) -> list[ReqOutput]:
-        room = self.room_of_rid.get(rid)
-        if room is not None:
-            self._drop(room, notify_reason=reason)
+        room_id = self.room_of_rid.get(rid)
+        if room_id is not None:
+            self._end(self.rooms[room_id], reason)
         return []
 
     # -- the loop ------------------------------------------------------------------
@@ -127,12 +130,7 @@ class DecodeWorkerHooks(WorkerHooks):
             reason = f"lost the connection to prefill worker {peer.endpoint}: {event.reason}"
             return [out for room in sorted(peer.rooms) for out in self._fail(room, 503, reason)]
         if isinstance(event, KVReceived):
-            room = self.rooms.get(event.room)
-            if room is not None and event.room in peer.rooms:
-                room.state = advance(room.state, RoomState.TRANSFERRING)
-                room.kv_pages = event.num_pages
-                room.kv_bytes += event.nbytes
-            return []
+            return self._on_kv(peer, event)
         msg = event.msg
         if isinstance(msg, m.HandshakeResult):
             return self._on_handshake(peer, msg, now)
@@ -152,12 +150,30 @@ class DecodeWorkerHooks(WorkerHooks):
                 outputs += self._progress(room, now)
         return outputs
 
+    def _on_kv(self, peer: Peer, event: KVReceived) -> list[ReqOutput]:
+        """The KV of a room is in its pages; its status comes next."""
+        room = self.rooms.get(event.room)
+        if room is None or event.room not in peer.rooms:
+            return []  # late: the room failed or was aborted here meanwhile
+        if room.state is not RoomState.WAITING_FOR_INPUT:  # no page list out, or KV twice
+            return self._fail(
+                room.room, 500, f"KV for room {room.room} arrived while {room.state.value}"
+            )
+        room.move(RoomState.TRANSFERRING)
+        room.kv_pages = event.num_pages
+        room.kv_bytes += event.nbytes
+        return []
+
     def _on_status(self, peer: Peer, msg: m.RoomStatus, now: float) -> list[ReqOutput]:
         room = self.rooms.get(msg.room)
         if room is None or msg.room not in peer.rooms:
             return []  # late status for a room already failed or aborted here
         if not msg.ok:
             return self._fail(msg.room, msg.error_status, msg.error or "prefill failed the room")
+        if room.state is not RoomState.TRANSFERRING:  # the transport reports KV before status
+            return self._fail(
+                msg.room, 500, f"KV status for room {msg.room} while {room.state.value}"
+            )
         first = msg.first
         if first is None or first.room != msg.room:
             return self._fail(
@@ -170,7 +186,7 @@ class DecodeWorkerHooks(WorkerHooks):
                 500,
                 f"incomplete KV for room {msg.room}: {room.kv_pages} of {expected} pages arrived",
             )
-        room.state = advance(room.state, RoomState.SUCCESS)
+        room.move(RoomState.SUCCESS)
         self._forget(msg.room)
         try:
             steps = self.engine.admit_prefilled(
@@ -202,8 +218,7 @@ class DecodeWorkerHooks(WorkerHooks):
                 return []  # no free pages yet; retried every poll until the deadline
         except ValueError as exc:  # RequestRejected: it can never fit this decode server
             return self._fail(room.room, 400, str(exc))
-        room.reserved = True
-        room.state = advance(room.state, RoomState.WAITING_FOR_INPUT)
+        room.move(RoomState.WAITING_FOR_INPUT)
         room.deadline = now + self.cfg.kv_wait_timeout_s
         room.page_list_sent_at = now
         page_list = m.PageList(
@@ -236,21 +251,20 @@ class DecodeWorkerHooks(WorkerHooks):
         room = self.rooms.get(room_id)
         if room is None:
             return []
-        room.state = advance(room.state, RoomState.FAILED)
-        self._drop(room_id, notify_reason=reason)
+        self._end(room, reason)
         return [error_output(room.req.rid, status, reason)]
 
-    def _drop(self, room_id: int, notify_reason: str) -> None:
-        """Forget the room, free its pages, and tell the prefill peer if it knows of it."""
-        room = self.rooms.get(room_id)
-        if room is None:
-            return
-        if room.reserved:
-            self.engine.abort(room.req.rid, notify_reason)
+    def _end(self, room: DecodeRoom, reason: str) -> None:
+        """Fail and forget the room; once its pages are reserved (page list sent), free them
+        and tell the prefill peer, which knows of the room from then on."""
+        reserved = room.state is not RoomState.BOOTSTRAPPING
+        room.move(RoomState.FAILED)
+        if reserved:
+            self.engine.abort(room.req.rid, reason)
             peer = self.peers.get(room.endpoint)
             if peer is not None:
-                self._send(peer, m.Abort(room=room_id, reason=notify_reason))
-        self._forget(room_id)
+                self._send(peer, m.Abort(room=room.room, reason=reason))
+        self._forget(room.room)
 
     def _forget(self, room_id: int) -> None:
         room = self.rooms.pop(room_id, None)

@@ -31,6 +31,7 @@ from pdserve.disagg.rank_resolver import (
     resolve_decode,
 )
 from pdserve.serving.hooks import FrontendHooks, RequestError
+from pdserve.serving.pd_fields import PDFields
 from pdserve.serving.protocol import GenerateReq, ReqOutput
 
 if TYPE_CHECKING:
@@ -45,15 +46,6 @@ def make_frontend_hooks(cfg: ServerConfig, controller: DPController) -> Frontend
     if cfg.server.mode == "decode":
         return DecodeFrontendHooks(cfg, controller, metrics)
     raise ValueError(f"no disaggregation hooks for mode {cfg.server.mode!r}")
-
-
-def _explicit_rank(body: dict[str, Any]) -> int | None:
-    value = body.get("disagg_prefill_dp_rank")
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise RequestError(400, f"disagg_prefill_dp_rank must be an integer, got {value!r}")
-    return value
 
 
 class _PDFrontendHooks(FrontendHooks):
@@ -97,17 +89,12 @@ class PrefillFrontendHooks(_PDFrontendHooks):
             "transfer_backend": self.cfg.disagg.transfer_backend,
         }
 
-    async def prepare(self, req: GenerateReq, dp_rank: int, body: dict[str, Any]) -> GenerateReq:
+    async def prepare(self, req: GenerateReq, dp_rank: int, pd: PDFields) -> GenerateReq:
         room = req.disagg.room
         now = time.monotonic()
         try:
             action = decide_prefill(
-                room,
-                dp_rank,
-                self.cfg.server.dp_size,
-                self.method,
-                self.force,
-                _explicit_rank(body),
+                room, dp_rank, self.cfg.server.dp_size, self.method, self.force, pd.prefill_dp_rank
             )
         except RankError as exc:
             self.metrics.conflict(str(exc))
@@ -173,25 +160,16 @@ class DecodeFrontendHooks(_PDFrontendHooks):
     def server_info(self) -> dict[str, Any]:
         return {"transfer_backend": self.cfg.disagg.transfer_backend}
 
-    def _bootstrap_address(self, body: dict[str, Any]) -> str:
-        host = body.get("bootstrap_host")
-        port = body.get("bootstrap_port")
-        if not isinstance(host, str) or not host:
-            raise RequestError(
-                400,
-                "bootstrap_host is required on a decode server "
-                "(the prefill server's host; the router sets it)",
-            )
-        if port is None:
-            port = self.cfg.disagg.bootstrap_port
-        if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
-            raise RequestError(400, f"bootstrap_port must be an integer port or null, got {port!r}")
-        return bootstrap_url(host, port)
+    def _bootstrap_address(self, pd: PDFields) -> str:
+        """The parse made sure a decode request names the host."""
+        assert pd.bootstrap_host is not None
+        port = self.cfg.disagg.bootstrap_port if pd.bootstrap_port is None else pd.bootstrap_port
+        return bootstrap_url(pd.bootstrap_host, port)
 
-    async def prepare(self, req: GenerateReq, dp_rank: int, body: dict[str, Any]) -> GenerateReq:
-        url = self._bootstrap_address(body)
+    async def prepare(self, req: GenerateReq, dp_rank: int, pd: PDFields) -> GenerateReq:
+        url = self._bootstrap_address(pd)
         try:
-            return await self._resolve(req, dp_rank, body, url)
+            return await self._resolve(req, dp_rank, pd.prefill_dp_rank, url)
         except RequestError as exc:
             self.metrics.failure(failure_kind(exc.message))
             self._tell_prefill(url, req.disagg.room, exc)
@@ -227,11 +205,10 @@ class DecodeFrontendHooks(_PDFrontendHooks):
         task.add_done_callback(self._notify_tasks.discard)
 
     async def _resolve(
-        self, req: GenerateReq, dp_rank: int, body: dict[str, Any], url: str
+        self, req: GenerateReq, dp_rank: int, explicit: int | None, url: str
     ) -> GenerateReq:
         assert self.peers is not None, "start() not called"
         room = req.disagg.room
-        explicit = _explicit_rank(body)
         info = await self.peers.server_info(url)
         own = self.controller.ready[dp_rank].kv_layout
         mismatch = info.layout().mismatch(own) if own is not None else None

@@ -87,8 +87,8 @@ class RankQuerier:
         self.task: asyncio.Task | None = None
 
     async def resolve(self, room: int) -> int:
-        if room in self.futures:
-            raise RequestError(400, f"bootstrap_room {room} is already being resolved")
+        # One resolve per room at a time: the front end claims each room once.
+        assert room not in self.futures, f"room {room} is already being resolved"
         future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self.futures[room] = future
         self.pending.add(room, time.monotonic(), self.timeout_s)

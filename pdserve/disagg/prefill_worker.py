@@ -2,7 +2,8 @@
 first token to the decode worker that asked for them. Runs inside each prefill worker.
 
 Either the request (from the front end) or decode's page list (from the KV channel) may
-come first; a room is sent once both are there and the engine holds its pages.
+come first; a room is sent once both are there and the engine has handed over its pages.
+The room's state (`disagg.rooms`) drives every decision here.
 """
 
 from __future__ import annotations
@@ -12,9 +13,9 @@ from dataclasses import dataclass
 
 from pdserve.disagg import messages as m
 from pdserve.disagg.config import DisaggConfig
-from pdserve.disagg.rooms import RoomState, advance, error_output
+from pdserve.disagg.rooms import IllegalRoomTransition, RoomState, error_output, transition
 from pdserve.disagg.transfer.base import Inbound, KVTransport, PeerLost
-from pdserve.engine.request import FinishReason, ReqState
+from pdserve.engine.request import FinishReason
 from pdserve.serving.hooks import WorkerHooks
 from pdserve.serving.protocol import GenerateReq, ReqOutput, RoomFailed
 from pdserve.serving.worker_io import request_from_msg
@@ -22,18 +23,29 @@ from pdserve.serving.worker_io import request_from_msg
 log = logging.getLogger(__name__)
 
 
+# The states in which the room waits for one side only, until its deadline: for the
+# request, or for decode's page list. Later, decode's KV deadline and heartbeat govern.
+_WAITING_FOR_ONE_SIDE = (RoomState.WAITING_FOR_REQUEST, RoomState.BOOTSTRAPPING)
+
+
 @dataclass
 class PrefillRoom:
     room: int
+    state: RoomState
     deadline: float
-    rid: str | None = None  # set when the request arrives
-    peer: object | None = None  # set when decode's page list arrives
+    rid: str | None = None  # the request, from the front end
+    prompt_len: int = 0
+    peer: object | None = None  # decode's page list: who sent it, where the KV goes
     dst_page_ids: list[int] | None = None
-    prompt_len: int | None = None
+    dst_prompt_len: int = 0
+    # Handed over by the engine once the prompt is computed; held until engine.release().
+    src_page_ids: list[int] | None = None
     first: m.FirstToken | None = None
     send_handle: object | None = None
     send_started_at: float = 0.0
-    state: RoomState = RoomState.BOOTSTRAPPING
+
+    def move(self, dst: RoomState) -> None:
+        self.state = transition(self.room, self.state, dst)
 
 
 @dataclass
@@ -66,7 +78,9 @@ class PrefillWorkerHooks(WorkerHooks):
         return self.transport.sockets()
 
     def busy(self) -> bool:
-        return self.transport.busy() or any(r.send_handle is not None for r in self.rooms.values())
+        return self.transport.busy() or any(
+            r.state is RoomState.TRANSFERRING for r in self.rooms.values()
+        )
 
     # -- front end -> worker ---------------------------------------------------------
     def on_generate(self, msg: GenerateReq, now: float | None = None) -> list[ReqOutput]:
@@ -75,8 +89,11 @@ class PrefillWorkerHooks(WorkerHooks):
         if room_id is None:
             return [error_output(msg.rid, 400, "prefill request without bootstrap_room")]
         room = self.rooms.get(room_id)
-        if room is not None and room.rid is not None:
-            return [error_output(msg.rid, 400, f"bootstrap_room {room_id} is already in flight")]
+        if room is not None and room.state is not RoomState.WAITING_FOR_REQUEST:
+            # The front end lets one request per room through (serving.generation).
+            raise IllegalRoomTransition(
+                f"room {room_id}: a second request while {room.state.value}"
+            )
         req = request_from_msg(msg)
         if req.sampling.max_new_tokens == 0:
             # Nothing to decode (prompt logprobs only): answered here, no KV moves, and the
@@ -90,9 +107,11 @@ class PrefillWorkerHooks(WorkerHooks):
             self._fail_room(room_id, 400, str(exc), now)
             return [error_output(msg.rid, 400, str(exc))]
         if room is None:
-            room = self.rooms[room_id] = PrefillRoom(room_id, now + self.cfg.bootstrap_timeout_s)
-        room.rid = req.rid
-        room.deadline = now + self.cfg.bootstrap_timeout_s
+            room = PrefillRoom(room_id, RoomState.BOOTSTRAPPING, now + self.cfg.bootstrap_timeout_s)
+            self.rooms[room_id] = room
+        else:
+            room.move(RoomState.WAITING_FOR_INPUT)
+        room.rid, room.prompt_len = req.rid, len(req.prompt_ids)
         self.room_of_rid[req.rid] = room_id
         return []
 
@@ -122,22 +141,32 @@ class PrefillWorkerHooks(WorkerHooks):
         outputs += self._deadlines(now)
         return outputs
 
-    def after_step(self, now: float, outputs: list[ReqOutput]) -> list[ReqOutput]:
+    def after_step(
+        self, now: float, outputs: list[ReqOutput], held_pages: dict[str, list[int]]
+    ) -> list[ReqOutput]:
+        # The first token is forwarded now; the request's finish follows once KV is sent
+        # (or its failure, which may come from this very call).
+        forwarded = [_without_finish(o) if o.rid in self.room_of_rid else o for o in outputs]
         failures: list[ReqOutput] = []
         for out in outputs:
-            room_id = self.room_of_rid.get(out.rid)
-            if room_id is None or not out.new_token_ids:
+            page_ids = held_pages.get(out.rid)
+            if page_ids is None:
                 continue
-            self.rooms[room_id].first = m.FirstToken(
+            room_id = self.room_of_rid.get(out.rid)
+            if room_id is None:  # no room to send them to: never hold pages for nobody
+                log.warning("prefill: request %s holds pages but has no room", out.rid)
+                self.engine.abort(out.rid, "no bootstrap room for its KV")
+                continue
+            room = self.rooms[room_id]
+            room.src_page_ids = page_ids
+            room.first = m.FirstToken(
                 room=room_id,
                 token_id=out.new_token_ids[0],
                 logprob=out.new_token_logprobs[0] if out.new_token_logprobs else None,
                 top_logprobs=out.new_top_logprobs[0] if out.new_top_logprobs else None,
                 cached_tokens=out.cached_tokens,
             )
-            failures += self._maybe_send(room_id, now)
-        # The first token is forwarded now; the request's finish follows once KV is sent.
-        forwarded = [_without_finish(o) if o.rid in self.room_of_rid else o for o in outputs]
+            failures += self._maybe_send(room, now)
         return forwarded + failures
 
     def _on_message(self, peer: object, msg: m.ChannelMsg, now: float) -> list[ReqOutput]:
@@ -190,45 +219,48 @@ class PrefillWorkerHooks(WorkerHooks):
             return []
         room = self.rooms.get(msg.room)
         if room is None:
-            room = self.rooms[msg.room] = PrefillRoom(msg.room, now + self.cfg.bootstrap_timeout_s)
-        elif room.peer is not None:
+            room = PrefillRoom(
+                msg.room, RoomState.WAITING_FOR_REQUEST, now + self.cfg.bootstrap_timeout_s
+            )
+            self.rooms[msg.room] = room
+        elif room.state is RoomState.BOOTSTRAPPING:
+            room.move(RoomState.WAITING_FOR_INPUT)
+        else:  # this room's page list came already: the room stays as it is
             self._send(peer, m.RoomStatus(room=msg.room, ok=False, error="duplicate page list"))
             return []
-        room.peer, room.dst_page_ids, room.prompt_len = peer, msg.dst_page_ids, msg.prompt_len
-        room.state = advance(room.state, RoomState.WAITING_FOR_INPUT)
-        return self._maybe_send(msg.room, now)
+        room.peer, room.dst_page_ids, room.dst_prompt_len = peer, msg.dst_page_ids, msg.prompt_len
+        return self._maybe_send(room, now)
 
-    def _maybe_send(self, room_id: int, now: float) -> list[ReqOutput]:
-        room = self.rooms[room_id]
-        if room.peer is None or room.first is None or room.send_handle is not None:
+    def _maybe_send(self, room: PrefillRoom, now: float) -> list[ReqOutput]:
+        """Starts the send once the room has both sides and the engine's pages."""
+        if room.state is not RoomState.WAITING_FOR_INPUT or room.src_page_ids is None:
             return []
-        req = self.engine.get(room.rid)
-        if req is None or req.state is not ReqState.SENDING_KV:
-            return []
-        if room.prompt_len != len(req.prompt_ids) or len(room.dst_page_ids) != len(req.page_ids):
+        if room.dst_prompt_len != room.prompt_len or len(room.dst_page_ids) != len(
+            room.src_page_ids
+        ):
             reason = (
-                f"room {room_id}: decode expects {room.prompt_len} prompt tokens in "
-                f"{len(room.dst_page_ids)} pages, prefill has {len(req.prompt_ids)} tokens "
-                f"in {len(req.page_ids)} pages (do both servers use the same model, "
+                f"room {room.room}: decode expects {room.dst_prompt_len} prompt tokens in "
+                f"{len(room.dst_page_ids)} pages, prefill has {room.prompt_len} tokens "
+                f"in {len(room.src_page_ids)} pages (do both servers use the same model, "
                 f"tokenizer and --page-size?)"
             )
-            return self._fail_room(room_id, 500, reason, now)
-        room.state = advance(room.state, RoomState.TRANSFERRING)
-        status = m.RoomStatus(room=room_id, ok=True, first=room.first)
+            return self._fail_room(room.room, 500, reason, now)
+        room.move(RoomState.TRANSFERRING)
+        status = m.RoomStatus(room=room.room, ok=True, first=room.first)
         room.send_started_at = now
         try:
             room.send_handle = self.transport.send_kv(
-                room.peer, room_id, list(req.page_ids), list(room.dst_page_ids), status
+                room.peer, room.room, list(room.src_page_ids), list(room.dst_page_ids), status
             )
         except Exception as exc:  # the decode peer vanished
             return self._fail_room(
-                room_id, 503, f"sending KV to decode failed: {exc}", now, notify=False
+                room.room, 503, f"sending KV to decode failed: {exc}", now, notify=False
             )
         return []
 
     def _finish_sent(self, now: float) -> list[ReqOutput]:
         outputs: list[ReqOutput] = []
-        for room in [r for r in self.rooms.values() if r.send_handle is not None]:
+        for room in [r for r in self.rooms.values() if r.state is RoomState.TRANSFERRING]:
             if not room.send_handle.done():
                 continue
             error = getattr(room.send_handle, "error", None)
@@ -237,7 +269,8 @@ class PrefillWorkerHooks(WorkerHooks):
                     room.room, 503, f"sending KV failed: {error}", _now(), notify=False
                 )
                 continue
-            num_pages = len(room.dst_page_ids or [])
+            num_pages = len(room.dst_page_ids)
+            room.move(RoomState.SUCCESS)
             self.engine.release(room.rid)
             self._forget(room.room)
             outputs.append(
@@ -252,12 +285,11 @@ class PrefillWorkerHooks(WorkerHooks):
 
     def _deadlines(self, now: float) -> list[ReqOutput]:
         outputs: list[ReqOutput] = []
-        # A room waits on one side only: for decode's page list, or for the request. Once
-        # both are here, decode's KV deadline and heartbeat govern; a vanished decode shows
-        # up as PeerLost or PeerUnreachable when the KV is sent.
-        waiting = [r for r in self.rooms.values() if (r.rid is None) != (r.peer is None)]
+        # Once both sides are here, decode's KV deadline and heartbeat govern; a vanished
+        # decode shows up as PeerLost or PeerUnreachable when the KV is sent.
+        waiting = [r for r in self.rooms.values() if r.state in _WAITING_FOR_ONE_SIDE]
         for room in [r for r in waiting if now >= r.deadline]:
-            if room.rid is None:
+            if room.state is RoomState.WAITING_FOR_REQUEST:
                 reason = (
                     f"prefill dp rank {self.dp_rank} never received the request for room "
                     f"{room.room} within {self.cfg.bootstrap_timeout_s:g}s"
@@ -286,6 +318,7 @@ class PrefillWorkerHooks(WorkerHooks):
         room = self.rooms.get(room_id)
         if room is None:
             return []
+        room.move(RoomState.FAILED)
         if notify and room.peer is not None:
             self._send(
                 room.peer, m.RoomStatus(room=room_id, ok=False, error=reason, error_status=status)

@@ -9,8 +9,9 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
+from pdserve.serving.pd_fields import home_rank
+
 FOLLOW_BOOTSTRAP_ROOM = "follow_bootstrap_room"
-MAX_ROOM = 2**63
 
 
 class RankError(ValueError):
@@ -21,24 +22,14 @@ class RankError(ValueError):
         self.status = status
 
 
-def home_rank(room: int, dp_size: int) -> int:
-    return room % dp_size
-
-
 def registers_all_rooms(method: str, force: bool) -> bool:
     """What a prefill server advertises: does it register every room's rank?"""
     return force or method != FOLLOW_BOOTSTRAP_ROOM
 
 
-def check_room(room: object) -> int:
-    if isinstance(room, bool) or not isinstance(room, int) or not 0 <= room < MAX_ROOM:
-        raise RankError(f"bootstrap_room must be an integer in [0, 2^63), got {room!r}")
-    return room
-
-
-def check_rank(name: str, rank: object, dp_size: int) -> int:
-    if isinstance(rank, bool) or not isinstance(rank, int):
-        raise RankError(f"{name} must be an integer, got {rank!r}")
+def check_rank(name: str, rank: int, dp_size: int) -> int:
+    """A rank the request names (its type was checked where the request came in) against
+    the prefill server's dp_size."""
     if not 0 <= rank < dp_size:
         raise RankError(f"{name}={rank} is out of range for prefill dp_size={dp_size}")
     return rank

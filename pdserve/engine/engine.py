@@ -1,7 +1,8 @@
 """The inference engine a worker process drives: add requests, call step(), collect outputs.
 
 It knows nothing of disaggregation beyond a few hooks: a `prefill_only` request stops after
-its first token with its pages held (SENDING_KV) until `release()`; on the decode side
+its first token with its pages held (SENDING_KV) until `release()`, and that step's output
+hands their ids over (`StepOutput.held_page_ids`); on the decode side
 `reserve()` allocates pages for a prompt whose KV will arrive, and `admit_prefilled()`
 starts decoding it from the first token. A prefix cache (on by default) keeps finished
 requests' full pages for later requests with the same prefix.
@@ -206,7 +207,7 @@ class Engine:
                 f"prompt + max_new_tokens = {total} tokens needs more KV pages than the pool "
                 f"has ({self.num_total_pages} pages of {self.page_size} tokens)"
             )
-        if req.state not in (ReqState.WAITING, ReqState.WAITING_FOR_BOOTSTRAP) or req.output_ids:
+        if req.state is not ReqState.WAITING or req.output_ids:
             raise RequestRejected(f"request {req.rid!r} is not new (state {req.state.value})")
 
     def _register(self, req: Request) -> None:
@@ -239,7 +240,7 @@ class Engine:
         """Move a request on after its step output: finish, hold or keep going."""
         req = self._requests[out.rid]
         if out.kv_ready:
-            self.scheduler.hold(req)
+            out.held_page_ids = self.scheduler.hold(req)
         elif out.finish_reason is not None:
             req.finish_reason = out.finish_reason
             self._requests.pop(req.rid)

@@ -52,10 +52,13 @@ class FinishReason(msgspec.Struct, frozen=True):
 
 
 class ReqState(enum.Enum):
+    """A request's life inside the engine. The PD transfer around it (bootstrap, page list,
+    KV in flight) is the room's state, kept by the disagg worker hooks: a decode request
+    reaches the engine only when its pages are reserved (WAITING_FOR_KV)."""
+
     WAITING = "waiting"  # queued for prefill (colocated and prefill roles)
     PREFILLING = "prefilling"  # some prompt chunks computed
     RUNNING = "running"  # decoding
-    WAITING_FOR_BOOTSTRAP = "waiting_for_bootstrap"  # decode: rank/peer/pages not ready yet
     WAITING_FOR_KV = "waiting_for_kv"  # decode: pages reserved, page list sent, KV awaited
     SENDING_KV = "sending_kv"  # prefill: first token done, pages held until sent
     FINISHED = "finished"
@@ -71,8 +74,7 @@ _ALLOWED: dict[ReqState, frozenset[ReqState]] = {
             ReqState.PREFILLING,
             ReqState.RUNNING,
             ReqState.SENDING_KV,
-            ReqState.WAITING_FOR_BOOTSTRAP,
-            ReqState.WAITING_FOR_KV,  # decode role: pages reserved straight away
+            ReqState.WAITING_FOR_KV,  # decode role: pages reserved for the KV to come
         }
     ),
     # FINISHED: max_new_tokens == 0 (prompt scoring) ends right after the prompt is computed.
@@ -80,7 +82,6 @@ _ALLOWED: dict[ReqState, frozenset[ReqState]] = {
         {ReqState.PREFILLING, ReqState.RUNNING, ReqState.SENDING_KV, ReqState.FINISHED}
     ),
     ReqState.RUNNING: frozenset({ReqState.FINISHED, ReqState.WAITING}),  # WAITING: preempted
-    ReqState.WAITING_FOR_BOOTSTRAP: frozenset({ReqState.WAITING_FOR_KV}),
     ReqState.WAITING_FOR_KV: frozenset({ReqState.RUNNING, ReqState.FINISHED}),
     ReqState.SENDING_KV: frozenset({ReqState.FINISHED}),
 }
@@ -174,3 +175,5 @@ class StepOutput:
     finish_reason: FinishReason | None = None
     error: str | None = None
     kv_ready: bool = False  # prefill role: first token sampled, pages held until release()
+    # Set by the engine with kv_ready: the held pages, the caller's to send until release().
+    held_page_ids: list[int] | None = None

@@ -166,10 +166,12 @@ class Scheduler:
         req.transition(ReqState.RUNNING)
         self.running.append(req)
 
-    def hold(self, req: Request) -> None:
-        """Prefill role: stop scheduling it but keep its pages (they are being sent)."""
+    def hold(self, req: Request) -> list[int]:
+        """Prefill role: stop scheduling it but keep its pages, which it returns: they are
+        the caller's to send until the request is finished."""
         self._discard(req)
         req.transition(ReqState.SENDING_KV)
+        return list(req.page_ids)
 
     def reserve(self, req: Request, use_cache: bool = False) -> list[int] | None:
         """Decode role: pages for the prompt now. With `use_cache`, the cached prefix it

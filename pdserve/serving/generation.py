@@ -111,7 +111,8 @@ class Generator:
             self._close(req, result, error)
 
     async def _dispatch(self, item: GenItem) -> GenerateReq:
-        rank = self.controller.choose_rank(item.room, item.routed_rank)
+        pd = item.pd
+        rank = self.controller.choose_rank(pd.room, pd.routed_dp_rank)
         req = GenerateReq(
             rid=item.rid,
             input_ids=item.input_ids,
@@ -121,18 +122,17 @@ class Generator:
             top_logprobs_num=item.top_logprobs_num,
         )
         if self.mode != "colocated":
-            if item.room is None:
+            assert pd.room is not None, "parse_pd_fields requires a room in PD modes"
+            # The one check for a duplicate room: claimed before the first await, so two
+            # concurrent requests with one room cannot both pass; released when the request
+            # ends (or fails to start), after its worker forgot the room. Workers and hooks
+            # rely on it.
+            if pd.room in self.rooms_in_flight:
                 raise RequestError(
-                    400, f"a {self.mode} server needs bootstrap_room in every request"
+                    400, f"bootstrap_room {pd.room} is already in flight on this server"
                 )
-            # Claimed before the first await, so two concurrent requests with one room
-            # cannot both pass; released when the request ends (or fails to start).
-            if item.room in self.rooms_in_flight:
-                raise RequestError(
-                    400, f"bootstrap_room {item.room} is already in flight on this server"
-                )
-            self.rooms_in_flight.add(item.room)
-            req.disagg = DisaggInfo(room=item.room)
+            self.rooms_in_flight.add(pd.room)
+            req.disagg = DisaggInfo(room=pd.room)
         try:
             req = await self._prepare(req, rank, item)
             self.controller.submit(req, rank)
@@ -146,7 +146,7 @@ class Generator:
         """The mode's hook, under the request's own deadline (the hooks have finer ones)."""
         try:
             return await asyncio.wait_for(
-                self.hooks.prepare(req, rank, item.extras), self.request_timeout_s
+                self.hooks.prepare(req, rank, item.pd), self.request_timeout_s
             )
         except asyncio.TimeoutError:
             raise RequestError(

@@ -13,6 +13,7 @@ if TYPE_CHECKING:
 
     from pdserve.engine.engine import Engine
     from pdserve.serving.config import ServerConfig
+    from pdserve.serving.pd_fields import PDFields
     from pdserve.serving.protocol import GenerateReq, ReqOutput, RoomFailed
 
 
@@ -43,10 +44,10 @@ class FrontendHooks:
         """Extra fields for /server_info."""
         return {}
 
-    async def prepare(self, req: GenerateReq, dp_rank: int, body: dict[str, Any]) -> GenerateReq:
+    async def prepare(self, req: GenerateReq, dp_rank: int, pd: PDFields) -> GenerateReq:
         """Called after the DP controller chose `dp_rank`, before the request is sent to that
-        worker. May return an updated request or raise RequestError. `body` is the request
-        item's JSON (bootstrap fields, routed ranks)."""
+        worker. May return an updated request or raise RequestError. `pd` holds the item's
+        PD fields, already validated for this server's mode."""
         return req
 
     def on_output(self, req: GenerateReq, out: ReqOutput) -> None:
@@ -95,10 +96,13 @@ class WorkerHooks:
         """Handle transfer traffic and deadlines; return outputs for the front end."""
         return []
 
-    def after_step(self, now: float, outputs: list[ReqOutput]) -> list[ReqOutput]:
+    def after_step(
+        self, now: float, outputs: list[ReqOutput], held_pages: dict[str, list[int]]
+    ) -> list[ReqOutput]:
         """After each engine step, with that step's outputs already converted to ReqOutput;
-        returns what to send to the front end (colocated: the outputs unchanged). The prefill
-        role starts KV sends here for freshly prefilled requests."""
+        returns what to send to the front end (colocated: the outputs unchanged). `held_pages`
+        maps each request the engine now holds for sending (prefill role) to its page ids:
+        the prefill role owns them from here until `engine.release`, and starts their send."""
         return outputs
 
     def close(self) -> None:

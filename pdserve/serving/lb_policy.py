@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from pdserve.serving.config import LB_METHODS
 from pdserve.serving.hooks import RequestError
+from pdserve.serving.pd_fields import home_rank
 
 
 @dataclass(frozen=True)
@@ -16,17 +17,6 @@ class RankLoad:
     num_reqs: int  # requests in flight on that rank
     num_tokens: int  # tokens they hold (prompt + generated so far)
     alive: bool = True
-
-
-def parse_routed_rank(value: object, dp_size: int, field: str = "routed_dp_rank") -> int | None:
-    """Validate a client-forced rank: None passes; a wrong type or out of range is a 400."""
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise RequestError(400, f"{field} must be an integer, got {value!r}")
-    if not 0 <= value < dp_size:
-        raise RequestError(400, f"{field}={value} out of range: dp_size is {dp_size}")
-    return value
 
 
 class LoadBalancePolicy:
@@ -67,7 +57,7 @@ class LoadBalancePolicy:
             raise RequestError(
                 400, "load-balance method follow_bootstrap_room needs bootstrap_room in the request"
             )
-        rank = room % self.dp_size
+        rank = home_rank(room, self.dp_size)
         if not loads[rank].alive:
             raise RequestError(
                 503, f"dp rank {rank} (bootstrap_room {room} mod {self.dp_size}) is not running"

@@ -22,7 +22,7 @@ from pdserve.serving.openai_format import (
     render_chat_prompt,
     usage,
 )
-from pdserve.serving.request_parse import bad, get_field, item_extras, make_item
+from pdserve.serving.request_parse import bad, get_field, item_pd_fields, make_item
 from pdserve.serving.server_state import ServerState, client_gone, read_json, state_of
 
 SAMPLING_FIELDS = (
@@ -68,7 +68,7 @@ def _items(
                 prompts[index // n],
                 params,
                 state.limits,
-                item_extras(body, index, num),
+                item_pd_fields(body, index, num, state.limits),
                 rid=rid,
                 return_logprob=logprobs is not None,
                 top_logprobs_num=logprobs or 0,

@@ -14,18 +14,7 @@ import msgspec
 
 from pdserve.engine.request import SamplingParams
 from pdserve.serving.hooks import RequestError
-from pdserve.serving.lb_policy import parse_routed_rank
-
-MAX_ROOM = 2**63
-# Fields that may be one value per batch item; the hooks get the item's own value.
-PER_ITEM_FIELDS = (
-    "bootstrap_host",
-    "bootstrap_port",
-    "bootstrap_room",
-    "routed_dp_rank",
-    "data_parallel_rank",
-    "disagg_prefill_dp_rank",
-)
+from pdserve.serving.pd_fields import FIELD_NAMES, PDFieldError, PDFields, parse_pd_fields
 
 
 class Encoder(Protocol):
@@ -37,6 +26,7 @@ class Limits:
     dp_size: int
     max_context_len: int
     vocab_size: int | None = None
+    mode: str = "colocated"  # which PD fields a request must carry
 
 
 @dataclass
@@ -47,9 +37,7 @@ class GenItem:
     return_logprob: bool = False
     logprob_start_len: int | None = None
     top_logprobs_num: int = 0
-    room: int | None = None
-    routed_rank: int | None = None
-    extras: dict[str, Any] = field(default_factory=dict)  # the item's bootstrap fields
+    pd: PDFields = field(default_factory=PDFields)
 
 
 def bad(message: str) -> RequestError:
@@ -96,10 +84,13 @@ def per_item(body: dict, name: str, index: int, num_items: int) -> Any:
     return value
 
 
-def item_extras(body: dict, index: int, num_items: int) -> dict[str, Any]:
-    return {
-        name: per_item(body, name, index, num_items) for name in PER_ITEM_FIELDS if name in body
-    }
+def item_pd_fields(body: dict, index: int, num_items: int, limits: Limits) -> PDFields:
+    """The PD fields of item `index`: each may be one value, or a list of one per item."""
+    values = {name: per_item(body, name, index, num_items) for name in FIELD_NAMES}
+    try:
+        return parse_pd_fields(values, limits.dp_size, limits.mode)
+    except PDFieldError as exc:
+        raise bad(exc.message) from None
 
 
 def sampling_from_dict(params: Any, prompt_len: int, limits: Limits) -> SamplingParams:
@@ -147,7 +138,7 @@ def make_item(
     input_ids: Any,
     sampling_params: Any,
     limits: Limits,
-    extras: dict[str, Any],
+    pd: PDFields,
     rid: Any = None,
     return_logprob: bool = False,
     logprob_start_len: int | None = None,
@@ -164,15 +155,6 @@ def make_item(
         raise bad(
             f"logprob_start_len {logprob_start_len} is past the prompt ({len(input_ids)} tokens)"
         )
-    room = extras.get("bootstrap_room")
-    if room is not None and (
-        isinstance(room, bool) or not isinstance(room, int) or not 0 <= room < MAX_ROOM
-    ):
-        raise bad(f"bootstrap_room must be an integer in [0, 2^63), got {room!r}")
-    routed = extras.get("routed_dp_rank")
-    field_name = "routed_dp_rank"
-    if routed is None:
-        routed, field_name = extras.get("data_parallel_rank"), "data_parallel_rank"
     return GenItem(
         rid=rid or new_rid(),
         input_ids=input_ids,
@@ -180,9 +162,7 @@ def make_item(
         return_logprob=return_logprob,
         logprob_start_len=logprob_start_len if return_logprob else None,
         top_logprobs_num=top_logprobs_num if return_logprob else 0,
-        room=room,
-        routed_rank=parse_routed_rank(routed, limits.dp_size, field_name),
-        extras=extras,
+        pd=pd,
     )
 
 
@@ -221,7 +201,7 @@ def parse_generate(body: Any, tokenizer: Encoder, limits: Limits) -> tuple[list[
                 prompt,
                 params,
                 limits,
-                item_extras(body, i, num),
+                item_pd_fields(body, i, num, limits),
                 rid=per_item(body, "rid", i, num),
                 return_logprob=want_lp,
                 logprob_start_len=start,

@@ -34,6 +34,7 @@ class ServerState:
             dp_size=self.cfg.server.dp_size,
             max_context_len=self.controller.max_context_len,
             vocab_size=len(self.tokenizer),
+            mode=self.cfg.server.mode,
         )
 
 

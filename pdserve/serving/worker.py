@@ -69,8 +69,10 @@ class WorkerLoop:
             self._drain_control()
             self._send(self.hooks.poll(time.monotonic()))
             if self.engine.has_work():
-                outputs = [output_to_msg(o) for o in self.engine.step()]
-                self._send(self.hooks.after_step(time.monotonic(), outputs))
+                steps = self.engine.step()
+                outputs = [output_to_msg(o) for o in steps]
+                held = {o.rid: o.held_page_ids for o in steps if o.held_page_ids is not None}
+                self._send(self.hooks.after_step(time.monotonic(), outputs, held))
             self._report_load(time.monotonic())
         logger.info("front end (pid %d) is gone; worker %d exits", self.parent_pid, self.dp_rank)
 

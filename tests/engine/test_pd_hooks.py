@@ -42,9 +42,10 @@ def prefill_then_decode(prefill, decode, rid: str, params: SamplingParams, **kw)
     prefill.add_request(Request(rid, PROMPT, params, prefill_only=True, **kw))
     first = drain(prefill)[rid][-1]
     assert first.kv_ready and len(first.new_token_ids) == 1
-    held = prefill.get(rid)
-    assert held.state is ReqState.SENDING_KV and prefill.num_used_pages == len(dst_pages)
-    src = torch.tensor(held.page_ids)
+    assert prefill.get(rid).state is ReqState.SENDING_KV
+    # The step hands the held pages over: exactly the pages in use, one per decode page.
+    assert len(first.held_page_ids) == prefill.num_used_pages == len(dst_pages)
+    src = torch.tensor(first.held_page_ids)
     decode.kv_pool.index_copy_(0, torch.tensor(dst_pages), prefill.kv_pool.index_select(0, src))
     prefill.release(rid)
     assert prefill.num_used_pages == 0 and prefill.get(rid) is None

@@ -26,7 +26,7 @@ def make(state: ReqState = ReqState.WAITING) -> Request:
         [ReqState.PREFILLING, ReqState.PREFILLING, ReqState.SENDING_KV, ReqState.FINISHED],
         [ReqState.PREFILLING, ReqState.RUNNING, ReqState.WAITING, ReqState.PREFILLING],
         [ReqState.WAITING_FOR_KV, ReqState.RUNNING, ReqState.FINISHED],
-        [ReqState.WAITING_FOR_BOOTSTRAP, ReqState.WAITING_FOR_KV, ReqState.FINISHED],
+        [ReqState.WAITING_FOR_KV, ReqState.FINISHED],
         [ReqState.PREFILLING, ReqState.FINISHED],  # max_new_tokens == 0
     ],
 )

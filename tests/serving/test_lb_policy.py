@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from pdserve.serving.hooks import RequestError
-from pdserve.serving.lb_policy import LoadBalancePolicy, RankLoad, parse_routed_rank
+from pdserve.serving.lb_policy import LoadBalancePolicy, RankLoad
 
 
 def idle(n: int) -> list[RankLoad]:
@@ -16,14 +16,6 @@ def test_routed_rank_overrides_every_method():
     for method in ("round_robin", "shortest_queue", "total_tokens", "follow_bootstrap_room"):
         policy = LoadBalancePolicy(method, 4)
         assert policy.choose(idle(4), room=5, routed_rank=2) == 2
-
-
-@pytest.mark.parametrize("value", [4, -1, "1", 1.0, True])
-def test_routed_rank_out_of_range_or_wrong_type_is_400(value):
-    with pytest.raises(RequestError) as info:
-        parse_routed_rank(value, 4)
-    assert info.value.status == 400
-    assert "routed_dp_rank" in info.value.message
 
 
 def test_round_robin_cycles_and_skips_dead_ranks():

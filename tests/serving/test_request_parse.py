@@ -27,13 +27,12 @@ def test_single_text_and_batch_input_ids():
         {"input_ids": [[1, 2], [3]], "bootstrap_room": [10, 11], "rid": ["a", "b"]}
     )
     assert is_batch and [i.input_ids for i in items] == [[1, 2], [3]]
-    assert [i.room for i in items] == [10, 11] and [i.rid for i in items] == ["a", "b"]
-    assert items[1].extras["bootstrap_room"] == 11
+    assert [i.pd.room for i in items] == [10, 11] and [i.rid for i in items] == ["a", "b"]
 
 
 def test_unknown_fields_are_ignored_and_routed_rank_alias_is_read():
     items, _ = parse({"text": "x", "log_metrics": True, "model": None, "data_parallel_rank": 1})
-    assert items[0].routed_rank == 1
+    assert items[0].pd.routed_dp_rank == 1
 
 
 def test_default_max_new_tokens_is_clamped_to_the_context():

@@ -1,0 +1,136 @@
+"""The PD fields of one request item (bootstrap room and address, prefill and routed ranks),
+parsed once where the request enters a server's front end. Pure.
+
+Everything after the parse passes the `PDFields` struct, never the raw body.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+MAX_ROOM = 2**63  # rooms are in [0, MAX_ROOM)
+ROUTED_RANK_FIELDS = ("routed_dp_rank", "data_parallel_rank")  # ours, then SGLang's alias
+FIELD_NAMES = (
+    "bootstrap_room",
+    "bootstrap_host",
+    "bootstrap_port",
+    "disagg_prefill_dp_rank",
+    *ROUTED_RANK_FIELDS,
+)
+MODES = ("colocated", "prefill", "decode")
+
+
+class PDFieldError(ValueError):
+    """A PD field that is missing or malformed; the front end answers 400 with `message`,
+    which names `field`."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
+        self.message = message
+
+
+@dataclass(frozen=True)
+class PDFields:
+    room: int | None = None  # bootstrap_room: names the transfer on both legs
+    bootstrap_host: str | None = None  # decode: the prefill server's bootstrap server
+    bootstrap_port: int | None = None  # decode: None means this server's --bootstrap-port
+    prefill_dp_rank: int | None = None  # disagg_prefill_dp_rank: the prefill worker, named
+    routed_dp_rank: int | None = None  # this server's worker, forced by the client
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_room(value: object) -> bool:
+    return _is_int(value) and 0 <= value < MAX_ROOM  # type: ignore[operator]
+
+
+def check_room(value: object) -> int:
+    if not is_room(value):
+        raise PDFieldError(
+            "bootstrap_room", f"bootstrap_room must be an integer in [0, 2^63), got {value!r}"
+        )
+    return value  # type: ignore[return-value]
+
+
+def home_rank(room: int, dp_size: int) -> int:
+    """The DP rank a room belongs to under follow_bootstrap_room."""
+    return room % dp_size
+
+
+def _routed_rank(values: Mapping[str, object], dp_size: int) -> int | None:
+    for name in ROUTED_RANK_FIELDS:
+        value = values.get(name)
+        if value is None:
+            continue
+        if not _is_int(value):
+            raise PDFieldError(name, f"{name} must be an integer, got {value!r}")
+        if not 0 <= value < dp_size:  # type: ignore[operator]
+            raise PDFieldError(name, f"{name}={value} out of range: dp_size is {dp_size}")
+        return value  # type: ignore[return-value]
+    return None
+
+
+def _prefill_rank(value: object) -> int | None:
+    """Only the type here: its range is the prefill server's dp_size, which the decode side
+    learns later (`disagg.rank_resolver`)."""
+    if value is None:
+        return None
+    if not _is_int(value):
+        raise PDFieldError(
+            "disagg_prefill_dp_rank", f"disagg_prefill_dp_rank must be an integer, got {value!r}"
+        )
+    if value < 0:  # type: ignore[operator]
+        raise PDFieldError(
+            "disagg_prefill_dp_rank", f"disagg_prefill_dp_rank={value} out of range: ranks are >= 0"
+        )
+    return value  # type: ignore[return-value]
+
+
+def _host(value: object) -> str | None:
+    if value is not None and (not isinstance(value, str) or not value):
+        raise PDFieldError(
+            "bootstrap_host", f"bootstrap_host must be a non-empty string, got {value!r}"
+        )
+    return value
+
+
+def _port(value: object) -> int | None:
+    if value is not None and (not _is_int(value) or not 0 < value < 65536):  # type: ignore[operator]
+        raise PDFieldError(
+            "bootstrap_port", f"bootstrap_port must be an integer port or null, got {value!r}"
+        )
+    return value  # type: ignore[return-value]
+
+
+def _require(fields: PDFields, mode: str) -> None:
+    if mode != "colocated" and fields.room is None:
+        raise PDFieldError(
+            "bootstrap_room", f"a {mode} server needs bootstrap_room in every request"
+        )
+    if mode == "decode" and fields.bootstrap_host is None:
+        raise PDFieldError(
+            "bootstrap_host",
+            "bootstrap_host is required on a decode server "
+            "(the prefill server's host; the router sets it)",
+        )
+
+
+def parse_pd_fields(values: Mapping[str, object], dp_size: int, mode: str) -> PDFields:
+    """The item's PD fields from its JSON values (null is absent), checked for a server of
+    `mode` with `dp_size` workers; PDFieldError names the first bad field."""
+    if mode not in MODES:
+        raise ValueError(f"unknown server mode {mode!r}")
+    room = values.get("bootstrap_room")
+    fields = PDFields(
+        room=None if room is None else check_room(room),
+        bootstrap_host=_host(values.get("bootstrap_host")),
+        bootstrap_port=_port(values.get("bootstrap_port")),
+        prefill_dp_rank=_prefill_rank(values.get("disagg_prefill_dp_rank")),
+        routed_dp_rank=_routed_rank(values, dp_size),
+    )
+    _require(fields, mode)
+    return fields

@@ -1,0 +1,114 @@
+"""The PD fields of a request, parsed once (pure): every bad or missing field is one
+PDFieldError naming it; good values land in the typed struct."""
+
+from __future__ import annotations
+
+import pytest
+
+from pdserve.serving.pd_fields import (
+    MAX_ROOM,
+    PDFieldError,
+    PDFields,
+    check_room,
+    home_rank,
+    parse_pd_fields,
+)
+
+ADDRESS = {"bootstrap_room": 7, "bootstrap_host": "10.0.0.2"}
+
+
+def test_every_field_lands_in_the_struct():
+    values = {
+        "bootstrap_room": MAX_ROOM - 1,
+        "bootstrap_host": "::1",
+        "bootstrap_port": 8998,
+        "disagg_prefill_dp_rank": 3,
+        "routed_dp_rank": 1,
+    }
+    assert parse_pd_fields(values, dp_size=2, mode="decode") == PDFields(
+        room=MAX_ROOM - 1,
+        bootstrap_host="::1",
+        bootstrap_port=8998,
+        prefill_dp_rank=3,
+        routed_dp_rank=1,
+    )
+
+
+def test_absent_and_null_fields_are_none_on_a_colocated_server():
+    assert parse_pd_fields({}, 1, "colocated") == PDFields()
+    nulls = dict.fromkeys(["bootstrap_room", "bootstrap_port", "routed_dp_rank"])
+    assert parse_pd_fields(nulls, 1, "colocated") == PDFields()
+
+
+def test_data_parallel_rank_is_the_routed_rank_alias_and_ours_wins():
+    assert parse_pd_fields({"data_parallel_rank": 1}, 2, "colocated").routed_dp_rank == 1
+    both = {"routed_dp_rank": 0, "data_parallel_rank": 1}
+    assert parse_pd_fields(both, 2, "colocated").routed_dp_rank == 0
+
+
+BAD = [
+    ("bootstrap_room", -1),
+    ("bootstrap_room", MAX_ROOM),
+    ("bootstrap_room", "12"),
+    ("bootstrap_room", 1.5),
+    ("bootstrap_room", True),
+    ("bootstrap_room", [1]),
+    ("bootstrap_host", 12),
+    ("bootstrap_host", ""),
+    ("bootstrap_host", ["h"]),
+    ("bootstrap_port", 0),
+    ("bootstrap_port", 65536),
+    ("bootstrap_port", "8998"),
+    ("bootstrap_port", True),
+    ("disagg_prefill_dp_rank", -3),
+    ("disagg_prefill_dp_rank", "1"),
+    ("disagg_prefill_dp_rank", 1.0),
+    ("disagg_prefill_dp_rank", False),
+    ("routed_dp_rank", 2),
+    ("routed_dp_rank", -1),
+    ("routed_dp_rank", "0"),
+    ("routed_dp_rank", True),
+    ("data_parallel_rank", 7),
+    ("data_parallel_rank", 0.0),
+]
+
+
+@pytest.mark.parametrize("mode", ["colocated", "prefill", "decode"])
+@pytest.mark.parametrize(("name", "value"), BAD, ids=[f"{n}={v!r}" for n, v in BAD])
+def test_every_bad_field_is_one_error_naming_it(mode, name, value):
+    with pytest.raises(PDFieldError) as info:
+        parse_pd_fields({**ADDRESS, name: value}, 2, mode)
+    assert info.value.field == name
+    assert name in info.value.message and repr(value) in info.value.message
+
+
+@pytest.mark.parametrize(
+    ("mode", "values", "name"),
+    [
+        ("prefill", {}, "bootstrap_room"),
+        ("decode", {"bootstrap_host": "h"}, "bootstrap_room"),
+        ("decode", {"bootstrap_room": 1}, "bootstrap_host"),
+        ("decode", {"bootstrap_room": 1, "bootstrap_host": None}, "bootstrap_host"),
+    ],
+)
+def test_what_a_pd_server_requires_is_one_error_naming_it(mode, values, name):
+    with pytest.raises(PDFieldError) as info:
+        parse_pd_fields(values, 1, mode)
+    assert info.value.field == name and name in info.value.message
+    assert mode in info.value.message
+
+
+def test_a_prefill_server_needs_no_bootstrap_address():
+    assert parse_pd_fields({"bootstrap_room": 0}, 1, "prefill") == PDFields(room=0)
+
+
+def test_an_unknown_mode_is_a_programming_error():
+    with pytest.raises(ValueError, match="mode"):
+        parse_pd_fields({}, 1, "router")
+
+
+def test_check_room_and_home_rank():
+    assert check_room(0) == 0 and check_room(MAX_ROOM - 1) == MAX_ROOM - 1
+    with pytest.raises(PDFieldError, match="bootstrap_room"):
+        check_room(MAX_ROOM)
+    assert [home_rank(room, 4) for room in (0, 5, 11, MAX_ROOM - 1)] == [0, 1, 3, 3]
