@@ -75,17 +75,11 @@ def _routed_rank(values: Mapping[str, object], dp_size: int) -> int | None:
 
 
 def _prefill_rank(value: object) -> int | None:
-    """Only the type here: its range is the prefill server's dp_size, which the decode side
-    learns later (`disagg.rank_resolver`)."""
-    if value is None:
-        return None
-    if not _is_int(value):
+    """Only the type here: its range is [0, the prefill server's dp_size), which the rank
+    rules check (`disagg.rank_resolver`), so that a prefill server records the failure."""
+    if value is not None and not _is_int(value):
         raise PDFieldError(
             "disagg_prefill_dp_rank", f"disagg_prefill_dp_rank must be an integer, got {value!r}"
-        )
-    if value < 0:  # type: ignore[operator]
-        raise PDFieldError(
-            "disagg_prefill_dp_rank", f"disagg_prefill_dp_rank={value} out of range: ranks are >= 0"
         )
     return value  # type: ignore[return-value]
 

@@ -126,8 +126,8 @@ def test_decode_force_alone_cannot_split_the_sides():
     assert resolve_decode(10, info, None) == (ResolvePath.FAST_PATH, 2)
 
 
-@pytest.mark.parametrize("dp_size,explicit", [(2, 2), (2, 5), (1, 1), (3, 3)])
-def test_explicit_rank_beyond_the_prefill_dp_size_fails_on_both_sides(dp_size, explicit):
+@pytest.mark.parametrize("dp_size,explicit", [(2, 2), (2, -1), (1, 1), (3, 3)])
+def test_explicit_rank_outside_the_prefill_dp_size_fails_on_both_sides(dp_size, explicit):
     with pytest.raises(RankError):
         decide_prefill(0, 0, dp_size, "round_robin", False, explicit)
     with pytest.raises(RankError):

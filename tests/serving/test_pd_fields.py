@@ -60,7 +60,6 @@ BAD = [
     ("bootstrap_port", 65536),
     ("bootstrap_port", "8998"),
     ("bootstrap_port", True),
-    ("disagg_prefill_dp_rank", -3),
     ("disagg_prefill_dp_rank", "1"),
     ("disagg_prefill_dp_rank", 1.0),
     ("disagg_prefill_dp_rank", False),
@@ -96,6 +95,11 @@ def test_what_a_pd_server_requires_is_one_error_naming_it(mode, values, name):
         parse_pd_fields(values, 1, mode)
     assert info.value.field == name and name in info.value.message
     assert mode in info.value.message
+
+
+def test_the_prefill_rank_range_is_left_to_the_rank_rules():
+    # Only the prefill server's dp_size bounds it; decode learns that later.
+    assert parse_pd_fields({"disagg_prefill_dp_rank": -3}, 1, "colocated").prefill_dp_rank == -3
 
 
 def test_a_prefill_server_needs_no_bootstrap_address():
