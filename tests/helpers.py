@@ -61,6 +61,14 @@ def sse_events(url: str, body: Any, timeout_s: float = 60.0) -> list[Any]:
     return events
 
 
+def python_path_env() -> dict[str, str]:
+    """os.environ with the repo root first on PYTHONPATH (kept: packages installed outside
+    site-packages stay importable in spawned servers)."""
+    inherited = os.environ.get("PYTHONPATH")
+    path = str(REPO_ROOT) if not inherited else os.pathsep.join([str(REPO_ROOT), inherited])
+    return {**os.environ, "PYTHONPATH": path}
+
+
 def wait_until(
     cond: Callable[[], bool], timeout_s: float, what: str, interval_s: float = 0.05
 ) -> None:
@@ -90,8 +98,7 @@ class ServerProcess:
         self.ready_urls = list(ready_urls)
         self.url = url or (self.ready_urls[0].rsplit("/", 1)[0] if self.ready_urls else "")
         self.env = {
-            **os.environ,
-            "PYTHONPATH": str(REPO_ROOT),
+            **python_path_env(),
             "PYTHONUNBUFFERED": "1",
             **(env or {}),
         }

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from pdserve.bench.launch import launched
-from tests.helpers import REPO_ROOT, free_port, http_status, wait_until
+from tests.helpers import REPO_ROOT, free_port, http_status, python_path_env, wait_until
 
 
 def pid_gone(pid: int) -> bool:
@@ -48,7 +48,7 @@ def run_bench(args: list[str], timeout_s: float) -> subprocess.CompletedProcess:
     proc = subprocess.Popen(
         [sys.executable, "-m", "pdserve", "bench", *args], cwd=REPO_ROOT,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+        env=python_path_env(),
     )  # fmt: skip
     try:
         out, err = proc.communicate(timeout=timeout_s)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import http.client
 import json
-import os
 import subprocess
 import sys
 import time
@@ -18,7 +17,7 @@ import pytest
 from pdserve.disagg.bootstrap_client import register_worker_blocking
 from pdserve.disagg.bootstrap_registry import MAX_ROOMS_PER_QUERY, WorkerRegistration
 from tests.disagg.bootstrap_fixtures import registration
-from tests.helpers import free_port
+from tests.helpers import free_port, python_path_env
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 STARTUP_TIMEOUT_S = 15.0
@@ -58,7 +57,7 @@ def wait_healthy(port: int, proc: subprocess.Popen) -> None:
 
 
 def start_server_process(port: int, dp_size: int) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    env = python_path_env()
     return subprocess.Popen(
         [sys.executable, "-m", "pdserve.disagg.bootstrap_server", "--host", "127.0.0.1",
          "--port", str(port), "--dp-size", str(dp_size)],

@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from pdserve.engine.loader import fingerprint, load_model, read_state_dict, resolve_model_dir
 from pdserve.engine.rope import rope_params_from_hf
-from tests.helpers import REPO_ROOT
+from tests.helpers import REPO_ROOT, python_path_env
 
 
 def test_tiny_random_has_a_chatml_tokenizer_matching_the_model():
@@ -46,7 +46,7 @@ _BUILD = (
 
 
 def test_two_processes_building_at_once_agree(tmp_path):
-    env = {**os.environ, "PDSERVE_CACHE_DIR": str(tmp_path), "PYTHONPATH": str(REPO_ROOT)}
+    env = {**python_path_env(), "PDSERVE_CACHE_DIR": str(tmp_path)}
     procs = [
         subprocess.Popen(
             [sys.executable, "-c", _BUILD],

@@ -17,7 +17,7 @@ import requests
 
 from pdserve.cluster import DEFAULT_ROUTER_PORT, choose_router_port
 from pdserve.procs import port_is_free
-from tests.helpers import PYTHON, REPO_ROOT, http_status, wait_until
+from tests.helpers import PYTHON, REPO_ROOT, http_status, python_path_env, wait_until
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -50,7 +50,7 @@ class Up:
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             start_new_session=True,
-            env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+            env=python_path_env(),
         )
 
     def output(self) -> str:

@@ -11,7 +11,14 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from tests.conftest import TINY_ARGS
-from tests.helpers import REPO_ROOT, free_port, http_json, sse_events, wait_until
+from tests.helpers import (
+    REPO_ROOT,
+    free_port,
+    http_json,
+    python_path_env,
+    sse_events,
+    wait_until,
+)
 
 SHORT = {"max_new_tokens": 4, "temperature": 0.0}
 LONG = {"max_new_tokens": 3000, "ignore_eos": True}
@@ -124,7 +131,7 @@ def test_workers_exit_when_the_front_end_is_killed(server_factory):
 
 
 def run_serve(args: list[str], timeout_s: float = 120) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    env = python_path_env()
     return subprocess.run(
         [sys.executable, "-m", "pdserve", "serve", "--port", str(free_port()), *args],
         cwd=REPO_ROOT,
