@@ -5,6 +5,7 @@ and `PDServerConfig`: a server's config with them, as prefill and decode servers
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from dataclasses import dataclass
 
 from pdserve import envs
@@ -85,6 +86,6 @@ def add_pd_server_arguments(parser: argparse.ArgumentParser) -> None:
 def pd_server_config_from_args(ns: argparse.Namespace) -> PDServerConfig:
     """Raises ValueError (from the dataclasses' checks) on contradictory options."""
     base = server_config_from_args(ns)
-    return PDServerConfig(
-        server=base.server, engine=base.engine, disagg=from_args(DisaggConfig, ns)
-    )
+    # A prefill server's requests stop after their first token: it never runs a decode step.
+    engine = dataclasses.replace(base.engine, runs_decode=base.server.mode != "prefill")
+    return PDServerConfig(server=base.server, engine=engine, disagg=from_args(DisaggConfig, ns))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from pdserve.config import check, opt
 
@@ -56,6 +56,9 @@ class EngineConfig:
         "its request (by default full pages are kept and shared by later requests with the "
         "same prefix, evicted least-recently-used when the pool needs room)",
     )
+    # Not a flag: set by the server's composition. False for the prefill role, whose
+    # requests stop after their first token, so no decode CUDA graphs are captured.
+    runs_decode: bool = field(default=True)
 
     def __post_init__(self) -> None:
         check(bool(self.model_path), "--model-path must not be empty")

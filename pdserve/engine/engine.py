@@ -99,7 +99,7 @@ class Engine:
             cfg.page_size,
             self.max_context_len,
             cfg.max_running_requests,
-            cfg.cuda_graphs,
+            cfg.cuda_graphs and cfg.runs_decode,
         )
 
     @classmethod

@@ -81,9 +81,20 @@ class ModelRunner:
     def _forward(
         self, segments: list[Segment], token_ids: list[int], positions: list[int], rows: list[int]
     ) -> torch.Tensor:
+        hidden = self._hidden_states(segments, token_ids, positions)
+        if not rows:
+            return hidden.new_zeros(0, self.model.args.vocab_size, dtype=torch.float32)
+        if rows != list(range(len(token_ids))):
+            hidden = hidden[torch.tensor(rows, device=self.device)]
+        return llama.logits(self.model.weights, hidden)
+
+    def _hidden_states(
+        self, segments: list[Segment], token_ids: list[int], positions: list[int]
+    ) -> torch.Tensor:
+        """Final hidden states [T, hidden] of the step's new tokens; stores their K/V."""
         meta = build_attn_meta(segments, self.page_size, self.device)
         position_index = torch.tensor(positions, device=self.device)
-        hidden = llama.forward(
+        return llama.forward(
             self.model.weights,
             self.model.args,
             torch.tensor(token_ids, device=self.device),
@@ -92,8 +103,3 @@ class ModelRunner:
             self.kv_pool,
             meta,
         )
-        if not rows:
-            return hidden.new_zeros(0, self.model.args.vocab_size, dtype=torch.float32)
-        if rows != list(range(len(token_ids))):
-            hidden = hidden[torch.tensor(rows, device=self.device)]
-        return llama.logits(self.model.weights, hidden)

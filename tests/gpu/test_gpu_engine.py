@@ -85,6 +85,31 @@ def test_prefill_over_cached_pages_on_gpu_gives_the_tokens_of_a_full_prefill(mod
     assert cached.prefix_cache.num_hit_tokens >= (1 + 3 + 6 + 6) * 16
 
 
+@pytest.mark.interpretable
+def test_fused_prefill_gives_the_cpu_path_tokens(device):
+    """The GPU runner's prefill (fused layers, paged prefill attention) on `device`: on the
+    CPU through Triton's interpreter. Prompts longer than a chunk prefill over their own
+    cached pages; a step batches several prompts' chunks."""
+    from pdserve.engine.gpu.runner import GpuModelRunner
+
+    cpu = make_engine("tiny-random", "cpu")
+    prompts = random_prompts(cpu.model.args.vocab_size, seed=4)[:6]
+    new_tokens = [3] * len(prompts)
+    expected = run_greedy(cpu, prompts, new_tokens)
+    engine = make_engine("tiny-random", device.type, cuda_graphs=False)
+    engine.runner = GpuModelRunner(
+        engine.model, engine.kv_pool, engine.page_size, engine.max_context_len, 16, False
+    )
+    assert run_greedy(engine, prompts, new_tokens) == expected
+
+
+def test_prefill_role_engine_captures_no_decode_graphs():
+    engine = make_engine("tiny-random", "cuda", runs_decode=False)
+    assert engine.runner.decoder.buckets == []
+    colocated = make_engine("tiny-random", "cuda")
+    assert colocated.runner.decoder.buckets == [1, 2, 4, 8, 16]
+
+
 def recording_logits(engine: Engine) -> list[torch.Tensor]:
     """Every step's logits rows, copied (graph outputs are overwritten by the next replay)."""
     seen: list[torch.Tensor] = []

@@ -1,5 +1,5 @@
-"""The GPU decode step: one new token per row through the Llama layers (Qwen3 q/k norm, fused
-into the rope kernel, and sparse MoE MLPs included) with fused Triton kernels and in-place paged attention. Worker
+"""The GPU decode step: one new token per row through the fused layer stack of `layers.py`
+with in-place paged decode attention (Qwen3's q/k norm fused into the rope kernel). Worker
 process (GPU only).
 
 All inputs come from one int32 `meta` tensor with rows [token id, position, seq_len, page
@@ -12,12 +12,11 @@ import itertools
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from pdserve.engine.gpu.kernels import rms_norm, rope_and_store_kv, silu_mul
-from pdserve.engine.gpu.moe import fused_moe_mlp
+from pdserve.engine.gpu.kernels import rope_and_store_kv
+from pdserve.engine.gpu.layers import final_hidden, qk_norm_of
 from pdserve.engine.gpu.paged_attention import paged_decode_attention
-from pdserve.engine.model import LayerWeights, ModelArgs, ModelWeights
+from pdserve.engine.model import ModelArgs, ModelWeights
 
 META_COLS = 3  # columns before the page table: token id, position, seq_len
 
@@ -53,28 +52,12 @@ def decode_forward(
     num_splits: int,
 ) -> torch.Tensor:
     """float32 logits [B, vocab] for the B rows of `meta`; writes each row's new K/V."""
-    token_ids = meta[:, 0]
-    residual = F.embedding(token_ids, weights.embed)
-    eps = args.rms_norm_eps
-    h = rms_norm(residual, weights.layers[0].input_norm, eps)
-    for i, layer in enumerate(weights.layers):
-        qk_norm = None
-        if layer.q_norm is not None and layer.k_norm is not None:
-            qk_norm = (layer.q_norm, layer.k_norm, eps)
+
+    def attend(qkv: torch.Tensor, i: int) -> torch.Tensor:
         q = rope_and_store_kv(
-            layer.qkv(h), cos, sin, meta, kv_pool, i, args.num_heads, args.num_kv_heads, qk_norm
-        )
-        attn = paged_decode_attention(q, kv_pool, i, meta, num_splits)
-        h = rms_norm(layer.o(attn), layer.post_norm, eps, residual)
-        mlp = _mlp(h, layer, args)
-        is_last = i + 1 == len(weights.layers)
-        next_norm = weights.norm if is_last else weights.layers[i + 1].input_norm
-        h = rms_norm(mlp, next_norm, eps, residual)
-    return weights.lm_head(h).float()
+            qkv, cos, sin, meta, kv_pool, i, args.num_heads, args.num_kv_heads,
+            qk_norm_of(weights.layers[i], args.rms_norm_eps),
+        )  # fmt: skip
+        return paged_decode_attention(q, kv_pool, i, meta, num_splits)
 
-
-def _mlp(h: torch.Tensor, layer: LayerWeights, args: ModelArgs) -> torch.Tensor:
-    if layer.moe is not None and args.moe is not None:
-        return fused_moe_mlp(h, layer.moe, args.moe)
-    assert layer.gate_up is not None and layer.down is not None
-    return layer.down(silu_mul(layer.gate_up(h)))
+    return weights.lm_head(final_hidden(weights, args, meta[:, 0], attend)).float()

@@ -1,11 +1,14 @@
-"""Model runner for CUDA devices: prefill chunks take the PyTorch path of `ModelRunner`;
-decode steps take the Triton kernels, replayed from CUDA graphs. Worker process (GPU only)."""
+"""Model runner for CUDA devices: prefill chunks run the fused Triton layer stack with paged
+prefill attention; decode steps the Triton kernels, replayed from CUDA graphs. Worker
+process (GPU only)."""
 
 from __future__ import annotations
 
 import torch
 
+from pdserve.engine.attention import Segment
 from pdserve.engine.gpu.graphs import DecodeGraphs
+from pdserve.engine.gpu.prefill import pack_prefill_meta, prefill_hidden
 from pdserve.engine.loader import LoadedModel
 from pdserve.engine.runner import ItemRows, ModelRunner
 from pdserve.engine.scheduler import Batch
@@ -38,7 +41,7 @@ class GpuModelRunner(ModelRunner):
     def run(self, batch: Batch) -> tuple[torch.Tensor, list[ItemRows]]:
         reqs = batch.decode
         # Scheduler steps are all-prefill or all-decode; prompt logprobs still owed (never
-        # the case after prefill) would need the general path.
+        # the case after prefill) need the general path (which prefills on this GPU too).
         if batch.prefill or any(
             r.wants_prompt_logprobs and not r.prompt_logprobs_sent for r in reqs
         ):
@@ -46,3 +49,11 @@ class GpuModelRunner(ModelRunner):
         rows = [(r.token_at(r.seq_len - 1), r.seq_len - 1, r.page_ids) for r in reqs]
         logits = self.decoder.run(rows)
         return logits, [ItemRows(r, 1, i) for i, r in enumerate(reqs)]
+
+    def _hidden_states(
+        self, segments: list[Segment], token_ids: list[int], positions: list[int]
+    ) -> torch.Tensor:
+        meta = pack_prefill_meta(segments, token_ids, self.page_size, self.device)
+        return prefill_hidden(
+            self.model.weights, self.model.args, self.kv_pool, self.cos, self.sin, meta
+        )
