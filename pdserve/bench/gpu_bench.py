@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from pdserve.bench.gpu_bench_shapes import ALL_SHAPES, MOE_SHAPES, SHAPES, build_hf_model
+from pdserve.bench.gpu_prefill import measure_prefill
 from pdserve.config import add_arguments, check, from_args, opt
 from pdserve.engine.config import EngineConfig
 from pdserve.engine.engine import Engine
@@ -76,6 +77,13 @@ def median_ms(fn, repeats: int, device: str, warmup: int = 3) -> float:
 def sync(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
+
+
+def matmul_flops_per_s(size: int = 8192, repeats: int = 20) -> float:
+    """bf16 GEMM rate of a large square matmul (median of CUDA-event timings)."""
+    a = torch.randn(size, size, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(size, size, device="cuda", dtype=torch.bfloat16)
+    return 2 * size**3 / (median_event_ms(lambda: a @ b, repeats) / 1e3)
 
 
 def median_event_ms(fn, repeats: int, warmup: int = 3) -> float:
@@ -161,7 +169,9 @@ def measure_transformers(model, cfg: GpuBenchConfig, one: list[list[int]], many)
     }
 
 
-def measure_pdserve(engine: Engine, cfg: GpuBenchConfig, one, many) -> dict:
+def measure_pdserve(
+    engine: Engine, cfg: GpuBenchConfig, one, many, matmul_fps: float | None
+) -> dict:
     run_engine(engine, many, 4)  # warm-up: prefill and decode shapes
     b1 = run_engine(engine, one, cfg.batch1_steps)
     on_gpu = cfg.device == "cuda"
@@ -177,6 +187,10 @@ def measure_pdserve(engine: Engine, cfg: GpuBenchConfig, one, many) -> dict:
         "bN_step_ms": bn["step_ms"],
         "bN_graph_replay_ms": bn["graph_replay_ms"] if on_gpu else None,
         "bN_prefill_s": prefill_s,
+        # dense shapes on the GPU only: the FLOP count assumes every MLP weight is used
+        "prefill": measure_prefill(engine, many, matmul_fps)
+        if matmul_fps and engine.model.args.moe is None
+        else None,
     }
 
 
@@ -212,7 +226,9 @@ def profile_step(step) -> None:
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14), flush=True)
 
 
-def bench_shape(name: str, cfg: GpuBenchConfig, copy_bps: float) -> dict[str, Any]:
+def bench_shape(
+    name: str, cfg: GpuBenchConfig, copy_bps: float, matmul_fps: float | None
+) -> dict[str, Any]:
     shape = ALL_SHAPES[name]
     model = build_hf_model(shape, torch.device(cfg.device), getattr(torch, cfg.dtype))
     gen = torch.Generator().manual_seed(1)
@@ -226,7 +242,7 @@ def bench_shape(name: str, cfg: GpuBenchConfig, copy_bps: float) -> dict[str, An
     moe = engine.model.args.moe
     # Batch 1 reads the top-k experts of each sparse layer, no others.
     weight_bytes = engine.model.weights.num_bytes(moe.top_k if moe else None)
-    ours = measure_pdserve(engine, cfg, one, many)
+    ours = measure_pdserve(engine, cfg, one, many, matmul_fps)
     del engine, model
     gc.collect()
     if cfg.device == "cuda":
@@ -256,9 +272,12 @@ def device_name(device: str) -> str:
     return torch.cuda.get_device_name() if device == "cuda" else "cpu"
 
 
-def print_table(results: list[dict[str, Any]], copy_bps: float, cfg: GpuBenchConfig) -> None:
+def print_table(
+    results: list[dict[str, Any]], copy_bps: float, matmul_fps: float | None, cfg: GpuBenchConfig
+) -> None:
     n = cfg.batch_size
-    print(f"\ndevice: {device_name(cfg.device)}; copy bandwidth {copy_bps / 1e9:.0f} GB/s")
+    matmul = f"; bf16 matmul {matmul_fps / 1e12:.0f} TFLOP/s" if matmul_fps else ""
+    print(f"\ndevice: {device_name(cfg.device)}; copy bandwidth {copy_bps / 1e9:.0f} GB/s{matmul}")
     print(f"prompts {cfg.prompt_len} tokens; batch {n} generates {cfg.new_tokens} tokens each")
     head = (
         f"{'shape':<18} {'GB':>5} {'floor':>6} {'b1 step':>8} {'x floor':>7} {'replay':>7} "
@@ -286,6 +305,18 @@ def print_table(results: list[dict[str, Any]], copy_bps: float, cfg: GpuBenchCon
             f"GPU time {_f(ours['bN_graph_replay_ms'], '.2f')} ms; prefill of {n} prompts "
             f"{ours['bN_prefill_s']:.2f} s (transformers {hf['bN_prefill_s']:.2f} s)"
         )
+        if ours["prefill"] is not None:
+            print_prefill(r["shape"], ours["prefill"], cfg)
+
+
+def print_prefill(shape: str, pre: dict[str, Any], cfg: GpuBenchConfig) -> None:
+    print(
+        f"{shape}: prefill {cfg.batch_size} x {cfg.prompt_len} tokens "
+        f"({pre['prefill_tflop']:.1f} TFLOP): fused {pre['fused_s'] * 1e3:.1f} ms = "
+        f"{pre['fused_tflop_s']:.0f} TFLOP/s = {pre['fused_over_matmul']:.2f}x matmul; "
+        f"PyTorch path {pre['pytorch_path_s'] * 1e3:.1f} ms "
+        f"({pre['speedup_over_pytorch_path']:.2f}x the fused time)"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -296,15 +327,17 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("needs a CUDA device (--device cpu runs the tiny shapes on the CPU)")
     torch.backends.cuda.matmul.allow_tf32 = False
     copy_bps = copy_bandwidth_bps(cfg.device, num_bytes=1 << (30 if cfg.device == "cuda" else 26))
+    matmul_fps = matmul_flops_per_s() if cfg.device == "cuda" else None
     results = []
     for name in cfg.shapes:
-        results.append(bench_shape(name, cfg, copy_bps))
+        results.append(bench_shape(name, cfg, copy_bps, matmul_fps))
         print(json.dumps(results[-1]), flush=True)
-    print_table(results, copy_bps, cfg)
+    print_table(results, copy_bps, matmul_fps, cfg)
     if cfg.out_dir:
         os.makedirs(cfg.out_dir, exist_ok=True)
         report = {"config": asdict(cfg), "copy_bytes_per_s": copy_bps, "results": results}
         report["device"] = device_name(cfg.device)
+        report["matmul_flop_per_s"] = matmul_fps
         with open(os.path.join(cfg.out_dir, "gpu_bench.json"), "w") as f:
             json.dump(report, f, indent=2)
     return 0
