@@ -1,6 +1,7 @@
 """The cuda_ipc KV transport between two real processes on one GPU: granted pages arrive
 byte-exact in scattered slots, nothing else in the pool changes, and a copy for a room whose
-grant was revoked (abort) is refused without writing."""
+grant was revoked (abort) is refused without writing, also when it shares a batch (one
+message, one copy launch) with rooms that land."""
 
 from __future__ import annotations
 
@@ -73,3 +74,44 @@ def test_copy_for_an_aborted_room_is_refused_and_writes_nothing(receiver):
     assert torch.equal(
         receiver.pool[dst], make_pool(POOL_PAGES, 7)[src_pages_for(room, 2, POOL_PAGES)]
     )
+
+
+def wait_received(rx, rooms: set[int], until=lambda: True) -> dict[int, KVReceived]:
+    received: dict[int, KVReceived] = {}
+    deadline = time.monotonic() + 60
+    while set(received) != rooms or not until():
+        assert time.monotonic() < deadline, f"rooms missing: {received}, {rx.stats}"
+        received |= {e.room: e for e in rx.poll(5) if isinstance(e, KVReceived)}
+    torch.cuda.synchronize()
+    return received
+
+
+def test_rooms_in_flight_together_all_land_exactly(receiver):
+    rx, peer = receiver.transport, receiver.peer
+    pages = torch.randperm(POOL_PAGES, generator=torch.Generator().manual_seed(3)).tolist()
+    grants = {room: pages[3 * i : 3 * i + 3] for i, room in enumerate(range(50, 56))}
+    for room, dst in grants.items():  # all granted before any arrives
+        rx.send(peer, m.PageList(room=room, dst_page_ids=dst, prompt_len=1))
+    received = wait_received(rx, set(grants))
+    assert all(e.complete for e in received.values())
+    source = make_pool(POOL_PAGES, 7)
+    for room, dst in grants.items():
+        assert torch.equal(receiver.pool[dst], source[src_pages_for(room, 3, POOL_PAGES)])
+    assert rx.stats["kv_bytes_in"] == 18 * rx.page_nbytes
+
+
+def test_an_aborted_room_between_granted_ones_is_refused_and_only_it(receiver):
+    before = receiver.pool.clone()
+    rx, peer = receiver.transport, receiver.peer
+    grants = {98: [0, 5, 9], 99: [1, 2, 3], 100: [20, 4]}
+    for room, dst in grants.items():
+        rx.send(peer, m.PageList(room=room, dst_page_ids=dst, prompt_len=1))
+    rx.send(peer, m.Abort(room=99, reason="client went away"))
+    received = wait_received(rx, {98, 100}, until=lambda: rx.stats.get("dropped_ipc_no_grant"))
+    assert all(e.complete for e in received.values())
+    source = make_pool(POOL_PAGES, 7)
+    for room in (98, 100):
+        dst = grants[room]
+        assert torch.equal(receiver.pool[dst], source[src_pages_for(room, len(dst), POOL_PAGES)])
+    untouched = [p for p in range(POOL_PAGES) if p not in grants[98] + grants[100]]
+    assert torch.equal(receiver.pool[untouched], before[untouched])

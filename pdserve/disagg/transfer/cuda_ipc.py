@@ -1,10 +1,11 @@
 """KV transport for GPU pools on one host: pages move GPU to GPU through CUDA IPC, control
 messages over the ZeroMQ channel. Runs in prefill and decode worker processes.
 
-The decode side pulls: the prefill side shares its pool's IPC handle once per peer, then per
-room sends `IpcCopy(src pages, dst pages)`; the decode side checks the pages against its
-grant (exactly as the zmq backend checks frames), copies them in one kernel on its own
-stream, and acks with `IpcCopyDone` once the copy has finished, which frees the prefill
+The decode side pulls: the prefill side shares its pool's IPC handle once per peer; rooms
+sent between two polls go out as one `IpcBatch` message, each room an `IpcCopy(src pages,
+dst pages, status)`. The decode side checks each room's pages against its grant (exactly as
+the zmq backend checks frames), copies every accepted room in one kernel on its own stream,
+and acks with one `IpcCopyDone(rooms)` once the copy has finished, which frees the prefill
 side's pages. So no write ever lands in a page the decode side did not grant, and KV bytes
 never pass through host memory or Python per page.
 
@@ -56,22 +57,29 @@ class IpcPool(msgspec.Struct, tag="ipc_pool", kw_only=True):
     page_nbytes: int
 
 
-class IpcCopy(msgspec.Struct, tag="ipc_copy", kw_only=True):
-    """prefill -> decode: copy my pages `src_page_ids` into your `dst_page_ids` for `room`."""
+class IpcCopy(msgspec.Struct, kw_only=True):
+    """Copy my pages `src_page_ids` into your `dst_page_ids` for `room`, then `status`."""
 
     room: int
     src_page_ids: list[int]
     dst_page_ids: list[int]
+    status: m.RoomStatus  # what a separate RoomStatus message would say after the KV
+
+
+class IpcBatch(msgspec.Struct, tag="ipc_batch", kw_only=True):
+    """prefill -> decode: the rooms sent to this peer since the last poll, in order."""
+
+    copies: list[IpcCopy]
 
 
 class IpcCopyDone(msgspec.Struct, tag="ipc_done", kw_only=True):
-    """decode -> prefill: the copy for `room` finished (or was refused): free the pages."""
+    """decode -> prefill: the copies for `rooms` finished (or were refused): free the pages."""
 
-    room: int
+    rooms: list[int]
     error: str | None = None
 
 
-IpcMsg = IpcPool | IpcCopy | IpcCopyDone
+IpcMsg = IpcPool | IpcBatch | IpcCopyDone
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(IpcMsg)
 
@@ -185,7 +193,8 @@ class CudaIpcTransport(FakeTransport):
         self._told: set[str] = set()  # peers that have our IpcPool
         self._peer_pools: dict[str, torch.Tensor] = {}
         self._sends: dict[tuple[str, int], IpcSend] = {}
-        self._acks: list[tuple[PeerId, int, torch.cuda.Event]] = []
+        self._batches: dict[PeerId, list[IpcCopy]] = {}  # sent at the next poll
+        self._acks: list[tuple[PeerId, list[int], torch.cuda.Event]] = []
 
     def peer_pool(self, peer: PeerId) -> torch.Tensor | None:
         """The peer's pool as mapped here (uint8 [num_pages, page_nbytes]), once it came."""
@@ -200,26 +209,36 @@ class CudaIpcTransport(FakeTransport):
         dst_page_ids: list[int],
         then: m.RoomStatus,
     ) -> SendHandle:
+        """Queued: the rooms of one step reach the peer as one message at the next poll."""
         self._check_open()
         src, dst = self._page_pairs(src_page_ids, dst_page_ids)
-        parts: list[bytes] = []
-        if peer not in self._told:
-            if self._exported is None:
-                self._exported = export_pool(self.pool, self.page_nbytes)
-            parts.append(_encoder.encode(self._exported))
-        copy = IpcCopy(room=room, src_page_ids=src.tolist(), dst_page_ids=dst.tolist())
-        parts += [_encoder.encode(copy), m.encode(then)]
+        copy = IpcCopy(room=room, src_page_ids=src.tolist(), dst_page_ids=dst.tolist(), status=then)
+        self._batches.setdefault(peer, []).append(copy)
         handle = IpcSend(room, peer)
-        self._enqueue(peer, [Outgoing(parts=[p]) for p in parts])
-        self._told.add(peer)
         self._sends[(peer, room)] = handle
         self._stats["kv_bytes_out"] += src.size * self.page_nbytes
         return handle
+
+    def _send_batches(self) -> None:
+        batches, self._batches = self._batches, {}
+        for peer, copies in batches.items():
+            parts: list[bytes] = []
+            if peer not in self._told:
+                if self._exported is None:
+                    self._exported = export_pool(self.pool, self.page_nbytes)
+                parts.append(_encoder.encode(self._exported))
+            parts.append(_encoder.encode(IpcBatch(copies=copies)))
+            try:
+                self._enqueue(peer, [Outgoing(parts=[p]) for p in parts])
+            except TransportError:  # _enqueue lost the peer, which failed its sends
+                continue
+            self._told.add(peer)
 
     # -- both sides ----------------------------------------------------------------------
     def poll(self, timeout_ms: int = 0) -> list[Event]:
         # Acks for copies that finished go out first, so that a KVReceived found now is
         # handed to the caller without waiting behind them.
+        self._send_batches()
         self._send_acks()
         events = super().poll(0 if self._acks else timeout_ms)
         for event in events:
@@ -228,12 +247,17 @@ class CudaIpcTransport(FakeTransport):
         return events
 
     def busy(self) -> bool:
-        return super().busy() or bool(self._acks) or any(not h.done() for h in self._sends.values())
+        return (
+            super().busy()
+            or bool(self._acks or self._batches)
+            or any(not h.done() for h in self._sends.values())
+        )
 
     def close(self) -> None:
         for peer in {p for p, _ in self._sends} | set(self._peer_pools):
             self._drop_peer(PeerId(peer), "transport closed")
         self._acks.clear()
+        self._batches.clear()
         super().close()
 
     def _drop_peer(self, peer: PeerId, reason: str) -> None:
@@ -241,6 +265,7 @@ class CudaIpcTransport(FakeTransport):
             self._sends.pop(key).finish(reason)
         self._peer_pools.pop(peer, None)
         self._told.discard(peer)
+        self._batches.pop(peer, None)
         self._acks = [a for a in self._acks if a[0] != peer]
 
     def _lose(self, peer: PeerId, reason: str) -> None:
@@ -257,11 +282,12 @@ class CudaIpcTransport(FakeTransport):
         self._stats["msgs_in"] += 1
         if isinstance(msg, IpcPool):
             return self._on_pool(peer, msg)
-        if isinstance(msg, IpcCopy):
-            return self._on_copy(peer, msg)
-        handle = self._sends.pop((peer, msg.room), None)
-        if handle is not None:
-            handle.finish(msg.error)
+        if isinstance(msg, IpcBatch):
+            return self._on_batch(peer, msg, events)
+        for room in msg.rooms:
+            handle = self._sends.pop((peer, room), None)
+            if handle is not None:
+                handle.finish(msg.error)
         return 0
 
     # -- decode side ---------------------------------------------------------------------
@@ -275,65 +301,91 @@ class CudaIpcTransport(FakeTransport):
             return self._reject(peer, "ipc_open")
         return 0
 
-    def _on_copy(self, peer: PeerId, msg: IpcCopy) -> int:
-        header = m.KVHeader(
-            room=msg.room,
-            frame_page_counts=[],
-            page_nbytes=self.page_nbytes,
-            dst_page_ids=msg.dst_page_ids,
-        )
-        reason = self._grants.check(peer, header, [], self.page_nbytes, moves_bytes=False)
+    def _on_batch(self, peer: PeerId, batch: IpcBatch, events: list[Event]) -> int:
+        """Check every room against its grant, copy the accepted ones in one launch, then
+        act on each room's status in order (KVReceived once its pages are queued)."""
         src_pool = self._peer_pools.get(peer)
-        if reason is None and src_pool is None:
-            reason = "no_pool"
-        if reason is None:
-            reason = self._copy(src_pool, msg)
-        if reason is not None:
-            self._enqueue_ack(peer, IpcCopyDone(room=msg.room, error=f"refused: {reason}"))
-            return self._reject(peer, "ipc_" + reason)
-        nbytes = len(msg.dst_page_ids) * self.page_nbytes
-        self._grants.record(msg.room, msg.dst_page_ids, nbytes)
-        self._stats["kv_bytes_in"] += nbytes
-        event = torch.cuda.Event()
-        event.record()
-        self._acks.append((peer, msg.room, event))
+        accepted: list[tuple[IpcCopy, np.ndarray, np.ndarray]] = []
+        for copy in batch.copies:
+            reason, src, dst = self._check_copy(peer, src_pool, copy)
+            if reason is None:
+                accepted.append((copy, src, dst))
+            else:
+                done = IpcCopyDone(rooms=[copy.room], error=f"refused: {reason}")
+                self._enqueue_ack(peer, done)
+                self._reject(peer, "ipc_" + reason)
+        nbytes = 0
+        if accepted:
+            assert src_pool is not None
+            self._copy(
+                src_pool,
+                np.concatenate([src for _, src, _ in accepted]),
+                np.concatenate([dst for _, _, dst in accepted]),
+            )
+            event = torch.cuda.Event()
+            event.record()
+            self._acks.append((peer, [copy.room for copy, _, _ in accepted], event))
+            for copy, _, dst in accepted:
+                room_nbytes = dst.size * self.page_nbytes
+                self._grants.record(copy.room, copy.dst_page_ids, room_nbytes)
+                nbytes += room_nbytes
+            self._stats["kv_bytes_in"] += nbytes
+        for copy in batch.copies:
+            self._on_control(peer, copy.status, events)
         return nbytes
 
-    def _copy(self, src_pool: torch.Tensor, msg: IpcCopy) -> str | None:
-        """Queue the page copy on the current stream; a reason if the ids are bad."""
+    def _check_copy(
+        self, peer: PeerId, src_pool: torch.Tensor | None, copy: IpcCopy
+    ) -> tuple[str | None, np.ndarray, np.ndarray]:
+        """(refusal reason or None, src ids, dst ids) of one room's copy."""
+        empty = np.zeros(0, dtype=np.int64)
+        header = m.KVHeader(
+            room=copy.room,
+            frame_page_counts=[],
+            page_nbytes=self.page_nbytes,
+            dst_page_ids=copy.dst_page_ids,
+        )
+        reason = self._grants.check(peer, header, [], self.page_nbytes, moves_bytes=False)
+        if reason is None and src_pool is None:
+            reason = "no_pool"
+        if reason is not None:
+            return reason, empty, empty
+        assert src_pool is not None
         try:
-            src = page_array(msg.src_page_ids, src_pool.shape[0], "src_page_ids")
-            dst = page_array(msg.dst_page_ids, self.num_pages, "dst_page_ids")
+            src = page_array(copy.src_page_ids, src_pool.shape[0], "src_page_ids")
+            dst = page_array(copy.dst_page_ids, self.num_pages, "dst_page_ids")
         except ValueError:
-            return "page_ids"
+            return "page_ids", empty, empty
         if src.size != dst.size:
-            return "page_count"
+            return "page_count", empty, empty
+        return None, src, dst
+
+    def _copy(self, src_pool: torch.Tensor, src: np.ndarray, dst: np.ndarray) -> None:
+        """Queue the page copy on the current stream (ids already checked)."""
         if src.size == 0:
-            return None
+            return
         if src_pool.device == self._pages.device:
             from pdserve.engine.gpu.copy_pages import copy_pages  # Triton, imported on use
 
             device = self._pages.device
             # one pinned upload, non-blocking: no host wait behind copies already queued
             ids = torch.from_numpy(np.stack([src, dst])).pin_memory().to(device, non_blocking=True)
-            src_ids, dst_ids = ids[0], ids[1]
-            copy_pages(src_pool, self._pages, src_ids, dst_ids)
-        else:  # the peer's pool is on another GPU (not run here: one GPU was lent)
+            copy_pages(src_pool, self._pages, ids[0], ids[1])
+        else:  # the peer's pool is on another GPU: one copy_ per run of consecutive pages
             for s, d, n in page_runs(src, dst):
                 self._pages[d : d + n].copy_(src_pool[s : s + n], non_blocking=True)
-        return None
 
     def _send_acks(self) -> None:
         pending = []
-        for peer, room, event in self._acks:
+        for peer, rooms, event in self._acks:
             if event.query():
-                self._enqueue_ack(peer, IpcCopyDone(room=room))
+                self._enqueue_ack(peer, IpcCopyDone(rooms=rooms))
             else:
-                pending.append((peer, room, event))
+                pending.append((peer, rooms, event))
         self._acks = pending
 
     def _enqueue_ack(self, peer: PeerId, msg: IpcCopyDone) -> None:
         try:
             self._enqueue(peer, [Outgoing(parts=[_encoder.encode(msg)])])
         except TransportError as exc:  # the peer is gone: nothing to free on our side
-            log.debug("ack for room %d to %s not sent: %s", msg.room, peer, exc)
+            log.debug("ack for rooms %s to %s not sent: %s", msg.rooms, peer, exc)
