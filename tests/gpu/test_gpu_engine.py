@@ -86,17 +86,19 @@ def test_prefill_over_cached_pages_on_gpu_gives_the_tokens_of_a_full_prefill(mod
 
 
 @pytest.mark.interpretable
-def test_fused_prefill_gives_the_cpu_path_tokens(device):
-    """The GPU runner's prefill (fused layers, paged prefill attention) on `device`: on the
-    CPU through Triton's interpreter. Prompts longer than a chunk prefill over their own
-    cached pages; a step batches several prompts' chunks."""
+@pytest.mark.parametrize("family", ["tiny-random", "qwen3", "qwen3-moe"])
+def test_fused_prefill_gives_the_cpu_path_tokens(device, family, tmp_path):
+    """The GPU runner's prefill (fused layers, paged prefill attention; Qwen3's q/k norm and
+    the MoE MLP) on `device`: on the CPU through Triton's interpreter. Prompts longer than a
+    chunk prefill over their own cached pages; a step batches several prompts' chunks."""
     from pdserve.engine.gpu.runner import GpuModelRunner
 
-    cpu = make_engine("tiny-random", "cpu")
+    model_path = family if family == "tiny-random" else BUILDERS[family](tmp_path)
+    cpu = make_engine(model_path, "cpu")
     prompts = random_prompts(cpu.model.args.vocab_size, seed=4)[:6]
     new_tokens = [3] * len(prompts)
     expected = run_greedy(cpu, prompts, new_tokens)
-    engine = make_engine("tiny-random", device.type, cuda_graphs=False)
+    engine = make_engine(model_path, device.type, cuda_graphs=False)
     engine.runner = GpuModelRunner(
         engine.model, engine.kv_pool, engine.page_size, engine.max_context_len, 16, False
     )

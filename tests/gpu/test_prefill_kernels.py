@@ -9,6 +9,7 @@ import torch
 
 pytest.importorskip("triton")
 
+from pdserve.engine import model as llama  # noqa: E402
 from pdserve.engine.attention import Segment, build_attn_meta, paged_attention  # noqa: E402
 from pdserve.engine.gpu.kernels import rope_and_store_tokens  # noqa: E402
 from pdserve.engine.gpu.prefill import pack_prefill_meta  # noqa: E402
@@ -102,3 +103,23 @@ def test_rope_store_tokens_writes_rotated_k_and_v_into_their_slots(device, dtype
     expected = before.clone()
     expected[pages, layer, :, offsets] = pool[pages, layer, :, offsets]
     assert torch.equal(pool, expected), "a slot outside the new tokens changed"
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_rope_store_tokens_with_qk_norm_matches_model_qk_norm_then_rope(device, dtype, head_dim):
+    heads, kv_heads, layer, eps = 4, 2, 0, 1e-6
+    pool = random_pool(device, dtype, kv_heads=kv_heads, head_dim=head_dim)
+    cos, sin = rope_tables(head_dim, 1e6, None, 256, device, dtype)
+    segments = scattered_segments([(0, 3), (37, 4)], 40, seed=head_dim + 1)
+    meta = pack_prefill_meta(segments, [0] * 7, PAGE_SIZE, device)
+    qkv = 3 * torch.randn(7, (heads + 2 * kv_heads) * head_dim, device=device, dtype=dtype)
+    q_w, k_w = (1 + 0.3 * torch.randn(2, head_dim, device=device)).to(dtype)
+    q_out = rope_and_store_tokens(
+        qkv, cos, sin, meta.positions, meta.slots, pool, layer, heads, kv_heads, (q_w, k_w, eps)
+    )
+    positions = meta.positions.long()
+    qk = qkv[:, : (heads + kv_heads) * head_dim].view(7, heads + kv_heads, head_dim)
+    qk_ref = apply_rope(llama.qk_norm(qk, q_w, k_w, heads, eps), cos[positions], sin[positions])
+    assert rel_err(q_out, qk_ref[:, :heads]) < tol(dtype)
+    pages, offsets = meta.slots.long() // PAGE_SIZE, meta.slots.long() % PAGE_SIZE
+    assert rel_err(pool[pages, layer, 0, offsets], qk_ref[:, heads:]) < tol(dtype)
