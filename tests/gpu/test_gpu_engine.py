@@ -91,18 +91,40 @@ def test_fused_prefill_gives_the_cpu_path_tokens(device, family, tmp_path):
     """The GPU runner's prefill (fused layers, paged prefill attention; Qwen3's q/k norm and
     the MoE MLP) on `device`: on the CPU through Triton's interpreter. Prompts longer than a
     chunk prefill over their own cached pages; a step batches several prompts' chunks."""
-    from pdserve.engine.gpu.runner import GpuModelRunner
-
     model_path = family if family == "tiny-random" else BUILDERS[family](tmp_path)
     cpu = make_engine(model_path, "cpu")
     prompts = random_prompts(cpu.model.args.vocab_size, seed=4)[:6]
     new_tokens = [3] * len(prompts)
     expected = run_greedy(cpu, prompts, new_tokens)
-    engine = make_engine(model_path, device.type, cuda_graphs=False)
+    engine = gpu_runner_engine(model_path, device)
+    assert run_greedy(engine, prompts, new_tokens) == expected
+
+
+def gpu_runner_engine(model_path: str, device: torch.device, **kw) -> Engine:
+    """An engine on `device` whose runner is the GPU runner (graphs off), also on the CPU
+    (there its Triton kernels need TRITON_INTERPRET=1)."""
+    from pdserve.engine.gpu.runner import GpuModelRunner
+
+    engine = make_engine(model_path, device.type, cuda_graphs=False, **kw)
     engine.runner = GpuModelRunner(
         engine.model, engine.kv_pool, engine.page_size, engine.max_context_len, 16, False
     )
-    assert run_greedy(engine, prompts, new_tokens) == expected
+    return engine
+
+
+@pytest.mark.interpretable
+def test_fused_prefill_over_prefix_cache_pages_gives_the_tokens_of_a_full_prefill(device):
+    """The GPU runner's paged prefill attention over pages a cached prompt wrote (0, 1, 3
+    full pages shared, and all of it); on the CPU through the interpreter too."""
+    plain = gpu_runner_engine("tiny-random", device, disable_radix_cache=True)
+    cached = gpu_runner_engine("tiny-random", device)
+    vocab = cached.model.args.vocab_size
+    base = random_prompts(vocab, seed=7)[5]  # 100 tokens
+    tails = random_prompts(vocab, seed=8)
+    prompts = [base[:shared] + tails[i] for i, shared in enumerate([0, 16, 50, 100])]
+    run_greedy(cached, [base], [2])
+    assert run_greedy(cached, prompts, [3] * 4) == run_greedy(plain, prompts, [3] * 4)
+    assert cached.prefix_cache.num_hit_tokens >= (1 + 3 + 6) * 16
 
 
 def test_prefill_role_engine_captures_no_decode_graphs():
