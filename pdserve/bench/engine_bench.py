@@ -141,6 +141,9 @@ def _load(model_name: str, cfg: EngineBenchConfig) -> tuple[Any, Any]:
             max_running_requests=max(64, most),
             chunked_prefill_size=max(512, most * cfg.prompt_len),
             context_length=cfg.prompt_len + cfg.new_tokens + 16,
+            # Rounds repeat the same prompts: a prefix cache would skip their prefill and
+            # the comparison with transformers (which keeps none) would be void.
+            disable_radix_cache=True,
         )
     )
     hf = AutoModelForCausalLM.from_pretrained(resolve_model_dir(model_name), dtype=torch.float32)

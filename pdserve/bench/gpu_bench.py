@@ -116,6 +116,9 @@ def engine_on(hf_model, cfg: GpuBenchConfig) -> Engine:
         chunked_prefill_size=cfg.chunked_prefill_size,
         context_length=max_len,
         max_total_tokens=cfg.batch_size * max_len,
+        # Warm-up and repeats reuse the prompts: with a prefix cache every later prefill
+        # would compute one token, and prefill and batch figures would be void.
+        disable_radix_cache=True,
     )
     return Engine(engine_cfg, model)
 
