@@ -1,6 +1,7 @@
 """End to end on one GPU: a colocated server against router + prefill + decode (KV over
 CUDA IPC), random-weight Llama-3.2-1B shape in bf16. Checks greedy token identity, then runs
-`pdserve bench` against both and compares. `python -m pdserve.bench.gpu_e2e --out DIR`.
+`pdserve bench` against both and compares. `python -m pdserve.bench.gpu_e2e --out DIR`;
+`--multiturn` instead runs the multi-turn workload on 1P1D with the prefix cache on and off.
 """
 
 from __future__ import annotations
@@ -130,15 +131,59 @@ def bench(base_url: str, label: str, out_dir: str, args) -> None:
     )
 
 
+MULTITURN = [
+    "--dataset-name", "multiturn", "--num-conversations", "8", "--num-turns", "4",
+    "--system-prompt-len", "512", "--user-len", "64", "--random-output-len", "64",
+    "--think-time-s", "0.2", "--conversation-stagger-s", "0.1", "--warmup-requests", "2",
+    "--temperature", "0", "--no-progress",
+    "--extra-body", '{"return_logprob": true, "top_logprobs_num": 2}',
+]  # fmt: skip
+
+
+def multiturn(model_dir: str, out_dir: str) -> None:
+    """1P1D over CUDA IPC, prefix cache on against --disable-radix-cache, one after the
+    other on the same GPU; `pdserve bench compare` prints the ratios."""
+    for label, extra in (("cache-off", ["--disable-radix-cache"]), ("cache-on", [])):
+        server_args = " ".join([*GPU_ARGS, "--transfer-backend", "cuda_ipc", *extra])
+        proc = start(
+            ["up", "--model-path", model_dir, "--port", "32000", "--prefill-port", "32001",
+             "--decode-port", "32002", "--server-args", server_args],
+            "http://127.0.0.1:32000/readiness",
+            os.path.join(out_dir, f"up-{label}.log"),
+        )  # fmt: skip
+        try:
+            subprocess.run(
+                [sys.executable, "-m", "pdserve", "bench", *MULTITURN,
+                 "--base-url", "http://127.0.0.1:32000",
+                 "--metrics-urls", "http://127.0.0.1:32001", "http://127.0.0.1:32002",
+                 "--label", label, "--output", os.path.join(out_dir, f"mt-{label}.json")],
+                check=False,
+            )  # fmt: skip
+        finally:
+            stop(proc)
+    subprocess.run(
+        [sys.executable, "-m", "pdserve", "bench", "compare",
+         os.path.join(out_dir, "mt-cache-off.json"), os.path.join(out_dir, "mt-cache-on.json")],
+        check=False,
+    )  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="gpu_e2e_out")
     parser.add_argument("--shape", default="llama3.2-1b", choices=sorted(SHAPES))
     parser.add_argument("--num-prompts", type=int, default=64)
     parser.add_argument("--max-concurrency", type=int, default=16)
+    parser.add_argument("--multiturn", action="store_true", help="prefix cache on vs off")
     args = parser.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     model_dir = build_model_dir(args.shape, tempfile.mkdtemp(prefix="pdserve-gpu-e2e-"))
+    if args.multiturn:
+        try:
+            multiturn(model_dir, args.out)
+        finally:
+            shutil.rmtree(model_dir, ignore_errors=True)
+        return
     procs = []
     try:
         procs.append(
