@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -18,6 +19,7 @@ from pdserve.disagg.transfer import (
     Inbound,
     KVReceived,
     KVTransport,
+    PeerId,
     PeerLost,
     TransportOptions,
     make_transport,
@@ -130,6 +132,65 @@ def test_a_peer_that_opens_no_data_connection_gets_its_answer_and_kv_over_zeromq
         assert prefill.stats.get("data_channels_opened", 0) == 0
     finally:
         ctx.destroy(linger=0)
+
+
+def handshake_held(prefill: KVTransport, decode: KVTransport) -> tuple[PeerId, PeerId]:
+    """Decode handshakes; prefill answers, and holds the answer for the data connection.
+    Returns (decode's id of prefill, prefill's id of decode)."""
+    peer = decode.connect(prefill.endpoint)
+    decode.send(peer, m.Handshake(decode_id="d", layout=LAYOUT))
+    (handshake,) = [e for e in poll_until(prefill, lambda ev: ev) if isinstance(e, Inbound)]
+    prefill.send(handshake.peer, m.HandshakeResult(ok=True))
+    return peer, handshake.peer
+
+
+def transfer_two_pages(prefill: KVTransport, decode: KVTransport, peer: PeerId) -> list:
+    """Room 5: prefill's pages 3 and 4 into decode's 9 and 1; decode's events until its status."""
+    decode.send(peer, m.PageList(room=5, dst_page_ids=[9, 1], prompt_len=2))
+    (page_list,) = poll_until(prefill, lambda ev: ev)
+    prefill.send_kv(page_list.peer, 5, [3, 4], [9, 1], m.RoomStatus(room=5, ok=True))
+    events = poll_both(decode, prefill, lambda ev: inbound(ev, m.RoomStatus) or lost(ev))
+    assert torch.equal(decode.pool[[9, 1]], prefill.pool[[3, 4]].reshape(2, 256))
+    return events
+
+
+def test_a_data_connection_that_came_while_prefill_computed_past_the_hold_is_used(
+    prefill: KVTransport,
+) -> None:
+    decode = make_transport("zmq", torch.zeros(POOL_PAGES, 256), None)
+    try:
+        peer, _ = handshake_held(prefill, decode)
+        # Decode connects and writes its token: both wait in prefill's kernel buffers...
+        poll_until(decode, lambda _: decode.stats.get("data_channels_opened") == 1)
+        time.sleep(prefill.options.heartbeat_timeout_s)  # ...while prefill computes past its hold
+        events = poll_both(decode, prefill, lambda ev: inbound(ev, m.HandshakeResult) or lost(ev))
+        assert not lost(events)
+        assert prefill.stats.get("data_channels_opened") == 1
+        assert not lost(transfer_two_pages(prefill, decode, peer))
+        assert decode.stats["data_kv_bytes_in"] == 2 * PAGE_NBYTES
+    finally:
+        decode.close()
+
+
+def test_a_data_connection_opened_after_prefill_gave_up_on_it_fails_no_room(
+    prefill: KVTransport,
+) -> None:
+    decode = make_transport("zmq", torch.zeros(POOL_PAGES, 256), None)
+    try:
+        peer, _ = handshake_held(prefill, decode)
+        time.sleep(prefill.options.heartbeat_timeout_s)  # decode computes past prefill's hold
+        prefill.poll(0)  # the hold and the offer expire: the answer leaves over ZeroMQ
+        # Decode takes the offer late: prefill closes the connection, its token being void.
+        events = poll_both(
+            decode, prefill, lambda ev: decode.stats.get("data_channels_refused") or lost(ev)
+        )
+        assert not lost(events)
+        assert prefill.stats["dropped_data_bad_token"] == 1
+        assert not lost(transfer_two_pages(prefill, decode, peer))
+        assert decode.stats["kv_bytes_in"] == 2 * PAGE_NBYTES
+        assert decode.stats.get("data_kv_bytes_in", 0) == 0
+    finally:
+        decode.close()
 
 
 @pytest.mark.parametrize("how", ["killed", "frozen"])

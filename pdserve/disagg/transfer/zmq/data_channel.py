@@ -63,6 +63,11 @@ class ChannelClosed(Exception):
     """The connection ended or broke the framing: the channel is unusable."""
 
 
+class ChannelRefused(ChannelClosed):
+    """Prefill closed the connection before any record: it did not take the token (it gave
+    up waiting for it, or never offered it). Nothing was in flight on it; KV goes over ZeroMQ."""
+
+
 class Cursor:
     """A position in a list of buffers that one byte stream drains or fills, in order."""
 
@@ -182,6 +187,7 @@ class RecvChannel:
         self.scratch: Any = None  # a buffer for records whose pages are scattered short runs
         self.unsent_token = memoryview(token)  # written first; read from once it is empty
         self.max_message_nbytes = max_message_nbytes
+        self.num_records = 0  # records whose message was read in full
         self._head = bytearray(PREFIX.size)  # the prefix, then the message, being read
         self._head_nbytes = 0
         self._reading_message = False
@@ -239,6 +245,7 @@ class RecvChannel:
                 message = memoryview(self._head)
                 self._head, self._head_nbytes = bytearray(PREFIX.size), 0
                 self._reading_message = False
+                self.num_records += 1
                 return message
             (length,) = PREFIX.unpack(self._head)
             if not 0 < length <= self.max_message_nbytes:
@@ -278,8 +285,12 @@ class RecvChannel:
         except (BlockingIOError, InterruptedError):
             return 0
         except OSError as exc:
+            if not mid_record and self.num_records == 0:
+                raise ChannelRefused(f"data connection reset before any record: {exc}") from exc
             raise ChannelClosed(f"data connection failed: {exc}") from exc
         if got == 0:
+            if not mid_record and self.num_records == 0:
+                raise ChannelRefused("data connection closed by prefill before any record")
             where = "in the middle of a record" if mid_record else "between records"
             raise ChannelClosed(f"data connection closed by prefill {where}")
         return got

@@ -111,7 +111,7 @@ class DataLinks:
         for key, mask in self.selector.select(0):
             item = key.data
             if item is self._listener:
-                self._accept(now)
+                self._accept(now, events)
             elif isinstance(item, _Pending):
                 self._read_token(item, events)
             elif isinstance(item, SendChannel):
@@ -147,7 +147,9 @@ class DataLinks:
         return senders
 
     # -- internals -----------------------------------------------------------------------
-    def _accept(self, now: float) -> None:
+    def _accept(self, now: float, events: LinkEvents) -> None:
+        """Accept what is queued and read each token at once: it is usually there already,
+        and a hold on the peer must not expire between the accept and the next poll."""
         while True:
             try:
                 sock, _ = self._listener.accept()
@@ -164,6 +166,7 @@ class DataLinks:
             pending = _Pending(sock, now + self.token_timeout_s)
             self._pending.append(pending)
             self.selector.register(sock, selectors.EVENT_READ, pending)
+            self._read_token(pending, events)
 
     def _read_token(self, pending: _Pending, events: LinkEvents) -> None:
         try:

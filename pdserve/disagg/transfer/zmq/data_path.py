@@ -32,6 +32,7 @@ from pdserve.disagg.transfer.base import (
 from pdserve.disagg.transfer.zmq import data_channel as dc
 from pdserve.disagg.transfer.zmq.data_channel import (
     ChannelClosed,
+    ChannelRefused,
     OutRecord,
     Payload,
     RecvChannel,
@@ -79,11 +80,16 @@ class DataPath:
             raise PeerUnreachable(reason)
         return handle
 
-    def _release_expired_holds(self, now: float) -> None:
-        """Peers that opened no data connection in time: their KV goes as ZeroMQ frames."""
+    def _release_expired_holds(self, now: float, events: list[Event]) -> None:
+        """Peers that opened no data connection in time: what was held leaves now, and their
+        KV goes as ZeroMQ frames. Called after the data sockets were read in the same poll."""
         for peer in [p for p, until in self._held_until.items() if now >= until]:
             del self._held_until[peer]
             log.warning("KV peer %s opened no data connection; its KV goes over ZeroMQ", peer)
+            reason = self._flush(peer)
+            if reason is not None:
+                self._lose(peer, reason)
+                events.append(PeerLost(peer, reason))
 
     def _offer_data_channel(self, peer: PeerId) -> None:
         """Decode handshakes: offer it a data connection, and hold what follows (the handshake
@@ -174,6 +180,13 @@ class DataPath:
         peer = PeerId(channel.peer)
         try:
             return channel.read(budget, lambda message: self._on_record(channel, message, events))
+        except ChannelRefused as exc:
+            # Prefill gave up waiting for this connection (its worker was busy past the hold)
+            # and sends over ZeroMQ: nothing was lost, no room fails.
+            log.warning("KV data connection from %s not used: %s; KV comes over ZeroMQ", peer, exc)
+            self._stats["data_channels_refused"] += 1
+            self._links.close_peer(peer)
+            return 0
         except ChannelClosed as exc:
             reason = f"KV data connection from {peer}: {exc}"
             self._lose(peer, reason)

@@ -32,8 +32,8 @@ from pdserve.disagg.transfer.zmq.pages import plan_frames, runs
 
 class ZmqSender:
     """Outbound methods of ZmqTransport, which sets the attributes below and provides
-    `_check_open`, `_page_pairs`, `_lose` and the data path's `_send_kv_on`,
-    `_flush_channel` and `_release_expired_holds`."""
+    `_check_open`, `_page_pairs`, `_lose` and the data path's `_send_kv_on` and
+    `_flush_channel`."""
 
     options: TransportOptions
     page_nbytes: int
@@ -85,7 +85,6 @@ class ZmqSender:
     def _flush_all(self, events: list[Event]) -> None:
         self._staging_blocked = False
         now = time.monotonic()
-        self._release_expired_holds(now)
         for peer in [p for p, c in self._links.senders.items() if c.queue]:
             reason = self._flush_channel(peer, now)
             if reason is not None:

@@ -152,8 +152,10 @@ class ZmqTransport(ZmqSender, ZmqReceiver, DataPath, KVTransport):
         if timeout_ms > 0:
             self._wait(timeout_ms)
             self._flush_all(events)
-        # Data sockets first: a token read now lets a page list read below use its channel.
+        # Data sockets first: a token read now lets a page list read below use its channel,
+        # and a connection that came while this worker was busy computing is in time.
         budget_nbytes = self._drain_links(events, self.options.recv_budget_nbytes)
+        self._release_expired_holds(time.monotonic(), events)
         self._drain(events, budget_nbytes)
         self._drain_monitor(events)
         return events
