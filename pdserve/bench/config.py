@@ -64,8 +64,8 @@ class BenchConfig:
     )
     metrics_urls: list[str] = opt(
         [],
-        "servers whose /metrics are read before and after the run for KV bytes transferred "
-        "and cached tokens (e.g. the prefill and decode servers behind a router)",
+        "servers whose /metrics are read before and after the run for KV bytes transferred, "
+        "cached tokens and PD stage timings (e.g. the prefill and decode servers behind a router)",
     )
     seed: int = opt(0, "random seed for lengths, tokens and arrivals")
     # load

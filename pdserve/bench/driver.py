@@ -17,7 +17,7 @@ import aiohttp
 from pdserve.bench import client, conversations, report, runner
 from pdserve.bench.config import BenchConfig
 from pdserve.bench.metrics import RequestRecord, summarize
-from pdserve.bench.server_stats import counter_deltas
+from pdserve.bench.server_stats import counter_deltas, stage_summary
 from pdserve.bench.sweep import RateSweep
 from pdserve.bench.workload import Prompt
 
@@ -132,6 +132,8 @@ async def measure(
     times = prep.trace_times or runner.send_times(cfg, len(prep.prompts), rate)
     metrics_url = prep.target.base_url + "/metrics"
     before = await client.get_text(session, metrics_url)
+    servers = [u.rstrip("/") for u in cfg.metrics_urls]
+    servers_before = await conversations.scrape_all(session, servers)
     bar, tick = _progress(cfg, len(prep.prompts))
 
     def on_done(record: RequestRecord) -> None:
@@ -146,9 +148,13 @@ async def measure(
     finally:
         bar.close()
     after = await client.get_text(session, metrics_url)
+    servers_after = await conversations.scrape_all(session, servers)
     counters = counter_deltas(before, after) if before and after else None
     summary = summarize(records, duration_s, cfg.slo_ttft_ms, cfg.slo_tpot_ms)
-    return report.build_result(cfg, rate, summary, records, prep.info, counters)
+    result = report.build_result(cfg, rate, summary, records, prep.info, counters)
+    scrapes = dict(zip(servers, zip(servers_before, servers_after, strict=True), strict=True))
+    result["disagg_stages"] = stage_summary(scrapes) if servers else None
+    return result
 
 
 def _save(result: dict[str, Any], output: str | None, plot_dir: str | None) -> None:

@@ -118,6 +118,10 @@ def format_table(result: dict[str, Any]) -> str:
         row(f"Median {name.upper()} (ms):", result[f"median_{name}_ms"])
         for p in PERCENTILES:
             row(f"P{p} {name.upper()} (ms):", result[f"p{p}_{name}_ms"])
+    if result.get("disagg_stages"):
+        lines.append(" PD stages, mean (ms) [count] ".center(width, "-"))
+        for stage, fig in result["disagg_stages"].items():
+            row(f"{stage}:", f"{fig['mean_ms']:.1f} [{fig['count']}]")
     lines.append("=" * width)
     return "\n".join(lines)
 

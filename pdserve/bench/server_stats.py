@@ -115,3 +115,29 @@ def kv_transfer_summary(scrapes: dict[str, tuple[str | None, str | None]]) -> di
         "server_cached_tokens": sum(g.cached_tokens for g in known),
         "complete": len(known) == len(growths),
     }
+
+
+STAGE_HISTOGRAM = "pdserve_disagg_stage_seconds"
+_STAGE_LABEL = re.compile(r'stage="([^"]*)"')
+
+
+def stage_summary(scrapes: dict[str, tuple[str | None, str | None]]) -> dict[str, Any]:
+    """Mean milliseconds and count of each PD stage the servers timed during a run (their
+    `disagg_stage_seconds` histograms, summed over servers), from (before, after) scrapes."""
+    sums: dict[str, float] = {}
+    counts: dict[str, float] = {}
+    for before, after in scrapes.values():
+        if not (before and after):
+            continue
+        for key, value in counter_deltas(before, after).items():
+            name = key.split("{", 1)[0]
+            label = _STAGE_LABEL.search(key)
+            if label is None or name not in (STAGE_HISTOGRAM + "_sum", STAGE_HISTOGRAM + "_count"):
+                continue
+            into = sums if name.endswith("_sum") else counts
+            into[label.group(1)] = into.get(label.group(1), 0.0) + value
+    return {
+        stage: {"count": int(count), "mean_ms": 1000 * sums.get(stage, 0.0) / count}
+        for stage, count in counts.items()
+        if count > 0
+    }

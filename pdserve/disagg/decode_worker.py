@@ -33,6 +33,7 @@ class DecodeRoom:
     prefill_dp_rank: int | None
     deadline: float
     state: RoomState = RoomState.BOOTSTRAPPING
+    arrived_at: float = 0.0  # the request, at this worker
     page_list_sent_at: float = 0.0
     kv_pages: int = 0
     kv_bytes: int = 0
@@ -94,6 +95,7 @@ class DecodeWorkerHooks(WorkerHooks):
             info.prefill_endpoint,
             info.prefill_dp_rank,
             deadline=now + self.cfg.bootstrap_timeout_s,
+            arrived_at=now,
         )
         self.rooms[info.room] = room
         self.room_of_rid[req.rid] = info.room
@@ -198,7 +200,16 @@ class DecodeWorkerHooks(WorkerHooks):
         outputs = [output_to_msg(s) for s in steps]
         if outputs:
             outputs[0] = msgspec.structs.replace(
-                outputs[0], kv_bytes=room.kv_bytes, kv_transfer_s=now - room.page_list_sent_at
+                outputs[0],
+                kv_bytes=room.kv_bytes,
+                kv_transfer_s=now - room.page_list_sent_at,
+                stage_s={
+                    # handshake, prefill rank and free pages, until the page list left
+                    "decode_bootstrap": room.page_list_sent_at - room.arrived_at,
+                    # prefill's compute and send, seen from here
+                    "decode_kv_wait": now - room.page_list_sent_at,
+                    "decode_total": _now() - room.arrived_at,  # to the first token's output
+                },
             )
         return outputs
 

@@ -15,6 +15,14 @@ if TYPE_CHECKING:
     from pdserve.serving.metrics import ServerMetrics
 
 TRANSFER_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+STAGES = (  # a PD request's stages, as its workers time them (ReqOutput.stage_s)
+    "prefill_compute",
+    "prefill_page_list_wait",
+    "prefill_send",
+    "decode_bootstrap",
+    "decode_kv_wait",
+    "decode_total",
+)
 
 FAILURE_KINDS = [
     ("conflict", "follow_bootstrap_room conflict"),
@@ -77,6 +85,12 @@ class DisaggMetrics:
             "time from page list to KV arrival (decode) or send done (prefill)",
             buckets=TRANSFER_BUCKETS_S,
         )
+        self.stage_seconds = metrics.histogram(
+            "disagg_stage_seconds",
+            "seconds a PD request spent in each stage of this server's leg, by stage",
+            ["stage"],
+            buckets=TRANSFER_BUCKETS_S,
+        )
         for path in ("explicit", "single_rank", "fast_path", "query"):
             self.resolutions.labels(path=path)  # exported as 0 before the first resolution
 
@@ -96,6 +110,10 @@ class DisaggMetrics:
     def query_round_trip(self, num_rooms: int) -> None:
         self.query_round_trips.inc()
         self.rooms_queried.inc(num_rooms)
+
+    def stages(self, stage_s: dict[str, float]) -> None:
+        for stage, seconds in stage_s.items():
+            self.stage_seconds.labels(stage=stage).observe(seconds)
 
     def transfer(self, num_bytes: int, seconds: float | None) -> None:
         self.kv_bytes.inc(num_bytes)

@@ -42,6 +42,8 @@ class PrefillRoom:
     src_page_ids: list[int] | None = None
     first: m.FirstToken | None = None
     send_handle: object | None = None
+    arrived_at: float = 0.0  # the request, at this worker
+    computed_at: float = 0.0  # its first token
     send_started_at: float = 0.0
 
     def move(self, dst: RoomState) -> None:
@@ -112,6 +114,7 @@ class PrefillWorkerHooks(WorkerHooks):
         else:
             room.move(RoomState.WAITING_FOR_INPUT)
         room.rid, room.prompt_len = req.rid, len(req.prompt_ids)
+        room.arrived_at = now
         self.room_of_rid[req.rid] = room_id
         return []
 
@@ -166,6 +169,7 @@ class PrefillWorkerHooks(WorkerHooks):
                 top_logprobs=out.new_top_logprobs[0] if out.new_top_logprobs else None,
                 cached_tokens=out.cached_tokens,
             )
+            room.computed_at = now
             failures += self._maybe_send(room, now)
         return forwarded + failures
 
@@ -279,6 +283,7 @@ class PrefillWorkerHooks(WorkerHooks):
                     finish_reason=FinishReason("length"),
                     kv_bytes=num_pages * self.transport.page_nbytes,
                     kv_transfer_s=now - room.send_started_at,
+                    stage_s=_stages(room, now),
                 )
             )
         return outputs
@@ -358,3 +363,13 @@ def _now() -> float:
     import time
 
     return time.monotonic()
+
+
+def _stages(room: PrefillRoom, sent_at: float) -> dict[str, float]:
+    """Where a room's time went on prefill: queued and computed, then waiting for decode's
+    page list (0 when it came before the first token), then sending."""
+    return {
+        "prefill_compute": room.computed_at - room.arrived_at,
+        "prefill_page_list_wait": max(0.0, room.send_started_at - room.computed_at),
+        "prefill_send": sent_at - room.send_started_at,
+    }

@@ -85,6 +85,8 @@ class ReqOutput(msgspec.Struct, tag=True, kw_only=True, omit_defaults=True):
     # disaggregation: KV moved for this request and how long it took (for metrics)
     kv_bytes: int = 0
     kv_transfer_s: float | None = None
+    # disaggregation: seconds spent in each stage of this worker's leg (for metrics)
+    stage_s: dict[str, float] | None = None
 
 
 class WorkerLoad(msgspec.Struct, tag=True, kw_only=True):

@@ -11,6 +11,7 @@ from pdserve.bench.compare import compare_rows, format_compare, load_run
 from pdserve.bench.metrics import LATENCIES
 from pdserve.bench.plots import cdf_points, itl_points, plot_run, run_figures, run_title
 from pdserve.bench.report import format_table, write_json
+from pdserve.bench.server_stats import stage_summary
 from tests.bench.sample_runs import make_result
 
 VLLM_FIELDS = [
@@ -114,3 +115,31 @@ def test_single_run_plots_show_the_label_the_slo_limit_and_cdfs_from_zero():
     finally:
         for fig in figures.values():
             plt.close(fig)
+
+
+def stage_metrics(sums: dict[str, float], counts: dict[str, int]) -> str:
+    lines = ["# TYPE pdserve_disagg_stage_seconds histogram"]
+    for stage, value in sums.items():
+        lines.append(f'pdserve_disagg_stage_seconds_sum{{stage="{stage}"}} {value}')
+        lines.append(f'pdserve_disagg_stage_seconds_count{{stage="{stage}"}} {counts[stage]}')
+        lines.append(f'pdserve_disagg_stage_seconds_bucket{{le="1.0",stage="{stage}"}} 99')
+    return "\n".join(lines) + "\n"
+
+
+def test_stage_means_are_what_the_run_added_summed_over_servers():
+    prefill = (
+        stage_metrics({"prefill_compute": 10.0}, {"prefill_compute": 5}),
+        stage_metrics({"prefill_compute": 13.0}, {"prefill_compute": 9}),
+    )
+    decode = (
+        stage_metrics({"decode_total": 1.0, "decode_bootstrap": 0.5}, {"decode_total": 1, "decode_bootstrap": 1}),
+        stage_metrics({"decode_total": 2.0, "decode_bootstrap": 0.5}, {"decode_total": 3, "decode_bootstrap": 1}),
+    )  # fmt: skip
+    stages = stage_summary({"http://p": prefill, "http://d": decode, "http://gone": (None, None)})
+    # 3 s over 4 requests; 1 s over 2; decode_bootstrap saw no request during the run.
+    assert stages == {
+        "prefill_compute": {"count": 4, "mean_ms": 750.0},
+        "decode_total": {"count": 2, "mean_ms": 500.0},
+    }
+    table = format_table({**make_result("pd", 1.0), "disagg_stages": stages})
+    assert "prefill_compute:" in table and "750.0 [4]" in table

@@ -137,6 +137,15 @@ def test_fast_path_makes_no_rank_queries(pd):
     assert metric_value(decode.url, "pdserve_rank_resolutions_total", {"path": "fast_path"}) == 8
     assert metric_value(decode.url, "pdserve_rank_query_round_trips_total") == 0
     wait_idle([prefill.url, decode.url])
+    # Every request's stages were timed once on each leg (the TTFT breakdown of issue 21).
+    for url, stages in (
+        (prefill.url, ("prefill_compute", "prefill_page_list_wait", "prefill_send")),
+        (decode.url, ("decode_bootstrap", "decode_kv_wait", "decode_total")),
+    ):
+        for stage in stages:
+            labels = {"stage": stage}
+            assert metric_value(url, "pdserve_disagg_stage_seconds_count", labels) == 8, stage
+            assert metric_value(url, "pdserve_disagg_stage_seconds_sum", labels) >= 0, stage
 
 
 def test_query_path_batches_rooms(pd):
