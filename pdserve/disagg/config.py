@@ -47,6 +47,11 @@ class DisaggConfig:
         "(env PDSERVE_HEARTBEAT_TIMEOUT_S)",
     )
     room_ttl_s: float = opt(envs.room_ttl_s(), "bootstrap room entries expire after this idle time")
+    kv_send_wait_s: float = opt(
+        0.5,
+        "prefill: before computing the next prompt, wait up to this long for KV sends under "
+        "way to finish (else the rest of a send waits for that whole forward pass)",
+    )
 
     def __post_init__(self) -> None:
         check(

@@ -131,8 +131,32 @@ class PrefillWorkerHooks(WorkerHooks):
 
     # -- the loop ------------------------------------------------------------------
     def poll(self, now: float) -> list[ReqOutput]:
+        outputs = self._on_events(self.transport.poll(0), now)
+        outputs += self._finish_sent(now)
+        outputs += self._deadlines(now)
+        if self.engine.has_work():
+            outputs += self._finish_sends_first(now)
+        return outputs
+
+    def _finish_sends_first(self, now: float) -> list[ReqOutput]:
+        """Drive KV sends under way to their end before the next forward pass: the bytes the
+        socket did not take would otherwise wait for all of it (a later prompt's prefill),
+        adding that to this request's TTFT where a colocated server adds nothing. Bounded by
+        kv_send_wait_s: a decode slow to read delays the next prefill by at most that."""
         outputs: list[ReqOutput] = []
-        for event in self.transport.poll(0):
+        deadline = now + self.cfg.kv_send_wait_s
+        while any(r.send_handle is not None for r in self.rooms.values()):
+            left_ms = int((deadline - _now()) * 1000)
+            if left_ms <= 0:
+                break
+            events = self.transport.poll(min(left_ms, 50))
+            now = _now()
+            outputs += self._on_events(events, now) + self._finish_sent(now)
+        return outputs
+
+    def _on_events(self, events: list, now: float) -> list[ReqOutput]:
+        outputs: list[ReqOutput] = []
+        for event in events:
             try:
                 if isinstance(event, Inbound):
                     outputs += self._on_message(event.peer, event.msg, now)
@@ -140,8 +164,6 @@ class PrefillWorkerHooks(WorkerHooks):
                     outputs += self._on_peer_lost(event, now)
             except Exception:  # a bug here must fail rooms by deadline, not the worker
                 log.exception("prefill: error handling %r", event)
-        outputs += self._finish_sent(now)
-        outputs += self._deadlines(now)
         return outputs
 
     def after_step(
