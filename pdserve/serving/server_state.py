@@ -56,3 +56,5 @@ async def read_json(request: web.Request) -> Any:
         return json.loads(await request.read())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise RequestError(400, f"malformed JSON body: {exc}") from None
+    except RecursionError:  # json's answer to a deeply nested body
+        raise RequestError(400, "malformed JSON body: nested too deeply") from None

@@ -72,6 +72,8 @@ def test_bad_request_is_4xx_with_a_message(tiny_server, path, body, needle):
 def test_malformed_json_and_unknown_route(tiny_server):
     status, out = post_raw(f"{tiny_server.url}/generate", b"{not json")
     assert status == 400 and "malformed JSON" in out["error"]["message"]
+    status, out = post_raw(f"{tiny_server.url}/generate", b"[" * 3000 + b"]" * 3000)
+    assert status == 400 and "nested too deeply" in out["error"]["message"]
     status, out = http_json("GET", f"{tiny_server.url}/no_such_route")
     assert status == 404 and "error" in out
 
