@@ -44,7 +44,7 @@ class Proxy:
             if not isinstance(body, dict):
                 raise BadRequest("the body must be a JSON object")
             num_seqs = num_sequences(route, body)
-        except (msgspec.DecodeError, BadRequest) as exc:
+        except (msgspec.DecodeError, BadRequest, RecursionError) as exc:  # nested too deeply
             self.legs.count_failure(route, "bad_request")
             return error_response(400, f"bad request: {exc}")
         try:

@@ -265,6 +265,20 @@ def test_circuit_breaker_opens_after_repeated_failures(stubs, router_factory):
     assert workers[stubs["p1"].url]["circuit"] == "closed"  # the healthy leg is not blamed
 
 
+def test_client_errors_never_open_a_breaker(stubs, router_factory):
+    """A 4xx is the request's fault: garbage from clients must not take a server out."""
+    router = router_factory(
+        pd_args(stubs) + ["--max-retries", "0", "--cb-failure-threshold", "2", "--cb-open-s", "60"]
+    )
+    body = {"text": "x", "stub": {"d1": {"status": 400}, "p1": {"status": 400}}}
+    assert [
+        requests.post(f"{router.url}/generate", json=body, timeout=10).status_code for _ in range(4)
+    ] == [400] * 4
+    workers = {w["url"]: w for w in requests.get(f"{router.url}/workers").json()["workers"]}
+    assert workers[stubs["d1"].url]["circuit"] == "closed"
+    assert workers[stubs["p1"].url]["circuit"] == "closed"
+
+
 def test_workers_can_be_added_and_removed_at_runtime(stubs, router_factory):
     router = router_factory(pd_args(stubs))
     added = requests.post(
@@ -330,6 +344,10 @@ def test_bad_requests_and_side_routes(stubs, router_factory):
     router = router_factory(pd_args(stubs) + ["--prometheus-port", str(metrics_port)])
     resp = requests.post(f"{router.url}/generate", data=b"{not json", timeout=10)
     assert resp.status_code == 400 and "bad request" in resp.json()["error"]["message"]
+    resp = requests.post(
+        f"{router.url}/v1/chat/completions", data=b"[" * 3000 + b"]" * 3000, timeout=10
+    )
+    assert resp.status_code == 400 and "recursion" in resp.json()["error"]["message"]
     resp = requests.post(f"{router.url}/v1/completions", json={"prompt": []}, timeout=10)
     assert resp.status_code == 400
     assert requests.get(f"{router.url}/v1/models").json()["data"][0]["id"] == "model-of-d1"
