@@ -167,7 +167,7 @@ class ChildDied(Exception):
         super().__init__(f"{child.name} exited with code {code}; its last output:\n{tail}")
 
 
-def _server_argv(c: ClusterConfig, mode: str, port: int, dp_size: int) -> list[str]:
+def server_argv(c: ClusterConfig, mode: str, port: int, dp_size: int) -> list[str]:
     argv = [sys.executable, "-m", "pdserve", "serve", "--mode", mode, "--host", c.host]
     argv += ["--port", str(port), "--dp-size", str(dp_size)]
     for flag, value in (
@@ -190,7 +190,7 @@ def plan(c: ClusterConfig, router_port: int | None = None) -> list[Child]:
     }
     port["port"] = router_port or port["port"]
     url = {name: f"http://{c.host}:{p}" for name, p in port.items()}
-    prefill_argv = _server_argv(c, "prefill", port["prefill_port"], c.prefill_dp)
+    prefill_argv = server_argv(c, "prefill", port["prefill_port"], c.prefill_dp)
     prefill_argv += ["--bootstrap-port", str(port["bootstrap_port"])]
     router_argv = [sys.executable, "-m", "pdserve", "router", "--host", c.host]
     router_argv += ["--port", str(port["port"]), "--policy", c.policy, "--log-level", "info"]
@@ -205,7 +205,7 @@ def plan(c: ClusterConfig, router_port: int | None = None) -> list[Child]:
         ),
         Child(
             "decode",
-            _server_argv(c, "decode", port["decode_port"], c.decode_dp),
+            server_argv(c, "decode", port["decode_port"], c.decode_dp),
             url["decode_port"],
             ["/health"],
         ),
