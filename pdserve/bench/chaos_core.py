@@ -94,8 +94,23 @@ class FaultRecord:
     ready_s: float | None = None  # restarts: fault -> restarted server ready
     rejoined_s: float | None = None  # restarts: ready -> it finished a request of the load
     recovered_s: float | None = None  # fault -> first success of a request sent after it
+    slowest_caught_s: float | None = None  # longest request in flight at it or sent just after
     note: str = ""
     skipped: bool = False  # a worker fault on a server with no worker process to hit
+
+
+CAUGHT_WINDOW_S = 2.0  # requests sent this soon after a fault count as caught by it
+
+
+def slowest_caught_s(at_s: float, records: list[RequestRecord]) -> float | None:
+    """The longest request (any outcome) in flight at the fault or sent within
+    CAUGHT_WINDOW_S after it: how long a client caught by the fault waited."""
+    caught = [
+        r.elapsed_s
+        for r in records
+        if r.started_s <= at_s + CAUGHT_WINDOW_S and r.started_s + r.elapsed_s >= at_s
+    ]
+    return max(caught, default=None)
 
 
 def recovery_s(at_s: float, records: list[RequestRecord]) -> float | None:
@@ -110,11 +125,13 @@ class Summary:
     outcomes: dict[str, int]
     failures_by_reason: dict[str, dict[str, float]]  # key -> {count, max_elapsed_s}
     slowest_failure_s: float
+    slowest_ok_s: float
     faults: list[FaultRecord]
     leaks: dict[str, dict[str, int]]  # server -> {pages, rooms} on live ranks after load
     orphans: list[str]
     drain_s: float | None  # load stop -> every live server at 0 pages and 0 rooms
     problems: list[str] = field(default_factory=list)
+    records: list[RequestRecord] = field(default_factory=list)  # every request, in send order
 
     @property
     def passed(self) -> bool:
@@ -127,6 +144,7 @@ def summarize(
 ) -> Summary:  # fmt: skip
     for fault in faults:
         fault.recovered_s = recovery_s(fault.at_s, records)
+        fault.slowest_caught_s = slowest_caught_s(fault.at_s, records)
     by_reason: dict[str, dict[str, float]] = {}
     for r in records:
         if r.outcome == FAILED:
@@ -139,10 +157,12 @@ def summarize(
         outcomes=dict(Counter(r.outcome for r in records)),
         failures_by_reason=dict(sorted(by_reason.items(), key=lambda kv: -kv[1]["count"])),
         slowest_failure_s=round(max(failed, default=0.0), 3),
+        slowest_ok_s=round(max((r.elapsed_s for r in records if r.outcome == OK), default=0.0), 3),
         faults=faults,
         leaks=leaks,
         orphans=orphans,
         drain_s=drain_s,
+        records=records,
     )
     summary.problems = problems(summary, records)
     return summary
@@ -171,16 +191,19 @@ def render_text(summary: Summary) -> str:
         f"chaos: {summary.num_requests} requests: "
         + ", ".join(f"{k} {v}" for k, v in sorted(summary.outcomes.items())),
         f"slowest failure: {summary.slowest_failure_s:.2f} s; "
+        f"slowest success: {summary.slowest_ok_s:.2f} s; "
         f"drain after load: {summary.drain_s if summary.drain_s is not None else 'never'} s",
         "failures by reason:",
         *[
             f"  {v['count']:5d}  max {v['max_elapsed_s']:7.2f} s  {key}"
             for key, v in summary.failures_by_reason.items()
         ],
-        "faults (at, kind, target, pause; detected, ready, rejoined, recovered, in s):",
+        "faults (at, kind, target, pause; detected, ready, rejoined, recovered, slowest"
+        " caught request, in s):",
         *[
             f"  {f.at_s:7.1f}  {f.kind:14s} {f.target:10s} {f.pause_s:5.1f}; "
-            f"{_num(f.detected_s)} {_num(f.ready_s)} {_num(f.rejoined_s)} {_num(f.recovered_s)}  {f.note}"
+            f"{_num(f.detected_s)} {_num(f.ready_s)} {_num(f.rejoined_s)} {_num(f.recovered_s)} "
+            f"{_num(f.slowest_caught_s)}  {f.note}"
             for f in summary.faults
         ],
         "pages/rooms on live servers after load: "
