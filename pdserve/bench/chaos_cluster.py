@@ -14,7 +14,8 @@ import urllib.request
 from typing import Any
 
 from pdserve.bench import proc_tree
-from pdserve.cluster import Child, ClusterConfig, free_port, server_argv, stop_all, wait_ready
+from pdserve.cluster import Child, ClusterConfig, server_argv, stop_all, wait_ready
+from pdserve.procs import free_port
 
 OK_FINISHES = ("length", "stop")
 

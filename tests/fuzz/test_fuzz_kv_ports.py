@@ -18,8 +18,8 @@ from hypothesis import strategies as st
 
 from pdserve.disagg import messages as m
 from pdserve.disagg.transfer import KVReceived, PeerLost, TransportOptions, make_transport
-from pdserve.disagg.transfer import data_channel as dc
-from pdserve.disagg.transfer.data_records import framed
+from pdserve.disagg.transfer.zmq import data_channel as dc
+from pdserve.disagg.transfer.zmq.data_records import framed
 from tests.disagg.conftest import PDFactory, Prefill
 from tests.disagg.pd_driver import pd_generate, wait_idle
 from tests.disagg.test_transfer_data_channel import PAGE_NBYTES, POOL_PAGES, RawPrefill
