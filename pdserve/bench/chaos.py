@@ -41,6 +41,7 @@ from pdserve.cluster import ClusterConfig
 from pdserve.config import add_arguments, check, from_args, opt
 
 POLL_S = 0.1
+ORPHAN_GRACE_S = 5.0  # after the last stop, before a process still running is an orphan
 FAILURE_BACKOFF_S = 0.2  # a client's pause after a failed request, so errors don't spin
 
 
@@ -206,9 +207,18 @@ def soak(c: ChaosConfig, nodes: list[Node], prompts, expected) -> Summary:
     pgids = {pgid for n in nodes for pgid in n.pgids}
     for node in reversed(nodes):
         node.stop()
-    orphans = [f"pid {p.pid} ({p.cmdline[:80]})" for p in proc_tree.live_members(pgids)]
+    orphans = [f"pid {p.pid} ({p.cmdline[:80]})" for p in survivors(pgids, ORPHAN_GRACE_S)]
     return summarize(sorted(load.records, key=lambda r: r.started_s), faults, leaks, orphans,
                      drain_s)  # fmt: skip
+
+
+def survivors(pgids: set[int], grace_s: float) -> list[proc_tree.ProcInfo]:
+    """Processes of these groups still running after `grace_s`: a SIGKILLed process
+    lingers in /proc for a moment before it is gone."""
+    deadline = time.monotonic() + grace_s
+    while (left := proc_tree.live_members(pgids)) and time.monotonic() < deadline:
+        time.sleep(POLL_S)
+    return left
 
 
 def report_json(summary: Summary, c: ChaosConfig) -> dict:
