@@ -14,6 +14,7 @@ import shlex
 import sys
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -111,7 +112,10 @@ def expected_outputs(ref: Node, prompts: list[list[int]], c: ChaosConfig) -> lis
 class Load:
     """Clients that send /generate through the router until `until_s`, recording each answer."""
 
-    def __init__(self, c: ChaosConfig, router_url: str, prompts, expected, now_s) -> None:
+    def __init__(
+        self, c: ChaosConfig, router_url: str, prompts: list[list[int]],
+        expected: list[list[int]], now_s: Callable[[], float],
+    ) -> None:  # fmt: skip
         self.c, self.url, self.prompts, self.expected = c, router_url, prompts, expected
         self.now_s = now_s
         self.records: list[RequestRecord] = []
@@ -134,7 +138,10 @@ class Load:
                 time.sleep(FAILURE_BACKOFF_S)
 
 
-def inject_until(injector: Injector, c: ChaosConfig, targets: list[str], until_s: float, now_s):
+def inject_until(
+    injector: Injector, c: ChaosConfig, targets: list[str], until_s: float,
+    now_s: Callable[[], float],
+) -> list[FaultRecord]:  # fmt: skip
     rng = random.Random(f"{c.seed}-faults")
     faults: list[FaultRecord] = []
     while True:
@@ -182,7 +189,9 @@ def run(c: ChaosConfig) -> Summary:
             node.stop()
 
 
-def soak(c: ChaosConfig, nodes: list[Node], prompts, expected) -> Summary:
+def soak(
+    c: ChaosConfig, nodes: list[Node], prompts: list[list[int]], expected: list[list[int]]
+) -> Summary:
     t0 = time.monotonic()
 
     def now_s() -> float:
