@@ -23,7 +23,7 @@ from pdserve.disagg.bootstrap_registry import (
 )
 
 RETRY_INTERVAL_S = 0.05
-MAX_RETRY_INTERVAL_S = 1.0
+MAX_RETRY_INTERVAL_S = 0.25  # registration is what readiness waits for
 _RankAnswer = dict[str, int | RoomFailure]
 
 
@@ -31,9 +31,10 @@ class BootstrapClientError(Exception):
     """A bootstrap call that failed. `status` is the HTTP status, or None when no valid HTTP
     answer came (connection refused, timeout, garbage body)."""
 
-    def __init__(self, message: str, status: int | None = None):
+    def __init__(self, message: str, status: int | None = None, refused: bool = False):
         super().__init__(message)
         self.status = status
+        self.refused = refused  # nothing listens at the address: the server is down
 
     @property
     def retryable(self) -> bool:
@@ -111,6 +112,10 @@ async def _call(
         ) as resp:
             body = await resp.read()
             status = resp.status
+    except aiohttp.ClientConnectorError as exc:
+        raise BootstrapClientError(
+            f"{method} {url}: cannot connect ({exc.os_error.strerror or exc})", refused=True
+        ) from None
     except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
         raise BootstrapClientError(f"{method} {url}: {exc!r}") from None
     if status != 200:

@@ -270,6 +270,11 @@ class BootstrapRegistry:
         self._touch(room, now).failure = RoomFailure(reason, status)
         self._stats["failures_recorded"] += 1
 
+    def failure(self, room: int) -> RoomFailure | None:
+        """The failure recorded for `room`, if any (does not count as a use)."""
+        entry = self._rooms.get(room)
+        return None if entry is None else entry.failure
+
     def query(self, rooms: list[int], now: float) -> dict[int, int | RoomFailure]:
         """Ranks or failures of the known rooms among `rooms`; unknown rooms are left out.
         Every room answered counts as used (its TTL restarts)."""

@@ -31,7 +31,7 @@ from pdserve.disagg.rank_resolver import (
     resolve_decode,
 )
 from pdserve.serving.hooks import FrontendHooks, RequestError
-from pdserve.serving.pd_fields import PDFields
+from pdserve.serving.pd_fields import PDFields, RoomAddress
 from pdserve.serving.protocol import GenerateReq, ReqOutput
 
 if TYPE_CHECKING:
@@ -82,6 +82,11 @@ class PrefillFrontendHooks(_PDFrontendHooks):
         if self.bootstrap is not None:
             await self.bootstrap.stop()
 
+    def not_ready_reason(self) -> str | None:
+        """Healthy only once decode can find every worker's KV endpoint here."""
+        reason = self.registry.not_ready_reason()
+        return None if reason is None else f"bootstrap server not ready: {reason}"
+
     def server_info(self) -> dict[str, Any]:
         return {
             "bootstrap_port": self.cfg.disagg.bootstrap_port,
@@ -94,31 +99,37 @@ class PrefillFrontendHooks(_PDFrontendHooks):
     async def prepare(self, req: GenerateReq, dp_rank: int, pd: PDFields) -> GenerateReq:
         room = req.disagg.room
         now = time.monotonic()
+        failure = self.registry.failure(room)
+        if failure is not None:  # its decode leg failed first and said so
+            raise RequestError(failure.status, failure.error)
         try:
             action = decide_prefill(
                 room, dp_rank, self.cfg.server.dp_size, self.method, self.force, pd.prefill_dp_rank
             )
         except RankError as exc:
             self.metrics.conflict(str(exc))
-            self.fail_room(room, str(exc), exc.status, now)
-            raise RequestError(exc.status, str(exc)) from None
+            raise RequestError(exc.status, str(exc)) from None  # on_rejected records it
         if action is PrefillAction.REGISTER:
             self.registry.register_room(room, dp_rank, now)
         return req
 
+    def on_rejected(self, rooms: list[RoomAddress], status: int, message: str) -> None:
+        now = time.monotonic()
+        for address in rooms:
+            self.fail_room(address.room, message, status, now)
+
     def fail_room(self, room: int, reason: str, status: int, now: float) -> None:
         """The room failed before any worker saw it: a querying decode learns it from the
-        registry, and one that took the fast path learns it from the worker it asks."""
+        registry, and one that took the fast path from the worker it asks (`_abort_room`)."""
         self.registry.record_failure(room, reason, status, now)
+
+    def _abort_room(self, room: int, reason: str, status: int) -> None:
+        """A failure recorded for a room (here, or by its decode server): every worker fails
+        our leg of it with that reason and status if it holds it or it is on its way there,
+        and answers decode's page list for it with the failure."""
         for rank in range(self.cfg.server.dp_size):
             if rank not in self.controller.dead:
-                self.controller.room_failed(rank, room, reason)
-
-    def _abort_room(self, room: int, reason: str) -> None:
-        """A failure recorded for a room (e.g. by its decode server): stop our leg of it."""
-        for rid, flight in list(self.controller.inflight.items()):
-            if flight.req.disagg is not None and flight.req.disagg.room == room:
-                self.controller.abort(rid, f"room {room} failed elsewhere: {reason}")
+                self.controller.room_failed(rank, room, reason, status)
 
     def on_finished(self, req: GenerateReq, error: str | None) -> None:
         if req.disagg is None:
@@ -133,13 +144,15 @@ class _PrefillRegistry(BootstrapRegistry):
     """The registry, plus a callback when a room's failure is recorded, so that a decode
     server that gives up on a room (POST /register_dp_rank with an error) stops our leg too."""
 
-    def __init__(self, room_ttl_s: float, dp_size: int, on_failure: Callable[[int, str], None]):
+    def __init__(
+        self, room_ttl_s: float, dp_size: int, on_failure: Callable[[int, str, int], None]
+    ):
         super().__init__(room_ttl_s, dp_size=dp_size)
         self._on_failure = on_failure
 
     def record_failure(self, room: int, reason: str, status: int, now: float) -> None:
         super().record_failure(room, reason, status, now)
-        self._on_failure(room, reason)
+        self._on_failure(room, reason, status)
 
 
 class DecodeFrontendHooks(_PDFrontendHooks):
@@ -162,20 +175,25 @@ class DecodeFrontendHooks(_PDFrontendHooks):
     def server_info(self) -> dict[str, Any]:
         return {"transfer_backend": self.cfg.disagg.transfer_backend}
 
-    def _bootstrap_address(self, pd: PDFields) -> str:
+    def _bootstrap_address(self, host: str | None, port: int | None) -> str:
         """The parse made sure a decode request names the host."""
-        assert pd.bootstrap_host is not None
-        port = self.cfg.disagg.bootstrap_port if pd.bootstrap_port is None else pd.bootstrap_port
-        return bootstrap_url(pd.bootstrap_host, port)
+        assert host is not None
+        return bootstrap_url(host, self.cfg.disagg.bootstrap_port if port is None else port)
 
     async def prepare(self, req: GenerateReq, dp_rank: int, pd: PDFields) -> GenerateReq:
-        url = self._bootstrap_address(pd)
+        url = self._bootstrap_address(pd.bootstrap_host, pd.bootstrap_port)
         try:
             return await self._resolve(req, dp_rank, pd.prefill_dp_rank, url)
-        except RequestError as exc:
+        except RequestError as exc:  # on_rejected tells the prefill leg
             self.metrics.failure(failure_kind(exc.message))
-            self._tell_prefill(url, req.disagg.room, exc)
             raise
+
+    def on_rejected(self, rooms: list[RoomAddress], status: int, message: str) -> None:
+        error = RequestError(status, message)
+        for address in rooms:
+            if address.bootstrap_host is not None:
+                url = self._bootstrap_address(address.bootstrap_host, address.bootstrap_port)
+                self._tell_prefill(url, address.room, error)
 
     def on_finished(self, req: GenerateReq, error: str | None) -> None:
         """A decode leg that ended badly (deadline, disconnect, dead peer) also stops the
@@ -184,6 +202,8 @@ class DecodeFrontendHooks(_PDFrontendHooks):
             self._tell_prefill(
                 req.disagg.prefill_bootstrap, req.disagg.room, RequestError(500, error)
             )
+            if error != "cancelled" and self.peers is not None:
+                self.peers.forget(req.disagg.prefill_bootstrap)
 
     def _tell_prefill(self, url: str, room: int, exc: RequestError) -> None:
         """Best effort: record the failure at the prefill's bootstrap server, which stops

@@ -29,11 +29,15 @@ INFO_TTL_S = 30.0
 ENDPOINT_TTL_S = 10.0  # a restarted prefill worker re-registers with a new endpoint
 RETRY_MIN_S, RETRY_MAX_S = 0.02, 0.5
 CALL_TIMEOUT_S = 5.0
+# A bootstrap server that refuses connections this long is down, not slow: fail the request
+# (503, naming the address) instead of waiting out the deadline. Each new request asks again.
+UNREACHABLE_AFTER_S = 1.0
 
 
 async def call_with_retry(fn: Callable[[float], Awaitable[T]], what: str, timeout_s: float) -> T:
     """Retry `fn(call_timeout_s)` on retryable bootstrap errors with backoff until the deadline."""
-    deadline = time.monotonic() + timeout_s
+    start = time.monotonic()
+    deadline = start + timeout_s
     interval_s = RETRY_MIN_S
     while True:
         remaining_s = deadline - time.monotonic()
@@ -42,6 +46,8 @@ async def call_with_retry(fn: Callable[[float], Awaitable[T]], what: str, timeou
         except BootstrapClientError as exc:
             if not exc.retryable:
                 raise RequestError(502, f"{what}: {exc}") from None
+            if exc.refused and time.monotonic() - start >= UNREACHABLE_AFTER_S:
+                raise RequestError(503, f"{what} is unreachable: {exc}") from None
             if time.monotonic() + interval_s >= deadline:
                 raise RequestError(
                     504, f"{what}: no usable answer within {timeout_s:g}s: {exc}"
@@ -68,6 +74,10 @@ class _TTLCache:
             task.add_done_callback(lambda t, k=key: self._done(k, t))
         return await asyncio.shield(task)
 
+    def drop(self, matches: Callable[[object], bool]) -> None:
+        for key in [k for k in self._values if matches(k)]:
+            del self._values[key]
+
     def _done(self, key: object, task: asyncio.Task) -> None:
         self._inflight.pop(key, None)
         if not task.cancelled() and task.exception() is None:
@@ -85,6 +95,7 @@ class RankQuerier:
         self.futures: dict[int, asyncio.Future[int]] = {}
         self.wakeup = asyncio.Event()
         self.task: asyncio.Task | None = None
+        self.refused_since: float | None = None
 
     async def resolve(self, room: int) -> int:
         # One resolve per room at a time: the front end claims each room once.
@@ -118,19 +129,31 @@ class RankQuerier:
         try:
             answer = await query_dp_ranks(self.session, self.url, rooms, CALL_TIMEOUT_S)
         except BootstrapClientError as exc:
-            if exc.retryable:
+            if exc.retryable and not self._down_too_long(exc):
                 return  # asked again after the backoff, until each room's deadline
+            status = 503 if exc.retryable else 502
             for room in rooms:
                 self._settle(
-                    room, error=RequestError(502, f"rank query to {self.url} failed: {exc}")
+                    room, error=RequestError(status, f"rank query to {self.url} failed: {exc}")
                 )
             return
+        self.refused_since = None
         self.metrics.query_round_trip(len(rooms))
         outcome = self.pending.on_answer(answer)
         for room, rank in outcome.resolved.items():
             self._settle(room, rank=rank)
         for room, failure in outcome.failed.items():
             self._settle(room, error=RequestError(failure.status, failure.error))
+
+    def _down_too_long(self, exc: BootstrapClientError) -> bool:
+        """Whether the server has refused connections for UNREACHABLE_AFTER_S."""
+        if not exc.refused:
+            self.refused_since = None
+            return False
+        now = time.monotonic()
+        if self.refused_since is None:
+            self.refused_since = now
+        return now - self.refused_since >= UNREACHABLE_AFTER_S
 
     async def _run(self) -> None:
         try:
@@ -186,6 +209,12 @@ class PeerDirectory:
             ),
         )
         return reg.kv_endpoint
+
+    def forget(self, url: str) -> None:
+        """Drop what is cached about the prefill server at `url` (after a failure: it may
+        have restarted on other ports), so the next request asks its bootstrap server."""
+        self._infos.drop(lambda key: key == url)
+        self._endpoints.drop(lambda key: key[0] == url)
 
     async def query_rank(self, url: str, room: int) -> int:
         querier = self._queriers.get(url)

@@ -90,6 +90,9 @@ class PrefillWorkerHooks(WorkerHooks):
         room_id = msg.disagg.room if msg.disagg else None
         if room_id is None:
             return [error_output(msg.rid, 400, "prefill request without bootstrap_room")]
+        failed = self.failed.get(room_id)
+        if failed is not None:  # the room failed on its way here (e.g. decode gave up)
+            return [error_output(msg.rid, failed.status, failed.reason)]
         room = self.rooms.get(room_id)
         if room is not None and room.state is not RoomState.WAITING_FOR_REQUEST:
             # The front end lets one request per room through (serving.generation).
@@ -127,7 +130,7 @@ class PrefillWorkerHooks(WorkerHooks):
         return []
 
     def on_room_failed(self, msg: RoomFailed) -> list[ReqOutput]:
-        return self._fail_room(msg.room, 400, msg.reason, _now())
+        return self._fail_room(msg.room, msg.status, msg.reason, _now())
 
     # -- the loop ------------------------------------------------------------------
     def poll(self, now: float) -> list[ReqOutput]:

@@ -20,9 +20,10 @@ from pdserve.serving.server_state import read_json, state_of
 
 
 async def health(request: web.Request) -> web.Response:
-    dead = state_of(request).controller.dead
-    if dead:
-        return web.json_response({"error": {"message": "; ".join(dead.values())}}, status=503)
+    state = state_of(request)
+    problem = "; ".join(state.controller.dead.values()) or state.hooks.not_ready_reason()
+    if problem:
+        return web.json_response({"error": {"message": problem}}, status=503)
     return web.Response(text="")
 
 

@@ -175,9 +175,9 @@ class DPController:
             if rank not in self.dead:
                 sock.send(protocol.encode(FlushCache()))
 
-    def room_failed(self, dp_rank: int, room: int, reason: str) -> None:
+    def room_failed(self, dp_rank: int, room: int, reason: str, status: int = 400) -> None:
         """For the prefill hooks: tell a worker that a room failed before dispatch."""
-        self._ctrl[dp_rank].send(protocol.encode(RoomFailed(room, reason)))
+        self._ctrl[dp_rank].send(protocol.encode(RoomFailed(room, reason, status)))
 
     # ---- background tasks
     async def _receive(self) -> None:

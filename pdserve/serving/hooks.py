@@ -13,7 +13,7 @@ if TYPE_CHECKING:
 
     from pdserve.engine.engine import Engine
     from pdserve.serving.config import ServerConfig
-    from pdserve.serving.pd_fields import PDFields
+    from pdserve.serving.pd_fields import PDFields, RoomAddress
     from pdserve.serving.protocol import GenerateReq, ReqOutput, RoomFailed
 
 
@@ -44,6 +44,11 @@ class FrontendHooks:
         """Extra fields for /server_info."""
         return {}
 
+    def not_ready_reason(self) -> str | None:
+        """Why the server cannot serve yet though its workers run (GET /health answers 503
+        with it), or None."""
+        return None
+
     async def prepare(self, req: GenerateReq, dp_rank: int, pd: PDFields) -> GenerateReq:
         """Called after the DP controller chose `dp_rank`, before the request is sent to that
         worker. May return an updated request or raise RequestError. `pd` holds the item's
@@ -55,6 +60,11 @@ class FrontendHooks:
 
     def on_finished(self, req: GenerateReq, error: str | None) -> None:
         """Called when the request's worker answered its last message."""
+
+    def on_rejected(self, rooms: list[RoomAddress], status: int, message: str) -> None:
+        """Called when the front end answers an error for a request naming `rooms` before
+        any of them reached a worker (rooms in flight here are left out): the other leg of
+        each room must learn it."""
 
 
 class WorkerHooks:

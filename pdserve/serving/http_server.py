@@ -28,7 +28,8 @@ from pdserve.serving.hooks import (
     colocated_worker_hooks,
 )
 from pdserve.serving.metrics import ServerMetrics
-from pdserve.serving.server_state import STATE, ServerState
+from pdserve.serving.pd_fields import rooms_in_body
+from pdserve.serving.server_state import BODY, GENERATION_PATHS, STATE, ServerState
 
 logger = logging.getLogger("pdserve.serving")
 
@@ -48,16 +49,36 @@ async def error_middleware(request: web.Request, handler) -> web.StreamResponse:
     try:
         return await handler(request)
     except RequestError as exc:
+        _report_rejection(request, exc.status, exc.message)
         return error_response(exc.status, exc.message, exc.kind, exc.param)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
+        _report_rejection(request, exc.status, exc.reason)
         return error_response(exc.status, exc.reason)
     except (asyncio.CancelledError, ConnectionResetError):
         raise
     except Exception as exc:
         logger.exception("unhandled error on %s %s", request.method, request.path)
+        _report_rejection(request, 500, f"internal error: {exc!r}")
         return error_response(500, f"internal error: {exc!r}")
+
+
+def _report_rejection(request: web.Request, status: int, message: str) -> None:
+    """A generation request answered with an error: the other leg of each room it names
+    must fail too, instead of waiting for a transfer that will never start. Rooms still in
+    flight here (a duplicate room's owner, a cancelled batch item) are its own business."""
+    body = request.get(BODY)
+    if body is None or request.path not in GENERATION_PATHS:
+        return
+    state = request.app[STATE]
+    in_flight = state.generator.rooms_in_flight
+    rooms = [r for r in rooms_in_body(body) if r.room not in in_flight]
+    if rooms:
+        try:
+            state.hooks.on_rejected(rooms, status, message)
+        except Exception:  # best effort: the client still gets its answer
+            logger.exception("reporting the rejection of rooms %s failed", rooms)
 
 
 FrontendHooksFactory = Callable[[ServerConfig, DPController], FrontendHooks]

@@ -128,3 +128,39 @@ def parse_pd_fields(values: Mapping[str, object], dp_size: int, mode: str) -> PD
     )
     _require(fields, mode)
     return fields
+
+
+@dataclass(frozen=True)
+class RoomAddress:
+    """A room a rejected request named, and where its prefill's bootstrap server is (decode:
+    the request's bootstrap_host/port, each None where absent or malformed)."""
+
+    room: int
+    bootstrap_host: str | None = None
+    bootstrap_port: int | None = None
+
+
+def _entries(value: object, num_items: int) -> list[object]:
+    if isinstance(value, list):
+        return value if len(value) == num_items else [None] * num_items
+    return [value] * num_items
+
+
+def rooms_in_body(body: object) -> list[RoomAddress]:
+    """Every well-formed room of a request body, with its bootstrap address where that is
+    well-formed too. Lenient on purpose: a request rejected for any reason (even a bad PD
+    field) still names rooms whose other leg must learn of the rejection."""
+    if not isinstance(body, dict):
+        return []
+    rooms = body.get("bootstrap_room")
+    room_list = rooms if isinstance(rooms, list) else [rooms]
+    hosts = _entries(body.get("bootstrap_host"), len(room_list))
+    ports = _entries(body.get("bootstrap_port"), len(room_list))
+    found = []
+    for room, host, port in zip(room_list, hosts, ports, strict=True):
+        if not is_room(room):
+            continue
+        valid_host = host if isinstance(host, str) and host else None
+        valid_port = port if _is_int(port) and 0 < port < 65536 else None  # type: ignore[operator]
+        found.append(RoomAddress(room, valid_host, valid_port))  # type: ignore[arg-type]
+    return found

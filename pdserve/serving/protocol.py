@@ -44,6 +44,7 @@ class RoomFailed(msgspec.Struct, tag=True):
 
     room: int
     reason: str
+    status: int = 400  # the HTTP status the decode leg of the room fails with
 
 
 class FlushCache(msgspec.Struct, tag=True):

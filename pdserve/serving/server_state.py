@@ -51,10 +51,16 @@ def client_gone(request: web.Request):
     return lambda: request.transport is None or request.transport.is_closing()
 
 
+BODY = "pdserve.json_body"  # request key: the parsed body, for the error middleware
+GENERATION_PATHS = frozenset({"/generate", "/v1/completions", "/v1/chat/completions"})
+
+
 async def read_json(request: web.Request) -> Any:
     try:
-        return json.loads(await request.read())
+        body = json.loads(await request.read())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise RequestError(400, f"malformed JSON body: {exc}") from None
     except RecursionError:  # json's answer to a deeply nested body
         raise RequestError(400, "malformed JSON body: nested too deeply") from None
+    request[BODY] = body
+    return body

@@ -1,6 +1,7 @@
 """The rank-resolution matrix over real servers: every load-balance method x FORCE (none,
-prefill, decode, both) x routing fields. Each cell returns the colocated tokens, or fails on
-both legs within 2 s with the specified message. No cell hangs."""
+prefill, decode, both) x routing fields, the same on both legs or on one leg only. Each cell
+returns the colocated tokens, or fails on both legs within 2 s with the specified message
+(a rejection on one leg fails the other). No cell hangs."""
 
 from __future__ import annotations
 
@@ -48,8 +49,17 @@ def prefill(request, pd_module):
     server.server.stop()
 
 
+# Fields sent to one leg only: the other leg must fail as fast, with the same reason.
+ONE_LEG_CASES = {
+    "routed_out_of_range_on_prefill": ({"routed_dp_rank": DP}, {}),
+    "routed_out_of_range_on_decode": ({}, {"data_parallel_rank": DP}),
+    "bad_sampling_on_prefill": ({"sampling_params": {"temperature": -1}}, {}),
+    "bad_sampling_on_decode": ({}, {"sampling_params": {"top_p": 0}}),
+}
+
+
 def _cells(rng: random.Random):
-    """(room, prefill extra fields, decode extra fields, expected error substring or None)."""
+    """(case, room, prefill extra fields, decode extra fields)."""
     for case in [
         "none",
         "routed_home",
@@ -70,10 +80,16 @@ def _cells(rng: random.Random):
             "explicit_wrong": {"routed_dp_rank": other, "disagg_prefill_dp_rank": home},
             "explicit_out_of_range": {"disagg_prefill_dp_rank": DP},
         }[case]
-        yield case, room, fields
+        yield case, room, fields, fields
+    for case, (prefill_fields, decode_fields) in ONE_LEG_CASES.items():
+        yield case, rng.randrange(2**63), prefill_fields, decode_fields
 
 
 def _expected_error(case: str, method: str, force_prefill: bool) -> str | None:
+    if case.startswith("routed_out_of_range"):
+        return f"_rank={DP} out of range: dp_size is {DP}"
+    if case.startswith("bad_sampling"):
+        return "invalid sampling_params"
     if case == "explicit_out_of_range":
         return "out of range"
     if case == "explicit_wrong":
@@ -97,15 +113,15 @@ def test_rank_matrix_cell_outcomes(prefill, decodes, want, force_decode):
                 BODY,
                 bootstrap_port=server.bootstrap_port,
                 room=room,
-                prefill_extra=fields,
-                decode_extra=fields,
+                prefill_extra=prefill_fields,
+                decode_extra=decode_fields,
                 timeout_s=30,
             )
-            for _, room, fields in cells
+            for _, room, prefill_fields, decode_fields in cells
         ]
     )
-    for (case, room, fields), result in zip(cells, results, strict=True):
-        where = f"{case} room={room} fields={fields}"
+    for (case, room, fields, decode_fields), result in zip(cells, results, strict=True):
+        where = f"{case} room={room} prefill fields={fields} decode fields={decode_fields}"
         expected = _expected_error(case, method, force_prefill)
         if expected is None:
             assert result.prefill.ok, f"{where}: prefill {result.prefill.error}"
@@ -116,7 +132,7 @@ def test_rank_matrix_cell_outcomes(prefill, decodes, want, force_decode):
             assert 400 <= leg.status < 600, f"{where}: {leg.status} {leg.body}"
             assert expected in leg.error, f"{where}: {leg.error}"
             assert leg.elapsed_s < FAIL_WITHIN_S, f"{where}: took {leg.elapsed_s:.2f}s"
-        if case == "routed_other":
+        if case == "routed_other" or case.endswith("_on_prefill"):
             assert result.decode.error == result.prefill.error, "decode must see the same reason"
     wait_idle([server.url, decode.url])
 

@@ -82,7 +82,10 @@ class ZmqTransport(ZmqSender, ZmqReceiver, DataPath, KVTransport):
         self._staging_blocked = False
         self._ctx = zmq.Context(io_threads=1)
         self._sock = self._make_socket()
-        self._monitor = self._sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        self._monitor = self._sock.get_monitor_socket(
+            zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECT_RETRIED | zmq.EVENT_CONNECTED
+        )
+        self._refused: set[str] = set()  # endpoints whose last connect attempt failed
         self._endpoint = self._bind(listen_host, advertise_host) if listen_host else None
         offers = self.moves_bytes and self.options.data_channel and listen_host is not None
         self._links = DataLinks(listen_host if offers else None, self.options.heartbeat_timeout_s)
@@ -161,21 +164,34 @@ class ZmqTransport(ZmqSender, ZmqReceiver, DataPath, KVTransport):
         return events
 
     def _drain_monitor(self, events: list[Event]) -> None:
-        """A connection this side made dropped (the peer died, or missed heartbeats): its
-        rooms can never complete. ZeroMQ reconnects by itself for later rooms."""
+        """A connection this side made dropped (the peer died, or missed heartbeats), or
+        could not be made (nothing listens there): its rooms can never complete, so they
+        fail now instead of at their deadline. ZeroMQ keeps reconnecting in the background
+        (every 100 ms), so a restarted peer is usable as soon as it listens again."""
         while True:
             try:
                 event = recv_monitor_message(self._monitor, zmq.NOBLOCK)
             except zmq.Again:
                 return
             endpoint = event.get("endpoint", b"").decode(errors="replace")
-            if endpoint in self._connected:
+            if endpoint not in self._connected:
+                continue
+            if event["event"] == zmq.EVENT_CONNECTED:
+                self._refused.discard(endpoint)
+                continue
+            if event["event"] == zmq.EVENT_CONNECT_RETRIED:
+                reason = f"cannot connect to {endpoint} (is the prefill server down?)"
+                if endpoint in self._refused:  # still down: fail new rooms, log once
+                    events.append(PeerLost(PeerId(endpoint), reason))
+                    continue
+                self._refused.add(endpoint)
+            else:
                 reason = (
                     f"connection to {endpoint} closed (the peer died, or sent no "
                     f"heartbeat for {self.options.heartbeat_timeout_s:g}s)"
                 )
-                self._lose(PeerId(endpoint), reason)
-                events.append(PeerLost(PeerId(endpoint), reason))
+            self._lose(PeerId(endpoint), reason)
+            events.append(PeerLost(PeerId(endpoint), reason))
 
     def _wait(self, timeout_ms: int) -> None:
         """Sleep until a message or data arrives or, if sends are queued, until they can move

@@ -1,0 +1,184 @@
+"""Fail fast on both legs: a rejection on one leg fails the other within 2 s with the same
+reason (every DP shape, either leg first), a dead prefill server is reported to new requests
+within 3 s naming its address and is usable again soon after it restarts, and a prefill
+server is healthy only once its bootstrap server can hand out every worker's endpoint.
+The load-balance x FORCE matrix of one-leg rejections is in test_pd_rank_matrix.py."""
+
+from __future__ import annotations
+
+import signal
+import time
+
+import pytest
+import requests
+
+from tests.disagg.conftest import TINY, Prefill
+from tests.disagg.pd_driver import pd_generate, random_room, wait_idle
+from tests.helpers import free_port, launch_server
+
+BODY = {
+    "input_ids": list(range(10, 40)),
+    "sampling_params": {"max_new_tokens": 3, "temperature": 0},
+}
+FAIL_WITHIN_S = 2.0
+DEAD_WITHIN_S = 3.0
+
+
+def _leg(bootstrap_port: int, room: int, **extra) -> dict:
+    return dict(
+        BODY,
+        bootstrap_host="127.0.0.1",
+        bootstrap_port=bootstrap_port,
+        bootstrap_room=room,
+        **extra,
+    )
+
+
+def _timed_post(url: str, body: dict, timeout_s: float = 30) -> tuple[requests.Response, float]:
+    start = time.monotonic()
+    resp = requests.post(url + "/generate", json=body, timeout=timeout_s)
+    return resp, time.monotonic() - start
+
+
+def _check_fast_failure(resp: requests.Response, elapsed_s: float, reason: str, where: str):
+    assert resp.status_code >= 400, f"{where}: {resp.status_code} {resp.text}"
+    message = resp.json()["error"]["message"]
+    assert reason in message, f"{where}: {message}"
+    assert elapsed_s < FAIL_WITHIN_S, f"{where}: took {elapsed_s:.2f}s"
+
+
+@pytest.fixture(scope="module", params=[(1, 1), (2, 2), (3, 1)], ids=lambda s: f"dp{s[0]}-{s[1]}")
+def pair(request, pd_module):
+    prefill_dp, decode_dp = request.param
+    prefill = pd_module.prefill(prefill_dp)
+    decode = pd_module.decode(decode_dp)
+    yield prefill, decode, prefill_dp, decode_dp
+    prefill.server.stop()
+    decode.stop()
+
+
+def _one_leg_cases(prefill_dp: int, decode_dp: int) -> dict[str, tuple[dict, dict, str]]:
+    """case -> (prefill extra fields, decode extra fields, reason both legs must give)."""
+    return {
+        "prefill_rank_out_of_range": (
+            {"routed_dp_rank": prefill_dp},
+            {},
+            f"out of range: dp_size is {prefill_dp}",
+        ),
+        "decode_rank_out_of_range": (
+            {},
+            {"routed_dp_rank": decode_dp},
+            f"out of range: dp_size is {decode_dp}",
+        ),
+        "prefill_bad_sampling": (
+            {"sampling_params": {"temperature": -1}},
+            {},
+            "temperature must be >= 0",
+        ),
+        "decode_bad_sampling": ({}, {"sampling_params": {"top_p": 2}}, "top_p must be in"),
+    }
+
+
+def test_rejection_on_one_leg_fails_both_legs_fast(pair):
+    prefill, decode, prefill_dp, decode_dp = pair
+    for case, (p_extra, d_extra, reason) in _one_leg_cases(prefill_dp, decode_dp).items():
+        result = pd_generate(
+            prefill.url,
+            decode.url,
+            BODY,
+            bootstrap_port=prefill.bootstrap_port,
+            prefill_extra=p_extra,
+            decode_extra=d_extra,
+            timeout_s=30,
+        )
+        for name, leg in (("prefill", result.prefill), ("decode", result.decode)):
+            where = f"{case}, {name} leg"
+            assert 400 <= leg.status < 600, f"{where}: {leg.status} {leg.body}"
+            assert reason in leg.error, f"{where}: {leg.error}"
+            assert leg.elapsed_s < FAIL_WITHIN_S, f"{where}: took {leg.elapsed_s:.2f}s"
+    wait_idle([prefill.url, decode.url])
+
+
+@pytest.mark.parametrize("rejecting", ["prefill", "decode"])
+def test_leg_arriving_after_the_other_was_rejected_fails_at_once(pair, rejecting):
+    """The rejected leg has answered before its peer leg even arrives: the late leg must
+    still fail at once (the failure was recorded, not only sent to legs in flight)."""
+    prefill, decode, prefill_dp, decode_dp = pair
+    cases = _one_leg_cases(prefill_dp, decode_dp)
+    p_extra, d_extra, reason = cases[f"{rejecting}_rank_out_of_range"]
+    room = random_room()
+    first, second = (
+        (prefill.url, decode.url) if rejecting == "prefill" else (decode.url, prefill.url)
+    )
+    first_extra, second_extra = (p_extra, d_extra) if rejecting == "prefill" else (d_extra, p_extra)
+    resp, elapsed_s = _timed_post(first, _leg(prefill.bootstrap_port, room, **first_extra))
+    _check_fast_failure(resp, elapsed_s, reason, f"{rejecting} leg")
+    resp, elapsed_s = _timed_post(second, _leg(prefill.bootstrap_port, room, **second_extra))
+    _check_fast_failure(resp, elapsed_s, reason, "the later leg")
+    wait_idle([prefill.url, decode.url])
+
+
+def _prefill_args(dp_size: int, bootstrap_port: int) -> list[str]:
+    return [
+        *TINY,
+        "--mode",
+        "prefill",
+        "--dp-size",
+        str(dp_size),
+        "--bootstrap-port",
+        str(bootstrap_port),
+    ]
+
+
+def _start_prefill(pd, port: int, bootstrap_port: int, dp_size: int = 1) -> Prefill:
+    server = launch_server(
+        _prefill_args(dp_size, bootstrap_port),
+        port=port,
+        extra_ready_urls=[f"http://127.0.0.1:{bootstrap_port}/route"],
+    )
+    pd.started.append(server)
+    return Prefill(server, bootstrap_port)
+
+
+def _pd_ok(prefill: Prefill, decode) -> bool:
+    result = pd_generate(
+        prefill.url, decode.url, BODY, bootstrap_port=prefill.bootstrap_port, timeout_s=30
+    )
+    return result.prefill.ok and result.decode.ok
+
+
+def test_dead_prefill_server_is_reported_in_seconds_and_recovers_after_restart(pd):
+    port, bootstrap_port = free_port(), free_port()
+    prefill = _start_prefill(pd, port, bootstrap_port)
+    decode = pd.decode(1)
+    assert _pd_ok(prefill, decode)  # decode now caches the server's info and endpoint
+    prefill.server.signal_group(signal.SIGKILL)  # front end and workers at once
+    prefill.server.proc.wait(timeout=10)
+    # First from decode's caches (the dead KV endpoint), then from the bootstrap server.
+    for attempt in ("cached endpoint", "bootstrap server"):
+        resp, elapsed_s = _timed_post(decode.url, _leg(bootstrap_port, random_room()))
+        where = f"{attempt}: {resp.status_code} {resp.text}"
+        assert resp.status_code == 503, where
+        message = resp.json()["error"]["message"]
+        assert "cannot connect" in message and "127.0.0.1:" in message, where
+        assert elapsed_s < DEAD_WITHIN_S, f"{attempt}: took {elapsed_s:.2f}s"
+    assert f"127.0.0.1:{bootstrap_port}" in message, "the bootstrap server's address is named"
+    wait_idle([decode.url])
+
+    restarted = _start_prefill(pd, port, bootstrap_port)
+    ready_at = time.monotonic()
+    while not _pd_ok(restarted, decode):
+        assert time.monotonic() - ready_at < 5.0, "no success within 5 s of the restart"
+    wait_idle([restarted.url, decode.url])
+
+
+def test_prefill_is_healthy_only_once_every_worker_can_be_found():
+    """launch_server returns at the first /health 200: GET /route must already answer."""
+    bootstrap_port = free_port()
+    with launch_server(_prefill_args(2, bootstrap_port)) as server:
+        route = f"http://127.0.0.1:{bootstrap_port}/route"
+        assert requests.get(route, timeout=5).status_code == 200
+        for rank in (0, 1):
+            worker = requests.get(f"{route}?prefill_dp_rank={rank}", timeout=5)
+            assert worker.status_code == 200 and worker.json()["kv_endpoint"], worker.text
+        assert requests.get(server.url + "/health", timeout=5).status_code == 200
