@@ -227,3 +227,25 @@ def test_async_helpers_raise_one_clear_error_on_bad_answers(helper, status, body
 def test_bootstrap_url_brackets_ipv6_hosts():
     assert bootstrap_url("10.0.0.1", 8998) == "http://10.0.0.1:8998"
     assert bootstrap_url("::1", 8998) == "http://[::1]:8998"
+
+
+def test_a_refused_bootstrap_server_fails_in_about_a_second_naming_it():
+    """Nothing listens: a fact, not a reason to wait out the 30 s deadline."""
+    from pdserve.disagg.bootstrap_client import fetch_server_info
+    from pdserve.disagg.peer_info import UNREACHABLE_AFTER_S, call_with_retry
+    from pdserve.serving.hooks import RequestError
+
+    url = f"http://127.0.0.1:{free_port()}"
+
+    async def main() -> tuple[RequestError, float]:
+        async with aiohttp.ClientSession() as session:
+            start = time.monotonic()
+            with pytest.raises(RequestError) as info:
+                await call_with_retry(
+                    lambda t: fetch_server_info(session, url, t), f"server {url}", 30.0
+                )
+            return info.value, time.monotonic() - start
+
+    error, elapsed_s = asyncio.run(main())
+    assert error.status == 503 and "unreachable" in error.message and url in error.message
+    assert UNREACHABLE_AFTER_S <= elapsed_s < 3.0

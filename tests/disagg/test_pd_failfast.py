@@ -6,6 +6,8 @@ The load-balance x FORCE matrix of one-leg rejections is in test_pd_rank_matrix.
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import signal
 import time
 
@@ -13,8 +15,8 @@ import pytest
 import requests
 
 from tests.disagg.conftest import TINY, Prefill
-from tests.disagg.pd_driver import pd_generate, random_room, wait_idle
-from tests.helpers import free_port, launch_server
+from tests.disagg.pd_driver import pd_generate, random_room, rooms_in_flight, wait_idle
+from tests.helpers import free_port, launch_server, wait_until
 
 BODY = {
     "input_ids": list(range(10, 40)),
@@ -182,3 +184,25 @@ def test_prefill_is_healthy_only_once_every_worker_can_be_found():
             worker = requests.get(f"{route}?prefill_dp_rank={rank}", timeout=5)
             assert worker.status_code == 200 and worker.json()["kv_endpoint"], worker.text
         assert requests.get(server.url + "/health", timeout=5).status_code == 200
+
+
+def test_decode_killed_under_a_live_prefill_frees_prefill_state_and_a_new_decode_works(pd):
+    """Decode sent its page list, then died before the prefill leg arrived: prefill drops
+    the dead peer's rooms (no pages held for nobody), the late prefill leg fails at once
+    with the reason, and a decode started afterwards is served right away."""
+    prefill = pd.prefill(1)
+    decode = pd.decode(1)
+    room = random_room()
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(_timed_post, decode.url, _leg(prefill.bootstrap_port, room))
+        wait_until(lambda: rooms_in_flight(prefill.url) > 0, 20, "decode's page list at prefill")
+        decode.signal_group(signal.SIGKILL)
+        with contextlib.suppress(requests.RequestException):
+            pending.result(timeout=30)  # the connection to the killed decode server breaks
+    wait_until(lambda: rooms_in_flight(prefill.url) == 0, DEAD_WITHIN_S, "prefill to drop the room")
+    resp, elapsed_s = _timed_post(prefill.url, _leg(prefill.bootstrap_port, room))
+    _check_fast_failure(resp, elapsed_s, "lost the connection to decode", "late prefill leg")
+    wait_idle([prefill.url])
+    fresh = pd.decode(1)
+    assert _pd_ok(prefill, fresh)
+    wait_idle([prefill.url, fresh.url])

@@ -9,9 +9,11 @@ from pdserve.serving.pd_fields import (
     MAX_ROOM,
     PDFieldError,
     PDFields,
+    RoomAddress,
     check_room,
     home_rank,
     parse_pd_fields,
+    rooms_in_body,
 )
 
 ADDRESS = {"bootstrap_room": 7, "bootstrap_host": "10.0.0.2"}
@@ -116,3 +118,21 @@ def test_check_room_and_home_rank():
     with pytest.raises(PDFieldError, match="bootstrap_room"):
         check_room(MAX_ROOM)
     assert [home_rank(room, 4) for room in (0, 5, 11, MAX_ROOM - 1)] == [0, 1, 3, 3]
+
+
+def test_rooms_in_body_finds_the_rooms_of_a_request_rejected_for_any_field():
+    body = {"bootstrap_room": 7, "bootstrap_host": "h", "bootstrap_port": 9, "routed_dp_rank": 99}
+    assert rooms_in_body(body) == [RoomAddress(7, "h", 9)]
+
+
+def test_rooms_in_body_pairs_list_entries_and_skips_malformed_ones():
+    body = {
+        "bootstrap_room": [1, "x", -1, 2],
+        "bootstrap_host": "h",
+        "bootstrap_port": [5, 6, 7, 0],
+    }
+    assert rooms_in_body(body) == [RoomAddress(1, "h", 5), RoomAddress(2, "h", None)]
+    body = {"bootstrap_room": [1, 2], "bootstrap_host": ["a", "b", "c"]}  # wrong length
+    assert rooms_in_body(body) == [RoomAddress(1), RoomAddress(2)]
+    assert rooms_in_body({"bootstrap_room": True}) == []
+    assert rooms_in_body(["not", "a", "dict"]) == []

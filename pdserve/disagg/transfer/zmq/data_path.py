@@ -167,11 +167,13 @@ class DataPath:
             self._held_until.pop(PeerId(peer), None)
             self._flush(PeerId(peer))  # what was held: the handshake answer
         for peer, reason in link_events.failed:
-            channel = self._links.close_peer(peer)
-            if channel is not None and channel.queue:  # sends were lost: as a failed send
-                reason = f"KV data connection to {peer}: {reason}"
-                self._lose(PeerId(peer), reason)
-                events.append(PeerLost(PeerId(peer), reason))
+            # The decode peer closed its data connection: it died (or dropped us), so its
+            # rooms fail now, also those whose KV was not being sent yet (their pages would
+            # otherwise wait for a request or a send that can never reach it).
+            self._links.close_peer(peer)
+            reason = f"KV data connection to {peer}: {reason}"
+            self._lose(PeerId(peer), reason)
+            events.append(PeerLost(PeerId(peer), reason))
         for channel in link_events.readable:
             budget_nbytes -= self._read_channel(channel, events, budget_nbytes)
         return budget_nbytes
