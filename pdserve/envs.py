@@ -64,3 +64,16 @@ def room_ttl_s() -> float:
 def model_cache_dir() -> str:
     """Where converted models (the SmolLM2 GGUF -> HF directory) are cached."""
     return _get("PDSERVE_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "pdserve")
+
+
+# Credentials (PROTOCOL.md section 11); each also has a CLI flag, which wins.
+def api_key() -> str | None:
+    """The key clients must send as `Authorization: Bearer <key>` (server, router); the key
+    `pdserve bench` sends."""
+    return _get("PDSERVE_API_KEY")
+
+
+def disagg_secret() -> str | None:
+    """The secret shared by prefill and decode servers: bootstrap writes and the KV handshake
+    carry an HMAC proof of it."""
+    return _get("PDSERVE_DISAGG_SECRET")

@@ -27,11 +27,20 @@ PYTHON = sys.executable
 DEFAULT_START_TIMEOUT_S = 120.0
 
 
-def http_json(method: str, url: str, body: Any = None, timeout_s: float = 60.0) -> tuple[int, Any]:
+def http_json(
+    method: str,
+    url: str,
+    body: Any = None,
+    timeout_s: float = 60.0,
+    headers: dict[str, str] | None = None,
+) -> tuple[int, Any]:
     """(status, parsed JSON or raw text) of one request; HTTP errors are returned, not raised."""
     data = None if body is None else json.dumps(body).encode()
     req = urllib.request.Request(
-        url, data=data, method=method, headers={"Content-Type": "application/json"}
+        url,
+        data=data,
+        method=method,
+        headers={"Content-Type": "application/json", **(headers or {})},
     )
     try:
         with urllib.request.urlopen(req, timeout=timeout_s) as resp:

@@ -15,6 +15,7 @@ from typing import Any
 import aiohttp
 import msgspec
 
+from pdserve import auth
 from pdserve.disagg.bootstrap_registry import (
     RoomFailure,
     ServerInfo,
@@ -58,10 +59,20 @@ def _error_message(body: bytes) -> str:
         return body[:200].decode("utf-8", "replace")
 
 
-def _put_once(url: str, body: bytes, timeout_s: float) -> None:
-    req = urllib.request.Request(
-        url, data=body, method="PUT", headers={"Content-Type": "application/json"}
-    )
+def write_headers(secret: str | None, method: str, path: str, body: bytes) -> dict[str, str]:
+    """Headers of a bootstrap write: JSON, plus a fresh proof of the secret when one is set
+    (a new nonce per attempt: the server refuses a proof it has seen)."""
+    headers = {"Content-Type": "application/json"}
+    if secret:
+        message = auth.request_message(method, path, body)
+        proof = auth.make_proof(secret, auth.BOOTSTRAP_PURPOSE, message, time.time())
+        headers[auth.PROOF_HEADER] = proof.header()
+    return headers
+
+
+def _put_once(url: str, body: bytes, timeout_s: float, secret: str | None) -> None:
+    headers = write_headers(secret, "PUT", "/route", body)
+    req = urllib.request.Request(url, data=body, method="PUT", headers=headers)
     try:
         with urllib.request.urlopen(req, timeout=timeout_s) as resp:
             resp.read()
@@ -74,7 +85,10 @@ def _put_once(url: str, body: bytes, timeout_s: float) -> None:
 
 
 def register_worker_blocking(
-    bootstrap_url: str, registration: WorkerRegistration, timeout_s: float
+    bootstrap_url: str,
+    registration: WorkerRegistration,
+    timeout_s: float,
+    secret: str | None = None,
 ) -> None:
     """PUT /route until accepted. Retries while the server is unreachable or answers 5xx (it
     may start after the worker), with backoff, until `timeout_s`; a 4xx fails at once."""
@@ -84,7 +98,7 @@ def register_worker_blocking(
     interval_s = RETRY_INTERVAL_S
     while True:
         try:
-            return _put_once(url, body, max(deadline - time.monotonic(), 0.01))
+            return _put_once(url, body, max(deadline - time.monotonic(), 0.01), secret)
         except BootstrapClientError as exc:
             remaining_s = deadline - time.monotonic()
             if not exc.retryable or remaining_s <= 0:
@@ -158,3 +172,19 @@ async def query_dp_ranks(
             raise BootstrapClientError(f"POST {url}: answer names a room not asked for: {key!r}")
         result[check_room(room)] = value
     return result
+
+
+async def post_room_failure(
+    session: aiohttp.ClientSession,
+    base_url: str,
+    room: int,
+    error: str,
+    status: int,
+    secret: str | None,
+    timeout_s: float,
+) -> None:
+    """POST /register_dp_rank with an error: the room failed on this side."""
+    body = msgspec.json.encode({"bootstrap_room": room, "error": error, "status": status})
+    url = base_url.rstrip("/") + "/register_dp_rank"
+    headers = write_headers(secret, "POST", "/register_dp_rank", body)
+    await _call(session, "POST", url, dict, timeout_s, data=body, headers=headers)

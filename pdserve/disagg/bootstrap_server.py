@@ -19,7 +19,7 @@ from typing import Annotated, Any
 import msgspec
 from aiohttp import web
 
-from pdserve import envs
+from pdserve import auth, envs
 from pdserve.config import add_arguments, check, from_args, opt
 from pdserve.disagg.bootstrap_registry import (
     MAX_ROOMS_PER_QUERY,
@@ -98,6 +98,39 @@ async def _json_errors(
         return error_response(500, f"{request.method} {request.path}: internal error")
 
 
+WRITE_ROUTES = frozenset({("PUT", "/route"), ("POST", "/register_dp_rank")})
+
+
+def secret_middleware(checker: auth.ProofChecker, now: Clock = time.time):
+    """Bootstrap writes must carry a fresh proof of the disagg secret; 401 otherwise."""
+
+    @web.middleware
+    async def check_proof(request: web.Request, handler) -> web.StreamResponse:
+        if (request.method, request.path) not in WRITE_ROUTES:
+            return await handler(request)
+        body = await request.read()  # cached by aiohttp: the handler reads it again
+        try:
+            proof = auth.parse_proof_header(request.headers.get(auth.PROOF_HEADER))
+        except auth.AuthError as exc:
+            checker.refuse("missing or malformed proof")
+            return _refused(request, exc)
+        try:
+            message = auth.request_message(request.method, request.path, body)
+            checker.check(proof, auth.BOOTSTRAP_PURPOSE, message, now())
+        except auth.AuthError as exc:
+            return _refused(request, exc)
+        return await handler(request)
+
+    return check_proof
+
+
+def _refused(request: web.Request, exc: auth.AuthError) -> web.Response:
+    logger.warning(
+        "bootstrap: refused %s %s from %s: %s", request.method, request.path, request.remote, exc
+    )
+    return error_response(401, f"{request.method} {request.path}: {exc}")
+
+
 class _Handlers:
     def __init__(self, registry: BootstrapRegistry, now: Clock):
         self.registry = registry
@@ -170,13 +203,16 @@ def make_bootstrap_app(
     *,
     now: Clock = time.monotonic,
     expire_interval_s: float | None = None,
+    checker: auth.ProofChecker | None = None,
 ) -> web.Application:
-    """The bootstrap routes over `registry`, plus a task that expires idle rooms."""
+    """The bootstrap routes over `registry`, plus a task that expires idle rooms; with a
+    `checker`, writes must prove the disagg secret."""
     interval_s = (
         expire_interval_s if expire_interval_s is not None else min(1.0, registry.room_ttl_s / 2)
     )
     handlers = _Handlers(registry, now)
-    app = web.Application(middlewares=[_json_errors], client_max_size=MAX_BODY_BYTES)
+    middlewares = [_json_errors] if checker is None else [_json_errors, secret_middleware(checker)]
+    app = web.Application(middlewares=middlewares, client_max_size=MAX_BODY_BYTES)
     app.router.add_put("/route", handlers.put_route)
     app.router.add_get("/route", handlers.get_route)
     app.router.add_post("/register_dp_rank", handlers.register_dp_rank)
@@ -221,10 +257,11 @@ async def start_bootstrap_server(
     *,
     now: Clock = time.monotonic,
     expire_interval_s: float | None = None,
+    checker: auth.ProofChecker | None = None,
 ) -> BootstrapServer:
     """Serve `registry` on host:port from the running event loop; port 0 picks a free one."""
     runner = web.AppRunner(
-        make_bootstrap_app(registry, now=now, expire_interval_s=expire_interval_s),
+        make_bootstrap_app(registry, now=now, expire_interval_s=expire_interval_s, checker=checker),
         access_log=None,
         shutdown_timeout=SHUTDOWN_TIMEOUT_S,
     )
@@ -246,6 +283,11 @@ class BootstrapServerConfig:
     port: int = opt(8998, "port to bind (0: a free one, printed at start)")
     dp_size: int | None = opt(None, "expected prefill DP size (default: fixed by the first worker)")
     room_ttl_s: float = opt(envs.room_ttl_s(), "room entries expire after this idle time")
+    disagg_secret: str | None = opt(
+        envs.disagg_secret(),
+        "writes must prove this secret (default: env PDSERVE_DISAGG_SECRET)",
+        repr=False,
+    )
 
     def __post_init__(self) -> None:
         check(0 <= self.port < 65536, f"--port out of range: {self.port}")
@@ -255,7 +297,8 @@ class BootstrapServerConfig:
 
 async def _serve(config: BootstrapServerConfig) -> None:
     registry = BootstrapRegistry(room_ttl_s=config.room_ttl_s, dp_size=config.dp_size)
-    server = await start_bootstrap_server(registry, config.host, config.port)
+    checker = auth.ProofChecker(config.disagg_secret) if config.disagg_secret else None
+    server = await start_bootstrap_server(registry, config.host, config.port, checker=checker)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -52,6 +52,13 @@ class DisaggConfig:
         "prefill: before computing the next prompt, wait up to this long for KV sends under "
         "way to finish (else the rest of a send waits for that whole forward pass)",
     )
+    disagg_secret: str | None = opt(
+        envs.disagg_secret(),
+        "secret shared by every prefill and decode server: bootstrap writes and the KV "
+        "handshake carry an HMAC proof of it, the secret itself never travels (default: env "
+        "PDSERVE_DISAGG_SECRET; unset: nothing is checked)",
+        repr=False,
+    )
 
     def __post_init__(self) -> None:
         check(

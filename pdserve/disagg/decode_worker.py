@@ -9,10 +9,12 @@ computes), so a room either reaches the engine or fails with a reason and frees 
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 
 import msgspec
 
+from pdserve.disagg import kv_auth
 from pdserve.disagg import messages as m
 from pdserve.disagg.config import DisaggConfig
 from pdserve.disagg.rooms import IllegalRoomTransition, RoomState, error_output, transition
@@ -51,6 +53,7 @@ class Peer:
     handshake_ok: bool | None = None  # None: answer not in yet
     handshake_error: str | None = None
     handshake_sent: bool = False
+    handshake: m.Handshake | None = None  # as sent: its nonce checks prefill's answer
     rooms: set[int] = field(default_factory=set)
 
 
@@ -143,8 +146,11 @@ class DecodeWorkerHooks(WorkerHooks):
         return []
 
     def _on_handshake(self, peer: Peer, msg: m.HandshakeResult, now: float) -> list[ReqOutput]:
-        peer.handshake_ok = msg.ok
-        peer.handshake_error = msg.error
+        distrust = kv_auth.check_answer(self.cfg.disagg_secret, peer.handshake, msg)
+        peer.handshake_ok = msg.ok and distrust is None
+        peer.handshake_error = msg.error or distrust
+        if distrust is not None:
+            log.warning("decode: KV handshake with %s refused: %s", peer.endpoint, distrust)
         outputs: list[ReqOutput] = []
         for room_id in sorted(peer.rooms):
             room = self.rooms.get(room_id)
@@ -296,12 +302,11 @@ class DecodeWorkerHooks(WorkerHooks):
             self.peer_by_id[peer.peer_id] = peer
         if not peer.handshake_sent:
             peer.handshake_sent = True
-            self._send(
-                peer,
-                m.Handshake(
-                    decode_id=self.decode_id, layout=self.layout, backend=self.transport.name
-                ),
+            handshake = m.Handshake(
+                decode_id=self.decode_id, layout=self.layout, backend=self.transport.name
             )
+            peer.handshake = kv_auth.sign(self.cfg.disagg_secret, handshake, time.time())
+            self._send(peer, peer.handshake)
         return peer
 
     def _send(self, peer: Peer, msg: m.ChannelMsg) -> bool:

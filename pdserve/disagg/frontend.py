@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING, Any
 import aiohttp
 import msgspec
 
-from pdserve.disagg.bootstrap_client import bootstrap_url
+from pdserve.auth import ProofChecker, is_loopback
+from pdserve.disagg.bootstrap_client import bootstrap_url, post_room_failure
 from pdserve.disagg.bootstrap_registry import BootstrapRegistry
 from pdserve.disagg.bootstrap_server import start_bootstrap_server
 from pdserve.disagg.metrics import DisaggMetrics, failure_kind
@@ -71,12 +72,20 @@ class PrefillFrontendHooks(_PDFrontendHooks):
             cfg.disagg.room_ttl_s, cfg.server.dp_size, self._abort_room
         )
         self.bootstrap = None
-        metrics.watch_registry(self.registry)
+        secret = cfg.disagg.disagg_secret
+        self.checker = ProofChecker(secret) if secret else None
+        metrics.watch_registry(self.registry, self.checker)
 
     async def start(self) -> None:
         self.bootstrap = await start_bootstrap_server(
-            self.registry, self.cfg.server.host, self.cfg.disagg.bootstrap_port
+            self.registry,
+            self.cfg.server.host,
+            self.cfg.disagg.bootstrap_port,
+            checker=self.checker,
         )
+
+    def exposure_warnings(self) -> list[str]:
+        return _secret_warnings(self.cfg)
 
     async def stop(self) -> None:
         if self.bootstrap is not None:
@@ -140,6 +149,15 @@ class PrefillFrontendHooks(_PDFrontendHooks):
             self.registry.record_failure(req.disagg.room, error, 500, time.monotonic())
 
 
+def _secret_warnings(cfg: ServerConfig) -> list[str]:
+    if cfg.disagg.disagg_secret or is_loopback(cfg.server.host):
+        return []
+    return [
+        f"{cfg.server.mode} server bound to {cfg.server.host} without --disagg-secret: anyone "
+        "who reaches its bootstrap or KV ports can register workers, rooms and KV peers"
+    ]
+
+
 class _PrefillRegistry(BootstrapRegistry):
     """The registry, plus a callback when a room's failure is recorded, so that a decode
     server that gives up on a room (POST /register_dp_rank with an error) stops our leg too."""
@@ -171,6 +189,9 @@ class DecodeFrontendHooks(_PDFrontendHooks):
     async def stop(self) -> None:
         if self.session is not None:
             await self.session.close()
+
+    def exposure_warnings(self) -> list[str]:
+        return _secret_warnings(self.cfg)
 
     def server_info(self) -> dict[str, Any]:
         return {"transfer_backend": self.cfg.disagg.transfer_backend}
@@ -209,18 +230,14 @@ class DecodeFrontendHooks(_PDFrontendHooks):
         """Best effort: record the failure at the prefill's bootstrap server, which stops
         the prefill leg of the room instead of letting it wait for a page list."""
         assert self.session is not None
-        body = {
-            "bootstrap_room": room,
-            "error": f"decode failed the room: {exc.message}",
-            "status": exc.status if 400 <= exc.status < 600 else 500,
-        }
+        session = self.session
+        error = f"decode failed the room: {exc.message}"
+        status = exc.status if 400 <= exc.status < 600 else 500
+        secret = self.cfg.disagg.disagg_secret
 
         async def post() -> None:
             with contextlib.suppress(Exception):
-                async with self.session.post(
-                    url + "/register_dp_rank", json=body, timeout=aiohttp.ClientTimeout(total=2)
-                ):
-                    pass
+                await post_room_failure(session, url, room, error, status, secret, 2.0)
 
         task = asyncio.ensure_future(post())
         self._notify_tasks.add(task)

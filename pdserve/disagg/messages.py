@@ -13,6 +13,14 @@ from pdserve.engine.kv_layout import KVLayout
 PROTOCOL_VERSION = 1
 
 
+class HandshakeProof(msgspec.Struct, frozen=True, kw_only=True):
+    """An HMAC of the disagg secret over the rest of the Handshake (see disagg/kv_auth.py)."""
+
+    ts: float
+    nonce: str
+    mac: str
+
+
 class Handshake(msgspec.Struct, tag=True, kw_only=True):
     """decode -> prefill, once per (decode worker, prefill worker) pair."""
 
@@ -20,11 +28,13 @@ class Handshake(msgspec.Struct, tag=True, kw_only=True):
     layout: KVLayout
     version: int = PROTOCOL_VERSION
     backend: str = "zmq"  # both sides must move bytes the same way
+    proof: HandshakeProof | None = None  # set when decode has a disagg secret
 
 
 class HandshakeResult(msgspec.Struct, tag=True, kw_only=True):
     ok: bool
     error: str | None = None
+    proof: str | None = None  # prefill's HMAC over decode's nonce, when it has a secret
 
 
 class PageList(msgspec.Struct, tag=True, kw_only=True):

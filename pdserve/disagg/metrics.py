@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 if TYPE_CHECKING:
+    from pdserve.auth import ProofChecker
     from pdserve.disagg.bootstrap_registry import BootstrapRegistry
     from pdserve.serving.metrics import ServerMetrics
 
@@ -33,6 +34,7 @@ FAILURE_KINDS = [
     ("layout_mismatch", "mismatch"),
     ("aborted", "abort"),
     ("unreachable", "unreachable"),
+    ("auth", "proof"),
 ]
 
 
@@ -48,10 +50,20 @@ def failure_kind(message: str) -> str:
 class _RegistryCollector:
     """Exports the bootstrap registry's own counters at scrape time."""
 
-    def __init__(self, registry: BootstrapRegistry):
+    def __init__(self, registry: BootstrapRegistry, checker: ProofChecker | None):
         self.registry = registry
+        self.checker = checker
 
     def collect(self):
+        if self.checker is not None:
+            refusals = CounterMetricFamily(
+                "pdserve_bootstrap_auth_refusals",
+                "bootstrap writes refused for a missing, wrong, stale or replayed proof",
+                labels=["reason"],
+            )
+            for reason, count in self.checker.refused.items():
+                refusals.add_metric([reason], count)
+            yield refusals
         stats = self.registry.stats()
         for name, value in stats.items():
             yield CounterMetricFamily(
@@ -94,8 +106,8 @@ class DisaggMetrics:
         for path in ("explicit", "single_rank", "fast_path", "query"):
             self.resolutions.labels(path=path)  # exported as 0 before the first resolution
 
-    def watch_registry(self, registry: BootstrapRegistry) -> None:
-        self.server.registry.register(_RegistryCollector(registry))
+    def watch_registry(self, registry: BootstrapRegistry, checker: ProofChecker | None) -> None:
+        self.server.registry.register(_RegistryCollector(registry, checker))
 
     def resolved(self, path: str) -> None:
         self.resolutions.labels(path=path).inc()

@@ -9,8 +9,11 @@ The room's state (`disagg.rooms`) drives every decision here.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 
+from pdserve.auth import ProofChecker
+from pdserve.disagg import kv_auth
 from pdserve.disagg import messages as m
 from pdserve.disagg.config import DisaggConfig
 from pdserve.disagg.rooms import IllegalRoomTransition, RoomState, error_output, transition
@@ -68,6 +71,7 @@ class PrefillWorkerHooks(WorkerHooks):
         self.room_of_rid: dict[str, int] = {}
         self.failed: dict[int, FailedRoom] = {}  # answers for late page lists
         self.handshaken: set[object] = set()
+        self.checker = ProofChecker(cfg.disagg_secret) if cfg.disagg_secret else None
 
     @property
     def kv_endpoint(self) -> str | None:
@@ -75,6 +79,9 @@ class PrefillWorkerHooks(WorkerHooks):
 
     def num_rooms(self) -> int:
         return len(self.rooms)
+
+    def num_auth_refusals(self) -> int:
+        return sum(self.checker.refused.values()) if self.checker is not None else 0
 
     def sockets(self) -> list:
         return self.transport.sockets()
@@ -200,19 +207,7 @@ class PrefillWorkerHooks(WorkerHooks):
 
     def _on_message(self, peer: object, msg: m.ChannelMsg, now: float) -> list[ReqOutput]:
         if isinstance(msg, m.Handshake):
-            error = self.layout.mismatch(msg.layout)
-            if msg.version != m.PROTOCOL_VERSION:
-                error = (
-                    f"protocol version mismatch: decode={msg.version} prefill={m.PROTOCOL_VERSION}"
-                )
-            if msg.backend != self.transport.name:
-                error = (
-                    f"transfer backend mismatch: decode={msg.backend!r} "
-                    f"prefill={self.transport.name!r}"
-                )
-            if error is None:
-                self.handshaken.add(peer)
-            self._send(peer, m.HandshakeResult(ok=error is None, error=error))
+            self._on_handshake(peer, msg)
         elif isinstance(msg, m.PageList):
             return self._on_page_list(peer, msg, now)
         elif isinstance(msg, m.Abort):
@@ -222,6 +217,25 @@ class PrefillWorkerHooks(WorkerHooks):
                     msg.room, 499, f"aborted by decode: {msg.reason}", now, notify=False
                 )
         return []
+
+    def _on_handshake(self, peer: object, msg: m.Handshake) -> None:
+        error = kv_auth.check(self.checker, msg, time.time())
+        if error is not None:
+            log.warning("prefill: refused the KV handshake of %s: %s", msg.decode_id, error)
+        elif msg.version != m.PROTOCOL_VERSION:
+            error = f"protocol version mismatch: decode={msg.version} prefill={m.PROTOCOL_VERSION}"
+        elif msg.backend != self.transport.name:
+            error = (
+                f"transfer backend mismatch: decode={msg.backend!r} prefill={self.transport.name!r}"
+            )
+        else:
+            error = self.layout.mismatch(msg.layout)
+        if error is None:
+            self.handshaken.add(peer)
+        else:
+            self.handshaken.discard(peer)
+        result = m.HandshakeResult(ok=error is None, error=error)
+        self._send(peer, kv_auth.answer(self.checker, msg, result))
 
     def _on_peer_lost(self, event: PeerLost, now: float) -> list[ReqOutput]:
         self.handshaken.discard(event.peer)

@@ -91,7 +91,9 @@ def _register_in_background(
 
     def run() -> None:
         try:
-            register_worker_blocking(url, reg, timeout_s=cfg.server.worker_start_timeout_s)
+            register_worker_blocking(
+                url, reg, cfg.server.worker_start_timeout_s, cfg.disagg.disagg_secret
+            )
             log.info("prefill worker %d registered %s with %s", dp_rank, endpoint, url)
         except Exception:
             # Without registration decode can never find this worker: stop loudly.

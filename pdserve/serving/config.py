@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 
+from pdserve import envs
 from pdserve.config import add_arguments, check, from_args, opt
 from pdserve.engine.config import EngineConfig
 
@@ -24,6 +25,12 @@ LOG_LEVELS = ["debug", "info", "warning", "error"]
 class ServerArgs:
     mode: str = opt("colocated", "colocated (no disaggregation), prefill or decode", choices=MODES)
     host: str = opt("127.0.0.1", "HTTP host to bind")
+    api_key: str | None = opt(
+        envs.api_key(),
+        "every route but /health requires 'Authorization: Bearer <key>' (default: env "
+        "PDSERVE_API_KEY; unset: no key)",
+        repr=False,
+    )
     port: int = opt(30000, "HTTP port to bind")
     dp_size: int = opt(1, "number of data-parallel worker processes (one engine each)")
     load_balance_method: str = opt(

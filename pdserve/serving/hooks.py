@@ -66,6 +66,10 @@ class FrontendHooks:
         any of them reached a worker (rooms in flight here are left out): the other leg of
         each room must learn it."""
 
+    def exposure_warnings(self) -> list[str]:
+        """What this mode leaves open on a routable address (logged loudly at start)."""
+        return []
+
 
 class WorkerHooks:
     """Runs in a worker process, inside its single-threaded loop."""
@@ -87,6 +91,10 @@ class WorkerHooks:
 
     def num_rooms(self) -> int:
         """PD rooms in flight in this worker (for /get_load and leak checks)."""
+        return 0
+
+    def num_auth_refusals(self) -> int:
+        """Peers refused for a wrong credential since start (PD: KV handshakes)."""
         return 0
 
     def on_generate(self, req: GenerateReq) -> list[ReqOutput]:

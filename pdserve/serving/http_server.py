@@ -17,6 +17,7 @@ from typing import Any
 
 from aiohttp import web
 
+from pdserve.auth import bearer_ok, is_loopback
 from pdserve.serving import admin_api, native_api, openai_api
 from pdserve.serving.config import ServerConfig
 from pdserve.serving.dp_controller import DPController, WorkerStartError
@@ -81,6 +82,29 @@ def _report_rejection(request: web.Request, status: int, message: str) -> None:
             logger.exception("reporting the rejection of rooms %s failed", rooms)
 
 
+OPEN_PATHS = frozenset({"/health"})
+
+
+def api_key_middleware(api_key: str):
+    """401 on every route but /health without `Authorization: Bearer <api_key>`."""
+
+    @web.middleware
+    async def check_api_key(request: web.Request, handler) -> web.StreamResponse:
+        if request.path in OPEN_PATHS or bearer_ok(request.headers.get("Authorization"), api_key):
+            return await handler(request)
+        state: ServerState = request.app[STATE]
+        state.controller.metrics.auth_refusals.labels("api_key").inc()
+        response = error_response(
+            401,
+            "missing or wrong API key: send 'Authorization: Bearer <key>'",
+            "authentication_error",
+        )
+        response.headers["WWW-Authenticate"] = "Bearer"
+        return response
+
+    return check_api_key
+
+
 FrontendHooksFactory = Callable[[ServerConfig, DPController], FrontendHooks]
 
 
@@ -98,7 +122,10 @@ class ServerHooks:
 
 
 def build_app(state: ServerState) -> web.Application:
-    app = web.Application(middlewares=[error_middleware], client_max_size=64 * 1024**2)
+    middlewares = [error_middleware]
+    if state.cfg.server.api_key:
+        middlewares.insert(0, api_key_middleware(state.cfg.server.api_key))
+    app = web.Application(middlewares=middlewares, client_max_size=64 * 1024**2)
     app[STATE] = state
     admin_api.add_routes(app)
     native_api.add_routes(app)
@@ -155,6 +182,7 @@ async def serve_async(cfg: ServerConfig, plug: ServerHooks) -> int:
             cfg.server.dp_size,
             model_dir,
         )
+        warn_if_exposed(cfg, hooks)
         await _wait_for_signal()
     except OSError as exc:  # e.g. the port or the bootstrap port is taken
         logger.error("server failed to start: %s", exc)
@@ -166,6 +194,21 @@ async def serve_async(cfg: ServerConfig, plug: ServerHooks) -> int:
             await hooks.stop()
         await controller.stop()
     return 0
+
+
+def warn_if_exposed(cfg: ServerConfig, hooks: FrontendHooks) -> None:
+    """Loud at start: a routable address with nothing guarding it."""
+    if is_loopback(cfg.server.host):
+        return
+    if not cfg.server.api_key:
+        logger.warning(
+            "WARNING: HTTP bound to %s without --api-key: anyone who reaches port %d can use "
+            "this server",
+            cfg.server.host,
+            cfg.server.port,
+        )
+    for line in hooks.exposure_warnings():
+        logger.warning("WARNING: %s", line)
 
 
 async def _wait_for_signal() -> None:

@@ -58,6 +58,14 @@ class ServerMetrics:
             "prefix_cache_evicted_pages", "cached KV pages evicted", ["dp_rank"]
         )
         self._last_load: dict[str, WorkerLoad] = {}
+        self.auth_refusals = self.counter(
+            "auth_refusals",
+            "requests and peers refused for a missing or wrong credential",
+            ["kind"],
+        )
+        self.kv_auth_refusals = self.gauge(
+            "kv_handshake_auth_refusals", "KV handshakes refused for a wrong proof", ["dp_rank"]
+        )
         self.gauge("server_info", "constant 1, labelled with the server mode", ["mode"]).labels(
             mode
         ).set(1)
@@ -96,6 +104,7 @@ class ServerMetrics:
         if load.cache_lookup_tokens:
             rate = load.cache_hit_tokens / load.cache_lookup_tokens
             self.cache_hit_rate.labels(rank).set(rate)
+        self.kv_auth_refusals.labels(rank).set(load.num_auth_refusals)
 
     def observe_finished(
         self, status: str, prompt_tokens: int, output_tokens: int, cached_tokens: int, e2e_s: float

@@ -105,6 +105,7 @@ class WorkerLoad(msgspec.Struct, tag=True, kw_only=True):
     cache_lookup_tokens: int = 0
     cache_hit_tokens: int = 0
     cache_evicted_pages: int = 0
+    num_auth_refusals: int = 0  # KV handshakes refused for a wrong proof, since start
 
 
 ToWorker = GenerateReq | AbortReq | RoomFailed | FlushCache

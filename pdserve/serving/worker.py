@@ -121,6 +121,7 @@ class WorkerLoop:
             num_total_pages=self.engine.num_total_pages,
             num_disagg_rooms=self.hooks.num_rooms(),
             **self.engine.cache_stats(),
+            num_auth_refusals=self.hooks.num_auth_refusals(),
         )
         last = self._last_load
         if last == load:

@@ -23,11 +23,17 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 STARTUP_TIMEOUT_S = 15.0
 
 
-def request(port: int, method: str, path: str, body: bytes | None = None) -> tuple[int, object]:
+def request(
+    port: int,
+    method: str,
+    path: str,
+    body: bytes | None = None,
+    headers: dict[str, str] | None = None,
+) -> tuple[int, object]:
     """One HTTP request; the answer's status and JSON body (None if the body is not JSON)."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
     try:
-        headers = {"Content-Type": "application/json"} if body is not None else {}
+        headers = headers or ({"Content-Type": "application/json"} if body is not None else {})
         conn.request(method, path, body=body, headers=headers)
         resp = conn.getresponse()
         raw = resp.read()
@@ -56,8 +62,10 @@ def wait_healthy(port: int, proc: subprocess.Popen) -> None:
     raise TimeoutError(f"bootstrap server on port {port} not healthy in {STARTUP_TIMEOUT_S}s")
 
 
-def start_server_process(port: int, dp_size: int) -> subprocess.Popen:
-    env = python_path_env()
+def start_server_process(
+    port: int, dp_size: int, env: dict[str, str] | None = None
+) -> subprocess.Popen:
+    env = {**python_path_env(), **(env or {})}
     return subprocess.Popen(
         [sys.executable, "-m", "pdserve.disagg.bootstrap_server", "--host", "127.0.0.1",
          "--port", str(port), "--dp-size", str(dp_size)],

@@ -1,0 +1,74 @@
+"""The disagg secret on the KV handshake, both directions (pure, no sockets)."""
+
+from __future__ import annotations
+
+import msgspec
+
+from pdserve.auth import ProofChecker
+from pdserve.disagg import kv_auth
+from pdserve.disagg import messages as m
+from pdserve.engine.kv_layout import KVLayout
+
+NOW = 1_800_000_000.0
+LAYOUT = KVLayout(
+    page_size=16,
+    kv_dtype="float32",
+    num_layers=2,
+    num_kv_heads=2,
+    head_dim=8,
+    model_fingerprint="x",
+)
+
+
+def _handshake() -> m.Handshake:
+    return m.Handshake(decode_id="decode-0", layout=LAYOUT, backend="zmq")
+
+
+def _round_trip(decode_secret, prefill_secret, now=NOW):
+    sent = kv_auth.sign(decode_secret, _handshake(), NOW)
+    wire = m.decode(m.encode(sent))
+    checker = ProofChecker(prefill_secret) if prefill_secret else None
+    error = kv_auth.check(checker, wire, now)
+    result = kv_auth.answer(checker, wire, m.HandshakeResult(ok=error is None, error=error))
+    answer = m.decode(m.encode(result))
+    return error, kv_auth.check_answer(decode_secret, sent, answer), checker
+
+
+def test_same_secret_on_both_sides_passes_both_ways():
+    assert _round_trip("s", "s")[:2] == (None, None)
+
+
+def test_no_secret_anywhere_checks_nothing():
+    assert _round_trip(None, None)[:2] == (None, None)
+
+
+def test_mismatched_secrets_are_refused_by_prefill_and_counted():
+    error, _, checker = _round_trip("a", "b")
+    assert "disagg secrets differ" in error
+    assert checker.refused == {"wrong proof": 1}
+
+
+def test_decode_without_secret_is_told_what_is_missing():
+    error, _, checker = _round_trip(None, "s")
+    assert "missing proof" in error and "--disagg-secret" in error
+    assert sum(checker.refused.values()) == 1
+
+
+def test_decode_refuses_a_prefill_that_cannot_prove_the_secret():
+    assert "did not prove" in _round_trip("s", None)[1]
+    sent = kv_auth.sign("s", _handshake(), NOW)
+    forged = m.HandshakeResult(ok=True, proof="00" * 32)
+    assert "secrets differ" in kv_auth.check_answer("s", sent, forged)
+
+
+def test_a_replayed_handshake_is_refused():
+    checker = ProofChecker("s")
+    wire = m.encode(kv_auth.sign("s", _handshake(), NOW))
+    assert kv_auth.check(checker, m.decode(wire), NOW) is None
+    assert "replayed" in kv_auth.check(checker, m.decode(wire), NOW + 1)
+
+
+def test_a_handshake_altered_in_flight_is_refused():
+    sent = kv_auth.sign("s", _handshake(), NOW)
+    altered = msgspec.structs.replace(sent, decode_id="evil")
+    assert "secrets differ" in kv_auth.check(ProofChecker("s"), altered, NOW)

@@ -1,0 +1,83 @@
+"""PD under a disagg secret, with real servers: the same secret on both sides gives the
+colocated tokens; a wrong or missing secret fails the request at once with the reason,
+is counted on prefill, and leaves no page behind."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from tests.disagg.conftest import TINY, PDFactory
+from tests.disagg.pd_driver import metric_value, pd_generate, wait_idle
+from tests.helpers import http_json, launch_server
+
+SECRET = "s3cret-shared"
+PREFILL_DEADLINE_S = 5.0  # prefill's wait for a page list that a refused decode never sends
+BODY = {"input_ids": list(range(5, 60)), "sampling_params": {"max_new_tokens": 5, "temperature": 0}}
+
+
+@pytest.fixture(scope="module")
+def servers() -> Iterator[dict]:
+    factory = PDFactory()
+    try:
+        prefill = factory.prefill(
+            args=["--disagg-secret", SECRET, "--bootstrap-timeout-s", str(PREFILL_DEADLINE_S)]
+        )
+        yield {
+            "prefill": prefill,
+            "decode": factory.decode(env={"PDSERVE_DISAGG_SECRET": SECRET}),
+            "decode_wrong": factory.decode(args=["--disagg-secret", "not-it"]),
+            "decode_none": factory.decode(),
+        }
+    finally:
+        factory.stop_all()
+
+
+@pytest.fixture(scope="module")
+def colocated_tokens() -> list[int]:
+    with launch_server(TINY) as server:
+        status, answer = http_json("POST", server.url + "/generate", BODY)
+    assert status == 200, answer
+    return answer["output_ids"]
+
+
+def _run(servers: dict, decode: str):
+    prefill = servers["prefill"]
+    return pd_generate(
+        prefill.url, servers[decode].url, BODY, bootstrap_port=prefill.bootstrap_port
+    )
+
+
+def test_the_same_secret_on_both_sides_gives_the_colocated_tokens(servers, colocated_tokens):
+    result = _run(servers, "decode")
+    assert result.prefill.ok and result.decode.ok, (result.prefill.error, result.decode.error)
+    assert result.decode.body["output_ids"] == colocated_tokens
+    wait_idle([servers["prefill"].url, servers["decode"].url])
+
+
+@pytest.mark.parametrize(
+    "decode, reason", [("decode_wrong", "secrets differ"), ("decode_none", "missing proof")]
+)
+def test_a_wrong_or_missing_secret_fails_fast_with_the_reason(servers, decode, reason):
+    prefill_url = servers["prefill"].url
+    refusals_before = metric_value(prefill_url, "pdserve_kv_handshake_auth_refusals")
+    result = _run(servers, decode)
+    assert result.decode.status == 500 and reason in result.decode.error, result.decode.error
+    assert "KV handshake" in result.decode.error
+    # Deadline-free: the refusal answers at once, long before any protocol deadline (30 s).
+    assert result.decode.elapsed_s < 15.0
+    assert not result.prefill.ok  # stopped by its page-list deadline: nobody it trusts asked
+    wait_idle([prefill_url, servers[decode].url], timeout_s=PREFILL_DEADLINE_S + 10)
+    assert metric_value(prefill_url, "pdserve_kv_handshake_auth_refusals") > refusals_before
+
+
+def test_a_decode_with_the_wrong_secret_cannot_write_to_the_bootstrap_server(servers):
+    """Its failure report (POST /register_dp_rank) is refused and counted by reason."""
+    result = _run(servers, "decode_wrong")
+    assert not result.decode.ok
+    url = servers["prefill"].url
+    assert (
+        metric_value(url, "pdserve_bootstrap_auth_refusals_total", {"reason": "wrong proof"}) >= 1
+    )
+    wait_idle([url, servers["decode_wrong"].url], timeout_s=PREFILL_DEADLINE_S + 10)

@@ -1,0 +1,79 @@
+"""--api-key on a server: every route but /health needs `Authorization: Bearer <key>`."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from aiohttp import web
+
+from pdserve.serving import admin_api, native_api, openai_api
+from tests.helpers import http_json, launch_server
+
+KEY = "sk-test-123"
+
+
+def server_routes() -> list[tuple[str, str]]:
+    """Every (method, path) the server's front end serves, read from its route tables."""
+    app = web.Application()
+    for module in (admin_api, native_api, openai_api):
+        module.add_routes(app)
+    routes = set()
+    for route in app.router.routes():
+        method = "POST" if route.method in ("*", "POST") else route.method
+        if method != "HEAD":
+            routes.add((method, route.resource.canonical))
+    return sorted(routes)
+
+
+ROUTES = server_routes()
+BODIES = {
+    "/generate": {"input_ids": [5, 6], "sampling_params": {"max_new_tokens": 1}},
+    "/v1/completions": {"model": "tiny-random", "prompt": [5, 6], "max_tokens": 1},
+    "/v1/chat/completions": {
+        "model": "tiny-random",
+        "messages": [{"role": "user", "content": "hi"}],
+        "max_tokens": 1,
+    },
+    "/abort_request": {"rid": "nobody"},
+}
+
+
+@pytest.fixture(scope="module", params=["flag", "env"])
+def server(request) -> Iterator:
+    """A colocated tiny-random server whose key comes from the flag or PDSERVE_API_KEY."""
+    if request.param == "flag":
+        proc = launch_server(["--model-path", "tiny-random", "--api-key", KEY])
+    else:
+        proc = launch_server(["--model-path", "tiny-random"], env={"PDSERVE_API_KEY": KEY})
+    with proc:
+        yield proc
+
+
+def test_every_route_is_listed():
+    assert ("GET", "/health") in ROUTES and ("POST", "/generate") in ROUTES
+    assert len(ROUTES) >= 10
+
+
+@pytest.mark.parametrize("method, path", [r for r in ROUTES if r[1] != "/health"])
+def test_a_protected_route_needs_the_key(server, method, path):
+    body = BODIES.get(path) if method == "POST" else None
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}):
+        status, answer = http_json(method, server.url + path, body, headers=headers)
+        assert status == 401, (headers, answer)
+        assert answer["error"]["type"] == "authentication_error"
+        assert "Bearer" in answer["error"]["message"]
+    status, answer = http_json(
+        method, server.url + path, body, headers={"Authorization": f"Bearer {KEY}"}
+    )
+    assert status == 200, answer
+
+
+def test_health_is_open_and_refusals_are_counted(server):
+    assert http_json("GET", server.url + "/health")[0] == 200
+    status, text = http_json(
+        "GET", server.url + "/metrics", headers={"Authorization": f"Bearer {KEY}"}
+    )
+    assert status == 200
+    line = next(x for x in text.splitlines() if x.startswith("pdserve_auth_refusals_total{"))
+    assert 'kind="api_key"' in line and float(line.split()[-1]) >= 1
