@@ -39,6 +39,13 @@ def bearer_ok(authorization: str | None, api_key: str) -> bool:
     return hmac.compare_digest(token.strip().encode(), api_key.encode())
 
 
+def api_key_ok(api_key: str | None) -> bool:
+    """None (no key), or a key that fits in a header: visible ASCII, no spaces."""
+    return api_key is None or (
+        bool(api_key) and api_key.isascii() and api_key.isprintable() and " " not in api_key
+    )
+
+
 def bearer_header(api_key: str | None) -> dict[str, str]:
     return {"Authorization": f"Bearer {api_key}"} if api_key else {}
 

@@ -19,6 +19,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from pdserve import envs
+from pdserve.auth import bearer_header
 from pdserve.config import add_arguments, check, from_args, opt
 from pdserve.procs import (
     NotReady,
@@ -69,6 +71,18 @@ class ClusterConfig:
     )
     policy: str = opt("round_robin", "router policy", choices=POLICIES)
     dp_aware: bool = opt(False, "router picks DP ranks (see pdserve router --dp-aware)")
+    api_key: str | None = opt(
+        envs.api_key(),
+        "API key of the router and both servers (the router sends it to them); handed to "
+        "them in their environment, not on their command line (default: env PDSERVE_API_KEY)",
+        repr=False,
+    )
+    disagg_secret: str | None = opt(
+        envs.disagg_secret(),
+        "secret shared by prefill and decode (bootstrap writes, KV handshake); handed to them "
+        "in their environment (default: env PDSERVE_DISAGG_SECRET)",
+        repr=False,
+    )
     ready_timeout_s: float = opt(600.0, "deadline for every process to become ready")
     stop_timeout_s: float = opt(15.0, "grace period after SIGTERM before SIGKILL")
 
@@ -112,11 +126,19 @@ class Child:
     """One supervised process; its output is echoed with a prefix and its tail is kept."""
 
     def __init__(
-        self, name: str, argv: list[str], url: str, ready_paths: list[str], echo: bool = True
+        self,
+        name: str,
+        argv: list[str],
+        url: str,
+        ready_paths: list[str],
+        echo: bool = True,
+        env: dict[str, str] | None = None,
     ):
-        """`ready_paths`: paths under `url` (or whole URLs) that must answer 200."""
+        """`ready_paths`: paths under `url` (or whole URLs) that must answer 200; `env`:
+        variables added to the child's environment (credentials stay off its argv)."""
         self.name = name
         self.argv = argv
+        self.extra_env = env or {}
         self.url = url
         self.ready_urls = [p if "://" in p else url + p for p in ready_paths]
         self.echo = echo
@@ -130,6 +152,7 @@ class Child:
             "PYTHONPATH": os.pathsep.join(
                 filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])
             ),
+            **self.extra_env,
         }
         self.proc = subprocess.Popen(
             self.argv,
@@ -152,8 +175,12 @@ class Child:
     def exit_code(self) -> int | None:
         return None if self.proc is None else self.proc.poll()
 
+    @property
+    def ready_headers(self) -> dict[str, str]:
+        return bearer_header(self.extra_env.get("PDSERVE_API_KEY"))
+
     def ready(self) -> bool:
-        return all(http_status(url) == 200 for url in self.ready_urls)
+        return all(http_status(url, 2.0, self.ready_headers) == 200 for url in self.ready_urls)
 
     def signal_group(self, sig: int) -> None:
         if self.proc is not None:
@@ -196,21 +223,33 @@ def plan(c: ClusterConfig, router_port: int | None = None) -> list[Child]:
     router_argv += ["--port", str(port["port"]), "--policy", c.policy, "--log-level", "info"]
     router_argv += ["--prefill", url["prefill_port"], str(port["bootstrap_port"])]
     router_argv += ["--decode", url["decode_port"]] + (["--dp-aware"] if c.dp_aware else [])
+    env = credentials_env(c)
     return [
         Child(
             "prefill",
             prefill_argv,
             url["prefill_port"],
             ["/health", url["bootstrap_port"] + "/route"],
+            env=env,
         ),
         Child(
             "decode",
             server_argv(c, "decode", port["decode_port"], c.decode_dp),
             url["decode_port"],
             ["/health"],
+            env=env,
         ),
-        Child("router", router_argv, url["port"], ["/readiness"]),
+        Child("router", router_argv, url["port"], ["/readiness"], env=env),
     ]
+
+
+def credentials_env(c: ClusterConfig) -> dict[str, str]:
+    env = {}
+    if c.api_key:
+        env["PDSERVE_API_KEY"] = c.api_key
+    if c.disagg_secret:
+        env["PDSERVE_DISAGG_SECRET"] = c.disagg_secret
+    return env
 
 
 def wait_ready(children: list[Child], deadline: float, stop: threading.Event) -> bool:
@@ -219,7 +258,12 @@ def wait_ready(children: list[Child], deadline: float, stop: threading.Event) ->
     urls = [url for child in children for url in child.ready_urls]
     try:
         return procs_wait_ready(
-            urls, procs, deadline - time.monotonic(), interval_s=POLL_INTERVAL_S, stop=stop
+            urls,
+            procs,
+            deadline - time.monotonic(),
+            interval_s=POLL_INTERVAL_S,
+            stop=stop,
+            headers=children[-1].ready_headers if children else None,
         )
     except ProcessExited as exc:
         raise ChildDied(next(c for c in children if c.proc is exc.proc)) from None
@@ -240,6 +284,7 @@ def banner(children: list[Child], c: ClusterConfig, elapsed_s: float) -> str:
         f"  decode   {decode.url}  dp {c.decode_dp}  (pid {pid['decode']})",
         "Try:",
         f"  curl {router.url}/v1/chat/completions -H 'Content-Type: application/json' \\",
+        *(["    -H 'Authorization: Bearer <the --api-key>' \\"] if c.api_key else []),
         """    -d '{"messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 32, "temperature": 0}'""",
         "Ctrl-C stops everything.",
     ]

@@ -52,10 +52,13 @@ def port_is_free(host: str, port: int) -> bool:
         return True
 
 
-def http_status(url: str, timeout_s: float = 2.0) -> int | None:
+def http_status(
+    url: str, timeout_s: float = 2.0, headers: dict[str, str] | None = None
+) -> int | None:
     """The status of GET url, or None when nothing answers."""
     try:
-        with urllib.request.urlopen(url, timeout=timeout_s) as resp:
+        request = urllib.request.Request(url, headers=headers or {})
+        with urllib.request.urlopen(request, timeout=timeout_s) as resp:
             return resp.status
     except urllib.error.HTTPError as exc:
         return exc.code
@@ -72,6 +75,7 @@ def wait_ready(
     interval_s: float = 0.1,
     stop: threading.Event | None = None,
     status_timeout_s: float = 2.0,
+    headers: dict[str, str] | None = None,
 ) -> bool:
     """Poll `urls` in order until each answers 200 (or 404, for those in `optional`).
     Raises ProcessExited as soon as one of `procs` ends, NotReady at the deadline; returns
@@ -79,7 +83,7 @@ def wait_ready(
     deadline = time.monotonic() + timeout_s
     for url in urls:
         ok = {200, 404} if url in optional else {200}
-        while http_status(url, status_timeout_s) not in ok:
+        while http_status(url, status_timeout_s, headers) not in ok:
             for proc in procs:
                 if proc.poll() is not None:
                     raise ProcessExited(proc, url)

@@ -16,7 +16,13 @@ PACKAGE_DIR = Path(__file__).resolve().parent.parent / "pdserve"
 # Bottom first. A unit is a subpackage or a top-level module; a module may import its own
 # unit and units of lower layers. Units sharing a layer are peers and import neither way.
 LAYERS: list[set[str]] = [
-    {"pdserve", "pdserve.auth", "pdserve.config", "pdserve.envs", "pdserve.procs"},  # not PD specific
+    {
+        "pdserve",
+        "pdserve.auth",
+        "pdserve.config",
+        "pdserve.envs",
+        "pdserve.procs",
+    },  # not PD specific
     {"pdserve.engine"},
     {"pdserve.serving"},
     {"pdserve.disagg", "pdserve.router"},

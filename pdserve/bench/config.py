@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from pdserve import envs
 from pdserve.config import check, opt
 
 ENDPOINTS = ["generate", "completions", "chat"]
@@ -76,6 +77,11 @@ class BenchConfig:
     temperature: float = opt(0.0, "sampling temperature")
     ignore_eos: bool = opt(True, "ask the server to ignore EOS so outputs reach their length")
     extra_body: str | None = opt(None, "JSON object merged into every request body")
+    api_key: str | None = opt(
+        envs.api_key(),
+        "sent as 'Authorization: Bearer <key>' on every request (default: env PDSERVE_API_KEY)",
+        repr=False,
+    )
     request_timeout_s: float = opt(600.0, "deadline for one request, headers to last byte")
     # report
     slo_ttft_ms: float | None = opt(None, "goodput: TTFT limit in ms (default: no limit)")

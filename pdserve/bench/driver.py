@@ -14,6 +14,7 @@ from typing import Any
 
 import aiohttp
 
+from pdserve.auth import bearer_header
 from pdserve.bench import client, conversations, report, runner
 from pdserve.bench.config import BenchConfig
 from pdserve.bench.metrics import RequestRecord, summarize
@@ -30,6 +31,13 @@ class Prepared:
     prompts: list[Prompt]
     trace_times: list[float] | None
     info: dict[str, Any]
+
+
+def client_session(cfg: BenchConfig) -> aiohttp.ClientSession:
+    """No connection cap; every request carries --api-key as a Bearer token when set."""
+    return aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=0), headers=bearer_header(cfg.api_key)
+    )
 
 
 async def connect(
@@ -72,7 +80,7 @@ async def run_multiturn(
     cfg: BenchConfig, on_record: Callable[[RequestRecord], None] | None = None
 ) -> dict[str, Any]:
     """`pdserve bench --dataset-name multiturn`: conversations instead of independent prompts."""
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+    async with client_session(cfg) as session:
         target, tokenizer, info = await connect(session, cfg)
         plans = conversations.build_plans(cfg, tokenizer)
         warmup = conversations.warmup_prompts(cfg, tokenizer)
@@ -174,7 +182,7 @@ async def run_single(
     cfg: BenchConfig, on_record: Callable[[RequestRecord], None] | None = None
 ) -> dict[str, Any]:
     """`pdserve bench` without a sweep: one run at --request-rate, reported and saved."""
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+    async with client_session(cfg) as session:
         prep = await prepare(session, cfg)
         result = await measure(session, cfg, prep, cfg.request_rate, on_record)
     print(report.format_table(result))
@@ -194,7 +202,7 @@ async def run_sweep(cfg: BenchConfig) -> dict[str, Any]:
     and the sweep's summary (every run less its per-request records) goes to --output."""
     sweep = RateSweep(cfg.sweep_rates, cfg.sweep_target, cfg.sweep_search_steps)
     runs = []
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+    async with client_session(cfg) as session:
         prep = await prepare(session, cfg)
         while (rate := sweep.next_rate()) is not None:
             result = await measure(session, cfg, prep, rate)
@@ -227,7 +235,7 @@ def main(cfg: BenchConfig) -> int:
     """Run the benchmark; exit status 1 when every request failed."""
     from pdserve.bench.launch import launched
 
-    with launched(cfg.launch, cfg.base_url, cfg.launch_timeout_s):
+    with launched(cfg.launch, cfg.base_url, cfg.launch_timeout_s, cfg.api_key):
         if cfg.sweep_rates:
             asyncio.run(run_sweep(cfg))
             return 0

@@ -15,6 +15,7 @@ import threading
 from collections.abc import Iterator
 
 from pdserve import procs
+from pdserve.auth import bearer_header
 
 # every path must answer 200; a router's /readiness (pdserve, sglang-router) waits for its
 # workers, and servers without that route answer 404, which counts as ready
@@ -26,7 +27,13 @@ STATUS_TIMEOUT_S = 5.0
 LOG_TAIL_CHARS = 4000
 
 
-def wait_ready(proc: subprocess.Popen, base_url: str, timeout_s: float, log_path: str) -> None:
+def wait_ready(
+    proc: subprocess.Popen,
+    base_url: str,
+    timeout_s: float,
+    log_path: str,
+    api_key: str | None = None,
+) -> None:
     """Poll every READY_PATHS until each answers 200 (404 for an optional one); RuntimeError
     with the log's tail when the process exits first or the deadline passes."""
     try:
@@ -37,6 +44,7 @@ def wait_ready(proc: subprocess.Popen, base_url: str, timeout_s: float, log_path
             optional={base_url + path for path in OPTIONAL_PATHS},
             interval_s=POLL_INTERVAL_S,
             status_timeout_s=STATUS_TIMEOUT_S,
+            headers=bearer_header(api_key),
         )
     except procs.ProcessExited as exc:
         raise RuntimeError(
@@ -47,7 +55,9 @@ def wait_ready(proc: subprocess.Popen, base_url: str, timeout_s: float, log_path
 
 
 @contextlib.contextmanager
-def launched(command: str | None, base_url: str, timeout_s: float) -> Iterator[None]:
+def launched(
+    command: str | None, base_url: str, timeout_s: float, api_key: str | None = None
+) -> Iterator[None]:
     """Run `command` (a shell-style string, no shell; a leading `pdserve` means this Python's
     `-m pdserve`) for the duration of the block, its output in a log file; nothing happens
     when `command` is None."""
@@ -65,7 +75,7 @@ def launched(command: str | None, base_url: str, timeout_s: float) -> Iterator[N
     )  # fmt: skip
     with _exit_on_sigterm():
         try:
-            wait_ready(proc, base_url.rstrip("/"), timeout_s, log.name)
+            wait_ready(proc, base_url.rstrip("/"), timeout_s, log.name, api_key)
             yield
         finally:
             procs.stop_group(proc, STOP_TIMEOUT_S)

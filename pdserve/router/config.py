@@ -9,6 +9,8 @@ from dataclasses import dataclass
 from typing import Literal
 from urllib.parse import urlsplit
 
+from pdserve import envs
+from pdserve.auth import api_key_ok
 from pdserve.config import check, opt
 
 POLICIES = ["round_robin", "random", "power_of_two", "cache_aware"]
@@ -54,6 +56,12 @@ class RouterConfig:
 
     host: str = opt("127.0.0.1", "address the router listens on")
     port: int = opt(30000, "HTTP port of the router")
+    api_key: str | None = opt(
+        envs.api_key(),
+        "clients must send 'Authorization: Bearer <key>' (every route but /health), and the "
+        "router sends it to its workers (default: env PDSERVE_API_KEY; unset: no key)",
+        repr=False,
+    )
     policy: str = opt("round_robin", "worker choice policy for both roles", choices=POLICIES)
     prefill_policy: str | None = opt(
         None, "policy for prefill servers; unset: --policy", choices=POLICIES
@@ -114,6 +122,10 @@ class RouterConfig:
 
     def __post_init__(self) -> None:
         check(0 < self.port < 65536, f"--port out of range: {self.port}")
+        check(
+            api_key_ok(self.api_key),
+            "--api-key must be visible ASCII without spaces (it travels in a header)",
+        )
         roles = {w.role for w in self.workers}
         check(
             "regular" not in roles or roles == {"regular"},

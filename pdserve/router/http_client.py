@@ -104,14 +104,16 @@ class Response:
 class Pool:
     """Keep-alive connections to one worker (base URL like http://host:port)."""
 
-    def __init__(self, base_url: str, connect_timeout_s: float, keepalive_s: float):
+    def __init__(
+        self, base_url: str, connect_timeout_s: float, keepalive_s: float, extra_head: bytes = b""
+    ):
         parts = urlsplit(base_url)
         self.host = parts.hostname or ""
         self.ssl = ssl.create_default_context() if parts.scheme == "https" else None
         self.port = parts.port or (443 if self.ssl else 80)
         self.connect_timeout_s = connect_timeout_s
         self.keepalive_s = keepalive_s
-        self._host_line = f"Host: {parts.netloc}\r\n".encode("latin-1")
+        self._host_line = f"Host: {parts.netloc}\r\n".encode("latin-1") + extra_head
         self.retired = False  # its worker left: no connection goes back to it
         self._idle: list[Connection] = []
         self._all: set[Connection] = set()
@@ -177,17 +179,21 @@ class Pool:
 
 
 class HttpClient:
-    """One pool per worker base URL."""
+    """One pool per worker base URL; every request carries `api_key` as a Bearer token."""
 
-    def __init__(self, connect_timeout_s: float = 5.0, keepalive_s: float = 60.0):
+    def __init__(
+        self, connect_timeout_s: float = 5.0, keepalive_s: float = 60.0, api_key: str | None = None
+    ):
         self.connect_timeout_s = connect_timeout_s
         self.keepalive_s = keepalive_s
+        self._extra_head = f"Authorization: Bearer {api_key}\r\n".encode() if api_key else b""
         self._pools: dict[str, Pool] = {}
 
     def pool(self, base_url: str) -> Pool:
         pool = self._pools.get(base_url)
         if pool is None:
-            pool = self._pools[base_url] = Pool(base_url, self.connect_timeout_s, self.keepalive_s)
+            pool = Pool(base_url, self.connect_timeout_s, self.keepalive_s, self._extra_head)
+            self._pools[base_url] = pool
         return pool
 
     async def request(

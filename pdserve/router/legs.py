@@ -226,7 +226,7 @@ class LegContext:
     def __init__(self, config: RouterConfig, metrics: RouterMetrics):
         self.config = config
         self.metrics = metrics
-        self.client = HttpClient(config.connect_timeout_s)
+        self.client = HttpClient(config.connect_timeout_s, api_key=config.api_key)
         self.leg_timeout_s = config.request_timeout_s
         self._background: set[asyncio.Task] = set()
 

@@ -120,6 +120,11 @@ class RouterMetrics:
             buckets=DURATION_BUCKETS_S,
             registry=r,
         )
+        self.auth_refusals = Counter(
+            "pdserve_router_auth_refusals",
+            "Client requests refused for a missing or wrong API key",
+            registry=r,
+        )
         self.healthy = Gauge(
             "pdserve_router_worker_healthy",
             "1 while the worker is healthy",

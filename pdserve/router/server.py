@@ -12,6 +12,7 @@ import signal
 import time
 from typing import Any
 
+from pdserve.auth import bearer_ok, is_loopback
 from pdserve.router.body import CHAT, COMPLETIONS, GENERATE
 from pdserve.router.config import RouterConfig, WorkerSpec
 from pdserve.router.fanout import get_load, health_generate
@@ -36,6 +37,7 @@ MAX_BODY_BYTES = 512 * 1024 * 1024
 SHUTDOWN_GRACE_S = 10.0
 # Allocations between young-generation collections (Python's default is 700).
 GC_GEN0_THRESHOLD = 20_000
+OPEN_PATHS = frozenset({"/health"})
 
 
 class Router:
@@ -69,7 +71,32 @@ class Router:
             "/v1/models": {"GET": self._from_decode("/v1/models")},
             "/model_info": {"GET": self._from_decode("/model_info")},
         }
-        return routes
+        return self._guarded(routes)
+
+    def _guarded(self, routes: dict[str, dict[str, Handler]]) -> dict[str, dict[str, Handler]]:
+        """With --api-key: every route but /health answers 401 without the Bearer key."""
+        key = self.config.api_key
+        if not key:
+            return routes
+        return {
+            path: (
+                methods
+                if path in OPEN_PATHS
+                else {method: self._with_key(handler, key) for method, handler in methods.items()}
+            )
+            for path, methods in routes.items()
+        }
+
+    def _with_key(self, handler: Handler, key: str) -> Handler:
+        async def guarded(request: Request) -> Response | StreamResponse:
+            if bearer_ok(request.header("Authorization"), key):
+                return await handler(request)
+            self.metrics.auth_refusals.inc()
+            return error_response(
+                401, "missing or wrong API key: send 'Authorization: Bearer <key>'"
+            )
+
+        return guarded
 
     def start(self) -> None:
         self.monitor.start(self.proxy.client, self.config.workers)
@@ -200,7 +227,8 @@ async def _serve_metrics(router: Router) -> HttpServer | None:
     c = router.config
     if c.prometheus_port is None:
         return None
-    server = HttpServer({"/metrics": {"GET": router.metrics_route}}, max_body_bytes=0)
+    routes = router._guarded({"/metrics": {"GET": router.metrics_route}})
+    server = HttpServer(routes, max_body_bytes=0)
     await server.start(c.prometheus_host, c.prometheus_port)
     return server
 
@@ -226,6 +254,13 @@ async def serve(config: RouterConfig) -> None:
         loop.add_signal_handler(sig, stop.set)
     tune_gc()
     log.info("router listening on http://%s:%d", config.host, config.port)
+    if not config.api_key and not is_loopback(config.host):
+        log.warning(
+            "WARNING: router bound to %s without --api-key: anyone who reaches port %d can "
+            "use it and, through it, every worker",
+            config.host,
+            config.port,
+        )
     print(f"pdserve router ready on http://{config.host}:{config.port}", flush=True)
     await stop.wait()
     if metrics_server is not None:

@@ -10,6 +10,7 @@ import argparse
 from dataclasses import dataclass
 
 from pdserve import envs
+from pdserve.auth import api_key_ok
 from pdserve.config import add_arguments, check, from_args, opt
 from pdserve.engine.config import EngineConfig
 
@@ -59,6 +60,10 @@ class ServerArgs:
     )
 
     def __post_init__(self) -> None:
+        check(
+            api_key_ok(self.api_key),
+            "--api-key must be visible ASCII without spaces (it travels in a header)",
+        )
         check(self.mode in MODES, f"--mode must be one of {MODES}, got {self.mode!r}")
         check(0 < self.port < 65536, f"--port out of range: {self.port}")
         check(self.dp_size >= 1, f"--dp-size must be >= 1, got {self.dp_size}")
