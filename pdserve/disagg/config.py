@@ -19,7 +19,9 @@ TRANSFER_BACKENDS = ["zmq", "fake", "cuda_ipc"]
 class DisaggConfig:
     bootstrap_port: int = opt(8998, "prefill: port of the bootstrap server it hosts")
     bootstrap_host: str | None = opt(
-        None, "prefill: host advertised for the bootstrap server and KV endpoints (default: --host)"
+        None,
+        "prefill: host advertised for the bootstrap server and KV endpoints only "
+        "(default: --advertise-host)",
     )
     transfer_backend: str = opt("zmq", "KV transfer backend", choices=TRANSFER_BACKENDS)
     force_query_prefill_dp_rank: bool = opt(

@@ -31,6 +31,7 @@ from pdserve.disagg.rank_resolver import (
     registers_all_rooms,
     resolve_decode,
 )
+from pdserve.disagg.worker_side import advertised_host
 from pdserve.serving.hooks import FrontendHooks, RequestError
 from pdserve.serving.pd_fields import PDFields, RoomAddress
 from pdserve.serving.protocol import GenerateReq, ReqOutput
@@ -103,6 +104,7 @@ class PrefillFrontendHooks(_PDFrontendHooks):
             "registers_all_rooms": registers_all_rooms(self.method, self.force),
             "force_query_prefill_dp_rank": self.force,
             "transfer_backend": self.cfg.disagg.transfer_backend,
+            "bootstrap_host": advertised_host(self.cfg),
         }
 
     async def prepare(self, req: GenerateReq, dp_rank: int, pd: PDFields) -> GenerateReq:

@@ -11,6 +11,7 @@ import threading
 import uuid
 from typing import TYPE_CHECKING
 
+from pdserve import netaddr
 from pdserve.disagg.bootstrap_client import bootstrap_url, register_worker_blocking
 from pdserve.disagg.bootstrap_registry import WorkerRegistration
 from pdserve.disagg.rank_resolver import registers_all_rooms
@@ -25,9 +26,11 @@ log = logging.getLogger(__name__)
 
 
 def advertised_host(cfg: PDServerConfig) -> str:
-    """The host peers should use to reach this server's bootstrap server and KV endpoints."""
-    host = cfg.disagg.bootstrap_host or cfg.server.host
-    return "127.0.0.1" if host in ("0.0.0.0", "", "::") else host
+    """The host peers should use to reach this server's bootstrap server and KV endpoints;
+    never loopback for a routable bind (see netaddr.py)."""
+    return netaddr.advertised_host(
+        cfg.server.host, cfg.disagg.bootstrap_host or cfg.server.advertise_host
+    )
 
 
 def make_worker_hooks(cfg: PDServerConfig, engine: Engine, dp_rank: int) -> WorkerHooks:
@@ -37,7 +40,8 @@ def make_worker_hooks(cfg: PDServerConfig, engine: Engine, dp_rank: int) -> Work
         transport = make_transport(
             cfg.disagg.transfer_backend,
             engine.kv_pool,
-            listen_host=advertised_host(cfg),
+            listen_host=cfg.server.host,
+            advertise_host=advertised_host(cfg),
             options=_options(cfg),
         )
         hooks = PrefillWorkerHooks(engine, cfg.disagg, transport, dp_rank)
@@ -87,7 +91,8 @@ def _register_in_background(
     """PUT /route from a thread: the front end may start its bootstrap server after this
     worker reports ready, so registration must not block the worker loop."""
     reg = registration(cfg, engine, dp_rank, endpoint)
-    url = bootstrap_url(advertised_host(cfg), cfg.disagg.bootstrap_port)
+    # Its own front end's bootstrap server: reached on this machine, whatever is advertised.
+    url = bootstrap_url(netaddr.local_host(cfg.server.host), cfg.disagg.bootstrap_port)
 
     def run() -> None:
         try:

@@ -25,7 +25,16 @@ LOG_LEVELS = ["debug", "info", "warning", "error"]
 @dataclass(frozen=True)
 class ServerArgs:
     mode: str = opt("colocated", "colocated (no disaggregation), prefill or decode", choices=MODES)
-    host: str = opt("127.0.0.1", "HTTP host to bind")
+    host: str = opt(
+        "127.0.0.1",
+        "address every listener of this server binds: HTTP, and on prefill the bootstrap "
+        "server and the KV control and data ports (0.0.0.0: all interfaces)",
+    )
+    advertise_host: str | None = opt(
+        None,
+        "address peers are told to reach this server's listeners at (NAT, containers); "
+        "default: --host, or for 0.0.0.0 this machine's routable address",
+    )
     api_key: str | None = opt(
         envs.api_key(),
         "every route but /health requires 'Authorization: Bearer <key>' (default: env "

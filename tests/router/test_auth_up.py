@@ -87,4 +87,3 @@ def test_up_with_credentials_guards_every_process_and_bench_passes_the_key(tmp_p
         assert up.proc.wait(60) == 0
     finally:
         up.kill_everything()
-
