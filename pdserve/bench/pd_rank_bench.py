@@ -31,9 +31,16 @@ def _free_port() -> int:
 class Proc:
     """A `python -m pdserve serve ...` child in its own process group."""
 
-    def __init__(self, args: list[str], ready_urls: list[str], timeout_s: float = 300.0):
+    def __init__(
+        self,
+        args: list[str],
+        ready_urls: list[str],
+        timeout_s: float = 300.0,
+        env: dict[str, str] | None = None,
+    ):
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "pdserve", "serve", *args],
+            env={**os.environ, **(env or {})},
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             start_new_session=True,
