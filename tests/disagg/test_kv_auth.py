@@ -72,3 +72,18 @@ def test_a_handshake_altered_in_flight_is_refused():
     sent = kv_auth.sign("s", _handshake(), NOW)
     altered = msgspec.structs.replace(sent, decode_id="evil")
     assert "secrets differ" in kv_auth.check(ProofChecker("s"), altered, NOW)
+
+
+def test_a_routable_bind_without_the_secret_is_warned_about():
+    from pdserve.disagg.config import DisaggConfig, PDServerConfig
+    from pdserve.disagg.frontend import _secret_warnings
+    from pdserve.engine.config import EngineConfig
+    from pdserve.serving.config import ServerArgs
+
+    def warnings(host: str, secret: str | None) -> list[str]:
+        server = ServerArgs(mode="prefill", host=host)
+        cfg = PDServerConfig(server, EngineConfig(), DisaggConfig(disagg_secret=secret))
+        return _secret_warnings(cfg)
+
+    assert "without --disagg-secret" in warnings("0.0.0.0", None)[0]
+    assert warnings("0.0.0.0", "s") == [] and warnings("127.0.0.1", None) == []

@@ -90,7 +90,12 @@ def machines() -> Iterator[dict]:
                 "router", "--host", B, "--port", str(PORT["router"]),
                 "--prefill", prefill_url, str(PORT["bootstrap"]), "--decode", decode_url,
             ], [f"http://{B}:{PORT['router']}/readiness"]))  # fmt: skip
-            yield {"ns": ns, "prefill": prefill_url, "router": f"http://{B}:{PORT['router']}"}
+            yield {
+                "ns": ns,
+                "prefill": prefill_url,
+                "router": f"http://{B}:{PORT['router']}",
+                "servers": started,
+            }
         finally:
             for server in reversed(started):
                 server.__exit__(None, None, None)
@@ -103,6 +108,14 @@ def test_prefill_bound_to_all_interfaces_advertises_its_routable_address(machine
     bootstrap = f"http://{A}:{PORT['bootstrap']}/route?prefill_dp_rank=0"
     status, worker = netns.call_in(ns["b"], lambda: http_json("GET", bootstrap))
     assert status == 200 and worker["kv_endpoint"].startswith(f"tcp://{A}:"), worker
+
+
+def test_a_routable_bind_without_a_credential_is_warned_at_start(machines):
+    prefill_log, decode_log, router_log = (s.output() for s in machines["servers"])
+    assert "WARNING: HTTP bound to 0.0.0.0 without --api-key" in prefill_log
+    assert f"WARNING: HTTP bound to {B} without --api-key" in decode_log
+    assert f"WARNING: router bound to {B} without --api-key" in router_log
+    assert "without --disagg-secret" not in prefill_log + decode_log  # they have the secret
 
 
 def test_tokens_cross_the_veth_and_equal_the_colocated_ones(machines):
