@@ -37,6 +37,10 @@ class DecodeRoom:
     state: RoomState = RoomState.BOOTSTRAPPING
     arrived_at: float = 0.0  # the request, at this worker
     page_list_sent_at: float = 0.0
+    # Pages the KV transfer writes: the prompt's pages past the cached prefix decode pinned
+    # (`num_cached_tokens`, which the transfer skips).
+    dst_page_ids: list[int] = field(default_factory=list)
+    num_cached_tokens: int = 0
     kv_pages: int = 0
     kv_bytes: int = 0
 
@@ -187,7 +191,7 @@ class DecodeWorkerHooks(WorkerHooks):
             return self._fail(
                 msg.room, 500, f"corrupt KV status for room {msg.room}: room check failed"
             )
-        expected = len(room.req.page_ids)
+        expected = len(room.dst_page_ids)
         if self.transport.name != "fake" and room.kv_pages != expected:
             return self._fail(
                 msg.room,
@@ -196,6 +200,9 @@ class DecodeWorkerHooks(WorkerHooks):
             )
         room.move(RoomState.SUCCESS)
         self._forget(msg.room)
+        # The client's cached_tokens are the prompt tokens prefill did not compute; the ones
+        # decode held already (not transferred) are reported as decode_cached_tokens.
+        room.req.cached_tokens = first.cached_tokens
         try:
             steps = self.engine.admit_prefilled(
                 room.req.rid, first.token_id, first.logprob, first.top_logprobs
@@ -216,6 +223,7 @@ class DecodeWorkerHooks(WorkerHooks):
                     "decode_kv_wait": now - room.page_list_sent_at,
                     "decode_total": _now() - room.arrived_at,  # to the first token's output
                 },
+                decode_cached_tokens=room.num_cached_tokens,
             )
         return outputs
 
@@ -231,17 +239,22 @@ class DecodeWorkerHooks(WorkerHooks):
         if room.state is not RoomState.BOOTSTRAPPING or not peer.handshake_ok:
             return []
         try:
-            if not self.engine.reserve(room.req):
-                return []  # no free pages yet; retried every poll until the deadline
+            # The cached prefix of the prompt is pinned; only the pages past it are new.
+            dst_page_ids = self.engine.reserve(room.req, use_cache=True)
         except ValueError as exc:  # RequestRejected: it can never fit this decode server
             return self._fail(room.room, 400, str(exc))
+        if dst_page_ids is None:
+            return []  # no free pages yet; retried every poll until the deadline
+        room.dst_page_ids = dst_page_ids
+        room.num_cached_tokens = room.req.cached_tokens
         room.move(RoomState.WAITING_FOR_INPUT)
         room.deadline = now + self.cfg.kv_wait_timeout_s
         room.page_list_sent_at = now
         page_list = m.PageList(
             room=room.room,
-            dst_page_ids=list(room.req.page_ids),
+            dst_page_ids=list(dst_page_ids),
             prompt_len=len(room.req.prompt_ids),
+            num_cached_tokens=room.num_cached_tokens,
         )
         if not self._send(peer, page_list):
             return self._fail(room.room, 503, f"prefill worker at {peer.endpoint} is unreachable")

@@ -55,7 +55,7 @@ class _PDFrontendHooks(FrontendHooks):
 
     def on_output(self, req: GenerateReq, out: ReqOutput) -> None:
         if out.kv_bytes or out.kv_transfer_s is not None:
-            self.metrics.transfer(out.kv_bytes, out.kv_transfer_s)
+            self.metrics.transfer(out.kv_bytes, out.kv_transfer_s, out.decode_cached_tokens)
         if out.stage_s:
             self.metrics.stages(out.stage_s)
         if out.error_message:

@@ -10,7 +10,8 @@ import msgspec
 
 from pdserve.engine.kv_layout import KVLayout
 
-PROTOCOL_VERSION = 1
+# 2: PageList carries num_cached_tokens and prefill sends only the pages past it.
+PROTOCOL_VERSION = 2
 
 
 class HandshakeProof(msgspec.Struct, frozen=True, kw_only=True):
@@ -38,11 +39,15 @@ class HandshakeResult(msgspec.Struct, tag=True, kw_only=True):
 
 
 class PageList(msgspec.Struct, tag=True, kw_only=True):
-    """decode -> prefill: where to write room's KV. Either this or the request may come first."""
+    """decode -> prefill: where to write room's KV. Either this or the request may come first.
+
+    Decode holds the prompt's first `num_cached_tokens` tokens already (page-aligned, at most
+    prompt_len - 1): `dst_page_ids` are for the pages past them only (the delta)."""
 
     room: int
     dst_page_ids: list[int]
     prompt_len: int
+    num_cached_tokens: int = 0
 
 
 class FirstToken(msgspec.Struct, frozen=True, kw_only=True):

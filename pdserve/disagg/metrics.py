@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     from pdserve.disagg.bootstrap_registry import BootstrapRegistry
     from pdserve.serving.metrics import ServerMetrics
 
+REQUEST_BYTES_BUCKETS = tuple(float(1 << n) for n in range(12, 34, 2))  # 4 KiB .. 8 GiB
 TRANSFER_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 STAGES = (  # a PD request's stages, as its workers time them (ReqOutput.stage_s)
     "prefill_compute",
@@ -92,6 +93,15 @@ class DisaggMetrics:
             "disagg_failures", "requests failed by the disaggregation layer, by reason", ["reason"]
         )
         self.kv_bytes = metrics.counter("kv_transfer_bytes", "KV bytes transferred")
+        self.kv_request_bytes = metrics.histogram(
+            "kv_transfer_request_bytes",
+            "KV bytes sent (prefill) or received (decode) per request",
+            buckets=REQUEST_BYTES_BUCKETS,
+        )
+        self.kv_skipped_tokens = metrics.counter(
+            "kv_transfer_skipped_tokens",
+            "decode: prompt tokens whose KV decode held already, so none was transferred",
+        )
         self.kv_seconds = metrics.histogram(
             "kv_transfer_seconds",
             "time from page list to KV arrival (decode) or send done (prefill)",
@@ -127,7 +137,10 @@ class DisaggMetrics:
         for stage, seconds in stage_s.items():
             self.stage_seconds.labels(stage=stage).observe(seconds)
 
-    def transfer(self, num_bytes: int, seconds: float | None) -> None:
+    def transfer(self, num_bytes: int, seconds: float | None, num_skipped_tokens: int) -> None:
+        """One request's KV transfer, as its side saw it (reported once per request)."""
         self.kv_bytes.inc(num_bytes)
+        self.kv_request_bytes.observe(num_bytes)
+        self.kv_skipped_tokens.inc(num_skipped_tokens)
         if seconds is not None:
             self.kv_seconds.observe(seconds)

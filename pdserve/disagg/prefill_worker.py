@@ -16,6 +16,7 @@ from pdserve.auth import ProofChecker
 from pdserve.disagg import kv_auth
 from pdserve.disagg import messages as m
 from pdserve.disagg.config import DisaggConfig
+from pdserve.disagg.delta import delta_error, pages_to_send
 from pdserve.disagg.rooms import IllegalRoomTransition, RoomState, error_output, transition
 from pdserve.disagg.transfer.base import Inbound, KVTransport, PeerLost
 from pdserve.engine.request import FinishReason
@@ -41,6 +42,7 @@ class PrefillRoom:
     peer: object | None = None  # decode's page list: who sent it, where the KV goes
     dst_page_ids: list[int] | None = None
     dst_prompt_len: int = 0
+    num_cached_tokens: int = 0  # decode holds these prompt tokens: their pages are not sent
     # Handed over by the engine once the prompt is computed; held until engine.release().
     src_page_ids: list[int] | None = None
     first: m.FirstToken | None = None
@@ -272,28 +274,36 @@ class PrefillWorkerHooks(WorkerHooks):
             self._send(peer, m.RoomStatus(room=msg.room, ok=False, error="duplicate page list"))
             return []
         room.peer, room.dst_page_ids, room.dst_prompt_len = peer, msg.dst_page_ids, msg.prompt_len
+        room.num_cached_tokens = msg.num_cached_tokens
         return self._maybe_send(room, now)
 
     def _maybe_send(self, room: PrefillRoom, now: float) -> list[ReqOutput]:
         """Starts the send once the room has both sides and the engine's pages."""
         if room.state is not RoomState.WAITING_FOR_INPUT or room.src_page_ids is None:
             return []
-        if room.dst_prompt_len != room.prompt_len or len(room.dst_page_ids) != len(
-            room.src_page_ids
-        ):
+        mismatch = delta_error(
+            room.num_cached_tokens,
+            room.prompt_len,
+            self.layout.page_size,
+            len(room.src_page_ids),
+            len(room.dst_page_ids),
+        )
+        if room.dst_prompt_len != room.prompt_len or mismatch:
             reason = (
-                f"room {room.room}: decode expects {room.dst_prompt_len} prompt tokens in "
-                f"{len(room.dst_page_ids)} pages, prefill has {room.prompt_len} tokens "
-                f"in {len(room.src_page_ids)} pages (do both servers use the same model, "
-                f"tokenizer and --page-size?)"
+                f"room {room.room}: decode expects {room.dst_prompt_len} prompt tokens, prefill "
+                f"has {room.prompt_len}; {mismatch or 'pages agree'} (do both servers use the "
+                f"same model, tokenizer and --page-size?)"
             )
             return self._fail_room(room.room, 500, reason, now)
+        src_page_ids = pages_to_send(
+            room.src_page_ids, room.num_cached_tokens, self.layout.page_size
+        )
         room.move(RoomState.TRANSFERRING)
         status = m.RoomStatus(room=room.room, ok=True, first=room.first)
         room.send_started_at = now
         try:
             room.send_handle = self.transport.send_kv(
-                room.peer, room.room, list(room.src_page_ids), list(room.dst_page_ids), status
+                room.peer, room.room, src_page_ids, list(room.dst_page_ids), status
             )
         except Exception as exc:  # the decode peer vanished
             return self._fail_room(

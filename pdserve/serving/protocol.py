@@ -88,6 +88,7 @@ class ReqOutput(msgspec.Struct, tag=True, kw_only=True, omit_defaults=True):
     kv_transfer_s: float | None = None
     # disaggregation: seconds spent in each stage of this worker's leg (for metrics)
     stage_s: dict[str, float] | None = None
+    decode_cached_tokens: int = 0  # prompt tokens decode held already: not transferred
 
 
 class WorkerLoad(msgspec.Struct, tag=True, kw_only=True):

@@ -1,0 +1,195 @@
+"""Delta transfer through real prefill and decode servers (tiny-random): decode reuses the
+prompt pages it holds, prefill ships only the rest, and the tokens equal those of a server
+with the prefix cache off, for conversations, shared prefixes and prompts decode holds all
+but the last page of."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import requests
+
+from tests.conftest import TINY_ARGS
+from tests.disagg.pd_driver import (
+    get_load,
+    metric_value,
+    pd_generate,
+    pd_generate_async,
+    run_many,
+    wait_idle,
+)
+from tests.helpers import launch_server
+
+PAGE = 16  # the servers' default --page-size
+
+
+def _pages(num_tokens: int) -> int:
+    return -(-num_tokens // PAGE)
+
+
+def _body(ids: list[int], max_new_tokens: int = 6, seed: int | None = None) -> dict:
+    sampling = {"max_new_tokens": max_new_tokens, "temperature": 0, "ignore_eos": True}
+    if seed is not None:
+        sampling.update(temperature=0.9, top_p=0.95, seed=seed)
+    return {"input_ids": ids, "sampling_params": sampling}
+
+
+@pytest.fixture(scope="module")
+def cache_off():
+    """The reference: a colocated server without a prefix cache."""
+    with launch_server([*TINY_ARGS, "--disable-radix-cache"]) as server:
+        yield server
+
+
+def _reference(server, body: dict) -> list[int]:
+    resp = requests.post(server.url + "/generate", json=body, timeout=60)
+    assert resp.status_code == 200, resp.text
+    return resp.json()["output_ids"]
+
+
+@pytest.fixture(scope="module")
+def pair(pd_module):
+    prefill = pd_module.prefill(1)
+    decode = pd_module.decode(1)
+    return prefill, decode
+
+
+def _pd(pair, body: dict):
+    prefill, decode = pair
+    result = pd_generate(prefill.url, decode.url, body, bootstrap_port=prefill.bootstrap_port)
+    assert result.prefill.ok, result.prefill.error
+    assert result.decode.ok, result.decode.error
+    return result.prefill.body["meta_info"], result.decode.body
+
+
+def _flush(url: str) -> None:
+    assert requests.post(url + "/flush_cache", timeout=10).status_code == 200
+
+
+def test_a_conversation_moves_only_the_new_pages_with_the_tokens_of_no_cache(pair, cache_off):
+    prefill, decode = pair
+    rng = random.Random(7)
+    prompt = [rng.randrange(3, 250) for _ in range(5 * PAGE + 3)]
+    page_nbytes = None
+    held_tokens = 0  # tokens whose KV decode computed in the previous turn (its cache)
+    for turn in range(4):
+        body = _body(prompt, max_new_tokens=9)
+        prefill_meta, answer = _pd(pair, body)
+        meta = answer["meta_info"]
+        assert answer["output_ids"] == _reference(cache_off, body), f"turn {turn}"
+        expected_hit = min(held_tokens, len(prompt) - 1) // PAGE * PAGE
+        assert meta["decode_cached_tokens"] == expected_hit, f"turn {turn}"
+        num_sent_pages = _pages(len(prompt)) - expected_hit // PAGE
+        if page_nbytes is None:
+            page_nbytes = meta["kv_transfer_bytes"] // num_sent_pages
+        # Both sides count the same bytes: the pages past decode's cached prefix only.
+        assert meta["kv_transfer_bytes"] == num_sent_pages * page_nbytes, f"turn {turn}"
+        assert prefill_meta["kv_transfer_bytes"] == meta["kv_transfer_bytes"]
+        # The client's cached_tokens are prefill's (the prompt it did not compute).
+        assert meta["cached_tokens"] == prefill_meta["cached_tokens"]
+        if turn:
+            assert meta["cached_tokens"] > 0 and expected_hit > 0
+        # The last answer token has no KV yet: decode cached prompt + answer[:-1].
+        held_tokens = len(prompt) + len(answer["output_ids"]) - 1
+        user = [rng.randrange(3, 250) for _ in range(rng.choice([5, PAGE, 2 * PAGE + 9]))]
+        prompt = prompt + answer["output_ids"] + user
+    wait_idle([prefill.url, decode.url])
+    for load in get_load(decode.url):  # nothing stays pinned: every cached page evictable
+        assert load["num_cached_pages"] > 0
+        assert load["num_evictable_pages"] == load["num_cached_pages"]
+
+
+@pytest.mark.parametrize("length", [3 * PAGE, 3 * PAGE + 1, 3 * PAGE + 7])
+def test_decode_holding_all_but_the_last_page_gets_the_right_first_token(
+    pair, cache_off, length
+):
+    prefill, decode = pair
+    rng = random.Random(length)
+    prompt = [rng.randrange(3, 250) for _ in range(length)]
+    body = _body(prompt, max_new_tokens=4)
+    reference = _reference(cache_off, body)
+    _, first = _pd(pair, body)
+    assert first["output_ids"] == reference
+    # Prefill forgets the prompt, decode keeps it: prefill recomputes every token and
+    # sends only the last page (decode matches at most prompt length - 1 tokens).
+    _flush(prefill.url)
+    prefill_meta, again = _pd(pair, body)
+    assert again["output_ids"] == reference
+    assert prefill_meta["cached_tokens"] == 0
+    assert again["meta_info"]["decode_cached_tokens"] == (length - 1) // PAGE * PAGE
+    num_sent_pages = _pages(length) - (length - 1) // PAGE
+    assert again["meta_info"]["kv_transfer_bytes"] * _pages(length) == (
+        first["meta_info"]["kv_transfer_bytes"] * num_sent_pages
+    )
+    wait_idle([prefill.url, decode.url])
+
+
+def _shared_prefix_bodies(seed: int) -> list[dict]:
+    """Prompts sharing 0, 1 and many pages and a partial page with a base prompt (and
+    with each other), greedy and seeded."""
+    rng = random.Random(seed)
+    base = [rng.randrange(3, 250) for _ in range(8 * PAGE)]
+
+    def tail(n: int) -> list[int]:
+        return [rng.randrange(3, 250) for _ in range(n)]
+
+    prompts = [
+        base,
+        [251] + base[1:],  # shares nothing
+        base[:PAGE] + tail(20),  # one page
+        base[: 6 * PAGE] + tail(PAGE + 3),  # many pages
+        base[: 6 * PAGE + 7] + tail(12),  # many pages and part of the next
+        base[: 3 * PAGE],  # a whole-page prompt decode holds all of but its last page
+    ]
+    bodies = [_body(p) for p in prompts]
+    bodies += [_body(p, seed=1000 + i) for i, p in enumerate(prompts)]
+    return bodies
+
+
+def _run_all(prefill, decode, bodies: list[dict], concurrent: bool) -> list[dict]:
+    def one(session, body):
+        return pd_generate_async(
+            session, prefill.url, decode.url, body, bootstrap_port=prefill.bootstrap_port
+        )
+
+    if concurrent:
+        results = run_many(lambda s: [one(s, b) for b in bodies])
+    else:
+        results = [run_many(lambda s, b=b: [one(s, b)])[0] for b in bodies]
+    for r in results:
+        assert r.prefill.ok and r.decode.ok, (r.prefill.error, r.decode.error)
+    return [r.decode.body for r in results]
+
+
+@pytest.mark.parametrize("dp", [1, 2])
+def test_shared_prefixes_give_the_tokens_of_no_cache(pd, cache_off, dp):
+    prefill = pd.prefill(dp)
+    decode = pd.decode(dp)
+    bodies = _shared_prefix_bodies(seed=dp)
+    reference = [_reference(cache_off, b) for b in bodies]
+    # Twice in order (the second round finds everything cached on both sides), then all
+    # at once (hits on pages other rooms are still receiving or have just pinned).
+    for round_ in range(2):
+        answers = _run_all(prefill, decode, bodies, concurrent=False)
+        assert [a["output_ids"] for a in answers] == reference, f"round {round_}"
+    assert sum(a["meta_info"]["decode_cached_tokens"] for a in answers) > 0
+    answers = _run_all(prefill, decode, bodies, concurrent=True)
+    assert [a["output_ids"] for a in answers] == reference
+    assert metric_value(decode.url, "pdserve_kv_transfer_skipped_tokens_total") > 0
+    wait_idle([prefill.url, decode.url])
+
+
+def test_a_decode_pool_smaller_than_the_working_set_evicts_and_answers(pd, cache_off):
+    prefill = pd.prefill(1)
+    decode = pd.decode(1, ["--max-total-tokens", str(24 * PAGE)])
+    rng = random.Random(3)
+    system = [rng.randrange(3, 250) for _ in range(4 * PAGE)]
+    prompts = [system + [rng.randrange(3, 250) for _ in range(5 * PAGE + i)] for i in range(8)]
+    bodies = [_body(p) for p in prompts] * 2
+    reference = [_reference(cache_off, b) for b in bodies]
+    for concurrent in (False, True):
+        answers = _run_all(prefill, decode, bodies, concurrent)
+        assert [a["output_ids"] for a in answers] == reference
+    assert metric_value(decode.url, "pdserve_prefix_cache_evicted_pages_total") > 0
+    wait_idle([prefill.url, decode.url])
