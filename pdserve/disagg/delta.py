@@ -1,4 +1,4 @@
-"""Delta transfer (PROTOCOL.md section 8), pure: which of prefill's pages go to decode when
+"""Delta transfer (docs/protocol.md section 8), pure: which of prefill's pages go to decode when
 decode already holds the prompt's first `num_cached_tokens` tokens. Runs in prefill workers.
 """
 
@@ -15,9 +15,13 @@ def delta_error(
     """Why prefill must not send: the reason, or None when the pages past
     `num_cached_tokens` of prefill's `num_src_pages` fit decode's `num_dst_pages` exactly."""
     if num_cached_tokens < 0 or num_cached_tokens % page_size:
-        return f"num_cached_tokens {num_cached_tokens} is not a multiple of the page size {page_size}"
+        return (
+            f"num_cached_tokens {num_cached_tokens} is not a multiple of the page size {page_size}"
+        )
     if num_cached_tokens > prompt_len - 1:
-        return f"num_cached_tokens {num_cached_tokens} leaves nothing of a {prompt_len}-token prompt"
+        return (
+            f"num_cached_tokens {num_cached_tokens} leaves nothing of a {prompt_len}-token prompt"
+        )
     num_cached_pages = num_cached_tokens // page_size
     if num_src_pages - num_cached_pages != num_dst_pages:
         return (

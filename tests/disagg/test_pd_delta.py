@@ -101,9 +101,7 @@ def test_a_conversation_moves_only_the_new_pages_with_the_tokens_of_no_cache(pai
 
 
 @pytest.mark.parametrize("length", [3 * PAGE, 3 * PAGE + 1, 3 * PAGE + 7])
-def test_decode_holding_all_but_the_last_page_gets_the_right_first_token(
-    pair, cache_off, length
-):
+def test_decode_holding_all_but_the_last_page_gets_the_right_first_token(pair, cache_off, length):
     prefill, decode = pair
     rng = random.Random(length)
     prompt = [rng.randrange(3, 250) for _ in range(length)]
