@@ -14,6 +14,7 @@ from pdserve.disagg.bootstrap_registry import (
     ServerInfo,
     WorkerRegistration,
 )
+from pdserve.disagg.messages import PROTOCOL_VERSION
 from pdserve.engine.kv_layout import KVLayout
 from tests.disagg.bootstrap_fixtures import registration as base_registration
 
@@ -60,7 +61,7 @@ def test_server_info_is_none_until_every_worker_registered():
         "load_balance_method": "follow_bootstrap_room",
         "follow_bootstrap_room": True,
         "registers_all_rooms": False,
-        "protocol_version": 1,
+        "protocol_version": PROTOCOL_VERSION,
     }
     parsed = msgspec.convert(info, ServerInfo)
     assert parsed.layout() == registration().layout()
