@@ -7,9 +7,13 @@ from __future__ import annotations
 import concurrent.futures
 import random
 
+import msgspec
 import pytest
 import requests
+import zmq
 
+from pdserve.disagg import messages as m
+from pdserve.engine.kv_layout import KVLayout
 from tests.disagg.pd_driver import get_load, pd_generate, pd_generate_async, run_many, wait_idle
 from tests.helpers import wait_until
 from tests.serving.test_page_accounting import raw_post
@@ -146,3 +150,43 @@ def test_flush_cache_under_load_on_decode_keeps_answers_right(pair):
     assert flushes > 0
     assert [r.decode.body["output_ids"] for r in results] == before
     _assert_nothing_pinned(prefill, decode)
+
+
+def _next_channel_msg(dealer: zmq.Socket) -> m.ChannelMsg:
+    """The next KV channel message (the data connection's own set-up messages skipped)."""
+    while True:
+        assert dealer.poll(10_000), "no message from prefill within 10 s"
+        try:
+            return m.decode(dealer.recv())
+        except msgspec.ValidationError:  # a DataOffer: not a channel message
+            continue
+
+
+def test_a_decode_of_protocol_version_1_is_refused_and_sent_no_pages(pair):
+    """Version 1 decode servers ask for every page of the prompt: prefill must never take
+    their page lists for delta ones."""
+    prefill, _ = pair
+    route = f"http://127.0.0.1:{prefill.bootstrap_port}/route?prefill_dp_rank=0"
+    endpoint = requests.get(route, timeout=5).json()["kv_endpoint"]
+    layout = KVLayout(
+        page_size=PAGE,
+        kv_dtype="float32",
+        num_layers=1,
+        num_kv_heads=1,
+        head_dim=8,
+        model_fingerprint="any",
+    )
+    ctx = zmq.Context()
+    try:
+        dealer = ctx.socket(zmq.DEALER)
+        dealer.setsockopt(zmq.LINGER, 0)
+        dealer.connect(endpoint)
+        dealer.send(m.encode(m.Handshake(decode_id="old-decode", layout=layout, version=1)))
+        answer = _next_channel_msg(dealer)
+        assert isinstance(answer, m.HandshakeResult) and not answer.ok
+        assert "protocol version mismatch: decode=1 prefill=2" in answer.error
+        dealer.send(m.encode(m.PageList(room=7, dst_page_ids=[1, 2], prompt_len=20)))
+        status = _next_channel_msg(dealer)
+        assert status == m.RoomStatus(room=7, ok=False, error="page list before handshake")
+    finally:
+        ctx.destroy(linger=0)
