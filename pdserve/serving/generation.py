@@ -44,7 +44,8 @@ class ItemResult:
     prompt_logprobs: list[float | None] | None = None
     prompt_top_logprobs: list[Any] | None = None
     cached_tokens: int = 0
-    kv_transfer_bytes: int = 0  # disaggregation: KV bytes this server sent or received
+    # disaggregation: KV bytes this server sent or received (None: no transfer reported)
+    kv_transfer_bytes: int | None = None
     decode_cached_tokens: int = 0  # decode: prompt tokens it held, so not transferred
     finish_reason: FinishReason | None = None
     first_token_at: float | None = None
@@ -184,7 +185,8 @@ class Generator:
             result.prompt_logprobs = msg.prompt_logprobs
             result.prompt_top_logprobs = msg.prompt_top_logprobs
         result.cached_tokens = max(result.cached_tokens, msg.cached_tokens)
-        result.kv_transfer_bytes += msg.kv_bytes
+        if msg.kv_transfer_s is not None:  # the output that reports the transfer
+            result.kv_transfer_bytes = (result.kv_transfer_bytes or 0) + msg.kv_bytes
         result.decode_cached_tokens = max(result.decode_cached_tokens, msg.decode_cached_tokens)
         result.output_ids.extend(msg.new_token_ids)
         result.output_logprobs.extend(msg.new_token_logprobs)

@@ -64,7 +64,7 @@ def native_answer(result: ItemResult, index: int | None = None) -> dict[str, Any
         "cached_tokens": result.cached_tokens,
         "e2e_latency": round(result.e2e_latency_s, 6),
     }
-    if result.kv_transfer_bytes:  # a PD server that moved this request's KV
+    if result.kv_transfer_bytes is not None:  # a PD server that moved this request's KV
         meta["kv_transfer_bytes"] = result.kv_transfer_bytes
         meta["decode_cached_tokens"] = result.decode_cached_tokens
     if item.return_logprob:

@@ -135,3 +135,54 @@ def metric_value(url: str, name: str, labels: dict[str, str] | None = None) -> f
                 continue
             total += sample.value
     return total
+
+
+def check_delta_conversation(
+    prefill_url: str,
+    decode_url: str,
+    bootstrap_port: int,
+    reference=None,
+    num_turns: int = 4,
+    page_size: int = 16,
+    seed: int = 7,
+    moves_bytes: bool = True,
+) -> None:
+    """A conversation of `num_turns` (each prompt = the previous prompt + its answer + a new
+    user message) through one prefill and one decode server: every turn moves only the pages
+    past what decode held from the turn before, the same bytes counted on both sides, and
+    (when `reference(body)` is given) answers its tokens. A backend that moves no bytes
+    (`fake`) reports 0 bytes on both sides but the same delta."""
+    rng = random.Random(seed)
+    prompt = [rng.randrange(3, 250) for _ in range(5 * page_size + 3)]
+    page_nbytes = None
+    held_tokens = 0  # tokens whose KV decode computed in the previous turn (its cache)
+    for turn in range(num_turns):
+        sampling = {"max_new_tokens": 9, "temperature": 0, "ignore_eos": True}
+        body = {"input_ids": prompt, "sampling_params": sampling}
+        result = pd_generate(prefill_url, decode_url, body, bootstrap_port=bootstrap_port)
+        assert result.prefill.ok and result.decode.ok, (result.prefill.error, result.decode.error)
+        answer, prefill_meta = result.decode.body, result.prefill.body["meta_info"]
+        meta = answer["meta_info"]
+        if reference is not None:
+            assert answer["output_ids"] == reference(body), f"turn {turn}"
+        expected_hit = min(held_tokens, len(prompt) - 1) // page_size * page_size
+        assert meta["decode_cached_tokens"] == expected_hit, f"turn {turn}"
+        num_sent_pages = -(-len(prompt) // page_size) - expected_hit // page_size
+        if page_nbytes is None:
+            page_nbytes = meta["kv_transfer_bytes"] // num_sent_pages
+            assert (page_nbytes > 0) == moves_bytes
+        # Both sides count the same bytes: the pages past decode's cached prefix only.
+        assert meta["kv_transfer_bytes"] == num_sent_pages * page_nbytes, f"turn {turn}"
+        assert prefill_meta["kv_transfer_bytes"] == meta["kv_transfer_bytes"]
+        # The client's cached_tokens are prefill's (the prompt it did not compute).
+        assert meta["cached_tokens"] == prefill_meta["cached_tokens"]
+        if turn:
+            assert meta["cached_tokens"] > 0 and expected_hit > 0
+        # The last answer token has no KV yet: decode cached prompt + answer[:-1].
+        held_tokens = len(prompt) + len(answer["output_ids"]) - 1
+        user = [rng.randrange(3, 250) for _ in range(rng.choice([5, page_size, 2 * page_size + 9]))]
+        prompt = prompt + answer["output_ids"] + user
+    wait_idle([prefill_url, decode_url])
+    for load in get_load(decode_url):  # nothing stays pinned: every cached page evictable
+        assert load["num_cached_pages"] > 0
+        assert load["num_evictable_pages"] == load["num_cached_pages"]

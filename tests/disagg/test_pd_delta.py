@@ -12,7 +12,7 @@ import requests
 
 from tests.conftest import TINY_ARGS
 from tests.disagg.pd_driver import (
-    get_load,
+    check_delta_conversation,
     metric_value,
     pd_generate,
     pd_generate_async,
@@ -69,35 +69,18 @@ def _flush(url: str) -> None:
 
 def test_a_conversation_moves_only_the_new_pages_with_the_tokens_of_no_cache(pair, cache_off):
     prefill, decode = pair
-    rng = random.Random(7)
-    prompt = [rng.randrange(3, 250) for _ in range(5 * PAGE + 3)]
-    page_nbytes = None
-    held_tokens = 0  # tokens whose KV decode computed in the previous turn (its cache)
-    for turn in range(4):
-        body = _body(prompt, max_new_tokens=9)
-        prefill_meta, answer = _pd(pair, body)
-        meta = answer["meta_info"]
-        assert answer["output_ids"] == _reference(cache_off, body), f"turn {turn}"
-        expected_hit = min(held_tokens, len(prompt) - 1) // PAGE * PAGE
-        assert meta["decode_cached_tokens"] == expected_hit, f"turn {turn}"
-        num_sent_pages = _pages(len(prompt)) - expected_hit // PAGE
-        if page_nbytes is None:
-            page_nbytes = meta["kv_transfer_bytes"] // num_sent_pages
-        # Both sides count the same bytes: the pages past decode's cached prefix only.
-        assert meta["kv_transfer_bytes"] == num_sent_pages * page_nbytes, f"turn {turn}"
-        assert prefill_meta["kv_transfer_bytes"] == meta["kv_transfer_bytes"]
-        # The client's cached_tokens are prefill's (the prompt it did not compute).
-        assert meta["cached_tokens"] == prefill_meta["cached_tokens"]
-        if turn:
-            assert meta["cached_tokens"] > 0 and expected_hit > 0
-        # The last answer token has no KV yet: decode cached prompt + answer[:-1].
-        held_tokens = len(prompt) + len(answer["output_ids"]) - 1
-        user = [rng.randrange(3, 250) for _ in range(rng.choice([5, PAGE, 2 * PAGE + 9]))]
-        prompt = prompt + answer["output_ids"] + user
-    wait_idle([prefill.url, decode.url])
-    for load in get_load(decode.url):  # nothing stays pinned: every cached page evictable
-        assert load["num_cached_pages"] > 0
-        assert load["num_evictable_pages"] == load["num_cached_pages"]
+    check_delta_conversation(
+        prefill.url, decode.url, prefill.bootstrap_port, lambda b: _reference(cache_off, b)
+    )
+
+
+def test_the_fake_backend_asks_for_the_same_delta(pd):
+    """No bytes move (the tokens are those of zero KV), but the page lists and the checks
+    on both sides are the zmq backend's."""
+    args = ["--transfer-backend", "fake"]
+    prefill = pd.prefill(1, args)
+    decode = pd.decode(1, args)
+    check_delta_conversation(prefill.url, decode.url, prefill.bootstrap_port, moves_bytes=False)
 
 
 @pytest.mark.parametrize("length", [3 * PAGE, 3 * PAGE + 1, 3 * PAGE + 7])
