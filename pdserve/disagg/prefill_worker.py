@@ -323,6 +323,7 @@ class PrefillWorkerHooks(WorkerHooks):
                 )
                 continue
             num_pages = len(room.dst_page_ids)
+            sent_nothing = self.transport.name == "fake"  # control messages only, as decode counts
             room.move(RoomState.SUCCESS)
             self.engine.release(room.rid)
             self._forget(room.room)
@@ -330,7 +331,7 @@ class PrefillWorkerHooks(WorkerHooks):
                 ReqOutput(
                     rid=room.rid,
                     finish_reason=FinishReason("length"),
-                    kv_bytes=num_pages * self.transport.page_nbytes,
+                    kv_bytes=0 if sent_nothing else num_pages * self.transport.page_nbytes,
                     kv_transfer_s=now - room.send_started_at,
                     stage_s=_stages(room, now),
                 )
