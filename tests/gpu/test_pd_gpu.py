@@ -12,7 +12,7 @@ import torch
 
 from tests.conftest import TINY_ARGS
 from tests.disagg.conftest import PDFactory
-from tests.disagg.pd_driver import pd_generate_async, run_many, wait_idle
+from tests.disagg.pd_driver import check_delta_conversation, pd_generate_async, run_many, wait_idle
 
 GPU = ["--device", "cuda"]
 LENGTHS = [1, 5, 16, 17, 40, 100, 257]
@@ -60,5 +60,25 @@ def test_pd_over_cuda_ipc_equals_colocated(server_factory, prefill_device, decod
             assert result.decode.ok, result.decode.error
             assert result.decode.body["output_ids"] == expected, body["input_ids"][:8]
         wait_idle([prefill.url, decode.url])
+    finally:
+        pd.stop_all()
+
+
+def test_a_conversation_over_cuda_ipc_moves_only_the_new_pages(server_factory):
+    """Decode's prefix cache on the GPU: each turn copies only the pages past what decode
+    held, GPU to GPU, and answers the tokens of a GPU server without a prefix cache."""
+    reference_server = server_factory([*TINY_ARGS, *GPU, "--disable-radix-cache"])
+
+    def reference(body: dict) -> list[int]:
+        resp = requests.post(reference_server.url + "/generate", json=body, timeout=60)
+        assert resp.status_code == 200, resp.text
+        return resp.json()["output_ids"]
+
+    pd = PDFactory()
+    try:
+        args = [*GPU, "--transfer-backend", "cuda_ipc"]
+        prefill = pd.prefill(1, args=args)
+        decode = pd.decode(1, args=args)
+        check_delta_conversation(prefill.url, decode.url, prefill.bootstrap_port, reference)
     finally:
         pd.stop_all()
