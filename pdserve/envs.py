@@ -29,7 +29,7 @@ def env_float(name: str, default: float) -> float:
 
 
 def force_query_prefill_dp_rank() -> bool:
-    """PROTOCOL.md section 4: FORCE. SGLang's variable name is honoured as an alias."""
+    """docs/protocol.md section 4: FORCE. SGLang's variable name is honoured as an alias."""
     return env_bool(
         "PDSERVE_FORCE_QUERY_PREFILL_DP_RANK",
         "SGLANG_DISAGGREGATION_FORCE_QUERY_PREFILL_DP_RANK",
@@ -66,7 +66,7 @@ def model_cache_dir() -> str:
     return _get("PDSERVE_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "pdserve")
 
 
-# Credentials (PROTOCOL.md section 11); each also has a CLI flag, which wins.
+# Credentials (docs/protocol.md section 11); each also has a CLI flag, which wins.
 def api_key() -> str | None:
     """The key clients must send as `Authorization: Bearer <key>` (server, router); the key
     `pdserve bench` sends."""

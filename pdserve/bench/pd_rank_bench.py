@@ -1,4 +1,4 @@
-"""TTFT cost of the rank-query path against the fast path (PROTOCOL.md section 4).
+"""TTFT cost of the rank-query path against the fast path (docs/protocol.md section 4).
 
 `python -m pdserve.bench.pd_rank_bench`: starts one decode server and two prefill servers
 (dp 2 each) on loopback: one on follow_bootstrap_room (fast path, no bootstrap traffic), one

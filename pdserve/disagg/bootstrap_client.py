@@ -1,4 +1,4 @@
-"""Clients of the bootstrap server (PROTOCOL.md section 3).
+"""Clients of the bootstrap server (docs/protocol.md section 3).
 
 `register_worker_blocking` runs in a prefill worker process at start-up (plain blocking code);
 the async helpers run in a decode front end (aiohttp ClientSession).

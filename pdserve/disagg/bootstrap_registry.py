@@ -1,6 +1,6 @@
 """The bootstrap registry: prefill workers' KV endpoints, room -> prefill DP rank, room failures.
 
-Pure core (no clock, no I/O) of the bootstrap server (PROTOCOL.md section 3). It lives in the
+Pure core (no clock, no I/O) of the bootstrap server (docs/protocol.md section 3). It lives in the
 prefill front-end process: the DP controller calls it directly, the HTTP shell serves it.
 """
 

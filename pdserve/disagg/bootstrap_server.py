@@ -1,4 +1,4 @@
-"""HTTP shell of the bootstrap server (PROTOCOL.md section 3) over a `BootstrapRegistry`.
+"""HTTP shell of the bootstrap server (docs/protocol.md section 3) over a `BootstrapRegistry`.
 
 Runs as a second aiohttp site inside the prefill front-end process (`start_bootstrap_server`),
 or alone for tests: `python -m pdserve.disagg.bootstrap_server --port P --dp-size N`.

@@ -1,4 +1,4 @@
-"""Front-end hooks of the prefill and decode servers (PROTOCOL.md sections 3 and 4).
+"""Front-end hooks of the prefill and decode servers (docs/protocol.md sections 3 and 4).
 
 Runs in a server's HTTP front-end process (asyncio). Prefill: hosts the bootstrap server,
 applies the dispatch-time rank rules and publishes rooms. Decode: resolves which prefill

@@ -1,7 +1,7 @@
 """Typed control messages on the KV channel between a decode worker and a prefill worker.
 
 Runs in worker processes on both sides. Control messages are single msgpack frames; KV
-bytes travel as raw frames after a `KVHeader` (PROTOCOL.md section 5).
+bytes travel as raw frames after a `KVHeader` (docs/protocol.md section 5).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""DP rank resolution, PROTOCOL.md section 4: the pure decisions, no I/O.
+"""DP rank resolution, docs/protocol.md section 4: the pure decisions, no I/O.
 
 The prefill front end calls `decide_prefill` when its DP controller has picked worker r;
 the decode front end calls `resolve_decode` once it knows the prefill server's info.

@@ -17,7 +17,7 @@ class DisaggInfo(msgspec.Struct, frozen=True, kw_only=True):
     """The PD part of a request, filled in by the front end of a prefill or decode server."""
 
     room: int
-    # decode only: the resolved prefill worker (PROTOCOL.md section 4) and its KV endpoint
+    # decode only: the resolved prefill worker (docs/protocol.md section 4) and its KV endpoint
     prefill_dp_rank: int | None = None
     prefill_endpoint: str | None = None
     prefill_bootstrap: str | None = None  # "host:port" of the prefill bootstrap server

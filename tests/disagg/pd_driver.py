@@ -1,5 +1,5 @@
 """A test driver that plays the router: the same body, with bootstrap fields, to a prefill
-and a decode server at once (PROTOCOL.md section 2), plus helpers to inspect both servers."""
+and a decode server at once (docs/protocol.md section 2), plus helpers to inspect both servers."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Which pages prefill sends when decode holds a prefix (pure rules of PROTOCOL.md section 8)."""
+"""Which pages prefill sends when decode holds a prefix (pure rules of docs/protocol.md section 8)."""
 
 from __future__ import annotations
 

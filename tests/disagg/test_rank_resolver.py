@@ -1,4 +1,4 @@
-"""The pure DP rank rules of PROTOCOL.md section 4, over every combination.
+"""The pure DP rank rules of docs/protocol.md section 4, over every combination.
 
 The key property: whatever the prefill side decides, the decode side (given only what the
 prefill server advertises and the request's fields) either finds the same rank, or the
