@@ -17,6 +17,7 @@ from collections.abc import Callable
 import torch
 
 from pdserve.engine.config import AUTO_MAX_KV_BYTES, AUTO_MAX_TOTAL_TOKENS, EngineConfig
+from pdserve.engine.kv_events import CacheEvent
 from pdserve.engine.kv_layout import KVLayout
 from pdserve.engine.loader import LoadedModel, load_model
 from pdserve.engine.outputs import OutputBuilder
@@ -174,6 +175,13 @@ class Engine:
         """Drop every cached page no request pins (pinned ones stay: requests use them);
         returns how many were dropped. Safe while requests run."""
         return self.prefix_cache.flush() if self.prefix_cache else 0
+
+    def drain_cache_events(self) -> list[CacheEvent]:
+        """The prefix cache's changes since the last call, in order."""
+        return self.prefix_cache.events.drain() if self.prefix_cache else []
+
+    def cached_page_hashes(self) -> list[int]:
+        return self.prefix_cache.page_hashes() if self.prefix_cache else []
 
     def match_prefix(self, prompt_ids: list[int]) -> tuple[list[int], int]:
         """(cached page ids, num_cached_tokens) a prompt would start from now: page-aligned,

@@ -4,6 +4,7 @@ Full KV pages outlive the request that computed them, keyed by their chained pag
 (`page_hash.py`), so a later request with the same prefix reuses them. Requests pin the
 pages they use (reference counts); unreferenced pages are evicted least-recently-used,
 leaves first, back to the `PageAllocator`, which stays the only owner of free pages.
+Every page that enters or leaves is recorded in `events` (`kv_events.py`) for the worker.
 
 Invariant: a request pins a whole matched chain, so a page's refcount is at least each of
 its children's; hence every unreferenced page can be evicted once its children are.
@@ -14,6 +15,7 @@ from __future__ import annotations
 import heapq
 from dataclasses import dataclass
 
+from pdserve.engine.kv_events import CacheEventLog
 from pdserve.engine.page_allocator import PageAllocator
 
 
@@ -38,6 +40,7 @@ class PrefixCache:
         self.num_evicted_pages = 0  # lifetime counters, for metrics
         self.num_hit_tokens = 0
         self.num_lookup_tokens = 0
+        self.events = CacheEventLog()
 
     @property
     def num_cached_pages(self) -> int:
@@ -125,7 +128,14 @@ class PrefixCache:
 
     def flush(self) -> int:
         """Drop every unreferenced page; returns how many."""
-        return len(self.evict(self.num_evictable_pages))
+        num_dropped = len(self.evict(self.num_evictable_pages))
+        if not self._pages:
+            self.events.cleared()
+        return num_dropped
+
+    def page_hashes(self) -> list[int]:
+        """Every cached page's hash (for a debug dump)."""
+        return list(self._pages)
 
     # ---- internals ---------------------------------------------------------------------
     def _tick(self) -> int:
@@ -145,12 +155,14 @@ class PrefixCache:
         if parent_hash is not None:
             self._pages[parent_hash].num_children += 1
         self.num_evictable_pages += 1
+        self.events.stored(page_hash, parent_hash)
         return page
 
     def _remove(self, page_hash: int, page: CachedPage) -> None:
         del self._pages[page_hash]
         del self._hash_of[page.page_id]
         self.num_evictable_pages -= 1
+        self.events.removed(page_hash)
         if page.parent_hash is not None:
             parent = self._pages[page.parent_hash]
             parent.num_children -= 1

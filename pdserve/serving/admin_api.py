@@ -18,6 +18,8 @@ from pdserve.serving.metrics import CONTENT_TYPE
 from pdserve.serving.request_parse import GenItem, new_rid
 from pdserve.serving.server_state import read_json, state_of
 
+DUMP_TIMEOUT_S = 10.0
+
 
 async def health(request: web.Request) -> web.Response:
     state = state_of(request)
@@ -73,6 +75,8 @@ def server_info_dict(request: web.Request) -> dict[str, Any]:
         "dtype": cfg.engine.dtype,
         "worker_pids": list(state.controller.workers.pids),
     }
+    if state.controller.kv_events is not None:
+        info.update(state.controller.kv_events.info())
     info.update(state.hooks.server_info())
     return info
 
@@ -155,6 +159,23 @@ async def flush_cache(request: web.Request) -> web.Response:
     return web.Response(text="Cache flushed.\n")
 
 
+async def debug_kv_cache(request: web.Request) -> web.Response:
+    """A worker's real prefix cache: its page hashes, and the event batch it matches
+    (every batch up to `seq` was published before the dump was taken)."""
+    controller = state_of(request).controller
+    try:
+        dp_rank = int(request.query.get("dp_rank", "0"))
+    except ValueError:
+        raise RequestError(400, "dp_rank must be an integer") from None
+    if not 0 <= dp_rank < controller.dp_size:
+        raise RequestError(400, f"dp_rank must be in [0, {controller.dp_size})")
+    try:
+        page_hashes, seq = await controller.dump_cache(dp_rank, DUMP_TIMEOUT_S)
+    except asyncio.TimeoutError:
+        raise RequestError(504, f"worker {dp_rank} did not dump its cache in time") from None
+    return web.json_response({"dp_rank": dp_rank, "seq": seq, "page_hashes": sorted(page_hashes)})
+
+
 async def abort_request(request: web.Request) -> web.Response:
     body = await read_json(request)
     if not isinstance(body, dict):
@@ -182,6 +203,7 @@ def add_routes(app: web.Application) -> None:
     for path in ("/model_info", "/get_model_info"):
         app.router.add_get(path, model_info)
     app.router.add_get("/v1/models", models)
+    app.router.add_get("/debug/kv_cache", debug_kv_cache)
     app.router.add_get("/get_load", get_load)
     app.router.add_route("*", "/flush_cache", flush_cache)
     app.router.add_post("/abort_request", abort_request)

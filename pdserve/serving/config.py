@@ -67,6 +67,12 @@ class ServerArgs:
     load_report_interval_s: float = opt(
         0.05, "how often an active worker reports its load to the front end"
     )
+    kv_events_port: int = opt(
+        0, "port of the ZeroMQ PUB socket for KV cache events (0: any free port)"
+    )
+    kv_events_replay_port: int = opt(
+        0, "port of the ZeroMQ ROUTER socket that replays recent KV event batches (0: any)"
+    )
 
     def __post_init__(self) -> None:
         check(
@@ -75,6 +81,8 @@ class ServerArgs:
         )
         check(self.mode in MODES, f"--mode must be one of {MODES}, got {self.mode!r}")
         check(0 < self.port < 65536, f"--port out of range: {self.port}")
+        for name in ("kv_events_port", "kv_events_replay_port"):
+            check(0 <= getattr(self, name) < 65536, f"--{name.replace('_', '-')} out of range")
         check(self.dp_size >= 1, f"--dp-size must be >= 1, got {self.dp_size}")
         check(
             self.load_balance_method in LB_METHOD_CHOICES,

@@ -15,17 +15,22 @@ from dataclasses import dataclass, field
 import zmq
 import zmq.asyncio
 
+from pdserve.engine.page_hash import hash_seed
 from pdserve.engine.request import FinishReason
 from pdserve.serving import protocol
 from pdserve.serving.config import ServerConfig
 from pdserve.serving.hooks import RequestError, WorkerHooksFactory
+from pdserve.serving.kv_publisher import KVEventPublisher
 from pdserve.serving.launcher import WorkerProcesses
 from pdserve.serving.lb_policy import LoadBalancePolicy, RankLoad
 from pdserve.serving.metrics import ServerMetrics
 from pdserve.serving.protocol import (
     AbortReq,
+    CacheDump,
+    DumpCache,
     FlushCache,
     GenerateReq,
+    KVCacheEvents,
     ReqOutput,
     RoomFailed,
     WorkerFailed,
@@ -73,6 +78,8 @@ class DPController:
         self.dead: dict[int, str] = {}  # rank -> why
         self.inflight: dict[str, InFlight] = {}
         self._tasks: list[asyncio.Task] = []
+        self.kv_events: KVEventPublisher | None = None  # once the workers are ready
+        self._dumps: dict[int, list[asyncio.Future[tuple[list[int], int]]]] = {}
 
     # ---- start / stop
     async def start(self, timeout_s: float) -> None:
@@ -91,7 +98,22 @@ class DPController:
                 if isinstance(msg, WorkerReady):
                     self.ready[msg.dp_rank] = msg
                     logger.info("worker %d ready (%d KV pages)", msg.dp_rank, msg.num_total_pages)
+        self._start_kv_events()
         self._tasks = [asyncio.create_task(self._receive()), asyncio.create_task(self._monitor())]
+
+    def _start_kv_events(self) -> None:
+        layout = next(iter(self.ready.values())).kv_layout
+        fingerprint = layout.model_fingerprint if layout is not None else ""
+        server = self.cfg.server
+        self.kv_events = KVEventPublisher(
+            self.ctx,
+            server.host,
+            (server.kv_events_port, server.kv_events_replay_port),
+            self.dp_size,
+            self.page_size,
+            hash_seed(fingerprint, self.page_size),
+        )
+        self.kv_events.start()
 
     def _check_start_deaths(self) -> None:
         for rank in range(self.dp_size):
@@ -103,6 +125,8 @@ class DPController:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.kv_events is not None:
+            await self.kv_events.stop()
         await asyncio.to_thread(self.workers.stop)
         self.ctx.destroy(linger=0)
 
@@ -175,6 +199,20 @@ class DPController:
             if rank not in self.dead:
                 sock.send(protocol.encode(FlushCache()))
 
+    async def dump_cache(self, dp_rank: int, timeout_s: float) -> tuple[list[int], int]:
+        """Every page hash in worker `dp_rank`'s prefix cache now, and the last event batch
+        published before it (TimeoutError past the deadline)."""
+        if dp_rank in self.dead:
+            raise RequestError(503, self.dead[dp_rank])
+        future = asyncio.get_running_loop().create_future()
+        self._dumps.setdefault(dp_rank, []).append(future)
+        self._ctrl[dp_rank].send(protocol.encode(DumpCache()))
+        try:
+            return await asyncio.wait_for(future, timeout_s)
+        finally:
+            if future in self._dumps[dp_rank]:
+                self._dumps[dp_rank].remove(future)
+
     def room_failed(self, dp_rank: int, room: int, reason: str, status: int = 400) -> None:
         """For the prefill hooks: tell a worker that a room failed before dispatch."""
         self._ctrl[dp_rank].send(protocol.encode(RoomFailed(room, reason, status)))
@@ -191,6 +229,15 @@ class DPController:
             elif isinstance(msg, WorkerLoad):
                 self.loads[msg.dp_rank] = msg
                 self.metrics.observe_load(msg)
+            elif isinstance(msg, KVCacheEvents):
+                if self.kv_events is not None:
+                    self.kv_events.publish(msg.dp_rank, msg.events)
+                    self.metrics.kv_events_dropped.set(self.kv_events.num_dropped_batches)
+            elif isinstance(msg, CacheDump):
+                waiting = self._dumps.get(msg.dp_rank)
+                if waiting:  # answers come in the order the asks went out
+                    seq = self.kv_events.stream.seq if self.kv_events else 0
+                    waiting.pop(0).set_result((msg.page_hashes, seq))
             elif isinstance(msg, WorkerFailed):
                 self._mark_dead(msg.dp_rank, f"worker {msg.dp_rank} failed: {msg.error}")
 

@@ -57,6 +57,11 @@ class ServerMetrics:
         self.cache_evicted_pages = self.counter(
             "prefix_cache_evicted_pages", "cached KV pages evicted", ["dp_rank"]
         )
+        self.kv_events_dropped = self.gauge(
+            "kv_events_dropped_batches",
+            "KV event batches dropped because the publish queue was full (subscribers heal "
+            "by replay or snapshot)",
+        )
         self._last_load: dict[str, WorkerLoad] = {}
         self.auth_refusals = self.counter(
             "auth_refusals",

@@ -1,7 +1,8 @@
 """Typed messages between a server's HTTP front end and its DP worker processes (ZeroMQ).
 
-Front end -> worker: GenerateReq, AbortReq, RoomFailed, FlushCache.
-Worker -> front end: WorkerReady, WorkerFailed, ReqOutput, WorkerLoad.
+Front end -> worker: GenerateReq, AbortReq, RoomFailed, FlushCache, DumpCache.
+Worker -> front end: WorkerReady, WorkerFailed, ReqOutput, WorkerLoad, KVCacheEvents,
+CacheDump.
 All are msgspec structs encoded with msgpack; no pickled objects cross a process boundary.
 """
 
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import msgspec
 
+from pdserve.engine.kv_events import CacheEvent
 from pdserve.engine.kv_layout import KVLayout
 from pdserve.engine.request import FinishReason, SamplingParams
 
@@ -49,6 +51,22 @@ class RoomFailed(msgspec.Struct, tag=True):
 
 class FlushCache(msgspec.Struct, tag=True):
     pass
+
+
+class DumpCache(msgspec.Struct, tag=True):
+    """Front end -> worker: answer with a `CacheDump` (debugging and tests)."""
+
+
+class CacheDump(msgspec.Struct, tag=True, kw_only=True):
+    dp_rank: int
+    page_hashes: list[int]  # every page in the worker's prefix cache now
+
+
+class KVCacheEvents(msgspec.Struct, tag=True, kw_only=True):
+    """Worker -> front end: its prefix cache's changes since the last message, in order."""
+
+    dp_rank: int
+    events: list[CacheEvent]
 
 
 class WorkerReady(msgspec.Struct, tag=True, kw_only=True):
@@ -109,8 +127,8 @@ class WorkerLoad(msgspec.Struct, tag=True, kw_only=True):
     num_auth_refusals: int = 0  # KV handshakes refused for a wrong proof, since start
 
 
-ToWorker = GenerateReq | AbortReq | RoomFailed | FlushCache
-FromWorker = WorkerReady | WorkerFailed | ReqOutput | WorkerLoad
+ToWorker = GenerateReq | AbortReq | RoomFailed | FlushCache | DumpCache
+FromWorker = WorkerReady | WorkerFailed | ReqOutput | WorkerLoad | KVCacheEvents | CacheDump
 
 _encoder = msgspec.msgpack.Encoder()
 _to_worker = msgspec.msgpack.Decoder(ToWorker)

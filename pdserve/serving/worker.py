@@ -22,8 +22,11 @@ from pdserve.serving import protocol
 from pdserve.serving.hooks import WorkerHooks, WorkerHooksFactory
 from pdserve.serving.protocol import (
     AbortReq,
+    CacheDump,
+    DumpCache,
     FlushCache,
     GenerateReq,
+    KVCacheEvents,
     ReqOutput,
     RoomFailed,
     WorkerFailed,
@@ -73,6 +76,7 @@ class WorkerLoop:
                 outputs = [output_to_msg(o) for o in steps]
                 held = {o.rid: o.held_page_ids for o in steps if o.held_page_ids is not None}
                 self._send(self.hooks.after_step(time.monotonic(), outputs, held))
+            self._forward_cache_events()
             self._report_load(time.monotonic())
         logger.info("front end (pid %d) is gone; worker %d exits", self.parent_pid, self.dp_rank)
 
@@ -103,7 +107,17 @@ class WorkerLoop:
             return self.hooks.on_room_failed(msg)
         if isinstance(msg, FlushCache):
             self.engine.flush_cache()
+        if isinstance(msg, DumpCache):
+            # Events first, so a dump never runs ahead of what subscribers were told.
+            self._forward_cache_events()
+            dump = CacheDump(dp_rank=self.dp_rank, page_hashes=self.engine.cached_page_hashes())
+            self.out.send(protocol.encode(dump))
         return []
+
+    def _forward_cache_events(self) -> None:
+        events = self.engine.drain_cache_events()
+        if events:
+            self.out.send(protocol.encode(KVCacheEvents(dp_rank=self.dp_rank, events=events)))
 
     def _send(self, msgs: list[ReqOutput]) -> None:
         for msg in msgs:

@@ -1,0 +1,90 @@
+"""The router's index of every worker's cached KV pages, per DP rank, built from the
+workers' KV event batches (router process; pure: the subscriber shell feeds it).
+
+A page hash names its whole prefix, so a prompt's match on a rank is the longest run of its
+page hashes, from the first, that the rank holds.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import Any
+
+
+class BatchVerdict(Enum):
+    APPLIED = "applied"
+    GAP = "gap"  # batches are missing: replay from last_seq + 1
+    RESYNC = "resync"  # no base yet, or the server started again: take a snapshot
+
+
+class WorkerCache:
+    def __init__(self) -> None:
+        self.ranks: dict[int, set[int]] = {}
+        self.last_seq: int | None = None  # None: no snapshot taken yet
+
+    def _rank(self, dp_rank: int) -> set[int]:
+        return self.ranks.setdefault(dp_rank, set())
+
+    def load_snapshot(self, snapshot: dict[str, Any]) -> None:
+        self.ranks = {rank: set(hashes) for rank, hashes in enumerate(snapshot["ranks"])}
+        self.last_seq = int(snapshot["seq"])
+
+    def offer(self, batch: dict[str, Any]) -> BatchVerdict:
+        """Apply the batch if it is the next one; an older one (replayed) was applied."""
+        seq = int(batch["seq"])
+        if self.last_seq is None:
+            return BatchVerdict.RESYNC
+        if seq <= self.last_seq:
+            return BatchVerdict.APPLIED
+        if seq > self.last_seq + 1:
+            return BatchVerdict.GAP
+        for event in batch["events"]:
+            self._apply(event)
+        self.last_seq = seq
+        return BatchVerdict.APPLIED
+
+    def offer_live(self, batch: dict[str, Any]) -> BatchVerdict:
+        """A batch from the PUB stream: every one is sent once, so a seq not past the last
+        one means the server started again (a new life numbers from 1)."""
+        if self.last_seq is not None and int(batch["seq"]) <= self.last_seq:
+            return BatchVerdict.RESYNC
+        return self.offer(batch)
+
+    def _apply(self, event: dict[str, Any]) -> None:
+        kind, rank = event["type"], int(event["dp_rank"])
+        if kind == "stored":
+            self._rank(rank).update(event["page_hashes"])
+        elif kind == "removed":
+            self._rank(rank).difference_update(event["page_hashes"])
+        elif kind == "cleared":
+            self._rank(rank).clear()
+
+    def matched_pages(self, page_hashes: list[int]) -> dict[int, int]:
+        """Per DP rank, how many leading pages of the chain it holds."""
+        matched = {}
+        for rank, cached in self.ranks.items():
+            num = 0
+            while num < len(page_hashes) and page_hashes[num] in cached:
+                num += 1
+            matched[rank] = num
+        return matched
+
+
+class KVIndex:
+    """One `WorkerCache` per worker URL that publishes events."""
+
+    def __init__(self) -> None:
+        self.workers: dict[str, WorkerCache] = {}
+
+    def track(self, url: str) -> WorkerCache:
+        return self.workers.setdefault(url, WorkerCache())
+
+    def forget(self, url: str) -> None:
+        self.workers.pop(url, None)
+
+    def matched_pages(self, url: str, page_hashes: list[int]) -> dict[int, int]:
+        """Per DP rank of the worker; empty when it is not tracked or not synchronised."""
+        cache = self.workers.get(url)
+        if cache is None or cache.last_seq is None:
+            return {}
+        return cache.matched_pages(page_hashes)

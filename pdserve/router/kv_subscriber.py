@@ -1,0 +1,108 @@
+"""Follows one server's KV event stream into the router's `KVIndex` (router process).
+
+SUB on the server's `kv_events_endpoint`; a snapshot from its replay endpoint gives the
+base; a gap is filled by replay (or a fresh snapshot when the server no longer has the
+batches); a server that started again is resynchronised the same way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import msgspec
+import zmq
+import zmq.asyncio
+
+from pdserve.router.kv_index import BatchVerdict, WorkerCache
+
+log = logging.getLogger(__name__)
+
+REPLAY_TIMEOUT_S = 5.0
+
+
+class KVSubscriber:
+    def __init__(
+        self, ctx: zmq.asyncio.Context, cache: WorkerCache, endpoint: str, replay_endpoint: str
+    ):
+        self.cache = cache
+        self.endpoint, self.replay_endpoint = endpoint, replay_endpoint
+        self._ctx = ctx
+        self._sub = ctx.socket(zmq.SUB)
+        self._sub.setsockopt(zmq.LINGER, 0)
+        self._sub.setsockopt(zmq.SUBSCRIBE, b"")
+        self._sub.connect(endpoint)
+        self.num_resyncs = 0
+        self.num_replays = 0
+        self.drop_next = False  # lose the next live batch, as a slow subscriber would
+        self.num_live_batches = 0
+        self._task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        self._sub.close()
+
+    async def _run(self) -> None:
+        # Subscribed before the snapshot: batches that race it wait in the socket and are
+        # applied (or skipped as already in it) afterwards.
+        while True:
+            try:
+                await self._follow()
+            except (TimeoutError, asyncio.TimeoutError, zmq.ZMQError, KeyError) as exc:
+                log.warning("KV events of %s: %r; resynchronising", self.endpoint, exc)
+                self.cache.last_seq = None
+
+    async def _follow(self) -> None:
+        if self.cache.last_seq is None:
+            await self._resync()
+        while True:
+            batch = msgspec.msgpack.decode(await self._sub.recv())
+            self.num_live_batches += 1
+            if self.drop_next:  # tests: lose one batch as a slow subscriber would
+                self.drop_next = False
+                continue
+            verdict = self.cache.offer_live(batch)
+            # Either way the answer covers this batch: it was published before we asked.
+            if verdict is BatchVerdict.RESYNC:
+                await self._resync()
+            elif verdict is BatchVerdict.GAP:
+                await self._catch_up()
+
+    async def _resync(self) -> None:
+        answer = await self._ask({"op": "snapshot"})
+        self.cache.load_snapshot(answer["snapshot"])
+        self.num_resyncs += 1
+
+    async def _catch_up(self) -> None:
+        assert self.cache.last_seq is not None
+        answer = await self._ask({"op": "replay", "from_seq": self.cache.last_seq + 1})
+        self.num_replays += 1
+        if "snapshot" in answer:
+            self.cache.load_snapshot(answer["snapshot"])
+            self.num_resyncs += 1
+            return
+        for batch in answer["batches"]:
+            self.cache.offer(batch)
+
+    async def _ask(self, request: dict[str, Any]) -> dict[str, Any]:
+        """One question to the replay socket; a fresh REQ socket each time, so a lost
+        answer cannot wedge the REQ state machine."""
+        sock = self._ctx.socket(zmq.REQ)
+        sock.setsockopt(zmq.LINGER, 0)
+        try:
+            sock.connect(self.replay_endpoint)
+            await sock.send(msgspec.msgpack.encode(request))
+            if not await sock.poll(int(REPLAY_TIMEOUT_S * 1000)):
+                raise TimeoutError(f"no answer from {self.replay_endpoint}")
+            answer = msgspec.msgpack.decode(await sock.recv())
+        finally:
+            sock.close()
+        if "error" in answer:
+            raise KeyError(answer["error"])
+        return answer

@@ -1,0 +1,117 @@
+"""Publishes the server's KV cache events on ZeroMQ (front-end process, asyncio).
+
+One PUB socket per server carries every rank's batches (`KVEventStream`); a ROUTER socket
+answers `{"op": "replay", "from_seq": n}` with the batches since n (or a snapshot) and
+`{"op": "snapshot"}` with every rank's cached pages. Publishing never blocks the worker
+link: batches wait in a bounded queue, and a full queue drops (counted), which a subscriber
+sees as a gap and heals by replay or snapshot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import time
+from typing import Any
+
+import msgspec
+import zmq
+import zmq.asyncio
+
+from pdserve.engine.kv_events import CacheEvent
+from pdserve.serving.kv_event_stream import KVEventStream
+
+logger = logging.getLogger(__name__)
+
+MAX_QUEUED_BATCHES = 1024
+MAX_RECENT_BATCHES = 4096
+
+
+def advertised_host(bind_host: str) -> str:
+    return socket.gethostname() if bind_host in ("0.0.0.0", "::", "") else bind_host
+
+
+class KVEventPublisher:
+    def __init__(
+        self,
+        ctx: zmq.asyncio.Context,
+        host: str,
+        ports: tuple[int, int],
+        dp_size: int,
+        page_size: int,
+        hash_seed: int,
+    ):
+        self.stream = KVEventStream(dp_size, page_size, MAX_RECENT_BATCHES)
+        self.hash_seed = hash_seed
+        self.num_dropped_batches = 0
+        self._queue: asyncio.Queue[bytes] = asyncio.Queue(MAX_QUEUED_BATCHES)
+        self._pub = ctx.socket(zmq.PUB)
+        self._replay = ctx.socket(zmq.ROUTER)
+        for sock in (self._pub, self._replay):
+            sock.setsockopt(zmq.LINGER, 0)
+        pub_port, replay_port = (
+            self._bind(sock, host, port)
+            for sock, port in zip((self._pub, self._replay), ports, strict=True)
+        )
+        name = advertised_host(host)
+        self.endpoint = f"tcp://{name}:{pub_port}"
+        self.replay_endpoint = f"tcp://{name}:{replay_port}"
+        self._tasks: list[asyncio.Task] = []
+
+    @staticmethod
+    def _bind(sock: zmq.Socket, host: str, port: int) -> int:
+        if port == 0:
+            return sock.bind_to_random_port(f"tcp://{host}")
+        sock.bind(f"tcp://{host}:{port}")
+        return port
+
+    def info(self) -> dict[str, Any]:
+        """What /server_info advertises: a router hashes prompts with `hash_seed`."""
+        return {
+            "kv_events_endpoint": self.endpoint,
+            "kv_events_replay_endpoint": self.replay_endpoint,
+            "kv_events_hash_seed": self.hash_seed,
+            "kv_events_seq": self.stream.seq,
+        }
+
+    def start(self) -> None:
+        self._tasks = [asyncio.create_task(self._send_loop()), asyncio.create_task(self._serve())]
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._pub.close()
+        self._replay.close()
+
+    def publish(self, dp_rank: int, events: list[CacheEvent]) -> None:
+        batch = self.stream.add(dp_rank, events, time.time())
+        try:
+            self._queue.put_nowait(msgspec.msgpack.encode(batch))
+        except asyncio.QueueFull:
+            self.num_dropped_batches += 1
+
+    async def _send_loop(self) -> None:
+        while True:
+            data = await self._queue.get()
+            await self._pub.send(data)  # PUB drops for a slow subscriber rather than block
+
+    async def _serve(self) -> None:
+        while True:
+            ident, _, request = await self._replay.recv_multipart()
+            await self._replay.send_multipart(
+                [ident, b"", msgspec.msgpack.encode(self._answer(request))]
+            )
+
+    def _answer(self, request: bytes) -> dict[str, Any]:
+        try:
+            msg = msgspec.msgpack.decode(request)
+            op = msg["op"]
+            if op == "snapshot":
+                return {"seq": self.stream.seq, "snapshot": self.stream.snapshot()}
+            if op == "replay":
+                return self.stream.replay(int(msg["from_seq"]))
+            return {"error": f"unknown op {op!r}"}
+        except (msgspec.DecodeError, KeyError, TypeError, ValueError) as exc:
+            return {"error": f"bad request: {exc!r}"}

@@ -1,0 +1,96 @@
+"""KV events from a real dp 2 server: a request's pages are `stored` on its rank with the
+hashes a router computes; eviction and /flush_cache publish `removed` and `cleared`; a
+subscriber that starts late, or loses a batch, converges to the workers' real caches."""
+
+from __future__ import annotations
+
+import pytest
+
+from pdserve.engine.page_hash import page_hashes
+from tests.conftest import TINY_ARGS
+from tests.helpers import http_json, launch_server, wait_until
+from tests.kv_event_client import SubscriberThread, dump, events_since
+
+PAGE = 16
+GREEDY = {"max_new_tokens": 8, "temperature": 0.0, "ignore_eos": True}
+
+
+def prompt(n: int) -> list[int]:
+    """70 tokens (4 full pages), different for every n from the first token on."""
+    return [7 + n] + [5 + (i * 11 + n * 13) % 300 for i in range(69)]
+
+
+@pytest.fixture(scope="module")
+def server():
+    # 24 pages per worker: a handful of 5-page requests make it evict.
+    with launch_server([*TINY_ARGS, "--dp-size", "2", "--max-total-tokens", "384"]) as srv:
+        yield srv
+
+
+def info(url: str) -> dict:
+    return http_json("GET", f"{url}/server_info")[1]
+
+
+def generate(url: str, n: int, rank: int) -> None:
+    body = {"input_ids": prompt(n), "sampling_params": GREEDY, "routed_dp_rank": rank}
+    status, answer = http_json("POST", f"{url}/generate", body)
+    assert status == 200, answer
+
+
+def flush(url: str) -> None:
+    assert http_json("POST", f"{url}/flush_cache")[0] == 200
+    wait_until(lambda: not dump(url, 0) and not dump(url, 1), 30, "both caches empty")
+
+
+def test_a_requests_pages_are_stored_on_its_rank_with_the_routers_hashes(server):
+    flush(server.url)
+    before = info(server.url)
+    generate(server.url, 1, rank=1)
+    expected = page_hashes(prompt(1), PAGE, before["kv_events_hash_seed"])
+    assert len(expected) == 4
+    wait_until(lambda: dump(server.url, 1) == set(expected), 30, "4 pages cached on rank 1")
+    stored = [e for e in events_since(before, before["kv_events_seq"]) if e["type"] == "stored"]
+    assert {e["dp_rank"] for e in stored} == {1}
+    assert [h for e in stored for h in e["page_hashes"]] == expected
+    assert stored[0]["parent_hash"] is None
+    assert sum(e["num_tokens"] for e in stored) == 4 * PAGE
+    assert not dump(server.url, 0)
+
+
+def test_eviction_is_removed_and_flush_is_cleared_on_every_rank(server):
+    flush(server.url)
+    before = info(server.url)
+    for n in range(10, 18):  # 8 prompts of 4 cached pages each cannot all stay in 24 pages
+        generate(server.url, n, rank=0)
+    events = events_since(before, before["kv_events_seq"])
+    removed = {h for e in events if e["type"] == "removed" for h in e["page_hashes"]}
+    assert removed and all(e["dp_rank"] == 0 for e in events)
+    assert not removed & dump(server.url, 0)
+    mid = info(server.url)
+    flush(server.url)
+    cleared = [e for e in events_since(mid, mid["kv_events_seq"]) if e["type"] == "cleared"]
+    assert {e["dp_rank"] for e in cleared} == {0, 1}
+
+
+def test_a_late_subscriber_that_loses_a_batch_converges_to_the_real_caches(server):
+    for n in range(20, 23):
+        generate(server.url, n, rank=n % 2)
+    sub = SubscriberThread(info(server.url))  # after traffic: starts from a snapshot
+    try:
+        wait_until(lambda: sub.sub.num_resyncs >= 1, 30, "the first snapshot")
+        n = 30
+        while sub.sub.num_live_batches == 0:  # the live stream reaches it (slow joiner)
+            assert n < 60, "no live batch reached the subscriber"
+            generate(server.url, n, rank=n % 2)
+            n += 1
+        sub.sub.drop_next = True
+        for n in range(60, 64):
+            generate(server.url, n, rank=n % 2)
+
+        def converged() -> bool:
+            return sub.ranks() == {0: dump(server.url, 0), 1: dump(server.url, 1)}
+
+        wait_until(converged, 30, "the subscriber's index to equal both caches")
+        assert sub.sub.num_replays >= 1
+    finally:
+        sub.close()
