@@ -130,7 +130,7 @@ class Attempt:
             self.legs.count_leg_failure(err)
             raise
         finally:
-            worker.on_done(time.monotonic(), ok, self.pair.prefill_rank)
+            worker.on_done(time.monotonic(), ok, self.pair.prefill_rank, self.prompt_tokens)
 
     async def _prefill_result(self) -> LegResult | None:
         """Prefill's whole answer (for its prompt logprobs), within the request deadline."""
@@ -218,7 +218,7 @@ class Attempt:
             resp.discard_rest()  # keep-alive: the connection goes back to the pool
         elif resp is not None:
             resp.close()  # the server sees the router leave
-        self.decode.on_done(time.monotonic(), ok, self.pair.decode_rank)
+        self.decode.on_done(time.monotonic(), ok, self.pair.decode_rank, self.prompt_tokens)
         if self.prefill_task is not None and not self.prefill_task.done():
             if ok:  # prefill's answer no longer matters; let it end on its own
                 self.legs.keep(self.prefill_task)

@@ -13,7 +13,7 @@ from pdserve import envs
 from pdserve.auth import api_key_ok
 from pdserve.config import check, opt
 
-POLICIES = ["round_robin", "random", "power_of_two", "cache_aware"]
+POLICIES = ["round_robin", "random", "power_of_two", "cache_aware", "kv_aware"]
 Role = Literal["prefill", "decode", "regular"]
 ROLES = ("prefill", "decode", "regular")
 
@@ -91,6 +91,11 @@ class RouterConfig:
     balance_rel_threshold: float = opt(
         1.5, "... and the busiest worker has this many times the idlest's load"
     )
+    local_prefill_threshold: int = opt(
+        0,
+        "kv_aware decode: when the chosen decode server holds all but at most this many "
+        "prompt tokens, it computes the rest itself and no prefill server is used (0: off)",
+    )
     prefix_table_blocks: int = opt(65536, "cache_aware: most prompt blocks remembered (LRU)")
     prefix_block_len: int = opt(16, "cache_aware: characters (or token ids) per prompt block")
     load_refresh_interval_s: float = opt(1.0, "period of GET /get_load on every worker")
@@ -137,6 +142,7 @@ class RouterConfig:
             self.prefix_block_len > 0 and self.prefix_table_blocks > 0,
             "prefix table sizes must be > 0",
         )
+        check(self.local_prefill_threshold >= 0, "--local-prefill-threshold must be >= 0")
         check(self.max_retries >= 0, "--max-retries must be >= 0")
         check(
             min(

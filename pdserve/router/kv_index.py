@@ -18,7 +18,8 @@ class BatchVerdict(Enum):
 
 
 class WorkerCache:
-    def __init__(self) -> None:
+    def __init__(self, page_size: int = 0, hash_seed: int = 0) -> None:
+        self.page_size, self.hash_seed = page_size, hash_seed  # how it hashes its pages
         self.ranks: dict[int, set[int]] = {}
         self.last_seq: int | None = None  # None: no snapshot taken yet
 
@@ -76,8 +77,10 @@ class KVIndex:
     def __init__(self) -> None:
         self.workers: dict[str, WorkerCache] = {}
 
-    def track(self, url: str) -> WorkerCache:
-        return self.workers.setdefault(url, WorkerCache())
+    def track(self, url: str, page_size: int = 0, hash_seed: int = 0) -> WorkerCache:
+        """A fresh cache for the worker (replacing any earlier one)."""
+        self.workers[url] = WorkerCache(page_size, hash_seed)
+        return self.workers[url]
 
     def forget(self, url: str) -> None:
         self.workers.pop(url, None)
@@ -88,3 +91,13 @@ class KVIndex:
         if cache is None or cache.last_seq is None:
             return {}
         return cache.matched_pages(page_hashes)
+
+    def describe(self) -> dict[str, Any]:
+        """Per worker: the last batch applied (None: not synchronised) and pages per rank."""
+        return {
+            url: {
+                "seq": cache.last_seq,
+                "num_cached_pages": {r: len(h) for r, h in sorted(cache.ranks.items())},
+            }
+            for url, cache in self.workers.items()
+        }

@@ -15,6 +15,7 @@ from prometheus_client.utils import floatToGoString
 
 # Router-added latency is small: resolve well below a millisecond.
 ADDED_LATENCY_BUCKETS_S = (0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0)
+MATCHED_TOKENS_BUCKETS = (0, 16, 64, 256, 1024, 4096, 16384, 65536)
 DURATION_BUCKETS_S = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
 
@@ -123,6 +124,19 @@ class RouterMetrics:
         self.auth_refusals = Counter(
             "pdserve_router_auth_refusals",
             "Client requests refused for a missing or wrong API key",
+            registry=r,
+        )
+        self.kv_matched_tokens = HotHistogram(
+            "pdserve_router_kv_matched_tokens",
+            "kv_aware: prompt tokens the chosen server held, as the router's index saw them",
+            ["role"],
+            buckets=MATCHED_TOKENS_BUCKETS,
+            registry=r,
+        )
+        self.request_paths = HotCounter(
+            "pdserve_router_request_paths",
+            "PD requests by path: disaggregated (prefill + decode) or local (decode alone)",
+            ["path"],
             registry=r,
         )
         self.healthy = Gauge(

@@ -13,11 +13,12 @@ import msgspec
 
 from pdserve.router.config import RouterConfig, WorkerSpec
 from pdserve.router.http_client import HttpClient, HttpError
+from pdserve.router.kv_follow import KVFollower
 from pdserve.router.metrics import RouterMetrics
 from pdserve.router.workers import Worker, WorkerRegistry
 
 log = logging.getLogger(__name__)
-LOAD_POLICIES = {"power_of_two", "cache_aware"}
+LOAD_POLICIES = {"power_of_two", "cache_aware", "kv_aware"}
 CHECK_ERRORS = (HttpError, RuntimeError, ValueError)  # ValueError: bad JSON or fields
 
 
@@ -35,8 +36,15 @@ def tokens_per_rank(answer: Any) -> list[int]:
 
 
 class Monitor:
-    def __init__(self, config: RouterConfig, registry: WorkerRegistry, metrics: RouterMetrics):
+    def __init__(
+        self,
+        config: RouterConfig,
+        registry: WorkerRegistry,
+        metrics: RouterMetrics,
+        kv_follower: KVFollower | None = None,
+    ):
         self.config = config
+        self.kv_follower = kv_follower  # set when a policy routes on KV events
         self.registry = registry
         self.metrics = metrics
         self.info: dict[str, dict[str, Any]] = {}  # url -> its /server_info answer
@@ -60,6 +68,14 @@ class Monitor:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.kv_follower is not None:
+            await self.kv_follower.stop()
+
+    async def forget(self, url: str) -> None:
+        """The worker left the registry."""
+        self.info.pop(url, None)
+        if self.kv_follower is not None:
+            await self.kv_follower.drop(url)
 
     async def _get(self, url: str, path: str) -> bytes:
         status, body = await self.client.get(url, path, self._timeout_s)
@@ -75,6 +91,8 @@ class Monitor:
         if not isinstance(info, dict):
             raise RuntimeError(f"GET {url}/server_info: not a JSON object")
         self.info[url] = info
+        if self.kv_follower is not None:
+            await self.kv_follower.follow(url, info)
         return info
 
     async def probe_new(self, spec: WorkerSpec) -> Worker:
@@ -89,6 +107,8 @@ class Monitor:
             await self._get(worker.url, "/health")
             if worker.url not in self.info:
                 worker.set_dp_size(int((await self._fetch_info(worker.url)).get("dp_size") or 1))
+            elif self.kv_follower is not None and not self.kv_follower.follows(worker.url):
+                await self._fetch_info(worker.url)  # back from a failure: a new life, new ports
             return True
         except CHECK_ERRORS as exc:
             log.debug("health check of %s failed: %r", worker.url, exc)
@@ -100,6 +120,8 @@ class Monitor:
         for worker, ok in zip(workers, results, strict=True):
             if worker.health.record(ok):
                 healthy = worker.health.healthy
+                if not healthy and self.kv_follower is not None:
+                    await self.kv_follower.drop(worker.url)
                 log.log(
                     logging.INFO if healthy else logging.WARNING,
                     "%s server %s is now %s",

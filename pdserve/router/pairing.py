@@ -9,6 +9,8 @@ from typing import Any
 
 from pdserve.router.body import LegPlan, new_rids
 from pdserve.router.config import ROLES, Role, RouterConfig
+from pdserve.router.kv_index import KVIndex
+from pdserve.router.kv_policy import KVAware
 from pdserve.router.policy import Policy, make_policy
 from pdserve.router.prefix_table import Prompt
 from pdserve.router.rooms import RoomSource
@@ -26,6 +28,9 @@ class Pair:
     plan: LegPlan | None = None  # None in plain mode
     prefill_rank: int | None = None  # the rank the router steers to (dp-aware or align-room)
     decode_rank: int | None = None
+    # kv_aware: prompt tokens the chosen servers hold, as the router's index saw them
+    prefill_matched_tokens: int = 0
+    decode_matched_tokens: int = 0
 
 
 class PairChooser:
@@ -33,20 +38,35 @@ class PairChooser:
         self.config = config
         self.registry = registry
         self.rooms = RoomSource(rng)
+        self.kv_index = KVIndex()
         self.policies: dict[Role, Policy] = {
-            role: make_policy(config.policy_for(role), config, rng) for role in ROLES
+            role: self._make_policy(config.policy_for(role), rng) for role in ROLES
         }
+
+    def _make_policy(self, name: str, rng: random.Random) -> Policy:
+        if name == KVAware.name:
+            return KVAware(self.kv_index, per_rank=self.config.dp_aware)
+        return make_policy(name, self.config, rng)
+
+    @property
+    def follows_kv_events(self) -> bool:
+        return any(isinstance(p, KVAware) for p in self.policies.values())
 
     def _pick(
         self, role: Role, now: float, prompt: Prompt | None, avoid: Collection[str]
-    ) -> Worker:
+    ) -> tuple[Worker, int | None, int]:
+        """(worker, the DP rank kv_aware chose or None, matched prompt tokens)."""
         workers = self.registry.available(role, now, exclude=avoid)
         if not workers and avoid:  # better a worker that failed once than none
             workers = self.registry.available(role, now)
         if not workers:
             total = len(self.registry.by_role(role))
             raise NoWorker(f"no healthy {role} server available ({total} registered)")
-        return self.policies[role].choose(workers, prompt)
+        policy = self.policies[role]
+        if isinstance(policy, KVAware):
+            best = policy.score(workers, prompt)
+            return best.worker, best.dp_rank, best.matched_tokens
+        return policy.choose(workers, prompt), None, 0
 
     def choose(
         self,
@@ -59,12 +79,17 @@ class PairChooser:
     ) -> Pair:
         """Raises NoWorker. `avoid`: workers that already failed this request."""
         if self.registry.by_role("regular"):
-            return Pair(self._pick("regular", now, prompt, avoid))
-        prefill = self._pick("prefill", now, prompt, avoid)
-        decode = self._pick("decode", now, prompt, avoid)
+            worker, rank, matched = self._pick("regular", now, prompt, avoid)
+            return Pair(worker, decode_rank=rank, decode_matched_tokens=matched)
+        prefill, prefill_kv_rank, prefill_matched = self._pick("prefill", now, prompt, avoid)
+        decode, decode_kv_rank, decode_matched = self._pick("decode", now, prompt, avoid)
         c = self.config
-        prefill_rank = prefill.choose_rank() if (c.dp_aware or c.align_room) else None
-        decode_rank = decode.choose_rank() if c.dp_aware else None
+        prefill_rank = prefill_kv_rank
+        if prefill_rank is None and (c.dp_aware or c.align_room):
+            prefill_rank = prefill.choose_rank()
+        decode_rank = decode_kv_rank
+        if decode_rank is None and c.dp_aware:
+            decode_rank = decode.choose_rank()
         count = num_seqs or 1
         if c.align_room and prefill_rank is not None:
             rooms = self.rooms.draw_many(count, prefill.dp_size, prefill_rank)
@@ -79,7 +104,9 @@ class PairChooser:
             prefill_rank=prefill_rank if c.dp_aware else None,
             decode_rank=decode_rank,
         )
-        return Pair(decode, prefill, plan, prefill_rank, decode_rank)
+        return Pair(
+            decode, prefill, plan, prefill_rank, decode_rank, prefill_matched, decode_matched
+        )
 
     def forget(self, url: str) -> None:
         for policy in self.policies.values():

@@ -14,9 +14,10 @@ from pdserve.router.attempt import Attempt
 from pdserve.router.body import BadRequest, estimate_tokens, num_sequences, prompt_of
 from pdserve.router.config import RouterConfig
 from pdserve.router.http_server import Request, Response, StreamResponse, json_response
+from pdserve.router.kv_policy import KVAware
 from pdserve.router.legs import LegContext, LegError
 from pdserve.router.metrics import RouterMetrics
-from pdserve.router.pairing import NoWorker, PairChooser
+from pdserve.router.pairing import NoWorker, Pair, PairChooser
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,20 @@ class Proxy:
             self.metrics.added_latency.observe(max(0.0, total_s - decode_s), route)
         return response
 
+    def _observe_choice(self, pair: Pair) -> None:
+        kv = self.chooser.policies
+        if pair.prefill is None:
+            if isinstance(kv["regular"], KVAware):
+                self.metrics.kv_matched_tokens.observe(pair.decode_matched_tokens, "regular")
+            return
+        self.metrics.request_paths.inc("disaggregated")
+        for role, matched in (
+            ("prefill", pair.prefill_matched_tokens),
+            ("decode", pair.decode_matched_tokens),
+        ):
+            if isinstance(kv[role], KVAware):
+                self.metrics.kv_matched_tokens.observe(matched, role)
+
     async def _attempts(
         self, request: Request, route: str, body: dict[str, Any], num_seqs: int | None
     ) -> tuple[Response | StreamResponse, float]:
@@ -80,6 +95,7 @@ class Proxy:
                     break
                 self.legs.count_failure(route, "no_worker")
                 return error_response(503, str(exc)), 0.0
+            self._observe_choice(pair)
             attempt = Attempt(self.legs, request, route, body, pair, tokens)
             try:
                 return await attempt.run(), attempt.decode_s

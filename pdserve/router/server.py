@@ -25,6 +25,7 @@ from pdserve.router.http_server import (
     StreamResponse,
     json_response,
 )
+from pdserve.router.kv_follow import KVFollower
 from pdserve.router.metrics import RouterMetrics
 from pdserve.router.monitor import Monitor
 from pdserve.router.pairing import PairChooser
@@ -47,7 +48,8 @@ class Router:
         self.metrics = RouterMetrics()
         self.chooser = PairChooser(config, self.registry, rng or random.Random(os.urandom(16)))
         self.proxy = Proxy(config, self.chooser, self.metrics)
-        self.monitor = Monitor(config, self.registry, self.metrics)
+        follower = KVFollower(self.chooser.kv_index) if self.chooser.follows_kv_events else None
+        self.monitor = Monitor(config, self.registry, self.metrics, follower)
 
     def routes(self) -> dict[str, dict[str, Handler]]:
         """path -> method -> handler."""
@@ -186,6 +188,7 @@ class Router:
         if worker is None:
             return error_response(404, f"no worker with url {url!r}")
         self.chooser.forget(worker.url)
+        await self.monitor.forget(worker.url)
         self.proxy.client.drop(worker.url)
         return json_response({"removed": worker.url})
 
@@ -198,11 +201,14 @@ class Router:
             "decode_policy": c.policy_for("decode"),
             "dp_aware": c.dp_aware,
             "align_room": c.align_room,
+            "local_prefill_threshold": c.local_prefill_threshold,
             "workers": [
                 {"url": w.url, "role": w.role, "server_info": self.monitor.info.get(w.url)}
                 for w in self.registry.all()
             ],
         }
+        if self.chooser.follows_kv_events:
+            info["kv_index"] = self.chooser.kv_index.describe()
         return json_response(info)
 
     def _from_decode(self, path: str) -> Handler:

@@ -22,6 +22,9 @@ class Worker:
     tokens_since_report: int = 0
     in_flight: int = 0
     in_flight_per_rank: list[int] = field(default_factory=lambda: [0])
+    # Prompt tokens of the legs in flight from this router: exact and fresh, unlike a report.
+    tokens_in_flight: int = 0
+    tokens_in_flight_per_rank: list[int] = field(default_factory=lambda: [0])
     _next_rank: int = 0
 
     @property
@@ -44,6 +47,7 @@ class Worker:
             raise ValueError(f"{self.url}: dp_size must be >= 1, got {dp_size}")
         self.dp_size = dp_size
         self.in_flight_per_rank = [0] * dp_size
+        self.tokens_in_flight_per_rank = [0] * dp_size
         self._next_rank = 0
 
     def set_reported_load(self, tokens_per_rank: list[int]) -> None:
@@ -64,14 +68,21 @@ class Worker:
         self.breaker.on_dispatch(now)
         self.in_flight += 1
         self.tokens_since_report += prompt_tokens
+        self.tokens_in_flight += prompt_tokens
         if rank is not None and rank < len(self.in_flight_per_rank):
             self.in_flight_per_rank[rank] += 1
+            self.tokens_in_flight_per_rank[rank] += prompt_tokens
 
-    def on_done(self, now: float, ok: bool | None, rank: int | None) -> None:
+    def on_done(
+        self, now: float, ok: bool | None, rank: int | None, prompt_tokens: int = 0
+    ) -> None:
         """`ok` None: ended without a verdict on this worker (aborted because of its peer)."""
         self.in_flight = max(0, self.in_flight - 1)
+        self.tokens_in_flight = max(0, self.tokens_in_flight - prompt_tokens)
         if rank is not None and rank < len(self.in_flight_per_rank):
             self.in_flight_per_rank[rank] = max(0, self.in_flight_per_rank[rank] - 1)
+            per_rank = self.tokens_in_flight_per_rank
+            per_rank[rank] = max(0, per_rank[rank] - prompt_tokens)
         if ok is None:
             self.breaker.release()
         else:

@@ -1,0 +1,50 @@
+"""Keeps one `KVSubscriber` per worker that advertises KV events, feeding the router's
+`KVIndex` (router process). The monitor calls it when it learns a worker's /server_info
+and when a worker leaves or fails its health checks."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import zmq.asyncio
+
+from pdserve.router.kv_index import KVIndex
+from pdserve.router.kv_subscriber import KVSubscriber
+
+log = logging.getLogger(__name__)
+
+
+class KVFollower:
+    def __init__(self, index: KVIndex):
+        self.index = index
+        self._ctx = zmq.asyncio.Context()
+        self._subs: dict[str, KVSubscriber] = {}
+
+    def follows(self, url: str) -> bool:
+        return url in self._subs
+
+    async def follow(self, url: str, info: dict[str, Any]) -> None:
+        """Start (or restart) following the worker; one without an events endpoint (another
+        server, an older pdserve) stays unindexed and is routed by load alone."""
+        await self.drop(url)
+        endpoint = info.get("kv_events_endpoint")
+        replay = info.get("kv_events_replay_endpoint")
+        seed, page_size = info.get("kv_events_hash_seed"), info.get("page_size")
+        if not (endpoint and replay and isinstance(seed, int) and isinstance(page_size, int)):
+            return
+        cache = self.index.track(url, page_size, seed)
+        self._subs[url] = sub = KVSubscriber(self._ctx, cache, endpoint, replay)
+        sub.start()
+        log.info("following KV events of %s at %s", url, endpoint)
+
+    async def drop(self, url: str) -> None:
+        self.index.forget(url)
+        sub = self._subs.pop(url, None)
+        if sub is not None:
+            await sub.stop()
+
+    async def stop(self) -> None:
+        for url in list(self._subs):
+            await self.drop(url)
+        self._ctx.destroy(linger=0)

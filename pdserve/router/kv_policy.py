@@ -1,0 +1,93 @@
+"""kv_aware: choose the worker (and DP rank) whose real KV cache holds the longest prefix of
+the prompt, weighed against its load (router process; pure).
+
+The cache contents come from the servers' KV events (`kv_index.py`). The cost of a
+candidate is the prompt tokens it would still compute plus the prompt tokens of the
+requests this router has in flight there (exact and fresh; a `/get_load` report lags by its
+refresh period, long enough to send a conversation away from its cache); the cheapest wins. Prompts without token ids, and workers that publish no
+events, are scored by load alone (a match of 0).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from pdserve.engine.page_hash import page_hashes
+from pdserve.router.kv_index import KVIndex
+from pdserve.router.policy import Policy
+from pdserve.router.prefix_table import Prompt
+from pdserve.router.workers import Worker
+
+
+@dataclass(frozen=True)
+class Candidate:
+    worker: Worker
+    dp_rank: int | None  # None: the server's own DP controller picks the rank
+    matched_tokens: int
+    load_tokens: int
+
+
+def cheapest(candidates: Sequence[Candidate], prompt_tokens: int) -> Candidate:
+    """Least (tokens to compute + tokens in flight); ties: the longer match, then the
+    order (the policy rotates it, so ties take turns)."""
+
+    def cost(c: Candidate) -> tuple[int, int]:
+        return (max(prompt_tokens - c.matched_tokens, 0) + c.load_tokens, -c.matched_tokens)
+
+    return min(candidates, key=cost)
+
+
+def rank_load(worker: Worker, rank: int) -> int:
+    """Tokens in flight on the rank: those sent to it, and a share of those the server's
+    own DP controller placed."""
+    per_rank = worker.tokens_in_flight_per_rank
+    ranked = sum(per_rank)
+    return per_rank[rank] + (worker.tokens_in_flight - ranked) // worker.dp_size
+
+
+class KVAware(Policy):
+    name = "kv_aware"
+
+    def __init__(self, index: KVIndex, per_rank: bool):
+        self.index = index
+        self.per_rank = per_rank  # --dp-aware: the router names the rank
+        self._turn = 0
+
+    def candidates(self, workers: Sequence[Worker], token_ids: Sequence[int]) -> list[Candidate]:
+        hashes_by_seed: dict[tuple[int, int], list[int]] = {}
+        out = []
+        for worker in workers:
+            matched = {}
+            cache = self.index.workers.get(worker.url)
+            if cache is not None and cache.last_seq is not None:
+                key = (cache.page_size, cache.hash_seed)
+                if key not in hashes_by_seed:  # one hashing per model and page size
+                    hashes_by_seed[key] = page_hashes(token_ids, *key)
+                pages = cache.matched_pages(hashes_by_seed[key])
+                matched = {rank: n * cache.page_size for rank, n in pages.items()}
+            if self.per_rank:
+                out += [
+                    Candidate(worker, r, matched.get(r, 0), rank_load(worker, r))
+                    for r in range(worker.dp_size)
+                ]
+            else:
+                best = max(matched.values(), default=0)
+                out.append(Candidate(worker, None, best, worker.tokens_in_flight))
+        return out
+
+    def choose(self, workers: Sequence[Worker], prompt: Prompt | None) -> Worker:
+        return self.score(workers, prompt).worker
+
+    def score(self, workers: Sequence[Worker], prompt: Prompt | None) -> Candidate:
+        """`workers` is non-empty and holds only available workers."""
+        token_ids = prompt if prompt is not None and not isinstance(prompt, str) else []
+        # A match may cover at most len - 1 tokens: the last one is always computed.
+        usable = list(token_ids[: max(len(token_ids) - 1, 0)])
+        candidates = self.candidates(workers, usable)
+        self._turn = (self._turn + 1) % len(candidates)
+        rotated = candidates[self._turn :] + candidates[: self._turn]
+        return cheapest(rotated, len(token_ids))
+
+    def forget(self, url: str) -> None:
+        self.index.forget(url)

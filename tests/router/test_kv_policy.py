@@ -1,0 +1,67 @@
+"""kv_aware's pure core: the candidate holding the prompt's prefix wins unless its load
+outweighs the tokens it saves; with --dp-aware the rank holding it is named; workers with
+no events and text prompts are scored by load alone."""
+
+from pdserve.engine.page_hash import page_hashes
+from pdserve.router.kv_index import KVIndex
+from pdserve.router.kv_policy import KVAware
+from tests.router.test_policy import make_workers
+
+PAGE, SEED = 16, 1234
+PROMPT = list(range(100, 180))  # 80 tokens: 4 pages matchable (the last token is computed)
+
+
+def index_with(url: str, rank: int, num_pages: int, dp_size: int = 2) -> KVIndex:
+    index = KVIndex()
+    cache = index.track(url, PAGE, SEED)
+    ranks = [[] for _ in range(dp_size)]
+    ranks[rank] = page_hashes(PROMPT, PAGE, SEED)[:num_pages]
+    cache.load_snapshot({"seq": 1, "ranks": ranks})
+    return index
+
+
+def test_the_worker_holding_the_prefix_wins_and_load_can_outweigh_it():
+    a, b = make_workers(2)
+    index = index_with(b.url, rank=1, num_pages=4)
+    policy = KVAware(index, per_rank=False)
+    best = policy.score([a, b], PROMPT)
+    assert (best.worker, best.dp_rank, best.matched_tokens) == (b, None, 64)
+    b.on_dispatch(0.0, 100, None)  # 100 tokens in flight cost more than the 64 it saves
+    assert policy.choose([a, b], PROMPT) is a
+
+
+def test_dp_aware_names_the_rank_that_holds_the_prefix():
+    a, b = make_workers(2)
+    for w in (a, b):
+        w.set_dp_size(2)
+    index = index_with(a.url, rank=1, num_pages=3)
+    policy = KVAware(index, per_rank=True)
+    best = policy.score([b, a], PROMPT)
+    assert (best.worker, best.dp_rank, best.matched_tokens) == (a, 1, 48)
+    a.on_dispatch(0.0, 50, 1)  # the rank is busy: its 32 tokens to compute + 50 > 80
+    assert policy.score([b, a], PROMPT).matched_tokens == 0  # an idle rank, whichever
+    a.on_done(0.0, True, 1, 50)
+    assert policy.score([b, a], PROMPT).dp_rank == 1
+
+
+def test_unindexed_workers_and_text_prompts_go_by_load():
+    a, b = make_workers(2)
+    a.on_dispatch(0.0, 50, None)
+    policy = KVAware(KVIndex(), per_rank=False)
+    assert policy.choose([a, b], PROMPT) is b
+    index = index_with(a.url, rank=0, num_pages=4)
+    assert KVAware(index, per_rank=False).choose([a, b], "some text") is b
+
+
+def test_a_forgotten_worker_has_no_match():
+    a, b = make_workers(2)
+    index = index_with(a.url, rank=0, num_pages=4)
+    policy = KVAware(index, per_rank=False)
+    policy.forget(a.url)
+    assert policy.score([a, b], PROMPT).matched_tokens == 0
+
+
+def test_equal_candidates_take_turns():
+    workers = make_workers(3)
+    policy = KVAware(KVIndex(), per_rank=False)
+    assert {policy.choose(workers, PROMPT).url for _ in range(3)} == {w.url for w in workers}

@@ -1,0 +1,105 @@
+"""kv_aware against real servers: two prefill servers (DP 2 each) and one decode server.
+Requests that share a prefix land on the prefill rank that holds it (cached_tokens in the
+answers); a prefill server killed and started again is followed anew by the router."""
+
+from __future__ import annotations
+
+import pytest
+import requests
+
+from tests.disagg.conftest import TINY, PDFactory, Prefill
+from tests.helpers import launch_server, wait_until
+from tests.router.conftest import router_args, start_router
+
+pytestmark = pytest.mark.timeout(300)
+PAGE = 16
+GREEDY = {"max_new_tokens": 4, "temperature": 0.0, "ignore_eos": True}
+
+
+def prompt(prefix: int, suffix: int) -> list[int]:
+    """A 64-token (4-page) prefix shared by every `suffix`, then 8 tokens of its own."""
+    head = [11 + prefix] + [20 + (i * 7 + prefix * 31) % 250 for i in range(63)]
+    return head + [300 + suffix * 8 + i for i in range(8)]
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    factory = PDFactory()
+    try:
+        prefills = [factory.prefill(2), factory.prefill(2)]
+        decode = factory.decode(1)
+        args = router_args([(p.url, p.bootstrap_port) for p in prefills], [decode.url])
+        with start_router([*args, "--policy", "kv_aware", "--dp-aware"]) as router:
+            yield factory, prefills, decode, router
+    finally:
+        factory.stop_all()
+
+
+def server_seq(url: str) -> int:
+    return requests.get(f"{url}/server_info", timeout=10).json()["kv_events_seq"]
+
+
+def router_seqs(router_url: str) -> dict[str, int | None]:
+    index = requests.get(f"{router_url}/server_info", timeout=10).json()["kv_index"]
+    return {url: entry["seq"] for url, entry in index.items()}
+
+
+def wait_router_caught_up(router_url: str, urls: list[str]) -> None:
+    """The router's index has applied every batch the servers published."""
+
+    def caught_up() -> bool:
+        seqs = router_seqs(router_url)
+        return all(seqs.get(url) == server_seq(url) for url in urls)
+
+    wait_until(caught_up, 60, "the router's index to catch up with the servers' events")
+
+
+def generate(router_url: str, ids: list[int]) -> dict:
+    resp = requests.post(
+        f"{router_url}/generate", json={"input_ids": ids, "sampling_params": GREEDY}, timeout=60
+    )
+    assert resp.status_code == 200, resp.text
+    return resp.json()
+
+
+def test_requests_sharing_a_prefix_land_where_it_is_cached(cluster):
+    _, prefills, decode, router = cluster
+    urls = [p.url for p in prefills] + [decode.url]
+    wait_router_caught_up(router.url, urls)
+    for prefix in range(4):
+        first = generate(router.url, prompt(prefix, 0))
+        assert first["meta_info"]["cached_tokens"] == 0
+        for suffix in range(1, 4):
+            wait_router_caught_up(router.url, urls)
+            answer = generate(router.url, prompt(prefix, suffix))
+            assert answer["meta_info"]["cached_tokens"] == 4 * PAGE, (prefix, suffix)
+    metrics = requests.get(f"{router.url}/metrics", timeout=10).text
+    assert 'pdserve_router_kv_matched_tokens_bucket{le="64.0",role="prefill"}' in metrics
+
+
+def test_a_restarted_prefill_server_is_followed_again(cluster):
+    factory, prefills, decode, router = cluster
+    old = prefills[1]
+    port = int(old.url.rsplit(":", 1)[1])
+    old.server.stop()
+
+    def healthy(url: str) -> bool:
+        workers = requests.get(f"{router.url}/workers", timeout=10).json()
+        workers = workers["workers"] if isinstance(workers, dict) else workers
+        return any(w["url"] == url and w["healthy"] for w in workers)
+
+    wait_until(lambda: not healthy(old.url), 60, "the router to see the server down")
+    assert old.url not in router_seqs(router.url)
+    args = [*TINY, "--mode", "prefill", "--dp-size", "2", "--bootstrap-port"]
+    args.append(str(old.bootstrap_port))
+    bootstrap_ready = f"http://127.0.0.1:{old.bootstrap_port}/route"
+    new = launch_server(args, port=port, extra_ready_urls=[bootstrap_ready])
+    factory.started.append(new)
+    prefills[1] = Prefill(new, old.bootstrap_port)
+    wait_until(lambda: healthy(new.url), 60, "the router to see the server back")
+    wait_router_caught_up(router.url, [p.url for p in prefills])
+    for suffix in range(6):  # both prefill servers get some of these
+        generate(router.url, prompt(9 + suffix, 0))
+    wait_router_caught_up(router.url, [p.url for p in prefills])
+    index = requests.get(f"{router.url}/server_info", timeout=10).json()["kv_index"]
+    assert sum(index[new.url]["num_cached_pages"].values()) > 0
