@@ -85,7 +85,12 @@ class DecodeWorkerHooks(WorkerHooks):
     # -- front end -> worker ---------------------------------------------------------
     def on_generate(self, msg: GenerateReq, now: float | None = None) -> list[ReqOutput]:
         info = msg.disagg
-        if info is None or info.prefill_endpoint is None:
+        if info is None:
+            # Local prefill (the front end lets a request without a room through only when
+            # it asked for that): computed here, past what this worker's cache holds.
+            self.engine.add_request(request_from_msg(msg))
+            return []
+        if info.prefill_endpoint is None:
             return [
                 error_output(msg.rid, 500, "decode request without a resolved prefill endpoint")
             ]

@@ -204,6 +204,8 @@ class DecodeFrontendHooks(_PDFrontendHooks):
         return bootstrap_url(host, self.cfg.disagg.bootstrap_port if port is None else port)
 
     async def prepare(self, req: GenerateReq, dp_rank: int, pd: PDFields) -> GenerateReq:
+        if pd.local_prefill:  # no prefill server, no room: the worker computes the prompt
+            return req
         url = self._bootstrap_address(pd.bootstrap_host, pd.bootstrap_port)
         try:
             return await self._resolve(req, dp_rank, pd.prefill_dp_rank, url)

@@ -7,7 +7,7 @@ import asyncio
 import time
 from typing import Any
 
-from pdserve.router.body import abort_rids, encode_bodies
+from pdserve.router.body import abort_rids, encode_bodies, local_prefill_body
 from pdserve.router.http_client import Response as LegResponse
 from pdserve.router.http_server import Request, Response, StreamResponse
 from pdserve.router.legs import (
@@ -75,6 +75,8 @@ class Attempt:
         prefill_data, decode_data = (
             encode_bodies(self.raw, self.body, plan) if plan else (self.raw, self.raw)
         )
+        if self.pair.local_prefill:
+            decode_data = local_prefill_body(self.raw, self.body, self.pair.decode_rank)
         now = time.monotonic()
         if self.pair.prefill is not None:
             self.pair.prefill.on_dispatch(now, self.prompt_tokens, self.pair.prefill_rank)

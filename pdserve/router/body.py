@@ -176,6 +176,22 @@ def encode_bodies(raw: bytes, body: dict[str, Any], plan: LegPlan) -> tuple[byte
     return prefill_data, head + msgspec.json.encode(decode_fields)[1:]
 
 
+LOCAL_PREFILL_DROPPED = (*RANK_FIELDS, "bootstrap_room", "bootstrap_host", "bootstrap_port")
+
+
+def local_prefill_body(raw: bytes, body: dict[str, Any], decode_rank: int | None) -> bytes:
+    """The one body of a request a decode server computes alone: `disagg_local_prefill`,
+    no bootstrap fields, and the rank the router chose (if it chose one)."""
+    fields: dict[str, Any] = {"disagg_local_prefill": True}
+    if decode_rank is not None:
+        fields["routed_dp_rank"] = decode_rank
+    if any(key in body for key in (*LOCAL_PREFILL_DROPPED, *fields)):
+        kept = {k: v for k, v in body.items() if k not in LOCAL_PREFILL_DROPPED}
+        return msgspec.json.encode({**kept, **fields})
+    head = raw.rstrip()[:-1] + (b"," if body else b"")
+    return head + msgspec.json.encode(fields)[1:]
+
+
 def abort_rids(route: str, rid: str | list[str], num_seqs: int | None) -> list[str]:
     """The rids the server knows: on the OpenAI routes one client rid for several sequences
     becomes `<rid>-<index>` there."""

@@ -31,6 +31,7 @@ class Pair:
     # kv_aware: prompt tokens the chosen servers hold, as the router's index saw them
     prefill_matched_tokens: int = 0
     decode_matched_tokens: int = 0
+    local_prefill: bool = False  # decode alone computes the prompt (no prefill, no plan)
 
 
 class PairChooser:
@@ -81,9 +82,20 @@ class PairChooser:
         if self.registry.by_role("regular"):
             worker, rank, matched = self._pick("regular", now, prompt, avoid)
             return Pair(worker, decode_rank=rank, decode_matched_tokens=matched)
-        prefill, prefill_kv_rank, prefill_matched = self._pick("prefill", now, prompt, avoid)
-        decode, decode_kv_rank, decode_matched = self._pick("decode", now, prompt, avoid)
         c = self.config
+        if c.local_prefill_threshold:
+            decode, decode_kv_rank, decode_matched = self._pick("decode", now, prompt, avoid)
+            if self._decode_holds_enough(prompt, decode_matched):
+                return Pair(
+                    decode,
+                    decode_rank=decode_kv_rank if c.dp_aware else None,
+                    decode_matched_tokens=decode_matched,
+                    local_prefill=True,
+                )
+            prefill, prefill_kv_rank, prefill_matched = self._pick("prefill", now, prompt, avoid)
+        else:
+            prefill, prefill_kv_rank, prefill_matched = self._pick("prefill", now, prompt, avoid)
+            decode, decode_kv_rank, decode_matched = self._pick("decode", now, prompt, avoid)
         prefill_rank = prefill_kv_rank
         if prefill_rank is None and (c.dp_aware or c.align_room):
             prefill_rank = prefill.choose_rank()
@@ -107,6 +119,15 @@ class PairChooser:
         return Pair(
             decode, prefill, plan, prefill_rank, decode_rank, prefill_matched, decode_matched
         )
+
+    def _decode_holds_enough(self, prompt: Prompt | None, decode_matched: int) -> bool:
+        """Conditional disaggregation: the decode server kv_aware chose holds all but at
+        most --local-prefill-threshold tokens of a token-id prompt."""
+        if not isinstance(self.policies["decode"], KVAware) or decode_matched == 0:
+            return False
+        if prompt is None or isinstance(prompt, str):
+            return False
+        return len(prompt) - decode_matched <= self.config.local_prefill_threshold
 
     def forget(self, url: str) -> None:
         for policy in self.policies.values():

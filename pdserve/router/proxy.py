@@ -65,6 +65,10 @@ class Proxy:
 
     def _observe_choice(self, pair: Pair) -> None:
         kv = self.chooser.policies
+        if pair.local_prefill:
+            self.metrics.request_paths.inc("local")
+            self.metrics.kv_matched_tokens.observe(pair.decode_matched_tokens, "decode")
+            return
         if pair.prefill is None:
             if isinstance(kv["regular"], KVAware):
                 self.metrics.kv_matched_tokens.observe(pair.decode_matched_tokens, "regular")

@@ -124,7 +124,7 @@ class Generator:
             logprob_start_len=item.logprob_start_len,
             top_logprobs_num=item.top_logprobs_num,
         )
-        if self.mode != "colocated":
+        if self.mode != "colocated" and not pd.local_prefill:
             assert pd.room is not None, "parse_pd_fields requires a room in PD modes"
             # The one check for a duplicate room: claimed before the first await, so two
             # concurrent requests with one room cannot both pass; released when the request

@@ -16,6 +16,7 @@ FIELD_NAMES = (
     "bootstrap_host",
     "bootstrap_port",
     "disagg_prefill_dp_rank",
+    "disagg_local_prefill",
     *ROUTED_RANK_FIELDS,
 )
 MODES = ("colocated", "prefill", "decode")
@@ -38,6 +39,8 @@ class PDFields:
     bootstrap_port: int | None = None  # decode: None means this server's --bootstrap-port
     prefill_dp_rank: int | None = None  # disagg_prefill_dp_rank: the prefill worker, named
     routed_dp_rank: int | None = None  # this server's worker, forced by the client
+    # decode: no prefill server; this server computes the prompt past its cached prefix
+    local_prefill: bool = False
 
 
 def _is_int(value: object) -> bool:
@@ -100,7 +103,30 @@ def _port(value: object) -> int | None:
     return value  # type: ignore[return-value]
 
 
+def _local_prefill(value: object) -> bool:
+    if value is not None and not isinstance(value, bool):
+        raise PDFieldError(
+            "disagg_local_prefill", f"disagg_local_prefill must be a boolean, got {value!r}"
+        )
+    return bool(value)
+
+
+def _require_local(fields: PDFields, mode: str) -> None:
+    if mode == "prefill":
+        raise PDFieldError(
+            "disagg_local_prefill", "disagg_local_prefill is for decode servers, not prefill"
+        )
+    if fields.room is not None or fields.bootstrap_host is not None:
+        raise PDFieldError(
+            "disagg_local_prefill",
+            "a request with disagg_local_prefill carries no bootstrap_room or bootstrap_host",
+        )
+
+
 def _require(fields: PDFields, mode: str) -> None:
+    if fields.local_prefill:
+        _require_local(fields, mode)
+        return
     if mode != "colocated" and fields.room is None:
         raise PDFieldError(
             "bootstrap_room", f"a {mode} server needs bootstrap_room in every request"
@@ -125,6 +151,7 @@ def parse_pd_fields(values: Mapping[str, object], dp_size: int, mode: str) -> PD
         bootstrap_port=_port(values.get("bootstrap_port")),
         prefill_dp_rank=_prefill_rank(values.get("disagg_prefill_dp_rank")),
         routed_dp_rank=_routed_rank(values, dp_size),
+        local_prefill=_local_prefill(values.get("disagg_local_prefill")),
     )
     _require(fields, mode)
     return fields

@@ -136,3 +136,23 @@ def test_rooms_in_body_pairs_list_entries_and_skips_malformed_ones():
     assert rooms_in_body(body) == [RoomAddress(1), RoomAddress(2)]
     assert rooms_in_body({"bootstrap_room": True}) == []
     assert rooms_in_body(["not", "a", "dict"]) == []
+
+
+def test_local_prefill_on_decode_needs_no_bootstrap_fields_and_allows_none():
+    local = {"disagg_local_prefill": True, "routed_dp_rank": 1}
+    assert parse_pd_fields(local, 2, "decode") == PDFields(routed_dp_rank=1, local_prefill=True)
+    assert parse_pd_fields({"disagg_local_prefill": False, **ADDRESS}, 1, "decode").room == 7
+    for extra in ({"bootstrap_room": 7}, {"bootstrap_host": "10.0.0.2"}):
+        with pytest.raises(PDFieldError) as err:
+            parse_pd_fields({"disagg_local_prefill": True, **extra}, 1, "decode")
+        assert err.value.field == "disagg_local_prefill"
+
+
+def test_local_prefill_is_refused_by_prefill_and_must_be_a_boolean():
+    for values, mode in (
+        ({"disagg_local_prefill": True, "bootstrap_room": 7}, "prefill"),
+        ({"disagg_local_prefill": 1}, "decode"),
+    ):
+        with pytest.raises(PDFieldError) as err:
+            parse_pd_fields(values, 1, mode)
+        assert err.value.field == "disagg_local_prefill"

@@ -1,0 +1,62 @@
+"""Conditional disaggregation against real servers: once the decode server holds all but a
+few tokens of a prompt, the router sends it there alone (`disagg_local_prefill`); the
+answer has the disaggregated path's tokens at temperature 0 and no KV moves. Without the
+field a decode server still requires the bootstrap fields."""
+
+from __future__ import annotations
+
+import pytest
+import requests
+
+from tests.disagg.conftest import PDFactory
+from tests.disagg.pd_driver import metric_value
+from tests.router.conftest import router_args, start_router
+from tests.router.test_router_kv_aware import PAGE, generate, prompt, wait_router_caught_up
+
+pytestmark = pytest.mark.timeout(300)
+KV_BYTES = "pdserve_kv_transfer_bytes_total"
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    factory = PDFactory()
+    try:
+        prefill, decode = factory.prefill(1), factory.decode(1)
+        args = router_args([(prefill.url, prefill.bootstrap_port)], [decode.url])
+        policy = ["--policy", "kv_aware", "--local-prefill-threshold", "32"]
+        with start_router([*args, *policy]) as router:
+            yield prefill, decode, router
+    finally:
+        factory.stop_all()
+
+
+def paths(router_url: str) -> dict[str, float]:
+    name = "pdserve_router_request_paths_total"
+    return {p: metric_value(router_url, name, {"path": p}) for p in ("disaggregated", "local")}
+
+
+def test_local_prefill_gives_the_disaggregated_tokens_and_moves_no_kv(cluster):
+    prefill, decode, router = cluster
+    urls = [prefill.url, decode.url]
+    wait_router_caught_up(router.url, urls)
+    first = generate(router.url, prompt(0, 0))
+    assert paths(router.url) == {"disaggregated": 1, "local": 0}
+    kv_bytes = metric_value(decode.url, KV_BYTES)
+    assert kv_bytes > 0
+    wait_router_caught_up(router.url, urls)  # decode's cached pages are in the index
+    again = generate(router.url, prompt(0, 0))
+    assert paths(router.url) == {"disaggregated": 1, "local": 1}
+    assert again["output_ids"] == first["output_ids"]
+    assert again["meta_info"]["cached_tokens"] == 4 * PAGE
+    assert metric_value(decode.url, KV_BYTES) == kv_bytes
+
+
+def test_a_decode_server_requires_bootstrap_fields_unless_local(cluster):
+    _, decode, _ = cluster
+    body = {"input_ids": prompt(1, 0), "sampling_params": {"max_new_tokens": 2}}
+    resp = requests.post(f"{decode.url}/generate", json=body, timeout=60)
+    assert resp.status_code == 400 and "bootstrap_room" in resp.text
+    local = {**body, "disagg_local_prefill": True}
+    resp = requests.post(f"{decode.url}/generate", json=local, timeout=60)
+    assert resp.status_code == 200, resp.text
+    assert len(resp.json()["output_ids"]) == 2
