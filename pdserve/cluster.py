@@ -83,6 +83,9 @@ class ClusterConfig:
         "in their environment (default: env PDSERVE_DISAGG_SECRET)",
         repr=False,
     )
+    router_args: str = opt(
+        "", "more flags for the router, one string, e.g. '--local-prefill-threshold 64'"
+    )
     ready_timeout_s: float = opt(600.0, "deadline for every process to become ready")
     stop_timeout_s: float = opt(15.0, "grace period after SIGTERM before SIGKILL")
 
@@ -224,6 +227,7 @@ def plan(c: ClusterConfig, router_port: int | None = None) -> list[Child]:
     router_argv += ["--prefill", url["prefill_port"], str(port["bootstrap_port"])]
     router_argv += ["--decode", url["decode_port"]] + (["--dp-aware"] if c.dp_aware else [])
     env = credentials_env(c)
+    router_argv += shlex.split(c.router_args)
     return [
         Child(
             "prefill",
