@@ -110,6 +110,7 @@ PD_GARBAGE = st.fixed_dictionaries(
         "routed_dp_rank": field(SMALL_INTS),
         "data_parallel_rank": field(SMALL_INTS),
         "disagg_prefill_dp_rank": field(SMALL_INTS),
+        "disagg_local_prefill": field(st.one_of(st.booleans(), SMALL_INTS)),
     },
 )
 NO_FIELDS = st.just({})

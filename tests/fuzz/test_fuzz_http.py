@@ -22,6 +22,7 @@ GENERATION_ROUTES = ["/generate", "/v1/completions", "/v1/chat/completions"]
 READ_ROUTES = [
     "/health", "/health_generate", "/server_info", "/get_server_info", "/model_info",
     "/get_model_info", "/v1/models", "/get_load", "/metrics", "/flush_cache",
+    "/debug/kv_cache",
 ]  # fmt: skip
 ROUTER_READ_ROUTES = [
     "/health", "/readiness", "/metrics", "/workers", "/server_info", "/get_server_info",
