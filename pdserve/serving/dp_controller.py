@@ -79,7 +79,8 @@ class DPController:
         self.inflight: dict[str, InFlight] = {}
         self._tasks: list[asyncio.Task] = []
         self.kv_events: KVEventPublisher | None = None  # once the workers are ready
-        self._dumps: dict[int, list[asyncio.Future[tuple[list[int], int]]]] = {}
+        self._dumps: dict[int, asyncio.Future[tuple[list[int], int]]] = {}  # by dump_id
+        self._next_dump_id = 0
 
     # ---- start / stop
     async def start(self, timeout_s: float) -> None:
@@ -204,14 +205,14 @@ class DPController:
         published before it (TimeoutError past the deadline)."""
         if dp_rank in self.dead:
             raise RequestError(503, self.dead[dp_rank])
-        future = asyncio.get_running_loop().create_future()
-        self._dumps.setdefault(dp_rank, []).append(future)
-        self._ctrl[dp_rank].send(protocol.encode(DumpCache()))
+        self._next_dump_id += 1
+        dump_id = self._next_dump_id
+        future = self._dumps[dump_id] = asyncio.get_running_loop().create_future()
+        self._ctrl[dp_rank].send(protocol.encode(DumpCache(dump_id)))
         try:
             return await asyncio.wait_for(future, timeout_s)
         finally:
-            if future in self._dumps[dp_rank]:
-                self._dumps[dp_rank].remove(future)
+            self._dumps.pop(dump_id, None)
 
     def room_failed(self, dp_rank: int, room: int, reason: str, status: int = 400) -> None:
         """For the prefill hooks: tell a worker that a room failed before dispatch."""
@@ -234,10 +235,10 @@ class DPController:
                     self.kv_events.publish(msg.dp_rank, msg.events)
                     self.metrics.kv_events_dropped.set(self.kv_events.num_dropped_batches)
             elif isinstance(msg, CacheDump):
-                waiting = self._dumps.get(msg.dp_rank)
-                if waiting:  # answers come in the order the asks went out
+                future = self._dumps.get(msg.dump_id)
+                if future is not None and not future.done():
                     seq = self.kv_events.stream.seq if self.kv_events else 0
-                    waiting.pop(0).set_result((msg.page_hashes, seq))
+                    future.set_result((msg.page_hashes, seq))
             elif isinstance(msg, WorkerFailed):
                 self._mark_dead(msg.dp_rank, f"worker {msg.dp_rank} failed: {msg.error}")
 

@@ -56,8 +56,11 @@ class FlushCache(msgspec.Struct, tag=True):
 class DumpCache(msgspec.Struct, tag=True):
     """Front end -> worker: answer with a `CacheDump` (debugging and tests)."""
 
+    dump_id: int  # echoed, so a late answer cannot be taken for a newer ask
+
 
 class CacheDump(msgspec.Struct, tag=True, kw_only=True):
+    dump_id: int
     dp_rank: int
     page_hashes: list[int]  # every page in the worker's prefix cache now
 

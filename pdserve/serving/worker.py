@@ -110,7 +110,8 @@ class WorkerLoop:
         if isinstance(msg, DumpCache):
             # Events first, so a dump never runs ahead of what subscribers were told.
             self._forward_cache_events()
-            dump = CacheDump(dp_rank=self.dp_rank, page_hashes=self.engine.cached_page_hashes())
+            hashes = self.engine.cached_page_hashes()
+            dump = CacheDump(dump_id=msg.dump_id, dp_rank=self.dp_rank, page_hashes=hashes)
             self.out.send(protocol.encode(dump))
         return []
 
