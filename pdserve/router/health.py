@@ -63,6 +63,13 @@ class CircuitBreaker:
             return not self._probe_in_flight
         return True
 
+    def probing(self, now: float) -> bool:
+        """Out of rotation only because a probe is in flight, or its open period ended and no
+        request tried it yet: a server to use when no other one is available."""
+        if self.state is BreakerState.OPEN:
+            return now >= self.open_until
+        return self.state is BreakerState.HALF_OPEN
+
     def on_dispatch(self, now: float) -> None:
         if self.state is BreakerState.OPEN and now >= self.open_until:
             self.state = BreakerState.HALF_OPEN

@@ -60,6 +60,8 @@ class PairChooser:
         workers = self.registry.available(role, now, exclude=avoid)
         if not workers and avoid:  # better a worker that failed once than none
             workers = self.registry.available(role, now)
+        if not workers:  # better a healthy server whose breaker is probing than a 503
+            workers = self.registry.probing(role, now)
         if not workers:
             total = len(self.registry.by_role(role))
             raise NoWorker(f"no healthy {role} server available ({total} registered)")

@@ -38,6 +38,10 @@ class Worker:
     def available(self, now: float) -> bool:
         return self.health.healthy and self.breaker.allows(now)
 
+    def probing(self, now: float) -> bool:
+        """Healthy, and held out only while its breaker's probe is in flight."""
+        return self.health.healthy and self.breaker.probing(now)
+
     def load(self) -> int:
         """Estimated tokens on the server now."""
         return sum(self.reported_tokens) + self.tokens_since_report
@@ -147,6 +151,9 @@ class WorkerRegistry:
 
     def available(self, role: Role, now: float, exclude: Collection[str] = ()) -> list[Worker]:
         return [w for w in self.by_role(role) if w.available(now) and w.url not in exclude]
+
+    def probing(self, role: Role, now: float) -> list[Worker]:
+        return [w for w in self.by_role(role) if w.probing(now)]
 
     def ready(self, now: float) -> bool:
         """At least one healthy worker for every role the router needs."""

@@ -144,3 +144,25 @@ def test_no_healthy_worker_is_a_clear_error_and_a_failed_worker_is_avoided():
             "/generate", {"text": "x"}, None, "x", 0.0, avoid={"http://10.0.0.1:30000"}
         )
         assert pair.prefill.url == "http://10.0.0.3:30000"
+
+
+def test_a_probing_decode_server_is_used_when_no_other_is_available():
+    """Decode server 2 passes its health checks but its breaker is half-open with a probe in
+    flight; decode server 1 is unhealthy. Requests go to server 2, not to a 503; an open
+    breaker still keeps its server out, and a closed one is preferred to a probing one."""
+    config = RouterConfig(cb_failure_threshold=1, cb_open_s=10.0)
+    registry = registry_with(config)
+    probing = registry.new_worker(WorkerSpec("http://10.0.0.4:30001", "decode"), healthy=True)
+    registry.add(probing)
+    probing.on_done(0.0, False, None)  # opens its breaker until t=10
+    probing.on_dispatch(10.0, 0, None)  # the probe: half-open, in flight
+    assert not probing.available(10.0)
+    chooser = PairChooser(config, registry, random.Random(0))
+    decodes = {chooser.choose("/generate", {"text": "x"}, None, "x", 10.0).decode.url
+               for _ in range(4)}  # fmt: skip
+    assert decodes == {"http://10.0.0.2:30001"}  # the closed one while it is healthy
+    registry.get("http://10.0.0.2:30001").health.healthy = False
+    assert chooser.choose("/generate", {"text": "x"}, None, "x", 10.0).decode is probing
+    probing.on_done(10.5, False, None)  # the probe failed: open again until t=20.5
+    with pytest.raises(NoWorker, match="no healthy decode server available"):
+        chooser.choose("/generate", {"text": "x"}, None, "x", 11.0)

@@ -4,12 +4,14 @@ seconds (never a hang), and the surviving server frees every page of the request
 from __future__ import annotations
 
 import json
+import os
 import signal
 import time
 
 import pytest
 import requests
 
+from pdserve.bench import proc_tree
 from tests.disagg.conftest import PDFactory
 from tests.disagg.pd_driver import pages_in_use, wait_idle
 from tests.helpers import wait_until
@@ -21,6 +23,7 @@ LONG = {
     "stream": True,
     "sampling_params": {"max_new_tokens": 3000, "temperature": 0, "ignore_eos": True},
 }
+SHORT = {"input_ids": list(range(10, 30)), "sampling_params": {"max_new_tokens": 4}}
 
 
 @pytest.fixture
@@ -75,3 +78,36 @@ def test_prefill_killed_mid_stream(pd_router):
     last = events[-1]
     assert "error" in last or len(last["output_ids"]) == 3000
     wait_until(lambda: pages_in_use(decode.url) == 0, 30, "decode pages to be freed")
+
+
+def router_workers(router_url: str) -> dict[str, dict]:
+    workers = requests.get(router_url + "/workers", timeout=10).json()["workers"]
+    return {w["url"]: w for w in workers}
+
+
+def test_a_decode_worker_killed_leaves_the_other_decode_server_serving():
+    """A worker of decode server 1 dies while requests flow: its failures are retried on
+    decode server 2, and no request gets `503 no healthy decode server`."""
+    factory = PDFactory()
+    try:
+        prefill, d1, d2 = factory.prefill(1), factory.decode(2), factory.decode(1)
+        args = router_args([(prefill.url, prefill.bootstrap_port)], [d1.url, d2.url])
+        with start_router(args + ["--health-check-interval-s", "1"]) as router:
+            wait_until(
+                lambda: all(w["available"] for w in router_workers(router.url).values()),
+                30,
+                "every server to be in rotation",
+            )
+            statuses = []
+            os.kill(proc_tree.worker_pids(d1.pid)[0], signal.SIGKILL)
+            while router_workers(router.url)[d1.url]["healthy"]:
+                resp = requests.post(router.url + "/generate", json=SHORT, timeout=30)
+                statuses.append((resp.status_code, resp.text[:200]))
+            statuses += [
+                (resp.status_code, resp.text[:200])
+                for resp in (requests.post(router.url + "/generate", json=SHORT, timeout=30)
+                             for _ in range(4))
+            ]  # fmt: skip
+            assert [s for s in statuses if s[0] != 200] == [], statuses
+    finally:
+        factory.stop_all()
