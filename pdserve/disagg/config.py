@@ -13,6 +13,7 @@ from pdserve.config import add_arguments, check, from_args, opt
 from pdserve.serving.config import ServerConfig, add_server_arguments, server_config_from_args
 
 TRANSFER_BACKENDS = ["zmq", "fake", "cuda_ipc"]
+RANK_MISMATCH_MODES = ["abort", "forward"]
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,13 @@ class DisaggConfig:
         envs.force_query_prefill_dp_rank(),
         "register/query the prefill DP rank of every room even under follow_bootstrap_room "
         "(env PDSERVE_FORCE_QUERY_PREFILL_DP_RANK)",
+    )
+    rank_mismatch: str = opt(
+        "abort",
+        "prefill, under follow_bootstrap_room without FORCE: a request routed to a worker other "
+        "than room mod dp_size fails (abort), or is served, its page list relayed from the room's "
+        "home worker (forward)",
+        choices=RANK_MISMATCH_MODES,
     )
     bootstrap_timeout_s: float = opt(
         envs.bootstrap_timeout_s(),
@@ -69,6 +77,10 @@ class DisaggConfig:
         check(
             self.transfer_backend in TRANSFER_BACKENDS,
             f"--transfer-backend must be one of {TRANSFER_BACKENDS}, got {self.transfer_backend!r}",
+        )
+        check(
+            self.rank_mismatch in RANK_MISMATCH_MODES,
+            f"--rank-mismatch must be one of {RANK_MISMATCH_MODES}, got {self.rank_mismatch!r}",
         )
         for name in (
             "bootstrap_timeout_s",

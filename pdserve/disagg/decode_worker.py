@@ -41,6 +41,10 @@ class DecodeRoom:
     # (`num_cached_tokens`, which the transfer skips).
     dst_page_ids: list[int] = field(default_factory=list)
     num_cached_tokens: int = 0
+    # --rank-mismatch forward: when the home worker redirected the page list, and whether
+    # it still waits for the handshake with the worker it was redirected to
+    redirected_at: float | None = None
+    page_list_pending: bool = False
     kv_pages: int = 0
     kv_bytes: int = 0
 
@@ -150,6 +154,8 @@ class DecodeWorkerHooks(WorkerHooks):
             return self._on_handshake(peer, msg, now)
         if isinstance(msg, m.RoomStatus):
             return self._on_status(peer, msg, now)
+        if isinstance(msg, m.Redirect):
+            return self._on_redirect(peer, msg, now)
         if isinstance(msg, m.Abort) and msg.room in peer.rooms:
             return self._fail(msg.room, 500, f"prefill aborted room {msg.room}: {msg.reason}")
         return []
@@ -166,6 +172,28 @@ class DecodeWorkerHooks(WorkerHooks):
             if room is not None:
                 outputs += self._progress(room, now)
         return outputs
+
+    def _on_redirect(self, peer: Peer, msg: m.Redirect, now: float) -> list[ReqOutput]:
+        """The room's home worker does not hold its KV: the prefill server dispatched it to
+        another worker, which gets our page list now (after a handshake, if it is new to us).
+        The KV deadline set when the first page list went out still governs."""
+        room = self.rooms.get(msg.room)
+        if room is None or msg.room not in peer.rooms:
+            return []  # late: the room failed or was aborted here meanwhile
+        if room.state is not RoomState.WAITING_FOR_INPUT or room.redirected_at is not None:
+            return self._fail(
+                msg.room, 500, f"unexpected redirect of room {msg.room} while {room.state.value}"
+            )
+        self.transport.forget_room(room.room)  # the home worker may no longer write our pages
+        peer.rooms.discard(room.room)
+        room.endpoint, room.prefill_dp_rank = msg.kv_endpoint, msg.dp_rank
+        room.redirected_at, room.page_list_pending = now, True
+        try:
+            target = self._peer(msg.kv_endpoint, now)
+        except ValueError as exc:
+            return self._fail(msg.room, 502, f"bad redirect for room {msg.room}: {exc}")
+        target.rooms.add(room.room)
+        return self._progress(room, now)
 
     def _on_kv(self, peer: Peer, event: KVReceived) -> list[ReqOutput]:
         """The KV of a room is in its pages; its status comes next."""
@@ -217,6 +245,9 @@ class DecodeWorkerHooks(WorkerHooks):
             return []
         outputs = [output_to_msg(s) for s in steps]
         if outputs:
+            relay_s = (
+                None if room.redirected_at is None else room.redirected_at - room.page_list_sent_at
+            )
             outputs[0] = msgspec.structs.replace(
                 outputs[0],
                 kv_bytes=room.kv_bytes,
@@ -229,6 +260,7 @@ class DecodeWorkerHooks(WorkerHooks):
                     "decode_total": _now() - room.arrived_at,  # to the first token's output
                 },
                 decode_cached_tokens=room.num_cached_tokens,
+                kv_relay_s=relay_s,
             )
         return outputs
 
@@ -241,6 +273,9 @@ class DecodeWorkerHooks(WorkerHooks):
                 500,
                 f"KV handshake with prefill {room.endpoint} failed: {peer.handshake_error}",
             )
+        if room.page_list_pending and peer.handshake_ok:
+            room.page_list_pending = False
+            return self._send_page_list(room, peer)
         if room.state is not RoomState.BOOTSTRAPPING or not peer.handshake_ok:
             return []
         try:
@@ -255,9 +290,12 @@ class DecodeWorkerHooks(WorkerHooks):
         room.move(RoomState.WAITING_FOR_INPUT)
         room.deadline = now + self.cfg.kv_wait_timeout_s
         room.page_list_sent_at = now
+        return self._send_page_list(room, peer)
+
+    def _send_page_list(self, room: DecodeRoom, peer: Peer) -> list[ReqOutput]:
         page_list = m.PageList(
             room=room.room,
-            dst_page_ids=list(dst_page_ids),
+            dst_page_ids=list(room.dst_page_ids),
             prompt_len=len(room.req.prompt_ids),
             num_cached_tokens=room.num_cached_tokens,
         )

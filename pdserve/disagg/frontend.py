@@ -33,7 +33,7 @@ from pdserve.disagg.rank_resolver import (
 )
 from pdserve.disagg.worker_side import advertised_host
 from pdserve.serving.hooks import FrontendHooks, RequestError
-from pdserve.serving.pd_fields import PDFields, RoomAddress
+from pdserve.serving.pd_fields import PDFields, RoomAddress, home_rank
 from pdserve.serving.protocol import GenerateReq, ReqOutput
 
 if TYPE_CHECKING:
@@ -58,6 +58,8 @@ class _PDFrontendHooks(FrontendHooks):
             self.metrics.transfer(out.kv_bytes, out.kv_transfer_s, out.decode_cached_tokens)
         if out.stage_s:
             self.metrics.stages(out.stage_s)
+        if out.kv_relay_s is not None:
+            self.metrics.relay_seconds.observe(out.kv_relay_s)
         if out.error_message:
             self.metrics.failure(failure_kind(out.error_message))
 
@@ -69,8 +71,9 @@ class PrefillFrontendHooks(_PDFrontendHooks):
         self.metrics = metrics
         self.method = cfg.server.resolved_lb_method
         self.force = cfg.disagg.force_query_prefill_dp_rank
+        self.forward = cfg.disagg.rank_mismatch == "forward"
         self.registry = _PrefillRegistry(
-            cfg.disagg.room_ttl_s, cfg.server.dp_size, self._abort_room
+            cfg.disagg.room_ttl_s, cfg.server.dp_size, self._abort_room, cfg.disagg.rank_mismatch
         )
         self.bootstrap = None
         secret = cfg.disagg.disagg_secret
@@ -103,6 +106,7 @@ class PrefillFrontendHooks(_PDFrontendHooks):
             "follow_bootstrap_room": self.method == "follow_bootstrap_room",
             "registers_all_rooms": registers_all_rooms(self.method, self.force),
             "force_query_prefill_dp_rank": self.force,
+            "rank_mismatch": self.cfg.disagg.rank_mismatch,
             "transfer_backend": self.cfg.disagg.transfer_backend,
             "bootstrap_host": advertised_host(self.cfg),
         }
@@ -115,8 +119,16 @@ class PrefillFrontendHooks(_PDFrontendHooks):
             raise RequestError(failure.status, failure.error)
         try:
             action = decide_prefill(
-                room, dp_rank, self.cfg.server.dp_size, self.method, self.force, pd.prefill_dp_rank
+                room,
+                dp_rank,
+                self.cfg.server.dp_size,
+                self.method,
+                self.force,
+                pd.prefill_dp_rank,
+                self.forward,
             )
+            if action is PrefillAction.FORWARD:
+                self._forward(room, dp_rank)
         except RankError as exc:
             self.metrics.conflict(str(exc))
             raise RequestError(exc.status, str(exc)) from None  # on_rejected records it
@@ -128,6 +140,24 @@ class PrefillFrontendHooks(_PDFrontendHooks):
         now = time.monotonic()
         for address in rooms:
             self.fail_room(address.room, message, status, now)
+
+    def _forward(self, room: int, dp_rank: int) -> None:
+        """Tell the room's home worker where the room went, before the request goes there:
+        decode's page list reaches the home worker (fast path) and is redirected to us. If the
+        room fails, the home worker hears it with every other worker (`_abort_room`), so a
+        page list that reaches it later gets the failure, not a redirect."""
+        home = home_rank(room, self.cfg.server.dp_size)
+        if home in self.controller.dead:
+            raise RankError(
+                f"cannot forward room {room} to dp_rank {dp_rank}: its home dp_rank {home}, "
+                f"where decode sends the page list, is not running",
+                503,
+            )
+        worker = self.registry.worker(dp_rank)
+        if worker is None:
+            raise RankError(f"prefill dp_rank {dp_rank} has not registered its KV endpoint", 503)
+        self.controller.room_forwarded(home, room, dp_rank, worker["kv_endpoint"])
+        self.metrics.rooms_forwarded.inc()
 
     def fail_room(self, room: int, reason: str, status: int, now: float) -> None:
         """The room failed before any worker saw it: a querying decode learns it from the
@@ -165,10 +195,21 @@ class _PrefillRegistry(BootstrapRegistry):
     server that gives up on a room (POST /register_dp_rank with an error) stops our leg too."""
 
     def __init__(
-        self, room_ttl_s: float, dp_size: int, on_failure: Callable[[int, str, int], None]
+        self,
+        room_ttl_s: float,
+        dp_size: int,
+        on_failure: Callable[[int, str, int], None],
+        rank_mismatch: str,
     ):
         super().__init__(room_ttl_s, dp_size=dp_size)
         self._on_failure = on_failure
+        self._rank_mismatch = rank_mismatch
+
+    def server_info(self) -> dict[str, Any] | None:
+        info = super().server_info()
+        if info is not None:
+            info["rank_mismatch"] = self._rank_mismatch
+        return info
 
     def record_failure(self, room: int, reason: str, status: int, now: float) -> None:
         super().record_failure(room, reason, status, now)

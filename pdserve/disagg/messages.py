@@ -89,6 +89,16 @@ class Abort(msgspec.Struct, tag=True, kw_only=True):
     reason: str
 
 
+class Redirect(msgspec.Struct, tag=True, kw_only=True):
+    """prefill -> decode, answering a page list sent to the room's home worker when the
+    prefill server dispatched the room elsewhere (--rank-mismatch forward): send it to
+    `kv_endpoint`, the worker that holds the room's KV."""
+
+    room: int
+    dp_rank: int
+    kv_endpoint: str
+
+
 class Ping(msgspec.Struct, tag=True):
     seq: int
 
@@ -97,7 +107,9 @@ class Pong(msgspec.Struct, tag=True):
     seq: int
 
 
-ChannelMsg = Handshake | HandshakeResult | PageList | KVHeader | RoomStatus | Abort | Ping | Pong
+ChannelMsg = (
+    Handshake | HandshakeResult | PageList | KVHeader | RoomStatus | Abort | Redirect | Ping | Pong
+)
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(ChannelMsg)

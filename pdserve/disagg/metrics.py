@@ -113,6 +113,15 @@ class DisaggMetrics:
             ["stage"],
             buckets=TRANSFER_BUCKETS_S,
         )
+        self.rooms_forwarded = metrics.counter(
+            "rooms_forwarded",
+            "prefill (--rank-mismatch forward): rooms dispatched off their home worker and served",
+        )
+        self.relay_seconds = metrics.histogram(
+            "kv_relay_seconds",
+            "decode: page list sent to a room's home worker -> its redirect to the serving one",
+            buckets=TRANSFER_BUCKETS_S,
+        )
         for path in ("explicit", "single_rank", "fast_path", "query"):
             self.resolutions.labels(path=path)  # exported as 0 before the first resolution
 

@@ -17,11 +17,12 @@ from pdserve.disagg import kv_auth
 from pdserve.disagg import messages as m
 from pdserve.disagg.config import DisaggConfig
 from pdserve.disagg.delta import delta_error, pages_to_send
+from pdserve.disagg.room_relay import ForwardTable
 from pdserve.disagg.rooms import IllegalRoomTransition, RoomState, error_output, transition
 from pdserve.disagg.transfer.base import Inbound, KVTransport, PeerLost
 from pdserve.engine.request import FinishReason
 from pdserve.serving.hooks import WorkerHooks
-from pdserve.serving.protocol import GenerateReq, ReqOutput, RoomFailed
+from pdserve.serving.protocol import GenerateReq, ReqOutput, RoomFailed, RoomForwarded
 from pdserve.serving.worker_io import request_from_msg
 
 log = logging.getLogger(__name__)
@@ -74,6 +75,7 @@ class PrefillWorkerHooks(WorkerHooks):
         self.failed: dict[int, FailedRoom] = {}  # answers for late page lists
         self.handshaken: set[object] = set()
         self.checker = ProofChecker(cfg.disagg_secret) if cfg.disagg_secret else None
+        self.forwards = ForwardTable(cfg.bootstrap_timeout_s)  # rooms of ours served elsewhere
 
     @property
     def kv_endpoint(self) -> str | None:
@@ -139,7 +141,27 @@ class PrefillWorkerHooks(WorkerHooks):
         return []
 
     def on_room_failed(self, msg: RoomFailed) -> list[ReqOutput]:
+        self.forwards.pop(msg.room)
         return self._fail_room(msg.room, msg.status, msg.reason, _now())
+
+    def on_room_forwarded(self, msg: RoomForwarded) -> list[ReqOutput]:
+        """A room whose home we are was dispatched to another worker. Decode's page list may
+        be here already (redirected now) or come later (redirected when it comes)."""
+        room = self.rooms.get(msg.room)
+        if room is None:
+            self.forwards.add(msg.room, msg.dp_rank, msg.kv_endpoint, _now())
+        elif room.state is RoomState.WAITING_FOR_REQUEST:
+            # The room leaves this worker: it holds no pages here, the request never comes.
+            self._send(room.peer, _redirect(msg.room, msg.dp_rank, msg.kv_endpoint))
+            self._forget(msg.room)
+        else:  # the front end lets one request per room through, and it went elsewhere
+            log.warning(
+                "room %d forwarded to dp rank %d while %s here: ignored",
+                msg.room,
+                msg.dp_rank,
+                room.state.value,
+            )
+        return []
 
     # -- the loop ------------------------------------------------------------------
     def poll(self, now: float) -> list[ReqOutput]:
@@ -262,6 +284,10 @@ class PrefillWorkerHooks(WorkerHooks):
                 peer, m.RoomStatus(room=msg.room, ok=False, error="page list before handshake")
             )
             return []
+        target = self.forwards.pop(msg.room)
+        if target is not None:
+            self._send(peer, _redirect(msg.room, target.dp_rank, target.kv_endpoint))
+            return []
         room = self.rooms.get(msg.room)
         if room is None:
             room = PrefillRoom(
@@ -357,6 +383,7 @@ class PrefillWorkerHooks(WorkerHooks):
             outputs += self._fail_room(room.room, 504, reason, now)
         for room_id in [r for r, f in self.failed.items() if now >= f.expires_at]:
             del self.failed[room_id]
+        self.forwards.expire(now)
         return outputs
 
     def _fail_room(
@@ -399,6 +426,10 @@ class PrefillWorkerHooks(WorkerHooks):
 
     def close(self) -> None:
         self.transport.close()
+
+
+def _redirect(room: int, dp_rank: int, kv_endpoint: str) -> m.Redirect:
+    return m.Redirect(room=room, dp_rank=dp_rank, kv_endpoint=kv_endpoint)
 
 
 def _without_finish(out: ReqOutput) -> ReqOutput:

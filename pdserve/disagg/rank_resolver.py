@@ -46,6 +46,7 @@ def conflict_message(room: int, rank: int, dp_size: int) -> str:
 class PrefillAction(enum.Enum):
     NOTHING = "nothing"  # decode finds the rank without asking (fast path, explicit, single)
     REGISTER = "register"  # publish room -> rank in the bootstrap registry
+    FORWARD = "forward"  # served where dispatched; home(R) redirects decode's page list here
 
 
 def decide_prefill(
@@ -55,9 +56,11 @@ def decide_prefill(
     method: str,
     force: bool,
     explicit_rank: int | None,
+    forward: bool = False,
 ) -> PrefillAction:
     """Prefill side after dispatch to worker `rank`; raises RankError when the request must
-    fail (and with it, the decode leg of the same room)."""
+    fail (and with it, the decode leg of the same room). `forward` (--rank-mismatch forward)
+    turns the follow_bootstrap_room conflict into FORWARD."""
     if explicit_rank is not None:
         check_rank("disagg_prefill_dp_rank", explicit_rank, dp_size)
     if dp_size == 1:
@@ -73,6 +76,8 @@ def decide_prefill(
         return PrefillAction.REGISTER
     if explicit_rank is not None or rank == home_rank(room, dp_size):
         return PrefillAction.NOTHING
+    if forward:
+        return PrefillAction.FORWARD
     raise RankError(conflict_message(room, rank, dp_size))
 
 

@@ -33,6 +33,7 @@ from pdserve.serving.protocol import (
     KVCacheEvents,
     ReqOutput,
     RoomFailed,
+    RoomForwarded,
     WorkerFailed,
     WorkerLoad,
     WorkerReady,
@@ -217,6 +218,10 @@ class DPController:
     def room_failed(self, dp_rank: int, room: int, reason: str, status: int = 400) -> None:
         """For the prefill hooks: tell a worker that a room failed before dispatch."""
         self._ctrl[dp_rank].send(protocol.encode(RoomFailed(room, reason, status)))
+
+    def room_forwarded(self, home_rank: int, room: int, dp_rank: int, kv_endpoint: str) -> None:
+        """For the prefill hooks: tell a room's home worker where the room was dispatched."""
+        self._ctrl[home_rank].send(protocol.encode(RoomForwarded(room, dp_rank, kv_endpoint)))
 
     # ---- background tasks
     async def _receive(self) -> None:

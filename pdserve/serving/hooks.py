@@ -14,7 +14,7 @@ if TYPE_CHECKING:
     from pdserve.engine.engine import Engine
     from pdserve.serving.config import ServerConfig
     from pdserve.serving.pd_fields import PDFields, RoomAddress
-    from pdserve.serving.protocol import GenerateReq, ReqOutput, RoomFailed
+    from pdserve.serving.protocol import GenerateReq, ReqOutput, RoomFailed, RoomForwarded
 
 
 class RequestError(Exception):
@@ -108,6 +108,9 @@ class WorkerHooks:
         return []
 
     def on_room_failed(self, msg: RoomFailed) -> list[ReqOutput]:
+        return []
+
+    def on_room_forwarded(self, msg: RoomForwarded) -> list[ReqOutput]:
         return []
 
     def poll(self, now: float) -> list[ReqOutput]:

@@ -1,6 +1,6 @@
 """Typed messages between a server's HTTP front end and its DP worker processes (ZeroMQ).
 
-Front end -> worker: GenerateReq, AbortReq, RoomFailed, FlushCache, DumpCache.
+Front end -> worker: GenerateReq, AbortReq, RoomFailed, RoomForwarded, FlushCache, DumpCache.
 Worker -> front end: WorkerReady, WorkerFailed, ReqOutput, WorkerLoad, KVCacheEvents,
 CacheDump.
 All are msgspec structs encoded with msgpack; no pickled objects cross a process boundary.
@@ -47,6 +47,15 @@ class RoomFailed(msgspec.Struct, tag=True):
     room: int
     reason: str
     status: int = 400  # the HTTP status the decode leg of the room fails with
+
+
+class RoomForwarded(msgspec.Struct, tag=True):
+    """Prefill front end -> the room's home worker: the room was dispatched to worker
+    `dp_rank` (KV endpoint `kv_endpoint`), so a page list for it must be redirected there."""
+
+    room: int
+    dp_rank: int
+    kv_endpoint: str
 
 
 class FlushCache(msgspec.Struct, tag=True):
@@ -110,6 +119,7 @@ class ReqOutput(msgspec.Struct, tag=True, kw_only=True, omit_defaults=True):
     # disaggregation: seconds spent in each stage of this worker's leg (for metrics)
     stage_s: dict[str, float] | None = None
     decode_cached_tokens: int = 0  # prompt tokens decode held already: not transferred
+    kv_relay_s: float | None = None  # decode: page list to its home worker -> to the redirect
 
 
 class WorkerLoad(msgspec.Struct, tag=True, kw_only=True):
@@ -130,7 +140,7 @@ class WorkerLoad(msgspec.Struct, tag=True, kw_only=True):
     num_auth_refusals: int = 0  # KV handshakes refused for a wrong proof, since start
 
 
-ToWorker = GenerateReq | AbortReq | RoomFailed | FlushCache | DumpCache
+ToWorker = GenerateReq | AbortReq | RoomFailed | RoomForwarded | FlushCache | DumpCache
 FromWorker = WorkerReady | WorkerFailed | ReqOutput | WorkerLoad | KVCacheEvents | CacheDump
 
 _encoder = msgspec.msgpack.Encoder()

@@ -29,6 +29,7 @@ from pdserve.serving.protocol import (
     KVCacheEvents,
     ReqOutput,
     RoomFailed,
+    RoomForwarded,
     WorkerFailed,
     WorkerLoad,
     WorkerReady,
@@ -105,6 +106,8 @@ class WorkerLoop:
             return outputs + self.hooks.on_abort(msg.rid, msg.reason)
         if isinstance(msg, RoomFailed):
             return self.hooks.on_room_failed(msg)
+        if isinstance(msg, RoomForwarded):
+            return self.hooks.on_room_forwarded(msg)
         if isinstance(msg, FlushCache):
             self.engine.flush_cache()
         if isinstance(msg, DumpCache):

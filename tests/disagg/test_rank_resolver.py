@@ -141,3 +141,15 @@ def test_single_rank_needs_nothing():
         ResolvePath.SINGLE_RANK,
         0,
     )
+
+
+def test_forward_mode_serves_the_conflict_and_nothing_else():
+    """--rank-mismatch forward changes one cell: follow_bootstrap_room, r != home, no FORCE."""
+    fbr = "follow_bootstrap_room"
+    assert decide_prefill(5, 0, 2, fbr, False, None, forward=True) is PrefillAction.FORWARD
+    assert decide_prefill(4, 0, 2, fbr, False, None, forward=True) is PrefillAction.NOTHING
+    assert decide_prefill(5, 0, 2, fbr, True, None, forward=True) is PrefillAction.REGISTER
+    assert decide_prefill(5, 0, 2, fbr, False, 0, forward=True) is PrefillAction.NOTHING
+    assert decide_prefill(5, 0, 1, fbr, False, None, forward=True) is PrefillAction.NOTHING
+    with pytest.raises(RankError, match="conflict"):
+        decide_prefill(5, 0, 2, fbr, False, None, forward=False)
