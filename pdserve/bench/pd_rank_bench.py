@@ -1,9 +1,10 @@
-"""TTFT cost of the rank-query path against the fast path (docs/protocol.md section 4).
+"""TTFT of rooms routed off their home worker (docs/protocol.md sections 4 and 10).
 
-`python -m pdserve.bench.pd_rank_bench`: starts one decode server and two prefill servers
-(dp 2 each) on loopback: one on follow_bootstrap_room (fast path, no bootstrap traffic), one
-with FORCE (every room registered and queried). The same requests go through both,
-interleaved, at each concurrency; the table gives TTFT p50/p99 and the query/fast ratio.
+`python -m pdserve.bench.pd_rank_bench`: one decode server and two prefill servers (dp 2
+each) on loopback. On the `--rank-mismatch forward` server, `aligned` rooms are routed to
+their home worker (fast path) and `divergent` rooms to the other one (page list redirected);
+`query` rooms are routed off home on a FORCE server (registered, queried). The cells run
+interleaved at each concurrency; the table gives TTFT p50/p99 against aligned rooms.
 """
 
 from __future__ import annotations
@@ -69,25 +70,32 @@ def _ok(url: str) -> bool:
         return False
 
 
-async def _one(session, prefill_url, decode_url, bootstrap_port, prompt_len) -> float:
+DP_SIZE = 2
+
+
+async def _one(session, cell, decode_url, prompt_len) -> float:
+    prefill_url, bootstrap_port, divergent = cell
+    room = random.randrange(2**63)
     body = {
         "input_ids": [random.randrange(3, 250) for _ in range(prompt_len)],
         "sampling_params": {"max_new_tokens": 1, "temperature": 0},
         "bootstrap_host": "127.0.0.1",
         "bootstrap_port": bootstrap_port,
-        "bootstrap_room": random.randrange(2**63),
+        "bootstrap_room": room,
     }
+    # The prefill leg names its worker, as an external router would; decode's body does not.
+    rank = (room + divergent) % DP_SIZE
     start = time.perf_counter()
 
-    async def post(url):
-        async with session.post(url + "/generate", json=body) as resp:
+    async def post(url, extra=None):
+        async with session.post(url + "/generate", json=dict(body, **(extra or {}))) as resp:
             await resp.read()
             if resp.status != 200:
                 raise RuntimeError(f"{url}: {resp.status}")
 
     # The decode answer with max_new_tokens=1 arrives with the first token: its latency is TTFT.
     decode = asyncio.create_task(post(decode_url))
-    await asyncio.gather(post(prefill_url), decode)
+    await asyncio.gather(post(prefill_url, {"routed_dp_rank": rank}), decode)
     return time.perf_counter() - start
 
 
@@ -97,11 +105,8 @@ async def _measure(
     samples: dict[str, list[float]] = {name: [] for name in cells}
     async with aiohttp.ClientSession() as session:
         for _ in range(max(1, num_requests // concurrency)):
-            for name, (prefill_url, bport) in cells.items():  # interleaved: same conditions
-                batch = [
-                    _one(session, prefill_url, decode_url, bport, prompt_len)
-                    for _ in range(concurrency)
-                ]
+            for name, cell in cells.items():  # interleaved: same conditions
+                batch = [_one(session, cell, decode_url, prompt_len) for _ in range(concurrency)]
                 samples[name] += await asyncio.gather(*batch)
     return samples
 
@@ -116,13 +121,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model-path", default="tiny-random")
     parser.add_argument("--num-requests", type=int, default=128)
     parser.add_argument("--prompt-len", type=int, default=64)
-    parser.add_argument("--concurrency", type=int, nargs="*", default=[1, 64])
+    parser.add_argument("--concurrency", type=int, nargs="*", default=[1, 32])
     args = parser.parse_args(argv)
-    common = ["--model-path", args.model_path, "--host", "127.0.0.1", "--dp-size", "2"]
+    common = ["--model-path", args.model_path, "--host", "127.0.0.1", "--dp-size", str(DP_SIZE)]
     procs: list[Proc] = []
     try:
-        cells = {}
-        for name, extra in (("fast_path", []), ("query", ["--force-query-prefill-dp-rank"])):
+        servers = (
+            ("forward", ["--rank-mismatch", "forward"]),
+            ("force", ["--force-query-prefill-dp-rank"]),
+        )
+        urls = {}
+        for name, extra in servers:
             port, bport = _free_port(), _free_port()
             procs.append(
                 Proc(
@@ -139,7 +148,12 @@ def main(argv: list[str] | None = None) -> None:
                     [f"http://127.0.0.1:{port}/health", f"http://127.0.0.1:{bport}/route"],
                 )
             )
-            cells[name] = (f"http://127.0.0.1:{port}", bport)
+            urls[name] = (f"http://127.0.0.1:{port}", bport)
+        cells = {
+            "aligned": (*urls["forward"], 0),
+            "divergent": (*urls["forward"], 1),
+            "query": (*urls["force"], 1),
+        }
         dport = _free_port()
         procs.append(
             Proc(
@@ -152,16 +166,20 @@ def main(argv: list[str] | None = None) -> None:
         print(
             f"TTFT, prompt {args.prompt_len} tokens, {args.model_path}, prefill dp 2 -> decode dp 2"
         )
-        print(f"{'concurrency':>11} {'path':>10} {'p50 ms':>8} {'p99 ms':>8} {'p50 ratio':>10}")
+        print(
+            f"{'concurrency':>11} {'rooms':>10} {'p50 ms':>8} {'p99 ms':>8} "
+            f"{'p50 - aligned ms':>17} {'p50 ratio':>10}"
+        )
         for conc in args.concurrency:
             samples = asyncio.run(
                 _measure(cells, decode_url, conc, args.num_requests, args.prompt_len)
             )
-            base = _pct(samples["fast_path"], 0.5)
+            base = _pct(samples["aligned"], 0.5)
             for name, values in samples.items():
+                p50 = _pct(values, 0.5)
                 print(
-                    f"{conc:>11} {name:>10} {_pct(values, 0.5):>8.2f} {_pct(values, 0.99):>8.2f} "
-                    f"{_pct(values, 0.5) / base:>10.2f}"
+                    f"{conc:>11} {name:>10} {p50:>8.2f} {_pct(values, 0.99):>8.2f} "
+                    f"{p50 - base:>17.2f} {p50 / base:>10.2f}"
                 )
     finally:
         for proc in procs:
