@@ -112,8 +112,6 @@ class ServerInfo(msgspec.Struct, frozen=True, kw_only=True):
     follow_bootstrap_room: bool
     registers_all_rooms: bool
     protocol_version: int
-    # "forward": a room dispatched off its home worker is still served there (section 10)
-    rank_mismatch: str = "abort"
 
     def layout(self) -> KVLayout:
         return _layout_of(self)
