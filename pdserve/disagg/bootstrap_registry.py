@@ -30,6 +30,7 @@ CLUSTER_FIELDS = (
     "load_balance_method",
     "registers_all_rooms",
     "protocol_version",
+    "epoch",  # a worker of an earlier start of this server must not register here
 )
 
 # Counters of stats(): each only ever grows.
@@ -71,6 +72,7 @@ class WorkerRegistration(msgspec.Struct, frozen=True, kw_only=True, forbid_unkno
     load_balance_method: Name  # resolved: never "auto"
     registers_all_rooms: bool
     protocol_version: int = PROTOCOL_VERSION
+    epoch: NonNegInt = 0  # the prefill server's restart epoch: one for all its workers
     tp_rank: NonNegInt = 0
     tp_size: PosInt = 1
 
@@ -112,6 +114,7 @@ class ServerInfo(msgspec.Struct, frozen=True, kw_only=True):
     follow_bootstrap_room: bool
     registers_all_rooms: bool
     protocol_version: int
+    epoch: int = 0  # a new one after every restart of the prefill server
 
     def layout(self) -> KVLayout:
         return _layout_of(self)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import secrets
 from dataclasses import dataclass
 
 from pdserve import envs
@@ -96,12 +97,20 @@ class DisaggConfig:
         )
 
 
+def new_epoch() -> int:
+    """A random 63-bit restart epoch (nonzero: 0 is what a peer without epochs sends)."""
+    return secrets.randbits(63) | 1
+
+
 @dataclass(frozen=True)
 class PDServerConfig(ServerConfig):
     """Serving's config plus the disaggregation options; serving sees it as a ServerConfig.
     Picklable, like its base: it travels to every worker process."""
 
     disagg: DisaggConfig
+    # Drawn once per server start (this config is built once, then pickled to every worker):
+    # peers that see a new epoch for the same server drop what they held of the old one.
+    epoch: int = dataclasses.field(default_factory=new_epoch)
 
 
 def add_pd_server_arguments(parser: argparse.ArgumentParser) -> None:

@@ -47,6 +47,7 @@ class DecodeRoom:
     page_list_pending: bool = False
     kv_pages: int = 0
     kv_bytes: int = 0
+    epoch: int | None = None  # the prefill epoch its page list went to: KV of others is refused
 
     def move(self, dst: RoomState) -> None:
         self.state = transition(self.room, self.state, dst)
@@ -62,15 +63,19 @@ class Peer:
     handshake_error: str | None = None
     handshake_sent: bool = False
     handshake: m.Handshake | None = None  # as sent: its nonce checks prefill's answer
+    epoch: int | None = None  # the prefill server's, from the last handshake answer
     rooms: set[int] = field(default_factory=set)
 
 
 class DecodeWorkerHooks(WorkerHooks):
-    def __init__(self, engine, cfg: DisaggConfig, transport: KVTransport, decode_id: str):
+    def __init__(
+        self, engine, cfg: DisaggConfig, transport: KVTransport, decode_id: str, epoch: int = 0
+    ):
         super().__init__(engine)
         self.cfg = cfg
         self.transport = transport
-        self.decode_id = decode_id
+        self.decode_id, self.epoch = decode_id, epoch
+        self.stale_epoch_refusals = 0  # KV records or statuses from a replaced prefill epoch
         self.layout = engine.kv_layout()
         self.rooms: dict[int, DecodeRoom] = {}
         self.room_of_rid: dict[str, int] = {}
@@ -166,7 +171,7 @@ class DecodeWorkerHooks(WorkerHooks):
         peer.handshake_error = msg.error or distrust
         if distrust is not None:
             log.warning("decode: KV handshake with %s refused: %s", peer.endpoint, distrust)
-        outputs: list[ReqOutput] = []
+        outputs = [] if distrust is not None else self._on_epoch(peer, msg.epoch)
         for room_id in sorted(peer.rooms):
             room = self.rooms.get(room_id)
             if room is not None:
@@ -195,11 +200,32 @@ class DecodeWorkerHooks(WorkerHooks):
         target.rooms.add(room.room)
         return self._progress(room, now)
 
+    def _on_epoch(self, peer: Peer, epoch: int) -> list[ReqOutput]:
+        """A new epoch: the prefill server restarted. Rooms whose page list went to the old
+        one can never get their KV: fail them (their pages are freed) with the reason."""
+        old, peer.epoch = peer.epoch, epoch
+        if old is None or old == epoch:
+            return []
+        log.warning("prefill %s restarted: epoch %d -> %d", peer.endpoint, old, epoch)
+        reason = f"prefill server at {peer.endpoint} restarted (new epoch) before sending the KV"
+        bound = [r for r in sorted(peer.rooms) if self.rooms[r].epoch not in (None, epoch)]
+        return [out for room in bound for out in self._fail(room, 503, reason)]
+
+    def _stale(self, peer: Peer, room: DecodeRoom) -> bool:
+        """Whether a record for `room` comes from an epoch other than its page list's."""
+        if room.epoch is None or room.epoch == peer.epoch:
+            return False
+        self.stale_epoch_refusals += 1
+        log.warning("refused a record of room %d from a stale prefill epoch", room.room)
+        return True
+
     def _on_kv(self, peer: Peer, event: KVReceived) -> list[ReqOutput]:
         """The KV of a room is in its pages; its status comes next."""
         room = self.rooms.get(event.room)
         if room is None or event.room not in peer.rooms:
             return []  # late: the room failed or was aborted here meanwhile
+        if self._stale(peer, room):
+            return self._fail(room.room, 503, f"KV of room {room.room} from a stale prefill epoch")
         if room.state is not RoomState.WAITING_FOR_INPUT:  # no page list out, or KV twice
             return self._fail(
                 room.room, 500, f"KV for room {room.room} arrived while {room.state.value}"
@@ -213,6 +239,10 @@ class DecodeWorkerHooks(WorkerHooks):
         room = self.rooms.get(msg.room)
         if room is None or msg.room not in peer.rooms:
             return []  # late status for a room already failed or aborted here
+        if self._stale(peer, room):
+            return self._fail(
+                msg.room, 503, f"status of room {msg.room} from a stale prefill epoch"
+            )
         if not msg.ok:
             return self._fail(msg.room, msg.error_status, msg.error or "prefill failed the room")
         if room.state is not RoomState.TRANSFERRING:  # the transport reports KV before status
@@ -293,6 +323,7 @@ class DecodeWorkerHooks(WorkerHooks):
         return self._send_page_list(room, peer)
 
     def _send_page_list(self, room: DecodeRoom, peer: Peer) -> list[ReqOutput]:
+        room.epoch = peer.epoch
         page_list = m.PageList(
             room=room.room,
             dst_page_ids=list(room.dst_page_ids),
@@ -359,7 +390,10 @@ class DecodeWorkerHooks(WorkerHooks):
         if not peer.handshake_sent:
             peer.handshake_sent = True
             handshake = m.Handshake(
-                decode_id=self.decode_id, layout=self.layout, backend=self.transport.name
+                decode_id=self.decode_id,
+                layout=self.layout,
+                backend=self.transport.name,
+                epoch=self.epoch,
             )
             peer.handshake = kv_auth.sign(self.cfg.disagg_secret, handshake, time.time())
             self._send(peer, peer.handshake)

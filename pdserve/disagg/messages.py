@@ -11,7 +11,8 @@ import msgspec
 from pdserve.engine.kv_layout import KVLayout
 
 # 2: PageList carries num_cached_tokens and prefill sends only the pages past it.
-PROTOCOL_VERSION = 2
+# 3: registrations, server info and the handshake carry the server's restart epoch.
+PROTOCOL_VERSION = 3
 
 
 class HandshakeProof(msgspec.Struct, frozen=True, kw_only=True):
@@ -25,8 +26,9 @@ class HandshakeProof(msgspec.Struct, frozen=True, kw_only=True):
 class Handshake(msgspec.Struct, tag=True, kw_only=True):
     """decode -> prefill, once per (decode worker, prefill worker) pair."""
 
-    decode_id: str
+    decode_id: str  # stable across restarts of one decode server and DP rank
     layout: KVLayout
+    epoch: int = 0  # the decode server's restart epoch
     version: int = PROTOCOL_VERSION
     backend: str = "zmq"  # both sides must move bytes the same way
     proof: HandshakeProof | None = None  # set when decode has a disagg secret
@@ -36,6 +38,7 @@ class HandshakeResult(msgspec.Struct, tag=True, kw_only=True):
     ok: bool
     error: str | None = None
     proof: str | None = None  # prefill's HMAC over decode's nonce, when it has a secret
+    epoch: int = 0  # the prefill server's restart epoch
 
 
 class PageList(msgspec.Struct, tag=True, kw_only=True):

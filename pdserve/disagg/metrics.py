@@ -89,6 +89,10 @@ class DisaggMetrics:
             "rank_query_round_trips", "decode: /query_dp_ranks requests sent"
         )
         self.rooms_queried = metrics.counter("rank_query_rooms", "decode: rooms asked about")
+        self.epoch_changes = metrics.counter(
+            "prefill_epoch_changes",
+            "decode: prefill servers seen restarted (a new epoch); their cached info dropped",
+        )
         self.failures = metrics.counter(
             "disagg_failures", "requests failed by the disaggregation layer, by reason", ["reason"]
         )
@@ -137,6 +141,9 @@ class DisaggMetrics:
 
     def failure(self, kind: str) -> None:
         self.failures.labels(reason=kind).inc()
+
+    def epoch_change(self) -> None:
+        self.epoch_changes.inc()
 
     def query_round_trip(self, num_rooms: int) -> None:
         self.query_round_trips.inc()

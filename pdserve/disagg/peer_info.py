@@ -190,15 +190,18 @@ class PeerDirectory:
         self._infos = _TTLCache(INFO_TTL_S)
         self._endpoints = _TTLCache(ENDPOINT_TTL_S)
         self._queriers: dict[str, RankQuerier] = {}
+        self._epochs: dict[str, int] = {}  # the last restart epoch seen of each prefill server
 
     async def server_info(self, url: str) -> ServerInfo:
         what = f"prefill bootstrap server {url} (GET /route)"
-        return await self._infos.get(
+        info = await self._infos.get(
             url,
             lambda: call_with_retry(
                 lambda t: fetch_server_info(self.session, url, t), what, self.timeout_s
             ),
         )
+        self.note_epoch(url, info.epoch)
+        return info
 
     async def endpoint(self, url: str, rank: int) -> str:
         what = f"prefill bootstrap server {url} (GET /route?prefill_dp_rank={rank})"
@@ -208,7 +211,16 @@ class PeerDirectory:
                 lambda t: fetch_worker(self.session, url, rank, t), what, self.timeout_s
             ),
         )
+        self.note_epoch(url, reg.epoch)
         return reg.kv_endpoint
+
+    def note_epoch(self, url: str, epoch: int) -> None:
+        """An answer from `url` carries `epoch`: one unlike the last seen means the prefill
+        server restarted, so what is cached from its earlier start is dropped."""
+        if self._epochs.setdefault(url, epoch) != epoch:
+            self._epochs[url] = epoch
+            self.metrics.epoch_change()
+            self.forget(url)
 
     def forget(self, url: str) -> None:
         """Drop what is cached about the prefill server at `url` (after a failure: it may

@@ -64,11 +64,16 @@ class FailedRoom:
 
 
 class PrefillWorkerHooks(WorkerHooks):
-    def __init__(self, engine, cfg: DisaggConfig, transport: KVTransport, dp_rank: int):
+    def __init__(
+        self, engine, cfg: DisaggConfig, transport: KVTransport, dp_rank: int, epoch: int = 0
+    ):
         super().__init__(engine)
         self.cfg = cfg
         self.transport = transport
-        self.dp_rank = dp_rank
+        self.dp_rank, self.epoch = dp_rank, epoch
+        # Who each handshaken connection is (decode_id, epoch), and each decode's last epoch.
+        self.decode_of_peer: dict[object, tuple[str, int]] = {}
+        self.decode_epochs: dict[str, int] = {}
         self.layout = engine.kv_layout()
         self.rooms: dict[int, PrefillRoom] = {}
         self.room_of_rid: dict[str, int] = {}
@@ -231,7 +236,7 @@ class PrefillWorkerHooks(WorkerHooks):
 
     def _on_message(self, peer: object, msg: m.ChannelMsg, now: float) -> list[ReqOutput]:
         if isinstance(msg, m.Handshake):
-            self._on_handshake(peer, msg)
+            return self._on_handshake(peer, msg, now)
         elif isinstance(msg, m.PageList):
             return self._on_page_list(peer, msg, now)
         elif isinstance(msg, m.Abort):
@@ -242,7 +247,7 @@ class PrefillWorkerHooks(WorkerHooks):
                 )
         return []
 
-    def _on_handshake(self, peer: object, msg: m.Handshake) -> None:
+    def _on_handshake(self, peer: object, msg: m.Handshake, now: float) -> list[ReqOutput]:
         error = kv_auth.check(self.checker, msg, time.time())
         if error is not None:
             log.warning("prefill: refused the KV handshake of %s: %s", msg.decode_id, error)
@@ -254,15 +259,37 @@ class PrefillWorkerHooks(WorkerHooks):
             )
         else:
             error = self.layout.mismatch(msg.layout)
+        outputs = [] if error is not None else self._on_decode_epoch(peer, msg, now)
         if error is None:
             self.handshaken.add(peer)
         else:
             self.handshaken.discard(peer)
-        result = m.HandshakeResult(ok=error is None, error=error)
+        result = m.HandshakeResult(ok=error is None, error=error, epoch=self.epoch)
         self._send(peer, kv_auth.answer(self.checker, msg, result))
+        return outputs
+
+    def _on_decode_epoch(self, peer: object, msg: m.Handshake, now: float) -> list[ReqOutput]:
+        """A decode server that handshakes with a new epoch restarted: the rooms of its old
+        epoch will never be read; fail them, free their pages, forget the old connections."""
+        old = self.decode_epochs.get(msg.decode_id)
+        self.decode_epochs[msg.decode_id] = msg.epoch
+        self.decode_of_peer[peer] = (msg.decode_id, msg.epoch)
+        if old is None or old == msg.epoch:
+            return []
+        log.warning("decode %s restarted: epoch %d -> %d", msg.decode_id, old, msg.epoch)
+        stale = {p for p, who in self.decode_of_peer.items() if who == (msg.decode_id, old)}
+        for p in stale:
+            self.handshaken.discard(p)
+            del self.decode_of_peer[p]
+        reason = f"decode server {msg.decode_id} restarted (new epoch) before reading the KV"
+        lost = [r.room for r in self.rooms.values() if r.peer in stale]
+        return [
+            out for room in lost for out in self._fail_room(room, 503, reason, now, notify=False)
+        ]
 
     def _on_peer_lost(self, event: PeerLost, now: float) -> list[ReqOutput]:
         self.handshaken.discard(event.peer)
+        self.decode_of_peer.pop(event.peer, None)
         reason = f"lost the connection to decode: {event.reason}"
         lost = [r.room for r in self.rooms.values() if r.peer == event.peer]
         return [

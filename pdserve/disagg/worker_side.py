@@ -8,7 +8,6 @@ from __future__ import annotations
 import logging
 import os
 import threading
-import uuid
 from typing import TYPE_CHECKING
 
 from pdserve import netaddr
@@ -44,7 +43,7 @@ def make_worker_hooks(cfg: PDServerConfig, engine: Engine, dp_rank: int) -> Work
             advertise_host=advertised_host(cfg),
             options=_options(cfg),
         )
-        hooks = PrefillWorkerHooks(engine, cfg.disagg, transport, dp_rank)
+        hooks = PrefillWorkerHooks(engine, cfg.disagg, transport, dp_rank, epoch=cfg.epoch)
         _register_in_background(cfg, engine, dp_rank, transport.endpoint)
         return hooks
     if cfg.server.mode == "decode":
@@ -53,8 +52,10 @@ def make_worker_hooks(cfg: PDServerConfig, engine: Engine, dp_rank: int) -> Work
         transport = make_transport(
             cfg.disagg.transfer_backend, engine.kv_pool, listen_host=None, options=_options(cfg)
         )
-        decode_id = f"decode-{dp_rank}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        return DecodeWorkerHooks(engine, cfg.disagg, transport, decode_id)
+        # Stable across restarts of this server (same address): prefill recognises the
+        # restarted server by it and drops what it held for the earlier epoch.
+        decode_id = f"decode-{advertised_host(cfg)}:{cfg.server.port}-dp{dp_rank}"
+        return DecodeWorkerHooks(engine, cfg.disagg, transport, decode_id, epoch=cfg.epoch)
     raise ValueError(f"no disaggregation hooks for mode {cfg.server.mode!r}")
 
 
@@ -82,6 +83,7 @@ def registration(
         model_fingerprint=layout.model_fingerprint,
         load_balance_method=method,
         registers_all_rooms=registers_all_rooms(method, cfg.disagg.force_query_prefill_dp_rank),
+        epoch=cfg.epoch,
     )
 
 

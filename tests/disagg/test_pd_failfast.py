@@ -11,11 +11,23 @@ import contextlib
 import signal
 import time
 
+import msgspec
 import pytest
 import requests
+import torch
 
+from pdserve.disagg import messages as m
+from pdserve.disagg.bootstrap_registry import WorkerRegistration
+from pdserve.disagg.transfer import Inbound, make_transport
 from tests.disagg.conftest import TINY, Prefill
-from tests.disagg.pd_driver import pd_generate, random_room, rooms_in_flight, wait_idle
+from tests.disagg.pd_driver import (
+    metric_value,
+    pages_in_use,
+    pd_generate,
+    random_room,
+    rooms_in_flight,
+    wait_idle,
+)
 from tests.helpers import free_port, launch_server, wait_until
 
 BODY = {
@@ -149,11 +161,19 @@ def _pd_ok(prefill: Prefill, decode) -> bool:
     return result.prefill.ok and result.decode.ok
 
 
+def _epoch(bootstrap_port: int, query: str = "") -> int:
+    return requests.get(f"http://127.0.0.1:{bootstrap_port}/route{query}", timeout=5).json()[
+        "epoch"
+    ]
+
+
 def test_dead_prefill_server_is_reported_in_seconds_and_recovers_after_restart(pd):
     port, bootstrap_port = free_port(), free_port()
     prefill = _start_prefill(pd, port, bootstrap_port)
     decode = pd.decode(1)
     assert _pd_ok(prefill, decode)  # decode now caches the server's info and endpoint
+    first_epoch = _epoch(bootstrap_port)
+    assert _epoch(bootstrap_port, "?prefill_dp_rank=0") == first_epoch
     prefill.server.signal_group(signal.SIGKILL)  # front end and workers at once
     prefill.server.proc.wait(timeout=10)
     # First from decode's caches (the dead KV endpoint), then from the bootstrap server.
@@ -169,8 +189,13 @@ def test_dead_prefill_server_is_reported_in_seconds_and_recovers_after_restart(p
 
     restarted = _start_prefill(pd, port, bootstrap_port)
     ready_at = time.monotonic()
+    new_epoch = _epoch(bootstrap_port)
+    assert new_epoch != first_epoch, "a restarted server has a new epoch"
+    assert _epoch(bootstrap_port, "?prefill_dp_rank=0") == new_epoch
     while not _pd_ok(restarted, decode):
         assert time.monotonic() - ready_at < 5.0, "no success within 5 s of the restart"
+    # Decode saw the new epoch and dropped what it had cached of the old start.
+    assert metric_value(decode.url, "pdserve_prefill_epoch_changes_total") == 1
     wait_idle([restarted.url, decode.url])
 
 
@@ -206,3 +231,53 @@ def test_decode_killed_under_a_live_prefill_frees_prefill_state_and_a_new_decode
     fresh = pd.decode(1)
     assert _pd_ok(prefill, fresh)
     wait_idle([prefill.url, fresh.url])
+
+
+def _handshake_as_decode(endpoint: str, layout, epoch: int, room: int | None = None):
+    """A decode worker's first words over a real KV connection: Handshake with `epoch`
+    (same decode identity each time), then, if `room` is given, a page list for it."""
+    transport = make_transport("zmq", torch.zeros((4, 1)), listen_host=None)
+    peer = transport.connect(endpoint)
+    transport.send(peer, m.Handshake(decode_id="decode-test-dp0", layout=layout, epoch=epoch))
+    answer = _next_message(transport)
+    assert isinstance(answer, m.HandshakeResult) and answer.ok, answer
+    if room is not None:
+        transport.send(
+            peer, m.PageList(room=room, dst_page_ids=[0, 1, 2], prompt_len=len(BODY["input_ids"]))
+        )
+    return transport
+
+
+def _next_message(transport, timeout_s: float = 10.0) -> m.ChannelMsg:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for event in transport.poll(50):
+            if isinstance(event, Inbound):
+                return event.msg
+    raise AssertionError(f"no message within {timeout_s:g}s")
+
+
+def test_decode_restarted_under_a_live_prefill_drops_the_old_epoch_rooms(pd):
+    """A decode server restarts while its old KV connection still looks alive (no loss
+    reported): its handshake with a new epoch makes prefill fail the rooms of the old epoch
+    and free their pages; their late prefill legs fail at once with the reason."""
+    prefill = pd.prefill(1)
+    route = f"http://127.0.0.1:{prefill.bootstrap_port}/route?prefill_dp_rank=0"
+    worker = msgspec.convert(requests.get(route, timeout=5).json(), WorkerRegistration)
+    room = random_room()
+    old = _handshake_as_decode(worker.kv_endpoint, worker.layout(), epoch=11, room=room)
+    new = None
+    try:
+        wait_until(lambda: rooms_in_flight(prefill.url) == 1, 10, "the old epoch's page list")
+        new = _handshake_as_decode(worker.kv_endpoint, worker.layout(), epoch=12)
+        wait_until(lambda: rooms_in_flight(prefill.url) == 0, FAIL_WITHIN_S, "the room dropped")
+        resp, elapsed_s = _timed_post(prefill.url, _leg(prefill.bootstrap_port, room))
+        _check_fast_failure(resp, elapsed_s, "restarted (new epoch)", "late prefill leg")
+        assert pages_in_use(prefill.url) == 0
+    finally:
+        for transport in (old, new):
+            if transport is not None:
+                transport.close()
+    decode = pd.decode(1)
+    assert _pd_ok(prefill, decode)
+    wait_idle([prefill.url, decode.url])
