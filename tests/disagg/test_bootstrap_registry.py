@@ -62,6 +62,7 @@ def test_server_info_is_none_until_every_worker_registered():
         "follow_bootstrap_room": True,
         "registers_all_rooms": False,
         "protocol_version": PROTOCOL_VERSION,
+        "epoch": 0,
     }
     parsed = msgspec.convert(info, ServerInfo)
     assert parsed.layout() == registration().layout()
@@ -108,6 +109,7 @@ def test_reregistration_replaces_entry_without_double_counting():
         ("head_dim", 128),
         ("load_balance_method", "round_robin"),
         ("registers_all_rooms", True),
+        ("epoch", 99),  # a worker of an earlier start of the server
     ],
 )
 def test_contradicting_registration_names_field_and_both_values(field, value):
