@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import threading
 from typing import TYPE_CHECKING
 
@@ -52,9 +53,9 @@ def make_worker_hooks(cfg: PDServerConfig, engine: Engine, dp_rank: int) -> Work
         transport = make_transport(
             cfg.disagg.transfer_backend, engine.kv_pool, listen_host=None, options=_options(cfg)
         )
-        # Stable across restarts of this server (same address): prefill recognises the
-        # restarted server by it and drops what it held for the earlier epoch.
-        decode_id = f"decode-{advertised_host(cfg)}:{cfg.server.port}-dp{dp_rank}"
+        # Stable across restarts of this server (same machine and port), unique among
+        # servers: prefill recognises a restart by it and drops the earlier epoch's rooms.
+        decode_id = f"decode-{socket.gethostname()}:{cfg.server.port}-dp{dp_rank}"
         return DecodeWorkerHooks(engine, cfg.disagg, transport, decode_id, epoch=cfg.epoch)
     raise ValueError(f"no disaggregation hooks for mode {cfg.server.mode!r}")
 
