@@ -184,7 +184,7 @@ def test_a_decode_of_protocol_version_1_is_refused_and_sent_no_pages(pair):
         dealer.send(m.encode(m.Handshake(decode_id="old-decode", layout=layout, version=1)))
         answer = _next_channel_msg(dealer)
         assert isinstance(answer, m.HandshakeResult) and not answer.ok
-        assert "protocol version mismatch: decode=1 prefill=2" in answer.error
+        assert f"protocol version mismatch: decode=1 prefill={m.PROTOCOL_VERSION}" in answer.error
         dealer.send(m.encode(m.PageList(room=7, dst_page_ids=[1, 2], prompt_len=20)))
         status = _next_channel_msg(dealer)
         assert status == m.RoomStatus(room=7, ok=False, error="page list before handshake")
