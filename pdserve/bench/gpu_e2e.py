@@ -23,17 +23,22 @@ from pdserve.bench.gpu_bench import SHAPES
 GPU_ARGS = ["--device", "cuda", "--dtype", "bfloat16"]
 
 
-def build_model_dir(shape: str, path: str) -> str:
-    """Random bf16 weights of the shape, with the tiny-random tokenizer (ids < 506)."""
+def build_model_dir(shape: str, path: str, tokenizer_vocab: bool = False) -> str:
+    """Random bf16 weights of the shape, with the tiny-random tokenizer (ids < 506). With
+    `tokenizer_vocab` the model's vocabulary is the tokenizer's, so every token it answers
+    is a valid prompt token of the next turn (multi-turn)."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     from pdserve.engine.loader import resolve_model_dir
 
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(**SHAPES[shape])).to(torch.bfloat16)
-    model.save_pretrained(path, safe_serialization=True)
     tokenizer_dir = resolve_model_dir("tiny-random")
+    config = dict(SHAPES[shape])
+    if tokenizer_vocab:
+        config["vocab_size"] = len(AutoTokenizer.from_pretrained(tokenizer_dir))
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**config)).to(torch.bfloat16)
+    model.save_pretrained(path, safe_serialization=True)
     for name in os.listdir(tokenizer_dir):
         if name.startswith(("tokenizer", "special_tokens")):
             shutil.copy(os.path.join(tokenizer_dir, name), path)
@@ -177,7 +182,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--multiturn", action="store_true", help="prefix cache on vs off")
     args = parser.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
-    model_dir = build_model_dir(args.shape, tempfile.mkdtemp(prefix="pdserve-gpu-e2e-"))
+    model_dir = build_model_dir(
+        args.shape, tempfile.mkdtemp(prefix="pdserve-gpu-e2e-"), tokenizer_vocab=args.multiturn
+    )
     if args.multiturn:
         try:
             multiturn(model_dir, args.out)
