@@ -15,6 +15,7 @@ from typing import Any
 import msgspec
 
 from pdserve.router.prefix_table import Prompt
+from pdserve.serving.openai_format import MAX_N
 
 GENERATE = "/generate"
 COMPLETIONS = "/v1/completions"
@@ -42,8 +43,9 @@ def _batch_len(value: Any) -> int | None:
 def num_sequences(route: str, body: dict[str, Any]) -> int | None:
     """Sequences this request generates when it is a batch (one room each), else None."""
     n = body.get("n") if route != GENERATE else None
-    if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 1):
-        raise BadRequest(f"n must be a positive integer, got {n!r}")
+    # Checked here as the servers check it: each sequence costs the router a room and a rid.
+    if n is not None and (not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= MAX_N):
+        raise BadRequest(f"n must be in [1, {MAX_N}], got {n!r}")
     if route == GENERATE:
         if "text" in body:
             return _batch_len(body["text"])

@@ -34,9 +34,8 @@ class RoomSource:
         self, count: int, num_ranks: int | None = None, rank: int | None = None
     ) -> list[int]:
         """`count` distinct rooms (aligned when `num_ranks` and `rank` are given)."""
-        rooms: list[int] = []
+        rooms: dict[int, None] = {}  # ordered, with O(1) membership for large batches
         while len(rooms) < count:
             room = self.draw() if num_ranks is None else self.draw_aligned(num_ranks, rank or 0)
-            if room not in rooms:  # a repeat inside one request would be a 400 downstream
-                rooms.append(room)
-        return rooms
+            rooms.setdefault(room)  # a repeat inside one request would be a 400 downstream
+        return list(rooms)

@@ -16,6 +16,7 @@ from aiohttp import web
 from pdserve.serving.generation import Delta, ItemResult, merged, run_all
 from pdserve.serving.hooks import RequestError
 from pdserve.serving.openai_format import (
+    MAX_N,
     chat_logprobs,
     completion_logprobs,
     finish_reason,
@@ -53,8 +54,8 @@ def _items(
     state: ServerState, body: dict, prompts: list[list[int]], params: dict, logprobs: int | None
 ) -> list:
     n = get_field(body, "n", int, 1)
-    if not 1 <= n <= 128:
-        raise bad(f"n must be in [1, 128], got {n}")
+    if not 1 <= n <= MAX_N:
+        raise bad(f"n must be in [1, {MAX_N}], got {n}")
     num = len(prompts) * n
     items = []
     for index in range(num):

@@ -7,6 +7,8 @@ from typing import Any
 from pdserve.serving.generation import ItemResult
 from pdserve.serving.request_parse import bad
 
+MAX_N = 128  # choices per prompt (OpenAI `n`); the router refuses more the same way
+
 
 def render_chat_prompt(tokenizer: Any, messages: Any, body: dict) -> list[int]:
     """Token ids of `messages` through the tokenizer's chat template, assistant turn opened."""

@@ -51,6 +51,14 @@ def test_bad_n_is_rejected():
         num_sequences(CHAT, {"messages": [], "n": 0})
 
 
+@pytest.mark.parametrize("route", [CHAT, COMPLETIONS])
+def test_n_above_the_servers_limit_is_rejected_before_any_room_is_drawn(route):
+    """A fuzzed n of 10**9 once kept the router drawing rooms at 100% CPU for good."""
+    with pytest.raises(BadRequest, match=r"n must be in \[1, 128\]"):
+        num_sequences(route, {"messages": [], "prompt": "a", "n": 10**9})
+    assert num_sequences(route, {"messages": [], "prompt": "a", "n": 128}) == 128
+
+
 def test_prompt_of_each_route():
     assert prompt_of(GENERATE, {"text": ["first", "second"]}) == "first"
     assert prompt_of(GENERATE, {"input_ids": [[4, 5], [6]]}) == [4, 5]
