@@ -12,6 +12,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import urllib.parse
 from collections.abc import Iterator
 
 from pdserve import procs
@@ -64,6 +65,7 @@ def launched(
     if command is None:
         yield
         return
+    _refuse_a_taken_port(base_url)
     log = tempfile.NamedTemporaryFile(prefix="pdserve-bench-launch-", suffix=".log", delete=False)
     print(f"launching: {command} (log: {log.name})", file=sys.stderr)
     argv = shlex.split(command)
@@ -80,6 +82,20 @@ def launched(
         finally:
             procs.stop_group(proc, STOP_TIMEOUT_S)
             log.close()
+
+
+def _refuse_a_taken_port(base_url: str) -> None:
+    """A process already listening at the base URL would answer the readiness checks and
+    the benchmark, and the launched setup (failing to bind) would never be measured."""
+    url = urllib.parse.urlsplit(base_url)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    if url.hostname in ("127.0.0.1", "localhost", "::1") and not procs.port_is_free(
+        url.hostname, port
+    ):
+        raise RuntimeError(
+            f"port {port} of {base_url} is already in use: --launch would measure whatever "
+            "listens there, not the launched setup; stop it or pick another port"
+        )
 
 
 @contextlib.contextmanager

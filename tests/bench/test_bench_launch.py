@@ -6,6 +6,7 @@ import json
 import os
 import shlex
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -29,6 +30,22 @@ def test_a_command_that_exits_early_is_reported_with_its_output():
     with pytest.raises(RuntimeError, match="exited with 3(.|\n)*no model here"):
         with launched(cmd, f"http://127.0.0.1:{free_port()}", timeout_s=30):
             pass
+
+
+def test_a_port_already_in_use_is_refused_before_launching(tmp_path: Path):
+    """Something else listening there would answer the readiness checks and the benchmark
+    while the launched setup fails to bind: refuse at once, launching nothing."""
+    marker = tmp_path / "launched"
+    script = f"open({str(marker)!r}, 'w')"
+    cmd = f"{shlex.quote(sys.executable)} -c {shlex.quote(script)}"
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(RuntimeError, match=f"port {port} .* already in use"):
+            with launched(cmd, f"http://127.0.0.1:{port}", timeout_s=30):
+                pass
+    assert not marker.exists()
 
 
 def test_a_command_never_ready_is_stopped_at_the_deadline(tmp_path: Path):
