@@ -112,6 +112,31 @@ class PagePool:
             self.cache.evict(num_short)
         return self.allocator.alloc(num_pages)
 
+    def cache_computed(self, req: Request) -> None:
+        """Cache the running request's computed full pages now rather than at its end, as
+        SGLang caches unfinished requests: requests that arrive meanwhile with the same
+        prefix (the other first turns behind one system prompt) share them. The pages stay
+        pinned by the request and join its pinned prefix. Stops at the first page whose
+        hash another entry already holds: the request keeps its own copy of the rest."""
+        if self.cache is None:
+            return
+        num_full = min(req.num_computed // self.page_size, len(req.page_ids))
+        num_pinned = req.num_pinned_pages
+        if num_full <= num_pinned:
+            return
+        hashes = self._hashes(req)[:num_full]
+        num_new = 0
+        for page_hash in hashes[num_pinned:]:
+            if self.cache.contains(page_hash):
+                break
+            num_new += 1
+        if num_new == 0:
+            return
+        end = num_pinned + num_new
+        self.cache.insert(hashes[:end], req.page_ids[:end])
+        self.cache.acquire(req.page_ids[num_pinned:end])
+        req.num_pinned_pages = end
+
     def put_back(self, req: Request, keep_kv: bool) -> None:
         """The request is done with its pages. With `keep_kv`, full pages whose KV it
         computed (positions < num_computed) enter the cache; pins are dropped; the rest

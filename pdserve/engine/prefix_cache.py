@@ -49,6 +49,9 @@ class PrefixCache:
     def is_cached(self, page_id: int) -> bool:
         return page_id in self._hash_of
 
+    def contains(self, page_hash: int) -> bool:
+        return page_hash in self._pages
+
     def refcount(self, page_id: int) -> int:
         return self._pages[self._hash_of[page_id]].refcount
 

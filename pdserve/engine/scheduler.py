@@ -95,6 +95,7 @@ class Scheduler:
     def _schedule_prefill(self, batch: Batch) -> None:
         budget = self.chunked_prefill_size
         for req in self.prefilling:
+            self.pages.cache_computed(req)  # its earlier chunks, for requests admitted now
             if budget == 0:
                 return
             budget -= self._add_chunk(batch, req, budget)
@@ -163,6 +164,7 @@ class Scheduler:
     def on_prefilled(self, req: Request) -> None:
         """Its whole sequence is computed: it decodes from the next step on."""
         self.prefilling.remove(req)
+        self.pages.cache_computed(req)
         req.transition(ReqState.RUNNING)
         self.running.append(req)
 
@@ -170,6 +172,7 @@ class Scheduler:
         """Prefill role: stop scheduling it but keep its pages, which it returns: they are
         the caller's to send until the request is finished."""
         self._discard(req)
+        self.pages.cache_computed(req)
         req.transition(ReqState.SENDING_KV)
         return list(req.page_ids)
 
@@ -197,6 +200,7 @@ class Scheduler:
         """Decode role: its prompt KV arrived; it joins the running batch."""
         self.reserved.remove(req)
         req.num_computed = len(req.prompt_ids)
+        self.pages.cache_computed(req)
         req.transition(ReqState.RUNNING)
         self.running.append(req)
 

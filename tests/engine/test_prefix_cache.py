@@ -126,7 +126,7 @@ def test_matched_pages_are_not_counted_as_room_for_their_own_request():
 
 class PagePoolMachine(RuleBasedStateMachine):
     """Requests over a 3-token alphabet (so prefixes are shared) are admitted, computed,
-    decoded, preempted and finished in any order, with evictions and flushes between.
+    cached while running, decoded, preempted and finished in any order, with evictions and flushes between.
     `written` models the KV: which tokens each page holds."""
 
     def __init__(self):
@@ -182,6 +182,17 @@ class PagePoolMachine(RuleBasedStateMachine):
         if page_ids is not None:
             req.output_ids.append(token)
             req.page_ids.extend(page_ids)
+
+    @precondition(lambda self: self.live)
+    @rule(data=st.data())
+    def cache_computed(self, data):
+        req = data.draw(st.sampled_from(self.live))
+        num_pinned = req.num_pinned_pages
+        self.pool.cache_computed(req)
+        assert num_pinned <= req.num_pinned_pages <= req.num_computed // PAGE
+        tokens = req.prompt_ids + req.output_ids
+        for i, page_id in enumerate(req.page_ids[: req.num_pinned_pages]):
+            assert self.written[page_id] == tuple(tokens[i * PAGE : (i + 1) * PAGE])
 
     @precondition(lambda self: self.live)
     @rule(data=st.data(), keep_kv=st.booleans(), readmit=st.booleans())

@@ -188,3 +188,46 @@ def test_disabled_cache_keeps_no_page(tiny_engine_factory):
         assert answer(engine, rid, SYSTEM + [1], greedy(4))[1] == 0
     assert engine.num_cached_pages == 0 and engine.allocator.num_used == 0
     assert engine.match_prefix(SYSTEM + [1]) == ([], 0)
+
+
+def test_a_running_request_shares_its_prompt_pages_before_it_ends(engines, tiny_engine_factory):
+    """Prompt pages enter the cache when they are computed, not when the request ends:
+    a request arriving while the first still decodes (or sends its KV, or waits for
+    decode's KV) starts from them."""
+    cached, plain = engines
+    engine = tiny_engine_factory()
+    prompt = SYSTEM + [21] * 5
+    engine.add_request(Request("long", prompt, greedy(40)))
+    while engine.get("long").state is not ReqState.RUNNING:
+        engine.step()
+    engine.add_request(Request("later", SYSTEM + [22] * 7, greedy()))
+    outs = []
+    while not (outs and outs[-1].finish_reason):
+        outs += [o for o in engine.step() if o.rid == "later"]
+    assert outs[-1].cached_tokens == 3 * PAGE and engine.get("long").state is ReqState.RUNNING
+    assert tokens(outs) == answer(plain, "later", SYSTEM + [22] * 7, greedy())[0]
+    engine.flush_cache()  # what "later" left unpinned
+
+    engine.add_request(Request("sending", SYSTEM + [23] * 20, greedy(), prefill_only=True))
+    while engine.get("sending").state is not ReqState.SENDING_KV:
+        engine.step()
+    assert engine.match_prefix(SYSTEM + [23] * 20 + [1])[1] == 4 * PAGE
+    assert engine.flush_cache() == 0  # pinned: by the sender and the decoding request
+    engine.abort("sending", "test")
+    assert engine.abort("long", "test") is not None
+    assert engine.num_used_pages == 0
+
+
+def test_decode_caches_a_prompt_as_soon_as_its_kv_arrives(tiny_engine_factory):
+    engine = tiny_engine_factory()
+    first = Request("first", SYSTEM + [31] * 4, greedy())
+    assert len(engine.reserve(first, use_cache=True)) == 4
+    assert engine.match_prefix(SYSTEM + [32])[1] == 0  # KV not here yet: nothing shared
+    engine.admit_prefilled("first", first_token_id=5)
+    assert engine.match_prefix(SYSTEM + [32])[1] == 3 * PAGE
+    second = Request("second", SYSTEM + [32], greedy())
+    assert len(engine.reserve(second, use_cache=True)) == 1 and second.cached_tokens == 3 * PAGE
+    assert engine.num_used_pages == 5
+    for rid in ("first", "second"):
+        engine.abort(rid, "test")
+    assert engine.num_used_pages == 0 and engine.num_evictable_pages == engine.num_cached_pages
