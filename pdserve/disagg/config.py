@@ -63,6 +63,12 @@ class DisaggConfig:
         "prefill: before computing the next prompt, wait up to this long for KV sends under "
         "way to finish (else the rest of a send waits for that whole forward pass)",
     )
+    kv_share_wait_s: float = opt(
+        2.0,
+        "decode: a prompt sharing pages, past what the prefix cache holds, with KV another "
+        "request is receiving waits up to this long for it to land, then reserves past them "
+        "(they are not sent twice); 0: never waits",
+    )
     disagg_secret: str | None = opt(
         envs.disagg_secret(),
         "secret shared by every prefill and decode server: bootstrap writes and the KV "
@@ -91,6 +97,7 @@ class DisaggConfig:
             "room_ttl_s",
         ):
             check(getattr(self, name) > 0, f"{name} must be > 0")
+        check(self.kv_share_wait_s >= 0, "kv_share_wait_s must be >= 0")
         check(
             self.heartbeat_timeout_s > self.heartbeat_interval_s,
             "heartbeat_timeout_s must exceed heartbeat_interval_s",

@@ -308,6 +308,10 @@ class DecodeWorkerHooks(WorkerHooks):
             return self._send_page_list(room, peer)
         if room.state is not RoomState.BOOTSTRAPPING or not peer.handshake_ok:
             return []
+        if now - room.arrived_at < self.cfg.kv_share_wait_s and self.engine.prefix_arriving(
+            room.req
+        ):
+            return []  # pages it shares are arriving for another room: reserve once cached
         try:
             # The cached prefix of the prompt is pinned; only the pages past it are new.
             dst_page_ids = self.engine.reserve(room.req, use_cache=True)

@@ -304,6 +304,11 @@ class Engine:
         self.runner.zero_pages(page_ids)
         return page_ids
 
+    def prefix_arriving(self, req: Request) -> bool:
+        """Decode role: whether KV that a reserved request is receiving will extend the
+        cached prefix this prompt matches (reserving after it lands moves fewer pages)."""
+        return self.scheduler.pages.gains_from(req, self.scheduler.reserved)
+
     def admit_prefilled(
         self,
         rid: str,

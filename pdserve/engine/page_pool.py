@@ -77,6 +77,25 @@ class PagePool:
         max_pages = (len(prompt_ids) - 1) // self.page_size
         return self.cache.match(self.sequence_hashes(prompt_ids[: max_pages * self.page_size]))
 
+    def gains_from(self, req: Request, arriving: list[Request]) -> bool:
+        """Whether a request whose KV is arriving (it caches its prompt pages on arrival)
+        will extend the cached prefix `req` matches now: whether one of them holds the
+        first matchable page the cache lacks. Hashes are chained, so one equal hash means
+        an equal prefix up to it."""
+        if self.cache is None:
+            return False
+        hashes = self._hashes(req)[: _matchable_tokens(req) // self.page_size]
+        num_cached = len(self.cache.match(hashes))
+        if num_cached == len(hashes):
+            return False
+        wanted = hashes[num_cached]
+        for other in arriving:
+            if len(other.prompt_ids) // self.page_size > num_cached:
+                other_hashes = self._hashes(other)
+                if len(other_hashes) > num_cached and other_hashes[num_cached] == wanted:
+                    return True
+        return False
+
     def can_take(self, req: Request) -> bool:
         """Whether take(req, req.seq_len) would succeed now."""
         num_needed = pages_for(req.seq_len, self.page_size)

@@ -51,7 +51,8 @@ def _reference(server, body: dict) -> list[int]:
 @pytest.fixture(scope="module")
 def pair(pd_module):
     prefill = pd_module.prefill(1)
-    decode = pd_module.decode(1)
+    # A long share wait: under a loaded machine the rooms below still wait for each other.
+    decode = pd_module.decode(1, ["--kv-share-wait-s", "60"])
     return prefill, decode
 
 
@@ -173,4 +174,20 @@ def test_a_decode_pool_smaller_than_the_working_set_evicts_and_answers(pd, cache
         answers = _run_all(prefill, decode, bodies, concurrent)
         assert [a["output_ids"] for a in answers] == reference
     assert metric_value(decode.url, "pdserve_prefix_cache_evicted_pages_total") > 0
+    wait_idle([prefill.url, decode.url])
+
+
+def test_rooms_arriving_together_take_a_shared_prefix_from_the_first_ones_kv(pair, cache_off):
+    """Four prompts behind one system prompt at once (the first turns of four chats):
+    the first room's KV brings the system prompt; the others wait for it to land and
+    reserve past it, so it crosses the wire once."""
+    prefill, decode = pair
+    rng = random.Random(11)
+    system = [rng.randrange(3, 250) for _ in range(4 * PAGE)]
+    bodies = [_body(system + [rng.randrange(3, 250) for _ in range(5 + i)]) for i in range(4)]
+    reference = [_reference(cache_off, b) for b in bodies]
+    answers = _run_all(prefill, decode, bodies, concurrent=True)
+    assert [a["output_ids"] for a in answers] == reference
+    held = sorted(a["meta_info"]["decode_cached_tokens"] for a in answers)
+    assert held == [0] + [4 * PAGE] * 3
     wait_idle([prefill.url, decode.url])
