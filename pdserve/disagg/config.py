@@ -64,10 +64,11 @@ class DisaggConfig:
         "way to finish (else the rest of a send waits for that whole forward pass)",
     )
     kv_share_wait_s: float = opt(
-        2.0,
+        10.0,
         "decode: a prompt sharing pages, past what the prefix cache holds, with KV another "
-        "request is receiving waits up to this long for it to land, then reserves past them "
-        "(they are not sent twice); 0: never waits",
+        "room of the same prefill worker is receiving waits for it to land, then reserves "
+        "past them (they are not sent twice); at most this long and half the bootstrap "
+        "timeout; 0: never waits",
     )
     disagg_secret: str | None = opt(
         envs.disagg_secret(),

@@ -308,9 +308,7 @@ class DecodeWorkerHooks(WorkerHooks):
             return self._send_page_list(room, peer)
         if room.state is not RoomState.BOOTSTRAPPING or not peer.handshake_ok:
             return []
-        if now - room.arrived_at < self.cfg.kv_share_wait_s and self.engine.prefix_arriving(
-            room.req
-        ):
+        if self._share_pending(room, now):
             return []  # pages it shares are arriving for another room: reserve once cached
         try:
             # The cached prefix of the prompt is pinned; only the pages past it are new.
@@ -325,6 +323,22 @@ class DecodeWorkerHooks(WorkerHooks):
         room.deadline = now + self.cfg.kv_wait_timeout_s
         room.page_list_sent_at = now
         return self._send_page_list(room, peer)
+
+    def _share_pending(self, room: DecodeRoom, now: float) -> bool:
+        """Whether to wait before reserving: a room with the same prefill worker is
+        receiving KV that extends the prefix this prompt finds cached. That worker computes
+        the shared prefix once, first, so this room's KV is not ready before it lands; the
+        wait (capped at half the bootstrap deadline) only guards against a stuck peer."""
+        max_wait_s = min(self.cfg.kv_share_wait_s, self.cfg.bootstrap_timeout_s / 2)
+        if now - room.arrived_at >= max_wait_s:
+            return False
+        arriving = [
+            r.req
+            for r in self.rooms.values()
+            if r.endpoint == room.endpoint
+            and r.state in (RoomState.WAITING_FOR_INPUT, RoomState.TRANSFERRING)
+        ]
+        return bool(arriving) and self.engine.prefix_arriving(room.req, arriving)
 
     def _send_page_list(self, room: DecodeRoom, peer: Peer) -> list[ReqOutput]:
         room.epoch = peer.epoch

@@ -304,10 +304,10 @@ class Engine:
         self.runner.zero_pages(page_ids)
         return page_ids
 
-    def prefix_arriving(self, req: Request) -> bool:
-        """Decode role: whether KV that a reserved request is receiving will extend the
+    def prefix_arriving(self, req: Request, arriving: list[Request]) -> bool:
+        """Decode role: whether the KV these reserved requests are receiving will extend the
         cached prefix this prompt matches (reserving after it lands moves fewer pages)."""
-        return self.scheduler.pages.gains_from(req, self.scheduler.reserved)
+        return self.scheduler.pages.gains_from(req, arriving)
 
     def admit_prefilled(
         self,

@@ -235,15 +235,17 @@ def test_decode_caches_a_prompt_as_soon_as_its_kv_arrives(tiny_engine_factory):
 
 def test_decode_knows_when_arriving_kv_extends_a_prompts_cached_prefix(tiny_engine_factory):
     engine = tiny_engine_factory()
-    assert engine.reserve(Request("first", SYSTEM + [41] * 20, greedy()), use_cache=True)
+    first = Request("first", SYSTEM + [41] * 20, greedy())
+    assert engine.reserve(first, use_cache=True)
     sharing = Request("sharing", SYSTEM[: 2 * PAGE] + [42] * 9, greedy())
     one_page = Request("one-page", SYSTEM[:PAGE] + [43], greedy())  # PAGE + 1 tokens
     short = Request("short", SYSTEM[:PAGE], greedy())  # its one page is not matchable
     other = Request("other", [44] * 40, greedy())
-    assert engine.prefix_arriving(sharing) and engine.prefix_arriving(one_page)
-    assert not engine.prefix_arriving(short) and not engine.prefix_arriving(other)
+    assert engine.prefix_arriving(sharing, [first]) and engine.prefix_arriving(one_page, [first])
+    assert not engine.prefix_arriving(short, [first])
+    assert not engine.prefix_arriving(other, [first]) and not engine.prefix_arriving(sharing, [])
     engine.admit_prefilled("first", first_token_id=5)
-    assert not engine.prefix_arriving(sharing)  # landed: the cache holds it now
+    assert not engine.prefix_arriving(sharing, [first])  # landed: the cache holds it now
     assert engine.reserve(sharing, use_cache=True) and sharing.cached_tokens == 2 * PAGE
     engine.abort("first", "test")
     engine.abort("sharing", "test")
