@@ -1,5 +1,6 @@
 """KV transfer over the cuda_ipc transport between two processes on one GPU, against the
-device copy bandwidth measured in the same run (payload bytes per second for both).
+device copy bandwidth measured in the same run (payload bytes per second for both), with
+control messages on the transport's Unix datagram lane and, as the baseline, on ZeroMQ.
 
 Run: `python -m pdserve.bench.gpu_transfer_bench [--sizes-mib 16 64 256 1024]`. This process
 is the decode side (it grants pages and receives); a spawned process is the prefill side.
@@ -21,13 +22,20 @@ import torch
 
 from pdserve.config import add_arguments, check, from_args, opt
 from pdserve.disagg import messages as m
-from pdserve.disagg.transfer.base import Inbound, KVReceived
+from pdserve.disagg.transfer.base import Inbound, KVReceived, TransportOptions
 from pdserve.disagg.transfer.cuda_ipc import CudaIpcTransport
 
 MIB = 1 << 20
 # One page of the Llama-3-8B shape: 32 layers, K and V, 16 tokens, 8 KV heads, 128 dims, bf16.
 PAGE_SHAPE = (32, 2, 16, 8, 128)
 TIMEOUT_S = 120.0
+# How control messages travel: the lane, spinning before it sleeps (the default); the lane,
+# sleeping at once; ZeroMQ, as before the lane (the baseline).
+CONTROLS = {
+    "lane": TransportOptions(),
+    "lane-sleep": TransportOptions(lane_spin_us=0),
+    "zmq": TransportOptions(ipc_lane=False),
+}
 COPY_VARIANTS = [(2048, 4), (1024, 4), (4096, 8), (8192, 8), (512, 2)]  # (int64 words, warps)
 
 
@@ -37,10 +45,14 @@ class TransferBenchConfig:
     rounds: int = opt(10, "timed transfers per size (one at a time)")
     in_flight: int = opt(8, "transfers in flight in the pipelined measurement")
     pool_mib: int = opt(2048, "KV pool of each side, MiB")
+    controls: list[str] = opt(
+        list(CONTROLS), "control channels to measure, each with its own sender process"
+    )
     out_dir: str | None = opt(None, "write gpu_transfer.json here")
 
     def __post_init__(self) -> None:
         check(all(0 < s <= self.pool_mib for s in self.sizes_mib), "sizes must fit the pool")
+        check(set(self.controls) <= CONTROLS.keys(), f"--controls: some of {list(CONTROLS)}")
         check(self.rounds > 0 and self.in_flight > 0, "--rounds and --in-flight must be > 0")
 
 
@@ -55,11 +67,11 @@ def src_pages_for(room: int, num_pages: int, pool_pages: int) -> list[int]:
     return np.random.default_rng(room).permutation(pool_pages)[:num_pages].tolist()
 
 
-def sender_main(conn, pool_pages: int, seed: int) -> None:
+def sender_main(conn, pool_pages: int, seed: int, options: TransportOptions | None = None) -> None:
     """Prefill side: answer every PageList with send_kv from the room's source pages."""
     pool = make_pool(pool_pages, seed)
     torch.cuda.synchronize()
-    transport = CudaIpcTransport(pool, listen_host="127.0.0.1")
+    transport = CudaIpcTransport(pool, listen_host="127.0.0.1", options=options)
     conn.send(transport.endpoint)
     deadline = time.monotonic() + 10 * TIMEOUT_S
     try:
@@ -79,9 +91,11 @@ def sender_main(conn, pool_pages: int, seed: int) -> None:
 class Receiver:
     """Decode side: grant pages for rooms and wait until their KV is in the pool."""
 
-    def __init__(self, pool: torch.Tensor, endpoint: str) -> None:
+    def __init__(
+        self, pool: torch.Tensor, endpoint: str, options: TransportOptions | None = None
+    ) -> None:
         self.pool = pool
-        self.transport = CudaIpcTransport(pool, listen_host=None)
+        self.transport = CudaIpcTransport(pool, listen_host=None, options=options)
         self.peer = self.transport.connect(endpoint)
         self.next_room = 1
         self.rng = np.random.default_rng(0)
@@ -193,8 +207,9 @@ def measure_size(rx: Receiver, clock, size_mib: int, cfg: TransferBenchConfig, s
     }
 
 
-def print_table(rows: list[dict], control_ms: float) -> None:
+def print_table(control: str, rows: list[dict], zero: dict[str, float]) -> None:
     print(f"\ndevice: {torch.cuda.get_device_name()}; cuda_ipc transport, scattered 2 MiB pages")
+    print(f"control messages on: {control}")
     head = (
         f"{'MiB':>6} {'copy GB/s':>9} {'kernel':>7} {'x copy':>6} {'send->pool':>10} {'ms':>6} "
         f"{'x copy':>6} {'in flight':>9} {'GB/s':>6} {'x copy':>6} {'round trip ms':>13}"
@@ -208,13 +223,53 @@ def print_table(rows: list[dict], control_ms: float) -> None:
             f"{r['one_way_gbps'] / copy:6.2f} {r['in_flight']:9d} {r['pipelined_gbps']:6.0f} "
             f"{r['pipelined_gbps'] / copy:6.2f} {r['round_trip_ms']:13.3f}"
         )
+        variants = ", ".join(f"{k} {v:.0f}" for k, v in r["kernel_variants_gbps"].items())
+        print(f"{'':6} kernel (int64 words x warps) GB/s: {variants}")
     print(
         "GB/s: payload bytes per second. copy: one contiguous copy_ (CUDA events); kernel: the\n"
-        "page-copy kernel alone on the mapped pool (events); send->pool: from the prefill side's\n"
-        "send_kv to the bytes in the decode pool, one transfer at a time; in flight: several\n"
-        "rooms at once, same span; round trip: from the page list to the bytes in the pool.\n"
-        f"control round trip alone (a 0-page transfer): {control_ms:.3f} ms"
+        "page-copy kernel alone on the mapped pool (events, best variant); send->pool: from the\n"
+        "prefill side's send_kv to the bytes in the decode pool, one transfer at a time; in\n"
+        "flight: several rooms at once, same span; round trip: from the page list to the bytes.\n"
+        f"control round trip alone (a 0-page transfer): {zero['round_trip_ms']:.3f} ms, of which "
+        f"send_kv -> KVReceived + sync {zero['one_way_ms']:.3f} ms (medians)"
     )
+
+
+def zero_page_ms(rx: Receiver, clock, rounds: int = 200) -> dict[str, float]:
+    """Medians of the 0-page transfer: the control messages alone."""
+    for _ in range(20):  # warm-up
+        timed_transfer(rx, clock, 0, 1)
+    times = [timed_transfer(rx, clock, 0, 1) for _ in range(rounds)]
+    return {
+        "round_trip_ms": 1e3 * statistics.median(t for _, t in times),
+        "one_way_ms": 1e3 * statistics.median(t for t, _ in times),
+        "round_trip_p90_ms": 1e3 * sorted(t for _, t in times)[int(0.9 * rounds)],
+    }
+
+
+def measure_control(cfg: TransferBenchConfig, pool_pages: int, options: TransportOptions) -> dict:
+    """Every figure over one control channel, against a fresh sender process."""
+    ctx = mp.get_context("spawn")
+    parent, child = ctx.Pipe()
+    sender = ctx.Process(target=sender_main, args=(child, pool_pages, 1, options), daemon=True)
+    sender.start()
+    try:
+        if not parent.poll(TIMEOUT_S):
+            raise TimeoutError("the sender did not start")
+        pool = torch.zeros((pool_pages, *PAGE_SHAPE), dtype=torch.int16, device="cuda")
+        rx = Receiver(pool, parent.recv(), options)
+        sender_pool = make_pool(pool_pages, 1).view(pool_pages, -1)  # the same bytes
+        rows = [measure_size(rx, parent, size, cfg, sender_pool) for size in cfg.sizes_mib]
+        zero = zero_page_ms(rx, parent)
+        rx.transport.close()
+        del pool, sender_pool
+        torch.cuda.empty_cache()
+    finally:
+        parent.send("stop")
+        sender.join(TIMEOUT_S)
+        if sender.is_alive():
+            sender.kill()
+    return {"rows": rows, "zero_page": zero}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -224,31 +279,18 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():
         parser.error("needs a CUDA device")
     pool_pages = int(cfg.pool_mib * MIB // (np.prod(PAGE_SHAPE) * 2))
-    ctx = mp.get_context("spawn")
-    parent, child = ctx.Pipe()
-    sender = ctx.Process(target=sender_main, args=(child, pool_pages, 1), daemon=True)
-    sender.start()
-    try:
-        if not parent.poll(TIMEOUT_S):
-            raise TimeoutError("the sender did not start")
-        pool = torch.zeros((pool_pages, *PAGE_SHAPE), dtype=torch.int16, device="cuda")
-        rx = Receiver(pool, parent.recv())
-        sender_pool = make_pool(pool_pages, 1).view(pool_pages, -1)  # the same bytes
-        rows = [measure_size(rx, parent, size, cfg, sender_pool) for size in cfg.sizes_mib]
-        control = [timed_transfer(rx, parent, 0, 1)[1] for _ in range(20)]
-        control_ms = 1e3 * statistics.median(control)
-        rx.transport.close()
-    finally:
-        parent.send("stop")
-        sender.join(TIMEOUT_S)
-        if sender.is_alive():
-            sender.kill()
-    print_table(rows, control_ms)
+    results = {c: measure_control(cfg, pool_pages, CONTROLS[c]) for c in cfg.controls}
+    for control, result in results.items():
+        print_table(control, result["rows"], result["zero_page"])
+    if "zmq" in results:
+        base = results["zmq"]["zero_page"]["round_trip_ms"]
+        for control, result in results.items():
+            ratio = result["zero_page"]["round_trip_ms"] / base
+            print(f"control round trip, {control} / zmq (same run): {ratio:.3f}")
     if cfg.out_dir:
         os.makedirs(cfg.out_dir, exist_ok=True)
         with open(os.path.join(cfg.out_dir, "gpu_transfer.json"), "w") as f:
-            report = {"config": asdict(cfg), "rows": rows, "control_ms": control_ms}
-            json.dump(report, f, indent=2)
+            json.dump({"config": asdict(cfg), "controls": results}, f, indent=2)
     return 0
 
 

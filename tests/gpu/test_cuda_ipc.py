@@ -1,7 +1,8 @@
-"""The cuda_ipc KV transport between two real processes on one GPU: granted pages arrive
-byte-exact in scattered slots, nothing else in the pool changes, and a copy for a room whose
-grant was revoked (abort) is refused without writing, also when it shares a batch (one
-message, one copy launch) with rooms that land."""
+"""The cuda_ipc KV transport between two real processes on one GPU, with control messages on
+its Unix datagram lane and on ZeroMQ: granted pages arrive byte-exact in scattered slots,
+nothing else in the pool changes, a copy for a room whose grant was revoked (abort) is
+refused without writing, also when it shares a batch (one message, one copy launch) with
+rooms that land, and a prefill side that dies is reported at once."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import torch
 pytest.importorskip("triton")
 
 from pdserve.bench.gpu_transfer_bench import (  # noqa: E402
+    CONTROLS,
     PAGE_SHAPE,
     Receiver,
     make_pool,
@@ -22,29 +24,36 @@ from pdserve.bench.gpu_transfer_bench import (  # noqa: E402
     src_pages_for,
 )
 from pdserve.disagg import messages as m  # noqa: E402
-from pdserve.disagg.transfer.base import KVReceived  # noqa: E402
+from pdserve.disagg.transfer.base import KVReceived, PeerLost, PeerUnreachable  # noqa: E402
 
 POOL_PAGES = 24
 START_TIMEOUT_S = 120.0
 
 
-@pytest.fixture
-def receiver() -> Iterator[Receiver]:
+@pytest.fixture(params=["lane", "zmq"])
+def pair(request) -> Iterator[tuple[Receiver, mp.Process]]:
+    """The decode side here, the prefill side in a spawned process, over one control channel."""
+    options = CONTROLS[request.param]
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe()
-    sender = ctx.Process(target=sender_main, args=(child, POOL_PAGES, 7), daemon=True)
+    sender = ctx.Process(target=sender_main, args=(child, POOL_PAGES, 7, options), daemon=True)
     sender.start()
     try:
         assert parent.poll(START_TIMEOUT_S), "the prefill-side process did not start"
         pool = torch.full((POOL_PAGES, *PAGE_SHAPE), -1, dtype=torch.int16, device="cuda")
-        rx = Receiver(pool, parent.recv())
-        yield rx
+        rx = Receiver(pool, parent.recv(), options)
+        yield rx, sender
         rx.transport.close()
     finally:
         parent.send("stop")
         sender.join(30)
         if sender.is_alive():
             sender.kill()
+
+
+@pytest.fixture
+def receiver(pair) -> Receiver:
+    return pair[0]
 
 
 def test_granted_pages_arrive_exactly_and_nothing_else_changes(receiver):
@@ -115,3 +124,21 @@ def test_an_aborted_room_between_granted_ones_is_refused_and_only_it(receiver):
         assert torch.equal(receiver.pool[dst], source[src_pages_for(room, len(dst), POOL_PAGES)])
     untouched = [p for p in range(POOL_PAGES) if p not in grants[98] + grants[100]]
     assert torch.equal(receiver.pool[untouched], before[untouched])
+
+
+def test_a_prefill_side_that_dies_is_lost_and_the_next_grant_fails(pair):
+    receiver, sender = pair
+    rx, peer = receiver.transport, receiver.peer
+    receiver.transfer(num_pages=1, num_rooms=1)  # the channel is up
+    sender.kill()
+    sender.join(30)
+    deadline = time.monotonic() + 60  # ZeroMQ reports the closed connection on its own
+    lost = False
+    while not lost:
+        assert time.monotonic() < deadline, "the dead peer was never reported"
+        try:
+            rx.send(peer, m.PageList(room=7, dst_page_ids=[1], prompt_len=1))
+        except PeerUnreachable:
+            break
+        lost = any(isinstance(e, PeerLost) and e.peer == peer for e in rx.poll(5))
+    assert not rx.busy()

@@ -110,13 +110,26 @@ class TransportOptions:
         "KV transfer: a connection silent this long is closed and its peer reported lost; "
         "libzmq's I/O thread answers heartbeats, so a peer busy computing stays alive",
     )
+    ipc_lane: bool = opt(
+        True,
+        "KV transfer (cuda_ipc): control messages go over a Unix datagram socket per worker "
+        "(one system call per message) instead of ZeroMQ; both sides must agree",
+    )
+    lane_spin_us: int = opt(
+        200,
+        "KV transfer (cuda_ipc): poll(timeout) reads the lane without sleeping for this long "
+        "before it blocks (0: never): waking a sleeping process costs tens of microseconds, "
+        "more in a VM",
+    )
     recv_budget_nbytes: int = opt(
         64 << 20, "KV transfer: KV bytes written per poll() before the loop gets control back"
     )
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
-            if f.type in (int, "int", float, "float"):
+            if f.name == "lane_spin_us":
+                check(self.lane_spin_us >= 0, "lane_spin_us must be >= 0")
+            elif f.type in (int, "int", float, "float"):
                 check(getattr(self, f.name) > 0, f"{f.name} must be > 0")
 
 

@@ -1,5 +1,5 @@
 """KV transport for GPU pools on one host: pages move GPU to GPU through CUDA IPC, control
-messages over the ZeroMQ channel. Runs in prefill and decode worker processes.
+messages on a Unix datagram lane (ipc_lane.py). Runs in prefill and decode worker processes.
 
 The decode side pulls: the prefill side shares its pool's IPC handle once per peer; rooms
 sent between two polls go out as one `IpcBatch` message, each room an `IpcCopy(src pages,
@@ -9,6 +9,10 @@ and acks with one `IpcCopyDone(rooms)` once the copy has finished, which frees t
 side's pages. So no write ever lands in a page the decode side did not grant, and KV bytes
 never pass through host memory or Python per page.
 
+Control messages skip ZeroMQ: a message is one `sendmsg` into the peer's lane, and the
+peer's loop wakes on the lane's descriptor (a ZeroMQ hop costs two I/O-thread hand-offs
+more). The ZeroMQ connection stays up for its heartbeats: it is how a silent peer is lost.
+
 Prefill's pages are complete when `send_kv` is called: the engine reads each step's logits
 on the host, which waits for every kernel of that step. On the decode side, the copy is on
 the stream the engine computes on, so its next step sees the pages without a sync.
@@ -17,7 +21,7 @@ the stream the engine computes on, so its next step sees the pages without a syn
 from __future__ import annotations
 
 import logging
-import os
+import time
 
 import msgspec
 import numpy as np
@@ -29,121 +33,35 @@ from pdserve.disagg.transfer.base import (
     Event,
     PeerId,
     PeerLost,
+    PeerUnreachable,
     SendHandle,
     TransportError,
     TransportOptions,
 )
 from pdserve.disagg.transfer.fake_backend import FakeTransport
+from pdserve.disagg.transfer.ipc_lane import (
+    MAX_QUEUED_NBYTES,
+    Lane,
+    LaneGone,
+    lane_address,
+    owner_of,
+)
+from pdserve.disagg.transfer.ipc_pool import (
+    IpcBatch,
+    IpcCopy,
+    IpcCopyDone,
+    IpcPool,
+    check_pool,
+    decode,
+    encode,
+    export_pool,
+    open_pool,
+    page_runs,
+)
 from pdserve.disagg.transfer.zmq.outbox import Outgoing
 from pdserve.disagg.transfer.zmq.pages import page_array
 
 log = logging.getLogger(__name__)
-
-
-class IpcPool(msgspec.Struct, tag="ipc_pool", kw_only=True):
-    """prefill -> decode, before its first IpcCopy: how to map the prefill pool."""
-
-    host_id: str  # CUDA IPC works within one host only
-    device: int
-    handle: bytes
-    storage_nbytes: int
-    storage_offset_bytes: int
-    ref_counter_handle: bytes
-    ref_counter_offset: int
-    event_handle: bytes
-    event_sync_required: bool
-    pool_offset_bytes: int  # where the pool starts inside the shared storage
-    num_pages: int
-    page_nbytes: int
-
-
-class IpcCopy(msgspec.Struct, kw_only=True):
-    """Copy my pages `src_page_ids` into your `dst_page_ids` for `room`, then `status`."""
-
-    room: int
-    src_page_ids: list[int]
-    dst_page_ids: list[int]
-    status: m.RoomStatus  # what a separate RoomStatus message would say after the KV
-
-
-class IpcBatch(msgspec.Struct, tag="ipc_batch", kw_only=True):
-    """prefill -> decode: the rooms sent to this peer since the last poll, in order."""
-
-    copies: list[IpcCopy]
-
-
-class IpcCopyDone(msgspec.Struct, tag="ipc_done", kw_only=True):
-    """decode -> prefill: the copies for `rooms` finished (or were refused): free the pages."""
-
-    rooms: list[int]
-    error: str | None = None
-
-
-IpcMsg = IpcPool | IpcBatch | IpcCopyDone
-_encoder = msgspec.msgpack.Encoder()
-_decoder = msgspec.msgpack.Decoder(IpcMsg)
-
-
-def host_id() -> str:
-    """Same on every process of this boot of this machine."""
-    try:
-        with open("/proc/sys/kernel/random/boot_id") as f:
-            return f.read().strip()
-    except OSError:
-        return os.uname().nodename
-
-
-def export_pool(pool: torch.Tensor, page_nbytes: int) -> IpcPool:
-    storage = pool.untyped_storage()
-    (device, handle, size, offset, rc_handle, rc_offset, event, sync) = storage._share_cuda_()
-    return IpcPool(
-        host_id=host_id(),
-        device=int(device),
-        handle=handle,
-        storage_nbytes=int(size),
-        storage_offset_bytes=int(offset),
-        ref_counter_handle=rc_handle,
-        ref_counter_offset=int(rc_offset),
-        event_handle=event or b"",
-        event_sync_required=bool(sync),
-        pool_offset_bytes=pool.storage_offset() * pool.element_size(),
-        num_pages=int(pool.shape[0]),
-        page_nbytes=page_nbytes,
-    )
-
-
-def open_pool(msg: IpcPool) -> torch.Tensor:
-    """The peer's pool as uint8 [num_pages, page_nbytes] on its device, mapped here."""
-    if msg.host_id != host_id():
-        raise ValueError("the peer is on another host: CUDA IPC needs one host")
-    storage = torch.UntypedStorage._new_shared_cuda(
-        msg.device,
-        msg.handle,
-        msg.storage_nbytes,
-        msg.storage_offset_bytes,
-        msg.ref_counter_handle,
-        msg.ref_counter_offset,
-        msg.event_handle or None,
-        msg.event_sync_required,
-    )
-    flat = torch.empty(0, dtype=torch.uint8, device=f"cuda:{msg.device}")
-    flat.set_(storage, msg.pool_offset_bytes, (msg.num_pages * msg.page_nbytes,), (1,))
-    return flat.view(msg.num_pages, msg.page_nbytes)
-
-
-def check_pool(pool: torch.Tensor) -> None:
-    if pool.device.type != "cuda" or not pool.is_contiguous():
-        raise ValueError("the cuda_ipc KV transport needs a contiguous CUDA pool")
-
-
-def page_runs(src: np.ndarray, dst: np.ndarray) -> list[tuple[int, int, int]]:
-    """(src start, dst start, length) of the runs where both id lists count up by one."""
-    if src.size == 0:
-        return []
-    breaks = np.flatnonzero((np.diff(src) != 1) | (np.diff(dst) != 1)) + 1
-    starts = np.concatenate(([0], breaks))
-    lengths = np.diff(np.concatenate((starts, [src.size])))
-    return [(int(src[i]), int(dst[i]), int(n)) for i, n in zip(starts, lengths, strict=True)]
 
 
 class IpcSend(SendHandle):
@@ -195,10 +113,22 @@ class CudaIpcTransport(FakeTransport):
         self._sends: dict[tuple[str, int], IpcSend] = {}
         self._batches: dict[PeerId, list[IpcCopy]] = {}  # sent at the next poll
         self._acks: list[tuple[PeerId, list[int], torch.cuda.Event]] = []
+        self._lane: Lane | None = None
+        self._peer_of_address: dict[bytes, PeerId] = {}  # lanes whose name is hashed
+        if self.options.ipc_lane:
+            # A listening side is known by its endpoint, a connecting one by its routing id.
+            own_id = self.endpoint or self._sock.getsockopt(zmq.ROUTING_ID).decode()
+            self._lane = Lane(own_id)
+            self._poller.register(self._lane.fileno(), zmq.POLLIN)
 
     def peer_pool(self, peer: PeerId) -> torch.Tensor | None:
         """The peer's pool as mapped here (uint8 [num_pages, page_nbytes]), once it came."""
         return self._peer_pools.get(peer)
+
+    def connect(self, endpoint: str) -> PeerId:
+        peer = super().connect(endpoint)
+        self._peer_of_address[lane_address(peer)] = peer
+        return peer
 
     # -- prefill side --------------------------------------------------------------------
     def send_kv(
@@ -226,13 +156,71 @@ class CudaIpcTransport(FakeTransport):
             if peer not in self._told:
                 if self._exported is None:
                     self._exported = export_pool(self.pool, self.page_nbytes)
-                parts.append(_encoder.encode(self._exported))
-            parts.append(_encoder.encode(IpcBatch(copies=copies)))
+                parts.append(encode(self._exported))
+            parts.append(encode(IpcBatch(copies=copies)))
             try:
                 self._enqueue(peer, [Outgoing(parts=[p]) for p in parts])
             except TransportError:  # _enqueue lost the peer, which failed its sends
                 continue
             self._told.add(peer)
+
+    # -- the control lane ----------------------------------------------------------------
+    def _enqueue(self, peer: PeerId, items: list[Outgoing]) -> None:
+        """Every control message of this backend is one part; on the lane it leaves now,
+        or waits here in order while the peer's queue is full."""
+        if self._lane is None:
+            return super()._enqueue(peer, items)
+        address = lane_address(peer)
+        try:
+            for item in items:
+                assert item.parts is not None and len(item.parts) == 1, "one-part messages only"
+                self._lane.send(address, item.parts[0])
+                self._stats["msgs_out"] += 1
+        except LaneGone as exc:
+            reason = f"KV peer {peer} has no control lane on this host (exited?): {exc}"
+        else:
+            if self._lane.queued_nbytes(address) <= MAX_QUEUED_NBYTES:
+                return None
+            reason = f"KV peer {peer} is not reading: {MAX_QUEUED_NBYTES} bytes queued"
+        self._lose(peer, reason)
+        raise PeerUnreachable(reason)
+
+    def _flush_lane(self, events: list[Event]) -> None:
+        if self._lane is None:
+            return
+        for address, reason in self._lane.flush():
+            peer = self._peer_at(address)
+            if peer is not None:
+                self._lose(peer, reason)
+                events.append(PeerLost(peer, reason))
+
+    def _drain_lane(self, events: list[Event]) -> int:
+        """Handle every message that came on the lane; returns how many."""
+        messages = self._lane.receive() if self._lane is not None else []
+        for address, payload in messages:
+            peer = self._peer_at(address)
+            if peer is None:
+                self._reject(PeerId(repr(address)), "lane_sender")
+            else:
+                self._on_payload(peer, payload, events)
+        return len(messages)
+
+    def _spin(self, events: list[Event]) -> bool:
+        """Read the lane without sleeping, for up to lane_spin_us: True once anything came."""
+        if self._lane is None or self._closed:
+            return False
+        deadline = time.perf_counter() + self.options.lane_spin_us * 1e-6
+        while time.perf_counter() < deadline:
+            if self._drain_lane(events):
+                return True
+        return False
+
+    def _peer_at(self, address: bytes) -> PeerId | None:
+        peer = self._peer_of_address.get(address)
+        if peer is None:
+            owner = owner_of(address)
+            peer = PeerId(owner) if owner is not None else None
+        return peer
 
     # -- both sides ----------------------------------------------------------------------
     def poll(self, timeout_ms: int = 0) -> list[Event]:
@@ -240,7 +228,16 @@ class CudaIpcTransport(FakeTransport):
         # handed to the caller without waiting behind them.
         self._send_batches()
         self._send_acks()
-        events = super().poll(0 if self._acks else timeout_ms)
+        events: list[Event] = []
+        self._flush_lane(events)
+        if self._acks:
+            timeout_ms = 0
+        elif self._lane is not None and self._lane.queued_nbytes():
+            timeout_ms = min(timeout_ms, 1)  # a full peer queue raises no event when it drains
+        if timeout_ms > 0 and self._spin(events):
+            timeout_ms = 0
+        events += super().poll(timeout_ms)
+        self._drain_lane(events)
         for event in events:
             if isinstance(event, PeerLost):
                 self._drop_peer(event.peer, event.reason)
@@ -250,15 +247,27 @@ class CudaIpcTransport(FakeTransport):
         return (
             super().busy()
             or bool(self._acks or self._batches)
+            or (self._lane is not None and self._lane.queued_nbytes() > 0)
             or any(not h.done() for h in self._sends.values())
         )
+
+    def sockets(self) -> list[zmq.Socket | int]:
+        lane = [] if self._lane is None or self._closed else [self._lane.fileno()]
+        return super().sockets() + lane
 
     def close(self) -> None:
         for peer in {p for p, _ in self._sends} | set(self._peer_pools):
             self._drop_peer(PeerId(peer), "transport closed")
         self._acks.clear()
         self._batches.clear()
+        if self._lane is not None and not self._closed:
+            self._lane.close()
         super().close()
+
+    @property
+    def stats(self) -> dict[str, int]:
+        lane = self._lane.stats if self._lane is not None else {}
+        return super().stats | dict(lane)
 
     def _drop_peer(self, peer: PeerId, reason: str) -> None:
         for key in [k for k in self._sends if k[0] == peer]:
@@ -270,24 +279,36 @@ class CudaIpcTransport(FakeTransport):
 
     def _lose(self, peer: PeerId, reason: str) -> None:
         super()._lose(peer, reason)
+        if self._lane is not None:
+            self._lane.forget(lane_address(peer))
         self._drop_peer(peer, reason)
 
     def _on_message(self, peer: PeerId, parts: list[zmq.Frame], events: list[Event]) -> int:
-        try:
-            msg = _decoder.decode(parts[0].buffer) if len(parts) == 1 else None
-        except msgspec.MsgspecError:
-            msg = None
-        if msg is None:
-            return super()._on_message(peer, parts, events)
+        """A message on the ZeroMQ channel (the lane is off, on this side or the peer's)."""
+        if len(parts) != 1:
+            self._stats["msgs_in"] += 1
+            return self._reject(peer, "extra_frames")
+        return self._on_payload(peer, parts[0].buffer, events)
+
+    def _on_payload(self, peer: PeerId, payload: bytes | memoryview, events: list[Event]) -> int:
         self._stats["msgs_in"] += 1
+        try:
+            msg = decode(payload)
+        except msgspec.MsgspecError:
+            return self._reject(peer, "garbage")
         if isinstance(msg, IpcPool):
             return self._on_pool(peer, msg)
         if isinstance(msg, IpcBatch):
             return self._on_batch(peer, msg, events)
-        for room in msg.rooms:
-            handle = self._sends.pop((peer, room), None)
-            if handle is not None:
-                handle.finish(msg.error)
+        if isinstance(msg, IpcCopyDone):
+            for room in msg.rooms:
+                handle = self._sends.pop((peer, room), None)
+                if handle is not None:
+                    handle.finish(msg.error)
+            return 0
+        if isinstance(msg, m.KVHeader):  # KV only ever comes as IpcCopy here
+            return self._reject(peer, "kv_header")
+        self._on_control(peer, msg, events)
         return 0
 
     # -- decode side ---------------------------------------------------------------------
@@ -386,6 +407,6 @@ class CudaIpcTransport(FakeTransport):
 
     def _enqueue_ack(self, peer: PeerId, msg: IpcCopyDone) -> None:
         try:
-            self._enqueue(peer, [Outgoing(parts=[_encoder.encode(msg)])])
+            self._enqueue(peer, [Outgoing(parts=[encode(msg)])])
         except TransportError as exc:  # the peer is gone: nothing to free on our side
             log.debug("ack for rooms %s to %s not sent: %s", msg.rooms, peer, exc)
