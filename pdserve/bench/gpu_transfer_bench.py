@@ -36,7 +36,15 @@ CONTROLS = {
     "lane-sleep": TransportOptions(lane_spin_us=0),
     "zmq": TransportOptions(ipc_lane=False),
 }
-COPY_VARIANTS = [(2048, 4), (1024, 4), (4096, 8), (8192, 8), (512, 2)]  # (int64 words, warps)
+COPY_VARIANTS = [
+    (2048, 4),
+    (1024, 4),
+    (4096, 4),
+    (4096, 8),
+    (8192, 8),
+    (16384, 16),
+    (512, 2),
+]  # (int64 words, warps)
 
 
 @dataclass(frozen=True)
@@ -48,6 +56,7 @@ class TransferBenchConfig:
     controls: list[str] = opt(
         list(CONTROLS), "control channels to measure, each with its own sender process"
     )
+    profile: bool = opt(False, "print where the decode side's time goes in 0-page transfers")
     out_dir: str | None = opt(None, "write gpu_transfer.json here")
 
     def __post_init__(self) -> None:
@@ -247,6 +256,20 @@ def zero_page_ms(rx: Receiver, clock, rounds: int = 200) -> dict[str, float]:
     }
 
 
+def print_profile(rx: Receiver, clock, rounds: int = 200) -> None:
+    """cProfile of the decode side (this process) over 0-page transfers."""
+    import cProfile
+    import pstats
+
+    profile = cProfile.Profile()
+    profile.enable()
+    for _ in range(rounds):
+        timed_transfer(rx, clock, 0, 1)
+    profile.disable()
+    print(f"\ndecode side, {rounds} 0-page transfers ({rx.transport.options}):")
+    pstats.Stats(profile).sort_stats("tottime").print_stats(14)
+
+
 def measure_control(cfg: TransferBenchConfig, pool_pages: int, options: TransportOptions) -> dict:
     """Every figure over one control channel, against a fresh sender process."""
     ctx = mp.get_context("spawn")
@@ -261,6 +284,8 @@ def measure_control(cfg: TransferBenchConfig, pool_pages: int, options: Transpor
         sender_pool = make_pool(pool_pages, 1).view(pool_pages, -1)  # the same bytes
         rows = [measure_size(rx, parent, size, cfg, sender_pool) for size in cfg.sizes_mib]
         zero = zero_page_ms(rx, parent)
+        if cfg.profile:
+            print_profile(rx, parent)
         rx.transport.close()
         del pool, sender_pool
         torch.cuda.empty_cache()
