@@ -9,9 +9,9 @@ and acks with one `IpcCopyDone(rooms)` once the copy has finished, which frees t
 side's pages. So no write ever lands in a page the decode side did not grant, and KV bytes
 never pass through host memory or Python per page.
 
-Control messages skip ZeroMQ: a message is one `sendmsg` into the peer's lane, and the
-peer's loop wakes on the lane's descriptor (a ZeroMQ hop costs two I/O-thread hand-offs
-more). The ZeroMQ connection stays up for its heartbeats: it is how a silent peer is lost.
+Control messages skip ZeroMQ (lane_control.py): a message is one `sendmsg` into the peer's
+lane, and the peer's loop wakes on the lane's descriptor, where a ZeroMQ hop adds two
+I/O-thread hand-offs. The ZeroMQ connection stays up for its heartbeats.
 
 Prefill's pages are complete when `send_kv` is called: the engine reads each step's logits
 on the host, which waits for every kernel of that step. On the decode side, the copy is on
@@ -21,7 +21,6 @@ the stream the engine computes on, so its next step sees the pages without a syn
 from __future__ import annotations
 
 import logging
-import time
 
 import msgspec
 import numpy as np
@@ -33,19 +32,11 @@ from pdserve.disagg.transfer.base import (
     Event,
     PeerId,
     PeerLost,
-    PeerUnreachable,
     SendHandle,
     TransportError,
     TransportOptions,
 )
 from pdserve.disagg.transfer.fake_backend import FakeTransport
-from pdserve.disagg.transfer.ipc_lane import (
-    MAX_QUEUED_NBYTES,
-    Lane,
-    LaneGone,
-    lane_address,
-    owner_of,
-)
 from pdserve.disagg.transfer.ipc_pool import (
     IpcBatch,
     IpcCopy,
@@ -58,6 +49,7 @@ from pdserve.disagg.transfer.ipc_pool import (
     open_pool,
     page_runs,
 )
+from pdserve.disagg.transfer.lane_control import LaneControl
 from pdserve.disagg.transfer.zmq.outbox import Outgoing
 from pdserve.disagg.transfer.zmq.pages import page_array
 
@@ -85,7 +77,7 @@ class IpcSend(SendHandle):
         return self._error
 
 
-class CudaIpcTransport(FakeTransport):
+class CudaIpcTransport(LaneControl, FakeTransport):
     """The fake backend's control flow (grants, RoomStatus, KVReceived) with IpcCopy in place
     of its byte-less KVHeader. The base class sees a one-byte-per-page shadow pool."""
 
@@ -113,22 +105,10 @@ class CudaIpcTransport(FakeTransport):
         self._sends: dict[tuple[str, int], IpcSend] = {}
         self._batches: dict[PeerId, list[IpcCopy]] = {}  # sent at the next poll
         self._acks: list[tuple[PeerId, list[int], torch.cuda.Event]] = []
-        self._lane: Lane | None = None
-        self._peer_of_address: dict[bytes, PeerId] = {}  # lanes whose name is hashed
-        if self.options.ipc_lane:
-            # A listening side is known by its endpoint, a connecting one by its routing id.
-            own_id = self.endpoint or self._sock.getsockopt(zmq.ROUTING_ID).decode()
-            self._lane = Lane(own_id)
-            self._poller.register(self._lane.fileno(), zmq.POLLIN)
 
     def peer_pool(self, peer: PeerId) -> torch.Tensor | None:
         """The peer's pool as mapped here (uint8 [num_pages, page_nbytes]), once it came."""
         return self._peer_pools.get(peer)
-
-    def connect(self, endpoint: str) -> PeerId:
-        peer = super().connect(endpoint)
-        self._peer_of_address[lane_address(peer)] = peer
-        return peer
 
     # -- prefill side --------------------------------------------------------------------
     def send_kv(
@@ -164,80 +144,13 @@ class CudaIpcTransport(FakeTransport):
                 continue
             self._told.add(peer)
 
-    # -- the control lane ----------------------------------------------------------------
-    def _enqueue(self, peer: PeerId, items: list[Outgoing]) -> None:
-        """Every control message of this backend is one part; on the lane it leaves now,
-        or waits here in order while the peer's queue is full."""
-        if self._lane is None:
-            return super()._enqueue(peer, items)
-        address = lane_address(peer)
-        try:
-            for item in items:
-                assert item.parts is not None and len(item.parts) == 1, "one-part messages only"
-                self._lane.send(address, item.parts[0])
-                self._stats["msgs_out"] += 1
-        except LaneGone as exc:
-            reason = f"KV peer {peer} has no control lane on this host (exited?): {exc}"
-        else:
-            if self._lane.queued_nbytes(address) <= MAX_QUEUED_NBYTES:
-                return None
-            reason = f"KV peer {peer} is not reading: {MAX_QUEUED_NBYTES} bytes queued"
-        self._lose(peer, reason)
-        raise PeerUnreachable(reason)
-
-    def _flush_lane(self, events: list[Event]) -> None:
-        if self._lane is None:
-            return
-        for address, reason in self._lane.flush():
-            peer = self._peer_at(address)
-            if peer is not None:
-                self._lose(peer, reason)
-                events.append(PeerLost(peer, reason))
-
-    def _drain_lane(self, events: list[Event]) -> int:
-        """Handle every message that came on the lane; returns how many."""
-        messages = self._lane.receive() if self._lane is not None else []
-        for address, payload in messages:
-            peer = self._peer_at(address)
-            if peer is None:
-                self._reject(PeerId(repr(address)), "lane_sender")
-            else:
-                self._on_payload(peer, payload, events)
-        return len(messages)
-
-    def _spin(self, events: list[Event]) -> bool:
-        """Read the lane without sleeping, for up to lane_spin_us: True once anything came."""
-        if self._lane is None or self._closed:
-            return False
-        deadline = time.perf_counter() + self.options.lane_spin_us * 1e-6
-        while time.perf_counter() < deadline:
-            if self._drain_lane(events):
-                return True
-        return False
-
-    def _peer_at(self, address: bytes) -> PeerId | None:
-        peer = self._peer_of_address.get(address)
-        if peer is None:
-            owner = owner_of(address)
-            peer = PeerId(owner) if owner is not None else None
-        return peer
-
     # -- both sides ----------------------------------------------------------------------
     def poll(self, timeout_ms: int = 0) -> list[Event]:
         # Acks for copies that finished go out first, so that a KVReceived found now is
         # handed to the caller without waiting behind them.
         self._send_batches()
         self._send_acks()
-        events: list[Event] = []
-        self._flush_lane(events)
-        if self._acks:
-            timeout_ms = 0
-        elif self._lane is not None and self._lane.queued_nbytes():
-            timeout_ms = min(timeout_ms, 1)  # a full peer queue raises no event when it drains
-        if timeout_ms > 0 and self._spin(events):
-            timeout_ms = 0
-        events += super().poll(timeout_ms)
-        self._drain_lane(events)
+        events = super().poll(0 if self._acks else timeout_ms)
         for event in events:
             if isinstance(event, PeerLost):
                 self._drop_peer(event.peer, event.reason)
@@ -247,27 +160,15 @@ class CudaIpcTransport(FakeTransport):
         return (
             super().busy()
             or bool(self._acks or self._batches)
-            or (self._lane is not None and self._lane.queued_nbytes() > 0)
             or any(not h.done() for h in self._sends.values())
         )
-
-    def sockets(self) -> list[zmq.Socket | int]:
-        lane = [] if self._lane is None or self._closed else [self._lane.fileno()]
-        return super().sockets() + lane
 
     def close(self) -> None:
         for peer in {p for p, _ in self._sends} | set(self._peer_pools):
             self._drop_peer(PeerId(peer), "transport closed")
         self._acks.clear()
         self._batches.clear()
-        if self._lane is not None and not self._closed:
-            self._lane.close()
         super().close()
-
-    @property
-    def stats(self) -> dict[str, int]:
-        lane = self._lane.stats if self._lane is not None else {}
-        return super().stats | dict(lane)
 
     def _drop_peer(self, peer: PeerId, reason: str) -> None:
         for key in [k for k in self._sends if k[0] == peer]:
@@ -279,21 +180,15 @@ class CudaIpcTransport(FakeTransport):
 
     def _lose(self, peer: PeerId, reason: str) -> None:
         super()._lose(peer, reason)
-        if self._lane is not None:
-            self._lane.forget(lane_address(peer))
         self._drop_peer(peer, reason)
 
     def _on_message(self, peer: PeerId, parts: list[zmq.Frame], events: list[Event]) -> int:
-        """A message on the ZeroMQ channel (the lane is off, on this side or the peer's)."""
-        if len(parts) != 1:
-            self._stats["msgs_in"] += 1
-            return self._reject(peer, "extra_frames")
-        return self._on_payload(peer, parts[0].buffer, events)
-
-    def _on_payload(self, peer: PeerId, payload: bytes | memoryview, events: list[Event]) -> int:
+        """One message, from the lane or the ZeroMQ socket; returns the KV bytes it queued."""
         self._stats["msgs_in"] += 1
+        if len(parts) != 1:
+            return self._reject(peer, "extra_frames")
         try:
-            msg = decode(payload)
+            msg = decode(parts[0].buffer)
         except msgspec.MsgspecError:
             return self._reject(peer, "garbage")
         if isinstance(msg, IpcPool):

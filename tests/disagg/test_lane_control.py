@@ -1,0 +1,95 @@
+"""The cuda_ipc backend's control lane on CPUs (the fake backend with the lane, real processes
+and sockets): handshake, grants and statuses travel on it, an abort still refuses late KV,
+messages wait in order for a peer that does not read, and a dead peer is unreachable at once."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+from pdserve.disagg import messages as m
+from pdserve.disagg.transfer.base import Inbound, KVReceived, PeerUnreachable, TransportOptions
+from tests.disagg.transfer_peer import LAYOUT, LaneFakeTransport, make_pool, poll_until, start_peer
+
+POOL_PAGES = 16
+
+
+@pytest.fixture
+def decode() -> Iterator[LaneFakeTransport]:
+    transport = LaneFakeTransport(make_pool(POOL_PAGES, seed=2))
+    yield transport
+    transport.close()
+
+
+def handshake(decode: LaneFakeTransport, endpoint: str) -> str:
+    peer = decode.connect(endpoint)
+    decode.send(peer, m.Handshake(decode_id="lane-test", layout=LAYOUT, backend="fake"))
+    poll_until(decode, lambda ev: any(isinstance(e.msg, m.HandshakeResult) for e in ev))
+    return peer
+
+
+def inbound(events, kind) -> list:
+    return [e.msg for e in events if isinstance(e, Inbound) and isinstance(e.msg, kind)]
+
+
+def test_control_messages_and_grants_travel_on_the_lane(decode):
+    with start_peer("--backend", "fake_lane", "--listen", "--pool-pages", "16") as (_, endpoint):
+        peer = handshake(decode, endpoint)
+        decode.send(peer, m.PageList(room=3, dst_page_ids=[4, 9, 1], prompt_len=9))
+        events = poll_until(decode, lambda ev: inbound(ev, m.RoomStatus))
+    (received,) = [e for e in events if isinstance(e, KVReceived)]
+    assert received.room == 3 and received.complete
+    assert inbound(events, m.RoomStatus)[0].first.token_id == 7
+    assert decode.stats["lane_datagrams_out"] == decode.stats["msgs_out"] == 2
+    assert len(decode.sockets()) == 4  # ZeroMQ socket, its monitor, data links, the lane
+
+
+def test_kv_for_an_aborted_room_is_refused_on_the_lane(decode):
+    with start_peer("--backend", "fake_lane", "--listen", "--pool-pages", "16") as (_, endpoint):
+        peer = handshake(decode, endpoint)
+        decode.send(peer, m.PageList(room=5, dst_page_ids=[2, 3], prompt_len=8))
+        decode.send(peer, m.Abort(room=5, reason="client went away"))  # revokes at once
+        events = poll_until(decode, lambda ev: inbound(ev, m.RoomStatus))
+    assert not any(isinstance(e, KVReceived) for e in events)
+    assert decode.stats["dropped_kv_no_grant"] == 1
+
+
+def test_messages_wait_in_order_for_a_peer_that_does_not_read(decode):
+    prefill = LaneFakeTransport(make_pool(POOL_PAGES, seed=3), listen_host="127.0.0.1")
+    try:
+        peer = decode.connect(prefill.endpoint)
+        for seq in range(300):
+            decode.send(peer, m.Ping(seq=seq))
+        assert decode.busy(), "the kernel took 300 datagrams unread: no backpressure"
+        pings: list[int] = []
+        while len(pings) < 300:
+            events = poll_until(prefill, lambda ev: ev, timeout_s=20)
+            pings += [msg.seq for msg in inbound(events, m.Ping)]
+            decode.poll(0)
+        assert pings == list(range(300))
+        assert not decode.busy()
+    finally:
+        prefill.close()
+
+
+def test_a_dead_peer_is_unreachable_at_once(decode):
+    with start_peer("--backend", "fake_lane", "--listen", "--pool-pages", "16") as (proc, endpoint):
+        peer = handshake(decode, endpoint)
+        proc.kill()
+        proc.wait(timeout=10)
+    with pytest.raises(PeerUnreachable, match="no control lane"):
+        decode.send(peer, m.PageList(room=1, dst_page_ids=[0], prompt_len=4))
+    assert not decode.busy()
+
+
+def test_a_peer_without_the_lane_is_unreachable_with_a_reason(decode):
+    options = TransportOptions(ipc_lane=False)
+    prefill = LaneFakeTransport(torch.zeros(4, 8), listen_host="127.0.0.1", options=options)
+    try:
+        peer = decode.connect(prefill.endpoint)
+        with pytest.raises(PeerUnreachable, match="no control lane"):
+            decode.send(peer, m.Ping(seq=1))
+    finally:
+        prefill.close()
