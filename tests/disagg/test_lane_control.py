@@ -1,5 +1,5 @@
-"""The cuda_ipc backend's control lane on CPUs (the fake backend with the lane, real processes
-and sockets): handshake, grants and statuses travel on it, an abort still refuses late KV,
+"""The cuda_ipc backend's control lane on CPUs (`fake_lane`: the fake backend with the lane;
+real processes and sockets): handshake, grants and statuses travel on it, an abort still refuses late KV,
 messages wait in order for a peer that does not read, and a dead peer is unreachable at once."""
 
 from __future__ import annotations
@@ -11,19 +11,20 @@ import torch
 
 from pdserve.disagg import messages as m
 from pdserve.disagg.transfer.base import Inbound, KVReceived, PeerUnreachable, TransportOptions
-from tests.disagg.transfer_peer import LAYOUT, LaneFakeTransport, make_pool, poll_until, start_peer
+from pdserve.disagg.transfer.fake_backend import FakeLaneTransport
+from tests.disagg.transfer_peer import LAYOUT, make_pool, poll_until, start_peer
 
 POOL_PAGES = 16
 
 
 @pytest.fixture
-def decode() -> Iterator[LaneFakeTransport]:
-    transport = LaneFakeTransport(make_pool(POOL_PAGES, seed=2))
+def decode() -> Iterator[FakeLaneTransport]:
+    transport = FakeLaneTransport(make_pool(POOL_PAGES, seed=2))
     yield transport
     transport.close()
 
 
-def handshake(decode: LaneFakeTransport, endpoint: str) -> str:
+def handshake(decode: FakeLaneTransport, endpoint: str) -> str:
     peer = decode.connect(endpoint)
     decode.send(peer, m.Handshake(decode_id="lane-test", layout=LAYOUT, backend="fake"))
     poll_until(decode, lambda ev: any(isinstance(e.msg, m.HandshakeResult) for e in ev))
@@ -57,7 +58,7 @@ def test_kv_for_an_aborted_room_is_refused_on_the_lane(decode):
 
 
 def test_messages_wait_in_order_for_a_peer_that_does_not_read(decode):
-    prefill = LaneFakeTransport(make_pool(POOL_PAGES, seed=3), listen_host="127.0.0.1")
+    prefill = FakeLaneTransport(make_pool(POOL_PAGES, seed=3), listen_host="127.0.0.1")
     try:
         peer = decode.connect(prefill.endpoint)
         for seq in range(300):
@@ -86,7 +87,7 @@ def test_a_dead_peer_is_unreachable_at_once(decode):
 
 def test_a_peer_without_the_lane_is_unreachable_with_a_reason(decode):
     options = TransportOptions(ipc_lane=False)
-    prefill = LaneFakeTransport(torch.zeros(4, 8), listen_host="127.0.0.1", options=options)
+    prefill = FakeLaneTransport(torch.zeros(4, 8), listen_host="127.0.0.1", options=options)
     try:
         peer = decode.connect(prefill.endpoint)
         with pytest.raises(PeerUnreachable, match="no control lane"):

@@ -1,4 +1,4 @@
-"""The KV transfer benchmark runs end to end (tiny sizes; it makes no speed claim here)."""
+"""The KV transfer and control benchmarks run end to end (tiny runs; no speed claim here)."""
 
 from __future__ import annotations
 
@@ -11,3 +11,12 @@ def test_bench_reports_every_method_for_every_size(capsys) -> None:
     assert "raw TCP" in out and "KV scattered" in out
     rows = [line for line in out.splitlines() if "MiB |" in line]
     assert [row.split()[0] for row in rows] == ["1", "2"]
+
+
+def test_control_bench_times_every_channel_against_zmq(capsys) -> None:
+    from pdserve.bench import control_bench
+
+    control_bench.main(["--rounds", "3", "--warmup", "1"])
+    rows = capsys.readouterr().out.splitlines()[1:]
+    assert [row.split()[0] for row in rows] == ["zmq", "lane", "lane-spin"]
+    assert rows[0].split()[-1] == "1.00"  # the baseline against itself

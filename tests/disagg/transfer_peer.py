@@ -1,6 +1,6 @@
 """A KV transport peer in its own process, for the transfer tests.
 
-`--backend` is a transfer backend or `fake_lane`. `--listen`: a prefill-like peer. It prints its endpoint, answers Handshake and Ping, answers
+`--backend`: any of `make_transport`'s. `--listen`: a prefill-like peer. It prints its endpoint, answers Handshake and Ping, answers
 each PageList by sending `source_pages(room, ...)` into the listed pages, and reports each
 finished SendHandle with `Pong(seq=room)`; with `--exit-after-send` it exits as soon as its
 first send has started. `--connect EP`: a decode-like peer that connects, sends a Ping and
@@ -26,24 +26,11 @@ import torch
 from pdserve.disagg import messages as m
 from pdserve.disagg.transfer import Event, Inbound, KVTransport, SendHandle, make_transport
 from pdserve.disagg.transfer.base import TransportOptions
-from pdserve.disagg.transfer.fake_backend import FakeTransport
-from pdserve.disagg.transfer.lane_control import LaneControl
 
 PAGE_SHAPE = (2, 2, 4, 2, 8)  # layers, k/v, tokens, kv heads, head dim: 1 KiB of fp32
 LAYOUT = m.KVLayout(
     page_size=4, kv_dtype="float32", num_layers=2, num_kv_heads=2, head_dim=8, model_fingerprint="x"
 )
-
-
-class LaneFakeTransport(LaneControl, FakeTransport):
-    """The fake backend with the cuda_ipc backend's control lane: that control path on CPUs."""
-
-
-def open_transport(backend: str, pool: torch.Tensor, host: str | None, options) -> KVTransport:
-    """`make_transport`, plus `fake_lane` (LaneFakeTransport)."""
-    if backend == "fake_lane":
-        return LaneFakeTransport(pool, listen_host=host, options=options)
-    return make_transport(backend, pool, host, options=options)
 
 
 def make_pool(num_pages: int, seed: int) -> torch.Tensor:
@@ -165,7 +152,7 @@ def main() -> None:
         frame_nbytes=args.frame_nbytes, zero_copy_min_nbytes=args.zero_copy_min_nbytes
     )
     host = "127.0.0.1" if args.listen else None
-    transport = open_transport(args.backend, pool, host, options)
+    transport = make_transport(args.backend, pool, host, options=options)
     if args.connect and args.ask_pages is None:
         peer = transport.connect(args.connect)
         transport.send(peer, m.Ping(seq=1))

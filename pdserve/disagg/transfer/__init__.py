@@ -41,17 +41,19 @@ def make_transport(
     options: TransportOptions | None = None,
 ) -> KVTransport:
     """`name` is DisaggConfig.transfer_backend: "zmq" (moves bytes), "fake" (control only) or
-    "cuda_ipc" (CUDA pools, GPU to GPU on one host).
+    "cuda_ipc" (CUDA pools, GPU to GPU on one host); or "fake_lane" (control only, on
+    cuda_ipc's control lane: tests and benches of that path without GPUs).
 
     `advertise_host` replaces `listen_host` in `endpoint` (needed when listening on 0.0.0.0)."""
     # Imported here so that importing the interface does not start pulling in backends.
     from pdserve.disagg.transfer.cuda_ipc import CudaIpcTransport
-    from pdserve.disagg.transfer.fake_backend import FakeTransport
+    from pdserve.disagg.transfer.fake_backend import FakeLaneTransport, FakeTransport
     from pdserve.disagg.transfer.zmq.transport import ZmqTransport
 
     backends: dict[str, type[ZmqTransport]] = {
         "zmq": ZmqTransport,
         "fake": FakeTransport,
+        "fake_lane": FakeLaneTransport,
         "cuda_ipc": CudaIpcTransport,  # imports Triton only when it first copies
     }
     if name not in backends:

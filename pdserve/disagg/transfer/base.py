@@ -116,10 +116,10 @@ class TransportOptions:
         "(one system call per message) instead of ZeroMQ; both sides must agree",
     )
     lane_spin_us: int = opt(
-        200,
+        0,
         "KV transfer (cuda_ipc): poll(timeout) reads the lane without sleeping for this long "
-        "before it blocks (0: never): waking a sleeping process costs tens of microseconds, "
-        "more in a VM",
+        "before it blocks: waking a sleeping process costs tens of microseconds (more in a "
+        "VM), but a spinning process takes a core from its peer where cores are short",
     )
     recv_budget_nbytes: int = opt(
         64 << 20, "KV transfer: KV bytes written per poll() before the loop gets control back"

@@ -1,7 +1,9 @@
-"""Control-only KV transport for control-flow tests: real ZeroMQ messages, no KV bytes.
+"""Control-only KV transports for control-flow tests: real messages, no KV bytes.
 
 Runs where the zmq backend would. `send_kv` sends one KVHeader with no frames; the receiver
-checks it against its grant like real KV and reports KVReceived with nbytes == 0.
+checks it against its grant like real KV and reports KVReceived with nbytes == 0. `fake`
+sends on ZeroMQ; `fake_lane` on the cuda_ipc backend's one-host control lane, so that path
+runs (and is measured) without GPUs.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from pdserve.disagg import messages as m
+from pdserve.disagg.transfer.lane_control import LaneControl
 from pdserve.disagg.transfer.zmq.outbox import Outgoing
 from pdserve.disagg.transfer.zmq.transport import ZmqTransport
 
@@ -22,3 +25,7 @@ class FakeTransport(ZmqTransport):
             room=room, frame_page_counts=[], page_nbytes=self.page_nbytes, dst_page_ids=dst.tolist()
         )
         return [Outgoing(parts=[m.encode(header)])]
+
+
+class FakeLaneTransport(LaneControl, FakeTransport):
+    name = "fake_lane"
