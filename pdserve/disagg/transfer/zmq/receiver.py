@@ -39,6 +39,8 @@ class ZmqReceiver:
     _stats: Counter[str]
 
     def _drain(self, events: list[Event], budget_nbytes: int) -> None:
+        if not self._sock.get(zmq.EVENTS) & zmq.POLLIN:  # cheaper than a failed recv
+            return
         for _ in range(_MAX_MSGS_PER_POLL):
             if budget_nbytes <= 0:
                 return

@@ -168,7 +168,7 @@ class ZmqTransport(ZmqSender, ZmqReceiver, DataPath, KVTransport):
         could not be made (nothing listens there): its rooms can never complete, so they
         fail now instead of at their deadline. ZeroMQ keeps reconnecting in the background
         (every 100 ms), so a restarted peer is usable as soon as it listens again."""
-        while True:
+        while self._monitor.get(zmq.EVENTS) & zmq.POLLIN:  # cheaper than a failed recv
             try:
                 event = recv_monitor_message(self._monitor, zmq.NOBLOCK)
             except zmq.Again:
