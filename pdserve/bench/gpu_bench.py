@@ -44,6 +44,11 @@ class GpuBenchConfig:
     chunked_prefill_size: int = opt(4096, "pdserve prompt tokens per prefill step")
     out_dir: str | None = opt(None, "write results.json here")
     profile: bool = opt(False, "print the GPU kernels of one batch-1 decode step per shape")
+    overlap: bool = opt(
+        True,
+        "measure decode with overlap scheduling, and without it as the baseline of the same "
+        "run (--no-overlap: without only)",
+    )
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.shapes) - set(ALL_SHAPES))
@@ -172,16 +177,36 @@ def measure_transformers(model, cfg: GpuBenchConfig, one: list[list[int]], many)
     }
 
 
+def measure_without_overlap(engine: Engine, cfg: GpuBenchConfig, one, many) -> dict:
+    """The baseline of the same run: each decode step's tokens read before the next one
+    is scheduled (the host's work and the GPU's alternate)."""
+    engine.overlap = False  # nothing is in flight between runs
+    try:
+        b1 = run_engine(engine, one, cfg.batch1_steps)
+        bn = run_engine(engine, many, cfg.new_tokens)
+    finally:
+        engine.overlap = True
+    return {
+        "b1_step_ms": b1["step_ms"],
+        "bN_step_ms": bn["step_ms"],
+        "bN_tok_s": len(many) * cfg.new_tokens / bn["wall_s"],
+    }
+
+
 def measure_pdserve(
     engine: Engine, cfg: GpuBenchConfig, one, many, matmul_fps: float | None
 ) -> dict:
     run_engine(engine, many, 4)  # warm-up: prefill and decode shapes
+    engine.overlap = cfg.overlap
+    no_overlap = measure_without_overlap(engine, cfg, one, many) if cfg.overlap else None
     b1 = run_engine(engine, one, cfg.batch1_steps)
     on_gpu = cfg.device == "cuda"
     b1_graph = b1_graph_times(engine, cfg, len(many)) if on_gpu else {}
     bn = run_engine(engine, many, cfg.new_tokens)
     prefill_s = run_engine(engine, many, 1)["wall_s"]
     return {
+        "overlap": cfg.overlap,
+        "no_overlap": no_overlap,
         "b1_step_ms": b1["step_ms"],
         "b1_graph_replay_ms": b1_graph.get("replay_ms"),
         "b1_no_graph_ms": b1_graph.get("no_graph_ms"),
@@ -261,8 +286,13 @@ def bench_shape(
         "transformers": hf,
         "b1_step_over_floor": ours["b1_step_ms"] / floor_ms,
         "b1_replay_over_floor": replay_ms / floor_ms if replay_ms is not None else None,
+        "bN_step_over_replay": _ratio(ours["bN_step_ms"], ours["bN_graph_replay_ms"]),
         "bN_tok_s_ratio": ours["bN_tok_s"] / hf["bN_tok_s"],
     }
+
+
+def _ratio(num: float | None, den: float | None) -> float | None:
+    return num / den if num is not None and den else None
 
 
 def _f(value: float | None, spec: str) -> str:
@@ -308,8 +338,27 @@ def print_table(
             f"GPU time {_f(ours['bN_graph_replay_ms'], '.2f')} ms; prefill of {n} prompts "
             f"{ours['bN_prefill_s']:.2f} s (transformers {hf['bN_prefill_s']:.2f} s)"
         )
+        if ours["no_overlap"] is not None:
+            print_overlap(r, n)
         if ours["prefill"] is not None:
             print_prefill(r["shape"], ours["prefill"], cfg)
+
+
+def print_overlap(r: dict[str, Any], n: int) -> None:
+    """Decode steps with overlap scheduling against the run's baseline without it."""
+    ours, off = r["pdserve"], r["pdserve"]["no_overlap"]
+    replay_ms, floor_ms = ours["bN_graph_replay_ms"], r["floor_ms"]
+    for label, fig in (("overlap off", off), ("overlap on", ours)):
+        print(
+            f"{r['shape']}: {label:<11} b1 step {_f(fig['b1_step_ms'], '.2f')} ms = "
+            f"{_f(_ratio(fig['b1_step_ms'], floor_ms), '.2f')}x floor; b{n} step "
+            f"{_f(fig['bN_step_ms'], '.2f')} ms = {_f(_ratio(fig['bN_step_ms'], replay_ms), '.2f')}x "
+            f"graph GPU time; b{n} {fig['bN_tok_s']:.0f} tok/s"
+        )
+    print(
+        f"{r['shape']}: overlap on / off: b1 step {_f(_ratio(ours['b1_step_ms'], off['b1_step_ms']), '.2f')}x, "
+        f"b{n} step {_f(_ratio(ours['bN_step_ms'], off['bN_step_ms']), '.2f')}x"
+    )
 
 
 def print_prefill(shape: str, pre: dict[str, Any], cfg: GpuBenchConfig) -> None:

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pdserve.config import check, opt
 
 DTYPES = ["float32", "bfloat16", "float16"]
+OVERLAP_MODES = ["auto", "on", "off"]
 
 # Auto-sizing of the KV pool when --max-total-tokens is not given: enough for this many
 # tokens, but never more than this many bytes of KV (several workers share one host).
@@ -43,6 +44,14 @@ class EngineConfig:
         "on a CUDA device: replay decode steps from CUDA graphs captured for batch-size "
         "buckets up to --max-running-requests (--no-cuda-graphs launches the kernels from Python)",
     )
+    overlap_schedule: str = opt(
+        "auto",
+        "launch each decode step before reading the previous step's tokens, so the host's "
+        "scheduling and output work runs while the GPU computes (tokens reach the host one "
+        "step late; a step whose requests want logprobs runs without overlap); auto: on for "
+        "a CUDA device, off on the CPU, where it would only add a step",
+        choices=OVERLAP_MODES,
+    )
     cpu_packed_weights: bool = opt(
         True,
         "on the CPU, also keep float32 weights prepacked for oneDNN (2x weight memory): "
@@ -78,5 +87,9 @@ class EngineConfig:
         check(
             self.context_length is None or self.context_length > 0,
             f"--context-length must be > 0, got {self.context_length}",
+        )
+        check(
+            self.overlap_schedule in OVERLAP_MODES,
+            f"--overlap-schedule must be one of {OVERLAP_MODES}, got {self.overlap_schedule!r}",
         )
         check(self.torch_threads > 0, f"--torch-threads must be > 0, got {self.torch_threads}")

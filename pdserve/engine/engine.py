@@ -21,6 +21,7 @@ from pdserve.engine.kv_events import CacheEvent
 from pdserve.engine.kv_layout import KVLayout
 from pdserve.engine.loader import LoadedModel, load_model
 from pdserve.engine.outputs import OutputBuilder
+from pdserve.engine.overlap import LaunchedDecode
 from pdserve.engine.page_allocator import PageAllocator
 from pdserve.engine.page_hash import hash_seed
 from pdserve.engine.prefix_cache import PrefixCache
@@ -37,6 +38,13 @@ from pdserve.engine.scheduler import Batch, Scheduler, pages_for
 log = logging.getLogger(__name__)
 
 Detokenize = Callable[[list[int]], str]
+
+
+def _overlappable(batch: Batch) -> bool:
+    """A decode step whose outputs need no logits on the host (no logprobs)."""
+    if batch.prefill or not batch.decode:
+        return False
+    return not any(r.return_logprob for r in batch.decode)
 
 
 def _num_pool_tokens(cfg: EngineConfig, context_len: int, kv_bytes_per_token: int) -> int:
@@ -86,6 +94,12 @@ class Engine:
         )
         self.runner = self._make_runner(cfg, model)
         self.outputs = OutputBuilder(self.eos_token_ids, detokenize)
+        # Overlap: a decode step is launched before the previous one's tokens are read.
+        # The benchmark flips it between runs, only while nothing is in flight.
+        self.overlap = cfg.overlap_schedule == "on" or (
+            cfg.overlap_schedule == "auto" and self.kv_pool.device.type == "cuda"
+        )
+        self._in_flight: LaunchedDecode | None = None
         self._requests: dict[str, Request] = {}
         self._seed_rng = random.Random(cfg.random_seed)
 
@@ -148,8 +162,9 @@ class Engine:
 
     def has_work(self) -> bool:
         """True while step() would compute something. Held and reserved requests, and
-        waiting ones blocked on their pages, wait on outside events (release, abort, KV)."""
-        return self.scheduler.has_runnable()
+        waiting ones blocked on their pages, wait on outside events (release, abort, KV).
+        A decode step in flight is work: its tokens are still to be collected."""
+        return self._in_flight is not None or self.scheduler.has_runnable()
 
     def load(self) -> tuple[int, int, int]:
         """(num_running, num_waiting, num_tokens); waiting includes requests awaiting KV."""
@@ -230,16 +245,59 @@ class Engine:
 
     # ---- stepping ----------------------------------------------------------------------
     def step(self) -> list[StepOutput]:
-        batch = self.scheduler.schedule()
+        """Run one step; returns what requests produced since the last call. With overlap,
+        a decode step is launched and the previous step's tokens are returned: each step's
+        tokens come one call late, and a request that stopped in the previous step has a
+        row in the launched one whose token is dropped (never emitted)."""
+        in_flight = self._in_flight
+        batch = self.scheduler.schedule(set(in_flight.reqs) if in_flight else ())
+        if self.overlap and _overlappable(batch):
+            return self._launch(batch) + self._collect(in_flight)
+        outputs = self._collect(in_flight)
+        # The batch was scheduled with room for the tokens just collected; drop requests
+        # they stopped. Its rows now read those tokens from the host.
+        batch.decode = [r for r in batch.decode if r.state is ReqState.RUNNING]
         if batch.empty:
-            return []
+            return outputs
         try:
             self.runner.zero_pages(batch.new_page_ids)
             logits, items = self.runner.run(batch)
-            outputs = self.outputs.process(logits, items)
+            step_outputs = self.outputs.process(logits, items)
         except Exception as exc:  # a failed step fails its requests, never the worker
             log.exception("engine step failed")
+            return outputs + self._fail_batch(batch, f"engine step failed: {exc!r}")
+        for out in step_outputs:
+            self._settle(out)
+        return outputs + step_outputs
+
+    def _launch(self, batch: Batch) -> list[StepOutput]:
+        """Queue the decode step (its outputs come with the next call)."""
+        try:
+            self.runner.zero_pages(batch.new_page_ids)
+            self._in_flight = self.runner.launch_decode(batch.decode, self._in_flight)
+        except Exception as exc:
+            log.exception("engine step failed")
             return self._fail_batch(batch, f"engine step failed: {exc!r}")
+        return []
+
+    def _collect(self, launched: LaunchedDecode | None) -> list[StepOutput]:
+        """The tokens of a launched decode step, for the requests still running: one that
+        stopped, was aborted or preempted since the launch has its token dropped."""
+        if launched is None:
+            return []
+        if self._in_flight is launched:
+            self._in_flight = None
+        try:
+            token_ids = launched.token_ids()
+        except Exception as exc:
+            log.exception("engine step failed")
+            return self._fail_batch(Batch(decode=launched.reqs), f"engine step failed: {exc!r}")
+        decoded = [
+            (req, token_id)
+            for req, token_id in zip(launched.reqs, token_ids, strict=True)
+            if req.state is ReqState.RUNNING
+        ]
+        outputs = self.outputs.process_decoded(decoded)
         for out in outputs:
             self._settle(out)
         return outputs

@@ -12,20 +12,8 @@ import torch
 
 from pdserve.engine.request import FinishReason, ReqState, Request, StepOutput
 from pdserve.engine.runner import ItemRows
-from pdserve.engine.sampler import SampleSpec, logprobs_of, sample
+from pdserve.engine.sampler import logprobs_of, sample, sample_spec
 from pdserve.engine.stops import check_finish
-
-
-def sample_spec(req: Request) -> SampleSpec:
-    p = req.sampling
-    return SampleSpec(
-        temperature=p.temperature,
-        top_k=p.top_k if p.top_k > 0 else None,
-        top_p=p.top_p,
-        min_p=p.min_p,
-        seed=req.sampling_seed,
-        token_index=len(req.output_ids),
-    )
 
 
 def _samples_now(req: Request) -> bool:
@@ -64,6 +52,15 @@ class OutputBuilder:
         return [
             self._emit(it.req, tokens.get(id(it.req)), logprobs.get(id(it.req))) for it in finals
         ]
+
+    def process_decoded(self, decoded: list[tuple[Request, int]]) -> list[StepOutput]:
+        """A decode step's sampled token per request, collected after the step (no logits:
+        overlapped steps carry no logprobs)."""
+        outputs = []
+        for req, token_id in decoded:
+            req.num_computed += 1
+            outputs.append(self._emit(req, token_id, None))
+        return outputs
 
     def _add_prompt_logprobs(self, req: Request, rows: torch.Tensor, positions: list[int]) -> None:
         next_ids = [req.prompt_ids[p + 1] for p in positions]

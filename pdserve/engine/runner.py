@@ -10,8 +10,10 @@ import torch
 from pdserve.engine import model as llama
 from pdserve.engine.attention import Segment, build_attn_meta
 from pdserve.engine.loader import LoadedModel
+from pdserve.engine.overlap import LaunchedDecode, decode_rows, host_to_device
 from pdserve.engine.request import Request
 from pdserve.engine.rope import rope_tables
+from pdserve.engine.sampler import sample_on_device, sample_spec
 from pdserve.engine.scheduler import Batch
 
 
@@ -48,8 +50,7 @@ class ModelRunner:
     def zero_pages(self, page_ids: list[int]) -> None:
         """Fresh pages may hold garbage (NaN) that masked attention would still multiply."""
         if page_ids:
-            index = torch.tensor(page_ids, device=self.device)
-            self.kv_pool.index_fill_(0, index, 0)
+            self.kv_pool.index_fill_(0, host_to_device(page_ids, self.device), 0)
 
     @torch.inference_mode()
     def run(self, batch: Batch) -> tuple[torch.Tensor, list[ItemRows]]:
@@ -77,6 +78,21 @@ class ModelRunner:
             items.append(item)
         logits = self._forward(segments, token_ids, positions, hidden_rows)
         return logits, items
+
+    @torch.inference_mode()
+    def launch_decode(self, reqs: list[Request], previous: LaunchedDecode | None) -> LaunchedDecode:
+        """Queue a decode step of `reqs` and the sampling of their next tokens, returning
+        before they finish where the device allows. A request of the `previous` launch
+        decodes the token that launch sampled for it (here read back on the host: this is
+        the CPU path; the GPU runner keeps it on the device)."""
+        rows = decode_rows(reqs, previous)
+        prev_ids = previous.token_ids() if previous else []
+        token_ids = [r.token_id if r.prev_row is None else prev_ids[r.prev_row] for r in rows]
+        segments = [Segment(r.req.page_ids, r.position, 1) for r in rows]
+        positions = [r.position for r in rows]
+        logits = self._forward(segments, token_ids, positions, list(range(len(rows))))
+        specs = [sample_spec(r.req, r.num_ahead) for r in rows]
+        return LaunchedDecode.start(reqs, sample_on_device(logits, specs))
 
     def _forward(
         self, segments: list[Segment], token_ids: list[int], positions: list[int], rows: list[int]

@@ -12,6 +12,9 @@ from dataclasses import dataclass
 
 import torch
 
+from pdserve.engine.overlap import host_to_device
+from pdserve.engine.request import Request
+
 _MASK64 = (1 << 64) - 1
 
 
@@ -37,6 +40,20 @@ class SampleSpec:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0 or self.top_k == 1
+
+
+def sample_spec(req: Request, num_ahead: int = 0) -> SampleSpec:
+    """How to sample the request's next token when `num_ahead` of its earlier tokens are
+    still in flight (sampled on the device, not yet in `output_ids`)."""
+    p = req.sampling
+    return SampleSpec(
+        temperature=p.temperature,
+        top_k=p.top_k if p.top_k > 0 else None,
+        top_p=p.top_p,
+        min_p=p.min_p,
+        seed=req.sampling_seed,
+        token_index=len(req.output_ids) + num_ahead,
+    )
 
 
 # Top-k/top-p look at this many most likely tokens first; a row whose nucleus reaches
@@ -95,7 +112,7 @@ def _exponential_noise(
 def _sample_random(logits: torch.Tensor, specs: list[SampleSpec]) -> torch.Tensor:
     device = logits.device
     vocab_size = logits.shape[-1]
-    temperature = torch.tensor([s.temperature for s in specs], device=device)
+    temperature = host_to_device([s.temperature for s in specs], device, torch.float32)
     probs = torch.softmax(logits / temperature[:, None], dim=-1)
     if any(s.top_k is not None or s.top_p < 1 or s.min_p > 0 for s in specs):
         top_k = torch.tensor([s.top_k or vocab_size for s in specs], device=device)
@@ -107,13 +124,20 @@ def _sample_random(logits: torch.Tensor, specs: list[SampleSpec]) -> torch.Tenso
 
 def sample(logits: torch.Tensor, specs: list[SampleSpec]) -> list[int]:
     """One token id per row of float32 logits [R, vocab]."""
+    return sample_on_device(logits, specs).tolist()
+
+
+def sample_on_device(logits: torch.Tensor, specs: list[SampleSpec]) -> torch.Tensor:
+    """int64 token ids [R], left on the logits' device. Greedy and temperature-only rows
+    queue their work without waiting for the device; top-k/top-p rows wait for it (their
+    filter looks at the probabilities on the host)."""
     tokens = logits.argmax(dim=-1)
     random_rows = [i for i, s in enumerate(specs) if not s.greedy]
     if random_rows:
-        index = torch.tensor(random_rows, device=logits.device)
+        index = host_to_device(random_rows, logits.device)
         picked = _sample_random(logits[index], [specs[i] for i in random_rows])
         tokens[index] = picked
-    return tokens.tolist()
+    return tokens
 
 
 def logprobs_of(

@@ -9,6 +9,7 @@ of work exist they alternate, so a stream of new prompts never starves decoding.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 from pdserve.engine.page_allocator import PageAllocator
@@ -81,14 +82,16 @@ class Scheduler:
             return False
         return self.pages.can_take(self.waiting[0])
 
-    def schedule(self) -> Batch:
+    def schedule(self, ahead: Collection[Request] = ()) -> Batch:
+        """The next step. `ahead`: running requests whose next token is still being
+        sampled (a decode step in flight); a decode step gives them room for it too."""
         batch = Batch()
         if self.running and self._last_was_prefill:
-            self._schedule_decode(batch)
+            self._schedule_decode(batch, ahead)
         else:
             self._schedule_prefill(batch)
             if not batch.prefill and self.running:
-                self._schedule_decode(batch)
+                self._schedule_decode(batch, ahead)
         self._last_was_prefill = bool(batch.prefill)
         return batch
 
@@ -124,13 +127,13 @@ class Scheduler:
         batch.prefill.append(PrefillChunk(req, req.num_computed, num_tokens))
         return num_tokens
 
-    def _schedule_decode(self, batch: Batch) -> None:
+    def _schedule_decode(self, batch: Batch, ahead: Collection[Request]) -> None:
         """Every running request decodes one token; one that needs a page and finds none
         preempts the newest running request (possibly itself) back to waiting."""
         pending = list(self.running)
         while pending:
             req = pending.pop(0)
-            while not self._grow(req, batch):
+            while not self._grow(req, batch, int(req in ahead)):
                 victim = pending.pop() if pending else req
                 self._preempt(victim)
                 batch.preempted.append(victim)
@@ -140,9 +143,10 @@ class Scheduler:
                 batch.decode.append(req)
         self.running = list(batch.decode)
 
-    def _grow(self, req: Request, batch: Batch) -> bool:
-        """Make room for the KV of position seq_len - 1 (the token decoded this step)."""
-        missing = pages_for(req.seq_len, self.page_size) - len(req.page_ids)
+    def _grow(self, req: Request, batch: Batch, num_ahead: int) -> bool:
+        """Make room for the KV of the token decoded this step: position seq_len - 1, or
+        seq_len when that token is still in flight (`num_ahead` 1)."""
+        missing = pages_for(req.seq_len + num_ahead, self.page_size) - len(req.page_ids)
         if missing <= 0:
             return True
         page_ids = self.pages.alloc(missing)

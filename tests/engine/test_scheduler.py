@@ -182,3 +182,16 @@ def test_finish_frees_pages_from_every_queue():
         assert r.state is ReqState.ABORTED
     assert sched.allocator.num_used == 0
     assert not (sched.waiting or sched.prefilling or sched.running or sched.reserved)
+
+
+def test_a_request_with_a_token_in_flight_gets_room_for_the_token_after_it():
+    sched = make_scheduler(chunk=64)
+    a, b = req("a", 7), req("b", 7)
+    sched.add(a)
+    sched.add(b)
+    step(sched)  # prefill: 8 tokens each (position 7 sampled), two pages
+    # a's token 8 is being sampled on the device: this step decodes position 8 for it
+    batch = sched.schedule(ahead={a})
+    assert batch.decode == [a, b]
+    assert len(a.page_ids) == 3 and len(b.page_ids) == 2
+    assert batch.new_page_ids == a.page_ids[2:]

@@ -58,15 +58,17 @@ def model_path(request, tmp_path_factory) -> str:
     return build_qwen2(path) if request.param == "qwen2-bias" else build_llama(path, ROPE_LLAMA3)
 
 
+@pytest.mark.parametrize("overlap", ["on", "off"], ids=["overlap", "no-overlap"])
 @pytest.mark.parametrize("cuda_graphs", [True, False], ids=["graphs", "no-graphs"])
-def test_fp32_greedy_tokens_on_gpu_equal_the_cpu_path(model_path, cuda_graphs):
+def test_fp32_greedy_tokens_on_gpu_equal_the_cpu_path(model_path, cuda_graphs, overlap):
     cpu = make_engine(model_path, "cpu")
     vocab = cpu.model.args.vocab_size
     prompts = random_prompts(vocab, seed=3)
     # different lengths: the decode batch shrinks from 9 through buckets 8, 4, 2, 1
     new_tokens = [12 + 5 * i for i in range(len(prompts))]
     expected = run_greedy(cpu, prompts, new_tokens)
-    gpu = make_engine(model_path, "cuda", cuda_graphs=cuda_graphs)
+    gpu = make_engine(model_path, "cuda", cuda_graphs=cuda_graphs, overlap_schedule=overlap)
+    assert gpu.overlap is (overlap == "on")
     assert run_greedy(gpu, prompts, new_tokens) == expected
 
 
@@ -98,6 +100,33 @@ def test_fused_prefill_gives_the_cpu_path_tokens(device, family, tmp_path):
     expected = run_greedy(cpu, prompts, new_tokens)
     engine = gpu_runner_engine(model_path, device)
     assert run_greedy(engine, prompts, new_tokens) == expected
+
+
+@pytest.mark.interpretable
+def test_overlapped_decode_on_the_gpu_runner_gives_the_cpu_path_tokens(device):
+    """Steps launched before the previous one's tokens reach the host: rows of requests
+    still in flight read their token from the device (seeded sampling too)."""
+    cpu = make_engine("tiny-random", "cpu")
+    prompts = random_prompts(cpu.model.args.vocab_size, seed=5)[:6]
+    params = [
+        SamplingParams(max_new_tokens=n, temperature=t, seed=9, ignore_eos=True)
+        for n, t in zip([2, 5, 9, 7, 4, 3], [0.0, 0.0, 0.8, 0.0, 0.0, 1.0], strict=True)
+    ]
+
+    def generate(engine: Engine) -> dict[str, list[int]]:
+        for i, (ids, p) in enumerate(zip(prompts, params, strict=True)):
+            engine.add_request(Request(f"r{i}", ids, p))
+        outs: dict[str, list[int]] = {f"r{i}": [] for i in range(len(prompts))}
+        while engine.has_work():
+            for o in engine.step():
+                outs[o.rid] += o.new_token_ids
+        assert engine.num_used_pages == 0
+        return outs
+
+    expected = generate(cpu)
+    engine = gpu_runner_engine("tiny-random", device, overlap_schedule="on")
+    assert engine.overlap
+    assert generate(engine) == expected
 
 
 def gpu_runner_engine(model_path: str, device: torch.device, **kw) -> Engine:

@@ -3,7 +3,9 @@ with in-place paged decode attention (Qwen3's q/k norm fused into the rope kerne
 process (GPU only).
 
 All inputs come from one int32 `meta` tensor with rows [token id, position, seq_len, page
-table...], so a step has fixed shapes for a given batch size and can be graph-captured.
+table...], so a step has fixed shapes for a given batch size and can be graph-captured. A
+negative token id -(j + 1) stands for the token the previous step sampled in its row j,
+which stays on the device (overlap scheduling).
 """
 
 from __future__ import annotations
@@ -42,6 +44,13 @@ def pack_meta(
     return torch.from_numpy(meta)
 
 
+def step_token_ids(meta: torch.Tensor, sampled_ids: torch.Tensor) -> torch.Tensor:
+    """Each row's token id, the previous step's `sampled_ids[j]` where meta holds -(j+1)."""
+    tokens = meta[:, 0]
+    previous = sampled_ids.index_select(0, (-1 - tokens).clamp(min=0))
+    return torch.where(tokens < 0, previous, tokens)
+
+
 def decode_forward(
     weights: ModelWeights,
     args: ModelArgs,
@@ -50,8 +59,11 @@ def decode_forward(
     sin: torch.Tensor,
     meta: torch.Tensor,
     num_splits: int,
+    sampled_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """float32 logits [B, vocab] for the B rows of `meta`; writes each row's new K/V."""
+    """float32 logits [B, vocab] for the B rows of `meta`; writes each row's new K/V.
+    `sampled_ids`: the previous step's tokens, which negative token ids refer to."""
+    token_ids = meta[:, 0] if sampled_ids is None else step_token_ids(meta, sampled_ids)
 
     def attend(qkv: torch.Tensor, i: int) -> torch.Tensor:
         q = rope_and_store_kv(
@@ -60,4 +72,4 @@ def decode_forward(
         )  # fmt: skip
         return paged_decode_attention(q, kv_pool, i, meta, num_splits)
 
-    return weights.lm_head(final_hidden(weights, args, meta[:, 0], attend)).float()
+    return weights.lm_head(final_hidden(weights, args, token_ids, attend)).float()

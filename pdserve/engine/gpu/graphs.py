@@ -2,6 +2,7 @@
 
 Every graph reads the same static `meta` buffer (token, position, seq_len, page table per
 row), so a step costs one host-to-device copy and one replay: Python launches no kernels.
+A row's token may be one the previous step sampled, read from the static `sampled_ids`.
 A batch runs in the smallest bucket that holds it; its padding rows have seq_len 0, which
 the kernels skip (no KV write, zero attention output).
 """
@@ -22,7 +23,8 @@ log = logging.getLogger(__name__)
 MAX_GRAPH_BATCH_SIZE = 256
 _SMALL_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256)
 
-Row = tuple[int, int, list[int]]  # (token id, position, page ids)
+# (token id, or -(j + 1) for the token the previous step sampled in row j; position; page ids)
+Row = tuple[int, int, list[int]]
 
 
 def batch_buckets(max_batch_size: int) -> list[int]:
@@ -56,6 +58,10 @@ class DecodeGraphs:
         self.meta = torch.zeros(
             rows, META_COLS + max_table_cols, dtype=torch.int32, device=self.device
         )
+        # The tokens the last launched step sampled, row by row (overlap scheduling).
+        self.sampled_ids = torch.zeros(
+            max(rows, max_batch_size), dtype=torch.int32, device=self.device
+        )
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         if self.buckets:
             self._capture_all()
@@ -66,8 +72,9 @@ class DecodeGraphs:
     def _forward(self, meta: torch.Tensor) -> torch.Tensor:
         splits = self._splits(meta.shape[0])
         return decode_forward(
-            self.weights, self.args, self.kv_pool, self.cos, self.sin, meta, splits
-        )
+            self.weights, self.args, self.kv_pool, self.cos, self.sin, meta, splits,
+            self.sampled_ids,
+        )  # fmt: skip
 
     def _capture_all(self) -> None:
         started = time.monotonic()
@@ -93,16 +100,21 @@ class DecodeGraphs:
     def bucket_for(self, num_rows: int) -> int | None:
         return next((b for b in self.buckets if b >= num_rows), None)
 
+    def keep_sampled(self, token_ids: torch.Tensor) -> None:
+        """Record the step's sampled tokens for the next step's negative token ids."""
+        self.sampled_ids[: token_ids.shape[0]].copy_(token_ids)
+
     def run(self, rows: list[Row]) -> torch.Tensor:
         """float32 logits [len(rows), vocab]; valid until the next call."""
         num_rows = len(rows)
         num_table_cols = max(len(page_ids) for _, _, page_ids in rows)
         bucket = self.bucket_for(num_rows)
         packed = pack_meta(rows, bucket or num_rows, num_table_cols)
-        if bucket is None:  # larger than any graph: the same kernels, launched from Python
-            return self._forward(packed.to(self.device))
         # Pinned (torch's caching host allocator): the copy is queued, the host goes on.
-        self.meta[:bucket, : packed.shape[1]].copy_(packed.pin_memory(), non_blocking=True)
+        pinned = packed.pin_memory() if self.device.type == "cuda" else packed
+        if bucket is None:  # larger than any graph: the same kernels, launched from Python
+            return self._forward(pinned.to(self.device, non_blocking=True))
+        self.meta[:bucket, : packed.shape[1]].copy_(pinned, non_blocking=True)
         graph, out = self._graphs[bucket]
         graph.replay()
         return out[:num_rows]

@@ -10,7 +10,10 @@ from pdserve.engine.attention import Segment
 from pdserve.engine.gpu.graphs import DecodeGraphs
 from pdserve.engine.gpu.prefill import pack_prefill_meta, prefill_hidden
 from pdserve.engine.loader import LoadedModel
+from pdserve.engine.overlap import LaunchedDecode, decode_rows
+from pdserve.engine.request import Request
 from pdserve.engine.runner import ItemRows, ModelRunner
+from pdserve.engine.sampler import sample_on_device, sample_spec
 from pdserve.engine.scheduler import Batch
 
 
@@ -49,6 +52,22 @@ class GpuModelRunner(ModelRunner):
         rows = [(r.token_at(r.seq_len - 1), r.seq_len - 1, r.page_ids) for r in reqs]
         logits = self.decoder.run(rows)
         return logits, [ItemRows(r, 1, i) for i, r in enumerate(reqs)]
+
+    @torch.inference_mode()
+    def launch_decode(self, reqs: list[Request], previous: LaunchedDecode | None) -> LaunchedDecode:
+        """Queue a decode step and its sampling; no host sync for greedy and temperature-only
+        rows. A request of the `previous` launch decodes the token that launch sampled, read
+        on the device: the step may be queued before that one has finished."""
+        rows = decode_rows(reqs, previous)
+        logits = self.decoder.run(
+            [
+                (r.token_id if r.prev_row is None else -1 - r.prev_row, r.position, r.req.page_ids)
+                for r in rows
+            ]
+        )
+        token_ids = sample_on_device(logits, [sample_spec(r.req, r.num_ahead) for r in rows])
+        self.decoder.keep_sampled(token_ids)
+        return LaunchedDecode.start(reqs, token_ids)
 
     def _hidden_states(
         self, segments: list[Segment], token_ids: list[int], positions: list[int]
