@@ -25,6 +25,8 @@ def test_cpu_smoke_run_reports_every_shape(tmp_path):
     for r in by_shape.values():
         assert r["floor_ms"] > 0 and r["bN_tok_s_ratio"] > 0
         assert r["pdserve"]["b1_graph_replay_ms"] is None  # no graphs on the CPU
+        baseline = r["pdserve"]["no_overlap"]  # decode without overlap, same run
+        assert baseline["b1_step_ms"] > 0 and baseline["bN_step_ms"] > 0
 
 
 def test_moe_floor_counts_routed_experts_only():
