@@ -3,11 +3,14 @@ sampling is reproducible through HTTP."""
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import pytest
 
 from pdserve.engine.config import EngineConfig
 from pdserve.engine.engine import Engine
 from pdserve.engine.request import Request, SamplingParams
+from tests.conftest import TINY_ARGS
 from tests.helpers import http_json
 
 PROMPTS = [[1, 2, 3, 4], [50, 60, 70], list(range(100, 140))]
@@ -58,3 +61,16 @@ def test_seeded_sampling_is_reproducible_and_matches_the_engine(tiny_server, eng
     assert engine_tokens(engine, PROMPTS[0], SamplingParams(**params)) == first
     other = server_tokens(tiny_server.url, PROMPTS[0], {**params, "seed": 99})
     assert other != first
+
+
+def test_a_server_with_overlap_scheduling_gives_the_engine_tokens(server_factory, engine):
+    """Concurrent requests through a worker whose engine launches each decode step before
+    reading the previous one's tokens (the CPU runs the same code, without asynchrony)."""
+    server = server_factory([*TINY_ARGS, "--overlap-schedule", "on"])
+    greedy = {"max_new_tokens": 16, "temperature": 0.0, "ignore_eos": True}
+    seeded = {"max_new_tokens": 12, "temperature": 1.0, "seed": 7, "ignore_eos": True}
+    cases = [(p, greedy) for p in PROMPTS] + [(PROMPTS[0], seeded)]
+    expected = [engine_tokens(engine, p, SamplingParams(**params)) for p, params in cases]
+    with ThreadPoolExecutor(len(cases)) as pool:
+        got = list(pool.map(lambda case: server_tokens(server.url, *case), cases))
+    assert got == expected
