@@ -1,11 +1,13 @@
 """Overlap scheduling on the CPU (the same engine code as on a GPU, without the asynchrony):
 tokens, finish reasons, pages and cached pages equal those of steps run one at a time;
 a request that stops, is aborted or preempted while a step is in flight never gets the
-extra token."""
+extra token; random adds, steps and aborts keep those invariants (hypothesis)."""
 
 from __future__ import annotations
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from pdserve.engine.request import Request, SamplingParams
 
@@ -142,3 +144,65 @@ def test_a_request_aborted_with_a_step_in_flight_gets_no_more_tokens(tiny_engine
             assert o.rid == "b"
             seen[o.rid] += len(o.new_token_ids)
     assert seen["b"] == 30 and engine.num_used_pages == 0
+
+
+ops_strategy = st.lists(
+    st.one_of(
+        st.tuples(st.just("add"), st.integers(1, 40), st.integers(1, 24)),
+        st.tuples(st.just("step"), st.just(0), st.just(0)),
+        st.tuples(st.just("abort"), st.integers(0, 7), st.just(0)),
+    ),
+    max_size=40,
+)
+
+
+def alone_tokens(engine, prompt: list[int], max_new_tokens: int) -> list[int]:
+    greedy = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, ignore_eos=True)
+    engine.add_request(Request("alone", prompt, greedy))
+    got: list[int] = []
+    while engine.has_work():
+        got += [t for o in engine.step() for t in o.new_token_ids]
+    return got
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(ops=ops_strategy)
+def test_overlap_keeps_its_invariants_through_adds_steps_and_aborts(tiny_engine_factory, ops):
+    """Random adds, steps and aborts on a 16-page pool (preemptions, cached pages): no
+    token after a request's finish or abort, each request's tokens a prefix of its tokens
+    alone (all of them unless aborted), and every page back once the engine is idle."""
+    engine = tiny_engine_factory(overlap_schedule="on", max_total_tokens=256)
+    reqs: list[tuple[str, list[int], int]] = []
+    tokens: dict[str, list[int]] = {}
+    closed: set[str] = set()  # finished or aborted
+    aborted: set[str] = set()
+
+    def step() -> None:
+        for o in engine.step():
+            assert o.rid not in closed, o.rid
+            tokens[o.rid] += o.new_token_ids
+            if o.finish_reason is not None:
+                closed.add(o.rid)
+
+    for kind, a, b in ops:
+        if kind == "add":
+            rid, prompt = f"r{len(reqs)}", (PROMPT[len(reqs) % 7 :] * 2)[:a]
+            reqs.append((rid, prompt, b))
+            tokens[rid] = []
+            greedy = SamplingParams(max_new_tokens=b, temperature=0.0, ignore_eos=True)
+            engine.add_request(Request(rid, prompt, greedy))
+        elif kind == "abort" and a < len(reqs) and engine.abort(reqs[a][0], "fuzz"):
+            closed.add(reqs[a][0])
+            aborted.add(reqs[a][0])
+        elif kind == "step" and engine.has_work():
+            step()
+    while engine.has_work():
+        step()
+    assert engine.num_used_pages == 0
+    assert engine.num_free_pages == engine.num_total_pages
+    reference = tiny_engine_factory(overlap_schedule="off")
+    for rid, prompt, max_new_tokens in reqs:
+        expected = alone_tokens(reference, prompt, max_new_tokens)
+        got = tokens[rid]
+        assert got == expected[: len(got)], rid
+        assert rid in aborted or got == expected, rid
