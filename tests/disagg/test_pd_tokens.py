@@ -72,10 +72,16 @@ def reference(tiny_server) -> list[list[int]]:
     return out
 
 
-@pytest.mark.parametrize("prefill_dp,decode_dp", [(1, 1), (2, 2), (3, 1)])
-def test_pd_tokens_equal_colocated(pd, reference, prefill_dp, decode_dp):
+@pytest.mark.parametrize(
+    "prefill_dp,decode_dp,decode_args",
+    [(1, 1, []), (2, 2, []), (3, 1, []), (1, 1, ["--overlap-schedule", "on"])],
+    ids=["1-1", "2-2", "3-1", "1-1-overlap"],
+)
+def test_pd_tokens_equal_colocated(pd, reference, prefill_dp, decode_dp, decode_args):
+    """Decode with overlap scheduling too: steps launched before the previous one's tokens
+    are read (the CPU runs that code without asynchrony)."""
     prefill = pd.prefill(prefill_dp)
-    decode = pd.decode(decode_dp)
+    decode = pd.decode(decode_dp, decode_args)
     bodies = _bodies()
     results = run_many(
         lambda s: [
