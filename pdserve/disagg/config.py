@@ -13,7 +13,7 @@ from pdserve import envs
 from pdserve.config import add_arguments, check, from_args, opt
 from pdserve.serving.config import ServerConfig, add_server_arguments, server_config_from_args
 
-TRANSFER_BACKENDS = ["zmq", "fake", "cuda_ipc"]
+TRANSFER_BACKENDS = ["zmq", "fake", "cuda_ipc", "nixl"]
 RANK_MISMATCH_MODES = ["abort", "forward"]
 
 

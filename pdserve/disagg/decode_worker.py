@@ -167,6 +167,8 @@ class DecodeWorkerHooks(WorkerHooks):
 
     def _on_handshake(self, peer: Peer, msg: m.HandshakeResult, now: float) -> list[ReqOutput]:
         distrust = kv_auth.check_answer(self.cfg.disagg_secret, peer.handshake, msg)
+        if msg.ok and distrust is None:
+            distrust = self.transport.accept_peer_meta(peer.peer_id, msg.transfer_meta)
         peer.handshake_ok = msg.ok and distrust is None
         peer.handshake_error = msg.error or distrust
         if distrust is not None:
@@ -412,6 +414,7 @@ class DecodeWorkerHooks(WorkerHooks):
                 layout=self.layout,
                 backend=self.transport.name,
                 epoch=self.epoch,
+                transfer_meta=self.transport.handshake_meta(),
             )
             peer.handshake = kv_auth.sign(self.cfg.disagg_secret, handshake, time.time())
             self._send(peer, peer.handshake)

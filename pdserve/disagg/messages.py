@@ -31,6 +31,7 @@ class Handshake(msgspec.Struct, tag=True, kw_only=True):
     epoch: int = 0  # the decode server's restart epoch
     version: int = PROTOCOL_VERSION
     backend: str = "zmq"  # both sides must move bytes the same way
+    transfer_meta: bytes = b""  # the backend's KVTransport.handshake_meta (NIXL: agent metadata)
     proof: HandshakeProof | None = None  # set when decode has a disagg secret
 
 
@@ -39,6 +40,7 @@ class HandshakeResult(msgspec.Struct, tag=True, kw_only=True):
     error: str | None = None
     proof: str | None = None  # prefill's HMAC over decode's nonce, when it has a secret
     epoch: int = 0  # the prefill server's restart epoch
+    transfer_meta: bytes = b""  # prefill's KVTransport.handshake_meta, when ok
 
 
 class PageList(msgspec.Struct, tag=True, kw_only=True):

@@ -181,10 +181,11 @@ class PrefillWorkerHooks(WorkerHooks):
         """Drive KV sends under way to their end before the next forward pass: the bytes the
         socket did not take would otherwise wait for all of it (a later prompt's prefill),
         adding that to this request's TTFT where a colocated server adds nothing. Bounded by
-        kv_send_wait_s: a decode slow to read delays the next prefill by at most that."""
+        kv_send_wait_s: a decode slow to read delays the next prefill by at most that. Sends
+        that only wait for the peer (a NIXL read that decode drives) do not hold it up."""
         outputs: list[ReqOutput] = []
         deadline = now + self.cfg.kv_send_wait_s
-        while any(r.send_handle is not None for r in self.rooms.values()):
+        while self.transport.busy() and any(r.send_handle is not None for r in self.rooms.values()):
             left_ms = int((deadline - _now()) * 1000)
             if left_ms <= 0:
                 break
@@ -258,13 +259,18 @@ class PrefillWorkerHooks(WorkerHooks):
                 f"transfer backend mismatch: decode={msg.backend!r} prefill={self.transport.name!r}"
             )
         else:
-            error = self.layout.mismatch(msg.layout)
+            error = self.layout.mismatch(msg.layout) or self.transport.accept_peer_meta(
+                peer, msg.transfer_meta
+            )
         outputs = [] if error is not None else self._on_decode_epoch(peer, msg, now)
         if error is None:
             self.handshaken.add(peer)
         else:
             self.handshaken.discard(peer)
-        result = m.HandshakeResult(ok=error is None, error=error, epoch=self.epoch)
+        meta = self.transport.handshake_meta() if error is None else b""
+        result = m.HandshakeResult(
+            ok=error is None, error=error, epoch=self.epoch, transfer_meta=meta
+        )
         self._send(peer, kv_auth.answer(self.checker, msg, result))
         return outputs
 

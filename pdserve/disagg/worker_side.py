@@ -64,6 +64,7 @@ def _options(cfg: PDServerConfig) -> TransportOptions:
     return TransportOptions(
         heartbeat_interval_s=cfg.disagg.heartbeat_interval_s,
         heartbeat_timeout_s=cfg.disagg.heartbeat_timeout_s,
+        read_timeout_s=cfg.disagg.kv_wait_timeout_s,
     )
 
 

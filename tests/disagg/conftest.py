@@ -8,9 +8,23 @@ from dataclasses import dataclass
 
 import pytest
 
+from pdserve.disagg.transfer.nixl_agent import nixl_missing
 from tests.helpers import ServerProcess, free_port, launch_server
 
 TINY = ["--model-path", "tiny-random"]
+
+NIXL = pytest.param(
+    "nixl",
+    marks=pytest.mark.skipif(nixl_missing() is not None, reason=str(nixl_missing())),
+    id="nixl",
+)
+# The KV transfer backends that move bytes, for tests parametrised over them (`backend`).
+# NIXL runs a representative subset only: each NIXL server pair costs CI start-up time.
+BACKENDS = ["zmq", NIXL]
+
+
+def backend_args(backend: str) -> list[str]:
+    return ["--transfer-backend", backend]
 
 
 @dataclass

@@ -8,6 +8,7 @@ import random
 import pytest
 import requests
 
+from tests.disagg.conftest import NIXL, backend_args
 from tests.disagg.pd_driver import pd_generate_async, run_many, wait_idle
 
 PAGE_SIZE = 16  # the default --page-size
@@ -72,16 +73,26 @@ def reference(tiny_server) -> list[list[int]]:
     return out
 
 
+def _with_nixl(dp: tuple[int, int]):
+    return pytest.param(*dp, NIXL.values[0], [], marks=NIXL.marks, id=f"{dp[0]}-{dp[1]}-nixl")
+
+
 @pytest.mark.parametrize(
-    "prefill_dp,decode_dp,decode_args",
-    [(1, 1, []), (2, 2, []), (3, 1, []), (1, 1, ["--overlap-schedule", "on"])],
-    ids=["1-1", "2-2", "3-1", "1-1-overlap"],
+    "prefill_dp,decode_dp,backend,decode_args",
+    [
+        pytest.param(1, 1, "zmq", [], id="1-1"),
+        pytest.param(2, 2, "zmq", [], id="2-2"),
+        pytest.param(3, 1, "zmq", [], id="3-1"),
+        pytest.param(1, 1, "zmq", ["--overlap-schedule", "on"], id="1-1-overlap"),
+        _with_nixl((1, 1)),
+        _with_nixl((2, 2)),
+    ],
 )
-def test_pd_tokens_equal_colocated(pd, reference, prefill_dp, decode_dp, decode_args):
+def test_pd_tokens_equal_colocated(pd, reference, prefill_dp, decode_dp, backend, decode_args):
     """Decode with overlap scheduling too: steps launched before the previous one's tokens
     are read (the CPU runs that code without asynchrony)."""
-    prefill = pd.prefill(prefill_dp)
-    decode = pd.decode(decode_dp, decode_args)
+    prefill = pd.prefill(prefill_dp, backend_args(backend))
+    decode = pd.decode(decode_dp, [*decode_args, *backend_args(backend)])
     bodies = _bodies()
     results = run_many(
         lambda s: [

@@ -40,9 +40,10 @@ def make_transport(
     advertise_host: str | None = None,
     options: TransportOptions | None = None,
 ) -> KVTransport:
-    """`name` is DisaggConfig.transfer_backend: "zmq" (moves bytes), "fake" (control only) or
-    "cuda_ipc" (CUDA pools, GPU to GPU on one host); or "fake_lane" (control only, on
-    cuda_ipc's control lane: tests and benches of that path without GPUs).
+    """`name` is DisaggConfig.transfer_backend: "zmq" (moves bytes), "fake" (control only),
+    "cuda_ipc" (CUDA pools, GPU to GPU on one host) or "nixl" (NIXL over UCX, needs the
+    optional NIXL package); or "fake_lane" (control only, on cuda_ipc's control lane: tests
+    and benches of that path without GPUs).
 
     `advertise_host` replaces `listen_host` in `endpoint` (needed when listening on 0.0.0.0)."""
     # Imported here so that importing the interface does not start pulling in backends.
@@ -56,6 +57,15 @@ def make_transport(
         "fake_lane": FakeLaneTransport,
         "cuda_ipc": CudaIpcTransport,  # imports Triton only when it first copies
     }
+    if name == "nixl":
+        from pdserve.disagg.transfer.nixl_agent import nixl_missing
+
+        missing = nixl_missing()
+        if missing is not None:
+            raise ValueError(missing)
+        from pdserve.disagg.transfer.nixl_ucx import NixlTransport
+
+        backends["nixl"] = NixlTransport
     if name not in backends:
         raise ValueError(f"unknown KV transfer backend {name!r}; choose from {sorted(backends)}")
     return backends[name](

@@ -2,7 +2,8 @@
 
 Runs inside every prefill and decode worker process, driven by its single-threaded loop.
 Backends: `zmq` (default: ZeroMQ for control, page bytes on a raw TCP connection per peer),
-`fake` (control only) and `cuda_ipc` (GPU to GPU on one host); see `make_transport`.
+`fake` (control only), `cuda_ipc` (GPU to GPU on one host) and `nixl` (NIXL over UCX: decode
+reads the pages); see `make_transport`.
 """
 
 from __future__ import annotations
@@ -121,6 +122,11 @@ class TransportOptions:
         "before it blocks: waking a sleeping process costs tens of microseconds (more in a "
         "VM), but a spinning process takes a core from its peer where cores are short",
     )
+    read_timeout_s: float = opt(
+        30.0,
+        "KV transfer (backends where decode reads, nixl): prefill gives up on a room decode "
+        "has not read within this long and frees its pages",
+    )
     recv_budget_nbytes: int = opt(
         64 << 20, "KV transfer: KV bytes written per poll() before the loop gets control back"
     )
@@ -170,11 +176,9 @@ class KVTransport(abc.ABC):
     - `poll` never raises on what peers send: garbage is counted in `stats`, logged at debug
       and dropped, and nothing outside the announced pages is ever written.
 
-    Other backends fit the same shape. Mooncake Transfer Engine and NIXL register the pool
-    memory once (its base address and length) and exchange the registration descriptor in
-    the handshake; `send_kv` then becomes a batch of remote writes of (src offset, dst
-    offset, length) triples computed from the page ids, with the final `RoomStatus` sent on
-    the control channel after the batch completes, and `done()` polls the batch status.
+    Backends that move bytes by RDMA fit the same shape: `nixl` registers the pool once,
+    exchanges the registration in the handshake (`handshake_meta`/`accept_peer_meta`), and
+    moves a room as remote reads of page runs issued by the owner of the destination pages.
     The control channel (ZeroMQ) and the event semantics stay the same.
     """
 
@@ -213,6 +217,16 @@ class KVTransport(abc.ABC):
         """Send the local pages `src_page_ids` into the peer's `dst_page_ids` (pairwise, same
         length), followed by `then`. Raises ValueError on bad page ids, PeerUnreachable if
         the peer is known gone."""
+
+    def handshake_meta(self) -> bytes:
+        """What this side's Handshake (decode) or HandshakeResult (prefill) carries for the
+        backend, under the disagg-secret proof (NIXL: agent metadata and pool address)."""
+        return b""
+
+    def accept_peer_meta(self, peer: PeerId, meta: bytes) -> str | None:
+        """Take the peer's `handshake_meta` from a handshake that passed every other check;
+        returns why the peer cannot be used, or None."""
+        return None
 
     @abc.abstractmethod
     def poll(self, timeout_ms: int = 0) -> list[Event]:

@@ -1,0 +1,358 @@
+"""KV transport over NIXL (UCX): decode READs each room's pages from prefill's registered pool
+into the pages it granted; control messages stay on the ZeroMQ channel. Runs in prefill and
+decode worker processes under `--transfer-backend nixl`.
+
+Each side registers its pool once (nixl_agent.py) and puts its agent metadata in the KV
+handshake, where the disagg-secret proof covers it. Rooms prefill sends between two polls go
+out as one `NixlBatch`; decode checks each room against its grant exactly as the zmq backend
+checks frames and posts one READ per room. NIXL notifies prefill once the bytes have landed
+(which frees its pages); decode then reports KVReceived and the room's status. The owner of
+the destination pages issues every write into them, so nothing lands outside a grant, and a
+read still under way when its room is forgotten is finished or cancelled before
+`forget_room` returns: pages handed back to the allocator are never written.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import msgspec
+import numpy as np
+import torch
+import zmq
+
+from pdserve.disagg import messages as m
+from pdserve.disagg.transfer.base import (
+    Event,
+    PeerId,
+    PeerLost,
+    SendHandle,
+    TransportError,
+    TransportOptions,
+)
+from pdserve.disagg.transfer.fake_backend import FakeTransport
+from pdserve.disagg.transfer.nixl_agent import NixlAgent, NixlPool, decode_pool, encode_pool
+from pdserve.disagg.transfer.zmq.outbox import Outgoing
+from pdserve.disagg.transfer.zmq.pages import page_array
+
+log = logging.getLogger(__name__)
+
+
+class NixlCopy(msgspec.Struct, kw_only=True):
+    """Read my pages `src_page_ids` into your `dst_page_ids` for `room`, then `status`."""
+
+    room: int
+    src_page_ids: list[int]
+    dst_page_ids: list[int]
+    status: m.RoomStatus  # what a separate RoomStatus message would say after the KV
+
+
+class NixlBatch(msgspec.Struct, tag="nixl_batch", kw_only=True):
+    """prefill -> decode: the rooms sent to this peer since the last poll, in order."""
+
+    copies: list[NixlCopy]
+
+
+class NixlDone(msgspec.Struct, tag="nixl_done", kw_only=True):
+    """decode -> prefill: `rooms` will not be read (refused, failed, or no pages): free them.
+    A completed read is announced by its NIXL notification instead."""
+
+    rooms: list[int]
+    error: str | None = None
+
+
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder(NixlBatch | NixlDone)
+
+
+class NixlSend(SendHandle):
+    """One send_kv: done when decode's read notifies us, decode gives it up, it is lost, or
+    `deadline` (monotonic s) passes: a decode that died quietly never reads."""
+
+    def __init__(self, room: int, deadline: float) -> None:
+        self.room = room
+        self.deadline = deadline
+        self._done = False
+        self._error: str | None = None
+
+    def finish(self, error: str | None = None) -> None:
+        if not self._done:
+            self._done, self._error = True, error
+
+    def done(self) -> bool:
+        return self._done
+
+    @property
+    def error(self) -> str | None:
+        return self._error
+
+
+@dataclass
+class Read:
+    """A READ decode posted for one room; `handle` is None when there was nothing to read."""
+
+    peer: PeerId
+    copy: NixlCopy
+    handle: object | None
+
+
+class NixlTransport(FakeTransport):
+    """The fake backend's control flow (grants, RoomStatus, KVReceived) with NIXL reads in
+    place of its byte-less KVHeader. The base class sees a one-byte-per-page shadow pool."""
+
+    name = "nixl"
+
+    def __init__(
+        self,
+        pool: torch.Tensor,
+        *,
+        listen_host: str | None = None,
+        advertise_host: str | None = None,
+        options: TransportOptions | None = None,
+    ) -> None:
+        if not pool.is_contiguous():
+            raise ValueError("the nixl KV transport needs a contiguous pool")
+        shadow = torch.zeros(pool.shape[0], 1, dtype=torch.uint8)
+        super().__init__(
+            shadow, listen_host=listen_host, advertise_host=advertise_host, options=options
+        )
+        self.pool = pool
+        self.page_nbytes = pool[0].numel() * pool.element_size()
+        self._agent = NixlAgent(pool.view(torch.uint8).view(self.num_pages, self.page_nbytes))
+        self._meta: bytes | None = None
+        self._peer_pools: dict[PeerId, NixlPool] = {}  # decode: pools we may read from
+        self._peer_of_agent: dict[str, PeerId] = {}  # prefill: who may notify us
+        self._sends: dict[tuple[PeerId, int], NixlSend] = {}
+        self._batches: dict[PeerId, list[NixlCopy]] = {}  # sent at the next poll
+        self._reads: dict[int, Read] = {}
+
+    # -- the handshake -------------------------------------------------------------------
+    def handshake_meta(self) -> bytes:
+        if self._meta is None:
+            self._meta = encode_pool(self._agent.pool_info())
+        return self._meta
+
+    def accept_peer_meta(self, peer: PeerId, meta: bytes) -> str | None:
+        try:
+            pool = decode_pool(meta)
+        except msgspec.MsgspecError:
+            return "the peer sent no usable NIXL metadata (is it on --transfer-backend nixl?)"
+        if pool.page_nbytes != self.page_nbytes:
+            return f"NIXL page size differs: peer {pool.page_nbytes} B, here {self.page_nbytes} B"
+        if pool.mem_type not in ("DRAM", "VRAM"):
+            return f"unknown NIXL memory type {pool.mem_type!r}"
+        if self.endpoint is not None:  # prefill: the peer reads from us, and notifies us
+            self._peer_of_agent[pool.agent_name] = peer
+            return None
+        try:
+            self._agent.add_peer(peer, pool)
+        except Exception as exc:  # noqa: BLE001 - NIXL raises its own error types
+            return f"cannot load the NIXL metadata of {peer}: {exc}"
+        self._peer_pools[peer] = pool
+        return None
+
+    # -- prefill side --------------------------------------------------------------------
+    def send_kv(
+        self,
+        peer: PeerId,
+        room: int,
+        src_page_ids: list[int],
+        dst_page_ids: list[int],
+        then: m.RoomStatus,
+    ) -> SendHandle:
+        """Queued: the rooms of one step reach the peer as one message at the next poll."""
+        self._check_open()
+        src, dst = self._page_pairs(src_page_ids, dst_page_ids)
+        copy = NixlCopy(
+            room=room, src_page_ids=src.tolist(), dst_page_ids=dst.tolist(), status=then
+        )
+        self._batches.setdefault(peer, []).append(copy)
+        handle = NixlSend(room, time.monotonic() + self.options.read_timeout_s)
+        self._sends[(peer, room)] = handle
+        self._stats["kv_bytes_out"] += src.size * self.page_nbytes
+        return handle
+
+    def _send_batches(self) -> None:
+        batches, self._batches = self._batches, {}
+        for peer, copies in batches.items():
+            try:
+                self._enqueue(peer, [Outgoing(parts=[_encoder.encode(NixlBatch(copies=copies))])])
+            except TransportError:  # _enqueue lost the peer, which failed its sends
+                continue
+
+    def _expire_sends(self, now: float) -> None:
+        for key in [k for k, h in self._sends.items() if now >= h.deadline]:
+            reason = f"decode did not read the KV within {self.options.read_timeout_s:g}s"
+            self._sends.pop(key).finish(reason)
+
+    def _take_notifications(self) -> None:
+        for agent_name, msgs in self._agent.notifications().items():
+            peer = self._peer_of_agent.get(agent_name)
+            for msg in msgs:
+                try:
+                    handle = self._sends.pop((peer, int(msg)), None) if peer else None
+                except ValueError:
+                    handle = None
+                if handle is None:
+                    self._reject(PeerId(agent_name), "nixl_notification")
+                else:
+                    handle.finish()
+
+    # -- both sides ----------------------------------------------------------------------
+    def poll(self, timeout_ms: int = 0) -> list[Event]:
+        self._send_batches()
+        self._take_notifications()
+        # Completions wake no socket: come back at once for reads, soon for notifications.
+        wait_ms = 0 if self._reads else min(timeout_ms, 1) if self._sends else timeout_ms
+        events = super().poll(wait_ms)
+        for event in events:
+            if isinstance(event, PeerLost):
+                self._drop_peer(event.peer, event.reason)
+        self._finish_reads(events)
+        self._take_notifications()
+        self._expire_sends(time.monotonic())
+        return events
+
+    def forget_room(self, room: int) -> None:
+        super().forget_room(room)
+        for key in [k for k in self._sends if k[1] == room]:
+            self._sends.pop(key).finish("room forgotten")
+        read = self._reads.pop(room, None)
+        if read is not None:
+            self._settle(read)
+
+    def busy(self) -> bool:
+        """Batches to send or reads to finish; not sends awaiting decode's read: decode
+        drives those, and the worker loop polls while their rooms are transferring."""
+        return super().busy() or bool(self._batches or self._reads)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        for peer in {p for p, _ in self._sends} | {r.peer for r in self._reads.values()}:
+            self._drop_peer(peer, "transport closed")
+        self._batches.clear()
+        self._agent.close()
+        super().close()
+
+    def _drop_peer(self, peer: PeerId, reason: str) -> None:
+        for key in [k for k in self._sends if k[0] == peer]:
+            self._sends.pop(key).finish(reason)
+        for room in [r for r, read in self._reads.items() if read.peer == peer]:
+            self._settle(self._reads.pop(room))
+        self._batches.pop(peer, None)
+        if self._peer_pools.pop(peer, None) is not None:
+            self._agent.remove_peer(peer)
+        for name in [n for n, p in self._peer_of_agent.items() if p == peer]:
+            del self._peer_of_agent[name]
+
+    def _lose(self, peer: PeerId, reason: str) -> None:
+        super()._lose(peer, reason)
+        self._drop_peer(peer, reason)
+
+    def _on_message(self, peer: PeerId, parts: list[zmq.Frame], events: list[Event]) -> int:
+        try:
+            msg = _decoder.decode(parts[0].buffer) if len(parts) == 1 else None
+        except msgspec.MsgspecError:
+            msg = None
+        if msg is None:
+            return super()._on_message(peer, parts, events)
+        self._stats["msgs_in"] += 1
+        if isinstance(msg, NixlBatch):
+            for copy in msg.copies:
+                self._start_read(peer, copy, events)
+            return 0
+        for room in msg.rooms:
+            handle = self._sends.pop((peer, room), None)
+            if handle is not None:
+                handle.finish(msg.error)
+        return 0
+
+    # -- decode side ---------------------------------------------------------------------
+    def _start_read(self, peer: PeerId, copy: NixlCopy, events: list[Event]) -> None:
+        reason, src, dst = self._check_copy(peer, copy)
+        handle = None
+        if reason is None and src.size:
+            try:
+                handle = self._agent.read(peer, self._peer_pools[peer], src, dst, b"%d" % copy.room)
+            except Exception as exc:  # noqa: BLE001 - NIXL raises its own error types
+                log.warning("NIXL read for room %d from %s failed: %s", copy.room, peer, exc)
+                reason = "read"
+        if reason is not None:
+            self._give_up(peer, copy.room, f"refused: {reason}")
+            self._reject(peer, "nixl_" + reason)
+            self._on_control(peer, copy.status, events)  # an incomplete KVReceived: it fails
+            return
+        if handle is None:
+            self._tell(peer, NixlDone(rooms=[copy.room]))  # no pages: nothing to notify
+        self._reads[copy.room] = Read(peer, copy, handle)
+
+    def _check_copy(
+        self, peer: PeerId, copy: NixlCopy
+    ) -> tuple[str | None, np.ndarray, np.ndarray]:
+        """(refusal reason or None, src ids, dst ids) of one room's copy."""
+        empty = np.zeros(0, dtype=np.int64)
+        header = m.KVHeader(
+            room=copy.room,
+            frame_page_counts=[],
+            page_nbytes=self.page_nbytes,
+            dst_page_ids=copy.dst_page_ids,
+        )
+        reason = self._grants.check(peer, header, [], self.page_nbytes, moves_bytes=False)
+        src_pool = self._peer_pools.get(peer)
+        if reason is None and src_pool is None:
+            reason = "no_pool"
+        if reason is None and copy.room in self._reads:
+            reason = "duplicate"
+        if reason is not None:
+            return reason, empty, empty
+        assert src_pool is not None
+        try:
+            src = page_array(copy.src_page_ids, src_pool.num_pages, "src_page_ids")
+            dst = page_array(copy.dst_page_ids, self.num_pages, "dst_page_ids")
+        except ValueError:
+            return "page_ids", empty, empty
+        if src.size != dst.size:
+            return "page_count", empty, empty
+        return None, src, dst
+
+    def _finish_reads(self, events: list[Event]) -> None:
+        """Rooms whose read ended: their pages (if it succeeded), then their status."""
+        for room, read in list(self._reads.items()):
+            state = "DONE" if read.handle is None else self._agent.state(read.handle)
+            if state == "PROC":
+                continue
+            del self._reads[room]
+            if read.handle is not None:
+                self._agent.release(read.handle)
+            grant = self._grants.get(room)
+            if state == "DONE" and grant is not None and grant.peer == read.peer:
+                nbytes = len(read.copy.dst_page_ids) * self.page_nbytes
+                self._grants.record(room, read.copy.dst_page_ids, nbytes)
+                self._stats["kv_bytes_in"] += nbytes
+            elif state != "DONE":
+                self._give_up(read.peer, room, "the NIXL read failed")
+                self._reject(read.peer, "nixl_read_failed")
+            self._on_control(read.peer, read.copy.status, events)
+
+    def _settle(self, read: Read) -> None:
+        """Let a read under way finish (bounded by the heartbeat timeout), else cancel it:
+        its destination pages are about to be freed and must see no late write."""
+        if read.handle is None:
+            return
+        deadline = time.monotonic() + self.options.heartbeat_timeout_s
+        while self._agent.state(read.handle) == "PROC" and time.monotonic() < deadline:
+            time.sleep(0.0002)
+        if not self._agent.release(read.handle):
+            log.error("room %d: a NIXL read could not be cancelled", read.copy.room)
+
+    def _give_up(self, peer: PeerId, room: int, error: str) -> None:
+        self._tell(peer, NixlDone(rooms=[room], error=error))
+
+    def _tell(self, peer: PeerId, msg: NixlDone) -> None:
+        try:
+            self._enqueue(peer, [Outgoing(parts=[_encoder.encode(msg)])])
+        except TransportError as exc:  # the peer is gone: nothing to free on our side
+            log.debug("NixlDone for rooms %s to %s not sent: %s", msg.rooms, peer, exc)
