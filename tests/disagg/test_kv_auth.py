@@ -87,3 +87,17 @@ def test_a_routable_bind_without_the_secret_is_warned_about():
 
     assert "without --disagg-secret" in warnings("0.0.0.0", None)[0]
     assert warnings("0.0.0.0", "s") == [] and warnings("127.0.0.1", None) == []
+
+
+def test_the_proof_covers_the_transfer_metadata_both_ways():
+    """NIXL agent metadata rides in the handshake: swapping it breaks the proof."""
+    sent = kv_auth.sign("s", _handshake(), NOW)
+    tampered = msgspec.structs.replace(sent, transfer_meta=b"another agent")
+    assert "secrets differ" in kv_auth.check(ProofChecker("s"), tampered, NOW)
+    checker = ProofChecker("s")
+    assert kv_auth.check(checker, sent, NOW) is None
+    result = m.HandshakeResult(ok=True, transfer_meta=b"prefill agent")
+    answer = kv_auth.answer(checker, sent, result)
+    forged = msgspec.structs.replace(answer, transfer_meta=b"someone else")
+    assert kv_auth.check_answer("s", sent, answer) is None
+    assert "secrets differ" in kv_auth.check_answer("s", sent, forged)

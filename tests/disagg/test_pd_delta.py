@@ -11,6 +11,7 @@ import pytest
 import requests
 
 from tests.conftest import TINY_ARGS
+from tests.disagg.conftest import NIXL, backend_args
 from tests.disagg.pd_driver import (
     check_delta_conversation,
     metric_value,
@@ -70,6 +71,18 @@ def _flush(url: str) -> None:
 
 def test_a_conversation_moves_only_the_new_pages_with_the_tokens_of_no_cache(pair, cache_off):
     prefill, decode = pair
+    check_delta_conversation(
+        prefill.url, decode.url, prefill.bootstrap_port, lambda b: _reference(cache_off, b)
+    )
+
+
+@pytest.mark.parametrize("backend", [NIXL])
+def test_nixl_moves_the_same_delta_with_the_tokens_of_no_cache(pd, cache_off, backend):
+    """Decode reads only the pages past what it holds, into the pages it granted; under a
+    disagg secret, whose proof covers the NIXL metadata in the handshake."""
+    args = [*backend_args(backend), "--disagg-secret", "delta-secret"]
+    prefill = pd.prefill(1, args)
+    decode = pd.decode(1, args)
     check_delta_conversation(
         prefill.url, decode.url, prefill.bootstrap_port, lambda b: _reference(cache_off, b)
     )

@@ -11,9 +11,11 @@ import signal
 import socket
 import time
 
+import pytest
 import requests
 import zmq
 
+from tests.disagg.conftest import BACKENDS, backend_args
 from tests.disagg.pd_driver import (
     pages_in_use,
     pd_generate,
@@ -68,9 +70,12 @@ def test_room_sent_only_to_decode_fails_at_its_deadline(pd):
     wait_idle([prefill.url, decode.url])
 
 
-def test_dead_prefill_worker_fails_its_rooms_within_the_heartbeat_window(pd):
-    prefill = pd.prefill(1)
-    decode = pd.decode(1, ["--heartbeat-interval-s", "0.2", "--heartbeat-timeout-s", "1.0"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_dead_prefill_worker_fails_its_rooms_within_the_heartbeat_window(pd, backend):
+    prefill = pd.prefill(1, backend_args(backend))
+    decode = pd.decode(
+        1, ["--heartbeat-interval-s", "0.2", "--heartbeat-timeout-s", "1.0", *backend_args(backend)]
+    )
     pending = [_post_async(decode.url, _leg(prefill.bootstrap_port, room)) for room in (11, 22, 33)]
     wait_until(lambda: pages_in_use(decode.url) > 0, 20, "decode to reserve pages")
     worker_pid = requests.get(prefill.url + "/server_info", timeout=5).json()["worker_pids"][0]
@@ -127,9 +132,10 @@ def test_missing_room_is_a_clear_400(pd):
         assert "bootstrap_room" in resp.json()["error"]["message"]
 
 
-def test_garbage_on_a_kv_port_is_dropped_and_service_continues(pd):
-    prefill = pd.prefill(1)
-    decode = pd.decode(1)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_garbage_on_a_kv_port_is_dropped_and_service_continues(pd, backend):
+    prefill = pd.prefill(1, backend_args(backend))
+    decode = pd.decode(1, backend_args(backend))
     endpoint = requests.get(
         f"http://127.0.0.1:{prefill.bootstrap_port}/route?prefill_dp_rank=0", timeout=5
     ).json()["kv_endpoint"]
@@ -151,9 +157,10 @@ def test_garbage_on_a_kv_port_is_dropped_and_service_continues(pd):
     wait_idle([prefill.url, decode.url])
 
 
-def test_abort_on_decode_frees_pages_on_both_sides(pd):
-    prefill = pd.prefill(1)
-    decode = pd.decode(1)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_abort_on_decode_frees_pages_on_both_sides(pd, backend):
+    prefill = pd.prefill(1, backend_args(backend))
+    decode = pd.decode(1, backend_args(backend))
     pending = _post_async(decode.url, _leg(prefill.bootstrap_port, 99, rid="abort-me"))
     wait_until(lambda: pages_in_use(decode.url) > 0, 20, "decode to reserve pages")
     resp = requests.post(decode.url + "/abort_request", json={"rid": "abort-me"}, timeout=10)
@@ -270,12 +277,14 @@ def test_zero_new_tokens_answers_both_legs_without_moving_kv(pd):
 
 
 def test_mismatched_transfer_backends_fail_at_the_handshake(pd):
-    prefill = pd.prefill(1, ["--transfer-backend", "fake"])
+    prefill_backend = "fake"
+    prefill = pd.prefill(1, backend_args(prefill_backend))
     decode = pd.decode(1, ["--transfer-backend", "zmq"])
     result = pd_generate(
         prefill.url, decode.url, BODY, bootstrap_port=prefill.bootstrap_port, timeout_s=30
     )
     assert result.decode.status == 500
-    assert "transfer backend mismatch: decode='zmq' prefill='fake'" in result.decode.error
+    want = f"transfer backend mismatch: decode='zmq' prefill='{prefill_backend}'"
+    assert want in result.decode.error
     assert result.prefill.elapsed_s < 10
     wait_idle([prefill.url, decode.url])
