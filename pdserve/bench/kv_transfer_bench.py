@@ -9,12 +9,16 @@ CLOCK_MONOTONIC, which both processes share.
 "ZeroMQ alone" (frames received and dropped) is the ceiling for any ZeroMQ-based transport.
 The receiver handshakes first, as a decode worker does, so the transport's data connection
 is open before the first transfer (`--no-data-channel`: page bytes go as ZeroMQ frames).
+Where NIXL is installed, the nixl backend runs in the same rounds (scattered pages) twice:
+over UCX's choice on one host (shared memory: CMA) and over UCX_TLS=tcp.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import multiprocessing as mp
+import os
 import socket
 import statistics
 import time
@@ -29,6 +33,7 @@ import zmq
 from pdserve.disagg import messages as m
 from pdserve.disagg.transfer import Inbound, KVReceived, KVTransport, make_transport
 from pdserve.disagg.transfer.base import TransportOptions
+from pdserve.disagg.transfer.nixl_agent import nixl_missing
 
 MIB = 1 << 20
 PAGE_SHAPE = (16, 2, 16, 4, 32)  # layers, k/v, tokens per page, kv heads, head dim: 256 KiB fp32
@@ -40,7 +45,8 @@ def now_s() -> float:
     return time.clock_gettime(time.CLOCK_MONOTONIC)
 
 
-METHODS = ("raw", "zmq_only", "contiguous", "scattered")
+METHODS = ("raw", "zmq_only", "contiguous", "scattered", "nixl_shm", "nixl_tcp")
+NIXL_TLS = {"nixl_shm": None, "nixl_tcp": "tcp"}  # UCX_TLS per NIXL method (None: UCX picks)
 
 
 @dataclass(frozen=True)
@@ -51,6 +57,11 @@ class Args:
     backend: str
     torch_threads: int
     data_channel: bool
+    nixl: bool
+
+    @property
+    def methods(self) -> tuple[str, ...]:
+        return METHODS if self.nixl else METHODS[:4]
 
 
 def make_pool(num_pages: int, seed: int) -> torch.Tensor:
@@ -65,19 +76,36 @@ def page_ids(pattern: str, num_pages: int, pool_pages: int, seed: int) -> list[i
 
 
 # -- the sending process --------------------------------------------------------------------
+def make_transports(args: Args, pool: torch.Tensor, host: str | None) -> dict[str, KVTransport]:
+    """The --backend transport as "kv", and the NIXL ones when asked for."""
+    transports = {"kv": make_transport(args.backend, pool, host, options=transport_options(args))}
+    for method, tls in NIXL_TLS.items() if args.nixl else ():
+        before = os.environ.pop("UCX_TLS", None)
+        if tls is not None:  # UCX reads it when NIXL creates the agent's UCX context
+            os.environ["UCX_TLS"] = tls
+        try:
+            transports[method] = make_transport("nixl", pool, host)
+        finally:
+            os.environ.pop("UCX_TLS", None)
+            if before is not None:
+                os.environ["UCX_TLS"] = before
+    return transports
+
+
 def sender_main(cmds, args: Args, pool_pages: int) -> None:
     torch.set_num_threads(args.torch_threads)
     pool = make_pool(pool_pages, seed=1)
-    transport = make_transport(args.backend, pool, "127.0.0.1", options=transport_options(args))
+    transports = make_transports(args, pool, "127.0.0.1")
     listener = socket.create_server(("127.0.0.1", 0))
     plain = zmq.Context().socket(zmq.ROUTER)
     plain.bind("tcp://127.0.0.1:*")
-    cmds.send((transport.endpoint, listener.getsockname()[1], plain.last_endpoint.decode()))
+    endpoints = {name: t.endpoint for name, t in transports.items()}
+    cmds.send((endpoints, listener.getsockname()[1], plain.last_endpoint.decode()))
     raw, _ = listener.accept()
     raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     pool_bytes = memoryview(pool.view(torch.uint8).numpy()).cast("B")
     frame_nbytes = int(args.frame_mib * MIB)
-    inbox = Inbox(transport)
+    inboxes = {name: Inbox(t) for name, t in transports.items()}
 
     def send_raw(nbytes: int) -> float:
         raw.recv(8)
@@ -95,16 +123,17 @@ def sender_main(cmds, args: Args, pool_pages: int) -> None:
         return start_s
 
     handlers = {
-        "handshake": lambda _: answer_handshake(inbox),
+        "handshake": lambda name: answer_handshake(inboxes[name]),
         "raw": send_raw,
         "zmq_only": send_zmq_only,
-        "kv": lambda src: serve_one_transfer(inbox, src_page_ids=src),
+        "kv": lambda arg: serve_one_transfer(inboxes[arg[0]], src_page_ids=arg[1]),
     }
-    while (cmd := next_command(cmds, inbox)) is not None:
+    while (cmd := next_command(cmds, list(inboxes.values()))) is not None:
         cpu_s = time.process_time()
         start_s = handlers[cmd[0]](cmd[1])
         cmds.send((time.process_time() - cpu_s, start_s))
-    transport.close()
+    for transport in transports.values():
+        transport.close()
     raw.close()
     plain.close(linger=0)
 
@@ -131,15 +160,16 @@ class Inbox:
         return None
 
 
-def next_command(cmds, inbox: Inbox) -> Any:
-    """Wait for the receiver's next command, polling the transport meanwhile as a worker loop
-    does (a handshake answer leaves once the data connection is open)."""
+def next_command(cmds, inboxes: list[Inbox]) -> Any:
+    """Wait for the receiver's next command, polling the transports meanwhile as a worker
+    loop does (a handshake answer leaves once the data connection is open)."""
     poller = zmq.Poller()
-    for sock in [cmds.fileno(), *inbox.transport.sockets()]:
+    for sock in [cmds.fileno(), *(s for i in inboxes for s in i.transport.sockets())]:
         poller.register(sock, zmq.POLLIN)
     while not cmds.poll(0):
         poller.poll(100)
-        inbox.poll(0)
+        for inbox in inboxes:
+            inbox.poll(0)
     return cmds.recv()
 
 
@@ -150,7 +180,10 @@ def answer_handshake(inbox: Inbox) -> float:
         if time.monotonic() > deadline:
             raise TimeoutError("sender: no handshake")
         inbox.poll(1)
-    inbox.transport.send(event.peer, m.HandshakeResult(ok=True))
+    transport = inbox.transport
+    error = transport.accept_peer_meta(event.peer, event.msg.transfer_meta)
+    meta = transport.handshake_meta()
+    transport.send(event.peer, m.HandshakeResult(ok=error is None, error=error, transfer_meta=meta))
     return now_s()
 
 
@@ -203,11 +236,17 @@ def handshake(transport: KVTransport, peer: str, backend: str) -> float:
         head_dim=PAGE_SHAPE[4],
         model_fingerprint="kv_transfer_bench",
     )
-    transport.send(peer, m.Handshake(decode_id="bench", layout=layout, backend=backend))
+    meta = transport.handshake_meta()
+    hello = m.Handshake(decode_id="bench", layout=layout, backend=backend, transfer_meta=meta)
+    transport.send(peer, hello)
     deadline = time.monotonic() + TIMEOUT_S
     while time.monotonic() < deadline:
         for event in transport.poll(1):
             if isinstance(event, Inbound) and isinstance(event.msg, m.HandshakeResult):
+                answer = event.msg
+                error = answer.error or transport.accept_peer_meta(peer, answer.transfer_meta)
+                if error is not None:
+                    raise RuntimeError(f"handshake refused: {error}")
                 return now_s()
     raise TimeoutError("no handshake answer")
 
@@ -246,19 +285,22 @@ class Receiver:
         proc = ctx.Process(target=sender_main, args=(child_cmds, self.args, self.pool_pages))
         proc.start()
         try:
-            endpoint, raw_port, plain_endpoint = cmds.recv()
+            endpoints, raw_port, plain_endpoint = cmds.recv()
             self.plain = zmq.Context().socket(zmq.DEALER)
             self.plain.connect(plain_endpoint)
-            options = transport_options(self.args)
-            self.transport = make_transport(self.args.backend, self.pool, None, options=options)
-            self.peer = self.transport.connect(endpoint)
+            self.transports = make_transports(self.args, self.pool, None)
+            self.peers = {n: t.connect(endpoints[n]) for n, t in self.transports.items()}
             self.raw = socket.create_connection(("127.0.0.1", raw_port), timeout=TIMEOUT_S)
             self.cmds = cmds
-            self.timed(("handshake", None), handshake, self.transport, self.peer, self.args.backend)
+            for name, transport in self.transports.items():
+                backend = self.args.backend if name == "kv" else "nixl"
+                self.timed(("handshake", name), handshake, transport, self.peers[name], backend)
             rows = [(size, self.measure(size * MIB)) for size in self.args.sizes_mib]
             cmds.send(None)
             proc.join(TIMEOUT_S)
-            self.stats = self.transport.stats
+            self.stats = self.transports["kv"].stats
+            for transport in self.transports.values():
+                transport.close()
             return rows
         finally:
             if proc.is_alive():
@@ -269,7 +311,7 @@ class Receiver:
         """(seconds, CPU seconds of both processes) per timed round for each method; round i
         of every method ran back to back."""
         num_pages = nbytes // self.pool[0].nbytes
-        samples: dict[str, list[tuple[float, float]]] = {method: [] for method in METHODS}
+        samples: dict[str, list[tuple[float, float]]] = {m: [] for m in self.args.methods}
         for round_index in range(self.args.rounds + 1):  # round 0 warms up and checks
             for method, timing in self.one_round(nbytes, num_pages, check=round_index == 0):
                 if round_index > 0:
@@ -288,18 +330,18 @@ class Receiver:
     def one_round(self, nbytes: int, num_pages: int, check: bool):
         yield "raw", self.timed(("raw", nbytes), time_raw, self.raw, self.buffer, nbytes)
         yield "zmq_only", self.timed(("zmq_only", nbytes), time_zmq_only, self.plain, nbytes)
-        for pattern in ("contiguous", "scattered"):
+        for method in self.args.methods[2:]:
+            name, pattern = (
+                ("kv", method) if method in ("contiguous", "scattered") else (method, "")
+            )
             src = page_ids(pattern, num_pages, self.pool_pages, seed=self.room)
             dst = page_ids(pattern, num_pages, self.pool_pages, seed=self.room + 1)
             self.room += 1
-            args = (self.transport, self.peer, self.room, dst)
-            yield pattern, self.timed(("kv", src), time_transport, *args)
-            if (
-                check
-                and self.args.backend != "fake"
-                and not torch.equal(self.pool[dst], self.expected[src])
-            ):
-                raise RuntimeError(f"{pattern} transfer of {nbytes} bytes: pages differ")
+            args = (self.transports[name], self.peers[name], self.room, dst)
+            yield method, self.timed(("kv", (name, src)), time_transport, *args)
+            moved = name != "kv" or self.args.backend != "fake"
+            if check and moved and not torch.equal(self.pool[dst], self.expected[src]):
+                raise RuntimeError(f"{method} transfer of {nbytes} bytes: pages differ")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -312,7 +354,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--no-data-channel", dest="data_channel", action="store_false", help="KV as ZeroMQ frames"
     )
+    parser.add_argument(
+        "--no-nixl", dest="nixl", action="store_false", help="leave out the NIXL columns"
+    )
     args = Args(**vars(parser.parse_args(argv)))
+    if args.nixl and nixl_missing() is not None:
+        print(f"no NIXL columns: {nixl_missing()}")
+        args = dataclasses.replace(args, nixl=False)
     torch.set_num_threads(args.torch_threads)
     page_nbytes = make_pool(1, seed=0)[0].nbytes
     pool_pages = max(args.sizes_mib) * MIB // page_nbytes * 5 // 4  # room to scatter
@@ -324,10 +372,12 @@ def main(argv: list[str] | None = None) -> None:
         f"frame {args.frame_mib:g} MiB, backend {args.backend}, {args.rounds} rounds, page bytes "
         f"{'on the data connection' if over_data else 'as ZeroMQ frames (some or all)'}"
     )
-    print(report(rows))
+    print(report(rows, args.methods))
 
 
-def report(rows: list[tuple[int, dict[str, list[tuple[float, float]]]]]) -> str:
+def report(
+    rows: list[tuple[int, dict[str, list[tuple[float, float]]]]], methods: tuple[str, ...]
+) -> str:
     """Per method: GB/s (median over rounds), "x raw" (median over rounds of raw time / its
     time, each pair measured back to back so drifts in machine load cancel), and CPU ms of
     both processes per GB (median): what bounds throughput once the cores are saturated."""
@@ -336,14 +386,16 @@ def report(rows: list[tuple[int, dict[str, list[tuple[float, float]]]]]) -> str:
         "zmq_only": "ZeroMQ alone",
         "contiguous": "KV contiguous",
         "scattered": "KV scattered",
+        "nixl_shm": "NIXL UCX shm",
+        "nixl_tcp": "NIXL UCX tcp",
     }
     head = f"{'payload':>8} | " + " | ".join(
-        f"{names[k]:>14} GB/s x raw cpu ms/GB" for k in METHODS
+        f"{names[k]:>14} GB/s x raw cpu ms/GB" for k in methods
     )
     lines = [head, "-" * len(head)]
     for size, samples in rows:
         cells = []
-        for method in METHODS:
+        for method in methods:
             times = [t for t, _ in samples[method]]
             gbps = size * MIB / statistics.median(times) / 1e9
             ratio = statistics.median(

@@ -18,16 +18,26 @@ import torch
 log = logging.getLogger(__name__)
 
 INSTALL_HINT = (
-    "the nixl KV transfer backend needs the NIXL package: "
-    "pip install --no-deps 'nixl==1.5.1' 'nixl-cu12==1.5.1' (see README: Install)"
+    "the nixl KV transfer backend needs NIXL: pip install 'pdserve[nixl]' "
+    "(or: pip install --no-deps nixl-cu12==1.5.1); see the README"
 )
+# `nixl` dispatches to the build matching the CUDA found; `nixl_cu12` is that build itself,
+# which also runs where there is no CUDA at all.
+_MODULES = ("nixl", "nixl_cu12")
 
 
 def nixl_missing() -> str | None:
     """Why NIXL cannot be used here, or None."""
-    if importlib.util.find_spec("nixl") is None:
+    if all(importlib.util.find_spec(name) is None for name in _MODULES):
         return INSTALL_HINT
     return None
+
+
+def _api():
+    for name in _MODULES:
+        if importlib.util.find_spec(name) is not None:
+            return importlib.import_module(name + "._api")
+    raise ImportError(INSTALL_HINT)
 
 
 class NixlPool(msgspec.Struct, frozen=True, kw_only=True):
@@ -71,13 +81,12 @@ class NixlAgent:
     registered. Reads go from a peer's pool into ours, each with a notification to the peer."""
 
     def __init__(self, pages: torch.Tensor) -> None:
-        from nixl._api import nixl_agent, nixl_agent_config
-
+        api = _api()
         self.name = f"pdserve-{uuid.uuid4().hex[:16]}"
         # No progress thread: it spins a third of a core per idle worker. Our loop progresses
         # NIXL when it checks reads and notifications, which it does while any are pending.
-        config = nixl_agent_config(enable_prog_thread=False, backends=["UCX"])
-        self._agent = nixl_agent(self.name, config)
+        config = api.nixl_agent_config(enable_prog_thread=False, backends=["UCX"])
+        self._agent = api.nixl_agent(self.name, config)
         if "UCX" not in self._agent.backends:
             raise RuntimeError("NIXL has no UCX backend plugin here")
         self._pages = pages
