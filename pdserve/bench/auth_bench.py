@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import random
 import time
 
 import aiohttp
 
 from pdserve.auth import bearer_header
-from pdserve.bench.pd_rank_bench import Proc, _free_port, _one, _pct
+from pdserve.bench.pd_rank_bench import Proc, _free_port, _pct
 
 API_KEY = "bench-api-key"
 SECRET = "bench-disagg-secret"
@@ -38,6 +39,28 @@ def _pair(model_path: str, env: dict[str, str], procs: list[Proc]) -> tuple[str,
         )
     )
     return f"http://127.0.0.1:{port}", bport, f"http://127.0.0.1:{dport}"
+
+
+async def _one(session, prefill_url: str, decode_url: str, bootstrap_port: int, prompt_len: int):
+    """One PD request (both legs at once, as a router sends them); its TTFT in seconds: the
+    decode answer of max_new_tokens=1 arrives with the first token."""
+    body = {
+        "input_ids": [random.randrange(3, 250) for _ in range(prompt_len)],
+        "sampling_params": {"max_new_tokens": 1, "temperature": 0},
+        "bootstrap_host": "127.0.0.1",
+        "bootstrap_port": bootstrap_port,
+        "bootstrap_room": random.randrange(2**63),
+    }
+
+    async def post(url: str) -> None:
+        async with session.post(url + "/generate", json=body) as resp:
+            await resp.read()
+            if resp.status != 200:
+                raise RuntimeError(f"{url}: {resp.status}")
+
+    start = time.perf_counter()
+    await asyncio.gather(post(prefill_url), post(decode_url))
+    return time.perf_counter() - start
 
 
 async def _measure(cells: dict, num_requests: int, prompt_len: int) -> dict[str, list[float]]:

@@ -86,6 +86,10 @@ class DisaggConfig:
             self.transfer_backend in TRANSFER_BACKENDS,
             f"--transfer-backend must be one of {TRANSFER_BACKENDS}, got {self.transfer_backend!r}",
         )
+        if self.transfer_backend == "nixl":
+            from pdserve.disagg.transfer.nixl_agent import nixl_missing
+
+            check(nixl_missing() is None, f"--transfer-backend nixl: {nixl_missing()}")
         check(
             self.rank_mismatch in RANK_MISMATCH_MODES,
             f"--rank-mismatch must be one of {RANK_MISMATCH_MODES}, got {self.rank_mismatch!r}",

@@ -221,7 +221,7 @@ class NixlTransport(FakeTransport):
             self._sends.pop(key).finish("room forgotten")
         read = self._reads.pop(room, None)
         if read is not None:
-            self._settle(read)
+            self._settle([read])
 
     def busy(self) -> bool:
         """Batches to send or reads to finish; not sends awaiting decode's read: decode
@@ -240,8 +240,9 @@ class NixlTransport(FakeTransport):
     def _drop_peer(self, peer: PeerId, reason: str) -> None:
         for key in [k for k in self._sends if k[0] == peer]:
             self._sends.pop(key).finish(reason)
-        for room in [r for r, read in self._reads.items() if read.peer == peer]:
-            self._settle(self._reads.pop(room))
+        self._settle(
+            [self._reads.pop(r) for r, read in list(self._reads.items()) if read.peer == peer]
+        )
         self._batches.pop(peer, None)
         if self._peer_pools.pop(peer, None) is not None:
             self._agent.remove_peer(peer)
@@ -337,16 +338,27 @@ class NixlTransport(FakeTransport):
                 self._reject(read.peer, "nixl_read_failed")
             self._on_control(read.peer, read.copy.status, events)
 
-    def _settle(self, read: Read) -> None:
-        """Let a read under way finish (bounded by the heartbeat timeout), else cancel it:
-        its destination pages are about to be freed and must see no late write."""
-        if read.handle is None:
-            return
+    def _settle(self, reads: list[Read]) -> None:
+        """Let reads under way finish (together bounded by the heartbeat timeout), else
+        cancel them: their destination pages are about to be freed and must see no late
+        write. A read NIXL can neither finish nor cancel is logged as an error."""
+        pending = [r for r in reads if r.handle is not None]
         deadline = time.monotonic() + self.options.heartbeat_timeout_s
-        while self._agent.state(read.handle) == "PROC" and time.monotonic() < deadline:
+        while time.monotonic() < deadline:
+            pending = [r for r in pending if self._still_reading(r)]
+            if not pending:
+                return
             time.sleep(0.0002)
-        if not self._agent.release(read.handle):
-            log.error("room %d: a NIXL read could not be cancelled", read.copy.room)
+        for read in pending:
+            if not self._agent.release(read.handle):
+                log.error("room %d: a NIXL read could not be cancelled", read.copy.room)
+
+    def _still_reading(self, read: Read) -> bool:
+        """True while the read is under way; once it has ended, releases its handle."""
+        if self._agent.state(read.handle) == "PROC":
+            return True
+        self._agent.release(read.handle)
+        return False
 
     def _give_up(self, peer: PeerId, room: int, error: str) -> None:
         self._tell(peer, NixlDone(rooms=[room], error=error))
