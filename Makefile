@@ -2,7 +2,8 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
-# pyproject extras to install; CI adds nixl (the NIXL transfer backend and its tests).
+# pyproject extras to install; `make test` adds nixl (the NIXL transfer backend, about
+# +240 MB) so that its tests run rather than skip.
 EXTRAS ?= test
 
 .PHONY: install up serve test lint
@@ -28,7 +29,11 @@ up: install
 serve: install
 	$(VENV)/bin/pdserve serve --mode colocated $(SERVE_ARGS)
 
-test: install
+$(VENV)/.installed-nixl: $(VENV)/.installed
+	$(PY) -m pip install -q -e ".[$(EXTRAS),nixl]"
+	touch $@
+
+test: $(VENV)/.installed-nixl
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: install
