@@ -15,10 +15,10 @@ from pdserve import netaddr
 from pdserve.disagg.bootstrap_client import bootstrap_url, register_worker_blocking
 from pdserve.disagg.bootstrap_registry import WorkerRegistration
 from pdserve.disagg.rank_resolver import registers_all_rooms
-from pdserve.disagg.transfer import TransportOptions, make_transport
 
 if TYPE_CHECKING:
     from pdserve.disagg.config import PDServerConfig
+    from pdserve.disagg.transfer import TransportOptions
     from pdserve.engine.engine import Engine
     from pdserve.serving.hooks import WorkerHooks
 
@@ -34,6 +34,10 @@ def advertised_host(cfg: PDServerConfig) -> str:
 
 
 def make_worker_hooks(cfg: PDServerConfig, engine: Engine, dp_rank: int) -> WorkerHooks:
+    # Imported here: the transfer backends import torch, which the front end (importing
+    # this module for advertised_host) does not need.
+    from pdserve.disagg.transfer import make_transport
+
     if cfg.server.mode == "prefill":
         from pdserve.disagg.prefill_worker import PrefillWorkerHooks
 
@@ -61,6 +65,8 @@ def make_worker_hooks(cfg: PDServerConfig, engine: Engine, dp_rank: int) -> Work
 
 
 def _options(cfg: PDServerConfig) -> TransportOptions:
+    from pdserve.disagg.transfer import TransportOptions
+
     return TransportOptions(
         heartbeat_interval_s=cfg.disagg.heartbeat_interval_s,
         heartbeat_timeout_s=cfg.disagg.heartbeat_timeout_s,

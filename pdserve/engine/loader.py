@@ -1,6 +1,6 @@
 """Model loading: resolve a model name to a Hugging Face directory, read its config and
-safetensors weights, and fingerprint them. Runs in each worker (and the front end, which
-only calls `resolve_model_dir` to load the tokenizer)."""
+safetensors weights, and fingerprint them. Runs in each worker; the front end only resolves
+the directory, with `model_dir.py` (no torch)."""
 
 from __future__ import annotations
 
@@ -15,32 +15,8 @@ import torch
 from safetensors.torch import load_file
 
 from pdserve.engine.model import ModelArgs, ModelWeights, weights_from_state_dict
-from pdserve.engine.model_cache import cached_model_dir
-
-# Bump a version when the builder's output changes, so stale cache entries are not reused.
-BUILTIN_MODELS = {
-    "tiny-random": "tiny-random-v1",
-    "smollm2-135m-instruct": "smollm2-135m-instruct-v1",
-}
-
-
-def resolve_model_dir(model_path: str) -> str:
-    """A directory with config.json, tokenizer and *.safetensors for `model_path`: a
-    built-in name (built into the cache on first use) or a local directory."""
-    if model_path == "tiny-random":
-        from pdserve.engine.tiny_random import build_tiny_random
-
-        return cached_model_dir(BUILTIN_MODELS[model_path], build_tiny_random)
-    if model_path == "smollm2-135m-instruct":
-        from pdserve.engine.gguf_convert import convert_gguf
-
-        return cached_model_dir(BUILTIN_MODELS[model_path], convert_gguf)
-    if os.path.isfile(os.path.join(model_path, "config.json")):
-        return os.path.abspath(model_path)
-    raise ValueError(
-        f"unknown model {model_path!r}: expected one of {sorted(BUILTIN_MODELS)} or a local "
-        "Hugging Face directory with config.json and *.safetensors"
-    )
+from pdserve.engine.model_dir import BUILTIN_MODELS as BUILTIN_MODELS  # re-exported
+from pdserve.engine.model_dir import resolve_model_dir
 
 
 @dataclass

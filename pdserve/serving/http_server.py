@@ -133,16 +133,11 @@ def build_app(state: ServerState) -> web.Application:
     return app
 
 
-def load_tokenizer(model_dir: str) -> Any:
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(model_dir)
-
-
 async def _start_workers(
     cfg: ServerConfig, make_worker_hooks: WorkerHooksFactory
 ) -> tuple[DPController, Any, str]:
-    from pdserve.engine.loader import resolve_model_dir
+    from pdserve.engine.model_dir import resolve_model_dir
+    from pdserve.serving.tokenizer_loader import load_tokenizer
 
     # Resolve (and convert, the first time) before spawning, so workers never race on it.
     model_dir = await asyncio.to_thread(resolve_model_dir, cfg.engine.model_path)

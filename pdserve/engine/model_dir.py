@@ -1,0 +1,38 @@
+"""Resolving a model name to a Hugging Face directory, without importing torch: the front
+end calls this before loading the tokenizer (torch is only needed to build a model the
+first time, by the builders imported on that path)."""
+
+from __future__ import annotations
+
+import os
+
+from pdserve.engine.model_cache import cached_model_dir
+
+# Bump a version when the builder's output changes, so stale cache entries are not reused.
+BUILTIN_MODELS = {
+    "tiny-random": "tiny-random-v1",
+    "smollm2-135m-instruct": "smollm2-135m-instruct-v1",
+}
+
+
+def resolve_model_dir(model_path: str) -> str:
+    """A directory with config.json, tokenizer and *.safetensors for `model_path`: a
+    built-in name (built into the cache on first use) or a local directory."""
+    if model_path == "tiny-random":
+        return cached_model_dir(BUILTIN_MODELS[model_path], _build_tiny_random)
+    if model_path == "smollm2-135m-instruct":
+        from pdserve.engine.gguf_convert import convert_gguf
+
+        return cached_model_dir(BUILTIN_MODELS[model_path], convert_gguf)
+    if os.path.isfile(os.path.join(model_path, "config.json")):
+        return os.path.abspath(model_path)
+    raise ValueError(
+        f"unknown model {model_path!r}: expected one of {sorted(BUILTIN_MODELS)} or a local "
+        "Hugging Face directory with config.json and *.safetensors"
+    )
+
+
+def _build_tiny_random(out_dir: str) -> None:
+    from pdserve.engine.tiny_random import build_tiny_random  # imports torch
+
+    build_tiny_random(out_dir)

@@ -1,0 +1,57 @@
+"""The front end's tokenizer: the direct load gives what AutoTokenizer gives, and only where
+the files say AutoTokenizer would pick TokenizersBackend itself."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+from pdserve.engine.model_dir import resolve_model_dir
+from pdserve.serving.tokenizer_loader import declares_tokenizers_backend, load_tokenizer
+
+MESSAGES = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "What is the capital of France? naïve über"},
+]
+
+
+def test_direct_load_equals_autotokenizer_on_tiny_random():
+    from transformers import AutoTokenizer
+
+    model_dir = resolve_model_dir("tiny-random")
+    assert declares_tokenizers_backend(model_dir)
+    direct, auto = load_tokenizer(model_dir), AutoTokenizer.from_pretrained(model_dir)
+    assert type(direct) is type(auto)
+    text = "The model token page cache. naïve über 😀"
+    assert direct.encode(text) == auto.encode(text)
+    ids = auto.encode(text)
+    assert direct.decode(ids) == auto.decode(ids)
+    assert direct.apply_chat_template(
+        MESSAGES, add_generation_prompt=True, tokenize=False
+    ) == auto.apply_chat_template(MESSAGES, add_generation_prompt=True, tokenize=False)
+    for attr in ("eos_token_id", "bos_token_id", "pad_token_id", "all_special_ids"):
+        assert getattr(direct, attr) == getattr(auto, attr), attr
+    assert len(direct) == len(auto)
+
+
+def _copy_with(tmp_path, config: dict | None = None, tok_config: dict | None = None) -> str:
+    src = resolve_model_dir("tiny-random")
+    dst = tmp_path / "model"
+    shutil.copytree(src, dst)
+    for name, extra in (("config.json", config), ("tokenizer_config.json", tok_config)):
+        if extra:
+            data = json.loads((dst / name).read_text())
+            (dst / name).write_text(json.dumps({**data, **extra}))
+    return str(dst)
+
+
+def test_other_model_types_and_remote_code_go_through_autotokenizer(tmp_path):
+    # qwen2 is one for which AutoTokenizer overrides the declared class.
+    assert not declares_tokenizers_backend(
+        _copy_with(tmp_path / "a", config={"model_type": "qwen2"})
+    )
+    remote = {"auto_map": {"AutoTokenizer": [None, "x.Tok"]}}
+    assert not declares_tokenizers_backend(_copy_with(tmp_path / "b", tok_config=remote))
+    declared = {"tokenizer_class": "GPT2Tokenizer"}
+    assert not declares_tokenizers_backend(_copy_with(tmp_path / "c", tok_config=declared))
+    assert not declares_tokenizers_backend(str(tmp_path / "missing"))
