@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 
 from pdserve.engine.model_dir import resolve_model_dir
 from pdserve.serving.tokenizer_loader import declares_tokenizers_backend, load_tokenizer
+from tests.helpers import PYTHON, python_path_env
 
 MESSAGES = [
     {"role": "system", "content": "Be brief."},
@@ -55,3 +57,23 @@ def test_other_model_types_and_remote_code_go_through_autotokenizer(tmp_path):
     declared = {"tokenizer_class": "GPT2Tokenizer"}
     assert not declares_tokenizers_backend(_copy_with(tmp_path / "c", tok_config=declared))
     assert not declares_tokenizers_backend(str(tmp_path / "missing"))
+
+
+def test_the_front_end_start_path_imports_no_torch():
+    """What a PD front end runs before its workers are up: importing torch there (about 1 s
+    of CPU, 3 s with sympy) would delay every server start."""
+    code = (
+        "import sys\n"
+        "from pdserve.serve import hooks_for\n"
+        "from pdserve.serving.http_server import serve\n"
+        "from pdserve.engine.model_dir import resolve_model_dir\n"
+        "from pdserve.serving.tokenizer_loader import load_tokenizer\n"
+        "hooks_for('prefill'), hooks_for('decode')\n"
+        "load_tokenizer(resolve_model_dir('tiny-random'))\n"
+        "print(sorted(m for m in ('torch', 'sympy') if m in sys.modules))\n"
+    )
+    out = subprocess.run(
+        [PYTHON, "-c", code], env=python_path_env(), capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]", out.stdout
