@@ -1,6 +1,7 @@
 """Faults on the PD path: a dead prefill worker, a room only decode ever sees, duplicate
 rooms, garbage on a KV port, aborts from either side, incompatible servers. Every request
-ends with a reason, and every page comes back."""
+ends with a reason, and every page comes back. Tests that leave both servers running share
+a module's pair (rooms never repeat); tests that kill or misconfigure one start their own."""
 
 from __future__ import annotations
 
@@ -10,12 +11,13 @@ import random
 import signal
 import socket
 import time
+from collections.abc import Callable
 
 import pytest
 import requests
 import zmq
 
-from tests.disagg.conftest import BACKENDS, backend_args
+from tests.disagg.conftest import BACKENDS, Prefill, backend_args
 from tests.disagg.pd_driver import (
     pages_in_use,
     pd_generate,
@@ -23,12 +25,39 @@ from tests.disagg.pd_driver import (
     run_many,
     wait_idle,
 )
-from tests.helpers import wait_until
+from tests.helpers import ServerProcess, wait_until
 
 BODY = {
     "input_ids": list(range(10, 60)),
     "sampling_params": {"max_new_tokens": 4, "temperature": 0},
 }
+KV_WAIT_S = 3.0  # long enough to send a duplicate while the first request waits
+
+
+@pytest.fixture(scope="module")
+def pairs(pd_module) -> Callable[[str], tuple[Prefill, ServerProcess]]:
+    """Prefill + decode pairs with the default deadlines, one per transfer backend, each
+    started when a test first asks for it."""
+    started: dict[str, tuple[Prefill, ServerProcess]] = {}
+
+    def pair_for(backend: str) -> tuple[Prefill, ServerProcess]:
+        if backend not in started:
+            args = backend_args(backend)
+            started[backend] = (pd_module.prefill(1, args), pd_module.decode(1, args))
+        return started[backend]
+
+    return pair_for
+
+
+@pytest.fixture(scope="module")
+def pair(pairs) -> tuple[Prefill, ServerProcess]:
+    return pairs("zmq")
+
+
+@pytest.fixture(scope="module")
+def short_kv_wait_pair(pd_module) -> tuple[Prefill, ServerProcess]:
+    """A prefill + decode pair whose decode gives up waiting for KV after KV_WAIT_S."""
+    return pd_module.prefill(1), pd_module.decode(1, ["--kv-wait-timeout-s", str(KV_WAIT_S)])
 
 
 def _leg(bootstrap_port: int, room: int, body: dict = BODY, **extra) -> dict:
@@ -57,16 +86,15 @@ def _post_async(url: str, body: dict) -> concurrent.futures.Future:
     return future
 
 
-def test_room_sent_only_to_decode_fails_at_its_deadline(pd):
-    prefill = pd.prefill(1)
-    decode = pd.decode(1, ["--kv-wait-timeout-s", "1.5"])
+def test_room_sent_only_to_decode_fails_at_its_deadline(short_kv_wait_pair):
+    prefill, decode = short_kv_wait_pair
     start = time.monotonic()
     resp = _decode_only(decode.url, prefill.bootstrap_port, room=12345)
     elapsed_s = time.monotonic() - start
     assert resp.status_code == 504, resp.text
     message = resp.json()["error"]["message"]
-    assert "timed out after 1.5s waiting for the KV of room 12345" in message
-    assert 1.4 < elapsed_s < 10
+    assert f"timed out after {KV_WAIT_S:g}s waiting for the KV of room 12345" in message
+    assert KV_WAIT_S - 0.1 < elapsed_s < KV_WAIT_S + 8.5
     wait_idle([prefill.url, decode.url])
 
 
@@ -112,9 +140,8 @@ def test_frozen_prefill_worker_fails_its_rooms_by_heartbeat(pd):
         os.kill(worker_pid, signal.SIGCONT)
 
 
-def test_duplicate_room_is_rejected_on_both_servers(pd):
-    prefill = pd.prefill(1)
-    decode = pd.decode(1, ["--kv-wait-timeout-s", "3"])
+def test_duplicate_room_is_rejected_on_both_servers(short_kv_wait_pair):
+    prefill, decode = short_kv_wait_pair
     first = _post_async(decode.url, _leg(prefill.bootstrap_port, 7))
     wait_until(lambda: pages_in_use(decode.url) > 0, 20, "the first request to reach decode")
     dup = _decode_only(decode.url, prefill.bootstrap_port, room=7)
@@ -123,9 +150,8 @@ def test_duplicate_room_is_rejected_on_both_servers(pd):
     wait_idle([prefill.url, decode.url])
 
 
-def test_missing_room_is_a_clear_400(pd):
-    prefill = pd.prefill(1)
-    decode = pd.decode(1)
+def test_missing_room_is_a_clear_400(pair):
+    prefill, decode = pair
     for url in (prefill.url, decode.url):
         resp = requests.post(url + "/generate", json=BODY, timeout=30)
         assert resp.status_code == 400
@@ -133,9 +159,8 @@ def test_missing_room_is_a_clear_400(pd):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_garbage_on_a_kv_port_is_dropped_and_service_continues(pd, backend):
-    prefill = pd.prefill(1, backend_args(backend))
-    decode = pd.decode(1, backend_args(backend))
+def test_garbage_on_a_kv_port_is_dropped_and_service_continues(pairs, backend):
+    prefill, decode = pairs(backend)
     endpoint = requests.get(
         f"http://127.0.0.1:{prefill.bootstrap_port}/route?prefill_dp_rank=0", timeout=5
     ).json()["kv_endpoint"]
@@ -158,9 +183,8 @@ def test_garbage_on_a_kv_port_is_dropped_and_service_continues(pd, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_abort_on_decode_frees_pages_on_both_sides(pd, backend):
-    prefill = pd.prefill(1, backend_args(backend))
-    decode = pd.decode(1, backend_args(backend))
+def test_abort_on_decode_frees_pages_on_both_sides(pairs, backend):
+    prefill, decode = pairs(backend)
     pending = _post_async(decode.url, _leg(prefill.bootstrap_port, 99, rid="abort-me"))
     wait_until(lambda: pages_in_use(decode.url) > 0, 20, "decode to reserve pages")
     resp = requests.post(decode.url + "/abort_request", json={"rid": "abort-me"}, timeout=10)
@@ -172,9 +196,8 @@ def test_abort_on_decode_frees_pages_on_both_sides(pd, backend):
     wait_idle([prefill.url, decode.url])
 
 
-def test_abort_on_prefill_fails_the_decode_leg(pd):
-    prefill = pd.prefill(1)
-    decode = pd.decode(1)
+def test_abort_on_prefill_fails_the_decode_leg(pair):
+    prefill, decode = pair
     long_body = dict(BODY, sampling_params={"max_new_tokens": 4, "temperature": 0})
     room = random.randrange(2**63)
     # The prefill leg alone first: it computes, then waits for decode's page list.
@@ -261,9 +284,8 @@ def test_request_too_big_for_decode_fails_both_legs_with_the_limit(pd):
     wait_idle([prefill.url, decode.url])
 
 
-def test_zero_new_tokens_answers_both_legs_without_moving_kv(pd):
-    prefill = pd.prefill(1)
-    decode = pd.decode(1)
+def test_zero_new_tokens_answers_both_legs_without_moving_kv(pair):
+    prefill, decode = pair
     body = dict(
         BODY, sampling_params={"max_new_tokens": 0}, return_logprob=True, logprob_start_len=0
     )
