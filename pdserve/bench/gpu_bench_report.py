@@ -3,10 +3,16 @@ overlap scheduling against its baseline of the same run, prefill against the mat
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
-if TYPE_CHECKING:
-    from pdserve.bench.gpu_bench import GpuBenchConfig
+
+class RunSizes(Protocol):
+    """What the tables need of the run's configuration (gpu_bench's GpuBenchConfig, which
+    imports this module)."""
+
+    prompt_len: int
+    batch_size: int
+    new_tokens: int
 
 
 def ratio(num: float | None, den: float | None) -> float | None:
@@ -23,7 +29,7 @@ def print_table(
     results: list[dict[str, Any]],
     copy_bps: float,
     matmul_fps: float | None,
-    cfg: GpuBenchConfig,
+    cfg: RunSizes,
     device: str,
 ) -> None:
     n = cfg.batch_size
@@ -79,7 +85,7 @@ def print_overlap(r: dict[str, Any], n: int) -> None:
     )
 
 
-def print_prefill(shape: str, pre: dict[str, Any], cfg: GpuBenchConfig) -> None:
+def print_prefill(shape: str, pre: dict[str, Any], cfg: RunSizes) -> None:
     print(
         f"{shape}: prefill {cfg.batch_size} x {cfg.prompt_len} tokens "
         f"({pre['prefill_tflop']:.1f} TFLOP): fused {pre['fused_s'] * 1e3:.1f} ms = "
