@@ -182,7 +182,10 @@ def test_dead_prefill_server_is_reported_in_seconds_and_recovers_after_restart(p
         where = f"{attempt}: {resp.status_code} {resp.text}"
         assert resp.status_code == 503, where
         message = resp.json()["error"]["message"]
-        assert "cannot connect" in message and "127.0.0.1:" in message, where
+        # The cached endpoint's open connection may be seen closed before the new room's
+        # connect fails: either is a dead prefill named at once.
+        dead = ("cannot connect", "lost the connection to prefill worker")
+        assert any(d in message for d in dead) and "127.0.0.1:" in message, where
         assert elapsed_s < DEAD_WITHIN_S, f"{attempt}: took {elapsed_s:.2f}s"
     assert f"127.0.0.1:{bootstrap_port}" in message, "the bootstrap server's address is named"
     wait_idle([decode.url])
