@@ -18,7 +18,7 @@ from pdserve.disagg import kv_auth
 from pdserve.disagg import messages as m
 from pdserve.disagg.config import DisaggConfig
 from pdserve.disagg.rooms import IllegalRoomTransition, RoomState, error_output, transition
-from pdserve.disagg.transfer.base import Event, KVReceived, KVTransport, PeerLost
+from pdserve.disagg.transfer.base import Event, KVReceived, KVTransport, PagesSettled, PeerLost
 from pdserve.engine.request import FinishReason, Request
 from pdserve.serving.hooks import WorkerHooks
 from pdserve.serving.protocol import GenerateReq, ReqOutput
@@ -144,6 +144,9 @@ class DecodeWorkerHooks(WorkerHooks):
         return outputs
 
     def _on_event(self, event: Event, now: float) -> list[ReqOutput]:
+        if isinstance(event, PagesSettled):
+            self.engine.release_pages(event.page_ids)
+            return []
         peer = self.peer_by_id.get(event.peer)
         if peer is None:
             return []
@@ -384,7 +387,9 @@ class DecodeWorkerHooks(WorkerHooks):
         reserved = room.state is not RoomState.BOOTSTRAPPING
         room.move(RoomState.FAILED)
         if reserved:
-            self.engine.abort(room.req.rid, reason)
+            # Pages a transfer may still write stay out of use until it reports them settled.
+            still_written = self.transport.forget_room(room.room)
+            self.engine.abort(room.req.rid, reason, keep_page_ids=still_written)
             peer = self.peers.get(room.endpoint)
             if peer is not None:
                 self._send(peer, m.Abort(room=room.room, reason=reason))

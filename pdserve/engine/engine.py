@@ -326,16 +326,26 @@ class Engine:
             outputs.append(StepOutput(req.rid, finish_reason=req.finish_reason, error=message))
         return outputs
 
-    def abort(self, rid: str, reason: str) -> StepOutput | None:
-        """Abort a request in any live state, freeing its pages (held or reserved too)."""
+    def abort(
+        self, rid: str, reason: str, keep_page_ids: list[int] | None = None
+    ) -> StepOutput | None:
+        """Abort a request in any live state, freeing its pages (held or reserved too), but
+        `keep_page_ids`, which a KV transfer may still write: those stay allocated and out
+        of use until `release_pages`."""
         req = self._requests.pop(rid, None)
         if req is None:
             return None
+        if keep_page_ids:
+            self.scheduler.pages.set_aside(req, keep_page_ids)
         req.finish_reason = FinishReason("abort", message=reason)
         self.scheduler.finish(req, ReqState.ABORTED)
         return StepOutput(rid, finish_reason=req.finish_reason, cached_tokens=req.cached_tokens)
 
     free_reserved = abort
+
+    def release_pages(self, page_ids: list[int]) -> None:
+        """Decode role: pages kept by `abort(keep_page_ids=...)` are no longer written."""
+        self.scheduler.pages.release_set_aside(page_ids)
 
     # ---- PD hooks ----------------------------------------------------------------------
     def release(self, rid: str) -> None:

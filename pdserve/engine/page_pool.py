@@ -39,6 +39,7 @@ class PagePool:
         self.page_size = page_size
         self.cache = cache
         self.hash_seed = hash_seed
+        self.set_aside_pages: set[int] = set()  # allocated, owned by nobody, out of use
 
     @property
     def num_evictable(self) -> int:
@@ -155,6 +156,22 @@ class PagePool:
         self.cache.insert(hashes[:end], req.page_ids[:end])
         self.cache.acquire(req.page_ids[num_pinned:end])
         req.num_pinned_pages = end
+
+    def set_aside(self, req: Request, page_ids: list[int]) -> None:
+        """Take pages a transfer may still write out of the ending request: they stay
+        allocated and out of use until `release_set_aside`. Only its own pages (never the
+        cached pages it pins); nothing past its pins is cached from it."""
+        own = set(req.page_ids[req.num_pinned_pages :])
+        kept = {p for p in page_ids if p in own}
+        req.page_ids = [p for p in req.page_ids if p not in kept]
+        req.num_computed = min(req.num_computed, req.num_pinned_pages * self.page_size)
+        self.set_aside_pages |= kept
+
+    def release_set_aside(self, page_ids: list[int]) -> None:
+        """The writes into these set-aside pages have ended: they are free (others ignored)."""
+        freed = [p for p in page_ids if p in self.set_aside_pages]
+        self.set_aside_pages.difference_update(freed)
+        self.allocator.free(freed)
 
     def put_back(self, req: Request, keep_kv: bool) -> None:
         """The request is done with its pages. With `keep_kv`, full pages whose KV it

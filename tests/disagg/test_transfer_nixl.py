@@ -19,6 +19,7 @@ from pdserve.disagg.transfer import (
     TransportOptions,
     make_transport,
 )
+from pdserve.disagg.transfer.base import PagesSettled
 from pdserve.disagg.transfer.nixl_agent import nixl_missing, read_runs
 
 pytestmark = pytest.mark.skipif(nixl_missing() is not None, reason=str(nixl_missing()))
@@ -197,3 +198,32 @@ def test_a_send_a_frozen_decode_never_reads_fails_at_the_read_deadline() -> None
     finally:
         decode.close()
         prefill.close()
+
+
+def test_a_read_still_running_when_its_room_is_forgotten_keeps_its_pages_until_it_ends(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Over UCX's TCP emulation a read needs the peer's progress: with prefill not polled it
+    cannot end, so forgetting its room returns the pages, which are settled only after."""
+    monkeypatch.setenv("UCX_TLS", "tcp")
+    pair = Pair()
+    try:
+        dst = [3, 4, 5, 6]
+        pair.grant(5, dst)
+        pair.send(5, [0, 1, 2, 7], dst)
+        events: list[Event] = pair.prefill.poll(0)  # the batch goes out
+        deadline = time.monotonic() + 10
+        while not pair.decode.busy():  # the read is posted when the batch arrives
+            assert time.monotonic() < deadline, "decode never started the read"
+            events += pair.decode.poll(1)
+        assert pair.decode.forget_room(5) == dst
+        for _ in range(20):
+            events += pair.decode.poll(1)
+        assert not any(isinstance(e, PagesSettled) for e in events)
+        settled = pump(pair, lambda ev: any(isinstance(e, PagesSettled) for _, e in ev))
+        assert [e.page_ids for _, e in settled if isinstance(e, PagesSettled)] == [dst]
+        assert pair.decode.forget_room(5) == []
+        untouched = [i for i in range(NUM_PAGES) if i not in dst]
+        assert bool((pair.dst_pool[untouched] == SENTINEL).all())
+    finally:
+        pair.close()

@@ -250,3 +250,21 @@ def test_decode_knows_when_arriving_kv_extends_a_prompts_cached_prefix(tiny_engi
     engine.abort("first", "test")
     engine.abort("sharing", "test")
     assert engine.num_used_pages == 0
+
+
+def test_pages_a_transfer_may_still_write_stay_out_of_use_until_released(tiny_engine_factory):
+    engine = tiny_engine_factory()
+    answer(engine, "warm", SYSTEM + [1], greedy(2))
+    req = Request("late-kv", SYSTEM + [51] * 40, greedy())
+    new_page_ids = engine.reserve(req, use_cache=True)
+    assert len(new_page_ids) == 3 and req.num_pinned_pages == 3
+    pinned = req.page_ids[:3]
+    engine.abort("late-kv", "deadline", keep_page_ids=new_page_ids[:2] + pinned)
+    assert engine.num_used_pages == 2  # only the two it may still write; pins dropped
+    others = [engine.reserve(Request(f"o{i}", [60 + i] * 20, greedy())) for i in range(6)]
+    assert not set(new_page_ids[:2]) & {p for ids in others if ids for p in ids}
+    for i in range(6):
+        engine.abort(f"o{i}", "test")
+    engine.release_pages(new_page_ids[:2] + [new_page_ids[2]])  # the third was freed already
+    assert engine.num_used_pages == 0
+    assert engine.allocator.num_free + engine.num_cached_pages == engine.num_total_pages

@@ -68,7 +68,15 @@ class PeerLost:
     reason: str
 
 
-Event = Inbound | KVReceived | PeerLost
+@dataclass(frozen=True)
+class PagesSettled:
+    """Writes that were still under way into these pages when `forget_room` returned them
+    have ended: the pages may be reused."""
+
+    page_ids: list[int]
+
+
+Event = Inbound | KVReceived | PeerLost | PagesSettled
 
 
 @dataclass(frozen=True)
@@ -234,8 +242,11 @@ class KVTransport(abc.ABC):
         message), write inbound KV into the pool. Never raises on peer input."""
 
     @abc.abstractmethod
-    def forget_room(self, room: int) -> None:
-        """Revoke the write permission of `room` (it failed or finished here)."""
+    def forget_room(self, room: int) -> list[int]:
+        """Revoke the write permission of `room` (it failed or finished here). Returns the
+        room's pages that a write already under way may still reach (only where the backend
+        cannot stop one at once): the caller keeps them out of use until `poll` reports them
+        in a `PagesSettled`."""
 
     @abc.abstractmethod
     def busy(self) -> bool:

@@ -8,8 +8,9 @@ out as one `NixlBatch`; decode checks each room against its grant exactly as the
 checks frames and posts one READ per room. NIXL notifies prefill once the bytes have landed
 (which frees its pages); decode then reports KVReceived and the room's status. The owner of
 the destination pages issues every write into them, so nothing lands outside a grant, and a
-read still under way when its room is forgotten is finished or cancelled before
-`forget_room` returns: pages handed back to the allocator are never written.
+read still under way when its room is forgotten is left to end, never cancelled (over UCX's
+TCP emulation a cancelled read was seen to land once the peer resumed): `forget_room` returns
+its pages, which decode keeps out of use until a `PagesSettled` event.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import zmq
 from pdserve.disagg import messages as m
 from pdserve.disagg.transfer.base import (
     Event,
+    PagesSettled,
     PeerId,
     PeerLost,
     SendHandle,
@@ -127,6 +129,9 @@ class NixlTransport(FakeTransport):
         self._sends: dict[tuple[PeerId, int], NixlSend] = {}
         self._batches: dict[PeerId, list[NixlCopy]] = {}  # sent at the next poll
         self._reads: dict[int, Read] = {}
+        # Reads of forgotten rooms that have not ended: their pages stay out of use.
+        self._settling: dict[int, Read] = {}
+        self._remove_later: set[PeerId] = set()  # lost peers that settling reads still use
 
     # -- the handshake -------------------------------------------------------------------
     def handshake_meta(self) -> bytes:
@@ -146,6 +151,7 @@ class NixlTransport(FakeTransport):
         if self.endpoint is not None:  # prefill: the peer reads from us, and notifies us
             self._peer_of_agent[pool.agent_name] = peer
             return None
+        self._remove_later.discard(peer)  # the key now names the peer's new agent
         try:
             self._agent.add_peer(peer, pool)
         except Exception as exc:  # noqa: BLE001 - NIXL raises its own error types
@@ -205,8 +211,12 @@ class NixlTransport(FakeTransport):
         self._send_batches()
         self._take_notifications()
         # Completions wake no socket: come back at once for reads, soon for notifications.
-        wait_ms = 0 if self._reads else min(timeout_ms, 1) if self._sends else timeout_ms
+        reading = self._reads or self._settling
+        wait_ms = 0 if reading else min(timeout_ms, 1) if self._sends else timeout_ms
+        # Before the peers lost in this poll add reads: those are forgotten first.
+        settled = self._finish_settling()
         events = super().poll(wait_ms)
+        events += settled
         for event in events:
             if isinstance(event, PeerLost):
                 self._drop_peer(event.peer, event.reason)
@@ -215,18 +225,20 @@ class NixlTransport(FakeTransport):
         self._expire_sends(time.monotonic())
         return events
 
-    def forget_room(self, room: int) -> None:
+    def forget_room(self, room: int) -> list[int]:
         super().forget_room(room)
         for key in [k for k in self._sends if k[1] == room]:
             self._sends.pop(key).finish("room forgotten")
         read = self._reads.pop(room, None)
         if read is not None:
             self._settle([read])
+        settling = self._settling.get(room)
+        return list(settling.copy.dst_page_ids) if settling else []
 
     def busy(self) -> bool:
         """Batches to send or reads to finish; not sends awaiting decode's read: decode
         drives those, and the worker loop polls while their rooms are transferring."""
-        return super().busy() or bool(self._batches or self._reads)
+        return super().busy() or bool(self._batches or self._reads or self._settling)
 
     def close(self) -> None:
         if self._closed:
@@ -245,7 +257,10 @@ class NixlTransport(FakeTransport):
         )
         self._batches.pop(peer, None)
         if self._peer_pools.pop(peer, None) is not None:
-            self._agent.remove_peer(peer)
+            if any(r.peer == peer for r in self._settling.values()):
+                self._remove_later.add(peer)  # its reads still run on the peer's agent
+            else:
+                self._agent.remove_peer(peer)
         for name in [n for n, p in self._peer_of_agent.items() if p == peer]:
             del self._peer_of_agent[name]
 
@@ -339,28 +354,25 @@ class NixlTransport(FakeTransport):
             self._on_control(read.peer, read.copy.status, events)
 
     def _settle(self, reads: list[Read]) -> None:
-        """Let reads under way finish (together bounded by the heartbeat timeout), else
-        cancel them: their destination pages are about to be freed and must see no late
-        write. Reads by CMA (one host) or RDMA need no work from the peer and end within
-        the bound. Reads UCX emulates over TCP do, and a cancelled one was seen to land
-        once the peer resumed (NIXL 1.5.1): that case is logged as an error."""
-        pending = [r for r in reads if r.handle is not None]
-        deadline = time.monotonic() + self.options.heartbeat_timeout_s
-        while time.monotonic() < deadline:
-            pending = [r for r in pending if self._still_reading(r)]
-            if not pending:
-                return
-            time.sleep(0.0002)
-        for read in pending:
-            log.error(
-                "room %d: the NIXL read from %s did not end within %gs; cancelled, but over "
-                "UCX's TCP emulation its bytes may still land in pages now freed (use the zmq "
-                "backend on networks without RDMA)",
-                read.copy.room,
-                read.peer,
-                self.options.heartbeat_timeout_s,
-            )
-            self._agent.release(read.handle)
+        """Reads of forgotten rooms: those that have not ended are left to end (a cancelled
+        one was seen to land anyway once the peer resumed, over UCX's TCP emulation with
+        NIXL 1.5.1), in `_settling`, their pages returned by `forget_room`."""
+        for read in reads:
+            if read.handle is not None and self._still_reading(read):
+                self._settling[read.copy.room] = read
+
+    def _finish_settling(self) -> list[Event]:
+        """PagesSettled for the settling reads that ended; lost peers they held, removed."""
+        events: list[Event] = []
+        for room, read in list(self._settling.items()):
+            if not self._still_reading(read):
+                del self._settling[room]
+                events.append(PagesSettled(list(read.copy.dst_page_ids)))
+        busy_peers = {r.peer for r in self._settling.values()}
+        for peer in self._remove_later - busy_peers:
+            self._remove_later.discard(peer)
+            self._agent.remove_peer(peer)
+        return events
 
     def _still_reading(self, read: Read) -> bool:
         """True while the read is under way; once it has ended, releases its handle."""

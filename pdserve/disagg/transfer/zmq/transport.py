@@ -212,8 +212,9 @@ class ZmqTransport(ZmqSender, ZmqReceiver, DataPath, KVTransport):
         """Whether ZeroMQ messages wait that a poll can move on (held ones wait for an event)."""
         return any(q and p not in self._held_until for p, q in self._outbox.queues.items())
 
-    def forget_room(self, room: int) -> None:
-        self._grants.revoke(room)
+    def forget_room(self, room: int) -> list[int]:
+        self._grants.revoke(room)  # checked before every read into a page: none goes on
+        return []
 
     def busy(self) -> bool:
         return self._outbox_movable() or any(c.queue for c in self._links.senders.values())
