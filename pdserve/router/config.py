@@ -96,6 +96,12 @@ class RouterConfig:
         "kv_aware decode: when the chosen decode server holds all but at most this many "
         "prompt tokens, it computes the rest itself and no prefill server is used (0: off)",
     )
+    tokenizer_path: str | None = opt(
+        None,
+        "kv_aware: the servers' tokenizer directory, to hash text and chat prompts as they "
+        "do (default: the tokenizer_path a worker's /server_info names, when it exists on "
+        "this host); without one such prompts are routed by load alone",
+    )
     prefix_table_blocks: int = opt(65536, "cache_aware: most prompt blocks remembered (LRU)")
     prefix_block_len: int = opt(16, "cache_aware: characters (or token ids) per prompt block")
     load_refresh_interval_s: float = opt(1.0, "period of GET /get_load on every worker")

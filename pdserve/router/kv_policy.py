@@ -4,8 +4,10 @@ the prompt, weighed against its load (router process; pure).
 The cache contents come from the servers' KV events (`kv_index.py`). The cost of a
 candidate is the prompt tokens it would still compute plus the prompt tokens of the
 requests this router has in flight there (exact and fresh; a `/get_load` report lags by its
-refresh period, long enough to send a conversation away from its cache); the cheapest wins. Prompts without token ids, and workers that publish no
-events, are scored by load alone (a match of 0).
+refresh period, long enough to send a conversation away from its cache); the cheapest wins.
+Text and chat prompts arrive as token ids once the router holds the servers' tokenizer
+(`prompt_tokens.py`); prompts without token ids, and workers that publish no events, are
+scored by load alone (a match of 0).
 """
 
 from __future__ import annotations

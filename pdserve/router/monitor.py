@@ -15,6 +15,7 @@ from pdserve.router.config import RouterConfig, WorkerSpec
 from pdserve.router.http_client import HttpClient, HttpError
 from pdserve.router.kv_follow import KVFollower
 from pdserve.router.metrics import RouterMetrics
+from pdserve.router.prompt_tokens import PromptTokenizer
 from pdserve.router.workers import Worker, WorkerRegistry
 
 log = logging.getLogger(__name__)
@@ -42,9 +43,11 @@ class Monitor:
         registry: WorkerRegistry,
         metrics: RouterMetrics,
         kv_follower: KVFollower | None = None,
+        prompt_tokenizer: PromptTokenizer | None = None,
     ):
         self.config = config
         self.kv_follower = kv_follower  # set when a policy routes on KV events
+        self.prompt_tokenizer = prompt_tokenizer  # learns the servers' tokenizer directory
         self.registry = registry
         self.metrics = metrics
         self.info: dict[str, dict[str, Any]] = {}  # url -> its /server_info answer
@@ -91,6 +94,8 @@ class Monitor:
         if not isinstance(info, dict):
             raise RuntimeError(f"GET {url}/server_info: not a JSON object")
         self.info[url] = info
+        if self.prompt_tokenizer is not None:
+            self.prompt_tokenizer.offer(info.get("tokenizer_path"))
         if self.kv_follower is not None:
             await self.kv_follower.follow(url, info)
         return info

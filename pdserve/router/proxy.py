@@ -18,6 +18,8 @@ from pdserve.router.kv_policy import KVAware
 from pdserve.router.legs import LegContext, LegError
 from pdserve.router.metrics import RouterMetrics
 from pdserve.router.pairing import NoWorker, Pair, PairChooser
+from pdserve.router.prefix_table import Prompt
+from pdserve.router.prompt_tokens import PromptTokenizer
 
 log = logging.getLogger(__name__)
 
@@ -27,9 +29,16 @@ def error_response(status: int, message: str) -> Response:
 
 
 class Proxy:
-    def __init__(self, config: RouterConfig, chooser: PairChooser, metrics: RouterMetrics):
+    def __init__(
+        self,
+        config: RouterConfig,
+        chooser: PairChooser,
+        metrics: RouterMetrics,
+        prompt_tokenizer: PromptTokenizer | None = None,
+    ):
         self.config = config
         self.chooser = chooser
+        self.prompt_tokenizer = prompt_tokenizer  # kv_aware: text and chat -> token ids
         self.metrics = metrics
         self.legs = LegContext(config, metrics)
         self.client = self.legs.client  # also for health checks and side routes
@@ -81,10 +90,18 @@ class Proxy:
             if isinstance(kv[role], KVAware):
                 self.metrics.kv_matched_tokens.observe(matched, role)
 
+    def _prompt(self, route: str, body: dict[str, Any]) -> Prompt | None:
+        """The prompt to route on: token ids where the request gives them or the servers'
+        tokenizer is loaded (kv_aware hashes only token ids), else its text."""
+        prompt = prompt_of(route, body)
+        if self.prompt_tokenizer is not None and (prompt is None or isinstance(prompt, str)):
+            return self.prompt_tokenizer.token_ids(route, body) or prompt
+        return prompt
+
     async def _attempts(
         self, request: Request, route: str, body: dict[str, Any], num_seqs: int | None
     ) -> tuple[Response | StreamResponse, float]:
-        prompt = prompt_of(route, body)
+        prompt = self._prompt(route, body)
         tokens = estimate_tokens(prompt, num_seqs)
         failed: set[str] = set()
         last: LegError | None = None

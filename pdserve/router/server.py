@@ -29,6 +29,7 @@ from pdserve.router.kv_follow import KVFollower
 from pdserve.router.metrics import RouterMetrics
 from pdserve.router.monitor import Monitor
 from pdserve.router.pairing import PairChooser
+from pdserve.router.prompt_tokens import PromptTokenizer
 from pdserve.router.proxy import Proxy, error_response
 from pdserve.router.workers import WorkerRegistry
 
@@ -47,9 +48,12 @@ class Router:
         self.registry = WorkerRegistry(config)
         self.metrics = RouterMetrics()
         self.chooser = PairChooser(config, self.registry, rng or random.Random(os.urandom(16)))
-        self.proxy = Proxy(config, self.chooser, self.metrics)
-        follower = KVFollower(self.chooser.kv_index) if self.chooser.follows_kv_events else None
-        self.monitor = Monitor(config, self.registry, self.metrics, follower)
+        follows = self.chooser.follows_kv_events
+        # kv_aware hashes token ids: text and chat prompts need the servers' tokenizer.
+        self.prompt_tokenizer = PromptTokenizer() if follows else None
+        self.proxy = Proxy(config, self.chooser, self.metrics, self.prompt_tokenizer)
+        follower = KVFollower(self.chooser.kv_index) if follows else None
+        self.monitor = Monitor(config, self.registry, self.metrics, follower, self.prompt_tokenizer)
 
     def routes(self) -> dict[str, dict[str, Handler]]:
         """path -> method -> handler."""
@@ -101,10 +105,14 @@ class Router:
         return guarded
 
     def start(self) -> None:
+        if self.prompt_tokenizer is not None:
+            self.prompt_tokenizer.offer(self.config.tokenizer_path)
         self.monitor.start(self.proxy.client, self.config.workers)
 
     async def stop(self) -> None:
         await self.monitor.stop()
+        if self.prompt_tokenizer is not None:
+            await self.prompt_tokenizer.stop()
         await self.proxy.stop()
 
     def _forward(self, route: str) -> Handler:
@@ -209,6 +217,9 @@ class Router:
         }
         if self.chooser.follows_kv_events:
             info["kv_index"] = self.chooser.kv_index.describe()
+        if self.prompt_tokenizer is not None:  # None until loaded: text is routed by load
+            loaded = self.prompt_tokenizer.tokenizer is not None
+            info["prompt_tokenizer_path"] = self.prompt_tokenizer.path if loaded else None
         return json_response(info)
 
     def _from_decode(self, path: str) -> Handler:

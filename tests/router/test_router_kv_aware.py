@@ -1,6 +1,7 @@
 """kv_aware against real servers: two prefill servers (DP 2 each) and one decode server.
 Requests that share a prefix land on the prefill rank that holds it (cached_tokens in the
-answers); a prefill server killed and started again is followed anew by the router."""
+answers), token ids, text and chat messages alike (the router tokenizes as the servers do);
+a prefill server killed and started again is followed anew by the router."""
 
 from __future__ import annotations
 
@@ -75,6 +76,61 @@ def test_requests_sharing_a_prefix_land_where_it_is_cached(cluster):
             assert answer["meta_info"]["cached_tokens"] == 4 * PAGE, (prefix, suffix)
     metrics = requests.get(f"{router.url}/metrics", timeout=10).text
     assert 'pdserve_router_kv_matched_tokens_bucket{le="64.0",role="prefill"}' in metrics
+
+
+SYSTEM = (
+    "You answer questions about the weather in a small town by the sea, where the wind "
+    "comes from the west most days and the rain falls in the afternoon. Keep every answer "
+    "short, name the day you mean, and say when you do not know. The harbour closes at "
+    "night and the boats come back before the storm, while the lighthouse keeper writes "
+    "down the height of every wave in a red book that nobody else reads."
+)
+
+
+def text_answer(router_url: str, route: str, body: dict) -> dict:
+    resp = requests.post(f"{router_url}{route}", json=body, timeout=60)
+    assert resp.status_code == 200, resp.text
+    return resp.json()
+
+
+def chat(router_url: str, messages: list[dict]) -> tuple[int, int, str]:
+    """(prompt tokens, cached prompt tokens, the answer's text)."""
+    body = {"model": "tiny-random", "messages": messages, "max_tokens": 4, "temperature": 0}
+    answer = text_answer(router_url, "/v1/chat/completions", body)
+    usage = answer["usage"]
+    content = answer["choices"][0]["message"]["content"]
+    return usage["prompt_tokens"], usage["prompt_tokens_details"]["cached_tokens"], content
+
+
+def test_text_and_chat_prompts_sharing_a_prefix_land_where_it_is_cached(cluster):
+    """Without the router's tokenizer these are routed by load alone, which rotates over
+    the four prefill ranks: most of the later requests would find nothing cached."""
+    _, prefills, decode, router = cluster
+    urls = [p.url for p in prefills] + [decode.url]
+
+    def tokenizer_loaded() -> bool:
+        info = requests.get(f"{router.url}/server_info", timeout=10).json()
+        return info["prompt_tokenizer_path"] is not None
+
+    wait_until(tokenizer_loaded, 120, "the router to load the servers' tokenizer")
+    cached = []
+    for question in range(4):
+        wait_router_caught_up(router.url, urls)
+        body = {"text": f"{SYSTEM} Question {question}: wind?", "sampling_params": GREEDY}
+        cached.append(text_answer(router.url, "/generate", body)["meta_info"]["cached_tokens"])
+    assert cached[0] == 0 and min(cached[1:]) >= 4 * PAGE, cached
+    history = [{"role": "system", "content": SYSTEM.replace("sea", "lake")}]
+    for turn in range(4):  # one conversation: each turn's prompt holds the previous one
+        wait_router_caught_up(router.url, urls)
+        history.append({"role": "user", "content": f"And on day {turn}, any rain?"})
+        prompt_tokens, cached_tokens, content = chat(router.url, history)
+        history.append({"role": "assistant", "content": content})
+        if turn == 0:
+            assert cached_tokens == 0
+            previous = prompt_tokens
+        else:
+            assert cached_tokens >= previous - PAGE, (turn, cached_tokens, previous)
+            previous = prompt_tokens
 
 
 def test_a_restarted_prefill_server_is_followed_again(cluster):
