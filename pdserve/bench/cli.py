@@ -26,6 +26,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     compare = actions.add_parser("compare", help="two or more result JSON files side by side")
     compare.add_argument("results", nargs="+", help="result JSON files (the first is the base)")
     compare.add_argument("--plot", default=None, help="write overlaid latency CDFs to this PNG")
+    compare.add_argument(
+        "--plot-bars",
+        default=None,
+        help="write bars of each run's TTFT p50/p99, cached-token share (and the oracle's, "
+        "for multi-turn runs), output throughput and KV bytes on the wire to this PNG",
+    )
     compare.set_defaults(func=run_compare)
 
 
@@ -53,4 +59,11 @@ def run_compare(args: argparse.Namespace) -> int:
 
         plot_compare(runs, args.plot)
         print(f"plot written to {os.path.abspath(args.plot)}")
+    if args.plot_bars:
+        from pdserve.bench.compare import oracle_cached_share
+        from pdserve.bench.plots import plot_compare_bars
+
+        oracle = [oracle_cached_share(result) for _, result in runs]
+        plot_compare_bars(runs, oracle, args.plot_bars)
+        print(f"plot written to {os.path.abspath(args.plot_bars)}")
     return 0

@@ -71,6 +71,28 @@ def _turn_value(result: dict[str, Any], group: str, name: str) -> Any:
     return (result.get("per_turn") or {}).get(group, {}).get(name)
 
 
+def oracle_cached_share(result: dict[str, Any]) -> float | None:
+    """The cached-token share a router that sends every turn where the previous one ran
+    would get: a turn finds the previous turn's whole prompt (a prefill server caches
+    prompts, not answers), a first turn the shared system prompt, except in the first
+    conversation (nothing is cached yet). Over completed requests, as the measured share;
+    None for a run that is not multi-turn."""
+    conversations = result.get("conversations")
+    system_len = (result.get("config") or {}).get("system_prompt_len")
+    if not conversations or system_len is None:
+        return None
+    requests, oracle, prompt = result["requests"], 0, 0
+    for conv in conversations:
+        previous = system_len if conv["conversation"] else 0
+        for index in conv["request_indices"]:
+            record = requests[index]
+            if record["ok"]:  # a turn after a failed one is not sent
+                oracle += min(previous, record["prompt_len"] - 1)  # the last token is computed
+                prompt += record["prompt_len"]
+            previous = record["prompt_len"]
+    return oracle / prompt if prompt else None
+
+
 def multiturn_rows(runs: Sequence[tuple[str, dict[str, Any]]]) -> list[list[str]]:
     """Per-turn TTFT p50 (turns 2+ first: the figure a prefix cache moves), cached share and
     KV bytes, each with its ratio to the first run; empty unless every run is multi-turn."""
@@ -88,6 +110,10 @@ def multiturn_rows(runs: Sequence[tuple[str, dict[str, Any]]]) -> list[list[str]
         values = [result.get(name) for _, result in runs]
         ratios = [_ratio(v, values[0]) for v in values[1:]]
         rows.append([name, *(_cell(v) for v in values), *ratios])
+    oracle = [oracle_cached_share(result) for _, result in runs]
+    of_oracle = [_ratio(r.get("cached_token_share"), o) for (_, r), o in zip(runs, oracle, strict=True)]  # fmt: skip
+    rows.append(["oracle_cached_share", *(_cell(v) for v in oracle), *[""] * (len(runs) - 1)])
+    rows.append(["cached_share_of_oracle", *of_oracle, *[""] * (len(runs) - 1)])
     return rows
 
 

@@ -1,5 +1,6 @@
 """PNG plots of benchmark results (matplotlib, Agg backend), in the `pdserve bench` client:
-latency CDFs, TTFT and ITL over the run, a sweep's goodput per rate, two runs compared.
+latency CDFs, TTFT and ITL over the run, a sweep's goodput per rate, runs compared (CDFs,
+or bars of their headline figures).
 """
 
 from __future__ import annotations
@@ -171,6 +172,45 @@ def ttft_by_turn(result: dict[str, Any]) -> tuple[list[int], list[float]]:
 def plot_compare(runs: Sequence[tuple[str, dict[str, Any]]], path: str) -> str:
     """Latency CDFs of several runs overlaid, one panel per latency kind."""
     return _save(cdf_figure(list(runs)), path)
+
+
+def _bars(ax: Any, labels: Sequence[str], series: dict[str, Sequence[float | None]]) -> None:
+    """Grouped bars: one group per run, one bar per series; missing values are left out."""
+    width = 0.8 / len(series)
+    for n, (name, values) in enumerate(series.items()):
+        xs = [i + (n - (len(series) - 1) / 2) * width for i in range(len(labels))]
+        kept = [(x, v) for x, v in zip(xs, values, strict=True) if v is not None]
+        bars = ax.bar([x for x, _ in kept], [v for _, v in kept], width, label=name)
+        ax.bar_label(bars, fmt="%.3g", fontsize=7)
+    ax.set_xticks(range(len(labels)), labels, rotation=15, fontsize=8)
+    ax.grid(alpha=0.3, axis="y")
+    if len(series) > 1:
+        ax.legend(fontsize=8)
+
+
+def plot_compare_bars(
+    runs: Sequence[tuple[str, dict[str, Any]]], oracle_shares: Sequence[float | None], path: str
+) -> str:
+    """A run's headline figures side by side: TTFT p50/p99, cached-token share (and what an
+    oracle router would get), output throughput, KV bytes on the wire."""
+    plt = _pyplot()
+    labels = [label for label, _ in runs]
+    results = [result for _, result in runs]
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7))
+    ttft = {f"p{p}": [r.get(f"p{p}_ttft_ms") for r in results] for p in (50, 99)}
+    _bars(axes[0][0], labels, ttft)
+    axes[0][0].set_title("TTFT (ms)")
+    shares = {"measured": [r.get("cached_token_share") for r in results]}
+    if any(o is not None for o in oracle_shares):
+        shares["oracle"] = list(oracle_shares)
+    _bars(axes[0][1], labels, shares)
+    axes[0][1].set_title("cached-token share of prompt tokens")
+    _bars(axes[1][0], labels, {"tok/s": [r.get("output_throughput") for r in results]})
+    axes[1][0].set_title("output throughput (tokens/s)")
+    kv = [r.get("kv_transfer_bytes") for r in results]
+    _bars(axes[1][1], labels, {"MiB": [b / 2**20 if b is not None else None for b in kv]})
+    axes[1][1].set_title("KV bytes on the wire (MiB)")
+    return _save(fig, path)
 
 
 def plot_sweep(points: Sequence[tuple[float, float, float]], target_share: float, path: str) -> str:

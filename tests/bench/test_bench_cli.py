@@ -30,6 +30,16 @@ def test_compare_command_prints_the_table_and_writes_the_plot(tmp_path: Path):
     assert plot.stat().st_size > 5000
 
 
+def test_compare_writes_bars_of_the_headline_figures(tmp_path: Path):
+    write_json(str(tmp_path / "a.json"), make_result("round_robin", 1.0))
+    write_json(str(tmp_path / "b.json"), make_result("kv_aware", 2.0))
+    plot = tmp_path / "bars.png"
+    proc = pdserve("bench", "compare", str(tmp_path / "a.json"), str(tmp_path / "b.json"),
+                   "--plot-bars", str(plot))  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert f"plot written to {plot}" in proc.stdout and plot.stat().st_size > 5000
+
+
 def test_an_unreachable_server_is_a_clear_error_not_a_traceback():
     proc = pdserve("bench", "--base-url", f"http://127.0.0.1:{free_port()}", "--no-progress")
     assert proc.returncode == 2

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from pdserve.bench import multiturn
-from pdserve.bench.compare import answer_divergences, format_compare
+from pdserve.bench.compare import answer_divergences, format_compare, oracle_cached_share
 from pdserve.bench.metrics import RequestRecord
 from pdserve.bench.multiturn import TurnRef
 from pdserve.bench.server_stats import kv_transfer_summary
@@ -172,3 +172,19 @@ def test_a_divergence_shows_the_top2_logprob_gap_where_both_runs_recorded_it():
     assert diff["position"] == 1
     assert diff["top2_logprob_gap"] == pytest.approx([6e-5, 6e-5])
     assert "top-2 logprob gap 6e-05 / 6e-05" in format_compare([("a", base), ("b", other)])
+
+
+def test_the_oracle_finds_the_previous_prompt_and_the_system_prompt_after_the_first_conversation():
+    result = multiturn_result([[[1], [2], [3]], [[4], [5], [6]]], 0.1, 1.0)
+    for n, request in enumerate(result["requests"]):
+        request["prompt_len"] = [120, 200, 280][n % 3]
+    assert oracle_cached_share(result) is None  # no system prompt length recorded
+    result["config"] = {"system_prompt_len": 100}
+    # conversation 0: 0 + 120 + 200; conversation 1: 100 (the system prompt) + 120 + 200
+    assert oracle_cached_share(result) == pytest.approx(740 / 1200)
+    result["requests"][5]["ok"] = False  # not sent: neither its prompt nor its match counts
+    assert oracle_cached_share(result) == pytest.approx(540 / 920)
+    result["cached_token_share"] = 0.5
+    text = format_compare([("a", result), ("b", result)])
+    row = next(line for line in text.splitlines() if line.startswith("cached_share_of_oracle"))
+    assert row.split()[1:] == [f"{0.5 / (540 / 920):.2f}x"] * 2
