@@ -58,6 +58,8 @@ class Attempt:
         self.raw = request.body  # the client's bytes, which decode to `body`
         self.pair = pair
         self.prompt_tokens = prompt_tokens
+        # A prefill server's queue is tokens to compute: cached ones cost it next to nothing.
+        self.prefill_compute_tokens = max(prompt_tokens - pair.prefill_matched_tokens, 0)
         self.stream = bool(body.get("stream"))
         self.want_merge = route == "/generate" and bool(body.get("return_logprob"))
         self.prefill_task: asyncio.Task[LegResult] | None = None
@@ -79,7 +81,9 @@ class Attempt:
             decode_data = local_prefill_body(self.raw, self.body, self.pair.decode_rank)
         now = time.monotonic()
         if self.pair.prefill is not None:
-            self.pair.prefill.on_dispatch(now, self.prompt_tokens, self.pair.prefill_rank)
+            self.pair.prefill.on_dispatch(
+                now, self.prompt_tokens, self.pair.prefill_rank, self.prefill_compute_tokens
+            )
             self.prefill_task = asyncio.create_task(self._prefill_leg(prefill_data))
             # Its failure is handled through `unless_failed` or deliberately ignored once
             # decode has answered; never leave it "unretrieved".
@@ -132,7 +136,9 @@ class Attempt:
             self.legs.count_leg_failure(err)
             raise
         finally:
-            worker.on_done(time.monotonic(), ok, self.pair.prefill_rank, self.prompt_tokens)
+            worker.on_done(
+                time.monotonic(), ok, self.pair.prefill_rank, self.prefill_compute_tokens
+            )
 
     async def _prefill_result(self) -> LegResult | None:
         """Prefill's whole answer (for its prompt logprobs), within the request deadline."""

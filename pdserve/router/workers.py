@@ -22,7 +22,9 @@ class Worker:
     tokens_since_report: int = 0
     in_flight: int = 0
     in_flight_per_rank: list[int] = field(default_factory=lambda: [0])
-    # Prompt tokens of the legs in flight from this router: exact and fresh, unlike a report.
+    # Tokens of the legs in flight from this router, exact and fresh unlike a report: what
+    # a prefill leg still computes (its prompt less what kv_aware saw cached), the prompt
+    # a decode or plain leg holds.
     tokens_in_flight: int = 0
     tokens_in_flight_per_rank: list[int] = field(default_factory=lambda: [0])
     _next_rank: int = 0
@@ -68,25 +70,28 @@ class Worker:
         self._next_rank = (rank + 1) % n
         return rank
 
-    def on_dispatch(self, now: float, prompt_tokens: int, rank: int | None) -> None:
+    def on_dispatch(
+        self, now: float, prompt_tokens: int, rank: int | None, leg_tokens: int | None = None
+    ) -> None:
+        """`leg_tokens`: what the leg adds to `tokens_in_flight` (default: the prompt)."""
+        leg_tokens = prompt_tokens if leg_tokens is None else leg_tokens
         self.breaker.on_dispatch(now)
         self.in_flight += 1
         self.tokens_since_report += prompt_tokens
-        self.tokens_in_flight += prompt_tokens
+        self.tokens_in_flight += leg_tokens
         if rank is not None and rank < len(self.in_flight_per_rank):
             self.in_flight_per_rank[rank] += 1
-            self.tokens_in_flight_per_rank[rank] += prompt_tokens
+            self.tokens_in_flight_per_rank[rank] += leg_tokens
 
-    def on_done(
-        self, now: float, ok: bool | None, rank: int | None, prompt_tokens: int = 0
-    ) -> None:
-        """`ok` None: ended without a verdict on this worker (aborted because of its peer)."""
+    def on_done(self, now: float, ok: bool | None, rank: int | None, leg_tokens: int = 0) -> None:
+        """`ok` None: ended without a verdict on this worker (aborted because of its peer).
+        `leg_tokens`: as given to `on_dispatch`."""
         self.in_flight = max(0, self.in_flight - 1)
-        self.tokens_in_flight = max(0, self.tokens_in_flight - prompt_tokens)
+        self.tokens_in_flight = max(0, self.tokens_in_flight - leg_tokens)
         if rank is not None and rank < len(self.in_flight_per_rank):
             self.in_flight_per_rank[rank] = max(0, self.in_flight_per_rank[rank] - 1)
             per_rank = self.tokens_in_flight_per_rank
-            per_rank[rank] = max(0, per_rank[rank] - prompt_tokens)
+            per_rank[rank] = max(0, per_rank[rank] - leg_tokens)
         if ok is None:
             self.breaker.release()
         else:

@@ -44,6 +44,22 @@ def test_dp_aware_names_the_rank_that_holds_the_prefix():
     assert policy.score([b, a], PROMPT).dp_rank == 1
 
 
+def test_a_prefill_rank_busy_with_cached_prompts_keeps_the_conversation():
+    """A prefill leg in flight loads its rank with the tokens it computes, not its prompt:
+    a rank computing another conversation's short new turn still wins the prompt whose
+    history it holds (counting that turn's whole 64-token prompt would send it away)."""
+    (a,) = make_workers(1)
+    a.set_dp_size(2)
+    index = index_with(a.url, rank=1, num_pages=4)  # rank 1 holds 64 of the 80 tokens
+    policy = KVAware(index, per_rank=True)
+    a.on_dispatch(0.0, prompt_tokens=64, rank=1, leg_tokens=16)  # 48 of its 64 were cached
+    best = policy.score([a], PROMPT)  # rank 1: 16 + 16 to compute; rank 0: 80
+    assert (best.dp_rank, best.matched_tokens) == (1, 64)
+    a.on_done(0.0, True, 1, leg_tokens=16)
+    a.on_dispatch(0.0, prompt_tokens=80, rank=1)  # a whole prompt in flight: 16 + 80 > 80
+    assert policy.score([a], PROMPT).dp_rank == 0
+
+
 def test_unindexed_workers_and_text_prompts_go_by_load():
     a, b = make_workers(2)
     a.on_dispatch(0.0, 50, None)
