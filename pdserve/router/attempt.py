@@ -58,8 +58,10 @@ class Attempt:
         self.raw = request.body  # the client's bytes, which decode to `body`
         self.pair = pair
         self.prompt_tokens = prompt_tokens
-        # A prefill server's queue is tokens to compute: cached ones cost it next to nothing.
+        # A leg loads its rank with the prompt tokens it makes it compute or receive (those
+        # kv_aware saw cached cost next to nothing; other policies match none).
         self.prefill_compute_tokens = max(prompt_tokens - pair.prefill_matched_tokens, 0)
+        self.decode_new_tokens = max(prompt_tokens - pair.decode_matched_tokens, 0)
         self.stream = bool(body.get("stream"))
         self.want_merge = route == "/generate" and bool(body.get("return_logprob"))
         self.prefill_task: asyncio.Task[LegResult] | None = None
@@ -88,7 +90,9 @@ class Attempt:
             # Its failure is handled through `unless_failed` or deliberately ignored once
             # decode has answered; never leave it "unretrieved".
             self.prefill_task.add_done_callback(_consume)
-        self.decode.on_dispatch(now, self.prompt_tokens, self.pair.decode_rank)
+        self.decode.on_dispatch(
+            now, self.prompt_tokens, self.pair.decode_rank, self.decode_new_tokens
+        )
         self.legs.count_leg(self.decode)
         self._decode_started = time.perf_counter()
         try:
@@ -226,7 +230,7 @@ class Attempt:
             resp.discard_rest()  # keep-alive: the connection goes back to the pool
         elif resp is not None:
             resp.close()  # the server sees the router leave
-        self.decode.on_done(time.monotonic(), ok, self.pair.decode_rank, self.prompt_tokens)
+        self.decode.on_done(time.monotonic(), ok, self.pair.decode_rank, self.decode_new_tokens)
         if self.prefill_task is not None and not self.prefill_task.done():
             if ok:  # prefill's answer no longer matters; let it end on its own
                 self.legs.keep(self.prefill_task)

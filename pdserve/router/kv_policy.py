@@ -2,9 +2,12 @@
 the prompt, weighed against its load (router process; pure).
 
 The cache contents come from the servers' KV events (`kv_index.py`). The cost of a
-candidate is the prompt tokens it would still compute plus the prompt tokens of the
-requests this router has in flight there (exact and fresh; a `/get_load` report lags by its
-refresh period, long enough to send a conversation away from its cache); the cheapest wins.
+candidate is the prompt tokens it would still compute (or, for decode, receive) plus those
+that the requests this router has in flight there make it compute or receive (exact and
+fresh; a `/get_load` report lags by its refresh period, long enough to send a conversation
+away from its cache); the cheapest wins. Counting whole prompts in flight instead made a
+rank busy with mostly cached turns, or a decode rank holding long conversations, look
+expensive, and sent conversations away from their history.
 Text and chat prompts arrive as token ids once the router holds the servers' tokenizer
 (`prompt_tokens.py`); prompts without token ids, and workers that publish no events, are
 scored by load alone (a match of 0).

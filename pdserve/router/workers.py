@@ -22,9 +22,9 @@ class Worker:
     tokens_since_report: int = 0
     in_flight: int = 0
     in_flight_per_rank: list[int] = field(default_factory=lambda: [0])
-    # Tokens of the legs in flight from this router, exact and fresh unlike a report: what
-    # a prefill leg still computes (its prompt less what kv_aware saw cached), the prompt
-    # a decode or plain leg holds.
+    # Tokens of the legs in flight from this router, exact and fresh unlike a report: the
+    # prompt tokens each leg makes the server compute or receive (its prompt less what
+    # kv_aware saw cached there).
     tokens_in_flight: int = 0
     tokens_in_flight_per_rank: list[int] = field(default_factory=lambda: [0])
     _next_rank: int = 0
