@@ -71,6 +71,11 @@ class PromptTokenizer:
             log.warning("cannot load the tokenizer at %s: %r", path, exc)
             self.path, self._task = None, None  # another worker's path may do
 
+    @property
+    def loading(self) -> bool:
+        """A load is under way (it imports transformers and torch: seconds of CPU)."""
+        return self._task is not None and not self._task.done()
+
     def token_ids(self, route: str, body: dict[str, Any]) -> list[int] | None:
         if self.tokenizer is None:
             return None

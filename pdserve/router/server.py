@@ -143,6 +143,9 @@ class Router:
         return await get_load(self.proxy.client, self.registry.all(), timeout_s)
 
     async def readiness(self, request: Request) -> Response:
+        if self.prompt_tokenizer is not None and self.prompt_tokenizer.loading:
+            # Not ready while the import competes with the first requests for the CPU.
+            return error_response(503, "not ready: loading the servers' tokenizer")
         if self.registry.ready(time.monotonic()):
             return json_response({"status": "ready"})
         return error_response(
