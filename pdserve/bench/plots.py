@@ -181,7 +181,8 @@ def _bars(ax: Any, labels: Sequence[str], series: dict[str, Sequence[float | Non
         xs = [i + (n - (len(series) - 1) / 2) * width for i in range(len(labels))]
         kept = [(x, v) for x, v in zip(xs, values, strict=True) if v is not None]
         bars = ax.bar([x for x, _ in kept], [v for _, v in kept], width, label=name)
-        ax.bar_label(bars, fmt="%.3g", fontsize=7)
+        texts = [f"{v:.0f}" if abs(v) >= 1000 else f"{v:.3g}" for _, v in kept]
+        ax.bar_label(bars, labels=texts, fontsize=7)
     ax.set_xticks(range(len(labels)), labels, rotation=15, fontsize=8)
     ax.grid(alpha=0.3, axis="y")
     if len(series) > 1:
