@@ -41,9 +41,9 @@ def prompt_token_ids(route: str, body: dict[str, Any], tokenizer: Any) -> list[i
 
 
 def _load(path: str) -> Any:
-    from transformers import AutoTokenizer
+    from pdserve.serving.tokenizer_loader import load_tokenizer
 
-    return AutoTokenizer.from_pretrained(path)
+    return load_tokenizer(path)  # the servers' own loader: the same tokenizer, as cheaply
 
 
 class PromptTokenizer:
@@ -73,7 +73,7 @@ class PromptTokenizer:
 
     @property
     def loading(self) -> bool:
-        """A load is under way (it imports transformers and torch: seconds of CPU)."""
+        """A load is under way (it imports transformers: a second or so of CPU)."""
         return self._task is not None and not self._task.done()
 
     def token_ids(self, route: str, body: dict[str, Any]) -> list[int] | None:

@@ -3,7 +3,7 @@
 
 import pytest
 
-from pdserve.engine.loader import resolve_model_dir
+from pdserve.engine.model_dir import resolve_model_dir
 from pdserve.router.body import CHAT, COMPLETIONS, GENERATE
 from pdserve.router.prompt_tokens import _load, prompt_token_ids
 from pdserve.serving.openai_format import render_chat_prompt
