@@ -163,6 +163,26 @@ class SendHandle(abc.ABC):
         """Why the transfer was abandoned, or None."""
 
 
+class AckedSend(SendHandle):
+    """A send that an event ends: the peer's acknowledgement, or its loss (`finish`)."""
+
+    def __init__(self, room: int) -> None:
+        self.room = room
+        self._done = False
+        self._error: str | None = None
+
+    def finish(self, error: str | None = None) -> None:
+        if not self._done:
+            self._done, self._error = True, error
+
+    def done(self) -> bool:
+        return self._done
+
+    @property
+    def error(self) -> str | None:
+        return self._error
+
+
 class KVTransport(abc.ABC):
     """Moves control messages and KV pages between this worker and its peers.
 

@@ -29,6 +29,7 @@ import zmq
 
 from pdserve.disagg import messages as m
 from pdserve.disagg.transfer.base import (
+    AckedSend,
     Event,
     PeerId,
     PeerLost,
@@ -56,25 +57,12 @@ from pdserve.disagg.transfer.zmq.pages import page_array
 log = logging.getLogger(__name__)
 
 
-class IpcSend(SendHandle):
+class IpcSend(AckedSend):
     """One send_kv: done when the peer acks the copy, or the peer is lost."""
 
     def __init__(self, room: int, peer: PeerId) -> None:
-        self.room = room
+        super().__init__(room)
         self.peer = peer
-        self._done = False
-        self._error: str | None = None
-
-    def finish(self, error: str | None = None) -> None:
-        if not self._done:
-            self._done, self._error = True, error
-
-    def done(self) -> bool:
-        return self._done
-
-    @property
-    def error(self) -> str | None:
-        return self._error
 
 
 class CudaIpcTransport(LaneControl, FakeTransport):

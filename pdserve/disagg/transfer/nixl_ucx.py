@@ -26,6 +26,7 @@ import zmq
 
 from pdserve.disagg import messages as m
 from pdserve.disagg.transfer.base import (
+    AckedSend,
     Event,
     PagesSettled,
     PeerId,
@@ -69,26 +70,13 @@ _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(NixlBatch | NixlDone)
 
 
-class NixlSend(SendHandle):
+class NixlSend(AckedSend):
     """One send_kv: done when decode's read notifies us, decode gives it up, it is lost, or
     `deadline` (monotonic s) passes: a decode that died quietly never reads."""
 
     def __init__(self, room: int, deadline: float) -> None:
-        self.room = room
+        super().__init__(room)
         self.deadline = deadline
-        self._done = False
-        self._error: str | None = None
-
-    def finish(self, error: str | None = None) -> None:
-        if not self._done:
-            self._done, self._error = True, error
-
-    def done(self) -> bool:
-        return self._done
-
-    @property
-    def error(self) -> str | None:
-        return self._error
 
 
 @dataclass
