@@ -10,6 +10,7 @@ from typing import Any
 from pdserve.router.body import abort_rids, encode_bodies, local_prefill_body
 from pdserve.router.http_client import Response as LegResponse
 from pdserve.router.http_server import Request, Response, StreamResponse
+from pdserve.router.kv_policy import output_budget
 from pdserve.router.legs import (
     LegContext,
     LegError,
@@ -59,9 +60,11 @@ class Attempt:
         self.pair = pair
         self.prompt_tokens = prompt_tokens
         # A leg loads its rank with the prompt tokens it makes it compute or receive (those
-        # kv_aware saw cached cost next to nothing; other policies match none).
+        # kv_aware saw cached cost next to nothing; other policies match none), and a decode
+        # leg with the tokens it may generate there.
         self.prefill_compute_tokens = max(prompt_tokens - pair.prefill_matched_tokens, 0)
-        self.decode_new_tokens = max(prompt_tokens - pair.decode_matched_tokens, 0)
+        decode_received = max(prompt_tokens - pair.decode_matched_tokens, 0)
+        self.decode_load_tokens = decode_received + output_budget(body)
         self.stream = bool(body.get("stream"))
         self.want_merge = route == "/generate" and bool(body.get("return_logprob"))
         self.prefill_task: asyncio.Task[LegResult] | None = None
@@ -91,7 +94,7 @@ class Attempt:
             # decode has answered; never leave it "unretrieved".
             self.prefill_task.add_done_callback(_consume)
         self.decode.on_dispatch(
-            now, self.prompt_tokens, self.pair.decode_rank, self.decode_new_tokens
+            now, self.prompt_tokens, self.pair.decode_rank, self.decode_load_tokens
         )
         self.legs.count_leg(self.decode)
         self._decode_started = time.perf_counter()
@@ -230,7 +233,7 @@ class Attempt:
             resp.discard_rest()  # keep-alive: the connection goes back to the pool
         elif resp is not None:
             resp.close()  # the server sees the router leave
-        self.decode.on_done(time.monotonic(), ok, self.pair.decode_rank, self.decode_new_tokens)
+        self.decode.on_done(time.monotonic(), ok, self.pair.decode_rank, self.decode_load_tokens)
         if self.prefill_task is not None and not self.prefill_task.done():
             if ok:  # prefill's answer no longer matters; let it end on its own
                 self.legs.keep(self.prefill_task)

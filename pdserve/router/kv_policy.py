@@ -3,11 +3,13 @@ the prompt, weighed against its load (router process; pure).
 
 The cache contents come from the servers' KV events (`kv_index.py`). The cost of a
 candidate is the prompt tokens it would still compute (or, for decode, receive) plus those
-that the requests this router has in flight there make it compute or receive (exact and
-fresh; a `/get_load` report lags by its refresh period, long enough to send a conversation
-away from its cache); the cheapest wins. Counting whole prompts in flight instead made a
-rank busy with mostly cached turns, or a decode rank holding long conversations, look
-expensive, and sent conversations away from their history.
+that the requests this router has in flight there make it compute or receive, and, on
+decode, the tokens they may still generate (exact and fresh; a `/get_load` report lags by
+its refresh period, long enough to send a conversation away from its cache); the cheapest
+wins. Counting whole prompts in flight instead made a rank busy with mostly cached turns, or
+a decode rank holding long conversations, look expensive, and sent conversations away from
+their history; counting no generation made the decode rank that first held a shared system
+prompt draw every request behind it and decode them all in one batch.
 Text and chat prompts arrive as token ids once the router holds the servers' tokenizer
 (`prompt_tokens.py`); prompts without token ids, and workers that publish no events, are
 scored by load alone (a match of 0).
@@ -15,10 +17,12 @@ scored by load alone (a match of 0).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from pdserve.engine.page_hash import page_hashes
+from pdserve.engine.request import SamplingParams
 from pdserve.router.kv_index import KVIndex
 from pdserve.router.policy import Policy
 from pdserve.router.prefix_table import Prompt
@@ -41,6 +45,18 @@ def cheapest(candidates: Sequence[Candidate], prompt_tokens: int) -> Candidate:
         return (max(prompt_tokens - c.matched_tokens, 0) + c.load_tokens, -c.matched_tokens)
 
     return min(candidates, key=cost)
+
+
+def output_budget(body: Mapping[str, Any]) -> int:
+    """The most tokens a request's decode leg generates: `sampling_params.max_new_tokens`
+    (native), `max_completion_tokens` or `max_tokens` (OpenAI), else the servers' default."""
+    params = body.get("sampling_params")
+    candidates = [params.get("max_new_tokens")] if isinstance(params, Mapping) else []
+    candidates += [body.get("max_completion_tokens"), body.get("max_tokens")]
+    for value in candidates:
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+            return value
+    return SamplingParams().max_new_tokens
 
 
 def rank_load(worker: Worker, rank: int) -> int:

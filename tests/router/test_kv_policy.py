@@ -4,7 +4,7 @@ no events and text prompts are scored by load alone."""
 
 from pdserve.engine.page_hash import page_hashes
 from pdserve.router.kv_index import KVIndex
-from pdserve.router.kv_policy import KVAware
+from pdserve.router.kv_policy import KVAware, output_budget
 from tests.router.test_policy import make_workers
 
 PAGE, SEED = 16, 1234
@@ -81,3 +81,21 @@ def test_equal_candidates_take_turns():
     workers = make_workers(3)
     policy = KVAware(KVIndex(), per_rank=False)
     assert {policy.choose(workers, PROMPT).url for _ in range(3)} == {w.url for w in workers}
+
+
+def test_a_decode_leg_loads_its_rank_with_the_tokens_it_may_generate():
+    """The decode rank that holds a shared system prompt does not draw every request
+    behind it: each decode in flight there counts its answer's budget."""
+    body = {"input_ids": PROMPT, "sampling_params": {"max_new_tokens": 64}}
+    assert output_budget(body) == 64
+    assert output_budget({"messages": [], "max_tokens": 7, "max_completion_tokens": 9}) == 9
+    assert output_budget({"prompt": "x", "max_tokens": 0}) == 0
+    assert output_budget({"prompt": "x", "max_tokens": True}) == 128  # the servers' default
+    (d,) = make_workers(1)
+    d.set_dp_size(2)
+    policy = KVAware(index_with(d.url, rank=1, num_pages=4), per_rank=True)
+    d.on_dispatch(0.0, prompt_tokens=80, rank=1, leg_tokens=16)  # received 16 of 80
+    assert policy.score([d], PROMPT).dp_rank == 1  # 16 + 16 to receive < 80
+    d.on_done(0.0, True, 1, leg_tokens=16)
+    d.on_dispatch(0.0, prompt_tokens=80, rank=1, leg_tokens=16 + output_budget(body))
+    assert policy.score([d], PROMPT).dp_rank == 0  # 16 + 80 > 80 on the idle rank
