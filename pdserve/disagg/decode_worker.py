@@ -332,8 +332,10 @@ class DecodeWorkerHooks(WorkerHooks):
     def _share_pending(self, room: DecodeRoom, now: float) -> bool:
         """Whether to wait before reserving: a room with the same prefill worker is
         receiving KV that extends the prefix this prompt finds cached. That worker computes
-        the shared prefix once, first, so this room's KV is not ready before it lands; the
-        wait (capped at half the bootstrap deadline) only guards against a stuck peer."""
+        the shared prefix once, first, so this room's KV is not ready before it lands. The
+        cap (and half the bootstrap deadline) guards against a stuck peer; a room that has
+        waited for its own KV longer than the cap is not waited for (its prefill leg may
+        never come)."""
         max_wait_s = min(self.cfg.kv_share_wait_s, self.cfg.bootstrap_timeout_s / 2)
         if now - room.arrived_at >= max_wait_s:
             return False
@@ -342,6 +344,7 @@ class DecodeWorkerHooks(WorkerHooks):
             for r in self.rooms.values()
             if r.endpoint == room.endpoint
             and r.state in (RoomState.WAITING_FOR_INPUT, RoomState.TRANSFERRING)
+            and now - r.page_list_sent_at < max_wait_s
         ]
         return bool(arriving) and self.engine.prefix_arriving(room.req, arriving)
 
