@@ -107,6 +107,7 @@ class Worker:
             "circuit": self.breaker.state.value,
             "available": self.available(now),
             "in_flight": self.in_flight,
+            "tokens_in_flight": self.tokens_in_flight,  # kv_aware's load term, summed
             "load_tokens": self.load(),
         }
 

@@ -1,7 +1,8 @@
 """kv_aware against real servers: two prefill servers (DP 2 each) and one decode server.
 Requests that share a prefix land on the prefill rank that holds it (cached_tokens in the
 answers), token ids, text and chat messages alike (the router tokenizes as the servers do);
-a prefill server killed and started again is followed anew by the router."""
+a prefill server killed and started again is followed anew by the router; a decode leg in
+flight loads its server with the tokens it may generate."""
 
 from __future__ import annotations
 
@@ -159,3 +160,26 @@ def test_a_restarted_prefill_server_is_followed_again(cluster):
     wait_router_caught_up(router.url, [p.url for p in prefills])
     index = requests.get(f"{router.url}/server_info", timeout=10).json()["kv_index"]
     assert sum(index[new.url]["num_cached_pages"].values()) > 0
+
+
+def test_a_decode_leg_in_flight_counts_the_tokens_it_may_generate(cluster):
+    """While a stream decodes, the router's load term for its decode server holds the prompt
+    tokens it received and the max_new_tokens it may still generate; 0 once it is done."""
+    _, _, decode, router = cluster
+    ids = prompt(prefix=41, suffix=0)
+    params = {"max_new_tokens": 1000, "temperature": 0.0, "ignore_eos": True}
+    body = {"input_ids": ids, "sampling_params": params, "stream": True}
+
+    def decode_tokens_in_flight() -> int:
+        workers = requests.get(f"{router.url}/workers", timeout=10).json()["workers"]
+        return next(w["tokens_in_flight"] for w in workers if w["url"] == decode.url)
+
+    with requests.post(f"{router.url}/generate", json=body, stream=True, timeout=60) as resp:
+        assert resp.status_code == 200, resp.text
+        lines = resp.iter_lines()  # one iterator: dropping it would close the stream
+        first = next(line for line in lines if line)
+        assert first.startswith(b"data:")
+        assert decode_tokens_in_flight() == len(ids) + 1000  # nothing of it cached on decode
+        for _ in lines:
+            pass
+    wait_until(lambda: decode_tokens_in_flight() == 0, 20, "the decode leg to be counted done")
