@@ -14,6 +14,7 @@ from pdserve.config import check, opt
 ENDPOINTS = ["generate", "completions", "chat"]
 DATASETS = ["random", "shared-prefix", "trace", "multiturn"]
 LENGTH_DISTS = ["uniform", "normal", "lognormal"]
+THINK_TIME_DISTS = ["constant", "exponential"]
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,12 @@ class BenchConfig:
     system_prompt_len: int = opt(512, "multiturn: tokens of the system prompt all of them share")
     user_len: int = opt(64, "multiturn: tokens of each user message")
     think_time_s: float = opt(0.0, "multiturn: pause between an answer and the next turn")
+    think_time_dist: str = opt(
+        "constant",
+        "multiturn: think time of every pause, or exponentially distributed with that mean "
+        "(users drift apart as real ones do)",
+        choices=THINK_TIME_DISTS,
+    )
     conversation_stagger_s: float = opt(
         0.0, "multiturn: conversation i starts i times this many seconds after the first"
     )

@@ -1,5 +1,5 @@
 """The multi-turn workload's asyncio shell: each conversation is one task sending its turns
-in order (a think time after every answer), all conversations at once, so their turns
+in order (its planned think time after every answer), all conversations at once, so their turns
 interleave as chat traffic does. Runs in the `pdserve bench` client; the plan and the
 figures are pure, in `multiturn.py`.
 """
@@ -31,7 +31,6 @@ class _Run:
 
     session: aiohttp.ClientSession
     target: runner.Target
-    think_time_s: float
     start: float  # perf_counter at the start of the run
     records: list[RequestRecord]
     on_record: Callable[[RequestRecord], None] | None
@@ -48,7 +47,8 @@ def build_plans(cfg: BenchConfig, tokenizer: Any) -> list[ConversationPlan]:
     allowed = textfit.allowed_token_ids(tokenizer)
     return multiturn.plan_conversations(
         rng, allowed, cfg.num_conversations, cfg.num_turns, cfg.system_prompt_len,
-        cfg.user_len, cfg.random_output_len, cfg.conversation_stagger_s,
+        cfg.user_len, cfg.random_output_len, cfg.conversation_stagger_s, cfg.think_time_s,
+        cfg.think_time_dist,
     )  # fmt: skip
 
 
@@ -82,7 +82,7 @@ async def _conversation(run: _Run, plan: ConversationPlan) -> None:
             return
         if turn + 1 < plan.num_turns:
             prompt = multiturn.next_prompt(prompt, record.output_ids, plan.user_ids[turn + 1])
-            scheduled_s = run.now_s() + run.think_time_s
+            scheduled_s = run.now_s() + plan.think_after(turn)
 
 
 def _skip_rest(run: _Run, begin: int, end: int, failed: RequestRecord) -> None:
@@ -97,7 +97,6 @@ async def send_conversations(
     session: aiohttp.ClientSession,
     target: runner.Target,
     plans: Sequence[ConversationPlan],
-    think_time_s: float,
     on_record: Callable[[RequestRecord], None] | None = None,
 ) -> tuple[list[RequestRecord], list[TurnRef], float]:
     """Run every conversation; (records in conversation-major order, where each sits, the
@@ -108,7 +107,7 @@ async def send_conversations(
         for turn in range(plan.num_turns)
     ]
     records = [RequestRecord(ref.request_index, 0, plans[0].output_len, 0.0) for ref in refs]
-    run = _Run(session, target, think_time_s, time.perf_counter(), records, on_record)
+    run = _Run(session, target, time.perf_counter(), records, on_record)
     await asyncio.gather(*(_conversation(run, plan) for plan in plans))
     return records, refs, run.now_s()
 
@@ -130,9 +129,7 @@ async def measure_conversations(
     servers = [u.rstrip("/") for u in cfg.metrics_urls]
     target_before = await client.get_text(session, target.base_url + "/metrics")
     servers_before = await scrape_all(session, servers)
-    records, refs, duration_s = await send_conversations(
-        session, target, plans, cfg.think_time_s, on_record
-    )
+    records, refs, duration_s = await send_conversations(session, target, plans, on_record)
     target_after = await client.get_text(session, target.base_url + "/metrics")
     servers_after = await scrape_all(session, servers)
     counters = None

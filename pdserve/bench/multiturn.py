@@ -28,6 +28,11 @@ class ConversationPlan:
     user_ids: list[list[int]]  # one message per turn
     output_len: int  # max_new_tokens of every answer
     start_s: float  # when its first turn is sent, from the start of the run
+    think_s: tuple[float, ...] = ()  # pause after answer i before turn i + 1 is sent
+
+    def think_after(self, turn: int) -> float:
+        """Seconds between turn `turn`'s answer (0-based) and the next turn's send."""
+        return self.think_s[turn] if turn < len(self.think_s) else 0.0
 
     @property
     def num_turns(self) -> int:
@@ -43,17 +48,35 @@ def plan_conversations(
     user_len: int,
     output_len: int,
     stagger_s: float,
+    think_time_s: float = 0.0,
+    think_time_dist: str = "constant",
 ) -> list[ConversationPlan]:
     """`num_conversations` conversations sharing one system prompt; conversation i starts at
-    `i * stagger_s`. User messages differ between conversations and turns."""
+    `i * stagger_s`. User messages differ between conversations and turns. Between an answer
+    and the next turn a user thinks `think_time_s` seconds (`constant`), or a time drawn from
+    an exponential distribution of that mean (`exponential`): users who think for different
+    times drift apart, as real chat traffic does, instead of sending their turns in step."""
     system_ids = random_ids(rng, allowed_ids, system_prompt_len)
+    users = [
+        [random_ids(rng, allowed_ids, user_len) for _ in range(num_turns)]
+        for _ in range(num_conversations)
+    ]
+    gaps = max(num_turns - 1, 0)
+    if think_time_dist == "constant":
+        thinks = [(float(think_time_s),) * gaps for _ in range(num_conversations)]
+    elif think_time_dist == "exponential":  # drawn after the messages: same seed, same words
+        drawn = rng.exponential(think_time_s, size=(num_conversations, gaps))
+        thinks = [tuple(float(t) for t in row) for row in drawn]
+    else:
+        raise ValueError(f"unknown think time distribution {think_time_dist!r}")
     return [
         ConversationPlan(
             index=i,
             system_ids=system_ids,
-            user_ids=[random_ids(rng, allowed_ids, user_len) for _ in range(num_turns)],
+            user_ids=users[i],
             output_len=output_len,
             start_s=i * stagger_s,
+            think_s=thinks[i],
         )
         for i in range(num_conversations)
     ]

@@ -36,6 +36,26 @@ def test_the_seed_fixes_the_plan():
     assert plans(1)[0].user_ids != plans(2)[0].user_ids
 
 
+def test_think_times_are_constant_or_drawn_from_the_seed_without_changing_the_words():
+    def made(dist, seed=0):
+        return multiturn.plan_conversations(
+            np.random.default_rng(seed), ALLOWED, 50, 4, 20, 5, 7, 0.5, 2.0, dist
+        )
+
+    constant, drawn = made("constant"), made("exponential")
+    assert all(p.think_s == (2.0, 2.0, 2.0) for p in constant)
+    assert [p.user_ids for p in drawn] == [p.user_ids for p in constant]
+    assert [p.system_ids for p in drawn] == [p.system_ids for p in constant]
+    thinks = np.array([p.think_s for p in drawn])
+    assert thinks.shape == (50, 3) and (thinks >= 0).all()
+    assert len(set(thinks.ravel().tolist())) == thinks.size  # users drift apart
+    assert 1.5 < thinks.mean() < 2.6  # mean 2 s (150 draws)
+    assert made("exponential") == drawn and made("exponential", 1) != drawn
+    assert drawn[0].think_after(1) == drawn[0].think_s[1] and drawn[0].think_after(3) == 0.0
+    with pytest.raises(ValueError, match="think time"):
+        made("gamma")
+
+
 def test_next_prompt_is_the_history_then_the_answer_then_the_message():
     plan = plans()[0]
     prompt = multiturn.first_prompt(plan)

@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 import aiohttp
+import pytest
 
 from pdserve.bench import conversations, driver, runner
 from pdserve.bench.compare import answer_divergences, format_compare
@@ -49,7 +50,7 @@ def test_each_turn_extends_the_last_prompt_with_the_answer_returned(tiny_server)
 
     async def go():
         async with aiohttp.ClientSession() as session:
-            return await conversations.send_conversations(session, target, plans, 0.3)
+            return await conversations.send_conversations(session, target, plans)
 
     records, refs, _ = asyncio.run(go())
     assert all(r.ok and len(r.output_ids) == 4 for r in records)
@@ -64,16 +65,23 @@ def test_each_turn_extends_the_last_prompt_with_the_answer_returned(tiny_server)
     assert [(r.conversation, r.turn) for r in refs[:4]] == [(0, 1), (0, 2), (0, 3), (1, 1)]
 
 
-def test_conversations_interleave_and_keep_their_think_time(tiny_server):
-    result = asyncio.run(driver.run_multiturn(small_config(tiny_server.url)))
+@pytest.mark.parametrize("dist", ["constant", "exponential"])
+def test_conversations_interleave_and_keep_their_think_time(tiny_server, dist):
+    cfg = small_config(tiny_server.url, think_time_dist=dist)
+    tokenizer = runner.load_tokenizer(runner.resolve_tokenizer_path("tiny-random", None))
+    plans = conversations.build_plans(cfg, tokenizer)  # the seed fixes the think times
+    thinks = [plan.think_s for plan in plans]
+    assert all(t == (0.3, 0.3) for t in thinks) == (dist == "constant")
+    result = asyncio.run(driver.run_multiturn(cfg))
     requests = result["requests"]
     for conv in result["conversations"]:
         turns = [requests[i] for i in conv["request_indices"]]
         assert turns[0]["scheduled_s"] == conv["conversation"] * 0.05
         assert turns[0]["sent_s"] >= turns[0]["scheduled_s"]
-        for before, after in zip(turns, turns[1:], strict=False):
+        for turn, (before, after) in enumerate(zip(turns, turns[1:], strict=False)):
             answered_s = before["sent_s"] + before["e2el_s"]
-            assert after["scheduled_s"] >= answered_s + 0.3
+            think_s = thinks[conv["conversation"]][turn]
+            assert after["scheduled_s"] >= answered_s + think_s
             assert after["sent_s"] >= after["scheduled_s"] - 0.005
     # every conversation started before the first one ended: they ran at once
     first = [requests[i] for i in result["conversations"][0]["request_indices"]]
