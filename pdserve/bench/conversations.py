@@ -19,7 +19,7 @@ from pdserve.bench import client, multiturn, report, runner, textfit
 from pdserve.bench.config import BenchConfig
 from pdserve.bench.metrics import RequestRecord, summarize
 from pdserve.bench.multiturn import ConversationPlan, TurnRef
-from pdserve.bench.server_stats import counter_deltas, kv_transfer_summary
+from pdserve.bench.server_stats import counter_deltas, kv_transfer_summary, stage_summary
 from pdserve.bench.workload import Prompt, random_prompts
 
 SKIPPED = "previous_turn_failed"
@@ -144,5 +144,6 @@ async def measure_conversations(
     result["per_turn"] = multiturn.per_turn_figures(records, refs, cfg.num_turns)
     result["kv_transfer"] = kv
     result["kv_transfer_bytes"] = kv["kv_transfer_bytes"] if kv else None
+    result["disagg_stages"] = stage_summary(scrapes) if servers else None
     result["conversations"] = multiturn.conversation_indices(refs)
     return result

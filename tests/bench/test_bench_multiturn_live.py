@@ -114,6 +114,7 @@ def test_the_result_reports_each_turn_the_cache_share_and_kv_bytes(tiny_server, 
     kv = result["kv_transfer"]
     assert kv["servers"][tiny_server.url]["mode"] == "colocated"
     assert result["kv_transfer_bytes"] == 0 and kv["complete"] is True  # nothing moves colocated
+    assert result["disagg_stages"] == {}  # read from the same scrapes; colocated times no stage
     assert result["config"]["num_turns"] == 3 and result["warmup_requests"] == 1
     assert (tmp_path / "plots" / "ttft_by_turn.png").stat().st_size > 5000
     assert "Per turn" in printed and "2+" in printed and "KV bytes transferred" in printed
