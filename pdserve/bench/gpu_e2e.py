@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import random
+import shlex
 import shutil
 import signal
 import subprocess
@@ -145,14 +146,14 @@ MULTITURN = [
 ]  # fmt: skip
 
 
-def multiturn(model_dir: str, out_dir: str) -> None:
+def multiturn(model_dir: str, out_dir: str, server_args: list[str]) -> None:
     """1P1D over CUDA IPC, prefix cache on against --disable-radix-cache, one after the
     other on the same GPU; `pdserve bench compare` prints the ratios."""
     for label, extra in (("cache-off", ["--disable-radix-cache"]), ("cache-on", [])):
-        server_args = " ".join([*GPU_ARGS, "--transfer-backend", "cuda_ipc", *extra])
+        up_args = " ".join([*GPU_ARGS, "--transfer-backend", "cuda_ipc", *server_args, *extra])
         proc = start(
             ["up", "--model-path", model_dir, "--port", "32000", "--prefill-port", "32001",
-             "--decode-port", "32002", "--server-args", server_args],
+             "--decode-port", "32002", "--server-args", up_args],
             "http://127.0.0.1:32000/readiness",
             os.path.join(out_dir, f"up-{label}.log"),
         )  # fmt: skip
@@ -180,14 +181,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--num-prompts", type=int, default=64)
     parser.add_argument("--max-concurrency", type=int, default=16)
     parser.add_argument("--multiturn", action="store_true", help="prefix cache on vs off")
+    parser.add_argument(
+        "--server-args", default="",
+        help="more arguments for every server, e.g. '--overlap-schedule on'",
+    )  # fmt: skip
     args = parser.parse_args(argv)
+    extra = shlex.split(args.server_args)
     os.makedirs(args.out, exist_ok=True)
     model_dir = build_model_dir(
         args.shape, tempfile.mkdtemp(prefix="pdserve-gpu-e2e-"), tokenizer_vocab=args.multiturn
     )
     if args.multiturn:
         try:
-            multiturn(model_dir, args.out)
+            multiturn(model_dir, args.out, extra)
         finally:
             shutil.rmtree(model_dir, ignore_errors=True)
         return
@@ -195,12 +201,12 @@ def main(argv: list[str] | None = None) -> None:
     try:
         procs.append(
             start(
-                ["serve", "--model-path", model_dir, *GPU_ARGS, "--port", "31000"],
+                ["serve", "--model-path", model_dir, *GPU_ARGS, *extra, "--port", "31000"],
                 "http://127.0.0.1:31000/health",
                 os.path.join(args.out, "colocated.log"),
             )
         )
-        server_args = " ".join([*GPU_ARGS, "--transfer-backend", "cuda_ipc"])
+        server_args = shlex.join([*GPU_ARGS, "--transfer-backend", "cuda_ipc", *extra])
         procs.append(
             start(
                 ["up", "--model-path", model_dir, "--port", "32000", "--server-args", server_args],
