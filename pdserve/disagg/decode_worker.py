@@ -19,7 +19,7 @@ from pdserve.disagg import messages as m
 from pdserve.disagg.config import DisaggConfig
 from pdserve.disagg.rooms import IllegalRoomTransition, RoomState, error_output, transition
 from pdserve.disagg.transfer.base import Event, KVReceived, KVTransport, PagesSettled, PeerLost
-from pdserve.engine.request import FinishReason, Request
+from pdserve.engine.request import FinishReason, Request, StepOutput
 from pdserve.serving.hooks import WorkerHooks
 from pdserve.serving.protocol import GenerateReq, ReqOutput
 from pdserve.serving.worker_io import output_to_msg, request_from_msg
@@ -125,10 +125,16 @@ class DecodeWorkerHooks(WorkerHooks):
         return self._progress(room, now)
 
     def on_abort(self, rid: str, reason: str) -> list[ReqOutput]:
+        """Ends the room before the engine sees the abort (pages a transfer may still write
+        stay out of use) and answers it: a room holding no pages yet has no request in the
+        engine, whose abort would answer nothing."""
         room_id = self.room_of_rid.get(rid)
-        if room_id is not None:
-            self._end(self.rooms[room_id], reason)
-        return []
+        if room_id is None:
+            return []
+        out = self._end(self.rooms[room_id], reason)
+        if out is None:
+            out = StepOutput(rid, finish_reason=FinishReason("abort", message=reason))
+        return [output_to_msg(out)]
 
     # -- the loop ------------------------------------------------------------------
     def poll(self, now: float) -> list[ReqOutput]:
@@ -384,19 +390,22 @@ class DecodeWorkerHooks(WorkerHooks):
         self._end(room, reason)
         return [error_output(room.req.rid, status, reason)]
 
-    def _end(self, room: DecodeRoom, reason: str) -> None:
+    def _end(self, room: DecodeRoom, reason: str) -> StepOutput | None:
         """Fail and forget the room; once its pages are reserved (page list sent), free them
-        and tell the prefill peer, which knows of the room from then on."""
+        and tell the prefill peer, which knows of the room from then on. Returns the
+        engine's abort output (None before the room reserved pages: nothing in the engine)."""
         reserved = room.state is not RoomState.BOOTSTRAPPING
         room.move(RoomState.FAILED)
+        out = None
         if reserved:
             # Pages a transfer may still write stay out of use until it reports them settled.
             still_written = self.transport.forget_room(room.room)
-            self.engine.abort(room.req.rid, reason, keep_page_ids=still_written)
+            out = self.engine.abort(room.req.rid, reason, keep_page_ids=still_written)
             peer = self.peers.get(room.endpoint)
             if peer is not None:
                 self._send(peer, m.Abort(room=room.room, reason=reason))
         self._forget(room.room)
+        return out
 
     def _forget(self, room_id: int) -> None:
         room = self.rooms.pop(room_id, None)

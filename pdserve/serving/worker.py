@@ -101,9 +101,11 @@ class WorkerLoop:
                 logger.exception("request %s failed on admission", msg.rid)
                 return [rejected_msg(msg.rid, f"worker error: {exc}", 500)]
         if isinstance(msg, AbortReq):
+            # The hooks first: a PD room keeps the pages a transfer may still write out of
+            # use, which the engine's abort alone would free (and answers the request then).
+            outputs = self.hooks.on_abort(msg.rid, msg.reason)
             out = self.engine.abort(msg.rid, msg.reason)
-            outputs = [output_to_msg(out)] if out is not None else []
-            return outputs + self.hooks.on_abort(msg.rid, msg.reason)
+            return outputs + ([output_to_msg(out)] if out is not None else [])
         if isinstance(msg, RoomFailed):
             return self.hooks.on_room_failed(msg)
         if isinstance(msg, RoomForwarded):

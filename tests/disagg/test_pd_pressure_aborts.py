@@ -1,0 +1,93 @@
+"""Aborts of decode rooms that hold no pages yet (waiting for free pages, or for another
+room's shared prefix to land): the client gets its answer at once, and nothing is left
+behind on either server."""
+
+from __future__ import annotations
+
+import concurrent.futures
+
+import pytest
+import requests
+
+from tests.disagg.pd_driver import get_load, wait_idle
+from tests.helpers import wait_until
+
+PAGE = 16
+POOL_PAGES = 8
+SHARE_WAIT_S = 60  # far past every wait below: a room that waits for it fails the test
+
+
+@pytest.fixture(scope="module")
+def pair(pd_module):
+    prefill = pd_module.prefill(1)
+    decode = pd_module.decode(
+        1,
+        [
+            *["--max-total-tokens", str(POOL_PAGES * PAGE), "--kv-wait-timeout-s", "20"],
+            *["--kv-share-wait-s", str(SHARE_WAIT_S), "--bootstrap-timeout-s", "200"],
+        ],
+    )
+    return prefill, decode
+
+
+def _leg(prefill, room: int, ids: list[int], rid: str) -> dict:
+    return {
+        "input_ids": ids,
+        "sampling_params": {"max_new_tokens": 2, "temperature": 0, "ignore_eos": True},
+        "rid": rid,
+        "bootstrap_host": "127.0.0.1",
+        "bootstrap_port": prefill.bootstrap_port,
+        "bootstrap_room": room,
+    }
+
+
+def _post_async(url: str, body: dict) -> concurrent.futures.Future:
+    pool = concurrent.futures.ThreadPoolExecutor(1)
+    future = pool.submit(requests.post, url + "/generate", json=body, timeout=30)
+    pool.shutdown(wait=False)
+    return future
+
+
+def _rooms(url: str) -> int:
+    return sum(rank["num_disagg_rooms"] for rank in get_load(url))
+
+
+def test_abort_of_a_room_waiting_for_free_pages_answers_the_client(pair):
+    prefill, decode = pair
+    # Decode leg only: it reserves the whole pool and waits for KV that never comes.
+    holder = _post_async(decode.url, _leg(prefill, 7001, list(range(3, 3 + 7 * PAGE + 5)), "hold"))
+    wait_until(lambda: get_load(decode.url)[0]["num_used_pages"] == POOL_PAGES, 20, "the pool full")
+    waiter = _post_async(decode.url, _leg(prefill, 7002, list(range(100, 120)), "wait"))
+    wait_until(lambda: _rooms(decode.url) == 2, 20, "the second room to wait for pages")
+    requests.post(decode.url + "/abort_request", json={"rid": "wait"}, timeout=10)
+    answer = waiter.result(timeout=10)  # not the client's 30 s: the abort answers it
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["meta_info"]["finish_reason"]["type"] == "abort"
+    requests.post(decode.url + "/abort_request", json={"rid": "hold"}, timeout=10)
+    holder.result(timeout=10)
+    wait_idle([prefill.url, decode.url], timeout_s=20)
+
+
+def _used_pages(url: str) -> int:
+    return get_load(url)[0]["num_used_pages"]
+
+
+def test_a_room_waiting_for_a_shared_prefix_goes_on_when_that_room_is_aborted(pair):
+    prefill, decode = pair
+    shared = list(range(30, 30 + 2 * PAGE))
+    first = _post_async(decode.url, _leg(prefill, 7101, shared + [1, 2, 3], "first"))
+    wait_until(lambda: _used_pages(decode.url) == 3, 20, "the first room to reserve")
+    second_body = _leg(prefill, 7102, shared + [4, 5, 6, 7], "second")
+    second = _post_async(decode.url, second_body)
+    wait_until(lambda: _rooms(decode.url) == 2, 20, "the second room to wait for the prefix")
+    assert _used_pages(decode.url) == 3  # it waits for the first room's KV, holding nothing
+    requests.post(decode.url + "/abort_request", json={"rid": "first"}, timeout=10)
+    assert first.result(timeout=10).json()["meta_info"]["finish_reason"]["type"] == "abort"
+    # Nothing is coming for the prefix any more: the second room reserves it all now.
+    wait_until(lambda: _used_pages(decode.url) == 3 and _rooms(decode.url) == 1, 10, "reserve")
+    prefill_body = dict(second_body, rid="second-prefill")
+    assert requests.post(prefill.url + "/generate", json=prefill_body, timeout=30).ok
+    answer = second.result(timeout=30)
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["meta_info"]["finish_reason"]["type"] == "length"
+    wait_idle([prefill.url, decode.url], timeout_s=20)
