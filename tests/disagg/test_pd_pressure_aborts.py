@@ -5,6 +5,8 @@ behind on either server."""
 from __future__ import annotations
 
 import concurrent.futures
+import os
+import signal
 
 import pytest
 import requests
@@ -91,3 +93,26 @@ def test_a_room_waiting_for_a_shared_prefix_goes_on_when_that_room_is_aborted(pa
     assert answer.status_code == 200, answer.text
     assert answer.json()["meta_info"]["finish_reason"]["type"] == "length"
     wait_idle([prefill.url, decode.url], timeout_s=20)
+
+
+def test_rooms_waiting_for_a_shared_prefix_fail_when_its_prefill_worker_dies(pd):
+    prefill = pd.prefill(1)
+    decode = pd.decode(
+        1,
+        [
+            *["--heartbeat-interval-s", "0.2", "--heartbeat-timeout-s", "1.0"],
+            *["--kv-share-wait-s", str(SHARE_WAIT_S), "--bootstrap-timeout-s", "200"],
+        ],
+    )
+    shared = list(range(30, 30 + 2 * PAGE))
+    first = _post_async(decode.url, _leg(prefill, 7201, shared + [1, 2, 3], "first"))
+    wait_until(lambda: _used_pages(decode.url) == 3, 20, "the first room to reserve")
+    second = _post_async(decode.url, _leg(prefill, 7202, shared + [4, 5, 6, 7], "second"))
+    wait_until(lambda: _rooms(decode.url) == 2, 20, "the second room to wait for the prefix")
+    worker_pid = requests.get(prefill.url + "/server_info", timeout=5).json()["worker_pids"][0]
+    os.kill(worker_pid, signal.SIGKILL)
+    for future in (first, second):
+        answer = future.result(timeout=20)  # the heartbeat window, not the share wait
+        assert answer.status_code == 503, answer.text
+        assert "lost the connection to prefill worker" in answer.json()["error"]["message"]
+    wait_until(lambda: _used_pages(decode.url) == 0 and _rooms(decode.url) == 0, 10, "idle")
