@@ -20,6 +20,9 @@ from pdserve.router.kv_index import BatchVerdict, WorkerCache
 log = logging.getLogger(__name__)
 
 REPLAY_TIMEOUT_S = 5.0
+# After a failure, the wait before resynchronising (a server sending garbage or refusing
+# snapshots is not asked in a tight loop).
+RESYNC_DELAY_S = 0.1
 
 
 class KVSubscriber:
@@ -54,9 +57,12 @@ class KVSubscriber:
         while True:
             try:
                 await self._follow()
-            except (TimeoutError, asyncio.TimeoutError, zmq.ZMQError, KeyError) as exc:
+            except Exception as exc:  # noqa: BLE001 - whatever a server sends (garbage, a
+                # truncated or malformed batch, a lost answer), the follower must go on: a
+                # dead one would leave its index stale for good.
                 log.warning("KV events of %s: %r; resynchronising", self.endpoint, exc)
                 self.cache.last_seq = None
+            await asyncio.sleep(RESYNC_DELAY_S)
 
     async def _follow(self) -> None:
         if self.cache.last_seq is None:

@@ -1,0 +1,96 @@
+"""The router's KV event follower against a server's real publisher (its replay socket) and
+a live socket that also carries garbage: undecodable bytes, a batch that is not an object,
+a bad sequence number, malformed events. The follower resynchronises and keeps following;
+before, the first of them ended it and froze the worker's index for good."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import msgspec
+import zmq
+import zmq.asyncio
+
+from pdserve.engine.kv_events import CacheEvent, PagesRemoved, PagesStored
+from pdserve.router.kv_index import WorkerCache
+from pdserve.router.kv_subscriber import KVSubscriber
+from pdserve.serving.kv_publisher import KVEventPublisher
+
+PAGE_SIZE, HASH_SEED = 16, 7
+DEADLINE_S = 20.0
+POLL_S = 0.02
+
+
+class LiveRelay:
+    """The publisher's batches, sent on a live socket the test also writes garbage to."""
+
+    def __init__(self, ctx: zmq.asyncio.Context, publisher: KVEventPublisher):
+        self.publisher = publisher
+        self.sock = ctx.socket(zmq.PUB)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        port = self.sock.bind_to_random_port("tcp://127.0.0.1")
+        self.endpoint = f"tcp://127.0.0.1:{port}"
+
+    async def publish(self, dp_rank: int, events: list[CacheEvent]) -> bytes:
+        self.publisher.publish(dp_rank, events)
+        stream = self.publisher.stream
+        data = msgspec.msgpack.encode(stream.replay(stream.seq)["batches"][-1])
+        await self.sock.send(data)
+        return data
+
+
+async def wait_for(condition, what: str, resend: tuple[zmq.asyncio.Socket, bytes] | None = None):
+    deadline = time.monotonic() + DEADLINE_S
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        if resend is not None:  # a PUB drops what it sends before the subscription lands
+            await resend[0].send(resend[1])
+        await asyncio.sleep(POLL_S)
+
+
+def cached(cache: WorkerCache) -> dict[int, set[int]]:
+    return {rank: set(hashes) for rank, hashes in cache.ranks.items() if hashes}
+
+
+async def follow_through_garbage() -> None:
+    ctx = zmq.asyncio.Context()
+    publisher = KVEventPublisher(ctx, "127.0.0.1", (0, 0), 2, PAGE_SIZE, HASH_SEED)
+    publisher.start()
+    relay = LiveRelay(ctx, publisher)
+    cache = WorkerCache(PAGE_SIZE, HASH_SEED)
+    sub = KVSubscriber(ctx, cache, relay.endpoint, publisher.replay_endpoint)
+    sub.start()
+    try:
+        first = await relay.publish(0, [PagesStored([1, 2], None)])
+        await wait_for(lambda: cache.last_seq == 1, "the first live batch", (relay.sock, first))
+        encode = msgspec.msgpack.encode
+        for garbage in (
+            b"\xc1 not msgpack",
+            encode([1, 2]),
+            encode({"seq": "two", "events": []}),
+            encode({"seq": 2, "events": 5}),
+            encode({"seq": 2, "events": [{"type": "stored", "dp_rank": 0, "page_hashes": 9}]}),
+        ):
+            await relay.sock.send(garbage)
+        await relay.publish(1, [PagesStored([3], None)])
+        await relay.publish(0, [PagesRemoved([1])])
+        stream = publisher.stream
+        expected = {rank: c for rank, c in enumerate(stream.cached) if c}
+        assert expected == {0: {2}, 1: {3}}
+        await wait_for(
+            lambda: cache.last_seq == stream.seq and cached(cache) == expected,
+            "the follower to resynchronise after garbage",
+        )
+        last = await relay.publish(1, [PagesStored([4], 3)])  # and it still follows
+        await wait_for(lambda: cache.last_seq == stream.seq, "a batch after the resync")
+        assert cached(cache) == {0: {2}, 1: {3, 4}}, last
+    finally:
+        await sub.stop()
+        await publisher.stop()
+        relay.sock.close()
+        ctx.destroy(linger=0)
+
+
+def test_garbage_on_the_live_socket_resynchronises_and_following_goes_on():
+    asyncio.run(follow_through_garbage())
