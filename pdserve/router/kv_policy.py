@@ -35,6 +35,7 @@ class Candidate:
     dp_rank: int | None  # None: the server's own DP controller picks the rank
     matched_tokens: int
     load_tokens: int
+    holding_rank: int | None = None  # the rank that holds `matched_tokens` (None: no match)
 
 
 def cheapest(candidates: Sequence[Candidate], prompt_tokens: int) -> Candidate:
@@ -88,13 +89,15 @@ class KVAware(Policy):
                 pages = cache.matched_pages(hashes_by_seed[key])
                 matched = {rank: n * cache.page_size for rank, n in pages.items()}
             if self.per_rank:
-                out += [
-                    Candidate(worker, r, matched.get(r, 0), rank_load(worker, r))
-                    for r in range(worker.dp_size)
-                ]
+                for rank in range(worker.dp_size):
+                    num = matched.get(rank, 0)
+                    load = rank_load(worker, rank)
+                    out.append(Candidate(worker, rank, num, load, rank if num else None))
             else:
-                best = max(matched.values(), default=0)
-                out.append(Candidate(worker, None, best, worker.tokens_in_flight))
+                rank = max(matched, key=matched.__getitem__, default=None)
+                best = 0 if rank is None else matched[rank]
+                holding = rank if best and rank < worker.dp_size else None
+                out.append(Candidate(worker, None, best, worker.tokens_in_flight, holding))
         return out
 
     def choose(self, workers: Sequence[Worker], prompt: Prompt | None) -> Worker:

@@ -10,7 +10,7 @@ from typing import Any
 from pdserve.router.body import LegPlan, new_rids
 from pdserve.router.config import ROLES, Role, RouterConfig
 from pdserve.router.kv_index import KVIndex
-from pdserve.router.kv_policy import KVAware
+from pdserve.router.kv_policy import Candidate, KVAware
 from pdserve.router.policy import Policy, make_policy
 from pdserve.router.prefix_table import Prompt
 from pdserve.router.rooms import RoomSource
@@ -55,8 +55,8 @@ class PairChooser:
 
     def _pick(
         self, role: Role, now: float, prompt: Prompt | None, avoid: Collection[str]
-    ) -> tuple[Worker, int | None, int]:
-        """(worker, the DP rank kv_aware chose or None, matched prompt tokens)."""
+    ) -> Candidate:
+        """The worker, the DP rank kv_aware chose (or None) and the prompt tokens it holds."""
         workers = self.registry.available(role, now, exclude=avoid)
         if not workers and avoid:  # better a worker that failed once than none
             workers = self.registry.available(role, now)
@@ -67,9 +67,8 @@ class PairChooser:
             raise NoWorker(f"no healthy {role} server available ({total} registered)")
         policy = self.policies[role]
         if isinstance(policy, KVAware):
-            best = policy.score(workers, prompt)
-            return best.worker, best.dp_rank, best.matched_tokens
-        return policy.choose(workers, prompt), None, 0
+            return policy.score(workers, prompt)
+        return Candidate(policy.choose(workers, prompt), None, 0, 0)
 
     def choose(
         self,
@@ -82,22 +81,29 @@ class PairChooser:
     ) -> Pair:
         """Raises NoWorker. `avoid`: workers that already failed this request."""
         if self.registry.by_role("regular"):
-            worker, rank, matched = self._pick("regular", now, prompt, avoid)
-            return Pair(worker, decode_rank=rank, decode_matched_tokens=matched)
+            plain = self._pick("regular", now, prompt, avoid)
+            return Pair(
+                plain.worker, decode_rank=plain.dp_rank, decode_matched_tokens=plain.matched_tokens
+            )
         c = self.config
         if c.local_prefill_threshold:
-            decode, decode_kv_rank, decode_matched = self._pick("decode", now, prompt, avoid)
-            if self._decode_holds_enough(prompt, decode_matched):
+            best_decode = self._pick("decode", now, prompt, avoid)
+            if self._decode_holds_enough(prompt, best_decode.matched_tokens):
+                # The rank that holds the prompt, --dp-aware or not: on another rank decode
+                # would compute the whole prompt itself.
                 return Pair(
-                    decode,
-                    decode_rank=decode_kv_rank if c.dp_aware else None,
-                    decode_matched_tokens=decode_matched,
+                    best_decode.worker,
+                    decode_rank=best_decode.holding_rank,
+                    decode_matched_tokens=best_decode.matched_tokens,
                     local_prefill=True,
                 )
-            prefill, prefill_kv_rank, prefill_matched = self._pick("prefill", now, prompt, avoid)
+            best_prefill = self._pick("prefill", now, prompt, avoid)
         else:
-            prefill, prefill_kv_rank, prefill_matched = self._pick("prefill", now, prompt, avoid)
-            decode, decode_kv_rank, decode_matched = self._pick("decode", now, prompt, avoid)
+            best_prefill = self._pick("prefill", now, prompt, avoid)
+            best_decode = self._pick("decode", now, prompt, avoid)
+        prefill, prefill_kv_rank = best_prefill.worker, best_prefill.dp_rank
+        decode, decode_kv_rank = best_decode.worker, best_decode.dp_rank
+        prefill_matched, decode_matched = best_prefill.matched_tokens, best_decode.matched_tokens
         prefill_rank = prefill_kv_rank
         if prefill_rank is None and (c.dp_aware or c.align_room):
             prefill_rank = prefill.choose_rank()
