@@ -22,7 +22,10 @@ class KVFollower:
         self._subs: dict[str, KVSubscriber] = {}
 
     def follows(self, url: str) -> bool:
-        return url in self._subs
+        """Following the worker, and its events server answers (a server started again
+        on other ports does not: the monitor then reads its /server_info anew)."""
+        sub = self._subs.get(url)
+        return sub is not None and not sub.lost
 
     async def follow(self, url: str, info: dict[str, Any]) -> None:
         """Start (or restart) following the worker; one without an events endpoint (another

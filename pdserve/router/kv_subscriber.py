@@ -2,7 +2,8 @@
 
 SUB on the server's `kv_events_endpoint`; a snapshot from its replay endpoint gives the
 base; a gap is filled by replay (or a fresh snapshot when the server no longer has the
-batches); a server that started again is resynchronised the same way.
+batches); a server that started again is resynchronised the same way, or, on other ports,
+found silent and marked lost.
 """
 
 from __future__ import annotations
@@ -23,6 +24,10 @@ REPLAY_TIMEOUT_S = 5.0
 # After a failure, the wait before resynchronising (a server sending garbage or refusing
 # snapshots is not asked in a tight loop).
 RESYNC_DELAY_S = 0.1
+# No batch for this long: ask the replay socket what we missed. A quiet server answers with
+# nothing new, one started again on the same ports with a snapshot, and one started again on
+# other ports not at all, which marks this subscriber lost so the monitor follows anew.
+IDLE_PROBE_S = 5.0
 
 
 class KVSubscriber:
@@ -40,6 +45,7 @@ class KVSubscriber:
         self.num_replays = 0
         self.drop_next = False  # lose the next live batch, as a slow subscriber would
         self.num_live_batches = 0
+        self.lost = False  # the replay socket did not answer the last question
         self._task: asyncio.Task | None = None
 
     def start(self) -> None:
@@ -68,6 +74,9 @@ class KVSubscriber:
         if self.cache.last_seq is None:
             await self._resync()
         while True:
+            if not await self._sub.poll(int(IDLE_PROBE_S * 1000)):
+                await self._catch_up()
+                continue
             batch = msgspec.msgpack.decode(await self._sub.recv())
             self.num_live_batches += 1
             if self.drop_next:  # tests: lose one batch as a slow subscriber would
@@ -105,7 +114,9 @@ class KVSubscriber:
             sock.connect(self.replay_endpoint)
             await sock.send(msgspec.msgpack.encode(request))
             if not await sock.poll(int(REPLAY_TIMEOUT_S * 1000)):
+                self.lost = True
                 raise TimeoutError(f"no answer from {self.replay_endpoint}")
+            self.lost = False
             answer = msgspec.msgpack.decode(await sock.recv())
         finally:
             sock.close()
