@@ -99,7 +99,11 @@ class KVEventPublisher:
 
     async def _serve(self) -> None:
         while True:
-            ident, _, request = await self._replay.recv_multipart()
+            frames = await self._replay.recv_multipart()
+            if len(frames) != 3 or frames[1]:  # not a REQ client's [identity, "", request]
+                logger.warning("KV events replay socket: ignored a %d-frame message", len(frames))
+                continue
+            ident, _, request = frames
             await self._replay.send_multipart(
                 [ident, b"", msgspec.msgpack.encode(self._answer(request))]
             )

@@ -4,12 +4,14 @@ subscriber that starts late, or loses a batch, converges to the workers' real ca
 
 from __future__ import annotations
 
+import msgspec
 import pytest
+import zmq
 
 from pdserve.engine.page_hash import page_hashes
 from tests.conftest import TINY_ARGS
 from tests.helpers import http_json, launch_server, wait_until
-from tests.kv_event_client import SubscriberThread, dump, events_since
+from tests.kv_event_client import SubscriberThread, ask_replay, dump, events_since
 
 PAGE = 16
 GREEDY = {"max_new_tokens": 8, "temperature": 0.0, "ignore_eos": True}
@@ -94,3 +96,23 @@ def test_a_late_subscriber_that_loses_a_batch_converges_to_the_real_caches(serve
         assert sub.sub.num_replays >= 1
     finally:
         sub.close()
+
+
+def test_the_replay_socket_outlives_a_client_that_is_not_a_req_socket(server):
+    """Messages without REQ's empty delimiter frame are ignored, and the next REQ client is
+    answered (before, the first such message ended the replay socket's loop)."""
+    endpoint = info(server.url)["kv_events_replay_endpoint"]
+    snapshot = msgspec.msgpack.encode({"op": "snapshot"})
+    dealer = zmq.Context.instance().socket(zmq.DEALER)
+    dealer.setsockopt(zmq.LINGER, 0)
+    try:
+        dealer.connect(endpoint)
+        dealer.send_multipart([b"", snapshot])  # as a REQ would: answered, so connected
+        assert dealer.poll(10_000), "no answer to a well-formed question"
+        dealer.recv_multipart()
+        dealer.send(snapshot)  # no delimiter
+        dealer.send_multipart([b"x", b"", snapshot])  # not an empty delimiter
+        answer = ask_replay(endpoint, {"op": "snapshot"})
+        assert answer["snapshot"]["seq"] == answer["seq"]
+    finally:
+        dealer.close()
