@@ -7,7 +7,7 @@ import asyncio
 import time
 from typing import Any
 
-from pdserve.router.body import abort_rids, encode_bodies, local_prefill_body
+from pdserve.router.body import abort_rids, encode_bodies, local_prefill_body, plain_body
 from pdserve.router.http_client import Response as LegResponse
 from pdserve.router.http_server import Request, Response, StreamResponse
 from pdserve.router.kv_policy import output_budget
@@ -78,12 +78,13 @@ class Attempt:
         return self.pair.decode
 
     async def run(self) -> Response | StreamResponse:
-        plan = self.pair.plan
-        prefill_data, decode_data = (
-            encode_bodies(self.raw, self.body, plan) if plan else (self.raw, self.raw)
-        )
+        plan, prefill_data = self.pair.plan, b""
         if self.pair.local_prefill:
             decode_data = local_prefill_body(self.raw, self.body, self.pair.decode_rank)
+        elif plan is not None:
+            prefill_data, decode_data = encode_bodies(self.raw, self.body, plan)
+        else:  # a plain worker: the client's body, with the rank kv_aware chose
+            decode_data = plain_body(self.raw, self.body, self.pair.decode_rank)
         now = time.monotonic()
         if self.pair.prefill is not None:
             self.pair.prefill.on_dispatch(

@@ -194,6 +194,18 @@ def local_prefill_body(raw: bytes, body: dict[str, Any], decode_rank: int | None
     return head + msgspec.json.encode(fields)[1:]
 
 
+def plain_body(raw: bytes, body: dict[str, Any], rank: int | None) -> bytes:
+    """The body for a plain (colocated) worker: the client's, with `routed_dp_rank` when the
+    router chose the rank (kv_aware with --dp-aware: the rank that holds the prefix)."""
+    if rank is None:
+        return raw
+    if any(key in body for key in RANK_FIELDS):
+        kept = {k: v for k, v in body.items() if k not in RANK_FIELDS}
+        return msgspec.json.encode({**kept, "routed_dp_rank": rank})
+    head = raw.rstrip()[:-1] + (b"," if body else b"")
+    return head + msgspec.json.encode({"routed_dp_rank": rank})[1:]
+
+
 def abort_rids(route: str, rid: str | list[str], num_seqs: int | None) -> list[str]:
     """The rids the server knows: on the OpenAI routes one client rid for several sequences
     becomes `<rid>-<index>` there."""
