@@ -60,6 +60,15 @@ def output_budget(body: Mapping[str, Any]) -> int:
     return SamplingParams().max_new_tokens
 
 
+def prompt_page_hashes(token_ids: Sequence[int], page_size: int, seed: int) -> list[int]:
+    """The prompt's page hashes; none for ids that are not token ids (strings, None, ints
+    past 64 bits): the server answers such a request with its 400, routed by load."""
+    try:
+        return page_hashes(token_ids, page_size, seed)
+    except (TypeError, ValueError, OverflowError):
+        return []
+
+
 def rank_load(worker: Worker, rank: int) -> int:
     """Tokens in flight on the rank: those sent to it, and a share of those the server's
     own DP controller placed."""
@@ -85,7 +94,7 @@ class KVAware(Policy):
             if cache is not None and cache.last_seq is not None:
                 key = (cache.page_size, cache.hash_seed)
                 if key not in hashes_by_seed:  # one hashing per model and page size
-                    hashes_by_seed[key] = page_hashes(token_ids, *key)
+                    hashes_by_seed[key] = prompt_page_hashes(token_ids, *key)
                 pages = cache.matched_pages(hashes_by_seed[key])
                 matched = {rank: n * cache.page_size for rank, n in pages.items()}
             if self.per_rank:

@@ -99,3 +99,14 @@ def test_a_decode_leg_loads_its_rank_with_the_tokens_it_may_generate():
     d.on_done(0.0, True, 1, leg_tokens=16)
     d.on_dispatch(0.0, prompt_tokens=80, rank=1, leg_tokens=16 + output_budget(body))
     assert policy.score([d], PROMPT).dp_rank == 0  # 16 + 80 > 80 on the idle rank
+
+
+def test_ids_that_are_not_token_ids_go_by_load_for_the_server_to_refuse():
+    a, b = make_workers(2)
+    a.on_dispatch(0.0, 50, None)
+    index = index_with(a.url, rank=0, num_pages=4)
+    policy = KVAware(index, per_rank=True)
+    for bad in ("x", None, 2**70, [1]):
+        prompt = [*PROMPT[:20], bad, *PROMPT[21:]]
+        best = policy.score([a, b], prompt)
+        assert (best.worker, best.matched_tokens) == (b, 0), bad

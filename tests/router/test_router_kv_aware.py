@@ -183,3 +183,12 @@ def test_a_decode_leg_in_flight_counts_the_tokens_it_may_generate(cluster):
         for _ in lines:
             pass
     wait_until(lambda: decode_tokens_in_flight() == 0, 20, "the decode leg to be counted done")
+
+
+def test_ids_that_are_not_token_ids_get_the_servers_400_not_a_router_error(cluster):
+    _, _, _, router = cluster
+    for bad in ("x", 2**70):
+        ids = [*prompt(0, 0)[:20], bad, *prompt(0, 0)[21:]]
+        body = {"input_ids": ids, "sampling_params": GREEDY}
+        resp = requests.post(f"{router.url}/generate", json=body, timeout=60)
+        assert resp.status_code == 400, (bad, resp.status_code, resp.text)
