@@ -65,6 +65,12 @@ class PowerOfTwo(Policy):
         return least_loaded(self._rng.sample(list(workers), 2))
 
 
+def keyable(prompt: Prompt) -> bool:
+    """Text or token ids, which the prefix table keys on; other ids (lists, objects) are
+    routed by load, and the server answers them with its 400."""
+    return isinstance(prompt, str) or all(isinstance(t, int) for t in prompt)
+
+
 class CacheAware(Policy):
     name = "cache_aware"
 
@@ -82,7 +88,7 @@ class CacheAware(Policy):
         ) > self.balance_rel_threshold * min(loads)
 
     def choose(self, workers: Sequence[Worker], prompt: Prompt | None) -> Worker:
-        if not prompt:
+        if not prompt or not keyable(prompt):
             return least_loaded(workers)
         chosen = None
         if not self._skewed(workers):

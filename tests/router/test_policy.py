@@ -110,3 +110,12 @@ def test_rank_choice_spreads_over_ranks_and_avoids_busy_ones():
     assert sorted(ranks) == [0, 1, 2, 3]
     worker.on_done(1.0, True, 2)
     assert worker.choose_rank() == 2  # the only rank with nothing in flight
+
+
+def test_cache_aware_routes_ids_that_are_not_token_ids_by_load():
+    config = RouterConfig(prefix_block_len=4)
+    a, b = make_workers(2, config)
+    a.on_dispatch(0.0, 50, None)
+    policy = CacheAware(config)
+    for bad in ([1, 2, [3], 4] * 20, [1, 2, {"x": 1}, 4] * 20):
+        assert policy.choose([a, b], bad) is b
