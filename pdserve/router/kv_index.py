@@ -22,6 +22,7 @@ class WorkerCache:
         self.page_size, self.hash_seed = page_size, hash_seed  # how it hashes its pages
         self.ranks: dict[int, set[int]] = {}
         self.last_seq: int | None = None  # None: no snapshot taken yet
+        self.life: int | None = None  # the server's start the base is from (None: not told)
 
     def _rank(self, dp_rank: int) -> set[int]:
         return self.ranks.setdefault(dp_rank, set())
@@ -29,11 +30,18 @@ class WorkerCache:
     def load_snapshot(self, snapshot: dict[str, Any]) -> None:
         self.ranks = {rank: set(hashes) for rank, hashes in enumerate(snapshot["ranks"])}
         self.last_seq = int(snapshot["seq"])
+        self.life = snapshot.get("life")
+
+    def _same_life(self, batch: dict[str, Any]) -> bool | None:
+        """Whether the batch is from the server's start the base is from (None: unknown,
+        an older server that names no life)."""
+        life = batch.get("life")
+        return None if life is None or self.life is None else life == self.life
 
     def offer(self, batch: dict[str, Any]) -> BatchVerdict:
         """Apply the batch if it is the next one; an older one (replayed) was applied."""
         seq = int(batch["seq"])
-        if self.last_seq is None:
+        if self.last_seq is None or self._same_life(batch) is False:
             return BatchVerdict.RESYNC
         if seq <= self.last_seq:
             return BatchVerdict.APPLIED
@@ -45,10 +53,11 @@ class WorkerCache:
         return BatchVerdict.APPLIED
 
     def offer_live(self, batch: dict[str, Any]) -> BatchVerdict:
-        """A batch from the PUB stream: every one is sent once, so a seq not past the last
-        one means the server started again (a new life numbers from 1)."""
+        """A batch from the PUB stream. One not past the last applied either raced the
+        snapshot (same life: it is in the base already) or comes from a new life of the
+        server, which numbers from 1 again (a server that names no life: assumed so)."""
         if self.last_seq is not None and int(batch["seq"]) <= self.last_seq:
-            return BatchVerdict.RESYNC
+            return BatchVerdict.APPLIED if self._same_life(batch) else BatchVerdict.RESYNC
         return self.offer(batch)
 
     def _apply(self, event: dict[str, Any]) -> None:

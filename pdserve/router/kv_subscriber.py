@@ -103,7 +103,9 @@ class KVSubscriber:
             self.num_resyncs += 1
             return
         for batch in answer["batches"]:
-            self.cache.offer(batch)
+            if self.cache.offer(batch) is BatchVerdict.RESYNC:  # the server started again
+                await self._resync()
+                return
 
     async def _ask(self, request: dict[str, Any]) -> dict[str, Any]:
         """One question to the replay socket; a fresh REQ socket each time, so a lost

@@ -28,8 +28,9 @@ def event_to_wire(dp_rank: int, event: CacheEvent, page_size: int) -> dict[str, 
 
 
 class KVEventStream:
-    def __init__(self, dp_size: int, page_size: int, max_recent_batches: int):
+    def __init__(self, dp_size: int, page_size: int, max_recent_batches: int, life: int = 0):
         self.page_size = page_size
+        self.life = life  # names this start of the server: its batches number from 1 again
         self.seq = 0  # of the last batch; 0: none yet
         self._recent: deque[dict[str, Any]] = deque(maxlen=max_recent_batches)
         self.cached: list[set[int]] = [set() for _ in range(dp_size)]
@@ -41,6 +42,7 @@ class KVEventStream:
         self.seq += 1
         batch = {
             "seq": self.seq,
+            "life": self.life,
             "ts": now,
             "events": [event_to_wire(dp_rank, e, self.page_size) for e in events],
         }
@@ -58,7 +60,7 @@ class KVEventStream:
 
     def snapshot(self) -> dict[str, Any]:
         """Every rank's cached pages as of batch `seq`."""
-        return {"seq": self.seq, "ranks": [sorted(c) for c in self.cached]}
+        return {"seq": self.seq, "life": self.life, "ranks": [sorted(c) for c in self.cached]}
 
     def replay(self, from_seq: int) -> dict[str, Any]:
         """Batches from `from_seq` on, or a snapshot when some of them are gone (or

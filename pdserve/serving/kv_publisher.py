@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import socket
 import time
 from typing import Any
@@ -42,7 +43,8 @@ class KVEventPublisher:
         page_size: int,
         hash_seed: int,
     ):
-        self.stream = KVEventStream(dp_size, page_size, MAX_RECENT_BATCHES)
+        life = random.SystemRandom().getrandbits(63)
+        self.stream = KVEventStream(dp_size, page_size, MAX_RECENT_BATCHES, life)
         self.hash_seed = hash_seed
         self.num_dropped_batches = 0
         self._queue: asyncio.Queue[bytes] = asyncio.Queue(MAX_QUEUED_BATCHES)

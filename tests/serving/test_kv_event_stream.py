@@ -24,9 +24,9 @@ def test_batches_are_numbered_and_carry_rank_and_token_count():
         }
     ]
     assert second["events"][1] == {"type": "removed", "dp_rank": 0, "page_hashes": [7]}
-    assert stream.snapshot() == {"seq": 2, "ranks": [[], [5, 6]]}
+    assert stream.snapshot() == {"seq": 2, "life": 0, "ranks": [[], [5, 6]]}
     stream.add(1, [CacheCleared()], now=3.0)
-    assert stream.snapshot() == {"seq": 3, "ranks": [[], []]}
+    assert stream.snapshot() == {"seq": 3, "life": 0, "ranks": [[], []]}
 
 
 def test_replay_gives_recent_batches_or_a_snapshot_when_they_are_gone():
@@ -35,7 +35,7 @@ def test_replay_gives_recent_batches_or_a_snapshot_when_they_are_gone():
         stream.add(0, [PagesStored([page_hash], None)], now=0.0)
     assert [b["seq"] for b in stream.replay(2)["batches"]] == [2, 3]
     assert stream.replay(4)["batches"] == []
-    assert stream.replay(1)["snapshot"] == {"seq": 3, "ranks": [[1, 2, 3]]}
+    assert stream.replay(1)["snapshot"] == {"seq": 3, "life": 0, "ranks": [[1, 2, 3]]}
     assert "snapshot" in stream.replay(9)  # a subscriber from another life of the server
 
 
@@ -54,5 +54,26 @@ def test_the_index_follows_a_stream_and_heals_a_gap_by_replay():
     assert lost["seq"] <= cache.last_seq
     assert index.matched_pages("http://w", [10, 11]) == {0: 1, 1: 0}
     assert index.matched_pages("http://w", [20]) == {0: 0, 1: 1}
-    assert cache.offer_live(first) is BatchVerdict.RESYNC  # seq went back: a new life
+    assert cache.offer_live(first) is BatchVerdict.APPLIED  # raced the snapshot: in it
     assert index.matched_pages("http://other", [10]) == {}
+
+
+def test_a_batch_that_raced_the_snapshot_is_skipped_and_a_new_life_resynchronises():
+    """Batches published while a snapshot was taken reach the subscriber after it: they
+    are in the base already (before, each one cost another snapshot). A batch of another
+    start of the server resynchronises, whatever its seq; one that names no life (an
+    older server) and goes back does too."""
+    stream = KVEventStream(dp_size=1, page_size=16, max_recent_batches=8, life=7)
+    cache = KVIndex().track("http://w")
+    raced = stream.add(0, [PagesStored([1], None)], now=0.0)
+    cache.load_snapshot(stream.snapshot())
+    assert cache.offer_live(raced) is BatchVerdict.APPLIED
+    assert cache.ranks == {0: {1}}
+    reborn = KVEventStream(dp_size=1, page_size=16, max_recent_batches=8, life=8)
+    for page_hash in (2, 3):  # the new life is already past the old one's last batch
+        batch = reborn.add(0, [PagesStored([page_hash], None)], now=0.0)
+    assert batch["seq"] == cache.last_seq + 1
+    assert cache.offer_live(batch) is BatchVerdict.RESYNC
+    assert cache.offer(batch) is BatchVerdict.RESYNC  # replayed, too
+    unnamed = {k: v for k, v in raced.items() if k != "life"}
+    assert cache.offer_live(unnamed) is BatchVerdict.RESYNC
