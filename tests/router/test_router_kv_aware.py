@@ -38,7 +38,15 @@ def cluster():
 
 
 def server_seq(url: str) -> int:
-    return requests.get(f"{url}/server_info", timeout=10).json()["kv_events_seq"]
+    """The last batch holding every cache change the server's workers have made: a dump
+    drains each worker's events first (`/server_info`'s seq may not yet count events a
+    loaded worker made but its front end has not published)."""
+    dp_size = requests.get(f"{url}/server_info", timeout=10).json()["dp_size"]
+    dumps = [
+        requests.get(f"{url}/debug/kv_cache", params={"dp_rank": r}, timeout=30).json()
+        for r in range(dp_size)
+    ]
+    return max(dump["seq"] for dump in dumps)
 
 
 def router_seqs(router_url: str) -> dict[str, int | None]:
@@ -51,7 +59,7 @@ def wait_router_caught_up(router_url: str, urls: list[str]) -> None:
 
     def caught_up() -> bool:
         seqs = router_seqs(router_url)
-        return all(seqs.get(url) == server_seq(url) for url in urls)
+        return all(seqs.get(url) is not None and seqs[url] >= server_seq(url) for url in urls)
 
     wait_until(caught_up, 60, "the router's index to catch up with the servers' events")
 
