@@ -28,15 +28,18 @@ class WorkerSpec:
     bootstrap_port: int | None = None
 
     def __post_init__(self) -> None:
+        # POST /workers builds one from client JSON: wrong types are ValueErrors (400s) too.
+        check(isinstance(self.url, str), f"worker URL must be a string, got {self.url!r}")
         parts = urlsplit(self.url)
         check(
             parts.scheme in ("http", "https") and bool(parts.hostname),
             f"worker URL must look like http://host:port, got {self.url!r}",
         )
         check(self.role in ROLES, f"worker role must be one of {ROLES}, got {self.role!r}")
+        port = self.bootstrap_port
         check(
-            self.bootstrap_port is None or 0 < self.bootstrap_port < 65536,
-            f"bootstrap port out of range: {self.bootstrap_port}",
+            port is None or (type(port) is int and 0 < port < 65536),
+            f"bootstrap port must be an integer in [1, 65535], got {port!r}",
         )
         check(
             self.role == "prefill" or self.bootstrap_port is None,

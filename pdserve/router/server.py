@@ -195,6 +195,8 @@ class Router:
             except ValueError as exc:
                 return error_response(400, f"bad body: {exc}; expected {{'url'}}")
             url = data.get("url") if isinstance(data, dict) else None
+        if url is not None and not isinstance(url, str):
+            return error_response(400, f"url must be a string, got {url!r}")
         worker = self.registry.remove(url or "")
         if worker is None:
             return error_response(404, f"no worker with url {url!r}")

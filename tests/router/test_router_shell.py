@@ -300,6 +300,29 @@ def test_workers_can_be_added_and_removed_at_runtime(stubs, router_factory):
     assert sorted(w["url"] for w in listed) == sorted([stubs["p1"].url, stubs["d1"].url])
 
 
+@pytest.mark.parametrize(
+    ("method", "body", "needle"),
+    [
+        ("POST", {"url": 5, "role": "decode"}, "URL must be a string"),
+        ("POST", {"url": None, "role": "decode"}, "URL must be a string"),
+        ("POST", {"url": "http://127.0.0.1:9", "role": "prefill", "bootstrap_port": True},
+         "bootstrap port must be an integer"),
+        ("POST", {"url": "http://127.0.0.1:9", "role": "prefill", "bootstrap_port": 80.0},
+         "bootstrap port must be an integer"),
+        ("DELETE", {"url": 5}, "url must be a string"),
+        ("DELETE", {"url": ["http://127.0.0.1:9"]}, "url must be a string"),
+    ],
+)  # fmt: skip
+def test_worker_admin_bodies_of_the_wrong_type_are_a_400(
+    stubs, router_factory, method, body, needle
+):
+    router = router_factory(pd_args(stubs))
+    resp = requests.request(method, f"{router.url}/workers", json=body, timeout=10)
+    assert resp.status_code == 400 and needle in resp.json()["error"]["message"], resp.text
+    listed = requests.get(f"{router.url}/workers", timeout=10).json()["workers"]
+    assert sorted(w["url"] for w in listed) == sorted([stubs["p1"].url, stubs["d1"].url])
+
+
 def test_dp_aware_sets_ranks_from_each_servers_dp_size(stubs, router_factory):
     router = router_factory(pd_args(stubs, decodes=("d2",)) + ["--dp-aware"])
     for _ in range(8):
