@@ -176,9 +176,10 @@ class DPController:
             raise RequestError(400, f"rid {req.rid!r} is already in flight")
         if dp_rank in self.dead:
             raise RequestError(503, self.dead[dp_rank])
+        message = protocol.encode(req)  # before registering: a failure here leaks no rid
         flight = InFlight(req=req, dp_rank=dp_rank, num_tokens=len(req.input_ids))
         self.inflight[req.rid] = flight
-        self._ctrl[dp_rank].send(protocol.encode(req))
+        self._ctrl[dp_rank].send(message)
         return flight
 
     def forget(self, rid: str) -> None:

@@ -153,3 +153,26 @@ def test_bad_options_fail_with_a_clear_message():
     assert done.returncode != 0 and "unknown model" in done.stderr
     done = run_serve([*TINY_ARGS, "--dp-size", "0"])
     assert done.returncode != 0 and "--dp-size must be >= 1" in done.stderr
+
+
+def test_a_request_that_cannot_be_encoded_is_not_left_in_flight():
+    # A 65-bit seed cannot be sent (msgpack); the parser refuses it, and if anything else
+    # ever slips through, submit must not leave a rid no worker will ever finish.
+    from pdserve.engine.config import EngineConfig
+    from pdserve.engine.request import SamplingParams
+    from pdserve.serving.config import ServerArgs, ServerConfig
+    from pdserve.serving.dp_controller import DPController
+    from pdserve.serving.hooks import colocated_worker_hooks
+    from pdserve.serving.metrics import ServerMetrics
+    from pdserve.serving.protocol import GenerateReq
+
+    cfg = ServerConfig(ServerArgs(), EngineConfig())
+    controller = DPController(cfg, ServerMetrics("colocated"), colocated_worker_hooks)
+    try:
+        req = GenerateReq(rid="r", input_ids=[1], sampling=SamplingParams(seed=2**70))
+        with pytest.raises(OverflowError):
+            controller.submit(req, 0)
+        assert controller.inflight == {}
+        assert controller.inflight_counts() == ([0], [0])
+    finally:
+        controller.ctx.destroy(linger=0)
