@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 
 import msgspec
 
+INT64_MAX = 2**63 - 1
+
 
 class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
     max_new_tokens: int = 128
@@ -31,16 +33,23 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
             raise ValueError(
                 f"max_new_tokens must be a non-negative integer, got {self.max_new_tokens!r}"
             )
-        if self.temperature < 0:
+        if not self.temperature >= 0:  # NaN too: it would sample garbage, not fail
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < -1:
-            raise ValueError(f"top_k must be -1 (disabled) or positive, got {self.top_k}")
+        if not -1 <= self.top_k <= INT64_MAX:
+            raise ValueError(
+                f"top_k must be -1 (disabled) or a positive 64-bit integer, got {self.top_k}"
+            )
         if not 0 <= self.min_p <= 1:
             raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise ValueError("stop must be a list of non-empty strings")
+        # Past 64 bits an int cannot reach a worker (msgpack): a 400 here, not a 500 there.
+        if any(not -INT64_MAX - 1 <= t <= INT64_MAX for t in self.stop_token_ids):
+            raise ValueError("stop_token_ids must be 64-bit integers")
+        if self.seed is not None and not -(2**63) <= self.seed < 2**64:
+            raise ValueError(f"seed must fit in 64 bits, got {self.seed}")
 
 
 class FinishReason(msgspec.Struct, frozen=True):

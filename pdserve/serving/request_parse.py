@@ -12,7 +12,7 @@ from typing import Any, Protocol
 
 import msgspec
 
-from pdserve.engine.request import SamplingParams
+from pdserve.engine.request import INT64_MAX, SamplingParams
 from pdserve.serving.hooks import RequestError
 from pdserve.serving.pd_fields import FIELD_NAMES, PDFieldError, PDFields, parse_pd_fields
 
@@ -147,8 +147,8 @@ def make_item(
     input_ids = check_prompt(input_ids, limits)
     if rid is not None and not isinstance(rid, str):
         raise bad(f"rid must be a string, got {rid!r}")
-    if top_logprobs_num < 0:
-        raise bad(f"top_logprobs_num must be >= 0, got {top_logprobs_num}")
+    if not 0 <= top_logprobs_num <= INT64_MAX:  # beyond 64 bits it cannot reach a worker
+        raise bad(f"top_logprobs_num must be a 64-bit integer >= 0, got {top_logprobs_num}")
     if logprob_start_len is not None and logprob_start_len < 0:
         logprob_start_len = None  # SGLang's -1: no prompt logprobs
     if logprob_start_len is not None and logprob_start_len >= len(input_ids):

@@ -56,6 +56,7 @@ def test_default_max_new_tokens_is_clamped_to_the_context():
         ({"text": "a", "sampling_params": {"max_new_tokens": 10**9}}, "exceeds the context"),
         ({"text": "a", "sampling_params": {"max_new_tokens": "5"}}, "max_new_tokens"),
         ({"text": "a", "sampling_params": {"temperature": -1}}, "temperature"),
+        ({"text": "a", "sampling_params": {"temperature": float("nan")}}, "temperature"),
         ({"text": "a", "sampling_params": {"top_p": 0}}, "top_p"),
         ({"text": "a", "sampling_params": [1]}, "sampling_params"),
         ({"text": "a", "return_logprob": "yes"}, "return_logprob"),
