@@ -30,7 +30,13 @@ from pdserve.serving.hooks import (
 )
 from pdserve.serving.metrics import ServerMetrics
 from pdserve.serving.pd_fields import rooms_in_body
-from pdserve.serving.server_state import BODY, GENERATION_PATHS, STATE, ServerState
+from pdserve.serving.server_state import (
+    BODY,
+    GENERATION_PATHS,
+    MAX_BODY_BYTES,
+    STATE,
+    ServerState,
+)
 
 logger = logging.getLogger("pdserve.serving")
 
@@ -125,7 +131,7 @@ def build_app(state: ServerState) -> web.Application:
     middlewares = [error_middleware]
     if state.cfg.server.api_key:
         middlewares.insert(0, api_key_middleware(state.cfg.server.api_key))
-    app = web.Application(middlewares=middlewares, client_max_size=64 * 1024**2)
+    app = web.Application(middlewares=middlewares, client_max_size=MAX_BODY_BYTES)
     app[STATE] = state
     admin_api.add_routes(app)
     native_api.add_routes(app)

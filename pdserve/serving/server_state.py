@@ -6,7 +6,9 @@ Runs in the server's front-end process; `http_server.py` builds the state, and
 
 from __future__ import annotations
 
+import asyncio
 import json
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,15 +54,62 @@ def client_gone(request: web.Request):
 
 
 BODY = "pdserve.json_body"  # request key: the parsed body, for the error middleware
+MAX_BODY_BYTES = 64 * 1024**2  # the app's client_max_size
 GENERATION_PATHS = frozenset({"/generate", "/v1/completions", "/v1/chat/completions"})
 
 
 async def read_json(request: web.Request) -> Any:
-    try:
-        body = json.loads(await request.read())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise RequestError(400, f"malformed JSON body: {exc}") from None
-    except RecursionError:  # json's answer to a deeply nested body
-        raise RequestError(400, "malformed JSON body: nested too deeply") from None
+    """The body as JSON, or a RequestError: a 413 for a declared size over the limit (before
+    waiting for it), a 408 for a body not complete by the request deadline, a 400 for
+    anything that is not strict JSON text (NaN, Infinity, a lone surrogate, a 5000-digit
+    integer included)."""
+    body = _strict_json(await _read_body(request))
     request[BODY] = body
     return body
+
+
+async def _read_body(request: web.Request) -> bytes:
+    # aiohttp checks its client_max_size only as the bytes arrive.
+    if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
+        raise RequestError(
+            413, f"body of {request.content_length} bytes is over {MAX_BODY_BYTES} bytes"
+        )
+    timeout_s = state_of(request).cfg.server.request_timeout_s
+    try:
+        async with asyncio.timeout(timeout_s):
+            return await request.read()
+    except TimeoutError:
+        raise RequestError(408, f"request body not complete within {timeout_s:g} s") from None
+
+
+def _strict_json(raw: bytes) -> Any:
+    try:
+        body = json.loads(raw, parse_constant=_no_constant)
+        if LONE_SURROGATE.search(raw) and _has_lone_surrogate(body):
+            raise ValueError("a string holds a lone UTF-16 surrogate, which is not text")
+    except RecursionError:  # json's answer to a deeply nested body
+        raise RequestError(400, "malformed JSON body: nested too deeply") from None
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, int digit limit
+        raise RequestError(400, f"malformed JSON body: {exc}") from None
+    return body
+
+
+LONE_SURROGATE = re.compile(rb"\\u[dD][89a-fA-F]")  # a surrogate escape: maybe one of a pair
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _has_lone_surrogate(value: Any) -> bool:
+    if isinstance(value, str):
+        try:
+            value.encode()
+        except UnicodeEncodeError:
+            return True
+        return False
+    if isinstance(value, dict):
+        return any(_has_lone_surrogate(k) or _has_lone_surrogate(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_has_lone_surrogate(v) for v in value)
+    return False

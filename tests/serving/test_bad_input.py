@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import socket
 import urllib.error
 import urllib.request
 
 import pytest
 
+from tests.conftest import TINY_ARGS
 from tests.helpers import http_json
 
 GOOD = {"text": "still alive?", "sampling_params": {"max_new_tokens": 3, "temperature": 0}}
@@ -61,8 +64,15 @@ def post_raw(url: str, data: bytes) -> tuple[int, dict]:
             "top_p",
         ),
         ("/abort_request", {"rid": 5}, "rid"),
+        # Past 64 bits an int cannot reach a worker: a 400 naming the field, not a 500.
+        ("/generate", {"text": "a", "sampling_params": {"seed": 2**64}}, "seed"),
+        ("/generate", {"text": "a", "sampling_params": {"top_k": 2**70}}, "top_k"),
+        ("/generate", {"text": "a", "sampling_params": {"stop_token_ids": [2**70]}}, "stop_token_ids"),
+        ("/generate", {"text": "a", "return_logprob": True, "top_logprobs_num": 2**70}, "top_logprobs_num"),
+        ("/v1/completions", {"prompt": "a", "seed": -(2**70)}, "seed"),
+        ("/v1/completions", {"prompt": "a", "logprobs": 2**70}, "top_logprobs_num"),
     ],
-)
+)  # fmt: skip
 def test_bad_request_is_4xx_with_a_message(tiny_server, path, body, needle):
     status, out = http_json("POST", tiny_server.url + path, body)
     assert 400 <= status < 500, out
@@ -88,11 +98,35 @@ def test_duplicate_in_flight_rid_is_rejected(tiny_server):
     assert status == 400 and "already in flight" in out["error"]["message"]
 
 
+@pytest.mark.parametrize(
+    ("data", "needle"),
+    [
+        (b'{"text": "a", "sampling_params": {"temperature": NaN}}', "NaN is not JSON"),
+        (b'{"text": "a", "sampling_params": {"top_k": -Infinity}}', "-Infinity is not JSON"),
+        (b'{"text": "a", "sampling_params": {"seed": ' + b"9" * 5000 + b"}}", "digits"),
+        (b'{"text": "\\ud800 lone"}', "lone UTF-16 surrogate"),
+        (b'{"text": "a", "rid": "\\udfff"}', "lone UTF-16 surrogate"),
+    ],
+)
+def test_bodies_that_are_not_strict_json_text_are_a_400(tiny_server, data, needle):
+    status, out = post_raw(f"{tiny_server.url}/generate", data)
+    assert status == 400 and needle in out["error"]["message"], out
+
+
+def test_a_surrogate_pair_is_text(tiny_server):
+    status, out = post_raw(
+        f"{tiny_server.url}/generate",
+        b'{"text": "\\ud83d\\ude00", "sampling_params": {"max_new_tokens": 1}}',
+    )
+    assert status == 200, out
+
+
 def test_server_still_serves_after_bad_requests(tiny_server):
     status, out = http_json("POST", f"{tiny_server.url}/generate", GOOD)
     assert status == 200 and len(out["output_ids"]) >= 1
     status, load = http_json("GET", f"{tiny_server.url}/get_load")
     assert load[0]["num_reqs"] == 0
+    assert load[0]["num_inflight_reqs"] == 0  # no refused request left behind
 
 
 def test_a_request_the_engine_rejects_is_a_400_from_the_worker(server_factory):
@@ -111,3 +145,33 @@ def test_a_request_the_engine_rejects_is_a_400_from_the_worker(server_factory):
         {"input_ids": [1, 2, 3], "sampling_params": {"max_new_tokens": 4}},
     )
     assert status == 200 and len(out["output_ids"]) == 4
+
+
+def raw_exchange(url: str, data: bytes, timeout_s: float = 30.0) -> bytes:
+    """Send `data` without closing our side; what the server answers until it closes or
+    the timeout (a hang shows as no status line)."""
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    answer = b""
+    with socket.create_connection((host, int(port)), timeout=timeout_s) as sock:
+        sock.sendall(data)
+        with contextlib.suppress(TimeoutError):
+            while chunk := sock.recv(65536):
+                answer += chunk
+                if b"\r\n\r\n" in answer and answer.rstrip().endswith(b"}"):
+                    break
+    return answer
+
+
+def test_an_oversized_or_unfinished_body_is_answered_not_waited_for(server_factory):
+    server = server_factory([*TINY_ARGS, "--request-timeout-s", "2"])
+    head = b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    # Declared past the 64 MiB limit: refused at once, not after the bytes that never come.
+    answer = raw_exchange(server.url, head + b"Content-Length: 1000000000000\r\n\r\n{")
+    assert answer.startswith(b"HTTP/1.1 413"), answer
+    assert b"over" in answer
+    # Declared 100 bytes, sent 1: refused at the request deadline.
+    answer = raw_exchange(server.url, head + b"Content-Length: 100\r\n\r\n{")
+    assert answer.startswith(b"HTTP/1.1 408"), answer
+    assert b"not complete within 2 s" in answer
+    status, out = http_json("POST", f"{server.url}/generate", GOOD)
+    assert status == 200 and len(out["output_ids"]) >= 1
