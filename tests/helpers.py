@@ -6,8 +6,10 @@ Usage: `with launch_server(["--model-path", "tiny-random"]) as srv: requests to 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import socket
 import subprocess
 import sys
 import tempfile
@@ -68,6 +70,21 @@ def sse_events(url: str, body: Any, timeout_s: float = 60.0) -> list[Any]:
                 payload = line[len("data: ") :]
                 events.append(payload if payload == "[DONE]" else json.loads(payload))
     return events
+
+
+def raw_exchange(url: str, data: bytes, timeout_s: float = 30.0) -> bytes:
+    """Send raw bytes without closing our side (a client still sending); what the server
+    answers, up to its first JSON body, its close or the timeout (a hang: no status line)."""
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    answer = b""
+    with socket.create_connection((host, int(port)), timeout=timeout_s) as sock:
+        sock.sendall(data)
+        with contextlib.suppress(TimeoutError):
+            while chunk := sock.recv(65536):
+                answer += chunk
+                if b"\r\n\r\n" in answer and answer.rstrip().endswith(b"}"):
+                    break
+    return answer
 
 
 def python_path_env() -> dict[str, str]:

@@ -33,6 +33,7 @@ from pdserve.disagg.bootstrap_registry import (
 logger = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 1 << 20
+BODY_TIMEOUT_S = 10.0  # for at most 1 MiB: only a client that stopped sending takes this long
 SHUTDOWN_TIMEOUT_S = 2.0
 Clock = Callable[[], float]
 RoomValue = int | str  # rooms arrive as JSON numbers or numeric strings
@@ -68,8 +69,23 @@ def error_response(status: int, message: str) -> web.Response:
     return _json({"error": {"message": message}}, status=status)
 
 
+async def _read_body(request: web.Request) -> bytes:
+    """The body, bounded in size (aiohttp checks client_max_size only as bytes arrive: a
+    declared size over it is refused before any) and in time (a body sent short)."""
+    size = request.content_length
+    if size is not None and size > MAX_BODY_BYTES:
+        raise web.HTTPRequestEntityTooLarge(MAX_BODY_BYTES, size)
+    try:
+        async with asyncio.timeout(BODY_TIMEOUT_S):
+            return await request.read()  # cached by aiohttp: later reads are free
+    except TimeoutError:
+        raise web.HTTPRequestTimeout(
+            text=f"request body not complete within {BODY_TIMEOUT_S:g} s"
+        ) from None
+
+
 async def _decode_body(request: web.Request, kind: type[Any]) -> Any:
-    body = await request.read()  # bounded by the app's client_max_size (413 beyond)
+    body = await _read_body(request)
     try:
         return msgspec.json.decode(body, type=kind)
     except RecursionError:  # msgspec's answer to deeply nested JSON
@@ -108,7 +124,7 @@ def secret_middleware(checker: auth.ProofChecker, now: Clock = time.time):
     async def check_proof(request: web.Request, handler) -> web.StreamResponse:
         if (request.method, request.path) not in WRITE_ROUTES:
             return await handler(request)
-        body = await request.read()  # cached by aiohttp: the handler reads it again
+        body = await _read_body(request)
         try:
             proof = auth.parse_proof_header(request.headers.get(auth.PROOF_HEADER))
         except auth.AuthError as exc:

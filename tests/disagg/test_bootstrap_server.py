@@ -17,7 +17,7 @@ import pytest
 from pdserve.disagg.bootstrap_client import register_worker_blocking
 from pdserve.disagg.bootstrap_registry import MAX_ROOMS_PER_QUERY, WorkerRegistration
 from tests.disagg.bootstrap_fixtures import registration
-from tests.helpers import free_port, python_path_env
+from tests.helpers import free_port, python_path_env, raw_exchange
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 STARTUP_TIMEOUT_S = 15.0
@@ -238,3 +238,16 @@ def test_garbage_is_4xx_and_server_keeps_answering(ready_port, method, path, bod
     assert post(ready_port, "/query_dp_ranks", {"bootstrap_rooms": [1, 2]}) == (200, {"1": 1})
     status, info = request(ready_port, "GET", "/route")
     assert status == 200 and info["page_size"] == 16 and info["dp_size"] == 2
+
+
+def test_an_oversized_or_unfinished_body_is_answered_not_waited_for(ready_port):
+    url = f"http://127.0.0.1:{ready_port}"
+    head = b"POST /query_dp_ranks HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    # Declared past the 1 MiB limit: refused at once, not after the bytes that never come.
+    answer = raw_exchange(url, head + b"Content-Length: 1000000000\r\n\r\n{")
+    assert answer.startswith(b"HTTP/1.1 413"), answer
+    # Declared 100 bytes, sent 1: refused at the body deadline, not held forever.
+    answer = raw_exchange(url, head + b"Content-Length: 100\r\n\r\n{")
+    assert answer.startswith(b"HTTP/1.1 408"), answer
+    assert b"not complete within" in answer
+    assert post(ready_port, "/query_dp_ranks", {"bootstrap_rooms": [1, 2]}) == (200, {"1": 1})

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
-import socket
 import urllib.error
 import urllib.request
 
 import pytest
 
 from tests.conftest import TINY_ARGS
-from tests.helpers import http_json
+from tests.helpers import http_json, raw_exchange
 
 GOOD = {"text": "still alive?", "sampling_params": {"max_new_tokens": 3, "temperature": 0}}
 
@@ -145,21 +143,6 @@ def test_a_request_the_engine_rejects_is_a_400_from_the_worker(server_factory):
         {"input_ids": [1, 2, 3], "sampling_params": {"max_new_tokens": 4}},
     )
     assert status == 200 and len(out["output_ids"]) == 4
-
-
-def raw_exchange(url: str, data: bytes, timeout_s: float = 30.0) -> bytes:
-    """Send `data` without closing our side; what the server answers until it closes or
-    the timeout (a hang shows as no status line)."""
-    host, port = url.removeprefix("http://").rsplit(":", 1)
-    answer = b""
-    with socket.create_connection((host, int(port)), timeout=timeout_s) as sock:
-        sock.sendall(data)
-        with contextlib.suppress(TimeoutError):
-            while chunk := sock.recv(65536):
-                answer += chunk
-                if b"\r\n\r\n" in answer and answer.rstrip().endswith(b"}"):
-                    break
-    return answer
 
 
 def test_an_oversized_or_unfinished_body_is_answered_not_waited_for(server_factory):
