@@ -34,8 +34,8 @@ def bearer_ok(authorization: str | None, api_key: str) -> bool:
     if not authorization:
         return False
     scheme, _, token = authorization.partition(" ")
-    if scheme.lower() != "bearer":
-        return False
+    if scheme.lower() != "bearer" or not token.isascii():
+        return False  # keys are ASCII; aiohttp hands other bytes over as lone surrogates
     return hmac.compare_digest(token.strip().encode(), api_key.encode())
 
 

@@ -13,7 +13,8 @@ MSG = auth.request_message("PUT", "/route", b'{"dp_rank":0}')
 def test_bearer_accepts_only_the_exact_key():
     assert auth.bearer_ok("Bearer s3cret", "s3cret")
     assert auth.bearer_ok("bearer s3cret", "s3cret")
-    for header in (None, "", "s3cret", "Bearer", "Bearer s3cre", "Basic s3cret", "Bearer s3cretX"):
+    for header in (None, "", "s3cret", "Bearer", "Bearer s3cre", "Basic s3cret", "Bearer s3cretX",
+                   "Bearer s3cret\udce9", "Bearer s3cr\u00e9t"):  # fmt: skip
         assert not auth.bearer_ok(header, "s3cret"), header
 
 

@@ -77,3 +77,11 @@ def test_health_is_open_and_refusals_are_counted(server):
     assert status == 200
     line = next(x for x in text.splitlines() if x.startswith("pdserve_auth_refusals_total{"))
     assert 'kind="api_key"' in line and float(line.split()[-1]) >= 1
+
+
+def test_a_key_with_bytes_past_ascii_is_a_401_not_a_500(server):
+    # aiohttp decodes a header's non-UTF-8 bytes to lone surrogates; the compare must cope.
+    status, answer = http_json(
+        "GET", server.url + "/get_load", headers={"Authorization": f"Bearer {KEY}\u00e9"}
+    )
+    assert status == 401 and answer["error"]["type"] == "authentication_error", answer
