@@ -16,6 +16,9 @@ from pdserve.engine.overlap import host_to_device
 from pdserve.engine.request import Request
 
 _MASK64 = (1 << 64) - 1
+# A temperature this small is greedy (SGLang's threshold too): logits divided by a smaller
+# one overflow float32 to inf, softmax gives NaN and argmax picks token 0 every time.
+GREEDY_BELOW_TEMPERATURE = 1e-6
 
 
 def token_seed(seed: int, token_index: int) -> int:
@@ -39,7 +42,7 @@ class SampleSpec:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0 or self.top_k == 1
+        return self.temperature < GREEDY_BELOW_TEMPERATURE or self.top_k == 1
 
 
 def sample_spec(req: Request, num_ahead: int = 0) -> SampleSpec:

@@ -105,6 +105,13 @@ def test_sampled_frequencies_follow_the_distribution():
     assert torch.allclose(counts / 3000, probs, atol=0.03)
 
 
+@pytest.mark.parametrize("temperature", [1e-37, 5e-324])
+def test_a_vanishing_temperature_is_greedy_not_nan(temperature):
+    # 5e-324 is 0 in float32, 1e-37 makes the logits overflow: both gave NaN -> token 0.
+    logits = torch.tensor([[0.0, 30.0, 1.0], [50.0, 0.0, 60.0]])
+    assert sample(logits, [spec(temperature=temperature)] * 2) == [1, 2]
+
+
 def test_low_temperature_concentrates_on_the_mode():
     logits = torch.tensor([[1.0, 1.2, 0.8]])
     picks = [sample(logits, [spec(seed=5, index=i, temperature=0.05)])[0] for i in range(200)]
