@@ -18,6 +18,7 @@ from typing import Annotated, Any
 
 import msgspec
 from aiohttp import web
+from aiohttp.web_protocol import RequestPayloadError
 
 from pdserve import auth, envs
 from pdserve.config import add_arguments, check, from_args, opt
@@ -82,6 +83,8 @@ async def _read_body(request: web.Request) -> bytes:
         raise web.HTTPRequestTimeout(
             text=f"request body not complete within {BODY_TIMEOUT_S:g} s"
         ) from None
+    except RequestPayloadError as exc:  # e.g. a Content-Encoding the bytes do not follow
+        raise web.HTTPBadRequest(text=f"unreadable body: {' '.join(str(exc).split())}") from None
 
 
 async def _decode_body(request: web.Request, kind: type[Any]) -> Any:

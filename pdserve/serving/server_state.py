@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
+from aiohttp.web_protocol import RequestPayloadError
 
 from pdserve.serving.config import ServerConfig
 from pdserve.serving.dp_controller import DPController
@@ -80,6 +81,8 @@ async def _read_body(request: web.Request) -> bytes:
             return await request.read()
     except TimeoutError:
         raise RequestError(408, f"request body not complete within {timeout_s:g} s") from None
+    except RequestPayloadError as exc:  # e.g. a Content-Encoding the bytes do not follow
+        raise RequestError(400, f"unreadable body: {' '.join(str(exc).split())}") from None
 
 
 def _strict_json(raw: bytes) -> Any:

@@ -251,3 +251,10 @@ def test_an_oversized_or_unfinished_body_is_answered_not_waited_for(ready_port):
     assert answer.startswith(b"HTTP/1.1 408"), answer
     assert b"not complete within" in answer
     assert post(ready_port, "/query_dp_ranks", {"bootstrap_rooms": [1, 2]}) == (200, {"1": 1})
+
+
+def test_a_body_that_is_not_the_gzip_it_claims_is_a_400(ready_port):
+    headers = {"Content-Type": "application/json", "Content-Encoding": "gzip"}
+    status, answer = request(ready_port, "POST", "/query_dp_ranks", b"\x1f\x8b no", headers)
+    assert status == 400 and "unreadable body" in answer["error"]["message"], answer
+    assert post(ready_port, "/query_dp_ranks", {"bootstrap_rooms": [1, 2]}) == (200, {"1": 1})

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import gzip
+import json
 import urllib.error
 import urllib.request
 
 import pytest
+import requests
 
 from tests.conftest import TINY_ARGS
 from tests.helpers import http_json, raw_exchange
@@ -14,8 +17,6 @@ GOOD = {"text": "still alive?", "sampling_params": {"max_new_tokens": 3, "temper
 
 
 def post_raw(url: str, data: bytes) -> tuple[int, dict]:
-    import json
-
     req = urllib.request.Request(url, data=data, method="POST")
     try:
         with urllib.request.urlopen(req, timeout=30) as resp:
@@ -109,6 +110,15 @@ def test_duplicate_in_flight_rid_is_rejected(tiny_server):
 def test_bodies_that_are_not_strict_json_text_are_a_400(tiny_server, data, needle):
     status, out = post_raw(f"{tiny_server.url}/generate", data)
     assert status == 400 and needle in out["error"]["message"], out
+
+
+def test_a_body_that_is_not_the_gzip_it_claims_is_a_400(tiny_server):
+    url = f"{tiny_server.url}/generate"
+    resp = requests.post(url, data=b"\x1f\x8b not gzip", headers={"Content-Encoding": "gzip"})
+    assert resp.status_code == 400, resp.text
+    assert "unreadable body" in resp.json()["error"]["message"]
+    good = gzip.compress(json.dumps(GOOD).encode())
+    assert requests.post(url, data=good, headers={"Content-Encoding": "gzip"}).status_code == 200
 
 
 def test_a_surrogate_pair_is_text(tiny_server):
