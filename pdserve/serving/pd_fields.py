@@ -6,6 +6,7 @@ Everything after the parse passes the `PDFields` struct, never the raw body.
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -92,7 +93,28 @@ def _host(value: object) -> str | None:
         raise PDFieldError(
             "bootstrap_host", f"bootstrap_host must be a non-empty string, got {value!r}"
         )
+    if value is not None and not is_host(value):
+        raise PDFieldError(
+            "bootstrap_host", f"bootstrap_host must be a host name or IP address, got {value!r}"
+        )
     return value
+
+
+def is_host(value: str) -> bool:
+    """An IP address, or a name the resolver takes: no URL parts (scheme, port, path,
+    brackets), no spaces or control characters, labels of at most 63 characters."""
+    try:
+        ipaddress.ip_address(value)
+        return True
+    except ValueError:
+        pass
+    if any(c in "/[]@?#:%\\" or c.isspace() or not c.isprintable() for c in value):
+        return False
+    try:
+        value.encode("idna")  # what the resolver does first (it raised a 500 before)
+    except UnicodeError:
+        return False
+    return True
 
 
 def _port(value: object) -> int | None:

@@ -33,6 +33,8 @@ GARBAGE = [
 DECODE_ONLY_GARBAGE = [
     ({"bootstrap_room": 1, "bootstrap_host": 12}, "bootstrap_host"),
     ({"bootstrap_room": 1, "bootstrap_host": ""}, "bootstrap_host"),
+    ({"bootstrap_room": 1, "bootstrap_host": "a" * 64}, "bootstrap_host"),  # was a 500 (idna)
+    ({"bootstrap_room": 1, "bootstrap_host": "http://127.0.0.1"}, "bootstrap_host"),
     ({"bootstrap_room": 1, "bootstrap_host": "127.0.0.1", "bootstrap_port": "x"}, "bootstrap_port"),
     (
         {"bootstrap_room": 1, "bootstrap_host": "127.0.0.1", "bootstrap_port": 70000},

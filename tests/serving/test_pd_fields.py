@@ -58,6 +58,13 @@ BAD = [
     ("bootstrap_host", 12),
     ("bootstrap_host", ""),
     ("bootstrap_host", ["h"]),
+    ("bootstrap_host", "a" * 64),  # a DNS label is at most 63 characters
+    ("bootstrap_host", "a..b"),
+    ("bootstrap_host", "http://10.0.0.2"),
+    ("bootstrap_host", "10.0.0.2:8998"),
+    ("bootstrap_host", "[::1]"),
+    ("bootstrap_host", "host name"),
+    ("bootstrap_host", "host\nname"),
     ("bootstrap_port", 0),
     ("bootstrap_port", 65536),
     ("bootstrap_port", "8998"),
