@@ -29,17 +29,21 @@ class KVFollower:
 
     async def follow(self, url: str, info: dict[str, Any]) -> None:
         """Start (or restart) following the worker; one without an events endpoint (another
-        server, an older pdserve) stays unindexed and is routed by load alone."""
-        await self.drop(url)
+        server, an older pdserve) stays unindexed and is routed by load alone. The new
+        subscriber is in place before the first await, so a `drop` that comes while the old
+        one stops also stops the new one."""
+        old = self._subs.pop(url, None)
+        self.index.forget(url)
         endpoint = info.get("kv_events_endpoint")
         replay = info.get("kv_events_replay_endpoint")
         seed, page_size = info.get("kv_events_hash_seed"), info.get("page_size")
-        if not (endpoint and replay and isinstance(seed, int) and isinstance(page_size, int)):
-            return
-        cache = self.index.track(url, page_size, seed)
-        self._subs[url] = sub = KVSubscriber(self._ctx, cache, endpoint, replay)
-        sub.start()
-        log.info("following KV events of %s at %s", url, endpoint)
+        if endpoint and replay and isinstance(seed, int) and isinstance(page_size, int):
+            cache = self.index.track(url, page_size, seed)
+            self._subs[url] = sub = KVSubscriber(self._ctx, cache, endpoint, replay)
+            sub.start()
+            log.info("following KV events of %s at %s", url, endpoint)
+        if old is not None:
+            await old.stop()
 
     async def drop(self, url: str) -> None:
         self.index.forget(url)

@@ -36,6 +36,19 @@ def tokens_per_rank(answer: Any) -> list[int]:
     return tokens
 
 
+def dp_size_of(info: dict[str, Any]) -> int:
+    dp_size = info.get("dp_size") or 1
+    if not isinstance(dp_size, int) or dp_size < 1:
+        raise ValueError(f"/server_info: dp_size must be an int >= 1, got {dp_size!r}")
+    return dp_size
+
+
+def kv_fields(info: dict[str, Any] | None) -> tuple[Any, ...]:
+    """What following a worker's KV events depends on."""
+    names = ("kv_events_endpoint", "kv_events_replay_endpoint", "kv_events_hash_seed", "page_size")
+    return tuple((info or {}).get(name) for name in names)
+
+
 class Monitor:
     def __init__(
         self,
@@ -89,31 +102,59 @@ class Monitor:
     async def _get_json(self, url: str, path: str) -> Any:
         return msgspec.json.decode(await self._get(url, path))
 
-    async def _fetch_info(self, url: str) -> dict[str, Any]:
+    async def _read_info(self, url: str) -> dict[str, Any]:
         info = await self._get_json(url, "/server_info")
         if not isinstance(info, dict):
             raise RuntimeError(f"GET {url}/server_info: not a JSON object")
-        self.info[url] = info
-        if self.prompt_tokenizer is not None:
-            self.prompt_tokenizer.offer(info.get("tokenizer_path"))
-        if self.kv_follower is not None:
-            await self.kv_follower.follow(url, info)
         return info
 
-    async def probe_new(self, spec: WorkerSpec) -> Worker:
-        """A worker added at runtime: healthy now, with its DP size, or an exception."""
+    async def learn(self, worker: Worker, info: dict[str, Any]) -> None:
+        """Apply a registered worker's /server_info: its DP size, its tokenizer, its KV
+        events endpoints (followed anew when they changed or went silent). No await comes
+        before the follower is set, so a removal after the caller's check stops it."""
+        dp_size = dp_size_of(info)
+        old = self.info.get(worker.url)
+        self.info[worker.url] = info
+        if dp_size != worker.dp_size:
+            log.info(
+                "%s server %s: DP size %d -> %d", worker.role, worker.url, worker.dp_size, dp_size
+            )
+        worker.set_dp_size(dp_size)
+        if self.prompt_tokenizer is not None:
+            self.prompt_tokenizer.offer(info.get("tokenizer_path"))
+        follower = self.kv_follower
+        if follower is not None and (
+            not follower.follows(worker.url) or kv_fields(old) != kv_fields(info)
+        ):
+            await follower.follow(worker.url, info)
+
+    async def refresh_info(self, worker: Worker) -> None:
+        """Read the worker's /server_info anew; dropped if the worker left the registry (or
+        left and came back as another) while the answer came: removal wins."""
+        info = await self._read_info(worker.url)
+        if self.registry.get(worker.url) is worker:
+            await self.learn(worker, info)
+
+    async def probe_new(self, spec: WorkerSpec) -> tuple[Worker, dict[str, Any]]:
+        """A worker added at runtime: healthy now, with its DP size and its /server_info for
+        `learn` once registered, or an exception."""
         await self._get(spec.url, "/health")
-        info = await self._fetch_info(spec.url)
-        return self.registry.new_worker(spec, dp_size=int(info.get("dp_size") or 1), healthy=True)
+        info = await self._read_info(spec.url)
+        return self.registry.new_worker(spec, dp_size=dp_size_of(info), healthy=True), info
+
+    def _needs_info(self, worker: Worker) -> bool:
+        """Not read yet; or out of rotation, so maybe restarted with another DP size or other
+        events ports; or its events server went silent (a new life)."""
+        if worker.url not in self.info or not worker.health.healthy:
+            return True
+        return self.kv_follower is not None and not self.kv_follower.follows(worker.url)
 
     async def check(self, worker: Worker) -> bool:
-        """One health check; the first passing one also learns the worker's DP size."""
+        """One health check; passing, it reads /server_info when `_needs_info` says so."""
         try:
             await self._get(worker.url, "/health")
-            if worker.url not in self.info:
-                worker.set_dp_size(int((await self._fetch_info(worker.url)).get("dp_size") or 1))
-            elif self.kv_follower is not None and not self.kv_follower.follows(worker.url):
-                await self._fetch_info(worker.url)  # back from a failure: a new life, new ports
+            if self._needs_info(worker):
+                await self.refresh_info(worker)
             return True
         except CHECK_ERRORS as exc:
             log.debug("health check of %s failed: %r", worker.url, exc)
@@ -146,8 +187,13 @@ class Monitor:
             await asyncio.sleep(max(0.0, period - (time.monotonic() - started)))
 
     async def refresh_load(self, worker: Worker) -> None:
+        """One `/get_load`; an answer for another number of ranks than the router knows
+        means the server came back with another DP size: its /server_info is read anew."""
         try:
-            worker.set_reported_load(tokens_per_rank(await self._get_json(worker.url, "/get_load")))
+            tokens = tokens_per_rank(await self._get_json(worker.url, "/get_load"))
+            if len(tokens) != worker.dp_size:
+                await self.refresh_info(worker)
+            worker.set_reported_load(tokens)
         except CHECK_ERRORS as exc:
             log.debug("load of %s unknown: %r", worker.url, exc)
 

@@ -15,7 +15,7 @@ from typing import Any
 from pdserve.auth import bearer_ok, is_loopback
 from pdserve.router.body import CHAT, COMPLETIONS, GENERATE
 from pdserve.router.config import RouterConfig, WorkerSpec
-from pdserve.router.fanout import get_load, health_generate
+from pdserve.router.fanout import flush_cache, get_load, health_generate
 from pdserve.router.http_client import HttpError
 from pdserve.router.http_server import (
     Handler,
@@ -65,6 +65,7 @@ class Router:
             "/health_generate": {"GET": self.health_generate},
             "/get_load": {"GET": self.get_load},
             "/get_loads": {"GET": self.get_load},  # sglang-router's name
+            "/flush_cache": {"POST": self.flush_cache},
             "/readiness": {"GET": self.readiness},
             "/metrics": {"GET": self.metrics_route},
             "/workers": {
@@ -142,6 +143,10 @@ class Router:
         timeout_s = self.config.health_check_timeout_s
         return await get_load(self.proxy.client, self.registry.all(), timeout_s)
 
+    async def flush_cache(self, request: Request) -> Response:
+        timeout_s = self.config.flush_cache_timeout_s
+        return await flush_cache(self.proxy.client, self.registry.all(), timeout_s)
+
     async def readiness(self, request: Request) -> Response:
         if self.prompt_tokenizer is not None and self.prompt_tokenizer.loading:
             # Not ready while the import competes with the first requests for the CPU.
@@ -179,12 +184,15 @@ class Router:
         ):
             return error_response(400, "plain workers and prefill/decode workers cannot mix")
         try:
-            worker = await self.monitor.probe_new(spec)
+            worker, info = await self.monitor.probe_new(spec)
         except Exception as exc:  # noqa: BLE001 - any probe failure is the client's answer
             return error_response(
                 502, f"worker {spec.url} did not answer /health and /server_info: {exc!r}"
             )
+        if self.registry.get(spec.url) is not None:  # added by another call meanwhile
+            return error_response(409, f"worker {spec.url} is already registered")
         self.registry.add(worker)
+        await self.monitor.learn(worker, info)
         return json_response(worker.describe(time.monotonic()))
 
     async def remove_worker(self, request: Request) -> Response:

@@ -49,11 +49,18 @@ class Worker:
         return sum(self.reported_tokens) + self.tokens_since_report
 
     def set_dp_size(self, dp_size: int) -> None:
+        """The server's DP size, first learned or changed by a restart. Ranks kept keep their
+        legs in flight; a leg on a rank that is gone ends uncounted (`on_done` skips ranks
+        out of range), its tokens still leaving `tokens_in_flight`."""
         if dp_size < 1:
             raise ValueError(f"{self.url}: dp_size must be >= 1, got {dp_size}")
+        if dp_size == self.dp_size and len(self.in_flight_per_rank) == dp_size:
+            return
         self.dp_size = dp_size
-        self.in_flight_per_rank = [0] * dp_size
-        self.tokens_in_flight_per_rank = [0] * dp_size
+        self.in_flight_per_rank = _resized(self.in_flight_per_rank, dp_size)
+        self.tokens_in_flight_per_rank = _resized(self.tokens_in_flight_per_rank, dp_size)
+        if len(self.reported_tokens) != dp_size:  # a report of the old ranks
+            self.reported_tokens = []
         self._next_rank = 0
 
     def set_reported_load(self, tokens_per_rank: list[int]) -> None:
@@ -110,6 +117,10 @@ class Worker:
             "tokens_in_flight": self.tokens_in_flight,  # kv_aware's load term, summed
             "load_tokens": self.load(),
         }
+
+
+def _resized(per_rank: list[int], size: int) -> list[int]:
+    return per_rank[:size] + [0] * (size - len(per_rank))
 
 
 class WorkerRegistry:

@@ -119,3 +119,22 @@ def test_cache_aware_routes_ids_that_are_not_token_ids_by_load():
     policy = CacheAware(config)
     for bad in ([1, 2, [3], 4] * 20, [1, 2, {"x": 1}, 4] * 20):
         assert policy.choose([a, b], bad) is b
+
+
+def test_a_new_dp_size_keeps_legs_in_flight_on_the_ranks_that_remain():
+    (worker,) = make_workers(1)
+    worker.set_dp_size(2)
+    worker.on_dispatch(0.0, 10, rank=0)
+    worker.on_dispatch(0.0, 20, rank=1)
+    worker.set_reported_load([5, 5])
+    worker.set_dp_size(3)  # the server came back with one more rank
+    assert worker.in_flight_per_rank == [1, 1, 0]
+    assert worker.tokens_in_flight_per_rank == [10, 20, 0]
+    assert worker.reported_tokens == []  # a report of the old ranks
+    assert worker.choose_rank() == 2
+    worker.set_dp_size(1)
+    assert worker.in_flight_per_rank == [1] and worker.tokens_in_flight_per_rank == [10]
+    worker.on_done(1.0, True, rank=1, leg_tokens=20)  # a leg on a rank that is gone
+    worker.on_done(1.0, True, rank=0, leg_tokens=10)
+    assert worker.in_flight == 0 and worker.tokens_in_flight == 0
+    assert worker.in_flight_per_rank == [0] and worker.tokens_in_flight_per_rank == [0]
