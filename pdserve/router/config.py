@@ -113,6 +113,9 @@ class RouterConfig:
     health_generate_timeout_s: float = opt(
         30.0, "deadline of each worker's GET /health_generate when the router's is asked"
     )
+    flush_cache_timeout_s: float = opt(
+        30.0, "deadline of each worker's POST /flush_cache when the router's is asked"
+    )
     health_failure_threshold: int = opt(2, "failed checks in a row that take a worker out")
     health_success_threshold: int = opt(1, "passed checks in a row that bring it back")
     max_retries: int = opt(3, "extra attempts (new pair, new rooms) while nothing was sent")
@@ -168,6 +171,7 @@ class RouterConfig:
             "health_check_interval_s",
             "health_check_timeout_s",
             "health_generate_timeout_s",
+            "flush_cache_timeout_s",
             "connect_timeout_s",
             "request_timeout_s",
             "abort_timeout_s",

@@ -1,6 +1,7 @@
 """Router routes answered by asking the workers themselves, as sglang-router does (router
 process): `GET /get_load` gathers every worker's load, `GET /health_generate` runs a
-worker's own generation check on one prefill + decode pair (or one plain worker)."""
+worker's own generation check on one prefill + decode pair (or one plain worker),
+`POST /flush_cache` asks every worker to drop its cached pages."""
 
 from __future__ import annotations
 
@@ -55,3 +56,30 @@ async def health_generate(client: HttpClient, workers: list[Worker], timeout_s: 
         message = "health_generate failed: " + "; ".join(errors)
         return json_response({"error": {"message": message, "code": 503}, "workers": checked}, 503)
     return json_response({"status": "ok", "workers": checked})
+
+
+async def flush_cache(client: HttpClient, workers: list[Worker], timeout_s: float) -> Response:
+    """Every worker's own `POST /flush_cache`, asked at once, each within `timeout_s`: 200
+    when all did it, else 502 naming each worker that did not and why."""
+
+    async def one(worker: Worker) -> str | None:
+        try:
+            status, _ = await client.post(worker.url, "/flush_cache", b"", timeout_s)
+        except HttpError as exc:
+            return f"{worker.role} server {worker.url} did not answer /flush_cache: {exc}"
+        if status != 200:
+            return f"{worker.role} server {worker.url} answered /flush_cache with HTTP {status}"
+        return None
+
+    errors = await asyncio.gather(*map(one, workers))
+    entries = [
+        {"url": w.url, "role": w.role, "ok": error is None} | ({"error": error} if error else {})
+        for w, error in zip(workers, errors, strict=True)
+    ]
+    failed = [error for error in errors if error is not None]
+    if failed:
+        message = f"flush_cache failed on {len(failed)} of {len(workers)} workers: " + "; ".join(
+            failed
+        )
+        return json_response({"error": {"message": message, "code": 502}, "workers": entries}, 502)
+    return json_response({"status": "ok", "workers": entries})

@@ -226,6 +226,16 @@ class HttpClient:
         finally:
             resp.release()
 
+    async def post(
+        self, base_url: str, path: str, body: bytes, timeout_s: float
+    ) -> tuple[int, bytes]:
+        """(status, whole body) of a POST with a JSON `body`."""
+        resp = await self.request("POST", base_url, path, timeout_s, body)
+        try:
+            return resp.status, await resp.read()
+        finally:
+            resp.release()
+
     def drop(self, base_url: str) -> None:
         """A worker left: close its idle connections, and the others once their answer ends."""
         pool = self._pools.pop(base_url, None)
