@@ -73,22 +73,28 @@ class Proxy:
         return response
 
     def _observe_choice(self, pair: Pair) -> None:
+        """kv_aware's match on the chosen workers: once per attempt, each a choice."""
         kv = self.chooser.policies
         if pair.local_prefill:
-            self.metrics.request_paths.inc("local")
             self.metrics.kv_matched_tokens.observe(pair.decode_matched_tokens, "decode")
             return
         if pair.prefill is None:
             if isinstance(kv["regular"], KVAware):
                 self.metrics.kv_matched_tokens.observe(pair.decode_matched_tokens, "regular")
             return
-        self.metrics.request_paths.inc("disaggregated")
         for role, matched in (
             ("prefill", pair.prefill_matched_tokens),
             ("decode", pair.decode_matched_tokens),
         ):
             if isinstance(kv[role], KVAware):
                 self.metrics.kv_matched_tokens.observe(matched, role)
+
+    def _count_path(self, pair: Pair | None) -> None:
+        """A PD request's path, once per request: that of the attempt that answered (or the
+        last one tried), however many retries came before."""
+        if pair is None or (pair.prefill is None and not pair.local_prefill):
+            return
+        self.metrics.request_paths.inc("local" if pair.local_prefill else "disaggregated")
 
     def _prompt(self, route: str, body: dict[str, Any]) -> Prompt | None:
         """The prompt to route on: token ids where the request gives them or the servers'
@@ -100,6 +106,20 @@ class Proxy:
 
     async def _attempts(
         self, request: Request, route: str, body: dict[str, Any], num_seqs: int | None
+    ) -> tuple[Response | StreamResponse, float]:
+        tried: list[Pair] = []  # the pair of each attempt
+        try:
+            return await self._attempt_loop(request, route, body, num_seqs, tried)
+        finally:
+            self._count_path(tried[-1] if tried else None)
+
+    async def _attempt_loop(
+        self,
+        request: Request,
+        route: str,
+        body: dict[str, Any],
+        num_seqs: int | None,
+        tried: list[Pair],
     ) -> tuple[Response | StreamResponse, float]:
         prompt = self._prompt(route, body)
         tokens = estimate_tokens(prompt, num_seqs)
@@ -117,6 +137,7 @@ class Proxy:
                 self.legs.count_failure(route, "no_worker")
                 return error_response(503, str(exc)), 0.0
             self._observe_choice(pair)
+            tried.append(pair)
             attempt = Attempt(self.legs, request, route, body, pair, tokens)
             try:
                 return await attempt.run(), attempt.decode_s
