@@ -9,10 +9,20 @@ import requests
 
 from tests.helpers import PYTHON, ServerProcess, free_port, launch_server
 
+# What each test may have changed on a stub, as it was at its start.
+STUB_DEFAULTS = {
+    "reset": True,
+    "health_status": 200,
+    "load_tokens": 0,
+    "info_hold": None,
+    "kv_events": False,
+    "flush_status": 200,
+}
+
 
 class StubWorker:
     def __init__(self, name: str, role: str, dp_size: int = 1):
-        self.name, self.role = name, role
+        self.name, self.role, self.dp_size = name, role, dp_size
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc = ServerProcess([], [f"{self.url}/health"], url=self.url)
@@ -63,7 +73,7 @@ def _fresh_stubs(request) -> None:
     """Each test starts from empty stub logs and healthy stubs."""
     if "stubs" in request.fixturenames:
         for w in request.getfixturevalue("stubs").values():
-            w.control(reset=True, health_status=200, load_tokens=0)
+            w.control(**STUB_DEFAULTS, dp_size=w.dp_size)
 
 
 def router_args(prefills=(), decodes=(), workers=()) -> list[str]:

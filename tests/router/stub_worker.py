@@ -5,8 +5,10 @@ Each request's body may carry `"stub": {"<name>": {...}}` to script this worker:
 `status` (answer that HTTP error), `delay_s` (answer late), `hold` (wait until POST /stub/release {"gate": ...}),
 `chunks` (stream that many events), `hold_end` (hold the end of a stream's body, after its
 `[DONE]` event, until that gate opens), `die_after` (drop the connection after that many
-events), `prompt_lps` (prompt logprobs to report). Everything received is logged for
-GET /stub/log. Run: python -m tests.router.stub_worker --port P --name p1 --role prefill
+events), `prompt_lps` (prompt logprobs to report). POST /stub/control changes the server
+itself: its health status, load, DP size (as a restart would), `info_hold` (hold /server_info
+on that gate), `kv_events` (advertise KV events endpoints), `flush_status`. Everything
+received is logged for GET /stub/log. Run: python -m tests.router.stub_worker --port P --name p1 --role prefill
 """
 
 from __future__ import annotations
@@ -24,6 +26,9 @@ class Stub:
         self.name, self.role, self.dp_size = name, role, dp_size
         self.health_status = 200
         self.load_tokens = 0
+        self.info_hold: str | None = None
+        self.kv_events = False
+        self.flush_status = 200
         self.gates: dict[str, asyncio.Event] = {}
         self.reset()
 
@@ -31,6 +36,9 @@ class Stub:
         self.bodies: list[dict[str, Any]] = []
         self.aborts: list[str] = []
         self.disconnects = 0
+        self.health_checks = 0
+        self.infos_held = 0  # /server_info requests that reached the `info_hold` gate
+        self.flushes = 0
         self.health_generate_status = 200
         self.gates.clear()
 
@@ -98,7 +106,34 @@ class Stub:
         return web.json_response({"num_aborted": 1})
 
     async def health(self, request: web.Request) -> web.Response:
+        self.health_checks += 1
         return web.Response(status=self.health_status)
+
+    async def server_info(self, request: web.Request) -> web.Response:
+        info: dict[str, Any] = {
+            "dp_size": self.dp_size,
+            "disaggregation_mode": self.role,
+            "model_path": "stub",
+        }
+        if self.kv_events:  # nothing listens there: a follower waits in vain, harmlessly
+            info |= {
+                "kv_events_endpoint": "tcp://127.0.0.1:9",
+                "kv_events_replay_endpoint": "tcp://127.0.0.1:9",
+                "kv_events_hash_seed": 0,
+                "page_size": 16,
+            }
+        if self.info_hold:
+            self.infos_held += 1
+            await asyncio.wait_for(self.gate(self.info_hold).wait(), 60)
+        return web.json_response(info)
+
+    async def flush_cache(self, request: web.Request) -> web.Response:
+        self.flushes += 1
+        if self.flush_status != 200:
+            return web.json_response(
+                {"error": {"message": "stub cannot flush"}}, status=self.flush_status
+            )
+        return web.Response(text="Cache flushed.")
 
     async def control(self, request: web.Request) -> web.Response:
         data = await request.json()
@@ -106,8 +141,9 @@ class Stub:
             self.health_status = data["health_status"]
         if "health_generate_status" in data:
             self.health_generate_status = data["health_generate_status"]
-        if "load_tokens" in data:
-            self.load_tokens = data["load_tokens"]
+        for name in ("load_tokens", "dp_size", "info_hold", "kv_events", "flush_status"):
+            if name in data:
+                setattr(self, name, data[name])
         if "gate" in data:
             self.gate(data["gate"]).set()
         if data.get("reset"):
@@ -116,7 +152,14 @@ class Stub:
 
     async def log(self, request: web.Request) -> web.Response:
         return web.json_response(
-            {"bodies": self.bodies, "aborts": self.aborts, "disconnects": self.disconnects}
+            {
+                "bodies": self.bodies,
+                "aborts": self.aborts,
+                "disconnects": self.disconnects,
+                "health_checks": self.health_checks,
+                "infos_held": self.infos_held,
+                "flushes": self.flushes,
+            }
         )
 
     def app(self) -> web.Application:
@@ -128,12 +171,8 @@ class Stub:
         app.router.add_get(
             "/health_generate", lambda r: web.Response(status=self.health_generate_status)
         )
-        app.router.add_get(
-            "/server_info",
-            lambda r: web.json_response(
-                {"dp_size": self.dp_size, "disaggregation_mode": self.role, "model_path": "stub"}
-            ),
-        )
+        app.router.add_get("/server_info", self.server_info)
+        app.router.add_post("/flush_cache", self.flush_cache)
         app.router.add_get(
             "/get_load",
             lambda r: web.json_response([{"num_tokens": self.load_tokens}] * self.dp_size),

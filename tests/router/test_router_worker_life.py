@@ -1,0 +1,99 @@
+"""The router against stub workers whose life changes under it: a server back with another DP
+size, a worker removed while its health check is in flight, `POST /flush_cache` fanned out
+to every worker, and the PD path counted once per request however many retries it took."""
+
+from __future__ import annotations
+
+import pytest
+import requests
+
+from tests.disagg.pd_driver import metric_value
+from tests.helpers import wait_until
+from tests.router.test_router_shell import pd_args
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def worker_of(router_url: str, url: str) -> dict | None:
+    workers = requests.get(f"{router_url}/workers", timeout=10).json()["workers"]
+    return next((w for w in workers if w["url"] == url), None)
+
+
+def generate_ok(router_url: str) -> None:
+    resp = requests.post(f"{router_url}/generate", json={"text": "x"}, timeout=10)
+    assert resp.status_code == 200, resp.text
+
+
+def test_a_server_back_from_failed_checks_has_its_new_dp_size(stubs, router_factory):
+    """round_robin without --dp-aware polls no load: only the way back reads it."""
+    p2 = stubs["p2"]
+    router = router_factory(pd_args(stubs, prefills=("p2",)))
+    assert worker_of(router.url, p2.url)["dp_size"] == 1
+    p2.control(health_status=503)
+    wait_until(lambda: not worker_of(router.url, p2.url)["healthy"], 20, "p2 marked unhealthy")
+    p2.control(health_status=200, dp_size=2)  # restarted with --dp-size 2 on the same URL
+    wait_until(lambda: worker_of(router.url, p2.url)["healthy"], 20, "p2 healthy again")
+    assert worker_of(router.url, p2.url)["dp_size"] == 2
+
+
+def test_dp_aware_sees_a_healthy_servers_new_dp_size_and_uses_its_ranks(stubs, router_factory):
+    p2 = stubs["p2"]
+    router = router_factory(pd_args(stubs, prefills=("p2",)) + ["--dp-aware"])
+    generate_ok(router.url)
+    p2.control(dp_size=2)  # a restart faster than the failure threshold: never unhealthy
+    wait_until(lambda: worker_of(router.url, p2.url)["dp_size"] == 2, 20, "p2's DP size 2")
+    p2.control(reset=True)
+    for _ in range(4):
+        generate_ok(router.url)
+    assert {b["routed_dp_rank"] for b in p2.log()["bodies"]} == {0, 1}
+
+
+def test_a_worker_removed_during_its_health_check_is_not_followed_again(stubs, router_factory):
+    p1, d2 = stubs["p1"], stubs["d2"]
+    d2.control(kv_events=True)
+    args = pd_args(stubs, decodes=("d1", "d2"))
+    router = router_factory(args + ["--policy", "kv_aware", "--health-check-timeout-s", "60"])
+
+    def followed() -> set[str]:
+        return set(requests.get(f"{router.url}/server_info", timeout=10).json()["kv_index"])
+
+    wait_until(lambda: d2.url in followed(), 20, "d2 followed")
+    d2.control(health_status=503)
+    wait_until(lambda: d2.url not in followed(), 20, "d2 unfollowed once unhealthy")
+    d2.control(health_status=200, info_hold="info")
+    wait_until(lambda: d2.log()["infos_held"] >= 1, 20, "a check of d2 reading /server_info")
+    removed = requests.delete(f"{router.url}/workers", params={"url": d2.url}, timeout=10)
+    assert removed.status_code == 200, removed.text
+    d2.release("info")
+    # Checks run in rounds: once p1 sees a later round's check, d2's answer was handled.
+    seen = p1.log()["health_checks"]
+    wait_until(lambda: p1.log()["health_checks"] > seen, 20, "the next round of checks")
+    info = requests.get(f"{router.url}/server_info", timeout=10).json()
+    assert d2.url not in info["kv_index"]
+    assert d2.url not in {w["url"] for w in info["workers"]}
+
+
+def test_flush_cache_asks_every_worker_and_names_those_that_failed(stubs, router_factory):
+    router = router_factory(pd_args(stubs, decodes=("d1", "d2")))
+    ok = requests.post(f"{router.url}/flush_cache", timeout=10)
+    assert ok.status_code == 200, ok.text
+    assert all(w["ok"] for w in ok.json()["workers"]) and len(ok.json()["workers"]) == 3
+    assert [stubs[n].log()["flushes"] for n in ("p1", "d1", "d2")] == [1, 1, 1]
+    stubs["d2"].control(flush_status=500)
+    failed = requests.post(f"{router.url}/flush_cache", timeout=10)
+    assert failed.status_code == 502
+    message = failed.json()["error"]["message"]
+    assert "1 of 3" in message and stubs["d2"].url in message and "HTTP 500" in message
+    assert [stubs[n].log()["flushes"] for n in ("p1", "d1", "d2")] == [2, 2, 2]
+
+
+def test_a_retried_request_counts_its_path_once(stubs, router_factory):
+    router = router_factory(pd_args(stubs) + ["--max-retries", "2", "--retry-backoff-s", "0.01"])
+    body = {"text": "x", "stub": {"d1": {"status": 503}}}
+    resp = requests.post(f"{router.url}/generate", json=body, timeout=10)
+    assert resp.status_code == 503
+    assert len(stubs["d1"].log()["bodies"]) == 3  # three attempts, one client request
+    name = "pdserve_router_request_paths_total"
+    assert metric_value(router.url, name, {"path": "disaggregated"}) == 1
+    generate_ok(router.url)
+    assert metric_value(router.url, name, {"path": "disaggregated"}) == 2
