@@ -41,7 +41,13 @@ def _batch_len(value: Any) -> int | None:
 
 
 def num_sequences(route: str, body: dict[str, Any]) -> int | None:
-    """Sequences this request generates when it is a batch (one room each), else None."""
+    """Sequences this request generates when it is a batch (one room each), else None.
+    Also refuses the fields only the router may set on a leg."""
+    if "disagg_local_prefill" in body:
+        raise BadRequest(
+            "disagg_local_prefill is set by the router (--local-prefill-threshold), not by "
+            "clients: send the request without it"
+        )
     n = body.get("n") if route != GENERATE else None
     # Checked here as the servers check it: each sequence costs the router a room and a rid.
     if n is not None and (not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= MAX_N):

@@ -373,12 +373,15 @@ def test_bad_requests_and_side_routes(stubs, router_factory):
     assert resp.status_code == 400 and "recursion" in resp.json()["error"]["message"]
     resp = requests.post(f"{router.url}/v1/completions", json={"prompt": []}, timeout=10)
     assert resp.status_code == 400
+    body = {"text": "x", "disagg_local_prefill": True}
+    resp = requests.post(f"{router.url}/generate", json=body, timeout=10)
+    assert resp.status_code == 400 and "set by the router" in resp.json()["error"]["message"]
     assert requests.get(f"{router.url}/v1/models").json()["data"][0]["id"] == "model-of-d1"
     assert requests.get(f"{router.url}/health").ok
     info = requests.get(f"{router.url}/server_info").json()
     assert info["role"] == "router" and len(info["workers"]) == 2
-    assert metric(router, "pdserve_router_requests_total", route="/generate") == 1
+    assert metric(router, "pdserve_router_requests_total", route="/generate") == 2
     side = requests.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).text
     assert (
-        'pdserve_router_request_failures_total{reason="bad_request",route="/generate"} 1.0' in side
+        'pdserve_router_request_failures_total{reason="bad_request",route="/generate"} 2.0' in side
     )
