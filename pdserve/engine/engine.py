@@ -330,8 +330,8 @@ class Engine:
         self, rid: str, reason: str, keep_page_ids: list[int] | None = None
     ) -> StepOutput | None:
         """Abort a request in any live state, freeing its pages (held or reserved too), but
-        `keep_page_ids`, which a KV transfer may still write: those stay allocated and out
-        of use until `release_pages`."""
+        `keep_page_ids`, which a KV transfer may still write (decode) or read (prefill):
+        those stay unchanged and out of use until `release_pages`."""
         req = self._requests.pop(rid, None)
         if req is None:
             return None
@@ -344,7 +344,7 @@ class Engine:
     free_reserved = abort
 
     def release_pages(self, page_ids: list[int]) -> None:
-        """Decode role: pages kept by `abort(keep_page_ids=...)` are no longer written."""
+        """Pages kept by `abort(keep_page_ids=...)` are no longer written or read."""
         self.scheduler.pages.release_set_aside(page_ids)
 
     # ---- PD hooks ----------------------------------------------------------------------

@@ -7,6 +7,8 @@ Without a prefix cache it is the bare allocator. With one, a request's `page_ids
 
 from __future__ import annotations
 
+from collections import Counter
+
 from pdserve.engine.page_allocator import PageAllocator
 from pdserve.engine.page_hash import page_hashes
 from pdserve.engine.prefix_cache import PrefixCache
@@ -40,6 +42,7 @@ class PagePool:
         self.cache = cache
         self.hash_seed = hash_seed
         self.set_aside_pages: set[int] = set()  # allocated, owned by nobody, out of use
+        self.set_aside_pins: Counter[int] = Counter()  # cached pages pinned by set_aside
 
     @property
     def num_evictable(self) -> int:
@@ -158,20 +161,32 @@ class PagePool:
         req.num_pinned_pages = end
 
     def set_aside(self, req: Request, page_ids: list[int]) -> None:
-        """Take pages a transfer may still write out of the ending request: they stay
-        allocated and out of use until `release_set_aside`. Only its own pages (never the
-        cached pages it pins); nothing past its pins is cached from it."""
+        """Keep pages a transfer may still write or read unchanged past the ending request,
+        until `release_set_aside`: its own pages stay allocated and out of use (nothing past
+        its pins is cached from it); cached pages it pins keep one pin each, so they are
+        neither evicted nor rewritten."""
         own = set(req.page_ids[req.num_pinned_pages :])
+        pinned = set(req.page_ids[: req.num_pinned_pages])
         kept = {p for p in page_ids if p in own}
         req.page_ids = [p for p in req.page_ids if p not in kept]
         req.num_computed = min(req.num_computed, req.num_pinned_pages * self.page_size)
         self.set_aside_pages |= kept
+        shared = sorted({p for p in page_ids if p in pinned})
+        if shared:
+            self.cache.acquire(shared)
+            self.set_aside_pins.update(shared)
 
     def release_set_aside(self, page_ids: list[int]) -> None:
-        """The writes into these set-aside pages have ended: they are free (others ignored)."""
+        """The transfers into or out of these set-aside pages have ended: own pages are free,
+        cached ones lose the pin `set_aside` kept (others ignored)."""
         freed = [p for p in page_ids if p in self.set_aside_pages]
         self.set_aside_pages.difference_update(freed)
         self.allocator.free(freed)
+        unpinned = [p for p in set(page_ids) if self.set_aside_pins[p] > 0]
+        if unpinned:
+            self.set_aside_pins.subtract(unpinned)
+            self.set_aside_pins += Counter()  # drops the zero counts
+            self.cache.release(unpinned)
 
     def put_back(self, req: Request, keep_kv: bool) -> None:
         """The request is done with its pages. With `keep_kv`, full pages whose KV it

@@ -260,11 +260,35 @@ def test_pages_a_transfer_may_still_write_stay_out_of_use_until_released(tiny_en
     assert len(new_page_ids) == 3 and req.num_pinned_pages == 3
     pinned = req.page_ids[:3]
     engine.abort("late-kv", "deadline", keep_page_ids=new_page_ids[:2] + pinned)
-    assert engine.num_used_pages == 2  # only the two it may still write; pins dropped
+    assert engine.num_used_pages == 5  # the two it may still write, and its cached pins
     others = [engine.reserve(Request(f"o{i}", [60 + i] * 20, greedy())) for i in range(6)]
-    assert not set(new_page_ids[:2]) & {p for ids in others if ids for p in ids}
+    assert not set(new_page_ids[:2] + pinned) & {p for ids in others if ids for p in ids}
     for i in range(6):
         engine.abort(f"o{i}", "test")
     engine.release_pages(new_page_ids[:2] + [new_page_ids[2]])  # the third was freed already
+    assert engine.num_used_pages == 3
+    engine.release_pages(pinned)
+    assert engine.num_used_pages == 0
+    assert engine.allocator.num_free + engine.num_cached_pages == engine.num_total_pages
+
+
+def test_prefill_pages_a_send_may_still_read_are_neither_reused_nor_evicted(tiny_engine_factory):
+    """Prefill: a held prompt's pages are mostly cached (pinned) when its send is aborted;
+    kept ones keep their pin, so no other prompt's prefill evicts and rewrites them."""
+    engine = tiny_engine_factory()
+    req = Request("sending", SYSTEM + [71] * 40, greedy())
+    req.prefill_only = True
+    engine.add_request(req)
+    held = None
+    while held is None:
+        held = next((o.held_page_ids for o in engine.step() if o.rid == "sending"), None)
+    assert req.num_pinned_pages >= 1
+    engine.abort("sending", "client gone", keep_page_ids=held)
+    assert engine.num_used_pages == len(held)
+    others = [engine.reserve(Request(f"o{i}", [80 + i] * 30, greedy())) for i in range(20)]
+    assert not set(held) & {p for ids in others if ids for p in ids}
+    for i in range(20):
+        engine.abort(f"o{i}", "test")
+    engine.release_pages(held)
     assert engine.num_used_pages == 0
     assert engine.allocator.num_free + engine.num_cached_pages == engine.num_total_pages
