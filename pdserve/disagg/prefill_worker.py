@@ -19,11 +19,11 @@ from pdserve.disagg.config import DisaggConfig
 from pdserve.disagg.delta import delta_error, pages_to_send
 from pdserve.disagg.room_relay import ForwardTable
 from pdserve.disagg.rooms import IllegalRoomTransition, RoomState, error_output, transition
-from pdserve.disagg.transfer.base import Inbound, KVTransport, PeerLost
-from pdserve.engine.request import FinishReason
+from pdserve.disagg.transfer.base import Inbound, KVTransport, PagesSettled, PeerLost
+from pdserve.engine.request import FinishReason, StepOutput
 from pdserve.serving.hooks import WorkerHooks
 from pdserve.serving.protocol import GenerateReq, ReqOutput, RoomFailed, RoomForwarded
-from pdserve.serving.worker_io import request_from_msg
+from pdserve.serving.worker_io import output_to_msg, request_from_msg
 
 log = logging.getLogger(__name__)
 
@@ -138,12 +138,13 @@ class PrefillWorkerHooks(WorkerHooks):
         return []
 
     def on_abort(self, rid: str, reason: str) -> list[ReqOutput]:
+        """Ends the room before the engine sees the abort (pages its send may still read stay
+        out of use, which the engine's abort alone would free) and answers it."""
         room_id = self.room_of_rid.get(rid)
-        if room_id is not None:
-            self._fail_room(
-                room_id, 499, f"aborted on prefill: {reason}", _now(), abort_engine=False
-            )
-        return []
+        if room_id is None:
+            return []
+        out = self._end_room(room_id, 499, f"aborted on prefill: {reason}", _now(), reason)
+        return [output_to_msg(out)] if out is not None else []
 
     def on_room_failed(self, msg: RoomFailed) -> list[ReqOutput]:
         self.forwards.pop(msg.room)
@@ -202,6 +203,8 @@ class PrefillWorkerHooks(WorkerHooks):
                     outputs += self._on_message(event.peer, event.msg, now)
                 elif isinstance(event, PeerLost):
                     outputs += self._on_peer_lost(event, now)
+                elif isinstance(event, PagesSettled):  # a forgotten room's send let go
+                    self.engine.release_pages(event.page_ids)
             except Exception:  # a bug here must fail rooms by deadline, not the worker
                 log.exception("prefill: error handling %r", event)
         return outputs
@@ -420,36 +423,48 @@ class PrefillWorkerHooks(WorkerHooks):
         return outputs
 
     def _fail_room(
+        self, room_id: int, status: int, reason: str, now: float, notify: bool = True
+    ) -> list[ReqOutput]:
+        """Fail the room (see `_end_room`) and answer its request with the error."""
+        room = self.rooms.get(room_id)
+        rid = room.rid if room is not None else None
+        self._end_room(room_id, status, reason, now, notify=notify)
+        return [error_output(rid, status, reason)] if rid is not None else []
+
+    def _end_room(
         self,
         room_id: int,
         status: int,
         reason: str,
         now: float,
+        engine_reason: str | None = None,
         notify: bool = True,
-        abort_engine: bool = True,
-    ) -> list[ReqOutput]:
-        """Fail the room: free its pages, tell decode (now or when its page list comes)."""
+    ) -> StepOutput | None:
+        """Fail the room: tell decode (now or when its page list comes), drop what of its
+        send has not started, and abort its request; pages a send under way still reads stay
+        unchanged and out of use until the transport reports them settled. Returns the
+        engine's abort output (None: no request in the engine)."""
         self.failed[room_id] = FailedRoom(reason, status, now + self.cfg.bootstrap_timeout_s)
         room = self.rooms.get(room_id)
         if room is None:
-            return []
+            return None
         room.move(RoomState.FAILED)
         if notify and room.peer is not None:
             self._send(
                 room.peer, m.RoomStatus(room=room_id, ok=False, error=reason, error_status=status)
             )
-        self._forget(room_id)
+        still_read = self._forget(room_id)
         if room.rid is None:
-            return []
-        if abort_engine:
-            self.engine.abort(room.rid, reason)
-        return [error_output(room.rid, status, reason)]
+            return None
+        return self.engine.abort(room.rid, engine_reason or reason, keep_page_ids=still_read)
 
-    def _forget(self, room_id: int) -> None:
-        self.transport.forget_room(room_id)
+    def _forget(self, room_id: int) -> list[int]:
+        """Forget the room here and in the transport; returns the pages its send still reads."""
+        still_read = self.transport.forget_room(room_id)
         room = self.rooms.pop(room_id, None)
         if room is not None and room.rid is not None:
             self.room_of_rid.pop(room.rid, None)
+        return still_read
 
     def _send(self, peer: object, msg: m.ChannelMsg) -> None:
         try:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, NewType
 
@@ -77,6 +78,33 @@ class PagesSettled:
 
 
 Event = Inbound | KVReceived | PeerLost | PagesSettled
+
+
+class HeldPages:
+    """Pages of forgotten rooms that a transfer under way still reads (prefill) or writes
+    (decode), each group with the test that says its transfer has ended."""
+
+    def __init__(self) -> None:
+        self._groups: list[tuple[list[int], Callable[[], bool]]] = []
+
+    def hold(self, page_ids: list[int], ended: Callable[[], bool]) -> list[int]:
+        if page_ids:
+            self._groups.append((page_ids, ended))
+        return page_ids
+
+    def settled(self) -> list[PagesSettled]:
+        """One event per group whose transfer has ended; those groups are dropped."""
+        events, still = [], []
+        for page_ids, ended in self._groups:
+            if ended():
+                events.append(PagesSettled(page_ids))
+            else:
+                still.append((page_ids, ended))
+        self._groups = still
+        return events
+
+    def __len__(self) -> int:
+        return len(self._groups)
 
 
 @dataclass(frozen=True)
@@ -164,10 +192,12 @@ class SendHandle(abc.ABC):
 
 
 class AckedSend(SendHandle):
-    """A send that an event ends: the peer's acknowledgement, or its loss (`finish`)."""
+    """A send that an event ends: the peer's acknowledgement, or its loss (`finish`).
+    Backends where the peer reads the pages (`page_ids`) itself use it."""
 
-    def __init__(self, room: int) -> None:
+    def __init__(self, room: int, page_ids: list[int] | None = None) -> None:
         self.room = room
+        self.page_ids = page_ids or []
         self._done = False
         self._error: str | None = None
 
@@ -181,6 +211,26 @@ class AckedSend(SendHandle):
     @property
     def error(self) -> str | None:
         return self._error
+
+
+def forget_pulled_room(
+    room: int,
+    batches: dict[PeerId, list],
+    sends: dict[tuple[PeerId, int], AckedSend],
+    held: HeldPages,
+) -> list[int]:
+    """forget_room's prefill half where decode reads prefill's pages (`batches`: the copies
+    not told to the peer yet, each with a `.room`; `sends`: by peer and room). A copy not told
+    yet is dropped: no read can come. One told may still be read: its pages are held until
+    the send ends (read and acked, given up by decode, peer lost, or its deadline)."""
+    for peer, copies in list(batches.items()):
+        if any(c.room == room for c in copies):
+            batches[peer] = [c for c in copies if c.room != room]
+            handle = sends.pop((peer, room), None)
+            if handle is not None:
+                handle.finish("room forgotten before it was sent")
+    told = [h for (_, r), h in sends.items() if r == room]
+    return [p for h in told for p in held.hold(h.page_ids, h.done)]
 
 
 class KVTransport(abc.ABC):
@@ -263,10 +313,12 @@ class KVTransport(abc.ABC):
 
     @abc.abstractmethod
     def forget_room(self, room: int) -> list[int]:
-        """Revoke the write permission of `room` (it failed or finished here). Returns the
-        room's pages that a write already under way may still reach (only where the backend
-        cannot stop one at once): the caller keeps them out of use until `poll` reports them
-        in a `PagesSettled`."""
+        """Revoke the write permission of `room` (it failed or finished here) and drop what
+        of its send has not started. Returns the room's pages that a transfer already under
+        way may still write (decode) or read (prefill: a zero-copy frame, a record half
+        written, a read decode may still issue), where the backend cannot stop it at once:
+        the caller keeps them unchanged and out of use until `poll` reports them in a
+        `PagesSettled`. A room's final RoomStatus not yet handed over is dropped too."""
 
     @abc.abstractmethod
     def busy(self) -> bool:

@@ -36,6 +36,7 @@ from pdserve.disagg.transfer.base import (
     SendHandle,
     TransportError,
     TransportOptions,
+    forget_pulled_room,
 )
 from pdserve.disagg.transfer.fake_backend import FakeTransport
 from pdserve.disagg.transfer.ipc_pool import (
@@ -60,8 +61,8 @@ log = logging.getLogger(__name__)
 class IpcSend(AckedSend):
     """One send_kv: done when the peer acks the copy, or the peer is lost."""
 
-    def __init__(self, room: int, peer: PeerId) -> None:
-        super().__init__(room)
+    def __init__(self, room: int, peer: PeerId, page_ids: list[int]) -> None:
+        super().__init__(room, page_ids)
         self.peer = peer
 
 
@@ -112,7 +113,7 @@ class CudaIpcTransport(LaneControl, FakeTransport):
         src, dst = self._page_pairs(src_page_ids, dst_page_ids)
         copy = IpcCopy(room=room, src_page_ids=src.tolist(), dst_page_ids=dst.tolist(), status=then)
         self._batches.setdefault(peer, []).append(copy)
-        handle = IpcSend(room, peer)
+        handle = IpcSend(room, peer, copy.src_page_ids)
         self._sends[(peer, room)] = handle
         self._stats["kv_bytes_out"] += src.size * self.page_nbytes
         return handle
@@ -143,6 +144,11 @@ class CudaIpcTransport(LaneControl, FakeTransport):
             if isinstance(event, PeerLost):
                 self._drop_peer(event.peer, event.reason)
         return events
+
+    def forget_room(self, room: int) -> list[int]:
+        super().forget_room(room)
+        # Prefill: decode may still copy from a room it was told of until it acks.
+        return forget_pulled_room(room, self._batches, self._sends, self._held)
 
     def busy(self) -> bool:
         return (

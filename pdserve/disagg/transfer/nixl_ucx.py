@@ -10,7 +10,8 @@ checks frames and posts one READ per room. NIXL notifies prefill once the bytes 
 the destination pages issues every write into them, so nothing lands outside a grant, and a
 read still under way when its room is forgotten is left to end, never cancelled (over UCX's
 TCP emulation a cancelled read was seen to land once the peer resumed): `forget_room` returns
-its pages, which decode keeps out of use until a `PagesSettled` event.
+its pages, which decode keeps out of use until a `PagesSettled` event. Prefill likewise keeps
+the pages of a forgotten room decode was told of until its read ends or never comes.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from pdserve.disagg.transfer.base import (
     SendHandle,
     TransportError,
     TransportOptions,
+    forget_pulled_room,
 )
 from pdserve.disagg.transfer.fake_backend import FakeTransport
 from pdserve.disagg.transfer.nixl_agent import NixlAgent, NixlPool, decode_pool, encode_pool
@@ -74,8 +76,8 @@ class NixlSend(AckedSend):
     """One send_kv: done when decode's read notifies us, decode gives it up, it is lost, or
     `deadline` (monotonic s) passes: a decode that died quietly never reads."""
 
-    def __init__(self, room: int, deadline: float) -> None:
-        super().__init__(room)
+    def __init__(self, room: int, page_ids: list[int], deadline: float) -> None:
+        super().__init__(room, page_ids)
         self.deadline = deadline
 
 
@@ -163,7 +165,7 @@ class NixlTransport(FakeTransport):
             room=room, src_page_ids=src.tolist(), dst_page_ids=dst.tolist(), status=then
         )
         self._batches.setdefault(peer, []).append(copy)
-        handle = NixlSend(room, time.monotonic() + self.options.read_timeout_s)
+        handle = NixlSend(room, copy.src_page_ids, time.monotonic() + self.options.read_timeout_s)
         self._sends[(peer, room)] = handle
         self._stats["kv_bytes_out"] += src.size * self.page_nbytes
         return handle
@@ -215,13 +217,13 @@ class NixlTransport(FakeTransport):
 
     def forget_room(self, room: int) -> list[int]:
         super().forget_room(room)
-        for key in [k for k in self._sends if k[1] == room]:
-            self._sends.pop(key).finish("room forgotten")
+        # Prefill: decode may still read a room it was told of; its pages wait for the end.
+        held = forget_pulled_room(room, self._batches, self._sends, self._held)
         read = self._reads.pop(room, None)
         if read is not None:
             self._settle([read])
         settling = self._settling.get(room)
-        return list(settling.copy.dst_page_ids) if settling else []
+        return held + (list(settling.copy.dst_page_ids) if settling else [])
 
     def busy(self) -> bool:
         """Batches to send or reads to finish; not sends awaiting decode's read: decode

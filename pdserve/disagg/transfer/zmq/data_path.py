@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import Counter
-from collections.abc import Iterable
+from collections import Counter, deque
+from collections.abc import Callable, Iterable
 
 import msgspec
 import numpy as np
@@ -23,6 +23,7 @@ import zmq
 from pdserve.disagg import messages as m
 from pdserve.disagg.transfer.base import (
     Event,
+    HeldPages,
     PeerId,
     PeerLost,
     PeerUnreachable,
@@ -60,6 +61,7 @@ class DataPath:
     _links: DataLinks
     _records: PageRecords
     _held_until: dict[PeerId, float]  # peers whose data connection is coming
+    _held: HeldPages
 
     # -- outbound over the data connection -----------------------------------------------
     def _send_kv_on(
@@ -71,14 +73,38 @@ class DataPath:
         then: m.RoomStatus,
     ) -> SendHandle:
         records = [OutRecord(plan=plan) for plan in self._records.plan(src, dst)]
+        records.append(OutRecord(message=m.encode(then)))
         handle = KVSend(room, len(records))
         for record in records:
             record.handle = handle
-        channel.queue += [*records, OutRecord(message=m.encode(then))]
+        channel.queue += records
         reason = self._flush_channel(PeerId(channel.peer), time.monotonic())
         if reason is not None:
             raise PeerUnreachable(reason)
         return handle
+
+    def _drop_room_records(self, room: int) -> list[int]:
+        """The room's records not started leave the data connections' queues. One half
+        written stays (the stream's framing needs its rest): its pages are held until it is
+        written or its connection closes. Returns the held pages."""
+        held: list[int] = []
+        for peer, channel in self._links.senders.items():
+            kept: deque[OutRecord] = deque()
+            for record in channel.queue:
+                mine = record.handle is not None and record.handle.room == room
+                started = record.cursor is not None and record.cursor.done_nbytes > 0
+                if mine and started and record.plan is not None:
+                    held += self._held.hold(record.plan.src.tolist(), self._written(record, peer))
+                if started or not mine:
+                    kept.append(record)
+            channel.queue = kept
+            self._links.want_write(channel, bool(kept))
+        return held
+
+    def _written(self, record: OutRecord, peer: str) -> Callable[[], bool]:
+        """Whether the record was written in full, or its connection is gone."""
+        channel = self._links.senders[peer]
+        return lambda: record.cursor.finished or self._links.senders.get(peer) is not channel
 
     def _release_expired_holds(self, now: float, events: list[Event]) -> None:
         """Peers that opened no data connection in time: what was held leaves now, and their
@@ -115,7 +141,8 @@ class DataPath:
             return reason
         for record in written:
             if record.handle is not None:
-                record.handle.sent([])
+                record.handle.sent([], [])
+            if record.plan is not None:
                 nbytes = record.plan.num_pages * self.page_nbytes
                 self._stats["kv_bytes_out"] += nbytes
                 self._stats["data_kv_bytes_out"] += nbytes

@@ -19,27 +19,34 @@ from pdserve.disagg.transfer.zmq.pages import FramePlan
 
 
 class KVSend(SendHandle):
-    """One send_kv: its messages still queued, and ZeroMQ's hold on the ones it took."""
+    """One send_kv: its messages (the final RoomStatus included) still queued, and ZeroMQ's
+    hold on the ones it took, with the pool pages each of those reads in place."""
 
     def __init__(self, room: int, num_messages: int) -> None:
         self.room = room
         self.messages_left = num_messages
-        self._trackers: list[zmq.MessageTracker] = []
+        self._in_flight: list[tuple[list[zmq.MessageTracker], list[int]]] = []
         self._error: str | None = None
 
-    def sent(self, trackers: list[zmq.MessageTracker]) -> None:
-        """One KV message went to ZeroMQ; `trackers` say when it lets go of each part."""
+    def sent(self, trackers: list[zmq.MessageTracker], page_ids: list[int]) -> None:
+        """One message went to ZeroMQ (or a data connection); `trackers` say when it lets
+        go of each part, `page_ids` the pool pages those parts point into."""
         self.messages_left -= 1
-        self._trackers += trackers
+        if trackers:
+            self._in_flight.append((trackers, page_ids))
 
     def fail(self, reason: str) -> None:
         if self._error is None:
             self._error = reason
 
+    def in_flight(self) -> list[tuple[list[zmq.MessageTracker], list[int]]]:
+        """The messages ZeroMQ has not let go of yet, with the pages they point into."""
+        self._in_flight = [(ts, ids) for ts, ids in self._in_flight if not all(t.done for t in ts)]
+        return self._in_flight
+
     def done(self) -> bool:
         # Zero-copy frames point into the pool: the pages stay busy until ZeroMQ lets go.
-        self._trackers = [t for t in self._trackers if not t.done]
-        return (self.messages_left == 0 or self._error is not None) and not self._trackers
+        return (self.messages_left == 0 or self._error is not None) and not self.in_flight()
 
     @property
     def error(self) -> str | None:
@@ -105,6 +112,17 @@ class Outbox:
                 item.handle.fail(reason)
             if item.staging_index is not None:
                 staging.hold(item.staging_index, None)
+
+    def drop_room(self, room: int, staging: Staging) -> None:
+        """Drop the room's messages still queued (each is a whole ZeroMQ message, so the
+        peer's stream stays intact); their staging buffers come back."""
+        for peer, queue in self.queues.items():
+            mine = [i.handle is not None and i.handle.room == room for i in queue]
+            for item in (i for i, m in zip(queue, mine, strict=True) if m):
+                if item.staging_index is not None:
+                    staging.hold(item.staging_index, None)
+            if any(mine):
+                self.queues[peer] = deque(i for i, m in zip(queue, mine, strict=True) if not m)
 
     def pending(self) -> bool:
         return any(self.queues.values())

@@ -46,6 +46,7 @@ class ZmqSender:
     _pages_np: np.ndarray
     _pages_per_frame: int
     _held_until: dict[PeerId, float]
+    _kv_sends: dict[int, KVSend]  # by room, until forget_room
     _stats: Counter[str]
 
     def send_kv(
@@ -60,12 +61,15 @@ class ZmqSender:
         src, dst = self._page_pairs(src_page_ids, dst_page_ids)
         channel = self._links.senders.get(peer)
         if channel is not None:
-            return self._send_kv_on(channel, room, src, dst, then)
-        items = self._kv_items(room, src, dst)
-        handle = KVSend(room, len(items))
-        for item in items:
-            item.handle = handle
-        self._enqueue(peer, [*items, Outgoing(parts=[m.encode(then)])])
+            handle = self._send_kv_on(channel, room, src, dst, then)
+        else:
+            # The RoomStatus is the room's too: forget_room drops it while it is queued.
+            items = [*self._kv_items(room, src, dst), Outgoing(parts=[m.encode(then)])]
+            handle = KVSend(room, len(items))
+            for item in items:
+                item.handle = handle
+            self._enqueue(peer, items)
+        self._kv_sends[room] = handle
         return handle
 
     def _kv_items(self, room: int, src: np.ndarray, dst: np.ndarray) -> list[Outgoing]:
@@ -150,6 +154,7 @@ class ZmqSender:
         if item.staging_index is not None:
             self._staging.hold(item.staging_index, trackers[0])
         if item.handle is not None:
-            item.handle.sent(trackers)
+            in_place = item.plan is not None and item.staging_index is None
+            item.handle.sent(trackers, item.plan.src.tolist() if in_place else [])
         if item.plan is not None:
             self._stats["kv_bytes_out"] += item.plan.num_pages * self.page_nbytes

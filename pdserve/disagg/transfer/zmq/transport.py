@@ -24,6 +24,7 @@ from zmq.utils.monitor import recv_monitor_message
 from pdserve.disagg import messages as m
 from pdserve.disagg.transfer.base import (
     Event,
+    HeldPages,
     KVTransport,
     PeerId,
     PeerLost,
@@ -34,7 +35,7 @@ from pdserve.disagg.transfer.zmq.data_links import DataLinks
 from pdserve.disagg.transfer.zmq.data_path import DataPath, fail_records
 from pdserve.disagg.transfer.zmq.data_records import PageRecords
 from pdserve.disagg.transfer.zmq.malloc_tuning import keep_freed_memory
-from pdserve.disagg.transfer.zmq.outbox import Outbox, Outgoing, Staging
+from pdserve.disagg.transfer.zmq.outbox import KVSend, Outbox, Outgoing, Staging
 from pdserve.disagg.transfer.zmq.pages import WriteGrants, page_array
 from pdserve.disagg.transfer.zmq.receiver import ZmqReceiver
 from pdserve.disagg.transfer.zmq.sender import ZmqSender
@@ -76,6 +77,8 @@ class ZmqTransport(ZmqSender, ZmqReceiver, DataPath, KVTransport):
         self._outbox = Outbox()
         self._held_until: dict[PeerId, float] = {}  # peers whose data connection is coming
         self._grants = WriteGrants()
+        self._kv_sends: dict[int, KVSend] = {}  # by room, until forget_room
+        self._held = HeldPages()  # pages of forgotten rooms that sends still read
         self._stats: Counter[str] = Counter()
         self._connected: set[str] = set()
         self._closed = False
@@ -161,6 +164,7 @@ class ZmqTransport(ZmqSender, ZmqReceiver, DataPath, KVTransport):
         self._release_expired_holds(time.monotonic(), events)
         self._drain(events, budget_nbytes)
         self._drain_monitor(events)
+        events += self._held.settled()
         return events
 
     def _drain_monitor(self, events: list[Event]) -> None:
@@ -214,7 +218,14 @@ class ZmqTransport(ZmqSender, ZmqReceiver, DataPath, KVTransport):
 
     def forget_room(self, room: int) -> list[int]:
         self._grants.revoke(room)  # checked before every read into a page: none goes on
-        return []
+        # What of the room's send has not started is dropped, its RoomStatus included;
+        # zero-copy frames ZeroMQ holds and a record half written still read their pages.
+        self._outbox.drop_room(room, self._staging)
+        held = self._drop_room_records(room)
+        handle = self._kv_sends.pop(room, None)
+        for trackers, page_ids in handle.in_flight() if handle is not None else []:
+            held += self._held.hold(page_ids, lambda ts=trackers: all(t.done for t in ts))
+        return held
 
     def busy(self) -> bool:
         return self._outbox_movable() or any(c.queue for c in self._links.senders.values())
