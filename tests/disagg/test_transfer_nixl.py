@@ -147,14 +147,32 @@ def test_a_room_outside_its_grant_moves_nothing_and_frees_prefills_pages(
     assert sum(v for k, v in pair.decode.stats.items() if k.startswith("dropped_nixl_")) == 1
 
 
-def test_forgetting_a_room_on_prefill_ends_its_send_and_a_late_read_still_only_hits_its_grant(
+def test_a_room_forgotten_on_prefill_before_decode_was_told_of_it_is_never_read(
     pair: Pair,
 ) -> None:
     pair.grant(8, [10, 11])
     handle = pair.send(8, [1, 2], [10, 11])
-    pair.prefill.forget_room(8)
-    assert handle.done() and handle.error == "room forgotten"
-    pump(pair, lambda ev: 8 in inbound_rooms(ev, "decode", m.RoomStatus))
+    assert pair.prefill.forget_room(8) == []  # its copy had not left: no read can come
+    assert handle.done() and handle.error == "room forgotten before it was sent"
+    pair.grant(9, [12])  # a room behind it goes through; room 8's status never comes
+    pair.send(9, [3], [12])
+    events = pump(pair, lambda ev: 9 in inbound_rooms(ev, "decode", m.RoomStatus))
+    assert 8 not in inbound_rooms(events, "decode", m.RoomStatus)
+    assert bool((pair.dst_pool[[10, 11]] == SENTINEL).all())
+
+
+def test_a_room_forgotten_on_prefill_after_decode_was_told_keeps_its_pages_until_read(
+    pair: Pair,
+) -> None:
+    pair.grant(8, [10, 11])
+    handle = pair.send(8, [1, 2], [10, 11])
+    events = [("prefill", e) for e in pair.prefill.poll(0)]  # the batch goes out
+    assert pair.prefill.forget_room(8) == [1, 2]  # decode may read them any time now
+    assert not handle.done()
+    events += pump(pair, lambda ev: any(isinstance(e, PagesSettled) for _, e in ev))
+    assert [e.page_ids for s, e in events if isinstance(e, PagesSettled)] == [[1, 2]]
+    assert handle.done()
+    assert torch.equal(pair.dst_pool[[10, 11]], pair.src_pool[[1, 2]])
     untouched = [i for i in range(NUM_PAGES) if i not in (10, 11)]
     assert bool((pair.dst_pool[untouched] == SENTINEL).all())
 
