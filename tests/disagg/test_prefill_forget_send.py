@@ -1,0 +1,113 @@
+"""The prefill worker aborting a room while its KV is still being sent: the engine keeps the
+pages the send still reads out of use (another prompt's prefill never gets them) until the
+transport settles them; decode never gets the room's "ok"; the pool ends idle. A real engine
+(tiny-random), the worker's hooks and a decode-side transport that does not read, over
+loopback."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from pdserve.disagg import messages as m
+from pdserve.disagg.config import DisaggConfig
+from pdserve.disagg.prefill_worker import PrefillWorkerHooks
+from pdserve.disagg.rooms import RoomState
+from pdserve.disagg.transfer import Inbound, TransportOptions, make_transport
+from pdserve.engine.config import EngineConfig
+from pdserve.engine.engine import Engine
+from pdserve.engine.request import Request, SamplingParams
+from pdserve.serving.protocol import DisaggInfo, GenerateReq
+from pdserve.serving.worker_io import output_to_msg
+
+PROMPT_LEN = 4000  # 4 MiB of fp32 KV: more than loopback buffers take while decode is stopped
+# Frames of 64 pages, zero-copy from the pool, few messages queued in ZeroMQ: the send backs
+# up after a few MiB.
+OPTIONS = TransportOptions(
+    data_channel=False,
+    frame_nbytes=64 << 10,
+    zero_copy_min_nbytes=16 << 10,
+    send_hwm_msgs=1,
+    recv_hwm_msgs=1,
+)
+
+
+def room_statuses(events: list) -> list[m.RoomStatus]:
+    return [e.msg for e in events if isinstance(e, Inbound) and isinstance(e.msg, m.RoomStatus)]
+
+
+def step(engine: Engine, hooks: PrefillWorkerHooks) -> list:
+    """One turn of the worker loop."""
+    outputs = hooks.poll(time.monotonic())
+    if engine.has_work():
+        steps = engine.step()
+        held = {o.rid: o.held_page_ids for o in steps if o.held_page_ids is not None}
+        outputs += hooks.after_step(time.monotonic(), [output_to_msg(o) for o in steps], held)
+    return outputs
+
+
+def test_an_aborted_room_keeps_the_pages_its_send_reads_until_settled_and_is_never_ok() -> None:
+    engine = Engine.from_config(
+        EngineConfig(
+            model_path="tiny-random", page_size=16, context_length=4096, max_total_tokens=7200
+        )
+    )
+    transport = make_transport("zmq", engine.kv_pool, "127.0.0.1", options=OPTIONS)
+    hooks = PrefillWorkerHooks(engine, DisaggConfig(), transport, dp_rank=0)
+    page_nbytes = transport.page_nbytes
+    decode = make_transport(
+        "zmq", torch.zeros(engine.kv_pool.shape[0], page_nbytes // 4), None, options=OPTIONS
+    )
+    try:
+        peer = decode.connect(transport.endpoint)
+        decode.send(peer, m.Handshake(decode_id="d", layout=engine.kv_layout()))
+        num_pages = -(-PROMPT_LEN // 16)
+        decode.send(
+            peer, m.PageList(room=1, dst_page_ids=list(range(num_pages)), prompt_len=PROMPT_LEN)
+        )
+        prompt = [(7 * i) % 400 + 10 for i in range(PROMPT_LEN)]
+        sampling = SamplingParams(max_new_tokens=4, temperature=0.0)
+        hooks.on_generate(
+            GenerateReq(rid="r1", input_ids=prompt, sampling=sampling, disagg=DisaggInfo(room=1))
+        )
+        deadline = time.monotonic() + 60
+        while not (1 in hooks.rooms and hooks.rooms[1].state is RoomState.TRANSFERRING):
+            assert time.monotonic() < deadline, "the room never started sending"
+            step(engine, hooks)
+        src_page_ids = list(hooks.rooms[1].src_page_ids)
+        sent_kv = engine.kv_pool[src_page_ids].clone()
+        for _ in range(3):  # decode reads nothing: the send backs up
+            step(engine, hooks)
+        assert hooks.rooms[1].state is RoomState.TRANSFERRING
+
+        (answer,) = hooks.on_abort("r1", "client gone")
+        assert answer.finish_reason.type == "abort"
+        pool = engine.scheduler.pages
+        held = pool.set_aside_pages | set(pool.set_aside_pins)
+        # What ZeroMQ still reads; the rest went back to the pool (or its cache).
+        assert held and held < set(src_page_ids) and engine.num_used_pages == len(held)
+        held_rows = [src_page_ids.index(p) for p in sorted(held)]
+
+        # Another prompt needs more pages than are free: it evicts the room's cached pages,
+        # never the held ones, which keep the room's KV until they settle.
+        other = Request("other", [(11 * i) % 300 + 5 for i in range(PROMPT_LEN)], sampling)
+        engine.add_request(other)
+        while engine.has_work():
+            assert time.monotonic() < deadline, "the other prompt never ran"
+            engine.step()
+            assert not held & set(other.page_ids)
+        assert torch.equal(engine.kv_pool[sorted(held)], sent_kv[held_rows])
+
+        events: list = []
+        while engine.num_used_pages or transport.busy() or not room_statuses(events):
+            assert time.monotonic() < deadline, f"{engine.num_used_pages} pages never settled"
+            events += decode.poll(5)
+            step(engine, hooks)
+    finally:
+        decode.close()
+        hooks.close()
+    assert [s.ok for s in room_statuses(events)] == [False]  # never "ok": the failure alone
+    got = decode.pool[: len(src_page_ids)]
+    arrived = ~(got == 0).all(dim=1)
+    assert torch.equal(got[arrived], sent_kv.view(len(src_page_ids), -1)[arrived])
