@@ -14,14 +14,15 @@ from pdserve.disagg import messages as m
 from pdserve.disagg.config import DisaggConfig
 from pdserve.disagg.prefill_worker import PrefillWorkerHooks
 from pdserve.disagg.rooms import RoomState
-from pdserve.disagg.transfer import Inbound, TransportOptions, make_transport
+from pdserve.disagg.transfer import Inbound, TransportOptions
 from pdserve.engine.config import EngineConfig
 from pdserve.engine.engine import Engine
 from pdserve.engine.request import Request, SamplingParams
 from pdserve.serving.protocol import DisaggInfo, GenerateReq
 from pdserve.serving.worker_io import output_to_msg
+from tests.disagg.transfer_peer import SmallBuffers, poll_until
 
-PROMPT_LEN = 4000  # 4 MiB of fp32 KV: more than loopback buffers take while decode is stopped
+PROMPT_LEN = 4000  # 4 MiB of fp32 KV
 # Frames of 64 pages, zero-copy from the pool, few messages queued in ZeroMQ: the send backs
 # up after a few MiB.
 OPTIONS = TransportOptions(
@@ -53,12 +54,10 @@ def test_an_aborted_room_keeps_the_pages_its_send_reads_until_settled_and_is_nev
             model_path="tiny-random", page_size=16, context_length=4096, max_total_tokens=7200
         )
     )
-    transport = make_transport("zmq", engine.kv_pool, "127.0.0.1", options=OPTIONS)
+    transport = SmallBuffers(engine.kv_pool, listen_host="127.0.0.1", options=OPTIONS)
     hooks = PrefillWorkerHooks(engine, DisaggConfig(), transport, dp_rank=0)
     page_nbytes = transport.page_nbytes
-    decode = make_transport(
-        "zmq", torch.zeros(engine.kv_pool.shape[0], page_nbytes // 4), None, options=OPTIONS
-    )
+    decode = SmallBuffers(torch.zeros(engine.kv_pool.shape[0], page_nbytes // 4), options=OPTIONS)
     try:
         peer = decode.connect(transport.endpoint)
         decode.send(peer, m.Handshake(decode_id="d", layout=engine.kv_layout()))
@@ -66,15 +65,16 @@ def test_an_aborted_room_keeps_the_pages_its_send_reads_until_settled_and_is_nev
         decode.send(
             peer, m.PageList(room=1, dst_page_ids=list(range(num_pages)), prompt_len=PROMPT_LEN)
         )
+        poll_until(decode, lambda _: not decode.busy())  # both left once connected
         prompt = [(7 * i) % 400 + 10 for i in range(PROMPT_LEN)]
         sampling = SamplingParams(max_new_tokens=4, temperature=0.0)
-        hooks.on_generate(
+        answers = hooks.on_generate(
             GenerateReq(rid="r1", input_ids=prompt, sampling=sampling, disagg=DisaggInfo(room=1))
         )
         deadline = time.monotonic() + 60
         while not (1 in hooks.rooms and hooks.rooms[1].state is RoomState.TRANSFERRING):
-            assert time.monotonic() < deadline, "the room never started sending"
-            step(engine, hooks)
+            assert time.monotonic() < deadline, f"never sent: {answers}"
+            answers += step(engine, hooks)
         src_page_ids = list(hooks.rooms[1].src_page_ids)
         sent_kv = engine.kv_pool[src_page_ids].clone()
         for _ in range(3):  # decode reads nothing: the send backs up

@@ -13,12 +13,11 @@ from pdserve.disagg.transfer import (
     Inbound,
     KVTransport,
     TransportOptions,
-    make_transport,
 )
 from pdserve.disagg.transfer.base import PagesSettled
-from tests.disagg.transfer_peer import LAYOUT, poll_until
+from tests.disagg.transfer_peer import LAYOUT, SmallBuffers, poll_until
 
-NUM_PAGES = 16 << 10  # 16 MiB of 1 KiB pages: more than loopback buffers hold unread
+NUM_PAGES = 16 << 10  # 16 MiB of 1 KiB pages: more than a data connection's buffers hold
 GARBAGE = -7.0  # what "another request's prefill" writes into reused pages
 
 
@@ -76,8 +75,8 @@ def test_a_room_forgotten_mid_send_holds_only_pages_still_read_and_decode_never_
         recv_hwm_msgs=1,
     )
     source = torch.rand((NUM_PAGES, 256), generator=torch.Generator().manual_seed(5))
-    prefill = make_transport("zmq", source, "127.0.0.1", options=options)
-    decode = make_transport("zmq", torch.zeros(NUM_PAGES + 2, 256), None, options=options)
+    prefill = SmallBuffers(source, listen_host="127.0.0.1", options=options)
+    decode = SmallBuffers(torch.zeros(NUM_PAGES + 2, 256), options=options)
     try:
         peer, decode_peer = connect(prefill, decode)
         assert decode.stats.get("data_channels_opened", 0) == int(data_channel)

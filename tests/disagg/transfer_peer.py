@@ -22,10 +22,12 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
+import zmq
 
 from pdserve.disagg import messages as m
 from pdserve.disagg.transfer import Event, Inbound, KVTransport, SendHandle, make_transport
 from pdserve.disagg.transfer.base import TransportOptions
+from pdserve.disagg.transfer.zmq.transport import ZmqTransport
 
 PAGE_SHAPE = (2, 2, 4, 2, 8)  # layers, k/v, tokens, kv heads, head dim: 1 KiB of fp32
 LAYOUT = m.KVLayout(
@@ -35,6 +37,17 @@ LAYOUT = m.KVLayout(
 
 def make_pool(num_pages: int, seed: int) -> torch.Tensor:
     return torch.rand((num_pages, *PAGE_SHAPE), generator=torch.Generator().manual_seed(seed))
+
+
+class SmallBuffers(ZmqTransport):
+    """The zmq transport with TCP buffers of 64 KiB: a send that decode does not read backs
+    up within the first MiB, whatever the kernel's autotuning would allow."""
+
+    def _make_socket(self) -> zmq.Socket:
+        sock = super()._make_socket()
+        sock.setsockopt(zmq.SNDBUF, 64 << 10)
+        sock.setsockopt(zmq.RCVBUF, 64 << 10)
+        return sock
 
 
 def source_pages(room: int, num_pages: int, pool_pages: int) -> list[int]:
