@@ -14,24 +14,16 @@ from pdserve.disagg import messages as m
 from pdserve.disagg.config import DisaggConfig
 from pdserve.disagg.prefill_worker import PrefillWorkerHooks
 from pdserve.disagg.rooms import RoomState
-from pdserve.disagg.transfer import Inbound, TransportOptions
+from pdserve.disagg.transfer import Inbound
 from pdserve.engine.config import EngineConfig
 from pdserve.engine.engine import Engine
 from pdserve.engine.request import Request, SamplingParams
 from pdserve.serving.protocol import DisaggInfo, GenerateReq
 from pdserve.serving.worker_io import output_to_msg
-from tests.disagg.transfer_peer import SmallBuffers, poll_until
+from tests.disagg.transfer_peer import SmallBuffers, backed_up_options, poll_until
 
 PROMPT_LEN = 4000  # 4 MiB of fp32 KV
-# Frames of 64 pages, zero-copy from the pool, few messages queued in ZeroMQ: the send backs
-# up after a few MiB.
-OPTIONS = TransportOptions(
-    data_channel=False,
-    frame_nbytes=64 << 10,
-    zero_copy_min_nbytes=16 << 10,
-    send_hwm_msgs=1,
-    recv_hwm_msgs=1,
-)
+OPTIONS = backed_up_options(data_channel=False)  # the send backs up after a few MiB
 
 
 def room_statuses(events: list) -> list[m.RoomStatus]:

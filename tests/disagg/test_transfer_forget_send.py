@@ -12,10 +12,9 @@ from pdserve.disagg import messages as m
 from pdserve.disagg.transfer import (
     Inbound,
     KVTransport,
-    TransportOptions,
 )
 from pdserve.disagg.transfer.base import PagesSettled
-from tests.disagg.transfer_peer import LAYOUT, SmallBuffers, poll_until
+from tests.disagg.transfer_peer import LAYOUT, SmallBuffers, backed_up_options, poll_until
 
 NUM_PAGES = 16 << 10  # 16 MiB of 1 KiB pages: more than a data connection's buffers hold
 GARBAGE = -7.0  # what "another request's prefill" writes into reused pages
@@ -66,14 +65,7 @@ def back_up(prefill: KVTransport) -> None:
 def test_a_room_forgotten_mid_send_holds_only_pages_still_read_and_decode_never_takes_others(
     data_channel: bool,
 ) -> None:
-    # Frames of 64 pages, sent zero-copy from the pool; few messages queued in ZeroMQ.
-    options = TransportOptions(
-        data_channel=data_channel,
-        frame_nbytes=64 << 10,
-        zero_copy_min_nbytes=16 << 10,
-        send_hwm_msgs=1,
-        recv_hwm_msgs=1,
-    )
+    options = backed_up_options(data_channel)
     source = torch.rand((NUM_PAGES, 256), generator=torch.Generator().manual_seed(5))
     prefill = SmallBuffers(source, listen_host="127.0.0.1", options=options)
     decode = SmallBuffers(torch.zeros(NUM_PAGES + 2, 256), options=options)

@@ -50,6 +50,18 @@ class SmallBuffers(ZmqTransport):
         return sock
 
 
+def backed_up_options(data_channel: bool) -> TransportOptions:
+    """Frames of 64 KiB sent zero-copy from the pool, one message queued in ZeroMQ each
+    way: with `SmallBuffers`, a send decode does not read backs up after a few frames."""
+    return TransportOptions(
+        data_channel=data_channel,
+        frame_nbytes=64 << 10,
+        zero_copy_min_nbytes=16 << 10,
+        send_hwm_msgs=1,
+        recv_hwm_msgs=1,
+    )
+
+
 def source_pages(room: int, num_pages: int, pool_pages: int) -> list[int]:
     """room % 3 == 0: one run of pages; 1: scattered single pages; 2: scattered pairs."""
     rng = np.random.default_rng(room)

@@ -1,9 +1,12 @@
 """Conditional disaggregation against real servers: once the decode server holds all but a
 few tokens of a prompt, the router sends it there alone (`disagg_local_prefill`); the
-answer has the disaggregated path's tokens at temperature 0 and no KV moves. Without the
-field a decode server still requires the bootstrap fields."""
+answer has the disaggregated path's tokens at temperature 0 and no KV moves; with DP 2 on
+decode (no --dp-aware) it goes to the rank that holds the prompt. Without the field a
+decode server still requires the bootstrap fields."""
 
 from __future__ import annotations
+
+import contextlib
 
 import pytest
 import requests
@@ -17,17 +20,31 @@ pytestmark = pytest.mark.timeout(300)
 KV_BYTES = "pdserve_kv_transfer_bytes_total"
 
 
-@pytest.fixture(scope="module")
-def cluster():
+@contextlib.contextmanager
+def local_cluster(decode_dp: int):
+    """One prefill server, one decode server of `decode_dp` ranks, a kv_aware router with
+    local prefill (threshold 32 tokens) and no --dp-aware."""
     factory = PDFactory()
     try:
-        prefill, decode = factory.prefill(1), factory.decode(1)
+        prefill, decode = factory.prefill(1), factory.decode(decode_dp)
         args = router_args([(prefill.url, prefill.bootstrap_port)], [decode.url])
         policy = ["--policy", "kv_aware", "--local-prefill-threshold", "32"]
         with start_router([*args, *policy]) as router:
             yield prefill, decode, router
     finally:
         factory.stop_all()
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    with local_cluster(1) as parts:
+        yield parts
+
+
+@pytest.fixture(scope="module")
+def cluster_dp2():
+    with local_cluster(2) as parts:
+        yield parts
 
 
 def paths(router_url: str) -> dict[str, float]:
@@ -60,3 +77,18 @@ def test_a_decode_server_requires_bootstrap_fields_unless_local(cluster):
     resp = requests.post(f"{decode.url}/generate", json=local, timeout=60)
     assert resp.status_code == 200, resp.text
     assert len(resp.json()["output_ids"]) == 2
+
+
+def test_a_local_request_goes_to_the_decode_rank_that_holds_its_prompt(cluster_dp2):
+    """Not wherever the server's own DP controller would put it."""
+    prefill, decode, router = cluster_dp2
+    urls = [prefill.url, decode.url]
+    wait_router_caught_up(router.url, urls)
+    first = generate(router.url, prompt(0, 0))
+    assert paths(router.url) == {"disaggregated": 1, "local": 0}
+    wait_router_caught_up(router.url, urls)  # one decode rank holds the prompt now
+    for turn in range(1, 3):  # the server's round robin alone would move the second
+        again = generate(router.url, prompt(0, 0))
+        assert paths(router.url) == {"disaggregated": 1, "local": turn}
+        assert again["output_ids"] == first["output_ids"]
+        assert again["meta_info"]["cached_tokens"] == 4 * PAGE, turn
