@@ -77,9 +77,9 @@ async def _read_body(request: web.Request) -> bytes:
     if size is not None and size > MAX_BODY_BYTES:
         raise web.HTTPRequestEntityTooLarge(MAX_BODY_BYTES, size)
     try:
-        async with asyncio.timeout(BODY_TIMEOUT_S):
-            return await request.read()  # cached by aiohttp: later reads are free
-    except TimeoutError:
+        # cached by aiohttp: later reads are free; wait_for, not asyncio.timeout (3.11+)
+        return await asyncio.wait_for(request.read(), BODY_TIMEOUT_S)
+    except asyncio.TimeoutError:  # not the builtin TimeoutError before Python 3.11
         raise web.HTTPRequestTimeout(
             text=f"request body not complete within {BODY_TIMEOUT_S:g} s"
         ) from None

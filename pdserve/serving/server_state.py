@@ -77,9 +77,8 @@ async def _read_body(request: web.Request) -> bytes:
         )
     timeout_s = state_of(request).cfg.server.request_timeout_s
     try:
-        async with asyncio.timeout(timeout_s):
-            return await request.read()
-    except TimeoutError:
+        return await asyncio.wait_for(request.read(), timeout_s)  # asyncio.timeout is 3.11+
+    except asyncio.TimeoutError:  # not the builtin TimeoutError before Python 3.11
         raise RequestError(408, f"request body not complete within {timeout_s:g} s") from None
     except RequestPayloadError as exc:  # e.g. a Content-Encoding the bytes do not follow
         raise RequestError(400, f"unreadable body: {' '.join(str(exc).split())}") from None
