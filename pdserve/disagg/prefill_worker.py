@@ -10,15 +10,15 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
 
 from pdserve.auth import ProofChecker
 from pdserve.disagg import kv_auth
 from pdserve.disagg import messages as m
 from pdserve.disagg.config import DisaggConfig
 from pdserve.disagg.delta import delta_error, pages_to_send
+from pdserve.disagg.prefill_room import WAITING_FOR_ONE_SIDE, FailedRoom, PrefillRoom
 from pdserve.disagg.room_relay import ForwardTable
-from pdserve.disagg.rooms import IllegalRoomTransition, RoomState, error_output, transition
+from pdserve.disagg.rooms import IllegalRoomTransition, RoomState, error_output
 from pdserve.disagg.transfer.base import Inbound, KVTransport, PagesSettled, PeerLost
 from pdserve.engine.request import FinishReason, StepOutput
 from pdserve.serving.hooks import WorkerHooks
@@ -26,41 +26,6 @@ from pdserve.serving.protocol import GenerateReq, ReqOutput, RoomFailed, RoomFor
 from pdserve.serving.worker_io import output_to_msg, request_from_msg
 
 log = logging.getLogger(__name__)
-
-
-# The states in which the room waits for one side only, until its deadline: for the
-# request, or for decode's page list. Later, decode's KV deadline and heartbeat govern.
-_WAITING_FOR_ONE_SIDE = (RoomState.WAITING_FOR_REQUEST, RoomState.BOOTSTRAPPING)
-
-
-@dataclass
-class PrefillRoom:
-    room: int
-    state: RoomState
-    deadline: float
-    rid: str | None = None  # the request, from the front end
-    prompt_len: int = 0
-    peer: object | None = None  # decode's page list: who sent it, where the KV goes
-    dst_page_ids: list[int] | None = None
-    dst_prompt_len: int = 0
-    num_cached_tokens: int = 0  # decode holds these prompt tokens: their pages are not sent
-    # Handed over by the engine once the prompt is computed; held until engine.release().
-    src_page_ids: list[int] | None = None
-    first: m.FirstToken | None = None
-    send_handle: object | None = None
-    arrived_at: float = 0.0  # the request, at this worker
-    computed_at: float = 0.0  # its first token
-    send_started_at: float = 0.0
-
-    def move(self, dst: RoomState) -> None:
-        self.state = transition(self.room, self.state, dst)
-
-
-@dataclass
-class FailedRoom:
-    reason: str
-    status: int
-    expires_at: float
 
 
 class PrefillWorkerHooks(WorkerHooks):
@@ -404,7 +369,7 @@ class PrefillWorkerHooks(WorkerHooks):
         outputs: list[ReqOutput] = []
         # Once both sides are here, decode's KV deadline and heartbeat govern; a vanished
         # decode shows up as PeerLost or PeerUnreachable when the KV is sent.
-        waiting = [r for r in self.rooms.values() if r.state in _WAITING_FOR_ONE_SIDE]
+        waiting = [r for r in self.rooms.values() if r.state in WAITING_FOR_ONE_SIDE]
         for room in [r for r in waiting if now >= r.deadline]:
             if room.state is RoomState.WAITING_FOR_REQUEST:
                 reason = (

@@ -1,0 +1,45 @@
+"""What a prefill worker knows of each room: the request from the front end, decode's page
+list, the pages the engine handed over and the send under way; and what it remembers of a
+failed room, to answer a page list that comes late.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pdserve.disagg import messages as m
+from pdserve.disagg.rooms import RoomState, transition
+
+# The states in which the room waits for one side only, until its deadline: for the
+# request, or for decode's page list. Later, decode's KV deadline and heartbeat govern.
+WAITING_FOR_ONE_SIDE = (RoomState.WAITING_FOR_REQUEST, RoomState.BOOTSTRAPPING)
+
+
+@dataclass
+class PrefillRoom:
+    room: int
+    state: RoomState
+    deadline: float
+    rid: str | None = None  # the request, from the front end
+    prompt_len: int = 0
+    peer: object | None = None  # decode's page list: who sent it, where the KV goes
+    dst_page_ids: list[int] | None = None
+    dst_prompt_len: int = 0
+    num_cached_tokens: int = 0  # decode holds these prompt tokens: their pages are not sent
+    # Handed over by the engine once the prompt is computed; held until engine.release().
+    src_page_ids: list[int] | None = None
+    first: m.FirstToken | None = None
+    send_handle: object | None = None
+    arrived_at: float = 0.0  # the request, at this worker
+    computed_at: float = 0.0  # its first token
+    send_started_at: float = 0.0
+
+    def move(self, dst: RoomState) -> None:
+        self.state = transition(self.room, self.state, dst)
+
+
+@dataclass
+class FailedRoom:
+    reason: str
+    status: int
+    expires_at: float
