@@ -18,12 +18,17 @@ def pdserve(*args: str) -> subprocess.CompletedProcess:
     )  # fmt: skip
 
 
+def compare(tmp_path: Path, labels: tuple[str, str], *flags: str):
+    """`pdserve bench compare` of two results (the second twice the first's figures)."""
+    paths = [str(tmp_path / f"{label}.json") for label in labels]
+    for path, label, scale in zip(paths, labels, (1.0, 2.0), strict=True):
+        write_json(path, make_result(label, scale))
+    return pdserve("bench", "compare", *paths, *flags)
+
+
 def test_compare_command_prints_the_table_and_writes_the_plot(tmp_path: Path):
-    write_json(str(tmp_path / "a.json"), make_result("colocated", 1.0))
-    write_json(str(tmp_path / "b.json"), make_result("pd", 2.0))
     plot = tmp_path / "cmp.png"
-    proc = pdserve("bench", "compare", str(tmp_path / "a.json"), str(tmp_path / "b.json"),
-                   "--plot", str(plot))  # fmt: skip
+    proc = compare(tmp_path, ("colocated", "pd"), "--plot", str(plot))
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
     assert "pd/colocated" in out and "p99_e2el_ms" in out
@@ -31,11 +36,8 @@ def test_compare_command_prints_the_table_and_writes_the_plot(tmp_path: Path):
 
 
 def test_compare_writes_bars_of_the_headline_figures(tmp_path: Path):
-    write_json(str(tmp_path / "a.json"), make_result("round_robin", 1.0))
-    write_json(str(tmp_path / "b.json"), make_result("kv_aware", 2.0))
     plot = tmp_path / "bars.png"
-    proc = pdserve("bench", "compare", str(tmp_path / "a.json"), str(tmp_path / "b.json"),
-                   "--plot-bars", str(plot))  # fmt: skip
+    proc = compare(tmp_path, ("round_robin", "kv_aware"), "--plot-bars", str(plot))
     assert proc.returncode == 0, proc.stderr
     assert f"plot written to {plot}" in proc.stdout and plot.stat().st_size > 5000
 

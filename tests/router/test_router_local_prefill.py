@@ -52,15 +52,22 @@ def paths(router_url: str) -> dict[str, float]:
     return {p: metric_value(router_url, name, {"path": p}) for p in ("disaggregated", "local")}
 
 
-def test_local_prefill_gives_the_disaggregated_tokens_and_moves_no_kv(cluster):
-    prefill, decode, router = cluster
+def first_disaggregated(prefill, decode, router) -> dict:
+    """The prompt's first request (nothing cached yet) goes both legs; returns its answer
+    once the router's index holds decode's pages of it."""
     urls = [prefill.url, decode.url]
     wait_router_caught_up(router.url, urls)
     first = generate(router.url, prompt(0, 0))
     assert paths(router.url) == {"disaggregated": 1, "local": 0}
+    wait_router_caught_up(router.url, urls)  # decode's cached pages are in the index
+    return first
+
+
+def test_local_prefill_gives_the_disaggregated_tokens_and_moves_no_kv(cluster):
+    prefill, decode, router = cluster
+    first = first_disaggregated(prefill, decode, router)
     kv_bytes = metric_value(decode.url, KV_BYTES)
     assert kv_bytes > 0
-    wait_router_caught_up(router.url, urls)  # decode's cached pages are in the index
     again = generate(router.url, prompt(0, 0))
     assert paths(router.url) == {"disaggregated": 1, "local": 1}
     assert again["output_ids"] == first["output_ids"]
@@ -82,11 +89,7 @@ def test_a_decode_server_requires_bootstrap_fields_unless_local(cluster):
 def test_a_local_request_goes_to_the_decode_rank_that_holds_its_prompt(cluster_dp2):
     """Not wherever the server's own DP controller would put it."""
     prefill, decode, router = cluster_dp2
-    urls = [prefill.url, decode.url]
-    wait_router_caught_up(router.url, urls)
-    first = generate(router.url, prompt(0, 0))
-    assert paths(router.url) == {"disaggregated": 1, "local": 0}
-    wait_router_caught_up(router.url, urls)  # one decode rank holds the prompt now
+    first = first_disaggregated(prefill, decode, router)  # one decode rank holds it now
     for turn in range(1, 3):  # the server's round robin alone would move the second
         again = generate(router.url, prompt(0, 0))
         assert paths(router.url) == {"disaggregated": 1, "local": turn}
