@@ -6,9 +6,13 @@ failed room, to answer a page list that comes late.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from pdserve.disagg import messages as m
 from pdserve.disagg.rooms import RoomState, transition
+
+if TYPE_CHECKING:
+    from pdserve.engine.request import Request
 
 # The states in which the room waits for one side only, until its deadline: for the
 # request, or for decode's page list. Later, decode's KV deadline and heartbeat govern.
@@ -21,6 +25,7 @@ class PrefillRoom:
     state: RoomState
     deadline: float
     rid: str | None = None  # the request, from the front end
+    parked: Request | None = None  # the request, until the gate hands it to the engine
     prompt_len: int = 0
     peer: object | None = None  # decode's page list: who sent it, where the KV goes
     dst_page_ids: list[int] | None = None
@@ -36,6 +41,15 @@ class PrefillRoom:
 
     def move(self, dst: RoomState) -> None:
         self.state = transition(self.room, self.state, dst)
+
+    def stages(self, sent_at: float) -> dict[str, float]:
+        """Where the room's time went on prefill: queued (parked too) and computed, then
+        waiting for decode's page list (0 when it came before the first token), then sending."""
+        return {
+            "prefill_compute": self.computed_at - self.arrived_at,
+            "prefill_page_list_wait": max(0.0, self.send_started_at - self.computed_at),
+            "prefill_send": sent_at - self.send_started_at,
+        }
 
 
 @dataclass

@@ -3,7 +3,8 @@ first token to the decode worker that asked for them. Runs inside each prefill w
 
 Either the request (from the front end) or decode's page list (from the KV channel) may
 come first; a room is sent once both are there and the engine has handed over its pages.
-The room's state (`disagg.rooms`) drives every decision here.
+The room's state (`disagg.rooms`) drives every decision here; `disagg.prefill_gate` decides
+when a request enters the engine (before its page list only while the pool has room).
 """
 
 from __future__ import annotations
@@ -16,10 +17,12 @@ from pdserve.disagg import kv_auth
 from pdserve.disagg import messages as m
 from pdserve.disagg.config import DisaggConfig
 from pdserve.disagg.delta import delta_error, pages_to_send
+from pdserve.disagg.prefill_gate import PrefillGate
 from pdserve.disagg.prefill_room import WAITING_FOR_ONE_SIDE, FailedRoom, PrefillRoom
 from pdserve.disagg.room_relay import ForwardTable
 from pdserve.disagg.rooms import IllegalRoomTransition, RoomState, error_output
 from pdserve.disagg.transfer.base import Inbound, KVTransport, PagesSettled, PeerLost
+from pdserve.engine.page_pool import pages_for
 from pdserve.engine.request import FinishReason, StepOutput
 from pdserve.serving.hooks import WorkerHooks
 from pdserve.serving.protocol import GenerateReq, ReqOutput, RoomFailed, RoomForwarded
@@ -46,6 +49,8 @@ class PrefillWorkerHooks(WorkerHooks):
         self.handshaken: set[object] = set()
         self.checker = ProofChecker(cfg.disagg_secret) if cfg.disagg_secret else None
         self.forwards = ForwardTable(cfg.bootstrap_timeout_s)  # rooms of ours served elsewhere
+        max_request_pages = pages_for(engine.max_context_len, engine.page_size)
+        self.gate = PrefillGate(engine.num_total_pages, max_request_pages)
 
     @property
     def kv_endpoint(self) -> str | None:
@@ -53,6 +58,9 @@ class PrefillWorkerHooks(WorkerHooks):
 
     def num_rooms(self) -> int:
         return len(self.rooms)
+
+    def num_parked(self) -> int:
+        return self.gate.num_parked
 
     def num_auth_refusals(self) -> int:
         return sum(self.checker.refused.values()) if self.checker is not None else 0
@@ -87,8 +95,8 @@ class PrefillWorkerHooks(WorkerHooks):
             self.engine.add_request(req)
             return []
         req.prefill_only = True
-        try:
-            self.engine.add_request(req)
+        try:  # at once, though the request may enter the engine only later (poll)
+            self.engine.check_admissible(req)
         except ValueError as exc:  # RequestRejected: the request can never run here
             self._fail_room(room_id, 400, str(exc), now)
             return [error_output(msg.rid, 400, str(exc))]
@@ -98,8 +106,10 @@ class PrefillWorkerHooks(WorkerHooks):
         else:
             room.move(RoomState.WAITING_FOR_INPUT)
         room.rid, room.prompt_len = req.rid, len(req.prompt_ids)
-        room.arrived_at = now
+        room.arrived_at, room.parked = now, req
         self.room_of_rid[req.rid] = room_id
+        num_pages = pages_for(room.prompt_len, self.layout.page_size)
+        self.gate.park(room_id, num_pages, listed=room.dst_page_ids is not None)
         return []
 
     def on_abort(self, rid: str, reason: str) -> list[ReqOutput]:
@@ -139,8 +149,21 @@ class PrefillWorkerHooks(WorkerHooks):
         outputs = self._on_events(self.transport.poll(0), now)
         outputs += self._finish_sent(now)
         outputs += self._deadlines(now)
+        outputs += self._release_parked(now)
         if self.engine.has_work():
             outputs += self._finish_sends_first(now)
+        return outputs
+
+    def _release_parked(self, now: float) -> list[ReqOutput]:
+        """Hands the engine the parked requests the gate lets go now."""
+        outputs: list[ReqOutput] = []
+        for room_id in self.gate.release():
+            room = self.rooms[room_id]
+            req, room.parked = room.parked, None
+            try:
+                self.engine.add_request(req)
+            except ValueError as exc:  # checked on arrival: only a bug gets here
+                outputs += self._fail_room(room_id, 400, str(exc), now)
         return outputs
 
     def _finish_sends_first(self, now: float) -> list[ReqOutput]:
@@ -302,6 +325,7 @@ class PrefillWorkerHooks(WorkerHooks):
             return []
         room.peer, room.dst_page_ids, room.dst_prompt_len = peer, msg.dst_page_ids, msg.prompt_len
         room.num_cached_tokens = msg.num_cached_tokens
+        self.gate.on_listed(msg.room)
         return self._maybe_send(room, now)
 
     def _maybe_send(self, room: PrefillRoom, now: float) -> list[ReqOutput]:
@@ -360,7 +384,7 @@ class PrefillWorkerHooks(WorkerHooks):
                     finish_reason=FinishReason("length"),
                     kv_bytes=0 if sent_nothing else num_pages * self.transport.page_nbytes,
                     kv_transfer_s=now - room.send_started_at,
-                    stage_s=_stages(room, now),
+                    stage_s=room.stages(now),
                 )
             )
         return outputs
@@ -408,7 +432,7 @@ class PrefillWorkerHooks(WorkerHooks):
         """Fail the room: tell decode (now or when its page list comes), drop what of its
         send has not started, and abort its request; pages a send under way still reads stay
         unchanged and out of use until the transport reports them settled. Returns the
-        engine's abort output (None: no request in the engine)."""
+        request's abort output (None: no request)."""
         self.failed[room_id] = FailedRoom(reason, status, now + self.cfg.bootstrap_timeout_s)
         room = self.rooms.get(room_id)
         if room is None:
@@ -421,11 +445,15 @@ class PrefillWorkerHooks(WorkerHooks):
         still_read = self._forget(room_id)
         if room.rid is None:
             return None
+        if room.parked is not None:  # never handed to the engine
+            message = engine_reason or reason
+            return StepOutput(room.rid, finish_reason=FinishReason("abort", message=message))
         return self.engine.abort(room.rid, engine_reason or reason, keep_page_ids=still_read)
 
     def _forget(self, room_id: int) -> list[int]:
         """Forget the room here and in the transport; returns the pages its send still reads."""
         still_read = self.transport.forget_room(room_id)
+        self.gate.drop(room_id)
         room = self.rooms.pop(room_id, None)
         if room is not None and room.rid is not None:
             self.room_of_rid.pop(room.rid, None)
@@ -457,13 +485,3 @@ def _now() -> float:
     import time
 
     return time.monotonic()
-
-
-def _stages(room: PrefillRoom, sent_at: float) -> dict[str, float]:
-    """Where a room's time went on prefill: queued and computed, then waiting for decode's
-    page list (0 when it came before the first token), then sending."""
-    return {
-        "prefill_compute": room.computed_at - room.arrived_at,
-        "prefill_page_list_wait": max(0.0, room.send_started_at - room.computed_at),
-        "prefill_send": sent_at - room.send_started_at,
-    }

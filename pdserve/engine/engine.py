@@ -205,7 +205,7 @@ class Engine:
         return page_ids, len(page_ids) * self.page_size
 
     # ---- request entry ----------------------------------------------------------------
-    def _check_admissible(self, req: Request) -> None:
+    def check_admissible(self, req: Request) -> None:
         """Raise RequestRejected for a request that could never run here."""
         if req.rid in self._requests:
             raise RequestRejected(f"request id {req.rid!r} is already in flight")
@@ -239,7 +239,7 @@ class Engine:
         self._requests[req.rid] = req
 
     def add_request(self, req: Request) -> None:
-        self._check_admissible(req)
+        self.check_admissible(req)
         self._register(req)
         self.scheduler.add(req)
 
@@ -364,7 +364,7 @@ class Engine:
         most prompt length - 1) and only the rest is allocated. Returns the new pages, the
         ones the KV transfer must fill (never empty); None, with nothing taken, when there
         is no room now; RequestRejected if there never is."""
-        self._check_admissible(req)
+        self.check_admissible(req)
         page_ids = self.scheduler.reserve(req, use_cache)
         if page_ids is None:
             return None

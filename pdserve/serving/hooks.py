@@ -93,6 +93,11 @@ class WorkerHooks:
         """PD rooms in flight in this worker (for /get_load and leak checks)."""
         return 0
 
+    def num_parked(self) -> int:
+        """Requests held back from the engine for now (prefill: until decode's page list);
+        load reports count them as waiting."""
+        return 0
+
     def num_auth_refusals(self) -> int:
         """Peers refused for a wrong credential since start (PD: KV handshakes)."""
         return 0
