@@ -19,8 +19,7 @@ from pdserve.engine.config import EngineConfig
 from pdserve.engine.engine import Engine
 from pdserve.engine.request import Request, SamplingParams
 from pdserve.serving.protocol import DisaggInfo, GenerateReq
-from pdserve.serving.worker_io import output_to_msg
-from tests.disagg.transfer_peer import SmallBuffers, backed_up_options, poll_until
+from tests.disagg.transfer_peer import SmallBuffers, backed_up_options, poll_until, worker_turn
 
 PROMPT_LEN = 4000  # 4 MiB of fp32 KV
 OPTIONS = backed_up_options(data_channel=False)  # the send backs up after a few MiB
@@ -28,16 +27,6 @@ OPTIONS = backed_up_options(data_channel=False)  # the send backs up after a few
 
 def room_statuses(events: list) -> list[m.RoomStatus]:
     return [e.msg for e in events if isinstance(e, Inbound) and isinstance(e.msg, m.RoomStatus)]
-
-
-def step(engine: Engine, hooks: PrefillWorkerHooks) -> list:
-    """One turn of the worker loop."""
-    outputs = hooks.poll(time.monotonic())
-    if engine.has_work():
-        steps = engine.step()
-        held = {o.rid: o.held_page_ids for o in steps if o.held_page_ids is not None}
-        outputs += hooks.after_step(time.monotonic(), [output_to_msg(o) for o in steps], held)
-    return outputs
 
 
 def test_an_aborted_room_keeps_the_pages_its_send_reads_until_settled_and_is_never_ok() -> None:
@@ -66,11 +55,11 @@ def test_an_aborted_room_keeps_the_pages_its_send_reads_until_settled_and_is_nev
         deadline = time.monotonic() + 60
         while not (1 in hooks.rooms and hooks.rooms[1].state is RoomState.TRANSFERRING):
             assert time.monotonic() < deadline, f"never sent: {answers}"
-            answers += step(engine, hooks)
+            answers += worker_turn(engine, hooks)
         src_page_ids = list(hooks.rooms[1].src_page_ids)
         sent_kv = engine.kv_pool[src_page_ids].clone()
         for _ in range(3):  # decode reads nothing: the send backs up
-            step(engine, hooks)
+            worker_turn(engine, hooks)
         assert hooks.rooms[1].state is RoomState.TRANSFERRING
 
         (answer,) = hooks.on_abort("r1", "client gone")
@@ -95,7 +84,7 @@ def test_an_aborted_room_keeps_the_pages_its_send_reads_until_settled_and_is_nev
         while engine.num_used_pages or transport.busy() or not room_statuses(events):
             assert time.monotonic() < deadline, f"{engine.num_used_pages} pages never settled"
             events += decode.poll(5)
-            step(engine, hooks)
+            worker_turn(engine, hooks)
     finally:
         decode.close()
         hooks.close()

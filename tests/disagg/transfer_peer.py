@@ -6,7 +6,8 @@ finished SendHandle with `Pong(seq=room)`; with `--exit-after-send` it exits as 
 first send has started. `--connect EP`: a decode-like peer that connects, sends a Ping and
 idles (tests kill it); with `--ask-pages N` it handshakes instead, sends a PageList for room 1
 and pages 0..N-1, then stops reading. Either exits after `--idle-exit-s` without messages.
-Tests run it through `start_peer`, which waits for readiness and always kills it.
+Tests run it through `start_peer`, which waits for readiness and always kills it. Also the
+in-process helpers of those tests (`poll_until`, `worker_turn`).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from pdserve.disagg import messages as m
 from pdserve.disagg.transfer import Event, Inbound, KVTransport, SendHandle, make_transport
 from pdserve.disagg.transfer.base import TransportOptions
 from pdserve.disagg.transfer.zmq.transport import ZmqTransport
+from pdserve.serving.worker_io import output_to_msg
 
 PAGE_SHAPE = (2, 2, 4, 2, 8)  # layers, k/v, tokens, kv heads, head dim: 1 KiB of fp32
 LAYOUT = m.KVLayout(
@@ -156,6 +158,16 @@ def poll_until(
         assert time.monotonic() < deadline, f"timed out; events so far: {events}"
         events += transport.poll(20)
     return events
+
+
+def worker_turn(engine, hooks) -> list:
+    """One turn of a worker's loop around `engine` and its PD `hooks`; returns the answers."""
+    outputs = hooks.poll(time.monotonic())
+    if engine.has_work():
+        steps = engine.step()
+        held = {o.rid: o.held_page_ids for o in steps if o.held_page_ids is not None}
+        outputs += hooks.after_step(time.monotonic(), [output_to_msg(o) for o in steps], held)
+    return outputs
 
 
 def main() -> None:
