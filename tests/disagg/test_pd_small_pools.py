@@ -5,11 +5,14 @@ every request completes with the colocated server's tokens, and both pools end e
 
 from __future__ import annotations
 
+import concurrent.futures
 import random
 
+import pytest
 import requests
 
-from tests.disagg.pd_driver import pd_generate_async, run_many, wait_idle
+from tests.disagg.pd_driver import get_load, pd_generate_async, rooms_in_flight, run_many, wait_idle
+from tests.helpers import wait_until
 
 PAGE = 16
 PREFILL_POOL_PAGES = 12
@@ -35,21 +38,23 @@ def _bodies() -> list[dict]:
     ]
 
 
-def test_tiny_pools_on_both_sides_serve_every_request(pd, tiny_server):
+@pytest.fixture(scope="module")
+def pair(pd_module):
+    common = ["--bootstrap-timeout-s", str(BOOTSTRAP_TIMEOUT_S)]
+    common += ["--context-length", str(CONTEXT_LEN)]
+    prefill = pd_module.prefill(1, ["--max-total-tokens", str(PREFILL_POOL_PAGES * PAGE), *common])
+    decode = pd_module.decode(1, ["--max-total-tokens", str(DECODE_POOL_PAGES * PAGE), *common])
+    return prefill, decode
+
+
+def test_tiny_pools_on_both_sides_serve_every_request(pair, tiny_server):
+    prefill, decode = pair
     bodies = _bodies()
     want = []
     for body in bodies:
         answer = requests.post(tiny_server.url + "/generate", json=body, timeout=60)
         assert answer.status_code == 200, answer.text
         want.append(answer.json()["output_ids"])
-    common = [
-        "--bootstrap-timeout-s",
-        str(BOOTSTRAP_TIMEOUT_S),
-        "--context-length",
-        str(CONTEXT_LEN),
-    ]
-    prefill = pd.prefill(1, ["--max-total-tokens", str(PREFILL_POOL_PAGES * PAGE), *common])
-    decode = pd.decode(1, ["--max-total-tokens", str(DECODE_POOL_PAGES * PAGE), *common])
     results = run_many(
         lambda s: [
             pd_generate_async(
@@ -66,3 +71,41 @@ def test_tiny_pools_on_both_sides_serve_every_request(pd, tiny_server):
     assert not errors, f"{len(errors)} of {NUM_REQUESTS} failed: {errors[:3]}"
     assert [r.decode.body["output_ids"] for r in results] == want
     wait_idle([prefill.url, decode.url])
+
+
+def _load(url: str) -> tuple[int, int]:
+    (rank,) = get_load(url)
+    return rank["num_waiting_reqs"], rank["num_used_pages"]
+
+
+def test_prefill_legs_past_the_early_budget_wait_outside_the_engine(pair):
+    """Without their decode legs: two prompts of 3 pages are computed early (6 of the 12 - 4
+    pages allowed), the third waits, counted as waiting; aborts answer all three."""
+    prefill, _ = pair
+    sampling = {"max_new_tokens": 4, "temperature": 0}
+    bodies = [
+        {
+            "input_ids": [3 + i] * (3 * PAGE),
+            "sampling_params": sampling,
+            "rid": f"early-{i}",
+            "bootstrap_host": "127.0.0.1",
+            "bootstrap_port": prefill.bootstrap_port,
+            "bootstrap_room": 4240 + i,
+        }
+        for i in range(3)
+    ]
+    with concurrent.futures.ThreadPoolExecutor(len(bodies)) as pool:
+        legs = []
+        for body in bodies:  # in order: the third is the one past the budget
+            legs.append(
+                pool.submit(requests.post, prefill.url + "/generate", json=body, timeout=30)
+            )
+            wait_until(lambda: rooms_in_flight(prefill.url) == len(legs), 10, "the leg to arrive")
+        wait_until(lambda: _load(prefill.url) == (1, 6), 10, "two legs computed, one waiting")
+        for body in bodies:
+            requests.post(prefill.url + "/abort_request", json={"rid": body["rid"]}, timeout=10)
+        for leg in legs:
+            answer = leg.result(timeout=10)
+            assert answer.status_code == 200, answer.text
+            assert answer.json()["meta_info"]["finish_reason"]["type"] == "abort"
+    wait_idle([prefill.url])
