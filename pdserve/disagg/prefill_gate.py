@@ -57,6 +57,8 @@ class PrefillGate:
         """Parked rooms to compute now, in arrival order: every listed one; unlisted ones
         while they fit the eager budget, the first that does not holding back those after it
         (none overtakes the oldest)."""
+        if not self.parked_pages:  # the common case, every turn of the worker loop
+            return []
         released: list[int] = []
         num_pages = self.num_unlisted_pages
         held_back = False

@@ -96,7 +96,9 @@ def _prompt(seed: int) -> list[int]:
 
 
 def _greedy_first_token(engine: Engine, prompt: list[int]) -> int:
-    engine.add_request(Request("reference", prompt, SamplingParams(max_new_tokens=1, temperature=0.0)))
+    engine.add_request(
+        Request("reference", prompt, SamplingParams(max_new_tokens=1, temperature=0.0))
+    )
     token_ids: list[int] = []
     while engine.has_work():
         token_ids += [t for out in engine.step() for t in out.new_token_ids]
