@@ -1,23 +1,21 @@
-"""Which prefill requests a prefill worker hands its engine now, and which it parks until
-decode's page list comes (pure: no I/O; runs inside each prefill worker).
-
-A room is *listed* once decode's page list is here (decode reserved its pages), *unlisted*
-before. A listed room's prompt is computed and sent without waiting on decode's pool, so its
-prefill pages always come back. An unlisted room, once computed, holds its pages until decode
-lists it, which may wait on decode pages held by rooms this prefill cannot compute for want of
-those very pages: both sides block each other until the deadlines. So unlisted rooms are
-computed eagerly only while the pages they hold or will take stay within `num_total_pages -
-max_request_pages`, where `max_request_pages` is the most any request this server accepts can
-need: whatever unlisted rooms hold, the pool keeps room for the largest request once listed
-rooms have let theirs go, so every listed room, and the oldest parked one, eventually runs.
-Tiny pools (max_request_pages >= the pool) compute only listed rooms, as SGLang does; pools of
-many requests compute early as before.
+"""Which prefill requests a prefill worker hands its engine now, and which wait for decode's
+page list (pure: no I/O). Runs inside each prefill worker; docs/disaggregation.md.
 """
 
 from __future__ import annotations
 
 
 class PrefillGate:
+    """A room is *listed* once decode's page list is here (decode reserved its pages),
+    *unlisted* before. A listed room is computed and sent without waiting on decode's pool,
+    so its prefill pages always come back. An unlisted room, once computed, holds its pages
+    until decode lists it, which may wait on decode pages held by rooms this prefill cannot
+    compute for want of those very pages. So unlisted rooms run only while the pages they
+    hold or will take stay within `num_total_pages - max_request_pages` (the most any
+    accepted request can need): once listed rooms let theirs go, the pool has room for any
+    one request, so every listed room, and the oldest parked one, eventually runs. A pool no
+    bigger than one request runs listed rooms only (as SGLang does)."""
+
     def __init__(self, num_total_pages: int, max_request_pages: int):
         self.eager_limit_pages = num_total_pages - min(num_total_pages, max_request_pages)
         self.unlisted_pages: dict[int, int] = {}  # room -> pages, unlisted rooms in the engine
