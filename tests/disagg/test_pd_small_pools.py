@@ -18,9 +18,10 @@ PAGE = 16
 PREFILL_POOL_PAGES = 12
 DECODE_POOL_PAGES = 7
 NUM_REQUESTS = 24
-# Far more than the whole run needs once served in order, short enough that a room blocked
-# on the other side's pool (the failure this tests) ends in a 504 within the test.
-BOOTSTRAP_TIMEOUT_S = 5
+# Far more than the whole run needs once served in order (and than the second test needs to
+# see its legs wait), short enough that a room blocked on the other side's pool (the failure
+# this tests) ends in a 504 within the test.
+BOOTSTRAP_TIMEOUT_S = 15
 # 4 pages: prefill computes up to 8 pages' worth of prompts before their page list comes.
 CONTEXT_LEN = 64
 
