@@ -206,6 +206,8 @@ def soak(
     )  # fmt: skip
     with ThreadPoolExecutor(c.clients) as pool:
         futures = [pool.submit(load.client, i, c.duration_s) for i in range(c.clients)]
+        for future in futures:  # a restart near the end stops waiting to rejoin the load
+            future.add_done_callback(lambda _: all(f.done() for f in futures) and load_over.set())
         try:
             faults = inject_until(injector, c, [n.name for n in servers], c.duration_s, now_s)
         finally:
