@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -34,11 +35,46 @@ class NotReady(TimeoutError):
         self.url = url
 
 
+# Ports for servers we start are drawn below the kernel's ephemeral range: a port taken
+# from it (bind to port 0) is free when drawn but may go, before the server binds it, to an
+# outgoing connection or to another bind to port 0 (ZeroMQ's `tcp://host:*`), which draw
+# from that range only. Below it, only another process drawing the same port can take it.
+_LOWEST_PORT = 10000
+_MIN_PORTS_TO_DRAW = 1000
+_handed_out: set[int] = set()  # a port is drawn once per process
+_rng = random.SystemRandom()  # never follows a seed a test or benchmark gave `random`
+
+
+def _ephemeral_start() -> int:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port free on `host` right now (the OS may hand it out again later; rare)."""
+    """A TCP port free on `host` now, drawn at random below the ephemeral range (or from
+    the OS where that leaves too few ports) and never twice in this process."""
+    top = _ephemeral_start()
+    if top - _LOWEST_PORT >= _MIN_PORTS_TO_DRAW:
+        for _ in range(100):
+            port = _rng.randrange(_LOWEST_PORT, top)
+            if port not in _handed_out and _bindable(host, port):
+                _handed_out.add(port)
+                return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         return sock.getsockname()[1]
+
+
+def _bindable(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+        return True
 
 
 def port_is_free(host: str, port: int) -> bool:

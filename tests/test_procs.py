@@ -4,6 +4,7 @@ processes (a Python HTTP server or a sleeper) on loopback."""
 from __future__ import annotations
 
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -69,3 +70,28 @@ def test_stop_group_kills_a_group_that_ignores_sigterm():
         exit_code = procs.stop_group(proc, 0.5)
     assert ready_line == b"up\n"
     assert exit_code == -signal.SIGKILL
+
+
+def test_free_ports_are_distinct_bindable_and_below_the_ephemeral_range():
+    """Below the range the kernel draws outgoing and port-0 binds from, so nothing but another
+    draw can take a port before its server binds it."""
+    drawn = [procs.free_port() for _ in range(100)]
+    assert len(set(drawn)) == len(drawn)
+    with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+        ephemeral_start = int(f.read().split()[0])
+    if ephemeral_start - 10000 >= 1000:
+        assert all(10000 <= port < ephemeral_start for port in drawn)
+    for port in drawn[:5]:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", port))
+
+
+def test_free_ports_do_not_follow_a_seeded_random():
+    """Two processes that seed `random` alike (as tests and benchmarks do) draw other ports."""
+    code = "import random; from pdserve import procs; random.seed(0); "
+    code += "print([procs.free_port() for _ in range(8)])"
+    outputs = [
+        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+        for _ in range(2)
+    ]
+    assert outputs[0].stdout != outputs[1].stdout, outputs[0].stdout

@@ -15,7 +15,8 @@ import time
 import aiohttp
 
 from pdserve.auth import bearer_header
-from pdserve.bench.pd_rank_bench import Proc, _free_port, _pct
+from pdserve.bench.pd_rank_bench import Proc, _pct
+from pdserve.procs import free_port
 
 API_KEY = "bench-api-key"
 SECRET = "bench-disagg-secret"
@@ -23,7 +24,7 @@ SECRET = "bench-disagg-secret"
 
 def _pair(model_path: str, env: dict[str, str], procs: list[Proc]) -> tuple[str, int, str]:
     common = ["--model-path", model_path, "--host", "127.0.0.1"]
-    port, bport, dport = _free_port(), _free_port(), _free_port()
+    port, bport, dport = free_port(), free_port(), free_port()
     procs.append(
         Proc(
             [*common, "--mode", "prefill", "--port", str(port), "--bootstrap-port", str(bport)],

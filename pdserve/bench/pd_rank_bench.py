@@ -14,7 +14,6 @@ import asyncio
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,11 +21,7 @@ import urllib.request
 
 import aiohttp
 
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from pdserve.procs import free_port
 
 
 class Proc:
@@ -132,7 +127,7 @@ def main(argv: list[str] | None = None) -> None:
         )
         urls = {}
         for name, extra in servers:
-            port, bport = _free_port(), _free_port()
+            port, bport = free_port(), free_port()
             procs.append(
                 Proc(
                     [
@@ -154,7 +149,7 @@ def main(argv: list[str] | None = None) -> None:
             "divergent": (*urls["forward"], 1),
             "query": (*urls["force"], 1),
         }
-        dport = _free_port()
+        dport = free_port()
         procs.append(
             Proc(
                 [*common, "--mode", "decode", "--port", str(dport)],
