@@ -1,7 +1,10 @@
 # Quick start: `make up` (install, then start the main job) and `make test`.
 VENV ?= .venv
 PY := $(VENV)/bin/python
-PYTEST_ARGS ?=
+# Two test processes (pytest-xdist), each module's tests in one of them so that a module's
+# servers start once: most tests wait on servers they started, so 2 cores run about twice
+# the tests. PYTEST_ARGS= runs them one at a time.
+PYTEST_ARGS ?= -n 2 --dist loadscope
 # pyproject extras to install; `make test` adds nixl (the NIXL transfer backend, about
 # +240 MB) so that its tests run rather than skip.
 EXTRAS ?= test
