@@ -114,6 +114,7 @@ class DPController:
             self.dp_size,
             self.page_size,
             hash_seed(fingerprint, self.page_size),
+            advertise_host=server.advertise_host,
         )
         self.kv_events.start()
 

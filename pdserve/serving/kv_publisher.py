@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-import socket
 import time
 from typing import Any
 
@@ -20,6 +19,7 @@ import msgspec
 import zmq
 import zmq.asyncio
 
+from pdserve import netaddr
 from pdserve.engine.kv_events import CacheEvent
 from pdserve.serving.kv_event_stream import KVEventStream
 
@@ -27,10 +27,6 @@ logger = logging.getLogger(__name__)
 
 MAX_QUEUED_BATCHES = 1024
 MAX_RECENT_BATCHES = 4096
-
-
-def advertised_host(bind_host: str) -> str:
-    return socket.gethostname() if bind_host in ("0.0.0.0", "::", "") else bind_host
 
 
 class KVEventPublisher:
@@ -42,6 +38,7 @@ class KVEventPublisher:
         dp_size: int,
         page_size: int,
         hash_seed: int,
+        advertise_host: str | None = None,
     ):
         life = random.SystemRandom().getrandbits(63)
         self.stream = KVEventStream(dp_size, page_size, MAX_RECENT_BATCHES, life)
@@ -56,7 +53,7 @@ class KVEventPublisher:
             self._bind(sock, host, port)
             for sock, port in zip((self._pub, self._replay), ports, strict=True)
         )
-        name = advertised_host(host)
+        name = netaddr.advertised_host(host, advertise_host)  # as every other listener
         self.endpoint = f"tcp://{name}:{pub_port}"
         self.replay_endpoint = f"tcp://{name}:{replay_port}"
         self._tasks: list[asyncio.Task] = []

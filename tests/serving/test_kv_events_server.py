@@ -7,6 +7,7 @@ from __future__ import annotations
 import msgspec
 import pytest
 import zmq
+import zmq.asyncio
 
 from pdserve.engine.page_hash import page_hashes
 from tests.conftest import TINY_ARGS
@@ -116,3 +117,19 @@ def test_the_replay_socket_outlives_a_client_that_is_not_a_req_socket(server):
         assert answer["snapshot"]["seq"] == answer["seq"]
     finally:
         dealer.close()
+
+
+def test_the_event_endpoints_advertise_what_every_other_listener_does():
+    """--advertise-host names the KV event sockets too (a router on another machine dials
+    them), and a loopback bind advertises itself."""
+    from pdserve.serving.kv_publisher import KVEventPublisher
+
+    ctx = zmq.asyncio.Context()
+    try:
+        wild = KVEventPublisher(ctx, "0.0.0.0", (0, 0), 1, PAGE, 0, advertise_host="192.0.2.7")
+        local = KVEventPublisher(ctx, "127.0.0.1", (0, 0), 1, PAGE, 0)
+        for pub, host in ((wild, "192.0.2.7"), (local, "127.0.0.1")):
+            assert pub.endpoint.startswith(f"tcp://{host}:"), pub.endpoint
+            assert pub.replay_endpoint.startswith(f"tcp://{host}:"), pub.replay_endpoint
+    finally:
+        ctx.destroy(linger=0)
