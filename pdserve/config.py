@@ -17,9 +17,17 @@ from typing import Any, TypeVar
 T = TypeVar("T")
 
 
-def opt(default: Any, help: str, flag: str | None = None, choices: list | None = None, **kw: Any):
-    """A dataclass field with CLI metadata. `flag` defaults to --field-name."""
-    meta = {"help": help, "flag": flag, "choices": choices}
+def opt(
+    default: Any,
+    help: str,
+    flag: str | None = None,
+    choices: list | None = None,
+    aliases: tuple[str, ...] = (),
+    **kw: Any,
+):
+    """A dataclass field with CLI metadata. `flag` defaults to --field-name; `aliases` are
+    other spellings of it (e.g. SGLang's, where ours is shorter)."""
+    meta = {"help": help, "flag": flag, "choices": choices, "aliases": aliases}
     if isinstance(default, (list, dict, set)):
         return dataclasses.field(
             default_factory=lambda: type(default)(default), metadata=meta, **kw
@@ -76,7 +84,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, title: str | None 
         else:
             kwargs["type"] = tp
         kwargs["default"] = argparse.SUPPRESS
-        group.add_argument(_flag(f), **kwargs)
+        group.add_argument(_flag(f), *f.metadata.get("aliases", ()), **kwargs)
 
 
 def from_args(cls: type[T], ns: argparse.Namespace, **overrides: Any) -> T:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import re
 from dataclasses import dataclass
 
@@ -75,3 +76,21 @@ def test_generated_options_append_a_default_only_where_the_help_lacks_one():
 )  # fmt: skip
 def test_group_titles_are_words(cls_name: str, title: str):
     assert group_title(type(cls_name, (), {})) == title
+
+
+def test_serve_takes_sglangs_disaggregation_spellings_as_aliases():
+    from pdserve.disagg.config import pd_server_config_from_args
+
+    ours = ["--mode", "prefill", "--bootstrap-port", "9123", "--transfer-backend", "nixl"]
+    sglangs = [
+        "--disaggregation-mode", "prefill",
+        "--disaggregation-bootstrap-port", "9123",
+        "--disaggregation-transfer-backend", "nixl",
+    ]  # fmt: skip
+    configs = [
+        pd_server_config_from_args(build_parser().parse_args(["serve", *argv]))
+        for argv in (ours, sglangs)
+    ]
+    assert configs[0] == dataclasses.replace(configs[1], epoch=configs[0].epoch)  # per start
+    assert configs[1].server.mode == "prefill" and configs[1].disagg.bootstrap_port == 9123
+    assert configs[1].disagg.transfer_backend == "nixl"

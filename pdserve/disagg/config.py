@@ -19,13 +19,22 @@ RANK_MISMATCH_MODES = ["abort", "forward"]
 
 @dataclass(frozen=True)
 class DisaggConfig:
-    bootstrap_port: int = opt(8998, "prefill: port of the bootstrap server it hosts")
+    bootstrap_port: int = opt(
+        8998,
+        "prefill: port of the bootstrap server it hosts",
+        aliases=("--disaggregation-bootstrap-port",),
+    )
     bootstrap_host: str | None = opt(
         None,
         "prefill: host advertised for the bootstrap server and KV endpoints only "
         "(default: --advertise-host)",
     )
-    transfer_backend: str = opt("zmq", "KV transfer backend", choices=TRANSFER_BACKENDS)
+    transfer_backend: str = opt(
+        "zmq",
+        "KV transfer backend",
+        choices=TRANSFER_BACKENDS,
+        aliases=("--disaggregation-transfer-backend",),
+    )
     force_query_prefill_dp_rank: bool = opt(
         envs.force_query_prefill_dp_rank(),
         "register/query the prefill DP rank of every room even under follow_bootstrap_room "

@@ -24,7 +24,12 @@ LOG_LEVELS = ["debug", "info", "warning", "error"]
 
 @dataclass(frozen=True)
 class ServerArgs:
-    mode: str = opt("colocated", "colocated (no disaggregation), prefill or decode", choices=MODES)
+    mode: str = opt(
+        "colocated",
+        "colocated (no disaggregation), prefill or decode",
+        choices=MODES,
+        aliases=("--disaggregation-mode",),
+    )
     host: str = opt(
         "127.0.0.1",
         "address every listener of this server binds: HTTP, and on prefill the bootstrap "
