@@ -45,12 +45,11 @@ class EngineConfig:
         "buckets up to --max-running-requests (--no-cuda-graphs launches the kernels from Python)",
     )
     overlap_schedule: str = opt(
-        "off",
+        "auto",
         "launch each decode step before reading the previous step's tokens, so the host's "
         "scheduling and output work runs while the GPU computes (tokens reach the host one "
         "step late; a step whose requests want logprobs runs without overlap); auto: on for "
-        "a CUDA device, off on the CPU, where it would only add a step. Off by default until "
-        "it has been measured on a GPU",
+        "a CUDA device, off on the CPU, where it would only add a step",
         choices=OVERLAP_MODES,
     )
     cpu_packed_weights: bool = opt(

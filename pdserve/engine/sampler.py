@@ -3,7 +3,8 @@
 Randomness for output token i of a request comes from (seed, i) alone: a generator seeded
 with a mix of the two draws the exponential noise of a race (argmax of p / E, E ~ Exp(1),
 picks a token with probability p). So a seeded request yields the same tokens whatever else
-is in the batch, and whichever process samples token i (PD: prefill samples token 0).
+is in the batch, and whichever process samples token i (PD: prefill samples token 0), on
+the same kind of device: CUDA's generator draws other numbers than the CPU's for one seed.
 """
 
 from __future__ import annotations
