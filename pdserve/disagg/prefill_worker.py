@@ -62,6 +62,11 @@ class PrefillWorkerHooks(WorkerHooks):
     def num_parked(self) -> int:
         return self.gate.num_parked
 
+    def num_parked_tokens(self) -> int:
+        if not self.gate.num_parked:  # the common case, every turn of the worker loop
+            return 0
+        return sum(r.prompt_len for r in self.rooms.values() if r.parked is not None)
+
     def num_auth_refusals(self) -> int:
         return sum(self.checker.refused.values()) if self.checker is not None else 0
 

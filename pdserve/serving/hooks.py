@@ -98,6 +98,11 @@ class WorkerHooks:
         load reports count them as waiting."""
         return 0
 
+    def num_parked_tokens(self) -> int:
+        """The prompt tokens of those requests: load reports count them as the engine counts
+        a waiting request's (a router balancing on tokens must see them)."""
+        return 0
+
     def num_auth_refusals(self) -> int:
         """Peers refused for a wrong credential since start (PD: KV handshakes)."""
         return 0

@@ -132,6 +132,7 @@ class WorkerLoop:
     def _report_load(self, now: float) -> None:
         num_running, num_waiting, num_tokens = self.engine.load()
         num_waiting += self.hooks.num_parked()
+        num_tokens += self.hooks.num_parked_tokens()
         load = WorkerLoad(
             dp_rank=self.dp_rank,
             num_running=num_running,

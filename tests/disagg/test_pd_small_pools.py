@@ -74,14 +74,16 @@ def test_tiny_pools_on_both_sides_serve_every_request(pair, tiny_server):
     wait_idle([prefill.url, decode.url])
 
 
-def _load(url: str) -> tuple[int, int]:
+def _load(url: str) -> tuple[int, int, int]:
     (rank,) = get_load(url)
-    return rank["num_waiting_reqs"], rank["num_used_pages"]
+    return rank["num_waiting_reqs"], rank["num_used_pages"], rank["num_tokens"]
 
 
 def test_prefill_legs_past_the_early_budget_wait_outside_the_engine(pair):
     """Without their decode legs: two prompts of 3 pages are computed early (6 of the 12 - 4
-    pages allowed), the third waits, counted as waiting; aborts answer all three."""
+    pages allowed), the third waits, counted as waiting and its prompt in the load's tokens
+    (as the engine counts a waiting request's: a router balancing on tokens sees it); aborts
+    answer all three."""
     prefill, _ = pair
     sampling = {"max_new_tokens": 4, "temperature": 0}
     bodies = [
@@ -102,7 +104,9 @@ def test_prefill_legs_past_the_early_budget_wait_outside_the_engine(pair):
                 pool.submit(requests.post, prefill.url + "/generate", json=body, timeout=30)
             )
             wait_until(lambda: rooms_in_flight(prefill.url) == len(legs), 10, "the leg to arrive")
-        wait_until(lambda: _load(prefill.url) == (1, 6), 10, "two legs computed, one waiting")
+        # The computed legs hold their prompt and first token, the waiting one its prompt.
+        want = (1, 6, 2 * (3 * PAGE + 1) + 3 * PAGE)
+        wait_until(lambda: _load(prefill.url) == want, 10, "two legs computed, one waiting")
         for body in bodies:
             requests.post(prefill.url + "/abort_request", json={"rid": body["rid"]}, timeout=10)
         for leg in legs:
