@@ -261,6 +261,18 @@ class DecodeFrontendHooks(_PDFrontendHooks):
                 url = self._bootstrap_address(address.bootstrap_host, address.bootstrap_port)
                 self._tell_prefill(url, address.room, error)
 
+    def on_output(self, req: GenerateReq, out: ReqOutput) -> None:
+        """A decode leg aborted (POST /abort_request) stops the prefill leg too: before decode
+        reserved its pages, prefill has no peer to hear it from, and its leg would wait for
+        the page list until its deadline, counted as load (or holding pages) meanwhile."""
+        super().on_output(req, out)
+        aborted = out.finish_reason is not None and out.finish_reason.type == "abort"
+        if aborted and req.disagg is not None and req.disagg.prefill_bootstrap:
+            reason = f"aborted on decode: {out.finish_reason.message or 'aborted'}"
+            self._tell_prefill(
+                req.disagg.prefill_bootstrap, req.disagg.room, RequestError(499, reason)
+            )
+
     def on_finished(self, req: GenerateReq, error: str | None) -> None:
         """A decode leg that ended badly (deadline, disconnect, dead peer) also stops the
         prefill leg, which would otherwise hold its pages until its own deadline."""

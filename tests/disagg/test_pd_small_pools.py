@@ -11,7 +11,14 @@ import random
 import pytest
 import requests
 
-from tests.disagg.pd_driver import get_load, pd_generate_async, rooms_in_flight, run_many, wait_idle
+from tests.disagg.pd_driver import (
+    get_load,
+    pages_in_use,
+    pd_generate_async,
+    rooms_in_flight,
+    run_many,
+    wait_idle,
+)
 from tests.helpers import wait_until
 
 PAGE = 16
@@ -114,3 +121,56 @@ def test_prefill_legs_past_the_early_budget_wait_outside_the_engine(pair):
             assert answer.status_code == 200, answer.text
             assert answer.json()["meta_info"]["finish_reason"]["type"] == "abort"
     wait_idle([prefill.url])
+
+
+def _rooms(prefill, decode) -> int | None:
+    """Rooms in flight on both servers, when they agree (None otherwise)."""
+    counts = {rooms_in_flight(prefill.url), rooms_in_flight(decode.url)}
+    return counts.pop() if len(counts) == 1 else None
+
+
+def _leg(prefill, room: int, rid: str, prompt_len: int) -> dict:
+    return {
+        "input_ids": [3 + room % 200] * prompt_len,
+        "sampling_params": {"max_new_tokens": 4, "temperature": 0},
+        "rid": rid,
+        "bootstrap_host": "127.0.0.1",
+        "bootstrap_port": prefill.bootstrap_port,
+        "bootstrap_room": room,
+    }
+
+
+def test_a_decode_leg_aborted_while_waiting_for_pages_stops_its_prefill_leg(pair):
+    """Decode legs whose prefill legs never come fill decode's pool, so three rooms wait on
+    decode for pages, with no page list on prefill: two computed early, the third parked.
+    Aborting their decode legs answers the prefill legs at once with the reason (not a 504
+    at the bootstrap deadline), and both servers end empty."""
+    prefill, decode = pair
+    blockers = [_leg(prefill, 5150, "blocker-0", 60), _leg(prefill, 5151, "blocker-1", 44)]
+    rooms = [_leg(prefill, 5160 + i, f"waits-{i}", 3 * PAGE) for i in range(3)]
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+
+        def post(url: str, body: dict) -> concurrent.futures.Future:
+            return pool.submit(requests.post, url + "/generate", json=body, timeout=60)
+
+        blocked = [post(decode.url, body) for body in blockers]
+        wait_until(lambda: pages_in_use(decode.url) == DECODE_POOL_PAGES, 10, "decode full")
+        legs = []
+        for body in rooms:  # in order: the third is past prefill's early budget
+            legs.append((post(prefill.url, body), post(decode.url, body)))
+            wait_until(lambda: _rooms(prefill, decode) == 2 + len(legs), 10, "both legs")
+        wait_until(lambda: _load(prefill.url)[:2] == (1, 6), 10, "two legs computed, one parked")
+        for body in rooms:
+            requests.post(decode.url + "/abort_request", json={"rid": body["rid"]}, timeout=10)
+        for prefill_leg, decode_leg in legs:
+            answer = prefill_leg.result(timeout=30)
+            assert answer.status_code == 499, answer.text
+            assert "aborted on decode: aborted by /abort_request" in answer.text
+            meta = decode_leg.result(timeout=10).json()["meta_info"]
+            assert meta["finish_reason"]["type"] == "abort"
+        for body in blockers:
+            requests.post(decode.url + "/abort_request", json={"rid": body["rid"]}, timeout=10)
+        for leg in blocked:
+            leg.result(timeout=10)
+    wait_idle([prefill.url, decode.url])
+    assert _load(prefill.url) == (0, 0, 0)
