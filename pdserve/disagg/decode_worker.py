@@ -99,6 +99,8 @@ class DecodeWorkerHooks(WorkerHooks):
             # it asked for that): computed here, past what this worker's cache holds.
             self.engine.add_request(request_from_msg(msg))
             return []
+        if msg.sampling.max_new_tokens == 0:  # nothing to generate: prefill sends no KV
+            return [ReqOutput(rid=msg.rid, finish_reason=FinishReason("length"))]
         if info.prefill_endpoint is None:
             return [
                 error_output(msg.rid, 500, "decode request without a resolved prefill endpoint")
@@ -106,8 +108,6 @@ class DecodeWorkerHooks(WorkerHooks):
         if info.room in self.rooms:
             # The front end lets one request per room through (serving.generation).
             raise IllegalRoomTransition(f"room {info.room}: a second request")
-        if msg.sampling.max_new_tokens == 0:  # nothing to generate: prefill sends no KV
-            return [ReqOutput(rid=msg.rid, finish_reason=FinishReason("length"))]
         now = _now() if now is None else now
         req = request_from_msg(msg)
         room = DecodeRoom(

@@ -247,6 +247,10 @@ class DecodeFrontendHooks(_PDFrontendHooks):
     async def prepare(self, req: GenerateReq, dp_rank: int, pd: PDFields) -> GenerateReq:
         if pd.local_prefill:  # no prefill server, no room: the worker computes the prompt
             return req
+        if req.sampling.max_new_tokens == 0:
+            # Nothing to generate, so no KV to find (the worker answers at once); the prefill
+            # leg may have ended already, its room no longer published to query.
+            return req
         url = self._bootstrap_address(pd.bootstrap_host, pd.bootstrap_port)
         try:
             return await self._resolve(req, dp_rank, pd.prefill_dp_rank, url)

@@ -137,6 +137,27 @@ def test_rank_matrix_cell_outcomes(prefill, decodes, want, force_decode):
     wait_idle([server.url, decode.url])
 
 
+def test_zero_new_tokens_needs_no_rank_once_the_prefill_leg_ended(prefill, decodes):
+    """Prompt logprobs only (max_new_tokens 0) move no KV: the decode leg answers at once,
+    though its prefill leg ended first and no longer publishes the room's rank to query."""
+    _, _, server = prefill
+    room = random.Random(f"zero-{server.url}").randrange(2**63)
+    leg = dict(
+        BODY,
+        sampling_params={"max_new_tokens": 0},
+        return_logprob=True,
+        bootstrap_host="127.0.0.1",
+        bootstrap_port=server.bootstrap_port,
+        bootstrap_room=room,
+    )
+    first = requests.post(server.url + "/generate", json=leg, timeout=60)
+    assert first.status_code == 200, first.text
+    answer = requests.post(decodes[False].url + "/generate", json=leg, timeout=60)
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["output_ids"] == []
+    wait_idle([server.url, decodes[False].url])
+
+
 def test_fast_path_makes_no_rank_queries(pd):
     """follow_bootstrap_room without FORCE: decode never asks the bootstrap server."""
     prefill = pd.prefill(DP)
