@@ -13,6 +13,7 @@ import requests
 
 from tests.disagg.pd_driver import (
     get_load,
+    metric_value,
     pages_in_use,
     pd_generate_async,
     rooms_in_flight,
@@ -114,6 +115,9 @@ def test_prefill_legs_past_the_early_budget_wait_outside_the_engine(pair):
         # The computed legs hold their prompt and first token, the waiting one its prompt.
         want = (1, 6, 2 * (3 * PAGE + 1) + 3 * PAGE)
         wait_until(lambda: _load(prefill.url) == want, 10, "two legs computed, one waiting")
+        # The metrics come from the same load reports.
+        assert metric_value(prefill.url, "pdserve_num_waiting_reqs") == 1
+        assert metric_value(prefill.url, "pdserve_num_tokens") == want[2]
         for body in bodies:
             requests.post(prefill.url + "/abort_request", json={"rid": body["rid"]}, timeout=10)
         for leg in legs:
