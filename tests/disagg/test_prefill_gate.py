@@ -6,6 +6,16 @@ from __future__ import annotations
 from pdserve.disagg.prefill_gate import PrefillGate
 
 
+def gate_with_unlisted(
+    num_total_pages: int, max_request_pages: int, room_pages: list[int]
+) -> PrefillGate:
+    """A gate with rooms 1, 2, ... parked, unlisted, needing `room_pages` pages each."""
+    gate = PrefillGate(num_total_pages, max_request_pages)
+    for room, num_pages in enumerate(room_pages, start=1):
+        gate.park(room, num_pages, listed=False)
+    return gate
+
+
 def test_a_pool_no_bigger_than_the_largest_request_runs_listed_rooms_only() -> None:
     gate = PrefillGate(num_total_pages=12, max_request_pages=256)
     assert gate.eager_limit_pages == 0
@@ -19,10 +29,8 @@ def test_a_pool_no_bigger_than_the_largest_request_runs_listed_rooms_only() -> N
 
 
 def test_unlisted_rooms_run_in_arrival_order_within_the_pool_less_the_largest_request() -> None:
-    gate = PrefillGate(num_total_pages=20, max_request_pages=5)
+    gate = gate_with_unlisted(num_total_pages=20, max_request_pages=5, room_pages=[6, 6, 4, 1])
     assert gate.eager_limit_pages == 15
-    for room, num_pages in [(1, 6), (2, 6), (3, 4), (4, 1)]:
-        gate.park(room, num_pages, listed=False)
     # Room 3 would pass 15 pages; room 4 would fit, but never overtakes it.
     assert gate.release() == [1, 2]
     assert gate.num_unlisted_pages == 12 and gate.is_parked(3) and gate.is_parked(4)
@@ -32,10 +40,7 @@ def test_unlisted_rooms_run_in_arrival_order_within_the_pool_less_the_largest_re
 
 
 def test_a_listed_room_runs_at_once_whatever_the_budget_and_whoever_waits_before_it() -> None:
-    gate = PrefillGate(num_total_pages=20, max_request_pages=5)
-    gate.park(1, 15, listed=False)
-    gate.park(2, 4, listed=False)
-    gate.park(3, 5, listed=False)
+    gate = gate_with_unlisted(num_total_pages=20, max_request_pages=5, room_pages=[15, 4, 5])
     assert gate.release() == [1]
     gate.on_listed(3)
     assert gate.release() == [3]  # room 2 still waits for the budget
@@ -43,10 +48,7 @@ def test_a_listed_room_runs_at_once_whatever_the_budget_and_whoever_waits_before
 
 
 def test_a_room_that_ends_frees_its_budget_and_leaves_the_queue() -> None:
-    gate = PrefillGate(num_total_pages=10, max_request_pages=4)
-    gate.park(1, 5, listed=False)
-    gate.park(2, 3, listed=False)
-    gate.park(3, 2, listed=False)
+    gate = gate_with_unlisted(num_total_pages=10, max_request_pages=4, room_pages=[5, 3, 2])
     assert gate.release() == [1]
     gate.drop(2)  # failed while parked: never released
     assert gate.release() == []  # 5 + 2 > 6
