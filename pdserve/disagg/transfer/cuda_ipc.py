@@ -151,11 +151,11 @@ class CudaIpcTransport(LaneControl, FakeTransport):
         return forget_pulled_room(room, self._batches, self._sends, self._held)
 
     def busy(self) -> bool:
-        return (
-            super().busy()
-            or bool(self._acks or self._batches)
-            or any(not h.done() for h in self._sends.values())
-        )
+        """Batches or acks still to go out; not sends awaiting decode's ack (as NIXL's reads):
+        decode copies on its own, the pages stay held until the ack, and the worker loop
+        polls while their rooms are transferring, so prefill need not hold its next forward
+        pass for an ack (`PrefillWorkerHooks._finish_sends_first`)."""
+        return super().busy() or bool(self._acks or self._batches)
 
     def close(self) -> None:
         for peer in {p for p, _ in self._sends} | set(self._peer_pools):
