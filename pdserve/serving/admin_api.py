@@ -66,7 +66,9 @@ def server_info_dict(request: web.Request) -> dict[str, Any]:
         "page_size": state.controller.page_size,
         "load_balance_method": cfg.server.resolved_lb_method,
         "context_length": state.controller.max_context_len,
-        "max_total_num_tokens": sum(r.num_total_pages for r in ready) * state.controller.page_size,
+        # one worker's KV pool, as SGLang reports one scheduler's (and max_running_requests)
+        "max_total_num_tokens": max((r.num_total_pages for r in ready), default=0)
+        * state.controller.page_size,
         "max_running_requests": cfg.engine.max_running_requests,
         "chunked_prefill_size": cfg.engine.chunked_prefill_size,
         "host": cfg.server.host,

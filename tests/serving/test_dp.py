@@ -176,3 +176,12 @@ def test_a_request_that_cannot_be_encoded_is_not_left_in_flight():
         assert controller.inflight_counts() == ([0], [0])
     finally:
         controller.ctx.destroy(linger=0)
+
+
+def test_server_info_reports_one_workers_pool_and_get_load_each_ranks(dp2_server):
+    """As SGLang: max_total_num_tokens and max_running_requests are one worker's."""
+    info = http_json("GET", f"{dp2_server.url}/server_info")[1]
+    ranks = http_json("GET", f"{dp2_server.url}/get_load")[1]
+    assert len(ranks) == 2
+    pool_tokens = {r["num_total_pages"] * info["page_size"] for r in ranks}
+    assert pool_tokens == {info["max_total_num_tokens"]}, (info, ranks)
