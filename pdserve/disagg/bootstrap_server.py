@@ -18,7 +18,6 @@ from typing import Annotated, Any
 
 import msgspec
 from aiohttp import web
-from aiohttp.web_protocol import RequestPayloadError
 
 from pdserve import auth, envs
 from pdserve.config import add_arguments, check, from_args, opt
@@ -30,6 +29,8 @@ from pdserve.disagg.bootstrap_registry import (
     WorkerRegistration,
     check_room,
 )
+from pdserve.serving.hooks import RequestError
+from pdserve.serving.http_body import read_body
 
 logger = logging.getLogger(__name__)
 
@@ -71,20 +72,8 @@ def error_response(status: int, message: str) -> web.Response:
 
 
 async def _read_body(request: web.Request) -> bytes:
-    """The body, bounded in size (aiohttp checks client_max_size only as bytes arrive: a
-    declared size over it is refused before any) and in time (a body sent short)."""
-    size = request.content_length
-    if size is not None and size > MAX_BODY_BYTES:
-        raise web.HTTPRequestEntityTooLarge(MAX_BODY_BYTES, size)
-    try:
-        # cached by aiohttp: later reads are free; wait_for, not asyncio.timeout (3.11+)
-        return await asyncio.wait_for(request.read(), BODY_TIMEOUT_S)
-    except asyncio.TimeoutError:  # not the builtin TimeoutError before Python 3.11
-        raise web.HTTPRequestTimeout(
-            text=f"request body not complete within {BODY_TIMEOUT_S:g} s"
-        ) from None
-    except RequestPayloadError as exc:  # e.g. a Content-Encoding the bytes do not follow
-        raise web.HTTPBadRequest(text=f"unreadable body: {' '.join(str(exc).split())}") from None
+    """The body, at most 1 MiB and within BODY_TIMEOUT_S (a RequestError otherwise)."""
+    return await read_body(request, MAX_BODY_BYTES, BODY_TIMEOUT_S)
 
 
 async def _decode_body(request: web.Request, kind: type[Any]) -> Any:
@@ -108,6 +97,8 @@ async def _json_errors(
         return error_response(
             exc.status, f"{request.method} {request.path}: {exc.text or exc.reason}"
         )
+    except RequestError as exc:  # a body too big, sent short or not readable
+        return error_response(exc.status, f"{request.method} {request.path}: {exc}")
     except (msgspec.DecodeError, msgspec.ValidationError, BootstrapError) as exc:
         return error_response(400, f"{request.method} {request.path}: {exc}")
     except Exception:

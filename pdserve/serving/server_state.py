@@ -6,19 +6,18 @@ Runs in the server's front-end process; `http_server.py` builds the state, and
 
 from __future__ import annotations
 
-import asyncio
 import json
 import re
 from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
-from aiohttp.web_protocol import RequestPayloadError
 
 from pdserve.serving.config import ServerConfig
 from pdserve.serving.dp_controller import DPController
 from pdserve.serving.generation import Generator
 from pdserve.serving.hooks import FrontendHooks, RequestError
+from pdserve.serving.http_body import read_body
 from pdserve.serving.request_parse import Limits
 
 
@@ -70,18 +69,7 @@ async def read_json(request: web.Request) -> Any:
 
 
 async def _read_body(request: web.Request) -> bytes:
-    # aiohttp checks its client_max_size only as the bytes arrive.
-    if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
-        raise RequestError(
-            413, f"body of {request.content_length} bytes is over {MAX_BODY_BYTES} bytes"
-        )
-    timeout_s = state_of(request).cfg.server.request_timeout_s
-    try:
-        return await asyncio.wait_for(request.read(), timeout_s)  # asyncio.timeout is 3.11+
-    except asyncio.TimeoutError:  # not the builtin TimeoutError before Python 3.11
-        raise RequestError(408, f"request body not complete within {timeout_s:g} s") from None
-    except RequestPayloadError as exc:  # e.g. a Content-Encoding the bytes do not follow
-        raise RequestError(400, f"unreadable body: {' '.join(str(exc).split())}") from None
+    return await read_body(request, MAX_BODY_BYTES, state_of(request).cfg.server.request_timeout_s)
 
 
 def _strict_json(raw: bytes) -> Any:

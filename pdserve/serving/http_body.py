@@ -1,0 +1,29 @@
+"""Reading a request body bounded in size and time, for every aiohttp site of a server (its
+HTTP API and, on prefill, the bootstrap server). Runs in the front-end process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from aiohttp import web
+from aiohttp.web_protocol import RequestPayloadError
+
+from pdserve.serving.hooks import RequestError
+
+
+async def read_body(request: web.Request, max_nbytes: int, timeout_s: float) -> bytes:
+    """The body, or a RequestError: 413 for a declared size over `max_nbytes` (aiohttp checks
+    its client_max_size only as the bytes arrive), 408 for a body not complete within
+    `timeout_s` (one sent short), 400 for bytes that do not follow their Content-Encoding."""
+    if request.content_length is not None and request.content_length > max_nbytes:
+        raise RequestError(
+            413, f"body of {request.content_length} bytes is over {max_nbytes} bytes"
+        )
+    try:
+        # cached by aiohttp: later reads are free; wait_for, as asyncio.timeout is 3.11+
+        return await asyncio.wait_for(request.read(), timeout_s)
+    except asyncio.TimeoutError:  # not the builtin TimeoutError before Python 3.11
+        raise RequestError(408, f"request body not complete within {timeout_s:g} s") from None
+    except RequestPayloadError as exc:
+        raise RequestError(400, f"unreadable body: {' '.join(str(exc).split())}") from None
