@@ -218,12 +218,14 @@ class ZmqTransport(ZmqSender, ZmqReceiver, DataPath, KVTransport):
 
     def forget_room(self, room: int) -> list[int]:
         self._grants.revoke(room)  # checked before every read into a page: none goes on
+        handle = self._kv_sends.pop(room, None)
+        if handle is None or (handle.messages_left == 0 and not handle.in_flight()):
+            return []  # no send, or all of it written and let go (a room that succeeded)
         # What of the room's send has not started is dropped, its RoomStatus included;
         # zero-copy frames ZeroMQ holds and a record half written still read their pages.
         self._outbox.drop_room(room, self._staging)
         held = self._drop_room_records(room)
-        handle = self._kv_sends.pop(room, None)
-        for trackers, page_ids in handle.in_flight() if handle is not None else []:
+        for trackers, page_ids in handle.in_flight():
             held += self._held.hold(page_ids, lambda ts=trackers: all(t.done for t in ts))
         return held
 
