@@ -60,21 +60,12 @@ def free_port(host: str = "127.0.0.1") -> int:
     if top - _LOWEST_PORT >= _MIN_PORTS_TO_DRAW:
         for _ in range(100):
             port = _rng.randrange(_LOWEST_PORT, top)
-            if port not in _handed_out and _bindable(host, port):
+            if port not in _handed_out and port_is_free(host, port):
                 _handed_out.add(port)
                 return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         return sock.getsockname()[1]
-
-
-def _bindable(host: str, port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        try:
-            sock.bind((host, port))
-        except OSError:
-            return False
-        return True
 
 
 def port_is_free(host: str, port: int) -> bool:
