@@ -133,6 +133,9 @@ class CudaIpcTransport(LaneControl, FakeTransport):
                 continue
             self._told.add(peer)
 
+    def _awaited_peers(self) -> set[PeerId]:
+        return {PeerId(peer) for peer, _ in self._sends}
+
     # -- both sides ----------------------------------------------------------------------
     def poll(self, timeout_ms: int = 0) -> list[Event]:
         # Acks for copies that finished go out first, so that a KVReceived found now is
@@ -184,7 +187,7 @@ class CudaIpcTransport(LaneControl, FakeTransport):
         try:
             msg = decode(parts[0].buffer)
         except msgspec.MsgspecError:
-            return self._reject(peer, "garbage")
+            return self._on_data_message(peer, parts)  # a DataProbe, or garbage
         if isinstance(msg, IpcPool):
             return self._on_pool(peer, msg)
         if isinstance(msg, IpcBatch):

@@ -183,6 +183,9 @@ class NixlTransport(FakeTransport):
             reason = f"decode did not read the KV within {self.options.read_timeout_s:g}s"
             self._sends.pop(key).finish(reason)
 
+    def _awaited_peers(self) -> set[PeerId]:
+        return {peer for peer, _ in self._sends}
+
     def _take_notifications(self) -> None:
         for agent_name, msgs in self._agent.notifications().items():
             peer = self._peer_of_agent.get(agent_name)

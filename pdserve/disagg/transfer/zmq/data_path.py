@@ -154,8 +154,8 @@ class DataPath:
         return None
 
     def _probe(self, peer: PeerId) -> str | None:
-        """A stalled data send cannot tell a busy peer from a dead one; ZeroMQ's heartbeats
-        can: once they have given up, the peer is no longer routable."""
+        """A send stalled or awaiting the peer cannot tell a busy peer from a dead one;
+        ZeroMQ's heartbeats can: once they have given up, the peer is no longer routable."""
         try:
             self._sock.send_multipart(
                 [peer.encode("latin-1"), dc.encode(dc.DataProbe())], zmq.NOBLOCK
@@ -163,7 +163,7 @@ class DataPath:
         except zmq.Again:
             return None
         except zmq.ZMQError as exc:
-            reason = f"KV peer {peer} is not connected ({exc}) while its KV was being sent"
+            reason = f"KV peer {peer} is not connected ({exc}) while its KV was under way"
             self._lose(peer, reason)
             return reason
         self._stats["data_probes_out"] += 1

@@ -89,6 +89,7 @@ class ZmqTransport(ZmqSender, ZmqReceiver, DataPath, KVTransport):
             zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECT_RETRIED | zmq.EVENT_CONNECTED
         )
         self._refused: set[str] = set()  # endpoints whose last connect attempt failed
+        self._next_probe = 0.0  # when the peers this side waits on are probed next
         self._endpoint = self._bind(listen_host, advertise_host) if listen_host else None
         offers = self.moves_bytes and self.options.data_channel and listen_host is not None
         self._links = DataLinks(listen_host if offers else None, self.options.heartbeat_timeout_s)
@@ -164,8 +165,28 @@ class ZmqTransport(ZmqSender, ZmqReceiver, DataPath, KVTransport):
         self._release_expired_holds(time.monotonic(), events)
         self._drain(events, budget_nbytes)
         self._drain_monitor(events)
+        self._probe_awaited(events)
         events += self._held.settled()
         return events
+
+    def _awaited_peers(self) -> set[PeerId]:
+        """Peers whose own action (a read, an ack) ends sends of ours; backends where
+        decode pulls the pages say which."""
+        return set()
+
+    def _probe_awaited(self, events: list[Event]) -> None:
+        """A probe each heartbeat period to every peer whose read or ack we wait on. A
+        listening socket gets no monitor event when an accepted connection drops (the peer
+        died, or missed its heartbeats): ZeroMQ only removes its route, so a send there is
+        how the loss is found; without it those sends would wait for their deadline."""
+        now = time.monotonic()
+        if now < self._next_probe:
+            return
+        self._next_probe = now + self.options.heartbeat_interval_s
+        for peer in self._awaited_peers():
+            reason = self._probe(peer)
+            if reason is not None:
+                events.append(PeerLost(peer, reason))
 
     def _drain_monitor(self, events: list[Event]) -> None:
         """A connection this side made dropped (the peer died, or missed heartbeats), or
