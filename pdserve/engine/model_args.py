@@ -15,6 +15,27 @@ SUPPORTED_MODEL_TYPES = DENSE_MODEL_TYPES + MOE_MODEL_TYPES
 QK_NORM_MODEL_TYPES = ("qwen3", "qwen3_moe")
 SUPPORTED_ACTIVATIONS = ("silu",)
 
+# What transformers' config class for each family assumes for a field config.json omits
+# (a field present as null keeps its null: transformers then derives it, as we do).
+_DEFAULTS: dict[str, Any] = {"rms_norm_eps": 1e-6, "rope_theta": 10000.0}
+_FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
+    "llama": {"max_position_embeddings": 2048},
+    "qwen2": {"max_position_embeddings": 32768, "num_key_value_heads": 32},
+    "qwen3": {"max_position_embeddings": 32768, "num_key_value_heads": 32, "head_dim": 128},
+    "mistral": {
+        "max_position_embeddings": 131072,
+        "num_key_value_heads": 8,
+        "sliding_window": 4096,
+    },
+    "mixtral": {
+        "max_position_embeddings": 131072,
+        "num_key_value_heads": 8,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 1e6,
+    },
+    "qwen3_moe": {"max_position_embeddings": 32768, "num_key_value_heads": 4},
+}
+
 
 @dataclass(frozen=True)
 class MoeArgs:
@@ -46,14 +67,18 @@ class ModelArgs:
     moe: MoeArgs | None = None
 
     @classmethod
-    def from_hf_config(cls, cfg: dict[str, Any]) -> ModelArgs:
-        model_type = cfg.get("model_type", "llama")
+    def from_hf_config(cls, raw: dict[str, Any]) -> ModelArgs:
+        model_type = raw.get("model_type", "llama")
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise ValueError(
                 f"unsupported model_type {model_type!r}; supported: {list(SUPPORTED_MODEL_TYPES)}"
             )
+        cfg = {**_DEFAULTS, **_FAMILY_DEFAULTS[model_type], **raw}
         _reject_unsupported(cfg, model_type)
         num_heads = cfg["num_attention_heads"]
+        num_kv_heads = cfg.get("num_key_value_heads") or num_heads
+        head_dim = cfg.get("head_dim") or cfg["hidden_size"] // num_heads
+        _check_heads(num_heads, num_kv_heads, head_dim)
         theta, scaling = rope_params_from_hf(cfg)
         return cls(
             vocab_size=cfg["vocab_size"],
@@ -61,12 +86,12 @@ class ModelArgs:
             intermediate_size=cfg["intermediate_size"],
             num_layers=cfg["num_hidden_layers"],
             num_heads=num_heads,
-            num_kv_heads=cfg.get("num_key_value_heads") or num_heads,
-            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // num_heads,
-            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+            num_kv_heads=num_kv_heads,
+            head_dim=head_dim,
+            rms_norm_eps=float(cfg["rms_norm_eps"]),
             rope_theta=theta,
             rope_scaling=scaling,
-            max_position_embeddings=cfg.get("max_position_embeddings", 2048),
+            max_position_embeddings=cfg["max_position_embeddings"],
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             model_type=model_type,
             qk_norm=model_type in QK_NORM_MODEL_TYPES,
@@ -75,6 +100,16 @@ class ModelArgs:
 
     def is_moe_layer(self, layer: int) -> bool:
         return self.moe is not None and layer not in self.moe.dense_layers
+
+
+def _check_heads(num_heads: int, num_kv_heads: int, head_dim: int) -> None:
+    if num_heads % num_kv_heads:
+        raise ValueError(
+            f"num_attention_heads ({num_heads}) must be a multiple of num_key_value_heads "
+            f"({num_kv_heads})"
+        )
+    if head_dim % 2:
+        raise ValueError(f"head_dim must be even for rotary embeddings, got {head_dim}")
 
 
 def _moe_args(cfg: dict[str, Any], model_type: str) -> MoeArgs | None:
@@ -117,7 +152,7 @@ def _reject_unsupported(cfg: dict[str, Any], model_type: str) -> None:
 def _reject_sliding_window(cfg: dict[str, Any], model_type: str) -> None:
     """Refuse a sliding window that some layer applies and some sequence can outgrow."""
     window = cfg.get("sliding_window")
-    max_positions = cfg.get("max_position_embeddings", 2048)
+    max_positions = cfg["max_position_embeddings"]
     if not window or window >= max_positions or model_type == "llama":
         return
     if model_type in ("mistral", "mixtral"):  # always on in these families

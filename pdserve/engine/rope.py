@@ -21,7 +21,21 @@ def rope_params_from_hf(cfg: dict[str, Any]) -> tuple[float, dict[str, Any] | No
         raise ValueError(f"unsupported rope type {rope_type!r}; supported: {list(ROPE_TYPES)}")
     if rope_type == "default":
         return theta, None
+    if "factor" not in scaling:
+        raise ValueError(f"rope type {rope_type!r} needs a 'factor'")
+    if rope_type == "llama3":
+        scaling["original_max_position_embeddings"] = _pretraining_len(cfg, scaling)
     return theta, {**scaling, "rope_type": rope_type}
+
+
+def _pretraining_len(cfg: dict[str, Any], scaling: dict[str, Any]) -> int:
+    """The context length llama3 scaling stretches, where transformers finds it: a top-level
+    field first, then the rope dict's, else max_position_embeddings."""
+    return int(
+        cfg.get("original_max_position_embeddings")
+        or scaling.get("original_max_position_embeddings")
+        or cfg.get("max_position_embeddings", 2048)
+    )
 
 
 def _llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict[str, Any]) -> torch.Tensor:
@@ -29,7 +43,7 @@ def _llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict[str, Any]) -> torch.T
     factor = float(scaling["factor"])
     low_freq_factor = float(scaling.get("low_freq_factor", 1.0))
     high_freq_factor = float(scaling.get("high_freq_factor", 4.0))
-    old_context_len = float(scaling.get("original_max_position_embeddings", 8192))
+    old_context_len = float(scaling["original_max_position_embeddings"])
     wavelen = 2 * math.pi / inv_freq
     scaled = torch.where(wavelen > old_context_len / low_freq_factor, inv_freq / factor, inv_freq)
     smooth = (old_context_len / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)

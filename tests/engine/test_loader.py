@@ -14,7 +14,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from pdserve.engine.loader import fingerprint, load_model, read_state_dict, resolve_model_dir
-from pdserve.engine.rope import rope_params_from_hf
+from pdserve.engine.model_args import ModelArgs
+from pdserve.engine.rope import inv_frequencies, rope_params_from_hf
 from tests.helpers import REPO_ROOT, python_path_env
 
 
@@ -94,3 +95,41 @@ def test_rope_config_in_both_transformers_layouts():
     assert rope_params_from_hf({}) == (10000.0, None)
     with pytest.raises(ValueError, match="yarn"):
         rope_params_from_hf({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}})
+
+
+_LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0}
+
+
+@pytest.mark.parametrize(
+    "rope",
+    [
+        {"rope_theta": 5000.0},
+        {"rope_scaling": {"type": "linear", "factor": 3.0}, "rope_theta": 500.0},
+        {
+            "rope_parameters": {
+                **_LLAMA3,
+                "rope_theta": 5000.0,
+                "original_max_position_embeddings": 32,
+            }
+        },
+        # without the pretraining length transformers takes max_position_embeddings, ...
+        {"rope_parameters": {**_LLAMA3, "rope_theta": 5000.0}},
+        {"rope_scaling": _LLAMA3, "rope_theta": 5000.0},
+        # ... and a top-level original_max_position_embeddings wins over the rope dict's
+        {
+            "rope_scaling": {**_LLAMA3, "original_max_position_embeddings": 32},
+            "original_max_position_embeddings": 16,
+        },  # fmt: skip
+    ],
+    ids=["default", "linear", "llama3", "llama3-no-original", "llama3-legacy", "llama3-top-level"],
+)
+def test_rope_frequencies_equal_transformers(rope):
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    cfg = {"vocab_size": 10, "hidden_size": 64, "intermediate_size": 8, "num_hidden_layers": 1,
+           "num_attention_heads": 4, "head_dim": 16, "max_position_embeddings": 64, **rope}  # fmt: skip
+    args = ModelArgs.from_hf_config(cfg)
+    got = inv_frequencies(args.head_dim, args.rope_theta, args.rope_scaling)
+    want = LlamaRotaryEmbedding(LlamaConfig(**cfg)).inv_freq
+    assert torch.allclose(got, want, rtol=1e-6, atol=0), (got, want)

@@ -117,6 +117,10 @@ def _config(tmp_path, **changes) -> dict:
         ({"hidden_act": "gelu"}, "hidden_act"),
         ({"mlp_bias": True}, "mlp_bias"),
         ({"model_type": "qwen2_moe"}, "model_type"),
+        ({"num_key_value_heads": 3}, "num_key_value_heads"),  # 4 heads: no whole group
+        ({"num_key_value_heads": 8}, "num_key_value_heads"),
+        ({"head_dim": 15}, "head_dim"),  # rope turns pairs
+        ({"rope_parameters": {"rope_type": "linear"}}, "factor"),
     ],
 )
 def test_unsupported_config_is_rejected_naming_the_field(tmp_path, changes, field):
@@ -125,8 +129,8 @@ def test_unsupported_config_is_rejected_naming_the_field(tmp_path, changes, fiel
 
 
 def test_mixtral_sliding_window_is_rejected_only_when_a_sequence_can_outgrow_it():
-    cfg = {"model_type": "mixtral", "num_attention_heads": 4, "hidden_size": 64,
-           "vocab_size": 10, "intermediate_size": 8, "num_hidden_layers": 1,
+    cfg = {"model_type": "mixtral", "num_attention_heads": 4, "num_key_value_heads": 4,
+           "hidden_size": 64, "vocab_size": 10, "intermediate_size": 8, "num_hidden_layers": 1,
            "num_local_experts": 4, "num_experts_per_tok": 2, "max_position_embeddings": 1024}  # fmt: skip
     with pytest.raises(ValueError, match="sliding_window=512"):
         ModelArgs.from_hf_config({**cfg, "sliding_window": 512})
@@ -171,3 +175,33 @@ def test_fingerprint_tells_routing_apart_for_the_same_weights(tmp_path):
         cfg = json.load(f)
     state = {"w": torch.ones(3)}
     assert fingerprint(cfg, state) != fingerprint({**cfg, "model_type": "mixtral"}, state)
+
+
+_CONFIG_CLASSES = {"llama": "LlamaConfig", "qwen2": "Qwen2Config", "qwen3": "Qwen3Config",
+                   "mistral": "MistralConfig", "mixtral": "MixtralConfig",
+                   "qwen3_moe": "Qwen3MoeConfig"}  # fmt: skip
+
+
+@pytest.mark.parametrize("model_type", list(_CONFIG_CLASSES))
+def test_fields_a_config_omits_take_the_transformers_defaults_of_its_family(model_type):
+    """A config.json with only the shape: eps, rope theta, context length, KV heads, head_dim
+    and (Mistral) the sliding window are what transformers' class for the family assumes."""
+    import transformers
+
+    cfg = {"model_type": model_type, "vocab_size": 10, "hidden_size": 128,
+           "intermediate_size": 8, "num_hidden_layers": 1, "num_attention_heads": 32,
+           "num_experts": 4, "num_local_experts": 4, "num_experts_per_tok": 2,
+           "moe_intermediate_size": 8}  # fmt: skip
+    ref = getattr(transformers, _CONFIG_CLASSES[model_type])(**cfg)
+    if getattr(ref, "sliding_window", None):  # Mistral: windowed unless the config says not
+        with pytest.raises(ValueError, match=f"sliding_window={ref.sliding_window}"):
+            ModelArgs.from_hf_config(cfg)
+        cfg["max_position_embeddings"] = ref.sliding_window
+        ref = getattr(transformers, _CONFIG_CLASSES[model_type])(**cfg)
+    args = ModelArgs.from_hf_config(cfg)
+    assert args.rms_norm_eps == ref.rms_norm_eps
+    assert args.rope_theta == ref.rope_parameters["rope_theta"]
+    assert args.max_position_embeddings == ref.max_position_embeddings
+    assert args.num_kv_heads == ref.num_key_value_heads
+    assert args.head_dim == (getattr(ref, "head_dim", None) or 128 // 32)
+    assert args.tie_word_embeddings == ref.tie_word_embeddings
