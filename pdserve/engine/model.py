@@ -105,18 +105,35 @@ def weights_from_state_dict(
 
     layers = [_layer_weights(take, maybe, args, i) for i in range(args.num_layers)]
     embed = take("model.embed_tokens.weight")
-    tied = args.tie_word_embeddings or "lm_head.weight" not in state
     weights = ModelWeights(
         embed=embed,
         layers=layers,
         norm=take("model.norm.weight"),
-        lm_head=Linear(embed if tied else take("lm_head.weight")),
+        lm_head=Linear(_lm_head(args, embed, maybe)),
     )
     if device.type == "cpu":
         _store_wide_matrices_input_major(weights)
         if cpu_packed_weights:
             pack_for_cpu(weights)
     return weights
+
+
+def _lm_head(
+    args: ModelArgs,
+    embed: torch.Tensor,
+    maybe: Callable[[str], torch.Tensor | None],
+) -> torch.Tensor:
+    """The checkpoint's lm_head wherever it has one: transformers keeps one that differs from
+    the embedding even under tie_word_embeddings. Without one, the embedding if tied."""
+    lm_head = maybe("lm_head.weight")
+    if lm_head is not None:
+        return lm_head
+    if not args.tie_word_embeddings:
+        raise ValueError(
+            "the checkpoint has no lm_head.weight and config.json does not set "
+            "tie_word_embeddings: transformers would decode with a random lm_head"
+        )
+    return embed
 
 
 def _layer_weights(

@@ -133,3 +133,33 @@ def test_rope_frequencies_equal_transformers(rope):
     got = inv_frequencies(args.head_dim, args.rope_theta, args.rope_scaling)
     want = LlamaRotaryEmbedding(LlamaConfig(**cfg)).inv_freq
     assert torch.allclose(got, want, rtol=1e-6, atol=0), (got, want)
+
+
+def _tiny_copy(tmp_path, **config_changes) -> str:
+    copy = tmp_path / "copy"
+    shutil.copytree(resolve_model_dir("tiny-random"), copy)
+    config = {**json.load(open(copy / "config.json")), **config_changes}
+    json.dump(config, open(copy / "config.json", "w"))
+    return str(copy)
+
+
+def test_an_lm_head_in_the_checkpoint_is_used_even_where_the_config_says_tied(tmp_path):
+    """transformers keeps a checkpoint's lm_head that differs from the embedding (it warns
+    and does not tie); tying would decode with the wrong matrix."""
+    model_dir = _tiny_copy(tmp_path, tie_word_embeddings=True)
+    loaded = load_model(model_dir, torch.float32, torch.device("cpu"))
+    state = read_state_dict(model_dir)
+    assert torch.equal(loaded.weights.lm_head.weight, state["lm_head.weight"])
+
+
+def test_an_untied_checkpoint_without_lm_head_is_refused_at_load(tmp_path):
+    model_dir = _tiny_copy(tmp_path)
+    state = load_file(os.path.join(model_dir, "model.safetensors"))
+    del state["lm_head.weight"]
+    save_file(state, os.path.join(model_dir, "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="lm_head.weight"):
+        load_model(model_dir, torch.float32, torch.device("cpu"))
+    tied = _tiny_copy(tmp_path / "tied", tie_word_embeddings=True)
+    save_file(state, os.path.join(tied, "model.safetensors"), metadata={"format": "pt"})
+    loaded = load_model(tied, torch.float32, torch.device("cpu"))
+    assert torch.equal(loaded.weights.lm_head.weight, state["model.embed_tokens.weight"])
