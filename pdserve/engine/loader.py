@@ -57,6 +57,31 @@ def read_state_dict(model_dir: str) -> dict[str, torch.Tensor]:
     return state
 
 
+def check_shapes(state: dict[str, torch.Tensor], args: ModelArgs) -> None:
+    """Refuse, naming the tensor, weights whose shape the config's heads, head_dim, hidden
+    and vocab sizes do not give (transformers refuses them too); else the first step fails."""
+    q_rows, kv_rows = args.num_heads * args.head_dim, args.num_kv_heads * args.head_dim
+    hidden = args.hidden_size
+    expected = {
+        "model.embed_tokens.weight": (args.vocab_size, hidden),
+        "lm_head.weight": (args.vocab_size, hidden),
+    }
+    for i in range(args.num_layers):
+        attn = f"model.layers.{i}.self_attn."
+        expected[attn + "q_proj.weight"] = (q_rows, hidden)
+        expected[attn + "k_proj.weight"] = (kv_rows, hidden)
+        expected[attn + "v_proj.weight"] = (kv_rows, hidden)
+        expected[attn + "o_proj.weight"] = (hidden, q_rows)
+    for name, shape in expected.items():
+        if name in state and tuple(state[name].shape) != shape:
+            raise ValueError(
+                f"{name} has shape {tuple(state[name].shape)} where config.json gives {shape} "
+                f"(vocab_size={args.vocab_size}, hidden_size={hidden}, "
+                f"num_attention_heads={args.num_heads}, "
+                f"num_key_value_heads={args.num_kv_heads}, head_dim={args.head_dim})"
+            )
+
+
 def fingerprint(config: dict[str, Any], state: dict[str, torch.Tensor]) -> str:
     """Equal for two processes that load the same weights: the architecture fields of the
     config, every tensor's name/shape/dtype, and a strided sample sum of its values."""
@@ -77,6 +102,7 @@ def load_model(
     config = _read_json(os.path.join(model_dir, "config.json"))
     args = ModelArgs.from_hf_config(config)
     state = read_state_dict(model_dir)
+    check_shapes(state, args)
     return LoadedModel(
         model_dir=model_dir,
         args=args,

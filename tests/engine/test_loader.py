@@ -163,3 +163,16 @@ def test_an_untied_checkpoint_without_lm_head_is_refused_at_load(tmp_path):
     save_file(state, os.path.join(tied, "model.safetensors"), metadata={"format": "pt"})
     loaded = load_model(tied, torch.float32, torch.device("cpu"))
     assert torch.equal(loaded.weights.lm_head.weight, state["model.embed_tokens.weight"])
+
+
+@pytest.mark.parametrize(
+    ("changes", "tensor"),
+    [
+        ({"head_dim": 8}, "model.layers.0.self_attn.q_proj.weight"),
+        ({"num_key_value_heads": 4}, "model.layers.0.self_attn.k_proj.weight"),
+        ({"vocab_size": 300}, "model.embed_tokens.weight"),
+    ],
+)
+def test_weights_that_do_not_fit_the_config_are_refused_at_load(tmp_path, changes, tensor):
+    with pytest.raises(ValueError, match=tensor):
+        load_model(_tiny_copy(tmp_path, **changes), torch.float32, torch.device("cpu"))
