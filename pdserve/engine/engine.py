@@ -61,6 +61,11 @@ class Engine:
         args = model.args
         self.page_size = cfg.page_size
         self.max_context_len = cfg.context_length or args.max_position_embeddings
+        if args.sliding_window is not None and self.max_context_len > args.sliding_window:
+            raise ValueError(
+                f"--context-length {self.max_context_len} exceeds the model's sliding_window "
+                f"({args.sliding_window}): sliding-window attention is not supported"
+            )
         self.eos_token_ids = model.eos_token_ids
         self.model_fingerprint = model.fingerprint
         dtype = getattr(torch, cfg.dtype)

@@ -65,6 +65,8 @@ class ModelArgs:
     model_type: str = "llama"
     qk_norm: bool = False  # per-head RMSNorm of q and k before rope (Qwen3)
     moe: MoeArgs | None = None
+    # a sliding window no sequence of max_position_embeddings outgrows (longer are refused)
+    sliding_window: int | None = None
 
     @classmethod
     def from_hf_config(cls, raw: dict[str, Any]) -> ModelArgs:
@@ -96,6 +98,7 @@ class ModelArgs:
             model_type=model_type,
             qk_norm=model_type in QK_NORM_MODEL_TYPES,
             moe=_moe_args(cfg, model_type),
+            sliding_window=_window_no_sequence_outgrows(cfg, model_type),
         )
 
     def is_moe_layer(self, layer: int) -> bool:
@@ -146,28 +149,41 @@ def _reject_unsupported(cfg: dict[str, Any], model_type: str) -> None:
         raise ValueError("mlp_bias=true is not supported")
     if cfg.get("shared_expert_intermediate_size"):
         raise ValueError("shared experts (shared_expert_intermediate_size) are not supported")
-    _reject_sliding_window(cfg, model_type)
 
 
-def _reject_sliding_window(cfg: dict[str, Any], model_type: str) -> None:
-    """Refuse a sliding window that some layer applies and some sequence can outgrow."""
+def _sliding_window(cfg: dict[str, Any], model_type: str) -> tuple[int, str] | None:
+    """The window some layer applies and the config fields that say so, or None."""
     window = cfg.get("sliding_window")
-    max_positions = cfg["max_position_embeddings"]
-    if not window or window >= max_positions or model_type == "llama":
-        return
+    if not window or model_type == "llama":
+        return None
     if model_type in ("mistral", "mixtral"):  # always on in these families
-        fields = f"sliding_window={window} < max_position_embeddings={max_positions}"
-    elif not cfg.get("use_sliding_window"):  # Qwen: the window applies only with this flag
-        return
-    elif model_type == "qwen3_moe":  # every layer
-        fields = f"use_sliding_window=true, sliding_window={window}"
-    else:  # Qwen2/Qwen3: layers from max_window_layers on, unless layer_types says otherwise
-        first = cfg.get("max_window_layers", 28)
-        num_layers = cfg["num_hidden_layers"]
-        layer_types = cfg.get("layer_types") or [
-            "sliding_attention" if i >= first else "full_attention" for i in range(num_layers)
-        ]
-        if "sliding_attention" not in layer_types:
-            return
-        fields = f"use_sliding_window=true, sliding_window={window}, max_window_layers={first}"
-    raise ValueError(f"sliding-window attention ({fields}) is not supported")
+        return window, f"sliding_window={window}"
+    if not cfg.get("use_sliding_window"):  # Qwen: the window applies only with this flag
+        return None
+    if model_type == "qwen3_moe":  # every layer
+        return window, f"use_sliding_window=true, sliding_window={window}"
+    # Qwen2/Qwen3: layers from max_window_layers on, unless layer_types says otherwise
+    first = cfg.get("max_window_layers", 28)
+    num_layers = cfg["num_hidden_layers"]
+    layer_types = cfg.get("layer_types") or [
+        "sliding_attention" if i >= first else "full_attention" for i in range(num_layers)
+    ]
+    if "sliding_attention" not in layer_types:
+        return None
+    return window, f"use_sliding_window=true, sliding_window={window}, max_window_layers={first}"
+
+
+def _window_no_sequence_outgrows(cfg: dict[str, Any], model_type: str) -> int | None:
+    """The sliding window, refused where a sequence of max_position_embeddings outgrows it:
+    attention here is always full. The engine refuses a longer --context-length."""
+    windowed = _sliding_window(cfg, model_type)
+    if windowed is None:
+        return None
+    window, fields = windowed
+    max_positions = cfg["max_position_embeddings"]
+    if window < max_positions:
+        raise ValueError(
+            f"sliding-window attention ({fields} < max_position_embeddings={max_positions}) "
+            "is not supported"
+        )
+    return window

@@ -205,3 +205,21 @@ def test_fields_a_config_omits_take_the_transformers_defaults_of_its_family(mode
     assert args.num_kv_heads == ref.num_key_value_heads
     assert args.head_dim == (getattr(ref, "head_dim", None) or 128 // 32)
     assert args.tie_word_embeddings == ref.tie_word_embeddings
+
+
+def test_a_context_length_beyond_the_sliding_window_is_refused(tmp_path):
+    """A window as long as max_position_embeddings loads; a --context-length past it would
+    let a sequence outgrow the window this engine does not apply."""
+    import shutil
+
+    from pdserve.engine.loader import resolve_model_dir
+
+    shutil.copytree(resolve_model_dir("tiny-random"), tmp_path / "m")
+    with open(tmp_path / "m" / "config.json") as f:
+        cfg = json.load(f)
+    cfg.update(model_type="mistral", sliding_window=cfg["max_position_embeddings"])
+    with open(tmp_path / "m" / "config.json", "w") as f:
+        json.dump(cfg, f)
+    assert make_engine(str(tmp_path / "m"), context_length=cfg["sliding_window"])
+    with pytest.raises(ValueError, match="sliding_window"):
+        make_engine(str(tmp_path / "m"), context_length=cfg["sliding_window"] + 1)
