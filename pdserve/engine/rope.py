@@ -23,6 +23,9 @@ def rope_params_from_hf(cfg: dict[str, Any]) -> tuple[float, dict[str, Any] | No
         return theta, None
     if "factor" not in scaling:
         raise ValueError(f"rope type {rope_type!r} needs a 'factor'")
+    partial = scaling.get("partial_rotary_factor", cfg.get("partial_rotary_factor"))
+    if partial not in (None, 1, 1.0):
+        raise ValueError(f"partial_rotary_factor={partial} is not supported")
     if rope_type == "llama3":
         scaling["original_max_position_embeddings"] = _pretraining_len(cfg, scaling)
     return theta, {**scaling, "rope_type": rope_type}

@@ -121,6 +121,11 @@ def _config(tmp_path, **changes) -> dict:
         ({"num_key_value_heads": 8}, "num_key_value_heads"),
         ({"head_dim": 15}, "head_dim"),  # rope turns pairs
         ({"rope_parameters": {"rope_type": "linear"}}, "factor"),
+        # transformers turns a part of each head only under scaled rope, and then fails
+        (
+            {"rope_scaling": {"type": "linear", "factor": 2.0}, "partial_rotary_factor": 0.5},
+            "partial_rotary_factor",
+        ),
     ],
 )
 def test_unsupported_config_is_rejected_naming_the_field(tmp_path, changes, field):
