@@ -1,5 +1,5 @@
-"""Random-weight Qwen3, Qwen3-MoE and Mixtral models built with transformers and saved as
-Hugging Face directories (safetensors), for the engine's reference and serving tests."""
+"""Random-weight Qwen3, Qwen3-MoE, Mixtral and an odd-shaped Llama built with transformers and
+saved as Hugging Face directories (safetensors), for the engine's reference and serving tests."""
 
 from __future__ import annotations
 
@@ -76,7 +76,23 @@ def build_mixtral(path, **overrides) -> str:
     return _save(MixtralForCausalLM(cfg), path)
 
 
-BUILDERS = {"qwen3": build_qwen3, "qwen3-moe": build_qwen3_moe, "mixtral": build_mixtral}
+def build_llama_odd_heads(path, **overrides) -> str:
+    """head_dim 24 (not hidden / heads = 16), one KV head for 4 query heads, three layers and
+    an intermediate size that is no multiple of 8: a KV page shape no other model has."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(5)
+    shape = {**_SHAPE, "num_key_value_heads": 1, "head_dim": 24, "num_hidden_layers": 3}
+    cfg = LlamaConfig(**{**shape, "intermediate_size": 100, **overrides}, tie_word_embeddings=False)
+    return _save(LlamaForCausalLM(cfg), path)
+
+
+BUILDERS = {
+    "qwen3": build_qwen3,
+    "qwen3-moe": build_qwen3_moe,
+    "mixtral": build_mixtral,
+    "llama-odd-heads": build_llama_odd_heads,
+}
 
 
 def build_served(path, family: str, **kwargs) -> str:

@@ -1,6 +1,7 @@
-"""Qwen3, Qwen3-MoE and Mixtral: every logit of a prefill and 25 decode steps within 1e-4 of
-transformers in float32, the sparse MLP computing only routed experts, and configurations
-the engine does not implement rejected at load, naming the field."""
+"""Qwen3, Qwen3-MoE, Mixtral and an odd-shaped Llama: every logit of a prefill and 25 decode
+steps within 1e-4 of transformers in float32, the sparse MLP computing only routed experts,
+fields a config omits read with transformers' defaults, and configurations the engine does
+not implement rejected at load, naming the field."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
-"""Numerics against transformers: random-weight Llama (GQA, untied, llama3/linear rope),
-Qwen2 (q/k/v bias, tied), Qwen3 (q/k norm), Qwen3-MoE and Mixtral models saved to disk and
-loaded by pdserve; fp32 logits agree and greedy generation matches `generate` token for
-token at batch 1 and batch 8."""
+"""Numerics against transformers: random-weight Llama (GQA, untied, llama3/linear rope; and
+head_dim != hidden / heads with one KV head), Qwen2 (q/k/v bias, tied), Qwen3 (q/k norm),
+Qwen3-MoE and Mixtral models saved to disk and loaded by pdserve; fp32 logits agree and
+greedy generation matches `generate` token for token at batch 1 and batch 8."""
 
 from __future__ import annotations
 

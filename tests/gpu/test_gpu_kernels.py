@@ -52,7 +52,7 @@ def random_pool(device, dtype, num_pages=40, layers=3, page_size=16, kv_heads=2,
     return torch.randn(num_pages, layers, 2, page_size, kv_heads, head_dim, device=device).to(dtype)
 
 
-@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("head_dim", [64, 128, 24])
 def test_rope_store_writes_rotated_k_and_v_into_the_page_slot(device, dtype, head_dim):
     heads, kv_heads, layer = 8, 2, 1
     pool = random_pool(device, dtype, kv_heads=kv_heads, head_dim=head_dim)
@@ -76,7 +76,7 @@ def test_rope_store_writes_rotated_k_and_v_into_the_page_slot(device, dtype, hea
     assert torch.equal(pool, expected), "a slot outside the three new tokens changed"
 
 
-@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("head_dim", [64, 128, 24])
 def test_rope_store_with_qk_norm_matches_model_qk_norm_then_rope(device, dtype, head_dim):
     heads, kv_heads, layer, eps = 4, 2, 0, 1e-6
     pool = random_pool(device, dtype, kv_heads=kv_heads, head_dim=head_dim)
@@ -103,7 +103,9 @@ def reference_decode(q, pool, layer, seqs, page_size):
 
 
 @pytest.mark.parametrize("num_splits", [1, 4, 32])
-@pytest.mark.parametrize("head_dim,kv_heads,group", [(64, 2, 4), (128, 1, 8), (64, 4, 1)])
+@pytest.mark.parametrize(
+    "head_dim,kv_heads,group", [(64, 2, 4), (128, 1, 8), (64, 4, 1), (24, 1, 4), (80, 2, 3)]
+)
 def test_paged_decode_attention_matches_gather_sdpa(
     device, dtype, num_splits, head_dim, kv_heads, group
 ):

@@ -1,6 +1,7 @@
 """The Triton grouped-GEMM MoE block against the PyTorch sparse MLP it replaces: the expert
 layout covers every assignment once, results agree, unrouted experts are never read, and
-the decode kernels give the PyTorch path's greedy tokens for Qwen3, Qwen3-MoE and Mixtral."""
+the decode kernels give the PyTorch path's greedy tokens for Qwen3, Qwen3-MoE, Mixtral and
+an odd-shaped Llama (head_dim 24, one KV head)."""
 
 from __future__ import annotations
 

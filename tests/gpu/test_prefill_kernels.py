@@ -51,7 +51,9 @@ def run_both(pool, layer, segments, num_heads, device, dtype):
     return out, ref
 
 
-@pytest.mark.parametrize("head_dim,kv_heads,group", [(64, 2, 4), (128, 1, 8), (64, 4, 1)])
+@pytest.mark.parametrize(
+    "head_dim,kv_heads,group", [(64, 2, 4), (128, 1, 8), (64, 4, 1), (24, 1, 4), (80, 2, 3)]
+)
 def test_paged_prefill_attention_matches_gather_sdpa(device, dtype, head_dim, kv_heads, group):
     pool = random_pool(device, dtype, num_pages=64, kv_heads=kv_heads, head_dim=head_dim)
     segments = scattered_segments(CHUNKS, 64, seed=head_dim + group)
@@ -80,7 +82,7 @@ def test_paged_prefill_attention_of_one_chunk_from_position_zero(device, dtype, 
     assert rel_err(out, ref) < tol(dtype)
 
 
-@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("head_dim", [64, 128, 24])
 def test_rope_store_tokens_writes_rotated_k_and_v_into_their_slots(device, dtype, head_dim):
     heads, kv_heads, layer = 8, 2, 1
     pool = random_pool(device, dtype, kv_heads=kv_heads, head_dim=head_dim)
@@ -105,7 +107,7 @@ def test_rope_store_tokens_writes_rotated_k_and_v_into_their_slots(device, dtype
     assert torch.equal(pool, expected), "a slot outside the new tokens changed"
 
 
-@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("head_dim", [64, 128, 24])
 def test_rope_store_tokens_with_qk_norm_matches_model_qk_norm_then_rope(device, dtype, head_dim):
     heads, kv_heads, layer, eps = 4, 2, 0, 1e-6
     pool = random_pool(device, dtype, kv_heads=kv_heads, head_dim=head_dim)
