@@ -1,6 +1,8 @@
-"""PD with a mixture-of-experts model (random Qwen3-MoE): tokens through prefill -> decode
-equal the colocated server's, and a decode server whose model routes differently (same
-tensors, other norm_topk_prob) is refused by the layout check instead of decoding."""
+"""PD with models other than tiny-random: tokens through prefill -> decode equal the colocated
+server's for a random Qwen3-MoE, and for a Llama whose KV pages have another shape (head_dim
+24 != hidden / heads, one KV head; pages of one token, two prefill DP workers); a decode
+server whose model routes differently (same tensors, other norm_topk_prob) is refused by
+the layout check instead of decoding."""
 
 from __future__ import annotations
 
@@ -28,8 +30,15 @@ def _pd_results(prefill, decode, bodies: list[dict]):
     )
 
 
-def test_pd_tokens_equal_colocated_for_a_moe_model(pd, server_factory, moe_dir):
-    model = ["--model-path", moe_dir]
+@pytest.mark.parametrize(
+    ("family", "args", "prefill_dp"),
+    [("qwen3-moe", [], 1), ("llama-odd-heads", ["--page-size", "1"], 2)],
+)
+def test_pd_tokens_equal_colocated_for_other_model_shapes(
+    pd, server_factory, moe_dir, tmp_path, family, args, prefill_dp
+):
+    model_dir = moe_dir if family == "qwen3-moe" else build_served(tmp_path, family)
+    model = ["--model-path", model_dir, *args]
     colocated = server_factory(model)
     bodies = _bodies()[::3]  # greedy and seeded, short to multi-page prompts
     want = []
@@ -37,7 +46,7 @@ def test_pd_tokens_equal_colocated_for_a_moe_model(pd, server_factory, moe_dir):
         resp = requests.post(colocated.url + "/generate", json=body, timeout=60)
         assert resp.status_code == 200, resp.text
         want.append(resp.json()["output_ids"])
-    prefill, decode = pd.prefill(1, args=model), pd.decode(1, args=model)
+    prefill, decode = pd.prefill(prefill_dp, args=model), pd.decode(1, args=model)
     for body, expected, result in zip(
         bodies, want, _pd_results(prefill, decode, bodies), strict=True
     ):
