@@ -139,6 +139,10 @@ class DPController:
         return min(r.max_context_len for r in self.ready.values())
 
     @property
+    def vocab_size(self) -> int:
+        return min(r.vocab_size for r in self.ready.values())
+
+    @property
     def page_size(self) -> int:
         return next(iter(self.ready.values())).page_size
 

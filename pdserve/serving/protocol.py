@@ -86,6 +86,7 @@ class WorkerReady(msgspec.Struct, tag=True, kw_only=True):
     num_total_pages: int
     page_size: int
     max_context_len: int
+    vocab_size: int  # the model's: prompt ids must be below it
     kv_endpoint: str | None = None
     kv_layout: KVLayout | None = None
 

@@ -35,7 +35,7 @@ class ServerState:
         return Limits(
             dp_size=self.cfg.server.dp_size,
             max_context_len=self.controller.max_context_len,
-            vocab_size=len(self.tokenizer),
+            vocab_size=self.controller.vocab_size,
             mode=self.cfg.server.mode,
         )
 

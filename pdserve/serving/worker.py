@@ -241,6 +241,7 @@ def _start(
         num_total_pages=engine.num_total_pages,
         page_size=engine.page_size,
         max_context_len=engine.max_context_len,
+        vocab_size=engine.model.args.vocab_size,
         kv_endpoint=hooks.kv_endpoint,
         kv_layout=engine.kv_layout(),
     )

@@ -168,3 +168,23 @@ def test_an_oversized_or_unfinished_body_is_answered_not_waited_for(server_facto
     assert b"not complete within 2 s" in answer
     status, out = http_json("POST", f"{server.url}/generate", GOOD)
     assert status == 200 and len(out["output_ids"]) >= 1
+
+
+def test_prompt_ids_are_checked_against_the_model_vocabulary_not_the_tokenizer(
+    server_factory, tmp_path
+):
+    """Checkpoints pad the embedding past the tokenizer (Qwen: 151936 rows for 151665
+    tokens): every id below the model's vocab_size is a valid prompt id, none above it."""
+    from pdserve.engine.tiny_random import EOS_TOKEN_ID, build_tokenizer
+    from tests.engine.families import build_llama_odd_heads
+
+    num_tokens = build_tokenizer(str(tmp_path))
+    vocab_size = num_tokens + 11
+    build_llama_odd_heads(tmp_path, vocab_size=vocab_size, eos_token_id=EOS_TOKEN_ID)
+    server = server_factory(["--model-path", str(tmp_path)])
+    body = {"input_ids": [5, num_tokens + 3], "sampling_params": {"max_new_tokens": 2}}
+    status, out = http_json("POST", f"{server.url}/generate", body)
+    assert status == 200 and len(out["output_ids"]) == 2, out
+    body["input_ids"] = [5, vocab_size]
+    status, out = http_json("POST", f"{server.url}/generate", body)
+    assert status == 400 and f"[0, {vocab_size})" in out["error"]["message"], out
