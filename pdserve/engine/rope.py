@@ -12,10 +12,10 @@ ROPE_TYPES = ("default", "linear", "llama3")
 
 def rope_params_from_hf(cfg: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
     """(rope_theta, scaling) from a config.json in either layout: transformers 5 writes
-    `rope_parameters`, older versions `rope_theta` + `rope_scaling`."""
-    params = dict(cfg.get("rope_parameters") or {})
-    scaling = dict(cfg.get("rope_scaling") or params)
-    theta = float(params.get("rope_theta", cfg.get("rope_theta", 10000.0)))
+    `rope_parameters`, older versions `rope_theta` + `rope_scaling`. As in transformers, a
+    `rope_scaling` is the rope dict wherever it is given; its theta, else the top-level one."""
+    scaling = dict(cfg.get("rope_scaling") or cfg.get("rope_parameters") or {})
+    theta = float(scaling.get("rope_theta", cfg.get("rope_theta", 10000.0)))
     rope_type = scaling.get("rope_type", scaling.get("type", "default"))
     if rope_type not in ROPE_TYPES:
         raise ValueError(f"unsupported rope type {rope_type!r}; supported: {list(ROPE_TYPES)}")

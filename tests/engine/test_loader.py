@@ -119,9 +119,24 @@ _LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_f
         {
             "rope_scaling": {**_LLAMA3, "original_max_position_embeddings": 32},
             "original_max_position_embeddings": 16,
-        },  # fmt: skip
+        },
+        # rope_scaling is the rope dict wherever it is given, its rope_theta included
+        {"rope_scaling": {"rope_type": "linear", "factor": 2.0, "rope_theta": 500.0}},
+        {
+            "rope_scaling": {"rope_type": "linear", "factor": 2.0},
+            "rope_parameters": {"rope_type": "default", "rope_theta": 500.0},
+        },
     ],
-    ids=["default", "linear", "llama3", "llama3-no-original", "llama3-legacy", "llama3-top-level"],
+    ids=[
+        "default",
+        "linear",
+        "llama3",
+        "llama3-no-original",
+        "llama3-legacy",
+        "llama3-top-level",
+        "theta-in-rope-scaling",
+        "rope-scaling-over-parameters",
+    ],
 )
 def test_rope_frequencies_equal_transformers(rope):
     from transformers import LlamaConfig
