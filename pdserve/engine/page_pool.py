@@ -8,6 +8,7 @@ Without a prefix cache it is the bare allocator. With one, a request's `page_ids
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import dataclass
 
 from pdserve.engine.page_allocator import PageAllocator
 from pdserve.engine.page_hash import page_hashes
@@ -29,6 +30,16 @@ def _matchable_tokens(req: Request) -> int:
     return limit
 
 
+@dataclass
+class _AsidePins:
+    """The cached pages an ended request's transfer still uses (`waiting`, until released)
+    and the chain from its first page to the deepest of them, pinned once: the cache can
+    evict every unpinned page it counts only while a pinned page's parents are pinned too."""
+
+    chain: list[int]
+    waiting: Counter[int]
+
+
 class PagePool:
     def __init__(
         self,
@@ -42,7 +53,12 @@ class PagePool:
         self.cache = cache
         self.hash_seed = hash_seed
         self.set_aside_pages: set[int] = set()  # allocated, owned by nobody, out of use
-        self.set_aside_pins: Counter[int] = Counter()  # cached pages pinned by set_aside
+        self._aside_pins: list[_AsidePins] = []
+
+    @property
+    def set_aside_pins(self) -> Counter[int]:
+        """Cached pages pinned for transfers of ended requests, with their pin counts."""
+        return Counter(p for record in self._aside_pins for p in record.chain)
 
     @property
     def num_evictable(self) -> int:
@@ -163,30 +179,37 @@ class PagePool:
     def set_aside(self, req: Request, page_ids: list[int]) -> None:
         """Keep pages a transfer may still write or read unchanged past the ending request,
         until `release_set_aside`: its own pages stay allocated and out of use (nothing past
-        its pins is cached from it); cached pages it pins keep one pin each, so they are
-        neither evicted nor rewritten."""
+        its pins is cached from it); cached pages it pins stay pinned, with the cached
+        prefix under them (a delta send reads only pages past decode's prefix), so they
+        are neither evicted nor rewritten."""
         own = set(req.page_ids[req.num_pinned_pages :])
-        pinned = set(req.page_ids[: req.num_pinned_pages])
+        pinned = req.page_ids[: req.num_pinned_pages]
         kept = {p for p in page_ids if p in own}
         req.page_ids = [p for p in req.page_ids if p not in kept]
         req.num_computed = min(req.num_computed, req.num_pinned_pages * self.page_size)
         self.set_aside_pages |= kept
-        shared = sorted({p for p in page_ids if p in pinned})
+        wanted = set(page_ids)
+        shared = [i for i, p in enumerate(pinned) if p in wanted]
         if shared:
-            self.cache.acquire(shared)
-            self.set_aside_pins.update(shared)
+            chain = pinned[: shared[-1] + 1]
+            self.cache.acquire(chain)
+            self._aside_pins.append(_AsidePins(chain, Counter(pinned[i] for i in shared)))
 
     def release_set_aside(self, page_ids: list[int]) -> None:
-        """The transfers into or out of these set-aside pages have ended: own pages are free,
-        cached ones lose the pin `set_aside` kept (others ignored)."""
+        """The transfers into or out of these set-aside pages have ended: own pages are free;
+        cached ones are done with, and a chain `set_aside` pinned is let go once all of its
+        pages are (others ignored). The transport may report one room's pages in parts."""
         freed = [p for p in page_ids if p in self.set_aside_pages]
         self.set_aside_pages.difference_update(freed)
         self.allocator.free(freed)
-        unpinned = [p for p in set(page_ids) if self.set_aside_pins[p] > 0]
-        if unpinned:
-            self.set_aside_pins.subtract(unpinned)
-            self.set_aside_pins += Counter()  # drops the zero counts
-            self.cache.release(unpinned)
+        for page_id in set(page_ids):
+            record = next((r for r in self._aside_pins if r.waiting[page_id] > 0), None)
+            if record is None:
+                continue
+            record.waiting[page_id] -= 1
+            if not +record.waiting:  # every page it waited for is released
+                self._aside_pins.remove(record)
+                self.cache.release(record.chain)
 
     def put_back(self, req: Request, keep_kv: bool) -> None:
         """The request is done with its pages. With `keep_kv`, full pages whose KV it

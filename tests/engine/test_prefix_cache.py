@@ -127,7 +127,9 @@ def test_matched_pages_are_not_counted_as_room_for_their_own_request():
 class PagePoolMachine(RuleBasedStateMachine):
     """Requests over a 3-token alphabet (so prefixes are shared) are admitted, computed,
     cached while running, decoded, preempted and finished in any order, with evictions and flushes between.
-    `written` models the KV: which tokens each page holds."""
+    A request may end with pages a transfer still uses set aside (any run of its pages
+    from some page on: a delta send reads the pages past decode's prefix), released later,
+    in parts. `written` models the KV: which tokens each page holds."""
 
     def __init__(self):
         super().__init__()
@@ -135,6 +137,7 @@ class PagePoolMachine(RuleBasedStateMachine):
         self.cache = PrefixCache(self.allocator)
         self.pool = PagePool(self.allocator, PAGE, self.cache, hash_seed=5)
         self.live: list[Request] = []
+        self.aside: list[list[int]] = []  # pages set aside and not released yet, in parts
         self.written: dict[int, tuple[int, ...]] = {}
         self.num_reqs = 0
 
@@ -204,11 +207,31 @@ class PagePoolMachine(RuleBasedStateMachine):
         if readmit:  # preemption: the same sequence comes back
             self._admit(req)
 
+    @precondition(lambda self: self.live)
+    @rule(data=st.data(), keep_kv=st.booleans())
+    def end_with_pages_set_aside(self, data, keep_kv):
+        req = data.draw(st.sampled_from(self.live))
+        kept = req.page_ids[data.draw(st.integers(0, len(req.page_ids))) :]
+        self.live.remove(req)
+        self.pool.set_aside(req, kept)
+        self.pool.put_back(req, keep_kv)
+        cut = data.draw(st.integers(0, len(kept)))
+        self.aside += [part for part in (kept[:cut], kept[cut:]) if part]
+
+    @precondition(lambda self: self.aside)
+    @rule(data=st.data())
+    def release_set_aside(self, data):
+        part = data.draw(st.sampled_from(self.aside))
+        self.aside.remove(part)
+        self.pool.release_set_aside(part)
+
     @rule(num_pages=st.integers(0, NUM_PAGES))
     def evict(self, num_pages):
         evicted = self.cache.evict(num_pages)
         assert len(evicted) <= num_pages
-        assert not set(evicted) & {p for r in self.live for p in r.page_ids}
+        assert len(evicted) == min(num_pages, self.pool.num_evictable + len(evicted))
+        in_use = {p for r in self.live for p in r.page_ids} | {p for k in self.aside for p in k}
+        assert not set(evicted) & in_use
 
     @rule()
     def flush(self):
@@ -221,15 +244,29 @@ class PagePoolMachine(RuleBasedStateMachine):
     def every_page_has_exactly_one_place(self):
         cached = {p for p in range(NUM_PAGES) if self.cache.is_cached(p)}
         owned = [p for r in self.live for p in r.page_ids[r.num_pinned_pages :]]
+        aside = self.pool.set_aside_pages
         assert len(owned) == len(set(owned)) and not set(owned) & cached
-        assert self.allocator.num_used == len(cached) + len(owned)
+        assert not aside & (cached | set(owned))
+        assert self.allocator.num_used == len(cached) + len(owned) + len(aside)
         assert self.allocator.num_used + self.allocator.num_free == NUM_PAGES
         for page_id in cached:
             pins = sum(page_id in r.page_ids[: r.num_pinned_pages] for r in self.live)
+            pins += self.pool.set_aside_pins[page_id]
             assert self.cache.refcount(page_id) == pins
+        # A page a transfer still uses is its own, or cached and pinned: never reused.
+        for page_id in {p for k in self.aside for p in k}:
+            assert page_id in aside or self.cache.refcount(page_id) > 0
         unreferenced = sum(self.cache.refcount(p) == 0 for p in cached)
         assert self.cache.num_evictable_pages == unreferenced
-        assert self.pool.num_used == len(owned) + len(cached) - unreferenced
+        assert self.pool.num_used == len(owned) + len(aside) + len(cached) - unreferenced
+
+    @invariant()
+    def a_parent_is_pinned_at_least_as_often_as_its_children(self):
+        """The cache's invariant, on which counting every unpinned page as evictable rests."""
+        pages = self.cache._pages
+        for page in pages.values():
+            if page.parent_hash is not None:
+                assert pages[page.parent_hash].refcount >= page.refcount
 
     @invariant()
     def pinned_pages_are_a_cached_chain_prefix(self):

@@ -292,3 +292,28 @@ def test_prefill_pages_a_send_may_still_read_are_neither_reused_nor_evicted(tiny
     engine.release_pages(held)
     assert engine.num_used_pages == 0
     assert engine.allocator.num_free + engine.num_cached_pages == engine.num_total_pages
+
+
+def test_an_aborted_delta_send_keeps_the_prefix_under_its_pages_counted_used(tiny_engine_factory):
+    """Prefill sends only the pages past the prefix decode holds (delta): when such a send is
+    aborted, its kept pages pin their cached parents too. A parent nobody pins but whose
+    child is pinned cannot be evicted, so it must not be counted free: every page the
+    pool reports free can be had."""
+    engine = tiny_engine_factory(max_total_tokens=12 * PAGE)
+    req = Request("sending", SYSTEM + [71] * 40, greedy())  # 6 pages, 5 of them full
+    req.prefill_only = True
+    engine.add_request(req)
+    held = None
+    while held is None:
+        held = next((o.held_page_ids for o in engine.step() if o.rid == "sending"), None)
+    assert req.num_pinned_pages == 5
+    delta = held[2:]  # decode held the first two pages
+    engine.abort("sending", "decode gone", keep_page_ids=delta)
+    assert engine.num_used_pages == len(held)
+    num_free = engine.num_free_pages
+    fill = Request("fill", [90 + i % 7 for i in range(num_free * PAGE - 1)], greedy(1))
+    assert engine.reserve(fill) is not None
+    engine.abort("fill", "test")
+    engine.release_pages(delta)
+    assert engine.num_used_pages == 0 and engine.num_evictable_pages == engine.num_cached_pages
+    assert engine.allocator.num_free + engine.num_cached_pages == engine.num_total_pages
