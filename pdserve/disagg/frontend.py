@@ -32,7 +32,7 @@ from pdserve.disagg.rank_resolver import (
     resolve_decode,
 )
 from pdserve.disagg.worker_side import advertised_host
-from pdserve.serving.hooks import FrontendHooks, RequestError
+from pdserve.serving.hooks import FrontendHooks, RequestCancelled, RequestError
 from pdserve.serving.pd_fields import PDFields, RoomAddress, home_rank
 from pdserve.serving.protocol import GenerateReq, ReqOutput
 
@@ -172,13 +172,15 @@ class PrefillFrontendHooks(_PDFrontendHooks):
             if rank not in self.controller.dead:
                 self.controller.room_failed(rank, room, reason, status)
 
-    def on_finished(self, req: GenerateReq, error: str | None) -> None:
+    def on_finished(self, req: GenerateReq, error: RequestError | None) -> None:
         if req.disagg is None:
             return
         if error is None:
             self.registry.drop_room(req.disagg.room)
         else:
-            self.registry.record_failure(req.disagg.room, error, 500, time.monotonic())
+            self.registry.record_failure(
+                req.disagg.room, error.message, error.status, time.monotonic()
+            )
 
 
 def _secret_warnings(cfg: ServerConfig) -> list[str]:
@@ -277,14 +279,13 @@ class DecodeFrontendHooks(_PDFrontendHooks):
                 req.disagg.prefill_bootstrap, req.disagg.room, RequestError(499, reason)
             )
 
-    def on_finished(self, req: GenerateReq, error: str | None) -> None:
-        """A decode leg that ended badly (deadline, disconnect, dead peer) also stops the
-        prefill leg, which would otherwise hold its pages until its own deadline."""
+    def on_finished(self, req: GenerateReq, error: RequestError | None) -> None:
+        """A decode leg that ended badly (deadline, disconnect, dead peer, a prompt too
+        large for this pool) also stops the prefill leg, which would otherwise hold its
+        pages until its own deadline; that leg answers with the status this one got."""
         if error is not None and req.disagg is not None and req.disagg.prefill_bootstrap:
-            self._tell_prefill(
-                req.disagg.prefill_bootstrap, req.disagg.room, RequestError(500, error)
-            )
-            if error != "cancelled" and self.peers is not None:
+            self._tell_prefill(req.disagg.prefill_bootstrap, req.disagg.room, error)
+            if not isinstance(error, RequestCancelled) and self.peers is not None:
                 self.peers.forget(req.disagg.prefill_bootstrap)
 
     def _tell_prefill(self, url: str, room: int, exc: RequestError) -> None:

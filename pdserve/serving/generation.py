@@ -16,7 +16,7 @@ from typing import Any
 from pdserve.engine.request import FinishReason
 from pdserve.serving.detokenizer import IncrementalDetokenizer
 from pdserve.serving.dp_controller import DPController, InFlight
-from pdserve.serving.hooks import FrontendHooks, RequestError
+from pdserve.serving.hooks import FrontendHooks, RequestCancelled, RequestError
 from pdserve.serving.protocol import DisaggInfo, GenerateReq, ReqOutput
 from pdserve.serving.request_parse import GenItem
 
@@ -90,7 +90,7 @@ class Generator:
             item.sampling.stop,
             item.sampling.no_stop_trim,
         )
-        error: str | None = "cancelled"
+        error: RequestError | None = RequestCancelled()
         try:
             async for msg in self._outputs(self.controller.inflight[req.rid], result):
                 if client_gone is not None and client_gone():
@@ -108,7 +108,7 @@ class Generator:
                     error = None
                     return
         except RequestError as exc:
-            error = exc.message
+            error = exc
             raise
         finally:
             self._close(req, result, error)
@@ -199,16 +199,16 @@ class Generator:
             text, list(msg.new_token_ids), list(msg.new_token_logprobs), list(msg.new_top_logprobs)
         )
 
-    def _close(self, req: GenerateReq, result: ItemResult, error: str | None) -> None:
+    def _close(self, req: GenerateReq, result: ItemResult, error: RequestError | None) -> None:
         if req.disagg is not None:
             self.rooms_in_flight.discard(req.disagg.room)
         result.finished_at = time.monotonic()
         if error is not None:
-            self.controller.abort(req.rid, error)
+            self.controller.abort(req.rid, error.message)
         self.controller.forget(req.rid)
         with contextlib.suppress(Exception):
             self.hooks.on_finished(req, error)
-        if error == "cancelled":
+        if isinstance(error, RequestCancelled):
             status = "cancelled"
         elif error is not None:
             status = "error"

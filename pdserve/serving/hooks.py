@@ -31,6 +31,13 @@ class RequestError(Exception):
         self.param = param
 
 
+class RequestCancelled(RequestError):
+    """The client went away before the request ended: nobody reads the answer."""
+
+    def __init__(self) -> None:
+        super().__init__(499, "cancelled")
+
+
 class FrontendHooks:
     """Runs in the HTTP front-end process (asyncio)."""
 
@@ -58,8 +65,9 @@ class FrontendHooks:
     def on_output(self, req: GenerateReq, out: ReqOutput) -> None:
         """Called for every output message of the request (metrics of the PD layer)."""
 
-    def on_finished(self, req: GenerateReq, error: str | None) -> None:
-        """Called when the request's worker answered its last message."""
+    def on_finished(self, req: GenerateReq, error: RequestError | None) -> None:
+        """Called when the request's worker answered its last message; `error` (with the
+        status its client got) when it failed, `RequestCancelled` when the client left."""
 
     def on_rejected(self, rooms: list[RoomAddress], status: int, message: str) -> None:
         """Called when the front end answers an error for a request naming `rooms` before
