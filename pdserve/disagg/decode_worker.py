@@ -17,6 +17,7 @@ import msgspec
 from pdserve.disagg import kv_auth
 from pdserve.disagg import messages as m
 from pdserve.disagg.config import DisaggConfig
+from pdserve.disagg.delta import prompt_digest
 from pdserve.disagg.rooms import IllegalRoomTransition, RoomState, error_output, transition
 from pdserve.disagg.transfer.base import Event, KVReceived, KVTransport, PagesSettled, PeerLost
 from pdserve.engine.request import FinishReason, Request, StepOutput
@@ -361,6 +362,7 @@ class DecodeWorkerHooks(WorkerHooks):
             dst_page_ids=list(room.dst_page_ids),
             prompt_len=len(room.req.prompt_ids),
             num_cached_tokens=room.num_cached_tokens,
+            prompt_digest=prompt_digest(room.req.prompt_ids),
         )
         if not self._send(peer, page_list):
             return self._fail(room.room, 503, f"prefill worker at {peer.endpoint} is unreachable")

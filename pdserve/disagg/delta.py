@@ -1,8 +1,22 @@
 """Delta transfer (docs/protocol.md section 8), pure: which of prefill's pages go to decode when
-decode already holds the prompt's first `num_cached_tokens` tokens. Runs in prefill workers.
+decode already holds the prompt's first `num_cached_tokens` tokens, and the digest by which
+both legs show they hold one prompt. Runs in prefill and decode workers.
 """
 
 from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+
+import numpy as np
+
+
+def prompt_digest(token_ids: Sequence[int]) -> int:
+    """A 64-bit digest of a prompt's token ids. Decode caches the KV it receives under the
+    page hashes of its own prompt: KV of another prompt (legs sent different prompts of one
+    length) would answer later requests with wrong tokens, so prefill sends none."""
+    data = np.asarray(token_ids, dtype="<i8").tobytes()
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little")
 
 
 def delta_error(

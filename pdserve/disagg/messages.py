@@ -12,7 +12,8 @@ from pdserve.engine.kv_layout import KVLayout
 
 # 2: PageList carries num_cached_tokens and prefill sends only the pages past it.
 # 3: registrations, server info and the handshake carry the server's restart epoch.
-PROTOCOL_VERSION = 3
+# 4: PageList carries prompt_digest; prefill sends no KV for a prompt other than its own.
+PROTOCOL_VERSION = 4
 
 
 class HandshakeProof(msgspec.Struct, frozen=True, kw_only=True):
@@ -47,12 +48,15 @@ class PageList(msgspec.Struct, tag=True, kw_only=True):
     """decode -> prefill: where to write room's KV. Either this or the request may come first.
 
     Decode holds the prompt's first `num_cached_tokens` tokens already (page-aligned, at most
-    prompt_len - 1): `dst_page_ids` are for the pages past them only (the delta)."""
+    prompt_len - 1): `dst_page_ids` are for the pages past them only (the delta).
+    `prompt_digest` (`disagg.delta.prompt_digest` of decode's prompt) must be prefill's:
+    a page list without it gets no KV."""
 
     room: int
     dst_page_ids: list[int]
     prompt_len: int
     num_cached_tokens: int = 0
+    prompt_digest: int | None = None
 
 
 class FirstToken(msgspec.Struct, frozen=True, kw_only=True):

@@ -27,9 +27,11 @@ class PrefillRoom:
     rid: str | None = None  # the request, from the front end
     parked: Request | None = None  # the request, until the gate hands it to the engine
     prompt_len: int = 0
+    prompt_digest: int = 0  # of the request's prompt (disagg.delta.prompt_digest)
     peer: object | None = None  # decode's page list: who sent it, where the KV goes
     dst_page_ids: list[int] | None = None
     dst_prompt_len: int = 0
+    dst_prompt_digest: int | None = None  # of decode's prompt, from its page list
     num_cached_tokens: int = 0  # decode holds these prompt tokens: their pages are not sent
     # Handed over by the engine once the prompt is computed; held until engine.release().
     src_page_ids: list[int] | None = None

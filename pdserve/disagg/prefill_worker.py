@@ -16,7 +16,7 @@ from pdserve.auth import ProofChecker
 from pdserve.disagg import kv_auth
 from pdserve.disagg import messages as m
 from pdserve.disagg.config import DisaggConfig
-from pdserve.disagg.delta import delta_error, pages_to_send
+from pdserve.disagg.delta import delta_error, pages_to_send, prompt_digest
 from pdserve.disagg.prefill_gate import PrefillGate
 from pdserve.disagg.prefill_room import WAITING_FOR_ONE_SIDE, FailedRoom, PrefillRoom
 from pdserve.disagg.room_relay import ForwardTable
@@ -111,6 +111,7 @@ class PrefillWorkerHooks(WorkerHooks):
         else:
             room.move(RoomState.WAITING_FOR_INPUT)
         room.rid, room.prompt_len = req.rid, len(req.prompt_ids)
+        room.prompt_digest = prompt_digest(req.prompt_ids)
         room.arrived_at, room.parked = now, req
         self.room_of_rid[req.rid] = room_id
         num_pages = pages_for(room.prompt_len, self.layout.page_size)
@@ -330,6 +331,7 @@ class PrefillWorkerHooks(WorkerHooks):
             return []
         room.peer, room.dst_page_ids, room.dst_prompt_len = peer, msg.dst_page_ids, msg.prompt_len
         room.num_cached_tokens = msg.num_cached_tokens
+        room.dst_prompt_digest = msg.prompt_digest
         self.gate.on_listed(msg.room)
         return self._maybe_send(room, now)
 
@@ -337,19 +339,8 @@ class PrefillWorkerHooks(WorkerHooks):
         """Starts the send once the room has both sides and the engine's pages."""
         if room.state is not RoomState.WAITING_FOR_INPUT or room.src_page_ids is None:
             return []
-        mismatch = delta_error(
-            room.num_cached_tokens,
-            room.prompt_len,
-            self.layout.page_size,
-            len(room.src_page_ids),
-            len(room.dst_page_ids),
-        )
-        if room.dst_prompt_len != room.prompt_len or mismatch:
-            reason = (
-                f"room {room.room}: decode expects {room.dst_prompt_len} prompt tokens, prefill "
-                f"has {room.prompt_len}; {mismatch or 'pages agree'} (do both servers use the "
-                f"same model, tokenizer and --page-size?)"
-            )
+        reason = self._send_error(room)
+        if reason is not None:
             return self._fail_room(room.room, 500, reason, now)
         src_page_ids = pages_to_send(
             room.src_page_ids, room.num_cached_tokens, self.layout.page_size
@@ -366,6 +357,28 @@ class PrefillWorkerHooks(WorkerHooks):
                 room.room, 503, f"sending KV to decode failed: {exc}", now, notify=False
             )
         return []
+
+    def _send_error(self, room: PrefillRoom) -> str | None:
+        """Why the room's KV must not go to decode's pages, or None."""
+        mismatch = delta_error(
+            room.num_cached_tokens,
+            room.prompt_len,
+            self.layout.page_size,
+            len(room.src_page_ids or []),
+            len(room.dst_page_ids or []),
+        )
+        if room.dst_prompt_len != room.prompt_len or mismatch:
+            return (
+                f"room {room.room}: decode expects {room.dst_prompt_len} prompt tokens, prefill "
+                f"has {room.prompt_len}; {mismatch or 'pages agree'} (do both servers use the "
+                f"same model, tokenizer and --page-size?)"
+            )
+        if room.dst_prompt_digest != room.prompt_digest:
+            return (
+                f"room {room.room}: the prompt decode holds is not the one prefill computed "
+                f"(same length, other tokens): both legs of a room must carry the same prompt"
+            )
+        return None
 
     def _finish_sent(self, now: float) -> list[ReqOutput]:
         outputs: list[ReqOutput] = []

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
+import struct
+
 import pytest
 
-from pdserve.disagg.delta import delta_error, pages_to_send
+from pdserve.disagg.delta import delta_error, pages_to_send, prompt_digest
 
 
 def test_only_the_pages_past_the_cached_prefix_are_sent():
@@ -31,3 +34,11 @@ def test_a_page_list_that_does_not_fit_is_refused(
 ):
     error = delta_error(num_cached_tokens, prompt_len, 16, num_src, num_dst)
     assert error is not None and needle in error
+
+
+def test_the_prompt_digest_is_blake2b_over_little_endian_int64_token_ids():
+    """The wire format of PageList.prompt_digest, the same on every host."""
+    data = struct.pack("<3q", 1, 2, 3)
+    expected = int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little")
+    assert prompt_digest([1, 2, 3]) == expected
+    assert prompt_digest([1, 2, 4]) != expected and prompt_digest([1, 2]) != expected

@@ -204,3 +204,27 @@ def test_rooms_arriving_together_take_a_shared_prefix_from_the_first_ones_kv(pai
     held = sorted(a["meta_info"]["decode_cached_tokens"] for a in answers)
     assert held == [0] + [4 * PAGE] * 3
     wait_idle([prefill.url, decode.url])
+
+
+def test_legs_with_other_prompts_of_one_length_move_no_kv_into_decodes_cache(pair, cache_off):
+    """Decode caches the KV it receives under the page hashes of its own prompt: legs of one
+    room carrying different prompts of the same length must fail, or that KV would answer a
+    later, well-formed request for decode's prompt with wrong tokens."""
+    prefill, decode = pair
+    rng = random.Random(17)
+    decode_prompt = [rng.randrange(3, 250) for _ in range(4 * PAGE)]
+    prefill_prompt = [rng.randrange(3, 250) for _ in range(4 * PAGE)]
+    result = pd_generate(
+        prefill.url,
+        decode.url,
+        _body(decode_prompt),
+        bootstrap_port=prefill.bootstrap_port,
+        prefill_extra={"input_ids": prefill_prompt},
+    )
+    for leg in (result.prefill, result.decode):
+        assert leg.status == 500, leg.body
+        assert "both legs of a room must carry the same prompt" in leg.error
+    body = _body(decode_prompt + [7, 8, 9])
+    _, answer = _pd(pair, body)
+    assert answer["output_ids"] == _reference(cache_off, body)
+    wait_idle([prefill.url, decode.url])

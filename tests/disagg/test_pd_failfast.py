@@ -18,6 +18,7 @@ import torch
 
 from pdserve.disagg import messages as m
 from pdserve.disagg.bootstrap_registry import WorkerRegistration
+from pdserve.disagg.delta import prompt_digest
 from pdserve.disagg.transfer import Inbound, make_transport
 from tests.disagg.conftest import TINY, Prefill
 from tests.disagg.pd_driver import (
@@ -245,9 +246,13 @@ def _handshake_as_decode(endpoint: str, layout, epoch: int, room: int | None = N
     answer = _next_message(transport)
     assert isinstance(answer, m.HandshakeResult) and answer.ok, answer
     if room is not None:
-        transport.send(
-            peer, m.PageList(room=room, dst_page_ids=[0, 1, 2], prompt_len=len(BODY["input_ids"]))
+        page_list = m.PageList(
+            room=room,
+            dst_page_ids=[0, 1, 2],
+            prompt_len=len(BODY["input_ids"]),
+            prompt_digest=prompt_digest(BODY["input_ids"]),
         )
+        transport.send(peer, page_list)
     return transport
 
 

@@ -12,6 +12,7 @@ import torch
 
 from pdserve.disagg import messages as m
 from pdserve.disagg.config import DisaggConfig
+from pdserve.disagg.delta import prompt_digest
 from pdserve.disagg.prefill_worker import PrefillWorkerHooks
 from pdserve.disagg.rooms import RoomState
 from pdserve.disagg.transfer import Inbound
@@ -43,11 +44,15 @@ def test_an_aborted_room_keeps_the_pages_its_send_reads_until_settled_and_is_nev
         peer = decode.connect(transport.endpoint)
         decode.send(peer, m.Handshake(decode_id="d", layout=engine.kv_layout()))
         num_pages = -(-PROMPT_LEN // 16)
-        decode.send(
-            peer, m.PageList(room=1, dst_page_ids=list(range(num_pages)), prompt_len=PROMPT_LEN)
-        )
-        poll_until(decode, lambda _: not decode.busy())  # both left once connected
         prompt = [(7 * i) % 400 + 10 for i in range(PROMPT_LEN)]
+        page_list = m.PageList(
+            room=1,
+            dst_page_ids=list(range(num_pages)),
+            prompt_len=PROMPT_LEN,
+            prompt_digest=prompt_digest(prompt),
+        )
+        decode.send(peer, page_list)
+        poll_until(decode, lambda _: not decode.busy())  # both left once connected
         sampling = SamplingParams(max_new_tokens=4, temperature=0.0)
         answers = hooks.on_generate(
             GenerateReq(rid="r1", input_ids=prompt, sampling=sampling, disagg=DisaggInfo(room=1))

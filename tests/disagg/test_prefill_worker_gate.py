@@ -13,6 +13,7 @@ import torch
 
 from pdserve.disagg import messages as m
 from pdserve.disagg.config import DisaggConfig
+from pdserve.disagg.delta import prompt_digest
 from pdserve.disagg.prefill_worker import PrefillWorkerHooks
 from pdserve.disagg.rooms import RoomState
 from pdserve.disagg.transfer import Inbound, KVTransport, make_transport
@@ -56,9 +57,13 @@ class Pair:
         if self.peer is None:
             self.peer = self.decode.connect(self.hooks.kv_endpoint)
             self.decode.send(self.peer, m.Handshake(decode_id="d", layout=self.engine.kv_layout()))
-        self.decode.send(
-            self.peer, m.PageList(room=room, dst_page_ids=dst_page_ids, prompt_len=PROMPT_LEN)
+        page_list = m.PageList(
+            room=room,
+            dst_page_ids=dst_page_ids,
+            prompt_len=PROMPT_LEN,
+            prompt_digest=prompt_digest(_prompt(room)),  # the prompt each test gives room
         )
+        self.decode.send(self.peer, page_list)
 
     def turn(self) -> None:
         """One turn of the worker loop, and decode reading what came."""
