@@ -373,6 +373,8 @@ class PrefillWorkerHooks(WorkerHooks):
                 f"has {room.prompt_len}; {mismatch or 'pages agree'} (do both servers use the "
                 f"same model, tokenizer and --page-size?)"
             )
+        if room.dst_prompt_digest is None:
+            return f"room {room.room}: decode's page list carries no prompt digest"
         if room.dst_prompt_digest != room.prompt_digest:
             return (
                 f"room {room.room}: the prompt decode holds is not the one prefill computed "
