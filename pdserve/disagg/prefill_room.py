@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from pdserve.disagg import messages as m
+from pdserve.disagg.delta import delta_error
 from pdserve.disagg.rooms import RoomState, transition
 
 if TYPE_CHECKING:
@@ -43,6 +44,30 @@ class PrefillRoom:
 
     def move(self, dst: RoomState) -> None:
         self.state = transition(self.room, self.state, dst)
+
+    def send_error(self, page_size: int) -> str | None:
+        """Why the room's KV must not go to decode's pages, or None."""
+        mismatch = delta_error(
+            self.num_cached_tokens,
+            self.prompt_len,
+            page_size,
+            len(self.src_page_ids or []),
+            len(self.dst_page_ids or []),
+        )
+        if self.dst_prompt_len != self.prompt_len or mismatch:
+            return (
+                f"room {self.room}: decode expects {self.dst_prompt_len} prompt tokens, prefill "
+                f"has {self.prompt_len}; {mismatch or 'pages agree'} (do both servers use the "
+                f"same model, tokenizer and --page-size?)"
+            )
+        if self.dst_prompt_digest is None:
+            return f"room {self.room}: decode's page list carries no prompt digest"
+        if self.dst_prompt_digest != self.prompt_digest:
+            return (
+                f"room {self.room}: the prompt decode holds is not the one prefill computed "
+                f"(same length, other tokens): both legs of a room must carry the same prompt"
+            )
+        return None
 
     def stages(self, sent_at: float) -> dict[str, float]:
         """Where the room's time went on prefill: queued (parked too) and computed, then

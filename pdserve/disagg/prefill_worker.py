@@ -16,7 +16,7 @@ from pdserve.auth import ProofChecker
 from pdserve.disagg import kv_auth
 from pdserve.disagg import messages as m
 from pdserve.disagg.config import DisaggConfig
-from pdserve.disagg.delta import delta_error, pages_to_send, prompt_digest
+from pdserve.disagg.delta import pages_to_send, prompt_digest
 from pdserve.disagg.prefill_gate import PrefillGate
 from pdserve.disagg.prefill_room import WAITING_FOR_ONE_SIDE, FailedRoom, PrefillRoom
 from pdserve.disagg.room_relay import ForwardTable
@@ -339,7 +339,7 @@ class PrefillWorkerHooks(WorkerHooks):
         """Starts the send once the room has both sides and the engine's pages."""
         if room.state is not RoomState.WAITING_FOR_INPUT or room.src_page_ids is None:
             return []
-        reason = self._send_error(room)
+        reason = room.send_error(self.layout.page_size)
         if reason is not None:
             return self._fail_room(room.room, 500, reason, now)
         src_page_ids = pages_to_send(
@@ -357,30 +357,6 @@ class PrefillWorkerHooks(WorkerHooks):
                 room.room, 503, f"sending KV to decode failed: {exc}", now, notify=False
             )
         return []
-
-    def _send_error(self, room: PrefillRoom) -> str | None:
-        """Why the room's KV must not go to decode's pages, or None."""
-        mismatch = delta_error(
-            room.num_cached_tokens,
-            room.prompt_len,
-            self.layout.page_size,
-            len(room.src_page_ids or []),
-            len(room.dst_page_ids or []),
-        )
-        if room.dst_prompt_len != room.prompt_len or mismatch:
-            return (
-                f"room {room.room}: decode expects {room.dst_prompt_len} prompt tokens, prefill "
-                f"has {room.prompt_len}; {mismatch or 'pages agree'} (do both servers use the "
-                f"same model, tokenizer and --page-size?)"
-            )
-        if room.dst_prompt_digest is None:
-            return f"room {room.room}: decode's page list carries no prompt digest"
-        if room.dst_prompt_digest != room.prompt_digest:
-            return (
-                f"room {room.room}: the prompt decode holds is not the one prefill computed "
-                f"(same length, other tokens): both legs of a room must carry the same prompt"
-            )
-        return None
 
     def _finish_sent(self, now: float) -> list[ReqOutput]:
         outputs: list[ReqOutput] = []
