@@ -13,6 +13,7 @@ import msgspec
 from pdserve.router.http_client import HttpClient, HttpError
 from pdserve.router.http_server import Response, json_response
 from pdserve.router.workers import Worker
+from pdserve.serving.hooks import error_object
 
 
 async def _get(client: HttpClient, worker: Worker, path: str, timeout_s: float) -> Any:
@@ -54,7 +55,7 @@ async def health_generate(client: HttpClient, workers: list[Worker], timeout_s: 
     checked = [{"url": w.url, "role": w.role} for w in workers]
     if errors:
         message = "health_generate failed: " + "; ".join(errors)
-        return json_response({"error": {"message": message, "code": 503}, "workers": checked}, 503)
+        return json_response({"error": error_object(503, message), "workers": checked}, 503)
     return json_response({"status": "ok", "workers": checked})
 
 
@@ -81,5 +82,5 @@ async def flush_cache(client: HttpClient, workers: list[Worker], timeout_s: floa
         message = f"flush_cache failed on {len(failed)} of {len(workers)} workers: " + "; ".join(
             failed
         )
-        return json_response({"error": {"message": message, "code": 502}, "workers": entries}, 502)
+        return json_response({"error": error_object(502, message), "workers": entries}, 502)
     return json_response({"status": "ok", "workers": entries})

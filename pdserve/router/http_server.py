@@ -19,6 +19,7 @@ import msgspec
 
 from pdserve.router.http_connection import WriteFlow
 from pdserve.router.http_parse import ParsedRequest, ParseError, RequestParser, find_header
+from pdserve.serving.hooks import error_object
 
 log = logging.getLogger(__name__)
 # Requests read ahead of the one being answered before the connection stops reading.
@@ -284,7 +285,7 @@ class ServerConnection(WriteFlow):
 
 
 def _error(status: int, message: str) -> Response:
-    return json_response({"error": {"message": message, "code": status}}, status)
+    return json_response({"error": error_object(status, message)}, status)
 
 
 def _error_handler(status: int, message: str) -> Handler:

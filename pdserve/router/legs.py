@@ -21,9 +21,16 @@ from pdserve.router.http_client import (
     Response,
     ResponseTimeout,
 )
-from pdserve.router.merge import SSEBuffer, error_message, event_error, event_json
+from pdserve.router.merge import (
+    SSEBuffer,
+    error_details,
+    error_message,
+    event_error,
+    event_json,
+)
 from pdserve.router.metrics import RouterMetrics
 from pdserve.router.workers import Worker
+from pdserve.serving.hooks import error_object
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -43,6 +50,8 @@ class LegError(Exception):
         reason: str,
         retryable: bool,
         answered: bool = False,
+        kind: str | None = None,
+        param: str | None = None,
     ):
         super().__init__(f"{worker.role} {worker.url}: {message}")
         self.worker = worker
@@ -51,6 +60,8 @@ class LegError(Exception):
         self.reason = reason
         self.retryable = retryable
         self.answered = answered
+        self.kind = kind  # the worker's error `type` and `param`, relayed as they were
+        self.param = param
 
     @property
     def client_fault(self) -> bool:
@@ -65,9 +76,10 @@ class LegError(Exception):
         )
 
     def to_json(self) -> dict:
-        """The `error` object of the router's answer."""
+        """The `error` object of the router's answer: the server's, plus the worker."""
         worker = {"url": self.worker.url, "role": self.worker.role}
-        return {"message": self.client_message, "code": self.status, "worker": worker}
+        error = error_object(self.status, self.client_message, self.kind, self.param)
+        return {**error, "worker": worker}
 
 
 def retryable_status(status: int) -> bool:
@@ -96,7 +108,9 @@ async def http_error(worker: Worker, resp: Response) -> LegError:
         body = repr(exc).encode()
     status = resp.status
     message = error_message(body, status)
-    return LegError(worker, status, message, f"http_{status}", retryable_status(status), True)
+    kind, param = error_details(body)
+    retryable = retryable_status(status)
+    return LegError(worker, status, message, f"http_{status}", retryable, True, kind, param)
 
 
 def stream_event_error(worker: Worker, obj: object) -> LegError | None:
@@ -107,7 +121,9 @@ def stream_event_error(worker: Worker, obj: object) -> LegError | None:
     err = obj.get("error") if isinstance(obj, dict) else None
     code = err.get("code") if isinstance(err, dict) else None
     status = code if isinstance(code, int) and 400 <= code < 600 else 500
-    return LegError(worker, status, message, f"stream_{status}", retryable_status(status), True)
+    kind, param = error_details(msgspec.json.encode(obj))
+    retryable = retryable_status(status)
+    return LegError(worker, status, message, f"stream_{status}", retryable, True, kind, param)
 
 
 @dataclass

@@ -34,6 +34,19 @@ def error_message(body: bytes, status: int | None = None) -> str:
     return str(data)[:500]
 
 
+def error_details(body: bytes) -> tuple[str | None, str | None]:
+    """(`type`, `param`) of a worker's OpenAI-shaped error body; None where it has none."""
+    try:
+        data = _json_decode(body)
+    except msgspec.DecodeError:
+        return None, None
+    err = data.get("error") if isinstance(data, dict) else None
+    if not isinstance(err, dict):
+        return None, None
+    kind, param = err.get("type"), err.get("param")
+    return (kind if isinstance(kind, str) else None), (param if isinstance(param, str) else None)
+
+
 class SSEBuffer:
     """Splits a byte stream into whole server-sent events (each ends with a blank line)."""
 

@@ -1,5 +1,6 @@
 """The request path of the router: parse, choose a pair, run attempts with retries, answer
-errors as `{"error": {"message": ...}}` (router process)."""
+errors in the servers' shape, `{"error": {"message", "type", "param", "code"}}` (router
+process)."""
 
 from __future__ import annotations
 
@@ -20,12 +21,13 @@ from pdserve.router.metrics import RouterMetrics
 from pdserve.router.pairing import NoWorker, Pair, PairChooser
 from pdserve.router.prefix_table import Prompt
 from pdserve.router.prompt_tokens import PromptTokenizer
+from pdserve.serving.hooks import error_object
 
 log = logging.getLogger(__name__)
 
 
 def error_response(status: int, message: str) -> Response:
-    return json_response({"error": {"message": message, "code": status}}, status)
+    return json_response({"error": error_object(status, message)}, status)
 
 
 class Proxy:

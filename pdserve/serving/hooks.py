@@ -30,6 +30,18 @@ class RequestError(Exception):
         self.kind = kind
         self.param = param
 
+    def to_json(self) -> dict[str, Any]:
+        return error_object(self.status, self.message, self.kind, self.param)
+
+
+def error_object(
+    status: int, message: str, kind: str | None = None, param: str | None = None
+) -> dict[str, Any]:
+    """The `error` object of every error answer, OpenAI's shape (vLLM's too): `type` by
+    status unless given, `param` the request field at fault or null, `code` the status."""
+    kind = kind or ("invalid_request_error" if status < 500 else "server_error")
+    return {"message": message, "type": kind, "param": param, "code": status}
+
 
 class RequestCancelled(RequestError):
     """The client went away before the request ended: nobody reads the answer."""

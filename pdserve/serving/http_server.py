@@ -27,6 +27,7 @@ from pdserve.serving.hooks import (
     RequestError,
     WorkerHooksFactory,
     colocated_worker_hooks,
+    error_object,
 )
 from pdserve.serving.metrics import ServerMetrics
 from pdserve.serving.pd_fields import rooms_in_body
@@ -44,11 +45,7 @@ logger = logging.getLogger("pdserve.serving")
 def error_response(
     status: int, message: str, kind: str | None = None, param: str | None = None
 ) -> web.Response:
-    kind = kind or ("invalid_request_error" if status < 500 else "server_error")
-    error: dict[str, Any] = {"message": message, "type": kind, "code": status}
-    if param is not None:
-        error["param"] = param
-    return web.json_response({"error": error}, status=status)
+    return web.json_response({"error": error_object(status, message, kind, param)}, status=status)
 
 
 @web.middleware

@@ -15,7 +15,7 @@ from typing import Any
 
 from aiohttp import web
 
-from pdserve.serving.hooks import RequestError
+from pdserve.serving.hooks import RequestError, error_object
 
 logger = logging.getLogger(__name__)
 
@@ -39,14 +39,12 @@ async def sse_response(request: web.Request, events: AsyncIterator[Any]) -> web.
             async for payload in events:
                 await response.write(_event(payload))
         except RequestError as exc:
-            await response.write(_event({"error": {"message": exc.message, "code": exc.status}}))
+            await response.write(_event({"error": exc.to_json()}))
         except (ConnectionError, asyncio.CancelledError):
             raise
         except Exception as exc:  # the status line is gone: the error travels as an event
             logger.exception("stream failed")
-            await response.write(
-                _event({"error": {"message": f"internal error: {exc!r}", "code": 500}})
-            )
+            await response.write(_event({"error": error_object(500, f"internal error: {exc!r}")}))
         await response.write(b"data: [DONE]\n\n")
         await response.write_eof()
     return response

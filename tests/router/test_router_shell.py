@@ -174,6 +174,7 @@ def test_decode_death_mid_stream_ends_the_stream_with_an_error_and_aborts_prefil
         last = json.loads(list(lines)[-1][6:])
     assert last["error"]["message"].startswith("decode server failed: connection lost")
     assert last["error"]["code"] == 502 and last["error"]["worker"]["url"] == stubs["d1"].url
+    assert last["error"]["type"] == "server_error" and last["error"]["param"] is None
     rid = stubs["p1"].log()["bodies"][0]["rid"]
     wait_until(lambda: stubs["p1"].log()["aborts"] == [rid], 5, "prefill abort")
 
