@@ -1,7 +1,8 @@
 """OpenAI-compatible `POST /v1/completions` and `POST /v1/chat/completions`. Front end.
 
 Bodies map onto the same `GenItem`s as /generate (n copies per prompt, one bootstrap room
-per item); extras sent by SGLang's router are accepted and ignored.
+per item); extras sent by SGLang's router are accepted and ignored, fields asking for a
+feature pdserve lacks are refused.
 """
 
 from __future__ import annotations
@@ -19,7 +20,10 @@ from pdserve.serving.openai_format import (
     MAX_N,
     chat_logprobs,
     completion_logprobs,
+    end_offset,
     finish_reason,
+    logprobs_count,
+    refuse_unsupported,
     render_chat_prompt,
     usage,
 )
@@ -50,9 +54,20 @@ def _sampling(body: dict, default_max_tokens: int | None) -> dict[str, Any]:
     return params
 
 
+def _copy_params(params: dict[str, Any], copy: int) -> dict[str, Any]:
+    """The sampling of sample `copy` of a prompt's n: a seeded request seeds each sample
+    with seed + copy (as vLLM does), else its n choices would all be the same."""
+    seed = params.get("seed")
+    if copy == 0 or not isinstance(seed, int) or isinstance(seed, bool):
+        return params
+    seed += copy
+    return {**params, "seed": seed if seed < 2**64 else seed - 2**64}
+
+
 def _items(
     state: ServerState, body: dict, prompts: list[list[int]], params: dict, logprobs: int | None
-) -> list:
+) -> tuple[list, int]:
+    """(items, n): n samples of each prompt, in that order."""
     n = get_field(body, "n", int, 1)
     if not 1 <= n <= MAX_N:
         raise bad(f"n must be in [1, {MAX_N}], got {n}")
@@ -67,7 +82,7 @@ def _items(
         items.append(
             make_item(
                 prompts[index // n],
-                params,
+                _copy_params(params, index % n),
                 state.limits,
                 item_pd_fields(body, index, num, state.limits),
                 rid=rid,
@@ -75,7 +90,7 @@ def _items(
                 top_logprobs_num=logprobs or 0,
             )
         )
-    return items
+    return items, n
 
 
 def _completion_prompts(state: ServerState, body: dict) -> list[list[int]]:
@@ -96,13 +111,15 @@ async def completions(request: web.Request) -> web.StreamResponse:
     state = state_of(request)
     body = await _body(request)
     if body.get("echo"):
-        raise bad("echo is not supported")
-    logprobs = get_field(body, "logprobs", int, None)
-    items = _items(state, body, _completion_prompts(state, body), _sampling(body, 16), logprobs)
+        raise RequestError(400, "echo is not supported by this server", param="echo")
+    raw = body.get("logprobs")
+    logprobs = None if raw is None else logprobs_count(raw, "logprobs")
+    prompts = _completion_prompts(state, body)
+    items, n = _items(state, body, prompts, _sampling(body, 16), logprobs)
     meta = _meta(state, "cmpl")
     if get_field(body, "stream", bool, False):
         events = _stream(
-            state, items, meta, body, "text_completion", _completion_delta, client_gone(request)
+            state, items, n, meta, body, "text_completion", _completion_delta, client_gone(request)
         )
         return await sse_response_for(request, events)
     results = await run_all(state.generator, items, client_gone(request))
@@ -120,21 +137,30 @@ async def completions(request: web.Request) -> web.StreamResponse:
         for i, r in enumerate(results)
     ]
     return web.json_response(
-        {**meta, "object": "text_completion", "choices": choices, "usage": usage(results)}
+        {**meta, "object": "text_completion", "choices": choices, "usage": usage(results, n)}
     )
+
+
+def _chat_top_logprobs(body: dict) -> int | None:
+    """Alternatives per token when the request asks for logprobs, else None."""
+    want_logprobs = get_field(body, "logprobs", bool, False)
+    raw = body.get("top_logprobs")
+    top = 0 if raw is None else logprobs_count(raw, "top_logprobs")
+    if top and not want_logprobs:
+        raise RequestError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+    return top if want_logprobs else None
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     state = state_of(request)
     body = await _body(request)
     prompt_ids = render_chat_prompt(state.tokenizer, body.get("messages"), body)
-    want_logprobs = get_field(body, "logprobs", bool, False)
-    top = get_field(body, "top_logprobs", int, 0)
-    items = _items(state, body, [prompt_ids], _sampling(body, None), top if want_logprobs else None)
+    top = _chat_top_logprobs(body)
+    items, n = _items(state, body, [prompt_ids], _sampling(body, None), top)
     meta = _meta(state, "chatcmpl")
     if get_field(body, "stream", bool, False):
         events = _stream(
-            state, items, meta, body, "chat.completion.chunk", _chat_delta, client_gone(request)
+            state, items, n, meta, body, "chat.completion.chunk", _chat_delta, client_gone(request)
         )
         return await sse_response_for(request, events)
     results = await run_all(state.generator, items, client_gone(request))
@@ -145,14 +171,14 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
             "logprobs": chat_logprobs(
                 state.tokenizer, r.output_ids, r.output_logprobs, r.output_top_logprobs
             )
-            if want_logprobs
+            if top is not None
             else None,
             "finish_reason": finish_reason(r),
         }
         for i, r in enumerate(results)
     ]
     return web.json_response(
-        {**meta, "object": "chat.completion", "choices": choices, "usage": usage(results)}
+        {**meta, "object": "chat.completion", "choices": choices, "usage": usage(results, n)}
     )
 
 
@@ -161,6 +187,7 @@ async def _body(request: web.Request) -> dict:
     if not isinstance(body, dict):
         raise RequestError(400, "the request body must be a JSON object")
     check_model(body, state_of(request).cfg.model_names)
+    refuse_unsupported(body)
     return body
 
 
@@ -181,14 +208,18 @@ def _meta(state: ServerState, prefix: str) -> dict[str, Any]:
     }
 
 
-def _completion_delta(state: ServerState, delta: Delta, first: bool, logprobs: bool) -> dict:
+def _completion_delta(
+    state: ServerState, delta: Delta, first: bool, logprobs: bool, offset: int
+) -> dict:
     if not logprobs:
         return {"text": delta.text, "logprobs": None}
-    lp = completion_logprobs(state.tokenizer, delta.token_ids, delta.logprobs, delta.top_logprobs)
+    lp = completion_logprobs(
+        state.tokenizer, delta.token_ids, delta.logprobs, delta.top_logprobs, offset
+    )
     return {"text": delta.text, "logprobs": lp}
 
 
-def _chat_delta(state: ServerState, delta: Delta, first: bool, logprobs: bool) -> dict:
+def _chat_delta(state: ServerState, delta: Delta, first: bool, logprobs: bool, offset: int) -> dict:
     message: dict[str, Any] = {"content": delta.text}
     if first:
         message["role"] = "assistant"
@@ -199,23 +230,23 @@ def _chat_delta(state: ServerState, delta: Delta, first: bool, logprobs: bool) -
 
 
 async def _stream(
-    state: ServerState, items: list, meta: dict, body: dict, kind: str, make_delta, gone
+    state: ServerState, items: list, n: int, meta: dict, body: dict, kind: str, make_delta, gone
 ) -> AsyncIterator[dict[str, Any]]:
-    started: set[int] = set()
-    finished: list[ItemResult] = []
+    results: dict[int, ItemResult] = {}
+    offsets: dict[int, int] = {}  # completions logprobs: text offset of the next token
     async for index, result, delta in merged(state.generator, items, gone):
-        choice = {
-            "index": index,
-            **make_delta(state, delta, index not in started, result.item.return_logprob),
-            "finish_reason": finish_reason(result),
-        }
-        started.add(index)
-        if result.finish_reason is not None:
-            finished.append(result)
+        offset = offsets.get(index, 0)
+        fields = make_delta(state, delta, index not in results, result.item.return_logprob, offset)
+        logprobs = fields["logprobs"]
+        if logprobs is not None and "text_offset" in logprobs:
+            offsets[index] = end_offset(logprobs, offset)
+        results[index] = result
+        choice = {"index": index, **fields, "finish_reason": finish_reason(result)}
         yield {**meta, "object": kind, "choices": [choice]}
     options = body.get("stream_options")
     if isinstance(options, dict) and options.get("include_usage"):
-        yield {**meta, "object": kind, "choices": [], "usage": usage(finished)}
+        ordered = [results[i] for i in sorted(results)]
+        yield {**meta, "object": kind, "choices": [], "usage": usage(ordered, n)}
 
 
 async def sse_response_for(request: web.Request, events: AsyncIterator[dict]) -> web.StreamResponse:

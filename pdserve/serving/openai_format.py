@@ -2,12 +2,73 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from pdserve.serving.generation import ItemResult
+from pdserve.serving.hooks import RequestError
 from pdserve.serving.request_parse import bad
 
 MAX_N = 128  # choices per prompt (OpenAI `n`); the router refuses more the same way
+MAX_LOGPROBS = 20  # alternatives per token (`logprobs`, `top_logprobs`), vLLM's default cap
+
+# Features pdserve does not implement, with the values that ask for none of it. Any other
+# value is refused with a 400: a client must not take an answer made without it for one
+# made with it. (SGLang's and vLLM's structured-output extras ask for something when set.)
+INERT_VALUES: dict[str, tuple[Any, ...]] = {
+    "presence_penalty": (0,),
+    "frequency_penalty": (0,),
+    "repetition_penalty": (1,),
+    "logit_bias": ({},),
+    "response_format": ({"type": "text"},),
+    "tools": ([],),
+    "functions": ([],),
+    "tool_choice": ("none", "auto"),
+    "function_call": ("none", "auto"),
+    "suffix": ("",),
+    "min_tokens": (0,),
+    "regex": (),
+    "json_schema": (),
+    "ebnf": (),
+    "guided_json": (),
+    "guided_regex": (),
+    "guided_choice": (),
+    "guided_grammar": (),
+    "structured_outputs": (),
+}
+
+
+def refuse_unsupported(body: dict) -> None:
+    """A 400 naming the first field that asks for a feature pdserve lacks (null is absent)."""
+    for name, inert in INERT_VALUES.items():
+        value = body.get(name)
+        if value is None or any(_same(value, v) for v in inert):
+            continue
+        allowed = " or ".join(json.dumps(v) for v in inert)
+        raise RequestError(
+            400,
+            f"{name} is not supported by this server: leave it out"
+            + (f" or send {allowed}" if allowed else ""),
+            param=name,
+        )
+    best_of = body.get("best_of")
+    if best_of is not None and best_of != (body.get("n") or 1):
+        raise RequestError(
+            400, "best_of is not supported by this server: leave it out or send n", param="best_of"
+        )
+
+
+def _same(value: Any, inert: Any) -> bool:
+    return type(value) is not bool and value == inert
+
+
+def logprobs_count(value: Any, name: str) -> int:
+    """The number of alternatives per token a `logprobs`/`top_logprobs` field asks for."""
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_LOGPROBS:
+        raise RequestError(
+            400, f"{name} must be an integer in [0, {MAX_LOGPROBS}], got {value!r}", param=name
+        )
+    return value
 
 
 def render_chat_prompt(tokenizer: Any, messages: Any, body: dict) -> list[int]:
@@ -54,17 +115,17 @@ def finish_reason(result: ItemResult) -> str | None:
     return {"stop": "stop", "length": "length"}.get(reason.type, reason.type)
 
 
-def usage(results: list[ItemResult]) -> dict[str, Any]:
-    # n samples of one prompt share it: count each distinct prompt once, as OpenAI does.
-    prompts = {tuple(r.item.input_ids) for r in results}
-    prompt_tokens = sum(len(p) for p in prompts)
+def usage(results: list[ItemResult], n: int) -> dict[str, Any]:
+    """Usage of items in request order, `n` per prompt: the n samples of one prompt share it,
+    so it counts once (as OpenAI counts it), with the cached tokens of its first sample."""
+    firsts = results[::n]
+    prompt_tokens = sum(len(r.item.input_ids) for r in firsts)
     completion_tokens = sum(len(r.output_ids) for r in results)
-    cached = sum(r.cached_tokens for r in results)
     return {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
-        "prompt_tokens_details": {"cached_tokens": cached},
+        "prompt_tokens_details": {"cached_tokens": sum(r.cached_tokens for r in firsts)},
     }
 
 
@@ -102,11 +163,11 @@ def chat_logprobs(
 
 
 def completion_logprobs(
-    tokenizer: Any, token_ids: list[int], logprobs: list[float], tops: Tops
+    tokenizer: Any, token_ids: list[int], logprobs: list[float], tops: Tops, offset: int = 0
 ) -> dict[str, Any]:
-    """OpenAI completions `logprobs` (text offsets count from the start of these tokens)."""
+    """OpenAI completions `logprobs`; text offsets count from `offset`, the characters of the
+    tokens before these (a streamed delta's offsets continue the previous ones)."""
     tokens, offsets, top_maps = [], [], []
-    offset = 0
     for i, tid in enumerate(token_ids):
         token = _token_text(tokenizer, tid)
         tokens.append(token)
@@ -120,3 +181,9 @@ def completion_logprobs(
         "top_logprobs": top_maps,
         "text_offset": offsets,
     }
+
+
+def end_offset(logprobs: dict[str, Any], offset: int) -> int:
+    """The text offset after a completions `logprobs` object whose tokens start at `offset`."""
+    tokens = logprobs["tokens"]
+    return logprobs["text_offset"][-1] + len(tokens[-1]) if tokens else offset

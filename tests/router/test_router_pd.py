@@ -139,6 +139,54 @@ def test_completions_equal_colocated(router, tiny_server):
     assert stream_text(streamed(router.url + url, body), "text") == dict(enumerate(want))
 
 
+def test_seeded_samples_usage_and_logprobs_equal_colocated(router, tiny_server):
+    """Each of n seeded samples (seed + i) comes out of PD as out of one server: prefill's
+    first token and decode's rest follow the same seed; usage and logprobs agree too."""
+    body = {"messages": MESSAGES, "max_tokens": 8, "temperature": 1.0, "seed": 5, "n": 3}
+    body |= {"logprobs": True, "top_logprobs": 1, "ignore_eos": True}
+    url = "/v1/chat/completions"
+    want = post(tiny_server.url + url, body).json()
+    got = post(router.url + url, body).json()
+    assert chat_text(got) == chat_text(want) and len(set(chat_text(want))) == 3
+    assert got["usage"] == want["usage"]
+    for g, w in zip(got["choices"], want["choices"], strict=True):
+        tokens = [t["token"] for t in w["logprobs"]["content"]]
+        assert [t["token"] for t in g["logprobs"]["content"]] == tokens
+        assert [t["logprob"] for t in g["logprobs"]["content"]] == pytest.approx(
+            [t["logprob"] for t in w["logprobs"]["content"]], abs=1e-4
+        )
+    options = {"stream_options": {"include_usage": True}}
+    events = streamed(router.url + url, {**body, **options})
+    assert stream_text(events, "delta") == dict(enumerate(chat_text(want)))
+    assert events[-1]["usage"] == want["usage"]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_errors_through_the_router_keep_the_servers_openai_shape(router, tiny_server, stream):
+    """A worker's refusal keeps its `type` and `param` (the router adds `worker`); the
+    router's own refusals have the same four fields; neither is a 200 stream."""
+    url = "/v1/chat/completions"
+    body = {"messages": MESSAGES, "max_tokens": 2, "stream": stream}
+    for wrong, status, kind, param in [
+        ({"model": "gpt-4o"}, 404, "NotFoundError", "model"),
+        ({"presence_penalty": 1.0}, 400, "invalid_request_error", "presence_penalty"),
+    ]:
+        want = requests.post(tiny_server.url + url, json={**body, **wrong}, timeout=60)
+        got = requests.post(router.url + url, json={**body, **wrong}, timeout=60)
+        assert got.status_code == want.status_code == status, got.text
+        error = got.json()["error"]
+        assert {k: error[k] for k in want.json()["error"]} == want.json()["error"]
+        assert error["type"] == kind and error["param"] == param and error["worker"]["role"]
+    own = requests.post(router.url + url, json={**body, "n": 0}, timeout=60)
+    assert own.status_code == 400
+    assert own.json()["error"] | {"message": ""} == {
+        "message": "",
+        "type": "invalid_request_error",
+        "param": None,
+        "code": 400,
+    }
+
+
 def test_openai_client_through_the_router(router, tiny_server, pd_pair):
     def ask(base_url: str, stream: bool) -> str:
         client = openai.OpenAI(base_url=base_url + "/v1", api_key="none", timeout=60)
@@ -168,3 +216,8 @@ def test_plain_mode_forwards_to_a_colocated_server(tiny_server):
             {"messages": MESSAGES, "max_tokens": 4, "temperature": 0},
         )
         assert events and events[0]["object"] == "chat.completion.chunk"
+        body = {"messages": MESSAGES, "max_tokens": 2, "top_logprobs": 2}
+        refused = requests.post(plain.url + "/v1/chat/completions", json=body, timeout=60)
+        assert refused.status_code == 400, refused.text
+        error = refused.json()["error"]
+        assert error["type"] == "invalid_request_error" and error["param"] == "top_logprobs"

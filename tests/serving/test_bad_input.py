@@ -69,7 +69,7 @@ def post_raw(url: str, data: bytes) -> tuple[int, dict]:
         ("/generate", {"text": "a", "sampling_params": {"stop_token_ids": [2**70]}}, "stop_token_ids"),
         ("/generate", {"text": "a", "return_logprob": True, "top_logprobs_num": 2**70}, "top_logprobs_num"),
         ("/v1/completions", {"prompt": "a", "seed": -(2**70)}, "seed"),
-        ("/v1/completions", {"prompt": "a", "logprobs": 2**70}, "top_logprobs_num"),
+        ("/v1/completions", {"prompt": "a", "logprobs": 2**70}, "logprobs must be"),
     ],
 )  # fmt: skip
 def test_bad_request_is_4xx_with_a_message(tiny_server, path, body, needle):

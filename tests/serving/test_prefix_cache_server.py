@@ -62,6 +62,13 @@ def test_a_repeated_prompt_reports_cached_tokens_with_the_same_tokens(server):
     assert status == 200, out
     assert out["usage"]["prompt_tokens_details"]["cached_tokens"] == 4 * PAGE
     assert out["usage"]["prompt_tokens"] == len(PROMPT)
+    # n samples share their prompt: it counts once, and so do its cached tokens
+    status, out = http_json(
+        "POST", f"{url}/v1/completions", {**completion, "n": 3, "routed_dp_rank": rank}
+    )
+    assert status == 200, out
+    assert out["usage"]["prompt_tokens_details"]["cached_tokens"] == 4 * PAGE
+    assert out["usage"]["prompt_tokens"] == len(PROMPT)
 
 
 def test_flush_under_load_keeps_pinned_pages_and_pages_used_returns_to_zero(server):

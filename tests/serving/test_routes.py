@@ -287,3 +287,117 @@ def test_metrics_count_requests_tokens_and_pages(tiny_server):
         line for line in text.splitlines() if line.startswith("pdserve_generation_tokens_total ")
     ]
     assert float(generated[0].split()[1]) >= 6
+
+
+CHAT = [{"role": "user", "content": "Name three colours."}]
+
+
+def choices_text(answer: dict) -> list[str]:
+    return [c.get("text", c.get("message", {}).get("content")) for c in answer["choices"]]
+
+
+@pytest.mark.parametrize("route", ["/v1/completions", "/v1/chat/completions"])
+def test_seeded_n_samples_differ_from_each_other_and_repeat(tiny_server, route):
+    """As vLLM does: sample i of n is seeded with seed + i, so the n choices are n samples
+    (not one sample n times), and the same request gives the same n choices again."""
+    body = {"prompt": "a b", "messages": CHAT, "max_tokens": 8, "temperature": 1.0}
+    body |= {"seed": 11, "n": 3, "ignore_eos": True}
+    first = choices_text(http_json("POST", tiny_server.url + route, body)[1])
+    assert len(set(first)) == 3, first
+    assert choices_text(http_json("POST", tiny_server.url + route, body)[1]) == first
+    single = {**body, "n": 1}
+    assert choices_text(http_json("POST", tiny_server.url + route, single)[1]) == first[:1]
+
+
+REFUSED = [
+    ("presence_penalty", 0.5),
+    ("frequency_penalty", -1),
+    ("repetition_penalty", 1.2),
+    ("logit_bias", {"5": 100}),
+    ("response_format", {"type": "json_object"}),
+    ("tools", [{"type": "function", "function": {"name": "f", "parameters": {}}}]),
+    ("tool_choice", "required"),
+    ("suffix", "end"),
+    ("min_tokens", 4),
+    ("guided_json", {"type": "object"}),
+    ("regex", "[a-z]+"),
+    ("best_of", 3),
+]
+INERT = {
+    "presence_penalty": 0,
+    "frequency_penalty": 0.0,
+    "logit_bias": {},
+    "response_format": {"type": "text"},
+    "tools": [],
+    "tool_choice": "none",
+    "best_of": 1,
+    "regex": None,
+}
+
+
+@pytest.mark.parametrize(
+    ("route", "stream"), [("/v1/completions", False), ("/v1/chat/completions", True)]
+)
+@pytest.mark.parametrize(("field", "value"), REFUSED, ids=[f for f, _ in REFUSED])
+def test_a_feature_the_server_lacks_is_refused_with_400_naming_it(
+    tiny_server, route, stream, field, value
+):
+    """Never silently ignored: an answer made without the penalty, schema or tools would
+    pass for one made with it. What asks for nothing (0, {}, [], "none", null) is taken."""
+    body = {"prompt": "hi", "messages": CHAT, "max_tokens": 2, "stream": stream}
+    status, out = http_json("POST", tiny_server.url + route, {**body, field: value})
+    assert status == 400, out
+    assert out["error"]["param"] == field and out["error"]["type"] == "invalid_request_error"
+    assert out["error"]["message"].startswith(f"{field} is not supported by this server")
+    status, out = http_json("POST", tiny_server.url + route, {**body, "stream": False, **INERT})
+    assert status == 200, out
+
+
+@pytest.mark.parametrize(
+    ("route", "fields", "param"),
+    [
+        ("/v1/completions", {"logprobs": 21}, "logprobs"),
+        ("/v1/completions", {"logprobs": -1}, "logprobs"),
+        ("/v1/chat/completions", {"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+        ("/v1/chat/completions", {"top_logprobs": 2}, "top_logprobs"),
+        ("/v1/completions", {"echo": True}, "echo"),
+    ],
+)
+def test_logprob_counts_are_bounded_and_errors_name_the_openai_field(
+    tiny_server, route, fields, param
+):
+    body = {"prompt": "hi", "messages": CHAT, "max_tokens": 2, **fields}
+    status, out = http_json("POST", tiny_server.url + route, body)
+    assert status == 400 and out["error"]["param"] == param, out
+    assert out["error"]["message"].startswith(param), out
+
+
+def test_every_error_has_openais_four_fields(tiny_server):
+    status, out = http_json("POST", f"{tiny_server.url}/v1/completions", {"prompt": []})
+    assert status == 400
+    assert set(out["error"]) == {"message", "type", "param", "code"}
+    assert out["error"]["param"] is None and out["error"]["code"] == 400
+
+
+def test_usage_counts_each_prompt_of_a_list_and_streamed_text_offsets_run_on(tiny_server):
+    """Two equal prompts are two prompts; a streamed answer's text_offset continues from
+    the previous chunk's, as in the whole answer, instead of restarting at 0."""
+    body = {"prompt": ["a b", "a b"], "max_tokens": 6, "temperature": 0, "logprobs": 1}
+    status, whole = http_json("POST", f"{tiny_server.url}/v1/completions", body)
+    assert status == 200, whole
+    assert whole["usage"]["prompt_tokens"] == 2 * prompt_len(tiny_server, "a b")
+    events = sse_events(
+        f"{tiny_server.url}/v1/completions",
+        {**body, "stream": True, "stream_options": {"include_usage": True}},
+    )
+    assert events[-2]["usage"] == whole["usage"]
+    offsets: dict[int, list[int]] = {0: [], 1: []}
+    for event in events[:-2]:
+        for choice in event["choices"]:
+            offsets[choice["index"]] += choice["logprobs"]["text_offset"]
+    assert offsets == {c["index"]: c["logprobs"]["text_offset"] for c in whole["choices"]}
+
+
+def prompt_len(server, text: str) -> int:
+    body = {"text": text, "sampling_params": {"max_new_tokens": 0}}
+    return http_json("POST", f"{server.url}/generate", body)[1]["meta_info"]["prompt_tokens"]
