@@ -44,11 +44,19 @@ SAMPLING_FIELDS = (
 )
 
 
+def max_tokens_field(body: dict) -> str:
+    """The field that bounds the answer's length, as the client named it."""
+    return "max_tokens" if body.get("max_completion_tokens") is None else "max_completion_tokens"
+
+
 def _sampling(body: dict, default_max_tokens: int | None) -> dict[str, Any]:
     params = {name: body[name] for name in SAMPLING_FIELDS if body.get(name) is not None}
-    max_tokens = body.get("max_completion_tokens")
-    if max_tokens is None:
-        max_tokens = body.get("max_tokens", default_max_tokens)
+    if body.get("include_stop_str_in_output") and "no_stop_trim" not in params:
+        params["no_stop_trim"] = True  # vLLM's name for SGLang's no_stop_trim
+    name = max_tokens_field(body)
+    max_tokens = get_field(body, name, int, default_max_tokens)
+    if max_tokens is not None and max_tokens < 0:
+        raise RequestError(400, f"{name} must be >= 0, got {max_tokens}", param=name)
     if max_tokens is not None:
         params["max_new_tokens"] = max_tokens
     return params
@@ -88,6 +96,7 @@ def _items(
                 rid=rid,
                 return_logprob=logprobs is not None,
                 top_logprobs_num=logprobs or 0,
+                max_tokens_field=max_tokens_field(body),
             )
         )
     return items, n

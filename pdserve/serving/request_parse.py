@@ -50,9 +50,10 @@ def get_field(body: dict, name: str, types: type | tuple, default: Any = None) -
     if value is None:
         return default
     if isinstance(value, bool) and bool not in (types if isinstance(types, tuple) else (types,)):
-        raise bad(f"{name} must be {_type_names(types)}, got {value!r}")
+        raise RequestError(400, f"{name} must be {_type_names(types)}, got {value!r}", param=name)
     if not isinstance(value, types):
-        raise bad(f"{name} must be {_type_names(types)}, got {type(value).__name__}")
+        got = type(value).__name__
+        raise RequestError(400, f"{name} must be {_type_names(types)}, got {got}", param=name)
     return value
 
 
@@ -93,7 +94,10 @@ def item_pd_fields(body: dict, index: int, num_items: int, limits: Limits) -> PD
         raise bad(exc.message) from None
 
 
-def sampling_from_dict(params: Any, prompt_len: int, limits: Limits) -> SamplingParams:
+def sampling_from_dict(
+    params: Any, prompt_len: int, limits: Limits, max_tokens_field: str = "max_new_tokens"
+) -> SamplingParams:
+    """`max_tokens_field`: what the client called max_new_tokens, for the error message."""
     if params is None:
         params = {}
     if not isinstance(params, dict):
@@ -110,9 +114,11 @@ def sampling_from_dict(params: Any, prompt_len: int, limits: Limits) -> Sampling
     except (msgspec.ValidationError, ValueError) as exc:
         raise bad(f"invalid sampling_params: {exc}") from None
     if sampling.max_new_tokens > room:
-        raise bad(
-            f"prompt ({prompt_len} tokens) + max_new_tokens ({sampling.max_new_tokens}) exceeds "
-            f"the context length ({limits.max_context_len} tokens)"
+        raise RequestError(
+            400,
+            f"prompt ({prompt_len} tokens) + {max_tokens_field} ({sampling.max_new_tokens}) "
+            f"exceeds the context length ({limits.max_context_len} tokens)",
+            param=max_tokens_field if max_tokens_field != "max_new_tokens" else None,
         )
     return sampling
 
@@ -143,6 +149,7 @@ def make_item(
     return_logprob: bool = False,
     logprob_start_len: int | None = None,
     top_logprobs_num: int = 0,
+    max_tokens_field: str = "max_new_tokens",
 ) -> GenItem:
     input_ids = check_prompt(input_ids, limits)
     if rid is not None and not isinstance(rid, str):
@@ -158,7 +165,7 @@ def make_item(
     return GenItem(
         rid=rid or new_rid(),
         input_ids=input_ids,
-        sampling=sampling_from_dict(sampling_params, len(input_ids), limits),
+        sampling=sampling_from_dict(sampling_params, len(input_ids), limits, max_tokens_field),
         return_logprob=return_logprob,
         logprob_start_len=logprob_start_len if return_logprob else None,
         top_logprobs_num=top_logprobs_num if return_logprob else 0,

@@ -48,7 +48,7 @@ def post_raw(url: str, data: bytes) -> tuple[int, dict]:
         ("/generate", {"text": "a", "bootstrap_room": "r"}, "bootstrap_room"),
         ("/generate", [], "JSON object"),
         ("/v1/completions", {"prompt": 7}, "prompt"),
-        ("/v1/completions", {"prompt": "a", "max_tokens": -1}, "max_new_tokens"),
+        ("/v1/completions", {"prompt": "a", "max_tokens": -1}, "max_tokens must be >= 0"),
         ("/v1/completions", {"prompt": "a", "n": 0}, "n must be"),
         ("/v1/chat/completions", {"messages": []}, "messages"),
         ("/v1/chat/completions", {"messages": [{"content": "no role"}]}, "role"),

@@ -401,3 +401,23 @@ def test_usage_counts_each_prompt_of_a_list_and_streamed_text_offsets_run_on(tin
 def prompt_len(server, text: str) -> int:
     body = {"text": text, "sampling_params": {"max_new_tokens": 0}}
     return http_json("POST", f"{server.url}/generate", body)[1]["meta_info"]["prompt_tokens"]
+
+
+@pytest.mark.parametrize("name", ["max_tokens", "max_completion_tokens"])
+def test_a_length_error_names_the_field_the_client_sent(tiny_server, name):
+    body = {"messages": CHAT, name: 10**6}
+    status, out = http_json("POST", f"{tiny_server.url}/v1/chat/completions", body)
+    assert status == 400 and out["error"]["param"] == name, out
+    assert f"+ {name} (1000000) exceeds the context length" in out["error"]["message"]
+    status, out = http_json("POST", f"{tiny_server.url}/v1/chat/completions", {**body, name: "x"})
+    assert status == 400 and out["error"]["param"] == name, out
+    assert out["error"]["message"] == f"{name} must be an integer, got str"
+
+
+def test_vllms_include_stop_str_in_output_keeps_the_stop_string(tiny_server):
+    body = {"prompt": [9, 10], "max_tokens": 12, "temperature": 0, "ignore_eos": True}
+    text = http_json("POST", f"{tiny_server.url}/v1/completions", body)[1]["choices"][0]["text"]
+    stop = text[3:5]
+    kept = {**body, "stop": [stop], "include_stop_str_in_output": True}
+    out = http_json("POST", f"{tiny_server.url}/v1/completions", kept)[1]["choices"][0]
+    assert out["text"] == text[: text.find(stop) + len(stop)] and out["finish_reason"] == "stop"
