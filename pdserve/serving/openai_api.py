@@ -51,7 +51,7 @@ def max_tokens_field(body: dict) -> str:
 
 def _sampling(body: dict, default_max_tokens: int | None) -> dict[str, Any]:
     params = {name: body[name] for name in SAMPLING_FIELDS if body.get(name) is not None}
-    if body.get("include_stop_str_in_output") and "no_stop_trim" not in params:
+    if get_field(body, "include_stop_str_in_output", bool, False) and "no_stop_trim" not in params:
         params["no_stop_trim"] = True  # vLLM's name for SGLang's no_stop_trim
     name = max_tokens_field(body)
     max_tokens = get_field(body, name, int, default_max_tokens)
