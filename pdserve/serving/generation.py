@@ -191,7 +191,10 @@ class Generator:
         result.output_ids.extend(msg.new_token_ids)
         result.output_logprobs.extend(msg.new_token_logprobs)
         result.output_top_logprobs.extend(msg.new_top_logprobs)
-        text = detok.add(msg.new_token_ids)
+        text_ids = msg.new_token_ids
+        if _ends_on_stop_token(msg, result.item.sampling.no_stop_trim):
+            text_ids = text_ids[:-1]  # counted and kept in output_ids, but not text
+        text = detok.add(text_ids)
         result.text = detok.text[: detok.num_released]
         if msg.finish_reason is not None and result.finish_reason is None:
             result.finish_reason = msg.finish_reason
@@ -221,6 +224,20 @@ class Generator:
             result.cached_tokens,
             result.e2e_latency_s,
         )
+
+
+def _ends_on_stop_token(msg: ReqOutput, no_stop_trim: bool) -> bool:
+    """The request stopped on a stop token (EOS or `stop_token_ids`) that is this message's
+    last: like SGLang and vLLM, its text is left out of the answer unless `no_stop_trim`."""
+    reason = msg.finish_reason
+    return (
+        not no_stop_trim
+        and reason is not None
+        and reason.type == "stop"
+        and isinstance(reason.matched, int)
+        and bool(msg.new_token_ids)
+        and msg.new_token_ids[-1] == reason.matched
+    )
 
 
 async def run_to_end(

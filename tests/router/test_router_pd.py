@@ -139,6 +139,25 @@ def test_completions_equal_colocated(router, tiny_server):
     assert stream_text(streamed(router.url + url, body), "text") == dict(enumerate(want))
 
 
+@pytest.mark.parametrize("stop_at", [0, 1], ids=["prefills_token", "decodes_token"])
+def test_a_stop_token_ends_the_answer_as_on_one_server(router, tiny_server, stop_at):
+    """Prefill samples token 0, decode the rest: a stop token from either leg ends the
+    answer, counted but left out of the text, as on the colocated server."""
+    body = {"prompt": "Once upon", "max_tokens": 6, "temperature": 0, "ignore_eos": True}
+    ids = post(tiny_server.url + "/generate", {"text": "Once upon", "sampling_params": GREEDY})
+    body["stop_token_ids"] = [ids.json()["output_ids"][stop_at]]
+    url = "/v1/completions"
+    want = post(tiny_server.url + url, body).json()
+    got = post(router.url + url, body).json()
+    assert got["choices"][0] == want["choices"][0] and got["usage"] == want["usage"]
+    assert want["choices"][0]["finish_reason"] == "stop"
+    assert want["usage"]["completion_tokens"] == stop_at + 1
+    unstopped = {k: v for k, v in body.items() if k != "stop_token_ids"}
+    before = post(router.url + url, {**unstopped, "max_tokens": stop_at}).json()
+    assert want["choices"][0]["text"] == before["choices"][0]["text"]
+    assert stream_text(streamed(router.url + url, body), "text") == {0: want["choices"][0]["text"]}
+
+
 def test_seeded_samples_usage_and_logprobs_equal_colocated(router, tiny_server):
     """Each of n seeded samples (seed + i) comes out of PD as out of one server: prefill's
     first token and decode's rest follow the same seed; usage and logprobs agree too."""

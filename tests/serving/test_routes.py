@@ -421,3 +421,31 @@ def test_vllms_include_stop_str_in_output_keeps_the_stop_string(tiny_server):
     kept = {**body, "stop": [stop], "include_stop_str_in_output": True}
     out = http_json("POST", f"{tiny_server.url}/v1/completions", kept)[1]["choices"][0]
     assert out["text"] == text[: text.find(stop) + len(stop)] and out["finish_reason"] == "stop"
+
+
+@pytest.mark.parametrize("route", ["/generate", "/v1/completions"])
+def test_a_stop_token_is_counted_but_its_text_left_out_unless_no_stop_trim(tiny_server, route):
+    """As SGLang and vLLM answer: the stop token (here a plain, not special, one) ends the
+    answer and is one of its tokens, but not part of its text."""
+    ids = http_json(
+        "POST", f"{tiny_server.url}/generate", {"input_ids": [9, 10], "sampling_params": GREEDY}
+    )[1]["output_ids"]
+    k = next(i for i in range(2, len(ids)) if ids[i] not in ids[:i])
+
+    def answer(max_tokens: int, **fields) -> tuple[str, str, int]:
+        if route == "/generate":
+            params = {**GREEDY, "max_new_tokens": max_tokens, **fields}
+            out = http_json(
+                "POST", tiny_server.url + route, {"input_ids": [9, 10], "sampling_params": params}
+            )[1]
+            return out["text"], out["meta_info"]["finish_reason"]["type"], len(out["output_ids"])
+        body = {"prompt": [9, 10], "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}
+        body |= fields
+        out = http_json("POST", tiny_server.url + route, body)[1]
+        choice = out["choices"][0]
+        return choice["text"], choice["finish_reason"], out["usage"]["completion_tokens"]
+
+    before, _, _ = answer(k)
+    through, _, _ = answer(k + 1)
+    assert answer(12, stop_token_ids=[ids[k]]) == (before, "stop", k + 1)
+    assert answer(12, stop_token_ids=[ids[k]], no_stop_trim=True) == (through, "stop", k + 1)
