@@ -9,6 +9,7 @@ from pdserve.router.config import RouterConfig, WorkerSpec
 from pdserve.router.merge import (
     SSEBuffer,
     StreamMerger,
+    error_details,
     error_message,
     merge_response,
     prefill_prompt_fields,
@@ -29,6 +30,27 @@ from pdserve.router.workers import WorkerRegistry
 )
 def test_error_message_of_every_shape(body, expected):
     assert error_message(body, 502) == expected
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        (
+            b'{"error": {"message": "m", "type": "NotFoundError", "param": "model", "code": 404}}',
+            ("NotFoundError", "model"),
+        ),
+        (
+            b'{"error": {"message": "m", "type": "server_error", "param": null}}',
+            ("server_error", None),
+        ),
+        (b'{"error": {"message": "m", "type": 3, "param": ["x"]}}', (None, None)),
+        (b'{"error": "plain string"}', (None, None)),
+        (b"[1]", (None, None)),
+        (b"Internal Server Error", (None, None)),
+    ],
+)
+def test_error_details_relays_only_string_type_and_param(body, expected):
+    assert error_details(body) == expected
 
 
 def test_sse_buffer_reassembles_events_split_anywhere():
