@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from pdserve.serving.generation import ItemResult
 from pdserve.serving.hooks import RequestError
-from pdserve.serving.request_parse import bad
+from pdserve.serving.request_parse import bad, refuse_features
 
 MAX_N = 128  # choices per prompt (OpenAI `n`); the router refuses more the same way
 MAX_LOGPROBS = 20  # alternatives per token (`logprobs`, `top_logprobs`), vLLM's default cap
@@ -40,26 +39,12 @@ INERT_VALUES: dict[str, tuple[Any, ...]] = {
 
 def refuse_unsupported(body: dict) -> None:
     """A 400 naming the first field that asks for a feature pdserve lacks (null is absent)."""
-    for name, inert in INERT_VALUES.items():
-        value = body.get(name)
-        if value is None or any(_same(value, v) for v in inert):
-            continue
-        allowed = " or ".join(json.dumps(v) for v in inert)
-        raise RequestError(
-            400,
-            f"{name} is not supported by this server: leave it out"
-            + (f" or send {allowed}" if allowed else ""),
-            param=name,
-        )
+    refuse_features(body, INERT_VALUES)
     best_of = body.get("best_of")
     if best_of is not None and best_of != (body.get("n") or 1):
         raise RequestError(
             400, "best_of is not supported by this server: leave it out or send n", param="best_of"
         )
-
-
-def _same(value: Any, inert: Any) -> bool:
-    return type(value) is not bool and value == inert
 
 
 def logprobs_count(value: Any, name: str) -> int:

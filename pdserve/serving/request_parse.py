@@ -6,6 +6,7 @@ reaches a worker. The OpenAI routes build their items with `make_item` too.
 
 from __future__ import annotations
 
+import json
 import uuid
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -42,6 +43,41 @@ class GenItem:
 
 def bad(message: str) -> RequestError:
     return RequestError(400, message)
+
+
+# SGLang sampling params pdserve does not implement, with the values that ask for none of it
+# (see openai_format.INERT_VALUES for the OpenAI routes' fields).
+SAMPLING_INERT_VALUES: dict[str, tuple[Any, ...]] = {
+    "frequency_penalty": (0,),
+    "presence_penalty": (0,),
+    "repetition_penalty": (1,),
+    "min_new_tokens": (0,),
+    "logit_bias": ({},),
+    "regex": (),
+    "json_schema": (),
+    "ebnf": (),
+    "structural_tag": (),
+    "stop_regex": (),
+}
+
+
+def refuse_features(
+    fields: dict, inert_values: dict[str, tuple[Any, ...]], prefix: str = ""
+) -> None:
+    """A 400 naming the first of `fields` that asks for a feature pdserve lacks: a value
+    other than null or one of its inert values. Never ignored: an answer made without the
+    penalty, grammar or bias would pass for one made with it."""
+    for name, inert in inert_values.items():
+        value = fields.get(name)
+        if value is None or any(type(value) is not bool and value == v for v in inert):
+            continue
+        allowed = " or ".join(json.dumps(v) for v in inert)
+        raise RequestError(
+            400,
+            f"{prefix}{name} is not supported by this server: leave it out"
+            + (f" or send {allowed}" if allowed else ""),
+            param=prefix + name,
+        )
 
 
 def get_field(body: dict, name: str, types: type | tuple, default: Any = None) -> Any:
@@ -103,6 +139,7 @@ def sampling_from_dict(
     if not isinstance(params, dict):
         raise bad("sampling_params must be an object")
     params = {k: v for k, v in params.items() if v is not None}
+    refuse_features(params, SAMPLING_INERT_VALUES, "sampling_params.")
     if isinstance(params.get("stop"), str):
         params["stop"] = [params["stop"]]
     room = limits.max_context_len - prompt_len

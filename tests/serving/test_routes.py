@@ -449,3 +449,26 @@ def test_a_stop_token_is_counted_but_its_text_left_out_unless_no_stop_trim(tiny_
     through, _, _ = answer(k + 1)
     assert answer(12, stop_token_ids=[ids[k]]) == (before, "stop", k + 1)
     assert answer(12, stop_token_ids=[ids[k]], no_stop_trim=True) == (through, "stop", k + 1)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("frequency_penalty", 0.5),
+        ("repetition_penalty", 1.3),
+        ("min_new_tokens", 3),
+        ("regex", "a+"),
+    ],
+)
+def test_sglang_sampling_params_the_server_lacks_are_refused_on_generate(tiny_server, field, value):
+    body = {"text": "hi", "sampling_params": {"max_new_tokens": 2, field: value}}
+    status, out = http_json("POST", f"{tiny_server.url}/generate", body)
+    assert status == 400 and out["error"]["param"] == f"sampling_params.{field}", out
+    inert = {
+        "frequency_penalty": 0.0,
+        "repetition_penalty": 1.0,
+        "min_new_tokens": 0,
+        "regex": None,
+    }
+    body["sampling_params"] = {"max_new_tokens": 2, **inert}
+    assert http_json("POST", f"{tiny_server.url}/generate", body)[0] == 200
