@@ -52,6 +52,7 @@ SAMPLING_INERT_VALUES: dict[str, tuple[Any, ...]] = {
     "presence_penalty": (0,),
     "repetition_penalty": (1,),
     "min_new_tokens": (0,),
+    "n": (1,),  # SGLang's parallel sampling: send one prompt per sample instead
     "logit_bias": ({},),
     "regex": (),
     "json_schema": (),

@@ -458,6 +458,7 @@ def test_a_stop_token_is_counted_but_its_text_left_out_unless_no_stop_trim(tiny_
         ("repetition_penalty", 1.3),
         ("min_new_tokens", 3),
         ("regex", "a+"),
+        ("n", 2),
     ],
 )
 def test_sglang_sampling_params_the_server_lacks_are_refused_on_generate(tiny_server, field, value):
@@ -468,7 +469,7 @@ def test_sglang_sampling_params_the_server_lacks_are_refused_on_generate(tiny_se
         "frequency_penalty": 0.0,
         "repetition_penalty": 1.0,
         "min_new_tokens": 0,
-        "regex": None,
+        "n": 1,
     }
     body["sampling_params"] = {"max_new_tokens": 2, **inert}
     assert http_json("POST", f"{tiny_server.url}/generate", body)[0] == 200
