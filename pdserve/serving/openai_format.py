@@ -151,15 +151,18 @@ def completion_logprobs(
     tokenizer: Any, token_ids: list[int], logprobs: list[float], tops: Tops, offset: int = 0
 ) -> dict[str, Any]:
     """OpenAI completions `logprobs`; text offsets count from `offset`, the characters of the
-    tokens before these (a streamed delta's offsets continue the previous ones)."""
+    tokens before these (a streamed delta's offsets continue the previous ones). Each
+    `top_logprobs` entry holds the sampled token too, as OpenAI's (up to logprobs + 1)."""
     tokens, offsets, top_maps = [], [], []
-    for i, tid in enumerate(token_ids):
+    for i, (tid, lp) in enumerate(zip(token_ids, logprobs, strict=False)):
         token = _token_text(tokenizer, tid)
         tokens.append(token)
         offsets.append(offset)
         offset += len(token)
         row = tops[i] if i < len(tops) else []
-        top_maps.append({_token_text(tokenizer, t): lp for t, lp in row or []})
+        top = {_token_text(tokenizer, t): top_lp for t, top_lp in row or []}
+        top.setdefault(token, lp)
+        top_maps.append(top)
     return {
         "tokens": tokens,
         "token_logprobs": list(logprobs),

@@ -473,3 +473,14 @@ def test_sglang_sampling_params_the_server_lacks_are_refused_on_generate(tiny_se
     }
     body["sampling_params"] = {"max_new_tokens": 2, **inert}
     assert http_json("POST", f"{tiny_server.url}/generate", body)[0] == 200
+
+
+@pytest.mark.parametrize("k", [0, 1])
+def test_completion_top_logprobs_hold_the_sampled_token_as_openais_do(tiny_server, k):
+    body = {"prompt": "a b", "max_tokens": 8, "seed": 3, "logprobs": k, "ignore_eos": True}
+    status, out = http_json("POST", f"{tiny_server.url}/v1/completions", body)
+    assert status == 200, out
+    lp = out["choices"][0]["logprobs"]
+    assert len(lp["top_logprobs"]) == len(lp["tokens"]) == 8
+    for token, top in zip(lp["tokens"], lp["top_logprobs"], strict=True):
+        assert token in top and len(top) <= k + 1
