@@ -49,8 +49,10 @@ def cheapest(candidates: Sequence[Candidate], prompt_tokens: int) -> Candidate:
 
 
 def output_budget(body: Mapping[str, Any]) -> int:
-    """The most tokens a request's decode leg generates: `sampling_params.max_new_tokens`
-    (native), `max_completion_tokens` or `max_tokens` (OpenAI), else the servers' default."""
+    """The tokens a request's decode leg is counted for in the load: its bound,
+    `sampling_params.max_new_tokens` (native), `max_completion_tokens` or `max_tokens`
+    (OpenAI), else `/generate`'s default (an unbounded chat answer may run longer: it is
+    an estimate; chats mostly end well before the rest of the context)."""
     params = body.get("sampling_params")
     candidates = [params.get("max_new_tokens")] if isinstance(params, Mapping) else []
     candidates += [body.get("max_completion_tokens"), body.get("max_tokens")]

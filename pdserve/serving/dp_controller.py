@@ -146,6 +146,11 @@ class DPController:
     def page_size(self) -> int:
         return next(iter(self.ready.values())).page_size
 
+    @property
+    def pool_tokens(self) -> int:
+        """The most KV tokens one request can hold: the smallest worker pool."""
+        return min(r.num_total_pages * r.page_size for r in self.ready.values())
+
     # ---- dispatch
     def inflight_counts(self) -> tuple[list[int], list[int]]:
         """(requests, tokens) per rank, as the front end itself accounts them."""

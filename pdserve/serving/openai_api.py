@@ -165,7 +165,9 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     body = await _body(request)
     prompt_ids = render_chat_prompt(state.tokenizer, body.get("messages"), body)
     top = _chat_top_logprobs(body)
-    items, n = _items(state, body, [prompt_ids], _sampling(body, None), top)
+    # Without max_tokens a chat answer may use the rest of the context, as in vLLM and SGLang.
+    default_max_tokens = state.limits.rest_of_context(len(prompt_ids))
+    items, n = _items(state, body, [prompt_ids], _sampling(body, default_max_tokens), top)
     meta = _meta(state, "chatcmpl")
     if get_field(body, "stream", bool, False):
         events = _stream(

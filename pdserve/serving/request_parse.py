@@ -28,6 +28,15 @@ class Limits:
     max_context_len: int
     vocab_size: int | None = None
     mode: str = "colocated"  # which PD fields a request must carry
+    max_request_tokens: int | None = None  # prompt + output: the context or the pool, less
+
+    def rest_of_context(self, prompt_len: int) -> int:
+        """The output tokens a request may still add to a prompt of `prompt_len` (at least 1:
+        a prompt that leaves none is refused with the reason where it is checked)."""
+        limit = self.max_context_len
+        if self.max_request_tokens is not None:
+            limit = min(limit, self.max_request_tokens)
+        return max(1, limit - prompt_len)
 
 
 @dataclass

@@ -37,6 +37,7 @@ class ServerState:
             max_context_len=self.controller.max_context_len,
             vocab_size=self.controller.vocab_size,
             mode=self.cfg.server.mode,
+            max_request_tokens=self.controller.pool_tokens,
         )
 
 

@@ -15,9 +15,11 @@ from hypothesis import HealthCheck, settings
 from tests.disagg.conftest import PDFactory, Prefill
 from tests.helpers import ServerProcess, free_port, launch_server
 
-TINY = ["--model-path", "tiny-random"]
+# A chat without max_tokens may fill the context: a short one keeps such answers quick.
+CONTEXT = ["--context-length", "256"]
+TINY = ["--model-path", "tiny-random", *CONTEXT]
 # A lone PD leg waits for its peer at most this long (a deadline, not a hang).
-PD_TIMEOUTS = ["--bootstrap-timeout-s", "3", "--kv-wait-timeout-s", "3"]
+PD_ARGS = ["--bootstrap-timeout-s", "3", "--kv-wait-timeout-s", "3", *CONTEXT]
 
 _COMMON = dict(
     deadline=None,  # servers on 2 shared cores: a slow example is load, not a failure
@@ -46,8 +48,8 @@ def servers() -> Iterator[Servers]:
     try:
         colocated = launch_server([*TINY, "--max-running-requests", "16"])
         started.append(colocated)
-        prefill = factory.prefill(2, PD_TIMEOUTS)
-        decode = factory.decode(1, PD_TIMEOUTS)
+        prefill = factory.prefill(2, PD_ARGS)
+        decode = factory.decode(1, PD_ARGS)
         port = free_port()
         router = ServerProcess(
             ["router", "--host", "127.0.0.1", "--port", str(port),

@@ -158,6 +158,14 @@ def test_a_request_the_engine_rejects_is_a_400_from_the_worker(server_factory):
         {"input_ids": [1, 2, 3], "sampling_params": {"max_new_tokens": 4}},
     )
     assert status == 200 and len(out["output_ids"]) == 4
+    # A chat without max_tokens may use the rest of the context, as in vLLM and SGLang:
+    # here the pool, smaller than the context, is the bound (not a default of 128).
+    chat = {"messages": [{"role": "user", "content": "hi"}], "ignore_eos": True}
+    status, out = http_json("POST", f"{server.url}/v1/chat/completions", chat)
+    assert status == 200, out
+    usage = out["usage"]
+    assert usage["prompt_tokens"] + usage["completion_tokens"] == 64, usage
+    assert out["choices"][0]["finish_reason"] == "length"
 
 
 def test_an_oversized_or_unfinished_body_is_answered_not_waited_for(server_factory):
