@@ -82,9 +82,14 @@ class DecodeWorkerHooks(WorkerHooks):
         self.room_of_rid: dict[str, int] = {}
         self.peers: dict[str, Peer] = {}
         self.peer_by_id: dict[object, Peer] = {}
+        self._lost_endpoints: list[str] = []  # for the front end, until lost_kv_peers()
 
     def num_rooms(self) -> int:
         return len(self.rooms)
+
+    def lost_kv_peers(self) -> list[str]:
+        lost, self._lost_endpoints = self._lost_endpoints, []
+        return lost
 
     def sockets(self) -> list:
         return self.transport.sockets()
@@ -158,6 +163,8 @@ class DecodeWorkerHooks(WorkerHooks):
         if peer is None:
             return []
         if isinstance(event, PeerLost):
+            if peer.handshake_sent:  # once per loss: ZeroMQ reports each failed reconnect
+                self._lost_endpoints.append(peer.endpoint)
             # A restarted prefill worker knows nothing of us: handshake again next time.
             peer.handshake_ok, peer.handshake_sent = None, False
             reason = f"lost the connection to prefill worker {peer.endpoint}: {event.reason}"

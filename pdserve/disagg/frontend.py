@@ -230,6 +230,9 @@ class DecodeFrontendHooks(_PDFrontendHooks):
     async def start(self) -> None:
         self.session = aiohttp.ClientSession()
         self.peers = PeerDirectory(self.session, self.cfg.disagg.bootstrap_timeout_s, self.metrics)
+        # A worker lost a prefill peer: that server died or restarted (on other KV ports):
+        # the next request asks its bootstrap server instead of trying a dead endpoint.
+        self.controller.kv_peers_lost_listeners.append(self.peers.forget_endpoints)
 
     async def stop(self) -> None:
         if self.session is not None:

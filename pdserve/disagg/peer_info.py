@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import aiohttp
 
@@ -73,6 +73,10 @@ class _TTLCache:
             task = self._inflight[key] = asyncio.ensure_future(fetch())
             task.add_done_callback(lambda t, k=key: self._done(k, t))
         return await asyncio.shield(task)
+
+    def items(self) -> list[tuple[Any, Any]]:
+        """The cached (key, value) pairs, expired or not."""
+        return [(key, value) for key, (_, value) in self._values.items()]
 
     def drop(self, matches: Callable[[object], bool]) -> None:
         for key in [k for k in self._values if matches(k)]:
@@ -220,6 +224,12 @@ class PeerDirectory:
         if self._epochs.setdefault(url, epoch) != epoch:
             self._epochs[url] = epoch
             self.metrics.epoch_change()
+            self.forget(url)
+
+    def forget_endpoints(self, endpoints: list[str]) -> None:
+        """Forget the prefill servers whose workers listened at these KV endpoints."""
+        lost = set(endpoints)
+        for url in {url for (url, _), reg in self._endpoints.items() if reg.kv_endpoint in lost}:
             self.forget(url)
 
     def forget(self, url: str) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import zmq
@@ -31,6 +32,7 @@ from pdserve.serving.protocol import (
     FlushCache,
     GenerateReq,
     KVCacheEvents,
+    KVPeersLost,
     ReqOutput,
     RoomFailed,
     RoomForwarded,
@@ -82,6 +84,8 @@ class DPController:
         self.kv_events: KVEventPublisher | None = None  # once the workers are ready
         self._dumps: dict[int, asyncio.Future[tuple[list[int], int]]] = {}  # by dump_id
         self._next_dump_id = 0
+        # Called with the KV endpoints a worker lost (the decode front end's peer cache).
+        self.kv_peers_lost_listeners: list[Callable[[list[str]], None]] = []
 
     # ---- start / stop
     async def start(self, timeout_s: float) -> None:
@@ -255,6 +259,9 @@ class DPController:
                 if future is not None and not future.done():
                     seq = self.kv_events.stream.seq if self.kv_events else 0
                     future.set_result((msg.page_hashes, seq))
+            elif isinstance(msg, KVPeersLost):
+                for listener in self.kv_peers_lost_listeners:
+                    listener(msg.endpoints)
             elif isinstance(msg, WorkerFailed):
                 self._mark_dead(msg.dp_rank, f"worker {msg.dp_rank} failed: {msg.error}")
 

@@ -127,6 +127,11 @@ class WorkerHooks:
         """Peers refused for a wrong credential since start (PD: KV handshakes)."""
         return 0
 
+    def lost_kv_peers(self) -> list[str]:
+        """KV endpoints of peers whose connection dropped since the last call (PD decode:
+        prefill workers that died or restarted), for the front end to forget."""
+        return []
+
     def on_generate(self, req: GenerateReq) -> list[ReqOutput]:
         """A new request from the front end. Colocated: straight into the engine."""
         from pdserve.serving.worker_io import request_from_msg

@@ -123,6 +123,14 @@ class ReqOutput(msgspec.Struct, tag=True, kw_only=True, omit_defaults=True):
     kv_relay_s: float | None = None  # decode: page list to its home worker -> to the redirect
 
 
+class KVPeersLost(msgspec.Struct, tag=True, kw_only=True):
+    """Worker -> front end: the KV connections to these peer endpoints dropped (a decode
+    worker's prefill peers died or restarted): what the front end cached of them is stale."""
+
+    dp_rank: int
+    endpoints: list[str]
+
+
 class WorkerLoad(msgspec.Struct, tag=True, kw_only=True):
     dp_rank: int
     num_running: int
@@ -142,7 +150,9 @@ class WorkerLoad(msgspec.Struct, tag=True, kw_only=True):
 
 
 ToWorker = GenerateReq | AbortReq | RoomFailed | RoomForwarded | FlushCache | DumpCache
-FromWorker = WorkerReady | WorkerFailed | ReqOutput | WorkerLoad | KVCacheEvents | CacheDump
+FromWorker = (
+    WorkerReady | WorkerFailed | ReqOutput | WorkerLoad | KVCacheEvents | CacheDump | KVPeersLost
+)
 
 _encoder = msgspec.msgpack.Encoder()
 _to_worker = msgspec.msgpack.Decoder(ToWorker)

@@ -27,6 +27,7 @@ from pdserve.serving.protocol import (
     FlushCache,
     GenerateReq,
     KVCacheEvents,
+    KVPeersLost,
     ReqOutput,
     RoomFailed,
     RoomForwarded,
@@ -72,6 +73,7 @@ class WorkerLoop:
             poller.poll(IDLE_POLL_MS if idle else 0)
             self._drain_control()
             self._send(self.hooks.poll(time.monotonic()))
+            self._report_lost_peers()
             if self.engine.has_work():
                 steps = self.engine.step()
                 outputs = [output_to_msg(o) for o in steps]
@@ -119,6 +121,12 @@ class WorkerLoop:
             dump = CacheDump(dump_id=msg.dump_id, dp_rank=self.dp_rank, page_hashes=hashes)
             self.out.send(protocol.encode(dump))
         return []
+
+    def _report_lost_peers(self) -> None:
+        endpoints = self.hooks.lost_kv_peers()
+        if endpoints:
+            msg = KVPeersLost(dp_rank=self.dp_rank, endpoints=endpoints)
+            self.out.send(protocol.encode(msg))
 
     def _forward_cache_events(self) -> None:
         events = self.engine.drain_cache_events()

@@ -177,15 +177,16 @@ def test_dead_prefill_server_is_reported_in_seconds_and_recovers_after_restart(p
     assert _epoch(bootstrap_port, "?prefill_dp_rank=0") == first_epoch
     prefill.server.signal_group(signal.SIGKILL)  # front end and workers at once
     prefill.server.proc.wait(timeout=10)
-    # First from decode's caches (the dead KV endpoint), then from the bootstrap server.
-    for attempt in ("cached endpoint", "bootstrap server"):
+    # From decode's caches (the dead KV endpoint) unless its worker has already reported
+    # the dropped connection, then from the bootstrap server.
+    for attempt in ("first", "second"):
         resp, elapsed_s = _timed_post(decode.url, _leg(bootstrap_port, random_room()))
         where = f"{attempt}: {resp.status_code} {resp.text}"
         assert resp.status_code == 503, where
         message = resp.json()["error"]["message"]
         # The cached endpoint's open connection may be seen closed before the new room's
         # connect fails: either is a dead prefill named at once.
-        dead = ("cannot connect", "lost the connection to prefill worker")
+        dead = ("cannot connect", "lost the connection to prefill worker", "is unreachable")
         assert any(d in message for d in dead) and "127.0.0.1:" in message, where
         assert elapsed_s < DEAD_WITHIN_S, f"{attempt}: took {elapsed_s:.2f}s"
     assert f"127.0.0.1:{bootstrap_port}" in message, "the bootstrap server's address is named"
@@ -200,6 +201,24 @@ def test_dead_prefill_server_is_reported_in_seconds_and_recovers_after_restart(p
         assert time.monotonic() - ready_at < 5.0, "no success within 5 s of the restart"
     # Decode saw the new epoch and dropped what it had cached of the old start.
     assert metric_value(decode.url, "pdserve_prefill_epoch_changes_total") == 1
+    wait_idle([restarted.url, decode.url])
+
+
+def test_a_prefill_restarted_between_requests_serves_the_first_request_after_it(pd):
+    """No request saw the prefill server die: decode's worker saw its KV connection drop
+    and its front end forgot the dead endpoint, so the first request after the restart
+    asks the bootstrap server for the new one instead of failing on the old."""
+    port, bootstrap_port = free_port(), free_port()
+    prefill = _start_prefill(pd, port, bootstrap_port)
+    decode = pd.decode(1)
+    assert _pd_ok(prefill, decode)  # decode now caches the server's info and endpoint
+    prefill.server.signal_group(signal.SIGKILL)
+    prefill.server.proc.wait(timeout=10)
+    restarted = _start_prefill(pd, port, bootstrap_port)
+    result = pd_generate(
+        restarted.url, decode.url, BODY, bootstrap_port=bootstrap_port, timeout_s=30
+    )
+    assert result.prefill.ok and result.decode.ok, result
     wait_idle([restarted.url, decode.url])
 
 
