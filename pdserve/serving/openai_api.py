@@ -14,6 +14,7 @@ from typing import Any
 
 from aiohttp import web
 
+from pdserve.serving.completion_echo import echoed_delta, prompt_text, whole_delta
 from pdserve.serving.generation import Delta, ItemResult, merged, run_all
 from pdserve.serving.hooks import RequestError
 from pdserve.serving.openai_format import (
@@ -73,9 +74,15 @@ def _copy_params(params: dict[str, Any], copy: int) -> dict[str, Any]:
 
 
 def _items(
-    state: ServerState, body: dict, prompts: list[list[int]], params: dict, logprobs: int | None
+    state: ServerState,
+    body: dict,
+    prompts: list[list[int]],
+    params: dict,
+    logprobs: int | None,
+    echo: bool = False,
 ) -> tuple[list, int]:
-    """(items, n): n samples of each prompt, in that order."""
+    """(items, n): n samples of each prompt, in that order. `echo` with logprobs asks for
+    the prompt's logprobs too."""
     n = get_field(body, "n", int, 1)
     if not 1 <= n <= MAX_N:
         raise bad(f"n must be in [1, {MAX_N}], got {n}")
@@ -95,6 +102,7 @@ def _items(
                 item_pd_fields(body, index, num, state.limits),
                 rid=rid,
                 return_logprob=logprobs is not None,
+                logprob_start_len=0 if echo else None,
                 top_logprobs_num=logprobs or 0,
                 max_tokens_field=max_tokens_field(body),
             )
@@ -102,47 +110,51 @@ def _items(
     return items, n
 
 
-def _completion_prompts(state: ServerState, body: dict) -> list[list[int]]:
+def _completion_prompts(state: ServerState, body: dict) -> list[str | list[int]]:
+    """The prompts as sent: strings or token id lists."""
     prompt = body.get("prompt")
     if isinstance(prompt, str):
-        return [state.tokenizer.encode(prompt)]
+        return [prompt]
     if isinstance(prompt, list) and prompt:
-        if all(isinstance(p, str) for p in prompt):
-            return [state.tokenizer.encode(p) for p in prompt]
-        if all(isinstance(p, list) for p in prompt):
+        if all(isinstance(p, str) for p in prompt) or all(isinstance(p, list) for p in prompt):
             return prompt
         if all(isinstance(p, int) and not isinstance(p, bool) for p in prompt):
             return [prompt]
     raise bad("prompt must be a string, a list of strings, or token ids (a list or list of lists)")
 
 
+def _encoded(state: ServerState, prompts: list[str | list[int]]) -> list[list[int]]:
+    return [state.tokenizer.encode(p) if isinstance(p, str) else p for p in prompts]
+
+
+def _choice(state: ServerState, result: ItemResult, echo_text: str | None, want_lp: bool) -> dict:
+    """One choice of a whole completions answer; `echo_text` puts the prompt in front."""
+    whole = whole_delta(result)
+    if echo_text is not None:
+        whole = echoed_delta(result, echo_text, whole)
+    fields = _completion_delta(state, whole, True, want_lp, 0)
+    return {**fields, "finish_reason": finish_reason(result)}
+
+
 async def completions(request: web.Request) -> web.StreamResponse:
     state = state_of(request)
     body = await _body(request)
-    if body.get("echo"):
-        raise RequestError(400, "echo is not supported by this server", param="echo")
+    echo = get_field(body, "echo", bool, False)
     raw = body.get("logprobs")
     logprobs = None if raw is None else logprobs_count(raw, "logprobs")
     prompts = _completion_prompts(state, body)
-    items, n = _items(state, body, prompts, _sampling(body, 16), logprobs)
+    items, n = _items(state, body, _encoded(state, prompts), _sampling(body, 16), logprobs, echo)
+    # The prompt's text, echoed in front of each of its n choices' text.
+    echoes = [prompt_text(state.tokenizer, p) for p in prompts for _ in range(n)] if echo else None
     meta = _meta(state, "cmpl")
     if get_field(body, "stream", bool, False):
-        events = _stream(
-            state, items, n, meta, body, "text_completion", _completion_delta, client_gone(request)
-        )
+        gone = client_gone(request)
+        kind = "text_completion"
+        events = _stream(state, items, n, meta, body, kind, _completion_delta, gone, echoes)
         return await sse_response_for(request, events)
     results = await run_all(state.generator, items, client_gone(request))
     choices = [
-        {
-            "index": i,
-            "text": r.text,
-            "finish_reason": finish_reason(r),
-            "logprobs": completion_logprobs(
-                state.tokenizer, r.output_ids, r.output_logprobs, r.output_top_logprobs
-            )
-            if logprobs is not None
-            else None,
-        }
+        {"index": i, **_choice(state, r, echoes[i] if echoes else None, logprobs is not None)}
         for i, r in enumerate(results)
     ]
     return web.json_response(
@@ -241,12 +253,23 @@ def _chat_delta(state: ServerState, delta: Delta, first: bool, logprobs: bool, o
 
 
 async def _stream(
-    state: ServerState, items: list, n: int, meta: dict, body: dict, kind: str, make_delta, gone
+    state: ServerState,
+    items: list,
+    n: int,
+    meta: dict,
+    body: dict,
+    kind: str,
+    make_delta,
+    gone,
+    echoes: list[str] | None = None,
 ) -> AsyncIterator[dict[str, Any]]:
+    """`echoes`: completions' prompt text per item, sent in front of its first delta."""
     results: dict[int, ItemResult] = {}
     offsets: dict[int, int] = {}  # completions logprobs: text offset of the next token
     async for index, result, delta in merged(state.generator, items, gone):
         offset = offsets.get(index, 0)
+        if echoes is not None and index not in results:
+            delta = echoed_delta(result, echoes[index], delta)
         fields = make_delta(state, delta, index not in results, result.item.return_logprob, offset)
         logprobs = fields["logprobs"]
         if logprobs is not None and "text_offset" in logprobs:

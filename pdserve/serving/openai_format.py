@@ -148,7 +148,11 @@ def chat_logprobs(
 
 
 def completion_logprobs(
-    tokenizer: Any, token_ids: list[int], logprobs: list[float], tops: Tops, offset: int = 0
+    tokenizer: Any,
+    token_ids: list[int],
+    logprobs: list[float | None],
+    tops: list[list[tuple[int, float]] | None],
+    offset: int = 0,
 ) -> dict[str, Any]:
     """OpenAI completions `logprobs`; text offsets count from `offset`, the characters of the
     tokens before these (a streamed delta's offsets continue the previous ones). Each
@@ -159,6 +163,9 @@ def completion_logprobs(
         tokens.append(token)
         offsets.append(offset)
         offset += len(token)
+        if lp is None:  # the first prompt token of an echo: nothing before it to predict it
+            top_maps.append(None)
+            continue
         row = tops[i] if i < len(tops) else []
         top = {_token_text(tokenizer, t): top_lp for t, top_lp in row or []}
         top.setdefault(token, lp)
