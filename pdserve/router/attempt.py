@@ -7,7 +7,14 @@ import asyncio
 import time
 from typing import Any
 
-from pdserve.router.body import abort_rids, encode_bodies, local_prefill_body, plain_body
+from pdserve.router.body import (
+    COMPLETIONS,
+    GENERATE,
+    abort_rids,
+    encode_bodies,
+    local_prefill_body,
+    plain_body,
+)
 from pdserve.router.http_client import Response as LegResponse
 from pdserve.router.http_server import Request, Response, StreamResponse
 from pdserve.router.kv_policy import output_budget
@@ -22,9 +29,12 @@ from pdserve.router.legs import (
     unless_failed,
 )
 from pdserve.router.merge import (
+    EchoStreamMerger,
     SSEBuffer,
     StreamMerger,
+    merge_echo_response,
     merge_response,
+    prefill_echo_logprobs,
     prefill_prompt_fields,
     sse_event,
 )
@@ -66,7 +76,7 @@ class Attempt:
         decode_received = max(prompt_tokens - pair.decode_matched_tokens, 0)
         self.decode_load_tokens = decode_received + output_budget(body)
         self.stream = bool(body.get("stream"))
-        self.want_merge = route == "/generate" and bool(body.get("return_logprob"))
+        self.want_merge = wants_prompt_logprobs(route, body)
         self.prefill_task: asyncio.Task[LegResult] | None = None
         self.decode_resp: LegResponse | None = None
         self.decode_s = 0.0  # the decode leg's own time, for the added-latency metric
@@ -165,19 +175,25 @@ class Attempt:
         body = result.body
         if self.want_merge:
             prefill = await self._prefill_result()
-            if prefill is not None:
+            if prefill is not None and self.route == GENERATE:
                 body = merge_response(body, prefill_prompt_fields(prefill.body, prefill.streamed))
+            elif prefill is not None:
+                body = merge_echo_response(
+                    body, prefill_echo_logprobs(prefill.body, prefill.streamed)
+                )
         self._decode_finished(ok=True)
         return Response(body)
 
     async def _stream(self, first: list[bytes], buf: SSEBuffer) -> StreamResponse:
         resp = self.decode_resp
         assert resp is not None
-        merger = None
+        merger: StreamMerger | EchoStreamMerger | None = None
         if self.want_merge:
             prefill = await self._prefill_result()
-            if prefill is not None:
+            if prefill is not None and self.route == GENERATE:
                 merger = StreamMerger(prefill_prompt_fields(prefill.body, prefill.streamed))
+            elif prefill is not None:
+                merger = EchoStreamMerger(prefill_echo_logprobs(prefill.body, prefill.streamed))
         out = StreamResponse(200, SSE_HEADERS)
         try:
             await out.prepare(self.request)  # committed: no retry from here on
@@ -193,7 +209,7 @@ class Attempt:
         out: StreamResponse,
         data: bytes,
         buf: SSEBuffer,
-        merger: StreamMerger | None,
+        merger: StreamMerger | EchoStreamMerger | None,
     ) -> None:
         """Forward `data`, then decode's bytes as they arrive, up to and including the last
         event. A decode failure now ends the client's stream with an error event (there is
@@ -268,6 +284,13 @@ class Attempt:
     def _rids(self) -> list[str]:
         plan = self.pair.plan
         return abort_rids(self.route, plan.rid, plan.num_seqs) if plan else []
+
+
+def wants_prompt_logprobs(route: str, body: dict[str, Any]) -> bool:
+    """Whether decode's answer needs the prompt logprobs only the prefill server computed."""
+    if route == GENERATE:
+        return bool(body.get("return_logprob"))
+    return route == COMPLETIONS and bool(body.get("echo")) and body.get("logprobs") is not None
 
 
 def _consume(task: asyncio.Task) -> None:

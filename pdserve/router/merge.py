@@ -1,5 +1,6 @@
 """Reading worker answers (router process; pure): error messages, server-sent events, and
-putting prefill's prompt logprobs in front of decode's (native /generate only)."""
+putting prefill's prompt logprobs into decode's answer (/generate with return_logprob, and
+/v1/completions with echo and logprobs)."""
 
 from __future__ import annotations
 
@@ -158,3 +159,81 @@ class StreamMerger:
         if merge_item(obj, self._fields.get(obj.get("index", 0))):
             return sse_event(obj)
         return event
+
+
+def _choices(obj: Any) -> list[dict[str, Any]]:
+    choices = obj.get("choices") if isinstance(obj, dict) else None
+    return [c for c in choices if isinstance(c, dict)] if isinstance(choices, list) else []
+
+
+def _index(choice: dict[str, Any]) -> int | None:
+    index = choice.get("index")
+    return index if isinstance(index, int) else None
+
+
+def prefill_echo_logprobs(body: bytes, streamed: bool) -> dict[int, dict[str, Any]]:
+    """The completions `logprobs` of prefill's echoed choices, by choice index (streamed:
+    each choice's first chunk, the one that holds the prompt)."""
+    if streamed:
+        objs = [event_json(e) for e in SSEBuffer().feed(body + b"\n\n")]
+    else:
+        try:
+            objs = [_json_decode(body)]
+        except msgspec.DecodeError:
+            return {}
+    found: dict[int, dict[str, Any]] = {}
+    for choice in (c for obj in objs for c in _choices(obj)):
+        index, logprobs = _index(choice), choice.get("logprobs")
+        if index is not None and isinstance(logprobs, dict) and index not in found:
+            found[index] = logprobs
+    return found
+
+
+def fill_echo_choice(choice: dict[str, Any], prefill: dict[str, Any] | None) -> bool:
+    """Decode's echoed prompt tokens have null logprobs (prefill computed them): take
+    prefill's, position by position, while both choices hold the same tokens."""
+    logprobs = choice.get("logprobs")
+    if not isinstance(logprobs, dict) or not prefill:
+        return False
+    try:
+        rows = zip(logprobs["tokens"], prefill["tokens"], prefill["token_logprobs"], strict=False)
+        values, tops = logprobs["token_logprobs"], logprobs["top_logprobs"]
+        changed = False
+        for k, (token, prefill_token, value) in enumerate(rows):
+            if token != prefill_token:
+                break
+            if values[k] is None and value is not None:
+                values[k], tops[k] = value, prefill["top_logprobs"][k]
+                changed = True
+        return changed
+    except (KeyError, IndexError, TypeError):  # not the shape our servers send: leave it
+        return False
+
+
+def merge_echo_response(decode_body: bytes, prefill: dict[int, dict[str, Any]]) -> bytes:
+    """A non-streamed completions answer with prefill's prompt logprobs filled in."""
+    if not prefill:
+        return decode_body
+    try:
+        data = _json_decode(decode_body)
+    except msgspec.DecodeError:
+        return decode_body
+    changed = [fill_echo_choice(c, prefill.get(_index(c))) for c in _choices(data)]
+    return _json_encode(data) if any(changed) else decode_body
+
+
+class EchoStreamMerger:
+    """Fills prefill's prompt logprobs into the first streamed chunk of each decode choice,
+    the one that echoes the prompt."""
+
+    def __init__(self, prefill: dict[int, dict[str, Any]]):
+        self._prefill = prefill
+
+    def process(self, event: bytes) -> bytes:
+        if not self._prefill:
+            return event
+        obj = event_json(event)
+        changed = False
+        for choice in _choices(obj):
+            changed |= fill_echo_choice(choice, self._prefill.pop(_index(choice), None))
+        return sse_event(obj) if changed else event

@@ -7,11 +7,14 @@ import pytest
 
 from pdserve.router.config import RouterConfig, WorkerSpec
 from pdserve.router.merge import (
+    EchoStreamMerger,
     SSEBuffer,
     StreamMerger,
     error_details,
     error_message,
+    merge_echo_response,
     merge_response,
+    prefill_echo_logprobs,
     prefill_prompt_fields,
 )
 from pdserve.router.pairing import NoWorker, PairChooser
@@ -111,6 +114,51 @@ def test_streamed_events_get_prefill_fields_by_batch_index():
         event = b"data: " + json.dumps(answer([], index=index)).encode() + b"\n\n"
         merged = json.loads(merger.process(event)[6:])
         assert merged["meta_info"]["input_token_logprobs"] == [[None, tok, None]]
+    assert merger.process(b"data: [DONE]\n\n") == b"data: [DONE]\n\n"
+
+
+def echo_choice(index, tokens, logprobs):
+    tops = [None if lp is None else {t: lp} for t, lp in zip(tokens, logprobs, strict=True)]
+    lp = {"tokens": tokens, "token_logprobs": logprobs, "top_logprobs": tops, "text_offset": []}
+    return {"index": index, "text": "".join(tokens), "logprobs": lp}
+
+
+def test_echo_merge_fills_decodes_null_prompt_logprobs_from_prefills_choice():
+    """Decode echoes the prompt with null logprobs; prefill's choice of the same index has
+    them: filled position by position while the tokens agree, never over decode's own."""
+    prefill = {
+        "choices": [
+            echo_choice(1, ["a", "b", "c", "x"], [None, -1.0, -2.0, -0.5]),
+            echo_choice(0, ["a", "d", "e"], [None, -3.0, -0.1]),
+        ]
+    }
+    decode = {
+        "choices": [
+            echo_choice(0, ["a", "d", "e", "f"], [None, None, -0.2, -0.3]),
+            echo_choice(1, ["a", "b", "q", "x"], [None, None, None, -0.4]),
+        ]
+    }
+    fields = prefill_echo_logprobs(json.dumps(prefill).encode(), streamed=False)
+    merged = json.loads(merge_echo_response(json.dumps(decode).encode(), fields))["choices"]
+    assert merged[0]["logprobs"]["token_logprobs"] == [None, -3.0, -0.2, -0.3]
+    assert merged[0]["logprobs"]["top_logprobs"][:2] == [None, {"d": -3.0}]
+    assert merged[1]["logprobs"]["token_logprobs"] == [None, -1.0, None, -0.4]  # "q" != "c"
+    odd = b'{"choices": [{"index": [0], "logprobs": {"tokens": 3}}, 7]}'
+    assert merge_echo_response(odd, fields) == odd
+    assert merge_echo_response(odd, prefill_echo_logprobs(odd, streamed=False)) == odd
+
+
+def test_echo_stream_merge_fills_only_each_choices_first_chunk():
+    prefill = b"".join(
+        b"data: " + json.dumps({"choices": [echo_choice(i, ["a", "b"], [None, lp])]}).encode()
+        + b"\n\n"
+        for i, lp in ((0, -1.0), (1, -2.0), (0, -9.0))
+    ) + b"data: [DONE]\n\n"  # fmt: skip
+    merger = EchoStreamMerger(prefill_echo_logprobs(prefill, streamed=True))
+    for index, want in ((1, -2.0), (0, -1.0), (0, None)):
+        event = {"choices": [echo_choice(index, ["a", "b"], [None, None])]}
+        merged = json.loads(merger.process(b"data: " + json.dumps(event).encode() + b"\n\n")[6:])
+        assert merged["choices"][0]["logprobs"]["token_logprobs"] == [None, want]
     assert merger.process(b"data: [DONE]\n\n") == b"data: [DONE]\n\n"
 
 

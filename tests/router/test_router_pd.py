@@ -139,6 +139,60 @@ def test_completions_equal_colocated(router, tiny_server):
     assert stream_text(streamed(router.url + url, body), "text") == dict(enumerate(want))
 
 
+ECHO_BODIES = [
+    # lm-evaluation-harness's loglikelihood request: the prompt's logprobs only
+    {"prompt": "one two three four", "echo": True, "logprobs": 1, "max_tokens": 0},
+    {"prompt": [[5, 9, 17, 33], [40, 41, 42]], "n": 2, "echo": True, "logprobs": 2},
+    {"prompt": "Once upon", "echo": True},
+]
+
+
+def streamed_choices(events: list[dict]) -> list[dict]:
+    """Streamed completions chunks joined into whole choices (text and logprobs lists)."""
+    whole: dict[int, dict] = {}
+    for event in events:
+        for c in event["choices"]:
+            choice = whole.setdefault(c["index"], {"index": c["index"], "text": ""})
+            choice["text"] += c["text"]
+            if c["logprobs"] is None:
+                choice["logprobs"] = None
+                continue
+            logprobs = choice.setdefault("logprobs", {})
+            for key, values in c["logprobs"].items():
+                logprobs.setdefault(key, []).extend(values)
+    return [whole[i] for i in sorted(whole)]
+
+
+def assert_choices_close(got: list[dict], want: list[dict]) -> None:
+    """Same text, tokens and offsets; logprobs (null where the colocated one has null) and
+    top maps equal to 1e-4."""
+    assert [c["text"] for c in got] == [c["text"] for c in want]
+    for g, w in zip(got, want, strict=True):
+        if w["logprobs"] is None:
+            assert g["logprobs"] is None
+            continue
+        g_lp, w_lp = g["logprobs"], w["logprobs"]
+        assert g_lp["tokens"] == w_lp["tokens"] and g_lp["text_offset"] == w_lp["text_offset"]
+        assert [v is None for v in g_lp["token_logprobs"]] == [
+            v is None for v in w_lp["token_logprobs"]
+        ]
+        assert g_lp["token_logprobs"][1:] == pytest.approx(w_lp["token_logprobs"][1:], abs=1e-4)
+        assert g_lp["top_logprobs"][0] is w_lp["top_logprobs"][0] is None
+        for g_top, w_top in zip(g_lp["top_logprobs"][1:], w_lp["top_logprobs"][1:], strict=True):
+            assert g_top == pytest.approx(w_top, abs=1e-4)
+
+
+@pytest.mark.parametrize("body", ECHO_BODIES)
+def test_echo_equals_colocated_with_the_prefill_servers_prompt_logprobs(router, tiny_server, body):
+    """Only prefill computes the prompt's logprobs: the router puts them into decode's
+    echoed answer, streamed or not, so it equals the colocated server's."""
+    body = {"model": "tiny-random", "max_tokens": 5, "temperature": 0, **body}
+    url = "/v1/completions"
+    want = post(tiny_server.url + url, body).json()["choices"]
+    assert_choices_close(post(router.url + url, body).json()["choices"], want)
+    assert_choices_close(streamed_choices(streamed(router.url + url, body)), want)
+
+
 @pytest.mark.parametrize("stop_at", [0, 1], ids=["prefills_token", "decodes_token"])
 def test_a_stop_token_ends_the_answer_as_on_one_server(router, tiny_server, stop_at):
     """Prefill samples token 0, decode the rest: a stop token from either leg ends the
