@@ -37,7 +37,11 @@ class OutputBuilder:
         finals = [it for it in items if it.sample_row is not None]
         sampled = [it for it in finals if _samples_now(it.req)]
         rows = logits[[it.sample_row for it in sampled]]
-        token_ids = sample(rows, [sample_spec(it.req) for it in sampled]) if sampled else []
+        token_ids = (
+            sample(rows, [sample_spec(it.req, self.eos_token_ids) for it in sampled])
+            if sampled
+            else []
+        )
         tokens = {id(it.req): t for it, t in zip(sampled, token_ids, strict=True)}
         lp_items = [
             (it, t) for it, t in zip(sampled, token_ids, strict=True) if it.req.return_logprob

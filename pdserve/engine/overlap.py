@@ -40,6 +40,18 @@ def decode_rows(reqs: list[Request], previous: LaunchedDecode | None) -> list[De
     return rows
 
 
+def ahead_token_ids(
+    rows: list[DecodeRow], previous: LaunchedDecode | None, device: torch.device
+) -> torch.Tensor | None:
+    """[len(rows)] on the device: each row's newest output token when the previous step
+    sampled it (still in flight), else a placeholder 0; None when no row is ahead. Read on
+    the device, so nothing waits for the previous step."""
+    if previous is None or all(r.prev_row is None for r in rows):
+        return None
+    index = host_to_device([0 if r.prev_row is None else r.prev_row for r in rows], device)
+    return previous.token_ids_device[index]
+
+
 def host_to_device(
     values: list[int] | list[float], device: torch.device, dtype: torch.dtype = torch.int64
 ) -> torch.Tensor:
@@ -58,17 +70,18 @@ class LaunchedDecode:
     reqs: list[Request]
     token_ids_host: torch.Tensor  # pinned; valid once `ready` has completed
     ready: torch.cuda.Event | None  # None on the CPU, where the step has already run
+    token_ids_device: torch.Tensor  # the sampled ids where they were sampled
 
     @classmethod
     def start(cls, reqs: list[Request], token_ids: torch.Tensor) -> LaunchedDecode:
         """Queue the copy of the step's sampled ids to the host, behind the step."""
         if token_ids.device.type != "cuda":
-            return cls(reqs, token_ids, None)
+            return cls(reqs, token_ids, None, token_ids)
         host = torch.empty(token_ids.shape, dtype=token_ids.dtype, pin_memory=True)
         host.copy_(token_ids, non_blocking=True)
         ready = torch.cuda.Event()
         ready.record()
-        return cls(reqs, host, ready)
+        return cls(reqs, host, ready, token_ids)
 
     def token_ids(self) -> list[int]:
         """The sampled ids, row by row; waits for the step (and only it) to finish."""

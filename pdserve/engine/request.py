@@ -26,6 +26,22 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
     seed: int | None = None
     skip_special_tokens: bool = True
     no_stop_trim: bool = False
+    # Over the output so far: logits[t] -= frequency * count[t] + presence * (count[t] > 0).
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    # Over prompt and output: a seen token's logit is divided by it if positive, else times it.
+    repetition_penalty: float = 1.0
+    min_new_tokens: int = 0  # EOS and stop_token_ids cannot be sampled before this many
+
+    @property
+    def penalized(self) -> bool:
+        """Whether sampling must look at the request's tokens (costs a count per step)."""
+        return (
+            self.frequency_penalty != 0
+            or self.presence_penalty != 0
+            or self.repetition_penalty != 1
+            or self.min_new_tokens > 0
+        )
 
     def validate(self) -> None:
         """Raise ValueError naming the bad field; the front end turns it into a 400."""
@@ -43,6 +59,16 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
             )
         if not 0 <= self.min_p <= 1:
             raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
+        for name in ("frequency_penalty", "presence_penalty"):
+            if not -2 <= getattr(self, name) <= 2:  # NaN too
+                raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
+        if not 0 < self.repetition_penalty < float("inf"):
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if not 0 <= self.min_new_tokens <= self.max_new_tokens:
+            raise ValueError(
+                f"min_new_tokens must be in [0, max_new_tokens ({self.max_new_tokens})], "
+                f"got {self.min_new_tokens}"
+            )
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise ValueError("stop must be a list of non-empty strings")
         # Past 64 bits an int cannot reach a worker (msgpack): a 400 here, not a 500 there.

@@ -10,7 +10,13 @@ import torch
 from pdserve.engine import model as llama
 from pdserve.engine.attention import Segment, build_attn_meta
 from pdserve.engine.loader import LoadedModel
-from pdserve.engine.overlap import LaunchedDecode, decode_rows, host_to_device
+from pdserve.engine.overlap import (
+    DecodeRow,
+    LaunchedDecode,
+    ahead_token_ids,
+    decode_rows,
+    host_to_device,
+)
 from pdserve.engine.request import Request
 from pdserve.engine.rope import rope_tables
 from pdserve.engine.sampler import sample_on_device, sample_spec
@@ -91,8 +97,18 @@ class ModelRunner:
         segments = [Segment(r.req.page_ids, r.position, 1) for r in rows]
         positions = [r.position for r in rows]
         logits = self._forward(segments, token_ids, positions, list(range(len(rows))))
-        specs = [sample_spec(r.req, r.num_ahead) for r in rows]
-        return LaunchedDecode.start(reqs, sample_on_device(logits, specs))
+        return LaunchedDecode.start(reqs, self.sample_decode(logits, rows, previous))
+
+    def sample_decode(
+        self, logits: torch.Tensor, rows: list[DecodeRow], previous: LaunchedDecode | None
+    ) -> torch.Tensor:
+        """The launched step's tokens, on the device. Penalized rows count their token still
+        in flight from the previous step's device tensor (the same code on every device)."""
+        eos_ids = self.model.eos_token_ids
+        specs = [sample_spec(r.req, eos_ids, r.num_ahead) for r in rows]
+        penalized = any(s.penalty is not None for s in specs)
+        ahead_ids = ahead_token_ids(rows, previous, self.device) if penalized else None
+        return sample_on_device(logits, specs, ahead_ids)
 
     def _forward(
         self, segments: list[Segment], token_ids: list[int], positions: list[int], rows: list[int]

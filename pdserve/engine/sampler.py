@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from pdserve.engine.overlap import host_to_device
+from pdserve.engine.penalties import PenaltySpec, penalize, penalty_spec
 from pdserve.engine.request import Request
 
 _MASK64 = (1 << 64) - 1
@@ -40,13 +41,14 @@ class SampleSpec:
     min_p: float
     seed: int
     token_index: int  # index of the token being sampled in the request's output
+    penalty: PenaltySpec | None = None  # None: no penalties, no min_new_tokens
 
     @property
     def greedy(self) -> bool:
         return self.temperature < GREEDY_BELOW_TEMPERATURE or self.top_k == 1
 
 
-def sample_spec(req: Request, num_ahead: int = 0) -> SampleSpec:
+def sample_spec(req: Request, eos_token_ids: frozenset[int], num_ahead: int = 0) -> SampleSpec:
     """How to sample the request's next token when `num_ahead` of its earlier tokens are
     still in flight (sampled on the device, not yet in `output_ids`)."""
     p = req.sampling
@@ -57,6 +59,7 @@ def sample_spec(req: Request, num_ahead: int = 0) -> SampleSpec:
         min_p=p.min_p,
         seed=req.sampling_seed,
         token_index=len(req.output_ids) + num_ahead,
+        penalty=penalty_spec(req, num_ahead, eos_token_ids),
     )
 
 
@@ -131,10 +134,15 @@ def sample(logits: torch.Tensor, specs: list[SampleSpec]) -> list[int]:
     return sample_on_device(logits, specs).tolist()
 
 
-def sample_on_device(logits: torch.Tensor, specs: list[SampleSpec]) -> torch.Tensor:
+def sample_on_device(
+    logits: torch.Tensor, specs: list[SampleSpec], ahead_ids: torch.Tensor | None = None
+) -> torch.Tensor:
     """int64 token ids [R], left on the logits' device. Greedy and temperature-only rows
     queue their work without waiting for the device; top-k/top-p rows wait for it (their
-    filter looks at the probabilities on the host)."""
+    filter looks at the probabilities on the host). Penalties and min_new_tokens correct
+    the logits first, greedy rows' too; `ahead_ids` [R]: each row's newest output token
+    when it is still on the device (overlap), needed by penalized rows with num_ahead."""
+    logits = penalize(logits, [s.penalty for s in specs], ahead_ids)
     tokens = logits.argmax(dim=-1)
     random_rows = [i for i, s in enumerate(specs) if not s.greedy]
     if random_rows:
@@ -147,7 +155,8 @@ def sample_on_device(logits: torch.Tensor, specs: list[SampleSpec]) -> torch.Ten
 def logprobs_of(
     logits: torch.Tensor, token_ids: list[int], top_ns: list[int]
 ) -> tuple[list[float], list[list[tuple[int, float]]]]:
-    """log_softmax of the raw logits (SGLang semantics, before temperature or filters):
+    """log_softmax of the raw logits (SGLang semantics, before penalties, temperature or
+    filters):
     each row's logprob of `token_ids[row]` and its top `top_ns[row]` (id, logprob) pairs."""
     logprobs = torch.log_softmax(logits, dim=-1)
     chosen_ids = torch.tensor(token_ids, device=logits.device)[:, None]

@@ -21,6 +21,10 @@ def check_finish(
     last = req.output_ids[-1]
     if len(req.output_ids) >= params.max_new_tokens:
         return FinishReason("length", matched=None)
+    # vLLM's rule: EOS and stop ids are never sampled before min_new_tokens tokens (the
+    # sampler bans them) and stop strings are matched only once more were generated.
+    if len(req.output_ids) <= params.min_new_tokens:
+        return None
     if last in params.stop_token_ids:
         return FinishReason("stop", matched=last)
     if not params.ignore_eos and last in eos_token_ids:

@@ -13,7 +13,6 @@ from pdserve.engine.loader import LoadedModel
 from pdserve.engine.overlap import LaunchedDecode, decode_rows
 from pdserve.engine.request import Request
 from pdserve.engine.runner import ItemRows, ModelRunner
-from pdserve.engine.sampler import sample_on_device, sample_spec
 from pdserve.engine.scheduler import Batch
 
 
@@ -65,7 +64,7 @@ class GpuModelRunner(ModelRunner):
                 for r in rows
             ]
         )
-        token_ids = sample_on_device(logits, [sample_spec(r.req, r.num_ahead) for r in rows])
+        token_ids = self.sample_decode(logits, rows, previous)
         self.decoder.keep_sampled(token_ids)
         return LaunchedDecode.start(reqs, token_ids)
 

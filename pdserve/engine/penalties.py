@@ -1,0 +1,126 @@
+"""Frequency, presence and repetition penalties and min_new_tokens, applied to a step's
+logits before any token is picked (vLLM's and SGLang's semantics). Runs in each worker.
+
+Only rows of penalized requests pay: their token counts are built on the device per step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from pdserve.engine.overlap import host_to_device
+from pdserve.engine.request import Request
+
+
+@dataclass(frozen=True)
+class PenaltySpec:
+    """What one penalized row's logits must be corrected by before sampling."""
+
+    frequency: float
+    presence: float
+    repetition: float
+    prompt_ids: tuple[int, ...]  # empty unless the repetition penalty needs them
+    output_ids: tuple[int, ...]  # those on the host
+    num_ahead: int  # 1: the newest output token is still on the device (overlap)
+    banned_ids: tuple[int, ...]  # EOS and stop ids while min_new_tokens is not reached
+
+
+def penalty_spec(req: Request, num_ahead: int, eos_token_ids: frozenset[int]) -> PenaltySpec | None:
+    """None for a request without penalties (its row runs as if none existed)."""
+    p = req.sampling
+    if not p.penalized:
+        return None
+    banned: tuple[int, ...] = ()
+    if len(req.output_ids) + num_ahead < p.min_new_tokens:
+        stops = set(p.stop_token_ids) | (set() if p.ignore_eos else set(eos_token_ids))
+        banned = tuple(sorted(stops))
+    return PenaltySpec(
+        frequency=p.frequency_penalty,
+        presence=p.presence_penalty,
+        repetition=p.repetition_penalty,
+        prompt_ids=tuple(req.prompt_ids) if p.repetition_penalty != 1 else (),
+        output_ids=tuple(req.output_ids),
+        num_ahead=num_ahead,
+        banned_ids=banned,
+    )
+
+
+def penalize(
+    logits: torch.Tensor, specs: list[PenaltySpec | None], ahead_ids: torch.Tensor | None
+) -> torch.Tensor:
+    """`logits` [R, vocab] with each penalized row corrected: a new tensor when any row is
+    (the raw logits stay for logprobs), else `logits` itself. `ahead_ids` [R] on the device:
+    each row's newest output token still in flight; read only for rows with num_ahead."""
+    rows = [i for i, s in enumerate(specs) if s is not None]
+    if not rows:
+        return logits
+    penalized = [s for s in specs if s is not None]
+    device = logits.device
+    index = host_to_device(rows, device)
+    ahead = [p for p, s in enumerate(penalized) if s.num_ahead]
+    if ahead and ahead_ids is None:
+        raise ValueError("a penalized row has a token in flight but no ahead_ids were given")
+    ahead_tokens = ahead_ids[host_to_device([rows[p] for p in ahead], device)] if ahead else None
+    counts = _output_counts(penalized, ahead, ahead_tokens, logits.shape[-1], device)
+    picked = logits[index]
+    if any(s.repetition != 1 for s in penalized):
+        picked = _repetition(picked, counts, penalized)
+    frequency = host_to_device([s.frequency for s in penalized], device, torch.float32)
+    presence = host_to_device([s.presence for s in penalized], device, torch.float32)
+    picked = picked - frequency[:, None] * counts - presence[:, None] * (counts > 0)
+    picked = _ban(picked, penalized)
+    return logits.index_copy(0, index, picked)
+
+
+def _scatter_pairs(
+    target: torch.Tensor, row_ids: list[int], token_ids: list[int], value: torch.Tensor
+) -> None:
+    """target[row_ids[k], token_ids[k]] += value (accumulating repeats), in place."""
+    if not token_ids:
+        return
+    device = target.device
+    rows, tokens = host_to_device(row_ids, device), host_to_device(token_ids, device)
+    target.index_put_((rows, tokens), value.expand(len(token_ids)), accumulate=True)
+
+
+def _output_counts(
+    specs: list[PenaltySpec],
+    ahead: list[int],
+    ahead_tokens: torch.Tensor | None,
+    vocab_size: int,
+    device: torch.device,
+) -> torch.Tensor:
+    """float32 [P, vocab]: how often each token occurs in each row's output so far."""
+    counts = torch.zeros(len(specs), vocab_size, device=device)
+    one = torch.ones(1, device=device)
+    row_ids = [p for p, s in enumerate(specs) for _ in s.output_ids]
+    _scatter_pairs(counts, row_ids, [t for s in specs for t in s.output_ids], one)
+    if ahead_tokens is not None:
+        counts.index_put_(
+            (host_to_device(ahead, device), ahead_tokens), one.expand(len(ahead)), accumulate=True
+        )
+    return counts
+
+
+def _repetition(
+    logits: torch.Tensor, counts: torch.Tensor, specs: list[PenaltySpec]
+) -> torch.Tensor:
+    """A token seen in the prompt or the output: logit / r if positive, else logit * r."""
+    seen = (counts > 0).float()
+    row_ids = [p for p, s in enumerate(specs) for _ in s.prompt_ids]
+    _scatter_pairs(seen, row_ids, [t for s in specs for t in s.prompt_ids], seen.new_ones(1))
+    penalty = host_to_device([s.repetition for s in specs], logits.device, torch.float32)[:, None]
+    scaled = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen > 0, scaled, logits)
+
+
+def _ban(logits: torch.Tensor, specs: list[PenaltySpec]) -> torch.Tensor:
+    vocab_size = logits.shape[-1]
+    pairs = [(p, t) for p, s in enumerate(specs) for t in s.banned_ids if 0 <= t < vocab_size]
+    if not pairs:
+        return logits
+    rows = host_to_device([p for p, _ in pairs], logits.device)
+    tokens = host_to_device([t for _, t in pairs], logits.device)
+    return logits.index_put((rows, tokens), logits.new_tensor(float("-inf")))
