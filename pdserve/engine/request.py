@@ -44,38 +44,48 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
         )
 
     def validate(self) -> None:
-        """Raise ValueError naming the bad field; the front end turns it into a 400."""
+        """Raise InvalidSampling naming the bad field; the front end turns it into a 400."""
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 0:
-            raise ValueError(
-                f"max_new_tokens must be a non-negative integer, got {self.max_new_tokens!r}"
-            )
+            _bad("max_new_tokens", "a non-negative integer", self.max_new_tokens)
         if not self.temperature >= 0:  # NaN too: it would sample garbage, not fail
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+            _bad("temperature", ">= 0", self.temperature)
         if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+            _bad("top_p", "in (0, 1]", self.top_p)
         if not -1 <= self.top_k <= INT64_MAX:
-            raise ValueError(
-                f"top_k must be -1 (disabled) or a positive 64-bit integer, got {self.top_k}"
-            )
+            _bad("top_k", "-1 (disabled) or a positive 64-bit integer", self.top_k)
         if not 0 <= self.min_p <= 1:
-            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
+            _bad("min_p", "in [0, 1]", self.min_p)
         for name in ("frequency_penalty", "presence_penalty"):
             if not -2 <= getattr(self, name) <= 2:  # NaN too
-                raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
+                _bad(name, "in [-2, 2]", getattr(self, name))
         if not 0 < self.repetition_penalty < float("inf"):
-            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+            _bad("repetition_penalty", "> 0", self.repetition_penalty)
         if not 0 <= self.min_new_tokens <= self.max_new_tokens:
-            raise ValueError(
-                f"min_new_tokens must be in [0, max_new_tokens ({self.max_new_tokens})], "
-                f"got {self.min_new_tokens}"
+            _bad(
+                "min_new_tokens",
+                f"in [0, {self.max_new_tokens}] (the maximum)",
+                self.min_new_tokens,
             )
         if any(not isinstance(s, str) or not s for s in self.stop):
-            raise ValueError("stop must be a list of non-empty strings")
+            raise InvalidSampling("stop", "must be a list of non-empty strings")
         # Past 64 bits an int cannot reach a worker (msgpack): a 400 here, not a 500 there.
         if any(not -INT64_MAX - 1 <= t <= INT64_MAX for t in self.stop_token_ids):
-            raise ValueError("stop_token_ids must be 64-bit integers")
+            raise InvalidSampling("stop_token_ids", "must be 64-bit integers")
         if self.seed is not None and not -(2**63) <= self.seed < 2**64:
-            raise ValueError(f"seed must fit in 64 bits, got {self.seed}")
+            _bad("seed", "a 64-bit integer", self.seed)
+
+
+class InvalidSampling(ValueError):
+    """A sampling parameter out of range; the message is `field` followed by `problem`."""
+
+    def __init__(self, field: str, problem: str):
+        super().__init__(f"{field} {problem}")
+        self.field = field
+        self.problem = problem
+
+
+def _bad(field: str, allowed: str, value: object) -> None:
+    raise InvalidSampling(field, f"must be {allowed}, got {value!r}")
 
 
 class FinishReason(msgspec.Struct, frozen=True):

@@ -42,6 +42,9 @@ SAMPLING_FIELDS = (
     "ignore_eos",
     "skip_special_tokens",
     "no_stop_trim",
+    "frequency_penalty",
+    "presence_penalty",
+    "repetition_penalty",
 )
 
 
@@ -54,6 +57,8 @@ def _sampling(body: dict, default_max_tokens: int | None) -> dict[str, Any]:
     params = {name: body[name] for name in SAMPLING_FIELDS if body.get(name) is not None}
     if get_field(body, "include_stop_str_in_output", bool, False) and "no_stop_trim" not in params:
         params["no_stop_trim"] = True  # vLLM's name for SGLang's no_stop_trim
+    if body.get("min_tokens") is not None:
+        params["min_new_tokens"] = body["min_tokens"]  # vLLM's name
     name = max_tokens_field(body)
     max_tokens = get_field(body, name, int, default_max_tokens)
     if max_tokens is not None and max_tokens < 0:
@@ -105,6 +110,7 @@ def _items(
                 logprob_start_len=0 if echo else None,
                 top_logprobs_num=logprobs or 0,
                 max_tokens_field=max_tokens_field(body),
+                openai=True,
             )
         )
     return items, n

@@ -15,9 +15,6 @@ MAX_LOGPROBS = 20  # alternatives per token (`logprobs`, `top_logprobs`), vLLM's
 # value is refused with a 400: a client must not take an answer made without it for one
 # made with it. (SGLang's and vLLM's structured-output extras ask for something when set.)
 INERT_VALUES: dict[str, tuple[Any, ...]] = {
-    "presence_penalty": (0,),
-    "frequency_penalty": (0,),
-    "repetition_penalty": (1,),
     "logit_bias": ({},),
     "response_format": ({"type": "text"},),
     "tools": ([],),
@@ -25,7 +22,6 @@ INERT_VALUES: dict[str, tuple[Any, ...]] = {
     "tool_choice": ("none", "auto"),
     "function_call": ("none", "auto"),
     "suffix": ("",),
-    "min_tokens": (0,),
     "regex": (),
     "json_schema": (),
     "ebnf": (),

@@ -13,7 +13,7 @@ from typing import Any, Protocol
 
 import msgspec
 
-from pdserve.engine.request import INT64_MAX, SamplingParams
+from pdserve.engine.request import INT64_MAX, InvalidSampling, SamplingParams
 from pdserve.serving.hooks import RequestError
 from pdserve.serving.pd_fields import FIELD_NAMES, PDFieldError, PDFields, parse_pd_fields
 
@@ -57,10 +57,6 @@ def bad(message: str) -> RequestError:
 # SGLang sampling params pdserve does not implement, with the values that ask for none of it
 # (see openai_format.INERT_VALUES for the OpenAI routes' fields).
 SAMPLING_INERT_VALUES: dict[str, tuple[Any, ...]] = {
-    "frequency_penalty": (0,),
-    "presence_penalty": (0,),
-    "repetition_penalty": (1,),
-    "min_new_tokens": (0,),
     "n": (1,),  # SGLang's parallel sampling: send one prompt per sample instead
     "logit_bias": ({},),
     "regex": (),
@@ -141,9 +137,14 @@ def item_pd_fields(body: dict, index: int, num_items: int, limits: Limits) -> PD
 
 
 def sampling_from_dict(
-    params: Any, prompt_len: int, limits: Limits, max_tokens_field: str = "max_new_tokens"
+    params: Any,
+    prompt_len: int,
+    limits: Limits,
+    max_tokens_field: str = "max_new_tokens",
+    openai: bool = False,
 ) -> SamplingParams:
-    """`max_tokens_field`: what the client called max_new_tokens, for the error message."""
+    """`max_tokens_field`: what the client called max_new_tokens, for the error message;
+    `openai`: the fields came at the top of an OpenAI body (errors name them as sent)."""
     if params is None:
         params = {}
     if not isinstance(params, dict):
@@ -158,6 +159,8 @@ def sampling_from_dict(
     try:
         sampling = msgspec.convert(params, SamplingParams)
         sampling.validate()
+    except InvalidSampling as exc:
+        raise _invalid(exc, openai, max_tokens_field) from None
     except (msgspec.ValidationError, ValueError) as exc:
         raise bad(f"invalid sampling_params: {exc}") from None
     if sampling.max_new_tokens > room:
@@ -168,6 +171,16 @@ def sampling_from_dict(
             param=max_tokens_field if max_tokens_field != "max_new_tokens" else None,
         )
     return sampling
+
+
+def _invalid(exc: InvalidSampling, openai: bool, max_tokens_field: str) -> RequestError:
+    if not openai:
+        return RequestError(
+            400, f"invalid sampling_params: {exc}", param=f"sampling_params.{exc.field}"
+        )
+    openai_names = {"max_new_tokens": max_tokens_field, "min_new_tokens": "min_tokens"}
+    name = openai_names.get(exc.field, exc.field)
+    return RequestError(400, f"{name} {exc.problem}", param=name)
 
 
 def check_prompt(input_ids: Any, limits: Limits) -> list[int]:
@@ -197,6 +210,7 @@ def make_item(
     logprob_start_len: int | None = None,
     top_logprobs_num: int = 0,
     max_tokens_field: str = "max_new_tokens",
+    openai: bool = False,
 ) -> GenItem:
     input_ids = check_prompt(input_ids, limits)
     if rid is not None and not isinstance(rid, str):
@@ -212,7 +226,9 @@ def make_item(
     return GenItem(
         rid=rid or new_rid(),
         input_ids=input_ids,
-        sampling=sampling_from_dict(sampling_params, len(input_ids), limits, max_tokens_field),
+        sampling=sampling_from_dict(
+            sampling_params, len(input_ids), limits, max_tokens_field, openai
+        ),
         return_logprob=return_logprob,
         logprob_start_len=logprob_start_len if return_logprob else None,
         top_logprobs_num=top_logprobs_num if return_logprob else 0,

@@ -312,15 +312,11 @@ def test_seeded_n_samples_differ_from_each_other_and_repeat(tiny_server, route):
 
 
 REFUSED = [
-    ("presence_penalty", 0.5),
-    ("frequency_penalty", -1),
-    ("repetition_penalty", 1.2),
     ("logit_bias", {"5": 100}),
     ("response_format", {"type": "json_object"}),
     ("tools", [{"type": "function", "function": {"name": "f", "parameters": {}}}]),
     ("tool_choice", "required"),
     ("suffix", "end"),
-    ("min_tokens", 4),
     ("guided_json", {"type": "object"}),
     ("regex", "[a-z]+"),
     ("best_of", 3),
@@ -353,6 +349,81 @@ def test_a_feature_the_server_lacks_is_refused_with_400_naming_it(
     assert out["error"]["message"].startswith(f"{field} is not supported by this server")
     status, out = http_json("POST", tiny_server.url + route, {**body, "stream": False, **INERT})
     assert status == 200, out
+
+
+PENALTY_PROMPT = [10 + (i * 13) % 450 for i in range(20)]  # tiny-random repeats after ~17
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"frequency_penalty": 2.0},
+        {"presence_penalty": 2.0},
+        {"repetition_penalty": 1.3},
+        {"frequency_penalty": 0.5, "presence_penalty": 0.5, "repetition_penalty": 1.1},
+    ],
+)
+def test_openai_penalties_are_applied(tiny_server, fields):
+    body = {"prompt": PENALTY_PROMPT, "max_tokens": 32, "temperature": 0, "ignore_eos": True}
+    plain = completions(tiny_server, body)["choices"][0]["text"]
+    penalized = completions(tiny_server, {**body, **fields})["choices"][0]["text"]
+    assert penalized != plain
+    chat = {"messages": CHAT, "max_tokens": 4, **fields}
+    status, out = http_json("POST", f"{tiny_server.url}/v1/chat/completions", chat)
+    assert status == 200, out
+
+
+def test_openai_min_tokens_holds_back_a_stop_token_id(tiny_server):
+    params = {"max_new_tokens": 12, "temperature": 0, "ignore_eos": True}
+    generated = {"input_ids": PENALTY_PROMPT, "sampling_params": params}
+    ids = http_json("POST", f"{tiny_server.url}/generate", generated)[1]["output_ids"]
+    body = {"prompt": PENALTY_PROMPT, "max_tokens": 12, "temperature": 0, "ignore_eos": True}
+    body["stop_token_ids"] = [ids[1]]
+    assert completions(tiny_server, body)["usage"]["completion_tokens"] == 2
+    held = completions(tiny_server, {**body, "min_tokens": 6})
+    assert held["usage"]["completion_tokens"] >= 6
+
+
+@pytest.mark.parametrize("route", ["/v1/completions", "/v1/chat/completions"])
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("frequency_penalty", 2.5),
+        ("presence_penalty", -3),
+        ("repetition_penalty", 0),
+        ("min_tokens", -1),
+        ("min_tokens", 5),  # more than max_tokens
+    ],
+)
+def test_openai_penalties_out_of_range_are_400_naming_the_field(tiny_server, route, field, value):
+    body = {"prompt": "hi", "messages": CHAT, "max_tokens": 2, field: value}
+    status, out = http_json("POST", tiny_server.url + route, body)
+    assert status == 400, out
+    assert out["error"]["param"] == field and out["error"]["message"].startswith(field), out
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "ok"),
+    [
+        ("frequency_penalty", 1.5, True),
+        ("presence_penalty", -1, True),
+        ("repetition_penalty", 1.2, True),
+        ("min_new_tokens", 2, True),
+        ("frequency_penalty", 2.01, False),
+        ("repetition_penalty", -1, False),
+        ("min_new_tokens", 3, False),  # more than max_new_tokens
+    ],
+)
+def test_generate_takes_sglang_penalties_and_refuses_them_out_of_range(
+    tiny_server, field, value, ok
+):
+    body = {"text": "hi", "sampling_params": {"max_new_tokens": 2, field: value}}
+    status, out = http_json("POST", f"{tiny_server.url}/generate", body)
+    if ok:
+        assert status == 200, out
+    else:
+        assert status == 400 and out["error"]["param"] == f"sampling_params.{field}", out
+        assert field in out["error"]["message"]
 
 
 @pytest.mark.parametrize(
@@ -455,9 +526,6 @@ def test_a_stop_token_is_counted_but_its_text_left_out_unless_no_stop_trim(tiny_
 @pytest.mark.parametrize(
     ("field", "value"),
     [
-        ("frequency_penalty", 0.5),
-        ("repetition_penalty", 1.3),
-        ("min_new_tokens", 3),
         ("regex", "a+"),
         ("n", 2),
     ],
