@@ -1,5 +1,6 @@
 """Through prefill -> decode, tokens equal the colocated server's: greedy and seeded
-sampling, prompts shorter than a page, exactly a page and many pages, several DP shapes."""
+sampling, penalties, prompts shorter than a page, exactly a page and many pages, several
+DP shapes."""
 
 from __future__ import annotations
 
@@ -54,6 +55,16 @@ def _bodies() -> list[dict]:
         }
         for i, ids in enumerate(_prompts(10, seed=2))
     ]
+    # Penalized greedy (prefill samples token 0 under the prompt's repetition penalty; decode
+    # counts it among the output): tiny-random repeats itself only after ~17 tokens.
+    penalized = [10 + (i * 13) % 450 for i in range(20)]
+    for penalties in (
+        {"repetition_penalty": 0.3},
+        {"repetition_penalty": 0.5},
+        {"frequency_penalty": 2.0, "presence_penalty": 0.5},
+    ):
+        params = {"max_new_tokens": 32, "temperature": 0, "ignore_eos": True, **penalties}
+        bodies.append({"input_ids": penalized, "sampling_params": params})
     bodies.append(
         {
             "text": "The capital of France is",
