@@ -30,9 +30,20 @@ def check_finish(
     if not params.ignore_eos and last in eos_token_ids:
         return FinishReason("stop", matched=last)
     if params.stop and detokenize is not None:
-        longest = max(len(s) for s in params.stop)
-        tail = detokenize(req.output_ids[-(longest + _STOP_TAIL_EXTRA_TOKENS) :])
-        for stop in params.stop:
-            if stop in tail:
-                return FinishReason("stop", matched=stop)
+        return _match_stop_string(req, detokenize)
+    return None
+
+
+def _match_stop_string(req: Request, detokenize: Callable[[list[int]], str]) -> FinishReason | None:
+    params = req.sampling
+    longest = max(len(s) for s in params.stop)
+    tail_ids = req.output_ids[-(longest + _STOP_TAIL_EXTRA_TOKENS) :]
+    tail = detokenize(tail_ids)
+    # Without min_new_tokens a match anywhere in the tail is new: an older one would have
+    # stopped the request. With it, one within the first tokens' text never counts (vLLM's
+    # rule), so only a match reaching into the newest token's text does.
+    first_checked = len(detokenize(tail_ids[:-1])) if params.min_new_tokens else 0
+    for stop in params.stop:
+        if tail.find(stop, max(0, first_checked - len(stop) + 1)) != -1:
+            return FinishReason("stop", matched=stop)
     return None

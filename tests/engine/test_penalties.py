@@ -10,7 +10,7 @@ import torch
 from pdserve.engine.model_dir import resolve_model_dir
 from pdserve.engine.request import Request, SamplingParams
 from pdserve.engine.sampler import sample, sample_spec
-from tests.engine.test_overlap import run, summary
+from tests.engine.test_overlap import detokenize, run, summary
 
 PROMPT = [10 + (i * 13) % 450 for i in range(20)]
 NUM_NEW = 32  # tiny-random repeats itself only after ~17 tokens
@@ -98,6 +98,26 @@ def test_min_new_tokens_keeps_stop_ids_out_until_reached(tiny_engine_factory):
     min_tokens, finish = outs["min"]
     assert len(min_tokens) >= 6 and stop_id not in min_tokens[:6]
     assert finish.type == "length" or min_tokens[-1] == stop_id
+
+
+@pytest.mark.parametrize(("min_new_tokens", "num_tokens"), [(0, 3), (2, 3), (4, 12)])
+def test_a_stop_string_counts_only_when_it_ends_past_min_new_tokens(
+    tiny_engine_factory, min_new_tokens, num_tokens
+):
+    """The stop string is the text of output tokens 1 and 2: matched at token 3 unless
+    min_new_tokens holds past it; then never (it does not end in a later token's text)."""
+    free = [greedy_request(rid, 12) for rid in ("free", "again")]
+    produced = tokens(run(tiny_engine_factory(), free))["free"]
+    engine = tiny_engine_factory()
+    engine.outputs.detokenize = detokenize
+    stop = detokenize(produced[1:3])
+    engine.add_request(greedy_request("r", 12, stop=[stop], min_new_tokens=min_new_tokens))
+    outs = []
+    while engine.has_work():
+        outs.extend(engine.step())
+    got, finish = [t for o in outs for t in o.new_token_ids], outs[-1].finish_reason
+    assert got == produced[:num_tokens]
+    assert finish.type == ("length" if num_tokens == 12 else "stop")
 
 
 def test_min_new_tokens_bans_eos_unless_ignored_and_only_before_the_minimum():
