@@ -30,3 +30,14 @@ def test_cuda_engine_matches_cpu_greedy(tiny_engine_factory):
     assert generate(gpu, None) == generate(cpu, None)
     assert gpu.num_used_pages == 0
     assert len(generate(gpu, 3)) == 32
+
+
+def test_cuda_penalized_greedy_matches_cpu_with_overlap(tiny_engine_factory):
+    """The GPU runner's overlapped steps count the token still in flight on the device."""
+    from tests.engine.test_overlap import run, summary
+    from tests.engine.test_penalties import penalized_requests
+
+    cpu = summary(run(tiny_engine_factory(overlap_schedule="off"), penalized_requests()))
+    gpu_engine = tiny_engine_factory(device="cuda", overlap_schedule="on")
+    assert gpu_engine.overlap
+    assert summary(run(gpu_engine, penalized_requests())) == cpu
