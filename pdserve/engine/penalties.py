@@ -71,7 +71,7 @@ def penalize(
     presence = host_to_device([s.presence for s in penalized], device, torch.float32)
     picked = picked - frequency[:, None] * counts - presence[:, None] * (counts > 0)
     picked = _ban(picked, penalized)
-    return logits.index_copy(0, index, picked)
+    return logits.index_copy(0, index, picked.to(logits.dtype))
 
 
 def _scatter_pairs(
