@@ -4,6 +4,7 @@ putting prefill's prompt logprobs into decode's answer (/generate with return_lo
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
@@ -134,13 +135,22 @@ def merge_response(decode_body: bytes, fields: dict[int, dict[str, Any]]) -> byt
     """A non-streamed /generate answer (one object or a batch list) with prompt fields merged."""
     if not fields:
         return decode_body
+
+    def merge(data: Any) -> bool:
+        items = data if isinstance(data, list) else [data]
+        return any([merge_item(item, fields.get(i)) for i, item in enumerate(items)])
+
+    return _rewritten(decode_body, merge)
+
+
+def _rewritten(body: bytes, change: Callable[[Any], bool]) -> bytes:
+    """`body` re-encoded after `change` edited its JSON in place; as it was if nothing
+    changed or it is not JSON."""
     try:
-        data = _json_decode(decode_body)
+        data = _json_decode(body)
     except msgspec.DecodeError:
-        return decode_body
-    items = data if isinstance(data, list) else [data]
-    changed = [merge_item(item, fields.get(i)) for i, item in enumerate(items)]
-    return _json_encode(data) if any(changed) else decode_body
+        return body
+    return _json_encode(data) if change(data) else body
 
 
 class StreamMerger:
@@ -214,12 +224,10 @@ def merge_echo_response(decode_body: bytes, prefill: dict[int, dict[str, Any]]) 
     """A non-streamed completions answer with prefill's prompt logprobs filled in."""
     if not prefill:
         return decode_body
-    try:
-        data = _json_decode(decode_body)
-    except msgspec.DecodeError:
-        return decode_body
-    changed = [fill_echo_choice(c, prefill.get(_index(c))) for c in _choices(data)]
-    return _json_encode(data) if any(changed) else decode_body
+    return _rewritten(
+        decode_body,
+        lambda data: any([fill_echo_choice(c, prefill.get(_index(c))) for c in _choices(data)]),
+    )
 
 
 class EchoStreamMerger:
