@@ -119,7 +119,12 @@ def test_a_request_before_its_page_list_is_parked_under_a_tiny_pool_and_runs_onc
     assert pair.hooks.rooms[1].state is RoomState.BOOTSTRAPPING
 
     pair.page_list(1, [0, 1])
-    pair.turn_until(lambda: any(a.finish_reason for a in pair.answers), "answered")
+    # The client's answer and decode's RoomStatus leave in one turn; decode may read the
+    # status a turn later.
+    pair.turn_until(
+        lambda: any(a.finish_reason for a in pair.answers) and pair.statuses,
+        "answered and told decode",
+    )
     (status,) = pair.statuses
     assert status.ok and pair.answers[-1].finish_reason.type == "length"
     assert pair.hooks.num_parked() == 0 and not pair.hooks.rooms
