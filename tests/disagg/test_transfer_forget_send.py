@@ -87,11 +87,14 @@ def test_a_room_forgotten_mid_send_holds_only_pages_still_read_and_decode_never_
         # Room 2 behind it: once its status is in, all that was sent for room 1 is too.
         decode.send(peer, m.PageList(room=2, dst_page_ids=[NUM_PAGES, NUM_PAGES + 1], prompt_len=2))
         events: list = []
+        room_2_started: list[bool] = []
 
         def room_2_sent(prefill_events: list) -> bool:
+            # Called with every prefill event so far: room 2's page list starts one send.
             events.extend(decode.poll(0))
             for e in prefill_events:
-                if isinstance(e, Inbound) and isinstance(e.msg, m.PageList):
+                if isinstance(e, Inbound) and isinstance(e.msg, m.PageList) and not room_2_started:
+                    room_2_started.append(True)
                     prefill.send_kv(
                         decode_peer, 2, [0, 1], e.msg.dst_page_ids, m.RoomStatus(room=2, ok=True)
                     )
