@@ -338,8 +338,16 @@ def test_dp_aware_sets_ranks_from_each_servers_dp_size(stubs, router_factory):
 
 def test_align_room_puts_each_room_on_a_prefill_rank_without_rank_fields(stubs, router_factory):
     router = router_factory(pd_args(stubs) + ["--align-room"])
+
+    def legs_in_flight() -> int:
+        workers = requests.get(f"{router.url}/workers", timeout=10).json()["workers"]
+        return sum(w["in_flight"] for w in workers)
+
     for _ in range(6):
         assert requests.post(f"{router.url}/generate", json={"text": "x"}, timeout=10).ok
+        # The rank goes to the fewest legs in flight, ties in turn; a prefill leg may end
+        # after the answer: with none left in flight the next rank is the other one.
+        wait_until(lambda: legs_in_flight() == 0, 10, "the prefill leg to end")
     bodies = stubs["p1"].log()["bodies"]
     assert [b["bootstrap_room"] % 2 for b in bodies] == [0, 1] * 3  # ranks in turn
     assert not any("routed_dp_rank" in b for b in bodies)
