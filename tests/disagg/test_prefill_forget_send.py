@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 
 import torch
+import zmq
 
 from pdserve.disagg import messages as m
 from pdserve.disagg.config import DisaggConfig
@@ -24,6 +25,15 @@ from tests.disagg.transfer_peer import SmallBuffers, backed_up_options, poll_unt
 
 PROMPT_LEN = 4000  # 4 MiB of fp32 KV
 OPTIONS = backed_up_options(data_channel=False)  # the send backs up after a few MiB
+
+
+def send_stalled(prefill: SmallBuffers, decode: SmallBuffers) -> bool:
+    """Nothing of the send ZeroMQ holds can drain any more: decode's queue holds a message
+    the test never reads (its I/O thread stops reading at the next), so the TCP buffers
+    fill, and prefill's queue is full. Until then, a decode I/O thread that ran late could
+    still take every frame prefill handed over, and the abort would find none to hold."""
+    decode_full = bool(decode._sock.poll(0, zmq.POLLIN))
+    return decode_full and not prefill._sock.poll(0, zmq.POLLOUT)
 
 
 def room_statuses(events: list) -> list[m.RoomStatus]:
@@ -63,8 +73,11 @@ def test_an_aborted_room_keeps_the_pages_its_send_reads_until_settled_and_is_nev
             answers += worker_turn(engine, hooks)
         src_page_ids = list(hooks.rooms[1].src_page_ids)
         sent_kv = engine.kv_pool[src_page_ids].clone()
-        for _ in range(3):  # decode reads nothing: the send backs up
+        stalled = 0
+        while stalled < 3:  # decode reads nothing: the send backs up, and stays so
+            assert time.monotonic() < deadline, "the send never backed up"
             worker_turn(engine, hooks)
+            stalled = stalled + 1 if send_stalled(transport, decode) else 0
         assert hooks.rooms[1].state is RoomState.TRANSFERRING
 
         (answer,) = hooks.on_abort("r1", "client gone")
