@@ -1,6 +1,7 @@
 """End to end on one GPU: a colocated server against router + prefill + decode (KV over
 CUDA IPC), random-weight Llama-3.2-1B shape in bf16. Checks greedy token identity, then runs
-`pdserve bench` against both and compares. `python -m pdserve.bench.gpu_e2e --out DIR`;
+`pdserve bench` against the colocated server, the same server behind a router, and 1P1D, and
+compares 1P1D with both. `python -m pdserve.bench.gpu_e2e --out DIR`;
 `--multiturn` instead runs the multi-turn workload on 1P1D with the prefix cache on and off.
 """
 
@@ -214,24 +215,28 @@ def main(argv: list[str] | None = None) -> None:
                 os.path.join(args.out, "up.log"),
             )
         )
+        # The colocated server behind a router of its own: what the router's hop costs, apart
+        # from disaggregation (1P1D's tokens reach the client through a router too).
+        procs.append(
+            start(
+                ["router", "--worker", "http://127.0.0.1:31000", "--port", "33000"],
+                "http://127.0.0.1:33000/readiness",
+                os.path.join(args.out, "router-colocated.log"),
+            )
+        )
         check = token_check("http://127.0.0.1:31000", "http://127.0.0.1:32000", 8)
         print("token identity:", check, flush=True)
         with open(os.path.join(args.out, "tokens.json"), "w") as f:
             json.dump(check, f)
         bench("http://127.0.0.1:31000", "colocated", args.out, args)
+        bench("http://127.0.0.1:33000", "router-colocated", args.out, args)
         bench("http://127.0.0.1:32000", "pd", args.out, args)
-        subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "pdserve",
-                "bench",
-                "compare",
-                os.path.join(args.out, "colocated.json"),
-                os.path.join(args.out, "pd.json"),
-            ],
-            check=False,
-        )
+        for baseline in ("colocated", "router-colocated"):
+            subprocess.run(
+                [sys.executable, "-m", "pdserve", "bench", "compare",
+                 os.path.join(args.out, f"{baseline}.json"), os.path.join(args.out, "pd.json")],
+                check=False,
+            )  # fmt: skip
     finally:
         for proc in procs:
             stop(proc)
