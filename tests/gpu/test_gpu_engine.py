@@ -230,7 +230,9 @@ def mid_model_dir(request, tmp_path_factory) -> str:
 def test_bf16_logits_within_bf16_tolerance_of_transformers(mid_model_dir):
     from transformers import AutoModelForCausalLM
 
-    engine = make_engine(mid_model_dir, "cuda", dtype="bfloat16")
+    # Overlap off: an overlapped decode step keeps its logits on the device (`run` sees only
+    # the prefill); the logits themselves are the same either way.
+    engine = make_engine(mid_model_dir, "cuda", dtype="bfloat16", overlap_schedule="off")
     seen = recording_logits(engine)
     prompt = random_prompts(2000, seed=5)[5]  # 100 tokens: two prefill chunks
     generated = run_greedy(engine, [prompt], [24])[0]
