@@ -13,7 +13,8 @@ from pdserve.engine.kv_layout import KVLayout
 # 2: PageList carries num_cached_tokens and prefill sends only the pages past it.
 # 3: registrations, server info and the handshake carry the server's restart epoch.
 # 4: PageList carries prompt_digest; prefill sends no KV for a prompt other than its own.
-PROTOCOL_VERSION = 4
+# 5: cuda_ipc's IpcCopy carries page ids packed as int32 bytes.
+PROTOCOL_VERSION = 5
 
 
 class HandshakeProof(msgspec.Struct, frozen=True, kw_only=True):

@@ -3,10 +3,10 @@ messages on a Unix datagram lane (ipc_lane.py). Runs in prefill and decode worke
 
 The decode side pulls: the prefill side shares its pool's IPC handle once per peer; rooms
 sent between two polls go out as one `IpcBatch` message, each room an `IpcCopy(src pages,
-dst pages, status)`. The decode side checks each room's pages against its grant (exactly as
-the zmq backend checks frames), copies every accepted room in one kernel on its own stream,
-and acks with one `IpcCopyDone(rooms)` once the copy has finished, which frees the prefill
-side's pages. So no write ever lands in a page the decode side did not grant, and KV bytes
+dst pages, status)` with its page ids packed as int32 bytes. The decode side checks each
+room's pages against its grant (exactly as the zmq backend checks frames), copies every
+accepted room in one kernel on its own stream, and acks with one `IpcCopyDone(rooms)` once
+the copy has finished, which frees the prefill side's pages. So no write ever lands in a page the decode side did not grant, and KV bytes
 never pass through host memory or Python per page.
 
 Control messages skip ZeroMQ (lane_control.py): a message is one `sendmsg` into the peer's
@@ -40,6 +40,7 @@ from pdserve.disagg.transfer.base import (
 )
 from pdserve.disagg.transfer.fake_backend import FakeTransport
 from pdserve.disagg.transfer.ipc_pool import (
+    PAGE_ID,
     IpcBatch,
     IpcCopy,
     IpcCopyDone,
@@ -49,11 +50,12 @@ from pdserve.disagg.transfer.ipc_pool import (
     encode,
     export_pool,
     open_pool,
+    pack_ids,
     page_runs,
+    unpack_ids,
 )
 from pdserve.disagg.transfer.lane_control import LaneControl
 from pdserve.disagg.transfer.zmq.outbox import Outgoing
-from pdserve.disagg.transfer.zmq.pages import page_array
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +92,9 @@ class CudaIpcTransport(LaneControl, FakeTransport):
         self._pages = pool.view(torch.uint8).view(self.num_pages, self.page_nbytes)
         self._exported: IpcPool | None = None
         self._told: set[str] = set()  # peers that have our IpcPool
-        self._peer_pools: dict[str, torch.Tensor] = {}
+        self._peer_pools: dict[str, torch.Tensor] = {}  # uint8 [num_pages, page_nbytes]
+        self._words = _as_words(self._pages)  # what the copy kernel moves
+        self._peer_words: dict[str, torch.Tensor] = {}
         self._sends: dict[tuple[str, int], IpcSend] = {}
         self._batches: dict[PeerId, list[IpcCopy]] = {}  # sent at the next poll
         self._acks: list[tuple[PeerId, list[int], torch.cuda.Event]] = []
@@ -111,9 +115,9 @@ class CudaIpcTransport(LaneControl, FakeTransport):
         """Queued: the rooms of one step reach the peer as one message at the next poll."""
         self._check_open()
         src, dst = self._page_pairs(src_page_ids, dst_page_ids)
-        copy = IpcCopy(room=room, src_page_ids=src.tolist(), dst_page_ids=dst.tolist(), status=then)
+        copy = IpcCopy(room=room, src_ids=pack_ids(src), dst_ids=pack_ids(dst), status=then)
         self._batches.setdefault(peer, []).append(copy)
-        handle = IpcSend(room, peer, copy.src_page_ids)
+        handle = IpcSend(room, peer, src.tolist())
         self._sends[(peer, room)] = handle
         self._stats["kv_bytes_out"] += src.size * self.page_nbytes
         return handle
@@ -171,6 +175,7 @@ class CudaIpcTransport(LaneControl, FakeTransport):
         for key in [k for k in self._sends if k[0] == peer]:
             self._sends.pop(key).finish(reason)
         self._peer_pools.pop(peer, None)
+        self._peer_words.pop(peer, None)
         self._told.discard(peer)
         self._batches.pop(peer, None)
         self._acks = [a for a in self._acks if a[0] != peer]
@@ -209,6 +214,7 @@ class CudaIpcTransport(LaneControl, FakeTransport):
             return self._reject(peer, "ipc_page_nbytes")
         try:
             self._peer_pools[peer] = open_pool(msg)
+            self._peer_words[peer] = _as_words(self._peer_pools[peer])
         except (RuntimeError, ValueError) as exc:
             log.warning("cannot map the KV pool of %s: %s", peer, exc)
             return self._reject(peer, "ipc_open")
@@ -231,7 +237,7 @@ class CudaIpcTransport(LaneControl, FakeTransport):
         if accepted:
             assert src_pool is not None
             self._copy(
-                src_pool,
+                peer,
                 np.concatenate([src for _, src, _ in accepted]),
                 np.concatenate([dst for _, _, dst in accepted]),
             )
@@ -240,7 +246,7 @@ class CudaIpcTransport(LaneControl, FakeTransport):
             self._acks.append((peer, [copy.room for copy, _, _ in accepted], event))
             for copy, _, dst in accepted:
                 room_nbytes = dst.size * self.page_nbytes
-                self._grants.record(copy.room, copy.dst_page_ids, room_nbytes)
+                self._grants.record(copy.room, dst.tolist(), room_nbytes)
                 nbytes += room_nbytes
             self._stats["kv_bytes_in"] += nbytes
         for copy in batch.copies:
@@ -251,12 +257,16 @@ class CudaIpcTransport(LaneControl, FakeTransport):
         self, peer: PeerId, src_pool: torch.Tensor | None, copy: IpcCopy
     ) -> tuple[str | None, np.ndarray, np.ndarray]:
         """(refusal reason or None, src ids, dst ids) of one room's copy."""
-        empty = np.zeros(0, dtype=np.int64)
+        empty = np.zeros(0, dtype=PAGE_ID)
+        try:
+            dst = unpack_ids(copy.dst_ids, self.num_pages, "dst_ids")
+        except ValueError:
+            return "page_ids", empty, empty
         header = m.KVHeader(
             room=copy.room,
             frame_page_counts=[],
             page_nbytes=self.page_nbytes,
-            dst_page_ids=copy.dst_page_ids,
+            dst_page_ids=dst.tolist(),
         )
         reason = self._grants.check(peer, header, [], self.page_nbytes, moves_bytes=False)
         if reason is None and src_pool is None:
@@ -265,25 +275,25 @@ class CudaIpcTransport(LaneControl, FakeTransport):
             return reason, empty, empty
         assert src_pool is not None
         try:
-            src = page_array(copy.src_page_ids, src_pool.shape[0], "src_page_ids")
-            dst = page_array(copy.dst_page_ids, self.num_pages, "dst_page_ids")
+            src = unpack_ids(copy.src_ids, src_pool.shape[0], "src_ids")
         except ValueError:
             return "page_ids", empty, empty
         if src.size != dst.size:
             return "page_count", empty, empty
         return None, src, dst
 
-    def _copy(self, src_pool: torch.Tensor, src: np.ndarray, dst: np.ndarray) -> None:
+    def _copy(self, peer: PeerId, src: np.ndarray, dst: np.ndarray) -> None:
         """Queue the page copy on the current stream (ids already checked)."""
         if src.size == 0:
             return
+        src_pool = self._peer_pools[peer]
         if src_pool.device == self._pages.device:
             from pdserve.engine.gpu.copy_pages import copy_pages  # Triton, imported on use
 
-            device = self._pages.device
-            # one pinned upload, non-blocking: no host wait behind copies already queued
-            ids = torch.from_numpy(np.stack([src, dst])).pin_memory().to(device, non_blocking=True)
-            copy_pages(src_pool, self._pages, ids[0], ids[1])
+            # One upload of both id lists. Non-blocking from pageable memory: the driver
+            # stages the few bytes at once, with no wait behind the work queued on the stream.
+            ids = torch.from_numpy(np.stack([src, dst])).to(self._pages.device, non_blocking=True)
+            copy_pages(self._peer_words[peer], self._words, ids)
         else:  # the peer's pool is on another GPU: one copy_ per run of consecutive pages
             for s, d, n in page_runs(src, dst):
                 self._pages[d : d + n].copy_(src_pool[s : s + n], non_blocking=True)
@@ -302,3 +312,9 @@ class CudaIpcTransport(LaneControl, FakeTransport):
             self._enqueue(peer, [Outgoing(parts=[encode(msg)])])
         except TransportError as exc:  # the peer is gone: nothing to free on our side
             log.debug("ack for rooms %s to %s not sent: %s", msg.rooms, peer, exc)
+
+
+def _as_words(pages: torch.Tensor) -> torch.Tensor:
+    """A uint8 pool [num_pages, page_nbytes] as int64 words where pages are whole words: the
+    copy kernel moves 8 bytes per load (computed once per pool, not per copy)."""
+    return pages.view(torch.int64) if pages.shape[1] % 8 == 0 else pages

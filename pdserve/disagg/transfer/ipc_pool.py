@@ -29,13 +29,33 @@ class IpcPool(msgspec.Struct, tag="ipc_pool", kw_only=True):
     page_nbytes: int
 
 
+PAGE_ID = np.dtype("<i4")  # page ids on the wire: packed int32, no Python int per page
+
+
 class IpcCopy(msgspec.Struct, kw_only=True):
-    """Copy my pages `src_page_ids` into your `dst_page_ids` for `room`, then `status`."""
+    """Copy my pages `src_ids` into your `dst_ids` for `room`, then `status`. The ids are
+    packed int32 arrays (`pack_ids`), read back with `unpack_ids`."""
 
     room: int
-    src_page_ids: list[int]
-    dst_page_ids: list[int]
+    src_ids: bytes
+    dst_ids: bytes
     status: m.RoomStatus  # what a separate RoomStatus message would say after the KV
+
+
+def pack_ids(ids: np.ndarray) -> bytes:
+    return ids.astype(PAGE_ID, copy=False).tobytes()
+
+
+def unpack_ids(data: bytes, num_pages: int, what: str) -> np.ndarray:
+    """Packed page ids as an int32 array; ValueError unless whole, distinct and in range."""
+    if len(data) % PAGE_ID.itemsize:
+        raise ValueError(f"{what}: {len(data)} bytes is not a whole number of page ids")
+    ids = np.frombuffer(data, dtype=PAGE_ID)
+    if ids.size and (ids.min() < 0 or ids.max() >= num_pages):
+        raise ValueError(f"{what} out of range for a pool of {num_pages} pages")
+    if ids.size > 1 and np.unique(ids).size != ids.size:
+        raise ValueError(f"{what} has duplicate page ids")
+    return ids
 
 
 class IpcBatch(msgspec.Struct, tag="ipc_batch", kw_only=True):

@@ -12,14 +12,12 @@ NUM_WARPS = 4
 
 
 @triton.jit
-def _copy_pages_kernel(
-    src_ptr, dst_ptr, src_ids_ptr, dst_ids_ptr, words_per_page, BLOCK: tl.constexpr
-):
+def _copy_pages_kernel(src_ptr, dst_ptr, ids_ptr, num_pairs, words_per_page, BLOCK: tl.constexpr):
     pair = tl.program_id(0)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < words_per_page
-    src_page = tl.load(src_ids_ptr + pair).to(tl.int64)
-    dst_page = tl.load(dst_ids_ptr + pair).to(tl.int64)
+    src_page = tl.load(ids_ptr + pair).to(tl.int64)
+    dst_page = tl.load(ids_ptr + num_pairs + pair).to(tl.int64)
     words = tl.load(src_ptr + src_page * words_per_page + offs, mask=mask)
     tl.store(dst_ptr + dst_page * words_per_page + offs, words, mask=mask)
 
@@ -27,18 +25,16 @@ def _copy_pages_kernel(
 def copy_pages(
     src_pages: torch.Tensor,
     dst_pages: torch.Tensor,
-    src_ids: torch.Tensor,
-    dst_ids: torch.Tensor,
+    ids: torch.Tensor,
     block_words: int = BLOCK_WORDS,
     num_warps: int = NUM_WARPS,
 ) -> None:
-    """dst_pages[dst_ids[i]] = src_pages[src_ids[i]] for uint8 pools [num_pages, page_nbytes]
-    on one device, in one pass over the bytes (no gather buffer); ids are int64 on that device."""
-    page_nbytes = src_pages.shape[1]
-    if page_nbytes % 8 == 0:
-        src_pages, dst_pages = src_pages.view(torch.int64), dst_pages.view(torch.int64)
+    """dst_pages[ids[1, i]] = src_pages[ids[0, i]] for two pools [num_pages, page words] of
+    one dtype on one device (int64 words where pages allow), in one pass over the bytes (no gather buffer);
+    `ids` is a contiguous int32 or int64 [2, n] tensor on that device (one upload)."""
+    num_pairs = ids.shape[1]
     words = src_pages.shape[1]
-    grid = (src_ids.numel(), triton.cdiv(words, block_words))
+    grid = (num_pairs, triton.cdiv(words, block_words))
     _copy_pages_kernel[grid](
-        src_pages, dst_pages, src_ids, dst_ids, words, BLOCK=block_words, num_warps=num_warps
+        src_pages, dst_pages, ids, num_pairs, words, BLOCK=block_words, num_warps=num_warps
     )
