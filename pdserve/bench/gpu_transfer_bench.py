@@ -56,6 +56,7 @@ class TransferBenchConfig:
     controls: list[str] = opt(
         list(CONTROLS), "control channels to measure, each with its own sender process"
     )
+    stage_sizes_mib: list[int] = opt([0, 16, 64], "sizes whose transfer is split into stages")
     profile: bool = opt(False, "print where the decode side's time goes in 0-page transfers")
     out_dir: str | None = opt(None, "write gpu_transfer.json here")
 
@@ -77,10 +78,22 @@ def src_pages_for(room: int, num_pages: int, pool_pages: int) -> list[int]:
 
 
 def sender_main(conn, pool_pages: int, seed: int, options: TransportOptions | None = None) -> None:
-    """Prefill side: answer every PageList with send_kv from the room's source pages."""
+    """Prefill side: answer every PageList with send_kv from the room's source pages, and
+    report each room's (room, send_kv time, time its batch left) on `conn` once it left."""
     pool = make_pool(pool_pages, seed)
     torch.cuda.synchronize()
     transport = CudaIpcTransport(pool, listen_host="127.0.0.1", options=options)
+    called: dict[int, float] = {}
+    send_batches = transport._send_batches
+
+    def send_and_report() -> None:  # reported after the send: the pipe adds no delay to it
+        rooms = [copy.room for copies in transport._batches.values() for copy in copies]
+        send_batches()
+        out_at = time.perf_counter()
+        for room in rooms:
+            conn.send((room, called.pop(room), out_at))
+
+    transport._send_batches = send_and_report  # type: ignore[method-assign]
     conn.send(transport.endpoint)
     deadline = time.monotonic() + 10 * TIMEOUT_S
     try:
@@ -90,9 +103,8 @@ def sender_main(conn, pool_pages: int, seed: int, options: TransportOptions | No
                     msg = event.msg
                     src = src_pages_for(msg.room, len(msg.dst_page_ids), pool_pages)
                     then = m.RoomStatus(room=msg.room, ok=True)
-                    sent_at = time.perf_counter()  # CLOCK_MONOTONIC: one clock for both
+                    called[msg.room] = time.perf_counter()  # CLOCK_MONOTONIC: one clock for both
                     transport.send_kv(event.peer, msg.room, src, msg.dst_page_ids, then)
-                    conn.send((msg.room, sent_at))
     finally:
         transport.close()
 
@@ -108,6 +120,7 @@ class Receiver:
         self.peer = self.transport.connect(endpoint)
         self.next_room = 1
         self.rng = np.random.default_rng(0)
+        self.received_at = 0.0  # when the last transfer's last KVReceived came out of poll
 
     def transfer(self, num_pages: int, num_rooms: int) -> list[tuple[int, list[int]]]:
         """Move num_rooms rooms of num_pages pages each, all in flight at once."""
@@ -127,6 +140,7 @@ class Receiver:
                 if isinstance(event, KVReceived):
                     assert event.complete, f"room {event.room}: {event}"
                     waiting.discard(event.room)
+                    self.received_at = time.perf_counter()
         torch.cuda.synchronize()  # the copies are queued on this stream; wait for the bytes
         return rooms
 
@@ -151,31 +165,37 @@ def kernel_gbps(rx: Receiver, num_pages: int) -> dict[str, float]:
     from pdserve.bench.gpu_bench import median_event_ms
     from pdserve.engine.gpu.copy_pages import copy_pages
 
-    src_pool = rx.transport.peer_pool(rx.peer)
-    dst_pool = rx.pool.view(torch.uint8).view(rx.pool.shape[0], -1)
-    src = torch.tensor(src_pages_for(0, num_pages, src_pool.shape[0]), device="cuda")
-    dst = torch.tensor(rx.rng.permutation(dst_pool.shape[0])[:num_pages], device="cuda")
-    nbytes = num_pages * dst_pool.shape[1]
+    src_pool = rx.transport.peer_pool(rx.peer).view(torch.int64)
+    dst_pool = rx.pool.view(torch.uint8).view(rx.pool.shape[0], -1).view(torch.int64)
+    src = src_pages_for(0, num_pages, src_pool.shape[0])
+    dst = rx.rng.permutation(dst_pool.shape[0])[:num_pages].tolist()
+    ids = torch.tensor([src, dst], device="cuda")
+    nbytes = num_pages * dst_pool.shape[1] * 8
     out = {}
     for block, warps in COPY_VARIANTS:
 
         def run(block: int = block, warps: int = warps) -> None:
-            copy_pages(src_pool, dst_pool, src, dst, block, warps)
+            copy_pages(src_pool, dst_pool, ids, block, warps)
 
         ms = median_event_ms(run, 10)
         out[f"{block}x{warps}"] = nbytes / ms / 1e6
     return out
 
 
-def sent_at(clock, rooms: list[int]) -> float:
-    """When the prefill side called send_kv for the first of `rooms` (it reports each)."""
-    times: dict[int, float] = {}
+def sender_times(clock, rooms: list[int]) -> dict[int, tuple[float, float]]:
+    """Each room's (send_kv time, time its batch left the prefill side), as it reports them."""
+    times: dict[int, tuple[float, float]] = {}
     while not set(rooms) <= times.keys():
         if not clock.poll(TIMEOUT_S):
             raise TimeoutError("the sender stopped reporting its send times")
-        room, t = clock.recv()
-        times[room] = t
-    return min(times[r] for r in rooms)
+        room, called, out = clock.recv()
+        times[room] = (called, out)
+    return times
+
+
+def sent_at(clock, rooms: list[int]) -> float:
+    """When the prefill side called send_kv for the first of `rooms`."""
+    return min(called for called, _ in sender_times(clock, rooms).values())
 
 
 def timed_transfer(rx: Receiver, clock, num_pages: int, num_rooms: int) -> tuple[float, float]:
@@ -256,6 +276,57 @@ def zero_page_ms(rx: Receiver, clock, rounds: int = 200) -> dict[str, float]:
     }
 
 
+STAGES = {  # stage: (from mark, to mark)
+    "prefill: send_kv -> batch sent": ("called", "out"),
+    "lane: batch sent -> decode reads it": ("out", "in"),
+    "decode: grant checks": ("in", "checked"),
+    "decode: copy launch": ("checked", "launched"),
+    "decode: rest of the poll -> KVReceived": ("launched", "received"),
+    "sync: KVReceived -> bytes in pool": ("received", "synced"),
+    "total: send_kv -> bytes in pool": ("called", "synced"),
+}
+
+
+def stage_ms(rx: Receiver, clock, num_pages: int, rounds: int = 100) -> dict[str, float]:
+    """Median ms of each stage of a one-room transfer (STAGES), both processes timing on
+    CLOCK_MONOTONIC; the decode side's transport methods are wrapped to mark their times."""
+    transport, marks = rx.transport, {}
+    on_batch, copy = transport._on_batch, transport._copy
+
+    def marked_on_batch(*args):
+        marks["in"] = time.perf_counter()
+        return on_batch(*args)
+
+    def marked_copy(*args) -> None:
+        marks["checked"] = time.perf_counter()
+        copy(*args)
+        marks["launched"] = time.perf_counter()
+
+    transport._on_batch, transport._copy = marked_on_batch, marked_copy  # type: ignore
+    samples: dict[str, list[float]] = {stage: [] for stage in STAGES}
+    try:
+        for i in range(rounds + 10):  # the first 10 warm up
+            marks.clear()
+            (room, _), *_ = rx.transfer(num_pages, 1)
+            marks["synced"] = time.perf_counter()
+            marks["received"] = rx.received_at
+            marks["called"], marks["out"] = sender_times(clock, [room])[room]
+            for stage, (start, end) in STAGES.items():
+                if i >= 10:
+                    samples[stage].append(1e3 * (marks[end] - marks[start]))
+    finally:
+        del transport._on_batch, transport._copy  # the class's methods again
+    return {stage: statistics.median(ms) for stage, ms in samples.items()}
+
+
+def print_stages(control: str, stages: dict[int, dict[str, float]]) -> None:
+    sizes = list(stages)
+    print(f"\nwhere a transfer's time goes, {control} (median ms of 100 one-room transfers):")
+    print(f"{'stage':40} " + " ".join(f"{f'{s} MiB':>9}" for s in sizes))
+    for stage in STAGES:
+        print(f"{stage:40} " + " ".join(f"{stages[s][stage]:9.3f}" for s in sizes))
+
+
 def print_profile(rx: Receiver, clock, rounds: int = 200) -> None:
     """cProfile of the decode side (this process) over 0-page transfers."""
     import cProfile
@@ -284,6 +355,8 @@ def measure_control(cfg: TransferBenchConfig, pool_pages: int, options: Transpor
         sender_pool = make_pool(pool_pages, 1).view(pool_pages, -1)  # the same bytes
         rows = [measure_size(rx, parent, size, cfg, sender_pool) for size in cfg.sizes_mib]
         zero = zero_page_ms(rx, parent)
+        page_mib = rx.transport.page_nbytes / MIB
+        stages = {size: stage_ms(rx, parent, int(size // page_mib)) for size in cfg.stage_sizes_mib}
         if cfg.profile:
             print_profile(rx, parent)
         rx.transport.close()
@@ -294,7 +367,7 @@ def measure_control(cfg: TransferBenchConfig, pool_pages: int, options: Transpor
         sender.join(TIMEOUT_S)
         if sender.is_alive():
             sender.kill()
-    return {"rows": rows, "zero_page": zero}
+    return {"rows": rows, "zero_page": zero, "stages": stages}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -307,6 +380,7 @@ def main(argv: list[str] | None = None) -> int:
     results = {c: measure_control(cfg, pool_pages, CONTROLS[c]) for c in cfg.controls}
     for control, result in results.items():
         print_table(control, result["rows"], result["zero_page"])
+        print_stages(control, result["stages"])
     if "zmq" in results:
         base = results["zmq"]["zero_page"]["round_trip_ms"]
         for control, result in results.items():
