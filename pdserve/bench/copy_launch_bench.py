@@ -1,0 +1,76 @@
+"""Host time of cuda_ipc's decode-side copy launch: the page ids' upload and the page-copy
+kernel's launch, as the transport does it (one pageable non-blocking upload of packed int32
+ids), against the path before it (a pinned copy of the ids per launch) in the same run, on an
+idle stream and behind a busy one (as under a decode step). GPU only.
+
+Run: `python -m pdserve.bench.copy_launch_bench [--pages 8 512]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import numpy as np
+import torch
+
+POOL_PAGES = 1024
+PAGE_NBYTES = 2 << 20
+BUSY_CYCLES = 20_000_000  # torch.cuda._sleep before each timed call: ~10 ms of queued work
+
+
+def host_us(fn, rounds: int, busy: bool) -> float:
+    """Median host microseconds of `fn` (the GPU idle between calls; queued work when busy)."""
+    times = []
+    for _ in range(rounds):
+        torch.cuda.synchronize()
+        if busy:
+            torch.cuda._sleep(BUSY_CYCLES)
+        started = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - started)
+    torch.cuda.synchronize()
+    return 1e6 * statistics.median(times[rounds // 10 :])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--pages", type=int, nargs="+", default=[8, 512])
+    parser.add_argument("--rounds", type=int, default=300)
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        parser.error("needs a CUDA device")
+    from pdserve.engine.gpu.copy_pages import copy_pages
+
+    device = torch.device("cuda")
+    src = torch.zeros(POOL_PAGES, PAGE_NBYTES // 8, dtype=torch.int64, device=device)
+    dst = torch.zeros_like(src)
+    rng = np.random.default_rng(0)
+    print(f"device: {torch.cuda.get_device_name()}; host us per launch (median)")
+    print(f"{'pages':>6} {'stream':>6} {'pinned ids':>11} {'pageable ids':>13} {'ratio':>6}")
+    for num_pages in args.pages:
+        pairs = np.stack([rng.permutation(POOL_PAGES)[:num_pages] for _ in range(2)])
+        pairs = pairs.astype(np.int32)
+
+        def pinned(
+            pairs: np.ndarray = pairs,
+        ) -> None:  # the path before: a pinned allocation per copy
+            ids = torch.from_numpy(pairs.copy()).pin_memory().to(device, non_blocking=True)
+            copy_pages(src, dst, ids)
+
+        def pageable(pairs: np.ndarray = pairs) -> None:  # the transport's path
+            ids = torch.from_numpy(pairs.copy()).to(device, non_blocking=True)
+            copy_pages(src, dst, ids)
+
+        for busy in (False, True):
+            rounds = args.rounds if not busy else max(20, args.rounds // 6)
+            before = host_us(pinned, rounds, busy)
+            after = host_us(pageable, rounds, busy)
+            stream = "busy" if busy else "idle"
+            print(f"{num_pages:6d} {stream:>6} {before:11.1f} {after:13.1f} {after / before:6.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
