@@ -211,6 +211,22 @@ def server_argv(c: ClusterConfig, mode: str, port: int, dp_size: int) -> list[st
     return argv + shlex.split(c.server_args)
 
 
+def shared_gpu_note(server_args: str, mps_pipe_dir: str) -> str | None:
+    """A note when both servers run on one CUDA device (the same `--device` in the flags
+    they share) and no CUDA MPS daemon is listening in `mps_pipe_dir`: the GPU then
+    time-slices the two processes, and decode steps wait out the prefill server's slices."""
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--device", default="cpu")
+    device = parser.parse_known_args(shlex.split(server_args))[0].device
+    if not device.startswith("cuda") or os.path.exists(os.path.join(mps_pipe_dir, "control")):
+        return None
+    return (
+        f"prefill and decode share {device} and no CUDA MPS daemon is running: the GPU "
+        "time-slices their processes, which lengthens decode's inter-token latency; "
+        "start one with `nvidia-cuda-mps-control -d` (docs/gpu.md)"
+    )
+
+
 def plan(c: ClusterConfig, router_port: int | None = None) -> list[Child]:
     """The three children: prefill, decode, router (stopped in the reverse order). Ports
     not given (here or in `c`) are free ports."""
@@ -325,6 +341,10 @@ def run(ns: argparse.Namespace) -> int:
     )
     if note:
         print(f"pdserve up: {note}", flush=True)
+    mps_pipe_dir = os.environ.get("CUDA_MPS_PIPE_DIRECTORY", "/tmp/nvidia-mps")
+    gpu_note = shared_gpu_note(c.server_args, mps_pipe_dir)
+    if gpu_note:
+        print(f"pdserve up: {gpu_note}", flush=True)
     children = plan(c, router_port)
     started_at = time.monotonic()
     try:

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from pdserve.cluster import DEFAULT_ROUTER_PORT, choose_router_port
+from pdserve.cluster import DEFAULT_ROUTER_PORT, choose_router_port, shared_gpu_note
 from pdserve.procs import port_is_free
 from tests.helpers import PYTHON, REPO_ROOT, http_status, python_path_env, wait_until
 
@@ -150,3 +150,16 @@ def test_up_stops_everything_when_a_child_dies_early():
         assert len(children) == 3 and [group_members(pid) for pid in children] == [[], [], []]
     finally:
         up.kill_everything()
+
+
+def test_up_notes_a_gpu_shared_without_mps(tmp_path):
+    """Both servers on one CUDA device and no MPS daemon's control pipe: a note says why
+    decode's latency suffers and how to start the daemon; none on the CPU or with MPS."""
+    no_mps = str(tmp_path / "absent")
+    note = shared_gpu_note("--device cuda:1 --dtype bfloat16", no_mps)
+    assert note is not None and "cuda:1" in note and "nvidia-cuda-mps-control -d" in note
+    assert shared_gpu_note("--dtype bfloat16 --device=cuda", no_mps) is not None
+    assert shared_gpu_note("", no_mps) is None
+    assert shared_gpu_note("--device cpu", no_mps) is None
+    (tmp_path / "control").touch()  # the daemon's control pipe
+    assert shared_gpu_note("--device cuda", str(tmp_path)) is None
