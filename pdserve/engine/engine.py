@@ -214,14 +214,14 @@ class Engine:
         """Raise RequestRejected for a request that could never run here."""
         if req.rid in self._requests:
             raise RequestRejected(f"request id {req.rid!r} is already in flight")
+        vocab_size = self.model.args.vocab_size
         try:
-            req.sampling.validate()
+            req.sampling.validate(vocab_size)
         except ValueError as exc:
             raise RequestRejected(str(exc)) from exc
         prompt_len = len(req.prompt_ids)
         if prompt_len == 0:
             raise RequestRejected("the prompt is empty")
-        vocab_size = self.model.args.vocab_size
         if any(not 0 <= t < vocab_size for t in req.prompt_ids):
             raise RequestRejected(f"prompt token ids must be in [0, {vocab_size})")
         total = prompt_len + req.sampling.max_new_tokens

@@ -12,6 +12,10 @@ from dataclasses import dataclass, field
 import msgspec
 
 INT64_MAX = 2**63 - 1
+# logit_bias: at most this many tokens per request (bounds the work it adds to each step);
+# each bias is in [-LOGIT_BIAS_LIMIT, LOGIT_BIAS_LIMIT], OpenAI's range.
+MAX_LOGIT_BIAS_ENTRIES = 1024
+LOGIT_BIAS_LIMIT = 100.0
 
 
 class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
@@ -32,6 +36,8 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
     # Over prompt and output: a seen token's logit is divided by it if positive, else times it.
     repetition_penalty: float = 1.0
     min_new_tokens: int = 0  # EOS and stop_token_ids cannot be sampled before this many
+    # token id -> added to its logit before any token is picked (greedy too)
+    logit_bias: dict[int, float] = {}
 
     @property
     def penalized(self) -> bool:
@@ -43,8 +49,9 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
             or self.min_new_tokens > 0
         )
 
-    def validate(self) -> None:
-        """Raise InvalidSampling naming the bad field; the front end turns it into a 400."""
+    def validate(self, vocab_size: int | None = None) -> None:
+        """Raise InvalidSampling naming the bad field; the front end turns it into a 400.
+        `vocab_size`: the model's, bounding token ids (None: unknown, unchecked)."""
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 0:
             _bad("max_new_tokens", "a non-negative integer", self.max_new_tokens)
         if not self.temperature >= 0:  # NaN too: it would sample garbage, not fail
@@ -73,6 +80,29 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
             raise InvalidSampling("stop_token_ids", "must be 64-bit integers")
         if self.seed is not None and not -(2**63) <= self.seed < 2**64:
             _bad("seed", "a 64-bit integer", self.seed)
+        check_logit_bias(self.logit_bias, vocab_size)
+
+
+def check_logit_bias(bias: dict[int, float], vocab_size: int | None) -> None:
+    """Raise InvalidSampling("logit_bias", ...) naming the first bad token id or bias."""
+    if len(bias) > MAX_LOGIT_BIAS_ENTRIES:
+        raise InvalidSampling(
+            "logit_bias",
+            f"has {len(bias)} entries; at most {MAX_LOGIT_BIAS_ENTRIES} are allowed",
+        )
+    # Past 64 bits a key cannot reach a worker (msgpack); without a vocab size, that bounds it.
+    limit = INT64_MAX + 1 if vocab_size is None else vocab_size
+    for token_id, value in bias.items():
+        if not 0 <= token_id < limit:
+            raise InvalidSampling(
+                "logit_bias", f"token id {token_id} is outside the vocabulary [0, {limit})"
+            )
+        if not -LOGIT_BIAS_LIMIT <= value <= LOGIT_BIAS_LIMIT:  # NaN too
+            raise InvalidSampling(
+                "logit_bias",
+                f"bias {value!r} for token {token_id} must be in "
+                f"[-{LOGIT_BIAS_LIMIT:g}, {LOGIT_BIAS_LIMIT:g}]",
+            )
 
 
 class InvalidSampling(ValueError):

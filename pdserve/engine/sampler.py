@@ -9,10 +9,12 @@ the same kind of device: CUDA's generator draws other numbers than the CPU's for
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 
+from pdserve.engine.logit_bias import add_logit_bias
 from pdserve.engine.overlap import host_to_device
 from pdserve.engine.penalties import PenaltySpec, penalize, penalty_spec
 from pdserve.engine.request import Request
@@ -42,6 +44,7 @@ class SampleSpec:
     seed: int
     token_index: int  # index of the token being sampled in the request's output
     penalty: PenaltySpec | None = None  # None: no penalties, no min_new_tokens
+    logit_bias: Mapping[int, float] | None = None  # None: no bias (the request's own map)
 
     @property
     def greedy(self) -> bool:
@@ -60,6 +63,7 @@ def sample_spec(req: Request, eos_token_ids: frozenset[int], num_ahead: int = 0)
         seed=req.sampling_seed,
         token_index=len(req.output_ids) + num_ahead,
         penalty=penalty_spec(req, num_ahead, eos_token_ids),
+        logit_bias=p.logit_bias or None,
     )
 
 
@@ -139,9 +143,11 @@ def sample_on_device(
 ) -> torch.Tensor:
     """int64 token ids [R], left on the logits' device. Greedy and temperature-only rows
     queue their work without waiting for the device; top-k/top-p rows wait for it (their
-    filter looks at the probabilities on the host). Penalties and min_new_tokens correct
-    the logits first, greedy rows' too; `ahead_ids` [R]: each row's newest output token
-    when it is still on the device (overlap), needed by penalized rows with num_ahead."""
+    filter looks at the probabilities on the host). logit_bias, then penalties and
+    min_new_tokens correct the logits first (vLLM's order), greedy rows' too; `ahead_ids`
+    [R]: each row's newest output token when it is still on the device (overlap), needed
+    by penalized rows with num_ahead."""
+    logits = add_logit_bias(logits, [s.logit_bias for s in specs])
     logits = penalize(logits, [s.penalty for s in specs], ahead_ids)
     tokens = logits.argmax(dim=-1)
     random_rows = [i for i, s in enumerate(specs) if not s.greedy]
@@ -155,8 +161,8 @@ def sample_on_device(
 def logprobs_of(
     logits: torch.Tensor, token_ids: list[int], top_ns: list[int]
 ) -> tuple[list[float], list[list[tuple[int, float]]]]:
-    """log_softmax of the raw logits (SGLang semantics, before penalties, temperature or
-    filters):
+    """log_softmax of the raw logits (SGLang semantics, before logit_bias, penalties,
+    temperature or filters):
     each row's logprob of `token_ids[row]` and its top `top_ns[row]` (id, logprob) pairs."""
     logprobs = torch.log_softmax(logits, dim=-1)
     chosen_ids = torch.tensor(token_ids, device=logits.device)[:, None]
