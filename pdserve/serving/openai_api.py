@@ -45,6 +45,7 @@ SAMPLING_FIELDS = (
     "frequency_penalty",
     "presence_penalty",
     "repetition_penalty",
+    "logit_bias",
 )
 
 

@@ -15,7 +15,6 @@ MAX_LOGPROBS = 20  # alternatives per token (`logprobs`, `top_logprobs`), vLLM's
 # value is refused with a 400: a client must not take an answer made without it for one
 # made with it. (SGLang's and vLLM's structured-output extras ask for something when set.)
 INERT_VALUES: dict[str, tuple[Any, ...]] = {
-    "logit_bias": ({},),
     "response_format": ({"type": "text"},),
     "tools": ([],),
     "functions": ([],),

@@ -15,6 +15,7 @@ import msgspec
 
 from pdserve.engine.request import INT64_MAX, InvalidSampling, SamplingParams
 from pdserve.serving.hooks import RequestError
+from pdserve.serving.logit_bias_field import parse_logit_bias
 from pdserve.serving.pd_fields import FIELD_NAMES, PDFieldError, PDFields, parse_pd_fields
 
 
@@ -58,7 +59,6 @@ def bad(message: str) -> RequestError:
 # (see openai_format.INERT_VALUES for the OpenAI routes' fields).
 SAMPLING_INERT_VALUES: dict[str, tuple[Any, ...]] = {
     "n": (1,),  # SGLang's parallel sampling: send one prompt per sample instead
-    "logit_bias": ({},),
     "regex": (),
     "json_schema": (),
     "ebnf": (),
@@ -157,8 +157,10 @@ def sampling_from_dict(
     if "max_new_tokens" not in params:
         params["max_new_tokens"] = min(SamplingParams().max_new_tokens, room)
     try:
+        if "logit_bias" in params:
+            params["logit_bias"] = parse_logit_bias(params["logit_bias"])
         sampling = msgspec.convert(params, SamplingParams)
-        sampling.validate()
+        sampling.validate(limits.vocab_size)
     except InvalidSampling as exc:
         raise _invalid(exc, openai, max_tokens_field) from None
     except (msgspec.ValidationError, ValueError) as exc:

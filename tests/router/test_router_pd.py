@@ -242,7 +242,12 @@ def test_errors_through_the_router_keep_the_servers_openai_shape(router, tiny_se
     body = {"messages": MESSAGES, "max_tokens": 2, "stream": stream}
     for wrong, status, kind, param in [
         ({"model": "gpt-4o"}, 404, "NotFoundError", "model"),
-        ({"logit_bias": {"5": 1}}, 400, "invalid_request_error", "logit_bias"),
+        (
+            {"response_format": {"type": "json_object"}},
+            400,
+            "invalid_request_error",
+            "response_format",
+        ),
     ]:
         want = requests.post(tiny_server.url + url, json={**body, **wrong}, timeout=60)
         got = requests.post(router.url + url, json={**body, **wrong}, timeout=60)

@@ -30,7 +30,6 @@ def test_seeded_n_samples_differ_from_each_other_and_repeat(tiny_server, route):
 
 
 REFUSED = [
-    ("logit_bias", {"5": 100}),
     ("response_format", {"type": "json_object"}),
     ("tools", [{"type": "function", "function": {"name": "f", "parameters": {}}}]),
     ("tool_choice", "required"),
