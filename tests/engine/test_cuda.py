@@ -41,3 +41,25 @@ def test_cuda_penalized_greedy_matches_cpu_with_overlap(tiny_engine_factory):
     gpu_engine = tiny_engine_factory(device="cuda", overlap_schedule="on")
     assert gpu_engine.overlap
     assert summary(run(gpu_engine, penalized_requests())) == cpu
+
+
+def test_cuda_logit_bias_matches_cpu_with_overlap(tiny_engine_factory):
+    """A bias is added on the device in overlapped steps too: greedy rows give the CPU's
+    tokens, a forced seeded row only its forced token."""
+    from tests.engine.test_logit_bias import FORCED_ID, NUM_NEW, request
+    from tests.engine.test_overlap import run, summary
+
+    def requests() -> list:
+        return [
+            request("forced", logit_bias={FORCED_ID: 100.0}),
+            request("banned", logit_bias={FORCED_ID: -100.0, 5: -100.0}),
+            request("greedy"),
+            request("seeded", seed=7, logit_bias={FORCED_ID: 100.0}),
+        ]
+
+    cpu = summary(run(tiny_engine_factory(overlap_schedule="off"), requests()))
+    gpu_engine = tiny_engine_factory(device="cuda", overlap_schedule="on")
+    assert gpu_engine.overlap
+    gpu = summary(run(gpu_engine, requests()))
+    assert gpu == cpu
+    assert gpu["seeded"][0] == [FORCED_ID] * NUM_NEW
