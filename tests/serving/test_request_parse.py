@@ -74,3 +74,17 @@ def test_bad_input_is_a_400_naming_the_problem(body, needle):
         parse(body)
     assert info.value.status == 400
     assert needle in info.value.message
+
+
+def test_logit_bias_takes_string_and_int_keys_and_checks_ids_only_against_a_known_vocab():
+    def bias(limits: Limits, value: dict) -> dict[int, float]:
+        body = {"input_ids": [1, 2], "sampling_params": {"logit_bias": value}}
+        return parse_generate(body, None, limits)[0][0].sampling.logit_bias
+
+    assert bias(LIMITS, {"7": 1, 9: -100}) == {7: 1.0, 9: -100.0}
+    with pytest.raises(RequestError, match=r"token id 300 is outside the vocabulary \[0, 256\)"):
+        bias(LIMITS, {"300": 1})
+    unknown = Limits(dp_size=1, max_context_len=64)  # vocab size None: no bound but >= 0
+    assert bias(unknown, {"300": 1}) == {300: 1.0}
+    with pytest.raises(RequestError, match="token id -3 is outside the vocabulary"):
+        bias(unknown, {"-3": 1})
