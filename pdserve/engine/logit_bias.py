@@ -29,4 +29,5 @@ def add_logit_bias(logits: torch.Tensor, biases: list[Mapping[int, float] | None
         return logits
     device = logits.device
     index = (host_to_device(rows, device), host_to_device(token_ids, device))
-    return logits.index_put(index, host_to_device(values, device, logits.dtype))
+    # accumulate: added to the logit (index_put alone would put the bias in its place)
+    return logits.index_put(index, host_to_device(values, device, logits.dtype), accumulate=True)

@@ -5,7 +5,9 @@ and logprobs stay those of the raw logits."""
 from __future__ import annotations
 
 import pytest
+import torch
 
+from pdserve.engine.logit_bias import add_logit_bias
 from pdserve.engine.request import Request, RequestRejected, SamplingParams
 from tests.engine.test_overlap import run, summary
 
@@ -107,3 +109,17 @@ def test_the_engine_rejects_a_bad_bias(tiny_engine_factory, bias, problem):
     with pytest.raises(RequestRejected, match="logit_bias") as info:
         engine.add_request(request("r", logit_bias=bias))
     assert problem in str(info.value)
+
+
+def test_a_bias_is_added_to_the_logit_not_put_in_its_place():
+    """+2 on one token of row 0 and -1.5 on two of row 2: those logits move by exactly that,
+    nothing else changes, and the raw logits are left as they were."""
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(0))
+    raw = logits.clone()
+    biased = add_logit_bias(logits, [{7: 2.0}, None, {0: -1.5, 49: -1.5}])
+    expected = raw.clone()
+    expected[0, 7] += 2.0
+    expected[2, [0, 49]] -= 1.5
+    assert torch.equal(biased, expected)
+    assert torch.equal(logits, raw)
+    assert add_logit_bias(logits, [None, {}, None]) is logits  # no bias: no work
