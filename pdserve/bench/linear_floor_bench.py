@@ -1,0 +1,98 @@
+"""The decode step's linear layers at small batch on the GPU: cuBLAS (`F.linear`, what the
+decode graphs run) on the matrices of the Llama-3.2-1B and Llama-3-8B shapes, 1 to 4 rows,
+bf16, each timed as a CUDA graph of 40 calls (as decode runs them) over copies of the
+matrix that do not fit in L2 together, against the weight-read floor at the device copy
+bandwidth measured in the same run. Tells how much of a decode step's distance from its
+floor the matmuls account for. GPU only.
+
+Run: `python -m pdserve.bench.linear_floor_bench [--out-dir DIR]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import torch
+import torch.nn.functional as F
+
+from pdserve.bench.gpu_bench import median_event_ms
+
+# name: [(matrix, N, K)], the decode step's linear layers (q/k/v and gate/up fused)
+SHAPES = {
+    "llama3.2-1b": [
+        ("qkv", 3072, 2048), ("o", 2048, 2048), ("gate_up", 16384, 2048),
+        ("down", 2048, 8192), ("lm_head", 128256, 2048),
+    ],
+    "llama3-8b": [
+        ("qkv", 6144, 4096), ("o", 4096, 4096), ("gate_up", 28672, 4096),
+        ("down", 4096, 14336), ("lm_head", 128256, 4096),
+    ],
+}  # fmt: skip
+LAYERS = {"llama3.2-1b": 16, "llama3-8b": 32}
+CALLS = 40
+
+
+COLD_NBYTES = 256 << 20  # weights cycled per matrix: well past the L2 cache (50 MB on an H100)
+
+
+def graph_us(fns: list) -> float:
+    """Microseconds per call of a CUDA graph of CALLS calls cycling through `fns`."""
+    for fn in fns:
+        fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(CALLS):
+            fns[i % len(fns)]()
+    return 1e3 * median_event_ms(graph.replay, 20) / CALLS
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4])
+    parser.add_argument("--out-dir", default=None)
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        parser.error("needs a CUDA device")
+    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    copy_gbps = 2 * src.numel() / median_event_ms(lambda: dst.copy_(src), 10) / 1e6
+    print(f"device: {torch.cuda.get_device_name()}; copy {copy_gbps:.0f} GB/s (read + write)")
+    results = []
+    for shape, mats in SHAPES.items():
+        for rows in args.rows:
+            floor_total = cublas_total = 0.0
+            for name, n, k in mats:
+                # As in a decode step, no call finds its weight in L2 from the call before:
+                # each one reads another copy of the matrix.
+                copies = -(-COLD_NBYTES // (n * k * 2))
+                ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for _ in range(copies)]
+                x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
+                floor_us = n * k * 2 / copy_gbps / 1e3
+                cublas_us = graph_us([lambda w=w, x=x: F.linear(x, w) for w in ws])
+                count = 1 if name == "lm_head" else LAYERS[shape]
+                floor_total += count * floor_us
+                cublas_total += count * cublas_us
+                results.append(
+                    dict(shape=shape, rows=rows, matrix=name, floor_us=floor_us, us=cublas_us)
+                )
+                print(
+                    f"{shape:12} rows {rows} {name:8} floor {floor_us:7.1f} us  cuBLAS "
+                    f"{cublas_us:7.1f} us ({cublas_us / floor_us:4.2f}x)"
+                )
+                del ws
+            print(
+                f"{shape:12} rows {rows} every linear layer of a step: floor {floor_total:.0f} "
+                f"us, cuBLAS {cublas_total:.0f} us ({cublas_total / floor_total:.2f}x)"
+            )
+    if args.out_dir:
+        os.makedirs(args.out_dir, exist_ok=True)
+        with open(os.path.join(args.out_dir, "linear_floor.json"), "w") as f:
+            json.dump({"copy_gbps": copy_gbps, "results": results}, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
