@@ -76,7 +76,15 @@ def test_flush_under_load_keeps_pinned_pages_and_pages_used_returns_to_zero(serv
     flush_and_wait(url, rank)
     body = {"input_ids": PROMPT, "sampling_params": GREEDY, "routed_dp_rank": rank}
     assert http_json("POST", f"{url}/generate", body)[0] == 200
-    wait_until(lambda: rank_load(url, rank)["num_cached_pages"] == 4, 30, "4 cached pages")
+
+    def cached_and_idle() -> bool:
+        load = rank_load(url, rank)
+        return load["num_cached_pages"] == 4 and load["num_running_reqs"] == 0
+
+    # A load report from after that request: a report of one running request after it can
+    # only be the long one's. (Reports come periodically: one taken while the first request
+    # ran, its pages already cached, let the flush go before the long request was admitted.)
+    wait_until(cached_and_idle, 30, "4 cached pages, nothing running")
     with ThreadPoolExecutor(1) as pool:
         long_body = {**body, "rid": f"pinning-{rank}", "sampling_params": LONG}
         future = pool.submit(http_json, "POST", f"{url}/generate", long_body)
