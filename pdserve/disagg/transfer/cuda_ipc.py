@@ -6,8 +6,9 @@ sent between two polls go out as one `IpcBatch` message, each room an `IpcCopy(s
 dst pages, status)` with its page ids packed as int32 bytes. The decode side checks each
 room's pages against its grant (exactly as the zmq backend checks frames), copies every
 accepted room in one kernel on its own stream, and acks with one `IpcCopyDone(rooms)` once
-the copy has finished, which frees the prefill side's pages. So no write ever lands in a page the decode side did not grant, and KV bytes
-never pass through host memory or Python per page.
+the copy has finished, which frees the prefill side's pages. So no write ever lands in a
+page the decode side did not grant, and KV bytes never pass through host memory or Python
+per page.
 
 Control messages skip ZeroMQ (lane_control.py): a message is one `sendmsg` into the peer's
 lane, and the peer's loop wakes on the lane's descriptor, where a ZeroMQ hop adds two

@@ -30,8 +30,8 @@ def copy_pages(
     num_warps: int = NUM_WARPS,
 ) -> None:
     """dst_pages[ids[1, i]] = src_pages[ids[0, i]] for two pools [num_pages, page words] of
-    one dtype on one device (int64 words where pages allow), in one pass over the bytes (no gather buffer);
-    `ids` is a contiguous int32 or int64 [2, n] tensor on that device (one upload)."""
+    one dtype on one device (int64 words where pages allow), in one pass over the bytes (no
+    gather buffer); `ids` is a contiguous int32 or int64 [2, n] tensor on that device."""
     num_pairs = ids.shape[1]
     words = src_pages.shape[1]
     grid = (num_pairs, triton.cdiv(words, block_words))
