@@ -237,8 +237,8 @@ def main(argv: list[str] | None = None) -> None:
             "pd": "http://127.0.0.1:32000",
         }
         # One unmeasured pass of the same workload each first: whichever went first used to
-        # pay for the kernels the servers compile on first use (1.4-1.5x the tokens/s of the
-        # same server measured second, in two H100 runs).
+        # pay for the kernels the servers compile on first use (in two H100 runs the same
+        # server measured second gave 1.4-1.5x its tokens/s).
         for label, url in targets.items():
             bench(url, f"warm-{label}", args.out, args, num_prompts=args.warm_prompts)
         for label, url in targets.items():
