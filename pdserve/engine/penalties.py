@@ -1,28 +1,34 @@
 """Frequency, presence and repetition penalties and min_new_tokens, applied to a step's
 logits before any token is picked (vLLM's and SGLang's semantics). Runs in each worker.
 
-Only rows of penalized requests pay: their token counts are built on the device per step.
+Only rows of penalized requests pay: their token counts are built on the device per step
+from ids kept there (`PenaltyIds`), to which a step uploads only the newest output ids.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 from pdserve.engine.overlap import host_to_device
+from pdserve.engine.penalty_ids import PenaltyIds
 from pdserve.engine.request import Request
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class PenaltySpec:
-    """What one penalized row's logits must be corrected by before sampling."""
+    """What one penalized row's logits must be corrected by before sampling. The id lists
+    are the request's own (not copies, which would cost O(length) a step): a spec is used
+    in the step that builds it, before the request gains a token."""
 
     frequency: float
     presence: float
     repetition: float
-    prompt_ids: tuple[int, ...]  # empty unless the repetition penalty needs them
-    output_ids: tuple[int, ...]  # those on the host
+    token_ids: PenaltyIds  # the request's ids on the device, brought up to date by penalize
+    prompt_ids: Sequence[int] | None  # None unless the repetition penalty needs them
+    output_ids: Sequence[int]  # those on the host
     num_ahead: int  # 1: the newest output token is still on the device (overlap)
     banned_ids: tuple[int, ...]  # EOS and stop ids while min_new_tokens is not reached
 
@@ -32,6 +38,8 @@ def penalty_spec(req: Request, num_ahead: int, eos_token_ids: frozenset[int]) ->
     p = req.sampling
     if not p.penalized:
         return None
+    if req.penalty_ids is None:
+        req.penalty_ids = PenaltyIds()
     banned: tuple[int, ...] = ()
     if len(req.output_ids) + num_ahead < p.min_new_tokens:
         stops = set(p.stop_token_ids) | (set() if p.ignore_eos else set(eos_token_ids))
@@ -40,8 +48,9 @@ def penalty_spec(req: Request, num_ahead: int, eos_token_ids: frozenset[int]) ->
         frequency=p.frequency_penalty,
         presence=p.presence_penalty,
         repetition=p.repetition_penalty,
-        prompt_ids=tuple(req.prompt_ids) if p.repetition_penalty != 1 else (),
-        output_ids=tuple(req.output_ids),
+        token_ids=req.penalty_ids,
+        prompt_ids=req.prompt_ids if p.repetition_penalty != 1 else None,
+        output_ids=req.output_ids,
         num_ahead=num_ahead,
         banned_ids=banned,
     )
@@ -58,6 +67,8 @@ def penalize(
         return logits
     penalized = [s for s in specs if s is not None]
     device = logits.device
+    for s in penalized:
+        s.token_ids.sync(device, s.prompt_ids, s.output_ids)
     index = host_to_device(rows, device)
     ahead = [p for p, s in enumerate(penalized) if s.num_ahead]
     if ahead and ahead_ids is None:
@@ -74,15 +85,20 @@ def penalize(
     return logits.index_copy(0, index, picked.to(logits.dtype))
 
 
-def _scatter_pairs(
-    target: torch.Tensor, row_ids: list[int], token_ids: list[int], value: torch.Tensor
-) -> None:
-    """target[row_ids[k], token_ids[k]] += value (accumulating repeats), in place."""
-    if not token_ids:
+def _scatter_rows(target: torch.Tensor, row_ids: list[torch.Tensor | None]) -> None:
+    """target[p, t] += 1 for each id t of row_ids[p] (repeats accumulate; None: no ids),
+    in place, in one scatter over the rows' ids concatenated on the device."""
+    rows = [p for p, ids in enumerate(row_ids) if ids is not None and len(ids)]
+    if not rows:
         return
-    device = target.device
-    rows, tokens = host_to_device(row_ids, device), host_to_device(token_ids, device)
-    target.index_put_((rows, tokens), value.expand(len(token_ids)), accumulate=True)
+    id_tensors = [row_ids[p] for p in rows]
+    lengths = [len(ids) for ids in id_tensors]
+    device, total = target.device, sum(lengths)
+    row_index = torch.repeat_interleave(
+        host_to_device(rows, device), host_to_device(lengths, device), output_size=total
+    )
+    value = target.new_ones(1).expand(total)
+    target.index_put_((row_index, torch.cat(id_tensors)), value, accumulate=True)
 
 
 def _output_counts(
@@ -94,12 +110,12 @@ def _output_counts(
 ) -> torch.Tensor:
     """float32 [P, vocab]: how often each token occurs in each row's output so far."""
     counts = torch.zeros(len(specs), vocab_size, device=device)
-    one = torch.ones(1, device=device)
-    row_ids = [p for p, s in enumerate(specs) for _ in s.output_ids]
-    _scatter_pairs(counts, row_ids, [t for s in specs for t in s.output_ids], one)
+    _scatter_rows(counts, [s.token_ids.output_ids for s in specs])
     if ahead_tokens is not None:
         counts.index_put_(
-            (host_to_device(ahead, device), ahead_tokens), one.expand(len(ahead)), accumulate=True
+            (host_to_device(ahead, device), ahead_tokens),
+            counts.new_ones(1).expand(len(ahead)),
+            accumulate=True,
         )
     return counts
 
@@ -109,8 +125,7 @@ def _repetition(
 ) -> torch.Tensor:
     """A token seen in the prompt or the output: logit / r if positive, else logit * r."""
     seen = (counts > 0).float()
-    row_ids = [p for p, s in enumerate(specs) for _ in s.prompt_ids]
-    _scatter_pairs(seen, row_ids, [t for s in specs for t in s.prompt_ids], seen.new_ones(1))
+    _scatter_rows(seen, [s.token_ids.prompt_ids for s in specs])
     penalty = host_to_device([s.repetition for s in specs], logits.device, torch.float32)[:, None]
     scaled = torch.where(logits > 0, logits / penalty, logits * penalty)
     return torch.where(seen > 0, scaled, logits)

@@ -8,8 +8,12 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import msgspec
+
+if TYPE_CHECKING:  # type only: this module stays torch-free
+    from pdserve.engine.penalty_ids import PenaltyIds
 
 INT64_MAX = 2**63 - 1
 # logit_bias: at most this many tokens per request (bounds the work it adds to each step);
@@ -207,6 +211,7 @@ class Request:
     prompt_logprobs: list[float | None] | None = None  # accumulated over prefill chunks
     prompt_top_logprobs: list[list[tuple[int, float]] | None] | None = None
     prompt_logprobs_sent: bool = False  # sent once; a recomputed (preempted) prefill skips them
+    penalty_ids: PenaltyIds | None = None  # a penalized request's ids on the device
 
     def transition(self, dst: ReqState) -> None:
         if not can_transition(self.state, dst):
