@@ -1,6 +1,7 @@
 """Frequency, presence and repetition penalties and min_new_tokens: greedy tokens equal a
 plain loop over transformers' logits, penalized rows leave the others alone, overlap on
-and off agree (the in-flight token counts), EOS and stop ids wait for min_new_tokens."""
+and off agree (the in-flight token counts), also over long runs with preemptions, EOS and
+stop ids wait for min_new_tokens."""
 
 from __future__ import annotations
 
@@ -153,3 +154,24 @@ def test_logprobs_stay_those_of_the_raw_logits(tiny_engine_factory):
     # the penalized choice is not the raw argmax, so its raw logprob is lower.
     assert pen_lps[:same] == pytest.approx(plain_lps[:same], rel=1e-4)
     assert pen_lps[same] < plain_lps[same]
+
+
+@pytest.mark.parametrize("overlap", ["off", "on"])
+def test_long_penalized_greedy_through_preemption_equals_the_reference(
+    tiny_engine_factory, hf_model, overlap
+):
+    """Each penalized request's ids live on the device across 80 steps (past the buffer's first growth) and preemptions
+    (an 8-page pool for ~5 pages each); its tokens still equal a full recount's."""
+    num_new = 80
+    kinds = [PENALTIES[0], PENALTIES[2], PENALTIES[4], PENALTIES[6], {}]
+    reqs = [greedy_request(f"r{i}", num_new, **kw) for i, kw in enumerate(kinds)]
+    engine = tiny_engine_factory(overlap_schedule=overlap, max_total_tokens=128)
+    got = tokens(run(engine, reqs))
+    assert engine.scheduler.num_preemptions > 0
+    for req, kw in zip(reqs, kinds, strict=True):
+        assert got[req.rid] == reference_greedy(hf_model, PROMPT, num_new, **kw), kw
+        if kw:  # each id went up once: no re-upload per step, nor after a preemption
+            num_prompt = len(PROMPT) if "repetition_penalty" in kw else 0
+            assert req.penalty_ids.num_uploaded_ids <= num_prompt + num_new
+        else:
+            assert req.penalty_ids is None
