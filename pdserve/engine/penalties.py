@@ -97,8 +97,10 @@ def _scatter_rows(target: torch.Tensor, row_ids: list[torch.Tensor | None]) -> N
     row_index = torch.repeat_interleave(
         host_to_device(rows, device), host_to_device(lengths, device), output_size=total
     )
-    value = target.new_ones(1).expand(total)
-    target.index_put_((row_index, torch.cat(id_tensors)), value, accumulate=True)
+    # index_add_ on the flat view: several times faster than index_put_(accumulate=True)
+    # on the CPU, and exact on CUDA whatever the atomics' order (whole counts in float32).
+    flat_index = row_index * target.shape[-1] + torch.cat(id_tensors)
+    target.view(-1).index_add_(0, flat_index, target.new_ones(1).expand(total))
 
 
 def _output_counts(
