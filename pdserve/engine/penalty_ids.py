@@ -22,8 +22,9 @@ class PenaltyIds:
     def __init__(self) -> None:
         self.device: torch.device | None = None
         self.prompt_ids: torch.Tensor | None = None  # None: the prompt is not needed
-        self._output_buffer: torch.Tensor | None = None  # [capacity]; the first
-        self.num_output_ids = 0  # entries are the uploaded output ids
+        # [capacity]: its first num_output_ids entries are the uploaded output ids
+        self._output_buffer: torch.Tensor | None = None
+        self.num_output_ids = 0
         self._last_output_id: int | None = None  # the host's id at num_output_ids - 1
         self.num_uploaded_ids = 0  # host-to-device ids over its life, prompt included
 
