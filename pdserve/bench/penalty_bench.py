@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 import torch
 
-from pdserve.engine.overlap import host_to_device
+from pdserve.engine.host_copy import host_to_device
 from pdserve.engine.penalties import penalize, penalty_spec
 from pdserve.engine.request import Request, SamplingParams
 

@@ -10,7 +10,7 @@ from collections.abc import Mapping
 
 import torch
 
-from pdserve.engine.overlap import host_to_device
+from pdserve.engine.host_copy import host_to_device
 
 
 def add_logit_bias(logits: torch.Tensor, biases: list[Mapping[int, float] | None]) -> torch.Tensor:

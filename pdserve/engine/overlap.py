@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from pdserve.engine.host_copy import host_to_device
 from pdserve.engine.request import Request
 
 
@@ -50,17 +51,6 @@ def ahead_token_ids(
         return None
     index = host_to_device([0 if r.prev_row is None else r.prev_row for r in rows], device)
     return previous.token_ids_device[index]
-
-
-def host_to_device(
-    values: list[int] | list[float], device: torch.device, dtype: torch.dtype = torch.int64
-) -> torch.Tensor:
-    """A tensor on `device` without waiting for the device's queued work (a blocking
-    host-to-device copy synchronises the stream; a pinned non-blocking one is queued)."""
-    tensor = torch.tensor(values, dtype=dtype)
-    if device.type != "cuda":
-        return tensor.to(device)
-    return tensor.pin_memory().to(device, non_blocking=True)
 
 
 @dataclass

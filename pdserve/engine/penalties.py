@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pdserve.engine.overlap import host_to_device
+from pdserve.engine.host_copy import host_to_device
 from pdserve.engine.penalty_ids import PenaltyIds
 from pdserve.engine.request import Request
 

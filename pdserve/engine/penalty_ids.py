@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 import torch
 
-from pdserve.engine.overlap import host_to_device
+from pdserve.engine.host_copy import host_to_device
 
 _MIN_CAPACITY = 64  # output ids; the buffer doubles past it (amortised O(1) per token)
 

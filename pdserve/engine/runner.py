@@ -9,14 +9,9 @@ import torch
 
 from pdserve.engine import model as llama
 from pdserve.engine.attention import Segment, build_attn_meta
+from pdserve.engine.host_copy import host_to_device
 from pdserve.engine.loader import LoadedModel
-from pdserve.engine.overlap import (
-    DecodeRow,
-    LaunchedDecode,
-    ahead_token_ids,
-    decode_rows,
-    host_to_device,
-)
+from pdserve.engine.overlap import DecodeRow, LaunchedDecode, ahead_token_ids, decode_rows
 from pdserve.engine.request import Request
 from pdserve.engine.rope import rope_tables
 from pdserve.engine.sampler import sample_on_device, sample_spec

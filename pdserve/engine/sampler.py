@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
+from pdserve.engine.host_copy import host_to_device
 from pdserve.engine.logit_bias import add_logit_bias
-from pdserve.engine.overlap import host_to_device
 from pdserve.engine.penalties import PenaltySpec, penalize, penalty_spec
 from pdserve.engine.request import Request
 
