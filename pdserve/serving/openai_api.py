@@ -19,6 +19,7 @@ from pdserve.serving.generation import Delta, ItemResult, merged, run_all
 from pdserve.serving.hooks import RequestError
 from pdserve.serving.openai_format import (
     MAX_N,
+    chat_echo_text,
     chat_logprobs,
     completion_logprobs,
     end_offset,
@@ -183,6 +184,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     state = state_of(request)
     body = await _body(request)
     prompt_ids = render_chat_prompt(state.tokenizer, body.get("messages"), body)
+    echo = chat_echo_text(body["messages"], get_field(body, "echo", bool, False))
     top = _chat_top_logprobs(body)
     # Without max_tokens a chat answer may use the rest of the context, as in vLLM and SGLang.
     default_max_tokens = state.limits.rest_of_context(len(prompt_ids))
@@ -192,12 +194,14 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         events = _stream(
             state, items, n, meta, body, "chat.completion.chunk", _chat_delta, client_gone(request)
         )
+        if echo is not None:
+            events = _chat_echo_first(meta, n, echo, events)
         return await sse_response_for(request, events)
     results = await run_all(state.generator, items, client_gone(request))
     choices = [
         {
             "index": i,
-            "message": {"role": "assistant", "content": r.text},
+            "message": {"role": "assistant", "content": (echo or "") + r.text},
             "logprobs": chat_logprobs(
                 state.tokenizer, r.output_ids, r.output_logprobs, r.output_top_logprobs
             )
@@ -210,6 +214,19 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     return web.json_response(
         {**meta, "object": "chat.completion", "choices": choices, "usage": usage(results, n)}
     )
+
+
+async def _chat_echo_first(
+    meta: dict, n: int, echo: str, events: AsyncIterator[dict[str, Any]]
+) -> AsyncIterator[dict[str, Any]]:
+    """`echo` in a chat stream, as vLLM sends it: one chunk per choice with the echoed text
+    before any generated one."""
+    for index in range(n):
+        delta = {"role": "assistant", "content": echo}
+        choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": None}
+        yield {**meta, "object": "chat.completion.chunk", "choices": [choice]}
+    async for event in events:
+        yield event
 
 
 async def _body(request: web.Request) -> dict:

@@ -73,6 +73,17 @@ def render_chat_prompt(tokenizer: Any, messages: Any, body: dict) -> list[int]:
     return tokenizer.encode(text, add_special_tokens=False)
 
 
+def chat_echo_text(messages: list, echo: bool) -> str | None:
+    """What chat's `echo` puts in front of each answer (vLLM's rule): the last message's
+    text when that message is the assistant's, the role the answer continues; else None."""
+    if not echo:
+        return None
+    last = messages[-1]
+    if last.get("role") != "assistant":
+        return None
+    return _content_text(last.get("content"), len(messages) - 1) or None
+
+
 def _content_text(content: Any, index: int) -> str:
     if content is None:
         return ""

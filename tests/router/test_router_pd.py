@@ -117,11 +117,16 @@ def test_prompt_logprobs_equal_colocated(router, tiny_server):
     assert_logprobs_close(last["input_token_logprobs"], want["input_token_logprobs"])
 
 
+@pytest.mark.parametrize("echo", [False, True])
 @pytest.mark.parametrize("n", [1, 2])
-def test_chat_equals_colocated(router, tiny_server, n):
-    body = {"model": "tiny-random", "messages": MESSAGES, "max_tokens": 8, "temperature": 0, "n": n}
+def test_chat_equals_colocated(router, tiny_server, n, echo):
+    """With `echo` after an assistant message, its text leads every choice, streamed too."""
+    messages = [*MESSAGES, {"role": "assistant", "content": "Sure:"}] if echo else MESSAGES
+    body = {"model": "tiny-random", "messages": messages, "max_tokens": 8, "temperature": 0}
+    body |= {"n": n, "echo": echo}
     url = "/v1/chat/completions"
     want = chat_text(post(tiny_server.url + url, body).json())
+    assert all(text.startswith("Sure:") for text in want) == echo
     assert chat_text(post(router.url + url, body).json()) == want
     assert stream_text(streamed(router.url + url, body), "delta") == dict(enumerate(want))
 

@@ -1,0 +1,53 @@
+"""Chat's `echo` (vLLM's rule): when the last message is the assistant's, the answer of each
+choice starts with its text, whole or as the first chunk of a stream; otherwise, or without
+`echo`, nothing is added. A tiny-random server."""
+
+from __future__ import annotations
+
+from tests.helpers import http_json, sse_events
+
+PREFIX = "Once upon a time"
+
+
+def chat(server, messages: list, **extra) -> dict:
+    body = {"messages": messages, "max_tokens": 6, "temperature": 0, **extra}
+    status, out = http_json("POST", f"{server.url}/v1/chat/completions", body)
+    assert status == 200, out
+    return out
+
+
+def contents(answer: dict) -> list[str]:
+    return [choice["message"]["content"] for choice in answer["choices"]]
+
+
+def test_echo_puts_the_assistants_last_message_in_front_of_each_choice(tiny_server):
+    messages = [{"role": "user", "content": "tell me"}, {"role": "assistant", "content": PREFIX}]
+    plain = contents(chat(tiny_server, messages, n=2, seed=1))
+    echoed = contents(chat(tiny_server, messages, n=2, seed=1, echo=True))
+    assert echoed == [PREFIX + text for text in plain]
+
+
+def test_echo_adds_nothing_after_a_user_message_or_when_off(tiny_server):
+    messages = [{"role": "user", "content": "tell me"}]
+    assert contents(chat(tiny_server, messages, echo=True)) == contents(chat(tiny_server, messages))
+    parts = [{"type": "text", "text": "Once "}, {"type": "text", "text": "upon"}]
+    with_parts = [*messages, {"role": "assistant", "content": parts}]
+    assert contents(chat(tiny_server, with_parts, echo=True))[0].startswith("Once upon")
+    assert not contents(chat(tiny_server, with_parts, echo=False))[0].startswith("Once upon")
+
+
+def test_a_streamed_echo_comes_first_and_the_text_adds_up(tiny_server):
+    messages = [{"role": "user", "content": "go"}, {"role": "assistant", "content": PREFIX}]
+    body = {"messages": messages, "max_tokens": 6, "temperature": 0, "stream": True}
+    events = sse_events(f"{tiny_server.url}/v1/chat/completions", {**body, "echo": True})
+    chunks = [e for e in events if e != "[DONE]" and e["choices"]]
+    first = chunks[0]["choices"][0]
+    assert first["delta"] == {"role": "assistant", "content": PREFIX}
+    streamed = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks)
+    assert streamed == PREFIX + contents(chat(tiny_server, messages))[0]
+
+
+def test_echo_must_be_a_boolean(tiny_server):
+    body = {"messages": [{"role": "user", "content": "x"}], "echo": "yes", "max_tokens": 2}
+    status, out = http_json("POST", f"{tiny_server.url}/v1/chat/completions", body)
+    assert status == 400 and out["error"]["param"] == "echo", out
