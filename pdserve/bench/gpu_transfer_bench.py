@@ -79,21 +79,21 @@ def src_pages_for(room: int, num_pages: int, pool_pages: int) -> list[int]:
 
 def sender_main(conn, pool_pages: int, seed: int, options: TransportOptions | None = None) -> None:
     """Prefill side: answer every PageList with send_kv from the room's source pages, and
-    report each room's (room, send_kv time, time its batch left) on `conn` once it left."""
+    report each room's (room, send_kv called, send_kv returned) on `conn` once its wake-up
+    left (the pipe adds no delay to the transfer)."""
     pool = make_pool(pool_pages, seed)
     torch.cuda.synchronize()
     transport = CudaIpcTransport(pool, listen_host="127.0.0.1", options=options)
-    called: dict[int, float] = {}
-    send_batches = transport._send_batches
+    times: dict[int, tuple[float, float]] = {}
+    send_wakes = transport._send_wakes
 
-    def send_and_report() -> None:  # reported after the send: the pipe adds no delay to it
-        rooms = [copy.room for copies in transport._batches.values() for copy in copies]
-        send_batches()
-        out_at = time.perf_counter()
+    def send_and_report() -> None:
+        rooms = [room for rooms in transport._wakes.values() for room in rooms]
+        send_wakes()
         for room in rooms:
-            conn.send((room, called.pop(room), out_at))
+            conn.send((room, *times.pop(room)))
 
-    transport._send_batches = send_and_report  # type: ignore[method-assign]
+    transport._send_wakes = send_and_report  # type: ignore[method-assign]
     conn.send(transport.endpoint)
     deadline = time.monotonic() + 10 * TIMEOUT_S
     try:
@@ -103,8 +103,9 @@ def sender_main(conn, pool_pages: int, seed: int, options: TransportOptions | No
                     msg = event.msg
                     src = src_pages_for(msg.room, len(msg.dst_page_ids), pool_pages)
                     then = m.RoomStatus(room=msg.room, ok=True)
-                    called[msg.room] = time.perf_counter()  # CLOCK_MONOTONIC: one clock for both
+                    called = time.perf_counter()  # CLOCK_MONOTONIC: one clock for both
                     transport.send_kv(event.peer, msg.room, src, msg.dst_page_ids, then)
+                    times[msg.room] = (called, time.perf_counter())
     finally:
         transport.close()
 
@@ -160,12 +161,13 @@ def copy_gbps(nbytes: int) -> float:
     return nbytes / median_event_ms(lambda: dst.copy_(src), 10) / 1e6
 
 
-def kernel_gbps(rx: Receiver, num_pages: int) -> dict[str, float]:
-    """The page-copy kernel alone, mapped prefill pool -> this pool, per (block, warps)."""
+def kernel_gbps(rx: Receiver, num_pages: int, sender_pool: torch.Tensor) -> dict[str, float]:
+    """The page-copy kernel alone, a pool of the prefill side's bytes -> this pool, per
+    (block, warps) (an IPC mapping does not change the kernel's bandwidth)."""
     from pdserve.bench.gpu_bench import median_event_ms
     from pdserve.engine.gpu.copy_pages import copy_pages
 
-    src_pool = rx.transport.peer_pool(rx.peer).view(torch.int64)
+    src_pool = sender_pool.view(torch.int64)
     dst_pool = rx.pool.view(torch.uint8).view(rx.pool.shape[0], -1).view(torch.int64)
     src = src_pages_for(0, num_pages, src_pool.shape[0])
     dst = rx.rng.permutation(dst_pool.shape[0])[:num_pages].tolist()
@@ -183,13 +185,13 @@ def kernel_gbps(rx: Receiver, num_pages: int) -> dict[str, float]:
 
 
 def sender_times(clock, rooms: list[int]) -> dict[int, tuple[float, float]]:
-    """Each room's (send_kv time, time its batch left the prefill side), as it reports them."""
+    """Each room's (send_kv called, send_kv returned), as the prefill side reports them."""
     times: dict[int, tuple[float, float]] = {}
     while not set(rooms) <= times.keys():
         if not clock.poll(TIMEOUT_S):
             raise TimeoutError("the sender stopped reporting its send times")
-        room, called, out = clock.recv()
-        times[room] = (called, out)
+        room, called, returned = clock.recv()
+        times[room] = (called, returned)
     return times
 
 
@@ -222,7 +224,7 @@ def measure_size(rx: Receiver, clock, size_mib: int, cfg: TransferBenchConfig, s
     src = src_pages_for(room, num_pages, sender_pool.shape[0])
     got = rx.pool[dst].reshape(num_pages, -1)
     assert torch.equal(got, sender_pool[src]), f"{size_mib} MiB: bytes differ"
-    kernels = kernel_gbps(rx, num_pages)
+    kernels = kernel_gbps(rx, num_pages, sender_pool)
     return {
         "size_mib": nbytes / MIB,
         "copy_gbps": copy_gbps(nbytes),
@@ -277,11 +279,8 @@ def zero_page_ms(rx: Receiver, clock, rounds: int = 200) -> dict[str, float]:
 
 
 STAGES = {  # stage: (from mark, to mark)
-    "prefill: send_kv -> batch sent": ("called", "out"),
-    "lane: batch sent -> decode reads it": ("out", "in"),
-    "decode: grant checks": ("in", "checked"),
-    "decode: copy launch": ("checked", "launched"),
-    "decode: rest of the poll -> KVReceived": ("launched", "received"),
+    "prefill: send_kv (checks, status, copy launch)": ("called", "returned"),
+    "copy + slot set -> decode's poll sees it": ("returned", "received"),
     "sync: KVReceived -> bytes in pool": ("received", "synced"),
     "total: send_kv -> bytes in pool": ("called", "synced"),
 }
@@ -289,42 +288,24 @@ STAGES = {  # stage: (from mark, to mark)
 
 def stage_ms(rx: Receiver, clock, num_pages: int, rounds: int = 100) -> dict[str, float]:
     """Median ms of each stage of a one-room transfer (STAGES), both processes timing on
-    CLOCK_MONOTONIC; the decode side's transport methods are wrapped to mark their times."""
-    transport, marks = rx.transport, {}
-    on_batch, copy = transport._on_batch, transport._copy
-
-    def marked_on_batch(*args):
-        marks["in"] = time.perf_counter()
-        return on_batch(*args)
-
-    def marked_copy(*args) -> None:
-        marks["checked"] = time.perf_counter()
-        copy(*args)
-        marks["launched"] = time.perf_counter()
-
-    transport._on_batch, transport._copy = marked_on_batch, marked_copy  # type: ignore
+    CLOCK_MONOTONIC."""
     samples: dict[str, list[float]] = {stage: [] for stage in STAGES}
-    try:
-        for i in range(rounds + 10):  # the first 10 warm up
-            marks.clear()
-            (room, _), *_ = rx.transfer(num_pages, 1)
-            marks["synced"] = time.perf_counter()
-            marks["received"] = rx.received_at
-            marks["called"], marks["out"] = sender_times(clock, [room])[room]
-            for stage, (start, end) in STAGES.items():
-                if i >= 10:
-                    samples[stage].append(1e3 * (marks[end] - marks[start]))
-    finally:
-        del transport._on_batch, transport._copy  # the class's methods again
+    for i in range(rounds + 10):  # the first 10 warm up
+        (room, _), *_ = rx.transfer(num_pages, 1)
+        marks = {"synced": time.perf_counter(), "received": rx.received_at}
+        marks["called"], marks["returned"] = sender_times(clock, [room])[room]
+        for stage, (start, end) in STAGES.items():
+            if i >= 10:
+                samples[stage].append(1e3 * (marks[end] - marks[start]))
     return {stage: statistics.median(ms) for stage, ms in samples.items()}
 
 
 def print_stages(control: str, stages: dict[int, dict[str, float]]) -> None:
     sizes = list(stages)
     print(f"\nwhere a transfer's time goes, {control} (median ms of 100 one-room transfers):")
-    print(f"{'stage':40} " + " ".join(f"{f'{s} MiB':>9}" for s in sizes))
+    print(f"{'stage':48} " + " ".join(f"{f'{s} MiB':>9}" for s in sizes))
     for stage in STAGES:
-        print(f"{stage:40} " + " ".join(f"{stages[s][stage]:9.3f}" for s in sizes))
+        print(f"{stage:48} " + " ".join(f"{stages[s][stage]:9.3f}" for s in sizes))
 
 
 def print_profile(rx: Receiver, clock, rounds: int = 200) -> None:

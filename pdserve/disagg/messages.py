@@ -14,7 +14,8 @@ from pdserve.engine.kv_layout import KVLayout
 # 3: registrations, server info and the handshake carry the server's restart epoch.
 # 4: PageList carries prompt_digest; prefill sends no KV for a prompt other than its own.
 # 5: cuda_ipc's IpcCopy carries page ids packed as int32 bytes.
-PROTOCOL_VERSION = 5
+# 6: cuda_ipc pushes: decode grants pages with a completion slot, prefill writes and sets it.
+PROTOCOL_VERSION = 6
 
 
 class HandshakeProof(msgspec.Struct, frozen=True, kw_only=True):

@@ -1,55 +1,44 @@
-"""cuda_ipc's packed page ids (ipc_pool.py): what prefill packs decode unpacks, and decode
-refuses ids that are not whole, in range and distinct (its grant check then refuses the
-room) without a Python int per page. The GPU half of the transport is in tests/gpu."""
+"""cuda_ipc's messages (ipc_pool.py) on the CPU: a grant carries its page list, slot,
+sequence number and expiry through the wire; a slot's payload decodes to the status it
+holds; a message of the earlier pull protocol (version 5) does not decode as anything of
+this one. The GPU half of the transport is in tests/gpu."""
 
 from __future__ import annotations
 
 import msgspec
-import numpy as np
 import pytest
 
 from pdserve.disagg import messages as m
 from pdserve.disagg.transfer.ipc_pool import (
-    PAGE_ID,
-    IpcBatch,
-    IpcCopy,
+    IpcGrant,
+    IpcLanded,
+    IpcStatus,
     decode,
+    decode_status,
     encode,
-    pack_ids,
-    unpack_ids,
 )
 
 
-def test_packed_ids_survive_the_wire_in_order():
-    src, dst = np.array([7, 3, 11, 0]), np.array([1, 2, 9, 5], dtype=np.int64)
-    copy = IpcCopy(
-        room=4, src_ids=pack_ids(src), dst_ids=pack_ids(dst), status=m.RoomStatus(room=4, ok=True)
-    )
-    (got,) = decode(encode(IpcBatch(copies=[copy]))).copies
-    assert unpack_ids(got.src_ids, 12, "src").tolist() == [7, 3, 11, 0]
-    assert unpack_ids(got.dst_ids, 10, "dst").tolist() == [1, 2, 9, 5]
-    assert unpack_ids(b"", 10, "dst").size == 0
-    assert len(got.src_ids) == 4 * PAGE_ID.itemsize
+def test_a_grant_and_a_wake_survive_the_wire():
+    page_list = m.PageList(room=4, dst_page_ids=[9, 2, 5], prompt_len=40, num_cached_tokens=16)
+    grant = IpcGrant(page_list=page_list, slot=3, seq=77, expires_at=1234.5)
+    assert decode(encode(grant)) == grant
+    assert decode(encode(IpcLanded(rooms=[4, 8]))) == IpcLanded(rooms=[4, 8])
+    assert decode(m.encode(m.Abort(room=4, reason="x"))) == m.Abort(room=4, reason="x")
 
 
-@pytest.mark.parametrize(
-    ("data", "why"),
-    [
-        (b"\x01\x00\x00", "whole number"),
-        (np.array([3, 10], dtype="<i4").tobytes(), "out of range"),
-        (np.array([-1], dtype="<i4").tobytes(), "out of range"),
-        (np.array([4, 2, 4], dtype="<i4").tobytes(), "duplicate"),
-    ],
-)
-def test_ids_that_are_not_whole_in_range_and_distinct_are_refused(data, why):
-    with pytest.raises(ValueError, match=why):
-        unpack_ids(data, 10, "dst_ids")
+def test_a_slot_payload_holds_the_status_or_says_it_follows():
+    status = m.RoomStatus(room=4, ok=True, first=m.FirstToken(room=4, token_id=7, logprob=-0.5))
+    assert decode_status(encode(IpcStatus(num_pages=3, status=status))).status == status
+    assert decode_status(encode(IpcStatus(num_pages=3, status=None))).status is None
+    with pytest.raises(msgspec.MsgspecError):
+        decode_status(b"\xc1")
 
 
-def test_a_copy_with_ids_as_a_list_is_not_an_ipc_copy():
-    """A peer of protocol version 4 sent int lists; the handshake refuses it first, and the
-    message itself does not decode as this version's IpcCopy."""
-    old = {"type": "ipc_batch", "copies": [{"room": 1, "src_page_ids": [1], "dst_page_ids": [2],
+def test_a_version_5_pull_message_is_not_a_message_of_this_protocol():
+    """Decode pulled in version 5 (IpcBatch of IpcCopy); the handshake refuses such a peer
+    first, and its messages decode as nothing here."""
+    old = {"type": "ipc_batch", "copies": [{"room": 1, "src_ids": b"", "dst_ids": b"",
                                            "status": {"type": "RoomStatus", "room": 1, "ok": True}}]}  # fmt: skip
     with pytest.raises(msgspec.ValidationError):
         decode(msgspec.msgpack.encode(old))

@@ -158,6 +158,20 @@ class TransportOptions:
         "before it blocks: waking a sleeping process costs tens of microseconds (more in a "
         "VM), but a spinning process takes a core from its peer where cores are short",
     )
+    grant_ttl_s: float = opt(
+        120.0,
+        "KV transfer (cuda_ipc): prefill writes nothing into decode's pages this long after "
+        "decode granted them; decode keeps a forgotten room's pages whose write was never "
+        "confirmed out of use until then (a few seconds more)",
+    )
+    ipc_slots: int = opt(
+        4096, "KV transfer (cuda_ipc): completion slots per decode worker (grants in flight)"
+    )
+    ipc_status_nbytes: int = opt(
+        2048,
+        "KV transfer (cuda_ipc): bytes per completion slot for the room's status; a longer "
+        "one (many top logprobs) follows as a message",
+    )
     read_timeout_s: float = opt(
         30.0,
         "KV transfer (backends where decode reads, nixl): prefill gives up on a room decode "
@@ -171,6 +185,8 @@ class TransportOptions:
         for f in dataclasses.fields(self):
             if f.name == "lane_spin_us":
                 check(self.lane_spin_us >= 0, "lane_spin_us must be >= 0")
+            elif f.name == "ipc_status_nbytes":  # a slot always holds a status-less payload
+                check(self.ipc_status_nbytes >= 64, "ipc_status_nbytes must be >= 64")
             elif f.type in (int, "int", float, "float"):
                 check(getattr(self, f.name) > 0, f"{f.name} must be > 0")
 

@@ -1,27 +1,31 @@
-"""KV transport for GPU pools on one host: pages move GPU to GPU through CUDA IPC, control
-messages on a Unix datagram lane (ipc_lane.py). Runs in prefill and decode worker processes.
+"""KV transport for GPU pools on one host: the prefill side writes the pages straight into
+the decode pool by CUDA IPC, and says so through host memory both share (ipc_flags.py), not
+a message. Control messages go on a Unix datagram lane (ipc_lane.py). Runs in prefill and
+decode worker processes.
 
-The decode side pulls: the prefill side shares its pool's IPC handle once per peer; rooms
-sent between two polls go out as one `IpcBatch` message, each room an `IpcCopy(src pages,
-dst pages, status)` with its page ids packed as int32 bytes. The decode side checks each
-room's pages against its grant (exactly as the zmq backend checks frames), copies every
-accepted room in one kernel on its own stream, and acks with one `IpcCopyDone(rooms)` once
-the copy has finished, which frees the prefill side's pages. So no write ever lands in a
-page the decode side did not grant, and KV bytes never pass through host memory or Python
-per page.
+The decode side pushes a grant: before its first page list to a prefill peer it sends an
+`IpcTarget` (its pool's IPC handle, its completion slots); each page list goes as an
+`IpcGrant` with a slot and a sequence number. On `send_kv` the prefill side checks the
+destination pages against the grant, writes the room's status into the slot's payload,
+queues one page-copy kernel into the decode pool and then the slot's flag := the sequence
+number, both on the stream its engine computes on (so after the step that made the KV),
+and returns. The decode loop reads every slot in one numpy comparison per poll: a set flag
+says the bytes are in its pool, and its payload carries the status, so neither side runs
+Python per page and no message is on that path. One `IpcLanded` per poll still goes out,
+to wake a decode loop that sleeps.
 
-Control messages skip ZeroMQ (lane_control.py): a message is one `sendmsg` into the peer's
-lane, and the peer's loop wakes on the lane's descriptor, where a ZeroMQ hop adds two
-I/O-thread hand-offs. The ZeroMQ connection stays up for its heartbeats.
-
-Prefill's pages are complete when `send_kv` is called: the engine reads each step's logits
-on the host, which waits for every kernel of that step. On the decode side, the copy is on
-the stream the engine computes on, so its next step sees the pages without a sync.
+Guarantees. Prefill writes only pages of a grant it holds, and holds none after the grant's
+status, an Abort either way, a redirect, or its `expires_at`. Every grant ends with its
+flag set: by the GPU after the copy, or by the host when prefill will not copy (then a
+message, or an error status in the payload, says why). So decode reuses a forgotten room's
+pages only once its flag is set, or its peer's process is gone, or the grant expired.
 """
 
 from __future__ import annotations
 
 import logging
+import time
+from dataclasses import dataclass
 
 import msgspec
 import numpy as np
@@ -30,48 +34,77 @@ import zmq
 
 from pdserve.disagg import messages as m
 from pdserve.disagg.transfer.base import (
-    AckedSend,
     Event,
     PeerId,
-    PeerLost,
     SendHandle,
     TransportError,
     TransportOptions,
-    forget_pulled_room,
 )
 from pdserve.disagg.transfer.fake_backend import FakeTransport
+from pdserve.disagg.transfer.ipc_flags import SlotBoard, SlotsFull, SlotWriter
+from pdserve.disagg.transfer.ipc_landing import Landings
+from pdserve.disagg.transfer.ipc_lane import lane_address, lane_bound
 from pdserve.disagg.transfer.ipc_pool import (
     PAGE_ID,
-    IpcBatch,
-    IpcCopy,
-    IpcCopyDone,
-    IpcPool,
+    IpcGrant,
+    IpcLanded,
+    IpcStatus,
+    IpcTarget,
     check_pool,
     decode,
     encode,
     export_pool,
     open_pool,
-    pack_ids,
     page_runs,
-    unpack_ids,
 )
 from pdserve.disagg.transfer.lane_control import LaneControl
 from pdserve.disagg.transfer.zmq.outbox import Outgoing
+from pdserve.disagg.transfer.zmq.pages import page_array
 
 log = logging.getLogger(__name__)
 
+_ENDS_GRANT = (m.RoomStatus, m.Abort, m.Redirect)  # prefill sends these only for rooms it drops
 
-class IpcSend(AckedSend):
-    """One send_kv: done when the peer acks the copy, or the peer is lost."""
 
-    def __init__(self, room: int, peer: PeerId, page_ids: list[int]) -> None:
-        super().__init__(room, page_ids)
-        self.peer = peer
+class IpcSend(SendHandle):
+    """One send_kv: done when its queued copy has run (a CUDA event), or refused at once."""
+
+    def __init__(
+        self, room: int, page_ids: list[int], copied: torch.cuda.Event | None, error: str | None
+    ) -> None:
+        self.room, self.page_ids = room, page_ids
+        self._copied, self._error = copied, error
+
+    def done(self) -> bool:
+        return self._copied is None or self._copied.query()
+
+    @property
+    def error(self) -> str | None:
+        return self._error
+
+
+@dataclass
+class _Target:
+    """Prefill side: one decode peer's pool and completion slots, mapped here."""
+
+    words: torch.Tensor  # the peer's pool, int64 words (bytes where pages are not whole words)
+    slots: SlotWriter
+    device_flags: torch.Tensor | None  # slots.device_flags(), made at the first copy
+
+
+@dataclass
+class _Grant:
+    """Prefill side: pages a decode peer gave one room, and the slot that ends the grant."""
+
+    slot: int
+    seq: int
+    dst: np.ndarray
+    expires_at: float
 
 
 class CudaIpcTransport(LaneControl, FakeTransport):
-    """The fake backend's control flow (grants, RoomStatus, KVReceived) with IpcCopy in place
-    of its byte-less KVHeader. The base class sees a one-byte-per-page shadow pool."""
+    """The fake backend's connections, handshake and control messages, with the pages and
+    their status moved as above. The base class sees a one-byte-per-page shadow pool."""
 
     name = "cuda_ipc"
 
@@ -90,21 +123,201 @@ class CudaIpcTransport(LaneControl, FakeTransport):
         )
         self.pool = pool
         self.page_nbytes = pool[0].numel() * pool.element_size()
-        self._pages = pool.view(torch.uint8).view(self.num_pages, self.page_nbytes)
-        self._exported: IpcPool | None = None
-        self._told: set[str] = set()  # peers that have our IpcPool
-        self._peer_pools: dict[str, torch.Tensor] = {}  # uint8 [num_pages, page_nbytes]
-        self._words = _as_words(self._pages)  # what the copy kernel moves
-        self._peer_words: dict[str, torch.Tensor] = {}
-        self._sends: dict[tuple[str, int], IpcSend] = {}
-        self._batches: dict[PeerId, list[IpcCopy]] = {}  # sent at the next poll
-        self._acks: list[tuple[PeerId, list[int], torch.cuda.Event]] = []
+        self._words = _as_words(pool.view(torch.uint8).view(self.num_pages, self.page_nbytes))
+        # prefill side
+        self._targets: dict[PeerId, _Target] = {}
+        self._retired: list[_Target] = []  # lost peers' mappings: closed with the transport
+        self._grants_in: dict[tuple[PeerId, int], _Grant] = {}
+        self._sends: dict[int, IpcSend] = {}  # copies queued, until they ran
+        self._wakes: dict[PeerId, list[int]] = {}
+        # decode side
+        self._landings: Landings | None = None  # made at the first grant
+        self._target_told: set[PeerId] = set()
+        self._lost: set[PeerId] = set()  # peers ZeroMQ lost (without a lane, how one is gone)
 
-    def peer_pool(self, peer: PeerId) -> torch.Tensor | None:
-        """The peer's pool as mapped here (uint8 [num_pages, page_nbytes]), once it came."""
-        return self._peer_pools.get(peer)
+    # -- decode side: grants --------------------------------------------------------------
+    def send(self, peer: PeerId, msg: m.ChannelMsg) -> None:
+        self._check_open()
+        if isinstance(msg, m.PageList):
+            return self._grant(peer, msg)
+        if isinstance(msg, _ENDS_GRANT):
+            self._end_grant(peer, msg.room)
+        if isinstance(msg, m.Abort) and self._landings is not None:
+            self._landings.forget_announced(msg.room)
+        super().send(peer, msg)
 
-    # -- prefill side --------------------------------------------------------------------
+    def _grant(self, peer: PeerId, page_list: m.PageList) -> None:
+        page_array(page_list.dst_page_ids, self.num_pages, "PageList.dst_page_ids")
+        landings = self._landing()
+        items = []
+        if peer not in self._target_told:
+            items.append(Outgoing(parts=[encode(self._target(landings.board))]))
+        try:
+            grant = landings.grant(page_list, self.options.grant_ttl_s)
+        except SlotsFull as exc:
+            raise TransportError(str(exc)) from exc
+        items.append(Outgoing(parts=[encode(grant)]))
+        try:
+            self._enqueue(peer, items)
+        except TransportError:
+            landings.cancel(grant)  # nothing reached the peer
+            raise
+        self._target_told.add(peer)
+        landings.commit(peer, grant)
+
+    def _landing(self) -> Landings:
+        if self._landings is None:
+            board = SlotBoard(self.options.ipc_slots, self.options.ipc_status_nbytes)
+            self._landings = Landings(board, self.page_nbytes, self._reject)
+        return self._landings
+
+    def _target(self, board: SlotBoard) -> IpcTarget:
+        pid, fd = board.where
+        return IpcTarget(
+            pool=export_pool(self.pool, self.page_nbytes),
+            slots_pid=pid,
+            slots_fd=fd,
+            num_slots=board.num_slots,
+            payload_nbytes=board.payload_nbytes,
+        )
+
+    # -- both sides -------------------------------------------------------------------------
+    def poll(self, timeout_ms: int = 0) -> list[Event]:
+        self._send_wakes()
+        landings = self._landings
+        events = self._collect()
+        if not events and timeout_ms > 0 and landings is not None and landings.copies_in_flight:
+            events = landings.await_announced(timeout_ms / 1000)  # their copies are running
+        events += super().poll(0 if events else timeout_ms)
+        events += self._collect()
+        if landings is not None:
+            events += landings.settle(self._peer_gone)
+        for room in [r for r, s in self._sends.items() if s.done()]:
+            del self._sends[room]
+        return events
+
+    def _collect(self) -> list[Event]:
+        if self._landings is None:
+            return []
+        before = self._landings.kv_bytes_in
+        events = self._landings.collect()
+        self._stats["kv_bytes_in"] += self._landings.kv_bytes_in - before
+        return events
+
+    def _spin(self, events: list[Event]) -> bool:
+        """The lane spin (`lane_spin_us`) also watches the completion slots."""
+        if self._landings is None or not self._landings.waiting:
+            return super()._spin(events)
+        deadline = time.perf_counter() + self.options.lane_spin_us * 1e-6
+        while time.perf_counter() < deadline:
+            found = self._collect()
+            if found or self._drain_lane(events):
+                events += found
+                return True
+        return False
+
+    def forget_room(self, room: int) -> list[int]:
+        super().forget_room(room)
+        held = self._landings.forget(room) if self._landings is not None else []
+        for peer in [p for p, r in self._grants_in if r == room]:
+            self._end_grant(peer, room)
+        send = self._sends.pop(room, None)
+        if send is not None and not send.done():  # prefill: the copy still reads these
+            held += self._held.hold(send.page_ids, send.done)
+        return held
+
+    def busy(self) -> bool:
+        """Wake-ups still to go out (prefill), or copies announced whose slot is not set yet
+        (decode: they land within a copy's time). Prefill's queued copies finish on their
+        own: `IpcSend.done` needs no poll."""
+        in_flight = self._landings is not None and self._landings.copies_in_flight
+        return super().busy() or bool(self._wakes) or in_flight
+
+    def close(self) -> None:
+        if not self._closed and (self._targets or self._retired):
+            torch.cuda.synchronize(self.pool.device)  # no copy still writes a mapped slot
+        for target in [*self._targets.values(), *self._retired]:
+            target.slots.close()
+        self._targets.clear()
+        self._retired.clear()
+        self._wakes.clear()
+        super().close()
+        if self._landings is not None:
+            self._landings.close()
+            self._landings = None
+
+    def _lose(self, peer: PeerId, reason: str) -> None:
+        super()._lose(peer, reason)
+        self._lost.add(peer)
+        self._target_told.discard(peer)
+        self._wakes.pop(peer, None)
+        for key in [k for k in self._grants_in if k[0] == peer]:
+            del self._grants_in[key]
+        target = self._targets.pop(peer, None)
+        if target is not None:
+            self._retired.append(target)  # a queued copy may still set one of its flags
+
+    def _on_message(self, peer: PeerId, parts: list[zmq.Frame], events: list[Event]) -> int:
+        """One message, from the lane or the ZeroMQ socket."""
+        self._stats["msgs_in"] += 1
+        if len(parts) != 1:
+            return self._reject(peer, "extra_frames")
+        try:
+            msg = decode(parts[0].buffer)
+        except msgspec.MsgspecError:
+            return self._on_data_message(peer, parts)  # a DataProbe, or garbage
+        if isinstance(msg, IpcTarget):
+            return self._on_target(peer, msg)
+        if isinstance(msg, IpcGrant):
+            return self._on_grant(peer, msg, events)
+        if isinstance(msg, IpcLanded):
+            if self._landings is not None:
+                self._landings.announce(msg.rooms)
+            return 0
+        if isinstance(msg, m.KVHeader):  # KV never comes as bytes here
+            return self._reject(peer, "kv_header")
+        if isinstance(msg, m.Abort):
+            self._end_grant(peer, msg.room)  # prefill: decode gave up on the room
+        if isinstance(msg, m.RoomStatus) and self._landings is not None:
+            landed = self._landings.on_status(peer, msg)
+            if landed is not None:  # a status too long for its slot
+                events += landed
+                return 0
+        self._on_control(peer, msg, events)
+        return 0
+
+    # -- prefill side -----------------------------------------------------------------------
+    def _on_target(self, peer: PeerId, msg: IpcTarget) -> int:
+        if msg.pool.page_nbytes != self.page_nbytes:
+            return self._reject(peer, "ipc_page_nbytes")
+        try:
+            pool = open_pool(msg.pool)
+            slots = SlotWriter(msg.slots_pid, msg.slots_fd, msg.num_slots, msg.payload_nbytes)
+        except (OSError, RuntimeError, ValueError) as exc:
+            log.warning("cannot map the KV pool or completion slots of %s: %s", peer, exc)
+            return self._reject(peer, "ipc_open")
+        old = self._targets.pop(peer, None)
+        if old is not None:
+            self._retired.append(old)
+        self._targets[peer] = _Target(_as_words(pool), slots, None)
+        return 0
+
+    def _on_grant(self, peer: PeerId, msg: IpcGrant, events: list[Event]) -> int:
+        target = self._targets.get(peer)
+        room = msg.page_list.room
+        if target is None or not 0 <= msg.slot < target.slots.num_slots:
+            self._reject(peer, "ipc_grant")  # send_kv finds no grant: the room fails
+        else:
+            try:
+                dst = page_array(msg.page_list.dst_page_ids, target.words.shape[0], "dst")
+            except ValueError:
+                self._reject(peer, "ipc_grant_pages")
+            else:
+                self._end_grant(peer, room)  # a page list sent again replaces the first
+                self._grants_in[(peer, room)] = _Grant(msg.slot, msg.seq, dst, msg.expires_at)
+        self._on_control(peer, msg.page_list, events)
+        return 0
+
     def send_kv(
         self,
         peer: PeerId,
@@ -113,206 +326,109 @@ class CudaIpcTransport(LaneControl, FakeTransport):
         dst_page_ids: list[int],
         then: m.RoomStatus,
     ) -> SendHandle:
-        """Queued: the rooms of one step reach the peer as one message at the next poll."""
+        """Queue the copy into the decode pool and its slot's flag on this stream; returns
+        at once. A send the grant does not allow is refused (its slot says why)."""
         self._check_open()
         src, dst = self._page_pairs(src_page_ids, dst_page_ids)
-        copy = IpcCopy(room=room, src_ids=pack_ids(src), dst_ids=pack_ids(dst), status=then)
-        self._batches.setdefault(peer, []).append(copy)
-        handle = IpcSend(room, peer, src.tolist())
-        self._sends[(peer, room)] = handle
+        grant = self._grants_in.pop((peer, room), None)
+        target = self._targets.get(peer)
+        reason = _refusal(grant, target, dst)
+        if reason is not None:
+            if grant is not None and target is not None:
+                error = m.RoomStatus(room=room, ok=False, error=reason, error_status=503)
+                _set_host(target, grant, IpcStatus(num_pages=0, status=error))
+            return IpcSend(room, [], None, reason)
+        assert grant is not None and target is not None
+        num_pages = int(src.size)
+        if not target.slots.write_status(
+            grant.slot, encode(IpcStatus(num_pages=num_pages, status=then))
+        ):
+            short = encode(IpcStatus(num_pages=num_pages, status=None))
+            assert target.slots.write_status(grant.slot, short), "ipc_status_nbytes >= 64"
+            self._enqueue(peer, [Outgoing(parts=[m.encode(then)])])  # too long for the slot
+        copied = None
+        if src.size:
+            copied = self._copy(target, src, dst, grant)
+        else:
+            target.slots.set_flag(grant.slot, grant.seq)
+        handle = IpcSend(room, src.tolist(), copied, None)
+        if copied is not None:
+            self._sends[room] = handle
+        self._wakes.setdefault(peer, []).append(room)
         self._stats["kv_bytes_out"] += src.size * self.page_nbytes
         return handle
 
-    def _send_batches(self) -> None:
-        batches, self._batches = self._batches, {}
-        for peer, copies in batches.items():
-            parts: list[bytes] = []
-            if peer not in self._told:
-                if self._exported is None:
-                    self._exported = export_pool(self.pool, self.page_nbytes)
-                parts.append(encode(self._exported))
-            parts.append(encode(IpcBatch(copies=copies)))
-            try:
-                self._enqueue(peer, [Outgoing(parts=[p]) for p in parts])
-            except TransportError:  # _enqueue lost the peer, which failed its sends
-                continue
-            self._told.add(peer)
-
-    def _awaited_peers(self) -> set[PeerId]:
-        return {PeerId(peer) for peer, _ in self._sends}
-
-    # -- both sides ----------------------------------------------------------------------
-    def poll(self, timeout_ms: int = 0) -> list[Event]:
-        # Acks for copies that finished go out first, so that a KVReceived found now is
-        # handed to the caller without waiting behind them.
-        self._send_batches()
-        self._send_acks()
-        events = super().poll(0 if self._acks else timeout_ms)
-        for event in events:
-            if isinstance(event, PeerLost):
-                self._drop_peer(event.peer, event.reason)
-        return events
-
-    def forget_room(self, room: int) -> list[int]:
-        super().forget_room(room)
-        # Prefill: decode may still copy from a room it was told of until it acks.
-        return forget_pulled_room(room, self._batches, self._sends, self._held)
-
-    def busy(self) -> bool:
-        """Batches or acks still to go out; not sends awaiting decode's ack (as NIXL's reads):
-        decode copies on its own, the pages stay held until the ack, and the worker loop
-        polls while their rooms are transferring, so prefill need not hold its next forward
-        pass for an ack (`PrefillWorkerHooks._finish_sends_first`)."""
-        return super().busy() or bool(self._acks or self._batches)
-
-    def close(self) -> None:
-        for peer in {p for p, _ in self._sends} | set(self._peer_pools):
-            self._drop_peer(PeerId(peer), "transport closed")
-        self._acks.clear()
-        self._batches.clear()
-        super().close()
-
-    def _drop_peer(self, peer: PeerId, reason: str) -> None:
-        for key in [k for k in self._sends if k[0] == peer]:
-            self._sends.pop(key).finish(reason)
-        self._peer_pools.pop(peer, None)
-        self._peer_words.pop(peer, None)
-        self._told.discard(peer)
-        self._batches.pop(peer, None)
-        self._acks = [a for a in self._acks if a[0] != peer]
-
-    def _lose(self, peer: PeerId, reason: str) -> None:
-        super()._lose(peer, reason)
-        self._drop_peer(peer, reason)
-
-    def _on_message(self, peer: PeerId, parts: list[zmq.Frame], events: list[Event]) -> int:
-        """One message, from the lane or the ZeroMQ socket; returns the KV bytes it queued."""
-        self._stats["msgs_in"] += 1
-        if len(parts) != 1:
-            return self._reject(peer, "extra_frames")
-        try:
-            msg = decode(parts[0].buffer)
-        except msgspec.MsgspecError:
-            return self._on_data_message(peer, parts)  # a DataProbe, or garbage
-        if isinstance(msg, IpcPool):
-            return self._on_pool(peer, msg)
-        if isinstance(msg, IpcBatch):
-            return self._on_batch(peer, msg, events)
-        if isinstance(msg, IpcCopyDone):
-            for room in msg.rooms:
-                handle = self._sends.pop((peer, room), None)
-                if handle is not None:
-                    handle.finish(msg.error)
-            return 0
-        if isinstance(msg, m.KVHeader):  # KV only ever comes as IpcCopy here
-            return self._reject(peer, "kv_header")
-        self._on_control(peer, msg, events)
-        return 0
-
-    # -- decode side ---------------------------------------------------------------------
-    def _on_pool(self, peer: PeerId, msg: IpcPool) -> int:
-        if msg.page_nbytes != self.page_nbytes:
-            return self._reject(peer, "ipc_page_nbytes")
-        try:
-            self._peer_pools[peer] = open_pool(msg)
-            self._peer_words[peer] = _as_words(self._peer_pools[peer])
-        except (RuntimeError, ValueError) as exc:
-            log.warning("cannot map the KV pool of %s: %s", peer, exc)
-            return self._reject(peer, "ipc_open")
-        return 0
-
-    def _on_batch(self, peer: PeerId, batch: IpcBatch, events: list[Event]) -> int:
-        """Check every room against its grant, copy the accepted ones in one launch, then
-        act on each room's status in order (KVReceived once its pages are queued)."""
-        src_pool = self._peer_pools.get(peer)
-        accepted: list[tuple[IpcCopy, np.ndarray, np.ndarray]] = []
-        for copy in batch.copies:
-            reason, src, dst = self._check_copy(peer, src_pool, copy)
-            if reason is None:
-                accepted.append((copy, src, dst))
-            else:
-                done = IpcCopyDone(rooms=[copy.room], error=f"refused: {reason}")
-                self._enqueue_ack(peer, done)
-                self._reject(peer, "ipc_" + reason)
-        nbytes = 0
-        if accepted:
-            assert src_pool is not None
-            self._copy(
-                peer,
-                np.concatenate([src for _, src, _ in accepted]),
-                np.concatenate([dst for _, _, dst in accepted]),
-            )
-            event = torch.cuda.Event()
-            event.record()
-            self._acks.append((peer, [copy.room for copy, _, _ in accepted], event))
-            for copy, _, dst in accepted:
-                room_nbytes = dst.size * self.page_nbytes
-                self._grants.record(copy.room, dst.tolist(), room_nbytes)
-                nbytes += room_nbytes
-            self._stats["kv_bytes_in"] += nbytes
-        for copy in batch.copies:
-            self._on_control(peer, copy.status, events)
-        return nbytes
-
-    def _check_copy(
-        self, peer: PeerId, src_pool: torch.Tensor | None, copy: IpcCopy
-    ) -> tuple[str | None, np.ndarray, np.ndarray]:
-        """(refusal reason or None, src ids, dst ids) of one room's copy."""
-        empty = np.zeros(0, dtype=PAGE_ID)
-        try:
-            dst = unpack_ids(copy.dst_ids, self.num_pages, "dst_ids")
-        except ValueError:
-            return "page_ids", empty, empty
-        header = m.KVHeader(
-            room=copy.room,
-            frame_page_counts=[],
-            page_nbytes=self.page_nbytes,
-            dst_page_ids=dst.tolist(),
-        )
-        reason = self._grants.check(peer, header, [], self.page_nbytes, moves_bytes=False)
-        if reason is None and src_pool is None:
-            reason = "no_pool"
-        if reason is not None:
-            return reason, empty, empty
-        assert src_pool is not None
-        try:
-            src = unpack_ids(copy.src_ids, src_pool.shape[0], "src_ids")
-        except ValueError:
-            return "page_ids", empty, empty
-        if src.size != dst.size:
-            return "page_count", empty, empty
-        return None, src, dst
-
-    def _copy(self, peer: PeerId, src: np.ndarray, dst: np.ndarray) -> None:
-        """Queue the page copy on the current stream (ids already checked)."""
-        if src.size == 0:
-            return
-        src_pool = self._peer_pools[peer]
-        if src_pool.device == self._pages.device:
+    def _copy(
+        self, target: _Target, src: np.ndarray, dst: np.ndarray, grant: _Grant
+    ) -> torch.cuda.Event:
+        """The copy, then the slot's flag, queued on the current stream."""
+        if target.device_flags is None:
+            target.device_flags = target.slots.device_flags(self.pool.device)
+        if target.words.device == self._words.device:
             from pdserve.engine.gpu.copy_pages import copy_pages  # Triton, imported on use
 
             # One upload of both id lists. Non-blocking from pageable memory: the driver
             # stages the few bytes at once, with no wait behind the work queued on the stream.
-            ids = torch.from_numpy(np.stack([src, dst])).to(self._pages.device, non_blocking=True)
-            copy_pages(self._peer_words[peer], self._words, ids)
+            ids = np.stack([src, dst]).astype(PAGE_ID)
+            copy_pages(
+                self._words,
+                target.words,
+                torch.from_numpy(ids).to(self.pool.device, non_blocking=True),
+            )
         else:  # the peer's pool is on another GPU: one copy_ per run of consecutive pages
             for s, d, n in page_runs(src, dst):
-                self._pages[d : d + n].copy_(src_pool[s : s + n], non_blocking=True)
+                target.words[d : d + n].copy_(self._words[s : s + n], non_blocking=True)
+        target.device_flags[grant.slot : grant.slot + 1].fill_(grant.seq)
+        copied = torch.cuda.Event()
+        copied.record()
+        return copied
 
-    def _send_acks(self) -> None:
-        pending = []
-        for peer, rooms, event in self._acks:
-            if event.query():
-                self._enqueue_ack(peer, IpcCopyDone(rooms=rooms))
-            else:
-                pending.append((peer, rooms, event))
-        self._acks = pending
+    def _end_grant(self, peer: PeerId, room: int) -> None:
+        """Prefill will not write the room's pages: set its slot from the host, no status."""
+        grant = self._grants_in.pop((peer, room), None)
+        target = self._targets.get(peer)
+        if grant is not None and target is not None:
+            _set_host(target, grant, None)
 
-    def _enqueue_ack(self, peer: PeerId, msg: IpcCopyDone) -> None:
-        try:
-            self._enqueue(peer, [Outgoing(parts=[encode(msg)])])
-        except TransportError as exc:  # the peer is gone: nothing to free on our side
-            log.debug("ack for rooms %s to %s not sent: %s", msg.rooms, peer, exc)
+    def _send_wakes(self) -> None:
+        wakes, self._wakes = self._wakes, {}
+        for peer, rooms in wakes.items():
+            try:
+                self._enqueue(peer, [Outgoing(parts=[encode(IpcLanded(rooms=rooms))])])
+            except TransportError:  # lost: the peer's rooms fail on their own
+                continue
+
+    @property
+    def stats(self) -> dict[str, int]:
+        dropped = self._landings.grants_dropped if self._landings is not None else 0
+        return super().stats | {"ipc_grants_dropped": dropped}
+
+    def _peer_gone(self, peer: PeerId) -> bool:
+        """The peer's process has exited (its lane is unbound); without a lane, ZeroMQ lost it."""
+        if self._lane is not None:
+            return not lane_bound(lane_address(peer))
+        return peer in self._lost
+
+
+def _refusal(grant: _Grant | None, target: _Target | None, dst: np.ndarray) -> str | None:
+    """Why a send_kv may not write (None: it may)."""
+    if grant is None:
+        return "decode granted no pages for this room here (aborted, or not asked yet)"
+    if target is None:
+        return "decode's KV pool is not mapped here"
+    if time.monotonic() > grant.expires_at:
+        return "decode's page grant expired"
+    if dst.size > grant.dst.size or not np.isin(dst, grant.dst).all():
+        return "destination pages outside decode's grant"
+    if np.unique(dst).size != dst.size:
+        return "duplicate destination pages"
+    return None
+
+
+def _set_host(target: _Target, grant: _Grant, landed: IpcStatus | None) -> None:
+    """End a grant from the host: the payload, then the flag (nothing queued on the GPU)."""
+    target.slots.write_status(grant.slot, None if landed is None else encode(landed))
+    target.slots.set_flag(grant.slot, grant.seq)
 
 
 def _as_words(pages: torch.Tensor) -> torch.Tensor:

@@ -150,3 +150,13 @@ class Lane:
         self._sock.close()
         self._out.clear()
         self._in.clear()
+
+
+def lane_bound(address: bytes) -> bool:
+    """Whether a lane is bound at `address` (its owner lives): a connect, nothing sent."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(address)
+        except (ConnectionRefusedError, FileNotFoundError):
+            return False
+    return True

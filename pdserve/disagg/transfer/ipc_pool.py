@@ -1,5 +1,6 @@
-"""What the cuda_ipc KV transport sends (msgpack structs) and how a worker maps its peer's
-KV pool by CUDA IPC. Used by cuda_ipc.py in prefill and decode worker processes."""
+"""What the cuda_ipc KV transport sends (msgpack structs) and how a prefill worker maps its
+decode peer's KV pool by CUDA IPC. Used by cuda_ipc.py in prefill and decode worker
+processes."""
 
 from __future__ import annotations
 
@@ -12,8 +13,8 @@ import torch
 from pdserve.disagg import messages as m
 
 
-class IpcPool(msgspec.Struct, tag="ipc_pool", kw_only=True):
-    """prefill -> decode, before its first IpcCopy: how to map the prefill pool."""
+class IpcPool(msgspec.Struct, kw_only=True):
+    """How to map a KV pool by CUDA IPC (decode's, in IpcTarget)."""
 
     host_id: str  # CUDA IPC works within one host only
     device: int
@@ -29,61 +30,68 @@ class IpcPool(msgspec.Struct, tag="ipc_pool", kw_only=True):
     page_nbytes: int
 
 
-PAGE_ID = np.dtype("<i4")  # page ids on the wire: packed int32, no Python int per page
+PAGE_ID = np.dtype("<i4")  # page ids as the copy kernel reads them
 
 
-class IpcCopy(msgspec.Struct, kw_only=True):
-    """Copy my pages `src_ids` into your `dst_ids` for `room`, then `status`. The ids are
-    packed int32 arrays (`pack_ids`), read back with `unpack_ids`."""
+class IpcTarget(msgspec.Struct, tag="ipc_target", kw_only=True):
+    """decode -> prefill, before its first IpcGrant: where to write (the decode pool) and
+    where to say that a grant landed (the completion slots, ipc_flags.py)."""
 
-    room: int
-    src_ids: bytes
-    dst_ids: bytes
-    status: m.RoomStatus  # what a separate RoomStatus message would say after the KV
-
-
-def pack_ids(ids: np.ndarray) -> bytes:
-    return ids.astype(PAGE_ID, copy=False).tobytes()
+    pool: IpcPool
+    slots_pid: int  # the slots are the memfd /proc/<slots_pid>/fd/<slots_fd>
+    slots_fd: int
+    num_slots: int
+    payload_nbytes: int
 
 
-def unpack_ids(data: bytes, num_pages: int, what: str) -> np.ndarray:
-    """Packed page ids as an int32 array; ValueError unless whole, distinct and in range."""
-    if len(data) % PAGE_ID.itemsize:
-        raise ValueError(f"{what}: {len(data)} bytes is not a whole number of page ids")
-    ids = np.frombuffer(data, dtype=PAGE_ID)
-    if ids.size and (ids.min() < 0 or ids.max() >= num_pages):
-        raise ValueError(f"{what} out of range for a pool of {num_pages} pages")
-    if ids.size > 1 and np.unique(ids).size != ids.size:
-        raise ValueError(f"{what} has duplicate page ids")
-    return ids
+class IpcGrant(msgspec.Struct, tag="ipc_grant", kw_only=True):
+    """decode -> prefill: `page_list`, plus the completion slot that says when every write
+    into its pages has landed: prefill sets it to `seq` after its copy (or at once, if it
+    will not copy), and writes nothing into the pages once CLOCK_MONOTONIC (one clock on
+    one host) passes `expires_at`."""
+
+    page_list: m.PageList
+    slot: int
+    seq: int
+    expires_at: float
 
 
-class IpcBatch(msgspec.Struct, tag="ipc_batch", kw_only=True):
-    """prefill -> decode: the rooms sent to this peer since the last poll, in order."""
+class IpcStatus(msgspec.Struct, kw_only=True):
+    """What a landed slot's payload holds: how many pages the copy wrote, and the room's
+    status as the RoomStatus message of the other backends would say it (None: too long
+    for the slot, it follows as that message)."""
 
-    copies: list[IpcCopy]
+    num_pages: int
+    status: m.RoomStatus | None
 
 
-class IpcCopyDone(msgspec.Struct, tag="ipc_done", kw_only=True):
-    """decode -> prefill: the copies for `rooms` finished (or were refused): free the pages."""
+class IpcLanded(msgspec.Struct, tag="ipc_landed", kw_only=True):
+    """prefill -> decode, once per poll for the rooms whose copy it queued since the last:
+    their slots will be set within a copy's time. Only a wake-up: a decode loop that polls
+    anyway sees the slots without it."""
 
     rooms: list[int]
-    error: str | None = None
 
 
-IpcMsg = IpcPool | IpcBatch | IpcCopyDone
+IpcMsg = IpcTarget | IpcGrant | IpcLanded
 _encoder = msgspec.msgpack.Encoder()
 # One decode for both kinds: every tag is distinct, and a cuda_ipc peer sends both on its lane.
 _decoder = msgspec.msgpack.Decoder(IpcMsg | m.ChannelMsg)
+_status_decoder = msgspec.msgpack.Decoder(IpcStatus)
 
 
-def encode(msg: IpcMsg) -> bytes:
+def encode(msg: IpcMsg | IpcStatus) -> bytes:
     return _encoder.encode(msg)
 
 
 def decode(data: bytes | memoryview) -> IpcMsg | m.ChannelMsg:
     """Raises msgspec.MsgspecError on garbage; callers drop such messages."""
     return _decoder.decode(data)
+
+
+def decode_status(data: bytes) -> IpcStatus:
+    """A landed slot's payload; raises msgspec.MsgspecError on garbage."""
+    return _status_decoder.decode(data)
 
 
 def host_id() -> str:

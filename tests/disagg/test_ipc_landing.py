@@ -1,0 +1,153 @@
+"""cuda_ipc's completion slots and decode-side landings (ipc_flags.py, ipc_landing.py) on the
+CPU: the prefill side's writer maps the decode side's memfd through /proc as it does across
+processes, and sets flags from the host where a GPU would after its copy. A grant yields
+KVReceived + RoomStatus only once its own flag (not an older grant's) is set; a forgotten
+room's pages stay held until no write can come."""
+
+from __future__ import annotations
+
+import pytest
+
+from pdserve.disagg import messages as m
+from pdserve.disagg.transfer import ipc_landing
+from pdserve.disagg.transfer.base import Inbound, KVReceived, PagesSettled, PeerId
+from pdserve.disagg.transfer.ipc_flags import SlotBoard, SlotsFull, SlotWriter
+from pdserve.disagg.transfer.ipc_landing import Landings
+from pdserve.disagg.transfer.ipc_pool import IpcStatus, encode
+
+PEER = PeerId("tcp://127.0.0.1:1")
+PAGE_NBYTES = 64
+
+
+@pytest.fixture
+def side():
+    rejected: list[str] = []
+    board = SlotBoard(num_slots=4, payload_nbytes=512)
+    landings = Landings(board, PAGE_NBYTES, lambda peer, why: rejected.append(why) or 0)
+    pid, fd = board.where
+    writer = SlotWriter(pid, fd, board.num_slots, board.payload_nbytes)
+    yield landings, writer, rejected
+    writer.close()
+    landings.close()
+
+
+def granted(landings: Landings, room: int, pages: list[int], ttl_s: float = 60.0):
+    grant = landings.grant(m.PageList(room=room, dst_page_ids=pages, prompt_len=9), ttl_s)
+    landings.commit(PEER, grant)
+    return grant
+
+
+def ok(room: int) -> m.RoomStatus:
+    return m.RoomStatus(room=room, ok=True, first=m.FirstToken(room=room, token_id=42))
+
+
+def land(writer: SlotWriter, grant, num_pages: int, status: m.RoomStatus | None) -> None:
+    """What prefill's send_kv does: the payload from the host, then the flag."""
+    assert writer.write_status(grant.slot, encode(IpcStatus(num_pages=num_pages, status=status)))
+    writer.set_flag(grant.slot, grant.seq)
+
+
+def test_a_set_slot_gives_kv_received_then_the_status_and_frees_the_slot(side):
+    landings, writer, _ = side
+    grant = granted(landings, 7, [3, 1, 2])
+    assert landings.collect() == []
+    land(writer, grant, 3, ok(7))
+    received, status = landings.collect()
+    assert received == KVReceived(PEER, 7, 3, 3 * PAGE_NBYTES, 3) and received.complete
+    assert status == Inbound(PEER, ok(7))
+    assert landings.collect() == [] and not landings.waiting
+    assert landings.forget(7) == []  # landed: nothing to hold
+    assert len({landings.grant(m.PageList(room=r, dst_page_ids=[], prompt_len=1), 60).slot
+                for r in range(4)}) == 4  # fmt: skip
+
+
+def test_an_older_grants_flag_on_a_reused_slot_lands_nothing(side):
+    landings, writer, _ = side
+    first = granted(landings, 1, [0])
+    land(writer, first, 1, ok(1))
+    assert len(landings.collect()) == 2
+    grants = [granted(landings, r, [r]) for r in (2, 3, 4, 5)]  # every slot, one reused
+    reused = next(g for g in grants if g.slot == first.slot)
+    assert reused.seq != first.seq
+    land(writer, first, 1, ok(reused.page_list.room))  # a stale writer, old sequence number
+    assert landings.collect() == []
+    land(writer, reused, 1, ok(reused.page_list.room))
+    assert [type(e) for e in landings.collect()] == [KVReceived, Inbound]
+
+
+def test_no_free_slot_is_an_error_not_a_silent_grant(side):
+    landings, _, _ = side
+    for room in range(4):
+        granted(landings, room, [room])
+    with pytest.raises(SlotsFull):
+        landings.grant(m.PageList(room=9, dst_page_ids=[9], prompt_len=1), 60)
+
+
+def test_a_status_too_long_for_its_slot_counts_once_both_came_in_either_order(side):
+    landings, writer, _ = side
+    a, b = granted(landings, 1, [0, 1]), granted(landings, 2, [2])
+    land(writer, a, 2, None)  # flag first
+    assert landings.collect() == []
+    received, status = landings.on_status(PEER, ok(1))
+    assert received.room == 1 and received.complete and status.msg == ok(1)
+    assert landings.on_status(PEER, ok(2)) == []  # message first
+    land(writer, b, 1, None)
+    assert [type(e) for e in landings.collect()] == [KVReceived, Inbound]
+    assert landings.on_status(PEER, ok(3)) is None  # not ours: handled as usual
+
+
+def test_a_grant_prefill_dropped_ends_without_events_and_frees_its_pages(side):
+    landings, writer, _ = side
+    grant = granted(landings, 5, [4, 5])
+    writer.write_status(grant.slot, None)
+    writer.set_flag(grant.slot, grant.seq)
+    assert landings.collect() == []  # prefill's own message (error, abort) says why
+    assert landings.forget(5) == []
+
+
+def test_a_forgotten_rooms_pages_stay_held_until_its_slot_is_set(side):
+    landings, writer, _ = side
+    grant = granted(landings, 3, [6, 7])
+    assert landings.forget(3) == [6, 7]
+    alive = lambda peer: False  # noqa: E731
+    assert landings.settle(alive) == []
+    land(writer, grant, 2, ok(3))
+    assert landings.settle(alive) == [PagesSettled([6, 7])]
+    assert landings.collect() == []  # the room is gone: its status is dropped
+
+
+def test_held_pages_are_settled_when_the_peer_is_gone_or_the_grant_expired(side, monkeypatch):
+    landings, _, _ = side
+    granted(landings, 1, [1])
+    granted(landings, 2, [2], ttl_s=-ipc_landing.EXPIRY_MARGIN_S - 1)
+    landings.forget(1), landings.forget(2)
+    assert landings.settle(lambda peer: False) == [PagesSettled([2])]  # expired
+    monkeypatch.setattr(ipc_landing, "DEAD_GRACE_S", 0.0)
+    assert landings.settle(lambda peer: True) == [PagesSettled([1])]  # process gone
+
+
+def test_garbage_in_a_slot_is_counted_and_lands_nothing(side):
+    landings, writer, rejected = side
+    grant = granted(landings, 1, [1])
+    writer.write_status(grant.slot, b"\xc1 not msgpack")
+    writer.set_flag(grant.slot, grant.seq)
+    assert landings.collect() == [] and rejected == ["ipc_status"]
+    wrong_room = granted(landings, 2, [2])
+    land(writer, wrong_room, 1, ok(99))
+    assert landings.collect() == [] and rejected[-1] == "ipc_status_room"
+
+
+def test_a_status_longer_than_the_payload_is_not_written(side):
+    _, writer, _ = side
+    assert not writer.write_status(0, b"x" * 512)
+    assert writer.write_status(0, b"x" * 508)
+
+
+def test_a_writer_refuses_slots_smaller_than_announced():
+    board = SlotBoard(num_slots=2, payload_nbytes=64)
+    try:
+        pid, fd = board.where
+        with pytest.raises(ValueError, match="smaller"):
+            SlotWriter(pid, fd, 4096, 4096)
+    finally:
+        board.close()
