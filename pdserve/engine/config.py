@@ -8,6 +8,7 @@ from pdserve.config import check, opt
 
 DTYPES = ["float32", "bfloat16", "float16"]
 OVERLAP_MODES = ["auto", "on", "off"]
+GEMV_MODES = ["off", "on"]
 
 # Auto-sizing of the KV pool when --max-total-tokens is not given: enough for this many
 # tokens, but never more than this many bytes of KV (several workers share one host).
@@ -52,6 +53,13 @@ class EngineConfig:
         "a CUDA device, off on the CPU, where it would only add a step",
         choices=OVERLAP_MODES,
     )
+    decode_gemv: str = opt(
+        "off",
+        "on a CUDA device: decode steps of at most 4 rows run their dense linear layers "
+        "(not MoE experts) through a split-K Triton GEMV instead of cuBLAS; "
+        "`python -m pdserve.bench.linear_floor_bench` compares the two per matrix",
+        choices=GEMV_MODES,
+    )
     cpu_packed_weights: bool = opt(
         True,
         "on the CPU, also keep float32 weights prepacked for oneDNN (2x weight memory): "
@@ -91,5 +99,9 @@ class EngineConfig:
         check(
             self.overlap_schedule in OVERLAP_MODES,
             f"--overlap-schedule must be one of {OVERLAP_MODES}, got {self.overlap_schedule!r}",
+        )
+        check(
+            self.decode_gemv in GEMV_MODES,
+            f"--decode-gemv must be one of {GEMV_MODES}, got {self.decode_gemv!r}",
         )
         check(self.torch_threads > 0, f"--torch-threads must be > 0, got {self.torch_threads}")

@@ -120,6 +120,7 @@ class Engine:
             self.max_context_len,
             cfg.max_running_requests,
             cfg.cuda_graphs and cfg.runs_decode,
+            cfg.decode_gemv == "on",
         )
 
     @classmethod

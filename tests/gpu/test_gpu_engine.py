@@ -141,9 +141,35 @@ def gpu_runner_engine(model_path: str, device: torch.device, **kw) -> Engine:
 
     engine = make_engine(model_path, device.type, cuda_graphs=False, **kw)
     engine.runner = GpuModelRunner(
-        engine.model, engine.kv_pool, engine.page_size, engine.max_context_len, 16, False
-    )
+        engine.model, engine.kv_pool, engine.page_size, engine.max_context_len, 16, False,
+        decode_gemv=engine.cfg.decode_gemv == "on",
+    )  # fmt: skip
     return engine
+
+
+def test_fp32_greedy_tokens_with_decode_gemv_equal_those_without(model_path):
+    """--decode-gemv on: the graphs of buckets 4, 2 and 1 (the batch shrinks through them)
+    run the dense linear layers through the Triton GEMV; same tokens as cuBLAS."""
+    off = make_engine(model_path, "cuda", overlap_schedule="off")
+    prompts = random_prompts(off.model.args.vocab_size, seed=6)
+    new_tokens = [12 + 5 * i for i in range(len(prompts))]
+    expected = run_greedy(off, prompts, new_tokens)
+    on = make_engine(model_path, "cuda", overlap_schedule="off", decode_gemv="on")
+    assert on.runner.decoder.use_gemv
+    assert run_greedy(on, prompts, new_tokens) == expected
+
+
+@pytest.mark.interpretable
+def test_decode_gemv_on_the_gpu_runner_gives_the_cpu_path_tokens(device):
+    """Decode steps of 1 to 4 rows through the GEMV (graphs off), on the CPU through the
+    interpreter too: the CPU path's greedy tokens."""
+    cpu = make_engine("tiny-random", "cpu")
+    prompts = random_prompts(cpu.model.args.vocab_size, seed=9)[:4]
+    new_tokens = [2, 3, 4, 5]  # the batch shrinks from 4 rows to 1
+    expected = run_greedy(cpu, prompts, new_tokens)
+    engine = gpu_runner_engine("tiny-random", device, decode_gemv="on", overlap_schedule="off")
+    assert engine.runner.decoder.use_gemv
+    assert run_greedy(engine, prompts, new_tokens) == expected
 
 
 @pytest.mark.interpretable
@@ -227,12 +253,15 @@ def mid_model_dir(request, tmp_path_factory) -> str:
     return str(path)
 
 
-def test_bf16_logits_within_bf16_tolerance_of_transformers(mid_model_dir):
+@pytest.mark.parametrize("decode_gemv", ["off", "on"], ids=["cublas", "gemv"])
+def test_bf16_logits_within_bf16_tolerance_of_transformers(mid_model_dir, decode_gemv):
     from transformers import AutoModelForCausalLM
 
     # Overlap off: an overlapped decode step keeps its logits on the device (`run` sees only
     # the prefill); the logits themselves are the same either way.
-    engine = make_engine(mid_model_dir, "cuda", dtype="bfloat16", overlap_schedule="off")
+    engine = make_engine(
+        mid_model_dir, "cuda", dtype="bfloat16", overlap_schedule="off", decode_gemv=decode_gemv
+    )
     seen = recording_logits(engine)
     prompt = random_prompts(2000, seed=5)[5]  # 100 tokens: two prefill chunks
     generated = run_greedy(engine, [prompt], [24])[0]

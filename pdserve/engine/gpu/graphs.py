@@ -44,8 +44,10 @@ class DecodeGraphs:
         max_batch_size: int,
         max_table_cols: int,
         use_graphs: bool,
+        use_gemv: bool = False,
     ) -> None:
         self.weights, self.args, self.kv_pool = weights, args, kv_pool
+        self.use_gemv = use_gemv  # the Triton GEMV for dense linear layers at <= 4 rows
         self.cos, self.sin = rope
         self.device = kv_pool.device
         # A CPU device only serves kernel debugging under TRITON_INTERPRET=1 (no graphs).
@@ -73,7 +75,7 @@ class DecodeGraphs:
         splits = self._splits(meta.shape[0])
         return decode_forward(
             self.weights, self.args, self.kv_pool, self.cos, self.sin, meta, splits,
-            self.sampled_ids,
+            self.sampled_ids, self.use_gemv,
         )  # fmt: skip
 
     def _capture_all(self) -> None:

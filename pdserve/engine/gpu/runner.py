@@ -25,6 +25,7 @@ class GpuModelRunner(ModelRunner):
         max_len: int,
         max_batch_size: int,
         cuda_graphs: bool,
+        decode_gemv: bool = False,
     ):
         super().__init__(model, kv_pool, page_size, max_len)
         if self.device.type == "cuda":  # graphs and Triton launch on the current device
@@ -37,6 +38,7 @@ class GpuModelRunner(ModelRunner):
             max_batch_size,
             max_table_cols=-(-max_len // page_size),
             use_graphs=cuda_graphs,
+            use_gemv=decode_gemv,
         )
 
     @torch.inference_mode()

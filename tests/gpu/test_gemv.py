@@ -1,0 +1,64 @@
+"""The Triton GEMV against F.linear: 1 to 4 rows, weights whose N and K are not multiples of
+the blocks, with and without bias, unsplit and split along K (the last split reduces)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytest.importorskip("triton")
+
+from pdserve.engine.gpu.gemv import BLOCK_N, gemv, plan_gemv  # noqa: E402
+
+pytestmark = pytest.mark.interpretable
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.double(), ref.double()
+    return ((out - ref).norm() / ref.norm()).item()
+
+
+def tol(dtype: torch.dtype) -> float:
+    return 1e-5 if dtype == torch.float32 else 1e-2
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 4])
+@pytest.mark.parametrize("n,k", [(40, 300), (16, 128), (7, 1000)])
+@pytest.mark.parametrize("split_k", [None, 1, 3])
+@pytest.mark.parametrize("with_bias", [False, True], ids=["no-bias", "bias"])
+def test_gemv_matches_f_linear(device, dtype, rows, n, k, split_k, with_bias):
+    x = torch.randn(rows, k, device=device, dtype=dtype)
+    w = torch.randn(n, k, device=device, dtype=dtype)
+    bias = torch.randn(n, device=device, dtype=dtype) if with_bias else None
+    out = gemv(x, w, bias, split_k=split_k)
+    assert out.dtype == dtype and out.shape == (rows, n)
+    assert rel_err(out, F.linear(x, w, bias)) < tol(dtype)
+
+
+def test_gemv_split_counts_are_reset_so_repeated_calls_agree(device, dtype):
+    """The reducing split puts the arrival counts back to zero: a second call with other
+    inputs of the same shape (same workspace) is right too."""
+    for seed in range(3):
+        gen = torch.Generator().manual_seed(seed)
+        x = torch.randn(2, 700, generator=gen).to(device, dtype)
+        w = torch.randn(33, 700, generator=gen).to(device, dtype)
+        assert rel_err(gemv(x, w, split_k=4), F.linear(x, w)) < tol(dtype)
+
+
+@pytest.mark.parametrize(
+    "n,k,split_k", [(2048, 2048, 8), (3072, 2048, 4), (2048, 8192, 8), (16384, 2048, 1)]
+)
+def test_plan_splits_small_matrices_until_the_gpu_is_covered(n, k, split_k):
+    """bf16 on a 132-SM GPU: 256 columns a step; K split until about 8 programs per SM."""
+    plan = plan_gemv(n, k, elem_bytes=2, num_sms=132)
+    assert (plan.block_k, plan.split_k) == (256, split_k)
+    assert plan.split_k * plan.k_per_split >= k > (plan.split_k - 1) * plan.k_per_split
+    assert -(-n // BLOCK_N) * plan.split_k <= 8 * 132 or plan.split_k == 1
+
+
+def test_plan_never_leaves_a_split_without_work():
+    for k in range(1, 2000, 37):
+        for split_k in (2, 3, 5, 8, 64):
+            plan = plan_gemv(64, k, elem_bytes=4, num_sms=4, split_k=split_k)
+            assert (plan.split_k - 1) * plan.k_per_split < k <= plan.split_k * plan.k_per_split
