@@ -51,6 +51,13 @@ class GpuBenchConfig:
         "run (--no-overlap: without only)",
     )
 
+    decode_gemv: str = opt(
+        "off",
+        "the engine's --decode-gemv: dense linear layers of decode steps of <= 4 rows through "
+        "the Triton GEMV (run the bench once with each to compare)",
+        choices=["off", "on"],
+    )
+
     def __post_init__(self) -> None:
         unknown = sorted(set(self.shapes) - set(ALL_SHAPES))
         check(not unknown, f"unknown shapes {unknown}; choose from {sorted(ALL_SHAPES)}")
@@ -125,6 +132,7 @@ def engine_on(hf_model, cfg: GpuBenchConfig) -> Engine:
         # Warm-up and repeats reuse the prompts: with a prefix cache every later prefill
         # would compute one token, and prefill and batch figures would be void.
         disable_radix_cache=True,
+        decode_gemv=cfg.decode_gemv,
     )
     return Engine(engine_cfg, model)
 

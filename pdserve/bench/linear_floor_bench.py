@@ -1,9 +1,10 @@
 """The decode step's linear layers at small batch on the GPU: cuBLAS (`F.linear`, what the
-decode graphs run) on the matrices of the Llama-3.2-1B and Llama-3-8B shapes, 1 to 4 rows,
-bf16, each timed as a CUDA graph of 40 calls (as decode runs them) over copies of the
-matrix that do not fit in L2 together, against the weight-read floor at the device copy
-bandwidth measured in the same run. Tells how much of a decode step's distance from its
-floor the matmuls account for. GPU only.
+decode graphs run by default) and the Triton GEMV (`--decode-gemv on`) on the matrices of
+the Llama-3.2-1B and Llama-3-8B shapes, 1 to 4 rows, bf16, each timed as a CUDA graph of 40
+calls (as decode runs them) over copies of the matrix that do not fit in L2 together,
+against the weight-read floor at the device copy bandwidth measured in the same run, and
+against each other. Tells how much of a decode step's distance from its floor the matmuls
+account for, and the step total if each matrix took the faster of the two. GPU only.
 
 Run: `python -m pdserve.bench.linear_floor_bench [--out-dir DIR]`.
 """
@@ -18,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from pdserve.bench.gpu_bench import median_event_ms
+from pdserve.engine.gpu.gemv import gemv
 
 # name: [(matrix, N, K)], the decode step's linear layers (q/k/v and gate/up fused)
 SHAPES = {
@@ -49,6 +51,48 @@ def graph_us(fns: list) -> float:
     return 1e3 * median_event_ms(graph.replay, 20) / CALLS
 
 
+def measure_copy_gbps() -> float:
+    """Device-to-device copy bandwidth, bytes read + written per second / 1e9."""
+    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    return 2 * src.numel() / median_event_ms(lambda: dst.copy_(src), 10) / 1e6
+
+
+def time_matrix(n: int, k: int, rows: int, copy_gbps: float) -> dict[str, float]:
+    """Floor, cuBLAS and Triton GEMV microseconds for one [n, k] bf16 matrix and `rows` rows."""
+    # As in a decode step, no call finds its weight in L2 from the call before: each one
+    # reads another copy of the matrix.
+    copies = -(-COLD_NBYTES // (n * k * 2))
+    ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for _ in range(copies)]
+    x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
+    return dict(
+        floor_us=n * k * 2 / copy_gbps / 1e3,
+        us=graph_us([lambda w=w: F.linear(x, w) for w in ws]),
+        gemv_us=graph_us([lambda w=w: gemv(x, w) for w in ws]),
+    )
+
+
+def print_matrix(shape: str, rows: int, name: str, t: dict[str, float]) -> None:
+    floor_us, cublas_us, gemv_us = t["floor_us"], t["us"], t["gemv_us"]
+    print(
+        f"{shape:12} rows {rows} {name:8} floor {floor_us:7.1f} us  cuBLAS {cublas_us:7.1f} us "
+        f"({cublas_us / floor_us:4.2f}x)  GEMV {gemv_us:7.1f} us ({gemv_us / floor_us:4.2f}x "
+        f"floor, {gemv_us / cublas_us:4.2f}x cuBLAS)"
+    )
+
+
+def print_step(shape: str, rows: int, totals: dict[str, float]) -> None:
+    floor = totals["floor_us"]
+    parts = [
+        f"{label} {totals[key]:.0f} us ({totals[key] / floor:.2f}x)"
+        for label, key in [("cuBLAS", "us"), ("GEMV", "gemv_us"), ("best of the two", "best_us")]
+    ]
+    print(
+        f"{shape:12} rows {rows} every linear layer of a step: floor {floor:.0f} us, "
+        + ", ".join(parts)
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4])
@@ -56,37 +100,21 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         parser.error("needs a CUDA device")
-    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    copy_gbps = 2 * src.numel() / median_event_ms(lambda: dst.copy_(src), 10) / 1e6
+    copy_gbps = measure_copy_gbps()
     print(f"device: {torch.cuda.get_device_name()}; copy {copy_gbps:.0f} GB/s (read + write)")
     results = []
     for shape, mats in SHAPES.items():
         for rows in args.rows:
-            floor_total = cublas_total = 0.0
+            totals = dict.fromkeys(["floor_us", "us", "gemv_us", "best_us"], 0.0)
             for name, n, k in mats:
-                # As in a decode step, no call finds its weight in L2 from the call before:
-                # each one reads another copy of the matrix.
-                copies = -(-COLD_NBYTES // (n * k * 2))
-                ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for _ in range(copies)]
-                x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
-                floor_us = n * k * 2 / copy_gbps / 1e3
-                cublas_us = graph_us([lambda w=w, x=x: F.linear(x, w) for w in ws])
+                t = time_matrix(n, k, rows, copy_gbps)
+                t["best_us"] = min(t["us"], t["gemv_us"])
                 count = 1 if name == "lm_head" else LAYERS[shape]
-                floor_total += count * floor_us
-                cublas_total += count * cublas_us
-                results.append(
-                    dict(shape=shape, rows=rows, matrix=name, floor_us=floor_us, us=cublas_us)
-                )
-                print(
-                    f"{shape:12} rows {rows} {name:8} floor {floor_us:7.1f} us  cuBLAS "
-                    f"{cublas_us:7.1f} us ({cublas_us / floor_us:4.2f}x)"
-                )
-                del ws
-            print(
-                f"{shape:12} rows {rows} every linear layer of a step: floor {floor_total:.0f} "
-                f"us, cuBLAS {cublas_total:.0f} us ({cublas_total / floor_total:.2f}x)"
-            )
+                for key in totals:
+                    totals[key] += count * t[key]
+                results.append(dict(shape=shape, rows=rows, matrix=name, **t))
+                print_matrix(shape, rows, name, t)
+            print_step(shape, rows, totals)
     if args.out_dir:
         os.makedirs(args.out_dir, exist_ok=True)
         with open(os.path.join(args.out_dir, "linear_floor.json"), "w") as f:
