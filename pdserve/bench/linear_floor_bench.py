@@ -4,7 +4,9 @@ the Llama-3.2-1B and Llama-3-8B shapes, 1 to 4 rows, bf16, each timed as a CUDA 
 calls (as decode runs them) over copies of the matrix that do not fit in L2 together,
 against the weight-read floor at the device copy bandwidth measured in the same run, and
 against each other. Tells how much of a decode step's distance from its floor the matmuls
-account for, and the step total if each matrix took the faster of the two. GPU only.
+account for, and the step total if each matrix took the faster of the two; also the
+down projection with SiLU·mul (its own kernel before cuBLAS, fused into the GEMV's input),
+not in the step totals. GPU only.
 
 Run: `python -m pdserve.bench.linear_floor_bench [--out-dir DIR]`.
 """
@@ -20,6 +22,7 @@ import torch.nn.functional as F
 
 from pdserve.bench.gpu_bench import median_event_ms
 from pdserve.engine.gpu.gemv import gemv
+from pdserve.engine.gpu.kernels import silu_mul
 
 # name: [(matrix, N, K)], the decode step's linear layers (q/k/v and gate/up fused)
 SHAPES = {
@@ -72,6 +75,18 @@ def time_matrix(n: int, k: int, rows: int, copy_gbps: float) -> dict[str, float]
     )
 
 
+def time_silu_down(n: int, k: int, rows: int) -> dict[str, float]:
+    """The MLP's down projection from the gate_up output, as the decode graphs run it:
+    the SiLU·mul kernel then cuBLAS, against the GEMV with SiLU·mul fused into its input."""
+    copies = -(-COLD_NBYTES // (n * k * 2))
+    ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for _ in range(copies)]
+    gate_up = torch.randn(rows, 2 * k, device="cuda", dtype=torch.bfloat16)
+    return dict(
+        us=graph_us([lambda w=w: F.linear(silu_mul(gate_up), w) for w in ws]),
+        gemv_us=graph_us([lambda w=w: gemv(gate_up, w, silu_mul_input=True) for w in ws]),
+    )
+
+
 def print_matrix(shape: str, rows: int, name: str, t: dict[str, float]) -> None:
     floor_us, cublas_us, gemv_us = t["floor_us"], t["us"], t["gemv_us"]
     print(
@@ -93,6 +108,31 @@ def print_step(shape: str, rows: int, totals: dict[str, float]) -> None:
     )
 
 
+def bench_step(shape: str, rows: int, copy_gbps: float) -> list[dict]:
+    """Every linear layer of one decode step of `rows` rows; prints a line per matrix and
+    the step's totals."""
+    results = []
+    totals = dict.fromkeys(["floor_us", "us", "gemv_us", "best_us"], 0.0)
+    for name, n, k in SHAPES[shape]:
+        t = time_matrix(n, k, rows, copy_gbps)
+        t["best_us"] = min(t["us"], t["gemv_us"])
+        count = 1 if name == "lm_head" else LAYERS[shape]
+        for key in totals:
+            totals[key] += count * t[key]
+        results.append(dict(shape=shape, rows=rows, matrix=name, **t))
+        print_matrix(shape, rows, name, t)
+        if name == "down":
+            fused = time_silu_down(n, k, rows)
+            results.append(dict(shape=shape, rows=rows, matrix="silu+down", **fused))
+            print(
+                f"{shape:12} rows {rows} silu+down: SiLU·mul + cuBLAS {fused['us']:7.1f} us, "
+                f"GEMV with SiLU·mul fused {fused['gemv_us']:7.1f} us "
+                f"({fused['gemv_us'] / fused['us']:4.2f}x)"
+            )
+    print_step(shape, rows, totals)
+    return results
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4])
@@ -102,19 +142,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("needs a CUDA device")
     copy_gbps = measure_copy_gbps()
     print(f"device: {torch.cuda.get_device_name()}; copy {copy_gbps:.0f} GB/s (read + write)")
-    results = []
-    for shape, mats in SHAPES.items():
-        for rows in args.rows:
-            totals = dict.fromkeys(["floor_us", "us", "gemv_us", "best_us"], 0.0)
-            for name, n, k in mats:
-                t = time_matrix(n, k, rows, copy_gbps)
-                t["best_us"] = min(t["us"], t["gemv_us"])
-                count = 1 if name == "lm_head" else LAYERS[shape]
-                for key in totals:
-                    totals[key] += count * t[key]
-                results.append(dict(shape=shape, rows=rows, matrix=name, **t))
-                print_matrix(shape, rows, name, t)
-            print_step(shape, rows, totals)
+    results = [
+        r for shape in SHAPES for rows in args.rows for r in bench_step(shape, rows, copy_gbps)
+    ]
     if args.out_dir:
         os.makedirs(args.out_dir, exist_ok=True)
         with open(os.path.join(args.out_dir, "linear_floor.json"), "w") as f:

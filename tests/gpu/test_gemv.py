@@ -10,6 +10,7 @@ import torch.nn.functional as F
 pytest.importorskip("triton")
 
 from pdserve.engine.gpu.gemv import BLOCK_N, gemv, plan_gemv  # noqa: E402
+from pdserve.engine.gpu.kernels import silu_mul  # noqa: E402
 
 pytestmark = pytest.mark.interpretable
 
@@ -34,6 +35,19 @@ def test_gemv_matches_f_linear(device, dtype, rows, n, k, split_k, with_bias):
     out = gemv(x, w, bias, split_k=split_k)
     assert out.dtype == dtype and out.shape == (rows, n)
     assert rel_err(out, F.linear(x, w, bias)) < tol(dtype)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 4])
+@pytest.mark.parametrize("split_k", [None, 1, 3])
+def test_gemv_with_silu_mul_input_matches_silu_mul_then_f_linear(device, dtype, rows, split_k):
+    """The down projection reading the gate_up output: silu(gate) * up computed on the
+    fly, rounded as the SiLU·mul kernel rounds."""
+    k = 300
+    gate_up = 3 * torch.randn(rows, 2 * k, device=device, dtype=dtype)
+    w = torch.randn(40, k, device=device, dtype=dtype)
+    out = gemv(gate_up, w, silu_mul_input=True, split_k=split_k)
+    ref = F.linear(silu_mul(gate_up), w)
+    assert rel_err(out, ref) < tol(dtype)
 
 
 def test_gemv_split_counts_are_reset_so_repeated_calls_agree(device, dtype):

@@ -15,9 +15,9 @@ import itertools
 import numpy as np
 import torch
 
-from pdserve.engine.gpu.gemv import MAX_GEMV_ROWS, gemv_linear
+from pdserve.engine.gpu.gemv import GEMV_OPS, MAX_GEMV_ROWS
 from pdserve.engine.gpu.kernels import rope_and_store_kv
-from pdserve.engine.gpu.layers import call_linear, final_hidden, qk_norm_of
+from pdserve.engine.gpu.layers import CUBLAS_OPS, final_hidden, qk_norm_of
 from pdserve.engine.gpu.paged_attention import paged_decode_attention
 from pdserve.engine.model import ModelArgs, ModelWeights
 
@@ -65,7 +65,8 @@ def decode_forward(
 ) -> torch.Tensor:
     """float32 logits [B, vocab] for the B rows of `meta`; writes each row's new K/V.
     `sampled_ids`: the previous step's tokens, which negative token ids refer to.
-    `use_gemv`: dense linear layers through the Triton GEMV when B <= MAX_GEMV_ROWS."""
+    `use_gemv`: dense linear layers through the Triton GEMV (SiLU·mul fused into down's
+    input) when B <= MAX_GEMV_ROWS."""
     token_ids = meta[:, 0] if sampled_ids is None else step_token_ids(meta, sampled_ids)
 
     def attend(qkv: torch.Tensor, i: int) -> torch.Tensor:
@@ -75,6 +76,6 @@ def decode_forward(
         )  # fmt: skip
         return paged_decode_attention(q, kv_pool, i, meta, num_splits)
 
-    apply = gemv_linear if use_gemv and meta.shape[0] <= MAX_GEMV_ROWS else call_linear
-    hidden = final_hidden(weights, args, token_ids, attend, apply)
-    return apply(weights.lm_head, hidden).float()
+    ops = GEMV_OPS if use_gemv and meta.shape[0] <= MAX_GEMV_ROWS else CUBLAS_OPS
+    hidden = final_hidden(weights, args, token_ids, attend, ops)
+    return ops.linear(weights.lm_head, hidden).float()

@@ -12,6 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
+from pdserve.engine.gpu.layers import LinearOps
 from pdserve.engine.model import Linear
 
 MAX_GEMV_ROWS = 4
@@ -21,15 +22,36 @@ PROGRAMS_PER_SM = 8  # splits are added until the grid has about this many progr
 
 
 @triton.jit
+def _x_row(
+    x_ptr, row: tl.constexpr, k, k_mask, M, K, BLOCK_K: tl.constexpr, SILU_MUL: tl.constexpr
+):  # fmt: skip
+    """Row `row` of the input at columns k in fp32; zeros for rows past M (padding up to
+    M_P). With SILU_MUL the input row is [gate | up] (2K wide) and the row is
+    silu(gate) * up, rounded to the activation dtype where `kernels.silu_mul` rounds."""
+    row_ok = tl.full((BLOCK_K,), row, tl.int32) < M
+    src = x_ptr + row * (2 * K if SILU_MUL else K) + k
+    x = tl.load(src, mask=k_mask & row_ok, other=0.0)
+    if SILU_MUL:
+        up = tl.load(src + K, mask=k_mask & row_ok, other=0.0).to(tl.float32)
+        gate = x.to(tl.float32)
+        act = (gate * tl.sigmoid(gate)).to(x.dtype).to(tl.float32)
+        x = (act * up).to(x.dtype)
+    return x.to(tl.float32)
+
+
+@triton.jit
 def _gemv_kernel(
     x_ptr, w_ptr, bias_ptr, out_ptr, partial_ptr, count_ptr, M, N, K, k_per_split,
     stride_wn, stride_wk,
     HAS_BIAS: tl.constexpr, M_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    SPLIT_K: tl.constexpr,
+    SPLIT_K: tl.constexpr, SILU_MUL: tl.constexpr,
 ):  # fmt: skip
     """Program (n block, split) sums rows [M_P] x W[BLOCK_N, its K slice] in fp32. With
     SPLIT_K > 1 it stores the partial sums, and the last split of the n block to arrive
-    (counted atomically) adds all splits in split order and writes y, rounded once."""
+    (counted atomically) adds all splits in split order and writes y, rounded once.
+
+    Each row of x has its own [BLOCK_N, BLOCK_K] accumulator of products, summed along K
+    only after the loop: the loop body is loads and FMAs, no cross-thread reduction."""
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -39,7 +61,10 @@ def _gemv_kernel(
     k_start = split * k_per_split
     k_end = tl.minimum(k_start + k_per_split, K)
     w_rows = w_ptr + n.to(tl.int64)[:, None] * stride_wn
-    acc = tl.zeros((BLOCK_N, M_P), dtype=tl.float32)
+    acc0 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    acc1 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    acc2 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    acc3 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     for k0 in range(k_start, k_end, BLOCK_K):
         k = k0 + ks
         k_mask = k < k_end
@@ -48,11 +73,19 @@ def _gemv_kernel(
             w_rows + k[None, :] * stride_wk, mask=n_mask[:, None] & k_mask[None, :], other=0.0,
             eviction_policy="evict_first",
         ).to(tl.float32)  # fmt: skip
-        for row in tl.static_range(M_P):
-            row_ok = tl.full((BLOCK_K,), row, tl.int32) < M  # rows past M (padding to M_P)
-            x = tl.load(x_ptr + row * K + k, mask=k_mask & row_ok, other=0.0)
-            dot = tl.sum(w * x.to(tl.float32)[None, :], axis=1)
-            acc += tl.where(m[None, :] == row, dot[:, None], 0.0)
+        acc0 += w * _x_row(x_ptr, 0, k, k_mask, M, K, BLOCK_K, SILU_MUL)[None, :]
+        if M_P > 1:
+            acc1 += w * _x_row(x_ptr, 1, k, k_mask, M, K, BLOCK_K, SILU_MUL)[None, :]
+        if M_P > 2:
+            acc2 += w * _x_row(x_ptr, 2, k, k_mask, M, K, BLOCK_K, SILU_MUL)[None, :]
+            acc3 += w * _x_row(x_ptr, 3, k, k_mask, M, K, BLOCK_K, SILU_MUL)[None, :]
+    # [BLOCK_N, M_P]: column r holds row r's sums
+    acc = tl.where(m[None, :] == 0, tl.sum(acc0, axis=1)[:, None], 0.0)
+    if M_P > 1:
+        acc += tl.where(m[None, :] == 1, tl.sum(acc1, axis=1)[:, None], 0.0)
+    if M_P > 2:
+        acc += tl.where(m[None, :] == 2, tl.sum(acc2, axis=1)[:, None], 0.0)
+        acc += tl.where(m[None, :] == 3, tl.sum(acc3, axis=1)[:, None], 0.0)
     out_mask = n_mask[:, None] & (m < M)[None, :]
     if SPLIT_K > 1:
         partial = partial_ptr + (split * M_P + m)[None, :] * N + n[:, None]
@@ -135,16 +168,24 @@ def _workspace(
     return _workspaces[key]
 
 
+def _num_warps(m_p: int) -> int:
+    """Threads enough that the m_p [16, 256] fp32 accumulators (bf16) take at most 64
+    registers a thread, leaving room for several programs per SM (their loads in flight)."""
+    return 4 if m_p == 1 else 8
+
+
 def gemv(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-    split_k: int | None = None,
+    silu_mul_input: bool = False, split_k: int | None = None,
 ) -> torch.Tensor:  # fmt: skip
     """x [M <= 4, K] @ weight[N, K]^T (+ bias [N]) in fp32, rounded once to x's dtype, as
-    F.linear. `split_k` overrides the plan's split (tests). Loads are vectorised where the
+    F.linear. With `silu_mul_input`, x is a gate_up output [M, 2K] and the input is
+    silu(gate) * up, computed on the fly (the MLP's down projection without its own SiLU·mul
+    kernel). `split_k` overrides the plan's split (tests). Loads are vectorised where the
     weight is row-major (stride 1 along K, as on the GPU; Triton specialises a stride of 1)."""
-    rows, k = x.shape
-    n = weight.shape[0]
-    assert 1 <= rows <= MAX_GEMV_ROWS and weight.shape[1] == k
+    rows = x.shape[0]
+    n, k = weight.shape
+    assert 1 <= rows <= MAX_GEMV_ROWS and x.shape[1] == (2 * k if silu_mul_input else k)
     x = x.contiguous()
     plan = plan_gemv(n, k, weight.element_size(), _sm_count(x.device), split_k)
     m_p = triton.next_power_of_2(rows)
@@ -155,11 +196,18 @@ def gemv(
         x, weight, bias if bias is not None else weight, out, partial, counts,
         rows, n, k, plan.k_per_split, *weight.stride(),
         HAS_BIAS=bias is not None, M_P=m_p, BLOCK_N=BLOCK_N, BLOCK_K=plan.block_k,
-        SPLIT_K=plan.split_k, num_warps=4,
+        SPLIT_K=plan.split_k, SILU_MUL=silu_mul_input, num_warps=_num_warps(m_p),
     )  # fmt: skip
     return out
 
 
-def gemv_linear(linear: Linear, x: torch.Tensor) -> torch.Tensor:
-    """A dense linear layer through the GEMV (an `ApplyLinear` of `layers.py`)."""
+def _gemv_linear(linear: Linear, x: torch.Tensor) -> torch.Tensor:
     return gemv(x, linear.weight, linear.bias)
+
+
+def _gemv_silu_mul_linear(linear: Linear, gate_up: torch.Tensor) -> torch.Tensor:
+    return gemv(gate_up, linear.weight, linear.bias, silu_mul_input=True)
+
+
+# The dense linear layers of decode steps of few rows (`--decode-gemv on`).
+GEMV_OPS = LinearOps(_gemv_linear, _gemv_silu_mul_linear)

@@ -5,6 +5,7 @@ GPU prefill: they differ only in how attention reads and writes the KV pages. Wo
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -15,13 +16,19 @@ from pdserve.engine.model import LayerWeights, Linear, ModelArgs, ModelWeights
 
 # (qkv [T, (H + 2 KVH) * D], layer index) -> attention output [T, H * D]; stores the new K/V.
 Attend = Callable[[torch.Tensor, int], torch.Tensor]
-# (dense linear layer, input [T, in]) -> output [T, out]: the layer's own call (cuBLAS), or
-# the Triton GEMV in decode graphs of few rows (`gemv.gemv_linear`).
-ApplyLinear = Callable[[Linear, torch.Tensor], torch.Tensor]
 
 
-def call_linear(linear: Linear, x: torch.Tensor) -> torch.Tensor:
-    return linear(x)
+@dataclass(frozen=True)
+class LinearOps:
+    """How the dense linear layers run: cuBLAS (`CUBLAS_OPS`), or the Triton GEMV in the
+    decode graphs of few rows (`gemv.GEMV_OPS`)."""
+
+    linear: Callable[[Linear, torch.Tensor], torch.Tensor]  # (layer, x [T, in]) -> [T, out]
+    # (down, gate_up output [T, 2 * I]) -> down(silu(gate) * up)
+    silu_mul_linear: Callable[[Linear, torch.Tensor], torch.Tensor]
+
+
+CUBLAS_OPS = LinearOps(Linear.__call__, lambda down, gate_up: down(silu_mul(gate_up)))
 
 
 def final_hidden(
@@ -29,18 +36,18 @@ def final_hidden(
     args: ModelArgs,
     token_ids: torch.Tensor,
     attend: Attend,
-    apply: ApplyLinear = call_linear,
+    ops: LinearOps = CUBLAS_OPS,
 ) -> torch.Tensor:
     """Final normalised hidden states [T, hidden]. The residual add is fused into each
     RMSNorm, and the last one of a layer is the next layer's input norm; MoE layers run the
-    grouped-GEMM MLP. `apply` runs the dense linear layers."""
+    grouped-GEMM MLP. `ops` runs the dense linear layers."""
     residual = F.embedding(token_ids, weights.embed)
     eps = args.rms_norm_eps
     h = rms_norm(residual, weights.layers[0].input_norm, eps)
     for i, layer in enumerate(weights.layers):
-        attn = attend(apply(layer.qkv, h), i)
-        h = rms_norm(apply(layer.o, attn), layer.post_norm, eps, residual)
-        mlp = _mlp(h, layer, args, apply)
+        attn = attend(ops.linear(layer.qkv, h), i)
+        h = rms_norm(ops.linear(layer.o, attn), layer.post_norm, eps, residual)
+        mlp = _mlp(h, layer, args, ops)
         is_last = i + 1 == len(weights.layers)
         next_norm = weights.norm if is_last else weights.layers[i + 1].input_norm
         h = rms_norm(mlp, next_norm, eps, residual)
@@ -54,8 +61,8 @@ def qk_norm_of(layer: LayerWeights, eps: float) -> tuple[torch.Tensor, torch.Ten
     return layer.q_norm, layer.k_norm, eps
 
 
-def _mlp(h: torch.Tensor, layer: LayerWeights, args: ModelArgs, apply: ApplyLinear) -> torch.Tensor:
+def _mlp(h: torch.Tensor, layer: LayerWeights, args: ModelArgs, ops: LinearOps) -> torch.Tensor:
     if layer.moe is not None and args.moe is not None:
         return fused_moe_mlp(h, layer.moe, args.moe)
     assert layer.gate_up is not None and layer.down is not None
-    return apply(layer.down, silu_mul(apply(layer.gate_up, h)))
+    return ops.silu_mul_linear(layer.down, ops.linear(layer.gate_up, h))
