@@ -60,6 +60,22 @@ def test_gemv_split_counts_are_reset_so_repeated_calls_agree(device, dtype):
         assert rel_err(gemv(x, w, split_k=4), F.linear(x, w)) < tol(dtype)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+def test_gemv_replays_from_a_cuda_graph_with_new_inputs():
+    """Captured after one call (which allocates the split workspace), replays read the
+    static input's new values; the split path's counts are reset on every replay."""
+    w = torch.randn(3072, 2048, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(2, 2048, device="cuda", dtype=torch.bfloat16)
+    gemv(x, w)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = gemv(x, w)
+    for _ in range(3):
+        x.copy_(torch.randn_like(x))
+        graph.replay()
+        assert rel_err(out, F.linear(x, w)) < tol(torch.bfloat16)
+
+
 @pytest.mark.parametrize(
     "n,k,split_k", [(2048, 2048, 8), (3072, 2048, 4), (2048, 8192, 8), (16384, 2048, 1)]
 )

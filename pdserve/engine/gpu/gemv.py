@@ -117,10 +117,6 @@ class GemvPlan:
     split_k: int
     k_per_split: int  # a multiple of block_k
 
-    @property
-    def num_steps(self) -> int:
-        return self.k_per_split // self.block_k
-
 
 def plan_gemv(
     n: int, k: int, elem_bytes: int, num_sms: int, split_k: int | None = None
