@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 pytest.importorskip("triton")
 
-from pdserve.engine.gpu.gemv import BLOCK_N, gemv, plan_gemv  # noqa: E402
+from pdserve.engine.gpu.gemv import BLOCK_N, MAX_SPLIT_K, gemv, plan_gemv  # noqa: E402
 from pdserve.engine.gpu.kernels import silu_mul  # noqa: E402
 
 pytestmark = pytest.mark.interpretable
@@ -92,3 +92,4 @@ def test_plan_never_leaves_a_split_without_work():
         for split_k in (2, 3, 5, 8, 64):
             plan = plan_gemv(64, k, elem_bytes=4, num_sms=4, split_k=split_k)
             assert (plan.split_k - 1) * plan.k_per_split < k <= plan.split_k * plan.k_per_split
+            assert plan.split_k <= MAX_SPLIT_K

@@ -19,6 +19,7 @@ MAX_GEMV_ROWS = 4
 ROW_BYTES_PER_STEP = 512  # bytes of one weight row a program reads per loop step
 BLOCK_N = 16  # weight rows per program: a step reads 16 x 512 B = 8 KiB in 16 B vectors
 PROGRAMS_PER_SM = 8  # splits are added until the grid has about this many programs per SM
+MAX_SPLIT_K = 16  # the reducing program's loads of every split are unrolled
 
 
 @triton.jit
@@ -94,7 +95,7 @@ def _gemv_kernel(
         arrived = tl.atomic_add(count_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
         if arrived == SPLIT_K - 1:
             acc = tl.zeros((BLOCK_N, M_P), dtype=tl.float32)
-            for s in range(SPLIT_K):
+            for s in tl.static_range(SPLIT_K):  # unrolled: all splits' loads in flight at once
                 part = partial_ptr + (s * M_P + m)[None, :] * N + n[:, None]
                 acc += tl.load(part, mask=out_mask, other=0.0, cache_modifier=".cg")
             _store_rows(acc, bias_ptr, out_ptr, n, m, N, out_mask, HAS_BIAS)
@@ -128,7 +129,7 @@ def plan_gemv(
     steps = triton.cdiv(k, block_k)
     if split_k is None:
         split_k = PROGRAMS_PER_SM * num_sms // triton.cdiv(n, BLOCK_N)
-    split_k = max(1, min(split_k, steps))
+    split_k = max(1, min(split_k, steps, MAX_SPLIT_K))
     steps_per_split = triton.cdiv(steps, split_k)
     # no empty split: each one reads at least one step
     return GemvPlan(block_k, triton.cdiv(steps, steps_per_split), steps_per_split * block_k)
