@@ -418,6 +418,8 @@ def _refusal(grant: _Grant | None, target: _Target | None, dst: np.ndarray) -> s
         return "decode's KV pool is not mapped here"
     if time.monotonic() > grant.expires_at:
         return "decode's page grant expired"
+    if np.array_equal(dst, grant.dst):  # the usual case: the page list as it came
+        return None
     if dst.size > grant.dst.size or not np.isin(dst, grant.dst).all():
         return "destination pages outside decode's grant"
     if np.unique(dst).size != dst.size:

@@ -1,5 +1,9 @@
 """Page-to-page copy between two KV pools on the GPU, one kernel for any page ids; used by
-the CUDA IPC KV transport in worker processes (GPU only)."""
+the CUDA IPC KV transport in worker processes (GPU only).
+
+The kernel gets the destination as an element offset from the source pool, not as a
+tensor: Triton's launcher asks the driver about every pointer argument on every launch,
+and for a pool mapped from another process (CUDA IPC) that query is slow."""
 
 from __future__ import annotations
 
@@ -12,7 +16,10 @@ NUM_WARPS = 4
 
 
 @triton.jit
-def _copy_pages_kernel(src_ptr, dst_ptr, ids_ptr, num_pairs, words_per_page, BLOCK: tl.constexpr):
+def _copy_pages_kernel(
+    src_ptr, dst_offset, ids_ptr, num_pairs, words_per_page, BLOCK: tl.constexpr
+):  # fmt: skip
+    dst_ptr = src_ptr + dst_offset
     pair = tl.program_id(0)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < words_per_page
@@ -34,7 +41,11 @@ def copy_pages(
     gather buffer); `ids` is a contiguous int32 or int64 [2, n] tensor on that device."""
     num_pairs = ids.shape[1]
     words = src_pages.shape[1]
+    assert src_pages.dtype == dst_pages.dtype and src_pages.device == dst_pages.device
+    offset_nbytes = dst_pages.data_ptr() - src_pages.data_ptr()
+    assert offset_nbytes % src_pages.element_size() == 0, "pools not aligned to their words"
     grid = (num_pairs, triton.cdiv(words, block_words))
     _copy_pages_kernel[grid](
-        src_pages, dst_pages, ids, num_pairs, words, BLOCK=block_words, num_warps=num_warps
-    )
+        src_pages, offset_nbytes // src_pages.element_size(), ids, num_pairs, words,
+        BLOCK=block_words, num_warps=num_warps,
+    )  # fmt: skip
