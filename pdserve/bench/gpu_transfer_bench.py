@@ -30,10 +30,13 @@ MIB = 1 << 20
 PAGE_SHAPE = (32, 2, 16, 8, 128)
 TIMEOUT_S = 120.0
 # How control messages travel: the lane (the default: it sleeps at once when idle); the lane,
-# spinning for 200 us before it sleeps; ZeroMQ, as before the lane (the baseline).
+# spinning for 200 us before it sleeps; the lane with both loops never asleep between
+# transfers (`hot`: spinning 5 ms, as the loops of busy servers are: they poll between
+# steps); ZeroMQ, as before the lane (the baseline).
 CONTROLS = {
     "lane": TransportOptions(),
     "lane-spin": TransportOptions(lane_spin_us=200),
+    "hot": TransportOptions(lane_spin_us=5000),
     "zmq": TransportOptions(ipc_lane=False),
 }
 COPY_VARIANTS = [

@@ -6,6 +6,7 @@ room's pages stay held until no write can come."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from pdserve.disagg import messages as m
@@ -151,3 +152,22 @@ def test_a_writer_refuses_slots_smaller_than_announced():
             SlotWriter(pid, fd, 4096, 4096)
     finally:
         board.close()
+
+
+def test_page_ids_go_past_the_status_and_a_send_counts_as_done_once_its_flag_passed(side):
+    """Prefill puts a copy's page ids in the slot's payload, past the status, for its kernel
+    to read in place; the status stays readable, and the send is done once the flag reached
+    its sequence number (or a later grant's, once the slot is reused)."""
+    landings, writer, _ = side
+    grant = granted(landings, 1, [5, 6])
+    status = encode(IpcStatus(num_pages=2, status=ok(1)))
+    assert writer.write_status(grant.slot, status)
+    ids = [[8, 9], [5, 6]]
+    at = writer.write_ids(grant.slot, 4 + len(status), np.array(ids))
+    flat = np.frombuffer(writer._map._mmap, dtype="<i4")  # what the GPU's int32 view reads
+    assert flat[at : at + 4].tolist() == [8, 9, 5, 6]
+    assert writer.write_ids(grant.slot, 4 + len(status), np.zeros((2, 100))) is None  # too long
+    assert not writer.passed(grant.slot, grant.seq)
+    writer.set_flag(grant.slot, grant.seq)
+    assert writer.passed(grant.slot, grant.seq) and writer.passed(grant.slot, grant.seq - 1)
+    assert [type(e) for e in landings.collect()] == [KVReceived, Inbound]

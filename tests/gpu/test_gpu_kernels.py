@@ -146,3 +146,18 @@ def test_copy_pages_moves_exactly_the_paired_pages(device, dst_first):
     assert torch.equal(dst[ids[1].long()], src[ids[0].long()])
     untouched = [p for p in range(12) if p not in ids[1].tolist()]
     assert torch.equal(dst[untouched], before[untouched])
+
+
+@pytest.mark.interpretable
+def test_copy_pages_reads_its_ids_in_place_from_a_flat_buffer(device):
+    """Ids at an offset of a larger int32 buffer (as in a completion slot's payload):
+    sources, then destinations."""
+    from pdserve.engine.gpu.copy_pages import copy_pages
+
+    src = torch.arange(12 * 40, dtype=torch.int64, device=device).view(12, 40)
+    dst = torch.full_like(src, -1)
+    flat = torch.full((64,), 99, dtype=torch.int32, device=device)
+    flat[21:27] = torch.tensor([3, 0, 11, 5, 9, 1], dtype=torch.int32)
+    copy_pages(src, dst, flat, block_words=16, ids_offset=21, num_pairs=3)
+    assert torch.equal(dst[[5, 9, 1]], src[[3, 0, 11]])
+    assert (dst[[p for p in range(12) if p not in (5, 9, 1)]] == -1).all()

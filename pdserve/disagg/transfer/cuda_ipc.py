@@ -23,8 +23,10 @@ pages only once its flag is set, or its peer's process is gone, or the grant exp
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import msgspec
@@ -41,7 +43,7 @@ from pdserve.disagg.transfer.base import (
     TransportOptions,
 )
 from pdserve.disagg.transfer.fake_backend import FakeTransport
-from pdserve.disagg.transfer.ipc_flags import SlotBoard, SlotsFull, SlotWriter
+from pdserve.disagg.transfer.ipc_flags import STATUS_PREFIX, SlotBoard, SlotsFull, SlotWriter
 from pdserve.disagg.transfer.ipc_landing import Landings
 from pdserve.disagg.transfer.ipc_lane import lane_address, lane_bound
 from pdserve.disagg.transfer.ipc_pool import (
@@ -67,16 +69,17 @@ _ENDS_GRANT = (m.RoomStatus, m.Abort, m.Redirect)  # prefill sends these only fo
 
 
 class IpcSend(SendHandle):
-    """One send_kv: done when its queued copy has run (a CUDA event), or refused at once."""
+    """One send_kv: done once its copy has run (the grant's slot reached its sequence
+    number: the flag is set after the copy), or at once if nothing was queued."""
 
     def __init__(
-        self, room: int, page_ids: list[int], copied: torch.cuda.Event | None, error: str | None
+        self, room: int, page_ids: list[int], copied: Callable[[], bool] | None, error: str | None
     ) -> None:
         self.room, self.page_ids = room, page_ids
         self._copied, self._error = copied, error
 
     def done(self) -> bool:
-        return self._copied is None or self._copied.query()
+        return self._copied is None or self._copied()
 
     @property
     def error(self) -> str | None:
@@ -89,7 +92,7 @@ class _Target:
 
     words: torch.Tensor  # the peer's pool, int64 words (bytes where pages are not whole words)
     slots: SlotWriter
-    device_flags: torch.Tensor | None  # slots.device_flags(), made at the first copy
+    views: tuple[torch.Tensor, torch.Tensor] | None  # slots.device_views(), at the first copy
 
 
 @dataclass
@@ -340,15 +343,15 @@ class CudaIpcTransport(LaneControl, FakeTransport):
             return IpcSend(room, [], None, reason)
         assert grant is not None and target is not None
         num_pages = int(src.size)
-        if not target.slots.write_status(
-            grant.slot, encode(IpcStatus(num_pages=num_pages, status=then))
-        ):
-            short = encode(IpcStatus(num_pages=num_pages, status=None))
-            assert target.slots.write_status(grant.slot, short), "ipc_status_nbytes >= 64"
+        status = encode(IpcStatus(num_pages=num_pages, status=then))
+        if not target.slots.write_status(grant.slot, status):
+            status = encode(IpcStatus(num_pages=num_pages, status=None))
+            assert target.slots.write_status(grant.slot, status), "ipc_status_nbytes >= 64"
             self._enqueue(peer, [Outgoing(parts=[m.encode(then)])])  # too long for the slot
         copied = None
         if src.size:
-            copied = self._copy(target, src, dst, grant)
+            self._copy(target, src, dst, grant, STATUS_PREFIX + len(status))
+            copied = functools.partial(target.slots.passed, grant.slot, grant.seq)
         else:
             target.slots.set_flag(grant.slot, grant.seq)
         handle = IpcSend(room, src.tolist(), copied, None)
@@ -359,29 +362,28 @@ class CudaIpcTransport(LaneControl, FakeTransport):
         return handle
 
     def _copy(
-        self, target: _Target, src: np.ndarray, dst: np.ndarray, grant: _Grant
-    ) -> torch.cuda.Event:
-        """The copy, then the slot's flag, queued on the current stream."""
-        if target.device_flags is None:
-            target.device_flags = target.slots.device_flags(self.pool.device)
+        self, target: _Target, src: np.ndarray, dst: np.ndarray, grant: _Grant, used: int
+    ) -> None:
+        """Queue the copy, then the slot's flag, on the current stream. The page ids go in
+        the slot's payload past its `used` bytes, where the kernel reads them in place (no
+        upload), unless they do not fit there."""
+        if target.views is None:
+            target.views = target.slots.device_views(self.pool.device)
+        flags, slot_words = target.views
         if target.words.device == self._words.device:
             from pdserve.engine.gpu.copy_pages import copy_pages  # Triton, imported on use
 
-            # One upload of both id lists. Non-blocking from pageable memory: the driver
-            # stages the few bytes at once, with no wait behind the work queued on the stream.
-            ids = np.stack([src, dst]).astype(PAGE_ID)
-            copy_pages(
-                self._words,
-                target.words,
-                torch.from_numpy(ids).to(self.pool.device, non_blocking=True),
-            )
+            ids = np.stack([src, dst])
+            at = target.slots.write_ids(grant.slot, used, ids)
+            if at is not None:
+                copy_pages(self._words, target.words, slot_words, ids_offset=at, num_pairs=src.size)
+            else:  # one non-blocking upload from pageable memory: staged at once
+                uploaded = torch.from_numpy(ids.astype(PAGE_ID)).to(flags.device, non_blocking=True)
+                copy_pages(self._words, target.words, uploaded)
         else:  # the peer's pool is on another GPU: one copy_ per run of consecutive pages
             for s, d, n in page_runs(src, dst):
                 target.words[d : d + n].copy_(self._words[s : s + n], non_blocking=True)
-        target.device_flags[grant.slot : grant.slot + 1].fill_(grant.seq)
-        copied = torch.cuda.Event()
-        copied.record()
-        return copied
+        flags[grant.slot : grant.slot + 1].fill_(grant.seq)
 
     def _end_grant(self, peer: PeerId, room: int) -> None:
         """Prefill will not write the room's pages: set its slot from the host, no status."""

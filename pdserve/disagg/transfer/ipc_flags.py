@@ -23,6 +23,7 @@ import numpy as np
 FLAG = np.dtype("<i8")
 NO_FLAG = -1
 _LENGTH = struct.Struct("<i")  # payload prefix: status bytes that follow (0: none)
+STATUS_PREFIX = _LENGTH.size
 
 
 class SlotsFull(Exception):
@@ -46,7 +47,7 @@ class _Mapping:
         self.flags = buf[: num_slots * FLAG.itemsize].view(FLAG)
         self.payloads = buf[flags_nbytes:].reshape(num_slots, payload_nbytes)
         self.address = buf.ctypes.data
-        self.flags_nbytes = flags_nbytes
+        self.flags_nbytes, self.nbytes = flags_nbytes, total
 
     def close(self) -> None:
         self.flags = self.payloads = np.zeros(0)  # the views must go before the mapping
@@ -116,8 +117,8 @@ class SlotBoard:
 
 
 class SlotWriter:
-    """Prefill side: one decode peer's slots, mapped here. `device_flags()` gives a CUDA view
-    of the flags for writes queued on a stream (GPU only)."""
+    """Prefill side: one decode peer's slots, mapped here. `device_views()` gives CUDA views
+    for the flag writes and page-id reads of kernels queued on a stream (GPU only)."""
 
     def __init__(self, pid: int, fd: int, num_slots: int, payload_nbytes: int) -> None:
         own = os.open(f"/proc/{pid}/fd/{fd}", os.O_RDWR)
@@ -144,26 +145,48 @@ class SlotWriter:
         _LENGTH.pack_into(payload, 0, len(data or b""))
         return True
 
+    def write_ids(self, slot: int, after_nbytes: int, ids: np.ndarray) -> int | None:
+        """Put int32 page ids (sources, then destinations) in the slot's payload past its
+        first `after_nbytes`, for the copy kernel to read in place; their index in the
+        int32 view of the whole mapping (`device_views`), or None if they do not fit."""
+        payload = self._map.payloads[slot]
+        start = -(-after_nbytes // 4) * 4
+        data = np.ascontiguousarray(ids, dtype="<i4").reshape(-1)
+        if start + data.nbytes > payload.size:
+            return None
+        payload[start : start + data.nbytes] = data.view(np.uint8)
+        return (self._map.flags_nbytes + slot * payload.size + start) // 4
+
     def set_flag(self, slot: int, seq: int) -> None:
         """Mark the grant landed from the host (no copy of it is queued)."""
         self._map.flags[slot] = seq
 
-    def device_flags(self, device):  # -> torch.Tensor
-        """The flags as an int64 CUDA tensor over this mapping (registered on first use)."""
+    def passed(self, slot: int, seq: int) -> bool:
+        """The flag reached `seq` (or a later grant's number): that grant's copy has run."""
+        return bool(self._map.flags[slot] >= seq)
+
+    def device_views(self, device):  # -> tuple[torch.Tensor, torch.Tensor]
+        """(flags int64 [num_slots], the whole mapping as int32) as CUDA tensors over this
+        mapping, registered with CUDA on first use: the GPU sets flags and reads page ids
+        there."""
         import torch
 
         if not self._registered:
-            err = torch.cuda.cudart().cudaHostRegister(self._map.address, self._map.flags_nbytes, 0)
+            err = torch.cuda.cudart().cudaHostRegister(self._map.address, self._map.nbytes, 0)
             if int(err) != 0:
                 raise RuntimeError(f"cudaHostRegister of the KV completion slots failed ({err})")
             self._registered = True
-        interface = {
-            "shape": (self.num_slots,),
-            "typestr": FLAG.str,
-            "data": (self._map.address, False),
-            "version": 3,
-        }
-        return torch.as_tensor(_CudaArray(interface), device=device)
+
+        def view(shape: tuple[int], dtype: np.dtype):
+            interface = {
+                "shape": shape,
+                "typestr": dtype.str,
+                "data": (self._map.address, False),
+                "version": 3,
+            }
+            return torch.as_tensor(_CudaArray(interface), device=device)
+
+        return view((self.num_slots,), FLAG), view((self._map.nbytes // 4,), np.dtype("<i4"))
 
     def close(self) -> None:
         if self._registered:

@@ -15,11 +15,12 @@ BLOCK_WORDS = 2048  # 16 KiB of int64 words per program
 NUM_WARPS = 4
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["ids_offset"])
 def _copy_pages_kernel(
-    src_ptr, dst_offset, ids_ptr, num_pairs, words_per_page, BLOCK: tl.constexpr
+    src_ptr, dst_offset, ids_ptr, ids_offset, num_pairs, words_per_page, BLOCK: tl.constexpr
 ):  # fmt: skip
     dst_ptr = src_ptr + dst_offset
+    ids_ptr += ids_offset
     pair = tl.program_id(0)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < words_per_page
@@ -35,17 +36,24 @@ def copy_pages(
     ids: torch.Tensor,
     block_words: int = BLOCK_WORDS,
     num_warps: int = NUM_WARPS,
+    *,
+    ids_offset: int = 0,
+    num_pairs: int | None = None,
 ) -> None:
     """dst_pages[ids[1, i]] = src_pages[ids[0, i]] for two pools [num_pages, page words] of
     one dtype on one device (int64 words where pages allow), in one pass over the bytes (no
-    gather buffer); `ids` is a contiguous int32 or int64 [2, n] tensor on that device."""
-    num_pairs = ids.shape[1]
+    gather buffer); `ids` is a contiguous int32 or int64 [2, n] tensor on that device. Or,
+    with `num_pairs`, the pairs are the 2 * num_pairs elements of flat `ids` from
+    `ids_offset` on (sources, then destinations): ids the GPU reads in place, e.g. from
+    host memory registered with CUDA, with no upload."""
+    if num_pairs is None:
+        num_pairs = ids.shape[1]
     words = src_pages.shape[1]
     assert src_pages.dtype == dst_pages.dtype and src_pages.device == dst_pages.device
     offset_nbytes = dst_pages.data_ptr() - src_pages.data_ptr()
     assert offset_nbytes % src_pages.element_size() == 0, "pools not aligned to their words"
     grid = (num_pairs, triton.cdiv(words, block_words))
     _copy_pages_kernel[grid](
-        src_pages, offset_nbytes // src_pages.element_size(), ids, num_pairs, words,
-        BLOCK=block_words, num_warps=num_warps,
+        src_pages, offset_nbytes // src_pages.element_size(), ids, ids_offset, num_pairs,
+        words, BLOCK=block_words, num_warps=num_warps,
     )  # fmt: skip
