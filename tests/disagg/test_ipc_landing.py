@@ -171,3 +171,29 @@ def test_page_ids_go_past_the_status_and_a_send_counts_as_done_once_its_flag_pas
     writer.set_flag(grant.slot, grant.seq)
     assert writer.passed(grant.slot, grant.seq) and writer.passed(grant.slot, grant.seq - 1)
     assert [type(e) for e in landings.collect()] == [KVReceived, Inbound]
+
+
+@pytest.mark.parametrize(
+    ("dst", "expires_in_s", "why"),
+    [
+        ([4, 7, 9], 60, None),  # the page list as granted
+        ([7, 9], 60, None),  # a subset (pages decode holds already)
+        ([9, 4, 7], 60, None),  # another order
+        ([4, 8], 60, "outside"),
+        ([4, 4], 60, "duplicate"),
+        ([4, 7, 9], -1, "expired"),
+    ],
+)
+def test_prefill_writes_only_unexpired_granted_pages(dst, expires_in_s, why):
+    """The prefill side's check before it queues a copy into decode's pool."""
+    import time
+
+    from pdserve.disagg.transfer.cuda_ipc import _Grant, _refusal, _Target
+
+    grant = _Grant(
+        slot=0, seq=1, dst=np.array([4, 7, 9]), expires_at=time.monotonic() + expires_in_s
+    )
+    target = _Target(words=None, slots=None, views=None)  # type: ignore[arg-type]
+    reason = _refusal(grant, target, np.array(dst))
+    assert (reason is None) if why is None else (why in reason)
+    assert "granted no pages" in _refusal(None, target, np.array(dst))

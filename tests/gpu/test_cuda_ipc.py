@@ -10,6 +10,7 @@ import multiprocessing as mp
 import time
 from collections.abc import Iterator
 
+import msgspec
 import pytest
 import torch
 
@@ -150,3 +151,21 @@ def test_a_prefill_side_that_dies_is_lost_and_the_next_grant_fails(pair):
             break
         lost = any(isinstance(e, PeerLost) and e.peer == peer for e in rx.poll(5))
     assert not rx.busy()
+
+
+def test_a_prefill_that_cannot_map_the_decode_side_fails_the_room_at_once(receiver):
+    """The completion slots are opened through /proc (one PID namespace): where that fails,
+    prefill answers each grant with the reason, so decode does not wait for its deadline."""
+    rx = receiver.transport
+    target = rx._target
+    rx._target = lambda board: msgspec.structs.replace(target(board), slots_fd=1 << 20)
+    rx.send(receiver.peer, m.PageList(room=77, dst_page_ids=[1, 2], prompt_len=1))
+    deadline = time.monotonic() + 60
+    statuses: list = []
+    while not statuses:
+        assert time.monotonic() < deadline, f"no answer: {rx.stats}"
+        events = rx.poll(5)
+        assert not any(isinstance(e, KVReceived) for e in events)
+        statuses = [e.msg for e in events if isinstance(getattr(e, "msg", None), m.RoomStatus)]
+    (status,) = statuses
+    assert not status.ok and status.error_status == 503 and "could not map" in status.error

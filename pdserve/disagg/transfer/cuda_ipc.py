@@ -308,17 +308,27 @@ class CudaIpcTransport(LaneControl, FakeTransport):
     def _on_grant(self, peer: PeerId, msg: IpcGrant, events: list[Event]) -> int:
         target = self._targets.get(peer)
         room = msg.page_list.room
-        if target is None or not 0 <= msg.slot < target.slots.num_slots:
-            self._reject(peer, "ipc_grant")  # send_kv finds no grant: the room fails
+        reason = None
+        if target is None:
+            reason = "prefill could not map decode's KV pool and completion slots (see its log)"
+        elif not 0 <= msg.slot < target.slots.num_slots:
+            reason = "completion slot out of range"
         else:
             try:
                 dst = page_array(msg.page_list.dst_page_ids, target.words.shape[0], "dst")
-            except ValueError:
-                self._reject(peer, "ipc_grant_pages")
+            except ValueError as exc:
+                reason = str(exc)
             else:
                 self._end_grant(peer, room)  # a page list sent again replaces the first
                 self._grants_in[(peer, room)] = _Grant(msg.slot, msg.seq, dst, msg.expires_at)
-        self._on_control(peer, msg.page_list, events)
+        if reason is not None:  # no write can come: decode fails the room now, not at its deadline
+            self._reject(peer, "ipc_grant")
+            failed = m.RoomStatus(room=room, ok=False, error=reason, error_status=503)
+            try:
+                self._enqueue(peer, [Outgoing(parts=[m.encode(failed)])])
+            except TransportError:  # lost: its rooms fail on their own
+                pass
+        self._on_control(peer, msg.page_list, events)  # send_kv finds no grant: refused
         return 0
 
     def send_kv(
