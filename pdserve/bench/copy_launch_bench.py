@@ -1,7 +1,8 @@
-"""Host time of cuda_ipc's decode-side copy launch: the page ids' upload and the page-copy
-kernel's launch, as the transport does it (one pageable non-blocking upload of packed int32
-ids), against the path before it (a pinned copy of the ids per launch) in the same run, on an
-idle stream and behind a busy one (as under a decode step). GPU only.
+"""Host time of a cuda_ipc copy launch with uploaded page ids: the ids' upload and the
+page-copy kernel's launch, as the transport does it when the ids do not fit the grant's
+completion slot (one pageable non-blocking upload of packed int32 ids), against a pinned copy
+of the ids per launch, in the same run, on an idle stream and behind a busy one (as under a
+step). (Ids that fit the slot are read in place by the kernel, with no upload.) GPU only.
 
 Run: `python -m pdserve.bench.copy_launch_bench [--pages 8 512]`.
 """
