@@ -19,7 +19,14 @@ from pdserve.disagg import messages as m
 from pdserve.disagg.config import DisaggConfig
 from pdserve.disagg.delta import prompt_digest
 from pdserve.disagg.rooms import IllegalRoomTransition, RoomState, error_output, transition
-from pdserve.disagg.transfer.base import Event, KVReceived, KVTransport, PagesSettled, PeerLost
+from pdserve.disagg.transfer.base import (
+    Event,
+    KVReceived,
+    KVTransport,
+    PagesSettled,
+    PeerLost,
+    PeerUnreachable,
+)
 from pdserve.engine.request import FinishReason, Request, StepOutput
 from pdserve.serving.hooks import WorkerHooks
 from pdserve.serving.protocol import GenerateReq, ReqOutput
@@ -371,8 +378,15 @@ class DecodeWorkerHooks(WorkerHooks):
             num_cached_tokens=room.num_cached_tokens,
             prompt_digest=prompt_digest(room.req.prompt_ids),
         )
-        if not self._send(peer, page_list):
-            return self._fail(room.room, 503, f"prefill worker at {peer.endpoint} is unreachable")
+        try:
+            self.transport.send(peer.peer_id, page_list)
+        except PeerUnreachable as exc:
+            reason = f"prefill worker at {peer.endpoint} is unreachable: {exc}"
+            return self._fail(room.room, 503, reason)
+        except Exception as exc:  # e.g. (cuda_ipc) every completion slot in use
+            log.warning("page list to %s not sent: %s", peer.endpoint, exc)
+            reason = f"page list to prefill worker at {peer.endpoint} not sent: {exc}"
+            return self._fail(room.room, 503, reason)
         return []
 
     def _deadlines(self, now: float) -> list[ReqOutput]:
