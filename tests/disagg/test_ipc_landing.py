@@ -197,3 +197,15 @@ def test_prefill_writes_only_unexpired_granted_pages(dst, expires_in_s, why):
     reason = _refusal(grant, target, np.array(dst))
     assert (reason is None) if why is None else (why in reason)
     assert "granted no pages" in _refusal(None, target, np.array(dst))
+
+
+def test_a_lane_is_bound_while_its_owner_lives():
+    """How decode tells that a prefill process is gone (its queued copies with it)."""
+    from pdserve.disagg.transfer.ipc_lane import Lane, lane_address, lane_bound
+
+    lane = Lane("test-owner-lane-bound")
+    try:
+        assert lane_bound(lane_address("test-owner-lane-bound"))
+    finally:
+        lane.close()
+    assert not lane_bound(lane_address("test-owner-lane-bound"))

@@ -2,8 +2,8 @@
 the CUDA IPC KV transport in worker processes (GPU only).
 
 The kernel gets the destination as an element offset from the source pool, not as a
-tensor: Triton's launcher asks the driver about every pointer argument on every launch,
-and for a pool mapped from another process (CUDA IPC) that query is slow."""
+tensor: one pointer fewer for Triton's launcher to ask the driver about on every launch
+(measured on an H100: no faster for a pool mapped from another process by CUDA IPC)."""
 
 from __future__ import annotations
 
