@@ -6,6 +6,8 @@ room's pages stay held until no write can come."""
 
 from __future__ import annotations
 
+from collections import Counter
+
 import numpy as np
 import pytest
 
@@ -24,7 +26,8 @@ PAGE_NBYTES = 64
 def side():
     rejected: list[str] = []
     board = SlotBoard(num_slots=4, payload_nbytes=512)
-    landings = Landings(board, PAGE_NBYTES, lambda peer, why: rejected.append(why) or 0)
+    reject = lambda peer, why: rejected.append(why) or 0  # noqa: E731
+    landings = Landings(board, PAGE_NBYTES, reject, Counter())
     pid, fd = board.where
     writer = SlotWriter(pid, fd, board.num_slots, board.payload_nbytes)
     yield landings, writer, rejected

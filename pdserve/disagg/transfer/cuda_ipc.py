@@ -135,6 +135,7 @@ class CudaIpcTransport(LaneControl, FakeTransport):
         self._wakes: dict[PeerId, list[int]] = {}
         # decode side
         self._landings: Landings | None = None  # made at the first grant
+        self._target_msg: bytes | None = None  # IpcTarget, the same for every peer
         self._target_told: set[PeerId] = set()
         self._lost: set[PeerId] = set()  # peers ZeroMQ lost (without a lane, how one is gone)
 
@@ -154,7 +155,9 @@ class CudaIpcTransport(LaneControl, FakeTransport):
         landings = self._landing()
         items = []
         if peer not in self._target_told:
-            items.append(Outgoing(parts=[encode(self._target(landings.board))]))
+            if self._target_msg is None:
+                self._target_msg = encode(self._target(landings.board))
+            items.append(Outgoing(parts=[self._target_msg]))
         try:
             grant = landings.grant(page_list, self.options.grant_ttl_s)
         except SlotsFull as exc:
@@ -171,7 +174,7 @@ class CudaIpcTransport(LaneControl, FakeTransport):
     def _landing(self) -> Landings:
         if self._landings is None:
             board = SlotBoard(self.options.ipc_slots, self.options.ipc_status_nbytes)
-            self._landings = Landings(board, self.page_nbytes, self._reject)
+            self._landings = Landings(board, self.page_nbytes, self._reject, self._stats)
         return self._landings
 
     def _target(self, board: SlotBoard) -> IpcTarget:
@@ -200,24 +203,13 @@ class CudaIpcTransport(LaneControl, FakeTransport):
         return events
 
     def _collect(self) -> list[Event]:
-        if self._landings is None:
-            return []
-        before = self._landings.kv_bytes_in
-        events = self._landings.collect()
-        self._stats["kv_bytes_in"] += self._landings.kv_bytes_in - before
-        return events
+        return self._landings.collect() if self._landings is not None else []
 
-    def _spin(self, events: list[Event]) -> bool:
+    def _spin_found(self, events: list[Event]) -> bool:
         """The lane spin (`lane_spin_us`) also watches the completion slots."""
-        if self._landings is None or not self._landings.waiting:
-            return super()._spin(events)
-        deadline = time.perf_counter() + self.options.lane_spin_us * 1e-6
-        while time.perf_counter() < deadline:
-            found = self._collect()
-            if found or self._drain_lane(events):
-                events += found
-                return True
-        return False
+        found = self._collect()
+        events += found
+        return bool(found)
 
     def forget_room(self, room: int) -> list[int]:
         super().forget_room(room)
@@ -409,11 +401,6 @@ class CudaIpcTransport(LaneControl, FakeTransport):
                 self._enqueue(peer, [Outgoing(parts=[encode(IpcLanded(rooms=rooms))])])
             except TransportError:  # lost: the peer's rooms fail on their own
                 continue
-
-    @property
-    def stats(self) -> dict[str, int]:
-        dropped = self._landings.grants_dropped if self._landings is not None else 0
-        return super().stats | {"ipc_grants_dropped": dropped}
 
     def _peer_gone(self, peer: PeerId) -> bool:
         """The peer's process has exited (its lane is unbound); without a lane, ZeroMQ lost it."""

@@ -7,6 +7,7 @@ can come. Runs in decode worker processes (tested on the CPU, the slots set from
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -37,18 +38,25 @@ class _Wait:
 
 
 class Landings:
-    """Grants in flight on one decode worker. `reject(peer, reason)` counts garbage."""
+    """Grants in flight on one decode worker. `reject(peer, reason)` counts garbage; `stats`
+    (the transport's counters) gets `kv_bytes_in` and `ipc_grants_dropped` (slots prefill
+    set with nothing in them: it will not write)."""
 
-    def __init__(self, board: SlotBoard, page_nbytes: int, reject: Callable[[PeerId, str], int]):
+    def __init__(
+        self,
+        board: SlotBoard,
+        page_nbytes: int,
+        reject: Callable[[PeerId, str], int],
+        stats: Counter[str],
+    ):
         self.board = board
         self.page_nbytes = page_nbytes
         self._reject = reject
+        self._stats = stats
         self._waits: dict[int, _Wait] = {}
         self._room_of_slot: dict[int, int] = {}
         self._announced: set[int] = set()  # rooms prefill said it queued, slot not set yet
         self._lingering: list[_Wait] = []  # forgotten rooms whose slot is not set yet
-        self.kv_bytes_in = 0
-        self.grants_dropped = 0  # slots prefill set with nothing in them: it will not write
 
     def grant(self, page_list: m.PageList, ttl_s: float) -> IpcGrant:
         """A slot for the room's page list (SlotsFull if none is free); `commit` it once
@@ -76,10 +84,6 @@ class Landings:
     def copies_in_flight(self) -> bool:
         """Prefill said it queued copies whose slots are not set yet (they land soon)."""
         return bool(self._announced)
-
-    @property
-    def waiting(self) -> bool:
-        return bool(self._waits)
 
     def collect(self) -> list[Event]:
         """KVReceived + RoomStatus of every grant whose slot was set since the last call."""
@@ -169,7 +173,7 @@ class Landings:
             return
         self._finish(wait)
         if landed is None:  # prefill dropped the grant, and its message says why
-            self.grants_dropped += 1
+            self._stats["ipc_grants_dropped"] += 1
         else:
             self._emit(wait, landed.num_pages, landed.status or wait.status, events)
 
@@ -181,7 +185,7 @@ class Landings:
             return
         if status.ok:
             nbytes = num_pages * self.page_nbytes
-            self.kv_bytes_in += nbytes
+            self._stats["kv_bytes_in"] += nbytes
             events.append(KVReceived(wait.peer, wait.room, num_pages, nbytes, len(wait.page_ids)))
         events.append(Inbound(wait.peer, status))
 

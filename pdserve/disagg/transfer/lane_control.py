@@ -132,13 +132,19 @@ class LaneControl:
         return len(messages)
 
     def _spin(self, events: list[Event]) -> bool:
-        """Read the lane without sleeping, for up to lane_spin_us: True once anything came."""
+        """Read the lane without sleeping, for up to lane_spin_us: True once anything came
+        (there, or through `_spin_found`)."""
         if self._lane is None or self._closed:
             return False
         deadline = time.perf_counter() + self.options.lane_spin_us * 1e-6
         while time.perf_counter() < deadline:
-            if self._drain_lane(events):
+            if self._drain_lane(events) or self._spin_found(events):
                 return True
+        return False
+
+    def _spin_found(self, events: list[Event]) -> bool:
+        """What else a spin watches (cuda_ipc: its completion slots); True once it found
+        something, which it adds to `events`."""
         return False
 
     def _peer_at(self, address: bytes) -> PeerId | None:
