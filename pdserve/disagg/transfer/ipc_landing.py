@@ -85,6 +85,11 @@ class Landings:
         """Prefill said it queued copies whose slots are not set yet (they land soon)."""
         return bool(self._announced)
 
+    @property
+    def waiting(self) -> bool:
+        """Grants whose slot is not set yet."""
+        return bool(self._waits)
+
     def collect(self) -> list[Event]:
         """KVReceived + RoomStatus of every grant whose slot was set since the last call."""
         if not self._waits:
