@@ -32,12 +32,15 @@ TIMEOUT_S = 120.0
 # How control messages travel: the lane (the default: it sleeps at once when idle); the lane,
 # spinning for 200 us before it sleeps; the lane with both loops never asleep between
 # transfers (`hot`: spinning 5 ms, as the loops of busy servers are: they poll between
-# steps); ZeroMQ, as before the lane (the baseline).
-CONTROLS = {
-    "lane": TransportOptions(),
-    "lane-spin": TransportOptions(lane_spin_us=200),
-    "hot": TransportOptions(lane_spin_us=5000),
-    "zmq": TransportOptions(ipc_lane=False),
+# steps); ZeroMQ, as before the lane (the baseline). `hot-jit` is `hot` with the prefill side
+# launching each copy through Triton's JIT and setting each flag with a fill kernel, as
+# before the direct launch (`CudaIpcTransport.direct_launch`): the launch path's baseline.
+CONTROLS = {  # name: (transport options, direct launch)
+    "lane": (TransportOptions(), True),
+    "lane-spin": (TransportOptions(lane_spin_us=200), True),
+    "hot": (TransportOptions(lane_spin_us=5000), True),
+    "hot-jit": (TransportOptions(lane_spin_us=5000), False),
+    "zmq": (TransportOptions(ipc_lane=False), True),
 }
 COPY_VARIANTS = [
     (2048, 4),
@@ -80,10 +83,13 @@ def src_pages_for(room: int, num_pages: int, pool_pages: int) -> list[int]:
     return np.random.default_rng(room).permutation(pool_pages)[:num_pages].tolist()
 
 
-def sender_main(conn, pool_pages: int, seed: int, options: TransportOptions | None = None) -> None:
+def sender_main(
+    conn, pool_pages: int, seed: int, options: TransportOptions | None = None, direct: bool = True
+) -> None:
     """Prefill side: answer every PageList with send_kv from the room's source pages, and
     report each room's (room, send_kv called, send_kv returned) on `conn` once its wake-up
     left (the pipe adds no delay to the transfer)."""
+    CudaIpcTransport.direct_launch = direct  # this process only: it is spawned
     pool = make_pool(pool_pages, seed)
     torch.cuda.synchronize()
     transport = CudaIpcTransport(pool, listen_host="127.0.0.1", options=options)
@@ -145,7 +151,8 @@ class Receiver:
                     assert event.complete, f"room {event.room}: {event}"
                     waiting.discard(event.room)
                     self.received_at = time.perf_counter()
-        torch.cuda.synchronize()  # the copies are queued on this stream; wait for the bytes
+        # No synchronize: a room's KVReceived comes from its completion flag, which the
+        # prefill side's GPU sets after the copy; the bytes are in this pool by then.
         return rooms
 
 
@@ -265,7 +272,7 @@ def print_table(control: str, rows: list[dict], zero: dict[str, float]) -> None:
         "prefill side's send_kv to the bytes in the decode pool, one transfer at a time; in\n"
         "flight: several rooms at once, same span; round trip: from the page list to the bytes.\n"
         f"control round trip alone (a 0-page transfer): {zero['round_trip_ms']:.3f} ms, of which "
-        f"send_kv -> KVReceived + sync {zero['one_way_ms']:.3f} ms (medians)"
+        f"send_kv -> KVReceived {zero['one_way_ms']:.3f} ms (medians)"
     )
 
 
@@ -284,8 +291,7 @@ def zero_page_ms(rx: Receiver, clock, rounds: int = 200) -> dict[str, float]:
 STAGES = {  # stage: (from mark, to mark)
     "prefill: send_kv (checks, status, copy launch)": ("called", "returned"),
     "copy + slot set -> decode's poll sees it": ("returned", "received"),
-    "sync: KVReceived -> bytes in pool": ("received", "synced"),
-    "total: send_kv -> bytes in pool": ("called", "synced"),
+    "total: send_kv -> bytes in pool (KVReceived)": ("called", "received"),
 }
 
 
@@ -295,7 +301,7 @@ def stage_ms(rx: Receiver, clock, num_pages: int, rounds: int = 100) -> dict[str
     samples: dict[str, list[float]] = {stage: [] for stage in STAGES}
     for i in range(rounds + 10):  # the first 10 warm up
         (room, _), *_ = rx.transfer(num_pages, 1)
-        marks = {"synced": time.perf_counter(), "received": rx.received_at}
+        marks = {"received": rx.received_at}
         marks["called"], marks["returned"] = sender_times(clock, [room])[room]
         for stage, (start, end) in STAGES.items():
             if i >= 10:
@@ -309,6 +315,15 @@ def print_stages(control: str, stages: dict[int, dict[str, float]]) -> None:
     print(f"{'stage':48} " + " ".join(f"{f'{s} MiB':>9}" for s in sizes))
     for stage in STAGES:
         print(f"{stage:48} " + " ".join(f"{stages[s][stage]:9.3f}" for s in sizes))
+
+
+def print_launch_ratios(direct: dict, jit: dict) -> None:
+    """hot / hot-jit, stage by stage: what the direct launch saves."""
+    print("\ndirect launch / JIT launch (hot, same run), per stage:")
+    print(f"{'stage':48} " + " ".join(f"{f'{s} MiB':>9}" for s in direct))
+    for stage in STAGES:
+        ratios = [direct[s][stage] / jit[s][stage] for s in direct]
+        print(f"{stage:48} " + " ".join(f"{r:9.3f}" for r in ratios))
 
 
 def print_profile(rx: Receiver, clock, rounds: int = 200) -> None:
@@ -325,11 +340,13 @@ def print_profile(rx: Receiver, clock, rounds: int = 200) -> None:
     pstats.Stats(profile).sort_stats("tottime").print_stats(14)
 
 
-def measure_control(cfg: TransferBenchConfig, pool_pages: int, options: TransportOptions) -> dict:
+def measure_control(cfg: TransferBenchConfig, pool_pages: int, control: str) -> dict:
     """Every figure over one control channel, against a fresh sender process."""
+    options, direct = CONTROLS[control]
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe()
-    sender = ctx.Process(target=sender_main, args=(child, pool_pages, 1, options), daemon=True)
+    args = (child, pool_pages, 1, options, direct)
+    sender = ctx.Process(target=sender_main, args=args, daemon=True)
     sender.start()
     try:
         if not parent.poll(TIMEOUT_S):
@@ -361,10 +378,12 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():
         parser.error("needs a CUDA device")
     pool_pages = int(cfg.pool_mib * MIB // (np.prod(PAGE_SHAPE) * 2))
-    results = {c: measure_control(cfg, pool_pages, CONTROLS[c]) for c in cfg.controls}
+    results = {c: measure_control(cfg, pool_pages, c) for c in cfg.controls}
     for control, result in results.items():
         print_table(control, result["rows"], result["zero_page"])
         print_stages(control, result["stages"])
+    if {"hot", "hot-jit"} <= results.keys():
+        print_launch_ratios(results["hot"]["stages"], results["hot-jit"]["stages"])
     if "zmq" in results:
         base = results["zmq"]["zero_page"]["round_trip_ms"]
         for control, result in results.items():

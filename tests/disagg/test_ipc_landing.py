@@ -165,11 +165,11 @@ def test_page_ids_go_past_the_status_and_a_send_counts_as_done_once_its_flag_pas
     grant = granted(landings, 1, [5, 6])
     status = encode(IpcStatus(num_pages=2, status=ok(1)))
     assert writer.write_status(grant.slot, status)
-    ids = [[8, 9], [5, 6]]
-    at = writer.write_ids(grant.slot, 4 + len(status), np.array(ids))
+    at = writer.write_ids(grant.slot, 4 + len(status), np.array([8, 9]), np.array([5, 6]))
     flat = np.frombuffer(writer._map._mmap, dtype="<i4")  # what the GPU's int32 view reads
     assert flat[at : at + 4].tolist() == [8, 9, 5, 6]
-    assert writer.write_ids(grant.slot, 4 + len(status), np.zeros((2, 100))) is None  # too long
+    too_long = np.zeros(400, dtype=np.int64)
+    assert writer.write_ids(grant.slot, 4 + len(status), too_long, too_long) is None
     assert not writer.passed(grant.slot, grant.seq)
     writer.set_flag(grant.slot, grant.seq)
     assert writer.passed(grant.slot, grant.seq) and writer.passed(grant.slot, grant.seq - 1)
@@ -196,7 +196,7 @@ def test_prefill_writes_only_unexpired_granted_pages(dst, expires_in_s, why):
     grant = _Grant(
         slot=0, seq=1, dst=np.array([4, 7, 9]), expires_at=time.monotonic() + expires_in_s
     )
-    target = _Target(words=None, slots=None, views=None)  # type: ignore[arg-type]
+    target = _Target(words=None, slots=None)  # type: ignore[arg-type]
     reason = _refusal(grant, target, np.array(dst))
     assert (reason is None) if why is None else (why in reason)
     assert "granted no pages" in _refusal(None, target, np.array(dst))

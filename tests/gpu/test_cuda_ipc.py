@@ -1,6 +1,6 @@
 """The cuda_ipc KV transport between two real processes on one GPU, with control messages on
-its Unix datagram lane and on ZeroMQ, and with completion slots too small for a status (it
-then comes as a message): granted pages arrive byte-exact in scattered slots, nothing else
+its Unix datagram lane and on ZeroMQ, with copies launched through Triton's JIT instead of
+directly, and with completion slots too small for a status (it then comes as a message): granted pages arrive byte-exact in scattered slots, nothing else
 in the pool changes, prefill writes nothing for a room whose grant was revoked (abort), also
 among rooms that land, and a prefill side that dies is reported at once."""
 
@@ -37,15 +37,19 @@ START_TIMEOUT_S = 120.0
 
 
 SMALL_SLOTS = TransportOptions(ipc_status_nbytes=64)  # every status follows as a message
+# Each control channel of the bench, copies launched directly or through Triton's JIT
+# (`hot-jit`), and slots too small for a status.
+SETUPS = {**CONTROLS, "small-slots": (SMALL_SLOTS, True)}
 
 
-@pytest.fixture(params=["lane", "zmq", "small-slots"])
+@pytest.fixture(params=["lane", "zmq", "hot-jit", "small-slots"])
 def pair(request) -> Iterator[tuple[Receiver, mp.Process]]:
     """The decode side here, the prefill side in a spawned process, over one control channel."""
-    options = SMALL_SLOTS if request.param == "small-slots" else CONTROLS[request.param]
+    options, direct = SETUPS[request.param]
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe()
-    sender = ctx.Process(target=sender_main, args=(child, POOL_PAGES, 7, options), daemon=True)
+    args = (child, POOL_PAGES, 7, options, direct)
+    sender = ctx.Process(target=sender_main, args=args, daemon=True)
     sender.start()
     try:
         assert parent.poll(START_TIMEOUT_S), "the prefill-side process did not start"

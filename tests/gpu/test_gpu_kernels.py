@@ -161,3 +161,45 @@ def test_copy_pages_reads_its_ids_in_place_from_a_flat_buffer(device):
     copy_pages(src, dst, flat, block_words=16, ids_offset=21, num_pairs=3)
     assert torch.equal(dst[[5, 9, 1]], src[[3, 0, 11]])
     assert (dst[[p for p in range(12) if p not in (5, 9, 1)]] == -1).all()
+
+
+@pytest.mark.parametrize("ids_on", ["device", "pinned-host"])
+@pytest.mark.parametrize("dst_first", [False, True], ids=["dst-after", "dst-before"])
+def test_page_copier_launches_directly_after_its_first_copy(ids_on, dst_first):
+    """After its first copy (through Triton's JIT) a PageCopier calls the compiled kernel's
+    launcher itself; every copy, first or later, moves exactly its pairs, with ids read in
+    place at any offset, from device memory or from host memory the GPU maps."""
+    from pdserve.engine.gpu.copy_pages import PageCopier
+
+    pools = [torch.full((12, 4096), -1, dtype=torch.int64, device="cuda") for _ in range(2)]
+    dst, src = pools if dst_first else pools[::-1]
+    src.copy_(torch.arange(src.numel(), device="cuda").view_as(src))
+    ids = torch.zeros(256, dtype=torch.int32, pin_memory=ids_on == "pinned-host")
+    ids = ids.cuda() if ids_on == "device" else ids
+    copier = PageCopier(src, dst, ids, direct=True)
+    expected = dst.clone()
+    for offset, pairs in [(0, [(3, 5)]), (17, [(0, 9), (11, 1), (7, 2)]), (40, [(4, 11)])]:
+        flat = [s for s, _ in pairs] + [d for _, d in pairs]
+        ids[offset : offset + len(flat)] = torch.tensor(flat, dtype=torch.int32)
+        copier(offset, len(pairs))
+        torch.cuda.synchronize()
+        for s, d in pairs:
+            expected[d] = src[s]
+        assert torch.equal(dst, expected)
+    assert copier.launches_direct, "this Triton's launcher convention is not known: JIT launches"
+
+
+def test_a_stream_write_sets_its_flag_only_after_the_work_queued_before_it():
+    """cuStreamWriteValue64 on the current stream: the flag in mapped host memory changes
+    once the kernel queued before it has run, not at the call."""
+    from pdserve.engine.gpu.stream_ops import StreamWriter, current_stream_handle, device_pointer
+
+    flags = torch.zeros(4, dtype=torch.int64, pin_memory=True)
+    writer = StreamWriter()
+    assert writer.available
+    torch.cuda._sleep(400_000_000)  # a few hundred ms of queued GPU work
+    stream = current_stream_handle(torch.device("cuda"))
+    assert writer.write(stream, device_pointer(flags.data_ptr()) + 2 * 8, 7)
+    assert flags.tolist() == [0, 0, 0, 0]  # the sleep still runs
+    torch.cuda.synchronize()
+    assert flags.tolist() == [0, 0, 7, 0]

@@ -28,6 +28,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import msgspec
 import numpy as np
@@ -43,7 +44,7 @@ from pdserve.disagg.transfer.base import (
     TransportOptions,
 )
 from pdserve.disagg.transfer.fake_backend import FakeTransport
-from pdserve.disagg.transfer.ipc_flags import STATUS_PREFIX, SlotBoard, SlotsFull, SlotWriter
+from pdserve.disagg.transfer.ipc_flags import FLAG, STATUS_PREFIX, SlotBoard, SlotsFull, SlotWriter
 from pdserve.disagg.transfer.ipc_landing import Landings
 from pdserve.disagg.transfer.ipc_lane import lane_address, lane_bound
 from pdserve.disagg.transfer.ipc_pool import (
@@ -62,6 +63,10 @@ from pdserve.disagg.transfer.ipc_pool import (
 from pdserve.disagg.transfer.lane_control import LaneControl
 from pdserve.disagg.transfer.zmq.outbox import Outgoing
 from pdserve.disagg.transfer.zmq.pages import page_array
+from pdserve.engine.gpu.stream_ops import StreamWriter, current_stream_handle, device_pointer
+
+if TYPE_CHECKING:
+    from pdserve.engine.gpu.copy_pages import PageCopier
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +97,21 @@ class _Target:
 
     words: torch.Tensor  # the peer's pool, int64 words (bytes where pages are not whole words)
     slots: SlotWriter
-    views: tuple[torch.Tensor, torch.Tensor] | None  # slots.device_views(), at the first copy
+    gpu: _TargetGpu | None = None  # made at the first copy
+
+
+@dataclass
+class _TargetGpu:
+    """How this process's GPU reaches one peer's slots: CUDA views of them, the page copy
+    into the peer's pool (ids read from the slots), the flags' device address."""
+
+    flags: torch.Tensor  # int64 [num_slots]
+    slot_words: torch.Tensor  # int32, the whole mapping (ids are read from it in place)
+    copier: PageCopier | None  # None where the peer's pool is on another GPU
+    flags_at: int  # device address of flag 0
+
+    def flag_address(self, slot: int) -> int:
+        return self.flags_at + slot * FLAG.itemsize
 
 
 @dataclass
@@ -110,6 +129,9 @@ class CudaIpcTransport(LaneControl, FakeTransport):
     their status moved as above. The base class sees a one-byte-per-page shadow pool."""
 
     name = "cuda_ipc"
+    # Copies launch through the compiled kernel's launcher, flags are set by a stream write;
+    # gpu_transfer_bench turns this off for its baseline (Triton's JIT, a fill kernel).
+    direct_launch = True
 
     def __init__(
         self,
@@ -132,6 +154,7 @@ class CudaIpcTransport(LaneControl, FakeTransport):
         self._retired: list[_Target] = []  # lost peers' mappings: closed with the transport
         self._grants_in: dict[tuple[PeerId, int], _Grant] = {}
         self._sends: dict[int, IpcSend] = {}  # copies queued, until they ran
+        self._flag_writer = StreamWriter(enabled=self.direct_launch)
         self._wakes: dict[PeerId, list[int]] = {}
         # decode side
         self._landings: Landings | None = None  # made at the first grant
@@ -369,23 +392,33 @@ class CudaIpcTransport(LaneControl, FakeTransport):
         """Queue the copy, then the slot's flag, on the current stream. The page ids go in
         the slot's payload past its `used` bytes, where the kernel reads them in place (no
         upload), unless they do not fit there."""
-        if target.views is None:
-            target.views = target.slots.device_views(self.pool.device)
-        flags, slot_words = target.views
-        if target.words.device == self._words.device:
-            from pdserve.engine.gpu.copy_pages import copy_pages  # Triton, imported on use
-
-            ids = np.stack([src, dst])
-            at = target.slots.write_ids(grant.slot, used, ids)
+        gpu = target.gpu if target.gpu is not None else self._map_gpu(target)
+        if gpu.copier is not None:
+            at = target.slots.write_ids(grant.slot, used, src, dst)
             if at is not None:
-                copy_pages(self._words, target.words, slot_words, ids_offset=at, num_pairs=src.size)
+                gpu.copier(at, int(src.size))
             else:  # one non-blocking upload from pageable memory: staged at once
-                uploaded = torch.from_numpy(ids.astype(PAGE_ID)).to(flags.device, non_blocking=True)
-                copy_pages(self._words, target.words, uploaded)
+                from pdserve.engine.gpu.copy_pages import copy_pages
+
+                ids = torch.from_numpy(np.stack([src, dst]).astype(PAGE_ID))
+                copy_pages(self._words, target.words, ids.to(gpu.flags.device, non_blocking=True))
         else:  # the peer's pool is on another GPU: one copy_ per run of consecutive pages
             for s, d, n in page_runs(src, dst):
                 target.words[d : d + n].copy_(self._words[s : s + n], non_blocking=True)
-        flags[grant.slot : grant.slot + 1].fill_(grant.seq)
+        stream, flag_at = current_stream_handle(self.pool.device), gpu.flag_address(grant.slot)
+        if not self._flag_writer.write(stream, flag_at, grant.seq):
+            gpu.flags[grant.slot : grant.slot + 1].fill_(grant.seq)
+
+    def _map_gpu(self, target: _Target) -> _TargetGpu:
+        """The peer's slots registered with CUDA, and its page copier (at its first copy)."""
+        flags, slot_words = target.slots.device_views(self.pool.device)
+        copier = None
+        if target.words.device == self._words.device:
+            from pdserve.engine.gpu.copy_pages import PageCopier  # Triton, imported on use
+
+            copier = PageCopier(self._words, target.words, slot_words, self.direct_launch)
+        target.gpu = _TargetGpu(flags, slot_words, copier, device_pointer(flags.data_ptr()))
+        return target.gpu
 
     def _end_grant(self, peer: PeerId, room: int) -> None:
         """Prefill will not write the room's pages: set its slot from the host, no status."""

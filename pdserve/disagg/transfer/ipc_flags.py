@@ -145,16 +145,19 @@ class SlotWriter:
         _LENGTH.pack_into(payload, 0, len(data or b""))
         return True
 
-    def write_ids(self, slot: int, after_nbytes: int, ids: np.ndarray) -> int | None:
-        """Put int32 page ids (sources, then destinations) in the slot's payload past its
+    def write_ids(
+        self, slot: int, after_nbytes: int, src: np.ndarray, dst: np.ndarray
+    ) -> int | None:
+        """Put page ids as int32 (sources, then destinations) in the slot's payload past its
         first `after_nbytes`, for the copy kernel to read in place; their index in the
         int32 view of the whole mapping (`device_views`), or None if they do not fit."""
         payload = self._map.payloads[slot]
         start = -(-after_nbytes // 4) * 4
-        data = np.ascontiguousarray(ids, dtype="<i4").reshape(-1)
-        if start + data.nbytes > payload.size:
+        num_pairs = src.size
+        if start + 8 * num_pairs > payload.size:
             return None
-        payload[start : start + data.nbytes] = data.view(np.uint8)
+        words = payload[start : start + 8 * num_pairs].view("<i4")
+        words[:num_pairs], words[num_pairs:] = src, dst
         return (self._map.flags_nbytes + slot * payload.size + start) // 4
 
     def set_flag(self, slot: int, seq: int) -> None:
