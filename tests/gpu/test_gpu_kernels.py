@@ -155,7 +155,9 @@ def decode_case(device, dtype, head_dim, kv_heads, group, lens, seed):
 
 @pytest.mark.parametrize("qk_norm", [False, True], ids=["plain", "qk-norm"])
 @pytest.mark.parametrize("num_splits", [1, 2, 4, 32])  # 32: more splits than pages
-@pytest.mark.parametrize("head_dim,kv_heads,group", [(64, 2, 4), (128, 2, 1), (128, 1, 4)])
+@pytest.mark.parametrize(
+    "head_dim,kv_heads,group", [(64, 2, 4), (128, 2, 1), (128, 1, 4), (24, 1, 4)]
+)
 def test_fused_decode_attention_matches_rope_store_then_split_attention(
     device, dtype, head_dim, kv_heads, group, num_splits, qk_norm
 ):
