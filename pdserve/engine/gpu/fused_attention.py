@@ -81,8 +81,9 @@ def _fused_decode_kernel(
     b = tl.program_id(0).to(tl.int64)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
-    HALF: tl.constexpr = HEAD_DIM // 2
-    pos = tl.load(meta_ptr + b * stride_meta + 1).to(tl.int64)
+    HALF = HEAD_DIM // 2
+    pos32 = tl.load(meta_ptr + b * stride_meta + 1)
+    pos = pos32.to(tl.int64)
     seq_len = tl.load(meta_ptr + b * stride_meta + 2)
     d = tl.arange(0, HALF_P)
     dmask = d < HALF
@@ -106,9 +107,9 @@ def _fused_decode_kernel(
     v_new = tl.load(v_src + dv[None, :], mask=dvmask[None, :], other=0.0)  # [1, DIM_P]
 
     if (split == 0) & (seq_len > 0):
-        page = tl.load(meta_ptr + b * stride_meta + 3 + pos // PAGE_SIZE).to(tl.int64)
-        slot = kv_ptr + page * stride_page + layer_offset + (pos % PAGE_SIZE) * stride_tok
-        dst = slot + kvh * stride_head
+        new_page = tl.load(meta_ptr + b * stride_meta + 3 + pos // PAGE_SIZE).to(tl.int64)
+        slot = new_page * stride_page + layer_offset + (pos % PAGE_SIZE) * stride_tok
+        dst = kv_ptr + slot + kvh * stride_head
         tl.store(dst + d[None, :], k1_new.to(kv_ptr.dtype.element_ty), mask=dmask[None, :])
         tl.store(dst + HALF + d[None, :], k2_new.to(kv_ptr.dtype.element_ty), mask=dmask[None, :])
         tl.store(dst + stride_kv + dv[None, :], v_new, mask=dvmask[None, :])
@@ -120,7 +121,7 @@ def _fused_decode_kernel(
     l_i = tl.zeros([GROUP_P], tl.float32)
     acc = tl.zeros([GROUP_P, DIM_P], tl.float32)
     table = meta_ptr + b * stride_meta + 3
-    stop = tl.minimum(end, pos)  # the pool's tokens before the new one
+    stop = tl.minimum(end, pos32)  # the pool's tokens before the new one
     for t0 in range(start, stop, BLOCK):
         t = t0 + tl.arange(0, BLOCK)
         tmask = t < stop
@@ -142,17 +143,17 @@ def _fused_decode_kernel(
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
 
-    if (start <= pos) & (pos < end):  # this split covers the new token
+    if (start <= pos32) & (pos32 < end):  # this split covers the new token
         k1f, k2f = k1_new.to(tl.float32), k2_new.to(tl.float32)
         sc_new = tl.sum(q1.to(tl.float32) * k1f, axis=1) + tl.sum(q2.to(tl.float32) * k2f, axis=1)
         sc_new = sc_new * qk_scale
-        m_new = tl.maximum(m_i, sc_new)
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(sc_new - m_new)
-        l_i = l_i * alpha + p
-        p_v = p.to(v_new.dtype).to(tl.float32)[:, None] * v_new.to(tl.float32)
-        acc = acc * alpha[:, None] + p_v
-        m_i = m_new
+        m_tok = tl.maximum(m_i, sc_new)
+        alpha_tok = tl.exp2(m_i - m_tok)
+        p_tok = tl.exp2(sc_new - m_tok)
+        l_i = l_i * alpha_tok + p_tok
+        p_v = p_tok.to(v_new.dtype).to(tl.float32)[:, None] * v_new.to(tl.float32)
+        acc = acc * alpha_tok[:, None] + p_v
+        m_i = m_tok
 
     # An empty split (or a padding row, seq_len 0) has l_i == 0: weight zero in the merge.
     has = l_i > 0
