@@ -51,12 +51,6 @@ class GpuBenchConfig:
         "run (--no-overlap: without only)",
     )
 
-    fused_attention: bool = opt(
-        True,
-        "on a GPU, also measure decode with the engine's --decode-attention fused (graphs "
-        "captured anew on the same weights and pool), against the split kernels of the same "
-        "run (--no-fused-attention: split only)",
-    )
     decode_gemv: str = opt(
         "off",
         "the engine's --decode-gemv: dense linear layers of decode steps of <= 4 rows through "
@@ -218,9 +212,6 @@ def measure_pdserve(
     on_gpu = cfg.device == "cuda"
     b1_graph = b1_graph_times(engine, cfg, len(many)) if on_gpu else {}
     bn = run_engine(engine, many, cfg.new_tokens)
-    fused = (
-        measure_fused_attention(engine, cfg, one, many) if on_gpu and cfg.fused_attention else None
-    )
     prefill_s = run_engine(engine, many, 1)["wall_s"]
     return {
         "overlap": cfg.overlap,
@@ -233,40 +224,10 @@ def measure_pdserve(
         "bN_step_ms": bn["step_ms"],
         "bN_graph_replay_ms": bn["graph_replay_ms"] if on_gpu else None,
         "bN_prefill_s": prefill_s,
-        "fused_attention": fused,
         # dense shapes on the GPU only: the FLOP count assumes every MLP weight is used
         "prefill": measure_prefill(engine, many, matmul_fps)
         if matmul_fps and engine.model.args.moe is None
         else None,
-    }
-
-
-def measure_fused_attention(engine: Engine, cfg: GpuBenchConfig, one, many) -> dict:
-    """The batch-1 and batch-N decode runs again with `--decode-attention fused`: decode
-    graphs captured with the fused kernel on the engine's weights and pool, in place of the
-    engine's (split) ones for these runs only."""
-    from pdserve.engine.gpu.decode import META_COLS  # needs Triton
-    from pdserve.engine.gpu.graphs import DecodeGraphs
-
-    runner = engine.runner
-    split = runner.decoder
-    fused = DecodeGraphs(
-        split.weights, split.args, split.kv_pool, (split.cos, split.sin), cfg.batch_size,
-        split.meta.shape[1] - META_COLS, use_graphs=True, use_gemv=split.use_gemv,
-        fused_attention=True,
-    )  # fmt: skip
-    runner.decoder = fused
-    try:
-        b1 = run_engine(engine, one, cfg.batch1_steps)
-        b1_replay_ms = median_event_ms(fused._graphs[1][0].replay, 50)
-        bn = run_engine(engine, many, cfg.new_tokens)
-    finally:
-        runner.decoder = split
-    return {
-        "b1_step_ms": b1["step_ms"],
-        "b1_graph_replay_ms": b1_replay_ms,
-        "bN_step_ms": bn["step_ms"],
-        "bN_graph_replay_ms": bn["graph_replay_ms"],
     }
 
 

@@ -1,6 +1,5 @@
 """The tables `gpu_bench` prints: decode against the weight-read floor and transformers,
-overlap scheduling and the fused decode attention against their baselines of the same run,
-prefill against the matmul rate."""
+overlap scheduling against its baseline of the same run, prefill against the matmul rate."""
 
 from __future__ import annotations
 
@@ -65,8 +64,6 @@ def print_table(
         )
         if ours["no_overlap"] is not None:
             print_overlap(r, n)
-        if ours["fused_attention"] is not None:
-            print_fused_attention(r, n)
         if ours["prefill"] is not None:
             print_prefill(r["shape"], ours["prefill"], cfg)
 
@@ -85,24 +82,6 @@ def print_overlap(r: dict[str, Any], n: int) -> None:
     print(
         f"{r['shape']}: overlap on / off: b1 step {_f(ratio(ours['b1_step_ms'], off['b1_step_ms']), '.2f')}x, "
         f"b{n} step {_f(ratio(ours['bN_step_ms'], off['bN_step_ms']), '.2f')}x"
-    )
-
-
-def print_fused_attention(r: dict[str, Any], n: int) -> None:
-    """Decode with `--decode-attention fused` against the split kernels of the same run."""
-    split, fused = r["pdserve"], r["pdserve"]["fused_attention"]
-    figures = [
-        (f"{label} {_f(fused[key], '.3f')} / {_f(split[key], '.3f')} ms = "
-         f"{_f(ratio(fused[key], split[key]), '.3f')}x")
-        for label, key in (
-            ("b1 graph replay", "b1_graph_replay_ms"), ("b1 step", "b1_step_ms"),
-            (f"b{n} graph replay", "bN_graph_replay_ms"), (f"b{n} step", "bN_step_ms"),
-        )
-    ]  # fmt: skip
-    replay_floor = ratio(fused["b1_graph_replay_ms"], r["floor_ms"])
-    print(
-        f"{r['shape']}: decode attention fused / split: {'; '.join(figures)}; fused b1 graph "
-        f"replay = {_f(replay_floor, '.2f')}x floor"
     )
 
 

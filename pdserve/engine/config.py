@@ -9,7 +9,6 @@ from pdserve.config import check, opt
 DTYPES = ["float32", "bfloat16", "float16"]
 OVERLAP_MODES = ["auto", "on", "off"]
 GEMV_MODES = ["off", "on"]
-DECODE_ATTENTION_MODES = ["split", "fused"]
 
 # Auto-sizing of the KV pool when --max-total-tokens is not given: enough for this many
 # tokens, but never more than this many bytes of KV (several workers share one host).
@@ -61,13 +60,6 @@ class EngineConfig:
         "`python -m pdserve.bench.linear_floor_bench` compares the two per matrix",
         choices=GEMV_MODES,
     )
-    decode_attention: str = opt(
-        "split",
-        "on a CUDA device: how decode steps run attention. split: a rope + K/V store kernel, "
-        "then split attention and a merge kernel (3 launches a layer); fused: all of it in "
-        "one launch, the splits merged by the one that finishes last",
-        choices=DECODE_ATTENTION_MODES,
-    )
     cpu_packed_weights: bool = opt(
         True,
         "on the CPU, also keep float32 weights prepacked for oneDNN (2x weight memory): "
@@ -111,10 +103,5 @@ class EngineConfig:
         check(
             self.decode_gemv in GEMV_MODES,
             f"--decode-gemv must be one of {GEMV_MODES}, got {self.decode_gemv!r}",
-        )
-        check(
-            self.decode_attention in DECODE_ATTENTION_MODES,
-            f"--decode-attention must be one of {DECODE_ATTENTION_MODES}, "
-            f"got {self.decode_attention!r}",
         )
         check(self.torch_threads > 0, f"--torch-threads must be > 0, got {self.torch_threads}")

@@ -121,7 +121,6 @@ class Engine:
             cfg.max_running_requests,
             cfg.cuda_graphs and cfg.runs_decode,
             cfg.decode_gemv == "on",
-            cfg.decode_attention == "fused",
         )
 
     @classmethod

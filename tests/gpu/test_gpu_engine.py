@@ -143,7 +143,6 @@ def gpu_runner_engine(model_path: str, device: torch.device, **kw) -> Engine:
     engine.runner = GpuModelRunner(
         engine.model, engine.kv_pool, engine.page_size, engine.max_context_len, 16, False,
         decode_gemv=engine.cfg.decode_gemv == "on",
-        fused_attention=engine.cfg.decode_attention == "fused",
     )  # fmt: skip
     return engine
 
@@ -171,34 +170,6 @@ def test_decode_gemv_on_the_gpu_runner_gives_the_cpu_path_tokens(device):
     engine = gpu_runner_engine("tiny-random", device, decode_gemv="on", overlap_schedule="off")
     assert engine.runner.decoder.use_gemv
     assert run_greedy(engine, prompts, new_tokens) == expected
-
-
-def test_fp32_greedy_tokens_with_fused_decode_attention_equal_those_with_split(model_path):
-    """--decode-attention fused: every graph bucket (the batch shrinks from 9 rows to 1, the
-    split count grows as it shrinks) gives the split kernels' tokens."""
-    split = make_engine(model_path, "cuda", overlap_schedule="off")
-    prompts = random_prompts(split.model.args.vocab_size, seed=6)
-    new_tokens = [12 + 5 * i for i in range(len(prompts))]
-    expected = run_greedy(split, prompts, new_tokens)
-    fused = make_engine(model_path, "cuda", overlap_schedule="off", decode_attention="fused")
-    assert fused.runner.decoder.fused_attention
-    assert run_greedy(fused, prompts, new_tokens) == expected
-
-
-@pytest.mark.interpretable
-@pytest.mark.parametrize("family", ["tiny-random", "qwen3", "llama-odd-heads"])
-def test_fused_decode_attention_on_the_gpu_runner_gives_the_split_tokens(device, family, tmp_path):
-    """Decode steps through the fused attention kernel (graphs off; several splits merged
-    in the kernel; Qwen3's q/k norm), on the CPU through the interpreter too: the tokens of
-    the split kernels."""
-    model_path = family if family == "tiny-random" else BUILDERS[family](tmp_path)
-    split = gpu_runner_engine(model_path, device, overlap_schedule="off")
-    prompts = random_prompts(split.model.args.vocab_size, seed=9)[:4]
-    new_tokens = [2, 3, 4, 6]  # the batch shrinks from 4 rows to 1
-    expected = run_greedy(split, prompts, new_tokens)
-    fused = gpu_runner_engine(model_path, device, decode_attention="fused", overlap_schedule="off")
-    assert fused.runner.decoder.fused_attention and fused.runner.decoder._splits(1) > 1
-    assert run_greedy(fused, prompts, new_tokens) == expected
 
 
 @pytest.mark.interpretable

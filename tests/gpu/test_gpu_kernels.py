@@ -11,10 +11,6 @@ pytest.importorskip("triton")
 from pdserve.engine import model as llama  # noqa: E402
 from pdserve.engine.attention import Segment, build_attn_meta, paged_attention  # noqa: E402
 from pdserve.engine.gpu.decode import pack_meta  # noqa: E402
-from pdserve.engine.gpu.fused_attention import (  # noqa: E402
-    fused_decode_attention,
-    split_workspace,
-)
 from pdserve.engine.gpu.kernels import rms_norm, rope_and_store_kv, silu_mul  # noqa: E402
 from pdserve.engine.gpu.paged_attention import paged_decode_attention  # noqa: E402
 from pdserve.engine.rope import apply_rope, rope_tables  # noqa: E402
@@ -132,69 +128,6 @@ def test_paged_decode_attention_matches_gather_sdpa(
     out = paged_decode_attention(q_padded, pool, layer, meta, num_splits)
     assert rel_err(out[: len(lens)], ref) < tol(dtype)
     assert torch.equal(out[len(lens) :], torch.zeros_like(out[len(lens) :]))
-
-
-def decode_case(device, dtype, head_dim, kv_heads, group, lens, seed):
-    """A pool, rope tables, qkv and meta for rows of the given seq_lens (each row's new token
-    the last one, page tables scattered) plus one padding row."""
-    page_size = 16
-    pool = random_pool(device, dtype, num_pages=64, kv_heads=kv_heads, head_dim=head_dim)
-    gen = torch.Generator().manual_seed(seed)
-    order = torch.randperm(64, generator=gen).tolist()
-    rows, start = [], 0
-    for n in lens:
-        num_pages = -(-n // page_size)
-        rows.append((0, n - 1, order[start : start + num_pages]))
-        start += num_pages
-    meta = pack_meta(rows, len(lens) + 1, 20).to(device)
-    cos, sin = rope_tables(head_dim, 1e6, None, 512, device, dtype)
-    width = (kv_heads * group + 2 * kv_heads) * head_dim
-    qkv = 3 * torch.randn(len(lens) + 1, width, device=device, dtype=dtype)
-    return pool, cos, sin, meta, qkv, rows
-
-
-@pytest.mark.parametrize("qk_norm", [False, True], ids=["plain", "qk-norm"])
-@pytest.mark.parametrize("num_splits", [1, 2, 4, 32])  # 32: more splits than pages
-@pytest.mark.parametrize(
-    "head_dim,kv_heads,group", [(64, 2, 4), (128, 2, 1), (128, 1, 4), (24, 1, 4)]
-)
-def test_fused_decode_attention_matches_rope_store_then_split_attention(
-    device, dtype, head_dim, kv_heads, group, num_splits, qk_norm
-):
-    """Same output as rope_and_store_kv + paged_decode_attention, the same K/V in the same
-    slots and nothing else written; rows of one token (only the new one), one page, one past
-    a page, 19 pages, and a padding row (zeros, no store). Twice: the split counts are back
-    to zero after each call."""
-    layer, heads = 1, kv_heads * group
-    lens = [1, 16, 17, 300]
-    pool, cos, sin, meta, qkv, rows = decode_case(
-        device, dtype, head_dim, kv_heads, group, lens, seed=num_splits * 7 + head_dim
-    )
-    norm = None
-    if qk_norm:
-        q_w, k_w = (1 + 0.3 * torch.randn(2, head_dim, device=device)).to(dtype)
-        norm = (q_w, k_w, 1e-6)
-    ref_pool = pool.clone()
-    q = rope_and_store_kv(qkv, cos, sin, meta, ref_pool, layer, heads, kv_heads, norm)
-    ref = paged_decode_attention(q, ref_pool, layer, meta, num_splits)
-    new_k = [(pages[pos // 16], pos % 16) for _, pos, pages in rows]
-    for _ in range(2):
-        fused_pool = pool.clone()
-        out = fused_decode_attention(
-            qkv, cos, sin, meta, fused_pool, layer, heads, kv_heads, norm, num_splits
-        )
-        assert rel_err(out[:-1], ref[:-1]) < tol(dtype)
-        assert torch.equal(out[-1], torch.zeros_like(out[-1])), "padding row"
-        # k is rotated by another kernel: equal within rounding; every other byte exactly
-        for page, offset in new_k:
-            k_slot = fused_pool[page, layer, 0, offset]
-            assert rel_err(k_slot, ref_pool[page, layer, 0, offset]) < tol(dtype)
-            assert not torch.equal(k_slot, pool[page, layer, 0, offset]), "k not stored"
-            fused_pool[page, layer, 0, offset] = ref_pool[page, layer, 0, offset]
-        assert torch.equal(fused_pool, ref_pool)
-        if num_splits > 1:
-            ws = split_workspace(device, len(lens) + 1, heads, kv_heads, head_dim, num_splits)
-            assert torch.equal(ws.counts, torch.zeros_like(ws.counts))
 
 
 @pytest.mark.interpretable

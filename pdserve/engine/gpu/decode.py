@@ -15,7 +15,6 @@ import itertools
 import numpy as np
 import torch
 
-from pdserve.engine.gpu.fused_attention import fused_decode_attention
 from pdserve.engine.gpu.gemv import GEMV_OPS, MAX_GEMV_ROWS
 from pdserve.engine.gpu.kernels import rope_and_store_kv
 from pdserve.engine.gpu.layers import CUBLAS_OPS, final_hidden, qk_norm_of
@@ -63,23 +62,18 @@ def decode_forward(
     num_splits: int,
     sampled_ids: torch.Tensor | None = None,
     use_gemv: bool = False,
-    fused_attention: bool = False,
 ) -> torch.Tensor:
     """float32 logits [B, vocab] for the B rows of `meta`; writes each row's new K/V.
     `sampled_ids`: the previous step's tokens, which negative token ids refer to.
     `use_gemv`: dense linear layers through the Triton GEMV (SiLU·mul fused into down's
-    input) when B <= MAX_GEMV_ROWS. `fused_attention`: rope, the K/V store and split
-    attention with its merge in one kernel per layer (`fused_attention.py`)."""
+    input) when B <= MAX_GEMV_ROWS."""
     token_ids = meta[:, 0] if sampled_ids is None else step_token_ids(meta, sampled_ids)
 
     def attend(qkv: torch.Tensor, i: int) -> torch.Tensor:
-        qk_norm = qk_norm_of(weights.layers[i], args.rms_norm_eps)
-        heads = (args.num_heads, args.num_kv_heads)
-        if fused_attention:
-            return fused_decode_attention(
-                qkv, cos, sin, meta, kv_pool, i, *heads, qk_norm, num_splits
-            )
-        q = rope_and_store_kv(qkv, cos, sin, meta, kv_pool, i, *heads, qk_norm)
+        q = rope_and_store_kv(
+            qkv, cos, sin, meta, kv_pool, i, args.num_heads, args.num_kv_heads,
+            qk_norm_of(weights.layers[i], args.rms_norm_eps),
+        )  # fmt: skip
         return paged_decode_attention(q, kv_pool, i, meta, num_splits)
 
     ops = GEMV_OPS if use_gemv and meta.shape[0] <= MAX_GEMV_ROWS else CUBLAS_OPS

@@ -45,11 +45,9 @@ class DecodeGraphs:
         max_table_cols: int,
         use_graphs: bool,
         use_gemv: bool = False,
-        fused_attention: bool = False,
     ) -> None:
         self.weights, self.args, self.kv_pool = weights, args, kv_pool
         self.use_gemv = use_gemv  # the Triton GEMV for dense linear layers at <= 4 rows
-        self.fused_attention = fused_attention  # rope, K/V store, attention: one launch
         self.cos, self.sin = rope
         self.device = kv_pool.device
         # A CPU device only serves kernel debugging under TRITON_INTERPRET=1 (no graphs).
@@ -77,7 +75,7 @@ class DecodeGraphs:
         splits = self._splits(meta.shape[0])
         return decode_forward(
             self.weights, self.args, self.kv_pool, self.cos, self.sin, meta, splits,
-            self.sampled_ids, self.use_gemv, self.fused_attention,
+            self.sampled_ids, self.use_gemv,
         )  # fmt: skip
 
     def _capture_all(self) -> None:

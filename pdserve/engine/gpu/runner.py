@@ -26,7 +26,6 @@ class GpuModelRunner(ModelRunner):
         max_batch_size: int,
         cuda_graphs: bool,
         decode_gemv: bool = False,
-        fused_attention: bool = False,
     ):
         super().__init__(model, kv_pool, page_size, max_len)
         if self.device.type == "cuda":  # graphs and Triton launch on the current device
@@ -40,7 +39,6 @@ class GpuModelRunner(ModelRunner):
             max_table_cols=-(-max_len // page_size),
             use_graphs=cuda_graphs,
             use_gemv=decode_gemv,
-            fused_attention=fused_attention,
         )
 
     @torch.inference_mode()
