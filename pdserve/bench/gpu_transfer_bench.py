@@ -88,7 +88,10 @@ def sender_main(
 ) -> None:
     """Prefill side: answer every PageList with send_kv from the room's source pages, and
     report each room's (room, send_kv called, send_kv returned) on `conn` once its wake-up
-    left (the pipe adds no delay to the transfer)."""
+    left (the pipe adds no delay to the transfer). For tests, "hold" on `conn` stops it
+    reading its transport (it answers "held") until ("go", room): it then reads messages
+    until the Abort of `room` came before it sends anything, so that Abort ends the room's
+    grant first whatever the channel's timing. Anything else on `conn` stops it."""
     CudaIpcTransport.direct_launch = direct  # this process only: it is spawned
     pool = make_pool(pool_pages, seed)
     torch.cuda.synchronize()
@@ -102,21 +105,42 @@ def sender_main(
         for room in rooms:
             conn.send((room, *times.pop(room)))
 
+    def answer(events: list) -> None:
+        for event in events:
+            if isinstance(event, Inbound) and isinstance(event.msg, m.PageList):
+                msg = event.msg
+                src = src_pages_for(msg.room, len(msg.dst_page_ids), pool_pages)
+                then = m.RoomStatus(room=msg.room, ok=True)
+                called = time.perf_counter()  # CLOCK_MONOTONIC: one clock for both
+                transport.send_kv(event.peer, msg.room, src, msg.dst_page_ids, then)
+                times[msg.room] = (called, time.perf_counter())
+
     transport._send_wakes = send_and_report  # type: ignore[method-assign]
     conn.send(transport.endpoint)
     deadline = time.monotonic() + 10 * TIMEOUT_S
     try:
-        while time.monotonic() < deadline and not conn.poll():
-            for event in transport.poll(5):
-                if isinstance(event, Inbound) and isinstance(event.msg, m.PageList):
-                    msg = event.msg
-                    src = src_pages_for(msg.room, len(msg.dst_page_ids), pool_pages)
-                    then = m.RoomStatus(room=msg.room, ok=True)
-                    called = time.perf_counter()  # CLOCK_MONOTONIC: one clock for both
-                    transport.send_kv(event.peer, msg.room, src, msg.dst_page_ids, then)
-                    times[msg.room] = (called, time.perf_counter())
+        while time.monotonic() < deadline:
+            if conn.poll():
+                if conn.recv() != "hold":
+                    break
+                conn.send("held")
+                go = conn.recv() if conn.poll(TIMEOUT_S) else None
+                if not (isinstance(go, tuple) and go[0] == "go"):
+                    break
+                answer(read_until_abort(transport, go[1], deadline))
+            answer(transport.poll(5))
     finally:
         transport.close()
+
+
+def read_until_abort(transport: CudaIpcTransport, room: int, deadline: float) -> list:
+    """Poll until the Abort of `room` came (or the deadline); the events so far."""
+    events: list = []
+    while time.monotonic() < deadline and not any(
+        isinstance(e, Inbound) and isinstance(e.msg, m.Abort) and e.msg.room == room for e in events
+    ):
+        events += transport.poll(5)
+    return events
 
 
 class Receiver:

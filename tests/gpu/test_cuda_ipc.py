@@ -9,6 +9,9 @@ from __future__ import annotations
 import multiprocessing as mp
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
 
 import msgspec
 import pytest
@@ -42,8 +45,30 @@ SMALL_SLOTS = TransportOptions(ipc_status_nbytes=64)  # every status follows as 
 SETUPS = {**CONTROLS, "small-slots": (SMALL_SLOTS, True)}
 
 
+@dataclass
+class Pair:
+    receiver: Receiver
+    sender: mp.Process
+    conn: Connection  # to the sender process
+
+    @contextmanager
+    def sender_held(self, aborted_room: int) -> Iterator[None]:
+        """The prefill side reads nothing until the block ends, then reads until the
+        block's Abort of `aborted_room` came before it sends any KV: the Abort ends that
+        room's grant first, whichever control channel carries the messages."""
+        self.conn.send("hold")
+        while True:  # (room, called, returned) reports may come before the answer
+            assert self.conn.poll(START_TIMEOUT_S), "the prefill side did not hold"
+            if self.conn.recv() == "held":
+                break
+        try:
+            yield
+        finally:
+            self.conn.send(("go", aborted_room))
+
+
 @pytest.fixture(params=["lane", "zmq", "hot-jit", "small-slots"])
-def pair(request) -> Iterator[tuple[Receiver, mp.Process]]:
+def pair(request) -> Iterator[Pair]:
     """The decode side here, the prefill side in a spawned process, over one control channel."""
     options, direct = SETUPS[request.param]
     ctx = mp.get_context("spawn")
@@ -55,7 +80,7 @@ def pair(request) -> Iterator[tuple[Receiver, mp.Process]]:
         assert parent.poll(START_TIMEOUT_S), "the prefill-side process did not start"
         pool = torch.full((POOL_PAGES, *PAGE_SHAPE), -1, dtype=torch.int16, device="cuda")
         rx = Receiver(pool, parent.recv(), options)
-        yield rx, sender
+        yield Pair(rx, sender, parent)
         rx.transport.close()
     finally:
         parent.send("stop")
@@ -66,7 +91,7 @@ def pair(request) -> Iterator[tuple[Receiver, mp.Process]]:
 
 @pytest.fixture
 def receiver(pair) -> Receiver:
-    return pair[0]
+    return pair.receiver
 
 
 def test_granted_pages_arrive_exactly_and_nothing_else_changes(receiver):
@@ -79,11 +104,13 @@ def test_granted_pages_arrive_exactly_and_nothing_else_changes(receiver):
     assert receiver.transport.stats["kv_bytes_in"] == 9 * receiver.transport.page_nbytes
 
 
-def test_an_aborted_room_gets_no_write_and_its_slot_is_set_from_the_host(receiver):
+def test_an_aborted_room_gets_no_write_and_its_slot_is_set_from_the_host(pair):
+    receiver = pair.receiver
     before = receiver.pool.clone()
     rx = receiver.transport
-    rx.send(receiver.peer, m.PageList(room=99, dst_page_ids=[1, 2, 3], prompt_len=1))
-    rx.send(receiver.peer, m.Abort(room=99, reason="client went away"))  # revokes the grant
+    with pair.sender_held(aborted_room=99):
+        rx.send(receiver.peer, m.PageList(room=99, dst_page_ids=[1, 2, 3], prompt_len=1))
+        rx.send(receiver.peer, m.Abort(room=99, reason="client went away"))  # revokes the grant
     deadline = time.monotonic() + 60
     while not rx.stats.get("ipc_grants_dropped"):
         assert time.monotonic() < deadline, f"the grant never ended: {rx.stats}"
@@ -122,13 +149,15 @@ def test_rooms_in_flight_together_all_land_exactly(receiver):
     assert rx.stats["kv_bytes_in"] == 18 * rx.page_nbytes
 
 
-def test_an_aborted_room_between_granted_ones_gets_no_write_and_only_it(receiver):
+def test_an_aborted_room_between_granted_ones_gets_no_write_and_only_it(pair):
+    receiver = pair.receiver
     before = receiver.pool.clone()
     rx, peer = receiver.transport, receiver.peer
     grants = {98: [0, 5, 9], 99: [1, 2, 3], 100: [20, 4]}
-    for room, dst in grants.items():
-        rx.send(peer, m.PageList(room=room, dst_page_ids=dst, prompt_len=1))
-    rx.send(peer, m.Abort(room=99, reason="client went away"))
+    with pair.sender_held(aborted_room=99):
+        for room, dst in grants.items():
+            rx.send(peer, m.PageList(room=room, dst_page_ids=dst, prompt_len=1))
+        rx.send(peer, m.Abort(room=99, reason="client went away"))
     received = wait_received(rx, {98, 100}, until=lambda: rx.stats.get("ipc_grants_dropped"))
     assert all(e.complete for e in received.values())
     source = make_pool(POOL_PAGES, 7)
@@ -140,7 +169,7 @@ def test_an_aborted_room_between_granted_ones_gets_no_write_and_only_it(receiver
 
 
 def test_a_prefill_side_that_dies_is_lost_and_the_next_grant_fails(pair):
-    receiver, sender = pair
+    receiver, sender = pair.receiver, pair.sender
     rx, peer = receiver.transport, receiver.peer
     receiver.transfer(num_pages=1, num_rooms=1)  # the channel is up
     sender.kill()
