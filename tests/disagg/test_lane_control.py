@@ -4,13 +4,21 @@ messages wait in order for a peer that does not read, and a dead peer is unreach
 
 from __future__ import annotations
 
+import itertools
+import time
 from collections.abc import Iterator
 
 import pytest
 import torch
 
 from pdserve.disagg import messages as m
-from pdserve.disagg.transfer.base import Inbound, KVReceived, PeerUnreachable, TransportOptions
+from pdserve.disagg.transfer.base import (
+    Inbound,
+    KVReceived,
+    PeerLost,
+    PeerUnreachable,
+    TransportOptions,
+)
 from pdserve.disagg.transfer.fake_backend import FakeLaneTransport
 from tests.disagg.transfer_peer import LAYOUT, make_pool, poll_until, start_peer
 
@@ -94,3 +102,37 @@ def test_a_peer_without_the_lane_is_unreachable_with_a_reason(decode):
             decode.send(peer, m.Ping(seq=1))
     finally:
         prefill.close()
+
+
+def test_a_lane_busy_at_every_poll_still_lets_zeromq_report_a_lost_peer():
+    """A lane spin that finds work returns it at once, skipping the ZeroMQ half of the poll,
+    but never for longer than ZMQ_MAX_SKIP_S: with a Pong waiting on the lane at every poll,
+    the ZeroMQ monitor still reports a peer whose connection closed."""
+    spin = TransportOptions(lane_spin_us=2000)
+    decode = FakeLaneTransport(make_pool(POOL_PAGES, seed=2), options=spin)
+    busy = FakeLaneTransport(make_pool(POOL_PAGES, seed=3), listen_host="127.0.0.1")
+    gone = FakeLaneTransport(make_pool(POOL_PAGES, seed=4), listen_host="127.0.0.1")
+    try:
+        busy_peer, gone_peer = decode.connect(busy.endpoint), decode.connect(gone.endpoint)
+        decode.send(gone_peer, m.Ping(seq=0))
+        poll_until(gone, lambda ev: inbound(ev, m.Ping))  # the connection is up
+
+        def busy_poll(seq: int) -> list:
+            decode.send(busy_peer, m.Ping(seq=seq))  # answered at once: the spin finds it
+            for event in poll_until(busy, lambda ev: inbound(ev, m.Ping)):
+                busy.send(event.peer, m.Pong(seq=seq))
+            events = decode.poll(5)
+            assert inbound(events, m.Pong), "the lane had work at this poll"
+            return events
+
+        for seq in range(1, 6):  # the ZeroMQ half is now read at most every ZMQ_MAX_SKIP_S
+            busy_poll(seq)
+        gone.close()
+        deadline = time.monotonic() + 20
+        for seq in itertools.count(6):
+            assert time.monotonic() < deadline, "the closed peer was never reported"
+            if any(isinstance(e, PeerLost) and e.peer == gone_peer for e in busy_poll(seq)):
+                break
+    finally:
+        for transport in (decode, busy, gone):
+            transport.close()

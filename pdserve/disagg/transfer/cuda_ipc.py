@@ -103,15 +103,31 @@ class _Target:
 @dataclass
 class _TargetGpu:
     """How this process's GPU reaches one peer's slots: CUDA views of them, the page copy
-    into the peer's pool (ids read from the slots), the flags' device address."""
+    into the peer's pool (ids read from the slots in place, or, for page lists too long for
+    a slot, uploaded into `ids` first), the flags' device address."""
 
     flags: torch.Tensor  # int64 [num_slots]
     slot_words: torch.Tensor  # int32, the whole mapping (ids are read from it in place)
-    copier: PageCopier | None  # None where the peer's pool is on another GPU
+    copy: _Copiers | None  # None where the peer's pool is on another GPU
     flags_at: int  # device address of flag 0
 
     def flag_address(self, slot: int) -> int:
         return self.flags_at + slot * FLAG.itemsize
+
+
+@dataclass
+class _Copiers:
+    in_slots: PageCopier  # ids in the slot's payload
+    uploaded: PageCopier  # ids in `ids`
+    ids: torch.Tensor  # int32 [2 * the peer's pool pages] on this GPU
+
+    def upload(self, src: np.ndarray, dst: np.ndarray) -> None:
+        """Copy pages whose ids do not fit a slot: the ids go into `ids` on the current
+        stream (from pageable memory: staged before the call returns), so a later upload
+        cannot overtake this copy's reads."""
+        staged = torch.from_numpy(np.concatenate([src, dst]).astype(PAGE_ID))
+        self.ids[: staged.numel()].copy_(staged, non_blocking=True)
+        self.uploaded(0, int(src.size))
 
 
 @dataclass
@@ -393,15 +409,12 @@ class CudaIpcTransport(LaneControl, FakeTransport):
         the slot's payload past its `used` bytes, where the kernel reads them in place (no
         upload), unless they do not fit there."""
         gpu = target.gpu if target.gpu is not None else self._map_gpu(target)
-        if gpu.copier is not None:
+        if gpu.copy is not None:
             at = target.slots.write_ids(grant.slot, used, src, dst)
             if at is not None:
-                gpu.copier(at, int(src.size))
-            else:  # one non-blocking upload from pageable memory: staged at once
-                from pdserve.engine.gpu.copy_pages import copy_pages
-
-                ids = torch.from_numpy(np.stack([src, dst]).astype(PAGE_ID))
-                copy_pages(self._words, target.words, ids.to(gpu.flags.device, non_blocking=True))
+                gpu.copy.in_slots(at, int(src.size))
+            else:
+                gpu.copy.upload(src, dst)
         else:  # the peer's pool is on another GPU: one copy_ per run of consecutive pages
             for s, d, n in page_runs(src, dst):
                 target.words[d : d + n].copy_(self._words[s : s + n], non_blocking=True)
@@ -412,12 +425,16 @@ class CudaIpcTransport(LaneControl, FakeTransport):
     def _map_gpu(self, target: _Target) -> _TargetGpu:
         """The peer's slots registered with CUDA, and its page copier (at its first copy)."""
         flags, slot_words = target.slots.device_views(self.pool.device)
-        copier = None
+        copiers = None
         if target.words.device == self._words.device:
             from pdserve.engine.gpu.copy_pages import PageCopier  # Triton, imported on use
 
-            copier = PageCopier(self._words, target.words, slot_words, self.direct_launch)
-        target.gpu = _TargetGpu(flags, slot_words, copier, device_pointer(flags.data_ptr()))
+            src, dst, direct = self._words, target.words, self.direct_launch
+            ids = torch.empty(2 * dst.shape[0], dtype=torch.int32, device=dst.device)
+            copiers = _Copiers(
+                PageCopier(src, dst, slot_words, direct), PageCopier(src, dst, ids, direct), ids
+            )
+        target.gpu = _TargetGpu(flags, slot_words, copiers, device_pointer(flags.data_ptr()))
         return target.gpu
 
     def _end_grant(self, peer: PeerId, room: int) -> None:

@@ -31,6 +31,10 @@ from pdserve.disagg.transfer.ipc_lane import (
 )
 from pdserve.disagg.transfer.zmq.outbox import Outgoing
 
+# After a lane spin found work, poll returns it at once, reading the ZeroMQ socket (the
+# zmq half of a poll: tens of microseconds of Python) only if it was last read this long ago.
+ZMQ_MAX_SKIP_S = 0.001
+
 
 class LaneControl:
     """Listed before a ZmqTransport subclass: `class T(LaneControl, FakeTransport)`. With
@@ -47,6 +51,7 @@ class LaneControl:
         super().__init__(pool, **kwargs)
         self._lane: Lane | None = None
         self._peer_of_address: dict[bytes, PeerId] = {}  # lanes whose name is hashed
+        self._zmq_read_at = 0.0  # perf_counter of the last poll of the ZeroMQ half
         if self.options.ipc_lane:
             # A listening side is known by its endpoint, a connecting one by its routing id.
             own_id = self.endpoint or self._sock.getsockopt(zmq.ROUTING_ID).decode()
@@ -64,8 +69,11 @@ class LaneControl:
         if self._lane is not None and self._lane.queued_nbytes():
             timeout_ms = min(timeout_ms, 1)  # a full peer queue raises no event when it drains
         if timeout_ms > 0 and self._spin(events):
+            if time.perf_counter() - self._zmq_read_at < ZMQ_MAX_SKIP_S:
+                return events  # the spin drained the lane; the ZeroMQ half waits a turn
             timeout_ms = 0
         events += super().poll(timeout_ms)
+        self._zmq_read_at = time.perf_counter()
         self._drain_lane(events)
         return events
 
