@@ -77,3 +77,9 @@ def disagg_secret() -> str | None:
     """The secret shared by prefill and decode servers: bootstrap writes and the KV handshake
     carry an HMAC proof of it."""
     return _get("PDSERVE_DISAGG_SECRET")
+
+
+def cuda_ipc_direct_launch() -> bool:
+    """cuda_ipc: launch page copies through the compiled Triton kernel's own launcher and set
+    completion flags with a stream write (off: Triton's JIT and a fill kernel per send)."""
+    return env_bool("PDSERVE_CUDA_IPC_DIRECT_LAUNCH", default=True)

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 import zmq
 
+from pdserve import envs
 from pdserve.disagg import messages as m
 from pdserve.disagg.transfer.base import (
     Event,
@@ -145,9 +146,10 @@ class CudaIpcTransport(LaneControl, FakeTransport):
     their status moved as above. The base class sees a one-byte-per-page shadow pool."""
 
     name = "cuda_ipc"
-    # Copies launch through the compiled kernel's launcher, flags are set by a stream write;
-    # gpu_transfer_bench turns this off for its baseline (Triton's JIT, a fill kernel).
-    direct_launch = True
+    # Copies launch through the compiled kernel's launcher, flags are set by a stream write
+    # (PDSERVE_CUDA_IPC_DIRECT_LAUNCH=0: Triton's JIT and a fill kernel, as gpu_transfer_bench's
+    # baseline does per process).
+    direct_launch = envs.cuda_ipc_direct_launch()
 
     def __init__(
         self,
