@@ -163,6 +163,30 @@ def test_copy_pages_reads_its_ids_in_place_from_a_flat_buffer(device):
     assert (dst[[p for p in range(12) if p not in (5, 9, 1)]] == -1).all()
 
 
+@pytest.mark.interpretable
+def test_page_copier_copies_its_pairs_on_any_backend(device):
+    """Repeated copies between fixed pools, ids read in place at moving offsets (under the
+    interpreter every call goes through the JIT: no compiled launcher to call)."""
+    from pdserve.engine.gpu.copy_pages import PageCopier
+
+    src = torch.arange(12 * 40, dtype=torch.int64, device=device).view(12, 40)
+    dst = torch.full_like(src, -1)
+    ids = torch.zeros(64, dtype=torch.int32, device=device)
+    copier = PageCopier(src, dst, ids, direct=True)
+    ids[5:9] = torch.tensor([3, 0, 7, 2], dtype=torch.int32)
+    copier(5, 2)
+    ids[30:32] = torch.tensor([11, 4], dtype=torch.int32)
+    copier(30, 1)
+    assert torch.equal(dst[[7, 2, 4]], src[[3, 0, 11]])
+    assert (dst[[p for p in range(12) if p not in (7, 2, 4)]] == -1).all()
+
+
+needs_cuda = pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="a compiled kernel's launcher and CUDA streams"
+)
+
+
+@needs_cuda
 @pytest.mark.parametrize("ids_on", ["device", "pinned-host"])
 @pytest.mark.parametrize("dst_first", [False, True], ids=["dst-after", "dst-before"])
 def test_page_copier_launches_directly_after_its_first_copy(ids_on, dst_first):
@@ -189,6 +213,7 @@ def test_page_copier_launches_directly_after_its_first_copy(ids_on, dst_first):
     assert copier.launches_direct, "this Triton's launcher convention is not known: JIT launches"
 
 
+@needs_cuda
 def test_a_stream_write_sets_its_flag_only_after_the_work_queued_before_it():
     """cuStreamWriteValue64 on the current stream: the flag in mapped host memory changes
     once the kernel queued before it has run, not at the call."""

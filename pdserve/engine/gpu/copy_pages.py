@@ -61,14 +61,19 @@ def copy_pages(
     if num_pairs is None:
         num_pairs = ids.shape[1]
     words = src_pages.shape[1]
+    grid = (num_pairs, triton.cdiv(words, block_words))
+    _copy_pages_kernel[grid](
+        src_pages, _dst_offset(src_pages, dst_pages), ids, ids_offset, num_pairs,
+        words, BLOCK=block_words, num_warps=num_warps,
+    )  # fmt: skip
+
+
+def _dst_offset(src_pages: torch.Tensor, dst_pages: torch.Tensor) -> int:
+    """Where dst_pages starts, in elements from src_pages (one dtype, one device)."""
     assert src_pages.dtype == dst_pages.dtype and src_pages.device == dst_pages.device
     offset_nbytes = dst_pages.data_ptr() - src_pages.data_ptr()
     assert offset_nbytes % src_pages.element_size() == 0, "pools not aligned to their words"
-    grid = (num_pairs, triton.cdiv(words, block_words))
-    _copy_pages_kernel[grid](
-        src_pages, offset_nbytes // src_pages.element_size(), ids, ids_offset, num_pairs,
-        words, BLOCK=block_words, num_warps=num_warps,
-    )  # fmt: skip
+    return offset_nbytes // src_pages.element_size()
 
 
 class PageCopier:
@@ -81,12 +86,9 @@ class PageCopier:
     def __init__(
         self, src_pages: torch.Tensor, dst_pages: torch.Tensor, ids: torch.Tensor, direct: bool
     ) -> None:
-        assert src_pages.dtype == dst_pages.dtype and src_pages.device == dst_pages.device
-        offset_nbytes = dst_pages.data_ptr() - src_pages.data_ptr()
-        assert offset_nbytes % src_pages.element_size() == 0, "pools not aligned to their words"
         self.src_pages, self.dst_pages, self.ids = src_pages, dst_pages, ids
         self.device = src_pages.device
-        self._dst_offset = offset_nbytes // src_pages.element_size()
+        self._dst_offset = _dst_offset(src_pages, dst_pages)
         self._words = src_pages.shape[1]
         self._blocks = triton.cdiv(self._words, BLOCK_WORDS)
         self._direct = direct
