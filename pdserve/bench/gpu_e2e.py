@@ -64,7 +64,11 @@ def _post(url: str, body: dict) -> dict:
 
 
 def start(
-    argv: list[str], ready_url: str, log_path: str, timeout_s: float = 400
+    argv: list[str],
+    ready_url: str,
+    log_path: str,
+    timeout_s: float = 400,
+    env: dict[str, str] | None = None,
 ) -> subprocess.Popen:
     log = open(log_path, "w")  # noqa: SIM115 - lives as long as the process
     proc = subprocess.Popen(
@@ -72,6 +76,7 @@ def start(
         stdout=log,
         stderr=subprocess.STDOUT,
         start_new_session=True,
+        env={**os.environ, **(env or {})},
     )
     deadline = time.monotonic() + timeout_s
     while _get(ready_url) != 200:
@@ -189,8 +194,16 @@ def main(argv: list[str] | None = None) -> None:
         "--server-args", default="",
         help="more arguments for every server, e.g. '--overlap-schedule on'",
     )  # fmt: skip
+    parser.add_argument(
+        "--pd-env", action="append", default=[], metavar="KEY=VALUE",
+        help="also run a second 1P1D cluster with this in its environment (repeatable; e.g. "
+        "PDSERVE_CUDA_IPC_DIRECT_LAUNCH=0) and compare it with the first in the same run",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     extra = shlex.split(args.server_args)
+    if any("=" not in item for item in args.pd_env):
+        parser.error(f"--pd-env takes KEY=VALUE, got {args.pd_env}")
+    alt_env = dict(item.split("=", 1) for item in args.pd_env)
     os.makedirs(args.out, exist_ok=True)
     model_dir = build_model_dir(
         args.shape, tempfile.mkdtemp(prefix="pdserve-gpu-e2e-"), tokenizer_vocab=args.multiturn
@@ -218,6 +231,16 @@ def main(argv: list[str] | None = None) -> None:
                 os.path.join(args.out, "up.log"),
             )
         )
+        if alt_env:  # the same cluster with other environment variables, on other ports
+            procs.append(
+                start(
+                    ["up", "--model-path", model_dir, "--port", "34000",
+                     "--server-args", server_args],
+                    "http://127.0.0.1:34000/readiness",
+                    os.path.join(args.out, "up-alt.log"),
+                    env=alt_env,
+                )
+            )  # fmt: skip
         # The colocated server behind a router of its own: what the router's hop costs, apart
         # from disaggregation (1P1D's tokens reach the client through a router too).
         procs.append(
@@ -227,15 +250,21 @@ def main(argv: list[str] | None = None) -> None:
                 os.path.join(args.out, "router-colocated.log"),
             )
         )
-        check = token_check("http://127.0.0.1:31000", "http://127.0.0.1:32000", 8)
-        print("token identity:", check, flush=True)
-        with open(os.path.join(args.out, "tokens.json"), "w") as f:
-            json.dump(check, f)
         targets = {
             "colocated": "http://127.0.0.1:31000",
             "router-colocated": "http://127.0.0.1:33000",
             "pd": "http://127.0.0.1:32000",
         }
+        if alt_env:
+            targets["pd-alt"] = "http://127.0.0.1:34000"
+        checks = {
+            label: token_check(targets["colocated"], url, 8)
+            for label, url in targets.items()
+            if label.startswith("pd")
+        }
+        print("token identity against colocated:", checks, flush=True)
+        with open(os.path.join(args.out, "tokens.json"), "w") as f:
+            json.dump(checks, f)
         # One unmeasured pass of the same workload each first: whichever went first used to
         # pay for the kernels the servers compile on first use (in two H100 runs the same
         # server measured second gave 1.4-1.5x its tokens/s).
@@ -243,10 +272,15 @@ def main(argv: list[str] | None = None) -> None:
             bench(url, f"warm-{label}", args.out, args, num_prompts=args.warm_prompts)
         for label, url in targets.items():
             bench(url, label, args.out, args)
-        for baseline in ("colocated", "router-colocated"):
+        pairs = [("colocated", "pd"), ("router-colocated", "pd")]
+        if alt_env:
+            print(f"pd-alt: the same 1P1D cluster with {alt_env}", flush=True)
+            pairs += [("colocated", "pd-alt"), ("pd", "pd-alt")]
+        for baseline, label in pairs:
             subprocess.run(
                 [sys.executable, "-m", "pdserve", "bench", "compare",
-                 os.path.join(args.out, f"{baseline}.json"), os.path.join(args.out, "pd.json")],
+                 os.path.join(args.out, f"{baseline}.json"),
+                 os.path.join(args.out, f"{label}.json")],
                 check=False,
             )  # fmt: skip
     finally:
