@@ -70,10 +70,8 @@ def main(argv: list[str] | None = None) -> int:
             rounds = args.rounds if not busy else max(20, args.rounds // 6)
             before_us = host_us(before, rounds, busy)
             now_us = host_us(now, rounds, busy)
-            stream = "busy" if busy else "idle"
-            print(
-                f"{num_pages:6d} {stream:>6} {before_us:13.1f} {now_us:15.1f} {now_us / before_us:6.2f}"
-            )
+            stream, ratio = ("busy" if busy else "idle"), now_us / before_us
+            print(f"{num_pages:6d} {stream:>6} {before_us:13.1f} {now_us:15.1f} {ratio:6.2f}")
     return 0
 
 

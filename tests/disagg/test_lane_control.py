@@ -1,6 +1,7 @@
 """The cuda_ipc backend's control lane on CPUs (`fake_lane`: the fake backend with the lane;
-real processes and sockets): handshake, grants and statuses travel on it, an abort still refuses late KV,
-messages wait in order for a peer that does not read, and a dead peer is unreachable at once."""
+real processes and sockets): handshake, grants and statuses travel on it, an abort still
+refuses late KV, messages wait in order for a peer that does not read, a dead peer is
+unreachable at once, and a lane busy at every poll does not keep ZeroMQ unread."""
 
 from __future__ import annotations
 

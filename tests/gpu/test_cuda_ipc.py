@@ -1,8 +1,9 @@
 """The cuda_ipc KV transport between two real processes on one GPU, with control messages on
 its Unix datagram lane and on ZeroMQ, with copies launched through Triton's JIT instead of
-directly, and with completion slots too small for a status (it then comes as a message): granted pages arrive byte-exact in scattered slots, nothing else
-in the pool changes, prefill writes nothing for a room whose grant was revoked (abort), also
-among rooms that land, and a prefill side that dies is reported at once."""
+directly, and with completion slots too small for a status (it then comes as a message):
+granted pages arrive byte-exact in scattered slots, nothing else in the pool changes,
+prefill writes nothing for a room whose grant was revoked (abort), also among rooms that
+land, and a prefill side that dies is reported at once."""
 
 from __future__ import annotations
 

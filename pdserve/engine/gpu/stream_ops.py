@@ -1,6 +1,7 @@
 """Host-cheap CUDA calls for the KV transport's hot path (GPU only): the current stream's
-handle, device addresses of registered host memory, and a 64-bit write into memory queued on a stream after the work
-before it (the driver's cuStreamWriteValue64) instead of a one-element fill kernel.
+handle, device addresses of registered host memory, and a 64-bit write into memory queued
+on a stream after the work before it (the driver's cuStreamWriteValue64) instead of a
+one-element fill kernel.
 
 A completion flag set this way costs one ctypes call on the host (a torch `fill_` on a
 host-mapped tensor is a tensor view and a kernel launch). The write is fenced like a
