@@ -26,8 +26,10 @@ NUM_WARPS = 4
 
 
 # Not specialised on the values that change from call to call, so one compiled kernel
-# serves every launch of a PageCopier.
-@triton.jit(do_not_specialize=["dst_offset", "ids_offset", "num_pairs"])
+# serves every launch of a PageCopier. dst_offset is fixed for a PageCopier and stays
+# specialised: its divisibility tells the compiler the destination's alignment, which
+# vectorised stores need.
+@triton.jit(do_not_specialize=["ids_offset", "num_pairs"])
 def _copy_pages_kernel(
     src_ptr, dst_offset, ids_ptr, ids_offset, num_pairs, words_per_page, BLOCK: tl.constexpr
 ):  # fmt: skip
