@@ -11,17 +11,9 @@ pytest.importorskip("triton")
 
 from pdserve.engine.gpu.gemv import BLOCK_N, MAX_SPLIT_K, gemv, plan_gemv  # noqa: E402
 from pdserve.engine.gpu.kernels import silu_mul  # noqa: E402
+from tests.gpu.numerics import rel_err, tol  # noqa: E402
 
 pytestmark = pytest.mark.interpretable
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    out, ref = out.double(), ref.double()
-    return ((out - ref).norm() / ref.norm()).item()
-
-
-def tol(dtype: torch.dtype) -> float:
-    return 1e-5 if dtype == torch.float32 else 1e-2
 
 
 @pytest.mark.parametrize("rows", [1, 2, 3, 4])

@@ -14,6 +14,7 @@ from pdserve.engine.engine import Engine
 from pdserve.engine.request import Request, SamplingParams
 from tests.engine.conftest import ROPE_LLAMA3, build_llama, build_qwen2
 from tests.engine.families import BUILDERS
+from tests.gpu.numerics import rel_err
 
 PROMPT_LENS = [1, 5, 16, 17, 33, 100, 150, 7, 64]
 
@@ -206,11 +207,6 @@ def recording_logits(engine: Engine) -> list[torch.Tensor]:
 
     engine.runner.run = wrapped
     return seen
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    out, ref = out.double(), ref.double()
-    return ((out - ref).norm() / ref.norm()).item()
 
 
 _MID_SHAPE = dict(

@@ -14,17 +14,9 @@ from pdserve.engine.gpu.decode import pack_meta  # noqa: E402
 from pdserve.engine.gpu.kernels import rms_norm, rope_and_store_kv, silu_mul  # noqa: E402
 from pdserve.engine.gpu.paged_attention import paged_decode_attention  # noqa: E402
 from pdserve.engine.rope import apply_rope, rope_tables  # noqa: E402
+from tests.gpu.numerics import rel_err, tol  # noqa: E402
 
 pytestmark = pytest.mark.interpretable
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    out, ref = out.double(), ref.double()
-    return ((out - ref).norm() / ref.norm()).item()
-
-
-def tol(dtype: torch.dtype) -> float:
-    return 1e-5 if dtype == torch.float32 else 1e-2
 
 
 @pytest.mark.parametrize("with_residual", [False, True])

@@ -17,13 +17,9 @@ from pdserve.engine.request import Request, SamplingParams  # noqa: E402
 from tests.engine.conftest import make_engine  # noqa: E402
 from tests.engine.families import BUILDERS  # noqa: E402
 from tests.engine.test_model_reference import prompt, run_all, tokens  # noqa: E402
+from tests.gpu.numerics import rel_err  # noqa: E402
 
 pytestmark = pytest.mark.interpretable
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    out, ref = out.double(), ref.double()
-    return ((out - ref).norm() / ref.norm()).item()
 
 
 @pytest.mark.parametrize(("num_assignments", "block_m"), [(1, 16), (2, 16), (40, 16), (700, 64)])
