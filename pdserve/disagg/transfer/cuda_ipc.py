@@ -122,13 +122,13 @@ class _Copiers:
     uploaded: PageCopier  # ids in `ids`
     ids: torch.Tensor  # int32 [2 * the peer's pool pages] on this GPU
 
-    def upload(self, src: np.ndarray, dst: np.ndarray) -> None:
+    def upload(self, src: np.ndarray, dst: np.ndarray, stream: int) -> None:
         """Copy pages whose ids do not fit a slot: the ids go into `ids` on the current
         stream (from pageable memory: staged before the call returns), so a later upload
         cannot overtake this copy's reads."""
         staged = torch.from_numpy(np.concatenate([src, dst]).astype(PAGE_ID))
         self.ids[: staged.numel()].copy_(staged, non_blocking=True)
-        self.uploaded(0, int(src.size))
+        self.uploaded(0, int(src.size), stream)
 
 
 @dataclass
@@ -411,17 +411,17 @@ class CudaIpcTransport(LaneControl, FakeTransport):
         the slot's payload past its `used` bytes, where the kernel reads them in place (no
         upload), unless they do not fit there."""
         gpu = target.gpu if target.gpu is not None else self._map_gpu(target)
+        stream = current_stream_handle(self.pool.device)
         if gpu.copy is not None:
             at = target.slots.write_ids(grant.slot, used, src, dst)
             if at is not None:
-                gpu.copy.in_slots(at, int(src.size))
+                gpu.copy.in_slots(at, int(src.size), stream)
             else:
-                gpu.copy.upload(src, dst)
+                gpu.copy.upload(src, dst, stream)
         else:  # the peer's pool is on another GPU: one copy_ per run of consecutive pages
             for s, d, n in page_runs(src, dst):
                 target.words[d : d + n].copy_(self._words[s : s + n], non_blocking=True)
-        stream, flag_at = current_stream_handle(self.pool.device), gpu.flag_address(grant.slot)
-        if not self._flag_writer.write(stream, flag_at, grant.seq):
+        if not self._flag_writer.write(stream, gpu.flag_address(grant.slot), grant.seq):
             gpu.flags[grant.slot : grant.slot + 1].fill_(grant.seq)
 
     def _map_gpu(self, target: _Target) -> _TargetGpu:

@@ -101,9 +101,12 @@ class PageCopier:
         """Later calls skip Triton's JIT (known after the first call)."""
         return self._launch is not None
 
-    def __call__(self, ids_offset: int, num_pairs: int) -> None:
+    def __call__(self, ids_offset: int, num_pairs: int, stream: int | None = None) -> None:
+        """`stream`: the current stream's handle where the caller has it already."""
         if self._launch is not None:
-            return self._launch(current_stream_handle(self.device), ids_offset, num_pairs)
+            if stream is None:
+                stream = current_stream_handle(self.device)
+            return self._launch(stream, ids_offset, num_pairs)
         kernel = _copy_pages_kernel[(num_pairs, self._blocks)](
             self.src_pages, self._dst_offset, self.ids, ids_offset, num_pairs, self._words,
             BLOCK=BLOCK_WORDS, num_warps=NUM_WARPS,
