@@ -193,13 +193,13 @@ def test_prefill_writes_only_unexpired_granted_pages(dst, expires_in_s, why):
 
     from pdserve.disagg.transfer.cuda_ipc import _Grant, _refusal, _Target
 
-    grant = _Grant(
-        slot=0, seq=1, dst=np.array([4, 7, 9]), expires_at=time.monotonic() + expires_in_s
-    )
+    expires_at = time.monotonic() + expires_in_s
+    grant = _Grant(slot=0, seq=1, dst=np.array([4, 7, 9]), expires_at=expires_at, dst_ids=[4, 7, 9])
     target = _Target(words=None, slots=None)  # type: ignore[arg-type]
-    reason = _refusal(grant, target, np.array(dst))
-    assert (reason is None) if why is None else (why in reason)
-    assert "granted no pages" in _refusal(None, target, np.array(dst))
+    for given in (dst, np.array(dst)):  # a list (compared as one) or any other sequence
+        reason = _refusal(grant, target, np.array(dst), given)
+        assert (reason is None) if why is None else (why in reason)
+    assert "granted no pages" in _refusal(None, target, np.array(dst), dst)
 
 
 def test_a_lane_is_bound_while_its_owner_lives():

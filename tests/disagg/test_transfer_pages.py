@@ -7,6 +7,7 @@ import pytest
 
 from pdserve.disagg import messages as m
 from pdserve.disagg.transfer.zmq.pages import (
+    SHORT_LIST,
     WriteGrants,
     num_runs,
     page_array,
@@ -41,6 +42,20 @@ def test_page_array_accepts_only_distinct_in_range_ids(ids, error) -> None:
     else:
         with pytest.raises(ValueError, match=error):
             page_array(ids, 10, "ids")
+
+
+@pytest.mark.parametrize("n", [2, SHORT_LIST, SHORT_LIST + 1, 4 * SHORT_LIST])
+def test_page_array_checks_short_and_long_lists_alike(n: int) -> None:
+    """Short lists are checked in Python, long ones by numpy: the same verdicts."""
+    ids = np.random.default_rng(n).permutation(2 * n).tolist()[:n]
+    assert page_array(ids, 2 * n, "ids").tolist() == ids
+    for bad, error in [
+        ([*ids[:-1], ids[0]], "duplicate"),
+        ([*ids[:-1], 2 * n], "out of range"),
+        ([-1, *ids[1:]], "out of range"),
+    ]:
+        with pytest.raises(ValueError, match=error):
+            page_array(bad, 2 * n, "ids")
 
 
 def test_run_start_finds_single_ascending_runs_only() -> None:

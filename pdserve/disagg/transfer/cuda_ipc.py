@@ -139,6 +139,7 @@ class _Grant:
     seq: int
     dst: np.ndarray
     expires_at: float
+    dst_ids: list[int]  # `dst` as the page list gave it (compared with send_kv's as lists)
 
 
 class CudaIpcTransport(LaneControl, FakeTransport):
@@ -353,7 +354,9 @@ class CudaIpcTransport(LaneControl, FakeTransport):
                 reason = str(exc)
             else:
                 self._end_grant(peer, room)  # a page list sent again replaces the first
-                self._grants_in[(peer, room)] = _Grant(msg.slot, msg.seq, dst, msg.expires_at)
+                self._grants_in[(peer, room)] = _Grant(
+                    msg.slot, msg.seq, dst, msg.expires_at, msg.page_list.dst_page_ids
+                )
         if reason is not None:  # no write can come: decode fails the room now, not at its deadline
             self._reject(peer, "ipc_grant")
             failed = m.RoomStatus(room=room, ok=False, error=reason, error_status=503)
@@ -378,7 +381,7 @@ class CudaIpcTransport(LaneControl, FakeTransport):
         src, dst = self._page_pairs(src_page_ids, dst_page_ids)
         grant = self._grants_in.pop((peer, room), None)
         target = self._targets.get(peer)
-        reason = _refusal(grant, target, dst)
+        reason = _refusal(grant, target, dst, dst_page_ids)
         if reason is not None:
             if grant is not None and target is not None:
                 error = m.RoomStatus(room=room, ok=False, error=reason, error_status=503)
@@ -461,15 +464,19 @@ class CudaIpcTransport(LaneControl, FakeTransport):
         return peer in self._lost
 
 
-def _refusal(grant: _Grant | None, target: _Target | None, dst: np.ndarray) -> str | None:
-    """Why a send_kv may not write (None: it may)."""
+def _refusal(
+    grant: _Grant | None, target: _Target | None, dst: np.ndarray, dst_ids: list[int]
+) -> str | None:
+    """Why a send_kv to `dst` (`dst_ids` as the caller gave them) may not write (None: it
+    may)."""
     if grant is None:
         return "decode granted no pages for this room here (aborted, or not asked yet)"
     if target is None:
         return "decode's KV pool is not mapped here"
     if time.monotonic() > grant.expires_at:
         return "decode's page grant expired"
-    if np.array_equal(dst, grant.dst):  # the usual case: the page list as it came
+    # The usual case: the page list as it came (compared as lists, the cheapest way).
+    if isinstance(dst_ids, list) and dst_ids == grant.dst_ids or np.array_equal(dst, grant.dst):
         return None
     if dst.size > grant.dst.size or not np.isin(dst, grant.dst).all():
         return "destination pages outside decode's grant"

@@ -11,15 +11,28 @@ import numpy as np
 
 from pdserve.disagg import messages as m
 
+# Up to this many ids, Python's min, max and set check a list faster than numpy's calls do
+# (1 against 8 us for 8 ids: each numpy call has microseconds of overhead; a KV transfer's
+# control path checks each page list two or three times).
+SHORT_LIST = 256
+
 
 def page_array(page_ids: list[int], num_pages: int, what: str) -> np.ndarray:
     """`page_ids` as an int64 array; ValueError unless they are distinct and in range."""
     ids = np.asarray(page_ids, dtype=np.int64)
     if ids.ndim != 1:
         raise ValueError(f"{what} must be a flat list of page ids")
-    if ids.size and (ids.min() < 0 or ids.max() >= num_pages):
+    if not ids.size:
+        return ids
+    if ids.size <= SHORT_LIST:
+        values = ids.tolist()
+        low, high, distinct = min(values), max(values), len(set(values)) == len(values)
+    else:
+        low, high = int(ids.min()), int(ids.max())
+        distinct = np.unique(ids).size == ids.size
+    if low < 0 or high >= num_pages:
         raise ValueError(f"{what} out of range for a pool of {num_pages} pages")
-    if np.unique(ids).size != ids.size:
+    if not distinct:
         raise ValueError(f"{what} has duplicate page ids")
     return ids
 
