@@ -22,6 +22,7 @@ import numpy as np
 
 FLAG = np.dtype("<i8")
 NO_FLAG = -1
+_UNAWAITED = -2  # what a free slot expects: no flag is ever set to it by this protocol
 _LENGTH = struct.Struct("<i")  # payload prefix: status bytes that follow (0: none)
 STATUS_PREFIX = _LENGTH.size
 
@@ -65,7 +66,7 @@ class SlotBoard:
         os.ftruncate(self._fd, _layout(num_slots, payload_nbytes)[1])
         self._map = _Mapping(self._fd, num_slots, payload_nbytes)
         self._map.flags[:] = NO_FLAG
-        self._expected = np.full(num_slots, NO_FLAG, dtype=FLAG)  # awaited sequence numbers
+        self._expected = np.full(num_slots, _UNAWAITED, dtype=FLAG)  # awaited sequence numbers
         self._free = list(range(num_slots - 1, -1, -1))
         self._next_seq = 0
 
@@ -92,11 +93,13 @@ class SlotBoard:
         return slot, self._next_seq
 
     def landed(self) -> np.ndarray:
-        """Slots whose awaited flag is set (one vectorised comparison)."""
-        return np.flatnonzero((self._map.flags == self._expected) & (self._expected != NO_FLAG))
+        """Slots whose awaited flag is set: one vectorised comparison (a decode loop spinning
+        on the slots calls this every few microseconds)."""
+        return (self._map.flags == self._expected).nonzero()[0]
 
     def is_landed(self, slot: int) -> bool:
-        return self._expected[slot] != NO_FLAG and self._map.flags[slot] == self._expected[slot]
+        expected = self._expected[slot]
+        return expected != _UNAWAITED and self._map.flags[slot] == expected
 
     def status_bytes(self, slot: int) -> bytes | None:
         """What a landed slot's payload holds (None: nothing)."""
@@ -108,7 +111,7 @@ class SlotBoard:
 
     def release(self, slot: int) -> None:
         """The slot's grant is over (landed, or its peer can write no more): reuse it."""
-        self._expected[slot] = NO_FLAG
+        self._expected[slot] = _UNAWAITED
         self._free.append(slot)
 
     def close(self) -> None:
