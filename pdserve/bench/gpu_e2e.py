@@ -199,11 +199,18 @@ def main(argv: list[str] | None = None) -> None:
         help="also run a second 1P1D cluster with this in its environment (repeatable; e.g. "
         "PDSERVE_CUDA_IPC_DIRECT_LAUNCH=0) and compare it with the first in the same run",
     )  # fmt: skip
+    parser.add_argument(
+        "--pd-up-args", default="",
+        help="also run a second 1P1D cluster with these more `pdserve up` flags (e.g. "
+        "'--prefill-mps-priority normal') and compare it with the first in the same run",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     extra = shlex.split(args.server_args)
     if any("=" not in item for item in args.pd_env):
         parser.error(f"--pd-env takes KEY=VALUE, got {args.pd_env}")
     alt_env = dict(item.split("=", 1) for item in args.pd_env)
+    alt_up_args = shlex.split(args.pd_up_args)
+    alt = alt_env or alt_up_args
     os.makedirs(args.out, exist_ok=True)
     model_dir = build_model_dir(
         args.shape, tempfile.mkdtemp(prefix="pdserve-gpu-e2e-"), tokenizer_vocab=args.multiturn
@@ -231,11 +238,11 @@ def main(argv: list[str] | None = None) -> None:
                 os.path.join(args.out, "up.log"),
             )
         )
-        if alt_env:  # the same cluster with other environment variables, on other ports
+        if alt:  # the same cluster with other environment variables or flags, other ports
             procs.append(
                 start(
                     ["up", "--model-path", model_dir, "--port", "34000",
-                     "--server-args", server_args],
+                     "--server-args", server_args, *alt_up_args],
                     "http://127.0.0.1:34000/readiness",
                     os.path.join(args.out, "up-alt.log"),
                     env=alt_env,
@@ -255,7 +262,7 @@ def main(argv: list[str] | None = None) -> None:
             "router-colocated": "http://127.0.0.1:33000",
             "pd": "http://127.0.0.1:32000",
         }
-        if alt_env:
+        if alt:
             targets["pd-alt"] = "http://127.0.0.1:34000"
         checks = {
             label: token_check(targets["colocated"], url, 8)
@@ -273,8 +280,8 @@ def main(argv: list[str] | None = None) -> None:
         for label, url in targets.items():
             bench(url, label, args.out, args)
         pairs = [("colocated", "pd"), ("router-colocated", "pd")]
-        if alt_env:
-            print(f"pd-alt: the same 1P1D cluster with {alt_env}", flush=True)
+        if alt:
+            print(f"pd-alt: the same 1P1D cluster with {alt_env} {alt_up_args}", flush=True)
             pairs += [("colocated", "pd-alt"), ("pd", "pd-alt")]
         for baseline, label in pairs:
             subprocess.run(
