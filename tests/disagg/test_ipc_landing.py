@@ -113,7 +113,7 @@ def test_a_forgotten_rooms_pages_stay_held_until_its_slot_is_set(side):
     landings, writer, _ = side
     grant = granted(landings, 3, [6, 7])
     assert landings.forget(3) == [6, 7]
-    alive = lambda peer: False  # noqa: E731
+    alive = lambda peer, instance: False  # noqa: E731
     assert landings.settle(alive) == []
     land(writer, grant, 2, ok(3))
     assert landings.settle(alive) == [PagesSettled([6, 7])]
@@ -125,9 +125,29 @@ def test_held_pages_are_settled_when_the_peer_is_gone_or_the_grant_expired(side,
     granted(landings, 1, [1])
     granted(landings, 2, [2], ttl_s=-ipc_landing.EXPIRY_MARGIN_S - 1)
     landings.forget(1), landings.forget(2)
-    assert landings.settle(lambda peer: False) == [PagesSettled([2])]  # expired
+    assert landings.settle(lambda peer, instance: False) == [PagesSettled([2])]  # expired
     monkeypatch.setattr(ipc_landing, "DEAD_GRACE_S", 0.0)
-    assert landings.settle(lambda peer: True) == [PagesSettled([1])]  # process gone
+    assert landings.settle(lambda peer, instance: True) == [PagesSettled([1])]  # process gone
+
+
+def test_held_pages_are_settled_once_the_process_granted_them_is_replaced(side, monkeypatch):
+    """A prefill process restarted at the same address: the grants of the one before are
+    dead even though a lane is bound there again; those of the new one are not."""
+    landings, _, _ = side
+    grant = landings.grant(m.PageList(room=1, dst_page_ids=[1], prompt_len=9), 60.0)
+    landings.commit(PEER, grant, b"old")
+    grant = landings.grant(m.PageList(room=2, dst_page_ids=[2], prompt_len=9), 60.0)
+    landings.commit(PEER, grant, b"new")
+    landings.forget(1), landings.forget(2)
+    monkeypatch.setattr(ipc_landing, "DEAD_GRACE_S", 0.0)
+    seen = []
+
+    def replaced(peer, instance):
+        seen.append((peer, instance))
+        return instance != b"new"
+
+    assert landings.settle(replaced) == [PagesSettled([1])]
+    assert seen == [(PEER, b"old"), (PEER, b"new")]
 
 
 def test_garbage_in_a_slot_is_counted_and_lands_nothing(side):
@@ -191,15 +211,15 @@ def test_prefill_writes_only_unexpired_granted_pages(dst, expires_in_s, why):
     """The prefill side's check before it queues a copy into decode's pool."""
     import time
 
-    from pdserve.disagg.transfer.cuda_ipc import _Grant, _refusal, _Target
+    from pdserve.disagg.transfer.ipc_grants import Grant, Target, refusal
 
     expires_at = time.monotonic() + expires_in_s
-    grant = _Grant(slot=0, seq=1, dst=np.array([4, 7, 9]), expires_at=expires_at, dst_ids=[4, 7, 9])
-    target = _Target(words=None, slots=None)  # type: ignore[arg-type]
+    grant = Grant(slot=0, seq=1, dst=np.array([4, 7, 9]), expires_at=expires_at, dst_ids=[4, 7, 9])
+    target = Target(words=None, slots=None)  # type: ignore[arg-type]
     for given in (dst, np.array(dst)):  # a list (compared as one) or any other sequence
-        reason = _refusal(grant, target, np.array(dst), given)
+        reason = refusal(grant, target, np.array(dst), given)
         assert (reason is None) if why is None else (why in reason)
-    assert "granted no pages" in _refusal(None, target, np.array(dst), dst)
+    assert "granted no pages" in refusal(None, target, np.array(dst), dst)
 
 
 def test_a_lane_is_bound_while_its_owner_lives():

@@ -203,3 +203,29 @@ def test_a_prefill_that_cannot_map_the_decode_side_fails_the_room_at_once(receiv
         statuses = [e.msg for e in events if isinstance(getattr(e, "msg", None), m.RoomStatus)]
     (status,) = statuses
     assert not status.ok and status.error_status == 503 and "could not map" in status.error
+
+
+def test_pages_granted_to_a_replaced_prefill_process_are_freed_without_waiting_for_expiry(
+    pair, monkeypatch
+):
+    """A prefill process restarted at the same address handshakes as another instance: the
+    pages of a forgotten room granted to the one before are settled then (after the grace a
+    dead context gets), not at the grant's expiry, though a lane is bound there again."""
+    from pdserve.disagg.transfer import ipc_landing
+    from pdserve.disagg.transfer.base import PagesSettled
+
+    monkeypatch.setattr(ipc_landing, "DEAD_GRACE_S", 0.0)
+    rx, peer = pair.receiver.transport, pair.receiver.peer
+
+    def settled() -> list[int]:
+        return [p for e in rx.poll(5) if isinstance(e, PagesSettled) for p in e.page_ids]
+
+    assert rx.accept_peer_meta(peer, b"a" * 16) is None  # the handshake's instance id
+    assert rx.accept_peer_meta(peer, b"short") is not None  # not an instance id: refused
+    with pair.sender_held(aborted_room=98):
+        rx.send(peer, m.PageList(room=98, dst_page_ids=[4, 5], prompt_len=1))
+        assert rx.forget_room(98) == [4, 5]  # held: the process granted them may still write
+        assert [settled() for _ in range(3)] == [[], [], []]  # it lives
+        assert rx.accept_peer_meta(peer, b"b" * 16) is None  # another process at its address
+        assert settled() == [4, 5]
+        rx.send(peer, m.Abort(room=98, reason="test over"))  # so the sender writes nothing

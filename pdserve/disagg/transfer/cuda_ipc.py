@@ -25,10 +25,8 @@ from __future__ import annotations
 
 import functools
 import logging
-import time
+import os
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import msgspec
 import numpy as np
@@ -45,11 +43,19 @@ from pdserve.disagg.transfer.base import (
     TransportOptions,
 )
 from pdserve.disagg.transfer.fake_backend import FakeTransport
-from pdserve.disagg.transfer.ipc_flags import FLAG, STATUS_PREFIX, SlotBoard, SlotsFull, SlotWriter
+from pdserve.disagg.transfer.ipc_flags import STATUS_PREFIX, SlotBoard, SlotsFull, SlotWriter
+from pdserve.disagg.transfer.ipc_grants import (
+    Copiers,
+    Grant,
+    Target,
+    TargetGpu,
+    as_words,
+    refusal,
+    set_host,
+)
 from pdserve.disagg.transfer.ipc_landing import Landings
 from pdserve.disagg.transfer.ipc_lane import lane_address, lane_bound
 from pdserve.disagg.transfer.ipc_pool import (
-    PAGE_ID,
     IpcGrant,
     IpcLanded,
     IpcStatus,
@@ -66,12 +72,10 @@ from pdserve.disagg.transfer.zmq.outbox import Outgoing
 from pdserve.disagg.transfer.zmq.pages import page_array
 from pdserve.engine.gpu.stream_ops import StreamWriter, current_stream_handle, device_pointer
 
-if TYPE_CHECKING:
-    from pdserve.engine.gpu.copy_pages import PageCopier
-
 log = logging.getLogger(__name__)
 
 _ENDS_GRANT = (m.RoomStatus, m.Abort, m.Redirect)  # prefill sends these only for rooms it drops
+INSTANCE_NBYTES = 16  # a transport's random instance id, in its handshake
 
 
 class IpcSend(SendHandle):
@@ -90,56 +94,6 @@ class IpcSend(SendHandle):
     @property
     def error(self) -> str | None:
         return self._error
-
-
-@dataclass
-class _Target:
-    """Prefill side: one decode peer's pool and completion slots, mapped here."""
-
-    words: torch.Tensor  # the peer's pool, int64 words (bytes where pages are not whole words)
-    slots: SlotWriter
-    gpu: _TargetGpu | None = None  # made at the first copy
-
-
-@dataclass
-class _TargetGpu:
-    """How this process's GPU reaches one peer's slots: CUDA views of them, the page copy
-    into the peer's pool (ids read from the slots in place, or, for page lists too long for
-    a slot, uploaded into `ids` first), the flags' device address."""
-
-    flags: torch.Tensor  # int64 [num_slots]
-    slot_words: torch.Tensor  # int32, the whole mapping (ids are read from it in place)
-    copy: _Copiers | None  # None where the peer's pool is on another GPU
-    flags_at: int  # device address of flag 0
-
-    def flag_address(self, slot: int) -> int:
-        return self.flags_at + slot * FLAG.itemsize
-
-
-@dataclass
-class _Copiers:
-    in_slots: PageCopier  # ids in the slot's payload
-    uploaded: PageCopier  # ids in `ids`
-    ids: torch.Tensor  # int32 [2 * the peer's pool pages] on this GPU
-
-    def upload(self, src: np.ndarray, dst: np.ndarray, stream: int) -> None:
-        """Copy pages whose ids do not fit a slot: the ids go into `ids` on the current
-        stream (from pageable memory: staged before the call returns), so a later upload
-        cannot overtake this copy's reads."""
-        staged = torch.from_numpy(np.concatenate([src, dst]).astype(PAGE_ID))
-        self.ids[: staged.numel()].copy_(staged, non_blocking=True)
-        self.uploaded(0, int(src.size), stream)
-
-
-@dataclass
-class _Grant:
-    """Prefill side: pages a decode peer gave one room, and the slot that ends the grant."""
-
-    slot: int
-    seq: int
-    dst: np.ndarray
-    expires_at: float
-    dst_ids: list[int]  # `dst` as the page list gave it (compared with send_kv's as lists)
 
 
 class CudaIpcTransport(LaneControl, FakeTransport):
@@ -167,11 +121,11 @@ class CudaIpcTransport(LaneControl, FakeTransport):
         )
         self.pool = pool
         self.page_nbytes = pool[0].numel() * pool.element_size()
-        self._words = _as_words(pool.view(torch.uint8).view(self.num_pages, self.page_nbytes))
+        self._words = as_words(pool.view(torch.uint8).view(self.num_pages, self.page_nbytes))
         # prefill side
-        self._targets: dict[PeerId, _Target] = {}
-        self._retired: list[_Target] = []  # lost peers' mappings: closed with the transport
-        self._grants_in: dict[tuple[PeerId, int], _Grant] = {}
+        self._targets: dict[PeerId, Target] = {}
+        self._retired: list[Target] = []  # lost peers' mappings: closed with the transport
+        self._grants_in: dict[tuple[PeerId, int], Grant] = {}
         self._sends: dict[int, IpcSend] = {}  # copies queued, until they ran
         self._flag_writer = StreamWriter(enabled=self.direct_launch)
         self._wakes: dict[PeerId, list[int]] = {}
@@ -180,6 +134,10 @@ class CudaIpcTransport(LaneControl, FakeTransport):
         self._target_msg: bytes | None = None  # IpcTarget, the same for every peer
         self._target_told: set[PeerId] = set()
         self._lost: set[PeerId] = set()  # peers ZeroMQ lost (without a lane, how one is gone)
+        # Which process a peer is (its handshake's instance id): one that restarted at the
+        # same address is another instance, and the grants of the one before are dead.
+        self._instance = os.urandom(INSTANCE_NBYTES)
+        self._peer_instances: dict[PeerId, bytes] = {}
 
     # -- decode side: grants --------------------------------------------------------------
     def send(self, peer: PeerId, msg: m.ChannelMsg) -> None:
@@ -211,7 +169,7 @@ class CudaIpcTransport(LaneControl, FakeTransport):
             landings.cancel(grant)  # nothing reached the peer
             raise
         self._target_told.add(peer)
-        landings.commit(peer, grant)
+        landings.commit(peer, grant, self._peer_instances.get(peer))
 
     def _landing(self) -> Landings:
         if self._landings is None:
@@ -230,6 +188,16 @@ class CudaIpcTransport(LaneControl, FakeTransport):
         )
 
     # -- both sides -------------------------------------------------------------------------
+    def handshake_meta(self) -> bytes:
+        return self._instance
+
+    def accept_peer_meta(self, peer: PeerId, meta: bytes) -> str | None:
+        if len(meta) not in (0, INSTANCE_NBYTES):  # 0: a peer that sends none
+            return f"cuda_ipc handshake: {len(meta)} bytes of transfer metadata, not an instance id"
+        if meta:
+            self._peer_instances[peer] = bytes(meta)
+        return None
+
     def poll(self, timeout_ms: int = 0) -> list[Event]:
         self._send_wakes()
         landings = self._landings
@@ -336,7 +304,7 @@ class CudaIpcTransport(LaneControl, FakeTransport):
         old = self._targets.pop(peer, None)
         if old is not None:
             self._retired.append(old)
-        self._targets[peer] = _Target(_as_words(pool), slots, None)
+        self._targets[peer] = Target(as_words(pool), slots, None)
         return 0
 
     def _on_grant(self, peer: PeerId, msg: IpcGrant, events: list[Event]) -> int:
@@ -354,7 +322,7 @@ class CudaIpcTransport(LaneControl, FakeTransport):
                 reason = str(exc)
             else:
                 self._end_grant(peer, room)  # a page list sent again replaces the first
-                self._grants_in[(peer, room)] = _Grant(
+                self._grants_in[(peer, room)] = Grant(
                     msg.slot, msg.seq, dst, msg.expires_at, msg.page_list.dst_page_ids
                 )
         if reason is not None:  # no write can come: decode fails the room now, not at its deadline
@@ -381,11 +349,11 @@ class CudaIpcTransport(LaneControl, FakeTransport):
         src, dst = self._page_pairs(src_page_ids, dst_page_ids)
         grant = self._grants_in.pop((peer, room), None)
         target = self._targets.get(peer)
-        reason = _refusal(grant, target, dst, dst_page_ids)
+        reason = refusal(grant, target, dst, dst_page_ids)
         if reason is not None:
             if grant is not None and target is not None:
                 error = m.RoomStatus(room=room, ok=False, error=reason, error_status=503)
-                _set_host(target, grant, IpcStatus(num_pages=0, status=error))
+                set_host(target, grant, IpcStatus(num_pages=0, status=error))
             return IpcSend(room, [], None, reason)
         assert grant is not None and target is not None
         num_pages = int(src.size)
@@ -408,7 +376,7 @@ class CudaIpcTransport(LaneControl, FakeTransport):
         return handle
 
     def _copy(
-        self, target: _Target, src: np.ndarray, dst: np.ndarray, grant: _Grant, used: int
+        self, target: Target, src: np.ndarray, dst: np.ndarray, grant: Grant, used: int
     ) -> None:
         """Queue the copy, then the slot's flag, on the current stream. The page ids go in
         the slot's payload past its `used` bytes, where the kernel reads them in place (no
@@ -427,7 +395,7 @@ class CudaIpcTransport(LaneControl, FakeTransport):
         if not self._flag_writer.write(stream, gpu.flag_address(grant.slot), grant.seq):
             gpu.flags[grant.slot : grant.slot + 1].fill_(grant.seq)
 
-    def _map_gpu(self, target: _Target) -> _TargetGpu:
+    def _map_gpu(self, target: Target) -> TargetGpu:
         """The peer's slots registered with CUDA, and its page copier (at its first copy)."""
         flags, slot_words = target.slots.device_views(self.pool.device)
         copiers = None
@@ -436,10 +404,10 @@ class CudaIpcTransport(LaneControl, FakeTransport):
 
             src, dst, direct = self._words, target.words, self.direct_launch
             ids = torch.empty(2 * dst.shape[0], dtype=torch.int32, device=dst.device)
-            copiers = _Copiers(
+            copiers = Copiers(
                 PageCopier(src, dst, slot_words, direct), PageCopier(src, dst, ids, direct), ids
             )
-        target.gpu = _TargetGpu(flags, slot_words, copiers, device_pointer(flags.data_ptr()))
+        target.gpu = TargetGpu(flags, slot_words, copiers, device_pointer(flags.data_ptr()))
         return target.gpu
 
     def _end_grant(self, peer: PeerId, room: int) -> None:
@@ -447,7 +415,7 @@ class CudaIpcTransport(LaneControl, FakeTransport):
         grant = self._grants_in.pop((peer, room), None)
         target = self._targets.get(peer)
         if grant is not None and target is not None:
-            _set_host(target, grant, None)
+            set_host(target, grant, None)
 
     def _send_wakes(self) -> None:
         wakes, self._wakes = self._wakes, {}
@@ -457,41 +425,12 @@ class CudaIpcTransport(LaneControl, FakeTransport):
             except TransportError:  # lost: the peer's rooms fail on their own
                 continue
 
-    def _peer_gone(self, peer: PeerId) -> bool:
-        """The peer's process has exited (its lane is unbound); without a lane, ZeroMQ lost it."""
+    def _peer_gone(self, peer: PeerId, instance: bytes | None) -> bool:
+        """The peer process `instance` has exited: another instance has handshaken from its
+        address since, or its lane is unbound; without a lane, ZeroMQ lost it."""
+        current = self._peer_instances.get(peer)
+        if instance is not None and current is not None and current != instance:
+            return True
         if self._lane is not None:
             return not lane_bound(lane_address(peer))
         return peer in self._lost
-
-
-def _refusal(
-    grant: _Grant | None, target: _Target | None, dst: np.ndarray, dst_ids: list[int]
-) -> str | None:
-    """Why a send_kv to `dst` (`dst_ids` as the caller gave them) may not write (None: it
-    may)."""
-    if grant is None:
-        return "decode granted no pages for this room here (aborted, or not asked yet)"
-    if target is None:
-        return "decode's KV pool is not mapped here"
-    if time.monotonic() > grant.expires_at:
-        return "decode's page grant expired"
-    # The usual case: the page list as it came (compared as lists, the cheapest way).
-    if isinstance(dst_ids, list) and dst_ids == grant.dst_ids or np.array_equal(dst, grant.dst):
-        return None
-    if dst.size > grant.dst.size or not np.isin(dst, grant.dst).all():
-        return "destination pages outside decode's grant"
-    if np.unique(dst).size != dst.size:
-        return "duplicate destination pages"
-    return None
-
-
-def _set_host(target: _Target, grant: _Grant, landed: IpcStatus | None) -> None:
-    """End a grant from the host: the payload, then the flag (nothing queued on the GPU)."""
-    target.slots.write_status(grant.slot, None if landed is None else encode(landed))
-    target.slots.set_flag(grant.slot, grant.seq)
-
-
-def _as_words(pages: torch.Tensor) -> torch.Tensor:
-    """A uint8 pool [num_pages, page_nbytes] as int64 words where pages are whole words: the
-    copy kernel moves 8 bytes per load (computed once per pool, not per copy)."""
-    return pages.view(torch.int64) if pages.shape[1] % 8 == 0 else pages

@@ -32,6 +32,7 @@ class _Wait:
     seq: int
     page_ids: list[int]
     expires_at: float
+    instance: bytes | None = None  # which process of the peer got the grant, if known
     landed: IpcStatus | None = None  # slot set, status still to come by message
     status: m.RoomStatus | None = None  # status came by message, slot not set yet
     gone_since: float | None = None  # when its peer was first seen gone (forgotten waits)
@@ -65,10 +66,12 @@ class Landings:
         expires_at = time.monotonic() + ttl_s
         return IpcGrant(page_list=page_list, slot=slot, seq=seq, expires_at=expires_at)
 
-    def commit(self, peer: PeerId, grant: IpcGrant) -> None:
+    def commit(self, peer: PeerId, grant: IpcGrant, instance: bytes | None = None) -> None:
+        """`instance`: the peer process's instance id from its handshake, if it sent one."""
         room = grant.page_list.room
         pages = list(grant.page_list.dst_page_ids)
-        self._waits[room] = _Wait(room, peer, grant.slot, grant.seq, pages, grant.expires_at)
+        wait = _Wait(room, peer, grant.slot, grant.seq, pages, grant.expires_at, instance)
+        self._waits[room] = wait
         self._room_of_slot[grant.slot] = room
 
     def cancel(self, grant: IpcGrant) -> None:
@@ -141,9 +144,10 @@ class Landings:
         self._lingering.append(wait)
         return list(wait.page_ids)
 
-    def settle(self, peer_gone: Callable[[PeerId], bool]) -> list[Event]:
+    def settle(self, peer_gone: Callable[[PeerId, bytes | None], bool]) -> list[Event]:
         """PagesSettled for forgotten rooms that no write can reach any more: their slot is
-        set, their grant expired, or their peer's process is gone."""
+        set, their grant expired, or the peer process they were granted to is gone
+        (`peer_gone(peer, instance)`: it exited, or another process took its place)."""
         if not self._lingering:
             return []
         now, events, still = time.monotonic(), [], []
@@ -157,10 +161,12 @@ class Landings:
         self._lingering = still
         return events
 
-    def _write_may_come(self, wait: _Wait, now: float, peer_gone: Callable[[PeerId], bool]):
+    def _write_may_come(
+        self, wait: _Wait, now: float, peer_gone: Callable[[PeerId, bytes | None], bool]
+    ) -> bool:
         if self.board.is_landed(wait.slot) or now > wait.expires_at + EXPIRY_MARGIN_S:
             return False
-        if not peer_gone(wait.peer):  # its process lives: the slot will be set
+        if not peer_gone(wait.peer, wait.instance):  # its process lives: the slot will be set
             return True
         if wait.gone_since is None:
             wait.gone_since = now

@@ -1,0 +1,102 @@
+"""The prefill side of the cuda_ipc KV transport (cuda_ipc.py), as records: each decode
+peer's pool and completion slots mapped here, how this GPU copies into them, and the page
+grants decode made, with the check a send_kv must pass. Runs in prefill worker processes.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from pdserve.disagg.transfer.ipc_flags import FLAG, SlotWriter
+from pdserve.disagg.transfer.ipc_pool import PAGE_ID, IpcStatus, encode
+
+if TYPE_CHECKING:
+    from pdserve.engine.gpu.copy_pages import PageCopier
+
+
+@dataclass
+class Target:
+    """Prefill side: one decode peer's pool and completion slots, mapped here."""
+
+    words: torch.Tensor  # the peer's pool, int64 words (bytes where pages are not whole words)
+    slots: SlotWriter
+    gpu: TargetGpu | None = None  # made at the first copy
+
+
+@dataclass
+class TargetGpu:
+    """How this process's GPU reaches one peer's slots: CUDA views of them, the page copy
+    into the peer's pool (ids read from the slots in place, or, for page lists too long for
+    a slot, uploaded into `ids` first), the flags' device address."""
+
+    flags: torch.Tensor  # int64 [num_slots]
+    slot_words: torch.Tensor  # int32, the whole mapping (ids are read from it in place)
+    copy: Copiers | None  # None where the peer's pool is on another GPU
+    flags_at: int  # device address of flag 0
+
+    def flag_address(self, slot: int) -> int:
+        return self.flags_at + slot * FLAG.itemsize
+
+
+@dataclass
+class Copiers:
+    in_slots: PageCopier  # ids in the slot's payload
+    uploaded: PageCopier  # ids in `ids`
+    ids: torch.Tensor  # int32 [2 * the peer's pool pages] on this GPU
+
+    def upload(self, src: np.ndarray, dst: np.ndarray, stream: int) -> None:
+        """Copy pages whose ids do not fit a slot: the ids go into `ids` on the current
+        stream (from pageable memory: staged before the call returns), so a later upload
+        cannot overtake this copy's reads."""
+        staged = torch.from_numpy(np.concatenate([src, dst]).astype(PAGE_ID))
+        self.ids[: staged.numel()].copy_(staged, non_blocking=True)
+        self.uploaded(0, int(src.size), stream)
+
+
+@dataclass
+class Grant:
+    """Prefill side: pages a decode peer gave one room, and the slot that ends the grant."""
+
+    slot: int
+    seq: int
+    dst: np.ndarray
+    expires_at: float
+    dst_ids: list[int]  # `dst` as the page list gave it (compared with send_kv's as lists)
+
+
+def refusal(
+    grant: Grant | None, target: Target | None, dst: np.ndarray, dst_ids: list[int]
+) -> str | None:
+    """Why a send_kv to `dst` (`dst_ids` as the caller gave them) may not write (None: it
+    may)."""
+    if grant is None:
+        return "decode granted no pages for this room here (aborted, or not asked yet)"
+    if target is None:
+        return "decode's KV pool is not mapped here"
+    if time.monotonic() > grant.expires_at:
+        return "decode's page grant expired"
+    # The usual case: the page list as it came (compared as lists, the cheapest way).
+    if isinstance(dst_ids, list) and dst_ids == grant.dst_ids or np.array_equal(dst, grant.dst):
+        return None
+    if dst.size > grant.dst.size or not np.isin(dst, grant.dst).all():
+        return "destination pages outside decode's grant"
+    if np.unique(dst).size != dst.size:
+        return "duplicate destination pages"
+    return None
+
+
+def set_host(target: Target, grant: Grant, landed: IpcStatus | None) -> None:
+    """End a grant from the host: the payload, then the flag (nothing queued on the GPU)."""
+    target.slots.write_status(grant.slot, None if landed is None else encode(landed))
+    target.slots.set_flag(grant.slot, grant.seq)
+
+
+def as_words(pages: torch.Tensor) -> torch.Tensor:
+    """A uint8 pool [num_pages, page_nbytes] as int64 words where pages are whole words: the
+    copy kernel moves 8 bytes per load (computed once per pool, not per copy)."""
+    return pages.view(torch.int64) if pages.shape[1] % 8 == 0 else pages
