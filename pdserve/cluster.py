@@ -91,10 +91,10 @@ class ClusterConfig:
         "", "more flags for the router, one string, e.g. '--local-prefill-threshold 64'"
     )
     prefill_mps_priority: str = opt(
-        "below_normal",
+        "normal",
         "CUDA MPS client priority of the prefill server where both servers share a CUDA "
         "device (CUDA_MPS_CLIENT_PRIORITY, unless this environment sets it): below_normal "
-        "lets decode steps' kernels go first while a prefill runs; normal: equal",
+        "asks MPS to start decode steps' kernels first while a prefill runs; normal: equal",
         choices=list(MPS_CLIENT_PRIORITY),
     )
     ready_timeout_s: float = opt(600.0, "deadline for every process to become ready")

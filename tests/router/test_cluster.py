@@ -174,10 +174,10 @@ def test_up_notes_a_gpu_shared_without_mps(tmp_path):
     assert shared_gpu_note("--device cuda", str(tmp_path)) is None
 
 
-def test_up_gives_a_prefill_sharing_decodes_gpu_a_lower_mps_priority(monkeypatch):
-    """Where both servers share a CUDA device, the prefill server's environment asks MPS for
-    a below-normal client priority (decode's kernels first), unless told otherwise or the
-    caller's environment sets it; the decode server and the router keep the default."""
+def test_up_gives_a_prefill_sharing_decodes_gpu_the_mps_priority_asked(monkeypatch):
+    """Where both servers share a CUDA device, the prefill server's environment carries the
+    MPS client priority asked for (below_normal: decode's kernels first), unless the
+    caller's environment sets it; the decode server and the router get none."""
     monkeypatch.delenv(MPS_PRIORITY_VAR, raising=False)
 
     def envs_of(*args: str) -> dict[str, dict[str, str]]:
@@ -186,10 +186,10 @@ def test_up_gives_a_prefill_sharing_decodes_gpu_a_lower_mps_priority(monkeypatch
         c = from_args(ClusterConfig, parser.parse_args(list(args)))
         return {child.name: child.extra_env for child in plan(c, router_port=1)}
 
-    shared = envs_of("--server-args=--device cuda --dtype bfloat16")
-    assert shared["prefill"][MPS_PRIORITY_VAR] == "1"
-    assert MPS_PRIORITY_VAR not in shared["decode"] and MPS_PRIORITY_VAR not in shared["router"]
-    normal = envs_of("--server-args=--device=cuda:0", "--prefill-mps-priority", "normal")
+    low = envs_of("--server-args=--device cuda --dtype bf16", "--prefill-mps-priority=below_normal")
+    assert low["prefill"][MPS_PRIORITY_VAR] == "1"
+    assert MPS_PRIORITY_VAR not in low["decode"] and MPS_PRIORITY_VAR not in low["router"]
+    normal = envs_of("--server-args=--device=cuda:0")  # the default
     assert normal["prefill"][MPS_PRIORITY_VAR] == "0"
     assert MPS_PRIORITY_VAR not in envs_of()["prefill"]  # on the CPU
     monkeypatch.setenv(MPS_PRIORITY_VAR, "0")  # the caller's own choice stands
