@@ -39,10 +39,6 @@ POLL_INTERVAL_S = 0.2
 DEFAULT_ROUTER_PORT = 30000  # SGLang's; the README and `pdserve bench` assume it
 
 
-MPS_PRIORITY_VAR = "CUDA_MPS_CLIENT_PRIORITY"
-MPS_CLIENT_PRIORITY = {"normal": "0", "below_normal": "1"}  # its values
-
-
 @dataclass(frozen=True)
 class ClusterConfig:
     host: str = opt("127.0.0.1", "address every process binds")
@@ -89,13 +85,6 @@ class ClusterConfig:
     )
     router_args: str = opt(
         "", "more flags for the router, one string, e.g. '--local-prefill-threshold 64'"
-    )
-    prefill_mps_priority: str = opt(
-        "normal",
-        "CUDA MPS client priority of the prefill server where both servers share a CUDA "
-        "device (CUDA_MPS_CLIENT_PRIORITY, unless this environment sets it): below_normal "
-        "asks MPS to start decode steps' kernels first while a prefill runs; normal: equal",
-        choices=list(MPS_CLIENT_PRIORITY),
     )
     ready_timeout_s: float = opt(600.0, "deadline for every process to become ready")
     stop_timeout_s: float = opt(15.0, "grace period after SIGTERM before SIGKILL")
@@ -222,35 +211,20 @@ def server_argv(c: ClusterConfig, mode: str, port: int, dp_size: int) -> list[st
     return argv + shlex.split(c.server_args)
 
 
-def shared_cuda_device(server_args: str) -> str | None:
-    """The CUDA device both servers run on (the `--device` in the flags they share), if any."""
+def shared_gpu_note(server_args: str, mps_pipe_dir: str) -> str | None:
+    """A note when both servers run on one CUDA device (the same `--device` in the flags
+    they share) and no CUDA MPS daemon is listening in `mps_pipe_dir`: the GPU then
+    time-slices the two processes, and decode steps wait out the prefill server's slices."""
     parser = argparse.ArgumentParser(add_help=False)
     parser.add_argument("--device", default="cpu")
     device = parser.parse_known_args(shlex.split(server_args))[0].device
-    return device if device.startswith("cuda") else None
-
-
-def shared_gpu_note(server_args: str, mps_pipe_dir: str) -> str | None:
-    """A note when both servers run on one CUDA device and no CUDA MPS daemon is listening
-    in `mps_pipe_dir`: the GPU then time-slices the two processes, and decode steps wait
-    out the prefill server's slices."""
-    device = shared_cuda_device(server_args)
-    if device is None or os.path.exists(os.path.join(mps_pipe_dir, "control")):
+    if not device.startswith("cuda") or os.path.exists(os.path.join(mps_pipe_dir, "control")):
         return None
     return (
         f"prefill and decode share {device} and no CUDA MPS daemon is running: the GPU "
         "time-slices their processes, which lengthens decode's inter-token latency; "
         "start one with `nvidia-cuda-mps-control -d` (docs/gpu.md)"
     )
-
-
-def prefill_priority_env(c: ClusterConfig) -> dict[str, str]:
-    """CUDA_MPS_CLIENT_PRIORITY for the prefill server where it shares a CUDA device with
-    decode (under MPS the GPU then starts decode's waiting kernels before prefill's; without
-    MPS the variable does nothing), unless this environment sets it already."""
-    if shared_cuda_device(c.server_args) is None or MPS_PRIORITY_VAR in os.environ:
-        return {}
-    return {MPS_PRIORITY_VAR: MPS_CLIENT_PRIORITY[c.prefill_mps_priority]}
 
 
 def plan(c: ClusterConfig, router_port: int | None = None) -> list[Child]:
@@ -276,7 +250,7 @@ def plan(c: ClusterConfig, router_port: int | None = None) -> list[Child]:
             prefill_argv,
             url["prefill_port"],
             ["/health", url["bootstrap_port"] + "/route"],
-            env=env | prefill_priority_env(c),
+            env=env,
         ),
         Child(
             "decode",

@@ -98,7 +98,7 @@ def stop(proc: subprocess.Popen) -> None:
 def token_check(colocated: str, router: str, num_prompts: int) -> dict:
     rng = random.Random(0)
     lengths = [1, 15, 16, 17, 100, 511, 512, 700][:num_prompts] + [64] * max(0, num_prompts - 8)
-    same = 0
+    same, differ = 0, []
     for n in lengths:
         body = {
             "input_ids": [rng.randrange(3, 500) for _ in range(n)],
@@ -107,7 +107,10 @@ def token_check(colocated: str, router: str, num_prompts: int) -> dict:
         a = _post(colocated + "/generate", body)["output_ids"]
         b = _post(router + "/generate", body)["output_ids"]
         same += a == b
-    return {"prompts": len(lengths), "identical": same}
+        if a != b:  # where they part: the first token is prefill's, the rest decode's
+            at = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), None)
+            differ.append({"prompt_len": n, "first_differing_token": at, "a": a, "b": b})
+    return {"prompts": len(lengths), "identical": same, "differing": differ}
 
 
 def bench(base_url: str, label: str, out_dir: str, args, num_prompts: int = 0) -> None:
@@ -202,7 +205,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--pd-up-args", default="",
         help="also run a second 1P1D cluster with these more `pdserve up` flags (e.g. "
-        "'--prefill-mps-priority normal') and compare it with the first in the same run",
+        "'--policy kv_aware') and compare it with the first in the same run",
     )  # fmt: skip
     args = parser.parse_args(argv)
     extra = shlex.split(args.server_args)

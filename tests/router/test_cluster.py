@@ -4,7 +4,6 @@ behind after SIGTERM; a child that dies early stops the rest with its error."""
 
 from __future__ import annotations
 
-import argparse
 import os
 import re
 import signal
@@ -16,15 +15,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from pdserve.cluster import (
-    DEFAULT_ROUTER_PORT,
-    MPS_PRIORITY_VAR,
-    ClusterConfig,
-    choose_router_port,
-    plan,
-    shared_gpu_note,
-)
-from pdserve.config import add_arguments, from_args
+from pdserve.cluster import DEFAULT_ROUTER_PORT, choose_router_port, shared_gpu_note
 from pdserve.procs import port_is_free
 from tests.helpers import PYTHON, REPO_ROOT, http_status, python_path_env, wait_until
 
@@ -172,25 +163,3 @@ def test_up_notes_a_gpu_shared_without_mps(tmp_path):
     assert shared_gpu_note("--device cpu", no_mps) is None
     (tmp_path / "control").touch()  # the daemon's control pipe
     assert shared_gpu_note("--device cuda", str(tmp_path)) is None
-
-
-def test_up_gives_a_prefill_sharing_decodes_gpu_the_mps_priority_asked(monkeypatch):
-    """Where both servers share a CUDA device, the prefill server's environment carries the
-    MPS client priority asked for (below_normal: decode's kernels first), unless the
-    caller's environment sets it; the decode server and the router get none."""
-    monkeypatch.delenv(MPS_PRIORITY_VAR, raising=False)
-
-    def envs_of(*args: str) -> dict[str, dict[str, str]]:
-        parser = argparse.ArgumentParser()
-        add_arguments(parser, ClusterConfig)
-        c = from_args(ClusterConfig, parser.parse_args(list(args)))
-        return {child.name: child.extra_env for child in plan(c, router_port=1)}
-
-    low = envs_of("--server-args=--device cuda --dtype bf16", "--prefill-mps-priority=below_normal")
-    assert low["prefill"][MPS_PRIORITY_VAR] == "1"
-    assert MPS_PRIORITY_VAR not in low["decode"] and MPS_PRIORITY_VAR not in low["router"]
-    normal = envs_of("--server-args=--device=cuda:0")  # the default
-    assert normal["prefill"][MPS_PRIORITY_VAR] == "0"
-    assert MPS_PRIORITY_VAR not in envs_of()["prefill"]  # on the CPU
-    monkeypatch.setenv(MPS_PRIORITY_VAR, "0")  # the caller's own choice stands
-    assert MPS_PRIORITY_VAR not in envs_of("--server-args=--device cuda")["prefill"]
