@@ -70,12 +70,7 @@ from pdserve.disagg.transfer.ipc_pool import (
 from pdserve.disagg.transfer.lane_control import LaneControl
 from pdserve.disagg.transfer.zmq.outbox import Outgoing
 from pdserve.disagg.transfer.zmq.pages import page_array
-from pdserve.engine.gpu.stream_ops import (
-    HostToDevice,
-    StreamWriter,
-    current_stream_handle,
-    device_pointer,
-)
+from pdserve.engine.gpu.stream_ops import StreamWriter, current_stream_handle, device_pointer
 
 log = logging.getLogger(__name__)
 
@@ -106,9 +101,9 @@ class CudaIpcTransport(LaneControl, FakeTransport):
     their status moved as above. The base class sees a one-byte-per-page shadow pool."""
 
     name = "cuda_ipc"
-    # Copies launch through the compiled kernel's launcher after the copy engine moved their
-    # page ids to the device, flags are set by a stream write (PDSERVE_CUDA_IPC_DIRECT_LAUNCH=0:
-    # Triton's JIT, ids read in place, a fill kernel, as gpu_transfer_bench's baseline does).
+    # Copies launch through the compiled kernel's launcher, flags are set by a stream write
+    # (PDSERVE_CUDA_IPC_DIRECT_LAUNCH=0: Triton's JIT and a fill kernel, as gpu_transfer_bench's
+    # baseline does per process).
     direct_launch = envs.cuda_ipc_direct_launch()
 
     def __init__(
@@ -384,14 +379,14 @@ class CudaIpcTransport(LaneControl, FakeTransport):
         self, target: Target, src: np.ndarray, dst: np.ndarray, grant: Grant, used: int
     ) -> None:
         """Queue the copy, then the slot's flag, on the current stream. The page ids go in
-        the slot's payload past its `used` bytes (registered host memory: the copy engine
-        takes them from there), unless they do not fit there."""
+        the slot's payload past its `used` bytes, where the kernel reads them in place (no
+        upload), unless they do not fit there."""
         gpu = target.gpu if target.gpu is not None else self._map_gpu(target)
         stream = current_stream_handle(self.pool.device)
         if gpu.copy is not None:
             at = target.slots.write_ids(grant.slot, used, src, dst)
             if at is not None:
-                gpu.copy.from_slot(target.slots, at, int(src.size), stream)
+                gpu.copy.in_slots(at, int(src.size), stream)
             else:
                 gpu.copy.upload(src, dst, stream)
         else:  # the peer's pool is on another GPU: one copy_ per run of consecutive pages
@@ -410,10 +405,7 @@ class CudaIpcTransport(LaneControl, FakeTransport):
             src, dst, direct = self._words, target.words, self.direct_launch
             ids = torch.empty(2 * dst.shape[0], dtype=torch.int32, device=dst.device)
             copiers = Copiers(
-                PageCopier(src, dst, slot_words, direct),
-                PageCopier(src, dst, ids, direct),
-                ids,
-                HostToDevice(enabled=direct),
+                PageCopier(src, dst, slot_words, direct), PageCopier(src, dst, ids, direct), ids
             )
         target.gpu = TargetGpu(flags, slot_words, copiers, device_pointer(flags.data_ptr()))
         return target.gpu

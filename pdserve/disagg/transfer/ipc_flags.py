@@ -163,10 +163,6 @@ class SlotWriter:
         words[:num_pairs], words[num_pairs:] = src, dst
         return (self._map.flags_nbytes + slot * payload.size + start) // 4
 
-    def host_address(self, word: int) -> int:
-        """The host address of int32 word `word` of the mapping (as `write_ids` counts)."""
-        return self._map.address + 4 * word
-
     def set_flag(self, slot: int, seq: int) -> None:
         """Mark the grant landed from the host (no copy of it is queued)."""
         self._map.flags[slot] = seq

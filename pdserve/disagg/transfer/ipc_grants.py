@@ -14,7 +14,6 @@ import torch
 
 from pdserve.disagg.transfer.ipc_flags import FLAG, SlotWriter
 from pdserve.disagg.transfer.ipc_pool import PAGE_ID, IpcStatus, encode
-from pdserve.engine.gpu.stream_ops import HostToDevice
 
 if TYPE_CHECKING:
     from pdserve.engine.gpu.copy_pages import PageCopier
@@ -49,18 +48,6 @@ class Copiers:
     in_slots: PageCopier  # ids in the slot's payload
     uploaded: PageCopier  # ids in `ids`
     ids: torch.Tensor  # int32 [2 * the peer's pool pages] on this GPU
-    to_device: HostToDevice  # off: the kernel reads the slot's ids in place
-
-    def from_slot(self, slots: SlotWriter, at: int, num_pairs: int, stream: int) -> None:
-        """Copy pages whose ids `write_ids` put at word `at` of the slots: the copy engine
-        moves the ids into `ids` first on the current stream (the slot's payload stays
-        as it is until its flag is set, after the copy), else the kernel reads them in
-        place. Later copies' ids cannot overtake this copy's reads: one stream."""
-        nbytes = 8 * num_pairs  # int32 sources, then destinations
-        if self.to_device.copy(stream, self.ids.data_ptr(), slots.host_address(at), nbytes):
-            self.uploaded(0, num_pairs, stream)
-        else:
-            self.in_slots(at, num_pairs, stream)
 
     def upload(self, src: np.ndarray, dst: np.ndarray, stream: int) -> None:
         """Copy pages whose ids do not fit a slot: the ids go into `ids` on the current

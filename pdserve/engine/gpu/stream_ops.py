@@ -1,7 +1,7 @@
 """Host-cheap CUDA calls for the KV transport's hot path (GPU only): the current stream's
-handle, device addresses of registered host memory, a copy from registered host memory
-queued on a stream, and a 64-bit write into memory queued on a stream after the work
-before it (the driver's cuStreamWriteValue64) instead of a one-element fill kernel.
+handle, device addresses of registered host memory, and a 64-bit write into memory queued
+on a stream after the work before it (the driver's cuStreamWriteValue64) instead of a
+one-element fill kernel.
 
 A completion flag set this way costs one ctypes call on the host (a torch `fill_` on a
 host-mapped tensor is a tensor view and a kernel launch). The write is fenced like a
@@ -55,28 +55,6 @@ class StreamWriter:
         return True
 
 
-class HostToDevice:
-    """`copy(stream, dst, src, nbytes)`: device memory at `dst` := `nbytes` of pinned or
-    CUDA-registered host memory at `src`, queued on the stream (the driver's
-    cuMemcpyHtoDAsync: the copy engine reads the host bytes once, where every program of a
-    kernel reading them in place pays a PCIe round trip). `src` must stay as it is until
-    the stream has run the copy. Returns False, queuing nothing, where the driver has no
-    such call or refused it; it then stays off for this copier."""
-
-    def __init__(self, enabled: bool = True) -> None:
-        self._fn = _memcpy_htod() if enabled else None
-
-    def copy(self, stream: int, dst: int, src: int, nbytes: int) -> bool:
-        if self._fn is None:
-            return False
-        err = self._fn(dst, src, nbytes, stream)
-        if err != 0:
-            log.warning("cuMemcpyHtoDAsync failed (CUresult %d): page ids read in place", err)
-            self._fn = None
-            return False
-        return True
-
-
 def device_pointer(address: int) -> int:
     """The address kernels use for `address`: itself for device memory, the mapped address
     for host memory registered with CUDA (as Triton's launcher resolves tensors' pointers)."""
@@ -113,13 +91,3 @@ def _write_value64():  # -> the ctypes function, or None
             fn.restype = ctypes.c_int
             return fn
     return None
-
-
-@functools.cache
-def _memcpy_htod():  # -> the ctypes function, or None
-    libcuda = _libcuda()
-    fn = getattr(libcuda, "cuMemcpyHtoDAsync_v2", None) if libcuda is not None else None
-    if fn is not None:
-        fn.argtypes = [ctypes.c_uint64, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
-        fn.restype = ctypes.c_int
-    return fn
