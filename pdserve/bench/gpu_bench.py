@@ -99,18 +99,28 @@ def matmul_flops_per_s(size: int = 8192, repeats: int = 20) -> float:
     return 2 * size**3 / (median_event_ms(lambda: a @ b, repeats) / 1e3)
 
 
-def median_event_ms(fn, repeats: int, warmup: int = 3) -> float:
+def median_event_ms(fn, repeats: int, warmup: int = 3, hide_launch: bool = False) -> float:
+    """Median ms between CUDA events around `fn`. `hide_launch`: a sleep kernel queued before
+    the first event keeps the GPU busy while the host launches `fn`'s kernels, so the
+    events time the kernels alone (a launch's host time, e.g. Triton's JIT, otherwise counts
+    where the kernels are short)."""
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(repeats):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        if hide_launch:
+            torch.cuda.synchronize()
+            torch.cuda._sleep(LAUNCH_COVER_CYCLES)
         start.record()
         fn()
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end))
     return statistics.median(times)
+
+
+LAUNCH_COVER_CYCLES = 2_000_000  # about 1 ms of GPU clock cycles: longer than any launch
 
 
 def engine_on(hf_model, cfg: GpuBenchConfig) -> Engine:
