@@ -99,6 +99,9 @@ def matmul_flops_per_s(size: int = 8192, repeats: int = 20) -> float:
     return 2 * size**3 / (median_event_ms(lambda: a @ b, repeats) / 1e3)
 
 
+LAUNCH_COVER_CYCLES = 2_000_000  # about 1 ms of GPU clock cycles: longer than any launch
+
+
 def median_event_ms(fn, repeats: int, warmup: int = 3, hide_launch: bool = False) -> float:
     """Median ms between CUDA events around `fn`. `hide_launch`: a sleep kernel queued before
     the first event keeps the GPU busy while the host launches `fn`'s kernels, so the
@@ -118,9 +121,6 @@ def median_event_ms(fn, repeats: int, warmup: int = 3, hide_launch: bool = False
         end.synchronize()
         times.append(start.elapsed_time(end))
     return statistics.median(times)
-
-
-LAUNCH_COVER_CYCLES = 2_000_000  # about 1 ms of GPU clock cycles: longer than any launch
 
 
 def engine_on(hf_model, cfg: GpuBenchConfig) -> Engine:
