@@ -186,7 +186,7 @@ def test_page_ids_go_past_the_status_and_a_send_counts_as_done_once_its_flag_pas
     status = encode(IpcStatus(num_pages=2, status=ok(1)))
     assert writer.write_status(grant.slot, status)
     at = writer.write_ids(grant.slot, 4 + len(status), np.array([8, 9]), np.array([5, 6]))
-    flat = np.frombuffer(writer._map._mmap, dtype="<i4")  # what the GPU's int32 view reads
+    flat = np.frombuffer(writer._map.mmap, dtype="<i4")  # what the GPU's int32 view reads
     assert flat[at : at + 4].tolist() == [8, 9, 5, 6]
     too_long = np.zeros(400, dtype=np.int64)
     assert writer.write_ids(grant.slot, 4 + len(status), too_long, too_long) is None
@@ -194,6 +194,26 @@ def test_page_ids_go_past_the_status_and_a_send_counts_as_done_once_its_flag_pas
     writer.set_flag(grant.slot, grant.seq)
     assert writer.passed(grant.slot, grant.seq) and writer.passed(grant.slot, grant.seq - 1)
     assert [type(e) for e in landings.collect()] == [KVReceived, Inbound]
+
+
+@pytest.mark.parametrize("payload_nbytes", [64, 66, 67])
+def test_page_ids_are_word_aligned_whatever_the_payload_size(payload_nbytes):
+    """The kernel reads the ids as int32 words of the whole mapping: where a payload size
+    is not a multiple of 4, each slot's ids still start on a word, inside the slot."""
+    board = SlotBoard(num_slots=3, payload_nbytes=payload_nbytes)
+    writer = SlotWriter(*board.where, board.num_slots, board.payload_nbytes)
+    try:
+        flat = np.frombuffer(writer._map.mmap, dtype=np.uint8)
+        for slot in range(3):
+            at = writer.write_ids(slot, 5, np.array([7, 8]), np.array([1, 2]))
+            assert at is not None
+            start = writer._map.payload_at(slot)
+            assert start + 5 <= 4 * at and 4 * at + 16 <= start + payload_nbytes
+            assert flat[4 * at : 4 * at + 16].view("<i4").tolist() == [7, 8, 1, 2]
+            assert writer.write_ids(slot, 5, np.arange(8), np.arange(8)) is None  # 64 bytes
+    finally:
+        writer.close()
+        board.close()
 
 
 @pytest.mark.parametrize(

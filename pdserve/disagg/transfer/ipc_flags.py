@@ -43,17 +43,23 @@ class _Mapping:
     def __init__(self, fd: int, num_slots: int, payload_nbytes: int) -> None:
         self.num_slots, self.payload_nbytes = num_slots, payload_nbytes
         flags_nbytes, total = _layout(num_slots, payload_nbytes)
-        self._mmap = mmap.mmap(fd, total)
-        buf = np.frombuffer(self._mmap, dtype=np.uint8)
+        self.mmap = mmap.mmap(fd, total)
+        buf = np.frombuffer(self.mmap, dtype=np.uint8)
         self.flags = buf[: num_slots * FLAG.itemsize].view(FLAG)
         self.payloads = buf[flags_nbytes:].reshape(num_slots, payload_nbytes)
+        self.words = buf[: total - total % 4].view("<i4")  # the whole mapping as int32
         self.address = buf.ctypes.data
         self.flags_nbytes, self.nbytes = flags_nbytes, total
 
+    def payload_at(self, slot: int) -> int:
+        """Where the slot's payload starts, in bytes from the mapping's start."""
+        return self.flags_nbytes + slot * self.payload_nbytes
+
     def close(self) -> None:
-        self.flags = self.payloads = np.zeros(0)  # the views must go before the mapping
+        # the views must go before the mapping
+        self.flags = self.payloads = self.words = np.zeros(0)
         try:
-            self._mmap.close()
+            self.mmap.close()
         except BufferError:  # a view still exported (a device tensor): the OS frees it at exit
             pass
 
@@ -137,31 +143,35 @@ class SlotWriter:
     def num_slots(self) -> int:
         return self._map.num_slots
 
+    # Both writes go to the mapping directly, not through a payload row's numpy view: they
+    # are on every send_kv's path, and the view costs about a microsecond each.
     def write_status(self, slot: int, data: bytes | None) -> bool:
         """Put `data` (None: nothing) in the slot's payload; False, writing nothing, if it
         does not fit."""
-        payload = self._map.payloads[slot]
-        if data is not None and len(data) > payload.size - _LENGTH.size:
+        size = 0 if data is None else len(data)
+        if size > self._map.payload_nbytes - _LENGTH.size:
             return False
+        at = self._map.payload_at(slot)
         if data:
-            payload[_LENGTH.size : _LENGTH.size + len(data)] = np.frombuffer(data, np.uint8)
-        _LENGTH.pack_into(payload, 0, len(data or b""))
+            self._map.mmap[at + _LENGTH.size : at + _LENGTH.size + size] = data
+        _LENGTH.pack_into(self._map.mmap, at, size)
         return True
 
     def write_ids(
         self, slot: int, after_nbytes: int, src: np.ndarray, dst: np.ndarray
     ) -> int | None:
         """Put page ids as int32 (sources, then destinations) in the slot's payload past its
-        first `after_nbytes`, for the copy kernel to read in place; their index in the
-        int32 view of the whole mapping (`device_views`), or None if they do not fit."""
-        payload = self._map.payloads[slot]
-        start = -(-after_nbytes // 4) * 4
+        first `after_nbytes`, 4-byte aligned, for the copy kernel to read in place; their
+        index in the int32 view of the whole mapping (`device_views`), or None if they do
+        not fit."""
+        start = -(-(self._map.payload_at(slot) + after_nbytes) // 4)  # in int32 words
         num_pairs = src.size
-        if start + 8 * num_pairs > payload.size:
+        if 4 * (start + 2 * num_pairs) > self._map.payload_at(slot + 1):
             return None
-        words = payload[start : start + 8 * num_pairs].view("<i4")
-        words[:num_pairs], words[num_pairs:] = src, dst
-        return (self._map.flags_nbytes + slot * payload.size + start) // 4
+        words = self._map.words
+        words[start : start + num_pairs] = src
+        words[start + num_pairs : start + 2 * num_pairs] = dst
+        return start
 
     def set_flag(self, slot: int, seq: int) -> None:
         """Mark the grant landed from the host (no copy of it is queued)."""
