@@ -38,7 +38,7 @@ def _layout(num_slots: int, payload_nbytes: int) -> tuple[int, int]:
 
 
 class _Mapping:
-    """Flags [num_slots] int64 and payloads [num_slots, payload_nbytes] over one mapping."""
+    """Flags [num_slots] int64, then payloads of payload_nbytes each, over one mapping."""
 
     def __init__(self, fd: int, num_slots: int, payload_nbytes: int) -> None:
         self.num_slots, self.payload_nbytes = num_slots, payload_nbytes
@@ -46,7 +46,6 @@ class _Mapping:
         self.mmap = mmap.mmap(fd, total)
         buf = np.frombuffer(self.mmap, dtype=np.uint8)
         self.flags = buf[: num_slots * FLAG.itemsize].view(FLAG)
-        self.payloads = buf[flags_nbytes:].reshape(num_slots, payload_nbytes)
         self.words = buf[: total - total % 4].view("<i4")  # the whole mapping as int32
         self.address = buf.ctypes.data
         self.flags_nbytes, self.nbytes = flags_nbytes, total
@@ -57,7 +56,7 @@ class _Mapping:
 
     def close(self) -> None:
         # the views must go before the mapping
-        self.flags = self.payloads = self.words = np.zeros(0)
+        self.flags = self.words = np.zeros(0)
         try:
             self.mmap.close()
         except BufferError:  # a view still exported (a device tensor): the OS frees it at exit
@@ -109,11 +108,11 @@ class SlotBoard:
 
     def status_bytes(self, slot: int) -> bytes | None:
         """What a landed slot's payload holds (None: nothing)."""
-        payload = self._map.payloads[slot]
-        (n,) = _LENGTH.unpack_from(payload)
-        if n <= 0 or n > payload.size - _LENGTH.size:
+        at = self._map.payload_at(slot)
+        (n,) = _LENGTH.unpack_from(self._map.mmap, at)
+        if n <= 0 or n > self._map.payload_nbytes - _LENGTH.size:
             return None
-        return payload[_LENGTH.size : _LENGTH.size + n].tobytes()
+        return self._map.mmap[at + _LENGTH.size : at + _LENGTH.size + n]
 
     def release(self, slot: int) -> None:
         """The slot's grant is over (landed, or its peer can write no more): reuse it."""
