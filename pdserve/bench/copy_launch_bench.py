@@ -43,13 +43,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         parser.error("needs a CUDA device")
+    from pdserve.disagg.transfer.ipc_grants import Copiers
     from pdserve.engine.gpu.copy_pages import PageCopier, copy_pages
+    from pdserve.engine.gpu.stream_ops import current_stream_handle
 
     device = torch.device("cuda")
     src = torch.zeros(POOL_PAGES, PAGE_NBYTES // 8, dtype=torch.int64, device=device)
     dst = torch.zeros_like(src)
     buffer = torch.empty(2 * POOL_PAGES, dtype=torch.int32, device=device)
     copier = PageCopier(src, dst, buffer, direct=True)
+    copiers = Copiers(in_slots=copier, uploaded=copier, ids=buffer)  # as cuda_ipc makes them
     rng = np.random.default_rng(0)
     print(f"device: {torch.cuda.get_device_name()}; host us per launch (median)")
     print(f"{'pages':>6} {'stream':>6} {'JIT, new ids':>13} {'direct, buffer':>15} {'ratio':>6}")
@@ -61,10 +64,8 @@ def main(argv: list[str] | None = None) -> int:
             ids = torch.from_numpy(pairs.copy()).to(device, non_blocking=True)
             copy_pages(src, dst, ids)
 
-        def now(pairs: np.ndarray = pairs) -> None:  # the transport's path
-            staged = torch.from_numpy(pairs.reshape(-1).copy())
-            buffer[: staged.numel()].copy_(staged, non_blocking=True)
-            copier(0, pairs.shape[1])
+        def now(pairs: np.ndarray = pairs) -> None:  # the transport's own path
+            copiers.upload(pairs[0], pairs[1], current_stream_handle(device))
 
         for busy in (False, True):
             rounds = args.rounds if not busy else max(20, args.rounds // 6)

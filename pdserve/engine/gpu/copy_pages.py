@@ -53,18 +53,18 @@ def copy_pages(
     *,
     ids_offset: int = 0,
     num_pairs: int | None = None,
-) -> None:
+):  # -> the compiled kernel Triton launched
     """dst_pages[ids[1, i]] = src_pages[ids[0, i]] for two pools [num_pages, page words] of
     one dtype on one device (int64 words where pages allow), in one pass over the bytes (no
     gather buffer); `ids` is a contiguous int32 or int64 [2, n] tensor on that device. Or,
     with `num_pairs`, the pairs are the 2 * num_pairs elements of flat `ids` from
     `ids_offset` on (sources, then destinations): ids the GPU reads in place, e.g. from
-    host memory registered with CUDA, with no upload."""
+    host memory registered with CUDA, with no upload. Returns the compiled kernel."""
     if num_pairs is None:
         num_pairs = ids.shape[1]
     words = src_pages.shape[1]
     grid = (num_pairs, triton.cdiv(words, block_words))
-    _copy_pages_kernel[grid](
+    return _copy_pages_kernel[grid](
         src_pages, _dst_offset(src_pages, dst_pages), ids, ids_offset, num_pairs,
         words, BLOCK=block_words, num_warps=num_warps,
     )  # fmt: skip
@@ -107,10 +107,9 @@ class PageCopier:
             if stream is None:
                 stream = current_stream_handle(self.device)
             return self._launch(stream, ids_offset, num_pairs)
-        kernel = _copy_pages_kernel[(num_pairs, self._blocks)](
-            self.src_pages, self._dst_offset, self.ids, ids_offset, num_pairs, self._words,
-            BLOCK=BLOCK_WORDS, num_warps=NUM_WARPS,
-        )  # fmt: skip
+        kernel = copy_pages(
+            self.src_pages, self.dst_pages, self.ids, ids_offset=ids_offset, num_pairs=num_pairs
+        )
         if self._direct:
             self._launch = self._direct_launcher(kernel)
 
