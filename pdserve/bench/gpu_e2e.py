@@ -95,8 +95,12 @@ def stop(proc: subprocess.Popen) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
 
 
-def token_check(colocated: str, router: str, num_prompts: int) -> dict:
-    rng = random.Random(0)
+def token_check(colocated: str, router: str, num_prompts: int, seed: int) -> dict:
+    """Greedy tokens of `router` against `colocated` on prompts neither has seen. Each check
+    takes its own `seed`: a prompt the colocated server saw before is served from its prefix
+    cache, whose prefill (only the tail computed, attending to cached bf16 KV) differs from a
+    whole prefill in the last bits, which greedy decoding of random weights can amplify."""
+    rng = random.Random(seed)
     lengths = [1, 15, 16, 17, 100, 511, 512, 700][:num_prompts] + [64] * max(0, num_prompts - 8)
     same, differ = 0, []
     for n in lengths:
@@ -268,10 +272,15 @@ def main(argv: list[str] | None = None) -> None:
         if alt:
             targets["pd-alt"] = "http://127.0.0.1:34000"
         checks = {
-            label: token_check(targets["colocated"], url, 8)
-            for label, url in targets.items()
+            label: token_check(targets["colocated"], url, 8, seed)
+            for seed, (label, url) in enumerate(targets.items())
             if label.startswith("pd")
         }
+        # What the prefix cache alone does to tokens: the colocated server against itself,
+        # each prompt new to it, then again from its cache.
+        checks["colocated-cached"] = token_check(
+            targets["colocated"], targets["colocated"], 8, len(targets)
+        )
         print("token identity against colocated:", checks, flush=True)
         with open(os.path.join(args.out, "tokens.json"), "w") as f:
             json.dump(checks, f)
