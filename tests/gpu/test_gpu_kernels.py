@@ -206,6 +206,56 @@ def test_page_copier_launches_directly_after_its_first_copy(ids_on, dst_first):
 
 
 @needs_cuda
+def test_long_page_lists_read_ids_from_the_ring_and_are_uploaded_while_it_is_full():
+    """cuda_ipc's copies whose ids do not fit a slot: the kernel reads them in place from a
+    pinned ring; while copies that may still read it fill the ring (here: queued behind a
+    sleep), the next list is uploaded instead. Every copy moves exactly its pairs."""
+    import numpy as np
+
+    from pdserve.disagg.transfer.ipc_grants import Copiers, IdRing
+    from pdserve.engine.gpu.copy_pages import PageCopier
+    from pdserve.engine.gpu.stream_ops import current_stream_handle
+
+    src = torch.arange(16 * 4096, dtype=torch.int64, device="cuda").view(16, 4096)
+    dst = torch.full_like(src, -1)
+    ring = torch.zeros(12, dtype=torch.int32, pin_memory=True)  # 6 pairs
+    ids = torch.zeros(32, dtype=torch.int32, device="cuda")
+    copiers = Copiers(
+        PageCopier(src, dst, ids, direct=True),  # (ids in a slot: not used here)
+        PageCopier(src, dst, ring, direct=True),
+        IdRing(ring.numpy()),
+        PageCopier(src, dst, ids, direct=True),
+        ids,
+    )
+    stream = current_stream_handle(torch.device("cuda"))
+    expected = dst.clone()
+
+    def copy(pairs: list[tuple[int, int]]) -> None:
+        done = torch.cuda.Event()
+        s, d = (np.array(side, dtype=np.int32) for side in zip(*pairs, strict=True))
+        copiers.long(s, d, done.query, stream)
+        done.record()
+        for a, b in pairs:
+            expected[b] = src[a]
+
+    copy([(2, 2)])  # compiled and launching directly from here on
+    copiers.upload(np.array([2], dtype=np.int32), np.array([2], dtype=np.int32), stream)
+    torch.cuda.synchronize()
+    torch.cuda._sleep(200_000_000)  # the copies below wait behind it
+    copy([(3, 5), (0, 9), (11, 1), (7, 2)])  # ring words [0, 8)
+    copy([(15, 7)])  # [8, 10)
+    assert copiers.ring.held == 2  # neither has run
+    copy([(4, 11), (6, 0), (8, 3)])  # 6 words: neither [10, 12) nor [0, 0) holds them
+    assert copiers.ring.held == 2  # uploaded instead
+    torch.cuda.synchronize()
+    assert torch.equal(dst, expected)
+    copy([(1, 4)])
+    assert copiers.ring.held == 1  # the ring freed once its copies ran
+    torch.cuda.synchronize()
+    assert torch.equal(dst, expected)
+
+
+@needs_cuda
 def test_a_stream_write_sets_its_flag_only_after_the_work_queued_before_it():
     """cuStreamWriteValue64 on the current stream: the flag in mapped host memory changes
     once the kernel queued before it has run, not at the call."""

@@ -47,6 +47,7 @@ from pdserve.disagg.transfer.ipc_flags import STATUS_PREFIX, SlotBoard, SlotsFul
 from pdserve.disagg.transfer.ipc_grants import (
     Copiers,
     Grant,
+    IdRing,
     Target,
     TargetGpu,
     as_words,
@@ -364,8 +365,8 @@ class CudaIpcTransport(LaneControl, FakeTransport):
             self._enqueue(peer, [Outgoing(parts=[m.encode(then)])])  # too long for the slot
         copied = None
         if src.size:
-            self._copy(target, src, dst, grant, STATUS_PREFIX + len(status))
             copied = functools.partial(target.slots.passed, grant.slot, grant.seq)
+            self._copy(target, src, dst, grant, STATUS_PREFIX + len(status), copied)
         else:
             target.slots.set_flag(grant.slot, grant.seq)
         handle = IpcSend(room, src.tolist(), copied, None)
@@ -376,11 +377,17 @@ class CudaIpcTransport(LaneControl, FakeTransport):
         return handle
 
     def _copy(
-        self, target: Target, src: np.ndarray, dst: np.ndarray, grant: Grant, used: int
+        self,
+        target: Target,
+        src: np.ndarray,
+        dst: np.ndarray,
+        grant: Grant,
+        used: int,
+        copied: Callable[[], bool],
     ) -> None:
         """Queue the copy, then the slot's flag, on the current stream. The page ids go in
         the slot's payload past its `used` bytes, where the kernel reads them in place (no
-        upload), unless they do not fit there."""
+        upload), or, where they do not fit there, in the peer's id ring."""
         gpu = target.gpu if target.gpu is not None else self._map_gpu(target)
         stream = current_stream_handle(self.pool.device)
         if gpu.copy is not None:
@@ -388,7 +395,7 @@ class CudaIpcTransport(LaneControl, FakeTransport):
             if at is not None:
                 gpu.copy.in_slots(at, int(src.size), stream)
             else:
-                gpu.copy.upload(src, dst, stream)
+                gpu.copy.long(src, dst, copied, stream)
         else:  # the peer's pool is on another GPU: one copy_ per run of consecutive pages
             for s, d, n in page_runs(src, dst):
                 target.words[d : d + n].copy_(self._words[s : s + n], non_blocking=True)
@@ -404,8 +411,15 @@ class CudaIpcTransport(LaneControl, FakeTransport):
 
             src, dst, direct = self._words, target.words, self.direct_launch
             ids = torch.empty(2 * dst.shape[0], dtype=torch.int32, device=dst.device)
+            # Room for the ids of two copies of the peer's whole pool, pinned: the GPU reads
+            # it in place (the ring's numpy view keeps it alive as long as the target)
+            ring = torch.empty(4 * dst.shape[0], dtype=torch.int32, pin_memory=True)
             copiers = Copiers(
-                PageCopier(src, dst, slot_words, direct), PageCopier(src, dst, ids, direct), ids
+                PageCopier(src, dst, slot_words, direct),
+                PageCopier(src, dst, ring, direct),
+                IdRing(ring.numpy()),
+                PageCopier(src, dst, ids, direct),
+                ids,
             )
         target.gpu = TargetGpu(flags, slot_words, copiers, device_pointer(flags.data_ptr()))
         return target.gpu
