@@ -123,12 +123,10 @@ def test_paged_decode_attention_matches_gather_sdpa(
 
 
 @pytest.mark.interpretable
-@pytest.mark.parametrize("per", [1, 2, 3], ids=lambda n: f"{n}-blocks-per-program")
 @pytest.mark.parametrize("dst_first", [False, True], ids=["dst-after", "dst-before"])
-def test_copy_pages_moves_exactly_the_paired_pages(device, dst_first, per):
+def test_copy_pages_moves_exactly_the_paired_pages(device, dst_first):
     """The kernel reaches the destination pool by its offset from the source pool (either
-    side of it in memory): paired pages are copied, every other page is left alone, however
-    many blocks of a page one program moves (40 words: 16 + 16 + 8)."""
+    side of it in memory): paired pages are copied, every other page is left alone."""
     from pdserve.engine.gpu.copy_pages import copy_pages
 
     pools = [torch.full((12, 40), -1, dtype=torch.int64, device=device) for _ in range(2)]
@@ -136,7 +134,7 @@ def test_copy_pages_moves_exactly_the_paired_pages(device, dst_first, per):
     src.copy_(torch.arange(src.numel(), device=device).view_as(src))
     before = dst.clone()
     ids = torch.tensor([[3, 0, 11, 7], [5, 9, 1, 2]], dtype=torch.int32, device=device)
-    copy_pages(src, dst, ids, block_words=16, blocks_per_program=per)
+    copy_pages(src, dst, ids, block_words=16)
     assert torch.equal(dst[ids[1].long()], src[ids[0].long()])
     untouched = [p for p in range(12) if p not in ids[1].tolist()]
     assert torch.equal(dst[untouched], before[untouched])

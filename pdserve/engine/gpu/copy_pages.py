@@ -21,8 +21,7 @@ from pdserve.engine.gpu.stream_ops import current_stream_handle, device_pointer
 
 log = logging.getLogger(__name__)
 
-BLOCK_WORDS = 2048  # 16 KiB of int64 words per load
-BLOCKS_PER_PROGRAM = 1  # loads per program, each program reading its page ids once
+BLOCK_WORDS = 2048  # 16 KiB of int64 words per program
 NUM_WARPS = 4
 
 
@@ -32,20 +31,17 @@ NUM_WARPS = 4
 # vectorised stores need.
 @triton.jit(do_not_specialize=["ids_offset", "num_pairs"])
 def _copy_pages_kernel(
-    src_ptr, dst_offset, ids_ptr, ids_offset, num_pairs, words_per_page,
-    BLOCK: tl.constexpr, PER: tl.constexpr,
+    src_ptr, dst_offset, ids_ptr, ids_offset, num_pairs, words_per_page, BLOCK: tl.constexpr
 ):  # fmt: skip
     dst_ptr = src_ptr + dst_offset
     ids_ptr += ids_offset
     pair = tl.program_id(0)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < words_per_page
     src_page = tl.load(ids_ptr + pair).to(tl.int64)
     dst_page = tl.load(ids_ptr + num_pairs + pair).to(tl.int64)
-    first = tl.program_id(1) * (BLOCK * PER)
-    for i in tl.static_range(PER):
-        offs = first + i * BLOCK + tl.arange(0, BLOCK)
-        mask = offs < words_per_page
-        words = tl.load(src_ptr + src_page * words_per_page + offs, mask=mask)
-        tl.store(dst_ptr + dst_page * words_per_page + offs, words, mask=mask)
+    words = tl.load(src_ptr + src_page * words_per_page + offs, mask=mask)
+    tl.store(dst_ptr + dst_page * words_per_page + offs, words, mask=mask)
 
 
 def copy_pages(
@@ -54,7 +50,6 @@ def copy_pages(
     ids: torch.Tensor,
     block_words: int = BLOCK_WORDS,
     num_warps: int = NUM_WARPS,
-    blocks_per_program: int = BLOCKS_PER_PROGRAM,
     *,
     ids_offset: int = 0,
     num_pairs: int | None = None,
@@ -68,10 +63,10 @@ def copy_pages(
     if num_pairs is None:
         num_pairs = ids.shape[1]
     words = src_pages.shape[1]
-    grid = (num_pairs, triton.cdiv(words, block_words * blocks_per_program))
+    grid = (num_pairs, triton.cdiv(words, block_words))
     return _copy_pages_kernel[grid](
         src_pages, _dst_offset(src_pages, dst_pages), ids, ids_offset, num_pairs,
-        words, BLOCK=block_words, PER=blocks_per_program, num_warps=num_warps,
+        words, BLOCK=block_words, num_warps=num_warps,
     )  # fmt: skip
 
 
@@ -97,7 +92,7 @@ class PageCopier:
         self.device = src_pages.device
         self._dst_offset = _dst_offset(src_pages, dst_pages)
         self._words = src_pages.shape[1]
-        self._blocks = triton.cdiv(self._words, BLOCK_WORDS * BLOCKS_PER_PROGRAM)
+        self._blocks = triton.cdiv(self._words, BLOCK_WORDS)
         self._direct = direct
         self._launch: Callable[[int, int, int], None] | None = None
 
@@ -139,7 +134,6 @@ class PageCopier:
             "ids_ptr": device_pointer(self.ids.data_ptr()),
             "words_per_page": self._words,
             "BLOCK": BLOCK_WORDS,
-            "PER": BLOCKS_PER_PROGRAM,
         }
         order = [fixed.get(name) for name in names]
         at_offset, at_pairs = names.index("ids_offset"), names.index("num_pairs")
