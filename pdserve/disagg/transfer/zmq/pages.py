@@ -12,9 +12,11 @@ import numpy as np
 from pdserve.disagg import messages as m
 
 # Up to this many ids, Python's min, max and set check a list faster than numpy's calls do
-# (1 against 8 us for 8 ids: each numpy call has microseconds of overhead; a KV transfer's
-# control path checks each page list two or three times).
-SHORT_LIST = 256
+# (1.3 against 3.2 us for 8 ids: each numpy call has microseconds of overhead; a KV
+# transfer's control path checks each page list two or three times). Longer lists are
+# sorted once: 5.4 / 15.6 us for 128 / 512 ids, against 10.2 / 42 us for Python's checks
+# and np.unique (this machine's CPU).
+SHORT_LIST = 40
 
 
 def page_array(page_ids: list[int], num_pages: int, what: str) -> np.ndarray:
@@ -28,8 +30,9 @@ def page_array(page_ids: list[int], num_pages: int, what: str) -> np.ndarray:
         values = ids.tolist()
         low, high, distinct = min(values), max(values), len(set(values)) == len(values)
     else:
-        low, high = int(ids.min()), int(ids.max())
-        distinct = np.unique(ids).size == ids.size
+        ordered = np.sort(ids)
+        low, high = int(ordered[0]), int(ordered[-1])
+        distinct = not bool((ordered[1:] == ordered[:-1]).any())
     if low < 0 or high >= num_pages:
         raise ValueError(f"{what} out of range for a pool of {num_pages} pages")
     if not distinct:
