@@ -97,7 +97,10 @@ class Generator:
                     return  # error stays "cancelled": the request is aborted in its worker
                 self.hooks.on_output(req, msg)
                 delta = self._apply(msg, detok, result)
-                if detok.matched_stop is not None and result.finish_reason is None:
+                # A prefill leg ends once its KV has left, whatever its one token's text:
+                # decode applies the stop strings (aborting here failed the decode leg).
+                stops_here = self.mode != "prefill"
+                if stops_here and detok.matched_stop is not None and result.finish_reason is None:
                     result.finish_reason = FinishReason("stop", matched=detok.matched_stop)
                     self.controller.abort(req.rid, "stop string matched")
                 if result.finish_reason is not None:

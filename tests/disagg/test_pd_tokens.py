@@ -10,7 +10,9 @@ import pytest
 import requests
 
 from tests.disagg.conftest import NIXL, backend_args
-from tests.disagg.pd_driver import pd_generate_async, run_many, wait_idle
+from tests.disagg.pd_driver import pages_in_use, pd_generate_async, run_many, wait_idle
+from tests.disagg.test_pd_faults import _leg, _post_async
+from tests.helpers import wait_until
 
 PAGE_SIZE = 16  # the default --page-size
 LENGTHS = [
@@ -173,4 +175,34 @@ def test_pd_streaming_matches_colocated(pd, tiny_server):
     )[0]
     assert result.decode.ok, result.decode.error
     assert _last_sse_json(result.decode.body)["output_ids"] == want
+    wait_idle([prefill.url, decode.url])
+
+
+def test_a_stop_string_in_the_first_token_stops_the_answer_as_colocated(pd, tiny_server):
+    """The first token is sampled on prefill; a stop string its text matches ends the
+    answer on decode, as colocated. Prefill must still ship the KV: its leg is sent first and
+    decode's only once prefill computed the prompt, the order in which prefill used to abort
+    the room on the match and fail the decode leg with 'aborted on prefill'."""
+    prefill = pd.prefill(1)
+    decode = pd.decode(1)
+    text = {"text": "The capital of France is"}
+    first = requests.post(
+        tiny_server.url + "/generate",
+        json=dict(text, sampling_params={"max_new_tokens": 1, "temperature": 0}),
+        timeout=60,
+    ).json()["text"]
+    assert first.strip(), "the first token must have text to stop on"
+    body = dict(text, sampling_params={"max_new_tokens": 8, "temperature": 0, "stop": [first]})
+    want = requests.post(tiny_server.url + "/generate", json=body, timeout=60).json()
+    assert want["meta_info"]["finish_reason"] == {"type": "stop", "matched": first}
+    leg = _leg(prefill.bootstrap_port, random.randrange(2**63), body)
+    prefill_answer = _post_async(prefill.url, leg)
+    # computed and holding its pages for decode's page list
+    wait_until(lambda: pages_in_use(prefill.url) > 0, 30, "prefill to compute the prompt")
+    answer = requests.post(decode.url + "/generate", json=leg, timeout=60)
+    assert answer.status_code == 200, answer.text
+    assert prefill_answer.result().status_code == 200, prefill_answer.result().text
+    got = answer.json()
+    assert (got["text"], got["output_ids"]) == (want["text"], want["output_ids"])
+    assert got["meta_info"]["finish_reason"] == want["meta_info"]["finish_reason"]
     wait_idle([prefill.url, decode.url])
