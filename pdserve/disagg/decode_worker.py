@@ -113,6 +113,8 @@ class DecodeWorkerHooks(WorkerHooks):
             self.engine.add_request(request_from_msg(msg))
             return []
         if msg.sampling.max_new_tokens == 0:  # nothing to generate: prefill sends no KV
+            # Refused as a colocated server with this pool would (RequestRejected: a 400).
+            self.engine.check_admissible(request_from_msg(msg))
             return [ReqOutput(rid=msg.rid, finish_reason=FinishReason("length"))]
         if info.prefill_endpoint is None:
             return [

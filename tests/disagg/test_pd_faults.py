@@ -279,6 +279,16 @@ def test_request_too_big_for_decode_fails_both_legs_with_the_limit(pd):
         assert leg.status == 400, leg.body
         assert "KV pages" in leg.error
     assert result.prefill.elapsed_s < 10
+    # Prompt logprobs only (no KV moves, decode answers at once) are refused all the same,
+    # as a colocated server with decode's pool refuses them: decode answered 200 and no
+    # tokens. Its prefill leg, with the default pool, may answer before it hears of that.
+    zero = dict(body, sampling_params={"max_new_tokens": 0})
+    result = pd_generate(
+        prefill.url, decode.url, zero, bootstrap_port=prefill.bootstrap_port, timeout_s=30
+    )
+    assert result.decode.status == 400, result.decode.body
+    assert "KV pages" in result.decode.error
+    assert result.prefill.status in (200, 400) and result.prefill.elapsed_s < 10
     wait_idle([prefill.url, decode.url])
 
 
