@@ -51,6 +51,9 @@ class ItemResult:
     first_token_at: float | None = None
     last_token_at: float | None = None
     finished_at: float | None = None
+    # Set when another item of its request failed: this one then ends with that error, which
+    # its room's other leg hears, rather than as a client that left ("cancelled").
+    sibling_error: RequestError | None = None
 
     @property
     def e2e_latency_s(self) -> float:
@@ -114,6 +117,8 @@ class Generator:
             error = exc
             raise
         finally:
+            if isinstance(error, RequestCancelled) and result.sibling_error is not None:
+                error = result.sibling_error
             self._close(req, result, error)
 
     async def _dispatch(self, item: GenItem) -> GenerateReq:
@@ -244,9 +249,12 @@ def _ends_on_stop_token(msg: ReqOutput, no_stop_trim: bool) -> bool:
 
 
 async def run_to_end(
-    gen: Generator, item: GenItem, client_gone: ClientGone | None = None
+    gen: Generator,
+    item: GenItem,
+    client_gone: ClientGone | None = None,
+    result: ItemResult | None = None,
 ) -> ItemResult:
-    result = ItemResult(item=item, started_at=time.monotonic())
+    result = result or ItemResult(item=item, started_at=time.monotonic())
     async with contextlib.aclosing(gen.run(item, result, client_gone)) as deltas:
         async for _ in deltas:
             pass
@@ -280,6 +288,7 @@ async def merged(
         while num_done < len(items):
             index, delta, exc = await queue.get()
             if exc is not None:
+                _fail_siblings(results, exc)
                 raise exc
             if delta is None:
                 num_done += 1
@@ -294,10 +303,24 @@ async def merged(
 async def run_all(
     gen: Generator, items: list[GenItem], client_gone: ClientGone | None = None
 ) -> list[ItemResult]:
-    """Runs items concurrently; the first failure cancels the others and is raised."""
-    tasks = [asyncio.create_task(run_to_end(gen, item, client_gone)) for item in items]
+    """Runs items concurrently; the first failure ends the others with it and is raised."""
+    results = [ItemResult(item=item, started_at=time.monotonic()) for item in items]
+    tasks = [
+        asyncio.create_task(run_to_end(gen, item, client_gone, result))
+        for item, result in zip(items, results, strict=True)
+    ]
     try:
         return list(await asyncio.gather(*tasks))
+    except RequestError as exc:
+        _fail_siblings(results, exc)
+        raise
     finally:
         for task in tasks:
             task.cancel()
+
+
+def _fail_siblings(results: list[ItemResult], error: RequestError) -> None:
+    """Before the other items of a failed request are cancelled: they end with its error."""
+    for result in results:
+        if result.finish_reason is None:
+            result.sibling_error = error

@@ -19,6 +19,7 @@ import zmq
 
 from tests.disagg.conftest import BACKENDS, Prefill, backend_args
 from tests.disagg.pd_driver import (
+    metric_value,
     pages_in_use,
     pd_generate,
     pd_generate_async,
@@ -289,6 +290,26 @@ def test_request_too_big_for_decode_fails_both_legs_with_the_limit(pd):
     assert result.decode.status == 400, result.decode.body
     assert "KV pages" in result.decode.error
     assert result.prefill.status in (200, 400) and result.prefill.elapsed_s < 10
+    wait_idle([prefill.url, decode.url])
+
+
+def test_a_batch_item_too_big_for_decode_fails_every_room_of_the_batch_with_its_reason(pd):
+    """The items of a batch that one item failed end with that item's error, on both legs:
+    they were cancelled, and their prefill legs heard 'decode failed the room: cancelled'
+    (499) and answered the client that. The decode leg goes first and its failures are
+    recorded before the prefill leg comes, so prefill reads the first item's failure first."""
+    prefill = pd.prefill(1)
+    decode = pd.decode(1, ["--max-total-tokens", "64"])
+    body = dict(BODY, input_ids=[list(range(3, 18)), list(range(3, 103))])  # fits; 100 > pool
+    leg = _leg(prefill.bootstrap_port, [random.randrange(2**63) for _ in range(2)], body)
+    answer = requests.post(decode.url + "/generate", json=leg, timeout=30)
+    assert answer.status_code == 400 and "KV pages" in answer.text, answer.text
+    recorded = "pdserve_bootstrap_failures_recorded_total"
+    wait_until(lambda: metric_value(prefill.url, recorded) >= 2, 10, "both rooms' failures")
+    answer = requests.post(prefill.url + "/generate", json=leg, timeout=30)
+    assert answer.status_code == 400, answer.text
+    assert "decode failed the room: prompt + max_new_tokens" in answer.text
+    assert "KV pages" in answer.text
     wait_idle([prefill.url, decode.url])
 
 
