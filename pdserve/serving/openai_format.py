@@ -61,12 +61,15 @@ def render_chat_prompt(tokenizer: Any, messages: Any, body: dict) -> list[int]:
             raise bad(f"messages[{i}] must be an object with a string role")
         plain.append({"role": msg["role"], "content": _content_text(msg.get("content"), i)})
     kwargs = body.get("chat_template_kwargs")
+    kwargs = {} if kwargs is None else kwargs
+    if not isinstance(kwargs, dict):
+        raise RequestError(
+            400, f"chat_template_kwargs must be an object, got {type(kwargs).__name__}",
+            param="chat_template_kwargs",
+        )  # fmt: skip
     try:
         text = tokenizer.apply_chat_template(
-            plain,
-            tokenize=False,
-            add_generation_prompt=True,
-            **(kwargs if isinstance(kwargs, dict) else {}),
+            plain, tokenize=False, add_generation_prompt=True, **kwargs
         )
     except Exception as exc:  # a template that rejects the conversation is the client's 400
         raise bad(f"the chat template rejected the messages: {exc}") from None

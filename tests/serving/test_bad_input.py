@@ -54,6 +54,11 @@ def post_raw(url: str, data: bytes) -> tuple[int, dict]:
         ("/v1/chat/completions", {"messages": [{"content": "no role"}]}, "role"),
         (
             "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": "x"}], "chat_template_kwargs": 5},
+            "chat_template_kwargs must be an object",
+        ),
+        (
+            "/v1/chat/completions",
             {"messages": [{"role": "user", "content": "x"}], "logprobs": 1},
             "logprobs",
         ),
