@@ -1,7 +1,8 @@
 """Incremental detokenization with stop strings for one output. Runs in the front end.
 
 Text is released only once it is final: never half a UTF-8 character, and never the start of
-what may become a stop string (that tail is held back until it is ruled out).
+what may become a stop string (that tail is held back until it is ruled out). The text of
+the first min_new_tokens tokens never matches a stop string (vLLM's rule, as the engine's).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ class IncrementalDetokenizer:
         skip_special_tokens: bool = True,
         stop: list[str] | None = None,
         no_stop_trim: bool = False,
+        min_new_tokens: int = 0,
     ):
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens
@@ -29,6 +31,8 @@ class IncrementalDetokenizer:
         self.text = ""  # all decoded text so far (stable part)
         self.num_released = 0  # chars of `text` handed out
         self.matched_stop: str | None = None
+        self.min_new_tokens = min_new_tokens
+        self._stop_floor_chars = 0  # text of the first min_new_tokens tokens
         # Offsets into token_ids: decoding from `_prefix` gives context for a clean join.
         self._prefix = 0
         self._read = 0
@@ -41,6 +45,19 @@ class IncrementalDetokenizer:
         """Feed new tokens; returns newly released text ('' if none, e.g. after a stop)."""
         if self.matched_stop is not None:
             return ""
+        num_unmatched = max(0, self.min_new_tokens - len(self.token_ids))
+        if num_unmatched:
+            self._append(token_ids[:num_unmatched])
+            self._stop_floor_chars = len(self.text)
+        if token_ids[num_unmatched:]:
+            start = self._append(token_ids[num_unmatched:])
+            if start is not None:
+                self._find_stop(start)
+        return self._release(final=self.matched_stop is not None)
+
+    def _append(self, token_ids: list[int]) -> int | None:
+        """Decode the new tokens; where their text starts in `text`, None while it is not
+        whole characters yet."""
         self.token_ids.extend(token_ids)
         prefix_text = self._decode(self.token_ids[self._prefix : self._read])
         full_text = self._decode(self.token_ids[self._prefix :])
@@ -48,15 +65,16 @@ class IncrementalDetokenizer:
             start = len(self.text)
             self.text += full_text[len(prefix_text) :]
             self._prefix, self._read = self._read, len(self.token_ids)
-            self._find_stop(start)
-        return self._release(final=self.matched_stop is not None)
+            return start
+        return None
 
     def _find_stop(self, new_from: int) -> None:
         # A stop string may straddle the previous chunk: search from its longest overlap.
+        # A match must end past the first min_new_tokens tokens' text (the engine's rule).
         search_from = max(0, new_from - self._hold)
         best: tuple[int, str] | None = None
         for stop in self.stop:
-            pos = self.text.find(stop, search_from)
+            pos = self.text.find(stop, max(search_from, self._stop_floor_chars - len(stop) + 1))
             if pos != -1 and (best is None or pos < best[0]):
                 best = (pos, stop)
         if best is not None:

@@ -92,6 +92,7 @@ class Generator:
             item.sampling.skip_special_tokens,
             item.sampling.stop,
             item.sampling.no_stop_trim,
+            item.sampling.min_new_tokens,
         )
         error: RequestError | None = RequestCancelled()
         try:

@@ -57,3 +57,19 @@ def test_held_back_prefix_of_a_stop_is_released_when_ruled_out():
     assert detok.add(ids("ill")) == "cST"
     assert detok.finish() == "ill"
     assert detok.matched_stop is None
+
+
+def test_no_stop_string_ends_within_the_first_min_new_tokens_tokens():
+    """vLLM's rule, as the engine's: the text of the first min_new_tokens tokens never
+    matches, though a match may start there and end in a later token's text."""
+    detok = IncrementalDetokenizer(ByteTokenizer(), stop=["a", "bc"], min_new_tokens=3)
+    assert "".join(feed_one_by_one(detok, "abab")) == "abab"[:3]
+    assert detok.matched_stop is None
+    assert detok.add(ids("c")) == "" and detok.matched_stop == "bc"
+    assert detok.text == "aba"
+
+
+def test_min_new_tokens_boundary_inside_one_chunk():
+    detok = IncrementalDetokenizer(ByteTokenizer(), stop=["a"], min_new_tokens=2)
+    detok.add(ids("aaxa"))
+    assert detok.matched_stop == "a" and detok.text == "aax"

@@ -101,6 +101,17 @@ def test_openai_min_tokens_holds_back_a_stop_token_id(tiny_server):
     assert held["usage"]["completion_tokens"] >= 6
 
 
+def test_openai_min_tokens_holds_back_a_stop_string(tiny_server):
+    """vLLM's rule: no stop string ends within the first min_tokens tokens' text (the front
+    end matched it on the first token and answered one token, finish_reason stop)."""
+    body = {"prompt": "hi", "max_tokens": 6, "temperature": 0, "ignore_eos": True}
+    first_text = completions(tiny_server, {**body, "max_tokens": 1})["choices"][0]["text"]
+    stopped = completions(tiny_server, {**body, "stop": [first_text[-1]]})
+    assert stopped["usage"]["completion_tokens"] == 1, stopped
+    held = completions(tiny_server, {**body, "stop": [first_text[-1]], "min_tokens": 4})
+    assert held["usage"]["completion_tokens"] >= 4, held
+
+
 @pytest.mark.parametrize("route", ["/v1/completions", "/v1/chat/completions"])
 @pytest.mark.parametrize(
     ("field", "value"),
