@@ -290,6 +290,10 @@ async def _stream(
     """`echoes`: completions' prompt text per item, sent in front of its first delta."""
     results: dict[int, ItemResult] = {}
     offsets: dict[int, int] = {}  # completions logprobs: text offset of the next token
+    options = body.get("stream_options")
+    include_usage = isinstance(options, dict) and bool(options.get("include_usage"))
+    # vLLM's continuous_usage_stats: every chunk has its choice's usage so far.
+    continuous_usage = include_usage and bool(options.get("continuous_usage_stats"))
     async for index, result, delta in merged(state.generator, items, gone):
         offset = offsets.get(index, 0)
         if echoes is not None and index not in results:
@@ -300,9 +304,9 @@ async def _stream(
             offsets[index] = end_offset(logprobs, offset)
         results[index] = result
         choice = {"index": index, **fields, "finish_reason": finish_reason(result)}
-        yield {**meta, "object": kind, "choices": [choice]}
-    options = body.get("stream_options")
-    if isinstance(options, dict) and options.get("include_usage"):
+        chunk = {**meta, "object": kind, "choices": [choice]}
+        yield chunk | {"usage": usage([result], 1)} if continuous_usage else chunk
+    if include_usage:
         ordered = [results[i] for i in sorted(results)]
         yield {**meta, "object": kind, "choices": [], "usage": usage(ordered, n)}
 

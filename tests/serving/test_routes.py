@@ -6,7 +6,7 @@ import openai
 import pytest
 
 from tests.helpers import http_json, sse_events
-from tests.serving.route_helpers import GREEDY
+from tests.serving.route_helpers import GREEDY, prompt_len
 
 
 def test_generate_single_answers_text_ids_and_meta_info(tiny_server):
@@ -173,6 +173,26 @@ def test_chat_stream_deltas_add_up_to_the_whole_answer(tiny_server):
     assert events[-2]["usage"]["completion_tokens"] > 0
     _, whole = http_json("POST", f"{tiny_server.url}/v1/chat/completions", body)
     assert texts[0] == whole["choices"][0]["message"]["content"] == texts[1]
+
+
+def test_continuous_usage_stats_puts_each_choices_usage_so_far_in_every_chunk(tiny_server):
+    """vLLM's stream_options.continuous_usage_stats (it was ignored): every chunk carries its
+    choice's prompt tokens and the tokens it has generated so far."""
+    options = {"include_usage": True, "continuous_usage_stats": True}
+    body = {"prompt": ["hi", "hi there"], "max_tokens": 4, "ignore_eos": True, "n": 2}
+    events = sse_events(
+        f"{tiny_server.url}/v1/completions",
+        {**body, "stream": True, "stream_options": options},
+    )
+    assert events[-1] == "[DONE]" and events[-2]["choices"] == []
+    prompt_lens = [prompt_len(tiny_server, p) for p in body["prompt"]]
+    generated = [0] * 4
+    for ev in events[:-2]:
+        (choice,) = ev["choices"]
+        generated[choice["index"]] = ev["usage"]["completion_tokens"]
+        assert ev["usage"]["prompt_tokens"] == prompt_lens[choice["index"] // 2], ev
+    assert generated == [4] * 4
+    assert events[-2]["usage"]["completion_tokens"] == 16
 
 
 def test_chat_stream_with_logprobs_gives_one_entry_per_token(tiny_server):
