@@ -163,7 +163,9 @@ def sampling_from_dict(
         sampling.validate(limits.vocab_size)
     except InvalidSampling as exc:
         raise _invalid(exc, openai, max_tokens_field) from None
-    except (msgspec.ValidationError, ValueError) as exc:
+    except msgspec.ValidationError as exc:
+        raise _mistyped(str(exc), openai, max_tokens_field) from None
+    except ValueError as exc:
         raise bad(f"invalid sampling_params: {exc}") from None
     if sampling.max_new_tokens > room:
         raise RequestError(
@@ -180,9 +182,27 @@ def _invalid(exc: InvalidSampling, openai: bool, max_tokens_field: str) -> Reque
         return RequestError(
             400, f"invalid sampling_params: {exc}", param=f"sampling_params.{exc.field}"
         )
-    openai_names = {"max_new_tokens": max_tokens_field, "min_new_tokens": "min_tokens"}
-    name = openai_names.get(exc.field, exc.field)
+    name = _openai_name(exc.field, max_tokens_field)
     return RequestError(400, f"{name} {exc.problem}", param=name)
+
+
+def _openai_name(field_name: str, max_tokens_field: str) -> str:
+    openai_names = {"max_new_tokens": max_tokens_field, "min_new_tokens": "min_tokens"}
+    return openai_names.get(field_name, field_name)
+
+
+def _mistyped(message: str, openai: bool, max_tokens_field: str) -> RequestError:
+    """msgspec's "Expected `int | null`, got `str` - at `$.seed`" as an error naming the
+    field as the client sent it (message and param)."""
+    problem, at, path = message.partition(" - at `$.")
+    if not at:
+        return bad(f"invalid sampling_params: {message}")
+    field_name = path.rstrip("`").split(".")[0].split("[")[0]
+    if not openai:
+        param = f"sampling_params.{field_name}"
+        return RequestError(400, f"invalid sampling_params: {field_name}: {problem}", param=param)
+    name = _openai_name(field_name, max_tokens_field)
+    return RequestError(400, f"{name}: {problem}", param=name)
 
 
 def check_prompt(input_ids: Any, limits: Limits) -> list[int]:

@@ -130,6 +130,23 @@ def test_openai_penalties_out_of_range_are_400_naming_the_field(tiny_server, rou
     assert out["error"]["param"] == field and out["error"]["message"].startswith(field), out
 
 
+@pytest.mark.parametrize("route", ["/v1/completions", "/v1/chat/completions"])
+@pytest.mark.parametrize(("field", "value"), [("seed", "x"), ("stop", 5), ("top_k", "3")])
+def test_openai_fields_of_the_wrong_type_are_400_naming_the_field(tiny_server, route, field, value):
+    """They were named by a JSON path into SGLang's sampling_params, param null."""
+    body = {"prompt": "hi", "messages": CHAT, "max_tokens": 2, field: value}
+    status, out = http_json("POST", tiny_server.url + route, body)
+    assert status == 400, out
+    assert out["error"]["param"] == field and out["error"]["message"].startswith(field), out
+    assert "sampling_params" not in out["error"]["message"], out
+
+
+def test_generate_names_a_mistyped_sampling_param(tiny_server):
+    body = {"text": "hi", "sampling_params": {"max_new_tokens": 2, "seed": "x"}}
+    status, out = http_json("POST", f"{tiny_server.url}/generate", body)
+    assert status == 400 and out["error"]["param"] == "sampling_params.seed", out
+
+
 @pytest.mark.parametrize(
     ("field", "value", "ok"),
     [
