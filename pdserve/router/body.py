@@ -26,7 +26,12 @@ RANK_FIELDS = ("routed_dp_rank", "data_parallel_rank", "disagg_prefill_dp_rank")
 
 
 class BadRequest(ValueError):
-    """The client's body cannot be routed (the router answers 400)."""
+    """The client's body cannot be routed (the router answers 400); `param`: the field at
+    fault, if one is."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
 
 
 def _batch_len(value: Any) -> int | None:
@@ -51,7 +56,7 @@ def num_sequences(route: str, body: dict[str, Any]) -> int | None:
     n = body.get("n") if route != GENERATE else None
     # Checked here as the servers check it: each sequence costs the router a room and a rid.
     if n is not None and (not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= MAX_N):
-        raise BadRequest(f"n must be in [1, {MAX_N}], got {n!r}")
+        raise BadRequest(f"n must be in [1, {MAX_N}], got {n!r}", param="n")
     if route == GENERATE:
         if "text" in body:
             return _batch_len(body["text"])

@@ -26,8 +26,8 @@ from pdserve.serving.hooks import error_object
 log = logging.getLogger(__name__)
 
 
-def error_response(status: int, message: str) -> Response:
-    return json_response({"error": error_object(status, message)}, status)
+def error_response(status: int, message: str, param: str | None = None) -> Response:
+    return json_response({"error": error_object(status, message, param=param)}, status)
 
 
 class Proxy:
@@ -58,7 +58,7 @@ class Proxy:
             num_seqs = num_sequences(route, body)
         except (msgspec.DecodeError, BadRequest, RecursionError) as exc:  # nested too deeply
             self.legs.count_failure(route, "bad_request")
-            return error_response(400, f"bad request: {exc}")
+            return error_response(400, f"bad request: {exc}", getattr(exc, "param", None))
         try:
             response, decode_s = await self._attempts(request, route, body, num_seqs)
         except asyncio.CancelledError:

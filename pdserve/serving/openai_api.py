@@ -92,7 +92,7 @@ def _items(
     the prompt's logprobs too."""
     n = get_field(body, "n", int, 1)
     if not 1 <= n <= MAX_N:
-        raise bad(f"n must be in [1, {MAX_N}], got {n}")
+        raise RequestError(400, f"n must be in [1, {MAX_N}], got {n}", param="n")
     num = len(prompts) * n
     items = []
     for index in range(num):

@@ -265,7 +265,7 @@ def test_errors_through_the_router_keep_the_servers_openai_shape(router, tiny_se
     assert own.json()["error"] | {"message": ""} == {
         "message": "",
         "type": "invalid_request_error",
-        "param": None,
+        "param": "n",
         "code": 400,
     }
 

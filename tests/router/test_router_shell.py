@@ -382,6 +382,8 @@ def test_bad_requests_and_side_routes(stubs, router_factory):
     assert resp.status_code == 400 and "recursion" in resp.json()["error"]["message"]
     resp = requests.post(f"{router.url}/v1/completions", json={"prompt": []}, timeout=10)
     assert resp.status_code == 400
+    resp = requests.post(f"{router.url}/v1/completions", json={"prompt": "a", "n": 0}, timeout=10)
+    assert resp.status_code == 400 and resp.json()["error"]["param"] == "n", resp.text
     body = {"text": "x", "disagg_local_prefill": True}
     resp = requests.post(f"{router.url}/generate", json=body, timeout=10)
     assert resp.status_code == 400 and "set by the router" in resp.json()["error"]["message"]

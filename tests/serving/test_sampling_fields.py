@@ -121,6 +121,8 @@ def test_openai_min_tokens_holds_back_a_stop_string(tiny_server):
         ("repetition_penalty", 0),
         ("min_tokens", -1),
         ("min_tokens", 5),  # more than max_tokens
+        ("n", 0),
+        ("n", 129),
     ],
 )
 def test_openai_penalties_out_of_range_are_400_naming_the_field(tiny_server, route, field, value):
