@@ -155,6 +155,11 @@ class RouterConfig:
             "prefix table sizes must be > 0",
         )
         check(self.local_prefill_threshold >= 0, "--local-prefill-threshold must be >= 0")
+        check(
+            not self.local_prefill_threshold or self.policy_for("decode") == "kv_aware",
+            "--local-prefill-threshold needs the kv_aware decode policy (--policy kv_aware or "
+            "--decode-policy kv_aware): no other policy knows what a decode server holds",
+        )
         check(self.max_retries >= 0, "--max-retries must be >= 0")
         check(
             min(

@@ -236,3 +236,14 @@ def test_a_probing_decode_server_is_used_when_no_other_is_available():
     probing.on_done(10.5, False, None)  # the probe failed: open again until t=20.5
     with pytest.raises(NoWorker, match="no healthy decode server available"):
         chooser.choose("/generate", {"text": "x"}, None, "x", 11.0)
+
+
+@pytest.mark.parametrize(
+    "policies", [{}, {"policy": "cache_aware"}, {"decode_policy": "round_robin"}]
+)
+def test_a_local_prefill_threshold_without_kv_aware_decode_is_refused(policies):
+    """It was accepted and did nothing: only kv_aware knows what a decode server holds."""
+    with pytest.raises(ValueError, match="--local-prefill-threshold needs the kv_aware"):
+        RouterConfig(local_prefill_threshold=64, **policies)
+    RouterConfig(local_prefill_threshold=64, policy="round_robin", decode_policy="kv_aware")
+    RouterConfig(local_prefill_threshold=64, policy="kv_aware")
