@@ -21,6 +21,15 @@ from pdserve.router.workers import Worker, WorkerRegistry
 log = logging.getLogger(__name__)
 LOAD_POLICIES = {"power_of_two", "cache_aware", "kv_aware"}
 CHECK_ERRORS = (HttpError, RuntimeError, ValueError)  # ValueError: bad JSON or fields
+KEY_REFUSED_STATUSES = (401, 403)
+
+
+class WorkerAnswerError(RuntimeError):
+    """A worker answered a health or info request with another status than 200."""
+
+    def __init__(self, message: str, status: int):
+        super().__init__(message)
+        self.status = status
 
 
 def tokens_per_rank(answer: Any) -> list[int]:
@@ -68,6 +77,7 @@ class Monitor:
         self._tasks: list[asyncio.Task] = []
         self._started_at = 0.0
         self._timeout_s = config.health_check_timeout_s
+        self._key_refused: set[str] = set()  # urls warned about, until they accept the key
 
     def start(self, client: HttpClient, specs: Iterable[WorkerSpec]) -> None:
         self.client = client
@@ -96,7 +106,7 @@ class Monitor:
     async def _get(self, url: str, path: str) -> bytes:
         status, body = await self.client.get(url, path, self._timeout_s)
         if status != 200:
-            raise RuntimeError(f"GET {url}{path}: HTTP {status}")
+            raise WorkerAnswerError(f"GET {url}{path}: HTTP {status}", status)
         return body
 
     async def _get_json(self, url: str, path: str) -> Any:
@@ -155,10 +165,27 @@ class Monitor:
             await self._get(worker.url, "/health")
             if self._needs_info(worker):
                 await self.refresh_info(worker)
+            self._key_refused.discard(worker.url)
             return True
         except CHECK_ERRORS as exc:
             log.debug("health check of %s failed: %r", worker.url, exc)
+            self._warn_key_refused(worker, exc)
             return False
+
+    def _warn_key_refused(self, worker: Worker, exc: Exception) -> None:
+        """A refused key never heals by itself: say so once, not only at debug level (the
+        worker stayed out of rotation and clients got 503 with no reason anywhere)."""
+        status = getattr(exc, "status", None)
+        if status not in KEY_REFUSED_STATUSES or worker.url in self._key_refused:
+            return
+        self._key_refused.add(worker.url)
+        log.warning(
+            "%s server %s refused the router's API key (%s): it stays out of rotation until "
+            "the router's --api-key is the server's",
+            worker.role,
+            worker.url,
+            exc,
+        )
 
     async def check_all(self) -> None:
         workers = self.registry.all()

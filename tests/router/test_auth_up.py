@@ -87,3 +87,22 @@ def test_up_with_credentials_guards_every_process_and_bench_passes_the_key(tmp_p
         assert up.proc.wait(60) == 0
     finally:
         up.kill_everything()
+
+
+def test_a_router_whose_key_its_worker_refuses_says_so_in_its_log(server_factory):
+    """The worker stays out of rotation; the reason was logged at debug level only, so
+    clients got 503 'no healthy server' and the router's log said nothing."""
+    server = server_factory(["--model-path", "tiny-random", "--api-key", KEY])
+    router_argv = ["--worker", server.url, "--api-key", "another-key"]
+    router = server_factory([*router_argv, "--health-check-interval-s", "0.2"], subcommand="router")
+    wait_until(
+        lambda: "refused the router's API key (GET" in router.output(), 60, "the router's warning"
+    )
+    answer = requests.post(
+        f"{router.url}/v1/completions",
+        json={"prompt": "hi", "max_tokens": 1},
+        headers={"Authorization": "Bearer another-key"},
+        timeout=30,
+    )
+    assert answer.status_code == 503, answer.text
+    assert router.output().count("refused the router's API key") == 1  # once, not per check
