@@ -29,6 +29,8 @@ INERT_VALUES: dict[str, tuple[Any, ...]] = {
     "guided_choice": (),
     "guided_grammar": (),
     "structured_outputs": (),
+    "structural_tag": (),  # SGLang's
+    "prompt_logprobs": (),  # vLLM's (echo with logprobs gives completions' prompt logprobs)
 }
 
 

@@ -37,6 +37,8 @@ REFUSED = [
     ("guided_json", {"type": "object"}),
     ("regex", "[a-z]+"),
     ("best_of", 3),
+    ("structural_tag", {"type": "structural_tag", "structures": [], "triggers": []}),
+    ("prompt_logprobs", 1),
 ]
 INERT = {
     "presence_penalty": 0,
