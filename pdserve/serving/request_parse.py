@@ -65,6 +65,18 @@ SAMPLING_INERT_VALUES: dict[str, tuple[Any, ...]] = {
     "structural_tag": (),
     "stop_regex": (),
 }
+# SGLang /generate fields for features pdserve lacks (multimodal inputs, LoRA, embeddings,
+# sessions, custom logit processors, logprobs of chosen ids): refused, never ignored.
+GENERATE_INERT_VALUES: dict[str, tuple[Any, ...]] = {
+    "image_data": (),
+    "audio_data": (),
+    "video_data": (),
+    "input_embeds": (),
+    "lora_path": (),
+    "session_params": (),
+    "custom_logit_processor": (),
+    "token_ids_logprob": (),
+}
 
 
 def refuse_features(
@@ -262,6 +274,7 @@ def parse_generate(body: Any, tokenizer: Encoder, limits: Limits) -> tuple[list[
     """Native /generate body -> (items, is_batch)."""
     if not isinstance(body, dict):
         raise bad("the request body must be a JSON object")
+    refuse_features(body, GENERATE_INERT_VALUES)
     text, input_ids = body.get("text"), body.get("input_ids")
     if (text is None) == (input_ids is None):
         raise bad("give exactly one of text or input_ids")

@@ -286,3 +286,25 @@ def test_sglang_sampling_params_the_server_lacks_are_refused_on_generate(tiny_se
     }
     body["sampling_params"] = {"max_new_tokens": 2, **inert}
     assert http_json("POST", f"{tiny_server.url}/generate", body)[0] == 200
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("image_data", "http://example.com/cat.png"),
+        ("lora_path", "my-adapter"),
+        ("input_embeds", [[0.5]]),
+        ("custom_logit_processor", "serialized"),
+        ("token_ids_logprob", [1, 2]),
+        ("session_params", {"id": "s"}),
+    ],
+)
+def test_generate_refuses_sglang_features_the_server_lacks(tiny_server, field, value):
+    """They were silently ignored: an answer without the image or the adapter passed for
+    one made with it."""
+    body = {"text": "hi", "sampling_params": {"max_new_tokens": 2}}
+    status, out = http_json("POST", f"{tiny_server.url}/generate", {**body, field: value})
+    assert status == 400 and out["error"]["param"] == field, out
+    assert out["error"]["message"].startswith(f"{field} is not supported by this server"), out
+    status, out = http_json("POST", f"{tiny_server.url}/generate", {**body, field: None})
+    assert status == 200, out
