@@ -67,15 +67,16 @@ SAMPLING_INERT_VALUES: dict[str, tuple[Any, ...]] = {
 }
 # SGLang /generate fields for features pdserve lacks (multimodal inputs, LoRA, embeddings,
 # sessions, custom logit processors, logprobs of chosen ids): refused, never ignored.
+# An empty list or string asks for nothing and passes.
 GENERATE_INERT_VALUES: dict[str, tuple[Any, ...]] = {
-    "image_data": (),
-    "audio_data": (),
-    "video_data": (),
-    "input_embeds": (),
-    "lora_path": (),
-    "session_params": (),
-    "custom_logit_processor": (),
-    "token_ids_logprob": (),
+    "image_data": ([],),
+    "audio_data": ([],),
+    "video_data": ([],),
+    "input_embeds": ([],),
+    "lora_path": ("", []),
+    "session_params": ({},),
+    "custom_logit_processor": ("",),
+    "token_ids_logprob": ([],),
 }
 
 
