@@ -90,7 +90,9 @@ class Generator:
         detok = IncrementalDetokenizer(
             self.tokenizer,
             item.sampling.skip_special_tokens,
-            item.sampling.stop,
+            # A prefill leg ends once its KV has left, whatever its one token's text: decode
+            # applies the stop strings (ending a prefill leg on one failed the decode leg).
+            None if self.mode == "prefill" else item.sampling.stop,
             item.sampling.no_stop_trim,
             item.sampling.min_new_tokens,
         )
@@ -101,10 +103,7 @@ class Generator:
                     return  # error stays "cancelled": the request is aborted in its worker
                 self.hooks.on_output(req, msg)
                 delta = self._apply(msg, detok, result)
-                # A prefill leg ends once its KV has left, whatever its one token's text:
-                # decode applies the stop strings (aborting here failed the decode leg).
-                stops_here = self.mode != "prefill"
-                if stops_here and detok.matched_stop is not None and result.finish_reason is None:
+                if detok.matched_stop is not None and result.finish_reason is None:
                     result.finish_reason = FinishReason("stop", matched=detok.matched_stop)
                     self.controller.abort(req.rid, "stop string matched")
                 if result.finish_reason is not None:
