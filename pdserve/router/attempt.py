@@ -7,6 +7,7 @@ import asyncio
 import time
 from typing import Any
 
+from pdserve import aio
 from pdserve.router.body import (
     COMPLETIONS,
     GENERATE,
@@ -164,7 +165,7 @@ class Attempt:
         if task is None or worker is None:
             return None
         try:
-            return await asyncio.wait_for(asyncio.shield(task), self.legs.config.request_timeout_s)
+            return await aio.wait_for(asyncio.shield(task), self.legs.config.request_timeout_s)
         except asyncio.TimeoutError:
             raise LegError(
                 worker, 504, "no answer before the request deadline", "timeout", False

@@ -10,6 +10,7 @@ import ssl
 import time
 from urllib.parse import urlsplit
 
+from pdserve import aio
 from pdserve.router.http_connection import (
     BadResponse,
     ConnectFailed,
@@ -139,11 +140,14 @@ class Pool:
             conn.close()
         loop = asyncio.get_running_loop()
         try:
-            _, conn = await asyncio.wait_for(
+            # aio.wait_for: a leg cancelled as its connection opens must not go on to send
+            # its request (asyncio's lost the cancellation); the connection is closed.
+            _, conn = await aio.wait_for(
                 loop.create_connection(
                     lambda: Connection(self), self.host, self.port, ssl=self.ssl
                 ),
                 min(timeout_s, self.connect_timeout_s),
+                on_dropped=lambda pair: pair[0].close(),
             )
         except asyncio.TimeoutError:
             raise ConnectTimeout(f"no connection within {self.connect_timeout_s} s") from None

@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from pdserve import aio
 from pdserve.engine.request import FinishReason
 from pdserve.serving.detokenizer import IncrementalDetokenizer
 from pdserve.serving.dp_controller import DPController, InFlight
@@ -156,7 +157,8 @@ class Generator:
     async def _prepare(self, req: GenerateReq, rank: int, item: GenItem) -> GenerateReq:
         """The mode's hook, under the request's own deadline (the hooks have finer ones)."""
         try:
-            return await asyncio.wait_for(
+            # aio.wait_for: a client gone as the hook ends must not get its request submitted
+            return await aio.wait_for(
                 self.hooks.prepare(req, rank, item.pd), self.request_timeout_s
             )
         except asyncio.TimeoutError:
@@ -169,7 +171,7 @@ class Generator:
         while True:
             remaining_s = deadline - time.monotonic()
             try:
-                msg = await asyncio.wait_for(flight.outputs.get(), max(remaining_s, 0.0))
+                msg = await aio.wait_for(flight.outputs.get(), max(remaining_s, 0.0))
             except asyncio.TimeoutError:
                 raise RequestError(
                     504, f"request timed out after {self.request_timeout_s:g} s"

@@ -9,6 +9,7 @@ import asyncio
 from aiohttp import web
 from aiohttp.web_protocol import RequestPayloadError
 
+from pdserve import aio
 from pdserve.serving.hooks import RequestError
 
 
@@ -21,8 +22,9 @@ async def read_body(request: web.Request, max_nbytes: int, timeout_s: float) -> 
             413, f"body of {request.content_length} bytes is over {max_nbytes} bytes"
         )
     try:
-        # cached by aiohttp: later reads are free; wait_for, as asyncio.timeout is 3.11+
-        return await asyncio.wait_for(request.read(), timeout_s)
+        # cached by aiohttp: later reads are free. aio.wait_for: a client that hangs up as
+        # its body completes cancels the handler, never lets it go on (asyncio's can).
+        return await aio.wait_for(request.read(), timeout_s)
     except asyncio.TimeoutError:  # not the builtin TimeoutError before Python 3.11
         raise RequestError(408, f"request body not complete within {timeout_s:g} s") from None
     except RequestPayloadError as exc:

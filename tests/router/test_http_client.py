@@ -231,6 +231,43 @@ def test_connection_closed_before_any_answer_is_a_leg_error() -> None:
     run_with_raw(b"", scenario)
 
 
+def test_a_request_cancelled_at_any_step_ends_cancelled_and_closes_its_connection() -> None:
+    """A leg the router cancels (the client left, the other leg failed) sends nothing more
+    and closes its connection, so the worker sees it leave, at whatever step the cancel
+    lands. Cancelled just as its connection opened, it once went on to send the request and
+    wait for the answer: a prefill room then held its KV pages until the bootstrap deadline
+    (the router's abort had come before the request)."""
+
+    async def main() -> None:
+        accepted: list[asyncio.Event] = []  # set when that connection's client left
+
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            left = asyncio.Event()
+            accepted.append(left)
+            await reader.read()  # never answers: waits for the client to leave
+            left.set()
+            writer.close()
+
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+        async with server:
+            for num_steps in range(40):  # every step of connect, send and wait
+                client = HttpClient()
+                task = asyncio.create_task(client.request("POST", url, "/generate", 30.0, b"{}"))
+                for _ in range(num_steps):
+                    await asyncio.sleep(0)
+                task.cancel()
+                done, _ = await asyncio.wait([task], timeout=10.0)
+                assert done, f"cancelled after {num_steps} steps, the request went on"
+                assert task.cancelled(), f"cancelled after {num_steps} steps: {task!r}"
+                for left in accepted:
+                    await asyncio.wait_for(left.wait(), 10.0)
+                accepted.clear()
+                client.close()
+
+    asyncio.run(main())
+
+
 def test_body_until_close_and_connection_close_are_read_and_not_reused() -> None:
     for answer in (
         b"HTTP/1.0 200 OK\r\n\r\nall of it",
