@@ -10,6 +10,7 @@ import contextlib
 import json
 import os
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -85,6 +86,17 @@ def raw_exchange(url: str, data: bytes, timeout_s: float = 30.0) -> bytes:
                 if b"\r\n\r\n" in answer and answer.rstrip().endswith(b"}"):
                     break
     return answer
+
+
+def send_part_and_leave(url: str, method: str, path: str, reset: bool) -> None:
+    """Announce a 1000-byte body, send a few bytes of it, and close the connection (with a
+    TCP reset when `reset`): a router or client dropping a request while the server reads it."""
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        if reset:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        head = f"{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        sock.sendall(head.encode() + b'Content-Length: 1000\r\n\r\n{"text": "hel')
 
 
 def python_path_env() -> dict[str, str]:

@@ -5,6 +5,7 @@ HTTP API and, on prefill, the bootstrap server). Runs in the front-end process.
 from __future__ import annotations
 
 import asyncio
+import logging
 
 from aiohttp import web
 from aiohttp.web_protocol import RequestPayloadError
@@ -12,11 +13,16 @@ from aiohttp.web_protocol import RequestPayloadError
 from pdserve import aio
 from pdserve.serving.hooks import RequestError
 
+logger = logging.getLogger(__name__)
+
+CLIENT_LEFT_STATUS = 499  # nginx's "client closed request": nobody reads the answer
+
 
 async def read_body(request: web.Request, max_nbytes: int, timeout_s: float) -> bytes:
     """The body, or a RequestError: 413 for a declared size over `max_nbytes` (aiohttp checks
     its client_max_size only as the bytes arrive), 408 for a body not complete within
-    `timeout_s` (one sent short), 400 for bytes that do not follow their Content-Encoding."""
+    `timeout_s` (one sent short), 400 for bytes that do not follow their Content-Encoding,
+    499 for a client that left mid-body (one INFO line: a client event, not an error)."""
     if request.content_length is not None and request.content_length > max_nbytes:
         raise RequestError(
             413, f"body of {request.content_length} bytes is over {max_nbytes} bytes"
@@ -29,3 +35,26 @@ async def read_body(request: web.Request, max_nbytes: int, timeout_s: float) -> 
         raise RequestError(408, f"request body not complete within {timeout_s:g} s") from None
     except RequestPayloadError as exc:
         raise RequestError(400, f"unreadable body: {' '.join(str(exc).split())}") from None
+    except ConnectionResetError as exc:  # aiohttp's ClientConnectionResetError too
+        # A client event, not a server error: one line, and nothing was parsed or registered.
+        # (A site without handler cancellation gets this; the HTTP API is cancelled instead.)
+        _log_client_left(request, str(exc))
+        raise RequestError(
+            CLIENT_LEFT_STATUS, "the client left before its body was complete"
+        ) from None
+    except asyncio.CancelledError:
+        if request.transport is None or request.transport.is_closing():
+            _log_client_left(request, "connection closed")
+        raise
+
+
+def _log_client_left(request: web.Request, why: str) -> None:
+    logger.info(
+        "%s %s from %s: the client left before its body was complete (%d of %s bytes came): %s",
+        request.method,
+        request.path,
+        request.remote,
+        request.content.total_bytes,
+        request.content_length,
+        why,
+    )

@@ -17,7 +17,13 @@ import pytest
 from pdserve.disagg.bootstrap_client import register_worker_blocking
 from pdserve.disagg.bootstrap_registry import MAX_ROOMS_PER_QUERY, WorkerRegistration
 from tests.disagg.bootstrap_fixtures import registration
-from tests.helpers import free_port, python_path_env, raw_exchange
+from tests.helpers import (
+    free_port,
+    python_path_env,
+    raw_exchange,
+    send_part_and_leave,
+    wait_until,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 STARTUP_TIMEOUT_S = 15.0
@@ -258,3 +264,32 @@ def test_a_body_that_is_not_the_gzip_it_claims_is_a_400(ready_port):
     status, answer = request(ready_port, "POST", "/query_dp_ranks", b"\x1f\x8b no", headers)
     assert status == 400 and "unreadable body" in answer["error"]["message"], answer
     assert post(ready_port, "/query_dp_ranks", {"bootstrap_rooms": [1, 2]}) == (200, {"1": 1})
+
+
+def test_a_client_that_leaves_mid_body_is_one_log_line_not_a_traceback(tmp_path):
+    """A decode server (or anyone) dropping its POST mid-body is a client event: it once
+    logged 'unexpected error' with a traceback at ERROR (this site has no handler
+    cancellation, so the read raised ConnectionResetError into the error middleware)."""
+    port = free_port()
+    log_path = tmp_path / "bootstrap.log"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "pdserve.disagg.bootstrap_server", "--host", "127.0.0.1",
+             "--port", str(port), "--dp-size", "1"],
+            cwd=REPO_ROOT, env=python_path_env(), stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    try:
+        wait_healthy(port, proc)
+        writes = [("POST", "/register_dp_rank"), ("POST", "/query_dp_ranks"), ("PUT", "/route")]
+        for method, path in writes:
+            for reset in (False, True):
+                send_part_and_leave(f"http://127.0.0.1:{port}", method, path, reset)
+        line = "the client left before its body was complete"
+        wait_until(
+            lambda: log_path.read_text().count(line) == 6, 30, "one log line per client that left"
+        )
+        text = log_path.read_text()
+        assert "Traceback" not in text and "ERROR" not in text, text
+        assert request(port, "GET", "/health") == (200, {"status": "ok"})
+    finally:
+        stop_process(proc)

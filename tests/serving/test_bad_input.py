@@ -11,7 +11,7 @@ import pytest
 import requests
 
 from tests.conftest import TINY_ARGS
-from tests.helpers import http_json, raw_exchange, wait_until
+from tests.helpers import http_json, raw_exchange, send_part_and_leave, wait_until
 
 GOOD = {"text": "still alive?", "sampling_params": {"max_new_tokens": 3, "temperature": 0}}
 
@@ -145,6 +145,28 @@ def test_server_still_serves_after_bad_requests(tiny_server):
         30,
         "the worker to report no requests",
     )
+
+
+def test_a_client_that_leaves_mid_body_is_one_log_line_not_a_traceback(tiny_server):
+    """A client event, not a server error: it once logged a traceback at ERROR (the handler's
+    cancellation lost to the body read's ConnectionResetError). Nothing stays in flight."""
+    offset = len(tiny_server.output())
+    paths = ["/generate", "/v1/completions", "/v1/chat/completions", "/abort_request"]
+    for path in paths:
+        for reset in (False, True):
+            send_part_and_leave(tiny_server.url, "POST", path, reset)
+    line = "the client left before its body was complete"
+    wait_until(
+        lambda: tiny_server.output()[offset:].count(line) == 2 * len(paths),
+        30,
+        "one log line per client that left",
+    )
+    log = tiny_server.output()[offset:]
+    assert "Traceback" not in log and " ERROR " not in log, log
+    status, out = http_json("POST", f"{tiny_server.url}/generate", GOOD)
+    assert status == 200 and len(out["output_ids"]) >= 1
+    status, load = http_json("GET", f"{tiny_server.url}/get_load")
+    assert load[0]["num_inflight_reqs"] == 0, load
 
 
 def test_a_request_the_engine_rejects_is_a_400_from_the_worker(server_factory):
