@@ -135,6 +135,22 @@ def test_prefill_error_aborts_decode_at_once_and_reaches_the_client(stubs, route
     wait_until(lambda: stubs["d1"].log()["disconnects"] == 1, 5, "decode connection closed")
 
 
+@pytest.mark.parametrize("status", [400, 503])
+def test_decode_error_aborts_prefill_at_once_and_reaches_the_client(stubs, router_factory, status):
+    """No leg may wait after the other failed: a decode that refuses the request at once (a
+    bad bootstrap_host or port, which also keeps it from telling prefill itself) ends the
+    prefill leg, which would otherwise hold its room until --bootstrap-timeout-s."""
+    router = router_factory(pd_args(stubs) + ["--max-retries", "0"])
+    body = {"text": "x", "stub": {"p1": {"hold": "never"}, "d1": {"status": status}}}
+    resp = requests.post(f"{router.url}/generate", json=body, timeout=10)
+    assert resp.status_code == status
+    assert resp.json()["error"]["worker"] == {"url": stubs["d1"].url, "role": "decode"}
+    rid = stubs["p1"].log()["bodies"][0]["rid"]
+    wait_until(lambda: stubs["p1"].log()["aborts"] == [rid], 5, "prefill abort")
+    wait_until(lambda: stubs["p1"].log()["disconnects"] == 1, 5, "prefill connection closed")
+    assert metric(router, "pdserve_router_aborts_total", role="prefill", cause="decode_failed") == 1
+
+
 def test_a_4xx_from_a_worker_is_the_clients_error_not_a_failed_attempt(stubs, router_factory):
     router = router_factory(pd_args(stubs) + ["--retry-backoff-s", "0.01"])
     refused = {"text": "x", "stub": {"d1": {"status": 422}}}
