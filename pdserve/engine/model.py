@@ -98,6 +98,11 @@ def weights_from_state_dict(
     cpu_packed_weights: bool = False,
 ) -> ModelWeights:
     def take(name: str) -> torch.Tensor:
+        if name not in state:
+            raise ValueError(
+                f"the checkpoint has no tensor {name!r}, which a {args.model_type} model with "
+                "this config.json needs"
+            )
         return state[name].to(device=device, dtype=dtype)
 
     def maybe(name: str) -> torch.Tensor | None:
@@ -144,7 +149,6 @@ def _layer_weights(
 ) -> LayerWeights:
     p = f"model.layers.{i}."
     attn = p + "self_attn."
-    biases = [maybe(f"{attn}{n}_proj.bias") for n in "qkv"]
     moe: MoeWeights | None = None
     gate_up: Linear | None = None
     down: Linear | None = None
@@ -159,9 +163,9 @@ def _layer_weights(
         input_norm=take(p + "input_layernorm.weight"),
         qkv=Linear(
             torch.cat([take(f"{attn}{n}_proj.weight") for n in "qkv"]),
-            torch.cat(biases) if all(b is not None for b in biases) else None,
+            torch.cat([take(f"{attn}{n}_proj.bias") for n in "qkv"]) if args.qkv_bias else None,
         ),
-        o=Linear(take(attn + "o_proj.weight"), maybe(attn + "o_proj.bias")),
+        o=Linear(take(attn + "o_proj.weight"), take(attn + "o_proj.bias") if args.o_bias else None),
         post_norm=take(p + "post_attention_layernorm.weight"),
         gate_up=gate_up,
         down=down,

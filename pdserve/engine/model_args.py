@@ -13,6 +13,9 @@ DENSE_MODEL_TYPES = ("llama", "qwen2", "mistral", "qwen3")
 MOE_MODEL_TYPES = ("qwen3_moe", "mixtral")
 SUPPORTED_MODEL_TYPES = DENSE_MODEL_TYPES + MOE_MODEL_TYPES
 QK_NORM_MODEL_TYPES = ("qwen3", "qwen3_moe")
+# Families whose q/k/v/o projections have biases where config.json sets attention_bias;
+# Qwen2 always has q/k/v biases and no o bias; Mistral and Mixtral never have any.
+ATTENTION_BIAS_MODEL_TYPES = ("llama", "qwen3", "qwen3_moe")
 SUPPORTED_ACTIVATIONS = ("silu",)
 
 # What transformers' config class for each family assumes for a field config.json omits
@@ -67,6 +70,10 @@ class ModelArgs:
     moe: MoeArgs | None = None
     # a sliding window no sequence of max_position_embeddings outgrows (longer are refused)
     sliding_window: int | None = None
+    # Which projections have biases, as transformers builds the family's layers: a bias the
+    # checkpoint holds beyond these is ignored (transformers drops it), one missing refused.
+    qkv_bias: bool = False
+    o_bias: bool = False
 
     @classmethod
     def from_hf_config(cls, raw: dict[str, Any]) -> ModelArgs:
@@ -82,6 +89,9 @@ class ModelArgs:
         head_dim = cfg.get("head_dim") or cfg["hidden_size"] // num_heads
         _check_heads(num_heads, num_kv_heads, head_dim)
         theta, scaling = rope_params_from_hf(cfg)
+        attention_bias = model_type in ATTENTION_BIAS_MODEL_TYPES and bool(
+            cfg.get("attention_bias", False)
+        )
         return cls(
             vocab_size=cfg["vocab_size"],
             hidden_size=cfg["hidden_size"],
@@ -99,6 +109,8 @@ class ModelArgs:
             qk_norm=model_type in QK_NORM_MODEL_TYPES,
             moe=_moe_args(cfg, model_type),
             sliding_window=_window_no_sequence_outgrows(cfg, model_type),
+            qkv_bias=model_type == "qwen2" or attention_bias,
+            o_bias=attention_bias,
         )
 
     def is_moe_layer(self, layer: int) -> bool:

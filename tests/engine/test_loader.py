@@ -191,3 +191,73 @@ def test_an_untied_checkpoint_without_lm_head_is_refused_at_load(tmp_path):
 def test_weights_that_do_not_fit_the_config_are_refused_at_load(tmp_path, changes, tensor):
     with pytest.raises(ValueError, match=tensor):
         load_model(_tiny_copy(tmp_path, **changes), torch.float32, torch.device("cpu"))
+
+
+def _add_attention_biases(model_dir: str) -> dict[str, torch.Tensor]:
+    path = os.path.join(model_dir, "model.safetensors")
+    state = load_file(path)
+    gen = torch.Generator().manual_seed(0)
+    for name in list(state):
+        if name.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight")):
+            bias = name.removesuffix("weight") + "bias"
+            state[bias] = torch.randn(state[name].shape[0], generator=gen)
+    save_file(state, path, metadata={"format": "pt"})
+    return state
+
+
+@pytest.mark.parametrize(
+    ("changes", "qkv_bias", "o_bias"),
+    [
+        ({}, False, False),  # Llama without attention_bias
+        ({"model_type": "mistral", "attention_bias": True}, False, False),  # never biased
+        ({"model_type": "qwen2"}, True, False),  # q/k/v always, o never
+        ({"attention_bias": True}, True, True),
+    ],
+)
+def test_attention_biases_are_those_the_config_gives_not_all_the_checkpoint_holds(
+    tmp_path, changes, qkv_bias, o_bias
+):
+    """transformers builds each projection's bias from the family and attention_bias and
+    drops any other bias tensor of the checkpoint; adding one changes every token."""
+    model_dir = _tiny_copy(tmp_path, **changes)
+    state = _add_attention_biases(model_dir)
+    layer = load_model(model_dir, torch.float32, torch.device("cpu")).weights.layers[0]
+    attn = "model.layers.0.self_attn."
+    want_qkv = torch.cat([state[f"{attn}{n}_proj.bias"] for n in "qkv"]) if qkv_bias else None
+    want_o = state[attn + "o_proj.bias"] if o_bias else None
+    for got, want in ((layer.qkv.bias, want_qkv), (layer.o.bias, want_o)):
+        assert (got is None) == (want is None) and (want is None or torch.equal(got, want))
+
+
+def test_greedy_tokens_ignore_biases_the_config_does_not_give(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from tests.engine.conftest import make_engine
+    from tests.engine.test_model_reference import greedy_req, hf_greedy, run_all, tokens
+
+    model_dir = _tiny_copy(tmp_path)
+    _add_attention_biases(model_dir)
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    hf.generation_config.eos_token_id = None
+    ids = torch.randint(3, 500, (20,), generator=torch.Generator().manual_seed(1)).tolist()
+    got = tokens(run_all(make_engine(model_dir), [greedy_req("r", ids)])["r"])
+    assert got == hf_greedy(hf, ids)
+
+
+@pytest.mark.parametrize(
+    ("changes", "dropped"),
+    [
+        ({"attention_bias": True}, "model.layers.0.self_attn.k_proj.bias"),
+        ({}, "model.layers.3.mlp.down_proj.weight"),
+        ({}, "model.norm.weight"),
+    ],
+)
+def test_a_tensor_the_config_needs_missing_from_the_checkpoint_is_refused_naming_it(
+    tmp_path, changes, dropped
+):
+    model_dir = _tiny_copy(tmp_path, **changes)
+    state = _add_attention_biases(model_dir)
+    del state[dropped]
+    save_file(state, os.path.join(model_dir, "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=f"no tensor '{dropped}'"):
+        load_model(model_dir, torch.float32, torch.device("cpu"))
