@@ -57,28 +57,74 @@ def read_state_dict(model_dir: str) -> dict[str, torch.Tensor]:
     return state
 
 
-def check_shapes(state: dict[str, torch.Tensor], args: ModelArgs) -> None:
-    """Refuse, naming the tensor, weights whose shape the config's heads, head_dim, hidden
-    and vocab sizes do not give (transformers refuses them too); else the first step fails."""
+def expected_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
+    """The shape config.json gives every tensor the engine may take, by checkpoint name."""
     q_rows, kv_rows = args.num_heads * args.head_dim, args.num_kv_heads * args.head_dim
-    hidden = args.hidden_size
-    expected = {
+    hidden, inter = args.hidden_size, args.intermediate_size
+    shapes: dict[str, tuple[int, ...]] = {
         "model.embed_tokens.weight": (args.vocab_size, hidden),
         "lm_head.weight": (args.vocab_size, hidden),
+        "model.norm.weight": (hidden,),
     }
     for i in range(args.num_layers):
-        attn = f"model.layers.{i}.self_attn."
-        expected[attn + "q_proj.weight"] = (q_rows, hidden)
-        expected[attn + "k_proj.weight"] = (kv_rows, hidden)
-        expected[attn + "v_proj.weight"] = (kv_rows, hidden)
-        expected[attn + "o_proj.weight"] = (hidden, q_rows)
-    for name, shape in expected.items():
+        p = f"model.layers.{i}."
+        for name, rows, cols in (("q", q_rows, hidden), ("k", kv_rows, hidden),
+                                 ("v", kv_rows, hidden), ("o", hidden, q_rows)):  # fmt: skip
+            shapes[f"{p}self_attn.{name}_proj.weight"] = (rows, cols)
+            shapes[f"{p}self_attn.{name}_proj.bias"] = (rows,)
+        for name in ("q_norm", "k_norm"):
+            shapes[f"{p}self_attn.{name}.weight"] = (args.head_dim,)
+        for name in ("input_layernorm", "post_attention_layernorm"):
+            shapes[f"{p}{name}.weight"] = (hidden,)
+        if args.moe is not None and args.is_moe_layer(i):
+            shapes.update(_expert_shapes(p, args))
+        else:
+            shapes[p + "mlp.gate_proj.weight"] = (inter, hidden)
+            shapes[p + "mlp.up_proj.weight"] = (inter, hidden)
+            shapes[p + "mlp.down_proj.weight"] = (hidden, inter)
+    return shapes
+
+
+def _expert_shapes(prefix: str, args: ModelArgs) -> dict[str, tuple[int, ...]]:
+    assert args.moe is not None
+    experts, inter, hidden = args.moe.num_experts, args.moe.intermediate_size, args.hidden_size
+    block, (gate, up, down) = (
+        (prefix + "block_sparse_moe.", ("w1", "w3", "w2"))
+        if args.model_type == "mixtral"
+        else (prefix + "mlp.", ("gate_proj", "up_proj", "down_proj"))
+    )
+    shapes: dict[str, tuple[int, ...]] = {
+        block + "gate.weight": (experts, hidden),
+        prefix + "mlp.gate.weight": (experts, hidden),
+        prefix + "mlp.experts.gate_up_proj": (experts, 2 * inter, hidden),
+        prefix + "mlp.experts.down_proj": (experts, hidden, inter),
+    }
+    for e in range(experts):
+        shapes[f"{block}experts.{e}.{gate}.weight"] = (inter, hidden)
+        shapes[f"{block}experts.{e}.{up}.weight"] = (inter, hidden)
+        shapes[f"{block}experts.{e}.{down}.weight"] = (hidden, inter)
+    return shapes
+
+
+def check_shapes(state: dict[str, torch.Tensor], args: ModelArgs) -> None:
+    """Refuse, naming the tensor, weights whose shape config.json does not give (transformers
+    refuses them too): else a step could fail mid-request (a router with more experts than
+    the config's) or serve a model the config does not describe."""
+    for name, shape in expected_shapes(args).items():
         if name in state and tuple(state[name].shape) != shape:
+            moe = args.moe
             raise ValueError(
                 f"{name} has shape {tuple(state[name].shape)} where config.json gives {shape} "
-                f"(vocab_size={args.vocab_size}, hidden_size={hidden}, "
+                f"(vocab_size={args.vocab_size}, hidden_size={args.hidden_size}, "
+                f"intermediate_size={args.intermediate_size}, "
                 f"num_attention_heads={args.num_heads}, "
-                f"num_key_value_heads={args.num_kv_heads}, head_dim={args.head_dim})"
+                f"num_key_value_heads={args.num_kv_heads}, head_dim={args.head_dim}"
+                + (
+                    f", experts={moe.num_experts}, expert intermediate_size="
+                    f"{moe.intermediate_size})"
+                    if moe is not None
+                    else ")"
+                )
             )
 
 

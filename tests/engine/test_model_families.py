@@ -229,3 +229,22 @@ def test_a_context_length_beyond_the_sliding_window_is_refused(tmp_path):
     assert make_engine(str(tmp_path / "m"), context_length=cfg["sliding_window"])
     with pytest.raises(ValueError, match="sliding_window"):
         make_engine(str(tmp_path / "m"), context_length=cfg["sliding_window"] + 1)
+
+
+@pytest.mark.parametrize(
+    ("changes", "tensor"),
+    [
+        # the router keeps 8 rows: tokens routed to experts 6 and 7 failed the first step
+        ({"num_experts": 6}, "model.layers.0.mlp.gate.weight"),
+        ({"moe_intermediate_size": 16}, "model.layers.0.mlp.experts.0.gate_proj.weight"),
+        ({"intermediate_size": 100}, "model.layers.1.mlp.gate_proj.weight"),  # the dense one
+    ],
+)
+def test_moe_weights_that_do_not_fit_the_config_are_refused_at_load(tmp_path, changes, tensor):
+    model_dir = build_qwen3_moe(tmp_path)
+    with open(os.path.join(model_dir, "config.json")) as f:
+        cfg = {**json.load(f), **changes}
+    with open(os.path.join(model_dir, "config.json"), "w") as f:
+        json.dump(cfg, f)
+    with pytest.raises(ValueError, match=f"{tensor} has shape"):
+        load_model(model_dir, torch.float32, torch.device("cpu"))
