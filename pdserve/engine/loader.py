@@ -47,12 +47,42 @@ def eos_ids(model_dir: str, config: dict[str, Any]) -> frozenset[int]:
     return frozenset(_as_ids(config.get("eos_token_id")) | _as_ids(generation.get("eos_token_id")))
 
 
-def read_state_dict(model_dir: str) -> dict[str, torch.Tensor]:
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
+
+def weight_files(model_dir: str) -> list[str]:
+    """The safetensors files transformers would load: model.safetensors, else the shards
+    model.safetensors.index.json names (not other *.safetensors beside them, such as the
+    Mistral-format consolidated.safetensors that repeats every weight), else every
+    *.safetensors of the directory."""
+    single = os.path.join(model_dir, SINGLE_FILE)
+    if os.path.isfile(single):
+        return [single]
+    index_path = os.path.join(model_dir, INDEX_FILE)
+    if os.path.isfile(index_path):
+        names = sorted(set(_read_json(index_path).get("weight_map", {}).values()))
+        files = [os.path.join(model_dir, name) for name in names]
+        missing = [
+            name for name, path in zip(names, files, strict=True) if not os.path.isfile(path)
+        ]
+        if missing or not files:
+            what = f"shards that are missing: {missing}" if missing else "no shards"
+            raise FileNotFoundError(f"{INDEX_FILE} in {model_dir} names {what}")
+        return files
     files = sorted(glob.glob(os.path.join(model_dir, "*.safetensors")))
     if not files:
-        raise FileNotFoundError(f"no *.safetensors in {model_dir}")
+        others = [n for n in os.listdir(model_dir) if n.endswith((".bin", ".pt", ".pth", ".gguf"))]
+        hint = (
+            f" (found {sorted(others)}: only safetensors checkpoints are loaded)" if others else ""
+        )
+        raise FileNotFoundError(f"no *.safetensors in {model_dir}{hint}")
+    return files
+
+
+def read_state_dict(model_dir: str) -> dict[str, torch.Tensor]:
     state: dict[str, torch.Tensor] = {}
-    for path in files:
+    for path in weight_files(model_dir):
         state.update(load_file(path))
     return state
 

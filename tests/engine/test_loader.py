@@ -261,3 +261,36 @@ def test_a_tensor_the_config_needs_missing_from_the_checkpoint_is_refused_naming
     save_file(state, os.path.join(model_dir, "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(ValueError, match=f"no tensor '{dropped}'"):
         load_model(model_dir, torch.float32, torch.device("cpu"))
+
+
+def test_a_sharded_checkpoint_loads_the_shards_its_index_names_and_nothing_beside_them(tmp_path):
+    """Mistral's repositories hold consolidated.safetensors (every weight again, under other
+    names) beside the shards; transformers reads only what the index names, as pdserve must
+    (else twice the memory, and a stray file's tensors could replace the shards')."""
+    from transformers import AutoModelForCausalLM
+
+    src = resolve_model_dir("tiny-random")
+    hf = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    sharded = tmp_path / "sharded"
+    hf.save_pretrained(sharded, max_shard_size="200KB")
+    shards = sorted(p for p in os.listdir(sharded) if p.endswith(".safetensors"))
+    assert len(shards) > 1 and os.path.isfile(sharded / "model.safetensors.index.json")
+    state = read_state_dict(str(sharded))
+    stray = {name: torch.zeros_like(t) for name, t in state.items()}
+    stray["layers.0.attention.wq.weight"] = torch.zeros(4)
+    save_file(stray, sharded / "zz-consolidated.safetensors", metadata={"format": "pt"})
+    got = read_state_dict(str(sharded))
+    assert got.keys() == state.keys()
+    assert all(torch.equal(got[name], state[name]) for name in state)
+    os.remove(sharded / shards[-1])
+    with pytest.raises(FileNotFoundError, match=shards[-1]):
+        read_state_dict(str(sharded))
+
+
+def test_a_checkpoint_without_safetensors_is_refused_naming_what_it_holds(tmp_path):
+    model_dir = _tiny_copy(tmp_path)
+    state = load_file(os.path.join(model_dir, "model.safetensors"))
+    torch.save(state, os.path.join(model_dir, "pytorch_model.bin"))
+    os.remove(os.path.join(model_dir, "model.safetensors"))
+    with pytest.raises(FileNotFoundError, match=r"pytorch_model\.bin.*only safetensors"):
+        load_model(model_dir, torch.float32, torch.device("cpu"))
