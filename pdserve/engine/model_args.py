@@ -77,7 +77,7 @@ class ModelArgs:
 
     @classmethod
     def from_hf_config(cls, raw: dict[str, Any]) -> ModelArgs:
-        model_type = raw.get("model_type", "llama")
+        model_type = _model_type(raw)
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise ValueError(
                 f"unsupported model_type {model_type!r}; supported: {list(SUPPORTED_MODEL_TYPES)}"
@@ -115,6 +115,34 @@ class ModelArgs:
 
     def is_moe_layer(self, layer: int) -> bool:
         return self.moe is not None and layer not in self.moe.dense_layers
+
+
+# The transformers class each family's architectures entry names.
+_ARCHITECTURES = {
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "mistral",
+    "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
+    "Qwen3MoeForCausalLM": "qwen3_moe",
+    "MixtralForCausalLM": "mixtral",
+}
+
+
+def _model_type(raw: dict[str, Any]) -> str:
+    """model_type, else the family its architectures name (a Qwen2 config without model_type
+    read as Llama would lose its q/k/v biases), else llama where neither is given."""
+    if raw.get("model_type"):
+        return raw["model_type"]
+    architectures = raw.get("architectures") or []
+    families = {_ARCHITECTURES.get(name) for name in architectures}
+    if len(families) == 1 and None not in families:
+        return families.pop()
+    if architectures:
+        raise ValueError(
+            f"config.json has no model_type and its architectures {architectures} name no "
+            f"supported family; supported: {list(_ARCHITECTURES)}"
+        )
+    return "llama"
 
 
 def _check_heads(num_heads: int, num_kv_heads: int, head_dim: int) -> None:

@@ -248,3 +248,15 @@ def test_moe_weights_that_do_not_fit_the_config_are_refused_at_load(tmp_path, ch
         json.dump(cfg, f)
     with pytest.raises(ValueError, match=f"{tensor} has shape"):
         load_model(model_dir, torch.float32, torch.device("cpu"))
+
+
+def test_a_config_without_model_type_is_read_as_the_family_its_architectures_name():
+    """A Qwen2 config without model_type read as Llama would drop its q/k/v biases."""
+    cfg = {"architectures": ["Qwen2ForCausalLM"], "vocab_size": 10, "hidden_size": 64,
+           "intermediate_size": 8, "num_hidden_layers": 1, "num_attention_heads": 4,
+           "num_key_value_heads": 4}  # fmt: skip
+    args = ModelArgs.from_hf_config(cfg)
+    assert (args.model_type, args.qkv_bias) == ("qwen2", True)
+    with pytest.raises(ValueError, match="no model_type.*GPT2LMHeadModel"):
+        ModelArgs.from_hf_config({**cfg, "architectures": ["GPT2LMHeadModel"]})
+    assert ModelArgs.from_hf_config({**cfg, "architectures": None}).model_type == "llama"
