@@ -4,6 +4,7 @@ first time, by the builders imported on that path)."""
 
 from __future__ import annotations
 
+import json
 import os
 
 from pdserve.engine.model_cache import cached_model_dir
@@ -30,6 +31,27 @@ def resolve_model_dir(model_path: str) -> str:
         f"unknown model {model_path!r}: expected one of {sorted(BUILTIN_MODELS)} or a local "
         "Hugging Face directory with config.json and *.safetensors"
     )
+
+
+# Sampling fields of generation_config.json a request that omits them takes (vLLM's and
+# SGLang's choice; transformers' generate applies repetition_penalty even when greedy).
+SAMPLING_DEFAULT_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+
+
+def sampling_defaults(model_dir: str) -> dict[str, float | int]:
+    """The sampling fields the model's generation_config.json sets (numbers only)."""
+    try:
+        with open(os.path.join(model_dir, "generation_config.json"), encoding="utf-8") as f:
+            generation = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(generation, dict):
+        return {}
+    return {
+        name: generation[name]
+        for name in SAMPLING_DEFAULT_FIELDS
+        if isinstance(generation.get(name), int | float) and not isinstance(generation[name], bool)
+    }
 
 
 def _build_tiny_random(out_dir: str) -> None:

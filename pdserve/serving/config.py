@@ -19,6 +19,7 @@ MODES = ["colocated", "prefill", "decode"]
 # the policy check against it too); "auto" resolves to one of them per mode.
 LB_METHODS = ["round_robin", "shortest_queue", "total_tokens", "follow_bootstrap_room"]
 LB_METHOD_CHOICES = ["auto", *LB_METHODS]
+SAMPLING_DEFAULTS_CHOICES = ["model", "openai"]
 LOG_LEVELS = ["debug", "info", "warning", "error"]
 
 
@@ -59,6 +60,14 @@ class ServerArgs:
         "model name of the OpenAI routes, /v1/models and /server_info (default: the "
         "--model-path value); requests may name it or the --model-path value",
     )
+    sampling_defaults: str = opt(
+        "model",
+        "where a request's omitted temperature, top_p, top_k, min_p and repetition_penalty "
+        "come from: model = the model's generation_config.json where it sets them (as "
+        "transformers' generate, vLLM and SGLang do), else the OpenAI defaults; openai = "
+        "always the OpenAI defaults",
+        choices=SAMPLING_DEFAULTS_CHOICES,
+    )
     log_level: str = opt("info", "logging level", choices=LOG_LEVELS)
     worker_start_timeout_s: float = opt(
         600.0, "deadline for every worker to load its model and report ready"
@@ -92,6 +101,11 @@ class ServerArgs:
         check(
             self.load_balance_method in LB_METHOD_CHOICES,
             f"--load-balance-method must be one of {LB_METHOD_CHOICES}, got {self.load_balance_method!r}",
+        )
+        check(
+            self.sampling_defaults in SAMPLING_DEFAULTS_CHOICES,
+            f"--sampling-defaults must be one of {SAMPLING_DEFAULTS_CHOICES}, "
+            f"got {self.sampling_defaults!r}",
         )
         for name in (
             "worker_start_timeout_s",

@@ -15,9 +15,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import msgspec
 from aiohttp import web
 
 from pdserve.auth import bearer_ok, is_loopback
+from pdserve.engine.request import InvalidSampling, SamplingParams
 from pdserve.serving import admin_api, native_api, openai_api
 from pdserve.serving.config import ServerConfig
 from pdserve.serving.dp_controller import DPController, WorkerStartError
@@ -156,6 +158,28 @@ async def _start_workers(
     return controller, tokenizer, model_dir
 
 
+def _sampling_defaults(source: str, model_dir: str) -> dict[str, Any]:
+    """--sampling-defaults `source`: the fields requests that omit them take."""
+    from pdserve.engine.model_dir import sampling_defaults
+
+    if source != "model":
+        return {}
+    defaults = {}
+    for name, value in sampling_defaults(model_dir).items():
+        try:  # one a request could not take would fail every request that omits it
+            msgspec.convert({name: value}, SamplingParams).validate()
+            defaults[name] = value
+        except (msgspec.ValidationError, InvalidSampling) as exc:
+            logger.warning("ignoring %s=%r of generation_config.json: %s", name, value, exc)
+    if defaults:
+        logger.info(
+            "requests that omit them take these sampling fields of the model's "
+            "generation_config.json (--sampling-defaults openai turns this off): %s",
+            defaults,
+        )
+    return defaults
+
+
 async def serve_async(cfg: ServerConfig, plug: ServerHooks) -> int:
     try:
         controller, tokenizer, model_dir = await _start_workers(cfg, plug.worker)
@@ -166,7 +190,15 @@ async def serve_async(cfg: ServerConfig, plug: ServerHooks) -> int:
     generator = Generator(
         controller, hooks, tokenizer, cfg.server.mode, cfg.server.request_timeout_s
     )
-    state = ServerState(cfg, controller, hooks, generator, tokenizer, model_dir)
+    state = ServerState(
+        cfg,
+        controller,
+        hooks,
+        generator,
+        tokenizer,
+        model_dir,
+        _sampling_defaults(cfg.server.sampling_defaults, model_dir),
+    )
     runner = web.AppRunner(build_app(state), handler_cancellation=True, access_log=None)
     try:
         await hooks.start()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -30,6 +31,8 @@ class Limits:
     vocab_size: int | None = None
     mode: str = "colocated"  # which PD fields a request must carry
     max_request_tokens: int | None = None  # prompt + output: the context or the pool, less
+    # sampling fields a request that omits them takes (the model's generation_config.json)
+    sampling_defaults: Mapping[str, Any] = field(default_factory=dict)
 
     def rest_of_context(self, prompt_len: int) -> int:
         """The output tokens a request may still add to a prompt of `prompt_len` (at least 1:
@@ -162,7 +165,7 @@ def sampling_from_dict(
         params = {}
     if not isinstance(params, dict):
         raise bad("sampling_params must be an object")
-    params = {k: v for k, v in params.items() if v is not None}
+    params = {**limits.sampling_defaults, **{k: v for k, v in params.items() if v is not None}}
     refuse_features(params, SAMPLING_INERT_VALUES, "sampling_params.")
     if isinstance(params.get("stop"), str):
         params["stop"] = [params["stop"]]

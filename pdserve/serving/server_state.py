@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
@@ -29,6 +29,7 @@ class ServerState:
     generator: Generator
     tokenizer: Any
     model_dir: str
+    sampling_defaults: dict[str, Any] = field(default_factory=dict)
 
     @property
     def limits(self) -> Limits:
@@ -38,6 +39,7 @@ class ServerState:
             vocab_size=self.controller.vocab_size,
             mode=self.cfg.server.mode,
             max_request_tokens=self.controller.pool_tokens,
+            sampling_defaults=self.sampling_defaults,
         )
 
 
