@@ -5,8 +5,10 @@ The command line is generated from these fields by `pdserve.config.add_arguments
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
+from typing import Any
 
 from pdserve import envs
 from pdserve.config import check, opt
@@ -152,3 +154,20 @@ class BenchConfig:
             not self.sweep_rates or self.dataset_name != "trace",
             "--sweep-rates does not apply to a trace (use --trace-speedup)",
         )
+        parse_extra_body(self.extra_body)  # refused here, before --launch starts anything
+
+
+def parse_extra_body(raw: str | None) -> dict[str, Any] | None:
+    """The --extra-body object (ValueError naming the flag if it is not one, or turns off
+    the streaming every latency figure is read from)."""
+    if raw is None:
+        return None
+    try:
+        value = json.loads(raw)
+    except ValueError as exc:
+        raise ValueError(f"--extra-body is not JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise ValueError("--extra-body must be a JSON object")
+    if value.get("stream", True) is not True:
+        raise ValueError("--extra-body cannot turn off 'stream': the bench measures streams")
+    return value

@@ -16,7 +16,7 @@ import aiohttp
 
 from pdserve.auth import bearer_header
 from pdserve.bench import client, conversations, report, runner
-from pdserve.bench.config import BenchConfig
+from pdserve.bench.config import BenchConfig, parse_extra_body
 from pdserve.bench.metrics import RequestRecord, summarize
 from pdserve.bench.server_stats import counter_deltas, stage_summary
 from pdserve.bench.sweep import RateSweep
@@ -57,7 +57,7 @@ async def connect(
         model = await client.served_model_name(session, base_url)  # None: no `model` sent
     target = runner.Target(
         base_url, cfg.endpoint, model, cfg.temperature, cfg.ignore_eos,
-        runner.parse_extra_body(cfg.extra_body), cfg.request_timeout_s,
+        parse_extra_body(cfg.extra_body), cfg.request_timeout_s,
     )  # fmt: skip
     info = {
         "model": model or (model_info or {}).get("model_path"),

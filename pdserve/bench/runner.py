@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -158,12 +157,3 @@ async def send_all(
 
     await asyncio.gather(*(one(i) for i in range(len(prompts))))
     return records, time.perf_counter() - start
-
-
-def parse_extra_body(raw: str | None) -> dict[str, Any] | None:
-    if raw is None:
-        return None
-    value = json.loads(raw)
-    if not isinstance(value, dict):
-        raise ValueError("--extra-body must be a JSON object")
-    return value

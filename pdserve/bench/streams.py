@@ -25,7 +25,9 @@ def build_body(
     ignore_eos: bool,
     extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The streaming request body for `prompt`; `extra` fields are merged in last."""
+    """The streaming request body for `prompt`; `extra` fields are merged in last, an object
+    into the bench's own object of that name (`sampling_params`, `stream_options`) so that
+    adding a field keeps the output length, temperature and usage the bench relies on."""
     if endpoint == "generate":
         body: dict[str, Any] = {
             "input_ids": prompt.input_ids,
@@ -53,7 +55,10 @@ def build_body(
             body["messages"] = [{"role": "user", "content": prompt.text}]
         else:
             body["prompt"] = prompt.text
-    body.update(extra or {})
+    for key, value in (extra or {}).items():
+        mine = body.get(key)
+        both_objects = isinstance(mine, dict) and isinstance(value, dict)
+        body[key] = {**mine, **value} if both_objects else value
     return body
 
 

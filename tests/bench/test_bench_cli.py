@@ -62,3 +62,11 @@ def test_compare_needs_two_files(tmp_path: Path):
 def test_multiturn_on_a_text_endpoint_is_refused_with_the_reason():
     proc = pdserve("bench", "--dataset-name", "multiturn", "--endpoint", "chat")
     assert proc.returncode == 2 and "multiturn sends token ids" in proc.stderr
+
+
+def test_an_extra_body_that_turns_off_streaming_is_refused_before_anything_runs():
+    port = free_port()  # nothing listens: the refusal comes before any connection
+    proc = pdserve(
+        "bench", "--base-url", f"http://127.0.0.1:{port}", "--extra-body", '{"stream": false}'
+    )
+    assert proc.returncode == 2 and "cannot turn off 'stream'" in proc.stderr

@@ -28,6 +28,19 @@ def test_openai_bodies_carry_text_usage_and_ignore_eos(endpoint: str):
         assert body["prompt"] == "hi"
 
 
+def test_extra_sampling_params_join_the_bench_s_own_instead_of_replacing_them():
+    extra = {"sampling_params": {"top_k": 5, "temperature": 0.7}}
+    body = build_body("generate", Prompt([1, 2, 3], 7), None, 0.0, True, extra)
+    want = {"max_new_tokens": 7, "temperature": 0.7, "ignore_eos": True, "top_k": 5}
+    assert body["sampling_params"] == want
+
+
+def test_extra_stream_options_keep_the_usage_the_bench_counts_tokens_by():
+    extra = {"stream_options": {"continuous_usage_stats": True}}
+    body = build_body("completions", Prompt([1], 9, text="hi"), "m", 0.5, True, extra)
+    assert body["stream_options"] == {"include_usage": True, "continuous_usage_stats": True}
+
+
 def test_openai_body_without_text_is_refused():
     with pytest.raises(ValueError, match="needs prompt text"):
         build_body("chat", Prompt([1], 1), "m", 0.0, True)
