@@ -52,7 +52,11 @@ def run_compare(args: argparse.Namespace) -> int:
 
     if len(args.results) < 2:
         raise SystemExit("pdserve bench compare: give at least two result files")
-    runs = [load_run(path) for path in args.results]
+    try:
+        runs = [load_run(path) for path in args.results]
+    except (ValueError, OSError) as exc:  # a missing file, not JSON, not a result
+        print(f"pdserve bench compare: error: {exc}", file=sys.stderr)
+        return 2
     print(format_compare(runs))
     if args.plot:
         from pdserve.bench.plots import plot_compare

@@ -34,8 +34,16 @@ LATENCY_FIELDS = [
 def load_run(path: str) -> tuple[str, dict[str, Any]]:
     """(label, result): the run's own label, else its file name without `.json`."""
     with open(path, encoding="utf-8") as f:
-        result = json.load(f)
-    if "completed" not in result:
+        try:
+            result = json.load(f)
+        except ValueError as exc:
+            raise ValueError(f"{path} is not JSON: {exc}") from None
+    if isinstance(result, dict) and "best_rate" in result and "runs" in result:
+        raise ValueError(
+            f"{path} is a --sweep-rates summary: compare the runs it saved beside it "
+            "(<name>.rate-<r>.json)"
+        )
+    if not isinstance(result, dict) or "completed" not in result:
         raise ValueError(f"{path} is not a pdserve bench result (no 'completed' field)")
     return result.get("label") or os.path.splitext(os.path.basename(path))[0], result
 

@@ -64,6 +64,20 @@ def test_multiturn_on_a_text_endpoint_is_refused_with_the_reason():
     assert proc.returncode == 2 and "multiturn sends token ids" in proc.stderr
 
 
+def test_compare_of_a_missing_or_broken_file_is_a_clear_error(tmp_path: Path):
+    write_json(str(tmp_path / "a.json"), make_result("a", 1.0))
+    (tmp_path / "garbage.json").write_text("garbage")
+    write_json(str(tmp_path / "sweep.json"), {"sweep_target": 0.9, "best_rate": 1, "runs": []})
+    for other, reason in [
+        ("missing.json", "No such file"),
+        ("garbage.json", "garbage.json is not JSON"),
+        ("sweep.json", "sweep.json is a --sweep-rates summary"),
+    ]:
+        proc = pdserve("bench", "compare", str(tmp_path / "a.json"), str(tmp_path / other))
+        assert proc.returncode == 2 and reason in proc.stderr, proc.stderr
+        assert "Traceback" not in proc.stderr
+
+
 def test_an_extra_body_that_turns_off_streaming_is_refused_before_anything_runs():
     port = free_port()  # nothing listens: the refusal comes before any connection
     proc = pdserve(
