@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import msgspec
 import zmq
 import zmq.asyncio
 
@@ -248,8 +249,9 @@ class DPController:
                     flight.num_tokens += len(msg.new_token_ids)
                     flight.outputs.put_nowait(msg)
             elif isinstance(msg, WorkerLoad):
-                self.loads[msg.dp_rank] = msg
-                self.metrics.observe_load(msg)
+                if msg.dp_rank not in self.dead:  # a report it sent before dying is stale
+                    self.loads[msg.dp_rank] = msg
+                    self.metrics.observe_load(msg)
             elif isinstance(msg, KVCacheEvents):
                 if self.kv_events is not None:
                     self.kv_events.publish(msg.dp_rank, msg.events)
@@ -276,6 +278,7 @@ class DPController:
     def _mark_dead(self, rank: int, reason: str) -> None:
         logger.error("%s; failing its in-flight requests", reason)
         self.dead.setdefault(rank, reason)
+        self._zero_load(rank)
         for flight in self.inflight.values():
             if flight.dp_rank == rank:
                 flight.outputs.put_nowait(
@@ -286,3 +289,16 @@ class DPController:
                         error_message=reason,
                     )
                 )
+
+    def _zero_load(self, rank: int) -> None:
+        """A dead worker runs nothing and holds no pages, but its last report (requests
+        running, pages used) would stand in `/get_load` and the gauges for good. Its
+        lifetime counters stay, so the metric counters never go back."""
+        last = self.loads[rank]
+        if last is None:
+            return  # it never reported: nothing of it is shown
+        self.loads[rank] = msgspec.structs.replace(
+            last, num_running=0, num_waiting=0, num_tokens=0, num_used_pages=0,
+            num_free_pages=0, num_disagg_rooms=0, num_cached_pages=0, num_evictable_pages=0,
+        )  # fmt: skip
+        self.metrics.observe_load(self.loads[rank])

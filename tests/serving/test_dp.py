@@ -88,7 +88,7 @@ def test_round_robin_spreads_requests_over_both_ranks(dp2_server):
     assert info["dp_size"] == 2 and info["load_balance_method"] == "round_robin"
 
 
-def test_a_dead_worker_fails_its_requests_with_5xx_instead_of_hanging(server_factory):
+def test_a_dead_worker_fails_its_requests_with_5xx_and_reports_no_load(server_factory):
     server = server_factory([*TINY_ARGS, "--dp-size", "2"])
     url = server.url
     pids = http_json("GET", f"{url}/server_info")[1]["worker_pids"]
@@ -106,6 +106,12 @@ def test_a_dead_worker_fails_its_requests_with_5xx_instead_of_hanging(server_fac
     status, out = http_json("POST", f"{url}/generate", {"text": "x", "routed_dp_rank": 1})
     assert status == 503 and "worker 1" in out["error"]["message"]
     assert http_json("GET", f"{url}/health")[0] == 503
+    # Its last report (both requests running, their pages) does not stand for good.
+    dead = http_json("GET", f"{url}/get_load")[1][1]
+    assert not dead["alive"] and dead["num_reqs"] == dead["num_used_pages"] == 0, dead
+    metrics = http_json("GET", f"{url}/metrics")[1]
+    assert 'pdserve_num_running_reqs{dp_rank="1"} 0.0' in metrics
+    assert 'pdserve_kv_pages_used{dp_rank="1"} 0.0' in metrics
     # Rank 0 still serves, and round robin skips the dead rank.
     for _ in range(2):
         assert (
