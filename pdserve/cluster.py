@@ -92,6 +92,37 @@ class ClusterConfig:
     def __post_init__(self) -> None:
         check(self.prefill_dp >= 1 and self.decode_dp >= 1, "--prefill-dp/--decode-dp must be >= 1")
         check(self.ready_timeout_s > 0 and self.stop_timeout_s > 0, "timeouts must be > 0")
+        for option, args, owned in (
+            ("--server-args", self.server_args, SERVER_FLAGS_OF_UP),
+            ("--router-args", self.router_args, ROUTER_FLAGS_OF_UP),
+        ):
+            flag = owned_flag(args, owned)
+            check(flag is None, f"{option} cannot set {flag}: `pdserve up` {owned.get(flag)}")
+
+
+# Flags `pdserve up` gives its children itself, and what to use instead. Set again in
+# --server-args or --router-args they would win (they come last): two decode servers and
+# no prefill, servers on one port, or a router `up` waits for on another address until
+# --ready-timeout-s.
+SERVER_FLAGS_OF_UP = {
+    "--mode": "starts one prefill and one decode server",
+    "--disaggregation-mode": "starts one prefill and one decode server",
+    "--host": "binds every process to its --host",
+    "--port": "sets the servers' ports: use --prefill-port and --decode-port",
+}
+ROUTER_FLAGS_OF_UP = {
+    "--host": "binds every process to its --host",
+    "--port": "sets the router's port: use --port",
+}
+
+
+def owned_flag(args: str, owned: dict[str, str]) -> str | None:
+    """The first flag of `owned` that `args` sets (`--flag value` or `--flag=value`)."""
+    for token in shlex.split(args):
+        name = token.split("=", 1)[0]
+        if name in owned:
+            return name
+    return None
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:

@@ -15,7 +15,12 @@ from pathlib import Path
 import pytest
 import requests
 
-from pdserve.cluster import DEFAULT_ROUTER_PORT, choose_router_port, shared_gpu_note
+from pdserve.cluster import (
+    DEFAULT_ROUTER_PORT,
+    ClusterConfig,
+    choose_router_port,
+    shared_gpu_note,
+)
 from pdserve.procs import port_is_free
 from tests.helpers import PYTHON, REPO_ROOT, http_status, python_path_env, wait_until
 
@@ -163,3 +168,22 @@ def test_up_notes_a_gpu_shared_without_mps(tmp_path):
     assert shared_gpu_note("--device cpu", no_mps) is None
     (tmp_path / "control").touch()  # the daemon's control pipe
     assert shared_gpu_note("--device cuda", str(tmp_path)) is None
+
+
+@pytest.mark.parametrize(
+    ("field", "args", "flag"),
+    [
+        ("server_args", "--mode decode", "--mode"),
+        ("server_args", "--page-size 32 --disaggregation-mode=decode", "--disaggregation-mode"),
+        ("server_args", "--port 31099", "--port"),
+        ("server_args", "--host 0.0.0.0", "--host"),
+        ("router_args", "--port=5", "--port"),
+    ],
+)
+def test_up_refuses_extra_args_that_set_a_flag_it_sets_itself(field, args, flag):
+    """They would come last and win: two decode servers and no prefill, both servers on
+    one port, or a router `up` waits for at another address until its ready deadline."""
+    option = "--" + field.replace("_", "-")
+    with pytest.raises(ValueError, match=f"{option} cannot set {flag}"):
+        ClusterConfig(**{field: args})
+    ClusterConfig(server_args="--page-size 32 --dp-size 2", router_args="--policy kv_aware")
