@@ -24,6 +24,10 @@ CHECK_ERRORS = (HttpError, RuntimeError, ValueError)  # ValueError: bad JSON or 
 KEY_REFUSED_STATUSES = (401, 403)
 
 
+class RoleMismatch(ValueError):
+    """A worker's /server_info names another mode than its role: it stays out of rotation."""
+
+
 class WorkerAnswerError(RuntimeError):
     """A worker answered a health or info request with another status than 200."""
 
@@ -52,6 +56,21 @@ def dp_size_of(info: dict[str, Any]) -> int:
     return dp_size
 
 
+# The server mode (`/server_info` `disaggregation_mode`) that serves each router role.
+MODE_OF_ROLE = {"prefill": "prefill", "decode": "decode", "regular": "null"}
+
+
+def role_mismatch(role: str, info: dict[str, Any]) -> str | None:
+    """Why a server cannot serve `role`, from the mode its /server_info names (None when it
+    names none this router knows: another server). Swapped, a prefill server given as decode
+    answers the client with its one-token leg, silently cut short."""
+    mode = info.get("disaggregation_mode")
+    if mode not in MODE_OF_ROLE.values() or mode == MODE_OF_ROLE[role]:
+        return None
+    name = "colocated" if mode == "null" else mode
+    return f"it is a {name} server (/server_info disaggregation_mode {mode!r}), not a {role} one"
+
+
 def kv_fields(info: dict[str, Any] | None) -> tuple[Any, ...]:
     """What following a worker's KV events depends on."""
     names = ("kv_events_endpoint", "kv_events_replay_endpoint", "kv_events_hash_seed", "page_size")
@@ -78,6 +97,7 @@ class Monitor:
         self._started_at = 0.0
         self._timeout_s = config.health_check_timeout_s
         self._key_refused: set[str] = set()  # urls warned about, until they accept the key
+        self._role_warned: set[str] = set()  # urls of another mode than their role, warned
 
     def start(self, client: HttpClient, specs: Iterable[WorkerSpec]) -> None:
         self.client = client
@@ -121,7 +141,11 @@ class Monitor:
     async def learn(self, worker: Worker, info: dict[str, Any]) -> None:
         """Apply a registered worker's /server_info: its DP size, its tokenizer, its KV
         events endpoints (followed anew when they changed or went silent). No await comes
-        before the follower is set, so a removal after the caller's check stops it."""
+        before the follower is set, so a removal after the caller's check stops it. A
+        server of another mode than the worker's role is refused (RoleMismatch)."""
+        mismatch = role_mismatch(worker.role, info)
+        if mismatch is not None:
+            raise RoleMismatch(f"{worker.role} worker {worker.url}: {mismatch}")
         dp_size = dp_size_of(info)
         old = self.info.get(worker.url)
         self.info[worker.url] = info
@@ -150,6 +174,9 @@ class Monitor:
         `learn` once registered, or an exception."""
         await self._get(spec.url, "/health")
         info = await self._read_info(spec.url)
+        mismatch = role_mismatch(spec.role, info)
+        if mismatch is not None:
+            raise RoleMismatch(f"{spec.role} worker {spec.url}: {mismatch}")
         return self.registry.new_worker(spec, dp_size=dp_size_of(info), healthy=True), info
 
     def _needs_info(self, worker: Worker) -> bool:
@@ -166,11 +193,19 @@ class Monitor:
             if self._needs_info(worker):
                 await self.refresh_info(worker)
             self._key_refused.discard(worker.url)
+            self._role_warned.discard(worker.url)
             return True
         except CHECK_ERRORS as exc:
             log.debug("health check of %s failed: %r", worker.url, exc)
             self._warn_key_refused(worker, exc)
+            self._warn_role_mismatch(worker, exc)
             return False
+
+    def _warn_role_mismatch(self, worker: Worker, exc: Exception) -> None:
+        """Once per worker (until it passes a check): like a refused key, it never heals."""
+        if isinstance(exc, RoleMismatch) and worker.url not in self._role_warned:
+            self._role_warned.add(worker.url)
+            log.warning("%s; it stays out of rotation", exc)
 
     def _warn_key_refused(self, worker: Worker, exc: Exception) -> None:
         """A refused key never heals by itself: say so once, not only at debug level (the

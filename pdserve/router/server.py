@@ -27,7 +27,7 @@ from pdserve.router.http_server import (
 )
 from pdserve.router.kv_follow import KVFollower
 from pdserve.router.metrics import RouterMetrics
-from pdserve.router.monitor import Monitor
+from pdserve.router.monitor import Monitor, RoleMismatch
 from pdserve.router.pairing import PairChooser
 from pdserve.router.prompt_tokens import PromptTokenizer
 from pdserve.router.proxy import Proxy, error_response
@@ -185,6 +185,8 @@ class Router:
             return error_response(400, "plain workers and prefill/decode workers cannot mix")
         try:
             worker, info = await self.monitor.probe_new(spec)
+        except RoleMismatch as exc:
+            return error_response(400, str(exc))
         except Exception as exc:  # noqa: BLE001 - any probe failure is the client's answer
             return error_response(
                 502, f"worker {spec.url} did not answer /health and /server_info: {exc!r}"

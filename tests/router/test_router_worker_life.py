@@ -8,7 +8,7 @@ import pytest
 import requests
 
 from tests.disagg.pd_driver import metric_value
-from tests.helpers import wait_until
+from tests.helpers import free_port, launch_server, wait_until
 from tests.router.test_router_shell import pd_args
 
 pytestmark = pytest.mark.timeout(120)
@@ -97,3 +97,28 @@ def test_a_retried_request_counts_its_path_once(stubs, router_factory):
     assert metric_value(router.url, name, {"path": "disaggregated"}) == 1
     generate_ok(router.url)
     assert metric_value(router.url, name, {"path": "disaggregated"}) == 2
+
+
+def test_a_server_of_another_mode_than_its_role_stays_out_of_rotation(stubs):
+    """Swapped, a prefill server given as decode would answer the client with its one-token
+    leg, silently cut short: each is refused, with a warning, and so is POST /workers."""
+    args = ["--health-check-interval-s", "0.2", *pd_args(stubs, prefills=("d1",), decodes=("p2",))]
+    for name in ("d1", "p2"):
+        stubs[name].control(reset=True)  # its health checks counted from here
+    with launch_server(args, subcommand="router", port=free_port()) as router:  # never ready
+        check_swapped(router, stubs)
+
+
+def check_swapped(router, stubs) -> None:
+    d1, p2 = stubs["d1"], stubs["p2"]
+    wait_until(lambda: d1.log()["health_checks"] >= 3, 20, "d1 checked three times")
+    wait_until(lambda: p2.log()["health_checks"] >= 3, 20, "p2 checked three times")
+    assert not worker_of(router.url, d1.url)["healthy"]
+    assert not worker_of(router.url, p2.url)["healthy"]
+    resp = requests.post(f"{router.url}/generate", json={"text": "x"}, timeout=10)
+    assert resp.status_code == 503, resp.text
+    assert "it is a decode server" in router.output() and "not a prefill one" in router.output()
+    added = {"url": stubs["p1"].url, "role": "decode"}
+    resp = requests.post(f"{router.url}/workers", json=added, timeout=10)
+    assert resp.status_code == 400 and "it is a prefill server" in resp.text, resp.text
+    assert worker_of(router.url, stubs["p1"].url) is None
