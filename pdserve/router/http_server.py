@@ -149,7 +149,7 @@ class HttpServer:
         methods = self.routes.get(path)
         if methods is None:
             return _error_handler(404, f"no route {path}")
-        handler = methods.get(method)
+        handler = methods.get("GET" if method == "HEAD" else method)  # HEAD: GET's head
         if handler is None:
             return _error_handler(405, f"{method} not allowed on {path}")
         return handler
@@ -280,7 +280,8 @@ class ServerConnection(WriteFlow):
                 await response.prepare(request)
             await response.write_eof()  # if the handler did not
             return parsed.keep_alive and request.http11  # HTTP/1.0: the close ends the answer
-        await self.write(_encode(response, parsed.keep_alive))
+        head_only = parsed.method == "HEAD"  # RFC 9110 9.3.2: GET's head, no content
+        await self.write(_encode(response, parsed.keep_alive, head_only))
         return parsed.keep_alive
 
 
@@ -321,11 +322,11 @@ def _date_line() -> str:
     return _date_cache[1]
 
 
-def _encode(response: Response, keep_alive: bool) -> bytes:
+def _encode(response: Response, keep_alive: bool, head_only: bool = False) -> bytes:
     body = response.body
     connection = "" if keep_alive else "Connection: close\r\n"
     head = (
         f"Content-Type: {response.content_type}\r\nContent-Length: {len(body)}\r\n"
         f"{connection}{_date_line()}\r\n"
     )
-    return _status_line(response.status) + head.encode("latin-1") + body
+    return _status_line(response.status) + head.encode("latin-1") + (b"" if head_only else body)

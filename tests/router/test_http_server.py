@@ -121,6 +121,24 @@ def test_keep_alive_and_pipelined_requests_are_answered_in_order() -> None:
     serve(Handlers(), scenario)
 
 
+def test_head_answers_a_get_routes_head_without_its_body() -> None:
+    """RFC 9110 9.3.2 (as the servers' aiohttp does): a load balancer's HEAD /health check
+    got 405; the connection then carries the next answer untouched."""
+
+    async def scenario(port: int) -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"HEAD /echo HTTP/1.1\r\nHost: x\r\n\r\nGET /echo?a=1 HTTP/1.1\r\n\r\n")
+        head = await reader.readuntil(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200 OK") and b"Content-Length: " in head
+        get_head, body = await read_answer(reader)  # HEAD's answer had no body before it
+        assert get_head.startswith(b"HTTP/1.1 200 OK") and json.loads(body)["query"] == {"a": "1"}
+        writer.write(b"HEAD /wait HTTP/1.1\r\nHost: x\r\n\r\n")  # a POST-only route
+        assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 405")
+        writer.close()
+
+    serve(Handlers(), scenario)
+
+
 def test_chunked_body_expect_continue_and_http10() -> None:
     async def scenario(port: int) -> None:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
