@@ -27,6 +27,7 @@ logger = logging.getLogger(__name__)
 
 MAX_QUEUED_BATCHES = 1024
 MAX_RECENT_BATCHES = 4096
+PORT_FLAGS = ("--kv-events-port", "--kv-events-replay-port")  # in the order of `ports`
 
 
 class KVEventPublisher:
@@ -50,8 +51,8 @@ class KVEventPublisher:
         for sock in (self._pub, self._replay):
             sock.setsockopt(zmq.LINGER, 0)
         pub_port, replay_port = (
-            self._bind(sock, host, port)
-            for sock, port in zip((self._pub, self._replay), ports, strict=True)
+            self._bind(sock, host, port, flag)
+            for sock, port, flag in zip((self._pub, self._replay), ports, PORT_FLAGS, strict=True)
         )
         name = netaddr.advertised_host(host, advertise_host)  # as every other listener
         self.endpoint = f"tcp://{name}:{pub_port}"
@@ -59,10 +60,15 @@ class KVEventPublisher:
         self._tasks: list[asyncio.Task] = []
 
     @staticmethod
-    def _bind(sock: zmq.Socket, host: str, port: int) -> int:
+    def _bind(sock: zmq.Socket, host: str, port: int, flag: str) -> int:
+        """The port bound; OSError naming the flag when it cannot be (taken, say), which
+        the server reports as a failed start like a taken HTTP port, not a traceback."""
         if port == 0:
             return sock.bind_to_random_port(f"tcp://{host}")
-        sock.bind(f"tcp://{host}:{port}")
+        try:
+            sock.bind(f"tcp://{host}:{port}")
+        except zmq.ZMQError as exc:
+            raise OSError(f"{flag} {port}: cannot listen on tcp://{host}:{port}: {exc}") from exc
         return port
 
     def info(self) -> dict[str, Any]:

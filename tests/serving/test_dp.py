@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -159,6 +160,17 @@ def test_bad_options_fail_with_a_clear_message():
     assert done.returncode != 0 and "unknown model" in done.stderr
     done = run_serve([*TINY_ARGS, "--dp-size", "0"])
     assert done.returncode != 0 and "--dp-size must be >= 1" in done.stderr
+
+
+def test_a_taken_kv_events_port_fails_the_start_with_the_flag_named_not_a_traceback():
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        done = run_serve([*TINY_ARGS, "--kv-events-replay-port", str(port)])
+    assert done.returncode == 1, done.stderr
+    assert f"server failed to start: --kv-events-replay-port {port}" in done.stderr
+    assert "Traceback" not in done.stderr
 
 
 def test_a_request_that_cannot_be_encoded_is_not_left_in_flight():
