@@ -86,5 +86,8 @@ def run(ns: argparse.Namespace) -> int:
         run_loop = uvloop.run
     except ImportError:
         pass
-    run_loop(serve(config))
+    try:
+        run_loop(serve(config))
+    except OSError as exc:  # --port or --prometheus-port taken, or the host not ours
+        raise SystemExit(f"pdserve router: failed to start: {exc}") from exc
     return 0

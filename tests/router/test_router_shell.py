@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import json
 import socket
+import subprocess
+import sys
 
 import pytest
 import requests
 
-from tests.helpers import free_port, wait_until
+from tests.helpers import REPO_ROOT, free_port, python_path_env, wait_until
 from tests.router.conftest import router_args
 
 pytestmark = pytest.mark.timeout(120)
@@ -412,3 +414,20 @@ def test_bad_requests_and_side_routes(stubs, router_factory):
     assert (
         'pdserve_router_request_failures_total{reason="bad_request",route="/generate"} 2.0' in side
     )
+
+
+@pytest.mark.parametrize("flag", ["--port", "--prometheus-port"])
+def test_a_taken_port_fails_the_start_with_a_message_not_a_traceback(stubs, flag):
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        ports = {"--port": str(free_port()), flag: str(port)}
+        args = [arg for item in ports.items() for arg in item] + pd_args(stubs)
+        done = subprocess.run(
+            [sys.executable, "-m", "pdserve", "router", *args],
+            cwd=REPO_ROOT, env=python_path_env(), capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+    assert done.returncode == 1, done.stderr
+    assert "pdserve router: failed to start:" in done.stderr and str(port) in done.stderr
+    assert "Traceback" not in done.stderr
