@@ -102,9 +102,12 @@ def register_worker_blocking(
         except BootstrapClientError as exc:
             remaining_s = deadline - time.monotonic()
             if not exc.retryable or remaining_s <= 0:
+                # A refusal came at once: "within the deadline" would send one looking for
+                # a slow server instead of the answer (another server on that port, say).
+                why = "was refused by" if not exc.retryable else f"within {timeout_s}s could not"
                 raise BootstrapClientError(
-                    f"worker dp_rank={registration.dp_rank} could not register with the "
-                    f"bootstrap server within {timeout_s}s: {exc}",
+                    f"worker dp_rank={registration.dp_rank} {why} register with the "
+                    f"bootstrap server: {exc}",
                     exc.status,
                 ) from None
         time.sleep(min(interval_s, remaining_s))  # backoff in a blocking start-up path
