@@ -155,6 +155,11 @@ class Engine:
     def num_evictable_pages(self) -> int:
         return self.scheduler.pages.num_evictable
 
+    @property
+    def num_preemptions(self) -> int:
+        """Running requests sent back to wait for pages since start (lifetime count)."""
+        return self.scheduler.num_preemptions
+
     def kv_layout(self) -> KVLayout:
         args = self.model.args
         return KVLayout(

@@ -57,6 +57,11 @@ class ServerMetrics:
         self.cache_evicted_pages = self.counter(
             "prefix_cache_evicted_pages", "cached KV pages evicted", ["dp_rank"]
         )
+        self.preemptions = self.counter(
+            "num_preemptions",
+            "running requests preempted for KV pages (their KV is recomputed later)",
+            ["dp_rank"],
+        )
         self.kv_events_dropped = self.gauge(
             "kv_events_dropped_batches",
             "KV event batches dropped because the publish queue was full (subscribers heal "
@@ -101,6 +106,7 @@ class ServerMetrics:
             (self.cache_lookup_tokens, "cache_lookup_tokens"),
             (self.cache_hit_tokens, "cache_hit_tokens"),
             (self.cache_evicted_pages, "cache_evicted_pages"),
+            (self.preemptions, "num_preemptions"),
         ):
             # Workers report lifetime totals; a restarted worker starts again from 0.
             before = getattr(last, field) if last else 0

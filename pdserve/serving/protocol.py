@@ -147,6 +147,7 @@ class WorkerLoad(msgspec.Struct, tag=True, kw_only=True):
     cache_hit_tokens: int = 0
     cache_evicted_pages: int = 0
     num_auth_refusals: int = 0  # KV handshakes refused for a wrong proof, since start
+    num_preemptions: int = 0  # running requests sent back to wait for pages, since start
 
 
 ToWorker = GenerateReq | AbortReq | RoomFailed | RoomForwarded | FlushCache | DumpCache

@@ -152,6 +152,7 @@ class WorkerLoop:
             num_disagg_rooms=self.hooks.num_rooms(),
             **self.engine.cache_stats(),
             num_auth_refusals=self.hooks.num_auth_refusals(),
+            num_preemptions=self.engine.num_preemptions,
         )
         last = self._last_load
         if last == load:
