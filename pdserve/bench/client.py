@@ -144,12 +144,21 @@ async def get_json(session: aiohttp.ClientSession, url: str) -> Any | None:
 
 
 async def get_text(session: aiohttp.ClientSession, url: str) -> str | None:
+    return (await fetch_text(session, url))[0]
+
+
+async def fetch_text(session: aiohttp.ClientSession, url: str) -> tuple[str | None, str | None]:
+    """GET `url` as text: (text, None), or (None, why not) when it is missing or slow."""
     try:
         timeout = aiohttp.ClientTimeout(total=LOOKUP_TIMEOUT_S)
         async with session.get(url, timeout=timeout) as resp:
-            return await resp.text() if resp.status == 200 else None
-    except (aiohttp.ClientError, asyncio.TimeoutError):
-        return None
+            if resp.status != 200:
+                return None, f"HTTP {resp.status} {resp.reason}"
+            return await resp.text(), None
+    except asyncio.TimeoutError:
+        return None, f"no answer within {LOOKUP_TIMEOUT_S:g} s"
+    except aiohttp.ClientError as exc:
+        return None, f"{type(exc).__name__}: {exc}"
 
 
 async def served_model_name(session: aiohttp.ClientSession, base_url: str) -> str | None:

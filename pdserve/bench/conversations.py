@@ -7,6 +7,7 @@ figures are pure, in `multiturn.py`.
 from __future__ import annotations
 
 import asyncio
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -112,8 +113,33 @@ async def send_conversations(
     return records, refs, run.now_s()
 
 
+async def _scrape(
+    session: aiohttp.ClientSession, urls: Sequence[str]
+) -> list[tuple[str | None, str | None]]:
+    return list(await asyncio.gather(*(client.fetch_text(session, u + "/metrics") for u in urls)))
+
+
 async def scrape_all(session: aiohttp.ClientSession, urls: Sequence[str]) -> list[str | None]:
-    return list(await asyncio.gather(*(client.get_text(session, u + "/metrics") for u in urls)))
+    """Each server's /metrics text; one that does not answer is None, with a warning (its
+    figures are left out of the result: the run is not thrown away for them)."""
+    answers = await _scrape(session, urls)
+    for url, (_, error) in zip(urls, answers, strict=True):
+        if error is not None:
+            print(
+                f"pdserve bench: warning: --metrics-urls {url}: GET /metrics failed ({error}); "
+                "its figures are left out",
+                file=sys.stderr,
+                flush=True,
+            )
+    return [text for text, _ in answers]
+
+
+async def check_metrics_urls(session: aiohttp.ClientSession, urls: Sequence[str]) -> None:
+    """Before any load is sent: every --metrics-urls server must answer /metrics, or the
+    run would end without the figures it was given them for."""
+    for url, (_, error) in zip(urls, await _scrape(session, urls), strict=True):
+        if error is not None:
+            raise RuntimeError(f"--metrics-urls {url}: GET /metrics failed ({error})")
 
 
 async def measure_conversations(

@@ -50,6 +50,7 @@ async def connect(
         raise RuntimeError(
             f"{base_url}/model_info did not answer: is the server up? (or pass --tokenizer)"
         )
+    await conversations.check_metrics_urls(session, [u.rstrip("/") for u in cfg.metrics_urls])
     tokenizer_path = runner.resolve_tokenizer_path(cfg.tokenizer, model_info)
     tokenizer = runner.load_tokenizer(tokenizer_path)
     model = cfg.model

@@ -7,8 +7,9 @@ import sys
 from pathlib import Path
 
 from pdserve.bench.report import write_json
+from pdserve.bench.server_stats import parse_prometheus
 from tests.bench.sample_runs import make_result
-from tests.helpers import REPO_ROOT, free_port
+from tests.helpers import REPO_ROOT, free_port, http_json
 
 
 def pdserve(*args: str) -> subprocess.CompletedProcess:
@@ -84,3 +85,22 @@ def test_an_extra_body_that_turns_off_streaming_is_refused_before_anything_runs(
         "bench", "--base-url", f"http://127.0.0.1:{port}", "--extra-body", '{"stream": false}'
     )
     assert proc.returncode == 2 and "cannot turn off 'stream'" in proc.stderr
+
+
+def test_an_unreachable_metrics_url_fails_at_start_naming_it(tiny_server):
+    def requests_counted() -> float:
+        text = http_json("GET", f"{tiny_server.url}/metrics")[1]
+        samples, _ = parse_prometheus(text)
+        return sum(v for k, v in samples.items() if k.startswith("pdserve_requests_total"))
+
+    before = requests_counted()
+    dead = f"http://127.0.0.1:{free_port()}"
+    proc = pdserve(
+        "bench", "--base-url", tiny_server.url, "--metrics-urls", tiny_server.url, dead,
+        "--num-prompts", "2", "--random-input-len", "8", "--random-output-len", "2",
+        "--no-progress",
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    assert f"--metrics-urls {dead}: GET /metrics failed" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert requests_counted() == before  # refused before any load was sent

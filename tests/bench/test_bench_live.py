@@ -131,6 +131,26 @@ def test_a_server_stopped_mid_run_fails_the_rest_with_connection_errors(server_f
     assert result["server_counters"] is None  # nothing to scrape after the kill
 
 
+def test_a_metrics_server_gone_by_the_end_is_a_warning_naming_it(
+    tiny_server, server_factory, capsys: pytest.CaptureFixture
+):
+    side = server_factory(["--model-path", "tiny-random"])
+    cfg = BenchConfig(
+        base_url=tiny_server.url, metrics_urls=[side.url], num_prompts=3, random_input_len=16,
+        random_output_len=2, max_concurrency=1, progress=False,
+    )  # fmt: skip
+    stopped = []
+
+    def stop_after_first(_record) -> None:
+        if not stopped:
+            stopped.append(side.stop())
+
+    result = asyncio.run(driver.run_single(cfg, on_record=stop_after_first))
+    assert result["completed"] == 3  # the run's own figures stand
+    err = capsys.readouterr().err
+    assert f"warning: --metrics-urls {side.url}: GET /metrics failed" in err
+
+
 def test_trace_replay_keeps_the_traces_relative_timing(tiny_server, tmp_path: Path):
     rows = [(0, 30, 2, [1, 2]), (300, 20, 2, [1]), (340, 40, 3, [3]), (900, 25, 2, [1, 4]),
             (1300, 30, 2, [])]  # fmt: skip
