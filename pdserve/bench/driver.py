@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -232,10 +233,32 @@ async def run_sweep(cfg: BenchConfig) -> dict[str, Any]:
     return summary
 
 
+def check_outputs(output: str | None, plot_dir: str | None) -> None:
+    """Before anything is launched or sent: create --output's folder and --plot-dir (as the
+    plots would at the end) and prove both writable, so a bad path costs no run."""
+    folders = []
+    if output:
+        if os.path.isdir(output):
+            raise OSError(f"--output {output}: is a directory (give the JSON file's path)")
+        if os.path.exists(output) and not os.access(output, os.W_OK):
+            raise OSError(f"--output {output}: the file is not writable")
+        folders.append(("--output", output, os.path.dirname(output) or "."))
+    if plot_dir:
+        folders.append(("--plot-dir", plot_dir, plot_dir))
+    for flag, path, folder in folders:
+        try:
+            os.makedirs(folder, exist_ok=True)
+            with tempfile.TemporaryFile(dir=folder):
+                pass
+        except OSError as exc:
+            raise OSError(f"{flag} {path}: cannot write there ({exc})") from None
+
+
 def main(cfg: BenchConfig) -> int:
     """Run the benchmark; exit status 1 when every request failed."""
     from pdserve.bench.launch import launched
 
+    check_outputs(cfg.output, cfg.plot_dir)
     with launched(cfg.launch, cfg.base_url, cfg.launch_timeout_s, cfg.api_key):
         if cfg.sweep_rates:
             asyncio.run(run_sweep(cfg))

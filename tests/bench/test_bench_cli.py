@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from pdserve.bench.report import write_json
 from pdserve.bench.server_stats import parse_prometheus
 from tests.bench.sample_runs import make_result
@@ -104,3 +106,20 @@ def test_an_unreachable_metrics_url_fails_at_start_naming_it(tiny_server):
     assert f"--metrics-urls {dead}: GET /metrics failed" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert requests_counted() == before  # refused before any load was sent
+
+
+@pytest.mark.parametrize("flag", ["--output", "--plot-dir"])
+def test_an_unwritable_output_path_fails_before_launch(tmp_path: Path, flag: str):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    path = str(blocker / "out.json") if flag == "--output" else str(blocker)
+    marker = tmp_path / "launched"
+    proc = pdserve(
+        "bench", "--base-url", f"http://127.0.0.1:{free_port()}", flag, path,
+        "--launch", f"sh -c 'touch {marker}; sleep 30'", "--launch-timeout-s", "5",
+        "--no-progress",
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    assert f"pdserve bench: error: {flag} {path}: cannot write there" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not marker.exists()  # refused before --launch started anything

@@ -151,6 +151,17 @@ def test_a_metrics_server_gone_by_the_end_is_a_warning_naming_it(
     assert f"warning: --metrics-urls {side.url}: GET /metrics failed" in err
 
 
+def test_output_and_plot_folders_that_do_not_exist_are_created(tiny_server, tmp_path: Path):
+    output, plot_dir = tmp_path / "new" / "run.json", tmp_path / "plots" / "run"
+    cfg = BenchConfig(
+        base_url=tiny_server.url, num_prompts=2, random_input_len=8, random_output_len=2,
+        output=str(output), plot_dir=str(plot_dir), progress=False,
+    )  # fmt: skip
+    assert driver.main(cfg) == 0
+    assert json.loads(output.read_text())["completed"] == 2
+    assert (plot_dir / "latency_cdf.png").exists()
+
+
 def test_trace_replay_keeps_the_traces_relative_timing(tiny_server, tmp_path: Path):
     rows = [(0, 30, 2, [1, 2]), (300, 20, 2, [1]), (340, 40, 3, [3]), (900, 25, 2, [1, 4]),
             (1300, 30, 2, [])]  # fmt: skip
