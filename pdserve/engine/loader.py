@@ -112,6 +112,9 @@ def expected_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
             shapes[p + "mlp.gate_proj.weight"] = (inter, hidden)
             shapes[p + "mlp.up_proj.weight"] = (inter, hidden)
             shapes[p + "mlp.down_proj.weight"] = (hidden, inter)
+            shapes[p + "mlp.gate_proj.bias"] = (inter,)
+            shapes[p + "mlp.up_proj.bias"] = (inter,)
+            shapes[p + "mlp.down_proj.bias"] = (hidden,)
     return shapes
 
 

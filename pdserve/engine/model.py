@@ -141,6 +141,17 @@ def _lm_head(
     return embed
 
 
+def _dense_mlp(take: Callable[[str], torch.Tensor], mlp: str, bias: bool) -> tuple[Linear, Linear]:
+    """(gate_up, down) of a dense MLP, gate rows first; biases only where the config has them."""
+
+    def both(kind: str) -> torch.Tensor:
+        return torch.cat([take(f"{mlp}gate_proj.{kind}"), take(f"{mlp}up_proj.{kind}")])
+
+    gate_up = Linear(both("weight"), both("bias") if bias else None)
+    down = Linear(take(mlp + "down_proj.weight"), take(mlp + "down_proj.bias") if bias else None)
+    return gate_up, down
+
+
 def _layer_weights(
     take: Callable[[str], torch.Tensor],
     maybe: Callable[[str], torch.Tensor | None],
@@ -155,10 +166,7 @@ def _layer_weights(
     if args.moe is not None and args.is_moe_layer(i):
         moe = moe_weights_from_state_dict(take, maybe, p, args.model_type, args.moe.num_experts)
     else:
-        gate_up = Linear(
-            torch.cat([take(p + "mlp.gate_proj.weight"), take(p + "mlp.up_proj.weight")])
-        )
-        down = Linear(take(p + "mlp.down_proj.weight"))
+        gate_up, down = _dense_mlp(take, p + "mlp.", args.mlp_bias)
     return LayerWeights(
         input_norm=take(p + "input_layernorm.weight"),
         qkv=Linear(

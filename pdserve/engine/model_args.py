@@ -16,7 +16,11 @@ QK_NORM_MODEL_TYPES = ("qwen3", "qwen3_moe")
 # Families whose q/k/v/o projections have biases where config.json sets attention_bias;
 # Qwen2 always has q/k/v biases and no o bias; Mistral and Mixtral never have any.
 ATTENTION_BIAS_MODEL_TYPES = ("llama", "qwen3", "qwen3_moe")
-SUPPORTED_ACTIVATIONS = ("silu",)
+# transformers' ACT2FN maps "swish" to SiLU too.
+SUPPORTED_ACTIVATIONS = ("silu", "swish")
+# Families whose MLP projections have biases where config.json sets mlp_bias (transformers
+# builds the others' without any, whatever the config says).
+MLP_BIAS_MODEL_TYPES = ("llama",)
 
 # What transformers' config class for each family assumes for a field config.json omits
 # (a field present as null keeps its null: transformers then derives it, as we do).
@@ -74,6 +78,7 @@ class ModelArgs:
     # checkpoint holds beyond these is ignored (transformers drops it), one missing refused.
     qkv_bias: bool = False
     o_bias: bool = False
+    mlp_bias: bool = False  # gate/up/down biases of the dense MLP (Llama's mlp_bias)
 
     @classmethod
     def from_hf_config(cls, raw: dict[str, Any]) -> ModelArgs:
@@ -111,6 +116,7 @@ class ModelArgs:
             sliding_window=_window_no_sequence_outgrows(cfg, model_type),
             qkv_bias=model_type == "qwen2" or attention_bias,
             o_bias=attention_bias,
+            mlp_bias=model_type in MLP_BIAS_MODEL_TYPES and bool(cfg.get("mlp_bias", False)),
         )
 
     def is_moe_layer(self, layer: int) -> bool:
@@ -185,8 +191,6 @@ def _reject_unsupported(cfg: dict[str, Any], model_type: str) -> None:
     act = cfg.get("hidden_act", "silu")
     if act not in SUPPORTED_ACTIVATIONS:
         raise ValueError(f"unsupported hidden_act {act!r}; supported: {SUPPORTED_ACTIVATIONS}")
-    if cfg.get("mlp_bias"):
-        raise ValueError("mlp_bias=true is not supported")
     if cfg.get("shared_expert_intermediate_size"):
         raise ValueError("shared experts (shared_expert_intermediate_size) are not supported")
 

@@ -244,10 +244,50 @@ def test_greedy_tokens_ignore_biases_the_config_does_not_give(tmp_path):
     assert got == hf_greedy(hf, ids)
 
 
+def _add_mlp_biases(model_dir: str) -> dict[str, torch.Tensor]:
+    path = os.path.join(model_dir, "model.safetensors")
+    state = load_file(path)
+    gen = torch.Generator().manual_seed(1)
+    for name in list(state):
+        if name.endswith(("gate_proj.weight", "up_proj.weight", "down_proj.weight")):
+            bias = name.removesuffix("weight") + "bias"
+            state[bias] = torch.randn(state[name].shape[0], generator=gen)
+    save_file(state, path, metadata={"format": "pt"})
+    return state
+
+
+@pytest.mark.parametrize(
+    ("changes", "biases_used"),
+    [
+        ({"mlp_bias": True, "hidden_act": "swish"}, True),  # Llama builds MLP biases
+        ({"model_type": "mistral", "mlp_bias": True}, False),  # Mistral has none: ignored
+    ],
+)
+def test_mlp_bias_and_swish_give_transformers_greedy_tokens(tmp_path, changes, biases_used):
+    """transformers reads "swish" as SiLU, builds MLP biases from mlp_bias in Llama only,
+    and drops a checkpoint's MLP biases in the families that have none."""
+    from transformers import AutoModelForCausalLM
+
+    from tests.engine.conftest import make_engine
+    from tests.engine.test_model_reference import greedy_req, hf_greedy, run_all, tokens
+
+    plain_dir = _tiny_copy(tmp_path / "plain", **{**changes, "mlp_bias": False})
+    model_dir = _tiny_copy(tmp_path, **changes)
+    _add_mlp_biases(model_dir)
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    hf.generation_config.eos_token_id = None
+    ids = torch.randint(3, 500, (20,), generator=torch.Generator().manual_seed(2)).tolist()
+    got = tokens(run_all(make_engine(model_dir), [greedy_req("r", ids)])["r"])
+    assert got == hf_greedy(hf, ids)
+    plain = tokens(run_all(make_engine(plain_dir), [greedy_req("r", ids)])["r"])
+    assert (got != plain) == biases_used  # the biases matter where they are built
+
+
 @pytest.mark.parametrize(
     ("changes", "dropped"),
     [
         ({"attention_bias": True}, "model.layers.0.self_attn.k_proj.bias"),
+        ({"mlp_bias": True}, "model.layers.1.mlp.up_proj.bias"),
         ({}, "model.layers.3.mlp.down_proj.weight"),
         ({}, "model.norm.weight"),
     ],
@@ -256,6 +296,7 @@ def test_a_tensor_the_config_needs_missing_from_the_checkpoint_is_refused_naming
     tmp_path, changes, dropped
 ):
     model_dir = _tiny_copy(tmp_path, **changes)
+    _add_mlp_biases(model_dir)
     state = _add_attention_biases(model_dir)
     del state[dropped]
     save_file(state, os.path.join(model_dir, "model.safetensors"), metadata={"format": "pt"})

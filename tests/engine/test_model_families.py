@@ -116,7 +116,6 @@ def _config(tmp_path, **changes) -> dict:
         ({"decoder_sparse_step": 0}, "decoder_sparse_step"),
         ({"num_experts_per_tok": 9}, "num_experts_per_tok"),
         ({"hidden_act": "gelu"}, "hidden_act"),
-        ({"mlp_bias": True}, "mlp_bias"),
         ({"model_type": "qwen2_moe"}, "model_type"),
         ({"num_key_value_heads": 3}, "num_key_value_heads"),  # 4 heads: no whole group
         ({"num_key_value_heads": 8}, "num_key_value_heads"),
@@ -132,6 +131,14 @@ def _config(tmp_path, **changes) -> dict:
 def test_unsupported_config_is_rejected_naming_the_field(tmp_path, changes, field):
     with pytest.raises(ValueError, match=field):
         ModelArgs.from_hf_config(_config(tmp_path, **changes))
+
+
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "qwen3", "qwen2", "mistral", "mixtral"])
+def test_swish_and_mlp_bias_of_a_family_without_mlp_biases_are_accepted(tmp_path, model_type):
+    """transformers' ACT2FN reads "swish" as SiLU, and only Llama's MLP reads mlp_bias."""
+    cfg = _config(tmp_path, model_type=model_type, hidden_act="swish", mlp_bias=True)
+    assert not ModelArgs.from_hf_config(cfg).mlp_bias
+    assert ModelArgs.from_hf_config({**cfg, "model_type": "llama"}).mlp_bias
 
 
 def test_mixtral_sliding_window_is_rejected_only_when_a_sequence_can_outgrow_it():
