@@ -17,6 +17,7 @@ import msgspec
 
 from pdserve import auth
 from pdserve.disagg.bootstrap_registry import (
+    EPOCH_HEADER,
     RoomFailure,
     ServerInfo,
     WorkerRegistration,
@@ -114,21 +115,23 @@ def register_worker_blocking(
         interval_s = min(interval_s * 2, MAX_RETRY_INTERVAL_S)
 
 
-async def _call(
+async def _call_with_epoch(
     session: aiohttp.ClientSession,
     method: str,
     url: str,
     kind: type[Any],
     timeout_s: float,
     **kwargs: Any,
-) -> Any:
-    """One request; the 200 body decoded as `kind`, else BootstrapClientError."""
+) -> tuple[Any, int | None]:
+    """One request: the 200 body decoded as `kind` and the answering server's epoch header
+    (None without one), else BootstrapClientError."""
     try:
         async with session.request(
             method, url, timeout=aiohttp.ClientTimeout(total=timeout_s), **kwargs
         ) as resp:
             body = await resp.read()
             status = resp.status
+            epoch_text = resp.headers.get(EPOCH_HEADER)
     except aiohttp.ClientConnectorError as exc:
         raise BootstrapClientError(
             f"{method} {url}: cannot connect ({exc.os_error.strerror or exc})", refused=True
@@ -138,9 +141,26 @@ async def _call(
     if status != 200:
         raise BootstrapClientError(f"{method} {url}: {status} {_error_message(body)}", status)
     try:
-        return msgspec.json.decode(body, type=kind)
+        decoded = msgspec.json.decode(body, type=kind)
     except (msgspec.DecodeError, msgspec.ValidationError, RecursionError) as exc:
         raise BootstrapClientError(f"{method} {url}: malformed answer: {exc}") from None
+    if epoch_text is None:
+        return decoded, None
+    if not (epoch_text.isascii() and epoch_text.isdigit() and len(epoch_text) <= 19):
+        raise BootstrapClientError(f"{method} {url}: malformed {EPOCH_HEADER}: {epoch_text!r}")
+    return decoded, int(epoch_text)
+
+
+async def _call(
+    session: aiohttp.ClientSession,
+    method: str,
+    url: str,
+    kind: type[Any],
+    timeout_s: float,
+    **kwargs: Any,
+) -> Any:
+    """One request; the 200 body decoded as `kind`, else BootstrapClientError."""
+    return (await _call_with_epoch(session, method, url, kind, timeout_s, **kwargs))[0]
 
 
 async def fetch_server_info(
@@ -163,8 +183,16 @@ async def query_dp_ranks(
 ) -> dict[int, int | RoomFailure]:
     """POST /query_dp_ranks: the rank or the failure of each known room; unknown rooms are
     absent from the answer (not registered yet, or expired)."""
+    return (await query_dp_ranks_with_epoch(session, base_url, rooms, timeout_s))[0]
+
+
+async def query_dp_ranks_with_epoch(
+    session: aiohttp.ClientSession, base_url: str, rooms: list[int], timeout_s: float
+) -> tuple[dict[int, int | RoomFailure], int | None]:
+    """`query_dp_ranks`, and the restart epoch of the server that answered (None from a
+    server that does not say)."""
     url = base_url.rstrip("/") + "/query_dp_ranks"
-    answer: _RankAnswer = await _call(
+    answer, epoch = await _call_with_epoch(
         session, "POST", url, _RankAnswer, timeout_s, json={"bootstrap_rooms": rooms}
     )
     asked = set(rooms)
@@ -174,7 +202,7 @@ async def query_dp_ranks(
         if room is None or room not in asked:
             raise BootstrapClientError(f"POST {url}: answer names a room not asked for: {key!r}")
         result[check_room(room)] = value
-    return result
+    return result, epoch
 
 
 async def post_room_failure(

@@ -17,6 +17,8 @@ from pdserve.serving import pd_fields
 from pdserve.serving.config import LB_METHODS
 
 MAX_ROOMS_PER_QUERY = 4096
+# On `/query_dp_ranks` answers: the restart epoch of the server that answered (section 3).
+EPOCH_HEADER = "X-PDServe-Epoch"
 # Fixed by the first registration; later registrations must agree on every one of them.
 CLUSTER_FIELDS = (
     "dp_size",
@@ -235,6 +237,11 @@ class BootstrapRegistry:
     @property
     def num_workers(self) -> int:
         return len(self._workers)
+
+    @property
+    def epoch(self) -> int | None:
+        """The restart epoch of the registered workers' server; None before any registered."""
+        return None if self._first is None else self._first.epoch
 
     # -- rooms --------------------------------------------------------------------------------
 

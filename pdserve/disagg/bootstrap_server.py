@@ -22,6 +22,7 @@ from aiohttp import web
 from pdserve import auth, envs
 from pdserve.config import add_arguments, check, from_args, opt
 from pdserve.disagg.bootstrap_registry import (
+    EPOCH_HEADER,
     MAX_ROOMS_PER_QUERY,
     BootstrapError,
     BootstrapRegistry,
@@ -189,12 +190,17 @@ class _Handlers:
         msg = await _decode_body(request, _RoomsQuery)
         rooms = [parse_room(value) for value in msg.bootstrap_rooms]
         answer = self.registry.query(rooms, self.now())
-        return _json(
+        response = _json(
             {
                 str(room): (msgspec.structs.asdict(v) if isinstance(v, RoomFailure) else v)
                 for room, v in answer.items()
             }
         )
+        # Which start of the prefill server answered: a decode that resolved the rooms on
+        # server info of an earlier start (another --dp-size) must not wait on this answer.
+        if self.registry.epoch is not None:
+            response.headers[EPOCH_HEADER] = str(self.registry.epoch)
+        return response
 
     async def health(self, request: web.Request) -> web.Response:
         return _json({"status": "ok"})

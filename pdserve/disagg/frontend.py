@@ -18,10 +18,10 @@ import msgspec
 
 from pdserve.auth import ProofChecker, is_loopback
 from pdserve.disagg.bootstrap_client import bootstrap_url, post_room_failure
-from pdserve.disagg.bootstrap_registry import BootstrapRegistry
+from pdserve.disagg.bootstrap_registry import BootstrapRegistry, ServerInfo
 from pdserve.disagg.bootstrap_server import start_bootstrap_server
 from pdserve.disagg.metrics import DisaggMetrics, failure_kind
-from pdserve.disagg.peer_info import PeerDirectory
+from pdserve.disagg.peer_info import PeerDirectory, StalePrefillInfo
 from pdserve.disagg.rank_resolver import (
     PrefillAction,
     PrefillServerInfo,
@@ -261,6 +261,10 @@ class DecodeFrontendHooks(_PDFrontendHooks):
             return await self._resolve(req, dp_rank, pd.prefill_dp_rank, url)
         except RequestError as exc:  # on_rejected tells the prefill leg
             self.metrics.failure(failure_kind(exc.message))
+            # As for a leg that fails later (on_finished): the next request asks anew, so a
+            # prefill server restarted to cure this (another model, page size) is seen.
+            if self.peers is not None and not isinstance(exc, RequestCancelled):
+                self.peers.forget(url)
             raise
 
     def on_rejected(self, rooms: list[RoomAddress], status: int, message: str) -> None:
@@ -311,25 +315,76 @@ class DecodeFrontendHooks(_PDFrontendHooks):
     async def _resolve(
         self, req: GenerateReq, dp_rank: int, explicit: int | None, url: str
     ) -> GenerateReq:
+        """What decode cached of a prefill server may predate a restart of it (with another
+        --dp-size, rank rule, model or page size) that no KV connection of this server saw
+        end: a refusal made on cached info, or an answer from another start of the server
+        than that info's, is decided again once on info fetched anew."""
         assert self.peers is not None, "start() not called"
-        room = req.disagg.room
+        started = time.monotonic()
+        try:
+            info = await self.peers.server_info(url)
+            return await self._resolve_with(req, dp_rank, explicit, url, info)
+        except _InfoRefusal as exc:
+            fetched_at = self.peers.info_fetched_at(url)
+            self.peers.forget(url)
+            if not exc.restarted and fetched_at is not None and fetched_at >= started:
+                raise exc.error from None  # fetched for this request: nothing older to blame
         info = await self.peers.server_info(url)
+        try:
+            return await self._resolve_with(req, dp_rank, explicit, url, info)
+        except _InfoRefusal as exc:
+            raise exc.error from None
+
+    async def _resolve_with(
+        self, req: GenerateReq, dp_rank: int, explicit: int | None, url: str, info: ServerInfo
+    ) -> GenerateReq:
+        assert self.peers is not None and req.disagg is not None
+        room = req.disagg.room
         own = self.controller.ready[dp_rank].kv_layout
         mismatch = info.layout().mismatch(own) if own is not None else None
         if mismatch:
-            raise RequestError(500, f"prefill server at {url} is incompatible: {mismatch}")
+            raise _InfoRefusal(500, f"prefill server at {url} is incompatible: {mismatch}")
         summary = PrefillServerInfo(
             info.dp_size, info.follow_bootstrap_room, info.registers_all_rooms
         )
         try:
             path, rank = resolve_decode(room, summary, explicit)
+            if path is ResolvePath.QUERY:
+                rank = await self.peers.query_rank(url, room, info.epoch)
         except RankError as exc:
-            raise RequestError(exc.status, str(exc)) from None
-        if path is ResolvePath.QUERY:
-            rank = await self.peers.query_rank(url, room)
+            raise _InfoRefusal(exc.status, str(exc)) from None
+        except StalePrefillInfo as exc:
+            raise _InfoRefusal(503, str(exc), restarted=True) from None
+        assert rank is not None
+        try:
+            worker = await self.peers.worker(url, rank)
+        except RequestError as exc:
+            if exc.status != 502:  # unreachable or slow, not a refusal: no staler than us
+                raise
+            raise _InfoRefusal(exc.status, exc.message) from None
+        if worker.epoch != info.epoch:
+            raise _InfoRefusal(
+                503,
+                f"prefill server at {url} restarted while decode resolved room {room}: its "
+                f"dp_rank {rank} is of epoch {worker.epoch}, its server info of {info.epoch}",
+                restarted=True,
+            )
         self.metrics.resolved(path.value)
-        endpoint = await self.peers.endpoint(url, rank)
         disagg = msgspec.structs.replace(
-            req.disagg, prefill_dp_rank=rank, prefill_endpoint=endpoint, prefill_bootstrap=url
+            req.disagg,
+            prefill_dp_rank=rank,
+            prefill_endpoint=worker.kv_endpoint,
+            prefill_bootstrap=url,
         )
         return msgspec.structs.replace(req, disagg=disagg)
+
+
+class _InfoRefusal(Exception):
+    """A decode leg refused on what decode knew of a prefill server (which may be stale):
+    `error` is the answer unless fresh info decides otherwise. `restarted`: an answer came
+    from another start of the server than the info, so even just-fetched info is stale."""
+
+    def __init__(self, status: int, message: str, restarted: bool = False):
+        super().__init__(message)
+        self.error = RequestError(status, message)
+        self.restarted = restarted

@@ -17,9 +17,9 @@ from pdserve.disagg.bootstrap_client import (
     BootstrapClientError,
     fetch_server_info,
     fetch_worker,
-    query_dp_ranks,
+    query_dp_ranks_with_epoch,
 )
-from pdserve.disagg.bootstrap_registry import RoomFailure, ServerInfo
+from pdserve.disagg.bootstrap_registry import RoomFailure, ServerInfo, WorkerRegistration
 from pdserve.disagg.metrics import DisaggMetrics
 from pdserve.disagg.rank_query import PendingRooms
 from pdserve.serving.hooks import RequestError
@@ -32,6 +32,11 @@ CALL_TIMEOUT_S = 5.0
 # A bootstrap server that refuses connections this long is down, not slow: fail the request
 # (503, naming the address) instead of waiting out the deadline. Each new request asks again.
 UNREACHABLE_AFTER_S = 1.0
+
+
+class StalePrefillInfo(Exception):
+    """An answer came from another start of the prefill server than the server info a room
+    was resolved on (it restarted, perhaps with another --dp-size or rank rule)."""
 
 
 async def call_with_retry(fn: Callable[[float], Awaitable[T]], what: str, timeout_s: float) -> T:
@@ -74,6 +79,11 @@ class _TTLCache:
             task.add_done_callback(lambda t, k=key: self._done(k, t))
         return await asyncio.shield(task)
 
+    def fetched_at(self, key: object) -> float | None:
+        """When the value cached for `key` was fetched (monotonic), if one is."""
+        hit = self._values.get(key)
+        return None if hit is None else hit[0]
+
     def items(self) -> list[tuple[Any, Any]]:
         """The cached (key, value) pairs, expired or not."""
         return [(key, value) for key, (_, value) in self._values.items()]
@@ -97,15 +107,19 @@ class RankQuerier:
         self.session, self.url, self.timeout_s, self.metrics = session, url, timeout_s, metrics
         self.pending = PendingRooms()
         self.futures: dict[int, asyncio.Future[int]] = {}
+        self.epochs: dict[int, int] = {}  # of the server info each room was resolved on
         self.wakeup = asyncio.Event()
         self.task: asyncio.Task | None = None
         self.refused_since: float | None = None
 
-    async def resolve(self, room: int) -> int:
+    async def resolve(self, room: int, epoch: int) -> int:
+        """The rank of `room`, asked of the server whose info (of restart `epoch`) said to
+        query; StalePrefillInfo when a server of another epoch answers."""
         # One resolve per room at a time: the front end claims each room once.
         assert room not in self.futures, f"room {room} is already being resolved"
         future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self.futures[room] = future
+        self.epochs[room] = epoch
         self.pending.add(room, time.monotonic(), self.timeout_s)
         self.wakeup.set()
         if self.task is None:
@@ -114,11 +128,10 @@ class RankQuerier:
             return await future
         finally:  # also on cancellation (client gone): stop asking about this room
             self.futures.pop(room, None)
+            self.epochs.pop(room, None)
             self.pending.discard(room)
 
-    def _settle(
-        self, room: int, rank: int | None = None, error: RequestError | None = None
-    ) -> None:
+    def _settle(self, room: int, rank: int | None = None, error: Exception | None = None) -> None:
         future = self.futures.get(room)
         if future is None or future.done():
             return
@@ -131,7 +144,9 @@ class RankQuerier:
         rooms = self.pending.rooms()
         self.pending.on_sent(time.monotonic())
         try:
-            answer = await query_dp_ranks(self.session, self.url, rooms, CALL_TIMEOUT_S)
+            answer, epoch = await query_dp_ranks_with_epoch(
+                self.session, self.url, rooms, CALL_TIMEOUT_S
+            )
         except BootstrapClientError as exc:
             if exc.retryable and not self._down_too_long(exc):
                 return  # asked again after the backoff, until each room's deadline
@@ -143,11 +158,27 @@ class RankQuerier:
             return
         self.refused_since = None
         self.metrics.query_round_trip(len(rooms))
+        if epoch is not None:
+            self._settle_stale(rooms, epoch)
         outcome = self.pending.on_answer(answer)
         for room, rank in outcome.resolved.items():
             self._settle(room, rank=rank)
         for room, failure in outcome.failed.items():
             self._settle(room, error=RequestError(failure.status, failure.error))
+
+    def _settle_stale(self, rooms: list[int], epoch: int) -> None:
+        """Rooms resolved on info of another start of the server: that start's rank rule
+        (and dp_size) no longer holds, and this server may never publish their ranks."""
+        for room in rooms:
+            if self.epochs.get(room, epoch) != epoch:
+                self.pending.discard(room)
+                self._settle(
+                    room,
+                    error=StalePrefillInfo(
+                        f"prefill server {self.url} restarted (epoch {self.epochs[room]} -> "
+                        f"{epoch}) while decode asked for the DP rank of room {room}"
+                    ),
+                )
 
     def _down_too_long(self, exc: BootstrapClientError) -> bool:
         """Whether the server has refused connections for UNREACHABLE_AFTER_S."""
@@ -196,6 +227,10 @@ class PeerDirectory:
         self._queriers: dict[str, RankQuerier] = {}
         self._epochs: dict[str, int] = {}  # the last restart epoch seen of each prefill server
 
+    def info_fetched_at(self, url: str) -> float | None:
+        """When the server info cached for `url` was fetched (monotonic), if it is cached."""
+        return self._infos.fetched_at(url)
+
     async def server_info(self, url: str) -> ServerInfo:
         what = f"prefill bootstrap server {url} (GET /route)"
         info = await self._infos.get(
@@ -207,7 +242,8 @@ class PeerDirectory:
         self.note_epoch(url, info.epoch)
         return info
 
-    async def endpoint(self, url: str, rank: int) -> str:
+    async def worker(self, url: str, rank: int) -> WorkerRegistration:
+        """The registration (KV endpoint, epoch) of prefill worker `rank` at `url`."""
         what = f"prefill bootstrap server {url} (GET /route?prefill_dp_rank={rank})"
         reg = await self._endpoints.get(
             (url, rank),
@@ -216,7 +252,7 @@ class PeerDirectory:
             ),
         )
         self.note_epoch(url, reg.epoch)
-        return reg.kv_endpoint
+        return reg
 
     def note_epoch(self, url: str, epoch: int) -> None:
         """An answer from `url` carries `epoch`: one unlike the last seen means the prefill
@@ -238,13 +274,15 @@ class PeerDirectory:
         self._infos.drop(lambda key: key == url)
         self._endpoints.drop(lambda key: key[0] == url)
 
-    async def query_rank(self, url: str, room: int) -> int:
+    async def query_rank(self, url: str, room: int, epoch: int) -> int:
+        """The rank of `room` from the server at `url`, whose info of restart `epoch` said
+        to ask; StalePrefillInfo when another start of it answers."""
         querier = self._queriers.get(url)
         if querier is None:
             querier = self._queriers[url] = RankQuerier(
                 self.session, url, self.timeout_s, self.metrics
             )
-        return await querier.resolve(room)
+        return await querier.resolve(room, epoch)
 
 
-__all__ = ["PeerDirectory", "RankQuerier", "RoomFailure", "call_with_retry"]
+__all__ = ["PeerDirectory", "RankQuerier", "RoomFailure", "StalePrefillInfo", "call_with_retry"]

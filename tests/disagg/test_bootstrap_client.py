@@ -250,3 +250,31 @@ def test_a_refused_bootstrap_server_fails_in_about_a_second_naming_it():
     error, elapsed_s = asyncio.run(main())
     assert error.status == 503 and "unreachable" in error.message and url in error.message
     assert UNREACHABLE_AFTER_S <= elapsed_s < 3.0
+
+
+def test_a_rank_query_answered_by_another_start_of_the_server_fails_at_once():
+    """Decode resolved the room on server info of another start of the prefill server (one
+    that registered every room): the answering start, which may never register it, says its
+    epoch, and the room fails as stale at once instead of waiting out its deadline."""
+    from pdserve.disagg.metrics import DisaggMetrics
+    from pdserve.disagg.peer_info import PeerDirectory, StalePrefillInfo
+    from pdserve.serving.metrics import ServerMetrics
+
+    async def scenario() -> None:
+        registry = BootstrapRegistry(room_ttl_s=60.0, dp_size=2)
+        for rank in range(2):
+            reg = registration(rank, epoch=13, load_balance_method="round_robin")
+            registry.register_worker(reg, now=time.monotonic())
+        server = await start_bootstrap_server(registry, "127.0.0.1", 0)
+        try:
+            async with aiohttp.ClientSession() as session:
+                peers = PeerDirectory(session, 30.0, DisaggMetrics(ServerMetrics("decode")))
+                assert (await peers.server_info(server.url)).epoch == 13
+                registry.register_room(5, 1, now=time.monotonic())
+                assert await peers.query_rank(server.url, 5, epoch=13) == 1
+                with pytest.raises(StalePrefillInfo, match=r"restarted \(epoch 11 -> 13\)"):
+                    await asyncio.wait_for(peers.query_rank(server.url, 6, epoch=11), 10.0)
+        finally:
+            await server.stop()
+
+    asyncio.run(scenario())

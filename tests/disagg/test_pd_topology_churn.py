@@ -1,0 +1,107 @@
+"""A prefill server restarted on the same ports with other settings (--dp-size, rank rule,
+page size) under a live decode server: what decode learnt of the earlier start (its server
+info, cached 30 s) must not decide a request on the new one. A leg that decode refused on
+that info drops it (the operator may restart prefill to cure the refusal), and a refusal or
+an answer that stale info explains is decided again on info fetched anew."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import signal
+
+import requests
+
+from tests.disagg.conftest import TINY, Prefill
+from tests.disagg.pd_driver import metric_value, pd_generate, random_room, wait_idle
+from tests.helpers import free_port, launch_server, wait_until
+
+BODY = {
+    "input_ids": list(range(10, 50)),
+    "sampling_params": {"max_new_tokens": 6, "temperature": 0, "ignore_eos": True},
+}
+FORCE = {"PDSERVE_FORCE_QUERY_PREFILL_DP_RANK": "1"}
+
+
+def _start_prefill(pd, port: int, bootstrap_port: int, dp_size: int, args=(), env=None):
+    server = launch_server(
+        [*TINY, "--mode", "prefill", "--dp-size", str(dp_size)]
+        + ["--bootstrap-port", str(bootstrap_port), *args],
+        port=port,
+        env=env,
+        extra_ready_urls=[f"http://127.0.0.1:{bootstrap_port}/route"],
+    )
+    pd.started.append(server)
+    return Prefill(server, bootstrap_port)
+
+
+def _kill(prefill: Prefill) -> None:
+    prefill.server.signal_group(signal.SIGKILL)
+    prefill.server.proc.wait(timeout=10)
+
+
+def _local_tokens(decode_url: str) -> list[int]:
+    """The answer decode computes itself (no prefill leg): a colocated server's tokens."""
+    resp = requests.post(
+        decode_url + "/generate", json=dict(BODY, disagg_local_prefill=True), timeout=30
+    )
+    assert resp.status_code == 200, resp.text
+    return resp.json()["output_ids"]
+
+
+def _check_served(prefill: Prefill, decode_url: str, expected: list[int], **kw) -> None:
+    result = pd_generate(
+        prefill.url, decode_url, BODY, bootstrap_port=prefill.bootstrap_port, timeout_s=60, **kw
+    )
+    assert result.prefill.ok and result.decode.ok, (result.prefill.error, result.decode.error)
+    assert result.decode.body["output_ids"] == expected
+
+
+def test_a_prefill_restarted_compatible_is_used_after_decode_refused_its_earlier_start(pd):
+    port, bootstrap_port = free_port(), free_port()
+    prefill = _start_prefill(pd, port, bootstrap_port, 1, ["--page-size", "8"])
+    decode = pd.decode(1)
+    expected = _local_tokens(decode.url)
+    refused = pd_generate(prefill.url, decode.url, BODY, bootstrap_port=bootstrap_port)
+    assert refused.decode.status == 500, refused.decode.body
+    assert "page_size: decode=16 prefill=8" in refused.decode.error
+    _kill(prefill)
+    # Restarted as it should have been: decode must not refuse it on the info of the
+    # earlier start, which it held for 30 s.
+    prefill = _start_prefill(pd, port, bootstrap_port, 1)
+    _check_served(prefill, decode.url, expected)
+    wait_idle([prefill.url, decode.url])
+
+
+def test_a_prefill_restarted_with_another_dp_size_and_rank_rule_is_resolved_anew(pd):
+    """Decode learnt `dp_size=2, registers_all_rooms` from a querying leg that never got a
+    KV connection (its prefill leg never came); the server died and came back with 3 ranks
+    on the fast path. A request naming rank 2 is not refused as out of range, and one that
+    names none goes to room mod 3 instead of asking (for the bootstrap timeout) about a
+    room the new server never registers."""
+    port, bootstrap_port = free_port(), free_port()
+    prefill = _start_prefill(pd, port, bootstrap_port, 2, env=FORCE)
+    decode = pd.decode(1, args=["--bootstrap-timeout-s", "15"])
+    expected = _local_tokens(decode.url)
+    leg = dict(BODY, bootstrap_host="127.0.0.1", bootstrap_port=bootstrap_port, bootstrap_room=7)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(requests.post, decode.url + "/generate", json=leg, timeout=60)
+        wait_until(
+            lambda: metric_value(decode.url, "pdserve_rank_query_round_trips_total") > 0,
+            20,
+            "decode to ask for the rank of the room",
+        )
+        _kill(prefill)
+        lost = pending.result(timeout=30)
+    assert lost.status_code == 503, lost.text
+    prefill = _start_prefill(pd, port, bootstrap_port, 3)
+    _check_served(
+        prefill,
+        decode.url,
+        expected,
+        room=random_room(),
+        prefill_extra={"routed_dp_rank": 2, "disagg_prefill_dp_rank": 2},
+        decode_extra={"disagg_prefill_dp_rank": 2},
+    )
+    for room in (3 * 1000 + 1, 3 * 1000 + 2):  # neither on rank 0: the old single guess
+        _check_served(prefill, decode.url, expected, room=room)
+    wait_idle([prefill.url, decode.url])
