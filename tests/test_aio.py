@@ -4,6 +4,7 @@ driven step by step on one loop, so the moment of the cancellation is exact."""
 from __future__ import annotations
 
 import asyncio
+import functools
 
 import pytest
 
@@ -38,12 +39,7 @@ def test_wait_for_raises_cancelled_when_the_awaited_finished_with_the_cancel():
 
 def test_wait_for_returns_the_result_and_stops_the_awaited_on_timeout():
     finished: list[bool] = []
-
-    async def slow() -> None:
-        try:
-            await asyncio.Event().wait()
-        finally:
-            finished.append(True)
+    slow = functools.partial(_wait_forever, finished)
 
     async def main() -> None:
         assert await aio.wait_for(asyncio.sleep(0, "x"), 30) == "x"
@@ -56,18 +52,21 @@ def test_wait_for_returns_the_result_and_stops_the_awaited_on_timeout():
     asyncio.run(main())
 
 
+async def _wait_forever(finished: list[bool]) -> None:
+    """Waits until cancelled, then notes that it ended."""
+    try:
+        await asyncio.Event().wait()
+    finally:
+        finished.append(True)
+
+
 async def _fail() -> None:
     raise ValueError("boom")
 
 
 def test_wait_for_cancelled_while_waiting_cancels_the_awaited():
     finished: list[bool] = []
-
-    async def slow() -> None:
-        try:
-            await asyncio.Event().wait()
-        finally:
-            finished.append(True)
+    slow = functools.partial(_wait_forever, finished)
 
     async def main() -> None:
         task = asyncio.create_task(aio.wait_for(slow(), 30))

@@ -230,18 +230,10 @@ def test_attention_biases_are_those_the_config_gives_not_all_the_checkpoint_hold
 
 
 def test_greedy_tokens_ignore_biases_the_config_does_not_give(tmp_path):
-    from transformers import AutoModelForCausalLM
-
-    from tests.engine.conftest import make_engine
-    from tests.engine.test_model_reference import greedy_req, hf_greedy, run_all, tokens
-
     model_dir = _tiny_copy(tmp_path)
     _add_attention_biases(model_dir)
-    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    hf.generation_config.eos_token_id = None
-    ids = torch.randint(3, 500, (20,), generator=torch.Generator().manual_seed(1)).tolist()
-    got = tokens(run_all(make_engine(model_dir), [greedy_req("r", ids)])["r"])
-    assert got == hf_greedy(hf, ids)
+    got, expected = _engine_and_transformers_greedy(model_dir, seed=1)
+    assert got == expected
 
 
 def _add_mlp_biases(model_dir: str) -> dict[str, torch.Tensor]:
@@ -266,20 +258,12 @@ def _add_mlp_biases(model_dir: str) -> dict[str, torch.Tensor]:
 def test_mlp_bias_and_swish_give_transformers_greedy_tokens(tmp_path, changes, biases_used):
     """transformers reads "swish" as SiLU, builds MLP biases from mlp_bias in Llama only,
     and drops a checkpoint's MLP biases in the families that have none."""
-    from transformers import AutoModelForCausalLM
-
-    from tests.engine.conftest import make_engine
-    from tests.engine.test_model_reference import greedy_req, hf_greedy, run_all, tokens
-
     plain_dir = _tiny_copy(tmp_path / "plain", **{**changes, "mlp_bias": False})
     model_dir = _tiny_copy(tmp_path, **changes)
     _add_mlp_biases(model_dir)
-    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    hf.generation_config.eos_token_id = None
-    ids = torch.randint(3, 500, (20,), generator=torch.Generator().manual_seed(2)).tolist()
-    got = tokens(run_all(make_engine(model_dir), [greedy_req("r", ids)])["r"])
-    assert got == hf_greedy(hf, ids)
-    plain = tokens(run_all(make_engine(plain_dir), [greedy_req("r", ids)])["r"])
+    got, expected = _engine_and_transformers_greedy(model_dir, seed=2)
+    assert got == expected
+    plain, _ = _engine_and_transformers_greedy(plain_dir, seed=2, reference=False)
     assert (got != plain) == biases_used  # the biases matter where they are built
 
 
@@ -335,3 +319,22 @@ def test_a_checkpoint_without_safetensors_is_refused_naming_what_it_holds(tmp_pa
     os.remove(os.path.join(model_dir, "model.safetensors"))
     with pytest.raises(FileNotFoundError, match=r"pytorch_model\.bin.*only safetensors"):
         load_model(model_dir, torch.float32, torch.device("cpu"))
+
+
+def _engine_and_transformers_greedy(
+    model_dir: str, seed: int, reference: bool = True
+) -> tuple[list[int], list[int] | None]:
+    """Greedy tokens of pdserve's engine and (with `reference`) of transformers for one
+    random 20-token prompt drawn with `seed`."""
+    from transformers import AutoModelForCausalLM
+
+    from tests.engine.conftest import make_engine
+    from tests.engine.test_model_reference import greedy_req, hf_greedy, run_all, tokens
+
+    ids = torch.randint(3, 500, (20,), generator=torch.Generator().manual_seed(seed)).tolist()
+    got = tokens(run_all(make_engine(model_dir), [greedy_req("r", ids)])["r"])
+    if not reference:
+        return got, None
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    hf.generation_config.eos_token_id = None
+    return got, hf_greedy(hf, ids)
