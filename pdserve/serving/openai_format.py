@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from pdserve.serving.generation import ItemResult
@@ -61,7 +62,7 @@ def render_chat_prompt(tokenizer: Any, messages: Any, body: dict) -> list[int]:
     for i, msg in enumerate(messages):
         if not isinstance(msg, dict) or not isinstance(msg.get("role"), str):
             raise bad(f"messages[{i}] must be an object with a string role")
-        plain.append({"role": msg["role"], "content": _content_text(msg.get("content"), i)})
+        plain.append(_template_message(msg, i))
     kwargs = body.get("chat_template_kwargs")
     kwargs = {} if kwargs is None else kwargs
     if not isinstance(kwargs, dict):
@@ -76,6 +77,43 @@ def render_chat_prompt(tokenizer: Any, messages: Any, body: dict) -> list[int]:
     except Exception as exc:  # a template that rejects the conversation is the client's 400
         raise bad(f"the chat template rejected the messages: {exc}") from None
     return tokenizer.encode(text, add_special_tokens=False)
+
+
+def _template_message(msg: dict, index: int) -> dict[str, Any]:
+    """What the chat template sees of one message, as vLLM gives it: role and text, and the
+    `name`, `tool_call_id` and assistant `tool_calls` the client sent (templates render
+    them; dropped, a conversation with tool turns reached the model with those turns
+    empty). Tool call arguments become objects, the form templates expect (vLLM's rule)."""
+    out: dict[str, Any] = {"role": msg["role"], "content": _content_text(msg.get("content"), index)}
+    for key in ("name", "tool_call_id"):
+        value = msg.get(key)
+        if value is not None:
+            if not isinstance(value, str):
+                raise bad(f"messages[{index}].{key} must be a string")
+            out[key] = value
+    calls = msg.get("tool_calls")
+    if calls is not None and msg["role"] == "assistant":
+        out["tool_calls"] = _tool_calls(calls, index)
+    return out
+
+
+def _tool_calls(calls: Any, index: int) -> list[dict[str, Any]]:
+    where = f"messages[{index}].tool_calls"
+    if not isinstance(calls, list):
+        raise bad(f"{where} must be a list")
+    out = []
+    for j, call in enumerate(calls):
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise bad(f"{where}[{j}] must be an object with a function that has a string name")
+        arguments = function.get("arguments") or {}
+        if isinstance(arguments, str):
+            try:
+                arguments = json.loads(arguments)
+            except ValueError:
+                raise bad(f"{where}[{j}].function.arguments is not valid JSON") from None
+        out.append({**call, "function": {**function, "arguments": arguments}})
+    return out
 
 
 def chat_echo_text(messages: list, echo: bool) -> str | None:
