@@ -132,13 +132,13 @@ def _content_text(content: Any, index: int) -> str:
         return ""
     if isinstance(content, str):
         return content
-    if isinstance(content, list):
+    if isinstance(content, list):  # text parts joined by newlines, as vLLM joins them
         parts = []
         for part in content:
             if not isinstance(part, dict) or part.get("type") != "text":
                 raise bad(f"messages[{index}].content: only text parts are supported")
             parts.append(str(part.get("text", "")))
-        return "".join(parts)
+        return "\n".join(parts)
     raise bad(f"messages[{index}].content must be a string or a list of text parts")
 
 

@@ -1,7 +1,8 @@
 """A chat message's `name`, `tool_call_id` and assistant `tool_calls` reach the chat template
 as vLLM passes them (tool call arguments as objects); they were dropped, so a conversation
 with tool turns reached the model with those turns empty. A tiny-random copy whose template
-renders the fields, served and driven with the openai client."""
+renders the fields, served and driven with the openai client. Text parts of a message's
+content are joined by newlines, as vLLM joins them (they were glued together)."""
 
 from __future__ import annotations
 
@@ -92,3 +93,16 @@ def test_malformed_fields_are_a_400_naming_them(server, model_dir, message, prob
     client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0)
     with pytest.raises(openai.BadRequestError, match=re.escape(problem)):
         client.chat.completions.create(model=model_dir, messages=[message], max_tokens=1)
+
+
+def test_text_parts_are_joined_by_newlines(model_dir, server):
+    tokenizer = load_tokenizer(model_dir)
+    parts = [{"type": "text", "text": "Read this."}, {"type": "text", "text": "Then that."}]
+    expected = "<|im_start|>user\nRead this.\nThen that.<|im_end|>\n<|im_start|>assistant\n"
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0)
+    answer = client.chat.completions.create(
+        model=model_dir, messages=[{"role": "user", "content": parts}], max_tokens=1
+    )
+    assert answer.usage.prompt_tokens == len(tokenizer.encode(expected, add_special_tokens=False))
+    glued = "<|im_start|>user\nRead this.Then that.<|im_end|>\n<|im_start|>assistant\n"
+    assert len(tokenizer.encode(glued, add_special_tokens=False)) != answer.usage.prompt_tokens
