@@ -189,6 +189,29 @@ class RoomAddress:
     bootstrap_port: int | None = None
 
 
+def item_room(value: object, index: int, num_items: int) -> object:
+    """The room of item `index` of `num_items` when a request names one room for all of
+    them (SGLang's rule: room + index, so that the n samples or prompts each have their
+    own transfer; SGLang's router sends one room with a completions `n`); a list or a
+    malformed value is left to the caller."""
+    if num_items > 1 and is_room(value):
+        return (value + index) % MAX_ROOM  # type: ignore[operator]
+    return value
+
+
+def items_in_body(body: dict) -> int:
+    """How many items a generation body makes (prompts x n), read leniently: 1 where the
+    body does not say."""
+    n = body.get("n")
+    n = n if _is_int(n) and n > 1 else 1  # type: ignore[operator]
+    prompts = 1
+    for name in ("prompt", "text", "input_ids"):
+        value = body.get(name)
+        if isinstance(value, list) and value and not _is_int(value[0]):
+            prompts = len(value)  # a list of texts or of token id lists
+    return n * prompts
+
+
 def _entries(value: object, num_items: int) -> list[object]:
     if isinstance(value, list):
         return value if len(value) == num_items else [None] * num_items
@@ -202,7 +225,8 @@ def rooms_in_body(body: object) -> list[RoomAddress]:
     if not isinstance(body, dict):
         return []
     rooms = body.get("bootstrap_room")
-    room_list = rooms if isinstance(rooms, list) else [rooms]
+    num = items_in_body(body)
+    room_list = rooms if isinstance(rooms, list) else [item_room(rooms, i, num) for i in range(num)]
     hosts = _entries(body.get("bootstrap_host"), len(room_list))
     ports = _entries(body.get("bootstrap_port"), len(room_list))
     found = []

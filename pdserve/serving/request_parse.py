@@ -17,7 +17,13 @@ import msgspec
 from pdserve.engine.request import INT64_MAX, InvalidSampling, SamplingParams
 from pdserve.serving.hooks import RequestError
 from pdserve.serving.logit_bias_field import parse_logit_bias
-from pdserve.serving.pd_fields import FIELD_NAMES, PDFieldError, PDFields, parse_pd_fields
+from pdserve.serving.pd_fields import (
+    FIELD_NAMES,
+    PDFieldError,
+    PDFields,
+    item_room,
+    parse_pd_fields,
+)
 
 
 class Encoder(Protocol):
@@ -146,6 +152,8 @@ def per_item(body: dict, name: str, index: int, num_items: int) -> Any:
 def item_pd_fields(body: dict, index: int, num_items: int, limits: Limits) -> PDFields:
     """The PD fields of item `index`: each may be one value, or a list of one per item."""
     values = {name: per_item(body, name, index, num_items) for name in FIELD_NAMES}
+    if not isinstance(body.get("bootstrap_room"), list):  # one room for all: room + index
+        values["bootstrap_room"] = item_room(values["bootstrap_room"], index, num_items)
     try:
         return parse_pd_fields(values, limits.dp_size, limits.mode)
     except PDFieldError as exc:

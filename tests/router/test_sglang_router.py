@@ -91,3 +91,15 @@ def test_sglang_router_chat_equals_colocated(sglang_router, tiny_server, model_d
     events = streamed(sglang_router.url + "/v1/chat/completions", body)
     text = "".join(c["delta"].get("content") or "" for e in events for c in e["choices"])
     assert text == want[0]
+
+
+def test_sglang_router_completions_with_n_equal_colocated(sglang_router, tiny_server, model_dir):
+    """SGLang's router sends one bootstrap_room with a completions `n`; each sample takes
+    room + index, as SGLang's servers do (the second sample was refused: room in flight)."""
+    body = {"model": "tiny-random", "prompt": "Once upon", "n": 3, "max_tokens": 6}
+    body |= {"temperature": 1.0, "seed": 4}
+    want = [c["text"] for c in post(tiny_server.url + "/v1/completions", body).json()["choices"]]
+    assert len(set(want)) > 1  # seeded samples that differ
+    body["model"] = model_dir
+    got = post(sglang_router.url + "/v1/completions", body).json()["choices"]
+    assert [c["text"] for c in got] == want

@@ -163,3 +163,14 @@ def test_local_prefill_is_refused_by_prefill_and_must_be_a_boolean():
         with pytest.raises(PDFieldError) as err:
             parse_pd_fields(values, 1, mode)
         assert err.value.field == "disagg_local_prefill"
+
+
+def test_one_room_for_several_items_names_room_plus_index_of_each():
+    """SGLang's rule, which the items follow (request_parse.item_pd_fields): a rejected
+    request with one room and n samples or several prompts names every item's room."""
+    top = 2**63 - 1
+    body = {"bootstrap_room": top, "bootstrap_host": "h", "n": 2, "prompt": ["a", "b"]}
+    assert [r.room for r in rooms_in_body(body)] == [top, 0, 1, 2]
+    assert [r.room for r in rooms_in_body({"bootstrap_room": 5, "input_ids": [1, 2]})] == [5]
+    text = {"bootstrap_room": 5, "text": ["a", "b"]}
+    assert [r.room for r in rooms_in_body(text)] == [5, 6]
