@@ -223,8 +223,14 @@ def test_seeded_samples_usage_and_logprobs_equal_colocated(router, tiny_server):
     body = {"messages": MESSAGES, "max_tokens": 8, "temperature": 1.0, "seed": 5, "n": 3}
     body |= {"logprobs": True, "top_logprobs": 1, "ignore_eos": True}
     url = "/v1/chat/completions"
+    # The prompt cached on both first: with cold caches usage's cached_tokens depends on
+    # scheduling (colocated prefills the n samples in one step, none cached; PD's prefill
+    # may take them in turn, the later ones from the cache), not on PD.
+    for base in (tiny_server.url, router.url):
+        post(base + url, {**body, "n": 1, "max_tokens": 1})
     want = post(tiny_server.url + url, body).json()
     got = post(router.url + url, body).json()
+    assert want["usage"]["prompt_tokens_details"]["cached_tokens"] > 0
     assert chat_text(got) == chat_text(want) and len(set(chat_text(want))) == 3
     assert got["usage"] == want["usage"]
     for g, w in zip(got["choices"], want["choices"], strict=True):
