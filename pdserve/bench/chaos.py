@@ -22,6 +22,7 @@ from pdserve.bench import proc_tree
 from pdserve.bench.chaos_cluster import (
     Node,
     http,
+    http_stream,
     live_load,
     pages_in_metrics,
     plan_nodes,
@@ -64,6 +65,7 @@ class ChaosConfig:
     max_pause_s: float = opt(4.0, "longest SIGSTOP, or downtime before a restart")
     num_prompts: int = opt(24, "distinct prompts (token ids) the clients draw from")
     max_new_tokens: int = opt(8, "tokens generated per request")
+    stream_fraction: float = opt(0.0, "share of requests sent with stream: true (0..1)")
     request_timeout_s: float = opt(120.0, "client deadline of one request: past it, it is lost")
     ready_timeout_s: float = opt(300.0, "deadline for a (re)started process to be ready")
     drain_timeout_s: float = opt(40.0, "deadline for pages and rooms to return to 0 after load")
@@ -80,6 +82,7 @@ class ChaosConfig:
         check(0 <= self.min_gap_s <= self.max_gap_s, "0 <= --min-gap-s <= --max-gap-s")
         check(0 <= self.min_pause_s <= self.max_pause_s, "0 <= --min-pause-s <= --max-pause-s")
         check(self.num_prompts >= 1 and self.max_new_tokens >= 1, "prompts and tokens >= 1")
+        check(0 <= self.stream_fraction <= 1, "0 <= --stream-fraction <= 1")
 
     def cluster(self) -> ClusterConfig:
         return ClusterConfig(
@@ -125,12 +128,19 @@ class Load:
         rng = random.Random(f"{self.c.seed}-client-{index}")
         while self.now_s() < until_s:
             i = rng.randrange(len(self.prompts))
+            stream = rng.random() < self.c.stream_fraction
             started = self.now_s()
             body = body_of(self.prompts[i], self.c)
-            status, answer = http("POST", self.url + "/generate", body, self.c.request_timeout_s)
+            if stream:
+                status, answer = http_stream(self.url + "/generate", body, self.c.request_timeout_s)
+            else:
+                status, answer = http(
+                    "POST", self.url + "/generate", body, self.c.request_timeout_s
+                )
             outcome, reason = judge(status, answer, self.expected[i])
             record = RequestRecord(
-                index, i, round(started, 3), round(self.now_s() - started, 3), status, outcome, reason
+                index, i, round(started, 3), round(self.now_s() - started, 3), status, outcome,
+                reason, stream,
             )  # fmt: skip
             with self.lock:
                 self.records.append(record)
@@ -156,10 +166,13 @@ def inject_until(
 
 
 def drain(servers: list[Node], timeout_s: float) -> tuple[dict[str, dict[str, int]], float | None]:
-    """Wait until every server is at 0 pages and 0 rooms; the last values and the time taken."""
+    """Wait until every server is at 0 pages, 0 rooms and 0 requests; the last values and the
+    time taken."""
     start = time.monotonic()
     while True:
-        leaks = {n.name: live_load(n.url) or {"pages": -1, "rooms": -1} for n in servers}
+        leaks = {
+            n.name: live_load(n.url) or {"pages": -1, "rooms": -1, "reqs": -1} for n in servers
+        }
         for n in servers:
             leaks[n.name]["metrics_pages"] = pages_in_metrics(n.url) or 0
         if not any(v for leak in leaks.values() for v in leak.values()):

@@ -114,8 +114,44 @@ def http(
         return status, raw.decode(errors="replace")
 
 
+def http_stream(url: str, body: Any, timeout_s: float) -> tuple[int | None, Any]:
+    """POST a streaming request and read its server-sent events to the end: (status, the
+    last event, or {"error": ...} from an error event, or the error body); (None, why) when
+    nothing answered or the stream broke off with neither `data: [DONE]` nor an error event
+    (the router ends a stream whose decode connection failed with the error event alone)."""
+    data = json.dumps({**body, "stream": True}).encode()
+    req = urllib.request.Request(url, data, {"Content-Type": "application/json"}, method="POST")
+    try:
+        with urllib.request.urlopen(req, timeout=timeout_s) as resp:
+            status, last = resp.status, None
+            for raw in resp:
+                line = raw.decode(errors="replace").strip()
+                if not line.startswith("data:"):
+                    continue
+                payload = line[len("data:") :].strip()
+                if payload == "[DONE]":
+                    return status, last
+                event = json.loads(payload)
+                if isinstance(event, dict) and "error" in event:
+                    last = event  # the stream's own error: kept, [DONE] follows
+                elif not (isinstance(last, dict) and "error" in last):
+                    last = event
+            if isinstance(last, dict) and "error" in last:  # the router's, decode gone
+                return status, last
+            return None, f"stream ended without [DONE] after {str(last)[:200]}"
+    except urllib.error.HTTPError as exc:
+        raw = exc.read()
+        try:
+            return exc.code, json.loads(raw)
+        except ValueError:
+            return exc.code, raw.decode(errors="replace")
+    except (OSError, ValueError) as exc:  # refused, reset, timed out, bad event
+        return None, repr(exc)
+
+
 def live_load(url: str) -> dict[str, int] | None:
-    """Pages used and rooms in flight on the live ranks of a server (None: no answer)."""
+    """Pages used, rooms in flight and requests held (queued or running in a worker, or
+    awaited by the front end) on the live ranks of a server (None: no answer)."""
     status, load = http("GET", url + "/get_load")
     if status != 200 or not isinstance(load, list):
         return None
@@ -123,6 +159,7 @@ def live_load(url: str) -> dict[str, int] | None:
     return {
         "pages": sum(rank["num_used_pages"] for rank in live),
         "rooms": sum(rank.get("num_disagg_rooms", 0) for rank in live),
+        "reqs": sum(rank.get("num_reqs", 0) + rank.get("num_inflight_reqs", 0) for rank in live),
     }
 
 

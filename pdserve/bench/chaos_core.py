@@ -48,6 +48,7 @@ class RequestRecord:
     status: int | None  # None: no HTTP answer at all
     outcome: str  # OK, FAILED (with a reason), WRONG (tokens differ), LOST (no reason)
     reason: str = ""
+    stream: bool = False  # sent with stream: true
 
 
 def judge(status: int | None, body: Any, expected_ids: list[int]) -> tuple[str, str]:
@@ -55,6 +56,8 @@ def judge(status: int | None, body: Any, expected_ids: list[int]) -> tuple[str, 
     if status is None:
         return LOST, f"no answer: {body}"
     if status == 200 and isinstance(body, dict):
+        if message := error_message(body):  # a stream's error event, after its 200
+            return FAILED, f"200 stream error: {message}"
         finish = (body.get("meta_info") or {}).get("finish_reason") or {}
         if finish.get("type") == "abort":
             return FAILED, f"200 abort: {finish.get('message', '')}"
@@ -127,7 +130,7 @@ class Summary:
     slowest_failure_s: float
     slowest_ok_s: float
     faults: list[FaultRecord]
-    leaks: dict[str, dict[str, int]]  # server -> {pages, rooms} on live ranks after load
+    leaks: dict[str, dict[str, int]]  # server -> {pages, rooms, reqs, metrics_pages} after load
     orphans: list[str]
     drain_s: float | None  # load stop -> every live server at 0 pages and 0 rooms
     problems: list[str] = field(default_factory=list)
@@ -206,8 +209,10 @@ def render_text(summary: Summary) -> str:
             f"{_num(f.slowest_caught_s)}  {f.note}"
             for f in summary.faults
         ],
-        "pages/rooms on live servers after load: "
-        + ", ".join(f"{n} {v['pages']}/{v['rooms']}" for n, v in summary.leaks.items()),
+        "pages/rooms/requests on live servers after load: "
+        + ", ".join(
+            f"{n} {v['pages']}/{v['rooms']}/{v.get('reqs', 0)}" for n, v in summary.leaks.items()
+        ),
         f"orphans: {len(summary.orphans)}",
         "PASS" if summary.passed else "FAIL: " + "; ".join(summary.problems),
     ]

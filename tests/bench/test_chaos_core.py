@@ -35,6 +35,14 @@ def test_judge_tells_ok_wrong_failed_and_lost_apart():
     assert judge(None, "ConnectionRefusedError()", EXPECTED)[0] == LOST
 
 
+def test_a_stream_error_event_after_200_is_a_failure_with_its_reason():
+    # http_stream hands back the stream's {"error": ...} event with the 200 that began it
+    event = {"error": {"message": "prefill server failed: connection lost", "code": 502}}
+    assert judge(200, event, EXPECTED) == (
+        FAILED, "200 stream error: prefill server failed: connection lost"
+    )  # fmt: skip
+
+
 def test_failures_differing_only_in_numbers_share_a_reason():
     a = reason_key("504 timed out after 30.0s waiting for the KV of room 123")
     b = reason_key("504 timed out after 30.0s waiting for the KV of room 98765")
