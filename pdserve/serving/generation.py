@@ -167,18 +167,25 @@ class Generator:
             ) from None
 
     async def _outputs(self, flight: InFlight, result: ItemResult) -> AsyncIterator[ReqOutput]:
-        deadline = result.started_at + self.request_timeout_s
-        while True:
-            remaining_s = deadline - time.monotonic()
-            try:
-                msg = await aio.wait_for(flight.outputs.get(), max(remaining_s, 0.0))
-            except asyncio.TimeoutError:
-                raise RequestError(
-                    504, f"request timed out after {self.request_timeout_s:g} s"
-                ) from None
-            if msg.error_status is not None:
-                raise RequestError(msg.error_status, msg.error_message or "request failed")
-            yield msg
+        """The request's outputs until the caller stops; its deadline arrives as a 504 message
+        queued by one timer, not as a timeout around every wait: each token of each request
+        passes here, and a `wait_for` per message costs a task (about 40 against 8 us)."""
+        timed_out = ReqOutput(
+            rid=flight.req.rid,
+            error_status=504,
+            error_message=f"request timed out after {self.request_timeout_s:g} s",
+        )
+        remaining_s = result.started_at + self.request_timeout_s - time.monotonic()
+        loop = asyncio.get_running_loop()
+        timer = loop.call_later(max(remaining_s, 0.0), flight.outputs.put_nowait, timed_out)
+        try:
+            while True:
+                msg = await flight.outputs.get()  # no suspension while one is queued
+                if msg.error_status is not None:
+                    raise RequestError(msg.error_status, msg.error_message or "request failed")
+                yield msg
+        finally:
+            timer.cancel()
 
     def _apply(self, msg: ReqOutput, detok: IncrementalDetokenizer, result: ItemResult) -> Delta:
         now = time.monotonic()
@@ -266,9 +273,23 @@ async def run_to_end(
 async def merged(
     gen: Generator, items: list[GenItem], client_gone: ClientGone | None = None
 ) -> AsyncIterator[tuple[int, ItemResult, Delta]]:
-    """Interleaves the deltas of several items; cancels the rest if one fails or we stop."""
-    queue: asyncio.Queue = asyncio.Queue()
+    """Interleaves the deltas of several items; cancels the rest if one fails or we stop.
+    The caller reads the item's result (its whole text, its finish_reason) along with each
+    delta, so an item's next output is applied only once the caller has asked for more: a
+    pump running ahead had shown a slow reader a finish_reason on a chunk before the last."""
     results = [ItemResult(item=item, started_at=time.monotonic()) for item in items]
+    if len(items) == 1:  # most requests: no task and queue between the outputs and the caller
+        try:
+            async with contextlib.aclosing(gen.run(items[0], results[0], client_gone)) as deltas:
+                async for delta in deltas:
+                    yield 0, results[0], delta
+        except RequestError:
+            raise
+        except Exception as exc:  # as the pumps below: never lose an item silently
+            raise RequestError(500, f"internal error: {exc!r}") from exc
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+    taken = [asyncio.Event() for _ in items]
 
     async def pump(index: int) -> None:
         try:
@@ -276,7 +297,9 @@ async def merged(
                 gen.run(items[index], results[index], client_gone)
             ) as deltas:
                 async for delta in deltas:
+                    taken[index].clear()
                     queue.put_nowait((index, delta, None))
+                    await taken[index].wait()
         except RequestError as exc:
             queue.put_nowait((index, None, exc))
         except Exception as exc:  # never lose an item silently
@@ -296,6 +319,7 @@ async def merged(
                 num_done += 1
                 continue
             yield index, results[index], delta
+            taken[index].set()
     finally:
         for task in tasks:
             task.cancel()

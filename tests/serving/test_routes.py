@@ -56,6 +56,38 @@ def test_generate_stream_sends_growing_text_and_ends_with_done(tiny_server):
     assert chunks[-1]["output_ids"] == whole["output_ids"] and chunks[-1]["text"] == whole["text"]
 
 
+def test_streams_of_several_items_show_each_state_once_and_finish_last(tiny_server):
+    """Each chunk shows its item as it was after that chunk's tokens: a finish_reason only on
+    the item's last chunk, ids growing by what each chunk added (a batch /generate stream and
+    an OpenAI stream with n > 1, whose items' outputs arrive queued together)."""
+    body = {
+        "input_ids": [[1, 2, 3], [4, 5], [6]],
+        "sampling_params": {**GREEDY, "max_new_tokens": 24},
+        "stream": True,
+    }
+    chunks = sse_events(f"{tiny_server.url}/generate", body)[:-1]
+    for index in range(3):
+        mine = [c for c in chunks if c["index"] == index]
+        ids = [c["output_ids"] for c in mine]
+        assert all(len(a) < len(b) and a == b[: len(a)] for a, b in zip(ids, ids[1:], strict=False))
+        assert [c["meta_info"]["finish_reason"] is None for c in mine] == [True] * (
+            len(mine) - 1
+        ) + [False]
+        assert len(ids[-1]) == 24
+    body = {
+        "prompt": "Hello",
+        "max_tokens": 24,
+        "temperature": 1.0,
+        "n": 3,
+        "stream": True,
+        "ignore_eos": True,
+    }
+    chunks = sse_events(f"{tiny_server.url}/v1/completions", body)[:-1]
+    for index in range(3):
+        mine = [c["choices"][0] for c in chunks if c["choices"][0]["index"] == index]
+        assert [c["finish_reason"] for c in mine] == [None] * (len(mine) - 1) + ["length"]
+
+
 def test_generate_logprobs_in_sglang_format(tiny_server):
     status, out = http_json(
         "POST",
