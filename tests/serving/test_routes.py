@@ -60,13 +60,14 @@ def test_streams_of_several_items_show_each_state_once_and_finish_last(tiny_serv
     """Each chunk shows its item as it was after that chunk's tokens: a finish_reason only on
     the item's last chunk, ids growing by what each chunk added (a batch /generate stream and
     an OpenAI stream with n > 1, whose items' outputs arrive queued together)."""
+    prompts = [[1, 2, 3], [4, 5], [6], [7, 8], [9], [10, 11], [12], [13, 14, 15]]
     body = {
-        "input_ids": [[1, 2, 3], [4, 5], [6]],
+        "input_ids": prompts,
         "sampling_params": {**GREEDY, "max_new_tokens": 24},
         "stream": True,
     }
     chunks = sse_events(f"{tiny_server.url}/generate", body)[:-1]
-    for index in range(3):
+    for index in range(len(prompts)):
         mine = [c for c in chunks if c["index"] == index]
         ids = [c["output_ids"] for c in mine]
         assert all(len(a) < len(b) and a == b[: len(a)] for a, b in zip(ids, ids[1:], strict=False))
@@ -78,12 +79,12 @@ def test_streams_of_several_items_show_each_state_once_and_finish_last(tiny_serv
         "prompt": "Hello",
         "max_tokens": 24,
         "temperature": 1.0,
-        "n": 3,
+        "n": 8,
         "stream": True,
         "ignore_eos": True,
     }
     chunks = sse_events(f"{tiny_server.url}/v1/completions", body)[:-1]
-    for index in range(3):
+    for index in range(8):
         mine = [c["choices"][0] for c in chunks if c["choices"][0]["index"] == index]
         assert [c["finish_reason"] for c in mine] == [None] * (len(mine) - 1) + ["length"]
 
