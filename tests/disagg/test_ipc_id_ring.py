@@ -26,7 +26,9 @@ class Copies:
 
 
 def ids(start: int, n: int) -> tuple[np.ndarray, np.ndarray]:
-    return np.arange(start, start + n, dtype=np.int32), np.arange(-start - n, -start, dtype=np.int32)
+    return np.arange(start, start + n, dtype=np.int32), np.arange(
+        -start - n, -start, dtype=np.int32
+    )
 
 
 def test_ids_land_at_the_index_given_sources_then_destinations():
