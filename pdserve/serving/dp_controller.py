@@ -35,6 +35,7 @@ from pdserve.serving.protocol import (
     KVCacheEvents,
     KVPeersLost,
     ReqOutput,
+    ReqOutputs,
     RoomFailed,
     RoomForwarded,
     WorkerFailed,
@@ -243,11 +244,11 @@ class DPController:
     async def _receive(self) -> None:
         while True:
             msg = protocol.decode_from_worker(await self._out.recv())
-            if isinstance(msg, ReqOutput):
-                flight = self.inflight.get(msg.rid)
-                if flight is not None:
-                    flight.num_tokens += len(msg.new_token_ids)
-                    flight.outputs.put_nowait(msg)
+            if isinstance(msg, ReqOutputs):
+                for output in msg.outputs:
+                    self._deliver(output)
+            elif isinstance(msg, ReqOutput):
+                self._deliver(msg)
             elif isinstance(msg, WorkerLoad):
                 if msg.dp_rank not in self.dead:  # a report it sent before dying is stale
                     self.loads[msg.dp_rank] = msg
@@ -266,6 +267,12 @@ class DPController:
                     listener(msg.endpoints)
             elif isinstance(msg, WorkerFailed):
                 self._mark_dead(msg.dp_rank, f"worker {msg.dp_rank} failed: {msg.error}")
+
+    def _deliver(self, msg: ReqOutput) -> None:
+        flight = self.inflight.get(msg.rid)
+        if flight is not None:
+            flight.num_tokens += len(msg.new_token_ids)
+            flight.outputs.put_nowait(msg)
 
     async def _monitor(self) -> None:
         while True:

@@ -29,6 +29,7 @@ from pdserve.serving.protocol import (
     KVCacheEvents,
     KVPeersLost,
     ReqOutput,
+    ReqOutputs,
     RoomFailed,
     RoomForwarded,
     WorkerFailed,
@@ -134,8 +135,10 @@ class WorkerLoop:
             self.out.send(protocol.encode(KVCacheEvents(dp_rank=self.dp_rank, events=events)))
 
     def _send(self, msgs: list[ReqOutput]) -> None:
-        for msg in msgs:
-            self.out.send(protocol.encode(msg))
+        if len(msgs) == 1:
+            self.out.send(protocol.encode(msgs[0]))
+        elif msgs:  # a step's outputs in one message, in their order
+            self.out.send(protocol.encode(ReqOutputs(outputs=msgs)))
 
     def _report_load(self, now: float) -> None:
         num_running, num_waiting, num_tokens = self.engine.load()
