@@ -7,11 +7,43 @@ the first min_new_tokens tokens never matches a stop string (vLLM's rule, as the
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Any, Protocol
 
 
 class Decoder(Protocol):
     def decode(self, token_ids: list[int], skip_special_tokens: bool = ...) -> str: ...
+
+
+class BackendDecoder:
+    """A fast tokenizer's decode, straight from its `tokenizers` backend: transformers' own
+    `decode` (argument conversion, kwargs) costs 15.6 against 3.8 us for six ids, twice per
+    output of every request. Used only where it is the same function (`direct_decoder`)."""
+
+    def __init__(self, backend: Any):
+        self._decode = backend.decode
+
+    def decode(self, token_ids: list[int], skip_special_tokens: bool = False) -> str:
+        return self._decode(token_ids, skip_special_tokens=skip_special_tokens)
+
+
+def direct_decoder(tokenizer: Any) -> Decoder:
+    """`tokenizer`, or its backend where transformers' decode would only call the backend:
+    a fast tokenizer whose class keeps the stock `decode`/`_decode` and that does not clean
+    up tokenization spaces (the one post-processing step)."""
+    try:
+        from transformers import TokenizersBackend as fast_base  # transformers 5
+    except ImportError:
+        from transformers import PreTrainedTokenizerFast as fast_base
+    backend = getattr(tokenizer, "_tokenizer", None)
+    if (
+        isinstance(tokenizer, fast_base)
+        and backend is not None
+        and type(tokenizer).decode is fast_base.decode
+        and type(tokenizer)._decode is fast_base._decode
+        and getattr(tokenizer, "clean_up_tokenization_spaces", True) is False
+    ):
+        return BackendDecoder(backend)
+    return tokenizer
 
 
 class IncrementalDetokenizer:

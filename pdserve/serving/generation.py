@@ -15,7 +15,7 @@ from typing import Any
 
 from pdserve import aio
 from pdserve.engine.request import FinishReason
-from pdserve.serving.detokenizer import IncrementalDetokenizer
+from pdserve.serving.detokenizer import IncrementalDetokenizer, direct_decoder
 from pdserve.serving.dp_controller import DPController, InFlight
 from pdserve.serving.hooks import FrontendHooks, RequestCancelled, RequestError
 from pdserve.serving.protocol import DisaggInfo, GenerateReq, ReqOutput
@@ -73,6 +73,7 @@ class Generator:
         self.controller = controller
         self.hooks = hooks
         self.tokenizer = tokenizer
+        self.decoder = direct_decoder(tokenizer)
         self.mode = mode
         self.request_timeout_s = request_timeout_s
         self.metrics = controller.metrics
@@ -89,7 +90,7 @@ class Generator:
             self.metrics.requests.labels("rejected").inc()
             raise
         detok = IncrementalDetokenizer(
-            self.tokenizer,
+            self.decoder,
             item.sampling.skip_special_tokens,
             # A prefill leg ends once its KV has left, whatever its one token's text: decode
             # applies the stop strings (ending a prefill leg on one failed the decode leg).

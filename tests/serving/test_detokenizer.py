@@ -73,3 +73,37 @@ def test_min_new_tokens_boundary_inside_one_chunk():
     detok = IncrementalDetokenizer(ByteTokenizer(), stop=["a"], min_new_tokens=2)
     detok.add(ids("aaxa"))
     assert detok.matched_stop == "a" and detok.text == "aax"
+
+
+def test_the_direct_decoder_gives_transformers_text_and_only_where_it_is_the_same(tmp_path):
+    """The front end decodes with the fast tokenizer's backend only where transformers'
+    decode would do nothing else: same text on ids of every kind, with either skip flag."""
+    import random
+
+    from transformers import AutoTokenizer
+
+    from pdserve.engine.tiny_random import build_tokenizer
+    from pdserve.serving.detokenizer import BackendDecoder, direct_decoder
+
+    vocab_size = build_tokenizer(str(tmp_path))
+    tok = AutoTokenizer.from_pretrained(str(tmp_path))
+    decoder = direct_decoder(tok)
+    assert isinstance(decoder, BackendDecoder)
+    rng = random.Random(0)
+    for _ in range(200):  # specials, partial UTF-8 bytes, empty lists
+        ids = [rng.randrange(vocab_size) for _ in range(rng.randrange(0, 9))]
+        for skip in (True, False):
+            assert decoder.decode(ids, skip_special_tokens=skip) == tok.decode(
+                ids, skip_special_tokens=skip
+            ), ids
+    # Transformers post-processes here (or may): the tokenizer's own decode is kept.
+    cleaning = AutoTokenizer.from_pretrained(str(tmp_path), clean_up_tokenization_spaces=True)
+    assert direct_decoder(cleaning) is cleaning
+
+    class Custom(type(tok)):
+        def decode(self, token_ids, skip_special_tokens=False, **kwargs):
+            return "custom"
+
+    custom = Custom.from_pretrained(str(tmp_path))
+    assert direct_decoder(custom) is custom
+    assert direct_decoder(ByteTokenizer()).decode([104, 105]) == "hi"
