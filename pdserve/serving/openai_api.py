@@ -203,7 +203,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
             "index": i,
             "message": {"role": "assistant", "content": (echo or "") + r.text},
             "logprobs": chat_logprobs(
-                state.tokenizer, r.output_ids, r.output_logprobs, r.output_top_logprobs
+                state.generator.decoder, r.output_ids, r.output_logprobs, r.output_top_logprobs
             )
             if top is not None
             else None,
@@ -261,7 +261,7 @@ def _completion_delta(
     if not logprobs:
         return {"text": delta.text, "logprobs": None}
     lp = completion_logprobs(
-        state.tokenizer, delta.token_ids, delta.logprobs, delta.top_logprobs, offset
+        state.generator.decoder, delta.token_ids, delta.logprobs, delta.top_logprobs, offset
     )
     return {"text": delta.text, "logprobs": lp}
 
@@ -272,7 +272,7 @@ def _chat_delta(state: ServerState, delta: Delta, first: bool, logprobs: bool, o
         message["role"] = "assistant"
     if not logprobs:
         return {"delta": message, "logprobs": None}
-    lp = chat_logprobs(state.tokenizer, delta.token_ids, delta.logprobs, delta.top_logprobs)
+    lp = chat_logprobs(state.generator.decoder, delta.token_ids, delta.logprobs, delta.top_logprobs)
     return {"delta": message, "logprobs": lp}
 
 
