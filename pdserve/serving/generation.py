@@ -100,21 +100,24 @@ class Generator:
         )
         error: RequestError | None = RequestCancelled()
         try:
-            async for msg in self._outputs(self.controller.inflight[req.rid], result):
-                if client_gone is not None and client_gone():
-                    return  # error stays "cancelled": the request is aborted in its worker
-                self.hooks.on_output(req, msg)
-                delta = self._apply(msg, detok, result)
-                if detok.matched_stop is not None and result.finish_reason is None:
-                    result.finish_reason = FinishReason("stop", matched=detok.matched_stop)
-                    self.controller.abort(req.rid, "stop string matched")
-                if result.finish_reason is not None:
-                    delta.text += detok.finish()
-                    result.text = detok.text[: detok.num_released]
-                yield delta
-                if result.finish_reason is not None:
-                    error = None
-                    return
+            # Closed here, not when collected: its finally cancels the deadline timer.
+            outputs = self._outputs(self.controller.inflight[req.rid], result)
+            async with contextlib.aclosing(outputs):
+                async for msg in outputs:
+                    if client_gone is not None and client_gone():
+                        return  # error stays "cancelled": the request is aborted in its worker
+                    self.hooks.on_output(req, msg)
+                    delta = self._apply(msg, detok, result)
+                    if detok.matched_stop is not None and result.finish_reason is None:
+                        result.finish_reason = FinishReason("stop", matched=detok.matched_stop)
+                        self.controller.abort(req.rid, "stop string matched")
+                    if result.finish_reason is not None:
+                        delta.text += detok.finish()
+                        result.text = detok.text[: detok.num_released]
+                    yield delta
+                    if result.finish_reason is not None:
+                        error = None
+                        return
         except RequestError as exc:
             error = exc
             raise
