@@ -260,11 +260,25 @@ class Attempt:
         """A leg failed: stop the other one at once."""
         if err.worker is self.decode:
             self.legs.count_leg_failure(err)
-            self._decode_finished(ok=None if err.client_fault else False)
+            self._decode_finished(ok=self._decode_verdict(err))
             self._abort_prefill("decode_failed")
         else:
             self._decode_finished(ok=None)
             self._abort_decode("prefill_failed")
+
+    def _decode_verdict(self, err: LegError) -> bool | None:
+        """False (the decode server failed), or None (no verdict on it). A refused request
+        says nothing of the server; nor does a 502, 503 or 504 decode answered while the
+        prefill leg still runs: before the KV arrives those are decode's word for a fault
+        upstream (its prefill worker lost or frozen, a KV or bootstrap deadline), and
+        counting them opened the breaker of a sound decode server, which then took no
+        request for its open period. Its own faults still count: a 500, a dropped
+        connection, anything once prefill's leg ended; a dead decode worker fails /health."""
+        if err.client_fault:
+            return None
+        prefill_running = self.prefill_task is not None and not self.prefill_task.done()
+        upstream = err.answered and err.status in (502, 503, 504)
+        return None if upstream and prefill_running else False
 
     def _abandon(self, cause: str) -> None:
         if not self._decode_done:

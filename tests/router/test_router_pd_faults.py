@@ -111,3 +111,36 @@ def test_a_decode_worker_killed_leaves_the_other_decode_server_serving():
             assert [s for s in statuses if s[0] != 200] == [], statuses
     finally:
         factory.stop_all()
+
+
+def test_a_decode_leg_failed_by_its_prefill_worker_leaves_decode_in_rotation():
+    """Decode fails a room whose prefill worker froze (its heartbeat, while the prefill leg
+    is still in flight): that is no verdict on the decode server, so its circuit breaker (one
+    failure opens it here) stays closed and the next request, once prefill thaws, is served
+    instead of getting `503 no healthy decode server` for the breaker's open period."""
+    factory = PDFactory()
+    heartbeat = ["--heartbeat-interval-s", "0.2", "--heartbeat-timeout-s", "1.0"]
+    try:
+        prefill, decode = factory.prefill(1), factory.decode(1, heartbeat)
+        args = router_args([(prefill.url, prefill.bootstrap_port)], [decode.url])
+        breaker = ["--cb-failure-threshold", "1", "--max-retries", "0"]
+        with start_router(args + breaker) as router:
+            # The KV connection exists (and heartbeats) before the worker freezes.
+            assert requests.post(router.url + "/generate", json=SHORT, timeout=30).ok
+            worker_pid = proc_tree.worker_pids(prefill.server.pid)[0]
+            os.kill(worker_pid, signal.SIGSTOP)
+            try:
+                resp = requests.post(router.url + "/generate", json=SHORT, timeout=30)
+            finally:
+                os.kill(worker_pid, signal.SIGCONT)
+            assert resp.status_code == 503 and "heartbeat" in resp.text, resp.text
+            assert router_workers(router.url)[decode.url]["circuit"] == "closed"
+            wait_until(
+                lambda: requests.get(router.url + "/readiness").status_code == 200,
+                30,
+                "the router to take the thawed prefill server back",
+            )
+            resp = requests.post(router.url + "/generate", json=SHORT, timeout=30)
+            assert resp.status_code == 200, resp.text
+    finally:
+        factory.stop_all()
