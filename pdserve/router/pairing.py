@@ -63,12 +63,28 @@ class PairChooser:
         if not workers:  # better a healthy server whose breaker is probing than a 503
             workers = self.registry.probing(role, now)
         if not workers:
-            total = len(self.registry.by_role(role))
-            raise NoWorker(f"no healthy {role} server available ({total} registered)")
+            raise NoWorker(self._none_available(role, now))
         policy = self.policies[role]
         if isinstance(policy, KVAware):
             return policy.score(workers, prompt)
         return Candidate(policy.choose(workers, prompt), None, 0, 0)
+
+    def _none_available(self, role: Role, now: float) -> str:
+        """Why no server of the role takes requests: failing health checks, or (passing
+        them) an open circuit breaker, which the message alone used not to tell apart."""
+        registered = self.registry.by_role(role)
+        why = [f"{len(registered)} registered"]
+        unhealthy = sum(1 for w in registered if not w.health.healthy)
+        if unhealthy:
+            why.append(f"{unhealthy} failing health checks")
+        held = [w for w in registered if w.health.healthy]  # out: their breaker is open
+        if held:
+            wait_s = min(max(w.breaker.open_until - now, 0.0) for w in held)
+            why.append(
+                f"{len(held)} with an open circuit breaker after failed requests "
+                f"(tried again in {wait_s:.1f} s)"
+            )
+        return f"no healthy {role} server available ({', '.join(why)})"
 
     def choose(
         self,

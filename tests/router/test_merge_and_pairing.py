@@ -234,7 +234,10 @@ def test_a_probing_decode_server_is_used_when_no_other_is_available():
     registry.get("http://10.0.0.2:30001").health.healthy = False
     assert chooser.choose("/generate", {"text": "x"}, None, "x", 10.0).decode is probing
     probing.on_done(10.5, False, None)  # the probe failed: open again until t=20.5
-    with pytest.raises(NoWorker, match="no healthy decode server available"):
+    # The message tells the two reasons apart: one server fails its health checks, the other
+    # passes them but its breaker is open (it read "(2 registered)" alone).
+    why = r"\(2 registered, 1 failing health checks, 1 with an open circuit breaker .* 9.5 s\)"
+    with pytest.raises(NoWorker, match=f"no healthy decode server available {why}"):
         chooser.choose("/generate", {"text": "x"}, None, "x", 11.0)
 
 
