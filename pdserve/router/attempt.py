@@ -83,6 +83,7 @@ class Attempt:
         self.decode_s = 0.0  # the decode leg's own time, for the added-latency metric
         self._decode_started = 0.0
         self._decode_done = False
+        self._committed = False  # the client's stream has begun
 
     @property
     def decode(self) -> Worker:
@@ -198,6 +199,7 @@ class Attempt:
         out = StreamResponse(200, SSE_HEADERS)
         try:
             await out.prepare(self.request)  # committed: no retry from here on
+            self._committed = True
             head = b"".join(merger.process(e) if merger else e for e in first)
             await self._pump(resp, out, head if merger else head + buf.rest(), buf, merger)
         except ConnectionResetError:  # the client hung up
@@ -272,10 +274,13 @@ class Attempt:
         prefill leg still runs: before the KV arrives those are decode's word for a fault
         upstream (its prefill worker lost or frozen, a KV or bootstrap deadline), and
         counting them opened the breaker of a sound decode server, which then took no
-        request for its open period. Its own faults still count: a 500, a dropped
-        connection, anything once prefill's leg ended; a dead decode worker fails /health."""
+        request for its open period. Nor does the router's own deadline cutting a stream
+        decode is still sending. Its own faults still count: a 500, a dropped connection,
+        anything else once prefill's leg ended; a dead or frozen decode fails /health."""
         if err.client_fault:
             return None
+        if err.reason == "timeout" and self._committed:
+            return None  # our deadline cut a stream decode was still sending
         prefill_running = self.prefill_task is not None and not self.prefill_task.done()
         upstream = err.answered and err.status in (502, 503, 504)
         return None if upstream and prefill_running else False

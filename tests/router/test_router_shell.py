@@ -256,6 +256,22 @@ def test_a_hung_decode_meets_the_request_deadline(stubs, router_factory):
     assert "deadline" in resp.json()["error"]["message"]
 
 
+def test_a_stream_cut_by_the_request_deadline_leaves_decode_in_rotation(stubs, router_factory):
+    """The router's own deadline ends a stream decode is still sending: the request's time
+    ran out, the server did nothing wrong, so its breaker (one failure opens it here) stays
+    closed; it used to open, and a sound decode server took no request for --cb-open-s."""
+    args = ["--request-timeout-s", "1", "--cb-failure-threshold", "1", "--max-retries", "0"]
+    router = router_factory(pd_args(stubs) + args)
+    script = {"d1": {"chunks": 3, "hold_after_first": "never"}}
+    body = {"text": "x", "stream": True, "stub": script}
+    with requests.post(f"{router.url}/generate", json=body, stream=True, timeout=10) as resp:
+        events = [line for line in resp.iter_lines() if line]
+    assert "deadline" in events[-1].decode(), events
+    workers = {w["url"]: w for w in requests.get(f"{router.url}/workers").json()["workers"]}
+    assert workers[stubs["d1"].url]["circuit"] == "closed"
+    assert requests.post(f"{router.url}/generate", json={"text": "x"}, timeout=10).ok
+
+
 def test_unhealthy_worker_leaves_rotation_and_comes_back(stubs, router_factory):
     router = router_factory(pd_args(stubs) + ["--health-failure-threshold", "1"])
     stubs["d1"].control(health_status=503)
