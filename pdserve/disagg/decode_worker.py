@@ -395,8 +395,7 @@ class DecodeWorkerHooks(WorkerHooks):
         outputs: list[ReqOutput] = []
         for room in [r for r in self.rooms.values() if now >= r.deadline]:
             if room.state is RoomState.BOOTSTRAPPING:
-                handshaken = self.peers[room.endpoint].handshake_ok
-                what = "free KV pages" if handshaken else f"the KV handshake with {room.endpoint}"
+                what = self._awaited(room)
                 reason = f"timed out after {self.cfg.bootstrap_timeout_s:g}s waiting for {what}"
             else:
                 reason = (
@@ -406,6 +405,15 @@ class DecodeWorkerHooks(WorkerHooks):
                 )
             outputs += self._fail(room.room, 504, reason)
         return outputs
+
+    def _awaited(self, room: DecodeRoom) -> str:
+        """What a room that reserved no pages yet waits for: a room turned away because
+        every request slot is taken was said to wait for free KV pages, with the pool free."""
+        if not self.peers[room.endpoint].handshake_ok:
+            return f"the KV handshake with {room.endpoint}"
+        if self.engine.at_request_limit():
+            return "a request slot (as many requests as --max-running-requests are active)"
+        return "free KV pages"
 
     # -- endings ---------------------------------------------------------------------
     def _fail(self, room_id: int, status: int, reason: str) -> list[ReqOutput]:

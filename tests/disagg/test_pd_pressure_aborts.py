@@ -74,6 +74,24 @@ def _used_pages(url: str) -> int:
     return get_load(url)[0]["num_used_pages"]
 
 
+def test_a_room_turned_away_by_the_request_limit_names_it_at_its_deadline(pair, pd_module):
+    """A room that cannot reserve because every request slot is taken (the pool is nearly
+    empty) fails at the bootstrap deadline naming that; it said `waiting for free KV pages`."""
+    prefill, _ = pair
+    limit = ["--max-running-requests", "1", "--bootstrap-timeout-s", "2"]
+    decode = pd_module.decode(1, [*limit, "--kv-wait-timeout-s", "60"])
+    holder = _post_async(decode.url, _leg(prefill, 7201, list(range(3, 23)), "slot"))
+    wait_until(lambda: _used_pages(decode.url) > 0, 20, "the first room to take the slot")
+    body = _leg(prefill, 7202, list(range(40, 60)), "turned-away")
+    answer = requests.post(decode.url + "/generate", json=body, timeout=30)
+    assert answer.status_code == 504, answer.text
+    message = answer.json()["error"]["message"]
+    assert "waiting for a request slot (as many requests as --max-running-requests" in message
+    requests.post(decode.url + "/abort_request", json={"rid": "slot"}, timeout=10)
+    holder.result(timeout=10)
+    wait_idle([prefill.url, decode.url], timeout_s=20)
+
+
 def test_a_room_waiting_for_a_shared_prefix_goes_on_when_that_room_is_aborted(pair):
     prefill, decode = pair
     shared = list(range(30, 30 + 2 * PAGE))
