@@ -152,7 +152,7 @@ class Attempt:
             ok = True
             return result
         except LegError as err:
-            ok = None if err.client_fault else False  # a refused request: no verdict on it
+            ok = None if err.no_verdict else False  # e.g. a refused request
             self.legs.count_leg_failure(err)
             raise
         finally:
@@ -270,19 +270,19 @@ class Attempt:
 
     def _decode_verdict(self, err: LegError) -> bool | None:
         """False (the decode server failed), or None (no verdict on it). A refused request
-        says nothing of the server; nor does a 502, 503 or 504 decode answered while the
-        prefill leg still runs: before the KV arrives those are decode's word for a fault
-        upstream (its prefill worker lost or frozen, a KV or bootstrap deadline), and
+        or a 504 (`LegError.no_verdict`) says nothing of the server; nor does a 502 or 503
+        decode answered while the prefill leg still runs: before the KV arrives those are
+        decode's word for a fault upstream (its prefill worker lost or frozen), and
         counting them opened the breaker of a sound decode server, which then took no
         request for its open period. Nor does the router's own deadline cutting a stream
         decode is still sending. Its own faults still count: a 500, a dropped connection,
         anything else once prefill's leg ended; a dead or frozen decode fails /health."""
-        if err.client_fault:
+        if err.no_verdict:
             return None
         if err.reason == "timeout" and self._committed:
             return None  # our deadline cut a stream decode was still sending
         prefill_running = self.prefill_task is not None and not self.prefill_task.done()
-        upstream = err.answered and err.status in (502, 503, 504)
+        upstream = err.answered and err.status in (502, 503)
         return None if upstream and prefill_running else False
 
     def _abandon(self, cause: str) -> None:

@@ -70,6 +70,13 @@ class LegError(Exception):
         return self.answered and 400 <= self.status < 500 and not retryable_status(self.status)
 
     @property
+    def no_verdict(self) -> bool:
+        """Says nothing of the worker's health: a request it refused, or a 504 it answered
+        (a deadline it enforced on the request: its own --request-timeout-s, or a bootstrap
+        or KV wait on its peer; the worker itself is responsive)."""
+        return self.client_fault or (self.answered and self.status == 504)
+
+    @property
     def client_message(self) -> str:
         return (
             self.message if self.answered else f"{self.worker.role} server failed: {self.message}"

@@ -300,6 +300,23 @@ def test_circuit_breaker_opens_after_repeated_failures(stubs, router_factory):
     assert workers[stubs["p1"].url]["circuit"] == "closed"  # the healthy leg is not blamed
 
 
+def test_a_504_a_worker_answers_never_opens_its_breaker(stubs, router_factory):
+    """A server's 504 is a deadline it enforced on the request (its --request-timeout-s, a
+    bootstrap or KV wait): it is responsive. Counted, a few requests longer than the servers'
+    deadline took a sound server out, and every request got 503 for --cb-open-s."""
+    router = router_factory(
+        pd_args(stubs) + ["--max-retries", "0", "--cb-failure-threshold", "1", "--cb-open-s", "60"]
+    )
+    late = {"d1": {"status": 504, "delay_s": 0.2}}  # after prefill's leg ended
+    for script in (late, {"p1": {"status": 504}, "d1": {"hold": "never"}}):
+        resp = requests.post(f"{router.url}/generate", json={"text": "x", "stub": script})
+        assert resp.status_code == 504, resp.text
+    workers = {w["url"]: w for w in requests.get(f"{router.url}/workers").json()["workers"]}
+    assert workers[stubs["d1"].url]["circuit"] == "closed"
+    assert workers[stubs["p1"].url]["circuit"] == "closed"
+    assert requests.post(f"{router.url}/generate", json={"text": "x"}, timeout=10).ok
+
+
 def test_client_errors_never_open_a_breaker(stubs, router_factory):
     """A 4xx is the request's fault: garbage from clients must not take a server out."""
     router = router_factory(
