@@ -199,9 +199,15 @@ def item_room(value: object, index: int, num_items: int) -> object:
     return value
 
 
+# The most items of one rejected body whose rooms are reported to their other leg (rooms past
+# it fail there at the bootstrap deadline). They are enumerated on the event loop: a body
+# with n = 2**63 and a bad field had held the server's loop for good.
+MAX_REPORTED_ITEMS = 1 << 16
+
+
 def items_in_body(body: dict) -> int:
-    """How many items a generation body makes (prompts x n), read leniently: 1 where the
-    body does not say."""
+    """How many items a generation body makes (prompts x n, at most MAX_REPORTED_ITEMS),
+    read leniently: 1 where the body does not say."""
     n = body.get("n")
     n = n if _is_int(n) and n > 1 else 1  # type: ignore[operator]
     prompts = 1
@@ -209,7 +215,7 @@ def items_in_body(body: dict) -> int:
         value = body.get(name)
         if isinstance(value, list) and value and not _is_int(value[0]):
             prompts = len(value)  # a list of texts or of token id lists
-    return n * prompts
+    return min(n * prompts, MAX_REPORTED_ITEMS)
 
 
 def _entries(value: object, num_items: int) -> list[object]:

@@ -174,3 +174,13 @@ def test_one_room_for_several_items_names_room_plus_index_of_each():
     assert [r.room for r in rooms_in_body({"bootstrap_room": 5, "input_ids": [1, 2]})] == [5]
     text = {"bootstrap_room": 5, "text": ["a", "b"]}
     assert [r.room for r in rooms_in_body(text)] == [5, 6]
+
+
+def test_a_body_claiming_countless_items_names_a_bounded_number_of_rooms():
+    """A rejected body is searched for rooms on the server's event loop: n = 2**63 (found by
+    the HTTP fuzz test on a lone prefill leg) had held the loop, and the server, for good."""
+    from pdserve.serving.pd_fields import MAX_REPORTED_ITEMS
+
+    body = {"bootstrap_room": 5, "prompt": "x", "n": 2**63, "temperature": [1]}
+    rooms = rooms_in_body(body)
+    assert len(rooms) == MAX_REPORTED_ITEMS and rooms[:2] == [RoomAddress(5), RoomAddress(6)]
