@@ -28,6 +28,7 @@ from pdserve.disagg.transfer.base import (
     PeerUnreachable,
 )
 from pdserve.engine.request import FinishReason, Request, StepOutput
+from pdserve.serving.hooks import PREFILL_ORIGIN as PREFILL
 from pdserve.serving.hooks import WorkerHooks
 from pdserve.serving.protocol import GenerateReq, ReqOutput
 from pdserve.serving.worker_io import output_to_msg, request_from_msg
@@ -177,7 +178,8 @@ class DecodeWorkerHooks(WorkerHooks):
             # A restarted prefill worker knows nothing of us: handshake again next time.
             peer.handshake_ok, peer.handshake_sent = None, False
             reason = f"lost the connection to prefill worker {peer.endpoint}: {event.reason}"
-            return [out for room in sorted(peer.rooms) for out in self._fail(room, 503, reason)]
+            rooms = sorted(peer.rooms)
+            return [out for room in rooms for out in self._fail(room, 503, reason, PREFILL)]
         if isinstance(event, KVReceived):
             return self._on_kv(peer, event)
         msg = event.msg
@@ -188,7 +190,8 @@ class DecodeWorkerHooks(WorkerHooks):
         if isinstance(msg, m.Redirect):
             return self._on_redirect(peer, msg, now)
         if isinstance(msg, m.Abort) and msg.room in peer.rooms:
-            return self._fail(msg.room, 500, f"prefill aborted room {msg.room}: {msg.reason}")
+            reason = f"prefill aborted room {msg.room}: {msg.reason}"
+            return self._fail(msg.room, 500, reason, PREFILL)
         return []
 
     def _on_handshake(self, peer: Peer, msg: m.HandshakeResult, now: float) -> list[ReqOutput]:
@@ -214,9 +217,8 @@ class DecodeWorkerHooks(WorkerHooks):
         if room is None or msg.room not in peer.rooms:
             return []  # late: the room failed or was aborted here meanwhile
         if room.state is not RoomState.WAITING_FOR_INPUT or room.redirected_at is not None:
-            return self._fail(
-                msg.room, 500, f"unexpected redirect of room {msg.room} while {room.state.value}"
-            )
+            reason = f"unexpected redirect of room {msg.room} while {room.state.value}"
+            return self._fail(msg.room, 500, reason, PREFILL)
         self.transport.forget_room(room.room)  # the home worker may no longer write our pages
         peer.rooms.discard(room.room)
         room.endpoint, room.prefill_dp_rank = msg.kv_endpoint, msg.dp_rank
@@ -224,7 +226,7 @@ class DecodeWorkerHooks(WorkerHooks):
         try:
             target = self._peer(msg.kv_endpoint, now)
         except ValueError as exc:
-            return self._fail(msg.room, 502, f"bad redirect for room {msg.room}: {exc}")
+            return self._fail(msg.room, 502, f"bad redirect for room {msg.room}: {exc}", PREFILL)
         target.rooms.add(room.room)
         return self._progress(room, now)
 
@@ -237,7 +239,7 @@ class DecodeWorkerHooks(WorkerHooks):
         log.warning("prefill %s restarted: epoch %d -> %d", peer.endpoint, old, epoch)
         reason = f"prefill server at {peer.endpoint} restarted (new epoch) before sending the KV"
         bound = [r for r in sorted(peer.rooms) if self.rooms[r].epoch not in (None, epoch)]
-        return [out for room in bound for out in self._fail(room, 503, reason)]
+        return [out for room in bound for out in self._fail(room, 503, reason, PREFILL)]
 
     def _stale(self, peer: Peer, room: DecodeRoom) -> bool:
         """Whether a record for `room` comes from an epoch other than its page list's."""
@@ -253,7 +255,8 @@ class DecodeWorkerHooks(WorkerHooks):
         if room is None or event.room not in peer.rooms:
             return []  # late: the room failed or was aborted here meanwhile
         if self._stale(peer, room):
-            return self._fail(room.room, 503, f"KV of room {room.room} from a stale prefill epoch")
+            reason = f"KV of room {room.room} from a stale prefill epoch"
+            return self._fail(room.room, 503, reason, PREFILL)
         if room.state is not RoomState.WAITING_FOR_INPUT:  # no page list out, or KV twice
             return self._fail(
                 room.room, 500, f"KV for room {room.room} arrived while {room.state.value}"
@@ -268,11 +271,11 @@ class DecodeWorkerHooks(WorkerHooks):
         if room is None or msg.room not in peer.rooms:
             return []  # late status for a room already failed or aborted here
         if self._stale(peer, room):
-            return self._fail(
-                msg.room, 503, f"status of room {msg.room} from a stale prefill epoch"
-            )
+            reason = f"status of room {msg.room} from a stale prefill epoch"
+            return self._fail(msg.room, 503, reason, PREFILL)
         if not msg.ok:
-            return self._fail(msg.room, msg.error_status, msg.error or "prefill failed the room")
+            reason = msg.error or "prefill failed the room"
+            return self._fail(msg.room, msg.error_status, reason, PREFILL)
         if room.state is not RoomState.TRANSFERRING:  # the transport reports KV before status
             return self._fail(
                 msg.room, 500, f"KV status for room {msg.room} while {room.state.value}"
@@ -384,7 +387,7 @@ class DecodeWorkerHooks(WorkerHooks):
             self.transport.send(peer.peer_id, page_list)
         except PeerUnreachable as exc:
             reason = f"prefill worker at {peer.endpoint} is unreachable: {exc}"
-            return self._fail(room.room, 503, reason)
+            return self._fail(room.room, 503, reason, PREFILL)
         except Exception as exc:  # e.g. (cuda_ipc) every completion slot in use
             log.warning("page list to %s not sent: %s", peer.endpoint, exc)
             reason = f"page list to prefill worker at {peer.endpoint} not sent: {exc}"
@@ -416,12 +419,16 @@ class DecodeWorkerHooks(WorkerHooks):
         return "free KV pages"
 
     # -- endings ---------------------------------------------------------------------
-    def _fail(self, room_id: int, status: int, reason: str) -> list[ReqOutput]:
+    def _fail(
+        self, room_id: int, status: int, reason: str, origin: str | None = None
+    ) -> list[ReqOutput]:
+        """Fail the room with `status`; `origin` PREFILL when its prefill peer caused it
+        (failed the room, was lost or restarted): no fault of this server."""
         room = self.rooms.get(room_id)
         if room is None:
             return []
         self._end(room, reason)
-        return [error_output(room.req.rid, status, reason)]
+        return [error_output(room.req.rid, status, reason, origin)]
 
     def _end(self, room: DecodeRoom, reason: str) -> StepOutput | None:
         """Fail and forget the room; once its pages are reserved (page list sent), free them

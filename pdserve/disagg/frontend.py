@@ -32,7 +32,12 @@ from pdserve.disagg.rank_resolver import (
     resolve_decode,
 )
 from pdserve.disagg.worker_side import advertised_host
-from pdserve.serving.hooks import FrontendHooks, RequestCancelled, RequestError
+from pdserve.serving.hooks import (
+    PREFILL_ORIGIN,
+    FrontendHooks,
+    RequestCancelled,
+    RequestError,
+)
 from pdserve.serving.pd_fields import PDFields, RoomAddress, home_rank
 from pdserve.serving.protocol import GenerateReq, ReqOutput
 
@@ -354,20 +359,21 @@ class DecodeFrontendHooks(_PDFrontendHooks):
         except RankError as exc:
             raise _InfoRefusal(exc.status, str(exc)) from None
         except StalePrefillInfo as exc:
-            raise _InfoRefusal(503, str(exc), restarted=True) from None
+            raise _InfoRefusal(503, str(exc), restarted=True, origin=PREFILL_ORIGIN) from None
         assert rank is not None
         try:
             worker = await self.peers.worker(url, rank)
         except RequestError as exc:
             if exc.status != 502:  # unreachable or slow, not a refusal: no staler than us
                 raise
-            raise _InfoRefusal(exc.status, exc.message) from None
+            raise _InfoRefusal(exc.status, exc.message, origin=exc.origin) from None
         if worker.epoch != info.epoch:
             raise _InfoRefusal(
                 503,
                 f"prefill server at {url} restarted while decode resolved room {room}: its "
                 f"dp_rank {rank} is of epoch {worker.epoch}, its server info of {info.epoch}",
                 restarted=True,
+                origin=PREFILL_ORIGIN,
             )
         self.metrics.resolved(path.value)
         disagg = msgspec.structs.replace(
@@ -384,7 +390,9 @@ class _InfoRefusal(Exception):
     `error` is the answer unless fresh info decides otherwise. `restarted`: an answer came
     from another start of the server than the info, so even just-fetched info is stale."""
 
-    def __init__(self, status: int, message: str, restarted: bool = False):
+    def __init__(
+        self, status: int, message: str, restarted: bool = False, origin: str | None = None
+    ):
         super().__init__(message)
-        self.error = RequestError(status, message)
+        self.error = RequestError(status, message, origin=origin)
         self.restarted = restarted

@@ -1,7 +1,8 @@
 """What a decode front end knows about prefill servers: their info and worker endpoints
 (cached), and room ranks (batched `/query_dp_ranks` polling). Runs in the decode front end.
 
-Every call has a deadline; a missing answer becomes a RequestError with a reason.
+Every call has a deadline; a missing answer becomes a RequestError with a reason, whose
+`origin` is the prefill server (its bootstrap server failed or refused, or failed the room).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from pdserve.disagg.bootstrap_client import (
 from pdserve.disagg.bootstrap_registry import RoomFailure, ServerInfo, WorkerRegistration
 from pdserve.disagg.metrics import DisaggMetrics
 from pdserve.disagg.rank_query import PendingRooms
-from pdserve.serving.hooks import RequestError
+from pdserve.serving.hooks import PREFILL_ORIGIN, RequestError
 
 T = TypeVar("T")
 INFO_TTL_S = 30.0
@@ -32,6 +33,11 @@ CALL_TIMEOUT_S = 5.0
 # A bootstrap server that refuses connections this long is down, not slow: fail the request
 # (503, naming the address) instead of waiting out the deadline. Each new request asks again.
 UNREACHABLE_AFTER_S = 1.0
+
+
+def prefill_error(status: int, message: str) -> RequestError:
+    """A decode leg failed by its prefill server (see hooks.PREFILL_ORIGIN)."""
+    return RequestError(status, message, origin=PREFILL_ORIGIN)
 
 
 class StalePrefillInfo(Exception):
@@ -50,11 +56,11 @@ async def call_with_retry(fn: Callable[[float], Awaitable[T]], what: str, timeou
             return await fn(max(0.05, min(CALL_TIMEOUT_S, remaining_s)))
         except BootstrapClientError as exc:
             if not exc.retryable:
-                raise RequestError(502, f"{what}: {exc}") from None
+                raise prefill_error(502, f"{what}: {exc}") from None
             if exc.refused and time.monotonic() - start >= UNREACHABLE_AFTER_S:
-                raise RequestError(503, f"{what} is unreachable: {exc}") from None
+                raise prefill_error(503, f"{what} is unreachable: {exc}") from None
             if time.monotonic() + interval_s >= deadline:
-                raise RequestError(
+                raise prefill_error(
                     504, f"{what}: no usable answer within {timeout_s:g}s: {exc}"
                 ) from None
         await asyncio.sleep(interval_s)  # retry backoff, bounded by the deadline
@@ -153,7 +159,7 @@ class RankQuerier:
             status = 503 if exc.retryable else 502
             for room in rooms:
                 self._settle(
-                    room, error=RequestError(status, f"rank query to {self.url} failed: {exc}")
+                    room, error=prefill_error(status, f"rank query to {self.url} failed: {exc}")
                 )
             return
         self.refused_since = None
@@ -164,7 +170,7 @@ class RankQuerier:
         for room, rank in outcome.resolved.items():
             self._settle(room, rank=rank)
         for room, failure in outcome.failed.items():
-            self._settle(room, error=RequestError(failure.status, failure.error))
+            self._settle(room, error=prefill_error(failure.status, failure.error))
 
     def _settle_stale(self, rooms: list[int], epoch: int) -> None:
         """Rooms resolved on info of another start of the server: that start's rank rule
@@ -197,7 +203,7 @@ class RankQuerier:
                 for room in self.pending.expire(now):
                     self._settle(
                         room,
-                        error=RequestError(
+                        error=prefill_error(
                             504,
                             (
                                 f"prefill server {self.url} did not publish the DP rank of room {room} "

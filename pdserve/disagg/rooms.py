@@ -54,11 +54,13 @@ def transition(room: int, src: RoomState, dst: RoomState) -> RoomState:
     return dst
 
 
-def error_output(rid: str, status: int, message: str) -> ReqOutput:
-    """The message that fails a request on its front end with `status` and a reason."""
+def error_output(rid: str, status: int, message: str, origin: str | None = None) -> ReqOutput:
+    """The message that fails a request on its front end with `status` and a reason (and
+    the peer whose fault it is: `hooks.PREFILL_ORIGIN`)."""
     return ReqOutput(
         rid=rid,
         finish_reason=FinishReason("abort", message=message),
         error_status=status,
         error_message=message,
+        error_origin=origin,
     )

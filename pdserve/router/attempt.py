@@ -269,21 +269,18 @@ class Attempt:
             self._abort_decode("prefill_failed")
 
     def _decode_verdict(self, err: LegError) -> bool | None:
-        """False (the decode server failed), or None (no verdict on it). A refused request
-        or a 504 (`LegError.no_verdict`) says nothing of the server; nor does a 502 or 503
-        decode answered while the prefill leg still runs: before the KV arrives those are
-        decode's word for a fault upstream (its prefill worker lost or frozen), and
-        counting them opened the breaker of a sound decode server, which then took no
+        """False (the decode server failed), or None (no verdict on it). A refused request,
+        a 504, or an error decode marks as its prefill peer's (`LegError.no_verdict`: a
+        room prefill failed, a lost or restarted prefill worker) says nothing of decode:
+        counting those opened the breaker of a sound decode server, which then took no
         request for its open period. Nor does the router's own deadline cutting a stream
-        decode is still sending. Its own faults still count: a 500, a dropped connection,
-        anything else once prefill's leg ended; a dead or frozen decode fails /health."""
+        decode is still sending. Its own faults still count: an unmarked 5xx, a dropped
+        connection; a dead or frozen decode fails /health."""
         if err.no_verdict:
             return None
         if err.reason == "timeout" and self._committed:
             return None  # our deadline cut a stream decode was still sending
-        prefill_running = self.prefill_task is not None and not self.prefill_task.done()
-        upstream = err.answered and err.status in (502, 503)
-        return None if upstream and prefill_running else False
+        return False
 
     def _abandon(self, cause: str) -> None:
         if not self._decode_done:

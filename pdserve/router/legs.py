@@ -22,6 +22,7 @@ from pdserve.router.http_client import (
     ResponseTimeout,
 )
 from pdserve.router.merge import (
+    ErrorDetails,
     SSEBuffer,
     error_details,
     error_message,
@@ -30,16 +31,18 @@ from pdserve.router.merge import (
 )
 from pdserve.router.metrics import RouterMetrics
 from pdserve.router.workers import Worker
-from pdserve.serving.hooks import error_object
+from pdserve.serving.hooks import PREFILL_ORIGIN, error_object
 
 log = logging.getLogger(__name__)
+NO_DETAILS = ErrorDetails()
 T = TypeVar("T")
 
 
 class LegError(Exception):
     """A leg failed. `status` is what the client gets; `retryable` whether a new pair may
     succeed (connect errors, disconnects, 408/429/5xx); `answered` whether `message` is the
-    worker's own error message (else it says what went wrong on the way). The worker's
+    worker's own error message (else it says what went wrong on the way); `details`, the
+    `type`, `param` and `origin` of the worker's error, relayed as they were. The worker's
     address is in str() (for the log) and in `to_json()`'s own field, never in the message."""
 
     def __init__(
@@ -50,8 +53,7 @@ class LegError(Exception):
         reason: str,
         retryable: bool,
         answered: bool = False,
-        kind: str | None = None,
-        param: str | None = None,
+        details: ErrorDetails = NO_DETAILS,
     ):
         super().__init__(f"{worker.role} {worker.url}: {message}")
         self.worker = worker
@@ -60,8 +62,7 @@ class LegError(Exception):
         self.reason = reason
         self.retryable = retryable
         self.answered = answered
-        self.kind = kind  # the worker's error `type` and `param`, relayed as they were
-        self.param = param
+        self.details = details
 
     @property
     def client_fault(self) -> bool:
@@ -73,7 +74,10 @@ class LegError(Exception):
     def no_verdict(self) -> bool:
         """Says nothing of the worker's health: a request it refused, or a 504 it answered
         (a deadline it enforced on the request: its own --request-timeout-s, or a bootstrap
-        or KV wait on its peer; the worker itself is responsive)."""
+        or KV wait on its peer; the worker itself is responsive), or an error a decode
+        server marks as its prefill peer's (`origin` "prefill": see hooks.PREFILL_ORIGIN)."""
+        if self.answered and self.details.origin == PREFILL_ORIGIN:
+            return True
         return self.client_fault or (self.answered and self.status == 504)
 
     @property
@@ -85,7 +89,8 @@ class LegError(Exception):
     def to_json(self) -> dict:
         """The `error` object of the router's answer: the server's, plus the worker."""
         worker = {"url": self.worker.url, "role": self.worker.role}
-        error = error_object(self.status, self.client_message, self.kind, self.param)
+        kind, param, origin = self.details
+        error = error_object(self.status, self.client_message, kind, param, origin)
         return {**error, "worker": worker}
 
 
@@ -115,9 +120,9 @@ async def http_error(worker: Worker, resp: Response) -> LegError:
         body = repr(exc).encode()
     status = resp.status
     message = error_message(body, status)
-    kind, param = error_details(body)
+    details = error_details(body)
     retryable = retryable_status(status)
-    return LegError(worker, status, message, f"http_{status}", retryable, True, kind, param)
+    return LegError(worker, status, message, f"http_{status}", retryable, True, details)
 
 
 def stream_event_error(worker: Worker, obj: object) -> LegError | None:
@@ -128,9 +133,9 @@ def stream_event_error(worker: Worker, obj: object) -> LegError | None:
     err = obj.get("error") if isinstance(obj, dict) else None
     code = err.get("code") if isinstance(err, dict) else None
     status = code if isinstance(code, int) and 400 <= code < 600 else 500
-    kind, param = error_details(msgspec.json.encode(obj))
+    details = error_details(msgspec.json.encode(obj))
     retryable = retryable_status(status)
-    return LegError(worker, status, message, f"stream_{status}", retryable, True, kind, param)
+    return LegError(worker, status, message, f"stream_{status}", retryable, True, details)
 
 
 @dataclass

@@ -5,7 +5,7 @@ putting prefill's prompt logprobs into decode's answer (/generate with return_lo
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgspec
 
@@ -36,17 +36,24 @@ def error_message(body: bytes, status: int | None = None) -> str:
     return str(data)[:500]
 
 
-def error_details(body: bytes) -> tuple[str | None, str | None]:
-    """(`type`, `param`) of a worker's OpenAI-shaped error body; None where it has none."""
+class ErrorDetails(NamedTuple):
+    kind: str | None = None  # the error's `type`
+    param: str | None = None
+    origin: str | None = None  # "prefill": a decode server's error its prefill peer caused
+
+
+def error_details(body: bytes) -> ErrorDetails:
+    """`type`, `param` and `origin` of a worker's OpenAI-shaped error body; None where it
+    has none."""
     try:
         data = _json_decode(body)
     except msgspec.DecodeError:
-        return None, None
+        return ErrorDetails()
     err = data.get("error") if isinstance(data, dict) else None
     if not isinstance(err, dict):
-        return None, None
-    kind, param = err.get("type"), err.get("param")
-    return (kind if isinstance(kind, str) else None), (param if isinstance(param, str) else None)
+        return ErrorDetails()
+    fields = (err.get("type"), err.get("param"), err.get("origin"))
+    return ErrorDetails(*(value if isinstance(value, str) else None for value in fields))
 
 
 class SSEBuffer:

@@ -186,7 +186,8 @@ class Generator:
             while True:
                 msg = await flight.outputs.get()  # no suspension while one is queued
                 if msg.error_status is not None:
-                    raise RequestError(msg.error_status, msg.error_message or "request failed")
+                    message = msg.error_message or "request failed"
+                    raise RequestError(msg.error_status, message, origin=msg.error_origin)
                 yield msg
         finally:
             timer.cancel()

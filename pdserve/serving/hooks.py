@@ -17,30 +17,51 @@ if TYPE_CHECKING:
     from pdserve.serving.protocol import GenerateReq, ReqOutput, RoomFailed, RoomForwarded
 
 
+# The `origin` of a decode server's error that its prefill peer caused: the room's failure
+# reported by prefill, a lost or unreachable prefill worker or bootstrap server, a restarted
+# (new epoch) prefill server. The router gives no verdict on decode for those.
+PREFILL_ORIGIN = "prefill"
+
+
 class RequestError(Exception):
     """A request that must fail with an HTTP status and a clear message. `kind` names the
-    error's type in the answer (default: by status); `param`, the request field at fault."""
+    error's type in the answer (default: by status); `param`, the request field at fault;
+    `origin`, the peer whose fault it is (PREFILL_ORIGIN), None for this server's own."""
 
     def __init__(
-        self, status: int, message: str, kind: str | None = None, param: str | None = None
+        self,
+        status: int,
+        message: str,
+        kind: str | None = None,
+        param: str | None = None,
+        origin: str | None = None,
     ):
         super().__init__(message)
         self.status = status
         self.message = message
         self.kind = kind
         self.param = param
+        self.origin = origin
 
     def to_json(self) -> dict[str, Any]:
-        return error_object(self.status, self.message, self.kind, self.param)
+        return error_object(self.status, self.message, self.kind, self.param, self.origin)
 
 
 def error_object(
-    status: int, message: str, kind: str | None = None, param: str | None = None
+    status: int,
+    message: str,
+    kind: str | None = None,
+    param: str | None = None,
+    origin: str | None = None,
 ) -> dict[str, Any]:
     """The `error` object of every error answer, OpenAI's shape (vLLM's too): `type` by
-    status unless given, `param` the request field at fault or null, `code` the status."""
+    status unless given, `param` the request field at fault or null, `code` the status;
+    plus `origin` when the fault is a peer's (only then)."""
     kind = kind or ("invalid_request_error" if status < 500 else "server_error")
-    return {"message": message, "type": kind, "param": param, "code": status}
+    error = {"message": message, "type": kind, "param": param, "code": status}
+    if origin is not None:
+        error["origin"] = origin
+    return error
 
 
 class RequestCancelled(RequestError):

@@ -56,7 +56,7 @@ async def error_middleware(request: web.Request, handler) -> web.StreamResponse:
         return await handler(request)
     except RequestError as exc:
         _report_rejection(request, exc.status, exc.message)
-        return error_response(exc.status, exc.message, exc.kind, exc.param)
+        return web.json_response({"error": exc.to_json()}, status=exc.status)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise

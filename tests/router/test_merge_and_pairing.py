@@ -40,19 +40,23 @@ def test_error_message_of_every_shape(body, expected):
     [
         (
             b'{"error": {"message": "m", "type": "NotFoundError", "param": "model", "code": 404}}',
-            ("NotFoundError", "model"),
+            ("NotFoundError", "model", None),
         ),
         (
             b'{"error": {"message": "m", "type": "server_error", "param": null}}',
-            ("server_error", None),
+            ("server_error", None, None),
         ),
-        (b'{"error": {"message": "m", "type": 3, "param": ["x"]}}', (None, None)),
-        (b'{"error": "plain string"}', (None, None)),
-        (b"[1]", (None, None)),
-        (b"Internal Server Error", (None, None)),
+        (
+            b'{"error": {"message": "m", "type": "server_error", "origin": "prefill"}}',
+            ("server_error", None, "prefill"),
+        ),
+        (b'{"error": {"message": "m", "type": 3, "param": ["x"], "origin": 1}}', (None,) * 3),
+        (b'{"error": "plain string"}', (None, None, None)),
+        (b"[1]", (None, None, None)),
+        (b"Internal Server Error", (None, None, None)),
     ],
 )
-def test_error_details_relays_only_string_type_and_param(body, expected):
+def test_error_details_relays_only_string_type_param_and_origin(body, expected):
     assert error_details(body) == expected
 
 

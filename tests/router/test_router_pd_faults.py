@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
@@ -15,7 +16,7 @@ from pdserve.bench import proc_tree
 from tests.disagg.conftest import PDFactory
 from tests.disagg.pd_driver import pages_in_use, wait_idle
 from tests.helpers import wait_until
-from tests.router.conftest import router_args, start_router
+from tests.router.conftest import StubWorker, router_args, start_router
 
 pytestmark = pytest.mark.timeout(300)
 LONG = {
@@ -144,3 +145,34 @@ def test_a_decode_leg_failed_by_its_prefill_worker_leaves_decode_in_rotation():
             assert resp.status_code == 200, resp.text
     finally:
         factory.stop_all()
+
+
+def test_a_room_prefill_fails_with_500_leaves_decode_in_rotation():
+    """Prefill fails a room with a 500 (as when its DP worker exits) while the router's
+    prefill leg still runs: decode relays it marked `origin: prefill`, and the router gives
+    no verdict on decode, whose breaker (one failure opens it here) stays closed. The
+    router's prefill leg goes to a stub that holds it, so decode's answer comes first; the
+    room's KV and its failure are the real prefill server's."""
+    factory = PDFactory()
+    stub = StubWorker("p1", "prefill")
+    try:
+        stub.proc.start(timeout_s=30)
+        prefill, decode = factory.prefill(1), factory.decode(1)
+        args = router_args([(stub.url, prefill.bootstrap_port)], [decode.url])
+        breaker = ["--cb-failure-threshold", "1", "--max-retries", "0"]
+        with start_router(args + breaker) as router, ThreadPoolExecutor(1) as pool:
+            body = {**SHORT, "stub": {"p1": {"hold": "never"}}}
+            answer = pool.submit(requests.post, router.url + "/generate", json=body, timeout=30)
+            wait_until(lambda: stub.log()["bodies"], 30, "the prefill leg to reach the stub")
+            room = stub.log()["bodies"][0]["bootstrap_room"]
+            failure = {"bootstrap_room": room, "error": "worker 0 exited", "status": 500}
+            bootstrap = f"http://127.0.0.1:{prefill.bootstrap_port}/register_dp_rank"
+            requests.post(bootstrap, json=failure, timeout=10).raise_for_status()
+            resp = answer.result()
+            error = resp.json()["error"]
+            assert resp.status_code == 500 and "worker 0 exited" in error["message"], error
+            assert error["origin"] == "prefill" and error["worker"]["role"] == "decode"
+            assert router_workers(router.url)[decode.url]["circuit"] == "closed"
+    finally:
+        factory.stop_all()
+        stub.proc.__exit__(None, None, None)
