@@ -152,7 +152,11 @@ class Attempt:
             ok = True
             return result
         except LegError as err:
-            ok = None if err.no_verdict else False  # e.g. a refused request
+            # No verdict on a refused request, nor on our own deadline ending the leg: a
+            # prefill leg waits for decode's page list (a frozen decode worker's never
+            # comes), and counting those opened a sound prefill server's breaker. A frozen
+            # prefill server fails /health instead.
+            ok = None if err.no_verdict or err.reason == "timeout" else False
             self.legs.count_leg_failure(err)
             raise
         finally:

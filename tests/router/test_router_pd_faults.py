@@ -176,3 +176,33 @@ def test_a_room_prefill_fails_with_500_leaves_decode_in_rotation():
     finally:
         factory.stop_all()
         stub.proc.__exit__(None, None, None)
+
+
+def test_a_frozen_decode_worker_leaves_prefill_in_rotation():
+    """A decode worker frozen (SIGSTOP) never sends its page list, so the prefill leg of its
+    room waits until the router's deadline: that is no verdict on the prefill server, whose
+    breaker (one failure opens it here) stays closed, and once decode thaws it serves."""
+    factory = PDFactory()
+    try:
+        prefill, decode = factory.prefill(1), factory.decode(1)
+        args = router_args([(prefill.url, prefill.bootstrap_port)], [decode.url])
+        limits = ["--cb-failure-threshold", "1", "--max-retries", "0", "--request-timeout-s", "2"]
+        with start_router(args + limits) as router:
+            worker_pid = proc_tree.worker_pids(decode.pid)[0]
+            os.kill(worker_pid, signal.SIGSTOP)
+            try:
+                resp = requests.post(router.url + "/generate", json=SHORT, timeout=30)
+            finally:
+                os.kill(worker_pid, signal.SIGCONT)
+            assert resp.status_code == 504, resp.text
+            assert router_workers(router.url)[prefill.url]["circuit"] == "closed"
+            wait_until(
+                lambda: requests.get(router.url + "/readiness").status_code == 200,
+                30,
+                "the router to have both servers in rotation",
+            )
+            resp = requests.post(router.url + "/generate", json=SHORT, timeout=30)
+            assert resp.status_code == 200, resp.text
+            wait_idle([prefill.url, decode.url])
+    finally:
+        factory.stop_all()
