@@ -55,19 +55,48 @@ def max_tokens_field(body: dict) -> str:
     return "max_tokens" if body.get("max_completion_tokens") is None else "max_completion_tokens"
 
 
-def _sampling(body: dict, default_max_tokens: int | None) -> dict[str, Any]:
+def _sampling(body: dict, default_max_tokens: int) -> dict[str, Any]:
     params = {name: body[name] for name in SAMPLING_FIELDS if body.get(name) is not None}
     if get_field(body, "include_stop_str_in_output", bool, False) and "no_stop_trim" not in params:
         params["no_stop_trim"] = True  # vLLM's name for SGLang's no_stop_trim
     if body.get("min_tokens") is not None:
         params["min_new_tokens"] = body["min_tokens"]  # vLLM's name
-    name = max_tokens_field(body)
-    max_tokens = get_field(body, name, int, default_max_tokens)
+    # Both fields are checked, the one that bounds the answer and the one it overrides: a
+    # garbage max_tokens next to max_completion_tokens is a 400, as in vLLM (pydantic
+    # checks every field), not silently dropped.
+    limits = {name: _max_tokens(body, name) for name in ("max_tokens", "max_completion_tokens")}
+    max_tokens = limits[max_tokens_field(body)]
+    params["max_new_tokens"] = default_max_tokens if max_tokens is None else max_tokens
+    return params
+
+
+def _max_tokens(body: dict, name: str) -> int | None:
+    max_tokens = get_field(body, name, int, None)
     if max_tokens is not None and max_tokens < 0:
         raise RequestError(400, f"{name} must be >= 0, got {max_tokens}", param=name)
-    if max_tokens is not None:
-        params["max_new_tokens"] = max_tokens
-    return params
+    return max_tokens
+
+
+def stream_options(body: dict, stream: bool) -> tuple[bool, bool]:
+    """(include_usage, continuous_usage_stats) of `stream_options`, checked as vLLM checks
+    it: an object of booleans, and given only with `stream: true` (an empty object passes)."""
+    options = get_field(body, "stream_options", dict, None)
+    if not options:
+        return False, False
+    if not stream:
+        raise RequestError(
+            400,
+            "Stream options can only be defined when `stream=True`.",
+            param="stream_options",
+        )
+    flags = []
+    for name in ("include_usage", "continuous_usage_stats"):
+        value = options.get(name)
+        if value is not None and not isinstance(value, bool):
+            param = f"stream_options.{name}"
+            raise RequestError(400, f"{param} must be a boolean, got {value!r}", param=param)
+        flags.append(bool(value))
+    return flags[0], flags[0] and flags[1]
 
 
 def _copy_params(params: dict[str, Any], copy: int) -> dict[str, Any]:
@@ -155,10 +184,12 @@ async def completions(request: web.Request) -> web.StreamResponse:
     # The prompt's text, echoed in front of each of its n choices' text.
     echoes = [prompt_text(state.tokenizer, p) for p in prompts for _ in range(n)] if echo else None
     meta = _meta(state, "cmpl")
-    if get_field(body, "stream", bool, False):
+    stream = get_field(body, "stream", bool, False)
+    usage_opts = stream_options(body, stream)
+    if stream:
         gone = client_gone(request)
         kind = "text_completion"
-        events = _stream(state, items, n, meta, body, kind, _completion_delta, gone, echoes)
+        events = _stream(state, items, n, meta, usage_opts, kind, _completion_delta, gone, echoes)
         return await sse_response_for(request, events)
     results = await run_all(state.generator, items, client_gone(request))
     choices = [
@@ -190,10 +221,11 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     default_max_tokens = state.limits.rest_of_context(len(prompt_ids))
     items, n = _items(state, body, [prompt_ids], _sampling(body, default_max_tokens), top)
     meta = _meta(state, "chatcmpl")
-    if get_field(body, "stream", bool, False):
-        events = _stream(
-            state, items, n, meta, body, "chat.completion.chunk", _chat_delta, client_gone(request)
-        )
+    stream = get_field(body, "stream", bool, False)
+    usage_opts = stream_options(body, stream)
+    if stream:
+        kind = "chat.completion.chunk"
+        events = _stream(state, items, n, meta, usage_opts, kind, _chat_delta, client_gone(request))
         if echo is not None:
             events = _chat_echo_first(meta, n, echo, events)
         return await sse_response_for(request, events)
@@ -281,19 +313,18 @@ async def _stream(
     items: list,
     n: int,
     meta: dict,
-    body: dict,
+    usage_opts: tuple[bool, bool],
     kind: str,
     make_delta,
     gone,
     echoes: list[str] | None = None,
 ) -> AsyncIterator[dict[str, Any]]:
-    """`echoes`: completions' prompt text per item, sent in front of its first delta."""
+    """`usage_opts`: `stream_options` (include_usage, continuous_usage_stats); `echoes`:
+    completions' prompt text per item, sent in front of its first delta."""
     results: dict[int, ItemResult] = {}
     offsets: dict[int, int] = {}  # completions logprobs: text offset of the next token
-    options = body.get("stream_options")
-    include_usage = isinstance(options, dict) and bool(options.get("include_usage"))
     # vLLM's continuous_usage_stats: every chunk has its choice's usage so far.
-    continuous_usage = include_usage and bool(options.get("continuous_usage_stats"))
+    include_usage, continuous_usage = usage_opts
     async for index, result, delta in merged(state.generator, items, gone):
         offset = offsets.get(index, 0)
         if echoes is not None and index not in results:

@@ -251,13 +251,23 @@ def test_errors_through_the_router_keep_the_servers_openai_shape(router, tiny_se
     router's own refusals have the same four fields; neither is a 200 stream."""
     url = "/v1/chat/completions"
     body = {"messages": MESSAGES, "max_tokens": 2, "stream": stream}
+    # vLLM refuses stream_options without stream: true; with it, they are options.
+    options = {"stream_options": {"include_usage": True}}
+    refused_options = [] if stream else [(options, 400, "invalid_request_error", "stream_options")]
     for wrong, status, kind, param in [
+        *refused_options,
         ({"model": "gpt-4o"}, 404, "NotFoundError", "model"),
         (
             {"response_format": {"type": "json_object"}},
             400,
             "invalid_request_error",
             "response_format",
+        ),
+        (
+            {"max_tokens": "x", "max_completion_tokens": 2},
+            400,
+            "invalid_request_error",
+            "max_tokens",
         ),
     ]:
         want = requests.post(tiny_server.url + url, json={**body, **wrong}, timeout=60)

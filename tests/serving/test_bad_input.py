@@ -13,6 +13,7 @@ import requests
 from tests.conftest import TINY_ARGS
 from tests.helpers import http_json, raw_exchange, send_part_and_leave, wait_until
 
+CHAT = [{"role": "user", "content": "x"}]
 GOOD = {"text": "still alive?", "sampling_params": {"max_new_tokens": 3, "temperature": 0}}
 
 
@@ -67,6 +68,14 @@ def post_raw(url: str, data: bytes) -> tuple[int, dict]:
             {"messages": [{"role": "user", "content": "x"}], "top_p": 2},
             "top_p",
         ),
+        # vLLM's rule: stream_options only with stream true (it was accepted and ignored).
+        ("/v1/completions", {"prompt": "a", "stream_options": {"include_usage": True}}, "only be defined when `stream=True`"),
+        ("/v1/chat/completions", {"messages": CHAT, "stream": False, "stream_options": {"include_usage": True}}, "only be defined when `stream=True`"),
+        ("/v1/chat/completions", {"messages": CHAT, "stream": True, "stream_options": {"include_usage": "yes"}}, "include_usage must be a boolean"),
+        ("/v1/completions", {"prompt": "a", "stream": True, "stream_options": 5}, "stream_options must be an object"),
+        # max_tokens is checked though max_completion_tokens overrides it (it was dropped).
+        ("/v1/chat/completions", {"messages": CHAT, "max_tokens": "lots", "max_completion_tokens": 2}, "max_tokens must be an integer"),
+        ("/v1/chat/completions", {"messages": CHAT, "max_tokens": -5, "max_completion_tokens": 2}, "max_tokens must be >= 0"),
         ("/abort_request", {"rid": 5}, "rid"),
         # Past 64 bits an int cannot reach a worker: a 400 naming the field, not a 500.
         ("/generate", {"text": "a", "sampling_params": {"seed": 2**64}}, "seed"),

@@ -194,9 +194,9 @@ def test_chat_stream_deltas_add_up_to_the_whole_answer(tiny_server):
         "max_tokens": 8,
         "temperature": 0,
         "n": 2,
-        "stream_options": {"include_usage": True},
     }
-    events = sse_events(f"{tiny_server.url}/v1/chat/completions", {**body, "stream": True})
+    options = {"stream": True, "stream_options": {"include_usage": True}}
+    events = sse_events(f"{tiny_server.url}/v1/chat/completions", {**body, **options})
     assert events[-1] == "[DONE]"
     texts = {0: "", 1: ""}
     for ev in events[:-1]:
