@@ -27,6 +27,7 @@ from pdserve.serving.openai_format import (
     logprobs_count,
     refuse_unsupported,
     render_chat_prompt,
+    turn_fields,
     usage,
 )
 from pdserve.serving.request_parse import bad, get_field, item_pd_fields, make_item
@@ -215,7 +216,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     state = state_of(request)
     body = await _body(request)
     prompt_ids = render_chat_prompt(state.tokenizer, body.get("messages"), body)
-    echo = chat_echo_text(body["messages"], get_field(body, "echo", bool, False))
+    echo_wanted = get_field(body, "echo", bool, False)
+    echo = chat_echo_text(body["messages"], echo_wanted, turn_fields(body)["add_generation_prompt"])
     top = _chat_top_logprobs(body)
     # Without max_tokens a chat answer may use the rest of the context, as in vLLM and SGLang.
     default_max_tokens = state.limits.rest_of_context(len(prompt_ids))

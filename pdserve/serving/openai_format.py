@@ -7,7 +7,7 @@ from typing import Any
 
 from pdserve.serving.generation import ItemResult
 from pdserve.serving.hooks import RequestError
-from pdserve.serving.request_parse import bad, refuse_features
+from pdserve.serving.request_parse import bad, get_field, refuse_features
 
 MAX_N = 128  # choices per prompt (OpenAI `n`); the router refuses more the same way
 MAX_LOGPROBS = 20  # alternatives per token (`logprobs`, `top_logprobs`), vLLM's default cap
@@ -32,6 +32,9 @@ INERT_VALUES: dict[str, tuple[Any, ...]] = {
     "structured_outputs": (),
     "structural_tag": (),  # SGLang's
     "prompt_logprobs": (),  # vLLM's (echo with logprobs gives completions' prompt logprobs)
+    # vLLM's per-request template: refused there too unless --trust-request-chat-template
+    # (a client's template runs in the server); it was ignored here, the server's applied.
+    "chat_template": (),
 }
 
 
@@ -70,13 +73,30 @@ def render_chat_prompt(tokenizer: Any, messages: Any, body: dict) -> list[int]:
             400, f"chat_template_kwargs must be an object, got {type(kwargs).__name__}",
             param="chat_template_kwargs",
         )  # fmt: skip
+    # vLLM's order: the request's fields, then chat_template_kwargs over them.
+    kwargs = {**turn_fields(body), **kwargs}
     try:
-        text = tokenizer.apply_chat_template(
-            plain, tokenize=False, add_generation_prompt=True, **kwargs
-        )
+        text = tokenizer.apply_chat_template(plain, tokenize=False, **kwargs)
     except Exception as exc:  # a template that rejects the conversation is the client's 400
         raise bad(f"the chat template rejected the messages: {exc}") from None
     return tokenizer.encode(text, add_special_tokens=False)
+
+
+def turn_fields(body: dict) -> dict[str, bool]:
+    """vLLM's `add_generation_prompt` (default true: open the assistant's turn) and
+    `continue_final_message` (leave the last message open for the answer to continue),
+    which were ignored: the answer always began a new assistant turn."""
+    fields = {
+        "add_generation_prompt": get_field(body, "add_generation_prompt", bool, True),
+        "continue_final_message": get_field(body, "continue_final_message", bool, False),
+    }
+    if all(fields.values()):
+        raise RequestError(
+            400,
+            "Cannot set both `continue_final_message` and `add_generation_prompt` to True.",
+            param="continue_final_message",
+        )
+    return fields
 
 
 def _template_message(msg: dict, index: int) -> dict[str, Any]:
@@ -116,13 +136,14 @@ def _tool_calls(calls: Any, index: int) -> list[dict[str, Any]]:
     return out
 
 
-def chat_echo_text(messages: list, echo: bool) -> str | None:
+def chat_echo_text(messages: list, echo: bool, add_generation_prompt: bool = True) -> str | None:
     """What chat's `echo` puts in front of each answer (vLLM's rule): the last message's
-    text when that message is the assistant's, the role the answer continues; else None."""
+    text when that message has the role the answer continues (the assistant's, or with
+    `add_generation_prompt` false the last message's own); else None."""
     if not echo:
         return None
     last = messages[-1]
-    if last.get("role") != "assistant":
+    if add_generation_prompt and last.get("role") != "assistant":
         return None
     return _content_text(last.get("content"), len(messages) - 1) or None
 
