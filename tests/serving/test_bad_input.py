@@ -116,6 +116,8 @@ def test_duplicate_in_flight_rid_is_rejected(tiny_server):
     [
         (b'{"text": "a", "sampling_params": {"temperature": NaN}}', "NaN is not JSON"),
         (b'{"text": "a", "sampling_params": {"top_k": -Infinity}}', "-Infinity is not JSON"),
+        # Past a double's range: read as inf, temperature 1e400 was served (the router: 400)
+        (b'{"text": "a", "sampling_params": {"temperature": 1e400}}', "1e400 is out of range"),
         (b'{"text": "a", "sampling_params": {"seed": ' + b"9" * 5000 + b"}}", "digits"),
         (b'{"text": "\\ud800 lone"}', "lone UTF-16 surrogate"),
         (b'{"text": "a", "rid": "\\udfff"}', "lone UTF-16 surrogate"),
