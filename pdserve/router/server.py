@@ -32,6 +32,7 @@ from pdserve.router.pairing import PairChooser
 from pdserve.router.prompt_tokens import PromptTokenizer
 from pdserve.router.proxy import Proxy, error_response
 from pdserve.router.workers import WorkerRegistry
+from pdserve.serving.hooks import error_object
 
 log = logging.getLogger(__name__)
 MAX_BODY_BYTES = 512 * 1024 * 1024
@@ -99,9 +100,9 @@ class Router:
             if bearer_ok(request.header("Authorization"), key):
                 return await handler(request)
             self.metrics.auth_refusals.inc()
-            return error_response(
-                401, "missing or wrong API key: send 'Authorization: Bearer <key>'"
-            )
+            # The servers' answer, type included (clients tell a key problem by it).
+            message = "missing or wrong API key: send 'Authorization: Bearer <key>'"
+            return json_response({"error": error_object(401, message, "authentication_error")}, 401)
 
         return guarded
 

@@ -60,7 +60,9 @@ def test_up_with_credentials_guards_every_process_and_bench_passes_the_key(tmp_p
             for headers in ({}, {"Authorization": "Bearer nope"}):
                 resp = requests.request(method, url + path, headers=headers, timeout=10)
                 assert resp.status_code == 401, (method, path, resp.text)
-                assert "Bearer" in resp.json()["error"]["message"]
+                error = resp.json()["error"]
+                assert "Bearer" in error["message"]
+                assert error["type"] == "authentication_error", error  # as the servers say
         # Through the router: its own key opens both workers, the secret the KV handshake.
         resp = requests.post(f"{url}/v1/chat/completions", json=CHAT, headers=AUTH, timeout=60)
         assert resp.status_code == 200, resp.text
