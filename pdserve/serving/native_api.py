@@ -14,7 +14,7 @@ from aiohttp import web
 
 from pdserve.serving.generation import ItemResult, merged, run_all
 from pdserve.serving.request_parse import get_field, parse_generate
-from pdserve.serving.server_state import client_gone, read_json, state_of
+from pdserve.serving.server_state import client_gone, off_loop, read_json, state_of
 from pdserve.serving.streaming import sse_response
 
 
@@ -78,7 +78,7 @@ def native_answer(result: ItemResult, index: int | None = None) -> dict[str, Any
 async def generate(request: web.Request) -> web.StreamResponse:
     state = state_of(request)
     body = await read_json(request)
-    items, is_batch = parse_generate(body, state.tokenizer, state.limits)
+    items, is_batch = await off_loop(request, parse_generate, body, state.tokenizer, state.limits)
     if get_field(body, "stream", bool, False):
         return await sse_response(
             request, _stream(state.generator, items, is_batch, client_gone(request))

@@ -31,7 +31,13 @@ from pdserve.serving.openai_format import (
     usage,
 )
 from pdserve.serving.request_parse import bad, get_field, item_pd_fields, make_item
-from pdserve.serving.server_state import ServerState, client_gone, read_json, state_of
+from pdserve.serving.server_state import (
+    ServerState,
+    client_gone,
+    off_loop,
+    read_json,
+    state_of,
+)
 
 SAMPLING_FIELDS = (
     "temperature",
@@ -181,7 +187,8 @@ async def completions(request: web.Request) -> web.StreamResponse:
     raw = body.get("logprobs")
     logprobs = None if raw is None else logprobs_count(raw, "logprobs")
     prompts = _completion_prompts(state, body)
-    items, n = _items(state, body, _encoded(state, prompts), _sampling(body, 16), logprobs, echo)
+    encoded = await off_loop(request, _encoded, state, prompts)
+    items, n = _items(state, body, encoded, _sampling(body, 16), logprobs, echo)
     # The prompt's text, echoed in front of each of its n choices' text.
     echoes = [prompt_text(state.tokenizer, p) for p in prompts for _ in range(n)] if echo else None
     meta = _meta(state, "cmpl")
@@ -215,7 +222,9 @@ def _chat_top_logprobs(body: dict) -> int | None:
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     state = state_of(request)
     body = await _body(request)
-    prompt_ids = render_chat_prompt(state.tokenizer, body.get("messages"), body)
+    prompt_ids = await off_loop(
+        request, render_chat_prompt, state.tokenizer, body.get("messages"), body
+    )
     echo_wanted = get_field(body, "echo", bool, False)
     echo = chat_echo_text(body["messages"], echo_wanted, turn_fields(body)["add_generation_prompt"])
     top = _chat_top_logprobs(body)

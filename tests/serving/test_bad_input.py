@@ -239,3 +239,32 @@ def test_prompt_ids_are_checked_against_the_model_vocabulary_not_the_tokenizer(
     body["input_ids"] = [5, vocab_size]
     status, out = http_json("POST", f"{server.url}/generate", body)
     assert status == 400 and f"[0, {vocab_size})" in out["error"]["message"], out
+
+
+@pytest.mark.parametrize("path", ["/generate", "/v1/completions", "/v1/chat/completions"])
+def test_a_huge_text_prompt_is_tokenized_without_stalling_other_requests(tiny_server, path):
+    """1 MB of text takes the tokenizer about a second; on the event loop it answered no one
+    meanwhile, /health included (12 MB: 15 s, and the router took the server out). The
+    health checks answered while the huge prompt is tokenized show the loop free."""
+    import select
+    import socket
+
+    text = "hello " * 170_000
+    body = {
+        "/generate": {"text": text},
+        "/v1/completions": {"prompt": text},
+        "/v1/chat/completions": {"messages": [{"role": "user", "content": text}]},
+    }[path]
+    data = json.dumps(body).encode()
+    head = f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    host, port = tiny_server.url.removeprefix("http://").rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=60) as big:
+        big.sendall(head.encode() + f"Content-Length: {len(data)}\r\n\r\n".encode() + data)
+        answered = 0
+        with requests.Session() as health:
+            while not select.select([big], [], [], 0)[0]:
+                assert health.get(f"{tiny_server.url}/health", timeout=60).status_code == 200
+                answered += 1
+        answer = big.recv(65536)
+    assert answer.startswith(b"HTTP/1.1 400") and b"context length" in answer, answer
+    assert answered >= 5, f"only {answered} health checks answered during tokenization"
