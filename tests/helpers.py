@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import select
 import socket
 import struct
 import subprocess
@@ -20,6 +21,8 @@ import urllib.request
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
+
+import requests
 
 from pdserve import procs
 from pdserve.procs import free_port as free_port  # re-exported for the tests
@@ -86,6 +89,23 @@ def raw_exchange(url: str, data: bytes, timeout_s: float = 30.0) -> bytes:
                 if b"\r\n\r\n" in answer and answer.rstrip().endswith(b"}"):
                     break
     return answer
+
+
+def checks_answered_while_pending(url: str, path: str, body: Any) -> tuple[bytes, int]:
+    """POST `body` to `path` on a socket of its own and GET /health, one after another, until
+    its answer comes: (the start of that answer, the health checks answered meanwhile). A
+    request that holds the event loop lets none through."""
+    data = json.dumps(body).encode()
+    head = f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=60) as pending:
+        pending.sendall(head.encode() + f"Content-Length: {len(data)}\r\n\r\n".encode() + data)
+        answered = 0
+        with requests.Session() as health:
+            while not select.select([pending], [], [], 0)[0]:
+                assert health.get(f"{url}/health", timeout=60).status_code == 200
+                answered += 1
+        return pending.recv(65536), answered
 
 
 def send_part_and_leave(url: str, method: str, path: str, reset: bool) -> None:

@@ -24,6 +24,7 @@ from pdserve.router.prompt_tokens import PromptTokenizer
 from pdserve.serving.hooks import error_object
 
 log = logging.getLogger(__name__)
+LARGE_BODY_BYTES = 64 * 1024  # tokenized off the loop from this size on, as on the servers
 
 
 def error_response(status: int, message: str, param: str | None = None) -> Response:
@@ -98,13 +99,18 @@ class Proxy:
             return
         self.metrics.request_paths.inc("local" if pair.local_prefill else "disaggregated")
 
-    def _prompt(self, route: str, body: dict[str, Any]) -> Prompt | None:
+    async def _prompt(self, request: Request, route: str, body: dict[str, Any]) -> Prompt | None:
         """The prompt to route on: token ids where the request gives them or the servers'
-        tokenizer is loaded (kv_aware hashes only token ids), else its text."""
+        tokenizer is loaded (kv_aware hashes only token ids), else its text. A large body
+        is tokenized in a thread: megabytes of text take seconds, during which the loop
+        moved no other request (the tokenizer releases the GIL)."""
         prompt = prompt_of(route, body)
-        if self.prompt_tokenizer is not None and (prompt is None or isinstance(prompt, str)):
-            return self.prompt_tokenizer.token_ids(route, body) or prompt
-        return prompt
+        if self.prompt_tokenizer is None or not (prompt is None or isinstance(prompt, str)):
+            return prompt
+        token_ids = self.prompt_tokenizer.token_ids
+        if len(request.body) < LARGE_BODY_BYTES:
+            return token_ids(route, body) or prompt
+        return await asyncio.to_thread(token_ids, route, body) or prompt
 
     async def _attempts(
         self, request: Request, route: str, body: dict[str, Any], num_seqs: int | None
@@ -123,7 +129,7 @@ class Proxy:
         num_seqs: int | None,
         tried: list[Pair],
     ) -> tuple[Response | StreamResponse, float]:
-        prompt = self._prompt(route, body)
+        prompt = await self._prompt(request, route, body)
         tokens = estimate_tokens(prompt, num_seqs)
         failed: set[str] = set()
         last: LegError | None = None

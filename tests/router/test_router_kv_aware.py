@@ -10,7 +10,7 @@ import pytest
 import requests
 
 from tests.disagg.conftest import TINY, PDFactory, Prefill
-from tests.helpers import launch_server, wait_until
+from tests.helpers import checks_answered_while_pending, launch_server, wait_until
 from tests.router.conftest import router_args, start_router
 
 pytestmark = pytest.mark.timeout(300)
@@ -200,3 +200,14 @@ def test_ids_that_are_not_token_ids_get_the_servers_400_not_a_router_error(clust
         body = {"input_ids": ids, "sampling_params": GREEDY}
         resp = requests.post(f"{router.url}/generate", json=body, timeout=60)
         assert resp.status_code == 400, (bad, resp.status_code, resp.text)
+
+
+def test_a_huge_text_prompt_is_tokenized_without_stalling_the_router(cluster):
+    """kv_aware tokenizes text prompts in the router: 1 MB of text takes about a second,
+    during which the router's loop answered no one. `lora_path` makes the servers refuse
+    the request before they tokenize it, so the health checks answered are the router's."""
+    _, _, _, router = cluster
+    body = {"text": "hello " * 170_000, "lora_path": "x"}
+    answer, answered = checks_answered_while_pending(router.url, "/generate", body)
+    assert answer.startswith(b"HTTP/1.1 400") and b"lora_path" in answer, answer
+    assert answered >= 5, f"only {answered} health checks answered during tokenization"

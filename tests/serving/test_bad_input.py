@@ -11,7 +11,13 @@ import pytest
 import requests
 
 from tests.conftest import TINY_ARGS
-from tests.helpers import http_json, raw_exchange, send_part_and_leave, wait_until
+from tests.helpers import (
+    checks_answered_while_pending,
+    http_json,
+    raw_exchange,
+    send_part_and_leave,
+    wait_until,
+)
 
 CHAT = [{"role": "user", "content": "x"}]
 GOOD = {"text": "still alive?", "sampling_params": {"max_new_tokens": 3, "temperature": 0}}
@@ -246,25 +252,12 @@ def test_a_huge_text_prompt_is_tokenized_without_stalling_other_requests(tiny_se
     """1 MB of text takes the tokenizer about a second; on the event loop it answered no one
     meanwhile, /health included (12 MB: 15 s, and the router took the server out). The
     health checks answered while the huge prompt is tokenized show the loop free."""
-    import select
-    import socket
-
     text = "hello " * 170_000
     body = {
         "/generate": {"text": text},
         "/v1/completions": {"prompt": text},
         "/v1/chat/completions": {"messages": [{"role": "user", "content": text}]},
     }[path]
-    data = json.dumps(body).encode()
-    head = f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-    host, port = tiny_server.url.removeprefix("http://").rsplit(":", 1)
-    with socket.create_connection((host, int(port)), timeout=60) as big:
-        big.sendall(head.encode() + f"Content-Length: {len(data)}\r\n\r\n".encode() + data)
-        answered = 0
-        with requests.Session() as health:
-            while not select.select([big], [], [], 0)[0]:
-                assert health.get(f"{tiny_server.url}/health", timeout=60).status_code == 200
-                answered += 1
-        answer = big.recv(65536)
+    answer, answered = checks_answered_while_pending(tiny_server.url, path, body)
     assert answer.startswith(b"HTTP/1.1 400") and b"context length" in answer, answer
     assert answered >= 5, f"only {answered} health checks answered during tokenization"
