@@ -29,9 +29,10 @@ class BadRequest(ValueError):
     """The client's body cannot be routed (the router answers 400); `param`: the field at
     fault, if one is."""
 
-    def __init__(self, message: str, param: str | None = None):
+    def __init__(self, message: str, param: str | None = None, status: int = 400):
         super().__init__(message)
         self.param = param
+        self.status = status
 
 
 def _batch_len(value: Any) -> int | None:

@@ -14,6 +14,7 @@ import msgspec
 from pdserve.router.attempt import Attempt
 from pdserve.router.body import BadRequest, estimate_tokens, num_sequences, prompt_of
 from pdserve.router.config import RouterConfig
+from pdserve.router.content_coding import decoded_body
 from pdserve.router.http_server import Request, Response, StreamResponse, json_response
 from pdserve.router.kv_policy import KVAware
 from pdserve.router.legs import LegContext, LegError
@@ -53,13 +54,15 @@ class Proxy:
         started = time.perf_counter()
         self.metrics.requests.inc(route)
         try:
+            request.body = decoded_body(request.body, request.header("Content-Encoding"))
             body = msgspec.json.decode(request.body)
             if not isinstance(body, dict):
                 raise BadRequest("the body must be a JSON object")
             num_seqs = num_sequences(route, body)
         except (msgspec.DecodeError, BadRequest, RecursionError) as exc:  # nested too deeply
             self.legs.count_failure(route, "bad_request")
-            return error_response(400, f"bad request: {exc}", getattr(exc, "param", None))
+            status = getattr(exc, "status", 400)
+            return error_response(status, f"bad request: {exc}", getattr(exc, "param", None))
         try:
             response, decode_s = await self._attempts(request, route, body, num_seqs)
         except asyncio.CancelledError:

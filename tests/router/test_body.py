@@ -141,3 +141,33 @@ def test_abort_targets_the_rids_the_server_derives():
     assert abort_rids(CHAT, "r", 2) == ["r-0", "r-1"]
     assert abort_rids(GENERATE, ["a", "b"], 2) == ["a", "b"]
     assert abort_rids(COMPLETIONS, "r", None) == ["r"]
+
+
+def test_a_body_is_decoded_as_the_servers_decode_it():
+    import codecs
+    import gzip
+    import zlib
+
+    from pdserve.router.content_coding import MAX_DECODED_BYTES, decoded_body
+
+    body = b'{"text": "hi"}'
+    raw_deflate = zlib.compressobj(wbits=-zlib.MAX_WBITS)
+    for data, coding in [
+        (gzip.compress(body), "gzip"),
+        (gzip.compress(body), " GZIP "),
+        (zlib.compress(body), "deflate"),
+        (raw_deflate.compress(body) + raw_deflate.flush(), "deflate"),  # aiohttp takes it
+        (codecs.BOM_UTF8 + body, None),
+        (body, "identity"),
+        (body, "x-unknown"),  # aiohttp passes codings it does not know
+    ]:
+        assert decoded_body(data, coding) == body, coding
+    for data, coding, status in [
+        (b"\x1f\x8b not gzip", "gzip", 400),
+        (gzip.compress(body)[:-12], "gzip", 400),  # cut short
+        (body, "br", 400),
+        (gzip.compress(b" " * (MAX_DECODED_BYTES + 1), 1), "gzip", 413),  # a bomb
+    ]:
+        with pytest.raises(BadRequest) as refused:
+            decoded_body(data, coding)
+        assert refused.value.status == status, (coding, refused.value)

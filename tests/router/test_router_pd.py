@@ -4,7 +4,10 @@ including through the `openai` client; and the prompt logprobs equal too."""
 
 from __future__ import annotations
 
+import codecs
+import gzip
 import json
+import zlib
 
 import openai
 import pytest
@@ -284,6 +287,23 @@ def test_errors_through_the_router_keep_the_servers_openai_shape(router, tiny_se
         "param": "n",
         "code": 400,
     }
+
+
+def test_a_compressed_body_or_one_with_a_byte_order_mark_is_read_as_the_servers_read_it(
+    router, tiny_server
+):
+    """They were a 400 'JSON is malformed' through the router, served colocated."""
+    body = json.dumps(GENERATE_BODIES[0]).encode()
+    for data, coding in [
+        (gzip.compress(body), "gzip"),
+        (zlib.compress(body), "deflate"),
+        (codecs.BOM_UTF8 + body, "identity"),
+    ]:
+        headers = {"Content-Encoding": coding}
+        want = requests.post(tiny_server.url + "/generate", data=data, headers=headers, timeout=60)
+        got = requests.post(router.url + "/generate", data=data, headers=headers, timeout=60)
+        assert got.status_code == want.status_code == 200, (coding, got.text, want.text)
+        assert got.json()["output_ids"] == want.json()["output_ids"]
 
 
 def test_openai_client_through_the_router(router, tiny_server, pd_pair):
