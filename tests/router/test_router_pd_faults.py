@@ -86,6 +86,28 @@ def router_workers(router_url: str) -> dict[str, dict]:
     return {w["url"]: w for w in workers}
 
 
+def generate_with_a_worker_frozen(router_url: str, server_pid: int) -> requests.Response:
+    """One /generate through the router while the server's first DP worker is stopped
+    (SIGSTOP: frozen, not dead); the worker is thawed whatever happens."""
+    worker_pid = proc_tree.worker_pids(server_pid)[0]
+    os.kill(worker_pid, signal.SIGSTOP)
+    try:
+        return requests.post(router_url + "/generate", json=SHORT, timeout=30)
+    finally:
+        os.kill(worker_pid, signal.SIGCONT)
+
+
+def serves_again(router_url: str) -> None:
+    """The router takes both servers back and a request succeeds."""
+    wait_until(
+        lambda: requests.get(router_url + "/readiness").status_code == 200,
+        30,
+        "the router to have both servers in rotation",
+    )
+    resp = requests.post(router_url + "/generate", json=SHORT, timeout=30)
+    assert resp.status_code == 200, resp.text
+
+
 def test_a_decode_worker_killed_leaves_the_other_decode_server_serving():
     """A worker of decode server 1 dies while requests flow: its failures are retried on
     decode server 2, and no request gets `503 no healthy decode server`."""
@@ -128,21 +150,10 @@ def test_a_decode_leg_failed_by_its_prefill_worker_leaves_decode_in_rotation():
         with start_router(args + breaker) as router:
             # The KV connection exists (and heartbeats) before the worker freezes.
             assert requests.post(router.url + "/generate", json=SHORT, timeout=30).ok
-            worker_pid = proc_tree.worker_pids(prefill.server.pid)[0]
-            os.kill(worker_pid, signal.SIGSTOP)
-            try:
-                resp = requests.post(router.url + "/generate", json=SHORT, timeout=30)
-            finally:
-                os.kill(worker_pid, signal.SIGCONT)
+            resp = generate_with_a_worker_frozen(router.url, prefill.server.pid)
             assert resp.status_code == 503 and "heartbeat" in resp.text, resp.text
             assert router_workers(router.url)[decode.url]["circuit"] == "closed"
-            wait_until(
-                lambda: requests.get(router.url + "/readiness").status_code == 200,
-                30,
-                "the router to take the thawed prefill server back",
-            )
-            resp = requests.post(router.url + "/generate", json=SHORT, timeout=30)
-            assert resp.status_code == 200, resp.text
+            serves_again(router.url)
     finally:
         factory.stop_all()
 
@@ -188,21 +199,10 @@ def test_a_frozen_decode_worker_leaves_prefill_in_rotation():
         args = router_args([(prefill.url, prefill.bootstrap_port)], [decode.url])
         limits = ["--cb-failure-threshold", "1", "--max-retries", "0", "--request-timeout-s", "2"]
         with start_router(args + limits) as router:
-            worker_pid = proc_tree.worker_pids(decode.pid)[0]
-            os.kill(worker_pid, signal.SIGSTOP)
-            try:
-                resp = requests.post(router.url + "/generate", json=SHORT, timeout=30)
-            finally:
-                os.kill(worker_pid, signal.SIGCONT)
+            resp = generate_with_a_worker_frozen(router.url, decode.pid)
             assert resp.status_code == 504, resp.text
             assert router_workers(router.url)[prefill.url]["circuit"] == "closed"
-            wait_until(
-                lambda: requests.get(router.url + "/readiness").status_code == 200,
-                30,
-                "the router to have both servers in rotation",
-            )
-            resp = requests.post(router.url + "/generate", json=SHORT, timeout=30)
-            assert resp.status_code == 200, resp.text
+            serves_again(router.url)
             wait_idle([prefill.url, decode.url])
     finally:
         factory.stop_all()
