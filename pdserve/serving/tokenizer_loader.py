@@ -37,11 +37,17 @@ def declares_tokenizers_backend(model_dir: str) -> bool:
 
 
 def load_tokenizer(model_dir: str) -> Any:
-    """The tokenizer AutoTokenizer.from_pretrained(model_dir) gives, cheaper where possible."""
+    """The tokenizer AutoTokenizer.from_pretrained(model_dir) gives, cheaper where possible,
+    with one `encode` done: a fast tokenizer's first call resets the truncation or padding
+    its tokenizer.json may set (a write to the Rust tokenizer), and large bodies are
+    tokenized in worker threads, where two first calls at once could collide."""
     if declares_tokenizers_backend(model_dir):
         from transformers import TokenizersBackend
 
-        return TokenizersBackend.from_pretrained(model_dir)
-    from transformers import AutoTokenizer
+        tokenizer = TokenizersBackend.from_pretrained(model_dir)
+    else:
+        from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(model_dir)
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer.encode("")
+    return tokenizer

@@ -77,3 +77,21 @@ def test_the_front_end_start_path_imports_no_torch():
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_a_loaded_tokenizer_has_settled_its_truncation_before_any_thread_uses_it(tmp_path):
+    """A tokenizer.json may set truncation and padding; transformers resets them on the
+    first encode (a write to the shared Rust tokenizer). Large bodies are tokenized in
+    worker threads, so the loader makes that first call itself."""
+    model_dir = _copy_with(tmp_path)
+    path = tmp_path / "model" / "tokenizer.json"
+    data = json.loads(path.read_text())
+    data["truncation"] = {
+        "direction": "Right",
+        "max_length": 8,
+        "strategy": "LongestFirst",
+        "stride": 0,
+    }
+    path.write_text(json.dumps(data))
+    tokenizer = load_tokenizer(model_dir)
+    assert tokenizer.backend_tokenizer.truncation is None
