@@ -11,9 +11,10 @@ import codecs
 import zlib
 
 from pdserve.router.body import BadRequest
+from pdserve.serving.hooks import MAX_BODY_BYTES
 
 # The servers' body limit: a body that decodes past it is refused as they refuse it.
-MAX_DECODED_BYTES = 64 * 1024**2
+MAX_DECODED_BYTES = MAX_BODY_BYTES
 
 
 def decoded_body(raw: bytes, content_encoding: str | None) -> bytes:

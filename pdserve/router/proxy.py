@@ -22,10 +22,9 @@ from pdserve.router.metrics import RouterMetrics
 from pdserve.router.pairing import NoWorker, Pair, PairChooser
 from pdserve.router.prefix_table import Prompt
 from pdserve.router.prompt_tokens import PromptTokenizer
-from pdserve.serving.hooks import error_object
+from pdserve.serving.hooks import LARGE_BODY_BYTES, error_object
 
 log = logging.getLogger(__name__)
-LARGE_BODY_BYTES = 64 * 1024  # tokenized off the loop from this size on, as on the servers
 
 
 def error_response(status: int, message: str, param: str | None = None) -> Response:

@@ -72,8 +72,7 @@ class Generator:
     ):
         self.controller = controller
         self.hooks = hooks
-        self.tokenizer = tokenizer
-        self.decoder = direct_decoder(tokenizer)
+        self.decoder = direct_decoder(tokenizer)  # the detokenizers' and logprobs' decode
         self.mode = mode
         self.request_timeout_s = request_timeout_s
         self.metrics = controller.metrics

@@ -22,6 +22,12 @@ if TYPE_CHECKING:
 # (new epoch) prefill server. The router gives no verdict on decode for those.
 PREFILL_ORIGIN = "prefill"
 
+# Generation request bodies, on the servers and (as the servers read them) in the router: the
+# most bytes one may hold, and the size from which it is parsed and tokenized off the event
+# loop (megabytes of text take seconds to encode; a smaller body is spared the thread hop).
+MAX_BODY_BYTES = 64 * 1024**2
+LARGE_BODY_BYTES = 64 * 1024
+
 
 class RequestError(Exception):
     """A request that must fail with an HTTP status and a clear message. `kind` names the

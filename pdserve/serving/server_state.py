@@ -18,7 +18,7 @@ from aiohttp import web
 from pdserve.serving.config import ServerConfig
 from pdserve.serving.dp_controller import DPController
 from pdserve.serving.generation import Generator
-from pdserve.serving.hooks import FrontendHooks, RequestError
+from pdserve.serving.hooks import LARGE_BODY_BYTES, MAX_BODY_BYTES, FrontendHooks, RequestError
 from pdserve.serving.http_body import read_body
 from pdserve.serving.request_parse import Limits
 
@@ -62,10 +62,6 @@ def client_gone(request: web.Request):
 
 BODY = "pdserve.json_body"  # request key: the parsed body, for the error middleware
 BODY_NBYTES = "pdserve.body_nbytes"  # request key: the body's size in bytes
-# A body this big is parsed and tokenized off the event loop (about 0.1 s of encoding); a
-# smaller one inline, sparing the common request a thread hop.
-LARGE_BODY_BYTES = 64 * 1024
-MAX_BODY_BYTES = 64 * 1024**2  # the app's client_max_size
 GENERATION_PATHS = frozenset({"/generate", "/v1/completions", "/v1/chat/completions"})
 
 
