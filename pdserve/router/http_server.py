@@ -52,8 +52,12 @@ class Request:
         return dict(parse_qsl(self.query_string))
 
     def json(self) -> Any:
-        """The body as JSON; raises ValueError (msgspec.DecodeError) when it is not."""
-        return msgspec.json.decode(self.body)
+        """The body as JSON; raises ValueError (msgspec.DecodeError) when it is not, or is
+        nested too deeply to decode (msgspec's RecursionError)."""
+        try:
+            return msgspec.json.decode(self.body)
+        except RecursionError:
+            raise ValueError("JSON nested too deeply") from None
 
 
 class Response:

@@ -375,6 +375,14 @@ def test_worker_admin_bodies_of_the_wrong_type_are_a_400(
     assert sorted(w["url"] for w in listed) == sorted([stubs["p1"].url, stubs["d1"].url])
 
 
+@pytest.mark.parametrize("method", ["POST", "DELETE"])
+def test_worker_admin_bodies_nested_too_deeply_are_a_400(stubs, router_factory, method):
+    router = router_factory(pd_args(stubs))
+    body = b"[" * 100_000 + b"]" * 100_000
+    resp = requests.request(method, f"{router.url}/workers", data=body, timeout=10)
+    assert resp.status_code == 400 and "nested too deeply" in resp.text, resp.text
+
+
 def test_dp_aware_sets_ranks_from_each_servers_dp_size(stubs, router_factory):
     router = router_factory(pd_args(stubs, decodes=("d2",)) + ["--dp-aware"])
     for _ in range(8):
