@@ -10,15 +10,15 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
 
 import msgspec
 
 from pdserve.disagg import kv_auth
 from pdserve.disagg import messages as m
 from pdserve.disagg.config import DisaggConfig
+from pdserve.disagg.decode_room import AdmissionQueue, DecodeRoom, Peer
 from pdserve.disagg.delta import prompt_digest
-from pdserve.disagg.rooms import IllegalRoomTransition, RoomState, error_output, transition
+from pdserve.disagg.rooms import IllegalRoomTransition, RoomState, error_output
 from pdserve.disagg.transfer.base import (
     Event,
     KVReceived,
@@ -27,53 +27,13 @@ from pdserve.disagg.transfer.base import (
     PeerLost,
     PeerUnreachable,
 )
-from pdserve.engine.request import FinishReason, Request, StepOutput
+from pdserve.engine.request import FinishReason, StepOutput
 from pdserve.serving.hooks import PREFILL_ORIGIN as PREFILL
 from pdserve.serving.hooks import WorkerHooks
 from pdserve.serving.protocol import GenerateReq, ReqOutput
 from pdserve.serving.worker_io import output_to_msg, request_from_msg
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class DecodeRoom:
-    room: int
-    req: Request
-    endpoint: str
-    prefill_dp_rank: int | None
-    deadline: float
-    state: RoomState = RoomState.BOOTSTRAPPING
-    arrived_at: float = 0.0  # the request, at this worker
-    page_list_sent_at: float = 0.0
-    # Pages the KV transfer writes: the prompt's pages past the cached prefix decode pinned
-    # (`num_cached_tokens`, which the transfer skips).
-    dst_page_ids: list[int] = field(default_factory=list)
-    num_cached_tokens: int = 0
-    # --rank-mismatch forward: when the home worker redirected the page list, and whether
-    # it still waits for the handshake with the worker it was redirected to
-    redirected_at: float | None = None
-    page_list_pending: bool = False
-    kv_pages: int = 0
-    kv_bytes: int = 0
-    epoch: int | None = None  # the prefill epoch its page list went to: KV of others is refused
-
-    def move(self, dst: RoomState) -> None:
-        self.state = transition(self.room, self.state, dst)
-
-
-@dataclass
-class Peer:
-    """One prefill worker this decode worker talks to."""
-
-    endpoint: str
-    peer_id: object
-    handshake_ok: bool | None = None  # None: answer not in yet
-    handshake_error: str | None = None
-    handshake_sent: bool = False
-    handshake: m.Handshake | None = None  # as sent: its nonce checks prefill's answer
-    epoch: int | None = None  # the prefill server's, from the last handshake answer
-    rooms: set[int] = field(default_factory=set)
 
 
 class DecodeWorkerHooks(WorkerHooks):
@@ -88,6 +48,8 @@ class DecodeWorkerHooks(WorkerHooks):
         self.layout = engine.kv_layout()
         self.rooms: dict[int, DecodeRoom] = {}
         self.room_of_rid: dict[str, int] = {}
+        self.queue = AdmissionQueue(cfg.bootstrap_timeout_s / 4)
+        self.reserved: dict[int, DecodeRoom] = {}  # rooms whose page list went out
         self.peers: dict[str, Peer] = {}
         self.peer_by_id: dict[object, Peer] = {}
         self._lost_endpoints: list[str] = []  # for the front end, until lost_kv_peers()
@@ -160,8 +122,9 @@ class DecodeWorkerHooks(WorkerHooks):
                 outputs += self._on_event(event, now)
             except Exception:  # a bug here must fail rooms by deadline, not the worker
                 log.exception("decode: error handling %r", event)
-        for room in [r for r in self.rooms.values() if r.state is RoomState.BOOTSTRAPPING]:
-            outputs += self._progress(room, now)  # pages may have been freed meanwhile
+        outputs += self._admit(now)  # pages or a request slot may have been freed meanwhile
+        for endpoint, rooms in self.queue.leases_due(now).items():
+            self._send(self.peers[endpoint], m.RoomsQueued(rooms=rooms))
         outputs += self._deadlines(now)
         return outputs
 
@@ -216,6 +179,9 @@ class DecodeWorkerHooks(WorkerHooks):
         room = self.rooms.get(msg.room)
         if room is None or msg.room not in peer.rooms:
             return []  # late: the room failed or was aborted here meanwhile
+        if msg.room in self.queue:
+            # Answering a lease: the room is leased, and later listed, there instead.
+            return self._move_queued(room, peer, msg, now)
         if room.state is not RoomState.WAITING_FOR_INPUT or room.redirected_at is not None:
             reason = f"unexpected redirect of room {msg.room} while {room.state.value}"
             return self._fail(msg.room, 500, reason, PREFILL)
@@ -229,6 +195,19 @@ class DecodeWorkerHooks(WorkerHooks):
             return self._fail(msg.room, 502, f"bad redirect for room {msg.room}: {exc}", PREFILL)
         target.rooms.add(room.room)
         return self._progress(room, now)
+
+    def _move_queued(
+        self, room: DecodeRoom, peer: Peer, msg: m.Redirect, now: float
+    ) -> list[ReqOutput]:
+        peer.rooms.discard(room.room)
+        room.endpoint, room.prefill_dp_rank = msg.kv_endpoint, msg.dp_rank
+        room.leased_at = float("-inf")  # tell that worker at once: its deadline runs
+        try:
+            target = self._peer(msg.kv_endpoint, now)
+        except ValueError as exc:
+            return self._fail(msg.room, 502, f"bad redirect for room {msg.room}: {exc}", PREFILL)
+        target.rooms.add(room.room)
+        return []
 
     def _on_epoch(self, peer: Peer, epoch: int) -> list[ReqOutput]:
         """A new epoch: the prefill server restarted. Rooms whose page list went to the old
@@ -327,6 +306,8 @@ class DecodeWorkerHooks(WorkerHooks):
 
     # -- progress of one room --------------------------------------------------------
     def _progress(self, room: DecodeRoom, now: float) -> list[ReqOutput]:
+        """After the handshake: a room joins the admission queue (`_admit` reserves its
+        pages), or sends the page list a redirect left pending."""
         peer = self.peers[room.endpoint]
         if peer.handshake_ok is False:
             return self._fail(
@@ -337,23 +318,39 @@ class DecodeWorkerHooks(WorkerHooks):
         if room.page_list_pending and peer.handshake_ok:
             room.page_list_pending = False
             return self._send_page_list(room, peer)
-        if room.state is not RoomState.BOOTSTRAPPING or not peer.handshake_ok:
-            return []
-        if self._share_pending(room, now):
-            return []  # pages it shares are arriving for another room: reserve once cached
-        try:
-            # The cached prefix of the prompt is pinned; only the pages past it are new.
-            dst_page_ids = self.engine.reserve(room.req, use_cache=True)
-        except ValueError as exc:  # RequestRejected: it can never fit this decode server
-            return self._fail(room.room, 400, str(exc))
-        if dst_page_ids is None:
-            return []  # no free pages yet; retried every poll until the deadline
-        room.dst_page_ids = dst_page_ids
-        room.num_cached_tokens = room.req.cached_tokens
-        room.move(RoomState.WAITING_FOR_INPUT)
-        room.deadline = now + self.cfg.kv_wait_timeout_s
-        room.page_list_sent_at = now
-        return self._send_page_list(room, peer)
+        if room.state is RoomState.BOOTSTRAPPING and peer.handshake_ok:
+            self.queue.add(room)
+        return []
+
+    def _admit(self, now: float) -> list[ReqOutput]:
+        """Reserve pages for queued rooms, oldest first, while they fit: the first that does
+        not (no request slot or free pages) holds back the rest, as colocated requests queue.
+        A room waiting for a shared prefix to land, or for the handshake with the worker a
+        redirect named, steps aside meanwhile."""
+        outputs: list[ReqOutput] = []
+        for room in self.queue.in_order() if self.queue else ():
+            peer = self.peers[room.endpoint]
+            if room.room not in self.queue or not peer.handshake_ok:
+                continue
+            if self._share_pending(room, now):
+                continue  # pages it shares are arriving for another room: reserve once cached
+            try:
+                # The cached prefix of the prompt is pinned; only the pages past it are new.
+                dst_page_ids = self.engine.reserve(room.req, use_cache=True)
+            except ValueError as exc:  # RequestRejected: it can never fit this decode server
+                outputs += self._fail(room.room, 400, str(exc))
+                continue
+            if dst_page_ids is None:
+                break
+            self.queue.discard(room.room)
+            self.reserved[room.room] = room
+            room.dst_page_ids = dst_page_ids
+            room.num_cached_tokens = room.req.cached_tokens
+            room.move(RoomState.WAITING_FOR_INPUT)
+            room.deadline = now + self.cfg.kv_wait_timeout_s
+            room.page_list_sent_at = now
+            outputs += self._send_page_list(room, peer)
+        return outputs
 
     def _share_pending(self, room: DecodeRoom, now: float) -> bool:
         """Whether to wait before reserving: a room with the same prefill worker is
@@ -367,7 +364,7 @@ class DecodeWorkerHooks(WorkerHooks):
             return False
         arriving = [
             r.req
-            for r in self.rooms.values()
+            for r in self.reserved.values()
             if r.endpoint == room.endpoint
             and r.state in (RoomState.WAITING_FOR_INPUT, RoomState.TRANSFERRING)
             and now - r.page_list_sent_at < max_wait_s
@@ -397,9 +394,11 @@ class DecodeWorkerHooks(WorkerHooks):
     def _deadlines(self, now: float) -> list[ReqOutput]:
         outputs: list[ReqOutput] = []
         for room in [r for r in self.rooms.values() if now >= r.deadline]:
-            if room.state is RoomState.BOOTSTRAPPING:
-                what = self._awaited(room)
-                reason = f"timed out after {self.cfg.bootstrap_timeout_s:g}s waiting for {what}"
+            if room.state is RoomState.BOOTSTRAPPING:  # queued rooms have no deadline here
+                reason = (
+                    f"timed out after {self.cfg.bootstrap_timeout_s:g}s waiting for the KV "
+                    f"handshake with {room.endpoint}"
+                )
             else:
                 reason = (
                     f"timed out after {self.cfg.kv_wait_timeout_s:g}s waiting for the KV of "
@@ -408,15 +407,6 @@ class DecodeWorkerHooks(WorkerHooks):
                 )
             outputs += self._fail(room.room, 504, reason)
         return outputs
-
-    def _awaited(self, room: DecodeRoom) -> str:
-        """What a room that reserved no pages yet waits for: a room turned away because
-        every request slot is taken was said to wait for free KV pages, with the pool free."""
-        if not self.peers[room.endpoint].handshake_ok:
-            return f"the KV handshake with {room.endpoint}"
-        if self.engine.at_request_limit():
-            return "a request slot (as many requests as --max-running-requests are active)"
-        return "free KV pages"
 
     # -- endings ---------------------------------------------------------------------
     def _fail(
@@ -452,6 +442,8 @@ class DecodeWorkerHooks(WorkerHooks):
         if room is None:
             return
         self.transport.forget_room(room_id)
+        self.queue.discard(room_id)
+        self.reserved.pop(room_id, None)
         self.room_of_rid.pop(room.req.rid, None)
         peer = self.peers.get(room.endpoint)
         if peer is not None:
@@ -490,6 +482,4 @@ class DecodeWorkerHooks(WorkerHooks):
 
 
 def _now() -> float:
-    import time
-
     return time.monotonic()

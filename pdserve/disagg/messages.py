@@ -15,7 +15,8 @@ from pdserve.engine.kv_layout import KVLayout
 # 4: PageList carries prompt_digest; prefill sends no KV for a prompt other than its own.
 # 5: cuda_ipc's IpcCopy carries page ids packed as int32 bytes.
 # 6: cuda_ipc pushes: decode grants pages with a completion slot, prefill writes and sets it.
-PROTOCOL_VERSION = 6
+# 7: decode leases the rooms in its admission queue to prefill (RoomsQueued).
+PROTOCOL_VERSION = 7
 
 
 class HandshakeProof(msgspec.Struct, frozen=True, kw_only=True):
@@ -110,6 +111,15 @@ class Redirect(msgspec.Struct, tag=True, kw_only=True):
     kv_endpoint: str
 
 
+class RoomsQueued(msgspec.Struct, tag=True, kw_only=True):
+    """decode -> prefill, a lease: `rooms` wait in decode's admission queue for a request
+    slot and free pages (sent when they join it, then every quarter of the bootstrap
+    deadline). Prefill keeps their requests past that deadline meanwhile; it answers a room
+    that failed with its RoomStatus, and one dispatched to another worker with a Redirect."""
+
+    rooms: list[int]
+
+
 class Ping(msgspec.Struct, tag=True):
     seq: int
 
@@ -119,7 +129,16 @@ class Pong(msgspec.Struct, tag=True):
 
 
 ChannelMsg = (
-    Handshake | HandshakeResult | PageList | KVHeader | RoomStatus | Abort | Redirect | Ping | Pong
+    Handshake
+    | HandshakeResult
+    | PageList
+    | KVHeader
+    | RoomStatus
+    | Abort
+    | Redirect
+    | RoomsQueued
+    | Ping
+    | Pong
 )
 
 _encoder = msgspec.msgpack.Encoder()

@@ -84,3 +84,7 @@ class FailedRoom:
     reason: str
     status: int
     expires_at: float
+
+    def answer(self, room: int) -> m.RoomStatus:
+        """What decode is told of the room, when its page list or a lease comes late."""
+        return m.RoomStatus(room=room, ok=False, error=self.reason, error_status=self.status)

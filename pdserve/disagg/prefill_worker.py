@@ -12,6 +12,8 @@ from __future__ import annotations
 import logging
 import time
 
+import msgspec
+
 from pdserve.auth import ProofChecker
 from pdserve.disagg import kv_auth
 from pdserve.disagg import messages as m
@@ -237,6 +239,8 @@ class PrefillWorkerHooks(WorkerHooks):
             return self._on_handshake(peer, msg, now)
         elif isinstance(msg, m.PageList):
             return self._on_page_list(peer, msg, now)
+        elif isinstance(msg, m.RoomsQueued):
+            return self._on_queued(peer, msg, now)
         elif isinstance(msg, m.Abort):
             room = self.rooms.get(msg.room)
             if room is not None and room.peer == peer:
@@ -300,23 +304,11 @@ class PrefillWorkerHooks(WorkerHooks):
         ]
 
     def _on_page_list(self, peer: object, msg: m.PageList, now: float) -> list[ReqOutput]:
-        failed = self.failed.get(msg.room)
-        if failed is not None:
-            self._send(
-                peer,
-                m.RoomStatus(
-                    room=msg.room, ok=False, error=failed.reason, error_status=failed.status
-                ),
-            )
+        if peer not in self.handshaken and msg.room not in self.failed:
+            error = "page list before handshake"
+            self._send(peer, m.RoomStatus(room=msg.room, ok=False, error=error))
             return []
-        if peer not in self.handshaken:
-            self._send(
-                peer, m.RoomStatus(room=msg.room, ok=False, error="page list before handshake")
-            )
-            return []
-        target = self.forwards.pop(msg.room)
-        if target is not None:
-            self._send(peer, _redirect(msg.room, target.dp_rank, target.kv_endpoint))
+        if self._answered_elsewhere(peer, msg.room):
             return []
         room = self.rooms.get(msg.room)
         if room is None:
@@ -334,6 +326,33 @@ class PrefillWorkerHooks(WorkerHooks):
         room.dst_prompt_digest = msg.prompt_digest
         self.gate.on_listed(msg.room)
         return self._maybe_send(room, now)
+
+    def _on_queued(self, peer: object, msg: m.RoomsQueued, now: float) -> list[ReqOutput]:
+        """A lease: decode queues these rooms for its own capacity. A request here waiting
+        for one's page list keeps waiting a bootstrap deadline from now; a room that failed
+        or went to another worker is answered as its page list would be."""
+        if peer not in self.handshaken:
+            return []
+        for room_id in msg.rooms:
+            room = self.rooms.get(room_id)
+            if self._answered_elsewhere(peer, room_id):
+                continue
+            if room is not None and room.state is RoomState.BOOTSTRAPPING:
+                room.deadline = max(room.deadline, now + self.cfg.bootstrap_timeout_s)
+        return []
+
+    def _answered_elsewhere(self, peer: object, room_id: int) -> bool:
+        """Answers decode for a room that failed here (its failure) or that the front end
+        dispatched to another worker (a Redirect there); False for any other room."""
+        failed = self.failed.get(room_id)
+        if failed is not None:
+            self._send(peer, failed.answer(room_id))
+            return True
+        target = self.forwards.pop(room_id)
+        if target is not None:
+            self._send(peer, _redirect(room_id, target.dp_rank, target.kv_endpoint))
+            return True
+        return False
 
     def _maybe_send(self, room: PrefillRoom, now: float) -> list[ReqOutput]:
         """Starts the send once the room has both sides and the engine's pages."""
@@ -472,12 +491,8 @@ def _redirect(room: int, dp_rank: int, kv_endpoint: str) -> m.Redirect:
 def _without_finish(out: ReqOutput) -> ReqOutput:
     if out.finish_reason is None:
         return out
-    import msgspec
-
     return msgspec.structs.replace(out, finish_reason=None)
 
 
 def _now() -> float:
-    import time
-
     return time.monotonic()

@@ -186,11 +186,6 @@ class Engine:
     def get(self, rid: str) -> Request | None:
         return self._requests.get(rid)
 
-    def at_request_limit(self) -> bool:
-        """Whether --max-running-requests requests are active: no new one starts, free
-        pages or not."""
-        return self.scheduler.num_active >= self.scheduler.max_running_requests
-
     def cache_stats(self) -> dict[str, int]:
         """Prefix cache figures for load reports (the lifetime counters never decrease)."""
         cache = self.prefix_cache

@@ -7,6 +7,7 @@ from __future__ import annotations
 import concurrent.futures
 import os
 import signal
+import time
 
 import pytest
 import requests
@@ -74,22 +75,35 @@ def _used_pages(url: str) -> int:
     return get_load(url)[0]["num_used_pages"]
 
 
-def test_a_room_turned_away_by_the_request_limit_names_it_at_its_deadline(pair, pd_module):
-    """A room that cannot reserve because every request slot is taken (the pool is nearly
-    empty) fails at the bootstrap deadline naming that; it said `waiting for free KV pages`."""
-    prefill, _ = pair
-    limit = ["--max-running-requests", "1", "--bootstrap-timeout-s", "2"]
-    decode = pd_module.decode(1, [*limit, "--kv-wait-timeout-s", "60"])
-    holder = _post_async(decode.url, _leg(prefill, 7201, list(range(3, 23)), "slot"))
+def test_a_room_queued_for_a_request_slot_outlives_the_bootstrap_deadline(pd):
+    """Waiting in decode's admission queue is no fault: a room turned away by
+    --max-running-requests waits past --bootstrap-timeout-s on decode, and prefill keeps its
+    request past that deadline while decode's leases come, until the slot frees. Both legs
+    failed with a 504 at that deadline, so a batch larger than the request limit lost every
+    request still queued after it."""
+    short = ["--bootstrap-timeout-s", "1"]
+    prefill = pd.prefill(1, short)
+    holder_prefill = pd.prefill(1, ["--bootstrap-timeout-s", "60"])
+    decode = pd.decode(1, [*short, "--max-running-requests", "1", "--kv-wait-timeout-s", "60"])
+    # Decode leg only: it takes the one request slot and waits for KV that never comes.
+    holder = _post_async(decode.url, _leg(holder_prefill, 7201, list(range(3, 23)), "slot"))
     wait_until(lambda: _used_pages(decode.url) > 0, 20, "the first room to take the slot")
-    body = _leg(prefill, 7202, list(range(40, 60)), "turned-away")
-    answer = requests.post(decode.url + "/generate", json=body, timeout=30)
-    assert answer.status_code == 504, answer.text
-    message = answer.json()["error"]["message"]
-    assert "waiting for a request slot (as many requests as --max-running-requests" in message
+    body = _leg(prefill, 7202, list(range(40, 60)), "queued")
+    queued = _post_async(decode.url, body)
+    prefill_leg = _post_async(prefill.url, dict(body, rid="queued-prefill"))
+    wait_until(lambda: _rooms(prefill.url) == 1 and _rooms(decode.url) == 2, 20, "both legs")
+    # Not a synchronisation: the test is that four bootstrap deadlines pass uneventfully.
+    until = time.monotonic() + 4
+    wait_until(lambda: time.monotonic() > until, 10, "four bootstrap deadlines")
+    assert not queued.done() and not prefill_leg.done()
+    assert _rooms(prefill.url) == 1 and _rooms(decode.url) == 2
     requests.post(decode.url + "/abort_request", json={"rid": "slot"}, timeout=10)
-    holder.result(timeout=10)
-    wait_idle([prefill.url, decode.url], timeout_s=20)
+    assert holder.result(timeout=10).json()["meta_info"]["finish_reason"]["type"] == "abort"
+    answer = queued.result(timeout=30)
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["meta_info"]["finish_reason"]["type"] == "length"
+    assert prefill_leg.result(timeout=30).status_code == 200
+    wait_idle([prefill.url, holder_prefill.url, decode.url], timeout_s=20)
 
 
 def test_a_room_waiting_for_a_shared_prefix_goes_on_when_that_room_is_aborted(pair):

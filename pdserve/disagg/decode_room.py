@@ -1,0 +1,101 @@
+"""What a decode worker knows of each room and of each prefill worker it talks to, and its
+admission queue: the rooms that wait for a request slot and free pages, in arrival order,
+leased to their prefill workers meanwhile (docs/protocol.md section 5.5).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from pdserve.disagg import messages as m
+from pdserve.disagg.rooms import RoomState, transition
+from pdserve.engine.request import Request
+
+LEASE_CHECK_S = 0.05  # how often the queue looks for rooms whose lease is due
+
+
+@dataclass
+class DecodeRoom:
+    room: int
+    req: Request
+    endpoint: str
+    prefill_dp_rank: int | None
+    deadline: float
+    state: RoomState = RoomState.BOOTSTRAPPING
+    arrived_at: float = 0.0  # the request, at this worker
+    page_list_sent_at: float = 0.0
+    # Pages the KV transfer writes: the prompt's pages past the cached prefix decode pinned
+    # (`num_cached_tokens`, which the transfer skips).
+    dst_page_ids: list[int] = field(default_factory=list)
+    num_cached_tokens: int = 0
+    # --rank-mismatch forward: when the home worker redirected the page list, and whether
+    # it still waits for the handshake with the worker it was redirected to
+    redirected_at: float | None = None
+    page_list_pending: bool = False
+    kv_pages: int = 0
+    kv_bytes: int = 0
+    epoch: int | None = None  # the prefill epoch its page list went to: KV of others is refused
+    leased_at: float = -math.inf  # queued: when its prefill worker was last told so
+
+    def move(self, dst: RoomState) -> None:
+        self.state = transition(self.room, self.state, dst)
+
+
+@dataclass
+class Peer:
+    """One prefill worker this decode worker talks to."""
+
+    endpoint: str
+    peer_id: object
+    handshake_ok: bool | None = None  # None: answer not in yet
+    handshake_error: str | None = None
+    handshake_sent: bool = False
+    handshake: m.Handshake | None = None  # as sent: its nonce checks prefill's answer
+    epoch: int | None = None  # the prefill server's, from the last handshake answer
+    rooms: set[int] = field(default_factory=set)
+
+
+class AdmissionQueue:
+    """Rooms past their handshake that wait for a request slot and free pages, oldest first.
+
+    Waiting here is a queue, not a fault: such a room has no deadline of its own (its
+    request's, `--request-timeout-s` on the front end, still ends it). Its prefill worker,
+    which holds the request and waits for the page list under `--bootstrap-timeout-s`, gets
+    a `RoomsQueued` lease for it at once and then every quarter of that deadline, and keeps
+    the request while leases come; a decode that dies or stops serving stops them."""
+
+    def __init__(self, lease_interval_s: float):
+        self.lease_interval_s = lease_interval_s
+        self._rooms: dict[int, DecodeRoom] = {}
+        self._next_check = 0.0
+
+    def __len__(self) -> int:
+        return len(self._rooms)
+
+    def __contains__(self, room_id: int) -> bool:
+        return room_id in self._rooms
+
+    def add(self, room: DecodeRoom) -> None:
+        if room.room not in self._rooms:
+            room.deadline = math.inf
+            self._rooms[room.room] = room
+
+    def discard(self, room_id: int) -> None:
+        self._rooms.pop(room_id, None)
+
+    def in_order(self) -> list[DecodeRoom]:
+        return list(self._rooms.values())
+
+    def leases_due(self, now: float) -> dict[str, list[int]]:
+        """Prefill endpoint -> its rooms to lease now: new ones, and those last leased an
+        interval ago (checked every LEASE_CHECK_S)."""
+        if now < self._next_check or not self._rooms:
+            return {}
+        self._next_check = now + LEASE_CHECK_S
+        due: dict[str, list[int]] = {}
+        for room in self._rooms.values():
+            if now - room.leased_at >= self.lease_interval_s:
+                room.leased_at = now
+                due.setdefault(room.endpoint, []).append(room.room)
+        return due
