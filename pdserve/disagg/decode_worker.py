@@ -50,12 +50,20 @@ class DecodeWorkerHooks(WorkerHooks):
         self.room_of_rid: dict[str, int] = {}
         self.queue = AdmissionQueue(cfg.bootstrap_timeout_s / 4)
         self.reserved: dict[int, DecodeRoom] = {}  # rooms whose page list went out
+        self._parked_tokens = 0  # prompt tokens of the rooms not reserved yet
         self.peers: dict[str, Peer] = {}
         self.peer_by_id: dict[object, Peer] = {}
         self._lost_endpoints: list[str] = []  # for the front end, until lost_kv_peers()
 
     def num_rooms(self) -> int:
         return len(self.rooms)
+
+    def num_parked(self) -> int:
+        """Rooms not in the engine yet (handshake, admission queue): waiting, to a router."""
+        return len(self.rooms) - len(self.reserved)
+
+    def num_parked_tokens(self) -> int:
+        return self._parked_tokens
 
     def lost_kv_peers(self) -> list[str]:
         lost, self._lost_endpoints = self._lost_endpoints, []
@@ -98,6 +106,7 @@ class DecodeWorkerHooks(WorkerHooks):
         )
         self.rooms[info.room] = room
         self.room_of_rid[req.rid] = info.room
+        self._parked_tokens += len(req.prompt_ids)
         peer = self._peer(info.prefill_endpoint, now)
         peer.rooms.add(info.room)
         return self._progress(room, now)
@@ -344,6 +353,7 @@ class DecodeWorkerHooks(WorkerHooks):
                 break
             self.queue.discard(room.room)
             self.reserved[room.room] = room
+            self._parked_tokens -= len(room.req.prompt_ids)
             room.dst_page_ids = dst_page_ids
             room.num_cached_tokens = room.req.cached_tokens
             room.move(RoomState.WAITING_FOR_INPUT)
@@ -443,7 +453,8 @@ class DecodeWorkerHooks(WorkerHooks):
             return
         self.transport.forget_room(room_id)
         self.queue.discard(room_id)
-        self.reserved.pop(room_id, None)
+        if self.reserved.pop(room_id, None) is None:
+            self._parked_tokens -= len(room.req.prompt_ids)
         self.room_of_rid.pop(room.req.rid, None)
         peer = self.peers.get(room.endpoint)
         if peer is not None:

@@ -97,6 +97,9 @@ def test_a_room_queued_for_a_request_slot_outlives_the_bootstrap_deadline(pd):
     wait_until(lambda: time.monotonic() > until, 10, "four bootstrap deadlines")
     assert not queued.done() and not prefill_leg.done()
     assert _rooms(prefill.url) == 1 and _rooms(decode.url) == 2
+    load = get_load(decode.url)[0]
+    # Waiting: the holder (for its KV) and the queued room, which a router must see too.
+    assert load["num_waiting_reqs"] == 2 and load["num_tokens"] == 40, load
     requests.post(decode.url + "/abort_request", json={"rid": "slot"}, timeout=10)
     assert holder.result(timeout=10).json()["meta_info"]["finish_reason"]["type"] == "abort"
     answer = queued.result(timeout=30)
