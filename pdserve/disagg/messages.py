@@ -38,6 +38,14 @@ class Handshake(msgspec.Struct, tag=True, kw_only=True):
     transfer_meta: bytes = b""  # the backend's KVTransport.handshake_meta (NIXL: agent metadata)
     proof: HandshakeProof | None = None  # set when decode has a disagg secret
 
+    def mismatch(self, backend: str, layout: KVLayout) -> str | None:
+        """Why a prefill worker moving KV with `backend` from `layout` refuses this, or None."""
+        if self.version != PROTOCOL_VERSION:
+            return f"protocol version mismatch: decode={self.version} prefill={PROTOCOL_VERSION}"
+        if self.backend != backend:
+            return f"transfer backend mismatch: decode={self.backend!r} prefill={backend!r}"
+        return layout.mismatch(self.layout)
+
 
 class HandshakeResult(msgspec.Struct, tag=True, kw_only=True):
     ok: bool

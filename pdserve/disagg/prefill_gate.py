@@ -67,6 +67,8 @@ class PrefillGate:
                 num_pages += room_pages
                 self.unlisted_pages[room] = room_pages
                 released.append(room)
+            elif not self.parked_listed:
+                break  # held back, and no listed room behind it
             else:
                 held_back = True
         for room in released:

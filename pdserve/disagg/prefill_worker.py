@@ -32,6 +32,8 @@ from pdserve.serving.worker_io import output_to_msg, request_from_msg
 
 log = logging.getLogger(__name__)
 
+DEADLINES_EVERY_S = 0.01
+
 
 class PrefillWorkerHooks(WorkerHooks):
     def __init__(
@@ -46,6 +48,8 @@ class PrefillWorkerHooks(WorkerHooks):
         self.decode_epochs: dict[str, int] = {}
         self.layout = engine.kv_layout()
         self.rooms: dict[int, PrefillRoom] = {}
+        self.sending: dict[int, PrefillRoom] = {}  # rooms TRANSFERRING
+        self._next_deadlines = 0.0  # rooms' deadlines are looked at every DEADLINES_EVERY_S
         self.room_of_rid: dict[str, int] = {}
         self.failed: dict[int, FailedRoom] = {}  # answers for late page lists
         self.handshaken: set[object] = set()
@@ -76,9 +80,7 @@ class PrefillWorkerHooks(WorkerHooks):
         return self.transport.sockets()
 
     def busy(self) -> bool:
-        return self.transport.busy() or any(
-            r.state is RoomState.TRANSFERRING for r in self.rooms.values()
-        )
+        return self.transport.busy() or bool(self.sending)
 
     # -- front end -> worker ---------------------------------------------------------
     def on_generate(self, msg: GenerateReq, now: float | None = None) -> list[ReqOutput]:
@@ -182,7 +184,7 @@ class PrefillWorkerHooks(WorkerHooks):
         that only wait for the peer (a NIXL read that decode drives) do not hold it up."""
         outputs: list[ReqOutput] = []
         deadline = now + self.cfg.kv_send_wait_s
-        while self.transport.busy() and any(r.send_handle is not None for r in self.rooms.values()):
+        while self.transport.busy() and self.sending:
             left_ms = int((deadline - _now()) * 1000)
             if left_ms <= 0:
                 break
@@ -253,16 +255,9 @@ class PrefillWorkerHooks(WorkerHooks):
         error = kv_auth.check(self.checker, msg, time.time())
         if error is not None:
             log.warning("prefill: refused the KV handshake of %s: %s", msg.decode_id, error)
-        elif msg.version != m.PROTOCOL_VERSION:
-            error = f"protocol version mismatch: decode={msg.version} prefill={m.PROTOCOL_VERSION}"
-        elif msg.backend != self.transport.name:
-            error = (
-                f"transfer backend mismatch: decode={msg.backend!r} prefill={self.transport.name!r}"
-            )
         else:
-            error = self.layout.mismatch(msg.layout) or self.transport.accept_peer_meta(
-                peer, msg.transfer_meta
-            )
+            error = msg.mismatch(self.transport.name, self.layout)
+            error = error or self.transport.accept_peer_meta(peer, msg.transfer_meta)
         outputs = [] if error is not None else self._on_decode_epoch(peer, msg, now)
         if error is None:
             self.handshaken.add(peer)
@@ -365,6 +360,7 @@ class PrefillWorkerHooks(WorkerHooks):
             room.src_page_ids, room.num_cached_tokens, self.layout.page_size
         )
         room.move(RoomState.TRANSFERRING)
+        self.sending[room.room] = room
         status = m.RoomStatus(room=room.room, ok=True, first=room.first)
         room.send_started_at = now
         try:
@@ -379,7 +375,7 @@ class PrefillWorkerHooks(WorkerHooks):
 
     def _finish_sent(self, now: float) -> list[ReqOutput]:
         outputs: list[ReqOutput] = []
-        for room in [r for r in self.rooms.values() if r.state is RoomState.TRANSFERRING]:
+        for room in list(self.sending.values()):
             if not room.send_handle.done():
                 continue
             error = getattr(room.send_handle, "error", None)
@@ -405,6 +401,9 @@ class PrefillWorkerHooks(WorkerHooks):
         return outputs
 
     def _deadlines(self, now: float) -> list[ReqOutput]:
+        if now < self._next_deadlines:
+            return []
+        self._next_deadlines = now + DEADLINES_EVERY_S
         outputs: list[ReqOutput] = []
         # Once both sides are here, decode's KV deadline and heartbeat govern; a vanished
         # decode shows up as PeerLost or PeerUnreachable when the KV is sent.
@@ -470,6 +469,7 @@ class PrefillWorkerHooks(WorkerHooks):
         still_read = self.transport.forget_room(room_id)
         self.gate.drop(room_id)
         room = self.rooms.pop(room_id, None)
+        self.sending.pop(room_id, None)
         if room is not None and room.rid is not None:
             self.room_of_rid.pop(room.rid, None)
         return still_read

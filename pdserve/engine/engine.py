@@ -179,9 +179,13 @@ class Engine:
 
     def load(self) -> tuple[int, int, int]:
         """(num_running, num_waiting, num_tokens); waiting includes requests awaiting KV."""
-        s = self.scheduler
         num_tokens = sum(r.seq_len for r in self._requests.values())
-        return len(s.running) + len(s.prefilling), len(s.waiting) + len(s.reserved), num_tokens
+        return (*self.num_reqs(), num_tokens)
+
+    def num_reqs(self) -> tuple[int, int]:
+        """(num_running, num_waiting) of `load`, without the tokens' sum over requests."""
+        s = self.scheduler
+        return len(s.running) + len(s.prefilling), len(s.waiting) + len(s.reserved)
 
     def get(self, rid: str) -> Request | None:
         return self._requests.get(rid)
