@@ -22,7 +22,7 @@ from pdserve.disagg.delta import pages_to_send, prompt_digest
 from pdserve.disagg.prefill_gate import PrefillGate
 from pdserve.disagg.prefill_room import WAITING_FOR_ONE_SIDE, FailedRoom, PrefillRoom
 from pdserve.disagg.room_relay import ForwardTable
-from pdserve.disagg.rooms import IllegalRoomTransition, RoomState, error_output
+from pdserve.disagg.rooms import IllegalRoomTransition, RoomState, decode_fault, error_output
 from pdserve.disagg.transfer.base import Inbound, KVTransport, PagesSettled, PeerLost
 from pdserve.engine.page_pool import pages_for
 from pdserve.engine.request import FinishReason, StepOutput
@@ -285,18 +285,18 @@ class PrefillWorkerHooks(WorkerHooks):
             del self.decode_of_peer[p]
         reason = f"decode server {msg.decode_id} restarted (new epoch) before reading the KV"
         lost = [r.room for r in self.rooms.values() if r.peer in stale]
-        return [
-            out for room in lost for out in self._fail_room(room, 503, reason, now, notify=False)
-        ]
+        return decode_fault(
+            [out for room in lost for out in self._fail_room(room, 503, reason, now, notify=False)]
+        )
 
     def _on_peer_lost(self, event: PeerLost, now: float) -> list[ReqOutput]:
         self.handshaken.discard(event.peer)
         self.decode_of_peer.pop(event.peer, None)
         reason = f"lost the connection to decode: {event.reason}"
         lost = [r.room for r in self.rooms.values() if r.peer == event.peer]
-        return [
-            out for room in lost for out in self._fail_room(room, 503, reason, now, notify=False)
-        ]
+        return decode_fault(
+            [out for room in lost for out in self._fail_room(room, 503, reason, now, notify=False)]
+        )
 
     def _on_page_list(self, peer: object, msg: m.PageList, now: float) -> list[ReqOutput]:
         if peer not in self.handshaken and msg.room not in self.failed:
@@ -368,9 +368,8 @@ class PrefillWorkerHooks(WorkerHooks):
                 room.peer, room.room, src_page_ids, list(room.dst_page_ids), status
             )
         except Exception as exc:  # the decode peer vanished
-            return self._fail_room(
-                room.room, 503, f"sending KV to decode failed: {exc}", now, notify=False
-            )
+            reason = f"sending KV to decode failed: {exc}"
+            return decode_fault(self._fail_room(room.room, 503, reason, now, notify=False))
         return []
 
     def _finish_sent(self, now: float) -> list[ReqOutput]:
@@ -414,12 +413,13 @@ class PrefillWorkerHooks(WorkerHooks):
                     f"prefill dp rank {self.dp_rank} never received the request for room "
                     f"{room.room} within {self.cfg.bootstrap_timeout_s:g}s"
                 )
-            else:
-                reason = (
-                    f"timed out after {self.cfg.bootstrap_timeout_s:g}s waiting for decode's "
-                    f"page list for room {room.room}"
-                )
-            outputs += self._fail_room(room.room, 504, reason, now)
+                outputs += self._fail_room(room.room, 504, reason, now)
+                continue
+            reason = (  # decode did not take the KV: a stuck (e.g. frozen) decode worker
+                f"timed out after {self.cfg.bootstrap_timeout_s:g}s waiting for decode's "
+                f"page list for room {room.room}"
+            )
+            outputs += decode_fault(self._fail_room(room.room, 504, reason, now))
         for room_id in [r for r, f in self.failed.items() if now >= f.expires_at]:
             del self.failed[room_id]
         self.forwards.expire(now)

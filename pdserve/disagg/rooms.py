@@ -13,6 +13,7 @@ from __future__ import annotations
 import enum
 
 from pdserve.engine.request import FinishReason
+from pdserve.serving.hooks import DECODE_ORIGIN
 from pdserve.serving.protocol import ReqOutput
 
 
@@ -56,7 +57,7 @@ def transition(room: int, src: RoomState, dst: RoomState) -> RoomState:
 
 def error_output(rid: str, status: int, message: str, origin: str | None = None) -> ReqOutput:
     """The message that fails a request on its front end with `status` and a reason (and
-    the peer whose fault it is: `hooks.PREFILL_ORIGIN`)."""
+    the peer whose fault it is: `hooks.PREFILL_ORIGIN` or `hooks.DECODE_ORIGIN`)."""
     return ReqOutput(
         rid=rid,
         finish_reason=FinishReason("abort", message=message),
@@ -64,3 +65,11 @@ def error_output(rid: str, status: int, message: str, origin: str | None = None)
         error_message=message,
         error_origin=origin,
     )
+
+
+def decode_fault(outputs: list[ReqOutput]) -> list[ReqOutput]:
+    """Prefill's failures of rooms its decode peer caused (no page list in time, a lost or
+    restarted decode), marked so: a router's retry avoids that decode server, not prefill."""
+    for out in outputs:
+        out.error_origin = DECODE_ORIGIN
+    return outputs

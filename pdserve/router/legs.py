@@ -31,7 +31,7 @@ from pdserve.router.merge import (
 )
 from pdserve.router.metrics import RouterMetrics
 from pdserve.router.workers import Worker
-from pdserve.serving.hooks import PREFILL_ORIGIN, error_object
+from pdserve.serving.hooks import DECODE_ORIGIN, PREFILL_ORIGIN, error_object
 
 log = logging.getLogger(__name__)
 NO_DETAILS = ErrorDetails()
@@ -71,14 +71,24 @@ class LegError(Exception):
         return self.answered and 400 <= self.status < 500 and not retryable_status(self.status)
 
     @property
+    def peer_fault(self) -> bool:
+        """The worker marks the error as its peer's: a decode server's error its prefill
+        peer caused (`origin` "prefill", hooks.PREFILL_ORIGIN), or a prefill server's its
+        decode peer caused (`origin` "decode", hooks.DECODE_ORIGIN)."""
+        origin = self.details.origin
+        return (
+            self.answered
+            and origin in (PREFILL_ORIGIN, DECODE_ORIGIN)
+            and origin != self.worker.role
+        )
+
+    @property
     def no_verdict(self) -> bool:
         """Says nothing of the worker's health: a request it refused, or a 504 it answered
         (a deadline it enforced on the request: its own --request-timeout-s, or a bootstrap
-        or KV wait on its peer; the worker itself is responsive), or an error a decode
-        server marks as its prefill peer's (`origin` "prefill": see hooks.PREFILL_ORIGIN)."""
-        if self.answered and self.details.origin == PREFILL_ORIGIN:
-            return True
-        return self.client_fault or (self.answered and self.status == 504)
+        or KV wait on its peer; the worker itself is responsive), or an error it marks as
+        its peer's (`peer_fault`)."""
+        return self.peer_fault or self.client_fault or (self.answered and self.status == 504)
 
     @property
     def client_message(self) -> str:
@@ -92,6 +102,16 @@ class LegError(Exception):
         kind, param, origin = self.details
         error = error_object(self.status, self.client_message, kind, param, origin)
         return {**error, "worker": worker}
+
+
+def at_fault(err: LegError, prefill: Worker | None, decode: Worker) -> Worker | None:
+    """The server of the pair a retry should avoid: the one the error marks as at fault.
+    Decode relays its prefill peer's failures (and prefill its decode peer's) in its own
+    answer: avoiding the worker that answered sent the retry back to the faulty peer, and
+    kept a sound server out of it. None: a peer fault with no such peer in the pair."""
+    if not err.peer_fault:
+        return err.worker
+    return prefill if err.worker is decode else decode
 
 
 def retryable_status(status: int) -> bool:

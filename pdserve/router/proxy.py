@@ -17,7 +17,7 @@ from pdserve.router.config import RouterConfig
 from pdserve.router.content_coding import decoded_body
 from pdserve.router.http_server import Request, Response, StreamResponse, json_response
 from pdserve.router.kv_policy import KVAware
-from pdserve.router.legs import LegContext, LegError
+from pdserve.router.legs import LegContext, LegError, at_fault
 from pdserve.router.metrics import RouterMetrics
 from pdserve.router.pairing import NoWorker, Pair, PairChooser
 from pdserve.router.prefix_table import Prompt
@@ -157,7 +157,9 @@ class Proxy:
                     log.info("%s refused by %s", route, err)
                     break
                 log.warning("attempt %d of %s failed: %s", attempt_no + 1, route, err)
-                failed.add(err.worker.url)
+                culprit = at_fault(err, pair.prefill, pair.decode)
+                if culprit is not None:
+                    failed.add(culprit.url)
                 if not err.retryable:
                     break
         assert last is not None

@@ -21,6 +21,10 @@ if TYPE_CHECKING:
 # reported by prefill, a lost or unreachable prefill worker or bootstrap server, a restarted
 # (new epoch) prefill server. The router gives no verdict on decode for those.
 PREFILL_ORIGIN = "prefill"
+# The `origin` of a prefill server's error that its decode peer caused: no page list from
+# decode before the bootstrap deadline (decode did not take the KV: a stuck decode worker),
+# a lost or restarted decode. The router avoids that decode server, not prefill, on a retry.
+DECODE_ORIGIN = "decode"
 
 # Generation request bodies, on the servers and (as the servers read them) in the router: the
 # most bytes one may hold, and the size from which it is parsed and tokenized off the event
@@ -32,7 +36,8 @@ LARGE_BODY_BYTES = 64 * 1024
 class RequestError(Exception):
     """A request that must fail with an HTTP status and a clear message. `kind` names the
     error's type in the answer (default: by status); `param`, the request field at fault;
-    `origin`, the peer whose fault it is (PREFILL_ORIGIN), None for this server's own."""
+    `origin`, the peer whose fault it is (PREFILL_ORIGIN, DECODE_ORIGIN), None for this
+    server's own."""
 
     def __init__(
         self,

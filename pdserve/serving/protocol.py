@@ -114,7 +114,7 @@ class ReqOutput(msgspec.Struct, tag=True, kw_only=True, omit_defaults=True):
     # set when the request failed: the HTTP status and a message for the client
     error_status: int | None = None
     error_message: str | None = None
-    error_origin: str | None = None  # hooks.PREFILL_ORIGIN: decode's peer caused it
+    error_origin: str | None = None  # hooks.PREFILL_ORIGIN, DECODE_ORIGIN: the peer caused it
     # disaggregation: KV moved for this request and how long it took (for metrics)
     kv_bytes: int = 0
     kv_transfer_s: float | None = None

@@ -2,7 +2,8 @@
 the router's failure-path tests (a real server cannot fail on cue).
 
 Each request's body may carry `"stub": {"<name>": {...}}` to script this worker:
-`status` (answer that HTTP error), `delay_s` (answer late), `hold` (wait until POST /stub/release {"gate": ...}),
+`status` (answer that HTTP error, marked `origin` when given; only the first `times` such
+requests since the last reset, when given), `delay_s` (answer late), `hold` (wait until POST /stub/release {"gate": ...}),
 `chunks` (stream that many events), `hold_end` (hold the end of a stream's body, after its
 `[DONE]` event, until that gate opens), `die_after` (drop the connection after that many
 events), `prompt_lps` (prompt logprobs to report). POST /stub/control changes the server
@@ -39,6 +40,7 @@ class Stub:
         self.health_checks = 0
         self.infos_held = 0  # /server_info requests that reached the `info_hold` gate
         self.flushes = 0
+        self.scripted_failures = 0
         self.health_generate_status = 200
         self.gates.clear()
 
@@ -67,16 +69,12 @@ class Stub:
                 await asyncio.sleep(script["delay_s"])
             if script.get("hold"):
                 await asyncio.wait_for(self.gate(script["hold"]).wait(), 60)
-            if script.get("status"):
-                return web.json_response(
-                    {
-                        "error": {
-                            "message": f"{self.name} scripted failure",
-                            "code": script["status"],
-                        }
-                    },
-                    status=script["status"],
-                )
+            if script.get("status") and self.scripted_failures < script.get("times", 1e9):
+                self.scripted_failures += 1
+                error = {"message": f"{self.name} scripted failure", "code": script["status"]}
+                if script.get("origin"):
+                    error["origin"] = script["origin"]
+                return web.json_response({"error": error}, status=script["status"])
             if body.get("stream"):
                 return await self.stream(request, body, script)
             return web.json_response(self.answer(body, script))

@@ -17,6 +17,7 @@ from tests.disagg.conftest import PDFactory
 from tests.disagg.pd_driver import pages_in_use, wait_idle
 from tests.helpers import wait_until
 from tests.router.conftest import StubWorker, router_args, start_router
+from tests.router.test_router_shell import metric
 
 pytestmark = pytest.mark.timeout(300)
 LONG = {
@@ -204,5 +205,36 @@ def test_a_frozen_decode_worker_leaves_prefill_in_rotation():
             assert router_workers(router.url)[prefill.url]["circuit"] == "closed"
             serves_again(router.url)
             wait_idle([prefill.url, decode.url])
+    finally:
+        factory.stop_all()
+
+
+def test_a_frozen_decode_worker_is_named_by_prefill_and_avoided_by_the_retry():
+    """A decode worker frozen: prefill's own deadline for decode's page list ends the room
+    first (504), marked `origin: decode`, so the client learns decode did not take the KV.
+    With retries, the retry avoids that decode server (it avoided prefill, the one server
+    that answered) and the other decode server serves the request. cache_aware would send
+    the retry back to the servers of the first attempt unless avoided."""
+    factory = PDFactory()
+    try:
+        prefill = factory.prefill(1, ["--bootstrap-timeout-s", "2"])
+        d1, d2 = factory.decode(1), factory.decode(1)
+        args = router_args([(prefill.url, prefill.bootstrap_port)], [d1.url, d2.url])
+        with (
+            start_router(args + ["--max-retries", "0"]) as once,
+            start_router(args + ["--policy", "cache_aware"]) as retrying,
+        ):
+            resp = generate_with_a_worker_frozen(once.url, d1.pid)
+            error = resp.json()["error"]
+            assert resp.status_code == 504 and "decode's page list" in error["message"], error
+            assert error["origin"] == "decode" and error["worker"]["url"] == prefill.url
+            resp = generate_with_a_worker_frozen(retrying.url, d1.pid)
+            assert resp.status_code == 200, resp.text
+            legs = [
+                metric(retrying, "pdserve_router_worker_requests_total", worker=d.url)
+                for d in (d1, d2)
+            ]
+            assert legs == [1, 1]  # the first attempt went to the frozen one, the retry not
+            wait_idle([prefill.url, d1.url, d2.url])
     finally:
         factory.stop_all()

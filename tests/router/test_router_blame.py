@@ -1,0 +1,54 @@
+"""Which server the router blames for a failed leg, against scripted stub workers: the one a
+retry avoids, the one whose circuit breaker counts it, the one the client's error names."""
+
+from __future__ import annotations
+
+import pytest
+import requests
+
+from tests.router.conftest import router_args
+from tests.router.test_router_shell import metric
+
+pytestmark = pytest.mark.timeout(120)
+# Long enough for cache_aware to send a prompt back to the workers that served it (3 blocks).
+PROMPT = "a prompt that fills three blocks of sixteen characters"
+
+
+def legs_by_worker(router, stubs, names) -> dict[str, float]:
+    return {
+        name: metric(router, "pdserve_router_worker_requests_total", worker=stubs[name].url)
+        for name in names
+    }
+
+
+@pytest.mark.parametrize(
+    ("relayer", "origin"),
+    [("decode", "prefill"), ("prefill", "decode")],
+    ids=["by-decode", "by-prefill"],
+)
+def test_a_retry_avoids_the_peer_an_error_is_marked_as_caused_by(
+    stubs, router_factory, relayer, origin
+):
+    """A server relays a fault of its peer (`origin`): decode a failure of its prefill
+    server, prefill its decode's (no page list in time). The retry must avoid the peer at
+    fault and may go back to the server that relayed it. It avoided the relaying server:
+    the retry went back to the faulty peer, and a sound server was kept out of it.
+    cache_aware sends the retry to the servers of the first attempt unless avoided."""
+    args = router_args(
+        prefills=[(stubs["p1"].url, 8998), (stubs["p2"].url, 8999)],
+        decodes=[stubs["d1"].url, stubs["d2"].url],
+    )
+    router = router_factory(args + ["--policy", "cache_aware", "--retry-backoff-s", "0.01"])
+    relayers, peers = (("d1", "d2"), ("p1", "p2"))
+    if relayer == "prefill":
+        relayers, peers = peers, relayers
+    failure = {"status": 503, "origin": origin, "times": 1}  # the first answer of each
+    script = {name: failure for name in relayers}
+    if relayer == "prefill":  # decode answers after prefill, as a real one does
+        script |= {name: {"delay_s": 0.3} for name in peers}
+    resp = requests.post(f"{router.url}/generate", json={"text": PROMPT, "stub": script})
+    assert resp.status_code == 200, resp.text
+    assert metric(router, "pdserve_router_retries_total") == 1
+    # The relaying server served both attempts; the peer at fault, only the first.
+    assert sorted(legs_by_worker(router, stubs, relayers).values()) == [0, 2]
+    assert sorted(legs_by_worker(router, stubs, peers).values()) == [1, 1]
