@@ -83,7 +83,6 @@ class Attempt:
         self.decode_s = 0.0  # the decode leg's own time, for the added-latency metric
         self._decode_started = 0.0
         self._decode_done = False
-        self._committed = False  # the client's stream has begun
 
     @property
     def decode(self) -> Worker:
@@ -203,7 +202,6 @@ class Attempt:
         out = StreamResponse(200, SSE_HEADERS)
         try:
             await out.prepare(self.request)  # committed: no retry from here on
-            self._committed = True
             head = b"".join(merger.process(e) if merger else e for e in first)
             await self._pump(resp, out, head if merger else head + buf.rest(), buf, merger)
         except ConnectionResetError:  # the client hung up
@@ -277,13 +275,11 @@ class Attempt:
         a 504, or an error decode marks as its prefill peer's (`LegError.no_verdict`: a
         room prefill failed, a lost or restarted prefill worker) says nothing of decode:
         counting those opened the breaker of a sound decode server, which then took no
-        request for its open period. Nor does the router's own deadline cutting a stream
-        decode is still sending. Its own faults still count: an unmarked 5xx, a dropped
-        connection; a dead or frozen decode fails /health."""
-        if err.no_verdict:
+        request for its open period. Nor does the router's own deadline, streamed or not:
+        a whole answer longer than --request-timeout-s is one decode was still computing.
+        Its own faults still count: an unmarked 5xx, a dropped connection."""
+        if err.no_verdict or err.reason == "timeout":
             return None
-        if err.reason == "timeout" and self._committed:
-            return None  # our deadline cut a stream decode was still sending
         return False
 
     def _abandon(self, cause: str) -> None:

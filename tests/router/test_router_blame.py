@@ -52,3 +52,19 @@ def test_a_retry_avoids_the_peer_an_error_is_marked_as_caused_by(
     # The relaying server served both attempts; the peer at fault, only the first.
     assert sorted(legs_by_worker(router, stubs, relayers).values()) == [0, 2]
     assert sorted(legs_by_worker(router, stubs, peers).values()) == [1, 1]
+
+
+def test_a_whole_answer_cut_by_the_request_deadline_leaves_decode_in_rotation(
+    stubs, router_factory
+):
+    """The router's own deadline ends a non-streamed decode leg: decode may still be
+    computing a long answer, so no verdict (one failure opens the breaker here). It counted
+    (only a cut stream did not), and a sound decode server was out for --cb-open-s."""
+    args = ["--request-timeout-s", "1", "--cb-failure-threshold", "1", "--max-retries", "0"]
+    router = router_factory(router_args([(stubs["p1"].url, 8998)], [stubs["d1"].url]) + args)
+    body = {"text": "x", "stub": {"d1": {"hold": "never"}}}
+    resp = requests.post(f"{router.url}/generate", json=body, timeout=10)
+    assert resp.status_code == 504 and "deadline" in resp.json()["error"]["message"], resp.text
+    workers = {w["url"]: w for w in requests.get(f"{router.url}/workers").json()["workers"]}
+    assert workers[stubs["d1"].url]["circuit"] == "closed"
+    assert requests.post(f"{router.url}/generate", json={"text": "x"}, timeout=10).ok
