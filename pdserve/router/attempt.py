@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any
+from collections.abc import Awaitable
+from typing import Any, TypeVar
 
 from pdserve import aio
 from pdserve.router.body import (
@@ -42,6 +43,7 @@ from pdserve.router.merge import (
 from pdserve.router.pairing import Pair
 from pdserve.router.workers import Worker
 
+T = TypeVar("T")
 # The last event of a stream. Once it is forwarded the client has the whole answer and may
 # hang up at once (OpenAI clients and `pdserve bench` do), possibly before decode's end of
 # body comes: the client's answer ends there, and decode's connection drops the rest.
@@ -115,9 +117,9 @@ class Attempt:
             # the point of no return, so a prefill failure stops it at any step.
             if self.stream:
                 buf = SSEBuffer()
-                first = await unless_failed(self._open_stream(decode_data, buf), self.prefill_task)
+                first = await self._unless_prefill_failed(self._open_stream(decode_data, buf))
                 return await self._stream(first, buf)
-            result = await unless_failed(self._read_decode(decode_data), self.prefill_task)
+            result = await self._unless_prefill_failed(self._read_decode(decode_data))
             return await self._whole(result)
         except LegError as err:
             self._fail(err)
@@ -125,6 +127,20 @@ class Attempt:
         except BaseException:  # the client went away (handler cancelled) or a bug
             self._abandon("client_disconnect")
             raise
+
+    async def _unless_prefill_failed(self, decode_leg: Awaitable[T]) -> T:
+        """Decode's leg up to the point of no return, ended at once by a prefill failure.
+        The router's deadline ending the prefill leg first ends decode's too (both run
+        from the same moment): the prefill leg waits for decode's page list, which a frozen
+        decode worker never sends, so that is decode not answering, and the client read
+        `prefill server failed` for it. (A stuck prefill shows on decode first, as an error
+        marked `origin: prefill`: its heartbeat or KV wait.)"""
+        try:
+            return await unless_failed(decode_leg, self.prefill_task)
+        except LegError as err:
+            if err.worker is self.decode or err.reason != "timeout":
+                raise
+            raise LegError(self.decode, 504, err.message, "timeout", False) from None
 
     async def _post_decode(self, data: bytes) -> LegResponse:
         legs = self.legs

@@ -68,3 +68,19 @@ def test_a_whole_answer_cut_by_the_request_deadline_leaves_decode_in_rotation(
     workers = {w["url"]: w for w in requests.get(f"{router.url}/workers").json()["workers"]}
     assert workers[stubs["d1"].url]["circuit"] == "closed"
     assert requests.post(f"{router.url}/generate", json={"text": "x"}, timeout=10).ok
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_the_request_deadline_with_both_legs_silent_blames_decode(stubs, router_factory, stream):
+    """Both legs run until the router's deadline (a frozen decode worker: prefill's leg
+    waits for its page list). Prefill's leg, sent first, timed out first, and the client
+    read `prefill server failed`: the decode leg, which the client waits on, is named."""
+    args = ["--request-timeout-s", "1", "--max-retries", "0"]
+    router = router_factory(router_args([(stubs["p1"].url, 8998)], [stubs["d1"].url]) + args)
+    script = {"p1": {"hold": "never"}, "d1": {"hold": "never"}}
+    body = {"text": "x", "stream": stream, "stub": script}
+    resp = requests.post(f"{router.url}/generate", json=body, timeout=10)
+    error = resp.json()["error"]
+    assert resp.status_code == 504, resp.text
+    assert error["message"] == "decode server failed: no answer before the request deadline"
+    assert error["worker"] == {"url": stubs["d1"].url, "role": "decode"}

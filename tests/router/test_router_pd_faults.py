@@ -193,7 +193,9 @@ def test_a_room_prefill_fails_with_500_leaves_decode_in_rotation():
 def test_a_frozen_decode_worker_leaves_prefill_in_rotation():
     """A decode worker frozen (SIGSTOP) never sends its page list, so the prefill leg of its
     room waits until the router's deadline: that is no verdict on the prefill server, whose
-    breaker (one failure opens it here) stays closed, and once decode thaws it serves."""
+    breaker (one failure opens it here) stays closed, and once decode thaws it serves. The
+    client's error names decode (it read `prefill server failed`: prefill's leg, sent
+    first, met the deadline first)."""
     factory = PDFactory()
     try:
         prefill, decode = factory.prefill(1), factory.decode(1)
@@ -202,6 +204,9 @@ def test_a_frozen_decode_worker_leaves_prefill_in_rotation():
         with start_router(args + limits) as router:
             resp = generate_with_a_worker_frozen(router.url, decode.pid)
             assert resp.status_code == 504, resp.text
+            error = resp.json()["error"]
+            assert error["message"].startswith("decode server failed"), error
+            assert error["worker"] == {"url": decode.url, "role": "decode"}
             assert router_workers(router.url)[prefill.url]["circuit"] == "closed"
             serves_again(router.url)
             wait_idle([prefill.url, decode.url])
