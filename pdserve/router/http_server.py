@@ -61,20 +61,25 @@ class Request:
 
 
 class Response:
-    """A whole answer."""
+    """A whole answer; `headers`, any beyond Content-Type and the framing."""
 
-    __slots__ = ("status", "body", "content_type")
+    __slots__ = ("status", "body", "content_type", "headers")
 
     def __init__(
-        self, body: bytes = b"", status: int = 200, content_type: str = "application/json"
+        self,
+        body: bytes = b"",
+        status: int = 200,
+        content_type: str = "application/json",
+        headers: dict[str, str] | None = None,
     ):
         self.status = status
         self.body = body
         self.content_type = content_type
+        self.headers = headers
 
 
-def json_response(obj: Any, status: int = 200) -> Response:
-    return Response(msgspec.json.encode(obj), status)
+def json_response(obj: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(msgspec.json.encode(obj), status, headers=headers)
 
 
 class StreamResponse:
@@ -329,8 +334,11 @@ def _date_line() -> str:
 def _encode(response: Response, keep_alive: bool, head_only: bool = False) -> bytes:
     body = response.body
     connection = "" if keep_alive else "Connection: close\r\n"
+    extra = (
+        "".join(f"{k}: {v}\r\n" for k, v in response.headers.items()) if response.headers else ""
+    )
     head = (
         f"Content-Type: {response.content_type}\r\nContent-Length: {len(body)}\r\n"
-        f"{connection}{_date_line()}\r\n"
+        f"{extra}{connection}{_date_line()}\r\n"
     )
     return _status_line(response.status) + head.encode("latin-1") + (b"" if head_only else body)

@@ -100,9 +100,11 @@ class Router:
             if bearer_ok(request.header("Authorization"), key):
                 return await handler(request)
             self.metrics.auth_refusals.inc()
-            # The servers' answer, type included (clients tell a key problem by it).
+            # The servers' answer, type and challenge included (clients tell a key problem by
+            # the type; RFC 9110 11.6.1: a 401 names the scheme it wants).
             message = "missing or wrong API key: send 'Authorization: Bearer <key>'"
-            return json_response({"error": error_object(401, message, "authentication_error")}, 401)
+            error = error_object(401, message, "authentication_error")
+            return json_response({"error": error}, 401, {"WWW-Authenticate": "Bearer"})
 
         return guarded
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
+import requests
 from aiohttp import web
 
 from pdserve.serving import admin_api, native_api, openai_api
@@ -85,3 +86,10 @@ def test_a_key_with_bytes_past_ascii_is_a_401_not_a_500(server):
         "GET", server.url + "/get_load", headers={"Authorization": f"Bearer {KEY}\u00e9"}
     )
     assert status == 401 and answer["error"]["type"] == "authentication_error", answer
+
+
+def test_a_refusal_names_the_bearer_scheme_it_wants(server):
+    """RFC 9110 11.6.1: a 401 carries WWW-Authenticate, as the router's now does too."""
+    for headers in ({}, {"Authorization": "Bearer wrong"}):
+        resp = requests.get(server.url + "/get_load", headers=headers, timeout=10)
+        assert resp.status_code == 401 and resp.headers["WWW-Authenticate"] == "Bearer"

@@ -1,0 +1,26 @@
+"""The router's own refusals, as a real process in front of stub workers: what a client
+without the API key gets, and a body in a coding nobody reads."""
+
+from __future__ import annotations
+
+import pytest
+import requests
+
+from tests.router.conftest import router_args
+
+pytestmark = pytest.mark.timeout(120)
+KEY = "router-key-2"
+
+
+def test_a_401_names_the_bearer_scheme_it_wants(stubs, server_factory):
+    """RFC 9110 11.6.1: a 401 carries WWW-Authenticate; the servers' did, the router's not."""
+    args = router_args([(stubs["p1"].url, 8998)], [stubs["d1"].url])
+    router = server_factory([*args, "--api-key", KEY], subcommand="router")
+    for headers in ({}, {"Authorization": "Bearer wrong"}):
+        for method, path in (("POST", "/generate"), ("GET", "/workers"), ("GET", "/metrics")):
+            resp = requests.request(method, router.url + path, headers=headers, timeout=10)
+            assert resp.status_code == 401, (method, path, resp.text)
+            assert resp.headers["WWW-Authenticate"] == "Bearer", resp.headers
+            assert resp.json()["error"]["type"] == "authentication_error"
+    ok = requests.get(router.url + "/workers", headers={"Authorization": f"Bearer {KEY}"})
+    assert ok.status_code == 200 and "WWW-Authenticate" not in ok.headers
