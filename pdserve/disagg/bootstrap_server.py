@@ -280,6 +280,7 @@ async def start_bootstrap_server(
         make_bootstrap_app(registry, now=now, expire_interval_s=expire_interval_s, checker=checker),
         access_log=None,
         shutdown_timeout=SHUTDOWN_TIMEOUT_S,
+        auto_decompress=False,  # read_body undoes the coding (a br body: a JSON 415)
     )
     await runner.setup()
     try:

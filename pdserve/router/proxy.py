@@ -14,7 +14,7 @@ import msgspec
 from pdserve.router.attempt import Attempt
 from pdserve.router.body import BadRequest, estimate_tokens, num_sequences, prompt_of
 from pdserve.router.config import RouterConfig
-from pdserve.router.content_coding import decoded_body
+from pdserve.router.content_coding import ACCEPT_ENCODING, UnsupportedCoding, decoded_body
 from pdserve.router.http_server import Request, Response, StreamResponse, json_response
 from pdserve.router.kv_policy import KVAware
 from pdserve.router.legs import LegContext, LegError, at_fault
@@ -27,8 +27,10 @@ from pdserve.serving.hooks import LARGE_BODY_BYTES, error_object
 log = logging.getLogger(__name__)
 
 
-def error_response(status: int, message: str, param: str | None = None) -> Response:
-    return json_response({"error": error_object(status, message, param=param)}, status)
+def error_response(
+    status: int, message: str, param: str | None = None, headers: dict[str, str] | None = None
+) -> Response:
+    return json_response({"error": error_object(status, message, param=param)}, status, headers)
 
 
 class Proxy:
@@ -58,6 +60,9 @@ class Proxy:
             if not isinstance(body, dict):
                 raise BadRequest("the body must be a JSON object")
             num_seqs = num_sequences(route, body)
+        except UnsupportedCoding as exc:  # the servers' 415, word for word
+            self.legs.count_failure(route, "bad_request")
+            return error_response(exc.status, exc.message, headers=ACCEPT_ENCODING)
         except (msgspec.DecodeError, BadRequest, RecursionError) as exc:  # nested too deeply
             self.legs.count_failure(route, "bad_request")
             status = getattr(exc, "status", 400)

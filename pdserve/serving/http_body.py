@@ -11,18 +11,31 @@ from aiohttp import web
 from aiohttp.web_protocol import RequestPayloadError
 
 from pdserve import aio
+from pdserve.serving.content_coding import decoded_body
 from pdserve.serving.hooks import RequestError
 
 logger = logging.getLogger(__name__)
 
 CLIENT_LEFT_STATUS = 499  # nginx's "client closed request": nobody reads the answer
+DECODED = "pdserve.decoded_body"  # the request's key of its body, decoded once
 
 
 async def read_body(request: web.Request, max_nbytes: int, timeout_s: float) -> bytes:
-    """The body, or a RequestError: 413 for a declared size over `max_nbytes` (aiohttp checks
-    its client_max_size only as the bytes arrive), 408 for a body not complete within
+    """The body, its Content-Encoding undone (the sites leave it coded: `auto_decompress`
+    off), or a RequestError: 413 for a size over `max_nbytes`, declared or decoded (aiohttp
+    checks its client_max_size only as the bytes arrive), 408 for a body not complete within
     `timeout_s` (one sent short), 400 for bytes that do not follow their Content-Encoding,
-    499 for a client that left mid-body (one INFO line: a client event, not an error)."""
+    415 for br or zstd, 499 for a client that left mid-body (one INFO line: a client event,
+    not an error)."""
+    decoded = request.get(DECODED)
+    if decoded is None:
+        raw = await _read_raw(request, max_nbytes, timeout_s)
+        decoded = decoded_body(raw, request.headers.get("Content-Encoding"), max_nbytes)
+        request[DECODED] = decoded
+    return decoded
+
+
+async def _read_raw(request: web.Request, max_nbytes: int, timeout_s: float) -> bytes:
     if request.content_length is not None and request.content_length > max_nbytes:
         raise RequestError(
             413, f"body of {request.content_length} bytes is over {max_nbytes} bytes"

@@ -22,6 +22,7 @@ from pdserve.auth import bearer_ok, is_loopback
 from pdserve.engine.request import InvalidSampling, SamplingParams
 from pdserve.serving import admin_api, native_api, openai_api
 from pdserve.serving.config import ServerConfig
+from pdserve.serving.content_coding import ACCEPTED_CODINGS, UnsupportedCoding
 from pdserve.serving.dp_controller import DPController, WorkerStartError
 from pdserve.serving.generation import Generator
 from pdserve.serving.hooks import (
@@ -56,7 +57,10 @@ async def error_middleware(request: web.Request, handler) -> web.StreamResponse:
         return await handler(request)
     except RequestError as exc:
         _report_rejection(request, exc.status, exc.message)
-        return web.json_response({"error": exc.to_json()}, status=exc.status)
+        response = web.json_response({"error": exc.to_json()}, status=exc.status)
+        if isinstance(exc, UnsupportedCoding):
+            response.headers["Accept-Encoding"] = ACCEPTED_CODINGS
+        return response
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -199,7 +203,11 @@ async def serve_async(cfg: ServerConfig, plug: ServerHooks) -> int:
         model_dir,
         _sampling_defaults(cfg.server.sampling_defaults, model_dir),
     )
-    runner = web.AppRunner(build_app(state), handler_cancellation=True, access_log=None)
+    # auto_decompress off: read_body undoes the coding, and answers br or zstd with a JSON
+    # 415 (aiohttp's parser refused them with a plain-text 400 before any handler ran).
+    runner = web.AppRunner(
+        build_app(state), handler_cancellation=True, access_log=None, auto_decompress=False
+    )
     try:
         await hooks.start()
         await runner.setup()

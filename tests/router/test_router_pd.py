@@ -306,6 +306,27 @@ def test_a_compressed_body_or_one_with_a_byte_order_mark_is_read_as_the_servers_
         assert got.json()["output_ids"] == want.json()["output_ids"]
 
 
+@pytest.mark.parametrize("coding", ["br", "zstd"])
+def test_a_body_coded_br_or_zstd_is_the_same_json_415_from_router_and_servers(
+    router, tiny_server, pd_pair, coding
+):
+    """aiohttp's parser answered the servers' with a plain-text 400 before any handler ran
+    (the router's was a JSON 400): now every one is a JSON 415 naming what is accepted."""
+    body = json.dumps(GENERATE_BODIES[0]).encode()
+    prefill, decode = pd_pair
+    answers = [
+        requests.post(f"{url}/generate", data=body, headers={"Content-Encoding": coding})
+        for url in (router.url, tiny_server.url, prefill.url, decode.url)
+    ]
+    for resp in answers:
+        assert resp.status_code == 415, (resp.url, resp.text)
+        assert resp.headers["Accept-Encoding"] == "gzip, deflate, identity", resp.headers
+        assert resp.json() == answers[0].json(), resp.url
+    message = answers[0].json()["error"]["message"]
+    assert message.startswith(f"Content-Encoding {coding} is not supported"), message
+    assert "gzip, deflate or identity" in message
+
+
 def test_openai_client_through_the_router(router, tiny_server, pd_pair):
     def ask(base_url: str, stream: bool) -> str:
         client = openai.OpenAI(base_url=base_url + "/v1", api_key="none", timeout=60)

@@ -24,3 +24,20 @@ def test_a_401_names_the_bearer_scheme_it_wants(stubs, server_factory):
             assert resp.json()["error"]["type"] == "authentication_error"
     ok = requests.get(router.url + "/workers", headers={"Authorization": f"Bearer {KEY}"})
     assert ok.status_code == 200 and "WWW-Authenticate" not in ok.headers
+
+
+def test_a_body_coded_br_is_a_415_without_a_leg(stubs, router_factory):
+    """Like the servers: a JSON 415 naming the codings accepted, and no worker is asked."""
+    router = router_factory(router_args([(stubs["p1"].url, 8998)], [stubs["d1"].url]))
+    for coding in ("br", "zstd", "BR"):
+        resp = requests.post(
+            router.url + "/v1/completions",
+            data=b'{"prompt": "x"}',
+            headers={"Content-Encoding": coding},
+            timeout=10,
+        )
+        assert resp.status_code == 415, resp.text
+        assert resp.headers["Accept-Encoding"] == "gzip, deflate, identity"
+        error = resp.json()["error"]
+        assert error["code"] == 415 and "gzip, deflate or identity" in error["message"]
+    assert stubs["p1"].log()["bodies"] == [] and stubs["d1"].log()["bodies"] == []
