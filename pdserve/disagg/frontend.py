@@ -152,7 +152,7 @@ class PrefillFrontendHooks(_PDFrontendHooks):
         room fails, the home worker hears it with every other worker (`_abort_room`), so a
         page list that reaches it later gets the failure, not a redirect."""
         home = home_rank(room, self.cfg.server.dp_size)
-        if home in self.controller.dead:
+        if self.controller.down(home) is not None:
             raise RankError(
                 f"cannot forward room {room} to dp_rank {dp_rank}: its home dp_rank {home}, "
                 f"where decode sends the page list, is not running",

@@ -23,7 +23,8 @@ DUMP_TIMEOUT_S = 10.0
 
 async def health(request: web.Request) -> web.Response:
     state = state_of(request)
-    problem = "; ".join(state.controller.dead.values()) or state.hooks.not_ready_reason()
+    down = {**state.controller.dead, **state.controller.unresponsive}
+    problem = "; ".join(down.values()) or state.hooks.not_ready_reason()
     if problem:
         return web.json_response({"error": {"message": problem}}, status=503)
     return web.Response(text="")
@@ -33,7 +34,7 @@ async def health_generate(request: web.Request) -> web.Response:
     """A one-token generation on worker 0 (colocated); PD servers check their workers only,
     since a lone prefill or decode leg cannot generate without its peer."""
     state = state_of(request)
-    if state.controller.dead:
+    if state.controller.dead or state.controller.unresponsive:
         return await health(request)
     if state.cfg.server.mode != "colocated":
         return web.Response(text="")

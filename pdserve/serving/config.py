@@ -78,6 +78,12 @@ class ServerArgs:
     health_generate_timeout_s: float = opt(
         20.0, "deadline for the one-token generation of GET /health_generate"
     )
+    worker_heartbeat_timeout_s: float = opt(
+        10.0,
+        "a worker process silent this long (stopped, or stuck holding the GIL; a long step "
+        "still beats) is unresponsive: its requests fail with a 503, new ones avoid it and "
+        "/health answers 503, until it beats again (0: never)",
+    )
     load_report_interval_s: float = opt(
         0.05, "how often an active worker reports its load to the front end"
     )
@@ -114,6 +120,7 @@ class ServerArgs:
             "load_report_interval_s",
         ):
             check(getattr(self, name) > 0, f"{name} must be > 0")
+        check(self.worker_heartbeat_timeout_s >= 0, "worker_heartbeat_timeout_s must be >= 0")
 
     @property
     def resolved_lb_method(self) -> str:

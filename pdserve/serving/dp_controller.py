@@ -2,7 +2,8 @@
 
 Runs in the front-end process (asyncio). Picks a worker per request through `LoadBalancePolicy`,
 sends messages, routes each `ReqOutput` to its request's queue, tracks loads and worker
-deaths, and fails the in-flight requests of a dead worker with a 500 instead of hanging.
+deaths, and fails the in-flight requests of a dead worker with a 500, and of one that stopped
+beating (`WorkerAlive`) with a 503, instead of hanging.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from pdserve.serving.protocol import (
     ReqOutputs,
     RoomFailed,
     RoomForwarded,
+    WorkerAlive,
     WorkerFailed,
     WorkerLoad,
     WorkerReady,
@@ -71,16 +73,25 @@ class DPController:
         self.ctx = zmq.asyncio.Context()
         self._out = self.ctx.socket(zmq.PULL)
         out_port = self._out.bind_to_random_port("tcp://127.0.0.1")
+        self._beats = self.ctx.socket(zmq.PULL)  # WorkerAlive apart: never behind outputs
+        beat_port = self._beats.bind_to_random_port("tcp://127.0.0.1")
         self._ctrl = [self.ctx.socket(zmq.PUSH) for _ in range(self.dp_size)]
         ctrl_addrs = [
             f"tcp://127.0.0.1:{s.bind_to_random_port('tcp://127.0.0.1')}" for s in self._ctrl
         ]
         self.workers = WorkerProcesses(
-            cfg, ctrl_addrs, f"tcp://127.0.0.1:{out_port}", make_worker_hooks
+            cfg,
+            ctrl_addrs,
+            f"tcp://127.0.0.1:{out_port}",
+            f"tcp://127.0.0.1:{beat_port}",
+            make_worker_hooks,
         )
         self.ready: dict[int, WorkerReady] = {}
         self.loads: list[WorkerLoad | None] = [None] * self.dp_size
         self.dead: dict[int, str] = {}  # rank -> why
+        self.unresponsive: dict[int, str] = {}  # rank -> why, while it sends no WorkerAlive
+        self._alive_at = [0.0] * self.dp_size  # each worker's last WorkerAlive
+        self._monitored_at = 0.0
         self.inflight: dict[str, InFlight] = {}
         self._tasks: list[asyncio.Task] = []
         self.kv_events: KVEventPublisher | None = None  # once the workers are ready
@@ -107,7 +118,12 @@ class DPController:
                     self.ready[msg.dp_rank] = msg
                     logger.info("worker %d ready (%d KV pages)", msg.dp_rank, msg.num_total_pages)
         self._start_kv_events()
-        self._tasks = [asyncio.create_task(self._receive()), asyncio.create_task(self._monitor())]
+        self._alive_at = [time.monotonic()] * self.dp_size
+        self._tasks = [
+            asyncio.create_task(self._receive()),
+            asyncio.create_task(self._receive_beats()),
+            asyncio.create_task(self._monitor()),
+        ]
 
     def _start_kv_events(self) -> None:
         layout = next(iter(self.ready.values())).kv_layout
@@ -158,6 +174,10 @@ class DPController:
         return min(r.num_total_pages * r.page_size for r in self.ready.values())
 
     # ---- dispatch
+    def down(self, rank: int) -> str | None:
+        """Why worker `rank` takes no request now (dead, or not responding), or None."""
+        return self.dead.get(rank) or self.unresponsive.get(rank)
+
     def inflight_counts(self) -> tuple[list[int], list[int]]:
         """(requests, tokens) per rank, as the front end itself accounts them."""
         reqs, tokens = [0] * self.dp_size, [0] * self.dp_size
@@ -175,23 +195,23 @@ class DPController:
                 reqs[rank] = max(reqs[rank], load.num_running + load.num_waiting)
                 tokens[rank] = max(tokens[rank], load.num_tokens)
         return [
-            RankLoad(num_reqs=reqs[r], num_tokens=tokens[r], alive=r not in self.dead)
+            RankLoad(num_reqs=reqs[r], num_tokens=tokens[r], alive=self.down(r) is None)
             for r in range(self.dp_size)
         ]
 
     def choose_rank(self, room: int | None, routed_rank: int | None) -> int:
-        if routed_rank in self.dead:
-            raise RequestError(
-                503, f"dp rank {routed_rank} is not running: {self.dead[routed_rank]}"
-            )
+        why = None if routed_rank is None else self.down(routed_rank)
+        if why is not None:
+            raise RequestError(503, f"dp rank {routed_rank} is not running: {why}")
         return self.policy.choose(self.rank_loads(), room, routed_rank)
 
     def submit(self, req: GenerateReq, dp_rank: int) -> InFlight:
         """Register the request and send it to worker `dp_rank`."""
         if req.rid in self.inflight:
             raise RequestError(400, f"rid {req.rid!r} is already in flight")
-        if dp_rank in self.dead:
-            raise RequestError(503, self.dead[dp_rank])
+        why = self.down(dp_rank)
+        if why is not None:
+            raise RequestError(503, why)
         message = protocol.encode(req)  # before registering: a failure here leaks no rid
         flight = InFlight(req=req, dp_rank=dp_rank, num_tokens=len(req.input_ids))
         self.inflight[req.rid] = flight
@@ -221,8 +241,9 @@ class DPController:
     async def dump_cache(self, dp_rank: int, timeout_s: float) -> tuple[list[int], int]:
         """Every page hash in worker `dp_rank`'s prefix cache now, and the last event batch
         published before it (TimeoutError past the deadline)."""
-        if dp_rank in self.dead:
-            raise RequestError(503, self.dead[dp_rank])
+        why = self.down(dp_rank)
+        if why is not None:
+            raise RequestError(503, why)
         self._next_dump_id += 1
         dump_id = self._next_dump_id
         future = self._dumps[dump_id] = asyncio.get_running_loop().create_future()
@@ -281,6 +302,43 @@ class DPController:
                 code = self.workers.exit_code(rank)
                 if code is not None and rank not in self.dead:
                     self._mark_dead(rank, f"worker {rank} exited unexpectedly with code {code}")
+            self._check_beats(time.monotonic())
+
+    async def _receive_beats(self) -> None:
+        while True:
+            msg = protocol.decode_from_worker(await self._beats.recv())
+            if isinstance(msg, WorkerAlive) and 0 <= msg.dp_rank < self.dp_size:
+                self._alive_at[msg.dp_rank] = time.monotonic()
+                if self.unresponsive.pop(msg.dp_rank, None) is not None:
+                    logger.warning("worker %d responds again", msg.dp_rank)
+
+    def _check_beats(self, now: float) -> None:
+        """Mark workers that sent no WorkerAlive for the timeout unresponsive. A monitor
+        that itself ran late (the event loop was blocked) judges no one: the beats may be
+        waiting unread in the socket."""
+        timeout_s = self.cfg.server.worker_heartbeat_timeout_s
+        late = now - self._monitored_at > max(1.0, timeout_s / 2)
+        self._monitored_at = now
+        if timeout_s <= 0 or late:
+            return
+        for rank in range(self.dp_size):
+            silent_s = now - self._alive_at[rank]
+            if silent_s > timeout_s and self.down(rank) is None:
+                self._mark_unresponsive(rank, silent_s)
+
+    def _mark_unresponsive(self, rank: int, silent_s: float) -> None:
+        """Fail the worker's requests with a 503 and abort them there (the aborts wait in
+        its socket: a worker that comes back frees their pages at once); take no more."""
+        reason = (
+            f"dp worker {rank} is not responding (no heartbeat for {silent_s:.1f} s: "
+            f"stopped, or stuck)"
+        )
+        logger.error("%s; failing its in-flight requests", reason)
+        self.unresponsive[rank] = reason
+        for flight in list(self.inflight.values()):
+            if flight.dp_rank == rank:
+                self._fail(flight, 503, reason)
+                self._ctrl[rank].send(protocol.encode(AbortReq(flight.req.rid, reason)))
 
     def _mark_dead(self, rank: int, reason: str) -> None:
         logger.error("%s; failing its in-flight requests", reason)
@@ -288,14 +346,18 @@ class DPController:
         self._zero_load(rank)
         for flight in self.inflight.values():
             if flight.dp_rank == rank:
-                flight.outputs.put_nowait(
-                    ReqOutput(
-                        rid=flight.req.rid,
-                        finish_reason=FinishReason("abort", message=reason),
-                        error_status=500,
-                        error_message=reason,
-                    )
-                )
+                self._fail(flight, 500, reason)
+
+    @staticmethod
+    def _fail(flight: InFlight, status: int, reason: str) -> None:
+        flight.outputs.put_nowait(
+            ReqOutput(
+                rid=flight.req.rid,
+                finish_reason=FinishReason("abort", message=reason),
+                error_status=status,
+                error_message=reason,
+            )
+        )
 
     def _zero_load(self, rank: int) -> None:
         """A dead worker runs nothing and holds no pages, but its last report (requests

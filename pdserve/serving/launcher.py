@@ -21,13 +21,14 @@ class WorkerProcesses:
         cfg: ServerConfig,
         ctrl_addrs: list[str],
         out_addr: str,
+        beat_addr: str,
         make_hooks: WorkerHooksFactory,
     ):
         ctx = multiprocessing.get_context("spawn")
         self.procs: list[multiprocessing.process.BaseProcess] = [
             ctx.Process(
                 target=worker_main,
-                args=(cfg, rank, ctrl_addrs[rank], out_addr, os.getpid(), make_hooks),
+                args=(cfg, rank, ctrl_addrs[rank], out_addr, beat_addr, os.getpid(), make_hooks),
                 name=f"pdserve-worker-{rank}",
                 daemon=True,
             )

@@ -140,6 +140,14 @@ class KVPeersLost(msgspec.Struct, tag=True, kw_only=True):
     endpoints: list[str]
 
 
+class WorkerAlive(msgspec.Struct, tag=True, kw_only=True):
+    """Worker -> front end every second, from a thread of the worker process: it beats
+    while the loop computes a long step, and stops only when the whole process does (stopped,
+    or stuck in native code that holds the GIL)."""
+
+    dp_rank: int
+
+
 class WorkerLoad(msgspec.Struct, tag=True, kw_only=True):
     dp_rank: int
     num_running: int
@@ -169,6 +177,7 @@ FromWorker = (
     | KVCacheEvents
     | CacheDump
     | KVPeersLost
+    | WorkerAlive
 )
 
 _encoder = msgspec.msgpack.Encoder()

@@ -10,6 +10,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -32,6 +33,7 @@ from pdserve.serving.protocol import (
     ReqOutputs,
     RoomFailed,
     RoomForwarded,
+    WorkerAlive,
     WorkerFailed,
     WorkerLoad,
     WorkerReady,
@@ -45,6 +47,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 IDLE_POLL_MS = 100  # also bounds how late an orphaned worker notices its parent died
+ALIVE_INTERVAL_S = 1.0  # WorkerAlive period (the front end's timeout is a flag)
 
 
 class WorkerLoop:
@@ -178,6 +181,7 @@ def worker_main(
     dp_rank: int,
     ctrl_addr: str,
     out_addr: str,
+    beat_addr: str,
     parent_pid: int,
     make_hooks: WorkerHooksFactory,
 ) -> None:
@@ -205,6 +209,8 @@ def worker_main(
         )
         out.close()
         sys.exit(1)
+    beat = threading.Thread(target=_beat, args=(ctx, beat_addr, dp_rank), daemon=True)
+    beat.start()
     try:
         loop.run()
     except Exception as exc:
@@ -216,6 +222,23 @@ def worker_main(
         sys.exit(1)
     finally:
         loop.hooks.close()
+
+
+def _beat(ctx: zmq.Context, beat_addr: str, dp_rank: int) -> None:
+    """Send WorkerAlive every ALIVE_INTERVAL_S from a thread of its own, to a socket of
+    its own on the front end (never queued behind outputs): the front end tells a stopped
+    process from one computing a long step by it."""
+    sock = ctx.socket(zmq.PUSH)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.SNDHWM, 4)  # a front end that stopped reading needs no backlog
+    sock.connect(beat_addr)
+    message = protocol.encode(WorkerAlive(dp_rank=dp_rank))
+    while True:
+        try:
+            sock.send(message, zmq.NOBLOCK)
+        except zmq.Again:
+            pass
+        time.sleep(ALIVE_INTERVAL_S)  # a period, not a synchronisation
 
 
 def _stop_detokenizer(model_dir: str) -> Callable[[list[int]], str]:
