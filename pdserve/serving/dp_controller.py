@@ -314,11 +314,14 @@ class DPController:
 
     def _check_beats(self, now: float) -> None:
         """Mark workers that sent no WorkerAlive for the timeout unresponsive. A monitor
-        that itself ran late (the event loop was blocked) judges no one: the beats may be
+        that itself ran late (the event loop was blocked, or this process stopped too)
+        judges no one and gives every worker a whole timeout from now: their beats may be
         waiting unread in the socket."""
         timeout_s = self.cfg.server.worker_heartbeat_timeout_s
         late = now - self._monitored_at > max(1.0, timeout_s / 2)
         self._monitored_at = now
+        if late:
+            self._alive_at = [max(t, now) for t in self._alive_at]
         if timeout_s <= 0 or late:
             return
         for rank in range(self.dp_size):
