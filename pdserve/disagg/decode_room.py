@@ -77,9 +77,9 @@ class AdmissionQueue:
         return room_id in self._rooms
 
     def add(self, room: DecodeRoom) -> None:
-        if room.room not in self._rooms:
-            room.deadline = math.inf
-            self._rooms[room.room] = room
+        """Queue the room (it keeps its place if queued already) past its handshake."""
+        room.deadline = math.inf
+        self._rooms.setdefault(room.room, room)
 
     def discard(self, room_id: int) -> None:
         self._rooms.pop(room_id, None)

@@ -216,6 +216,8 @@ class DecodeWorkerHooks(WorkerHooks):
         except ValueError as exc:
             return self._fail(msg.room, 502, f"bad redirect for room {msg.room}: {exc}", PREFILL)
         target.rooms.add(room.room)
+        if not target.handshake_ok:  # queued still, but that handshake has a deadline
+            room.deadline = now + self.cfg.bootstrap_timeout_s
         return []
 
     def _on_epoch(self, peer: Peer, epoch: int) -> list[ReqOutput]:
