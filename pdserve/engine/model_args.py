@@ -39,8 +39,16 @@ _FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
         "num_key_value_heads": 8,
         "rms_norm_eps": 1e-5,
         "rope_theta": 1e6,
+        "num_experts": 8,
+        "num_experts_per_tok": 2,
     },
-    "qwen3_moe": {"max_position_embeddings": 32768, "num_key_value_heads": 4},
+    "qwen3_moe": {
+        "max_position_embeddings": 32768,
+        "num_key_value_heads": 4,
+        "num_experts": 128,
+        "num_experts_per_tok": 8,
+        "moe_intermediate_size": 768,
+    },
 }
 
 
@@ -87,7 +95,7 @@ class ModelArgs:
             raise ValueError(
                 f"unsupported model_type {model_type!r}; supported: {list(SUPPORTED_MODEL_TYPES)}"
             )
-        cfg = {**_DEFAULTS, **_FAMILY_DEFAULTS[model_type], **raw}
+        cfg = {**_DEFAULTS, **_FAMILY_DEFAULTS[model_type], **_expert_count_named_once(raw)}
         _reject_unsupported(cfg, model_type)
         num_heads = cfg["num_attention_heads"]
         num_kv_heads = cfg.get("num_key_value_heads") or num_heads
@@ -151,6 +159,15 @@ def _model_type(raw: dict[str, Any]) -> str:
     return "llama"
 
 
+def _expert_count_named_once(raw: dict[str, Any]) -> dict[str, Any]:
+    """`raw` with its expert count as num_experts: transformers reads num_local_experts and
+    num_experts as one field (and writes the former for Qwen3-MoE too), so a count under
+    either name must override the family default under the other."""
+    if raw.get("num_experts") or not raw.get("num_local_experts"):
+        return raw
+    return {**raw, "num_experts": raw["num_local_experts"]}
+
+
 def _check_heads(num_heads: int, num_kv_heads: int, head_dim: int) -> None:
     if num_heads % num_kv_heads:
         raise ValueError(
@@ -164,7 +181,7 @@ def _check_heads(num_heads: int, num_kv_heads: int, head_dim: int) -> None:
 def _moe_args(cfg: dict[str, Any], model_type: str) -> MoeArgs | None:
     if model_type not in MOE_MODEL_TYPES:
         return None
-    num_experts = cfg.get("num_experts") or cfg.get("num_local_experts") or 0
+    num_experts = cfg.get("num_experts") or 0
     top_k = cfg.get("num_experts_per_tok") or 0
     if not 0 < top_k <= num_experts:
         raise ValueError(

@@ -220,6 +220,25 @@ def test_fields_a_config_omits_take_the_transformers_defaults_of_its_family(mode
     assert args.tie_word_embeddings == ref.tie_word_embeddings
 
 
+@pytest.mark.parametrize("model_type", ["mixtral", "qwen3_moe"])
+def test_expert_fields_a_config_omits_take_the_transformers_defaults(model_type):
+    """No expert count or top-k in config.json: transformers assumes 8 experts top-2
+    (Mixtral), 128 top-8 (Qwen3-MoE); they were read as 0 and the model refused."""
+    import transformers
+
+    cfg = {"model_type": model_type, "vocab_size": 10, "hidden_size": 64,
+           "intermediate_size": 8, "num_hidden_layers": 1, "num_attention_heads": 8,
+           "max_position_embeddings": 4096}  # fmt: skip
+    ref = getattr(transformers, _CONFIG_CLASSES[model_type])(**cfg)
+    moe = ModelArgs.from_hf_config(cfg).moe
+    assert (moe.num_experts, moe.top_k) == (ref.num_local_experts, ref.num_experts_per_tok)
+    assert moe.intermediate_size == getattr(ref, "moe_intermediate_size", ref.intermediate_size)
+    assert moe.norm_topk_prob == getattr(ref, "norm_topk_prob", True)  # Mixtral: always
+    for name in ("num_experts", "num_local_experts"):  # one field in transformers, any family
+        named = ModelArgs.from_hf_config({**cfg, name: 4, "num_experts_per_tok": 2})
+        assert named.moe.num_experts == 4, name
+
+
 def test_a_context_length_beyond_the_sliding_window_is_refused(tmp_path):
     """A window as long as max_position_embeddings loads; a --context-length past it would
     let a sequence outgrow the window this engine does not apply."""
