@@ -62,6 +62,18 @@ class InFlight:
     outputs: asyncio.Queue[ReqOutput] = field(default_factory=asyncio.Queue)
 
 
+def _decode_or_drop(frame: bytes) -> protocol.FromWorker | None:
+    """A frame of the workers' channel, or None (logged) where it is no worker message. The
+    channel is a loopback port any local process can reach (a stale ZMQ peer of an earlier
+    server whose port this one reuses reconnects to it): one foreign frame failed the start,
+    or ended the loop that delivers every request's outputs, and the server hung."""
+    try:
+        return protocol.decode_from_worker(frame)
+    except msgspec.DecodeError as exc:  # a ValidationError too
+        logger.warning("dropped a frame on the workers' channel that is no worker message: %s", exc)
+        return None
+
+
 class DPController:
     def __init__(
         self, cfg: ServerConfig, metrics: ServerMetrics, make_worker_hooks: WorkerHooksFactory
@@ -111,7 +123,7 @@ class DPController:
                 missing = sorted(set(range(self.dp_size)) - set(self.ready))
                 raise WorkerStartError(f"workers {missing} not ready within {timeout_s:.0f} s")
             if await self._out.poll(int(MONITOR_INTERVAL_S * 1000)):
-                msg = protocol.decode_from_worker(await self._out.recv())
+                msg = _decode_or_drop(await self._out.recv())
                 if isinstance(msg, WorkerFailed):
                     raise WorkerStartError(f"worker {msg.dp_rank} failed to start: {msg.error}")
                 if isinstance(msg, WorkerReady):
@@ -264,7 +276,7 @@ class DPController:
     # ---- background tasks
     async def _receive(self) -> None:
         while True:
-            msg = protocol.decode_from_worker(await self._out.recv())
+            msg = _decode_or_drop(await self._out.recv())
             if isinstance(msg, ReqOutputs):
                 for output in msg.outputs:
                     self._deliver(output)

@@ -203,3 +203,33 @@ def test_server_info_reports_one_workers_pool_and_get_load_each_ranks(dp2_server
     assert len(ranks) == 2
     pool_tokens = {r["num_total_pages"] * info["page_size"] for r in ranks}
     assert pool_tokens == {info["max_total_num_tokens"]}, (info, ranks)
+
+
+def test_a_foreign_frame_on_the_workers_channel_is_dropped_not_fatal(server_factory):
+    """The workers' channel is a loopback port, which a stale ZMQ peer of an earlier server
+    reconnects to when this one reuses the port (seen: a start failed "Expected `object`,
+    got `int`"). One such frame ended the loop delivering outputs, and every request hung."""
+    import psutil
+    import zmq
+
+    server = server_factory([*TINY_ARGS, "--dp-size", "2"])
+    http_port = int(server.url.rsplit(":", 1)[1])
+    listening = {
+        c.laddr.port
+        for c in psutil.Process(server.pid).net_connections("tcp")
+        if c.status == psutil.CONN_LISTEN
+    }
+    ctx = zmq.Context()
+    try:
+        for port in listening - {http_port}:  # the PULL takes it; the other sockets refuse
+            sock = ctx.socket(zmq.PUSH)
+            sock.connect(f"tcp://127.0.0.1:{port}")
+            sock.send(b"\x01")  # msgpack 1
+            sock.close(linger=2000)
+    finally:
+        ctx.term()
+    body = {"input_ids": [5, 6, 7], "sampling_params": SHORT}
+    for _ in range(4):  # both ranks
+        status, answer = http_json("POST", f"{server.url}/generate", body, timeout_s=30)
+        assert status == 200 and len(answer["output_ids"]) == 4, answer
+    assert "no worker message" in server.output()
