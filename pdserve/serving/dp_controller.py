@@ -63,14 +63,15 @@ class InFlight:
 
 
 def _decode_or_drop(frame: bytes) -> protocol.FromWorker | None:
-    """A frame of the workers' channel, or None (logged) where it is no worker message. The
-    channel is a loopback port any local process can reach (a stale ZMQ peer of an earlier
-    server whose port this one reuses reconnects to it): one foreign frame failed the start,
-    or ended the loop that delivers every request's outputs, and the server hung."""
+    """A frame from the workers (outputs or beats), or None (logged) where it is no worker
+    message. Both are loopback ports any local process can reach (a stale ZMQ peer of an
+    earlier server whose port this one reuses reconnects to it): one foreign frame failed
+    the start, or ended the loop that reads the port: every request hung, or every worker
+    was later taken for unresponsive."""
     try:
         return protocol.decode_from_worker(frame)
     except msgspec.DecodeError as exc:  # a ValidationError too
-        logger.warning("dropped a frame on the workers' channel that is no worker message: %s", exc)
+        logger.warning("dropped a frame from no worker on a workers' port: %s", exc)
         return None
 
 
@@ -318,7 +319,7 @@ class DPController:
 
     async def _receive_beats(self) -> None:
         while True:
-            msg = protocol.decode_from_worker(await self._beats.recv())
+            msg = _decode_or_drop(await self._beats.recv())
             if isinstance(msg, WorkerAlive) and 0 <= msg.dp_rank < self.dp_size:
                 self._alive_at[msg.dp_rank] = time.monotonic()
                 if self.unresponsive.pop(msg.dp_rank, None) is not None:
