@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import shutil
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -84,21 +87,17 @@ class DPController:
         self.metrics = metrics
         self.policy = LoadBalancePolicy(cfg.server.resolved_lb_method, self.dp_size)
         self.ctx = zmq.asyncio.Context()
+        # The links to the workers are Unix sockets in a directory only this user can enter
+        # (mkdtemp: mode 0700): a loopback port is open to every local process, and a ZeroMQ
+        # peer of an earlier server whose port this one reused reconnects to it by itself.
+        self._ipc_dir = tempfile.mkdtemp(prefix="pdserve-")
         self._out = self.ctx.socket(zmq.PULL)
-        out_port = self._out.bind_to_random_port("tcp://127.0.0.1")
+        out_addr = self._bind(self._out, "out")
         self._beats = self.ctx.socket(zmq.PULL)  # WorkerAlive apart: never behind outputs
-        beat_port = self._beats.bind_to_random_port("tcp://127.0.0.1")
+        beat_addr = self._bind(self._beats, "beats")
         self._ctrl = [self.ctx.socket(zmq.PUSH) for _ in range(self.dp_size)]
-        ctrl_addrs = [
-            f"tcp://127.0.0.1:{s.bind_to_random_port('tcp://127.0.0.1')}" for s in self._ctrl
-        ]
-        self.workers = WorkerProcesses(
-            cfg,
-            ctrl_addrs,
-            f"tcp://127.0.0.1:{out_port}",
-            f"tcp://127.0.0.1:{beat_port}",
-            make_worker_hooks,
-        )
+        ctrl_addrs = [self._bind(s, f"ctrl{rank}") for rank, s in enumerate(self._ctrl)]
+        self.workers = WorkerProcesses(cfg, ctrl_addrs, out_addr, beat_addr, make_worker_hooks)
         self.ready: dict[int, WorkerReady] = {}
         self.loads: list[WorkerLoad | None] = [None] * self.dp_size
         self.dead: dict[int, str] = {}  # rank -> why
@@ -112,6 +111,15 @@ class DPController:
         self._next_dump_id = 0
         # Called with the KV endpoints a worker lost (the decode front end's peer cache).
         self.kv_peers_lost_listeners: list[Callable[[list[str]], None]] = []
+
+    def _bind(self, sock: zmq.Socket, name: str) -> str:
+        """Bind `sock` in the private directory; a loopback port where its path is too long
+        for a Unix socket (a long TMPDIR)."""
+        path = os.path.join(self._ipc_dir, name)
+        if len(path) < zmq.IPC_PATH_MAX_LEN:
+            sock.bind(f"ipc://{path}")
+            return f"ipc://{path}"
+        return f"tcp://127.0.0.1:{sock.bind_to_random_port('tcp://127.0.0.1')}"
 
     # ---- start / stop
     async def start(self, timeout_s: float) -> None:
@@ -167,6 +175,7 @@ class DPController:
             await self.kv_events.stop()
         await asyncio.to_thread(self.workers.stop)
         self.ctx.destroy(linger=0)
+        shutil.rmtree(self._ipc_dir, ignore_errors=True)
 
     # ---- facts from the workers
     @property

@@ -205,27 +205,35 @@ def test_server_info_reports_one_workers_pool_and_get_load_each_ranks(dp2_server
     assert pool_tokens == {info["max_total_num_tokens"]}, (info, ranks)
 
 
-def test_a_foreign_frame_on_a_workers_port_is_dropped_not_fatal(server_factory):
-    """The front end reads its workers' outputs and beats on loopback ports, which a stale
-    ZMQ peer of an earlier server reconnects to when this one reuses the port (seen: a start
-    failed "Expected `object`, got `int`"). One such frame ended the loop reading the port:
-    every request hung (outputs), or every worker was later taken for unresponsive (beats)."""
+KV_EVENT_ENDPOINTS = ("kv_events_endpoint", "kv_events_replay_endpoint")
+
+
+def test_the_workers_links_are_private_and_a_foreign_frame_is_dropped(server_factory):
+    """The front end's links to its workers are Unix sockets in a directory only its user
+    can enter, not loopback ports, which any local process reaches and a stale ZMQ peer of
+    an earlier server reconnects to when this one reuses the port (seen: a start failed
+    "Expected `object`, got `int`"). A frame that still comes (this user's) is dropped: one
+    ended the loop reading the port, and every request hung (outputs), or every worker was
+    later taken for unresponsive (beats)."""
     import psutil
     import zmq
 
     server = server_factory([*TINY_ARGS, "--dp-size", "2"])
     http_port = int(server.url.rsplit(":", 1)[1])
-    listening = {
-        c.laddr.port
-        for c in psutil.Process(server.pid).net_connections("tcp")
-        if c.status == psutil.CONN_LISTEN
-    }
+    front_end = psutil.Process(server.pid)
+    info = http_json("GET", f"{server.url}/server_info")[1]
+    public = {http_port, *(int(info[k].rsplit(":", 1)[1]) for k in KV_EVENT_ENDPOINTS)}
+    ports = {c.laddr.port for c in front_end.net_connections("tcp") if c.status == "LISTEN"}
+    assert ports == public, (ports, public)  # HTTP and the KV event streams only
+    links = {c.laddr for c in front_end.net_connections("unix") if "/pdserve-" in c.laddr}
+    assert {os.path.basename(p) for p in links} == {"out", "beats", "ctrl0", "ctrl1"}, links
+    assert os.stat(os.path.dirname(next(iter(links)))).st_mode & 0o077 == 0
     ctx = zmq.Context()
     try:
-        for port in listening - {http_port}:  # the PULL takes it; the other sockets refuse
+        for path in links:  # the PULLs take it; the PUSHes read nothing
             sock = ctx.socket(zmq.PUSH)
-            sock.connect(f"tcp://127.0.0.1:{port}")
-            sock.send(b"\x01")  # msgpack 1
+            sock.connect(f"ipc://{path}")
+            sock.send(b"\x01", zmq.NOBLOCK)  # msgpack 1
             sock.close(linger=2000)
     finally:
         ctx.term()
