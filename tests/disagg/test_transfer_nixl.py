@@ -7,6 +7,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 
+import msgspec
 import pytest
 import torch
 
@@ -19,8 +20,9 @@ from pdserve.disagg.transfer import (
     TransportOptions,
     make_transport,
 )
-from pdserve.disagg.transfer.base import PagesSettled
+from pdserve.disagg.transfer.base import PagesSettled, PeerLost
 from pdserve.disagg.transfer.nixl_agent import nixl_missing, read_runs
+from tests.disagg.transfer_peer import LAYOUT, make_pool, poll_until, start_peer
 
 pytestmark = pytest.mark.skipif(nixl_missing() is not None, reason=str(nixl_missing()))
 
@@ -247,3 +249,36 @@ def test_a_read_still_running_when_its_room_is_forgotten_keeps_its_pages_until_i
         assert bool((pair.dst_pool[untouched] == SENTINEL).all())
     finally:
         pair.close()
+
+
+def test_a_prefill_killed_while_decode_reads_from_it_fails_the_read_not_the_worker(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Over UCX's TCP emulation a read needs the peer's progress: prefill frozen, the read
+    runs until prefill is killed. NIXL then raises NIXL_ERR_REMOTE_DISCONNECT for the read's
+    state, which crashed the decode worker's loop (kill -9 of a prefill server under load)."""
+    monkeypatch.setenv("UCX_TLS", "tcp")  # the peer process inherits it
+    decode = make_transport("nixl", make_pool(64, seed=2), None)
+    args = ("--backend", "nixl", "--listen", "--freeze-after-send")
+    try:
+        with start_peer(*args) as (proc, endpoint):
+            peer = decode.connect(endpoint)
+            handshake = m.Handshake(decode_id="d", layout=LAYOUT, backend="nixl")
+            decode.send(
+                peer, msgspec.structs.replace(handshake, transfer_meta=decode.handshake_meta())
+            )
+            answer = poll_until(decode, lambda ev: any(isinstance(e, Inbound) for e in ev))
+            assert decode.accept_peer_meta(peer, answer[-1].msg.transfer_meta) is None
+            dst = [3, 4, 5, 6]
+            decode.send(peer, m.PageList(room=5, dst_page_ids=dst, prompt_len=len(dst)))
+            deadline = time.monotonic() + 20
+            while not decode.busy():  # the read is posted when the batch arrives
+                assert time.monotonic() < deadline, "decode never started the read"
+                decode.poll(1)
+            proc.kill()
+            proc.wait()
+            events = poll_until(decode, lambda ev: any(isinstance(e, PeerLost) for e in ev))
+        assert decode.forget_room(5) == []  # the read ended with its peer: no page waits
+        assert not any(isinstance(e, KVReceived) for e in events)
+    finally:
+        decode.close()

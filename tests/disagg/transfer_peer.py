@@ -3,7 +3,7 @@
 `--backend`: any of `make_transport`'s. `--listen`: a prefill-like peer. It prints its endpoint, answers Handshake and Ping, answers
 each PageList by sending `source_pages(room, ...)` into the listed pages, and reports each
 finished SendHandle with `Pong(seq=room)`; with `--exit-after-send` it exits as soon as its
-first send has started. `--connect EP`: a decode-like peer that connects, sends a Ping and
+first send has started, with `--freeze-after-send` it stops polling then (tests kill it). `--connect EP`: a decode-like peer that connects, sends a Ping and
 idles (tests kill it); with `--ask-pages N` it handshakes instead, sends a PageList for room 1
 and pages 0..N-1, then stops reading. Either exits after `--idle-exit-s` without messages.
 Tests run it through `start_peer`, which waits for readiness and always kills it. Also the
@@ -76,7 +76,13 @@ def source_pages(room: int, num_pages: int, pool_pages: int) -> list[int]:
     return np.stack([2 * pairs, 2 * pairs + 1], axis=1).reshape(-1)[:num_pages].tolist()
 
 
-def serve(transport: KVTransport, pool_pages: int, idle_exit_s: float, exit_after_send: bool):
+def serve(
+    transport: KVTransport,
+    pool_pages: int,
+    idle_exit_s: float,
+    exit_after_send: bool,
+    freeze_after_send: bool = False,
+):
     handles: list[tuple[str, SendHandle]] = []
     last_message = time.monotonic()
     while time.monotonic() - last_message < idle_exit_s:
@@ -86,6 +92,9 @@ def serve(transport: KVTransport, pool_pages: int, idle_exit_s: float, exit_afte
                 handles += answer(transport, event, pool_pages)
             if handles and exit_after_send:
                 os._exit(0)  # no close: what the kernel holds still goes out, then the end
+            if handles and freeze_after_send:
+                transport.poll(0)  # what the send queued goes out (NIXL: the batch)
+                time.sleep(3600)  # never polled again: the test kills it
         for peer, handle in [(p, h) for p, h in handles if h.done()]:
             handles.remove((peer, handle))
             if handle.error is None:
@@ -95,7 +104,11 @@ def serve(transport: KVTransport, pool_pages: int, idle_exit_s: float, exit_afte
 def answer(transport: KVTransport, event: Inbound, pool_pages: int) -> list[tuple[str, SendHandle]]:
     msg = event.msg
     if isinstance(msg, m.Handshake):
-        transport.send(event.peer, m.HandshakeResult(ok=True))
+        error = transport.accept_peer_meta(event.peer, msg.transfer_meta)
+        meta = transport.handshake_meta()
+        transport.send(
+            event.peer, m.HandshakeResult(ok=error is None, error=error, transfer_meta=meta)
+        )
     elif isinstance(msg, m.Ping):
         transport.send(event.peer, m.Pong(seq=msg.seq))
     elif isinstance(msg, m.PageList):
@@ -181,6 +194,7 @@ def main() -> None:
     parser.add_argument("--zero-copy-min-nbytes", type=int, default=2048)
     parser.add_argument("--idle-exit-s", type=float, default=60.0)
     parser.add_argument("--exit-after-send", action="store_true")
+    parser.add_argument("--freeze-after-send", action="store_true")
     parser.add_argument("--ask-pages", type=int, default=None)
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -197,7 +211,13 @@ def main() -> None:
     try:
         if args.ask_pages is not None:
             ask_and_stop_reading(transport, args.connect, args.ask_pages)
-        serve(transport, args.pool_pages, args.idle_exit_s, args.exit_after_send)
+        serve(
+            transport,
+            args.pool_pages,
+            args.idle_exit_s,
+            args.exit_after_send,
+            args.freeze_after_send,
+        )
     finally:
         transport.close()
     sys.exit(0)

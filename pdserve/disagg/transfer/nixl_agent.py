@@ -148,8 +148,14 @@ class NixlAgent:
         return handle
 
     def state(self, handle) -> str:
-        """ "DONE", "PROC" or "ERR"."""
-        return self._agent.check_xfer_state(handle)
+        """ "DONE", "PROC" or "ERR". A transfer whose peer died is "ERR": NIXL raises for
+        it (NIXL_ERR_REMOTE_DISCONNECT), which would end the worker's loop; nothing of a
+        dead peer's can still land."""
+        try:
+            return self._agent.check_xfer_state(handle)
+        except Exception as exc:  # noqa: BLE001 - NIXL raises its own error types
+            log.warning("NIXL transfer ended in error: %s", exc)
+            return "ERR"
 
     def release(self, handle) -> bool:
         """Free the handle, cancelling the transfer if it is still under way; False if NIXL
