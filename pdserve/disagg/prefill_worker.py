@@ -330,20 +330,21 @@ class PrefillWorkerHooks(WorkerHooks):
             return []
         for room_id in msg.rooms:
             room = self.rooms.get(room_id)
-            if self._answered_elsewhere(peer, room_id):
+            if self._answered_elsewhere(peer, room_id, lease=True):
                 continue
             if room is not None and room.state is RoomState.BOOTSTRAPPING:
                 room.deadline = max(room.deadline, now + self.cfg.bootstrap_timeout_s)
         return []
 
-    def _answered_elsewhere(self, peer: object, room_id: int) -> bool:
+    def _answered_elsewhere(self, peer: object, room_id: int, lease: bool = False) -> bool:
         """Answers decode for a room that failed here (its failure) or that the front end
-        dispatched to another worker (a Redirect there); False for any other room."""
+        dispatched to another worker (a Redirect there; a lease keeps the entry: the room's
+        page list may be on its way here already); False for any other room."""
         failed = self.failed.get(room_id)
         if failed is not None:
             self._send(peer, failed.answer(room_id))
             return True
-        target = self.forwards.pop(room_id)
+        target = self.forwards.get(room_id) if lease else self.forwards.pop(room_id)
         if target is not None:
             self._send(peer, _redirect(room_id, target.dp_rank, target.kv_endpoint))
             return True

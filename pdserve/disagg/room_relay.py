@@ -34,6 +34,9 @@ class ForwardTable:
         self._targets[room] = target
         return target
 
+    def get(self, room: int) -> ForwardTarget | None:
+        return self._targets.get(room)
+
     def pop(self, room: int) -> ForwardTarget | None:
         return self._targets.pop(room, None)
 
