@@ -12,8 +12,6 @@ from __future__ import annotations
 import logging
 import time
 
-import msgspec
-
 from pdserve.auth import ProofChecker
 from pdserve.disagg import kv_auth
 from pdserve.disagg import messages as m
@@ -28,7 +26,7 @@ from pdserve.engine.page_pool import pages_for
 from pdserve.engine.request import FinishReason, StepOutput
 from pdserve.serving.hooks import WorkerHooks
 from pdserve.serving.protocol import GenerateReq, ReqOutput, RoomFailed, RoomForwarded
-from pdserve.serving.worker_io import output_to_msg, request_from_msg
+from pdserve.serving.worker_io import output_to_msg, request_from_msg, without_finish
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +138,9 @@ class PrefillWorkerHooks(WorkerHooks):
         be here already (redirected now) or come later (redirected when it comes)."""
         room = self.rooms.get(msg.room)
         if room is None:
-            self.forwards.add(msg.room, msg.dp_rank, msg.kv_endpoint, _now())
+            leased_by = self.forwards.add(msg.room, msg.dp_rank, msg.kv_endpoint, _now())
+            if leased_by is not None:
+                self._send(leased_by, _redirect(msg.room, msg.dp_rank, msg.kv_endpoint))
         elif room.state is RoomState.WAITING_FOR_REQUEST:
             # The room leaves this worker: it holds no pages here, the request never comes.
             self._send(room.peer, _redirect(msg.room, msg.dp_rank, msg.kv_endpoint))
@@ -212,7 +212,7 @@ class PrefillWorkerHooks(WorkerHooks):
     ) -> list[ReqOutput]:
         # The first token is forwarded now; the request's finish follows once KV is sent
         # (or its failure, which may come from this very call).
-        forwarded = [_without_finish(o) if o.rid in self.room_of_rid else o for o in outputs]
+        forwarded = [without_finish(o) if o.rid in self.room_of_rid else o for o in outputs]
         failures: list[ReqOutput] = []
         for out in outputs:
             page_ids = held_pages.get(out.rid)
@@ -332,7 +332,9 @@ class PrefillWorkerHooks(WorkerHooks):
             room = self.rooms.get(room_id)
             if self._answered_elsewhere(peer, room_id, lease=True):
                 continue
-            if room is not None and room.state is RoomState.BOOTSTRAPPING:
+            if room is None:  # its request, or the notice that it went elsewhere, may follow
+                self.forwards.note_lease(room_id, peer, now)
+            elif room.state is RoomState.BOOTSTRAPPING:
                 room.deadline = max(room.deadline, now + self.cfg.bootstrap_timeout_s)
         return []
 
@@ -347,8 +349,7 @@ class PrefillWorkerHooks(WorkerHooks):
         target = self.forwards.get(room_id) if lease else self.forwards.pop(room_id)
         if target is not None:
             self._send(peer, _redirect(room_id, target.dp_rank, target.kv_endpoint))
-            return True
-        return False
+        return target is not None
 
     def _maybe_send(self, room: PrefillRoom, now: float) -> list[ReqOutput]:
         """Starts the send once the room has both sides and the engine's pages."""
@@ -487,12 +488,6 @@ class PrefillWorkerHooks(WorkerHooks):
 
 def _redirect(room: int, dp_rank: int, kv_endpoint: str) -> m.Redirect:
     return m.Redirect(room=room, dp_rank=dp_rank, kv_endpoint=kv_endpoint)
-
-
-def _without_finish(out: ReqOutput) -> ReqOutput:
-    if out.finish_reason is None:
-        return out
-    return msgspec.structs.replace(out, finish_reason=None)
 
 
 def _now() -> float:

@@ -1,6 +1,7 @@
 """Rank-mismatch forwarding (PROTOCOL.md section 10), the home worker's part: where the
 front end dispatched rooms whose home this worker is, kept until decode's page list comes
-for them or the entry expires. Pure; runs inside each prefill worker.
+for them or the entry expires; and which decode peer leased a room this worker does not
+know yet (docs/protocol.md 5.2). Pure; runs inside each prefill worker.
 """
 
 from __future__ import annotations
@@ -25,14 +26,21 @@ class ForwardTable:
     def __init__(self, ttl_s: float):
         self.ttl_s = ttl_s
         self._targets: dict[int, ForwardTarget] = {}
+        self._leased: dict[int, tuple[object, float]] = {}  # room -> (decode peer, expiry)
 
     def __len__(self) -> int:
         return len(self._targets)
 
-    def add(self, room: int, dp_rank: int, kv_endpoint: str, now: float) -> ForwardTarget:
-        target = ForwardTarget(dp_rank, kv_endpoint, now + self.ttl_s)
-        self._targets[room] = target
-        return target
+    def add(self, room: int, dp_rank: int, kv_endpoint: str, now: float) -> object | None:
+        """Record where `room` went; returns the decode peer that leased it before this
+        notice came, to be redirected now (not a quarter deadline later, at its next lease)."""
+        self._targets[room] = ForwardTarget(dp_rank, kv_endpoint, now + self.ttl_s)
+        leased = self._leased.pop(room, None)
+        return None if leased is None else leased[0]
+
+    def note_lease(self, room: int, peer: object, now: float) -> None:
+        """Decode `peer` leased `room`, which this worker knows nothing of yet."""
+        self._leased[room] = (peer, now + self.ttl_s)
 
     def get(self, room: int) -> ForwardTarget | None:
         return self._targets.get(room)
@@ -44,4 +52,6 @@ class ForwardTable:
         gone = [room for room, t in self._targets.items() if now >= t.expires_at]
         for room in gone:
             del self._targets[room]
+        for room in [r for r, (_, expires_at) in self._leased.items() if now >= expires_at]:
+            del self._leased[room]
         return len(gone)

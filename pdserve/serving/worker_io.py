@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import msgspec
+
 from pdserve.engine.request import Request
 from pdserve.serving.protocol import GenerateReq, ReqOutput
 
@@ -57,3 +59,11 @@ def rejected_msg(rid: str, message: str, status: int = 400) -> ReqOutput:
         error_status=status,
         error_message=message,
     )
+
+
+def without_finish(out: ReqOutput) -> ReqOutput:
+    """`out` with no finish reason (prefill: a room's first token, its finish comes once
+    the KV is sent)."""
+    if out.finish_reason is None:
+        return out
+    return msgspec.structs.replace(out, finish_reason=None)

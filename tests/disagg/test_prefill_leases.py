@@ -56,3 +56,23 @@ def test_a_page_list_sent_before_a_leases_redirect_came_back_is_redirected_too(h
             TARGET.kv_endpoint,
         )
     assert ROOM not in home.hooks.rooms
+
+
+def test_a_lease_that_came_before_the_forward_notice_is_redirected_when_it_comes(home):
+    """The front end's notice that a room went to another worker and decode's first lease
+    for it race; a lease that came first was ignored, and decode learnt where the room went
+    only from its next lease, a quarter of --bootstrap-timeout-s later (a quarter of the
+    room's deadline on the worker that holds it)."""
+    home.page_list(ROOM + 1, [0])  # handshakes
+    home.decode.send(home.peer, m.RoomsQueued(rooms=[ROOM]))
+    deadline = time.monotonic() + 10
+    while ROOM not in home.hooks.forwards._leased:
+        assert time.monotonic() < deadline, "the lease never came"
+        worker_turn(home.engine, home.hooks)
+    home.hooks.on_room_forwarded(TARGET)  # no second lease
+    redirect = _turn_until_redirect(home)
+    assert (redirect.room, redirect.dp_rank, redirect.kv_endpoint) == (
+        ROOM,
+        1,
+        TARGET.kv_endpoint,
+    )
