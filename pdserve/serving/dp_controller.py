@@ -67,10 +67,9 @@ class InFlight:
 
 def _decode_or_drop(frame: bytes) -> protocol.FromWorker | None:
     """A frame from the workers (outputs or beats), or None (logged) where it is no worker
-    message. Both are loopback ports any local process can reach (a stale ZMQ peer of an
-    earlier server whose port this one reuses reconnects to it): one foreign frame failed
-    the start, or ended the loop that reads the port: every request hung, or every worker
-    was later taken for unresponsive."""
+    message: one foreign frame failed the start, or ended the loop that reads the socket
+    (every request hung, or every worker was later taken for unresponsive). The sockets are
+    private to this user (`_bind`), but a loopback port, where a path is too long, is not."""
     try:
         return protocol.decode_from_worker(frame)
     except msgspec.DecodeError as exc:  # a ValidationError too
