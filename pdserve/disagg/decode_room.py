@@ -1,6 +1,6 @@
 """What a decode worker knows of each room and of each prefill worker it talks to, and its
 admission queue: the rooms that wait for a request slot and free pages, in arrival order,
-leased to their prefill workers meanwhile (docs/protocol.md section 5.5).
+leased to their prefill workers meanwhile (docs/protocol.md section 5.2).
 """
 
 from __future__ import annotations
