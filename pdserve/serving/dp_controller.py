@@ -11,8 +11,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,6 +24,7 @@ from pdserve.engine.request import FinishReason
 from pdserve.serving import protocol
 from pdserve.serving.config import ServerConfig
 from pdserve.serving.hooks import RequestError, WorkerHooksFactory
+from pdserve.serving.ipc_dir import IpcDir
 from pdserve.serving.kv_publisher import KVEventPublisher
 from pdserve.serving.launcher import WorkerProcesses
 from pdserve.serving.lb_policy import LoadBalancePolicy, RankLoad
@@ -89,7 +88,8 @@ class DPController:
         # The links to the workers are Unix sockets in a directory only this user can enter
         # (mkdtemp: mode 0700): a loopback port is open to every local process, and a ZeroMQ
         # peer of an earlier server whose port this one reused reconnects to it by itself.
-        self._ipc_dir = tempfile.mkdtemp(prefix="pdserve-")
+        # Stale directories of servers killed with SIGKILL are removed here (`IpcDir`).
+        self._ipc_dir = IpcDir()
         self._out = self.ctx.socket(zmq.PULL)
         out_addr = self._bind(self._out, "out")
         self._beats = self.ctx.socket(zmq.PULL)  # WorkerAlive apart: never behind outputs
@@ -114,7 +114,7 @@ class DPController:
     def _bind(self, sock: zmq.Socket, name: str) -> str:
         """Bind `sock` in the private directory; a loopback port where its path is too long
         for a Unix socket (a long TMPDIR)."""
-        path = os.path.join(self._ipc_dir, name)
+        path = os.path.join(self._ipc_dir.path, name)
         if len(path) < zmq.IPC_PATH_MAX_LEN:
             sock.bind(f"ipc://{path}")
             return f"ipc://{path}"
@@ -174,7 +174,7 @@ class DPController:
             await self.kv_events.stop()
         await asyncio.to_thread(self.workers.stop)
         self.ctx.destroy(linger=0)
-        shutil.rmtree(self._ipc_dir, ignore_errors=True)
+        self._ipc_dir.close()
 
     # ---- facts from the workers
     @property

@@ -1,0 +1,60 @@
+"""The front end's private socket directory: a server killed with SIGKILL cannot remove its
+own, so the next server started under the same temp root removes it (its owner lock is
+free); a live server's directory, and a `pdserve-*` directory with no lock, stay. Before,
+every SIGKILLed server left a `/tmp/pdserve-*` directory for good. Real server processes."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import signal
+from pathlib import Path
+
+from pdserve.serving.ipc_dir import LOCK_NAME, IpcDir, remove_stale
+from tests.conftest import TINY_ARGS
+from tests.helpers import launch_server, wait_until
+
+
+def _ipc_dirs(root: Path) -> list[Path]:
+    return sorted(p for p in root.iterdir() if p.name.startswith("pdserve-") and p.is_dir())
+
+
+def _lock_free(path: Path) -> bool:
+    fd = os.open(path / LOCK_NAME, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)  # drops the lock if taken
+
+
+def test_a_sigkilled_servers_socket_dir_is_removed_by_the_next_server(tmp_path):
+    env = {"TMPDIR": str(tmp_path)}
+    foreign = tmp_path / "pdserve-not-a-server"  # no owner lock: never touched
+    foreign.mkdir()
+    first = launch_server([*TINY_ARGS, "--dp-size", "2"], env=env)
+    try:
+        [stale] = [p for p in _ipc_dirs(tmp_path) if p != foreign]
+        assert not _lock_free(stale)  # held by the live server
+        first.signal_group(signal.SIGKILL)
+        first.proc.wait(30)
+        wait_until(lambda: _lock_free(stale), 30, "the killed server's workers to exit")
+    finally:
+        first.stop()
+    assert stale.exists()  # nobody could remove it on the way out
+    with launch_server([*TINY_ARGS], env=env):
+        assert not stale.exists()
+        [live] = [p for p in _ipc_dirs(tmp_path) if p != foreign]
+        assert remove_stale(str(tmp_path)) == []  # a live server's directory stays
+        assert live.exists()
+    assert _ipc_dirs(tmp_path) == [foreign]  # a stopped server removed its own
+
+
+def test_an_ipc_dir_is_private_and_removed_on_close(tmp_path):
+    ipc = IpcDir(str(tmp_path))
+    assert os.stat(ipc.path).st_mode & 0o777 == 0o700
+    assert remove_stale(str(tmp_path)) == []
+    ipc.close()
+    assert _ipc_dirs(tmp_path) == []
