@@ -166,8 +166,10 @@ def inject_until(
 
 
 def drain(servers: list[Node], timeout_s: float) -> tuple[dict[str, dict[str, int]], float | None]:
-    """Wait until every server is at 0 pages, 0 rooms and 0 requests; the last values and the
-    time taken."""
+    """Wait until every server is healthy and at 0 pages, 0 rooms and 0 requests; the last
+    values and the time taken. Healthy first: `/get_load` leaves out a rank that is down, and
+    a worker resumed from a freeze is down until its first beat arrives, with whatever it
+    still holds."""
     start = time.monotonic()
     while True:
         leaks = {
@@ -175,6 +177,7 @@ def drain(servers: list[Node], timeout_s: float) -> tuple[dict[str, dict[str, in
         }
         for n in servers:
             leaks[n.name]["metrics_pages"] = pages_in_metrics(n.url) or 0
+            leaks[n.name]["unhealthy"] = int(http("GET", n.url + "/health")[0] != 200)
         if not any(v for leak in leaks.values() for v in leak.values()):
             return leaks, round(time.monotonic() - start, 3)
         if time.monotonic() - start > timeout_s:

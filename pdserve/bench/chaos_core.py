@@ -130,9 +130,10 @@ class Summary:
     slowest_failure_s: float
     slowest_ok_s: float
     faults: list[FaultRecord]
-    leaks: dict[str, dict[str, int]]  # server -> {pages, rooms, reqs, metrics_pages} after load
+    # server -> {pages, rooms, reqs, metrics_pages, unhealthy (1: /health not 200)} after load
+    leaks: dict[str, dict[str, int]]
     orphans: list[str]
-    drain_s: float | None  # load stop -> every live server at 0 pages and 0 rooms
+    drain_s: float | None  # load stop -> every server healthy, at 0 pages and 0 rooms
     problems: list[str] = field(default_factory=list)
     records: list[RequestRecord] = field(default_factory=list)  # every request, in send order
 
@@ -211,7 +212,9 @@ def render_text(summary: Summary) -> str:
         ],
         "pages/rooms/requests on live servers after load: "
         + ", ".join(
-            f"{n} {v['pages']}/{v['rooms']}/{v.get('reqs', 0)}" for n, v in summary.leaks.items()
+            f"{n} {v['pages']}/{v['rooms']}/{v.get('reqs', 0)}"
+            + (" (/health not 200)" if v.get("unhealthy") else "")
+            for n, v in summary.leaks.items()
         ),
         f"orphans: {len(summary.orphans)}",
         "PASS" if summary.passed else "FAIL: " + "; ".join(summary.problems),

@@ -27,7 +27,8 @@ def test_short_chaos_soak_loses_nothing_leaks_nothing_and_leaves_no_orphans():
     assert summary.outcomes.get("ok", 0) > 0, text
     assert summary.drain_s is not None, text  # every live server back to 0 pages, 0 rooms
     assert all(
-        v == {"pages": 0, "rooms": 0, "reqs": 0, "metrics_pages": 0} for v in summary.leaks.values()
+        v == {"pages": 0, "rooms": 0, "reqs": 0, "metrics_pages": 0, "unhealthy": 0}
+        for v in summary.leaks.values()
     )
     assert summary.orphans == [], text
     assert summary.passed, text
