@@ -46,9 +46,7 @@ def _health(url: str) -> int:
 
 def test_a_decode_worker_frozen_past_the_heartbeat_frees_everything_once_resumed(pd):
     prefill = pd.prefill(1)
-    decode = pd.decode(
-        1, ["--worker-heartbeat-timeout-s", "2", "--max-running-requests", "1"]
-    )
+    decode = pd.decode(1, ["--worker-heartbeat-timeout-s", "2", "--max-running-requests", "1"])
     port = prefill.bootstrap_port
     [worker_pid] = requests.get(decode.url + "/server_info", timeout=10).json()["worker_pids"]
     running = _both_legs(prefill, decode.url, _leg(port, 8101, list(range(3, 40)), "run", 3000))
