@@ -26,6 +26,8 @@ from pdserve.disagg.bootstrap_registry import (
 
 RETRY_INTERVAL_S = 0.05
 MAX_RETRY_INTERVAL_S = 0.25  # registration is what readiness waits for
+FAILURE_ATTEMPT_TIMEOUT_S = 2.0  # one POST of a room's failure
+MAX_FAILURE_RETRY_INTERVAL_S = 1.0
 _RankAnswer = dict[str, int | RoomFailure]
 
 
@@ -213,9 +215,27 @@ async def post_room_failure(
     status: int,
     secret: str | None,
     timeout_s: float,
+    attempt_timeout_s: float = FAILURE_ATTEMPT_TIMEOUT_S,
 ) -> None:
-    """POST /register_dp_rank with an error: the room failed on this side."""
+    """POST /register_dp_rank with an error: the room failed on this side. Asked again while
+    the server gives no answer or a 5xx (stopped, busy, restarting), until `timeout_s`: a
+    failure it never hears leaves the prefill leg waiting for a page list until its own
+    deadline, holding its request (and its pages) meanwhile."""
     body = msgspec.json.encode({"bootstrap_room": room, "error": error, "status": status})
     url = base_url.rstrip("/") + "/register_dp_rank"
-    headers = write_headers(secret, "POST", "/register_dp_rank", body)
-    await _call(session, "POST", url, dict, timeout_s, data=body, headers=headers)
+    deadline = time.monotonic() + timeout_s
+    interval_s = RETRY_INTERVAL_S
+    while True:
+        headers = write_headers(secret, "POST", "/register_dp_rank", body)  # a fresh proof
+        remaining_s = max(deadline - time.monotonic(), 0.01)
+        try:
+            await _call(
+                session, "POST", url, dict, min(attempt_timeout_s, remaining_s),
+                data=body, headers=headers,
+            )  # fmt: skip
+            return
+        except BootstrapClientError as exc:
+            if not exc.retryable or time.monotonic() >= deadline:
+                raise
+        await asyncio.sleep(min(interval_s, max(deadline - time.monotonic(), 0.0)))  # backoff
+        interval_s = min(interval_s * 2, MAX_FAILURE_RETRY_INTERVAL_S)

@@ -240,6 +240,8 @@ class DecodeFrontendHooks(_PDFrontendHooks):
         self.controller.kv_peers_lost_listeners.append(self.peers.forget_endpoints)
 
     async def stop(self) -> None:
+        for task in list(self._notify_tasks):
+            task.cancel()
         if self.session is not None:
             await self.session.close()
 
@@ -301,17 +303,20 @@ class DecodeFrontendHooks(_PDFrontendHooks):
                 self.peers.forget(req.disagg.prefill_bootstrap)
 
     def _tell_prefill(self, url: str, room: int, exc: RequestError) -> None:
-        """Best effort: record the failure at the prefill's bootstrap server, which stops
-        the prefill leg of the room instead of letting it wait for a page list."""
+        """Record the failure at the prefill's bootstrap server, which stops the prefill leg
+        of the room instead of letting it wait for a page list. Asked again until the
+        bootstrap deadline (that leg waits no longer): one try of 2 s was lost on a prefill
+        server stopped that long, and the leg held its request for the whole deadline."""
         assert self.session is not None
         session = self.session
         error = f"decode failed the room: {exc.message}"
         status = exc.status if 400 <= exc.status < 600 else 500
         secret = self.cfg.disagg.disagg_secret
+        timeout_s = self.cfg.disagg.bootstrap_timeout_s
 
         async def post() -> None:
             with contextlib.suppress(Exception):
-                await post_room_failure(session, url, room, error, status, secret, 2.0)
+                await post_room_failure(session, url, room, error, status, secret, timeout_s)
 
         task = asyncio.ensure_future(post())
         self._notify_tasks.add(task)
