@@ -29,6 +29,10 @@ def _leg(bootstrap_port: int, room: int, rid: str) -> dict:
     }
 
 
+def _post(url: str, body: dict) -> requests.Response:
+    return requests.post(url + "/generate", json=body, timeout=DEADLINE_S + 30)
+
+
 def test_a_room_decode_failed_while_prefill_was_stopped_ends_once_prefill_runs(pd):
     long = ["--bootstrap-timeout-s", str(DEADLINE_S)]
     prefill = pd.prefill(1, long)
@@ -39,9 +43,8 @@ def test_a_room_decode_failed_while_prefill_was_stopped_ends_once_prefill_runs(p
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
         prefill.server.signal_group(signal.SIGSTOP)
         try:
-            post = requests.post
-            decode_leg = pool.submit(post, decode.url + "/generate", json=_leg(port, 9002, "d"))
-            prefill_leg = pool.submit(post, prefill.url + "/generate", json=_leg(port, 9002, "p"))
+            decode_leg = pool.submit(_post, decode.url, _leg(port, 9002, "d"))
+            prefill_leg = pool.submit(_post, prefill.url, _leg(port, 9002, "p"))
             answer = decode_leg.result(timeout=30)
             assert answer.status_code == 503, answer.text
             assert "lost the connection to prefill" in answer.json()["error"]["message"]
