@@ -17,7 +17,7 @@ from pdserve.serving.hooks import RequestError
 logger = logging.getLogger(__name__)
 
 CLIENT_LEFT_STATUS = 499  # nginx's "client closed request": nobody reads the answer
-DECODED = "pdserve.decoded_body"  # the request's key of its body, decoded once
+DECODED = web.RequestKey("pdserve.decoded_body", bytes)  # its body, decoded once
 
 
 async def read_body(request: web.Request, max_nbytes: int, timeout_s: float) -> bytes:
