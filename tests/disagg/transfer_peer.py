@@ -15,9 +15,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import selectors
+import queue
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 
@@ -148,17 +149,27 @@ def ask_and_stop_reading(transport: KVTransport, endpoint: str, num_pages: int) 
 
 
 def _ready_line(proc: subprocess.Popen, timeout_s: float) -> str:
+    """The peer's `ready` line. A thread reads its output to the end (nothing fills the
+    pipe): a select on the pipe missed a `ready` that came in one read with a log line
+    before it (NIXL logs to stdout), left in the reader's buffer where select cannot see it."""
+    lines: queue.Queue[str] = queue.Queue()
+
+    def read() -> None:
+        for line in proc.stdout:
+            lines.put(line)
+        lines.put("")
+
+    threading.Thread(target=read, daemon=True).start()
     deadline = time.monotonic() + timeout_s
-    with selectors.DefaultSelector() as sel:
-        sel.register(proc.stdout, selectors.EVENT_READ)
-        while time.monotonic() < deadline:
-            if sel.select(timeout=0.1):
-                line = proc.stdout.readline()
-                if line.startswith("ready "):
-                    return line
-                if not line:
-                    raise RuntimeError(f"transfer peer exited with {proc.wait()}")
-    raise TimeoutError(f"transfer peer not ready within {timeout_s}s")
+    while True:
+        try:
+            line = lines.get(timeout=max(0.0, deadline - time.monotonic()))
+        except queue.Empty:
+            raise TimeoutError(f"transfer peer not ready within {timeout_s}s") from None
+        if line.startswith("ready "):
+            return line
+        if not line:
+            raise RuntimeError(f"transfer peer exited with {proc.wait()}")
 
 
 def poll_until(
