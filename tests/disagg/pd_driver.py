@@ -4,6 +4,7 @@ and a decode server at once (docs/protocol.md section 2), plus helpers to inspec
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import random
 import time
 from dataclasses import dataclass
@@ -186,3 +187,23 @@ def check_delta_conversation(
     for load in get_load(decode_url):  # nothing stays pinned: every cached page evictable
         assert load["num_cached_pages"] > 0
         assert load["num_evictable_pages"] == load["num_cached_pages"]
+
+
+def leg_body(bootstrap_port: int, room: int, ids: list[int], rid: str, new_tokens: int = 2) -> dict:
+    """One /generate leg of a PD request (the same body on both servers), greedy."""
+    return {
+        "input_ids": ids,
+        "sampling_params": {"max_new_tokens": new_tokens, "temperature": 0, "ignore_eos": True},
+        "rid": rid,
+        "bootstrap_host": "127.0.0.1",
+        "bootstrap_port": bootstrap_port,
+        "bootstrap_room": room,
+    }
+
+
+def post_async(url: str, body: dict, timeout_s: float = 60) -> concurrent.futures.Future:
+    """POST `body` to `url`/generate in a thread; the future's result is the response."""
+    pool = concurrent.futures.ThreadPoolExecutor(1)
+    future = pool.submit(requests.post, url + "/generate", json=body, timeout=timeout_s)
+    pool.shutdown(wait=False)
+    return future

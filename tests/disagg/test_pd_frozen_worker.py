@@ -6,37 +6,18 @@ servers go back to 0 pages and 0 rooms, and a new request is served."""
 
 from __future__ import annotations
 
-import concurrent.futures
 import os
 import signal
 
 import requests
 
-from tests.disagg.pd_driver import get_load, wait_idle
+from tests.disagg.pd_driver import get_load, leg_body, post_async, wait_idle
 from tests.helpers import wait_until
 
 
-def _leg(bootstrap_port: int, room: int, ids: list[int], rid: str, new_tokens: int) -> dict:
-    return {
-        "input_ids": ids,
-        "sampling_params": {"max_new_tokens": new_tokens, "temperature": 0, "ignore_eos": True},
-        "rid": rid,
-        "bootstrap_host": "127.0.0.1",
-        "bootstrap_port": bootstrap_port,
-        "bootstrap_room": room,
-    }
-
-
-def _post_async(url: str, body: dict) -> concurrent.futures.Future:
-    pool = concurrent.futures.ThreadPoolExecutor(1)
-    future = pool.submit(requests.post, url + "/generate", json=body, timeout=60)
-    pool.shutdown(wait=False)
-    return future
-
-
 def _both_legs(prefill, decode_url: str, body: dict) -> tuple:
-    decode_leg = _post_async(decode_url, body)
-    prefill_leg = _post_async(prefill.url, dict(body, rid=body["rid"] + "-p"))
+    decode_leg = post_async(decode_url, body)
+    prefill_leg = post_async(prefill.url, dict(body, rid=body["rid"] + "-p"))
     return decode_leg, prefill_leg
 
 
@@ -49,9 +30,9 @@ def test_a_decode_worker_frozen_past_the_heartbeat_frees_everything_once_resumed
     decode = pd.decode(1, ["--worker-heartbeat-timeout-s", "2", "--max-running-requests", "1"])
     port = prefill.bootstrap_port
     [worker_pid] = requests.get(decode.url + "/server_info", timeout=10).json()["worker_pids"]
-    running = _both_legs(prefill, decode.url, _leg(port, 8101, list(range(3, 40)), "run", 3000))
+    running = _both_legs(prefill, decode.url, leg_body(port, 8101, list(range(3, 40)), "run", 3000))
     wait_until(lambda: get_load(decode.url)[0]["num_running_reqs"] == 1, 30, "a room running")
-    queued = _both_legs(prefill, decode.url, _leg(port, 8102, list(range(50, 70)), "q", 4))
+    queued = _both_legs(prefill, decode.url, leg_body(port, 8102, list(range(50, 70)), "q", 4))
     wait_until(lambda: get_load(decode.url)[0]["num_reqs"] == 2, 30, "a room queued")
     os.kill(worker_pid, signal.SIGSTOP)
     try:
@@ -65,7 +46,7 @@ def test_a_decode_worker_frozen_past_the_heartbeat_frees_everything_once_resumed
         os.kill(worker_pid, signal.SIGCONT)
     wait_until(lambda: _health(decode.url) == 200, 30, "decode healthy again")
     wait_idle([prefill.url, decode.url], timeout_s=30)
-    again = _both_legs(prefill, decode.url, _leg(port, 8103, list(range(80, 99)), "again", 4))
+    again = _both_legs(prefill, decode.url, leg_body(port, 8103, list(range(80, 99)), "again", 4))
     for leg in again:
         assert leg.result(timeout=40).status_code == 200
     wait_idle([prefill.url, decode.url], timeout_s=30)

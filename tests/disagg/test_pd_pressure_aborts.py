@@ -12,7 +12,7 @@ import time
 import pytest
 import requests
 
-from tests.disagg.pd_driver import get_load, wait_idle
+from tests.disagg.pd_driver import get_load, leg_body, post_async, wait_idle
 from tests.helpers import wait_until
 
 PAGE = 16
@@ -34,21 +34,11 @@ def pair(pd_module):
 
 
 def _leg(prefill, room: int, ids: list[int], rid: str) -> dict:
-    return {
-        "input_ids": ids,
-        "sampling_params": {"max_new_tokens": 2, "temperature": 0, "ignore_eos": True},
-        "rid": rid,
-        "bootstrap_host": "127.0.0.1",
-        "bootstrap_port": prefill.bootstrap_port,
-        "bootstrap_room": room,
-    }
+    return leg_body(prefill.bootstrap_port, room, ids, rid)
 
 
 def _post_async(url: str, body: dict) -> concurrent.futures.Future:
-    pool = concurrent.futures.ThreadPoolExecutor(1)
-    future = pool.submit(requests.post, url + "/generate", json=body, timeout=30)
-    pool.shutdown(wait=False)
-    return future
+    return post_async(url, body, timeout_s=30)
 
 
 def _rooms(url: str) -> int:
