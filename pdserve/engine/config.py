@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 from pdserve.config import check, opt
 
-DTYPES = ["float32", "bfloat16", "float16"]
+DTYPES = ["auto", "float32", "bfloat16", "float16"]
 OVERLAP_MODES = ["auto", "on", "off"]
 GEMV_MODES = ["off", "on"]
 
@@ -25,7 +26,12 @@ class EngineConfig:
         flag="--model-path",
     )
     device: str = opt("cpu", "torch device: cpu, cuda, cuda:N")
-    dtype: str = opt("float32", "weights, activations and KV dtype", choices=DTYPES)
+    dtype: str = opt(
+        "auto",
+        "weights, activations and KV dtype; auto: the checkpoint's (config.json's dtype, "
+        "float32 where it names none)",
+        choices=DTYPES,
+    )
     page_size: int = opt(16, "tokens per KV page", flag="--page-size")
     max_total_tokens: int | None = opt(
         None,
@@ -105,3 +111,13 @@ class EngineConfig:
             f"--decode-gemv must be one of {GEMV_MODES}, got {self.decode_gemv!r}",
         )
         check(self.torch_threads > 0, f"--torch-threads must be > 0, got {self.torch_threads}")
+
+    def with_dtype(self, model_dir: str | None = None) -> EngineConfig:
+        """This config with --dtype auto replaced by the checkpoint's dtype (`model_dir`:
+        the resolved --model-path, looked up when not given); others as they are."""
+        if self.dtype != "auto":
+            return self
+        from pdserve.engine.model_dir import checkpoint_dtype, resolve_model_dir
+
+        model_dir = model_dir or resolve_model_dir(self.model_path)
+        return dataclasses.replace(self, dtype=checkpoint_dtype(model_dir))

@@ -56,7 +56,7 @@ def _num_pool_tokens(cfg: EngineConfig, context_len: int, kv_bytes_per_token: in
 
 class Engine:
     def __init__(self, cfg: EngineConfig, model: LoadedModel, detokenize: Detokenize | None = None):
-        self.cfg = cfg
+        self.cfg = cfg = cfg.with_dtype(model.model_dir)
         self.model = model
         args = model.args
         self.page_size = cfg.page_size
@@ -127,6 +127,7 @@ class Engine:
     def from_config(cls, cfg: EngineConfig, detokenize: Detokenize | None = None) -> Engine:
         torch.set_num_threads(cfg.torch_threads)
         torch.manual_seed(cfg.random_seed)
+        cfg = cfg.with_dtype()
         model = load_model(
             cfg.model_path,
             getattr(torch, cfg.dtype),

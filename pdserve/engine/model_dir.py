@@ -38,6 +38,28 @@ def resolve_model_dir(model_path: str) -> str:
 SAMPLING_DEFAULT_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
 
 
+# What --dtype auto runs a model in: the dtype its config.json names, if it is one of these.
+CHECKPOINT_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def checkpoint_dtype(model_dir: str) -> str:
+    """The dtype config.json names (`dtype`, transformers 4's `torch_dtype`), float32 where
+    it names none; ValueError for one the engine does not run (e.g. a quantized type)."""
+    with open(os.path.join(model_dir, "config.json"), encoding="utf-8") as f:
+        raw = json.load(f)
+    name = (
+        (raw.get("dtype") or raw.get("torch_dtype") or "float32")
+        if isinstance(raw, dict)
+        else "float32"
+    )
+    if name not in CHECKPOINT_DTYPES:
+        raise ValueError(
+            f"--dtype auto: the checkpoint's dtype {name!r} is not one pdserve runs "
+            f"({', '.join(CHECKPOINT_DTYPES)}); pass --dtype"
+        )
+    return name
+
+
 def sampling_defaults(model_dir: str) -> dict[str, float | int]:
     """The sampling fields the model's generation_config.json sets (numbers only)."""
     try:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import signal
@@ -144,12 +145,14 @@ def build_app(state: ServerState) -> web.Application:
 
 async def _start_workers(
     cfg: ServerConfig, make_worker_hooks: WorkerHooksFactory
-) -> tuple[DPController, Any, str]:
+) -> tuple[ServerConfig, DPController, Any, str]:
+    """(`cfg` with --dtype auto resolved, the started workers, the tokenizer, model dir)."""
     from pdserve.engine.model_dir import resolve_model_dir
     from pdserve.serving.tokenizer_loader import load_tokenizer
 
     # Resolve (and convert, the first time) before spawning, so workers never race on it.
     model_dir = await asyncio.to_thread(resolve_model_dir, cfg.engine.model_path)
+    cfg = dataclasses.replace(cfg, engine=cfg.engine.with_dtype(model_dir))
     controller = DPController(cfg, ServerMetrics(cfg.server.mode), make_worker_hooks)
     tokenizer_task = asyncio.create_task(asyncio.to_thread(load_tokenizer, model_dir))
     try:
@@ -159,7 +162,7 @@ async def _start_workers(
         await asyncio.gather(tokenizer_task, return_exceptions=True)
         await controller.stop()
         raise
-    return controller, tokenizer, model_dir
+    return cfg, controller, tokenizer, model_dir
 
 
 def _sampling_defaults(source: str, model_dir: str) -> dict[str, Any]:
@@ -186,7 +189,7 @@ def _sampling_defaults(source: str, model_dir: str) -> dict[str, Any]:
 
 async def serve_async(cfg: ServerConfig, plug: ServerHooks) -> int:
     try:
-        controller, tokenizer, model_dir = await _start_workers(cfg, plug.worker)
+        cfg, controller, tokenizer, model_dir = await _start_workers(cfg, plug.worker)
     except (WorkerStartError, ValueError, OSError) as exc:
         logger.error("server failed to start: %s", exc)
         return 1
