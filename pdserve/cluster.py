@@ -55,9 +55,9 @@ class ClusterConfig:
     model_path: str | None = opt(
         None, "model for both servers (default: the servers' default)", flag="--model-path"
     )
-    served_model_name: str | None = opt(
-        None,
-        "model name of both servers' OpenAI routes (default: the --model-path value)",
+    served_model_name: list[str] = opt(
+        [],
+        "model names of both servers' OpenAI routes (default: the --model-path value)",
         flag="--served-model-name",
     )
     page_size: int | None = opt(
@@ -233,12 +233,13 @@ def server_argv(c: ClusterConfig, mode: str, port: int, dp_size: int) -> list[st
     argv += ["--port", str(port), "--dp-size", str(dp_size)]
     for flag, value in (
         ("--model-path", c.model_path),
-        ("--served-model-name", c.served_model_name),
         ("--page-size", c.page_size),
         ("--torch-threads", c.torch_threads),
     ):
         if value is not None:
             argv += [flag, str(value)]
+    if c.served_model_name:
+        argv += ["--served-model-name", *c.served_model_name]
     return argv + shlex.split(c.server_args)
 
 

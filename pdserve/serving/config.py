@@ -55,10 +55,11 @@ class ServerArgs:
         "round_robin otherwise",
         choices=LB_METHOD_CHOICES,
     )
-    served_model_name: str | None = opt(
-        None,
-        "model name of the OpenAI routes, /v1/models and /server_info (default: the "
-        "--model-path value); requests may name it or the --model-path value",
+    served_model_name: list[str] = opt(
+        [],
+        "model names of the OpenAI routes and /v1/models (default: the --model-path value); "
+        "requests may give any of them or the --model-path value, answers and /server_info "
+        "give the first (as vLLM's)",
     )
     sampling_defaults: str = opt(
         "model",
@@ -95,6 +96,10 @@ class ServerArgs:
     )
 
     def __post_init__(self) -> None:
+        check(
+            all(name.strip() for name in self.served_model_name),
+            "--served-model-name: a name must not be empty",
+        )
         check(
             api_key_ok(self.api_key),
             "--api-key must be visible ASCII without spaces (it travels in a header)",
@@ -136,13 +141,14 @@ class ServerConfig:
 
     @property
     def served_model_name(self) -> str:
-        return self.server.served_model_name or self.engine.model_path
+        """The name answers give: the first --served-model-name, else --model-path."""
+        return self.model_names[0]
 
     @property
     def model_names(self) -> list[str]:
-        """Names a request's `model` may give: the served name first, then its alias, the
-        --model-path value."""
-        return list(dict.fromkeys([self.served_model_name, self.engine.model_path]))
+        """Names a request's `model` may give: the served names in order, then their alias,
+        the --model-path value."""
+        return list(dict.fromkeys([*self.server.served_model_name, self.engine.model_path]))
 
 
 def add_server_arguments(parser: argparse.ArgumentParser) -> None:

@@ -19,6 +19,7 @@ from pdserve.cluster import (
     DEFAULT_ROUTER_PORT,
     ClusterConfig,
     choose_router_port,
+    server_argv,
     shared_gpu_note,
 )
 from pdserve.procs import port_is_free
@@ -187,3 +188,12 @@ def test_up_refuses_extra_args_that_set_a_flag_it_sets_itself(field, args, flag)
     with pytest.raises(ValueError, match=f"{option} cannot set {flag}"):
         ClusterConfig(**{field: args})
     ClusterConfig(server_args="--page-size 32 --dp-size 2", router_args="--policy kv_aware")
+
+
+def test_up_passes_every_served_name_to_both_servers():
+    from pdserve.cli import build_parser
+    from pdserve.disagg.config import pd_server_config_from_args
+
+    argv = server_argv(ClusterConfig(served_model_name=["a", "b"]), "decode", 31001, 2)
+    ns = build_parser().parse_args(argv[argv.index("serve") :])
+    assert pd_server_config_from_args(ns).model_names[:2] == ["a", "b"]

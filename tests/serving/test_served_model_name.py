@@ -1,5 +1,6 @@
 """`--served-model-name`: the OpenAI routes answer to it and to the --model-path value,
-/v1/models lists both (served name first), and any other name gets a 404."""
+/v1/models lists both (served name first), and any other name gets a 404. Several names
+(vLLM's form): each is accepted, answers give the first."""
 
 from __future__ import annotations
 
@@ -57,3 +58,25 @@ def test_the_openai_client_raises_not_found_for_another_name(named_server):
         model="my-llm", messages=[{"role": "user", "content": "hi"}], max_tokens=2, temperature=0
     )
     assert reply.model == "my-llm"
+
+
+def test_several_served_names_are_each_accepted_and_answered_as_the_first():
+    names = ["alpha", "beta"]
+    with launch_server(["--model-path", "tiny-random", "--served-model-name", *names]) as srv:
+        status, models = http_json("GET", srv.url + "/v1/models")
+        assert status == 200
+        assert [card["id"] for card in models["data"]] == [*names, "tiny-random"]
+        assert http_json("GET", srv.url + "/server_info")[1]["served_model_name"] == "alpha"
+        for route, body in ROUTES.items():
+            for name in ("beta", "alpha", "tiny-random"):
+                status, out = http_json("POST", srv.url + route, {**body, "model": name})
+                assert status == 200 and out["model"] == "alpha", (route, name, out)
+            status, _ = http_json("POST", srv.url + route, {**body, "model": "gamma"})
+            assert status == 404
+
+
+def test_an_empty_served_name_is_refused_at_start():
+    from tests.serving.test_dp import run_serve
+
+    done = run_serve(["--model-path", "tiny-random", "--served-model-name", "a", ""])
+    assert done.returncode != 0 and "--served-model-name: a name must not be empty" in done.stderr
