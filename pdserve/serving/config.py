@@ -85,6 +85,13 @@ class ServerArgs:
         "still beats) is unresponsive: its requests fail with a 503, new ones avoid it and "
         "/health answers 503, until it beats again (0: never)",
     )
+    watchdog_timeout_s: float = opt(
+        300.0,
+        "a worker with work whose loop has not turned this long (stuck in Python, or in one "
+        "very long step, while its heartbeat still beats) is unresponsive as above, and its "
+        "stacks go to the log, until its loop turns again (0: never)",
+        flag="--watchdog-timeout",
+    )
     load_report_interval_s: float = opt(
         0.05, "how often an active worker reports its load to the front end"
     )
@@ -126,6 +133,7 @@ class ServerArgs:
         ):
             check(getattr(self, name) > 0, f"{name} must be > 0")
         check(self.worker_heartbeat_timeout_s >= 0, "worker_heartbeat_timeout_s must be >= 0")
+        check(self.watchdog_timeout_s >= 0, "--watchdog-timeout must be >= 0")
 
     @property
     def resolved_lb_method(self) -> str:

@@ -3,7 +3,8 @@
 Runs in the front-end process (asyncio). Picks a worker per request through `LoadBalancePolicy`,
 sends messages, routes each `ReqOutput` to its request's queue, tracks loads and worker
 deaths, and fails the in-flight requests of a dead worker with a 500, and of one that stopped
-beating (`WorkerAlive`) with a 503, instead of hanging.
+beating (`WorkerAlive`) or whose loop stopped turning (`ProgressWatch`) with a 503, instead
+of hanging.
 """
 
 from __future__ import annotations
@@ -46,6 +47,8 @@ from pdserve.serving.protocol import (
     WorkerLoad,
     WorkerReady,
 )
+from pdserve.serving.watchdog import ProgressWatch
+from pdserve.serving.worker import STACKS_SIGNAL
 
 logger = logging.getLogger(__name__)
 
@@ -100,8 +103,11 @@ class DPController:
         self.ready: dict[int, WorkerReady] = {}
         self.loads: list[WorkerLoad | None] = [None] * self.dp_size
         self.dead: dict[int, str] = {}  # rank -> why
-        self.unresponsive: dict[int, str] = {}  # rank -> why, while it sends no WorkerAlive
+        # rank -> why, while it sends no WorkerAlive or its loop does not turn (`_stuck`)
+        self.unresponsive: dict[int, str] = {}
+        self._stuck: set[int] = set()
         self._alive_at = [0.0] * self.dp_size  # each worker's last WorkerAlive
+        self._watch = ProgressWatch(self.dp_size, cfg.server.watchdog_timeout_s)
         self._monitored_at = 0.0
         self.inflight: dict[str, InFlight] = {}
         self._tasks: list[asyncio.Task] = []
@@ -329,9 +335,33 @@ class DPController:
         while True:
             msg = _decode_or_drop(await self._beats.recv())
             if isinstance(msg, WorkerAlive) and 0 <= msg.dp_rank < self.dp_size:
-                self._alive_at[msg.dp_rank] = time.monotonic()
-                if self.unresponsive.pop(msg.dp_rank, None) is not None:
-                    logger.warning("worker %d responds again", msg.dp_rank)
+                try:
+                    self._on_beat(msg, time.monotonic())
+                except Exception:  # a bug here must not end the task: all would go silent
+                    logger.exception("error handling a beat of worker %d", msg.dp_rank)
+
+    def _on_beat(self, msg: WorkerAlive, now: float) -> None:
+        """A beat ends a silence; only a turn of the loop ends a stall."""
+        rank = msg.dp_rank
+        self._alive_at[rank] = now
+        turned = self._watch.on_beat(rank, msg.step, now)
+        if rank in self.unresponsive and (turned or rank not in self._stuck):
+            del self.unresponsive[rank]
+            what = "its loop turns" if rank in self._stuck else "it beats"
+            logger.warning("worker %d responds again (%s)", rank, what)
+            self._stuck.discard(rank)
+        # The front end's own requests count too: the worker may be stuck taking one in.
+        busy = msg.busy or any(f.dp_rank == rank for f in self.inflight.values())
+        stalled_s = self._watch.stuck_for(rank, busy, now)
+        if stalled_s is not None and self.down(rank) is None:
+            self._stuck.add(rank)
+            self._mark_unresponsive(
+                rank,
+                f"dp worker {rank} is not responding (no progress for {stalled_s:.1f} s with "
+                f"work, past --watchdog-timeout {self._watch.timeout_s:g} s: its loop is "
+                f"stuck, or in one very long step)",
+            )
+            self._dump_stacks(rank)
 
     def _check_beats(self, now: float) -> None:
         """Mark workers that sent no WorkerAlive for the timeout unresponsive. A monitor
@@ -343,26 +373,38 @@ class DPController:
         self._monitored_at = now
         if late:
             self._alive_at = [max(t, now) for t in self._alive_at]
+            self._watch.excuse(now)
         if timeout_s <= 0 or late:
             return
         for rank in range(self.dp_size):
             silent_s = now - self._alive_at[rank]
             if silent_s > timeout_s and self.down(rank) is None:
-                self._mark_unresponsive(rank, silent_s)
+                self._mark_unresponsive(
+                    rank,
+                    f"dp worker {rank} is not responding (no heartbeat for {silent_s:.1f} s: "
+                    f"stopped, or stuck)",
+                )
 
-    def _mark_unresponsive(self, rank: int, silent_s: float) -> None:
+    def _mark_unresponsive(self, rank: int, reason: str) -> None:
         """Fail the worker's requests with a 503 and abort them there (the aborts wait in
         its socket: a worker that comes back frees their pages at once); take no more."""
-        reason = (
-            f"dp worker {rank} is not responding (no heartbeat for {silent_s:.1f} s: "
-            f"stopped, or stuck)"
-        )
         logger.error("%s; failing its in-flight requests", reason)
         self.unresponsive[rank] = reason
         for flight in list(self.inflight.values()):
             if flight.dp_rank == rank:
                 self._fail(flight, 503, reason)
                 self._ctrl[rank].send(protocol.encode(AbortReq(flight.req.rid, reason)))
+
+    def _dump_stacks(self, rank: int) -> None:
+        """Have a stuck worker write its threads' stacks to its stderr (this server's log)."""
+        pid = self.workers.pids[rank]
+        if pid is None:
+            return
+        logger.error("worker %d (pid %d): its stacks follow", rank, pid)
+        try:
+            os.kill(pid, STACKS_SIGNAL)
+        except ProcessLookupError:
+            pass  # it died meanwhile: the monitor reports that
 
     def _mark_dead(self, rank: int, reason: str) -> None:
         logger.error("%s; failing its in-flight requests", reason)

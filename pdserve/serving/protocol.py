@@ -143,9 +143,12 @@ class KVPeersLost(msgspec.Struct, tag=True, kw_only=True):
 class WorkerAlive(msgspec.Struct, tag=True, kw_only=True):
     """Worker -> front end every second, from a thread of the worker process: it beats
     while the loop computes a long step, and stops only when the whole process does (stopped,
-    or stuck in native code that holds the GIL)."""
+    or stuck in native code that holds the GIL). It carries the loop's progress, for the
+    front end's watchdog: a loop stuck in one step beats with the same `step`."""
 
     dp_rank: int
+    step: int = 0  # turns of the worker's loop so far
+    busy: bool = False  # the loop had work to compute when it last turned
 
 
 class WorkerLoad(msgspec.Struct, tag=True, kw_only=True):

@@ -6,6 +6,7 @@ load reports out (PUSH); disaggregation plugs in through `WorkerHooks`.
 
 from __future__ import annotations
 
+import faulthandler
 import logging
 import os
 import signal
@@ -48,6 +49,7 @@ logger = logging.getLogger(__name__)
 
 IDLE_POLL_MS = 100  # also bounds how late an orphaned worker notices its parent died
 ALIVE_INTERVAL_S = 1.0  # WorkerAlive period (the front end's timeout is a flag)
+STACKS_SIGNAL = signal.SIGUSR1  # dumps every thread's stack to the worker's stderr
 
 
 class WorkerLoop:
@@ -67,6 +69,9 @@ class WorkerLoop:
         self.load_interval_s = load_interval_s
         self._last_load: WorkerLoad | None = None
         self._last_load_at = 0.0
+        # Read by the heartbeat thread (`_beat`): the loop's turns, and whether it had work.
+        self.step = 0
+        self.busy = False
 
     def run(self) -> None:
         poller = zmq.Poller()
@@ -74,6 +79,7 @@ class WorkerLoop:
             poller.register(sock, zmq.POLLIN)
         while os.getppid() == self.parent_pid:
             idle = not (self.engine.has_work() or self.hooks.busy())
+            self.step, self.busy = self.step + 1, not idle
             poller.poll(IDLE_POLL_MS if idle else 0)
             self._drain_control()
             self._send(self.hooks.poll(time.monotonic()))
@@ -190,6 +196,9 @@ def worker_main(
     die_with_parent(signal.SIGKILL)
     # Ctrl-C reaches the whole process group; the front end stops its workers itself.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # The front end's watchdog asks a stuck worker where it hangs (faulthandler writes the
+    # stacks from the signal handler itself, whatever the main thread is doing).
+    faulthandler.register(STACKS_SIGNAL, all_threads=True)
     logging.basicConfig(
         level=cfg.server.log_level.upper(),
         format=f"%(asctime)s [worker dp={dp_rank}] %(levelname)s %(name)s: %(message)s",
@@ -209,7 +218,7 @@ def worker_main(
         )
         out.close()
         sys.exit(1)
-    beat = threading.Thread(target=_beat, args=(ctx, beat_addr, dp_rank), daemon=True)
+    beat = threading.Thread(target=_beat, args=(ctx, beat_addr, loop), daemon=True)
     beat.start()
     try:
         loop.run()
@@ -224,18 +233,18 @@ def worker_main(
         loop.hooks.close()
 
 
-def _beat(ctx: zmq.Context, beat_addr: str, dp_rank: int) -> None:
+def _beat(ctx: zmq.Context, beat_addr: str, loop: WorkerLoop) -> None:
     """Send WorkerAlive every ALIVE_INTERVAL_S from a thread of its own, to a socket of
     its own on the front end (never queued behind outputs): the front end tells a stopped
-    process from one computing a long step by it."""
+    process from one computing a long step by it, and a stuck loop by its step."""
     sock = ctx.socket(zmq.PUSH)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.SNDHWM, 4)  # a front end that stopped reading needs no backlog
     sock.connect(beat_addr)
-    message = protocol.encode(WorkerAlive(dp_rank=dp_rank))
     while True:
+        alive = WorkerAlive(dp_rank=loop.dp_rank, step=loop.step, busy=loop.busy)
         try:
-            sock.send(message, zmq.NOBLOCK)
+            sock.send(protocol.encode(alive), zmq.NOBLOCK)
         except zmq.Again:
             pass
         time.sleep(ALIVE_INTERVAL_S)  # a period, not a synchronisation

@@ -1,0 +1,88 @@
+"""A worker whose loop stops turning while its heartbeat thread still beats (here: one
+unchunked prefill far longer than a tiny --watchdog-timeout): its requests fail with a 503
+naming it and the stall, new requests avoid it, /health answers 503 and its stacks go to the
+log, until the loop turns again. It used to pass /health while its requests waited for their
+deadlines. An idle worker is never stuck. Real server processes."""
+
+from __future__ import annotations
+
+import random
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from tests.conftest import TINY_ARGS
+from tests.helpers import http_json, launch_server, wait_until
+
+# One step of this prompt (one unchunked prefill) takes seconds on tiny-random (about 15 s
+# on a CPU core), far past the watchdog: the stall is real computation, not a mock.
+LONG_PROMPT_LEN = 12000
+LONG_ARGS = [
+    "--context-length", "12288", "--chunked-prefill-size", "12288", "--watchdog-timeout", "0.5",
+]  # fmt: skip
+SHORT = {"max_new_tokens": 4, "temperature": 0.0}
+
+
+def long_prompt() -> list[int]:
+    rng = random.Random(0)  # no prefix-cache hit can shorten the step: a fresh server
+    return [rng.randrange(3, 500) for _ in range(LONG_PROMPT_LEN)]
+
+
+def _generate(url: str, body: dict, rank: int | None = None) -> tuple[int, dict]:
+    if rank is not None:
+        body = {**body, "routed_dp_rank": rank}
+    return http_json("POST", f"{url}/generate", body, 300)
+
+
+def _short(url: str, rank: int | None = None) -> tuple[int, dict]:
+    return _generate(url, {"text": "hello", "sampling_params": SHORT}, rank)
+
+
+def _loads(url: str) -> list[dict]:
+    return http_json("GET", f"{url}/get_load")[1]
+
+
+@pytest.fixture
+def dp2_server():
+    with launch_server([*TINY_ARGS, "--dp-size", "2", *LONG_ARGS]) as server:
+        yield server
+
+
+def test_a_worker_stuck_in_one_step_fails_its_requests_until_its_loop_turns(dp2_server):
+    url = dp2_server.url
+    body = {"input_ids": long_prompt(), "sampling_params": {"max_new_tokens": 1}}
+    with ThreadPoolExecutor(1) as pool:
+        stuck = pool.submit(_generate, url, body, 1)
+        status, answer = stuck.result(120)
+        # Asked while the step runs on: it ends about 15 s after it began, the 503 about 1 s.
+        health_status, health = http_json("GET", f"{url}/health")
+        refused_status, refused = _short(url, rank=1)
+        others = [_short(url)[0] for _ in range(2)]  # round robin: both to the worker that runs
+    message = answer["error"]["message"]
+    assert status == 503 and "dp worker 1 is not responding" in message, answer
+    assert "no progress for" in message and "--watchdog-timeout 0.5" in message, answer
+    assert health_status == 503 and "no progress" in health["error"]["message"], health
+    assert refused_status == 503 and "no progress" in refused["error"]["message"], refused
+    assert others == [200, 200]
+    wait_until(lambda: http_json("GET", f"{url}/health")[0] == 200, 120, "health again")
+    assert _short(url, rank=1)[0] == 200
+    wait_until(
+        lambda: all(r["num_reqs"] == 0 and r["num_used_pages"] == 0 for r in _loads(url)),
+        30,
+        "both workers idle",
+    )
+    log = dp2_server.output()
+    assert "worker 1 (pid" in log and "its stacks follow" in log, dp2_server.output_tail()
+    # faulthandler's dump: the worker's loop, caught in its step.
+    assert 'engine/engine.py", line' in log and " in step\n" in log, log[-6000:]
+
+
+def test_an_idle_server_with_a_tiny_watchdog_stays_healthy(server_factory):
+    server = server_factory([*TINY_ARGS, *LONG_ARGS])
+    # Not a synchronisation: the test is idle time past several beats and timeouts.
+    until = time.monotonic() + 4
+    wait_until(lambda: time.monotonic() > until, 10, "the idle time")
+    assert http_json("GET", f"{server.url}/health")[0] == 200
+    assert _short(server.url)[0] == 200
+    assert "no progress" not in server.output()
