@@ -353,7 +353,7 @@ class DPController:
         # The front end's own requests count too: the worker may be stuck taking one in.
         busy = msg.busy or any(f.dp_rank == rank for f in self.inflight.values())
         stalled_s = self._watch.stuck_for(rank, busy, now)
-        if stalled_s is not None and self.down(rank) is None:
+        if stalled_s is not None and self.down(rank) is None and not self._ran_late(now):
             self._stuck.add(rank)
             self._mark_unresponsive(
                 rank,
@@ -369,7 +369,7 @@ class DPController:
         judges no one and gives every worker a whole timeout from now: their beats may be
         waiting unread in the socket."""
         timeout_s = self.cfg.server.worker_heartbeat_timeout_s
-        late = now - self._monitored_at > max(1.0, timeout_s / 2)
+        late = self._ran_late(now)
         self._monitored_at = now
         if late:
             self._alive_at = [max(t, now) for t in self._alive_at]
@@ -384,6 +384,12 @@ class DPController:
                     f"dp worker {rank} is not responding (no heartbeat for {silent_s:.1f} s: "
                     f"stopped, or stuck)",
                 )
+
+    def _ran_late(self, now: float) -> bool:
+        """The monitor missed its turns until `now`: this process did not run (its loop was
+        blocked, or it was stopped with its workers), and what it did not see is no worker's
+        silence or stall. A beat read before the monitor's next turn is judged by no one."""
+        return now - self._monitored_at > max(1.0, self.cfg.server.worker_heartbeat_timeout_s / 2)
 
     def _mark_unresponsive(self, rank: int, reason: str) -> None:
         """Fail the worker's requests with a 503 and abort them there (the aborts wait in

@@ -68,20 +68,24 @@ def test_a_stopped_worker_fails_its_requests_and_health_until_it_runs_again(dp2_
     )
 
 
-def test_a_whole_server_stopped_and_resumed_blames_no_worker(dp2_server):
-    """Front end and workers stopped together past the timeout: on resuming, the front end
-    must not read its own pause as its workers' silence."""
-    url = dp2_server.url
+@pytest.mark.parametrize("watchdog_s", ["300", "0.5"])
+def test_a_whole_server_stopped_and_resumed_blames_no_worker(server_factory, watchdog_s):
+    """Front end and workers stopped together past the timeouts: on resuming, the front end
+    must not read its own pause as its workers' silence, nor as a stall of their loops (a
+    worker may beat before its loop turns)."""
+    args = ["--dp-size", "2", "--worker-heartbeat-timeout-s", str(TIMEOUT_S)]
+    server = server_factory([*TINY_ARGS, *args, "--watchdog-timeout", watchdog_s])
+    url = server.url
     with ThreadPoolExecutor(1) as pool:
         running = pool.submit(_generate, url, 1, {"max_new_tokens": 400, "ignore_eos": True})
         wait_until(lambda: _loads(url)[1]["num_reqs"] == 1, 30, "the request to run on rank 1")
-        os.killpg(dp2_server.pid, signal.SIGSTOP)
+        os.killpg(server.pid, signal.SIGSTOP)
         try:
             # Not a synchronisation: the test is the pause itself, past the timeout.
             until = time.monotonic() + 2 * TIMEOUT_S
             wait_until(lambda: time.monotonic() > until, 10, "the pause")
         finally:
-            os.killpg(dp2_server.pid, signal.SIGCONT)
+            os.killpg(server.pid, signal.SIGCONT)
         status, answer = running.result(60)
     assert status == 200, answer
     assert http_json("GET", f"{url}/health")[0] == 200
