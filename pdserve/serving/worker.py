@@ -17,6 +17,7 @@ import traceback
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+import msgspec
 import zmq
 
 from pdserve.procs import die_with_parent
@@ -241,10 +242,11 @@ def _beat(ctx: zmq.Context, beat_addr: str, loop: WorkerLoop) -> None:
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.SNDHWM, 4)  # a front end that stopped reading needs no backlog
     sock.connect(beat_addr)
+    encoder = msgspec.msgpack.Encoder()  # its own: the loop's thread encodes meanwhile
     while True:
         alive = WorkerAlive(dp_rank=loop.dp_rank, step=loop.step, busy=loop.busy)
         try:
-            sock.send(protocol.encode(alive), zmq.NOBLOCK)
+            sock.send(encoder.encode(alive), zmq.NOBLOCK)
         except zmq.Again:
             pass
         time.sleep(ALIVE_INTERVAL_S)  # a period, not a synchronisation
