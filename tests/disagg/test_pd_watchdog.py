@@ -1,7 +1,7 @@
 """The worker watchdog (--watchdog-timeout) on a PD pair, real processes: a prefill worker
-stuck in one long prefill is declared stuck like a colocated one, and a decode worker whose
-room waits all that time for its KV is not (its loop turns while it waits: progress is the
-loop turning, not tokens coming out)."""
+stuck in one long prefill is declared stuck like a colocated one, and the decode worker whose
+room waits all that time for its KV (with a watchdog as tiny) is not: its loop turns while it
+waits, and progress is the loop turning, not tokens coming out."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ from tests.disagg.pd_driver import pd_generate, wait_idle
 from tests.helpers import http_json, wait_until
 from tests.serving.test_worker_watchdog import LONG_ARGS, long_prompt
 
-NO_WATCHDOG = ["--watchdog-timeout", "0"]
 # Past the seconds the long prefill takes: decode waits for its KV, not for a deadline.
 PATIENT = ["--bootstrap-timeout-s", "300", "--kv-wait-timeout-s", "300"]
 BODY = {"sampling_params": {"max_new_tokens": 2, "temperature": 0, "ignore_eos": True}}
@@ -17,19 +16,6 @@ BODY = {"sampling_params": {"max_new_tokens": 2, "temperature": 0, "ignore_eos":
 
 def _healthy(url: str) -> bool:
     return http_json("GET", f"{url}/health")[0] == 200
-
-
-def test_a_decode_worker_waiting_for_kv_through_a_long_prefill_is_not_stuck(pd):
-    prefill = pd.prefill(1, [*LONG_ARGS, *NO_WATCHDOG, *PATIENT])
-    decode = pd.decode(1, [*LONG_ARGS, *PATIENT])
-    body = {**BODY, "input_ids": long_prompt()}
-    result = pd_generate(
-        prefill.url, decode.url, body, bootstrap_port=prefill.bootstrap_port, timeout_s=300
-    )
-    assert result.prefill.ok and result.decode.ok, (result.prefill.error, result.decode.error)
-    assert len(result.decode.body["output_ids"]) == 2
-    assert _healthy(decode.url) and "no progress" not in decode.output()
-    wait_idle([prefill.url, decode.url], timeout_s=30)
 
 
 def test_a_prefill_worker_stuck_in_one_long_prefill_is_declared_stuck(pd):
