@@ -142,10 +142,16 @@ def test_a_room_outside_its_grant_moves_nothing_and_frees_prefills_pages(
     )
     assert handle.error is not None and "refused" in handle.error
     assert bool((pair.dst_pool == SENTINEL).all())
-    # a granted room fails on decode: its KV is incomplete
-    assert [e.complete for e in kv_received(events)] == (
-        [False] if how == "pages not granted" else []
-    )
+    # The room fails on decode with prefill's part named (a 502 from the prefill side), not
+    # as decode's 500 for an incomplete KV (its router blamed decode for prefill's fault).
+    assert kv_received(events) == []
+    [status] = [
+        e.msg
+        for s, e in events
+        if s == "decode" and isinstance(e, Inbound) and isinstance(e.msg, m.RoomStatus)
+    ]
+    assert not status.ok and status.error_status == 502, status
+    assert "its copy was refused" in status.error
     assert sum(v for k, v in pair.decode.stats.items() if k.startswith("dropped_nixl_")) == 1
 
 

@@ -292,7 +292,7 @@ class NixlTransport(FakeTransport):
         if reason is not None:
             self._give_up(peer, copy.room, f"refused: {reason}")
             self._reject(peer, "nixl_" + reason)
-            self._on_control(peer, copy.status, events)  # an incomplete KVReceived: it fails
+            self._fail_room(peer, copy.room, f"its copy was refused ({reason})", events)
             return
         if handle is None:
             self._tell(peer, NixlDone(rooms=[copy.room]))  # no pages: nothing to notify
@@ -344,6 +344,8 @@ class NixlTransport(FakeTransport):
             elif state != "DONE":
                 self._give_up(read.peer, room, "the NIXL read failed")
                 self._reject(read.peer, "nixl_read_failed")
+                self._fail_room(read.peer, room, "the NIXL read from prefill failed", events)
+                continue
             self._on_control(read.peer, read.copy.status, events)
 
     def _settle(self, reads: list[Read]) -> None:
@@ -373,6 +375,14 @@ class NixlTransport(FakeTransport):
             return True
         self._agent.release(read.handle)
         return False
+
+    def _fail_room(self, peer: PeerId, room: int, why: str, events: list[Event]) -> None:
+        """The room's KV cannot arrive from `peer`: its status fails in place of prefill's
+        (a 502: the prefill side, dead or sending pages outside the grant, caused it)."""
+        error = f"KV of room {room} did not arrive: {why}"
+        self._on_control(
+            peer, m.RoomStatus(room=room, ok=False, error=error, error_status=502), events
+        )
 
     def _give_up(self, peer: PeerId, room: int, error: str) -> None:
         self._tell(peer, NixlDone(rooms=[room], error=error))
