@@ -241,9 +241,13 @@ class Engine:
                 f"prompt ({prompt_len} tokens) + max_new_tokens ({req.sampling.max_new_tokens}) "
                 f"= {total} exceeds the context length {self.max_context_len}"
             )
-        if pages_for(total, self.page_size) > self.num_total_pages:
+        # A prefill_only request holds its prompt's pages only: its answer is decode's.
+        kv_len, what = (
+            (prompt_len, "prompt") if req.prefill_only else (total, "prompt + max_new_tokens")
+        )
+        if pages_for(kv_len, self.page_size) > self.num_total_pages:
             raise RequestRejected(
-                f"prompt + max_new_tokens = {total} tokens needs more KV pages than the pool "
+                f"{what} = {kv_len} tokens needs more KV pages than the pool "
                 f"has ({self.num_total_pages} pages of {self.page_size} tokens)"
             )
         if req.state is not ReqState.WAITING or req.output_ids:
