@@ -42,7 +42,10 @@ class ServerState:
             max_context_len=self.controller.max_context_len,
             vocab_size=self.controller.vocab_size,
             mode=self.cfg.server.mode,
-            max_request_tokens=self.controller.pool_tokens,
+            # Prefill holds a prompt's pages only: the answer's limit is decode's pool.
+            max_request_tokens=None
+            if self.cfg.server.mode == "prefill"
+            else self.controller.pool_tokens,
             sampling_defaults=self.sampling_defaults,
         )
 
