@@ -158,7 +158,10 @@ async def get_load(request: web.Request) -> web.Response:
 
 
 async def flush_cache(request: web.Request) -> web.Response:
-    state_of(request).controller.flush_cache()
+    unconfirmed = await state_of(request).controller.flush_cache(DUMP_TIMEOUT_S)
+    if unconfirmed:
+        ranks = ", ".join(map(str, unconfirmed))
+        raise RequestError(504, f"worker(s) {ranks} did not confirm the flush in time")
     return web.Response(text="Cache flushed.\n")
 
 

@@ -260,10 +260,18 @@ class DPController:
     def abort_all(self, reason: str) -> int:
         return sum(self.abort(rid, reason) for rid in list(self.inflight))
 
-    def flush_cache(self) -> None:
-        for rank, sock in enumerate(self._ctrl):
-            if rank not in self.dead:
-                sock.send(protocol.encode(FlushCache()))
+    async def flush_cache(self, timeout_s: float) -> list[int]:
+        """Flush every live worker's cache; returns once each has (its load and KV events
+        sent first), with the ranks that did not confirm it within `timeout_s`."""
+        ranks = [rank for rank in range(self.dp_size) if self.down(rank) is None]
+        for rank in ranks:
+            self._ctrl[rank].send(protocol.encode(FlushCache()))
+        # A worker answers a dump after the flush sent before it: that answer confirms it.
+        dumps = [self.dump_cache(rank, timeout_s) for rank in ranks]
+        results = await asyncio.gather(*dumps, return_exceptions=True)
+        return [
+            rank for rank, r in zip(ranks, results, strict=True) if isinstance(r, BaseException)
+        ]
 
     async def dump_cache(self, dp_rank: int, timeout_s: float) -> tuple[list[int], int]:
         """Every page hash in worker `dp_rank`'s prefix cache now, and the last event batch

@@ -125,6 +125,11 @@ class WorkerLoop:
             return self.hooks.on_room_forwarded(msg)
         if isinstance(msg, FlushCache):
             self.engine.flush_cache()
+            # Out before the answer to a DumpCache that follows (the front end's flush
+            # waits for one): its /get_load then shows the flushed cache.
+            self._forward_cache_events()
+            self._last_load = None
+            self._report_load(time.monotonic())
         if isinstance(msg, DumpCache):
             # Events first, so a dump never runs ahead of what subscribers were told.
             self._forward_cache_events()

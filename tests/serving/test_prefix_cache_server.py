@@ -116,3 +116,18 @@ def test_flush_under_load_keeps_pinned_pages_and_pages_used_returns_to_zero(serv
     assert float(hits[0].split()[-1]) >= 4 * PAGE
     assert metric_lines(url, f"pdserve_prefix_cache_hit_rate{label}")
     flush_and_wait(url, rank)
+
+
+def test_a_flush_answered_is_done_and_get_load_shows_it(server):
+    """/flush_cache answers once every worker flushed and reported it: /get_load right after
+    shows no cached page (it used to answer at once, and the load showed the old cache)."""
+    url, rank = server.url, server_rank(server)
+    for i in range(5):
+        ids = [7 + i] + PROMPT[1:]
+        body = {"input_ids": ids, "sampling_params": GREEDY, "routed_dp_rank": rank}
+        assert http_json("POST", f"{url}/generate", body)[0] == 200
+        wait_until(lambda: rank_load(url, rank)["num_cached_pages"] > 0, 30, "cached pages")
+        assert http_json("POST", f"{url}/flush_cache")[0] == 200
+        assert [load["num_cached_pages"] for load in http_json("GET", f"{url}/get_load")[1]] == [
+            0
+        ] * (rank + 1), f"round {i}"
