@@ -261,11 +261,12 @@ class DPController:
         return sum(self.abort(rid, reason) for rid in list(self.inflight))
 
     async def flush_cache(self, timeout_s: float) -> list[int]:
-        """Flush every live worker's cache; returns once each has (its load and KV events
-        sent first), with the ranks that did not confirm it within `timeout_s`."""
+        """Flush every live worker's cache; returns once each responsive one has (its load
+        and KV events sent first), with the ranks that did not confirm it in `timeout_s`."""
+        for rank in range(self.dp_size):
+            if rank not in self.dead:  # an unresponsive one flushes when it runs again
+                self._ctrl[rank].send(protocol.encode(FlushCache()))
         ranks = [rank for rank in range(self.dp_size) if self.down(rank) is None]
-        for rank in ranks:
-            self._ctrl[rank].send(protocol.encode(FlushCache()))
         # A worker answers a dump after the flush sent before it: that answer confirms it.
         dumps = [self.dump_cache(rank, timeout_s) for rank in ranks]
         results = await asyncio.gather(*dumps, return_exceptions=True)
