@@ -31,6 +31,7 @@ from pdserve.disagg.rank_resolver import (
     registers_all_rooms,
     resolve_decode,
 )
+from pdserve.disagg.room_relay import LegMatcher
 from pdserve.disagg.worker_side import advertised_host
 from pdserve.serving.hooks import (
     PREFILL_ORIGIN,
@@ -84,6 +85,8 @@ class PrefillFrontendHooks(_PDFrontendHooks):
         secret = cfg.disagg.disagg_secret
         self.checker = ProofChecker(secret) if secret else None
         metrics.watch_registry(self.registry, self.checker)
+        self.legs = LegMatcher(cfg.disagg.bootstrap_timeout_s)
+        controller.rooms_unclaimed_listeners.append(self._on_unclaimed)
 
     async def start(self) -> None:
         self.bootstrap = await start_bootstrap_server(
@@ -134,6 +137,9 @@ class PrefillFrontendHooks(_PDFrontendHooks):
             )
             if action is PrefillAction.FORWARD:
                 self._forward(room, dp_rank)
+            holder = self.legs.dispatched(room, dp_rank, now) if self._many() else None
+            if holder is not None:  # decode's page list went to another worker already
+                self._legs_disagree(room, holder, dp_rank)
         except RankError as exc:
             self.metrics.conflict(str(exc))
             raise RequestError(exc.status, str(exc)) from None  # on_rejected records it
@@ -163,6 +169,36 @@ class PrefillFrontendHooks(_PDFrontendHooks):
             raise RankError(f"prefill dp_rank {dp_rank} has not registered its KV endpoint", 503)
         self.controller.room_forwarded(home, room, dp_rank, worker["kv_endpoint"])
         self.metrics.rooms_forwarded.inc()
+
+    def _many(self) -> bool:
+        return self.cfg.server.dp_size > 1
+
+    def _on_unclaimed(self, holder: int, rooms: list[int]) -> None:
+        """Worker `holder` has decode's page list for `rooms` but not their requests."""
+        now = time.monotonic()
+        for room in rooms:
+            dp_rank = self.legs.unclaimed(room, holder, now)
+            if dp_rank is None:
+                continue
+            try:
+                self._legs_disagree(room, holder, dp_rank)
+            except RankError as exc:
+                self.metrics.conflict(str(exc))
+                self.fail_room(room, str(exc), exc.status, now)
+
+    def _legs_disagree(self, room: int, holder: int, dp_rank: int) -> None:
+        """Decode sent room's page list to worker `holder`, the request went to `dp_rank`:
+        with --rank-mismatch forward the page list is redirected there; else RankError."""
+        worker = self.registry.worker(dp_rank)
+        if self.forward and worker is not None:
+            self.controller.room_forwarded(holder, room, dp_rank, worker["kv_endpoint"])
+            self.metrics.rooms_forwarded.inc()
+            return
+        raise RankError(
+            f"the legs of bootstrap_room {room} name different prefill ranks: decode sent its "
+            f"page list to prefill dp_rank {holder}, the request was dispatched to dp_rank "
+            f"{dp_rank} (check disagg_prefill_dp_rank and routed_dp_rank on both legs)"
+        )
 
     def fail_room(self, room: int, reason: str, status: int, now: float) -> None:
         """The room failed before any worker saw it: a querying decode learns it from the

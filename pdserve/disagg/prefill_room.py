@@ -18,6 +18,9 @@ if TYPE_CHECKING:
 # The states in which the room waits for one side only, until its deadline: for the
 # request, or for decode's page list. Later, decode's KV deadline and heartbeat govern.
 WAITING_FOR_ONE_SIDE = (RoomState.WAITING_FOR_REQUEST, RoomState.BOOTSTRAPPING)
+# A page list without its request this long is reported to the front end, which knows where
+# the request went: legs sent at once bring the request within milliseconds.
+UNCLAIMED_AFTER_S = 0.5
 
 
 @dataclass
@@ -41,6 +44,7 @@ class PrefillRoom:
     arrived_at: float = 0.0  # the request, at this worker
     computed_at: float = 0.0  # its first token
     send_started_at: float = 0.0
+    reported_unclaimed: bool = False  # its page list, without a request, told the front end
 
     def move(self, dst: RoomState) -> None:
         self.state = transition(self.room, self.state, dst)
@@ -88,3 +92,16 @@ class FailedRoom:
     def answer(self, room: int) -> m.RoomStatus:
         """What decode is told of the room, when its page list or a lease comes late."""
         return m.RoomStatus(room=room, ok=False, error=self.reason, error_status=self.status)
+
+
+def newly_unclaimed(rooms: list[PrefillRoom], now: float, timeout_s: float) -> list[int]:
+    """The rooms whose page list came at least UNCLAIMED_AFTER_S ago without their request
+    (such a room's deadline is its page list's arrival + `timeout_s`), not reported before;
+    they are marked reported."""
+    found = []
+    for room in rooms:
+        if room.state is RoomState.WAITING_FOR_REQUEST and not room.reported_unclaimed:
+            if room.deadline - now <= timeout_s - UNCLAIMED_AFTER_S:
+                room.reported_unclaimed = True
+                found.append(room.room)
+    return found

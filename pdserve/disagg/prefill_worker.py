@@ -13,7 +13,7 @@ import logging
 import time
 
 from pdserve.auth import ProofChecker
-from pdserve.disagg import kv_auth
+from pdserve.disagg import kv_auth, prefill_room
 from pdserve.disagg import messages as m
 from pdserve.disagg.config import DisaggConfig
 from pdserve.disagg.delta import pages_to_send, prompt_digest
@@ -53,6 +53,7 @@ class PrefillWorkerHooks(WorkerHooks):
         self.handshaken: set[object] = set()
         self.checker = ProofChecker(cfg.disagg_secret) if cfg.disagg_secret else None
         self.forwards = ForwardTable(cfg.bootstrap_timeout_s)  # rooms of ours served elsewhere
+        self._unclaimed: list[int] = []  # for the front end, until unclaimed_rooms()
         max_request_pages = pages_for(engine.max_context_len, engine.page_size)
         self.gate = PrefillGate(engine.num_total_pages, max_request_pages)
 
@@ -73,6 +74,10 @@ class PrefillWorkerHooks(WorkerHooks):
 
     def num_auth_refusals(self) -> int:
         return sum(self.checker.refused.values()) if self.checker is not None else 0
+
+    def unclaimed_rooms(self) -> list[int]:
+        rooms, self._unclaimed = self._unclaimed, []
+        return rooms
 
     def sockets(self) -> list:
         return self.transport.sockets()
@@ -146,12 +151,8 @@ class PrefillWorkerHooks(WorkerHooks):
             self._send(room.peer, _redirect(msg.room, msg.dp_rank, msg.kv_endpoint))
             self._forget(msg.room)
         else:  # the front end lets one request per room through, and it went elsewhere
-            log.warning(
-                "room %d forwarded to dp rank %d while %s here: ignored",
-                msg.room,
-                msg.dp_rank,
-                room.state.value,
-            )
+            args = (msg.room, msg.dp_rank, room.state.value)
+            log.warning("room %d forwarded to dp rank %d while %s here: ignored", *args)
         return []
 
     # -- the loop ------------------------------------------------------------------
@@ -409,6 +410,7 @@ class PrefillWorkerHooks(WorkerHooks):
         # Once both sides are here, decode's KV deadline and heartbeat govern; a vanished
         # decode shows up as PeerLost or PeerUnreachable when the KV is sent.
         waiting = [r for r in self.rooms.values() if r.state in WAITING_FOR_ONE_SIDE]
+        self._unclaimed += prefill_room.newly_unclaimed(waiting, now, self.cfg.bootstrap_timeout_s)
         for room in [r for r in waiting if now >= r.deadline]:
             if room.state is RoomState.WAITING_FOR_REQUEST:
                 reason = (

@@ -42,6 +42,7 @@ from pdserve.serving.protocol import (
     ReqOutputs,
     RoomFailed,
     RoomForwarded,
+    RoomsUnclaimed,
     WorkerAlive,
     WorkerFailed,
     WorkerLoad,
@@ -116,6 +117,7 @@ class DPController:
         self._next_dump_id = 0
         # Called with the KV endpoints a worker lost (the decode front end's peer cache).
         self.kv_peers_lost_listeners: list[Callable[[list[str]], None]] = []
+        self.rooms_unclaimed_listeners: list[Callable[[int, list[int]], None]] = []
 
     def _bind(self, sock: zmq.Socket, name: str) -> str:
         """Bind `sock` in the private directory; a loopback port where its path is too long
@@ -322,6 +324,9 @@ class DPController:
             elif isinstance(msg, KVPeersLost):
                 for listener in self.kv_peers_lost_listeners:
                     listener(msg.endpoints)
+            elif isinstance(msg, RoomsUnclaimed):
+                for rooms_listener in self.rooms_unclaimed_listeners:
+                    rooms_listener(msg.dp_rank, msg.rooms)
             elif isinstance(msg, WorkerFailed):
                 self._mark_dead(msg.dp_rank, f"worker {msg.dp_rank} failed: {msg.error}")
 

@@ -164,6 +164,11 @@ class WorkerHooks:
         prefill workers that died or restarted), for the front end to forget."""
         return []
 
+    def unclaimed_rooms(self) -> list[int]:
+        """Rooms whose page list came here a while ago without their request, reported
+        since the last call (PD prefill), for the front end to match with its dispatches."""
+        return []
+
     def on_generate(self, req: GenerateReq) -> list[ReqOutput]:
         """A new request from the front end. Colocated: straight into the engine."""
         from pdserve.serving.worker_io import request_from_msg

@@ -140,6 +140,14 @@ class KVPeersLost(msgspec.Struct, tag=True, kw_only=True):
     endpoints: list[str]
 
 
+class RoomsUnclaimed(msgspec.Struct, tag=True, kw_only=True):
+    """Prefill worker -> front end: decode's page lists for these rooms came here a while
+    ago, but no request for them did (the legs may name different prefill ranks)."""
+
+    dp_rank: int
+    rooms: list[int]
+
+
 class WorkerAlive(msgspec.Struct, tag=True, kw_only=True):
     """Worker -> front end every second, from a thread of the worker process: it beats
     while the loop computes a long step, and stops only when the whole process does (stopped,
@@ -180,6 +188,7 @@ FromWorker = (
     | KVCacheEvents
     | CacheDump
     | KVPeersLost
+    | RoomsUnclaimed
     | WorkerAlive
 )
 

@@ -35,6 +35,7 @@ from pdserve.serving.protocol import (
     ReqOutputs,
     RoomFailed,
     RoomForwarded,
+    RoomsUnclaimed,
     WorkerAlive,
     WorkerFailed,
     WorkerLoad,
@@ -143,6 +144,9 @@ class WorkerLoop:
         if endpoints:
             msg = KVPeersLost(dp_rank=self.dp_rank, endpoints=endpoints)
             self.out.send(protocol.encode(msg))
+        rooms = self.hooks.unclaimed_rooms()
+        if rooms:
+            self.out.send(protocol.encode(RoomsUnclaimed(dp_rank=self.dp_rank, rooms=rooms)))
 
     def _forward_cache_events(self) -> None:
         events = self.engine.drain_cache_events()

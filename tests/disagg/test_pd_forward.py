@@ -188,6 +188,33 @@ def test_decode_with_the_explicit_rank_goes_straight_to_the_serving_worker(serve
     wait_idle([prefill.url, decode.url])
 
 
+@pytest.mark.parametrize("decode_first", [False, True], ids=["together", "decode-first"])
+def test_legs_naming_different_ranks_are_served_where_dispatched(servers, want, decode_first):
+    """The decode leg names another prefill rank than the one the prefill leg was routed
+    to: the worker that got the page list (not the room's home) hands it on."""
+    dp, prefill, decode = servers
+    room = random.randrange(2**63)
+    served = _other(room, dp, random.Random(room))
+    listed = room % dp  # decode's explicit rank: a worker other than the serving one
+    decode_leg = _leg(prefill.bootstrap_port, room, disagg_prefill_dp_rank=listed)
+    pending = _post_async(decode.url, decode_leg)
+    if decode_first:
+        wait_until(
+            lambda: get_load(prefill.url)[listed]["num_disagg_rooms"] == 1,
+            20,
+            "decode's page list to reach the worker it names",
+        )
+    prefill_leg = _leg(
+        prefill.bootstrap_port, room, routed_dp_rank=served, disagg_prefill_dp_rank=served
+    )
+    resp = requests.post(prefill.url + "/generate", json=prefill_leg, timeout=30)
+    assert resp.status_code == 200, resp.text
+    answer = pending.result(timeout=30)
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["output_ids"] == want
+    wait_idle([prefill.url, decode.url])
+
+
 def test_room_never_dispatched_fails_at_the_kv_deadline(pd):
     prefill = pd.prefill(2, FORWARD)
     decode = pd.decode(1, ["--kv-wait-timeout-s", "1.5"])

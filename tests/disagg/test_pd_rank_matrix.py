@@ -83,6 +83,12 @@ def _cells(rng: random.Random):
         yield case, room, fields, fields
     for case, (prefill_fields, decode_fields) in ONE_LEG_CASES.items():
         yield case, rng.randrange(2**63), prefill_fields, decode_fields
+    # The legs name different prefill ranks: decode's page list goes to one worker, the
+    # request to another (each had waited there for the other until its deadline).
+    room = rng.randrange(2**63)
+    home, other = room % DP, (room % DP + 1) % DP
+    prefill_fields = {"routed_dp_rank": other, "disagg_prefill_dp_rank": other}
+    yield "legs_name_different_ranks", room, prefill_fields, {"disagg_prefill_dp_rank": home}
 
 
 def _expected_error(case: str, method: str, force_prefill: bool) -> str | None:
@@ -94,6 +100,8 @@ def _expected_error(case: str, method: str, force_prefill: bool) -> str | None:
         return "out of range"
     if case == "explicit_wrong":
         return "disagg_prefill_dp_rank"
+    if case == "legs_name_different_ranks":
+        return "name different prefill ranks"
     if case == "routed_other" and method == "follow_bootstrap_room" and not force_prefill:
         return "follow_bootstrap_room conflict: dispatched to dp_rank"
     return None
