@@ -138,7 +138,9 @@ class PrefillFrontendHooks(_PDFrontendHooks):
             if action is PrefillAction.FORWARD:
                 self._forward(room, dp_rank)
             holder = self.legs.dispatched(room, dp_rank, now) if self._many() else None
-            if holder is not None:  # decode's page list went to another worker already
+            home = home_rank(room, self.cfg.server.dp_size)
+            forwarded_home = action is PrefillAction.FORWARD and holder == home
+            if holder is not None and not forwarded_home:  # a page list waits elsewhere
                 self._legs_disagree(room, holder, dp_rank)
         except RankError as exc:
             self.metrics.conflict(str(exc))
