@@ -38,6 +38,14 @@ class DecodeRoom:
     epoch: int | None = None  # the prefill epoch its page list went to: KV of others is refused
     leased_at: float = -math.inf  # queued: when its prefill worker was last told so
 
+    @property
+    def relay_s(self) -> float | None:
+        """Page list sent to the home worker -> its redirect; 0 for a room redirected while
+        queued (before its page list); None if not redirected."""
+        if self.redirected_at is None:
+            return None
+        return max(0.0, self.redirected_at - self.page_list_sent_at)
+
     def move(self, dst: RoomState) -> None:
         self.state = transition(self.room, self.state, dst)
 

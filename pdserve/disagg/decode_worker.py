@@ -210,6 +210,7 @@ class DecodeWorkerHooks(WorkerHooks):
     ) -> list[ReqOutput]:
         peer.rooms.discard(room.room)
         room.endpoint, room.prefill_dp_rank = msg.kv_endpoint, msg.dp_rank
+        room.redirected_at = now  # relayed before its page list: 0 s of relay
         room.leased_at = float("-inf")  # tell that worker at once: its deadline runs
         try:
             target = self._peer(msg.kv_endpoint, now)
@@ -296,9 +297,6 @@ class DecodeWorkerHooks(WorkerHooks):
             return []
         outputs = [output_to_msg(s) for s in steps]
         if outputs:
-            relay_s = (
-                None if room.redirected_at is None else room.redirected_at - room.page_list_sent_at
-            )
             outputs[0] = msgspec.structs.replace(
                 outputs[0],
                 kv_bytes=room.kv_bytes,
@@ -311,7 +309,7 @@ class DecodeWorkerHooks(WorkerHooks):
                     "decode_total": _now() - room.arrived_at,  # to the first token's output
                 },
                 decode_cached_tokens=room.num_cached_tokens,
-                kv_relay_s=relay_s,
+                kv_relay_s=room.relay_s,
             )
         return outputs
 
