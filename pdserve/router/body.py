@@ -85,7 +85,8 @@ def _message_text(messages: Any) -> str | None:
     for message in messages:
         content = message.get("content") if isinstance(message, dict) else None
         if isinstance(content, list):  # multi-part content: keep the text parts
-            content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
+            texts = (p.get("text") for p in content if isinstance(p, dict))
+            content = "".join(t for t in texts if isinstance(t, str))  # the server checks
         parts.append(
             f"{message.get('role', '')}:{content or ''}\n" if isinstance(message, dict) else ""
         )

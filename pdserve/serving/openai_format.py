@@ -155,10 +155,14 @@ def _content_text(content: Any, index: int) -> str:
         return content
     if isinstance(content, list):  # text parts joined by newlines, as vLLM joins them
         parts = []
-        for part in content:
+        for j, part in enumerate(content):
             if not isinstance(part, dict) or part.get("type") != "text":
                 raise bad(f"messages[{index}].content: only text parts are supported")
-            parts.append(str(part.get("text", "")))
+            text = part.get("text")
+            if not isinstance(text, str):  # vLLM's schema: a text part's text is a string
+                where = f"messages[{index}].content[{j}].text"
+                raise RequestError(400, f"{where} must be a string, got {text!r}", param=where)
+            parts.append(text)
         return "\n".join(parts)
     raise bad(f"messages[{index}].content must be a string or a list of text parts")
 

@@ -266,6 +266,12 @@ def test_errors_through_the_router_keep_the_servers_openai_shape(router, tiny_se
             "invalid_request_error",
             "response_format",
         ),
+        (  # a 500 'router error: TypeError' (the router joined the parts' text)
+            {"messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]},
+            400,
+            "invalid_request_error",
+            "messages[0].content[0].text",
+        ),
         (
             {"max_tokens": "x", "max_completion_tokens": 2},
             400,
