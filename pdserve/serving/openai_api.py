@@ -23,7 +23,7 @@ from pdserve.serving.openai_format import (
     chat_logprobs,
     completion_logprobs,
     end_offset,
-    finish_reason,
+    finish_fields,
     logprobs_count,
     refuse_unsupported,
     render_chat_prompt,
@@ -177,7 +177,7 @@ def _choice(state: ServerState, result: ItemResult, echo_text: str | None, want_
     if echo_text is not None:
         whole = echoed_delta(result, echo_text, whole)
     fields = _completion_delta(state, whole, True, want_lp, 0)
-    return {**fields, "finish_reason": finish_reason(result)}
+    return {**fields, **finish_fields(result)}
 
 
 async def completions(request: web.Request) -> web.StreamResponse:
@@ -250,7 +250,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
             )
             if top is not None
             else None,
-            "finish_reason": finish_reason(r),
+            **finish_fields(r),
         }
         for i, r in enumerate(results)
     ]
@@ -345,7 +345,7 @@ async def _stream(
         if logprobs is not None and "text_offset" in logprobs:
             offsets[index] = end_offset(logprobs, offset)
         results[index] = result
-        choice = {"index": index, **fields, "finish_reason": finish_reason(result)}
+        choice = {"index": index, **fields, **finish_fields(result)}
         chunk = {**meta, "object": kind, "choices": [choice]}
         yield chunk | {"usage": usage([result], 1)} if continuous_usage else chunk
     if include_usage:

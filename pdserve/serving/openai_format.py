@@ -174,6 +174,22 @@ def finish_reason(result: ItemResult) -> str | None:
     return {"stop": "stop", "length": "length"}.get(reason.type, reason.type)
 
 
+def finish_fields(result: ItemResult) -> dict[str, Any]:
+    """A choice's `finish_reason`, with what stopped it: vLLM's `stop_reason` (the stop string
+    or stop_token_ids id matched; null at EOS or the length limit) and SGLang's `matched_stop`
+    (the same, EOS id included). Both were missing: a client could not tell which of its stop
+    strings ended the answer."""
+    reason = result.finish_reason
+    matched = reason.matched if reason is not None and reason.type == "stop" else None
+    stop_ids = result.item.sampling.stop_token_ids or ()
+    by_stop_field = isinstance(matched, str) or (matched is not None and matched in stop_ids)
+    return {
+        "finish_reason": finish_reason(result),
+        "stop_reason": matched if by_stop_field else None,
+        "matched_stop": matched,
+    }
+
+
 def usage(results: list[ItemResult], n: int) -> dict[str, Any]:
     """Usage of items in request order, `n` per prompt: the n samples of one prompt share it,
     so it counts once (as OpenAI counts it), with the cached tokens of its first sample."""

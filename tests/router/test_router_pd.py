@@ -213,11 +213,42 @@ def test_a_stop_token_ends_the_answer_as_on_one_server(router, tiny_server, stop
     got = post(router.url + url, body).json()
     assert got["choices"][0] == want["choices"][0] and got["usage"] == want["usage"]
     assert want["choices"][0]["finish_reason"] == "stop"
+    assert want["choices"][0]["stop_reason"] == body["stop_token_ids"][0]
     assert want["usage"]["completion_tokens"] == stop_at + 1
     unstopped = {k: v for k, v in body.items() if k != "stop_token_ids"}
     before = post(router.url + url, {**unstopped, "max_tokens": stop_at}).json()
     assert want["choices"][0]["text"] == before["choices"][0]["text"]
     assert stream_text(streamed(router.url + url, body), "text") == {0: want["choices"][0]["text"]}
+
+
+@pytest.mark.parametrize("url", ["/v1/completions", "/v1/chat/completions"])
+def test_stop_reason_names_the_stop_string_or_id_that_ended_the_answer(router, tiny_server, url):
+    """vLLM's `stop_reason` (the stop string or stop_token_ids id; null at EOS or length)
+    and SGLang's `matched_stop` (EOS id included), whole and streamed, on one server and
+    through PD alike: both were missing."""
+    prompt = {"prompt": "Once upon"} if url == "/v1/completions" else {"messages": MESSAGES}
+    greedy = {**prompt, "max_tokens": 6, "temperature": 0, "ignore_eos": True}
+    answer = post(tiny_server.url + url, greedy).json()["choices"][0]
+    text = answer["text"] if "text" in answer else answer["message"]["content"]
+    stop = text[2:4]
+    assert len(stop) == 2 and text.find(stop) == 2, text
+    cases = [
+        ({"stop": ["zzzz", stop]}, "stop", stop, stop),
+        ({"max_tokens": 2}, "length", None, None),
+        ({"ignore_eos": False, "logit_bias": {"2": 100}}, "stop", None, 2),  # EOS: id 2
+    ]
+    for extra, reason, stop_reason, matched in cases:
+        for server in (tiny_server, router):
+            body = {**greedy, **extra}
+            whole = post(server.url + url, body).json()["choices"][0]
+            last = streamed(server.url + url, body)[-1]["choices"][0]
+            for choice in (whole, last):
+                got = {k: choice.get(k) for k in ("finish_reason", "stop_reason", "matched_stop")}
+                assert got == {
+                    "finish_reason": reason,
+                    "stop_reason": stop_reason,
+                    "matched_stop": matched,
+                }, (server.url, extra)
 
 
 def test_seeded_samples_usage_and_logprobs_equal_colocated(router, tiny_server):
