@@ -167,8 +167,11 @@ def _completion_prompts(state: ServerState, body: dict) -> list[str | list[int]]
     raise bad("prompt must be a string, a list of strings, or token ids (a list or list of lists)")
 
 
-def _encoded(state: ServerState, prompts: list[str | list[int]]) -> list[list[int]]:
-    return [state.tokenizer.encode(p) if isinstance(p, str) else p for p in prompts]
+def _encoded(state: ServerState, prompts: list[str | list[int]], special: bool) -> list[list[int]]:
+    """Text prompts tokenized, with the tokenizer's special tokens (BOS) unless the request's
+    vLLM `add_special_tokens` is false (it was ignored: they were always added)."""
+    encode = state.tokenizer.encode
+    return [encode(p, add_special_tokens=special) if isinstance(p, str) else p for p in prompts]
 
 
 def _choice(state: ServerState, result: ItemResult, echo_text: str | None, want_lp: bool) -> dict:
@@ -187,7 +190,8 @@ async def completions(request: web.Request) -> web.StreamResponse:
     raw = body.get("logprobs")
     logprobs = None if raw is None else logprobs_count(raw, "logprobs")
     prompts = _completion_prompts(state, body)
-    encoded = await off_loop(request, _encoded, state, prompts)
+    special = get_field(body, "add_special_tokens", bool, True)
+    encoded = await off_loop(request, _encoded, state, prompts, special)
     items, n = _items(state, body, encoded, _sampling(body, 16), logprobs, echo)
     # The prompt's text, echoed in front of each of its n choices' text.
     echoes = [prompt_text(state.tokenizer, p) for p in prompts for _ in range(n)] if echo else None

@@ -79,7 +79,9 @@ def render_chat_prompt(tokenizer: Any, messages: Any, body: dict) -> list[int]:
         text = tokenizer.apply_chat_template(plain, tokenize=False, **kwargs)
     except Exception as exc:  # a template that rejects the conversation is the client's 400
         raise bad(f"the chat template rejected the messages: {exc}") from None
-    return tokenizer.encode(text, add_special_tokens=False)
+    # vLLM's `add_special_tokens` (default false: the template writes them); it was ignored.
+    special = get_field(body, "add_special_tokens", bool, False)
+    return tokenizer.encode(text, add_special_tokens=special)
 
 
 def turn_fields(body: dict) -> dict[str, bool]:

@@ -6,6 +6,7 @@ content are joined by newlines, as vLLM joins them (they were glued together).""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -25,6 +26,7 @@ TEMPLATE = (
     "{{ c.function.arguments.city }}</call>{% endfor %}<|im_end|>{{ '\\n' }}{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant{{ '\\n' }}{% endif %}"
 )
+BOS = "<|im_start|>"
 CALL = {
     "id": "c1",
     "type": "function",
@@ -48,6 +50,17 @@ def model_dir(tmp_path_factory) -> str:
     shutil.copytree(resolve_model_dir("tiny-random"), path)
     with open(os.path.join(path, "chat_template.jinja"), "w") as f:
         f.write(TEMPLATE)
+    # A tokenizer that puts BOS (<|im_start|>, id 1) in front of text, as Llama's does.
+    with open(os.path.join(path, "tokenizer.json")) as f:
+        tokenizer = json.load(f)
+    tokenizer["post_processor"] = {
+        "type": "TemplateProcessing",
+        "single": [{"SpecialToken": {"id": BOS, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+        "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
+        "special_tokens": {BOS: {"id": BOS, "ids": [1], "tokens": [BOS]}},
+    }  # fmt: skip
+    with open(os.path.join(path, "tokenizer.json"), "w") as f:
+        json.dump(tokenizer, f)
     return str(path)
 
 
@@ -106,3 +119,25 @@ def test_text_parts_are_joined_by_newlines(model_dir, server):
     assert answer.usage.prompt_tokens == len(tokenizer.encode(expected, add_special_tokens=False))
     glued = "<|im_start|>user\nRead this.Then that.<|im_end|>\n<|im_start|>assistant\n"
     assert len(tokenizer.encode(glued, add_special_tokens=False)) != answer.usage.prompt_tokens
+
+
+def test_add_special_tokens_is_honoured_on_both_routes(model_dir, server):
+    """vLLM's `add_special_tokens` (completions: default true; chat: default false, the
+    template writes them) was ignored: BOS was always added to a text prompt, never to a
+    chat's. usage.prompt_tokens counts the BOS where it is asked for."""
+    tokenizer = load_tokenizer(model_dir)
+    plain = tokenizer.encode("Hello there", add_special_tokens=False)
+    assert tokenizer.encode("Hello there") == [1, *plain]
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0)
+
+    def prompt_tokens(create, **fields) -> int:
+        return create(model=model_dir, max_tokens=1, **fields).usage.prompt_tokens
+
+    text = {"prompt": "Hello there"}
+    assert prompt_tokens(client.completions.create, **text) == len(plain) + 1
+    off = {"add_special_tokens": False}
+    assert prompt_tokens(client.completions.create, **text, extra_body=off) == len(plain)
+    chat = {"messages": [{"role": "user", "content": "Hi"}]}
+    templated = prompt_tokens(client.chat.completions.create, **chat)
+    on = {"add_special_tokens": True}
+    assert prompt_tokens(client.chat.completions.create, **chat, extra_body=on) == templated + 1
