@@ -35,6 +35,16 @@ INERT_VALUES: dict[str, tuple[Any, ...]] = {
     # vLLM's per-request template: refused there too unless --trust-request-chat-template
     # (a client's template runs in the server); it was ignored here, the server's applied.
     "chat_template": (),
+    # vLLM's sampling and output extras: ignored, they gave an answer made without them.
+    "allowed_token_ids": (),
+    "bad_words": ([],),
+    "use_beam_search": (False,),
+    "length_penalty": (1.0,),  # beam search's
+    "truncate_prompt_tokens": (),
+    "return_tokens_as_token_ids": (False,),
+    "return_token_ids": (False,),
+    "logits_processors": ([],),
+    "prompt_embeds": (),
 }
 
 

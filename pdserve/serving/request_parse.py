@@ -97,7 +97,10 @@ def refuse_features(
     penalty, grammar or bias would pass for one made with it."""
     for name, inert in inert_values.items():
         value = fields.get(name)
-        if value is None or any(type(value) is not bool and value == v for v in inert):
+        # a boolean asks for nothing only where the inert value is that boolean (True != 1)
+        if value is None or any(
+            (type(value) is bool) == (type(v) is bool) and value == v for v in inert
+        ):
             continue
         allowed = " or ".join(json.dumps(v) for v in inert)
         raise RequestError(

@@ -40,6 +40,16 @@ REFUSED = [
     ("best_of", 3),
     ("structural_tag", {"type": "structural_tag", "structures": [], "triggers": []}),
     ("prompt_logprobs", 1),
+    # vLLM's extras; they were ignored, the answer made without them
+    ("allowed_token_ids", [5]),
+    ("bad_words", ["n"]),
+    ("use_beam_search", True),
+    ("length_penalty", 2.0),
+    ("truncate_prompt_tokens", 1),
+    ("return_tokens_as_token_ids", True),
+    ("return_token_ids", True),
+    ("logits_processors", ["my.Processor"]),
+    ("prompt_embeds", "AAAA"),
 ]
 INERT = {
     "presence_penalty": 0,
@@ -50,6 +60,12 @@ INERT = {
     "tool_choice": "none",
     "best_of": 1,
     "regex": None,
+    "bad_words": [],
+    "use_beam_search": False,
+    "length_penalty": 1.0,
+    "return_tokens_as_token_ids": False,
+    "return_token_ids": False,
+    "logits_processors": [],
 }
 
 
