@@ -1,4 +1,4 @@
-"""A short chaos soak (half a minute of load on tiny-random): router + 2 prefill + 2 decode
+"""A short chaos soak (20 s of load on tiny-random): router + 2 prefill + 2 decode
 servers while seeded faults kill, freeze and restart servers and workers. Every request ends
 with the reference's tokens or a reason, nothing leaks, and no process outlives the run.
 Select it alone with `-m chaos`; the long run is `python -m pdserve.bench.chaos`."""
@@ -15,7 +15,7 @@ pytestmark = [pytest.mark.chaos, pytest.mark.timeout(900)]
 
 def test_short_chaos_soak_loses_nothing_leaks_nothing_and_leaves_no_orphans():
     config = ChaosConfig(
-        duration_s=30, clients=3, seed=4, prefill_dp=2, decode_dp=1,
+        duration_s=20, clients=3, seed=4, prefill_dp=2, decode_dp=1,
         min_gap_s=1, max_gap_s=3, min_pause_s=0.5, max_pause_s=2, ready_timeout_s=240,
     )  # fmt: skip
     summary = run(config)

@@ -9,6 +9,7 @@ import os
 import pytest
 import torch
 
+from pdserve.engine.config import EngineConfig
 from pdserve.engine.model_dir import checkpoint_dtype
 from tests.engine.families import build_served
 from tests.helpers import http_json, launch_server
@@ -60,9 +61,12 @@ def test_a_bf16_checkpoint_is_served_in_bf16_by_default(bf16_model) -> None:
         body = {"text": "hello", "sampling_params": {"max_new_tokens": 4, "temperature": 0}}
         status, out = http_json("POST", f"{server.url}/generate", body)
         assert status == 200 and out["meta_info"]["completion_tokens"] == 4
-        # --dtype still overrides the checkpoint
-    with launch_server(["--model-path", bf16_model, "--dtype", "float32"]) as server:
-        assert http_json("GET", f"{server.url}/get_server_info")[1]["dtype"] == "float32"
+
+
+def test_a_dtype_given_overrides_the_checkpoints(bf16_model) -> None:
+    given = EngineConfig(model_path=bf16_model, dtype="float32")
+    assert given.with_dtype() is given
+    assert EngineConfig(model_path=bf16_model).with_dtype().dtype == "bfloat16"
 
 
 def test_a_server_whose_checkpoint_dtype_it_cannot_run_fails_to_start(tmp_path) -> None:
