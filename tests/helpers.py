@@ -127,6 +127,21 @@ def python_path_env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": path}
 
 
+def wait_healthy_and_idle(url: str, health_timeout_s: float = 30.0) -> None:
+    """The server at `url` answers /health 200 again, then every DP rank of it holds 0
+    requests and 0 pages (what a worker that came back must leave)."""
+    health = lambda: http_json("GET", f"{url}/health")[0] == 200  # noqa: E731
+    wait_until(health, health_timeout_s, "health again")
+    wait_until(
+        lambda: all(
+            r["num_reqs"] == 0 and r["num_used_pages"] == 0
+            for r in http_json("GET", f"{url}/get_load")[1]
+        ),
+        30,
+        "every worker idle",
+    )
+
+
 def wait_until(
     cond: Callable[[], bool], timeout_s: float, what: str, interval_s: float = 0.05
 ) -> None:

@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from tests.conftest import TINY_ARGS
-from tests.helpers import http_json, launch_server, wait_until
+from tests.helpers import http_json, launch_server, wait_healthy_and_idle, wait_until
 
 LONG = {"max_new_tokens": 3000, "ignore_eos": True}
 SHORT = {"max_new_tokens": 4, "temperature": 0.0}
@@ -58,14 +58,9 @@ def test_a_stopped_worker_fails_its_requests_and_health_until_it_runs_again(dp2_
                 assert _generate(url)[0] == 200
         finally:
             os.kill(worker_pids[1], signal.SIGCONT)
-    wait_until(lambda: http_json("GET", f"{url}/health")[0] == 200, 30, "health again")
-    assert _generate(url, rank=1)[0] == 200
     # The abort queued for the stopped worker freed the long request once it ran again.
-    wait_until(
-        lambda: all(r["num_reqs"] == 0 and r["num_used_pages"] == 0 for r in _loads(url)),
-        30,
-        "both workers idle",
-    )
+    wait_healthy_and_idle(url)
+    assert _generate(url, rank=1)[0] == 200
 
 
 def test_a_whole_server_stopped_and_resumed_blames_no_worker(server_factory):

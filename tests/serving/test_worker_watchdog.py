@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from tests.conftest import TINY_ARGS
-from tests.helpers import http_json, launch_server, wait_until
+from tests.helpers import http_json, launch_server, wait_healthy_and_idle, wait_until
 
 # One step of this prompt (one unchunked prefill) takes seconds on tiny-random (about 6 s
 # on a CPU core), far past the watchdog: the stall is real computation, not a mock.
@@ -37,10 +37,6 @@ def _generate(url: str, body: dict, rank: int | None = None) -> tuple[int, dict]
 
 def _short(url: str, rank: int | None = None) -> tuple[int, dict]:
     return _generate(url, {"text": "hello", "sampling_params": SHORT}, rank)
-
-
-def _loads(url: str) -> list[dict]:
-    return http_json("GET", f"{url}/get_load")[1]
 
 
 @pytest.fixture
@@ -71,13 +67,8 @@ def test_a_worker_stuck_in_one_step_fails_its_requests_until_its_loop_turns(dp2_
     assert health_status == 503 and "no progress" in health["error"]["message"], health
     assert refused_status == 503 and "no progress" in refused["error"]["message"], refused
     assert others == [200, 200]
-    wait_until(lambda: http_json("GET", f"{url}/health")[0] == 200, 120, "health again")
+    wait_healthy_and_idle(url, health_timeout_s=120)
     assert _short(url, rank=1)[0] == 200
-    wait_until(
-        lambda: all(r["num_reqs"] == 0 and r["num_used_pages"] == 0 for r in _loads(url)),
-        30,
-        "both workers idle",
-    )
     log = dp2_server.output()
     assert "worker 1 (pid" in log and "its stacks follow" in log, dp2_server.output_tail()
     # faulthandler's dump: the worker's loop, caught in its step.
