@@ -57,12 +57,18 @@ SAMPLING_FIELDS = (
 )
 
 
+MAX_TOKENS_FIELDS = ("max_tokens", "max_completion_tokens")
+
+
 def max_tokens_field(body: dict) -> str:
     """The field that bounds the answer's length, as the client named it."""
     return "max_tokens" if body.get("max_completion_tokens") is None else "max_completion_tokens"
 
 
-def _sampling(body: dict, default_max_tokens: int) -> dict[str, Any]:
+def _sampling(body: dict, default_max_tokens: int, echo_only_ok: bool = False) -> dict[str, Any]:
+    """`echo_only_ok`: a max_tokens of 0 may ask for the echoed prompt alone (completions'
+    `echo`, vLLM's echo without generation); /generate's max_new_tokens may be 0 anyway,
+    as SGLang's."""
     params = {name: body[name] for name in SAMPLING_FIELDS if body.get(name) is not None}
     if get_field(body, "include_stop_str_in_output", bool, False) and "no_stop_trim" not in params:
         params["no_stop_trim"] = True  # vLLM's name for SGLang's no_stop_trim
@@ -71,16 +77,20 @@ def _sampling(body: dict, default_max_tokens: int) -> dict[str, Any]:
     # Both fields are checked, the one that bounds the answer and the one it overrides: a
     # garbage max_tokens next to max_completion_tokens is a 400, as in vLLM (pydantic
     # checks every field), not silently dropped.
-    limits = {name: _max_tokens(body, name) for name in ("max_tokens", "max_completion_tokens")}
-    max_tokens = limits[max_tokens_field(body)]
+    # The bound is at least 1, as vLLM's (0 was served as an empty answer), the overridden
+    # field at least 0.
+    bound = max_tokens_field(body)
+    least = {name: 0 if echo_only_ok or name != bound else 1 for name in MAX_TOKENS_FIELDS}
+    limits = {name: _max_tokens(body, name, least[name]) for name in MAX_TOKENS_FIELDS}
+    max_tokens = limits[bound]
     params["max_new_tokens"] = default_max_tokens if max_tokens is None else max_tokens
     return params
 
 
-def _max_tokens(body: dict, name: str) -> int | None:
+def _max_tokens(body: dict, name: str, least: int) -> int | None:
     max_tokens = get_field(body, name, int, None)
-    if max_tokens is not None and max_tokens < 0:
-        raise RequestError(400, f"{name} must be >= 0, got {max_tokens}", param=name)
+    if max_tokens is not None and max_tokens < least:
+        raise RequestError(400, f"{name} must be at least {least}, got {max_tokens}", param=name)
     return max_tokens
 
 
@@ -192,7 +202,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
     prompts = _completion_prompts(state, body)
     special = get_field(body, "add_special_tokens", bool, True)
     encoded = await off_loop(request, _encoded, state, prompts, special)
-    items, n = _items(state, body, encoded, _sampling(body, 16), logprobs, echo)
+    items, n = _items(state, body, encoded, _sampling(body, 16, echo), logprobs, echo)
     # The prompt's text, echoed in front of each of its n choices' text.
     echoes = [prompt_text(state.tokenizer, p) for p in prompts for _ in range(n)] if echo else None
     meta = _meta(state, "cmpl")

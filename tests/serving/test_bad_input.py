@@ -55,7 +55,13 @@ def post_raw(url: str, data: bytes) -> tuple[int, dict]:
         ("/generate", {"text": "a", "bootstrap_room": "r"}, "bootstrap_room"),
         ("/generate", [], "JSON object"),
         ("/v1/completions", {"prompt": 7}, "prompt"),
-        ("/v1/completions", {"prompt": "a", "max_tokens": -1}, "max_tokens must be >= 0"),
+        ("/v1/completions", {"prompt": "a", "max_tokens": -1}, "max_tokens must be at least 1"),
+        # vLLM's bound (0 was served as an empty answer); an echo alone may ask for 0
+        ("/v1/completions", {"prompt": "a", "max_tokens": 0}, "max_tokens must be at least 1, got 0"),
+        ("/v1/completions", {"prompt": "a", "max_completion_tokens": 0}, "max_completion_tokens must be at least 1, got 0"),
+        ("/v1/chat/completions", {"messages": CHAT, "max_tokens": 0}, "max_tokens must be at least 1, got 0"),
+        ("/v1/chat/completions", {"messages": CHAT, "max_completion_tokens": 0, "stream": True}, "max_completion_tokens must be at least 1"),
+        ("/v1/chat/completions", {"messages": CHAT, "max_tokens": 0, "echo": True}, "max_tokens must be at least 1"),
         ("/v1/completions", {"prompt": "a", "n": 0}, "n must be"),
         ("/v1/chat/completions", {"messages": []}, "messages"),
         ("/v1/chat/completions", {"messages": [{"content": "no role"}]}, "role"),
@@ -81,7 +87,7 @@ def post_raw(url: str, data: bytes) -> tuple[int, dict]:
         ("/v1/completions", {"prompt": "a", "stream": True, "stream_options": 5}, "stream_options must be an object"),
         # max_tokens is checked though max_completion_tokens overrides it (it was dropped).
         ("/v1/chat/completions", {"messages": CHAT, "max_tokens": "lots", "max_completion_tokens": 2}, "max_tokens must be an integer"),
-        ("/v1/chat/completions", {"messages": CHAT, "max_tokens": -5, "max_completion_tokens": 2}, "max_tokens must be >= 0"),
+        ("/v1/chat/completions", {"messages": CHAT, "max_tokens": -5, "max_completion_tokens": 2}, "max_tokens must be at least 0"),
         ("/abort_request", {"rid": 5}, "rid"),
         # Past 64 bits an int cannot reach a worker: a 400 naming the field, not a 500.
         ("/generate", {"text": "a", "sampling_params": {"seed": 2**64}}, "seed"),
