@@ -7,6 +7,7 @@ feature pdserve lacks are refused.
 
 from __future__ import annotations
 
+import contextlib
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -251,8 +252,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     if stream:
         kind = "chat.completion.chunk"
         events = _stream(state, items, n, meta, usage_opts, kind, _chat_delta, client_gone(request))
-        if echo is not None:
-            events = _chat_echo_first(meta, n, echo, events)
+        events = _chat_opening(meta, items, echo, usage_opts[1], events)
         return await sse_response_for(request, events)
     results = await run_all(state.generator, items, client_gone(request))
     choices = [
@@ -273,17 +273,37 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     )
 
 
-async def _chat_echo_first(
-    meta: dict, n: int, echo: str, events: AsyncIterator[dict[str, Any]]
+async def _chat_opening(
+    meta: dict,
+    items: list,
+    echo: str | None,
+    continuous_usage: bool,
+    events: AsyncIterator[dict[str, Any]],
 ) -> AsyncIterator[dict[str, Any]]:
-    """`echo` in a chat stream, as vLLM sends it: one chunk per choice with the echoed text
-    before any generated one."""
-    for index in range(n):
-        delta = {"role": "assistant", "content": echo}
-        choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": None}
-        yield {**meta, "object": "chat.completion.chunk", "choices": [choice]}
-    async for event in events:
-        yield event
+    """A chat stream's opening, as OpenAI and vLLM send it: one chunk per choice with
+    `{"role": "assistant", "content": ""}`, then with `echo` (vLLM's) one with the echoed
+    text, then the generated text (its first chunk carried the role). Sent once the first
+    output is in, so a request that fails at dispatch still gets its HTTP status."""
+    async with contextlib.aclosing(events):
+        first = await anext(events, None)
+        if first is None:
+            return
+        deltas = [{"role": "assistant", "content": ""}] + ([{"content": echo}] if echo else [])
+        for delta in deltas:
+            for index, item in enumerate(items):
+                choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": None}
+                chunk = {**meta, "object": "chat.completion.chunk", "choices": [choice]}
+                if continuous_usage:  # nothing generated yet
+                    prompt_tokens = len(item.input_ids)
+                    chunk["usage"] = {
+                        "prompt_tokens": prompt_tokens,
+                        "completion_tokens": 0,
+                        "total_tokens": prompt_tokens,
+                    }
+                yield chunk
+        yield first
+        async for event in events:
+            yield event
 
 
 async def _body(request: web.Request) -> dict:
@@ -324,9 +344,7 @@ def _completion_delta(
 
 
 def _chat_delta(state: ServerState, delta: Delta, first: bool, logprobs: bool, offset: int) -> dict:
-    message: dict[str, Any] = {"content": delta.text}
-    if first:
-        message["role"] = "assistant"
+    message: dict[str, Any] = {"content": delta.text}  # the role came in the opening chunk
     if not logprobs:
         return {"delta": message, "logprobs": None}
     lp = chat_logprobs(state.generator.decoder, delta.token_ids, delta.logprobs, delta.top_logprobs)

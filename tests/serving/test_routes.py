@@ -188,7 +188,9 @@ def test_completions_and_chat_completions(tiny_server):
     )
 
 
-def test_chat_stream_deltas_add_up_to_the_whole_answer(tiny_server):
+def test_chat_stream_opens_each_choice_with_the_role_and_deltas_add_up(tiny_server):
+    """OpenAI's and vLLM's shape: each choice's first chunk is `{"role": "assistant",
+    "content": ""}` (the role came with the first text), the role in no later chunk."""
     body = {
         "messages": [{"role": "user", "content": "hello"}],
         "max_tokens": 8,
@@ -199,10 +201,15 @@ def test_chat_stream_deltas_add_up_to_the_whole_answer(tiny_server):
     events = sse_events(f"{tiny_server.url}/v1/chat/completions", {**body, **options})
     assert events[-1] == "[DONE]"
     texts = {0: "", 1: ""}
+    deltas: dict[int, list[dict]] = {0: [], 1: []}
     for ev in events[:-1]:
         for choice in ev["choices"]:
             texts[choice["index"]] += choice["delta"].get("content", "")
+            deltas[choice["index"]].append(choice["delta"])
             assert choice["logprobs"] is None
+    for index in (0, 1):
+        assert deltas[index][0] == {"role": "assistant", "content": ""}
+        assert all("role" not in d for d in deltas[index][1:]), deltas
     assert events[-2]["usage"]["completion_tokens"] > 0
     _, whole = http_json("POST", f"{tiny_server.url}/v1/chat/completions", body)
     assert texts[0] == whole["choices"][0]["message"]["content"] == texts[1]
@@ -238,7 +245,9 @@ def test_chat_stream_with_logprobs_gives_one_entry_per_token(tiny_server):
         "stream": True,
     }
     events = sse_events(f"{tiny_server.url}/v1/chat/completions", body)
-    entries = [e for ev in events[:-1] for c in ev["choices"] for e in c["logprobs"]["content"]]
+    opening, *chunks = events[:-1]
+    assert opening["choices"][0]["logprobs"] is None  # the role's chunk: no token yet
+    entries = [e for ev in chunks for c in ev["choices"] for e in c["logprobs"]["content"]]
     assert len(entries) == 5 and all(len(e["top_logprobs"]) == 1 for e in entries)
 
 
