@@ -86,6 +86,8 @@ GENERATE_INERT_VALUES: dict[str, tuple[Any, ...]] = {
     "session_params": ({},),
     "custom_logit_processor": ("",),
     "token_ids_logprob": ([],),
+    "extra_key": (),  # prefix-cache isolation (openai_format.INERT_VALUES: cache_salt)
+    "cache_salt": (),
 }
 
 

@@ -50,6 +50,9 @@ REFUSED = [
     ("return_token_ids", True),
     ("logits_processors", ["my.Processor"]),
     ("prompt_embeds", "AAAA"),
+    # prefix-cache isolation between tenants: ignored, a salted prompt matched others' pages
+    ("cache_salt", "tenant-a"),
+    ("extra_key", "tenant-a"),
 ]
 INERT = {
     "presence_penalty": 0,
@@ -314,6 +317,8 @@ def test_sglang_sampling_params_the_server_lacks_are_refused_on_generate(tiny_se
         ("custom_logit_processor", "serialized"),
         ("token_ids_logprob", [1, 2]),
         ("session_params", {"id": "s"}),
+        ("extra_key", "tenant-a"),
+        ("cache_salt", "tenant-a"),
     ],
 )
 def test_generate_refuses_sglang_features_the_server_lacks(tiny_server, field, value):
