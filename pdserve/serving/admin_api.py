@@ -15,8 +15,9 @@ from pdserve.engine.request import SamplingParams
 from pdserve.serving.generation import run_to_end
 from pdserve.serving.hooks import RequestError
 from pdserve.serving.metrics import CONTENT_TYPE
+from pdserve.serving.openai_format import model_not_found
 from pdserve.serving.request_parse import GenItem, new_rid
-from pdserve.serving.server_state import read_json, state_of
+from pdserve.serving.server_state import ServerState, read_json, state_of
 
 DUMP_TIMEOUT_S = 10.0
 
@@ -107,22 +108,32 @@ async def model_info(request: web.Request) -> web.Response:
     )
 
 
+def _model_card(state: ServerState, name: str, created: int) -> dict[str, Any]:
+    return {
+        "id": name,
+        "object": "model",
+        "created": created,
+        "owned_by": "pdserve",
+        "root": state.cfg.engine.model_path,
+        "max_model_len": state.controller.max_context_len,
+    }
+
+
 async def models(request: web.Request) -> web.Response:
     """Every name the OpenAI routes accept, the served name first."""
     state = state_of(request)
     created = int(time.time())
-    cards = [
-        {
-            "id": name,
-            "object": "model",
-            "created": created,
-            "owned_by": "pdserve",
-            "root": state.cfg.engine.model_path,
-            "max_model_len": state.controller.max_context_len,
-        }
-        for name in state.cfg.model_names
-    ]
+    cards = [_model_card(state, name, created) for name in state.cfg.model_names]
     return web.json_response({"object": "list", "data": cards})
+
+
+async def retrieve_model(request: web.Request) -> web.Response:
+    """OpenAI's retrieve model: the card /v1/models lists for that name, else vLLM's 404."""
+    state = state_of(request)
+    name = request.match_info["model"]  # percent-decoded: a name may hold a slash
+    if name not in state.cfg.model_names:
+        raise model_not_found(name)
+    return web.json_response(_model_card(state, name, int(time.time())))
 
 
 async def get_load(request: web.Request) -> web.Response:
@@ -209,6 +220,7 @@ def add_routes(app: web.Application) -> None:
     for path in ("/model_info", "/get_model_info"):
         app.router.add_get(path, model_info)
     app.router.add_get("/v1/models", models)
+    app.router.add_get("/v1/models/{model:.+}", retrieve_model)
     app.router.add_get("/debug/kv_cache", debug_kv_cache)
     app.router.add_get("/get_load", get_load)
     app.router.add_route("*", "/flush_cache", flush_cache)

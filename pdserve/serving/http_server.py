@@ -21,7 +21,7 @@ from aiohttp import web
 
 from pdserve.auth import bearer_ok, is_loopback
 from pdserve.engine.request import InvalidSampling, SamplingParams
-from pdserve.serving import admin_api, native_api, openai_api
+from pdserve.serving import admin_api, native_api, openai_api, tokenize_api
 from pdserve.serving.config import ServerConfig
 from pdserve.serving.content_coding import ACCEPTED_CODINGS, UnsupportedCoding
 from pdserve.serving.dp_controller import DPController, WorkerStartError
@@ -140,6 +140,7 @@ def build_app(state: ServerState) -> web.Application:
     admin_api.add_routes(app)
     native_api.add_routes(app)
     openai_api.add_routes(app)
+    tokenize_api.add_routes(app)
     return app
 
 

@@ -26,6 +26,7 @@ from pdserve.serving.openai_format import (
     end_offset,
     finish_fields,
     logprobs_count,
+    model_not_found,
     refuse_unsupported,
     render_chat_prompt,
     turn_fields,
@@ -319,9 +320,7 @@ def check_model(body: dict, model_names: list[str]) -> None:
     """A `model` the server does not serve gets vLLM's 404; no `model` is accepted."""
     model = get_field(body, "model", str, None)
     if model is not None and model not in model_names:
-        raise RequestError(
-            404, f"The model `{model}` does not exist.", kind="NotFoundError", param="model"
-        )
+        raise model_not_found(model)
 
 
 def _meta(state: ServerState, prefix: str) -> dict[str, Any]:

@@ -63,6 +63,13 @@ def refuse_unsupported(body: dict) -> None:
         )
 
 
+def model_not_found(model: str) -> RequestError:
+    """vLLM's answer to a model name the server does not serve."""
+    return RequestError(
+        404, f"The model `{model}` does not exist.", kind="NotFoundError", param="model"
+    )
+
+
 def logprobs_count(value: Any, name: str) -> int:
     """The number of alternatives per token a `logprobs`/`top_logprobs` field asks for."""
     if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_LOGPROBS:

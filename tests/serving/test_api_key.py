@@ -8,7 +8,7 @@ import pytest
 import requests
 from aiohttp import web
 
-from pdserve.serving import admin_api, native_api, openai_api
+from pdserve.serving import admin_api, native_api, openai_api, tokenize_api
 from tests.helpers import http_json, launch_server
 
 KEY = "sk-test-123"
@@ -17,7 +17,7 @@ KEY = "sk-test-123"
 def server_routes() -> list[tuple[str, str]]:
     """Every (method, path) the server's front end serves, read from its route tables."""
     app = web.Application()
-    for module in (admin_api, native_api, openai_api):
+    for module in (admin_api, native_api, openai_api, tokenize_api):
         module.add_routes(app)
     routes = set()
     for route in app.router.routes():
@@ -37,7 +37,10 @@ BODIES = {
         "max_tokens": 1,
     },
     "/abort_request": {"rid": "nobody"},
+    "/tokenize": {"prompt": "hi"},
+    "/detokenize": {"tokens": [5, 6]},
 }
+URLS = {"/v1/models/{model}": "/v1/models/tiny-random"}  # a route's path with its parameter
 
 
 @pytest.fixture(scope="module", params=["flag", "env"])
@@ -59,14 +62,13 @@ def test_every_route_is_listed():
 @pytest.mark.parametrize("method, path", [r for r in ROUTES if r[1] != "/health"])
 def test_a_protected_route_needs_the_key(server, method, path):
     body = BODIES.get(path) if method == "POST" else None
+    url = server.url + URLS.get(path, path)
     for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}):
-        status, answer = http_json(method, server.url + path, body, headers=headers)
+        status, answer = http_json(method, url, body, headers=headers)
         assert status == 401, (headers, answer)
         assert answer["error"]["type"] == "authentication_error"
         assert "Bearer" in answer["error"]["message"]
-    status, answer = http_json(
-        method, server.url + path, body, headers={"Authorization": f"Bearer {KEY}"}
-    )
+    status, answer = http_json(method, url, body, headers={"Authorization": f"Bearer {KEY}"})
     assert status == 200, answer
 
 

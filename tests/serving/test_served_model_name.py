@@ -80,3 +80,29 @@ def test_an_empty_served_name_is_refused_at_start():
 
     done = run_serve(["--model-path", "tiny-random", "--served-model-name", "a", ""])
     assert done.returncode != 0 and "--served-model-name: a name must not be empty" in done.stderr
+
+
+def test_retrieve_model_answers_each_served_name_and_404s_another(named_server):
+    """OpenAI's `GET /v1/models/{model}` (it was a 404 for every name): the card /v1/models
+    lists for that name; another name gets vLLM's 404, in OpenAI's shape."""
+    listed = http_json("GET", named_server.url + "/v1/models")[1]["data"]
+    for card in listed:
+        status, out = http_json("GET", f"{named_server.url}/v1/models/{card['id']}")
+        assert status == 200 and out == {**card, "created": out["created"]}, out
+    status, out = http_json("GET", named_server.url + "/v1/models/org/other-model")
+    assert status == 404 and out["error"]["type"] == "NotFoundError", out
+    assert out["error"]["message"] == "The model `org/other-model` does not exist."
+    client = openai.OpenAI(base_url=named_server.url + "/v1", api_key="unused", max_retries=0)
+    assert client.models.retrieve("my-llm").id == "my-llm"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-4o")
+
+
+@pytest.mark.parametrize("route", ["/tokenize", "/detokenize"])
+def test_tokenize_routes_take_the_served_names_and_404_another(named_server, route):
+    body = {"prompt": "hi"} if route == "/tokenize" else {"tokens": [5, 6]}
+    for name in ("my-llm", "tiny-random", None):
+        status, out = http_json("POST", named_server.url + route, {**body, "model": name})
+        assert status == 200, (name, out)
+    status, out = http_json("POST", named_server.url + route, {**body, "model": "m"})
+    assert status == 404 and out["error"]["message"] == "The model `m` does not exist.", out
