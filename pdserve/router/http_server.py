@@ -122,7 +122,8 @@ Handler = Callable[[Request], Awaitable[Response | StreamResponse]]
 
 
 class HttpServer:
-    """Routes by path, then method: `routes[path][method] = handler`."""
+    """Routes by path, then method: `routes[path][method] = handler`; a path ending in
+    `/*` takes every longer path that starts with what precedes the `*`."""
 
     def __init__(
         self,
@@ -131,6 +132,9 @@ class HttpServer:
         idle_timeout_s: float = IDLE_TIMEOUT_S,
     ):
         self.routes = routes
+        self._prefixed = [
+            (path[:-1], methods) for path, methods in routes.items() if path[-2:] == "/*"
+        ]
         self.max_body_bytes = max_body_bytes
         self.idle_timeout_s = idle_timeout_s
         self.connections: set[ServerConnection] = set()
@@ -156,6 +160,8 @@ class HttpServer:
 
     def handler(self, method: str, path: str) -> Handler:
         methods = self.routes.get(path)
+        if methods is None:
+            methods = next((m for p, m in self._prefixed if path.startswith(p) and path != p), None)
         if methods is None:
             return _error_handler(404, f"no route {path}")
         handler = methods.get("GET" if method == "HEAD" else method)  # HEAD: GET's head

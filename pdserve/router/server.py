@@ -13,8 +13,9 @@ import time
 from typing import Any
 
 from pdserve.auth import bearer_ok, is_loopback
-from pdserve.router.body import CHAT, COMPLETIONS, GENERATE
+from pdserve.router.body import CHAT, COMPLETIONS, GENERATE, BadRequest
 from pdserve.router.config import RouterConfig, WorkerSpec
+from pdserve.router.content_coding import ACCEPT_ENCODING, UnsupportedCoding, decoded_body
 from pdserve.router.fanout import flush_cache, get_load, health_generate
 from pdserve.router.http_client import HttpError
 from pdserve.router.http_server import (
@@ -76,8 +77,11 @@ class Router:
             },
             "/server_info": {"GET": self.server_info},
             "/get_server_info": {"GET": self.server_info},
-            "/v1/models": {"GET": self._from_decode("/v1/models")},
-            "/model_info": {"GET": self._from_decode("/model_info")},
+            "/v1/models": {"GET": self._from_decode()},
+            "/v1/models/*": {"GET": self._from_decode()},  # retrieve one model
+            "/model_info": {"GET": self._from_decode()},
+            "/tokenize": {"POST": self._from_decode()},
+            "/detokenize": {"POST": self._from_decode()},
         }
         return self._guarded(routes)
 
@@ -240,7 +244,11 @@ class Router:
             info["prompt_tokenizer_path"] = self.prompt_tokenizer.path if loaded else None
         return json_response(info)
 
-    def _from_decode(self, path: str) -> Handler:
+    def _from_decode(self) -> Handler:
+        """A route a healthy decode (or plain) worker answers for the router: the request,
+        its path and body as sent (the body's content coding undone, as for generation),
+        and the worker's answer, status included, relayed."""
+
         async def handler(request: Request) -> Response:
             now = time.monotonic()
             workers = self.registry.available("decode", now) or self.registry.available(
@@ -248,14 +256,32 @@ class Router:
             )
             if not workers:
                 return error_response(503, "no healthy decode server available")
-            timeout_s = self.config.health_check_timeout_s
-            try:
-                status, body = await self.proxy.client.get(workers[0].url, path, timeout_s)
-                return Response(body, status)
-            except HttpError as exc:
-                return error_response(502, f"{workers[0].url}{path} failed: {exc!r}")
+            body = None
+            if request.method == "POST":
+                try:
+                    body = decoded_body(request.body, request.header("Content-Encoding"))
+                except UnsupportedCoding as exc:
+                    return error_response(exc.status, exc.message, headers=ACCEPT_ENCODING)
+                except BadRequest as exc:
+                    return error_response(exc.status, f"bad request: {exc}")
+            return await self._relay(workers[0].url, request, body)
 
         return handler
+
+    async def _relay(self, url: str, request: Request, body: bytes | None) -> Response:
+        # a GET asks for a small answer; a POST (tokenize) may carry a large prompt
+        timeout_s = (
+            self.config.health_check_timeout_s if body is None else self.config.request_timeout_s
+        )
+        try:
+            method = "GET" if body is None else "POST"  # HEAD too: the router drops the body
+            answer = await self.proxy.client.request(method, url, request.path, timeout_s, body)
+            try:
+                return Response(await answer.read(), answer.status)
+            finally:
+                answer.release()
+        except HttpError as exc:
+            return error_response(502, f"{url}{request.path} failed: {exc!r}")
 
 
 async def _serve_metrics(router: Router) -> HttpServer | None:

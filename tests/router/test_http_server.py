@@ -288,3 +288,20 @@ def test_an_answer_in_progress_is_not_cut_by_the_idle_timeout() -> None:
         writer.close()
 
     serve(handlers, scenario, idle_timeout_s=IDLE_S)
+
+
+def test_a_path_ending_in_a_star_takes_every_longer_path_under_it() -> None:
+    """The router's /v1/models/{model}: a model name may hold slashes."""
+
+    async def listed(request: Request) -> Response:
+        return Response()
+
+    async def one(request: Request) -> Response:
+        return Response()
+
+    server = HttpServer({"/v1/models": {"GET": listed}, "/v1/models/*": {"GET": one}}, 0)
+    assert server.handler("GET", "/v1/models") is listed
+    assert server.handler("GET", "/v1/models/org/name") is one
+    assert server.handler("HEAD", "/v1/models/m") is one
+    for method, path, status in [("GET", "/v1/models/", 404), ("POST", "/v1/models/m", 405)]:
+        assert asyncio.run(server.handler(method, path)(None)).status == status

@@ -399,3 +399,33 @@ def test_plain_mode_forwards_to_a_colocated_server(tiny_server):
         assert refused.status_code == 400, refused.text
         error = refused.json()["error"]
         assert error["type"] == "invalid_request_error" and error["param"] == "top_logprobs"
+
+
+def test_tokenize_routes_and_retrieve_model_on_every_role_and_through_the_router(
+    router, tiny_server, pd_pair
+):
+    """vLLM's /tokenize and /detokenize and OpenAI's GET /v1/models/{model} (404s before):
+    prefill, decode and colocated servers answer alike, and the router relays a decode
+    server's answer, errors and gzip bodies included."""
+    prefill, decode = pd_pair
+    chat = {"messages": MESSAGES, "return_token_strs": True}
+    want = post(tiny_server.url + "/tokenize", chat).json()
+    text = post(tiny_server.url + "/detokenize", {"tokens": want["tokens"]}).json()
+    for url in (prefill.url, decode.url, router.url):
+        assert post(url + "/tokenize", chat).json() == want, url
+        assert post(url + "/detokenize", {"tokens": want["tokens"]}).json() == text, url
+        card = requests.get(url + "/v1/models/tiny-random", timeout=60)
+        assert card.status_code == 200 and card.json()["id"] == "tiny-random", card.text
+        for method, path, body, status, param in [
+            ("GET", "/v1/models/org/none", None, 404, "model"),
+            ("POST", "/tokenize", {"prompt": "x", "model": "none"}, 404, "model"),
+            ("POST", "/detokenize", {"tokens": [10**9]}, 400, "tokens"),
+        ]:
+            resp = requests.request(method, url + path, json=body, timeout=60)
+            assert resp.status_code == status and resp.json()["error"]["param"] == param, resp.text
+    data = gzip.compress(json.dumps(chat).encode())
+    headers = {"Content-Encoding": "gzip", "Content-Type": "application/json"}
+    got = requests.post(router.url + "/tokenize", data=data, headers=headers, timeout=60)
+    assert got.status_code == 200 and got.json() == want, got.text
+    client = openai.OpenAI(base_url=router.url + "/v1", api_key="none", max_retries=0)
+    assert client.models.retrieve("tiny-random").id == "tiny-random"
