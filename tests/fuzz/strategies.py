@@ -120,3 +120,23 @@ RAW_BODIES = st.one_of(
     st.text(max_size=64).map(str.encode),
     st.sampled_from([b"", b"{", b"[]", b"null", b'{"a":', b"\xff\xfe", b"[" * 3000 + b"]" * 3000]),
 )
+
+
+def tokenize_body() -> st.SearchStrategy:
+    """A /tokenize or /detokenize body: either form's fields, plausible or anything."""
+    message = st.fixed_dictionaries(
+        {"role": field(st.sampled_from(["user", "assistant"]))},
+        optional={"content": field(st.text(max_size=20))},
+    )
+    return st.fixed_dictionaries(
+        {},
+        optional={
+            "prompt": field(st.text(max_size=30)),
+            "messages": field(st.lists(message, max_size=2)),
+            "tokens": field(TOKEN_IDS),
+            "model": field(st.sampled_from(["tiny-random", "other"])),
+            "add_special_tokens": field(st.booleans()),
+            "add_generation_prompt": field(st.booleans()),
+            "return_token_strs": field(st.booleans()),
+        },
+    )

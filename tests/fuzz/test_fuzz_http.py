@@ -81,6 +81,16 @@ def test_router_generation_routes_answer_2xx_or_4xx(servers, route, data):
     check(send("POST", servers.router.url + route, body), {200} | set(range(400, 500)))
 
 
+@given(
+    role=st.sampled_from(["colocated", "prefill", "decode", "router"]),
+    route=st.sampled_from(["/tokenize", "/detokenize"]),
+    body=st.one_of(s.tokenize_body(), s.JSON, s.RAW_BODIES),
+)
+def test_tokenize_routes_answer_2xx_or_4xx_on_every_role(servers, role, route, body):
+    url = getattr(servers, role).url
+    check(send("POST", url + route, body), {200} | set(range(400, 500)))
+
+
 # -- admin, bootstrap and router management routes ------------------------------------
 @given(
     role=st.sampled_from(["colocated", "prefill", "decode"]),
