@@ -59,21 +59,37 @@ def http_json(
         return status, raw.decode(errors="replace")
 
 
-def sse_events(url: str, body: Any, timeout_s: float = 60.0) -> list[Any]:
-    """POST `body` and collect a server-sent-event stream: parsed `data:` payloads, with the
-    final "[DONE]" kept as the string. AssertionError if the answer is not a stream."""
+def open_sse(url: str, body: Any, timeout_s: float = 60.0) -> Any:
+    """POST `body`; the open response once its stream has started (200 and headers in: a
+    server sends them with its first output). Read it with `read_sse`. AssertionError if
+    the answer is not a stream."""
     req = urllib.request.Request(
         url, json.dumps(body).encode(), {"Content-Type": "application/json"}
     )
+    resp = urllib.request.urlopen(req, timeout=timeout_s)
+    if not resp.headers["Content-Type"].startswith("text/event-stream"):
+        resp.close()
+        raise AssertionError(f"not a stream: {resp.headers}")
+    return resp
+
+
+def read_sse(resp: Any) -> list[Any]:
+    """The rest of an open stream, then closed: parsed `data:` payloads, with the final
+    "[DONE]" kept as the string."""
     events: list[Any] = []
-    with urllib.request.urlopen(req, timeout=timeout_s) as resp:
-        assert resp.headers["Content-Type"].startswith("text/event-stream"), resp.headers
+    with resp:
         for raw in resp:
             line = raw.decode().strip()
             if line.startswith("data: "):
                 payload = line[len("data: ") :]
                 events.append(payload if payload == "[DONE]" else json.loads(payload))
     return events
+
+
+def sse_events(url: str, body: Any, timeout_s: float = 60.0) -> list[Any]:
+    """POST `body` and collect a server-sent-event stream (`read_sse`). AssertionError if
+    the answer is not a stream."""
+    return read_sse(open_sse(url, body, timeout_s))
 
 
 def raw_exchange(url: str, data: bytes, timeout_s: float = 30.0) -> bytes:

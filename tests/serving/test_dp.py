@@ -16,8 +16,9 @@ from tests.helpers import (
     REPO_ROOT,
     free_port,
     http_json,
+    open_sse,
     python_path_env,
-    sse_events,
+    read_sse,
     wait_until,
 )
 
@@ -94,15 +95,17 @@ def test_a_dead_worker_fails_its_requests_with_5xx_and_reports_no_load(server_fa
     url = server.url
     pids = http_json("GET", f"{url}/server_info")[1]["worker_pids"]
     doomed = {"text": "doomed", "routed_dp_rank": 1, "sampling_params": LONG}
-    with ThreadPoolExecutor(2) as pool:
+    with ThreadPoolExecutor(1) as pool:
         future = pool.submit(http_json, "POST", f"{url}/generate", doomed)
-        streamed = pool.submit(sse_events, f"{url}/generate", {**doomed, "stream": True})
+        # Started (200, its first output sent) before the kill: a stream killed before then
+        # gets the HTTP status instead, as the plain request does.
+        stream = open_sse(f"{url}/generate", {**doomed, "stream": True}, 30)
         wait_until(lambda: inflight_by_rank(url)[1] == 2, 30, "both requests to run on rank 1")
         os.kill(pids[1], signal.SIGKILL)
         status, out = future.result(30)
-        events = streamed.result(30)
+        events = read_sse(stream)
     assert status == 500 and "worker 1" in out["error"]["message"]
-    # The stream had started (200): the failure arrives as an error event, then [DONE].
+    # The stream had started: the failure arrives as an error event, then [DONE].
     assert events[-1] == "[DONE]" and "worker 1" in events[-2]["error"]["message"]
     status, out = http_json("POST", f"{url}/generate", {"text": "x", "routed_dp_rank": 1})
     assert status == 503 and "worker 1" in out["error"]["message"]
