@@ -83,3 +83,10 @@ def cuda_ipc_direct_launch() -> bool:
     """cuda_ipc: launch page copies through the compiled Triton kernel's own launcher and set
     completion flags with a stream write (off: Triton's JIT and a fill kernel per send)."""
     return env_bool("PDSERVE_CUDA_IPC_DIRECT_LAUNCH", default=True)
+
+
+def worker_multiproc_method() -> str | None:
+    """How a server starts its DP workers: `forkserver` (the default: forks of a process that
+    imported torch once) or `spawn` (a fresh interpreter each); vLLM's
+    VLLM_WORKER_MULTIPROC_METHOD."""
+    return _get("PDSERVE_WORKER_MULTIPROC_METHOD")

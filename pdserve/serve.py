@@ -40,10 +40,13 @@ def hooks_for(mode: str) -> ServerHooks:
 
 def _run(ns: argparse.Namespace) -> int:
     from pdserve.disagg.config import pd_server_config_from_args
-    from pdserve.serving.http_server import serve
+    from pdserve.serving import launcher
 
     try:
         cfg = pd_server_config_from_args(ns)
+        launcher.prestart()  # the workers' imports, while the front end imports its own
     except ValueError as exc:
         raise SystemExit(f"pdserve serve: {exc}") from None
+    from pdserve.serving.http_server import serve
+
     return serve(cfg, hooks_for(cfg.server.mode))

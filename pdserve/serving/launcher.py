@@ -1,20 +1,56 @@
-"""Starting and stopping a server's worker processes. Runs in the front-end process."""
+"""Starting and stopping a server's worker processes. Runs in the front-end process.
+
+Workers start from a fork server (multiprocessing's `forkserver` method) that has imported
+torch and the engine once: each worker is then a fork of it, with no import of its own
+(about 2 s of CPU per worker, which `spawn` pays in every one), and the fork server's one
+import overlaps the front end's own start-up (`prestart`). The fork server never touches a
+GPU, so each worker initialises CUDA itself. It exits when the front end does, and its
+workers with it (each dies with its parent). `PDSERVE_WORKER_MULTIPROC_METHOD=spawn` starts
+every worker from a fresh interpreter instead (vLLM's VLLM_WORKER_MULTIPROC_METHOD).
+"""
 
 from __future__ import annotations
 
 import multiprocessing
+import multiprocessing.forkserver
 import multiprocessing.process
 import os
 import time
 
+from pdserve import envs
 from pdserve.serving.config import ServerConfig
 from pdserve.serving.hooks import WorkerHooksFactory
 from pdserve.serving.worker import worker_main
 
+METHODS = ("forkserver", "spawn")
+# What the fork server imports before its first fork: the heavy part of a worker's start.
+PRELOAD = ["torch", "pdserve.engine.engine", "pdserve.serving.worker"]
+
+
+def start_method() -> str:
+    """How workers start: PDSERVE_WORKER_MULTIPROC_METHOD, `forkserver` by default (`spawn`
+    where the platform has no fork server). ValueError for another value."""
+    method = envs.worker_multiproc_method() or "forkserver"
+    if method not in METHODS:
+        raise ValueError(
+            f"PDSERVE_WORKER_MULTIPROC_METHOD={method!r}: expected one of {', '.join(METHODS)}"
+        )
+    if method == "forkserver" and method not in multiprocessing.get_all_start_methods():
+        return "spawn"
+    return method
+
+
+def prestart() -> None:
+    """Start the fork server now (it imports `PRELOAD`), so that its imports run while the
+    front end starts; the first worker would start it otherwise."""
+    if start_method() == "forkserver":
+        multiprocessing.forkserver.set_forkserver_preload(PRELOAD)
+        multiprocessing.forkserver.ensure_running()
+
 
 class WorkerProcesses:
-    """One spawned process per DP rank; they connect to the front end's ZeroMQ endpoints.
-    `make_hooks` travels to each by pickle (a module-level function), `cfg` too."""
+    """One process per DP rank (`start_method`); they connect to the front end's ZeroMQ
+    endpoints. `make_hooks` travels to each by pickle (a module-level function), `cfg` too."""
 
     def __init__(
         self,
@@ -24,7 +60,10 @@ class WorkerProcesses:
         beat_addr: str,
         make_hooks: WorkerHooksFactory,
     ):
-        ctx = multiprocessing.get_context("spawn")
+        method = start_method()
+        if method == "forkserver":
+            multiprocessing.forkserver.set_forkserver_preload(PRELOAD)
+        ctx = multiprocessing.get_context(method)
         self.procs: list[multiprocessing.process.BaseProcess] = [
             ctx.Process(
                 target=worker_main,

@@ -6,8 +6,10 @@ load reports out (PUSH); disaggregation plugs in through `WorkerHooks`.
 
 from __future__ import annotations
 
+import contextlib
 import faulthandler
 import logging
+import multiprocessing.forkserver
 import os
 import signal
 import sys
@@ -62,12 +64,12 @@ class WorkerLoop:
         dp_rank: int,
         ctrl: zmq.Socket,
         out: zmq.Socket,
-        parent_pid: int,
+        launcher_pid: int,
         load_interval_s: float,
     ):
         self.engine, self.hooks, self.dp_rank = engine, hooks, dp_rank
         self.ctrl, self.out = ctrl, out
-        self.parent_pid = parent_pid
+        self.launcher_pid = launcher_pid
         self.load_interval_s = load_interval_s
         self._last_load: WorkerLoad | None = None
         self._last_load_at = 0.0
@@ -79,7 +81,7 @@ class WorkerLoop:
         poller = zmq.Poller()
         for sock in [self.ctrl, *self.hooks.sockets()]:
             poller.register(sock, zmq.POLLIN)
-        while os.getppid() == self.parent_pid:
+        while os.getppid() == self.launcher_pid:
             idle = not (self.engine.has_work() or self.hooks.busy())
             self.step, self.busy = self.step + 1, not idle
             poller.poll(IDLE_POLL_MS if idle else 0)
@@ -93,7 +95,7 @@ class WorkerLoop:
                 self._send(self.hooks.after_step(time.monotonic(), outputs, held))
             self._forward_cache_events()
             self._report_load(time.monotonic())
-        logger.info("front end (pid %d) is gone; worker %d exits", self.parent_pid, self.dp_rank)
+        logger.info("the front end is gone; worker %d exits", self.dp_rank)
 
     def _drain_control(self) -> None:
         while True:
@@ -198,12 +200,18 @@ def worker_main(
     ctrl_addr: str,
     out_addr: str,
     beat_addr: str,
-    parent_pid: int,
+    front_end_pid: int,
     make_hooks: WorkerHooksFactory,
 ) -> None:
-    """Entry point of a worker process (multiprocessing spawn target); `make_hooks` builds
-    the worker's hooks once its engine is up."""
+    """Entry point of a worker process (the multiprocessing target, launcher.py); `make_hooks`
+    builds the worker's hooks once its engine is up."""
     die_with_parent(signal.SIGKILL)
+    # The process that started this one: the front end, or its fork server, which exits with
+    # it. This process exits when that one does (the loop watches it, the kernel signals).
+    launcher_pid = os.getppid()
+    _release_fork_server()
+    if not _alive(front_end_pid):  # it died before the signal was asked for
+        sys.exit(0)
     # Ctrl-C reaches the whole process group; the front end stops its workers itself.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     # The front end's watchdog asks a stuck worker where it hangs (faulthandler writes the
@@ -220,7 +228,7 @@ def worker_main(
     out.setsockopt(zmq.LINGER, 1000)
     out.connect(out_addr)
     try:
-        loop = _start(cfg, dp_rank, ctrl, out, parent_pid, make_hooks)
+        loop = _start(cfg, dp_rank, ctrl, out, launcher_pid, make_hooks)
     except Exception as exc:
         traceback.print_exc()
         out.send(
@@ -261,6 +269,29 @@ def _beat(ctx: zmq.Context, beat_addr: str, loop: WorkerLoop) -> None:
         time.sleep(ALIVE_INTERVAL_S)  # a period, not a synchronisation
 
 
+def _release_fork_server() -> None:
+    """Close this process's copy of the fork server's "alive" pipe. multiprocessing gives
+    every process the fork server starts the pipe's write end, and the fork server exits
+    once no process holds it; a worker holding it would keep its parent, and so itself,
+    alive after the front end died. Nothing to do in a spawned worker."""
+    server = getattr(multiprocessing.forkserver, "_forkserver", None)
+    fd = getattr(server, "_forkserver_alive_fd", None)
+    if fd is not None:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+        server._forkserver_alive_fd = None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's (the pid was reused)
+        return True
+    return True
+
+
 def _stop_detokenizer(model_dir: str) -> Callable[[list[int]], str]:
     """What the engine decodes output tails with. The `tokenizers` library reads the same
     tokenizer.json as the front end's tokenizer without importing transformers, which
@@ -281,7 +312,7 @@ def _start(
     dp_rank: int,
     ctrl: zmq.Socket,
     out: zmq.Socket,
-    parent_pid: int,
+    launcher_pid: int,
     make_hooks: WorkerHooksFactory,
 ) -> WorkerLoop:
     import torch
@@ -306,5 +337,5 @@ def _start(
     out.send(protocol.encode(ready))
     logger.info("ready: %d pages of %d tokens", engine.num_total_pages, engine.page_size)
     return WorkerLoop(
-        engine, hooks, dp_rank, ctrl, out, parent_pid, cfg.server.load_report_interval_s
+        engine, hooks, dp_rank, ctrl, out, launcher_pid, cfg.server.load_report_interval_s
     )

@@ -123,9 +123,26 @@ def test_a_dead_worker_fails_its_requests_with_5xx_and_reports_no_load(server_fa
         )
 
 
-def test_workers_exit_when_the_front_end_is_killed(server_factory):
-    server = server_factory(TINY_ARGS)
+def _parent(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[1])
+
+
+@pytest.mark.parametrize("method", ["forkserver", "spawn"])
+def test_workers_exit_when_the_front_end_is_killed(server_factory, method):
+    """Either way workers start, none outlives a front end killed with SIGKILL: a fork
+    server's workers hold no part in keeping it alive (multiprocessing hands each the pipe
+    end whose closing ends the fork server)."""
+    env = {} if method == "forkserver" else {"PDSERVE_WORKER_MULTIPROC_METHOD": "spawn"}
+    server = server_factory([*TINY_ARGS, "--dp-size", "2"], env=env)
     pids = http_json("GET", f"{server.url}/server_info")[1]["worker_pids"]
+    parents = {_parent(pid) for pid in pids}
+    if method == "spawn":
+        assert parents == {server.pid}
+    else:  # forks of one fork server, the front end's child
+        (fork_server,) = parents
+        assert fork_server != server.pid and _parent(fork_server) == server.pid
+        pids.append(fork_server)
     os.kill(server.pid, signal.SIGKILL)
 
     def gone(pid: int) -> bool:
@@ -137,11 +154,13 @@ def test_workers_exit_when_the_front_end_is_killed(server_factory):
         with open(f"/proc/{pid}/stat") as f:
             return f.read().split(")")[-1].split()[0] == "Z"
 
-    wait_until(lambda: all(gone(p) for p in pids), 10, "the orphaned worker to exit")
+    wait_until(lambda: all(gone(p) for p in pids), 10, "the orphaned workers to exit")
 
 
-def run_serve(args: list[str], timeout_s: float = 120) -> subprocess.CompletedProcess:
-    env = python_path_env()
+def run_serve(
+    args: list[str], timeout_s: float = 120, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    env = {**python_path_env(), **(env or {})}
     return subprocess.run(
         [sys.executable, "-m", "pdserve", "serve", "--port", str(free_port()), *args],
         cwd=REPO_ROOT,
@@ -163,6 +182,11 @@ def test_bad_options_fail_with_a_clear_message():
     assert done.returncode != 0 and "unknown model" in done.stderr
     done = run_serve([*TINY_ARGS, "--dp-size", "0"])
     assert done.returncode != 0 and "--dp-size must be >= 1" in done.stderr
+    done = run_serve(TINY_ARGS, env={"PDSERVE_WORKER_MULTIPROC_METHOD": "fork"})
+    assert done.returncode != 0
+    assert "PDSERVE_WORKER_MULTIPROC_METHOD='fork': expected one of forkserver, spawn" in (
+        done.stderr
+    )
 
 
 def test_a_taken_kv_events_port_fails_the_start_with_the_flag_named_not_a_traceback():
