@@ -121,6 +121,8 @@ class PairChooser:
         decode, decode_kv_rank = best_decode.worker, best_decode.dp_rank
         prefill_matched, decode_matched = best_prefill.matched_tokens, best_decode.matched_tokens
         prefill_rank = prefill_kv_rank
+        if c.align_room and not c.dp_aware:  # the rank the prefill server will honour
+            prefill_rank = _client_rank(body, prefill.dp_size, prefill_rank)
         if prefill_rank is None and (c.dp_aware or c.align_room):
             prefill_rank = prefill.choose_rank()
         decode_rank = decode_kv_rank
@@ -156,3 +158,16 @@ class PairChooser:
     def forget(self, url: str) -> None:
         for policy in self.policies.values():
             policy.forget(url)
+
+
+def _client_rank(body: dict[str, Any], dp_size: int, otherwise: int | None) -> int | None:
+    """The prefill rank a client's body names (`routed_dp_rank`, or its alias
+    `data_parallel_rank`; one integer in range), which the router passes on outside
+    --dp-aware, so that --align-room draws its rooms on it; else `otherwise`. A batch's
+    list of ranks, or a rank out of range (prefill answers 400), keeps `otherwise`."""
+    for name in ("routed_dp_rank", "data_parallel_rank"):
+        rank = body.get(name)
+        if rank is not None:
+            in_range = isinstance(rank, int) and not isinstance(rank, bool) and 0 <= rank < dp_size
+            return rank if in_range else otherwise
+    return otherwise

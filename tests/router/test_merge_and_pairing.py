@@ -192,6 +192,26 @@ def test_align_room_draws_rooms_on_the_chosen_prefill_rank():
     assert seen == {0, 1, 2}
 
 
+def test_align_room_draws_rooms_on_the_rank_the_client_routed_to():
+    """Outside --dp-aware the client's routed_dp_rank reaches prefill, which serves the room
+    there: a room drawn on the router's own pick conflicted with it (follow_bootstrap_room)."""
+    config = RouterConfig(align_room=True)
+    registry = registry_with(config, prefill_dp=3)
+    chooser = PairChooser(config, registry, random.Random(0))
+    for field in ("routed_dp_rank", "data_parallel_rank"):
+        for rank in (0, 1, 2) * 20:
+            pair = chooser.choose("/generate", {"text": "a", field: rank}, None, "a", now=0.0)
+            assert pair.prefill_rank == rank and pair.plan.rooms[0] % 3 == rank
+    seen = set()  # a list of ranks (a batch), or one out of range: the router's own pick
+    for ranks in ([2, 2], 3, -1, True, "1"):
+        for _ in range(30):
+            body = {"text": ["a", "b"], "routed_dp_rank": ranks}
+            pair = chooser.choose("/generate", body, 2, "a", now=0.0)
+            assert all(room % 3 == pair.prefill_rank for room in pair.plan.rooms)
+            seen.add(pair.prefill_rank)
+    assert seen == {0, 1, 2}
+
+
 def test_dp_aware_plan_names_both_ranks_and_the_prefill_bootstrap():
     config = RouterConfig(dp_aware=True)
     registry = registry_with(config, prefill_dp=2, decode_dp=4)

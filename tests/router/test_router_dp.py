@@ -37,16 +37,19 @@ def resolutions(decode_url: str) -> dict[str, float]:
     }
 
 
-def run_through_router(dp_pair, flag: str, tiny_server) -> dict[str, float]:
+def run_through_router(
+    dp_pair, flag: str, tiny_server, bodies: list[dict] | None = None
+) -> dict[str, float]:
     prefill, decode = dp_pair
+    bodies = bodies or [BODY] * NUM_REQUESTS
     before = resolutions(decode.url)
     args = router_args([(prefill.url, prefill.bootstrap_port)], [decode.url]) + [flag]
     want = requests.post(tiny_server.url + "/generate", json=BODY, timeout=60).json()
     with start_router(args) as router, concurrent.futures.ThreadPoolExecutor(8) as pool:
         answers = list(
             pool.map(
-                lambda _: requests.post(router.url + "/generate", json=BODY, timeout=60),
-                range(NUM_REQUESTS),
+                lambda body: requests.post(router.url + "/generate", json=body, timeout=60),
+                bodies,
             )
         )
     for resp in answers:
@@ -64,5 +67,8 @@ def test_dp_aware_names_the_ranks_so_decode_never_queries(dp_pair, tiny_server):
 
 
 def test_align_room_keeps_the_fast_path(dp_pair, tiny_server):
-    delta = run_through_router(dp_pair, "--align-room", tiny_server)
+    """Half the requests name their rank (passed on: prefill serves them there); rooms are
+    drawn on that rank, not on the router's own pick, which prefill refused as a conflict."""
+    bodies = [BODY, {**BODY, "routed_dp_rank": 1}] * (NUM_REQUESTS // 2)
+    delta = run_through_router(dp_pair, "--align-room", tiny_server, bodies)
     assert delta == {"explicit": 0, "single_rank": 0, "fast_path": NUM_REQUESTS, "query": 0}
