@@ -95,3 +95,35 @@ def pd_module() -> Iterator[PDFactory]:
         yield factory
     finally:
         factory.stop_all()
+
+
+class PDPairs:
+    """Prefill + decode pairs of one module, started when a test first asks for a
+    configuration and handed to every later test that asks for the same one. A test that
+    takes a pair must leave both servers running and idle (nothing killed, frozen or held):
+    each server start costs CI seconds of CPU, a shared pair costs one."""
+
+    def __init__(self, factory: PDFactory) -> None:
+        self.factory = factory
+        self.pairs: dict[tuple, tuple[Prefill, ServerProcess]] = {}
+
+    def get(
+        self,
+        prefill_dp: int = 1,
+        decode_dp: int = 1,
+        prefill_args: Sequence[str] = (),
+        decode_args: Sequence[str] = (),
+    ) -> tuple[Prefill, ServerProcess]:
+        key = (prefill_dp, decode_dp, tuple(prefill_args), tuple(decode_args))
+        if key not in self.pairs:
+            prefill = self.factory.prefill(prefill_dp, prefill_args)
+            self.pairs[key] = (prefill, self.factory.decode(decode_dp, decode_args))
+        prefill, decode = self.pairs[key]
+        assert prefill.server.alive() and decode.alive(), f"a test stopped shared pair {key}"
+        return prefill, decode
+
+
+@pytest.fixture(scope="module")
+def pd_pairs(pd_module) -> PDPairs:
+    """The module's shared prefill + decode pairs, keyed by configuration (`PDPairs`)."""
+    return PDPairs(pd_module)

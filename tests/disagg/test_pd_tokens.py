@@ -1,6 +1,6 @@
 """Through prefill -> decode, tokens equal the colocated server's: greedy and seeded
 sampling, penalties, prompts shorter than a page, exactly a page and many pages, several
-DP shapes."""
+DP shapes. Tests of one configuration share its pair (`pd_pairs`): each leaves it idle."""
 
 from __future__ import annotations
 
@@ -32,6 +32,7 @@ LENGTHS = [
     200,
     257,
 ]
+ZMQ = backend_args("zmq")  # the default backend, named so that the shared pairs' keys match
 
 
 def _prompts(num: int, seed: int) -> list[list[int]]:
@@ -101,11 +102,13 @@ def _with_nixl(dp: tuple[int, int]):
         _with_nixl((2, 2)),
     ],
 )
-def test_pd_tokens_equal_colocated(pd, reference, prefill_dp, decode_dp, backend, decode_args):
+def test_pd_tokens_equal_colocated(
+    pd_pairs, reference, prefill_dp, decode_dp, backend, decode_args
+):
     """Decode with overlap scheduling too: steps launched before the previous one's tokens
     are read (the CPU runs that code without asynchrony)."""
-    prefill = pd.prefill(prefill_dp, backend_args(backend))
-    decode = pd.decode(decode_dp, [*decode_args, *backend_args(backend)])
+    args = backend_args(backend)
+    prefill, decode = pd_pairs.get(prefill_dp, decode_dp, args, [*decode_args, *args])
     bodies = _bodies()
     results = run_many(
         lambda s: [
@@ -124,9 +127,8 @@ def test_pd_tokens_equal_colocated(pd, reference, prefill_dp, decode_dp, backend
     wait_idle([prefill.url, decode.url])
 
 
-def test_pd_streaming_and_batch_match_colocated(pd, tiny_server):
-    prefill = pd.prefill(2)
-    decode = pd.decode(2)
+def test_pd_streaming_and_batch_match_colocated(pd_pairs, tiny_server):
+    prefill, decode = pd_pairs.get(2, 2, ZMQ, ZMQ)
     ids = _prompts(3, seed=3)
     body = {"input_ids": ids, "sampling_params": {"max_new_tokens": 5, "temperature": 0}}
     want = [
@@ -154,9 +156,8 @@ def _last_sse_json(text: str) -> dict:
     return json.loads(chunks[-2])
 
 
-def test_pd_streaming_matches_colocated(pd, tiny_server):
-    prefill = pd.prefill(1)
-    decode = pd.decode(1)
+def test_pd_streaming_matches_colocated(pd_pairs, tiny_server):
+    prefill, decode = pd_pairs.get(1, 1, ZMQ, ZMQ)
     body = {
         "input_ids": _prompts(1, seed=4)[0],
         "sampling_params": {"max_new_tokens": 7, "temperature": 0},
@@ -178,13 +179,12 @@ def test_pd_streaming_matches_colocated(pd, tiny_server):
     wait_idle([prefill.url, decode.url])
 
 
-def test_a_stop_string_in_the_first_token_stops_the_answer_as_colocated(pd, tiny_server):
+def test_a_stop_string_in_the_first_token_stops_the_answer_as_colocated(pd_pairs, tiny_server):
     """The first token is sampled on prefill; a stop string its text matches ends the
     answer on decode, as colocated. Prefill must still ship the KV: its leg is sent first and
     decode's only once prefill computed the prompt, the order in which prefill used to abort
     the room on the match and fail the decode leg with 'aborted on prefill'."""
-    prefill = pd.prefill(1)
-    decode = pd.decode(1)
+    prefill, decode = pd_pairs.get(1, 1, ZMQ, ZMQ)
     text = {"text": "The capital of France is"}
     first = requests.post(
         tiny_server.url + "/generate",
