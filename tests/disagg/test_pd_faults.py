@@ -61,6 +61,12 @@ def short_kv_wait_pair(pd_module) -> tuple[Prefill, ServerProcess]:
     return pd_module.prefill(1), pd_module.decode(1, ["--kv-wait-timeout-s", str(KV_WAIT_S)])
 
 
+@pytest.fixture(scope="module")
+def small_decode_pair(pd_module) -> tuple[Prefill, ServerProcess]:
+    """A prefill + decode pair whose decode pool holds only 64 tokens (4 pages)."""
+    return pd_module.prefill(1), pd_module.decode(1, ["--max-total-tokens", "64"])
+
+
 def _leg(bootstrap_port: int, room: int, body: dict = BODY, **extra) -> dict:
     """One leg's body, as a router would send it to either server."""
     return dict(
@@ -213,9 +219,11 @@ def test_abort_on_prefill_fails_the_decode_leg(pair):
     wait_idle([prefill.url, decode.url])
 
 
-def test_incompatible_page_size_fails_with_both_values(pd):
+def test_incompatible_page_size_fails_with_both_values(pd, pair):
+    """A prefill of its own; the shared decode has the default page size, 16."""
+    decode = pair[1]
+    assert requests.get(decode.url + "/server_info", timeout=10).json()["page_size"] == 16
     prefill = pd.prefill(1, ["--page-size", "8"])
-    decode = pd.decode(1, ["--page-size", "16"])
     result = pd_generate(
         prefill.url, decode.url, BODY, bootstrap_port=prefill.bootstrap_port, timeout_s=30
     )
@@ -268,9 +276,8 @@ def test_room_sent_only_to_prefill_fails_at_its_deadline(pd):
     wait_idle([prefill.url])
 
 
-def test_request_too_big_for_decode_fails_both_legs_with_the_limit(pd):
-    prefill = pd.prefill(1)
-    decode = pd.decode(1, ["--max-total-tokens", "64"])
+def test_request_too_big_for_decode_fails_both_legs_with_the_limit(small_decode_pair):
+    prefill, decode = small_decode_pair
     body = dict(BODY, input_ids=list(range(3, 103)))  # 100 prompt tokens > 64-token pool
     result = pd_generate(
         prefill.url, decode.url, body, bootstrap_port=prefill.bootstrap_port, timeout_s=30
@@ -293,19 +300,25 @@ def test_request_too_big_for_decode_fails_both_legs_with_the_limit(pd):
     wait_idle([prefill.url, decode.url])
 
 
-def test_a_batch_item_too_big_for_decode_fails_every_room_of_the_batch_with_its_reason(pd):
+def test_a_batch_item_too_big_for_decode_fails_every_room_of_the_batch_with_its_reason(
+    small_decode_pair,
+):
     """The items of a batch that one item failed end with that item's error, on both legs:
     they were cancelled, and their prefill legs heard 'decode failed the room: cancelled'
     (499) and answered the client that. The decode leg goes first and its failures are
     recorded before the prefill leg comes, so prefill reads the first item's failure first."""
-    prefill = pd.prefill(1)
-    decode = pd.decode(1, ["--max-total-tokens", "64"])
+    prefill, decode = small_decode_pair
+    recorded = "pdserve_bootstrap_failures_recorded_total"
+    recorded_before = metric_value(prefill.url, recorded)  # the pair is shared
     body = dict(BODY, input_ids=[list(range(3, 18)), list(range(3, 103))])  # fits; 100 > pool
     leg = _leg(prefill.bootstrap_port, [random.randrange(2**63) for _ in range(2)], body)
     answer = requests.post(decode.url + "/generate", json=leg, timeout=30)
     assert answer.status_code == 400 and "KV pages" in answer.text, answer.text
-    recorded = "pdserve_bootstrap_failures_recorded_total"
-    wait_until(lambda: metric_value(prefill.url, recorded) >= 2, 10, "both rooms' failures")
+    wait_until(
+        lambda: metric_value(prefill.url, recorded) >= recorded_before + 2,
+        10,
+        "both rooms' failures",
+    )
     answer = requests.post(prefill.url + "/generate", json=leg, timeout=30)
     assert answer.status_code == 400, answer.text
     assert "decode failed the room: prompt + max_new_tokens" in answer.text
@@ -327,10 +340,11 @@ def test_zero_new_tokens_answers_both_legs_without_moving_kv(pair):
     wait_idle([prefill.url, decode.url])
 
 
-def test_mismatched_transfer_backends_fail_at_the_handshake(pd):
+def test_mismatched_transfer_backends_fail_at_the_handshake(pd, pair):
+    """A prefill of its own; the shared decode runs zmq (`pairs`)."""
     prefill_backend = "fake"
     prefill = pd.prefill(1, backend_args(prefill_backend))
-    decode = pd.decode(1, ["--transfer-backend", "zmq"])
+    decode = pair[1]
     result = pd_generate(
         prefill.url, decode.url, BODY, bootstrap_port=prefill.bootstrap_port, timeout_s=30
     )
