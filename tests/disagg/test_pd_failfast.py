@@ -10,6 +10,7 @@ import concurrent.futures
 import contextlib
 import signal
 import time
+from collections.abc import Callable
 
 import msgspec
 import pytest
@@ -29,7 +30,7 @@ from tests.disagg.pd_driver import (
     rooms_in_flight,
     wait_idle,
 )
-from tests.helpers import free_port, launch_server, wait_until
+from tests.helpers import ServerProcess, free_port, launch_server, wait_until
 
 BODY = {
     "input_ids": list(range(10, 40)),
@@ -62,14 +63,26 @@ def _check_fast_failure(resp: requests.Response, elapsed_s: float, reason: str, 
     assert elapsed_s < FAIL_WITHIN_S, f"{where}: took {elapsed_s:.2f}s"
 
 
+@pytest.fixture(scope="module")
+def decodes(pd_module) -> Callable[[int], ServerProcess]:
+    """Decode servers by DP size, each started once: the 1-1 and 3-1 shapes share one (the
+    rooms are random, and a prefill's ports are never handed out again)."""
+    started: dict[int, ServerProcess] = {}
+
+    def decode(dp_size: int) -> ServerProcess:
+        if dp_size not in started:
+            started[dp_size] = pd_module.decode(dp_size)
+        return started[dp_size]
+
+    return decode
+
+
 @pytest.fixture(scope="module", params=[(1, 1), (2, 2), (3, 1)], ids=lambda s: f"dp{s[0]}-{s[1]}")
-def pair(request, pd_module):
+def pair(request, pd_module, decodes):
     prefill_dp, decode_dp = request.param
     prefill = pd_module.prefill(prefill_dp)
-    decode = pd_module.decode(decode_dp)
-    yield prefill, decode, prefill_dp, decode_dp
+    yield prefill, decodes(decode_dp), prefill_dp, decode_dp
     prefill.server.stop()
-    decode.stop()
 
 
 def _one_leg_cases(prefill_dp: int, decode_dp: int) -> dict[str, tuple[dict, dict, str]]:
