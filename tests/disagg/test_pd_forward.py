@@ -50,14 +50,19 @@ def want(tiny_server) -> list[int]:
     return requests.post(tiny_server.url + "/generate", json=BODY, timeout=60).json()["output_ids"]
 
 
+@pytest.fixture(scope="module")
+def forward_decode(pd_module):
+    """One decode server for both prefill shapes: the tests count its metrics as deltas,
+    and each prefill is another peer to it (ports are never handed out twice)."""
+    return pd_module.decode(2, DECODE)
+
+
 @pytest.fixture(scope="module", params=[2, 3], ids=lambda dp: f"prefill-dp{dp}")
-def servers(request, pd_module):
+def servers(request, pd_module, forward_decode):
     dp = request.param
     prefill = pd_module.prefill(dp, FORWARD)
-    decode = pd_module.decode(2, DECODE)
-    yield dp, prefill, decode
+    yield dp, prefill, forward_decode
     prefill.server.stop()
-    decode.stop()
 
 
 def _leg(bootstrap_port: int, room: int, **extra) -> dict:
