@@ -56,15 +56,16 @@ def pair(pairs) -> tuple[Prefill, ServerProcess]:
 
 
 @pytest.fixture(scope="module")
-def short_kv_wait_pair(pd_module) -> tuple[Prefill, ServerProcess]:
-    """A prefill + decode pair whose decode gives up waiting for KV after KV_WAIT_S."""
-    return pd_module.prefill(1), pd_module.decode(1, ["--kv-wait-timeout-s", str(KV_WAIT_S)])
+def short_kv_wait_pair(pd_module, pair) -> tuple[Prefill, ServerProcess]:
+    """The zmq pair's prefill (rooms never repeat) and a decode that gives up waiting for
+    KV after KV_WAIT_S."""
+    return pair[0], pd_module.decode(1, ["--kv-wait-timeout-s", str(KV_WAIT_S)])
 
 
 @pytest.fixture(scope="module")
-def small_decode_pair(pd_module) -> tuple[Prefill, ServerProcess]:
-    """A prefill + decode pair whose decode pool holds only 64 tokens (4 pages)."""
-    return pd_module.prefill(1), pd_module.decode(1, ["--max-total-tokens", "64"])
+def small_decode_pair(pd_module, pair) -> tuple[Prefill, ServerProcess]:
+    """The zmq pair's prefill and a decode whose pool holds only 64 tokens (4 pages)."""
+    return pair[0], pd_module.decode(1, ["--max-total-tokens", "64"])
 
 
 def _leg(bootstrap_port: int, room: int, body: dict = BODY, **extra) -> dict:
