@@ -66,7 +66,9 @@ class Injector:
         os.kill(node.pid, signal.SIGKILL)
         gone_s = _wait(lambda: all(_gone(p) for p in workers), WORKERS_EXIT_DEADLINE_S)
         record.detected_s = None if gone_s is None else round(gone_s, 3)
-        if gone_s is None:
+        if not workers:  # nothing was watched: no claim either way
+            record.note, record.skipped = "no worker process found", True
+        elif gone_s is None:
             record.note = (
                 f"workers {workers} outlived their front end by {WORKERS_EXIT_DEADLINE_S} s"
             )

@@ -35,17 +35,23 @@ def processes() -> list[ProcInfo]:
     return [p for p in found if p is not None]
 
 
-def children(pid: int) -> list[ProcInfo]:
-    return [p for p in processes() if p.ppid == pid]
-
-
 def worker_pids(frontend_pid: int) -> list[int]:
-    """A server's worker processes: its spawned children, less multiprocessing's tracker."""
-    return [
+    """A server's worker processes, by pid: the children of its fork server (the default:
+    serving/launcher.py), or its spawned children; never multiprocessing's resource tracker
+    or the fork server itself."""
+    procs = [p for p in processes() if p.state != "Z"]
+    kids = [p for p in procs if p.ppid == frontend_pid]
+    fork_servers = {p.pid for p in kids if "multiprocessing.forkserver" in p.cmdline}
+    return sorted(
         p.pid
-        for p in children(frontend_pid)
-        if "spawn_main" in p.cmdline and "resource_tracker" not in p.cmdline and p.state != "Z"
-    ]
+        for p in procs
+        if p.ppid in fork_servers
+        or (
+            p.ppid == frontend_pid
+            and "spawn_main" in p.cmdline
+            and "resource_tracker" not in p.cmdline
+        )
+    )
 
 
 def live_members(pgids: set[int]) -> list[ProcInfo]:

@@ -11,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from pdserve.bench import proc_tree
 from tests.conftest import TINY_ARGS
 from tests.helpers import (
     REPO_ROOT,
@@ -136,6 +137,7 @@ def test_workers_exit_when_the_front_end_is_killed(server_factory, method):
     env = {} if method == "forkserver" else {"PDSERVE_WORKER_MULTIPROC_METHOD": "spawn"}
     server = server_factory([*TINY_ARGS, "--dp-size", "2"], env=env)
     pids = http_json("GET", f"{server.url}/server_info")[1]["worker_pids"]
+    assert proc_tree.worker_pids(server.pid) == sorted(pids)  # what the chaos soak kills
     parents = {_parent(pid) for pid in pids}
     if method == "spawn":
         assert parents == {server.pid}
