@@ -307,11 +307,17 @@ async def _chat_opening(
             yield event
 
 
-async def _body(request: web.Request) -> dict:
+async def model_body(request: web.Request) -> dict:
+    """The request's JSON object, its `model` (if any) one the server serves."""
     body = await read_json(request)
     if not isinstance(body, dict):
         raise RequestError(400, "the request body must be a JSON object")
     check_model(body, state_of(request).cfg.model_names)
+    return body
+
+
+async def _body(request: web.Request) -> dict:
+    body = await model_body(request)
     refuse_unsupported(body)
     return body
 

@@ -8,10 +8,10 @@ from typing import Any
 from aiohttp import web
 
 from pdserve.serving.hooks import RequestError
-from pdserve.serving.openai_api import check_model
+from pdserve.serving.openai_api import model_body
 from pdserve.serving.openai_format import INERT_VALUES, render_chat_prompt
 from pdserve.serving.request_parse import get_field, refuse_features
-from pdserve.serving.server_state import off_loop, read_json, state_of
+from pdserve.serving.server_state import off_loop, state_of
 
 # The chat fields of vLLM's tokenize request that the chat route refuses too: a prompt
 # rendered without them would pass for one rendered with them.
@@ -50,17 +50,9 @@ def detokenize_ids(body: dict, vocab_size: int | None) -> list[int]:
     return tokens
 
 
-async def _body(request: web.Request) -> dict:
-    body = await read_json(request)
-    if not isinstance(body, dict):
-        raise RequestError(400, "the request body must be a JSON object")
-    check_model(body, state_of(request).cfg.model_names)
-    return body
-
-
 async def tokenize(request: web.Request) -> web.Response:
     state = state_of(request)
-    body = await _body(request)
+    body = await model_body(request)
     want_strs = get_field(body, "return_token_strs", bool, False)
     token_ids = await off_loop(request, tokenize_body, state.tokenizer, body)
     token_strs = state.tokenizer.convert_ids_to_tokens(token_ids) if want_strs else None
@@ -76,7 +68,7 @@ async def tokenize(request: web.Request) -> web.Response:
 
 async def detokenize(request: web.Request) -> web.Response:
     state = state_of(request)
-    body = await _body(request)
+    body = await model_body(request)
     token_ids = detokenize_ids(body, state.controller.vocab_size)
     text = await off_loop(request, state.tokenizer.decode, token_ids)
     return web.json_response({"prompt": text})
