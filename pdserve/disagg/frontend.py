@@ -166,10 +166,14 @@ class PrefillFrontendHooks(_PDFrontendHooks):
                 f"where decode sends the page list, is not running",
                 503,
             )
+        self._redirect(home, room, dp_rank)
+
+    def _redirect(self, holder: int, room: int, dp_rank: int) -> None:
+        """Worker `holder`, which gets decode's page list for `room`, passes it to `dp_rank`."""
         worker = self.registry.worker(dp_rank)
         if worker is None:
             raise RankError(f"prefill dp_rank {dp_rank} has not registered its KV endpoint", 503)
-        self.controller.room_forwarded(home, room, dp_rank, worker["kv_endpoint"])
+        self.controller.room_forwarded(holder, room, dp_rank, worker["kv_endpoint"])
         self.metrics.rooms_forwarded.inc()
 
     def _many(self) -> bool:
@@ -191,10 +195,8 @@ class PrefillFrontendHooks(_PDFrontendHooks):
     def _legs_disagree(self, room: int, holder: int, dp_rank: int) -> None:
         """Decode sent room's page list to worker `holder`, the request went to `dp_rank`:
         with --rank-mismatch forward the page list is redirected there; else RankError."""
-        worker = self.registry.worker(dp_rank)
-        if self.forward and worker is not None:
-            self.controller.room_forwarded(holder, room, dp_rank, worker["kv_endpoint"])
-            self.metrics.rooms_forwarded.inc()
+        if self.forward:
+            self._redirect(holder, room, dp_rank)
             return
         raise RankError(
             f"the legs of bootstrap_room {room} name different prefill ranks: decode sent its "

@@ -60,10 +60,8 @@ class WorkerProcesses:
         beat_addr: str,
         make_hooks: WorkerHooksFactory,
     ):
-        method = start_method()
-        if method == "forkserver":
-            multiprocessing.forkserver.set_forkserver_preload(PRELOAD)
-        ctx = multiprocessing.get_context(method)
+        prestart()  # already done by `pdserve serve`; not by a controller made elsewhere
+        ctx = multiprocessing.get_context(start_method())
         self.procs: list[multiprocessing.process.BaseProcess] = [
             ctx.Process(
                 target=worker_main,
