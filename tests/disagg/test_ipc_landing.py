@@ -242,6 +242,50 @@ def test_prefill_writes_only_unexpired_granted_pages(dst, expires_in_s, why):
     assert "granted no pages" in refusal(None, target, np.array(dst), dst)
 
 
+def _grant(dst: list[int]):
+    import time
+
+    from pdserve.disagg.transfer.ipc_grants import Grant
+
+    expires_at = time.monotonic() + 60
+    return Grant(slot=0, seq=1, dst=np.array(dst), expires_at=expires_at, dst_ids=list(dst))
+
+
+@pytest.mark.parametrize("src", [[1, 2, 3], [2, 2, 5]])  # a page sent twice: still granted
+@pytest.mark.parametrize("dst", [[4, 7, 9], [9, 4], (4, 7, 9)])
+def test_a_send_is_checked_against_its_grant_without_converting_the_granted_list(src, dst):
+    """send_kv's ids (before `refusal`): the granted page list is the grant's own checked
+    array; any other (a subset, another order, not a list) is converted and left to
+    `refusal`. Sources are checked for range alone."""
+    from pdserve.disagg.transfer.ipc_grants import Target, refusal, send_pairs
+
+    grant, target = _grant([4, 7, 9]), Target(words=None, slots=None)  # type: ignore[arg-type]
+    src = src[: len(dst)]
+    s, d = send_pairs(grant, src, dst, num_pages=10)
+    assert (d is grant.dst) == (dst == grant.dst_ids)
+    assert s.tolist() == src and d.tolist() == list(dst)
+    assert refusal(grant, target, d, dst) is None
+
+
+@pytest.mark.parametrize(
+    ("src", "dst", "why"),
+    [
+        ([1, 10], [4, 7], "src_page_ids out of range"),
+        ([-1, 2], [4, 7], "src_page_ids out of range"),
+        ([1, 2], [4, 7, 9], "2 source pages but 3 destination pages"),
+        ([1, 2, 3, 5], [4, 7, 9], "4 source pages but 3"),
+        ([[1], [2]], [4, 7], "flat list"),
+        ([1, 2], [[4], [7]], "dst_page_ids must be a flat list"),
+    ],
+)
+def test_a_send_with_bad_ids_is_refused_before_anything_is_queued(src, dst, why):
+    from pdserve.disagg.transfer.ipc_grants import send_pairs
+
+    for grant in (_grant([4, 7, 9]), _grant(dst) if np.ndim(dst) == 1 else None, None):
+        with pytest.raises(ValueError, match=why):
+            send_pairs(grant, src, dst, num_pages=10)
+
+
 def test_a_lane_is_bound_while_its_owner_lives():
     """How decode tells that a prefill process is gone (its queued copies with it)."""
     from pdserve.disagg.transfer.ipc_lane import Lane, lane_address, lane_bound

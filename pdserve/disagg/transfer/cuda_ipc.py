@@ -52,6 +52,7 @@ from pdserve.disagg.transfer.ipc_grants import (
     TargetGpu,
     as_words,
     refusal,
+    send_pairs,
     set_host,
 )
 from pdserve.disagg.transfer.ipc_landing import Landings
@@ -347,7 +348,8 @@ class CudaIpcTransport(LaneControl, FakeTransport):
         """Queue the copy into the decode pool and its slot's flag on this stream; returns
         at once. A send the grant does not allow is refused (its slot says why)."""
         self._check_open()
-        src, dst = self._page_pairs(src_page_ids, dst_page_ids)
+        granted = self._grants_in.get((peer, room))
+        src, dst = send_pairs(granted, src_page_ids, dst_page_ids, self.num_pages)
         grant = self._grants_in.pop((peer, room), None)
         target = self._targets.get(peer)
         reason = refusal(grant, target, dst, dst_page_ids)

@@ -16,6 +16,7 @@ import torch
 
 from pdserve.disagg.transfer.ipc_flags import FLAG, SlotWriter
 from pdserve.disagg.transfer.ipc_pool import PAGE_ID, IpcStatus, encode
+from pdserve.disagg.transfer.zmq.pages import page_array
 
 if TYPE_CHECKING:
     from pdserve.engine.gpu.copy_pages import PageCopier
@@ -130,13 +131,36 @@ def refusal(
     if time.monotonic() > grant.expires_at:
         return "decode's page grant expired"
     # The usual case: the page list as it came (compared as lists, the cheapest way).
-    if isinstance(dst_ids, list) and dst_ids == grant.dst_ids or np.array_equal(dst, grant.dst):
+    if dst is grant.dst or isinstance(dst_ids, list) and dst_ids == grant.dst_ids:
+        return None
+    if np.array_equal(dst, grant.dst):
         return None
     if dst.size > grant.dst.size or not np.isin(dst, grant.dst).all():
         return "destination pages outside decode's grant"
     if np.unique(dst).size != dst.size:
         return "duplicate destination pages"
     return None
+
+
+def send_pairs(
+    grant: Grant | None, src_ids: list[int], dst_ids: list[int], num_pages: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(src, dst) arrays of a send_kv into `grant` from a pool of `num_pages`; ValueError
+    unless both are flat, of one length, and src is in range. A source page named twice
+    writes nothing outside the grant, so src is not checked for duplicates (`refusal` checks
+    dst). Where the caller names the granted pages, as it does unless it has a bug, dst is
+    the grant's own array, checked when the grant came: no conversion on the hot path (512
+    pages: 24 against 50 us on this project's 2-core machine)."""
+    src = page_array(src_ids, num_pages, "src_page_ids", distinct=False)
+    if grant is not None and isinstance(dst_ids, list) and dst_ids == grant.dst_ids:
+        dst = grant.dst
+    else:
+        dst = np.asarray(dst_ids, dtype=np.int64)
+    if dst.ndim != 1:
+        raise ValueError("dst_page_ids must be a flat list of page ids")
+    if dst.size != src.size:
+        raise ValueError(f"{src.size} source pages but {dst.size} destination pages")
+    return src, dst
 
 
 def set_host(target: Target, grant: Grant, landed: IpcStatus | None) -> None:

@@ -19,23 +19,28 @@ from pdserve.disagg import messages as m
 SHORT_LIST = 40
 
 
-def page_array(page_ids: list[int], num_pages: int, what: str) -> np.ndarray:
-    """`page_ids` as an int64 array; ValueError unless they are distinct and in range."""
+def page_array(page_ids: list[int], num_pages: int, what: str, distinct: bool = True) -> np.ndarray:
+    """`page_ids` as an int64 array; ValueError unless they are in range and (`distinct`)
+    distinct."""
     ids = np.asarray(page_ids, dtype=np.int64)
     if ids.ndim != 1:
         raise ValueError(f"{what} must be a flat list of page ids")
     if not ids.size:
         return ids
+    duplicates = False
     if ids.size <= SHORT_LIST:
         values = ids.tolist()
-        low, high, distinct = min(values), max(values), len(set(values)) == len(values)
-    else:
+        low, high = min(values), max(values)
+        duplicates = distinct and len(set(values)) != len(values)
+    elif distinct:
         ordered = np.sort(ids)
         low, high = int(ordered[0]), int(ordered[-1])
-        distinct = not bool((ordered[1:] == ordered[:-1]).any())
+        duplicates = bool((ordered[1:] == ordered[:-1]).any())
+    else:
+        low, high = int(ids.min()), int(ids.max())
     if low < 0 or high >= num_pages:
         raise ValueError(f"{what} out of range for a pool of {num_pages} pages")
-    if not distinct:
+    if duplicates:
         raise ValueError(f"{what} has duplicate page ids")
     return ids
 
