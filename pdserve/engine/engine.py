@@ -214,12 +214,6 @@ class Engine:
     def cached_page_hashes(self) -> list[int]:
         return self.prefix_cache.page_hashes() if self.prefix_cache else []
 
-    def match_prefix(self, prompt_ids: list[int]) -> tuple[list[int], int]:
-        """(cached page ids, num_cached_tokens) a prompt would start from now: page-aligned,
-        at most len(prompt_ids) - 1 tokens. Nothing is pinned."""
-        page_ids = self.scheduler.pages.match_prompt(prompt_ids)
-        return page_ids, len(page_ids) * self.page_size
-
     # ---- request entry ----------------------------------------------------------------
     def check_admissible(self, req: Request) -> None:
         """Raise RequestRejected for a request that could never run here."""

@@ -2,11 +2,13 @@
 
 Page i's hash covers page i-1's hash and page i's token ids, so one hash names a whole
 prefix. Stable across processes and machines: workers key their prefix cache with it and a
-router can hash a prompt the same way.
+router can hash a prompt the same way. A request's cache salt (vLLM's `cache_salt`, SGLang's
+`extra_key`) changes its seed, hence every page hash: salted pages match only their own salt.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Sequence
 
@@ -24,6 +26,16 @@ def hash_seed(model_fingerprint: str, page_size: int) -> int:
     """The parent hash of a sequence's first page: equal seeds mean the same model and
     page size, so equal page hashes mean equal KV."""
     return _digest(f"pdserve-kv-pages/{model_fingerprint}/{page_size}".encode())
+
+
+@functools.lru_cache(maxsize=4096)
+def salted_seed(seed: int, salt: str | None) -> int:
+    """The seed of a request salted with `salt`: `seed` itself without one (unsalted pages
+    hash as they always did), else a digest of both under a prefix of its own, so no salt
+    gives the input of an unsalted seed."""
+    if salt is None:
+        return seed
+    return _digest(b"pdserve-cache-salt/" + seed.to_bytes(_HASH_BYTES, "little") + salt.encode())
 
 
 def page_hashes(

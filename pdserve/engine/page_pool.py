@@ -2,7 +2,8 @@
 admission, and the return of a request's pages at its end (pure: no torch). Worker process.
 
 Without a prefix cache it is the bare allocator. With one, a request's `page_ids` start with
-`num_pinned_pages` cached pages it shares (pinned), followed by pages it owns alone.
+`num_pinned_pages` cached pages it shares (pinned), followed by pages it owns alone. A
+request's pages are hashed from its salted seed: it matches only pages cached under its salt.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from collections import Counter
 from dataclasses import dataclass
 
 from pdserve.engine.page_allocator import PageAllocator
-from pdserve.engine.page_hash import page_hashes
+from pdserve.engine.page_hash import page_hashes, salted_seed
 from pdserve.engine.prefix_cache import PrefixCache
 from pdserve.engine.request import Request
 
@@ -74,14 +75,13 @@ class PagePool:
         """Pages held by live requests (cached pages they pin included, once each)."""
         return self.allocator.num_used - self.num_evictable
 
-    def sequence_hashes(self, token_ids: list[int], known: list[int] | None = None) -> list[int]:
-        return page_hashes(token_ids, self.page_size, self.hash_seed, known or ())
-
     def _hashes(self, req: Request) -> list[int]:
-        """The request's full-page hashes, memoised on it (its tokens only grow)."""
+        """The request's full-page hashes under its salt, memoised on it (its tokens only
+        grow)."""
         if len(req.page_hashes) < req.seq_len // self.page_size:
             tokens = req.prompt_ids + req.output_ids
-            req.page_hashes = self.sequence_hashes(tokens, req.page_hashes)
+            seed = salted_seed(self.hash_seed, req.cache_salt)
+            req.page_hashes = page_hashes(tokens, self.page_size, seed, req.page_hashes)
         return req.page_hashes
 
     def match(self, req: Request) -> list[int]:
@@ -89,13 +89,6 @@ class PagePool:
         if self.cache is None or _matchable_tokens(req) < self.page_size:
             return []
         return self.cache.match(self._hashes(req)[: _matchable_tokens(req) // self.page_size])
-
-    def match_prompt(self, prompt_ids: list[int]) -> list[int]:
-        """Cached pages a new request with this prompt would start from (nothing pinned)."""
-        if self.cache is None:
-            return []
-        max_pages = (len(prompt_ids) - 1) // self.page_size
-        return self.cache.match(self.sequence_hashes(prompt_ids[: max_pages * self.page_size]))
 
     def gains_from(self, req: Request, arriving: list[Request]) -> bool:
         """Whether a request whose KV is arriving (it caches its prompt pages on arrival)

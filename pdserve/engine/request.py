@@ -197,6 +197,8 @@ class Request:
     logprob_start_len: int | None = None  # None: no prompt logprobs
     top_logprobs_num: int = 0
     prefill_only: bool = False  # prefill role: stop after the first token, hold pages
+    # Its prefix-cache salt: it shares cached pages only with requests of the same salt.
+    cache_salt: str | None = None
     state: ReqState = ReqState.WAITING
     output_ids: list[int] = field(default_factory=list)
     page_ids: list[int] = field(default_factory=list)

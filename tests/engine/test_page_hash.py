@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 import pdserve
-from pdserve.engine.page_hash import hash_seed, page_hashes
+from pdserve.engine.page_hash import hash_seed, page_hashes, salted_seed
 
 SEED = hash_seed("fingerprint-a", 4)
 TOKENS = list(range(100, 118))  # four full pages of 4 and a partial one
@@ -46,7 +46,7 @@ def test_known_hashes_are_extended_not_recomputed():
 
 def test_hashes_are_equal_in_a_fresh_process_with_another_hash_seed():
     code = (
-        "from pdserve.engine.page_hash import hash_seed, page_hashes;"
+        "from pdserve.engine.page_hash import hash_seed, page_hashes, salted_seed;"
         f"print(page_hashes({TOKENS!r}, 4, hash_seed('fingerprint-a', 4)))"
     )
     out = subprocess.run(
@@ -71,3 +71,21 @@ def test_hash_values_are_pinned():
     seed = hash_seed("m", 16)
     assert seed == 7502651784953195004
     assert page_hashes(list(range(32)), 16, seed) == [10184582982597774467, 17472381616408106146]
+
+
+def test_a_salt_changes_every_page_hash_and_no_salt_changes_none():
+    assert salted_seed(SEED, None) == SEED  # unsalted pages hash as before salts existed
+    plain = page_hashes(TOKENS, 4, SEED)
+    salted = {salt: page_hashes(TOKENS, 4, salted_seed(SEED, salt)) for salt in ("a", "b", "")}
+    assert not set(salted["a"]) & set(plain)  # no page shared, the first one included
+    assert not set(salted["a"]) & set(salted["b"])
+    assert salted[""][0] != plain[0]  # an empty salt is a salt (clients' "" never gets here)
+    assert salted["a"] == page_hashes(TOKENS, 4, salted_seed(SEED, "a"))  # stable
+    assert salted_seed(hash_seed("fingerprint-b", 4), "a") != salted_seed(SEED, "a")
+
+
+def test_salted_hash_values_are_pinned():
+    """A router hashes salted prompts as workers do: a change here is a protocol change."""
+    seed = salted_seed(hash_seed("m", 16), "tenant-a")
+    assert seed == 2023442851788310540
+    assert page_hashes(list(range(32)), 16, seed) == [9579786180272869347, 6648279770576533674]

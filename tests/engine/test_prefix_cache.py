@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from pdserve.engine.page_allocator import PageAllocator
+from pdserve.engine.page_hash import page_hashes
 from pdserve.engine.page_pool import PagePool, pages_for
 from pdserve.engine.prefix_cache import PrefixCache
 from pdserve.engine.request import Request, SamplingParams
@@ -124,12 +125,39 @@ def test_matched_pages_are_not_counted_as_room_for_their_own_request():
     assert again.num_pinned_pages == 2
 
 
+def _computed_and_cached(pool: PagePool, req: Request) -> list[int]:
+    """Admit `req`, compute its prompt, end it with its KV cached; its page ids."""
+    assert pool.take(req, req.seq_len) is not None
+    page_ids, req.num_computed = req.page_ids, req.seq_len
+    pool.put_back(req, keep_kv=True)
+    return page_ids
+
+
+def test_requests_share_cached_pages_only_under_the_same_salt():
+    allocator = PageAllocator(16)
+    pool = PagePool(allocator, PAGE, PrefixCache(allocator), hash_seed=5)
+    prompt = [1, 2, 3, 4, 5, 6, 7]  # 3 full pages, all matchable
+    plain = _computed_and_cached(pool, Request("plain", prompt, SamplingParams()))
+    # unsalted: the hashes of before salts existed
+    assert pool.cache.match(page_hashes(prompt, PAGE, 5)) == plain[:3]
+    salted = Request("a1", prompt, SamplingParams(), cache_salt="a")
+    assert pool.match(salted) == []
+    a_pages = _computed_and_cached(pool, salted)
+    assert not set(a_pages[:3]) & set(plain[:3])
+    assert pool.match(Request("a2", prompt, SamplingParams(), cache_salt="a")) == a_pages[:3]
+    assert pool.match(Request("b", prompt, SamplingParams(), cache_salt="b")) == []
+    assert pool.match(Request("plain2", prompt, SamplingParams())) == plain[:3]
+    assert pool.cache.num_cached_pages == 6  # the prompt twice: unsalted and under "a"
+
+
 class PagePoolMachine(RuleBasedStateMachine):
-    """Requests over a 3-token alphabet (so prefixes are shared) are admitted, computed,
-    cached while running, decoded, preempted and finished in any order, with evictions and flushes between.
-    A request may end with pages a transfer still uses set aside (any run of its pages
-    from some page on: a delta send reads the pages past decode's prefix), released later,
-    in parts. `written` models the KV: which tokens each page holds."""
+    """Requests over a 3-token alphabet (so prefixes are shared), some salted, are admitted,
+    computed, cached while running, decoded, preempted and finished in any order, with
+    evictions and flushes between. A request may end with pages a transfer still uses set
+    aside (any run of its pages from some page on: a delta send reads the pages past
+    decode's prefix), released later, in parts. `written` models the KV: which tokens each
+    page holds, and the salt of the request that wrote them (a salted request must never
+    start from another salt's pages)."""
 
     def __init__(self):
         super().__init__()
@@ -152,14 +180,17 @@ class PagePoolMachine(RuleBasedStateMachine):
         assert req.num_pinned_pages * PAGE <= req.seq_len - 1
         tokens = req.prompt_ids + req.output_ids
         for i, page_id in enumerate(req.page_ids[: req.num_pinned_pages]):
-            assert self.written[page_id] == tuple(tokens[i * PAGE : (i + 1) * PAGE])
+            assert self.written[page_id] == (req.cache_salt, *tokens[i * PAGE : (i + 1) * PAGE])
         req.num_computed = req.num_pinned_pages * PAGE
         self.live.append(req)
 
-    @rule(tokens=st.lists(st.integers(0, 2), min_size=1, max_size=3 * NUM_PAGES))
-    def admit(self, tokens):
+    @rule(
+        tokens=st.lists(st.integers(0, 2), min_size=1, max_size=3 * NUM_PAGES),
+        salt=st.sampled_from([None, "a"]),
+    )
+    def admit(self, tokens, salt):
         self.num_reqs += 1
-        self._admit(Request(f"r{self.num_reqs}", tokens, SamplingParams()))
+        self._admit(Request(f"r{self.num_reqs}", tokens, SamplingParams(), cache_salt=salt))
 
     @precondition(lambda self: self.live)
     @rule(data=st.data())
@@ -169,8 +200,9 @@ class PagePoolMachine(RuleBasedStateMachine):
         tokens = req.prompt_ids + req.output_ids
         for page in range(req.num_computed // PAGE, pages_for(end, PAGE)):
             assert page >= req.num_pinned_pages, "a shared cached page was written"
-            self.written[req.page_ids[page]] = tuple(
-                tokens[page * PAGE : min(end, (page + 1) * PAGE)]
+            self.written[req.page_ids[page]] = (
+                req.cache_salt,
+                *tokens[page * PAGE : min(end, (page + 1) * PAGE)],
             )
         req.num_computed = end
 
@@ -195,7 +227,7 @@ class PagePoolMachine(RuleBasedStateMachine):
         assert num_pinned <= req.num_pinned_pages <= req.num_computed // PAGE
         tokens = req.prompt_ids + req.output_ids
         for i, page_id in enumerate(req.page_ids[: req.num_pinned_pages]):
-            assert self.written[page_id] == tuple(tokens[i * PAGE : (i + 1) * PAGE])
+            assert self.written[page_id] == (req.cache_salt, *tokens[i * PAGE : (i + 1) * PAGE])
 
     @precondition(lambda self: self.live)
     @rule(data=st.data(), keep_kv=st.booleans(), readmit=st.booleans())

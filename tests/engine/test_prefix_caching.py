@@ -32,6 +32,13 @@ def tokens(outs) -> list[int]:
     return [t for o in outs for t in o.new_token_ids]
 
 
+def match_prefix(engine, prompt: list[int]) -> tuple[list[int], int]:
+    """(cached page ids, cached tokens) a new request with this prompt would start from now
+    (page-aligned, at most len(prompt) - 1 tokens); nothing is pinned."""
+    page_ids = engine.scheduler.pages.match(Request("probe", prompt, greedy()))
+    return page_ids, len(page_ids) * PAGE
+
+
 def answer(engine, rid: str, prompt: list[int], params: SamplingParams) -> tuple[list[int], int]:
     """(output tokens, cached_tokens reported)."""
     outs = run(engine, Request(rid, prompt, params))[rid]
@@ -64,6 +71,23 @@ def test_greedy_tokens_with_the_cache_equal_tokens_without(engines, case):
     got, num_cached = answer(cached, f"{case}-second", prompt, greedy())
     assert num_cached == expected_cached
     assert got == answer(plain, f"{case}-ref", prompt, greedy())[0]
+
+
+def test_a_salted_request_shares_cached_pages_only_with_its_own_salt(engines):
+    cached, plain = engines
+    cached.flush_cache()
+    prompt = SYSTEM + [8] * 9
+    reference = answer(plain, "salt-ref", prompt, greedy())[0]
+
+    def salted(rid: str, salt: str | None) -> int:
+        outs = run(cached, Request(rid, prompt, greedy(), cache_salt=salt))[rid]
+        assert tokens(outs) == reference
+        return outs[-1].cached_tokens
+
+    assert salted("plain", None) == 0
+    assert salted("a", "tenant-a") == 0  # the unsalted pages are not tenant-a's
+    assert salted("b", "tenant-b") == 0
+    assert [salted(f"{s}-again", s) for s in ("tenant-a", "tenant-b", None)] == [3 * PAGE] * 3
 
 
 def test_a_conversation_finds_its_history_turn_after_turn(engines):
@@ -167,9 +191,9 @@ def test_aborts_in_every_state_leave_only_unpinned_cache(tiny_engine_factory):
 def test_reserve_with_the_cache_pins_the_prefix_and_returns_only_new_pages(tiny_engine_factory):
     engine = tiny_engine_factory()
     answer(engine, "warm", SYSTEM + [1, 2], greedy(2))
-    page_ids, num_cached = engine.match_prefix(SYSTEM + [9] * 20)
+    page_ids, num_cached = match_prefix(engine, SYSTEM + [9] * 20)
     assert (len(page_ids), num_cached) == (3, 3 * PAGE)
-    assert engine.match_prefix(SYSTEM)[1] == 2 * PAGE  # at most prompt length - 1
+    assert match_prefix(engine, SYSTEM)[1] == 2 * PAGE  # at most prompt length - 1
     req = Request("d", SYSTEM + [9] * 20, greedy())
     new_page_ids = engine.reserve(req, use_cache=True)
     assert req.page_ids == page_ids + new_page_ids and len(new_page_ids) == 2
@@ -187,7 +211,7 @@ def test_disabled_cache_keeps_no_page(tiny_engine_factory):
     for rid in ("a", "b"):
         assert answer(engine, rid, SYSTEM + [1], greedy(4))[1] == 0
     assert engine.num_cached_pages == 0 and engine.allocator.num_used == 0
-    assert engine.match_prefix(SYSTEM + [1]) == ([], 0)
+    assert match_prefix(engine, SYSTEM + [1]) == ([], 0)
 
 
 def test_a_running_request_shares_its_prompt_pages_before_it_ends(engines, tiny_engine_factory):
@@ -211,7 +235,7 @@ def test_a_running_request_shares_its_prompt_pages_before_it_ends(engines, tiny_
     engine.add_request(Request("sending", SYSTEM + [23] * 20, greedy(), prefill_only=True))
     while engine.get("sending").state is not ReqState.SENDING_KV:
         engine.step()
-    assert engine.match_prefix(SYSTEM + [23] * 20 + [1])[1] == 4 * PAGE
+    assert match_prefix(engine, SYSTEM + [23] * 20 + [1])[1] == 4 * PAGE
     assert engine.flush_cache() == 0  # pinned: by the sender and the decoding request
     engine.abort("sending", "test")
     assert engine.abort("long", "test") is not None
@@ -222,9 +246,9 @@ def test_decode_caches_a_prompt_as_soon_as_its_kv_arrives(tiny_engine_factory):
     engine = tiny_engine_factory()
     first = Request("first", SYSTEM + [31] * 4, greedy())
     assert len(engine.reserve(first, use_cache=True)) == 4
-    assert engine.match_prefix(SYSTEM + [32])[1] == 0  # KV not here yet: nothing shared
+    assert match_prefix(engine, SYSTEM + [32])[1] == 0  # KV not here yet: nothing shared
     engine.admit_prefilled("first", first_token_id=5)
-    assert engine.match_prefix(SYSTEM + [32])[1] == 3 * PAGE
+    assert match_prefix(engine, SYSTEM + [32])[1] == 3 * PAGE
     second = Request("second", SYSTEM + [32], greedy())
     assert len(engine.reserve(second, use_cache=True)) == 1 and second.cached_tokens == 3 * PAGE
     assert engine.num_used_pages == 5
