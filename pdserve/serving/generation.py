@@ -135,6 +135,7 @@ class Generator:
             return_logprob=item.return_logprob,
             logprob_start_len=item.logprob_start_len,
             top_logprobs_num=item.top_logprobs_num,
+            cache_salt=item.cache_salt,
         )
         if self.mode != "colocated" and not pd.local_prefill:
             assert pd.room is not None, "parse_pd_fields requires a room in PD modes"

@@ -32,7 +32,13 @@ from pdserve.serving.openai_format import (
     turn_fields,
     usage,
 )
-from pdserve.serving.request_parse import bad, get_field, item_pd_fields, make_item
+from pdserve.serving.request_parse import (
+    bad,
+    cache_salt_of,
+    get_field,
+    item_pd_fields,
+    make_item,
+)
 from pdserve.serving.server_state import (
     ServerState,
     client_gone,
@@ -142,6 +148,7 @@ def _items(
     if not 1 <= n <= MAX_N:
         raise RequestError(400, f"n must be in [1, {MAX_N}], got {n}", param="n")
     num = len(prompts) * n
+    salt = cache_salt_of(body)
     items = []
     for index in range(num):
         rid = body.get("rid")
@@ -161,6 +168,7 @@ def _items(
                 top_logprobs_num=logprobs or 0,
                 max_tokens_field=max_tokens_field(body),
                 openai=True,
+                cache_salt=salt,
             )
         )
     return items, n

@@ -45,11 +45,6 @@ INERT_VALUES: dict[str, tuple[Any, ...]] = {
     "return_token_ids": (False,),
     "logits_processors": ([],),
     "prompt_embeds": (),
-    # vLLM's and SGLang's prefix-cache isolation between tenants: ignored, a salted request
-    # matched (and timed) pages another tenant's prompt left, the isolation it asked for
-    # silently missing. pdserve's cache has no salt: refused.
-    "cache_salt": (),
-    "extra_key": (),  # SGLang's name for it
 }
 
 

@@ -15,6 +15,7 @@ from typing import Any, Protocol
 import msgspec
 
 from pdserve.engine.request import INT64_MAX, InvalidSampling, SamplingParams
+from pdserve.serving.cache_salt import CacheSaltError, body_cache_salt
 from pdserve.serving.hooks import RequestError
 from pdserve.serving.logit_bias_field import parse_logit_bias
 from pdserve.serving.pd_fields import (
@@ -58,6 +59,7 @@ class GenItem:
     logprob_start_len: int | None = None
     top_logprobs_num: int = 0
     pd: PDFields = field(default_factory=PDFields)
+    cache_salt: str | None = None  # shares cached pages only with requests of this salt
 
 
 def bad(message: str) -> RequestError:
@@ -86,8 +88,6 @@ GENERATE_INERT_VALUES: dict[str, tuple[Any, ...]] = {
     "session_params": ({},),
     "custom_logit_processor": ("",),
     "token_ids_logprob": ([],),
-    "extra_key": (),  # prefix-cache isolation (openai_format.INERT_VALUES: cache_salt)
-    "cache_salt": (),
 }
 
 
@@ -111,6 +111,14 @@ def refuse_features(
             + (f" or send {allowed}" if allowed else ""),
             param=prefix + name,
         )
+
+
+def cache_salt_of(body: dict) -> str | None:
+    """The request's prefix-cache salt (`cache_salt`, `extra_key`: serving/cache_salt.py)."""
+    try:
+        return body_cache_salt(body)
+    except CacheSaltError as exc:
+        raise RequestError(400, str(exc), param=exc.param) from None
 
 
 def get_field(body: dict, name: str, types: type | tuple, default: Any = None) -> Any:
@@ -262,6 +270,7 @@ def make_item(
     top_logprobs_num: int = 0,
     max_tokens_field: str = "max_new_tokens",
     openai: bool = False,
+    cache_salt: str | None = None,
 ) -> GenItem:
     input_ids = check_prompt(input_ids, limits)
     if rid is not None and not isinstance(rid, str):
@@ -284,6 +293,7 @@ def make_item(
         logprob_start_len=logprob_start_len if return_logprob else None,
         top_logprobs_num=top_logprobs_num if return_logprob else 0,
         pd=pd,
+        cache_salt=cache_salt,
     )
 
 
@@ -306,6 +316,7 @@ def parse_generate(body: Any, tokenizer: Encoder, limits: Limits) -> tuple[list[
     return_logprob = body.get("return_logprob", False)
     start = get_field(body, "logprob_start_len", int, None)
     top_n = get_field(body, "top_logprobs_num", int, 0)
+    salt = cache_salt_of(body)
     items = []
     for i, prompt in enumerate(prompts):
         want_lp = (
@@ -328,6 +339,7 @@ def parse_generate(body: Any, tokenizer: Encoder, limits: Limits) -> tuple[list[
                 return_logprob=want_lp,
                 logprob_start_len=start,
                 top_logprobs_num=top_n,
+                cache_salt=salt,
             )
         )
     return items, is_batch

@@ -22,6 +22,7 @@ def request_from_msg(msg: GenerateReq, prefill_only: bool = False) -> Request:
         logprob_start_len=msg.logprob_start_len,
         top_logprobs_num=msg.top_logprobs_num,
         prefill_only=prefill_only,
+        cache_salt=msg.cache_salt,
     )
 
 

@@ -1,5 +1,6 @@
 """The prefix cache through a real colocated server (dp 1 and dp 2): a repeated prompt
-reports cached tokens in native and OpenAI answers with the same tokens; /flush_cache works
+reports cached tokens in native and OpenAI answers with the same tokens, and only under the
+same cache salt (`cache_salt`, `extra_key`); /flush_cache works
 under load; kv_pages_used returns to 0 while cached pages stay, shown by /get_load and
 /metrics."""
 
@@ -69,6 +70,36 @@ def test_a_repeated_prompt_reports_cached_tokens_with_the_same_tokens(server):
     assert status == 200, out
     assert out["usage"]["prompt_tokens_details"]["cached_tokens"] == 4 * PAGE
     assert out["usage"]["prompt_tokens"] == len(PROMPT)
+
+
+def test_a_salted_prompt_shares_cached_pages_only_under_its_salt(server):
+    """vLLM's cache_salt and SGLang's extra_key (one salt by either name) keep tenants
+    apart: no prefix hit across salts, the usual hit within one, the same tokens."""
+    url, rank = server.url, server_rank(server)
+    flush_and_wait(url, rank)
+    body = {"input_ids": PROMPT, "sampling_params": GREEDY, "routed_dp_rank": rank}
+    completion = {"model": "tiny-random", "prompt": PROMPT, "max_tokens": 8, "temperature": 0.0}
+    completion |= {"ignore_eos": True, "routed_dp_rank": rank}
+
+    def generate(**salt) -> tuple[int, list[int]]:
+        status, out = http_json("POST", f"{url}/generate", {**body, **salt})
+        assert status == 200, out
+        return out["meta_info"]["cached_tokens"], out["output_ids"]
+
+    def complete(**salt) -> tuple[int, str]:
+        status, out = http_json("POST", f"{url}/v1/completions", {**completion, **salt})
+        assert status == 200, out
+        return out["usage"]["prompt_tokens_details"]["cached_tokens"], out["choices"][0]["text"]
+
+    num_cached, tokens = generate()
+    assert num_cached == 0
+    assert generate(extra_key="tenant-a") == (0, tokens)
+    num_cached, text = complete(cache_salt="tenant-a")
+    assert num_cached == 4 * PAGE  # tenant-a's pages, named by the other field
+    assert complete(cache_salt="tenant-b") == (0, text)
+    assert generate(cache_salt="tenant-a", extra_key="k") == (0, tokens)  # a third salt
+    assert generate(cache_salt="tenant-b") == (4 * PAGE, tokens)
+    assert generate() == (4 * PAGE, tokens)  # the unsalted pages stayed unsalted
 
 
 def test_flush_under_load_keeps_pinned_pages_and_pages_used_returns_to_zero(server):
