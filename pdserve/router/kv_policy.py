@@ -12,7 +12,8 @@ their history; counting no generation made the decode rank that first held a sha
 prompt draw every request behind it and decode them all in one batch.
 Text and chat prompts arrive as token ids once the router holds the servers' tokenizer
 (`prompt_tokens.py`); prompts without token ids, and workers that publish no events, are
-scored by load alone (a match of 0).
+scored by load alone (a match of 0). A salted request (`cache_salt`, `extra_key`) is hashed
+from its salted seed, as the servers hash it: it matches only pages cached under its salt.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from pdserve.engine.page_hash import page_hashes
+from pdserve.engine.page_hash import page_hashes, salted_seed
 from pdserve.engine.request import SamplingParams
 from pdserve.router.kv_index import KVIndex
 from pdserve.router.policy import Policy
@@ -87,7 +88,9 @@ class KVAware(Policy):
         self.per_rank = per_rank  # --dp-aware: the router names the rank
         self._turn = 0
 
-    def candidates(self, workers: Sequence[Worker], token_ids: Sequence[int]) -> list[Candidate]:
+    def candidates(
+        self, workers: Sequence[Worker], token_ids: Sequence[int], salt: str | None = None
+    ) -> list[Candidate]:
         hashes_by_seed: dict[tuple[int, int], list[int]] = {}
         out = []
         for worker in workers:
@@ -96,7 +99,8 @@ class KVAware(Policy):
             if cache is not None and cache.last_seq is not None:
                 key = (cache.page_size, cache.hash_seed)
                 if key not in hashes_by_seed:  # one hashing per model and page size
-                    hashes_by_seed[key] = prompt_page_hashes(token_ids, *key)
+                    seed = salted_seed(cache.hash_seed, salt)
+                    hashes_by_seed[key] = prompt_page_hashes(token_ids, cache.page_size, seed)
                 pages = cache.matched_pages(hashes_by_seed[key])
                 matched = {rank: n * cache.page_size for rank, n in pages.items()}
             if self.per_rank:
@@ -114,12 +118,15 @@ class KVAware(Policy):
     def choose(self, workers: Sequence[Worker], prompt: Prompt | None) -> Worker:
         return self.score(workers, prompt).worker
 
-    def score(self, workers: Sequence[Worker], prompt: Prompt | None) -> Candidate:
-        """`workers` is non-empty and holds only available workers."""
+    def score(
+        self, workers: Sequence[Worker], prompt: Prompt | None, salt: str | None = None
+    ) -> Candidate:
+        """`workers` is non-empty and holds only available workers; `salt`: the request's
+        prefix-cache salt."""
         token_ids = prompt if prompt is not None and not isinstance(prompt, str) else []
         # A match may cover at most len - 1 tokens: the last one is always computed.
         usable = list(token_ids[: max(len(token_ids) - 1, 0)])
-        candidates = self.candidates(workers, usable)
+        candidates = self.candidates(workers, usable, salt)
         self._turn = (self._turn + 1) % len(candidates)
         rotated = candidates[self._turn :] + candidates[: self._turn]
         return cheapest(rotated, len(token_ids))

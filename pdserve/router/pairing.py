@@ -15,6 +15,7 @@ from pdserve.router.policy import Policy, make_policy
 from pdserve.router.prefix_table import Prompt
 from pdserve.router.rooms import RoomSource
 from pdserve.router.workers import Worker, WorkerRegistry
+from pdserve.serving.cache_salt import CacheSaltError, body_cache_salt
 
 
 class NoWorker(Exception):
@@ -54,9 +55,15 @@ class PairChooser:
         return any(isinstance(p, KVAware) for p in self.policies.values())
 
     def _pick(
-        self, role: Role, now: float, prompt: Prompt | None, avoid: Collection[str]
+        self,
+        role: Role,
+        now: float,
+        prompt: Prompt | None,
+        avoid: Collection[str],
+        salt: str | None = None,
     ) -> Candidate:
-        """The worker, the DP rank kv_aware chose (or None) and the prompt tokens it holds."""
+        """The worker, the DP rank kv_aware chose (or None) and the prompt tokens it holds
+        (under the request's prefix-cache `salt`)."""
         workers = self.registry.available(role, now, exclude=avoid)
         if not workers and avoid:  # better a worker that failed once than none
             workers = self.registry.available(role, now)
@@ -66,7 +73,7 @@ class PairChooser:
             raise NoWorker(self._none_available(role, now))
         policy = self.policies[role]
         if isinstance(policy, KVAware):
-            return policy.score(workers, prompt)
+            return policy.score(workers, prompt, salt)
         return Candidate(policy.choose(workers, prompt), None, 0, 0)
 
     def _none_available(self, role: Role, now: float) -> str:
@@ -96,14 +103,18 @@ class PairChooser:
         avoid: Collection[str] = (),
     ) -> Pair:
         """Raises NoWorker. `avoid`: workers that already failed this request."""
+        try:
+            salt = body_cache_salt(body)
+        except CacheSaltError:  # the servers answer 400: route it by load alone
+            salt, prompt = None, None
         if self.registry.by_role("regular"):
-            plain = self._pick("regular", now, prompt, avoid)
+            plain = self._pick("regular", now, prompt, avoid, salt)
             return Pair(
                 plain.worker, decode_rank=plain.dp_rank, decode_matched_tokens=plain.matched_tokens
             )
         c = self.config
         if c.local_prefill_threshold:
-            best_decode = self._pick("decode", now, prompt, avoid)
+            best_decode = self._pick("decode", now, prompt, avoid, salt)
             if self._decode_holds_enough(prompt, best_decode.matched_tokens):
                 # The rank that holds the prompt, --dp-aware or not: on another rank decode
                 # would compute the whole prompt itself.
@@ -113,10 +124,10 @@ class PairChooser:
                     decode_matched_tokens=best_decode.matched_tokens,
                     local_prefill=True,
                 )
-            best_prefill = self._pick("prefill", now, prompt, avoid)
+            best_prefill = self._pick("prefill", now, prompt, avoid, salt)
         else:
-            best_prefill = self._pick("prefill", now, prompt, avoid)
-            best_decode = self._pick("decode", now, prompt, avoid)
+            best_prefill = self._pick("prefill", now, prompt, avoid, salt)
+            best_decode = self._pick("decode", now, prompt, avoid, salt)
         prefill, prefill_kv_rank = best_prefill.worker, best_prefill.dp_rank
         decode, decode_kv_rank = best_decode.worker, best_decode.dp_rank
         prefill_matched, decode_matched = best_prefill.matched_tokens, best_decode.matched_tokens

@@ -1,8 +1,9 @@
 """kv_aware's pure core: the candidate holding the prompt's prefix wins unless its load
 outweighs the tokens it saves; with --dp-aware the rank holding it is named; workers with
-no events and text prompts are scored by load alone."""
+no events and text prompts are scored by load alone; a salted prompt matches only pages
+cached under its salt."""
 
-from pdserve.engine.page_hash import page_hashes
+from pdserve.engine.page_hash import page_hashes, salted_seed
 from pdserve.router.kv_index import KVIndex
 from pdserve.router.kv_policy import KVAware, output_budget
 from tests.router.test_policy import make_workers
@@ -110,3 +111,19 @@ def test_ids_that_are_not_token_ids_go_by_load_for_the_server_to_refuse():
         prompt = [*PROMPT[:20], bad, *PROMPT[21:]]
         best = policy.score([a, b], prompt)
         assert (best.worker, best.matched_tokens) == (b, 0), bad
+
+
+def test_a_salted_prompt_matches_only_pages_cached_under_its_salt():
+    """The servers hash a salted request's pages from its salted seed; scored with the
+    unsalted hashes, kv_aware sent a tenant's prompt to the worker holding another's."""
+    a, b = make_workers(2)
+    index = KVIndex()
+    for worker, salt in ((a, None), (b, "tenant-b")):
+        hashes = page_hashes(PROMPT, PAGE, salted_seed(SEED, salt))[:4]
+        index.track(worker.url, PAGE, SEED).load_snapshot({"seq": 1, "ranks": [hashes]})
+    policy = KVAware(index, per_rank=False)
+    for salt, holder in ((None, a), ("tenant-b", b)):
+        for order in ([a, b], [b, a]):
+            best = policy.score(order, PROMPT, salt)
+            assert (best.worker, best.matched_tokens) == (holder, 64), salt
+    assert policy.score([a, b], PROMPT, "tenant-c").matched_tokens == 0

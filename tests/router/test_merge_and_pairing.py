@@ -5,6 +5,7 @@ import random
 
 import pytest
 
+from pdserve.engine.page_hash import page_hashes, salted_seed
 from pdserve.router.config import RouterConfig, WorkerSpec
 from pdserve.router.merge import (
     EchoStreamMerger,
@@ -274,3 +275,24 @@ def test_a_local_prefill_threshold_without_kv_aware_decode_is_refused(policies):
         RouterConfig(local_prefill_threshold=64, **policies)
     RouterConfig(local_prefill_threshold=64, policy="round_robin", decode_policy="kv_aware")
     RouterConfig(local_prefill_threshold=64, policy="kv_aware")
+
+
+def test_kv_aware_scores_a_request_under_the_salt_its_body_names():
+    """cache_salt and extra_key, combined as the servers combine them (serving/cache_salt.py);
+    a body whose salt the servers refuse is routed by load alone."""
+    config = RouterConfig(policy="kv_aware")
+    chooser = PairChooser(config, registry_with(config), random.Random(0))
+    prompt = list(range(100, 180))
+    hashes = page_hashes(prompt, 16, salted_seed(7, "tenant\x00key"))
+    for url in ("http://10.0.0.1:30000", "http://10.0.0.2:30001"):
+        chooser.kv_index.track(url, 16, 7).load_snapshot({"seq": 1, "ranks": [hashes]})
+    cases = [
+        ({"cache_salt": "tenant", "extra_key": "key"}, 64),
+        ({}, 0),
+        ({"cache_salt": "tenant"}, 0),
+        ({"extra_key": "key"}, 0),
+        ({"cache_salt": 5, "extra_key": "key"}, 0),
+    ]
+    for fields, matched in cases:
+        pair = chooser.choose("/generate", {"input_ids": prompt, **fields}, None, prompt, 0.0)
+        assert (pair.prefill_matched_tokens, pair.decode_matched_tokens) == (matched,) * 2, fields
