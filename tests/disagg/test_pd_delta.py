@@ -231,3 +231,32 @@ def test_legs_with_other_prompts_of_one_length_move_no_kv_into_decodes_cache(pai
     _, answer = _pd(pair, body)
     assert answer["output_ids"] == _reference(cache_off, body)
     wait_idle([prefill.url, decode.url])
+
+
+def test_a_salted_prompt_reuses_pages_only_under_its_salt_on_both_legs(pair, cache_off):
+    """cache_salt / extra_key (one salt by either name): after the same prompt under another
+    salt, prefill computes all of it and decode, which counts only its salt's pages in what
+    it holds, receives all of it; under the same salt, the usual delta. Tokens as no cache."""
+    prefill, decode = pair
+    rng = random.Random(23)
+    body = _body([rng.randrange(3, 250) for _ in range(4 * PAGE + 5)])  # 5 pages, 4 full
+    reference = _reference(cache_off, body)
+
+    def run(**salt) -> tuple[int, int, int]:
+        """(prefill's cached tokens, decode's, KV bytes sent)"""
+        prefill_meta, answer = _pd(pair, {**body, **salt})
+        assert answer["output_ids"] == reference
+        meta = answer["meta_info"]
+        return (
+            prefill_meta["cached_tokens"],
+            meta["decode_cached_tokens"],
+            meta["kv_transfer_bytes"],
+        )
+
+    *held, full_nbytes = run()
+    assert held == [0, 0] and full_nbytes > 0
+    assert run(cache_salt="tenant-a") == (0, 0, full_nbytes)
+    assert run(cache_salt="tenant-b") == (0, 0, full_nbytes)
+    # the last page alone
+    assert run(extra_key="tenant-a") == (4 * PAGE, 4 * PAGE, full_nbytes // 5)
+    wait_idle([prefill.url, decode.url])
