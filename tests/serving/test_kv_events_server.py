@@ -1,5 +1,5 @@
 """KV events from a real dp 2 server: a request's pages are `stored` on its rank with the
-hashes a router computes; eviction and /flush_cache publish `removed` and `cleared`; a
+hashes a router computes (a salted request's under its salt); eviction and /flush_cache publish `removed` and `cleared`; a
 subscriber that starts late, or loses a batch, converges to the workers' real caches."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import pytest
 import zmq
 import zmq.asyncio
 
-from pdserve.engine.page_hash import page_hashes
+from pdserve.engine.page_hash import page_hashes, salted_seed
 from tests.conftest import TINY_ARGS
 from tests.helpers import http_json, launch_server, wait_until
 from tests.kv_event_client import SubscriberThread, ask_replay, dump, events_since
@@ -34,8 +34,8 @@ def info(url: str) -> dict:
     return http_json("GET", f"{url}/server_info")[1]
 
 
-def generate(url: str, n: int, rank: int) -> None:
-    body = {"input_ids": prompt(n), "sampling_params": GREEDY, "routed_dp_rank": rank}
+def generate(url: str, n: int, rank: int, **fields) -> None:
+    body = {"input_ids": prompt(n), "sampling_params": GREEDY, "routed_dp_rank": rank, **fields}
     status, answer = http_json("POST", f"{url}/generate", body)
     assert status == 200, answer
 
@@ -58,6 +58,22 @@ def test_a_requests_pages_are_stored_on_its_rank_with_the_routers_hashes(server)
     assert stored[0]["parent_hash"] is None
     assert sum(e["num_tokens"] for e in stored) == 4 * PAGE
     assert not dump(server.url, 0)
+
+
+def test_a_salted_requests_pages_are_stored_with_its_salted_hashes(server):
+    """The same prompt unsalted and under a salt: two chains, the second the one a router
+    computes from the seed salted with the body's cache_salt."""
+    flush(server.url)
+    before = info(server.url)
+    seed = before["kv_events_hash_seed"]
+    generate(server.url, 2, rank=0)
+    generate(server.url, 2, rank=0, cache_salt="tenant-a")
+    plain = page_hashes(prompt(2), PAGE, seed)
+    salted = page_hashes(prompt(2), PAGE, salted_seed(seed, "tenant-a"))
+    assert not set(plain) & set(salted)
+    wait_until(lambda: dump(server.url, 0) == {*plain, *salted}, 30, "both chains cached")
+    stored = [e for e in events_since(before, before["kv_events_seq"]) if e["type"] == "stored"]
+    assert [h for e in stored for h in e["page_hashes"]] == plain + salted
 
 
 def test_eviction_is_removed_and_flush_is_cleared_on_every_rank(server):
