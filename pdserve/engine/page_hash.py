@@ -8,7 +8,6 @@ router can hash a prompt the same way. A request's cache salt (vLLM's `cache_sal
 
 from __future__ import annotations
 
-import functools
 import hashlib
 from collections.abc import Sequence
 
@@ -28,14 +27,15 @@ def hash_seed(model_fingerprint: str, page_size: int) -> int:
     return _digest(f"pdserve-kv-pages/{model_fingerprint}/{page_size}".encode())
 
 
-@functools.lru_cache(maxsize=4096)
 def salted_seed(seed: int, salt: str | None) -> int:
     """The seed of a request salted with `salt`: `seed` itself without one (unsalted pages
     hash as they always did), else a digest of both under a prefix of its own, so no salt
-    gives the input of an unsalted seed."""
+    gives the input of an unsalted seed. Not memoised here: a salt is the client's, of any
+    length (a cache keyed by it would keep them); callers keep the result per request."""
     if salt is None:
         return seed
-    return _digest(b"pdserve-cache-salt/" + seed.to_bytes(_HASH_BYTES, "little") + salt.encode())
+    salt_bytes = salt.encode("utf-8", "surrogatepass")  # total: any str a parser made
+    return _digest(b"pdserve-cache-salt/" + seed.to_bytes(_HASH_BYTES, "little") + salt_bytes)
 
 
 def page_hashes(

@@ -199,6 +199,7 @@ class Request:
     prefill_only: bool = False  # prefill role: stop after the first token, hold pages
     # Its prefix-cache salt: it shares cached pages only with requests of the same salt.
     cache_salt: str | None = None
+    hash_seed: int | None = None  # its pages' seed under that salt (PagePool, memoised)
     state: ReqState = ReqState.WAITING
     output_ids: list[int] = field(default_factory=list)
     page_ids: list[int] = field(default_factory=list)

@@ -82,6 +82,7 @@ def test_a_salt_changes_every_page_hash_and_no_salt_changes_none():
     assert salted[""][0] != plain[0]  # an empty salt is a salt (clients' "" never gets here)
     assert salted["a"] == page_hashes(TOKENS, 4, salted_seed(SEED, "a"))  # stable
     assert salted_seed(hash_seed("fingerprint-b", 4), "a") != salted_seed(SEED, "a")
+    assert salted_seed(SEED, "\ud800") != SEED  # any str: a lone surrogate does not raise
 
 
 def test_salted_hash_values_are_pinned():
