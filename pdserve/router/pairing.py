@@ -15,7 +15,7 @@ from pdserve.router.policy import Policy, make_policy
 from pdserve.router.prefix_table import Prompt
 from pdserve.router.rooms import RoomSource
 from pdserve.router.workers import Worker, WorkerRegistry
-from pdserve.serving.cache_salt import CacheSaltError, body_cache_salt
+from pdserve.serving.cache_salt import CacheSaltError, body_salt_key
 
 
 class NoWorker(Exception):
@@ -63,7 +63,7 @@ class PairChooser:
         salt: str | None = None,
     ) -> Candidate:
         """The worker, the DP rank kv_aware chose (or None) and the prompt tokens it holds
-        (under the request's prefix-cache `salt`)."""
+        (under the request's prefix-cache `salt`, its key: serving/cache_salt.py)."""
         workers = self.registry.available(role, now, exclude=avoid)
         if not workers and avoid:  # better a worker that failed once than none
             workers = self.registry.available(role, now)
@@ -104,7 +104,7 @@ class PairChooser:
     ) -> Pair:
         """Raises NoWorker. `avoid`: workers that already failed this request."""
         try:
-            salt = body_cache_salt(body)
+            salt = body_salt_key(body)
         except CacheSaltError:  # the servers answer 400: route it by load alone
             salt, prompt = None, None
         if self.registry.by_role("regular"):

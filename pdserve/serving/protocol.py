@@ -33,7 +33,7 @@ class GenerateReq(msgspec.Struct, tag=True, kw_only=True):
     logprob_start_len: int | None = None
     top_logprobs_num: int = 0
     disagg: DisaggInfo | None = None
-    cache_salt: str | None = None  # the request's prefix-cache salt (serving/cache_salt.py)
+    cache_salt: str | None = None  # its prefix-cache salt's key (cache_salt.salt_key)
 
 
 class AbortReq(msgspec.Struct, tag=True):

@@ -15,7 +15,7 @@ from typing import Any, Protocol
 import msgspec
 
 from pdserve.engine.request import INT64_MAX, InvalidSampling, SamplingParams
-from pdserve.serving.cache_salt import CacheSaltError, body_cache_salt
+from pdserve.serving.cache_salt import CacheSaltError, body_salt_key
 from pdserve.serving.hooks import RequestError
 from pdserve.serving.logit_bias_field import parse_logit_bias
 from pdserve.serving.pd_fields import (
@@ -59,7 +59,7 @@ class GenItem:
     logprob_start_len: int | None = None
     top_logprobs_num: int = 0
     pd: PDFields = field(default_factory=PDFields)
-    cache_salt: str | None = None  # shares cached pages only with requests of this salt
+    cache_salt: str | None = None  # the salt's key: shares cached pages only under it
 
 
 def bad(message: str) -> RequestError:
@@ -114,9 +114,10 @@ def refuse_features(
 
 
 def cache_salt_of(body: dict) -> str | None:
-    """The request's prefix-cache salt (`cache_salt`, `extra_key`: serving/cache_salt.py)."""
+    """The key of the request's prefix-cache salt (`cache_salt`, `extra_key`:
+    serving/cache_salt.py), what its workers hash its pages under."""
     try:
-        return body_cache_salt(body)
+        return body_salt_key(body)
     except CacheSaltError as exc:
         raise RequestError(400, str(exc), param=exc.param) from None
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from pdserve.serving.cache_salt import CacheSaltError, body_cache_salt
+from pdserve.serving.cache_salt import CacheSaltError, body_cache_salt, body_salt_key, salt_key
 
 
 @pytest.mark.parametrize(
@@ -40,3 +40,17 @@ def test_a_salt_that_is_not_a_string_is_refused_naming_its_field(body, param):
     with pytest.raises(CacheSaltError) as caught:
         body_cache_salt(body)
     assert caught.value.param == param
+
+
+def test_workers_get_a_fixed_size_key_of_the_salt():
+    """A salt of any length goes on as its 32-character key (a MiB salt had gone whole to
+    the workers with every sequence of a batch); one salt by either name, one key; another
+    salt, another key."""
+    long_salt = "s" * 2**20
+    key = body_salt_key({"cache_salt": long_salt})
+    assert key == salt_key(long_salt) and len(key) == 32
+    assert body_salt_key({"extra_key": long_salt}) == key
+    assert body_salt_key({"cache_salt": long_salt + "!"}) != key
+    assert body_salt_key({"cache_salt": "a", "extra_key": "b"}) == salt_key("a\x00b")
+    assert body_salt_key({"extra_key": ""}) is None
+    assert len(salt_key("\ud800")) == 32  # the router's parser lets a lone surrogate through

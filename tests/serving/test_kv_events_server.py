@@ -1,6 +1,7 @@
 """KV events from a real dp 2 server: a request's pages are `stored` on its rank with the
-hashes a router computes (a salted request's under its salt); eviction and /flush_cache publish `removed` and `cleared`; a
-subscriber that starts late, or loses a batch, converges to the workers' real caches."""
+hashes a router computes (a salted request's under its salt's key); eviction and /flush_cache
+publish `removed` and `cleared`; a subscriber that starts late, or loses a batch, converges to
+the workers' real caches."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import zmq
 import zmq.asyncio
 
 from pdserve.engine.page_hash import page_hashes, salted_seed
+from pdserve.serving.cache_salt import salt_key
 from tests.conftest import TINY_ARGS
 from tests.helpers import http_json, launch_server, wait_until
 from tests.kv_event_client import SubscriberThread, ask_replay, dump, events_since
@@ -62,14 +64,16 @@ def test_a_requests_pages_are_stored_on_its_rank_with_the_routers_hashes(server)
 
 def test_a_salted_requests_pages_are_stored_with_its_salted_hashes(server):
     """The same prompt unsalted and under a salt: two chains, the second the one a router
-    computes from the seed salted with the body's cache_salt."""
+    computes from the seed salted with the key of the body's cache_salt (the worker gets the
+    key alone: a MiB salt once went to it whole with each sequence of the request)."""
     flush(server.url)
     before = info(server.url)
     seed = before["kv_events_hash_seed"]
+    salt = "tenant-a/" + "s" * 2**20
     generate(server.url, 2, rank=0)
-    generate(server.url, 2, rank=0, cache_salt="tenant-a")
+    generate(server.url, 2, rank=0, cache_salt=salt)
     plain = page_hashes(prompt(2), PAGE, seed)
-    salted = page_hashes(prompt(2), PAGE, salted_seed(seed, "tenant-a"))
+    salted = page_hashes(prompt(2), PAGE, salted_seed(seed, salt_key(salt)))
     assert not set(plain) & set(salted)
     wait_until(lambda: dump(server.url, 0) == {*plain, *salted}, 30, "both chains cached")
     stored = [e for e in events_since(before, before["kv_events_seq"]) if e["type"] == "stored"]

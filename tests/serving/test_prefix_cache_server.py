@@ -100,6 +100,14 @@ def test_a_salted_prompt_shares_cached_pages_only_under_its_salt(server):
     assert generate(cache_salt="tenant-a", extra_key="k") == (0, tokens)  # a third salt
     assert generate(cache_salt="tenant-b") == (4 * PAGE, tokens)
     assert generate() == (4 * PAGE, tokens)  # the unsalted pages stayed unsalted
+    # A MiB salt on a batch (each sequence once carried it whole to the workers): its
+    # key isolates it like any salt.
+    long_salt = "tenant-c/" + "s" * 2**20
+    batch = {**body, "input_ids": [PROMPT, PROMPT], "cache_salt": long_salt}
+    status, outs = http_json("POST", f"{url}/generate", batch)
+    assert status == 200, outs
+    assert [out["output_ids"] for out in outs] == [tokens, tokens]
+    assert generate(cache_salt=long_salt) == (4 * PAGE, tokens)
 
 
 def test_flush_under_load_keeps_pinned_pages_and_pages_used_returns_to_zero(server):
