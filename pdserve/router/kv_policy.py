@@ -115,8 +115,10 @@ class KVAware(Policy):
                 out.append(Candidate(worker, None, best, worker.tokens_in_flight, holding))
         return out
 
-    def choose(self, workers: Sequence[Worker], prompt: Prompt | None) -> Worker:
-        return self.score(workers, prompt).worker
+    def choose(
+        self, workers: Sequence[Worker], prompt: Prompt | None, salt: str | None = None
+    ) -> Worker:
+        return self.score(workers, prompt, salt).worker
 
     def score(
         self, workers: Sequence[Worker], prompt: Prompt | None, salt: str | None = None

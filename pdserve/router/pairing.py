@@ -74,7 +74,7 @@ class PairChooser:
         policy = self.policies[role]
         if isinstance(policy, KVAware):
             return policy.score(workers, prompt, salt)
-        return Candidate(policy.choose(workers, prompt), None, 0, 0)
+        return Candidate(policy.choose(workers, prompt, salt), None, 0, 0)
 
     def _none_available(self, role: Role, now: float) -> str:
         """Why no server of the role takes requests: failing health checks, or (passing

@@ -19,8 +19,11 @@ from pdserve.router.workers import Worker
 class Policy:
     name = "base"
 
-    def choose(self, workers: Sequence[Worker], prompt: Prompt | None) -> Worker:
-        """`workers` is non-empty and holds only available workers."""
+    def choose(
+        self, workers: Sequence[Worker], prompt: Prompt | None, salt: str | None = None
+    ) -> Worker:
+        """`workers` is non-empty and holds only available workers; `salt`: the key of the
+        request's prefix-cache salt (serving/cache_salt.py), or None."""
         raise NotImplementedError
 
     def forget(self, url: str) -> None:
@@ -33,7 +36,9 @@ class RoundRobin(Policy):
     def __init__(self) -> None:
         self._counter = 0
 
-    def choose(self, workers: Sequence[Worker], prompt: Prompt | None) -> Worker:
+    def choose(
+        self, workers: Sequence[Worker], prompt: Prompt | None, salt: str | None = None
+    ) -> Worker:
         worker = workers[self._counter % len(workers)]
         self._counter += 1
         return worker
@@ -45,7 +50,9 @@ class RandomChoice(Policy):
     def __init__(self, rng: random.Random):
         self._rng = rng
 
-    def choose(self, workers: Sequence[Worker], prompt: Prompt | None) -> Worker:
+    def choose(
+        self, workers: Sequence[Worker], prompt: Prompt | None, salt: str | None = None
+    ) -> Worker:
         return self._rng.choice(workers)
 
 
@@ -59,7 +66,9 @@ class PowerOfTwo(Policy):
     def __init__(self, rng: random.Random):
         self._rng = rng
 
-    def choose(self, workers: Sequence[Worker], prompt: Prompt | None) -> Worker:
+    def choose(
+        self, workers: Sequence[Worker], prompt: Prompt | None, salt: str | None = None
+    ) -> Worker:
         if len(workers) == 1:
             return workers[0]
         return least_loaded(self._rng.sample(list(workers), 2))
@@ -87,17 +96,19 @@ class CacheAware(Policy):
             loads
         ) > self.balance_rel_threshold * min(loads)
 
-    def choose(self, workers: Sequence[Worker], prompt: Prompt | None) -> Worker:
+    def choose(
+        self, workers: Sequence[Worker], prompt: Prompt | None, salt: str | None = None
+    ) -> Worker:
         if not prompt or not keyable(prompt):
             return least_loaded(workers)
         chosen = None
         if not self._skewed(workers):
-            matched = self.table.match(prompt, [w.url for w in workers])
+            matched = self.table.match(prompt, [w.url for w in workers], salt)
             best = max(workers, key=lambda w: (matched[w.url], -w.load()))
             if matched[best.url] >= self.cache_threshold * len(prompt) and matched[best.url]:
                 chosen = best
         chosen = chosen or least_loaded(workers)
-        self.table.insert(prompt, chosen.url)
+        self.table.insert(prompt, chosen.url, salt)
         return chosen
 
     def forget(self, url: str) -> None:

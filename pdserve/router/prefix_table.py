@@ -3,7 +3,9 @@
 A hashed radix tree at block granularity: a prompt (text or token ids) is cut into blocks
 of `block_len`; block i is keyed by a hash chained over blocks 0..i, so a key stands for a
 whole prefix. Each key maps to the workers that served that prefix. Once more than
-`max_blocks` keys are stored, the least recently used go first.
+`max_blocks` keys are stored, the least recently used go first. A salted request's chain
+starts from its salt (its key, `serving/cache_salt.py`), as the servers' page hashes do: it
+matches only prefixes served under the same salt, the only ones it can find cached.
 """
 
 from __future__ import annotations
@@ -14,10 +16,10 @@ from collections.abc import Sequence
 Prompt = str | Sequence[int]
 
 
-def prefix_keys(prompt: Prompt, block_len: int) -> list[int]:
+def prefix_keys(prompt: Prompt, block_len: int, salt: str | None = None) -> list[int]:
     """One key per whole block; a trailing partial block is not remembered."""
     keys: list[int] = []
-    key = 0
+    key = 0 if salt is None else hash(("salt", salt))
     for start in range(0, len(prompt) - block_len + 1, block_len):
         block = prompt[start : start + block_len]
         key = hash((key, block if isinstance(block, str) else tuple(block)))
@@ -34,11 +36,14 @@ class PrefixTable:
     def __len__(self) -> int:
         return len(self._owners)
 
-    def match(self, prompt: Prompt, candidates: Sequence[str]) -> dict[str, int]:
-        """For each candidate URL: how many leading prompt elements it has served."""
+    def match(
+        self, prompt: Prompt, candidates: Sequence[str], salt: str | None = None
+    ) -> dict[str, int]:
+        """For each candidate URL: how many leading prompt elements it has served (under
+        `salt`)."""
         matched = dict.fromkeys(candidates, 0)
         alive = set(candidates)
-        for i, key in enumerate(prefix_keys(prompt, self.block_len)):
+        for i, key in enumerate(prefix_keys(prompt, self.block_len, salt)):
             owners = self._owners.get(key)
             if owners is None:
                 break
@@ -49,10 +54,10 @@ class PrefixTable:
                 matched[url] = (i + 1) * self.block_len
         return matched
 
-    def insert(self, prompt: Prompt, url: str) -> None:
+    def insert(self, prompt: Prompt, url: str, salt: str | None = None) -> None:
         # Deepest block first, so a prefix is always fresher than its extensions and LRU
         # eviction trims leaves before the shared stem (a lost stem would orphan its leaves).
-        for key in reversed(prefix_keys(prompt, self.block_len)):
+        for key in reversed(prefix_keys(prompt, self.block_len, salt)):
             owners = self._owners.get(key)
             if owners is None:
                 self._owners[key] = {url}

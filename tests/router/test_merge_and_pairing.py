@@ -297,3 +297,29 @@ def test_kv_aware_scores_a_request_under_the_salt_its_body_names():
     for fields, matched in cases:
         pair = chooser.choose("/generate", {"input_ids": prompt, **fields}, None, prompt, 0.0)
         assert (pair.prefill_matched_tokens, pair.decode_matched_tokens) == (matched,) * 2, fields
+
+
+def test_cache_aware_scores_a_request_under_the_salt_its_body_names():
+    """The body's salt reaches cache_aware: after the prompt was served unsalted on one
+    worker, the salted prompt goes by load, then to the worker that served it salted."""
+    config = RouterConfig(policy="cache_aware", prefix_block_len=4, cache_threshold=0.5)
+    registry = WorkerRegistry(config)
+    a, b = (
+        registry.new_worker(WorkerSpec(f"http://10.0.0.{i}:30000", "regular"), healthy=True)
+        for i in (1, 2)
+    )
+    registry.add(a)
+    registry.add(b)
+    chooser = PairChooser(config, registry, random.Random(0))
+    prompt = list(range(100, 140))
+
+    def worker(loads: tuple[int, int], **salt) -> str:
+        a.set_reported_load([loads[0]])
+        b.set_reported_load([loads[1]])
+        body = {"input_ids": prompt, **salt}
+        return chooser.choose("/generate", body, None, prompt, 0.0).decode.spec.url
+
+    assert worker((10, 0)) == b.spec.url
+    assert worker((0, 10), extra_key="tenant") == a.spec.url
+    assert worker((10, 0), cache_salt="tenant") == a.spec.url
+    assert worker((10, 0), cache_salt="tenant", extra_key="k") == b.spec.url  # another salt

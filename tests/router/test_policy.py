@@ -138,3 +138,22 @@ def test_a_new_dp_size_keeps_legs_in_flight_on_the_ranks_that_remain():
     worker.on_done(1.0, True, rank=0, leg_tokens=10)
     assert worker.in_flight == 0 and worker.tokens_in_flight == 0
     assert worker.in_flight_per_rank == [0] and worker.tokens_in_flight_per_rank == [0]
+
+
+def test_cache_aware_follows_a_prefix_only_under_its_salt():
+    """A salted prompt is cached only under its salt (the servers hash its pages from it):
+    cache_aware once sent it after the same prompt served under no salt, to a worker where
+    it could find nothing, and away from its own salt's worker."""
+    config = RouterConfig(prefix_block_len=4, cache_threshold=0.5)
+    a, b = make_workers(2, config)
+    policy = CacheAware(config)
+    prompt = "You are a helpful assistant. " * 4
+    a.set_reported_load([10])
+    assert policy.choose([a, b], prompt) is b  # unsalted: b serves it
+    a.set_reported_load([0])
+    b.set_reported_load([10])
+    assert policy.choose([a, b], prompt, "tenant-key") is a  # nothing under the salt yet
+    a.set_reported_load([10])
+    b.set_reported_load([0])
+    assert policy.choose([a, b], prompt, "tenant-key") is a  # its salt's worker
+    assert policy.choose([a, b], prompt) is b  # and the unsalted prompt's
