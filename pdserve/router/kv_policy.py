@@ -82,6 +82,7 @@ def rank_load(worker: Worker, rank: int) -> int:
 
 class KVAware(Policy):
     name = "kv_aware"
+    uses_salt = True
 
     def __init__(self, index: KVIndex, per_rank: bool):
         self.index = index

@@ -44,6 +44,7 @@ class PairChooser:
         self.policies: dict[Role, Policy] = {
             role: self._make_policy(config.policy_for(role), rng) for role in ROLES
         }
+        self._uses_salt = any(p.uses_salt for p in self.policies.values())
 
     def _make_policy(self, name: str, rng: random.Random) -> Policy:
         if name == KVAware.name:
@@ -103,10 +104,12 @@ class PairChooser:
         avoid: Collection[str] = (),
     ) -> Pair:
         """Raises NoWorker. `avoid`: workers that already failed this request."""
-        try:
-            salt = body_salt_key(body)
-        except CacheSaltError:  # the servers answer 400: route it by load alone
-            salt, prompt = None, None
+        salt = None
+        if self._uses_salt:  # its key digests the whole salt (MiBs): only where it is read
+            try:
+                salt = body_salt_key(body)
+            except CacheSaltError:  # the servers answer 400: route it by load alone
+                prompt = None
         if self.registry.by_role("regular"):
             plain = self._pick("regular", now, prompt, avoid, salt)
             return Pair(

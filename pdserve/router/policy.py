@@ -18,6 +18,7 @@ from pdserve.router.workers import Worker
 
 class Policy:
     name = "base"
+    uses_salt = False  # whether choose() reads the request's prefix-cache salt
 
     def choose(
         self, workers: Sequence[Worker], prompt: Prompt | None, salt: str | None = None
@@ -82,6 +83,7 @@ def keyable(prompt: Prompt) -> bool:
 
 class CacheAware(Policy):
     name = "cache_aware"
+    uses_salt = True
 
     def __init__(self, config: RouterConfig):
         self.table = PrefixTable(config.prefix_block_len, config.prefix_table_blocks)
