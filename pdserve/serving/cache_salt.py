@@ -10,9 +10,6 @@ import hashlib
 from collections.abc import Mapping
 from typing import Any
 
-# Between the two fields when a body gives both (SGLang concatenates them), so that
-# ("ab", "c") and ("a", "bc") are two salts.
-SEPARATOR = "\x00"
 KEY_BYTES = 16
 
 
@@ -24,10 +21,11 @@ class CacheSaltError(ValueError):
         self.param = param
 
 
-def body_cache_salt(body: Mapping[str, Any]) -> str | None:
-    """The salt of every prompt of the request, or None (null or absent fields). vLLM's
-    rule for `cache_salt`: a non-empty string if given. SGLang's for `extra_key`: a string,
-    the empty one asking for none. Both given: `cache_salt`, SEPARATOR, `extra_key`."""
+def body_cache_salt(body: Mapping[str, Any]) -> tuple[str, ...] | None:
+    """The salt of every prompt of the request, as its parts, or None (null or absent
+    fields). vLLM's rule for `cache_salt`: a non-empty string if given. SGLang's for
+    `extra_key`: a string, the empty one asking for none. One given: that salt, by either
+    name; both: the pair (`cache_salt`, `extra_key`), another salt than either alone."""
     salt = body.get("cache_salt")
     if salt is not None and (not isinstance(salt, str) or not salt):
         raise CacheSaltError(
@@ -37,21 +35,27 @@ def body_cache_salt(body: Mapping[str, Any]) -> str | None:
     if extra_key is not None and not isinstance(extra_key, str):
         got = type(extra_key).__name__
         raise CacheSaltError(f"extra_key must be a string, got {got}", "extra_key")
-    if salt and extra_key:
-        return salt + SEPARATOR + extra_key
-    return salt or extra_key or None
+    parts = tuple(part for part in (salt, extra_key) if part)
+    return parts or None
 
 
-def salt_key(salt: str) -> str:
+def salt_key(*parts: str) -> str:
     """What a salt is hashed with on every role: the hex blake2b digest (KEY_BYTES) of its
-    UTF-8 bytes. Of fixed size, so that a client's salt of any length (up to the body's
+    parts' UTF-8 bytes, the first's length before them when there are two, and their number
+    first, so that no two salts share a key (joined by a NUL, ("a", "b") was the salt
+    "a\x00b"). Of fixed size, so that a client's salt of any length (up to the body's
     64 MiB) is read once, where the request enters: sent to the workers with every sequence
     of a batch or of n samples, and kept by each, one salt of some MiB made GiB."""
-    salt_bytes = salt.encode("utf-8", "surrogatepass")  # total: any str a parser made
-    return hashlib.blake2b(salt_bytes, digest_size=KEY_BYTES).hexdigest()
+    encoded = [part.encode("utf-8", "surrogatepass") for part in parts]  # any str a parser made
+    digest = hashlib.blake2b(str(len(parts)).encode(), digest_size=KEY_BYTES)
+    if len(encoded) == 2:
+        digest.update(len(encoded[0]).to_bytes(8, "little"))
+    for data in encoded:
+        digest.update(data)
+    return digest.hexdigest()
 
 
 def body_salt_key(body: Mapping[str, Any]) -> str | None:
     """The key (`salt_key`) of the body's salt (`body_cache_salt`), or None."""
-    salt = body_cache_salt(body)
-    return None if salt is None else salt_key(salt)
+    parts = body_cache_salt(body)
+    return None if parts is None else salt_key(*parts)

@@ -284,7 +284,7 @@ def test_kv_aware_scores_a_request_under_the_salt_its_body_names():
     config = RouterConfig(policy="kv_aware")
     chooser = PairChooser(config, registry_with(config), random.Random(0))
     prompt = list(range(100, 180))
-    hashes = page_hashes(prompt, 16, salted_seed(7, salt_key("tenant\x00key")))
+    hashes = page_hashes(prompt, 16, salted_seed(7, salt_key("tenant", "key")))
     for url in ("http://10.0.0.1:30000", "http://10.0.0.2:30001"):
         chooser.kv_index.track(url, 16, 7).load_snapshot({"seq": 1, "ranks": [hashes]})
     cases = [

@@ -13,12 +13,11 @@ from pdserve.serving.cache_salt import CacheSaltError, body_cache_salt, body_sal
     [
         ({}, None),
         ({"cache_salt": None, "extra_key": None}, None),
-        ({"cache_salt": "tenant"}, "tenant"),
-        ({"extra_key": "tenant"}, "tenant"),  # SGLang's name for the same salt
+        ({"cache_salt": "tenant"}, ("tenant",)),
+        ({"extra_key": "tenant"}, ("tenant",)),  # SGLang's name for the same salt
         ({"extra_key": ""}, None),  # SGLang: an empty key asks for none
-        ({"cache_salt": "ab", "extra_key": "c"}, "ab\x00c"),
-        ({"cache_salt": "a", "extra_key": "bc"}, "a\x00bc"),
-        ({"cache_salt": "a", "extra_key": ""}, "a"),
+        ({"cache_salt": "ab", "extra_key": "c"}, ("ab", "c")),
+        ({"cache_salt": "a", "extra_key": ""}, ("a",)),
     ],
 )
 def test_a_body_names_its_salt(body, salt):
@@ -51,6 +50,20 @@ def test_workers_get_a_fixed_size_key_of_the_salt():
     assert key == salt_key(long_salt) and len(key) == 32
     assert body_salt_key({"extra_key": long_salt}) == key
     assert body_salt_key({"cache_salt": long_salt + "!"}) != key
-    assert body_salt_key({"cache_salt": "a", "extra_key": "b"}) == salt_key("a\x00b")
+    assert body_salt_key({"cache_salt": "a", "extra_key": "b"}) == salt_key("a", "b")
     assert body_salt_key({"extra_key": ""}) is None
     assert len(salt_key("\ud800")) == 32  # the router's parser lets a lone surrogate through
+
+
+def test_no_two_salts_share_a_key():
+    """Both fields once joined by a NUL: ("a", "b") and the one salt "a\x00b" shared pages."""
+    bodies = [
+        {"cache_salt": "a\x00b"},
+        {"cache_salt": "a", "extra_key": "b"},
+        {"cache_salt": "a\x00", "extra_key": "b"},
+        {"cache_salt": "ab", "extra_key": "c"},
+        {"cache_salt": "a", "extra_key": "bc"},
+        {"cache_salt": "a"},
+        {"cache_salt": "2"},
+    ]
+    assert len({body_salt_key(body) for body in bodies}) == len(bodies)

@@ -98,6 +98,7 @@ def test_a_salted_prompt_shares_cached_pages_only_under_its_salt(server):
     assert num_cached == 4 * PAGE  # tenant-a's pages, named by the other field
     assert complete(cache_salt="tenant-b") == (0, text)
     assert generate(cache_salt="tenant-a", extra_key="k") == (0, tokens)  # a third salt
+    assert generate(cache_salt="tenant-a\x00k") == (0, tokens)  # and a fourth
     assert generate(cache_salt="tenant-b") == (4 * PAGE, tokens)
     assert generate() == (4 * PAGE, tokens)  # the unsalted pages stayed unsalted
     # A MiB salt on a batch (each sequence once carried it whole to the workers): its
