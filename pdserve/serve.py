@@ -49,4 +49,7 @@ def _run(ns: argparse.Namespace) -> int:
         raise SystemExit(f"pdserve serve: {exc}") from None
     from pdserve.serving.http_server import serve
 
-    return serve(cfg, hooks_for(cfg.server.mode))
+    try:
+        return serve(cfg, hooks_for(cfg.server.mode))
+    finally:
+        launcher.stop_fork_server()

@@ -4,8 +4,9 @@ Workers start from a fork server (multiprocessing's `forkserver` method) that ha
 torch and the engine once: each worker is then a fork of it, with no import of its own
 (about 2 s of CPU per worker, which `spawn` pays in every one), and the fork server's one
 import overlaps the front end's own start-up (`prestart`). The fork server never touches a
-GPU, so each worker initialises CUDA itself. It exits when the front end does, and its
-workers with it (each dies with its parent). `PDSERVE_WORKER_MULTIPROC_METHOD=spawn` starts
+GPU, so each worker initialises CUDA itself. The front end stops it as it exits
+(`stop_fork_server`); killed, the front end leaves it to exit by itself, its workers with it
+(each dies with its parent). `PDSERVE_WORKER_MULTIPROC_METHOD=spawn` starts
 every worker from a fresh interpreter instead (vLLM's VLLM_WORKER_MULTIPROC_METHOD).
 """
 
@@ -14,7 +15,9 @@ from __future__ import annotations
 import multiprocessing
 import multiprocessing.forkserver
 import multiprocessing.process
+import contextlib
 import os
+import signal
 import time
 
 from pdserve import envs
@@ -46,6 +49,20 @@ def prestart() -> None:
     if start_method() == "forkserver":
         multiprocessing.forkserver.set_forkserver_preload(PRELOAD)
         multiprocessing.forkserver.ensure_running()
+
+
+def stop_fork_server() -> None:
+    """Stop this process's fork server and reap it (after its workers are stopped): it exits
+    by itself once the front end is gone, but a moment later, as an orphan meanwhile, and
+    seconds later where it is still importing `PRELOAD` (a start that failed early)."""
+    server = multiprocessing.forkserver._forkserver
+    pid = server._forkserver_pid
+    if pid is None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)  # it holds nothing to save; its workers are gone
+    with contextlib.suppress(OSError):  # it closes its pipe, reaps it, unlinks its socket
+        server._stop()
 
 
 class WorkerProcesses:

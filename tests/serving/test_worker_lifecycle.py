@@ -1,0 +1,63 @@
+"""A server's processes at its edges: a start that fails or is stopped, and an exit, leave
+no process of the server (fork server included) and none of its directories behind."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from pdserve.bench import proc_tree
+from pdserve.engine.model_dir import resolve_model_dir
+from tests.conftest import TINY_ARGS
+from tests.helpers import REPO_ROOT, free_port, python_path_env, wait_until
+
+
+def start_serve(args: list[str], log: Path) -> subprocess.Popen:
+    """`pdserve serve` in a process group of its own (its pgid is its pid), its output in
+    `log`: not a pipe, which would be open until its fork server too is gone."""
+    with open(log, "w") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "pdserve", "serve", "--port", str(free_port()), *args],
+            cwd=REPO_ROOT,
+            env={**python_path_env(), "PYTHONUNBUFFERED": "1"},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+
+def left_behind(proc: subprocess.Popen) -> list[proc_tree.ProcInfo]:
+    """The processes of `proc`'s group still running (its fork server, its workers)."""
+    return proc_tree.live_members({proc.pid})
+
+
+def test_a_failed_start_leaves_no_process_behind(tmp_path):
+    """The front end fails before any worker starts (a config.json that is no JSON) while
+    its fork server is still importing torch: the fork server went on, an orphan, for
+    seconds after the front end had exited."""
+    model_dir = tmp_path / "model"
+    shutil.copytree(resolve_model_dir("tiny-random"), model_dir)
+    (model_dir / "config.json").write_text("{not json")
+    proc = start_serve(["--model-path", str(model_dir)], tmp_path / "log")
+    try:
+        proc.wait(120)
+        left = left_behind(proc)
+    finally:
+        proc_tree_kill(proc)
+    out = (tmp_path / "log").read_text()
+    assert proc.returncode == 1 and "server failed to start" in out, out
+    assert left == [], left
+
+
+def proc_tree_kill(proc: subprocess.Popen) -> None:
+    """SIGKILL whatever is left of `proc`'s group (a test that failed)."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    if proc.poll() is None:
+        proc.wait(30)
