@@ -7,6 +7,7 @@ picks the hooks its mode runs. Runs in the server's front-end process.
 from __future__ import annotations
 
 import argparse
+import signal
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -42,14 +43,19 @@ def _run(ns: argparse.Namespace) -> int:
     from pdserve.disagg.config import pd_server_config_from_args
     from pdserve.serving import launcher
 
+    # Until the server's loop takes the signals over, SIGTERM stops the start as Ctrl-C
+    # does: the fork server started below is stopped too, not orphaned.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
-        cfg = pd_server_config_from_args(ns)
-        launcher.prestart()  # the workers' imports, while the front end imports its own
-    except ValueError as exc:
-        raise SystemExit(f"pdserve serve: {exc}") from None
-    from pdserve.serving.http_server import serve
+        try:
+            cfg = pd_server_config_from_args(ns)
+            launcher.prestart()  # the workers' imports, while the front end imports its own
+        except ValueError as exc:
+            raise SystemExit(f"pdserve serve: {exc}") from None
+        from pdserve.serving.http_server import serve
 
-    try:
         return serve(cfg, hooks_for(cfg.server.mode))
+    except KeyboardInterrupt:
+        return 0
     finally:
         launcher.stop_fork_server()

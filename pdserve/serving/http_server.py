@@ -12,9 +12,9 @@ import dataclasses
 import logging
 import os
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
 from aiohttp import web
@@ -44,6 +44,7 @@ from pdserve.serving.server_state import (
 )
 
 logger = logging.getLogger("pdserve.serving")
+T = TypeVar("T")
 
 
 def error_response(
@@ -189,11 +190,16 @@ def _sampling_defaults(source: str, model_dir: str) -> dict[str, Any]:
 
 
 async def serve_async(cfg: ServerConfig, plug: ServerHooks) -> int:
+    stop = _stop_on_signals()
     try:
-        cfg, controller, tokenizer, model_dir = await _start_workers(cfg, plug.worker)
+        started = await _until_stopped(_start_workers(cfg, plug.worker), stop)
     except (WorkerStartError, ValueError, OSError) as exc:
         logger.error("server failed to start: %s", exc)
         return 1
+    if started is None:
+        logger.info("stopped while starting")
+        return 0
+    cfg, controller, tokenizer, model_dir = started
     hooks = plug.frontend(cfg, controller)
     generator = Generator(
         controller, hooks, tokenizer, cfg.server.mode, cfg.server.request_timeout_s
@@ -225,7 +231,8 @@ async def serve_async(cfg: ServerConfig, plug: ServerHooks) -> int:
             model_dir,
         )
         warn_if_exposed(cfg, hooks)
-        await _wait_for_signal()
+        await stop.wait()
+        logger.info("shutting down")
     except OSError as exc:  # e.g. the port or the bootstrap port is taken
         logger.error("server failed to start: %s", exc)
         return 1
@@ -253,13 +260,28 @@ def warn_if_exposed(cfg: ServerConfig, hooks: FrontendHooks) -> None:
         logger.warning("WARNING: %s", line)
 
 
-async def _wait_for_signal() -> None:
+def _stop_on_signals() -> asyncio.Event:
+    """An event set by SIGTERM or SIGINT, from the start: one that came while the workers
+    started killed the front end with its default action (its socket directory left, its
+    fork server orphaned) or ended it in a KeyboardInterrupt traceback."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    logger.info("shutting down")
+    return stop
+
+
+async def _until_stopped(work: Coroutine[Any, Any, T], stop: asyncio.Event) -> T | None:
+    """`work`'s result, or None once `stop` is set first (`work` cancelled: it cleans up)."""
+    task = asyncio.ensure_future(work)
+    stopped = asyncio.ensure_future(stop.wait())
+    await asyncio.wait({task, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    stopped.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    return None
 
 
 def serve(cfg: ServerConfig, plug: ServerHooks | None = None) -> int:

@@ -12,10 +12,10 @@ every worker from a fresh interpreter instead (vLLM's VLLM_WORKER_MULTIPROC_METH
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import multiprocessing.forkserver
 import multiprocessing.process
-import contextlib
 import os
 import signal
 import time

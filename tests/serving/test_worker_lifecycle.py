@@ -10,20 +10,22 @@ import subprocess
 import sys
 from pathlib import Path
 
+import psutil
+
 from pdserve.bench import proc_tree
 from pdserve.engine.model_dir import resolve_model_dir
 from tests.conftest import TINY_ARGS
 from tests.helpers import REPO_ROOT, free_port, python_path_env, wait_until
 
 
-def start_serve(args: list[str], log: Path) -> subprocess.Popen:
+def start_serve(args: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
     """`pdserve serve` in a process group of its own (its pgid is its pid), its output in
     `log`: not a pipe, which would be open until its fork server too is gone."""
     with open(log, "w") as out:
         return subprocess.Popen(
             [sys.executable, "-m", "pdserve", "serve", "--port", str(free_port()), *args],
             cwd=REPO_ROOT,
-            env={**python_path_env(), "PYTHONUNBUFFERED": "1"},
+            env={**python_path_env(), "PYTHONUNBUFFERED": "1", **(env or {})},
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=True,
@@ -61,3 +63,35 @@ def proc_tree_kill(proc: subprocess.Popen) -> None:
         pass
     if proc.poll() is None:
         proc.wait(30)
+
+
+def socket_dirs(pid: int) -> set[str]:
+    return {
+        os.path.dirname(c.laddr)
+        for c in psutil.Process(pid).net_connections("unix")
+        if "/pdserve-" in c.laddr
+    }
+
+
+def test_sigterm_while_the_workers_start_stops_the_server_cleanly(tmp_path):
+    """SIGTERM before the server is ready (a worker frozen in its start): the front end
+    stops its workers, removes its socket directory and exits 0. It died of the signal's
+    default action instead, its directory left for the next server. A spawned worker,
+    which imports torch for seconds: a fork server's may be ready before it is frozen."""
+    spawn = {"PDSERVE_WORKER_MULTIPROC_METHOD": "spawn"}
+    proc = start_serve([*TINY_ARGS], tmp_path / "log", spawn)
+    try:
+        wait_until(lambda: proc_tree.worker_pids(proc.pid), 60, "the worker to start")
+        (worker,) = proc_tree.worker_pids(proc.pid)
+        os.kill(worker, signal.SIGSTOP)  # never ready: the server stays in its start
+        dirs = socket_dirs(proc.pid)
+        os.kill(proc.pid, signal.SIGTERM)
+        proc.wait(60)
+        left = left_behind(proc)
+    finally:
+        proc_tree_kill(proc)
+    out = (tmp_path / "log").read_text()
+    assert proc.returncode == 0 and "stopped while starting" in out, (proc.returncode, out)
+    assert "Traceback" not in out, out
+    assert left == [], left
+    assert dirs and not any(os.path.exists(d) for d in dirs), dirs
