@@ -12,6 +12,7 @@ every worker from a fresh interpreter instead (vLLM's VLLM_WORKER_MULTIPROC_METH
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import multiprocessing
 import multiprocessing.forkserver
@@ -23,6 +24,7 @@ import time
 from pdserve import envs
 from pdserve.serving.config import ServerConfig
 from pdserve.serving.hooks import WorkerHooksFactory
+from pdserve.serving.ipc_dir import IpcDir
 from pdserve.serving.worker import worker_main
 
 METHODS = ("forkserver", "spawn")
@@ -43,12 +45,29 @@ def start_method() -> str:
     return method
 
 
+# Where the fork server's socket is bound (`_own_socket_dir`).
+_socket_dir: IpcDir | None = None
+
+
 def prestart() -> None:
     """Start the fork server now (it imports `PRELOAD`), so that its imports run while the
     front end starts; the first worker would start it otherwise."""
     if start_method() == "forkserver":
+        _own_socket_dir()
         multiprocessing.forkserver.set_forkserver_preload(PRELOAD)
         multiprocessing.forkserver.ensure_running()
+
+
+def _own_socket_dir() -> None:
+    """multiprocessing binds the fork server's socket in a `pymp-*` directory that only a
+    clean exit removes: every front end killed left one in $TMPDIR for good. It is bound
+    in an `IpcDir` instead, which the next server removes once this process is gone."""
+    global _socket_dir
+    config = multiprocessing.process.current_process()._config
+    if _socket_dir is None and config.get("tempdir") is None:
+        _socket_dir = IpcDir()
+        config["tempdir"] = _socket_dir.path  # multiprocessing.util.get_temp_dir's
+        atexit.register(_socket_dir.close)
 
 
 def stop_fork_server() -> None:
@@ -57,12 +76,13 @@ def stop_fork_server() -> None:
     seconds later where it is still importing `PRELOAD` (a start that failed early)."""
     server = multiprocessing.forkserver._forkserver
     pid = server._forkserver_pid
-    if pid is None:
-        return
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGKILL)  # it holds nothing to save; its workers are gone
-    with contextlib.suppress(OSError):  # it closes its pipe, reaps it, unlinks its socket
-        server._stop()
+    if pid is not None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)  # it holds nothing to save; its workers are gone
+        with contextlib.suppress(OSError):  # it closes its pipe, reaps it, unlinks its socket
+            server._stop()
+    if _socket_dir is not None:
+        _socket_dir.close()
 
 
 class WorkerProcesses:

@@ -7,11 +7,14 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 from concurrent.futures import ThreadPoolExecutor
 
+import psutil
 import pytest
 
 from pdserve.bench import proc_tree
+from pdserve.serving.ipc_dir import remove_stale
 from tests.conftest import TINY_ARGS
 from tests.helpers import (
     REPO_ROOT,
@@ -145,6 +148,7 @@ def test_workers_exit_when_the_front_end_is_killed(server_factory, method):
         (fork_server,) = parents
         assert fork_server != server.pid and _parent(fork_server) == server.pid
         pids.append(fork_server)
+        (listener,) = [c.laddr for c in psutil.Process(fork_server).net_connections("unix")]
     os.kill(server.pid, signal.SIGKILL)
 
     def gone(pid: int) -> bool:
@@ -157,6 +161,11 @@ def test_workers_exit_when_the_front_end_is_killed(server_factory, method):
             return f.read().split(")")[-1].split()[0] == "Z"
 
     wait_until(lambda: all(gone(p) for p in pids), 10, "the orphaned workers to exit")
+    if method == "forkserver":
+        # The fork server's socket was left in a `pymp-*` directory nothing removed; in a
+        # socket directory of the server's own, the next server removes it.
+        remove_stale(tempfile.gettempdir())
+        assert not os.path.exists(os.path.dirname(listener)), listener
 
 
 def run_serve(
