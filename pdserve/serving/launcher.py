@@ -14,11 +14,14 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import functools
+import logging
 import multiprocessing
 import multiprocessing.forkserver
 import multiprocessing.process
 import os
 import signal
+import tempfile
 import time
 
 from pdserve import envs
@@ -26,6 +29,8 @@ from pdserve.serving.config import ServerConfig
 from pdserve.serving.hooks import WorkerHooksFactory
 from pdserve.serving.ipc_dir import IpcDir
 from pdserve.serving.worker import worker_main
+
+logger = logging.getLogger(__name__)
 
 METHODS = ("forkserver", "spawn")
 # What the fork server imports before its first fork: the heavy part of a worker's start.
@@ -40,9 +45,26 @@ def start_method() -> str:
         raise ValueError(
             f"PDSERVE_WORKER_MULTIPROC_METHOD={method!r}: expected one of {', '.join(METHODS)}"
         )
-    if method == "forkserver" and method not in multiprocessing.get_all_start_methods():
+    if method == "forkserver" and not _fork_server_possible():
         return "spawn"
     return method
+
+
+# The fork server's socket, `$TMPDIR/pdserve-XXXXXXXX/listener-XXXXXXXX` (`_own_socket_dir`),
+# must fit a Unix socket address (108 bytes on Linux, 104 on macOS).
+_SOCKET_TAIL_LEN = len("/pdserve-XXXXXXXX/listener-XXXXXXXX")
+_UNIX_PATH_MAX = 104
+
+
+def _fork_server_possible() -> bool:
+    """Whether this platform has a fork server and $TMPDIR is short enough for its socket."""
+    methods = multiprocessing.get_all_start_methods()
+    return "forkserver" in methods and not _tmpdir_too_long()
+
+
+def _tmpdir_too_long() -> bool:
+    """A long $TMPDIR failed every start in a traceback: "OSError: AF_UNIX path too long"."""
+    return len(os.fsencode(tempfile.gettempdir())) + _SOCKET_TAIL_LEN >= _UNIX_PATH_MAX
 
 
 # Where the fork server's socket is bound (`_own_socket_dir`).
@@ -52,10 +74,22 @@ _socket_dir: IpcDir | None = None
 def prestart() -> None:
     """Start the fork server now (it imports `PRELOAD`), so that its imports run while the
     front end starts; the first worker would start it otherwise."""
-    if start_method() == "forkserver":
+    method = start_method()
+    if envs.worker_multiproc_method() != "spawn" and _tmpdir_too_long():
+        _warn_spawn_instead(tempfile.gettempdir())
+    if method == "forkserver":
         _own_socket_dir()
         multiprocessing.forkserver.set_forkserver_preload(PRELOAD)
         multiprocessing.forkserver.ensure_running()
+
+
+@functools.cache
+def _warn_spawn_instead(tmpdir: str) -> None:
+    logger.warning(
+        "workers start by spawn, not from a fork server (slower): its socket path under "
+        "$TMPDIR %s would be too long for a Unix socket",
+        tmpdir,
+    )
 
 
 def _own_socket_dir() -> None:

@@ -37,13 +37,20 @@ def left_behind(proc: subprocess.Popen) -> list[proc_tree.ProcInfo]:
     return proc_tree.live_members({proc.pid})
 
 
-def test_a_failed_start_leaves_no_process_behind(tmp_path):
-    """The front end fails before any worker starts (a config.json that is no JSON) while
-    its fork server is still importing torch: the fork server went on, an orphan, for
-    seconds after the front end had exited."""
+def model_without_config(tmp_path: Path) -> Path:
+    """tiny-random with a config.json that is no JSON: the front end fails on it before it
+    starts any worker."""
     model_dir = tmp_path / "model"
     shutil.copytree(resolve_model_dir("tiny-random"), model_dir)
     (model_dir / "config.json").write_text("{not json")
+    return model_dir
+
+
+def test_a_failed_start_leaves_no_process_behind(tmp_path):
+    """The front end fails before any worker starts while its fork server is still
+    importing torch: the fork server went on, an orphan, for seconds after the front end
+    had exited."""
+    model_dir = model_without_config(tmp_path)
     proc = start_serve(["--model-path", str(model_dir)], tmp_path / "log")
     try:
         proc.wait(120)
@@ -95,3 +102,23 @@ def test_sigterm_while_the_workers_start_stops_the_server_cleanly(tmp_path):
     assert "Traceback" not in out, out
     assert left == [], left
     assert dirs and not any(os.path.exists(d) for d in dirs), dirs
+
+
+def test_a_tmpdir_too_long_for_the_fork_servers_socket_starts_workers_by_spawn(tmp_path):
+    """Every start failed in a traceback, "OSError: AF_UNIX path too long", under a
+    $TMPDIR where the fork server's socket path does not fit (the workers' own links fall
+    back to loopback ports there). The server now spawns its workers instead, and says so;
+    the start here goes on to fail on its model, not on the fork server."""
+    tmpdir = tmp_path / ("d" * (100 - len(str(tmp_path))))
+    tmpdir.mkdir()
+    model_dir = model_without_config(tmp_path)
+    log = tmp_path / "log"
+    proc = start_serve(["--model-path", str(model_dir)], log, {"TMPDIR": str(tmpdir)})
+    try:
+        proc.wait(120)
+    finally:
+        proc_tree_kill(proc)
+    out = log.read_text()
+    assert "workers start by spawn, not from a fork server" in out, out
+    assert proc.returncode == 1 and "server failed to start: Expecting property" in out, out
+    assert "Traceback" not in out, out
