@@ -340,9 +340,9 @@ class DPController:
         while True:
             await asyncio.sleep(MONITOR_INTERVAL_S)  # a periodic check, not a synchronisation
             for rank in range(self.dp_size):
-                code = self.workers.exit_code(rank)
-                if code is not None and rank not in self.dead:
-                    self._mark_dead(rank, f"worker {rank} exited unexpectedly with code {code}")
+                death = self.workers.death(rank)
+                if death is not None and rank not in self.dead:
+                    self._mark_dead(rank, death)
             self._check_beats(time.monotonic())
 
     async def _receive_beats(self) -> None:

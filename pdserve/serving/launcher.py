@@ -119,6 +119,23 @@ def stop_fork_server() -> None:
         _socket_dir.close()
 
 
+def _fork_server_death() -> str | None:
+    """How this process's fork server ended ("was killed by signal 15"), or None while it
+    runs. Not reaped here (WNOWAIT): `stop_fork_server` does that."""
+    pid = multiprocessing.forkserver._forkserver._forkserver_pid
+    if pid is None:
+        return None
+    try:
+        info = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+    except ChildProcessError:
+        return "is gone"
+    if info is None:
+        return None
+    if info.si_code == os.CLD_EXITED:
+        return f"exited with code {info.si_status}"
+    return f"was killed by signal {info.si_status}"
+
+
 class WorkerProcesses:
     """One process per DP rank (`start_method`); they connect to the front end's ZeroMQ
     endpoints. `make_hooks` travels to each by pickle (a module-level function), `cfg` too."""
@@ -132,7 +149,8 @@ class WorkerProcesses:
         make_hooks: WorkerHooksFactory,
     ):
         prestart()  # already done by `pdserve serve`; not by a controller made elsewhere
-        ctx = multiprocessing.get_context(start_method())
+        self.method = start_method()
+        ctx = multiprocessing.get_context(self.method)
         self.procs: list[multiprocessing.process.BaseProcess] = [
             ctx.Process(
                 target=worker_main,
@@ -151,6 +169,18 @@ class WorkerProcesses:
         """None while the worker runs."""
         proc = self.procs[rank]
         return None if proc.is_alive() else proc.exitcode
+
+    def death(self, rank: int) -> str | None:
+        """Why worker `rank` is gone, or None while it runs. A fork server that died took
+        its workers with it (each dies with its parent): multiprocessing then gives each
+        the exit code 255, which names no cause."""
+        code = self.exit_code(rank)
+        if code is None:
+            return None
+        why = _fork_server_death() if self.method == "forkserver" else None
+        if why is not None:
+            return f"worker {rank} was killed with its fork server, which {why}"
+        return f"worker {rank} exited unexpectedly with code {code}"
 
     @property
     def pids(self) -> list[int | None]:

@@ -15,7 +15,7 @@ import psutil
 from pdserve.bench import proc_tree
 from pdserve.engine.model_dir import resolve_model_dir
 from tests.conftest import TINY_ARGS
-from tests.helpers import REPO_ROOT, free_port, python_path_env, wait_until
+from tests.helpers import REPO_ROOT, free_port, http_json, python_path_env, wait_until
 
 
 def start_serve(args: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
@@ -122,3 +122,16 @@ def test_a_tmpdir_too_long_for_the_fork_servers_socket_starts_workers_by_spawn(t
     assert "workers start by spawn, not from a fork server" in out, out
     assert proc.returncode == 1 and "server failed to start: Expecting property" in out, out
     assert "Traceback" not in out, out
+
+
+def test_workers_killed_with_their_fork_server_are_reported_so(server_factory):
+    """The fork server's death kills its workers (each dies with its parent); they were
+    reported as "exited unexpectedly with code 255", multiprocessing's code for a worker
+    whose fork server is gone, which named no cause."""
+    server = server_factory(TINY_ARGS)
+    (worker,) = proc_tree.worker_pids(server.pid)
+    fork_server = proc_tree.info(worker).ppid
+    os.kill(fork_server, signal.SIGKILL)
+    wait_until(lambda: http_json("GET", f"{server.url}/health")[0] == 503, 30, "health 503")
+    message = http_json("GET", f"{server.url}/health")[1]["error"]["message"]
+    assert message == "worker 0 was killed with its fork server, which was killed by signal 9"
