@@ -79,6 +79,11 @@ class ServerArgs:
     health_generate_timeout_s: float = opt(
         20.0, "deadline for the one-token generation of GET /health_generate"
     )
+    shutdown_timeout_s: float = opt(
+        10.0,
+        "on SIGTERM or SIGINT, how long the requests in flight may still run (no new ones "
+        "are taken); past it, or at a second signal, they fail with a 503",
+    )
     worker_heartbeat_timeout_s: float = opt(
         10.0,
         "a worker process silent this long (stopped, or stuck holding the GIL; a long step "
@@ -133,6 +138,7 @@ class ServerArgs:
         ):
             check(getattr(self, name) > 0, f"{name} must be > 0")
         check(self.worker_heartbeat_timeout_s >= 0, "worker_heartbeat_timeout_s must be >= 0")
+        check(self.shutdown_timeout_s >= 0, "--shutdown-timeout-s must be >= 0")
         check(self.watchdog_timeout_s >= 0, "--watchdog-timeout must be >= 0")
 
     @property

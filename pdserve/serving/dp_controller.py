@@ -262,6 +262,15 @@ class DPController:
     def abort_all(self, reason: str) -> int:
         return sum(self.abort(rid, reason) for rid in list(self.inflight))
 
+    def fail_all(self, status: int, reason: str) -> int:
+        """Answer every request in flight with error `status` now, and abort it in its
+        worker; how many there were."""
+        flights = list(self.inflight.values())
+        for flight in flights:
+            self._fail(flight, status, reason)
+            self.abort(flight.req.rid, reason)
+        return len(flights)
+
     async def flush_cache(self, timeout_s: float) -> list[int]:
         """Flush every live worker's cache; returns once each responsive one has (its load
         and KV events sent first), with the ranks that did not confirm it in `timeout_s`."""

@@ -12,6 +12,7 @@ import dataclasses
 import logging
 import os
 import signal
+import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -45,6 +46,8 @@ from pdserve.serving.server_state import (
 
 logger = logging.getLogger("pdserve.serving")
 T = TypeVar("T")
+DRAIN_POLL_S = 0.05
+HANDLER_GRACE_S = 5.0
 
 
 def error_response(
@@ -215,8 +218,14 @@ async def serve_async(cfg: ServerConfig, plug: ServerHooks) -> int:
     )
     # auto_decompress off: read_body undoes the coding, and answers br or zstd with a JSON
     # 415 (aiohttp's parser refused them with a plain-text 400 before any handler ran).
+    # shutdown_timeout: what aiohttp gives handlers still running after `_drain` (a request
+    # no worker holds yet, such as a PD leg waiting for its peer) before it cancels them.
     runner = web.AppRunner(
-        build_app(state), handler_cancellation=True, access_log=None, auto_decompress=False
+        build_app(state),
+        handler_cancellation=True,
+        access_log=None,
+        auto_decompress=False,
+        shutdown_timeout=HANDLER_GRACE_S,
     )
     try:
         await hooks.start()
@@ -232,7 +241,7 @@ async def serve_async(cfg: ServerConfig, plug: ServerHooks) -> int:
         )
         warn_if_exposed(cfg, hooks)
         await stop.wait()
-        logger.info("shutting down")
+        await _drain(runner, controller, stop, cfg.server.shutdown_timeout_s)
     except OSError as exc:  # e.g. the port or the bootstrap port is taken
         logger.error("server failed to start: %s", exc)
         return 1
@@ -243,6 +252,30 @@ async def serve_async(cfg: ServerConfig, plug: ServerHooks) -> int:
             await hooks.stop()
         await controller.stop()
     return 0
+
+
+async def _drain(
+    runner: web.AppRunner, controller: DPController, stop: asyncio.Event, timeout_s: float
+) -> None:
+    """Take no new request and let those in flight run for `timeout_s` or until a second
+    signal, then fail the rest with a 503. aiohttp alone waited for them twice its 60 s
+    shutdown timeout, deaf to a second signal, then dropped their connections unanswered."""
+    logger.info(
+        "shutting down: %d requests in flight may run for %g s (a second SIGTERM or SIGINT "
+        "fails them now)",
+        len(controller.inflight),
+        timeout_s,
+    )
+    for site in list(runner.sites):
+        await site.stop()
+    stop.clear()
+    deadline = time.monotonic() + timeout_s
+    while controller.inflight and not stop.is_set() and time.monotonic() < deadline:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), DRAIN_POLL_S)  # a check, not a synchronisation
+    failed = controller.fail_all(503, "the server is shutting down")
+    if failed:
+        logger.warning("failed %d requests still in flight: the server is shutting down", failed)
 
 
 def warn_if_exposed(cfg: ServerConfig, hooks: FrontendHooks) -> None:

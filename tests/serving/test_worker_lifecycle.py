@@ -8,6 +8,7 @@ import shutil
 import signal
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import psutil
@@ -15,15 +16,27 @@ import psutil
 from pdserve.bench import proc_tree
 from pdserve.engine.model_dir import resolve_model_dir
 from tests.conftest import TINY_ARGS
-from tests.helpers import REPO_ROOT, free_port, http_json, python_path_env, wait_until
+from tests.helpers import (
+    REPO_ROOT,
+    free_port,
+    http_json,
+    http_status,
+    open_sse,
+    python_path_env,
+    read_sse,
+    wait_until,
+)
 
 
-def start_serve(args: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
+def start_serve(
+    args: list[str], log: Path, env: dict[str, str] | None = None, port: int | None = None
+) -> subprocess.Popen:
     """`pdserve serve` in a process group of its own (its pgid is its pid), its output in
     `log`: not a pipe, which would be open until its fork server too is gone."""
+    port = port or free_port()
     with open(log, "w") as out:
         return subprocess.Popen(
-            [sys.executable, "-m", "pdserve", "serve", "--port", str(free_port()), *args],
+            [sys.executable, "-m", "pdserve", "serve", "--port", str(port), *args],
             cwd=REPO_ROOT,
             env={**python_path_env(), "PYTHONUNBUFFERED": "1", **(env or {})},
             stdout=out,
@@ -135,3 +148,34 @@ def test_workers_killed_with_their_fork_server_are_reported_so(server_factory):
     wait_until(lambda: http_json("GET", f"{server.url}/health")[0] == 503, 30, "health 503")
     message = http_json("GET", f"{server.url}/health")[1]["error"]["message"]
     assert message == "worker 0 was killed with its fork server, which was killed by signal 9"
+
+
+def test_a_second_sigterm_fails_the_requests_in_flight_with_503_and_the_server_exits(tmp_path):
+    """On SIGTERM the server takes no new request and lets those in flight run (here for
+    up to --shutdown-timeout-s 600 s); a second SIGTERM fails them with a 503, a stream
+    with an error event. aiohttp alone waited for them twice its 60 s shutdown timeout,
+    deaf to a second signal, then dropped the connections with no answer."""
+    log, port = tmp_path / "log", free_port()
+    proc = start_serve([*TINY_ARGS, "--shutdown-timeout-s", "600"], log, port=port)
+    url = f"http://127.0.0.1:{port}"
+    body = {"text": "x", "sampling_params": {"max_new_tokens": 1500, "ignore_eos": True}}
+    try:
+        wait_until(lambda: http_status(f"{url}/health") == 200, 120, "the server to be ready")
+        with ThreadPoolExecutor(1) as pool:
+            plain = pool.submit(http_json, "POST", f"{url}/generate", body)
+            stream = open_sse(f"{url}/generate", {**body, "stream": True}, 30)
+            running = lambda: http_json("GET", f"{url}/get_load")[1][0]["num_reqs"] == 2  # noqa: E731
+            wait_until(running, 30, "both requests to run")
+            os.kill(proc.pid, signal.SIGTERM)
+            wait_until(lambda: "shutting down: 2 requests" in log.read_text(), 30, "the drain")
+            os.kill(proc.pid, signal.SIGTERM)
+            status, answer = plain.result(60)
+            events = read_sse(stream)
+        proc.wait(60)
+        left = left_behind(proc)
+    finally:
+        proc_tree_kill(proc)
+    shutting_down = "the server is shutting down"
+    assert status == 503 and answer["error"]["message"] == shutting_down, (status, answer)
+    assert events[-1] == "[DONE]" and events[-2]["error"]["message"] == shutting_down, events
+    assert proc.returncode == 0 and left == [], (proc.returncode, left)
