@@ -89,12 +89,15 @@ class PrefillFrontendHooks(_PDFrontendHooks):
         controller.rooms_unclaimed_listeners.append(self._on_unclaimed)
 
     async def start(self) -> None:
-        self.bootstrap = await start_bootstrap_server(
-            self.registry,
-            self.cfg.server.host,
-            self.cfg.disagg.bootstrap_port,
-            checker=self.checker,
-        )
+        host, port = self.cfg.server.host, self.cfg.disagg.bootstrap_port
+        try:
+            self.bootstrap = await start_bootstrap_server(
+                self.registry, host, port, checker=self.checker
+            )
+        except OSError as exc:  # the server's failed start names the flag, as for --port
+            raise OSError(
+                f"--bootstrap-port {port}: cannot listen on {host}:{port}: {exc}"
+            ) from exc
 
     def exposure_warnings(self) -> list[str]:
         return _secret_warnings(self.cfg)

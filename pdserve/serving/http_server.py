@@ -230,7 +230,7 @@ async def serve_async(cfg: ServerConfig, plug: ServerHooks) -> int:
     try:
         await hooks.start()
         await runner.setup()
-        await web.TCPSite(runner, cfg.server.host, cfg.server.port).start()
+        await _listen(runner, cfg.server.host, cfg.server.port)
         logger.info(
             "pdserve %s server on http://%s:%d (dp_size=%d, model %s)",
             cfg.server.mode,
@@ -252,6 +252,15 @@ async def serve_async(cfg: ServerConfig, plug: ServerHooks) -> int:
             await hooks.stop()
         await controller.stop()
     return 0
+
+
+async def _listen(runner: web.AppRunner, host: str, port: int) -> None:
+    """OSError naming the flag where `port` cannot be bound (taken, say): the failed start
+    said only "error while attempting to bind on address", as if of any of its ports."""
+    try:
+        await web.TCPSite(runner, host, port).start()
+    except OSError as exc:
+        raise OSError(f"--port {port}: cannot listen on {host}:{port}: {exc}") from exc
 
 
 async def _drain(

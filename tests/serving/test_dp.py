@@ -211,6 +211,21 @@ def test_a_taken_kv_events_port_fails_the_start_with_the_flag_named_not_a_traceb
     assert "Traceback" not in done.stderr
 
 
+@pytest.mark.parametrize("flag", ["--port", "--bootstrap-port"])
+def test_a_taken_port_or_bootstrap_port_fails_the_start_with_the_flag_named(flag):
+    """Either failed the start as "error while attempting to bind on address ...", which
+    said neither which of the server's ports it was nor that it was a flag's."""
+    mode = ["--mode", "prefill"] if flag == "--bootstrap-port" else []
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        done = run_serve([*TINY_ARGS, *mode, "--host", "127.0.0.1", flag, str(port)])
+    assert done.returncode == 1, done.stderr
+    assert f"server failed to start: {flag} {port}: cannot listen on" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
 def test_a_request_that_cannot_be_encoded_is_not_left_in_flight():
     # A 65-bit seed cannot be sent (msgpack); the parser refuses it, and if anything else
     # ever slips through, submit must not leave a rid no worker will ever finish.
