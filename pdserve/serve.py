@@ -58,4 +58,4 @@ def _run(ns: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         return 0
     finally:
-        launcher.stop_fork_server()
+        launcher.stop_helpers()

@@ -5,7 +5,7 @@ torch and the engine once: each worker is then a fork of it, with no import of i
 (about 2 s of CPU per worker, which `spawn` pays in every one), and the fork server's one
 import overlaps the front end's own start-up (`prestart`). The fork server never touches a
 GPU, so each worker initialises CUDA itself. The front end stops it as it exits
-(`stop_fork_server`); killed, the front end leaves it to exit by itself, its workers with it
+(`stop_helpers`); killed, the front end leaves it to exit by itself, its workers with it
 (each dies with its parent). `PDSERVE_WORKER_MULTIPROC_METHOD=spawn` starts
 every worker from a fresh interpreter instead (vLLM's VLLM_WORKER_MULTIPROC_METHOD).
 """
@@ -19,6 +19,7 @@ import logging
 import multiprocessing
 import multiprocessing.forkserver
 import multiprocessing.process
+import multiprocessing.resource_tracker as resource_tracker
 import os
 import signal
 import tempfile
@@ -35,6 +36,7 @@ logger = logging.getLogger(__name__)
 METHODS = ("forkserver", "spawn")
 # What the fork server imports before its first fork: the heavy part of a worker's start.
 PRELOAD = ["torch", "pdserve.engine.engine", "pdserve.serving.worker"]
+RESOURCE_TRACKER_EXIT_S = 2.0  # its wait for the last worker's end of its pipe to close
 
 
 def start_method() -> str:
@@ -102,6 +104,34 @@ def _own_socket_dir() -> None:
         _socket_dir = IpcDir()
         config["tempdir"] = _socket_dir.path  # multiprocessing.util.get_temp_dir's
         atexit.register(_socket_dir.close)
+
+
+def stop_helpers() -> None:
+    """Stop what multiprocessing started beside the workers, once they are stopped: the
+    fork server, then the resource tracker. Each exits by itself once the front end is
+    gone, but as an orphan meanwhile."""
+    stop_fork_server()
+    _stop_resource_tracker(RESOURCE_TRACKER_EXIT_S)
+
+
+def _stop_resource_tracker(timeout_s: float) -> None:
+    """Close this process's end of the resource tracker's pipe and reap the tracker once
+    it has exited (it first frees what dead workers leaked); SIGKILL it at the deadline,
+    where a worker that could not be killed still holds its pipe."""
+    tracker = resource_tracker._resource_tracker
+    pid, fd = tracker._pid, tracker._fd
+    if pid is None or fd is None:
+        return
+    tracker._pid = tracker._fd = None
+    os.close(fd)
+    deadline = time.monotonic() + timeout_s
+    with contextlib.suppress(ChildProcessError):
+        while os.waitpid(pid, os.WNOHANG)[0] == 0:
+            if time.monotonic() > deadline:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                return
+            time.sleep(0.01)  # waitpid has no timeout
 
 
 def stop_fork_server() -> None:

@@ -3,11 +3,14 @@ no process of the server (fork server included) and none of its directories behi
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import os
 import shutil
 import signal
 import subprocess
 import sys
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -26,6 +29,8 @@ from tests.helpers import (
     read_sse,
     wait_until,
 )
+
+PR_SET_CHILD_SUBREAPER = 36
 
 
 def start_serve(
@@ -50,6 +55,32 @@ def left_behind(proc: subprocess.Popen) -> list[proc_tree.ProcInfo]:
     return proc_tree.live_members({proc.pid})
 
 
+@contextlib.contextmanager
+def orphan_witness() -> Iterator[Callable[[], list[int]]]:
+    """Makes this process the reaper of the orphans of the processes it starts meanwhile
+    (PR_SET_CHILD_SUBREAPER): an orphan becomes its child, and stays its zombie once it
+    exits. Yields what lists them, however briefly they outlived their parent."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    own = {p.pid for p in proc_tree.processes() if p.ppid == os.getpid()}
+    adopted: list[int] = []
+
+    def orphans() -> list[int]:
+        found = [p.pid for p in proc_tree.processes() if p.ppid == os.getpid()]
+        adopted.extend(pid for pid in found if pid not in own and pid not in adopted)
+        return list(adopted)
+
+    assert libc.prctl(PR_SET_CHILD_SUBREAPER, 1) == 0
+    try:
+        yield orphans
+    finally:
+        libc.prctl(PR_SET_CHILD_SUBREAPER, 0)
+        for pid in orphans():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, 0)
+
+
 def model_without_config(tmp_path: Path) -> Path:
     """tiny-random with a config.json that is no JSON: the front end fails on it before it
     starts any worker."""
@@ -64,12 +95,13 @@ def test_a_failed_start_leaves_no_process_behind(tmp_path):
     importing torch: the fork server went on, an orphan, for seconds after the front end
     had exited."""
     model_dir = model_without_config(tmp_path)
-    proc = start_serve(["--model-path", str(model_dir)], tmp_path / "log")
-    try:
-        proc.wait(120)
-        left = left_behind(proc)
-    finally:
-        proc_tree_kill(proc)
+    with orphan_witness() as orphans:
+        proc = start_serve(["--model-path", str(model_dir)], tmp_path / "log")
+        try:
+            proc.wait(120)
+            left = orphans()
+        finally:
+            proc_tree_kill(proc)
     out = (tmp_path / "log").read_text()
     assert proc.returncode == 1 and "server failed to start" in out, out
     assert left == [], left
@@ -95,21 +127,23 @@ def socket_dirs(pid: int) -> set[str]:
 
 def test_sigterm_while_the_workers_start_stops_the_server_cleanly(tmp_path):
     """SIGTERM before the server is ready (a worker frozen in its start): the front end
-    stops its workers, removes its socket directory and exits 0. It died of the signal's
-    default action instead, its directory left for the next server. A spawned worker,
+    stops its workers, removes its socket directory and exits 0, its helpers (the
+    resource tracker) reaped first. It died of the signal's default action instead, its
+    directory left for the next server. A spawned worker,
     which imports torch for seconds: a fork server's may be ready before it is frozen."""
     spawn = {"PDSERVE_WORKER_MULTIPROC_METHOD": "spawn"}
-    proc = start_serve([*TINY_ARGS], tmp_path / "log", spawn)
-    try:
-        wait_until(lambda: proc_tree.worker_pids(proc.pid), 60, "the worker to start")
-        (worker,) = proc_tree.worker_pids(proc.pid)
-        os.kill(worker, signal.SIGSTOP)  # never ready: the server stays in its start
-        dirs = socket_dirs(proc.pid)
-        os.kill(proc.pid, signal.SIGTERM)
-        proc.wait(60)
-        left = left_behind(proc)
-    finally:
-        proc_tree_kill(proc)
+    with orphan_witness() as orphans:
+        proc = start_serve([*TINY_ARGS], tmp_path / "log", spawn)
+        try:
+            wait_until(lambda: proc_tree.worker_pids(proc.pid), 60, "the worker to start")
+            (worker,) = proc_tree.worker_pids(proc.pid)
+            os.kill(worker, signal.SIGSTOP)  # never ready: the server stays in its start
+            dirs = socket_dirs(proc.pid)
+            os.kill(proc.pid, signal.SIGTERM)
+            proc.wait(60)
+            left = orphans()
+        finally:
+            proc_tree_kill(proc)
     out = (tmp_path / "log").read_text()
     assert proc.returncode == 0 and "stopped while starting" in out, (proc.returncode, out)
     assert "Traceback" not in out, out
