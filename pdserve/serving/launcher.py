@@ -118,8 +118,9 @@ def _stop_resource_tracker(timeout_s: float) -> None:
     """Close this process's end of the resource tracker's pipe and reap the tracker once
     it has exited (it first frees what dead workers leaked); SIGKILL it at the deadline,
     where a worker that could not be killed still holds its pipe."""
-    tracker = resource_tracker._resource_tracker
-    pid, fd = tracker._pid, tracker._fd
+    # multiprocessing's own records (CPython 3.10-3.13); absent elsewhere: left to exit
+    tracker = getattr(resource_tracker, "_resource_tracker", None)
+    pid, fd = getattr(tracker, "_pid", None), getattr(tracker, "_fd", None)
     if pid is None or fd is None:
         return
     tracker._pid = tracker._fd = None
@@ -139,12 +140,14 @@ def stop_fork_server() -> None:
     by itself once the front end is gone, but a moment later, as an orphan meanwhile, and
     seconds later where it is still importing `PRELOAD` (a start that failed early)."""
     server = multiprocessing.forkserver._forkserver
-    pid = server._forkserver_pid
+    pid = getattr(server, "_forkserver_pid", None)
     if pid is not None:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)  # it holds nothing to save; its workers are gone
         with contextlib.suppress(OSError):  # it closes its pipe, reaps it, unlinks its socket
-            server._stop()
+            stop = getattr(server, "_stop", None)  # CPython's; absent: it exits by itself
+            if stop is not None:
+                stop()
     if _socket_dir is not None:
         _socket_dir.close()
 
@@ -152,7 +155,7 @@ def stop_fork_server() -> None:
 def _fork_server_death() -> str | None:
     """How this process's fork server ended ("was killed by signal 15"), or None while it
     runs. Not reaped here (WNOWAIT): `stop_fork_server` does that."""
-    pid = multiprocessing.forkserver._forkserver._forkserver_pid
+    pid = getattr(multiprocessing.forkserver._forkserver, "_forkserver_pid", None)
     if pid is None:
         return None
     try:
