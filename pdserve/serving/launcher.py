@@ -22,6 +22,7 @@ import multiprocessing.process
 import multiprocessing.resource_tracker as resource_tracker
 import os
 import signal
+import sys
 import tempfile
 import time
 
@@ -53,9 +54,9 @@ def start_method() -> str:
 
 
 # The fork server's socket, `$TMPDIR/pdserve-XXXXXXXX/listener-XXXXXXXX` (`_own_socket_dir`),
-# must fit a Unix socket address (108 bytes on Linux, 104 on macOS).
+# must fit a Unix socket address.
 _SOCKET_TAIL_LEN = len("/pdserve-XXXXXXXX/listener-XXXXXXXX")
-_UNIX_PATH_MAX = 104
+_UNIX_PATH_MAX = 108 if sys.platform.startswith("linux") else 104  # sun_path, NUL included
 
 
 def _fork_server_possible() -> bool:

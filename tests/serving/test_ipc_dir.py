@@ -8,7 +8,10 @@ from __future__ import annotations
 import fcntl
 import os
 import signal
+import tempfile
 from pathlib import Path
+
+import pytest
 
 from pdserve.serving.ipc_dir import LOCK_NAME, IpcDir, remove_stale
 from tests.conftest import TINY_ARGS
@@ -30,7 +33,16 @@ def _lock_free(path: Path) -> bool:
         os.close(fd)  # drops the lock if taken
 
 
-def test_a_sigkilled_servers_socket_dir_is_removed_by_the_next_server(tmp_path):
+@pytest.fixture
+def short_tmp():
+    """A temp root short enough for the fork server's socket path (pytest's tmp_path under
+    xdist is not: the server then spawns its workers, with no socket directory for them)."""
+    with tempfile.TemporaryDirectory(dir="/tmp", prefix="pdt-") as root:
+        yield Path(root)
+
+
+def test_a_sigkilled_servers_socket_dir_is_removed_by_the_next_server(short_tmp):
+    tmp_path = short_tmp
     env = {"TMPDIR": str(tmp_path)}
     foreign = tmp_path / "pdserve-not-a-server"  # no owner lock: never touched
     foreign.mkdir()
