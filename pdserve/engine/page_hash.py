@@ -30,8 +30,8 @@ def hash_seed(model_fingerprint: str, page_size: int) -> int:
 def salted_seed(seed: int, salt: str | None) -> int:
     """The seed of a request salted with `salt`: `seed` itself without one (unsalted pages
     hash as they always did), else a digest of both under a prefix of its own, so no salt
-    gives the input of an unsalted seed. Not memoised here: a salt is the client's, of any
-    length (a cache keyed by it would keep them); callers keep the result per request."""
+    gives the input of an unsalted seed. Servers and the router pass the salt's fixed-size
+    key (serving/cache_salt.py); workers keep the result per request."""
     if salt is None:
         return seed
     salt_bytes = salt.encode("utf-8", "surrogatepass")  # total: any str a parser made

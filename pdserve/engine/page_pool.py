@@ -80,7 +80,7 @@ class PagePool:
         grow)."""
         if len(req.page_hashes) < req.seq_len // self.page_size:
             tokens = req.prompt_ids + req.output_ids
-            if req.hash_seed is None:  # digested once: a salt may be long
+            if req.hash_seed is None:  # digested once per request
                 req.hash_seed = salted_seed(self.hash_seed, req.cache_salt)
             req.page_hashes = page_hashes(tokens, self.page_size, req.hash_seed, req.page_hashes)
         return req.page_hashes
