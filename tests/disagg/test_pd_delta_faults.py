@@ -59,8 +59,11 @@ def _cached_prefix(pair, seed: int) -> list[int]:
 
 
 def _pinned(url: str) -> bool:
+    """A room waits for its KV there with cached pages pinned. (Pinned pages alone can still
+    be the previous request's, not yet released: the abort then raced the new request.)"""
     load = get_load(url)[0]
-    return load["num_used_pages"] > 0 and load["num_evictable_pages"] < load["num_cached_pages"]
+    pinned = load["num_evictable_pages"] < load["num_cached_pages"]
+    return load["num_disagg_rooms"] > 0 and load["num_used_pages"] > 0 and pinned
 
 
 def _assert_nothing_pinned(prefill, decode) -> None:
