@@ -82,3 +82,9 @@ def local_host(bind_host: str) -> str:
     if not is_wildcard(bind_host):
         return bind_host
     return "::1" if ":" in bind_host else "127.0.0.1"
+
+
+def cannot_listen(flag: str, port: int, address: str, exc: Exception) -> OSError:
+    """The error of a listener that could not bind (its port taken, say), naming the flag
+    that set the port: a server reports it as a failed start, not a traceback."""
+    return OSError(f"{flag} {port}: cannot listen on {address}: {exc}")

@@ -33,6 +33,7 @@ from pdserve.disagg.rank_resolver import (
 )
 from pdserve.disagg.room_relay import LegMatcher
 from pdserve.disagg.worker_side import advertised_host
+from pdserve.netaddr import cannot_listen
 from pdserve.serving.hooks import (
     PREFILL_ORIGIN,
     FrontendHooks,
@@ -95,9 +96,7 @@ class PrefillFrontendHooks(_PDFrontendHooks):
                 self.registry, host, port, checker=self.checker
             )
         except OSError as exc:  # the server's failed start names the flag, as for --port
-            raise OSError(
-                f"--bootstrap-port {port}: cannot listen on {host}:{port}: {exc}"
-            ) from exc
+            raise cannot_listen("--bootstrap-port", port, f"{host}:{port}", exc) from exc
 
     def exposure_warnings(self) -> list[str]:
         return _secret_warnings(self.cfg)

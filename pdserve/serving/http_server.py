@@ -22,6 +22,7 @@ from aiohttp import web
 
 from pdserve.auth import bearer_ok, is_loopback
 from pdserve.engine.request import InvalidSampling, SamplingParams
+from pdserve.netaddr import cannot_listen
 from pdserve.serving import admin_api, native_api, openai_api, tokenize_api
 from pdserve.serving.config import ServerConfig
 from pdserve.serving.content_coding import ACCEPTED_CODINGS, UnsupportedCoding
@@ -260,7 +261,7 @@ async def _listen(runner: web.AppRunner, host: str, port: int) -> None:
     try:
         await web.TCPSite(runner, host, port).start()
     except OSError as exc:
-        raise OSError(f"--port {port}: cannot listen on {host}:{port}: {exc}") from exc
+        raise cannot_listen("--port", port, f"{host}:{port}", exc) from exc
 
 
 async def _drain(

@@ -68,7 +68,7 @@ class KVEventPublisher:
         try:
             sock.bind(f"tcp://{host}:{port}")
         except zmq.ZMQError as exc:
-            raise OSError(f"{flag} {port}: cannot listen on tcp://{host}:{port}: {exc}") from exc
+            raise netaddr.cannot_listen(flag, port, f"tcp://{host}:{port}", exc) from exc
         return port
 
     def info(self) -> dict[str, Any]:
