@@ -27,7 +27,7 @@ from pdserve.serving.config import ServerConfig
 from pdserve.serving.hooks import RequestError, WorkerHooksFactory
 from pdserve.serving.ipc_dir import IpcDir
 from pdserve.serving.kv_publisher import KVEventPublisher
-from pdserve.serving.launcher import WorkerProcesses
+from pdserve.serving.launcher import WorkerProcesses, WorkerStartError
 from pdserve.serving.lb_policy import LoadBalancePolicy, RankLoad
 from pdserve.serving.metrics import ServerMetrics
 from pdserve.serving.protocol import (
@@ -54,10 +54,6 @@ from pdserve.serving.worker import STACKS_SIGNAL
 logger = logging.getLogger(__name__)
 
 MONITOR_INTERVAL_S = 0.2
-
-
-class WorkerStartError(RuntimeError):
-    pass
 
 
 @dataclass
@@ -131,8 +127,8 @@ class DPController:
     # ---- start / stop
     async def start(self, timeout_s: float) -> None:
         """Spawn the workers and wait for every WorkerReady; WorkerStartError on failure."""
-        self.workers.start()
         deadline = time.monotonic() + timeout_s
+        await self.workers.start(timeout_s)
         while len(self.ready) < self.dp_size:
             self._check_start_deaths()
             if time.monotonic() > deadline:

@@ -12,6 +12,7 @@ every worker from a fresh interpreter instead (vLLM's VLLM_WORKER_MULTIPROC_METH
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import contextlib
 import functools
@@ -24,6 +25,7 @@ import os
 import signal
 import sys
 import tempfile
+import threading
 import time
 
 from pdserve import envs
@@ -38,6 +40,10 @@ METHODS = ("forkserver", "spawn")
 # What the fork server imports before its first fork: the heavy part of a worker's start.
 PRELOAD = ["torch", "pdserve.engine.engine", "pdserve.serving.worker"]
 RESOURCE_TRACKER_EXIT_S = 2.0  # its wait for the last worker's end of its pipe to close
+
+
+class WorkerStartError(RuntimeError):
+    pass
 
 
 def start_method() -> str:
@@ -141,7 +147,7 @@ def stop_fork_server() -> None:
     by itself once the front end is gone, but a moment later, as an orphan meanwhile, and
     seconds later where it is still importing `PRELOAD` (a start that failed early)."""
     server = multiprocessing.forkserver._forkserver
-    pid = getattr(server, "_forkserver_pid", None)
+    pid = _fork_server_pid()
     if pid is not None:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)  # it holds nothing to save; its workers are gone
@@ -153,10 +159,19 @@ def stop_fork_server() -> None:
         _socket_dir.close()
 
 
+def _fork_server_pid() -> int | None:
+    return getattr(multiprocessing.forkserver._forkserver, "_forkserver_pid", None)
+
+
+def _settle(future: asyncio.Future, result: BaseException | None) -> None:
+    if not future.done():
+        future.set_result(result)
+
+
 def _fork_server_death() -> str | None:
     """How this process's fork server ended ("was killed by signal 15"), or None while it
     runs. Not reaped here (WNOWAIT): `stop_fork_server` does that."""
-    pid = getattr(multiprocessing.forkserver._forkserver, "_forkserver_pid", None)
+    pid = _fork_server_pid()
     if pid is None:
         return None
     try:
@@ -195,9 +210,43 @@ class WorkerProcesses:
             for rank in range(cfg.server.dp_size)
         ]
 
-    def start(self) -> None:
-        for proc in self.procs:
-            proc.start()
+    async def start(self, timeout_s: float) -> None:
+        """Start every worker process. From a fork server each start waits for its answer
+        (the new pid), which a stopped or stuck fork server never gives: the starts run in a
+        thread of their own, and past `timeout_s` the fork server is killed, which ends that
+        wait. WorkerStartError then, or where a start failed (the fork server died)."""
+        logger.info("starting %d worker process(es) (%s)", len(self.procs), self.method)
+        loop = asyncio.get_running_loop()
+        started: asyncio.Future[BaseException | None] = loop.create_future()
+
+        def run() -> None:
+            error: BaseException | None = None
+            try:
+                for proc in self.procs:
+                    proc.start()
+            except Exception as exc:
+                error = exc
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
+                loop.call_soon_threadsafe(_settle, started, error)
+
+        # A daemon thread, not the loop's executor, whose threads the exit would wait for
+        threading.Thread(target=run, name="pdserve-worker-start", daemon=True).start()
+        try:
+            error = await asyncio.wait_for(asyncio.shield(started), timeout_s)
+        except asyncio.TimeoutError:  # TimeoutError from Python 3.11 on
+            if self.method != "forkserver":
+                raise WorkerStartError(f"workers not started within {timeout_s:.0f} s") from None
+            pid = _fork_server_pid()
+            stop_fork_server()
+            raise WorkerStartError(
+                f"the fork server (pid {pid}) did not start the workers within "
+                f"{timeout_s:.0f} s (stopped or stuck); it was killed"
+            ) from None
+        if error is not None:
+            why = _fork_server_death() if self.method == "forkserver" else None
+            cause = f" (the fork server {why})" if why is not None else ""
+            reason = str(error) or type(error).__name__
+            raise WorkerStartError(f"starting the workers failed: {reason}{cause}")
 
     def exit_code(self, rank: int) -> int | None:
         """None while the worker runs."""
@@ -222,11 +271,12 @@ class WorkerProcesses:
 
     def stop(self, timeout_s: float = 5.0) -> None:
         """SIGTERM every worker, then SIGKILL whatever is left at the deadline."""
-        for proc in self.procs:
+        started = [proc for proc in self.procs if proc.pid is not None]  # a start may have failed
+        for proc in started:
             if proc.is_alive():
                 proc.terminate()
         deadline = time.monotonic() + timeout_s
-        for proc in self.procs:
+        for proc in started:
             proc.join(max(0.0, deadline - time.monotonic()))
             if proc.is_alive():
                 proc.kill()

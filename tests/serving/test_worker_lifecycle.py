@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import psutil
+import pytest
 
 from pdserve.bench import proc_tree
 from pdserve.engine.model_dir import resolve_model_dir
@@ -213,3 +214,50 @@ def test_a_second_sigterm_fails_the_requests_in_flight_with_503_and_the_server_e
     assert status == 503 and answer["error"]["message"] == shutting_down, (status, answer)
     assert events[-1] == "[DONE]" and events[-2]["error"]["message"] == shutting_down, events
     assert proc.returncode == 0 and left == [], (proc.returncode, left)
+
+
+def fork_server_of(frontend_pid: int) -> int | None:
+    kids = [p for p in proc_tree.processes() if p.ppid == frontend_pid and p.state != "Z"]
+    found = [p.pid for p in kids if "multiprocessing.forkserver" in p.cmdline]
+    return found[0] if found else None
+
+
+@pytest.mark.parametrize("end", ["deadline", "sigterm", "killed"])
+def test_a_stopped_fork_server_ends_the_start_at_its_deadline_or_on_sigterm(tmp_path, end):
+    """The fork server stopped (SIGSTOP) before it forked a worker: it is still importing
+    torch when found, and a stopped process answers nothing. The front end waited for it
+    on the event loop with no deadline, deaf to --worker-start-timeout-s and to SIGTERM.
+    Now the start fails at that deadline, the fork server killed, or a SIGTERM stops the
+    server meanwhile; either way no process is left. A fork server killed meanwhile failed
+    the start in an EOFError's traceback; it is named now."""
+    log = tmp_path / "log"
+    with orphan_witness() as orphans:
+        proc = start_serve([*TINY_ARGS, "--worker-start-timeout-s", "5"], log)
+        try:
+            wait_until(lambda: fork_server_of(proc.pid), 60, "the fork server", 0.002)
+            fork_server = fork_server_of(proc.pid)
+            os.kill(fork_server, signal.SIGSTOP)
+            assert proc_tree.worker_pids(proc.pid) == []  # it had forked none
+            if end != "deadline":
+                starting = lambda: "starting 1 worker process(es)" in log.read_text()  # noqa: E731
+                wait_until(starting, 60, "the front end to ask the fork server for a worker")
+                os.kill(*(proc.pid, signal.SIGTERM) if end == "sigterm" else (fork_server, 9))
+            proc.wait(60)
+            left = orphans()
+        finally:
+            proc_tree_kill(proc)
+            with contextlib.suppress(ProcessLookupError, TypeError):
+                os.kill(fork_server, signal.SIGKILL)
+    out = log.read_text()
+    if end == "deadline":
+        expected = f"the fork server (pid {fork_server}) did not start the workers within 5 s"
+        assert proc.returncode == 1 and expected in out, (proc.returncode, out)
+    elif end == "sigterm":
+        assert proc.returncode == 0 and "stopped while starting" in out, (proc.returncode, out)
+    else:
+        expected = (
+            "starting the workers failed: unexpected EOF (the fork server was killed by signal 9)"
+        )
+        assert proc.returncode == 1 and expected in out, (proc.returncode, out)
+    assert "Traceback" not in out, out
+    assert left == [], left
