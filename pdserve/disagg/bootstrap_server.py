@@ -30,6 +30,7 @@ from pdserve.disagg.bootstrap_registry import (
     WorkerRegistration,
     check_room,
 )
+from pdserve.serving.content_coding import ACCEPTED_CODINGS, UnsupportedCoding
 from pdserve.serving.hooks import RequestError
 from pdserve.serving.http_body import read_body
 
@@ -98,8 +99,11 @@ async def _json_errors(
         return error_response(
             exc.status, f"{request.method} {request.path}: {exc.text or exc.reason}"
         )
-    except RequestError as exc:  # a body too big, sent short or not readable
-        return error_response(exc.status, f"{request.method} {request.path}: {exc}")
+    except RequestError as exc:  # a body too big, sent short, not readable or coded br/zstd
+        response = error_response(exc.status, f"{request.method} {request.path}: {exc}")
+        if isinstance(exc, UnsupportedCoding):
+            response.headers["Accept-Encoding"] = ACCEPTED_CODINGS
+        return response
     except (msgspec.DecodeError, msgspec.ValidationError, BootstrapError) as exc:
         return error_response(400, f"{request.method} {request.path}: {exc}")
     except Exception:

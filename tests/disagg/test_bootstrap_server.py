@@ -266,6 +266,24 @@ def test_a_body_that_is_not_the_gzip_it_claims_is_a_400(ready_port):
     assert post(ready_port, "/query_dp_ranks", {"bootstrap_rooms": [1, 2]}) == (200, {"1": 1})
 
 
+@pytest.mark.parametrize("coding", ["br", "zstd"])
+def test_a_body_coded_br_or_zstd_is_a_415_naming_the_accepted_codings(ready_port, coding):
+    """As from every server and the router (docs/protocol.md section 2): the 415 carries
+    `Accept-Encoding`, which the bootstrap server's left out."""
+    headers = {"Content-Type": "application/json", "Content-Encoding": coding}
+    conn = http.client.HTTPConnection("127.0.0.1", ready_port, timeout=5)
+    try:
+        conn.request("POST", "/query_dp_ranks", body=b"{}", headers=headers)
+        resp = conn.getresponse()
+        answer = json.loads(resp.read())
+    finally:
+        conn.close()
+    assert resp.status == 415, answer
+    assert resp.headers["Accept-Encoding"] == "gzip, deflate, identity", resp.headers
+    message = answer["error"]["message"]
+    assert message.startswith(f"POST /query_dp_ranks: Content-Encoding {coding} is not"), message
+
+
 def test_a_client_that_leaves_mid_body_is_one_log_line_not_a_traceback(tmp_path):
     """A decode server (or anyone) dropping its POST mid-body is a client event: it once
     logged 'unexpected error' with a traceback at ERROR (this site has no handler
