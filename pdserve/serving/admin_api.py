@@ -13,7 +13,7 @@ from aiohttp import web
 import pdserve
 from pdserve.engine.request import SamplingParams
 from pdserve.serving.generation import run_to_end
-from pdserve.serving.hooks import RequestError
+from pdserve.serving.hooks import RequestError, error_object
 from pdserve.serving.metrics import CONTENT_TYPE
 from pdserve.serving.openai_format import model_not_found
 from pdserve.serving.request_parse import GenItem, new_rid
@@ -27,7 +27,7 @@ async def health(request: web.Request) -> web.Response:
     down = {**state.controller.dead, **state.controller.unresponsive}
     problem = "; ".join(down.values()) or state.hooks.not_ready_reason()
     if problem:
-        return web.json_response({"error": {"message": problem}}, status=503)
+        return web.json_response({"error": error_object(503, problem)}, status=503)
     return web.Response(text="")
 
 

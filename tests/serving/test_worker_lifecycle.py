@@ -185,6 +185,25 @@ def test_workers_killed_with_their_fork_server_are_reported_so(server_factory):
     assert message == "worker 0 was killed with its fork server, which was killed by signal 9"
 
 
+def test_a_dead_workers_health_503_is_the_openai_error_object(server_factory):
+    """docs/protocol.md: every HTTP error body of a server is {"error": {"message", "type",
+    "param", "code"}}; /health and /health_generate answered a dead worker's 503 with the
+    message alone."""
+    server = server_factory(TINY_ARGS)
+    (worker,) = proc_tree.worker_pids(server.pid)
+    os.kill(worker, signal.SIGKILL)
+    wait_until(lambda: http_json("GET", f"{server.url}/health")[0] == 503, 30, "health 503")
+    want = {
+        "message": "worker 0 exited unexpectedly with code -9",
+        "type": "server_error",
+        "param": None,
+        "code": 503,
+    }
+    for path in ("/health", "/health_generate"):
+        status, answer = http_json("GET", f"{server.url}{path}")
+        assert status == 503 and answer == {"error": want}, (path, answer)
+
+
 def test_a_second_sigterm_fails_the_requests_in_flight_with_503_and_the_server_exits(tmp_path):
     """On SIGTERM the server takes no new request and lets those in flight run (here for
     up to --shutdown-timeout-s 600 s); a second SIGTERM fails them with a 503, a stream
