@@ -373,8 +373,7 @@ def run(ns: argparse.Namespace) -> int:
     )
     if note:
         print(f"pdserve up: {note}", flush=True)
-    mps_pipe_dir = os.environ.get("CUDA_MPS_PIPE_DIRECTORY", "/tmp/nvidia-mps")
-    gpu_note = shared_gpu_note(c.server_args, mps_pipe_dir)
+    gpu_note = shared_gpu_note(c.server_args, envs.cuda_mps_pipe_directory())
     if gpu_note:
         print(f"pdserve up: {gpu_note}", flush=True)
     children = plan(c, router_port)

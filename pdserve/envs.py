@@ -90,3 +90,9 @@ def worker_multiproc_method() -> str | None:
     imported torch once) or `spawn` (a fresh interpreter each); vLLM's
     VLLM_WORKER_MULTIPROC_METHOD."""
     return _get("PDSERVE_WORKER_MULTIPROC_METHOD")
+
+
+def cuda_mps_pipe_directory() -> str:
+    """Where CUDA's MPS control daemon listens (CUDA's own variable): `pdserve up` checks for
+    it before it puts several servers on one GPU."""
+    return os.environ.get("CUDA_MPS_PIPE_DIRECTORY", "/tmp/nvidia-mps")
