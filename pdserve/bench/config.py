@@ -37,7 +37,7 @@ class BenchConfig:
     launch: str | None = opt(
         None,
         "command that starts the setup to measure (e.g. 'pdserve up ...'); waited for on "
-        "/health and /model_info, stopped after the run",
+        "/health, /readiness and /model_info, stopped after the run",
     )
     launch_timeout_s: float = opt(900.0, "deadline for the launched command to be ready")
     # workload
