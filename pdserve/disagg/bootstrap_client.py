@@ -216,12 +216,17 @@ async def post_room_failure(
     secret: str | None,
     timeout_s: float,
     attempt_timeout_s: float = FAILURE_ATTEMPT_TIMEOUT_S,
+    origin: str | None = None,
 ) -> None:
-    """POST /register_dp_rank with an error: the room failed on this side. Asked again while
-    the server gives no answer or a 5xx (stopped, busy, restarting), until `timeout_s`: a
-    failure it never hears leaves the prefill leg waiting for a page list until its own
-    deadline, holding its request (and its pages) meanwhile."""
-    body = msgspec.json.encode({"bootstrap_room": room, "error": error, "status": status})
+    """POST /register_dp_rank with an error: the room failed on this side (`origin`: the
+    side at fault, "decode" or "prefill", where known). Asked again while the server gives
+    no answer or a 5xx (stopped, busy, restarting), until `timeout_s`: a failure it never
+    hears leaves the prefill leg waiting for a page list until its own deadline, holding its
+    request (and its pages) meanwhile."""
+    fields: dict[str, object] = {"bootstrap_room": room, "error": error, "status": status}
+    if origin is not None:  # a server older than the field ignores it
+        fields["origin"] = origin
+    body = msgspec.json.encode(fields)
     url = base_url.rstrip("/") + "/register_dp_rank"
     deadline = time.monotonic() + timeout_s
     interval_s = RETRY_INTERVAL_S

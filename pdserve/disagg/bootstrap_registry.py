@@ -129,11 +129,25 @@ class ServerInfo(msgspec.Struct, frozen=True, kw_only=True):
         )
 
 
+# The sides a room's failure may be blamed on (`RoomFailure.origin`).
+FAILURE_ORIGINS = ("decode", "prefill")
+
+
 class RoomFailure(msgspec.Struct, frozen=True):
-    """A room that failed on prefill: decode's leg must fail at once with this error."""
+    """A room that failed on prefill: decode's leg must fail at once with this error.
+    `origin`: the side whose fault it is, where known (decode's report says so): "decode"
+    marks prefill's leg of the room `origin: decode`; "prefill" or None leaves it unmarked."""
 
     error: str
     status: int = 500
+    origin: str | None = None
+
+    def to_json(self) -> dict[str, object]:
+        """The failure in a /query_dp_ranks answer (`origin` only where known)."""
+        answer: dict[str, object] = {"error": self.error, "status": self.status}
+        if self.origin is not None:
+            answer["origin"] = self.origin
+        return answer
 
 
 class _RoomEntry:
@@ -268,8 +282,11 @@ class BootstrapRegistry:
         self._touch(room, now).dp_rank = dp_rank
         self._stats["room_registrations"] += 1
 
-    def record_failure(self, room: int, reason: str, status: int, now: float) -> None:
-        """Publish that `room` failed on prefill. A failure wins over any rank, now or later."""
+    def record_failure(
+        self, room: int, reason: str, status: int, now: float, origin: str | None = None
+    ) -> None:
+        """Publish that `room` failed on prefill. A failure wins over any rank, now or later.
+        `origin`: the side at fault, where known (FAILURE_ORIGINS)."""
         check_room(room)
         if not isinstance(reason, str) or not reason:
             raise BootstrapError(f"error must be a non-empty string, got {reason!r}")
@@ -277,7 +294,9 @@ class BootstrapRegistry:
             raise BootstrapError(
                 f"status must be an HTTP error status in [400, 600), got {status!r}"
             )
-        self._touch(room, now).failure = RoomFailure(reason, status)
+        if origin is not None and origin not in FAILURE_ORIGINS:
+            raise BootstrapError(f'origin must be "decode" or "prefill", got {origin!r}')
+        self._touch(room, now).failure = RoomFailure(reason, status, origin)
         self._stats["failures_recorded"] += 1
 
     def failure(self, room: int) -> RoomFailure | None:

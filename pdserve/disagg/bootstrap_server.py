@@ -44,12 +44,14 @@ RoomValue = int | str  # rooms arrive as JSON numbers or numeric strings
 
 
 class _RoomRank(msgspec.Struct):
-    """`POST /register_dp_rank`: either a rank or a failure (`error` + optional `status`)."""
+    """`POST /register_dp_rank`: either a rank or a failure (`error` + optional `status`
+    and `origin`, the side at fault)."""
 
     bootstrap_room: RoomValue
     dp_rank: int | None = None
     error: str | None = None
     status: int = 500
+    origin: str | None = None
 
 
 class _RoomsQuery(msgspec.Struct):
@@ -184,8 +186,10 @@ class _Handlers:
         room = parse_room(msg.bootstrap_room)
         if (msg.dp_rank is None) == (msg.error is None):
             raise BootstrapError("give exactly one of dp_rank and error")
+        if msg.error is None and msg.origin is not None:
+            raise BootstrapError("origin goes with error, not with dp_rank")
         if msg.error is not None:
-            self.registry.record_failure(room, msg.error, msg.status, self.now())
+            self.registry.record_failure(room, msg.error, msg.status, self.now(), msg.origin)
         else:
             self.registry.register_room(room, msg.dp_rank, self.now())
         return _json({"ok": True})
@@ -196,7 +200,7 @@ class _Handlers:
         answer = self.registry.query(rooms, self.now())
         response = _json(
             {
-                str(room): (msgspec.structs.asdict(v) if isinstance(v, RoomFailure) else v)
+                str(room): (v.to_json() if isinstance(v, RoomFailure) else v)
                 for room, v in answer.items()
             }
         )

@@ -35,6 +35,7 @@ from pdserve.disagg.room_relay import LegMatcher
 from pdserve.disagg.worker_side import advertised_host
 from pdserve.netaddr import cannot_listen
 from pdserve.serving.hooks import (
+    DECODE_ORIGIN,
     PREFILL_ORIGIN,
     FrontendHooks,
     RequestCancelled,
@@ -126,7 +127,7 @@ class PrefillFrontendHooks(_PDFrontendHooks):
         now = time.monotonic()
         failure = self.registry.failure(room)
         if failure is not None:  # its decode leg failed first and said so
-            raise RequestError(failure.status, failure.error)
+            raise RequestError(failure.status, failure.error, origin=_leg_origin(failure.origin))
         try:
             action = decide_prefill(
                 room,
@@ -151,10 +152,12 @@ class PrefillFrontendHooks(_PDFrontendHooks):
             self.registry.register_room(room, dp_rank, now)
         return req
 
-    def on_rejected(self, rooms: list[RoomAddress], status: int, message: str) -> None:
+    def on_rejected(
+        self, rooms: list[RoomAddress], status: int, message: str, origin: str | None = None
+    ) -> None:
         now = time.monotonic()
         for address in rooms:
-            self.fail_room(address.room, message, status, now)
+            self.fail_room(address.room, message, status, now, origin)
 
     def _forward(self, room: int, dp_rank: int) -> None:
         """Tell the room's home worker where the room went, before the request goes there:
@@ -206,18 +209,22 @@ class PrefillFrontendHooks(_PDFrontendHooks):
             f"{dp_rank} (check disagg_prefill_dp_rank and routed_dp_rank on both legs)"
         )
 
-    def fail_room(self, room: int, reason: str, status: int, now: float) -> None:
+    def fail_room(
+        self, room: int, reason: str, status: int, now: float, origin: str | None = None
+    ) -> None:
         """The room failed before any worker saw it: a querying decode learns it from the
-        registry, and one that took the fast path from the worker it asks (`_abort_room`)."""
-        self.registry.record_failure(room, reason, status, now)
+        registry, and one that took the fast path from the worker it asks (`_abort_room`).
+        `origin` "decode" only where decode's fault (a rank conflict is nobody's)."""
+        self.registry.record_failure(room, reason, status, now, origin)
 
-    def _abort_room(self, room: int, reason: str, status: int) -> None:
+    def _abort_room(self, room: int, reason: str, status: int, origin: str | None) -> None:
         """A failure recorded for a room (here, or by its decode server): every worker fails
         our leg of it with that reason and status if it holds it or it is on its way there,
         and answers decode's page list for it with the failure."""
+        leg_origin = _leg_origin(origin)
         for rank in range(self.cfg.server.dp_size):
             if rank not in self.controller.dead:
-                self.controller.room_failed(rank, room, reason, status)
+                self.controller.room_failed(rank, room, reason, status, leg_origin)
 
     def on_finished(self, req: GenerateReq, error: RequestError | None) -> None:
         if req.disagg is None:
@@ -225,9 +232,15 @@ class PrefillFrontendHooks(_PDFrontendHooks):
         if error is None:
             self.registry.drop_room(req.disagg.room)
         else:
-            self.registry.record_failure(
-                req.disagg.room, error.message, error.status, time.monotonic()
-            )
+            room, now = req.disagg.room, time.monotonic()
+            self.registry.record_failure(room, error.message, error.status, now, error.origin)
+
+
+def _leg_origin(failure_origin: str | None) -> str | None:
+    """The `origin` of our leg's error for a room failed with this (registry) origin: a
+    failure decode reported as its own is its fault; one decode said prefill caused (e.g.
+    its KV wait on us timed out), or of no known cause, is ours."""
+    return DECODE_ORIGIN if failure_origin == DECODE_ORIGIN else None
 
 
 def _secret_warnings(cfg: ServerConfig) -> list[str]:
@@ -247,7 +260,7 @@ class _PrefillRegistry(BootstrapRegistry):
         self,
         room_ttl_s: float,
         dp_size: int,
-        on_failure: Callable[[int, str, int], None],
+        on_failure: Callable[[int, str, int, str | None], None],
         rank_mismatch: str,
     ):
         super().__init__(room_ttl_s, dp_size=dp_size)
@@ -260,9 +273,11 @@ class _PrefillRegistry(BootstrapRegistry):
             info["rank_mismatch"] = self._rank_mismatch
         return info
 
-    def record_failure(self, room: int, reason: str, status: int, now: float) -> None:
-        super().record_failure(room, reason, status, now)
-        self._on_failure(room, reason, status)
+    def record_failure(
+        self, room: int, reason: str, status: int, now: float, origin: str | None = None
+    ) -> None:
+        super().record_failure(room, reason, status, now, origin)
+        self._on_failure(room, reason, status, origin)
 
 
 class DecodeFrontendHooks(_PDFrontendHooks):
@@ -316,8 +331,10 @@ class DecodeFrontendHooks(_PDFrontendHooks):
                 self.peers.forget(url)
             raise
 
-    def on_rejected(self, rooms: list[RoomAddress], status: int, message: str) -> None:
-        error = RequestError(status, message)
+    def on_rejected(
+        self, rooms: list[RoomAddress], status: int, message: str, origin: str | None = None
+    ) -> None:
+        error = RequestError(status, message, origin=origin)
         for address in rooms:
             if address.bootstrap_host is not None:
                 url = self._bootstrap_address(address.bootstrap_host, address.bootstrap_port)
@@ -348,17 +365,22 @@ class DecodeFrontendHooks(_PDFrontendHooks):
         """Record the failure at the prefill's bootstrap server, which stops the prefill leg
         of the room instead of letting it wait for a page list. Asked again until the
         bootstrap deadline (that leg waits no longer): one try of 2 s was lost on a prefill
-        server stopped that long, and the leg held its request for the whole deadline."""
+        server stopped that long, and the leg held its request for the whole deadline. Says
+        whose fault it is: prefill's (our error's origin) or ours, which prefill's leg then
+        marks `origin: decode` (it had none: a router took the fault for prefill's)."""
         assert self.session is not None
         session = self.session
         error = f"decode failed the room: {exc.message}"
         status = exc.status if 400 <= exc.status < 600 else 500
+        origin = PREFILL_ORIGIN if exc.origin == PREFILL_ORIGIN else DECODE_ORIGIN
         secret = self.cfg.disagg.disagg_secret
         timeout_s = self.cfg.disagg.bootstrap_timeout_s
 
         async def post() -> None:
             with contextlib.suppress(Exception):
-                await post_room_failure(session, url, room, error, status, secret, timeout_s)
+                await post_room_failure(
+                    session, url, room, error, status, secret, timeout_s, origin=origin
+                )
 
         task = asyncio.ensure_future(post())
         self._notify_tasks.add(task)

@@ -88,6 +88,7 @@ class FailedRoom:
     reason: str
     status: int
     expires_at: float
+    origin: str | None = None  # of the error a request for the room gets (DECODE_ORIGIN)
 
     def answer(self, room: int) -> m.RoomStatus:
         """What decode is told of the room, when its page list or a lease comes late."""

@@ -24,7 +24,7 @@ from pdserve.disagg.rooms import IllegalRoomTransition, RoomState, decode_fault,
 from pdserve.disagg.transfer.base import Inbound, KVTransport, PagesSettled, PeerLost
 from pdserve.engine.page_pool import pages_for
 from pdserve.engine.request import FinishReason, StepOutput
-from pdserve.serving.hooks import WorkerHooks
+from pdserve.serving.hooks import DECODE_ORIGIN, WorkerHooks
 from pdserve.serving.protocol import GenerateReq, ReqOutput, RoomFailed, RoomForwarded
 from pdserve.serving.worker_io import output_to_msg, request_from_msg, without_finish
 
@@ -93,7 +93,7 @@ class PrefillWorkerHooks(WorkerHooks):
             return [error_output(msg.rid, 400, "prefill request without bootstrap_room")]
         failed = self.failed.get(room_id)
         if failed is not None:  # the room failed on its way here (e.g. decode gave up)
-            return [error_output(msg.rid, failed.status, failed.reason)]
+            return [error_output(msg.rid, failed.status, failed.reason, failed.origin)]
         room = self.rooms.get(room_id)
         if room is not None and room.state is not RoomState.WAITING_FOR_REQUEST:
             # The front end lets one request per room through (serving.generation).
@@ -136,7 +136,9 @@ class PrefillWorkerHooks(WorkerHooks):
 
     def on_room_failed(self, msg: RoomFailed) -> list[ReqOutput]:
         self.forwards.pop(msg.room)
-        return self._fail_room(msg.room, msg.status, msg.reason, _now())
+        outputs = self._fail_room(msg.room, msg.status, msg.reason, _now())
+        self.failed[msg.room].origin = msg.origin  # and a request for it that comes later
+        return decode_fault(outputs) if msg.origin == DECODE_ORIGIN else outputs
 
     def on_room_forwarded(self, msg: RoomForwarded) -> list[ReqOutput]:
         """A room whose home we are was dispatched to another worker. Decode's page list may

@@ -296,9 +296,12 @@ class DPController:
         finally:
             self._dumps.pop(dump_id, None)
 
-    def room_failed(self, dp_rank: int, room: int, reason: str, status: int = 400) -> None:
-        """For the prefill hooks: tell a worker that a room failed before dispatch."""
-        self._ctrl[dp_rank].send(protocol.encode(RoomFailed(room, reason, status)))
+    def room_failed(
+        self, dp_rank: int, room: int, reason: str, status: int = 400, origin: str | None = None
+    ) -> None:
+        """For the prefill hooks: tell a worker that a room failed (before dispatch, or on
+        decode: `origin` hooks.DECODE_ORIGIN when decode's own fault)."""
+        self._ctrl[dp_rank].send(protocol.encode(RoomFailed(room, reason, status, origin)))
 
     def room_forwarded(self, home_rank: int, room: int, dp_rank: int, kv_endpoint: str) -> None:
         """For the prefill hooks: tell a room's home worker where the room was dispatched."""

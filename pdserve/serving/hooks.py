@@ -113,10 +113,12 @@ class FrontendHooks:
         """Called when the request's worker answered its last message; `error` (with the
         status its client got) when it failed, `RequestCancelled` when the client left."""
 
-    def on_rejected(self, rooms: list[RoomAddress], status: int, message: str) -> None:
+    def on_rejected(
+        self, rooms: list[RoomAddress], status: int, message: str, origin: str | None = None
+    ) -> None:
         """Called when the front end answers an error for a request naming `rooms` before
         any of them reached a worker (rooms in flight here are left out): the other leg of
-        each room must learn it."""
+        each room must learn it. `origin`: the error's (its peer's fault), if any."""
 
     def exposure_warnings(self) -> list[str]:
         """What this mode leaves open on a routable address (logged loudly at start)."""

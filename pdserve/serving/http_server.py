@@ -62,7 +62,7 @@ async def error_middleware(request: web.Request, handler) -> web.StreamResponse:
     try:
         return await handler(request)
     except RequestError as exc:
-        _report_rejection(request, exc.status, exc.message)
+        _report_rejection(request, exc.status, exc.message, exc.origin)
         response = web.json_response({"error": exc.to_json()}, status=exc.status)
         if isinstance(exc, UnsupportedCoding):
             response.headers["Accept-Encoding"] = ACCEPTED_CODINGS
@@ -80,7 +80,9 @@ async def error_middleware(request: web.Request, handler) -> web.StreamResponse:
         return error_response(500, f"internal error: {exc!r}")
 
 
-def _report_rejection(request: web.Request, status: int, message: str) -> None:
+def _report_rejection(
+    request: web.Request, status: int, message: str, origin: str | None = None
+) -> None:
     """A generation request answered with an error: the other leg of each room it names
     must fail too, instead of waiting for a transfer that will never start. Rooms still in
     flight here (a duplicate room's owner, a cancelled batch item) are its own business."""
@@ -92,7 +94,7 @@ def _report_rejection(request: web.Request, status: int, message: str) -> None:
     rooms = [r for r in rooms_in_body(body) if r.room not in in_flight]
     if rooms:
         try:
-            state.hooks.on_rejected(rooms, status, message)
+            state.hooks.on_rejected(rooms, status, message, origin)
         except Exception:  # best effort: the client still gets its answer
             logger.exception("reporting the rejection of rooms %s failed", rooms)
 

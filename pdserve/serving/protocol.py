@@ -43,11 +43,13 @@ class AbortReq(msgspec.Struct, tag=True):
 
 class RoomFailed(msgspec.Struct, tag=True):
     """Prefill front end -> its workers: room failed before dispatch (e.g. a rank conflict),
-    so a decode peer that asks for it must be told at once."""
+    so a decode peer that asks for it must be told at once; or decode failed it, so the
+    prefill leg of it ends (`origin` DECODE_ORIGIN when that was decode's own fault)."""
 
     room: int
     reason: str
     status: int = 400  # the HTTP status the decode leg of the room fails with
+    origin: str | None = None  # of the prefill leg's error (hooks.DECODE_ORIGIN or None)
 
 
 class RoomForwarded(msgspec.Struct, tag=True):

@@ -179,6 +179,28 @@ def test_rooms_register_query_and_fail_over_http(server_port):
     }
 
 
+def test_a_failure_says_whose_fault_it_is_and_a_bad_origin_is_a_clear_400(server_port):
+    """Decode's report of a room it failed names the side at fault (`origin`), which the
+    prefill leg of the room reads; a failure without one answers as before."""
+    for room, origin in ((20, "decode"), (21, "prefill")):
+        failure = {"bootstrap_room": room, "error": "decode failed the room: x", "origin": origin}
+        assert post(server_port, "/register_dp_rank", failure)[0] == 200
+    status, answer = post(server_port, "/query_dp_ranks", {"bootstrap_rooms": [20, 21]})
+    assert status == 200 and answer == {
+        "20": {"error": "decode failed the room: x", "status": 500, "origin": "decode"},
+        "21": {"error": "decode failed the room: x", "status": 500, "origin": "prefill"},
+    }
+    for bad in ("router", "", "DECODE"):
+        failure = {"bootstrap_room": 22, "error": "x", "origin": bad}
+        status, answer = post(server_port, "/register_dp_rank", failure)
+        assert status == 400, answer
+        assert 'origin must be "decode" or "prefill"' in answer["error"]["message"]
+    with_rank = {"bootstrap_room": 22, "dp_rank": 0, "origin": "decode"}
+    status, answer = post(server_port, "/register_dp_rank", with_rank)
+    assert status == 400 and "origin goes with error" in answer["error"]["message"], answer
+    assert post(server_port, "/query_dp_ranks", {"bootstrap_rooms": [22]}) == (200, {})
+
+
 REG = msgspec.to_builtins(registration(0))
 GARBAGE = [
     ("PUT", "/route", b"not json"),
@@ -217,6 +239,8 @@ GARBAGE = [
     ("POST", "/register_dp_rank", b'{"bootstrap_room": 3, "dp_rank": 0, "error": "x"}'),
     ("POST", "/register_dp_rank", b'{"bootstrap_room": 3, "error": "x", "status": 200}'),
     ("POST", "/register_dp_rank", b'{"bootstrap_room": 3, "error": ""}'),
+    ("POST", "/register_dp_rank", b'{"bootstrap_room": 3, "error": "x", "origin": 1}'),
+    ("POST", "/register_dp_rank", b'{"bootstrap_room": 3, "error": "x", "origin": "router"}'),
     ("POST", "/query_dp_ranks", b"nope"),
     ("POST", "/query_dp_ranks", b"{}"),
     ("POST", "/query_dp_ranks", b'{"bootstrap_rooms": 5}'),

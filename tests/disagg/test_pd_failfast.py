@@ -108,8 +108,12 @@ def _one_leg_cases(prefill_dp: int, decode_dp: int) -> dict[str, tuple[dict, dic
 
 
 def test_rejection_on_one_leg_fails_both_legs_fast(pair):
+    """Both legs fail at once with the rejecting leg's reason; the other leg marks it as its
+    peer's fault (`origin`): a prefill leg failed by decode's refusal had no origin, and a
+    router that got it first took the fault for prefill's own."""
     prefill, decode, prefill_dp, decode_dp = pair
     for case, (p_extra, d_extra, reason) in _one_leg_cases(prefill_dp, decode_dp).items():
+        rejecting = case.split("_")[0]
         result = pd_generate(
             prefill.url,
             decode.url,
@@ -124,6 +128,8 @@ def test_rejection_on_one_leg_fails_both_legs_fast(pair):
             assert 400 <= leg.status < 600, f"{where}: {leg.status} {leg.body}"
             assert reason in leg.error, f"{where}: {leg.error}"
             assert leg.elapsed_s < FAIL_WITHIN_S, f"{where}: took {leg.elapsed_s:.2f}s"
+            origin = None if name == rejecting else rejecting
+            assert leg.body["error"].get("origin") == origin, f"{where}: {leg.body}"
     wait_idle([prefill.url, decode.url])
 
 
@@ -143,6 +149,7 @@ def test_leg_arriving_after_the_other_was_rejected_fails_at_once(pair, rejecting
     _check_fast_failure(resp, elapsed_s, reason, f"{rejecting} leg")
     resp, elapsed_s = _timed_post(second, _leg(prefill.bootstrap_port, room, **second_extra))
     _check_fast_failure(resp, elapsed_s, reason, "the later leg")
+    assert resp.json()["error"].get("origin") == rejecting, resp.text  # its peer's fault
     wait_idle([prefill.url, decode.url])
 
 

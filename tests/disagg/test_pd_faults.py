@@ -23,6 +23,8 @@ from tests.disagg.pd_driver import (
     pages_in_use,
     pd_generate,
     pd_generate_async,
+    random_room,
+    rooms_in_flight,
     run_many,
     wait_idle,
 )
@@ -92,6 +94,14 @@ def _post_async(url: str, body: dict) -> concurrent.futures.Future:
     future = pool.submit(requests.post, url + "/generate", json=body, timeout=60)
     pool.shutdown(wait=False)
     return future
+
+
+def _failure_recorded(prefill: Prefill, leg: dict) -> bool:
+    """Whether prefill's bootstrap server holds a failure for the leg's room."""
+    url = f"http://127.0.0.1:{prefill.bootstrap_port}/query_dp_ranks"
+    room = leg["bootstrap_room"]
+    answer = requests.post(url, json={"bootstrap_rooms": [room]}, timeout=5).json()
+    return isinstance(answer.get(str(room)), dict)
 
 
 def test_room_sent_only_to_decode_fails_at_its_deadline(short_kv_wait_pair):
@@ -298,6 +308,31 @@ def test_request_too_big_for_decode_fails_both_legs_with_the_limit(small_decode_
     assert result.decode.status == 400, result.decode.body
     assert "KV pages" in result.decode.error
     assert result.prefill.status in (200, 400) and result.prefill.elapsed_s < 10
+    wait_idle([prefill.url, decode.url])
+
+
+def test_the_prefill_leg_of_a_room_decode_refused_carries_origin_decode(small_decode_pair):
+    """Decode refuses a prompt too large for its pool and tells prefill, whose leg ends with
+    that failure marked `origin: decode`: parked in its worker for the page list (the worker
+    hears of it), or come after the failure was recorded (the front end answers). It had no
+    origin: a router that got prefill's answer first took the fault for prefill's own."""
+    prefill, decode = small_decode_pair
+    body = dict(BODY, input_ids=list(range(3, 103)))  # 100 prompt tokens > 64-token pool
+    leg = _leg(prefill.bootstrap_port, random_room(), body)
+    parked = _post_async(prefill.url, leg)
+    wait_until(lambda: rooms_in_flight(prefill.url) == 1, 10, "prefill's leg to park")
+    refused = requests.post(decode.url + "/generate", json=leg, timeout=30)
+    assert refused.status_code == 400 and "origin" not in refused.json()["error"], refused.text
+    late = _leg(prefill.bootstrap_port, random_room(), body)
+    assert requests.post(decode.url + "/generate", json=late, timeout=30).status_code == 400
+    wait_until(lambda: _failure_recorded(prefill, late), 10, "decode's report")
+    for answer in (
+        parked.result(timeout=30),
+        requests.post(prefill.url + "/generate", json=late, timeout=30),
+    ):
+        error = answer.json()["error"]
+        assert answer.status_code == 400 and error.get("origin") == "decode", answer.text
+        assert error["message"].startswith("decode failed the room: prompt + max_new_tokens")
     wait_idle([prefill.url, decode.url])
 
 

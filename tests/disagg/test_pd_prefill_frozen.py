@@ -2,7 +2,8 @@
 leg when the KV heartbeat lapses, and the prefill leg must end with that failure soon after
 prefill runs again. Decode told prefill's bootstrap server once, with a 2 s timeout, so a
 server stopped longer never heard it: the prefill leg held its request for the whole
---bootstrap-timeout-s (seen in the chaos soak as requests stuck for 33 s)."""
+--bootstrap-timeout-s (seen in the chaos soak as requests stuck for 33 s). Decode's failure
+was prefill's fault (`origin: prefill`), so prefill's leg must not blame decode for it."""
 
 from __future__ import annotations
 
@@ -48,6 +49,7 @@ def test_a_room_decode_failed_while_prefill_was_stopped_ends_once_prefill_runs(p
             answer = decode_leg.result(timeout=30)
             assert answer.status_code == 503, answer.text
             assert "lost the connection to prefill" in answer.json()["error"]["message"]
+            assert answer.json()["error"].get("origin") == "prefill", answer.text
             # Not a synchronisation: the test is a stop longer than one try to tell prefill.
             until = time.monotonic() + 4
             wait_until(lambda: time.monotonic() > until, 10, "the stop")
@@ -56,4 +58,5 @@ def test_a_room_decode_failed_while_prefill_was_stopped_ends_once_prefill_runs(p
         answer = prefill_leg.result(timeout=DEADLINE_S / 3)  # not its deadline
     assert answer.status_code == 503, answer.text
     assert answer.json()["error"]["message"].startswith("decode failed the room"), answer.text
+    assert "origin" not in answer.json()["error"], answer.text  # the fault is prefill's own
     wait_idle([prefill.url, decode.url], timeout_s=30)
