@@ -157,7 +157,7 @@ class PrefillFrontendHooks(_PDFrontendHooks):
     ) -> None:
         now = time.monotonic()
         for address in rooms:
-            self.fail_room(address.room, message, status, now, origin)
+            self.fail_room(address.room, message, status, now, _leg_origin(origin))
 
     def _forward(self, room: int, dp_rank: int) -> None:
         """Tell the room's home worker where the room went, before the request goes there:
@@ -232,14 +232,17 @@ class PrefillFrontendHooks(_PDFrontendHooks):
         if error is None:
             self.registry.drop_room(req.disagg.room)
         else:
-            room, now = req.disagg.room, time.monotonic()
-            self.registry.record_failure(room, error.message, error.status, now, error.origin)
+            room, origin = req.disagg.room, _leg_origin(error.origin)
+            self.registry.record_failure(
+                room, error.message, error.status, time.monotonic(), origin
+            )
 
 
 def _leg_origin(failure_origin: str | None) -> str | None:
-    """The `origin` of our leg's error for a room failed with this (registry) origin: a
-    failure decode reported as its own is its fault; one decode said prefill caused (e.g.
-    its KV wait on us timed out), or of no known cause, is ours."""
+    """The `origin` of our leg's error for a room failed with this origin (the registry's, or
+    an error's): a failure decode reported as its own is its fault; one decode said prefill
+    caused (e.g. its KV wait on us timed out), or of no known cause, is ours. Always a value
+    the registry takes: a failure it refused would go unrecorded."""
     return DECODE_ORIGIN if failure_origin == DECODE_ORIGIN else None
 
 
