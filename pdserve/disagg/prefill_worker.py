@@ -16,6 +16,7 @@ from pdserve.auth import ProofChecker
 from pdserve.disagg import kv_auth, prefill_room
 from pdserve.disagg import messages as m
 from pdserve.disagg.config import DisaggConfig
+from pdserve.disagg.decode_peers import DecodePeers
 from pdserve.disagg.delta import pages_to_send, prompt_digest
 from pdserve.disagg.prefill_gate import PrefillGate
 from pdserve.disagg.prefill_room import WAITING_FOR_ONE_SIDE, FailedRoom, PrefillRoom
@@ -41,16 +42,13 @@ class PrefillWorkerHooks(WorkerHooks):
         self.cfg = cfg
         self.transport = transport
         self.dp_rank, self.epoch = dp_rank, epoch
-        # Who each handshaken connection is (decode_id, epoch), and each decode's last epoch.
-        self.decode_of_peer: dict[object, tuple[str, int]] = {}
-        self.decode_epochs: dict[str, int] = {}
+        self.decode_peers = DecodePeers()  # the handshaken connections, decode epochs
         self.layout = engine.kv_layout()
         self.rooms: dict[int, PrefillRoom] = {}
         self.sending: dict[int, PrefillRoom] = {}  # rooms TRANSFERRING
         self._next_deadlines = 0.0  # rooms' deadlines are looked at every DEADLINES_EVERY_S
         self.room_of_rid: dict[str, int] = {}
         self.failed: dict[int, FailedRoom] = {}  # answers for late page lists
-        self.handshaken: set[object] = set()
         self.checker = ProofChecker(cfg.disagg_secret) if cfg.disagg_secret else None
         self.forwards = ForwardTable(cfg.bootstrap_timeout_s)  # rooms of ours served elsewhere
         self._unclaimed: list[int] = []  # for the front end, until unclaimed_rooms()
@@ -262,10 +260,8 @@ class PrefillWorkerHooks(WorkerHooks):
             error = msg.mismatch(self.transport.name, self.layout)
             error = error or self.transport.accept_peer_meta(peer, msg.transfer_meta)
         outputs = [] if error is not None else self._on_decode_epoch(peer, msg, now)
-        if error is None:
-            self.handshaken.add(peer)
-        else:
-            self.handshaken.discard(peer)
+        if error is not None:
+            self.decode_peers.refuse(peer)
         meta = self.transport.handshake_meta() if error is None else b""
         result = m.HandshakeResult(
             ok=error is None, error=error, epoch=self.epoch, transfer_meta=meta
@@ -276,16 +272,11 @@ class PrefillWorkerHooks(WorkerHooks):
     def _on_decode_epoch(self, peer: object, msg: m.Handshake, now: float) -> list[ReqOutput]:
         """A decode server that handshakes with a new epoch restarted: the rooms of its old
         epoch will never be read; fail them, free their pages, forget the old connections."""
-        old = self.decode_epochs.get(msg.decode_id)
-        self.decode_epochs[msg.decode_id] = msg.epoch
-        self.decode_of_peer[peer] = (msg.decode_id, msg.epoch)
+        old = self.decode_peers.epoch(msg.decode_id)
+        stale = self.decode_peers.accept(peer, msg.decode_id, msg.epoch)
         if old is None or old == msg.epoch:
             return []
         log.warning("decode %s restarted: epoch %d -> %d", msg.decode_id, old, msg.epoch)
-        stale = {p for p, who in self.decode_of_peer.items() if who == (msg.decode_id, old)}
-        for p in stale:
-            self.handshaken.discard(p)
-            del self.decode_of_peer[p]
         reason = f"decode server {msg.decode_id} restarted (new epoch) before reading the KV"
         lost = [r.room for r in self.rooms.values() if r.peer in stale]
         return decode_fault(
@@ -293,8 +284,7 @@ class PrefillWorkerHooks(WorkerHooks):
         )
 
     def _on_peer_lost(self, event: PeerLost, now: float) -> list[ReqOutput]:
-        self.handshaken.discard(event.peer)
-        self.decode_of_peer.pop(event.peer, None)
+        self.decode_peers.lost(event.peer)
         reason = f"lost the connection to decode: {event.reason}"
         lost = [r.room for r in self.rooms.values() if r.peer == event.peer]
         return decode_fault(
@@ -302,7 +292,7 @@ class PrefillWorkerHooks(WorkerHooks):
         )
 
     def _on_page_list(self, peer: object, msg: m.PageList, now: float) -> list[ReqOutput]:
-        if peer not in self.handshaken and msg.room not in self.failed:
+        if peer not in self.decode_peers and msg.room not in self.failed:
             error = "page list before handshake"
             self._send(peer, m.RoomStatus(room=msg.room, ok=False, error=error))
             return []
@@ -329,7 +319,7 @@ class PrefillWorkerHooks(WorkerHooks):
         """A lease: decode queues these rooms for its own capacity. A request here waiting
         for one's page list keeps waiting a bootstrap deadline from now; a room that failed
         or went to another worker is answered as its page list would be."""
-        if peer not in self.handshaken:
+        if peer not in self.decode_peers:
             return []
         for room_id in msg.rooms:
             room = self.rooms.get(room_id)
