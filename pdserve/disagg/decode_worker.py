@@ -28,8 +28,8 @@ from pdserve.disagg.transfer.base import (
     PeerUnreachable,
 )
 from pdserve.engine.request import FinishReason, StepOutput
+from pdserve.serving.hooks import DECODE_ORIGIN, WorkerHooks
 from pdserve.serving.hooks import PREFILL_ORIGIN as PREFILL
-from pdserve.serving.hooks import WorkerHooks
 from pdserve.serving.protocol import GenerateReq, ReqOutput
 from pdserve.serving.worker_io import output_to_msg, request_from_msg
 
@@ -264,9 +264,10 @@ class DecodeWorkerHooks(WorkerHooks):
         if self._stale(peer, room):
             reason = f"status of room {msg.room} from a stale prefill epoch"
             return self._fail(msg.room, 503, reason, PREFILL)
-        if not msg.ok:
+        if not msg.ok:  # prefill failed the room: its fault, unless it says it is ours
             reason = msg.error or "prefill failed the room"
-            return self._fail(msg.room, msg.error_status, reason, PREFILL)
+            origin = None if msg.error_origin == DECODE_ORIGIN else PREFILL
+            return self._fail(msg.room, msg.error_status, reason, origin)
         if room.state is not RoomState.TRANSFERRING:  # the transport reports KV before status
             return self._fail(
                 msg.room, 500, f"KV status for room {msg.room} while {room.state.value}"

@@ -93,13 +93,18 @@ class KVHeader(msgspec.Struct, tag=True, kw_only=True):
 
 
 class RoomStatus(msgspec.Struct, tag=True, kw_only=True):
-    """prefill -> decode: the final word on a room (after its KV frames, on success)."""
+    """prefill -> decode: the final word on a room (after its KV frames, on success).
+
+    `error_origin` (of a failure): the side at fault, DECODE_ORIGIN where decode caused it
+    (no page list in time, lost or restarted); None for prefill's own. Optional and ignored
+    by older peers (msgspec drops unknown fields), so PROTOCOL_VERSION stays."""
 
     room: int
     ok: bool
     first: FirstToken | None = None
     error: str | None = None
     error_status: int = 500
+    error_origin: str | None = None
 
 
 class Abort(msgspec.Struct, tag=True, kw_only=True):

@@ -2,7 +2,8 @@
 (cached), and room ranks (batched `/query_dp_ranks` polling). Runs in the decode front end.
 
 Every call has a deadline; a missing answer becomes a RequestError with a reason, whose
-`origin` is the prefill server (its bootstrap server failed or refused, or failed the room).
+`origin` is the prefill server (its bootstrap server failed or refused, or failed the room:
+unless that failure names decode as its cause, see `room_failure_error`).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from pdserve.disagg.bootstrap_client import (
 from pdserve.disagg.bootstrap_registry import RoomFailure, ServerInfo, WorkerRegistration
 from pdserve.disagg.metrics import DisaggMetrics
 from pdserve.disagg.rank_query import PendingRooms
-from pdserve.serving.hooks import PREFILL_ORIGIN, RequestError
+from pdserve.serving.hooks import DECODE_ORIGIN, PREFILL_ORIGIN, RequestError
 
 T = TypeVar("T")
 INFO_TTL_S = 30.0
@@ -38,6 +39,15 @@ UNREACHABLE_AFTER_S = 1.0
 def prefill_error(status: int, message: str) -> RequestError:
     """A decode leg failed by its prefill server (see hooks.PREFILL_ORIGIN)."""
     return RequestError(status, message, origin=PREFILL_ORIGIN)
+
+
+def room_failure_error(failure: RoomFailure) -> RequestError:
+    """A decode leg failed by a room's failure its prefill server published: prefill's
+    fault, unless the failure says decode caused it (e.g. prefill's wait for our page list
+    lapsed), which makes it ours: no origin."""
+    if failure.origin == DECODE_ORIGIN:
+        return RequestError(failure.status, failure.error)
+    return prefill_error(failure.status, failure.error)
 
 
 class StalePrefillInfo(Exception):
@@ -170,7 +180,7 @@ class RankQuerier:
         for room, rank in outcome.resolved.items():
             self._settle(room, rank=rank)
         for room, failure in outcome.failed.items():
-            self._settle(room, error=prefill_error(failure.status, failure.error))
+            self._settle(room, error=room_failure_error(failure))
 
     def _settle_stale(self, rooms: list[int], epoch: int) -> None:
         """Rooms resolved on info of another start of the server: that start's rank rule

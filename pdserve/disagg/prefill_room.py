@@ -92,7 +92,12 @@ class FailedRoom:
 
     def answer(self, room: int) -> m.RoomStatus:
         """What decode is told of the room, when its page list or a lease comes late."""
-        return m.RoomStatus(room=room, ok=False, error=self.reason, error_status=self.status)
+        return failed_status(room, self.reason, self.status, self.origin)
+
+
+def failed_status(room: int, reason: str, status: int, origin: str | None) -> m.RoomStatus:
+    """Decode's word that the room failed here (`origin`: DECODE_ORIGIN when its fault)."""
+    return m.RoomStatus(room=room, ok=False, error=reason, error_status=status, error_origin=origin)
 
 
 def newly_unclaimed(rooms: list[PrefillRoom], now: float, timeout_s: float) -> list[int]:

@@ -21,7 +21,7 @@ from pdserve.disagg.delta import pages_to_send, prompt_digest
 from pdserve.disagg.prefill_gate import PrefillGate
 from pdserve.disagg.prefill_room import WAITING_FOR_ONE_SIDE, FailedRoom, PrefillRoom
 from pdserve.disagg.room_relay import ForwardTable
-from pdserve.disagg.rooms import IllegalRoomTransition, RoomState, decode_fault, error_output
+from pdserve.disagg.rooms import IllegalRoomTransition, RoomState, error_output
 from pdserve.disagg.transfer.base import Inbound, KVTransport, PagesSettled, PeerLost
 from pdserve.engine.page_pool import pages_for
 from pdserve.engine.request import FinishReason, StepOutput
@@ -134,9 +134,7 @@ class PrefillWorkerHooks(WorkerHooks):
 
     def on_room_failed(self, msg: RoomFailed) -> list[ReqOutput]:
         self.forwards.pop(msg.room)
-        outputs = self._fail_room(msg.room, msg.status, msg.reason, _now())
-        self.failed[msg.room].origin = msg.origin  # and a request for it that comes later
-        return decode_fault(outputs) if msg.origin == DECODE_ORIGIN else outputs
+        return self._fail_room(msg.room, msg.status, msg.reason, _now(), origin=msg.origin)
 
     def on_room_forwarded(self, msg: RoomForwarded) -> list[ReqOutput]:
         """A room whose home we are was dispatched to another worker. Decode's page list may
@@ -279,17 +277,13 @@ class PrefillWorkerHooks(WorkerHooks):
         log.warning("decode %s restarted: epoch %d -> %d", msg.decode_id, old, msg.epoch)
         reason = f"decode server {msg.decode_id} restarted (new epoch) before reading the KV"
         lost = [r.room for r in self.rooms.values() if r.peer in stale]
-        return decode_fault(
-            [out for room in lost for out in self._fail_room(room, 503, reason, now, notify=False)]
-        )
+        return self._fail_for_decode(lost, 503, reason, now)
 
     def _on_peer_lost(self, event: PeerLost, now: float) -> list[ReqOutput]:
         self.decode_peers.lost(event.peer)
         reason = f"lost the connection to decode: {event.reason}"
         lost = [r.room for r in self.rooms.values() if r.peer == event.peer]
-        return decode_fault(
-            [out for room in lost for out in self._fail_room(room, 503, reason, now, notify=False)]
-        )
+        return self._fail_for_decode(lost, 503, reason, now)
 
     def _on_page_list(self, peer: object, msg: m.PageList, now: float) -> list[ReqOutput]:
         if peer not in self.decode_peers and msg.room not in self.failed:
@@ -363,8 +357,9 @@ class PrefillWorkerHooks(WorkerHooks):
                 room.peer, room.room, src_page_ids, list(room.dst_page_ids), status
             )
         except Exception as exc:  # the decode peer vanished
-            reason = f"sending KV to decode failed: {exc}"
-            return decode_fault(self._fail_room(room.room, 503, reason, now, notify=False))
+            return self._fail_for_decode(
+                [room.room], 503, f"sending KV to decode failed: {exc}", now
+            )
         return []
 
     def _finish_sent(self, now: float) -> list[ReqOutput]:
@@ -415,20 +410,34 @@ class PrefillWorkerHooks(WorkerHooks):
                 f"timed out after {self.cfg.bootstrap_timeout_s:g}s waiting for decode's "
                 f"page list for room {room.room}"
             )
-            outputs += decode_fault(self._fail_room(room.room, 504, reason, now))
+            outputs += self._fail_room(room.room, 504, reason, now, origin=DECODE_ORIGIN)
         for room_id in [r for r, f in self.failed.items() if now >= f.expires_at]:
             del self.failed[room_id]
         self.forwards.expire(now)
         return outputs
 
     def _fail_room(
-        self, room_id: int, status: int, reason: str, now: float, notify: bool = True
+        self,
+        room_id: int,
+        status: int,
+        reason: str,
+        now: float,
+        notify: bool = True,
+        origin: str | None = None,
     ) -> list[ReqOutput]:
         """Fail the room (see `_end_room`) and answer its request with the error."""
         room = self.rooms.get(room_id)
         rid = room.rid if room is not None else None
-        self._end_room(room_id, status, reason, now, notify=notify)
-        return [error_output(rid, status, reason)] if rid is not None else []
+        self._end_room(room_id, status, reason, now, notify=notify, origin=origin)
+        return [error_output(rid, status, reason, origin)] if rid is not None else []
+
+    def _fail_for_decode(
+        self, room_ids: list[int], status: int, reason: str, now: float
+    ) -> list[ReqOutput]:
+        """Fail rooms their decode peer failed (lost, restarted, unreachable): no one to
+        tell now; its fault, on our error and on the answer to a late page list."""
+        fail = self._fail_room
+        return [o for r in room_ids for o in fail(r, status, reason, now, False, DECODE_ORIGIN)]
 
     def _end_room(
         self,
@@ -438,20 +447,21 @@ class PrefillWorkerHooks(WorkerHooks):
         now: float,
         engine_reason: str | None = None,
         notify: bool = True,
+        origin: str | None = None,
     ) -> StepOutput | None:
-        """Fail the room: tell decode (now or when its page list comes), drop what of its
-        send has not started, and abort its request; pages a send under way still reads stay
-        unchanged and out of use until the transport reports them settled. Returns the
-        request's abort output (None: no request)."""
-        self.failed[room_id] = FailedRoom(reason, status, now + self.cfg.bootstrap_timeout_s)
+        """Fail the room: tell decode (now or when its page list comes; `origin`
+        DECODE_ORIGIN when decode's fault), drop what of its send has not started, and abort
+        its request; pages a send under way still reads stay unchanged and out of use until
+        the transport reports them settled. Returns the request's abort output (None: no
+        request)."""
+        expires_at = now + self.cfg.bootstrap_timeout_s
+        self.failed[room_id] = FailedRoom(reason, status, expires_at, origin)
         room = self.rooms.get(room_id)
         if room is None:
             return None
         room.move(RoomState.FAILED)
         if notify and room.peer is not None:
-            self._send(
-                room.peer, m.RoomStatus(room=room_id, ok=False, error=reason, error_status=status)
-            )
+            self._send(room.peer, prefill_room.failed_status(room_id, reason, status, origin))
         still_read = self._forget(room_id)
         if room.rid is None:
             return None

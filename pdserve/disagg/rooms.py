@@ -13,7 +13,6 @@ from __future__ import annotations
 import enum
 
 from pdserve.engine.request import FinishReason
-from pdserve.serving.hooks import DECODE_ORIGIN
 from pdserve.serving.protocol import ReqOutput
 
 
@@ -65,11 +64,3 @@ def error_output(rid: str, status: int, message: str, origin: str | None = None)
         error_message=message,
         error_origin=origin,
     )
-
-
-def decode_fault(outputs: list[ReqOutput]) -> list[ReqOutput]:
-    """Prefill's failures of rooms its decode peer caused (no page list in time, a lost or
-    restarted decode), marked so: a router's retry avoids that decode server, not prefill."""
-    for out in outputs:
-        out.error_origin = DECODE_ORIGIN
-    return outputs

@@ -166,6 +166,23 @@ def test_a_parked_room_times_out_with_504_and_the_engine_never_sees_it(pairs):
     assert pair.engine.num_used_pages == 0
 
 
+def test_a_late_page_list_of_a_room_timed_out_for_it_hears_the_fault_is_decodes(pairs):
+    """The worker itself marks its failure decode's fault, on its answer and on the one to
+    decode's late page list (a frozen decode worker's, once it runs again): that answer had
+    no origin, and decode's leg blamed prefill for it. Not left to the front end's RoomFailed,
+    which may come after the page list."""
+    pair = pairs(num_pages=4)
+    assert pair.generate("r1", 1, _prompt(1)) == []
+    pair.turn()
+    (answer,) = pair.hooks.poll(time.monotonic() + TIMEOUT_S + 1)
+    assert answer.error_status == 504 and answer.error_origin == "decode"
+    pair.page_list(1, [0, 1])
+    pair.turn_until(lambda: pair.statuses, "answered the page list")
+    (status,) = pair.statuses
+    assert not status.ok and status.error_status == 504
+    assert status.error == answer.error_message and status.error_origin == "decode"
+
+
 def test_an_aborted_parked_room_is_answered_and_its_late_page_list_refused(pairs):
     pair = pairs(num_pages=4)
     assert pair.generate("r1", 1, _prompt(1)) == []
@@ -182,6 +199,7 @@ def test_an_aborted_parked_room_is_answered_and_its_late_page_list_refused(pairs
     (status,) = pair.statuses
     assert not status.ok and status.error_status == 499
     assert status.error == "aborted on prefill: client gone"
+    assert status.error_origin is None  # not decode's fault
     assert pair.engine.num_used_pages == 0 and not pair.answers
 
 
