@@ -31,6 +31,16 @@ def _json_number(value: Any) -> Any:
     return value
 
 
+def config_dict(cfg: BenchConfig) -> dict[str, Any]:
+    """The run's configuration as written to the result JSON. A credential (a field kept
+    out of repr: --api-key) says only whether it was set: results get shared and committed."""
+    out: dict[str, Any] = {}
+    for field in dataclasses.fields(cfg):
+        value = getattr(cfg, field.name)
+        out[field.name] = _json_number(value) if field.repr else ("<set>" if value else None)
+    return out
+
+
 def record_dict(record: RequestRecord) -> dict[str, Any]:
     out = dataclasses.asdict(record)
     out["tpot_s"] = record.tpot_s
@@ -47,7 +57,7 @@ def build_result(
 ) -> dict[str, Any]:
     """Everything about one run: identity, configuration, every figure, what the server
     counted, vLLM-style per-request arrays, and the full per-request records."""
-    config = {k: _json_number(v) for k, v in dataclasses.asdict(cfg).items()}
+    config = config_dict(cfg)
     done = [r for r in records if r.ok]
     return {
         "version": RESULT_VERSION,

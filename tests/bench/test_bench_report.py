@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 
 from pdserve.bench.compare import compare_rows, format_compare, load_run
+from pdserve.bench.config import BenchConfig
 from pdserve.bench.metrics import LATENCIES
 from pdserve.bench.plots import cdf_points, itl_points, plot_run, run_figures, run_title
-from pdserve.bench.report import format_table, write_json
+from pdserve.bench.report import build_result, format_table, write_json
 from pdserve.bench.server_stats import stage_summary
 from tests.bench.sample_runs import make_result
 
@@ -35,6 +36,16 @@ def test_result_holds_vllm_fields_and_every_latency_figure():
     assert result["requests"][0]["tpot_s"] == pytest.approx(0.01)
     json.loads(json.dumps(result, allow_nan=False))  # strict JSON: inf rate written as "inf"
     assert result["request_rate"] == "inf"
+
+
+def test_the_result_json_never_holds_the_api_key(tmp_path: Path):
+    """`pdserve bench --api-key K --output run.json` wrote K into run.json's config."""
+    cfg = BenchConfig(api_key="sk-bench-secret-1", label="keyed")
+    result = build_result(cfg, 1.0, {}, [], {}, None)
+    assert result["config"]["api_key"] == "<set>" and result["config"]["label"] == "keyed"
+    write_json(str(tmp_path / "run.json"), result)
+    assert "sk-bench-secret-1" not in (tmp_path / "run.json").read_text()
+    assert build_result(BenchConfig(), 1.0, {}, [], {}, None)["config"]["api_key"] is None
 
 
 def test_table_shows_counts_failures_and_goodput():
