@@ -109,9 +109,12 @@ class KVEventPublisher:
                 logger.warning("KV events replay socket: ignored a %d-frame message", len(frames))
                 continue
             ident, _, request = frames
-            await self._replay.send_multipart(
-                [ident, b"", msgspec.msgpack.encode(self._answer(request))]
-            )
+            try:
+                answer = self._answer(request)
+            except Exception:  # anyone who reaches the port may ask: the loop must go on
+                logger.exception("KV events replay socket: a question failed")
+                answer = {"error": "internal error"}
+            await self._replay.send_multipart([ident, b"", msgspec.msgpack.encode(answer)])
 
     def _answer(self, request: bytes) -> dict[str, Any]:
         try:
@@ -120,7 +123,10 @@ class KVEventPublisher:
             if op == "snapshot":
                 return {"seq": self.stream.seq, "snapshot": self.stream.snapshot()}
             if op == "replay":
-                return self.stream.replay(int(msg["from_seq"]))
+                from_seq = msg["from_seq"]
+                if type(from_seq) is not int:  # int(inf) raised OverflowError and ended the loop
+                    return {"error": f"bad request: from_seq must be an integer, got {from_seq!r}"}
+                return self.stream.replay(from_seq)
             return {"error": f"unknown op {op!r}"}
         except (msgspec.DecodeError, KeyError, TypeError, ValueError) as exc:
             return {"error": f"bad request: {exc!r}"}

@@ -139,6 +139,18 @@ def test_the_replay_socket_outlives_a_client_that_is_not_a_req_socket(server):
         dealer.close()
 
 
+@pytest.mark.parametrize("from_seq", [float("inf"), float("nan"), 1.5, "1", True])
+def test_the_replay_socket_answers_a_question_that_is_not_an_integer_and_goes_on(server, from_seq):
+    """The port is open to anyone who reaches it: `from_seq: inf` raised OverflowError in
+    int(), which ended the replay loop for good (no answer to anyone after it, nothing
+    logged), so a kv_aware router could no longer heal a gap."""
+    endpoint = info(server.url)["kv_events_replay_endpoint"]
+    answer = ask_replay(endpoint, {"op": "replay", "from_seq": from_seq})
+    assert "from_seq must be an integer" in answer["error"], answer
+    answer = ask_replay(endpoint, {"op": "snapshot"})
+    assert answer["snapshot"]["seq"] == answer["seq"]
+
+
 def test_the_event_endpoints_advertise_what_every_other_listener_does():
     """--advertise-host names the KV event sockets too (a router on another machine dials
     them), and a loopback bind advertises itself."""
