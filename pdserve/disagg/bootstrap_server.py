@@ -33,6 +33,7 @@ from pdserve.disagg.bootstrap_registry import (
 from pdserve.serving.content_coding import ACCEPTED_CODINGS, UnsupportedCoding
 from pdserve.serving.hooks import RequestError
 from pdserve.serving.http_body import read_body
+from pdserve.serving.http_log import request_logger
 
 logger = logging.getLogger(__name__)
 
@@ -289,6 +290,7 @@ async def start_bootstrap_server(
         access_log=None,
         shutdown_timeout=SHUTDOWN_TIMEOUT_S,
         auto_decompress=False,  # read_body undoes the coding (a br body: a JSON 415)
+        logger=request_logger(),
     )
     await runner.setup()
     try:

@@ -35,6 +35,7 @@ from pdserve.serving.hooks import (
     colocated_worker_hooks,
     error_object,
 )
+from pdserve.serving.http_log import request_logger
 from pdserve.serving.metrics import ServerMetrics
 from pdserve.serving.pd_fields import rooms_in_body
 from pdserve.serving.server_state import (
@@ -229,6 +230,7 @@ async def serve_async(cfg: ServerConfig, plug: ServerHooks) -> int:
         access_log=None,
         auto_decompress=False,
         shutdown_timeout=HANDLER_GRACE_S,
+        logger=request_logger(),
     )
     try:
         await hooks.start()

@@ -9,7 +9,7 @@ import requests
 from aiohttp import web
 
 from pdserve.serving import admin_api, native_api, openai_api, tokenize_api
-from tests.helpers import http_json, launch_server
+from tests.helpers import http_json, launch_server, raw_exchange, wait_until
 
 KEY = "sk-test-123"
 
@@ -95,3 +95,22 @@ def test_a_refusal_names_the_bearer_scheme_it_wants(server):
     for headers in ({}, {"Authorization": "Bearer wrong"}):
         resp = requests.get(server.url + "/get_load", headers=headers, timeout=10)
         assert resp.status_code == 401 and resp.headers["WWW-Authenticate"] == "Bearer"
+
+
+LOGGED = "refused a malformed HTTP request from 127.0.0.1: "
+
+
+@pytest.mark.parametrize(
+    "line",
+    [f"Bearer {KEY}\x01".encode(), f"Bearer {KEY}".encode() + b"A" * 9000],
+    ids=["control-byte", "too-long"],
+)
+def test_a_malformed_authorization_line_never_puts_the_key_in_the_log(server, line):
+    """aiohttp refused such a line with a 400 and logged it at ERROR with a traceback that
+    quoted the raw line, key included."""
+    seen = server.output().count(LOGGED)
+    head = b"GET /get_load HTTP/1.1\r\nHost: x\r\nAuthorization: " + line
+    answer = raw_exchange(server.url, head + b"\r\nConnection: close\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.") and b" 400 " in answer.split(b"\r\n")[0], answer
+    wait_until(lambda: server.output().count(LOGGED) > seen, 10, "the one-line log record")
+    assert KEY not in server.output() and "Traceback" not in server.output()
