@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import ipaddress
+import math
 import secrets
 from collections import deque
 from dataclasses import dataclass
@@ -129,6 +130,8 @@ class ProofChecker:
         self._forget(now)
         if len(proof.nonce) != _NONCE_HEX_LEN or not _is_hex(proof.nonce):
             raise AuthError("malformed proof: the nonce must be 32 hex digits")
+        if not math.isfinite(proof.ts):  # |now - nan| > window is False: no window at all
+            raise AuthError("malformed proof: the timestamp must be a finite number")
         if abs(now - proof.ts) > self.window_s:
             raise AuthError(
                 f"stale proof: its timestamp is {now - proof.ts:+.1f}s from this clock "

@@ -45,6 +45,19 @@ def test_wrong_or_stale_proofs_are_refused(secret, purpose, message, now, error)
     assert checker.num_remembered == 0
 
 
+@pytest.mark.parametrize("ts", [float("nan"), float("inf")])
+def test_a_proof_whose_timestamp_is_not_finite_is_malformed(ts):
+    """A NaN timestamp passed the window check (every comparison with NaN is False): such
+    a proof, made once by a holder of the secret, was good forever, and again and again
+    once its nonce was forgotten."""
+    checker = auth.ProofChecker("k")
+    proof = auth.make_proof("k", auth.BOOTSTRAP_PURPOSE, MSG, ts)
+    for now in (NOW, NOW + 1e6):
+        with pytest.raises(auth.AuthError, match="malformed proof"):
+            checker.check(proof, auth.BOOTSTRAP_PURPOSE, MSG, now)
+    assert checker.num_remembered == 0
+
+
 def test_nonces_are_forgotten_only_when_no_clock_in_the_window_can_accept_them():
     checker = auth.ProofChecker("k", window_s=30.0)
     proof = auth.make_proof("k", auth.BOOTSTRAP_PURPOSE, MSG, NOW)
