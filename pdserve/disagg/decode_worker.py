@@ -476,6 +476,7 @@ class DecodeWorkerHooks(WorkerHooks):
                 backend=self.transport.name,
                 epoch=self.epoch,
                 transfer_meta=self.transport.handshake_meta(),
+                prefill_endpoint=endpoint,
             )
             peer.handshake = kv_auth.sign(self.cfg.disagg_secret, handshake, time.time())
             self._send(peer, peer.handshake)

@@ -29,10 +29,14 @@ def sign(secret: str | None, handshake: m.Handshake, now: float) -> m.Handshake:
     )
 
 
-def check(checker: auth.ProofChecker | None, handshake: m.Handshake, now: float) -> str | None:
-    """Prefill: why the handshake must be refused, or None."""
+def check(
+    checker: auth.ProofChecker | None, handshake: m.Handshake, now: float, endpoint: str | None
+) -> str | None:
+    """Prefill worker at KV `endpoint`: why the handshake must be refused, or None."""
     if checker is None:
         return None
+    if handshake.version != m.PROTOCOL_VERSION:  # its proof covers other bytes: not "secrets"
+        return f"protocol version mismatch: decode={handshake.version} prefill={m.PROTOCOL_VERSION}"
     if handshake.proof is None:
         checker.refuse("missing proof")
         return (
@@ -46,6 +50,14 @@ def check(checker: auth.ProofChecker | None, handshake: m.Handshake, now: float)
         )
     except auth.AuthError as exc:
         return f"KV handshake refused: {exc}"
+    # The proof names its prefill worker: one seen on the wire was accepted by every other
+    # worker of the secret once (each checker knows only its own nonces).
+    if handshake.prefill_endpoint != endpoint:
+        checker.refuse("wrong endpoint")
+        return (
+            f"KV handshake refused: it was made for prefill worker "
+            f"{handshake.prefill_endpoint!r}, not this one ({endpoint})"
+        )
     return None
 
 

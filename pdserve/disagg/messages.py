@@ -16,7 +16,9 @@ from pdserve.engine.kv_layout import KVLayout
 # 5: cuda_ipc's IpcCopy carries page ids packed as int32 bytes.
 # 6: cuda_ipc pushes: decode grants pages with a completion slot, prefill writes and sets it.
 # 7: decode leases the rooms in its admission queue to prefill (RoomsQueued).
-PROTOCOL_VERSION = 7
+# 8: the handshake names the prefill endpoint decode dialled (covered by the proof: a new
+#    field in covered bytes, so an older signed handshake cannot pass; a bump says why).
+PROTOCOL_VERSION = 8
 
 
 class HandshakeProof(msgspec.Struct, frozen=True, kw_only=True):
@@ -36,6 +38,9 @@ class Handshake(msgspec.Struct, tag=True, kw_only=True):
     version: int = PROTOCOL_VERSION
     backend: str = "zmq"  # both sides must move bytes the same way
     transfer_meta: bytes = b""  # the backend's KVTransport.handshake_meta (NIXL: agent metadata)
+    # The KV endpoint decode dialled: under the proof, so a handshake seen on the wire is
+    # good at that prefill worker only, never replayed to another (kv_auth.check).
+    prefill_endpoint: str = ""
     proof: HandshakeProof | None = None  # set when decode has a disagg secret
 
     def mismatch(self, backend: str, layout: KVLayout) -> str | None:

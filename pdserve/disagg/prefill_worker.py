@@ -251,7 +251,7 @@ class PrefillWorkerHooks(WorkerHooks):
         return []
 
     def _on_handshake(self, peer: object, msg: m.Handshake, now: float) -> list[ReqOutput]:
-        error = kv_auth.check(self.checker, msg, time.time())
+        error = kv_auth.check(self.checker, msg, time.time(), self.transport.endpoint)
         if error is not None:
             log.warning("prefill: refused the KV handshake of %s: %s", msg.decode_id, error)
         else:

@@ -20,15 +20,20 @@ LAYOUT = KVLayout(
 )
 
 
+ENDPOINT = "tcp://10.0.0.1:5000"
+
+
 def _handshake() -> m.Handshake:
-    return m.Handshake(decode_id="decode-0", layout=LAYOUT, backend="zmq")
+    return m.Handshake(
+        decode_id="decode-0", layout=LAYOUT, backend="zmq", prefill_endpoint=ENDPOINT
+    )
 
 
 def _round_trip(decode_secret, prefill_secret, now=NOW):
     sent = kv_auth.sign(decode_secret, _handshake(), NOW)
     wire = m.decode(m.encode(sent))
     checker = ProofChecker(prefill_secret) if prefill_secret else None
-    error = kv_auth.check(checker, wire, now)
+    error = kv_auth.check(checker, wire, now, ENDPOINT)
     result = kv_auth.answer(checker, wire, m.HandshakeResult(ok=error is None, error=error))
     answer = m.decode(m.encode(result))
     return error, kv_auth.check_answer(decode_secret, sent, answer), checker
@@ -64,14 +69,36 @@ def test_decode_refuses_a_prefill_that_cannot_prove_the_secret():
 def test_a_replayed_handshake_is_refused():
     checker = ProofChecker("s")
     wire = m.encode(kv_auth.sign("s", _handshake(), NOW))
-    assert kv_auth.check(checker, m.decode(wire), NOW) is None
-    assert "replayed" in kv_auth.check(checker, m.decode(wire), NOW + 1)
+    assert kv_auth.check(checker, m.decode(wire), NOW, ENDPOINT) is None
+    assert "replayed" in kv_auth.check(checker, m.decode(wire), NOW + 1, ENDPOINT)
+
+
+def test_a_handshake_is_good_only_at_the_prefill_worker_it_names():
+    """Each prefill worker's checker knows only its own nonces: a handshake seen on the wire
+    was accepted once more by every other worker of the secret (another DP rank, another
+    prefill server) within the 30 s window."""
+    wire = m.encode(kv_auth.sign("s", _handshake(), NOW))
+    assert kv_auth.check(ProofChecker("s"), m.decode(wire), NOW, ENDPOINT) is None
+    other = ProofChecker("s")
+    error = kv_auth.check(other, m.decode(wire), NOW, "tcp://10.0.0.1:5001")
+    assert "made for prefill worker 'tcp://10.0.0.1:5000'" in error, error
+    assert other.refused == {"wrong endpoint": 1}
+    moved = msgspec.structs.replace(m.decode(wire), prefill_endpoint="tcp://10.0.0.1:5001")
+    assert "secrets differ" in kv_auth.check(other, moved, NOW, "tcp://10.0.0.1:5001")
+
+
+def test_an_older_decode_is_told_its_version_not_that_the_secrets_differ():
+    """Version 8 put prefill_endpoint under the proof: an older decode's proof covers other
+    bytes, which read as 'the disagg secrets differ'."""
+    older = msgspec.structs.replace(_handshake(), version=m.PROTOCOL_VERSION - 1)
+    error = kv_auth.check(ProofChecker("s"), kv_auth.sign("s", older, NOW), NOW, ENDPOINT)
+    assert error == f"protocol version mismatch: decode=7 prefill={m.PROTOCOL_VERSION}"
 
 
 def test_a_handshake_altered_in_flight_is_refused():
     sent = kv_auth.sign("s", _handshake(), NOW)
     altered = msgspec.structs.replace(sent, decode_id="evil")
-    assert "secrets differ" in kv_auth.check(ProofChecker("s"), altered, NOW)
+    assert "secrets differ" in kv_auth.check(ProofChecker("s"), altered, NOW, ENDPOINT)
 
 
 def test_a_routable_bind_without_the_secret_is_warned_about():
@@ -93,9 +120,9 @@ def test_the_proof_covers_the_transfer_metadata_both_ways():
     """NIXL agent metadata rides in the handshake: swapping it breaks the proof."""
     sent = kv_auth.sign("s", _handshake(), NOW)
     tampered = msgspec.structs.replace(sent, transfer_meta=b"another agent")
-    assert "secrets differ" in kv_auth.check(ProofChecker("s"), tampered, NOW)
+    assert "secrets differ" in kv_auth.check(ProofChecker("s"), tampered, NOW, ENDPOINT)
     checker = ProofChecker("s")
-    assert kv_auth.check(checker, sent, NOW) is None
+    assert kv_auth.check(checker, sent, NOW, ENDPOINT) is None
     result = m.HandshakeResult(ok=True, transfer_meta=b"prefill agent")
     answer = kv_auth.answer(checker, sent, result)
     forged = msgspec.structs.replace(answer, transfer_meta=b"someone else")

@@ -4,10 +4,16 @@ is counted on prefill, and leaves no page behind."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 
+import msgspec
 import pytest
+import zmq
 
+from pdserve.disagg import kv_auth
+from pdserve.disagg import messages as m
+from pdserve.engine.kv_layout import KVLayout
 from tests.disagg.conftest import TINY, PDFactory
 from tests.disagg.pd_driver import metric_value, pd_generate, wait_idle
 from tests.helpers import http_json, launch_server
@@ -81,3 +87,47 @@ def test_a_decode_with_the_wrong_secret_cannot_write_to_the_bootstrap_server(ser
         metric_value(url, "pdserve_bootstrap_auth_refusals_total", {"reason": "wrong proof"}) >= 1
     )
     wait_idle([url, servers["decode_wrong"].url], timeout_s=PREFILL_DEADLINE_S + 10)
+
+
+@pytest.fixture(scope="module")
+def prefill_dp2() -> Iterator:
+    factory = PDFactory()
+    try:
+        yield factory.prefill(dp_size=2, args=["--disagg-secret", SECRET])
+    finally:
+        factory.stop_all()
+
+
+def _handshake_answer(endpoint: str, wire: bytes) -> m.HandshakeResult:
+    """Send `wire` to a prefill worker's KV endpoint as a bare ZeroMQ peer; its answer."""
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    try:
+        sock.connect(endpoint)
+        sock.send(wire)
+        assert sock.poll(10_000), f"no handshake answer from {endpoint}"
+        answer = m.decode(sock.recv())
+        assert isinstance(answer, m.HandshakeResult), answer
+        return answer
+    finally:
+        sock.close()
+
+
+def test_a_handshake_seen_on_the_wire_is_refused_by_the_other_prefill_workers(prefill_dp2):
+    """Decode's signed handshake to worker 0, sent again by someone else to worker 1 (each
+    worker remembers only its own nonces), was accepted there: the proof now names the
+    worker. `backend` is one prefill refuses after the proof, so the answer tells whether
+    the proof passed without opening a data connection."""
+    url = f"http://127.0.0.1:{prefill_dp2.bootstrap_port}/route?prefill_dp_rank="
+    workers = [http_json("GET", url + str(rank))[1] for rank in (0, 1)]
+    layout = msgspec.convert(workers[0], KVLayout)
+    handshake = m.Handshake(
+        decode_id="decode-seen", layout=layout, backend="other",
+        prefill_endpoint=workers[0]["kv_endpoint"],
+    )  # fmt: skip
+    wire = m.encode(kv_auth.sign(SECRET, handshake, time.time()))
+    first = _handshake_answer(workers[0]["kv_endpoint"], wire)
+    assert "transfer backend mismatch" in first.error, first.error  # the proof passed
+    again = _handshake_answer(workers[1]["kv_endpoint"], wire)
+    assert not again.ok and "KV handshake refused" in again.error, again.error
+    assert f"made for prefill worker {workers[0]['kv_endpoint']!r}" in again.error
