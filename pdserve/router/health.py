@@ -18,6 +18,9 @@ class HealthState:
         self.failure_threshold = failure_threshold
         self.success_threshold = success_threshold
         self.healthy = healthy
+        # Why checks fail, when no retry heals it (a refused API key, another role): said
+        # in the 503s and /readiness while the worker is out, so a client learns the cause.
+        self.stuck_reason: str | None = None
         self._failures_in_row = 0
         self._successes_in_row = 0
 

@@ -24,6 +24,14 @@ CHECK_ERRORS = (HttpError, RuntimeError, ValueError)  # ValueError: bad JSON or 
 KEY_REFUSED_STATUSES = (401, 403)
 
 
+def stuck_reason(worker: Worker, exc: Exception) -> str | None:
+    """What a failed check says that no retry heals, or None."""
+    status = getattr(exc, "status", None)
+    if status in KEY_REFUSED_STATUSES:
+        return f"{worker.url} refused the router's API key (HTTP {status})"
+    return str(exc) if isinstance(exc, RoleMismatch) else None
+
+
 class RoleMismatch(ValueError):
     """A worker's /server_info names another mode than its role: it stays out of rotation."""
 
@@ -194,9 +202,11 @@ class Monitor:
                 await self.refresh_info(worker)
             self._key_refused.discard(worker.url)
             self._role_warned.discard(worker.url)
+            worker.health.stuck_reason = None
             return True
         except CHECK_ERRORS as exc:
             log.debug("health check of %s failed: %r", worker.url, exc)
+            worker.health.stuck_reason = stuck_reason(worker, exc)
             self._warn_key_refused(worker, exc)
             self._warn_role_mismatch(worker, exc)
             return False

@@ -14,7 +14,7 @@ from pdserve.router.kv_policy import Candidate, KVAware
 from pdserve.router.policy import Policy, make_policy
 from pdserve.router.prefix_table import Prompt
 from pdserve.router.rooms import RoomSource
-from pdserve.router.workers import Worker, WorkerRegistry
+from pdserve.router.workers import Worker, WorkerRegistry, stuck_reasons
 from pdserve.serving.cache_salt import CacheSaltError, body_salt_key
 
 
@@ -82,9 +82,9 @@ class PairChooser:
         them) an open circuit breaker, which the message alone used not to tell apart."""
         registered = self.registry.by_role(role)
         why = [f"{len(registered)} registered"]
-        unhealthy = sum(1 for w in registered if not w.health.healthy)
+        unhealthy = [w for w in registered if not w.health.healthy]
         if unhealthy:
-            why.append(f"{unhealthy} failing health checks")
+            why.append(f"{len(unhealthy)} failing health checks{stuck_reasons(unhealthy)}")
         held = [w for w in registered if w.health.healthy]  # out: their breaker is open
         if held:
             wait_s = min(max(w.breaker.open_until - now, 0.0) for w in held)

@@ -32,7 +32,7 @@ from pdserve.router.monitor import Monitor, RoleMismatch
 from pdserve.router.pairing import PairChooser
 from pdserve.router.prompt_tokens import PromptTokenizer
 from pdserve.router.proxy import Proxy, error_response
-from pdserve.router.workers import WorkerRegistry
+from pdserve.router.workers import WorkerRegistry, stuck_reasons
 from pdserve.serving.hooks import error_object
 
 log = logging.getLogger(__name__)
@@ -160,10 +160,11 @@ class Router:
             return error_response(503, "not ready: loading the servers' tokenizer")
         if self.registry.ready(time.monotonic()):
             return json_response({"status": "ready"})
+        out = [w for w in self.registry.all() if not w.health.healthy]
         return error_response(
             503,
             "not ready: need at least one healthy prefill and one "
-            "healthy decode server (or one plain worker)",
+            f"healthy decode server (or one plain worker){stuck_reasons(out)}",
         )
 
     async def metrics_route(self, request: Request) -> Response:

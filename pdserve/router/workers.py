@@ -119,6 +119,12 @@ class Worker:
         }
 
 
+def stuck_reasons(workers: Collection[Worker]) -> str:
+    """ ": <reason>; <reason>" for the workers out for a cause no retry heals, or ""."""
+    reasons = sorted({w.health.stuck_reason for w in workers if w.health.stuck_reason})
+    return ": " + "; ".join(reasons) if reasons else ""
+
+
 def _resized(per_rank: list[int], size: int) -> list[int]:
     return per_rank[:size] + [0] * (size - len(per_rank))
 

@@ -23,6 +23,7 @@ pytestmark = pytest.mark.timeout(300)
 KEY = "router-key-1"
 SECRET = "pd-secret-1"
 AUTH = {"Authorization": f"Bearer {KEY}"}
+AUTH_OTHER = {"Authorization": "Bearer another-key"}
 CHAT = {"messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 4, "temperature": 0}
 
 
@@ -91,9 +92,10 @@ def test_up_with_credentials_guards_every_process_and_bench_passes_the_key(tmp_p
         up.kill_everything()
 
 
-def test_a_router_whose_key_its_worker_refuses_says_so_in_its_log(server_factory):
+def test_a_router_whose_key_its_worker_refuses_says_so_in_its_log_and_its_503s(server_factory):
     """The worker stays out of rotation; the reason was logged at debug level only, so
-    clients got 503 'no healthy server' and the router's log said nothing."""
+    clients got 503 'no healthy server' and the router's log said nothing; then the log
+    said it, but the 503s still did not."""
     server = server_factory(["--model-path", "tiny-random", "--api-key", KEY])
     router_argv = ["--worker", server.url, "--api-key", "another-key"]
     router = server_factory([*router_argv, "--health-check-interval-s", "0.2"], subcommand="router")
@@ -103,8 +105,13 @@ def test_a_router_whose_key_its_worker_refuses_says_so_in_its_log(server_factory
     answer = requests.post(
         f"{router.url}/v1/completions",
         json={"prompt": "hi", "max_tokens": 1},
-        headers={"Authorization": "Bearer another-key"},
+        headers=AUTH_OTHER,
         timeout=30,
     )
     assert answer.status_code == 503, answer.text
     assert router.output().count("refused the router's API key") == 1  # once, not per check
+    # The client is told the cause too: the 503 said only "1 failing health checks".
+    cause = f"{server.url} refused the router's API key (HTTP 401)"
+    assert cause in answer.json()["error"]["message"], answer.text
+    ready = requests.get(f"{router.url}/readiness", headers=AUTH_OTHER, timeout=10)
+    assert ready.status_code == 503 and cause in ready.json()["error"]["message"], ready.text
