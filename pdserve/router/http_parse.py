@@ -5,6 +5,7 @@ status a bad request gets."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import httptools
@@ -20,6 +21,15 @@ class ParseError(ValueError):
     def __init__(self, message: str, status: int = 400):
         super().__init__(message)
         self.status = status
+
+
+class Refused(ParseError):
+    """The head's credentials were refused (`RequestParser`'s `allows`): answered with the
+    server's 401, without reading the body."""
+
+
+# (target, headers) -> whether the request may go on to its body and handler.
+HeadCheck = Callable[[str, Headers], bool]
 
 
 def find_header(headers: Headers, name: bytes) -> bytes | None:
@@ -86,13 +96,15 @@ class RequestParser(_Parser):
     returns the requests completed by `data`; bytes that are not a request set `error` (with
     the status to answer) and end the parsing, the requests before them still returned.
     `expects_continue` turns True when a head with `Expect: 100-continue` has come (the
-    client waits before sending the body): the caller answers 100 and sets it back."""
+    client waits before sending the body): the caller answers 100 and sets it back.
+    `allows`, given, sees every head first: a head it refuses is a `Refused` error."""
 
-    def __init__(self, max_body_bytes: int):
+    def __init__(self, max_body_bytes: int, allows: HeadCheck | None = None):
         self._url: list[bytes] = []
         self.on_url = self._url.append
         super().__init__(httptools.HttpRequestParser)
         self.max_body_bytes = max_body_bytes
+        self.allows = allows
         self.expects_continue = False
         self.partial = False  # part of a request has come, not all of it
         self.error: ParseError | None = None
@@ -134,6 +146,10 @@ class RequestParser(_Parser):
         if version != "1.1" and version != "1.0":
             self._fail(ParseError(f"HTTP/{version} is not supported", 505))
         self._http11 = version == "1.1"
+        if self.allows is not None and not self.allows(self._target(), self.headers):
+            # Before the body: a client without credentials must not make us hold one
+            # (up to max_body_bytes per connection), nor be invited by a 100 Continue.
+            self._fail(Refused("credentials refused", 401))
         for name, value in self.headers.items():
             if len(name) in _CHECKED_LENGTHS:
                 self._check_header(name.lower(), value)
@@ -154,14 +170,17 @@ class RequestParser(_Parser):
             self._fail(ParseError(f"body of over {self.max_body_bytes} bytes", 413))
         self._body.append(body)
 
+    def _target(self) -> str:
+        url = self._url[0] if len(self._url) == 1 else b"".join(self._url)
+        return url.decode("latin-1")
+
     def on_message_complete(self) -> None:
         llhttp = self._llhttp
-        url = self._url[0] if len(self._url) == 1 else b"".join(self._url)
         body = self._body[0] if len(self._body) == 1 else b"".join(self._body)
         self._done.append(
             ParsedRequest(
                 llhttp.get_method().decode("latin-1"),
-                url.decode("latin-1"),
+                self._target(),
                 self.headers.copy(),
                 body,
                 self._http11,

@@ -12,13 +12,21 @@ import logging
 import socket
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl
 
 import msgspec
 
 from pdserve.router.http_connection import WriteFlow
-from pdserve.router.http_parse import ParsedRequest, ParseError, RequestParser, find_header
+from pdserve.router.http_parse import (
+    HeadCheck,
+    ParsedRequest,
+    ParseError,
+    Refused,
+    RequestParser,
+    find_header,
+)
 from pdserve.serving.hooks import error_object
 
 log = logging.getLogger(__name__)
@@ -121,6 +129,15 @@ class StreamResponse:
 Handler = Callable[[Request], Awaitable[Response | StreamResponse]]
 
 
+@dataclass(frozen=True)
+class HeadGuard:
+    """Credentials checked on each request's head, before its body is read: `refusal()`
+    answers a head `allows` refuses, and the connection closes (its body never read)."""
+
+    allows: HeadCheck
+    refusal: Callable[[], Response]
+
+
 class HttpServer:
     """Routes by path, then method: `routes[path][method] = handler`; a path ending in
     `/*` takes every longer path that starts with what precedes the `*`."""
@@ -130,8 +147,10 @@ class HttpServer:
         routes: dict[str, dict[str, Handler]],
         max_body_bytes: int,
         idle_timeout_s: float = IDLE_TIMEOUT_S,
+        guard: HeadGuard | None = None,
     ):
         self.routes = routes
+        self.guard = guard
         self._prefixed = [
             (path[:-1], methods) for path, methods in routes.items() if path[-2:] == "/*"
         ]
@@ -177,7 +196,8 @@ class ServerConnection(WriteFlow):
         self.server = server
         self.transport: asyncio.Transport | None = None
         self.task: asyncio.Task | None = None  # answering the queue's requests
-        self._parser = RequestParser(server.max_body_bytes)
+        guard = server.guard
+        self._parser = RequestParser(server.max_body_bytes, guard.allows if guard else None)
         # Requests to answer in order; a ParseError last, answered before the close.
         self._queue: collections.deque[ParsedRequest | ParseError] = collections.deque()
         self._closing = False  # answer what is in progress, then close
@@ -260,9 +280,7 @@ class ServerConnection(WriteFlow):
             while self._queue and self.transport is not None:
                 parsed = self._queue.popleft()
                 if isinstance(parsed, ParseError):
-                    await self.write(
-                        _encode(_error(parsed.status, f"bad request: {parsed}"), False)
-                    )
+                    await self.write(_encode(self._refusal(parsed), False))
                     self.hang_up()
                     return
                 if self.transport is not None and len(self._queue) == MAX_PIPELINED:
@@ -279,6 +297,12 @@ class ServerConnection(WriteFlow):
             self.task = None
             if self.transport is not None and not self.transport.is_closing():
                 self._start_idle_timer()
+
+    def _refusal(self, error: ParseError) -> Response:
+        guard = self.server.guard
+        if isinstance(error, Refused) and guard is not None:
+            return guard.refusal()
+        return _error(error.status, f"bad request: {error}")
 
     async def _answer(self, parsed: ParsedRequest) -> bool:
         """Run the handler and write its answer; whether the connection stays open."""

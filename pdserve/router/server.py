@@ -18,8 +18,10 @@ from pdserve.router.config import RouterConfig, WorkerSpec
 from pdserve.router.content_coding import ACCEPT_ENCODING, UnsupportedCoding, decoded_body
 from pdserve.router.fanout import flush_cache, get_load, health_generate
 from pdserve.router.http_client import HttpError
+from pdserve.router.http_parse import Headers, find_header
 from pdserve.router.http_server import (
     Handler,
+    HeadGuard,
     HttpServer,
     Request,
     Response,
@@ -103,14 +105,33 @@ class Router:
         async def guarded(request: Request) -> Response | StreamResponse:
             if bearer_ok(request.header("Authorization"), key):
                 return await handler(request)
-            self.metrics.auth_refusals.inc()
-            # The servers' answer, type and challenge included (clients tell a key problem by
-            # the type; RFC 9110 11.6.1: a 401 names the scheme it wants).
-            message = "missing or wrong API key: send 'Authorization: Bearer <key>'"
-            error = error_object(401, message, "authentication_error")
-            return json_response({"error": error}, 401, {"WWW-Authenticate": "Bearer"})
+            return self._refusal()
 
         return guarded
+
+    def head_guard(self) -> HeadGuard | None:
+        """With --api-key: the key checked on each request's head, before its body is read
+        (the handlers check it again). A client without it made the router read and hold a
+        body of up to MAX_BODY_BYTES per connection before its 401, and got 100 Continue."""
+        key = self.config.api_key
+        if not key:
+            return None
+
+        def allows(target: str, headers: Headers) -> bool:
+            if target.partition("?")[0] in OPEN_PATHS:
+                return True
+            value = find_header(headers, b"authorization")
+            return bearer_ok(None if value is None else value.decode("latin-1"), key)
+
+        return HeadGuard(allows, self._refusal)
+
+    def _refusal(self) -> Response:
+        self.metrics.auth_refusals.inc()
+        # The servers' answer, type and challenge included (clients tell a key problem by
+        # the type; RFC 9110 11.6.1: a 401 names the scheme it wants).
+        message = "missing or wrong API key: send 'Authorization: Bearer <key>'"
+        error = error_object(401, message, "authentication_error")
+        return json_response({"error": error}, 401, {"WWW-Authenticate": "Bearer"})
 
     def start(self) -> None:
         if self.prompt_tokenizer is not None:
@@ -290,7 +311,7 @@ async def _serve_metrics(router: Router) -> HttpServer | None:
     if c.prometheus_port is None:
         return None
     routes = router._guarded({"/metrics": {"GET": router.metrics_route}})
-    server = HttpServer(routes, max_body_bytes=0)
+    server = HttpServer(routes, max_body_bytes=0, guard=router.head_guard())
     await server.start(c.prometheus_host, c.prometheus_port)
     return server
 
@@ -306,7 +327,7 @@ def tune_gc() -> None:
 async def serve(config: RouterConfig) -> None:
     """Run the router until SIGINT or SIGTERM."""
     router = Router(config)
-    server = HttpServer(router.routes(), MAX_BODY_BYTES)
+    server = HttpServer(router.routes(), MAX_BODY_BYTES, guard=router.head_guard())
     await server.start(config.host, config.port, backlog=2048)
     router.start()
     metrics_server = await _serve_metrics(router)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import requests
 
+from tests.helpers import raw_exchange
 from tests.router.conftest import router_args
 
 pytestmark = pytest.mark.timeout(120)
@@ -24,6 +25,27 @@ def test_a_401_names_the_bearer_scheme_it_wants(stubs, server_factory):
             assert resp.json()["error"]["type"] == "authentication_error"
     ok = requests.get(router.url + "/workers", headers={"Authorization": f"Bearer {KEY}"})
     assert ok.status_code == 200 and "WWW-Authenticate" not in ok.headers
+
+
+@pytest.mark.parametrize("expect", [b"", b"Expect: 100-continue\r\n"], ids=["plain", "expect"])
+def test_a_request_without_the_key_is_refused_from_its_head(stubs, server_factory, expect):
+    """The 401 came only once the whole body was in: a client without the key could make
+    the router read and hold up to 512 MiB per connection (and was sent 100 Continue). Now
+    it comes on the head alone, with the usual body and challenge, and the connection
+    closes (the body is never read)."""
+    args = router_args([(stubs["p1"].url, 8998)], [stubs["d1"].url])
+    router = server_factory([*args, "--api-key", KEY], subcommand="router")
+    for auth in (b"", b"Authorization: Bearer wrong\r\n"):
+        head = (
+            b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 400000000\r\n" + expect + auth + b"\r\n"
+        )
+        answer = raw_exchange(router.url, head + b'{"text": "', timeout_s=20)
+        status_line, _, rest = answer.partition(b"\r\n")
+        assert status_line == b"HTTP/1.1 401 Unauthorized", answer[:300]
+        assert b"100 Continue" not in answer and b"WWW-Authenticate: Bearer\r\n" in rest
+        assert b'"type":"authentication_error"' in rest, rest
+    assert stubs["p1"].log()["bodies"] == [] and stubs["d1"].log()["bodies"] == []
 
 
 def test_a_body_coded_br_is_a_415_without_a_leg(stubs, router_factory):
