@@ -20,6 +20,7 @@ from pdserve.auth import ProofChecker, is_loopback
 from pdserve.disagg.bootstrap_client import bootstrap_url, post_room_failure
 from pdserve.disagg.bootstrap_registry import BootstrapRegistry, ServerInfo
 from pdserve.disagg.bootstrap_server import start_bootstrap_server
+from pdserve.disagg.messages import PROTOCOL_VERSION
 from pdserve.disagg.metrics import DisaggMetrics, failure_kind
 from pdserve.disagg.peer_info import PeerDirectory, StalePrefillInfo
 from pdserve.disagg.rank_resolver import (
@@ -419,6 +420,11 @@ class DecodeFrontendHooks(_PDFrontendHooks):
         room = req.disagg.room
         own = self.controller.ready[dp_rank].kv_layout
         mismatch = info.layout().mismatch(own) if own is not None else None
+        if info.protocol_version != PROTOCOL_VERSION:  # its workers' answers would not parse
+            mismatch = (
+                f"protocol_version: prefill={info.protocol_version} decode={PROTOCOL_VERSION} "
+                "(run the same pdserve version on both)"
+            )
         if mismatch:
             raise _InfoRefusal(500, f"prefill server at {url} is incompatible: {mismatch}")
         summary = PrefillServerInfo(

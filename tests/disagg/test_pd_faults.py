@@ -6,17 +6,22 @@ a module's pair (rooms never repeat); tests that kill or misconfigure one start 
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
+import http.server
+import json
 import os
 import random
 import signal
 import socket
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import pytest
 import requests
 import zmq
 
+from pdserve.disagg.messages import PROTOCOL_VERSION
 from tests.disagg.conftest import BACKENDS, Prefill, backend_args
 from tests.disagg.pd_driver import (
     metric_value,
@@ -244,6 +249,56 @@ def test_incompatible_page_size_fails_with_both_values(pd, pair):
         and "8" in result.decode.error
         and "16" in result.decode.error
     )
+    wait_idle([decode.url])
+
+
+@contextlib.contextmanager
+def older_bootstrap(bootstrap_port: int) -> Iterator[int]:
+    """A bootstrap server on a free port of its own that answers GET /route as the real one
+    at `bootstrap_port` does, but for a prefill server one protocol version older (a rolling
+    upgrade's half-way state); every other request is a 404. Yields its port."""
+    real = f"http://127.0.0.1:{bootstrap_port}"
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            if self.path.split("?")[0] != "/route":
+                return self.send_error(404)
+            answer = requests.get(real + self.path, timeout=10).json()
+            answer["protocol_version"] = PROTOCOL_VERSION - 1
+            data = json.dumps(answer).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            self.send_error(404)
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server.server_address[1]
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_prefill_of_another_protocol_version_is_refused_at_once_naming_both(pair):
+    """Its worker registrations would not parse here: decode asked for them again until the
+    bootstrap deadline (30 s), then failed with no word of the versions."""
+    prefill, decode = pair
+    with older_bootstrap(prefill.bootstrap_port) as port:
+        resp = _decode_only(decode.url, port, room=random_room())
+    error = resp.json()["error"]
+    assert resp.status_code == 500, resp.text
+    expected = f"protocol_version: prefill={PROTOCOL_VERSION - 1} decode={PROTOCOL_VERSION}"
+    assert expected in error["message"] and "origin" not in error, resp.text
     wait_idle([decode.url])
 
 
