@@ -6,6 +6,7 @@ leased to their prefill workers meanwhile (docs/protocol.md section 5.2).
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field
 
 from pdserve.disagg import messages as m
@@ -48,6 +49,23 @@ class DecodeRoom:
 
     def move(self, dst: RoomState) -> None:
         self.state = transition(self.room, self.state, dst)
+
+    def first_output_stats(self, now: float) -> dict:
+        """The fields of its first output (the KV arrived at `now`) that time the transfer."""
+        return {
+            "kv_bytes": self.kv_bytes,
+            "kv_transfer_s": now - self.page_list_sent_at,
+            "stage_s": {
+                # handshake, prefill rank and free pages, until the page list left
+                "decode_bootstrap": self.page_list_sent_at - self.arrived_at,
+                # prefill's compute and send, seen from here
+                "decode_kv_wait": now - self.page_list_sent_at,
+                # to the first token's output
+                "decode_total": time.monotonic() - self.arrived_at,
+            },
+            "decode_cached_tokens": self.num_cached_tokens,
+            "kv_relay_s": self.relay_s,
+        }
 
 
 @dataclass

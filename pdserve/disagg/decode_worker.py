@@ -19,6 +19,7 @@ from pdserve.disagg.config import DisaggConfig
 from pdserve.disagg.decode_room import AdmissionQueue, DecodeRoom, Peer
 from pdserve.disagg.delta import prompt_digest
 from pdserve.disagg.rooms import IllegalRoomTransition, RoomState, error_output
+from pdserve.disagg.stall import StallClock
 from pdserve.disagg.transfer.base import (
     Event,
     KVReceived,
@@ -54,6 +55,7 @@ class DecodeWorkerHooks(WorkerHooks):
         self.peers: dict[str, Peer] = {}
         self.peer_by_id: dict[object, Peer] = {}
         self._lost_endpoints: list[str] = []  # for the front end, until lost_kv_peers()
+        self.stall = StallClock(cfg.heartbeat_timeout_s)
 
     def num_rooms(self) -> int:
         return len(self.rooms)
@@ -125,6 +127,7 @@ class DecodeWorkerHooks(WorkerHooks):
 
     # -- the loop ------------------------------------------------------------------
     def poll(self, now: float) -> list[ReqOutput]:
+        self.stall.turn(now)
         outputs: list[ReqOutput] = []
         for event in self.transport.poll(0):
             try:
@@ -150,8 +153,8 @@ class DecodeWorkerHooks(WorkerHooks):
             # A restarted prefill worker knows nothing of us: handshake again next time.
             peer.handshake_ok, peer.handshake_sent = None, False
             reason = f"lost the connection to prefill worker {peer.endpoint}: {event.reason}"
-            rooms = sorted(peer.rooms)
-            return [out for room in rooms for out in self._fail(room, 503, reason, PREFILL)]
+            origin = self._peer_origin(now)
+            return [out for r in sorted(peer.rooms) for out in self._fail(r, 503, reason, origin)]
         if isinstance(event, KVReceived):
             return self._on_kv(peer, event)
         msg = event.msg
@@ -298,20 +301,7 @@ class DecodeWorkerHooks(WorkerHooks):
             return []
         outputs = [output_to_msg(s) for s in steps]
         if outputs:
-            outputs[0] = msgspec.structs.replace(
-                outputs[0],
-                kv_bytes=room.kv_bytes,
-                kv_transfer_s=now - room.page_list_sent_at,
-                stage_s={
-                    # handshake, prefill rank and free pages, until the page list left
-                    "decode_bootstrap": room.page_list_sent_at - room.arrived_at,
-                    # prefill's compute and send, seen from here
-                    "decode_kv_wait": now - room.page_list_sent_at,
-                    "decode_total": _now() - room.arrived_at,  # to the first token's output
-                },
-                decode_cached_tokens=room.num_cached_tokens,
-                kv_relay_s=room.relay_s,
-            )
+            outputs[0] = msgspec.structs.replace(outputs[0], **room.first_output_stats(now))
         return outputs
 
     # -- progress of one room --------------------------------------------------------
@@ -416,8 +406,13 @@ class DecodeWorkerHooks(WorkerHooks):
                     f"room {room.room} from prefill dp rank {room.prefill_dp_rank} "
                     f"({room.endpoint})"
                 )
-            outputs += self._fail(room.room, 504, reason)
+            outputs += self._fail(room.room, 504, reason, self._peer_origin(now))
         return outputs
+
+    def _peer_origin(self, now: float) -> str | None:
+        """Whose fault prefill's silence is (a lost connection, a handshake or KV not in by
+        its deadline): prefill's, unless this worker itself stood still lately."""
+        return None if self.stall.stalled_lately(now) else PREFILL
 
     # -- endings ---------------------------------------------------------------------
     def _fail(

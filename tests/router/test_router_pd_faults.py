@@ -243,3 +243,27 @@ def test_a_frozen_decode_worker_is_named_by_prefill_and_avoided_by_the_retry():
             wait_idle([prefill.url, d1.url, d2.url])
     finally:
         factory.stop_all()
+
+
+def test_a_frozen_prefill_worker_is_named_by_decode_and_avoided_by_the_retry():
+    """A prefill worker frozen: decode's KV handshake with it is not answered within
+    decode's --bootstrap-timeout-s (504), which decode marks `origin: prefill`, so the retry
+    avoids that prefill server and the other one serves the request. The 504 had no origin:
+    the retry avoided decode, the one server that answered, and cache_aware sent it back
+    to the frozen prefill until the retries ran out."""
+    factory = PDFactory()
+    try:
+        p1, p2 = factory.prefill(1), factory.prefill(1)
+        decode = factory.decode(1, ["--bootstrap-timeout-s", "2"])
+        args = router_args([(p.url, p.bootstrap_port) for p in (p1, p2)], [decode.url])
+        with start_router(args + ["--policy", "cache_aware"]) as router:
+            resp = generate_with_a_worker_frozen(router.url, p1.server.pid)
+            assert resp.status_code == 200, resp.text
+            legs = [
+                metric(router, "pdserve_router_worker_requests_total", worker=p.url)
+                for p in (p1, p2)
+            ]
+            assert legs == [1, 1]  # the first attempt went to the frozen one, the retry not
+            wait_idle([p1.url, p2.url, decode.url], timeout_s=30)
+    finally:
+        factory.stop_all()

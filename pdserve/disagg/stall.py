@@ -1,0 +1,26 @@
+"""Whether a PD worker's own loop stood still (the process stopped, or starved of CPU): the
+faults it then sees are likely its own. Pure; the worker's loop feeds it `now` each turn."""
+
+from __future__ import annotations
+
+
+class StallClock:
+    """The loop turns at least every 0.1 s (serving/worker.py's IDLE_POLL_MS), so a gap
+    between turns longer than `limit_s` (the KV heartbeat timeout) means this worker did
+    not run. For `limit_s` after such a gap its peer's silence (a lost KV connection, a
+    deadline on the peer that lapsed meanwhile) is this worker's fault, not the peer's:
+    a decode worker frozen past its KV wait blamed its sound prefill peer, and the
+    router's retry then avoided prefill and kept the frozen decode server."""
+
+    def __init__(self, limit_s: float):
+        self.limit_s = limit_s
+        self._last_turn: float | None = None
+        self._resumed_at: float | None = None
+
+    def turn(self, now: float) -> None:
+        if self._last_turn is not None and now - self._last_turn > self.limit_s:
+            self._resumed_at = now
+        self._last_turn = now
+
+    def stalled_lately(self, now: float) -> bool:
+        return self._resumed_at is not None and now - self._resumed_at <= self.limit_s
