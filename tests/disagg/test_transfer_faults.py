@@ -189,3 +189,43 @@ def test_queued_kv_for_a_vanished_peer_fails_its_handle_and_reports_peer_lost() 
     finally:
         receiver.close()
         sender.close()
+
+
+def test_a_peer_reconnecting_under_its_routing_id_takes_over_its_stale_connection(
+    victim: KVTransport,
+) -> None:
+    """A decode worker's connection to a stopped prefill worker dropped (missed heartbeats)
+    and ZeroMQ connected again under the same routing id, which prefill's ROUTER accepted
+    when it ran again while the old connection was still listed there. Refused as a
+    duplicate, the new connection stayed up (its heartbeats answered) but prefill could not
+    answer on it: every later KV handshake of that pair timed out, for good (a blame audit
+    with SIGSTOPped prefill workers). The new connection must take the routing id over."""
+    ctx = zmq.Context()
+    assert victim.endpoint is not None
+
+    def decode_side() -> zmq.Socket:
+        sock = ctx.socket(zmq.ROUTER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.ROUTING_ID, b"kv-decode")  # fixed for a socket's life
+        sock.setsockopt(zmq.CONNECT_ROUTING_ID, victim.endpoint.encode())
+        sock.connect(victim.endpoint)
+        return sock
+
+    def ping_answered(sock: zmq.Socket, seq: int) -> bool:
+        sock.send_multipart([victim.endpoint.encode(), m.encode(m.Ping(seq=seq))])
+        (ping,) = poll_until(victim, lambda ev: any(isinstance(e, Inbound) for e in ev), 5)
+        try:
+            victim.send(ping.peer, m.Ping(seq=seq + 1))
+        except PeerUnreachable:
+            return False
+        return bool(sock.poll(5000)) and m.decode(sock.recv_multipart()[1]) == m.Ping(seq + 1)
+
+    try:
+        old = decode_side()
+        assert ping_answered(old, 1)
+        new = decode_side()  # the reconnect, while the old connection is still listed
+        assert new.poll(200) == 0  # a moment for ZeroMQ to attach it: nothing comes
+        old.close()
+        assert ping_answered(new, 3)
+    finally:
+        ctx.destroy(linger=0)

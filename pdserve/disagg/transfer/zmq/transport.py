@@ -100,6 +100,11 @@ class ZmqTransport(ZmqSender, ZmqReceiver, DataPath, KVTransport):
         sock = self._ctx.socket(zmq.ROUTER)
         # Without MANDATORY a ROUTER silently drops what it cannot route or what exceeds HWM.
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        # A peer that connects again under its routing id (its old connection dropped while
+        # this worker was stopped, and is still listed here) takes it over: refused as a
+        # duplicate, the new connection stayed up, heartbeats answered, and nothing sent to
+        # that id arrived again.
+        sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
         sock.setsockopt(zmq.ROUTING_ID, b"kv-" + uuid.uuid4().hex.encode())
         sock.setsockopt(zmq.SNDHWM, self.options.send_hwm_msgs)
         sock.setsockopt(zmq.RCVHWM, self.options.recv_hwm_msgs)
