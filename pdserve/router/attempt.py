@@ -28,12 +28,14 @@ from pdserve.router.legs import (
     post,
     read_first_events,
     read_whole,
+    stream_event_error,
     unless_failed,
 )
 from pdserve.router.merge import (
     EchoStreamMerger,
     SSEBuffer,
     StreamMerger,
+    event_json,
     merge_echo_response,
     merge_response,
     prefill_echo_logprobs,
@@ -236,8 +238,10 @@ class Attempt:
         event. A decode failure now ends the client's stream with an error event (there is
         nothing left to retry)."""
         tail = b""
+        failed: LegError | None = None
         while True:
             if data:
+                failed = failed or self._error_event(data)
                 await out.write(data)
                 tail = data if len(data) >= len(DONE_EVENT) else (tail + data)[-len(DONE_EVENT) :]
                 if tail.endswith(DONE_EVENT):
@@ -259,8 +263,23 @@ class Attempt:
             await out.write(buf.rest())
         # No await between the client getting the last event and the answer ending here, so
         # a client that hangs up then cannot cancel a finished request.
-        self._decode_finished(ok=True)
+        self._decode_finished(ok=True if failed is None else self._decode_verdict(failed))
         await out.write_eof()
+
+    def _error_event(self, data: bytes) -> LegError | None:
+        """Decode's own error event among bytes forwarded past the point of no return (a
+        worker that exited mid-stream): the client gets it as it came, and decode its
+        verdict. It counted as a success on decode's breaker. An event split across two
+        reads is not seen (an error event is one small write)."""
+        if b'"error"' not in data:  # as read_whole: parse only when one may be an error
+            return None
+        for event in SSEBuffer().feed(data):
+            err = stream_event_error(self.decode, event_json(event))
+            if err is not None:
+                self.legs.count_leg_failure(err)
+                self.legs.count_failure(self.route, err.reason)
+                return err
+        return None
 
     def _decode_finished(self, ok: bool | None) -> None:
         if self._decode_done:

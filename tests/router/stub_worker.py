@@ -6,7 +6,7 @@ Each request's body may carry `"stub": {"<name>": {...}}` to script this worker:
 requests since the last reset, when given), `delay_s` (answer late), `hold` (wait until POST /stub/release {"gate": ...}),
 `chunks` (stream that many events), `hold_end` (hold the end of a stream's body, after its
 `[DONE]` event, until that gate opens), `die_after` (drop the connection after that many
-events), `prompt_lps` (prompt logprobs to report). POST /stub/control changes the server
+events), `error_after` (an error event after that many, then `[DONE]`), `prompt_lps` (prompt logprobs to report). POST /stub/control changes the server
 itself: its health status, load, DP size (as a restart would), `info_hold` (hold /server_info
 on that gate), `kv_events` (advertise KV events endpoints), `flush_status`. Everything
 received is logged for GET /stub/log. Run: python -m tests.router.stub_worker --port P --name p1 --role prefill
@@ -89,6 +89,10 @@ class Stub:
             if script.get("die_after") == i:
                 request.transport.close()  # an abrupt death mid-stream
                 return resp
+            if script.get("error_after") == i:  # the server's own error event, as pdserve's
+                error = {"message": f"{self.name} failed mid-stream", "code": 500}
+                await resp.write(b"data: " + json.dumps({"error": error}).encode() + b"\n\n")
+                break
             if i and script.get("hold_after_first"):
                 await asyncio.wait_for(self.gate(script["hold_after_first"]).wait(), 60)
             event = self.answer(body, script)

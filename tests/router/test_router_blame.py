@@ -84,3 +84,19 @@ def test_the_request_deadline_with_both_legs_silent_blames_decode(stubs, router_
     assert resp.status_code == 504, resp.text
     assert error["message"] == "decode server failed: no answer before the request deadline"
     assert error["worker"] == {"url": stubs["d1"].url, "role": "decode"}
+
+
+def test_a_decode_error_event_mid_stream_counts_against_decode(stubs, router_factory):
+    """Decode's own error event after the stream started (a worker that exited): the client
+    gets it as it came, and decode's breaker (one failure opens it here) counts it. It
+    counted as a success: a decode server failing every stream midway stayed in rotation."""
+    args = ["--cb-failure-threshold", "1", "--max-retries", "0"]
+    router = router_factory(router_args([(stubs["p1"].url, 8998)], [stubs["d1"].url]) + args)
+    body = {"text": "x", "stream": True, "stub": {"d1": {"chunks": 3, "error_after": 1}}}
+    resp = requests.post(f"{router.url}/generate", json=body, timeout=10)
+    assert resp.status_code == 200 and "d1 failed mid-stream" in resp.text, resp.text
+    workers = {w["url"]: w for w in requests.get(f"{router.url}/workers").json()["workers"]}
+    assert workers[stubs["d1"].url]["circuit"] == "open"
+    assert workers[stubs["p1"].url]["circuit"] == "closed"
+    failures = metric(router, "pdserve_router_worker_failures_total", worker=stubs["d1"].url)
+    assert failures == 1
