@@ -1,6 +1,6 @@
 """What a prefill worker knows of each room: the request from the front end, decode's page
 list, the pages the engine handed over and the send under way; and what it remembers of a
-failed room, to answer a page list that comes late.
+failed room, to answer a page list that comes late; which rooms' deadlines lapsed, and why.
 """
 
 from __future__ import annotations
@@ -110,4 +110,34 @@ def newly_unclaimed(rooms: list[PrefillRoom], now: float, timeout_s: float) -> l
             if room.deadline - now <= timeout_s - UNCLAIMED_AFTER_S:
                 room.reported_unclaimed = True
                 found.append(room.room)
+    return found
+
+
+@dataclass(frozen=True)
+class Lapse:
+    """A room whose wait for one side outlived its deadline: it fails with `reason` (504)."""
+
+    room: int
+    reason: str
+    for_decode: bool  # decode's page list never came (else the request never came)
+
+
+def lapsed(rooms: list[PrefillRoom], now: float, dp_rank: int, timeout_s: float) -> list[Lapse]:
+    """The rooms waiting for one side (WAITING_FOR_ONE_SIDE) whose deadline has passed."""
+    found = []
+    for room in rooms:
+        if room.state not in WAITING_FOR_ONE_SIDE or now < room.deadline:
+            continue
+        if room.state is RoomState.WAITING_FOR_REQUEST:
+            reason = (
+                f"prefill dp rank {dp_rank} never received the request for room "
+                f"{room.room} within {timeout_s:g}s"
+            )
+            found.append(Lapse(room.room, reason, for_decode=False))
+        else:  # decode did not take the KV: a stuck (e.g. frozen) decode worker
+            reason = (
+                f"timed out after {timeout_s:g}s waiting for decode's page list for room "
+                f"{room.room}"
+            )
+            found.append(Lapse(room.room, reason, for_decode=True))
     return found

@@ -397,20 +397,11 @@ class PrefillWorkerHooks(WorkerHooks):
         # Once both sides are here, decode's KV deadline and heartbeat govern; a vanished
         # decode shows up as PeerLost or PeerUnreachable when the KV is sent.
         waiting = [r for r in self.rooms.values() if r.state in WAITING_FOR_ONE_SIDE]
-        self._unclaimed += prefill_room.newly_unclaimed(waiting, now, self.cfg.bootstrap_timeout_s)
-        for room in [r for r in waiting if now >= r.deadline]:
-            if room.state is RoomState.WAITING_FOR_REQUEST:
-                reason = (
-                    f"prefill dp rank {self.dp_rank} never received the request for room "
-                    f"{room.room} within {self.cfg.bootstrap_timeout_s:g}s"
-                )
-                outputs += self._fail_room(room.room, 504, reason, now)
-                continue
-            reason = (  # decode did not take the KV: a stuck (e.g. frozen) decode worker
-                f"timed out after {self.cfg.bootstrap_timeout_s:g}s waiting for decode's "
-                f"page list for room {room.room}"
-            )
-            outputs += self._fail_room(room.room, 504, reason, now, origin=DECODE_ORIGIN)
+        timeout_s = self.cfg.bootstrap_timeout_s
+        self._unclaimed += prefill_room.newly_unclaimed(waiting, now, timeout_s)
+        for lapse in prefill_room.lapsed(waiting, now, self.dp_rank, timeout_s):
+            origin = DECODE_ORIGIN if lapse.for_decode else None
+            outputs += self._fail_room(lapse.room, 504, lapse.reason, now, origin=origin)
         for room_id in [r for r, f in self.failed.items() if now >= f.expires_at]:
             del self.failed[room_id]
         self.forwards.expire(now)
