@@ -22,6 +22,7 @@ from pdserve.disagg.prefill_gate import PrefillGate
 from pdserve.disagg.prefill_room import WAITING_FOR_ONE_SIDE, FailedRoom, PrefillRoom
 from pdserve.disagg.room_relay import ForwardTable
 from pdserve.disagg.rooms import IllegalRoomTransition, RoomState, error_output
+from pdserve.disagg.stall import StallClock
 from pdserve.disagg.transfer.base import Inbound, KVTransport, PagesSettled, PeerLost
 from pdserve.engine.page_pool import pages_for
 from pdserve.engine.request import FinishReason, StepOutput
@@ -54,6 +55,7 @@ class PrefillWorkerHooks(WorkerHooks):
         self._unclaimed: list[int] = []  # for the front end, until unclaimed_rooms()
         max_request_pages = pages_for(engine.max_context_len, engine.page_size)
         self.gate = PrefillGate(engine.num_total_pages, max_request_pages)
+        self.stall = StallClock(cfg.heartbeat_timeout_s)
 
     @property
     def kv_endpoint(self) -> str | None:
@@ -155,6 +157,7 @@ class PrefillWorkerHooks(WorkerHooks):
 
     # -- the loop ------------------------------------------------------------------
     def poll(self, now: float) -> list[ReqOutput]:
+        self.stall.turn(now)
         outputs = self._on_events(self.transport.poll(0), now)
         outputs += self._finish_sent(now)
         outputs += self._deadlines(now)
@@ -276,14 +279,14 @@ class PrefillWorkerHooks(WorkerHooks):
             return []
         log.warning("decode %s restarted: epoch %d -> %d", msg.decode_id, old, msg.epoch)
         reason = f"decode server {msg.decode_id} restarted (new epoch) before reading the KV"
-        lost = [r.room for r in self.rooms.values() if r.peer in stale]
-        return self._fail_for_decode(lost, 503, reason, now)
+        lost = [r.room for r in self.rooms.values() if r.peer in stale]  # decode's doing
+        return self._fail_for_decode(lost, 503, reason, now, DECODE_ORIGIN)
 
     def _on_peer_lost(self, event: PeerLost, now: float) -> list[ReqOutput]:
         self.decode_peers.lost(event.peer)
         reason = f"lost the connection to decode: {event.reason}"
         lost = [r.room for r in self.rooms.values() if r.peer == event.peer]
-        return self._fail_for_decode(lost, 503, reason, now)
+        return self._fail_for_decode(lost, 503, reason, now, self._decode_origin(now))
 
     def _on_page_list(self, peer: object, msg: m.PageList, now: float) -> list[ReqOutput]:
         if peer not in self.decode_peers and msg.room not in self.failed:
@@ -357,9 +360,8 @@ class PrefillWorkerHooks(WorkerHooks):
                 room.peer, room.room, src_page_ids, list(room.dst_page_ids), status
             )
         except Exception as exc:  # the decode peer vanished
-            return self._fail_for_decode(
-                [room.room], 503, f"sending KV to decode failed: {exc}", now
-            )
+            reason = f"sending KV to decode failed: {exc}"
+            return self._fail_for_decode([room.room], 503, reason, now, self._decode_origin(now))
         return []
 
     def _finish_sent(self, now: float) -> list[ReqOutput]:
@@ -400,7 +402,7 @@ class PrefillWorkerHooks(WorkerHooks):
         timeout_s = self.cfg.bootstrap_timeout_s
         self._unclaimed += prefill_room.newly_unclaimed(waiting, now, timeout_s)
         for lapse in prefill_room.lapsed(waiting, now, self.dp_rank, timeout_s):
-            origin = DECODE_ORIGIN if lapse.for_decode else None
+            origin = self._decode_origin(now) if lapse.for_decode else None
             outputs += self._fail_room(lapse.room, 504, lapse.reason, now, origin=origin)
         for room_id in [r for r, f in self.failed.items() if now >= f.expires_at]:
             del self.failed[room_id]
@@ -423,12 +425,17 @@ class PrefillWorkerHooks(WorkerHooks):
         return [error_output(rid, status, reason, origin)] if rid is not None else []
 
     def _fail_for_decode(
-        self, room_ids: list[int], status: int, reason: str, now: float
+        self, room_ids: list[int], status: int, reason: str, now: float, origin: str | None
     ) -> list[ReqOutput]:
         """Fail rooms their decode peer failed (lost, restarted, unreachable): no one to
-        tell now; its fault, on our error and on the answer to a late page list."""
+        tell now; `origin` (whose fault) on our error and on the answer to a late page list."""
         fail = self._fail_room
-        return [o for r in room_ids for o in fail(r, status, reason, now, False, DECODE_ORIGIN)]
+        return [o for r in room_ids for o in fail(r, status, reason, now, False, origin)]
+
+    def _decode_origin(self, now: float) -> str | None:
+        """Whose fault decode's silence is (a lost connection, a failed send, no page list by
+        the deadline): decode's, unless this worker itself stood still lately (stall.py)."""
+        return None if self.stall.stalled_lately(now) else DECODE_ORIGIN
 
     def _end_room(
         self,

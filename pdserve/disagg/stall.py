@@ -10,7 +10,8 @@ class StallClock:
     not run. For `limit_s` after such a gap its peer's silence (a lost KV connection, a
     deadline on the peer that lapsed meanwhile) is this worker's fault, not the peer's:
     a decode worker frozen past its KV wait blamed its sound prefill peer, and the
-    router's retry then avoided prefill and kept the frozen decode server."""
+    router's retry then avoided prefill and kept the frozen decode server; a prefill worker
+    frozen past its wait for decode's page list blamed its sound decode peer likewise."""
 
     def __init__(self, limit_s: float):
         self.limit_s = limit_s
