@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING
 from pdserve.disagg import messages as m
 from pdserve.disagg.delta import delta_error
 from pdserve.disagg.rooms import RoomState, transition
+from pdserve.engine.request import FinishReason
+from pdserve.serving.protocol import ReqOutput
 
 if TYPE_CHECKING:
     from pdserve.engine.request import Request
@@ -72,6 +74,16 @@ class PrefillRoom:
                 f"(same length, other tokens): both legs of a room must carry the same prompt"
             )
         return None
+
+    def sent_output(self, sent_at: float, kv_bytes: int) -> ReqOutput:
+        """The request's finish once its KV is sent, with the transfer's figures."""
+        return ReqOutput(
+            rid=self.rid,
+            finish_reason=FinishReason("length"),
+            kv_bytes=kv_bytes,
+            kv_transfer_s=sent_at - self.send_started_at,
+            stage_s=self.stages(sent_at),
+        )
 
     def stages(self, sent_at: float) -> dict[str, float]:
         """Where the room's time went on prefill: queued (parked too) and computed, then

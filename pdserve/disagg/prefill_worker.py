@@ -380,15 +380,8 @@ class PrefillWorkerHooks(WorkerHooks):
             room.move(RoomState.SUCCESS)
             self.engine.release(room.rid)
             self._forget(room.room)
-            outputs.append(
-                ReqOutput(
-                    rid=room.rid,
-                    finish_reason=FinishReason("length"),
-                    kv_bytes=0 if sent_nothing else num_pages * self.transport.page_nbytes,
-                    kv_transfer_s=now - room.send_started_at,
-                    stage_s=room.stages(now),
-                )
-            )
+            kv_bytes = 0 if sent_nothing else num_pages * self.transport.page_nbytes
+            outputs.append(room.sent_output(now, kv_bytes))
         return outputs
 
     def _deadlines(self, now: float) -> list[ReqOutput]:
