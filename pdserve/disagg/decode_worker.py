@@ -55,7 +55,7 @@ class DecodeWorkerHooks(WorkerHooks):
         self.peers: dict[str, Peer] = {}
         self.peer_by_id: dict[object, Peer] = {}
         self._lost_endpoints: list[str] = []  # for the front end, until lost_kv_peers()
-        self.stall = StallClock(cfg.heartbeat_timeout_s)
+        self.stall = StallClock(cfg.heartbeat_timeout_s, PREFILL)
 
     def num_rooms(self) -> int:
         return len(self.rooms)
@@ -153,7 +153,7 @@ class DecodeWorkerHooks(WorkerHooks):
             # A restarted prefill worker knows nothing of us: handshake again next time.
             peer.handshake_ok, peer.handshake_sent = None, False
             reason = f"lost the connection to prefill worker {peer.endpoint}: {event.reason}"
-            origin = self._peer_origin(now)
+            origin = self.stall.blame(now)
             return [out for r in sorted(peer.rooms) for out in self._fail(r, 503, reason, origin)]
         if isinstance(event, KVReceived):
             return self._on_kv(peer, event)
@@ -406,13 +406,8 @@ class DecodeWorkerHooks(WorkerHooks):
                     f"room {room.room} from prefill dp rank {room.prefill_dp_rank} "
                     f"({room.endpoint})"
                 )
-            outputs += self._fail(room.room, 504, reason, self._peer_origin(now))
+            outputs += self._fail(room.room, 504, reason, self.stall.blame(now))
         return outputs
-
-    def _peer_origin(self, now: float) -> str | None:
-        """Whose fault prefill's silence is (a lost connection, a handshake or KV not in by
-        its deadline): prefill's, unless this worker itself stood still lately."""
-        return None if self.stall.stalled_lately(now) else PREFILL
 
     # -- endings ---------------------------------------------------------------------
     def _fail(

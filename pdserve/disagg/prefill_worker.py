@@ -55,7 +55,7 @@ class PrefillWorkerHooks(WorkerHooks):
         self._unclaimed: list[int] = []  # for the front end, until unclaimed_rooms()
         max_request_pages = pages_for(engine.max_context_len, engine.page_size)
         self.gate = PrefillGate(engine.num_total_pages, max_request_pages)
-        self.stall = StallClock(cfg.heartbeat_timeout_s)
+        self.stall = StallClock(cfg.heartbeat_timeout_s, DECODE_ORIGIN)
 
     @property
     def kv_endpoint(self) -> str | None:
@@ -286,7 +286,7 @@ class PrefillWorkerHooks(WorkerHooks):
         self.decode_peers.lost(event.peer)
         reason = f"lost the connection to decode: {event.reason}"
         lost = [r.room for r in self.rooms.values() if r.peer == event.peer]
-        return self._fail_for_decode(lost, 503, reason, now, self._decode_origin(now))
+        return self._fail_for_decode(lost, 503, reason, now, self.stall.blame(now))
 
     def _on_page_list(self, peer: object, msg: m.PageList, now: float) -> list[ReqOutput]:
         if peer not in self.decode_peers and msg.room not in self.failed:
@@ -361,7 +361,7 @@ class PrefillWorkerHooks(WorkerHooks):
             )
         except Exception as exc:  # the decode peer vanished
             reason = f"sending KV to decode failed: {exc}"
-            return self._fail_for_decode([room.room], 503, reason, now, self._decode_origin(now))
+            return self._fail_for_decode([room.room], 503, reason, now, self.stall.blame(now))
         return []
 
     def _finish_sent(self, now: float) -> list[ReqOutput]:
@@ -395,7 +395,7 @@ class PrefillWorkerHooks(WorkerHooks):
         timeout_s = self.cfg.bootstrap_timeout_s
         self._unclaimed += prefill_room.newly_unclaimed(waiting, now, timeout_s)
         for lapse in prefill_room.lapsed(waiting, now, self.dp_rank, timeout_s):
-            origin = self._decode_origin(now) if lapse.for_decode else None
+            origin = self.stall.blame(now) if lapse.for_decode else None
             outputs += self._fail_room(lapse.room, 504, lapse.reason, now, origin=origin)
         for room_id in [r for r, f in self.failed.items() if now >= f.expires_at]:
             del self.failed[room_id]
@@ -424,11 +424,6 @@ class PrefillWorkerHooks(WorkerHooks):
         tell now; `origin` (whose fault) on our error and on the answer to a late page list."""
         fail = self._fail_room
         return [o for r in room_ids for o in fail(r, status, reason, now, False, origin)]
-
-    def _decode_origin(self, now: float) -> str | None:
-        """Whose fault decode's silence is (a lost connection, a failed send, no page list by
-        the deadline): decode's, unless this worker itself stood still lately (stall.py)."""
-        return None if self.stall.stalled_lately(now) else DECODE_ORIGIN
 
     def _end_room(
         self,

@@ -13,8 +13,9 @@ class StallClock:
     router's retry then avoided prefill and kept the frozen decode server; a prefill worker
     frozen past its wait for decode's page list blamed its sound decode peer likewise."""
 
-    def __init__(self, limit_s: float):
+    def __init__(self, limit_s: float, peer_origin: str):
         self.limit_s = limit_s
+        self.peer_origin = peer_origin  # hooks.PREFILL_ORIGIN or DECODE_ORIGIN
         self._last_turn: float | None = None
         self._resumed_at: float | None = None
 
@@ -25,3 +26,9 @@ class StallClock:
 
     def stalled_lately(self, now: float) -> bool:
         return self._resumed_at is not None and now - self._resumed_at <= self.limit_s
+
+    def blame(self, now: float) -> str | None:
+        """The `origin` of an error for the peer's silence (a lost connection, a failed
+        send, a deadline on the peer that lapsed): the peer's, unless this worker itself
+        stood still lately (then its own: none)."""
+        return None if self.stalled_lately(now) else self.peer_origin

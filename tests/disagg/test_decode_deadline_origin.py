@@ -32,13 +32,14 @@ def request(room: int, endpoint: str) -> GenerateReq:
 
 
 def test_the_stall_clock_takes_a_long_gap_between_turns_for_a_stall_for_a_while() -> None:
-    clock = StallClock(limit_s=3.0)
+    clock = StallClock(limit_s=3.0, peer_origin="prefill")
     for now in (0.0, 0.1, 2.0, 5.0):  # gaps up to the limit: running
         clock.turn(now)
-        assert not clock.stalled_lately(now)
+        assert not clock.stalled_lately(now) and clock.blame(now) == "prefill"
     clock.turn(8.5)  # 3.5 s without a turn: it did not run
     assert clock.stalled_lately(8.5) and clock.stalled_lately(11.5)
-    assert not clock.stalled_lately(11.6)
+    assert clock.blame(11.5) is None  # its own fault meanwhile
+    assert not clock.stalled_lately(11.6) and clock.blame(11.6) == "prefill"
 
 
 def test_a_decode_deadline_on_prefill_blames_prefill_unless_decode_stood_still() -> None:
