@@ -35,8 +35,9 @@ def check(
     """Prefill worker at KV `endpoint`: why the handshake must be refused, or None."""
     if checker is None:
         return None
-    if handshake.version != m.PROTOCOL_VERSION:  # its proof covers other bytes: not "secrets"
-        return f"protocol version mismatch: decode={handshake.version} prefill={m.PROTOCOL_VERSION}"
+    version = handshake.version_mismatch()  # its proof covers other bytes: not "secrets"
+    if version is not None:
+        return version
     if handshake.proof is None:
         checker.refuse("missing proof")
         return (

@@ -43,10 +43,16 @@ class Handshake(msgspec.Struct, tag=True, kw_only=True):
     prefill_endpoint: str = ""
     proof: HandshakeProof | None = None  # set when decode has a disagg secret
 
-    def mismatch(self, backend: str, layout: KVLayout) -> str | None:
-        """Why a prefill worker moving KV with `backend` from `layout` refuses this, or None."""
+    def version_mismatch(self) -> str | None:
         if self.version != PROTOCOL_VERSION:
             return f"protocol version mismatch: decode={self.version} prefill={PROTOCOL_VERSION}"
+        return None
+
+    def mismatch(self, backend: str, layout: KVLayout) -> str | None:
+        """Why a prefill worker moving KV with `backend` from `layout` refuses this, or None."""
+        version = self.version_mismatch()
+        if version is not None:
+            return version
         if self.backend != backend:
             return f"transfer backend mismatch: decode={self.backend!r} prefill={backend!r}"
         return layout.mismatch(self.layout)
