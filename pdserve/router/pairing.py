@@ -11,7 +11,7 @@ from pdserve.router.body import LegPlan, new_rids
 from pdserve.router.config import ROLES, Role, RouterConfig
 from pdserve.router.kv_index import KVIndex
 from pdserve.router.kv_policy import Candidate, KVAware
-from pdserve.router.policy import Policy, make_policy
+from pdserve.router.policy import CacheAware, Policy, make_policy
 from pdserve.router.prefix_table import Prompt
 from pdserve.router.rooms import RoomSource
 from pdserve.router.workers import Worker, WorkerRegistry, stuck_reasons
@@ -75,6 +75,9 @@ class PairChooser:
         policy = self.policies[role]
         if isinstance(policy, KVAware):
             return policy.score(workers, prompt, salt)
+        if isinstance(policy, CacheAware):
+            worker, rank = policy.choose_with_rank(workers, prompt, salt)
+            return Candidate(worker, rank, 0, 0)
         return Candidate(policy.choose(workers, prompt, salt), None, 0, 0)
 
     def _none_available(self, role: Role, now: float) -> str:

@@ -3,7 +3,8 @@
 round_robin and random ignore load; power_of_two compares two random workers' estimated
 load (`/get_load` tokens plus what was sent since); cache_aware sends a prompt to the worker
 that served the longest prefix of it, unless loads are skewed or the match is short, in
-which case it picks the least loaded worker.
+which case it picks the least loaded worker. With --dp-aware cache_aware remembers the DP
+rank too, and sends the prefix back to that rank: a server's ranks do not share a cache.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import random
 from collections.abc import Sequence
 
 from pdserve.router.config import RouterConfig
-from pdserve.router.prefix_table import PrefixTable, Prompt
+from pdserve.router.prefix_table import Owner, PrefixTable, Prompt
 from pdserve.router.workers import Worker
 
 
@@ -85,11 +86,12 @@ class CacheAware(Policy):
     name = "cache_aware"
     uses_salt = True
 
-    def __init__(self, config: RouterConfig):
+    def __init__(self, config: RouterConfig, per_rank: bool = False):
         self.table = PrefixTable(config.prefix_block_len, config.prefix_table_blocks)
         self.cache_threshold = config.cache_threshold
         self.balance_abs_threshold = config.balance_abs_threshold
         self.balance_rel_threshold = config.balance_rel_threshold
+        self.per_rank = per_rank  # --dp-aware: the router names the rank
 
     def _skewed(self, workers: Sequence[Worker]) -> bool:
         loads = [w.load() for w in workers]
@@ -101,20 +103,48 @@ class CacheAware(Policy):
     def choose(
         self, workers: Sequence[Worker], prompt: Prompt | None, salt: str | None = None
     ) -> Worker:
+        return self.choose_with_rank(workers, prompt, salt)[0]
+
+    def choose_with_rank(
+        self, workers: Sequence[Worker], prompt: Prompt | None, salt: str | None = None
+    ) -> tuple[Worker, int | None]:
+        """The worker and, per rank, the DP rank (else None) that served the longest prefix
+        of the prompt, if it covers `cache_threshold` of it and loads are not skewed; else
+        the least loaded worker (and its least busy rank)."""
         if not prompt or not keyable(prompt):
-            return least_loaded(workers)
+            return self._least_loaded(workers)
+        owners = {_owner(w.url, rank): (w, rank) for w in workers for rank in self._ranks(w)}
         chosen = None
         if not self._skewed(workers):
-            matched = self.table.match(prompt, [w.url for w in workers], salt)
-            best = max(workers, key=lambda w: (matched[w.url], -w.load()))
-            if matched[best.url] >= self.cache_threshold * len(prompt) and matched[best.url]:
-                chosen = best
-        chosen = chosen or least_loaded(workers)
-        self.table.insert(prompt, chosen.url, salt)
+            matched = self.table.match(prompt, list(owners), salt)
+            best = max(owners, key=lambda o: (matched[o], *_idleness(*owners[o])))
+            if matched[best] >= self.cache_threshold * len(prompt) and matched[best]:
+                chosen = owners[best]
+        chosen = chosen or self._least_loaded(workers)
+        self.table.insert(prompt, _owner(chosen[0].url, chosen[1]), salt)
         return chosen
+
+    def _ranks(self, worker: Worker) -> range | tuple[None]:
+        return range(worker.dp_size) if self.per_rank else (None,)
+
+    def _least_loaded(self, workers: Sequence[Worker]) -> tuple[Worker, int | None]:
+        worker = least_loaded(workers)
+        return worker, worker.choose_rank() if self.per_rank else None
 
     def forget(self, url: str) -> None:
         self.table.forget_worker(url)
+
+
+def _owner(url: str, rank: int | None) -> Owner:
+    """The prefix table's key for a worker, or for one of its DP ranks."""
+    return url if rank is None else (url, rank)
+
+
+def _idleness(worker: Worker, rank: int | None) -> tuple[int, ...]:
+    """Higher for the less busy: the worker's load, then the rank's requests in flight."""
+    per_rank = worker.in_flight_per_rank
+    on_rank = per_rank[rank] if rank is not None and rank < len(per_rank) else 0
+    return (-worker.load(), -on_rank)
 
 
 def make_policy(name: str, config: RouterConfig, rng: random.Random) -> Policy:
@@ -125,5 +155,5 @@ def make_policy(name: str, config: RouterConfig, rng: random.Random) -> Policy:
     if name == "power_of_two":
         return PowerOfTwo(rng)
     if name == "cache_aware":
-        return CacheAware(config)
+        return CacheAware(config, per_rank=config.dp_aware)
     raise ValueError(f"unknown policy {name!r}")

@@ -157,3 +157,47 @@ def test_cache_aware_follows_a_prefix_only_under_its_salt():
     b.set_reported_load([0])
     assert policy.choose([a, b], prompt, "tenant-key") is a  # its salt's worker
     assert policy.choose([a, b], prompt) is b  # and the unsalted prompt's
+
+
+def test_cache_aware_per_rank_sends_a_prefix_back_to_the_rank_that_served_it():
+    """With --dp-aware the router names the rank, and a server's ranks do not share a cache.
+    cache_aware followed a prefix to the server only and left the rank to the rotation, so a
+    conversation's turns landed on the server's ranks in turn (DP 2: every other turn found
+    its history missing)."""
+    config = RouterConfig(prefix_block_len=4, cache_threshold=0.5, dp_aware=True)
+    a, b = make_workers(2, config)
+    for worker in (a, b):
+        worker.set_dp_size(3)
+    policy = CacheAware(config, per_rank=True)
+    conversations = [f"conversation {i}: " + "turn " * 20 for i in range(6)]
+    homes = {}
+    for prompt in conversations:
+        worker, rank = policy.choose_with_rank([a, b], prompt)
+        worker.on_dispatch(0.0, 10, rank)
+        homes[prompt] = (worker.url, rank)
+    assert len(set(homes.values())) == 6  # nothing matched: each went where it was idlest
+    for _ in range(3):
+        for prompt in conversations:  # the next turn: its history plus a question
+            worker, rank = policy.choose_with_rank([a, b], prompt + "and then?")
+            assert (worker.url, rank) == homes[prompt]
+    assert policy.choose([a, b], conversations[0]) is not None  # choose() takes it too
+
+
+def test_cache_aware_per_rank_balances_the_ranks_when_nothing_matches():
+    config = RouterConfig(prefix_block_len=4, dp_aware=True)
+    (worker,) = make_workers(1, config)
+    worker.set_dp_size(2)
+    worker.on_dispatch(0.0, 10, 0)
+    policy = CacheAware(config, per_rank=True)
+    assert policy.choose_with_rank([worker], "a new prompt, cached nowhere")[1] == 1
+    assert policy.choose_with_rank([worker], [1, [2], 3])[1] == 1  # not token ids: by load
+
+
+def test_the_prefix_table_forgets_every_rank_of_a_worker():
+    table = PrefixTable(4, 100)
+    table.insert("abcdefgh", ("http://a", 0))
+    table.insert("abcdefgh", ("http://a", 1))
+    table.insert("abcdefgh", "http://b")
+    table.forget_worker("http://a")
+    owners = [("http://a", 0), ("http://a", 1), "http://b"]
+    assert table.match("abcdefgh", owners) == {owners[0]: 0, owners[1]: 0, "http://b": 8}

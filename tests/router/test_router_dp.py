@@ -72,3 +72,27 @@ def test_align_room_keeps_the_fast_path(dp_pair, tiny_server):
     bodies = [BODY, {**BODY, "routed_dp_rank": 1}] * (NUM_REQUESTS // 2)
     delta = run_through_router(dp_pair, "--align-room", tiny_server, bodies)
     assert delta == {"explicit": 0, "single_rank": 0, "fast_path": NUM_REQUESTS, "query": 0}
+
+
+def test_cache_aware_dp_aware_sends_each_conversation_back_to_its_ranks(dp_pair):
+    """Three conversations, turn after turn, through `cache_aware --dp-aware`: each later turn
+    finds its history cached on the prefill rank and the decode rank it is sent to. The
+    ranks used to come from the rotation (the prefix chose only the server), so with three
+    conversations on two ranks most later turns went to the rank without their history."""
+    prefill, decode = dp_pair
+    args = router_args([(prefill.url, prefill.bootstrap_port)], [decode.url])
+    args += ["--dp-aware", "--policy", "cache_aware", "--prefix-block-len", "8"]
+    histories = [list(range(100 * c + 1, 100 * c + 49)) for c in (1, 2, 3)]
+    with start_router(args) as router:
+        for turn in range(3):
+            for c, history in enumerate(histories):
+                body = {"input_ids": history, "sampling_params": BODY["sampling_params"]}
+                resp = requests.post(router.url + "/generate", json=body, timeout=60)
+                assert resp.status_code == 200, resp.text
+                meta = resp.json()["meta_info"]
+                if turn:  # all of the last turn's prompt, in whole pages, on both ranks
+                    held = len(history) - 16
+                    assert meta["cached_tokens"] >= held - 16, (turn, c, meta)
+                    assert meta["decode_cached_tokens"] >= held - 16, (turn, c, meta)
+                history += resp.json()["output_ids"] + list(range(7, 19))
+    wait_idle([prefill.url, decode.url])
