@@ -209,7 +209,8 @@ def local_prefill_body(raw: bytes, body: dict[str, Any], decode_rank: int | None
 
 def plain_body(raw: bytes, body: dict[str, Any], rank: int | None) -> bytes:
     """The body for a plain (colocated) worker: the client's, with `routed_dp_rank` when the
-    router chose the rank (kv_aware with --dp-aware: the rank that holds the prefix)."""
+    router chose the rank (kv_aware or cache_aware with --dp-aware: the rank that holds the
+    prefix)."""
     if rank is None:
         return raw
     if any(key in body for key in RANK_FIELDS):
