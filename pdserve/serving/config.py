@@ -18,7 +18,9 @@ MODES = ["colocated", "prefill", "decode"]
 # How the DP controller picks a worker: the one list of names (the bootstrap registry and
 # the policy check against it too); "auto" resolves to one of them per mode.
 LB_METHODS = ["round_robin", "shortest_queue", "total_tokens", "follow_bootstrap_room"]
-LB_METHOD_CHOICES = ["auto", *LB_METHODS]
+# SGLang's names for the same methods: its current `total_requests`, its older `minimum_tokens`.
+LB_METHOD_ALIASES = {"total_requests": "shortest_queue", "minimum_tokens": "total_tokens"}
+LB_METHOD_CHOICES = ["auto", *LB_METHODS, *LB_METHOD_ALIASES]
 SAMPLING_DEFAULTS_CHOICES = ["model", "openai"]
 LOG_LEVELS = ["debug", "info", "warning", "error"]
 
@@ -52,7 +54,8 @@ class ServerArgs:
     load_balance_method: str = opt(
         "auto",
         "how the DP controller picks a worker; auto = follow_bootstrap_room on prefill, "
-        "round_robin otherwise",
+        "round_robin otherwise; total_requests and minimum_tokens (SGLang's names) mean "
+        "shortest_queue and total_tokens",
         choices=LB_METHOD_CHOICES,
     )
     served_model_name: list[str] = opt(
@@ -143,8 +146,9 @@ class ServerArgs:
 
     @property
     def resolved_lb_method(self) -> str:
+        """The method itself: never `auto` or an alias (the bootstrap server compares it)."""
         if self.load_balance_method != "auto":
-            return self.load_balance_method
+            return LB_METHOD_ALIASES.get(self.load_balance_method, self.load_balance_method)
         return "follow_bootstrap_room" if self.mode == "prefill" else "round_robin"
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from pdserve.serving.config import ServerArgs
 from pdserve.serving.hooks import RequestError
 from pdserve.serving.lb_policy import LoadBalancePolicy, RankLoad
 
@@ -51,3 +52,14 @@ def test_routed_to_a_dead_rank_or_no_live_rank_is_503():
         with pytest.raises(RequestError) as info:
             policy.choose(dead, None, routed)
         assert info.value.status == 503
+
+
+@pytest.mark.parametrize(
+    ("given", "method"),
+    [("total_requests", "shortest_queue"), ("minimum_tokens", "total_tokens")],
+)
+def test_sglangs_names_for_the_methods_are_accepted(given, method):
+    """`--load-balance-method total_requests` (SGLang's current name) was refused at start."""
+    args = ServerArgs(load_balance_method=given)
+    assert args.resolved_lb_method == method
+    LoadBalancePolicy(args.resolved_lb_method, 2)
