@@ -82,7 +82,9 @@ def test_serve_takes_sglangs_disaggregation_spellings_as_aliases():
     from pdserve.disagg.config import pd_server_config_from_args
 
     ours = ["--mode", "prefill", "--bootstrap-port", "9123", "--transfer-backend", "nixl"]
+    ours += ["--dp-size", "3", "--load-balance-method", "total_requests"]
     sglangs = [
+        "--data-parallel-size", "3", "--load-balance-method", "total_requests",
         "--disaggregation-mode", "prefill",
         "--disaggregation-bootstrap-port", "9123",
         "--disaggregation-transfer-backend", "nixl",
@@ -93,4 +95,5 @@ def test_serve_takes_sglangs_disaggregation_spellings_as_aliases():
     ]
     assert configs[0] == dataclasses.replace(configs[1], epoch=configs[0].epoch)  # per start
     assert configs[1].server.mode == "prefill" and configs[1].disagg.bootstrap_port == 9123
-    assert configs[1].disagg.transfer_backend == "nixl"
+    assert configs[1].disagg.transfer_backend == "nixl" and configs[1].server.dp_size == 3
+    assert configs[1].server.resolved_lb_method == "shortest_queue"

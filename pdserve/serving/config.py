@@ -50,7 +50,11 @@ class ServerArgs:
         repr=False,
     )
     port: int = opt(30000, "HTTP port to bind")
-    dp_size: int = opt(1, "number of data-parallel worker processes (one engine each)")
+    dp_size: int = opt(
+        1,
+        "number of data-parallel worker processes (one engine each)",
+        aliases=("--data-parallel-size",),  # SGLang's long name
+    )
     load_balance_method: str = opt(
         "auto",
         "how the DP controller picks a worker; auto = follow_bootstrap_room on prefill, "
