@@ -72,14 +72,6 @@ def prompt_page_hashes(token_ids: Sequence[int], page_size: int, seed: int) -> l
         return []
 
 
-def rank_load(worker: Worker, rank: int) -> int:
-    """Tokens in flight on the rank: those sent to it, and a share of those the server's
-    own DP controller placed."""
-    per_rank = worker.tokens_in_flight_per_rank
-    ranked = sum(per_rank)
-    return per_rank[rank] + (worker.tokens_in_flight - ranked) // worker.dp_size
-
-
 class KVAware(Policy):
     name = "kv_aware"
     uses_salt = True
@@ -107,7 +99,7 @@ class KVAware(Policy):
             if self.per_rank:
                 for rank in range(worker.dp_size):
                     num = matched.get(rank, 0)
-                    load = rank_load(worker, rank)
+                    load = worker.rank_load(rank)
                     out.append(Candidate(worker, rank, num, load, rank if num else None))
             else:
                 rank = max(matched, key=matched.__getitem__, default=None)

@@ -93,8 +93,7 @@ class CacheAware(Policy):
         self.balance_rel_threshold = config.balance_rel_threshold
         self.per_rank = per_rank  # --dp-aware: the router names the rank
 
-    def _skewed(self, workers: Sequence[Worker]) -> bool:
-        loads = [w.load() for w in workers]
+    def _skewed(self, loads: Sequence[int]) -> bool:
         spread = max(loads) - min(loads)
         return spread > self.balance_abs_threshold and max(
             loads
@@ -114,10 +113,11 @@ class CacheAware(Policy):
         if not prompt or not keyable(prompt):
             return self._least_loaded(workers)
         owners = {_owner(w.url, rank): (w, rank) for w in workers for rank in self._ranks(w)}
+        loads = {owner: _load(*pair) for owner, pair in owners.items()}
         chosen = None
-        if not self._skewed(workers):
+        if not self._skewed(list(loads.values())):
             matched = self.table.match(prompt, list(owners), salt)
-            best = max(owners, key=lambda o: (matched[o], *_idleness(*owners[o])))
+            best = max(owners, key=lambda o: (matched[o], -loads[o]))
             if matched[best] >= self.cache_threshold * len(prompt) and matched[best]:
                 chosen = owners[best]
         chosen = chosen or self._least_loaded(workers)
@@ -140,11 +140,10 @@ def _owner(url: str, rank: int | None) -> Owner:
     return url if rank is None else (url, rank)
 
 
-def _idleness(worker: Worker, rank: int | None) -> tuple[int, ...]:
-    """Higher for the less busy: the worker's load, then the rank's requests in flight."""
-    per_rank = worker.in_flight_per_rank
-    on_rank = per_rank[rank] if rank is not None and rank < len(per_rank) else 0
-    return (-worker.load(), -on_rank)
+def _load(worker: Worker, rank: int | None) -> int:
+    """The worker's estimated load, or the rank's tokens in flight: a prefix every request
+    shares (a system prompt) would otherwise hold one rank of a server for good."""
+    return worker.load() if rank is None else worker.rank_load(rank)
 
 
 def make_policy(name: str, config: RouterConfig, rng: random.Random) -> Policy:

@@ -48,6 +48,13 @@ class Worker:
         """Estimated tokens on the server now."""
         return sum(self.reported_tokens) + self.tokens_since_report
 
+    def rank_load(self, rank: int) -> int:
+        """Tokens in flight on the rank: those sent to it, and a share of those the server's
+        own DP controller placed."""
+        per_rank = self.tokens_in_flight_per_rank
+        on_rank = per_rank[rank] if rank < len(per_rank) else 0
+        return on_rank + (self.tokens_in_flight - sum(per_rank)) // self.dp_size
+
     def set_dp_size(self, dp_size: int) -> None:
         """The server's DP size, first learned or changed by a restart. Ranks kept keep their
         legs in flight; a leg on a rank that is gone ends uncounted (`on_done` skips ranks

@@ -201,3 +201,21 @@ def test_the_prefix_table_forgets_every_rank_of_a_worker():
     table.forget_worker("http://a")
     owners = [("http://a", 0), ("http://a", 1), "http://b"]
     assert table.match("abcdefgh", owners) == {owners[0]: 0, owners[1]: 0, "http://b": 8}
+
+
+def test_cache_aware_per_rank_spreads_a_prefix_every_request_shares_over_the_ranks():
+    """A system prompt in every request: the rank that served it first matched every later
+    request, and the balance check compared whole servers, so with one DP server that rank
+    got every request while the others idled. Each rank's tokens in flight count now."""
+    config = RouterConfig(prefix_block_len=4, dp_aware=True, balance_abs_threshold=256)
+    (worker,) = make_workers(1, config)
+    worker.set_dp_size(2)
+    policy = CacheAware(config, per_rank=True)
+    system = "You are a helpful assistant. " * 10
+    ranks = []
+    for i in range(20):
+        prompt = system + f"question {i}"
+        _, rank = policy.choose_with_rank([worker], prompt)
+        worker.on_dispatch(0.0, len(prompt), rank)
+        ranks.append(rank)
+    assert 6 <= ranks.count(0) <= 14, ranks
