@@ -93,6 +93,16 @@ def _message_text(messages: Any) -> str | None:
     return "".join(parts)
 
 
+def several_prompts(route: str, body: dict[str, Any]) -> bool:
+    """Whether the request is a batch of more than one prompt (its `n` samples aside)."""
+    if route == GENERATE:
+        value = body.get("text")
+        value = body.get("input_ids") if value is None else value
+    else:
+        value = body.get("prompt") if route == COMPLETIONS else None
+    return isinstance(value, list) and len(value) > 1 and not isinstance(value[0], int)
+
+
 def prompt_of(route: str, body: dict[str, Any]) -> Prompt | None:
     """The (first) prompt, for cache-aware routing and load estimates."""
     if route == GENERATE:

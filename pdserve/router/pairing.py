@@ -7,7 +7,7 @@ from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
-from pdserve.router.body import LegPlan, new_rids
+from pdserve.router.body import LegPlan, new_rids, several_prompts
 from pdserve.router.config import ROLES, Role, RouterConfig
 from pdserve.router.kv_index import KVIndex
 from pdserve.router.kv_policy import Candidate, KVAware
@@ -119,7 +119,9 @@ class PairChooser:
                 plain.worker, decode_rank=plain.dp_rank, decode_matched_tokens=plain.matched_tokens
             )
         c = self.config
-        if c.local_prefill_threshold:
+        # Only the first prompt is scored: a batch of several is never computed on decode
+        # alone (its other prompts, uncached there, could be of any length).
+        if c.local_prefill_threshold and not several_prompts(route, body):
             best_decode = self._pick("decode", now, prompt, avoid, salt)
             if self._decode_holds_enough(prompt, best_decode.matched_tokens):
                 # The rank that holds the prompt, --dp-aware or not: on another rank decode

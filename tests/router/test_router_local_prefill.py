@@ -14,7 +14,13 @@ import requests
 from tests.disagg.conftest import PDFactory
 from tests.disagg.pd_driver import metric_value
 from tests.router.conftest import router_args, start_router
-from tests.router.test_router_kv_aware import PAGE, generate, prompt, wait_router_caught_up
+from tests.router.test_router_kv_aware import (
+    GREEDY,
+    PAGE,
+    generate,
+    prompt,
+    wait_router_caught_up,
+)
 
 pytestmark = pytest.mark.timeout(300)
 KV_BYTES = "pdserve_kv_transfer_bytes_total"
@@ -95,3 +101,21 @@ def test_a_local_request_goes_to_the_decode_rank_that_holds_its_prompt(cluster_d
         assert paths(router.url) == {"disaggregated": 1, "local": turn}
         assert again["output_ids"] == first["output_ids"]
         assert again["meta_info"]["cached_tokens"] == 4 * PAGE, turn
+
+
+def test_a_batch_of_prompts_is_not_computed_on_decode_alone(cluster):
+    """Only the first prompt is scored: decode holding it says nothing of the others (here
+    a whole uncached one), so the batch takes both legs."""
+    prefill, decode, router = cluster
+    urls = [prefill.url, decode.url]
+    wait_router_caught_up(router.url, urls)
+    generate(router.url, prompt(2, 0))
+    wait_router_caught_up(router.url, urls)
+    before = paths(router.url)
+    body = {"input_ids": [prompt(2, 0), prompt(3, 0)], "sampling_params": GREEDY}
+    resp = requests.post(f"{router.url}/generate", json=body, timeout=60)
+    assert resp.status_code == 200, resp.text
+    assert [len(item["output_ids"]) for item in resp.json()] == [4, 4]
+    after = paths(router.url)
+    assert after["local"] == before["local"]
+    assert after["disaggregated"] == before["disaggregated"] + 1
