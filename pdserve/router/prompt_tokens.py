@@ -13,6 +13,7 @@ from typing import Any
 
 from pdserve.router.body import CHAT, COMPLETIONS, GENERATE
 from pdserve.serving.openai_format import render_chat_prompt
+from pdserve.serving.request_parse import get_field
 
 log = logging.getLogger(__name__)
 
@@ -33,9 +34,14 @@ def prompt_token_ids(route: str, body: dict[str, Any], tokenizer: Any) -> list[i
     try:
         if route == CHAT:
             return render_chat_prompt(tokenizer, body.get("messages"), body)
-        field = "text" if route == GENERATE else "prompt" if route == COMPLETIONS else None
-        text = _first_text(body.get(field)) if field else None
-        return tokenizer.encode(text) if text is not None else None
+        if route == GENERATE:  # /generate has no add_special_tokens: always added
+            text, special = _first_text(body.get("text")), True
+        elif route == COMPLETIONS:  # vLLM's add_special_tokens, as the server reads it
+            text = _first_text(body.get("prompt"))
+            special = get_field(body, "add_special_tokens", bool, True)
+        else:
+            return None
+        return tokenizer.encode(text, add_special_tokens=special) if text is not None else None
     except Exception:  # noqa: BLE001 - a prompt the server refuses needs no route
         return None
 

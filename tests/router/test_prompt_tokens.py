@@ -1,6 +1,10 @@
 """The router's prompt token ids equal the servers' for text, completions and chat
 (tiny-random's real tokenizer and ChatML template), and are None where it cannot know."""
 
+import json
+import os
+import shutil
+
 import pytest
 
 from pdserve.engine.model_dir import resolve_model_dir
@@ -22,6 +26,46 @@ def test_text_prompts_are_encoded_as_the_servers_do(tokenizer):
     assert prompt_token_ids(GENERATE, {"text": [text, "other"]}, tokenizer) == expected
     assert prompt_token_ids(COMPLETIONS, {"prompt": text}, tokenizer) == expected
     assert prompt_token_ids(COMPLETIONS, {"prompt": [text]}, tokenizer) == expected
+
+
+@pytest.fixture(scope="module")
+def bos_tokenizer(tmp_path_factory):
+    """tiny-random's tokenizer putting a BOS (id 1) in front of text, as Llama's does."""
+    path = tmp_path_factory.mktemp("bos") / "m"
+    source = resolve_model_dir("tiny-random")
+    path.mkdir()
+    for name in os.listdir(source):
+        if not name.endswith(".safetensors"):
+            shutil.copy(os.path.join(source, name), path / name)
+    with open(path / "tokenizer.json") as f:
+        spec = json.load(f)
+    bos = "<|im_start|>"
+    spec["post_processor"] = {
+        "type": "TemplateProcessing",
+        "single": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+        "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
+        "special_tokens": {bos: {"id": bos, "ids": [1], "tokens": [bos]}},
+    }  # fmt: skip
+    with open(path / "tokenizer.json", "w") as f:
+        json.dump(spec, f)
+    return _load(str(path))
+
+
+def test_completions_follow_add_special_tokens(bos_tokenizer):
+    """vLLM's field, as the server reads it: the router hashed a prompt sent without BOS
+    with one, so it matched no cached page of it."""
+    text = "The wind comes from the west most days."
+    with_bos = bos_tokenizer.encode(text)
+    assert with_bos[0] == 1
+    without = bos_tokenizer.encode(text, add_special_tokens=False)
+    assert without == with_bos[1:]
+    assert prompt_token_ids(COMPLETIONS, {"prompt": text}, bos_tokenizer) == with_bos
+    body = {"prompt": [text], "add_special_tokens": False}
+    assert prompt_token_ids(COMPLETIONS, body, bos_tokenizer) == without
+    body = {"text": text, "add_special_tokens": False}  # not a /generate field
+    assert prompt_token_ids(GENERATE, body, bos_tokenizer) == with_bos
+    body = {"prompt": text, "add_special_tokens": "no"}  # the server answers 400
+    assert prompt_token_ids(COMPLETIONS, body, bos_tokenizer) is None
 
 
 def test_chat_messages_go_through_the_chat_template(tokenizer):
