@@ -96,7 +96,10 @@ class KVSubscriber:
 
     async def _catch_up(self) -> None:
         assert self.cache.last_seq is not None
-        answer = await self._ask({"op": "replay", "from_seq": self.cache.last_seq + 1})
+        request: dict[str, Any] = {"op": "replay", "from_seq": self.cache.last_seq + 1}
+        if self.cache.life is not None:  # a server started again answers with a snapshot
+            request["life"] = self.cache.life
+        answer = await self._ask(request)
         self.num_replays += 1
         if "snapshot" in answer:
             self.cache.load_snapshot(answer["snapshot"])

@@ -62,11 +62,14 @@ class KVEventStream:
         """Every rank's cached pages as of batch `seq`."""
         return {"seq": self.seq, "life": self.life, "ranks": [sorted(c) for c in self.cached]}
 
-    def replay(self, from_seq: int) -> dict[str, Any]:
-        """Batches from `from_seq` on, or a snapshot when some of them are gone (or
-        `from_seq` is from another life of this server)."""
+    def replay(self, from_seq: int, life: int | None = None) -> dict[str, Any]:
+        """Batches from `from_seq` on, or a snapshot when some of them are gone or
+        `from_seq` is from another life of this server: the `life` the subscriber's base is
+        from, when it names one (without it, a new life already at `from_seq - 1` answered
+        no batch, and the subscriber kept the old life's pages)."""
         oldest = self._recent[0]["seq"] if self._recent else self.seq + 1
-        if not oldest <= from_seq <= self.seq + 1:
+        other_life = life is not None and life != self.life
+        if other_life or not oldest <= from_seq <= self.seq + 1:
             return {"seq": self.seq, "snapshot": self.snapshot()}
         batches = [b for b in self._recent if b["seq"] >= from_seq]
         return {"seq": self.seq, "batches": batches}

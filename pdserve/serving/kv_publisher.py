@@ -1,7 +1,8 @@
 """Publishes the server's KV cache events on ZeroMQ (front-end process, asyncio).
 
 One PUB socket per server carries every rank's batches (`KVEventStream`); a ROUTER socket
-answers `{"op": "replay", "from_seq": n}` with the batches since n (or a snapshot) and
+answers `{"op": "replay", "from_seq": n, "life": l}` with the batches since n (or a snapshot,
+also when `l` is not this start's) and
 `{"op": "snapshot"}` with every rank's cached pages. Publishing never blocks the worker
 link: batches wait in a bounded queue, and a full queue drops (counted), which a subscriber
 sees as a gap and heals by replay or snapshot.
@@ -123,10 +124,12 @@ class KVEventPublisher:
             if op == "snapshot":
                 return {"seq": self.stream.seq, "snapshot": self.stream.snapshot()}
             if op == "replay":
-                from_seq = msg["from_seq"]
+                from_seq, life = msg["from_seq"], msg.get("life")
                 if type(from_seq) is not int:  # int(inf) raised OverflowError and ended the loop
                     return {"error": f"bad request: from_seq must be an integer, got {from_seq!r}"}
-                return self.stream.replay(from_seq)
+                if life is not None and type(life) is not int:
+                    return {"error": f"bad request: life must be an integer, got {life!r}"}
+                return self.stream.replay(from_seq, life)
             return {"error": f"unknown op {op!r}"}
         except (msgspec.DecodeError, KeyError, TypeError, ValueError) as exc:
             return {"error": f"bad request: {exc!r}"}

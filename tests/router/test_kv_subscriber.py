@@ -13,9 +13,11 @@ import zmq
 import zmq.asyncio
 
 from pdserve.engine.kv_events import CacheEvent, PagesRemoved, PagesStored
+from pdserve.router import kv_subscriber
 from pdserve.router.kv_index import WorkerCache
 from pdserve.router.kv_subscriber import KVSubscriber
-from pdserve.serving.kv_publisher import KVEventPublisher
+from pdserve.serving.kv_event_stream import KVEventStream
+from pdserve.serving.kv_publisher import MAX_RECENT_BATCHES, KVEventPublisher
 
 PAGE_SIZE, HASH_SEED = 16, 7
 DEADLINE_S = 20.0
@@ -94,3 +96,40 @@ async def follow_through_garbage() -> None:
 
 def test_garbage_on_the_live_socket_resynchronises_and_following_goes_on():
     asyncio.run(follow_through_garbage())
+
+
+async def follow_a_restart_with_no_live_batch() -> None:
+    """The server starts again on the same ports (a new stream of a new life behind the same
+    replay socket) and publishes as many batches as the old life had while the subscriber
+    hears none live: its idle probe asks for the batches past the old life's last seq."""
+    ctx = zmq.asyncio.Context()
+    publisher = KVEventPublisher(ctx, "127.0.0.1", (0, 0), 1, PAGE_SIZE, HASH_SEED)
+    publisher.start()
+    relay = LiveRelay(ctx, publisher)
+    cache = WorkerCache(PAGE_SIZE, HASH_SEED)
+    sub = KVSubscriber(ctx, cache, relay.endpoint, publisher.replay_endpoint)
+    sub.start()
+    try:
+        first = await relay.publish(0, [PagesStored([1, 2], None)])
+        await wait_for(lambda: cache.last_seq == 1, "the first live batch", (relay.sock, first))
+        old_life = cache.life
+        reborn = KVEventStream(1, PAGE_SIZE, MAX_RECENT_BATCHES, life=old_life + 1)
+        publisher.stream = reborn
+        reborn.add(0, [PagesStored([3], None)], time.time())  # seq 1 again, never heard
+        await wait_for(
+            lambda: cache.life == reborn.life and cached(cache) == {0: {3}},
+            "the follower to take the new life's pages",
+        )
+    finally:
+        await sub.stop()
+        await publisher.stop()
+        relay.sock.close()
+        ctx.destroy(linger=0)
+
+
+def test_a_restart_heard_only_by_the_idle_probe_resynchronises(monkeypatch):
+    """Before, the probe's replay from the old life's seq + 1 was this life's next batch:
+    an empty answer, and the index kept the old life's pages until the server's next batch
+    (a decode server holding nothing was sent local prefills meanwhile)."""
+    monkeypatch.setattr(kv_subscriber, "IDLE_PROBE_S", 0.1)
+    asyncio.run(follow_a_restart_with_no_live_batch())

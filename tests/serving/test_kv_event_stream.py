@@ -37,6 +37,9 @@ def test_replay_gives_recent_batches_or_a_snapshot_when_they_are_gone():
     assert stream.replay(4)["batches"] == []
     assert stream.replay(1)["snapshot"] == {"seq": 3, "life": 0, "ranks": [[1, 2, 3]]}
     assert "snapshot" in stream.replay(9)  # a subscriber from another life of the server
+    # One whose base is from another life, though its next seq is this life's next one.
+    assert stream.replay(4, life=0)["batches"] == []
+    assert stream.replay(4, life=5)["snapshot"] == stream.snapshot()
 
 
 def test_the_index_follows_a_stream_and_heals_a_gap_by_replay():
