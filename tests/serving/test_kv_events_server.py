@@ -147,6 +147,8 @@ def test_the_replay_socket_answers_a_question_that_is_not_an_integer_and_goes_on
     endpoint = info(server.url)["kv_events_replay_endpoint"]
     answer = ask_replay(endpoint, {"op": "replay", "from_seq": from_seq})
     assert "from_seq must be an integer" in answer["error"], answer
+    answer = ask_replay(endpoint, {"op": "replay", "from_seq": 1, "life": from_seq})
+    assert "life must be an integer" in answer["error"], answer
     answer = ask_replay(endpoint, {"op": "snapshot"})
     assert answer["snapshot"]["seq"] == answer["seq"]
 
