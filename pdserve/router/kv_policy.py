@@ -72,6 +72,18 @@ def prompt_page_hashes(token_ids: Sequence[int], page_size: int, seed: int) -> l
         return []
 
 
+def holding_rank(worker: Worker, matched: Mapping[int, int]) -> tuple[int, int | None]:
+    """The worker's longest match over its ranks, and the least loaded rank holding it
+    (None: no match, or only on ranks past the DP size the router knows). Taking the first
+    such rank sent every local prefill of a prompt that several ranks hold to the lowest of
+    them, the others idle."""
+    best = max(matched.values(), default=0)
+    ranks = [rank for rank, num in matched.items() if num == best and rank < worker.dp_size]
+    if not best or not ranks:
+        return best, None
+    return best, min(ranks, key=worker.rank_load)
+
+
 class KVAware(Policy):
     name = "kv_aware"
     uses_salt = True
@@ -102,9 +114,7 @@ class KVAware(Policy):
                     load = worker.rank_load(rank)
                     out.append(Candidate(worker, rank, num, load, rank if num else None))
             else:
-                rank = max(matched, key=matched.__getitem__, default=None)
-                best = 0 if rank is None else matched[rank]
-                holding = rank if best and rank < worker.dp_size else None
+                best, holding = holding_rank(worker, matched)
                 out.append(Candidate(worker, None, best, worker.tokens_in_flight, holding))
         return out
 

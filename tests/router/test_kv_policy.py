@@ -127,3 +127,20 @@ def test_a_salted_prompt_matches_only_pages_cached_under_its_salt():
             best = policy.score(order, PROMPT, salt)
             assert (best.worker, best.matched_tokens) == (holder, 64), salt
     assert policy.score([a, b], PROMPT, "tenant-c").matched_tokens == 0
+
+
+def test_without_dp_aware_the_least_loaded_rank_holding_the_prompt_is_named():
+    """Local prefill names the rank that holds the prompt; where several hold all of it,
+    the least loaded one (the first was named every time: one rank took every request)."""
+    (a,) = make_workers(1)
+    a.set_dp_size(3)
+    index = KVIndex()
+    hashes = page_hashes(PROMPT, PAGE, SEED)
+    index.track(a.url, PAGE, SEED).load_snapshot({"seq": 1, "ranks": [hashes, hashes[:2], hashes]})
+    policy = KVAware(index, per_rank=False)
+    best = policy.score([a], PROMPT)
+    assert (best.matched_tokens, best.holding_rank) == (64, 0)
+    a.on_dispatch(0.0, 80, 0, 40)
+    assert policy.score([a], PROMPT).holding_rank == 2
+    a.on_dispatch(0.0, 80, 2, 50)
+    assert policy.score([a], PROMPT).holding_rank == 0  # rank 1 holds less
