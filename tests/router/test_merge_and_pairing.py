@@ -214,6 +214,26 @@ def test_align_room_draws_rooms_on_the_rank_the_client_routed_to():
     assert seen == {0, 1, 2}
 
 
+def test_align_room_with_kv_aware_draws_rooms_on_the_rank_holding_the_prompt():
+    """Without --dp-aware the room names the prefill rank; it was the router's load pick,
+    so a prompt cached on one rank of the server kv_aware chose was computed again on
+    another one time in two (7 of 14 repeated prompts hit with prefill DP 2)."""
+    config = RouterConfig(align_room=True, policy="kv_aware")
+    registry = registry_with(config, prefill_dp=3)
+    chooser = PairChooser(config, registry, random.Random(0))
+    prompt = list(range(100, 180))
+    hashes = page_hashes(prompt, 16, 7)
+    chooser.kv_index.track("http://10.0.0.1:30000", 16, 7).load_snapshot(
+        {"seq": 1, "ranks": [[], hashes, []]}
+    )
+    for _ in range(6):
+        pair = chooser.choose("/generate", {"input_ids": prompt}, None, prompt, now=0.0)
+        assert (pair.prefill_rank, pair.plan.rooms[0] % 3) == (1, 1)
+        assert pair.prefill_matched_tokens == 64
+    body = {"input_ids": prompt, "routed_dp_rank": 2}  # the client's rank still wins
+    assert chooser.choose("/generate", body, None, prompt, now=0.0).prefill_rank == 2
+
+
 def test_dp_aware_plan_names_both_ranks_and_the_prefill_bootstrap():
     config = RouterConfig(dp_aware=True)
     registry = registry_with(config, prefill_dp=2, decode_dp=4)
