@@ -143,7 +143,8 @@ class PairChooser:
         if c.align_room and not c.dp_aware:  # the rank the prefill server will honour
             # kv_aware: the rooms go to the rank that holds the prompt (the router's load
             # pick sent them anywhere: the rank's cache was the point of choosing the server)
-            prefill_rank = _client_rank(body, prefill.dp_size, best_prefill.holding_rank)
+            picked = best_prefill.holding_rank if prefill_rank is None else prefill_rank
+            prefill_rank = _client_rank(body, prefill.dp_size, picked)
         if prefill_rank is None and (c.dp_aware or c.align_room):
             prefill_rank = prefill.choose_rank()
         decode_rank = decode_kv_rank
