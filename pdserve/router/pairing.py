@@ -123,12 +123,19 @@ class PairChooser:
         # alone (its other prompts, uncached there, could be of any length).
         if c.local_prefill_threshold and not several_prompts(route, body):
             best_decode = self._pick("decode", now, prompt, avoid, salt)
-            if self._decode_holds_enough(prompt, best_decode.matched_tokens):
+            # Only with a rank to name: the match may be on a rank past the DP size the
+            # router knows (a server started again with more ranks, not yet seen), and a
+            # decode server's own pick would compute the whole prompt (or, under
+            # follow_bootstrap_room, refuse the request for its missing room).
+            holding = best_decode.holding_rank
+            if holding is not None and self._decode_holds_enough(
+                prompt, best_decode.matched_tokens
+            ):
                 # The rank that holds the prompt, --dp-aware or not: on another rank decode
                 # would compute the whole prompt itself.
                 return Pair(
                     best_decode.worker,
-                    decode_rank=best_decode.holding_rank,
+                    decode_rank=holding,
                     decode_matched_tokens=best_decode.matched_tokens,
                     local_prefill=True,
                 )

@@ -234,6 +234,23 @@ def test_align_room_with_kv_aware_draws_rooms_on_the_rank_holding_the_prompt():
     assert chooser.choose("/generate", body, None, prompt, now=0.0).prefill_rank == 2
 
 
+def test_local_prefill_needs_a_decode_rank_to_name():
+    """The index may hold ranks past the DP size the router knows for a server (started again
+    with more ranks, its /get_load not yet read): a match there has no rank to name, and
+    went local without routed_dp_rank, to a rank the server picks (without the prompt)."""
+    config = RouterConfig(policy="kv_aware", local_prefill_threshold=32)
+    chooser = PairChooser(config, registry_with(config, decode_dp=2), random.Random(0))
+    prompt = list(range(100, 180))
+    hashes = page_hashes(prompt, 16, 7)
+    cache = chooser.kv_index.track("http://10.0.0.2:30001", 16, 7)
+    cache.load_snapshot({"seq": 1, "ranks": [[], [], hashes]})
+    pair = chooser.choose("/generate", {"input_ids": prompt}, None, prompt, now=0.0)
+    assert not pair.local_prefill and pair.prefill is not None
+    cache.load_snapshot({"seq": 2, "ranks": [[], hashes, hashes]})
+    pair = chooser.choose("/generate", {"input_ids": prompt}, None, prompt, now=0.0)
+    assert (pair.local_prefill, pair.decode_rank) == (True, 1)
+
+
 def test_dp_aware_plan_names_both_ranks_and_the_prefill_bootstrap():
     config = RouterConfig(dp_aware=True)
     registry = registry_with(config, prefill_dp=2, decode_dp=4)
