@@ -77,6 +77,12 @@ def advertised_host(bind_host: str, advertise_host: str | None) -> str:
     return routable_address() if is_wildcard(bind_host) else bind_host
 
 
+def zmq_host(host: str) -> str:
+    """The host as a ZeroMQ tcp:// address takes it: an IPv6 literal in brackets (ZeroMQ
+    read "tcp://::1:5555" as no device at all)."""
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
+
+
 def local_host(bind_host: str) -> str:
     """An address on which this machine reaches its own listener bound to `bind_host`."""
     if not is_wildcard(bind_host):

@@ -39,6 +39,7 @@ class KVSubscriber:
         self._ctx = ctx
         self._sub = ctx.socket(zmq.SUB)
         self._sub.setsockopt(zmq.LINGER, 0)
+        self._sub.setsockopt(zmq.IPV6, 1)  # a server on an IPv6 host (IPv4 as before)
         self._sub.setsockopt(zmq.SUBSCRIBE, b"")
         self._sub.connect(endpoint)
         self.num_resyncs = 0
@@ -115,6 +116,7 @@ class KVSubscriber:
         answer cannot wedge the REQ state machine."""
         sock = self._ctx.socket(zmq.REQ)
         sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.IPV6, 1)
         try:
             sock.connect(self.replay_endpoint)
             await sock.send(msgspec.msgpack.encode(request))

@@ -51,12 +51,13 @@ class KVEventPublisher:
         self._replay = ctx.socket(zmq.ROUTER)
         for sock in (self._pub, self._replay):
             sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.IPV6, 1)  # an IPv6 --host (IPv4 ones bind as before)
         pub_port, replay_port = (
             self._bind(sock, host, port, flag)
             for sock, port, flag in zip((self._pub, self._replay), ports, PORT_FLAGS, strict=True)
         )
-        name = netaddr.advertised_host(host, advertise_host)  # as every other listener
-        self.endpoint = f"tcp://{name}:{pub_port}"
+        name = netaddr.zmq_host(netaddr.advertised_host(host, advertise_host))
+        self.endpoint = f"tcp://{name}:{pub_port}"  # advertised as every other listener
         self.replay_endpoint = f"tcp://{name}:{replay_port}"
         self._tasks: list[asyncio.Task] = []
 
@@ -64,12 +65,13 @@ class KVEventPublisher:
     def _bind(sock: zmq.Socket, host: str, port: int, flag: str) -> int:
         """The port bound; OSError naming the flag when it cannot be (taken, say), which
         the server reports as a failed start like a taken HTTP port, not a traceback."""
-        if port == 0:
-            return sock.bind_to_random_port(f"tcp://{host}")
+        address = f"tcp://{netaddr.zmq_host(host)}"
         try:
-            sock.bind(f"tcp://{host}:{port}")
+            if port == 0:
+                return sock.bind_to_random_port(address)
+            sock.bind(f"{address}:{port}")
         except zmq.ZMQError as exc:
-            raise netaddr.cannot_listen(flag, port, f"tcp://{host}:{port}", exc) from exc
+            raise netaddr.cannot_listen(flag, port, f"{address}:{port}", exc) from exc
         return port
 
     def info(self) -> dict[str, Any]:

@@ -133,3 +133,31 @@ def test_a_restart_heard_only_by_the_idle_probe_resynchronises(monkeypatch):
     (a decode server holding nothing was sent local prefills meanwhile)."""
     monkeypatch.setattr(kv_subscriber, "IDLE_PROBE_S", 0.1)
     asyncio.run(follow_a_restart_with_no_live_batch())
+
+
+async def follow_over_ipv6() -> None:
+    ctx = zmq.asyncio.Context()
+    publisher = KVEventPublisher(ctx, "::1", (0, 0), 1, PAGE_SIZE, HASH_SEED)
+    publisher.start()
+    assert publisher.endpoint.startswith("tcp://[::1]:"), publisher.endpoint
+    publisher.publish(0, [PagesStored([1, 2], None)])
+    cache = WorkerCache(PAGE_SIZE, HASH_SEED)
+    sub = KVSubscriber(ctx, cache, publisher.endpoint, publisher.replay_endpoint)
+    sub.start()
+    try:
+        await wait_for(lambda: cached(cache) == {0: {1, 2}}, "the snapshot over IPv6")
+        page = 3
+        while sub.num_live_batches == 0:  # a PUB drops what it sends before the SUB is in
+            publisher.publish(0, [PagesStored([page], page - 1)])
+            page += 1
+            await wait_for(lambda: cache.last_seq == publisher.stream.seq, "the live batch")
+    finally:
+        await sub.stop()
+        await publisher.stop()
+        ctx.destroy(linger=0)
+
+
+def test_a_server_on_an_ipv6_host_publishes_and_is_followed():
+    """`pdserve serve --host ::1` (or `::`) failed to start: ZeroMQ took "tcp://::1" for no
+    device at all (the KV event sockets are opened on every role, colocated too)."""
+    asyncio.run(follow_over_ipv6())
