@@ -22,10 +22,11 @@ class KVFollower:
         self._subs: dict[str, KVSubscriber] = {}
 
     def follows(self, url: str) -> bool:
-        """Following the worker, and its events server answers (a server started again
-        on other ports does not: the monitor then reads its /server_info anew)."""
+        """Following the worker, its events server answers (a server started again on other
+        ports does not) and has not started again (on the same ports: its page size or model
+        may be new). Otherwise the monitor reads its /server_info anew."""
         sub = self._subs.get(url)
-        return sub is not None and not sub.lost
+        return sub is not None and not sub.lost and not sub.restarted
 
     async def follow(self, url: str, info: dict[str, Any]) -> None:
         """Start (or restart) following the worker; one without an events endpoint (another

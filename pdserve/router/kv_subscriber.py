@@ -2,7 +2,8 @@
 
 SUB on the server's `kv_events_endpoint`; a snapshot from its replay endpoint gives the
 base; a gap is filled by replay (or a fresh snapshot when the server no longer has the
-batches); a server that started again is resynchronised the same way, or, on other ports,
+batches); a server that started again is resynchronised the same way and marked restarted
+(its /server_info is read again: it may hash its pages otherwise now), or, on other ports,
 found silent and marked lost.
 """
 
@@ -47,6 +48,10 @@ class KVSubscriber:
         self.drop_next = False  # lose the next live batch, as a slow subscriber would
         self.num_live_batches = 0
         self.lost = False  # the replay socket did not answer the last question
+        # The server started again since the first snapshot (a new life): its page size or
+        # model, so how its pages are hashed, may have changed with it.
+        self.restarted = False
+        self._first_life: int | None = None
         self._task: asyncio.Task | None = None
 
     def start(self) -> None:
@@ -92,8 +97,16 @@ class KVSubscriber:
 
     async def _resync(self) -> None:
         answer = await self._ask({"op": "snapshot"})
-        self.cache.load_snapshot(answer["snapshot"])
+        self._load_snapshot(answer["snapshot"])
+
+    def _load_snapshot(self, snapshot: dict[str, Any]) -> None:
+        self.cache.load_snapshot(snapshot)
         self.num_resyncs += 1
+        life = self.cache.life
+        if self._first_life is None:
+            self._first_life = life
+        elif life is not None and life != self._first_life:
+            self.restarted = True
 
     async def _catch_up(self) -> None:
         assert self.cache.last_seq is not None
@@ -103,8 +116,7 @@ class KVSubscriber:
         answer = await self._ask(request)
         self.num_replays += 1
         if "snapshot" in answer:
-            self.cache.load_snapshot(answer["snapshot"])
-            self.num_resyncs += 1
+            self._load_snapshot(answer["snapshot"])
             return
         for batch in answer["batches"]:
             if self.cache.offer(batch) is BatchVerdict.RESYNC:  # the server started again

@@ -14,7 +14,8 @@ import zmq.asyncio
 
 from pdserve.engine.kv_events import CacheEvent, PagesRemoved, PagesStored
 from pdserve.router import kv_subscriber
-from pdserve.router.kv_index import WorkerCache
+from pdserve.router.kv_follow import KVFollower
+from pdserve.router.kv_index import KVIndex, WorkerCache
 from pdserve.router.kv_subscriber import KVSubscriber
 from pdserve.serving.kv_event_stream import KVEventStream
 from pdserve.serving.kv_publisher import MAX_RECENT_BATCHES, KVEventPublisher
@@ -125,6 +126,36 @@ async def follow_a_restart_with_no_live_batch() -> None:
         await publisher.stop()
         relay.sock.close()
         ctx.destroy(linger=0)
+
+
+async def follow_a_restart_on_the_same_ports() -> None:
+    ctx = zmq.asyncio.Context()
+    publisher = KVEventPublisher(ctx, "127.0.0.1", (0, 0), 1, PAGE_SIZE, HASH_SEED)
+    publisher.start()
+    publisher.publish(0, [PagesStored([1, 2], None)])
+    index, url = KVIndex(), "http://127.0.0.1:1"
+    follower = KVFollower(index)
+    try:
+        await follower.follow(url, {**publisher.info(), "page_size": PAGE_SIZE})
+        await wait_for(lambda: index.workers[url].last_seq == 1, "the first snapshot")
+        assert follower.follows(url)
+        life = index.workers[url].life
+        publisher.stream = KVEventStream(1, PAGE_SIZE, MAX_RECENT_BATCHES, life=life + 1)
+        publisher.publish(0, [PagesStored([3], None)])
+        await wait_for(lambda: index.workers[url].life == life + 1, "the new life's snapshot")
+        assert not follower.follows(url)
+    finally:
+        await follower.stop()
+        await publisher.stop()
+        ctx.destroy(linger=0)
+
+
+def test_a_server_started_again_on_the_same_ports_is_no_longer_followed_as_it_was(monkeypatch):
+    """Its /server_info must be read again: started with another --page-size or model, it
+    hashes its pages otherwise. The follower went on with the old page size and seed, and
+    the index matched no prompt on that server again (until it failed its health checks)."""
+    monkeypatch.setattr(kv_subscriber, "IDLE_PROBE_S", 0.1)
+    asyncio.run(follow_a_restart_on_the_same_ports())
 
 
 def test_a_restart_heard_only_by_the_idle_probe_resynchronises(monkeypatch):
