@@ -80,6 +80,15 @@ class CircuitBreaker:
         if self.state is BreakerState.HALF_OPEN:
             self._probe_in_flight = True
 
+    def on_back(self, now: float) -> None:
+        """The server passed a health check after failing enough of them to be taken out
+        (it restarted, or recovered): the failures that opened the breaker were of that
+        outage, so a probe may go now. Held out for the rest of the open period, a server
+        restarted quicker than it was unused though healthy (the only one of its role: 503
+        for every request)."""
+        if self.state is BreakerState.OPEN:
+            self.open_until = min(self.open_until, now)
+
     def release(self) -> None:
         """The dispatched request ended without a verdict (client gone, peer leg failed)."""
         self._probe_in_flight = False

@@ -238,7 +238,9 @@ class Monitor:
         for worker, ok in zip(workers, results, strict=True):
             if worker.health.record(ok):
                 healthy = worker.health.healthy
-                if not healthy and self.kv_follower is not None:
+                if healthy:
+                    worker.breaker.on_back(time.monotonic())
+                elif self.kv_follower is not None:
                     await self.kv_follower.drop(worker.url)
                 log.log(
                     logging.INFO if healthy else logging.WARNING,

@@ -89,3 +89,18 @@ def test_breaker_reopens_when_the_probe_fails_and_frees_a_probe_without_verdict(
     cb.on_dispatch(11.0)
     cb.release()  # the probe was aborted because of its peer: no verdict
     assert cb.allows(11.0) and cb.state is BreakerState.HALF_OPEN
+
+
+def test_breaker_of_a_server_back_from_failed_checks_lets_a_probe_through_at_once():
+    cb = CircuitBreaker(failure_threshold=1, success_threshold=1, open_s=10.0)
+    cb.record(False, now=0.0)  # a request failed while the server was down
+    assert not cb.allows(3.0)
+    cb.on_back(3.0)  # its health checks failed, then passed: it restarted
+    assert cb.allows(3.0)
+    cb.on_dispatch(3.0)
+    assert cb.state is BreakerState.HALF_OPEN and not cb.allows(3.1)  # a probe, not all
+    cb.record(False, now=3.5)  # a probe that fails opens it for the whole period again
+    assert not cb.allows(13.0) and cb.allows(13.5)
+    closed = CircuitBreaker(failure_threshold=1, success_threshold=1, open_s=10.0)
+    closed.on_back(3.0)
+    assert closed.state is BreakerState.CLOSED and closed.allows(3.0)

@@ -36,6 +36,29 @@ def test_a_server_back_from_failed_checks_has_its_new_dp_size(stubs, router_fact
     assert worker_of(router.url, p2.url)["dp_size"] == 2
 
 
+def test_a_server_back_from_failed_checks_takes_requests_despite_its_open_breaker(
+    stubs, router_factory
+):
+    """A decode server restarted quickly: the requests that failed while it was down opened
+    its breaker (for 60 s here), its checks failed, then passed. It serves again at once
+    (a probe first), where the router answered 503 to every request for the rest of
+    --cb-open-s, its only decode server up and healthy."""
+    d1 = stubs["d1"]
+    breaker = ["--max-retries", "0", "--cb-failure-threshold", "2", "--cb-open-s", "60"]
+    router = router_factory(pd_args(stubs) + breaker)
+    down = {"text": "x", "stub": {"d1": {"status": 500}}}
+    for _ in range(2):
+        assert requests.post(f"{router.url}/generate", json=down, timeout=10).status_code == 500
+    assert worker_of(router.url, d1.url)["circuit"] == "open"
+    d1.control(health_status=503)
+    wait_until(lambda: not worker_of(router.url, d1.url)["healthy"], 20, "d1 marked unhealthy")
+    d1.control(health_status=200)
+    wait_until(lambda: worker_of(router.url, d1.url)["healthy"], 20, "d1 healthy again")
+    for _ in range(3):  # the probe, then the breaker closes (2 successes)
+        generate_ok(router.url)
+    assert worker_of(router.url, d1.url)["circuit"] == "closed"
+
+
 def test_dp_aware_sees_a_healthy_servers_new_dp_size_and_uses_its_ranks(stubs, router_factory):
     p2 = stubs["p2"]
     router = router_factory(pd_args(stubs, prefills=("p2",)) + ["--dp-aware"])
