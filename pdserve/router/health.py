@@ -23,9 +23,11 @@ class HealthState:
         self.stuck_reason: str | None = None
         self._failures_in_row = 0
         self._successes_in_row = 0
+        self.checked = healthy  # a check was recorded (or the worker was known healthy)
 
     def record(self, ok: bool) -> bool:
         """Record one check; True when the healthy flag changed."""
+        self.checked = True
         if ok:
             self._failures_in_row = 0
             self._successes_in_row += 1

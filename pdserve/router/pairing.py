@@ -85,7 +85,10 @@ class PairChooser:
         them) an open circuit breaker, which the message alone used not to tell apart."""
         registered = self.registry.by_role(role)
         why = [f"{len(registered)} registered"]
-        unhealthy = [w for w in registered if not w.health.healthy]
+        unchecked = [w for w in registered if not w.health.checked]
+        if unchecked:  # a router just (re)started: they did not fail anything
+            why.append(f"{len(unchecked)} not health-checked yet")
+        unhealthy = [w for w in registered if w.health.checked and not w.health.healthy]
         if unhealthy:
             why.append(f"{len(unhealthy)} failing health checks{stuck_reasons(unhealthy)}")
         held = [w for w in registered if w.health.healthy]  # out: their breaker is open

@@ -279,6 +279,21 @@ def test_no_healthy_worker_is_a_clear_error_and_a_failed_worker_is_avoided():
         assert pair.prefill.url == "http://10.0.0.3:30000"
 
 
+def test_servers_a_just_started_router_has_not_checked_are_not_said_to_fail_checks():
+    """A router (re)started under load answers before its first checks pass; it told those
+    clients that every server was failing its health checks."""
+    config = RouterConfig()
+    registry = registry_with(config, healthy=False)
+    registry.add(registry.new_worker(WorkerSpec("http://10.0.0.3:30000", "prefill")))
+    chooser = PairChooser(config, registry, random.Random(0))
+    with pytest.raises(NoWorker, match=r"\(2 registered, 2 not health-checked yet\)$"):
+        chooser.choose("/generate", {"text": "x"}, None, "x", now=0.0)
+    registry.get("http://10.0.0.3:30000").health.record(False)
+    why = r"\(2 registered, 1 not health-checked yet, 1 failing health checks\)$"
+    with pytest.raises(NoWorker, match=why):
+        chooser.choose("/generate", {"text": "x"}, None, "x", now=0.0)
+
+
 def test_a_probing_decode_server_is_used_when_no_other_is_available():
     """Decode server 2 passes its health checks but its breaker is half-open with a probe in
     flight; decode server 1 is unhealthy. Requests go to server 2, not to a 503; an open
