@@ -284,7 +284,7 @@ class PrefillWorkerHooks(WorkerHooks):
 
     def _on_peer_lost(self, event: PeerLost, now: float) -> list[ReqOutput]:
         self.decode_peers.lost(event.peer)
-        reason = f"lost the connection to decode: {event.reason}"
+        reason = self.stall.explain(f"lost the connection to decode: {event.reason}", now)
         lost = [r.room for r in self.rooms.values() if r.peer == event.peer]
         return self._fail_for_decode(lost, 503, reason, now, self.stall.blame(now))
 
@@ -360,7 +360,7 @@ class PrefillWorkerHooks(WorkerHooks):
                 room.peer, room.room, src_page_ids, list(room.dst_page_ids), status
             )
         except Exception as exc:  # the decode peer vanished
-            reason = f"sending KV to decode failed: {exc}"
+            reason = self.stall.explain(f"sending KV to decode failed: {exc}", now)
             return self._fail_for_decode([room.room], 503, reason, now, self.stall.blame(now))
         return []
 
@@ -395,8 +395,10 @@ class PrefillWorkerHooks(WorkerHooks):
         timeout_s = self.cfg.bootstrap_timeout_s
         self._unclaimed += prefill_room.newly_unclaimed(waiting, now, timeout_s)
         for lapse in prefill_room.lapsed(waiting, now, self.dp_rank, timeout_s):
-            origin = self.stall.blame(now) if lapse.for_decode else None
-            outputs += self._fail_room(lapse.room, 504, lapse.reason, now, origin=origin)
+            origin, reason = None, lapse.reason
+            if lapse.for_decode:
+                origin, reason = self.stall.blame(now), self.stall.explain(reason, now)
+            outputs += self._fail_room(lapse.room, 504, reason, now, origin=origin)
         for room_id in [r for r, f in self.failed.items() if now >= f.expires_at]:
             del self.failed[room_id]
         self.forwards.expire(now)

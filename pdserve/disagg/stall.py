@@ -18,10 +18,12 @@ class StallClock:
         self.peer_origin = peer_origin  # hooks.PREFILL_ORIGIN or DECODE_ORIGIN
         self._last_turn: float | None = None
         self._resumed_at: float | None = None
+        self._stood_still_s = 0.0
 
     def turn(self, now: float) -> None:
         if self._last_turn is not None and now - self._last_turn > self.limit_s:
             self._resumed_at = now
+            self._stood_still_s = now - self._last_turn
         self._last_turn = now
 
     def stalled_lately(self, now: float) -> bool:
@@ -32,3 +34,14 @@ class StallClock:
         send, a deadline on the peer that lapsed): the peer's, unless this worker itself
         stood still lately (then its own: none)."""
         return None if self.stalled_lately(now) else self.peer_origin
+
+    def explain(self, reason: str, now: float) -> str:
+        """`reason` for such a fault, saying so when this worker itself stood still lately:
+        the message blamed the peer ("lost the connection to prefill worker ...") where
+        `blame` already named this worker."""
+        if not self.stalled_lately(now):
+            return reason
+        return (
+            f"{reason} (this worker itself did not run for {self._stood_still_s:.1f} s just "
+            "before: stopped or starved of CPU, the likelier cause)"
+        )

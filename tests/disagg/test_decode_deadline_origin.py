@@ -90,6 +90,7 @@ def test_a_decode_deadline_on_prefill_blames_prefill_unless_decode_stood_still()
         out = failure("r2")
         assert out.error_status == 504 and "waiting for the KV of room 2" in out.error_message
         assert out.error_origin is None, out
+        assert "this worker itself did not run for" in out.error_message, out
         arrive(4, prefill.endpoint)
         prefill.close()  # its connection drops while this worker has just run again
         deadline = time.monotonic() + 2.5  # within the heartbeat timeout of the stall
@@ -99,6 +100,7 @@ def test_a_decode_deadline_on_prefill_blames_prefill_unless_decode_stood_still()
         out = failure("r4")
         assert out.error_status == 503 and "lost the connection" in out.error_message, out
         assert out.error_origin is None, out
+        assert "this worker itself did not run for" in out.error_message, out
     finally:
         hooks.close()
         prefill.close()

@@ -128,12 +128,15 @@ def test_a_prefill_worker_that_stood_still_takes_decode_faults_for_its_own() -> 
         out = worker.error_of(2)
         assert out.error_status == 504 and PAGE_LIST_WAIT in out.error_message, out
         assert out.error_origin is None, out
+        assert "this worker itself did not run" in out.error_message, out
         worker.run_for(3.5)  # running again, past the heartbeat timeout since the stall
         out = lost_decode_error(worker, 3, stall_s=0.01)
         assert out.error_status == 503 and "lost the connection to decode" in out.error_message
         assert out.error_origin == "decode", out
+        assert "did not run" not in out.error_message, out
         out = lost_decode_error(worker, 4, stall_s=5.0)
         assert out.error_status == 503 and "lost the connection to decode" in out.error_message
         assert out.error_origin is None, out
+        assert "this worker itself did not run for 5.0 s" in out.error_message, out
     finally:
         worker.close()
