@@ -77,10 +77,25 @@ def advertised_host(bind_host: str, advertise_host: str | None) -> str:
     return routable_address() if is_wildcard(bind_host) else bind_host
 
 
-def zmq_host(host: str) -> str:
-    """The host as a ZeroMQ tcp:// address takes it: an IPv6 literal in brackets (ZeroMQ
-    read "tcp://::1:5555" as no device at all)."""
+def url_host(host: str) -> str:
+    """The host as a URL or a ZeroMQ tcp:// address takes it: an IPv6 literal in brackets
+    (ZeroMQ read "tcp://::1:5555" as no device at all, and http://::1:80 is no URL)."""
     return f"[{host}]" if ":" in host and not host.startswith("[") else host
+
+
+def host_port(host: str, port: int) -> str:
+    """host:port for messages and URLs, an IPv6 literal in brackets: "[::1]:8998"."""
+    return f"{url_host(host)}:{port}"
+
+
+def http_url(host: str, port: int) -> str:
+    """The base URL of an HTTP listener, e.g. "http://[::1]:8998"."""
+    return f"http://{host_port(host, port)}"
+
+
+def family(host: str) -> socket.AddressFamily:
+    """The socket family a listener on `host` needs: AF_INET6 for an IPv6 literal."""
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
 
 
 def local_host(bind_host: str) -> str:

@@ -25,6 +25,7 @@ from typing import Any
 import requests
 
 from pdserve import procs
+from pdserve.netaddr import http_url
 from pdserve.procs import free_port as free_port  # re-exported for the tests
 from pdserve.procs import http_status as http_status
 
@@ -133,6 +134,18 @@ def send_part_and_leave(url: str, method: str, path: str, reset: bool) -> None:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         head = f"{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
         sock.sendall(head.encode() + b'Content-Length: 1000\r\n\r\n{"text": "hel')
+
+
+def ipv6_loopback_missing() -> str | None:
+    """Why this machine cannot listen on ::1 (no IPv6, or IPv6 disabled), else None."""
+    if not socket.has_ipv6:
+        return "Python was built without IPv6"
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as sock:
+            sock.bind(("::1", 0))
+    except OSError as exc:
+        return f"no IPv6 loopback on this machine: {exc}"
+    return None
 
 
 def python_path_env() -> dict[str, str]:
@@ -253,11 +266,12 @@ def launch_server(
     port: int | None = None,
     extra_ready_urls: Sequence[str] = (),
     subcommand: str = "serve",
+    host: str = "127.0.0.1",
 ) -> ServerProcess:
-    """Start `pdserve serve` on 127.0.0.1:`port` (free by default) with `args`; returns once
+    """Start `pdserve serve` on `host`:`port` (free by default) with `args`; returns once
     GET /health and every `extra_ready_urls` answer 200. Stop it with `.stop()` or `with`."""
-    port = port or free_port()
-    argv = [subcommand, "--host", "127.0.0.1", "--port", str(port), *args]
-    url = f"http://127.0.0.1:{port}"
+    port = port or free_port(host)
+    argv = [subcommand, "--host", host, "--port", str(port), *args]
+    url = http_url(host, port)
     server = ServerProcess(argv, [f"{url}/health", *extra_ready_urls], env=env, url=url)
     return server.start(timeout_s)

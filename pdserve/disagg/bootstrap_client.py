@@ -15,7 +15,7 @@ from typing import Any
 import aiohttp
 import msgspec
 
-from pdserve import auth
+from pdserve import auth, netaddr
 from pdserve.disagg.bootstrap_registry import (
     EPOCH_HEADER,
     RoomFailure,
@@ -47,12 +47,9 @@ class BootstrapClientError(Exception):
 
 
 def bootstrap_url(host: str, port: int) -> str:
-    """The base URL of a bootstrap server, e.g. from a request's bootstrap_host/port."""
-    return (
-        f"http://[{host}]:{port}"
-        if ":" in host and not host.startswith("[")
-        else f"http://{host}:{port}"
-    )
+    """The base URL of a bootstrap server, e.g. from a request's bootstrap_host/port (an
+    IPv6 literal with or without brackets)."""
+    return netaddr.http_url(host, port)
 
 
 def _error_message(body: bytes) -> str:

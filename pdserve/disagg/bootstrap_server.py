@@ -19,7 +19,7 @@ from typing import Annotated, Any
 import msgspec
 from aiohttp import web
 
-from pdserve import auth, envs
+from pdserve import auth, envs, netaddr
 from pdserve.config import add_arguments, check, from_args, opt
 from pdserve.disagg.bootstrap_registry import (
     EPOCH_HEADER,
@@ -255,10 +255,6 @@ def make_bootstrap_app(
     return app
 
 
-def http_url(host: str, port: int) -> str:
-    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
-
-
 @dataclass
 class BootstrapServer:
     """A running bootstrap site; `port` is the bound one (useful with port 0)."""
@@ -269,7 +265,7 @@ class BootstrapServer:
 
     @property
     def url(self) -> str:
-        return http_url(self.host, self.port)
+        return netaddr.http_url(self.host, self.port)
 
     async def stop(self) -> None:
         await self.runner.cleanup()

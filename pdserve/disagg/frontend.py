@@ -34,7 +34,7 @@ from pdserve.disagg.rank_resolver import (
 )
 from pdserve.disagg.room_relay import LegMatcher
 from pdserve.disagg.worker_side import advertised_host
-from pdserve.netaddr import cannot_listen
+from pdserve.netaddr import cannot_listen, host_port
 from pdserve.serving.hooks import (
     DECODE_ORIGIN,
     PREFILL_ORIGIN,
@@ -98,7 +98,7 @@ class PrefillFrontendHooks(_PDFrontendHooks):
                 self.registry, host, port, checker=self.checker
             )
         except OSError as exc:  # the server's failed start names the flag, as for --port
-            raise cannot_listen("--bootstrap-port", port, f"{host}:{port}", exc) from exc
+            raise cannot_listen("--bootstrap-port", port, host_port(host, port), exc) from exc
 
     def exposure_warnings(self) -> list[str]:
         return _secret_warnings(self.cfg)

@@ -12,6 +12,7 @@ import signal
 import time
 from typing import Any
 
+from pdserve import netaddr
 from pdserve.auth import bearer_ok, is_loopback
 from pdserve.router.body import CHAT, COMPLETIONS, GENERATE, BadRequest
 from pdserve.router.config import RouterConfig, WorkerSpec
@@ -336,7 +337,7 @@ async def serve(config: RouterConfig) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     tune_gc()
-    log.info("router listening on http://%s:%d", config.host, config.port)
+    log.info("router listening on %s", netaddr.http_url(config.host, config.port))
     if not config.api_key and not is_loopback(config.host):
         log.warning(
             "WARNING: router bound to %s without --api-key: anyone who reaches port %d can "
@@ -344,7 +345,7 @@ async def serve(config: RouterConfig) -> None:
             config.host,
             config.port,
         )
-    print(f"pdserve router ready on http://{config.host}:{config.port}", flush=True)
+    print(f"pdserve router ready on {netaddr.http_url(config.host, config.port)}", flush=True)
     await stop.wait()
     if metrics_server is not None:
         await metrics_server.stop(0.0)

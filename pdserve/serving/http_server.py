@@ -22,7 +22,7 @@ from aiohttp import web
 
 from pdserve.auth import bearer_ok, is_loopback
 from pdserve.engine.request import InvalidSampling, SamplingParams
-from pdserve.netaddr import cannot_listen
+from pdserve.netaddr import cannot_listen, host_port, http_url
 from pdserve.serving import admin_api, native_api, openai_api, tokenize_api
 from pdserve.serving.config import ServerConfig
 from pdserve.serving.content_coding import ACCEPTED_CODINGS, UnsupportedCoding
@@ -237,10 +237,9 @@ async def serve_async(cfg: ServerConfig, plug: ServerHooks) -> int:
         await runner.setup()
         await _listen(runner, cfg.server.host, cfg.server.port)
         logger.info(
-            "pdserve %s server on http://%s:%d (dp_size=%d, model %s)",
+            "pdserve %s server on %s (dp_size=%d, model %s)",
             cfg.server.mode,
-            cfg.server.host,
-            cfg.server.port,
+            http_url(cfg.server.host, cfg.server.port),
             cfg.server.dp_size,
             model_dir,
         )
@@ -265,7 +264,7 @@ async def _listen(runner: web.AppRunner, host: str, port: int) -> None:
     try:
         await web.TCPSite(runner, host, port).start()
     except OSError as exc:
-        raise cannot_listen("--port", port, f"{host}:{port}", exc) from exc
+        raise cannot_listen("--port", port, host_port(host, port), exc) from exc
 
 
 async def _drain(

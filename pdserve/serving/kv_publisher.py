@@ -56,7 +56,7 @@ class KVEventPublisher:
             self._bind(sock, host, port, flag)
             for sock, port, flag in zip((self._pub, self._replay), ports, PORT_FLAGS, strict=True)
         )
-        name = netaddr.zmq_host(netaddr.advertised_host(host, advertise_host))
+        name = netaddr.url_host(netaddr.advertised_host(host, advertise_host))
         self.endpoint = f"tcp://{name}:{pub_port}"  # advertised as every other listener
         self.replay_endpoint = f"tcp://{name}:{replay_port}"
         self._tasks: list[asyncio.Task] = []
@@ -65,7 +65,7 @@ class KVEventPublisher:
     def _bind(sock: zmq.Socket, host: str, port: int, flag: str) -> int:
         """The port bound; OSError naming the flag when it cannot be (taken, say), which
         the server reports as a failed start like a taken HTTP port, not a traceback."""
-        address = f"tcp://{netaddr.zmq_host(host)}"
+        address = f"tcp://{netaddr.url_host(host)}"
         try:
             if port == 0:
                 return sock.bind_to_random_port(address)

@@ -228,6 +228,7 @@ def test_async_helpers_raise_one_clear_error_on_bad_answers(helper, status, body
 def test_bootstrap_url_brackets_ipv6_hosts():
     assert bootstrap_url("10.0.0.1", 8998) == "http://10.0.0.1:8998"
     assert bootstrap_url("::1", 8998) == "http://[::1]:8998"
+    assert bootstrap_url("[::1]", 8998) == "http://[::1]:8998"  # as a client may send it
 
 
 def test_a_refused_bootstrap_server_fails_in_about_a_second_naming_it():

@@ -27,6 +27,7 @@ from tests.disagg.transfer_peer import (
     source_pages,
     start_peer,
 )
+from tests.helpers import ipv6_loopback_missing
 
 POOL_PAGES = 64
 PAGE_NBYTES = 1024  # PAGE_SHAPE in fp32
@@ -158,3 +159,32 @@ def test_fake_backend_moves_control_messages_but_no_bytes() -> None:
     assert KVReceived(peer, 6, 3, 0, 3) in events
     assert m.Pong(seq=5) in msgs(events, m.Pong)
     assert bool((pool == SENTINEL).all())
+
+
+@pytest.mark.skipif(ipv6_loopback_missing() is not None, reason=str(ipv6_loopback_missing()))
+def test_a_prefill_side_on_ipv6_advertises_a_bracketed_endpoint_and_sends_on_its_data_port():
+    """A prefill transport listening on ::1 (its ZeroMQ bind took "tcp://::1:*" as no device)."""
+    prefill = make_transport("zmq", make_pool(POOL_PAGES, seed=1), "::1")
+    decode, pool = decode_side("zmq")
+
+    def decode_until(kind: type) -> list[Event]:  # prefill, in this process too, kept moving
+        return poll_until(decode, lambda ev: msgs(ev, kind) or prefill.poll(0) and False)
+
+    try:
+        assert prefill.endpoint is not None and prefill.endpoint.startswith("tcp://[::1]:")
+        peer = decode.connect(prefill.endpoint)
+        decode.send(peer, m.Handshake(decode_id="d0", layout=LAYOUT))
+        events = poll_until(prefill, lambda ev: msgs(ev, m.Handshake))
+        (handshake,) = [e for e in events if isinstance(e, Inbound)]
+        prefill.send(handshake.peer, m.HandshakeResult(ok=True))
+        decode_until(m.HandshakeResult)
+        decode.send(peer, m.PageList(room=5, dst_page_ids=[9, 1], prompt_len=2))
+        events = poll_until(prefill, lambda ev: msgs(ev, m.PageList))
+        (page_list,) = [e for e in events if isinstance(e, Inbound)]
+        prefill.send_kv(page_list.peer, 5, [3, 4], [9, 1], m.RoomStatus(room=5, ok=True))
+        decode_until(m.RoomStatus)
+        assert torch.equal(pool[[9, 1]], prefill.pool[[3, 4]])
+        assert decode.stats["data_kv_bytes_in"] == 2 * PAGE_NBYTES  # the raw TCP port, on ::1
+    finally:
+        decode.close()
+        prefill.close()

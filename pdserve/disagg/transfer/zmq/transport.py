@@ -12,6 +12,7 @@ messages, then its RoomStatus.
 from __future__ import annotations
 
 import logging
+import socket
 import time
 import uuid
 from collections import Counter
@@ -21,6 +22,7 @@ import torch
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
+from pdserve import netaddr
 from pdserve.disagg import messages as m
 from pdserve.disagg.transfer.base import (
     Event,
@@ -109,6 +111,7 @@ class ZmqTransport(ZmqSender, ZmqReceiver, DataPath, KVTransport):
         sock.setsockopt(zmq.SNDHWM, self.options.send_hwm_msgs)
         sock.setsockopt(zmq.RCVHWM, self.options.recv_hwm_msgs)
         sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.IPV6, 1)  # dials IPv6 endpoints too (IPv4 ones as before)
         sock.setsockopt(zmq.MAXMSGSIZE, self._max_message_nbytes())
         sock.setsockopt(zmq.TCP_KEEPALIVE, 1)
         sock.setsockopt(zmq.TCP_KEEPALIVE_IDLE, 10)
@@ -124,9 +127,12 @@ class ZmqTransport(ZmqSender, ZmqReceiver, DataPath, KVTransport):
         return max(MAX_FRAME_NBYTES, self.page_nbytes, 16 * self.num_pages) + (1 << 20)
 
     def _bind(self, host: str, advertise_host: str | None) -> str:
-        self._sock.bind(f"tcp://{host}:*")
+        # An IPv4 host keeps an IPv4 listener (with IPV6 set, ZeroMQ made 0.0.0.0 an IPv6
+        # socket, and its peers' addresses IPv4-mapped).
+        self._sock.setsockopt(zmq.IPV6, int(netaddr.family(host) == socket.AF_INET6))
+        self._sock.bind(f"tcp://{netaddr.url_host(host)}:*")
         port = self._sock.getsockopt_string(zmq.LAST_ENDPOINT).rsplit(":", 1)[1]
-        return f"tcp://{advertise_host or host}:{port}"
+        return f"tcp://{netaddr.url_host(advertise_host or host)}:{port}"
 
     # -- the interface -----------------------------------------------------------------
     @property

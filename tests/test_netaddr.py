@@ -1,0 +1,28 @@
+"""The one way host:port is written: an IPv6 literal in brackets, in URLs, ZeroMQ addresses
+and messages alike; a bracketed one is left as it is."""
+
+from __future__ import annotations
+
+import socket
+
+from pdserve import netaddr
+
+
+def test_ipv6_literals_are_bracketed_once_and_others_left_alone():
+    assert netaddr.url_host("::1") == "[::1]"
+    assert netaddr.url_host("[::1]") == "[::1]"
+    assert netaddr.url_host("fd00::2") == "[fd00::2]"
+    assert netaddr.url_host("10.0.0.1") == "10.0.0.1"
+    assert netaddr.url_host("node-3.example") == "node-3.example"
+    assert netaddr.host_port("::", 8998) == "[::]:8998"
+    assert netaddr.host_port("127.0.0.1", 8998) == "127.0.0.1:8998"
+    assert netaddr.http_url("::1", 30000) == "http://[::1]:30000"
+    assert netaddr.http_url("[::1]", 30000) == "http://[::1]:30000"
+    assert netaddr.http_url("localhost", 30000) == "http://localhost:30000"
+
+
+def test_a_listener_on_an_ipv6_literal_needs_an_ipv6_socket():
+    assert netaddr.family("::1") == socket.AF_INET6
+    assert netaddr.family("::") == socket.AF_INET6
+    assert netaddr.family("0.0.0.0") == socket.AF_INET
+    assert netaddr.family("localhost") == socket.AF_INET
