@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from pdserve import envs
+from pdserve import envs, netaddr
 from pdserve.auth import bearer_header
 from pdserve.config import add_arguments, check, from_args, opt
 from pdserve.procs import (
@@ -267,7 +267,7 @@ def plan(c: ClusterConfig, router_port: int | None = None) -> list[Child]:
         for name in ("port", "prefill_port", "decode_port", "bootstrap_port")
     }
     port["port"] = router_port or port["port"]
-    url = {name: f"http://{c.host}:{p}" for name, p in port.items()}
+    url = {name: netaddr.http_url(netaddr.local_host(c.host), p) for name, p in port.items()}
     prefill_argv = server_argv(c, "prefill", port["prefill_port"], c.prefill_dp)
     prefill_argv += ["--bootstrap-port", str(port["bootstrap_port"])]
     router_argv = [sys.executable, "-m", "pdserve", "router", "--host", c.host]

@@ -18,6 +18,8 @@ import urllib.error
 import urllib.request
 from collections.abc import Collection, Sequence
 
+from pdserve import netaddr
+
 _PR_SET_PDEATHSIG = 1
 
 
@@ -63,14 +65,14 @@ def free_port(host: str = "127.0.0.1") -> int:
             if port not in _handed_out and port_is_free(host, port):
                 _handed_out.add(port)
                 return port
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+    with socket.socket(netaddr.family(host), socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         return sock.getsockname()[1]
 
 
 def port_is_free(host: str, port: int) -> bool:
     """Whether a listening socket could bind `port` now (SO_REUSEADDR, like the router's)."""
-    with socket.socket() as sock:
+    with socket.socket(netaddr.family(host)) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))

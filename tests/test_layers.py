@@ -16,6 +16,7 @@ PACKAGE_DIR = Path(__file__).resolve().parent.parent / "pdserve"
 # Bottom first. A unit is a subpackage or a top-level module; a module may import its own
 # unit and units of lower layers. Units sharing a layer are peers and import neither way.
 LAYERS: list[set[str]] = [
+    {"pdserve.netaddr"},  # addresses and their formats (stdlib only): every layer's listeners
     {
         "pdserve",
         "pdserve.auth",

@@ -19,11 +19,19 @@ from pdserve.cluster import (
     DEFAULT_ROUTER_PORT,
     ClusterConfig,
     choose_router_port,
+    plan,
     server_argv,
     shared_gpu_note,
 )
 from pdserve.procs import port_is_free
-from tests.helpers import PYTHON, REPO_ROOT, http_status, python_path_env, wait_until
+from tests.helpers import (
+    PYTHON,
+    REPO_ROOT,
+    http_status,
+    ipv6_loopback_missing,
+    python_path_env,
+    wait_until,
+)
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -197,3 +205,17 @@ def test_up_passes_every_served_name_to_both_servers():
     argv = server_argv(ClusterConfig(served_model_name=["a", "b"]), "decode", 31001, 2)
     ns = build_parser().parse_args(argv[argv.index("serve") :])
     assert pd_server_config_from_args(ns).model_names[:2] == ["a", "b"]
+
+
+@pytest.mark.skipif(ipv6_loopback_missing() is not None, reason=str(ipv6_loopback_missing()))
+def test_up_on_an_ipv6_host_draws_its_ports_there_and_names_children_by_bracketed_urls():
+    """`pdserve up --host ::1` failed drawing ports (an IPv4 socket cannot bind ::1)."""
+    with socket.socket(socket.AF_INET6) as sock:
+        sock.bind(("::1", 0))
+        sock.listen()
+        assert not port_is_free("::1", sock.getsockname()[1])
+    prefill, decode, router = plan(ClusterConfig(host="::1"))
+    for child in (prefill, decode, router):
+        assert re.fullmatch(r"http://\[::1\]:\d+", child.url), child.url
+    assert router.argv[router.argv.index("--prefill") + 1] == prefill.url
+    assert router.argv[router.argv.index("--decode") + 1] == decode.url
