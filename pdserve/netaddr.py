@@ -1,8 +1,9 @@
 """Which address a listener advertises to peers on other machines (no traffic is sent).
 
 A listener binds `--host`; peers are told `--advertise-host` when given, else the bound
-host, and for a wildcard bind (0.0.0.0, ::) this machine's routable address: the source
-address of its default route, else the first non-loopback interface address.
+host, and for a wildcard bind this machine's routable address of the wildcard's family
+(IPv4 for 0.0.0.0, IPv6 for ::): the source address of its default route, else the first
+interface address that is neither loopback nor link-local.
 """
 
 from __future__ import annotations
@@ -20,23 +21,38 @@ def is_wildcard(host: str) -> bool:
     return host in WILDCARDS
 
 
-def _is_loopback(address: str) -> bool:
+def _is_local(address: str) -> bool:
+    """Loopback, or IPv6 link-local (no peer reaches fe80:: without a zone)."""
     try:
-        return ipaddress.ip_address(address).is_loopback
+        parsed = ipaddress.ip_address(address.split("%")[0])
     except ValueError:
         return False
+    return parsed.is_loopback or (parsed.version == 6 and parsed.is_link_local)
 
 
-def _default_route_source() -> str | None:
+def _default_route_source(family: socket.AddressFamily) -> str | None:
     """The source address the kernel would use towards a public address: a route lookup
     (UDP connect sends no packet)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+    # Documentation addresses (TEST-NET-1, 2001:db8::/32): only the route table is consulted.
+    probe = "2001:db8::1" if family == socket.AF_INET6 else "192.0.2.1"
+    with socket.socket(family, socket.SOCK_DGRAM) as sock:
         try:
-            sock.connect(("192.0.2.1", 9))  # TEST-NET-1: only the route table is consulted
+            sock.connect((probe, 9))
         except OSError:
             return None
         address = sock.getsockname()[0]
-    return None if _is_loopback(address) else address
+    return None if _is_local(address) else address
+
+
+def _interface_addresses_v6() -> list[str]:
+    """Global IPv6 addresses of this network namespace's interfaces."""
+    try:
+        with open("/proc/net/if_inet6") as f:
+            rows = [line.split()[0] for line in f]
+    except OSError:
+        return []
+    addresses = [str(ipaddress.IPv6Address(bytes.fromhex(row))) for row in rows]
+    return [a for a in addresses if not _is_local(a)]
 
 
 def _interface_addresses() -> list[str]:
@@ -50,21 +66,23 @@ def _interface_addresses() -> list[str]:
             except OSError:
                 continue  # no IPv4 address on it
             address = socket.inet_ntoa(answer[20:24])
-            if not _is_loopback(address):
+            if not _is_local(address):
                 addresses.append(address)
     return addresses
 
 
-def routable_address() -> str:
-    """This machine's address for peers; ValueError when it has none but loopback."""
-    address = _default_route_source()
+def routable_address(family: socket.AddressFamily = socket.AF_INET) -> str:
+    """This machine's address of `family` for peers; ValueError when it has none but
+    loopback (and link-local)."""
+    address = _default_route_source(family)
     if address is not None:
         return address
-    addresses = _interface_addresses()
+    v6 = family == socket.AF_INET6
+    addresses = _interface_addresses_v6() if v6 else _interface_addresses()
     if not addresses:
         raise ValueError(
-            "bound to a wildcard address but this machine has no routable address: "
-            "pass --advertise-host"
+            f"bound to a wildcard address but this machine has no routable IPv{6 if v6 else 4} "
+            "address: pass --advertise-host"
         )
     return addresses[0]
 
@@ -74,7 +92,7 @@ def advertised_host(bind_host: str, advertise_host: str | None) -> str:
     machine's routable address."""
     if advertise_host:
         return advertise_host
-    return routable_address() if is_wildcard(bind_host) else bind_host
+    return routable_address(family(bind_host)) if is_wildcard(bind_host) else bind_host
 
 
 def url_host(host: str) -> str:

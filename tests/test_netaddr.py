@@ -3,6 +3,7 @@ and messages alike; a bracketed one is left as it is."""
 
 from __future__ import annotations
 
+import ipaddress
 import socket
 
 from pdserve import netaddr
@@ -26,3 +27,17 @@ def test_a_listener_on_an_ipv6_literal_needs_an_ipv6_socket():
     assert netaddr.family("::") == socket.AF_INET6
     assert netaddr.family("0.0.0.0") == socket.AF_INET
     assert netaddr.family("localhost") == socket.AF_INET
+
+
+def test_an_ipv6_wildcard_advertises_an_ipv6_address_or_asks_for_one():
+    """`--host ::` listens on IPv6 only (HTTP, the KV data port): advertising the IPv4
+    address left decode refused on the data port, its KV sent as ZeroMQ frames instead."""
+    for wildcard in ("::", "[::]"):
+        try:
+            address = netaddr.advertised_host(wildcard, None)
+        except ValueError as exc:  # a machine without a routable IPv6 address
+            assert "no routable IPv6 address: pass --advertise-host" in str(exc)
+            continue
+        parsed = ipaddress.ip_address(address)
+        assert parsed.version == 6 and not parsed.is_loopback and not parsed.is_link_local
+    assert netaddr.advertised_host("::", "fd00::7") == "fd00::7"
