@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import pytest
 
 from pdserve.disagg.transfer.nixl_agent import nixl_missing
+from pdserve.netaddr import http_url
 from tests.helpers import ServerProcess, free_port, launch_server
 
 TINY = ["--model-path", "tiny-random"]
@@ -38,13 +39,16 @@ class Prefill:
 
 
 class PDFactory:
-    def __init__(self) -> None:
+    """Starts prefill/decode servers listening on `host` (an IPv6 literal too)."""
+
+    def __init__(self, host: str = "127.0.0.1") -> None:
+        self.host = host
         self.started: list[ServerProcess] = []
 
     def prefill(
         self, dp_size: int = 1, args: Sequence[str] = (), env: dict | None = None
     ) -> Prefill:
-        bootstrap_port = free_port()
+        bootstrap_port = free_port(self.host)
         server = launch_server(
             [
                 *TINY,
@@ -57,7 +61,8 @@ class PDFactory:
                 *args,
             ],
             env=env,
-            extra_ready_urls=[f"http://127.0.0.1:{bootstrap_port}/route"],
+            extra_ready_urls=[http_url(self.host, bootstrap_port) + "/route"],
+            host=self.host,
         )
         self.started.append(server)
         return Prefill(server, bootstrap_port)
@@ -66,7 +71,7 @@ class PDFactory:
         self, dp_size: int = 1, args: Sequence[str] = (), env: dict | None = None
     ) -> ServerProcess:
         server = launch_server(
-            [*TINY, "--mode", "decode", "--dp-size", str(dp_size), *args], env=env
+            [*TINY, "--mode", "decode", "--dp-size", str(dp_size), *args], env=env, host=self.host
         )
         self.started.append(server)
         return server

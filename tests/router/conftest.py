@@ -7,6 +7,7 @@ from collections.abc import Iterator
 import pytest
 import requests
 
+from pdserve.netaddr import http_url
 from tests.helpers import PYTHON, ServerProcess, free_port, launch_server
 
 # What each test may have changed on a stub, as it was at its start.
@@ -87,15 +88,18 @@ def router_args(prefills=(), decodes=(), workers=()) -> list[str]:
     return args
 
 
-def start_router(args: list[str], timeout_s: float = 60.0) -> ServerProcess:
-    """`pdserve router` on a free port; returns once GET /readiness answers 200."""
-    port = free_port()
+def start_router(
+    args: list[str], timeout_s: float = 60.0, host: str = "127.0.0.1"
+) -> ServerProcess:
+    """`pdserve router` on a free port of `host`; returns once GET /readiness answers 200."""
+    port = free_port(host)
     return launch_server(
         ["--health-check-interval-s", "0.2", *args],
         subcommand="router",
         port=port,
         timeout_s=timeout_s,
-        extra_ready_urls=[f"http://127.0.0.1:{port}/readiness"],
+        extra_ready_urls=[http_url(host, port) + "/readiness"],
+        host=host,
     )
 
 
