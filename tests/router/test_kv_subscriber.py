@@ -6,6 +6,7 @@ before, the first of them ended it and froze the worker's index for good."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 
 import msgspec
@@ -56,15 +57,28 @@ def cached(cache: WorkerCache) -> dict[int, set[int]]:
     return {rank: set(hashes) for rank, hashes in cache.ranks.items() if hashes}
 
 
-async def follow_through_garbage() -> None:
+@contextlib.asynccontextmanager
+async def relayed_follower(dp_size: int):
+    """A real publisher, its live batches relayed (`LiveRelay`), and a subscriber following
+    them into a cache; all stopped on the way out."""
     ctx = zmq.asyncio.Context()
-    publisher = KVEventPublisher(ctx, "127.0.0.1", (0, 0), 2, PAGE_SIZE, HASH_SEED)
+    publisher = KVEventPublisher(ctx, "127.0.0.1", (0, 0), dp_size, PAGE_SIZE, HASH_SEED)
     publisher.start()
     relay = LiveRelay(ctx, publisher)
     cache = WorkerCache(PAGE_SIZE, HASH_SEED)
     sub = KVSubscriber(ctx, cache, relay.endpoint, publisher.replay_endpoint)
     sub.start()
     try:
+        yield publisher, relay, cache
+    finally:
+        await sub.stop()
+        await publisher.stop()
+        relay.sock.close()
+        ctx.destroy(linger=0)
+
+
+async def follow_through_garbage() -> None:
+    async with relayed_follower(2) as (publisher, relay, cache):
         first = await relay.publish(0, [PagesStored([1, 2], None)])
         await wait_for(lambda: cache.last_seq == 1, "the first live batch", (relay.sock, first))
         encode = msgspec.msgpack.encode
@@ -88,11 +102,6 @@ async def follow_through_garbage() -> None:
         last = await relay.publish(1, [PagesStored([4], 3)])  # and it still follows
         await wait_for(lambda: cache.last_seq == stream.seq, "a batch after the resync")
         assert cached(cache) == {0: {2}, 1: {3, 4}}, last
-    finally:
-        await sub.stop()
-        await publisher.stop()
-        relay.sock.close()
-        ctx.destroy(linger=0)
 
 
 def test_garbage_on_the_live_socket_resynchronises_and_following_goes_on():
@@ -103,14 +112,7 @@ async def follow_a_restart_with_no_live_batch() -> None:
     """The server starts again on the same ports (a new stream of a new life behind the same
     replay socket) and publishes as many batches as the old life had while the subscriber
     hears none live: its idle probe asks for the batches past the old life's last seq."""
-    ctx = zmq.asyncio.Context()
-    publisher = KVEventPublisher(ctx, "127.0.0.1", (0, 0), 1, PAGE_SIZE, HASH_SEED)
-    publisher.start()
-    relay = LiveRelay(ctx, publisher)
-    cache = WorkerCache(PAGE_SIZE, HASH_SEED)
-    sub = KVSubscriber(ctx, cache, relay.endpoint, publisher.replay_endpoint)
-    sub.start()
-    try:
+    async with relayed_follower(1) as (publisher, relay, cache):
         first = await relay.publish(0, [PagesStored([1, 2], None)])
         await wait_for(lambda: cache.last_seq == 1, "the first live batch", (relay.sock, first))
         old_life = cache.life
@@ -121,11 +123,6 @@ async def follow_a_restart_with_no_live_batch() -> None:
             lambda: cache.life == reborn.life and cached(cache) == {0: {3}},
             "the follower to take the new life's pages",
         )
-    finally:
-        await sub.stop()
-        await publisher.stop()
-        relay.sock.close()
-        ctx.destroy(linger=0)
 
 
 async def follow_a_restart_on_the_same_ports() -> None:
