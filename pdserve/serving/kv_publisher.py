@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import socket
 import time
 from typing import Any
 
@@ -51,7 +52,9 @@ class KVEventPublisher:
         self._replay = ctx.socket(zmq.ROUTER)
         for sock in (self._pub, self._replay):
             sock.setsockopt(zmq.LINGER, 0)
-            sock.setsockopt(zmq.IPV6, 1)  # an IPv6 --host (IPv4 ones bind as before)
+            # An IPv6 --host needs it; an IPv4 one keeps an IPv4 listener (with it set,
+            # ZeroMQ made 0.0.0.0 an IPv6 socket), as the KV transport's does.
+            sock.setsockopt(zmq.IPV6, int(netaddr.family(host) == socket.AF_INET6))
         pub_port, replay_port = (
             self._bind(sock, host, port, flag)
             for sock, port, flag in zip((self._pub, self._replay), ports, PORT_FLAGS, strict=True)

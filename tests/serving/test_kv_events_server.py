@@ -165,5 +165,9 @@ def test_the_event_endpoints_advertise_what_every_other_listener_does():
         for pub, host in ((wild, "192.0.2.7"), (local, "127.0.0.1")):
             assert pub.endpoint.startswith(f"tcp://{host}:"), pub.endpoint
             assert pub.replay_endpoint.startswith(f"tcp://{host}:"), pub.replay_endpoint
+        # An IPv4 host keeps IPv4 sockets, as the KV transport's: with ZeroMQ's IPV6 option
+        # on every bind they were IPv6 ones ("tcp://[::ffff:127.0.0.1]:P").
+        for sock, host in ((wild._pub, "0.0.0.0"), (local._replay, "127.0.0.1")):
+            assert sock.getsockopt_string(zmq.LAST_ENDPOINT).startswith(f"tcp://{host}:")
     finally:
         ctx.destroy(linger=0)
