@@ -153,7 +153,7 @@ class DecodeWorkerHooks(WorkerHooks):
             # A restarted prefill worker knows nothing of us: handshake again next time.
             peer.handshake_ok, peer.handshake_sent = None, False
             reason = f"lost the connection to prefill worker {peer.endpoint}: {event.reason}"
-            reason, origin = self.stall.explain(reason, now), self.stall.blame(now)
+            reason, origin = self.stall.attribute(reason, now)
             return [out for r in sorted(peer.rooms) for out in self._fail(r, 503, reason, origin)]
         if isinstance(event, KVReceived):
             return self._on_kv(peer, event)
@@ -406,8 +406,7 @@ class DecodeWorkerHooks(WorkerHooks):
                     f"room {room.room} from prefill dp rank {room.prefill_dp_rank} "
                     f"({room.endpoint})"
                 )
-            reason = self.stall.explain(reason, now)
-            outputs += self._fail(room.room, 504, reason, self.stall.blame(now))
+            outputs += self._fail(room.room, 504, *self.stall.attribute(reason, now))
         return outputs
 
     # -- endings ---------------------------------------------------------------------

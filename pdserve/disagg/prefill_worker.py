@@ -284,9 +284,9 @@ class PrefillWorkerHooks(WorkerHooks):
 
     def _on_peer_lost(self, event: PeerLost, now: float) -> list[ReqOutput]:
         self.decode_peers.lost(event.peer)
-        reason = self.stall.explain(f"lost the connection to decode: {event.reason}", now)
+        reason, origin = self.stall.attribute(f"lost the connection to decode: {event.reason}", now)
         lost = [r.room for r in self.rooms.values() if r.peer == event.peer]
-        return self._fail_for_decode(lost, 503, reason, now, self.stall.blame(now))
+        return self._fail_for_decode(lost, 503, reason, now, origin)
 
     def _on_page_list(self, peer: object, msg: m.PageList, now: float) -> list[ReqOutput]:
         if peer not in self.decode_peers and msg.room not in self.failed:
@@ -360,8 +360,8 @@ class PrefillWorkerHooks(WorkerHooks):
                 room.peer, room.room, src_page_ids, list(room.dst_page_ids), status
             )
         except Exception as exc:  # the decode peer vanished
-            reason = self.stall.explain(f"sending KV to decode failed: {exc}", now)
-            return self._fail_for_decode([room.room], 503, reason, now, self.stall.blame(now))
+            reason, origin = self.stall.attribute(f"sending KV to decode failed: {exc}", now)
+            return self._fail_for_decode([room.room], 503, reason, now, origin)
         return []
 
     def _finish_sent(self, now: float) -> list[ReqOutput]:
@@ -397,7 +397,7 @@ class PrefillWorkerHooks(WorkerHooks):
         for lapse in prefill_room.lapsed(waiting, now, self.dp_rank, timeout_s):
             origin, reason = None, lapse.reason
             if lapse.for_decode:
-                origin, reason = self.stall.blame(now), self.stall.explain(reason, now)
+                reason, origin = self.stall.attribute(reason, now)
             outputs += self._fail_room(lapse.room, 504, reason, now, origin=origin)
         for room_id in [r for r, f in self.failed.items() if now >= f.expires_at]:
             del self.failed[room_id]

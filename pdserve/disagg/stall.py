@@ -35,13 +35,14 @@ class StallClock:
         stood still lately (then its own: none)."""
         return None if self.stalled_lately(now) else self.peer_origin
 
-    def explain(self, reason: str, now: float) -> str:
-        """`reason` for such a fault, saying so when this worker itself stood still lately:
-        the message blamed the peer ("lost the connection to prefill worker ...") where
-        `blame` already named this worker."""
+    def attribute(self, reason: str, now: float) -> tuple[str, str | None]:
+        """(message, `origin`) of an error for the peer's silence: `reason` and the peer's
+        origin, or, where this worker itself stood still lately, `reason` saying so and no
+        origin (the text had blamed the peer where the origin named this worker)."""
         if not self.stalled_lately(now):
-            return reason
-        return (
-            f"{reason} (this worker itself did not run for {self._stood_still_s:.1f} s just "
-            "before: stopped or starved of CPU, the likelier cause)"
+            return reason, self.peer_origin
+        note = (
+            f" (this worker itself did not run for {self._stood_still_s:.1f} s just before: "
+            "stopped or starved of CPU, the likelier cause)"
         )
+        return reason + note, None
