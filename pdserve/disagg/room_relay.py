@@ -1,4 +1,4 @@
-"""Rank-mismatch forwarding (PROTOCOL.md section 10), the home worker's part: where the
+"""Rank-mismatch forwarding (docs/protocol.md section 10), the home worker's part: where the
 front end dispatched rooms whose home this worker is, kept until decode's page list comes
 for them or the entry expires; and which decode peer leased a room this worker does not
 know yet (docs/protocol.md 5.2). Pure; runs inside each prefill worker.

@@ -1,4 +1,4 @@
-"""--rank-mismatch forward over real servers (PROTOCOL.md section 10): rooms routed off their
+"""--rank-mismatch forward over real servers (docs/protocol.md section 10): rooms routed off their
 home worker are served with the colocated tokens, no rank query and no abort; every failure
 of the relay ends with a clear error within its deadline and frees the pages."""
 
