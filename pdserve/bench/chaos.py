@@ -167,9 +167,9 @@ def inject_until(
 
 def drain(servers: list[Node], timeout_s: float) -> tuple[dict[str, dict[str, int]], float | None]:
     """Wait until every server is healthy and at 0 pages, 0 rooms and 0 requests; the last
-    values and the time taken. Healthy first: `/get_load` leaves out a rank that is down, and
-    a worker resumed from a freeze is down until its first beat arrives, with whatever it
-    still holds."""
+    values and the time taken. Healthy first: the counts leave out a rank `/get_load` shows
+    down (`alive` false), and a worker resumed from a freeze is down until its first beat
+    arrives, with whatever it still holds."""
     start = time.monotonic()
     while True:
         leaks = {
