@@ -85,15 +85,16 @@ class RouterConfig:
     )
     cache_threshold: float = opt(
         0.5,
-        "cache_aware: minimum fraction of the prompt matched on one worker for the match to decide",
+        "cache_aware: minimum fraction of the prompt matched on one worker (with --dp-aware, "
+        "one DP rank) for the match to decide",
     )
     balance_abs_threshold: int = opt(
         256,
-        "cache_aware: ignore prefixes and balance when the "
-        "load spread exceeds this many tokens ...",
+        "cache_aware: ignore prefixes and balance when the load spread (with --dp-aware, "
+        "of the ranks' tokens in flight) exceeds this many tokens ...",
     )
     balance_rel_threshold: float = opt(
-        1.5, "... and the busiest worker has this many times the idlest's load"
+        1.5, "... and the busiest worker (or rank) has this many times the idlest's load"
     )
     local_prefill_threshold: int = opt(
         0,
