@@ -99,7 +99,8 @@ class RouterConfig:
     local_prefill_threshold: int = opt(
         0,
         "kv_aware decode: when the chosen decode server holds all but at most this many "
-        "prompt tokens, it computes the rest itself and no prefill server is used (0: off)",
+        "prompt tokens of a request of one prompt, it computes the rest itself and no "
+        "prefill server is used (0: off; a batch of several prompts takes both legs)",
     )
     tokenizer_path: str | None = opt(
         None,
