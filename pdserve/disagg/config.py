@@ -49,8 +49,9 @@ class DisaggConfig:
     )
     bootstrap_timeout_s: float = opt(
         envs.bootstrap_timeout_s(),
-        "deadline for bootstrap steps: prefill awaiting decode's page list, decode awaiting "
-        "server info and rank answers (env PDSERVE_BOOTSTRAP_TIMEOUT_S)",
+        "deadline for bootstrap steps: prefill awaiting decode's page list (or the request "
+        "after one), decode awaiting server info, rank answers and the KV handshake "
+        "(env PDSERVE_BOOTSTRAP_TIMEOUT_S)",
     )
     kv_wait_timeout_s: float = opt(
         envs.kv_wait_timeout_s(),
@@ -66,7 +67,10 @@ class DisaggConfig:
         "reason; answered by libzmq's I/O thread, so a busy worker stays alive "
         "(env PDSERVE_HEARTBEAT_TIMEOUT_S)",
     )
-    room_ttl_s: float = opt(envs.room_ttl_s(), "bootstrap room entries expire after this idle time")
+    room_ttl_s: float = opt(
+        envs.room_ttl_s(),
+        "bootstrap room entries expire after this idle time (env PDSERVE_ROOM_TTL_S)",
+    )
     kv_send_wait_s: float = opt(
         0.5,
         "prefill: before computing the next prompt, wait up to this long for KV sends under "
