@@ -35,13 +35,14 @@ class ServerArgs:
     )
     host: str = opt(
         "127.0.0.1",
-        "address every listener of this server binds: HTTP, and on prefill the bootstrap "
-        "server and the KV control and data ports (0.0.0.0: all interfaces)",
+        "address every listener of this server binds: HTTP, the KV event sockets, and on "
+        "prefill the bootstrap server and the KV control and data ports (0.0.0.0: all "
+        "IPv4 interfaces; an IPv6 address unbracketed, :: for all IPv6 ones)",
     )
     advertise_host: str | None = opt(
         None,
         "address peers are told to reach this server's listeners at (NAT, containers); "
-        "default: --host, or for 0.0.0.0 this machine's routable address",
+        "default: --host, or for 0.0.0.0 (::) this machine's routable IPv4 (IPv6) address",
     )
     api_key: str | None = opt(
         envs.api_key(),
