@@ -15,6 +15,7 @@ from typing import Any
 
 from pdserve.bench import proc_tree
 from pdserve.cluster import Child, ClusterConfig, server_argv, stop_all, wait_ready
+from pdserve.netaddr import http_url
 from pdserve.procs import free_port
 
 OK_FINISHES = ("length", "stop")
@@ -72,27 +73,27 @@ def plan_nodes(
     router_argv = [sys.executable, "-m", "pdserve", "router", "--host", c.host]
     for i in range(num_prefill):
         port, bootstrap_port = free_port(c.host), free_port(c.host)
-        url = f"http://{c.host}:{port}"
+        url = http_url(c.host, port)
         argv = server_argv(c, "prefill", port, c.prefill_dp)
         argv += ["--bootstrap-port", str(bootstrap_port)]
-        ready = ["/health", f"http://{c.host}:{bootstrap_port}/route"]
+        ready = ["/health", http_url(c.host, bootstrap_port) + "/route"]
         nodes.append(Node(f"prefill-{i}", "prefill", argv, url, ready))
         router_argv += ["--prefill", url, str(bootstrap_port)]
     for i in range(num_decode):
         port = free_port(c.host)
         argv = server_argv(c, "decode", port, c.decode_dp)
-        nodes.append(Node(f"decode-{i}", "decode", argv, f"http://{c.host}:{port}", ["/health"]))
-        router_argv += ["--decode", f"http://{c.host}:{port}"]
+        nodes.append(Node(f"decode-{i}", "decode", argv, http_url(c.host, port), ["/health"]))
+        router_argv += ["--decode", http_url(c.host, port)]
     port = free_port(c.host)
     router_argv += ["--port", str(port), "--policy", c.policy, *router_args]
-    nodes.append(Node("router", "router", router_argv, f"http://{c.host}:{port}", ["/readiness"]))
+    nodes.append(Node("router", "router", router_argv, http_url(c.host, port), ["/readiness"]))
     return nodes
 
 
 def reference_node(c: ClusterConfig) -> Node:
     port = free_port(c.host)
     argv = server_argv(c, "colocated", port, 1)
-    return Node("reference", "colocated", argv, f"http://{c.host}:{port}", ["/health"])
+    return Node("reference", "colocated", argv, http_url(c.host, port), ["/health"])
 
 
 def http(

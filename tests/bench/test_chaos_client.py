@@ -11,9 +11,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from pdserve.bench.chaos_cluster import http, http_stream, live_load
+from pdserve.bench.chaos_cluster import http, http_stream, live_load, plan_nodes, reference_node
 from pdserve.bench.chaos_core import FAILED, LOST, OK, judge
-from tests.helpers import wait_until
+from pdserve.cluster import ClusterConfig
+from tests.helpers import ipv6_loopback_missing, wait_until
 
 BODY = {"input_ids": [5, 9, 12, 40], "sampling_params": {"max_new_tokens": 4, "temperature": 0}}
 
@@ -84,3 +85,15 @@ def test_a_stream_cut_without_an_error_or_done_is_lost(sse_url):
     assert judge(status, last, [1, 2])[0] == LOST
     done = sse_url([b'data: {"output_ids": [1, 2]}\n\n', b"data: [DONE]\n\n"])
     assert judge(*http_stream(done, BODY, 10), [1, 2]) == (OK, "")
+
+
+def test_the_soak_cluster_brackets_an_ipv6_host_in_its_urls():
+    if ipv6_loopback_missing() is not None:
+        pytest.skip(str(ipv6_loopback_missing()))
+    config = ClusterConfig(host="::1")
+    nodes = [*plan_nodes(config, 1, 1, []), reference_node(config)]
+    urls = [n.url for n in nodes] + [p for n in nodes for p in n.ready_paths if "//" in p]
+    assert all(u.startswith("http://[::1]:") for u in urls), urls
+    router = nodes[-2].argv
+    peers = [router[i + 1] for i, a in enumerate(router) if a in ("--prefill", "--decode")]
+    assert len(peers) == 2 and all(p.startswith("http://[::1]:") for p in peers), router
