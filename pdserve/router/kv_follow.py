@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import zmq
 import zmq.asyncio
 
 from pdserve.router.kv_index import KVIndex
@@ -20,6 +21,7 @@ class KVFollower:
         self.index = index
         self._ctx = zmq.asyncio.Context()
         self._subs: dict[str, KVSubscriber] = {}
+        self._refused: dict[str, str] = {}  # url -> why its events are not followed (warned)
 
     def follows(self, url: str) -> bool:
         """Following the worker, its events server answers (a server started again on other
@@ -39,15 +41,39 @@ class KVFollower:
         replay = info.get("kv_events_replay_endpoint")
         seed, page_size = info.get("kv_events_hash_seed"), info.get("page_size")
         if endpoint and replay and isinstance(seed, int) and isinstance(page_size, int):
-            cache = self.index.track(url, page_size, seed)
-            self._subs[url] = sub = KVSubscriber(self._ctx, cache, endpoint, replay)
-            sub.start()
-            log.info("following KV events of %s at %s", url, endpoint)
+            why = self._unusable(endpoint, replay, page_size)
+            if why is None:
+                self._refused.pop(url, None)
+                cache = self.index.track(url, page_size, seed)
+                self._subs[url] = sub = KVSubscriber(self._ctx, cache, endpoint, replay)
+                sub.start()
+                log.info("following KV events of %s at %s", url, endpoint)
+            elif self._refused.get(url) != why:  # once, not at every health check
+                self._refused[url] = why
+                log.warning("not following KV events of %s (routed by load): %s", url, why)
         if old is not None:
             await old.stop()
 
+    def _unusable(self, endpoint: object, replay: object, page_size: int) -> str | None:
+        """Why a worker's advertised events cannot be followed, or None. Its /server_info is
+        not ours to trust: a ZeroMQ error out of `follow` ended the router's health checks."""
+        if page_size < 1:
+            return f"page_size {page_size}"
+        for address in (endpoint, replay):
+            if not isinstance(address, str):
+                return f"endpoint {address!r} is not a string"
+            sock = self._ctx.socket(zmq.SUB)
+            try:
+                sock.connect(address)  # only checks the address: no connection is awaited
+            except zmq.ZMQError as exc:
+                return f"ZeroMQ cannot connect to {address!r} ({exc})"
+            finally:
+                sock.close(linger=0)
+        return None
+
     async def drop(self, url: str) -> None:
         self.index.forget(url)
+        self._refused.pop(url, None)
         sub = self._subs.pop(url, None)
         if sub is not None:
             await sub.stop()

@@ -8,7 +8,7 @@ requests since the last reset, when given), `delay_s` (answer late), `hold` (wai
 `[DONE]` event, until that gate opens), `die_after` (drop the connection after that many
 events), `error_after` (an error event after that many, then `[DONE]`), `prompt_lps` (prompt logprobs to report). POST /stub/control changes the server
 itself: its health status, load, DP size (as a restart would), `info_hold` (hold /server_info
-on that gate), `kv_events` (advertise KV events endpoints), `flush_status`. Everything
+on that gate), `kv_events` (advertise KV events endpoints: true, or the endpoint), `flush_status`. Everything
 received is logged for GET /stub/log. Run: python -m tests.router.stub_worker --port P --name p1 --role prefill
 """
 
@@ -118,9 +118,11 @@ class Stub:
             "model_path": "stub",
         }
         if self.kv_events:  # nothing listens there: a follower waits in vain, harmlessly
+            # (a string: the endpoint to advertise, for both sockets)
+            endpoint = self.kv_events if isinstance(self.kv_events, str) else "tcp://127.0.0.1:9"
             info |= {
-                "kv_events_endpoint": "tcp://127.0.0.1:9",
-                "kv_events_replay_endpoint": "tcp://127.0.0.1:9",
+                "kv_events_endpoint": endpoint,
+                "kv_events_replay_endpoint": endpoint,
                 "kv_events_hash_seed": 0,
                 "page_size": 16,
             }

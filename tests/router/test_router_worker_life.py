@@ -96,6 +96,22 @@ def test_a_worker_removed_during_its_health_check_is_not_followed_again(stubs, r
     assert d2.url not in {w["url"] for w in info["workers"]}
 
 
+def test_a_worker_advertising_unusable_kv_events_endpoints_is_routed_by_load(stubs, router_factory):
+    """ZeroMQ refuses to connect to 'tcp://127.0.0.1' (no port): that error escaped the
+    health check, ending the loop that checks every worker, so the router was never ready
+    and no worker's health was checked again. The worker is now served, unindexed."""
+    d1, d2 = stubs["d1"], stubs["d2"]
+    d2.control(kv_events="tcp://127.0.0.1")
+    args = pd_args(stubs, decodes=("d1", "d2")) + ["--policy", "kv_aware"]
+    router = router_factory(args, timeout_s=30)
+    wait_until(lambda: worker_of(router.url, d2.url)["healthy"], 20, "d2 healthy")
+    info = requests.get(f"{router.url}/server_info", timeout=10).json()
+    assert d2.url not in info["kv_index"]
+    generate_ok(router.url)
+    d1.control(health_status=503)  # the checks go on
+    wait_until(lambda: not worker_of(router.url, d1.url)["healthy"], 20, "d1 marked unhealthy")
+
+
 def test_flush_cache_asks_every_worker_and_names_those_that_failed(stubs, router_factory):
     router = router_factory(pd_args(stubs, decodes=("d1", "d2")))
     ok = requests.post(f"{router.url}/flush_cache", timeout=10)
