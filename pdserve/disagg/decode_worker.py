@@ -97,6 +97,11 @@ class DecodeWorkerHooks(WorkerHooks):
             # The front end lets one request per room through (serving.generation).
             raise IllegalRoomTransition(f"room {info.room}: a second request")
         now = _now() if now is None else now
+        try:  # before the room is recorded: a refused endpoint leaves nothing behind
+            peer = self._peer(info.prefill_endpoint, now)
+        except ValueError as exc:  # what the prefill server registered, not our fault
+            reason = f"prefill dp rank {info.prefill_dp_rank}: {exc}"
+            return [error_output(msg.rid, 502, reason, PREFILL)]
         req = request_from_msg(msg)
         room = DecodeRoom(
             info.room,
@@ -109,7 +114,6 @@ class DecodeWorkerHooks(WorkerHooks):
         self.rooms[info.room] = room
         self.room_of_rid[req.rid] = info.room
         self._parked_tokens += len(req.prompt_ids)
-        peer = self._peer(info.prefill_endpoint, now)
         peer.rooms.add(info.room)
         return self._progress(room, now)
 

@@ -96,3 +96,21 @@ def test_room_status_error_origin_is_optional_both_ways() -> None:
     )
     new = m.RoomStatus(room=1, ok=False, error="x", error_status=504, error_origin="decode")
     assert msgspec.msgpack.decode(m.encode(new), type=RoomStatus) == old  # ignored there
+
+
+def test_a_prefill_kv_endpoint_decode_cannot_connect_to_is_prefills_fault_and_keeps_no_room():
+    """A prefill server registered a KV endpoint ZeroMQ refuses (no port): the transport's
+    ValueError escaped on_generate after the room was recorded, so the worker answered
+    'worker error' 500, decode's own fault (a breaker hit on it), and the room sat in
+    decode's load as a waiting request until the bootstrap deadline."""
+    engine = Engine.from_config(EngineConfig(model_path="tiny-random", page_size=16))
+    hooks = DecodeWorkerHooks(
+        engine, DisaggConfig(), make_transport("zmq", engine.kv_pool, None), "d"
+    )
+    try:
+        (out,) = hooks.on_generate(_request(1, "tcp://127.0.0.1"))
+    finally:
+        hooks.close()
+    assert out.error_status == 502 and out.error_origin == "prefill", out
+    assert "tcp://127.0.0.1" in out.error_message
+    assert not hooks.rooms and hooks.num_parked() == 0 and hooks.num_parked_tokens() == 0
