@@ -311,32 +311,44 @@ class DPController:
     async def _receive(self) -> None:
         while True:
             msg = _decode_or_drop(await self._out.recv())
-            if isinstance(msg, ReqOutputs):
-                for output in msg.outputs:
-                    self._deliver(output)
-            elif isinstance(msg, ReqOutput):
-                self._deliver(msg)
-            elif isinstance(msg, WorkerLoad):
-                if msg.dp_rank not in self.dead:  # a report it sent before dying is stale
-                    self.loads[msg.dp_rank] = msg
-                    self.metrics.observe_load(msg)
-            elif isinstance(msg, KVCacheEvents):
-                if self.kv_events is not None:
-                    self.kv_events.publish(msg.dp_rank, msg.events)
-                    self.metrics.kv_events_dropped.set(self.kv_events.num_dropped_batches)
-            elif isinstance(msg, CacheDump):
-                future = self._dumps.get(msg.dump_id)
-                if future is not None and not future.done():
-                    seq = self.kv_events.stream.seq if self.kv_events else 0
-                    future.set_result((msg.page_hashes, seq))
-            elif isinstance(msg, KVPeersLost):
-                for listener in self.kv_peers_lost_listeners:
-                    listener(msg.endpoints)
-            elif isinstance(msg, RoomsUnclaimed):
-                for rooms_listener in self.rooms_unclaimed_listeners:
-                    rooms_listener(msg.dp_rank, msg.rooms)
-            elif isinstance(msg, WorkerFailed):
-                self._mark_dead(msg.dp_rank, f"worker {msg.dp_rank} failed: {msg.error}")
+            rank = getattr(msg, "dp_rank", 0)
+            if not 0 <= rank < self.dp_size:  # indexing by it raised, and ended this loop
+                logger.warning(
+                    "dropped a %s of dp_rank %d: no such worker", type(msg).__name__, rank
+                )
+                continue
+            try:
+                self._on_message(msg)
+            except Exception:  # a bug here must not end the task: every request would hang
+                logger.exception("error handling a message from the workers")
+
+    def _on_message(self, msg: protocol.FromWorker | None) -> None:
+        if isinstance(msg, ReqOutputs):
+            for output in msg.outputs:
+                self._deliver(output)
+        elif isinstance(msg, ReqOutput):
+            self._deliver(msg)
+        elif isinstance(msg, WorkerLoad):
+            if msg.dp_rank not in self.dead:  # a report it sent before dying is stale
+                self.loads[msg.dp_rank] = msg
+                self.metrics.observe_load(msg)
+        elif isinstance(msg, KVCacheEvents):
+            if self.kv_events is not None:
+                self.kv_events.publish(msg.dp_rank, msg.events)
+                self.metrics.kv_events_dropped.set(self.kv_events.num_dropped_batches)
+        elif isinstance(msg, CacheDump):
+            future = self._dumps.get(msg.dump_id)
+            if future is not None and not future.done():
+                seq = self.kv_events.stream.seq if self.kv_events else 0
+                future.set_result((msg.page_hashes, seq))
+        elif isinstance(msg, KVPeersLost):
+            for listener in self.kv_peers_lost_listeners:
+                listener(msg.endpoints)
+        elif isinstance(msg, RoomsUnclaimed):
+            for rooms_listener in self.rooms_unclaimed_listeners:
+                rooms_listener(msg.dp_rank, msg.rooms)
+        elif isinstance(msg, WorkerFailed):
+            self._mark_dead(msg.dp_rank, f"worker {msg.dp_rank} failed: {msg.error}")
 
     def _deliver(self, msg: ReqOutput) -> None:
         flight = self.inflight.get(msg.rid)

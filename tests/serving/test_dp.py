@@ -297,3 +297,33 @@ def test_the_workers_links_are_private_and_a_foreign_frame_is_dropped(dp2_server
         assert status == 200 and len(answer["output_ids"]) == 4, answer
     # both PULL sockets (outputs, beats) took a frame and their loops went on
     wait_until(lambda: server.output().count("from no worker") == 2, 30, "two dropped frames")
+
+
+def test_a_worker_message_naming_no_rank_of_the_server_is_dropped(dp2_server):
+    """A well-formed WorkerLoad naming dp_rank 7 on the outputs link (a stale worker of
+    another server, or any process of this user): its IndexError ended the loop delivering
+    every worker's outputs, so every request hung until its deadline, silently."""
+    import psutil
+    import zmq
+
+    from pdserve.serving.protocol import WorkerLoad, encode
+
+    server = dp2_server
+    links = psutil.Process(server.pid).net_connections("unix")
+    (out,) = {c.laddr for c in links if os.path.basename(c.laddr) == "out"}
+    load = WorkerLoad(
+        dp_rank=7, num_running=0, num_waiting=0, num_tokens=0, num_used_pages=0,
+        num_free_pages=0, num_total_pages=0,
+    )  # fmt: skip
+    ctx = zmq.Context()
+    try:
+        sock = ctx.socket(zmq.PUSH)
+        sock.connect(f"ipc://{out}")
+        sock.send(encode(load), zmq.NOBLOCK)
+        sock.close(linger=2000)
+    finally:
+        ctx.term()
+    wait_until(lambda: "dp_rank 7" in server.output(), 30, "the message dropped")
+    body = {"input_ids": [5, 6, 7], "sampling_params": SHORT}
+    status, answer = http_json("POST", f"{server.url}/generate", body, timeout_s=30)
+    assert status == 200 and len(answer["output_ids"]) == 4, answer
