@@ -284,7 +284,9 @@ async def _drain(
     stop.clear()
     deadline = time.monotonic() + timeout_s
     while controller.inflight and not stop.is_set() and time.monotonic() < deadline:
-        with contextlib.suppress(TimeoutError):
+        # asyncio's TimeoutError: before Python 3.11 not the builtin one, which let the
+        # first poll's timeout end the drain (and the server, in a traceback)
+        with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(stop.wait(), DRAIN_POLL_S)  # a check, not a synchronisation
     failed = controller.fail_all(503, "the server is shutting down")
     if failed:
