@@ -199,12 +199,17 @@ class Child:
         )
 
     def echo_output(self) -> None:
+        """Read the child's output to its end, echoing it while our stdout takes it: a child
+        whose pipe is not read blocks on its next write once the pipe is full."""
         assert self.proc is not None and self.proc.stdout is not None
         for raw in self.proc.stdout:
             line = raw.decode(errors="replace").rstrip()
             self.tail.append(line)
             if self.echo:
-                print(f"[{self.name}] {line}", flush=True)
+                try:
+                    print(f"[{self.name}] {line}", flush=True)
+                except OSError:  # our stdout is gone (its pipe's reader left, the tty closed)
+                    self.echo = False
 
     def exit_code(self) -> int | None:
         return None if self.proc is None else self.proc.poll()

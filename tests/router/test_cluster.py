@@ -166,6 +166,34 @@ def test_up_stops_everything_when_a_child_dies_early():
         up.kill_everything()
 
 
+# A child of `pdserve up` as the thread reading its output sees it (`Child.echo_output`), in a
+# process whose own stdout is a pipe nobody reads any more (`| head` exited, the terminal went).
+ECHO_SCRIPT = """
+import sys, threading
+from pdserve.cluster import Child
+chatty = [sys.executable, "-c", "for _ in range(20000): print('x' * 50, flush=True)"]
+child = Child("chatty", chatty, "http://127.0.0.1:1", [])
+child.start()
+threading.Thread(target=child.echo_output, daemon=True).start()
+child.proc.wait(30)  # TimeoutExpired: the child blocked on a full pipe
+"""
+
+
+def test_a_childs_output_is_still_read_once_ups_stdout_is_gone():
+    """The echo of a child's line raised BrokenPipeError (EIO from a closed terminal) and
+    ended the thread reading that child's output: past the pipe's 64 KiB the child blocked
+    on its next log line, and a server froze with every request it held."""
+    proc = subprocess.Popen(
+        [PYTHON, "-c", ECHO_SCRIPT],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=python_path_env(),
+    )
+    proc.stdout.close()  # its reader leaves at once
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err.decode()[-2000:]
+
+
 def test_up_notes_a_gpu_shared_without_mps(tmp_path):
     """Both servers on one CUDA device and no MPS daemon's control pipe: a note says why
     decode's latency suffers and how to start the daemon; none on the CPU or with MPS."""
