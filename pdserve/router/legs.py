@@ -241,14 +241,23 @@ async def unless_failed(main: Awaitable[T], watch: asyncio.Task | None) -> T:
     try:
         return await main_task
     except BaseException as exc:
-        current = asyncio.current_task()
         error = failure(watch)
-        cancelled = isinstance(exc, asyncio.CancelledError) and current and current.cancelling()
-        if error is None or cancelled:
+        if error is None or _caller_cancelled(exc):
             raise  # main's own failure, or our caller is being cancelled
         raise error from None
     finally:
         watch.remove_done_callback(stop_main)
+
+
+def _caller_cancelled(exc: BaseException) -> bool:
+    """`exc` is our caller's cancellation, not main's stop by the watch. Python 3.10 has no
+    Task.cancelling() (calling it raised AttributeError: every prefill leg failing before
+    decode answered gave the client a 500): there, a caller cancelled in the very turn the
+    watch failed gets the watch's error, as if that came first."""
+    if not isinstance(exc, asyncio.CancelledError):
+        return False
+    cancelling = getattr(asyncio.current_task(), "cancelling", None)
+    return cancelling is not None and cancelling() > 0
 
 
 async def abort(client: HttpClient, worker: Worker, rids: list[str], timeout_s: float) -> None:
