@@ -222,8 +222,9 @@ class Attempt:
             await out.prepare(self.request)  # committed: no retry from here on
             head = b"".join(merger.process(e) if merger else e for e in first)
             await self._pump(resp, out, head if merger else head + buf.rest(), buf, merger)
-        except ConnectionResetError:  # the client hung up
+        except ConnectionResetError:  # the client hung up, seen by a write before the cancel
             self._abandon("client_disconnect")
+            self.legs.count_failure(self.route, "client_disconnect")  # as a cancel counts it
         return out
 
     async def _pump(
