@@ -62,13 +62,17 @@ def make_frontend_hooks(cfg: ServerConfig, controller: DPController) -> Frontend
 class _PDFrontendHooks(FrontendHooks):
     metrics: DisaggMetrics
 
-    def on_output(self, req: GenerateReq, out: ReqOutput) -> None:
+    def observe_worker_output(self, out: ReqOutput) -> None:
+        """A worker's figures (KV moved, stage times), counted as they arrive: a leg whose
+        client left as its KV was sent still sent it (prefill's bytes fell short of decode's)."""
         if out.kv_bytes or out.kv_transfer_s is not None:
             self.metrics.transfer(out.kv_bytes, out.kv_transfer_s, out.decode_cached_tokens)
         if out.stage_s:
             self.metrics.stages(out.stage_s)
         if out.kv_relay_s is not None:
             self.metrics.relay_seconds.observe(out.kv_relay_s)
+
+    def on_output(self, req: GenerateReq, out: ReqOutput) -> None:
         if out.error_message:
             self.metrics.failure(failure_kind(out.error_message))
 
@@ -90,6 +94,7 @@ class PrefillFrontendHooks(_PDFrontendHooks):
         metrics.watch_registry(self.registry, self.checker)
         self.legs = LegMatcher(cfg.disagg.bootstrap_timeout_s)
         controller.rooms_unclaimed_listeners.append(self._on_unclaimed)
+        controller.output_listeners.append(self.observe_worker_output)
 
     async def start(self) -> None:
         host, port = self.cfg.server.host, self.cfg.disagg.bootstrap_port
@@ -292,6 +297,7 @@ class DecodeFrontendHooks(_PDFrontendHooks):
         self.session: aiohttp.ClientSession | None = None
         self.peers: PeerDirectory | None = None
         self._notify_tasks: set[asyncio.Task] = set()
+        controller.output_listeners.append(self.observe_worker_output)
 
     async def start(self) -> None:
         self.session = aiohttp.ClientSession()

@@ -114,6 +114,9 @@ class DPController:
         # Called with the KV endpoints a worker lost (the decode front end's peer cache).
         self.kv_peers_lost_listeners: list[Callable[[list[str]], None]] = []
         self.rooms_unclaimed_listeners: list[Callable[[int, list[int]], None]] = []
+        # Called with every output, awaited or not: a worker's output can come after its
+        # request was cancelled (the client left), and what it did still happened.
+        self.output_listeners: list[Callable[[ReqOutput], None]] = []
 
     def _bind(self, sock: zmq.Socket, name: str) -> str:
         """Bind `sock` in the private directory; a loopback port where its path is too long
@@ -351,6 +354,8 @@ class DPController:
             self._mark_dead(msg.dp_rank, f"worker {msg.dp_rank} failed: {msg.error}")
 
     def _deliver(self, msg: ReqOutput) -> None:
+        for listener in self.output_listeners:
+            listener(msg)
         flight = self.inflight.get(msg.rid)
         if flight is not None:
             flight.num_tokens += len(msg.new_token_ids)

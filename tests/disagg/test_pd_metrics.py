@@ -1,0 +1,54 @@
+"""What a prefill + decode pair's /metrics count, checked against what they served."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+
+import pytest
+import requests
+
+from tests.disagg.pd_driver import leg_body, metric_value, pd_generate, rooms_in_flight, wait_idle
+from tests.helpers import wait_until
+
+pytestmark = pytest.mark.timeout(180)
+
+KV_BYTES = "pdserve_kv_transfer_bytes_total"
+
+
+def _open_leg(url: str, body: dict) -> socket.socket:
+    """POST /generate on a socket of its own, not read: the caller hangs up by closing it."""
+    data = json.dumps(body).encode()
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    sock = socket.create_connection((host, int(port)), timeout=30)
+    head = "POST /generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    sock.sendall(head.encode() + f"Content-Length: {len(data)}\r\n\r\n".encode() + data)
+    return sock
+
+
+def test_kv_sent_for_a_prefill_leg_whose_client_left_counts_on_both_sides(pd):
+    """Prefill's workers send a room's KV on their own; their report reaches the front end
+    after the leg's client left when the router aborts it as decode streams (a client
+    disconnect): prefill's KV bytes then fell short of what decode received."""
+    prefill, decode = pd.prefill(1), pd.decode(1)
+    port = prefill.bootstrap_port
+    ids = list(range(3, 40))
+    warm = pd_generate(prefill.url, decode.url, leg_body(port, 1, ids, "warm"), bootstrap_port=port)
+    assert warm.decode.ok, warm.decode.error  # decode knows prefill's worker from now on
+    leg = _open_leg(prefill.url, leg_body(port, 2, ids, "p"))
+    with leg:
+        wait_until(lambda: rooms_in_flight(prefill.url) == 1, 30, "prefill's room")
+        os.kill(prefill.server.pid, signal.SIGSTOP)  # the front end only: its workers run on
+        try:
+            leg.close()  # seen, with the worker's report, once the front end runs again
+            answer = requests.post(decode.url + "/generate", json=leg_body(port, 2, ids, "d"))
+            assert answer.ok, answer.text
+        finally:
+            os.kill(prefill.server.pid, signal.SIGCONT)
+    wait_idle([prefill.url, decode.url])
+    received = metric_value(decode.url, KV_BYTES)
+    both = [warm.decode.body, answer.json()]
+    assert received == sum(leg["meta_info"]["kv_transfer_bytes"] for leg in both) > 0
+    wait_until(lambda: metric_value(prefill.url, KV_BYTES) == received, 10, "prefill's count")
