@@ -122,7 +122,9 @@ class Worker:
             "available": self.available(now),
             "in_flight": self.in_flight,
             "tokens_in_flight": self.tokens_in_flight,  # kv_aware's load term, summed
-            "load_tokens": self.load(),
+            # null while no /get_load came: round_robin and random poll none, and the tokens
+            # sent since start only grew
+            "load_tokens": self.load() if self.reported_tokens else None,
         }
 
 

@@ -48,6 +48,18 @@ def test_tokens_sent_since_the_last_report_count_as_load():
     assert b.load() == 0
 
 
+def test_workers_list_no_load_tokens_until_a_load_report_comes():
+    """round_robin and random poll no /get_load: GET /workers showed every prompt token
+    sent since start as the worker's load, growing forever."""
+    (a,) = make_workers(1)
+    a.on_dispatch(0.0, prompt_tokens=300, rank=None)
+    a.on_done(1.0, True, rank=None)
+    assert a.describe(2.0)["load_tokens"] is None
+    a.set_reported_load([7, 5])
+    a.on_dispatch(3.0, prompt_tokens=100, rank=None)
+    assert a.describe(3.0)["load_tokens"] == 112
+
+
 def test_cache_aware_sends_a_repeated_prefix_to_the_same_worker():
     config = RouterConfig(prefix_block_len=4, cache_threshold=0.5)
     workers = make_workers(3, config)
