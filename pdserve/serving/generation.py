@@ -88,6 +88,9 @@ class Generator:
         except RequestError:
             self.metrics.requests.labels("rejected").inc()
             raise
+        except asyncio.CancelledError:  # the client left while the mode's hook waited
+            self.metrics.requests.labels("cancelled").inc()
+            raise
         detok = IncrementalDetokenizer(
             self.decoder,
             item.sampling.skip_special_tokens,

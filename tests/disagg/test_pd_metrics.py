@@ -16,6 +16,7 @@ from tests.helpers import wait_until
 pytestmark = pytest.mark.timeout(180)
 
 KV_BYTES = "pdserve_kv_transfer_bytes_total"
+REQUESTS = "pdserve_requests_total"
 
 
 def _open_leg(url: str, body: dict) -> socket.socket:
@@ -52,3 +53,22 @@ def test_kv_sent_for_a_prefill_leg_whose_client_left_counts_on_both_sides(pd):
     both = [warm.decode.body, answer.json()]
     assert received == sum(leg["meta_info"]["kv_transfer_bytes"] for leg in both) > 0
     wait_until(lambda: metric_value(prefill.url, KV_BYTES) == received, 10, "prefill's count")
+
+
+def test_a_decode_leg_whose_client_left_while_finding_prefill_counts_as_cancelled(pd):
+    """A decode leg waits for prefill's bootstrap server before its worker has it (rank and
+    KV endpoint); a client gone meanwhile (the router aborting it when the prefill leg
+    failed) ended the request in no outcome of pdserve_requests_total."""
+    decode = pd.decode(1)
+    with socket.create_server(("127.0.0.1", 0)) as bootstrap:  # accepts, never answers
+        port = bootstrap.getsockname()[1]
+        with _open_leg(decode.url, leg_body(port, 3, list(range(3, 40)), "d")):
+            bootstrap.settimeout(30)
+            held, _ = bootstrap.accept()  # decode asks prefill's bootstrap server
+        with held:
+            wait_until(
+                lambda: metric_value(decode.url, REQUESTS, {"status": "cancelled"}) == 1,
+                10,
+                "the cancelled request",
+            )
+    assert metric_value(decode.url, REQUESTS) == 1
