@@ -39,6 +39,9 @@ class ServerMetrics:
         self.pages_free = self.gauge(
             "kv_pages_free", "KV pages free or holding evictable cache", ["dp_rank"]
         )
+        self.disagg_rooms = self.gauge(
+            "num_disagg_rooms", "PD rooms whose KV transfer has not ended", ["dp_rank"]
+        )
         self.pages_cached = self.gauge(
             "kv_pages_cached", "KV pages in the prefix cache", ["dp_rank"]
         )
@@ -98,6 +101,7 @@ class ServerMetrics:
         self.tokens.labels(rank).set(load.num_tokens)
         self.pages_used.labels(rank).set(load.num_used_pages)
         self.pages_free.labels(rank).set(load.num_free_pages)
+        self.disagg_rooms.labels(rank).set(load.num_disagg_rooms)
         self.pages_cached.labels(rank).set(load.num_cached_pages)
         self.pages_evictable.labels(rank).set(load.num_evictable_pages)
         last = self._last_load.get(rank)

@@ -17,6 +17,7 @@ pytestmark = pytest.mark.timeout(180)
 
 KV_BYTES = "pdserve_kv_transfer_bytes_total"
 REQUESTS = "pdserve_requests_total"
+ROOMS = "pdserve_num_disagg_rooms"
 
 
 def _open_leg(url: str, body: dict) -> socket.socket:
@@ -72,3 +73,18 @@ def test_a_decode_leg_whose_client_left_while_finding_prefill_counts_as_cancelle
                 "the cancelled request",
             )
     assert metric_value(decode.url, REQUESTS) == 1
+
+
+def test_rooms_in_flight_show_in_metrics_and_end_at_zero(pd):
+    """/get_load's num_disagg_rooms had no /metrics gauge: a scrape could not see rooms
+    held (a prefill leg waiting for decode's page list) or check they end."""
+    prefill, decode = pd.prefill(1), pd.decode(1)
+    port = prefill.bootstrap_port
+    body = leg_body(port, 4, list(range(3, 40)), "p")
+    with _open_leg(prefill.url, body):  # no decode leg yet: the room waits for its page list
+        rooms = {"dp_rank": "0"}
+        wait_until(lambda: metric_value(prefill.url, ROOMS, rooms) == 1, 30, "the room")
+        assert requests.post(decode.url + "/generate", json=dict(body, rid="d")).ok
+    wait_idle([prefill.url, decode.url])
+    for url in (prefill.url, decode.url):
+        wait_until(lambda u=url: metric_value(u, ROOMS, rooms) == 0, 10, "no rooms")
