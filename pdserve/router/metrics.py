@@ -145,6 +145,18 @@ class RouterMetrics:
             ["worker", "role"],
             registry=r,
         )
+        self.available = Gauge(
+            "pdserve_router_worker_available",
+            "1 while the worker takes requests (healthy, and its circuit breaker lets them by)",
+            ["worker", "role"],
+            registry=r,
+        )
+        self.circuit = Gauge(
+            "pdserve_router_worker_circuit",
+            "1 for the worker's circuit breaker state (closed, open, half_open), 0 for the others",
+            ["worker", "role", "state"],
+            registry=r,
+        )
         self.in_flight = Gauge(
             "pdserve_router_worker_in_flight",
             "Legs in flight per worker",

@@ -12,6 +12,7 @@ from typing import Any
 import msgspec
 
 from pdserve.router.config import RouterConfig, WorkerSpec
+from pdserve.router.health import BreakerState
 from pdserve.router.http_client import HttpClient, HttpError
 from pdserve.router.kv_follow import KVFollower
 from pdserve.router.metrics import RouterMetrics
@@ -278,8 +279,12 @@ class Monitor:
             await asyncio.sleep(self.config.load_refresh_interval_s)
 
     def update_gauges(self) -> None:
-        self.metrics.healthy.clear()
-        self.metrics.in_flight.clear()
+        m, now = self.metrics, time.monotonic()
+        for gauge in (m.healthy, m.available, m.circuit, m.in_flight):
+            gauge.clear()
         for w in self.registry.all():
-            self.metrics.healthy.labels(w.url, w.role).set(1 if w.health.healthy else 0)
-            self.metrics.in_flight.labels(w.url, w.role).set(w.in_flight)
+            m.healthy.labels(w.url, w.role).set(1 if w.health.healthy else 0)
+            m.available.labels(w.url, w.role).set(1 if w.available(now) else 0)
+            for state in BreakerState:
+                m.circuit.labels(w.url, w.role, state.value).set(w.breaker.state is state)
+            m.in_flight.labels(w.url, w.role).set(w.in_flight)

@@ -325,6 +325,14 @@ def test_circuit_breaker_opens_after_repeated_failures(stubs, router_factory):
     workers = {w["url"]: w for w in requests.get(f"{router.url}/workers").json()["workers"]}
     assert workers[stubs["d1"].url]["circuit"] == "open"
     assert workers[stubs["p1"].url]["circuit"] == "closed"  # the healthy leg is not blamed
+    # /metrics says the same (it showed health alone: a server out for its breaker was 1)
+    d1, p1 = {"worker": stubs["d1"].url}, {"worker": stubs["p1"].url}
+    assert metric(router, "pdserve_router_worker_circuit", state="open", **d1) == 1
+    assert metric(router, "pdserve_router_worker_circuit", **d1) == 1  # one state at a time
+    assert metric(router, "pdserve_router_worker_circuit", state="closed", **p1) == 1
+    assert metric(router, "pdserve_router_worker_available", **d1) == 0
+    assert metric(router, "pdserve_router_worker_available", **p1) == 1
+    assert metric(router, "pdserve_router_worker_healthy", **d1) == 1
 
 
 def test_a_504_a_worker_answers_never_opens_its_breaker(stubs, router_factory):
