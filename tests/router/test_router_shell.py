@@ -217,33 +217,6 @@ def test_client_leaving_mid_stream_aborts_both_legs(stubs, router_factory):
     )
 
 
-def test_a_client_leaving_a_flowing_stream_counts_as_a_failed_request(stubs, router_factory):
-    """A client that hangs up while decode's events keep coming is seen by the router's next
-    write, before its handler is cancelled: it was aborted on both legs but counted in no
-    failure reason, so failures by reason undercounted the requests that ended badly."""
-    router = router_factory(pd_args(stubs))
-    script = {"p1": {"hold": "never"}, "d1": {"chunks": 20000}}
-    num_leaving = 30
-    for _ in range(num_leaving):
-        with requests.post(
-            f"{router.url}/generate",
-            json={"text": "x", "stream": True, "stub": script},
-            stream=True,
-            timeout=10,
-        ) as resp:
-            next(line for line in resp.iter_lines() if line)
-    wait_until(
-        lambda: (
-            metric(router, "pdserve_router_aborts_total", cause="client_disconnect")
-            == 2 * num_leaving
-        ),
-        10,
-        "abort metrics",
-    )
-    failures = metric(router, "pdserve_router_request_failures_total", reason="client_disconnect")
-    assert failures == num_leaving
-
-
 def test_a_client_hanging_up_after_the_last_event_completed_its_request(stubs, router_factory):
     """OpenAI clients and `pdserve bench` hang up once they read `data: [DONE]`, which can be
     before decode's end of body reaches the router: the router must end the client's answer
@@ -325,14 +298,6 @@ def test_circuit_breaker_opens_after_repeated_failures(stubs, router_factory):
     workers = {w["url"]: w for w in requests.get(f"{router.url}/workers").json()["workers"]}
     assert workers[stubs["d1"].url]["circuit"] == "open"
     assert workers[stubs["p1"].url]["circuit"] == "closed"  # the healthy leg is not blamed
-    # /metrics says the same (it showed health alone: a server out for its breaker was 1)
-    d1, p1 = {"worker": stubs["d1"].url}, {"worker": stubs["p1"].url}
-    assert metric(router, "pdserve_router_worker_circuit", state="open", **d1) == 1
-    assert metric(router, "pdserve_router_worker_circuit", **d1) == 1  # one state at a time
-    assert metric(router, "pdserve_router_worker_circuit", state="closed", **p1) == 1
-    assert metric(router, "pdserve_router_worker_available", **d1) == 0
-    assert metric(router, "pdserve_router_worker_available", **p1) == 1
-    assert metric(router, "pdserve_router_worker_healthy", **d1) == 1
 
 
 def test_a_504_a_worker_answers_never_opens_its_breaker(stubs, router_factory):
