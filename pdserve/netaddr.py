@@ -111,6 +111,23 @@ def http_url(host: str, port: int) -> str:
     return f"http://{host_port(host, port)}"
 
 
+def tcp_endpoint_error(endpoint: str) -> str | None:
+    """Why `endpoint` is not a ZeroMQ "tcp://host:port" address a peer can connect to
+    (a host, an IPv6 literal in brackets, a port in [1, 65535]), or None."""
+    host, sep, port = endpoint.removeprefix("tcp://").rpartition(":")
+    if not endpoint.startswith("tcp://") or not sep or not host:
+        return f"{endpoint!r} is not tcp://host:port"
+    if not (port.isascii() and port.isdigit()) or not 1 <= int(port) <= 65535:
+        return f"{endpoint!r}: port {port!r} is not in [1, 65535]"
+    bare = host.removeprefix("[").removesuffix("]")
+    if ":" in host and host == bare:
+        return f"{endpoint!r}: an IPv6 host goes in brackets (tcp://[{bare}]:{port})"
+    malformed = host not in (bare, f"[{bare}]") or not bare or "*" in bare
+    if malformed or any(c.isspace() or c in "[]/" for c in bare):
+        return f"{endpoint!r}: host {host!r} is not an address"
+    return None
+
+
 def family(host: str) -> socket.AddressFamily:
     """The socket family a listener on `host` needs: AF_INET6 for an IPv6 literal."""
     return socket.AF_INET6 if ":" in host else socket.AF_INET

@@ -11,6 +11,7 @@ from typing import Annotated, Any
 
 import msgspec
 
+from pdserve import netaddr
 from pdserve.disagg.messages import PROTOCOL_VERSION
 from pdserve.engine.kv_layout import KVLayout
 from pdserve.serving import pd_fields
@@ -79,6 +80,10 @@ class WorkerRegistration(msgspec.Struct, frozen=True, kw_only=True, forbid_unkno
     tp_size: PosInt = 1
 
     def __post_init__(self) -> None:
+        # Decode connects to it: a bad one failed every room of this worker on decode
+        endpoint_error = netaddr.tcp_endpoint_error(self.kv_endpoint)
+        if endpoint_error is not None:
+            raise RegistrationError(f"kv_endpoint: {endpoint_error}")
         if self.dp_rank >= self.dp_size:
             raise RegistrationError(
                 f"dp_rank {self.dp_rank} out of range for dp_size {self.dp_size}"

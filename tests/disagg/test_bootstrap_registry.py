@@ -141,6 +141,13 @@ def test_contradicting_dp_size_and_out_of_range_rank_are_rejected():
         {"page_size": 0},
         {"dp_rank": -1},
         {"kv_endpoint": ""},
+        {"kv_endpoint": "tcp://127.0.0.1"},  # no port: decode's connect raised on every room
+        {"kv_endpoint": "tcp://127.0.0.1:0"},
+        {"kv_endpoint": "tcp://127.0.0.1:65536"},
+        {"kv_endpoint": "tcp://::1:6000"},  # ZeroMQ reads no device in it
+        {"kv_endpoint": "tcp://*:6000"},
+        {"kv_endpoint": "ipc:///tmp/kv"},
+        {"kv_endpoint": "http://127.0.0.1:6000"},
         {"load_balance_method": "auto"},
         {"protocol_version": 99},
         {"tp_rank": 1},
@@ -151,6 +158,15 @@ def test_malformed_registration_is_rejected(overrides):
     with pytest.raises(RegistrationError):
         registry.register_worker(registration(**{"dp_rank": 0, **overrides}), now=0.0)
     assert registry.num_workers == 0
+
+
+@pytest.mark.parametrize(
+    "endpoint", ["tcp://127.0.0.1:6000", "tcp://[::1]:6000", "tcp://prefill-0.svc:65535"]
+)
+def test_a_tcp_endpoint_with_host_and_port_registers(endpoint):
+    registry = BootstrapRegistry(room_ttl_s=10.0)
+    registry.register_worker(registration(0, kv_endpoint=endpoint), now=0.0)
+    assert registry.worker(0)["kv_endpoint"] == endpoint
 
 
 def test_worker_answers_endpoint_and_layout_or_none():

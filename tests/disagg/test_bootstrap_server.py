@@ -152,6 +152,15 @@ def test_restarted_worker_replaces_its_endpoint(server_port):
     assert worker["kv_endpoint"] == "tcp://127.0.0.1:9"
 
 
+def test_a_registration_whose_kv_endpoint_decode_cannot_connect_to_is_400(server_port):
+    body = msgspec.json.encode(registration(0)).replace(b"127.0.0.1:6000", b"127.0.0.1")
+    status, answer = request(server_port, "PUT", "/route", body)
+    assert status == 400, answer
+    assert "kv_endpoint" in answer["error"]["message"], answer
+    assert "tcp://host:port" in answer["error"]["message"], answer
+    assert request(server_port, "GET", "/route?prefill_dp_rank=0")[0] == 404
+
+
 def test_contradicting_registration_is_400_naming_both_values(server_port):
     assert put_worker(server_port, registration(0))[0] == 200
     status, body = put_worker(server_port, registration(1, page_size=32))
