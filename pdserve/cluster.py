@@ -18,6 +18,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TextIO
 
 from pdserve import envs, netaddr
 from pdserve.auth import bearer_header
@@ -348,6 +349,15 @@ def banner(children: list[Child], c: ClusterConfig, elapsed_s: float) -> str:
     return "\n".join(lines)
 
 
+def say(text: str, file: TextIO | None = None) -> None:
+    """Print a line of `up`'s own; never raises. With its stdout gone (`| head` exited, the
+    terminal closed) a BrokenPipeError skipped the SIGKILL of a child that ignored SIGTERM."""
+    try:
+        print(text, file=file or sys.stdout, flush=True)
+    except OSError:
+        pass
+
+
 def stop_all(children: list[Child], timeout_s: float) -> None:
     """SIGTERM every group (router first, so no new work reaches the servers), then SIGKILL
     whatever is left at the deadline; never returns with a child still running."""
@@ -360,7 +370,7 @@ def stop_all(children: list[Child], timeout_s: float) -> None:
         try:
             child.proc.wait(max(0.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
-            print(f"pdserve up: {child.name} ignored SIGTERM; killing it", flush=True)
+            say(f"pdserve up: {child.name} ignored SIGTERM; killing it")
         child.signal_group(signal.SIGKILL)  # stragglers in its group (DP workers)
         child.proc.wait()
 
@@ -377,10 +387,10 @@ def run(ns: argparse.Namespace) -> int:
         c.port, lambda port: port_is_free(c.host, port), lambda: free_port(c.host)
     )
     if note:
-        print(f"pdserve up: {note}", flush=True)
+        say(f"pdserve up: {note}")
     gpu_note = shared_gpu_note(c.server_args, envs.cuda_mps_pipe_directory())
     if gpu_note:
-        print(f"pdserve up: {gpu_note}", flush=True)
+        say(f"pdserve up: {gpu_note}")
     children = plan(c, router_port)
     started_at = time.monotonic()
     try:
@@ -389,17 +399,17 @@ def run(ns: argparse.Namespace) -> int:
         for child in children:
             threading.Thread(target=child.echo_output, daemon=True).start()
         pids = ", ".join(f"{ch.name} (pid {ch.proc.pid})" for ch in children)  # type: ignore[union-attr]
-        print(f"pdserve up: started {pids}; waiting for them to be ready", flush=True)
+        say(f"pdserve up: started {pids}; waiting for them to be ready")
         if not wait_ready(children, started_at + c.ready_timeout_s, stop):
             return 0
-        print(banner(children, c, time.monotonic() - started_at), flush=True)
+        say(banner(children, c, time.monotonic() - started_at))
         while not stop.wait(POLL_INTERVAL_S):
             for child in children:
                 if child.exit_code() is not None:
                     raise ChildDied(child)
         return 0
     except (ChildDied, TimeoutError) as exc:
-        print(f"pdserve up: {exc}", file=sys.stderr, flush=True)
+        say(f"pdserve up: {exc}", sys.stderr)
         return 1
     finally:
         stop_all(children, c.stop_timeout_s)

@@ -194,6 +194,49 @@ def test_a_childs_output_is_still_read_once_ups_stdout_is_gone():
     assert proc.returncode == 0, err.decode()[-2000:]
 
 
+# `stop_all` in a process whose stdout is a pipe nobody reads, over a child that ignores
+# SIGTERM: its note "ignored SIGTERM; killing it" must not end it before the SIGKILL.
+STOP_SCRIPT = """
+import sys
+from pdserve.cluster import Child, stop_all
+stubborn = [sys.executable, "-c", "import signal; signal.signal(signal.SIGTERM, signal.SIG_IGN);"
+            " print('ready', flush=True); signal.pause()"]
+child = Child("stubborn", stubborn, "http://127.0.0.1:1", [], echo=False)
+child.start()
+print(child.proc.pid, file=sys.stderr, flush=True)
+assert child.proc.stdout.readline().strip() == b"ready"  # SIGTERM is ignored from here on
+stop_all([child], 0.2)
+"""
+
+
+def test_up_kills_a_child_that_ignores_sigterm_once_its_stdout_is_gone():
+    proc = subprocess.Popen(
+        [PYTHON, "-c", STOP_SCRIPT],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=python_path_env(),
+    )
+    proc.stdout.close()  # its reader leaves at once
+    child_pid = None
+    try:
+        child_pid = int(proc.stderr.readline())
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err.decode()[-2000:]
+        assert not pid_alive(child_pid)
+    finally:
+        if child_pid is not None and pid_alive(child_pid):
+            os.kill(child_pid, signal.SIGKILL)
+
+
+def pid_alive(pid: int) -> bool:
+    """Running (a zombie of an exited parent counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
 def test_up_notes_a_gpu_shared_without_mps(tmp_path):
     """Both servers on one CUDA device and no MPS daemon's control pipe: a note says why
     decode's latency suffers and how to start the daemon; none on the CPU or with MPS."""
