@@ -9,6 +9,7 @@ unless that failure names decode as its cause, see `room_failure_error`).
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -25,6 +26,8 @@ from pdserve.disagg.bootstrap_registry import RoomFailure, ServerInfo, WorkerReg
 from pdserve.disagg.metrics import DisaggMetrics
 from pdserve.disagg.rank_query import PendingRooms
 from pdserve.serving.hooks import DECODE_ORIGIN, PREFILL_ORIGIN, RequestError
+
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 INFO_TTL_S = 30.0
@@ -231,6 +234,11 @@ class RankQuerier:
                     await asyncio.wait_for(self.wakeup.wait(), max(0.0, wake - time.monotonic()))
                 except asyncio.TimeoutError:
                     pass
+        except Exception as exc:  # a bug here must fail the rooms, not leave them waiting
+            log.exception("rank queries to %s stopped", self.url)
+            for room in self.pending.rooms():
+                self.pending.discard(room)
+                self._settle(room, error=RequestError(500, f"rank query failed: {exc!r}"))
         finally:
             self.task = None
 

@@ -279,3 +279,34 @@ def test_a_rank_query_answered_by_another_start_of_the_server_fails_at_once():
             await server.stop()
 
     asyncio.run(scenario())
+
+
+def test_an_error_in_the_rank_query_loop_fails_its_rooms_at_once():
+    """A bug in the loop that asks for ranks (here: in its metrics) ended the loop and left
+    every room it was asking about waiting for its deadline; they now fail at once, 500."""
+    from pdserve.disagg.metrics import DisaggMetrics
+    from pdserve.disagg.peer_info import PeerDirectory
+    from pdserve.serving.hooks import RequestError
+    from pdserve.serving.metrics import ServerMetrics
+
+    class BrokenMetrics(DisaggMetrics):
+        def query_round_trip(self, num_rooms: int) -> None:
+            raise RuntimeError("a bug")
+
+    async def scenario() -> None:
+        registry = BootstrapRegistry(room_ttl_s=60.0, dp_size=2)
+        for rank in range(2):
+            registry.register_worker(registration(rank), now=time.monotonic())
+        server = await start_bootstrap_server(registry, "127.0.0.1", 0)
+        try:
+            async with aiohttp.ClientSession() as session:
+                peers = PeerDirectory(session, 30.0, BrokenMetrics(ServerMetrics("decode")))
+                info = await peers.server_info(server.url)
+                registry.register_room(5, 1, now=time.monotonic())
+                with pytest.raises(RequestError) as failed:
+                    await asyncio.wait_for(peers.query_rank(server.url, 5, info.epoch), 10.0)
+                assert failed.value.status == 500 and "a bug" in failed.value.message
+        finally:
+            await server.stop()
+
+    asyncio.run(scenario())
