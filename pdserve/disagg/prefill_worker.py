@@ -131,6 +131,9 @@ class PrefillWorkerHooks(WorkerHooks):
         room_id = self.room_of_rid.get(rid)
         if room_id is None:
             return []
+        handle = self.sending[room_id].send_handle if room_id in self.sending else None
+        if handle is not None and handle.done() and not getattr(handle, "error", None):
+            return self._finish_sent(_now())  # its KV is in decode's pool: sent, and counted
         out = self._end_room(room_id, 499, f"aborted on prefill: {reason}", _now(), reason)
         return [output_to_msg(out)] if out is not None else []
 
