@@ -51,6 +51,16 @@ class WriteFlow(asyncio.Protocol):
         if self._write_paused is not None:
             await self._write_paused
 
+    def pause_writing(self) -> None:  # asyncio: the transport's buffer passed its high-water mark
+        if self._write_paused is None:
+            self._write_paused = asyncio.get_running_loop().create_future()
+
+    def resume_writing(self) -> None:  # asyncio: under the low-water mark again (or lost)
+        if self._write_paused is not None:
+            if not self._write_paused.done():
+                self._write_paused.set_result(None)
+            self._write_paused = None
+
 
 class Owner(Protocol):
     """Who keeps a worker's connections (the client's pool)."""

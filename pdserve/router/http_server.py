@@ -35,6 +35,9 @@ MAX_PIPELINED = 16
 # A connection with nothing to answer is closed after this long without a whole request:
 # idle keep-alive connections, and clients that send part of a request and stall (408).
 IDLE_TIMEOUT_S = 75.0
+# A client that takes none of an answer's bytes for this long is hung up on (nginx's
+# send_timeout): a streaming client that stopped reading held its handler for good.
+WRITE_STALL_S = 60.0
 
 
 class Request:
@@ -148,8 +151,10 @@ class HttpServer:
         max_body_bytes: int,
         idle_timeout_s: float = IDLE_TIMEOUT_S,
         guard: HeadGuard | None = None,
+        write_stall_s: float = WRITE_STALL_S,
     ):
         self.routes = routes
+        self.write_stall_s = write_stall_s
         self.guard = guard
         self._prefixed = [
             (path[:-1], methods) for path, methods in routes.items() if path[-2:] == "/*"
@@ -258,11 +263,18 @@ class ServerConnection(WriteFlow):
         self.resume_writing()
 
     async def write(self, data: bytes) -> None:
-        """Write, waiting while the client reads slower than we write."""
+        """Write, waiting while the client reads slower than we write; one that takes
+        nothing for `write_stall_s` meanwhile is cut off (ConnectionResetError)."""
         if self.transport is None or self.transport.is_closing():
             raise ConnectionResetError("the client hung up")
         self.transport.write(data)
-        await self.writable()
+        if self._write_paused is not None:
+            loop = asyncio.get_running_loop()
+            stall = loop.call_later(self.server.write_stall_s, self.transport.abort)
+            try:
+                await self.writable()
+            finally:
+                stall.cancel()
         if self.transport is None:
             raise ConnectionResetError("the client hung up")
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 from collections.abc import Awaitable, Callable
 
 import pytest
@@ -14,6 +15,7 @@ from pdserve.router.http_client import HttpClient
 from pdserve.router.http_parse import MAX_HEAD_BYTES, RequestParser
 from pdserve.router.http_server import (
     IDLE_TIMEOUT_S,
+    WRITE_STALL_S,
     HttpServer,
     Request,
     Response,
@@ -33,6 +35,8 @@ class Handlers:
         self.waiting = asyncio.Event()
         self.cancelled = asyncio.Event()
         self.release = asyncio.Event()
+        self.cut = asyncio.Event()
+        self.flooded = False
 
     async def echo(self, request: Request) -> Response:
         return json_response({"body": request.body.decode(), "query": request.query})
@@ -53,6 +57,20 @@ class Handlers:
             raise
         return Response()
 
+    async def flood(self, request: Request) -> StreamResponse:
+        """256 MiB of events, as fast as the client takes them: `cut` if it is cut off."""
+        out = StreamResponse(200, {"Content-Type": "text/event-stream"})
+        await out.prepare(request)
+        try:
+            for _ in range(4096):
+                await out.write(b"data: " + b"x" * 65536 + b"\n\n")
+        except (ConnectionResetError, asyncio.CancelledError):
+            self.cut.set()
+            raise
+        self.flooded = True  # the writes never waited for the client: all of it is buffered
+        self.cut.set()
+        return out
+
     async def fail(self, request: Request) -> Response:
         raise RuntimeError("handler bug")
 
@@ -61,16 +79,20 @@ class Handlers:
         return json_response({"released": True})
 
     def server(
-        self, max_body_bytes: int = 1 << 20, idle_timeout_s: float = IDLE_TIMEOUT_S
+        self,
+        max_body_bytes: int = 1 << 20,
+        idle_timeout_s: float = IDLE_TIMEOUT_S,
+        write_stall_s: float = WRITE_STALL_S,
     ) -> HttpServer:
         routes = {
             "/echo": {"POST": self.echo, "GET": self.echo},
             "/stream": {"POST": self.stream},
+            "/flood": {"POST": self.flood},
             "/wait": {"POST": self.wait},
             "/fail": {"GET": self.fail},
             "/slow": {"GET": self.slow},
         }
-        return HttpServer(routes, max_body_bytes, idle_timeout_s)
+        return HttpServer(routes, max_body_bytes, idle_timeout_s, write_stall_s=write_stall_s)
 
 
 def serve(
@@ -78,9 +100,10 @@ def serve(
     scenario: Scenario,
     max_body_bytes: int = 1 << 20,
     idle_timeout_s: float = IDLE_TIMEOUT_S,
+    write_stall_s: float = WRITE_STALL_S,
 ) -> None:
     async def main() -> None:
-        server = handlers.server(max_body_bytes, idle_timeout_s)
+        server = handlers.server(max_body_bytes, idle_timeout_s, write_stall_s)
         port = free_port()
         await server.start("127.0.0.1", port)
         try:
@@ -214,6 +237,23 @@ def test_client_hanging_up_cancels_its_handler() -> None:
         await handlers.cancelled.wait()
 
     serve(handlers, scenario)
+
+
+def test_a_client_that_stops_reading_a_stream_is_cut_off_after_the_write_stall() -> None:
+    """It stays connected and reads nothing: the writes wait for it (the router buffered a
+    whole stream in memory), and not for good (its handler would have)."""
+    handlers = Handlers()
+
+    async def scenario(port: int) -> None:
+        sock = socket.create_connection(("127.0.0.1", port))
+        try:
+            sock.sendall(post("/flood", b"{}"))
+            await handlers.cut.wait()
+            assert not handlers.flooded, "no write waited for the client to read"
+        finally:
+            sock.close()
+
+    serve(handlers, scenario, write_stall_s=0.5)
 
 
 def test_request_parser_handles_requests_cut_at_every_byte() -> None:
