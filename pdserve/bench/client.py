@@ -64,8 +64,10 @@ class _Timing:
         if event.cached_tokens is not None:
             record.cached_tokens = event.cached_tokens
         self._keep_answer(record, event)
+        # an answer that is EOS alone comes as one finishing chunk with no text: its token
+        first_and_last = event.finished and self.last_token is None
         self.finished = self.finished or event.finished
-        if not event.has_new_tokens:
+        if not (event.has_new_tokens or first_and_last):
             return
         if self.last_token is None:
             record.ttft_s = now - self.sent
