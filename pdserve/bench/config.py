@@ -138,6 +138,10 @@ class BenchConfig:
             self.dataset_name != "multiturn" or not self.sweep_rates,
             "--sweep-rates does not apply to multiturn (conversations pace themselves)",
         )
+        self._check_finite()
+        check(self.temperature >= 0, "--temperature must be >= 0")
+        check(self.slo_ttft_ms is None or self.slo_ttft_ms > 0, "--slo-ttft-ms must be > 0")
+        check(self.slo_tpot_ms is None or self.slo_tpot_ms > 0, "--slo-tpot-ms must be > 0")
         check(self.request_rate > 0, "--request-rate must be > 0 (inf: all at once)")
         check(self.burstiness > 0, "--burstiness must be > 0")
         check(
@@ -155,6 +159,23 @@ class BenchConfig:
             "--sweep-rates does not apply to a trace (use --trace-speedup)",
         )
         parse_extra_body(self.extra_body)  # refused here, before --launch starts anything
+
+    def _check_finite(self) -> None:
+        """nan or inf here would be sent, slept on, or written into the result as JSON's
+        invalid NaN/Infinity (only --request-rate takes inf, meaning all at once)."""
+        values = {
+            "--temperature": self.temperature,
+            "--burstiness": self.burstiness,
+            "--slo-ttft-ms": self.slo_ttft_ms,
+            "--slo-tpot-ms": self.slo_tpot_ms,
+            "--think-time-s": self.think_time_s,
+            "--conversation-stagger-s": self.conversation_stagger_s,
+            "--trace-speedup": self.trace_speedup,
+            "--trace-length-scale": self.trace_length_scale,
+            "--random-range-ratio": self.random_range_ratio,
+        }
+        for flag, value in values.items():
+            check(value is None or math.isfinite(value), f"{flag} must be finite, got {value}")
 
 
 def parse_extra_body(raw: str | None) -> dict[str, Any] | None:

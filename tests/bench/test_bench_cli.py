@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from pdserve.bench.config import BenchConfig
 from pdserve.bench.report import write_json
 from pdserve.bench.server_stats import parse_prometheus
 from tests.bench.sample_runs import make_result
@@ -123,3 +125,22 @@ def test_an_unwritable_output_path_fails_before_launch(tmp_path: Path, flag: str
     assert f"pdserve bench: error: {flag} {path}: cannot write there" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not marker.exists()  # refused before --launch started anything
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "reason"),
+    [
+        ("burstiness", math.inf, "--burstiness must be finite"),
+        ("temperature", math.nan, "--temperature must be finite"),
+        ("temperature", -1.0, "--temperature must be >= 0"),
+        ("slo_ttft_ms", math.nan, "--slo-ttft-ms must be finite"),
+        ("slo_tpot_ms", -5.0, "--slo-tpot-ms must be > 0"),
+        ("think_time_s", math.inf, "--think-time-s must be finite"),
+        ("trace_length_scale", math.inf, "--trace-length-scale must be finite"),
+    ],
+)
+def test_a_value_that_would_make_the_result_invalid_json_is_refused(flag, value, reason):
+    """--burstiness inf wrote `"burstiness": Infinity` and NaN send times, --slo-ttft-ms nan
+    and --temperature nan wrote NaN: none of them JSON. They are refused at start."""
+    with pytest.raises(ValueError, match=reason):
+        BenchConfig(**{flag: value})
