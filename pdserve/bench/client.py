@@ -133,6 +133,19 @@ async def send_request(
         record.output_tokens = timing.token_chunks
 
 
+async def unreachable(session: aiohttp.ClientSession, url: str) -> str | None:
+    """Why GET `url` got no HTTP answer at all (refused, no such host, silent), or None when
+    it got one, whatever its status."""
+    try:
+        timeout = aiohttp.ClientTimeout(total=LOOKUP_TIMEOUT_S)
+        async with session.get(url, timeout=timeout):
+            return None
+    except asyncio.TimeoutError:
+        return f"no answer within {LOOKUP_TIMEOUT_S:g} s"
+    except aiohttp.ClientError as exc:
+        return f"{type(exc).__name__}: {exc}"
+
+
 async def get_json(session: aiohttp.ClientSession, url: str) -> Any | None:
     """GET `url` as JSON, or None when it is missing, slow or not JSON."""
     try:

@@ -107,6 +107,10 @@ class BenchConfig:
     )
 
     def __post_init__(self) -> None:
+        check(
+            self.base_url.startswith(("http://", "https://")),
+            f"--base-url must start with http:// or https://, got {self.base_url!r}",
+        )
         check(self.num_prompts > 0, f"--num-prompts must be > 0, got {self.num_prompts}")
         check(self.random_input_len > 0, "--random-input-len must be > 0")
         check(self.random_output_len > 0, "--random-output-len must be > 0")

@@ -51,6 +51,10 @@ async def connect(
         raise RuntimeError(
             f"{base_url}/model_info did not answer: is the server up? (or pass --tokenizer)"
         )
+    # vLLM and SGLang have no /model_info: with --tokenizer, any HTTP answer will do
+    why = None if model_info is not None else await client.unreachable(session, base_url)
+    if why is not None:
+        raise RuntimeError(f"--base-url {base_url} does not answer ({why})")
     await conversations.check_metrics_urls(session, [u.rstrip("/") for u in cfg.metrics_urls])
     tokenizer_path = runner.resolve_tokenizer_path(cfg.tokenizer, model_info)
     tokenizer = runner.load_tokenizer(tokenizer_path)

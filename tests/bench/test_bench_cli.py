@@ -53,6 +53,21 @@ def test_an_unreachable_server_is_a_clear_error_not_a_traceback():
     assert "model_info did not answer" in proc.stderr and "Traceback" not in proc.stderr
 
 
+def test_an_unreachable_server_is_an_error_also_with_a_tokenizer(tokenizer_dir: str):
+    """With --tokenizer (as against vLLM, which has no /model_info) a dead --base-url ran
+    the whole workload into connection errors and printed a report, exit status 1."""
+    url = f"http://127.0.0.1:{free_port()}"
+    proc = pdserve("bench", "--base-url", url, "--tokenizer", tokenizer_dir, "--no-progress")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert f"--base-url {url} does not answer (ClientConnectorError" in proc.stderr
+    assert "Successful requests" not in proc.stdout
+
+
+def test_a_base_url_without_a_scheme_is_refused():
+    with pytest.raises(ValueError, match="--base-url must start with http:// or https://"):
+        BenchConfig(base_url="127.0.0.1:30000")
+
+
 def test_a_bad_option_value_names_the_flag():
     proc = pdserve("bench", "--max-concurrency", "0")
     assert proc.returncode == 2 and "--max-concurrency must be > 0" in proc.stderr
