@@ -22,7 +22,18 @@ def _pyplot() -> Any:
 
 
 def samples_ms(result: dict[str, Any]) -> dict[str, list[float]]:
-    """Milliseconds per latency kind over a result's completed requests."""
+    """Milliseconds per latency kind over a result's completed requests. A result without
+    per-request records (`vllm bench serve --save-result`) has TTFT and ITL arrays only."""
+    if "requests" not in result:
+        ok = [not error for error in result.get("errors") or []]
+        ttfts = zip(result.get("ttfts") or [], ok, strict=False)
+        itls = zip(result.get("itls") or [], ok, strict=False)
+        return {
+            "ttft": [t * 1e3 for t, good in ttfts if good and t is not None],
+            "tpot": [],
+            "itl": [gap * 1e3 for gaps, good in itls if good for gap in gaps],
+            "e2el": [],
+        }
     done = [r for r in result["requests"] if r["ok"]]
     return {
         "ttft": [r["ttft_s"] * 1e3 for r in done if r["ttft_s"] is not None],

@@ -159,3 +159,17 @@ def test_a_value_that_would_make_the_result_invalid_json_is_refused(flag, value,
     and --temperature nan wrote NaN: none of them JSON. They are refused at start."""
     with pytest.raises(ValueError, match=reason):
         BenchConfig(**{flag: value})
+
+
+def test_compare_plots_a_result_that_has_no_per_request_records(tmp_path: Path):
+    """A `vllm bench serve` result (vLLM's field names: no `requests`) stopped `compare
+    --plot` with KeyError: 'requests'; its TTFT and ITL arrays are drawn."""
+    ours = make_result("pdserve", 1.0)
+    theirs = {k: ours[k] for k in ("completed", "mean_ttft_ms", "ttfts", "itls", "errors")}
+    write_json(str(tmp_path / "ours.json"), ours)
+    write_json(str(tmp_path / "vllm.json"), theirs)
+    plot = tmp_path / "cmp.png"
+    paths = [str(tmp_path / "ours.json"), str(tmp_path / "vllm.json")]
+    proc = pdserve("bench", "compare", *paths, "--plot", str(plot))
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+    assert "vllm/pdserve" in proc.stdout and plot.stat().st_size > 5000
