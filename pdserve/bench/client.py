@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -77,23 +78,31 @@ class _Timing:
         self.token_chunks += 1
 
 
-async def _read_stream(
-    resp: aiohttp.ClientResponse, parser: StreamParser, record: RequestRecord, timing: _Timing
-) -> None:
+async def _lines(resp: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
+    """The body's lines as they arrive, the last one also when no newline ends it."""
     splitter = LineSplitter()
     async for data in resp.content.iter_any():
         for line in splitter.feed(data):
-            payload = sse_data(line)
-            if payload is None:
-                continue
-            if payload == "[DONE]":
-                timing.done = True
-                return
-            event = parser.feed(payload)
-            if event.error is not None:
-                _fail(record, "stream_error", event.error)
-                return
-            timing.apply(record, event, time.perf_counter())
+            yield line
+    for line in splitter.flush():
+        yield line
+
+
+async def _read_stream(
+    resp: aiohttp.ClientResponse, parser: StreamParser, record: RequestRecord, timing: _Timing
+) -> None:
+    async for line in _lines(resp):
+        payload = sse_data(line)
+        if payload is None:
+            continue
+        if payload == "[DONE]":
+            timing.done = True
+            return
+        event = parser.feed(payload)
+        if event.error is not None:
+            _fail(record, "stream_error", event.error)
+            return
+        timing.apply(record, event, time.perf_counter())
 
 
 async def send_request(

@@ -24,10 +24,11 @@ class Script:
     first_delay_s: float = 0.0
     gap_s: float = 0.0
     usage_tokens: int | None = 3
-    finish: str = "length"
+    finish: str | None = "length"
     status: int = 200  # anything else answers this status with an error body
     cut_after: int | None = None  # drop the connection after this many token chunks
     error_after: int | None = None  # send an error event after this many token chunks
+    done_newline: bool = True  # False: `data: [DONE]` ends the body without a newline
 
 
 @dataclass
@@ -62,7 +63,7 @@ class ScriptedServer:
         if script.usage_tokens is not None:
             usage = {"prompt_tokens": 4, "completion_tokens": script.usage_tokens}
             await _event(resp, {"choices": [], "usage": usage})
-        await resp.write(b"data: [DONE]\n\n")
+        await resp.write(b"data: [DONE]" + (b"\n\n" if script.done_newline else b""))
         return resp
 
     async def models(self, _request: web.Request) -> web.Response:

@@ -126,6 +126,15 @@ def test_an_answer_whose_only_token_has_no_text_is_complete():
     assert result["mean_itl_ms"] is None
 
 
+def test_a_last_line_without_a_newline_still_counts():
+    """A body ending in `data: [DONE]` with no newline lost that line: an answer that gave
+    no finish reason failed as incomplete_stream."""
+    server = ScriptedServer(default=Script(finish=None, done_newline=False))
+    records, _ = send(server, ["a"])
+    assert records[0].ok, records[0].error
+    assert records[0].output_tokens == 3
+
+
 def test_warmup_is_sent_first_and_left_out_of_the_run(tokenizer_dir: str, tmp_path: Path):
     server = ScriptedServer(default=Script(tokens=("a", "b"), usage_tokens=2))
     out = tmp_path / "run.json"
