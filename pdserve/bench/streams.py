@@ -161,11 +161,23 @@ class StreamParser:
             cached_tokens=details.get("cached_tokens") if isinstance(details, dict) else None,
         )
         for choice in obj.get("choices") or []:
-            delta = choice.get("delta") or {}
-            text = choice.get("text") or delta.get("content") or delta.get("reasoning_content")
-            if text:
+            text = _choice_text(choice)
+            if text is not None:
                 event.has_new_tokens = True
                 event.text = (event.text or "") + text
             if choice.get("finish_reason") is not None:
                 event.finished = True
         return event
+
+
+def _choice_text(choice: dict[str, Any]) -> str | None:
+    """The text of a chunk that carries a token, "" included: servers send one chunk per
+    token and hold back the text of a token that ends inside a UTF-8 character. None for a
+    chunk without one: the chat role chunk, or a finish chunk with an empty delta."""
+    if isinstance(choice.get("text"), str):
+        return choice["text"]
+    delta = choice.get("delta") or {}
+    if "role" in delta:
+        return delta.get("content") or None
+    texts = [delta[key] for key in ("content", "reasoning_content") if isinstance(delta.get(key), str)]  # fmt: skip
+    return "".join(texts) if texts else None

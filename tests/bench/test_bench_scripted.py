@@ -126,6 +126,13 @@ def test_an_answer_whose_only_token_has_no_text_is_complete():
     assert result["mean_itl_ms"] is None
 
 
+def test_every_token_chunk_counts_also_when_its_text_is_held_back():
+    server = ScriptedServer(default=Script(tokens=("", "a", "", "b"), usage_tokens=4))
+    records, _ = send(server, ["x"])
+    assert records[0].ok and len(records[0].itl_s) == 3  # the first chunk gave the TTFT
+    assert records[0].output_text == "ab"
+
+
 def test_a_last_line_without_a_newline_still_counts():
     """A body ending in `data: [DONE]` with no newline lost that line: an answer that gave
     no finish reason failed as incomplete_stream."""
