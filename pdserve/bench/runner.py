@@ -110,9 +110,10 @@ def build_workload(
             )
         else:
             prompts = workload.random_prompts(rng, allowed, inputs, outputs)
-    # warmup prompts: the same lengths as the first ones, but fresh tokens (no cache hits)
+    # warmup prompts: the same lengths as the first ones (again from the start when there
+    # are more warmups than prompts), but fresh tokens (no cache hits)
     warm_rng = np.random.default_rng([cfg.seed, 3])
-    head = prompts[: cfg.warmup_requests]
+    head = [prompts[i % len(prompts)] for i in range(cfg.warmup_requests)]
     warmup = workload.random_prompts(
         warm_rng, allowed, [p.input_len for p in head], [p.output_len for p in head]
     )

@@ -41,6 +41,13 @@ def test_warmup_prompts_match_the_first_lengths_with_fresh_tokens(tokenizer):
     assert trace_times is None and len(prompts) == 5 and len(warmup) == 2
     assert [p.input_len for p in warmup] == [p.input_len for p in prompts[:2]]
     assert all(w.input_ids != p.input_ids for w, p in zip(warmup, prompts, strict=False))
+
+
+def test_more_warmups_than_prompts_are_all_sent(tokenizer):
+    """--warmup-requests 5 with --num-prompts 2 sent 2 warmups, without a word."""
+    cfg = BenchConfig(num_prompts=2, random_input_len=30, random_range_ratio=0.5, warmup_requests=5)
+    prompts, _, warmup = build_workload(cfg, tokenizer)
+    assert [p.input_len for p in warmup] == [p.input_len for p in prompts * 3][:5]
     assert all(p.text is None for p in prompts)  # generate sends ids
 
 
