@@ -73,9 +73,14 @@ def _builtin_model_dir(name: str) -> str | None:
 
 
 def load_tokenizer(path: str) -> Any:
+    """The tokenizer at `path`; ValueError naming it when it cannot be loaded (transformers'
+    own messages speak of repo ids and internet connections, not of the flag)."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(path)
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"tokenizer {path!r} cannot be loaded ({exc}); see --tokenizer") from None
 
 
 def _lengths(cfg: BenchConfig, rng: np.random.Generator, count: int) -> tuple[list[int], list[int]]:

@@ -63,6 +63,16 @@ def test_an_unreachable_server_is_an_error_also_with_a_tokenizer(tokenizer_dir: 
     assert "Successful requests" not in proc.stdout
 
 
+def test_a_tokenizer_that_cannot_be_loaded_is_named(tmp_path: Path):
+    """--tokenizer ./typo said only "Repo id must use alphanumeric chars ...: './typo'"."""
+    from pdserve.bench.runner import load_tokenizer
+
+    with pytest.raises(ValueError, match=r"tokenizer './typo' cannot be loaded .*--tokenizer"):
+        load_tokenizer("./typo")
+    with pytest.raises(ValueError, match="cannot be loaded"):
+        load_tokenizer(str(tmp_path))  # a folder without one
+
+
 def test_a_base_url_without_a_scheme_is_refused():
     with pytest.raises(ValueError, match="--base-url must start with http:// or https://"):
         BenchConfig(base_url="127.0.0.1:30000")
