@@ -101,6 +101,13 @@ class StreamEvent:
     error: str | None = None
 
 
+def _count(value: Any) -> int | None:
+    """A token count as the server gave it; TypeError for anything but an int or null."""
+    if value is None or (isinstance(value, int) and not isinstance(value, bool)):
+        return value
+    raise TypeError(f"token count {value!r} is not an integer")
+
+
 def _error_message(obj: dict[str, Any]) -> str | None:
     err = obj.get("error")
     if err is None:
@@ -124,19 +131,22 @@ class StreamParser:
         error = _error_message(obj)
         if error is not None:
             return StreamEvent(error=error)
-        if self.endpoint == "generate":
-            return self._feed_native(obj)
-        return self._feed_openai(obj)
+        try:
+            if self.endpoint == "generate":
+                return self._feed_native(obj)
+            return self._feed_openai(obj)
+        except (AttributeError, TypeError) as exc:  # a field of an unexpected type
+            raise ValueError(f"unexpected stream item {payload[:200]!r} ({exc})") from None
 
     def _feed_native(self, obj: dict[str, Any]) -> StreamEvent:
         meta = obj.get("meta_info") or {}
-        count = meta.get("completion_tokens")
+        count = _count(meta.get("completion_tokens"))
         if count is None and isinstance(obj.get("output_ids"), list):
             count = len(obj["output_ids"])
         event = StreamEvent(
             completion_tokens=count,
-            prompt_tokens=meta.get("prompt_tokens"),
-            cached_tokens=meta.get("cached_tokens"),
+            prompt_tokens=_count(meta.get("prompt_tokens")),
+            cached_tokens=_count(meta.get("cached_tokens")),
             output_ids=obj.get("output_ids") if isinstance(obj.get("output_ids"), list) else None,
             text=obj.get("text") if isinstance(obj.get("text"), str) else None,
             top_logprobs=tops
@@ -156,9 +166,11 @@ class StreamParser:
         usage = obj.get("usage") or {}
         details = usage.get("prompt_tokens_details") or {}
         event = StreamEvent(
-            completion_tokens=usage.get("completion_tokens"),
-            prompt_tokens=usage.get("prompt_tokens"),
-            cached_tokens=details.get("cached_tokens") if isinstance(details, dict) else None,
+            completion_tokens=_count(usage.get("completion_tokens")),
+            prompt_tokens=_count(usage.get("prompt_tokens")),
+            cached_tokens=_count(details.get("cached_tokens"))
+            if isinstance(details, dict)
+            else None,
         )
         for choice in obj.get("choices") or []:
             text = _choice_text(choice)

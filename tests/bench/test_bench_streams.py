@@ -116,6 +116,24 @@ def test_an_openai_chunk_with_empty_text_still_carries_a_token():
     assert end.finished and not end.has_new_tokens
 
 
+@pytest.mark.parametrize(
+    ("endpoint", "payload"),
+    [
+        ("chat", '{"choices": ["x"]}'),
+        ("completions", '{"usage": "x"}'),
+        ("generate", '{"meta_info": [1]}'),
+        ("generate", '{"meta_info": {"completion_tokens": "3"}}'),
+        # taken as it was, it stopped the summary with TypeError after the whole run
+        ("chat", '{"choices": [], "usage": {"completion_tokens": "3"}}'),
+    ],
+)
+def test_a_stream_item_with_fields_of_the_wrong_type_is_a_value_error(endpoint, payload):
+    """They raised AttributeError or TypeError, which no caller expects: the benchmark
+    stopped with a traceback instead of failing the request as `bad_stream`."""
+    with pytest.raises(ValueError, match="unexpected stream item"):
+        StreamParser(endpoint).feed(payload)
+
+
 METRICS_BEFORE = """# HELP pdserve_requests_total finished requests
 # TYPE pdserve_requests_total counter
 pdserve_requests_total{status="ok"} 3.0
