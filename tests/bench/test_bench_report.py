@@ -154,3 +154,20 @@ def test_stage_means_are_what_the_run_added_summed_over_servers():
     }
     table = format_table({**make_result("pd", 1.0), "disagg_stages": stages})
     assert "prefill_compute:" in table and "750.0 [4]" in table
+
+
+def test_every_field_of_the_result_is_in_the_docs_table():
+    """docs/bench.md's JSON field table left out version, backend, num_prompts, ..."""
+    import re
+
+    from tests.helpers import REPO_ROOT
+
+    docs = (REPO_ROOT / "docs" / "bench.md").read_text()
+    documented = set(re.findall(r"`([a-z0-9_{},]+)`", docs))
+    stats = {
+        f"{s}_{n}_ms" for s in ("mean", "median", "std", "p50", "p90", "p99") for n in LATENCIES
+    }
+    result = make_result("a", 1.0)
+    result.update(num_prompts=6, warmup_requests=0)  # as the driver adds them
+    missing = set(result) - documented - stats
+    assert not missing, missing
