@@ -161,12 +161,17 @@ def answer_divergences(base: dict[str, Any], other: dict[str, Any]) -> list[dict
     other_convs = {c["conversation"]: c for c in other.get("conversations") or []}
     for conv in base.get("conversations") or []:
         theirs = other_convs.get(conv["conversation"], {"request_indices": []})["request_indices"]
-        for turn, (i, j) in enumerate(zip(conv["request_indices"], theirs, strict=False), 1):
-            a, b = _answer(base, i), _answer(other, j)
+        for turn, i in enumerate(conv["request_indices"], 1):
+            # a turn the other run does not have (fewer conversations or turns) differs
+            j = theirs[turn - 1] if turn <= len(theirs) else None
+            a, b = _answer(base, i), None if j is None else _answer(other, j)
             if a is not None and a == b:
                 continue
             position = None if a is None or b is None else _first_difference(a, b)
-            gaps = [top2_gap(base, i, position), top2_gap(other, j, position)]
+            gaps = [
+                top2_gap(base, i, position),
+                None if j is None else top2_gap(other, j, position),
+            ]
             out.append(
                 {"conversation": conv["conversation"], "turn": turn, "position": position,
                  "top2_logprob_gap": None if None in gaps else gaps}

@@ -182,6 +182,18 @@ def test_compare_names_the_first_differing_turn_and_token():
     assert "2 of 2 conversations differ; first: conversation 0 turn 2 token 1" in text
 
 
+def test_turns_or_conversations_the_other_run_lacks_are_not_called_identical():
+    """Runs of other shapes were compared on their common turns only: "identical" for a
+    run that had one conversation of two, or one turn of two."""
+    base = multiturn_result([[[1], [2]], [[3], [4]]], 0.1, 1.0)
+    fewer_conversations = multiturn_result([[[1], [2]]], 0.1, 1.0)
+    assert answer_divergences(base, fewer_conversations) == [
+        {"conversation": 1, "turn": 1, "position": None, "top2_logprob_gap": None}
+    ]
+    fewer_turns = multiturn_result([[[1]], [[3]]], 0.1, 1.0)
+    assert [d["turn"] for d in answer_divergences(base, fewer_turns)] == [2, 2]
+
+
 def test_a_divergence_shows_the_top2_logprob_gap_where_both_runs_recorded_it():
     base = multiturn_result([[[1, 2, 3]]], 0.1, 1.0)
     other = multiturn_result([[[1, 4, 3]]], 0.1, 1.0)
