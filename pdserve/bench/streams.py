@@ -46,9 +46,9 @@ def build_body(
             "temperature": temperature,
             "stream": True,
             "stream_options": {"include_usage": True},
-            # not an OpenAI field: vLLM, SGLang and pdserve accept it as an extra
-            "ignore_eos": ignore_eos,
         }
+        if ignore_eos:  # not an OpenAI field (vLLM, SGLang and pdserve take it): only when on
+            body["ignore_eos"] = True
         if model is not None:
             body["model"] = model
         if endpoint == "chat":

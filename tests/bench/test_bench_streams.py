@@ -28,6 +28,14 @@ def test_openai_bodies_carry_text_usage_and_ignore_eos(endpoint: str):
         assert body["prompt"] == "hi"
 
 
+@pytest.mark.parametrize("endpoint", ["completions", "chat"])
+def test_openai_bodies_leave_out_ignore_eos_when_it_is_off(endpoint: str):
+    """`--no-ignore-eos` still sent `"ignore_eos": false`, a field strict OpenAI-compatible
+    servers refuse, so there was no way to leave it out."""
+    body = build_body(endpoint, Prompt([1], 9, text="hi"), "m", 0.5, False)
+    assert "ignore_eos" not in body and body["max_tokens"] == 9
+
+
 def test_extra_sampling_params_join_the_bench_s_own_instead_of_replacing_them():
     extra = {"sampling_params": {"top_k": 5, "temperature": 0.7}}
     body = build_body("generate", Prompt([1, 2, 3], 7), None, 0.0, True, extra)
