@@ -188,6 +188,7 @@ async def fetch_text(session: aiohttp.ClientSession, url: str) -> tuple[str | No
 async def served_model_name(session: aiohttp.ClientSession, base_url: str) -> str | None:
     """The first model id of `/v1/models`, which OpenAI routes expect in `model`."""
     listing = await get_json(session, base_url + "/v1/models")
-    if isinstance(listing, dict) and listing.get("data"):
-        return str(listing["data"][0].get("id"))
-    return None
+    data = listing.get("data") if isinstance(listing, dict) else None
+    first = data[0] if isinstance(data, list) and data else None
+    model = first.get("id") if isinstance(first, dict) else None
+    return model if isinstance(model, str) and model else None  # never "None" as a name

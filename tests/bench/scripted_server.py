@@ -38,6 +38,7 @@ class ScriptedServer:
     scripts: dict[str, Script] = field(default_factory=dict)
     default: Script = Script()
     prompts_seen: list[str] = field(default_factory=list)
+    models_listing: object = field(default_factory=lambda: {"data": [{"id": "scripted"}]})
 
     def script_for(self, prompt: str) -> Script:
         return self.scripts.get(prompt, self.default)
@@ -67,7 +68,7 @@ class ScriptedServer:
         return resp
 
     async def models(self, _request: web.Request) -> web.Response:
-        return web.json_response({"data": [{"id": "scripted"}]})
+        return web.json_response(self.models_listing)
 
 
 async def _event(resp: web.StreamResponse, obj: dict) -> None:

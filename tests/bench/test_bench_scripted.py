@@ -11,7 +11,7 @@ import aiohttp
 import numpy as np
 import pytest
 
-from pdserve.bench import driver, runner
+from pdserve.bench import client, driver, runner
 from pdserve.bench.config import BenchConfig
 from pdserve.bench.metrics import summarize
 from pdserve.bench.report import build_result
@@ -163,3 +163,24 @@ def test_warmup_is_sent_first_and_left_out_of_the_run(tokenizer_dir: str, tmp_pa
     sent = [r["sent_s"] for r in result["requests"]]
     assert all(r["sent_s"] >= r["scheduled_s"] for r in result["requests"])
     assert sent == sorted(sent) and sent[0] < 0.05  # the first goes at once
+
+
+@pytest.mark.parametrize(
+    ("listing", "expected"),
+    [
+        ({"data": [{"id": "scripted"}, {"id": "other"}]}, "scripted"),
+        ({"data": [{"object": "model"}]}, None),  # no id: it sent "None" as the model
+        ({"data": [{"id": None}]}, None),
+        ({"data": ["scripted"]}, None),  # not an object: AttributeError
+        ({"data": []}, None),
+        ({"object": "list"}, None),
+        (["scripted"], None),
+    ],
+)
+def test_the_served_model_is_the_first_listed_id_or_none(listing, expected):
+    async def go():
+        server = ScriptedServer(models_listing=listing)
+        async with serving(server) as url, aiohttp.ClientSession() as session:
+            return await client.served_model_name(session, url)
+
+    assert asyncio.run(go()) == expected
