@@ -28,5 +28,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    from pdserve.envs import EnvError
+
+    try:
+        parser = build_parser()  # imports the config modules, whose defaults read the env
+    except EnvError as exc:
+        print(f"pdserve: {exc}", file=sys.stderr)
+        sys.exit(2)
+    args = parser.parse_args(argv)
     sys.exit(args.func(args) or 0)

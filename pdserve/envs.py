@@ -5,27 +5,55 @@ Flags win over environment variables; environment variables win over built-in de
 
 from __future__ import annotations
 
+import math
 import os
 
 _TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
 
 
-def _get(name: str, *aliases: str) -> str | None:
+class EnvError(ValueError):
+    """An environment variable's value cannot be read; the message names the variable.
+    Raised while the config modules import (their defaults read the environment): `pdserve`
+    turns it into a one-line error."""
+
+
+def _first_set(name: str, *aliases: str) -> tuple[str, str] | None:
+    """(variable, value) of the first of `name` and its `aliases` set and not empty."""
     for key in (name, *aliases):
         value = os.environ.get(key)
         if value is not None and value != "":
-            return value
+            return key, value
     return None
 
 
+def _get(name: str) -> str | None:
+    found = _first_set(name)
+    return None if found is None else found[1]
+
+
 def env_bool(name: str, *aliases: str, default: bool = False) -> bool:
-    value = _get(name, *aliases)
-    return default if value is None else value.strip().lower() in _TRUE
+    found = _first_set(name, *aliases)
+    if found is None:
+        return default
+    key, value = found
+    word = value.strip().lower()
+    if word not in _TRUE | _FALSE:
+        raise EnvError(f"{key}={value!r}: expected one of 1, true, yes, on, 0, false, no, off")
+    return word in _TRUE
 
 
 def env_float(name: str, default: float) -> float:
-    value = _get(name)
-    return default if value is None else float(value)
+    found = _first_set(name)
+    if found is None:
+        return default
+    try:
+        number = float(found[1])
+    except ValueError:
+        number = math.nan
+    if not math.isfinite(number):
+        raise EnvError(f"{name}={found[1]!r}: expected a finite number")
+    return number
 
 
 def force_query_prefill_dp_rank() -> bool:
