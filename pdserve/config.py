@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -23,11 +24,15 @@ def opt(
     flag: str | None = None,
     choices: list | None = None,
     aliases: tuple[str, ...] = (),
+    allow_inf: bool = False,
     **kw: Any,
 ):
     """A dataclass field with CLI metadata. `flag` defaults to --field-name; `aliases` are
-    other spellings of it (e.g. SGLang's, where ours is shorter)."""
+    other spellings of it (e.g. SGLang's, where ours is shorter). A float flag takes finite
+    numbers only, `inf` too where `allow_inf`."""
     meta = {"help": help, "flag": flag, "choices": choices, "aliases": aliases}
+    if allow_inf:
+        meta["allow_inf"] = True
     if isinstance(default, (list, dict, set)):
         return dataclasses.field(
             default_factory=lambda: type(default)(default), metadata=meta, **kw
@@ -46,6 +51,26 @@ def _base_type(tp: Any) -> tuple[Any, bool]:
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         return args[0], True
     return tp, False
+
+
+def finite_float(text: str) -> float:
+    """argparse type of float flags: inf passed every `> 0` check and then broke the server
+    (a deadline of inf seconds overflows a timestamp), nan fails every comparison."""
+    value = float_or_inf(text)
+    if math.isinf(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
+def float_or_inf(text: str) -> float:
+    """argparse type of float flags where inf means something (no limit)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if math.isnan(value):
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}")
+    return value
 
 
 def group_title(cls: type) -> str:
@@ -81,6 +106,8 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, title: str | None 
         elif typing.get_origin(tp) is list:
             kwargs["nargs"] = "*"
             kwargs["type"] = typing.get_args(tp)[0]
+        elif tp is float:
+            kwargs["type"] = float_or_inf if f.metadata.get("allow_inf") else finite_float
         else:
             kwargs["type"] = tp
         kwargs["default"] = argparse.SUPPRESS

@@ -79,7 +79,9 @@ class BenchConfig:
     )
     seed: int = opt(0, "random seed for lengths, tokens and arrivals")
     # load
-    request_rate: float = opt(math.inf, "Poisson arrivals per second (inf: all at once)")
+    request_rate: float = opt(
+        math.inf, "Poisson arrivals per second (inf: all at once)", allow_inf=True
+    )
     burstiness: float = opt(1.0, "gamma shape of inter-arrival times (1.0: Poisson)")
     max_concurrency: int | None = opt(None, "cap on requests in flight (default: no cap)")
     warmup_requests: int = opt(0, "requests sent (and waited for) before measuring; not counted")
