@@ -52,15 +52,24 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def worker_specs(ns: argparse.Namespace) -> tuple:
     from pdserve.router.config import WorkerSpec
 
-    specs = []
-    for item in ns.prefill:
-        if len(item) > 2:
-            raise SystemExit(f"--prefill takes URL [BOOTSTRAP_PORT], got {item}")
-        port = item[1] if len(item) == 2 and item[1].lower() != "none" else None
-        specs.append(WorkerSpec(item[0], "prefill", int(port) if port is not None else None))
+    specs = [WorkerSpec(item[0], "prefill", _bootstrap_port(item)) for item in ns.prefill]
     specs += [WorkerSpec(url, "decode") for url in ns.decode]
     specs += [WorkerSpec(url, "regular") for url in ns.worker]
     return tuple(specs)
+
+
+def _bootstrap_port(item: list[str]) -> int | None:
+    if len(item) > 2:
+        raise SystemExit(f"pdserve router: --prefill takes URL [BOOTSTRAP_PORT], got {item}")
+    if len(item) == 1 or item[1].lower() == "none":
+        return None
+    try:
+        return int(item[1])
+    except ValueError:
+        raise SystemExit(
+            f"pdserve router: --prefill {item[0]}: bootstrap port must be an integer or "
+            f"'none', got {item[1]!r}"
+        ) from None
 
 
 def run(ns: argparse.Namespace) -> int:

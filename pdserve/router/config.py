@@ -7,7 +7,7 @@ import dataclasses
 import functools
 from dataclasses import dataclass
 from typing import Literal
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 from pdserve import envs
 from pdserve.auth import api_key_ok
@@ -32,8 +32,8 @@ class WorkerSpec:
         check(isinstance(self.url, str), f"worker URL must be a string, got {self.url!r}")
         parts = urlsplit(self.url)
         check(
-            parts.scheme in ("http", "https") and bool(parts.hostname),
-            f"worker URL must look like http://host:port, got {self.url!r}",
+            parts.scheme in ("http", "https") and bool(parts.hostname) and _port_ok(parts),
+            f"worker URL must look like http://host:port (port in [1, 65535]), got {self.url!r}",
         )
         check(self.role in ROLES, f"worker role must be one of {ROLES}, got {self.role!r}")
         port = self.bootstrap_port
@@ -50,6 +50,15 @@ class WorkerSpec:
     @functools.cached_property
     def host(self) -> str:
         return urlsplit(self.url).hostname or ""
+
+
+def _port_ok(parts: SplitResult) -> bool:
+    """A URL's port is absent (the scheme's) or in [1, 65535]: urlsplit takes any text
+    there, and a router given http://host:99999 started and kept the worker unhealthy."""
+    try:
+        return parts.port != 0
+    except ValueError:  # not a number, or out of range
+        return False
 
 
 @dataclass(frozen=True)
