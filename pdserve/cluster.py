@@ -22,7 +22,7 @@ from typing import TextIO
 
 from pdserve import envs, netaddr
 from pdserve.auth import bearer_header
-from pdserve.config import add_arguments, check, from_args, opt
+from pdserve.config import add_arguments, check, check_ports, from_args, opt
 from pdserve.procs import (
     NotReady,
     ProcessExited,
@@ -93,6 +93,15 @@ class ClusterConfig:
     def __post_init__(self) -> None:
         check(self.prefill_dp >= 1 and self.decode_dp >= 1, "--prefill-dp/--decode-dp must be >= 1")
         check(self.ready_timeout_s > 0 and self.stop_timeout_s > 0, "timeouts must be > 0")
+        check(bool(self.host), "--host must not be empty (0.0.0.0: every interface)")
+        check_ports(
+            {
+                "--port": self.port,
+                "--prefill-port": self.prefill_port,
+                "--decode-port": self.decode_port,
+                "--bootstrap-port": self.bootstrap_port,
+            }
+        )
         for option, args, owned in (
             ("--server-args", self.server_args, SERVER_FLAGS_OF_UP),
             ("--router-args", self.router_args, ROUTER_FLAGS_OF_UP),

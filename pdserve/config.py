@@ -126,3 +126,15 @@ def check(cond: bool, message: str) -> None:
     """Validation helper for `__post_init__`: raise ValueError with a clear message."""
     if not cond:
         raise ValueError(message)
+
+
+def check_ports(ports: dict[str, int | None]) -> None:
+    """The ports given (by flag; None or 0: any free one) are in range and distinct: one
+    given twice failed only once the model had loaded, as a bind error naming one of them."""
+    flag_of: dict[int, str] = {}
+    for flag, port in ports.items():
+        if not port:
+            continue
+        check(0 < port < 65536, f"{flag} out of range: {port}")
+        check(port not in flag_of, f"{flag_of.get(port)} and {flag} are both {port}: one port each")
+        flag_of[port] = flag

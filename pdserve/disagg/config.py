@@ -10,7 +10,7 @@ import secrets
 from dataclasses import dataclass
 
 from pdserve import envs
-from pdserve.config import add_arguments, check, from_args, opt
+from pdserve.config import add_arguments, check, check_ports, from_args, opt
 from pdserve.serving.config import ServerConfig, add_server_arguments, server_config_from_args
 
 TRANSFER_BACKENDS = ["zmq", "fake", "cuda_ipc", "nixl"]
@@ -136,6 +136,19 @@ class PDServerConfig(ServerConfig):
     # Drawn once per server start (this config is built once, then pickled to every worker):
     # peers that see a new epoch for the same server drop what they held of the old one.
     epoch: int = dataclasses.field(default_factory=new_epoch)
+
+    def __post_init__(self) -> None:
+        server = self.server
+        check_ports(
+            {
+                "--port": server.port,
+                "--bootstrap-port": self.disagg.bootstrap_port
+                if server.mode == "prefill"
+                else None,
+                "--kv-events-port": server.kv_events_port,
+                "--kv-events-replay-port": server.kv_events_replay_port,
+            }
+        )
 
 
 def add_pd_server_arguments(parser: argparse.ArgumentParser) -> None:

@@ -152,6 +152,12 @@ class RouterConfig:
     def __post_init__(self) -> None:
         check(0 < self.port < 65536, f"--port out of range: {self.port}")
         check(
+            self.prometheus_port is None or 0 < self.prometheus_port < 65536,
+            f"--prometheus-port out of range: {self.prometheus_port}",
+        )
+        for flag, host in (("--host", self.host), ("--prometheus-host", self.prometheus_host)):
+            check(bool(host), f"{flag} must not be empty (0.0.0.0: every interface)")
+        check(
             api_key_ok(self.api_key),
             "--api-key must be visible ASCII without spaces (it travels in a header)",
         )

@@ -126,6 +126,7 @@ class ServerArgs:
         )
         check(self.mode in MODES, f"--mode must be one of {MODES}, got {self.mode!r}")
         check(0 < self.port < 65536, f"--port out of range: {self.port}")
+        check(bool(self.host), "--host must not be empty (0.0.0.0: every interface)")
         for name in ("kv_events_port", "kv_events_replay_port"):
             check(0 <= getattr(self, name) < 65536, f"--{name.replace('_', '-')} out of range")
         check(self.dp_size >= 1, f"--dp-size must be >= 1, got {self.dp_size}")

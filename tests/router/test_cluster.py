@@ -269,6 +269,23 @@ def test_up_refuses_extra_args_that_set_a_flag_it_sets_itself(field, args, flag)
     ClusterConfig(server_args="--page-size 32 --dp-size 2", router_args="--policy kv_aware")
 
 
+@pytest.mark.parametrize(
+    ("fields", "error"),
+    [
+        ({"prefill_port": 31071, "decode_port": 31071}, "--prefill-port and --decode-port are"),
+        ({"port": 31071, "bootstrap_port": 31071}, "--port and --bootstrap-port are both 31071"),
+        ({"decode_port": 70000}, "--decode-port out of range: 70000"),
+        ({"host": ""}, "--host must not be empty"),
+    ],
+)
+def test_up_refuses_ports_it_cannot_bind_before_starting_a_child(fields, error):
+    """Each failed only once the servers had loaded their model: a bind error naming one of
+    the ports, the router's "duplicate worker URL", or getaddrinfo's traceback (host "")."""
+    with pytest.raises(ValueError, match=error):
+        ClusterConfig(**fields)
+    ClusterConfig(port=0, prefill_port=31071, decode_port=31072)  # 0: a free port
+
+
 def test_up_passes_every_served_name_to_both_servers():
     from pdserve.cli import build_parser
     from pdserve.disagg.config import pd_server_config_from_args

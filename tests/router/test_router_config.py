@@ -38,3 +38,19 @@ def test_a_bootstrap_port_that_is_not_a_number_names_the_flag_and_the_worker():
         router_config("--prefill", "http://127.0.0.1:30001", "abc", *DECODE)
     config = router_config("--prefill", "http://127.0.0.1:30001", "None", *DECODE)
     assert config.workers[0].bootstrap_port is None
+
+
+@pytest.mark.parametrize(
+    ("argv", "error"),
+    [
+        (["--prometheus-port", "70000"], "--prometheus-port out of range: 70000"),
+        (["--prometheus-port", "0"], "--prometheus-port out of range: 0"),
+        (["--host", ""], "--host must not be empty"),
+        (["--prometheus-host", ""], "--prometheus-host must not be empty"),
+    ],
+)
+def test_a_listener_it_cannot_open_as_asked_is_refused(argv, error):
+    """--prometheus-port 70000 or 0 started the router with /metrics on no port it could
+    name; --host "" listened on every interface."""
+    with pytest.raises(ValueError, match=error):
+        router_config("--worker", "http://127.0.0.1:30001", *argv)

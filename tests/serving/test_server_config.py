@@ -1,0 +1,41 @@
+"""A server's options (`pdserve serve`, ServerArgs + DisaggConfig): listeners it cannot
+open as asked are refused before any worker starts, naming the flags."""
+
+from __future__ import annotations
+
+import pytest
+
+from pdserve.cli import build_parser
+from pdserve.disagg.config import PDServerConfig, pd_server_config_from_args
+
+
+def server_config(*argv: str) -> PDServerConfig:
+    return pd_server_config_from_args(build_parser().parse_args(["serve", *argv]))
+
+
+@pytest.mark.parametrize(
+    ("argv", "error"),
+    [
+        (
+            ["--mode", "prefill", "--port", "31080", "--bootstrap-port", "31080"],
+            "--port and --bootstrap-port are both 31080: one port each",
+        ),
+        (["--port", "31080", "--kv-events-port", "31080"], "--port and --kv-events-port are"),
+        (
+            ["--kv-events-port", "31081", "--kv-events-replay-port", "31081"],
+            "--kv-events-port and --kv-events-replay-port are both 31081",
+        ),
+        (["--host", ""], "--host must not be empty"),
+    ],
+)
+def test_ports_and_host_it_cannot_listen_on_are_refused_at_once(argv, error):
+    """Each failed only after the workers had loaded the model: "--port P: cannot listen on
+    ...: address already in use" (taken by the server itself), or for host "" a ZeroMQ
+    "No such device" naming --kv-events-port."""
+    with pytest.raises(ValueError, match=error):
+        server_config(*argv)
+
+
+def test_a_decode_server_ignores_the_bootstrap_port_it_does_not_open():
+    config = server_config("--mode", "decode", "--port", "31080", "--bootstrap-port", "31080")
+    assert config.server.port == config.disagg.bootstrap_port == 31080
