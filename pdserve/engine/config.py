@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 
 from pdserve.config import check, opt
@@ -86,7 +87,7 @@ class EngineConfig:
     def __post_init__(self) -> None:
         check(bool(self.model_path), "--model-path must not be empty")
         check(
-            self.device == "cpu" or self.device.startswith("cuda"),
+            re.fullmatch(r"cpu|cuda(:\d+)?", self.device) is not None,
             f"--device must be cpu or cuda[:N], got {self.device!r}",
         )
         check(self.dtype in DTYPES, f"--dtype must be one of {DTYPES}, got {self.dtype!r}")

@@ -39,3 +39,11 @@ def test_ports_and_host_it_cannot_listen_on_are_refused_at_once(argv, error):
 def test_a_decode_server_ignores_the_bootstrap_port_it_does_not_open():
     config = server_config("--mode", "decode", "--port", "31080", "--bootstrap-port", "31080")
     assert config.server.port == config.disagg.bootstrap_port == 31080
+
+
+@pytest.mark.parametrize("device", ["cudax", "cuda:", "cuda:a", "cuda0", "CPU"])
+def test_a_device_other_than_cpu_or_cuda_n_is_refused_at_once(device):
+    """Anything starting "cuda" passed: the worker then failed in a torch traceback."""
+    with pytest.raises(ValueError, match=f"--device must be cpu or cuda\\[:N\\], got '{device}'"):
+        server_config("--device", device)
+    assert server_config("--device", "cuda:1").engine.device == "cuda:1"
