@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from pdserve.engine.model import ModelArgs, ModelWeights, weights_from_state_dict
 from pdserve.engine.model_dir import BUILTIN_MODELS as BUILTIN_MODELS  # re-exported
-from pdserve.engine.model_dir import resolve_model_dir
+from pdserve.engine.model_dir import read_config, resolve_model_dir
 
 
 @dataclass
@@ -178,7 +178,7 @@ def load_model(
     model_path: str, dtype: torch.dtype, device: torch.device, cpu_packed_weights: bool = False
 ) -> LoadedModel:
     model_dir = resolve_model_dir(model_path)
-    config = _read_json(os.path.join(model_dir, "config.json"))
+    config = read_config(model_dir)
     args = ModelArgs.from_hf_config(config)
     state = read_state_dict(model_dir)
     check_shapes(state, args)

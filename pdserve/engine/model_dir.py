@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+from typing import Any
 
 from pdserve.engine.model_cache import cached_model_dir
 
@@ -26,11 +27,26 @@ def resolve_model_dir(model_path: str) -> str:
 
         return cached_model_dir(BUILTIN_MODELS[model_path], convert_gguf)
     if os.path.isfile(os.path.join(model_path, "config.json")):
+        read_config(model_path)  # a broken one fails the start here, named, not in a worker
         return os.path.abspath(model_path)
     raise ValueError(
         f"unknown model {model_path!r}: expected one of {sorted(BUILTIN_MODELS)} or a local "
         "Hugging Face directory with config.json and *.safetensors"
     )
+
+
+def read_config(model_dir: str) -> dict[str, Any]:
+    """config.json of `model_dir`; ValueError naming the file where it is no JSON object
+    (json's own error named neither the file nor the directory)."""
+    path = os.path.join(model_dir, "config.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = json.load(f)
+    except ValueError as exc:  # not JSON, or not UTF-8
+        raise ValueError(f"{path} is not valid JSON: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path} must hold a JSON object, not a {type(raw).__name__}")
+    return raw
 
 
 # Sampling fields of generation_config.json a request that omits them takes (vLLM's and
@@ -45,13 +61,8 @@ CHECKPOINT_DTYPES = ("float32", "bfloat16", "float16")
 def checkpoint_dtype(model_dir: str) -> str:
     """The dtype config.json names (`dtype`, transformers 4's `torch_dtype`), float32 where
     it names none; ValueError for one the engine does not run (e.g. a quantized type)."""
-    with open(os.path.join(model_dir, "config.json"), encoding="utf-8") as f:
-        raw = json.load(f)
-    name = (
-        (raw.get("dtype") or raw.get("torch_dtype") or "float32")
-        if isinstance(raw, dict)
-        else "float32"
-    )
+    raw = read_config(model_dir)
+    name = raw.get("dtype") or raw.get("torch_dtype") or "float32"
     if name not in CHECKPOINT_DTYPES:
         raise ValueError(
             f"--dtype auto: the checkpoint's dtype {name!r} is not one pdserve runs "

@@ -40,6 +40,20 @@ def test_unknown_model_names_the_choices():
         resolve_model_dir("no-such-model")
 
 
+@pytest.mark.parametrize(
+    ("text", "error"),
+    [("not json", "is not valid JSON: Expecting value"), ("[1, 2]", "must hold a JSON object")],
+)
+def test_a_model_directory_whose_config_json_is_no_object_is_refused_naming_the_file(
+    tmp_path, text, error
+):
+    """Invalid JSON failed the start as json's bare "Expecting value: line 1 column 1"; a
+    list passed the front end and failed the worker in a transformers TypeError traceback."""
+    (tmp_path / "config.json").write_text(text)
+    with pytest.raises(ValueError, match=f"{tmp_path / 'config.json'} {error}"):
+        resolve_model_dir(str(tmp_path))
+
+
 _BUILD = (
     "from pdserve.engine.loader import load_model; import torch; "
     "print(load_model('tiny-random', torch.float32, torch.device('cpu')).fingerprint)"
