@@ -10,6 +10,8 @@ import argparse
 import importlib
 import sys
 
+from pdserve.config import ArgumentParser
+
 SUBCOMMAND_MODULES = [
     "pdserve.serve",  # serve
     "pdserve.router.cli",  # router
@@ -20,7 +22,7 @@ SUBCOMMAND_MODULES = [
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pdserve", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="pdserve", description=__doc__.splitlines()[0])
     subparsers = parser.add_subparsers(dest="command", required=True)
     for name in SUBCOMMAND_MODULES:
         importlib.import_module(name).add_parser(subparsers)

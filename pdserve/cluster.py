@@ -68,7 +68,9 @@ class ClusterConfig:
         None, "torch threads per worker process (default: the servers' default)"
     )
     server_args: str = opt(
-        "", "more flags for both servers, one string, e.g. '--max-running-requests 32'"
+        "",
+        "more flags for both servers, one string, e.g. '--max-running-requests 32'",
+        flag_string=True,
     )
     policy: str = opt("round_robin", "router policy", choices=POLICIES)
     dp_aware: bool = opt(False, "router picks DP ranks (see pdserve router --dp-aware)")
@@ -85,7 +87,9 @@ class ClusterConfig:
         repr=False,
     )
     router_args: str = opt(
-        "", "more flags for the router, one string, e.g. '--local-prefill-threshold 64'"
+        "",
+        "more flags for the router, one string, e.g. '--local-prefill-threshold 64'",
+        flag_string=True,
     )
     ready_timeout_s: float = opt(600.0, "deadline for every process to become ready")
     stop_timeout_s: float = opt(15.0, "grace period after SIGTERM before SIGKILL")

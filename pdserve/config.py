@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import math
 import re
+import sys
 import types
 import typing
 from typing import Any, TypeVar
@@ -25,19 +26,41 @@ def opt(
     choices: list | None = None,
     aliases: tuple[str, ...] = (),
     allow_inf: bool = False,
+    flag_string: bool = False,
     **kw: Any,
 ):
     """A dataclass field with CLI metadata. `flag` defaults to --field-name; `aliases` are
     other spellings of it (e.g. SGLang's, where ours is shorter). A float flag takes finite
-    numbers only, `inf` too where `allow_inf`."""
+    numbers only, `inf` too where `allow_inf`. A `flag_string` option's value is flags for
+    another command (see `ArgumentParser`)."""
     meta = {"help": help, "flag": flag, "choices": choices, "aliases": aliases}
     if allow_inf:
         meta["allow_inf"] = True
+    if flag_string:
+        meta["flag_string"] = True
     if isinstance(default, (list, dict, set)):
         return dataclasses.field(
             default_factory=lambda: type(default)(default), metadata=meta, **kw
         )
     return dataclasses.field(default=default, metadata=meta, **kw)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's, except that a flag-string option also takes one lone flag as its value:
+    argparse reads `--server-args --disable-radix-cache` as two options ("expected one
+    argument"), and passes a value starting with "-" only when it holds a space."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.flag_string_options: set[str] = set()
+
+    def parse_known_args(self, args=None, namespace=None):  # type: ignore[override]
+        tokens = iter(sys.argv[1:] if args is None else args)
+        joined = []
+        for token in tokens:
+            value = next(tokens, None) if token in self.flag_string_options else None
+            joined.append(token if value is None else f"{token}={value}")
+        return super().parse_known_args(joined, namespace)
 
 
 def _flag(f: dataclasses.Field) -> str:
@@ -112,6 +135,8 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, title: str | None 
             kwargs["type"] = tp
         kwargs["default"] = argparse.SUPPRESS
         group.add_argument(_flag(f), *f.metadata.get("aliases", ()), **kwargs)
+        if f.metadata.get("flag_string") and isinstance(parser, ArgumentParser):
+            parser.flag_string_options.add(_flag(f))
 
 
 def from_args(cls: type[T], ns: argparse.Namespace, **overrides: Any) -> T:

@@ -286,6 +286,17 @@ def test_up_refuses_ports_it_cannot_bind_before_starting_a_child(fields, error):
     ClusterConfig(port=0, prefill_port=31071, decode_port=31072)  # 0: a free port
 
 
+@pytest.mark.parametrize("option", ["--server-args", "--router-args"])
+def test_up_takes_one_lone_flag_as_extra_args(option):
+    """argparse read `--server-args --disable-radix-cache` as two options and failed with
+    "argument --server-args: expected one argument"; a value with a space passed."""
+    from pdserve.cli import build_parser
+
+    for value in ("--dp-aware", "--page-size 32", "--x=1"):
+        ns = build_parser().parse_args(["up", option, value, "--port", "31090"])
+        assert vars(ns)[option[2:].replace("-", "_")] == value and ns.port == 31090
+
+
 def test_up_passes_every_served_name_to_both_servers():
     from pdserve.cli import build_parser
     from pdserve.disagg.config import pd_server_config_from_args
