@@ -21,8 +21,9 @@ from pathlib import Path
 from typing import TextIO
 
 from pdserve import envs, netaddr
-from pdserve.auth import bearer_header
+from pdserve.auth import API_KEY_FORM, api_key_ok, bearer_header
 from pdserve.config import add_arguments, check, check_ports, from_args, opt
+from pdserve.disagg.config import EMPTY_SECRET
 from pdserve.procs import (
     NotReady,
     ProcessExited,
@@ -98,6 +99,9 @@ class ClusterConfig:
         check(self.prefill_dp >= 1 and self.decode_dp >= 1, "--prefill-dp/--decode-dp must be >= 1")
         check(self.ready_timeout_s > 0 and self.stop_timeout_s > 0, "timeouts must be > 0")
         check(bool(self.host), "--host must not be empty (0.0.0.0: every interface)")
+        # An empty key or secret passed nothing on: the cluster ran open, silently.
+        check(api_key_ok(self.api_key), API_KEY_FORM)
+        check(self.disagg_secret != "", EMPTY_SECRET)
         check_ports(
             {
                 "--port": self.port,

@@ -15,6 +15,9 @@ from pdserve.serving.config import ServerConfig, add_server_arguments, server_co
 
 TRANSFER_BACKENDS = ["zmq", "fake", "cuda_ipc", "nixl"]
 RANK_MISMATCH_MODES = ["abort", "forward"]
+# An empty secret turned the check off (and, as a flag, overrode PDSERVE_DISAGG_SECRET):
+# `--disagg-secret "$SECRET"` with $SECRET unset ran without one, silently.
+EMPTY_SECRET = "--disagg-secret must not be empty (leave it unset for no secret)"
 
 
 @dataclass(frozen=True)
@@ -116,6 +119,7 @@ class DisaggConfig:
         ):
             check(getattr(self, name) > 0, f"{name} must be > 0")
         check(self.kv_share_wait_s >= 0, "kv_share_wait_s must be >= 0")
+        check(self.disagg_secret != "", EMPTY_SECRET)
         check(
             self.heartbeat_timeout_s > self.heartbeat_interval_s,
             "heartbeat_timeout_s must exceed heartbeat_interval_s",

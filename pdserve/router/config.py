@@ -10,7 +10,7 @@ from typing import Literal
 from urllib.parse import SplitResult, urlsplit
 
 from pdserve import envs
-from pdserve.auth import api_key_ok
+from pdserve.auth import API_KEY_FORM, api_key_ok
 from pdserve.config import check, opt
 
 POLICIES = ["round_robin", "random", "power_of_two", "cache_aware", "kv_aware"]
@@ -157,10 +157,7 @@ class RouterConfig:
         )
         for flag, host in (("--host", self.host), ("--prometheus-host", self.prometheus_host)):
             check(bool(host), f"{flag} must not be empty (0.0.0.0: every interface)")
-        check(
-            api_key_ok(self.api_key),
-            "--api-key must be visible ASCII without spaces (it travels in a header)",
-        )
+        check(api_key_ok(self.api_key), API_KEY_FORM)
         roles = {w.role for w in self.workers}
         check(
             "regular" not in roles or roles == {"regular"},

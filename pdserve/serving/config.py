@@ -10,7 +10,7 @@ import argparse
 from dataclasses import dataclass
 
 from pdserve import envs
-from pdserve.auth import api_key_ok
+from pdserve.auth import API_KEY_FORM, api_key_ok
 from pdserve.config import add_arguments, check, from_args, opt
 from pdserve.engine.config import EngineConfig
 
@@ -120,10 +120,7 @@ class ServerArgs:
             all(name.strip() for name in self.served_model_name),
             "--served-model-name: a name must not be empty",
         )
-        check(
-            api_key_ok(self.api_key),
-            "--api-key must be visible ASCII without spaces (it travels in a header)",
-        )
+        check(api_key_ok(self.api_key), API_KEY_FORM)
         check(self.mode in MODES, f"--mode must be one of {MODES}, got {self.mode!r}")
         check(0 < self.port < 65536, f"--port out of range: {self.port}")
         check(bool(self.host), "--host must not be empty (0.0.0.0: every interface)")

@@ -286,6 +286,21 @@ def test_up_refuses_ports_it_cannot_bind_before_starting_a_child(fields, error):
     ClusterConfig(port=0, prefill_port=31071, decode_port=31072)  # 0: a free port
 
 
+@pytest.mark.parametrize(
+    ("fields", "error"),
+    [
+        ({"api_key": ""}, "--api-key must be non-empty"),
+        ({"api_key": "a b"}, "--api-key must be non-empty visible ASCII without spaces"),
+        ({"disagg_secret": ""}, "--disagg-secret must not be empty"),
+    ],
+)
+def test_up_refuses_an_empty_key_or_secret_rather_than_running_open(fields, error):
+    """An empty --api-key or --disagg-secret was passed to no child: the cluster ran with
+    neither, silently (`--api-key "$KEY"` with $KEY unset)."""
+    with pytest.raises(ValueError, match=error):
+        ClusterConfig(**fields)
+
+
 @pytest.mark.parametrize("option", ["--server-args", "--router-args"])
 def test_up_takes_one_lone_flag_as_extra_args(option):
     """argparse read `--server-args --disable-radix-cache` as two options and failed with

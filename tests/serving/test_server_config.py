@@ -47,3 +47,9 @@ def test_a_device_other_than_cpu_or_cuda_n_is_refused_at_once(device):
     with pytest.raises(ValueError, match=f"--device must be cpu or cuda\\[:N\\], got '{device}'"):
         server_config("--device", device)
     assert server_config("--device", "cuda:1").engine.device == "cuda:1"
+
+
+def test_an_empty_disagg_secret_is_refused_not_taken_for_none():
+    """As a flag it overrode PDSERVE_DISAGG_SECRET and turned every proof off, silently."""
+    with pytest.raises(ValueError, match="--disagg-secret must not be empty"):
+        server_config("--mode", "prefill", "--disagg-secret", "")
