@@ -313,8 +313,17 @@ async def _serve_metrics(router: Router) -> HttpServer | None:
         return None
     routes = router._guarded({"/metrics": {"GET": router.metrics_route}})
     server = HttpServer(routes, max_body_bytes=0, guard=router.head_guard())
-    await server.start(c.prometheus_host, c.prometheus_port)
+    await _listen(server, "--prometheus-port", c.prometheus_host, c.prometheus_port)
     return server
+
+
+async def _listen(server: HttpServer, flag: str, host: str, port: int) -> None:
+    """OSError naming the flag where `port` cannot be bound: the failed start said only
+    "error while attempting to bind on address", as if of either of the router's ports."""
+    try:
+        await server.start(host, port, backlog=2048)
+    except OSError as exc:
+        raise netaddr.cannot_listen(flag, port, netaddr.host_port(host, port), exc) from exc
 
 
 def tune_gc() -> None:
@@ -329,7 +338,7 @@ async def serve(config: RouterConfig) -> None:
     """Run the router until SIGINT or SIGTERM."""
     router = Router(config)
     server = HttpServer(router.routes(), MAX_BODY_BYTES, guard=router.head_guard())
-    await server.start(config.host, config.port, backlog=2048)
+    await _listen(server, "--port", config.host, config.port)
     router.start()
     metrics_server = await _serve_metrics(router)
     stop = asyncio.Event()
