@@ -112,6 +112,10 @@ class EngineConfig:
             f"--decode-gemv must be one of {GEMV_MODES}, got {self.decode_gemv!r}",
         )
         check(self.torch_threads > 0, f"--torch-threads must be > 0, got {self.torch_threads}")
+        check(  # torch.manual_seed's range, as a request's seed
+            -(2**63) <= self.random_seed < 2**64,
+            f"--random-seed must be a 64-bit integer, got {self.random_seed}",
+        )
 
     def with_dtype(self, model_dir: str | None = None) -> EngineConfig:
         """This config with --dtype auto replaced by the checkpoint's dtype (`model_dir`:

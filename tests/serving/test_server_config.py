@@ -53,3 +53,11 @@ def test_an_empty_disagg_secret_is_refused_not_taken_for_none():
     """As a flag it overrode PDSERVE_DISAGG_SECRET and turned every proof off, silently."""
     with pytest.raises(ValueError, match="--disagg-secret must not be empty"):
         server_config("--mode", "prefill", "--disagg-secret", "")
+
+
+@pytest.mark.parametrize("seed", [str(2**64), str(-(2**63) - 1)])
+def test_a_random_seed_past_64_bits_is_refused_at_once(seed):
+    """It failed the worker with torch's "Overflow when unpacking long long" traceback."""
+    with pytest.raises(ValueError, match=f"--random-seed must be a 64-bit integer, got {seed}"):
+        server_config("--random-seed", seed)
+    assert server_config("--random-seed", str(2**64 - 1)).engine.random_seed == 2**64 - 1
