@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 from dataclasses import dataclass
 from typing import Literal
 from urllib.parse import SplitResult, urlsplit
@@ -170,6 +171,10 @@ class RouterConfig:
             "prefix table sizes must be > 0",
         )
         check(self.local_prefill_threshold >= 0, "--local-prefill-threshold must be >= 0")
+        check(  # else passed over like a worker's path on another host: routed by load alone
+            self.tokenizer_path is None or os.path.isdir(self.tokenizer_path),
+            f"--tokenizer-path {self.tokenizer_path!r} is not a directory on this host",
+        )
         check(
             not self.local_prefill_threshold or self.policy_for("decode") == "kv_aware",
             "--local-prefill-threshold needs the kv_aware decode policy (--policy kv_aware or "

@@ -54,3 +54,13 @@ def test_a_listener_it_cannot_open_as_asked_is_refused(argv, error):
     name; --host "" listened on every interface."""
     with pytest.raises(ValueError, match=error):
         router_config("--worker", "http://127.0.0.1:30001", *argv)
+
+
+def test_a_tokenizer_path_that_is_no_directory_here_is_refused(tmp_path):
+    """It was passed over in silence, as a worker's path on another host is: kv_aware then
+    routed text prompts by load alone."""
+    missing = str(tmp_path / "missing")
+    with pytest.raises(ValueError, match=f"--tokenizer-path '{missing}' is not a directory"):
+        router_config("--worker", "http://127.0.0.1:30001", "--tokenizer-path", missing)
+    config = router_config("--worker", "http://127.0.0.1:30001", "--tokenizer-path", str(tmp_path))
+    assert config.tokenizer_path == str(tmp_path)
