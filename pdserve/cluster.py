@@ -127,6 +127,8 @@ SERVER_FLAGS_OF_UP = {
     "--disaggregation-mode": "starts one prefill and one decode server",
     "--host": "binds every process to its --host",
     "--port": "sets the servers' ports: use --prefill-port and --decode-port",
+    # The router would not send it: up waited out --ready-timeout-s for its readiness.
+    "--api-key": "gives the router the key too, which it must send the servers: use --api-key",
 }
 ROUTER_FLAGS_OF_UP = {
     "--host": "binds every process to its --host",
