@@ -133,6 +133,8 @@ SERVER_FLAGS_OF_UP = {
 ROUTER_FLAGS_OF_UP = {
     "--host": "binds every process to its --host",
     "--port": "sets the router's port: use --port",
+    # up would not send it when it asks the router's /readiness: it waited out its deadline.
+    "--api-key": "gives every process the key and asks the router with it: use --api-key",
 }
 
 

@@ -259,6 +259,7 @@ def test_up_notes_a_gpu_shared_without_mps(tmp_path):
         ("server_args", "--host 0.0.0.0", "--host"),
         ("router_args", "--port=5", "--port"),
         ("server_args", "--api-key k", "--api-key"),
+        ("router_args", "--api-key=k", "--api-key"),
     ],
 )
 def test_up_refuses_extra_args_that_set_a_flag_it_sets_itself(field, args, flag):
