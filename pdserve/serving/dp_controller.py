@@ -136,7 +136,9 @@ class DPController:
             self._check_start_deaths()
             if time.monotonic() > deadline:
                 missing = sorted(set(range(self.dp_size)) - set(self.ready))
-                raise WorkerStartError(f"workers {missing} not ready within {timeout_s:.0f} s")
+                raise WorkerStartError(
+                    f"workers {missing} not ready within {timeout_s:g} s (--worker-start-timeout-s)"
+                )
             if await self._out.poll(int(MONITOR_INTERVAL_S * 1000)):
                 msg = _decode_or_drop(await self._out.recv())
                 if isinstance(msg, WorkerFailed):

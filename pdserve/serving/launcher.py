@@ -235,12 +235,14 @@ class WorkerProcesses:
             error = await asyncio.wait_for(asyncio.shield(started), timeout_s)
         except asyncio.TimeoutError:  # TimeoutError from Python 3.11 on
             if self.method != "forkserver":
-                raise WorkerStartError(f"workers not started within {timeout_s:.0f} s") from None
+                raise WorkerStartError(
+                    f"workers not started within {timeout_s:g} s (--worker-start-timeout-s)"
+                ) from None
             pid = _fork_server_pid()
             stop_fork_server()
             raise WorkerStartError(
                 f"the fork server (pid {pid}) did not start the workers within "
-                f"{timeout_s:.0f} s (stopped or stuck); it was killed"
+                f"{timeout_s:g} s (--worker-start-timeout-s; stopped or stuck); it was killed"
             ) from None
         if error is not None:
             why = _fork_server_death() if self.method == "forkserver" else None

@@ -200,6 +200,13 @@ def test_bad_options_fail_with_a_clear_message():
     )
 
 
+def test_a_worker_start_deadline_missed_names_the_flag_and_its_value():
+    """A 0.5 s deadline failed as "... within 0 s": rounded to whole seconds, flag unnamed."""
+    done = run_serve([*TINY_ARGS, "--dp-size", "2", "--worker-start-timeout-s", "0.5"])
+    assert done.returncode == 1, done.stderr
+    assert "within 0.5 s (--worker-start-timeout-s" in done.stderr, done.stderr
+
+
 def test_a_taken_kv_events_port_fails_the_start_with_the_flag_named_not_a_traceback():
     with socket.socket() as held:
         held.bind(("127.0.0.1", 0))
