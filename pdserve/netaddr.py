@@ -21,6 +21,17 @@ def is_wildcard(host: str) -> bool:
     return host in WILDCARDS
 
 
+def advertisable(flag: str, host: str | None) -> str | None:
+    """Why `host`, given as `flag`, cannot be told to peers (None where it can): a wildcard
+    is where to listen, not where to connect (peers on this machine reached it by luck)."""
+    if host is not None and is_wildcard(host):
+        return (
+            f"{flag} {host!r} is a wildcard, not an address peers can reach: give this "
+            "machine's address, or leave it unset"
+        )
+    return None
+
+
 def _is_local(address: str) -> bool:
     """Loopback, or IPv6 link-local (no peer reaches fe80:: without a zone)."""
     try:

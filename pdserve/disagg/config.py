@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from pdserve import envs
 from pdserve.config import add_arguments, check, check_ports, from_args, opt
+from pdserve.netaddr import advertisable
 from pdserve.serving.config import ServerConfig, add_server_arguments, server_config_from_args
 
 TRANSFER_BACKENDS = ["zmq", "fake", "cuda_ipc", "nixl"]
@@ -120,6 +121,8 @@ class DisaggConfig:
             check(getattr(self, name) > 0, f"{name} must be > 0")
         check(self.kv_share_wait_s >= 0, "kv_share_wait_s must be >= 0")
         check(self.disagg_secret != "", EMPTY_SECRET)
+        why = advertisable("--bootstrap-host", self.bootstrap_host)
+        check(why is None, str(why))
         check(
             self.heartbeat_timeout_s > self.heartbeat_interval_s,
             "heartbeat_timeout_s must exceed heartbeat_interval_s",

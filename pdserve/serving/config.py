@@ -13,6 +13,7 @@ from pdserve import envs
 from pdserve.auth import API_KEY_FORM, api_key_ok
 from pdserve.config import add_arguments, check, from_args, opt
 from pdserve.engine.config import EngineConfig
+from pdserve.netaddr import advertisable
 
 MODES = ["colocated", "prefill", "decode"]
 # How the DP controller picks a worker: the one list of names (the bootstrap registry and
@@ -124,6 +125,8 @@ class ServerArgs:
         check(self.mode in MODES, f"--mode must be one of {MODES}, got {self.mode!r}")
         check(0 < self.port < 65536, f"--port out of range: {self.port}")
         check(bool(self.host), "--host must not be empty (0.0.0.0: every interface)")
+        why = advertisable("--advertise-host", self.advertise_host)
+        check(why is None, str(why))
         for name in ("kv_events_port", "kv_events_replay_port"):
             check(0 <= getattr(self, name) < 65536, f"--{name.replace('_', '-')} out of range")
         check(self.dp_size >= 1, f"--dp-size must be >= 1, got {self.dp_size}")

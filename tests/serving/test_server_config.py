@@ -61,3 +61,14 @@ def test_a_random_seed_past_64_bits_is_refused_at_once(seed):
     with pytest.raises(ValueError, match=f"--random-seed must be a 64-bit integer, got {seed}"):
         server_config("--random-seed", seed)
     assert server_config("--random-seed", str(2**64 - 1)).engine.random_seed == 2**64 - 1
+
+
+@pytest.mark.parametrize(
+    ("flag", "host"), [("--advertise-host", "0.0.0.0"), ("--bootstrap-host", "::")]
+)
+def test_a_wildcard_advertised_to_peers_is_refused(flag, host):
+    """Peers were told to connect to 0.0.0.0: on this machine that reached the server by
+    luck, on another each decode server dialled itself."""
+    with pytest.raises(ValueError, match=f"{flag} '{host}' is a wildcard, not an address"):
+        server_config("--mode", "prefill", "--host", "0.0.0.0", flag, host)
+    assert server_config("--host", "0.0.0.0", flag, "10.0.0.7").server.host == "0.0.0.0"
