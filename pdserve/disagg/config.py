@@ -15,6 +15,7 @@ from pdserve.netaddr import advertisable
 from pdserve.serving.config import ServerConfig, add_server_arguments, server_config_from_args
 
 TRANSFER_BACKENDS = ["zmq", "fake", "cuda_ipc", "nixl"]
+MAX_HEARTBEAT_TIMEOUT_S = 6553.5
 RANK_MISMATCH_MODES = ["abort", "forward"]
 # An empty secret turned the check off (and, as a flag, overrode PDSERVE_DISAGG_SECRET):
 # `--disagg-secret "$SECRET"` with $SECRET unset ran without one, silently.
@@ -126,6 +127,13 @@ class DisaggConfig:
         check(
             self.heartbeat_timeout_s > self.heartbeat_interval_s,
             "heartbeat_timeout_s must exceed heartbeat_interval_s",
+        )
+        # ZeroMQ takes both in whole milliseconds (an interval of 0 turns heartbeats off)
+        # and refuses a TTL past 6553.599 s ("Invalid argument" in every worker's start).
+        check(self.heartbeat_interval_s >= 0.001, "--heartbeat-interval-s must be >= 0.001")
+        check(
+            self.heartbeat_timeout_s <= MAX_HEARTBEAT_TIMEOUT_S,
+            f"--heartbeat-timeout-s must be <= {MAX_HEARTBEAT_TIMEOUT_S} (ZeroMQ's limit)",
         )
 
 

@@ -72,3 +72,20 @@ def test_a_wildcard_advertised_to_peers_is_refused(flag, host):
     with pytest.raises(ValueError, match=f"{flag} '{host}' is a wildcard, not an address"):
         server_config("--mode", "prefill", "--host", "0.0.0.0", flag, host)
     assert server_config("--host", "0.0.0.0", flag, "10.0.0.7").server.host == "0.0.0.0"
+
+
+@pytest.mark.parametrize(
+    ("argv", "error"),
+    [
+        (["--heartbeat-timeout-s", "10000"], "--heartbeat-timeout-s must be <= 6553.5"),
+        (
+            ["--heartbeat-interval-s", "0.0001", "--heartbeat-timeout-s", "0.01"],
+            "--heartbeat-interval-s must be >= 0.001",
+        ),
+    ],
+)
+def test_kv_heartbeats_zeromq_cannot_keep_are_refused_at_once(argv, error):
+    """A timeout past ZeroMQ's TTL limit failed every worker's start with a bare "ZMQError:
+    Invalid argument"; an interval under 1 ms became 0 ms, which turns heartbeats off."""
+    with pytest.raises(ValueError, match=error):
+        server_config("--mode", "prefill", *argv)
