@@ -85,6 +85,19 @@ def finite_float(text: str) -> float:
     return value
 
 
+# The longest duration a `*_s` flag takes (about 31 years): a worker start deadline of 1e12 s
+# overflowed a socket timeout (OverflowError in the worker, which then exited).
+MAX_SECONDS = 1e9
+
+
+def seconds(text: str) -> float:
+    """argparse type of a duration flag (a float field named `*_s`)."""
+    value = finite_float(text)
+    if value > MAX_SECONDS:
+        raise argparse.ArgumentTypeError(f"expected at most {MAX_SECONDS:g} seconds, got {text!r}")
+    return value
+
+
 def float_or_inf(text: str) -> float:
     """argparse type of float flags where inf means something (no limit)."""
     try:
@@ -129,8 +142,10 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, title: str | None 
         elif typing.get_origin(tp) is list:
             kwargs["nargs"] = "*"
             kwargs["type"] = typing.get_args(tp)[0]
+        elif tp is float and f.metadata.get("allow_inf"):
+            kwargs["type"] = float_or_inf
         elif tp is float:
-            kwargs["type"] = float_or_inf if f.metadata.get("allow_inf") else finite_float
+            kwargs["type"] = seconds if f.name.endswith("_s") else finite_float
         else:
             kwargs["type"] = tp
         kwargs["default"] = argparse.SUPPRESS

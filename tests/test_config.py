@@ -37,6 +37,21 @@ def test_a_float_flag_refuses_inf(argv, capsys):
     )
 
 
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["serve", "--worker-start-timeout-s", "1e12"],
+        ["serve", "--watchdog-timeout", "2e9"],  # its field is watchdog_timeout_s
+        ["router", "--cb-open-s", "1e10"],
+    ],
+)
+def test_a_duration_flag_refuses_more_than_1e9_seconds(argv, capsys):
+    """--worker-start-timeout-s 1e12 passed: the server started, then its prefill worker
+    exited on an OverflowError (a socket timeout past time_t) registering itself."""
+    line = refusal(argv, capsys)
+    assert line.endswith(f"argument {argv[-2]}: expected at most 1e+09 seconds, got {argv[-1]!r}")
+
+
 @pytest.mark.parametrize("value", ["nan", "abc", ""])
 def test_a_float_flag_refuses_what_is_not_a_number(value, capsys):
     line = refusal(["router", "--cb-open-s", value], capsys)
