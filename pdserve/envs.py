@@ -10,6 +10,7 @@ import os
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
+MAX_SECONDS = 1e9  # as a duration flag's (pdserve.config, a peer module: not imported)
 
 
 class EnvError(ValueError):
@@ -43,7 +44,8 @@ def env_bool(name: str, *aliases: str, default: bool = False) -> bool:
     return word in _TRUE
 
 
-def env_float(name: str, default: float) -> float:
+def env_seconds(name: str, default: float) -> float:
+    """A duration, as its flag takes it: finite and at most `MAX_SECONDS`."""
     found = _first_set(name)
     if found is None:
         return default
@@ -51,8 +53,8 @@ def env_float(name: str, default: float) -> float:
         number = float(found[1])
     except ValueError:
         number = math.nan
-    if not math.isfinite(number):
-        raise EnvError(f"{name}={found[1]!r}: expected a finite number")
+    if not math.isfinite(number) or number > MAX_SECONDS:
+        raise EnvError(f"{name}={found[1]!r}: expected a number of seconds up to {MAX_SECONDS:g}")
     return number
 
 
@@ -67,26 +69,26 @@ def force_query_prefill_dp_rank() -> bool:
 # Deadlines (seconds) for the disaggregation protocol; each also has a CLI flag.
 def bootstrap_timeout_s() -> float:
     """Prefill waiting for decode's page list; decode waiting for server info and ranks."""
-    return env_float("PDSERVE_BOOTSTRAP_TIMEOUT_S", 30.0)
+    return env_seconds("PDSERVE_BOOTSTRAP_TIMEOUT_S", 30.0)
 
 
 def kv_wait_timeout_s() -> float:
     """Decode waiting for KV after sending its page list."""
-    return env_float("PDSERVE_KV_WAIT_TIMEOUT_S", 30.0)
+    return env_seconds("PDSERVE_KV_WAIT_TIMEOUT_S", 30.0)
 
 
 def heartbeat_interval_s() -> float:
-    return env_float("PDSERVE_HEARTBEAT_INTERVAL_S", 0.5)
+    return env_seconds("PDSERVE_HEARTBEAT_INTERVAL_S", 0.5)
 
 
 def heartbeat_timeout_s() -> float:
     """No heartbeat answer from a prefill worker for this long: its rooms fail on decode."""
-    return env_float("PDSERVE_HEARTBEAT_TIMEOUT_S", 3.0)
+    return env_seconds("PDSERVE_HEARTBEAT_TIMEOUT_S", 3.0)
 
 
 def room_ttl_s() -> float:
     """Bootstrap room entries expire this long after their last use."""
-    return env_float("PDSERVE_ROOM_TTL_S", 120.0)
+    return env_seconds("PDSERVE_ROOM_TTL_S", 120.0)
 
 
 def model_cache_dir() -> str:

@@ -40,7 +40,7 @@ def test_an_empty_variable_is_unset_and_ours_wins_over_sglangs(monkeypatch):
     assert envs.force_query_prefill_dp_rank() is False
 
 
-@pytest.mark.parametrize("value", ["abc", "nan", "inf", "-inf"])
+@pytest.mark.parametrize("value", ["abc", "nan", "inf", "-inf", "1e12"])
 def test_a_number_variable_must_be_a_finite_number(monkeypatch, value):
     monkeypatch.setenv("PDSERVE_ROOM_TTL_S", value)
     with pytest.raises(envs.EnvError, match=f"PDSERVE_ROOM_TTL_S={value!r}"):
