@@ -164,6 +164,12 @@ class PDServerConfig(ServerConfig):
                 "--kv-events-replay-port": server.kv_events_replay_port,
             }
         )
+        check(  # else every worker failed its start: "needs a contiguous CUDA pool"
+            server.mode == "colocated"
+            or self.disagg.transfer_backend != "cuda_ipc"
+            or self.engine.device.startswith("cuda"),
+            "--transfer-backend cuda_ipc needs --device cuda (it moves KV between GPUs)",
+        )
 
 
 def add_pd_server_arguments(parser: argparse.ArgumentParser) -> None:

@@ -89,3 +89,10 @@ def test_kv_heartbeats_zeromq_cannot_keep_are_refused_at_once(argv, error):
     Invalid argument"; an interval under 1 ms became 0 ms, which turns heartbeats off."""
     with pytest.raises(ValueError, match=error):
         server_config("--mode", "prefill", *argv)
+
+
+def test_cuda_ipc_transfer_on_the_cpu_is_refused_at_once():
+    with pytest.raises(ValueError, match="--transfer-backend cuda_ipc needs --device cuda"):
+        server_config("--mode", "decode", "--transfer-backend", "cuda_ipc")
+    cuda = server_config("--mode", "prefill", "--transfer-backend", "cuda_ipc", "--device", "cuda")
+    assert cuda.disagg.transfer_backend == "cuda_ipc"
