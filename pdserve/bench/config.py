@@ -9,6 +9,7 @@ import json
 import math
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 from pdserve import envs
 from pdserve.config import check, opt
@@ -109,9 +110,10 @@ class BenchConfig:
     )
 
     def __post_init__(self) -> None:
-        check(
-            self.base_url.startswith(("http://", "https://")),
-            f"--base-url must start with http:// or https://, got {self.base_url!r}",
+        base = urlsplit(self.base_url)
+        check(  # "notaurl/model_info did not answer: is the server up?" said otherwise
+            base.scheme in ("http", "https") and bool(base.hostname),
+            f"--base-url must look like http://host:port, got {self.base_url!r}",
         )
         check(self.num_prompts > 0, f"--num-prompts must be > 0, got {self.num_prompts}")
         check(self.random_input_len > 0, "--random-input-len must be > 0")

@@ -74,13 +74,20 @@ def test_a_tokenizer_that_cannot_be_loaded_is_named(tmp_path: Path):
 
 
 def test_a_base_url_without_a_scheme_is_refused():
-    with pytest.raises(ValueError, match="--base-url must start with http:// or https://"):
+    with pytest.raises(ValueError, match="--base-url must look like http://host:port"):
         BenchConfig(base_url="127.0.0.1:30000")
 
 
 def test_a_bad_option_value_names_the_flag():
     proc = pdserve("bench", "--max-concurrency", "0")
     assert proc.returncode == 2 and "--max-concurrency must be > 0" in proc.stderr
+
+
+def test_a_base_url_that_is_no_http_url_is_refused_naming_the_flag():
+    """It failed as "notaurl/model_info did not answer: is the server up?"."""
+    proc = pdserve("bench", "--base-url", "127.0.0.1:30000")
+    assert proc.returncode == 2, proc.stderr
+    assert "--base-url must look like http://host:port, got '127.0.0.1:30000'" in proc.stderr
 
 
 def test_compare_needs_two_files(tmp_path: Path):
