@@ -40,7 +40,10 @@ def bearer_ok(authorization: str | None, api_key: str) -> bool:
     return hmac.compare_digest(token.strip().encode(), api_key.encode())
 
 
-API_KEY_FORM = "--api-key must be non-empty visible ASCII without spaces (it travels in a header)"
+API_KEY_FORM = (
+    "--api-key (or env PDSERVE_API_KEY) must be non-empty visible ASCII without spaces (it "
+    "travels in a header)"
+)
 
 
 def api_key_ok(api_key: str | None) -> bool:

@@ -69,3 +69,17 @@ def test_pdserve_names_a_bad_variable_in_one_line_with_status_2(command, name, v
     assert done.returncode == 2, done.stderr
     assert done.stderr.startswith(f"pdserve: {name}={value!r}: expected"), done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_a_key_from_the_environment_that_cannot_travel_names_the_variable_too():
+    """It said "--api-key must be ..." to a user who had given no such flag."""
+    env = {**python_path_env(), "PDSERVE_API_KEY": "two words"}
+    done = subprocess.run(
+        [sys.executable, "-m", "pdserve", "router", "--worker", "http://127.0.0.1:9"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 1, done.stderr
+    assert "--api-key (or env PDSERVE_API_KEY) must be non-empty visible ASCII" in done.stderr

@@ -291,8 +291,8 @@ def test_up_refuses_ports_it_cannot_bind_before_starting_a_child(fields, error):
 @pytest.mark.parametrize(
     ("fields", "error"),
     [
-        ({"api_key": ""}, "--api-key must be non-empty"),
-        ({"api_key": "a b"}, "--api-key must be non-empty visible ASCII without spaces"),
+        ({"api_key": ""}, "--api-key .* must be non-empty"),
+        ({"api_key": "a b"}, "--api-key .* must be non-empty visible ASCII without spaces"),
         ({"disagg_secret": ""}, "--disagg-secret must not be empty"),
     ],
 )
