@@ -24,6 +24,11 @@ LB_METHOD_ALIASES = {"total_requests": "shortest_queue", "minimum_tokens": "tota
 LB_METHOD_CHOICES = ["auto", *LB_METHODS, *LB_METHOD_ALIASES]
 SAMPLING_DEFAULTS_CHOICES = ["model", "openai"]
 LOG_LEVELS = ["debug", "info", "warning", "error"]
+# How often every worker sends WorkerAlive. --worker-heartbeat-timeout-s must span two beats:
+# at 0.3 s a healthy worker was unresponsive between every two, and /health and requests
+# flapped between 200 and 503 "no worker is running".
+WORKER_ALIVE_INTERVAL_S = 1.0
+MIN_WORKER_HEARTBEAT_TIMEOUT_S = 2 * WORKER_ALIVE_INTERVAL_S
 
 
 @dataclass(frozen=True)
@@ -146,7 +151,12 @@ class ServerArgs:
             "load_report_interval_s",
         ):
             check(getattr(self, name) > 0, f"{name} must be > 0")
-        check(self.worker_heartbeat_timeout_s >= 0, "worker_heartbeat_timeout_s must be >= 0")
+        check(
+            self.worker_heartbeat_timeout_s == 0
+            or self.worker_heartbeat_timeout_s >= MIN_WORKER_HEARTBEAT_TIMEOUT_S,
+            f"--worker-heartbeat-timeout-s must be 0 (never) or >= {MIN_WORKER_HEARTBEAT_TIMEOUT_S:g}"
+            f" (workers beat every {WORKER_ALIVE_INTERVAL_S:g} s)",
+        )
         check(self.shutdown_timeout_s >= 0, "--shutdown-timeout-s must be >= 0")
         check(self.watchdog_timeout_s >= 0, "--watchdog-timeout must be >= 0")
 

@@ -24,6 +24,7 @@ import zmq
 
 from pdserve.procs import die_with_parent
 from pdserve.serving import protocol
+from pdserve.serving.config import WORKER_ALIVE_INTERVAL_S
 from pdserve.serving.hooks import WorkerHooks, WorkerHooksFactory
 from pdserve.serving.protocol import (
     AbortReq,
@@ -52,7 +53,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 IDLE_POLL_MS = 100  # also bounds how late an orphaned worker notices its parent died
-ALIVE_INTERVAL_S = 1.0  # WorkerAlive period (the front end's timeout is a flag)
 STACKS_SIGNAL = signal.SIGUSR1  # dumps every thread's stack to the worker's stderr
 
 
@@ -252,7 +252,7 @@ def worker_main(
 
 
 def _beat(ctx: zmq.Context, beat_addr: str, loop: WorkerLoop) -> None:
-    """Send WorkerAlive every ALIVE_INTERVAL_S from a thread of its own, to a socket of
+    """Send WorkerAlive every WORKER_ALIVE_INTERVAL_S from a thread of its own, to a socket of
     its own on the front end (never queued behind outputs): the front end tells a stopped
     process from one computing a long step by it, and a stuck loop by its step."""
     sock = ctx.socket(zmq.PUSH)
@@ -266,7 +266,7 @@ def _beat(ctx: zmq.Context, beat_addr: str, loop: WorkerLoop) -> None:
             sock.send(encoder.encode(alive), zmq.NOBLOCK)
         except zmq.Again:
             pass
-        time.sleep(ALIVE_INTERVAL_S)  # a period, not a synchronisation
+        time.sleep(WORKER_ALIVE_INTERVAL_S)  # a period, not a synchronisation
 
 
 def _release_fork_server() -> None:

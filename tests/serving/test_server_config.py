@@ -96,3 +96,13 @@ def test_cuda_ipc_transfer_on_the_cpu_is_refused_at_once():
         server_config("--mode", "decode", "--transfer-backend", "cuda_ipc")
     cuda = server_config("--mode", "prefill", "--transfer-backend", "cuda_ipc", "--device", "cuda")
     assert cuda.disagg.transfer_backend == "cuda_ipc"
+
+
+@pytest.mark.parametrize("timeout_s", ["0.3", "1.5"])
+def test_a_worker_heartbeat_timeout_shorter_than_two_beats_is_refused(timeout_s):
+    """At 0.3 s a healthy idle worker went unresponsive between every two beats (one a
+    second): /health and /generate flapped between 200 and 503 "no worker is running"."""
+    with pytest.raises(ValueError, match="must be 0 \\(never\\) or >= 2 \\(workers beat every 1 s"):
+        server_config("--worker-heartbeat-timeout-s", timeout_s)
+    assert server_config("--worker-heartbeat-timeout-s", "0").server.worker_heartbeat_timeout_s == 0
+    assert server_config("--worker-heartbeat-timeout-s", "2").server.worker_heartbeat_timeout_s == 2
