@@ -97,7 +97,6 @@ class ModelArgs:
             )
         cfg = {**_DEFAULTS, **_FAMILY_DEFAULTS[model_type], **_expert_count_named_once(raw)}
         _reject_unsupported(cfg, model_type)
-        _check_sizes(cfg)
         num_heads = cfg["num_attention_heads"]
         num_kv_heads = cfg.get("num_key_value_heads") or num_heads
         head_dim = cfg.get("head_dim") or cfg["hidden_size"] // num_heads
@@ -167,25 +166,6 @@ def _expert_count_named_once(raw: dict[str, Any]) -> dict[str, Any]:
     if raw.get("num_experts") or not raw.get("num_local_experts"):
         return raw
     return {**raw, "num_experts": raw["num_local_experts"]}
-
-
-# Sizes every family needs, as positive integers (0 heads divided by zero; a string or a
-# negative size failed deep in transformers or torch).
-_SIZE_FIELDS = (
-    "vocab_size",
-    "hidden_size",
-    "intermediate_size",
-    "num_hidden_layers",
-    "num_attention_heads",
-    "max_position_embeddings",
-)
-
-
-def _check_sizes(cfg: dict[str, Any]) -> None:
-    for name in _SIZE_FIELDS:
-        value = cfg.get(name)
-        if type(value) is not int or value < 1:
-            raise ValueError(f"config.json: {name} must be a positive integer, got {value!r}")
 
 
 def _check_heads(num_heads: int, num_kv_heads: int, head_dim: int) -> None:

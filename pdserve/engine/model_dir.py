@@ -46,7 +46,26 @@ def read_config(model_dir: str) -> dict[str, Any]:
         raise ValueError(f"{path} is not valid JSON: {exc}") from None
     if not isinstance(raw, dict):
         raise ValueError(f"{path} must hold a JSON object, not a {type(raw).__name__}")
+    for name in SIZE_FIELDS:
+        value = raw.get(name)
+        if value is not None and (type(value) is not int or value < 1):
+            raise ValueError(f"{path}: {name} must be a positive integer, got {value!r}")
     return raw
+
+
+# Sizes of a model, refused here, in the front end, unless positive integers: 0 heads failed
+# every worker in a ZeroDivisionError (transformers' config, read with the tokenizer), a
+# string or a negative size deep in transformers or torch.
+SIZE_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "max_position_embeddings",
+)
 
 
 # Sampling fields of generation_config.json a request that omits them takes (vLLM's and

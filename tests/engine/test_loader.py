@@ -42,15 +42,22 @@ def test_unknown_model_names_the_choices():
 
 @pytest.mark.parametrize(
     ("text", "error"),
-    [("not json", "is not valid JSON: Expecting value"), ("[1, 2]", "must hold a JSON object")],
+    [
+        ("not json", " is not valid JSON: Expecting value"),
+        ("[1, 2]", " must hold a JSON object"),
+        ('{"num_attention_heads": 0}', ": num_attention_heads must be a positive integer, got 0"),
+        ('{"hidden_size": "64"}', ": hidden_size must be a positive integer, got '64'"),
+        ('{"num_hidden_layers": -1}', ": num_hidden_layers must be a positive integer"),
+    ],
 )
-def test_a_model_directory_whose_config_json_is_no_object_is_refused_naming_the_file(
+def test_a_model_directory_whose_config_json_is_unusable_is_refused_naming_the_file(
     tmp_path, text, error
 ):
-    """Invalid JSON failed the start as json's bare "Expecting value: line 1 column 1"; a
-    list passed the front end and failed the worker in a transformers TypeError traceback."""
+    """Refused in the front end, before any worker starts. Invalid JSON failed the start as
+    json's bare "Expecting value: line 1 column 1"; a list, or 0 heads, passed the front end
+    and failed every worker in a transformers traceback (TypeError, ZeroDivisionError)."""
     (tmp_path / "config.json").write_text(text)
-    with pytest.raises(ValueError, match=f"{tmp_path / 'config.json'} {error}"):
+    with pytest.raises(ValueError, match=f"{tmp_path / 'config.json'}{error}"):
         resolve_model_dir(str(tmp_path))
 
 
