@@ -93,6 +93,16 @@ class ServerArgs:
     health_generate_timeout_s: float = opt(
         20.0, "deadline for the one-token generation of GET /health_generate"
     )
+    idle_timeout_s: float = opt(
+        75.0,
+        "a connection to the HTTP port without a whole request this long is closed: idle "
+        "keep-alive connections, and clients that send part of a request head and stall",
+    )
+    send_timeout_s: float = opt(
+        60.0,
+        "a client that takes none of its answer's bytes this long while more is to be "
+        "written is hung up on, and its request aborted (nginx's send_timeout)",
+    )
     shutdown_timeout_s: float = opt(
         10.0,
         "on SIGTERM or SIGINT, how long the requests in flight may still run (no new ones "
@@ -148,6 +158,8 @@ class ServerArgs:
             "worker_start_timeout_s",
             "request_timeout_s",
             "health_generate_timeout_s",
+            "idle_timeout_s",
+            "send_timeout_s",
             "load_report_interval_s",
         ):
             check(getattr(self, name) > 0, f"{name} must be > 0")

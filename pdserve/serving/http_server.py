@@ -36,6 +36,7 @@ from pdserve.serving.hooks import (
     error_object,
 )
 from pdserve.serving.http_log import request_logger
+from pdserve.serving.http_send import SEND_TIMEOUT_S, send_deadline_middleware
 from pdserve.serving.metrics import ServerMetrics
 from pdserve.serving.pd_fields import rooms_in_body
 from pdserve.serving.server_state import (
@@ -140,11 +141,12 @@ class ServerHooks:
 
 
 def build_app(state: ServerState) -> web.Application:
-    middlewares = [error_middleware]
+    middlewares = [send_deadline_middleware, error_middleware]
     if state.cfg.server.api_key:
-        middlewares.insert(0, api_key_middleware(state.cfg.server.api_key))
+        middlewares.insert(1, api_key_middleware(state.cfg.server.api_key))
     app = web.Application(middlewares=middlewares, client_max_size=MAX_BODY_BYTES)
     app[STATE] = state
+    app[SEND_TIMEOUT_S] = state.cfg.server.send_timeout_s
     admin_api.add_routes(app)
     native_api.add_routes(app)
     openai_api.add_routes(app)
@@ -224,9 +226,12 @@ async def serve_async(cfg: ServerConfig, plug: ServerHooks) -> int:
     # 415 (aiohttp's parser refused them with a plain-text 400 before any handler ran).
     # shutdown_timeout: what aiohttp gives handlers still running after `_drain` (a request
     # no worker holds yet, such as a PD leg waiting for its peer) before it cancels them.
+    # keepalive_timeout: aiohttp's own default kept a connection without a whole request
+    # (idle, or a head sent a byte at a time) for an hour, each one a file descriptor.
     runner = web.AppRunner(
         build_app(state),
         handler_cancellation=True,
+        keepalive_timeout=cfg.server.idle_timeout_s,
         access_log=None,
         auto_decompress=False,
         shutdown_timeout=HANDLER_GRACE_S,

@@ -16,6 +16,7 @@ import msgspec
 from aiohttp import web
 
 from pdserve.serving.hooks import RequestError, error_object
+from pdserve.serving.http_send import send_deadline, write
 
 logger = logging.getLogger(__name__)
 
@@ -31,7 +32,8 @@ def _event(payload: Any) -> bytes:
 
 async def sse_response(request: web.Request, events: AsyncIterator[Any]) -> web.StreamResponse:
     """Streams `events` as `data: {...}` lines ending with `data: [DONE]`. If the client goes
-    away, closing `events` aborts the work behind it."""
+    away, or reads none of it for the send timeout, closing `events` aborts the work behind
+    it."""
     async with contextlib.aclosing(events):
         first = await anext(events, None)  # RequestError here becomes an HTTP error status
         response = web.StreamResponse(
@@ -40,16 +42,18 @@ async def sse_response(request: web.Request, events: AsyncIterator[Any]) -> web.
         await response.prepare(request)
         try:
             if first is not None:
-                await response.write(_event(first))
+                await write(request, response, _event(first))
             async for payload in events:
-                await response.write(_event(payload))
+                await write(request, response, _event(payload))
         except RequestError as exc:
-            await response.write(_event({"error": exc.to_json()}))
+            await write(request, response, _event({"error": exc.to_json()}))
         except (ConnectionError, asyncio.CancelledError):
             raise
         except Exception as exc:  # the status line is gone: the error travels as an event
             logger.exception("stream failed")
-            await response.write(_event({"error": error_object(500, f"internal error: {exc!r}")}))
-        await response.write(b"data: [DONE]\n\n")
-        await response.write_eof()
+            error = error_object(500, f"internal error: {exc!r}")
+            await write(request, response, _event({"error": error}))
+        await write(request, response, b"data: [DONE]\n\n")
+        with send_deadline(request):
+            await response.write_eof()
     return response

@@ -1,0 +1,75 @@
+"""A deadline on writing an answer to a client, for the server's HTTP API (nginx's
+send_timeout). Runs in the front-end process.
+
+aiohttp's writes wait while the client reads slower than they write, and for good: a client
+that stays connected and reads nothing held its handler, its connection and its whole
+answer in memory until it hung up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import struct
+from collections.abc import Iterator
+
+from aiohttp import web
+
+logger = logging.getLogger(__name__)
+SEND_TIMEOUT_S = web.AppKey("pdserve.send_timeout_s", float)
+
+
+@contextlib.contextmanager
+def send_deadline(request: web.Request) -> Iterator[None]:
+    """Around one write: a client that takes none of its bytes for the app's send timeout
+    is hung up on, which ends the write (ConnectionResetError) and cancels the handler."""
+    transport = request.transport
+    if transport is None:
+        yield
+        return
+    timeout_s = request.app[SEND_TIMEOUT_S]
+    timer = asyncio.get_running_loop().call_later(timeout_s, _hang_up, request, transport)
+    try:
+        yield
+    finally:
+        timer.cancel()
+
+
+def _hang_up(request: web.Request, transport: asyncio.BaseTransport) -> None:
+    """Close with a TCP reset: a plain close left the unsent answer in the kernel (a MiB or
+    more) until the client read it or TCP gave up on it, minutes later."""
+    logger.info(
+        "%s %s from %s: hung up on the client: it read none of its answer for %g s",
+        request.method,
+        request.path,
+        request.remote,
+        request.app[SEND_TIMEOUT_S],
+    )
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    transport.abort()
+
+
+async def write(request: web.Request, response: web.StreamResponse, data: bytes) -> None:
+    with send_deadline(request):
+        await response.write(data)
+
+
+@web.middleware
+async def send_deadline_middleware(request: web.Request, handler) -> web.StreamResponse:
+    """A whole answer (not a stream the handler wrote) is written here, under the deadline:
+    aiohttp writes it after the handler with none. What it does after is then a no-op."""
+    response = await handler(request)
+    if response.prepared:
+        return response
+    try:
+        with send_deadline(request):
+            await response.prepare(request)
+            await response.write_eof()
+    except ConnectionError:  # aiohttp's own write after this one tells it the client left
+        pass
+    return response
