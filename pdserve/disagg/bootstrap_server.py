@@ -40,6 +40,9 @@ logger = logging.getLogger(__name__)
 MAX_BODY_BYTES = 1 << 20
 BODY_TIMEOUT_S = 10.0  # for at most 1 MiB: only a client that stopped sending takes this long
 SHUTDOWN_TIMEOUT_S = 2.0
+# A connection without a whole request this long is closed (the server's --idle-timeout-s
+# default): aiohttp's own default kept an idle or half-sent one, a descriptor, for an hour.
+IDLE_TIMEOUT_S = 75.0
 Clock = Callable[[], float]
 RoomValue = int | str  # rooms arrive as JSON numbers or numeric strings
 
@@ -279,11 +282,13 @@ async def start_bootstrap_server(
     now: Clock = time.monotonic,
     expire_interval_s: float | None = None,
     checker: auth.ProofChecker | None = None,
+    idle_timeout_s: float = IDLE_TIMEOUT_S,
 ) -> BootstrapServer:
     """Serve `registry` on host:port from the running event loop; port 0 picks a free one."""
     runner = web.AppRunner(
         make_bootstrap_app(registry, now=now, expire_interval_s=expire_interval_s, checker=checker),
         access_log=None,
+        keepalive_timeout=idle_timeout_s,
         shutdown_timeout=SHUTDOWN_TIMEOUT_S,
         auto_decompress=False,  # read_body undoes the coding (a br body: a JSON 415)
         logger=request_logger(),

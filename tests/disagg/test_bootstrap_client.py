@@ -310,3 +310,20 @@ def test_an_error_in_the_rank_query_loop_fails_its_rooms_at_once():
             await server.stop()
 
     asyncio.run(scenario())
+
+
+def test_a_connection_that_never_finishes_its_head_is_closed_after_the_idle_timeout():
+    """aiohttp's default kept it (a file descriptor) for an hour."""
+
+    async def scenario() -> None:
+        registry = BootstrapRegistry(room_ttl_s=60.0)
+        server = await start_bootstrap_server(registry, "127.0.0.1", 0, idle_timeout_s=0.5)
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+            writer.write(b"GET /health HTTP/1.1\r\nHost: x\r\n")  # never a whole head
+            assert await asyncio.wait_for(reader.read(), 30) == b""
+            writer.close()
+        finally:
+            await server.stop()
+
+    asyncio.run(scenario())
