@@ -29,6 +29,10 @@ logger = logging.getLogger(__name__)
 
 MAX_QUEUED_BATCHES = 1024
 MAX_RECENT_BATCHES = 4096
+# Answers queued for one asker: a REQ client waits for each, so more are dropped. ZeroMQ's
+# default (1000) let an asker that sends and never reads hold 1000 snapshots in memory.
+REPLAY_SEND_HWM = 4
+MAX_QUESTION_NBYTES = 64 << 10  # a question is a few bytes; a longer one drops its sender
 PORT_FLAGS = ("--kv-events-port", "--kv-events-replay-port")  # in the order of `ports`
 
 
@@ -47,6 +51,7 @@ class KVEventPublisher:
         self.stream = KVEventStream(dp_size, page_size, MAX_RECENT_BATCHES, life)
         self.hash_seed = hash_seed
         self.num_dropped_batches = 0
+        self.num_answers = 0  # questions answered on the replay socket
         self._queue: asyncio.Queue[bytes] = asyncio.Queue(MAX_QUEUED_BATCHES)
         self._pub = ctx.socket(zmq.PUB)
         self._replay = ctx.socket(zmq.ROUTER)
@@ -55,6 +60,8 @@ class KVEventPublisher:
             # An IPv6 --host needs it; an IPv4 one keeps an IPv4 listener (with it set,
             # ZeroMQ made 0.0.0.0 an IPv6 socket), as the KV transport's does.
             sock.setsockopt(zmq.IPV6, int(netaddr.family(host) == socket.AF_INET6))
+        self._replay.setsockopt(zmq.SNDHWM, REPLAY_SEND_HWM)
+        self._replay.setsockopt(zmq.MAXMSGSIZE, MAX_QUESTION_NBYTES)
         pub_port, replay_port = (
             self._bind(sock, host, port, flag)
             for sock, port, flag in zip((self._pub, self._replay), ports, PORT_FLAGS, strict=True)
@@ -121,6 +128,10 @@ class KVEventPublisher:
                 logger.exception("KV events replay socket: a question failed")
                 answer = {"error": "internal error"}
             await self._replay.send_multipart([ident, b"", msgspec.msgpack.encode(answer)])
+            self.num_answers += 1
+            # Questions already queued are read without a pause: one asker's burst held the
+            # event loop (the HTTP API, the worker links) until it had all been answered.
+            await asyncio.sleep(0)
 
     def _answer(self, request: bytes) -> dict[str, Any]:
         try:

@@ -5,6 +5,9 @@ the workers' real caches."""
 
 from __future__ import annotations
 
+import asyncio
+import time
+
 import msgspec
 import pytest
 import zmq
@@ -171,3 +174,46 @@ def test_the_event_endpoints_advertise_what_every_other_listener_does():
             assert sock.getsockopt_string(zmq.LAST_ENDPOINT).startswith(f"tcp://{host}:")
     finally:
         ctx.destroy(linger=0)
+
+
+def test_an_asker_that_never_reads_its_answers_gets_few_queued():
+    """It sends 100 snapshot questions and reads nothing: ZeroMQ queued up to 1000 answers
+    for it (each a whole snapshot, 0.5 MB here); now a handful, the rest dropped."""
+    from pdserve.engine.kv_events import PagesStored
+    from pdserve.serving.kv_publisher import REPLAY_SEND_HWM, KVEventPublisher
+
+    num_questions = 100
+
+    async def scenario() -> int:
+        ctx = zmq.asyncio.Context()
+        publisher = KVEventPublisher(ctx, "127.0.0.1", (0, 0), 1, PAGE, 0)
+        publisher.start()
+        asker = ctx.socket(zmq.DEALER)
+        try:
+            publisher.publish(0, [PagesStored(list(range(1 << 62, (1 << 62) + 50_000)), None)])
+            asker.setsockopt(zmq.RCVHWM, 1)
+            asker.setsockopt(zmq.RCVBUF, 4096)
+            asker.connect(publisher.replay_endpoint)
+            for _ in range(num_questions):
+                await asker.send_multipart([b"", msgspec.msgpack.encode({"op": "snapshot"})])
+            await wait_until_async(lambda: publisher.num_answers == num_questions)
+            num_answers = 0
+            while await asker.poll(1000):  # what was sent arrives at once over loopback
+                await asker.recv_multipart()
+                num_answers += 1
+            return num_answers
+        finally:
+            asker.close(linger=0)
+            await publisher.stop()
+            ctx.destroy(linger=0)
+
+    num_answers = asyncio.run(scenario())
+    # The queue, and what the sockets' kernel buffers hold of the 0.5 MB answers.
+    assert 1 <= num_answers <= REPLAY_SEND_HWM + 16, num_answers
+
+
+async def wait_until_async(cond, timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not cond():
+        assert time.monotonic() < deadline, "timed out waiting for the publisher"
+        await asyncio.sleep(0.01)  # polling interval of a deadline-bounded wait
