@@ -143,6 +143,7 @@ class PrefillFrontendHooks(_PDFrontendHooks):
                 self.force,
                 pd.prefill_dp_rank,
                 self.forward,
+                moves_kv=req.sampling.max_new_tokens > 0,
             )
             if action is PrefillAction.FORWARD:
                 self._forward(room, dp_rank)

@@ -57,13 +57,16 @@ def decide_prefill(
     force: bool,
     explicit_rank: int | None,
     forward: bool = False,
+    moves_kv: bool = True,
 ) -> PrefillAction:
     """Prefill side after dispatch to worker `rank`; raises RankError when the request must
     fail (and with it, the decode leg of the same room). `forward` (--rank-mismatch forward)
-    turns the follow_bootstrap_room conflict into FORWARD."""
+    turns the follow_bootstrap_room conflict into FORWARD. A request that moves no KV
+    (max_new_tokens 0: its decode leg answers at once, resolving no rank) breaks no rank rule:
+    refusing it would fail this leg while decode's answers 200."""
     if explicit_rank is not None:
         check_rank("disagg_prefill_dp_rank", explicit_rank, dp_size)
-    if dp_size == 1:
+    if dp_size == 1 or not moves_kv:
         return PrefillAction.NOTHING
     if explicit_rank is not None and explicit_rank != rank:
         raise RankError(

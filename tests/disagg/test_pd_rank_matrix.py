@@ -166,6 +166,41 @@ def test_zero_new_tokens_needs_no_rank_once_the_prefill_leg_ended(prefill, decod
     wait_idle([server.url, decodes[False].url])
 
 
+def test_zero_new_tokens_on_another_rank_is_served_on_both_legs(prefill, decodes):
+    """A max_new_tokens 0 request routed off its room's home rank (or naming another prefill
+    rank than it was dispatched to) moves no KV, and its decode leg answers 200 at once: the
+    prefill leg must answer 200 too, not a rank conflict the decode leg never hears of."""
+    _, _, server = prefill
+    rng = random.Random(f"zero-other-{server.url}")
+    cases = []
+    for fields in ({"routed_dp_rank": 1}, {"routed_dp_rank": 1, "disagg_prefill_dp_rank": 0}):
+        room = rng.randrange(2**63) // DP * DP  # home rank 0
+        cases.append((room, fields))
+    body = dict(BODY, sampling_params={"max_new_tokens": 0}, return_logprob=True)
+    results = run_many(
+        lambda s: [
+            pd_generate_async(
+                s,
+                server.url,
+                decodes[False].url,
+                body,
+                bootstrap_port=server.bootstrap_port,
+                room=room,
+                prefill_extra=fields,
+                decode_extra=fields,
+                timeout_s=30,
+            )
+            for room, fields in cases
+        ]
+    )
+    for (room, fields), result in zip(cases, results, strict=True):
+        where = f"room={room} fields={fields}"
+        assert result.prefill.status == 200, f"{where}: prefill {result.prefill.error}"
+        assert result.decode.status == 200, f"{where}: decode {result.decode.error}"
+        assert result.decode.body["output_ids"] == []
+    wait_idle([server.url, decodes[False].url])
+
+
 @pytest.fixture(scope="module")
 def decode_dp1(pd_module):
     """A decode server of one worker, shared by the fast- and query-path tests: they count

@@ -153,3 +153,17 @@ def test_forward_mode_serves_the_conflict_and_nothing_else():
     assert decide_prefill(5, 0, 1, fbr, False, None, forward=True) is PrefillAction.NOTHING
     with pytest.raises(RankError, match="conflict"):
         decide_prefill(5, 0, 2, fbr, False, None, forward=False)
+
+
+def test_a_request_that_moves_no_kv_breaks_no_rank_rule():
+    """max_new_tokens 0: decode answers at once without resolving a rank, so neither the
+    conflict nor an explicit rank unlike the dispatched one may fail the prefill leg; an
+    explicit rank out of range is still a bad field."""
+    fbr = "follow_bootstrap_room"
+    assert decide_prefill(5, 0, 2, fbr, False, None, moves_kv=False) is PrefillAction.NOTHING
+    assert decide_prefill(4, 0, 2, fbr, False, 1, moves_kv=False) is PrefillAction.NOTHING
+    assert decide_prefill(4, 0, 2, "round_robin", False, 1, moves_kv=False) is (
+        PrefillAction.NOTHING
+    )
+    with pytest.raises(RankError, match="out of range"):
+        decide_prefill(4, 0, 2, fbr, False, 2, moves_kv=False)
