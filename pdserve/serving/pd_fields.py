@@ -102,12 +102,17 @@ def _host(value: object) -> str | None:
 
 def is_host(value: str) -> bool:
     """An IP address, or a name the resolver takes: no URL parts (scheme, port, path,
-    brackets), no spaces or control characters, labels of at most 63 characters."""
+    brackets), no spaces or control characters, labels of at most 63 characters. Digits
+    and dots alone are an address or nothing: aiohttp refuses the legacy forms (`127.1`,
+    `1`, `010.0.0.1`) that the resolver would map onto an address, and a decode leg asked
+    that URL again until its bootstrap deadline (504)."""
     try:
         ipaddress.ip_address(value)
         return True
     except ValueError:
         pass
+    if value.replace(".", "").isdigit():
+        return False
     if any(c in "/[]@?#:%\\" or c.isspace() or not c.isprintable() for c in value):
         return False
     try:

@@ -65,6 +65,10 @@ BAD = [
     ("bootstrap_host", "[::1]"),
     ("bootstrap_host", "host name"),
     ("bootstrap_host", "host\nname"),
+    ("bootstrap_host", "1"),  # legacy numeric IPv4 forms: the HTTP client refuses them
+    ("bootstrap_host", "127.1"),
+    ("bootstrap_host", "010.0.0.1"),
+    ("bootstrap_host", "256.1.1.1"),
     ("bootstrap_port", 0),
     ("bootstrap_port", 65536),
     ("bootstrap_port", "8998"),
