@@ -179,17 +179,23 @@ child.proc.wait(30)  # TimeoutExpired: the child blocked on a full pipe
 """
 
 
-def test_a_childs_output_is_still_read_once_ups_stdout_is_gone():
-    """The echo of a child's line raised BrokenPipeError (EIO from a closed terminal) and
-    ended the thread reading that child's output: past the pipe's 64 KiB the child blocked
-    on its next log line, and a server froze with every request it held."""
+def start_with_stdout_gone(script: str) -> subprocess.Popen:
+    """`script` in a Python whose stdout is a pipe nobody reads any more."""
     proc = subprocess.Popen(
-        [PYTHON, "-c", ECHO_SCRIPT],
+        [PYTHON, "-c", script],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         env=python_path_env(),
     )
     proc.stdout.close()  # its reader leaves at once
+    return proc
+
+
+def test_a_childs_output_is_still_read_once_ups_stdout_is_gone():
+    """The echo of a child's line raised BrokenPipeError (EIO from a closed terminal) and
+    ended the thread reading that child's output: past the pipe's 64 KiB the child blocked
+    on its next log line, and a server froze with every request it held."""
+    proc = start_with_stdout_gone(ECHO_SCRIPT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err.decode()[-2000:]
 
@@ -210,13 +216,7 @@ stop_all([child], 0.2)
 
 
 def test_up_kills_a_child_that_ignores_sigterm_once_its_stdout_is_gone():
-    proc = subprocess.Popen(
-        [PYTHON, "-c", STOP_SCRIPT],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        env=python_path_env(),
-    )
-    proc.stdout.close()  # its reader leaves at once
+    proc = start_with_stdout_gone(STOP_SCRIPT)
     child_pid = None
     try:
         child_pid = int(proc.stderr.readline())
