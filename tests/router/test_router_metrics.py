@@ -7,7 +7,7 @@ import pytest
 import requests
 
 from tests.helpers import wait_until
-from tests.router.test_router_shell import metric, pd_args
+from tests.router.test_router_shell import leave_after_first_event, metric, pd_args
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -20,13 +20,7 @@ def test_a_client_leaving_a_flowing_stream_counts_as_a_failed_request(stubs, rou
     script = {"p1": {"hold": "never"}, "d1": {"chunks": 20000}}
     num_leaving = 30  # enough that the old code missed some in every run
     for _ in range(num_leaving):
-        with requests.post(
-            f"{router.url}/generate",
-            json={"text": "x", "stream": True, "stub": script},
-            stream=True,
-            timeout=10,
-        ) as resp:
-            next(line for line in resp.iter_lines() if line)
+        leave_after_first_event(router.url, script)
     wait_until(
         lambda: (
             metric(router, "pdserve_router_aborts_total", cause="client_disconnect")

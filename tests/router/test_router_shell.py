@@ -17,6 +17,18 @@ from tests.router.conftest import router_args
 pytestmark = pytest.mark.timeout(120)
 
 
+def leave_after_first_event(url: str, script: dict) -> None:
+    """A streamed /generate the stubs answer by `script`; the client hangs up after its
+    first event."""
+    with requests.post(
+        f"{url}/generate",
+        json={"text": "x", "stream": True, "stub": script},
+        stream=True,
+        timeout=10,
+    ) as resp:
+        next(line for line in resp.iter_lines() if line)
+
+
 def pd_args(stubs, prefills=("p1",), decodes=("d1",), bootstrap_port=8998):
     return router_args(
         prefills=[(stubs[p].url, bootstrap_port) for p in prefills],
@@ -200,13 +212,7 @@ def test_decode_death_mid_stream_ends_the_stream_with_an_error_and_aborts_prefil
 def test_client_leaving_mid_stream_aborts_both_legs(stubs, router_factory):
     router = router_factory(pd_args(stubs))
     script = {"p1": {"hold": "never"}, "d1": {"chunks": 3, "hold_after_first": "never"}}
-    with requests.post(
-        f"{router.url}/generate",
-        json={"text": "x", "stream": True, "stub": script},
-        stream=True,
-        timeout=10,
-    ) as resp:
-        next(line for line in resp.iter_lines() if line)
+    leave_after_first_event(router.url, script)
     rid = stubs["d1"].log()["bodies"][0]["rid"]
     wait_until(lambda: stubs["d1"].log()["aborts"] == [rid], 5, "decode abort")
     wait_until(lambda: stubs["p1"].log()["aborts"] == [rid], 5, "prefill abort")
