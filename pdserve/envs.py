@@ -5,12 +5,13 @@ Flags win over environment variables; environment variables win over built-in de
 
 from __future__ import annotations
 
-import math
+import argparse
 import os
+
+from pdserve.config import seconds
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
-MAX_SECONDS = 1e9  # as a duration flag's (pdserve.config, a peer module: not imported)
 
 
 class EnvError(ValueError):
@@ -45,17 +46,14 @@ def env_bool(name: str, *aliases: str, default: bool = False) -> bool:
 
 
 def env_seconds(name: str, default: float) -> float:
-    """A duration, as its flag takes it: finite and at most `MAX_SECONDS`."""
+    """A duration, read as its flag reads one (`pdserve.config.seconds`)."""
     found = _first_set(name)
     if found is None:
         return default
     try:
-        number = float(found[1])
-    except ValueError:
-        number = math.nan
-    if not math.isfinite(number) or number > MAX_SECONDS:
-        raise EnvError(f"{name}={found[1]!r}: expected a number of seconds up to {MAX_SECONDS:g}")
-    return number
+        return seconds(found[1])
+    except argparse.ArgumentTypeError as exc:
+        raise EnvError(f"{name}={found[1]!r}: {exc}") from None
 
 
 def force_query_prefill_dp_rank() -> bool:
