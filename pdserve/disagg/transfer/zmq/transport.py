@@ -142,8 +142,9 @@ class ZmqTransport(ZmqSender, ZmqReceiver, DataPath, KVTransport):
     def connect(self, endpoint: str) -> PeerId:
         self._check_open()
         if endpoint not in self._connected:
-            if not endpoint.startswith("tcp://"):
-                raise ValueError(f"KV endpoint must look like tcp://host:port, got {endpoint!r}")
+            why = netaddr.tcp_endpoint_error(endpoint)  # as the bootstrap server checks it
+            if why is not None:
+                raise ValueError(f"bad KV endpoint: {why}")
             # The alias makes the peer routable at once, before TCP connects.
             self._sock.setsockopt(zmq.CONNECT_ROUTING_ID, endpoint.encode())
             try:
