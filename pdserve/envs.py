@@ -5,13 +5,12 @@ Flags win over environment variables; environment variables win over built-in de
 
 from __future__ import annotations
 
-import argparse
+import math
 import os
-
-from pdserve.config import seconds
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
+MAX_SECONDS = 1e9  # as a duration flag's (pdserve.config, a peer module: not imported)
 
 
 class EnvError(ValueError):
@@ -46,14 +45,17 @@ def env_bool(name: str, *aliases: str, default: bool = False) -> bool:
 
 
 def env_seconds(name: str, default: float) -> float:
-    """A duration, read as its flag reads one (`pdserve.config.seconds`)."""
+    """A duration, as its flag takes it: finite and at most `MAX_SECONDS`."""
     found = _first_set(name)
     if found is None:
         return default
     try:
-        return seconds(found[1])
-    except argparse.ArgumentTypeError as exc:
-        raise EnvError(f"{name}={found[1]!r}: {exc}") from None
+        number = float(found[1])
+    except ValueError:
+        number = math.nan
+    if not math.isfinite(number) or number > MAX_SECONDS:
+        raise EnvError(f"{name}={found[1]!r}: expected a number of seconds up to {MAX_SECONDS:g}")
+    return number
 
 
 def force_query_prefill_dp_rank() -> bool:
