@@ -22,6 +22,7 @@ import multiprocessing.forkserver
 import multiprocessing.process
 import multiprocessing.resource_tracker as resource_tracker
 import os
+import select
 import signal
 import sys
 import tempfile
@@ -168,12 +169,16 @@ def _settle(future: asyncio.Future, result: BaseException | None) -> None:
         future.set_result(result)
 
 
-def _fork_server_death() -> str | None:
+def _fork_server_death(wait_s: float = 0.0) -> str | None:
     """How this process's fork server ended ("was killed by signal 15"), or None while it
-    runs. Not reaped here (WNOWAIT): `stop_fork_server` does that."""
+    runs. Not reaped here (WNOWAIT): `stop_fork_server` does that. `wait_s` waits that long
+    for its end first: a dying process closes its sockets (a start sees EOF) before the
+    kernel reports its exit."""
     pid = _fork_server_pid()
     if pid is None:
         return None
+    if wait_s > 0:
+        _wait_for_exit(pid, wait_s)
     try:
         info = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
     except ChildProcessError:
@@ -183,6 +188,19 @@ def _fork_server_death() -> str | None:
     if info.si_code == os.CLD_EXITED:
         return f"exited with code {info.si_status}"
     return f"was killed by signal {info.si_status}"
+
+
+def _wait_for_exit(pid: int, timeout_s: float) -> None:
+    """Block until child `pid` has exited or `timeout_s` passed (a pidfd turns readable at
+    the exit); no wait where pidfds are missing (Linux before 5.3, other systems)."""
+    try:
+        fd = os.pidfd_open(pid)
+    except (AttributeError, OSError):
+        return
+    try:
+        select.select([fd], [], [], timeout_s)
+    finally:
+        os.close(fd)
 
 
 class WorkerProcesses:
@@ -245,7 +263,9 @@ class WorkerProcesses:
                 f"{timeout_s:g} s (--worker-start-timeout-s; stopped or stuck); it was killed"
             ) from None
         if error is not None:
-            why = _fork_server_death() if self.method == "forkserver" else None
+            # A failed start is the fork server dying, or the start's own error (the server
+            # runs on): a second is what it may take to tell them apart
+            why = _fork_server_death(1.0) if self.method == "forkserver" else None
             cause = f" (the fork server {why})" if why is not None else ""
             reason = str(error) or type(error).__name__
             raise WorkerStartError(f"starting the workers failed: {reason}{cause}")
