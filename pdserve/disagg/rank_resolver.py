@@ -64,9 +64,11 @@ def decide_prefill(
     turns the follow_bootstrap_room conflict into FORWARD. A request that moves no KV
     (max_new_tokens 0: its decode leg answers at once, resolving no rank) breaks no rank rule:
     refusing it would fail this leg while decode's answers 200."""
+    if not moves_kv:  # not even a rank out of range: decode, which cannot tell, answers 200
+        return PrefillAction.NOTHING
     if explicit_rank is not None:
         check_rank("disagg_prefill_dp_rank", explicit_rank, dp_size)
-    if dp_size == 1 or not moves_kv:
+    if dp_size == 1:
         return PrefillAction.NOTHING
     if explicit_rank is not None and explicit_rank != rank:
         raise RankError(

@@ -168,12 +168,18 @@ def test_zero_new_tokens_needs_no_rank_once_the_prefill_leg_ended(prefill, decod
 
 def test_zero_new_tokens_on_another_rank_is_served_on_both_legs(prefill, decodes):
     """A max_new_tokens 0 request routed off its room's home rank (or naming another prefill
-    rank than it was dispatched to) moves no KV, and its decode leg answers 200 at once: the
+    rank than it was dispatched to, or none that exists) moves no KV, and its decode leg answers 200 at once: the
     prefill leg must answer 200 too, not a rank conflict the decode leg never hears of."""
     _, _, server = prefill
     rng = random.Random(f"zero-other-{server.url}")
     cases = []
-    for fields in ({"routed_dp_rank": 1}, {"routed_dp_rank": 1, "disagg_prefill_dp_rank": 0}):
+    # The last names a prefill rank that does not exist: decode cannot tell without a query
+    # it makes only to find KV, so its 200 is the answer on both legs
+    for fields in (
+        {"routed_dp_rank": 1},
+        {"routed_dp_rank": 1, "disagg_prefill_dp_rank": 0},
+        {"disagg_prefill_dp_rank": DP + 3},
+    ):
         room = rng.randrange(2**63) // DP * DP  # home rank 0
         cases.append((room, fields))
     body = dict(BODY, sampling_params={"max_new_tokens": 0}, return_logprob=True)

@@ -157,13 +157,14 @@ def test_forward_mode_serves_the_conflict_and_nothing_else():
 
 def test_a_request_that_moves_no_kv_breaks_no_rank_rule():
     """max_new_tokens 0: decode answers at once without resolving a rank, so neither the
-    conflict nor an explicit rank unlike the dispatched one may fail the prefill leg; an
-    explicit rank out of range is still a bad field."""
+    conflict nor an explicit rank unlike the dispatched one may fail the prefill leg, nor an
+    explicit rank out of range: decode, which cannot tell without a query, answers 200."""
     fbr = "follow_bootstrap_room"
     assert decide_prefill(5, 0, 2, fbr, False, None, moves_kv=False) is PrefillAction.NOTHING
     assert decide_prefill(4, 0, 2, fbr, False, 1, moves_kv=False) is PrefillAction.NOTHING
     assert decide_prefill(4, 0, 2, "round_robin", False, 1, moves_kv=False) is (
         PrefillAction.NOTHING
     )
-    with pytest.raises(RankError, match="out of range"):
-        decide_prefill(4, 0, 2, fbr, False, 2, moves_kv=False)
+    assert decide_prefill(4, 0, 2, fbr, False, 2, moves_kv=False) is PrefillAction.NOTHING
+    with pytest.raises(RankError, match="out of range"):  # where KV moves, it is a bad field
+        decide_prefill(4, 0, 2, fbr, False, 2, moves_kv=True)
