@@ -85,12 +85,17 @@ class ServerGrowth:
     cached_tokens: float
 
 
+def _family_total(deltas: dict[str, float], name: str) -> float:
+    """Growth of every series of `name`, whatever its labels (pdserve's carry `model_name`)."""
+    return sum(value for key, value in deltas.items() if key.split("{", 1)[0] == name)
+
+
 def server_growth(before_text: str, after_text: str) -> ServerGrowth:
     deltas = counter_deltas(before_text, after_text)
     return ServerGrowth(
         server_mode(after_text),
-        deltas.get(KV_BYTES_COUNTER, 0.0),
-        deltas.get(CACHED_TOKENS_COUNTER, 0.0),
+        _family_total(deltas, KV_BYTES_COUNTER),
+        _family_total(deltas, CACHED_TOKENS_COUNTER),
     )
 
 

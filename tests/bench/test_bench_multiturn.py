@@ -101,22 +101,32 @@ def test_cached_share_counts_completed_requests_and_notes_missing_counts():
     assert share["cached_tokens_reported"] is False
 
 
-def metrics_text(mode: str, kv_bytes: float, cached: float) -> str:
+def metrics_text(mode: str, kv_bytes: float, cached: float, model: str | None = "m") -> str:
+    """A server's /metrics as pdserve writes them: every series labelled `model_name`
+    (model None: unlabelled, as pdserve wrote them before)."""
+    only = f'{{model_name="{model}"}}' if model else ""
+    last = f',model_name="{model}"' if model else ""
     return (
         "# TYPE pdserve_kv_transfer_bytes_total counter\n"
-        f"pdserve_kv_transfer_bytes_total {kv_bytes}\n"
+        f"pdserve_kv_transfer_bytes_total{only} {kv_bytes}\n"
         "# TYPE pdserve_cached_tokens_total counter\n"
-        f"pdserve_cached_tokens_total {cached}\n"
+        f"pdserve_cached_tokens_total{only} {cached}\n"
         "# TYPE pdserve_server_info gauge\n"
-        f'pdserve_server_info{{mode="{mode}"}} 1.0\n'
+        f'pdserve_server_info{{mode="{mode}"{last}}} 1.0\n'
     )
 
 
-def test_kv_bytes_on_the_wire_are_what_decode_received_not_both_sides_summed():
+@pytest.mark.parametrize("model", ["m", None])
+def test_kv_bytes_on_the_wire_are_what_decode_received_not_both_sides_summed(model):
+    """With the `model_name` label the summary read 0 bytes: it looked counters up by their
+    bare name."""
     scrapes = {
-        "http://p": (metrics_text("prefill", 1000, 0), metrics_text("prefill", 5096, 30)),
-        "http://d0": (metrics_text("decode", 0, 0), metrics_text("decode", 3000, 64)),
-        "http://d1": (metrics_text("decode", 10, 0), metrics_text("decode", 1106, 0)),
+        url: tuple(metrics_text(mode, kv, cached, model) for kv, cached in scrape)
+        for url, mode, scrape in (
+            ("http://p", "prefill", ((1000, 0), (5096, 30))),
+            ("http://d0", "decode", ((0, 0), (3000, 64))),
+            ("http://d1", "decode", ((10, 0), (1106, 0))),
+        )
     }
     kv = kv_transfer_summary(scrapes)
     assert kv["kv_bytes_sent"] == 4096 and kv["kv_bytes_received"] == 4096

@@ -131,9 +131,13 @@ def test_single_run_plots_show_the_label_the_slo_limit_and_cdfs_from_zero():
 def stage_metrics(sums: dict[str, float], counts: dict[str, int]) -> str:
     lines = ["# TYPE pdserve_disagg_stage_seconds histogram"]
     for stage, value in sums.items():
-        lines.append(f'pdserve_disagg_stage_seconds_sum{{stage="{stage}"}} {value}')
-        lines.append(f'pdserve_disagg_stage_seconds_count{{stage="{stage}"}} {counts[stage]}')
-        lines.append(f'pdserve_disagg_stage_seconds_bucket{{le="1.0",stage="{stage}"}} 99')
+        lines.append(f'pdserve_disagg_stage_seconds_sum{{model_name="m",stage="{stage}"}} {value}')
+        lines.append(
+            f'pdserve_disagg_stage_seconds_count{{model_name="m",stage="{stage}"}} {counts[stage]}'
+        )
+        lines.append(
+            f'pdserve_disagg_stage_seconds_bucket{{le="1.0",model_name="m",stage="{stage}"}} 99'
+        )
     return "\n".join(lines) + "\n"
 
 
