@@ -49,30 +49,36 @@ def failure_kind(message: str) -> str:
 
 
 class _RegistryCollector:
-    """Exports the bootstrap registry's own counters at scrape time."""
+    """Exports the bootstrap registry's own counters at scrape time, with the `model_name`
+    label every family of the server carries."""
 
-    def __init__(self, registry: BootstrapRegistry, checker: ProofChecker | None):
+    def __init__(self, registry: BootstrapRegistry, checker: ProofChecker | None, model: str):
         self.registry = registry
         self.checker = checker
+        self.model = model
 
     def collect(self):
         if self.checker is not None:
             refusals = CounterMetricFamily(
                 "pdserve_bootstrap_auth_refusals",
                 "bootstrap writes refused for a missing, wrong, stale or replayed proof",
-                labels=["reason"],
+                labels=["model_name", "reason"],
             )
             for reason, count in self.checker.refused.items():
-                refusals.add_metric([reason], count)
+                refusals.add_metric([self.model, reason], count)
             yield refusals
         stats = self.registry.stats()
         for name, value in stats.items():
-            yield CounterMetricFamily(
-                f"pdserve_bootstrap_{name}", f"bootstrap registry: {name}", value=value
+            counter = CounterMetricFamily(
+                f"pdserve_bootstrap_{name}", f"bootstrap registry: {name}", labels=["model_name"]
             )
-        yield GaugeMetricFamily(
-            "pdserve_bootstrap_rooms", "room entries held", value=self.registry.num_rooms
+            counter.add_metric([self.model], value)
+            yield counter
+        rooms = GaugeMetricFamily(
+            "pdserve_bootstrap_rooms", "room entries held", labels=["model_name"]
         )
+        rooms.add_metric([self.model], self.registry.num_rooms)
+        yield rooms
 
 
 class DisaggMetrics:
@@ -130,7 +136,7 @@ class DisaggMetrics:
             self.resolutions.labels(path=path)  # exported as 0 before the first resolution
 
     def watch_registry(self, registry: BootstrapRegistry, checker: ProofChecker | None) -> None:
-        self.server.registry.register(_RegistryCollector(registry, checker))
+        self.server.registry.register(_RegistryCollector(registry, checker, self.server.model_name))
 
     def resolved(self, path: str) -> None:
         self.resolutions.labels(path=path).inc()

@@ -73,7 +73,7 @@ class ServerArgs:
         [],
         "model names of the OpenAI routes and /v1/models (default: the --model-path value); "
         "requests may give any of them or the --model-path value, answers and /server_info "
-        "give the first (as vLLM's)",
+        "and /metrics' model_name label give the first (as vLLM's)",
     )
     sampling_defaults: str = opt(
         "model",

@@ -164,7 +164,9 @@ async def _start_workers(
     # Resolve (and convert, the first time) before spawning, so workers never race on it.
     model_dir = await asyncio.to_thread(resolve_model_dir, cfg.engine.model_path)
     cfg = dataclasses.replace(cfg, engine=cfg.engine.with_dtype(model_dir))
-    controller = DPController(cfg, ServerMetrics(cfg.server.mode), make_worker_hooks)
+    controller = DPController(
+        cfg, ServerMetrics(cfg.server.mode, cfg.served_model_name), make_worker_hooks
+    )
     tokenizer_task = asyncio.create_task(asyncio.to_thread(load_tokenizer, model_dir))
     try:
         await controller.start(cfg.server.worker_start_timeout_s)

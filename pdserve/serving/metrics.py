@@ -2,6 +2,9 @@
 
 The disaggregation layer adds its metrics to the same registry through `counter`, `gauge`
 and `histogram` (reachable as `controller.metrics`), so GET /metrics shows everything.
+
+Every family carries a `model_name` label, the name /v1/models reports first, as vLLM's and
+SGLang's do: dashboards built for them select on it.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from prometheus_client import (
     generate_latest,
 )
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.metrics import MetricWrapperBase
 
 from pdserve.serving.protocol import WorkerLoad
 
@@ -22,9 +26,24 @@ _LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 3
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 
+class ModelFamily:
+    """A family whose first label, `model_name`, is filled in: `.labels(...)` takes only the
+    family's own labels, positionally or by name, as on a plain prometheus_client metric."""
+
+    def __init__(self, family: MetricWrapperBase, model_name: str):
+        self.family = family
+        self.model_name = model_name
+
+    def labels(self, *values: object, **named: object):
+        if named:
+            return self.family.labels(model_name=self.model_name, **named)
+        return self.family.labels(self.model_name, *values)
+
+
 class ServerMetrics:
-    def __init__(self, mode: str):
+    def __init__(self, mode: str, model_name: str):
         self.registry = CollectorRegistry()
+        self.model_name = model_name  # ServerConfig.served_model_name
         self.requests = self.counter("requests", "finished requests by outcome", ["status"])
         self.prompt_tokens = self.counter("prompt_tokens", "prompt tokens of finished requests")
         self.generation_tokens = self.counter("generation_tokens", "generated tokens")
@@ -83,16 +102,29 @@ class ServerMetrics:
             mode
         ).set(1)
 
-    def counter(self, name: str, doc: str, labels: list[str] | None = None) -> Counter:
-        return Counter(PREFIX + name, doc, labels or [], registry=self.registry)
+    def counter(self, name: str, doc: str, labels: list[str] | None = None):
+        return self._family(Counter, name, doc, labels)
 
-    def gauge(self, name: str, doc: str, labels: list[str] | None = None) -> Gauge:
-        return Gauge(PREFIX + name, doc, labels or [], registry=self.registry)
+    def gauge(self, name: str, doc: str, labels: list[str] | None = None):
+        return self._family(Gauge, name, doc, labels)
 
     def histogram(
         self, name: str, doc: str, labels: list[str] | None = None, buckets=_LATENCY_BUCKETS_S
-    ) -> Histogram:
-        return Histogram(PREFIX + name, doc, labels or [], buckets=buckets, registry=self.registry)
+    ):
+        return self._family(Histogram, name, doc, labels, buckets=buckets)
+
+    def _family(
+        self, kind: type[MetricWrapperBase], name: str, doc: str, labels: list[str] | None, **kw
+    ):
+        """A family labelled `model_name` first (prometheus_client has no constant labels).
+        With no labels of its own it has one series, returned as is: exported at 0 from the
+        start, `.inc()`, `.set()`, `.observe()` work on it. Otherwise its `.labels()` is
+        filled in by a ModelFamily."""
+        all_labels = ["model_name", *(labels or [])]
+        family = kind(PREFIX + name, doc, all_labels, registry=self.registry, **kw)
+        if labels:
+            return ModelFamily(family, self.model_name)
+        return family.labels(self.model_name)
 
     def observe_load(self, load: WorkerLoad) -> None:
         rank = str(load.dp_rank)

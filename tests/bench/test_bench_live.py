@@ -19,6 +19,8 @@ from pdserve.bench.server_stats import parse_prometheus
 from pdserve.bench.trace import parse_trace, trace_send_times
 from pdserve.bench.workload import Prompt
 
+MODEL = '{model_name="tiny-random"}'  # the label on each of tiny_server's counters
+
 JSON_FIELDS = [
     "completed", "failed", "failed_by_reason", "duration", "total_input_tokens",
     "total_output_tokens", "request_throughput", "input_throughput", "output_throughput",
@@ -41,8 +43,8 @@ def server_counts(url: str) -> dict[str, float]:
     requests = sum(v for k, v in samples.items() if k.startswith("pdserve_requests_total"))
     return {
         "requests": requests,
-        "prompt_tokens": samples.get("pdserve_prompt_tokens_total", 0.0),
-        "output_tokens": samples.get("pdserve_generation_tokens_total", 0.0),
+        "prompt_tokens": samples.get(f"pdserve_prompt_tokens_total{MODEL}", 0.0),
+        "output_tokens": samples.get(f"pdserve_generation_tokens_total{MODEL}", 0.0),
     }
 
 
@@ -69,7 +71,7 @@ def test_report_counts_equal_the_servers_counters(
     assert result["input_lens"] == [r["prompt_len"] for r in result["requests"]]
     assert result["output_lens"] == [r["output_len_requested"] for r in result["requests"]]
     assert result["output_tokens_from_server"] is True
-    assert result["server_counters"]["pdserve_generation_tokens_total"] == result["total_output_tokens"]  # fmt: skip
+    assert result["server_counters"][f"pdserve_generation_tokens_total{MODEL}"] == result["total_output_tokens"]  # fmt: skip
     for name in JSON_FIELDS:
         assert name in result, name
     assert all(set(r) == RECORD_FIELDS for r in result["requests"])

@@ -269,7 +269,7 @@ def test_a_rank_query_answered_by_another_start_of_the_server_fails_at_once():
         server = await start_bootstrap_server(registry, "127.0.0.1", 0)
         try:
             async with aiohttp.ClientSession() as session:
-                peers = PeerDirectory(session, 30.0, DisaggMetrics(ServerMetrics("decode")))
+                peers = PeerDirectory(session, 30.0, DisaggMetrics(ServerMetrics("decode", "m")))
                 assert (await peers.server_info(server.url)).epoch == 13
                 registry.register_room(5, 1, now=time.monotonic())
                 assert await peers.query_rank(server.url, 5, epoch=13) == 1
@@ -300,7 +300,7 @@ def test_an_error_in_the_rank_query_loop_fails_its_rooms_at_once():
         server = await start_bootstrap_server(registry, "127.0.0.1", 0)
         try:
             async with aiohttp.ClientSession() as session:
-                peers = PeerDirectory(session, 30.0, BrokenMetrics(ServerMetrics("decode")))
+                peers = PeerDirectory(session, 30.0, BrokenMetrics(ServerMetrics("decode", "m")))
                 info = await peers.server_info(server.url)
                 registry.register_room(5, 1, now=time.monotonic())
                 with pytest.raises(RequestError) as failed:

@@ -118,8 +118,8 @@ def test_a_dead_worker_fails_its_requests_with_5xx_and_reports_no_load(server_fa
     dead = http_json("GET", f"{url}/get_load")[1][1]
     assert not dead["alive"] and dead["num_reqs"] == dead["num_used_pages"] == 0, dead
     metrics = http_json("GET", f"{url}/metrics")[1]
-    assert 'pdserve_num_running_reqs{dp_rank="1"} 0.0' in metrics
-    assert 'pdserve_kv_pages_used{dp_rank="1"} 0.0' in metrics
+    assert 'pdserve_num_running_reqs{dp_rank="1",model_name="tiny-random"} 0.0' in metrics
+    assert 'pdserve_kv_pages_used{dp_rank="1",model_name="tiny-random"} 0.0' in metrics
     # Rank 0 still serves, and round robin skips the dead rank.
     for _ in range(2):
         assert (
@@ -245,7 +245,9 @@ def test_a_request_that_cannot_be_encoded_is_not_left_in_flight():
     from pdserve.serving.protocol import GenerateReq
 
     cfg = ServerConfig(ServerArgs(), EngineConfig())
-    controller = DPController(cfg, ServerMetrics("colocated"), colocated_worker_hooks)
+    controller = DPController(
+        cfg, ServerMetrics("colocated", cfg.served_model_name), colocated_worker_hooks
+    )
     try:
         req = GenerateReq(rid="r", input_ids=[1], sampling=SamplingParams(seed=2**70))
         with pytest.raises(OverflowError):

@@ -11,6 +11,7 @@ from urllib.parse import urlparse
 from tests.helpers import http_json, wait_until
 
 LONG = {"max_new_tokens": 3000, "ignore_eos": True, "temperature": 0.0}
+CANCELLED = 'pdserve_requests_total{model_name="tiny-random",status="cancelled"}'
 
 
 def raw_post(url: str, path: str, body: dict) -> socket.socket:
@@ -80,7 +81,7 @@ def test_abort_request_by_rid_ends_the_request_with_finish_reason_abort(tiny_ser
 
 def test_mixed_load_with_aborts_and_disconnects_frees_every_page(tiny_server):
     url = tiny_server.url
-    cancelled_before = metric(url, 'pdserve_requests_total{status="cancelled"}')
+    cancelled_before = metric(url, CANCELLED)
     total_pages = load(url)["num_total_pages"]
     with ThreadPoolExecutor(6) as pool:
         normal = [
@@ -114,9 +115,7 @@ def test_mixed_load_with_aborts_and_disconnects_frees_every_page(tiny_server):
         streaming.close()
         silent.close()
         wait_until(
-            lambda: (
-                metric(url, 'pdserve_requests_total{status="cancelled"}') >= cancelled_before + 2
-            ),
+            lambda: metric(url, CANCELLED) >= cancelled_before + 2,
             30,
             "both disconnected requests to be cancelled",
         )

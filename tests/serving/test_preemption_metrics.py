@@ -18,7 +18,7 @@ BODIES = [
     }
     for shift in range(4)
 ]
-METRIC = 'pdserve_num_preemptions_total{dp_rank="0"}'
+METRIC = 'pdserve_num_preemptions_total{dp_rank="0",model_name="tiny-random"}'
 
 
 def preemptions(url: str) -> float | None:

@@ -149,7 +149,7 @@ def test_flush_under_load_keeps_pinned_pages_and_pages_used_returns_to_zero(serv
     assert load["num_cached_tokens"] == load["num_cached_pages"] * PAGE
     assert load["num_evictable_pages"] == load["num_cached_pages"]
     assert load["num_free_pages"] == load["num_total_pages"]
-    label = f'{{dp_rank="{rank}"}}'
+    label = f'{{dp_rank="{rank}",model_name="tiny-random"}}'
     assert metric_lines(url, f"pdserve_kv_pages_used{label} 0.0")
     assert metric_lines(url, f"pdserve_kv_pages_cached{label}")
     hits = metric_lines(url, f"pdserve_prefix_cache_hit_tokens_total{label}")

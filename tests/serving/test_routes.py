@@ -333,18 +333,20 @@ def test_metrics_count_requests_tokens_and_pages(tiny_server):
     status, text = http_json("GET", f"{tiny_server.url}/metrics")
     assert status == 200
     for name in (
-        'pdserve_requests_total{status="length"}',
-        "pdserve_prompt_tokens_total",
-        "pdserve_generation_tokens_total",
+        'pdserve_requests_total{model_name="tiny-random",status="length"}',
+        'pdserve_prompt_tokens_total{model_name="tiny-random"}',
+        'pdserve_generation_tokens_total{model_name="tiny-random"}',
         "pdserve_time_to_first_token_seconds_bucket",
         "pdserve_inter_token_latency_seconds_bucket",
         "pdserve_e2e_request_latency_seconds_bucket",
-        'pdserve_num_running_reqs{dp_rank="0"}',
-        'pdserve_kv_pages_free{dp_rank="0"}',
-        'pdserve_kv_pages_used{dp_rank="0"}',
+        'pdserve_num_running_reqs{dp_rank="0",model_name="tiny-random"}',
+        'pdserve_kv_pages_free{dp_rank="0",model_name="tiny-random"}',
+        'pdserve_kv_pages_used{dp_rank="0",model_name="tiny-random"}',
     ):
         assert name in text, name
     generated = [
-        line for line in text.splitlines() if line.startswith("pdserve_generation_tokens_total ")
+        line
+        for line in text.splitlines()
+        if line.startswith('pdserve_generation_tokens_total{model_name="tiny-random"} ')
     ]
     assert float(generated[0].split()[1]) >= 6

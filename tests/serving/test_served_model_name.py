@@ -1,11 +1,12 @@
 """`--served-model-name`: the OpenAI routes answer to it and to the --model-path value,
 /v1/models lists both (served name first), and any other name gets a 404. Several names
-(vLLM's form): each is accepted, answers give the first."""
+(vLLM's form): each is accepted, answers and the metrics' `model_name` label give the first."""
 
 from __future__ import annotations
 
 import openai
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.helpers import http_json, launch_server
 
@@ -106,3 +107,71 @@ def test_tokenize_routes_take_the_served_names_and_404_another(named_server, rou
         assert status == 200, (name, out)
     status, out = http_json("POST", named_server.url + route, {**body, "model": "m"})
     assert status == 404 and out["error"]["message"] == "The model `m` does not exist.", out
+
+
+def model_names_by_family(text: str) -> dict[str, set[str | None]]:
+    """Each metric family's `model_name` values over its samples, parsed as Prometheus does
+    (a family with no sample yet maps to an empty set)."""
+    return {
+        family.name: {sample.labels.get("model_name") for sample in family.samples}
+        for family in text_string_to_metric_families(text)
+    }
+
+
+def assert_every_family_labelled(text: str, model: str, min_families: int) -> None:
+    names = model_names_by_family(text)
+    wrong = {family: seen for family, seen in names.items() if seen and seen != {model}}
+    assert not wrong, wrong
+    assert sum(1 for seen in names.values() if seen) >= min_families, names
+
+
+@pytest.mark.parametrize("fixture", ["named_server", "tiny_server"])
+def test_every_metric_family_carries_the_first_models_name(fixture, request):
+    """vLLM's and SGLang's server metrics all carry `model_name` (the first served name, else
+    the model path), and dashboards built for them select on it; pdserve's carried none. The
+    label is the first name /v1/models lists: --served-model-name's, else --model-path's."""
+    url = request.getfixturevalue(fixture).url
+    model = http_json("GET", url + "/v1/models")[1]["data"][0]["id"]
+    assert model == {"named_server": "my-llm", "tiny_server": "tiny-random"}[fixture]
+    assert http_json("POST", url + "/generate", {"text": "hi", "sampling_params": {}})[0] == 200
+    status, text = http_json("GET", url + "/metrics")
+    assert status == 200
+    assert_every_family_labelled(text, model, min_families=20)
+
+
+def test_disaggregation_and_bootstrap_families_carry_model_name_too():
+    """The families a prefill or decode server adds (DisaggMetrics, the bootstrap registry's
+    collector), each given a sample in process: a PD pair would cost far more to start."""
+    from pdserve.auth import ProofChecker
+    from pdserve.disagg.bootstrap_registry import BootstrapRegistry
+    from pdserve.disagg.metrics import DisaggMetrics
+    from pdserve.serving.metrics import ServerMetrics
+    from pdserve.serving.protocol import WorkerLoad
+
+    server = ServerMetrics("prefill", "foo")
+    disagg = DisaggMetrics(server)
+    checker = ProofChecker("secret")
+    checker.refuse("missing proof")
+    disagg.watch_registry(BootstrapRegistry(room_ttl_s=60.0, dp_size=1), checker)
+    server.observe_load(
+        WorkerLoad(
+            dp_rank=0, num_running=0, num_waiting=0, num_tokens=0, num_used_pages=0,
+            num_free_pages=4, num_total_pages=4, cache_lookup_tokens=4, cache_hit_tokens=2,
+        )
+    )  # fmt: skip
+    server.observe_finished("stop", 3, 2, 0, 0.5)
+    server.ttft_s.observe(0.1)
+    server.itl_s.observe(0.1)
+    server.auth_refusals.labels("api_key").inc()
+    server.kv_events_dropped.set(1)
+    disagg.conflict("follow_bootstrap_room conflict")
+    disagg.query_round_trip(2)
+    disagg.epoch_change()
+    disagg.stages({"prefill_compute": 0.1})
+    disagg.transfer(4096, 0.01, 16)
+    disagg.rooms_forwarded.inc()
+    disagg.relay_seconds.observe(0.01)
+    text = server.render().decode()
+    names = model_names_by_family(text)
+    assert all(names.values()), [family for family, seen in names.items() if not seen]
+    assert_every_family_labelled(text, "foo", min_families=len(names))
