@@ -73,7 +73,9 @@ def test_a_protected_route_needs_the_key(server, method, path):
 
 
 def test_health_is_open_and_refusals_are_counted(server):
+    """Refuses a request itself: run alone, it found no refusal counted and failed."""
     assert http_json("GET", server.url + "/health")[0] == 200
+    assert http_json("GET", server.url + "/get_load")[0] == 401
     status, text = http_json(
         "GET", server.url + "/metrics", headers={"Authorization": f"Bearer {KEY}"}
     )
