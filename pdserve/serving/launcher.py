@@ -39,7 +39,12 @@ logger = logging.getLogger(__name__)
 
 METHODS = ("forkserver", "spawn")
 # What the fork server imports before its first fork: the heavy part of a worker's start.
-PRELOAD = ["torch", "pdserve.engine.engine", "pdserve.serving.worker"]
+PRELOAD = [
+    "pdserve.serving.fork_server_init",  # first: SIGTERM ignored from the start
+    "torch",
+    "pdserve.engine.engine",
+    "pdserve.serving.worker",
+]
 RESOURCE_TRACKER_EXIT_S = 2.0  # its wait for the last worker's end of its pipe to close
 
 
@@ -292,14 +297,13 @@ class WorkerProcesses:
         return [proc.pid for proc in self.procs]
 
     def stop(self, timeout_s: float = 5.0) -> None:
-        """SIGTERM every worker, then SIGKILL whatever is left at the deadline."""
+        """SIGKILL every worker and wait up to `timeout_s` for their ends. A worker ignores
+        SIGTERM (a group's is for the front end, which drains first) and has nothing to
+        save: it kept no state a SIGTERM's default death would have written out either."""
         started = [proc for proc in self.procs if proc.pid is not None]  # a start may have failed
         for proc in started:
             if proc.is_alive():
-                proc.terminate()
+                proc.kill()
         deadline = time.monotonic() + timeout_s
         for proc in started:
             proc.join(max(0.0, deadline - time.monotonic()))
-            if proc.is_alive():
-                proc.kill()
-                proc.join(1.0)

@@ -212,8 +212,10 @@ def worker_main(
     _release_fork_server()
     if not _alive(front_end_pid):  # it died before the signal was asked for
         sys.exit(0)
-    # Ctrl-C reaches the whole process group; the front end stops its workers itself.
+    # Ctrl-C, and a SIGTERM sent to the whole process group (systemd's default stop, `pdserve
+    # up`'s), reach the workers too: the front end drains their requests, then stops them.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     # The front end's watchdog asks a stuck worker where it hangs (faulthandler writes the
     # stacks from the signal handler itself, whatever the main thread is doing).
     faulthandler.register(STACKS_SIGNAL, all_threads=True)

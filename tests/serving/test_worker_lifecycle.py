@@ -236,6 +236,35 @@ def test_a_second_sigterm_fails_the_requests_in_flight_with_503_and_the_server_e
     assert proc.returncode == 0 and left == [], (proc.returncode, left)
 
 
+def test_a_sigterm_to_the_whole_group_drains_the_requests_in_flight(tmp_path):
+    """systemd stops a service, and `pdserve up` a server, by SIGTERM to its whole process
+    group: the workers and the fork server got it too and died at once, so the front end's
+    drain had nothing to drain and every request in flight failed with a 500 naming its
+    worker. They ignore SIGTERM now; the front end drains, then stops them."""
+    log, port = tmp_path / "log", free_port()
+    proc = start_serve(
+        [*TINY_ARGS, "--dp-size", "2", "--shutdown-timeout-s", "600"], log, port=port
+    )
+    url = f"http://127.0.0.1:{port}"
+    body = {"text": "x", "sampling_params": {"max_new_tokens": 400, "ignore_eos": True}}
+    try:
+        wait_until(lambda: http_status(f"{url}/health") == 200, 120, "the server to be ready")
+        with ThreadPoolExecutor(2) as pool:
+            answers = [pool.submit(http_json, "POST", f"{url}/generate", body) for _ in range(2)]
+            load = lambda: sum(r["num_reqs"] for r in http_json("GET", f"{url}/get_load")[1])  # noqa: E731
+            wait_until(lambda: load() == 2, 30, "both requests to run")
+            os.killpg(proc.pid, signal.SIGTERM)
+            results = [answer.result(120) for answer in answers]
+        proc.wait(60)
+        left = left_behind(proc)
+    finally:
+        proc_tree_kill(proc)
+    for status, answer in results:
+        assert status == 200 and len(answer["output_ids"]) == 400, (status, answer)
+    assert "shutting down: 2 requests" in log.read_text()
+    assert proc.returncode == 0 and left == [], (proc.returncode, left)
+
+
 READY = "pdserve colocated server on http://"  # the server's line once it serves
 
 
