@@ -16,7 +16,7 @@ import msgspec
 from pdserve.disagg import kv_auth
 from pdserve.disagg import messages as m
 from pdserve.disagg.config import DisaggConfig
-from pdserve.disagg.decode_room import AdmissionQueue, DecodeRoom, Peer
+from pdserve.disagg.decode_room import AdmissionQueue, DecodeRoom, Peer, engine_admits_first
 from pdserve.disagg.delta import prompt_digest
 from pdserve.disagg.rooms import IllegalRoomTransition, RoomState, error_output
 from pdserve.disagg.stall import StallClock
@@ -80,10 +80,13 @@ class DecodeWorkerHooks(WorkerHooks):
     # -- front end -> worker ---------------------------------------------------------
     def on_generate(self, msg: GenerateReq, now: float | None = None) -> list[ReqOutput]:
         info = msg.disagg
+        now = _now() if now is None else now
         if info is None:
             # Local prefill (the front end lets a request without a room through only when
             # it asked for that): computed here, past what this worker's cache holds.
-            self.engine.add_request(request_from_msg(msg))
+            req = request_from_msg(msg)
+            req.arrived_at = now  # rooms that come later let it in first (_admit)
+            self.engine.add_request(req)
             return []
         if msg.sampling.max_new_tokens == 0:  # nothing to generate: prefill sends no KV
             # Refused as a colocated server with this pool would (RequestRejected: a 400).
@@ -96,13 +99,13 @@ class DecodeWorkerHooks(WorkerHooks):
         if info.room in self.rooms:
             # The front end lets one request per room through (serving.generation).
             raise IllegalRoomTransition(f"room {info.room}: a second request")
-        now = _now() if now is None else now
         try:  # before the room is recorded: a refused endpoint leaves nothing behind
             peer = self._peer(info.prefill_endpoint, now)
         except ValueError as exc:  # what the prefill server registered, not our fault
             reason = f"prefill dp rank {info.prefill_dp_rank}: {exc}"
             return [error_output(msg.rid, 502, reason, PREFILL)]
         req = request_from_msg(msg)
+        req.arrived_at = now
         room = DecodeRoom(
             info.room,
             req,
@@ -328,11 +331,13 @@ class DecodeWorkerHooks(WorkerHooks):
 
     def _admit(self, now: float) -> list[ReqOutput]:
         """Reserve pages for queued rooms, oldest first, while they fit: the first that does
-        not (no request slot or free pages) holds back the rest, as colocated requests queue.
-        A room waiting for a shared prefix to land, or for the handshake with the worker a
+        not (no request slot or free pages) holds back the rest, as colocated requests queue,
+        and so does a request waiting in the engine that came first. A room waiting for a shared prefix to land, or for the handshake with the worker a
         redirect named, steps aside meanwhile."""
         outputs: list[ReqOutput] = []
         for room in self.queue.in_order() if self.queue else ():
+            if engine_admits_first(self.engine.oldest_waiting(), room):
+                break  # its next step does: arrival order across both queues
             peer = self.peers[room.endpoint]
             if room.room not in self.queue or not peer.handshake_ok:
                 continue

@@ -191,6 +191,11 @@ class Engine:
     def get(self, rid: str) -> Request | None:
         return self._requests.get(rid)
 
+    def oldest_waiting(self) -> Request | None:
+        """The waiting request the scheduler admits next (a preempted one first), or None."""
+        waiting = self.scheduler.waiting
+        return waiting[0] if waiting else None
+
     def cache_stats(self) -> dict[str, int]:
         """Prefix cache figures for load reports (the lifetime counters never decrease)."""
         cache = self.prefix_cache

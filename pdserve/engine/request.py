@@ -200,6 +200,9 @@ class Request:
     # Its prefix-cache salt: it shares cached pages only with requests of the same salt.
     cache_salt: str | None = None
     hash_seed: int | None = None  # its pages' seed under that salt (PagePool, memoised)
+    # When it reached its worker (time.monotonic), where the worker orders queues the
+    # scheduler does not see (decode's rooms) with its waiting requests; None: not told.
+    arrived_at: float | None = None
     state: ReqState = ReqState.WAITING
     output_ids: list[int] = field(default_factory=list)
     page_ids: list[int] = field(default_factory=list)
