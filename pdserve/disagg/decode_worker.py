@@ -81,16 +81,16 @@ class DecodeWorkerHooks(WorkerHooks):
     def on_generate(self, msg: GenerateReq, now: float | None = None) -> list[ReqOutput]:
         info = msg.disagg
         now = _now() if now is None else now
+        req = request_from_msg(msg)
+        req.arrived_at = now  # the order in which rooms and the engine's requests are admitted
         if info is None:
             # Local prefill (the front end lets a request without a room through only when
             # it asked for that): computed here, past what this worker's cache holds.
-            req = request_from_msg(msg)
-            req.arrived_at = now  # rooms that come later let it in first (_admit)
             self.engine.add_request(req)
             return []
         if msg.sampling.max_new_tokens == 0:  # nothing to generate: prefill sends no KV
             # Refused as a colocated server with this pool would (RequestRejected: a 400).
-            self.engine.check_admissible(request_from_msg(msg))
+            self.engine.check_admissible(req)
             return [ReqOutput(rid=msg.rid, finish_reason=FinishReason("length"))]
         if info.prefill_endpoint is None:
             return [
@@ -104,8 +104,6 @@ class DecodeWorkerHooks(WorkerHooks):
         except ValueError as exc:  # what the prefill server registered, not our fault
             reason = f"prefill dp rank {info.prefill_dp_rank}: {exc}"
             return [error_output(msg.rid, 502, reason, PREFILL)]
-        req = request_from_msg(msg)
-        req.arrived_at = now
         room = DecodeRoom(
             info.room,
             req,
@@ -331,10 +329,12 @@ class DecodeWorkerHooks(WorkerHooks):
 
     def _admit(self, now: float) -> list[ReqOutput]:
         """Reserve pages for queued rooms, oldest first, while they fit: the first that does
-        not (no request slot or free pages) holds back the rest, as colocated requests queue,
-        and so does a request waiting in the engine that came first. A room waiting for a shared prefix to land, or for the handshake with the worker a
-        redirect named, steps aside meanwhile."""
+        not (no request slot or free pages) holds back the rest and the engine's later
+        waiting requests, as colocated requests queue; an engine's waiting request that came
+        first holds back the rooms. A room waiting for a shared prefix to land, or for the
+        handshake with the worker a redirect named, steps aside meanwhile."""
         outputs: list[ReqOutput] = []
+        blocked = False
         for room in self.queue.in_order() if self.queue else ():
             if engine_admits_first(self.engine.oldest_waiting(), room):
                 break  # its next step does: arrival order across both queues
@@ -350,6 +350,7 @@ class DecodeWorkerHooks(WorkerHooks):
                 outputs += self._fail(room.room, 400, str(exc))
                 continue
             if dst_page_ids is None:
+                blocked = True
                 break
             self.queue.discard(room.room)
             self.reserved[room.room] = room
@@ -360,6 +361,7 @@ class DecodeWorkerHooks(WorkerHooks):
             room.deadline = now + self.cfg.kv_wait_timeout_s
             room.page_list_sent_at = now
             outputs += self._send_page_list(room, peer)
+        self.engine.pause_waiting(blocked)  # they came after it
         return outputs
 
     def _share_pending(self, room: DecodeRoom, now: float) -> bool:

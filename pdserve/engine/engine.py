@@ -196,6 +196,11 @@ class Engine:
         waiting = self.scheduler.waiting
         return waiting[0] if waiting else None
 
+    def pause_waiting(self, paused: bool) -> None:
+        """Decode role: admit no waiting request while `paused` (a room that came before
+        them waits for a request slot or pages, which they would take)."""
+        self.scheduler.waiting_paused = paused
+
     def cache_stats(self) -> dict[str, int]:
         """Prefix cache figures for load reports (the lifetime counters never decrease)."""
         cache = self.prefix_cache

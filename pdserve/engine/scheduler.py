@@ -64,6 +64,9 @@ class Scheduler:
         self.reserved: list[Request] = []  # decode role: pages allocated, KV awaited
         self._last_was_prefill = False
         self.num_preemptions = 0  # lifetime count, for metrics and tests
+        # Decode role: requests queued outside (rooms) came before the waiting ones, which
+        # are not admitted meanwhile (Engine.pause_waiting).
+        self.waiting_paused = False
 
     @property
     def num_active(self) -> int:
@@ -78,7 +81,9 @@ class Scheduler:
         work cannot be admitted until pages (held, reserved) come back."""
         if self.running or self.prefilling:
             return True
-        if not self.waiting or self.num_active >= self.max_running_requests:
+        if not self.waiting or self.waiting_paused:
+            return False
+        if self.num_active >= self.max_running_requests:
             return False
         return self.pages.can_take(self.waiting[0])
 
@@ -103,6 +108,8 @@ class Scheduler:
                 return
             budget -= self._add_chunk(batch, req, budget)
         while self.waiting and budget > 0 and self.num_active < self.max_running_requests:
+            if self.waiting_paused:
+                return
             req = self.waiting[0]
             page_ids = self.pages.take(req, req.seq_len)
             if page_ids is None:
