@@ -14,6 +14,7 @@ from pdserve.disagg.rooms import RoomState, transition
 from pdserve.engine.request import Request
 
 LEASE_CHECK_S = 0.05  # how often the queue looks for rooms whose lease is due
+LOST_PEER_DROP_S = 1.0  # a lost prefill worker unused this long is no longer dialed
 
 
 @dataclass
@@ -80,6 +81,18 @@ class Peer:
     handshake: m.Handshake | None = None  # as sent: its nonce checks prefill's answer
     epoch: int | None = None  # the prefill server's, from the last handshake answer
     rooms: set[int] = field(default_factory=set)
+    lost_at: float | None = None  # its connection dropped, and no handshake went out since
+
+    def unused_since_lost(self, now: float) -> bool:
+        """Lost a while ago and not used since: a prefill worker that died, or restarted on
+        other ports (the front end resolves the room's endpoint anew), most likely for
+        good. The while lets what its last rooms' failures sent leave first."""
+        return (
+            self.lost_at is not None
+            and now - self.lost_at >= LOST_PEER_DROP_S
+            and not self.rooms
+            and not self.handshake_sent
+        )
 
 
 class AdmissionQueue:

@@ -60,6 +60,9 @@ class DecodeWorkerHooks(WorkerHooks):
     def num_rooms(self) -> int:
         return len(self.rooms)
 
+    def num_kv_peers(self) -> int:
+        return len(self.peers)
+
     def num_parked(self) -> int:
         """Rooms not in the engine yet (handshake, admission queue): waiting, to a router."""
         return len(self.rooms) - len(self.reserved)
@@ -143,6 +146,9 @@ class DecodeWorkerHooks(WorkerHooks):
         for endpoint, rooms in self.queue.leases_due(now).items():
             self._send(self.peers[endpoint], m.RoomsQueued(rooms=rooms))
         outputs += self._deadlines(now)
+        for peer in [p for p in self.peers.values() if p.unused_since_lost(now)]:
+            del self.peers[peer.endpoint], self.peer_by_id[peer.peer_id]
+            self.transport.disconnect(peer.peer_id)  # else dialed every 100 ms for good
         return outputs
 
     def _on_event(self, event: Event, now: float) -> list[ReqOutput]:
@@ -157,6 +163,7 @@ class DecodeWorkerHooks(WorkerHooks):
                 self._lost_endpoints.append(peer.endpoint)
             # A restarted prefill worker knows nothing of us: handshake again next time.
             peer.handshake_ok, peer.handshake_sent = None, False
+            peer.lost_at = now if peer.lost_at is None else peer.lost_at
             reason = f"lost the connection to prefill worker {peer.endpoint}: {event.reason}"
             reason, origin = self.stall.attribute(reason, now)
             return [out for r in sorted(peer.rooms) for out in self._fail(r, 503, reason, origin)]
@@ -470,7 +477,7 @@ class DecodeWorkerHooks(WorkerHooks):
             self.peers[endpoint] = peer
             self.peer_by_id[peer.peer_id] = peer
         if not peer.handshake_sent:
-            peer.handshake_sent = True
+            peer.handshake_sent, peer.lost_at = True, None
             handshake = m.Handshake(
                 decode_id=self.decode_id,
                 layout=self.layout,

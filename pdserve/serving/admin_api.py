@@ -158,6 +158,7 @@ async def get_load(request: web.Request) -> web.Response:
                 else controller.ready[rank].num_total_pages,
                 "num_total_pages": controller.ready[rank].num_total_pages,
                 "num_disagg_rooms": worker.num_disagg_rooms if worker else 0,
+                "num_kv_peers": worker.num_kv_peers if worker else 0,
                 "num_cached_pages": cached_pages,
                 "num_cached_tokens": cached_pages * controller.page_size,
                 "num_evictable_pages": worker.num_evictable_pages if worker else 0,

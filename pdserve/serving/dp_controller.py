@@ -481,6 +481,7 @@ class DPController:
             return  # it never reported: nothing of it is shown
         self.loads[rank] = msgspec.structs.replace(
             last, num_running=0, num_waiting=0, num_tokens=0, num_used_pages=0,
-            num_free_pages=0, num_disagg_rooms=0, num_cached_pages=0, num_evictable_pages=0,
+            num_free_pages=0, num_disagg_rooms=0, num_kv_peers=0, num_cached_pages=0,
+            num_evictable_pages=0,
         )  # fmt: skip
         self.metrics.observe_load(self.loads[rank])

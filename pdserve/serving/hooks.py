@@ -147,6 +147,11 @@ class WorkerHooks:
         """PD rooms in flight in this worker (for /get_load and leak checks)."""
         return 0
 
+    def num_kv_peers(self) -> int:
+        """KV peers this worker keeps a connection to (PD decode: prefill workers it dials),
+        for /get_load and leak checks."""
+        return 0
+
     def num_parked(self) -> int:
         """Requests held back from the engine for now (prefill: until decode's page list);
         load reports count them as waiting."""

@@ -61,6 +61,9 @@ class ServerMetrics:
         self.disagg_rooms = self.gauge(
             "num_disagg_rooms", "PD rooms whose KV transfer has not ended", ["dp_rank"]
         )
+        self.kv_peers = self.gauge(
+            "num_kv_peers", "decode: prefill workers it keeps a KV connection to", ["dp_rank"]
+        )
         self.pages_cached = self.gauge(
             "kv_pages_cached", "KV pages in the prefix cache", ["dp_rank"]
         )
@@ -134,6 +137,7 @@ class ServerMetrics:
         self.pages_used.labels(rank).set(load.num_used_pages)
         self.pages_free.labels(rank).set(load.num_free_pages)
         self.disagg_rooms.labels(rank).set(load.num_disagg_rooms)
+        self.kv_peers.labels(rank).set(load.num_kv_peers)
         self.pages_cached.labels(rank).set(load.num_cached_pages)
         self.pages_evictable.labels(rank).set(load.num_evictable_pages)
         last = self._last_load.get(rank)

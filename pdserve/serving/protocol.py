@@ -171,6 +171,7 @@ class WorkerLoad(msgspec.Struct, tag=True, kw_only=True):
     num_free_pages: int  # free or holding evictable cache: what a new request can get
     num_total_pages: int
     num_disagg_rooms: int = 0  # PD rooms this worker still tracks (transfer not finished)
+    num_kv_peers: int = 0  # PD decode: prefill workers it keeps a KV connection to
     # prefix cache: pages now, and lifetime counters (prompt tokens looked up, found, evicted)
     num_cached_pages: int = 0
     num_evictable_pages: int = 0

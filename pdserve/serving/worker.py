@@ -185,6 +185,7 @@ class WorkerLoop:
             num_free_pages=self.engine.num_free_pages,
             num_total_pages=self.engine.num_total_pages,
             num_disagg_rooms=self.hooks.num_rooms(),
+            num_kv_peers=self.hooks.num_kv_peers(),
             **self.engine.cache_stats(),
             num_auth_refusals=self.hooks.num_auth_refusals(),
             num_preemptions=self.engine.num_preemptions,

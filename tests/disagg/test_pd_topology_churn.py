@@ -12,7 +12,7 @@ import signal
 import requests
 
 from tests.disagg.conftest import TINY, Prefill
-from tests.disagg.pd_driver import metric_value, pd_generate, random_room, wait_idle
+from tests.disagg.pd_driver import get_load, metric_value, pd_generate, random_room, wait_idle
 from tests.helpers import free_port, launch_server, wait_until
 
 BODY = {
@@ -105,3 +105,28 @@ def test_a_prefill_restarted_with_another_dp_size_and_rank_rule_is_resolved_anew
     for room in (3 * 1000 + 1, 3 * 1000 + 2):  # neither on rank 0: the old single guess
         _check_served(prefill, decode.url, expected, room=room)
     wait_idle([prefill.url, decode.url])
+
+
+def _kv_peers(decode_url: str) -> int:
+    return sum(rank["num_kv_peers"] for rank in get_load(decode_url))
+
+
+def test_decode_stops_dialing_prefill_workers_that_are_gone(pd):
+    """Each prefill start listens for KV on new ports. Decode dialed every KV endpoint it
+    ever used for good (ZeroMQ redials every 100 ms): each prefill restart left its workers
+    in decode's peer table and socket. A lost peer no request uses any more is dropped."""
+    port, bootstrap_port = free_port(), free_port()
+    prefill = _start_prefill(pd, port, bootstrap_port, 2)
+    decode = pd.decode(1)
+    expected = _local_tokens(decode.url)
+    for room in (2000, 2001):  # one on each prefill worker (room mod 2)
+        _check_served(prefill, decode.url, expected, room=room)
+    wait_until(lambda: _kv_peers(decode.url) == 2, 10, "decode to report its 2 KV peers")
+    _kill(prefill)
+    prefill = _start_prefill(pd, port, bootstrap_port, 2)
+    for room in (2002, 2003):
+        _check_served(prefill, decode.url, expected, room=room)
+    wait_until(lambda: _kv_peers(decode.url) == 2, 10, "the 2 workers of the first start dropped")
+    _kill(prefill)
+    wait_until(lambda: _kv_peers(decode.url) == 0, 10, "every KV peer dropped")
+    wait_idle([decode.url])

@@ -92,6 +92,27 @@ def test_control_messages_round_trip(zmq_peer: str) -> None:
 
 
 @pytest.mark.parametrize("path", PATHS)
+def test_an_endpoint_dialed_again_at_once_after_a_disconnect_is_a_new_peer(
+    zmq_peer: str, path: str
+) -> None:
+    """libzmq aborts the process when a connection's alias is reused while the old
+    connection's pipe still closes: a redial takes another PeerId, and works."""
+    transport, _ = decode_side("zmq")
+    try:
+        peers = []
+        for seq in range(3):
+            peer = connect(transport, zmq_peer, path)
+            transport.send(peer, m.Ping(seq=seq))
+            events = poll_until(transport, lambda ev, s=seq: m.Pong(seq=s) in msgs(ev, m.Pong))
+            assert {e.peer for e in events if isinstance(e, Inbound)} == {peer}
+            transport.disconnect(peer)
+            peers.append(peer)
+        assert peers[0] == zmq_peer and len(set(peers)) == 3
+    finally:
+        transport.close()
+
+
+@pytest.mark.parametrize("path", PATHS)
 def test_pages_land_bit_exact_in_scattered_destination_and_nowhere_else(
     zmq_peer: str, path: str
 ) -> None:

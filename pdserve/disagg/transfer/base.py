@@ -296,6 +296,11 @@ class KVTransport(abc.ABC):
         """Connect to a listening peer; idempotent per endpoint. Does not wait for the peer."""
 
     @abc.abstractmethod
+    def disconnect(self, peer: PeerId) -> None:
+        """Stop dialing a peer `connect` returned and forget it (what is queued for it is
+        dropped). A later `connect` to its endpoint dials anew, under another `PeerId`."""
+
+    @abc.abstractmethod
     def send(self, peer: PeerId, msg: m.ChannelMsg) -> None:
         """Queue one control message. Raises PeerUnreachable if the peer is known gone."""
 

@@ -57,7 +57,7 @@ class DataPath:
     _sock: zmq.Socket
     _grants: WriteGrants
     _stats: Counter[str]
-    _connected: set[str]
+    _dialed: dict[str, PeerId]  # endpoint -> the alias its connection routes by
     _links: DataLinks
     _records: PageRecords
     _held_until: dict[PeerId, float]  # peers whose data connection is coming
@@ -180,7 +180,8 @@ class DataPath:
             return self._reject(peer, "extra_frames")
         if isinstance(msg, dc.DataProbe):
             self._stats["data_probes_in"] += 1
-        elif peer in self._connected and self.moves_bytes:  # an offer from a peer we dialled
+        elif peer in self._dialed.values() and self.moves_bytes:  # from a peer we dialled
+            # The alias is the endpoint, with '#n' after the port once redialled
             host = peer.removeprefix("tcp://").rsplit(":", 1)[0].strip("[]")
             self._links.connect(peer, host, msg, self._max_message_nbytes())
         else:

@@ -11,6 +11,7 @@ messages, then its RoomStatus.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 import time
@@ -82,7 +83,11 @@ class ZmqTransport(ZmqSender, ZmqReceiver, DataPath, KVTransport):
         self._kv_sends: dict[int, KVSend] = {}  # by room, until forget_room
         self._held = HeldPages()  # pages of forgotten rooms that sends still read
         self._stats: Counter[str] = Counter()
-        self._connected: set[str] = set()
+        # endpoint -> the alias its connection routes by (the endpoint itself, until a
+        # disconnect: libzmq aborts the process when an alias is reused while the old
+        # connection's pipe is still closing, so each later dial takes a fresh one)
+        self._dialed: dict[str, PeerId] = {}
+        self._disconnects = 0
         self._closed = False
         self._staging_blocked = False
         self._ctx = zmq.Context(io_threads=1)
@@ -141,18 +146,34 @@ class ZmqTransport(ZmqSender, ZmqReceiver, DataPath, KVTransport):
 
     def connect(self, endpoint: str) -> PeerId:
         self._check_open()
-        if endpoint not in self._connected:
+        peer = self._dialed.get(endpoint)
+        if peer is None:
             why = netaddr.tcp_endpoint_error(endpoint)  # as the bootstrap server checks it
             if why is not None:
                 raise ValueError(f"bad KV endpoint: {why}")
             # The alias makes the peer routable at once, before TCP connects.
-            self._sock.setsockopt(zmq.CONNECT_ROUTING_ID, endpoint.encode())
+            peer = PeerId(f"{endpoint}#{self._disconnects}" if self._disconnects else endpoint)
+            self._sock.setsockopt(zmq.CONNECT_ROUTING_ID, peer.encode())
             try:
                 self._sock.connect(endpoint)
             except zmq.ZMQError as exc:
                 raise ValueError(f"bad KV endpoint {endpoint!r}: {exc}") from exc
-            self._connected.add(endpoint)
-        return PeerId(endpoint)
+            self._dialed[endpoint] = peer
+        return peer
+
+    def disconnect(self, peer: PeerId) -> None:
+        """ZeroMQ redials a dialed endpoint every 100 ms for the life of the socket, and
+        queues what is sent there: a prefill worker that died or restarted (on new ports)
+        would be dialed for good, and each restart add its workers to the list."""
+        endpoint = next((e for e, p in self._dialed.items() if p == peer), None)
+        if endpoint is None or self._closed:
+            return
+        del self._dialed[endpoint]
+        self._refused.discard(endpoint)
+        self._disconnects += 1
+        self._lose(peer, f"{endpoint} disconnected: lost, and no longer used")
+        with contextlib.suppress(zmq.ZMQError):  # already gone
+            self._sock.disconnect(endpoint)
 
     def send(self, peer: PeerId, msg: m.ChannelMsg) -> None:
         self._check_open()
@@ -211,7 +232,8 @@ class ZmqTransport(ZmqSender, ZmqReceiver, DataPath, KVTransport):
             except zmq.Again:
                 return
             endpoint = event.get("endpoint", b"").decode(errors="replace")
-            if endpoint not in self._connected:
+            peer = self._dialed.get(endpoint)
+            if peer is None:
                 continue
             if event["event"] == zmq.EVENT_CONNECTED:
                 self._refused.discard(endpoint)
@@ -219,7 +241,7 @@ class ZmqTransport(ZmqSender, ZmqReceiver, DataPath, KVTransport):
             if event["event"] == zmq.EVENT_CONNECT_RETRIED:
                 reason = f"cannot connect to {endpoint} (is the prefill server down?)"
                 if endpoint in self._refused:  # still down: fail new rooms, log once
-                    events.append(PeerLost(PeerId(endpoint), reason))
+                    events.append(PeerLost(peer, reason))
                     continue
                 self._refused.add(endpoint)
             else:
@@ -227,8 +249,8 @@ class ZmqTransport(ZmqSender, ZmqReceiver, DataPath, KVTransport):
                     f"connection to {endpoint} closed (the peer died, or sent no "
                     f"heartbeat for {self.options.heartbeat_timeout_s:g}s)"
                 )
-            self._lose(PeerId(endpoint), reason)
-            events.append(PeerLost(PeerId(endpoint), reason))
+            self._lose(peer, reason)
+            events.append(PeerLost(peer, reason))
 
     def _wait(self, timeout_ms: int) -> None:
         """Sleep until a message or data arrives or, if sends are queued, until they can move
