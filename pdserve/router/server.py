@@ -216,8 +216,10 @@ class Router:
         try:
             worker, info = await self.monitor.probe_new(spec)
         except RoleMismatch as exc:
+            self._drop_unregistered(spec.url)
             return error_response(400, str(exc))
         except Exception as exc:  # noqa: BLE001 - any probe failure is the client's answer
+            self._drop_unregistered(spec.url)
             return error_response(
                 502, f"worker {spec.url} did not answer /health and /server_info: {exc!r}"
             )
@@ -226,6 +228,13 @@ class Router:
         self.registry.add(worker)
         await self.monitor.learn(worker, info)
         return json_response(worker.describe(time.monotonic()))
+
+    def _drop_unregistered(self, url: str) -> None:
+        """A refused POST /workers leaves no connection pool behind: the probe's keep-alive
+        connection stayed open (until the server's idle timeout, or for good to a server
+        with none) and its pool was kept for good, one per URL refused."""
+        if self.registry.get(url) is None:
+            self.proxy.client.drop(url)
 
     async def remove_worker(self, request: Request) -> Response:
         url = request.query.get("url")

@@ -4,6 +4,7 @@ to every worker, and the PD path counted once per request however many retries i
 
 from __future__ import annotations
 
+import psutil
 import pytest
 import requests
 
@@ -161,3 +162,25 @@ def check_swapped(router, stubs) -> None:
     resp = requests.post(f"{router.url}/workers", json=added, timeout=10)
     assert resp.status_code == 400 and "it is a prefill server" in resp.text, resp.text
     assert worker_of(router.url, stubs["p1"].url) is None
+
+
+def test_a_refused_worker_add_leaves_no_connection_to_it(stubs, router_factory):
+    """POST /workers probes the server (/health, /server_info) over the router's keep-alive
+    pool for its URL: refused (another mode than the role given, here), the pool and its idle
+    connection were kept, the connection until the server's idle timeout (75 s for
+    pdserve and aiohttp), the pool for good."""
+    p2 = stubs["p2"]
+    router = router_factory(pd_args(stubs))
+    port = int(p2.url.rsplit(":", 1)[1])
+
+    def connections_to_p2() -> int:
+        conns = psutil.Process(router.proc.pid).net_connections("tcp")
+        return sum(1 for c in conns if c.raddr and c.raddr.port == port)
+
+    for _ in range(2):
+        added = {"url": p2.url, "role": "decode"}
+        resp = requests.post(f"{router.url}/workers", json=added, timeout=10)
+        assert resp.status_code == 400 and "it is a prefill server" in resp.text, resp.text
+        wait_until(
+            lambda: connections_to_p2() == 0, 10, "the router to close its probe's connection"
+        )
