@@ -165,15 +165,20 @@ def inject_until(
         faults.append(injector.apply(fault))
 
 
-def drain(servers: list[Node], timeout_s: float) -> tuple[dict[str, dict[str, int]], float | None]:
-    """Wait until every server is healthy and at 0 pages, 0 rooms and 0 requests; the last
-    values and the time taken. Healthy first: the counts leave out a rank `/get_load` shows
-    down (`alive` false), and a worker resumed from a freeze is down until its first beat
-    arrives, with whatever it still holds."""
+def drain(
+    servers: list[Node], timeout_s: float, max_kv_peers: int
+) -> tuple[dict[str, dict[str, int]], float | None]:
+    """Wait until every server is healthy and at 0 pages, 0 rooms and 0 requests, and each
+    decode rank dials at most `max_kv_peers` prefill workers; the last values and the time
+    taken. Healthy first: the counts leave out a rank `/get_load` shows down (`alive`
+    false), and a worker resumed from a freeze is down until its first beat arrives, with
+    whatever it still holds."""
     start = time.monotonic()
     while True:
         leaks = {
-            n.name: live_load(n.url) or {"pages": -1, "rooms": -1, "reqs": -1} for n in servers
+            n.name: live_load(n.url, max_kv_peers if n.role == "decode" else None)
+            or {"pages": -1, "rooms": -1, "reqs": -1}
+            for n in servers
         }
         for n in servers:
             leaks[n.name]["metrics_pages"] = pages_in_metrics(n.url) or 0
@@ -230,7 +235,7 @@ def soak(
             for future in futures:
                 future.result()
             load_over.set()
-    leaks, drain_s = drain(servers, c.drain_timeout_s)
+    leaks, drain_s = drain(servers, c.drain_timeout_s, c.num_prefill * c.prefill_dp)
     pgids = {pgid for n in nodes for pgid in n.pgids}
     for node in reversed(nodes):
         node.stop()

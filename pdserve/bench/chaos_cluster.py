@@ -150,18 +150,24 @@ def http_stream(url: str, body: Any, timeout_s: float) -> tuple[int | None, Any]
         return None, repr(exc)
 
 
-def live_load(url: str) -> dict[str, int] | None:
+def live_load(url: str, max_kv_peers: int | None = None) -> dict[str, int] | None:
     """Pages used, rooms in flight and requests held (queued or running in a worker, or
-    awaited by the front end) on the live ranks of a server (None: no answer)."""
+    awaited by the front end) on the live ranks of a server (None: no answer); with
+    `max_kv_peers` (decode: the prefill workers there are), the KV peers its ranks dial past
+    that many (endpoints of prefill workers that died or restarted on other ports)."""
     status, load = http("GET", url + "/get_load")
     if status != 200 or not isinstance(load, list):
         return None
     live = [rank for rank in load if rank.get("alive", True)]
-    return {
+    counts = {
         "pages": sum(rank["num_used_pages"] for rank in live),
         "rooms": sum(rank.get("num_disagg_rooms", 0) for rank in live),
         "reqs": sum(rank.get("num_reqs", 0) + rank.get("num_inflight_reqs", 0) for rank in live),
     }
+    if max_kv_peers is not None:
+        peers = [rank.get("num_kv_peers", 0) for rank in live]
+        counts["stale_kv_peers"] = sum(max(0, n - max_kv_peers) for n in peers)
+    return counts
 
 
 def pages_in_metrics(url: str) -> int | None:
