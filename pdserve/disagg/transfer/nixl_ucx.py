@@ -122,6 +122,10 @@ class NixlTransport(FakeTransport):
         # Reads of forgotten rooms that have not ended: their pages stay out of use.
         self._settling: dict[int, Read] = {}
         self._remove_later: set[PeerId] = set()  # lost peers that settling reads still use
+        # Peers decode stopped using while reads on their agent settle: still dialed (under
+        # the same key) until those end. Dialed anew under another key, the peer's agent
+        # would be loaded twice, which NIXL refuses.
+        self._disconnect_later: set[PeerId] = set()
 
     # -- the handshake -------------------------------------------------------------------
     def handshake_meta(self) -> bytes:
@@ -261,6 +265,17 @@ class NixlTransport(FakeTransport):
         super()._lose(peer, reason)
         self._drop_peer(peer, reason)
 
+    def connect(self, endpoint: str) -> PeerId:
+        peer = super().connect(endpoint)
+        self._disconnect_later.discard(peer)  # in use again
+        return peer
+
+    def disconnect(self, peer: PeerId) -> None:
+        if peer in self._remove_later:
+            self._disconnect_later.add(peer)
+        else:
+            super().disconnect(peer)
+
     def _on_message(self, peer: PeerId, parts: list[zmq.Frame], events: list[Event]) -> int:
         try:
             msg = _decoder.decode(parts[0].buffer) if len(parts) == 1 else None
@@ -367,6 +382,9 @@ class NixlTransport(FakeTransport):
         for peer in self._remove_later - busy_peers:
             self._remove_later.discard(peer)
             self._agent.remove_peer(peer)
+            if peer in self._disconnect_later:
+                self._disconnect_later.discard(peer)
+                super().disconnect(peer)
         return events
 
     def _still_reading(self, read: Read) -> bool:
