@@ -22,8 +22,9 @@ from pdserve.disagg import messages as m
 if TYPE_CHECKING:
     import zmq
 
-# The endpoint ("tcp://host:port") of a peer this side connected to; the peer's own id
-# ("kv-<uuid>") for one that connected to this side. Stable while the peer lives.
+# The endpoint ("tcp://host:port") of a peer this side connected to, with "#n" after it once
+# that endpoint was dialed again after a `disconnect`; the peer's own id ("kv-<uuid>") for
+# one that connected to this side. Stable while the peer lives.
 PeerId = NewType("PeerId", str)
 
 
