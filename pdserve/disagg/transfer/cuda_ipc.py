@@ -253,8 +253,8 @@ class CudaIpcTransport(LaneControl, FakeTransport):
             self._landings.close()
             self._landings = None
 
-    def _lose(self, peer: PeerId, reason: str) -> None:
-        super()._lose(peer, reason)
+    def _lose(self, peer: PeerId, reason: str, quiet: bool = False) -> None:
+        super()._lose(peer, reason, quiet)
         self._lost.add(peer)
         self._target_told.discard(peer)
         self._wakes.pop(peer, None)

@@ -94,8 +94,8 @@ class LaneControl:
         lane = self._lane.stats if self._lane is not None else {}
         return super().stats | dict(lane)
 
-    def _lose(self, peer: PeerId, reason: str) -> None:
-        super()._lose(peer, reason)
+    def _lose(self, peer: PeerId, reason: str, quiet: bool = False) -> None:
+        super()._lose(peer, reason, quiet)
         if self._lane is not None:
             self._lane.forget(lane_address(peer))
 

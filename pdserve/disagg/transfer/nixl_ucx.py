@@ -261,8 +261,8 @@ class NixlTransport(FakeTransport):
         for name in [n for n, p in self._peer_of_agent.items() if p == peer]:
             del self._peer_of_agent[name]
 
-    def _lose(self, peer: PeerId, reason: str) -> None:
-        super()._lose(peer, reason)
+    def _lose(self, peer: PeerId, reason: str, quiet: bool = False) -> None:
+        super()._lose(peer, reason, quiet)
         self._drop_peer(peer, reason)
 
     def connect(self, endpoint: str) -> PeerId:

@@ -171,7 +171,8 @@ class ZmqTransport(ZmqSender, ZmqReceiver, DataPath, KVTransport):
         del self._dialed[endpoint]
         self._refused.discard(endpoint)
         self._disconnects += 1
-        self._lose(peer, f"{endpoint} disconnected: lost, and no longer used")
+        log.info("KV peer %s no longer dialed: lost, and no longer used", endpoint)
+        self._lose(peer, f"{endpoint} disconnected: lost, and no longer used", quiet=True)
         with contextlib.suppress(zmq.ZMQError):  # already gone
             self._sock.disconnect(endpoint)
 
@@ -306,8 +307,11 @@ class ZmqTransport(ZmqSender, ZmqReceiver, DataPath, KVTransport):
     def stats(self) -> dict[str, int]:
         return dict(self._stats + self._links.stats)
 
-    def _lose(self, peer: PeerId, reason: str) -> None:
-        log.warning("KV peer lost: %s", reason)
+    def _lose(self, peer: PeerId, reason: str, quiet: bool = False) -> None:
+        """Forget what is queued for `peer` and fail its transfers; `quiet`: no WARNING (a
+        peer this side let go of, whose loss was logged when it happened)."""
+        if not quiet:
+            log.warning("KV peer lost: %s", reason)
         self._outbox.drop_peer(peer, reason, self._staging)
         self._grants.revoke_peer(peer)
         self._held_until.pop(peer, None)
