@@ -17,6 +17,8 @@ from collections.abc import Iterator
 
 from aiohttp import web
 
+from pdserve.serving.http_request_id import log_tag
+
 logger = logging.getLogger(__name__)
 SEND_TIMEOUT_S = web.AppKey("pdserve.send_timeout_s", float)
 
@@ -41,11 +43,12 @@ def _hang_up(request: web.Request, transport: asyncio.BaseTransport) -> None:
     """Close with a TCP reset: a plain close left the unsent answer in the kernel (a MiB or
     more) until the client read it or TCP gave up on it, minutes later."""
     logger.info(
-        "%s %s from %s: hung up on the client: it read none of its answer for %g s",
+        "%s %s from %s: hung up on the client: it read none of its answer for %g s%s",
         request.method,
         request.path,
         request.remote,
         request.app[SEND_TIMEOUT_S],
+        log_tag(request),
     )
     sock = transport.get_extra_info("socket")
     if sock is not None:

@@ -36,12 +36,12 @@ from pdserve.serving.hooks import (
     error_object,
 )
 from pdserve.serving.http_log import request_logger
+from pdserve.serving.http_request_id import GENERATION_PATHS, echo_request_id, log_tag
 from pdserve.serving.http_send import SEND_TIMEOUT_S, send_deadline_middleware
 from pdserve.serving.metrics import ServerMetrics
 from pdserve.serving.pd_fields import rooms_in_body
 from pdserve.serving.server_state import (
     BODY,
-    GENERATION_PATHS,
     MAX_BODY_BYTES,
     STATE,
     ServerState,
@@ -77,7 +77,9 @@ async def error_middleware(request: web.Request, handler) -> web.StreamResponse:
     except (asyncio.CancelledError, ConnectionResetError):
         raise
     except Exception as exc:
-        logger.exception("unhandled error on %s %s", request.method, request.path)
+        logger.exception(
+            "unhandled error on %s %s%s", request.method, request.path, log_tag(request)
+        )
         _report_rejection(request, 500, f"internal error: {exc!r}")
         return error_response(500, f"internal error: {exc!r}")
 
@@ -98,7 +100,9 @@ def _report_rejection(
         try:
             state.hooks.on_rejected(rooms, status, message, origin)
         except Exception:  # best effort: the client still gets its answer
-            logger.exception("reporting the rejection of rooms %s failed", rooms)
+            logger.exception(
+                "reporting the rejection of rooms %s failed%s", rooms, log_tag(request)
+            )
 
 
 OPEN_PATHS = frozenset({"/health"})
@@ -146,6 +150,7 @@ def build_app(state: ServerState) -> web.Application:
         middlewares.insert(1, api_key_middleware(state.cfg.server.api_key))
     app = web.Application(middlewares=middlewares, client_max_size=MAX_BODY_BYTES)
     app[STATE] = state
+    app.on_response_prepare.append(echo_request_id)
     app[SEND_TIMEOUT_S] = state.cfg.server.send_timeout_s
     admin_api.add_routes(app)
     native_api.add_routes(app)

@@ -13,6 +13,7 @@ import msgspec
 from aiohttp import web
 
 from pdserve.serving.generation import ItemResult, merged, run_all
+from pdserve.serving.http_request_id import request_id
 from pdserve.serving.request_parse import get_field, parse_generate
 from pdserve.serving.server_state import client_gone, off_loop, read_json, state_of
 from pdserve.serving.streaming import sse_response
@@ -79,6 +80,7 @@ async def generate(request: web.Request) -> web.StreamResponse:
     state = state_of(request)
     body = await read_json(request)
     items, is_batch = await off_loop(request, parse_generate, body, state.tokenizer, state.limits)
+    request_id(request, items[0].rid)  # the answer's X-Request-Id, unless the client sent one
     if get_field(body, "stream", bool, False):
         return await sse_response(
             request, _stream(state.generator, items, is_batch, client_gone(request))

@@ -18,6 +18,7 @@ from aiohttp import web
 from pdserve.serving.completion_echo import echoed_delta, prompt_text, whole_delta
 from pdserve.serving.generation import Delta, ItemResult, merged, run_all
 from pdserve.serving.hooks import RequestError
+from pdserve.serving.http_request_id import request_id
 from pdserve.serving.openai_format import (
     MAX_N,
     chat_echo_text,
@@ -213,6 +214,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
     special = get_field(body, "add_special_tokens", bool, True)
     encoded = await off_loop(request, _encoded, state, prompts, special)
     items, n = _items(state, body, encoded, _sampling(body, 16, echo), logprobs, echo)
+    request_id(request, items[0].rid)  # the answer's X-Request-Id, unless the client sent one
     # The prompt's text, echoed in front of each of its n choices' text.
     echoes = [prompt_text(state.tokenizer, p) for p in prompts for _ in range(n)] if echo else None
     meta = _meta(state, "cmpl")
@@ -255,6 +257,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     # Without max_tokens a chat answer may use the rest of the context, as in vLLM and SGLang.
     default_max_tokens = state.limits.rest_of_context(len(prompt_ids))
     items, n = _items(state, body, [prompt_ids], _sampling(body, default_max_tokens), top)
+    request_id(request, items[0].rid)  # the answer's X-Request-Id, unless the client sent one
     meta = _meta(state, "chatcmpl")
     stream = get_field(body, "stream", bool, False)
     usage_opts = stream_options(body, stream)

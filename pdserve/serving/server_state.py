@@ -65,7 +65,6 @@ def client_gone(request: web.Request):
 
 BODY = "pdserve.json_body"  # request key: the parsed body, for the error middleware
 BODY_NBYTES = "pdserve.body_nbytes"  # request key: the body's size in bytes
-GENERATION_PATHS = frozenset({"/generate", "/v1/completions", "/v1/chat/completions"})
 
 
 async def read_json(request: web.Request) -> Any:

@@ -16,6 +16,7 @@ import msgspec
 from aiohttp import web
 
 from pdserve.serving.hooks import RequestError, error_object
+from pdserve.serving.http_request_id import log_tag
 from pdserve.serving.http_send import send_deadline, write
 
 logger = logging.getLogger(__name__)
@@ -50,7 +51,7 @@ async def sse_response(request: web.Request, events: AsyncIterator[Any]) -> web.
         except (ConnectionError, asyncio.CancelledError):
             raise
         except Exception as exc:  # the status line is gone: the error travels as an event
-            logger.exception("stream failed")
+            logger.exception("stream failed%s", log_tag(request))
             error = error_object(500, f"internal error: {exc!r}")
             await write(request, response, _event({"error": error}))
         await write(request, response, b"data: [DONE]\n\n")

@@ -41,9 +41,10 @@ def connect(url: str) -> socket.socket:
     return sock
 
 
-def post(path: str, body: dict) -> bytes:
+def post(path: str, body: dict, request_id: str = "") -> bytes:
     data = json.dumps(body).encode()
     head = f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    head += f"X-Request-Id: {request_id}\r\n" if request_id else ""
     return head.encode() + f"Content-Length: {len(data)}\r\n\r\n".encode() + data
 
 
@@ -65,8 +66,12 @@ def test_a_connection_that_never_finishes_its_head_is_closed_after_the_idle_time
 @pytest.mark.parametrize("stream", [False, True])
 def test_a_client_that_reads_none_of_its_answer_is_hung_up_on(server, stream) -> None:
     """It stays connected and reads nothing: the server waited for it for good, holding
-    its handler, its connection and what was left of its answer."""
+    its handler, its connection and what was left of its answer. The log line names the
+    request by its X-Request-Id."""
+    request_id = f"slow-reader-{stream}"
     with connect(server.url) as sock:
-        sock.sendall(post("/v1/completions", {**BIG_ANSWER, "stream": stream}))
+        sock.sendall(post("/v1/completions", {**BIG_ANSWER, "stream": stream}, request_id))
         wait_until(lambda: reset_by_server(sock), 60, "the server to hang up on the client")
     assert requests.get(f"{server.url}/health", timeout=10).status_code == 200
+    line = "hung up on the client: it read none of its answer for 1 s"
+    assert f"{line} [request_id={request_id}]" in server.output()
