@@ -28,6 +28,7 @@ from pdserve.router.legs import (
     post,
     read_first_events,
     read_whole,
+    request_id_head,
     stream_event_error,
     unless_failed,
 )
@@ -44,6 +45,7 @@ from pdserve.router.merge import (
 )
 from pdserve.router.pairing import Pair
 from pdserve.router.workers import Worker
+from pdserve.serving.request_id import REQUEST_ID_HEADER
 
 T = TypeVar("T")
 # The last event of a stream. Once it is forwarded the client has the whole answer and may
@@ -66,9 +68,13 @@ class Attempt:
         body: dict[str, Any],
         pair: Pair,
         prompt_tokens: int,
+        request_id: str,
     ):
         self.legs = legs
         self.request = request
+        # The client request's correlation id: on both legs, their aborts and the answer.
+        self.request_id = request_id
+        self.id_head = request_id_head(request_id)
         self.route = route
         self.body = body
         self.raw = request.body  # the client's bytes, which decode to `body`
@@ -147,7 +153,7 @@ class Attempt:
     async def _post_decode(self, data: bytes) -> LegResponse:
         legs = self.legs
         self.decode_resp = await post(
-            legs.client, self.decode, self.route, data, legs.leg_timeout_s
+            legs.client, self.decode, self.route, data, legs.leg_timeout_s, self.id_head
         )
         return self.decode_resp
 
@@ -164,7 +170,8 @@ class Attempt:
         self.legs.count_leg(worker)
         ok: bool | None = None
         try:
-            resp = await post(self.legs.client, worker, self.route, data, self.legs.leg_timeout_s)
+            timeout_s = self.legs.leg_timeout_s
+            resp = await post(self.legs.client, worker, self.route, data, timeout_s, self.id_head)
             result = await read_whole(worker, resp, streamed=self.stream)
             ok = True
             return result
@@ -205,7 +212,7 @@ class Attempt:
                     body, prefill_echo_logprobs(prefill.body, prefill.streamed)
                 )
         self._decode_finished(ok=True)
-        return Response(body)
+        return Response(body)  # the caller adds the X-Request-Id header
 
     async def _stream(self, first: list[bytes], buf: SSEBuffer) -> StreamResponse:
         resp = self.decode_resp
@@ -217,7 +224,7 @@ class Attempt:
                 merger = StreamMerger(prefill_prompt_fields(prefill.body, prefill.streamed))
             elif prefill is not None:
                 merger = EchoStreamMerger(prefill_echo_logprobs(prefill.body, prefill.streamed))
-        out = StreamResponse(200, SSE_HEADERS)
+        out = StreamResponse(200, {**SSE_HEADERS, REQUEST_ID_HEADER: self.request_id})
         try:
             await out.prepare(self.request)  # committed: no retry from here on
             head = b"".join(merger.process(e) if merger else e for e in first)
@@ -329,10 +336,10 @@ class Attempt:
         if task is None or worker is None or task.done():
             return
         task.cancel()  # closes the connection: the server sees the client leave
-        self.legs.abort_leg(worker, self._rids(), cause)
+        self.legs.abort_leg(worker, self._rids(), cause, self.request_id)
 
     def _abort_decode(self, cause: str) -> None:
-        self.legs.abort_leg(self.decode, self._rids(), cause)
+        self.legs.abort_leg(self.decode, self._rids(), cause, self.request_id)
 
     def _rids(self) -> list[str]:
         plan = self.pair.plan

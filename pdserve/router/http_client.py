@@ -201,13 +201,20 @@ class HttpClient:
         return pool
 
     async def request(
-        self, method: str, base_url: str, path: str, timeout_s: float, body: bytes | None = None
+        self,
+        method: str,
+        base_url: str,
+        path: str,
+        timeout_s: float,
+        body: bytes | None = None,
+        extra_head: bytes = b"",
     ) -> Response:
-        """Send one request; returns once the answer's head is in. Raises HttpError."""
+        """Send one request, `extra_head` (whole header lines) in its head; returns once the
+        answer's head is in. Raises HttpError."""
         pool = self.pool(base_url)
         deadline = asyncio.get_running_loop().time() + timeout_s
         conn = await pool.connection(timeout_s)
-        head = pool.head(method, path)
+        head = pool.head(method, path) + extra_head
         if body is None:
             data = head + b"\r\n"
         else:

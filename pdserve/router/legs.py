@@ -32,6 +32,7 @@ from pdserve.router.merge import (
 from pdserve.router.metrics import RouterMetrics
 from pdserve.router.workers import Worker
 from pdserve.serving.hooks import DECODE_ORIGIN, PREFILL_ORIGIN, error_object
+from pdserve.serving.request_id import REQUEST_ID_HEADER
 
 log = logging.getLogger(__name__)
 NO_DETAILS = ErrorDetails()
@@ -164,12 +165,23 @@ class LegResult:
     streamed: bool
 
 
+def request_id_head(request_id: str) -> bytes:
+    """The correlation header every leg and abort of a client request carries (a sane
+    value: printable ASCII, no space, so it cannot break the head)."""
+    return f"{REQUEST_ID_HEADER}: {request_id}\r\n".encode("ascii")
+
+
 async def post(
-    client: HttpClient, worker: Worker, route: str, data: bytes, timeout_s: float
+    client: HttpClient,
+    worker: Worker,
+    route: str,
+    data: bytes,
+    timeout_s: float,
+    extra_head: bytes = b"",
 ) -> Response:
     """Open the leg; raises LegError unless the head says 200."""
     try:
-        resp = await client.request("POST", worker.url, route, timeout_s, data)
+        resp = await client.request("POST", worker.url, route, timeout_s, data, extra_head)
     except Exception as exc:  # noqa: BLE001 - every client failure becomes a LegError
         raise classify(worker, exc) from exc
     if resp.status != 200:
@@ -260,18 +272,24 @@ def _caller_cancelled(exc: BaseException) -> bool:
     return cancelling is not None and cancelling() > 0
 
 
-async def abort(client: HttpClient, worker: Worker, rids: list[str], timeout_s: float) -> None:
+async def abort(
+    client: HttpClient, worker: Worker, rids: list[str], timeout_s: float, request_id: str
+) -> None:
     """Best effort: ask the worker to drop these requests; never raises."""
+    head = request_id_head(request_id)
     for rid in rids:
         body = msgspec.json.encode({"rid": rid})
         try:
-            resp = await client.request("POST", worker.url, "/abort_request", timeout_s, body)
+            path = "/abort_request"
+            resp = await client.request("POST", worker.url, path, timeout_s, body, head)
             try:
                 await resp.read()
             finally:
                 resp.release()
         except Exception as exc:  # noqa: BLE001
-            log.warning("abort of %s on %s failed: %r", rid, worker.url, exc)
+            log.warning(
+                "abort of %s on %s failed: %r [request_id=%s]", rid, worker.url, exc, request_id
+            )
             return
 
 
@@ -308,10 +326,10 @@ class LegContext:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    def abort_leg(self, worker: Worker, rids: list[str], cause: str) -> None:
+    def abort_leg(self, worker: Worker, rids: list[str], cause: str, request_id: str) -> None:
         self.metrics.aborts.labels(worker.role, cause).inc()
         if rids:
             task = asyncio.create_task(
-                abort(self.client, worker, rids, self.config.abort_timeout_s)
+                abort(self.client, worker, rids, self.config.abort_timeout_s, request_id)
             )
             self.keep(task)

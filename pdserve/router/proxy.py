@@ -23,6 +23,7 @@ from pdserve.router.pairing import NoWorker, Pair, PairChooser
 from pdserve.router.prefix_table import Prompt
 from pdserve.router.prompt_tokens import PromptTokenizer
 from pdserve.serving.hooks import LARGE_BODY_BYTES, error_object
+from pdserve.serving.request_id import REQUEST_ID_HEADER, new_request_id, sane_request_id
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +53,17 @@ class Proxy:
         await self.legs.stop()
 
     async def handle(self, request: Request, route: str) -> Response | StreamResponse:
+        """The answer to a client's generation request, every one (errors included) with
+        its `X-Request-Id`: the client's, if sane, else a new one."""
+        request_id = sane_request_id(request.header(REQUEST_ID_HEADER)) or new_request_id()
+        response = await self._handle(request, route, request_id)
+        if isinstance(response, Response):  # a stream has it already: its head went out
+            response.headers = {**(response.headers or {}), REQUEST_ID_HEADER: request_id}
+        return response
+
+    async def _handle(
+        self, request: Request, route: str, request_id: str
+    ) -> Response | StreamResponse:
         started = time.perf_counter()
         self.metrics.requests.inc(route)
         try:
@@ -68,12 +80,12 @@ class Proxy:
             status = getattr(exc, "status", 400)
             return error_response(status, f"bad request: {exc}", getattr(exc, "param", None))
         try:
-            response, decode_s = await self._attempts(request, route, body, num_seqs)
+            response, decode_s = await self._attempts(request, route, body, num_seqs, request_id)
         except asyncio.CancelledError:
             self.legs.count_failure(route, "client_disconnect")
             raise
         except Exception as exc:  # a router bug must still answer in the error format
-            log.exception("router error on %s", route)
+            log.exception("router error on %s [request_id=%s]", route, request_id)
             self.legs.count_failure(route, "router_error")
             return error_response(500, f"router error: {exc!r}")
         total_s = time.perf_counter() - started
@@ -120,11 +132,16 @@ class Proxy:
         return await asyncio.to_thread(token_ids, route, body) or prompt
 
     async def _attempts(
-        self, request: Request, route: str, body: dict[str, Any], num_seqs: int | None
+        self,
+        request: Request,
+        route: str,
+        body: dict[str, Any],
+        num_seqs: int | None,
+        request_id: str,
     ) -> tuple[Response | StreamResponse, float]:
         tried: list[Pair] = []  # the pair of each attempt
         try:
-            return await self._attempt_loop(request, route, body, num_seqs, tried)
+            return await self._attempt_loop(request, route, body, num_seqs, request_id, tried)
         finally:
             self._count_path(tried[-1] if tried else None)
 
@@ -134,6 +151,7 @@ class Proxy:
         route: str,
         body: dict[str, Any],
         num_seqs: int | None,
+        request_id: str,
         tried: list[Pair],
     ) -> tuple[Response | StreamResponse, float]:
         prompt = await self._prompt(request, route, body)
@@ -153,15 +171,21 @@ class Proxy:
                 return error_response(503, str(exc)), 0.0
             self._observe_choice(pair)
             tried.append(pair)
-            attempt = Attempt(self.legs, request, route, body, pair, tokens)
+            attempt = Attempt(self.legs, request, route, body, pair, tokens, request_id)
             try:
                 return await attempt.run(), attempt.decode_s
             except LegError as err:
                 last = err
                 if err.client_fault:  # the client's mistake: no retry, no warning
-                    log.info("%s refused by %s", route, err)
+                    log.info("%s refused by %s [request_id=%s]", route, err, request_id)
                     break
-                log.warning("attempt %d of %s failed: %s", attempt_no + 1, route, err)
+                log.warning(
+                    "attempt %d of %s failed: %s [request_id=%s]",
+                    attempt_no + 1,
+                    route,
+                    err,
+                    request_id,
+                )
                 culprit = at_fault(err, pair.prefill, pair.decode)
                 if culprit is not None:
                     failed.add(culprit.url)

@@ -9,7 +9,7 @@ requests since the last reset, when given), `delay_s` (answer late), `hold` (wai
 events), `error_after` (an error event after that many, then `[DONE]`), `prompt_lps` (prompt logprobs to report). POST /stub/control changes the server
 itself: its health status, load, DP size (as a restart would), `info_hold` (hold /server_info
 on that gate), `kv_events` (advertise KV events endpoints: true, or the endpoint), `flush_status`. Everything
-received is logged for GET /stub/log. Run: python -m tests.router.stub_worker --port P --name p1 --role prefill
+received is logged for GET /stub/log (with each request's X-Request-Id header). Run: python -m tests.router.stub_worker --port P --name p1 --role prefill
 """
 
 from __future__ import annotations
@@ -36,6 +36,9 @@ class Stub:
     def reset(self) -> None:
         self.bodies: list[dict[str, Any]] = []
         self.aborts: list[str] = []
+        # The X-Request-Id header of each body in `bodies`, of each abort in `aborts`.
+        self.request_ids: list[str | None] = []
+        self.abort_request_ids: list[str | None] = []
         self.disconnects = 0
         self.health_checks = 0
         self.infos_held = 0  # /server_info requests that reached the `info_hold` gate
@@ -63,6 +66,7 @@ class Stub:
     async def generate(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
         self.bodies.append(body)
+        self.request_ids.append(request.headers.get("X-Request-Id"))
         script = self.script(body)
         try:
             if script.get("delay_s"):
@@ -105,6 +109,7 @@ class Stub:
 
     async def abort_request(self, request: web.Request) -> web.Response:
         self.aborts.append((await request.json())["rid"])
+        self.abort_request_ids.append(request.headers.get("X-Request-Id"))
         return web.json_response({"num_aborted": 1})
 
     async def health(self, request: web.Request) -> web.Response:
@@ -159,6 +164,8 @@ class Stub:
             {
                 "bodies": self.bodies,
                 "aborts": self.aborts,
+                "request_ids": self.request_ids,
+                "abort_request_ids": self.abort_request_ids,
                 "disconnects": self.disconnects,
                 "health_checks": self.health_checks,
                 "infos_held": self.infos_held,

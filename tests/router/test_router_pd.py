@@ -327,6 +327,24 @@ def test_errors_through_the_router_keep_the_servers_openai_shape(router, tiny_se
     }
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_the_clients_request_id_comes_back_through_real_servers(router, stream):
+    """Whole, streamed and refused (by the servers themselves) alike; the legs' own echoes of
+    the header (the servers answer with it too) do not double it."""
+    body = {"messages": MESSAGES, "max_tokens": 2, "stream": stream}
+    for extra, status in [({}, 200), ({"response_format": {"type": "json_object"}}, 400)]:
+        with requests.post(
+            router.url + "/v1/chat/completions",
+            json={**body, **extra},
+            headers={"X-Request-Id": f"pd-{stream}-{status}"},
+            stream=stream,
+            timeout=60,
+        ) as resp:
+            assert resp.status_code == status, resp.text
+            assert resp.headers["X-Request-Id"] == f"pd-{stream}-{status}"
+            assert resp.raw.headers.getlist("X-Request-Id") == [f"pd-{stream}-{status}"]
+
+
 def test_a_compressed_body_or_one_with_a_byte_order_mark_is_read_as_the_servers_read_it(
     router, tiny_server
 ):
