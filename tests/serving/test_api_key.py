@@ -99,6 +99,16 @@ def test_a_refusal_names_the_bearer_scheme_it_wants(server):
         assert resp.status_code == 401 and resp.headers["WWW-Authenticate"] == "Bearer"
 
 
+def test_a_refused_generation_request_still_carries_its_request_id(server):
+    resp = requests.post(
+        server.url + "/generate",
+        json=BODIES["/generate"],
+        headers={"X-Request-Id": "no-key"},
+        timeout=10,
+    )
+    assert resp.status_code == 401 and resp.headers["X-Request-Id"] == "no-key"
+
+
 LOGGED = "refused a malformed HTTP request from 127.0.0.1: "
 
 
