@@ -6,7 +6,7 @@ The header names a client request in answers and log lines only. It is never a r
 
 from __future__ import annotations
 
-import uuid
+import os
 
 REQUEST_ID_HEADER = "X-Request-Id"
 MAX_REQUEST_ID_LEN = 128
@@ -25,4 +25,7 @@ def sane_request_id(value: str | None) -> str | None:
 
 
 def new_request_id() -> str:
-    return uuid.uuid4().hex
+    """32 random hex digits: unique across routers and servers without coordination.
+    os.urandom, not uuid4: a router makes one per request that came without one, and a
+    UUID object cost it 3 us against 0.6."""
+    return os.urandom(16).hex()
