@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from pdserve.disagg import messages as m
@@ -151,3 +152,22 @@ def engine_admits_first(head: Request | None, room: DecodeRoom) -> bool:
     if head.output_ids or head.arrived_at is None:
         return True
     return head.arrived_at <= room.arrived_at
+
+
+def shared_prefix_arriving(
+    room: DecodeRoom, reserved: Iterable[DecodeRoom], now: float, max_wait_s: float
+) -> list[Request]:
+    """The requests of rooms with the same prefill worker whose KV is arriving: where one
+    extends the prefix `room`'s prompt finds cached, that worker computes the shared prefix
+    once, first, so `room`'s KV is not ready before it lands, and `room` waits before it
+    reserves. None once `room` has waited `max_wait_s` for its own KV (its prefill leg may
+    never come), nor from a room whose page list went out that long ago (a stuck peer)."""
+    if now - room.arrived_at >= max_wait_s:
+        return []
+    return [
+        r.req
+        for r in reserved
+        if r.endpoint == room.endpoint
+        and r.state in (RoomState.WAITING_FOR_INPUT, RoomState.TRANSFERRING)
+        and now - r.page_list_sent_at < max_wait_s
+    ]

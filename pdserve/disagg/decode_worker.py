@@ -16,7 +16,13 @@ import msgspec
 from pdserve.disagg import kv_auth
 from pdserve.disagg import messages as m
 from pdserve.disagg.config import DisaggConfig
-from pdserve.disagg.decode_room import AdmissionQueue, DecodeRoom, Peer, engine_admits_first
+from pdserve.disagg.decode_room import (
+    AdmissionQueue,
+    DecodeRoom,
+    Peer,
+    engine_admits_first,
+    shared_prefix_arriving,
+)
 from pdserve.disagg.delta import prompt_digest
 from pdserve.disagg.rooms import IllegalRoomTransition, RoomState, error_output
 from pdserve.disagg.stall import StallClock
@@ -372,22 +378,10 @@ class DecodeWorkerHooks(WorkerHooks):
         return outputs
 
     def _share_pending(self, room: DecodeRoom, now: float) -> bool:
-        """Whether to wait before reserving: a room with the same prefill worker is
-        receiving KV that extends the prefix this prompt finds cached. That worker computes
-        the shared prefix once, first, so this room's KV is not ready before it lands. The
-        cap (and half the bootstrap deadline) guards against a stuck peer; a room that has
-        waited for its own KV longer than the cap is not waited for (its prefill leg may
-        never come)."""
+        """Whether to wait before reserving (`shared_prefix_arriving`). The cap (and half
+        the bootstrap deadline) guards against a stuck peer."""
         max_wait_s = min(self.cfg.kv_share_wait_s, self.cfg.bootstrap_timeout_s / 2)
-        if now - room.arrived_at >= max_wait_s:
-            return False
-        arriving = [
-            r.req
-            for r in self.reserved.values()
-            if r.endpoint == room.endpoint
-            and r.state in (RoomState.WAITING_FOR_INPUT, RoomState.TRANSFERRING)
-            and now - r.page_list_sent_at < max_wait_s
-        ]
+        arriving = shared_prefix_arriving(room, self.reserved.values(), now, max_wait_s)
         return bool(arriving) and self.engine.prefix_arriving(room.req, arriving)
 
     def _send_page_list(self, room: DecodeRoom, peer: Peer) -> list[ReqOutput]:
