@@ -162,7 +162,7 @@ def _items(
                 prompts[index // n],
                 _copy_params(params, index % n),
                 state.limits,
-                item_pd_fields(body, index, num, state.limits),
+                item_pd_fields(body, index, num, state.limits, n),
                 rid=rid,
                 return_logprob=logprobs is not None,
                 logprob_start_len=0 if echo else None,

@@ -204,6 +204,18 @@ def item_room(value: object, index: int, num_items: int) -> object:
     return value
 
 
+def per_prompt_entry(name: str, value: list, index: int, n: int) -> object:
+    """Item `index`'s entry of a PD field list with one entry per prompt of a request with
+    `n` > 1 samples of each (items prompt-major: item i is sample i % n of prompt i // n).
+    SGLang's router sends such lists for a completions prompt list with `n`; sample j of a
+    prompt gets that prompt's room + j, so that every item has its own transfer (SGLang's
+    servers repeat the list, giving the samples of a prompt one room)."""
+    entry = value[index // n]
+    if name == "bootstrap_room" and is_room(entry):
+        return (entry + index % n) % MAX_ROOM  # type: ignore[operator]
+    return entry
+
+
 # The most items of one rejected body whose rooms are reported to their other leg (rooms past
 # it fail there at the bootstrap deadline). They are enumerated on the event loop: a body
 # with n = 2**63 and a bad field had held the server's loop for good.
@@ -223,10 +235,14 @@ def items_in_body(body: dict) -> int:
     return min(n * prompts, MAX_REPORTED_ITEMS)
 
 
-def _entries(value: object, num_items: int) -> list[object]:
-    if isinstance(value, list):
-        return value if len(value) == num_items else [None] * num_items
-    return [value] * num_items
+def _entries(name: str, value: object, num_items: int, n: int) -> list[object]:
+    if not isinstance(value, list):
+        return [value] * num_items
+    if len(value) == num_items:
+        return value
+    if n > 1 and len(value) * n == num_items:
+        return [per_prompt_entry(name, value, i, n) for i in range(num_items)]
+    return [None] * num_items
 
 
 def rooms_in_body(body: object) -> list[RoomAddress]:
@@ -237,9 +253,15 @@ def rooms_in_body(body: object) -> list[RoomAddress]:
         return []
     rooms = body.get("bootstrap_room")
     num = items_in_body(body)
-    room_list = rooms if isinstance(rooms, list) else [item_room(rooms, i, num) for i in range(num)]
-    hosts = _entries(body.get("bootstrap_host"), len(room_list))
-    ports = _entries(body.get("bootstrap_port"), len(room_list))
+    n = body.get("n")
+    n = n if _is_int(n) and n > 1 else 1  # type: ignore[operator]
+    if isinstance(rooms, list):  # one per item, or one per prompt (expanded as the servers do)
+        per_prompt = n > 1 and len(rooms) * n == num
+        room_list = _entries("bootstrap_room", rooms, num, n) if per_prompt else rooms
+    else:
+        room_list = [item_room(rooms, i, num) for i in range(num)]
+    hosts = _entries("bootstrap_host", body.get("bootstrap_host"), len(room_list), n)
+    ports = _entries("bootstrap_port", body.get("bootstrap_port"), len(room_list), n)
     found = []
     for room, host, port in zip(room_list, hosts, ports, strict=True):
         if not is_room(room):

@@ -24,6 +24,7 @@ from pdserve.serving.pd_fields import (
     PDFields,
     item_room,
     parse_pd_fields,
+    per_prompt_entry,
 )
 
 
@@ -163,15 +164,23 @@ def per_item(body: dict, name: str, index: int, num_items: int) -> Any:
     return value
 
 
-def item_pd_fields(body: dict, index: int, num_items: int, limits: Limits) -> PDFields:
-    """The PD fields of item `index`: each may be one value, or a list of one per item."""
-    values = {name: per_item(body, name, index, num_items) for name in FIELD_NAMES}
+def item_pd_fields(body: dict, index: int, num_items: int, limits: Limits, n: int = 1) -> PDFields:
+    """The PD fields of item `index`: each may be one value, a list of one per item, or
+    (with `n` > 1 samples of each prompt) a list of one per prompt."""
+    values = {name: _pd_entry(body, name, index, num_items, n) for name in FIELD_NAMES}
     if not isinstance(body.get("bootstrap_room"), list):  # one room for all: room + index
         values["bootstrap_room"] = item_room(values["bootstrap_room"], index, num_items)
     try:
         return parse_pd_fields(values, limits.dp_size, limits.mode)
     except PDFieldError as exc:
         raise bad(exc.message) from None
+
+
+def _pd_entry(body: dict, name: str, index: int, num_items: int, n: int) -> Any:
+    value = body.get(name)
+    if n > 1 and isinstance(value, list) and len(value) * n == num_items:
+        return per_prompt_entry(name, value, index, n)
+    return per_item(body, name, index, num_items)
 
 
 def sampling_from_dict(

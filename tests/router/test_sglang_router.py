@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from tests.disagg.conftest import PDFactory
+from tests.disagg.pd_driver import wait_idle
 from tests.helpers import PYTHON, ServerProcess, free_port
 from tests.router.test_router_pd import GREEDY, MESSAGES, chat_text, final_ids, post, streamed
 
@@ -54,6 +55,7 @@ def sglang_router(model_dir):
             "--log-level",
             "warn",
         ]
+        router.worker_urls = [prefill.url, decode.url]  # for wait_idle
         yield router.start(timeout_s=120)
     finally:
         if router is not None:
@@ -103,3 +105,24 @@ def test_sglang_router_completions_with_n_equal_colocated(sglang_router, tiny_se
     body["model"] = model_dir
     got = post(sglang_router.url + "/v1/completions", body).json()["choices"]
     assert [c["text"] for c in got] == want
+
+
+def test_sglang_router_completions_prompt_list_with_n_equal_colocated(
+    sglang_router, tiny_server, model_dir
+):
+    """SGLang's router sends one room per prompt for a completions prompt list with `n`:
+    sample j of prompt i takes that prompt's room + j (it was refused: 2 rooms for 4
+    items), streamed and not, and both servers are idle after."""
+    body = {"model": "tiny-random", "prompt": ["Once", "upon a"], "n": 2, "max_tokens": 5}
+    body |= {"temperature": 1.0, "seed": 4}
+    want = post(tiny_server.url + "/v1/completions", body).json()["choices"]
+    body["model"] = model_dir
+    got = post(sglang_router.url + "/v1/completions", body).json()["choices"]
+    assert [(c["index"], c["text"]) for c in got] == [(c["index"], c["text"]) for c in want]
+    events = streamed(sglang_router.url + "/v1/completions", body)
+    texts = {c["index"]: "" for c in want}
+    for event in events:
+        for c in event["choices"]:
+            texts[c["index"]] += c["text"]
+    assert texts == {c["index"]: c["text"] for c in want}
+    wait_idle(sglang_router.worker_urls)
