@@ -188,3 +188,17 @@ def test_a_body_claiming_countless_items_names_a_bounded_number_of_rooms():
     body = {"bootstrap_room": 5, "prompt": "x", "n": 2**63, "temperature": [1]}
     rooms = rooms_in_body(body)
     assert len(rooms) == MAX_REPORTED_ITEMS and rooms[:2] == [RoomAddress(5), RoomAddress(6)]
+
+
+def test_one_room_per_prompt_with_n_names_prompt_room_plus_sample_of_each():
+    """SGLang's router sends one room (and host, port) per prompt for a completions prompt
+    list with `n`: a rejected request names room + j for sample j of each prompt, as its
+    items take them (request_parse.item_pd_fields)."""
+    top = 2**63 - 1
+    body = {"bootstrap_room": [10, top], "bootstrap_host": ["a", "b"], "n": 2, "prompt": ["x", "y"]}
+    assert rooms_in_body(body) == [
+        RoomAddress(10, "a"),
+        RoomAddress(11, "a"),
+        RoomAddress(top, "b"),
+        RoomAddress(0, "b"),
+    ]
