@@ -93,11 +93,24 @@ def _host(value: object) -> str | None:
         raise PDFieldError(
             "bootstrap_host", f"bootstrap_host must be a non-empty string, got {value!r}"
         )
+    value = unbracket(value)
     if value is not None and not is_host(value):
         raise PDFieldError(
             "bootstrap_host", f"bootstrap_host must be a host name or IP address, got {value!r}"
         )
     return value
+
+
+def unbracket(host: object) -> object:
+    """A bracketed IPv6 literal (`[::1]`) as the bare address; anything else unchanged.
+    SGLang's router sends the host of an IPv6 prefill URL with its brackets (a decode leg
+    was refused with a 400 for it); pdserve's sends the bare literal."""
+    if isinstance(host, str) and host.startswith("[") and host.endswith("]"):
+        try:
+            return str(ipaddress.IPv6Address(host[1:-1]))  # zone ids (%eth0) kept
+        except ValueError:
+            return host
+    return host
 
 
 def is_host(value: str) -> bool:
@@ -266,6 +279,7 @@ def rooms_in_body(body: object) -> list[RoomAddress]:
     for room, host, port in zip(room_list, hosts, ports, strict=True):
         if not is_room(room):
             continue
+        host = unbracket(host)
         valid_host = host if isinstance(host, str) and host else None
         valid_port = port if _is_int(port) and 0 < port < 65536 else None  # type: ignore[operator]
         found.append(RoomAddress(room, valid_host, valid_port))  # type: ignore[arg-type]

@@ -10,9 +10,11 @@ from collections.abc import Iterator
 import pytest
 import requests
 
-from tests.disagg.conftest import PDFactory
+from tests.disagg.conftest import PDFactory, Prefill
+from tests.disagg.pd_driver import wait_idle
 from tests.helpers import ServerProcess, ipv6_loopback_missing
 from tests.router.conftest import router_args, start_router
+from tests.router.test_sglang_router import sglang_router_process
 
 pytestmark = [
     pytest.mark.timeout(300),
@@ -23,17 +25,22 @@ GREEDY = {"max_new_tokens": 8, "temperature": 0}
 
 
 @pytest.fixture(scope="module")
-def ipv6_router() -> Iterator[ServerProcess]:
+def ipv6_pair() -> Iterator[tuple[Prefill, ServerProcess]]:
     factory = PDFactory(host="::1")
     try:
         prefill, decode = factory.prefill(1), factory.decode(1)
         assert prefill.url.startswith("http://[::1]:")
-        with start_router(
-            router_args([(prefill.url, prefill.bootstrap_port)], [decode.url]), host="::1"
-        ) as router:
-            yield router
+        yield prefill, decode
     finally:
         factory.stop_all()
+
+
+@pytest.fixture(scope="module")
+def ipv6_router(ipv6_pair) -> Iterator[ServerProcess]:
+    prefill, decode = ipv6_pair
+    args = router_args([(prefill.url, prefill.bootstrap_port)], [decode.url])
+    with start_router(args, host="::1") as router:
+        yield router
 
 
 def test_pd_on_ipv6_loopback_equals_colocated(ipv6_router, tiny_server):
@@ -44,3 +51,18 @@ def test_pd_on_ipv6_loopback_equals_colocated(ipv6_router, tiny_server):
     got = resp.json()
     assert [g["output_ids"] for g in got] == [w["output_ids"] for w in want]
     assert all(g["meta_info"]["kv_transfer_bytes"] > 0 for g in got)  # the KV came over ::1
+
+
+def test_sglang_router_on_ipv6_equals_colocated(ipv6_pair, tiny_server):
+    """SGLang's router sends an IPv6 prefill URL's host with its brackets
+    (`bootstrap_host: "[::1]"`): the servers take it as the address (both legs answered
+    400 before)."""
+    prefill, decode = ipv6_pair
+    body = {"input_ids": list(range(5, 45)), "sampling_params": GREEDY}
+    want = requests.post(tiny_server.url + "/generate", json=body, timeout=60).json()
+    with sglang_router_process([(prefill.url, prefill.bootstrap_port)], [decode.url]) as router:
+        router.start(timeout_s=120)
+        resp = requests.post(router.url + "/generate", json=body, timeout=60)
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["output_ids"] == want["output_ids"]
+    wait_idle([prefill.url, decode.url])

@@ -22,6 +22,27 @@ def model_dir() -> str:
     return resolve_model_dir("tiny-random")
 
 
+def sglang_router_process(
+    prefills: list[tuple[str, int]], decode_urls: list[str], policy: str = "round_robin"
+) -> ServerProcess:
+    """SGLang's router in PD mode over these (prefill URL, bootstrap port) and decode URLs,
+    on 127.0.0.1; not started (`.start()`, stop it with `.__exit__`)."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    router = ServerProcess([], [f"{url}/readiness"], url=url)
+    router.argv = [PYTHON, "-m", "sglang_router.launch_router", "--pd-disaggregation"]
+    for prefill_url, bootstrap_port in prefills:
+        router.argv += ["--prefill", prefill_url, str(bootstrap_port)]
+    for decode_url in decode_urls:
+        router.argv += ["--decode", decode_url]
+    router.argv += [
+        *("--host", "127.0.0.1", "--port", str(port)),
+        *("--prometheus-host", "127.0.0.1", "--prometheus-port", str(free_port())),
+        *("--policy", policy, "--log-level", "warn"),
+    ]
+    return router
+
+
 @pytest.fixture(scope="module")
 def sglang_router(model_dir):
     factory = PDFactory()
@@ -29,32 +50,7 @@ def sglang_router(model_dir):
     try:
         prefill = factory.prefill(1, ["--model-path", model_dir])
         decode = factory.decode(1, ["--model-path", model_dir])
-        port = free_port()
-        url = f"http://127.0.0.1:{port}"
-        router = ServerProcess([], [f"{url}/readiness"], url=url)
-        router.argv = [
-            PYTHON,
-            "-m",
-            "sglang_router.launch_router",
-            "--pd-disaggregation",
-            "--prefill",
-            prefill.url,
-            str(prefill.bootstrap_port),
-            "--decode",
-            decode.url,
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--prometheus-host",
-            "127.0.0.1",
-            "--prometheus-port",
-            str(free_port()),
-            "--policy",
-            "round_robin",
-            "--log-level",
-            "warn",
-        ]
+        router = sglang_router_process([(prefill.url, prefill.bootstrap_port)], [decode.url])
         router.worker_urls = [prefill.url, decode.url]  # for wait_idle
         yield router.start(timeout_s=120)
     finally:

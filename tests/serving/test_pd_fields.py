@@ -36,6 +36,14 @@ def test_every_field_lands_in_the_struct():
     )
 
 
+def test_a_bracketed_ipv6_host_is_the_bare_address():
+    """SGLang's router sends an IPv6 prefill URL's host with its brackets."""
+    for host, bare in (("[::1]", "::1"), ("[fd00:0::11]", "fd00::11")):
+        values = {**ADDRESS, "bootstrap_host": host}
+        assert parse_pd_fields(values, 1, "decode").bootstrap_host == bare
+        assert rooms_in_body(values) == [RoomAddress(7, bare)]
+
+
 def test_absent_and_null_fields_are_none_on_a_colocated_server():
     assert parse_pd_fields({}, 1, "colocated") == PDFields()
     nulls = dict.fromkeys(["bootstrap_room", "bootstrap_port", "routed_dp_rank"])
@@ -62,7 +70,9 @@ BAD = [
     ("bootstrap_host", "a..b"),
     ("bootstrap_host", "http://10.0.0.2"),
     ("bootstrap_host", "10.0.0.2:8998"),
-    ("bootstrap_host", "[::1]"),
+    ("bootstrap_host", "[::1]:8998"),
+    ("bootstrap_host", "[10.0.0.2]"),  # brackets hold IPv6 literals only
+    ("bootstrap_host", "[host]"),
     ("bootstrap_host", "host name"),
     ("bootstrap_host", "host\nname"),
     ("bootstrap_host", "1"),  # legacy numeric IPv4 forms: the HTTP client refuses them
