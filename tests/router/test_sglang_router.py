@@ -48,8 +48,9 @@ def sglang_router(model_dir):
     factory = PDFactory()
     router = None
     try:
-        prefill = factory.prefill(1, ["--model-path", model_dir])
-        decode = factory.decode(1, ["--model-path", model_dir])
+        # two DP ranks each: it sends no rank, so decode finds prefill's by the fast path
+        prefill = factory.prefill(2, ["--model-path", model_dir])
+        decode = factory.decode(2, ["--model-path", model_dir])
         router = sglang_router_process([(prefill.url, prefill.bootstrap_port)], [decode.url])
         router.worker_urls = [prefill.url, decode.url]  # for wait_idle
         yield router.start(timeout_s=120)
@@ -121,4 +122,19 @@ def test_sglang_router_completions_prompt_list_with_n_equal_colocated(
         for c in event["choices"]:
             texts[c["index"]] += c["text"]
     assert texts == {c["index"]: c["text"] for c in want}
+    wait_idle(sglang_router.worker_urls)
+
+
+def test_sglang_router_merges_prompt_logprobs_of_one_request_as_colocated(
+    sglang_router, tiny_server
+):
+    """It puts prefill's input_token_logprobs in front of decode's (empty: decode computed
+    no prompt token): every position once, as the colocated server's."""
+    body = {"input_ids": list(range(5, 45)), "sampling_params": GREEDY}
+    body |= {"return_logprob": True, "logprob_start_len": 0}
+    want = post(tiny_server.url + "/generate", body).json()["meta_info"]
+    got = post(sglang_router.url + "/generate", body).json()["meta_info"]
+    for name in ("input_token_logprobs", "output_token_logprobs"):
+        assert [x[1] for x in got[name]] == [x[1] for x in want[name]], name
+        assert [x[0] for x in got[name]] == pytest.approx([x[0] for x in want[name]], abs=1e-5)
     wait_idle(sglang_router.worker_urls)
