@@ -17,7 +17,7 @@ from pdserve.serving.hooks import RequestError, error_object
 from pdserve.serving.metrics import CONTENT_TYPE
 from pdserve.serving.openai_format import model_not_found
 from pdserve.serving.request_parse import GenItem, new_rid
-from pdserve.serving.server_state import ServerState, read_json, state_of
+from pdserve.serving.server_state import SHUTTING_DOWN, ServerState, read_json, state_of
 
 DUMP_TIMEOUT_S = 10.0
 
@@ -26,6 +26,8 @@ async def health(request: web.Request) -> web.Response:
     state = state_of(request)
     down = {**state.controller.dead, **state.controller.unresponsive}
     problem = "; ".join(down.values()) or state.hooks.not_ready_reason()
+    if state.draining:
+        problem = SHUTTING_DOWN
     if problem:
         return web.json_response({"error": error_object(503, problem)}, status=503)
     return web.Response(text="")

@@ -105,8 +105,8 @@ class ServerArgs:
     )
     shutdown_timeout_s: float = opt(
         10.0,
-        "on SIGTERM or SIGINT, how long the requests in flight may still run (no new ones "
-        "are taken); past it, or at a second signal, they fail with a 503",
+        "on SIGTERM or SIGINT, how long the requests in flight may still run (new ones, "
+        "and /health, are answered 503); past it, or at a second signal, they fail with a 503",
     )
     worker_heartbeat_timeout_s: float = opt(
         10.0,

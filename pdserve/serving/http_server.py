@@ -284,15 +284,18 @@ async def _drain(
 ) -> None:
     """Take no new request and let those in flight run for `timeout_s` or until a second
     signal, then fail the rest with a 503. aiohttp alone waited for them twice its 60 s
-    shutdown timeout, deaf to a second signal, then dropped their connections unanswered."""
+    shutdown timeout, deaf to a second signal, then dropped their connections unanswered.
+    The port stays open meanwhile: a new generation request is answered 503 once its body
+    is read, so the other leg of each room it names fails at once. With the port closed,
+    a router that waits for both legs (SGLang's) held each prefill leg sent with this decode
+    server until prefill's bootstrap deadline (30 s) before it retried elsewhere."""
     logger.info(
         "shutting down: %d requests in flight may run for %g s (a second SIGTERM or SIGINT "
         "fails them now)",
         len(controller.inflight),
         timeout_s,
     )
-    for site in list(runner.sites):
-        await site.stop()
+    runner.app[STATE].draining = True
     stop.clear()
     deadline = time.monotonic() + timeout_s
     while controller.inflight and not stop.is_set() and time.monotonic() < deadline:

@@ -20,6 +20,7 @@ from pdserve.serving.dp_controller import DPController
 from pdserve.serving.generation import Generator
 from pdserve.serving.hooks import LARGE_BODY_BYTES, MAX_BODY_BYTES, FrontendHooks, RequestError
 from pdserve.serving.http_body import read_body
+from pdserve.serving.http_request_id import GENERATION_PATHS
 from pdserve.serving.request_parse import Limits
 
 T = TypeVar("T")
@@ -34,6 +35,9 @@ class ServerState:
     tokenizer: Any
     model_dir: str
     sampling_defaults: dict[str, Any] = field(default_factory=dict)
+    # Set on SIGTERM: new generation requests are refused (after their body is read, so
+    # the other leg of each room they name learns of it) and /health answers 503.
+    draining: bool = False
 
     @property
     def limits(self) -> Limits:
@@ -65,6 +69,7 @@ def client_gone(request: web.Request):
 
 BODY = "pdserve.json_body"  # request key: the parsed body, for the error middleware
 BODY_NBYTES = "pdserve.body_nbytes"  # request key: the body's size in bytes
+SHUTTING_DOWN = "the server is shutting down"
 
 
 async def read_json(request: web.Request) -> Any:
@@ -76,6 +81,8 @@ async def read_json(request: web.Request) -> Any:
     request[BODY_NBYTES] = len(raw)
     body = await off_loop(request, _strict_json, raw)
     request[BODY] = body
+    if state_of(request).draining and request.path in GENERATION_PATHS:
+        raise RequestError(503, SHUTTING_DOWN)
     return body
 
 

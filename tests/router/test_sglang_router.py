@@ -3,11 +3,16 @@ unchanged: /generate single, batch and streamed, and chat, return the colocated 
 
 from __future__ import annotations
 
-import pytest
+import signal
+from concurrent.futures import ThreadPoolExecutor
 
+import pytest
+import requests
+
+from pdserve.procs import http_status
 from tests.disagg.conftest import PDFactory
-from tests.disagg.pd_driver import wait_idle
-from tests.helpers import PYTHON, ServerProcess, free_port
+from tests.disagg.pd_driver import get_load, rooms_in_flight, wait_idle
+from tests.helpers import PYTHON, ServerProcess, free_port, wait_until
 from tests.router.test_router_pd import GREEDY, MESSAGES, chat_text, final_ids, post, streamed
 
 pytestmark = pytest.mark.timeout(300)
@@ -138,3 +143,41 @@ def test_sglang_router_merges_prompt_logprobs_of_one_request_as_colocated(
         assert [x[1] for x in got[name]] == [x[1] for x in want[name]], name
         assert [x[0] for x in got[name]] == pytest.approx([x[0] for x in want[name]], abs=1e-5)
     wait_idle(sglang_router.worker_urls)
+
+
+def test_sglang_router_retries_at_once_past_a_draining_decode_server(tiny_server):
+    """A decode server draining (SIGTERM, a request still running) answers new requests 503
+    once their body is read, and their prefill legs fail at once: SGLang's router waits for
+    both legs, and with the port closed it held each prefill leg sent with it until the
+    bootstrap deadline (60 s here) before it retried on the other decode server."""
+    factory = PDFactory()
+    try:
+        prefill = factory.prefill(1, ["--bootstrap-timeout-s", "60"])
+        decodes = [factory.decode(1, ["--shutdown-timeout-s", "120"]) for _ in range(2)]
+        with (
+            sglang_router_process(
+                [(prefill.url, prefill.bootstrap_port)], [d.url for d in decodes]
+            ) as router,
+            ThreadPoolExecutor(2) as pool,
+        ):
+            router.start(timeout_s=120)
+            params = {**GREEDY, "max_new_tokens": 3000, "ignore_eos": True}
+            long_body = {"input_ids": list(range(5, 40)), "sampling_params": params}
+            send = lambda: requests.post(router.url + "/generate", json=long_body, timeout=120)  # noqa: E731
+            longs = [pool.submit(send) for _ in range(2)]
+            running = lambda d: sum(r["num_reqs"] for r in get_load(d.url))  # noqa: E731
+            wait_until(lambda: sum(map(running, decodes)) == 2, 30, "the long requests")
+            draining = max(decodes, key=running)
+            draining.signal_group(signal.SIGTERM)
+            wait_until(lambda: http_status(draining.url + "/health") != 200, 30, "the drain")
+            body = {"input_ids": list(range(5, 45)), "sampling_params": GREEDY}
+            want = post(tiny_server.url + "/generate", body).json()["output_ids"]
+            for _ in range(3):  # round robin: some pairs name the draining server
+                got = requests.post(router.url + "/generate", json=body, timeout=30)
+                assert got.status_code == 200 and got.json()["output_ids"] == want, got.text
+            wait_until(lambda: rooms_in_flight(prefill.url) == 0, 10, "prefill's rooms")
+            for decode in decodes:  # end the long requests
+                requests.post(decode.url + "/abort_request", json={"abort_all": True}, timeout=10)
+            [f.result(60) for f in longs]
+    finally:
+        factory.stop_all()
