@@ -79,8 +79,11 @@ class Proxy:
             self.legs.count_failure(route, "bad_request")
             status = getattr(exc, "status", 400)
             return error_response(status, f"bad request: {exc}", getattr(exc, "param", None))
+        tried: list[Pair] = []  # the pair of each attempt
         try:
-            response, decode_s = await self._attempts(request, route, body, num_seqs, request_id)
+            response, decode_s = await self._attempts(
+                request, route, body, num_seqs, request_id, tried
+            )
         except asyncio.CancelledError:
             self.legs.count_failure(route, "client_disconnect")
             raise
@@ -88,6 +91,8 @@ class Proxy:
             log.exception("router error on %s [request_id=%s]", route, request_id)
             self.legs.count_failure(route, "router_error")
             return error_response(500, f"router error: {exc!r}")
+        finally:
+            self._count_path(tried[-1] if tried else None)
         total_s = time.perf_counter() - started
         self.metrics.duration.observe(total_s, route)
         if response.status == 200:
@@ -132,20 +137,6 @@ class Proxy:
         return await asyncio.to_thread(token_ids, route, body) or prompt
 
     async def _attempts(
-        self,
-        request: Request,
-        route: str,
-        body: dict[str, Any],
-        num_seqs: int | None,
-        request_id: str,
-    ) -> tuple[Response | StreamResponse, float]:
-        tried: list[Pair] = []  # the pair of each attempt
-        try:
-            return await self._attempt_loop(request, route, body, num_seqs, request_id, tried)
-        finally:
-            self._count_path(tried[-1] if tried else None)
-
-    async def _attempt_loop(
         self,
         request: Request,
         route: str,
