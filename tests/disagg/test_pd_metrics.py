@@ -1,4 +1,5 @@
-"""What a prefill + decode pair's /metrics count, checked against what they served."""
+"""What a prefill + decode pair's /metrics count, checked against what they served. The
+tests share one pair (each leaves it running and idle) and read counters before and after."""
 
 from __future__ import annotations
 
@@ -30,13 +31,20 @@ def _open_leg(url: str, body: dict) -> socket.socket:
     return sock
 
 
-def test_kv_sent_for_a_prefill_leg_whose_client_left_counts_on_both_sides(pd):
+@pytest.fixture(scope="module")
+def pair(pd_pairs):
+    return pd_pairs.get()
+
+
+def test_kv_sent_for_a_prefill_leg_whose_client_left_counts_on_both_sides(pair):
     """Prefill's workers send a room's KV on their own; their report reaches the front end
     after the leg's client left when the router aborts it as decode streams (a client
     disconnect): prefill's KV bytes then fell short of what decode received."""
-    prefill, decode = pd.prefill(1), pd.decode(1)
+    prefill, decode = pair
     port = prefill.bootstrap_port
     ids = list(range(3, 40))
+    received_before = metric_value(decode.url, KV_BYTES)
+    sent_before = metric_value(prefill.url, KV_BYTES)
     warm = pd_generate(prefill.url, decode.url, leg_body(port, 1, ids, "warm"), bootstrap_port=port)
     assert warm.decode.ok, warm.decode.error  # decode knows prefill's worker from now on
     leg = _open_leg(prefill.url, leg_body(port, 2, ids, "p"))
@@ -50,17 +58,21 @@ def test_kv_sent_for_a_prefill_leg_whose_client_left_counts_on_both_sides(pd):
         finally:
             os.kill(prefill.server.pid, signal.SIGCONT)
     wait_idle([prefill.url, decode.url])
-    received = metric_value(decode.url, KV_BYTES)
+    received = metric_value(decode.url, KV_BYTES) - received_before
     both = [warm.decode.body, answer.json()]
     assert received == sum(leg["meta_info"]["kv_transfer_bytes"] for leg in both) > 0
-    wait_until(lambda: metric_value(prefill.url, KV_BYTES) == received, 10, "prefill's count")
+    sent = lambda: metric_value(prefill.url, KV_BYTES) - sent_before  # noqa: E731
+    wait_until(lambda: sent() == received, 10, "prefill's count")
 
 
-def test_a_decode_leg_whose_client_left_while_finding_prefill_counts_as_cancelled(pd):
+def test_a_decode_leg_whose_client_left_while_finding_prefill_counts_as_cancelled(pair):
     """A decode leg waits for prefill's bootstrap server before its worker has it (rank and
     KV endpoint); a client gone meanwhile (the router aborting it when the prefill leg
     failed) ended the request in no outcome of pdserve_requests_total."""
-    decode = pd.decode(1)
+    decode = pair[1]
+    requests_before = metric_value(decode.url, REQUESTS)
+    cancelled = {"status": "cancelled"}
+    cancelled_before = metric_value(decode.url, REQUESTS, cancelled)
     with socket.create_server(("127.0.0.1", 0)) as bootstrap:  # accepts, never answers
         port = bootstrap.getsockname()[1]
         with _open_leg(decode.url, leg_body(port, 3, list(range(3, 40)), "d")):
@@ -68,19 +80,19 @@ def test_a_decode_leg_whose_client_left_while_finding_prefill_counts_as_cancelle
             held, _ = bootstrap.accept()  # decode asks prefill's bootstrap server
         with held:
             wait_until(
-                lambda: metric_value(decode.url, REQUESTS, {"status": "cancelled"}) == 1,
+                lambda: metric_value(decode.url, REQUESTS, cancelled) == cancelled_before + 1,
                 10,
                 "the cancelled request",
             )
-    assert metric_value(decode.url, REQUESTS) == 1
+    assert metric_value(decode.url, REQUESTS) == requests_before + 1
 
 
-def test_rooms_in_flight_show_in_metrics_and_end_at_zero(pd):
+def test_rooms_in_flight_show_in_metrics_and_end_at_zero(pair):
     """/get_load's num_disagg_rooms had no /metrics gauge: a scrape could not see rooms
     held (a prefill leg waiting for decode's page list) or check they end."""
-    prefill, decode = pd.prefill(1), pd.decode(1)
+    prefill, decode = pair
     port = prefill.bootstrap_port
-    body = leg_body(port, 4, list(range(3, 40)), "p")
+    body = leg_body(port, 4, list(range(43, 80)), "p")  # not cached by the tests before
     with _open_leg(prefill.url, body):  # no decode leg yet: the room waits for its page list
         rooms = {"dp_rank": "0"}
         wait_until(lambda: metric_value(prefill.url, ROOMS, rooms) == 1, 30, "the room")
