@@ -57,9 +57,19 @@ def forward_decode(pd_module):
     return pd_module.decode(2, DECODE)
 
 
+@pytest.fixture(scope="module")
+def forward_prefill_dp2(pd_module):
+    """The DP 2 forwarding prefill, shared by `servers` and the tests that only need a live
+    one (each leaves it idle)."""
+    return pd_module.prefill(2, FORWARD)
+
+
 @pytest.fixture(scope="module", params=[2, 3], ids=lambda dp: f"prefill-dp{dp}")
 def servers(request, pd_module, forward_decode):
     dp = request.param
+    if dp == 2:
+        yield dp, request.getfixturevalue("forward_prefill_dp2"), forward_decode
+        return
     prefill = pd_module.prefill(dp, FORWARD)
     yield dp, prefill, forward_decode
     prefill.server.stop()
@@ -220,8 +230,8 @@ def test_legs_naming_different_ranks_are_served_where_dispatched(servers, want, 
     wait_idle([prefill.url, decode.url])
 
 
-def test_room_never_dispatched_fails_at_the_kv_deadline(pd):
-    prefill = pd.prefill(2, FORWARD)
+def test_room_never_dispatched_fails_at_the_kv_deadline(pd, forward_prefill_dp2):
+    prefill = forward_prefill_dp2
     decode = pd.decode(1, ["--kv-wait-timeout-s", "1.5"])
     resp = _decode_only(decode.url, prefill.bootstrap_port, room=12345)
     assert resp.status_code == 504, resp.text
@@ -285,9 +295,10 @@ def test_decode_abort_while_parked_at_home_fails_the_prefill_leg_by_its_deadline
     wait_idle([prefill.url, decode.url])
 
 
-def test_serving_worker_death_fails_the_decode_leg_at_once(pd):
+def test_serving_worker_death_fails_the_decode_leg_at_once(pd, forward_decode):
+    """A prefill of its own (its worker is killed); the shared decode."""
     prefill = pd.prefill(2, FORWARD)
-    decode = pd.decode(1, DECODE)
+    decode = forward_decode
     room = 2 * random.randrange(2**62)  # home 0, served by worker 1
     pending = _post_async(prefill.url, _leg(prefill.bootstrap_port, room, routed_dp_rank=1))
     wait_until(lambda: pages_in_use(prefill.url) > 0, 20, "worker 1 to hold the pages")
@@ -301,9 +312,10 @@ def test_serving_worker_death_fails_the_decode_leg_at_once(pd):
     wait_idle([decode.url])
 
 
-def test_abort_mode_still_fails_divergent_rooms_on_both_legs(pd):
+def test_abort_mode_still_fails_divergent_rooms_on_both_legs(pd, forward_decode):
+    """A prefill of its own (the default --rank-mismatch, abort); the shared decode."""
     prefill = pd.prefill(2)
-    decode = pd.decode(1)
+    decode = forward_decode
     route = requests.get(f"http://127.0.0.1:{prefill.bootstrap_port}/route", timeout=5).json()
     assert route["rank_mismatch"] == "abort"
     room = 2 * random.randrange(2**62)
