@@ -26,30 +26,42 @@ pytestmark = pytest.mark.timeout(300)
 KV_BYTES = "pdserve_kv_transfer_bytes_total"
 
 
-@contextlib.contextmanager
-def local_cluster(decode_dp: int):
-    """One prefill server, one decode server of `decode_dp` ranks, a kv_aware router with
-    local prefill (threshold 32 tokens) and no --dp-aware."""
+@pytest.fixture(scope="module")
+def factory():
     factory = PDFactory()
     try:
-        prefill, decode = factory.prefill(1), factory.decode(decode_dp)
-        args = router_args([(prefill.url, prefill.bootstrap_port)], [decode.url])
-        policy = ["--policy", "kv_aware", "--local-prefill-threshold", "32"]
-        with start_router([*args, *policy]) as router:
-            yield prefill, decode, router
+        yield factory
     finally:
         factory.stop_all()
 
 
 @pytest.fixture(scope="module")
-def cluster():
-    with local_cluster(1) as parts:
+def prefill(factory):
+    """One prefill server for both clusters: what its cache holds does not decide the
+    local path (decode's does), and a server start costs CI seconds."""
+    return factory.prefill(1)
+
+
+@contextlib.contextmanager
+def local_cluster(factory, prefill, decode_dp: int):
+    """`prefill`, one decode server of `decode_dp` ranks, a kv_aware router with local
+    prefill (threshold 32 tokens) and no --dp-aware."""
+    decode = factory.decode(decode_dp)
+    args = router_args([(prefill.url, prefill.bootstrap_port)], [decode.url])
+    policy = ["--policy", "kv_aware", "--local-prefill-threshold", "32"]
+    with start_router([*args, *policy]) as router:
+        yield prefill, decode, router
+
+
+@pytest.fixture(scope="module")
+def cluster(factory, prefill):
+    with local_cluster(factory, prefill, 1) as parts:
         yield parts
 
 
 @pytest.fixture(scope="module")
-def cluster_dp2():
-    with local_cluster(2) as parts:
+def cluster_dp2(factory, prefill):
+    with local_cluster(factory, prefill, 2) as parts:
         yield parts
 
 
