@@ -39,7 +39,8 @@ BODY = {
     "input_ids": list(range(10, 60)),
     "sampling_params": {"max_new_tokens": 4, "temperature": 0},
 }
-KV_WAIT_S = 3.0  # long enough to send a duplicate while the first request waits
+KV_WAIT_S = 2.0  # long enough to send a duplicate while the first request waits
+HEARTBEAT = ["--heartbeat-interval-s", "0.2", "--heartbeat-timeout-s", "1.0"]
 
 
 @pytest.fixture(scope="module")
@@ -73,6 +74,29 @@ def short_kv_wait_pair(pd_module, pair) -> tuple[Prefill, ServerProcess]:
 def small_decode_pair(pd_module, pair) -> tuple[Prefill, ServerProcess]:
     """The zmq pair's prefill and a decode whose pool holds only 64 tokens (4 pages)."""
     return pair[0], pd_module.decode(1, ["--max-total-tokens", "64"])
+
+
+@pytest.fixture(scope="module")
+def heartbeat_decode(pd_module) -> Callable[[str], ServerProcess]:
+    """A decode per transfer backend that declares a silent prefill worker dead within a
+    second, for the tests that kill or freeze their own prefill's worker (decode survives
+    them: each waits until its pages are freed)."""
+    started: dict[str, ServerProcess] = {}
+
+    def decode_for(backend: str) -> ServerProcess:
+        if backend not in started:
+            started[backend] = pd_module.decode(1, [*HEARTBEAT, *backend_args(backend)])
+        assert started[backend].alive()
+        return started[backend]
+
+    return decode_for
+
+
+@pytest.fixture(scope="module")
+def page8_prefill(pd_module) -> Prefill:
+    """A prefill with 8-token pages (no decode here has them) and a 1.5 s deadline for
+    decode's page list: for the tests of a room decode never takes."""
+    return pd_module.prefill(1, ["--page-size", "8", "--bootstrap-timeout-s", "1.5"])
 
 
 def _leg(bootstrap_port: int, room: int, body: dict = BODY, **extra) -> dict:
@@ -122,11 +146,11 @@ def test_room_sent_only_to_decode_fails_at_its_deadline(short_kv_wait_pair):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_dead_prefill_worker_fails_its_rooms_within_the_heartbeat_window(pd, backend):
+def test_dead_prefill_worker_fails_its_rooms_within_the_heartbeat_window(
+    pd, heartbeat_decode, backend
+):
     prefill = pd.prefill(1, backend_args(backend))
-    decode = pd.decode(
-        1, ["--heartbeat-interval-s", "0.2", "--heartbeat-timeout-s", "1.0", *backend_args(backend)]
-    )
+    decode = heartbeat_decode(backend)
     pending = [_post_async(decode.url, _leg(prefill.bootstrap_port, room)) for room in (11, 22, 33)]
     wait_until(lambda: pages_in_use(decode.url) > 0, 20, "decode to reserve pages")
     worker_pid = requests.get(prefill.url + "/server_info", timeout=5).json()["worker_pids"][0]
@@ -140,10 +164,10 @@ def test_dead_prefill_worker_fails_its_rooms_within_the_heartbeat_window(pd, bac
     wait_until(lambda: pages_in_use(decode.url) == 0, 5, "decode pages to be freed")
 
 
-def test_frozen_prefill_worker_fails_its_rooms_by_heartbeat(pd):
+def test_frozen_prefill_worker_fails_its_rooms_by_heartbeat(pd, heartbeat_decode):
     """SIGSTOP keeps the TCP connection open: only the ZeroMQ heartbeat can tell."""
     prefill = pd.prefill(1)
-    decode = pd.decode(1, ["--heartbeat-interval-s", "0.2", "--heartbeat-timeout-s", "1.0"])
+    decode = heartbeat_decode("zmq")
     worker_pid = requests.get(prefill.url + "/server_info", timeout=5).json()["worker_pids"][0]
     # Connect and handshake first with one full request, so the connection exists.
     assert pd_generate(
@@ -235,11 +259,11 @@ def test_abort_on_prefill_fails_the_decode_leg(pair):
     wait_idle([prefill.url, decode.url])
 
 
-def test_incompatible_page_size_fails_with_both_values(pd, pair):
-    """A prefill of its own; the shared decode has the default page size, 16."""
+def test_incompatible_page_size_fails_with_both_values(page8_prefill, pair):
+    """The shared decode has the default page size, 16."""
     decode = pair[1]
     assert requests.get(decode.url + "/server_info", timeout=10).json()["page_size"] == 16
-    prefill = pd.prefill(1, ["--page-size", "8"])
+    prefill = page8_prefill
     result = pd_generate(
         prefill.url, decode.url, BODY, bootstrap_port=prefill.bootstrap_port, timeout_s=30
     )
@@ -323,8 +347,8 @@ def test_many_concurrent_rooms_all_complete(pd):
     wait_idle([prefill.url, decode.url])
 
 
-def test_room_sent_only_to_prefill_fails_at_its_deadline(pd):
-    prefill = pd.prefill(1, ["--bootstrap-timeout-s", "1.5"])
+def test_room_sent_only_to_prefill_fails_at_its_deadline(page8_prefill):
+    prefill = page8_prefill
     start = time.monotonic()
     resp = requests.post(
         prefill.url + "/generate",
