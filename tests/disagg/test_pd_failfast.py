@@ -66,7 +66,8 @@ def _check_fast_failure(resp: requests.Response, elapsed_s: float, reason: str, 
 @pytest.fixture(scope="module")
 def decodes(pd_module) -> Callable[[int], ServerProcess]:
     """Decode servers by DP size, each started once: the 1-1 and 3-1 shapes share one (the
-    rooms are random, and a prefill's ports are never handed out again)."""
+    rooms are random, and a prefill's ports are never handed out again), as do the tests
+    that kill or restart a prefill of their own (decode's counters are read as deltas)."""
     started: dict[int, ServerProcess] = {}
 
     def decode(dp_size: int) -> ServerProcess:
@@ -188,10 +189,12 @@ def _epoch(bootstrap_port: int, query: str = "") -> int:
     ]
 
 
-def test_dead_prefill_server_is_reported_in_seconds_and_recovers_after_restart(pd):
+def test_dead_prefill_server_is_reported_in_seconds_and_recovers_after_restart(pd, decodes):
     port, bootstrap_port = free_port(), free_port()
     prefill = _start_prefill(pd, port, bootstrap_port)
-    decode = pd.decode(1)
+    decode = decodes(1)
+    epoch_changes = "pdserve_prefill_epoch_changes_total"
+    epoch_changes_before = metric_value(decode.url, epoch_changes)
     assert _pd_ok(prefill, decode)  # decode now caches the server's info and endpoint
     first_epoch = _epoch(bootstrap_port)
     assert _epoch(bootstrap_port, "?prefill_dp_rank=0") == first_epoch
@@ -220,17 +223,17 @@ def test_dead_prefill_server_is_reported_in_seconds_and_recovers_after_restart(p
     while not _pd_ok(restarted, decode):
         assert time.monotonic() - ready_at < 5.0, "no success within 5 s of the restart"
     # Decode saw the new epoch and dropped what it had cached of the old start.
-    assert metric_value(decode.url, "pdserve_prefill_epoch_changes_total") == 1
+    assert metric_value(decode.url, epoch_changes) == epoch_changes_before + 1
     wait_idle([restarted.url, decode.url])
 
 
-def test_a_prefill_restarted_between_requests_serves_the_first_request_after_it(pd):
+def test_a_prefill_restarted_between_requests_serves_the_first_request_after_it(pd, decodes):
     """No request saw the prefill server die: decode's worker saw its KV connection drop
     and its front end forgot the dead endpoint, so the first request after the restart
     asks the bootstrap server for the new one instead of failing on the old."""
     port, bootstrap_port = free_port(), free_port()
     prefill = _start_prefill(pd, port, bootstrap_port)
-    decode = pd.decode(1)
+    decode = decodes(1)
     assert _pd_ok(prefill, decode)  # decode now caches the server's info and endpoint
     prefill.server.signal_group(signal.SIGKILL)
     prefill.server.proc.wait(timeout=10)
@@ -254,10 +257,11 @@ def test_prefill_is_healthy_only_once_every_worker_can_be_found():
         assert requests.get(server.url + "/health", timeout=5).status_code == 200
 
 
-def test_decode_killed_under_a_live_prefill_frees_prefill_state_and_a_new_decode_works(pd):
+def test_decode_killed_under_a_live_prefill_frees_prefill_state_and_a_new_decode_works(pd, decodes):
     """Decode sent its page list, then died before the prefill leg arrived: prefill drops
     the dead peer's rooms (no pages held for nobody), the late prefill leg fails at once
-    with the reason, and a decode started afterwards is served right away."""
+    with the reason, and a decode new to it (the module's, never its peer before) is
+    served right away."""
     prefill = pd.prefill(1)
     decode = pd.decode(1)
     room = random_room()
@@ -271,7 +275,7 @@ def test_decode_killed_under_a_live_prefill_frees_prefill_state_and_a_new_decode
     resp, elapsed_s = _timed_post(prefill.url, _leg(prefill.bootstrap_port, room))
     _check_fast_failure(resp, elapsed_s, "lost the connection to decode", "late prefill leg")
     wait_idle([prefill.url])
-    fresh = pd.decode(1)
+    fresh = decodes(1)
     assert _pd_ok(prefill, fresh)
     wait_idle([prefill.url, fresh.url])
 
@@ -304,7 +308,7 @@ def _next_message(transport, timeout_s: float = 10.0) -> m.ChannelMsg:
     raise AssertionError(f"no message within {timeout_s:g}s")
 
 
-def test_decode_restarted_under_a_live_prefill_drops_the_old_epoch_rooms(pd):
+def test_decode_restarted_under_a_live_prefill_drops_the_old_epoch_rooms(pd, decodes):
     """A decode server restarts while its old KV connection still looks alive (no loss
     reported): its handshake with a new epoch makes prefill fail the rooms of the old epoch
     and free their pages; their late prefill legs fail at once with the reason."""
@@ -325,6 +329,6 @@ def test_decode_restarted_under_a_live_prefill_drops_the_old_epoch_rooms(pd):
         for transport in (old, new):
             if transport is not None:
                 transport.close()
-    decode = pd.decode(1)
+    decode = decodes(1)
     assert _pd_ok(prefill, decode)
     wait_idle([prefill.url, decode.url])
