@@ -9,6 +9,7 @@ from __future__ import annotations
 import concurrent.futures
 import signal
 
+import pytest
 import requests
 
 from tests.disagg.conftest import TINY, Prefill
@@ -20,6 +21,14 @@ BODY = {
     "sampling_params": {"max_new_tokens": 6, "temperature": 0, "ignore_eos": True},
 }
 FORCE = {"PDSERVE_FORCE_QUERY_PREFILL_DP_RANK": "1"}
+QUERIES = "pdserve_rank_query_round_trips_total"
+
+
+@pytest.fixture(scope="module")
+def decode(pd_module):
+    """One decode for both tests: each restarts a prefill on ports of its own, and what
+    decode caches is kept per bootstrap address."""
+    return pd_module.decode(1, args=["--bootstrap-timeout-s", "15"])
 
 
 def _start_prefill(pd, port: int, bootstrap_port: int, dp_size: int, args=(), env=None):
@@ -56,10 +65,9 @@ def _check_served(prefill: Prefill, decode_url: str, expected: list[int], **kw) 
     assert result.decode.body["output_ids"] == expected
 
 
-def test_a_prefill_restarted_compatible_is_used_after_decode_refused_its_earlier_start(pd):
+def test_a_prefill_restarted_compatible_is_used_after_decode_refused_its_earlier_start(pd, decode):
     port, bootstrap_port = free_port(), free_port()
     prefill = _start_prefill(pd, port, bootstrap_port, 1, ["--page-size", "8"])
-    decode = pd.decode(1)
     expected = _local_tokens(decode.url)
     refused = pd_generate(prefill.url, decode.url, BODY, bootstrap_port=bootstrap_port)
     assert refused.decode.status == 500, refused.decode.body
@@ -72,7 +80,7 @@ def test_a_prefill_restarted_compatible_is_used_after_decode_refused_its_earlier
     wait_idle([prefill.url, decode.url])
 
 
-def test_a_prefill_restarted_with_another_dp_size_and_rank_rule_is_resolved_anew(pd):
+def test_a_prefill_restarted_with_another_dp_size_and_rank_rule_is_resolved_anew(pd, decode):
     """Decode learnt `dp_size=2, registers_all_rooms` from a querying leg that never got a
     KV connection (its prefill leg never came); the server died and came back with 3 ranks
     on the fast path. A request naming rank 2 is not refused as out of range, and one that
@@ -80,13 +88,13 @@ def test_a_prefill_restarted_with_another_dp_size_and_rank_rule_is_resolved_anew
     room the new server never registers."""
     port, bootstrap_port = free_port(), free_port()
     prefill = _start_prefill(pd, port, bootstrap_port, 2, env=FORCE)
-    decode = pd.decode(1, args=["--bootstrap-timeout-s", "15"])
+    queries_before = metric_value(decode.url, QUERIES)
     expected = _local_tokens(decode.url)
     leg = dict(BODY, bootstrap_host="127.0.0.1", bootstrap_port=bootstrap_port, bootstrap_room=7)
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         pending = pool.submit(requests.post, decode.url + "/generate", json=leg, timeout=60)
         wait_until(
-            lambda: metric_value(decode.url, "pdserve_rank_query_round_trips_total") > 0,
+            lambda: metric_value(decode.url, QUERIES) > queries_before,
             20,
             "decode to ask for the rank of the room",
         )
