@@ -178,8 +178,9 @@ def test_shared_prefixes_give_the_tokens_of_no_cache(pd, pair, cache_off, dp):
     wait_idle([prefill.url, decode.url])
 
 
-def test_a_decode_pool_smaller_than_the_working_set_evicts_and_answers(pd, cache_off):
-    prefill = pd.prefill(1)
+def test_a_decode_pool_smaller_than_the_working_set_evicts_and_answers(pd, pair, cache_off):
+    """A decode of its own, with the module's prefill (these prompts are this test's own)."""
+    prefill = pair[0]
     decode = pd.decode(1, ["--max-total-tokens", str(24 * PAGE)])
     rng = random.Random(3)
     system = [rng.randrange(3, 250) for _ in range(4 * PAGE)]
