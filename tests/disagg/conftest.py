@@ -104,13 +104,16 @@ def pd_module() -> Iterator[PDFactory]:
 
 class PDPairs:
     """Prefill + decode pairs of one module, started when a test first asks for a
-    configuration and handed to every later test that asks for the same one. A test that
-    takes a pair must leave both servers running and idle (nothing killed, frozen or held):
-    each server start costs CI seconds of CPU, a shared pair costs one."""
+    configuration and handed to every later test that asks for the same one. Prefill and
+    decode servers are kept apart, by their own configuration: pairs that differ on one
+    side share the other's server (a decode serves many prefills, as in production). A
+    test that takes a pair must leave both servers running and idle (nothing killed, frozen
+    or held): each server start costs CI seconds of CPU, a shared one costs one."""
 
     def __init__(self, factory: PDFactory) -> None:
         self.factory = factory
-        self.pairs: dict[tuple, tuple[Prefill, ServerProcess]] = {}
+        self.prefills: dict[tuple, Prefill] = {}
+        self.decodes: dict[tuple, ServerProcess] = {}
 
     def get(
         self,
@@ -119,11 +122,14 @@ class PDPairs:
         prefill_args: Sequence[str] = (),
         decode_args: Sequence[str] = (),
     ) -> tuple[Prefill, ServerProcess]:
-        key = (prefill_dp, decode_dp, tuple(prefill_args), tuple(decode_args))
-        if key not in self.pairs:
-            prefill = self.factory.prefill(prefill_dp, prefill_args)
-            self.pairs[key] = (prefill, self.factory.decode(decode_dp, decode_args))
-        prefill, decode = self.pairs[key]
+        prefill_key = (prefill_dp, tuple(prefill_args))
+        if prefill_key not in self.prefills:
+            self.prefills[prefill_key] = self.factory.prefill(prefill_dp, prefill_args)
+        decode_key = (decode_dp, tuple(decode_args))
+        if decode_key not in self.decodes:
+            self.decodes[decode_key] = self.factory.decode(decode_dp, decode_args)
+        prefill, decode = self.prefills[prefill_key], self.decodes[decode_key]
+        key = (prefill_key, decode_key)
         assert prefill.server.alive() and decode.alive(), f"a test stopped shared pair {key}"
         return prefill, decode
 
