@@ -65,15 +65,16 @@ def _used_pages(url: str) -> int:
     return get_load(url)[0]["num_used_pages"]
 
 
-def test_a_room_queued_for_a_request_slot_outlives_the_bootstrap_deadline(pd):
+def test_a_room_queued_for_a_request_slot_outlives_the_bootstrap_deadline(pd, pair):
     """Waiting in decode's admission queue is no fault: a room turned away by
     --max-running-requests waits past --bootstrap-timeout-s on decode, and prefill keeps its
     request past that deadline while decode's leases come, until the slot frees. Both legs
     failed with a 504 at that deadline, so a batch larger than the request limit lost every
-    request still queued after it."""
+    request still queued after it. The holder's room names the module's prefill, whose
+    default 30 s deadline for the page list it parks there outlasts this test."""
     short = ["--bootstrap-timeout-s", "1"]
     prefill = pd.prefill(1, short)
-    holder_prefill = pd.prefill(1, ["--bootstrap-timeout-s", "60"])
+    holder_prefill = pair[0]
     decode = pd.decode(1, [*short, "--max-running-requests", "1", "--kv-wait-timeout-s", "60"])
     # Decode leg only: it takes the one request slot and waits for KV that never comes.
     holder = _post_async(decode.url, _leg(holder_prefill, 7201, list(range(3, 23)), "slot"))
