@@ -11,7 +11,7 @@ import pytest
 
 from pdserve import procs
 from tests.disagg import netns
-from tests.helpers import ServerProcess, http_json, launch_server
+from tests.helpers import ServerProcess, http_json
 
 pytestmark = pytest.mark.timeout(300)
 WHY_NOT = netns.unavailable()
@@ -118,10 +118,9 @@ def test_a_routable_bind_without_a_credential_is_warned_at_start(machines):
     assert "without --disagg-secret" not in prefill_log + decode_log  # they have the secret
 
 
-def test_tokens_cross_the_veth_and_equal_the_colocated_ones(machines):
+def test_tokens_cross_the_veth_and_equal_the_colocated_ones(machines, tiny_server):
     ns = machines["ns"]
-    with launch_server(["--model-path", "tiny-random", "--torch-threads", "1"]) as colocated:
-        expected = http_json("POST", colocated.url + "/generate", BODY)[1]["output_ids"]
+    expected = http_json("POST", tiny_server.url + "/generate", BODY)[1]["output_ids"]
     status, answer = netns.call_in(
         ns["b"], lambda: http_json("POST", machines["router"] + "/generate", BODY)
     )
