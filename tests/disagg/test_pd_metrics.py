@@ -47,6 +47,10 @@ def test_kv_sent_for_a_prefill_leg_whose_client_left_counts_on_both_sides(pair):
     sent_before = metric_value(prefill.url, KV_BYTES)
     warm = pd_generate(prefill.url, decode.url, leg_body(port, 1, ids, "warm"), bootstrap_port=port)
     assert warm.decode.ok, warm.decode.error  # decode knows prefill's worker from now on
+    # The warm room may still show in /get_load (room counts are reported with the next
+    # load report): counted as the new leg's, the front end was stopped before it passed
+    # the leg on, and decode waited 30 s for a request prefill never got.
+    wait_idle([prefill.url])
     leg = _open_leg(prefill.url, leg_body(port, 2, ids, "p"))
     with leg:
         wait_until(lambda: rooms_in_flight(prefill.url) == 1, 30, "prefill's room")
