@@ -40,6 +40,18 @@ def pd_router():
         factory.stop_all()
 
 
+@pytest.fixture(scope="module")
+def live_pair():
+    """A default prefill + decode pair for the tests that freeze a worker only for a while
+    or fail one room, each through a router of its own: both servers stay up, and each
+    test leaves them idle and in service."""
+    factory = PDFactory()
+    try:
+        yield factory.prefill(1), factory.decode(1)
+    finally:
+        factory.stop_all()
+
+
 def stream_until_killed(router_url: str, kill) -> tuple[list[dict], float]:
     """Start a long stream, call `kill()` after its first event; (events, seconds from the
     kill to the end of the stream)."""
@@ -137,15 +149,16 @@ def test_a_decode_worker_killed_leaves_the_other_decode_server_serving():
         factory.stop_all()
 
 
-def test_a_decode_leg_failed_by_its_prefill_worker_leaves_decode_in_rotation():
+def test_a_decode_leg_failed_by_its_prefill_worker_leaves_decode_in_rotation(live_pair):
     """Decode fails a room whose prefill worker froze (its heartbeat, while the prefill leg
     is still in flight): that is no verdict on the decode server, so its circuit breaker (one
     failure opens it here) stays closed and the next request, once prefill thaws, is served
-    instead of getting `503 no healthy decode server` for the breaker's open period."""
+    instead of getting `503 no healthy decode server` for the breaker's open period. The
+    module's prefill, thawed and serving again by the end; a decode of its own."""
     factory = PDFactory()
     heartbeat = ["--heartbeat-interval-s", "0.2", "--heartbeat-timeout-s", "1.0"]
     try:
-        prefill, decode = factory.prefill(1), factory.decode(1, heartbeat)
+        prefill, decode = live_pair[0], factory.decode(1, heartbeat)
         args = router_args([(prefill.url, prefill.bootstrap_port)], [decode.url])
         breaker = ["--cb-failure-threshold", "1", "--max-retries", "0"]
         with start_router(args + breaker) as router:
@@ -155,21 +168,21 @@ def test_a_decode_leg_failed_by_its_prefill_worker_leaves_decode_in_rotation():
             assert resp.status_code == 503 and "heartbeat" in resp.text, resp.text
             assert router_workers(router.url)[decode.url]["circuit"] == "closed"
             serves_again(router.url)
+            wait_idle([prefill.url, decode.url])
     finally:
         factory.stop_all()
 
 
-def test_a_room_prefill_fails_with_500_leaves_decode_in_rotation():
+def test_a_room_prefill_fails_with_500_leaves_decode_in_rotation(live_pair):
     """Prefill fails a room with a 500 (as when its DP worker exits) while the router's
     prefill leg still runs: decode relays it marked `origin: prefill`, and the router gives
     no verdict on decode, whose breaker (one failure opens it here) stays closed. The
     router's prefill leg goes to a stub that holds it, so decode's answer comes first; the
     room's KV and its failure are the real prefill server's."""
-    factory = PDFactory()
     stub = StubWorker("p1", "prefill")
     try:
         stub.proc.start(timeout_s=30)
-        prefill, decode = factory.prefill(1), factory.decode(1)
+        prefill, decode = live_pair
         args = router_args([(stub.url, prefill.bootstrap_port)], [decode.url])
         breaker = ["--cb-failure-threshold", "1", "--max-retries", "0"]
         with start_router(args + breaker) as router, ThreadPoolExecutor(1) as pool:
@@ -185,33 +198,29 @@ def test_a_room_prefill_fails_with_500_leaves_decode_in_rotation():
             assert resp.status_code == 500 and "worker 0 exited" in error["message"], error
             assert error["origin"] == "prefill" and error["worker"]["role"] == "decode"
             assert router_workers(router.url)[decode.url]["circuit"] == "closed"
+        wait_idle([prefill.url, decode.url])
     finally:
-        factory.stop_all()
         stub.proc.__exit__(None, None, None)
 
 
-def test_a_frozen_decode_worker_leaves_prefill_in_rotation():
+def test_a_frozen_decode_worker_leaves_prefill_in_rotation(live_pair):
     """A decode worker frozen (SIGSTOP) never sends its page list, so the prefill leg of its
     room waits until the router's deadline: that is no verdict on the prefill server, whose
     breaker (one failure opens it here) stays closed, and once decode thaws it serves. The
     client's error names decode (it read `prefill server failed`: prefill's leg, sent
     first, met the deadline first)."""
-    factory = PDFactory()
-    try:
-        prefill, decode = factory.prefill(1), factory.decode(1)
-        args = router_args([(prefill.url, prefill.bootstrap_port)], [decode.url])
-        limits = ["--cb-failure-threshold", "1", "--max-retries", "0", "--request-timeout-s", "2"]
-        with start_router(args + limits) as router:
-            resp = generate_with_a_worker_frozen(router.url, decode.pid)
-            assert resp.status_code == 504, resp.text
-            error = resp.json()["error"]
-            assert error["message"].startswith("decode server failed"), error
-            assert error["worker"] == {"url": decode.url, "role": "decode"}
-            assert router_workers(router.url)[prefill.url]["circuit"] == "closed"
-            serves_again(router.url)
-            wait_idle([prefill.url, decode.url])
-    finally:
-        factory.stop_all()
+    prefill, decode = live_pair
+    args = router_args([(prefill.url, prefill.bootstrap_port)], [decode.url])
+    limits = ["--cb-failure-threshold", "1", "--max-retries", "0", "--request-timeout-s", "2"]
+    with start_router(args + limits) as router:
+        resp = generate_with_a_worker_frozen(router.url, decode.pid)
+        assert resp.status_code == 504, resp.text
+        error = resp.json()["error"]
+        assert error["message"].startswith("decode server failed"), error
+        assert error["worker"] == {"url": decode.url, "role": "decode"}
+        assert router_workers(router.url)[prefill.url]["circuit"] == "closed"
+        serves_again(router.url)
+        wait_idle([prefill.url, decode.url])
 
 
 def test_a_frozen_decode_worker_is_named_by_prefill_and_avoided_by_the_retry():
