@@ -31,7 +31,7 @@ from pdserve.router.merge import (
 )
 from pdserve.router.metrics import RouterMetrics
 from pdserve.router.workers import Worker
-from pdserve.serving.hooks import DECODE_ORIGIN, PREFILL_ORIGIN, error_object
+from pdserve.serving.hooks import DECODE_ORIGIN, PREFILL_ORIGIN, SHUTTING_DOWN, error_object
 from pdserve.serving.request_id import REQUEST_ID_HEADER
 
 log = logging.getLogger(__name__)
@@ -84,12 +84,26 @@ class LegError(Exception):
         )
 
     @property
+    def draining(self) -> bool:
+        """The worker's 503 of its drain (SIGTERM), or its peer's relayed: a stop, not a
+        fault; the retry avoids the draining server (`at_fault`), and its health checks
+        take it out of rotation until it is back."""
+        return self.answered and self.status == 503 and self.message == SHUTTING_DOWN
+
+    @property
     def no_verdict(self) -> bool:
         """Says nothing of the worker's health: a request it refused, or a 504 it answered
         (a deadline it enforced on the request: its own --request-timeout-s, or a bootstrap
         or KV wait on its peer; the worker itself is responsive), or an error it marks as
-        its peer's (`peer_fault`)."""
-        return self.peer_fault or self.client_fault or (self.answered and self.status == 504)
+        its peer's (`peer_fault`), or its drain's 503 (`draining`: counted, the requests a
+        rolling restart refused opened the breaker, which then kept the restarted server
+        out of rotation)."""
+        return (
+            self.peer_fault
+            or self.client_fault
+            or self.draining
+            or (self.answered and self.status == 504)
+        )
 
     @property
     def client_message(self) -> str:

@@ -13,11 +13,11 @@ from aiohttp import web
 import pdserve
 from pdserve.engine.request import SamplingParams
 from pdserve.serving.generation import run_to_end
-from pdserve.serving.hooks import RequestError, error_object
+from pdserve.serving.hooks import SHUTTING_DOWN, RequestError, error_object
 from pdserve.serving.metrics import CONTENT_TYPE
 from pdserve.serving.openai_format import model_not_found
 from pdserve.serving.request_parse import GenItem, new_rid
-from pdserve.serving.server_state import SHUTTING_DOWN, ServerState, read_json, state_of
+from pdserve.serving.server_state import ServerState, read_json, state_of
 
 DUMP_TIMEOUT_S = 10.0
 

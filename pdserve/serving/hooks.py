@@ -25,6 +25,11 @@ PREFILL_ORIGIN = "prefill"
 # decode before the bootstrap deadline (decode did not take the KV: a stuck decode worker),
 # a lost or restarted decode. The router avoids that decode server, not prefill, on a retry.
 DECODE_ORIGIN = "decode"
+# The message of a draining server's 503s (SIGTERM: new generation requests, and those still
+# in flight at --shutdown-timeout-s). The router reads it as no verdict on that server's
+# health: a rolling restart is not a fault, and counted as one it opened the server's
+# circuit breaker, which kept it out of rotation once restarted.
+SHUTTING_DOWN = "the server is shutting down"
 
 # Generation request bodies, on the servers and (as the servers read them) in the router: the
 # most bytes one may hold, and the size from which it is parsed and tokenized off the event

@@ -29,6 +29,7 @@ from pdserve.serving.content_coding import ACCEPTED_CODINGS, UnsupportedCoding
 from pdserve.serving.dp_controller import DPController, WorkerStartError
 from pdserve.serving.generation import Generator
 from pdserve.serving.hooks import (
+    SHUTTING_DOWN,
     FrontendHooks,
     RequestError,
     WorkerHooksFactory,
@@ -303,7 +304,7 @@ async def _drain(
         # first poll's timeout end the drain (and the server, in a traceback)
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(stop.wait(), DRAIN_POLL_S)  # a check, not a synchronisation
-    failed = controller.fail_all(503, "the server is shutting down")
+    failed = controller.fail_all(503, SHUTTING_DOWN)
     if failed:
         logger.warning("failed %d requests still in flight: the server is shutting down", failed)
 

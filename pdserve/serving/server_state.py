@@ -18,7 +18,13 @@ from aiohttp import web
 from pdserve.serving.config import ServerConfig
 from pdserve.serving.dp_controller import DPController
 from pdserve.serving.generation import Generator
-from pdserve.serving.hooks import LARGE_BODY_BYTES, MAX_BODY_BYTES, FrontendHooks, RequestError
+from pdserve.serving.hooks import (
+    LARGE_BODY_BYTES,
+    MAX_BODY_BYTES,
+    SHUTTING_DOWN,
+    FrontendHooks,
+    RequestError,
+)
 from pdserve.serving.http_body import read_body
 from pdserve.serving.http_request_id import GENERATION_PATHS
 from pdserve.serving.request_parse import Limits
@@ -69,7 +75,6 @@ def client_gone(request: web.Request):
 
 BODY = "pdserve.json_body"  # request key: the parsed body, for the error middleware
 BODY_NBYTES = "pdserve.body_nbytes"  # request key: the body's size in bytes
-SHUTTING_DOWN = "the server is shutting down"
 
 
 async def read_json(request: web.Request) -> Any:

@@ -13,8 +13,16 @@ import pytest
 import requests
 
 from pdserve.bench import proc_tree
+from pdserve.serving.hooks import SHUTTING_DOWN
 from tests.disagg.conftest import PDFactory
-from tests.disagg.pd_driver import pages_in_use, wait_idle
+from tests.disagg.pd_driver import (
+    leg_body,
+    pages_in_use,
+    post_async,
+    random_room,
+    rooms_in_flight,
+    wait_idle,
+)
 from tests.helpers import wait_until
 from tests.router.conftest import StubWorker, router_args, start_router
 from tests.router.test_router_shell import metric
@@ -274,5 +282,38 @@ def test_a_frozen_prefill_worker_is_named_by_decode_and_avoided_by_the_retry():
             ]
             assert legs == [1, 1]  # the first attempt went to the frozen one, the retry not
             wait_idle([p1.url, p2.url, decode.url], timeout_s=30)
+    finally:
+        factory.stop_all()
+
+
+def test_a_draining_prefill_server_opens_no_circuit_breaker():
+    """A prefill server stopped for a rolling restart (SIGTERM) drains: it answers new
+    requests 503 `the server is shutting down`, and decode relays it on the other leg. The
+    router counted those as failures of the server, so a drain opened its breaker (one
+    failure opens it here), which kept the restarted server out of rotation for the open
+    period. The drain is held open by a prefill leg alone, waiting for decode's page list."""
+    factory = PDFactory()
+    try:
+        prefill = factory.prefill(1, ["--shutdown-timeout-s", "600"])
+        decode = factory.decode(1)
+        args = router_args([(prefill.url, prefill.bootstrap_port)], [decode.url])
+        # Health checks rare: they would take the draining server out before the requests.
+        limits = ["--cb-failure-threshold", "1", "--max-retries", "0"]
+        with start_router(args + limits + ["--health-check-interval-s", "600"]) as router:
+            room, ids = random_room(), SHORT["input_ids"]
+            held = post_async(prefill.url, leg_body(prefill.bootstrap_port, room, ids, "held"))
+            wait_until(lambda: rooms_in_flight(prefill.url) == 1, 30, "the held prefill leg")
+            prefill.server.signal_group(signal.SIGTERM)
+            wait_until(lambda: requests.get(prefill.url + "/health").status_code == 503, 30,
+                       "the drain")  # fmt: skip
+            for _ in range(3):
+                resp = requests.post(router.url + "/generate", json=SHORT, timeout=30)
+                assert resp.status_code == 503 and SHUTTING_DOWN in resp.text, resp.text
+            workers = router_workers(router.url)
+            assert workers[prefill.url]["circuit"] == "closed", workers
+            assert workers[decode.url]["circuit"] == "closed", workers
+            # The leg in flight when the drain began is served: its decode leg comes now.
+            decode_leg = post_async(decode.url, leg_body(prefill.bootstrap_port, room, ids, "d"))
+            assert held.result().status_code == 200 and decode_leg.result().status_code == 200
     finally:
         factory.stop_all()
