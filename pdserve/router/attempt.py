@@ -18,7 +18,7 @@ from pdserve.router.body import (
     plain_body,
 )
 from pdserve.router.http_client import Response as LegResponse
-from pdserve.router.http_server import Request, Response, StreamResponse
+from pdserve.router.http_server import ROUTER_SHUTTING_DOWN, Request, Response, StreamResponse
 from pdserve.router.kv_policy import output_budget
 from pdserve.router.legs import (
     LegContext,
@@ -45,6 +45,7 @@ from pdserve.router.merge import (
 )
 from pdserve.router.pairing import Pair
 from pdserve.router.workers import Worker
+from pdserve.serving.hooks import error_object
 from pdserve.serving.request_id import REQUEST_ID_HEADER
 
 T = TypeVar("T")
@@ -52,6 +53,9 @@ T = TypeVar("T")
 # hang up at once (OpenAI clients and `pdserve bench` do), possibly before decode's end of
 # body comes: the client's answer ends there, and decode's connection drops the rest.
 DONE_EVENT = b"data: [DONE]\n\n"
+# A stream the router's stop ends (http_server.ROUTER_SHUTTING_DOWN): as a server ends one
+# its own drain ends, an error event, then the last event.
+STOP_TAIL = sse_event({"error": error_object(503, ROUTER_SHUTTING_DOWN)}) + DONE_EVENT
 SSE_HEADERS = {
     "Content-Type": "text/event-stream",
     "Cache-Control": "no-cache",
@@ -225,6 +229,7 @@ class Attempt:
             elif prefill is not None:
                 merger = EchoStreamMerger(prefill_echo_logprobs(prefill.body, prefill.streamed))
         out = StreamResponse(200, {**SSE_HEADERS, REQUEST_ID_HEADER: self.request_id})
+        out.stop_tail = STOP_TAIL
         try:
             await out.prepare(self.request)  # committed: no retry from here on
             head = b"".join(merger.process(e) if merger else e for e in first)

@@ -138,6 +138,12 @@ class RouterConfig:
     )
     cb_success_threshold: int = opt(2, "successes in half-open state that close it")
     cb_open_s: float = opt(10.0, "how long an open breaker keeps the worker out")
+    shutdown_timeout_s: float = opt(
+        10.0,
+        "on SIGTERM or SIGINT, how long the requests in flight may still run (no new "
+        "connection is taken); past it, or at a second signal, they are answered 503 (a "
+        "stream: an error event, then [DONE])",
+    )
     connect_timeout_s: float = opt(5.0, "deadline to connect to a worker")
     request_timeout_s: float = opt(600.0, "deadline of one attempt, streaming included")
     abort_timeout_s: float = opt(2.0, "deadline of POST /abort_request to a worker")
@@ -202,6 +208,7 @@ class RouterConfig:
             "abort_timeout_s",
             "startup_timeout_s",
             "cb_open_s",
+            "shutdown_timeout_s",
         ):
             check(getattr(self, name) > 0, f"{name} must be > 0")
 

@@ -38,6 +38,8 @@ IDLE_TIMEOUT_S = 75.0
 # A client that takes none of an answer's bytes for this long is hung up on (nginx's
 # send_timeout): a streaming client that stopped reading held its handler for good.
 WRITE_STALL_S = 60.0
+# The answer to a request still in progress when the router's stop ends it.
+ROUTER_SHUTTING_DOWN = "the router is shutting down"
 
 
 class Request:
@@ -101,13 +103,22 @@ class StreamResponse:
     def __init__(self, status: int = 200, headers: dict[str, str] | None = None):
         self.status = status
         self.finished = False  # write_eof() went out
+        # What ends the stream when the router stops before it ends (an error event): the
+        # client learns why, where a bare end of body read as a whole answer.
+        self.stop_tail = b""
         self._headers = headers or {}
         self._conn: ServerConnection | None = None
         self._head = b""
         self._chunked = True
 
+    @property
+    def started(self) -> bool:
+        """Its head went out: the status can no longer change."""
+        return self._conn is not None and not self._head
+
     async def prepare(self, request: Request) -> None:
         self._conn = request._conn
+        self._conn.stream = self
         self._chunked = request.http11
         lines = [f"{name}: {value}\r\n" for name, value in self._headers.items()]
         lines.append("Transfer-Encoding: chunked\r\n" if self._chunked else "")
@@ -170,15 +181,28 @@ class HttpServer:
             lambda: ServerConnection(self), host, port, backlog=backlog
         )
 
-    async def stop(self, grace_s: float) -> None:
-        """Stop accepting; give answers in progress `grace_s` to end, then hang up."""
+    async def stop(self, grace_s: float, cut: asyncio.Event | None = None) -> None:
+        """Stop accepting; give answers in progress `grace_s` to end (or until `cut` is
+        set: a second signal), then answer the rest 503 `the router is shutting down` (a
+        stream already started: its `stop_tail`) and hang up. Hung up on unanswered, a
+        client read a dropped connection or a stream's bare end, with no cause."""
         if self._server is not None:
             self._server.close()
         for conn in list(self.connections):
             conn.close_when_idle()
         busy = [c.task for c in self.connections if c.task is not None]
         if busy:
-            await asyncio.wait(busy, timeout=grace_s)
+            ends = [asyncio.ensure_future(asyncio.wait(busy))]
+            if cut is not None:
+                ends.append(asyncio.ensure_future(cut.wait()))
+            await asyncio.wait(ends, timeout=grace_s, return_when=asyncio.FIRST_COMPLETED)
+            for end in ends:
+                end.cancel()
+        stopping = [c for c in self.connections if c.task is not None]
+        for conn in stopping:
+            conn.stop_answer()
+        if stopping:  # the answers are small writes; a client that reads none is cut off
+            await asyncio.wait([c.task for c in stopping if c.task is not None], timeout=1.0)
         for conn in list(self.connections):
             conn.hang_up()
 
@@ -206,6 +230,8 @@ class ServerConnection(WriteFlow):
         # Requests to answer in order; a ParseError last, answered before the close.
         self._queue: collections.deque[ParsedRequest | ParseError] = collections.deque()
         self._closing = False  # answer what is in progress, then close
+        self._stopping = False  # the router stops: the handler's answer is a 503
+        self.stream: StreamResponse | None = None  # the answer in progress, if a stream
         self._idle_timer: asyncio.TimerHandle | None = None  # runs while nothing is answered
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -283,6 +309,12 @@ class ServerConnection(WriteFlow):
         if self.task is None:
             self.hang_up()
 
+    def stop_answer(self) -> None:
+        """End the handler at once; `_answer` answers in its stead."""
+        self._stopping = True
+        if self.task is not None:
+            self.task.cancel()
+
     def hang_up(self) -> None:
         if self.transport is not None:
             self.transport.close()
@@ -319,10 +351,13 @@ class ServerConnection(WriteFlow):
     async def _answer(self, parsed: ParsedRequest) -> bool:
         """Run the handler and write its answer; whether the connection stays open."""
         request = Request(parsed, self)
+        self.stream = None
         try:
             response = await self.server.handler(parsed.method, request.path)(request)
         except asyncio.CancelledError:
-            raise
+            if not self._stopping or self.transport is None:
+                raise
+            return await self._answer_stopped()
         except Exception as exc:  # a bug: still an answer in the router's error format
             log.exception("error answering %s %s", parsed.method, request.path)
             response = _error(500, f"router error: {exc!r}")
@@ -334,6 +369,18 @@ class ServerConnection(WriteFlow):
         head_only = parsed.method == "HEAD"  # RFC 9110 9.3.2: GET's head, no content
         await self.write(_encode(response, parsed.keep_alive, head_only))
         return parsed.keep_alive
+
+    async def _answer_stopped(self) -> bool:
+        """The answer of a request the router's stop ended: 503, or where a stream's head
+        went out already, its `stop_tail` and its end."""
+        stream = self.stream
+        if stream is not None and stream.started:
+            if not stream.finished:
+                await stream.write(stream.stop_tail)
+                await stream.write_eof()
+        else:
+            await self.write(_encode(_error(503, ROUTER_SHUTTING_DOWN), False))
+        return False
 
 
 def _error(status: int, message: str) -> Response:

@@ -40,8 +40,6 @@ from pdserve.serving.hooks import error_object
 
 log = logging.getLogger(__name__)
 MAX_BODY_BYTES = 512 * 1024 * 1024
-# On SIGTERM: how long answers in progress get to end before their clients are hung up on.
-SHUTDOWN_GRACE_S = 10.0
 # Allocations between young-generation collections (Python's default is 700).
 GC_GEN0_THRESHOLD = 20_000
 OPEN_PATHS = frozenset({"/health"})
@@ -365,7 +363,15 @@ async def serve(config: RouterConfig) -> None:
         )
     print(f"pdserve router ready on {netaddr.http_url(config.host, config.port)}", flush=True)
     await stop.wait()
+    stop.clear()  # from here, a second signal ends the drain
     if metrics_server is not None:
         await metrics_server.stop(0.0)
-    await server.stop(SHUTDOWN_GRACE_S)
+    busy = sum(1 for conn in server.connections if conn.task is not None)
+    log.info(
+        "shutting down: %d requests in flight may run for %g s (a second SIGTERM or SIGINT "
+        "ends them now)",
+        busy,
+        config.shutdown_timeout_s,
+    )
+    await server.stop(config.shutdown_timeout_s, stop)
     await router.stop()
