@@ -1,7 +1,8 @@
 """`pdserve up`: a local PD cluster on one host (router + one prefill + one decode server).
 
 Runs in the `pdserve up` process, which only supervises: each role is a child process in
-its own process group; all of them are stopped on Ctrl-C, SIGTERM, or when any one dies.
+its own process group; all of them are stopped on Ctrl-C, SIGTERM, or when any one dies
+(each drains its requests first; a second Ctrl-C or SIGTERM goes on to them, ending that).
 """
 
 from __future__ import annotations
@@ -365,7 +366,7 @@ def banner(children: list[Child], c: ClusterConfig, elapsed_s: float) -> str:
         f"  curl {router.url}/v1/chat/completions -H 'Content-Type: application/json' \\",
         *(["    -H 'Authorization: Bearer <the --api-key>' \\"] if c.api_key else []),
         """    -d '{"messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 32, "temperature": 0}'""",
-        "Ctrl-C stops everything.",
+        "Ctrl-C stops everything (each drains its requests first; a second Ctrl-C ends that).",
     ]
     return "\n".join(lines)
 
@@ -402,8 +403,19 @@ def run(ns: argparse.Namespace) -> int:
     except ValueError as exc:
         raise SystemExit(f"pdserve up: {exc}") from exc
     stop = threading.Event()
+    children: list[Child] = []
+
+    def on_signal(*_: object) -> None:
+        # A second Ctrl-C (or SIGTERM) goes on to every child: each ends its drain at once
+        # (requests in flight fail with 503). `up` took it alone before, and the drains ran
+        # their full --shutdown-timeout-s however often the user pressed Ctrl-C.
+        if stop.is_set():
+            for child in children:
+                child.signal_group(signal.SIGTERM)
+        stop.set()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+        signal.signal(sig, on_signal)
     router_port, note = choose_router_port(
         c.port, lambda port: port_is_free(c.host, port), lambda: free_port(c.host)
     )
@@ -412,7 +424,7 @@ def run(ns: argparse.Namespace) -> int:
     gpu_note = shared_gpu_note(c.server_args, envs.cuda_mps_pipe_directory())
     if gpu_note:
         say(f"pdserve up: {gpu_note}")
-    children = plan(c, router_port)
+    children += plan(c, router_port)
     started_at = time.monotonic()
     try:
         for child in children:  # every fork before any thread starts (preexec_fn safety)

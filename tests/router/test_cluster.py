@@ -29,7 +29,9 @@ from tests.helpers import (
     REPO_ROOT,
     http_status,
     ipv6_loopback_missing,
+    open_sse,
     python_path_env,
+    read_sse,
     wait_until,
 )
 
@@ -81,6 +83,14 @@ class Up:
         os.unlink(self.log.name)
 
 
+def answers(url: str) -> bool:
+    try:
+        requests.get(f"{url}/health", timeout=5)
+    except requests.ConnectionError:
+        return False
+    return True
+
+
 def hold_port(port: int) -> socket.socket | None:
     """A listening socket on `port`, or None when another process holds it already."""
     sock = socket.socket()
@@ -114,8 +124,15 @@ def test_a_listening_port_is_not_free():
 
 
 def test_up_falls_back_from_a_taken_30000_serves_chat_and_leaves_nothing_after_sigterm():
+    """Also: a second SIGTERM (Ctrl-C) goes on to the children, which end their drains at
+    once; `up` took it alone, and every drain ran its full --shutdown-timeout-s (here 600 s:
+    `up` waited out --stop-timeout-s, then SIGKILLed them, the stream cut unanswered)."""
     holder = hold_port(DEFAULT_ROUTER_PORT)  # None: someone else holds it, taken all the same
-    up = Up("--model-path", "tiny-random", "--served-model-name", "my-llm", "--torch-threads", "1")
+    drain = "--shutdown-timeout-s 600"
+    up = Up(
+        *("--model-path", "tiny-random", "--served-model-name", "my-llm", "--torch-threads", "1"),
+        *("--server-args", drain, "--router-args", drain, "--stop-timeout-s", "120"),
+    )
     try:
         wait_until(lambda: "the router listens on port" in up.output(), 60, "the port notice")
         match = re.search(
@@ -144,7 +161,22 @@ def test_up_falls_back_from_a_taken_30000_serves_chat_and_leaves_nothing_after_s
         assert "The model `gpt-4o` does not exist." in resp.json()["error"]["message"]
         children = up.child_pids()
         assert len(children) == 3
+        long = {
+            "text": "x",
+            "stream": True,
+            "sampling_params": {"max_new_tokens": 4000, "ignore_eos": True},
+        }
+        stream = open_sse(f"{url}/generate", long)
+        assert stream.readline().startswith(b"data: ")  # running
         up.proc.send_signal(signal.SIGTERM)
+        decode = re.search(r"decode +(http://\S+)", up.output())
+        assert decode, up.output()
+        wait_until(lambda: not answers(url), 30, "the router's drain (its port closed)")
+        draining = lambda: http_status(f"{decode.group(1)}/health") == 503  # noqa: E731
+        wait_until(draining, 30, "the drain of decode, which runs the stream")
+        up.proc.send_signal(signal.SIGTERM)
+        events = read_sse(stream)
+        assert events[-1] == "[DONE]" and events[-2]["error"]["code"] == 503, events[-2:]
         assert up.proc.wait(60) == 0
         assert [group_members(pid) for pid in children] == [[], [], []]
     finally:
