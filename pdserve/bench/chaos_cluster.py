@@ -50,6 +50,9 @@ class Node:
     def alive(self) -> bool:
         return self.child is not None and self.child.exit_code() is None
 
+    def exit_code(self) -> int | None:
+        return None if self.child is None else self.child.exit_code()
+
     def stop(self, timeout_s: float = 15.0) -> None:
         if self.child is not None:
             stop_all([self.child], timeout_s)

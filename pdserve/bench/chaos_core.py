@@ -16,7 +16,7 @@ FAULT_KINDS = (
     "stop_server",  # SIGSTOP the group, SIGCONT after a pause
     "kill_worker",  # SIGKILL one worker; the server is restarted once it reports unhealthy
     "stop_worker",  # SIGSTOP one worker, SIGCONT after a pause
-    "restart_server",  # SIGTERM the group, start it again
+    "restart_server",  # SIGTERM the group (it drains, then exits), start it again at once
 )
 DETECTED_KINDS = ("kill_worker", "kill_frontend")
 OK, FAILED, WRONG, LOST = "ok", "failed", "wrong_tokens", "lost"
