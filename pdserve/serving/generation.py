@@ -17,7 +17,7 @@ from pdserve import aio
 from pdserve.engine.request import FinishReason
 from pdserve.serving.detokenizer import IncrementalDetokenizer, direct_decoder
 from pdserve.serving.dp_controller import DPController, InFlight
-from pdserve.serving.hooks import FrontendHooks, RequestCancelled, RequestError
+from pdserve.serving.hooks import SHUTTING_DOWN, FrontendHooks, RequestCancelled, RequestError
 from pdserve.serving.protocol import DisaggInfo, GenerateReq, ReqOutput
 from pdserve.serving.request_parse import GenItem
 
@@ -77,6 +77,10 @@ class Generator:
         self.request_timeout_s = request_timeout_s
         self.metrics = controller.metrics
         self.rooms_in_flight: set[int] = set()
+        # Requests in the mode's hook, not yet with a worker (a decode leg resolving its
+        # prefill rank): in flight for a drain, which ends them at its deadline (`stop`).
+        self._preparing: set[asyncio.Future] = set()
+        self._stopping = False
 
     async def run(
         self, item: GenItem, result: ItemResult, client_gone: ClientGone | None = None
@@ -161,8 +165,37 @@ class Generator:
             raise
         return req
 
+    def stop(self) -> None:
+        """The drain's deadline: requests still in the mode's hook fail with a 503 (their
+        other leg learns it as any refusal's). The drain counted only requests a worker
+        held, so it ended at once and aiohttp hung up on these unanswered."""
+        self._stopping = True
+        for work in self._preparing:
+            work.cancel()
+
+    @property
+    def num_preparing(self) -> int:
+        return len(self._preparing)
+
     async def _prepare(self, req: GenerateReq, rank: int, item: GenItem) -> GenerateReq:
-        """The mode's hook, under the request's own deadline (the hooks have finer ones)."""
+        """The mode's hook, under the request's own deadline (the hooks have finer ones),
+        until `stop`."""
+        if self.mode == "colocated":  # its hook waits for nothing
+            return await self._prepare_in_time(req, rank, item)
+        if self._stopping:
+            raise RequestError(503, SHUTTING_DOWN)
+        work = asyncio.ensure_future(self._prepare_in_time(req, rank, item))
+        self._preparing.add(work)
+        try:
+            return await work  # a client that leaves cancels `work` too
+        except asyncio.CancelledError:
+            if self._stopping and work.cancelled():
+                raise RequestError(503, SHUTTING_DOWN) from None
+            raise
+        finally:
+            self._preparing.discard(work)
+
+    async def _prepare_in_time(self, req: GenerateReq, rank: int, item: GenItem) -> GenerateReq:
         try:
             # aio.wait_for: a client gone as the hook ends must not get its request submitted
             return await aio.wait_for(

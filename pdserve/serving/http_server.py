@@ -293,17 +293,20 @@ async def _drain(
     logger.info(
         "shutting down: %d requests in flight may run for %g s (a second SIGTERM or SIGINT "
         "fails them now)",
-        len(controller.inflight),
+        len(controller.inflight) + runner.app[STATE].generator.num_preparing,
         timeout_s,
     )
-    runner.app[STATE].draining = True
+    state = runner.app[STATE]
+    state.draining = True
     stop.clear()
     deadline = time.monotonic() + timeout_s
-    while controller.inflight and not stop.is_set() and time.monotonic() < deadline:
+    busy = lambda: controller.inflight or state.generator.num_preparing  # noqa: E731
+    while busy() and not stop.is_set() and time.monotonic() < deadline:
         # asyncio's TimeoutError: before Python 3.11 not the builtin one, which let the
         # first poll's timeout end the drain (and the server, in a traceback)
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(stop.wait(), DRAIN_POLL_S)  # a check, not a synchronisation
+    state.generator.stop()
     failed = controller.fail_all(503, SHUTTING_DOWN)
     if failed:
         logger.warning("failed %d requests still in flight: the server is shutting down", failed)
