@@ -290,6 +290,10 @@ class _PrefillRegistry(BootstrapRegistry):
         self._on_failure(room, reason, status, origin)
 
 
+# At stop: how long failures being told to prefill servers may still take.
+NOTIFY_FLUSH_S = 2.0
+
+
 class DecodeFrontendHooks(_PDFrontendHooks):
     def __init__(self, cfg: ServerConfig, controller: DPController, metrics: DisaggMetrics):
         self.cfg = cfg
@@ -308,6 +312,11 @@ class DecodeFrontendHooks(_PDFrontendHooks):
         self.controller.kv_peers_lost_listeners.append(self.peers.forget_endpoints)
 
     async def stop(self) -> None:
+        # Failures still on their way to prefill (those of the drain's end, above all): a
+        # cancelled one left its prefill leg waiting for the page list until its bootstrap
+        # deadline (30 s). A reachable bootstrap server answers in milliseconds.
+        if self._notify_tasks:
+            await asyncio.wait(list(self._notify_tasks), timeout=NOTIFY_FLUSH_S)
         for task in list(self._notify_tasks):
             task.cancel()
         if self.session is not None:

@@ -12,6 +12,7 @@ from tests.disagg.pd_driver import (
     metric_value,
     post_async,
     random_room,
+    wait_idle,
 )
 from tests.helpers import wait_until
 
@@ -24,7 +25,9 @@ def test_a_decode_leg_resolving_its_prefill_rank_is_answered_503_by_the_drain(pd
     round_robin; its leg has not come) when decode is stopped. The drain counted only the
     requests a worker held, so it ended at once, and aiohttp hung up on this leg unanswered
     after its handler grace; now the drain waits for it too and, at its deadline, answers
-    it 503."""
+    it 503. The prefill leg that comes later fails at once for the same reason: decode's
+    stop cancelled its report of the failure to prefill's bootstrap server while unsent,
+    and that leg waited for the page list until its bootstrap deadline (30 s, a 504)."""
     prefill = pd.prefill(2, ["--load-balance-method", "round_robin"])
     decode = pd.decode(1, ["--shutdown-timeout-s", "2"])
     room = random_room()
@@ -35,3 +38,9 @@ def test_a_decode_leg_resolving_its_prefill_rank_is_answered_503_by_the_drain(pd
     resp = decode_leg.result(60)
     assert resp.status_code == 503 and resp.json()["error"]["message"] == SHUTTING_DOWN, resp.text
     assert decode.proc.wait(30) == 0
+    prefill_leg = post_async(prefill.url, leg_body(prefill.bootstrap_port, room, IDS, "p"))
+    resp = prefill_leg.result(60)
+    error = resp.json()["error"]
+    assert resp.status_code == 503 and SHUTTING_DOWN in error["message"], resp.text
+    assert error["origin"] == "decode"
+    wait_idle([prefill.url])
