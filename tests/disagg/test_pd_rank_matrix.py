@@ -107,27 +107,32 @@ def _expected_error(case: str, method: str, force_prefill: bool) -> str | None:
     return None
 
 
-@pytest.mark.parametrize("force_decode", [False, True], ids=["decode-noforce", "decode-force"])
-def test_rank_matrix_cell_outcomes(prefill, decodes, want, force_decode):
-    method, force_prefill, server = prefill
-    decode = decodes[force_decode]
-    cells = list(_cells(random.Random(f"{method}-{force_prefill}-{force_decode}")))
-    results = run_many(
+def _run_legs(server, decode_url: str, body: dict, legs: list[tuple[int, dict, dict]]) -> list:
+    """Both legs of each (room, prefill fields, decode fields), all at once."""
+    return run_many(
         lambda s: [
             pd_generate_async(
                 s,
                 server.url,
-                decode.url,
-                BODY,
+                decode_url,
+                body,
                 bootstrap_port=server.bootstrap_port,
                 room=room,
                 prefill_extra=prefill_fields,
                 decode_extra=decode_fields,
                 timeout_s=30,
             )
-            for _, room, prefill_fields, decode_fields in cells
+            for room, prefill_fields, decode_fields in legs
         ]
     )
+
+
+@pytest.mark.parametrize("force_decode", [False, True], ids=["decode-noforce", "decode-force"])
+def test_rank_matrix_cell_outcomes(prefill, decodes, want, force_decode):
+    method, force_prefill, server = prefill
+    decode = decodes[force_decode]
+    cells = list(_cells(random.Random(f"{method}-{force_prefill}-{force_decode}")))
+    results = _run_legs(server, decode.url, BODY, [cell[1:] for cell in cells])
     for (case, room, fields, decode_fields), result in zip(cells, results, strict=True):
         where = f"{case} room={room} prefill fields={fields} decode fields={decode_fields}"
         expected = _expected_error(case, method, force_prefill)
@@ -183,22 +188,7 @@ def test_zero_new_tokens_on_another_rank_is_served_on_both_legs(prefill, decodes
         room = rng.randrange(2**63) // DP * DP  # home rank 0
         cases.append((room, fields))
     body = dict(BODY, sampling_params={"max_new_tokens": 0}, return_logprob=True)
-    results = run_many(
-        lambda s: [
-            pd_generate_async(
-                s,
-                server.url,
-                decodes[False].url,
-                body,
-                bootstrap_port=server.bootstrap_port,
-                room=room,
-                prefill_extra=fields,
-                decode_extra=fields,
-                timeout_s=30,
-            )
-            for room, fields in cases
-        ]
-    )
+    results = _run_legs(server, decodes[False].url, body, [(r, f, f) for r, f in cases])
     for (room, fields), result in zip(cases, results, strict=True):
         where = f"room={room} fields={fields}"
         assert result.prefill.status == 200, f"{where}: prefill {result.prefill.error}"

@@ -17,15 +17,15 @@ from tests.router.conftest import router_args
 pytestmark = pytest.mark.timeout(120)
 
 
+def stub_stream(url: str, script: dict) -> requests.Response:
+    """A streamed /generate the stubs answer by `script` (use it as a context manager)."""
+    body = {"text": "x", "stream": True, "stub": script}
+    return requests.post(f"{url}/generate", json=body, stream=True, timeout=10)
+
+
 def leave_after_first_event(url: str, script: dict) -> None:
-    """A streamed /generate the stubs answer by `script`; the client hangs up after its
-    first event."""
-    with requests.post(
-        f"{url}/generate",
-        json={"text": "x", "stream": True, "stub": script},
-        stream=True,
-        timeout=10,
-    ) as resp:
+    """`stub_stream`, which the client hangs up on after its first event."""
+    with stub_stream(url, script) as resp:
         next(line for line in resp.iter_lines() if line)
 
 
@@ -192,12 +192,7 @@ def test_decode_death_mid_stream_ends_the_stream_with_an_error_and_aborts_prefil
         "p1": {"hold": "never"},
         "d1": {"chunks": 5, "hold_after_first": "go", "die_after": 2},
     }
-    with requests.post(
-        f"{router.url}/generate",
-        json={"text": "x", "stream": True, "stub": script},
-        stream=True,
-        timeout=10,
-    ) as resp:
+    with stub_stream(router.url, script) as resp:
         lines = (line for line in resp.iter_lines() if line)
         assert json.loads(next(lines)[6:])["text"] == "from d1 0"
         stubs["d1"].release("go")  # now it dies
