@@ -35,10 +35,13 @@ from pdserve.procs import (
     signal_group,
 )
 from pdserve.procs import wait_ready as procs_wait_ready
-from pdserve.router.config import POLICIES
+from pdserve.router.config import POLICIES, RouterConfig
+from pdserve.serving.config import ServerArgs
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 POLL_INTERVAL_S = 0.2
+# Past a child's drain: aiohttp's grace for handlers, decode's failure reports (2 s), exits.
+STOP_MARGIN_S = 8.0
 DEFAULT_ROUTER_PORT = 30000  # SGLang's; the README and `pdserve bench` assume it
 
 
@@ -94,11 +97,16 @@ class ClusterConfig:
         flag_string=True,
     )
     ready_timeout_s: float = opt(600.0, "deadline for every process to become ready")
-    stop_timeout_s: float = opt(15.0, "grace period after SIGTERM before SIGKILL")
+    stop_timeout_s: float | None = opt(
+        None,
+        "grace period after SIGTERM before SIGKILL (default: the longest --shutdown-timeout-s "
+        f"of the children, from --server-args and --router-args, plus {STOP_MARGIN_S:g} s)",
+    )
 
     def __post_init__(self) -> None:
         check(self.prefill_dp >= 1 and self.decode_dp >= 1, "--prefill-dp/--decode-dp must be >= 1")
-        check(self.ready_timeout_s > 0 and self.stop_timeout_s > 0, "timeouts must be > 0")
+        stop_ok = self.stop_timeout_s is None or self.stop_timeout_s > 0
+        check(self.ready_timeout_s > 0 and stop_ok, "timeouts must be > 0")
         check(bool(self.host), "--host must not be empty (0.0.0.0: every interface)")
         # An empty key or secret passed nothing on: the cluster ran open, silently.
         check(api_key_ok(self.api_key), API_KEY_FORM)
@@ -380,6 +388,29 @@ def say(text: str, file: TextIO | None = None) -> None:
         pass
 
 
+def stop_timeout(c: ClusterConfig) -> float:
+    """--stop-timeout-s, else the longest drain a child was given plus STOP_MARGIN_S. A fixed
+    15 s SIGKILLed servers told to drain longer (`--server-args '--shutdown-timeout-s 60'`)
+    in the middle of their drain."""
+    if c.stop_timeout_s is not None:
+        return c.stop_timeout_s
+    drains = [
+        shutdown_timeout(c.server_args, ServerArgs.shutdown_timeout_s),
+        shutdown_timeout(c.router_args, RouterConfig.shutdown_timeout_s),
+    ]
+    return max(drains) + STOP_MARGIN_S
+
+
+def shutdown_timeout(args: str, default: float) -> float:
+    """The --shutdown-timeout-s that `args` gives a child (the last one wins, as there)."""
+    parser = argparse.ArgumentParser(add_help=False, exit_on_error=False)
+    parser.add_argument("--shutdown-timeout-s", type=float, default=default)
+    try:
+        return parser.parse_known_args(shlex.split(args))[0].shutdown_timeout_s
+    except argparse.ArgumentError:  # not a number: the child refuses it at its start
+        return default
+
+
 def stop_all(children: list[Child], timeout_s: float) -> None:
     """SIGTERM every group (router first, so no new work reaches the servers), then SIGKILL
     whatever is left at the deadline; never returns with a child still running."""
@@ -445,4 +476,4 @@ def run(ns: argparse.Namespace) -> int:
         say(f"pdserve up: {exc}", sys.stderr)
         return 1
     finally:
-        stop_all(children, c.stop_timeout_s)
+        stop_all(children, stop_timeout(c))

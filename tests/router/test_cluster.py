@@ -22,6 +22,7 @@ from pdserve.cluster import (
     plan,
     server_argv,
     shared_gpu_note,
+    stop_timeout,
 )
 from pdserve.procs import port_is_free
 from tests.helpers import (
@@ -280,6 +281,20 @@ def test_up_notes_a_gpu_shared_without_mps(tmp_path):
     assert shared_gpu_note("--device cpu", no_mps) is None
     (tmp_path / "control").touch()  # the daemon's control pipe
     assert shared_gpu_note("--device cuda", str(tmp_path)) is None
+
+
+def test_up_waits_out_the_longest_drain_it_gave_a_child_before_sigkill():
+    """A child told to drain for 60 s is not SIGKILLed at 15 s: up's grace follows the
+    longest --shutdown-timeout-s among the children (the last one given wins, as in the
+    child), unless --stop-timeout-s says otherwise."""
+    margin = stop_timeout(ClusterConfig()) - 10.0  # both children drain 10 s by default
+    assert margin > 0
+    slow_server = ClusterConfig(server_args="--shutdown-timeout-s 5 --shutdown-timeout-s=60")
+    assert stop_timeout(slow_server) == 60.0 + margin
+    assert stop_timeout(ClusterConfig(router_args="--shutdown-timeout-s 30")) == 30.0 + margin
+    assert stop_timeout(ClusterConfig(server_args="--shutdown-timeout-s 1")) == 10.0 + margin
+    assert stop_timeout(ClusterConfig(server_args="--shutdown-timeout-s soon")) == 10.0 + margin
+    assert stop_timeout(ClusterConfig(server_args="--shutdown-timeout-s 60", stop_timeout_s=3)) == 3
 
 
 @pytest.mark.parametrize(
