@@ -73,7 +73,9 @@ class EngineConfig:
         "matmuls over several rows (decode batches, prefill) run 1.5-2.5x faster; batch-1 "
         "decode keeps the plain layout, which is faster for one row",
     )
-    random_seed: int = opt(0, "seed for requests that give no sampling seed")
+    random_seed: int = opt(
+        0, "seed of the seeds drawn for requests that give none (each DP rank draws its own)"
+    )
     disable_radix_cache: bool = opt(
         False,
         "turn the prefix cache off: every prompt is computed in full and no KV page outlives "

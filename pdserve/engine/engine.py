@@ -55,7 +55,13 @@ def _num_pool_tokens(cfg: EngineConfig, context_len: int, kv_bytes_per_token: in
 
 
 class Engine:
-    def __init__(self, cfg: EngineConfig, model: LoadedModel, detokenize: Detokenize | None = None):
+    def __init__(
+        self,
+        cfg: EngineConfig,
+        model: LoadedModel,
+        detokenize: Detokenize | None = None,
+        dp_rank: int = 0,
+    ):
         self.cfg = cfg = cfg.with_dtype(model.model_dir)
         self.model = model
         args = model.args
@@ -106,7 +112,9 @@ class Engine:
         )
         self._in_flight: LaunchedDecode | None = None
         self._requests: dict[str, Request] = {}
-        self._seed_rng = random.Random(cfg.random_seed)
+        # Seeds for requests that give none, a stream per DP rank: ranks drawing alike gave
+        # the k-th such request of each the same tokens (equal pairs among n choices).
+        self._seed_rng = random.Random(cfg.random_seed + (dp_rank << 64))
 
     def _make_runner(self, cfg: EngineConfig, model: LoadedModel) -> ModelRunner:
         if self.kv_pool.device.type != "cuda":
@@ -124,7 +132,9 @@ class Engine:
         )
 
     @classmethod
-    def from_config(cls, cfg: EngineConfig, detokenize: Detokenize | None = None) -> Engine:
+    def from_config(
+        cls, cfg: EngineConfig, detokenize: Detokenize | None = None, dp_rank: int = 0
+    ) -> Engine:
         torch.set_num_threads(cfg.torch_threads)
         torch.manual_seed(cfg.random_seed)
         cfg = cfg.with_dtype()
@@ -134,7 +144,7 @@ class Engine:
             torch.device(cfg.device),
             cpu_packed_weights=cfg.cpu_packed_weights,
         )
-        return cls(cfg, model, detokenize)
+        return cls(cfg, model, detokenize, dp_rank)
 
     # ---- accounting -------------------------------------------------------------------
     @property

@@ -326,7 +326,7 @@ def _start(
     torch.set_num_threads(cfg.engine.torch_threads)
     # The engine checks stop strings itself, so a stopped request frees its pages at once.
     detokenize = _stop_detokenizer(resolve_model_dir(cfg.engine.model_path))
-    engine = Engine.from_config(cfg.engine, detokenize=detokenize)
+    engine = Engine.from_config(cfg.engine, detokenize=detokenize, dp_rank=dp_rank)
     hooks = make_hooks(cfg, engine, dp_rank)
     ready = WorkerReady(
         dp_rank=dp_rank,

@@ -94,6 +94,21 @@ def test_round_robin_spreads_requests_over_both_ranks(dp2_server):
     assert info["dp_size"] == 2 and info["load_balance_method"] == "round_robin"
 
 
+def test_unseeded_requests_sample_differently_on_each_rank(dp2_server):
+    """Each rank draws its own seeds for requests that give none: ranks drawing alike
+    answered the k-th such request of each with the same tokens."""
+    body = {"input_ids": [5, 6, 7, 8], "sampling_params": {"max_new_tokens": 8, "temperature": 3}}
+    answers: dict[int, list[tuple[int, ...]]] = {0: [], 1: []}
+    for _ in range(8):
+        for rank in answers:
+            status, out = http_json(
+                "POST", f"{dp2_server.url}/generate", {**body, "routed_dp_rank": rank}
+            )
+            assert status == 200, out
+            answers[rank].append(tuple(out["output_ids"]))
+    assert not set(answers[0]) & set(answers[1]), answers
+
+
 def test_a_dead_worker_fails_its_requests_with_5xx_and_reports_no_load(server_factory):
     server = server_factory([*TINY_ARGS, "--dp-size", "2"])
     url = server.url
