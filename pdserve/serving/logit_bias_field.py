@@ -35,6 +35,6 @@ def parse_logit_bias(value: Any) -> dict[int, float]:
 def _token_id(key: Any) -> int:
     if isinstance(key, int) and not isinstance(key, bool):
         return key
-    if isinstance(key, str) and key.lstrip("-").isdecimal() and len(key) <= 20:
+    if isinstance(key, str) and key.removeprefix("-").isdecimal() and len(key) <= 20:
         return int(key)  # 20 characters hold any 64-bit id; more would be slow to parse
     raise InvalidSampling("logit_bias", f"key {key!r} must be a token id (an integer)")

@@ -52,6 +52,7 @@ def test_chat_obeys_the_bias_and_keeps_raw_logprobs(tiny_server):
 
 BAD = [
     ({"x": 1}, "key 'x' must be a token id"),
+    ({"--5": 1}, "key '--5' must be a token id"),
     ({"-1": 1}, "token id -1 is outside the vocabulary [0, 506)"),
     ({str(VOCAB_SIZE): 1}, f"token id {VOCAB_SIZE} is outside the vocabulary [0, 506)"),
     ({"5": 100.5}, "bias 100.5 for token 5 must be in [-100, 100]"),
