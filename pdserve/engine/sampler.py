@@ -124,7 +124,11 @@ def _sample_random(logits: torch.Tensor, specs: list[SampleSpec]) -> torch.Tenso
     device = logits.device
     vocab_size = logits.shape[-1]
     temperature = host_to_device([s.temperature for s in specs], device, torch.float32)
-    probs = torch.softmax(logits / temperature[:, None], dim=-1)
+    # A positive logit over a tiny repetition_penalty (then the temperature) overflows to
+    # +inf, and softmax gave the row NaN, which argmax reads as token 0 every time: clamped
+    # to the largest float, the overflowed tokens share the row's mass.
+    scaled = (logits / temperature[:, None]).clamp(max=torch.finfo(logits.dtype).max)
+    probs = torch.softmax(scaled, dim=-1)
     if any(s.top_k is not None or s.top_p < 1 or s.min_p > 0 for s in specs):
         top_k = torch.tensor([s.top_k or vocab_size for s in specs], device=device)
         top_p = torch.tensor([s.top_p for s in specs], device=device)

@@ -112,6 +112,13 @@ def test_a_vanishing_temperature_is_greedy_not_nan(temperature):
     assert sample(logits, [spec(temperature=temperature)] * 2) == [1, 2]
 
 
+def test_overflowed_logits_share_the_row_not_nan():
+    # A positive logit over a repetition_penalty of 1e-40 is +inf: the row was NaN -> token 0.
+    logits = torch.tensor([[1.0, 2.0, float("inf"), float("inf")]])
+    picks = {sample(logits, [spec(seed=4, index=i, temperature=0.5)])[0] for i in range(50)}
+    assert picks == {2, 3}
+
+
 def test_low_temperature_concentrates_on_the_mode():
     logits = torch.tensor([[1.0, 1.2, 0.8]])
     picks = [sample(logits, [spec(seed=5, index=i, temperature=0.05)])[0] for i in range(200)]

@@ -128,6 +128,15 @@ def test_openai_penalties_are_applied(tiny_server, fields):
     assert status == 200, out
 
 
+def test_a_tiny_repetition_penalty_samples_the_prompts_tokens(tiny_server):
+    # Each seen token's logit over 1e-40 overflows float32: the answer was token 0 throughout.
+    params = {"max_new_tokens": 8, "temperature": 1.0, "seed": 1, "repetition_penalty": 1e-40}
+    body = {"input_ids": [100, 101, 102, 103], "sampling_params": params}
+    status, out = http_json("POST", f"{tiny_server.url}/generate", body)
+    assert status == 200, out
+    assert set(out["output_ids"]) <= {100, 101, 102, 103}, out
+
+
 def test_openai_min_tokens_holds_back_a_stop_token_id(tiny_server):
     params = {"max_new_tokens": 12, "temperature": 0, "ignore_eos": True}
     generated = {"input_ids": PENALTY_PROMPT, "sampling_params": params}
