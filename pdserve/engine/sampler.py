@@ -142,6 +142,10 @@ def sample(logits: torch.Tensor, specs: list[SampleSpec]) -> list[int]:
     return sample_on_device(logits, specs).tolist()
 
 
+# In inference mode on every path, as a launched decode step samples: a penalized request's
+# device ids (PenaltyIds) grown there are inference tensors, and a later step that samples
+# after run() (a logprobs row in the batch, a recomputed prefill) failed to append to them.
+@torch.inference_mode()
 def sample_on_device(
     logits: torch.Tensor, specs: list[SampleSpec], ahead_ids: torch.Tensor | None = None
 ) -> torch.Tensor:

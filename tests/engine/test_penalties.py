@@ -85,6 +85,25 @@ def test_overlap_on_and_off_give_the_same_penalized_tokens(tiny_engine_factory):
     assert outs["on"] == outs["off"]
 
 
+def test_a_logprobs_step_after_a_launched_buffer_growth_keeps_penalized_rows(
+    tiny_engine_factory, hf_model
+):
+    """Past 64 tokens a launched (overlapped) step grows the request's device ids; a later
+    step that samples after run(), as one with a logprobs row does, failed the batch (500)
+    appending to them ("Inplace update to inference tensor outside InferenceMode")."""
+    engine = tiny_engine_factory(overlap_schedule="on")
+    penalized = greedy_request("pen", 80, frequency_penalty=2.0)
+    engine.add_request(penalized)
+    outs: list = []
+    while len(penalized.output_ids) < 70:
+        outs += engine.step()
+    engine.add_request(Request("lp", [9, 10, 11], SamplingParams(), return_logprob=True))
+    while engine.has_work():
+        outs += engine.step()
+    assert not [o.error for o in outs if o.error]
+    assert penalized.output_ids == reference_greedy(hf_model, PROMPT, 80, frequency_penalty=2.0)
+
+
 def test_min_new_tokens_keeps_stop_ids_out_until_reached(tiny_engine_factory):
     free = [greedy_request(rid, 12) for rid in ("free", "again")]  # run() adds half first
     produced = tokens(run(tiny_engine_factory(), free))["free"]
