@@ -5,12 +5,20 @@ DP shapes. Tests of one configuration share its pair (`pd_pairs`): each leaves i
 from __future__ import annotations
 
 import random
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
 
 from tests.disagg.conftest import NIXL, backend_args
-from tests.disagg.pd_driver import pages_in_use, pd_generate_async, run_many, wait_idle
+from tests.disagg.pd_driver import (
+    get_load,
+    pages_in_use,
+    pd_generate,
+    pd_generate_async,
+    run_many,
+    wait_idle,
+)
 from tests.disagg.test_pd_faults import _leg, _post_async
 from tests.helpers import wait_until
 
@@ -205,4 +213,33 @@ def test_a_stop_string_in_the_first_token_stops_the_answer_as_colocated(pd_pairs
     got = answer.json()
     assert (got["text"], got["output_ids"]) == (want["text"], want["output_ids"])
     assert got["meta_info"]["finish_reason"] == want["meta_info"]["finish_reason"]
+    wait_idle([prefill.url, decode.url])
+
+
+def test_a_logprobs_request_joining_a_penalized_one_on_an_overlapped_decode(pd_pairs, tiny_server):
+    """A penalized request's ids on the device, made by a launched (overlapped) decode step,
+    failed the batch (500) when a step sampled after run() instead, as one with a logprobs
+    row does: the in-place append to an inference tensor outside inference mode."""
+    prefill, decode = pd_pairs.get(1, 1, ZMQ, ["--overlap-schedule", "on", *ZMQ])
+    penalized = {
+        "input_ids": [10 + (i * 13) % 450 for i in range(20)],
+        "sampling_params": {
+            "max_new_tokens": 400,
+            "temperature": 0,
+            "ignore_eos": True,
+            "frequency_penalty": 0.5,
+        },
+    }
+    want = requests.post(tiny_server.url + "/generate", json=penalized, timeout=60).json()
+    greedy = {"max_new_tokens": 4, "temperature": 0}
+    logprobs = {"input_ids": [9, 10, 11], "return_logprob": True, "sampling_params": greedy}
+    kw = {"bootstrap_port": prefill.bootstrap_port}
+    with ThreadPoolExecutor(1) as pool:
+        running = pool.submit(pd_generate, prefill.url, decode.url, penalized, **kw)
+        wait_until(lambda: get_load(decode.url)[0]["num_running_reqs"] == 1, 30, "decoding")
+        joined = pd_generate(prefill.url, decode.url, logprobs, **kw)
+        result = running.result(timeout=60)
+    assert joined.decode.ok, joined.decode.error
+    assert result.decode.ok, result.decode.error
+    assert result.decode.body["output_ids"] == want["output_ids"]
     wait_idle([prefill.url, decode.url])
