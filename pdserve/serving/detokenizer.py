@@ -117,10 +117,14 @@ class IncrementalDetokenizer:
     def finish(self) -> str:
         """The request ended: release everything that was held back."""
         if self.matched_stop is None and self._read < len(self.token_ids):
-            # Trailing tokens that never formed a whole character still belong to the text.
+            # Trailing tokens that never formed a whole character still belong to the text,
+            # and may have completed a stop string before that character: the engine,
+            # which stopped there, saw it.
+            start = len(self.text)
             prefix_text = self._decode(self.token_ids[self._prefix : self._read])
             self.text += self._decode(self.token_ids[self._prefix :])[len(prefix_text) :]
             self._read = len(self.token_ids)
+            self._find_stop(start)
         return self._release(final=True)
 
     def _release(self, final: bool) -> str:

@@ -51,6 +51,21 @@ def test_earliest_of_several_stop_strings_wins_across_chunks():
     assert detok.text == "12"
 
 
+def test_a_stop_string_before_an_unfinished_character_is_found_at_the_finish():
+    """A token may complete a stop string and begin a character (SmolLM2's ' \\xe2\\x80'); the
+    engine stops on it, but its text ends in U+FFFD, so the front end looked for no stop and
+    released it all at the finish: ' \\ufffd' for stop ' '."""
+    detok = IncrementalDetokenizer(ByteTokenizer(), stop=[" "])
+    assert detok.add(ids("ab")) == "ab"
+    assert detok.add([ord(" "), 0xE2]) == ""
+    assert detok.finish() == ""
+    assert detok.matched_stop == " " and detok.text == "ab"
+    kept = IncrementalDetokenizer(ByteTokenizer(), stop=["b "], no_stop_trim=True)
+    assert kept.add(ids("ab")) == "a"
+    assert kept.add([ord(" "), 0xE2, 0x80]) == ""
+    assert kept.finish() == "b " and kept.text == "ab "
+
+
 def test_held_back_prefix_of_a_stop_is_released_when_ruled_out():
     detok = IncrementalDetokenizer(ByteTokenizer(), stop=["STOP"])
     assert detok.add(ids("abcST")) == "ab"  # "cST" might start "STOP"
