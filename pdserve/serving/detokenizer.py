@@ -103,11 +103,13 @@ class IncrementalDetokenizer:
     def _find_stop(self, new_from: int) -> None:
         # A stop string may straddle the previous chunk: search from its longest overlap.
         # A match must end past the first min_new_tokens tokens' text (the engine's rule).
+        # The match that ends first wins, as if the text had come a character at a time;
+        # of those ending together the first listed, as vLLM and SGLang (and the engine) pick.
         search_from = max(0, new_from - self._hold)
         best: tuple[int, str] | None = None
         for stop in self.stop:
             pos = self.text.find(stop, max(search_from, self._stop_floor_chars - len(stop) + 1))
-            if pos != -1 and (best is None or pos < best[0]):
+            if pos != -1 and (best is None or pos + len(stop) < best[0] + len(best[1])):
                 best = (pos, stop)
         if best is not None:
             pos, stop = best

@@ -120,6 +120,11 @@ class Generator:
                     if result.finish_reason is not None:
                         delta.text += detok.finish()
                         result.text = detok.text[: detok.num_released]
+                        if detok.matched_stop is not None:
+                            # The text ends at this stop string: the answer's reason, as
+                            # vLLM's, whatever the engine saw at the same token (the length
+                            # limit, or another stop string the token completed).
+                            result.finish_reason = FinishReason("stop", matched=detok.matched_stop)
                     yield delta
                     if result.finish_reason is not None:
                         error = None

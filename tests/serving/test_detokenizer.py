@@ -51,6 +51,14 @@ def test_earliest_of_several_stop_strings_wins_across_chunks():
     assert detok.text == "12"
 
 
+def test_of_stop_strings_ending_together_the_first_listed_wins():
+    """vLLM's and SGLang's choice, and the engine's: the one that began first was taken."""
+    detok = IncrementalDetokenizer(ByteTokenizer(), stop=["s.", "Paris."])
+    detok.add(ids(" Paris"))
+    detok.add(ids("."))
+    assert detok.matched_stop == "s." and detok.text == " Pari"
+
+
 def test_a_stop_string_before_an_unfinished_character_is_found_at_the_finish():
     """A token may complete a stop string and begin a character (SmolLM2's ' \\xe2\\x80'); the
     engine stops on it, but its text ends in U+FFFD, so the front end looked for no stop and

@@ -284,6 +284,48 @@ def test_vllms_include_stop_str_in_output_keeps_the_stop_string(tiny_server):
     assert out["text"] == text[: text.find(stop) + len(stop)] and out["finish_reason"] == "stop"
 
 
+def new_char_at(server, ids: list[int]) -> tuple[int, str]:
+    """(k, text of ids[:k]): the first k > 1 whose token ends the text so far with a new
+    character after another (tiny-random answers stray UTF-8 bytes too: U+FFFD)."""
+    for k in range(2, len(ids) + 1):
+        text = http_json("POST", f"{server.url}/detokenize", {"tokens": ids[:k]})[1]["prompt"]
+        before = http_json("POST", f"{server.url}/detokenize", {"tokens": ids[: k - 1]})[1]
+        last_two = text[-2:]
+        if text.startswith(before["prompt"]) and len(last_two) == 2 and "\ufffd" not in last_two:
+            if text[-1] not in text[:-1]:
+                return k, text
+    raise AssertionError(f"no token of {ids} adds a new character")
+
+
+def stopped_answer(server, max_tokens: int, stop: list[str]) -> tuple[str, str, str | None]:
+    body = {"prompt": [9, 10], "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}
+    choice = completions(server, {**body, "stop": stop})["choices"][0]
+    return choice["text"], choice["finish_reason"], choice["stop_reason"]
+
+
+def test_a_stop_string_at_the_length_limit_ends_the_answer_as_a_stop(tiny_server):
+    """vLLM's rule: an answer cut at a stop string ended with that string, even when the
+    token that completed it was the last one allowed (the text was cut, but the answer
+    said finish_reason length, stop_reason null)."""
+    ids = http_json(
+        "POST", f"{tiny_server.url}/generate", {"input_ids": [9, 10], "sampling_params": GREEDY}
+    )[1]["output_ids"]
+    k, text = new_char_at(tiny_server, ids)
+    assert stopped_answer(tiny_server, k, [text[-1]]) == (text[:-1], "stop", text[-1])
+
+
+def test_of_stop_strings_a_token_completes_together_the_first_listed_cuts_the_text(tiny_server):
+    """vLLM's and SGLang's rule, and the engine's: of stop strings ending at once, the first
+    listed ends the answer. The text was cut at the one that began first while the answer
+    named the first listed (text + stop_reason was not the generated text)."""
+    ids = http_json(
+        "POST", f"{tiny_server.url}/generate", {"input_ids": [9, 10], "sampling_params": GREEDY}
+    )[1]["output_ids"]
+    k, text = new_char_at(tiny_server, ids)
+    stops = [text[-1], text[-2:]]
+    assert stopped_answer(tiny_server, 12, stops) == (text[:-1], "stop", text[-1])
+
+
 @pytest.mark.parametrize("route", ["/generate", "/v1/completions"])
 def test_a_stop_token_is_counted_but_its_text_left_out_unless_no_stop_trim(tiny_server, route):
     """As SGLang and vLLM answer: the stop token (here a plain, not special, one) ends the
