@@ -113,6 +113,38 @@ def test_generate_logprobs_in_sglang_format(tiny_server):
         assert top[0][1] == tid and top[0][0] == pytest.approx(lp, abs=1e-4)
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_generate_logprobs_carry_each_tokens_text_with_return_text_in_logprobs(tiny_server, stream):
+    """SGLang's `return_text_in_logprobs`: the third entry of each [logprob, id, text] is the
+    token's own text, prompt, answer and alternatives alike (it was ignored: always null)."""
+    body = {
+        "input_ids": [5, 6, 7, 8],
+        "sampling_params": GREEDY,
+        "return_logprob": True,
+        "logprob_start_len": 1,
+        "top_logprobs_num": 2,
+        "return_text_in_logprobs": True,
+        "stream": stream,
+    }
+    if stream:
+        out = sse_events(f"{tiny_server.url}/generate", body)[-2]
+    else:
+        status, out = http_json("POST", f"{tiny_server.url}/generate", body)
+        assert status == 200, out
+    meta = out["meta_info"]
+    rows = [*meta["input_token_logprobs"], *meta["output_token_logprobs"]]
+    rows += [
+        row for tops in meta["input_top_logprobs"] + meta["output_top_logprobs"] for row in tops
+    ]
+    assert len(rows) == 3 + 6 + 2 * (3 + 6)
+    ids = sorted({tid for _, tid, _ in rows})
+    texts = {
+        tid: http_json("POST", f"{tiny_server.url}/detokenize", {"tokens": [tid]})[1]["prompt"]
+        for tid in ids
+    }
+    assert [text for _, _, text in rows] == [texts[tid] for _, tid, _ in rows]
+
+
 def test_stop_string_trims_text_and_reports_the_match(tiny_server):
     _, free = http_json(
         "POST",
