@@ -94,7 +94,9 @@ class Attempt:
         self.want_merge = wants_prompt_logprobs(route, body)
         self.prefill_task: asyncio.Task[LegResult] | None = None
         self.decode_resp: LegResponse | None = None
-        self.decode_s = 0.0  # the decode leg's own time, for the added-latency metric
+        # The decode leg's own time, for the added-latency metric: set once the leg ended
+        # well (a stream that failed or lost its client took the router nothing extra).
+        self.decode_s: float | None = None
         self._decode_started = 0.0
         self._decode_done = False
 

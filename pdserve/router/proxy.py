@@ -67,6 +67,14 @@ class Proxy:
         started = time.perf_counter()
         self.metrics.requests.inc(route)
         try:
+            return await self._answer(request, route, request_id, started)
+        finally:  # every request, answered or not (a client that left, a refusal, a bug)
+            self.metrics.duration.observe(time.perf_counter() - started, route)
+
+    async def _answer(
+        self, request: Request, route: str, request_id: str, started: float
+    ) -> Response | StreamResponse:
+        try:
             request.body = decoded_body(request.body, request.header("Content-Encoding"))
             body = msgspec.json.decode(request.body)
             if not isinstance(body, dict):
@@ -93,9 +101,8 @@ class Proxy:
             return error_response(500, f"router error: {exc!r}")
         finally:
             self._count_path(tried[-1] if tried else None)
-        total_s = time.perf_counter() - started
-        self.metrics.duration.observe(total_s, route)
-        if response.status == 200:
+        if decode_s is not None:  # decode's leg ran to its end: the rest is the router's
+            total_s = time.perf_counter() - started
             self.metrics.added_latency.observe(max(0.0, total_s - decode_s), route)
         return response
 
@@ -144,7 +151,9 @@ class Proxy:
         num_seqs: int | None,
         request_id: str,
         tried: list[Pair],
-    ) -> tuple[Response | StreamResponse, float]:
+    ) -> tuple[Response | StreamResponse, float | None]:
+        """The answer, and the decode leg's own seconds where it ran to its end (None for
+        an error answer, a stream that failed or whose client left)."""
         prompt = await self._prompt(request, route, body)
         tokens = estimate_tokens(prompt, num_seqs)
         failed: set[str] = set()
@@ -159,7 +168,7 @@ class Proxy:
                 if last is not None:
                     break
                 self.legs.count_failure(route, "no_worker")
-                return error_response(503, str(exc)), 0.0
+                return error_response(503, str(exc)), None
             self._observe_choice(pair)
             tried.append(pair)
             attempt = Attempt(self.legs, request, route, body, pair, tokens, request_id)
@@ -184,4 +193,4 @@ class Proxy:
                     break
         assert last is not None
         self.legs.count_failure(route, last.reason)
-        return json_response({"error": last.to_json()}, last.status), 0.0
+        return json_response({"error": last.to_json()}, last.status), None

@@ -51,3 +51,36 @@ def test_a_worker_held_out_by_its_breaker_shows_in_metrics(stubs, router_factory
     assert metric(router, "pdserve_router_worker_available", **d1) == 0
     assert metric(router, "pdserve_router_worker_available", **p1) == 1
     assert metric(router, "pdserve_router_worker_healthy", **d1) == 1
+
+
+def test_a_stream_whose_decode_leg_broke_off_adds_no_router_latency(stubs, router_factory):
+    """A stream decode dropped mid-way (or whose client left) observed its whole duration
+    as time the router added: the decode leg's time was taken only at a stream's end, and
+    0 stood for it, so a killed decode server showed as seconds of router overhead."""
+    router = router_factory(pd_args(stubs) + ["--max-retries", "0"])
+    script = {"d1": {"delay_s": 0.3, "chunks": 5, "die_after": 1}}
+    body = {"text": "x", "stream": True, "stub": script}
+    with requests.post(f"{router.url}/generate", json=body, stream=True, timeout=10) as resp:
+        assert b'"error"' in resp.content  # the stream ends with decode's failure
+    assert metric(router, "pdserve_router_request_duration_seconds_count") == 1
+    assert metric(router, "pdserve_router_added_latency_seconds_count") == 0
+    ok = {"text": "x", "stream": True, "stub": {"d1": {"delay_s": 0.3}}}
+    with requests.post(f"{router.url}/generate", json=ok, stream=True, timeout=10) as resp:
+        assert resp.ok and b"[DONE]" in resp.content
+    assert metric(router, "pdserve_router_added_latency_seconds_count") == 1
+    assert metric(router, "pdserve_router_added_latency_seconds_sum") < 0.3
+
+
+def test_every_client_request_is_one_duration_observation(stubs, router_factory):
+    """Requests the router refused itself (a body that is not JSON) were counted in
+    pdserve_router_requests_total but not in the duration histogram, while a worker's
+    refusal of the same kind was: rate(duration count) fell short of the request rate."""
+    router = router_factory(pd_args(stubs))
+    garbage = requests.post(f"{router.url}/generate", data=b"{not json", timeout=10)
+    assert garbage.status_code == 400
+    refused = {"text": "x", "stub": {"d1": {"status": 400}, "p1": {"status": 400}}}
+    assert requests.post(f"{router.url}/generate", json=refused, timeout=10).status_code == 400
+    assert requests.post(f"{router.url}/generate", json={"text": "x"}, timeout=10).ok
+    assert metric(router, "pdserve_router_requests_total") == 3
+    assert metric(router, "pdserve_router_request_duration_seconds_count") == 3
+    assert metric(router, "pdserve_router_added_latency_seconds_count") == 1
