@@ -160,15 +160,16 @@ class Proxy:
         last: LegError | None = None
         for attempt_no in range(self.config.max_retries + 1):
             if attempt_no:
-                self.metrics.retries.labels(route).inc()
                 await asyncio.sleep(self.config.retry_backoff_s * 2 ** (attempt_no - 1))
             try:
                 pair = self.chooser.choose(route, body, num_seqs, prompt, time.monotonic(), failed)
             except NoWorker as exc:
-                if last is not None:
+                if last is not None:  # no worker left to retry on: no attempt made
                     break
                 self.legs.count_failure(route, "no_worker")
                 return error_response(503, str(exc)), None
+            if attempt_no:
+                self.metrics.retries.labels(route).inc()
             self._observe_choice(pair)
             tried.append(pair)
             attempt = Attempt(self.legs, request, route, body, pair, tokens, request_id)

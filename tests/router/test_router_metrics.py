@@ -84,3 +84,20 @@ def test_every_client_request_is_one_duration_observation(stubs, router_factory)
     assert metric(router, "pdserve_router_requests_total") == 3
     assert metric(router, "pdserve_router_request_duration_seconds_count") == 3
     assert metric(router, "pdserve_router_added_latency_seconds_count") == 1
+
+
+def test_a_retry_with_no_worker_left_to_try_is_not_counted(stubs, router_factory):
+    """A failed attempt that took its server out of rotation (its breaker opened, or its
+    health check failed: a killed server) left no worker to retry on, yet
+    pdserve_router_retries_total counted a retry that sent no leg."""
+    cb = ["--cb-failure-threshold", "1", "--cb-open-s", "60"]
+    router = router_factory(pd_args(stubs) + ["--max-retries", "2", *cb])
+    body = {"text": "x", "stub": {"d1": {"status": 502}}}
+    assert requests.post(f"{router.url}/generate", json=body, timeout=10).status_code == 502
+    assert metric(router, "pdserve_router_worker_requests_total", role="decode") == 1
+    assert metric(router, "pdserve_router_retries_total") == 0
+    again = router_factory(pd_args(stubs, decodes=("d2",)) + ["--max-retries", "2"])
+    body = {"text": "x", "stub": {"d2": {"status": 502}}}  # retried on the same server
+    assert requests.post(f"{again.url}/generate", json=body, timeout=10).status_code == 502
+    assert metric(again, "pdserve_router_worker_requests_total", role="decode") == 3
+    assert metric(again, "pdserve_router_retries_total") == 2
