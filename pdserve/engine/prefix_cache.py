@@ -116,7 +116,20 @@ class PrefixCache:
 
     def evict(self, num_pages: int) -> list[int]:
         """Free up to `num_pages` unreferenced pages to the allocator, least recently used
-        leaves first; returns their ids."""
+        leaves first; returns their ids. Counted in `num_evicted_pages`."""
+        evicted = self._drop(num_pages)
+        self.num_evicted_pages += len(evicted)
+        return evicted
+
+    def flush(self) -> int:
+        """Drop every unreferenced page; returns how many. Not evictions (the metric of
+        pages the cache lost for room): an operator's flush would read as cache pressure."""
+        num_dropped = len(self._drop(self.num_evictable_pages))
+        if not self._pages:
+            self.events.cleared()
+        return num_dropped
+
+    def _drop(self, num_pages: int) -> list[int]:
         evicted: list[int] = []
         while len(evicted) < num_pages and self._leaves:
             last_use, page_hash = heapq.heappop(self._leaves)
@@ -126,15 +139,7 @@ class PrefixCache:
             self._remove(page_hash, page)
             evicted.append(page.page_id)
         self.allocator.free(evicted)
-        self.num_evicted_pages += len(evicted)
         return evicted
-
-    def flush(self) -> int:
-        """Drop every unreferenced page; returns how many."""
-        num_dropped = len(self.evict(self.num_evictable_pages))
-        if not self._pages:
-            self.events.cleared()
-        return num_dropped
 
     def page_hashes(self) -> list[int]:
         """Every cached page's hash (for a debug dump)."""

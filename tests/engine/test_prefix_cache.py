@@ -66,6 +66,16 @@ def test_eviction_takes_least_recently_used_leaves_and_skips_pinned_pages():
     assert allocator.num_free == 8 and cache.num_evicted_pages == 5
 
 
+def test_a_flush_is_not_counted_as_evictions():
+    """`/flush_cache` added every page it dropped to pdserve_prefix_cache_evicted_pages_total,
+    so an operator's flush read on dashboards as pages lost to cache pressure."""
+    cache, allocator = cache_with_pages(8)
+    cache.insert([1, 2, 3], allocator.alloc(3))
+    assert cache.evict(1) and cache.num_evicted_pages == 1
+    assert cache.flush() == 2
+    assert cache.num_evicted_pages == 1 and allocator.num_free == 8
+
+
 def test_release_refreshes_recency():
     cache, allocator = cache_with_pages(8)
     a, b = allocator.alloc(1), allocator.alloc(1)
