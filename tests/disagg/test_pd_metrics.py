@@ -104,3 +104,60 @@ def test_rooms_in_flight_show_in_metrics_and_end_at_zero(pair):
     wait_idle([prefill.url, decode.url])
     for url in (prefill.url, decode.url):
         wait_until(lambda u=url: metric_value(u, ROOMS, rooms) == 0, 10, "no rooms")
+
+
+def test_each_leg_counts_what_docs_disaggregation_says(pair):
+    """The per-leg accounting of docs/disaggregation.md (Metrics), against the answers: both
+    legs count the request and its prompt; prefill one generated token (the first, sampled
+    there), decode all of them; both count prefill's cached tokens, decode's own held ones go
+    to its prefix cache and skipped-token counters; ITL only on decode."""
+    prefill, decode = pair
+    port = prefill.bootstrap_port
+    names = [
+        REQUESTS,
+        "pdserve_prompt_tokens_total",
+        "pdserve_generation_tokens_total",
+        "pdserve_cached_tokens_total",
+        "pdserve_time_to_first_token_seconds_count",
+        "pdserve_inter_token_latency_seconds_count",
+        "pdserve_e2e_request_latency_seconds_count",
+        "pdserve_prefix_cache_hit_tokens_total",
+        "pdserve_kv_transfer_skipped_tokens_total",
+    ]
+    snapshot = lambda url: {n: metric_value(url, n) for n in names}  # noqa: E731
+    wait_idle([prefill.url, decode.url])
+    before = {url: snapshot(url) for url in (prefill.url, decode.url)}
+    ids = list(range(5, 5 + 3 * 16 + 7))  # three whole pages and a part: the second hits
+    answers = []
+    for n in range(2):
+        body = leg_body(port, 7100 + n, ids, f"legs-{n}", new_tokens=5)
+        result = pd_generate(prefill.url, decode.url, body, bootstrap_port=port)
+        assert result.prefill.ok and result.decode.ok, (result.prefill.body, result.decode.body)
+        answers.append(result.decode.body["meta_info"])
+    wait_idle([prefill.url, decode.url])
+    grew = {
+        url: {n: v - before[url][n] for n, v in snapshot(url).items()}
+        for url in (prefill.url, decode.url)
+    }
+    cached = sum(a["cached_tokens"] for a in answers)
+    assert cached >= 48  # the second request found the first's three pages on prefill
+    both = {REQUESTS: 2, "pdserve_prompt_tokens_total": 2 * len(ids)}
+    both |= {"pdserve_cached_tokens_total": cached}
+    both |= {
+        f"pdserve_{h}_seconds_count": 2 for h in ("time_to_first_token", "e2e_request_latency")
+    }
+    held = sum(a["decode_cached_tokens"] for a in answers)
+    assert held >= 48  # and decode held them: only the rest moved
+    assert [a["completion_tokens"] for a in answers] == [5, 5]
+    assert grew[prefill.url] == both | {
+        "pdserve_generation_tokens_total": 2,
+        "pdserve_inter_token_latency_seconds_count": 0,
+        "pdserve_prefix_cache_hit_tokens_total": cached,
+        "pdserve_kv_transfer_skipped_tokens_total": 0,
+    }
+    assert grew[decode.url] == both | {
+        "pdserve_generation_tokens_total": 10,
+        "pdserve_inter_token_latency_seconds_count": 2 * 4,
+        "pdserve_prefix_cache_hit_tokens_total": held,
+        "pdserve_kv_transfer_skipped_tokens_total": held,
+    }
