@@ -339,8 +339,9 @@ class DPController:
                 self.metrics.observe_load(msg)
         elif isinstance(msg, KVCacheEvents):
             if self.kv_events is not None:
+                dropped = self.kv_events.num_dropped_batches
                 self.kv_events.publish(msg.dp_rank, msg.events)
-                self.metrics.kv_events_dropped.set(self.kv_events.num_dropped_batches)
+                self.metrics.kv_events_dropped.inc(self.kv_events.num_dropped_batches - dropped)
         elif isinstance(msg, CacheDump):
             future = self._dumps.get(msg.dump_id)
             if future is not None and not future.done():

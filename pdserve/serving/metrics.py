@@ -87,7 +87,9 @@ class ServerMetrics:
             "running requests preempted for KV pages (their KV is recomputed later)",
             ["dp_rank"],
         )
-        self.kv_events_dropped = self.gauge(
+        # Lifetime totals are counters (`_total`), so that rate() and resets read right; they
+        # were gauges.
+        self.kv_events_dropped = self.counter(
             "kv_events_dropped_batches",
             "KV event batches dropped because the publish queue was full (subscribers heal "
             "by replay or snapshot)",
@@ -98,7 +100,7 @@ class ServerMetrics:
             "requests and peers refused for a missing or wrong credential",
             ["kind"],
         )
-        self.kv_auth_refusals = self.gauge(
+        self.kv_auth_refusals = self.counter(
             "kv_handshake_auth_refusals", "KV handshakes refused for a wrong proof", ["dp_rank"]
         )
         self.gauge("server_info", "constant 1, labelled with the server mode", ["mode"]).labels(
@@ -147,6 +149,7 @@ class ServerMetrics:
             (self.cache_hit_tokens, "cache_hit_tokens"),
             (self.cache_evicted_pages, "cache_evicted_pages"),
             (self.preemptions, "num_preemptions"),
+            (self.kv_auth_refusals, "num_auth_refusals"),
         ):
             # Workers report lifetime totals; a restarted worker starts again from 0.
             before = getattr(last, field) if last else 0
@@ -155,7 +158,6 @@ class ServerMetrics:
         if load.cache_lookup_tokens:
             rate = load.cache_hit_tokens / load.cache_lookup_tokens
             self.cache_hit_rate.labels(rank).set(rate)
-        self.kv_auth_refusals.labels(rank).set(load.num_auth_refusals)
 
     def observe_finished(
         self, status: str, prompt_tokens: int, output_tokens: int, cached_tokens: int, e2e_s: float

@@ -68,7 +68,7 @@ def test_the_same_secret_on_both_sides_gives_the_colocated_tokens(servers, coloc
 )
 def test_a_wrong_or_missing_secret_fails_fast_with_the_reason(servers, decode, reason):
     prefill_url = servers["prefill"].url
-    refusals_before = metric_value(prefill_url, "pdserve_kv_handshake_auth_refusals")
+    refusals_before = metric_value(prefill_url, "pdserve_kv_handshake_auth_refusals_total")
     result = _run(servers, decode)
     assert result.decode.status == 500 and reason in result.decode.error, result.decode.error
     assert "KV handshake" in result.decode.error
@@ -76,7 +76,7 @@ def test_a_wrong_or_missing_secret_fails_fast_with_the_reason(servers, decode, r
     assert result.decode.elapsed_s < 15.0
     assert not result.prefill.ok  # stopped by its page-list deadline: nobody it trusts asked
     wait_idle([prefill_url, servers[decode].url], timeout_s=PREFILL_DEADLINE_S + 10)
-    assert metric_value(prefill_url, "pdserve_kv_handshake_auth_refusals") > refusals_before
+    assert metric_value(prefill_url, "pdserve_kv_handshake_auth_refusals_total") > refusals_before
 
 
 def test_a_decode_with_the_wrong_secret_cannot_write_to_the_bootstrap_server(servers):

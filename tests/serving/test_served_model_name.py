@@ -163,7 +163,7 @@ def test_disaggregation_and_bootstrap_families_carry_model_name_too():
     server.ttft_s.observe(0.1)
     server.itl_s.observe(0.1)
     server.auth_refusals.labels("api_key").inc()
-    server.kv_events_dropped.set(1)
+    server.kv_events_dropped.inc()
     disagg.conflict("follow_bootstrap_room conflict")
     disagg.query_round_trip(2)
     disagg.epoch_change()
