@@ -84,6 +84,13 @@ class Peer:
     rooms: set[int] = field(default_factory=set)
     lost_at: float | None = None  # its connection dropped, and no handshake went out since
 
+    def handshake_refused_later(self) -> None:
+        """Prefill answered a page list with `handshake_needed`: it no longer holds the
+        handshake it accepted. A new one goes out, unless one is out already (a second would
+        change the nonce its answer is checked against)."""
+        if self.handshake_ok:
+            self.handshake_ok, self.handshake_sent = None, False
+
     def unused_since_lost(self, now: float) -> bool:
         """Lost a while ago and not used since: a prefill worker that died, or restarted on
         other ports (the front end resolves the room's endpoint anew), most likely for

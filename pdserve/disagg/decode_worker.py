@@ -1,10 +1,7 @@
 """Decode worker side of disaggregation: reserve pages, ask the prefill worker for the KV,
-admit the request once it arrives. Runs inside each decode worker process's loop.
-
-Every room has a deadline in every state, and the transport reports a prefill worker whose
-connection died (ZeroMQ heartbeats, answered by libzmq's I/O thread even while that worker
-computes), so a room either reaches the engine or fails with a reason and frees its pages.
-"""
+admit the request once it arrives; in each decode worker process's loop. Every room has a
+deadline in every state, and the transport reports a prefill worker whose connection died
+(ZeroMQ heartbeats), so a room reaches the engine or fails with a reason and frees its pages."""
 
 from __future__ import annotations
 
@@ -285,6 +282,11 @@ class DecodeWorkerHooks(WorkerHooks):
         if self._stale(peer, room):
             reason = f"status of room {msg.room} from a stale prefill epoch"
             return self._fail(msg.room, 503, reason, PREFILL)
+        if msg.handshake_needed and room.state is RoomState.WAITING_FOR_INPUT:
+            peer.handshake_refused_later()  # failing the room alone failed every later one
+            room.page_list_pending = True  # sent again once a new handshake is accepted
+            self._peer(room.endpoint, now)
+            return []
         if not msg.ok:  # prefill failed the room: its fault, unless it says it is ours
             reason = msg.error or "prefill failed the room"
             origin = None if msg.error_origin == DECODE_ORIGIN else PREFILL
@@ -328,11 +330,8 @@ class DecodeWorkerHooks(WorkerHooks):
         pages), or sends the page list a redirect left pending."""
         peer = self.peers[room.endpoint]
         if peer.handshake_ok is False:
-            return self._fail(
-                room.room,
-                500,
-                f"KV handshake with prefill {room.endpoint} failed: {peer.handshake_error}",
-            )
+            reason = f"KV handshake with prefill {room.endpoint} failed: {peer.handshake_error}"
+            return self._fail(room.room, 500, reason)
         if room.page_list_pending and peer.handshake_ok:
             room.page_list_pending = False
             return self._send_page_list(room, peer)

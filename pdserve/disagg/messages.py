@@ -116,6 +116,10 @@ class RoomStatus(msgspec.Struct, tag=True, kw_only=True):
     error: str | None = None
     error_status: int = 500
     error_origin: str | None = None
+    # A page list from a connection whose handshake prefill does not hold (it took it for
+    # lost, or for an earlier epoch's, while the connection stayed up): handshake again,
+    # then send it again. Optional too: an older decode fails the room, as it did.
+    handshake_needed: bool = False
 
 
 class Abort(msgspec.Struct, tag=True, kw_only=True):

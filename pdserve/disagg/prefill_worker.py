@@ -294,7 +294,8 @@ class PrefillWorkerHooks(WorkerHooks):
     def _on_page_list(self, peer: object, msg: m.PageList, now: float) -> list[ReqOutput]:
         if peer not in self.decode_peers and msg.room not in self.failed:
             error = "page list before handshake"
-            self._send(peer, m.RoomStatus(room=msg.room, ok=False, error=error))
+            status = m.RoomStatus(room=msg.room, ok=False, error=error, handshake_needed=True)
+            self._send(peer, status)
             return []
         if self._answered_elsewhere(peer, msg.room):
             return []

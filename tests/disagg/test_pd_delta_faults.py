@@ -190,6 +190,7 @@ def test_a_decode_of_protocol_version_1_is_refused_and_sent_no_pages(pair):
         assert f"protocol version mismatch: decode=1 prefill={m.PROTOCOL_VERSION}" in answer.error
         dealer.send(m.encode(m.PageList(room=7, dst_page_ids=[1, 2], prompt_len=20)))
         status = _next_channel_msg(dealer)
-        assert status == m.RoomStatus(room=7, ok=False, error="page list before handshake")
+        error = "page list before handshake"
+        assert status == m.RoomStatus(room=7, ok=False, error=error, handshake_needed=True)
     finally:
         ctx.destroy(linger=0)
