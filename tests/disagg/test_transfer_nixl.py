@@ -288,3 +288,30 @@ def test_a_prefill_killed_while_decode_reads_from_it_fails_the_read_not_the_work
         assert not any(isinstance(e, KVReceived) for e in events)
     finally:
         decode.close()
+
+
+def test_a_repeated_handshake_with_the_same_agent_leaves_a_read_in_flight_alone(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Decode handshakes again with a prefill worker that forgot its handshake while the
+    connection stayed up (RoomStatus.handshake_needed); the metadata is the same agent's,
+    and reloading it removed the agent under a read of another room still running."""
+    monkeypatch.setenv("UCX_TLS", "tcp")  # the read waits for prefill's progress (above)
+    pair = Pair()
+    try:
+        dst = [3, 4, 5, 6]
+        pair.grant(5, dst)
+        handle = pair.send(5, [0, 1, 2, 7], dst)
+        pair.prefill.poll(0)  # the batch goes out
+        deadline = time.monotonic() + 10
+        while not pair.decode.busy():
+            assert time.monotonic() < deadline, "decode never started the read"
+            pair.decode.poll(1)
+        assert pair.decode.accept_peer_meta(pair.peer, pair.prefill.handshake_meta()) is None
+        events = pump(pair, lambda ev: 5 in inbound_rooms(ev, "decode", m.RoomStatus))
+        pump(pair, lambda ev: handle.done())
+        assert handle.error is None
+        assert KVReceived(pair.peer, 5, 4, 4 * 1024, 4) in kv_received(events)
+        assert torch.equal(pair.dst_pool[dst], pair.src_pool[[0, 1, 2, 7]])
+    finally:
+        pair.close()

@@ -146,6 +146,10 @@ class NixlTransport(FakeTransport):
             self._peer_of_agent[pool.agent_name] = peer
             return None
         self._remove_later.discard(peer)  # the key now names the peer's new agent
+        if self._peer_pools.get(peer) == pool:
+            # The same agent again (a handshake repeated on a live connection, for a prefill
+            # that forgot it): reloading it failed the reads of other rooms still running.
+            return None
         try:
             self._agent.add_peer(peer, pool)
         except Exception as exc:  # noqa: BLE001 - NIXL raises its own error types
