@@ -24,6 +24,17 @@ TIMEOUT_S = 1.0
 GREEDY = SamplingParams(max_new_tokens=4, temperature=0.0)
 
 
+def decode_hooks(cfg: DisaggConfig | None = None, **engine_options) -> DecodeWorkerHooks:
+    """A decode worker's hooks on a real tiny-random engine (page size 16), not yet bound to
+    any prefill worker."""
+    engine = Engine.from_config(
+        EngineConfig(model_path="tiny-random", page_size=16, **engine_options)
+    )
+    return DecodeWorkerHooks(
+        engine, cfg or DisaggConfig(), make_transport("zmq", engine.kv_pool, None), "d"
+    )
+
+
 def prefill_side(page_nbytes: int) -> KVTransport:
     return make_transport("zmq", torch.zeros(8, page_nbytes // 4), "127.0.0.1")
 
@@ -34,11 +45,7 @@ def request(room: int, endpoint: str) -> GenerateReq:
 
 
 def test_a_queued_room_follows_a_redirect_and_its_handshake_has_a_deadline() -> None:
-    engine = Engine.from_config(
-        EngineConfig(model_path="tiny-random", page_size=16, max_running_requests=1)
-    )
-    cfg = DisaggConfig(bootstrap_timeout_s=TIMEOUT_S)
-    hooks = DecodeWorkerHooks(engine, cfg, make_transport("zmq", engine.kv_pool, None), "d")
+    hooks = decode_hooks(DisaggConfig(bootstrap_timeout_s=TIMEOUT_S), max_running_requests=1)
     home = prefill_side(hooks.transport.page_nbytes)
     silent = prefill_side(hooks.transport.page_nbytes)  # never polled: no handshake answer
     seen: list[object] = []

@@ -10,15 +10,9 @@ from __future__ import annotations
 
 import time
 
-import torch
-
 from pdserve.disagg import messages as m
-from pdserve.disagg.config import DisaggConfig
-from pdserve.disagg.decode_worker import DecodeWorkerHooks
-from pdserve.disagg.transfer import Inbound, make_transport
-from pdserve.engine.config import EngineConfig
-from pdserve.engine.engine import Engine
-from tests.disagg.test_decode_queue_redirect import request
+from pdserve.disagg.transfer import Inbound
+from tests.disagg.test_decode_queue_redirect import decode_hooks, prefill_side, request
 
 FORGOTTEN = m.RoomStatus(
     room=1, ok=False, error="page list before handshake", handshake_needed=True
@@ -26,11 +20,8 @@ FORGOTTEN = m.RoomStatus(
 
 
 def test_decode_handshakes_again_and_resends_the_page_list_prefill_refused() -> None:
-    engine = Engine.from_config(EngineConfig(model_path="tiny-random", page_size=16))
-    hooks = DecodeWorkerHooks(
-        engine, DisaggConfig(), make_transport("zmq", engine.kv_pool, None), "d"
-    )
-    prefill = make_transport("zmq", torch.zeros(8, hooks.transport.page_nbytes // 4), "127.0.0.1")
+    hooks = decode_hooks()
+    prefill = prefill_side(hooks.transport.page_nbytes)
     seen: list[object] = []
     outputs = []
 

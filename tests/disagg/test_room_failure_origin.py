@@ -10,39 +10,25 @@ from __future__ import annotations
 import time
 
 import msgspec
-import torch
 
 from pdserve.disagg import messages as m
 from pdserve.disagg.bootstrap_registry import RoomFailure
-from pdserve.disagg.config import DisaggConfig
-from pdserve.disagg.decode_worker import DecodeWorkerHooks
 from pdserve.disagg.peer_info import room_failure_error
-from pdserve.disagg.transfer import Inbound, make_transport
-from pdserve.engine.config import EngineConfig
-from pdserve.engine.engine import Engine
-from pdserve.engine.request import SamplingParams
-from pdserve.serving.protocol import DisaggInfo, GenerateReq, ReqOutput
+from pdserve.disagg.transfer import Inbound
+from pdserve.serving.protocol import ReqOutput
+from tests.disagg.test_decode_queue_redirect import decode_hooks, prefill_side, request
 
-GREEDY = SamplingParams(max_new_tokens=4, temperature=0.0)
 # A failed RoomStatus's error_origin -> the origin of decode's leg.
 KV_CHANNEL_CASES = {1: ("decode", None), 2: (None, "prefill"), 3: ("router", "prefill")}
 
 
-def _request(room: int, endpoint: str) -> GenerateReq:
-    info = DisaggInfo(room=room, prefill_dp_rank=0, prefill_endpoint=endpoint)
-    return GenerateReq(rid=f"r{room}", input_ids=[5, 6, 7, 8], sampling=GREEDY, disagg=info)
-
-
 def test_a_failed_room_status_is_prefills_fault_unless_it_names_decode() -> None:
-    engine = Engine.from_config(EngineConfig(model_path="tiny-random", page_size=16))
-    hooks = DecodeWorkerHooks(
-        engine, DisaggConfig(), make_transport("zmq", engine.kv_pool, None), "d"
-    )
-    prefill = make_transport("zmq", torch.zeros(8, hooks.transport.page_nbytes // 4), "127.0.0.1")
+    hooks = decode_hooks()
+    prefill = prefill_side(hooks.transport.page_nbytes)
     outputs: list[ReqOutput] = []
     try:
         for room in KV_CHANNEL_CASES:
-            outputs += hooks.on_generate(_request(room, prefill.endpoint))
+            outputs += hooks.on_generate(request(room, prefill.endpoint))
         deadline = time.monotonic() + 30
         while len(outputs) < len(KV_CHANNEL_CASES):
             assert time.monotonic() < deadline, f"rooms never failed: {outputs}"
@@ -69,7 +55,7 @@ def test_a_failed_room_status_is_prefills_fault_unless_it_names_decode() -> None
         room = int(out.rid[1:])
         assert out.error_status == 504 and out.error_message == f"prefill failed room {room}"
         assert out.error_origin == KV_CHANNEL_CASES[room][1], out
-    assert engine.num_used_pages == 0 and not hooks.rooms
+    assert hooks.engine.num_used_pages == 0 and not hooks.rooms
 
 
 def test_a_rank_querys_failure_is_prefills_fault_unless_it_names_decode() -> None:
@@ -103,12 +89,9 @@ def test_a_prefill_kv_endpoint_decode_cannot_connect_to_is_prefills_fault_and_ke
     ValueError escaped on_generate after the room was recorded, so the worker answered
     'worker error' 500, decode's own fault (a breaker hit on it), and the room sat in
     decode's load as a waiting request until the bootstrap deadline."""
-    engine = Engine.from_config(EngineConfig(model_path="tiny-random", page_size=16))
-    hooks = DecodeWorkerHooks(
-        engine, DisaggConfig(), make_transport("zmq", engine.kv_pool, None), "d"
-    )
+    hooks = decode_hooks()
     try:
-        (out,) = hooks.on_generate(_request(1, "tcp://127.0.0.1"))
+        (out,) = hooks.on_generate(request(1, "tcp://127.0.0.1"))
     finally:
         hooks.close()
     assert out.error_status == 502 and out.error_origin == "prefill", out
