@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import socket
 import time
 import uuid
@@ -46,6 +47,7 @@ from pdserve.disagg.transfer.zmq.sender import ZmqSender
 log = logging.getLogger(__name__)
 
 MAX_FRAME_NBYTES = 64 << 20  # receivers accept frames up to this, whatever the sender's option
+_IPV4_MAPPED = re.compile(r"^tcp://\[::ffff:(\d+\.\d+\.\d+\.\d+)\]:")
 
 
 class ZmqTransport(ZmqSender, ZmqReceiver, DataPath, KVTransport):
@@ -232,7 +234,7 @@ class ZmqTransport(ZmqSender, ZmqReceiver, DataPath, KVTransport):
                 event = recv_monitor_message(self._monitor, zmq.NOBLOCK)
             except zmq.Again:
                 return
-            endpoint = event.get("endpoint", b"").decode(errors="replace")
+            endpoint = _as_dialed(event.get("endpoint", b"").decode(errors="replace"))
             peer = self._dialed.get(endpoint)
             if peer is None:
                 continue
@@ -330,3 +332,10 @@ class ZmqTransport(ZmqSender, ZmqReceiver, DataPath, KVTransport):
     def _check_open(self) -> None:
         if self._closed:
             raise PeerUnreachable("the KV transport is closed")
+
+
+def _as_dialed(endpoint: str) -> str:
+    """A monitor event's endpoint as it was dialed. Once ZeroMQ has reconnected, it names an
+    IPv4 peer in the IPv4-mapped form (`tcp://[::ffff:a.b.c.d]:port`, the socket has IPV6
+    set): looked up as is, every later drop of that connection went unseen."""
+    return _IPV4_MAPPED.sub(r"tcp://\1:", endpoint)
