@@ -124,7 +124,14 @@ def test_each_leg_counts_what_docs_disaggregation_says(pair):
         "pdserve_prefix_cache_hit_tokens_total",
         "pdserve_kv_transfer_skipped_tokens_total",
     ]
-    snapshot = lambda url: {n: metric_value(url, n) for n in names}  # noqa: E731
+
+    def snapshot(url: str) -> dict[str, float]:
+        """The counters once the workers' reports caught up: the prefix-cache counts come in
+        load reports, and a leg can end before the report carrying its own (once 0 against
+        48 in CI); a flush's answer comes after a fresh report from every worker."""
+        assert requests.post(url + "/flush_cache", timeout=30).status_code == 200
+        return {n: metric_value(url, n) for n in names}
+
     wait_idle([prefill.url, decode.url])
     before = {url: snapshot(url) for url in (prefill.url, decode.url)}
     ids = list(range(5, 5 + 3 * 16 + 7))  # three whole pages and a part: the second hits
