@@ -27,8 +27,17 @@ def _no_text(token_id: int) -> None:
 
 def token_texts(decoder: Any) -> TokenText:
     """SGLang's `return_text_in_logprobs`: each token's own text (its ids decoded one by one,
-    special tokens kept)."""
-    return lambda token_id: decoder.decode([token_id])
+    special tokens kept), decoded once per request: a stream's chunks carry every logprob so
+    far, alternatives included, and decoded them all again at each chunk."""
+    texts: dict[int, str] = {}
+
+    def text_of(token_id: int) -> str:
+        text = texts.get(token_id)
+        if text is None:
+            text = texts[token_id] = decoder.decode([token_id])
+        return text
+
+    return text_of
 
 
 def _triples(pairs: list[tuple[int, float]] | None, text_of: TokenText) -> list[list] | None:
