@@ -348,9 +348,16 @@ class Attempt:
     def _abort_decode(self, cause: str) -> None:
         self.legs.abort_leg(self.decode, self._rids(), cause, self.request_id)
 
-    def _rids(self) -> list[str]:
+    def _rids(self) -> list[tuple[str, int]]:
+        """(rid, room) of each sequence of the legs: a server aborts a rid only as the leg
+        of that room, so a client's own `rid` that another request holds there (which this
+        leg's server then refused) does not stop that other request."""
         plan = self.pair.plan
-        return abort_rids(self.route, plan.rid, plan.num_seqs) if plan else []
+        if plan is None:
+            return []
+        # One rid for a /generate batch names its first item (the server refuses the rest).
+        rids = abort_rids(self.route, plan.rid, plan.num_seqs)
+        return list(zip(rids, plan.rooms, strict=False))
 
 
 def wants_prompt_logprobs(route: str, body: dict[str, Any]) -> bool:

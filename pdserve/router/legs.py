@@ -287,12 +287,16 @@ def _caller_cancelled(exc: BaseException) -> bool:
 
 
 async def abort(
-    client: HttpClient, worker: Worker, rids: list[str], timeout_s: float, request_id: str
+    client: HttpClient,
+    worker: Worker,
+    rids: list[tuple[str, int]],
+    timeout_s: float,
+    request_id: str,
 ) -> None:
-    """Best effort: ask the worker to drop these requests; never raises."""
+    """Best effort: ask the worker to drop these (rid, room) legs; never raises."""
     head = request_id_head(request_id)
-    for rid in rids:
-        body = msgspec.json.encode({"rid": rid})
+    for rid, room in rids:
+        body = msgspec.json.encode({"rid": rid, "bootstrap_room": room})
         try:
             path = "/abort_request"
             resp = await client.request("POST", worker.url, path, timeout_s, body, head)
@@ -340,7 +344,9 @@ class LegContext:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    def abort_leg(self, worker: Worker, rids: list[str], cause: str, request_id: str) -> None:
+    def abort_leg(
+        self, worker: Worker, rids: list[tuple[str, int]], cause: str, request_id: str
+    ) -> None:
         self.metrics.aborts.labels(worker.role, cause).inc()
         if rids:
             task = asyncio.create_task(

@@ -206,7 +206,12 @@ async def abort_request(request: web.Request) -> web.Response:
     rid = body.get("rid")
     if not isinstance(rid, str):
         raise RequestError(400, 'give {"rid": "<request id>"} or {"abort_all": true}')
-    found = controller.abort(rid, "aborted by /abort_request")
+    room = body.get("bootstrap_room")  # the router's: only the leg of that room
+    if room is not None and (not isinstance(room, int) or isinstance(room, bool)):
+        raise RequestError(
+            400, f"bootstrap_room must be an integer, got {room!r}", param="bootstrap_room"
+        )
+    found = controller.abort(rid, "aborted by /abort_request", room)
     return web.json_response({"num_aborted": int(found)})
 
 

@@ -252,9 +252,14 @@ class DPController:
         """The front end is done with `rid`; later messages for it are dropped."""
         self.inflight.pop(rid, None)
 
-    def abort(self, rid: str, reason: str) -> bool:
+    def abort(self, rid: str, reason: str, room: int | None = None) -> bool:
+        """Abort request `rid`; with `room`, only if it is that PD room's leg (a client's
+        own rid may name another request than the one a router means to stop)."""
         flight = self.inflight.get(rid)
         if flight is None:
+            return False
+        disagg = flight.req.disagg
+        if room is not None and (disagg is None or disagg.room != room):
             return False
         if flight.dp_rank not in self.dead:
             self._ctrl[flight.dp_rank].send(protocol.encode(AbortReq(rid, reason)))

@@ -8,6 +8,7 @@ import codecs
 import gzip
 import json
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 
 import openai
 import pytest
@@ -15,6 +16,7 @@ import requests
 
 from tests.disagg.conftest import PDFactory
 from tests.disagg.pd_driver import wait_idle
+from tests.helpers import http_json, wait_until
 from tests.router.conftest import router_args, start_router
 
 pytestmark = pytest.mark.timeout(300)
@@ -343,6 +345,39 @@ def test_the_clients_request_id_comes_back_through_real_servers(router, stream):
             assert resp.status_code == status, resp.text
             assert resp.headers["X-Request-Id"] == f"pd-{stream}-{status}"
             assert resp.raw.headers.getlist("X-Request-Id") == [f"pd-{stream}-{status}"]
+
+
+def test_a_clients_rid_refused_on_one_leg_does_not_abort_the_request_holding_it(router, pd_pair):
+    """A client's `rid` that other requests hold on both servers: prefill refuses the new
+    request's leg, and the router's abort of its decode leg named that rid alone, so decode
+    stopped the request holding it there, a stream cut short with finish_reason `abort`.
+    The router's aborts name each leg's room, and a server aborts only that room's rid."""
+    prefill, decode = pd_pair
+    body = {"prompt": "hi", "max_tokens": 200, "ignore_eos": True, "temperature": 0}
+    body["rid"] = "rid-held-twice"
+    url = router.url + "/v1/completions"
+    load = lambda: http_json("GET", prefill.url + "/get_load")[1][0]  # noqa: E731
+    with requests.post(url, json={**body, "stream": True}, stream=True, timeout=60) as held:
+        lines = held.iter_lines()
+        assert next(line for line in lines if line).startswith(b"data: {")  # on decode now
+        wait_until(lambda: load()["num_inflight_reqs"] == 0, 10, "its prefill leg's end")
+        # The rid held on prefill too: a leg whose decode never asks for its KV.
+        leg = {**body, "bootstrap_host": "127.0.0.1", "bootstrap_port": prefill.bootstrap_port}
+        with ThreadPoolExecutor(1) as pool:
+            on_prefill = pool.submit(
+                requests.post, prefill.url + "/v1/completions",
+                json={**leg, "bootstrap_room": 4242}, timeout=60,
+            )  # fmt: skip
+            wait_until(lambda: load()["num_inflight_reqs"] == 1, 10, "the rid on prefill")
+            refused = requests.post(url, json={**body, "max_tokens": 4}, timeout=60)
+            events = [json.loads(line[6:]) for line in lines if line.startswith(b"data: {")]
+            requests.post(prefill.url + "/abort_request", json={"rid": body["rid"]}, timeout=10)
+            on_prefill.result()
+    assert refused.status_code == 400, refused.text
+    assert "already in flight" in refused.json()["error"]["message"]
+    choices = [c for e in events for c in e["choices"]]
+    assert choices[-1]["finish_reason"] == "length", choices[-1]
+    wait_idle([prefill.url, decode.url])
 
 
 def test_a_compressed_body_or_one_with_a_byte_order_mark_is_read_as_the_servers_read_it(

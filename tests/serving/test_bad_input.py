@@ -89,6 +89,7 @@ def post_raw(url: str, data: bytes) -> tuple[int, dict]:
         ("/v1/chat/completions", {"messages": CHAT, "max_tokens": "lots", "max_completion_tokens": 2}, "max_tokens must be an integer"),
         ("/v1/chat/completions", {"messages": CHAT, "max_tokens": -5, "max_completion_tokens": 2}, "max_tokens must be at least 0"),
         ("/abort_request", {"rid": 5}, "rid"),
+        ("/abort_request", {"rid": "r", "bootstrap_room": "7"}, "bootstrap_room must be an integer"),
         # Past 64 bits an int cannot reach a worker: a 400 naming the field, not a 500.
         ("/generate", {"text": "a", "sampling_params": {"seed": 2**64}}, "seed"),
         ("/generate", {"text": "a", "sampling_params": {"top_k": 2**70}}, "top_k"),
