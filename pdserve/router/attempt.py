@@ -355,8 +355,8 @@ class Attempt:
         plan = self.pair.plan
         if plan is None:
             return []
-        # One rid for a /generate batch names its first item (the server refuses the rest).
         rids = abort_rids(self.route, plan.rid, plan.num_seqs)
+        # A client's rid list of another length than the batch: the server refuses it.
         return list(zip(rids, plan.rooms, strict=False))
 
 

@@ -232,9 +232,11 @@ def plain_body(raw: bytes, body: dict[str, Any], rank: int | None) -> bytes:
 
 def abort_rids(route: str, rid: str | list[str], num_seqs: int | None) -> list[str]:
     """The rids the server knows: on the OpenAI routes one client rid for several sequences
-    becomes `<rid>-<index>` there."""
+    becomes `<rid>-<index>` there, on /generate one for a batch `<rid>_<index>` (SGLang's)."""
     if isinstance(rid, list):
         return list(rid)
-    if route != GENERATE and num_seqs is not None and num_seqs > 1:
+    if route == GENERATE and num_seqs is not None:
+        return [f"{rid}_{i}" for i in range(num_seqs)]
+    if num_seqs is not None and num_seqs > 1:
         return [f"{rid}-{i}" for i in range(num_seqs)]
     return [rid]

@@ -345,7 +345,7 @@ def parse_generate(body: Any, tokenizer: Encoder, limits: Limits) -> tuple[list[
                 params,
                 limits,
                 item_pd_fields(body, i, num, limits),
-                rid=per_item(body, "rid", i, num),
+                rid=_batch_rid(body.get("rid"), i, num, is_batch),
                 return_logprob=want_lp,
                 logprob_start_len=start,
                 top_logprobs_num=top_n,
@@ -353,6 +353,15 @@ def parse_generate(body: Any, tokenizer: Encoder, limits: Limits) -> tuple[list[
             )
         )
     return items, is_batch
+
+
+def _batch_rid(rid: Any, index: int, num_items: int, is_batch: bool) -> Any:
+    """Item `index`'s rid: one string for a batch names each item `<rid>_<index>`, as
+    SGLang names them (every item had the one rid, so the second was refused as a rid
+    already in flight); a list gives one rid per item."""
+    if is_batch and isinstance(rid, str):
+        return f"{rid}_{index}"
+    return per_item({"rid": rid}, "rid", index, num_items)
 
 
 def _text_prompts(text: Any, tokenizer: Encoder) -> tuple[list[list[int]], bool]:

@@ -141,6 +141,8 @@ def test_abort_targets_the_rids_the_server_derives():
     assert abort_rids(CHAT, "r", 2) == ["r-0", "r-1"]
     assert abort_rids(GENERATE, ["a", "b"], 2) == ["a", "b"]
     assert abort_rids(COMPLETIONS, "r", None) == ["r"]
+    assert abort_rids(GENERATE, "r", 2) == ["r_0", "r_1"]  # SGLang's names for a batch
+    assert abort_rids(GENERATE, "r", None) == ["r"]
 
 
 def test_a_body_is_decoded_as_the_servers_decode_it():

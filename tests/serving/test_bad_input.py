@@ -114,6 +114,14 @@ def test_malformed_json_and_unknown_route(tiny_server):
     assert status == 404 and "error" in out
 
 
+def test_one_rid_for_a_generate_batch_names_each_item_as_sglang_does(tiny_server):
+    """Every item had the one rid, so the second was refused as already in flight."""
+    body = {"text": ["a", "b"], "rid": "batch", "sampling_params": {"max_new_tokens": 1}}
+    status, out = http_json("POST", f"{tiny_server.url}/generate", body)
+    assert status == 200, out
+    assert [o["meta_info"]["id"] for o in out] == ["batch_0", "batch_1"]
+
+
 def test_duplicate_in_flight_rid_is_rejected(tiny_server):
     body = {
         "input_ids": [[1, 2], [3, 4]],
