@@ -35,12 +35,13 @@ class BadRequest(ValueError):
         self.status = status
 
 
-def _batch_len(value: Any) -> int | None:
-    """Length of a batch field, or None when it holds one prompt (a string or token ids)."""
+def _batch_len(value: Any, name: str) -> int | None:
+    """Length of batch field `name`, or None when it holds one prompt (a string or token
+    ids)."""
     if not isinstance(value, list):
         return None
     if not value:
-        raise BadRequest("empty batch")
+        raise BadRequest(f"empty batch: {name} is an empty list", param=name)
     if isinstance(value[0], int):
         return None
     return len(value)
@@ -60,9 +61,9 @@ def num_sequences(route: str, body: dict[str, Any]) -> int | None:
         raise BadRequest(f"n must be in [1, {MAX_N}], got {n!r}", param="n")
     if route == GENERATE:
         if "text" in body:
-            return _batch_len(body["text"])
-        return _batch_len(body.get("input_ids"))
-    prompts = _batch_len(body.get("prompt")) if route == COMPLETIONS else None
+            return _batch_len(body["text"], "text")
+        return _batch_len(body.get("input_ids"), "input_ids")
+    prompts = _batch_len(body.get("prompt"), "prompt") if route == COMPLETIONS else None
     if prompts is None:
         return n if n and n > 1 else None
     return prompts * (n or 1)

@@ -142,9 +142,10 @@ def _items(
     params: dict,
     logprobs: int | None,
     echo: bool = False,
+    prompt_field: str = "prompt",
 ) -> tuple[list, int]:
     """(items, n): n samples of each prompt, in that order. `echo` with logprobs asks for
-    the prompt's logprobs too."""
+    the prompt's logprobs too; `prompt_field` is what the prompt's errors name."""
     n = get_field(body, "n", int, 1)
     if not 1 <= n <= MAX_N:
         raise RequestError(400, f"n must be in [1, {MAX_N}], got {n}", param="n")
@@ -170,6 +171,7 @@ def _items(
                 max_tokens_field=max_tokens_field(body),
                 openai=True,
                 cache_salt=salt,
+                prompt_field=prompt_field,
             )
         )
     return items, n
@@ -185,7 +187,10 @@ def _completion_prompts(state: ServerState, body: dict) -> list[str | list[int]]
             return prompt
         if all(isinstance(p, int) and not isinstance(p, bool) for p in prompt):
             return [prompt]
-    raise bad("prompt must be a string, a list of strings, or token ids (a list or list of lists)")
+    raise bad(
+        "prompt must be a string, a list of strings, or token ids (a list or list of lists)",
+        "prompt",
+    )
 
 
 def _encoded(state: ServerState, prompts: list[str | list[int]], special: bool) -> list[list[int]]:
@@ -256,7 +261,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     top = _chat_top_logprobs(body)
     # Without max_tokens a chat answer may use the rest of the context, as in vLLM and SGLang.
     default_max_tokens = state.limits.rest_of_context(len(prompt_ids))
-    items, n = _items(state, body, [prompt_ids], _sampling(body, default_max_tokens), top)
+    sampling = _sampling(body, default_max_tokens)
+    items, n = _items(state, body, [prompt_ids], sampling, top, prompt_field="messages")
     request_id(request, items[0].rid)  # the answer's X-Request-Id, unless the client sent one
     meta = _meta(state, "chatcmpl")
     stream = get_field(body, "stream", bool, False)

@@ -77,11 +77,11 @@ def logprobs_count(value: Any, name: str) -> int:
 def render_chat_prompt(tokenizer: Any, messages: Any, body: dict) -> list[int]:
     """Token ids of `messages` through the tokenizer's chat template, assistant turn opened."""
     if not isinstance(messages, list) or not messages:
-        raise bad("messages must be a non-empty list")
+        raise bad("messages must be a non-empty list", "messages")
     plain = []
     for i, msg in enumerate(messages):
         if not isinstance(msg, dict) or not isinstance(msg.get("role"), str):
-            raise bad(f"messages[{i}] must be an object with a string role")
+            raise bad(f"messages[{i}] must be an object with a string role", f"messages[{i}]")
         plain.append(_template_message(msg, i))
     kwargs = body.get("chat_template_kwargs")
     kwargs = {} if kwargs is None else kwargs
@@ -95,7 +95,7 @@ def render_chat_prompt(tokenizer: Any, messages: Any, body: dict) -> list[int]:
     try:
         text = tokenizer.apply_chat_template(plain, tokenize=False, **kwargs)
     except Exception as exc:  # a template that rejects the conversation is the client's 400
-        raise bad(f"the chat template rejected the messages: {exc}") from None
+        raise bad(f"the chat template rejected the messages: {exc}", "messages") from None
     # vLLM's `add_special_tokens` (default false: the template writes them); it was ignored.
     special = get_field(body, "add_special_tokens", bool, False)
     return tokenizer.encode(text, add_special_tokens=special)
@@ -128,7 +128,7 @@ def _template_message(msg: dict, index: int) -> dict[str, Any]:
         value = msg.get(key)
         if value is not None:
             if not isinstance(value, str):
-                raise bad(f"messages[{index}].{key} must be a string")
+                raise bad(f"messages[{index}].{key} must be a string", f"messages[{index}].{key}")
             out[key] = value
     calls = msg.get("tool_calls")
     if calls is not None and msg["role"] == "assistant":
@@ -139,18 +139,22 @@ def _template_message(msg: dict, index: int) -> dict[str, Any]:
 def _tool_calls(calls: Any, index: int) -> list[dict[str, Any]]:
     where = f"messages[{index}].tool_calls"
     if not isinstance(calls, list):
-        raise bad(f"{where} must be a list")
+        raise bad(f"{where} must be a list", where)
     out = []
     for j, call in enumerate(calls):
         function = call.get("function") if isinstance(call, dict) else None
         if not isinstance(function, dict) or not isinstance(function.get("name"), str):
-            raise bad(f"{where}[{j}] must be an object with a function that has a string name")
+            raise bad(
+                f"{where}[{j}] must be an object with a function that has a string name",
+                f"{where}[{j}]",
+            )
         arguments = function.get("arguments") or {}
         if isinstance(arguments, str):
             try:
                 arguments = json.loads(arguments)
             except ValueError:
-                raise bad(f"{where}[{j}].function.arguments is not valid JSON") from None
+                param = f"{where}[{j}].function.arguments"
+                raise bad(f"{param} is not valid JSON", param) from None
         out.append({**call, "function": {**function, "arguments": arguments}})
     return out
 
@@ -176,14 +180,16 @@ def _content_text(content: Any, index: int) -> str:
         parts = []
         for j, part in enumerate(content):
             if not isinstance(part, dict) or part.get("type") != "text":
-                raise bad(f"messages[{index}].content: only text parts are supported")
+                where = f"messages[{index}].content"
+                raise bad(f"{where}: only text parts are supported", where)
             text = part.get("text")
             if not isinstance(text, str):  # vLLM's schema: a text part's text is a string
                 where = f"messages[{index}].content[{j}].text"
                 raise RequestError(400, f"{where} must be a string, got {text!r}", param=where)
             parts.append(text)
         return "\n".join(parts)
-    raise bad(f"messages[{index}].content must be a string or a list of text parts")
+    where = f"messages[{index}].content"
+    raise bad(f"{where} must be a string or a list of text parts", where)
 
 
 def finish_reason(result: ItemResult) -> str | None:

@@ -63,8 +63,9 @@ class GenItem:
     cache_salt: str | None = None  # the salt's key: shares cached pages only under it
 
 
-def bad(message: str) -> RequestError:
-    return RequestError(400, message)
+def bad(message: str, param: str | None = None) -> RequestError:
+    """A 400; `param`: the field at fault, as the client named it."""
+    return RequestError(400, message, param=param)
 
 
 # SGLang sampling params pdserve does not implement, with the values that ask for none of it
@@ -159,7 +160,7 @@ def per_item(body: dict, name: str, index: int, num_items: int) -> Any:
     value = body.get(name)
     if isinstance(value, list):
         if len(value) != num_items:
-            raise bad(f"{name} has {len(value)} entries for {num_items} prompts")
+            raise bad(f"{name} has {len(value)} entries for {num_items} prompts", name)
         return value[index]
     return value
 
@@ -195,7 +196,7 @@ def sampling_from_dict(
     if params is None:
         params = {}
     if not isinstance(params, dict):
-        raise bad("sampling_params must be an object")
+        raise bad("sampling_params must be an object", "sampling_params")
     params = {**limits.sampling_defaults, **{k: v for k, v in params.items() if v is not None}}
     refuse_features(params, SAMPLING_INERT_VALUES, "sampling_params.")
     if isinstance(params.get("stop"), str):
@@ -252,19 +253,26 @@ def _mistyped(message: str, openai: bool, max_tokens_field: str) -> RequestError
     return RequestError(400, f"{name}: {problem}", param=name)
 
 
-def check_prompt(input_ids: Any, limits: Limits) -> list[int]:
+def check_prompt(input_ids: Any, limits: Limits, field_name: str = "input_ids") -> list[int]:
+    """`field_name`: the field the prompt came in (`input_ids`, `text`, `prompt`,
+    `messages`), the errors' `param`."""
     if not isinstance(input_ids, list) or not all(
         isinstance(t, int) and not isinstance(t, bool) for t in input_ids
     ):
-        raise bad("input_ids must be a list of integers (or a list of such lists)")
+        message = f"{field_name} must be a list of integers (or a list of such lists)"
+        raise bad(message, field_name)
     if not input_ids:
-        raise bad("the prompt is empty")
+        raise bad("the prompt is empty", field_name)
     if limits.vocab_size is not None and any(not 0 <= t < limits.vocab_size for t in input_ids):
-        raise bad(f"input_ids contain token ids outside the vocabulary [0, {limits.vocab_size})")
+        raise bad(
+            f"{field_name} has token ids outside the vocabulary [0, {limits.vocab_size})",
+            field_name,
+        )
     if len(input_ids) >= limits.max_context_len:
         raise bad(
             f"the prompt has {len(input_ids)} tokens; the context length is "
-            f"{limits.max_context_len} tokens"
+            f"{limits.max_context_len} tokens",
+            field_name,
         )
     return input_ids
 
@@ -281,17 +289,23 @@ def make_item(
     max_tokens_field: str = "max_new_tokens",
     openai: bool = False,
     cache_salt: str | None = None,
+    prompt_field: str = "input_ids",
 ) -> GenItem:
-    input_ids = check_prompt(input_ids, limits)
+    """`prompt_field`: the field `input_ids` came from, which its errors name."""
+    input_ids = check_prompt(input_ids, limits, prompt_field)
     if rid is not None and not isinstance(rid, str):
-        raise bad(f"rid must be a string, got {rid!r}")
+        raise bad(f"rid must be a string, got {rid!r}", "rid")
     if not 0 <= top_logprobs_num <= INT64_MAX:  # beyond 64 bits it cannot reach a worker
-        raise bad(f"top_logprobs_num must be a 64-bit integer >= 0, got {top_logprobs_num}")
+        raise bad(
+            f"top_logprobs_num must be a 64-bit integer >= 0, got {top_logprobs_num}",
+            "top_logprobs_num",
+        )
     if logprob_start_len is not None and logprob_start_len < 0:
         logprob_start_len = None  # SGLang's -1: no prompt logprobs
     if logprob_start_len is not None and logprob_start_len >= len(input_ids):
         raise bad(
-            f"logprob_start_len {logprob_start_len} is past the prompt ({len(input_ids)} tokens)"
+            f"logprob_start_len {logprob_start_len} is past the prompt ({len(input_ids)} tokens)",
+            "logprob_start_len",
         )
     return GenItem(
         rid=rid or new_rid(),
@@ -335,7 +349,7 @@ def parse_generate(body: Any, tokenizer: Encoder, limits: Limits) -> tuple[list[
             else return_logprob
         )
         if not isinstance(want_lp, bool):
-            raise bad(f"return_logprob must be a boolean, got {want_lp!r}")
+            raise bad(f"return_logprob must be a boolean, got {want_lp!r}", "return_logprob")
         params = body.get("sampling_params")
         if isinstance(params, list):
             params = per_item(body, "sampling_params", i, num)
@@ -350,6 +364,7 @@ def parse_generate(body: Any, tokenizer: Encoder, limits: Limits) -> tuple[list[
                 logprob_start_len=start,
                 top_logprobs_num=top_n,
                 cache_salt=salt,
+                prompt_field="text" if text is not None else "input_ids",
             )
         )
     return items, is_batch
@@ -369,4 +384,4 @@ def _text_prompts(text: Any, tokenizer: Encoder) -> tuple[list[list[int]], bool]
         return [tokenizer.encode(text)], False
     if isinstance(text, list) and text and all(isinstance(t, str) for t in text):
         return [tokenizer.encode(t) for t in text], True
-    raise bad("text must be a string or a non-empty list of strings")
+    raise bad("text must be a string or a non-empty list of strings", "text")

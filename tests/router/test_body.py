@@ -41,9 +41,10 @@ def test_num_sequences_per_route(route, body, expected):
 
 
 @pytest.mark.parametrize("body", [{"text": []}, {"input_ids": []}])
-def test_empty_batches_are_rejected(body):
-    with pytest.raises(BadRequest):
+def test_empty_batches_are_rejected_naming_the_field(body):
+    with pytest.raises(BadRequest) as refused:
         num_sequences(GENERATE, body)
+    assert refused.value.param == next(iter(body))
 
 
 def test_bad_n_is_rejected():

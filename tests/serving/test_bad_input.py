@@ -105,6 +105,34 @@ def test_bad_request_is_4xx_with_a_message(tiny_server, path, body, needle):
     assert needle in out["error"]["message"]
 
 
+@pytest.mark.parametrize(
+    ("path", "body", "param"),
+    [
+        ("/v1/completions", {"prompt": []}, "prompt"),
+        ("/v1/completions", {"prompt": ""}, "prompt"),
+        ("/v1/completions", {"prompt": [[]]}, "prompt"),
+        ("/v1/completions", {"prompt": [[[1]]]}, "prompt"),
+        ("/v1/completions", {"prompt": [10**6]}, "prompt"),
+        ("/v1/completions", {"prompt": list(range(5, 9)) * 1100}, "prompt"),
+        ("/v1/chat/completions", {"messages": []}, "messages"),
+        ("/v1/chat/completions", {"messages": [{"content": "x"}]}, "messages[0]"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": 5}]}, "messages[0].content"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages[0].content"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x", "name": 5}]}, "messages[0].name"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x " * 5000}]}, "messages"),
+        ("/v1/completions", {"prompt": "x", "rid": 5}, "rid"),
+        ("/generate", {"text": []}, "text"),
+        ("/generate", {"text": "x " * 5000}, "text"),
+        ("/generate", {"input_ids": [10**6]}, "input_ids"),
+        ("/generate", {"text": "x", "return_logprob": "yes"}, "return_logprob"),
+    ],
+)  # fmt: skip
+def test_a_bad_prompt_or_message_names_its_field_in_param(tiny_server, path, body, param):
+    """They came with `param` null: a client could not tell which field was at fault."""
+    status, out = http_json("POST", tiny_server.url + path, body)
+    assert status == 400 and out["error"]["param"] == param, out
+
+
 def test_malformed_json_and_unknown_route(tiny_server):
     status, out = post_raw(f"{tiny_server.url}/generate", b"{not json")
     assert status == 400 and "malformed JSON" in out["error"]["message"]

@@ -242,7 +242,7 @@ def test_every_error_has_openais_four_fields(tiny_server):
     status, out = http_json("POST", f"{tiny_server.url}/v1/completions", {"prompt": []})
     assert status == 400
     assert set(out["error"]) == {"message", "type", "param", "code"}
-    assert out["error"]["param"] is None and out["error"]["code"] == 400
+    assert out["error"]["param"] == "prompt" and out["error"]["code"] == 400
 
 
 def test_usage_counts_each_prompt_of_a_list_and_streamed_text_offsets_run_on(tiny_server):

@@ -70,7 +70,7 @@ def test_detokenize_gives_back_the_text_tokenize_took(tiny_server):
         ("/tokenize", {"prompt": "a", "messages": CHAT}, None, "give exactly one of prompt"),
         ("/tokenize", {"prompt": "a", "add_special_tokens": "yes"}, "add_special_tokens", "boolean"),
         ("/tokenize", {"prompt": "a", "return_token_strs": 1}, "return_token_strs", "boolean"),
-        ("/tokenize", {"messages": []}, None, "messages must be a non-empty list"),
+        ("/tokenize", {"messages": []}, "messages", "messages must be a non-empty list"),
         ("/tokenize", {"messages": CHAT, "chat_template": "{{ 'x' }}"}, "chat_template", "not supported"),
         ("/tokenize", {"messages": CHAT, "continue_final_message": True}, "continue_final_message", "Cannot set both"),
         ("/tokenize", [], None, "JSON object"),
