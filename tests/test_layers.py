@@ -21,6 +21,7 @@ LAYERS: list[set[str]] = [
         "pdserve",
         "pdserve.auth",
         "pdserve.config",
+        "pdserve.cors",
         "pdserve.envs",
         "pdserve.procs",
     },  # not PD specific

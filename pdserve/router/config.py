@@ -13,6 +13,7 @@ from urllib.parse import SplitResult, urlsplit
 from pdserve import envs
 from pdserve.auth import API_KEY_FORM, api_key_ok
 from pdserve.config import check, opt
+from pdserve.cors import DEFAULT_ALLOWED_ORIGINS
 
 POLICIES = ["round_robin", "random", "power_of_two", "cache_aware", "kv_aware"]
 Role = Literal["prefill", "decode", "regular"]
@@ -74,6 +75,13 @@ class RouterConfig:
         "clients must send 'Authorization: Bearer <key>' (every route but /health), and the "
         "router sends it to its workers (default: env PDSERVE_API_KEY; unset: no key)",
         repr=False,
+    )
+    allowed_origins: list[str] = opt(
+        list(DEFAULT_ALLOWED_ORIGINS),
+        "origins whose web pages may call the router from a browser (CORS: an allowed "
+        "origin gets Access-Control-Allow-Origin on every answer and a 200 to its preflight "
+        "OPTIONS), as vLLM's --allowed-origins and SGLang's router: * = any (the default); "
+        "none given: no CORS headers",
     )
     policy: str = opt("round_robin", "worker choice policy for both roles", choices=POLICIES)
     prefill_policy: str | None = opt(
@@ -165,6 +173,7 @@ class RouterConfig:
         for flag, host in (("--host", self.host), ("--prometheus-host", self.prometheus_host)):
             check(bool(host), f"{flag} must not be empty (0.0.0.0: every interface)")
         check(api_key_ok(self.api_key), API_KEY_FORM)
+        check(all(self.allowed_origins), "--allowed-origins: an origin must not be empty")
         roles = {w.role for w in self.workers}
         check(
             "regular" not in roles or roles == {"regular"},

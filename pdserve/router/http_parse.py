@@ -25,7 +25,12 @@ class ParseError(ValueError):
 
 class Refused(ParseError):
     """The head's credentials were refused (`RequestParser`'s `allows`): answered with the
-    server's 401, without reading the body."""
+    server's 401, without reading the body. `origin`: the head's Origin (a browser page's,
+    whose answer must allow it for the page to read the 401)."""
+
+    def __init__(self, message: str, status: int = 401, origin: str | None = None):
+        super().__init__(message, status)
+        self.origin = origin
 
 
 # (target, headers) -> whether the request may go on to its body and handler.
@@ -149,7 +154,8 @@ class RequestParser(_Parser):
         if self.allows is not None and not self.allows(self._target(), self.headers):
             # Before the body: a client without credentials must not make us hold one
             # (up to max_body_bytes per connection), nor be invited by a 100 Continue.
-            self._fail(Refused("credentials refused", 401))
+            origin = find_header(self.headers, b"origin")
+            self._fail(Refused("credentials refused", 401, origin and origin.decode("latin-1")))
         for name, value in self.headers.items():
             if len(name) in _CHECKED_LENGTHS:
                 self._check_header(name.lower(), value)

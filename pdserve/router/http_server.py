@@ -11,13 +11,14 @@ import http
 import logging
 import socket
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl
 
 import msgspec
 
+from pdserve.cors import answer_headers, is_preflight, preflight_headers
 from pdserve.router.http_connection import WriteFlow
 from pdserve.router.http_parse import (
     HeadCheck,
@@ -45,13 +46,24 @@ ROUTER_SHUTTING_DOWN = "the router is shutting down"
 class Request:
     """One client request with its whole body."""
 
-    __slots__ = ("method", "path", "query_string", "body", "http11", "_parsed", "_conn")
+    __slots__ = (
+        "method",
+        "path",
+        "query_string",
+        "body",
+        "http11",
+        "cors_headers",
+        "_parsed",
+        "_conn",
+    )
 
     def __init__(self, parsed: ParsedRequest, conn: ServerConnection):
         self.method = parsed.method
         self.path, _, self.query_string = parsed.target.partition("?")
         self.body = parsed.body
         self.http11 = parsed.http11
+        # What every answer to it adds (CORS, for an allowed origin's page).
+        self.cors_headers: dict[str, str] = {}
         self._parsed = parsed
         self._conn = conn
 
@@ -120,7 +132,8 @@ class StreamResponse:
         self._conn = request._conn
         self._conn.stream = self
         self._chunked = request.http11
-        lines = [f"{name}: {value}\r\n" for name, value in self._headers.items()]
+        headers = {**request.cors_headers, **self._headers}
+        lines = [f"{name}: {value}\r\n" for name, value in headers.items()]
         lines.append("Transfer-Encoding: chunked\r\n" if self._chunked else "")
         self._head = _status_line(self.status) + f"{''.join(lines)}{_date_line()}\r\n".encode()
 
@@ -163,8 +176,10 @@ class HttpServer:
         idle_timeout_s: float = IDLE_TIMEOUT_S,
         guard: HeadGuard | None = None,
         write_stall_s: float = WRITE_STALL_S,
+        cors_origins: Sequence[str] = (),
     ):
         self.routes = routes
+        self.cors_origins = cors_origins  # origins allowed to call it from a web page
         self.write_stall_s = write_stall_s
         self.guard = guard
         self._prefixed = [
@@ -345,13 +360,24 @@ class ServerConnection(WriteFlow):
     def _refusal(self, error: ParseError) -> Response:
         guard = self.server.guard
         if isinstance(error, Refused) and guard is not None:
-            return guard.refusal()
+            refusal = guard.refusal()
+            cors = answer_headers(error.origin, self.server.cors_origins)
+            if cors:  # the page may read its 401 (the head's other answers name no route)
+                refusal.headers = {**cors, **(refusal.headers or {})}
+            return refusal
         return _error(error.status, f"bad request: {error}")
 
     async def _answer(self, parsed: ParsedRequest) -> bool:
         """Run the handler and write its answer; whether the connection stays open."""
         request = Request(parsed, self)
         self.stream = None
+        origin = request.header("Origin")
+        if origin is not None and self.server.cors_origins:
+            preflight = _preflight(request, origin, self.server.cors_origins)
+            if preflight is not None:
+                await self.write(_encode(preflight, parsed.keep_alive))
+                return parsed.keep_alive
+            request.cors_headers = answer_headers(origin, self.server.cors_origins)
         try:
             response = await self.server.handler(parsed.method, request.path)(request)
         except asyncio.CancelledError:
@@ -367,6 +393,8 @@ class ServerConnection(WriteFlow):
             await response.write_eof()  # if the handler did not
             return parsed.keep_alive and request.http11  # HTTP/1.0: the close ends the answer
         head_only = parsed.method == "HEAD"  # RFC 9110 9.3.2: GET's head, no content
+        if request.cors_headers:  # (a handler's headers may be a shared constant: not edited)
+            response.headers = {**request.cors_headers, **(response.headers or {})}
         await self.write(_encode(response, parsed.keep_alive, head_only))
         return parsed.keep_alive
 
@@ -381,6 +409,14 @@ class ServerConnection(WriteFlow):
         else:
             await self.write(_encode(_error(503, ROUTER_SHUTTING_DOWN), False))
         return False
+
+
+def _preflight(request: Request, origin: str, allowed: Sequence[str]) -> Response | None:
+    """The 200 answering a browser's preflight from an allowed origin, else None."""
+    if not is_preflight(request.method, origin, request.header("Access-Control-Request-Method")):
+        return None
+    headers = preflight_headers(origin, request.header("Access-Control-Request-Headers"), allowed)
+    return None if headers is None else Response(b"", 200, "text/plain", headers)
 
 
 def _error(status: int, message: str) -> Response:

@@ -14,6 +14,7 @@ from typing import Any
 
 from pdserve import netaddr
 from pdserve.auth import bearer_ok, is_loopback
+from pdserve.cors import allowed_origin
 from pdserve.router.body import CHAT, COMPLETIONS, GENERATE, BadRequest
 from pdserve.router.config import RouterConfig, WorkerSpec
 from pdserve.router.content_coding import ACCEPT_ENCODING, UnsupportedCoding, decoded_body
@@ -119,10 +120,24 @@ class Router:
         def allows(target: str, headers: Headers) -> bool:
             if target.partition("?")[0] in OPEN_PATHS:
                 return True
+            if self._cors_preflight(headers):  # a browser sends no key with a preflight
+                return True
             value = find_header(headers, b"authorization")
             return bearer_ok(None if value is None else value.decode("latin-1"), key)
 
         return HeadGuard(allows, self._refusal)
+
+    def _cors_preflight(self, headers: Headers) -> bool:
+        """A head that may be a browser's preflight from an allowed origin (its method is
+        not known here): the server answers it before routing; any other request with
+        such headers still meets the key check of its route's handler."""
+        origin = find_header(headers, b"origin")
+        method = find_header(headers, b"access-control-request-method")
+        return (
+            origin is not None
+            and method is not None
+            and allowed_origin(origin.decode("latin-1"), self.config.allowed_origins) is not None
+        )
 
     def _refusal(self) -> Response:
         self.metrics.auth_refusals.inc()
@@ -344,7 +359,12 @@ def tune_gc() -> None:
 async def serve(config: RouterConfig) -> None:
     """Run the router until SIGINT or SIGTERM."""
     router = Router(config)
-    server = HttpServer(router.routes(), MAX_BODY_BYTES, guard=router.head_guard())
+    server = HttpServer(
+        router.routes(),
+        MAX_BODY_BYTES,
+        guard=router.head_guard(),
+        cors_origins=config.allowed_origins,
+    )
     await _listen(server, "--port", config.host, config.port)
     router.start()
     metrics_server = await _serve_metrics(router)

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pdserve import envs
 from pdserve.auth import API_KEY_FORM, api_key_ok
 from pdserve.config import add_arguments, check, from_args, opt
+from pdserve.cors import DEFAULT_ALLOWED_ORIGINS
 from pdserve.engine.config import EngineConfig
 from pdserve.netaddr import advertisable
 
@@ -55,6 +56,13 @@ class ServerArgs:
         "every route but /health requires 'Authorization: Bearer <key>' (default: env "
         "PDSERVE_API_KEY; unset: no key)",
         repr=False,
+    )
+    allowed_origins: list[str] = opt(
+        list(DEFAULT_ALLOWED_ORIGINS),
+        "origins whose web pages may call this server from a browser (CORS: an allowed "
+        "origin gets Access-Control-Allow-Origin on every answer and a 200 to its preflight "
+        "OPTIONS), as vLLM's --allowed-origins and SGLang: * = any (the default); none "
+        "given: no CORS headers",
     )
     port: int = opt(30000, "HTTP port to bind")
     dp_size: int = opt(
@@ -137,6 +145,7 @@ class ServerArgs:
             "--served-model-name: a name must not be empty",
         )
         check(api_key_ok(self.api_key), API_KEY_FORM)
+        check(all(self.allowed_origins), "--allowed-origins: an origin must not be empty")
         check(self.mode in MODES, f"--mode must be one of {MODES}, got {self.mode!r}")
         check(0 < self.port < 65536, f"--port out of range: {self.port}")
         check(bool(self.host), "--host must not be empty (0.0.0.0: every interface)")

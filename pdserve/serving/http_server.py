@@ -36,6 +36,7 @@ from pdserve.serving.hooks import (
     colocated_worker_hooks,
     error_object,
 )
+from pdserve.serving.http_cors import cors_middleware, cors_on_prepare
 from pdserve.serving.http_log import request_logger
 from pdserve.serving.http_request_id import GENERATION_PATHS, echo_request_id, log_tag
 from pdserve.serving.http_send import SEND_TIMEOUT_S, send_deadline_middleware
@@ -149,9 +150,14 @@ def build_app(state: ServerState) -> web.Application:
     middlewares = [send_deadline_middleware, error_middleware]
     if state.cfg.server.api_key:
         middlewares.insert(1, api_key_middleware(state.cfg.server.api_key))
+    origins = state.cfg.server.allowed_origins
+    if origins:  # a preflight carries no API key: answered before that is checked
+        middlewares.insert(0, cors_middleware(origins))
     app = web.Application(middlewares=middlewares, client_max_size=MAX_BODY_BYTES)
     app[STATE] = state
     app.on_response_prepare.append(echo_request_id)
+    if origins:
+        app.on_response_prepare.append(cors_on_prepare(origins))
     app[SEND_TIMEOUT_S] = state.cfg.server.send_timeout_s
     admin_api.add_routes(app)
     native_api.add_routes(app)

@@ -126,3 +126,33 @@ def test_a_malformed_authorization_line_never_puts_the_key_in_the_log(server, li
     assert answer.startswith(b"HTTP/1.") and b" 400 " in answer.split(b"\r\n")[0], answer
     wait_until(lambda: server.output().count(LOGGED) > seen, 10, "the one-line log record")
     assert KEY not in server.output() and "Traceback" not in server.output()
+
+
+def test_a_browser_page_may_call_it_and_its_preflight_needs_no_key(server):
+    """vLLM and SGLang allow any origin by default; the preflight was a 401 here (no key:
+    browsers send none with it), and no answer allowed the page's origin, so a web client
+    working against them failed against pdserve."""
+    page = {"Origin": "http://page.example"}
+    preflight = requests.options(
+        server.url + "/v1/chat/completions",
+        headers={
+            **page,
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization,content-type",
+        },
+        timeout=10,
+    )
+    assert preflight.status_code == 200, preflight.text
+    assert preflight.headers["Access-Control-Allow-Origin"] == "*"
+    assert preflight.headers["Access-Control-Allow-Headers"] == "authorization,content-type"
+    assert "POST" in preflight.headers["Access-Control-Allow-Methods"]
+    body = {**BODIES["/v1/chat/completions"], "stream": True}
+    for key, status in [({}, 401), ({"Authorization": f"Bearer {KEY}"}, 200)]:
+        url = server.url + "/v1/chat/completions"
+        with requests.post(
+            url, json=body, headers={**page, **key}, stream=True, timeout=30
+        ) as resp:
+            assert resp.status_code == status, resp.text
+            assert resp.headers["Access-Control-Allow-Origin"] == "*"
+            assert resp.headers["Access-Control-Expose-Headers"] == "X-Request-Id"
+    assert "Access-Control-Allow-Origin" not in requests.get(server.url + "/health").headers
