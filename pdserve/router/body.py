@@ -23,6 +23,10 @@ CHAT = "/v1/chat/completions"
 ROUTES = (GENERATE, COMPLETIONS, CHAT)
 # Rank fields the router owns in DP-aware mode; a client's values are replaced.
 RANK_FIELDS = ("routed_dp_rank", "data_parallel_rank", "disagg_prefill_dp_rank")
+# A client's own routed rank: with --align-room (no --dp-aware) a prefill rank, the one its
+# rooms are drawn on; on the decode leg it would name a decode worker (refused where decode
+# has fewer ranks than that), so it reaches the prefill leg only.
+CLIENT_ROUTED_FIELDS = ("routed_dp_rank", "data_parallel_rank")
 
 
 class BadRequest(ValueError):
@@ -145,6 +149,8 @@ class LegPlan:
     rid: str | list[str]
     prefill_rank: int | None = None  # set in DP-aware mode
     decode_rank: int | None = None
+    # --align-room without --dp-aware: the client's routed rank fields go to prefill only
+    client_rank_prefill_only: bool = False
 
 
 def leg_fields(plan: LegPlan) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -174,14 +180,18 @@ def leg_fields(plan: LegPlan) -> tuple[dict[str, Any], dict[str, Any]]:
 
 def shape_bodies(body: dict[str, Any], plan: LegPlan) -> tuple[dict[str, Any], dict[str, Any]]:
     """(prefill body, decode body). They are the same object unless ranks differ; in
-    DP-aware mode a client's rank fields are dropped."""
+    DP-aware mode a client's rank fields are dropped, and with `client_rank_prefill_only`
+    its routed rank is left off the decode leg."""
     prefill_fields, decode_fields = leg_fields(plan)
     if plan.prefill_rank is not None:
         body = {k: v for k, v in body.items() if k not in RANK_FIELDS}
     prefill = {**body, **prefill_fields}
-    if decode_fields is prefill_fields:
+    decode_body = body
+    if plan.client_rank_prefill_only and any(k in body for k in CLIENT_ROUTED_FIELDS):
+        decode_body = {k: v for k, v in body.items() if k not in CLIENT_ROUTED_FIELDS}
+    if decode_fields is prefill_fields and decode_body is body:
         return prefill, prefill
-    return prefill, {**body, **decode_fields}
+    return prefill, {**decode_body, **decode_fields}
 
 
 def encode_bodies(raw: bytes, body: dict[str, Any], plan: LegPlan) -> tuple[bytes, bytes]:
@@ -190,6 +200,8 @@ def encode_bodies(raw: bytes, body: dict[str, Any], plan: LegPlan) -> tuple[byte
     appended: a long prompt is not encoded again. The same object unless ranks differ."""
     prefill_fields, decode_fields = leg_fields(plan)
     ranks = RANK_FIELDS if plan.prefill_rank is not None else ()
+    if plan.client_rank_prefill_only:
+        ranks = CLIENT_ROUTED_FIELDS
     owned = [*prefill_fields, *decode_fields, *ranks]
     if any(key in body for key in owned):  # a key must not appear twice: encode anew
         prefill, decode = shape_bodies(body, plan)

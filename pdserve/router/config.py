@@ -98,8 +98,8 @@ class RouterConfig:
     align_room: bool = opt(
         False,
         "draw each room so that room %% prefill_dp_size == the "
-        "chosen prefill rank, or the client's routed_dp_rank (keeps follow_bootstrap_room's "
-        "fast path)",
+        "chosen prefill rank, or the client's routed_dp_rank, which then goes to prefill "
+        "only (keeps follow_bootstrap_room's fast path)",
     )
     cache_threshold: float = opt(
         0.5,

@@ -173,6 +173,7 @@ class PairChooser:
             rid=body.get("rid") or new_rids(num_seqs),
             prefill_rank=prefill_rank if c.dp_aware else None,
             decode_rank=decode_rank,
+            client_rank_prefill_only=c.align_room and not c.dp_aware,
         )
         return Pair(
             decode, prefill, plan, prefill_rank, decode_rank, prefill_matched, decode_matched

@@ -107,6 +107,21 @@ def test_dp_aware_bodies_carry_the_ranks_and_differ():
     assert prefill["bootstrap_room"] == decode["bootstrap_room"] == 7
 
 
+def test_align_room_sends_the_clients_routed_rank_to_prefill_only():
+    """--align-room reads a client's routed rank as a prefill rank; on decode it would name
+    a decode worker (a decode server with fewer ranks refused the request)."""
+    body = {"text": "x", "routed_dp_rank": 2, "data_parallel_rank": 2, "disagg_prefill_dp_rank": 2}
+    p = LegPlan("h", 8998, [5], None, "r", client_rank_prefill_only=True)
+    prefill, decode = shape_bodies(body, p)
+    assert prefill["routed_dp_rank"] == prefill["data_parallel_rank"] == 2
+    assert "routed_dp_rank" not in decode and "data_parallel_rank" not in decode
+    assert decode["disagg_prefill_dp_rank"] == prefill["disagg_prefill_dp_rank"] == 2
+    assert decode["bootstrap_room"] == prefill["bootstrap_room"] == 5
+    # Without a rank from the client both legs share one body, as before.
+    prefill, decode = shape_bodies({"text": "x"}, p)
+    assert prefill is decode
+
+
 @pytest.mark.parametrize(
     "raw",
     [
@@ -116,11 +131,15 @@ def test_dp_aware_bodies_carry_the_ranks_and_differ():
         b'{"text": "x", "bootstrap_room": 123, "rid": "mine"}',  # router fields: encoded anew
     ],
 )
-@pytest.mark.parametrize("ranks", [(None, None), (0, 3)])
+@pytest.mark.parametrize("ranks", [(None, None), (0, 3), "prefill_only"])
 def test_encoded_bodies_equal_the_shaped_ones(raw, ranks):
     body = msgspec.json.decode(raw)
     num_seqs = 2 if isinstance(body.get("text"), list) else None
-    p = plan(num_seqs, (7, 8)[: num_seqs or 1], *ranks)
+    rooms = (7, 8)[: num_seqs or 1]
+    if ranks == "prefill_only":  # --align-room: a client's routed rank reaches prefill only
+        p = LegPlan("10.0.0.5", 8998, list(rooms), num_seqs, "r", client_rank_prefill_only=True)
+    else:
+        p = plan(num_seqs, rooms, *ranks)
     prefill_data, decode_data = encode_bodies(raw, body, p)
     prefill, decode = shape_bodies(body, p)
     assert msgspec.json.decode(prefill_data) == prefill

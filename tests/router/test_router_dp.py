@@ -22,12 +22,17 @@ BODY = {
 
 
 @pytest.fixture(scope="module")
-def dp_pair():
+def factory():
     factory = PDFactory()
     try:
-        yield factory.prefill(2), factory.decode(2)
+        yield factory
     finally:
         factory.stop_all()
+
+
+@pytest.fixture(scope="module")
+def dp_pair(factory):
+    return factory.prefill(2), factory.decode(2)
 
 
 def resolutions(decode_url: str) -> dict[str, float]:
@@ -72,6 +77,18 @@ def test_align_room_keeps_the_fast_path(dp_pair, tiny_server):
     bodies = [BODY, {**BODY, "routed_dp_rank": 1}] * (NUM_REQUESTS // 2)
     delta = run_through_router(dp_pair, "--align-room", tiny_server, bodies)
     assert delta == {"explicit": 0, "single_rank": 0, "fast_path": NUM_REQUESTS, "query": 0}
+
+
+def test_align_room_serves_a_clients_prefill_rank_past_decodes_dp_size(
+    dp_pair, factory, tiny_server
+):
+    """A client's routed_dp_rank 1 is prefill's rank 1 (its rooms are drawn there); it also
+    reached the decode leg, where it names decode rank 1: a decode server of one rank refused
+    every such request (400 `routed_dp_rank=1 out of range: dp_size is 1`)."""
+    prefill, _ = dp_pair
+    bodies = [{**BODY, "routed_dp_rank": 1}, {**BODY, "data_parallel_rank": 1}] * 2
+    delta = run_through_router((prefill, factory.decode(1)), "--align-room", tiny_server, bodies)
+    assert delta == {"explicit": 0, "single_rank": 0, "fast_path": len(bodies), "query": 0}
 
 
 def test_cache_aware_dp_aware_sends_each_conversation_back_to_its_ranks(dp_pair):
