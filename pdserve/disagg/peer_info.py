@@ -22,7 +22,12 @@ from pdserve.disagg.bootstrap_client import (
     fetch_worker,
     query_dp_ranks_with_epoch,
 )
-from pdserve.disagg.bootstrap_registry import RoomFailure, ServerInfo, WorkerRegistration
+from pdserve.disagg.bootstrap_registry import (
+    MAX_ROOMS_PER_QUERY,
+    RoomFailure,
+    ServerInfo,
+    WorkerRegistration,
+)
 from pdserve.disagg.metrics import DisaggMetrics
 from pdserve.disagg.rank_query import PendingRooms
 from pdserve.serving.hooks import DECODE_ORIGIN, PREFILL_ORIGIN, RequestError
@@ -162,6 +167,14 @@ class RankQuerier:
     async def _poll_once(self) -> None:
         rooms = self.pending.rooms()
         self.pending.on_sent(time.monotonic())
+        # The bootstrap server takes at most MAX_ROOMS_PER_QUERY rooms a query: one query of
+        # more was refused (400), which failed every pending room of the server at once.
+        step = MAX_ROOMS_PER_QUERY
+        await asyncio.gather(
+            *(self._query(rooms[i : i + step]) for i in range(0, len(rooms), step))
+        )
+
+    async def _query(self, rooms: list[int]) -> None:
         try:
             answer, epoch = await query_dp_ranks_with_epoch(
                 self.session, self.url, rooms, CALL_TIMEOUT_S

@@ -11,6 +11,7 @@ import random
 import pytest
 import requests
 
+from pdserve.disagg.bootstrap_registry import MAX_ROOMS_PER_QUERY
 from tests.disagg.pd_driver import metric_value, pd_generate_async, run_many, wait_idle
 
 DP = 2
@@ -272,3 +273,32 @@ def test_query_path_batches_rooms(pd, decode_dp1):
     counted = _counted_since(decode.url, before)
     assert counted["query"] == 16
     assert counted["query_rooms"] >= 16
+
+
+def test_more_rooms_than_one_rank_query_takes_are_asked_in_several(pd, decode_dp1):
+    """A decode leg whose pending rooms outnumber what one /query_dp_ranks takes (4096, a
+    batch of that many prompts, or as many legs at once) asks in several queries. One query
+    of them all was refused (400) and every room failed at once with a 502 naming the
+    refusal: here the room whose prefill leg failed must fail with that leg's reason."""
+    prefill = pd.prefill(DP, ["--force-query-prefill-dp-rank"])
+    num_rooms = MAX_ROOMS_PER_QUERY + 4
+    first_room = random.Random("many-rooms").randrange(2**62)
+    failed = {
+        "bootstrap_room": first_room + num_rooms - 1,
+        "error": "the leg failed",
+        "status": 409,
+    }
+    bootstrap = f"http://127.0.0.1:{prefill.bootstrap_port}"
+    assert requests.post(bootstrap + "/register_dp_rank", json=failed, timeout=10).ok
+    round_trips = metric_value(decode_dp1.url, "pdserve_rank_query_round_trips_total")
+    leg = {
+        "input_ids": [[5, 6, 7]] * num_rooms,
+        "sampling_params": {"max_new_tokens": 1},
+        "bootstrap_host": "127.0.0.1",
+        "bootstrap_port": prefill.bootstrap_port,
+        "bootstrap_room": first_room,  # item i has room first_room + i
+    }
+    resp = requests.post(decode_dp1.url + "/generate", json=leg, timeout=60)
+    assert resp.status_code == 409 and "the leg failed" in resp.text, resp.text
+    assert metric_value(decode_dp1.url, "pdserve_rank_query_round_trips_total") >= round_trips + 2
+    wait_idle([prefill.url, decode_dp1.url])
