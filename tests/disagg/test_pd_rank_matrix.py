@@ -302,3 +302,37 @@ def test_more_rooms_than_one_rank_query_takes_are_asked_in_several(pd, decode_dp
     assert resp.status_code == 409 and "the leg failed" in resp.text, resp.text
     assert metric_value(decode_dp1.url, "pdserve_rank_query_round_trips_total") >= round_trips + 2
     wait_idle([prefill.url, decode_dp1.url])
+
+
+def test_unequal_dp_sizes_resolve_the_prefill_rank_by_the_prefills_dp_size(pd, decodes, want):
+    """Prefill DP 3, decode DP 2: home(R) is R mod 3 on both legs (never decode's R mod 2),
+    a decode rank names a decode worker only, and each cell returns the colocated tokens or
+    fails on both legs with its reason."""
+    prefill, decode = pd.prefill(3), decodes[False]
+    rng = random.Random("unequal-dp")
+    cells = []
+    for home in (0, 1, 2):  # one room per prefill rank, each on either decode rank
+        room = rng.randrange(2**62) // 6 * 6 + home
+        cells += [(room, {}, {}, None), (room + 3, {"routed_dp_rank": home}, {}, None)]
+    room = rng.randrange(2**62) // 3 * 3 + 1  # home 1
+    cells += [
+        (room, {"routed_dp_rank": 2}, {}, "follow_bootstrap_room conflict"),
+        (room + 3, {"routed_dp_rank": 2, "disagg_prefill_dp_rank": 2},
+         {"disagg_prefill_dp_rank": 2, "routed_dp_rank": 1}, None),
+        (room + 6, {"routed_dp_rank": 2, "disagg_prefill_dp_rank": 2},
+         {"disagg_prefill_dp_rank": 2, "routed_dp_rank": 2}, "routed_dp_rank=2 out of range"),
+        (room + 9, {"disagg_prefill_dp_rank": 3}, {"disagg_prefill_dp_rank": 3}, "out of range"),
+        (room + 12, {"routed_dp_rank": 2, "disagg_prefill_dp_rank": 2},
+         {"disagg_prefill_dp_rank": 1}, "name different prefill ranks"),
+    ]  # fmt: skip
+    results = _run_legs(prefill, decode.url, BODY, [cell[:3] for cell in cells])
+    for (room, fields, decode_fields, expected), result in zip(cells, results, strict=True):
+        where = f"room={room} (home {room % 3}) prefill {fields} decode {decode_fields}"
+        if expected is None:
+            assert result.prefill.ok and result.decode.ok, (where, result)
+            assert result.decode.body["output_ids"] == want, where
+            continue
+        for leg in (result.prefill, result.decode):
+            assert 400 <= leg.status < 600 and expected in leg.error, (where, leg)
+            assert leg.elapsed_s < FAIL_WITHIN_S, (where, leg.elapsed_s)
+    wait_idle([prefill.url, decode.url])
