@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from typing import Any
 
@@ -177,6 +178,10 @@ class Proxy:
                 return await attempt.run(), attempt.decode_s
             except LegError as err:
                 last = err
+                if _learned_dp_size(err, pair):  # our rank, from a stale DP size: retry
+                    log.info("%s refused a rank the router chose: %s [request_id=%s]",
+                             route, err, request_id)  # fmt: skip
+                    continue
                 if err.client_fault:  # the client's mistake: no retry, no warning
                     log.info("%s refused by %s [request_id=%s]", route, err, request_id)
                     break
@@ -195,3 +200,37 @@ class Proxy:
         assert last is not None
         self.legs.count_failure(route, last.reason)
         return json_response({"error": last.to_json()}, last.status), None
+
+
+# A server's refusal of a DP rank past its dp_size (docs/protocol.md section 2.3, verbatim):
+# the routed rank of the server that answered (or of its peer, where it relays the peer's
+# refusal), or the prefill rank, checked by both legs against the prefill's dp_size.
+_ROUTED_OUT_OF_RANGE = re.compile(
+    r"\b(?:routed_dp_rank|data_parallel_rank)=\d+ out of range: dp_size is (\d+)\b"
+)
+_PREFILL_OUT_OF_RANGE = re.compile(
+    r"\bdisagg_prefill_dp_rank=\d+ is out of range for prefill dp_size=(\d+)\b"
+)
+
+
+def _learned_dp_size(err: LegError, pair: Pair) -> bool:
+    """A refusal of a rank the router chose itself, from a server restarted with fewer DP
+    ranks than the router knew (between two of its load reports): that server takes the
+    DP size the refusal names, and the request is tried again on ranks that exist. It was
+    answered as the client's fault (400, no retry) though the client named no rank."""
+    chose_ranks = pair.decode_rank is not None if pair.plan is None else (
+        pair.plan.prefill_rank is not None
+    )  # fmt: skip
+    if not (err.client_fault and chose_ranks):
+        return False
+    worker = at_fault(err, pair.prefill, pair.decode)
+    found = _ROUTED_OUT_OF_RANGE.search(err.message)
+    if found is None:
+        worker, found = pair.prefill, _PREFILL_OUT_OF_RANGE.search(err.message)
+    if found is None or worker is None:
+        return False
+    dp_size = int(found.group(1))
+    if dp_size < 1 or dp_size == worker.dp_size:
+        return False
+    worker.set_dp_size(dp_size)
+    return True

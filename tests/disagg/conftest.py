@@ -46,9 +46,15 @@ class PDFactory:
         self.started: list[ServerProcess] = []
 
     def prefill(
-        self, dp_size: int = 1, args: Sequence[str] = (), env: dict | None = None
+        self,
+        dp_size: int = 1,
+        args: Sequence[str] = (),
+        env: dict | None = None,
+        port: int | None = None,
+        bootstrap_port: int | None = None,
     ) -> Prefill:
-        bootstrap_port = free_port(self.host)
+        """`port` and `bootstrap_port` (free ones by default): a restart on the same ports."""
+        bootstrap_port = bootstrap_port or free_port(self.host)
         server = launch_server(
             [
                 *TINY,
@@ -61,6 +67,7 @@ class PDFactory:
                 *args,
             ],
             env=env,
+            port=port,
             extra_ready_urls=[http_url(self.host, bootstrap_port) + "/route"],
             host=self.host,
         )

@@ -11,6 +11,7 @@ import requests
 
 from tests.disagg.conftest import PDFactory
 from tests.disagg.pd_driver import metric_value, wait_idle
+from tests.helpers import free_port
 from tests.router.conftest import router_args, start_router
 
 pytestmark = pytest.mark.timeout(300)
@@ -89,6 +90,33 @@ def test_align_room_serves_a_clients_prefill_rank_past_decodes_dp_size(
     bodies = [{**BODY, "routed_dp_rank": 1}, {**BODY, "data_parallel_rank": 1}] * 2
     delta = run_through_router((prefill, factory.decode(1)), "--align-room", tiny_server, bodies)
     assert delta == {"explicit": 0, "single_rank": 0, "fast_path": len(bodies), "query": 0}
+
+
+def test_dp_aware_retries_a_rank_a_restarted_prefill_no_longer_has(dp_pair, factory):
+    """A prefill server restarted on its ports with fewer DP ranks, between two of the
+    router's load reports and too fast to fail its health checks: the router's next ranks
+    came from the old DP size, and the servers' 400 (`routed_dp_rank=1 out of range: dp_size
+    is 1`) reached the client as its own fault though it named no rank. The router learns
+    the DP size from the refusal and tries again."""
+    _, decode = dp_pair
+    port = free_port()
+    prefill = factory.prefill(2, port=port)
+    args = router_args([(prefill.url, prefill.bootstrap_port)], [decode.url])
+    args += [
+        "--dp-aware",
+        "--load-refresh-interval-s",
+        "3600",
+        "--health-failure-threshold",
+        "1000",
+    ]
+    with start_router(args) as router:
+        assert requests.post(router.url + "/generate", json=BODY, timeout=60).ok
+        prefill.server.stop()
+        factory.prefill(1, port=port, bootstrap_port=prefill.bootstrap_port)
+        for _ in range(4):  # ranks in turn: rank 1 for every other one
+            resp = requests.post(router.url + "/generate", json=BODY, timeout=60)
+            assert resp.status_code == 200, resp.text
+    wait_idle([prefill.url, decode.url])
 
 
 def test_cache_aware_dp_aware_sends_each_conversation_back_to_its_ranks(dp_pair):
