@@ -13,12 +13,12 @@ from collections.abc import Sequence
 
 import numpy as np
 
-_HASH_BYTES = 8
+HASH_BYTES = 8
 _TOKEN_DTYPE = np.dtype("<i8")  # little-endian int64 on every machine
 
 
 def _digest(data: bytes) -> int:
-    return int.from_bytes(hashlib.blake2b(data, digest_size=_HASH_BYTES).digest(), "little")
+    return int.from_bytes(hashlib.blake2b(data, digest_size=HASH_BYTES).digest(), "little")
 
 
 def hash_seed(model_fingerprint: str, page_size: int) -> int:
@@ -35,7 +35,7 @@ def salted_seed(seed: int, salt: str | None) -> int:
     if salt is None:
         return seed
     salt_bytes = salt.encode("utf-8", "surrogatepass")  # total: any str a parser made
-    return _digest(b"pdserve-cache-salt/" + seed.to_bytes(_HASH_BYTES, "little") + salt_bytes)
+    return _digest(b"pdserve-cache-salt/" + seed.to_bytes(HASH_BYTES, "little") + salt_bytes)
 
 
 def page_hashes(
@@ -53,7 +53,7 @@ def page_hashes(
     parent = hashes[-1] if hashes else seed
     for offset in range(0, len(tokens), page_nbytes):
         parent = _digest(
-            parent.to_bytes(_HASH_BYTES, "little") + tokens[offset : offset + page_nbytes]
+            parent.to_bytes(HASH_BYTES, "little") + tokens[offset : offset + page_nbytes]
         )
         hashes.append(parent)
     return hashes

@@ -10,6 +10,7 @@ from typing import Any
 import zmq
 import zmq.asyncio
 
+from pdserve.engine.page_hash import HASH_BYTES
 from pdserve.router.kv_index import KVIndex
 from pdserve.router.kv_subscriber import KVSubscriber
 
@@ -41,7 +42,7 @@ class KVFollower:
         replay = info.get("kv_events_replay_endpoint")
         seed, page_size = info.get("kv_events_hash_seed"), info.get("page_size")
         if endpoint and replay and isinstance(seed, int) and isinstance(page_size, int):
-            why = self._unusable(endpoint, replay, page_size)
+            why = self._unusable(endpoint, replay, page_size, seed)
             if why is None:
                 self._refused.pop(url, None)
                 cache = self.index.track(url, page_size, seed)
@@ -54,11 +55,15 @@ class KVFollower:
         if old is not None:
             await old.stop()
 
-    def _unusable(self, endpoint: object, replay: object, page_size: int) -> str | None:
+    def _unusable(self, endpoint: object, replay: object, page_size: int, seed: int) -> str | None:
         """Why a worker's advertised events cannot be followed, or None. Its /server_info is
-        not ours to trust: a ZeroMQ error out of `follow` ended the router's health checks."""
+        not ours to trust: a ZeroMQ error out of `follow` ended the router's health checks,
+        and a hash seed past 64 bits (or below 0), once its events were followed, failed
+        every salted request of the role with a 500 (the salted seed packs it in 8 bytes)."""
         if page_size < 1:
             return f"page_size {page_size}"
+        if not 0 <= seed < 1 << (8 * HASH_BYTES):
+            return f"kv_events_hash_seed {seed} is not a 64-bit unsigned integer"
         for address in (endpoint, replay):
             if not isinstance(address, str):
                 return f"endpoint {address!r} is not a string"

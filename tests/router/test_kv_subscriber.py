@@ -17,9 +17,12 @@ from pdserve.engine.kv_events import CacheEvent, PagesRemoved, PagesStored
 from pdserve.router import kv_subscriber
 from pdserve.router.kv_follow import KVFollower
 from pdserve.router.kv_index import KVIndex, WorkerCache
+from pdserve.router.kv_policy import KVAware
 from pdserve.router.kv_subscriber import KVSubscriber
+from pdserve.serving.cache_salt import salt_key
 from pdserve.serving.kv_event_stream import KVEventStream
 from pdserve.serving.kv_publisher import MAX_RECENT_BATCHES, KVEventPublisher
+from tests.router.test_policy import make_workers
 
 PAGE_SIZE, HASH_SEED = 16, 7
 DEADLINE_S = 20.0
@@ -189,3 +192,40 @@ def test_a_server_on_an_ipv6_host_publishes_and_is_followed():
     """`pdserve serve --host ::1` (or `::`) failed to start: ZeroMQ took "tcp://::1" for no
     device at all (the KV event sockets are opened on every role, colocated too)."""
     asyncio.run(follow_over_ipv6())
+
+
+async def follow_a_seed_past_64_bits() -> None:
+    """Two servers' real publishers, one advertising a seed no page hash can be chained
+    from; a salted prompt is then scored over both."""
+    ctx = zmq.asyncio.Context()
+    publishers = [
+        KVEventPublisher(ctx, "127.0.0.1", (0, 0), 1, PAGE_SIZE, seed)
+        for seed in (HASH_SEED, 1 << 64)
+    ]
+    index = KVIndex()
+    follower = KVFollower(index)
+    workers = make_workers(2)
+    try:
+        for publisher, worker in zip(publishers, workers, strict=True):
+            publisher.start()
+            await follower.follow(worker.url, {**publisher.info(), "page_size": PAGE_SIZE})
+        await wait_for(
+            lambda: all(c.last_seq is not None for c in index.workers.values()),
+            "every followed server's snapshot",
+        )
+        prompt = list(range(3 * PAGE_SIZE))
+        best = KVAware(index, per_rank=False).score(workers, prompt, salt_key("tenant"))
+        assert best.matched_tokens == 0
+        assert list(index.workers) == [workers[0].url]  # the other is routed by load
+    finally:
+        await follower.stop()
+        for publisher in publishers:
+            await publisher.stop()
+        ctx.destroy(linger=0)
+
+
+def test_a_hash_seed_past_64_bits_is_not_followed_and_salted_prompts_still_route():
+    """A worker's /server_info is not the router's to trust: following one that advertised
+    `kv_events_hash_seed` 2**64 made every salted request of its role fail in the router
+    (OverflowError packing the salted seed), whichever worker it was meant for."""
+    asyncio.run(follow_a_seed_past_64_bits())
