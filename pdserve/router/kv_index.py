@@ -62,6 +62,9 @@ class WorkerCache:
 
     def _apply(self, event: dict[str, Any]) -> None:
         kind, rank = event["type"], int(event["dp_rank"])
+        if rank < 0:  # malformed like a missing field (the follower resyncs): applied, it was
+            # a rank that holds the prompt, named to decode as routed_dp_rank -1 (a 400)
+            raise ValueError(f"dp_rank {rank} in a KV event")
         if kind == "stored":
             self._rank(rank).update(event["page_hashes"])
         elif kind == "removed":

@@ -3,6 +3,8 @@ outweighs the tokens it saves; with --dp-aware the rank holding it is named; wor
 no events and text prompts are scored by load alone; a salted prompt matches only pages
 cached under its salt."""
 
+import pytest
+
 from pdserve.engine.page_hash import page_hashes, salted_seed
 from pdserve.router.kv_index import KVIndex
 from pdserve.router.kv_policy import KVAware, output_budget
@@ -144,3 +146,17 @@ def test_without_dp_aware_the_least_loaded_rank_holding_the_prompt_is_named():
     assert policy.score([a], PROMPT).holding_rank == 2
     a.on_dispatch(0.0, 80, 2, 50)
     assert policy.score([a], PROMPT).holding_rank == 0  # rank 1 holds less
+
+
+def test_an_event_of_a_negative_rank_is_malformed_and_names_no_rank():
+    """A server's events are not the router's to trust: a `stored` of dp_rank -1 was
+    applied, and that rank, holding the prompt, was named to decode for a local prefill
+    (routed_dp_rank -1: every such request answered 400)."""
+    (a,) = make_workers(1)
+    index = index_with(a.url, rank=0, num_pages=0, dp_size=1)
+    stored = {"type": "stored", "dp_rank": -1, "parent_hash": None, "num_tokens": 4 * PAGE}
+    stored["page_hashes"] = page_hashes(PROMPT, PAGE, SEED)[:4]
+    with pytest.raises(ValueError):  # malformed: the follower resynchronises from a snapshot
+        index.workers[a.url].offer({"seq": 2, "events": [stored]})
+    best = KVAware(index, per_rank=False).score([a], PROMPT)
+    assert (best.holding_rank, best.matched_tokens) == (None, 0)
