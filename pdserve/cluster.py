@@ -35,7 +35,7 @@ from pdserve.procs import (
     signal_group,
 )
 from pdserve.procs import wait_ready as procs_wait_ready
-from pdserve.router.config import POLICIES, RouterConfig
+from pdserve.router.config import CACHE_POLICIES, POLICIES, RouterConfig
 from pdserve.serving.config import ServerArgs
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -78,7 +78,12 @@ class ClusterConfig:
         flag_string=True,
     )
     policy: str = opt("round_robin", "router policy", choices=POLICIES)
-    dp_aware: bool = opt(False, "router picks DP ranks (see pdserve router --dp-aware)")
+    dp_aware: bool | None = opt(
+        None,
+        "router picks DP ranks (see pdserve router --dp-aware); default: on where --policy "
+        "routes on caches (kv_aware, cache_aware) and a server runs several DP workers, so the "
+        "choice reaches the rank holding the prefix, not only its server; off otherwise",
+    )
     api_key: str | None = opt(
         envs.api_key(),
         "API key of the router and both servers (the router sends it to them); handed to "
@@ -295,6 +300,14 @@ def shared_gpu_note(server_args: str, mps_pipe_dir: str) -> str | None:
     )
 
 
+def dp_aware(c: ClusterConfig) -> bool:
+    """Whether the router picks DP ranks: as given, else where a cache-routing policy's
+    choice would otherwise stop at the server (each server then picks the rank itself)."""
+    if c.dp_aware is not None:
+        return c.dp_aware
+    return c.policy in CACHE_POLICIES and max(c.prefill_dp, c.decode_dp) > 1
+
+
 def plan(c: ClusterConfig, router_port: int | None = None) -> list[Child]:
     """The three children: prefill, decode, router (stopped in the reverse order). Ports
     not given (here or in `c`) are free ports."""
@@ -309,7 +322,7 @@ def plan(c: ClusterConfig, router_port: int | None = None) -> list[Child]:
     router_argv = [sys.executable, "-m", "pdserve", "router", "--host", c.host]
     router_argv += ["--port", str(port["port"]), "--policy", c.policy, "--log-level", "info"]
     router_argv += ["--prefill", url["prefill_port"], str(port["bootstrap_port"])]
-    router_argv += ["--decode", url["decode_port"]] + (["--dp-aware"] if c.dp_aware else [])
+    router_argv += ["--decode", url["decode_port"]] + (["--dp-aware"] if dp_aware(c) else [])
     env = credentials_env(c)
     router_argv += shlex.split(c.router_args)
     return [

@@ -16,6 +16,8 @@ from pdserve.config import check, opt
 from pdserve.cors import DEFAULT_ALLOWED_ORIGINS
 
 POLICIES = ["round_robin", "random", "power_of_two", "cache_aware", "kv_aware"]
+# Policies that choose by what a server (and, with --dp-aware, a DP rank) holds cached.
+CACHE_POLICIES = ("cache_aware", "kv_aware")
 Role = Literal["prefill", "decode", "regular"]
 ROLES = ("prefill", "decode", "regular")
 
@@ -227,3 +229,19 @@ class RouterConfig:
         if role == "decode" and self.decode_policy:
             return self.decode_policy
         return self.policy
+
+    def unsteered_ranks(self, role: Role, dp_size: int) -> str | None:
+        """Why a cache policy's choice stops at a server of `dp_size` ranks, or None: the
+        server picks the rank itself (prefill by room mod dp_size, others by its own
+        balance), so the prefix the router routed on is hit only by chance."""
+        policy = self.policy_for(role)
+        if dp_size < 2 or policy not in CACHE_POLICIES or self.dp_aware:
+            return None
+        if role == "prefill" and self.align_room:  # rooms drawn on the chosen rank
+            return None
+        flags = "--dp-aware or --align-room" if role == "prefill" else "--dp-aware"
+        return (
+            f"the {role} policy {policy} picks servers by their cache, but this server runs "
+            f"{dp_size} DP ranks, each with its own cache, and without {flags} the server "
+            "picks the rank: the cached prefix is hit only by chance"
+        )

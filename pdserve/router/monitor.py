@@ -107,6 +107,7 @@ class Monitor:
         self._timeout_s = config.health_check_timeout_s
         self._key_refused: set[str] = set()  # urls warned about, until they accept the key
         self._role_warned: set[str] = set()  # urls of another mode than their role, warned
+        self._rank_warned: set[str] = set()  # urls whose ranks a cache policy cannot steer
 
     def start(self, client: HttpClient, specs: Iterable[WorkerSpec]) -> None:
         self.client = client
@@ -163,6 +164,10 @@ class Monitor:
                 "%s server %s: DP size %d -> %d", worker.role, worker.url, worker.dp_size, dp_size
             )
         worker.set_dp_size(dp_size)
+        unsteered = self.config.unsteered_ranks(worker.role, dp_size)
+        if unsteered is not None and worker.url not in self._rank_warned:
+            self._rank_warned.add(worker.url)
+            log.warning("%s server %s: %s", worker.role, worker.url, unsteered)
         if self.prompt_tokenizer is not None:
             self.prompt_tokenizer.offer(info.get("tokenizer_path"))
         follower = self.kv_follower

@@ -24,6 +24,7 @@ from pdserve.cluster import (
     shared_gpu_note,
     stop_timeout,
 )
+from pdserve.config import from_args
 from pdserve.procs import port_is_free
 from tests.helpers import (
     PYTHON,
@@ -359,6 +360,29 @@ def test_up_takes_one_lone_flag_as_extra_args(option):
     for value in ("--dp-aware", "--page-size 32", "--x=1"):
         ns = build_parser().parse_args(["up", option, value, "--port", "31090"])
         assert vars(ns)[option[2:].replace("-", "_")] == value and ns.port == 31090
+
+
+@pytest.mark.parametrize(
+    "argv, steers",
+    [
+        (["--policy", "kv_aware", "--prefill-dp", "2"], True),
+        (["--policy", "cache_aware", "--decode-dp", "3"], True),
+        (["--policy", "kv_aware"], False),  # one rank each: nothing to steer
+        (["--policy", "round_robin", "--prefill-dp", "2"], False),
+        (["--policy", "kv_aware", "--prefill-dp", "2", "--no-dp-aware"], False),
+        (["--dp-aware"], True),
+    ],
+)
+def test_up_has_the_router_pick_ranks_where_a_cache_policy_meets_several(argv, steers):
+    """`pdserve up --policy kv_aware --prefill-dp 2` routed on the caches to the one server,
+    whose own rank pick (room mod 2) then ignored them: the prefix was hit only by chance.
+    The router now picks the ranks there unless told `--no-dp-aware`."""
+    from pdserve.cli import build_parser
+
+    ns = build_parser().parse_args(["up", *argv])
+    config = from_args(ClusterConfig, ns)
+    router = plan(config)[2]
+    assert ("--dp-aware" in router.argv) is steers
 
 
 def test_up_passes_every_served_name_to_both_servers():

@@ -141,3 +141,26 @@ def test_cache_aware_dp_aware_sends_each_conversation_back_to_its_ranks(dp_pair)
                     assert meta["decode_cached_tokens"] >= held - 16, (turn, c, meta)
                 history += resp.json()["output_ids"] + list(range(7, 19))
     wait_idle([prefill.url, decode.url])
+
+
+def test_a_cache_policy_that_cannot_steer_ranks_says_so_at_start(dp_pair):
+    """`--policy cache_aware` against DP 2 servers without `--dp-aware`: the choice stops at
+    the server, and each server picks the rank, so the prefix is hit only by chance (a
+    helper measured 0.39 of prompt tokens cached against 0.42 for round_robin). The router
+    said nothing; it now warns once per server, naming the flags that steer the rank."""
+    prefill, decode = dp_pair
+    args = router_args([(prefill.url, prefill.bootstrap_port)], [decode.url])
+    for extra, warned in (
+        (["--policy", "cache_aware"], {"prefill", "decode"}),
+        (["--policy", "cache_aware", "--align-room"], {"decode"}),
+        (["--policy", "cache_aware", "--dp-aware"], set()),
+        (["--policy", "round_robin"], set()),
+    ):
+        with start_router(args + extra) as router:
+            resp = requests.post(router.url + "/generate", json=BODY, timeout=60)
+            assert resp.status_code == 200, resp.text
+            log = router.output()
+        said = {role for role in ("prefill", "decode") if f"the {role} policy" in log}
+        assert said == warned, (extra, log[-3000:])
+        assert log.count("the cached prefix is hit only by chance") == len(warned)
+    wait_idle([prefill.url, decode.url])
