@@ -22,7 +22,11 @@ SUBCOMMAND_MODULES = [
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = ArgumentParser(prog="pdserve", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(
+        prog="pdserve",
+        description="An LLM server with prefill-decode disaggregation and data parallelism: "
+        "one subcommand per role (`pdserve SUBCOMMAND --help` lists its options).",
+    )
     subparsers = parser.add_subparsers(dest="command", required=True)
     for name in SUBCOMMAND_MODULES:
         importlib.import_module(name).add_parser(subparsers)

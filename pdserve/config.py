@@ -118,8 +118,8 @@ def group_title(cls: type) -> str:
 
 def help_text(help: str, default: Any) -> str:
     """`help` with its default appended, unless the help already says what the default is
-    or there is nothing to show (None, an empty list: the help says what unset means)."""
-    if "default" in help.lower() or default is None or default == []:
+    or there is nothing to show (None, an empty list or string: the help says what unset means)."""
+    if "default" in help.lower() or default is None or default == [] or default == "":
         return help
     return f"{help} (default: {default})"
 

@@ -40,8 +40,20 @@ def test_help_shows_each_default_once_under_readable_titles(name: str):
     text = " ".join(parser.format_help().split())  # wrapped lines joined
     assert not re.search(r"\(default: [^)]*\)\)? \(default:", text), text
     assert "(default: None)" not in text and "(default: [])" not in text
+    assert "(default: )" not in text  # an empty string, as `up --server-args` showed
     for group in parser._action_groups:
         assert group.title and not re.search(r"[a-z][A-Z]", group.title), group.title
+
+
+def test_top_level_help_describes_pdserve_not_its_code():
+    text = " ".join(PARSERS["pdserve"].format_help().split())
+    assert "prefill-decode disaggregation" in text and "owns its parser" not in text
+
+
+def test_sampling_defaults_help_names_its_default():
+    # its help says "defaults", which stopped the generated "(default: model)"
+    text = " ".join(PARSERS["pdserve serve"].format_help().split())
+    assert "openai = always the OpenAI defaults (default: model)" in text
 
 
 def test_up_help_names_its_default_router_port_once():

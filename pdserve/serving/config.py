@@ -88,7 +88,7 @@ class ServerArgs:
         "where a request's omitted temperature, top_p, top_k, min_p and repetition_penalty "
         "come from: model = the model's generation_config.json where it sets them (as "
         "transformers' generate, vLLM and SGLang do), else the OpenAI defaults; openai = "
-        "always the OpenAI defaults",
+        "always the OpenAI defaults (default: model)",
         choices=SAMPLING_DEFAULTS_CHOICES,
     )
     log_level: str = opt("info", "logging level", choices=LOG_LEVELS)
