@@ -141,6 +141,10 @@ SERVER_FLAGS_OF_UP = {
     "--disaggregation-mode": "starts one prefill and one decode server",
     "--host": "binds every process to its --host",
     "--port": "sets the servers' ports: use --prefill-port and --decode-port",
+    # Prefill would bind it while the router sends decode, and up waits on, up's own.
+    "--bootstrap-port": "tells the router the prefill's bootstrap port: use --bootstrap-port",
+    "--disaggregation-bootstrap-port": "tells the router the prefill's bootstrap port: use "
+    "--bootstrap-port",
     # The router would not send it: up waited out --ready-timeout-s for its readiness.
     "--api-key": "gives the router the key too, which it must send the servers: use --api-key",
 }

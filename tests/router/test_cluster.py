@@ -305,6 +305,8 @@ def test_up_waits_out_the_longest_drain_it_gave_a_child_before_sigkill():
         ("server_args", "--page-size 32 --disaggregation-mode=decode", "--disaggregation-mode"),
         ("server_args", "--port 31099", "--port"),
         ("server_args", "--host 0.0.0.0", "--host"),
+        ("server_args", "--bootstrap-port 31098", "--bootstrap-port"),
+        ("server_args", "--disaggregation-bootstrap-port=31098", "--disaggregation-bootstrap-port"),
         ("router_args", "--port=5", "--port"),
         ("server_args", "--api-key k", "--api-key"),
         ("router_args", "--api-key=k", "--api-key"),
