@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import re
+import subprocess
+import sys
 from dataclasses import dataclass
 
 import pytest
@@ -109,3 +111,17 @@ def test_serve_takes_sglangs_disaggregation_spellings_as_aliases():
     assert configs[1].server.mode == "prefill" and configs[1].disagg.bootstrap_port == 9123
     assert configs[1].disagg.transfer_backend == "nixl" and configs[1].server.dp_size == 3
     assert configs[1].server.resolved_lb_method == "shortest_queue"
+
+
+@pytest.mark.parametrize(
+    "module", ["auth_bench", "bench_router", "kv_transfer_bench", "pd_rank_bench", "penalty_bench"]
+)
+def test_bench_script_help_describes_it_in_whole_sentences(module: str):
+    """The description is the docstring's first paragraph: its first line alone cut
+    penalty_bench's and bench_router's mid-sentence ("... their ids kept on the")."""
+    out = subprocess.run(
+        [sys.executable, "-m", f"pdserve.bench.{module}", "--help"],
+        capture_output=True, text=True, timeout=120, check=True,
+    ).stdout  # fmt: skip
+    description = " ".join(out.split("\n\n")[1].split())
+    assert description.endswith((".", ".)")), description

@@ -82,7 +82,7 @@ async def _measure(cells: dict, num_requests: int, prompt_len: int) -> dict[str,
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model-path", default="tiny-random")
     parser.add_argument("--num-requests", type=int, default=300)
     parser.add_argument("--prompt-len", type=int, default=64)

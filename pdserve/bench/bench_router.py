@@ -248,7 +248,7 @@ async def run_all(args: argparse.Namespace, setup: Setup) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model-path", default="tiny-random")
     parser.add_argument(
         "--num-requests", type=int, default=960, help="per mode and concurrency, at least"

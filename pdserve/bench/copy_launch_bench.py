@@ -38,7 +38,7 @@ def host_us(fn, rounds: int, busy: bool) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--pages", type=int, nargs="+", default=[8, 512])
     parser.add_argument("--rounds", type=int, default=300)
     args = parser.parse_args(argv)

@@ -188,7 +188,7 @@ def multiturn(model_dir: str, out_dir: str, server_args: list[str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="gpu_e2e_out")
     parser.add_argument("--shape", default="llama3.2-1b", choices=sorted(SHAPES))
     parser.add_argument("--num-prompts", type=int, default=64)

@@ -345,7 +345,7 @@ class Receiver:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes-mib", type=int, nargs="*", default=[1, 16, 64, 256])
     parser.add_argument("--rounds", type=int, default=9, help="timed rounds per size")
     parser.add_argument("--frame-mib", type=float, default=TransportOptions.frame_nbytes / MIB)

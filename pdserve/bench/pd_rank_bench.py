@@ -112,7 +112,7 @@ def _pct(values: list[float], q: float) -> float:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model-path", default="tiny-random")
     parser.add_argument("--num-requests", type=int, default=128)
     parser.add_argument("--prompt-len", type=int, default=64)

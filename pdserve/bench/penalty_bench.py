@@ -125,7 +125,7 @@ def measure(args: argparse.Namespace, output_len: int) -> Medians:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", type=int, default=32, help="penalized rows per step")
     parser.add_argument("--prompt-len", type=int, default=512, help="prompt ids per row")
     parser.add_argument(
