@@ -61,7 +61,7 @@ class ServerArgs:
         list(DEFAULT_ALLOWED_ORIGINS),
         "origins whose web pages may call this server from a browser (CORS: an allowed "
         "origin gets Access-Control-Allow-Origin on every answer and a 200 to its preflight "
-        "OPTIONS), as vLLM's --allowed-origins and SGLang: * = any (the default); none "
+        "OPTIONS), as vLLM's --allowed-origins and SGLang's: * = any (the default); none "
         "given: no CORS headers",
     )
     port: int = opt(30000, "HTTP port to bind")
