@@ -8,6 +8,7 @@ A real engine and decode hooks; the prefill workers are real transports the test
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -39,6 +40,28 @@ def prefill_side(page_nbytes: int) -> KVTransport:
     return make_transport("zmq", torch.zeros(8, page_nbytes // 4), "127.0.0.1")
 
 
+def play_prefill(
+    hooks: DecodeWorkerHooks,
+    prefill: KVTransport,
+    now: float,
+    seen: list[object],
+    outputs: list[ReqOutput],
+    answer: Callable[[Inbound], None],
+) -> None:
+    """One turn of decode against a prefill worker the test plays: decode's hooks polled,
+    then each message prefill got recorded in `seen`, a handshake accepted and any other
+    message handed to `answer`."""
+    outputs.extend(hooks.poll(now))
+    for event in prefill.poll(5):
+        if not isinstance(event, Inbound):
+            continue
+        seen.append(event.msg)
+        if isinstance(event.msg, m.Handshake):
+            prefill.send(event.peer, m.HandshakeResult(ok=True))
+        else:
+            answer(event)
+
+
 def request(room: int, endpoint: str) -> GenerateReq:
     info = DisaggInfo(room=room, prefill_dp_rank=0, prefill_endpoint=endpoint)
     return GenerateReq(rid=f"r{room}", input_ids=[5, 6, 7, 8], sampling=GREEDY, disagg=info)
@@ -51,16 +74,12 @@ def test_a_queued_room_follows_a_redirect_and_its_handshake_has_a_deadline() -> 
     seen: list[object] = []
     outputs: list[ReqOutput] = []
 
+    def redirect(event: Inbound) -> None:
+        if isinstance(event.msg, m.RoomsQueued) and 2 in event.msg.rooms:
+            home.send(event.peer, m.Redirect(room=2, dp_rank=1, kv_endpoint=silent.endpoint))
+
     def turn(now: float) -> None:
-        outputs.extend(hooks.poll(now))
-        for event in home.poll(5):
-            if not isinstance(event, Inbound):
-                continue
-            seen.append(event.msg)
-            if isinstance(event.msg, m.Handshake):
-                home.send(event.peer, m.HandshakeResult(ok=True))
-            elif isinstance(event.msg, m.RoomsQueued) and 2 in event.msg.rooms:
-                home.send(event.peer, m.Redirect(room=2, dp_rank=1, kv_endpoint=silent.endpoint))
+        play_prefill(hooks, home, now, seen, outputs, redirect)
 
     def until(cond, what: str) -> float:
         deadline = time.monotonic() + 30

@@ -12,7 +12,12 @@ import time
 
 from pdserve.disagg import messages as m
 from pdserve.disagg.transfer import Inbound
-from tests.disagg.test_decode_queue_redirect import decode_hooks, prefill_side, request
+from tests.disagg.test_decode_queue_redirect import (
+    decode_hooks,
+    play_prefill,
+    prefill_side,
+    request,
+)
 
 FORGOTTEN = m.RoomStatus(
     room=1, ok=False, error="page list before handshake", handshake_needed=True
@@ -25,19 +30,15 @@ def test_decode_handshakes_again_and_resends_the_page_list_prefill_refused() -> 
     seen: list[object] = []
     outputs = []
 
+    def forget(event: Inbound) -> None:
+        if isinstance(event.msg, m.PageList) and len(seen) == 2:
+            prefill.send(event.peer, FORGOTTEN)  # as if it took decode for lost
+
     def until(cond, what: str) -> None:
         deadline = time.monotonic() + 30
         while not cond():
             assert time.monotonic() < deadline, f"never: {what}; saw {seen}, {outputs}"
-            outputs.extend(hooks.poll(time.monotonic()))
-            for event in prefill.poll(5):
-                if not isinstance(event, Inbound):
-                    continue
-                seen.append(event.msg)
-                if isinstance(event.msg, m.Handshake):
-                    prefill.send(event.peer, m.HandshakeResult(ok=True))
-                elif isinstance(event.msg, m.PageList) and len(seen) == 2:
-                    prefill.send(event.peer, FORGOTTEN)  # as if it took decode for lost
+            play_prefill(hooks, prefill, time.monotonic(), seen, outputs, forget)
 
     def count(kind: type) -> int:
         return sum(isinstance(x, kind) for x in seen)
